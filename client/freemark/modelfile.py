@@ -1,0 +1,181 @@
+"""Model files: safe loading of untrusted `.pt2` programs and `.safetensors` weights, and fingerprints.
+
+`torch.export.load` is not safe on untrusted files: for the sample inputs it falls back to
+`torch.load(weights_only=False)` (arbitrary code), and pickled weights, custom objects and
+AOTInductor packages all unpickle or load native code. `load_program` reads the archive
+itself, refuses every entry that would need any of those, loads sample inputs with
+`weights_only=True` only, and hands torch's deserializer nothing it could unpickle.
+The regression asset for the fallback lives in tests/unit/client/test_modelfile.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from freemark.errors import ModelFileError
+
+_ARCHIVE_FORMAT = "pt2"
+_ARCHIVE_VERSION = "0"
+_MODEL_NAME = "model"
+_ALLOWED_PREFIXES = (
+    "archive_format", "archive_version", "byteorder", ".data/", "models/model.json",
+    "data/weights/", "data/constants/", "data/sample_inputs/model.pt", "extra/",
+)
+
+
+def _refuse(path: str | Path, why: str) -> ModelFileError:
+    return ModelFileError(f"{path}: refused: {why}")
+
+
+def _check_payload_config(path: str | Path, config: dict[str, Any], kind: str) -> None:
+    """Refuse pickled tensors and custom/opaque objects: loading them unpickles."""
+    for name, meta in config.get("config", {}).items():
+        if meta.get("use_pickle"):
+            raise _refuse(path, f"{kind} {name!r} is stored pickled; only raw tensors are accepted")
+        if not str(meta.get("path_name", "")).startswith(("weight_", "tensor_")):
+            raise _refuse(path, f"{kind} {name!r} is a custom object; only tensors are accepted")
+
+
+def _open_archive(path: str | Path) -> Any:
+    from torch.export.pt2_archive._package import PT2ArchiveReader
+
+    try:
+        return PT2ArchiveReader(str(path))
+    except (RuntimeError, AssertionError, OSError, ValueError) as exc:
+        raise ModelFileError(f"{path}: not a torch.export .pt2 program ({str(exc).splitlines()[0]})") from exc
+
+
+def load_program(path: str | Path) -> torch.export.ExportedProgram:
+    """Load a `.pt2` written by `torch.export.save`, without unpickling anything.
+
+    Raises ModelFileError for a file that is not a program, or that needs pickle,
+    custom objects or compiled code to load.
+    """
+    from torch._export.serde.serialize import ExportedProgramDeserializer, _bytes_to_dataclass
+    from torch._export.serde import schema
+    from torch.export.pt2_archive import _package as package
+
+    if not Path(path).is_file():
+        raise ModelFileError(f"{path}: no such model file")
+    reader = _open_archive(path)
+    try:
+        names = reader.get_file_names()
+        if reader.read_string("archive_version") != _ARCHIVE_VERSION:
+            raise _refuse(path, "unsupported .pt2 archive version")
+        for name in names:
+            if name.startswith("data/aotinductor/"):
+                raise _refuse(path, "it contains AOTInductor compiled code; export without compiling")
+            if not name.startswith(_ALLOWED_PREFIXES):
+                raise _refuse(path, f"unexpected archive entry {name!r}")
+        if names.count(f"models/{_MODEL_NAME}.json") != 1 or any(
+            n.startswith("models/") and n != f"models/{_MODEL_NAME}.json" for n in names
+        ):
+            raise _refuse(path, "expected exactly one program named 'model'")
+        for config_name, kind in (
+            (f"data/weights/{_MODEL_NAME}_weights_config.json", "weight"),
+            (f"data/constants/{_MODEL_NAME}_constants_config.json", "constant"),
+        ):
+            if config_name not in names:
+                raise _refuse(path, f"missing {config_name} (legacy pickled format?)")
+            _check_payload_config(path, json.loads(reader.read_string(config_name)), kind)
+        sample_inputs = _load_sample_inputs(path, reader, names)
+        program = _bytes_to_dataclass(schema.ExportedProgram, reader.read_bytes(f"models/{_MODEL_NAME}.json"))
+        state_dict = package._load_state_dict(reader, _MODEL_NAME)
+        constants = package._load_constants(reader, _MODEL_NAME)
+        return ExportedProgramDeserializer().deserialize(program, state_dict, constants, sample_inputs)
+    except ModelFileError:
+        raise
+    except Exception as exc:  # torch raises many types on malformed archives
+        raise ModelFileError(
+            f"{path}: not a loadable torch.export program ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})"
+        ) from exc
+
+
+def _load_sample_inputs(path: str | Path, reader: Any, names: list[str]) -> tuple[Any, ...] | dict[str, Any]:
+    entry = f"data/sample_inputs/{_MODEL_NAME}.pt"
+    if entry not in names:
+        return {}
+    raw = reader.read_bytes(entry)
+    if not raw:
+        return {}
+    try:
+        loaded = torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
+    except Exception as exc:
+        raise _refuse(path, "its sample inputs need unpickling arbitrary objects") from exc
+    if not isinstance(loaded, (tuple, dict)):
+        raise _refuse(path, "its sample inputs are not a tuple")
+    return loaded
+
+
+def save_program(model: nn.Module, example_inputs: tuple[Any, ...], path: str | Path, *,
+                 dynamic_batch: bool = True) -> torch.export.ExportedProgram:
+    """Export `model` (eval mode) with a dynamic batch dimension and save it as `.pt2`."""
+    was_training = model.training
+    model.eval()
+    try:
+        shapes = None
+        if dynamic_batch:
+            batch = torch.export.Dim("batch", min=1, max=65536)
+            shapes = tuple({0: batch} if isinstance(x, torch.Tensor) else None for x in example_inputs)
+        program = torch.export.export(model, example_inputs, dynamic_shapes=shapes)
+    finally:
+        model.train(was_training)
+    torch.export.save(program, str(path))
+    return program
+
+
+def state_dict_of(model: nn.Module | torch.export.ExportedProgram) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers, under the same names for a module and its program."""
+    if isinstance(model, torch.export.ExportedProgram):
+        return dict(model.state_dict)
+    return dict(model.state_dict())
+
+
+def fingerprint(model: nn.Module | torch.export.ExportedProgram) -> bytes:
+    """SHA-256 over the canonical weights: sorted names, dtype, shape and little-endian bytes.
+
+    Equal for a module, its exported program and a reloaded copy; any changed weight changes it.
+    """
+    digest = hashlib.sha256(b"freemark/v1/weights")
+    for name, tensor in sorted(state_dict_of(model).items()):
+        data = tensor.detach().to("cpu").contiguous()
+        header = json.dumps([name, str(data.dtype), list(data.shape)]).encode()
+        digest.update(len(header).to_bytes(4, "big") + header)
+        raw = data.view(torch.uint8) if data.dim() else data.reshape(1).view(torch.uint8)
+        digest.update(raw.numpy().tobytes())
+    return digest.digest()
+
+
+def apply_weights(program: torch.export.ExportedProgram, path: str | Path) -> nn.Module:
+    """The program's architecture with weights from a `.safetensors` file (names must match)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        weights = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelFileError(f"{path}: not a readable .safetensors file ({exc})") from exc
+    module = torch.export.unflatten(program)
+    expected = state_dict_of(program)
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    if missing or extra:
+        raise ModelFileError(
+            f"{path}: weights do not fit the registered architecture "
+            f"(missing {missing[:5]}, unexpected {extra[:5]})"
+        )
+    for name, tensor in weights.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise ModelFileError(
+                f"{path}: {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}"
+            )
+    module.load_state_dict(weights, strict=False)
+    return module

@@ -1,0 +1,165 @@
+"""Judging a suspect: matches, BER, and a p-value calibrated against a realistic null.
+
+Design §1.1. The naive binomial p-value treats the N extracted bits as independent fair
+coins, but every bit reads the same activation vector, so an unrelated model that happens
+to correlate with the host flips many bits together. We measure that dependence on a null
+sample (the key applied to random permutations of the suspect's own units, plus any
+reference models), fit a beta-binomial (an exchangeable correlated-Bernoulli model) to it
+by moments, and take its upper tail. The calibrated p-value is never smaller than the
+binomial one, and never smaller than the rank of the suspect among reference models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from freemark.keygen import normalise
+
+DEFAULT_ALPHA = 1e-9
+DEFAULT_PERMUTATIONS = 1000
+UNIQUENESS_ALPHA = 1e-3
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a suspect's extraction says; `is_match` iff the calibrated p ≤ α."""
+
+    n_bits: int
+    matches: int
+    ber: float
+    p_value: float
+    log10_p_value: float
+    p_value_method: str
+    p_value_binomial: float
+    log10_p_value_binomial: float
+    alpha: float
+    is_match: bool
+
+    def as_dict(self) -> dict[str, object]:
+        """The verdict's fields as JSON-ready values (the CLI's `--json`)."""
+        return {
+            "n_bits": self.n_bits,
+            "matches": self.matches,
+            "ber": self.ber,
+            "p_value": self.p_value,
+            "log10_p_value": self.log10_p_value,
+            "p_value_method": self.p_value_method,
+            "p_value_binomial": self.p_value_binomial,
+            "log10_p_value_binomial": self.log10_p_value_binomial,
+            "alpha": self.alpha,
+            "is_match": self.is_match,
+        }
+
+
+def _log_choose(n: int, k: torch.Tensor) -> torch.Tensor:
+    n_t = torch.tensor(float(n), dtype=torch.float64)
+    return torch.lgamma(n_t + 1) - torch.lgamma(k + 1) - torch.lgamma(n_t - k + 1)
+
+
+def _log10_tail(log_pmf: torch.Tensor) -> float:
+    return float(torch.logsumexp(log_pmf, dim=0)) / math.log(10)
+
+
+def log10_binomial_sf(k: int, n: int, p: float = 0.5) -> float:
+    """log10 P[X ≥ k] for X ~ Binomial(n, p); exact, finite for any n ≤ 8192."""
+    if k <= 0:
+        return 0.0
+    if k > n:
+        return -math.inf
+    i = torch.arange(k, n + 1, dtype=torch.float64)
+    log_pmf = _log_choose(n, i) + i * math.log(p) + (n - i) * math.log1p(-p)
+    return min(0.0, _log10_tail(log_pmf))
+
+
+def log10_betabinomial_sf(k: int, n: int, a: float, b: float) -> float:
+    """log10 P[X ≥ k] for X ~ BetaBinomial(n, a, b); exact sum in log space."""
+    if k <= 0:
+        return 0.0
+    if k > n:
+        return -math.inf
+    i = torch.arange(k, n + 1, dtype=torch.float64)
+    a_t = torch.tensor(a, dtype=torch.float64)
+    b_t = torch.tensor(b, dtype=torch.float64)
+
+    def log_beta(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.lgamma(x) + torch.lgamma(y) - torch.lgamma(x + y)
+
+    log_pmf = _log_choose(n, i) + log_beta(i + a_t, n - i + b_t) - log_beta(a_t, b_t)
+    return min(0.0, _log10_tail(log_pmf))
+
+
+def count_matches(key: np.ndarray, z: np.ndarray, bits: np.ndarray) -> np.ndarray:
+    """Matches of sign(A z) with b; z may be one vector (units,) or many (units, k)."""
+    decoded = (key @ z) > 0
+    expected = np.asarray(bits, dtype=bool)
+    if decoded.ndim == 1:
+        return np.asarray((decoded == expected).sum())
+    return (decoded == expected[:, None]).sum(axis=0)
+
+
+def permutation_null(key: np.ndarray, bits: np.ndarray, z: np.ndarray,
+                     n_permutations: int = DEFAULT_PERMUTATIONS) -> np.ndarray:
+    """Matches of the key on random unit permutations of the suspect's own vector z.
+
+    Seeded from (key, z) so the client and the TTP compute the same null for the same
+    suspect. A permuted suspect is a stand-in for an unrelated model of the same shape.
+    """
+    digest = hashlib.sha256(np.ascontiguousarray(key, dtype=np.float64).tobytes()
+                            + np.ascontiguousarray(z, dtype=np.float64).tobytes()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "big"))
+    perms = np.stack([z[rng.permutation(len(z))] for _ in range(n_permutations)], axis=1)
+    return count_matches(key, perms, bits)
+
+
+def fit_betabinomial(null_matches: np.ndarray, n_bits: int) -> tuple[float, float, float]:
+    """Moment fit (rate, icc) → (a, b, icc); rate clipped to ≥ ½ and icc to ≥ 0 (conservative)."""
+    sample = np.asarray(null_matches, dtype=np.float64)
+    rate = min(max(sample.mean() / n_bits, 0.5), 1.0 - 1e-9)
+    variance = sample.var(ddof=1) if len(sample) > 1 else 0.0
+    binomial_var = n_bits * rate * (1.0 - rate)
+    icc = (variance / binomial_var - 1.0) / (n_bits - 1) if binomial_var > 0 else 0.0
+    icc = min(max(icc, 1e-12), 1.0 - 1e-9)
+    scale = 1.0 / icc - 1.0
+    return rate * scale, (1.0 - rate) * scale, icc
+
+
+def judge(key: np.ndarray, bits: np.ndarray, z: np.ndarray, *, alpha: float = DEFAULT_ALPHA,
+          references: list[np.ndarray] | tuple[np.ndarray, ...] = (),
+          n_permutations: int = DEFAULT_PERMUTATIONS) -> Verdict:
+    """The verdict for a suspect's normalised vector z (see module docstring for the null)."""
+    n_bits = len(bits)
+    matches = int(count_matches(key, z, bits))
+    perm = permutation_null(key, bits, z, n_permutations)
+    ref_matches = np.array([int(count_matches(key, r, bits)) for r in references], dtype=np.int64)
+    a, b, icc = fit_betabinomial(np.concatenate([perm, ref_matches]), n_bits)
+    log10_bin = log10_binomial_sf(matches, n_bits)
+    log10_p = max(log10_betabinomial_sf(matches, n_bits, a, b), log10_bin)
+    method = f"beta-binomial fit to {n_permutations} unit permutations of the suspect"
+    if len(ref_matches):
+        method += f" and {len(ref_matches)} reference models"
+        beaten_by = int((ref_matches >= matches).sum())
+        if beaten_by:
+            log10_p = max(log10_p, math.log10((1 + beaten_by) / (1 + len(ref_matches))))
+    method += f" (null mean BER {1 - a / (a + b):.3f}, intra-key correlation {icc:.3g})"
+    return Verdict(
+        n_bits=n_bits,
+        matches=matches,
+        ber=1.0 - matches / n_bits,
+        p_value=10.0 ** log10_p,
+        log10_p_value=log10_p,
+        p_value_method=method,
+        p_value_binomial=10.0 ** log10_bin,
+        log10_p_value_binomial=log10_bin,
+        alpha=alpha,
+        is_match=log10_p <= math.log10(alpha),
+    )
+
+
+def suspect_vector(activations: np.ndarray, *, centred: bool = True) -> np.ndarray:
+    """Mean the per-trigger activations and normalise: the z a key reads."""
+    return normalise(np.asarray(activations).mean(axis=0), centred=centred)
