@@ -1,0 +1,1 @@
+"""The freemark trusted third party (TTP) key server."""

@@ -1,0 +1,521 @@
+"""Envelope encryption for stored secrets and the TTP's signing key.
+
+Keys, triggers and watermarks are secrets (DESIGN §4). Each record is sealed under its own
+random data key (AES-256-GCM); the data key is wrapped under a versioned master key. Rotating
+the master key therefore re-wraps 32-byte data keys and never decrypts a payload (`rewrap`,
+like `MultiFernet.rotate`: encrypt with the newest key, decrypt with any).
+
+Everything that can fail on hostile or corrupted input raises one opaque `CryptoError` that
+does not say which check failed (pyca's `InvalidToken`), so the server cannot become an
+oracle telling an attacker which byte to change next.
+
+Key files hold secrets, so they are created 0600 atomically, and a key file that group or
+others can read is refused rather than silently used.
+
+Quick start::
+
+    keyring = load_or_create_keyring(Path("state/master.keys"))
+    blob = seal(keyring, secret, record_id="r1", owner="alice").to_bytes()
+    secret = open_envelope(keyring, Envelope.from_bytes(blob), record_id="r1", owner="alice")
+
+    signer = load_or_create_signing_key(Path("state/signing.pem"))
+    signature = sign_json(signer, {"record": "r1"})
+    Verifier.from_pem(signer.public_key_pem()).verify(signature, canonical_json({"record": "r1"}))
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+import secrets
+import stat
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import rfc8785
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+__all__ = [
+    "CryptoError",
+    "Envelope",
+    "MasterKeyring",
+    "SigningKey",
+    "Verifier",
+    "canonical_json",
+    "keyring_from_env",
+    "keyring_from_file",
+    "load_or_create_keyring",
+    "load_or_create_signing_key",
+    "open_envelope",
+    "rewrap",
+    "save_keyring",
+    "seal",
+    "sign_json",
+    "signing_key_from_pem",
+    "verify_json",
+]
+
+KEY_BYTES = 32  # AES-256
+NONCE_BYTES = 12  # the GCM standard nonce; random nonces are safe for < 2**32 uses per key
+TAG_BYTES = 16
+MAX_KEY_VERSION = 2**32 - 1  # the envelope stores the version as a u32
+KEY_ID_HEX_CHARS = 16
+
+# Envelope blob: magic, layout version, then fixed-size fields; the payload ciphertext is the rest.
+_ENVELOPE_MAGIC = b"FMENV"
+_ENVELOPE_LAYOUT = 1
+_ENVELOPE_HEADER = struct.Struct(
+    f">{len(_ENVELOPE_MAGIC)}sBI{NONCE_BYTES}s{KEY_BYTES + TAG_BYTES}s{NONCE_BYTES}s"
+)
+
+# Domain labels keep a wrapped key from ever being accepted as a payload and vice versa.
+_WRAP_LABEL = "freemark/v1/envelope/wrap"
+_PAYLOAD_LABEL = "freemark/v1/envelope/payload"
+
+_OPAQUE_MESSAGE = "decryption or signature check failed"
+
+
+class CryptoError(Exception):
+    """A decryption or signature check failed; deliberately silent about which one and why."""
+
+    def __init__(self) -> None:
+        super().__init__(_OPAQUE_MESSAGE)
+
+
+# --- master keys ---------------------------------------------------------------------------
+
+
+class MasterKeyring:
+    """Versioned AES-256 master keys: wrap with the newest version, unwrap with any.
+
+    Immutable, so a server can swap in a rotated keyring without locking readers.
+    """
+
+    def __init__(self, keys: Mapping[int, bytes]) -> None:
+        if not keys:
+            raise ValueError("a master keyring needs at least one key")
+        for version, key in keys.items():
+            if type(version) is not int or not 1 <= version <= MAX_KEY_VERSION:
+                raise ValueError(f"master key versions are integers in 1..2**32-1, got {version!r}")
+            if not isinstance(key, bytes) or len(key) != KEY_BYTES:
+                raise ValueError(f"master key version {version} must be {KEY_BYTES} bytes")
+        self._keys = dict(keys)
+
+    @property
+    def current_version(self) -> int:
+        """The version new envelopes are wrapped under: the highest one."""
+        return max(self._keys)
+
+    @property
+    def versions(self) -> tuple[int, ...]:
+        """Every version this keyring can unwrap, ascending."""
+        return tuple(sorted(self._keys))
+
+    def generate_new_version(self) -> MasterKeyring:
+        """Return a new keyring with a fresh random key as the newest version (rotation step 1).
+
+        The old versions stay, so existing envelopes still open until `rewrap` moves them on.
+        """
+        return MasterKeyring({**self._keys, self.current_version + 1: AESGCM.generate_key(256)})
+
+    def _key(self, version: int) -> bytes:
+        try:
+            return self._keys[version]
+        except KeyError:
+            raise CryptoError() from None
+
+    def __repr__(self) -> str:
+        return f"MasterKeyring(versions={list(self.versions)})"
+
+
+def keyring_from_env(value: str) -> MasterKeyring:
+    """Parse a keyring from text: comma-separated `<version>:<standard base64 of 32 bytes>`.
+
+    Example: `1:q83v...=,2:7xQ...=`. Whitespace around entries is ignored. This is also the
+    key file format, so a deployment can move keys between a file and an environment variable.
+    Error messages name the entry by position and never echo it, since it holds key material.
+    """
+    entries = [entry.strip() for entry in value.split(",")]
+    if entries == [""]:
+        raise ValueError("keyring text is empty; expected '<version>:<base64 key>[,...]'")
+    keys: dict[int, bytes] = {}
+    for position, entry in enumerate(entries, start=1):
+        version, key = _parse_keyring_entry(position, entry)
+        if version in keys:
+            raise ValueError(f"keyring entry {position}: version {version} appears twice")
+        keys[version] = key
+    return MasterKeyring(keys)
+
+
+def _parse_keyring_entry(position: int, entry: str) -> tuple[int, bytes]:
+    where = f"keyring entry {position}"
+    version_text, sep, key_text = entry.partition(":")
+    if not sep or not version_text.isascii() or not version_text.isdigit():
+        raise ValueError(f"{where} must look like '<version>:<base64 key>' with a decimal version")
+    version = int(version_text)
+    if not 1 <= version <= MAX_KEY_VERSION:
+        raise ValueError(f"{where}: versions run from 1 to 2**32-1")
+    try:
+        key = base64.b64decode(key_text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"{where}: the key is not valid standard base64") from None
+    if len(key) != KEY_BYTES:
+        raise ValueError(f"{where}: the key must decode to {KEY_BYTES} bytes, got {len(key)}")
+    return version, key
+
+
+def _keyring_to_text(keyring: MasterKeyring) -> str:
+    return ",".join(
+        f"{version}:{base64.b64encode(keyring._key(version)).decode('ascii')}"
+        for version in keyring.versions
+    )
+
+
+def keyring_from_file(path: Path) -> MasterKeyring:
+    """Load a keyring saved by `save_keyring`, refusing a file that others can read."""
+    return _parse_keyring_file(path, _read_secret_file(path))
+
+
+def _parse_keyring_file(path: Path, data: bytes) -> MasterKeyring:
+    try:
+        return keyring_from_env(data.decode("ascii"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a keyring file (not ASCII text)") from None
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+def save_keyring(path: Path, keyring: MasterKeyring) -> None:
+    """Atomically replace `path` with `keyring` (mode 0600): readers see the old or the new."""
+    _write_secret_file(path, (_keyring_to_text(keyring) + "\n").encode("ascii"), overwrite=True)
+
+
+def load_or_create_keyring(path: Path) -> MasterKeyring:
+    """Load the keyring at `path`, or create it with one fresh key (version 1) on first start."""
+
+    def fresh() -> bytes:
+        keyring = MasterKeyring({1: AESGCM.generate_key(256)})
+        return (_keyring_to_text(keyring) + "\n").encode("ascii")
+
+    return _parse_keyring_file(path, _load_or_create(path, fresh))
+
+
+# --- envelopes -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, repr=False)
+class Envelope:
+    """One sealed record: its data key wrapped under master key `key_version`, and the payload.
+
+    `to_bytes`/`from_bytes` give one blob for storage: `FMENV`, a layout byte, the key version
+    (u32 big-endian), the wrap nonce, the wrapped key, the payload nonce, then the ciphertext.
+    """
+
+    key_version: int
+    wrapped_key: bytes
+    wrap_nonce: bytes
+    payload_nonce: bytes
+    ciphertext: bytes
+
+    def __post_init__(self) -> None:
+        # struct would silently pad or cut a wrong-sized field; refuse it instead.
+        sizes = (len(self.wrap_nonce), len(self.wrapped_key), len(self.payload_nonce))
+        if sizes != (NONCE_BYTES, KEY_BYTES + TAG_BYTES, NONCE_BYTES):
+            raise ValueError(f"envelope nonce or wrapped key has the wrong size: {sizes}")
+        if not 0 < self.key_version <= MAX_KEY_VERSION or len(self.ciphertext) < TAG_BYTES:
+            raise ValueError("envelope key version or ciphertext is out of range")
+
+    def to_bytes(self) -> bytes:
+        """Serialise to the versioned binary layout described on the class."""
+        header = _ENVELOPE_HEADER.pack(
+            _ENVELOPE_MAGIC,
+            _ENVELOPE_LAYOUT,
+            self.key_version,
+            self.wrap_nonce,
+            self.wrapped_key,
+            self.payload_nonce,
+        )
+        return header + self.ciphertext
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Envelope:
+        """Parse a blob from `to_bytes`; a malformed blob raises the same opaque `CryptoError`."""
+        if len(data) < _ENVELOPE_HEADER.size + TAG_BYTES:
+            raise CryptoError()
+        magic, layout, key_version, wrap_nonce, wrapped_key, payload_nonce = (
+            _ENVELOPE_HEADER.unpack_from(data)
+        )
+        if magic != _ENVELOPE_MAGIC or layout != _ENVELOPE_LAYOUT or key_version == 0:
+            raise CryptoError()
+        return cls(
+            key_version=key_version,
+            wrapped_key=wrapped_key,
+            wrap_nonce=wrap_nonce,
+            payload_nonce=payload_nonce,
+            ciphertext=data[_ENVELOPE_HEADER.size :],
+        )
+
+    def __repr__(self) -> str:
+        return f"Envelope(key_version={self.key_version}, ciphertext={len(self.ciphertext)} bytes)"
+
+
+def _associated_data(label: str, *fields: str | int) -> bytes:
+    """Length-prefix every field so that ("ab", "c") and ("a", "bc") never collide."""
+    parts = [label.encode("utf-8"), *(_field_bytes(field) for field in fields)]
+    return b"".join(struct.pack(">I", len(part)) + part for part in parts)
+
+
+def _field_bytes(field: str | int) -> bytes:
+    if isinstance(field, int):
+        return struct.pack(">Q", field)
+    return field.encode("utf-8")
+
+
+def _wrap_aad(record_id: str, owner: str, key_version: int) -> bytes:
+    return _associated_data(_WRAP_LABEL, record_id, owner, key_version)
+
+
+def _payload_aad(record_id: str, owner: str) -> bytes:
+    # The master key version is bound through the wrapped data key, not here, so that
+    # rotation can re-wrap the data key and leave the payload ciphertext untouched.
+    return _associated_data(_PAYLOAD_LABEL, record_id, owner)
+
+
+def _wrap(
+    keyring: MasterKeyring, data_key: bytes, record_id: str, owner: str
+) -> tuple[int, bytes, bytes]:
+    """Wrap `data_key` under the newest master key; return (version, wrap nonce, wrapped key)."""
+    version = keyring.current_version
+    wrap_nonce = os.urandom(NONCE_BYTES)
+    wrapped = AESGCM(keyring._key(version)).encrypt(
+        wrap_nonce, data_key, _wrap_aad(record_id, owner, version)
+    )
+    return version, wrap_nonce, wrapped
+
+
+def _unwrap(keyring: MasterKeyring, envelope: Envelope, record_id: str, owner: str) -> bytes:
+    master = keyring._key(envelope.key_version)
+    aad = _wrap_aad(record_id, owner, envelope.key_version)
+    return _aead_open(master, envelope.wrap_nonce, envelope.wrapped_key, aad)
+
+
+def _aead_open(key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+    try:
+        return AESGCM(key).decrypt(nonce, ciphertext, aad)
+    except (InvalidTag, ValueError):
+        raise CryptoError() from None
+
+
+def seal(keyring: MasterKeyring, plaintext: bytes, *, record_id: str, owner: str) -> Envelope:
+    """Encrypt `plaintext` for one record under a fresh data key wrapped by the newest master key.
+
+    Both ciphertexts are bound to `record_id` and `owner`, so a blob copied onto another record
+    or owner fails to open.
+    """
+    data_key = AESGCM.generate_key(256)
+    payload_nonce = os.urandom(NONCE_BYTES)
+    ciphertext = AESGCM(data_key).encrypt(payload_nonce, plaintext, _payload_aad(record_id, owner))
+    version, wrap_nonce, wrapped_key = _wrap(keyring, data_key, record_id, owner)
+    return Envelope(
+        key_version=version,
+        wrapped_key=wrapped_key,
+        wrap_nonce=wrap_nonce,
+        payload_nonce=payload_nonce,
+        ciphertext=ciphertext,
+    )
+
+
+def open_envelope(
+    keyring: MasterKeyring, envelope: Envelope, *, record_id: str, owner: str
+) -> bytes:
+    """Decrypt a sealed record; any mismatch or tampering raises `CryptoError`."""
+    data_key = _unwrap(keyring, envelope, record_id, owner)
+    return _aead_open(
+        data_key, envelope.payload_nonce, envelope.ciphertext, _payload_aad(record_id, owner)
+    )
+
+
+def rewrap(keyring: MasterKeyring, envelope: Envelope, *, record_id: str, owner: str) -> Envelope:
+    """Re-wrap the data key under the newest master key; the payload bytes stay as they are.
+
+    Only the 32-byte data key is decrypted, never the payload, so rotation does not expose
+    secrets. The unwrap still authenticates the record id and owner binding.
+    """
+    data_key = _unwrap(keyring, envelope, record_id, owner)
+    version, wrap_nonce, wrapped_key = _wrap(keyring, data_key, record_id, owner)
+    return replace(envelope, key_version=version, wrapped_key=wrapped_key, wrap_nonce=wrap_nonce)
+
+
+# --- signing -------------------------------------------------------------------------------
+
+
+def _key_id(public_key: Ed25519PublicKey) -> str:
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:KEY_ID_HEX_CHARS]
+
+
+class Verifier:
+    """An Ed25519 public key that checks signatures and raises, never returns a bool."""
+
+    def __init__(self, public_key: Ed25519PublicKey) -> None:
+        self._public_key = public_key
+        self.key_id = _key_id(public_key)
+
+    @classmethod
+    def from_pem(cls, pem: bytes) -> Verifier:
+        """Load a SubjectPublicKeyInfo PEM, as `SigningKey.public_key_pem` writes it."""
+        public_key = serialization.load_pem_public_key(pem)
+        if not isinstance(public_key, Ed25519PublicKey):
+            raise ValueError("the public key is not an Ed25519 key")  # noqa: TRY004 (bad input)
+        return cls(public_key)
+
+    def verify(self, signature: bytes, message: bytes) -> None:
+        """Raise `CryptoError` unless `signature` is this key's signature over `message`."""
+        try:
+            self._public_key.verify(signature, message)
+        except InvalidSignature:
+            raise CryptoError() from None
+
+    def __repr__(self) -> str:
+        return f"Verifier(key_id={self.key_id!r})"
+
+
+class SigningKey:
+    """The TTP's Ed25519 signing key: receipts, verdicts and log checkpoints are signed with it."""
+
+    def __init__(self, private_key: Ed25519PrivateKey) -> None:
+        self._private_key = private_key
+        self.key_id = _key_id(private_key.public_key())
+
+    @classmethod
+    def generate(cls) -> SigningKey:
+        """A fresh in-memory key; use `load_or_create_signing_key` for one that persists."""
+        return cls(Ed25519PrivateKey.generate())
+
+    def sign(self, message: bytes) -> bytes:
+        """Sign raw bytes; sign canonical bytes only (see `sign_json`)."""
+        return self._private_key.sign(message)
+
+    def public_key_pem(self) -> bytes:
+        """The public key as SubjectPublicKeyInfo PEM, for auditors and clients."""
+        return self._private_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    def verifier(self) -> Verifier:
+        """The matching `Verifier`."""
+        return Verifier(self._private_key.public_key())
+
+    def _private_pem(self) -> bytes:
+        return self._private_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    def __repr__(self) -> str:
+        return f"SigningKey(key_id={self.key_id!r})"
+
+
+def signing_key_from_pem(pem: bytes) -> SigningKey:
+    """Load an unencrypted PKCS#8 PEM Ed25519 private key."""
+    private_key = serialization.load_pem_private_key(pem, password=None)
+    if not isinstance(private_key, Ed25519PrivateKey):
+        raise ValueError("the private key is not an Ed25519 key")  # noqa: TRY004 (bad input)
+    return SigningKey(private_key)
+
+
+def load_or_create_signing_key(path: Path) -> SigningKey:
+    """Load the signing key at `path`, or generate one (PKCS#8 PEM, mode 0600) on first start."""
+    pem = _load_or_create(path, lambda: SigningKey.generate()._private_pem())
+    return signing_key_from_pem(pem)
+
+
+def canonical_json(obj: Any) -> bytes:
+    """RFC 8785 (JCS) bytes of `obj`: the only form of JSON this server signs or hashes."""
+    return rfc8785.dumps(obj)
+
+
+def sign_json(signer: SigningKey, obj: Any) -> bytes:
+    """Sign the canonical JSON of `obj`."""
+    return signer.sign(canonical_json(obj))
+
+
+def verify_json(verifier: Verifier, obj: Any, signature: bytes) -> None:
+    """Raise `CryptoError` unless `signature` covers the canonical JSON of `obj`."""
+    verifier.verify(signature, canonical_json(obj))
+
+
+# --- secret files --------------------------------------------------------------------------
+
+
+def _read_secret_file(path: Path) -> bytes:
+    """Read a key file, refusing one that group or others may access."""
+    fd = os.open(path, os.O_RDONLY)
+    with os.fdopen(fd, "rb") as handle:
+        mode = os.fstat(handle.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            raise ValueError(f"{path} is not a regular file")
+        if mode & 0o077:
+            raise ValueError(
+                f"{path} is accessible by group or others (mode {stat.S_IMODE(mode):04o}); "
+                f"it holds key material: run `chmod 600 {path}`"
+            )
+        return handle.read()
+
+
+def _write_secret_file(path: Path, data: bytes, *, overwrite: bool) -> bool:
+    """Write `data` to `path` atomically with mode 0600; return False if it exists and must not
+    be overwritten.
+
+    The bytes go to a 0600 temporary file in the same directory, are fsynced, then moved into
+    place in one step, so a crash never leaves a half-written key and the key is never
+    readable by others, not even for an instant.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    temp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if overwrite:
+            os.replace(temp, path)
+        else:
+            try:
+                os.link(temp, path)  # unlike rename, fails if another process created it first
+            except FileExistsError:
+                return False
+        _fsync_directory(path.parent)
+        return True
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _load_or_create(path: Path, make: Callable[[], bytes]) -> bytes:
+    """Return the key file's bytes, creating it from `make()` if absent (race-safe)."""
+    try:
+        return _read_secret_file(path)
+    except FileNotFoundError:
+        pass
+    data = make()
+    if _write_secret_file(path, data, overwrite=False):
+        return data
+    return _read_secret_file(path)
