@@ -1,0 +1,160 @@
+"""Versioned schema migrations for both store backends, applied when a store opens.
+
+Each `Migration` carries its SQLite and its PostgreSQL statements side by side, so the two
+schemas move in lock step and a version number means the same thing on both. Applied versions
+are recorded in ``schema_migrations``; `migrate` applies only the missing ones, so opening a
+store any number of times is harmless. The caller runs `migrate` inside one write transaction
+that also serialises concurrent openers (``BEGIN IMMEDIATE`` on SQLite, an advisory lock on
+PostgreSQL): DDL is transactional on both, so a failed migration leaves the previous version.
+
+Never edit a released migration: add a new version. A database newer than this code is
+refused rather than written to, since an old replica cannot know what a newer schema means.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from freemark_keyserver.store import StoreError
+
+__all__ = ["LATEST_VERSION", "MIGRATIONS", "Backend", "Migration", "SchemaError", "migrate"]
+
+Backend = Literal["sqlite", "postgres"]
+
+# Runs one statement with "?" placeholders and returns a DB-API cursor.
+Execute = Callable[..., Any]
+
+
+class SchemaError(StoreError):
+    """The database's schema is one this code cannot work with."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One schema version: what it is for, and its statements per backend."""
+
+    version: int
+    name: str
+    sqlite: tuple[str, ...]
+    postgres: tuple[str, ...]
+
+    def statements(self, backend: Backend) -> tuple[str, ...]:
+        return self.sqlite if backend == "sqlite" else self.postgres
+
+
+def _tables(blob: str, integer: str, boolean: str, length: str) -> tuple[str, ...]:
+    """Version 1's tables, spelled in one backend's types.
+
+    The log index is the primary key (unique, so a bug can never store two entries at one
+    index) and registrations reference their log entry, so the database itself refuses a
+    registration without one.
+    """
+    return (
+        f"""CREATE TABLE principals (
+            name TEXT PRIMARY KEY,
+            role TEXT NOT NULL CHECK (role IN ('owner', 'arbiter', 'admin')),
+            token_hash {blob} NOT NULL UNIQUE,
+            created_at {integer} NOT NULL,
+            disabled {boolean} NOT NULL
+        )""",
+        f"""CREATE TABLE log_entries (
+            idx {integer} PRIMARY KEY CHECK (idx >= 0),
+            kind TEXT NOT NULL,
+            entry {blob} NOT NULL,
+            leaf_hash {blob} NOT NULL CHECK ({length}(leaf_hash) = 32),
+            created_at {integer} NOT NULL
+        )""",
+        f"""CREATE TABLE registrations (
+            registration_id TEXT PRIMARY KEY,
+            owner TEXT NOT NULL,
+            created_at {integer} NOT NULL,
+            host_fingerprint {blob} NOT NULL,
+            architecture_digest {blob} NOT NULL,
+            layer TEXT NOT NULL,
+            units {integer} NOT NULL,
+            n_bits {integer} NOT NULL,
+            commitment {blob} NOT NULL,
+            key_version {integer} NOT NULL,
+            envelope {blob} NOT NULL,
+            host_envelope {blob} NOT NULL,
+            log_index {integer} NOT NULL UNIQUE REFERENCES log_entries (idx),
+            revoked_at {integer}
+        )""",
+        f"""CREATE TABLE checkpoints (
+            tree_size {integer} PRIMARY KEY CHECK (tree_size >= 0),
+            body {blob} NOT NULL,
+            signature {blob} NOT NULL
+        )""",
+    )
+
+
+def _head_and_indexes(integer: str) -> tuple[str, ...]:
+    """Version 2: indexes for the lookups made on every register and list call, and the log head.
+
+    The one-row head's increment is the single point every append serialises on (and makes
+    tree_size O(1)); it is seeded from the entries a version 1 database already holds.
+    """
+    return (
+        f"""CREATE TABLE log_head (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            size {integer} NOT NULL CHECK (size >= 0)
+        )""",
+        "INSERT INTO log_head (id, size) SELECT 1, COUNT(*) FROM log_entries",
+        "CREATE INDEX registrations_by_fingerprint ON registrations (host_fingerprint, log_index)",
+        """CREATE INDEX registrations_by_architecture
+            ON registrations (architecture_digest, log_index)""",
+        "CREATE INDEX registrations_by_owner ON registrations (owner, log_index)",
+    )
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "principals, log entries, registrations, checkpoints",
+        sqlite=_tables("BLOB", "INTEGER", "INTEGER", "length"),
+        postgres=_tables("BYTEA", "BIGINT", "BOOLEAN", "octet_length"),
+    ),
+    Migration(
+        2,
+        "lookup indexes and the log head counter",
+        sqlite=_head_and_indexes("INTEGER"),
+        postgres=_head_and_indexes("BIGINT"),
+    ),
+)
+
+LATEST_VERSION = MIGRATIONS[-1].version
+
+
+def migrate(
+    execute: Execute, backend: Backend, *, now: int, target: int = LATEST_VERSION
+) -> list[int]:
+    """Apply every missing migration up to `target`; return the versions applied.
+
+    `execute` runs one statement inside the caller's transaction. `target` below the latest
+    exists so that tests can build an old database and check the upgrade from it.
+    """
+    execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+        "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)"
+    )
+    applied = {int(row[0]) for row in execute("SELECT version FROM schema_migrations").fetchall()}
+    unknown = sorted(applied - {m.version for m in MIGRATIONS})
+    if unknown:
+        raise SchemaError(
+            f"database has schema versions {unknown} that this code does not know;"
+            " upgrade the server before opening it"
+        )
+    done: list[int] = []
+    for migration in MIGRATIONS:
+        if migration.version in applied or migration.version > target:
+            continue
+        for statement in migration.statements(backend):
+            execute(statement)
+        execute(
+            "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+            (migration.version, migration.name, now),
+        )
+        done.append(migration.version)
+    return done

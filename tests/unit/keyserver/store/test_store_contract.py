@@ -1,0 +1,556 @@
+"""One contract for every store backend, run against a real SQLite file and a real PostgreSQL.
+
+The backends share SQL but not locking, transactions or types, and those are where a log
+store breaks: the suite therefore checks behaviour only through the `Store` interface (plus
+raw SQL where a test must build an old schema or look at the migration table), and runs
+unchanged on both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from freemark_keyserver.store import (
+    DuplicateError,
+    LogEntry,
+    NotFoundError,
+    Principal,
+    Registration,
+    Store,
+    StoredCheckpoint,
+    StoreError,
+    open_store,
+)
+from freemark_keyserver.store.migrations import LATEST_VERSION, Backend, SchemaError, migrate
+
+REPO = Path(__file__).resolve().parents[4]
+
+T0 = 1_700_000_000_000_000  # a fixed unix time in microseconds
+
+
+class FakeClock:
+    """A clock that moves only when told to, so stored times can be checked exactly."""
+
+    def __init__(self, now: int = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> int:
+        return self.now
+
+
+def entry_builder(kind: str, registration_id: str = "") -> Callable[[int, int], bytes]:
+    """A `build_entry` that embeds index and time the way the service does."""
+
+    def build(index: int, now: int) -> bytes:
+        body = {"index": index, "time": now, "kind": kind, "registration_id": registration_id}
+        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+    return build
+
+
+def make_registration(
+    registration_id: str,
+    *,
+    owner: str = "alice",
+    fingerprint: bytes = b"\x01" * 32,
+    architecture: bytes = b"\x02" * 32,
+) -> Registration:
+    return Registration(
+        registration_id=registration_id,
+        owner=owner,
+        created_at=0,
+        host_fingerprint=fingerprint,
+        architecture_digest=architecture,
+        layer="features.3",
+        units=128,
+        n_bits=256,
+        commitment=hashlib.sha256(registration_id.encode()).digest(),
+        key_version=1,
+        envelope=b"sealed-bundle-" + registration_id.encode(),
+        host_envelope=b"sealed-host-" + registration_id.encode(),
+        log_index=-1,
+    )
+
+
+def register(store: Store, registration: Registration) -> LogEntry:
+    return store.append(
+        "register", entry_builder("register", registration.registration_id), registration
+    )
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def store(db: str, clock: FakeClock) -> Iterator[Store]:
+    s = open_store(db, clock=clock)
+    yield s
+    s.close()
+
+
+@contextmanager
+def raw_sql(db: str) -> Iterator[Callable[..., Any]]:
+    """Run "?"-placeholder SQL on the test database directly, outside any `Store`."""
+    if db.startswith("postgresql://"):
+        with psycopg.connect(db, autocommit=True) as pg_conn:
+            yield lambda sql, params=(): pg_conn.execute(sql.replace("?", "%s"), params)
+    else:
+        sqlite_conn = sqlite3.connect(db, isolation_level=None)
+        try:
+            yield lambda sql, params=(): sqlite_conn.execute(sql, params)
+        finally:
+            sqlite_conn.close()
+
+
+def assert_log_consistent(store: Store) -> list[LogEntry]:
+    """Indexes 0..n-1 with true leaf hashes; register entries and registrations pair up 1:1."""
+    size = store.tree_size()
+    entries = store.entries(0, size)
+    assert [e.index for e in entries] == list(range(size))
+    registrations = {r.log_index: r for r in store.registrations_for_rewrap()}
+    for e in entries:
+        assert e.leaf_hash == hashlib.sha256(b"\x00" + e.entry).digest()
+        body = json.loads(e.entry)
+        assert (body["index"], body["time"]) == (e.index, e.created_at)
+        if e.kind == "register":
+            assert registrations.pop(e.index).registration_id == body["registration_id"]
+    assert registrations == {}, "registrations without a log entry"
+    assert [e.created_at for e in entries] == sorted(e.created_at for e in entries)
+    return entries
+
+
+# --- principals ----------------------------------------------------------------------------
+
+
+def test_principals_add_find_list_disable(store: Store) -> None:
+    bob = Principal("bob", "arbiter", b"h-bob", T0)
+    alice = Principal("alice", "owner", b"h-alice", T0 + 1)
+    store.add_principal(bob)
+    store.add_principal(alice)
+
+    assert store.principal_by_name("alice") == alice
+    assert store.principal_by_token_hash(b"h-bob") == bob
+    assert store.principal_by_name("carol") is None
+    assert store.principal_by_token_hash(b"h-nobody") is None
+    assert store.list_principals() == [alice, bob]
+
+    store.disable_principal("bob")
+    assert store.principal_by_token_hash(b"h-bob") == replace(bob, disabled=True)
+    with pytest.raises(NotFoundError):
+        store.disable_principal("carol")
+
+
+def test_duplicate_principal_name_or_token_is_refused(store: Store) -> None:
+    store.add_principal(Principal("alice", "owner", b"h-alice", T0))
+    with pytest.raises(DuplicateError):
+        store.add_principal(Principal("alice", "admin", b"h-other", T0))
+    with pytest.raises(DuplicateError):
+        store.add_principal(Principal("mallory", "owner", b"h-alice", T0))
+    assert [p.name for p in store.list_principals()] == ["alice"]
+
+
+def test_unknown_role_is_refused() -> None:
+    with pytest.raises(ValueError, match="role"):
+        Principal("eve", "root", b"h", T0)
+
+
+# --- the log -------------------------------------------------------------------------------
+
+
+def test_append_assigns_consecutive_indexes_and_rfc6962_leaf_hashes(
+    store: Store, clock: FakeClock
+) -> None:
+    assert store.tree_size() == 0
+    appended = []
+    for i in range(5):
+        clock.now = T0 + 10 * i
+        appended.append(store.append("verify", entry_builder("verify")))
+
+    assert [e.index for e in appended] == [0, 1, 2, 3, 4]
+    assert [e.created_at for e in appended] == [T0 + 10 * i for i in range(5)]
+    for e in appended:
+        assert e.leaf_hash == hashlib.sha256(b"\x00" + e.entry).digest()
+        assert json.loads(e.entry)["index"] == e.index
+    assert store.tree_size() == 5
+    assert store.entries(0, 5) == appended
+    assert store.entries(1, 3) == appended[1:3]
+    assert store.entries(5, 5) == []
+    assert store.leaf_hashes(5) == [e.leaf_hash for e in appended]
+    assert store.leaf_hashes(2) == [e.leaf_hash for e in appended[:2]]
+
+
+def test_reading_past_the_end_of_the_log_raises(store: Store) -> None:
+    store.append("verify", entry_builder("verify"))
+    with pytest.raises(ValueError):
+        store.entries(0, 2)
+    with pytest.raises(ValueError):
+        store.entries(1, 0)
+    with pytest.raises(ValueError):
+        store.leaf_hashes(2)
+
+
+def test_log_times_never_decrease_when_the_clock_steps_back(store: Store, clock: FakeClock) -> None:
+    first = store.append("verify", entry_builder("verify"))
+    clock.now = T0 - 5_000_000  # another replica's clock, five seconds behind
+    second = store.append("verify", entry_builder("verify"))
+    assert second.created_at == first.created_at == T0
+    assert json.loads(second.entry)["time"] == T0
+
+
+def test_registration_is_stored_with_its_entry(store: Store, clock: FakeClock) -> None:
+    store.append("verify", entry_builder("verify"))
+    clock.now = T0 + 42
+    reg = make_registration("reg-1")
+    entry = register(store, reg)
+
+    stored = store.get_registration("reg-1")
+    assert stored == replace(reg, log_index=entry.index, created_at=T0 + 42)
+    assert entry.index == 1 and entry.kind == "register"
+    assert store.get_registration("reg-404") is None
+
+
+def test_lookups_by_fingerprint_and_architecture_are_in_log_order(store: Store) -> None:
+    shared_arch = b"\xaa" * 32
+    for i, fingerprint in enumerate([b"\x10" * 32, b"\x11" * 32, b"\x10" * 32]):
+        register(
+            store,
+            make_registration(f"reg-{i}", fingerprint=fingerprint, architecture=shared_arch),
+        )
+    register(store, make_registration("reg-other", architecture=b"\xbb" * 32))
+
+    assert [r.registration_id for r in store.find_by_fingerprint(b"\x10" * 32)] == [
+        "reg-0",
+        "reg-2",
+    ]
+    assert [r.registration_id for r in store.find_by_architecture(shared_arch)] == [
+        "reg-0",
+        "reg-1",
+        "reg-2",
+    ]
+    assert store.find_by_fingerprint(b"\x99" * 32) == []
+
+
+def test_failure_inside_build_entry_leaves_nothing(store: Store) -> None:
+    def explode(index: int, now: int) -> bytes:
+        raise RuntimeError("canonicalisation failed")
+
+    with pytest.raises(RuntimeError, match="canonicalisation"):
+        store.append("register", explode, make_registration("reg-1"))
+    assert store.tree_size() == 0
+    assert store.get_registration("reg-1") is None
+
+    # The rolled-back index is not skipped: the next append takes it.
+    assert register(store, make_registration("reg-1")).index == 0
+    assert_log_consistent(store)
+
+
+def test_duplicate_registration_rolls_back_its_entry(store: Store) -> None:
+    register(store, make_registration("reg-1"))
+    with pytest.raises(DuplicateError):
+        register(store, make_registration("reg-1", owner="mallory"))
+    assert store.tree_size() == 1
+    assert store.get_registration("reg-1").owner == "alice"  # type: ignore[union-attr]
+    assert_log_consistent(store)
+
+
+# --- listing, revocation, rotation -----------------------------------------------------------
+
+
+def test_pagination_is_by_owner_and_in_log_order(store: Store) -> None:
+    for i in range(25):
+        register(store, make_registration(f"a-{i:02d}", owner="alice"))
+        if i % 3 == 0:
+            register(store, make_registration(f"b-{i:02d}", owner="bob"))
+
+    pages = []
+    token = ""
+    while True:
+        page, token = store.list_registrations("alice", 10, token)
+        pages.append(page)
+        if not token:
+            break
+    assert [len(p) for p in pages] == [10, 10, 5]
+    ids = [r.registration_id for p in pages for r in p]
+    assert ids == [f"a-{i:02d}" for i in range(25)]
+
+    bob, token = store.list_registrations("bob", 100, "")
+    assert token == ""
+    assert [r.registration_id for r in bob] == [f"b-{i:02d}" for i in range(0, 25, 3)]
+    assert {r.owner for r in bob} == {"bob"}
+
+    everyone, token = store.list_registrations(None, 100, "")
+    assert len(everyone) == 34 and token == ""
+    assert [r.log_index for r in everyone] == list(range(34))
+    assert store.list_registrations("carol", 10, "") == ([], "")
+
+
+@pytest.mark.parametrize("token", ["not-a-token", "Zm9v", "%%%"])
+def test_malformed_page_token_is_refused(store: Store, token: str) -> None:
+    with pytest.raises(ValueError, match="page token"):
+        store.list_registrations(None, 10, token)
+
+
+def test_page_size_must_be_positive(store: Store) -> None:
+    with pytest.raises(ValueError, match="page_size"):
+        store.list_registrations(None, 0, "")
+
+
+def test_revoke_once(store: Store) -> None:
+    register(store, make_registration("reg-1"))
+    assert store.revoke("reg-1", T0 + 99) is True
+    assert store.revoke("reg-1", T0 + 100) is False
+    assert store.revoke("reg-404", T0) is False
+    assert store.get_registration("reg-1").revoked_at == T0 + 99  # type: ignore[union-attr]
+
+
+def test_envelopes_are_rewrapped_in_place(store: Store) -> None:
+    for i in range(3):
+        register(store, make_registration(f"reg-{i}"))
+    store.revoke("reg-1", T0)
+
+    seen = []
+    for reg in store.registrations_for_rewrap():
+        seen.append(reg.registration_id)
+        store.update_envelopes(
+            reg.registration_id, 2, b"v2-" + reg.envelope, b"v2-" + reg.host_envelope
+        )
+    assert seen == ["reg-0", "reg-1", "reg-2"]  # revoked ones too: the old key is retired
+
+    rewrapped = store.get_registration("reg-1")
+    assert rewrapped is not None
+    assert (rewrapped.key_version, rewrapped.envelope, rewrapped.host_envelope) == (
+        2,
+        b"v2-sealed-bundle-reg-1",
+        b"v2-sealed-host-reg-1",
+    )
+    assert rewrapped.revoked_at == T0
+    with pytest.raises(NotFoundError):
+        store.update_envelopes("reg-404", 2, b"", b"")
+
+
+# --- checkpoints ---------------------------------------------------------------------------
+
+
+def test_checkpoints(store: Store) -> None:
+    assert store.latest_checkpoint() is None
+    assert store.checkpoints() == []
+    cps = [StoredCheckpoint(size, f"body-{size}".encode(), b"sig") for size in (4, 0, 9)]
+    for cp in cps:
+        store.add_checkpoint(cp)
+
+    # A second checkpoint for a size already stored (another replica's) is dropped.
+    store.add_checkpoint(StoredCheckpoint(4, b"body-4-again", b"sig-2"))
+
+    assert store.checkpoints() == sorted(cps, key=lambda c: c.tree_size)
+    assert store.latest_checkpoint() == cps[2]
+    assert store.checkpoint_at(4) == cps[0]
+    assert store.checkpoint_at(5) is None
+
+
+# --- migrations ----------------------------------------------------------------------------
+
+
+def test_migrations_are_recorded_and_idempotent(db: str, clock: FakeClock) -> None:
+    first = open_store(db, clock=clock)
+    register(first, make_registration("reg-1"))
+    first.close()
+    second = open_store(db, clock=clock)  # opening again applies nothing
+    assert second.tree_size() == 1
+    second.close()
+
+    with raw_sql(db) as execute:
+        rows = execute("SELECT version, applied_at FROM schema_migrations ORDER BY version")
+        assert rows.fetchall() == [(v, T0) for v in range(1, LATEST_VERSION + 1)]
+
+
+def test_upgrade_from_v1_keeps_data_and_continues_the_log(db: str, clock: FakeClock) -> None:
+    backend: Backend = "postgres" if db.startswith("postgresql://") else "sqlite"
+    reg = make_registration("reg-old")
+    old_entries = [entry_builder("register", "reg-old")(0, T0)] + [
+        entry_builder("verify")(i, T0 + i) for i in (1, 2)
+    ]
+    with raw_sql(db) as execute:
+        assert migrate(execute, backend, now=T0, target=1) == [1]
+        for i, entry in enumerate(old_entries):
+            execute(
+                "INSERT INTO log_entries (idx, kind, entry, leaf_hash, created_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (
+                    i,
+                    "register" if i == 0 else "verify",
+                    entry,
+                    hashlib.sha256(b"\x00" + entry).digest(),
+                    T0 + i,
+                ),
+            )
+        execute(
+            "INSERT INTO registrations (registration_id, owner, created_at, host_fingerprint,"
+            " architecture_digest, layer, units, n_bits, commitment, key_version, envelope,"
+            " host_envelope, log_index, revoked_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                reg.registration_id,
+                reg.owner,
+                T0,
+                reg.host_fingerprint,
+                reg.architecture_digest,
+                reg.layer,
+                reg.units,
+                reg.n_bits,
+                reg.commitment,
+                reg.key_version,
+                reg.envelope,
+                reg.host_envelope,
+                0,
+                None,
+            ),
+        )
+
+    clock.now = T0 + 10
+    store = open_store(db, clock=clock)
+    try:
+        assert store.tree_size() == 3
+        assert store.find_by_fingerprint(reg.host_fingerprint) == [
+            replace(reg, created_at=T0, log_index=0)
+        ]
+        assert register(store, make_registration("reg-new")).index == 3
+        assert_log_consistent(store)
+    finally:
+        store.close()
+    with raw_sql(db) as execute:
+        versions = execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()
+    assert [v for (v,) in versions] == list(range(1, LATEST_VERSION + 1))
+
+
+def test_a_newer_schema_is_refused(db: str, clock: FakeClock) -> None:
+    open_store(db, clock=clock).close()
+    with raw_sql(db) as execute:
+        execute(
+            "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+            (LATEST_VERSION + 1, "from the future", T0),
+        )
+    with pytest.raises(SchemaError, match="upgrade the server"):
+        open_store(db, clock=clock)
+
+
+def test_closed_store_refuses_calls(db: str) -> None:
+    store = open_store(db)
+    store.close()
+    with pytest.raises(StoreError, match="closed"):
+        store.tree_size()
+
+
+# --- concurrency and crashes ---------------------------------------------------------------
+
+
+THREADS = 8
+APPENDS_PER_THREAD = 25
+
+
+def test_concurrent_appends_from_two_replicas_form_one_total_order(db: str) -> None:
+    replicas = [open_store(db), open_store(db)]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(THREADS)
+
+    def writer(t: int) -> None:
+        store = replicas[t % 2]
+        try:
+            barrier.wait()
+            for n in range(APPENDS_PER_THREAD):
+                reg = make_registration(f"t{t}-{n}", owner=f"owner-{t}")
+                register(store, reg)
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert errors == []
+        total = THREADS * APPENDS_PER_THREAD
+        for store in replicas:
+            assert store.tree_size() == total
+        entries = assert_log_consistent(replicas[1])
+        assert len(entries) == total
+        ids = {json.loads(e.entry)["registration_id"] for e in entries}
+        assert ids == {f"t{t}-{n}" for t in range(THREADS) for n in range(APPENDS_PER_THREAD)}
+    finally:
+        for store in replicas:
+            store.close()
+
+
+# A writer process: appends registrations and reports each index on stdout as it commits.
+_WRITER = """
+import json, sys
+from freemark_keyserver.store import Registration, open_store
+
+db, name, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+store = open_store(db)
+for n in range(count):
+    rid = f"{name}-{n}"
+    reg = Registration(rid, name, 0, b"f" * 32, b"a" * 32, "l", 8, 16, b"c" * 32, 1,
+                       b"e" * 4096, b"h" * 4096, -1)
+    build = lambda i, t: json.dumps(
+        {"index": i, "kind": "register", "registration_id": rid, "time": t},
+        sort_keys=True, separators=(",", ":")).encode()
+    print(store.append("register", build, reg).index, flush=True)
+store.close()
+"""
+
+
+def test_kill_9_mid_burst_never_splits_an_entry_from_its_registration(db: str) -> None:
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'client'}{os.pathsep}{REPO / 'keyserver'}"}
+
+    def spawn(name: str, count: int) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-c", _WRITER, db, name, str(count)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+
+    open_store(db).close()  # migrate once up front, so both writers start appending at once
+    victim = spawn("victim", 10_000)
+    survivor = spawn("survivor", 60)
+    try:
+        assert victim.stdout is not None
+        for _ in range(20):  # let the victim get well into its burst, racing the survivor
+            assert victim.stdout.readline()
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=30)
+        out, _ = survivor.communicate(timeout=120)
+        assert survivor.returncode == 0
+        assert len(out.split()) == 60
+    finally:
+        for process in (victim, survivor):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+    store = open_store(db)
+    try:
+        entries = assert_log_consistent(store)
+        names = [json.loads(e.entry)["registration_id"].split("-")[0] for e in entries]
+        assert names.count("survivor") == 60
+        assert names.count("victim") >= 20
+        # The log goes on where the killed writer left it, with no gap.
+        assert register(store, make_registration("after")).index == len(entries)
+    finally:
+        store.close()
