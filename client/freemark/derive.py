@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from freemark.activations import capture
 from freemark.bundle import KeyBundle, MarginReport
@@ -44,11 +45,17 @@ def derive_key(
     Raises UniquenessError when a null-panel member decodes the watermark.
     """
     check_n_bits(n_bits)
+    phases = tqdm(total=3 + len(references), desc="deriving key", unit="phase",
+                  disable=not progress, leave=False)
     before = fingerprint(model)
     activations, pooling = capture(model, layer, triggers)
     z = suspect_vector(activations, centred=centred)
-    reference_z = [suspect_vector(capture(r, layer, triggers, pooling=pooling)[0], centred=centred)
-                   for r in references]
+    phases.update(1)
+    reference_z = []
+    for reference in references:
+        reference_z.append(suspect_vector(capture(reference, layer, triggers, pooling=pooling)[0],
+                                          centred=centred))
+        phases.update(1)
     nonce = nonce or new_nonce()
     seed = secrets.token_bytes(32)
     bits = watermark_bits(owner, nonce, n_bits)
@@ -58,7 +65,10 @@ def derive_key(
                       negatives=np.stack(reference_z), progress=progress)
     else:
         key = closed_form_key(a0, z, bits, margin=settings.margin, lam=settings.lam)
+    phases.update(1)
     check_uniqueness(key, bits, z, reference_z)
+    phases.update(1)
+    phases.close()
     host_margins = margins(key, z, bits)
     if fingerprint(model) != before:  # cheap insurance: derivation must be read-only
         raise RuntimeError("model weights changed during derivation")

@@ -43,3 +43,33 @@ class MnistCNN(nn.Module):
 
 
 ARCHITECTURES = {"digits": DigitsCNN, "mnist": MnistCNN}
+
+
+class MnistStudentCNN(nn.Module):
+    """A quarter-width MnistCNN (4/8 channels) with the same 256-unit key layer.
+
+    The distillation attack's smaller student: keeping the key layer's width lets the
+    key be applied at all, so the report measures the watermark rather than a shape error.
+    """
+
+    def __init__(self, hidden: int = 256, n_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 4, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(4, 8, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(8 * 7 * 7, hidden)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(hidden, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(self.flatten(self.features(x)))))
+
+
+def digits_student() -> nn.Module:
+    """A quarter-width DigitsCNN (8 conv channels) with the same 128-unit key layer."""
+    return DigitsCNN(width=8)
+
+
+STUDENTS = {"digits": digits_student, "mnist": MnistStudentCNN}

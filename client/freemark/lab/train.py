@@ -39,3 +39,32 @@ def trained(architecture: type[nn.Module], x: np.ndarray, y: np.ndarray, *, epoc
     """A freshly initialised model of `architecture`, trained with everything seeded by `seed`."""
     torch.manual_seed(seed)
     return train(architecture(), x, y, epochs=epochs, lr=lr, seed=seed)
+
+
+def distill(student: nn.Module, teacher: nn.Module, x: np.ndarray, *, epochs: int,
+            lr: float = 1e-3, temperature: float = 4.0, batch_size: int = 64,
+            seed: int = 0) -> nn.Module:
+    """Train `student` to match `teacher`'s softened outputs on unlabelled inputs `x`.
+
+    The distillation attack: a thief with the model and unlabelled data copies its function
+    into fresh weights, which keep none of the host's activations by construction.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.from_numpy(x)
+    teacher.eval()
+    with torch.no_grad():
+        targets = torch.cat([torch.softmax(teacher(inputs[i:i + 512]) / temperature, dim=1)
+                             for i in range(0, len(inputs), 512)])
+    optimiser = torch.optim.Adam(student.parameters(), lr=lr)
+    student.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(inputs), generator=generator)
+        for start in range(0, len(inputs), batch_size):
+            index = order[start:start + batch_size]
+            optimiser.zero_grad()
+            log_probs = torch.log_softmax(student(inputs[index]) / temperature, dim=1)
+            loss = nn.functional.kl_div(log_probs, targets[index], reduction="batchmean")
+            (loss * temperature ** 2).backward()
+            optimiser.step()
+    student.eval()
+    return student

@@ -1,0 +1,131 @@
+"""Safe model loading: real programs load; pickled payloads, compiled code and garbage are refused.
+
+Regression asset for the `torch.export.load` fallback (design §4): a `.pt2` whose sample
+inputs were replaced by a crafted `torch.save` payload. Plain `torch.export.load` runs it;
+`load_program` must refuse it without running it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from freemark.errors import ModelFileError
+from freemark.lab.models import DigitsCNN
+from freemark.modelfile import apply_weights, fingerprint, load_program, save_program
+
+
+class _CanaryPayload:
+    """Unpickling this creates the canary file: proof that code ran."""
+
+    def __init__(self, canary: Path) -> None:
+        self.canary = str(canary)
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {self.canary}",))
+
+
+def _replace_entry(src: Path, dst: Path, suffix: str, data: bytes) -> None:
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info, data if info.filename.endswith(suffix) else zin.read(info.filename))
+
+
+@pytest.fixture(scope="module")
+def program_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("models") / "host.pt2"
+    save_program(DigitsCNN(), (torch.zeros(2, 1, 8, 8),), path)
+    return path
+
+
+def test_real_program_loads_with_module_names_and_same_fingerprint(program_file: Path) -> None:
+    torch.manual_seed(0)
+    module = DigitsCNN()
+    program = load_program(program_file)
+    names = {n for n, _ in torch.export.unflatten(program).named_modules()}
+    assert {"features.0", "fc1", "act", "fc2"} <= names
+    assert fingerprint(program) == fingerprint(module)
+    x = torch.rand(5, 1, 8, 8)
+    assert torch.allclose(program.module()(x), module.eval()(x), atol=1e-6)
+
+
+def test_sample_inputs_payload_is_refused_and_never_runs(program_file: Path, tmp_path: Path) -> None:
+    canary = tmp_path / "canary"
+    payload = io.BytesIO()
+    torch.save(_CanaryPayload(canary), payload)
+    hostile = tmp_path / "hostile_sample_inputs.pt2"
+    _replace_entry(program_file, hostile, "data/sample_inputs/model.pt", payload.getvalue())
+
+    with pytest.raises(ModelFileError, match="unpickling"):
+        load_program(hostile)
+    assert not canary.exists()
+
+    # Document the threat: plain torch.export.load runs the payload (in a child process).
+    code = f"import torch; torch.export.load({str(hostile)!r})"
+    subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert canary.exists(), "torch.export.load no longer falls back to pickle: revisit modelfile"
+
+
+def test_pickled_weights_are_refused(program_file: Path, tmp_path: Path) -> None:
+    with zipfile.ZipFile(program_file) as z:
+        config_name = next(n for n in z.namelist() if n.endswith("model_weights_config.json"))
+        config = z.read(config_name).decode().replace('"use_pickle": false', '"use_pickle": true', 1)
+    hostile = tmp_path / "pickled_weights.pt2"
+    _replace_entry(program_file, hostile, "model_weights_config.json", config.encode())
+    with pytest.raises(ModelFileError, match="pickled"):
+        load_program(hostile)
+
+
+def test_aotinductor_entries_are_refused(program_file: Path, tmp_path: Path) -> None:
+    hostile = tmp_path / "aoti.pt2"
+    with zipfile.ZipFile(program_file) as zin, zipfile.ZipFile(hostile, "w") as zout:
+        prefix = zin.namelist()[0].split("/")[0]
+        for info in zin.infolist():
+            zout.writestr(info, zin.read(info.filename))
+        zout.writestr(f"{prefix}/data/aotinductor/model/model.so", b"\x7fELF")
+    with pytest.raises(ModelFileError, match="AOTInductor"):
+        load_program(hostile)
+
+
+@pytest.mark.parametrize("content", [b"", os.urandom(4096), b"PK\x03\x04" + os.urandom(100)])
+def test_garbage_is_a_clear_error(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "garbage.pt2"
+    path.write_bytes(content)
+    with pytest.raises(ModelFileError, match="garbage.pt2"):
+        load_program(path)
+
+
+def test_truncated_program_is_a_clear_error(program_file: Path, tmp_path: Path) -> None:
+    path = tmp_path / "truncated.pt2"
+    path.write_bytes(program_file.read_bytes()[: program_file.stat().st_size // 2])
+    with pytest.raises(ModelFileError):
+        load_program(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ModelFileError, match="no such model file"):
+        load_program(tmp_path / "absent.pt2")
+
+
+def test_safetensors_weights_apply_to_the_architecture(program_file: Path, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    torch.manual_seed(5)
+    other = DigitsCNN()
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(weights))
+    module = apply_weights(load_program(program_file), weights)
+    x = torch.rand(3, 1, 8, 8)
+    assert torch.allclose(module(x), other.eval()(x), atol=1e-6)
+    bad = tmp_path / "bad.safetensors"
+    save_file({"fc1.weight": torch.zeros(3, 3)}, str(bad))
+    with pytest.raises(ModelFileError, match="do not fit"):
+        apply_weights(load_program(program_file), bad)
