@@ -1,0 +1,136 @@
+"""Builders for hostile model files, made fresh from a real `.pt2` in a test's tmp_path.
+
+Each builder mirrors an attack on whoever loads the file: the pickle payloads run code when
+unpickled (what `torch.export.load` does as a fallback), the `.so` entry is native code for
+AOTInductor, the file-reading graph leaks any file the loader can read into the activations.
+Nothing here is committed as a binary: tests build what they need, and the key server's
+integration tests reuse the same builders. See tests/assets/README.md.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from freemark.modelfile import load_program
+
+SAMPLE_INPUTS_ENTRY = "data/sample_inputs/model.pt"
+WEIGHTS_CONFIG_ENTRY = "data/weights/model_weights_config.json"
+AOTINDUCTOR_ENTRY = "data/aotinductor/model/x.so"
+
+
+class _CreateFile:
+    """Unpickles into a call that creates `path`: the canary a test looks for."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return exec, (f"open({self.path!r}, 'w').write('pwned')",)
+
+
+def pickle_payload(canary: Path) -> bytes:
+    """A `torch.save` file whose unpickling creates `canary` (harmless unless unpickled)."""
+    buffer = io.BytesIO()
+    torch.save((_CreateFile(canary),), buffer)
+    return buffer.getvalue()
+
+
+def rewrite_archive(
+    src: Path, dst: Path, edit: Callable[[str, bytes], bytes], extra: dict[str, bytes] | None = None
+) -> Path:
+    """Copy the `.pt2` zip `src` to `dst`, passing every entry through `edit(name, data)`.
+
+    Names given to `edit` and keys of `extra` are relative to the archive's top-level folder
+    (torch prefixes every entry with one, named after the file it first saved to).
+    """
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        prefix = zin.namelist()[0].split("/", 1)[0] + "/"
+        for info in zin.infolist():
+            zout.writestr(info.filename, edit(info.filename.removeprefix(prefix), zin.read(info)))
+        for name, data in (extra or {}).items():
+            zout.writestr(prefix + name, data)
+    return dst
+
+
+def pickled_sample_inputs(src: Path, dst: Path, canary: Path) -> Path:
+    """`src` with its sample inputs replaced by a payload: what plain torch.export.load runs."""
+    return rewrite_archive(
+        src, dst, lambda name, data: pickle_payload(canary) if name == SAMPLE_INPUTS_ENTRY else data
+    )
+
+
+def pickled_weights(src: Path, dst: Path, canary: Path) -> Path:
+    """`src` with every weight marked "use_pickle": true and stored as a payload."""
+    with zipfile.ZipFile(src) as archive:
+        name = next(n for n in archive.namelist() if n.endswith("/" + WEIGHTS_CONFIG_ENTRY))
+        config = json.loads(archive.read(name))
+    weight_files = {f"data/weights/{meta['path_name']}" for meta in config["config"].values()}
+    for meta in config["config"].values():
+        meta["use_pickle"] = True
+
+    def edit(name: str, data: bytes) -> bytes:
+        if name == WEIGHTS_CONFIG_ENTRY:
+            return json.dumps(config).encode()
+        return pickle_payload(canary) if name in weight_files else data
+
+    return rewrite_archive(src, dst, edit)
+
+
+def with_native_code(src: Path, dst: Path) -> Path:
+    """`src` plus an AOTInductor shared-object entry (a loader that honours it runs native code)."""
+    return rewrite_archive(
+        src, dst, lambda _name, data: data, {AOTINDUCTOR_ENTRY: b"\x7fELF" + bytes(60)}
+    )
+
+
+def truncated(src: Path, dst: Path, fraction: float = 0.5) -> Path:
+    """The first `fraction` of `src`'s bytes: a torn upload."""
+    data = src.read_bytes()
+    dst.write_bytes(data[: int(len(data) * fraction)])
+    return dst
+
+
+def random_bytes(dst: Path, size: int = 4096, seed: int = 0) -> Path:
+    """`size` seeded random bytes under a model's name."""
+    dst.write_bytes(random.Random(seed).randbytes(size))
+    return dst
+
+
+def reading_file(src: Path, dst: Path, secret: Path, after: str) -> Path:
+    """`src` whose graph adds `aten.from_file(secret)` to the output of node `after`.
+
+    torch's deserializer and verifier accept this program; run unvetted it leaks the first
+    bytes of `secret` into the activations of the layer that owns `after`. `secret` must hold
+    at least as many float32 values as that node has units.
+    """
+    program = load_program(src)
+    graph = program.graph
+    target = next(node for node in graph.nodes if node.name == after)
+    value = target.meta["val"]
+    units = int(value.shape[-1])
+    with graph.inserting_after(target):
+        leak = graph.call_function(
+            torch.ops.aten.from_file.default,
+            (str(secret),),
+            {"shared": False, "size": units, "dtype": torch.float32},
+        )
+    with graph.inserting_after(leak):
+        mixed = graph.call_function(torch.ops.aten.add.Tensor, (target, leak))
+    target.replace_all_uses_with(mixed, delete_user_cb=lambda user: user is not mixed)
+    for node, val in ((leak, _fake_vector(value, units)), (mixed, value)):
+        node.meta.update({k: v for k, v in target.meta.items() if k != "val"})  # same module
+        node.meta["val"] = val
+    program.graph_module.recompile()
+    torch.export.save(program, str(dst))
+    return dst
+
+
+def _fake_vector(like: torch.Tensor, units: int) -> torch.Tensor:
+    with like.fake_mode:  # type: ignore[attr-defined]
+        return torch.empty(units, dtype=torch.float32)

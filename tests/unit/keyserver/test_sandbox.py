@@ -1,0 +1,328 @@
+"""The sandbox with real models and worker processes: results, isolation, limits, hostile files.
+
+Each worker imports torch (a few seconds of CPU), so the file runs as few as it can.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import hostile_models
+import numpy as np
+import pytest
+import torch
+from freemark.activations import capture
+from freemark.errors import InvalidInputError, ModelFileError
+from freemark.lab.data import digits
+from freemark.lab.models import DigitsCNN
+from freemark.lab.train import trained
+from freemark.modelfile import apply_weights, load_program, save_program, state_dict_of
+from freemark.triggers import TriggerSet, select_triggers
+from freemark.v1 import bundle_pb2
+from freemark_keyserver import sandbox
+from freemark_keyserver.sandbox import (
+    SandboxError,
+    SandboxLimits,
+    SandboxResourceError,
+    SandboxTimeout,
+    run_in_sandbox,
+    worker_environment,
+)
+from safetensors.torch import save_file
+
+LAYER = "act"
+POOLING = bundle_pb2.POOLING_NONE
+MASTER_KEY = "FREEMARK_MASTER_KEY"
+DEFAULT_LIMITS = SandboxLimits()
+
+
+@dataclass(frozen=True)
+class Host:
+    """A trained DigitsCNN saved as .pt2, and secret triggers from held-out digits."""
+
+    path: Path
+    triggers: TriggerSet
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory: pytest.TempPathFactory) -> Host:
+    data = digits()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # OpenMP threads spin against the workers on a shared 2-core box
+    try:
+        model = trained(DigitsCNN, data.x_train, data.y_train, epochs=3, seed=0)
+    finally:
+        torch.set_num_threads(threads)
+    path = tmp_path_factory.mktemp("sandbox") / "digits.pt2"
+    save_program(model, (torch.from_numpy(data.x_train[:2]),), path)
+    triggers = select_triggers(data.x_test, data.y_test, per_class=3)
+    return Host(path, TriggerSet(inputs=triggers.inputs))
+
+
+def _reference(
+    model: torch.export.ExportedProgram | torch.nn.Module, triggers: TriggerSet
+) -> np.ndarray:
+    return capture(model, LAYER, triggers, pooling=POOLING)[0]
+
+
+def _sandboxed(
+    path: Path,
+    triggers: TriggerSet,
+    *,
+    weights_path: Path | None = None,
+    limits: SandboxLimits = DEFAULT_LIMITS,
+) -> np.ndarray:
+    return run_in_sandbox(
+        path,
+        layer=LAYER,
+        pooling=POOLING,
+        triggers=triggers,
+        weights_path=weights_path,
+        limits=limits,
+    )
+
+
+def test_activations_match_in_process_capture(host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(MASTER_KEY, "parent-only secret")
+    activations = _sandboxed(host.path, host.triggers)
+    assert activations.dtype == np.float64 and activations.shape == (len(host.triggers), 128)
+    np.testing.assert_allclose(
+        activations, _reference(load_program(host.path), host.triggers), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_safetensors_weights_replace_the_programs_own(host: Host, tmp_path: Path) -> None:
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        weights = {
+            name: (t + 0.1 * torch.randn(t.shape, generator=generator)).contiguous()
+            for name, t in state_dict_of(load_program(host.path)).items()
+        }
+    weights_path = tmp_path / "suspect.safetensors"
+    save_file(weights, str(weights_path))
+    expected = _reference(apply_weights(load_program(host.path), weights_path), host.triggers)
+    assert not np.allclose(expected, _reference(load_program(host.path), host.triggers))
+    activations = _sandboxed(host.path, host.triggers, weights_path=weights_path)
+    np.testing.assert_allclose(activations, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_worker_environment_is_built_from_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(MASTER_KEY, "parent-only secret")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "also not for the worker")
+    environment = worker_environment(SandboxLimits(threads=3), tmp_path)
+    assert set(environment) == {
+        "PATH",
+        "PYTHONPATH",
+        "PYTHONDONTWRITEBYTECODE",
+        "HOME",
+        "TMPDIR",
+        "OMP_NUM_THREADS",
+        "MKL_NUM_THREADS",
+        "OPENBLAS_NUM_THREADS",
+    }
+    assert environment["HOME"] == environment["TMPDIR"] == str(tmp_path)
+    assert environment["OMP_NUM_THREADS"] == "3"
+    assert "parent-only secret" not in "".join(environment.values())
+
+
+def _proc_limits(pid: int) -> dict[str, tuple[str, str]]:
+    """{limit name: (soft, hard)} as the kernel reports them for process `pid`."""
+    limits = {}
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines()[1:]:
+        soft, hard = line[26:].split()[:2]
+        limits[line[:26].strip()] = (soft, hard)
+    return limits
+
+
+def test_real_worker_has_no_secrets_no_inherited_files_and_its_limits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(MASTER_KEY, "parent-only secret")
+    inherited = os.open(tmp_path / "parent-file", os.O_CREAT | os.O_WRONLY)
+    os.set_inheritable(inherited, True)
+    limits = SandboxLimits(memory_bytes=3 << 30, cpu_seconds=50, open_files=32)
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    # The real start-up path of run_in_sandbox, stopped while the worker waits for its request.
+    process = sandbox._start_worker(limits, workdir)
+    try:
+        proc = Path(f"/proc/{process.pid}")
+        environ = dict(
+            entry.split("=", 1) for entry in (proc / "environ").read_text().split("\0") if entry
+        )
+        assert environ == worker_environment(limits, workdir)
+        assert MASTER_KEY not in environ
+        assert (proc / "cwd").resolve() == workdir.resolve()
+        deadline = time.monotonic() + 20
+        while _proc_limits(process.pid)["Max processes"] != ("0", "0"):  # the last limit it sets
+            assert time.monotonic() < deadline, "the worker never applied its limits"
+            time.sleep(0.02)
+        limits_now = _proc_limits(process.pid)
+        assert limits_now["Max address space"] == (str(3 << 30),) * 2
+        assert limits_now["Max cpu time"] == ("50", "51")
+        assert limits_now["Max open files"] == ("32", "32")
+        assert limits_now["Max file size"] == ("0", "0")
+        assert limits_now["Max core file size"] == ("0", "0")
+        open_files = {os.readlink(proc / "fd" / fd) for fd in os.listdir(proc / "fd")}
+        assert str(tmp_path / "parent-file") not in open_files
+    finally:
+        os.close(inherited)
+        process.kill()
+        process.communicate()
+
+
+def test_unknown_layer_is_an_invalid_input_not_a_bad_model(host: Host) -> None:
+    with pytest.raises(InvalidInputError, match="no layer named 'fc9'") as refused:
+        run_in_sandbox(host.path, layer="fc9", pooling=POOLING, triggers=host.triggers)
+    assert not isinstance(refused.value, ModelFileError)
+
+
+def test_limits_must_be_positive() -> None:
+    with pytest.raises(InvalidInputError, match="wall_seconds"):
+        SandboxLimits(wall_seconds=0)
+
+
+def _npy(array: np.ndarray, *, allow_pickle: bool = False) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=allow_pickle)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        (_npy(np.array([{"x": 1}], dtype=object), allow_pickle=True), "not a .npy array"),
+        (b"not numpy at all", "not a .npy array"),
+        (_npy(np.zeros((3, 4))) + b"extra", "exactly one"),
+        (_npy(np.zeros((3, 4), dtype=np.float32)), "float32"),
+        (_npy(np.zeros((2, 4))), r"\(2, 4\)"),
+        (_npy(np.zeros(3)), r"\(3,\)"),
+        (_npy(np.full((3, 4), np.nan)), "non-finite"),
+    ],
+)
+def test_worker_output_is_parsed_without_pickle_and_checked(raw: bytes, why: str) -> None:
+    """What a compromised worker could send back never becomes a Python object or bad matrix."""
+    with pytest.raises(SandboxError, match=why):
+        sandbox._parse_activations(raw, n_triggers=3)
+
+
+def _children_running_worker() -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            command = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == os.getpid() and b"sandbox_worker" in command:
+            found.append(int(entry.name))
+    return found
+
+
+def test_wall_clock_deadline_kills_the_worker(host: Host) -> None:
+    started = time.monotonic()
+    with pytest.raises(SandboxTimeout, match="0.3 s"):
+        _sandboxed(host.path, host.triggers, limits=SandboxLimits(wall_seconds=0.3))
+    assert time.monotonic() - started < 5
+    assert _children_running_worker() == []
+
+
+def test_too_little_memory_is_a_resource_error(host: Host) -> None:
+    with pytest.raises(SandboxResourceError, match="sandbox limits"):
+        _sandboxed(host.path, host.triggers, limits=SandboxLimits(memory_bytes=256 << 20))
+
+
+def test_cpu_time_limit_is_a_resource_error(host: Host) -> None:
+    with pytest.raises(SandboxResourceError, match="CPU-time limit of 1 s"):
+        _sandboxed(host.path, host.triggers, limits=SandboxLimits(cpu_seconds=1))
+
+
+HOSTILE: dict[str, tuple[Callable[[Path, Path, Path], Path], str]] = {
+    "pickled sample inputs": (
+        hostile_models.pickled_sample_inputs,
+        "sample inputs need unpickling",
+    ),
+    "pickled weights": (hostile_models.pickled_weights, "stored pickled"),
+    "AOTInductor .so": (
+        lambda src, dst, _canary: hostile_models.with_native_code(src, dst),
+        "AOTInductor compiled code",
+    ),
+    "random bytes": (
+        lambda _src, dst, _canary: hostile_models.random_bytes(dst),
+        "not a torch.export",
+    ),
+    "truncated": (
+        lambda src, dst, _canary: hostile_models.truncated(src, dst),
+        "not a torch.export",
+    ),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(HOSTILE))
+def test_hostile_file_is_refused_without_side_effects(
+    host: Host, tmp_path: Path, attack: str
+) -> None:
+    build, why = HOSTILE[attack]
+    canary = tmp_path / "canary"
+    hostile = build(host.path, tmp_path / "suspect.pt2", canary)
+    with pytest.raises(ModelFileError, match=why) as refused:
+        _sandboxed(hostile, host.triggers)
+    assert not canary.exists()
+    assert "Traceback" not in str(refused.value)
+
+
+def test_graph_reading_a_server_file_is_vetted_out_in_the_worker(
+    host: Host, tmp_path: Path
+) -> None:
+    secret = tmp_path / "master.key"
+    secret.write_bytes(np.arange(128, dtype=np.float32).tobytes())
+    hostile = hostile_models.reading_file(
+        host.path, tmp_path / "suspect.pt2", secret, after="relu_2"
+    )
+    with pytest.raises(ModelFileError, match="aten::from_file"):
+        _sandboxed(hostile, host.triggers)
+
+
+def test_regression_plain_torch_export_load_runs_pickled_payloads(
+    host: Host, tmp_path: Path
+) -> None:
+    """Why load_program exists: torch 2.13's own loader executes both payloads.
+
+    Run in a throwaway interpreter so the payload cannot touch the test process.
+    """
+    canaries = {name: tmp_path / f"canary-{name}" for name in ("sample-inputs", "weights")}
+    files = [
+        hostile_models.pickled_sample_inputs(
+            host.path, tmp_path / "inputs.pt2", canaries["sample-inputs"]
+        ),
+        hostile_models.pickled_weights(host.path, tmp_path / "weights.pt2", canaries["weights"]),
+    ]
+    script = textwrap.dedent("""
+        import sys, torch
+        for path in sys.argv[1:]:
+            try:
+                torch.export.load(path)
+            except Exception:  # the weights file fails verification, after unpickling
+                pass
+    """)
+    subprocess.run(
+        [sys.executable, "-c", script, *map(str, files)],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    assert {name: path.exists() for name, path in canaries.items()} == {
+        "sample-inputs": True,
+        "weights": True,
+    }
