@@ -9,6 +9,10 @@ Everything that can fail on hostile or corrupted input raises one opaque `Crypto
 does not say which check failed (pyca's `InvalidToken`), so the server cannot become an
 oracle telling an attacker which byte to change next.
 
+The checking half of signing (`Verifier`, `canonical_json`, `verify_json`, `CryptoError`)
+lives in the library's `freemark.signatures`, so auditors verify offline without this
+package; it is re-exported here so server code has one import for both halves.
+
 Key files hold secrets, so they are created 0600 atomically, and a key file that group or
 others can read is refused rather than silently used.
 
@@ -27,7 +31,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import os
 import secrets
 import stat
@@ -37,11 +40,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import rfc8785
-from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from freemark.signatures import CryptoError, Verifier, canonical_json, public_key_id, verify_json
 
 __all__ = [
     "CryptoError",
@@ -67,7 +70,6 @@ KEY_BYTES = 32  # AES-256
 NONCE_BYTES = 12  # the GCM standard nonce; random nonces are safe for < 2**32 uses per key
 TAG_BYTES = 16
 MAX_KEY_VERSION = 2**32 - 1  # the envelope stores the version as a u32
-KEY_ID_HEX_CHARS = 16
 
 # Envelope blob: magic, layout version, then fixed-size fields; the payload ciphertext is the rest.
 _ENVELOPE_MAGIC = b"FMENV"
@@ -79,16 +81,6 @@ _ENVELOPE_HEADER = struct.Struct(
 # Domain labels keep a wrapped key from ever being accepted as a payload and vice versa.
 _WRAP_LABEL = "freemark/v1/envelope/wrap"
 _PAYLOAD_LABEL = "freemark/v1/envelope/payload"
-
-_OPAQUE_MESSAGE = "decryption or signature check failed"
-
-
-class CryptoError(Exception):
-    """A decryption or signature check failed; deliberately silent about which one and why."""
-
-    def __init__(self) -> None:
-        super().__init__(_OPAQUE_MESSAGE)
-
 
 # --- master keys ---------------------------------------------------------------------------
 
@@ -357,43 +349,12 @@ def rewrap(keyring: MasterKeyring, envelope: Envelope, *, record_id: str, owner:
 # --- signing -------------------------------------------------------------------------------
 
 
-def _key_id(public_key: Ed25519PublicKey) -> str:
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:KEY_ID_HEX_CHARS]
-
-
-class Verifier:
-    """An Ed25519 public key that checks signatures and raises, never returns a bool."""
-
-    def __init__(self, public_key: Ed25519PublicKey) -> None:
-        self._public_key = public_key
-        self.key_id = _key_id(public_key)
-
-    @classmethod
-    def from_pem(cls, pem: bytes) -> Verifier:
-        """Load a SubjectPublicKeyInfo PEM, as `SigningKey.public_key_pem` writes it."""
-        public_key = serialization.load_pem_public_key(pem)
-        if not isinstance(public_key, Ed25519PublicKey):
-            raise ValueError("the public key is not an Ed25519 key")  # noqa: TRY004 (bad input)
-        return cls(public_key)
-
-    def verify(self, signature: bytes, message: bytes) -> None:
-        """Raise `CryptoError` unless `signature` is this key's signature over `message`."""
-        try:
-            self._public_key.verify(signature, message)
-        except InvalidSignature:
-            raise CryptoError() from None
-
-    def __repr__(self) -> str:
-        return f"Verifier(key_id={self.key_id!r})"
-
-
 class SigningKey:
     """The TTP's Ed25519 signing key: receipts, verdicts and log checkpoints are signed with it."""
 
     def __init__(self, private_key: Ed25519PrivateKey) -> None:
         self._private_key = private_key
-        self.key_id = _key_id(private_key.public_key())
+        self.key_id = public_key_id(private_key.public_key())
 
     @classmethod
     def generate(cls) -> SigningKey:
@@ -439,19 +400,9 @@ def load_or_create_signing_key(path: Path) -> SigningKey:
     return signing_key_from_pem(pem)
 
 
-def canonical_json(obj: Any) -> bytes:
-    """RFC 8785 (JCS) bytes of `obj`: the only form of JSON this server signs or hashes."""
-    return rfc8785.dumps(obj)
-
-
 def sign_json(signer: SigningKey, obj: Any) -> bytes:
     """Sign the canonical JSON of `obj`."""
     return signer.sign(canonical_json(obj))
-
-
-def verify_json(verifier: Verifier, obj: Any, signature: bytes) -> None:
-    """Raise `CryptoError` unless `signature` covers the canonical JSON of `obj`."""
-    verifier.verify(signature, canonical_json(obj))
 
 
 # --- secret files --------------------------------------------------------------------------

@@ -13,7 +13,7 @@ thing in every append transaction (under ``BEGIN IMMEDIATE`` on SQLite, a row lo
 PostgreSQL), so a second appender waits until the first commits or rolls back.
 
 Envelopes and log entries are opaque bytes here: encryption, canonical JSON and Merkle proofs
-live in `freemark_keyserver.crypto` and `freemark_keyserver.log`.
+live in `freemark_keyserver.crypto` and `freemark.merkle`.
 
 Quick start::
 
@@ -299,7 +299,7 @@ def open_store(db: str, *, clock: Clock = now_micros) -> Store:
 
 
 def _leaf_hash(entry: bytes) -> bytes:
-    """RFC 6962 leaf hash, SHA-256(0x00 || entry): the same as `freemark_keyserver.log`."""
+    """RFC 6962 leaf hash, SHA-256(0x00 || entry): the same as `freemark.merkle`."""
     return hashlib.sha256(b"\x00" + entry).digest()
 
 

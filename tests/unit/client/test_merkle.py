@@ -7,8 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import pytest
-from freemark_keyserver.crypto import SigningKey
-from freemark_keyserver.log import (
+from freemark.merkle import (
     EMPTY_ROOT,
     Checkpoint,
     LogProofError,
@@ -24,6 +23,7 @@ from freemark_keyserver.log import (
     verify_consistency,
     verify_inclusion,
 )
+from freemark_keyserver.crypto import SigningKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

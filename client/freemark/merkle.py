@@ -7,7 +7,9 @@ checkpoints). The hashing follows RFC 6962 §2.1 exactly, so existing Certificat
 tools and test vectors apply; the verifiers follow RFC 9162 §2.1.3.2 and §2.1.4.2.
 
 The module is storage-agnostic: callers pass the list of leaf hashes (or entry bytes) their
-store holds. Every verifier raises `LogProofError`, never returns a bool.
+store holds. Every verifier raises `LogProofError`, never returns a bool. It lives in the
+library, not the server, because auditors run the verifiers offline; the server builds its
+log with the same code, so both sides hash alike by construction.
 
 Quick start::
 
@@ -21,8 +23,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
-from freemark_keyserver.crypto import CryptoError, SigningKey, Verifier, canonical_json
+from freemark.signatures import CryptoError, Verifier, canonical_json
 
 __all__ = [
     "EMPTY_ROOT",
@@ -30,6 +33,7 @@ __all__ = [
     "Checkpoint",
     "LogProofError",
     "SignedCheckpoint",
+    "Signer",
     "audit_entries",
     "consistency_proof",
     "inclusion_proof",
@@ -299,7 +303,23 @@ class SignedCheckpoint:
     signature: bytes
 
 
-def sign_checkpoint(signer: SigningKey, checkpoint: Checkpoint) -> SignedCheckpoint:
+class Signer(Protocol):
+    """What `sign_checkpoint` needs from a key: the server's `SigningKey` is one.
+
+    A protocol rather than the server's class, so the library never imports the server.
+    """
+
+    @property
+    def key_id(self) -> str:
+        """The id that signed bodies name, as `freemark.signatures.public_key_id` computes it."""
+        ...
+
+    def sign(self, message: bytes) -> bytes:
+        """Ed25519 signature over `message`."""
+        ...
+
+
+def sign_checkpoint(signer: Signer, checkpoint: Checkpoint) -> SignedCheckpoint:
     """Sign a checkpoint; its `key_id` must name `signer`, so auditors know which key to use."""
     if checkpoint.key_id != signer.key_id:
         raise ValueError(
