@@ -32,11 +32,17 @@ import numpy as np
 
 from freemark.bundle import KeyBundle
 from freemark.verdict import (
-    DEFAULT_ALPHA, Verdict, count_matches, fit_betabinomial, log10_betabinomial_sf,
-    log10_binomial_sf, suspect_vector,
+    DEFAULT_ALPHA,
+    Verdict,
+    count_matches,
+    fit_betabinomial,
+    log10_betabinomial_sf,
+    log10_binomial_sf,
+    suspect_vector,
 )
 
 NORM_FLOOR = 1e-12
+CONFIDENCE_Z = 1.645  # one-sided 95 %
 
 
 @dataclass(frozen=True)
@@ -136,12 +142,31 @@ def calibrate(reference_activations: Sequence[np.ndarray], bundle: KeyBundle,
     return AlignedNull(matches=np.array(matches, dtype=np.int64), rescale=rescale)
 
 
+def conservative_sample(matches: np.ndarray) -> np.ndarray:
+    """The reference matches shifted to the 95 % upper bound of their mean, spread to that of their variance.
+
+    A moment fit to K ≈ 8 points underestimates the null's tail badly (three references
+    gave a copy p = 1e-14 while a held-out independent model reached 1e-2), so the fit is
+    made to this sample instead: the mean moves up by a one-sided t bound and the spread
+    grows to the chi-square upper bound of the variance (Cornish–Fisher and
+    Wilson–Hilferty approximations; SciPy is not a dependency).
+    """
+    sample = np.asarray(matches, dtype=np.float64)
+    dof = len(sample) - 1
+    mean, sd = sample.mean(), sample.std(ddof=1)
+    t = CONFIDENCE_Z + (CONFIDENCE_Z ** 3 + CONFIDENCE_Z) / (4 * dof)
+    h = 2.0 / (9 * dof)
+    chi2_low = dof * max(1.0 - h - CONFIDENCE_Z * math.sqrt(h), 1e-3) ** 3
+    return mean + t * sd / math.sqrt(len(sample)) + (sample - mean) * math.sqrt(dof / chi2_low)
+
+
 def aligned_verdict(suspect_activations: np.ndarray, bundle: KeyBundle, host_profile: np.ndarray,
                     null: AlignedNull, *, alpha: float = DEFAULT_ALPHA) -> AlignedVerdict:
     """Judge an aligned suspect against the null of aligned reference models.
 
-    The calibrated p is the largest of the beta-binomial tail fitted to the references'
-    matches, the binomial tail, and the suspect's rank among the references. The fit
+    The calibrated p is the larger of the beta-binomial tail fitted (conservatively, see
+    `conservative_sample`) to the references' matches and the binomial tail, and never below the suspect's rank among the
+    references when one of them matches as many bits (the rule `verdict.judge` uses). The fit
     rests on only K points, which is why the runner measures the false-positive rate on
     held-out independent models rather than trusting the fit.
     """
@@ -149,12 +174,14 @@ def aligned_verdict(suspect_activations: np.ndarray, bundle: KeyBundle, host_pro
     matches, alignment = aligned_matches(suspect_activations, bundle, host_profile,
                                          rescale=null.rescale)
     refs = null.matches
-    a, b, icc = fit_betabinomial(refs, n_bits)
+    a, b, icc = fit_betabinomial(conservative_sample(refs), n_bits)
     log10_bin = log10_binomial_sf(matches, n_bits)
-    log10_p = max(log10_betabinomial_sf(matches, n_bits, a, b), log10_bin,
-                  math.log10((1 + int((refs >= matches).sum())) / (1 + len(refs))))
+    log10_p = max(log10_betabinomial_sf(matches, n_bits, a, b), log10_bin)
+    beaten_by = int((refs >= matches).sum())
+    if beaten_by:
+        log10_p = max(log10_p, math.log10((1 + beaten_by) / (1 + len(refs))))
     how = "unit permutation and scale" if null.rescale else "unit permutation"
-    method = (f"aligned ({how}); beta-binomial fit to {len(refs)} aligned reference models "
+    method = (f"aligned ({how}); beta-binomial fit to the 95 % bounds of {len(refs)} aligned reference models "
               f"(null mean BER {1 - a / (a + b):.3f}, intra-key correlation {icc:.3g})")
     verdict = Verdict(
         n_bits=n_bits, matches=matches, ber=1.0 - matches / n_bits,

@@ -8,6 +8,7 @@ training recipe and the names of the layers around the key layer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -24,12 +25,16 @@ from freemark.triggers import TriggerSet, select_triggers
 class Task(Protocol):
     """A model family with its data, training recipe and the layers an attack touches."""
 
-    name: str
     layer: str  # the key layer: the elementwise activation after `producer`
     producer: str  # the Linear whose output units are the key layer's units
     consumer: str  # the Linear that reads the key layer
     head: str  # the classifier Linear (fine-tune "last", fresh head)
     positive_homogeneous: bool  # relu(s·x) = s·relu(x): per-unit rescaling is function-preserving
+
+    @property
+    def name(self) -> str:
+        """Short name used in reports and file names."""
+        ...
 
     def new_model(self, variant: str, seed: int) -> nn.Module:
         """A freshly initialised model; variant "same" or "small" (a distillation student)."""
@@ -75,7 +80,8 @@ class ImageTask:
         return self.dataset.name
 
     def new_model(self, variant: str, seed: int) -> nn.Module:
-        factories = {"same": ARCHITECTURES[self.name], "small": STUDENTS[self.name]}
+        factories: dict[str, Callable[[], nn.Module]] = {
+            "same": ARCHITECTURES[self.name], "small": STUDENTS[self.name]}
         if variant not in factories:
             raise ValueError(f"unknown architecture variant {variant!r}; use one of {sorted(factories)}")
         torch.manual_seed(seed)

@@ -7,8 +7,6 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
-WEIGHTED = (nn.Linear, nn.Conv2d)
-
 
 def module(model: nn.Module, name: str) -> nn.Module:
     """The submodule called `name`, with an error that names the model's layers."""
@@ -33,10 +31,10 @@ def replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def weighted_layers(model: nn.Module, patterns: Sequence[str] = ("*",),
-                    exclude: Sequence[str] = ()) -> Iterator[tuple[str, nn.Module]]:
+                    exclude: Sequence[str] = ()) -> Iterator[tuple[str, nn.Linear | nn.Conv2d]]:
     """Linear and Conv2d layers whose names match a glob in `patterns` and none in `exclude`."""
     for name, layer in model.named_modules():
-        if not isinstance(layer, WEIGHTED):
+        if not isinstance(layer, (nn.Linear, nn.Conv2d)):
             continue
         if any(fnmatchcase(name, p) for p in patterns) and not any(fnmatchcase(name, p) for p in exclude):
             yield name, layer

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import torch
 from torch import nn
@@ -28,11 +28,12 @@ from freemark.bundle import KeyBundle
 from freemark.derive import derive_key
 from freemark.errors import FreemarkError, InvalidInputError
 from freemark.extract import extract
+from freemark.keygen import DerivationSettings
 from freemark.triggers import TriggerSet
 from freemark.verdict import DEFAULT_ALPHA, Verdict
 
 Model = nn.Module | torch.export.ExportedProgram
-OWNER_REGISTERED = datetime(2026, 1, 5, 9, 0, tzinfo=timezone.utc)
+OWNER_REGISTERED = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
 THEFT_DELAY = timedelta(days=30)
 
 
@@ -117,9 +118,15 @@ class OverwriteResult:
 
 def overwrite(host: nn.Module, stolen: nn.Module, owner_bundle: KeyBundle, *,
               attacker_triggers: TriggerSet, alpha: float = DEFAULT_ALPHA,
-              attacker: str = "mallory@thief.example",
+              attacker: str = "mallory@thief.example", attacker_steps: int = 5000,
+              attacker_margin: float = 0.5,
               registered_at: datetime = OWNER_REGISTERED) -> OverwriteResult:
-    """Play the ambiguity attack on `stolen` (a copy of `host`) and settle it by registration order."""
+    """Play the ambiguity attack on `stolen` (a copy of `host`) and settle it by registration order.
+
+    The thief's second key is derived with the original as a negative reference, a lower
+    margin and `attacker_steps` of descent (ten times the default): he tries hard to make
+    his key decode his copy but miss the original.
+    """
     notes: list[str] = []
     keys: dict[str, KeyBundle] = {"owner": owner_bundle}
     keys["thief (naive)"] = derive_key(stolen, layer=owner_bundle.layer, triggers=attacker_triggers,
@@ -127,7 +134,8 @@ def overwrite(host: nn.Module, stolen: nn.Module, owner_bundle: KeyBundle, *,
     try:
         keys["thief (avoids original)"] = derive_key(
             stolen, layer=owner_bundle.layer, triggers=attacker_triggers, owner=attacker,
-            n_bits=owner_bundle.n_bits, references=[host])
+            n_bits=owner_bundle.n_bits, references=[host],
+            settings=DerivationSettings(margin=attacker_margin, steps=attacker_steps))
     except FreemarkError as exc:
         notes.append(f"the thief could not derive a key that avoids the original: {exc}")
     models: dict[str, nn.Module] = {"original": host, "thief's copy": stolen}
