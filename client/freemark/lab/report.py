@@ -1,0 +1,246 @@
+"""Rendering a robustness `Report`: a terminal table, a JSON document and a PNG plot.
+
+p-values are shown as log10 (−41.5 means 10^−41.5): the interesting ones underflow any
+fixed-point column, and the threshold α = 1e-9 is simply −9.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from freemark.lab.align import AlignedVerdict
+from freemark.lab.attacks.overwrite import OverwriteResult
+from freemark.lab.robustness import AttackRow, NullRow, Report
+from freemark.verdict import Verdict
+
+STATUS_COLOURS = {"detected": "#1a9850", "removed": "#d73027", "destroys the model": "#878787"}
+NULL_COLOURS = {True: "#4575b4", False: "#984ea3"}
+ALIGNED_COLOUR = "#fdae61"
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):  # combine steps
+        return " → ".join(_params(step) for step in value)
+    return str(value)
+
+
+def _params(params: Mapping[str, Any]) -> str:
+    kind = params.get("kind")
+    body = ", ".join(f"{k}={_short(v)}" for k, v in params.items() if k not in {"kind", "steps"})
+    if "steps" in params:
+        body = _short(params["steps"])
+    return f"{kind}({body})" if kind else body
+
+
+def _log10(verdict: Verdict | None, binomial: bool = False) -> str:
+    if verdict is None:
+        return "n/a"
+    return f"{verdict.log10_p_value_binomial if binomial else verdict.log10_p_value:.1f}"
+
+
+def _grid(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip(),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return lines
+
+
+def _attack_cells(row: AttackRow) -> list[str]:
+    v = row.verdict
+    return [row.attack, _params(row.params), f"{row.accuracy_before:.3f}", f"{row.accuracy_after:.3f}",
+            f"{-row.accuracy_drop:+.3f}", "n/a" if v is None else f"{v.ber:.3f}", _log10(v),
+            _log10(v, binomial=True), "match" if v is not None and v.is_match else "no match",
+            row.status, f"{row.seconds:.1f}"]
+
+
+def _null_cells(null: NullRow) -> list[str]:
+    v = null.verdict
+    decision = "match" if v.is_match else "no match"
+    if v.is_match and null.independent:
+        decision = "FALSE POSITIVE"
+    return [null.label, str(null.seed), f"{null.accuracy:.3f}", f"{v.ber:.3f}", _log10(v),
+            _log10(v, binomial=True), decision]
+
+
+def _aligned_cells(aligned: Mapping[str, AlignedVerdict | None], modes: Sequence[str]) -> list[str]:
+    cells = []
+    for mode in modes:
+        a = aligned.get(mode)
+        if a is None:
+            cells += ["n/a"] * 3
+            continue
+        cells += [f"{a.verdict.ber:.3f}", f"{a.verdict.log10_p_value:.1f}", f"{a.mean_correlation:.3f}"]
+    return cells
+
+
+def _overwrite_lines(result: OverwriteResult) -> list[str]:
+    rows = [[c.key, c.model, "n/a" if c.verdict is None else f"{c.verdict.ber:.3f}", _log10(c.verdict),
+             "match" if c.verdict is not None and c.verdict.is_match else "no match"]
+            for c in result.checks]
+    lines = ["", "Ambiguity: the thief derives his own key on a fine-tuned stolen copy",
+             *_grid(["key", "model", "BER", "log10 p", "decision"], rows),
+             f"thief's registration: {result.attacker_registration}",
+             f"dispute over the thief's copy goes to: {result.owner_of_copy}",
+             f"dispute over the original goes to:    {result.owner_of_original}"]
+    return lines + [f"note: {n}" for n in result.notes]
+
+
+def render_text(report: Report) -> str:
+    """The whole report as a plain-text table (what the terminal and the .txt file show)."""
+    hv = report.host_verdict
+    counts = {s: sum(r.status == s for r in report.rows) for s in STATUS_COLOURS}
+    fp = report.false_positives
+    independent = sum(n.independent for n in report.nulls)
+    lines = [
+        f"robustness report: {report.name} ({'quick' if report.quick else 'full'} run)",
+        (f"key layer {report.layer!r}: {report.units} units, N = {report.n_bits} bits, "
+        f"α = {report.alpha:g} (log10 {math.log10(report.alpha):.0f}), "
+        f"'destroys the model' = accuracy drop > {report.destroy_bound:g}"),
+        (f"host: test accuracy {report.host_accuracy:.3f}, BER {hv.ber:.3f}, "
+        f"log10 p {hv.log10_p_value:.1f} (binomial {hv.log10_p_value_binomial:.1f})"),
+        (f"attacks: {counts['detected']} detected, {counts['removed']} removed, "
+        f"{counts['destroys the model']} destroy the model; independent nulls: "
+        f"{len(fp)} false positive(s) of {independent}"),
+        "",
+        *_grid(["attack", "params", "acc before", "acc after", "Δacc", "BER", "log10 p",
+                "log10 p bin", "decision", "status", "s"], [_attack_cells(r) for r in report.rows]),
+        "", "Null panel (independent models must not match; related ones share the host's lineage)",
+        *_grid(["model", "seed", "acc", "BER", "log10 p", "log10 p bin", "decision"],
+               [_null_cells(n) for n in report.nulls]),
+    ]
+    if report.align_modes:
+        header = ["suspect"]
+        for mode in report.align_modes:
+            header += [f"{mode} BER", "log10 p", "corr"]
+        rows = [[r.attack] + _aligned_cells(r.aligned, report.align_modes) for r in report.rows]
+        rows += [[f"null: {n.label} #{n.seed}"] + _aligned_cells(n.aligned, report.align_modes)
+                 for n in report.nulls]
+        refs = "; ".join(f"{m}: reference BERs "
+                         + ", ".join(f"{1 - k / report.n_bits:.3f}" for k in report.align_null[m])
+                         for m in report.align_modes)
+        lines += ["", ("Aligned extraction (experimental; not the scheme's default). corr = mean "
+                  "profile correlation of matched units"), f"aligned null: {refs}",
+                  *_grid(header, rows)]
+    if report.overwrite is not None:
+        lines += _overwrite_lines(report.overwrite)
+    lines += ["", f"{report.seconds:.0f} s on {report.threads} thread(s)"]
+    return "\n".join(lines) + "\n"
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _verdict_json(verdict: Verdict | None) -> dict[str, Any] | None:
+    if verdict is None:
+        return None
+    return {k: _finite(v) if isinstance(v, float) else v for k, v in verdict.as_dict().items()}
+
+
+def _aligned_json(aligned: Mapping[str, AlignedVerdict | None]) -> dict[str, Any]:
+    return {mode: None if a is None else {"verdict": _verdict_json(a.verdict),
+                                         "mean_correlation": a.mean_correlation}
+            for mode, a in aligned.items()}
+
+
+def to_json(report: Report) -> dict[str, Any]:
+    """The report as one JSON-ready dict (no NaN or infinity: those become null)."""
+    overwrite = None
+    if report.overwrite is not None:
+        o = report.overwrite
+        overwrite = {"checks": [{"key": c.key, "model": c.model, "verdict": _verdict_json(c.verdict)}
+                                for c in o.checks],
+                     "attacker_registration": o.attacker_registration,
+                     "owner_of_copy": o.owner_of_copy, "owner_of_original": o.owner_of_original,
+                     "notes": list(o.notes)}
+    return {
+        "name": report.name, "task": report.task, "layer": report.layer, "units": report.units,
+        "n_bits": report.n_bits, "alpha": report.alpha, "destroy_bound": report.destroy_bound,
+        "quick": report.quick, "host_accuracy": report.host_accuracy,
+        "host_verdict": _verdict_json(report.host_verdict),
+        "attacks": [{"attack": r.attack, "kind": r.kind, "params": dict(r.params),
+                     "accuracy_before": r.accuracy_before, "accuracy_after": r.accuracy_after,
+                     "verdict": _verdict_json(r.verdict), "status": r.status,
+                     "seconds": r.seconds, "function_preserving": r.function_preserving,
+                     "aligned": _aligned_json(r.aligned), "note": r.note} for r in report.rows],
+        "nulls": [{"label": n.label, "seed": n.seed, "independent": n.independent,
+                   "accuracy": n.accuracy, "verdict": _verdict_json(n.verdict),
+                   "aligned": _aligned_json(n.aligned)} for n in report.nulls],
+        "false_positives": len(report.false_positives),
+        "align_modes": list(report.align_modes), "align_null_matches": dict(report.align_null),
+        "overwrite": overwrite, "seconds": report.seconds, "threads": report.threads,
+        "config": report.config,
+    }
+
+
+def _strength(verdict: Verdict | None) -> float:
+    return 0.0 if verdict is None else -verdict.log10_p_value
+
+
+def plot(report: Report, path: str | Path) -> None:
+    """Accuracy drop vs −log10 p: one point per attack, null models apart, the α line across."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 6.5), dpi=110)
+    for status, colour in STATUS_COLOURS.items():
+        rows = [r for r in report.rows if r.status == status]
+        if not rows:
+            continue
+        ax.scatter([100 * r.accuracy_drop for r in rows], [_strength(r.verdict) for r in rows],
+                   s=46, color=colour, edgecolor="black", linewidth=0.5, zorder=3,
+                   label=f"attack: {status} ({len(rows)})")
+        for r in rows:
+            ax.annotate(r.attack, (100 * r.accuracy_drop, _strength(r.verdict)), fontsize=6.5,
+                        xytext=(4, 3), textcoords="offset points", color="#333333")
+    for independent, colour in NULL_COLOURS.items():
+        nulls = [n for n in report.nulls if n.independent == independent]
+        if nulls:
+            ax.scatter([100 * (report.host_accuracy - n.accuracy) for n in nulls],
+                       [_strength(n.verdict) for n in nulls], marker="^" if independent else "v",
+                       s=40, color=colour, edgecolor="black", linewidth=0.5, zorder=2,
+                       label=("independent" if independent else "related") + f" null models ({len(nulls)})")
+    if report.align_modes:
+        mode = report.align_modes[0]
+        pairs = [(r, r.aligned.get(mode)) for r in report.rows if r.function_preserving]
+        shown = [(r, a) for r, a in pairs if a is not None]
+        if shown:
+            ax.scatter([100 * r.accuracy_drop for r, _ in shown], [_strength(a.verdict) for _, a in shown],
+                       marker="D", s=40, facecolor="none", edgecolor=ALIGNED_COLOUR, linewidth=1.4,
+                       zorder=4, label=f"obfuscated copy, aligned extraction ({mode})")
+    threshold = -math.log10(report.alpha)
+    ax.axhline(threshold, color="black", linestyle="--", linewidth=1,
+               label=f"decision threshold −log10 α = {threshold:g}")
+    ax.axvline(100 * report.destroy_bound, color="#878787", linestyle=":", linewidth=1,
+               label=f"'destroys the model' bound ({100 * report.destroy_bound:g} points)")
+    ax.set_xlabel("test accuracy drop (percentage points)")
+    ax.set_ylabel("−log10 calibrated p-value (higher = stronger evidence)")
+    ax.set_title(f"freemark robustness: {report.name} — key layer {report.layer} "
+                 f"({report.units} units, N = {report.n_bits})")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7.5, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write(report: Report, out_dir: str | Path, *, stem: str | None = None) -> dict[str, Path]:
+    """Write `<stem>.txt`, `<stem>.json` and `<stem>.png` into `out_dir`; returns the paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = stem or report.name
+    paths = {"txt": out / f"{stem}.txt", "json": out / f"{stem}.json", "png": out / f"{stem}.png"}
+    paths["txt"].write_text(render_text(report), encoding="utf-8")
+    paths["json"].write_text(json.dumps(to_json(report), indent=2, ensure_ascii=False) + "\n",
+                             encoding="utf-8")
+    plot(report, paths["png"])
+    return paths

@@ -1,0 +1,422 @@
+"""The robustness runner: one TOML file fixes a run; the result is a `Report`.
+
+A run trains the host, derives its key, trains the null panel (independent models, and
+related ones such as other fine-tunes of the same public checkpoint), applies every
+attack in the config to a copy of the host, and judges each result with plain extraction,
+optionally with aligned extraction (`freemark.lab.align`), and plays the ambiguity attack.
+
+Status of an attacked copy:
+- "detected": calibrated p ≤ α under plain extraction;
+- "destroys the model": not detected, but test accuracy fell by more than the config's
+  bound, so the thief gained nothing worth a claim and it is not counted as a removal;
+- "removed": not detected and the model still works. These are the scheme's real failures.
+
+Reproducibility: models, data, attacks and the watermark nonce are all seeded from the
+config. The key's random anchor is drawn by `derive_key` from the OS CSPRNG (it is a
+secret), so p-values move slightly between runs; decisions should not.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import time
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from freemark.activations import capture
+from freemark.bundle import KeyBundle
+from freemark.derive import DEFAULT_BITS, derive_key
+from freemark.errors import InvalidInputError
+from freemark.extract import extract
+from freemark.lab.align import AlignedNull, AlignedVerdict, aligned_verdict, calibrate
+from freemark.lab.attacks import ATTACKS, FUNCTION_PRESERVING, apply_attack
+from freemark.lab.attacks.overwrite import OverwriteResult, overwrite
+from freemark.lab.tasks import Task, image_task
+from freemark.verdict import DEFAULT_ALPHA, DEFAULT_PERMUTATIONS, Verdict
+
+ALIGN_MODES = {"permutation": False, "permutation+scale": True}  # mode → undo per-unit scale
+DEFAULT_DESTROY_BOUND = 0.05
+NULL_SEED_BASE = 1000
+REFERENCE_SEED_BASE = 5000
+ATTACKER_TRIGGER_SEED = 7
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One `[[attacks]]` entry: a display name, the attack's kind and its parameters."""
+
+    name: str
+    kind: str
+    params: Mapping[str, Any]
+    quick: bool = False
+
+
+@dataclass(frozen=True)
+class NullGroup:
+    """One `[[nulls]]` entry: `count` models trained from `variant` with their own seeds."""
+
+    label: str
+    variant: str
+    count: int
+    epochs: int
+    lr: float
+    independent: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    """A parsed, validated run configuration (see bench/robustness/*.toml)."""
+
+    name: str
+    raw: Mapping[str, Any]
+    quick: bool
+    seed: int
+    threads: int
+    alpha: float
+    destroy_bound: float
+    n_permutations: int
+    task: str
+    task_options: Mapping[str, Any]
+    host_variant: str
+    host_epochs: int
+    host_lr: float
+    n_bits: int
+    triggers_per_class: int
+    owner: str
+    nulls: tuple[NullGroup, ...]
+    align_modes: tuple[str, ...]
+    align_references: NullGroup | None
+    overwrite_params: Mapping[str, Any] | None
+    attacks: tuple[AttackSpec, ...]
+
+
+@dataclass(frozen=True)
+class AttackRow:
+    """One attacked copy of the host and what each extraction says about it."""
+
+    attack: str
+    kind: str
+    params: Mapping[str, Any]
+    accuracy_before: float
+    accuracy_after: float
+    verdict: Verdict | None  # None: the key layer no longer has the key's width
+    status: str
+    seconds: float
+    function_preserving: bool
+    aligned: Mapping[str, AlignedVerdict | None] = field(default_factory=dict)
+    note: str = ""
+
+    @property
+    def accuracy_drop(self) -> float:
+        return self.accuracy_before - self.accuracy_after
+
+
+@dataclass(frozen=True)
+class NullRow:
+    """One null-panel model: an independent (or related) model the key must not (or may) match."""
+
+    label: str
+    seed: int
+    independent: bool
+    accuracy: float
+    verdict: Verdict
+    aligned: Mapping[str, AlignedVerdict | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Report:
+    """Everything a run measured; rendered by `freemark.lab.report`."""
+
+    name: str
+    task: str
+    layer: str
+    units: int
+    n_bits: int
+    alpha: float
+    destroy_bound: float
+    quick: bool
+    host_accuracy: float
+    host_verdict: Verdict
+    rows: tuple[AttackRow, ...]
+    nulls: tuple[NullRow, ...]
+    align_modes: tuple[str, ...]
+    align_null: Mapping[str, list[int]]
+    overwrite: OverwriteResult | None
+    seconds: float
+    threads: int
+    config: Mapping[str, Any]
+
+    @property
+    def false_positives(self) -> list[NullRow]:
+        """Independent models the plain verdict wrongly matched."""
+        return [n for n in self.nulls if n.independent and n.verdict.is_match]
+
+
+def _table(raw: Mapping[str, Any], key: str) -> dict[str, Any]:
+    value = raw.get(key, {})
+    if not isinstance(value, dict):
+        raise InvalidInputError(f"config: [{key}] must be a table")
+    return dict(value)
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _null_group(entry: Mapping[str, Any], where: str) -> NullGroup:
+    try:
+        return NullGroup(label=str(entry.get("label", where)), variant=str(entry.get("variant", "same")),
+                         count=int(entry["count"]), epochs=int(entry["epochs"]),
+                         lr=float(entry.get("lr", 1e-3)), independent=bool(entry.get("independent", True)))
+    except KeyError as exc:
+        raise InvalidInputError(f"config: {where} needs {exc.args[0]!r}") from exc
+
+
+def _check_params(spec: AttackSpec, index: int) -> None:
+    """Fail at load time, not twenty minutes into a run, on a misspelt attack parameter."""
+    steps = spec.params.get("steps") if spec.kind == "combine" else None
+    for kind, params in [(str(s.get("kind")), {k: v for k, v in s.items() if k != "kind"})
+                         for s in steps or []] or [(spec.kind, dict(spec.params))]:
+        if kind not in ATTACKS:
+            raise InvalidInputError(f"config: [[attacks]] #{index} ({spec.name}) has unknown step {kind!r}")
+        try:
+            inspect.signature(ATTACKS[kind]).bind(None, None, **params)
+        except TypeError as exc:
+            raise InvalidInputError(f"config: [[attacks]] #{index} ({spec.name}): {exc}") from exc
+
+
+def parse_config(raw: Mapping[str, Any], *, quick: bool = False) -> Config:
+    """Validate a config dict; `quick` applies its `[quick]` overrides and keeps `quick` attacks.
+
+    `[quick]` holds tables merged over the main ones (e.g. `[quick.model] epochs = 10`) and
+    `null_count`, a cap on every null group's size.
+    """
+    data = dict(raw)
+    quick_overrides = _table(data, "quick")
+    if quick:
+        data = _merge(data, {k: v for k, v in quick_overrides.items() if isinstance(v, dict)})
+    run, model, key = _table(data, "run"), _table(data, "model"), _table(data, "key")
+    align, over = _table(data, "align"), _table(data, "overwrite")
+    if "task" not in model:
+        raise InvalidInputError("config: [model] needs task = \"digits\" | \"mnist\" | \"minilm\"")
+    cap = int(quick_overrides.get("null_count", 10**9)) if quick else 10**9
+    nulls = []
+    for i, entry in enumerate(data.get("nulls", [])):
+        group = _null_group(entry, f"[[nulls]] #{i}")
+        nulls.append(NullGroup(group.label, group.variant, min(group.count, cap), group.epochs,
+                               group.lr, group.independent))
+    modes = tuple(align.get("modes", []))
+    unknown = [m for m in modes if m not in ALIGN_MODES]
+    if unknown:
+        raise InvalidInputError(f"config: unknown [align] modes {unknown}; use {sorted(ALIGN_MODES)}")
+    references = None
+    if modes:
+        references = _null_group({"label": "aligned-null references", **align}, "[align]")
+        if references.count < 2:
+            raise InvalidInputError("config: [align] needs count >= 2 reference models")
+    attacks = []
+    for i, entry in enumerate(data.get("attacks", [])):
+        kind = entry.get("kind")
+        if kind not in ATTACKS:
+            raise InvalidInputError(f"config: [[attacks]] #{i} has unknown kind {kind!r}; "
+                                    f"known: {', '.join(sorted(ATTACKS))}")
+        spec = AttackSpec(name=str(entry.get("name", kind)), kind=kind,
+                          params=dict(entry.get("params", {})), quick=bool(entry.get("quick", False)))
+        _check_params(spec, i)
+        if spec.quick or not quick:
+            attacks.append(spec)
+    task_options = {k: v for k, v in model.items()
+                    if k not in {"task", "variant", "epochs", "lr"}}
+    return Config(
+        name=str(run.get("name", model["task"])), raw=raw, quick=quick, seed=int(run.get("seed", 0)),
+        threads=int(run.get("threads", 2)), alpha=float(run.get("alpha", DEFAULT_ALPHA)),
+        destroy_bound=float(run.get("destroy_bound", DEFAULT_DESTROY_BOUND)),
+        n_permutations=int(run.get("n_permutations", DEFAULT_PERMUTATIONS)),
+        task=str(model["task"]), task_options=task_options,
+        host_variant=str(model.get("variant", "same")), host_epochs=int(model.get("epochs", 30)),
+        host_lr=float(model.get("lr", 1e-3)), n_bits=int(key.get("n_bits", DEFAULT_BITS)),
+        triggers_per_class=int(key.get("triggers_per_class", 10)),
+        owner=str(key.get("owner", "owner@lab.example")), nulls=tuple(nulls), align_modes=modes,
+        align_references=references, overwrite_params=over if over.get("enabled", False) else None,
+        attacks=tuple(attacks),
+    )
+
+
+def load_config(path: str | Path, *, quick: bool = False) -> Config:
+    """Read and validate a TOML config file."""
+    try:
+        with open(path, "rb") as handle:
+            raw = tomllib.load(handle)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise InvalidInputError(f"{path}: cannot read the config ({exc})") from exc
+    return parse_config(raw, quick=quick)
+
+
+def build_task(config: Config) -> Task:
+    """The task the config names, with its options ([model] keys other than task/variant/epochs/lr)."""
+    options = dict(config.task_options)
+    if config.task == "minilm":
+        from freemark.lab.transformer import text_task  # transformers is heavy: import on demand
+
+        return text_task(seed=config.seed, **options)
+    return image_task(config.task, seed=config.seed, **options)
+
+
+def _nonce(config: Config) -> bytes:
+    """A watermark nonce fixed by the config, so the bits b are reproducible."""
+    return hashlib.sha256(f"freemark/lab/{config.name}/{config.seed}".encode()).digest()
+
+
+class Judge:
+    """Plain and aligned extraction of one key, with the aligned nulls computed once."""
+
+    def __init__(self, config: Config, bundle: KeyBundle, host: nn.Module,
+                 references: list[nn.Module]) -> None:
+        self.config, self.bundle = config, bundle
+        self.profile = self.activations(host)
+        ref_acts = [self.activations(r) for r in references]
+        self.nulls: dict[str, AlignedNull] = {
+            mode: calibrate(ref_acts, bundle, self.profile, rescale=ALIGN_MODES[mode])
+            for mode in config.align_modes}
+
+    def activations(self, model: nn.Module) -> np.ndarray:
+        """The key layer's pooled activations on the triggers, whatever the layer's width."""
+        return capture(model, self.bundle.layer, self.bundle.triggers, pooling=self.bundle.pooling)[0]
+
+    def plain(self, model: nn.Module) -> Verdict | None:
+        """The scheme's verdict, or None if the key layer changed width (key not applicable)."""
+        try:
+            return extract(model, self.bundle, alpha=self.config.alpha,
+                           n_permutations=self.config.n_permutations)
+        except InvalidInputError:
+            return None
+
+    def aligned(self, model: nn.Module) -> dict[str, AlignedVerdict | None]:
+        """One aligned verdict per configured mode (None if the layer became narrower)."""
+        if not self.nulls:
+            return {}
+        acts = self.activations(model)
+        if acts.shape[1] < self.bundle.units:
+            return {mode: None for mode in self.nulls}
+        return {mode: aligned_verdict(acts, self.bundle, self.profile, null, alpha=self.config.alpha)
+                for mode, null in self.nulls.items()}
+
+
+def status(verdict: Verdict | None, accuracy_drop: float, bound: float) -> str:
+    """"detected", "destroys the model" or "removed" (see the module docstring)."""
+    if verdict is not None and verdict.is_match:
+        return "detected"
+    return "destroys the model" if accuracy_drop > bound else "removed"
+
+
+def _train_group(task: Task, group: NullGroup, seed_base: int, bar: tqdm) -> list[tuple[int, nn.Module]]:
+    models = []
+    for i in range(group.count):
+        seed = seed_base + i
+        model = task.new_model(group.variant, seed)
+        if group.epochs > 0:
+            task.fit(model, epochs=group.epochs, lr=group.lr, seed=seed)
+        models.append((seed, model))
+        bar.update(1)
+    return models
+
+
+def run(config: Config, *, progress: bool = True) -> Report:
+    """Execute a run end to end and return its report (nothing is written here).
+
+    torch's thread count is set from the config for the run and restored afterwards.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        return _run(config, progress=progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(config: Config, *, progress: bool) -> Report:
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    task = build_task(config)
+    n_models = 1 + sum(g.count for g in config.nulls) + (
+        config.align_references.count if config.align_references else 0)
+    with tqdm(total=n_models, desc=f"{config.name}: training", unit="model", disable=not progress) as bar:
+        host = task.fit(task.new_model(config.host_variant, config.seed), epochs=config.host_epochs,
+                        lr=config.host_lr, seed=config.seed)
+        bar.update(1)
+        groups = [(g, _train_group(task, g, NULL_SEED_BASE + 100 * i, bar))
+                  for i, g in enumerate(config.nulls)]
+        references = ([m for _, m in _train_group(task, config.align_references, REFERENCE_SEED_BASE, bar)]
+                      if config.align_references else [])
+    host_accuracy = task.evaluate(host)
+    bundle = derive_key(host, layer=task.layer, triggers=task.triggers(config.triggers_per_class, config.seed),
+                        owner=config.owner, n_bits=config.n_bits, nonce=_nonce(config))
+    judge = Judge(config, bundle, host, references)
+    host_verdict = judge.plain(host)
+    if host_verdict is None or not host_verdict.is_match:
+        raise RuntimeError("the host does not decode its own key: the run is meaningless")
+
+    nulls = tuple(
+        NullRow(label=group.label, seed=seed, independent=group.independent,
+                accuracy=task.evaluate(model), verdict=_required(judge.plain(model)),
+                aligned=judge.aligned(model))
+        for group, members in groups for seed, model in members)
+
+    rows = []
+    for spec in tqdm(config.attacks, desc=f"{config.name}: attacks", unit="attack", disable=not progress):
+        t0 = time.perf_counter()
+        attacked = apply_attack(spec.kind, host, task, spec.params)
+        accuracy_after = task.evaluate(attacked)
+        verdict = judge.plain(attacked)
+        aligned = judge.aligned(attacked)
+        drop = host_accuracy - accuracy_after
+        rows.append(AttackRow(
+            attack=spec.name, kind=spec.kind, params=spec.params, accuracy_before=host_accuracy,
+            accuracy_after=accuracy_after, verdict=verdict,
+            status=status(verdict, drop, config.destroy_bound),
+            seconds=time.perf_counter() - t0, function_preserving=spec.kind in FUNCTION_PRESERVING,
+            aligned=aligned,
+            note="" if verdict is not None else "key layer changed width: the key cannot be applied",
+        ))
+
+    result = None
+    if config.overwrite_params is not None:
+        params = config.overwrite_params
+        stolen = apply_attack("finetune", host, task, {
+            "epochs": int(params.get("epochs", 5)), "lr": float(params.get("lr", 1e-3)),
+            "seed": config.seed + 1})
+        result = overwrite(host, stolen, bundle, alpha=config.alpha,
+                           attacker_triggers=task.triggers(config.triggers_per_class, ATTACKER_TRIGGER_SEED),
+                           attacker_margin=float(params.get("attacker_margin", 0.5)))
+    return Report(
+        name=config.name, task=config.task, layer=bundle.layer, units=bundle.units, n_bits=bundle.n_bits,
+        alpha=config.alpha, destroy_bound=config.destroy_bound, quick=config.quick,
+        host_accuracy=host_accuracy, host_verdict=host_verdict, rows=tuple(rows), nulls=nulls,
+        align_modes=config.align_modes,
+        align_null={mode: null.matches.tolist() for mode, null in judge.nulls.items()},
+        overwrite=result, seconds=time.perf_counter() - started, threads=config.threads,
+        config=copy.deepcopy(dict(config.raw)),
+    )
+
+
+def _required(verdict: Verdict | None) -> Verdict:
+    if verdict is None:
+        raise RuntimeError("a null model's key layer has another width than the host's")
+    return verdict
+
