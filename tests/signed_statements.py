@@ -1,0 +1,168 @@
+"""Real signed receipts and verdicts for tests: a real Ed25519 key and a real Merkle log.
+
+Offline verification must be tested against the genuine article, not mocks: these helpers
+sign canonical bodies with the server's `SigningKey`, append them to an RFC 6962 tree, sign a
+checkpoint over it, and wrap each statement the way the server returns it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from freemark import merkle
+from freemark.records import (
+    RECEIPT_KIND,
+    VERDICT_KIND,
+    Checkpoint,
+    InclusionProof,
+    Receipt,
+    SignedStatement,
+    SignedVerdict,
+)
+from freemark.signatures import canonical_json
+from freemark_keyserver.crypto import SigningKey
+
+ORIGIN = "freemark-test-log"
+CHECKPOINT_TIME = 1_700_000_100  # unix seconds
+
+
+def receipt_body(log_index: int, **overrides: Any) -> dict[str, Any]:
+    """The fields of a registration statement, as the proto's Receipt comment lists them."""
+    return {
+        "kind": RECEIPT_KIND,
+        "registration_id": f"reg-{log_index:04d}",
+        "owner": "alice",
+        "integrated_time": 1_700_000_000_000_000 + log_index,
+        "host_fingerprint": bytes(range(32)).hex(),
+        "watermark_commitment": bytes(range(32, 64)).hex(),
+        "layer": "act",
+        "n_bits": 256,
+        "log_index": log_index,
+        **overrides,
+    }
+
+
+def verdict_body(log_index: int, **overrides: Any) -> dict[str, Any]:
+    """The fields of a verdict statement, as the proto's SignedVerdict comment lists them.
+
+    `ber` is 0.0, which RFC 8785 writes as `0`: the verifier must read it back as a float.
+    """
+    return {
+        "kind": VERDICT_KIND,
+        "registration_id": "reg-0000",
+        "requested_by": "arbiter-1",
+        "suspect_sha256": bytes(range(64, 96)).hex(),
+        "n_bits": 256,
+        "matches": 256,
+        "ber": 0.0,
+        "p_value": 1.25e-25,
+        "log10_p_value": -24.903089986991944,
+        "p_value_method": "permutation-betabinomial",
+        "p_value_binomial": 8.636168555094445e-78,
+        "alpha": 1e-9,
+        "is_match": True,
+        "integrated_time": 1_700_000_050_000_000,
+        "log_index": log_index,
+        **overrides,
+    }
+
+
+@dataclass(frozen=True)
+class SignedLog:
+    """A log of signed entries with one signed checkpoint over all of them."""
+
+    signer: SigningKey
+    entries: tuple[bytes, ...]
+    signatures: tuple[bytes, ...]
+    checkpoint: Checkpoint
+
+    @property
+    def leaves(self) -> list[bytes]:
+        """The RFC 6962 leaf hashes of the entries."""
+        return [merkle.leaf_hash(entry) for entry in self.entries]
+
+    def inclusion(self, index: int, checkpoint: Checkpoint | None = None) -> InclusionProof:
+        """Inclusion proof of entry `index` in the tree of `checkpoint` (default: the whole log)."""
+        checkpoint = checkpoint or self.checkpoint
+        proof = merkle.inclusion_proof(self.leaves[: checkpoint.tree_size], index)
+        return InclusionProof(index, checkpoint.tree_size, tuple(proof), checkpoint)
+
+    def statement(self, index: int) -> SignedStatement:
+        """Entry `index` as a signed statement."""
+        return SignedStatement(self.entries[index], self.signatures[index], self.signer.key_id)
+
+    def receipt(self, index: int) -> Receipt:
+        """Entry `index` (a registration body) as the server's typed Receipt."""
+        body = parse_entry(self.entries[index])
+        return Receipt(
+            statement=self.statement(index),
+            registration_id=body["registration_id"],
+            owner=body["owner"],
+            integrated_time=body["integrated_time"],
+            host_fingerprint=bytes.fromhex(body["host_fingerprint"]),
+            watermark_commitment=bytes.fromhex(body["watermark_commitment"]),
+            log_index=body["log_index"],
+            inclusion=self.inclusion(index),
+        )
+
+    def verdict(self, index: int) -> SignedVerdict:
+        """Entry `index` (a verdict body) as the server's typed SignedVerdict."""
+        body = parse_entry(self.entries[index])
+        return SignedVerdict(
+            statement=self.statement(index),
+            registration_id=body["registration_id"],
+            n_bits=body["n_bits"],
+            matches=body["matches"],
+            ber=float(body["ber"]),
+            p_value=body["p_value"],
+            log10_p_value=body["log10_p_value"],
+            p_value_method=body["p_value_method"],
+            p_value_binomial=body["p_value_binomial"],
+            alpha=body["alpha"],
+            is_match=body["is_match"],
+            log_index=body["log_index"],
+            integrated_time=body["integrated_time"],
+            inclusion=self.inclusion(index),
+        )
+
+
+def parse_entry(entry: bytes) -> dict[str, Any]:
+    """Parse an entry the tests wrote (always canonical JSON of an object)."""
+    parsed: dict[str, Any] = json.loads(entry)
+    return parsed
+
+
+def sign_checkpoint(signer: SigningKey, leaves: Sequence[bytes]) -> Checkpoint:
+    """A checkpoint over `leaves` signed by `signer`, in the wire form."""
+    checkpoint = merkle.Checkpoint(
+        origin=ORIGIN,
+        tree_size=len(leaves),
+        root_hash=merkle.root(leaves),
+        timestamp=CHECKPOINT_TIME,
+        key_id=signer.key_id,
+    )
+    signed = merkle.sign_checkpoint(signer, checkpoint)
+    return Checkpoint(
+        checkpoint.signed_body(), signed.signature, checkpoint.tree_size, checkpoint.root_hash
+    )
+
+
+def build_log(entries: Sequence[bytes], signer: SigningKey | None = None) -> SignedLog:
+    """Sign every entry (raw bytes, so tests can log non-canonical ones) and checkpoint them."""
+    signer = signer or SigningKey.generate()
+    leaves = [merkle.leaf_hash(entry) for entry in entries]
+    return SignedLog(
+        signer=signer,
+        entries=tuple(entries),
+        signatures=tuple(signer.sign(entry) for entry in entries),
+        checkpoint=sign_checkpoint(signer, leaves),
+    )
+
+
+def standard_log(signer: SigningKey | None = None) -> SignedLog:
+    """Five entries: registrations at 0, 1, 2 and 4, a verdict at 3."""
+    bodies = [receipt_body(0), receipt_body(1), receipt_body(2), verdict_body(3), receipt_body(4)]
+    return build_log([canonical_json(body) for body in bodies], signer)
