@@ -1,0 +1,371 @@
+"""`KeyServiceClient`: the library's one way to talk to the trusted third party (TTP).
+
+Everything about the transport lives here and nowhere else: TLS (on unless the server is on
+this machine), the bearer token, a deadline on every call, retries with exponential backoff
+and jitter on UNAVAILABLE only (a refused key or a bad model will not improve by asking
+again), streamed uploads read lazily from disk, and the one conversion of `grpc.RpcError`
+into this library's error tree. Results come back as the frozen records of `freemark.records`.
+
+Quick start::
+
+    with KeyServiceClient("ttp.example.com:443", token=os.environ["FREEMARK_TOKEN"]) as ttp:
+        receipt = ttp.register(load_bundle("model.fmk"), Path("model.pt2"))
+        verdict = ttp.verify(receipt.registration_id, Path("suspect.pt2"))
+        verify_receipt(verdict, ttp.public_key())   # better: a public key obtained out of band
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import random
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, Self, TypeVar
+
+import grpc
+from tqdm.auto import tqdm
+
+from freemark._serde import (
+    checkpoint_from_proto,
+    consistency_from_proto,
+    inclusion_from_proto,
+    receipt_from_proto,
+    registration_from_proto,
+    verdict_from_proto,
+)
+from freemark.bundle import KeyBundle
+from freemark.bundle import to_proto as bundle_to_proto
+from freemark.errors import (
+    AlreadyRegisteredError,
+    DeadlineExceededError,
+    FreemarkError,
+    InvalidArgumentError,
+    InvalidInputError,
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    RevokedError,
+    ServerError,
+    TransportError,
+    UnauthenticatedError,
+)
+from freemark.records import (
+    Checkpoint,
+    ConsistencyProof,
+    InclusionProof,
+    Receipt,
+    RegistrationInfo,
+    SignedVerdict,
+)
+from freemark.v1 import keyservice_pb2 as pb
+from freemark.v1 import keyservice_pb2_grpc as pb_grpc
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_RETRIES",
+    "DEFAULT_TIMEOUT_S",
+    "KeyServiceClient",
+    "ModelFormat",
+    "error_from_rpc",
+    "is_loopback",
+]
+
+DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_RETRIES = 3
+DEFAULT_CHUNK_SIZE = 1 << 20  # 1 MiB: well under gRPC's 4 MiB default message cap
+DEFAULT_BACKOFF_S = 0.5  # first retry delay; doubled per retry, jittered
+MAX_BACKOFF_S = 10.0
+MAX_PAGE_SIZE = 100  # the server's limit (proto: ListRegistrationsRequest.page_size)
+
+ModelFormat = Literal["pt2", "safetensors"]
+_FORMATS: dict[str, pb.ModelFormat.ValueType] = {
+    "pt2": pb.MODEL_FORMAT_PT2,
+    "safetensors": pb.MODEL_FORMAT_SAFETENSORS,
+}
+
+# The statuses callers act on; anything else is a plain ServerError that keeps its code.
+_ERRORS: dict[grpc.StatusCode, type[ServerError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyRegisteredError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.FAILED_PRECONDITION: RevokedError,
+}
+
+T = TypeVar("T")
+
+
+def error_from_rpc(error: grpc.RpcError, target: str) -> FreemarkError:
+    """The library error for a failed call: `TransportError` for UNAVAILABLE, else the
+    `ServerError` subclass of its status, keeping the code and the server's message."""
+    code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]  # a grpc.Call in practice
+    details: str = error.details() or code.name.lower()  # type: ignore[attr-defined]
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return TransportError(f"cannot reach the key server at {target}: {details}")
+    return _ERRORS.get(code, ServerError)(code, details)
+
+
+def is_loopback(target: str) -> bool:
+    """Whether a `host:port` target names this machine (where plaintext is acceptable)."""
+    host = target.rsplit(":", 1)[0] if target.count(":") == 1 or "]" in target else target
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _format_of(path: Path, fmt: ModelFormat | None) -> pb.ModelFormat.ValueType:
+    name = fmt or path.suffix.lstrip(".").lower()
+    if name not in _FORMATS:
+        raise InvalidInputError(
+            f"{path}: cannot tell the model format from the suffix; "
+            "use a .pt2 or .safetensors file, or pass the format"
+        )
+    return _FORMATS[name]
+
+
+class _Upload:
+    """A model file as an upload: hashed in one pass up front, then read lazily per attempt.
+
+    The header must carry the size and SHA-256 before the first byte is sent, hence the first
+    pass; chunks are then read from disk as gRPC asks for them, so memory stays at one chunk
+    whatever the model size. A read error inside gRPC's request thread would surface as a
+    bare CANCELLED status, so it is kept here and reported as what it is.
+    """
+
+    def __init__(self, path: Path, fmt: pb.ModelFormat.ValueType, chunk_size: int,
+                 progress: bool) -> None:
+        self.path = path
+        self.chunk_size = chunk_size
+        self.read_error: OSError | None = None
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise InvalidInputError(f"{path}: {exc.strerror or exc}") from exc
+        self.bar = tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024,
+                        desc=f"hashing {path.name}", leave=False, disable=not progress)
+        digest = hashlib.sha256()
+        try:
+            with path.open("rb") as handle:
+                while chunk := handle.read(chunk_size):
+                    digest.update(chunk)
+                    self.bar.update(len(chunk))
+        except OSError as exc:
+            self.bar.close()
+            raise InvalidInputError(f"{path}: {exc.strerror or exc}") from exc
+        self.header = pb.UploadHeader(total_size=size, sha256=digest.digest(), format=fmt)
+        self.bar.set_description(f"uploading {path.name}")
+
+    def requests(self, first: T, wrap: Callable[[bytes], T]) -> Iterator[T]:
+        """One attempt's request stream: `first` (the header), then every chunk from byte 0."""
+        self.bar.reset()
+        yield first
+        try:
+            with self.path.open("rb") as handle:
+                while chunk := handle.read(self.chunk_size):
+                    self.bar.update(len(chunk))
+                    yield wrap(chunk)
+        except OSError as exc:
+            self.read_error = exc
+            raise
+
+    def close(self) -> None:
+        """Remove the progress bar."""
+        self.bar.close()
+
+
+class KeyServiceClient:
+    """A connection to the key server; every method is one RPC with a deadline and retries.
+
+    `tls=None` means TLS unless the target is loopback; `tls=False` sends in plaintext
+    (the token too), so use it only on a trusted network. `root_certificates` (PEM) replaces
+    the system roots, for a server with a private CA; `client_cert` and `client_key` (PEM)
+    enable mTLS. `timeout` is each attempt's deadline in seconds; `retries` is how many times
+    an UNAVAILABLE call is retried, after `backoff` seconds, doubled each time, with jitter.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None,
+        tls: bool | None = None,
+        root_certificates: bytes | None = None,
+        client_cert: bytes | None = None,
+        client_key: bytes | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        retries: int = DEFAULT_RETRIES,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        progress: bool = False,
+        backoff: float = DEFAULT_BACKOFF_S,
+    ) -> None:
+        if timeout <= 0 or retries < 0 or chunk_size <= 0 or backoff < 0:
+            raise InvalidInputError("timeout and chunk_size must be > 0, retries and backoff >= 0")
+        if (client_cert is None) != (client_key is None):
+            raise InvalidInputError("mTLS needs both client_cert and client_key")
+        use_tls = not is_loopback(target) if tls is None else tls
+        if not use_tls and (root_certificates or client_cert):
+            raise InvalidInputError("certificates were given but TLS is off")
+        self._target = target
+        self._timeout = timeout
+        self._retries = retries
+        self._chunk_size = chunk_size
+        self._progress = progress
+        self._backoff = backoff
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        options = [("grpc.primary_user_agent", "freemark-client")]  # names us in server logs
+        if use_tls:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=root_certificates,
+                private_key=client_key,
+                certificate_chain=client_cert,
+            )
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
+        self._stub = pb_grpc.KeyServiceStub(self._channel)
+
+    # --- transport ---------------------------------------------------------------------------
+
+    def _delay(self, attempt: int) -> float:
+        """Exponential backoff with jitter, so clients that failed together do not retry together."""
+        ceiling = min(MAX_BACKOFF_S, self._backoff * 2**attempt)
+        return random.uniform(ceiling / 2, ceiling)
+
+    def _call(self, method: Callable[..., T], make_request: Callable[[], Any],
+              upload: _Upload | None = None) -> T:
+        """Run one RPC with its deadline, retrying UNAVAILABLE; the only place errors convert.
+
+        `make_request` builds the request afresh per attempt, so a streamed upload is
+        re-sent from its first byte.
+        """
+        attempt = 0
+        while True:
+            try:
+                return method(make_request(), timeout=self._timeout, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                if upload is not None and upload.read_error is not None:
+                    raise InvalidInputError(
+                        f"{upload.path}: read failed during upload: "
+                        f"{upload.read_error.strerror or upload.read_error}"
+                    ) from upload.read_error
+                retry = exc.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+                if not retry or attempt >= self._retries:
+                    raise error_from_rpc(exc, self._target) from exc
+            time.sleep(self._delay(attempt))
+            attempt += 1
+
+    def _stream(self, method: Callable[..., T], path: Path, fmt: pb.ModelFormat.ValueType,
+                first: Callable[[pb.UploadHeader], Any], wrap: Callable[[bytes], Any]) -> T:
+        upload = _Upload(path, fmt, self._chunk_size, self._progress)
+        try:
+            header = first(upload.header)
+            return self._call(method, lambda: upload.requests(header, wrap), upload)
+        finally:
+            upload.close()
+
+    # --- registrations -----------------------------------------------------------------------
+
+    def register(self, bundle: KeyBundle, model_path: Path) -> Receipt:
+        """Register a key for the host model (a .pt2): the TTP re-extracts, signs and logs it.
+
+        Raises `AlreadyRegisteredError` if an earlier registration already claims the model.
+        """
+        path = Path(model_path)
+        if _format_of(path, None) != pb.MODEL_FORMAT_PT2:
+            raise InvalidInputError(f"{path}: a host model is registered as a .pt2 program")
+        message = bundle_to_proto(bundle)
+        reply = self._stream(
+            self._stub.Register, path, pb.MODEL_FORMAT_PT2,
+            lambda upload: pb.RegisterRequest(
+                header=pb.RegisterHeader(bundle=message, upload=upload)),
+            lambda chunk: pb.RegisterRequest(chunk=chunk),
+        )
+        return receipt_from_proto(reply)
+
+    def verify(self, registration_id: str, model_path: Path, *, fmt: ModelFormat | None = None,
+               alpha: float | None = None) -> SignedVerdict:
+        """Ask the TTP whether a suspect model carries a registration's watermark.
+
+        `fmt` defaults from the suffix; a .safetensors file is applied to the architecture
+        registered with the host. `alpha` defaults to the scheme's (1e-9).
+        """
+        if alpha is not None and not 0.0 < alpha < 1.0:
+            raise InvalidInputError(f"alpha must be in (0, 1), got {alpha}")
+        path = Path(model_path)
+        reply = self._stream(
+            self._stub.Verify, path, _format_of(path, fmt),
+            lambda upload: pb.VerifyRequest(header=pb.VerifyHeader(
+                registration_id=registration_id, upload=upload, alpha=alpha or 0.0)),
+            lambda chunk: pb.VerifyRequest(chunk=chunk),
+        )
+        return verdict_from_proto(reply)
+
+    def get_registration(self, registration_id: str) -> RegistrationInfo:
+        """One registration's metadata (never the key, triggers or watermark)."""
+        request = pb.GetRegistrationRequest(registration_id=registration_id)
+        return registration_from_proto(self._call(self._stub.GetRegistration, lambda: request))
+
+    def list_registrations(self, page_size: int = 20) -> Iterator[RegistrationInfo]:
+        """Every registration visible to the caller, fetching pages lazily as iterated."""
+        if not 1 <= page_size <= MAX_PAGE_SIZE:
+            raise InvalidInputError(f"page_size must be in 1..{MAX_PAGE_SIZE}, got {page_size}")
+        token = ""
+        while True:
+            request = pb.ListRegistrationsRequest(page_size=page_size, page_token=token)
+            page = self._call(self._stub.ListRegistrations, lambda request=request: request)
+            yield from (registration_from_proto(info) for info in page.registrations)
+            token = page.next_page_token
+            if not token:
+                return
+
+    def revoke(self, registration_id: str, reason: str = "") -> RegistrationInfo:
+        """Revoke a registration; it stays in the log, and later verifies are refused."""
+        request = pb.RevokeRequest(registration_id=registration_id, reason=reason)
+        return registration_from_proto(self._call(self._stub.Revoke, lambda: request))
+
+    # --- the log -----------------------------------------------------------------------------
+
+    def get_checkpoint(self) -> Checkpoint:
+        """The latest signed checkpoint (check it with `freemark.receipt.verify_checkpoint`)."""
+        reply = self._call(self._stub.GetCheckpoint, pb.GetCheckpointRequest)
+        return checkpoint_from_proto(reply)
+
+    def get_inclusion_proof(self, index: int, tree_size: int = 0) -> InclusionProof:
+        """Proof that entry `index` is in the tree of `tree_size` entries (0: the latest)."""
+        request = pb.GetInclusionProofRequest(log_index=index, tree_size=tree_size)
+        return inclusion_from_proto(self._call(self._stub.GetInclusionProof, lambda: request))
+
+    def get_consistency_proof(self, old_size: int, new_size: int = 0) -> ConsistencyProof:
+        """Proof that the log of `old_size` entries is a prefix of the one of `new_size`."""
+        request = pb.GetConsistencyProofRequest(old_size=old_size, new_size=new_size)
+        return consistency_from_proto(self._call(self._stub.GetConsistencyProof, lambda: request))
+
+    def public_key(self) -> bytes:
+        """The TTP's Ed25519 public key (PEM). For audits, prefer a copy obtained out of band."""
+        return bytes(self._call(self._stub.GetPublicKey, pb.GetPublicKeyRequest).pem)
+
+    # --- lifetime ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the channel; in-flight calls are cancelled."""
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"KeyServiceClient({self._target!r})"

@@ -1,0 +1,187 @@
+"""The client's transport against a real gRPC server on loopback (a stand-in, not ours).
+
+The stand-in registers generic handlers for two KeyService methods and fails on cue, so the
+retry policy, the error conversion, deadlines and streamed uploads are tested over a real
+HTTP/2 connection rather than a mocked stub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from freemark._serde import verdict_to_proto
+from freemark.errors import (
+    DeadlineExceededError,
+    InvalidInputError,
+    PermissionDeniedError,
+    ServerError,
+    TransportError,
+)
+from freemark.rpc import KeyServiceClient, is_loopback
+from freemark.v1 import keyservice_pb2 as pb
+from signed_statements import standard_log
+
+LOG = standard_log()
+PEM = LOG.signer.public_key_pem()
+
+
+@dataclass
+class StandIn:
+    """What the stand-in server will answer, and what it saw."""
+
+    port: int
+    failures: deque[grpc.StatusCode] = field(default_factory=deque)
+    delay_s: float = 0.0
+    calls: int = 0
+    metadata: list[dict[str, str]] = field(default_factory=list)
+    uploads: list[tuple[pb.VerifyHeader, list[bytes]]] = field(default_factory=list)
+
+    def _answer(self, context: grpc.ServicerContext) -> None:
+        self.calls += 1
+        self.metadata.append(dict(context.invocation_metadata()))
+        time.sleep(self.delay_s)
+        if self.failures:
+            context.abort(self.failures.popleft(), "scripted failure")
+
+    def get_public_key(self, request: pb.GetPublicKeyRequest,
+                       context: grpc.ServicerContext) -> pb.PublicKey:
+        self._answer(context)
+        return pb.PublicKey(pem=PEM, key_id=LOG.signer.key_id)
+
+    def verify(self, requests: Iterator[pb.VerifyRequest],
+               context: grpc.ServicerContext) -> pb.SignedVerdict:
+        header = next(requests).header
+        chunks = [request.chunk for request in requests]
+        self.uploads.append((header, chunks))
+        self._answer(context)
+        return verdict_to_proto(LOG.verdict(3))
+
+
+@pytest.fixture
+def stand_in() -> Iterator[StandIn]:
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    port = server.add_insecure_port("127.0.0.1:0")
+    state = StandIn(port)
+    handlers: dict[str, Any] = {
+        "GetPublicKey": grpc.unary_unary_rpc_method_handler(
+            state.get_public_key,
+            request_deserializer=pb.GetPublicKeyRequest.FromString,
+            response_serializer=pb.PublicKey.SerializeToString,
+        ),
+        "Verify": grpc.stream_unary_rpc_method_handler(
+            state.verify,
+            request_deserializer=pb.VerifyRequest.FromString,
+            response_serializer=pb.SignedVerdict.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("freemark.v1.KeyService", handlers),)
+    )
+    server.start()
+    yield state
+    server.stop(None)
+
+
+def _client(port: int, **options: Any) -> KeyServiceClient:
+    return KeyServiceClient(f"127.0.0.1:{port}", token="t0ken", backoff=0.01, **options)
+
+
+def test_unavailable_is_retried_until_the_call_succeeds(stand_in: StandIn) -> None:
+    stand_in.failures.extend([grpc.StatusCode.UNAVAILABLE] * 2)
+    with _client(stand_in.port, retries=3) as client:
+        assert client.public_key() == PEM
+    assert stand_in.calls == 3
+    assert all(seen["authorization"] == "Bearer t0ken" for seen in stand_in.metadata)
+
+
+def test_permission_denied_is_not_retried_and_keeps_code_and_message(stand_in: StandIn) -> None:
+    stand_in.failures.append(grpc.StatusCode.PERMISSION_DENIED)
+    with _client(stand_in.port) as client, pytest.raises(PermissionDeniedError) as caught:
+        client.public_key()
+    assert stand_in.calls == 1
+    assert caught.value.code == grpc.StatusCode.PERMISSION_DENIED
+    assert caught.value.message == "scripted failure"
+    assert isinstance(caught.value.__cause__, grpc.RpcError)
+
+
+def test_an_unmapped_status_is_a_plain_server_error(stand_in: StandIn) -> None:
+    stand_in.failures.append(grpc.StatusCode.DATA_LOSS)
+    with _client(stand_in.port) as client, pytest.raises(ServerError) as caught:
+        client.public_key()
+    assert type(caught.value) is ServerError
+    assert caught.value.code == grpc.StatusCode.DATA_LOSS
+
+
+def test_unavailable_after_every_retry_is_a_transport_error(stand_in: StandIn) -> None:
+    stand_in.failures.extend([grpc.StatusCode.UNAVAILABLE] * 5)
+    with _client(stand_in.port, retries=2) as client, pytest.raises(TransportError):
+        client.public_key()
+    assert stand_in.calls == 3
+
+
+def test_a_slow_answer_hits_the_deadline_and_is_not_retried(stand_in: StandIn) -> None:
+    stand_in.delay_s = 1.0
+    with _client(stand_in.port, timeout=0.2) as client, pytest.raises(DeadlineExceededError):
+        client.public_key()
+    assert stand_in.calls == 1
+
+
+def test_nothing_listening_is_a_transport_error() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with _client(port, retries=1) as client, pytest.raises(TransportError, match=str(port)):
+        client.public_key()
+
+
+def test_an_upload_is_chunked_and_re_sent_from_the_start_on_retry(
+    stand_in: StandIn, tmp_path: Path
+) -> None:
+    model = tmp_path / "suspect.safetensors"
+    model.write_bytes(bytes(range(256)) * 20)  # 5120 bytes
+    stand_in.failures.append(grpc.StatusCode.UNAVAILABLE)
+    with _client(stand_in.port, chunk_size=1000) as client:
+        verdict = client.verify("reg-0000", model, alpha=1e-6)
+    assert verdict == LOG.verdict(3)
+    assert len(stand_in.uploads) == 2
+    for header, chunks in stand_in.uploads:
+        assert header.registration_id == "reg-0000" and header.alpha == 1e-6
+        assert header.upload.format == pb.MODEL_FORMAT_SAFETENSORS
+        assert header.upload.total_size == 5120
+        assert header.upload.sha256 == hashlib.sha256(model.read_bytes()).digest()
+        assert [len(chunk) for chunk in chunks] == [1000] * 5 + [120]
+        assert b"".join(chunks) == model.read_bytes()
+
+
+def test_an_unknown_model_suffix_is_refused_before_any_call(tmp_path: Path) -> None:
+    model = tmp_path / "suspect.bin"
+    model.write_bytes(b"x")
+    with _client(1) as client, pytest.raises(InvalidInputError, match="suffix"):
+        client.verify("reg-0000", model)
+
+
+@pytest.mark.parametrize(
+    ("target", "loopback"),
+    [
+        ("127.0.0.1:50051", True),
+        ("127.8.9.10:1", True),
+        ("localhost:50051", True),
+        ("[::1]:50051", True),
+        ("::1", True),
+        ("10.0.0.1:50051", False),
+        ("ttp.example.com:443", False),
+        ("localhost.example.com:443", False),
+    ],
+)
+def test_is_loopback(target: str, loopback: bool) -> None:
+    assert is_loopback(target) is loopback
