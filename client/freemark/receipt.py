@@ -1,0 +1,250 @@
+"""Offline verification of receipts, verdicts and checkpoints with the TTP's public key alone.
+
+A receipt is evidence of priority only if a third party can check it without trusting the
+server that issued it (DESIGN §3, flow 4). `verify_receipt` checks everything a file claims:
+
+1. the statement names the given public key (`key_id`) and its Ed25519 signature covers the
+   exact body bytes;
+2. the body is RFC 8785 canonical JSON (re-canonicalising the parsed body gives the same bytes,
+   so no second reading of the signed bytes exists) of the expected `kind`;
+3. every typed field equals the signed body's field (the typed copy is for convenience only);
+4. the checkpoint is signed by the same key and its typed tree size and root match its body;
+5. the inclusion proof places `leaf_hash(body)` at the body's `log_index` under that root.
+
+Every check raises (`InvalidReceiptError`, or `VerificationFailedError` for cryptographic
+failures) with a one-line reason; nothing returns a bool a caller could ignore.
+
+Quick start::
+
+    statement = load_statement("receipt.json")        # written by `freemark register --json`
+    verify_receipt(statement, Path("ttp.pem").read_bytes())
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import UnsupportedAlgorithm
+
+from freemark import merkle
+from freemark._serde import (
+    JsonFields,
+    parse_body,
+    receipt_to_json,
+    statement_from_json,
+    verdict_to_json,
+)
+from freemark.errors import InvalidInputError, InvalidReceiptError, VerificationFailedError
+from freemark.records import (
+    RECEIPT_KIND,
+    VERDICT_KIND,
+    Checkpoint,
+    ConsistencyProof,
+    Receipt,
+    SignedVerdict,
+)
+from freemark.signatures import CryptoError, Verifier, canonical_json
+
+__all__ = [
+    "load_statement",
+    "save_statement",
+    "verify_checkpoint",
+    "verify_consistency_proof",
+    "verify_receipt",
+]
+
+_Reader = Callable[[JsonFields, str], Any]
+
+# The typed fields each statement repeats from its signed body, with how the body spells them.
+_RECEIPT_FIELDS: dict[str, _Reader] = {
+    "registration_id": JsonFields.text,
+    "owner": JsonFields.text,
+    "integrated_time": JsonFields.integer,
+    "host_fingerprint": JsonFields.hex,
+    "watermark_commitment": JsonFields.hex,
+    "log_index": JsonFields.integer,
+}
+_VERDICT_FIELDS: dict[str, _Reader] = {
+    "registration_id": JsonFields.text,
+    "n_bits": JsonFields.integer,
+    "matches": JsonFields.integer,
+    "ber": JsonFields.number,
+    "p_value": JsonFields.number,
+    "log10_p_value": JsonFields.number,
+    "p_value_method": JsonFields.text,
+    "p_value_binomial": JsonFields.number,
+    "alpha": JsonFields.number,
+    "is_match": JsonFields.boolean,
+    "log_index": JsonFields.integer,
+    "integrated_time": JsonFields.integer,
+}
+
+
+def _verifier(public_key_pem: bytes) -> Verifier:
+    try:
+        return Verifier.from_pem(public_key_pem)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise InvalidInputError("the public key is not an Ed25519 public key in PEM form") from None
+
+
+def _check_canonical(body: bytes, what: str) -> dict[str, Any]:
+    """Parse a signed body and require it to be its own canonical form, byte for byte."""
+    fields = parse_body(body, what)
+    try:
+        canonical = canonical_json(fields)
+    except ValueError:  # rfc8785's errors (integers past 2**53, lone surrogates) are ValueErrors
+        raise InvalidReceiptError(f"the {what} body cannot be canonicalised") from None
+    if canonical != body:
+        raise InvalidReceiptError(f"the {what} body is not RFC 8785 canonical JSON")
+    return fields
+
+
+def _verified_checkpoint(checkpoint: Checkpoint, verifier: Verifier) -> merkle.Checkpoint:
+    fields = JsonFields(_check_canonical(checkpoint.body, "checkpoint"), "checkpoint body")
+    try:
+        parsed = merkle.Checkpoint(
+            origin=fields.text("origin"),
+            tree_size=fields.integer("tree_size"),
+            root_hash=fields.hex("root_hash"),
+            timestamp=fields.integer("timestamp"),
+            key_id=fields.text("key_id"),
+        )
+    except ValueError as exc:
+        raise InvalidReceiptError(f"the checkpoint body is invalid: {exc}") from None
+    if parsed.signed_body() != checkpoint.body:
+        raise InvalidReceiptError("the checkpoint body has the wrong kind or extra fields")
+    try:
+        merkle.verify_checkpoint(verifier, merkle.SignedCheckpoint(parsed, checkpoint.signature))
+    except merkle.LogProofError as exc:
+        raise VerificationFailedError(str(exc)) from None
+    if checkpoint.tree_size != parsed.tree_size:
+        raise InvalidReceiptError(
+            f"the checkpoint's tree_size {checkpoint.tree_size} differs from its signed body's "
+            f"{parsed.tree_size}"
+        )
+    if checkpoint.root_hash != parsed.root_hash:
+        raise InvalidReceiptError("the checkpoint's root_hash differs from its signed body's")
+    return parsed
+
+
+def verify_checkpoint(checkpoint: Checkpoint, public_key_pem: bytes) -> merkle.Checkpoint:
+    """Check a checkpoint's signature and body; return its verified contents, or raise."""
+    return _verified_checkpoint(checkpoint, _verifier(public_key_pem))
+
+
+def verify_consistency_proof(
+    proof: ConsistencyProof, older: Checkpoint, public_key_pem: bytes
+) -> None:
+    """Raise unless the log signed in `older` is a prefix of the one signed in `proof`.
+
+    This is how a holder of an old receipt checks the log only ever grew since: fetch a
+    consistency proof from the receipt's checkpoint size to the latest and check it here.
+    """
+    verifier = _verifier(public_key_pem)
+    old = _verified_checkpoint(older, verifier)
+    new = _verified_checkpoint(proof.checkpoint, verifier)
+    if (proof.old_size, proof.new_size) != (old.tree_size, new.tree_size):
+        raise InvalidReceiptError(
+            f"the proof is for sizes {proof.old_size} -> {proof.new_size}, the checkpoints "
+            f"have {old.tree_size} and {new.tree_size}"
+        )
+    try:
+        merkle.verify_consistency(
+            old.tree_size, new.tree_size, old.root_hash, new.root_hash, proof.hashes
+        )
+    except merkle.LogProofError as exc:
+        raise VerificationFailedError(str(exc)) from None
+
+
+def verify_receipt(statement: Receipt | SignedVerdict, public_key_pem: bytes) -> None:
+    """Raise unless `statement` is a genuine, logged receipt or verdict of this TTP key.
+
+    The checks are listed in the module docstring. `InvalidInputError` means the public key
+    itself is unusable; any fault in the statement is an `InvalidReceiptError`.
+    """
+    verifier = _verifier(public_key_pem)
+    signed = statement.statement
+    if signed.key_id != verifier.key_id:
+        raise VerificationFailedError(
+            f"the statement is signed by key {signed.key_id!r}, "
+            f"but the public key given is {verifier.key_id!r}"
+        )
+    try:
+        verifier.verify(signed.signature, signed.body)
+    except CryptoError:
+        raise VerificationFailedError(
+            "the statement signature does not verify: the body or signature was altered"
+        ) from None
+    kind, typed = (
+        (RECEIPT_KIND, _RECEIPT_FIELDS)
+        if isinstance(statement, Receipt)
+        else (VERDICT_KIND, _VERDICT_FIELDS)
+    )
+    body = JsonFields(_check_canonical(signed.body, "statement"), "signed body")
+    if body.text("kind") != kind:
+        raise InvalidReceiptError(f"the signed body is a {body.text('kind')!r}, not a {kind!r}")
+    for name, read in typed.items():
+        value, signed_value = getattr(statement, name), read(body, name)
+        if value != signed_value:
+            raise InvalidReceiptError(
+                f"{name} {_shown(value)} differs from the signed body's {_shown(signed_value)}"
+            )
+    _check_inclusion(statement, verifier)
+
+
+def _shown(value: object) -> str:
+    return value.hex() if isinstance(value, bytes) else repr(value)
+
+
+def _check_inclusion(statement: Receipt | SignedVerdict, verifier: Verifier) -> None:
+    proof = statement.inclusion
+    checkpoint = _verified_checkpoint(proof.checkpoint, verifier)
+    if proof.log_index != statement.log_index:
+        raise InvalidReceiptError(
+            f"the inclusion proof is for log index {proof.log_index}, "
+            f"the statement for {statement.log_index}"
+        )
+    if proof.tree_size != checkpoint.tree_size:
+        raise InvalidReceiptError(
+            f"the inclusion proof is for a tree of {proof.tree_size}, "
+            f"the checkpoint signs {checkpoint.tree_size}"
+        )
+    try:
+        merkle.verify_inclusion(
+            merkle.leaf_hash(statement.statement.body),
+            proof.log_index,
+            checkpoint.tree_size,
+            proof.hashes,
+            checkpoint.root_hash,
+        )
+    except merkle.LogProofError as exc:
+        raise VerificationFailedError(f"the statement is not in the signed log: {exc}") from None
+
+
+def load_statement(path: str | Path) -> Receipt | SignedVerdict:
+    """Read a receipt or verdict JSON file, as `freemark register|verify --json` prints it.
+
+    Reading checks only the format; call `verify_receipt` before relying on it.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InvalidInputError(f"{path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError:
+        raise InvalidReceiptError(f"{path} is not UTF-8 text") from None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise InvalidReceiptError(f"{path} is not JSON ({exc})") from None
+    return statement_from_json(data)
+
+
+def save_statement(path: str | Path, statement: Receipt | SignedVerdict) -> None:
+    """Write a receipt or verdict as the JSON file `load_statement` reads."""
+    data = (
+        receipt_to_json(statement) if isinstance(statement, Receipt) else verdict_to_json(statement)
+    )
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
