@@ -9,39 +9,85 @@ Quick start::
     verdict = freemark.extract(suspect_model, bundle)  # calibrated p-value and decision
     print(verdict.is_match, verdict.p_value)
 
+    with freemark.KeyServiceClient("ttp.example.com:443", token=token) as ttp:
+        receipt = ttp.register(bundle, Path("model.pt2"))       # signed, logged priority
+        signed = ttp.verify(receipt.registration_id, Path("suspect.pt2"))
+    freemark.save_statement("receipt.json", receipt)
+    freemark.verify_receipt(freemark.load_statement("receipt.json"), ttp_public_key_pem)
+
 The scheme (design §1) lives in small modules: watermark, triggers, activations, keygen,
 derive, extract, verdict; bundle defines the key file; modelfile loads untrusted models safely.
+The key server's client is rpc (transport) with records (typed results) and receipt
+(offline verification, on signatures and merkle).
 """
 
 from freemark.bundle import KeyBundle, load_bundle, save_bundle
 from freemark.derive import derive_key
 from freemark.errors import (
-    DerivationError, FreemarkError, InvalidInputError, ModelFileError, UniquenessError,
+    AlreadyRegisteredError,
+    DeadlineExceededError,
+    DerivationError,
+    FreemarkError,
+    InvalidArgumentError,
+    InvalidInputError,
+    InvalidReceiptError,
+    ModelFileError,
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    RevokedError,
+    ServerError,
+    TransportError,
+    UnauthenticatedError,
+    UniquenessError,
+    VerificationFailedError,
 )
 from freemark.extract import extract
 from freemark.keygen import DerivationSettings
 from freemark.modelfile import fingerprint, load_program, save_program
+from freemark.receipt import load_statement, save_statement, verify_receipt
+from freemark.records import Receipt, RegistrationInfo, SignedVerdict
+from freemark.rpc import KeyServiceClient
 from freemark.triggers import TriggerSet, load_triggers, save_triggers, select_triggers
 from freemark.verdict import Verdict
 
 __all__ = [
+    "AlreadyRegisteredError",
+    "DeadlineExceededError",
     "DerivationError",
     "DerivationSettings",
     "FreemarkError",
+    "InvalidArgumentError",
     "InvalidInputError",
+    "InvalidReceiptError",
     "KeyBundle",
+    "KeyServiceClient",
     "ModelFileError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "Receipt",
+    "RegistrationInfo",
+    "ResourceExhaustedError",
+    "RevokedError",
+    "ServerError",
+    "SignedVerdict",
+    "TransportError",
     "TriggerSet",
+    "UnauthenticatedError",
     "UniquenessError",
     "Verdict",
+    "VerificationFailedError",
     "derive_key",
     "extract",
     "fingerprint",
     "load_bundle",
     "load_program",
+    "load_statement",
     "load_triggers",
     "save_bundle",
     "save_program",
+    "save_statement",
     "save_triggers",
     "select_triggers",
+    "verify_receipt",
 ]

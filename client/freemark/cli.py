@@ -2,25 +2,41 @@
 
 Every subcommand prints a readable table, or one JSON object with `--json`. Errors are
 one line on stderr and exit status 2; nothing prints a traceback for a bad input.
+`freemark receipt verify` exits 1 when a receipt or verdict fails verification.
+
+The commands that talk to the key server take `--server HOST:PORT` and `--token T`, which
+default to the FREEMARK_SERVER and FREEMARK_TOKEN environment variables (prefer the
+variable for the token: command lines are visible to other users of the machine).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from freemark._serde import receipt_to_json, registration_to_json, verdict_to_json
 from freemark.bundle import load_bundle, save_bundle
 from freemark.derive import DEFAULT_BITS, derive_key
-from freemark.display import print_fields, print_json
-from freemark.errors import FreemarkError, InvalidInputError
+from freemark.display import print_fields, print_json, print_rows
+from freemark.errors import FreemarkError, InvalidInputError, InvalidReceiptError
 from freemark.extract import extract
 from freemark.keygen import DEFAULT_LAMBDA, DEFAULT_MARGIN, DerivationSettings
 from freemark.modelfile import apply_weights, load_program
+from freemark.receipt import load_statement, verify_receipt
+from freemark.records import Receipt, RegistrationInfo, SignedVerdict
+from freemark.rpc import DEFAULT_TIMEOUT_S, KeyServiceClient
+from freemark.signatures import Verifier
 from freemark.triggers import DEFAULT_PER_CLASS, load_triggers, save_triggers, select_triggers
 from freemark.verdict import DEFAULT_ALPHA
+
+DEFAULT_SERVER = "127.0.0.1:50051"  # where `freemark-keyserver serve` listens by default
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -30,10 +46,12 @@ def _cmd_triggers(args: argparse.Namespace) -> int:
         with np.load(args.data, allow_pickle=False) as data:
             x, y = data["x"], data["y"]
     except (OSError, KeyError, ValueError) as exc:
-        raise InvalidInputError(f"{args.data}: need an .npz with arrays 'x' and 'y' ({exc})") from exc
+        raise InvalidInputError(
+            f"{args.data}: need an .npz with arrays 'x' and 'y' ({exc})"
+        ) from exc
     triggers = select_triggers(x, y, per_class=args.per_class, seed=args.seed)
     save_triggers(args.out, triggers)
-    summary = {"out": args.out, "n_triggers": len(triggers), "classes": int(len(np.unique(y)))}
+    summary = {"out": args.out, "n_triggers": len(triggers), "classes": len(np.unique(y))}
     print_json(summary) if args.json else print_fields("trigger set written", summary)
     return 0
 
@@ -72,8 +90,212 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- the key server --------------------------------------------------------------------------
+
+
+def _read_file(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidInputError(f"{what} {path}: {exc.strerror or exc}") from exc
+
+
+def _read_optional(path: str | None, what: str) -> bytes | None:
+    return None if path is None else _read_file(path, what)
+
+
+def _client(args: argparse.Namespace) -> KeyServiceClient:
+    """A client from the connection flags: TLS unless loopback, or forced on/off by them."""
+    tls = False if args.insecure else (True if args.tls_ca or args.client_cert else None)
+    return KeyServiceClient(
+        args.server,
+        token=args.token or None,
+        tls=tls,
+        root_certificates=_read_optional(args.tls_ca, "CA certificate"),
+        client_cert=_read_optional(args.client_cert, "client certificate"),
+        client_key=_read_optional(args.client_key, "client key"),
+        timeout=args.timeout,
+        progress=not args.json and sys.stderr.isatty(),
+    )
+
+
+def _time(micros: int) -> str:
+    """Unix microseconds as ISO 8601 UTC, for people; `--json` keeps the integer."""
+    return datetime.fromtimestamp(micros / 1e6, tz=UTC).isoformat(timespec="microseconds")
+
+
+def _receipt_fields(receipt: Receipt) -> dict[str, Any]:
+    return {
+        "registration_id": receipt.registration_id,
+        "owner": receipt.owner,
+        "integrated_time": _time(receipt.integrated_time),
+        "host_fingerprint": receipt.host_fingerprint,
+        "watermark_commitment": receipt.watermark_commitment,
+        "log_index": receipt.log_index,
+        "tree_size": receipt.inclusion.tree_size,
+        "key_id": receipt.statement.key_id,
+        "signature": receipt.statement.signature,
+    }
+
+
+def _verdict_fields(verdict: SignedVerdict) -> dict[str, Any]:
+    return {
+        "registration_id": verdict.registration_id,
+        "n_bits": verdict.n_bits,
+        "matches": verdict.matches,
+        "ber": verdict.ber,
+        "p_value": verdict.p_value,
+        "log10_p_value": verdict.log10_p_value,
+        "p_value_method": verdict.p_value_method,
+        "p_value_binomial": verdict.p_value_binomial,
+        "alpha": verdict.alpha,
+        "is_match": verdict.is_match,
+        "integrated_time": _time(verdict.integrated_time),
+        "log_index": verdict.log_index,
+        "key_id": verdict.statement.key_id,
+        "signature": verdict.statement.signature,
+    }
+
+
+def _registration_fields(info: RegistrationInfo) -> dict[str, Any]:
+    return {
+        "registration_id": info.registration_id,
+        "owner": info.owner,
+        "integrated_time": _time(info.integrated_time),
+        "host_fingerprint": info.host_fingerprint,
+        "watermark_commitment": info.watermark_commitment,
+        "layer": info.layer,
+        "n_bits": info.n_bits,
+        "log_index": info.log_index,
+        "revoked_at": "-" if info.revoked_at is None else _time(info.revoked_at),
+    }
+
+
+def _cmd_register(args: argparse.Namespace) -> int:
+    bundle = load_bundle(args.key)
+    with _client(args) as client:
+        receipt = client.register(bundle, Path(args.model))
+    if args.json:
+        print_json(receipt_to_json(receipt))
+    else:
+        print_fields("registered (save the receipt with --json: it is your evidence of "
+                     "priority)", _receipt_fields(receipt))
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    if args.weights is None and args.model is None:
+        raise InvalidInputError(
+            "give the suspect as --model SUSPECT.pt2 or --weights S.safetensors"
+        )
+    suspect = Path(args.weights) if args.weights is not None else Path(args.model)
+    with _client(args) as client:
+        verdict = client.verify(args.registration, suspect,
+                                fmt="safetensors" if args.weights is not None else "pt2",
+                                alpha=args.alpha)
+    if args.json:
+        print_json(verdict_to_json(verdict))
+    else:
+        title = "WATERMARK PRESENT" if verdict.is_match else "watermark not found"
+        print_fields(f"signed verdict: {title}", _verdict_fields(verdict))
+    return 0
+
+
+def _cmd_registrations_list(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        infos = list(client.list_registrations(page_size=args.page_size))
+    if args.json:
+        print_json({"registrations": [registration_to_json(info) for info in infos]})
+    elif not infos:
+        print("no registrations")
+    else:
+        columns = ["registration_id", "owner", "integrated_time", "layer", "n_bits",
+                   "log_index", "revoked_at"]
+        rows = [[_registration_fields(info)[c] for c in columns] for info in infos]
+        print_rows(columns, rows)
+    return 0
+
+
+def _show_registration(args: argparse.Namespace, title: str, info: RegistrationInfo) -> None:
+    if args.json:
+        print_json(registration_to_json(info))
+    else:
+        print_fields(title, _registration_fields(info))
+
+
+def _cmd_registrations_show(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        info = client.get_registration(args.registration_id)
+    _show_registration(args, f"registration {info.registration_id}", info)
+    return 0
+
+
+def _cmd_revoke(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        info = client.revoke(args.registration_id, reason=args.reason)
+    _show_registration(args, f"revoked {info.registration_id}", info)
+    return 0
+
+
+def _cmd_public_key(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        pem = client.public_key()
+    try:
+        key_id = Verifier.from_pem(pem).key_id
+    except ValueError as exc:
+        raise InvalidInputError(f"the server's public key is unusable: {exc}") from exc
+    if args.out:
+        Path(args.out).write_bytes(pem)
+    if args.json:
+        print_json({"key_id": key_id, "pem": pem.decode("ascii"), "out": args.out})
+    elif args.out:
+        print_fields("public key written", {"key_id": key_id, "out": args.out})
+    else:
+        sys.stdout.write(pem.decode("ascii"))
+    return 0
+
+
+def _cmd_receipt_verify(args: argparse.Namespace) -> int:
+    pem = _read_file(args.public_key, "public key")
+    try:
+        statement = load_statement(args.file)
+        verify_receipt(statement, pem)
+    except InvalidReceiptError as exc:
+        print(f"freemark: FAILED: {args.file}: {exc}", file=sys.stderr)
+        return 1
+    kind = "receipt" if isinstance(statement, Receipt) else "verdict"
+    summary = {
+        "ok": True, "kind": kind, "registration_id": statement.registration_id,
+        "log_index": statement.log_index, "tree_size": statement.inclusion.tree_size,
+        "key_id": statement.statement.key_id,
+    }
+    if args.json:
+        print_json(summary)
+    else:
+        print(f"OK {kind} for {statement.registration_id}: signed by key "
+              f"{statement.statement.key_id}, entry {statement.log_index} of a signed log of "
+              f"{statement.inclusion.tree_size} entries")
+    return 0
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object instead of a table")
+
+
+def _add_connection(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", default=os.environ.get("FREEMARK_SERVER", DEFAULT_SERVER),
+                        help="key server HOST:PORT (env FREEMARK_SERVER; default %(default)s)")
+    parser.add_argument("--token", default=os.environ.get("FREEMARK_TOKEN"),
+                        help="bearer token (env FREEMARK_TOKEN, preferred)")
+    parser.add_argument("--tls-ca", help="PEM of the CA that signed the server's certificate")
+    parser.add_argument("--client-cert", help="PEM client certificate for mTLS")
+    parser.add_argument("--client-key", help="PEM client private key for mTLS")
+    parser.add_argument("--insecure", action="store_true",
+                        help="plaintext, even to a non-loopback server (token sent in clear)")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                        help="deadline of each call in seconds (default %(default)s)")
+    _add_common(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,9 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", required=True, help="module name as named_modules() gives it")
     p.add_argument("--triggers", required=True, help="triggers .npz (inputs[, attention_mask])")
     p.add_argument("--owner", required=True, help="owner identity the watermark is bound to")
-    p.add_argument("--bits", type=int, default=DEFAULT_BITS, help="watermark length N in [16, 8192]")
+    p.add_argument("--bits", type=int, default=DEFAULT_BITS,
+                   help="watermark length N in [16, 8192]")
     p.add_argument("--margin", type=float, default=DEFAULT_MARGIN)
-    p.add_argument("--lam", type=float, default=DEFAULT_LAMBDA, help="pull towards the random anchor")
+    p.add_argument("--lam", type=float, default=DEFAULT_LAMBDA,
+                   help="pull towards the random anchor")
     p.add_argument("--reference", action="append", default=[],
                    help="an unrelated model of the same architecture (repeatable)")
     p.add_argument("--out", required=True, help="key bundle .fmk to write (mode 0600)")
@@ -112,6 +336,53 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an unrelated model to add to the null (repeatable)")
     _add_common(p)
     p.set_defaults(handler=_cmd_extract)
+
+    p = sub.add_parser("register", help="register a key and its host model with the key server")
+    p.add_argument("--key", required=True, help="key bundle .fmk")
+    p.add_argument("--model", required=True, help="host model, a torch.export .pt2")
+    _add_connection(p)
+    p.set_defaults(handler=_cmd_register)
+
+    p = sub.add_parser("verify", help="ask the key server for a signed verdict on a suspect")
+    p.add_argument("--registration", required=True, help="registration id")
+    p.add_argument("--model", help="suspect model .pt2")
+    p.add_argument("--weights", help="suspect .safetensors; uploaded instead of --model and "
+                   "applied by the server to the architecture registered with the host")
+    p.add_argument("--alpha", type=float, help=f"significance level (default {DEFAULT_ALPHA})")
+    _add_connection(p)
+    p.set_defaults(handler=_cmd_verify)
+
+    p = sub.add_parser("registrations", help="list or show your registrations")
+    regs = p.add_subparsers(dest="action", required=True)
+    q = regs.add_parser("list", help="every registration you may see")
+    q.add_argument("--page-size", type=int, default=20, help="registrations per request")
+    _add_connection(q)
+    q.set_defaults(handler=_cmd_registrations_list)
+    q = regs.add_parser("show", help="one registration's metadata")
+    q.add_argument("registration_id")
+    _add_connection(q)
+    q.set_defaults(handler=_cmd_registrations_show)
+
+    p = sub.add_parser("revoke", help="revoke a registration (it stays in the log)")
+    p.add_argument("registration_id")
+    p.add_argument("--reason", default="", help="recorded with the revocation")
+    _add_connection(p)
+    p.set_defaults(handler=_cmd_revoke)
+
+    p = sub.add_parser("public-key", help="fetch the key server's public key (PEM)")
+    p.add_argument("--out", help="write the PEM here instead of printing it")
+    _add_connection(p)
+    p.set_defaults(handler=_cmd_public_key)
+
+    p = sub.add_parser("receipt", help="check receipts and verdicts offline")
+    receipts = p.add_subparsers(dest="action", required=True)
+    q = receipts.add_parser("verify", help="verify a saved --json receipt or verdict; exit 1 "
+                            "if any check fails")
+    q.add_argument("file", help="receipt or verdict JSON, as register/verify --json print it")
+    q.add_argument("--public-key", required=True,
+                   help="the key server's public key PEM, obtained out of band")
+    _add_common(q)
+    q.set_defaults(handler=_cmd_receipt_verify)
     return parser
 
 

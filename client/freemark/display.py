@@ -1,4 +1,8 @@
-"""Output for people and machines: aligned key/value tables, and one JSON object for `--json`."""
+"""Output for people and machines: aligned key/value tables, and one JSON object for `--json`.
+
+`out` defaults to the sys.stdout of the moment of the call, not of import, so a redirected
+stdout (contextlib.redirect_stdout, pytest's capsys) is honoured.
+"""
 
 from __future__ import annotations
 
@@ -22,8 +26,9 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def print_fields(title: str, fields: Mapping[str, Any], out: TextIO = sys.stdout) -> None:
+def print_fields(title: str, fields: Mapping[str, Any], out: TextIO | None = None) -> None:
     """A two-column table with a title line."""
+    out = sys.stdout if out is None else out
     width = max(len(k) for k in fields)
     print(title, file=out)
     print("-" * max(len(title), width + 20), file=out)
@@ -31,8 +36,9 @@ def print_fields(title: str, fields: Mapping[str, Any], out: TextIO = sys.stdout
         print(f"  {key.ljust(width)}  {format_value(value)}", file=out)
 
 
-def print_rows(columns: list[str], rows: list[list[Any]], out: TextIO = sys.stdout) -> None:
+def print_rows(columns: list[str], rows: list[list[Any]], out: TextIO | None = None) -> None:
     """A plain aligned table with a header row."""
+    out = sys.stdout if out is None else out
     text = [[format_value(v) for v in row] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in text]) for i, c in enumerate(columns)]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)), file=out)
@@ -53,6 +59,7 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def print_json(payload: Mapping[str, Any], out: TextIO = sys.stdout) -> None:
+def print_json(payload: Mapping[str, Any], out: TextIO | None = None) -> None:
     """Exactly one JSON object on one line (bytes as hex)."""
+    out = sys.stdout if out is None else out
     print(json.dumps(_jsonable(payload), sort_keys=True), file=out)

@@ -8,6 +8,7 @@ HTTP/2 connection rather than a mocked stub.
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 import time
 from collections import deque
@@ -19,7 +20,8 @@ from typing import Any
 
 import grpc
 import pytest
-from freemark._serde import verdict_to_proto
+from freemark._serde import registration_to_proto, verdict_to_proto
+from freemark.cli import main
 from freemark.errors import (
     DeadlineExceededError,
     InvalidInputError,
@@ -27,12 +29,18 @@ from freemark.errors import (
     ServerError,
     TransportError,
 )
+from freemark.records import RegistrationInfo
 from freemark.rpc import KeyServiceClient, is_loopback
 from freemark.v1 import keyservice_pb2 as pb
 from signed_statements import standard_log
 
 LOG = standard_log()
 PEM = LOG.signer.public_key_pem()
+REGISTRATIONS = [
+    RegistrationInfo(f"reg-{i}", "alice", 1_700_000_000_000_000 + i, bytes([i]) * 32,
+                     bytes([i + 1]) * 32, "act", 256, i, None)
+    for i in range(5)
+]
 
 
 @dataclass
@@ -58,6 +66,16 @@ class StandIn:
         self._answer(context)
         return pb.PublicKey(pem=PEM, key_id=LOG.signer.key_id)
 
+    def list_registrations(self, request: pb.ListRegistrationsRequest,
+                           context: grpc.ServicerContext) -> pb.ListRegistrationsResponse:
+        self._answer(context)
+        start = int(request.page_token or 0)
+        end = start + request.page_size
+        return pb.ListRegistrationsResponse(
+            registrations=[registration_to_proto(info) for info in REGISTRATIONS[start:end]],
+            next_page_token=str(end) if end < len(REGISTRATIONS) else "",
+        )
+
     def verify(self, requests: Iterator[pb.VerifyRequest],
                context: grpc.ServicerContext) -> pb.SignedVerdict:
         header = next(requests).header
@@ -77,6 +95,11 @@ def stand_in() -> Iterator[StandIn]:
             state.get_public_key,
             request_deserializer=pb.GetPublicKeyRequest.FromString,
             response_serializer=pb.PublicKey.SerializeToString,
+        ),
+        "ListRegistrations": grpc.unary_unary_rpc_method_handler(
+            state.list_registrations,
+            request_deserializer=pb.ListRegistrationsRequest.FromString,
+            response_serializer=pb.ListRegistrationsResponse.SerializeToString,
         ),
         "Verify": grpc.stream_unary_rpc_method_handler(
             state.verify,
@@ -185,3 +208,67 @@ def test_an_unknown_model_suffix_is_refused_before_any_call(tmp_path: Path) -> N
 )
 def test_is_loopback(target: str, loopback: bool) -> None:
     assert is_loopback(target) is loopback
+
+
+def test_list_registrations_follows_page_tokens(stand_in: StandIn) -> None:
+    with _client(stand_in.port) as client:
+        assert list(client.list_registrations(page_size=2)) == REGISTRATIONS
+    assert stand_in.calls == 3
+
+
+# --- the CLI on the client ---------------------------------------------------------------------
+
+
+def _cli(stand_in: StandIn, *argv: str) -> int:
+    return main([*argv, "--server", f"127.0.0.1:{stand_in.port}", "--token", "t0ken"])
+
+
+def test_cli_verify_json_is_one_object_that_verifies_offline(
+    stand_in: StandIn, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    weights = tmp_path / "suspect.safetensors"
+    weights.write_bytes(b"weights")
+    assert _cli(stand_in, "verify", "--registration", "reg-0000", "--weights", str(weights),
+                "--json") == 0
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) == 1
+    data = json.loads(out)
+    for key in ("registration_id", "n_bits", "matches", "ber", "p_value", "p_value_binomial",
+                "alpha", "is_match", "log_index", "signature"):
+        assert key in data
+    assert stand_in.uploads[0][0].upload.format == pb.MODEL_FORMAT_SAFETENSORS
+    (tmp_path / "verdict.json").write_text(out)
+    (tmp_path / "ttp.pem").write_bytes(PEM)
+    assert main(["receipt", "verify", str(tmp_path / "verdict.json"),
+                 "--public-key", str(tmp_path / "ttp.pem")]) == 0
+    assert capsys.readouterr().out.startswith("OK verdict for reg-0000")
+
+
+def test_cli_registrations_list_json(
+    stand_in: StandIn, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _cli(stand_in, "registrations", "list", "--page-size", "3", "--json") == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [r["registration_id"] for r in data["registrations"]] == [
+        info.registration_id for info in REGISTRATIONS
+    ]
+
+
+def test_cli_public_key_out(
+    stand_in: StandIn, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _cli(stand_in, "public-key", "--out", str(tmp_path / "ttp.pem")) == 0
+    assert (tmp_path / "ttp.pem").read_bytes() == PEM
+    assert LOG.signer.key_id in capsys.readouterr().out
+
+
+def test_cli_server_error_is_one_line_and_exit_2(
+    stand_in: StandIn, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stand_in.failures.append(grpc.StatusCode.PERMISSION_DENIED)
+    assert _cli(stand_in, "public-key") == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.strip().splitlines() == [
+        "freemark: error: scripted failure [PERMISSION_DENIED]"
+    ]
