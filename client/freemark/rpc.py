@@ -16,6 +16,7 @@ Quick start::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import random
@@ -121,6 +122,11 @@ def is_loopback(target: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _same(request: T) -> T:
+    """A request factory for `functools.partial`: unary requests are reused across retries."""
+    return request
 
 
 def _format_of(path: Path, fmt: ModelFormat | None) -> pb.ModelFormat.ValueType:
@@ -322,7 +328,7 @@ class KeyServiceClient:
         token = ""
         while True:
             request = pb.ListRegistrationsRequest(page_size=page_size, page_token=token)
-            page = self._call(self._stub.ListRegistrations, lambda request=request: request)
+            page = self._call(self._stub.ListRegistrations, functools.partial(_same, request))
             yield from (registration_from_proto(info) for info in page.registrations)
             token = page.next_page_token
             if not token:
