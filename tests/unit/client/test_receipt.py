@@ -7,11 +7,15 @@ make `verify_receipt` raise; the untouched statements must pass. Nothing is mock
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple, TypeAlias
 
+import freemark
 import pytest
 from freemark import merkle
 from freemark.cli import main
@@ -381,3 +385,14 @@ def test_cli_receipt_verify_exits_2_on_a_missing_file(
     assert main(["receipt", "verify", str(tmp_path / "nope.json"), "--public-key",
                  str(pem_file)]) == 2
     assert "nope.json" in capsys.readouterr().err
+
+
+def test_the_library_verifies_without_the_server_package() -> None:
+    """The library never imports the server: auditors install only `freemark`."""
+    code = (
+        "import sys, freemark, freemark.receipt, freemark.rpc, freemark.merkle, freemark.cli\n"
+        "assert not [m for m in sys.modules if m.startswith('freemark_keyserver')]\n"
+    )
+    client_root = Path(freemark.__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": str(client_root)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
