@@ -105,8 +105,8 @@ T = TypeVar("T")
 def error_from_rpc(error: grpc.RpcError, target: str) -> FreemarkError:
     """The library error for a failed call: `TransportError` for UNAVAILABLE, else the
     `ServerError` subclass of its status, keeping the code and the server's message."""
-    code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]  # a grpc.Call in practice
-    details: str = error.details() or code.name.lower()  # type: ignore[attr-defined]
+    code: grpc.StatusCode = error.code()  # a grpc.Call in practice
+    details: str = error.details() or code.name.lower()
     if code == grpc.StatusCode.UNAVAILABLE:
         return TransportError(f"cannot reach the key server at {target}: {details}")
     return _ERRORS.get(code, ServerError)(code, details)
@@ -264,7 +264,7 @@ class KeyServiceClient:
                         f"{upload.path}: read failed during upload: "
                         f"{upload.read_error.strerror or upload.read_error}"
                     ) from upload.read_error
-                retry = exc.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+                retry = exc.code() == grpc.StatusCode.UNAVAILABLE
                 if not retry or attempt >= self._retries:
                     raise error_from_rpc(exc, self._target) from exc
             time.sleep(self._delay(attempt))
