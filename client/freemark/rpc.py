@@ -243,7 +243,7 @@ class KeyServiceClient:
     # --- transport ---------------------------------------------------------------------------
 
     def _delay(self, attempt: int) -> float:
-        """Exponential backoff with jitter, so clients that failed together do not retry together."""
+        """Exponential backoff with jitter: clients that failed together do not retry together."""
         ceiling = min(MAX_BACKOFF_S, self._backoff * 2**attempt)
         return random.uniform(ceiling / 2, ceiling)
 
