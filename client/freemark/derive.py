@@ -60,13 +60,15 @@ def derive_key(
     seed = secrets.token_bytes(32)
     bits = watermark_bits(owner, nonce, n_bits)
     a0 = anchor(seed, n_bits, len(z))
+    key = closed_form_key(a0, z, bits, margin=settings.margin, lam=settings.lam)
+    # A reference that decodes the plain key is a copy of the host, not a null: refuse it
+    # before asking the descent to separate two models that cannot be separated.
+    check_uniqueness(key, bits, z, reference_z)
     if reference_z:
         key = descend(a0, z[None, :], bits, settings=settings,
                       negatives=np.stack(reference_z), progress=progress)
-    else:
-        key = closed_form_key(a0, z, bits, margin=settings.margin, lam=settings.lam)
+        check_uniqueness(key, bits, z, reference_z)
     phases.update(1)
-    check_uniqueness(key, bits, z, reference_z)
     phases.update(1)
     phases.close()
     host_margins = margins(key, z, bits)

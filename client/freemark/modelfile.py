@@ -179,3 +179,12 @@ def apply_weights(program: torch.export.ExportedProgram, path: str | Path) -> nn
             )
     module.load_state_dict(weights, strict=False)
     return module
+
+
+def architecture_digest(model: nn.Module | torch.export.ExportedProgram) -> bytes:
+    """SHA-256 over the sorted (name, dtype, shape) of every weight: equal for same-shape models.
+
+    The TTP uses it to find earlier registrations a new host could be a copy of.
+    """
+    layout = [[name, str(t.dtype), list(t.shape)] for name, t in sorted(state_dict_of(model).items())]
+    return hashlib.sha256(b"freemark/v1/architecture" + json.dumps(layout).encode()).digest()

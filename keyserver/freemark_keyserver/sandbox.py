@@ -138,6 +138,20 @@ def run_in_sandbox(
     weights_path: Path | None = None,
     limits: SandboxLimits = SandboxLimits(),
 ) -> np.ndarray:
+    """Activations only; see `run_model`."""
+    return run_model(model_path, layer=layer, pooling=pooling, triggers=triggers,
+                     weights_path=weights_path, limits=limits).activations
+
+
+def run_model(
+    model_path: Path,
+    *,
+    layer: str,
+    pooling: int,
+    triggers: TriggerSet,
+    weights_path: Path | None = None,
+    limits: SandboxLimits = SandboxLimits(),
+) -> SandboxResult:
     """Activations ((len(triggers), units) float64) of `layer` of the `.pt2` at `model_path`.
 
     `weights_path` (`.safetensors`) replaces the program's weights. Raises ModelFileError for a
@@ -292,14 +306,14 @@ class _Run:
                 self._error_bytes -= len(self.errors.popleft())
 
 
-def _decode(run: _Run, n_triggers: int, limits: SandboxLimits) -> np.ndarray:
+def _decode(run: _Run, n_triggers: int, limits: SandboxLimits) -> SandboxResult:
     code = run.process.returncode
     if code == 0:
         if run.output_overflow:
             raise SandboxError(
                 f"the worker's output exceeds max_output_bytes={limits.max_output_bytes}"
             )
-        return _parse_activations(bytes(run.output), n_triggers)
+        return _parse_output(bytes(run.output), n_triggers)
     if code == EXIT_REFUSED:
         raise _refusal(run.error_tail())
     if code in (-signal.SIGXCPU, -signal.SIGKILL):
@@ -325,6 +339,34 @@ def _refusal(stderr_tail: str) -> Exception:
     if kind == "resource":
         return SandboxResourceError(message)
     return SandboxError(f"the worker failed: {message}")
+
+
+@dataclass(frozen=True)
+class SandboxResult:
+    """What a sandbox run hands back: activations and the model's identity, nothing else."""
+
+    activations: np.ndarray
+    fingerprint: bytes
+    architecture_digest: bytes
+
+
+IDENTITY_BYTES = 64
+
+
+def _parse_output(raw: bytes, n_triggers: int) -> SandboxResult:
+    """Two .npy frames: 64 identity bytes (fingerprint ‖ architecture digest), then activations."""
+    buffer = io.BytesIO(raw)
+    try:
+        identity = np.load(buffer, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise SandboxError("the worker's output is not a .npy array") from exc
+    if not isinstance(identity, np.ndarray) or identity.dtype != np.uint8 or identity.shape != (
+        IDENTITY_BYTES,
+    ):
+        raise SandboxError("the worker's output does not start with the model's identity")
+    activations = _parse_activations(raw[buffer.tell():], n_triggers)
+    data = identity.tobytes()
+    return SandboxResult(activations, data[:32], data[32:])
 
 
 def _parse_activations(raw: bytes, n_triggers: int) -> np.ndarray:

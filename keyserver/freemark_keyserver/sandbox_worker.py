@@ -100,9 +100,10 @@ def _read_request(stream: BinaryIO) -> tuple[dict[str, Any], Any, Any]:
     return header, inputs, mask
 
 
-def _activations(header: dict[str, Any], inputs: Any, mask: Any) -> Any:
+def _activations(header: dict[str, Any], inputs: Any, mask: Any) -> tuple[Any, bytes]:
+    """The activation matrix and the model's identity (weights fingerprint ‖ architecture digest)."""
     from freemark.activations import capture
-    from freemark.modelfile import apply_weights, load_program
+    from freemark.modelfile import apply_weights, architecture_digest, fingerprint, load_program
     from freemark.triggers import TriggerSet
 
     from freemark_keyserver.vetting import vet_program
@@ -116,7 +117,8 @@ def _activations(header: dict[str, Any], inputs: Any, mask: Any) -> Any:
         TriggerSet(inputs=inputs, attention_mask=mask),
         pooling=header["pooling"],
     )
-    return activations
+    state = model if header.get("weights") else program
+    return activations, fingerprint(state) + architecture_digest(state)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -183,10 +185,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     try:
         header, inputs, mask = _read_request(sys.stdin.buffer)
-        activations = _activations(header, inputs, mask)
+        activations, identity = _activations(header, inputs, mask)
     except Exception as exc:  # noqa: BLE001 - every failure must reach the parent as a report
         return _report(_classify(exc))
     result = io.BytesIO()  # np.save wants a seekable file; stdout is a pipe
+    np.save(result, np.frombuffer(identity, dtype=np.uint8), allow_pickle=False)
     np.save(result, np.ascontiguousarray(activations, dtype=np.float64), allow_pickle=False)
     with os.fdopen(result_fd, "wb") as out:
         out.write(result.getbuffer())
