@@ -20,13 +20,16 @@ from freemark.verdict import Verdict
 STATUS_COLOURS = {"detected": "#1a9850", "removed": "#d73027", "destroys the model": "#878787"}
 NULL_COLOURS = {True: "#4575b4", False: "#984ea3"}
 ALIGNED_COLOUR = "#fdae61"
+X_TICKS = (-20, -10, -5, -2, -1, 0, 1, 2, 5, 10, 20, 50, 100)
 
 
 def _short(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
-    if isinstance(value, list):  # combine steps
+    if isinstance(value, list) and all(isinstance(v, dict) for v in value):  # combine steps
         return " → ".join(_params(step) for step in value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_short(v) for v in value) + "]"
     return str(value)
 
 
@@ -130,6 +133,8 @@ def render_text(report: Report) -> str:
                   *_grid(header, rows)]
     if report.overwrite is not None:
         lines += _overwrite_lines(report.overwrite)
+    if report.notes:
+        lines += ["", *(f"note: {n}" for n in report.notes)]
     lines += ["", f"{report.seconds:.0f} s on {report.threads} thread(s)"]
     return "\n".join(lines) + "\n"
 
@@ -175,7 +180,7 @@ def to_json(report: Report) -> dict[str, Any]:
                    "aligned": _aligned_json(n.aligned)} for n in report.nulls],
         "false_positives": len(report.false_positives),
         "align_modes": list(report.align_modes), "align_null_matches": dict(report.align_null),
-        "overwrite": overwrite, "seconds": report.seconds, "threads": report.threads,
+        "overwrite": overwrite, "notes": list(report.notes), "seconds": report.seconds, "threads": report.threads,
         "config": report.config,
     }
 
@@ -185,13 +190,20 @@ def _strength(verdict: Verdict | None) -> float:
 
 
 def plot(report: Report, path: str | Path) -> None:
-    """Accuracy drop vs −log10 p: one point per attack, null models apart, the α line across."""
+    """Accuracy drop vs −log10 p: one numbered point per attack, null models apart, the α line.
+
+    The x axis is symmetric-log (linear within ±1 point) because most attacks cost no
+    accuracy and would otherwise pile up at 0; the numbers refer to the key on the right.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
-    fig, ax = plt.subplots(figsize=(10, 6.5), dpi=110)
+    fig, (ax, key) = plt.subplots(1, 2, figsize=(13, 7), dpi=100,
+                                  gridspec_kw={"width_ratios": [2.6, 1]})
+    number = {id(r): i + 1 for i, r in enumerate(report.rows)}
     for status, colour in STATUS_COLOURS.items():
         rows = [r for r in report.rows if r.status == status]
         if not rows:
@@ -200,8 +212,8 @@ def plot(report: Report, path: str | Path) -> None:
                    s=46, color=colour, edgecolor="black", linewidth=0.5, zorder=3,
                    label=f"attack: {status} ({len(rows)})")
         for r in rows:
-            ax.annotate(r.attack, (100 * r.accuracy_drop, _strength(r.verdict)), fontsize=6.5,
-                        xytext=(4, 3), textcoords="offset points", color="#333333")
+            ax.annotate(str(number[id(r)]), (100 * r.accuracy_drop, _strength(r.verdict)),
+                        fontsize=7, xytext=(4, 2), textcoords="offset points", color="#333333")
     for independent, colour in NULL_COLOURS.items():
         nulls = [n for n in report.nulls if n.independent == independent]
         if nulls:
@@ -211,8 +223,8 @@ def plot(report: Report, path: str | Path) -> None:
                        label=("independent" if independent else "related") + f" null models ({len(nulls)})")
     if report.align_modes:
         mode = report.align_modes[0]
-        pairs = [(r, r.aligned.get(mode)) for r in report.rows if r.function_preserving]
-        shown = [(r, a) for r, a in pairs if a is not None]
+        shown = [(r, a) for r in report.rows if r.function_preserving
+                 for a in [r.aligned.get(mode)] if a is not None]
         if shown:
             ax.scatter([100 * r.accuracy_drop for r, _ in shown], [_strength(a.verdict) for _, a in shown],
                        marker="D", s=40, facecolor="none", edgecolor=ALIGNED_COLOUR, linewidth=1.4,
@@ -222,12 +234,22 @@ def plot(report: Report, path: str | Path) -> None:
                label=f"decision threshold −log10 α = {threshold:g}")
     ax.axvline(100 * report.destroy_bound, color="#878787", linestyle=":", linewidth=1,
                label=f"'destroys the model' bound ({100 * report.destroy_bound:g} points)")
-    ax.set_xlabel("test accuracy drop (percentage points)")
+    ax.set_xscale("symlog", linthresh=1.0)
+    low, high = ax.get_xlim()
+    ax.set_xlim(min(low, -1.0), max(high, 100 * report.destroy_bound + 1.0))
+    ax.set_xticks([t for t in X_TICKS if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]])
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.set_xlabel("test accuracy drop (percentage points, symmetric log scale)")
     ax.set_ylabel("−log10 calibrated p-value (higher = stronger evidence)")
     ax.set_title(f"freemark robustness: {report.name} — key layer {report.layer} "
-                 f"({report.units} units, N = {report.n_bits})")
+                 f"({report.units} units, N = {report.n_bits})", fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7.5, loc="upper right")
+    ax.legend(fontsize=7.5, loc="best")
+    key.axis("off")
+    step = min(0.034, 0.95 / max(1, len(report.rows)))
+    for i, r in enumerate(report.rows):
+        key.text(0.0, 0.98 - i * step, f"{i + 1:>2}  {r.attack}", fontsize=7.5, va="top",
+                 color=STATUS_COLOURS[r.status], family="monospace", transform=key.transAxes)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

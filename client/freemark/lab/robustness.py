@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from freemark.activations import capture
 from freemark.bundle import KeyBundle
 from freemark.derive import DEFAULT_BITS, derive_key
-from freemark.errors import InvalidInputError
+from freemark.errors import FreemarkError, InvalidInputError
 from freemark.extract import extract
 from freemark.lab.align import AlignedNull, AlignedVerdict, aligned_verdict, calibrate
 from freemark.lab.attacks import ATTACKS, FUNCTION_PRESERVING, apply_attack
@@ -93,6 +93,7 @@ class Config:
     n_bits: int
     triggers_per_class: int
     owner: str
+    specificity_variant: str | None
     nulls: tuple[NullGroup, ...]
     align_modes: tuple[str, ...]
     align_references: NullGroup | None
@@ -152,6 +153,7 @@ class Report:
     align_modes: tuple[str, ...]
     align_null: Mapping[str, list[int]]
     overwrite: OverwriteResult | None
+    notes: tuple[str, ...]
     seconds: float
     threads: int
     config: Mapping[str, Any]
@@ -252,7 +254,8 @@ def parse_config(raw: Mapping[str, Any], *, quick: bool = False) -> Config:
         host_variant=str(model.get("variant", "same")), host_epochs=int(model.get("epochs", 30)),
         host_lr=float(model.get("lr", 1e-3)), n_bits=int(key.get("n_bits", DEFAULT_BITS)),
         triggers_per_class=int(key.get("triggers_per_class", 10)),
-        owner=str(key.get("owner", "owner@lab.example")), nulls=tuple(nulls), align_modes=modes,
+        owner=str(key.get("owner", "owner@lab.example")),
+        specificity_variant=key.get("specificity_reference"), nulls=tuple(nulls), align_modes=modes,
         align_references=references, overwrite_params=over if over.get("enabled", False) else None,
         attacks=tuple(attacks),
     )
@@ -395,6 +398,8 @@ def _run(config: Config, *, progress: bool) -> Report:
             note="" if verdict is not None else "key layer changed width: the key cannot be applied",
         ))
 
+    notes = [] if config.specificity_variant is None else [
+        specificity(task, host, bundle, config.specificity_variant, config.seed)]
     result = None
     if config.overwrite_params is not None:
         params = config.overwrite_params
@@ -410,9 +415,24 @@ def _run(config: Config, *, progress: bool) -> Report:
         host_accuracy=host_accuracy, host_verdict=host_verdict, rows=tuple(rows), nulls=nulls,
         align_modes=config.align_modes,
         align_null={mode: null.matches.tolist() for mode, null in judge.nulls.items()},
-        overwrite=result, seconds=time.perf_counter() - started, threads=config.threads,
+        overwrite=result, notes=tuple(notes), seconds=time.perf_counter() - started, threads=config.threads,
         config=copy.deepcopy(dict(config.raw)),
     )
+
+
+def specificity(task: Task, host: nn.Module, bundle: KeyBundle, variant: str, seed: int) -> str:
+    """Can the owner get a key that the model his host started from does not decode?
+
+    For a fine-tune of a public checkpoint the answer decides whether a registration
+    claims the owner's fine-tune or, in effect, the checkpoint and all its descendants.
+    """
+    base = task.new_model(variant, seed)
+    try:
+        derive_key(host, layer=bundle.layer, triggers=bundle.triggers, owner=bundle.owner,
+                   n_bits=bundle.n_bits, references=[base])
+    except FreemarkError as exc:
+        return f"key with the {variant!r} starting point as a reference: {exc}"
+    return f"key with the {variant!r} starting point as a reference: derived (the base does not decode it)"
 
 
 def _required(verdict: Verdict | None) -> Verdict:
