@@ -1,0 +1,49 @@
+"""Re-check a whole log: Merkle roots, checkpoint signatures and consistency, statement
+signatures, and that every stored registration agrees with its log entry."""
+
+from __future__ import annotations
+
+import json
+
+from freemark import merkle
+from freemark.records import RECEIPT_KIND
+from freemark.signatures import Verifier
+
+from freemark_keyserver.store import Store, StoredCheckpoint
+
+
+def parse_checkpoint(stored: StoredCheckpoint) -> merkle.SignedCheckpoint:
+    """A stored checkpoint as the library's signed checkpoint (refuses non-canonical bodies)."""
+    fields = json.loads(stored.body)
+    checkpoint = merkle.Checkpoint(origin=fields["origin"], tree_size=int(fields["tree_size"]),
+                                   root_hash=bytes.fromhex(fields["root_hash"]),
+                                   timestamp=int(fields["timestamp"]), key_id=fields["key_id"])
+    if checkpoint.signed_body() != stored.body or checkpoint.tree_size != stored.tree_size:
+        raise merkle.LogProofError(f"stored checkpoint for size {stored.tree_size} is malformed")
+    return merkle.SignedCheckpoint(checkpoint, stored.signature)
+
+
+def audit(store: Store, verifier: Verifier) -> dict[str, int]:
+    """Raise `merkle.LogProofError` at the first fault; return counts when the log is clean."""
+    size = store.tree_size()
+    entries = store.entries(0, size) if size else []
+    for entry in entries:
+        if entry.leaf_hash != merkle.leaf_hash(entry.entry):
+            raise merkle.LogProofError(f"log entry {entry.index}: stored leaf hash does not match")
+    checkpoints = [parse_checkpoint(c) for c in store.checkpoints()]
+    merkle.audit_entries([e.entry for e in entries], checkpoints, verifier)
+    registrations = 0
+    for entry in entries:
+        body = json.loads(entry.entry)
+        if int(body.get("log_index", -1)) != entry.index:
+            raise merkle.LogProofError(f"log entry {entry.index} claims index {body.get('log_index')}")
+        if body.get("kind") != RECEIPT_KIND:
+            continue
+        record = store.get_registration(body["registration_id"])
+        if record is None or record.log_index != entry.index or record.owner != body["owner"] \
+                or record.host_fingerprint.hex() != body["host_fingerprint"] \
+                or record.commitment.hex() != body["watermark_commitment"]:
+            raise merkle.LogProofError(
+                f"registration {body['registration_id']} does not match log entry {entry.index}")
+        registrations += 1
+    return {"entries": size, "checkpoints": len(checkpoints), "registrations": registrations}

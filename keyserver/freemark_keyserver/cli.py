@@ -1,0 +1,185 @@
+"""The `freemark-keyserver` command: serve, manage principals, audit the log, rotate keys."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from freemark import merkle
+from freemark.display import print_fields, print_json, print_rows
+
+from freemark_keyserver import config as cfg
+from freemark_keyserver.audit import audit
+from freemark_keyserver.auth import ADMIN, ARBITER, OWNER, hash_token, new_token
+from freemark_keyserver.crypto import Envelope, rewrap, save_keyring
+from freemark_keyserver.server import serve
+from freemark_keyserver.store import DuplicateError, Principal, StoreError, open_store
+
+
+def _config(args: argparse.Namespace) -> cfg.ServerConfig:
+    options = {
+        "data_dir": Path(args.data_dir), "db": args.db,
+        "master_key_file": Path(args.master_key_file) if args.master_key_file else None,
+        "signing_key_file": Path(args.signing_key_file) if args.signing_key_file else None,
+    }
+    if getattr(args, "command", "") == "serve":
+        options.update(
+            listen=args.listen, insecure=args.insecure,
+            tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+            tls_key=Path(args.tls_key) if args.tls_key else None,
+            client_ca=Path(args.client_ca) if args.client_ca else None,
+            max_upload_bytes=args.max_upload_bytes, max_concurrent_rpcs=args.max_concurrent_rpcs,
+            grace_seconds=args.grace,
+        )
+    return cfg.ServerConfig(**options)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    serve(_config(args))
+    return 0
+
+
+def _principal_add(args: argparse.Namespace) -> int:
+    config = _config(args)
+    config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    store = open_store(config.database)
+    try:
+        token = new_token()
+        store.add_principal(Principal(args.name, args.role, hash_token(token),
+                                      time.time_ns() // 1000))
+    finally:
+        store.close()
+    payload = {"name": args.name, "role": args.role, "token": token}
+    if args.json:
+        print_json(payload)
+    else:
+        print_fields("principal added (the token is shown once: store it now)", payload)
+    return 0
+
+
+def _principal_list(args: argparse.Namespace) -> int:
+    store = open_store(_config(args).database)
+    try:
+        principals = store.list_principals()
+    finally:
+        store.close()
+    rows = [{"name": p.name, "role": p.role, "disabled": p.disabled} for p in principals]
+    if args.json:
+        print_json({"principals": rows})
+    else:
+        print_rows(["name", "role", "disabled"], [list(r.values()) for r in rows])
+    return 0
+
+
+def _principal_disable(args: argparse.Namespace) -> int:
+    store = open_store(_config(args).database)
+    try:
+        store.disable_principal(args.name)
+    finally:
+        store.close()
+    print_json({"name": args.name, "disabled": True}) if args.json else print(f"disabled {args.name}")
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    config = _config(args)
+    store = open_store(config.database)
+    try:
+        counts = audit(store, cfg.load_signing_key(config).verifier())
+    except merkle.LogProofError as exc:
+        print(f"freemark-keyserver: audit FAILED: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    print_json({"ok": True, **counts}) if args.json else print_fields("audit OK", counts)
+    return 0
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    config = _config(args)
+    path = cfg.keyring_path(config)
+    keyring = cfg.load_keyring(config).generate_new_version()
+    store = open_store(config.database)
+    count = 0
+    try:
+        for record in store.registrations_for_rewrap():
+            envelope = rewrap(keyring, Envelope.from_bytes(record.envelope),
+                              record_id=record.registration_id, owner=record.owner)
+            host = rewrap(keyring, Envelope.from_bytes(record.host_envelope),
+                          record_id=record.registration_id + "/host", owner=record.owner)
+            store.update_envelopes(record.registration_id, keyring.current_version,
+                                   envelope.to_bytes(), host.to_bytes())
+            count += 1
+    finally:
+        store.close()
+    if path is not None:
+        save_keyring(path, keyring)
+        where = str(path)
+    else:
+        where = f"set {cfg.MASTER_KEY_ENV} to the new keyring (printed by --print-keyring)"
+    payload = {"key_version": keyring.current_version, "rewrapped": count, "keyring": where}
+    print_json(payload) if args.json else print_fields("master key rotated", payload)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="freemark-keyserver", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", default="freemark-data", help="keys, SQLite file, spool")
+    common.add_argument("--db", help="SQLite path or postgresql:// URL (default: DATA_DIR's SQLite)")
+    common.add_argument("--master-key-file", help=f"keyring file (or env {cfg.MASTER_KEY_ENV})")
+    common.add_argument("--signing-key-file", help=f"Ed25519 PEM (or env {cfg.SIGNING_KEY_ENV})")
+    common.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", parents=[common], help="run the key server")
+    p.add_argument("--listen", default=cfg.DEFAULT_LISTEN)
+    p.add_argument("--tls-cert")
+    p.add_argument("--tls-key")
+    p.add_argument("--client-ca", help="require client certificates signed by this CA (mTLS)")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback address without TLS")
+    p.add_argument("--max-upload-bytes", type=int, default=cfg.DEFAULT_MAX_UPLOAD)
+    p.add_argument("--max-concurrent-rpcs", type=int, default=cfg.DEFAULT_MAX_CONCURRENT_RPCS)
+    p.add_argument("--grace", type=float, default=cfg.DEFAULT_GRACE_SECONDS,
+                   help="seconds in-flight calls get after SIGTERM")
+    p.set_defaults(handler=_serve)
+
+    principal = sub.add_parser("principal", help="manage principals").add_subparsers(
+        dest="action", required=True)
+    p = principal.add_parser("add", parents=[common], help="add a principal; prints its token once")
+    p.add_argument("--name", required=True)
+    p.add_argument("--role", required=True, choices=[OWNER, ARBITER, ADMIN])
+    p.set_defaults(handler=_principal_add)
+    p = principal.add_parser("list", parents=[common])
+    p.set_defaults(handler=_principal_list)
+    p = principal.add_parser("disable", parents=[common])
+    p.add_argument("--name", required=True)
+    p.set_defaults(handler=_principal_disable)
+
+    p = sub.add_parser("audit", parents=[common], help="re-check the whole log")
+    p.set_defaults(handler=_audit)
+    p = sub.add_parser("rotate-master-key", parents=[common],
+                       help="add a master key version and re-wrap every data key under it")
+    p.set_defaults(handler=_rotate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `freemark-keyserver`."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except DuplicateError as exc:
+        print(f"freemark-keyserver: error: already exists: {exc}", file=sys.stderr)
+    except (StoreError, ValueError, OSError) as exc:
+        print(f"freemark-keyserver: error: {exc}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Server settings and where the secrets come from (embedded defaults in the data dir).
+
+Master keyring: `FREEMARK_MASTER_KEY` ("1:<base64>,2:<base64>"), else `--master-key-file`,
+else DATA_DIR/master.key created on first start (0600). Signing key: `FREEMARK_SIGNING_KEY`
+(PEM text), else `--signing-key-file`, else DATA_DIR/signing.pem created on first start.
+Replicas on one PostgreSQL share both, given as files or environment variables.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from freemark_keyserver.crypto import (
+    MasterKeyring,
+    SigningKey,
+    keyring_from_env,
+    keyring_from_file,
+    load_or_create_keyring,
+    load_or_create_signing_key,
+    signing_key_from_pem,
+)
+from freemark_keyserver.sandbox import SandboxLimits
+
+MASTER_KEY_ENV = "FREEMARK_MASTER_KEY"
+SIGNING_KEY_ENV = "FREEMARK_SIGNING_KEY"
+DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_MAX_UPLOAD = 2 * 1024**3
+DEFAULT_MAX_BUNDLE = 64 * 1024**2
+DEFAULT_GRACE_SECONDS = 30.0
+DEFAULT_MAX_CONCURRENT_RPCS = 64
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `create_server` needs; built from the command line or by tests."""
+
+    data_dir: Path
+    db: str | None = None
+    listen: str = DEFAULT_LISTEN
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    client_ca: Path | None = None
+    insecure: bool = False
+    master_key_file: Path | None = None
+    signing_key_file: Path | None = None
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD
+    max_bundle_bytes: int = DEFAULT_MAX_BUNDLE
+    max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS
+    grace_seconds: float = DEFAULT_GRACE_SECONDS
+    origin: str = "freemark-ttp"
+    sandbox: SandboxLimits = field(default_factory=SandboxLimits)
+
+    @property
+    def database(self) -> str:
+        """`--db` as given, else the embedded SQLite file in the data dir."""
+        return self.db or str(self.data_dir / "freemark.sqlite3")
+
+    @property
+    def spool_dir(self) -> Path:
+        """Where uploads are streamed to while they are checked (never secrets)."""
+        return self.data_dir / "spool"
+
+    def check_listen(self) -> None:
+        """Refuse a non-loopback address without TLS unless `--insecure` was given."""
+        host = self.listen.rsplit(":", 1)[0].strip("[]")
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback and self.tls_cert is None and not self.insecure:
+            raise ValueError(f"refusing to listen on {self.listen} without TLS: give --tls-cert and "
+                             "--tls-key, or --insecure if a proxy terminates TLS")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+
+
+def load_keyring(config: ServerConfig) -> MasterKeyring:
+    """The master keyring from the environment, a file, or the data dir (created once)."""
+    if os.environ.get(MASTER_KEY_ENV):
+        return keyring_from_env(os.environ[MASTER_KEY_ENV])
+    if config.master_key_file is not None:
+        return keyring_from_file(config.master_key_file)
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    return load_or_create_keyring(config.data_dir / "master.key")
+
+
+def keyring_path(config: ServerConfig) -> Path | None:
+    """The file rotation writes to (None when the keyring comes from the environment)."""
+    if os.environ.get(MASTER_KEY_ENV):
+        return None
+    return config.master_key_file or config.data_dir / "master.key"
+
+
+def load_signing_key(config: ServerConfig) -> SigningKey:
+    """The TTP's Ed25519 key from the environment, a file, or the data dir (created once)."""
+    if os.environ.get(SIGNING_KEY_ENV):
+        return signing_key_from_pem(os.environ[SIGNING_KEY_ENV].encode())
+    if config.signing_key_file is not None:
+        return signing_key_from_pem(config.signing_key_file.read_bytes())
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    return load_or_create_signing_key(config.data_dir / "signing.pem")

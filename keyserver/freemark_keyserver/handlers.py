@@ -1,0 +1,382 @@
+"""The TTP's business logic, free of gRPC plumbing: plain methods that take parsed requests,
+the authenticated principal and the spooled upload, and return response messages.
+
+Register: re-extract from the host in the sandbox (must match exactly, fingerprint included),
+run the null panel, refuse a host an earlier registration already claims, encrypt, log, sign.
+Verify: run the suspect in the sandbox on the stored triggers, judge, log, sign.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from freemark import merkle
+from freemark.bundle import KeyBundle, from_bytes, from_proto, to_bytes
+from freemark.derive import check_uniqueness
+from freemark.errors import FreemarkError, InvalidInputError, ModelFileError, UniquenessError
+from freemark.extract import judge_activations
+from freemark.records import RECEIPT_KIND, VERDICT_KIND
+from freemark.signatures import canonical_json
+from freemark.v1 import keyservice_pb2 as pb
+from freemark.verdict import DEFAULT_ALPHA, suspect_vector
+from freemark.watermark import commitment
+
+from freemark_keyserver.auth import ADMIN, ARBITER, OWNER, require_role
+
+__all__ = ["ADMIN", "ARBITER", "OWNER", "Context", "require_role"]
+from freemark_keyserver.config import ServerConfig
+from freemark_keyserver.crypto import Envelope, MasterKeyring, SigningKey, open_envelope, seal
+from freemark_keyserver.errors import ErrorCode, ServiceError
+from freemark_keyserver.sandbox import (
+    SandboxResourceError,
+    SandboxResult,
+    SandboxTimeout,
+    run_model,
+)
+from freemark_keyserver.store import Principal, Registration, Store
+
+log = logging.getLogger("freemark_keyserver")
+MAX_PAGE = 100
+DEFAULT_PAGE = 20
+REGISTRATION_ID_BYTES = 12
+
+
+@dataclass
+class Context:
+    """What every handler needs; built once by the server."""
+
+    config: ServerConfig
+    store: Store
+    keyring: MasterKeyring
+    signer: SigningKey
+    sandbox: Callable[..., SandboxResult] = run_model
+
+
+def _sandboxed(ctx: Context, model: Path, bundle: KeyBundle, weights: Path | None = None) -> SandboxResult:
+    """Run an untrusted model in the sandbox, mapping its failures to statuses."""
+    try:
+        return ctx.sandbox(model, layer=bundle.layer, pooling=bundle.pooling,
+                           triggers=bundle.triggers, weights_path=weights, limits=ctx.config.sandbox)
+    except ModelFileError as exc:
+        raise ServiceError(ErrorCode.INVALID_MODEL, _public(exc)) from exc
+    except InvalidInputError as exc:
+        raise ServiceError(ErrorCode.INVALID_MODEL, _public(exc)) from exc
+    except SandboxTimeout as exc:
+        raise ServiceError(ErrorCode.SANDBOX_DEADLINE, str(exc)) from exc
+    except SandboxResourceError as exc:
+        raise ServiceError(ErrorCode.SANDBOX_LIMIT, str(exc)) from exc
+
+
+def _public(exc: Exception) -> str:
+    """A model error's message without server paths (they name spool files)."""
+    text = str(exc)
+    if ": refused: " in text:
+        return "refused: " + text.split(": refused: ", 1)[1]
+    return text.replace(tempfile.gettempdir(), "<tmp>")
+
+
+# --- log and signatures -------------------------------------------------------------------
+
+
+def _append(ctx: Context, kind: str, fields: Callable[[int, int], dict[str, object]],
+            registration: Registration | None = None) -> tuple[bytes, int, int]:
+    """Append one signed statement; returns (body, log index, integrated time)."""
+    built: dict[str, object] = {}
+
+    def build(index: int, now: int) -> bytes:
+        body = canonical_json({"kind": kind, **fields(index, now), "log_index": index,
+                               "integrated_time": now})
+        built.update(body=body, index=index, now=now)
+        return body
+
+    ctx.store.append(kind, build, registration)
+    return built["body"], int(built["index"]), int(built["now"])  # type: ignore[call-overload]
+
+
+def _statement(ctx: Context, body: bytes) -> pb.SignedStatement:
+    return pb.SignedStatement(body=body, signature=ctx.signer.sign(body), key_id=ctx.signer.key_id)
+
+
+def publish_checkpoint(ctx: Context, size: int | None = None) -> pb.SignedCheckpoint:
+    """Sign the tree head of the first `size` entries (default: all) and store it.
+
+    The timestamp is the last entry's integrated time, so every replica signs the same
+    checkpoint for the same size and timestamps never go backwards.
+    """
+    size = ctx.store.tree_size() if size is None else size
+    stored = ctx.store.checkpoint_at(size)
+    if stored is None:
+        leaves = ctx.store.leaf_hashes(size)
+        last = ctx.store.entries(size - 1, size)[0].created_at // 1_000_000 if size else 0
+        checkpoint = merkle.Checkpoint(origin=ctx.config.origin, tree_size=size,
+                                       root_hash=merkle.root(leaves), timestamp=last,
+                                       key_id=ctx.signer.key_id)
+        signed = merkle.sign_checkpoint(ctx.signer, checkpoint)
+        from freemark_keyserver.store import StoredCheckpoint
+
+        ctx.store.add_checkpoint(StoredCheckpoint(size, checkpoint.signed_body(), signed.signature))
+        stored = ctx.store.checkpoint_at(size)
+        assert stored is not None
+    root_hex = _json_field(stored.body, "root_hash")
+    return pb.SignedCheckpoint(body=stored.body, signature=stored.signature,
+                               tree_size=stored.tree_size, root_hash=bytes.fromhex(str(root_hex)))
+
+
+def _json_field(body: bytes, name: str) -> object:
+    import json
+
+    return json.loads(body)[name]
+
+
+def _inclusion(ctx: Context, index: int, size: int | None = None) -> pb.InclusionProof:
+    checkpoint = publish_checkpoint(ctx, size)
+    leaves = ctx.store.leaf_hashes(checkpoint.tree_size)
+    return pb.InclusionProof(log_index=index, tree_size=checkpoint.tree_size,
+                             hashes=merkle.inclusion_proof(leaves, index), checkpoint=checkpoint)
+
+
+# --- registrations ------------------------------------------------------------------------
+
+
+def _info(record: Registration) -> pb.RegistrationInfo:
+    return pb.RegistrationInfo(
+        registration_id=record.registration_id, owner=record.owner,
+        integrated_time=record.created_at, host_fingerprint=record.host_fingerprint,
+        watermark_commitment=record.commitment, layer=record.layer, n_bits=record.n_bits,
+        log_index=record.log_index, revoked_at=record.revoked_at or 0,
+    )
+
+
+def _visible(ctx: Context, principal: Principal, registration_id: str) -> Registration:
+    """The record, if this principal may see it; other owners' records are NOT_FOUND."""
+    if not registration_id or len(registration_id) > 64:
+        raise ServiceError(ErrorCode.MALFORMED_REQUEST, "give a registration id")
+    record = ctx.store.get_registration(registration_id)
+    if record is None or (principal.role == OWNER and record.owner != principal.name):
+        raise ServiceError(ErrorCode.NOT_FOUND, f"no registration {registration_id!r} visible to you")
+    return record
+
+
+def _open_bundle(ctx: Context, record: Registration) -> KeyBundle:
+    plaintext = open_envelope(ctx.keyring, Envelope.from_bytes(record.envelope),
+                              record_id=record.registration_id, owner=record.owner)
+    return from_bytes(plaintext)
+
+
+def parse_bundle(ctx: Context, principal: Principal, header: pb.RegisterHeader) -> KeyBundle:
+    """Validate the bundle in a Register header and its binding to the caller."""
+    if header.bundle.ByteSize() > ctx.config.max_bundle_bytes:
+        raise ServiceError(ErrorCode.TOO_LARGE,
+                           f"key bundle over the cap of {ctx.config.max_bundle_bytes} bytes")
+    try:
+        bundle = from_proto(header.bundle)
+    except InvalidInputError as exc:
+        raise ServiceError(ErrorCode.INVALID_BUNDLE, str(exc)) from exc
+    if bundle.owner != principal.name:
+        raise ServiceError(ErrorCode.PERMISSION_DENIED,
+                           f"the watermark is bound to owner {bundle.owner!r}, you are "
+                           f"{principal.name!r}: derive the key with --owner {principal.name}")
+    if header.upload.format != pb.MODEL_FORMAT_PT2:
+        raise ServiceError(ErrorCode.MALFORMED_REQUEST, "register the host as a .pt2 program")
+    return bundle
+
+
+def register(ctx: Context, principal: Principal, bundle: KeyBundle, host: Path) -> pb.Receipt:
+    """Check, store and log a registration; return its signed receipt."""
+    require_role(principal, OWNER)
+    result = _sandboxed(ctx, host, bundle)
+    if result.fingerprint != bundle.host_fingerprint:
+        raise ServiceError(ErrorCode.HOST_MISMATCH,
+                           "the uploaded model's weights are not the ones the key was derived on "
+                           "(host fingerprint differs)")
+    verdict = judge_activations(result.activations, bundle)
+    if verdict.matches != bundle.n_bits:
+        raise ServiceError(ErrorCode.HOST_MISMATCH,
+                           f"the key extracts {verdict.matches}/{bundle.n_bits} bits from the host; "
+                           "it must extract all of them")
+    try:
+        check_uniqueness(bundle.key.astype(np.float64), bundle.bits,
+                         suspect_vector(result.activations, centred=bundle.centred))
+    except UniquenessError as exc:
+        raise ServiceError(ErrorCode.NOT_UNIQUE, str(exc)) from exc
+    _refuse_claimed(ctx, host, result)
+
+    registration_id = "reg_" + secrets.token_hex(REGISTRATION_ID_BYTES)
+    envelope = seal(ctx.keyring, to_bytes(bundle), record_id=registration_id, owner=principal.name)
+    host_envelope = seal(ctx.keyring, host.read_bytes(), record_id=registration_id + "/host",
+                         owner=principal.name)
+    wm_commitment = commitment(bundle.bits)
+    record = Registration(
+        registration_id=registration_id, owner=principal.name, created_at=0,
+        host_fingerprint=result.fingerprint, architecture_digest=result.architecture_digest,
+        layer=bundle.layer, units=bundle.units, n_bits=bundle.n_bits, commitment=wm_commitment,
+        key_version=ctx.keyring.current_version, envelope=envelope.to_bytes(),
+        host_envelope=host_envelope.to_bytes(), log_index=0,
+    )
+    body, index, now = _append(ctx, RECEIPT_KIND, lambda i, t: {
+        "registration_id": registration_id, "owner": principal.name,
+        "host_fingerprint": result.fingerprint.hex(), "watermark_commitment": wm_commitment.hex(),
+        "layer": bundle.layer, "n_bits": bundle.n_bits,
+    }, record)
+    log.info("registered %s for %s at log index %d", registration_id, principal.name, index)
+    return pb.Receipt(
+        statement=_statement(ctx, body), registration_id=registration_id, owner=principal.name,
+        integrated_time=now, host_fingerprint=result.fingerprint,
+        watermark_commitment=wm_commitment, log_index=index, inclusion=_inclusion(ctx, index),
+    )
+
+
+def _refuse_claimed(ctx: Context, host: Path, result: SandboxResult) -> None:
+    """ALREADY_EXISTS when an earlier, active registration's key decodes from this host."""
+    for record in ctx.store.find_by_fingerprint(result.fingerprint):
+        if record.revoked_at is None:
+            raise ServiceError(ErrorCode.ALREADY_CLAIMED,
+                               f"this model is already registered as {record.registration_id}")
+    for record in ctx.store.find_by_architecture(result.architecture_digest):
+        if record.revoked_at is not None:
+            continue
+        earlier = _open_bundle(ctx, record)
+        try:
+            activations = ctx.sandbox(host, layer=earlier.layer, pooling=earlier.pooling,
+                                      triggers=earlier.triggers, limits=ctx.config.sandbox).activations
+            verdict = judge_activations(activations, earlier)
+        except (FreemarkError, ServiceError):
+            continue  # the earlier key does not even read this model
+        if verdict.is_match:
+            raise ServiceError(ErrorCode.ALREADY_CLAIMED,
+                               f"an earlier registration, {record.registration_id}, already "
+                               f"claims this model (its watermark decodes at p={verdict.p_value:.1e})")
+
+
+@contextmanager
+def _host_file(ctx: Context, record: Registration) -> Iterator[Path]:
+    """The registered host program, decrypted into a private temp file for the sandbox."""
+    data = open_envelope(ctx.keyring, Envelope.from_bytes(record.host_envelope),
+                         record_id=record.registration_id + "/host", owner=record.owner)
+    with tempfile.TemporaryDirectory(dir=ctx.config.spool_dir) as folder:
+        path = Path(folder) / "host.pt2"
+        path.write_bytes(data)
+        path.chmod(0o600)
+        yield path
+
+
+def verify_target(ctx: Context, principal: Principal, header: pb.VerifyHeader) -> Registration:
+    """Authorise a Verify before its upload is read."""
+    require_role(principal, OWNER, ARBITER, ADMIN)
+    record = _visible(ctx, principal, header.registration_id)
+    if record.revoked_at is not None:
+        raise ServiceError(ErrorCode.REVOKED,
+                           f"registration {record.registration_id} was revoked; it proves nothing")
+    if header.upload.format not in (pb.MODEL_FORMAT_PT2, pb.MODEL_FORMAT_SAFETENSORS):
+        raise ServiceError(ErrorCode.MALFORMED_REQUEST, "upload format must be PT2 or SAFETENSORS")
+    if header.alpha and not 0.0 < header.alpha < 1.0:
+        raise ServiceError(ErrorCode.MALFORMED_REQUEST, "alpha must be in (0, 1)")
+    return record
+
+
+def verify(ctx: Context, principal: Principal, record: Registration, header: pb.VerifyHeader,
+           suspect: Path) -> pb.SignedVerdict:
+    """Judge the uploaded suspect against a registration; return the signed, logged verdict."""
+    bundle = _open_bundle(ctx, record)
+    if header.upload.format == pb.MODEL_FORMAT_SAFETENSORS:
+        with _host_file(ctx, record) as host:
+            result = _sandboxed(ctx, host, bundle, weights=suspect)
+    else:
+        result = _sandboxed(ctx, suspect, bundle)
+    try:
+        verdict = judge_activations(result.activations, bundle,
+                                    alpha=header.alpha or DEFAULT_ALPHA)
+    except InvalidInputError as exc:
+        raise ServiceError(ErrorCode.INVALID_MODEL, str(exc)) from exc
+    fields = {
+        "registration_id": record.registration_id, "requested_by": principal.name,
+        "suspect_sha256": header.upload.sha256.hex(), "n_bits": verdict.n_bits,
+        "matches": verdict.matches, "ber": verdict.ber, "p_value": verdict.p_value,
+        "log10_p_value": verdict.log10_p_value, "p_value_method": verdict.p_value_method,
+        "p_value_binomial": verdict.p_value_binomial, "alpha": verdict.alpha,
+        "is_match": verdict.is_match,
+    }
+    body, index, now = _append(ctx, VERDICT_KIND, lambda i, t: fields)
+    log.info("verdict on %s by %s: match=%s at log index %d", record.registration_id,
+             principal.name, verdict.is_match, index)
+    return pb.SignedVerdict(
+        statement=_statement(ctx, body), registration_id=record.registration_id,
+        n_bits=verdict.n_bits, matches=verdict.matches, ber=verdict.ber,
+        p_value=verdict.p_value, log10_p_value=verdict.log10_p_value,
+        p_value_method=verdict.p_value_method, p_value_binomial=verdict.p_value_binomial,
+        alpha=verdict.alpha, is_match=verdict.is_match, log_index=index, integrated_time=now,
+        inclusion=_inclusion(ctx, index),
+    )
+
+
+def get_registration(ctx: Context, principal: Principal, request: pb.GetRegistrationRequest
+                     ) -> pb.RegistrationInfo:
+    return _info(_visible(ctx, principal, request.registration_id))
+
+
+def list_registrations(ctx: Context, principal: Principal, request: pb.ListRegistrationsRequest
+                       ) -> pb.ListRegistrationsResponse:
+    size = request.page_size or DEFAULT_PAGE
+    if size > MAX_PAGE:
+        raise ServiceError(ErrorCode.MALFORMED_REQUEST, f"page_size is at most {MAX_PAGE}")
+    owner = principal.name if principal.role == OWNER else None
+    try:
+        records, token = ctx.store.list_registrations(owner, size, request.page_token)
+    except ValueError as exc:
+        raise ServiceError(ErrorCode.MALFORMED_REQUEST, "invalid page_token; start from the "
+                           "first page") from exc
+    return pb.ListRegistrationsResponse(registrations=[_info(r) for r in records],
+                                        next_page_token=token)
+
+
+def revoke(ctx: Context, principal: Principal, request: pb.RevokeRequest, now: int
+           ) -> pb.RegistrationInfo:
+    """Owners revoke their own registrations, admins any; revoking twice is a no-op."""
+    require_role(principal, OWNER, ADMIN)
+    record = _visible(ctx, principal, request.registration_id)
+    ctx.store.revoke(record.registration_id, now)
+    log.info("revoked %s by %s", record.registration_id, principal.name)
+    updated = ctx.store.get_registration(record.registration_id)
+    assert updated is not None
+    return _info(updated)
+
+
+def get_checkpoint(ctx: Context) -> pb.SignedCheckpoint:
+    return publish_checkpoint(ctx)
+
+
+def _size(ctx: Context, requested: int) -> int:
+    current = ctx.store.tree_size()
+    size = requested or current
+    if size > current:
+        raise ServiceError(ErrorCode.MALFORMED_REQUEST, f"the log has only {current} entries")
+    return size
+
+
+def get_inclusion_proof(ctx: Context, request: pb.GetInclusionProofRequest) -> pb.InclusionProof:
+    size = _size(ctx, request.tree_size)
+    if request.log_index >= size:
+        raise ServiceError(ErrorCode.NOT_FOUND, f"no log entry {request.log_index} in a tree of {size}")
+    return _inclusion(ctx, request.log_index, size)
+
+
+def get_consistency_proof(ctx: Context, request: pb.GetConsistencyProofRequest
+                          ) -> pb.ConsistencyProof:
+    size = _size(ctx, request.new_size)
+    if not 1 <= request.old_size <= size:
+        raise ServiceError(ErrorCode.MALFORMED_REQUEST, f"old_size must be in [1, {size}]")
+    checkpoint = publish_checkpoint(ctx, size)
+    return pb.ConsistencyProof(
+        old_size=request.old_size, new_size=size, checkpoint=checkpoint,
+        hashes=merkle.consistency_proof(ctx.store.leaf_hashes(size), request.old_size))
+
+
+def public_key(ctx: Context) -> pb.PublicKey:
+    return pb.PublicKey(pem=ctx.signer.public_key_pem(), key_id=ctx.signer.key_id)

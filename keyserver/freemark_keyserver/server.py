@@ -1,0 +1,99 @@
+"""Building and running the gRPC server: one factory, every option commented, a fixed stop order."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from freemark.v1 import keyservice_pb2, keyservice_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from freemark_keyserver import handlers
+from freemark_keyserver.config import ServerConfig, load_keyring, load_signing_key
+from freemark_keyserver.service import KeyServiceServicer
+from freemark_keyserver.store import open_store
+
+log = logging.getLogger("freemark_keyserver")
+SERVICE_NAME = keyservice_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name
+MESSAGE_SLACK = 1024 * 1024
+
+
+@dataclass
+class RunningServer:
+    """A started server and what must be closed with it."""
+
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    ctx: handlers.Context
+
+    def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, let in-flight calls finish, then close the store."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(self.ctx.config.grace_seconds if grace is None else grace).wait()
+        self.ctx.store.close()
+
+
+def create_server(config: ServerConfig) -> RunningServer:
+    """Start a key server for `config`; returns it with its bound port (listen on :0 for tests)."""
+    config.check_listen()
+    config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    config.spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ctx = handlers.Context(config=config, store=open_store(config.database),
+                           keyring=load_keyring(config), signer=load_signing_key(config))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.max_concurrent_rpcs),
+        # Past this many in-flight calls gRPC answers RESOURCE_EXHAUSTED at once instead of
+        # queueing: a loaded TTP sheds load promptly.
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        options=[
+            # Register's header carries the key bundle in one message; chunks are 1 MiB.
+            ("grpc.max_receive_message_length", config.max_bundle_bytes + MESSAGE_SLACK),
+            ("grpc.max_send_message_length", 16 * 1024 * 1024),
+            # Let clients keep connections alive through idle periods without being kicked.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ],
+    )
+    keyservice_pb2_grpc.add_KeyServiceServicer_to_server(KeyServiceServicer(ctx), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    # Reflection lets grpcurl and friends list the API; it exposes no data.
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    if config.tls_cert is not None and config.tls_key is not None:
+        credentials = grpc.ssl_server_credentials(
+            [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
+            root_certificates=config.client_ca.read_bytes() if config.client_ca else None,
+            require_client_auth=config.client_ca is not None,
+        )
+        port = server.add_secure_port(config.listen, credentials)
+    else:
+        port = server.add_insecure_port(config.listen)
+    if port == 0:
+        ctx.store.close()
+        raise OSError(f"cannot listen on {config.listen}")
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("freemark key server listening on port %d (key id %s)", port, ctx.signer.key_id)
+    return RunningServer(server, port, health_servicer, ctx)
+
+
+def serve(config: ServerConfig) -> None:
+    """Run until SIGTERM/SIGINT, then stop gracefully."""
+    running = create_server(config)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"freemark-keyserver listening on {config.listen.rsplit(':', 1)[0]}:{running.port}",
+          flush=True)
+    stop.wait()
+    log.info("stopping: health NOT_SERVING, finishing in-flight calls")
+    running.stop()

@@ -1,0 +1,141 @@
+"""The gRPC servicer: authenticate, validate, call a plain handler, map errors. Nothing else.
+
+Every refusal is a `ServiceError` from the catalog and goes out as its status with a
+google.rpc.ErrorInfo detail; anything unexpected is logged with a reference and goes out
+as INTERNAL carrying only that reference.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import grpc
+from freemark.v1 import keyservice_pb2 as pb
+from freemark.v1 import keyservice_pb2_grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from freemark_keyserver import handlers
+from freemark_keyserver.auth import authenticate
+from freemark_keyserver.errors import ErrorCode, ServiceError
+from freemark_keyserver.uploads import spooled
+
+log = logging.getLogger("freemark_keyserver")
+T = TypeVar("T")
+
+
+def _abort(context: grpc.ServicerContext, code: ErrorCode, message: str) -> None:
+    info = error_details_pb2.ErrorInfo(reason=code.name, domain="freemark.v1")
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    status = status_pb2.Status(code=code.status.value[0], message=message, details=[detail])
+    context.abort_with_status(rpc_status.to_status(status))
+
+
+def _guard(context: grpc.ServicerContext, method: str, work: Callable[[], T]) -> T:
+    """Run one RPC body, turning every failure into the right status."""
+    try:
+        return work()
+    except ServiceError as exc:
+        log.info("%s refused: %s", method, exc.code.name)
+        _abort(context, exc.code, str(exc))
+    except Exception:
+        reference = secrets.token_hex(6)
+        log.exception("%s failed unexpectedly (reference %s)", method, reference)
+        _abort(context, ErrorCode.INTERNAL,
+               f"internal error (reference {reference}); the operator's log has the details")
+    raise AssertionError("unreachable: abort raises")
+
+
+def _header(requests: Iterator[pb.RegisterRequest] | Iterator[pb.VerifyRequest]) -> object:
+    first = next(requests, None)
+    if first is None or first.WhichOneof("part") != "header":
+        raise ServiceError(ErrorCode.MALFORMED_REQUEST, "the stream must start with a header")
+    return first.header
+
+
+def _chunks(requests: Iterator[pb.RegisterRequest] | Iterator[pb.VerifyRequest]) -> Iterator[bytes]:
+    for request in requests:
+        if request.WhichOneof("part") != "chunk":
+            raise ServiceError(ErrorCode.MALFORMED_REQUEST, "only chunks may follow the header")
+        yield request.chunk
+
+
+class KeyServiceServicer(keyservice_pb2_grpc.KeyServiceServicer):
+    """Thin adapter from gRPC to `handlers`."""
+
+    def __init__(self, ctx: handlers.Context) -> None:
+        self.ctx = ctx
+
+    def Register(self, request_iterator: Iterator[pb.RegisterRequest],
+                 context: grpc.ServicerContext) -> pb.Receipt:
+        def work() -> pb.Receipt:
+            principal = authenticate(self.ctx.store, context)
+            handlers.require_role(principal, handlers.OWNER)
+            header = _header(request_iterator)
+            assert isinstance(header, pb.RegisterHeader)
+            bundle = handlers.parse_bundle(self.ctx, principal, header)
+            with spooled(_chunks(request_iterator), header.upload, cap=self.ctx.config.max_upload_bytes,
+                         directory=self.ctx.config.spool_dir, suffix=".pt2") as path:
+                return handlers.register(self.ctx, principal, bundle, path)
+        return _guard(context, "Register", work)
+
+    def Verify(self, request_iterator: Iterator[pb.VerifyRequest],
+               context: grpc.ServicerContext) -> pb.SignedVerdict:
+        def work() -> pb.SignedVerdict:
+            principal = authenticate(self.ctx.store, context)
+            header = _header(request_iterator)
+            assert isinstance(header, pb.VerifyHeader)
+            record = handlers.verify_target(self.ctx, principal, header)
+            suffix = ".safetensors" if header.upload.format == pb.MODEL_FORMAT_SAFETENSORS else ".pt2"
+            with spooled(_chunks(request_iterator), header.upload, cap=self.ctx.config.max_upload_bytes,
+                         directory=self.ctx.config.spool_dir, suffix=suffix) as path:
+                return handlers.verify(self.ctx, principal, record, header, path)
+        return _guard(context, "Verify", work)
+
+    def GetRegistration(self, request: pb.GetRegistrationRequest,
+                        context: grpc.ServicerContext) -> pb.RegistrationInfo:
+        return _guard(context, "GetRegistration", lambda: handlers.get_registration(
+            self.ctx, authenticate(self.ctx.store, context), request))
+
+    def ListRegistrations(self, request: pb.ListRegistrationsRequest,
+                          context: grpc.ServicerContext) -> pb.ListRegistrationsResponse:
+        return _guard(context, "ListRegistrations", lambda: handlers.list_registrations(
+            self.ctx, authenticate(self.ctx.store, context), request))
+
+    def Revoke(self, request: pb.RevokeRequest, context: grpc.ServicerContext) -> pb.RegistrationInfo:
+        return _guard(context, "Revoke", lambda: handlers.revoke(
+            self.ctx, authenticate(self.ctx.store, context), request, time.time_ns() // 1000))
+
+    def GetCheckpoint(self, request: pb.GetCheckpointRequest,
+                      context: grpc.ServicerContext) -> pb.SignedCheckpoint:
+        def work() -> pb.SignedCheckpoint:
+            authenticate(self.ctx.store, context)
+            return handlers.get_checkpoint(self.ctx)
+        return _guard(context, "GetCheckpoint", work)
+
+    def GetInclusionProof(self, request: pb.GetInclusionProofRequest,
+                          context: grpc.ServicerContext) -> pb.InclusionProof:
+        def work() -> pb.InclusionProof:
+            authenticate(self.ctx.store, context)
+            return handlers.get_inclusion_proof(self.ctx, request)
+        return _guard(context, "GetInclusionProof", work)
+
+    def GetConsistencyProof(self, request: pb.GetConsistencyProofRequest,
+                            context: grpc.ServicerContext) -> pb.ConsistencyProof:
+        def work() -> pb.ConsistencyProof:
+            authenticate(self.ctx.store, context)
+            return handlers.get_consistency_proof(self.ctx, request)
+        return _guard(context, "GetConsistencyProof", work)
+
+    def GetPublicKey(self, request: pb.GetPublicKeyRequest,
+                     context: grpc.ServicerContext) -> pb.PublicKey:
+        def work() -> pb.PublicKey:
+            authenticate(self.ctx.store, context)
+            return handlers.public_key(self.ctx)
+        return _guard(context, "GetPublicKey", work)

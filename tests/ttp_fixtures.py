@@ -1,0 +1,123 @@
+"""Real models on disk and a real key server process, shared by the key server's integration tests."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from freemark.lab import data, models, train
+from freemark.modelfile import save_program
+from freemark.triggers import save_triggers, select_triggers
+
+SERVER_START_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """A digits host and its relatives, exported as .pt2 programs."""
+
+    host: Path
+    finetuned: Path
+    independent: Path
+    triggers: Path
+    host_state: dict[str, torch.Tensor]
+
+
+def build_models(folder: Path) -> ModelFiles:
+    """Train a digits host, a fine-tuned copy and an independent model; export all three."""
+    ds = data.digits()
+    host = train.trained(models.DigitsCNN, ds.x_train, ds.y_train, epochs=15, seed=1)
+    stolen = train.train(copy.deepcopy(host), ds.x_train, ds.y_train, epochs=5, seed=7)
+    other = train.trained(models.DigitsCNN, ds.x_train, ds.y_train, epochs=15, seed=2)
+    example = (torch.zeros(2, 1, 8, 8),)
+    paths = {name: folder / f"{name}.pt2" for name in ("host", "finetuned", "independent")}
+    for name, model in (("host", host), ("finetuned", stolen), ("independent", other)):
+        save_program(model, example, paths[name])
+    triggers = folder / "triggers.npz"
+    save_triggers(triggers, select_triggers(ds.x_train, ds.y_train, per_class=10, seed=0))
+    return ModelFiles(paths["host"], paths["finetuned"], paths["independent"], triggers,
+                      {k: v.clone() for k, v in host.state_dict().items()})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment for CLI subprocesses: the source roots importable, nothing secret."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FREEMARK_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(root / "client"), str(root / "keyserver")])
+    env.update(extra)
+    return env
+
+
+def run_cli(module: str, *args: str, env: dict[str, str] | None = None,
+            check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run `python -m freemark.cli` or `freemark_keyserver.cli` like a user would."""
+    result = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                            env=env or cli_env(), timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{module} {args} failed ({result.returncode}): {result.stderr}")
+    return result
+
+
+def json_out(result: subprocess.CompletedProcess[str]) -> dict[str, object]:
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one JSON line, got: {result.stdout!r}"
+    payload = json.loads(lines[0])
+    assert isinstance(payload, dict)
+    return payload
+
+
+class ServerProcess:
+    """`freemark-keyserver serve` in a child process on a free loopback port."""
+
+    def __init__(self, data_dir: Path, *extra: str) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.extra = extra
+        self.process: subprocess.Popen[str] | None = None
+
+    def start(self) -> ServerProcess:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "freemark_keyserver.cli", "serve", "--data-dir",
+             str(self.data_dir), "--listen", self.address, *self.extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+        deadline = time.monotonic() + SERVER_START_SECONDS
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited: {self.process.stderr.read() if self.process.stderr else ''}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            time.sleep(0.2)
+        raise AssertionError("server did not start")
+
+    def stop(self) -> str:
+        """SIGTERM and wait; returns the server's stderr (its log)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        _, err = self.process.communicate(timeout=60)
+        return err
+
+
+def secret_fragments(array: np.ndarray, length: int = 64) -> list[bytes]:
+    """Byte strings that would betray `array` if found in a file: a few slices of its bytes."""
+    raw = np.ascontiguousarray(array).tobytes()
+    step = max(1, len(raw) // 4)
+    return [raw[i:i + length] for i in range(0, len(raw) - length, step)][:4]
