@@ -91,7 +91,8 @@ def to_proto(bundle: KeyBundle) -> bundle_pb2.KeyBundle:
         triggers.labels.CopyFrom(tensor_to_proto(bundle.triggers.labels))
     m = bundle.margins
     return bundle_pb2.KeyBundle(
-        scheme_version=bundle.scheme_version, layer=bundle.layer, pooling=bundle.pooling,
+        scheme_version=bundle.scheme_version, layer=bundle.layer,
+        pooling=bundle_pb2.Pooling.ValueType(bundle.pooling),
         triggers=triggers, owner=bundle.owner, nonce=bundle.nonce, n_bits=bundle.n_bits,
         key=tensor_to_proto(bundle.key.astype(np.float32)), anchor_seed=bundle.anchor_seed,
         margins=bundle_pb2.MarginReport(target=m.target, min=m.min, median=m.median, mean=m.mean),

@@ -89,7 +89,9 @@ def load_program(path: str | Path) -> torch.export.ExportedProgram:
         program = _bytes_to_dataclass(schema.ExportedProgram, reader.read_bytes(f"models/{_MODEL_NAME}.json"))
         state_dict = package._load_state_dict(reader, _MODEL_NAME)
         constants = package._load_constants(reader, _MODEL_NAME)
-        return ExportedProgramDeserializer().deserialize(program, state_dict, constants, sample_inputs)
+        return ExportedProgramDeserializer().deserialize(
+            program, state_dict, constants, sample_inputs  # type: ignore[arg-type]
+        )
     except ModelFileError:
         raise
     except Exception as exc:  # torch raises many types on malformed archives

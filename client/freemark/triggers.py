@@ -87,4 +87,4 @@ def save_triggers(path: str | Path, triggers: TriggerSet) -> None:
     if triggers.labels is not None:
         arrays["labels"] = triggers.labels
     with open(path, "wb") as handle:
-        np.savez(handle, **arrays)
+        np.savez(handle, allow_pickle=False, **arrays)

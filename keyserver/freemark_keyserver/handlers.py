@@ -88,16 +88,12 @@ def _public(exc: Exception) -> str:
 def _append(ctx: Context, kind: str, fields: Callable[[int, int], dict[str, object]],
             registration: Registration | None = None) -> tuple[bytes, int, int]:
     """Append one signed statement; returns (body, log index, integrated time)."""
-    built: dict[str, object] = {}
-
     def build(index: int, now: int) -> bytes:
-        body = canonical_json({"kind": kind, **fields(index, now), "log_index": index,
+        return canonical_json({"kind": kind, **fields(index, now), "log_index": index,
                                "integrated_time": now})
-        built.update(body=body, index=index, now=now)
-        return body
 
-    ctx.store.append(kind, build, registration)
-    return built["body"], int(built["index"]), int(built["now"])  # type: ignore[call-overload]
+    entry = ctx.store.append(kind, build, registration)
+    return entry.entry, entry.index, entry.created_at
 
 
 def _statement(ctx: Context, body: bytes) -> pb.SignedStatement:
