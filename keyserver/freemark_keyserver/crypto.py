@@ -5,6 +5,13 @@ random data key (AES-256-GCM); the data key is wrapped under a versioned master 
 the master key therefore re-wraps 32-byte data keys and never decrypts a payload (`rewrap`,
 like `MultiFernet.rotate`: encrypt with the newest key, decrypt with any).
 
+Large payloads (registered host models, up to gigabytes) are sealed as a stream instead
+(`seal_stream`/`open_stream`): the same wrapped data key, but the payload cut into 1 MiB
+segments, each its own AES-GCM ciphertext, so neither sealing nor opening ever holds more than
+one segment in memory. The nonces follow the STREAM construction (Hoang, Reyhanitabar,
+Rogaway, Vizár 2015): a random prefix, the segment index and a flag set only on the last
+segment, so a reordered, dropped, duplicated or truncated sequence fails to open.
+
 Everything that can fail on hostile or corrupted input raises one opaque `CryptoError` that
 does not say which check failed (pyca's `InvalidToken`), so the server cannot become an
 oracle telling an attacker which byte to change next.
@@ -22,6 +29,11 @@ Quick start::
     blob = seal(keyring, secret, record_id="r1", owner="alice").to_bytes()
     secret = open_envelope(keyring, Envelope.from_bytes(blob), record_id="r1", owner="alice")
 
+    header, segments = seal_stream(keyring, Path("model.pt2"), record_id="r1", owner="alice")
+    stored = list(segments)                  # in practice: written to the store one by one
+    for plaintext in open_stream(keyring, header, iter(stored), record_id="r1", owner="alice"):
+        ...                                  # use the output only once the loop ends cleanly
+
     signer = load_or_create_signing_key(Path("state/signing.pem"))
     signature = sign_json(signer, {"record": "r1"})
     Verifier.from_pem(signer.public_key_pem()).verify(signature, canonical_json({"record": "r1"}))
@@ -35,7 +47,7 @@ import os
 import secrets
 import stat
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -44,6 +56,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
 from freemark.signatures import CryptoError, Verifier, canonical_json, public_key_id, verify_json
 
 __all__ = [
@@ -51,16 +64,21 @@ __all__ = [
     "Envelope",
     "MasterKeyring",
     "SigningKey",
+    "StreamHeader",
     "Verifier",
     "canonical_json",
+    "is_stream_header",
     "keyring_from_env",
     "keyring_from_file",
     "load_or_create_keyring",
     "load_or_create_signing_key",
     "open_envelope",
+    "open_stream",
     "rewrap",
+    "rewrap_stream",
     "save_keyring",
     "seal",
+    "seal_stream",
     "sign_json",
     "signing_key_from_pem",
     "verify_json",
@@ -78,9 +96,22 @@ _ENVELOPE_HEADER = struct.Struct(
     f">{len(_ENVELOPE_MAGIC)}sBI{NONCE_BYTES}s{KEY_BYTES + TAG_BYTES}s{NONCE_BYTES}s"
 )
 
-# Domain labels keep a wrapped key from ever being accepted as a payload and vice versa.
+# Domain labels keep a wrapped key from ever being accepted as a payload and vice versa, and
+# a stream's wrapped key or segment from being accepted as an envelope's.
 _WRAP_LABEL = "freemark/v1/envelope/wrap"
 _PAYLOAD_LABEL = "freemark/v1/envelope/payload"
+_STREAM_WRAP_LABEL = "freemark/v1/stream/wrap"
+_STREAM_SEGMENT_LABEL = "freemark/v1/stream/segment"
+
+# Streams: plaintext segment size, and the STREAM nonce layout (prefix ‖ u32 index ‖ u8 last).
+# 1 MiB keeps memory flat and the per-segment overhead (a 16-byte tag, one AES-GCM call) small.
+SEGMENT_BYTES = 1 << 20
+_STREAM_PREFIX_BYTES = NONCE_BYTES - 5
+_STREAM_MAGIC = b"FMSTR"
+_STREAM_LAYOUT = 1
+_STREAM_HEADER = struct.Struct(
+    f">{len(_STREAM_MAGIC)}sBI{NONCE_BYTES}s{KEY_BYTES + TAG_BYTES}s{_STREAM_PREFIX_BYTES}sIIQ"
+)
 
 # --- master keys ---------------------------------------------------------------------------
 
@@ -271,8 +302,10 @@ def _field_bytes(field: str | int) -> bytes:
     return field.encode("utf-8")
 
 
-def _wrap_aad(record_id: str, owner: str, key_version: int) -> bytes:
-    return _associated_data(_WRAP_LABEL, record_id, owner, key_version)
+def _wrap_aad(
+    label: str, record_id: str, owner: str, key_version: int, shape: tuple[int | str, ...]
+) -> bytes:
+    return _associated_data(label, record_id, owner, key_version, *shape)
 
 
 def _payload_aad(record_id: str, owner: str) -> bytes:
@@ -282,21 +315,37 @@ def _payload_aad(record_id: str, owner: str) -> bytes:
 
 
 def _wrap(
-    keyring: MasterKeyring, data_key: bytes, record_id: str, owner: str
+    keyring: MasterKeyring,
+    data_key: bytes,
+    record_id: str,
+    owner: str,
+    label: str = _WRAP_LABEL,
+    shape: tuple[int | str, ...] = (),
 ) -> tuple[int, bytes, bytes]:
-    """Wrap `data_key` under the newest master key; return (version, wrap nonce, wrapped key)."""
+    """Wrap `data_key` under the newest master key; return (version, wrap nonce, wrapped key).
+
+    `shape` binds further public fields (a stream's layout) to the key, so that changing any
+    of them makes the key fail to unwrap.
+    """
     version = keyring.current_version
     wrap_nonce = os.urandom(NONCE_BYTES)
     wrapped = AESGCM(keyring._key(version)).encrypt(
-        wrap_nonce, data_key, _wrap_aad(record_id, owner, version)
+        wrap_nonce, data_key, _wrap_aad(label, record_id, owner, version, shape)
     )
     return version, wrap_nonce, wrapped
 
 
-def _unwrap(keyring: MasterKeyring, envelope: Envelope, record_id: str, owner: str) -> bytes:
-    master = keyring._key(envelope.key_version)
-    aad = _wrap_aad(record_id, owner, envelope.key_version)
-    return _aead_open(master, envelope.wrap_nonce, envelope.wrapped_key, aad)
+def _unwrap(
+    keyring: MasterKeyring,
+    sealed: Envelope | StreamHeader,
+    record_id: str,
+    owner: str,
+    label: str = _WRAP_LABEL,
+    shape: tuple[int | str, ...] = (),
+) -> bytes:
+    master = keyring._key(sealed.key_version)
+    aad = _wrap_aad(label, record_id, owner, sealed.key_version, shape)
+    return _aead_open(master, sealed.wrap_nonce, sealed.wrapped_key, aad)
 
 
 def _aead_open(key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
@@ -344,6 +393,204 @@ def rewrap(keyring: MasterKeyring, envelope: Envelope, *, record_id: str, owner:
     data_key = _unwrap(keyring, envelope, record_id, owner)
     version, wrap_nonce, wrapped_key = _wrap(keyring, data_key, record_id, owner)
     return replace(envelope, key_version=version, wrapped_key=wrapped_key, wrap_nonce=wrap_nonce)
+
+
+# --- streams -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, repr=False)
+class StreamHeader:
+    """What opens a sealed stream: its wrapped data key, nonce prefix and shape.
+
+    The segments themselves are stored elsewhere (for host models, the store's blob table),
+    so rotation re-wraps this small header and never touches them. The layout fields are
+    public but bound to the wrapped key (`shape`), so an altered header does not open; the
+    last-segment flag in each nonce is what catches a truncated segment sequence.
+
+    `to_bytes`/`from_bytes`: `FMSTR`, a layout byte, the key version (u32), the wrap nonce, the
+    wrapped key, the nonce prefix, the segment size (u32), the segment count (u32) and the
+    plaintext size (u64), all big-endian.
+    """
+
+    key_version: int
+    wrapped_key: bytes
+    wrap_nonce: bytes
+    nonce_prefix: bytes
+    segment_size: int
+    segments: int
+    total_size: int
+
+    def __post_init__(self) -> None:
+        sizes = (len(self.wrap_nonce), len(self.wrapped_key), len(self.nonce_prefix))
+        if sizes != (NONCE_BYTES, KEY_BYTES + TAG_BYTES, _STREAM_PREFIX_BYTES):
+            raise ValueError(f"stream nonce, prefix or wrapped key has the wrong size: {sizes}")
+        in_range = (
+            0 < self.key_version <= MAX_KEY_VERSION
+            and 0 < self.segment_size < 2**32
+            and 0 < self.segments < 2**32
+            and 0 <= self.total_size < 2**64
+        )
+        if not in_range:
+            raise ValueError("stream key version, segment size or counts are out of range")
+
+    @property
+    def shape(self) -> tuple[int | str, ...]:
+        """The layout fields bound into the wrapped key's associated data."""
+        return _stream_shape(self.nonce_prefix, self.segment_size, self.segments, self.total_size)
+
+    def to_bytes(self) -> bytes:
+        """Serialise to the versioned binary layout described on the class."""
+        return _STREAM_HEADER.pack(
+            _STREAM_MAGIC,
+            _STREAM_LAYOUT,
+            self.key_version,
+            self.wrap_nonce,
+            self.wrapped_key,
+            self.nonce_prefix,
+            self.segment_size,
+            self.segments,
+            self.total_size,
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> StreamHeader:
+        """Parse a header from `to_bytes`; a malformed one raises the opaque `CryptoError`."""
+        if len(data) != _STREAM_HEADER.size:
+            raise CryptoError()
+        magic, layout, version, wrap_nonce, wrapped, prefix, segment_size, segments, total = (
+            _STREAM_HEADER.unpack(data)
+        )
+        if magic != _STREAM_MAGIC or layout != _STREAM_LAYOUT:
+            raise CryptoError()
+        try:
+            return cls(version, wrapped, wrap_nonce, prefix, segment_size, segments, total)
+        except ValueError:
+            raise CryptoError() from None
+
+    def __repr__(self) -> str:
+        return (
+            f"StreamHeader(key_version={self.key_version}, segments={self.segments}, "
+            f"total_size={self.total_size})"
+        )
+
+
+def _stream_shape(
+    prefix: bytes, segment_size: int, segments: int, total_size: int
+) -> tuple[int | str, ...]:
+    return (prefix.hex(), segment_size, segments, total_size)
+
+
+def is_stream_header(data: bytes) -> bool:
+    """Whether stored bytes are a `StreamHeader` (rather than an `Envelope`), by their magic."""
+    return data.startswith(_STREAM_MAGIC)
+
+
+def _segment_nonce(prefix: bytes, index: int, last: bool) -> bytes:
+    """STREAM's nonce: the index and the last flag make every segment's position part of it."""
+    return prefix + struct.pack(">IB", index, 1 if last else 0)
+
+
+def _segment_aad(record_id: str, owner: str) -> bytes:
+    # As for envelopes, the master key version is bound through the wrapped key only.
+    return _associated_data(_STREAM_SEGMENT_LABEL, record_id, owner)
+
+
+def seal_stream(
+    keyring: MasterKeyring,
+    path: Path,
+    *,
+    record_id: str,
+    owner: str,
+    segment_size: int = SEGMENT_BYTES,
+) -> tuple[StreamHeader, Iterator[bytes]]:
+    """Seal the file at `path` for one record: its header, and its sealed segments lazily.
+
+    The segments are read and encrypted one at a time as the iterator is consumed, so memory
+    stays at one segment whatever the file size. The header is known up front from the file's
+    size; a file that changes size while it is read makes the iterator raise `ValueError`,
+    since the header would no longer describe it. An empty file gives one (empty) segment.
+    """
+    if not 0 < segment_size < 2**32:
+        raise ValueError(f"segment_size must be in 1..2**32-1, got {segment_size}")
+    total_size = path.stat().st_size
+    segments = max(1, -(-total_size // segment_size))
+    data_key = AESGCM.generate_key(256)
+    prefix = os.urandom(_STREAM_PREFIX_BYTES)
+    version, wrap_nonce, wrapped_key = _wrap(
+        keyring,
+        data_key,
+        record_id,
+        owner,
+        _STREAM_WRAP_LABEL,
+        _stream_shape(prefix, segment_size, segments, total_size),
+    )
+    header = StreamHeader(
+        key_version=version,
+        wrapped_key=wrapped_key,
+        wrap_nonce=wrap_nonce,
+        nonce_prefix=prefix,
+        segment_size=segment_size,
+        segments=segments,
+        total_size=total_size,
+    )
+
+    def sealed() -> Iterator[bytes]:
+        aead = AESGCM(data_key)
+        aad = _segment_aad(record_id, owner)
+        with path.open("rb") as source:
+            for index in range(segments):
+                plaintext = source.read(segment_size)
+                last = index == segments - 1
+                expected = total_size - index * segment_size if last else segment_size
+                if len(plaintext) != expected or (last and source.read(1)):
+                    raise ValueError(f"{path} changed size while it was being sealed")
+                nonce = _segment_nonce(header.nonce_prefix, index, last)
+                yield aead.encrypt(nonce, plaintext, aad)
+
+    return header, sealed()
+
+
+def open_stream(
+    keyring: MasterKeyring,
+    header: StreamHeader,
+    segments: Iterable[bytes],
+    *,
+    record_id: str,
+    owner: str,
+) -> Iterator[bytes]:
+    """Decrypt a sealed stream segment by segment; any tampering raises `CryptoError`.
+
+    Each plaintext segment is yielded once it is authenticated, but a truncated or extended
+    sequence is only detected at the end: write the output somewhere private and use it only
+    if the iteration finishes without raising.
+    """
+    data_key = _unwrap(keyring, header, record_id, owner, _STREAM_WRAP_LABEL, header.shape)
+    aead = AESGCM(data_key)
+    aad = _segment_aad(record_id, owner)
+    count = total = 0
+    for index, ciphertext in enumerate(segments):
+        if index >= header.segments:
+            raise CryptoError()
+        nonce = _segment_nonce(header.nonce_prefix, index, index == header.segments - 1)
+        try:
+            plaintext = aead.decrypt(nonce, ciphertext, aad)
+        except (InvalidTag, ValueError):
+            raise CryptoError() from None
+        count, total = index + 1, total + len(plaintext)
+        yield plaintext
+    if count != header.segments or total != header.total_size:
+        raise CryptoError()
+
+
+def rewrap_stream(
+    keyring: MasterKeyring, header: StreamHeader, *, record_id: str, owner: str
+) -> StreamHeader:
+    """Re-wrap a stream's data key under the newest master key; no segment is read or changed."""
+    data_key = _unwrap(keyring, header, record_id, owner, _STREAM_WRAP_LABEL, header.shape)
+    version, wrap_nonce, wrapped_key = _wrap(
+        keyring, data_key, record_id, owner, _STREAM_WRAP_LABEL, header.shape
+    )
+    return replace(header, key_version=version, wrapped_key=wrapped_key, wrap_nonce=wrap_nonce)
 
 
 # --- signing -------------------------------------------------------------------------------

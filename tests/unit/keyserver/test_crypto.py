@@ -6,27 +6,34 @@ import base64
 import os
 import re
 import stat
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
 from freemark_keyserver.crypto import (
     CryptoError,
     Envelope,
     MasterKeyring,
     SigningKey,
+    StreamHeader,
     Verifier,
     canonical_json,
+    is_stream_header,
     keyring_from_env,
     keyring_from_file,
     load_or_create_keyring,
     load_or_create_signing_key,
     open_envelope,
+    open_stream,
     rewrap,
+    rewrap_stream,
     save_keyring,
     seal,
+    seal_stream,
     sign_json,
     signing_key_from_pem,
     verify_json,
@@ -168,6 +175,144 @@ def test_crypto_error_reveals_no_key_material(keyring: MasterKeyring, master_key
         assert form not in shown
     assert error.__cause__ is None and error.__suppress_context__
     assert _b64(master_key) not in repr(keyring)
+
+
+# --- streams -------------------------------------------------------------------------------
+
+SEGMENT = 64  # small segments, so a few hundred bytes make a multi-segment stream
+
+
+@pytest.fixture
+def payload(tmp_path: Path) -> Path:
+    path = tmp_path / "host.pt2"
+    path.write_bytes(os.urandom(5 * SEGMENT + 17))
+    return path
+
+
+def _sealed(keyring: MasterKeyring, path: Path) -> tuple[StreamHeader, list[bytes]]:
+    header, segments = seal_stream(keyring, path, segment_size=SEGMENT, **RECORD)
+    return header, list(segments)
+
+
+def _opened(
+    keyring: MasterKeyring, header: StreamHeader, segments: list[bytes], **record: str
+) -> bytes:
+    return b"".join(open_stream(keyring, header, iter(segments), **(record or RECORD)))
+
+
+@pytest.mark.parametrize("size", [0, 1, SEGMENT - 1, SEGMENT, 3 * SEGMENT, 3 * SEGMENT + 1])
+def test_a_stream_round_trips_at_every_size(
+    keyring: MasterKeyring, tmp_path: Path, size: int
+) -> None:
+    path = tmp_path / "blob"
+    path.write_bytes(os.urandom(size))
+    header, segments = _sealed(keyring, path)
+    assert header.segments == len(segments) == max(1, -(-size // SEGMENT))
+    assert header.total_size == size
+    assert StreamHeader.from_bytes(header.to_bytes()) == header
+    assert is_stream_header(header.to_bytes())
+    assert not is_stream_header(seal(keyring, SECRET, **RECORD).to_bytes())
+    assert _opened(keyring, header, segments) == path.read_bytes()
+
+
+def test_sealing_reads_lazily_and_uses_fresh_keys(keyring: MasterKeyring, payload: Path) -> None:
+    first, segments = seal_stream(keyring, payload, segment_size=SEGMENT, **RECORD)
+    payload.write_bytes(payload.read_bytes()[:10])  # nothing was read yet: the size is stale
+    with pytest.raises(ValueError, match="changed size"):
+        list(segments)
+    second, _ = seal_stream(keyring, payload, **RECORD)
+    assert first.wrapped_key != second.wrapped_key
+    assert first.nonce_prefix != second.nonce_prefix
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        pytest.param(lambda s: s[:-1], id="last segment dropped"),
+        pytest.param(lambda s: s[:1], id="truncated to the first"),
+        pytest.param(lambda s: [], id="empty"),
+        pytest.param(lambda s: [s[1], s[0], *s[2:]], id="two swapped"),
+        pytest.param(lambda s: [s[0], *s], id="one duplicated"),
+        pytest.param(lambda s: [*s, s[-1]], id="last repeated"),
+        pytest.param(lambda s: [s[0][:-1], *s[1:]], id="segment cut short"),
+        pytest.param(lambda s: [_flip(s[0], 3), *s[1:]], id="bit flipped"),
+    ],
+)
+def test_a_reordered_dropped_or_altered_stream_does_not_open(
+    keyring: MasterKeyring, payload: Path, tamper: Callable[[list[bytes]], list[bytes]]
+) -> None:
+    header, segments = _sealed(keyring, payload)
+    with pytest.raises(CryptoError):
+        _opened(keyring, header, tamper(segments))
+
+
+def test_a_header_that_lies_about_the_length_does_not_open(
+    keyring: MasterKeyring, payload: Path
+) -> None:
+    header, segments = _sealed(keyring, payload)
+    # Fewer segments: the new last one was sealed without the last flag. More: the real last
+    # one carries it. A wrong size: caught by the final count.
+    for lie in (
+        replace(header, segments=header.segments - 1),
+        replace(header, segments=header.segments + 1),
+        replace(header, total_size=header.total_size + 1),
+    ):
+        with pytest.raises(CryptoError):
+            _opened(keyring, lie, segments[: lie.segments])
+
+
+def test_a_stream_moved_to_another_record_or_owner_does_not_open(
+    keyring: MasterKeyring, payload: Path
+) -> None:
+    header, segments = _sealed(keyring, payload)
+    for record in (
+        {"record_id": "reg-0002", "owner": "alice"},
+        {"record_id": "reg-0001", "owner": "mallory"},
+    ):
+        with pytest.raises(CryptoError):
+            _opened(keyring, header, segments, **record)
+
+
+def test_segments_of_another_stream_of_the_same_record_do_not_open(
+    keyring: MasterKeyring, payload: Path
+) -> None:
+    header, segments = _sealed(keyring, payload)
+    _, others = _sealed(keyring, payload)
+    with pytest.raises(CryptoError):
+        _opened(keyring, header, [others[0], *segments[1:]])
+
+
+def test_a_flipped_bit_anywhere_in_the_stream_header_is_rejected(
+    keyring: MasterKeyring, payload: Path
+) -> None:
+    header, segments = _sealed(keyring, payload)
+    blob = header.to_bytes()
+    for position in range(len(blob)):
+        with pytest.raises(CryptoError):
+            _opened(keyring, StreamHeader.from_bytes(_flip(blob, position)), segments)
+    with pytest.raises(CryptoError):
+        StreamHeader.from_bytes(blob[:-1])
+
+
+def test_rotation_rewraps_a_stream_header_and_leaves_its_segments(payload: Path) -> None:
+    old_key, new_key = os.urandom(32), os.urandom(32)
+    rotated = MasterKeyring({1: old_key, 2: new_key})
+    header, segments = _sealed(MasterKeyring({1: old_key}), payload)
+    moved = rewrap_stream(rotated, header, **RECORD)
+    assert moved.key_version == 2 and moved.wrapped_key != header.wrapped_key
+    assert moved.nonce_prefix == header.nonce_prefix
+    assert _opened(MasterKeyring({2: new_key}), moved, segments) == payload.read_bytes()
+    with pytest.raises(CryptoError):
+        rewrap_stream(rotated, header, record_id="reg-0001", owner="mallory")
+
+
+def test_a_stream_key_is_not_an_envelope_key(keyring: MasterKeyring, payload: Path) -> None:
+    """Domain separation: a stream's wrapped key, moved into an envelope, does not unwrap."""
+    header, _ = _sealed(keyring, payload)
+    envelope = seal(keyring, SECRET, **RECORD)
+    swapped = replace(envelope, wrapped_key=header.wrapped_key, wrap_nonce=header.wrap_nonce)
+    with pytest.raises(CryptoError):
+        open_envelope(keyring, swapped, **RECORD)
 
 
 # --- keyring text and files ----------------------------------------------------------------
