@@ -15,6 +15,13 @@ PostgreSQL), so a second appender waits until the first commits or rolls back.
 Envelopes and log entries are opaque bytes here: encryption, canonical JSON and Merkle proofs
 live in `freemark_keyserver.crypto` and `freemark.merkle`.
 
+Registered host models can be gigabytes, so they are not columns of the registration: their
+sealed segments are rows of their own (`put_host_blob`), written before the registration that
+refers to them, a few megabytes per transaction, and read back one segment at a time
+(`host_blob`). Segments whose registration never committed (a crash, a failed append) are
+invisible to every reader and are collected when a store opens, once they are older than
+`ORPHAN_GRACE_S`.
+
 Quick start::
 
     store = open_store("freemark.db")        # or "postgresql://user:pw@host/db"
@@ -31,7 +38,7 @@ import hashlib
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -40,6 +47,7 @@ if TYPE_CHECKING:
     from freemark_keyserver.store.migrations import Backend
 
 __all__ = [
+    "ORPHAN_GRACE_S",
     "ROLES",
     "DuplicateError",
     "LogEntry",
@@ -60,6 +68,15 @@ ROLES = frozenset({"owner", "arbiter", "admin"})
 _REWRAP_BATCH = 256
 
 _PAGE_TOKEN_PREFIX = b"freemark/v1/after:"
+
+# Host segments committed per transaction: enough to amortise a commit's fsync, few enough that
+# an SQLite writer holds the database lock (which appends also need) for milliseconds only.
+_BLOB_TRANSACTION_BYTES = 16 << 20
+
+# Host segments with no registration are collected once this old. A registration is appended
+# moments after its last segment is written, so an hour is far beyond any write-to-append gap
+# and a replica starting up never takes segments another replica is about to register.
+ORPHAN_GRACE_S = 3600
 
 Clock = Callable[[], int]
 
@@ -95,7 +112,9 @@ class Registration:
     """A registered key bundle: public lookup fields in the clear, secrets in envelopes.
 
     `created_at` (unix microseconds) and `log_index` are assigned by `Store.append`; whatever
-    the caller puts there is ignored on insert.
+    the caller puts there is ignored on insert. `host_envelope` holds what opens the registered
+    host: a `crypto.StreamHeader` whose segments are this registration's host blob, or, for
+    records written before schema version 3, the whole host sealed in one `crypto.Envelope`.
     """
 
     registration_id: str
@@ -240,6 +259,36 @@ class Store(ABC):
         self, registration_id: str, key_version: int, envelope: bytes, host_envelope: bytes
     ) -> None:
         """Replace both envelopes and their key version atomically; `NotFoundError` if absent."""
+
+    # host models
+
+    @abstractmethod
+    def put_host_blob(self, registration_id: str, segments: Iterable[bytes]) -> int:
+        """Store a registration's sealed host segments, in order; return how many there were.
+
+        Call it before the `append` that stores the registration. Segments are consumed
+        lazily and committed a few megabytes per transaction, so neither the model nor the
+        database's write lock is held for its whole length. Until the registration commits,
+        no reader looks for them; if it never does, they are orphans for
+        `collect_orphan_host_blobs`. `DuplicateError` if this id already has segments.
+        """
+
+    @abstractmethod
+    def host_blob(self, registration_id: str) -> Iterator[bytes]:
+        """A registration's host segments in order, each fetched when the iterator gets to it.
+
+        Yields nothing for an id without segments; completeness is for the reader to check
+        (the stream header knows the count, and `crypto.open_stream` refuses a short one).
+        """
+
+    @abstractmethod
+    def host_blob_segments(self, registration_id: str) -> int:
+        """How many host segments this id has, without reading them (for audits)."""
+
+    @abstractmethod
+    def collect_orphan_host_blobs(self, written_before: int) -> int:
+        """Delete host blobs that no registration refers to and whose newest segment was
+        written before `written_before` (unix microseconds); return how many blobs went."""
 
     @abstractmethod
     def tree_size(self) -> int:
@@ -397,7 +446,7 @@ class _SqlStore(Store):
     # plumbing
 
     def _open(self) -> None:
-        """Migrate on open, so every later call sees the latest schema."""
+        """Migrate on open, so every later call sees the latest schema; then collect orphans."""
         # Imported here: migrations imports this package's errors.
         from freemark_keyserver.store import migrations
 
@@ -408,6 +457,7 @@ class _SqlStore(Store):
                 self.backend,
                 now=self._clock(),
             )
+        self.collect_orphan_host_blobs(self._clock() - ORPHAN_GRACE_S * 1_000_000)
 
     @contextmanager
     def _connection(self) -> Iterator[Any]:
@@ -599,6 +649,62 @@ class _SqlStore(Store):
         )
         if not changed:
             raise NotFoundError(f"no registration {registration_id!r}")
+
+    # host models
+
+    def put_host_blob(self, registration_id: str, segments: Iterable[bytes]) -> int:
+        pending = iter(segments)
+        seq = 0
+        more = True
+        while more:
+            with self._transaction() as conn:
+                written = 0
+                while written < _BLOB_TRANSACTION_BYTES:
+                    segment = next(pending, None)
+                    if segment is None:
+                        more = False
+                        break
+                    self._execute(
+                        conn,
+                        "INSERT INTO host_blobs (registration_id, seq, created_at, data)"
+                        " VALUES (?, ?, ?, ?)",
+                        (registration_id, seq, self._clock(), segment),
+                    )
+                    seq += 1
+                    written += len(segment)
+        return seq
+
+    def host_blob(self, registration_id: str) -> Iterator[bytes]:
+        # One query per segment: a single result set would be fetched whole by psycopg's
+        # client-side cursor, the whole model in memory.
+        seq = 0
+        while rows := self._rows(
+            "SELECT data FROM host_blobs WHERE registration_id = ? AND seq = ?",
+            (registration_id, seq),
+        ):
+            yield bytes(rows[0][0])
+            seq += 1
+
+    def host_blob_segments(self, registration_id: str) -> int:
+        rows = self._rows(
+            "SELECT COUNT(*) FROM host_blobs WHERE registration_id = ?", (registration_id,)
+        )
+        return int(rows[0][0])
+
+    def collect_orphan_host_blobs(self, written_before: int) -> int:
+        with self._transaction() as conn:
+            orphans = self._execute(
+                conn,
+                "SELECT registration_id FROM host_blobs b WHERE NOT EXISTS"
+                " (SELECT 1 FROM registrations r WHERE r.registration_id = b.registration_id)"
+                " GROUP BY registration_id HAVING MAX(created_at) < ?",
+                (written_before,),
+            ).fetchall()
+            for (registration_id,) in orphans:
+                self._execute(
+                    conn, "DELETE FROM host_blobs WHERE registration_id = ?", (registration_id,)
+                )
+        return len(orphans)
 
     def tree_size(self) -> int:
         return int(self._rows("SELECT size FROM log_head WHERE id = 1")[0][0])

@@ -109,6 +109,27 @@ def _head_and_indexes(integer: str) -> tuple[str, ...]:
     )
 
 
+def _host_blobs(integer: str, blob: str, *tuning: str) -> tuple[str, ...]:
+    """Version 3: registered host models as sealed segments, one row each, beside their record.
+
+    A host is sealed as a stream (`crypto.seal_stream`) whose header sits in the registration's
+    ``host_envelope``; its segments, a megabyte or so each, are rows keyed by registration id
+    and sequence number, written and read one at a time so that no model is ever held whole in
+    memory or in one statement. `created_at` (first in the row, so reading it never touches the
+    segment bytes) lets the store collect segments whose registration never committed.
+    """
+    return (
+        f"""CREATE TABLE host_blobs (
+            registration_id TEXT NOT NULL,
+            seq {integer} NOT NULL CHECK (seq >= 0),
+            created_at {integer} NOT NULL,
+            data {blob} NOT NULL,
+            PRIMARY KEY (registration_id, seq)
+        )""",
+        *tuning,
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
@@ -121,6 +142,15 @@ MIGRATIONS: tuple[Migration, ...] = (
         "lookup indexes and the log head counter",
         sqlite=_head_and_indexes("INTEGER"),
         postgres=_head_and_indexes("BIGINT"),
+    ),
+    Migration(
+        3,
+        "host models as sealed segments",
+        sqlite=_host_blobs("INTEGER", "BLOB"),
+        # Ciphertext does not compress: EXTERNAL stores it out of line without trying.
+        postgres=_host_blobs(
+            "BIGINT", "BYTEA", "ALTER TABLE host_blobs ALTER COLUMN data SET STORAGE EXTERNAL"
+        ),
     ),
 )
 

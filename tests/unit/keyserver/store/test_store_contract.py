@@ -24,7 +24,10 @@ from typing import Any
 
 import psycopg
 import pytest
+
+import freemark_keyserver.store as store_module
 from freemark_keyserver.store import (
+    ORPHAN_GRACE_S,
     DuplicateError,
     LogEntry,
     NotFoundError,
@@ -342,6 +345,78 @@ def test_envelopes_are_rewrapped_in_place(store: Store) -> None:
     assert rewrapped.revoked_at == T0
     with pytest.raises(NotFoundError):
         store.update_envelopes("reg-404", 2, b"", b"")
+
+
+# --- host blobs ----------------------------------------------------------------------------
+
+
+def segments_of(name: str, count: int) -> list[bytes]:
+    return [f"{name}:{seq}:".encode() + bytes([seq % 256]) * 300 for seq in range(count)]
+
+
+def test_host_blob_round_trips_in_order_across_transactions(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Tiny transactions, so a handful of segments spans several of them.
+    monkeypatch.setattr(store_module, "_BLOB_TRANSACTION_BYTES", 1000)
+    pieces = segments_of("reg-1", 11)
+    assert store.put_host_blob("reg-1", iter(pieces)) == 11
+    assert list(store.host_blob("reg-1")) == pieces
+    assert store.host_blob_segments("reg-1") == 11
+    assert list(store.host_blob("reg-404")) == []
+    assert store.host_blob_segments("reg-404") == 0
+    with pytest.raises(DuplicateError):
+        store.put_host_blob("reg-1", iter(segments_of("again", 1)))
+    assert list(store.host_blob("reg-1")) == pieces
+
+
+def test_host_blob_is_read_lazily(store: Store, db: str) -> None:
+    store.put_host_blob("reg-1", segments_of("reg-1", 3))
+    reader = store.host_blob("reg-1")
+    assert next(reader) == segments_of("reg-1", 1)[0]
+    # A segment not yet fetched when the blob changes under the reader is read as it is then.
+    with raw_sql(db) as execute:
+        execute("UPDATE host_blobs SET data = ? WHERE seq = 1", (b"changed",))
+    assert list(reader) == [b"changed", segments_of("reg-1", 3)[2]]
+
+
+def test_orphaned_host_blobs_are_collected_after_the_grace_period(
+    db: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "_BLOB_TRANSACTION_BYTES", 1000)
+    store = open_store(db, clock=clock)
+    try:
+        # A blob whose registration committed, one whose append never came, and one whose
+        # writer died half-way (its source raised after some transactions had committed).
+        store.put_host_blob("reg-kept", segments_of("reg-kept", 2))
+        register(store, make_registration("reg-kept"))
+        store.put_host_blob("reg-orphan", segments_of("reg-orphan", 2))
+
+        def dies_half_way() -> Iterator[bytes]:
+            yield from segments_of("reg-half", 7)
+            raise OSError("the writer died")
+
+        with pytest.raises(OSError):
+            store.put_host_blob("reg-half", dies_half_way())
+        assert 0 < store.host_blob_segments("reg-half") < 7
+
+        clock.now = T0 + (ORPHAN_GRACE_S - 1) * 1_000_000
+        store.put_host_blob("reg-young", segments_of("reg-young", 1))  # another replica's
+        assert store.collect_orphan_host_blobs(T0) == 0  # nothing is older than T0
+    finally:
+        store.close()
+
+    clock.now = T0 + ORPHAN_GRACE_S * 1_000_000 + 1
+    reopened = open_store(db, clock=clock)  # collects on open
+    try:
+        assert reopened.host_blob_segments("reg-orphan") == 0
+        assert reopened.host_blob_segments("reg-half") == 0
+        assert list(reopened.host_blob("reg-kept")) == segments_of("reg-kept", 2)
+        assert reopened.host_blob_segments("reg-young") == 1  # within its grace period
+        assert reopened.collect_orphan_host_blobs(clock.now) == 1  # now "reg-young" goes too
+        assert reopened.host_blob_segments("reg-young") == 0
+    finally:
+        reopened.close()
 
 
 # --- checkpoints ---------------------------------------------------------------------------
