@@ -1,77 +1,78 @@
 """Real models for the scheme tests, trained here on real data and cached per session.
 
-Stolen copies are made with the lab's attack functions where they exist; the copies
-below are the four the scheme issue names (fine-tune, 50 % pruning, fp16, int8).
+Stolen copies come from the robustness lab's attack functions (one implementation): the four
+the scheme issue names are fine-tuning, 50 % magnitude pruning, fp16 and int8.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from functools import cache
 
-import torch
 from torch import nn
 
-from freemark.lab import data, models, train
+from freemark.lab.attacks.finetune import finetune
+from freemark.lab.attacks.prune import magnitude_prune
+from freemark.lab.attacks.quantize import fp16 as fp16_attack
+from freemark.lab.attacks.quantize import int8 as int8_attack
+from freemark.lab.data import Dataset
+from freemark.lab.tasks import ImageTask, image_task
 
 
 @dataclass(frozen=True)
-class Task:
-    """A dataset with its architecture and training budget."""
+class Recipe:
+    """Training budget of a task's host and its fine-tuned copy."""
 
-    name: str
-    dataset: data.Dataset
-    architecture: type[nn.Module]
     epochs: int
     finetune_epochs: int
 
 
+RECIPES = {"digits": Recipe(epochs=30, finetune_epochs=20), "mnist": Recipe(epochs=8, finetune_epochs=5)}
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    lab: ImageTask
+    recipe: Recipe
+
+    @property
+    def dataset(self) -> Dataset:
+        return self.lab.dataset
+
+
 @cache
 def task(name: str) -> Task:
-    if name == "digits":
-        return Task("digits", data.digits(), models.DigitsCNN, epochs=30, finetune_epochs=20)
-    return Task("mnist", data.mnist_subset(), models.MnistCNN, epochs=8, finetune_epochs=5)
+    return Task(name, image_task(name), RECIPES[name])
+
+
+def _trained(name: str, seed: int) -> nn.Module:
+    t = task(name)
+    return t.lab.fit(t.lab.new_model("same", seed), epochs=t.recipe.epochs, lr=1e-3, seed=seed)
 
 
 @cache
 def host(name: str) -> nn.Module:
-    t = task(name)
-    return train.trained(t.architecture, t.dataset.x_train, t.dataset.y_train, epochs=t.epochs, seed=1)
+    return _trained(name, 1)
 
 
 @cache
 def independent(name: str, seed: int) -> nn.Module:
-    t = task(name)
-    return train.trained(t.architecture, t.dataset.x_train, t.dataset.y_train, epochs=t.epochs,
-                         seed=100 + seed)
+    return _trained(name, 100 + seed)
 
 
 def finetuned(name: str) -> nn.Module:
     t = task(name)
-    copy_ = copy.deepcopy(host(name))
-    return train.train(copy_, t.dataset.x_train, t.dataset.y_train, epochs=t.finetune_epochs,
-                       lr=1e-3, seed=7)
+    return finetune(host(name), t.lab, epochs=t.recipe.finetune_epochs, lr=1e-3, seed=7)
 
 
-def pruned(name: str, rate: float = 0.5) -> nn.Module:
-    copy_ = copy.deepcopy(host(name))
-    weights = [m.weight for m in copy_.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    threshold = torch.cat([w.detach().abs().flatten() for w in weights]).quantile(rate)
-    with torch.no_grad():
-        for w in weights:
-            w[w.abs() <= threshold] = 0.0
-    return copy_
+def pruned(name: str) -> nn.Module:
+    return magnitude_prune(host(name), task(name).lab, rate=0.5)
 
 
 def fp16(name: str) -> nn.Module:
-    return copy.deepcopy(host(name)).half().float()
+    return fp16_attack(host(name), task(name).lab)
 
 
 def int8(name: str) -> nn.Module:
-    copy_ = copy.deepcopy(host(name))
-    with torch.no_grad():
-        for p in copy_.parameters():
-            scale = p.abs().max().clamp_min(1e-12) / 127.0
-            p.copy_(torch.round(p / scale).clamp(-127, 127) * scale)
-    return copy_
+    return int8_attack(host(name), task(name).lab)
