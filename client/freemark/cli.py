@@ -28,6 +28,7 @@ from freemark.display import print_fields, print_json, print_rows
 from freemark.errors import FreemarkError, InvalidInputError, InvalidReceiptError
 from freemark.extract import extract
 from freemark.keygen import DEFAULT_LAMBDA, DEFAULT_MARGIN, DerivationSettings
+from freemark.lab.attack_cli import add_attack_parser
 from freemark.modelfile import apply_weights, load_program
 from freemark.receipt import load_statement, verify_receipt
 from freemark.records import Receipt, RegistrationInfo, SignedVerdict
@@ -383,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the key server's public key PEM, obtained out of band")
     _add_common(q)
     q.set_defaults(handler=_cmd_receipt_verify)
+    add_attack_parser(sub)
     return parser
 
 
