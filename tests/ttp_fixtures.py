@@ -68,7 +68,8 @@ def cli_env(**extra: str) -> dict[str, str]:
 def run_cli(module: str, *args: str, env: dict[str, str] | None = None,
             check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run `python -m freemark.cli` or `freemark_keyserver.cli` like a user would."""
-    result = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", module, *args], check=False, capture_output=True,
+                            text=True,
                             env=env or cli_env(), timeout=300)
     if check and result.returncode != 0:
         raise AssertionError(f"{module} {args} failed ({result.returncode}): {result.stderr}")

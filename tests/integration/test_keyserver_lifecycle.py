@@ -14,8 +14,15 @@ import numpy as np
 import pytest
 
 from freemark.bundle import load_bundle
-from ttp_fixtures import ModelFiles, ServerProcess, build_models, cli_env, json_out, run_cli, \
-    secret_fragments
+from ttp_fixtures import (
+    ModelFiles,
+    ServerProcess,
+    build_models,
+    cli_env,
+    json_out,
+    run_cli,
+    secret_fragments,
+)
 
 CLIENT = "freemark.cli"
 SERVER = "freemark_keyserver.cli"

@@ -13,7 +13,6 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-import torch
 from torch import nn
 
 import scheme_models as sm
@@ -113,4 +112,4 @@ def test_reference_models_become_negatives_and_keep_the_host_exact() -> None:
     for ref in refs:
         assert extract(ref, bundle).p_value >= NULL_FLOOR
     assert math.isfinite(bundle.margins.min) and bundle.margins.min >= bundle.margins.target
-    assert np.isfinite(bundle.key).all() and torch.get_num_threads() >= 1
+    assert np.isfinite(bundle.key).all()

@@ -1,0 +1,159 @@
+"""Operating the key server: TLS and mTLS identities, listen policy, graceful SIGTERM, safetensors."""
+
+from __future__ import annotations
+
+import datetime
+import signal
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from safetensors.torch import save_file
+
+from freemark.bundle import save_bundle
+from freemark.derive import derive_key
+from freemark.errors import UnauthenticatedError
+from freemark.modelfile import load_program
+from freemark.rpc import KeyServiceClient
+from freemark.triggers import load_triggers
+from freemark_keyserver.auth import hash_token, new_token
+from freemark_keyserver.config import ServerConfig
+from freemark_keyserver.server import create_server
+from freemark_keyserver.store import Principal
+from ttp_fixtures import ModelFiles, ServerProcess, build_models, cli_env, json_out, run_cli
+
+
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
+          *, ca: bool = False, server: bool = False) -> x509.Certificate:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    issuer_name, issuer_key = issuer or (name, key)
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer_name)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(hours=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if server:
+        import ipaddress
+
+        builder = builder.add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _pem(item: x509.Certificate | ec.EllipticCurvePrivateKey) -> bytes:
+    if isinstance(item, x509.Certificate):
+        return item.public_bytes(serialization.Encoding.PEM)
+    return item.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption())
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> ModelFiles:
+    return build_models(tmp_path_factory.mktemp("ops-models"))
+
+
+def test_mtls_client_certificate_maps_to_its_principal(tmp_path: Path) -> None:
+    ca_key, server_key, client_key = _key(), _key(), _key()
+    ca = _cert("freemark test CA", ca_key, None, ca=True)
+    paths = {}
+    for name, item in (("ca.pem", ca), ("server.pem", _cert("localhost", server_key, (ca.subject, ca_key), server=True)),
+                       ("server.key", server_key), ("client.key", client_key),
+                       ("client.pem", _cert("carol", client_key, (ca.subject, ca_key)))):
+        paths[name] = tmp_path / name
+        paths[name].write_bytes(_pem(item))
+    config = ServerConfig(data_dir=tmp_path / "ttp", listen="127.0.0.1:0",
+                          tls_cert=paths["server.pem"], tls_key=paths["server.key"],
+                          client_ca=paths["ca.pem"], grace_seconds=1)
+    running = create_server(config)
+    try:
+        running.ctx.store.add_principal(Principal("carol", "arbiter", hash_token(new_token()), 0))
+        with KeyServiceClient(f"localhost:{running.port}", token=None, tls=True,
+                              root_certificates=paths["ca.pem"].read_bytes(),
+                              client_cert=paths["client.pem"].read_bytes(),
+                              client_key=paths["client.key"].read_bytes(), retries=0) as client:
+            assert b"PUBLIC KEY" in client.public_key()
+        # without a client certificate the TLS handshake itself is refused
+        channel = grpc.secure_channel(f"localhost:{running.port}", grpc.ssl_channel_credentials(
+            root_certificates=paths["ca.pem"].read_bytes()))
+        with pytest.raises(grpc.FutureTimeoutError):
+            grpc.channel_ready_future(channel).result(timeout=3)
+        channel.close()
+    finally:
+        running.stop(grace=1)
+
+
+def test_listen_policy(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="without TLS"):
+        ServerConfig(data_dir=tmp_path, listen="0.0.0.0:50051").check_listen()
+    ServerConfig(data_dir=tmp_path, listen="0.0.0.0:50051", insecure=True).check_listen()
+    ServerConfig(data_dir=tmp_path, listen="[::1]:50051").check_listen()
+    failed = run_cli("freemark_keyserver.cli", "serve", "--data-dir", str(tmp_path / "d"),
+                     "--listen", "0.0.0.0:0", check=False)
+    assert failed.returncode == 2 and "without TLS" in failed.stderr
+
+
+def test_sigterm_lets_an_inflight_verify_finish(files: ModelFiles, tmp_path: Path) -> None:
+    data_dir = tmp_path / "ttp"
+    server = ServerProcess(data_dir).start()
+    token = str(json_out(run_cli("freemark_keyserver.cli", "principal", "add", "--data-dir",
+                                 str(data_dir), "--name", "alice", "--role", "owner", "--json"))["token"])
+    key = tmp_path / "alice.fmk"
+    save_bundle(key, derive_key(load_program(files.host), layer="act", owner="alice",
+                                triggers=load_triggers(files.triggers)))
+    env = cli_env(FREEMARK_SERVER=server.address, FREEMARK_TOKEN=token)
+    receipt = json_out(run_cli("freemark.cli", "register", "--key", str(key), "--model",
+                               str(files.host), "--json", env=env))
+    outcome: dict[str, object] = {}
+
+    def verify() -> None:
+        with KeyServiceClient(server.address, token=token, retries=0) as client:
+            outcome["verdict"] = client.verify(str(receipt["registration_id"]), files.finetuned)
+
+    worker = threading.Thread(target=verify)
+    worker.start()
+    time.sleep(1.0)  # the sandbox run takes seconds: the call is in flight
+    assert server.process is not None
+    server.process.send_signal(signal.SIGTERM)
+    worker.join(timeout=120)
+    assert server.process.wait(timeout=60) == 0
+    verdict = outcome.get("verdict")
+    assert verdict is not None and verdict.is_match is True
+
+
+def test_safetensors_suspect_uses_the_registered_architecture(files: ModelFiles, tmp_path: Path) -> None:
+    config = ServerConfig(data_dir=tmp_path / "ttp", listen="127.0.0.1:0", grace_seconds=1)
+    running = create_server(config)
+    try:
+        tokens = {"alice": new_token(), "judge": new_token()}
+        running.ctx.store.add_principal(Principal("alice", "owner", hash_token(tokens["alice"]), 0))
+        running.ctx.store.add_principal(Principal("judge", "arbiter", hash_token(tokens["judge"]), 0))
+        bundle = derive_key(load_program(files.host), layer="act", owner="alice",
+                            triggers=load_triggers(files.triggers))
+        key = tmp_path / "a.fmk"
+        save_bundle(key, bundle)
+        address = f"127.0.0.1:{running.port}"
+        with KeyServiceClient(address, token=tokens["alice"]) as alice:
+            receipt = alice.register(bundle, files.host)
+        weights = tmp_path / "stolen.safetensors"
+        program = load_program(files.finetuned)
+        save_file({k: v.contiguous() for k, v in program.state_dict.items()}, str(weights))
+        with KeyServiceClient(address, token=tokens["judge"]) as judge:
+            verdict = judge.verify(receipt.registration_id, weights)
+        assert verdict.is_match
+        with KeyServiceClient(address, token="fmk_wrong", retries=0) as anonymous, \
+                pytest.raises(UnauthenticatedError):
+            anonymous.public_key()
+    finally:
+        running.stop(grace=1)
