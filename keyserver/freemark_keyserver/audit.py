@@ -1,5 +1,6 @@
 """Re-check a whole log: Merkle roots, checkpoint signatures and consistency, statement
-signatures, and that every stored registration agrees with its log entry."""
+signatures, and that every stored registration agrees with its log entry and has its whole
+host blob (every segment its header counts; their contents need the master key to check)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from freemark import merkle
 from freemark.records import RECEIPT_KIND
 from freemark.signatures import Verifier
 
-from freemark_keyserver.store import Store, StoredCheckpoint
+from freemark_keyserver.crypto import CryptoError, StreamHeader, is_stream_header
+from freemark_keyserver.store import Registration, Store, StoredCheckpoint
 
 
 def parse_checkpoint(stored: StoredCheckpoint) -> merkle.SignedCheckpoint:
@@ -45,5 +47,21 @@ def audit(store: Store, verifier: Verifier) -> dict[str, int]:
                 or record.commitment.hex() != body["watermark_commitment"]:
             raise merkle.LogProofError(
                 f"registration {body['registration_id']} does not match log entry {entry.index}")
+        _check_host_blob(store, record)
         registrations += 1
     return {"entries": size, "checkpoints": len(checkpoints), "registrations": registrations}
+
+
+def _check_host_blob(store: Store, record: Registration) -> None:
+    """Every segment the host's stream header counts is stored (pre-v3 hosts are inline)."""
+    if not is_stream_header(record.host_envelope):
+        return
+    try:
+        expected = StreamHeader.from_bytes(record.host_envelope).segments
+    except CryptoError:
+        raise merkle.LogProofError(
+            f"registration {record.registration_id}: its host header is malformed") from None
+    stored = store.host_blob_segments(record.registration_id)
+    if stored != expected:
+        raise merkle.LogProofError(f"registration {record.registration_id}: {stored} of its "
+                                   f"{expected} host segments are stored")

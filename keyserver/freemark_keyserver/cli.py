@@ -16,6 +16,7 @@ from freemark_keyserver import config as cfg
 from freemark_keyserver.audit import audit
 from freemark_keyserver.auth import ADMIN, ARBITER, OWNER, hash_token, new_token
 from freemark_keyserver.crypto import Envelope, rewrap, save_keyring
+from freemark_keyserver.hosts import rewrap_host
 from freemark_keyserver.server import serve
 from freemark_keyserver.store import DuplicateError, Principal, StoreError, open_store
 
@@ -110,10 +111,9 @@ def _rotate(args: argparse.Namespace) -> int:
         for record in store.registrations_for_rewrap():
             envelope = rewrap(keyring, Envelope.from_bytes(record.envelope),
                               record_id=record.registration_id, owner=record.owner)
-            host = rewrap(keyring, Envelope.from_bytes(record.host_envelope),
-                          record_id=record.registration_id + "/host", owner=record.owner)
+            # The host's segments stay as they are: only its header's data key is re-wrapped.
             store.update_envelopes(record.registration_id, keyring.current_version,
-                                   envelope.to_bytes(), host.to_bytes())
+                                   envelope.to_bytes(), rewrap_host(keyring, record))
             count += 1
     finally:
         store.close()

@@ -11,8 +11,7 @@ from __future__ import annotations
 import logging
 import secrets
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +33,7 @@ __all__ = ["ADMIN", "ARBITER", "OWNER", "Context", "require_role"]
 from freemark_keyserver.config import ServerConfig
 from freemark_keyserver.crypto import Envelope, MasterKeyring, SigningKey, open_envelope, seal
 from freemark_keyserver.errors import ErrorCode, ServiceError
+from freemark_keyserver.hosts import host_file, store_host
 from freemark_keyserver.sandbox import (
     SandboxResourceError,
     SandboxResult,
@@ -206,15 +206,16 @@ def register(ctx: Context, principal: Principal, bundle: KeyBundle, host: Path) 
 
     registration_id = "reg_" + secrets.token_hex(REGISTRATION_ID_BYTES)
     envelope = seal(ctx.keyring, to_bytes(bundle), record_id=registration_id, owner=principal.name)
-    host_envelope = seal(ctx.keyring, host.read_bytes(), record_id=registration_id + "/host",
-                         owner=principal.name)
+    # Streamed from the spool file into the store a segment at a time, never read whole.
+    host_header = store_host(ctx.store, ctx.keyring, host, registration_id=registration_id,
+                             owner=principal.name)
     wm_commitment = commitment(bundle.bits)
     record = Registration(
         registration_id=registration_id, owner=principal.name, created_at=0,
         host_fingerprint=result.fingerprint, architecture_digest=result.architecture_digest,
         layer=bundle.layer, units=bundle.units, n_bits=bundle.n_bits, commitment=wm_commitment,
         key_version=ctx.keyring.current_version, envelope=envelope.to_bytes(),
-        host_envelope=host_envelope.to_bytes(), log_index=0,
+        host_envelope=host_header, log_index=0,
     )
     body, index, now = _append(ctx, RECEIPT_KIND, lambda i, t: {
         "registration_id": registration_id, "owner": principal.name,
@@ -251,18 +252,6 @@ def _refuse_claimed(ctx: Context, host: Path, result: SandboxResult) -> None:
                                f"claims this model (its watermark decodes at p={verdict.p_value:.1e})")
 
 
-@contextmanager
-def _host_file(ctx: Context, record: Registration) -> Iterator[Path]:
-    """The registered host program, decrypted into a private temp file for the sandbox."""
-    data = open_envelope(ctx.keyring, Envelope.from_bytes(record.host_envelope),
-                         record_id=record.registration_id + "/host", owner=record.owner)
-    with tempfile.TemporaryDirectory(dir=ctx.config.spool_dir) as folder:
-        path = Path(folder) / "host.pt2"
-        path.write_bytes(data)
-        path.chmod(0o600)
-        yield path
-
-
 def verify_target(ctx: Context, principal: Principal, header: pb.VerifyHeader) -> Registration:
     """Authorise a Verify before its upload is read."""
     require_role(principal, OWNER, ARBITER, ADMIN)
@@ -282,7 +271,7 @@ def verify(ctx: Context, principal: Principal, record: Registration, header: pb.
     """Judge the uploaded suspect against a registration; return the signed, logged verdict."""
     bundle = _open_bundle(ctx, record)
     if header.upload.format == pb.MODEL_FORMAT_SAFETENSORS:
-        with _host_file(ctx, record) as host:
+        with host_file(ctx.store, ctx.keyring, record, ctx.config.spool_dir) as host:
             result = _sandboxed(ctx, host, bundle, weights=suspect)
     else:
         result = _sandboxed(ctx, suspect, bundle)

@@ -1,0 +1,101 @@
+"""Registered host models at rest: sealed in segments, stored beside their registration.
+
+A host model can be gigabytes, and the server must never hold one whole in memory (upload,
+seal, store and read back each go one megabyte segment at a time). `store_host` seals the
+spooled upload with `crypto.seal_stream` into the store's host blob table and returns the
+stream header, which the registration row keeps in its ``host_envelope`` column; `host_file`
+opens it again into a private temporary file for the sandbox; `rewrap_host` re-wraps its data
+key for master key rotation without reading a single segment.
+
+The record id bound into the ciphertext is the registration id with a ``/host`` suffix, so the
+host's data key can never stand in for the bundle's (whose record id is the bare id).
+Registrations written before schema version 3 hold the whole host in one envelope; they are
+still opened and re-wrapped here.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from freemark_keyserver.crypto import (
+    Envelope,
+    MasterKeyring,
+    StreamHeader,
+    is_stream_header,
+    open_envelope,
+    open_stream,
+    rewrap,
+    rewrap_stream,
+    seal_stream,
+)
+from freemark_keyserver.store import Registration, Store
+
+__all__ = ["host_file", "rewrap_host", "store_host"]
+
+
+def _record_id(registration_id: str) -> str:
+    return registration_id + "/host"
+
+
+def store_host(
+    store: Store, keyring: MasterKeyring, path: Path, *, registration_id: str, owner: str
+) -> bytes:
+    """Seal the host at `path` into the store under `registration_id`; return its header.
+
+    Call before appending the registration that carries the header: until then the segments
+    are unreferenced, and if the append never happens the store collects them as orphans.
+    """
+    header, segments = seal_stream(
+        keyring, path, record_id=_record_id(registration_id), owner=owner
+    )
+    store.put_host_blob(registration_id, segments)
+    return header.to_bytes()
+
+
+@contextmanager
+def host_file(
+    store: Store, keyring: MasterKeyring, record: Registration, directory: Path
+) -> Iterator[Path]:
+    """The registered host program, decrypted into a 0600 file in a private temporary folder.
+
+    The folder is removed when the block ends. A segment that fails to authenticate, or a
+    missing one, raises `CryptoError` before the file is handed out.
+    """
+    with tempfile.TemporaryDirectory(dir=directory) as folder:
+        path = Path(folder) / "host.pt2"
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
+            for plaintext in _plaintext(store, keyring, record):
+                out.write(plaintext)
+        yield path
+
+
+def _plaintext(store: Store, keyring: MasterKeyring, record: Registration) -> Iterator[bytes]:
+    sealed = record.host_envelope
+    record_id = _record_id(record.registration_id)
+    if is_stream_header(sealed):
+        yield from open_stream(
+            keyring,
+            StreamHeader.from_bytes(sealed),
+            store.host_blob(record.registration_id),
+            record_id=record_id,
+            owner=record.owner,
+        )
+    else:
+        envelope = Envelope.from_bytes(sealed)
+        yield open_envelope(keyring, envelope, record_id=record_id, owner=record.owner)
+
+
+def rewrap_host(keyring: MasterKeyring, record: Registration) -> bytes:
+    """The record's host header (or pre-v3 envelope) with its data key under the newest master
+    key; the segments are not read."""
+    sealed = record.host_envelope
+    record_id = _record_id(record.registration_id)
+    if is_stream_header(sealed):
+        header = StreamHeader.from_bytes(sealed)
+        return rewrap_stream(keyring, header, record_id=record_id, owner=record.owner).to_bytes()
+    envelope = Envelope.from_bytes(sealed)
+    return rewrap(keyring, envelope, record_id=record_id, owner=record.owner).to_bytes()
