@@ -26,6 +26,7 @@ DEFAULT_LAMBDA = 1e-3
 DEFAULT_STEPS = 500
 MARGIN_SLACK = 0.05
 NORM_FLOOR = 1e-12
+RELATIVE_TOLERANCE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -100,19 +101,24 @@ def descend(anchor_matrix: np.ndarray, hosts: np.ndarray, bits: np.ndarray, *,
     curvature = zs.shape[1] + settings.lam + (eta * zn.shape[1] if zn is not None else 0.0)
     step = 1.0 / (2.0 * curvature)
     key = a0.clone()
+    previous = float("inf")
     bar = tqdm(total=settings.steps, desc="deriving key", unit="step", disable=not progress, leave=False)
     try:
         for _ in range(settings.steps):
             projected = s[:, None] * (key @ zs)
             slack = torch.clamp(target - projected, min=0.0)
+            loss = float((slack**2).sum() + settings.lam * ((key - a0) ** 2).sum())
             grad = -2.0 * (s[:, None] * slack) @ zs.T + 2.0 * settings.lam * (key - a0)
             if zn is not None:
-                grad = grad + 2.0 * eta * (key @ zn) @ zn.T
+                negative = key @ zn
+                loss += float(eta * (negative**2).sum())
+                grad = grad + 2.0 * eta * negative @ zn.T
+            done = bool((projected >= settings.margin).all())
+            if done and previous - loss <= RELATIVE_TOLERANCE * max(previous, 1e-300):
+                break  # every bit clears m and the objective has stopped moving
+            previous = loss
             key = key - step * grad
             bar.update(1)
-            done = bool((s[:, None] * (key @ zs) >= settings.margin).all())
-            if done and float(grad.abs().max()) < 1e-9:
-                break
     finally:
         bar.close()
     final = (s[:, None] * (key @ zs)).min()
