@@ -1,0 +1,140 @@
+"""kill -9 a key server in the middle of a burst of registrations, on SQLite and on PostgreSQL
+(scale-out issue).
+
+A real `freemark-keyserver serve` process with the real sandbox takes a burst of registrations,
+started a moment apart, and is killed with SIGKILL as soon as the first receipt reaches its
+client, with its sandbox workers, as a service manager stopping the unit's control group
+would. After a restart on the same database:
+
+- every registration whose receipt reached a client is there, its receipt verifies offline
+  with the TTP's public key, and its host still decrypts (a .safetensors verify reads it back);
+- nothing is half-written: each registration has exactly its log entry and every host segment
+  its header counts, each registration entry has its registration, and the audit passes;
+- asking again for a registration whose receipt was lost gives the answer the database
+  implies: ALREADY_EXISTS naming it if it committed before the kill, a receipt if not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from freemark.errors import AlreadyRegisteredError, FreemarkError
+from freemark.receipt import verify_receipt
+from freemark.records import RECEIPT_KIND, Receipt
+from freemark.rpc import KeyServiceClient
+from freemark_keyserver.audit import audit
+from freemark_keyserver.crypto import Verifier
+from freemark_keyserver.store import open_store
+from ttp_fixtures import ServerProcess, cli_env, json_out, run_cli
+from ttp_fleet import ARBITER, Host, add_principals, fleet_principals, shared_keys
+
+BURST = 5
+STAGGER_S = 0.75  # between registrations, so the kill finds them at different stages
+FIRST_RECEIPT_S = 120.0
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (its sandbox workers, which run in sessions of their own)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for child in children:
+            found += [child, *descendants(child)]
+    return found
+
+
+def kill_9(process: ServerProcess) -> None:
+    """SIGKILL the server and the workers it started, by their process ids."""
+    assert process.process is not None
+    workers = descendants(process.process.pid)
+    process.process.send_signal(signal.SIGKILL)
+    for pid in workers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.process.communicate(timeout=30)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_kill_9_mid_burst_keeps_every_acknowledged_registration(
+    backend: str, hosts: list[Host], tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    db = str(tmp_path / "ttp.sqlite3") if backend == "sqlite" else request.getfixturevalue("pg_db")
+    keys = shared_keys(tmp_path / "keys")
+    tokens = add_principals(db, fleet_principals(hosts))
+    server_args = ["--db", db, *keys.cli_args()]
+    server = ServerProcess(tmp_path / "ttp", *server_args).start()
+    acknowledged: dict[int, Receipt] = {}
+    first = threading.Event()
+
+    def register(index: int) -> None:
+        time.sleep(index * STAGGER_S)
+        host = hosts[index]
+        try:
+            with KeyServiceClient(server.address, token=tokens[host.owner], retries=0,
+                                  timeout=FIRST_RECEIPT_S) as ttp:
+                acknowledged[index] = ttp.register(host.bundle, host.model)
+            first.set()
+        except FreemarkError:
+            pass  # the server died under this call: no receipt, so no promise was made
+
+    burst = [threading.Thread(target=register, args=(i,)) for i in range(BURST)]
+    for thread in burst:
+        thread.start()
+    try:
+        assert first.wait(FIRST_RECEIPT_S), "no registration completed"
+    finally:
+        kill_9(server)
+        for thread in burst:
+            thread.join(FIRST_RECEIPT_S)
+    lost = sorted(set(range(BURST)) - set(acknowledged))
+    assert lost, "every registration finished before the kill; the test proved nothing"
+
+    # What the database holds after the crash, before any server touches it again.
+    store = open_store(db)
+    try:
+        entries = store.entries(0, store.tree_size())
+        registrations = {r.registration_id: r for r in store.registrations_for_rewrap()}
+        counts = audit(store, Verifier.from_pem(keys.public_key_pem))
+    finally:
+        store.close()
+    assert counts["registrations"] == len(registrations)
+    logged = {json.loads(e.entry)["registration_id"]: e.index for e in entries
+              if e.kind == RECEIPT_KIND}
+    assert logged == {rid: r.log_index for rid, r in registrations.items()}
+    for receipt in acknowledged.values():
+        assert logged.get(receipt.registration_id) == receipt.log_index
+        verify_receipt(receipt, keys.public_key_pem)
+
+    server = ServerProcess(tmp_path / "ttp", *server_args).start()
+    try:
+        index, receipt = next(iter(acknowledged.items()))
+        with KeyServiceClient(server.address, token=tokens[ARBITER]) as judge:
+            verdict = judge.verify(receipt.registration_id, hosts[index].weights)
+        assert verdict.is_match and verdict.log_index == len(entries)
+
+        retry = lost[0]
+        committed = {r.owner: rid for rid, r in registrations.items()}.get(hosts[retry].owner)
+        with KeyServiceClient(server.address, token=tokens[hosts[retry].owner]) as owner:
+            if committed is None:
+                assert owner.register(hosts[retry].bundle, hosts[retry].model).log_index > 0
+            else:
+                with pytest.raises(AlreadyRegisteredError, match=committed):
+                    owner.register(hosts[retry].bundle, hosts[retry].model)
+    finally:
+        server.stop()
+    final = json_out(run_cli("freemark_keyserver.cli", "audit", "--data-dir",
+                             str(tmp_path / "ttp"), "--db", db, "--json",
+                             env=cli_env(**keys.env())))
+    assert final["ok"] is True and final["entries"] == len(entries) + 1 + (committed is None)

@@ -1,0 +1,142 @@
+"""Independent hosts, shared keys and key server replicas, for the scale-out tests.
+
+The replica, crash and load tests need many registrations, and a registration needs a host no
+earlier registration claims. `build_hosts` makes them cheaply: digits CNNs with fresh random
+weights (independent by construction) and each a different hidden width. Distinct widths also
+mean distinct architectures, so a registration never has to run an earlier key on the new host
+(the claim check runs the sandbox once per earlier registration of the same architecture),
+and each one costs exactly one sandbox run.
+
+`in_process_sandbox` answers what the sandbox answers, by calling the sandbox worker's own
+loading, vetting and capture code in this process: the tests that use it are about storage,
+ordering and load, not isolation (tests/unit/keyserver/test_sandbox.py covers that), and a
+real worker costs 2-3 s of CPU per run to import torch.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from freemark.bundle import KeyBundle
+from freemark.derive import derive_key
+from freemark.lab import data, models
+from freemark.modelfile import save_program
+from freemark.triggers import TriggerSet, select_triggers
+from freemark_keyserver.auth import hash_token, new_token
+from freemark_keyserver.config import MASTER_KEY_ENV, SIGNING_KEY_ENV, ServerConfig
+from freemark_keyserver.crypto import load_or_create_keyring, load_or_create_signing_key
+from freemark_keyserver.sandbox import SandboxResult
+from freemark_keyserver.sandbox_worker import _activations
+from freemark_keyserver.server import RunningServer, create_server
+from freemark_keyserver.store import Principal, open_store
+
+N_HOSTS = 8
+FIRST_WIDTH = 64  # hidden units of host 0; host i has FIRST_WIDTH + 4 i
+ARBITER = "judge"
+
+# torch.export.load keeps global state while it deserialises ("_CURRENT_DESERIALIZER is
+# already set" from a second thread): the real sandbox runs each model in its own process, so
+# in one process, runs take turns.
+_SANDBOX_TURN = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Host:
+    """One independent host: its program, the same weights as .safetensors, its owner's key."""
+
+    owner: str
+    model: Path
+    weights: Path
+    bundle: KeyBundle
+
+
+def build_hosts(folder: Path, count: int = N_HOSTS) -> list[Host]:
+    """`count` independent hosts, host i owned by ``owner{i}`` (about 0.5 s each)."""
+    digits = data.digits()
+    triggers = select_triggers(digits.x_train, digits.y_train, per_class=10, seed=0)
+    example = (torch.zeros(2, 1, 8, 8),)
+    hosts = []
+    for i in range(count):
+        torch.manual_seed(1000 + i)
+        model = models.DigitsCNN(hidden=FIRST_WIDTH + 4 * i)
+        program = save_program(model, example, folder / f"host{i}.pt2")
+        weights = folder / f"host{i}.safetensors"
+        save_file({k: v.contiguous() for k, v in program.state_dict.items()}, str(weights))
+        owner = f"owner{i}"
+        bundle = derive_key(model, layer="act", triggers=triggers, owner=owner)
+        hosts.append(Host(owner, folder / f"host{i}.pt2", weights, bundle))
+    return hosts
+
+
+def in_process_sandbox(model_path: Path, *, layer: str, pooling: int, triggers: TriggerSet,
+                       weights_path: Path | None = None, **_limits: Any) -> SandboxResult:
+    """`sandbox.run_model`'s answer, computed in this process by the worker's own code."""
+    header = {"model": str(model_path), "weights": str(weights_path) if weights_path else None,
+              "layer": layer, "pooling": pooling}
+    with _SANDBOX_TURN:
+        activations, identity = _activations(header, triggers.inputs, triggers.attention_mask)
+    return SandboxResult(np.asarray(activations, dtype=np.float64), identity[:32], identity[32:])
+
+
+@dataclass(frozen=True)
+class SharedKeys:
+    """The master keyring and signing key every replica of one deployment shares, as files."""
+
+    master_key_file: Path
+    signing_key_file: Path
+    public_key_pem: bytes
+
+    def cli_args(self) -> list[str]:
+        return ["--master-key-file", str(self.master_key_file),
+                "--signing-key-file", str(self.signing_key_file)]
+
+    def env(self) -> dict[str, str]:
+        """The same keys as environment variables (the other way to hand them to a replica)."""
+        return {MASTER_KEY_ENV: self.master_key_file.read_text().strip(),
+                SIGNING_KEY_ENV: self.signing_key_file.read_text()}
+
+
+def shared_keys(folder: Path) -> SharedKeys:
+    """Create a deployment's keys once, 0600, as an operator would before starting replicas."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    load_or_create_keyring(folder / "master.key")
+    signer = load_or_create_signing_key(folder / "signing.pem")
+    return SharedKeys(folder / "master.key", folder / "signing.pem", signer.public_key_pem())
+
+
+def start_replica(db: str, data_dir: Path, keys: SharedKeys, **options: Any) -> RunningServer:
+    """An in-process replica on `db` with the shared keys and the in-process sandbox."""
+    config = ServerConfig(data_dir=data_dir, db=db, listen="127.0.0.1:0",
+                          master_key_file=keys.master_key_file,
+                          signing_key_file=keys.signing_key_file, grace_seconds=1, **options)
+    running = create_server(config)
+    running.ctx.sandbox = in_process_sandbox
+    return running
+
+
+def add_principals(db: str, roles: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Add principals straight to the database; return their tokens by name."""
+    store = open_store(db)
+    tokens = {}
+    try:
+        for name, role in roles:
+            tokens[name] = new_token()
+            store.add_principal(Principal(name, role, hash_token(tokens[name]),
+                                          time.time_ns() // 1000))
+    finally:
+        store.close()
+    return tokens
+
+
+def fleet_principals(hosts: list[Host]) -> list[tuple[str, str]]:
+    """Each host's owner, and one arbiter."""
+    return [(host.owner, "owner") for host in hosts] + [(ARBITER, "arbiter")]
