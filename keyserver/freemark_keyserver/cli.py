@@ -104,7 +104,16 @@ def _audit(args: argparse.Namespace) -> int:
 def _rotate(args: argparse.Namespace) -> int:
     config = _config(args)
     path = cfg.keyring_path(config)
+    if path is None:
+        # The re-wrapped records would need a key that exists nowhere but in this process.
+        raise ValueError(f"the master keyring comes from {cfg.MASTER_KEY_ENV}; rotation must save "
+                         "the new keyring before re-wrapping anything: unset it and pass "
+                         "--master-key-file with the same keyring, then hand every replica the "
+                         "rotated file")
     keyring = cfg.load_keyring(config).generate_new_version()
+    # Saved first (it keeps every old version): a crash part-way leaves records wrapped under
+    # old or new versions, all of them in the saved keyring, never under a key that was lost.
+    save_keyring(path, keyring)
     store = open_store(config.database)
     count = 0
     try:
@@ -117,12 +126,7 @@ def _rotate(args: argparse.Namespace) -> int:
             count += 1
     finally:
         store.close()
-    if path is not None:
-        save_keyring(path, keyring)
-        where = str(path)
-    else:
-        where = f"set {cfg.MASTER_KEY_ENV} to the new keyring (printed by --print-keyring)"
-    payload = {"key_version": keyring.current_version, "rewrapped": count, "keyring": where}
+    payload = {"key_version": keyring.current_version, "rewrapped": count, "keyring": str(path)}
     print_json(payload) if args.json else print_fields("master key rotated", payload)
     return 0
 

@@ -22,6 +22,7 @@ from freemark import merkle
 from freemark.records import RECEIPT_KIND
 from freemark_keyserver import cli
 from freemark_keyserver.audit import audit
+from freemark_keyserver.config import MASTER_KEY_ENV
 from freemark_keyserver.crypto import (
     SEGMENT_BYTES,
     CryptoError,
@@ -167,3 +168,41 @@ def test_rotate_master_key_rewraps_host_headers_and_leaves_segments(
     newest = keyring_from_file(data_dir / "master.key")
     with host_file(store, MasterKeyring({2: newest._key(2)}), record, tmp_path) as opened:
         assert opened.read_bytes() == host.read_bytes()
+
+
+def test_rotation_saves_the_new_keyring_before_rewrapping_anything(
+    store: Store, keyring: MasterKeyring, tmp_path: Path, data_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    host = model_file(tmp_path, 10)
+    for name in ("reg_1", "reg_2"):
+        registered(store, keyring, name,
+                   store_host(store, keyring, host, registration_id=name, owner=OWNER))
+    calls = []
+
+    def dies_on_the_second(ring: MasterKeyring, record: Registration) -> bytes:
+        calls.append(record.registration_id)
+        if len(calls) == 2:
+            raise RuntimeError("killed part-way")
+        return rewrap_host(ring, record)
+
+    monkeypatch.setattr(cli, "rewrap_host", dies_on_the_second)
+    with pytest.raises(RuntimeError):
+        cli.main(["rotate-master-key", "--data-dir", str(data_dir)])
+    saved = keyring_from_file(data_dir / "master.key")
+    assert saved.versions == (1, 2)
+    for name in ("reg_1", "reg_2"):  # one under version 2, one still under 1: both open
+        record = store.get_registration(name)
+        assert record is not None
+        with host_file(store, saved, record, tmp_path) as opened:
+            assert opened.read_bytes() == host.read_bytes()
+
+
+def test_rotation_refuses_a_keyring_from_the_environment(
+    store: Store, keyring: MasterKeyring, data_dir: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv(MASTER_KEY_ENV, (data_dir / "master.key").read_text().strip())
+    assert cli.main(["rotate-master-key", "--data-dir", str(data_dir)]) == 2
+    assert "--master-key-file" in capsys.readouterr().err
+    assert keyring_from_file(data_dir / "master.key").versions == (1,)
