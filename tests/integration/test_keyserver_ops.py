@@ -157,3 +157,33 @@ def test_safetensors_suspect_uses_the_registered_architecture(files: ModelFiles,
             anonymous.public_key()
     finally:
         running.stop(grace=1)
+
+
+def test_master_key_rotation_keeps_every_record_readable(files: ModelFiles, tmp_path: Path) -> None:
+    data_dir = tmp_path / "ttp"
+    config = ServerConfig(data_dir=data_dir, listen="127.0.0.1:0", grace_seconds=1)
+    running = create_server(config)
+    token = new_token()
+    running.ctx.store.add_principal(Principal("alice", "owner", hash_token(token), 0))
+    bundle = derive_key(load_program(files.host), layer="act", owner="alice",
+                        triggers=load_triggers(files.triggers))
+    with KeyServiceClient(f"127.0.0.1:{running.port}", token=token) as alice:
+        receipt = alice.register(bundle, files.host)
+    envelope_before = running.ctx.store.get_registration(receipt.registration_id)
+    running.stop(grace=1)
+
+    rotated = json_out(run_cli("freemark_keyserver.cli", "rotate-master-key", "--data-dir",
+                               str(data_dir), "--json"))
+    assert rotated["key_version"] == 2 and rotated["rewrapped"] == 1
+
+    running = create_server(config)
+    try:
+        record = running.ctx.store.get_registration(receipt.registration_id)
+        assert record is not None and envelope_before is not None
+        assert record.key_version == 2 and record.envelope != envelope_before.envelope
+        with KeyServiceClient(f"127.0.0.1:{running.port}", token=token) as alice:
+            assert alice.verify(receipt.registration_id, files.finetuned).is_match
+    finally:
+        running.stop(grace=1)
+    audit = json_out(run_cli("freemark_keyserver.cli", "audit", "--data-dir", str(data_dir), "--json"))
+    assert audit["ok"] is True
