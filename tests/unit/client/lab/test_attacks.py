@@ -10,6 +10,8 @@ from datetime import timedelta
 import numpy as np
 import pytest
 import torch
+from torch import nn
+
 from freemark.activations import capture
 from freemark.derive import derive_key
 from freemark.errors import InvalidInputError
@@ -20,7 +22,6 @@ from freemark.lab.attacks.overwrite import OWNER_REGISTERED, LocalRegistry, Prio
 from freemark.lab.robustness import parse_config
 from freemark.lab.tasks import ImageTask, image_task
 from freemark.modelfile import fingerprint
-from torch import nn
 
 TOLERANCE = 1e-4
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from freemark.lab import attack_cli
 
 CONFIG = Path(__file__).resolve().parents[4] / "bench" / "robustness" / "quick.toml"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from freemark.activations import capture
 from freemark.lab.attacks import apply_attack
 from freemark.lab.transformer import TextTask, sentences, text_task
