@@ -36,13 +36,15 @@ def derive_key(
     references: Sequence[Model] = (),
     centred: bool = True,
     nonce: bytes | None = None,
+    anchor_seed: bytes | None = None,
     progress: bool = False,
 ) -> KeyBundle:
     """Derive a secret key for `model` at `layer`; the model's weights are never changed.
 
     With `references` (models the owner knows are unrelated) their activations also
     serve as negatives in the descent and as members of the uniqueness check.
-    Raises UniquenessError when a null-panel member decodes the watermark.
+    Raises UniquenessError when a null-panel member decodes the watermark. `nonce` and
+    `anchor_seed` default to fresh OS randomness; fix them only for reproducible experiments.
     """
     check_n_bits(n_bits)
     phases = tqdm(total=3 + len(references), desc="deriving key", unit="phase",
@@ -57,7 +59,7 @@ def derive_key(
                                           centred=centred))
         phases.update(1)
     nonce = nonce or new_nonce()
-    seed = secrets.token_bytes(32)
+    seed = anchor_seed or secrets.token_bytes(32)
     bits = watermark_bits(owner, nonce, n_bits)
     a0 = anchor(seed, n_bits, len(z))
     key = closed_form_key(a0, z, bits, margin=settings.margin, lam=settings.lam)
