@@ -34,10 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import freemark.keygen as keygen_module
 import numpy as np
 import torch
 from _table import print_table, write_json
+from torch import nn
+
+import freemark.keygen as keygen_module
 from freemark.activations import capture
 from freemark.derive import check_uniqueness, derive_key
 from freemark.errors import DerivationError, UniquenessError
@@ -57,7 +59,6 @@ from freemark.lab.train import accuracy, train, trained
 from freemark.triggers import TriggerSet, select_triggers
 from freemark.verdict import DEFAULT_ALPHA, DEFAULT_PERMUTATIONS, judge, suspect_vector
 from freemark.watermark import watermark_bits
-from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PLOT = ROOT / "docs" / "scheme_tradeoff.png"

@@ -44,7 +44,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 def _run(args: list[str], env: dict[str, str] | None = None) -> dict[str, object]:
     """Run one CLI command with --json and return its JSON object (exit on failure)."""
-    result = subprocess.run([sys.executable, "-m", *args, "--json"], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", *args, "--json"], check=False, capture_output=True,
                             text=True, env=env or _env())
     if result.returncode != 0:
         sys.exit(f"demo: `{' '.join(args[:3])}` failed: {result.stderr.strip()}")
@@ -125,7 +125,7 @@ def main() -> int:
         for name in ("receipt", "verdict-mallory", "verdict-bob"):
             check = subprocess.run([sys.executable, "-m", "freemark.cli", "receipt", "verify",
                                     str(work / f"{name}.json"), "--public-key", str(work / "ttp.pem")],
-                                   env=_env(), capture_output=True, text=True)
+                                   env=_env(), check=False, capture_output=True, text=True)
             offline[name] = check.returncode == 0
     finally:
         server.send_signal(signal.SIGTERM)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
 from freemark.modelfile import load_program
 
 SAMPLE_INPUTS_ENTRY = "data/sample_inputs/model.pt"

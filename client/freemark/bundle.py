@@ -132,7 +132,7 @@ def from_proto(message: bundle_pb2.KeyBundle) -> KeyBundle:
         host_fingerprint=bytes(message.host_fingerprint), centred=message.centred,
         scheme_version=message.scheme_version,
     )
-    bundle.bits  # validates owner and nonce
+    _ = bundle.bits  # recomputing b validates owner and nonce
     return bundle
 
 

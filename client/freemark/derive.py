@@ -17,12 +17,17 @@ from freemark.keygen import DerivationSettings, anchor, closed_form_key, descend
 from freemark.modelfile import fingerprint
 from freemark.triggers import TriggerSet
 from freemark.verdict import (
-    UNIQUENESS_ALPHA, judge, log10_binomial_sf, permutation_null, suspect_vector,
+    UNIQUENESS_ALPHA,
+    judge,
+    log10_binomial_sf,
+    permutation_null,
+    suspect_vector,
 )
 from freemark.watermark import check_n_bits, new_nonce, watermark_bits
 
 Model = nn.Module | torch.export.ExportedProgram
 DEFAULT_BITS = 256
+DEFAULT_SETTINGS = DerivationSettings()
 
 
 def derive_key(
@@ -32,7 +37,7 @@ def derive_key(
     triggers: TriggerSet,
     owner: str,
     n_bits: int = DEFAULT_BITS,
-    settings: DerivationSettings = DerivationSettings(),
+    settings: DerivationSettings = DEFAULT_SETTINGS,
     references: Sequence[Model] = (),
     centred: bool = True,
     nonce: bytes | None = None,

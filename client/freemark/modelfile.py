@@ -58,8 +58,8 @@ def load_program(path: str | Path) -> torch.export.ExportedProgram:
     Raises ModelFileError for a file that is not a program, or that needs pickle,
     custom objects or compiled code to load.
     """
-    from torch._export.serde.serialize import ExportedProgramDeserializer, _bytes_to_dataclass
     from torch._export.serde import schema
+    from torch._export.serde.serialize import ExportedProgramDeserializer, _bytes_to_dataclass
     from torch.export.pt2_archive import _package as package
 
     if not Path(path).is_file():

@@ -9,7 +9,6 @@ import json
 from freemark import merkle
 from freemark.records import RECEIPT_KIND
 from freemark.signatures import Verifier
-
 from freemark_keyserver.crypto import CryptoError, StreamHeader, is_stream_header
 from freemark_keyserver.store import Registration, Store, StoredCheckpoint
 

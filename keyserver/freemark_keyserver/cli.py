@@ -11,7 +11,6 @@ from pathlib import Path
 
 from freemark import merkle
 from freemark.display import print_fields, print_json, print_rows
-
 from freemark_keyserver import config as cfg
 from freemark_keyserver.audit import audit
 from freemark_keyserver.auth import ADMIN, ARBITER, OWNER, hash_token, new_token

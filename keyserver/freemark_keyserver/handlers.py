@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from freemark import merkle
 from freemark.bundle import KeyBundle, from_bytes, from_proto, to_bytes
 from freemark.derive import check_uniqueness
@@ -26,7 +27,6 @@ from freemark.signatures import canonical_json
 from freemark.v1 import keyservice_pb2 as pb
 from freemark.verdict import DEFAULT_ALPHA, suspect_vector
 from freemark.watermark import commitment
-
 from freemark_keyserver.auth import ADMIN, ARBITER, OWNER, require_role
 
 __all__ = ["ADMIN", "ARBITER", "OWNER", "Context", "require_role"]

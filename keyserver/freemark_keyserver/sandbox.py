@@ -33,12 +33,12 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import freemark
 import numpy as np
+
+import freemark
+import freemark_keyserver
 from freemark.errors import InvalidInputError, ModelFileError
 from freemark.triggers import TriggerSet
-
-import freemark_keyserver
 from freemark_keyserver.sandbox_worker import EXIT_REFUSED, MAX_MESSAGE_CHARS
 
 __all__ = [

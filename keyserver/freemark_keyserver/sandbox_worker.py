@@ -105,7 +105,6 @@ def _activations(header: dict[str, Any], inputs: Any, mask: Any) -> tuple[Any, b
     from freemark.activations import capture
     from freemark.modelfile import apply_weights, architecture_digest, fingerprint, load_program
     from freemark.triggers import TriggerSet
-
     from freemark_keyserver.vetting import vet_program
 
     program = load_program(header["model"])

@@ -9,10 +9,10 @@ from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
-from freemark.v1 import keyservice_pb2, keyservice_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from freemark.v1 import keyservice_pb2, keyservice_pb2_grpc
 from freemark_keyserver import handlers
 from freemark_keyserver.config import ServerConfig, load_keyring, load_signing_key
 from freemark_keyserver.service import KeyServiceServicer

@@ -14,12 +14,12 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import grpc
-from freemark.v1 import keyservice_pb2 as pb
-from freemark.v1 import keyservice_pb2_grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from freemark.v1 import keyservice_pb2 as pb
+from freemark.v1 import keyservice_pb2_grpc
 from freemark_keyserver import handlers
 from freemark_keyserver.auth import authenticate
 from freemark_keyserver.errors import ErrorCode, ServiceError

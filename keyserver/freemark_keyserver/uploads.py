@@ -10,7 +10,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from freemark.v1 import keyservice_pb2
-
 from freemark_keyserver.errors import ErrorCode, ServiceError
 
 SHA256_BYTES = 32

@@ -41,8 +41,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from freemark.errors import ModelFileError
 from torch.export.graph_signature import ConstantArgument, InputKind, OutputKind, TensorArgument
+
+from freemark.errors import ModelFileError
 
 __all__ = [
     "ALLOWED_HIGHER_ORDER_OPS",

@@ -7,6 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from freemark.merkle import (
     EMPTY_ROOT,
     Checkpoint,
@@ -24,8 +27,6 @@ from freemark.merkle import (
     verify_inclusion,
 )
 from freemark_keyserver.crypto import SigningKey
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 # --- RFC 6962 vectors (certificate-transparency-go / transparency-dev merkle testonly) ------
 

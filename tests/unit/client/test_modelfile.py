@@ -7,35 +7,18 @@ inputs were replaced by a crafted `torch.save` payload. Plain `torch.export.load
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
+import hostile_models
 from freemark.errors import ModelFileError
 from freemark.lab.models import DigitsCNN
 from freemark.modelfile import apply_weights, fingerprint, load_program, save_program
-
-
-class _CanaryPayload:
-    """Unpickling this creates the canary file: proof that code ran."""
-
-    def __init__(self, canary: Path) -> None:
-        self.canary = str(canary)
-
-    def __reduce__(self) -> tuple[object, tuple[str]]:
-        return (os.system, (f"touch {self.canary}",))
-
-
-def _replace_entry(src: Path, dst: Path, suffix: str, data: bytes) -> None:
-    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
-        for info in zin.infolist():
-            zout.writestr(info, data if info.filename.endswith(suffix) else zin.read(info.filename))
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +42,8 @@ def test_real_program_loads_with_module_names_and_same_fingerprint(program_file:
 
 def test_sample_inputs_payload_is_refused_and_never_runs(program_file: Path, tmp_path: Path) -> None:
     canary = tmp_path / "canary"
-    payload = io.BytesIO()
-    torch.save(_CanaryPayload(canary), payload)
-    hostile = tmp_path / "hostile_sample_inputs.pt2"
-    _replace_entry(program_file, hostile, "data/sample_inputs/model.pt", payload.getvalue())
+    hostile = hostile_models.pickled_sample_inputs(
+        program_file, tmp_path / "hostile_sample_inputs.pt2", canary)
 
     with pytest.raises(ModelFileError, match="unpickling"):
         load_program(hostile)
@@ -70,27 +51,20 @@ def test_sample_inputs_payload_is_refused_and_never_runs(program_file: Path, tmp
 
     # Document the threat: plain torch.export.load runs the payload (in a child process).
     code = f"import torch; torch.export.load({str(hostile)!r})"
-    subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, timeout=120)
     assert canary.exists(), "torch.export.load no longer falls back to pickle: revisit modelfile"
 
 
 def test_pickled_weights_are_refused(program_file: Path, tmp_path: Path) -> None:
-    with zipfile.ZipFile(program_file) as z:
-        config_name = next(n for n in z.namelist() if n.endswith("model_weights_config.json"))
-        config = z.read(config_name).decode().replace('"use_pickle": false', '"use_pickle": true', 1)
-    hostile = tmp_path / "pickled_weights.pt2"
-    _replace_entry(program_file, hostile, "model_weights_config.json", config.encode())
+    canary = tmp_path / "canary"
+    hostile = hostile_models.pickled_weights(program_file, tmp_path / "pickled_weights.pt2", canary)
     with pytest.raises(ModelFileError, match="pickled"):
         load_program(hostile)
+    assert not canary.exists()
 
 
 def test_aotinductor_entries_are_refused(program_file: Path, tmp_path: Path) -> None:
-    hostile = tmp_path / "aoti.pt2"
-    with zipfile.ZipFile(program_file) as zin, zipfile.ZipFile(hostile, "w") as zout:
-        prefix = zin.namelist()[0].split("/")[0]
-        for info in zin.infolist():
-            zout.writestr(info, zin.read(info.filename))
-        zout.writestr(f"{prefix}/data/aotinductor/model/model.so", b"\x7fELF")
+    hostile = hostile_models.with_native_code(program_file, tmp_path / "aoti.pt2")
     with pytest.raises(ModelFileError, match="AOTInductor"):
         load_program(hostile)
 
@@ -104,8 +78,7 @@ def test_garbage_is_a_clear_error(tmp_path: Path, content: bytes) -> None:
 
 
 def test_truncated_program_is_a_clear_error(program_file: Path, tmp_path: Path) -> None:
-    path = tmp_path / "truncated.pt2"
-    path.write_bytes(program_file.read_bytes()[: program_file.stat().st_size // 2])
+    path = hostile_models.truncated(program_file, tmp_path / "truncated.pt2")
     with pytest.raises(ModelFileError):
         load_program(path)
 

@@ -15,8 +15,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple, TypeAlias
 
-import freemark
 import pytest
+
+import freemark
 from freemark import merkle
 from freemark.cli import main
 from freemark.errors import InvalidInputError, InvalidReceiptError, VerificationFailedError

@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 import pytest
+
 from freemark._serde import registration_to_proto, verdict_to_proto
 from freemark.cli import main
 from freemark.errors import (

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+
 from freemark import _serde
 from freemark.display import print_json
 from freemark.errors import InvalidReceiptError

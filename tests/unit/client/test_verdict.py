@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 from freemark.verdict import (
-    fit_betabinomial, judge, log10_betabinomial_sf, log10_binomial_sf,
+    fit_betabinomial,
+    judge,
+    log10_betabinomial_sf,
+    log10_binomial_sf,
 )
 
 
@@ -27,14 +30,14 @@ def _exact_betabinomial_tail(k: int, n: int, a: int, b: int) -> Fraction:
 
 @pytest.mark.parametrize("n", [1, 5, 16, 40])
 def test_binomial_tail_is_exact_for_small_n(n: int) -> None:
-    for k in range(0, n + 1):
+    for k in range(n + 1):
         exact = float(_exact_binomial_tail(k, n))
         assert 10 ** log10_binomial_sf(k, n) == pytest.approx(exact, rel=1e-9)
 
 
 @pytest.mark.parametrize("n,a,b", [(10, 1, 1), (20, 3, 5), (16, 10, 10)])
 def test_betabinomial_tail_is_exact_for_small_n(n: int, a: int, b: int) -> None:
-    for k in range(0, n + 1):
+    for k in range(n + 1):
         exact = float(_exact_betabinomial_tail(k, n, a, b))
         assert 10 ** log10_betabinomial_sf(k, n, a, b) == pytest.approx(exact, rel=1e-9)
 

@@ -6,7 +6,8 @@ import hashlib
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from freemark.errors import InvalidInputError
 from freemark.watermark import DOMAIN, commitment, new_nonce, watermark_bits

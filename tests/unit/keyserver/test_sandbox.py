@@ -15,10 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import hostile_models
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
+
+import hostile_models
 from freemark.activations import capture
 from freemark.errors import InvalidInputError, ModelFileError
 from freemark.lab.data import digits
@@ -36,7 +38,6 @@ from freemark_keyserver.sandbox import (
     run_in_sandbox,
     worker_environment,
 )
-from safetensors.torch import save_file
 
 LAYER = "act"
 POOLING = bundle_pb2.POOLING_NONE

@@ -5,15 +5,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import hostile_models
 import numpy as np
 import pytest
 import torch
+from torch import nn
+
+import hostile_models
 from freemark.errors import ModelFileError
 from freemark.lab.models import DigitsCNN
 from freemark.modelfile import load_program, save_program
 from freemark_keyserver.vetting import vet_program
-from torch import nn
 
 EXAMPLE = (torch.zeros(2, 1, 8, 8),)
 
