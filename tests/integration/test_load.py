@@ -39,6 +39,7 @@ SLOTS = 4
 EXCESS_CALLS = 16
 PROMPT_S = 1.0  # an excess call must be answered within this, while the slow ones still hold
 FILL_S = 30.0
+SETTLE_S = 0.2  # for calls already sent to reach the server
 
 
 def test_32_clients_of_mixed_cheap_calls_through_two_replicas_without_errors(
@@ -96,12 +97,15 @@ def test_32_clients_of_mixed_cheap_calls_through_two_replicas_without_errors(
             replica.stop(grace=1)
 
 
-def _slow_upload(host: Host, gate: threading.Event) -> Iterator[pb.RegisterRequest]:
+def _slow_upload(host: Host, started: threading.Event, gate: threading.Event
+                 ) -> Iterator[pb.RegisterRequest]:
     """A Register upload that stalls after its first byte until `gate` opens, then ends with
-    a checksum that cannot match, so it finishes without running the sandbox."""
+    a checksum that cannot match, so it finishes without running the sandbox. `started` is
+    set once gRPC asks for more than the first byte: the call is under way."""
     upload = pb.UploadHeader(total_size=2, sha256=bytes(32), format=pb.MODEL_FORMAT_PT2)
     yield pb.RegisterRequest(header=pb.RegisterHeader(bundle=to_proto(host.bundle), upload=upload))
     yield pb.RegisterRequest(chunk=b"x")
+    started.set()
     gate.wait()
     yield pb.RegisterRequest(chunk=b"y")
 
@@ -119,11 +123,16 @@ def test_excess_calls_get_resource_exhausted_promptly_while_slow_calls_hold_the_
     try:
         stub = keyservice_pb2_grpc.KeyServiceStub(channel)
         metadata = (("authorization", f"Bearer {tokens[hosts[0].owner]}"),)
-        slow = [stub.Register.future(_slow_upload(hosts[0], gate), metadata=metadata, timeout=60)
-                for _ in range(SLOTS)]
+        started = [threading.Event() for _ in range(SLOTS)]
+        slow = [stub.Register.future(_slow_upload(hosts[0], event, gate), metadata=metadata,
+                                     timeout=60) for event in started]
+        # A probe sent before every slow upload is in could take a slot from one of them.
+        assert all(event.wait(FILL_S) for event in started)
+        time.sleep(SETTLE_S)
         with KeyServiceClient(server.address, token=tokens[ARBITER], retries=0) as probe:
             deadline = time.monotonic() + FILL_S
-            while True:  # until the slow uploads are in and hold every slot
+            while True:  # until the slow uploads hold every slot
+                assert not any(call.done() for call in slow), "a slow upload ended early"
                 try:
                     probe.public_key()
                 except ResourceExhaustedError:
