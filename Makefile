@@ -40,7 +40,8 @@ test: postgres
 demo:
 	$(PY) examples/demo.py
 
-bench:
+bench: postgres
 	mkdir -p out
 	$(PY) bench/scheme.py --json out/bench_scheme.json
 	$(PY) bench/robustness.py --out out/robustness
+	$(PY) bench/keyserver.py --json out/bench_keyserver.json
