@@ -3,9 +3,9 @@
     PYTHONPATH=client:keyserver:tests .venv/bin/python bench/keyserver.py --json out/bench_keyserver.json
 
 (tests/ on the path: the bench reuses the tests' throwaway PostgreSQL, tests/pg.py, and their
-independent hosts, tests/ttp_fleet.py.) About 10 minutes on two shared cores and 6 GB of free
-disk in the temporary directory; `--quick` is a two-minute smoke run (no 500 MB model, fewer
-clients and requests).
+independent hosts, tests/ttp_fleet.py.) About 7 minutes on two shared cores and 2 GB of free
+disk in the temporary directory; `--quick` is a 2-3 minute smoke run (no 500 MB model, fewer
+clients and requests). docs/keyserver-bench.md has the figures and what limits each.
 
 Every server is a process of its own; the clients are threads of this process. Sections:
 
