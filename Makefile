@@ -44,4 +44,4 @@ bench: postgres
 	mkdir -p out
 	$(PY) bench/scheme.py --json out/bench_scheme.json
 	$(PY) bench/robustness.py --out out/robustness
-	$(PY) bench/keyserver.py --json out/bench_keyserver.json
+	PYTHONPATH=client:keyserver:tests $(PY) bench/keyserver.py --json out/bench_keyserver.json

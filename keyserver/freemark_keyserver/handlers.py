@@ -40,7 +40,7 @@ from freemark_keyserver.sandbox import (
     SandboxTimeout,
     run_model,
 )
-from freemark_keyserver.store import Principal, Registration, Store
+from freemark_keyserver.store import DuplicateError, Principal, Registration, Store
 
 log = logging.getLogger("freemark_keyserver")
 MAX_PAGE = 100
@@ -217,11 +217,18 @@ def register(ctx: Context, principal: Principal, bundle: KeyBundle, host: Path) 
         key_version=ctx.keyring.current_version, envelope=envelope.to_bytes(),
         host_envelope=host_header, log_index=0,
     )
-    body, index, now = _append(ctx, RECEIPT_KIND, lambda i, t: {
-        "registration_id": registration_id, "owner": principal.name,
-        "host_fingerprint": result.fingerprint.hex(), "watermark_commitment": wm_commitment.hex(),
-        "layer": bundle.layer, "n_bits": bundle.n_bits,
-    }, record)
+    try:
+        body, index, now = _append(ctx, RECEIPT_KIND, lambda i, t: {
+            "registration_id": registration_id, "owner": principal.name,
+            "host_fingerprint": result.fingerprint.hex(),
+            "watermark_commitment": wm_commitment.hex(),
+            "layer": bundle.layer, "n_bits": bundle.n_bits,
+        }, record)
+    except DuplicateError as exc:  # a concurrent Register of the same host committed first
+        winner = next((r.registration_id for r in ctx.store.find_by_fingerprint(result.fingerprint)
+                       if r.revoked_at is None), "another registration")
+        raise ServiceError(ErrorCode.ALREADY_CLAIMED,
+                           f"this model is already registered as {winner}") from exc
     log.info("registered %s for %s at log index %d", registration_id, principal.name, index)
     return pb.Receipt(
         statement=_statement(ctx, body), registration_id=registration_id, owner=principal.name,

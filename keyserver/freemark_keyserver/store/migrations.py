@@ -130,6 +130,15 @@ def _host_blobs(integer: str, blob: str, *tuning: str) -> tuple[str, ...]:
     )
 
 
+_ONE_ACTIVE_PER_HOST = (
+    # Two concurrent Registers of the same host can both pass the server's claim check; the
+    # database, not a process-local lock, decides which one commits (the other's append fails
+    # with a duplicate and answers ALREADY_EXISTS). Revoked records no longer block the host.
+    """CREATE UNIQUE INDEX registrations_one_active_per_host
+        ON registrations (host_fingerprint) WHERE revoked_at IS NULL""",
+)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
@@ -151,6 +160,12 @@ MIGRATIONS: tuple[Migration, ...] = (
         postgres=_host_blobs(
             "BIGINT", "BYTEA", "ALTER TABLE host_blobs ALTER COLUMN data SET STORAGE EXTERNAL"
         ),
+    ),
+    Migration(
+        4,
+        "at most one active registration per host fingerprint",
+        sqlite=_ONE_ACTIVE_PER_HOST,
+        postgres=_ONE_ACTIVE_PER_HOST,
     ),
 )
 

@@ -69,7 +69,8 @@ def registered(
     store: Store, keyring: MasterKeyring, registration_id: str, host_envelope: bytes
 ) -> Registration:
     """Append a registration the way the handler does, with a receipt-shaped log entry."""
-    fingerprint, commitment = b"\x01" * 32, hashlib.sha256(registration_id.encode()).digest()
+    fingerprint = hashlib.sha256(b"host-" + registration_id.encode()).digest()
+    commitment = hashlib.sha256(registration_id.encode()).digest()
 
     def build(index: int, now: int) -> bytes:
         return json.dumps({

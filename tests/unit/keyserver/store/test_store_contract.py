@@ -69,14 +69,14 @@ def make_registration(
     registration_id: str,
     *,
     owner: str = "alice",
-    fingerprint: bytes = b"\x01" * 32,
+    fingerprint: bytes | None = None,
     architecture: bytes = b"\x02" * 32,
 ) -> Registration:
     return Registration(
         registration_id=registration_id,
         owner=owner,
         created_at=0,
-        host_fingerprint=fingerprint,
+        host_fingerprint=fingerprint or hashlib.sha256(b"host-" + registration_id.encode()).digest(),
         architecture_digest=architecture,
         layer="features.3",
         units=128,
@@ -231,6 +231,8 @@ def test_registration_is_stored_with_its_entry(store: Store, clock: FakeClock) -
 def test_lookups_by_fingerprint_and_architecture_are_in_log_order(store: Store) -> None:
     shared_arch = b"\xaa" * 32
     for i, fingerprint in enumerate([b"\x10" * 32, b"\x11" * 32, b"\x10" * 32]):
+        if i == 2:  # only one active registration per host: the first must be revoked
+            assert store.revoke("reg-0", at=1)
         register(
             store,
             make_registration(f"reg-{i}", fingerprint=fingerprint, architecture=shared_arch),
@@ -273,6 +275,16 @@ def test_duplicate_registration_rolls_back_its_entry(store: Store) -> None:
 
 
 # --- listing, revocation, rotation -----------------------------------------------------------
+
+
+def test_one_active_registration_per_host(store: Store) -> None:
+    register(store, make_registration("reg-a", fingerprint=b"\x42" * 32))
+    with pytest.raises(DuplicateError):
+        register(store, make_registration("reg-b", fingerprint=b"\x42" * 32))
+    assert store.get_registration("reg-b") is None and store.tree_size() == 1
+    assert store.revoke("reg-a", at=5)
+    register(store, make_registration("reg-c", fingerprint=b"\x42" * 32))
+    assert store.tree_size() == 2
 
 
 def test_pagination_is_by_owner_and_in_log_order(store: Store) -> None:
@@ -573,14 +585,15 @@ def test_concurrent_appends_from_two_replicas_form_one_total_order(db: str) -> N
 
 # A writer process: appends registrations and reports each index on stdout as it commits.
 _WRITER = """
-import json, sys
+import hashlib, json, sys
 from freemark_keyserver.store import Registration, open_store
 
 db, name, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
 store = open_store(db)
 for n in range(count):
     rid = f"{name}-{n}"
-    reg = Registration(rid, name, 0, b"f" * 32, b"a" * 32, "l", 8, 16, b"c" * 32, 1,
+    fingerprint = hashlib.sha256(rid.encode()).digest()
+    reg = Registration(rid, name, 0, fingerprint, b"a" * 32, "l", 8, 16, b"c" * 32, 1,
                        b"e" * 4096, b"h" * 4096, -1)
     build = lambda i, t: json.dumps(
         {"index": i, "kind": "register", "registration_id": rid, "time": t},
