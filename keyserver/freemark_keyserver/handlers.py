@@ -8,6 +8,7 @@ Verify: run the suspect in the sandbox on the stored triggers, judge, log, sign.
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import tempfile
@@ -40,7 +41,13 @@ from freemark_keyserver.sandbox import (
     SandboxTimeout,
     run_model,
 )
-from freemark_keyserver.store import DuplicateError, Principal, Registration, Store
+from freemark_keyserver.store import (
+    DuplicateError,
+    Principal,
+    Registration,
+    Store,
+    StoredCheckpoint,
+)
 
 log = logging.getLogger("freemark_keyserver")
 MAX_PAGE = 100
@@ -115,8 +122,6 @@ def publish_checkpoint(ctx: Context, size: int | None = None) -> pb.SignedCheckp
                                        root_hash=merkle.root(leaves), timestamp=last,
                                        key_id=ctx.signer.key_id)
         signed = merkle.sign_checkpoint(ctx.signer, checkpoint)
-        from freemark_keyserver.store import StoredCheckpoint
-
         ctx.store.add_checkpoint(StoredCheckpoint(size, checkpoint.signed_body(), signed.signature))
         stored = ctx.store.checkpoint_at(size)
         assert stored is not None
@@ -126,8 +131,6 @@ def publish_checkpoint(ctx: Context, size: int | None = None) -> pb.SignedCheckp
 
 
 def _json_field(body: bytes, name: str) -> object:
-    import json
-
     return json.loads(body)[name]
 
 
