@@ -14,6 +14,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from freemark.errors import InvalidInputError
+from freemark.probes import MAX_PROBES
 from freemark.triggers import TriggerSet
 from freemark.v1 import bundle_pb2
 from freemark.watermark import check_n_bits, watermark_bits
@@ -50,11 +51,17 @@ class KeyBundle:
     host_fingerprint: bytes
     centred: bool = True
     scheme_version: int = SCHEME_VERSION
+    probe_profile: np.ndarray | None = None  # (probes, units): the host on the alignment probes
 
     @property
     def units(self) -> int:
         """Width of the key's layer."""
         return int(self.key.shape[1])
+
+    @property
+    def probes(self) -> int:
+        """How many alignment probes the profile covers (0: no aligned test for this key)."""
+        return 0 if self.probe_profile is None else int(self.probe_profile.shape[0])
 
     @property
     def bits(self) -> np.ndarray:
@@ -97,6 +104,8 @@ def to_proto(bundle: KeyBundle) -> bundle_pb2.KeyBundle:
         key=tensor_to_proto(bundle.key.astype(np.float32)), anchor_seed=bundle.anchor_seed,
         margins=bundle_pb2.MarginReport(target=m.target, min=m.min, median=m.median, mean=m.mean),
         host_fingerprint=bundle.host_fingerprint, centred=bundle.centred, units=bundle.units,
+        probe_profile=(None if bundle.probe_profile is None
+                       else tensor_to_proto(bundle.probe_profile.astype(np.float32))),
     )
 
 
@@ -122,6 +131,14 @@ def from_proto(message: bundle_pb2.KeyBundle) -> KeyBundle:
             if message.triggers.HasField("attention_mask") else None)
     labels = (tensor_from_proto(message.triggers.labels, "trigger labels")
               if message.triggers.HasField("labels") else None)
+    profile = None
+    if message.HasField("probe_profile"):
+        profile = tensor_from_proto(message.probe_profile, "probe profile")
+        if (profile.ndim != 2 or profile.shape[1] != message.units
+                or not 2 <= profile.shape[0] <= MAX_PROBES or not np.all(np.isfinite(profile))):
+            raise InvalidInputError(
+                f"probe profile of shape {profile.shape} does not fit a layer of "
+                f"{message.units} units and 2..{MAX_PROBES} probes")
     m = message.margins
     bundle = KeyBundle(
         layer=message.layer, pooling=message.pooling,
@@ -130,7 +147,7 @@ def from_proto(message: bundle_pb2.KeyBundle) -> KeyBundle:
         anchor_seed=bytes(message.anchor_seed),
         margins=MarginReport(target=m.target, min=m.min, median=m.median, mean=m.mean),
         host_fingerprint=bytes(message.host_fingerprint), centred=message.centred,
-        scheme_version=message.scheme_version,
+        scheme_version=message.scheme_version, probe_profile=profile,
     )
     _ = bundle.bits  # recomputing b validates owner and nonce
     return bundle

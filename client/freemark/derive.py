@@ -15,6 +15,7 @@ from freemark.bundle import KeyBundle, MarginReport
 from freemark.errors import UniquenessError
 from freemark.keygen import DerivationSettings, anchor, closed_form_key, descend, margins
 from freemark.modelfile import fingerprint
+from freemark.probes import DEFAULT_PROBES, make_probes
 from freemark.triggers import TriggerSet
 from freemark.verdict import (
     UNIQUENESS_ALPHA,
@@ -42,6 +43,7 @@ def derive_key(
     centred: bool = True,
     nonce: bytes | None = None,
     anchor_seed: bytes | None = None,
+    probes: int = DEFAULT_PROBES,
     progress: bool = False,
 ) -> KeyBundle:
     """Derive a secret key for `model` at `layer`; the model's weights are never changed.
@@ -50,6 +52,8 @@ def derive_key(
     serve as negatives in the descent and as members of the uniqueness check.
     Raises UniquenessError when a null-panel member decodes the watermark. `nonce` and
     `anchor_seed` default to fresh OS randomness; fix them only for reproducible experiments.
+    `probes` alignment probes are derived from the triggers and the host's activations on
+    them kept in the bundle, for the aligned test (0: plain test only).
     """
     check_n_bits(n_bits)
     phases = tqdm(total=3 + len(references), desc="deriving key", unit="phase",
@@ -76,6 +80,7 @@ def derive_key(
                       negatives=np.stack(reference_z), progress=progress)
         check_uniqueness(key, bits, z, reference_z)
     phases.update(1)
+    profile = probe_profile(model, layer, triggers, pooling, probes)
     phases.update(1)
     phases.close()
     host_margins = margins(key, z, bits)
@@ -86,8 +91,16 @@ def derive_key(
         n_bits=n_bits, key=key.astype(np.float32), anchor_seed=seed,
         margins=MarginReport(target=settings.margin, min=float(host_margins.min()),
                              median=float(np.median(host_margins)), mean=float(host_margins.mean())),
-        host_fingerprint=before, centred=centred,
+        host_fingerprint=before, centred=centred, probe_profile=profile,
     )
+
+
+def probe_profile(model: Model, layer: str, triggers: TriggerSet, pooling: int,
+                  probes: int = DEFAULT_PROBES) -> np.ndarray | None:
+    """The model's pooled activations of `layer` on the probes derived from `triggers`."""
+    if probes == 0:
+        return None
+    return capture(model, layer, make_probes(triggers, probes), pooling=pooling)[0].astype(np.float32)
 
 
 def check_uniqueness(key: np.ndarray, bits: np.ndarray, host_z: np.ndarray,

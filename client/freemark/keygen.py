@@ -19,13 +19,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from freemark.errors import DerivationError, InvalidInputError
+from freemark.errors import DerivationError
 
 DEFAULT_MARGIN = 1.0
 DEFAULT_LAMBDA = 1e-3
 DEFAULT_STEPS = 500
 MARGIN_SLACK = 0.05
-NORM_FLOOR = 1e-12
 RELATIVE_TOLERANCE = 1e-6
 
 
@@ -37,20 +36,6 @@ class DerivationSettings:
     lam: float = DEFAULT_LAMBDA
     steps: int = DEFAULT_STEPS
     negative_weight: float = 1.0
-
-
-def normalise(mean_activation: np.ndarray, *, centred: bool = True) -> np.ndarray:
-    """z = (f̄ − mean(f̄)) / ‖f̄ − mean(f̄)‖: blind to global scale, free of the shared ReLU offset."""
-    vector = np.asarray(mean_activation, dtype=np.float64).reshape(-1)
-    if centred:
-        vector = vector - vector.mean()
-    norm = float(np.linalg.norm(vector))
-    if not np.isfinite(norm) or norm < NORM_FLOOR:
-        raise InvalidInputError(
-            "the layer's mean activation on the triggers is constant: pick another layer "
-            "or a trigger set the layer responds to"
-        )
-    return vector / norm
 
 
 def anchor(anchor_seed: bytes, n_bits: int, units: int) -> np.ndarray:

@@ -16,9 +16,9 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from freemark.keygen import normalise
+from freemark.readout import normalise
+from freemark.stats import fit_betabinomial, log10_betabinomial_sf, log10_binomial_sf
 
 DEFAULT_ALPHA = 1e-9
 DEFAULT_PERMUTATIONS = 1000
@@ -56,43 +56,6 @@ class Verdict:
         }
 
 
-def _log_choose(n: int, k: torch.Tensor) -> torch.Tensor:
-    n_t = torch.tensor(float(n), dtype=torch.float64)
-    return torch.lgamma(n_t + 1) - torch.lgamma(k + 1) - torch.lgamma(n_t - k + 1)
-
-
-def _log10_tail(log_pmf: torch.Tensor) -> float:
-    return float(torch.logsumexp(log_pmf, dim=0)) / math.log(10)
-
-
-def log10_binomial_sf(k: int, n: int, p: float = 0.5) -> float:
-    """log10 P[X ≥ k] for X ~ Binomial(n, p); exact, finite for any n ≤ 8192."""
-    if k <= 0:
-        return 0.0
-    if k > n:
-        return -math.inf
-    i = torch.arange(k, n + 1, dtype=torch.float64)
-    log_pmf = _log_choose(n, i) + i * math.log(p) + (n - i) * math.log1p(-p)
-    return min(0.0, _log10_tail(log_pmf))
-
-
-def log10_betabinomial_sf(k: int, n: int, a: float, b: float) -> float:
-    """log10 P[X ≥ k] for X ~ BetaBinomial(n, a, b); exact sum in log space."""
-    if k <= 0:
-        return 0.0
-    if k > n:
-        return -math.inf
-    i = torch.arange(k, n + 1, dtype=torch.float64)
-    a_t = torch.tensor(a, dtype=torch.float64)
-    b_t = torch.tensor(b, dtype=torch.float64)
-
-    def log_beta(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return torch.lgamma(x) + torch.lgamma(y) - torch.lgamma(x + y)
-
-    log_pmf = _log_choose(n, i) + log_beta(i + a_t, n - i + b_t) - log_beta(a_t, b_t)
-    return min(0.0, _log10_tail(log_pmf))
-
-
 def count_matches(key: np.ndarray, z: np.ndarray, bits: np.ndarray) -> np.ndarray:
     """Matches of sign(A z) with b; z may be one vector (units,) or many (units, k)."""
     decoded = (key @ z) > 0
@@ -114,18 +77,6 @@ def permutation_null(key: np.ndarray, bits: np.ndarray, z: np.ndarray,
     rng = np.random.default_rng(int.from_bytes(digest[:8], "big"))
     perms = np.stack([z[rng.permutation(len(z))] for _ in range(n_permutations)], axis=1)
     return count_matches(key, perms, bits)
-
-
-def fit_betabinomial(null_matches: np.ndarray, n_bits: int) -> tuple[float, float, float]:
-    """Moment fit (rate, icc) → (a, b, icc); rate clipped to ≥ ½ and icc to ≥ 0 (conservative)."""
-    sample = np.asarray(null_matches, dtype=np.float64)
-    rate = min(max(sample.mean() / n_bits, 0.5), 1.0 - 1e-9)
-    variance = sample.var(ddof=1) if len(sample) > 1 else 0.0
-    binomial_var = n_bits * rate * (1.0 - rate)
-    icc = (variance / binomial_var - 1.0) / (n_bits - 1) if binomial_var > 0 else 0.0
-    icc = min(max(icc, 1e-12), 1.0 - 1e-9)
-    scale = 1.0 / icc - 1.0
-    return rate * scale, (1.0 - rate) * scale, icc
 
 
 def judge(key: np.ndarray, bits: np.ndarray, z: np.ndarray, *, alpha: float = DEFAULT_ALPHA,

@@ -162,6 +162,7 @@ class KeyBundle(_message.Message):
     HOST_FINGERPRINT_FIELD_NUMBER: _builtins.int
     CENTRED_FIELD_NUMBER: _builtins.int
     UNITS_FIELD_NUMBER: _builtins.int
+    PROBE_PROFILE_FIELD_NUMBER: _builtins.int
     scheme_version: _builtins.int
     """Scheme version; this file describes version 1."""
     layer: _builtins.str
@@ -191,6 +192,17 @@ class KeyBundle(_message.Message):
 
     @_builtins.property
     def margins(self) -> Global___MarginReport: ...
+    @_builtins.property
+    def probe_profile(self) -> Global___Tensor:
+        """The host's layer activations on the alignment probes, shape (probes, units),
+        float32: what a suspect's units are matched against to undo relabelling,
+        rescaling and dummy units (freemark.canon). The probes themselves are not
+        stored: they are regenerated from the triggers (freemark.probes), seeded by
+        their hash. As secret as the triggers. The key server replaces it with its
+        own measurement of the uploaded host at registration. Absent in keys made
+        before the aligned test existed: those get the plain test only.
+        """
+
     def __init__(
         self,
         *,
@@ -207,10 +219,11 @@ class KeyBundle(_message.Message):
         host_fingerprint: _builtins.bytes = ...,
         centred: _builtins.bool = ...,
         units: _builtins.int = ...,
+        probe_profile: Global___Tensor | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "margins", b"margins", "triggers", b"triggers"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "margins", b"margins", "probe_profile", b"probe_profile", "triggers", b"triggers"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["anchor_seed", b"anchor_seed", "centred", b"centred", "host_fingerprint", b"host_fingerprint", "key", b"key", "layer", b"layer", "margins", b"margins", "n_bits", b"n_bits", "nonce", b"nonce", "owner", b"owner", "pooling", b"pooling", "scheme_version", b"scheme_version", "triggers", b"triggers", "units", b"units"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anchor_seed", b"anchor_seed", "centred", b"centred", "host_fingerprint", b"host_fingerprint", "key", b"key", "layer", b"layer", "margins", b"margins", "n_bits", b"n_bits", "nonce", b"nonce", "owner", b"owner", "pooling", b"pooling", "probe_profile", b"probe_profile", "scheme_version", b"scheme_version", "triggers", b"triggers", "units", b"units"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

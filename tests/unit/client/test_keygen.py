@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from freemark.errors import InvalidInputError
-from freemark.keygen import DerivationSettings, anchor, closed_form_key, descend, margins, normalise
+from freemark.keygen import DerivationSettings, anchor, closed_form_key, descend, margins
+from freemark.readout import normalise
 from freemark.verdict import count_matches
 from freemark.watermark import watermark_bits
 
