@@ -1,17 +1,93 @@
 """The client's error tree: catch `FreemarkError` to handle anything this library raises.
 
-One base class lets the CLI print one readable line for any failure, while callers
-that care can tell a bad input from a refused key or a server-side failure. Server errors are
-converted from `grpc.RpcError` once, in `freemark.rpc`, and keep the status code; nothing of
-grpc's own exception types leaks past the client.
+One base class lets the CLI print one readable line for any failure, while callers that care
+can tell a bad input from a refused key or a server-side failure. Refusals keep their reason
+end to end: the server sets a `google.rpc.ErrorInfo` reason declared in
+`proto/freemark/v1/errors.proto` (`ErrorReason`), and `freemark.rpc` converts every
+`grpc.RpcError` once, at the transport, into the class of that reason (`error_for`). Nothing
+of grpc's own exception types leaks past the client. The tree::
+
+    FreemarkError
+    ├── InvalidInputError (also ValueError)   a local argument or file is malformed
+    │   └── ModelFileError                    a model file is unreadable or unsafe
+    ├── UniquenessError                       a locally derived key also decodes elsewhere
+    ├── DerivationError                       gradient descent did not clear every margin
+    ├── TransportError                        the key server could not be reached
+    ├── ServerError                           the key server refused or failed the call
+    │   ├── InvalidArgumentError              the request was refused as invalid:
+    │   │   ├── MalformedRequestError            MALFORMED_REQUEST
+    │   │   ├── InvalidBundleError               INVALID_BUNDLE
+    │   │   ├── InvalidModelError                INVALID_MODEL
+    │   │   ├── HostMismatchError                HOST_MISMATCH
+    │   │   └── NotUniqueError                   NOT_UNIQUE
+    │   ├── UnauthenticatedError                 UNAUTHENTICATED
+    │   ├── PermissionDeniedError                PERMISSION_DENIED
+    │   ├── NotFoundError                        NOT_FOUND
+    │   ├── AlreadyRegisteredError               ALREADY_CLAIMED
+    │   ├── ResourceExhaustedError            over a cap, or the server is at capacity:
+    │   │   ├── TooLargeError                    TOO_LARGE
+    │   │   └── SandboxLimitError                SANDBOX_LIMIT
+    │   ├── DeadlineExceededError             out of time (also the client's own deadline):
+    │   │   └── SandboxTimeoutError              SANDBOX_DEADLINE
+    │   ├── RevokedError                         REVOKED
+    │   ├── UploadCorruptError                   UPLOAD_CORRUPT
+    │   └── ServerInternalError                  INTERNAL
+    ├── InvalidReceiptError                   a receipt or verdict file is malformed
+    │   └── VerificationFailedError           a signature or inclusion proof failed
+    ├── LogProofError                         a Merkle proof, checkpoint or audited log is bad
+    └── CryptoError                           a decryption or signature check failed (opaque)
+
+The three grouping classes (`InvalidArgumentError`, `ResourceExhaustedError`,
+`DeadlineExceededError`) gather reasons that call for the same action; they are also what a
+call raises when the server sent no reason (a proxy, an older server) or one this client does
+not know, chosen by status. Any other status without a known reason is a plain `ServerError`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
+
+from freemark.v1 import errors_pb2
 
 if TYPE_CHECKING:  # only for annotations: the scheme modules import this without grpc
     import grpc
+
+__all__ = [
+    "ERROR_DOMAIN",
+    "AlreadyRegisteredError",
+    "CryptoError",
+    "DeadlineExceededError",
+    "DerivationError",
+    "FreemarkError",
+    "HostMismatchError",
+    "InvalidArgumentError",
+    "InvalidBundleError",
+    "InvalidInputError",
+    "InvalidModelError",
+    "InvalidReceiptError",
+    "LogProofError",
+    "MalformedRequestError",
+    "ModelFileError",
+    "NotFoundError",
+    "NotUniqueError",
+    "PermissionDeniedError",
+    "ResourceExhaustedError",
+    "RevokedError",
+    "SandboxLimitError",
+    "SandboxTimeoutError",
+    "ServerError",
+    "ServerInternalError",
+    "TooLargeError",
+    "TransportError",
+    "UnauthenticatedError",
+    "UniquenessError",
+    "UploadCorruptError",
+    "VerificationFailedError",
+    "error_for",
+]
+
+# google.rpc.ErrorInfo.domain of our reasons: the proto package that declares them.
+ERROR_DOMAIN: str = errors_pb2.DESCRIPTOR.package
 
 
 class FreemarkError(Exception):
@@ -45,46 +121,149 @@ class TransportError(FreemarkError):
 class ServerError(FreemarkError):
     """The key server answered a call with an error status.
 
-    `code` is the `grpc.StatusCode` and `message` the server's actionable text, so callers can
-    branch on the code without parsing strings; subclasses name the statuses callers act on.
+    `code` is the `grpc.StatusCode`, `reason` the `ErrorReason` name the server gave (None when
+    it gave none) and `message` the server's actionable text, so callers can branch without
+    parsing strings. Subclasses name what happened; `REASON` is the reason each one stands for.
     """
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(f"{message} [{code.name}]")
+    REASON: ClassVar[str | None] = None
+
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str | None = None) -> None:
+        super().__init__(f"{reason}: {message}" if reason else f"{message} [{code.name}]")
         self.code = code
         self.message = message
+        self.reason = reason
 
 
 class InvalidArgumentError(ServerError):
-    """INVALID_ARGUMENT: the bundle, model file or request was refused as malformed."""
+    """INVALID_ARGUMENT: the request, bundle or model was refused; the subclass says which."""
+
+
+class MalformedRequestError(InvalidArgumentError):
+    """The request itself is wrong: missing header, empty id, out-of-range size or index."""
+
+    REASON = "MALFORMED_REQUEST"
+
+
+class InvalidBundleError(InvalidArgumentError):
+    """The key bundle does not parse or is inconsistent."""
+
+    REASON = "INVALID_BUNDLE"
+
+
+class InvalidModelError(InvalidArgumentError):
+    """The uploaded model is unreadable, unsafe or lacks the key's layer."""
+
+    REASON = "INVALID_MODEL"
+
+
+class HostMismatchError(InvalidArgumentError):
+    """The key does not fit the uploaded host (fingerprint differs or not every bit decodes)."""
+
+    REASON = "HOST_MISMATCH"
+
+
+class NotUniqueError(InvalidArgumentError):
+    """The server found that the key also decodes from an unrelated model; derive it again."""
+
+    REASON = "NOT_UNIQUE"
 
 
 class UnauthenticatedError(ServerError):
-    """UNAUTHENTICATED: no token, or one the server does not know."""
+    """No token, one the server does not know, or a disabled principal."""
+
+    REASON = "UNAUTHENTICATED"
 
 
 class PermissionDeniedError(ServerError):
-    """PERMISSION_DENIED: the caller's role or ownership does not allow the call."""
+    """The caller's role or ownership does not allow the call."""
+
+    REASON = "PERMISSION_DENIED"
 
 
 class NotFoundError(ServerError):
-    """NOT_FOUND: no such registration visible to the caller."""
+    """No such registration visible to the caller."""
+
+    REASON = "NOT_FOUND"
 
 
 class AlreadyRegisteredError(ServerError):
-    """ALREADY_EXISTS: an earlier registration already claims this model (the message names it)."""
+    """An earlier registration already claims this model (the message names it)."""
+
+    REASON = "ALREADY_CLAIMED"
 
 
 class ResourceExhaustedError(ServerError):
-    """RESOURCE_EXHAUSTED: the upload is over the server's cap, or the server is at capacity."""
+    """RESOURCE_EXHAUSTED: over one of the server's caps, or the server is at capacity."""
+
+
+class TooLargeError(ResourceExhaustedError):
+    """The upload or key bundle is over the server's cap (named in the message)."""
+
+    REASON = "TOO_LARGE"
+
+
+class SandboxLimitError(ResourceExhaustedError):
+    """The model exceeded the sandbox's memory, CPU-time or output limits."""
+
+    REASON = "SANDBOX_LIMIT"
 
 
 class DeadlineExceededError(ServerError):
-    """DEADLINE_EXCEEDED: the call, or the suspect model in the server's sandbox, ran too long."""
+    """DEADLINE_EXCEEDED: the call ran past its deadline (the client's own, without a reason)."""
+
+
+class SandboxTimeoutError(DeadlineExceededError):
+    """The model did not finish inside the sandbox's deadline."""
+
+    REASON = "SANDBOX_DEADLINE"
 
 
 class RevokedError(ServerError):
-    """FAILED_PRECONDITION: the registration was revoked."""
+    """The registration was revoked; it stays in the log, and verifies are refused."""
+
+    REASON = "REVOKED"
+
+
+class UploadCorruptError(ServerError):
+    """The bytes the server received do not match the upload header; worth re-sending."""
+
+    REASON = "UPLOAD_CORRUPT"
+
+
+class ServerInternalError(ServerError):
+    """Something unexpected failed on the server; the message has the operator's reference."""
+
+    REASON = "INTERNAL"
+
+
+_BY_REASON: dict[str, type[ServerError]] = {
+    cls.REASON: cls
+    for cls in (MalformedRequestError, InvalidBundleError, InvalidModelError, HostMismatchError,
+                NotUniqueError, UnauthenticatedError, PermissionDeniedError, NotFoundError,
+                AlreadyRegisteredError, TooLargeError, SandboxLimitError, SandboxTimeoutError,
+                RevokedError, UploadCorruptError, ServerInternalError)
+    if cls.REASON is not None
+}
+
+# Without a (known) reason, by status name: the statuses that mean the same whoever sent them
+# (a proxy, an older server). FAILED_PRECONDITION, DATA_LOSS, INTERNAL and the rest stay plain.
+_BY_STATUS: dict[str, type[ServerError]] = {
+    "INVALID_ARGUMENT": InvalidArgumentError,
+    "RESOURCE_EXHAUSTED": ResourceExhaustedError,
+    "DEADLINE_EXCEEDED": DeadlineExceededError,
+    "UNAUTHENTICATED": UnauthenticatedError,
+    "PERMISSION_DENIED": PermissionDeniedError,
+    "NOT_FOUND": NotFoundError,
+    "ALREADY_EXISTS": AlreadyRegisteredError,
+}
+
+
+def error_for(code: grpc.StatusCode, message: str, reason: str | None = None) -> ServerError:
+    """The `ServerError` for a refusal: by `reason` (an `ErrorReason` name) when this client
+    knows it, else by status; an unknown reason is kept on the error all the same."""
+    cls = _BY_REASON.get(reason or "") or _BY_STATUS.get(code.name, ServerError)
+    return cls(code, message, reason)
 
 
 # --- offline verification -------------------------------------------------------------------
@@ -98,3 +277,21 @@ class InvalidReceiptError(FreemarkError):
 class VerificationFailedError(InvalidReceiptError):
     """A cryptographic check failed: the statement or checkpoint signature, the key id, or the
     inclusion proof. A subclass of `InvalidReceiptError` so one `except` refuses any bad file."""
+
+
+class LogProofError(FreemarkError):
+    """A proof, checkpoint or audited log does not check out; the message says where.
+
+    Raised by `freemark.merkle` (and importable from there)."""
+
+
+_OPAQUE_MESSAGE = "decryption or signature check failed"
+
+
+class CryptoError(FreemarkError):
+    """A decryption or signature check failed; deliberately silent about which one and why.
+
+    Raised by `freemark.signatures` and the server's envelopes (and importable from there)."""
+
+    def __init__(self) -> None:
+        super().__init__(_OPAQUE_MESSAGE)

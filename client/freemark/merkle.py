@@ -25,7 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from freemark.signatures import CryptoError, Verifier, canonical_json
+from freemark.errors import CryptoError, LogProofError
+from freemark.signatures import Verifier, canonical_json
 
 __all__ = [
     "EMPTY_ROOT",
@@ -51,10 +52,6 @@ EMPTY_ROOT = hashlib.sha256(b"").digest()
 
 # Names the signed body so a checkpoint signature can never pass for a receipt or a verdict.
 _CHECKPOINT_KIND = "freemark/v1/checkpoint"
-
-
-class LogProofError(Exception):
-    """A proof, checkpoint or audited log does not check out; the message says where."""
 
 
 def leaf_hash(data: bytes) -> bytes:

@@ -27,6 +27,9 @@ from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from tqdm.auto import tqdm
 
 from freemark._serde import (
@@ -40,18 +43,11 @@ from freemark._serde import (
 from freemark.bundle import KeyBundle
 from freemark.bundle import to_proto as bundle_to_proto
 from freemark.errors import (
-    AlreadyRegisteredError,
-    DeadlineExceededError,
+    ERROR_DOMAIN,
     FreemarkError,
-    InvalidArgumentError,
     InvalidInputError,
-    NotFoundError,
-    PermissionDeniedError,
-    ResourceExhaustedError,
-    RevokedError,
-    ServerError,
     TransportError,
-    UnauthenticatedError,
+    error_for,
 )
 from freemark.records import (
     Checkpoint,
@@ -87,29 +83,38 @@ _FORMATS: dict[str, pb.ModelFormat.ValueType] = {
     "safetensors": pb.MODEL_FORMAT_SAFETENSORS,
 }
 
-# The statuses callers act on; anything else is a plain ServerError that keeps its code.
-_ERRORS: dict[grpc.StatusCode, type[ServerError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
-    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
-    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
-    grpc.StatusCode.NOT_FOUND: NotFoundError,
-    grpc.StatusCode.ALREADY_EXISTS: AlreadyRegisteredError,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
-    grpc.StatusCode.FAILED_PRECONDITION: RevokedError,
-}
-
 T = TypeVar("T")
 
 
 def error_from_rpc(error: grpc.RpcError, target: str) -> FreemarkError:
     """The library error for a failed call: `TransportError` for UNAVAILABLE, else the
-    `ServerError` subclass of its status, keeping the code and the server's message."""
+    `ServerError` of the reason in the status's `google.rpc.ErrorInfo` (by status when there is
+    none), keeping the code, the reason and the server's message."""
     code: grpc.StatusCode = error.code()  # a grpc.Call in practice
     details: str = error.details() or code.name.lower()
     if code == grpc.StatusCode.UNAVAILABLE:
         return TransportError(f"cannot reach the key server at {target}: {details}")
-    return _ERRORS.get(code, ServerError)(code, details)
+    return error_for(code, details, _reason(error))
+
+
+def _reason(error: grpc.RpcError) -> str | None:
+    """The `ErrorReason` name in a failed call's rich status, if it carries one of ours.
+
+    A status without details (a proxy, grpc itself, an older server), one whose details do not
+    parse, or an ErrorInfo from another domain gives None: the caller falls back to the code.
+    """
+    try:
+        status = rpc_status.from_call(error)  # type: ignore[arg-type]  # a grpc.Call in practice
+        if status is None:
+            return None
+        for detail in status.details:
+            info = error_details_pb2.ErrorInfo()
+            if detail.Is(info.DESCRIPTOR) and detail.Unpack(info) and info.domain == ERROR_DOMAIN:
+                return info.reason or None
+    # not a Call, trailers that contradict the status, or details that do not parse
+    except (AttributeError, ValueError, DecodeError):
+        return None
+    return None
 
 
 def is_loopback(target: str) -> bool:

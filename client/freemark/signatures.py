@@ -23,6 +23,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from freemark.errors import CryptoError
+
 __all__ = [
     "KEY_ID_HEX_CHARS",
     "CryptoError",
@@ -33,16 +35,6 @@ __all__ = [
 ]
 
 KEY_ID_HEX_CHARS = 16
-
-_OPAQUE_MESSAGE = "decryption or signature check failed"
-
-
-class CryptoError(Exception):
-    """A decryption or signature check failed; deliberately silent about which one and why."""
-
-    def __init__(self) -> None:
-        super().__init__(_OPAQUE_MESSAGE)
-
 
 def canonical_json(obj: Any) -> bytes:
     """RFC 8785 (JCS) bytes of `obj`: the only form of JSON the TTP signs or hashes."""

@@ -1,8 +1,12 @@
-"""The server's error catalog: every refusal has a code, a gRPC status and a public message.
+"""The server's error catalog: every refusal has a reason, a gRPC status and a public message.
 
 Handlers raise `ServiceError(ErrorCode.X, "what to do about it")`; the servicer turns it into
-the status with rich details (google.rpc.ErrorInfo). The detail text is written by us and
-never contains secrets; anything unexpected becomes INTERNAL with an opaque reference.
+the status with rich details (google.rpc.ErrorInfo, reason `code.reason` in `ERROR_DOMAIN`).
+The reasons are declared once, in `proto/freemark/v1/errors.proto` (`ErrorReason`): each code
+here names its proto value, so a code the proto lacks fails at import, and a test fails when
+a proto value has no code, a name differs, or the status documented in the proto is not the
+one used here. The detail text is written by us and never contains secrets; anything
+unexpected becomes INTERNAL with an opaque reference.
 """
 
 from __future__ import annotations
@@ -11,33 +15,48 @@ from enum import Enum
 
 import grpc
 
+from freemark.errors import ERROR_DOMAIN
+from freemark.v1 import errors_pb2 as reasons
+
+__all__ = ["ERROR_DOMAIN", "ErrorCode", "ServiceError"]
+
+S = grpc.StatusCode
+
 
 class ErrorCode(Enum):
-    """Refusal reasons; the value is (gRPC status, short public summary)."""
+    """Refusal reasons; the value is (proto ErrorReason, gRPC status, short public summary)."""
 
-    MALFORMED_REQUEST = (grpc.StatusCode.INVALID_ARGUMENT, "malformed request")
-    INVALID_BUNDLE = (grpc.StatusCode.INVALID_ARGUMENT, "invalid key bundle")
-    INVALID_MODEL = (grpc.StatusCode.INVALID_ARGUMENT, "invalid model file")
-    HOST_MISMATCH = (grpc.StatusCode.INVALID_ARGUMENT, "the key does not fit the uploaded host")
-    NOT_UNIQUE = (grpc.StatusCode.INVALID_ARGUMENT, "the key is not specific to the host")
-    UNAUTHENTICATED = (grpc.StatusCode.UNAUTHENTICATED, "authentication required")
-    PERMISSION_DENIED = (grpc.StatusCode.PERMISSION_DENIED, "not allowed")
-    NOT_FOUND = (grpc.StatusCode.NOT_FOUND, "not found")
-    ALREADY_CLAIMED = (grpc.StatusCode.ALREADY_EXISTS, "model already registered")
-    TOO_LARGE = (grpc.StatusCode.RESOURCE_EXHAUSTED, "upload too large")
-    SANDBOX_LIMIT = (grpc.StatusCode.RESOURCE_EXHAUSTED, "model exceeded the sandbox limits")
-    SANDBOX_DEADLINE = (grpc.StatusCode.DEADLINE_EXCEEDED, "model did not finish in time")
-    REVOKED = (grpc.StatusCode.FAILED_PRECONDITION, "registration revoked")
-    UPLOAD_CORRUPT = (grpc.StatusCode.DATA_LOSS, "upload does not match its header")
-    INTERNAL = (grpc.StatusCode.INTERNAL, "internal error")
+    MALFORMED_REQUEST = (reasons.MALFORMED_REQUEST, S.INVALID_ARGUMENT, "malformed request")
+    INVALID_BUNDLE = (reasons.INVALID_BUNDLE, S.INVALID_ARGUMENT, "invalid key bundle")
+    INVALID_MODEL = (reasons.INVALID_MODEL, S.INVALID_ARGUMENT, "invalid model file")
+    HOST_MISMATCH = (reasons.HOST_MISMATCH, S.INVALID_ARGUMENT,
+                     "the key does not fit the uploaded host")
+    NOT_UNIQUE = (reasons.NOT_UNIQUE, S.INVALID_ARGUMENT, "the key is not specific to the host")
+    UNAUTHENTICATED = (reasons.UNAUTHENTICATED, S.UNAUTHENTICATED, "authentication required")
+    PERMISSION_DENIED = (reasons.PERMISSION_DENIED, S.PERMISSION_DENIED, "not allowed")
+    NOT_FOUND = (reasons.NOT_FOUND, S.NOT_FOUND, "not found")
+    ALREADY_CLAIMED = (reasons.ALREADY_CLAIMED, S.ALREADY_EXISTS, "model already registered")
+    TOO_LARGE = (reasons.TOO_LARGE, S.RESOURCE_EXHAUSTED, "upload too large")
+    SANDBOX_LIMIT = (reasons.SANDBOX_LIMIT, S.RESOURCE_EXHAUSTED,
+                     "model exceeded the sandbox limits")
+    SANDBOX_DEADLINE = (reasons.SANDBOX_DEADLINE, S.DEADLINE_EXCEEDED,
+                        "model did not finish in time")
+    REVOKED = (reasons.REVOKED, S.FAILED_PRECONDITION, "registration revoked")
+    UPLOAD_CORRUPT = (reasons.UPLOAD_CORRUPT, S.DATA_LOSS, "upload does not match its header")
+    INTERNAL = (reasons.INTERNAL, S.INTERNAL, "internal error")
+
+    @property
+    def reason(self) -> str:
+        """The google.rpc.ErrorInfo reason: the proto `ErrorReason` value's name."""
+        return reasons.ErrorReason.Name(self.value[0])
 
     @property
     def status(self) -> grpc.StatusCode:
-        return self.value[0]
+        return self.value[1]
 
     @property
     def summary(self) -> str:
-        return self.value[1]
+        return self.value[2]
 
 
 class ServiceError(Exception):

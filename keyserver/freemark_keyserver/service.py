@@ -22,7 +22,7 @@ from freemark.v1 import keyservice_pb2 as pb
 from freemark.v1 import keyservice_pb2_grpc
 from freemark_keyserver import handlers
 from freemark_keyserver.auth import authenticate
-from freemark_keyserver.errors import ErrorCode, ServiceError
+from freemark_keyserver.errors import ERROR_DOMAIN, ErrorCode, ServiceError
 from freemark_keyserver.uploads import spooled
 
 log = logging.getLogger("freemark_keyserver")
@@ -30,7 +30,8 @@ T = TypeVar("T")
 
 
 def _abort(context: grpc.ServicerContext, code: ErrorCode, message: str) -> None:
-    info = error_details_pb2.ErrorInfo(reason=code.name, domain="freemark.v1")
+    """End the call with `code`'s status and an ErrorInfo naming its proto reason."""
+    info = error_details_pb2.ErrorInfo(reason=code.reason, domain=ERROR_DOMAIN)
     detail = any_pb2.Any()
     detail.Pack(info)
     status = status_pb2.Status(code=code.status.value[0], message=message, details=[detail])
