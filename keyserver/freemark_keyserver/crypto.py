@@ -20,8 +20,9 @@ The checking half of signing (`Verifier`, `canonical_json`, `verify_json`, `Cryp
 lives in the library's `freemark.signatures`, so auditors verify offline without this
 package; it is re-exported here so server code has one import for both halves.
 
-Key files hold secrets, so they are created 0600 atomically, and a key file that group or
-others can read is refused rather than silently used.
+Key files hold secrets, so they are created 0600 atomically (`freemark.secretfile.write_private`,
+the one writer of secret files), and a key file that group or others can read is refused rather
+than silently used.
 
 Quick start::
 
@@ -44,7 +45,6 @@ from __future__ import annotations
 import base64
 import binascii
 import os
-import secrets
 import stat
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -57,6 +57,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from freemark.secretfile import write_private
 from freemark.signatures import CryptoError, Verifier, canonical_json, public_key_id, verify_json
 
 __all__ = [
@@ -218,7 +219,8 @@ def _parse_keyring_file(path: Path, data: bytes) -> MasterKeyring:
 
 def save_keyring(path: Path, keyring: MasterKeyring) -> None:
     """Atomically replace `path` with `keyring` (mode 0600): readers see the old or the new."""
-    _write_secret_file(path, (_keyring_to_text(keyring) + "\n").encode("ascii"), overwrite=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_private(path, (_keyring_to_text(keyring) + "\n").encode("ascii"))
 
 
 def load_or_create_keyring(path: Path) -> MasterKeyring:
@@ -670,43 +672,6 @@ def _read_secret_file(path: Path) -> bytes:
         return handle.read()
 
 
-def _write_secret_file(path: Path, data: bytes, *, overwrite: bool) -> bool:
-    """Write `data` to `path` atomically with mode 0600; return False if it exists and must not
-    be overwritten.
-
-    The bytes go to a 0600 temporary file in the same directory, are fsynced, then moved into
-    place in one step, so a crash never leaves a half-written key and the key is never
-    readable by others, not even for an instant.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    temp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if overwrite:
-            os.replace(temp, path)
-        else:
-            try:
-                os.link(temp, path)  # unlike rename, fails if another process created it first
-            except FileExistsError:
-                return False
-        _fsync_directory(path.parent)
-        return True
-    finally:
-        temp.unlink(missing_ok=True)
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _load_or_create(path: Path, make: Callable[[], bytes]) -> bytes:
     """Return the key file's bytes, creating it from `make()` if absent (race-safe)."""
     try:
@@ -714,6 +679,9 @@ def _load_or_create(path: Path, make: Callable[[], bytes]) -> bytes:
     except FileNotFoundError:
         pass
     data = make()
-    if _write_secret_file(path, data, overwrite=False):
-        return data
-    return _read_secret_file(path)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        write_private(path, data, exclusive=True)
+    except FileExistsError:  # another process created it first: use theirs
+        return _read_secret_file(path)
+    return data
