@@ -6,7 +6,6 @@ is secret (key, triggers, nonce): files are created with mode 0600.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from google.protobuf.message import DecodeError
 
 from freemark.errors import InvalidInputError
 from freemark.probes import MAX_PROBES
+from freemark.secretfile import write_private
 from freemark.triggers import TriggerSet
 from freemark.v1 import bundle_pb2
 from freemark.watermark import check_n_bits, watermark_bits
@@ -169,19 +169,8 @@ def from_bytes(data: bytes) -> KeyBundle:
 
 
 def save_bundle(path: str | Path, bundle: KeyBundle) -> None:
-    """Write a `.fmk` file with mode 0600, atomically (temp file + rename)."""
-    target = Path(path)
-    temp = target.with_name(f".{target.name}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(FILE_MAGIC + to_bytes(bundle))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, target)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+    """Write a `.fmk` file with mode 0600, atomically (`freemark.secretfile.write_private`)."""
+    write_private(Path(path), FILE_MAGIC + to_bytes(bundle))
 
 
 def load_bundle(path: str | Path) -> KeyBundle:

@@ -7,12 +7,14 @@ server stores them inside the encrypted bundle.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from freemark.errors import InvalidInputError
+from freemark.secretfile import write_private
 
 DEFAULT_PER_CLASS = 10
 
@@ -80,11 +82,12 @@ def load_triggers(path: str | Path) -> TriggerSet:
 
 
 def save_triggers(path: str | Path, triggers: TriggerSet) -> None:
-    """Write a triggers `.npz`. The file is secret: protect it like the key."""
+    """Write a triggers `.npz` with mode 0600, atomically: the file is secret, like the key."""
     arrays: dict[str, np.ndarray] = {"inputs": triggers.inputs}
     if triggers.attention_mask is not None:
         arrays["attention_mask"] = triggers.attention_mask
     if triggers.labels is not None:
         arrays["labels"] = triggers.labels
-    with open(path, "wb") as handle:
-        np.savez(handle, allow_pickle=False, **arrays)
+    buffer = io.BytesIO()
+    np.savez(buffer, allow_pickle=False, **arrays)
+    write_private(Path(path), buffer.getvalue())

@@ -17,13 +17,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from freemark_keyserver.store import StoreError
+from freemark_keyserver.store.errors import StoreError
 
 __all__ = ["LATEST_VERSION", "MIGRATIONS", "Backend", "Migration", "SchemaError", "migrate"]
 
 Backend = Literal["sqlite", "postgres"]
 
-# Runs one statement with "?" placeholders and returns a DB-API cursor.
+# Runs one statement with "?" placeholders and returns a DB-API cursor whose rows are read by
+# column name.
 Execute = Callable[..., Any]
 
 
@@ -184,7 +185,8 @@ def migrate(
         "CREATE TABLE IF NOT EXISTS schema_migrations ("
         "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)"
     )
-    applied = {int(row[0]) for row in execute("SELECT version FROM schema_migrations").fetchall()}
+    rows = execute("SELECT version FROM schema_migrations").fetchall()
+    applied = {int(row["version"]) for row in rows}
     unknown = sorted(applied - {m.version for m in MIGRATIONS})
     if unknown:
         raise SchemaError(

@@ -20,8 +20,10 @@ from typing import Any
 
 import psycopg
 from psycopg import errors
+from psycopg.rows import dict_row
 
-from freemark_keyserver.store import Clock, _SqlStore, now_micros
+from freemark_keyserver.store.records import Clock, now_micros
+from freemark_keyserver.store.sql import SqlStore
 
 __all__ = ["PostgresStore"]
 
@@ -34,7 +36,7 @@ CONNECT_TIMEOUT_S = 10
 _SCHEMA_LOCK_KEY = -6118834964135131250
 
 
-class PostgresStore(_SqlStore):
+class PostgresStore(SqlStore):
     """A `Store` in a PostgreSQL database given by a ``postgresql://`` URL, migrated on open."""
 
     backend = "postgres"
@@ -54,7 +56,13 @@ class PostgresStore(_SqlStore):
     def _connect(self) -> psycopg.Connection[Any]:
         # Autocommit: a read is one statement and needs no transaction; writes open one
         # explicitly with `_begin`, so no transaction is ever left open by accident.
-        conn = psycopg.connect(self._url, autocommit=True, connect_timeout=self._connect_timeout_s)
+        # dict_row: rows by column name (`sql.Row`), the same as SQLite's.
+        conn = psycopg.connect(
+            self._url,
+            autocommit=True,
+            connect_timeout=self._connect_timeout_s,
+            row_factory=dict_row,
+        )
         # Pinned, whatever the database's default: append relies on READ COMMITTED re-reading
         # the log head once its lock is granted, where REPEATABLE READ would fail instead.
         conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED

@@ -17,7 +17,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from freemark_keyserver.store import Clock, _SqlStore, now_micros
+from freemark_keyserver.store.records import Clock, now_micros
+from freemark_keyserver.store.sql import SqlStore
 
 __all__ = ["SqliteStore"]
 
@@ -26,7 +27,7 @@ __all__ = ["SqliteStore"]
 BUSY_TIMEOUT_S = 30.0
 
 
-class SqliteStore(_SqlStore):
+class SqliteStore(SqlStore):
     """A `Store` in one SQLite file, created and migrated on open."""
 
     backend = "sqlite"
@@ -53,6 +54,8 @@ class SqliteStore(_SqlStore):
             isolation_level=None,
             check_same_thread=False,
         )
+        # Rows by column name (`sql.Row`); sqlite3.Row is a mapping as well as a tuple.
+        conn.row_factory = sqlite3.Row
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")

@@ -24,8 +24,9 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.rows import dict_row, tuple_row
 
-import freemark_keyserver.store as store_module
+import freemark_keyserver.store.sql as store_sql
 from freemark_keyserver.store import (
     ORPHAN_GRACE_S,
     DuplicateError,
@@ -108,13 +109,20 @@ def store(db: str, clock: FakeClock) -> Iterator[Store]:
 
 
 @contextmanager
-def raw_sql(db: str) -> Iterator[Callable[..., Any]]:
-    """Run "?"-placeholder SQL on the test database directly, outside any `Store`."""
+def raw_sql(db: str, *, by_name: bool = False) -> Iterator[Callable[..., Any]]:
+    """Run "?"-placeholder SQL on the test database directly, outside any `Store`.
+
+    Rows are plain tuples, or with `by_name` mappings by column name as the stores' own
+    connections return them (what `migrate` reads).
+    """
     if db.startswith("postgresql://"):
-        with psycopg.connect(db, autocommit=True) as pg_conn:
+        row_factory: Any = dict_row if by_name else tuple_row
+        with psycopg.connect(db, autocommit=True, row_factory=row_factory) as pg_conn:
             yield lambda sql, params=(): pg_conn.execute(sql.replace("?", "%s"), params)
     else:
         sqlite_conn = sqlite3.connect(db, isolation_level=None)
+        if by_name:
+            sqlite_conn.row_factory = sqlite3.Row
         try:
             yield lambda sql, params=(): sqlite_conn.execute(sql, params)
         finally:
@@ -370,7 +378,7 @@ def test_host_blob_round_trips_in_order_across_transactions(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Tiny transactions, so a handful of segments spans several of them.
-    monkeypatch.setattr(store_module, "_BLOB_TRANSACTION_BYTES", 1000)
+    monkeypatch.setattr(store_sql, "_BLOB_TRANSACTION_BYTES", 1000)
     pieces = segments_of("reg-1", 11)
     assert store.put_host_blob("reg-1", iter(pieces)) == 11
     assert list(store.host_blob("reg-1")) == pieces
@@ -395,7 +403,7 @@ def test_host_blob_is_read_lazily(store: Store, db: str) -> None:
 def test_orphaned_host_blobs_are_collected_after_the_grace_period(
     db: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_module, "_BLOB_TRANSACTION_BYTES", 1000)
+    monkeypatch.setattr(store_sql, "_BLOB_TRANSACTION_BYTES", 1000)
     store = open_store(db, clock=clock)
     try:
         # A blob whose registration committed, one whose append never came, and one whose
@@ -472,7 +480,7 @@ def test_upgrade_from_v1_keeps_data_and_continues_the_log(db: str, clock: FakeCl
     old_entries = [entry_builder("register", "reg-old")(0, T0)] + [
         entry_builder("verify")(i, T0 + i) for i in (1, 2)
     ]
-    with raw_sql(db) as execute:
+    with raw_sql(db, by_name=True) as execute:
         assert migrate(execute, backend, now=T0, target=1) == [1]
         for i, entry in enumerate(old_entries):
             execute(

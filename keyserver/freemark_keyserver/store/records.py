@@ -1,0 +1,94 @@
+"""What the store holds: frozen records, the roles a principal may have, and the clock.
+
+Every stored timestamp is in unix microseconds (`now_micros`); a `Clock` is injected wherever
+the store reads the time, so tests can fix it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = [
+    "ROLES",
+    "Clock",
+    "LogEntry",
+    "Principal",
+    "Registration",
+    "StoredCheckpoint",
+    "now_micros",
+]
+
+ROLES = frozenset({"owner", "arbiter", "admin"})
+
+Clock = Callable[[], int]
+
+
+def now_micros() -> int:
+    """Wall-clock time in unix microseconds: the resolution every stored timestamp uses."""
+    return time.time_ns() // 1000
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Someone who may call the server: an owner, an arbiter or an admin.
+
+    Only a hash of the bearer token is stored, so a leaked database does not leak credentials.
+    """
+
+    name: str
+    role: str
+    token_hash: bytes
+    created_at: int
+    disabled: bool = False
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"unknown role {self.role!r}; expected one of {sorted(ROLES)}")
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A registered key bundle: public lookup fields in the clear, secrets in envelopes.
+
+    `created_at` (unix microseconds) and `log_index` are assigned by `Store.append`; whatever
+    the caller puts there is ignored on insert. `host_envelope` holds what opens the registered
+    host: a `crypto.StreamHeader` whose segments are this registration's host blob, or, for
+    records written before schema version 3, the whole host sealed in one `crypto.Envelope`.
+    """
+
+    registration_id: str
+    owner: str
+    created_at: int
+    host_fingerprint: bytes
+    architecture_digest: bytes
+    layer: str
+    units: int
+    n_bits: int
+    commitment: bytes
+    key_version: int
+    envelope: bytes
+    host_envelope: bytes
+    log_index: int
+    revoked_at: int | None = None
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """One leaf of the append-only log: the exact bytes hashed, and where they sit."""
+
+    index: int
+    kind: str
+    entry: bytes
+    leaf_hash: bytes
+    created_at: int
+
+
+@dataclass(frozen=True)
+class StoredCheckpoint:
+    """A signed checkpoint as stored: the signed body bytes and the signature over them."""
+
+    tree_size: int
+    body: bytes
+    signature: bytes

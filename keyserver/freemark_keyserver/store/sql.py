@@ -1,0 +1,473 @@
+"""The SQL both backends share: every `Store` method, written once.
+
+Statements use ``?`` placeholders against the schema in `freemark_keyserver.store.migrations`;
+a backend supplies connections, transactions, locking and its dialect's quirks (`SqlStore`'s
+hooks). Rows are read by column name, never by position: each backend's connections return
+mapping rows (``sqlite3.Row``, psycopg's ``dict_row``), so a reordered column list cannot
+silently shift a value into the wrong field.
+
+The log's total order comes from the database's own lock, never a Python lock, because a
+Python lock does not reach another process or replica: the one-row ``log_head`` counter is
+incremented first thing in every append transaction (under ``BEGIN IMMEDIATE`` on SQLite, a
+row lock on PostgreSQL), so a second appender waits until the first commits or rolls back.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from abc import abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, ClassVar
+
+from freemark_keyserver.store import migrations
+from freemark_keyserver.store.errors import DuplicateError, NotFoundError
+from freemark_keyserver.store.interface import ORPHAN_GRACE_S, Store
+from freemark_keyserver.store.migrations import Backend
+from freemark_keyserver.store.pool import ConnectionPool
+from freemark_keyserver.store.records import (
+    Clock,
+    LogEntry,
+    Principal,
+    Registration,
+    StoredCheckpoint,
+)
+
+__all__ = ["Row", "SqlStore"]
+
+# A result row as every backend returns it: values by column name.
+Row = Mapping[str, Any]
+
+# Rows fetched per round trip when iterating every registration for master key rotation:
+# small enough to keep memory flat, large enough that the round trips do not dominate.
+_REWRAP_BATCH = 256
+
+_PAGE_TOKEN_PREFIX = b"freemark/v1/after:"
+
+# Host segments committed per transaction: enough to amortise a commit's fsync, few enough that
+# an SQLite writer holds the database lock (which appends also need) for milliseconds only.
+_BLOB_TRANSACTION_BYTES = 16 << 20
+
+
+def _leaf_hash(entry: bytes) -> bytes:
+    """RFC 6962 leaf hash, SHA-256(0x00 || entry): the same as `freemark.merkle`."""
+    return hashlib.sha256(b"\x00" + entry).digest()
+
+
+def _encode_page_token(after_log_index: int) -> str:
+    return base64.urlsafe_b64encode(_PAGE_TOKEN_PREFIX + str(after_log_index).encode()).decode()
+
+
+def _decode_page_token(token: str) -> int:
+    """The log index a page token resumes after; -1 for the first page."""
+    if not token:
+        return -1
+    try:
+        raw = base64.urlsafe_b64decode(token.encode("ascii"))
+    except (binascii.Error, UnicodeEncodeError) as e:
+        raise ValueError("invalid page token") from e
+    digits = raw.removeprefix(_PAGE_TOKEN_PREFIX)
+    if digits == raw or not digits.isdigit():
+        raise ValueError("invalid page token")
+    return int(digits)
+
+
+# Column lists: the order here is only the order of the INSERT placeholders below; reads go
+# by name.
+_REGISTRATION_COLUMNS = (
+    "registration_id, owner, created_at, host_fingerprint, architecture_digest, layer, units,"
+    " n_bits, commitment, key_version, envelope, host_envelope, log_index, revoked_at"
+)
+_PRINCIPAL_COLUMNS = "name, role, token_hash, created_at, disabled"
+_ENTRY_COLUMNS = "idx, kind, entry, leaf_hash, created_at"
+_CHECKPOINT_COLUMNS = "tree_size, body, signature"
+
+
+def _registration(row: Row) -> Registration:
+    return Registration(
+        registration_id=row["registration_id"],
+        owner=row["owner"],
+        created_at=row["created_at"],
+        host_fingerprint=row["host_fingerprint"],
+        architecture_digest=row["architecture_digest"],
+        layer=row["layer"],
+        units=row["units"],
+        n_bits=row["n_bits"],
+        commitment=row["commitment"],
+        key_version=row["key_version"],
+        envelope=row["envelope"],
+        host_envelope=row["host_envelope"],
+        log_index=row["log_index"],
+        revoked_at=row["revoked_at"],
+    )
+
+
+def _principal(row: Row) -> Principal:
+    return Principal(
+        name=row["name"],
+        role=row["role"],
+        token_hash=bytes(row["token_hash"]),
+        created_at=row["created_at"],
+        disabled=bool(row["disabled"]),
+    )
+
+
+def _entry(row: Row) -> LogEntry:
+    return LogEntry(
+        index=row["idx"],
+        kind=row["kind"],
+        entry=row["entry"],
+        leaf_hash=row["leaf_hash"],
+        created_at=row["created_at"],
+    )
+
+
+def _checkpoint(row: Row) -> StoredCheckpoint:
+    return StoredCheckpoint(
+        tree_size=row["tree_size"], body=row["body"], signature=row["signature"]
+    )
+
+
+class SqlStore(Store):
+    """The SQL both backends share; subclasses supply connections, locking and dialect.
+
+    Connections come from a `ConnectionPool`: each operation borrows one.
+    """
+
+    backend: ClassVar[Backend]
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._pool: ConnectionPool[Any] = ConnectionPool(self._connect, reusable=self._reusable)
+
+    # backend hooks
+
+    @abstractmethod
+    def _connect(self) -> Any:
+        """A new connection in autocommit mode, returning rows by column name.
+
+        Transactions are opened by `_begin`.
+        """
+
+    @abstractmethod
+    def _begin(self, conn: Any) -> AbstractContextManager[Any]:
+        """A write transaction: commits on exit, rolls back on an exception.
+
+        On SQLite it must take the database write lock up front (``BEGIN IMMEDIATE``);
+        PostgreSQL gets its ordering from row locks taken inside the transaction.
+        """
+
+    @abstractmethod
+    def _execute(self, conn: Any, sql: str, params: Sequence[Any] = ()) -> Any:
+        """Run one ``?``-placeholder statement; return a DB-API cursor of `Row`s."""
+
+    @abstractmethod
+    def _is_duplicate(self, error: Exception) -> bool:
+        """Whether a driver error is a unique-constraint violation."""
+
+    @abstractmethod
+    def _lock_schema(self, conn: Any) -> None:
+        """Serialise schema migration between processes opening the same database at once."""
+
+    def _reusable(self, conn: Any) -> bool:
+        """Whether a connection that was just used may go back to the pool."""
+        return True
+
+    # plumbing
+
+    def _open(self) -> None:
+        """Migrate on open, so every later call sees the latest schema; then collect orphans."""
+        with self._transaction() as conn:
+            self._lock_schema(conn)
+            migrations.migrate(
+                lambda sql, params=(): self._execute(conn, sql, params),
+                self.backend,
+                now=self._clock(),
+            )
+        self.collect_orphan_host_blobs(self._clock() - ORPHAN_GRACE_S * 1_000_000)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Any]:
+        with self._pool.connection() as conn:
+            try:
+                with self._begin(conn):
+                    yield conn
+            except Exception as e:
+                if self._is_duplicate(e):
+                    raise DuplicateError(str(e).splitlines()[0]) from e
+                raise
+
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        with self._pool.connection() as conn:
+            return list(self._execute(conn, sql, params).fetchall())
+
+    def _write(self, sql: str, params: Sequence[Any]) -> int:
+        """Run one modifying statement in its own transaction; return the rows it changed."""
+        with self._transaction() as conn:
+            return int(self._execute(conn, sql, params).rowcount)
+
+    # principals
+
+    def add_principal(self, principal: Principal) -> None:
+        self._write(
+            f"INSERT INTO principals ({_PRINCIPAL_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
+            (
+                principal.name,
+                principal.role,
+                principal.token_hash,
+                principal.created_at,
+                principal.disabled,
+            ),
+        )
+
+    def principal_by_token_hash(self, token_hash: bytes) -> Principal | None:
+        rows = self._rows(
+            f"SELECT {_PRINCIPAL_COLUMNS} FROM principals WHERE token_hash = ?", (token_hash,)
+        )
+        return _principal(rows[0]) if rows else None
+
+    def principal_by_name(self, name: str) -> Principal | None:
+        rows = self._rows(f"SELECT {_PRINCIPAL_COLUMNS} FROM principals WHERE name = ?", (name,))
+        return _principal(rows[0]) if rows else None
+
+    def list_principals(self) -> list[Principal]:
+        rows = self._rows(f"SELECT {_PRINCIPAL_COLUMNS} FROM principals ORDER BY name")
+        return [_principal(row) for row in rows]
+
+    def disable_principal(self, name: str) -> None:
+        if not self._write("UPDATE principals SET disabled = ? WHERE name = ?", (True, name)):
+            raise NotFoundError(f"no principal named {name!r}")
+
+    # the log and registrations
+
+    def append(
+        self,
+        kind: str,
+        build_entry: Callable[[int, int], bytes],
+        registration: Registration | None = None,
+    ) -> LogEntry:
+        with self._transaction() as conn:
+            # The increment is the ordering point: it takes the log head's lock, and a
+            # concurrent appender waits here until this transaction ends.
+            index = self._execute(
+                conn,
+                "UPDATE log_head SET size = size + 1 WHERE id = 1 RETURNING size - 1 AS idx",
+            ).fetchall()[0]["idx"]
+            previous = self._execute(
+                conn, "SELECT created_at FROM log_entries WHERE idx = ?", (index - 1,)
+            ).fetchall()
+            now = max(self._clock(), previous[0]["created_at"] if previous else 0)
+            entry = build_entry(index, now)
+            if not isinstance(entry, bytes):
+                raise TypeError(f"build_entry returned {type(entry).__name__}, not bytes")
+            stored = LogEntry(index, kind, entry, _leaf_hash(entry), now)
+            self._execute(
+                conn,
+                f"INSERT INTO log_entries ({_ENTRY_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
+                (stored.index, stored.kind, stored.entry, stored.leaf_hash, stored.created_at),
+            )
+            if registration is not None:
+                r = registration
+                self._execute(
+                    conn,
+                    f"INSERT INTO registrations ({_REGISTRATION_COLUMNS})"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        r.registration_id,
+                        r.owner,
+                        now,
+                        r.host_fingerprint,
+                        r.architecture_digest,
+                        r.layer,
+                        r.units,
+                        r.n_bits,
+                        r.commitment,
+                        r.key_version,
+                        r.envelope,
+                        r.host_envelope,
+                        index,
+                        r.revoked_at,
+                    ),
+                )
+        return stored
+
+    def get_registration(self, registration_id: str) -> Registration | None:
+        rows = self._rows(
+            f"SELECT {_REGISTRATION_COLUMNS} FROM registrations WHERE registration_id = ?",
+            (registration_id,),
+        )
+        return _registration(rows[0]) if rows else None
+
+    def find_by_fingerprint(self, host_fingerprint: bytes) -> list[Registration]:
+        rows = self._rows(
+            f"SELECT {_REGISTRATION_COLUMNS} FROM registrations"
+            " WHERE host_fingerprint = ? ORDER BY log_index",
+            (host_fingerprint,),
+        )
+        return [_registration(row) for row in rows]
+
+    def find_by_architecture(self, architecture_digest: bytes) -> list[Registration]:
+        rows = self._rows(
+            f"SELECT {_REGISTRATION_COLUMNS} FROM registrations"
+            " WHERE architecture_digest = ? ORDER BY log_index",
+            (architecture_digest,),
+        )
+        return [_registration(row) for row in rows]
+
+    def list_registrations(
+        self, owner: str | None, page_size: int, page_token: str
+    ) -> tuple[list[Registration], str]:
+        if page_size < 1:
+            raise ValueError(f"page_size must be positive, got {page_size}")
+        after = _decode_page_token(page_token)
+        # One row more than asked tells whether another page exists, so the last page
+        # ends with "" instead of a token that leads to an empty page.
+        if owner is None:
+            sql = "WHERE log_index > ? ORDER BY log_index LIMIT ?"
+            params: tuple[Any, ...] = (after, page_size + 1)
+        else:
+            sql = "WHERE owner = ? AND log_index > ? ORDER BY log_index LIMIT ?"
+            params = (owner, after, page_size + 1)
+        rows = self._rows(f"SELECT {_REGISTRATION_COLUMNS} FROM registrations {sql}", params)
+        page = [_registration(row) for row in rows[:page_size]]
+        more = len(rows) > page_size
+        return page, _encode_page_token(page[-1].log_index) if more else ""
+
+    def revoke(self, registration_id: str, at: int) -> bool:
+        changed = self._write(
+            "UPDATE registrations SET revoked_at = ?"
+            " WHERE registration_id = ? AND revoked_at IS NULL",
+            (at, registration_id),
+        )
+        return changed == 1
+
+    def registrations_for_rewrap(self) -> Iterator[Registration]:
+        token = ""
+        while True:
+            page, token = self.list_registrations(None, _REWRAP_BATCH, token)
+            yield from page
+            if not token:
+                return
+
+    def update_envelopes(
+        self, registration_id: str, key_version: int, envelope: bytes, host_envelope: bytes
+    ) -> None:
+        changed = self._write(
+            "UPDATE registrations SET key_version = ?, envelope = ?, host_envelope = ?"
+            " WHERE registration_id = ?",
+            (key_version, envelope, host_envelope, registration_id),
+        )
+        if not changed:
+            raise NotFoundError(f"no registration {registration_id!r}")
+
+    # host models
+
+    def put_host_blob(self, registration_id: str, segments: Iterable[bytes]) -> int:
+        pending = iter(segments)
+        seq = 0
+        more = True
+        while more:
+            with self._transaction() as conn:
+                written = 0
+                while written < _BLOB_TRANSACTION_BYTES:
+                    segment = next(pending, None)
+                    if segment is None:
+                        more = False
+                        break
+                    self._execute(
+                        conn,
+                        "INSERT INTO host_blobs (registration_id, seq, created_at, data)"
+                        " VALUES (?, ?, ?, ?)",
+                        (registration_id, seq, self._clock(), segment),
+                    )
+                    seq += 1
+                    written += len(segment)
+        return seq
+
+    def host_blob(self, registration_id: str) -> Iterator[bytes]:
+        # One query per segment: a single result set would be fetched whole by psycopg's
+        # client-side cursor, the whole model in memory.
+        seq = 0
+        while rows := self._rows(
+            "SELECT data FROM host_blobs WHERE registration_id = ? AND seq = ?",
+            (registration_id, seq),
+        ):
+            yield bytes(rows[0]["data"])
+            seq += 1
+
+    def host_blob_segments(self, registration_id: str) -> int:
+        rows = self._rows(
+            "SELECT COUNT(*) AS segments FROM host_blobs WHERE registration_id = ?",
+            (registration_id,),
+        )
+        return int(rows[0]["segments"])
+
+    def collect_orphan_host_blobs(self, written_before: int) -> int:
+        with self._transaction() as conn:
+            orphans = self._execute(
+                conn,
+                "SELECT registration_id FROM host_blobs b WHERE NOT EXISTS"
+                " (SELECT 1 FROM registrations r WHERE r.registration_id = b.registration_id)"
+                " GROUP BY registration_id HAVING MAX(created_at) < ?",
+                (written_before,),
+            ).fetchall()
+            for orphan in orphans:
+                self._execute(
+                    conn,
+                    "DELETE FROM host_blobs WHERE registration_id = ?",
+                    (orphan["registration_id"],),
+                )
+        return len(orphans)
+
+    def tree_size(self) -> int:
+        return int(self._rows("SELECT size FROM log_head WHERE id = 1")[0]["size"])
+
+    def entries(self, start: int, end: int) -> list[LogEntry]:
+        if not 0 <= start <= end:
+            raise ValueError(f"invalid entry range [{start}, {end})")
+        rows = self._rows(
+            f"SELECT {_ENTRY_COLUMNS} FROM log_entries WHERE idx >= ? AND idx < ? ORDER BY idx",
+            (start, end),
+        )
+        # Indexes have no gaps, so a short answer means the range runs past the log's end.
+        if len(rows) != end - start:
+            raise ValueError(f"log has no entries [{start}, {end}): it holds {len(rows)}")
+        return [_entry(row) for row in rows]
+
+    def leaf_hashes(self, end: int) -> list[bytes]:
+        if end < 0:
+            raise ValueError(f"invalid tree size {end}")
+        rows = self._rows("SELECT leaf_hash FROM log_entries WHERE idx < ? ORDER BY idx", (end,))
+        if len(rows) != end:
+            raise ValueError(f"log holds {len(rows)} entries, fewer than {end}")
+        return [bytes(row["leaf_hash"]) for row in rows]
+
+    # checkpoints
+
+    def add_checkpoint(self, checkpoint: StoredCheckpoint) -> None:
+        self._write(
+            f"INSERT INTO checkpoints ({_CHECKPOINT_COLUMNS}) VALUES (?, ?, ?)"
+            " ON CONFLICT (tree_size) DO NOTHING",
+            (checkpoint.tree_size, checkpoint.body, checkpoint.signature),
+        )
+
+    def latest_checkpoint(self) -> StoredCheckpoint | None:
+        rows = self._rows(
+            f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints ORDER BY tree_size DESC LIMIT 1"
+        )
+        return _checkpoint(rows[0]) if rows else None
+
+    def checkpoints(self) -> list[StoredCheckpoint]:
+        rows = self._rows(f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints ORDER BY tree_size")
+        return [_checkpoint(row) for row in rows]
+
+    def checkpoint_at(self, tree_size: int) -> StoredCheckpoint | None:
+        rows = self._rows(
+            f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints WHERE tree_size = ?", (tree_size,)
+        )
+        return _checkpoint(rows[0]) if rows else None
+
+    def close(self) -> None:
+        self._pool.close()
