@@ -7,7 +7,7 @@ checkpoint over it, and wrap each statement the way the server returns it.
 
 from __future__ import annotations
 
-import json
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +23,7 @@ from freemark.records import (
     SignedVerdict,
 )
 from freemark.signatures import canonical_json
+from freemark.wire import read_statement
 from freemark_keyserver.crypto import SigningKey
 
 ORIGIN = "freemark-test-log"
@@ -62,8 +63,13 @@ def verdict_body(log_index: int, **overrides: Any) -> dict[str, Any]:
         "log10_p_value": -24.903089986991944,
         "p_value_method": "permutation-betabinomial",
         "p_value_binomial": 8.636168555094445e-78,
+        "log10_p_value_binomial": -77.06367614624004,
         "alpha": 1e-9,
         "is_match": True,
+        "outcome": "match",
+        "tests": [{"name": "plain", "statistic": 256, "n": 256, "p_value": 1.25e-25,
+                   "log10_p_value": -24.903089986991944, "method": "permutation-betabinomial"}],
+        "panel": {"size": 0, "sha256": hashlib.sha256(b"").hexdigest()},
         "integrated_time": 1_700_000_050_000_000,
         "log_index": log_index,
         **overrides,
@@ -95,44 +101,12 @@ class SignedLog:
         return SignedStatement(self.entries[index], self.signatures[index], self.signer.key_id)
 
     def receipt(self, index: int) -> Receipt:
-        """Entry `index` (a registration body) as the server's typed Receipt."""
-        body = parse_entry(self.entries[index])
-        return Receipt(
-            statement=self.statement(index),
-            registration_id=body["registration_id"],
-            owner=body["owner"],
-            integrated_time=body["integrated_time"],
-            host_fingerprint=bytes.fromhex(body["host_fingerprint"]),
-            watermark_commitment=bytes.fromhex(body["watermark_commitment"]),
-            log_index=body["log_index"],
-            inclusion=self.inclusion(index),
-        )
+        """Entry `index` (a registration body) as the server's typed Receipt, read from its body."""
+        return read_statement(Receipt, self.statement(index), self.inclusion(index))
 
     def verdict(self, index: int) -> SignedVerdict:
-        """Entry `index` (a verdict body) as the server's typed SignedVerdict."""
-        body = parse_entry(self.entries[index])
-        return SignedVerdict(
-            statement=self.statement(index),
-            registration_id=body["registration_id"],
-            n_bits=body["n_bits"],
-            matches=body["matches"],
-            ber=float(body["ber"]),
-            p_value=body["p_value"],
-            log10_p_value=body["log10_p_value"],
-            p_value_method=body["p_value_method"],
-            p_value_binomial=body["p_value_binomial"],
-            alpha=body["alpha"],
-            is_match=body["is_match"],
-            log_index=body["log_index"],
-            integrated_time=body["integrated_time"],
-            inclusion=self.inclusion(index),
-        )
-
-
-def parse_entry(entry: bytes) -> dict[str, Any]:
-    """Parse an entry the tests wrote (always canonical JSON of an object)."""
-    parsed: dict[str, Any] = json.loads(entry)
-    return parsed
+        """Entry `index` (a verdict body) as the server's typed SignedVerdict, read from its body."""
+        return read_statement(SignedVerdict, self.statement(index), self.inclusion(index))
 
 
 def sign_checkpoint(signer: SigningKey, leaves: Sequence[bytes]) -> Checkpoint:

@@ -21,21 +21,22 @@ from typing import Any
 
 import numpy as np
 
-from freemark._serde import receipt_to_json, registration_to_json, verdict_to_json
+from freemark._schema import signed_fields
 from freemark.bundle import load_bundle, save_bundle
 from freemark.derive import DEFAULT_BITS, derive_key
-from freemark.display import print_fields, print_json, print_rows
+from freemark.display import format_value, print_fields, print_json, print_rows
 from freemark.errors import FreemarkError, InvalidInputError, InvalidReceiptError
 from freemark.extract import extract
 from freemark.keygen import DEFAULT_LAMBDA, DEFAULT_MARGIN, DerivationSettings
 from freemark.lab.attack_cli import add_attack_parser
 from freemark.modelfile import apply_weights, load_program
 from freemark.receipt import load_statement, verify_receipt
-from freemark.records import Receipt, RegistrationInfo, SignedVerdict
+from freemark.records import Receipt, ReferencePanel, RegistrationInfo, SignedVerdict
 from freemark.rpc import DEFAULT_TIMEOUT_S, KeyServiceClient
 from freemark.signatures import Verifier
 from freemark.triggers import DEFAULT_PER_CLASS, load_triggers, save_triggers, select_triggers
 from freemark.verdict import DEFAULT_ALPHA
+from freemark.wire import receipt_to_json, registration_to_json, verdict_to_json
 
 DEFAULT_SERVER = "127.0.0.1:50051"  # where `freemark-keyserver serve` listens by default
 
@@ -87,7 +88,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         print_json(verdict.as_dict())
     else:
         title = "WATERMARK PRESENT" if verdict.is_match else "watermark not found"
-        print_fields(f"verdict: {title}", verdict.as_dict())
+        print_fields(f"verdict: {title}", _signed_rows(verdict))
     return 0
 
 
@@ -125,14 +126,31 @@ def _time(micros: int) -> str:
     return datetime.fromtimestamp(micros / 1e6, tz=UTC).isoformat(timespec="microseconds")
 
 
+def _signed_rows(record: Any, first: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A signed record's fields for a table, from its field list: `first` ones first, times
+    in ISO 8601, each test on its own row, the panel in one line."""
+    names = [spec.name for spec in signed_fields(type(record))]
+    rows: dict[str, Any] = {}
+    for name in [*first, *(n for n in names if n not in first)]:
+        value = getattr(record, name)
+        if name == "integrated_time":
+            rows[name] = _time(value)
+        elif isinstance(value, ReferencePanel):
+            rows[name] = (f"{value.size} reference models, sha256 {value.sha256.hex()}"
+                          if value.size else "none")
+        elif name == "tests":
+            for test in value:
+                rows[f"test {test.name}"] = (
+                    f"{test.statistic:g} of {test.n}, p={format_value(test.p_value)} "
+                    f"({test.method})")
+        else:
+            rows[name] = value
+    return rows
+
+
 def _receipt_fields(receipt: Receipt) -> dict[str, Any]:
     return {
-        "registration_id": receipt.registration_id,
-        "owner": receipt.owner,
-        "integrated_time": _time(receipt.integrated_time),
-        "host_fingerprint": receipt.host_fingerprint,
-        "watermark_commitment": receipt.watermark_commitment,
-        "log_index": receipt.log_index,
+        **_signed_rows(receipt),
         "tree_size": receipt.inclusion.tree_size,
         "key_id": receipt.statement.key_id,
         "signature": receipt.statement.signature,
@@ -141,18 +159,7 @@ def _receipt_fields(receipt: Receipt) -> dict[str, Any]:
 
 def _verdict_fields(verdict: SignedVerdict) -> dict[str, Any]:
     return {
-        "registration_id": verdict.registration_id,
-        "n_bits": verdict.n_bits,
-        "matches": verdict.matches,
-        "ber": verdict.ber,
-        "p_value": verdict.p_value,
-        "log10_p_value": verdict.log10_p_value,
-        "p_value_method": verdict.p_value_method,
-        "p_value_binomial": verdict.p_value_binomial,
-        "alpha": verdict.alpha,
-        "is_match": verdict.is_match,
-        "integrated_time": _time(verdict.integrated_time),
-        "log_index": verdict.log_index,
+        **_signed_rows(verdict, ("registration_id", "requested_by", "suspect_sha256")),
         "key_id": verdict.statement.key_id,
         "signature": verdict.statement.signature,
     }

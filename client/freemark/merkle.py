@@ -21,11 +21,14 @@ Quick start::
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from freemark.errors import CryptoError, LogProofError
+from freemark._schema import HEX, INTEGER, TEXT, from_json_fields, to_json_fields
+from freemark._schema import signed as _signed
+from freemark.errors import CryptoError, InvalidReceiptError, LogProofError
 from freemark.signatures import Verifier, canonical_json
 
 __all__ = [
@@ -264,11 +267,11 @@ class Checkpoint:
     `timestamp` is unix seconds, injected by the caller (the server's clock), not read here.
     """
 
-    origin: str
-    tree_size: int
-    root_hash: bytes
-    timestamp: int
-    key_id: str
+    origin: str = field(metadata=_signed(TEXT))
+    tree_size: int = field(metadata=_signed(INTEGER))
+    root_hash: bytes = field(metadata=_signed(HEX))
+    timestamp: int = field(metadata=_signed(INTEGER))
+    key_id: str = field(metadata=_signed(TEXT))
 
     def __post_init__(self) -> None:
         if not self.origin:
@@ -280,16 +283,30 @@ class Checkpoint:
 
     def signed_body(self) -> bytes:
         """The exact bytes signed: RFC 8785 canonical JSON with the root hash in hex."""
-        return canonical_json(
-            {
-                "kind": _CHECKPOINT_KIND,
-                "origin": self.origin,
-                "tree_size": self.tree_size,
-                "root_hash": self.root_hash.hex(),
-                "timestamp": self.timestamp,
-                "key_id": self.key_id,
-            }
-        )
+        return canonical_json({"kind": _CHECKPOINT_KIND, **to_json_fields(self)})
+
+    @classmethod
+    def from_signed_body(cls, body: bytes) -> Checkpoint:
+        """The checkpoint whose `signed_body()` is exactly `body`; `LogProofError` otherwise.
+
+        The one reader of a checkpoint body: it refuses anything but the canonical bytes of a
+        checkpoint (another kind, extra or missing fields, non-canonical JSON, a bad root).
+        It does not check the signature: `verify_checkpoint` does.
+        """
+        try:
+            parsed = json.loads(body)
+        except ValueError:  # UnicodeDecodeError is one too
+            raise LogProofError("the checkpoint body is not JSON") from None
+        try:
+            checkpoint = cls(**from_json_fields(cls, parsed, "checkpoint body"))
+        except (ValueError, InvalidReceiptError) as exc:  # __post_init__'s or a field's reader's
+            raise LogProofError(f"the checkpoint body is invalid: {exc}") from None
+        if checkpoint.signed_body() != body:
+            raise LogProofError(
+                "the checkpoint body is not a canonical checkpoint (another kind, extra fields "
+                "or not RFC 8785 JSON)"
+            )
+        return checkpoint
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ server that issued it (DESIGN §3, flow 4). `verify_receipt` checks everything a
    exact body bytes;
 2. the body is RFC 8785 canonical JSON (re-canonicalising the parsed body gives the same bytes,
    so no second reading of the signed bytes exists) of the expected `kind`;
-3. every typed field equals the signed body's field (the typed copy is for convenience only);
+3. every typed field equals the signed body's field (the field list of `freemark.records`;
+   the typed copy is for convenience only);
 4. the checkpoint is signed by the same key and its typed tree size and root match its body;
 5. the inclusion proof places `leaf_hash(body)` at the body's `log_index` under that root.
 
@@ -23,30 +24,28 @@ Quick start::
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import UnsupportedAlgorithm
 
 from freemark import merkle
-from freemark._serde import (
-    JsonFields,
-    parse_body,
-    receipt_to_json,
-    statement_from_json,
-    verdict_to_json,
-)
+from freemark._schema import from_json_fields
 from freemark.errors import InvalidInputError, InvalidReceiptError, VerificationFailedError
 from freemark.records import (
-    RECEIPT_KIND,
-    VERDICT_KIND,
     Checkpoint,
     ConsistencyProof,
     Receipt,
     SignedVerdict,
 )
 from freemark.signatures import CryptoError, Verifier, canonical_json
+from freemark.wire import (
+    parse_body,
+    receipt_to_json,
+    statement_from_json,
+    typed_mismatch,
+    verdict_to_json,
+)
 
 __all__ = [
     "load_statement",
@@ -55,32 +54,6 @@ __all__ = [
     "verify_consistency_proof",
     "verify_receipt",
 ]
-
-_Reader = Callable[[JsonFields, str], Any]
-
-# The typed fields each statement repeats from its signed body, with how the body spells them.
-_RECEIPT_FIELDS: dict[str, _Reader] = {
-    "registration_id": JsonFields.text,
-    "owner": JsonFields.text,
-    "integrated_time": JsonFields.integer,
-    "host_fingerprint": JsonFields.hex,
-    "watermark_commitment": JsonFields.hex,
-    "log_index": JsonFields.integer,
-}
-_VERDICT_FIELDS: dict[str, _Reader] = {
-    "registration_id": JsonFields.text,
-    "n_bits": JsonFields.integer,
-    "matches": JsonFields.integer,
-    "ber": JsonFields.number,
-    "p_value": JsonFields.number,
-    "log10_p_value": JsonFields.number,
-    "p_value_method": JsonFields.text,
-    "p_value_binomial": JsonFields.number,
-    "alpha": JsonFields.number,
-    "is_match": JsonFields.boolean,
-    "log_index": JsonFields.integer,
-    "integrated_time": JsonFields.integer,
-}
 
 
 def _verifier(public_key_pem: bytes) -> Verifier:
@@ -103,19 +76,11 @@ def _check_canonical(body: bytes, what: str) -> dict[str, Any]:
 
 
 def _verified_checkpoint(checkpoint: Checkpoint, verifier: Verifier) -> merkle.Checkpoint:
-    fields = JsonFields(_check_canonical(checkpoint.body, "checkpoint"), "checkpoint body")
+    _check_canonical(checkpoint.body, "checkpoint")
     try:
-        parsed = merkle.Checkpoint(
-            origin=fields.text("origin"),
-            tree_size=fields.integer("tree_size"),
-            root_hash=fields.hex("root_hash"),
-            timestamp=fields.integer("timestamp"),
-            key_id=fields.text("key_id"),
-        )
-    except ValueError as exc:
-        raise InvalidReceiptError(f"the checkpoint body is invalid: {exc}") from None
-    if parsed.signed_body() != checkpoint.body:
-        raise InvalidReceiptError("the checkpoint body has the wrong kind or extra fields")
+        parsed = merkle.Checkpoint.from_signed_body(checkpoint.body)
+    except merkle.LogProofError as exc:
+        raise InvalidReceiptError(str(exc)) from None
     try:
         merkle.verify_checkpoint(verifier, merkle.SignedCheckpoint(parsed, checkpoint.signature))
     except merkle.LogProofError as exc:
@@ -178,25 +143,14 @@ def verify_receipt(statement: Receipt | SignedVerdict, public_key_pem: bytes) ->
         raise VerificationFailedError(
             "the statement signature does not verify: the body or signature was altered"
         ) from None
-    kind, typed = (
-        (RECEIPT_KIND, _RECEIPT_FIELDS)
-        if isinstance(statement, Receipt)
-        else (VERDICT_KIND, _VERDICT_FIELDS)
-    )
-    body = JsonFields(_check_canonical(signed.body, "statement"), "signed body")
-    if body.text("kind") != kind:
-        raise InvalidReceiptError(f"the signed body is a {body.text('kind')!r}, not a {kind!r}")
-    for name, read in typed.items():
-        value, signed_value = getattr(statement, name), read(body, name)
-        if value != signed_value:
-            raise InvalidReceiptError(
-                f"{name} {_shown(value)} differs from the signed body's {_shown(signed_value)}"
-            )
+    kind = type(statement).KIND
+    body = _check_canonical(signed.body, "statement")
+    if body.get("kind") != kind:
+        raise InvalidReceiptError(f"the signed body is a {body.get('kind')!r}, not a {kind!r}")
+    mismatch = typed_mismatch(statement, from_json_fields(type(statement), body, "signed body"))
+    if mismatch is not None:
+        raise InvalidReceiptError(mismatch)
     _check_inclusion(statement, verifier)
-
-
-def _shown(value: object) -> str:
-    return value.hex() if isinstance(value, bytes) else repr(value)
 
 
 def _check_inclusion(statement: Receipt | SignedVerdict, verifier: Verifier) -> None:

@@ -1,31 +1,58 @@
 """What the key server returns, as frozen typed objects: receipts, verdicts, registrations, log.
 
-Generated protobuf messages stay at the edge (`freemark._serde` converts); callers get these
+Generated protobuf messages stay at the edge (`freemark.wire` converts); callers get these
 immutable dataclasses instead, so a result cannot be changed after it was checked and type
-checkers see every field. A receipt or verdict carries the exact signed bytes of its
-statement: the typed fields repeat the body for convenience, and `freemark.receipt`
-checks that they agree with what was signed. Until then, treat them as claims.
+checkers see every field.
+
+Each signed record (receipt, verdict; the checkpoint in `freemark.merkle`) is defined once,
+here: its `signed(...)` fields are the field list of its signed body, and `freemark.wire`
+derives the body, the proto message and the JSON file from that list. The typed fields are
+read from the signed body (`freemark.wire.read_statement`), and `freemark.receipt` checks
+that they still agree with what was signed. Adding a field to a record is one line here plus
+the proto field, which a drift test checks.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from freemark._schema import (
+    BOOLEAN,
+    HEX,
+    INTEGER,
+    NUMBER,
+    TEXT,
+    choice,
+    list_of,
+    nested,
+    signed,
+    to_json_fields,
+)
 
 __all__ = [
+    "OUTCOMES",
     "RECEIPT_KIND",
     "VERDICT_KIND",
     "Checkpoint",
     "ConsistencyProof",
     "InclusionProof",
     "Receipt",
+    "ReferencePanel",
     "RegistrationInfo",
     "SignedStatement",
     "SignedVerdict",
+    "Verdict",
+    "VerdictTest",
 ]
 
 # The `kind` of a signed body: it keeps a receipt from ever passing for a verdict and back.
 RECEIPT_KIND = "freemark/v1/registration"
 VERDICT_KIND = "freemark/v1/verdict"
+
+# A verdict's outcome: `inconclusive` when the tests that ran cannot reach alpha.
+OUTCOMES = ("match", "no_match", "inconclusive")
 
 
 @dataclass(frozen=True)
@@ -41,8 +68,9 @@ class SignedStatement:
 class Checkpoint:
     """A signed log checkpoint as served: `body` is the exact signed RFC 8785 JSON.
 
-    `tree_size` and `root_hash` repeat the body; `freemark.receipt.verify_checkpoint`
-    checks the signature and that they agree.
+    The body's fields are `freemark.merkle.Checkpoint`'s (read it with
+    `freemark.merkle.Checkpoint.from_signed_body`); `tree_size` and `root_hash` repeat it, and
+    `freemark.receipt.verify_checkpoint` checks the signature and that they agree.
     """
 
     body: bytes
@@ -76,33 +104,101 @@ class Receipt:
     """Proof of registration: who registered which model, with which watermark, when, and
     where it sits in the log. Keep it: it is the evidence of priority in a dispute."""
 
+    KIND: ClassVar[str] = RECEIPT_KIND
+
     statement: SignedStatement
-    registration_id: str
-    owner: str
-    integrated_time: int  # unix microseconds
-    host_fingerprint: bytes
-    watermark_commitment: bytes
-    log_index: int
+    registration_id: str = field(metadata=signed(TEXT))
+    owner: str = field(metadata=signed(TEXT))
+    integrated_time: int = field(metadata=signed(INTEGER))  # unix microseconds
+    host_fingerprint: bytes = field(metadata=signed(HEX))
+    watermark_commitment: bytes = field(metadata=signed(HEX))  # SHA-256 of the watermark bits
+    layer: str = field(metadata=signed(TEXT))
+    n_bits: int = field(metadata=signed(INTEGER))
+    log_index: int = field(metadata=signed(INTEGER))
     inclusion: InclusionProof
 
 
+@dataclass(frozen=True, kw_only=True)
+class VerdictTest:
+    """One test a verdict ran: "plain" (bits matched, `statistic`, out of `n` bits) or another."""
+
+    name: str = field(metadata=signed(TEXT))
+    statistic: float = field(metadata=signed(NUMBER))
+    n: int = field(metadata=signed(INTEGER))
+    p_value: float = field(metadata=signed(NUMBER))
+    log10_p_value: float = field(metadata=signed(NUMBER))
+    method: str = field(metadata=signed(TEXT))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReferencePanel:
+    """The reference models a verdict's null used: how many, and SHA-256 of their list.
+
+    `size` 0 means no panel (the permutation null only); its `sha256` is then SHA-256("").
+    """
+
+    size: int = field(metadata=signed(INTEGER))
+    sha256: bytes = field(metadata=signed(HEX))
+
+    @classmethod
+    def none(cls) -> ReferencePanel:
+        """No reference panel."""
+        return cls(size=0, sha256=hashlib.sha256(b"").digest())
+
+
+NO_PANEL = ReferencePanel.none()
+
+
 @dataclass(frozen=True)
-class SignedVerdict:
-    """The TTP's signed, logged judgement of one suspect model against one registration."""
+class Verdict:
+    """What a suspect's extraction says; `is_match` iff the calibrated p <= alpha.
+
+    These are the judgement fields, shared by the offline verdict (`freemark.extract`) and
+    the TTP's `SignedVerdict`. `p_value` and `is_match` are the combined decision over
+    `tests`; `outcome` defaults to "match" or "no_match" from `is_match`.
+    """
+
+    n_bits: int = field(metadata=signed(INTEGER))
+    matches: int = field(metadata=signed(INTEGER))
+    ber: float = field(metadata=signed(NUMBER))
+    p_value: float = field(metadata=signed(NUMBER))
+    log10_p_value: float = field(metadata=signed(NUMBER))
+    p_value_method: str = field(metadata=signed(TEXT))
+    p_value_binomial: float = field(metadata=signed(NUMBER))
+    log10_p_value_binomial: float = field(metadata=signed(NUMBER))
+    alpha: float = field(metadata=signed(NUMBER))
+    is_match: bool = field(metadata=signed(BOOLEAN))
+    # Defaults keep callers that predate these fields (the lab's aligned verdict) working.
+    outcome: str = field(default="", metadata=signed(choice(*OUTCOMES)))
+    tests: tuple[VerdictTest, ...] = field(default=(), metadata=signed(list_of(nested(VerdictTest))))
+    panel: ReferencePanel = field(default=NO_PANEL, metadata=signed(nested(ReferencePanel)))
+
+    def __post_init__(self) -> None:
+        if not self.outcome:
+            object.__setattr__(self, "outcome", "match" if self.is_match else "no_match")
+        if not isinstance(self.tests, tuple):
+            object.__setattr__(self, "tests", tuple(self.tests))
+
+    def as_dict(self) -> dict[str, object]:
+        """The verdict's signed fields as JSON-ready values (the CLI's `--json`)."""
+        return to_json_fields(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SignedVerdict(Verdict):
+    """The TTP's signed, logged judgement of one suspect model against one registration.
+
+    Its signed body is the judgement fields of `Verdict` plus the binding fields below.
+    """
+
+    KIND: ClassVar[str] = VERDICT_KIND
 
     statement: SignedStatement
-    registration_id: str
-    n_bits: int
-    matches: int
-    ber: float
-    p_value: float
-    log10_p_value: float
-    p_value_method: str
-    p_value_binomial: float
-    alpha: float
-    is_match: bool
-    log_index: int
-    integrated_time: int  # unix microseconds
+    registration_id: str = field(metadata=signed(TEXT))
+    requested_by: str = field(metadata=signed(TEXT))
+    suspect_sha256: bytes = field(metadata=signed(HEX))
+    log_index: int = field(metadata=signed(INTEGER))
+    integrated_time: int = field(metadata=signed(INTEGER))  # unix microseconds
     inclusion: InclusionProof
 
 

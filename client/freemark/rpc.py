@@ -32,14 +32,6 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from tqdm.auto import tqdm
 
-from freemark._serde import (
-    checkpoint_from_proto,
-    consistency_from_proto,
-    inclusion_from_proto,
-    receipt_from_proto,
-    registration_from_proto,
-    verdict_from_proto,
-)
 from freemark.bundle import KeyBundle
 from freemark.bundle import to_proto as bundle_to_proto
 from freemark.errors import (
@@ -59,6 +51,14 @@ from freemark.records import (
 )
 from freemark.v1 import keyservice_pb2 as pb
 from freemark.v1 import keyservice_pb2_grpc as pb_grpc
+from freemark.wire import (
+    checkpoint_from_proto,
+    consistency_from_proto,
+    inclusion_from_proto,
+    receipt_from_proto,
+    registration_from_proto,
+    verdict_from_proto,
+)
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",

@@ -13,47 +13,16 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
 from freemark.readout import normalise
+from freemark.records import NO_PANEL, Verdict, VerdictTest  # Verdict: re-exported
 from freemark.stats import fit_betabinomial, log10_betabinomial_sf, log10_binomial_sf
 
 DEFAULT_ALPHA = 1e-9
 DEFAULT_PERMUTATIONS = 1000
 UNIQUENESS_ALPHA = 1e-3
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """What a suspect's extraction says; `is_match` iff the calibrated p ≤ α."""
-
-    n_bits: int
-    matches: int
-    ber: float
-    p_value: float
-    log10_p_value: float
-    p_value_method: str
-    p_value_binomial: float
-    log10_p_value_binomial: float
-    alpha: float
-    is_match: bool
-
-    def as_dict(self) -> dict[str, object]:
-        """The verdict's fields as JSON-ready values (the CLI's `--json`)."""
-        return {
-            "n_bits": self.n_bits,
-            "matches": self.matches,
-            "ber": self.ber,
-            "p_value": self.p_value,
-            "log10_p_value": self.log10_p_value,
-            "p_value_method": self.p_value_method,
-            "p_value_binomial": self.p_value_binomial,
-            "log10_p_value_binomial": self.log10_p_value_binomial,
-            "alpha": self.alpha,
-            "is_match": self.is_match,
-        }
 
 
 def count_matches(key: np.ndarray, z: np.ndarray, bits: np.ndarray) -> np.ndarray:
@@ -97,6 +66,9 @@ def judge(key: np.ndarray, bits: np.ndarray, z: np.ndarray, *, alpha: float = DE
         if beaten_by:
             log10_p = max(log10_p, math.log10((1 + beaten_by) / (1 + len(ref_matches))))
     method += f" (null mean BER {1 - a / (a + b):.3f}, intra-key correlation {icc:.3g})"
+    is_match = log10_p <= math.log10(alpha)
+    plain = VerdictTest(name="plain", statistic=float(matches), n=n_bits, p_value=10.0 ** log10_p,
+                        log10_p_value=log10_p, method=method)
     return Verdict(
         n_bits=n_bits,
         matches=matches,
@@ -107,7 +79,10 @@ def judge(key: np.ndarray, bits: np.ndarray, z: np.ndarray, *, alpha: float = DE
         p_value_binomial=10.0 ** log10_bin,
         log10_p_value_binomial=log10_bin,
         alpha=alpha,
-        is_match=log10_p <= math.log10(alpha),
+        is_match=is_match,
+        outcome="match" if is_match else "no_match",
+        tests=(plain,),
+        panel=NO_PANEL,
     )
 
 

@@ -15,11 +15,11 @@ from freemark_keyserver.store import Registration, Store, StoredCheckpoint
 
 def parse_checkpoint(stored: StoredCheckpoint) -> merkle.SignedCheckpoint:
     """A stored checkpoint as the library's signed checkpoint (refuses non-canonical bodies)."""
-    fields = json.loads(stored.body)
-    checkpoint = merkle.Checkpoint(origin=fields["origin"], tree_size=int(fields["tree_size"]),
-                                   root_hash=bytes.fromhex(fields["root_hash"]),
-                                   timestamp=int(fields["timestamp"]), key_id=fields["key_id"])
-    if checkpoint.signed_body() != stored.body or checkpoint.tree_size != stored.tree_size:
+    try:
+        checkpoint = merkle.Checkpoint.from_signed_body(stored.body)
+    except merkle.LogProofError as exc:
+        raise merkle.LogProofError(f"stored checkpoint for size {stored.tree_size}: {exc}") from None
+    if checkpoint.tree_size != stored.tree_size:
         raise merkle.LogProofError(f"stored checkpoint for size {stored.tree_size} is malformed")
     return merkle.SignedCheckpoint(checkpoint, stored.signature)
 

@@ -8,7 +8,6 @@ Verify: run the suspect in the sandbox on the stored triggers, judge, log, sign.
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import tempfile
@@ -18,13 +17,22 @@ from pathlib import Path
 
 import numpy as np
 
-from freemark import merkle
+from freemark import merkle, wire
 from freemark.bundle import KeyBundle, from_bytes, from_proto, to_bytes
 from freemark.derive import check_uniqueness
 from freemark.errors import FreemarkError, InvalidInputError, ModelFileError, UniquenessError
 from freemark.extract import judge_activations
-from freemark.records import RECEIPT_KIND, VERDICT_KIND
-from freemark.signatures import canonical_json
+from freemark.records import (
+    RECEIPT_KIND,
+    VERDICT_KIND,
+    Checkpoint,
+    ConsistencyProof,
+    InclusionProof,
+    Receipt,
+    RegistrationInfo,
+    SignedStatement,
+    SignedVerdict,
+)
 from freemark.v1 import keyservice_pb2 as pb
 from freemark.verdict import DEFAULT_ALPHA, suspect_vector
 from freemark.watermark import commitment
@@ -92,22 +100,21 @@ def _public(exc: Exception) -> str:
 # --- log and signatures -------------------------------------------------------------------
 
 
-def _append(ctx: Context, kind: str, fields: Callable[[int, int], dict[str, object]],
+def _append(ctx: Context, kind: str, build: Callable[[int, int], bytes],
             registration: Registration | None = None) -> tuple[bytes, int, int]:
-    """Append one signed statement; returns (body, log index, integrated time)."""
-    def build(index: int, now: int) -> bytes:
-        return canonical_json({"kind": kind, **fields(index, now), "log_index": index,
-                               "integrated_time": now})
+    """Append one signed statement; `build(log index, integrated time)` is its body.
 
+    Returns (body, log index, integrated time).
+    """
     entry = ctx.store.append(kind, build, registration)
     return entry.entry, entry.index, entry.created_at
 
 
-def _statement(ctx: Context, body: bytes) -> pb.SignedStatement:
-    return pb.SignedStatement(body=body, signature=ctx.signer.sign(body), key_id=ctx.signer.key_id)
+def _statement(ctx: Context, body: bytes) -> SignedStatement:
+    return SignedStatement(body=body, signature=ctx.signer.sign(body), key_id=ctx.signer.key_id)
 
 
-def publish_checkpoint(ctx: Context, size: int | None = None) -> pb.SignedCheckpoint:
+def _checkpoint(ctx: Context, size: int | None = None) -> Checkpoint:
     """Sign the tree head of the first `size` entries (default: all) and store it.
 
     The timestamp is the last entry's integrated time, so every replica signs the same
@@ -125,32 +132,32 @@ def publish_checkpoint(ctx: Context, size: int | None = None) -> pb.SignedCheckp
         ctx.store.add_checkpoint(StoredCheckpoint(size, checkpoint.signed_body(), signed.signature))
         stored = ctx.store.checkpoint_at(size)
         assert stored is not None
-    root_hex = _json_field(stored.body, "root_hash")
-    return pb.SignedCheckpoint(body=stored.body, signature=stored.signature,
-                               tree_size=stored.tree_size, root_hash=bytes.fromhex(str(root_hex)))
+    return wire.checkpoint_from_signed(stored.body, stored.signature)
 
 
-def _json_field(body: bytes, name: str) -> object:
-    return json.loads(body)[name]
+def publish_checkpoint(ctx: Context, size: int | None = None) -> pb.SignedCheckpoint:
+    """The signed checkpoint of the first `size` entries (default: all), as the reply."""
+    return wire.checkpoint_to_proto(_checkpoint(ctx, size))
 
 
-def _inclusion(ctx: Context, index: int, size: int | None = None) -> pb.InclusionProof:
-    checkpoint = publish_checkpoint(ctx, size)
+def _inclusion(ctx: Context, index: int, size: int | None = None) -> InclusionProof:
+    checkpoint = _checkpoint(ctx, size)
     leaves = ctx.store.leaf_hashes(checkpoint.tree_size)
-    return pb.InclusionProof(log_index=index, tree_size=checkpoint.tree_size,
-                             hashes=merkle.inclusion_proof(leaves, index), checkpoint=checkpoint)
+    return InclusionProof(log_index=index, tree_size=checkpoint.tree_size,
+                          hashes=tuple(merkle.inclusion_proof(leaves, index)),
+                          checkpoint=checkpoint)
 
 
 # --- registrations ------------------------------------------------------------------------
 
 
 def _info(record: Registration) -> pb.RegistrationInfo:
-    return pb.RegistrationInfo(
+    return wire.registration_to_proto(RegistrationInfo(
         registration_id=record.registration_id, owner=record.owner,
         integrated_time=record.created_at, host_fingerprint=record.host_fingerprint,
         watermark_commitment=record.commitment, layer=record.layer, n_bits=record.n_bits,
-        log_index=record.log_index, revoked_at=record.revoked_at or 0,
-    )
+        log_index=record.log_index, revoked_at=record.revoked_at,
+    ))
 
 
 def _visible(ctx: Context, principal: Principal, registration_id: str) -> Registration:
@@ -221,23 +228,19 @@ def register(ctx: Context, principal: Principal, bundle: KeyBundle, host: Path) 
         host_envelope=host_header, log_index=0,
     )
     try:
-        body, index, now = _append(ctx, RECEIPT_KIND, lambda i, t: {
+        body, index, _ = _append(ctx, RECEIPT_KIND, lambda i, t: wire.encode_body(Receipt, {
             "registration_id": registration_id, "owner": principal.name,
-            "host_fingerprint": result.fingerprint.hex(),
-            "watermark_commitment": wm_commitment.hex(),
-            "layer": bundle.layer, "n_bits": bundle.n_bits,
-        }, record)
+            "host_fingerprint": result.fingerprint, "watermark_commitment": wm_commitment,
+            "layer": bundle.layer, "n_bits": bundle.n_bits, "log_index": i, "integrated_time": t,
+        }), record)
     except DuplicateError as exc:  # a concurrent Register of the same host committed first
         winner = next((r.registration_id for r in ctx.store.find_by_fingerprint(result.fingerprint)
                        if r.revoked_at is None), "another registration")
         raise ServiceError(ErrorCode.ALREADY_CLAIMED,
                            f"this model is already registered as {winner}") from exc
     log.info("registered %s for %s at log index %d", registration_id, principal.name, index)
-    return pb.Receipt(
-        statement=_statement(ctx, body), registration_id=registration_id, owner=principal.name,
-        integrated_time=now, host_fingerprint=result.fingerprint,
-        watermark_commitment=wm_commitment, log_index=index, inclusion=_inclusion(ctx, index),
-    )
+    receipt = wire.read_statement(Receipt, _statement(ctx, body), _inclusion(ctx, index))
+    return wire.receipt_to_proto(receipt)
 
 
 def _refuse_claimed(ctx: Context, host: Path, result: SandboxResult) -> None:
@@ -290,25 +293,14 @@ def verify(ctx: Context, principal: Principal, record: Registration, header: pb.
                                     alpha=header.alpha or DEFAULT_ALPHA)
     except InvalidInputError as exc:
         raise ServiceError(ErrorCode.INVALID_MODEL, str(exc)) from exc
-    fields = {
-        "registration_id": record.registration_id, "requested_by": principal.name,
-        "suspect_sha256": header.upload.sha256.hex(), "n_bits": verdict.n_bits,
-        "matches": verdict.matches, "ber": verdict.ber, "p_value": verdict.p_value,
-        "log10_p_value": verdict.log10_p_value, "p_value_method": verdict.p_value_method,
-        "p_value_binomial": verdict.p_value_binomial, "alpha": verdict.alpha,
-        "is_match": verdict.is_match,
-    }
-    body, index, now = _append(ctx, VERDICT_KIND, lambda i, t: fields)
+    binding = {"registration_id": record.registration_id, "requested_by": principal.name,
+               "suspect_sha256": header.upload.sha256}
+    body, index, _ = _append(ctx, VERDICT_KIND, lambda i, t: wire.encode_body(SignedVerdict, {
+        **wire.signed_values(verdict), **binding, "log_index": i, "integrated_time": t}))
     log.info("verdict on %s by %s: match=%s at log index %d", record.registration_id,
              principal.name, verdict.is_match, index)
-    return pb.SignedVerdict(
-        statement=_statement(ctx, body), registration_id=record.registration_id,
-        n_bits=verdict.n_bits, matches=verdict.matches, ber=verdict.ber,
-        p_value=verdict.p_value, log10_p_value=verdict.log10_p_value,
-        p_value_method=verdict.p_value_method, p_value_binomial=verdict.p_value_binomial,
-        alpha=verdict.alpha, is_match=verdict.is_match, log_index=index, integrated_time=now,
-        inclusion=_inclusion(ctx, index),
-    )
+    signed = wire.read_statement(SignedVerdict, _statement(ctx, body), _inclusion(ctx, index))
+    return wire.verdict_to_proto(signed)
 
 
 def get_registration(ctx: Context, principal: Principal, request: pb.GetRegistrationRequest
@@ -359,7 +351,7 @@ def get_inclusion_proof(ctx: Context, request: pb.GetInclusionProofRequest) -> p
     size = _size(ctx, request.tree_size)
     if request.log_index >= size:
         raise ServiceError(ErrorCode.NOT_FOUND, f"no log entry {request.log_index} in a tree of {size}")
-    return _inclusion(ctx, request.log_index, size)
+    return wire.inclusion_to_proto(_inclusion(ctx, request.log_index, size))
 
 
 def get_consistency_proof(ctx: Context, request: pb.GetConsistencyProofRequest
@@ -367,10 +359,10 @@ def get_consistency_proof(ctx: Context, request: pb.GetConsistencyProofRequest
     size = _size(ctx, request.new_size)
     if not 1 <= request.old_size <= size:
         raise ServiceError(ErrorCode.MALFORMED_REQUEST, f"old_size must be in [1, {size}]")
-    checkpoint = publish_checkpoint(ctx, size)
-    return pb.ConsistencyProof(
-        old_size=request.old_size, new_size=size, checkpoint=checkpoint,
-        hashes=merkle.consistency_proof(ctx.store.leaf_hashes(size), request.old_size))
+    proof = ConsistencyProof(
+        old_size=request.old_size, new_size=size, checkpoint=_checkpoint(ctx, size),
+        hashes=tuple(merkle.consistency_proof(ctx.store.leaf_hashes(size), request.old_size)))
+    return wire.consistency_to_proto(proof)
 
 
 def public_key(ctx: Context) -> pb.PublicKey:

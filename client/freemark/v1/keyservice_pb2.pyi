@@ -228,8 +228,10 @@ Global___SignedStatement: _TypeAlias = SignedStatement  # noqa: Y015
 
 @_typing.final
 class SignedCheckpoint(_message.Message):
-    """A signed log checkpoint; `body` is RFC 8785 JSON with origin, tree_size,
-    root_hash (hex), timestamp and key_id.
+    """A signed log checkpoint; `body` is RFC 8785 JSON with kind
+    ("freemark/v1/checkpoint"), origin, tree_size, root_hash (hex), timestamp
+    (unix seconds) and key_id: `freemark.merkle.Checkpoint`'s signed fields.
+    tree_size and root_hash repeat the body and must equal it.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -292,11 +294,12 @@ Global___InclusionProof: _TypeAlias = InclusionProof  # noqa: Y015
 
 @_typing.final
 class Receipt(_message.Message):
-    """The registration receipt. The body's JSON fields: kind
-    ("freemark/v1/registration"), registration_id, owner, integrated_time (unix
-    microseconds), host_fingerprint, watermark_commitment (SHA-256 of b), layer,
-    n_bits, log_index. The typed fields below repeat them for convenience; the
-    signed body is authoritative.
+    """The registration receipt. The signed body is authoritative: its JSON fields
+    are kind ("freemark/v1/registration") and every field of this message but
+    statement and inclusion, under the same names (bytes as lowercase hex,
+    integrated_time in unix microseconds). The typed fields repeat the body for
+    convenience and must equal it; the client refuses a reply where they differ.
+    One definition: `freemark.records.Receipt`'s signed fields.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -309,12 +312,18 @@ class Receipt(_message.Message):
     WATERMARK_COMMITMENT_FIELD_NUMBER: _builtins.int
     LOG_INDEX_FIELD_NUMBER: _builtins.int
     INCLUSION_FIELD_NUMBER: _builtins.int
+    LAYER_FIELD_NUMBER: _builtins.int
+    N_BITS_FIELD_NUMBER: _builtins.int
     registration_id: _builtins.str
     owner: _builtins.str
     integrated_time: _builtins.int
     host_fingerprint: _builtins.bytes
     watermark_commitment: _builtins.bytes
+    """SHA-256 of the watermark bits b."""
     log_index: _builtins.int
+    layer: _builtins.str
+    """The key layer and the number of watermark bits N."""
+    n_bits: _builtins.int
     @_builtins.property
     def statement(self) -> Global___SignedStatement: ...
     @_builtins.property
@@ -330,21 +339,90 @@ class Receipt(_message.Message):
         watermark_commitment: _builtins.bytes = ...,
         log_index: _builtins.int = ...,
         inclusion: Global___InclusionProof | None = ...,
+        layer: _builtins.str = ...,
+        n_bits: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["inclusion", b"inclusion", "statement", b"statement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_fingerprint", b"host_fingerprint", "inclusion", b"inclusion", "integrated_time", b"integrated_time", "log_index", b"log_index", "owner", b"owner", "registration_id", b"registration_id", "statement", b"statement", "watermark_commitment", b"watermark_commitment"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_fingerprint", b"host_fingerprint", "inclusion", b"inclusion", "integrated_time", b"integrated_time", "layer", b"layer", "log_index", b"log_index", "n_bits", b"n_bits", "owner", b"owner", "registration_id", b"registration_id", "statement", b"statement", "watermark_commitment", b"watermark_commitment"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Receipt: _TypeAlias = Receipt  # noqa: Y015
 
 @_typing.final
+class VerdictTest(_message.Message):
+    """One test a verdict ran. "plain": statistic = bits matched, n = n_bits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    STATISTIC_FIELD_NUMBER: _builtins.int
+    N_FIELD_NUMBER: _builtins.int
+    P_VALUE_FIELD_NUMBER: _builtins.int
+    LOG10_P_VALUE_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    statistic: _builtins.float
+    n: _builtins.int
+    p_value: _builtins.float
+    log10_p_value: _builtins.float
+    method: _builtins.str
+    """How the p-value was computed (the null, its fit)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        statistic: _builtins.float = ...,
+        n: _builtins.int = ...,
+        p_value: _builtins.float = ...,
+        log10_p_value: _builtins.float = ...,
+        method: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["log10_p_value", b"log10_p_value", "method", b"method", "n", b"n", "name", b"name", "p_value", b"p_value", "statistic", b"statistic"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerdictTest: _TypeAlias = VerdictTest  # noqa: Y015
+
+@_typing.final
+class ReferencePanel(_message.Message):
+    """The reference models a verdict's null used; size 0 (and sha256 =
+    SHA-256 of the empty string) when none was used.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIZE_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    size: _builtins.int
+    sha256: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        size: _builtins.int = ...,
+        sha256: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sha256", b"sha256", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReferencePanel: _TypeAlias = ReferencePanel  # noqa: Y015
+
+@_typing.final
 class SignedVerdict(_message.Message):
-    """A dispute verdict. Body JSON fields: kind ("freemark/v1/verdict"),
-    registration_id, requested_by, suspect_sha256, n_bits, matches, ber, p_value,
-    log10_p_value, p_value_method, p_value_binomial, alpha, is_match,
-    integrated_time, log_index.
+    """A dispute verdict. The signed body is authoritative: its JSON fields are
+    kind ("freemark/v1/verdict") and every field of this message but statement
+    and inclusion, under the same names (bytes as lowercase hex, tests as a list
+    of objects, panel as an object). They are the judgement fields (n_bits ..
+    panel, also in the offline `freemark extract` verdict) and the binding fields
+    (registration_id, requested_by, suspect_sha256, log_index, integrated_time).
+    The typed fields must equal the body; the client refuses a reply where they
+    differ. One definition: `freemark.records.SignedVerdict`'s signed fields.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -363,22 +441,42 @@ class SignedVerdict(_message.Message):
     LOG_INDEX_FIELD_NUMBER: _builtins.int
     INTEGRATED_TIME_FIELD_NUMBER: _builtins.int
     INCLUSION_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    SUSPECT_SHA256_FIELD_NUMBER: _builtins.int
+    LOG10_P_VALUE_BINOMIAL_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    TESTS_FIELD_NUMBER: _builtins.int
+    PANEL_FIELD_NUMBER: _builtins.int
     registration_id: _builtins.str
     n_bits: _builtins.int
     matches: _builtins.int
     ber: _builtins.float
     p_value: _builtins.float
+    """The combined decision's p-value: is_match iff p_value <= alpha."""
     log10_p_value: _builtins.float
     p_value_method: _builtins.str
     p_value_binomial: _builtins.float
+    """The naive binomial p-value, for reference only."""
     alpha: _builtins.float
     is_match: _builtins.bool
     log_index: _builtins.int
     integrated_time: _builtins.int
+    """Unix microseconds."""
+    requested_by: _builtins.str
+    """The principal who asked for the verdict."""
+    suspect_sha256: _builtins.bytes
+    """SHA-256 of the suspect file as uploaded."""
+    log10_p_value_binomial: _builtins.float
+    outcome: _builtins.str
+    """"match", "no_match" or "inconclusive" (the tests cannot reach alpha)."""
     @_builtins.property
     def statement(self) -> Global___SignedStatement: ...
     @_builtins.property
     def inclusion(self) -> Global___InclusionProof: ...
+    @_builtins.property
+    def tests(self) -> _containers.RepeatedCompositeFieldContainer[Global___VerdictTest]: ...
+    @_builtins.property
+    def panel(self) -> Global___ReferencePanel: ...
     def __init__(
         self,
         *,
@@ -396,10 +494,16 @@ class SignedVerdict(_message.Message):
         log_index: _builtins.int = ...,
         integrated_time: _builtins.int = ...,
         inclusion: Global___InclusionProof | None = ...,
+        requested_by: _builtins.str = ...,
+        suspect_sha256: _builtins.bytes = ...,
+        log10_p_value_binomial: _builtins.float = ...,
+        outcome: _builtins.str = ...,
+        tests: _abc.Iterable[Global___VerdictTest] | None = ...,
+        panel: Global___ReferencePanel | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["inclusion", b"inclusion", "statement", b"statement"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["inclusion", b"inclusion", "panel", b"panel", "statement", b"statement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "ber", b"ber", "inclusion", b"inclusion", "integrated_time", b"integrated_time", "is_match", b"is_match", "log10_p_value", b"log10_p_value", "log_index", b"log_index", "matches", b"matches", "n_bits", b"n_bits", "p_value", b"p_value", "p_value_binomial", b"p_value_binomial", "p_value_method", b"p_value_method", "registration_id", b"registration_id", "statement", b"statement"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "ber", b"ber", "inclusion", b"inclusion", "integrated_time", b"integrated_time", "is_match", b"is_match", "log10_p_value", b"log10_p_value", "log10_p_value_binomial", b"log10_p_value_binomial", "log_index", b"log_index", "matches", b"matches", "n_bits", b"n_bits", "outcome", b"outcome", "p_value", b"p_value", "p_value_binomial", b"p_value_binomial", "p_value_method", b"p_value_method", "panel", b"panel", "registration_id", b"registration_id", "requested_by", b"requested_by", "statement", b"statement", "suspect_sha256", b"suspect_sha256", "tests", b"tests"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

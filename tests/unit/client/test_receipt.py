@@ -271,7 +271,8 @@ def test_a_signed_verdict_cannot_pass_as_a_receipt() -> None:
     log = _single(canonical_json(verdict_body(0)))
     as_receipt = Receipt(
         statement=log.statement(0), registration_id="reg-0000", owner="alice",
-        integrated_time=1, host_fingerprint=b"", watermark_commitment=b"", log_index=0,
+        integrated_time=1, host_fingerprint=b"", watermark_commitment=b"", layer="act", n_bits=256,
+        log_index=0,
         inclusion=log.inclusion(0),
     )
     with pytest.raises(InvalidReceiptError, match="not a 'freemark/v1/registration'"):

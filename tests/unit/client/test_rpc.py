@@ -21,7 +21,6 @@ from typing import Any
 import grpc
 import pytest
 
-from freemark._serde import registration_to_proto, verdict_to_proto
 from freemark.cli import main
 from freemark.errors import (
     DeadlineExceededError,
@@ -33,6 +32,7 @@ from freemark.errors import (
 from freemark.records import RegistrationInfo
 from freemark.rpc import KeyServiceClient, is_loopback
 from freemark.v1 import keyservice_pb2 as pb
+from freemark.wire import registration_to_proto, verdict_to_proto
 from signed_statements import standard_log
 
 LOG = standard_log()

@@ -1,8 +1,25 @@
-"""The one place that converts records: protobuf messages <-> dataclasses <-> JSON objects.
+"""The one conversion module for records: signed bodies, protobuf messages, JSON files.
 
-Protobuf stays at the edge (`freemark.rpc`); files hold the JSON form. Every type has a pair
-of functions in each direction and a round-trip test, so a field added to the proto cannot be
-silently dropped on one side (Flower's `serde.py`).
+Both sides use it: the key server builds each signed body and each reply through it, and the
+client reads the replies and files with it (Flower's `serde.py`). Protobuf stays at the edge.
+
+Signed records (`Receipt`, `SignedVerdict` in `freemark.records`; the checkpoint in
+`freemark.merkle`) are declared once, as dataclasses whose `signed(...)` fields form the
+field list (`freemark._schema`). Everything here is generic over that list:
+
+- `encode_body(Receipt, values)` is the signed body, RFC 8785 JSON of `kind` and exactly
+  the listed fields (a missing or unknown value is a bug and raises);
+- `read_statement(Receipt, statement, inclusion)` is the typed record read FROM the signed
+  body (sigstore's `LogEntry`), so its fields are what was signed;
+- `receipt_to_proto`, `receipt_from_proto`, `receipt_to_json`, `receipt_from_json` (and the
+  verdict's) write every listed field and, reading, refuse typed fields that differ from the
+  signed body they travel with.
+
+Adding a field to a signed record: one `signed(...)` line in `freemark.records`, the proto
+field of the same name (tests/unit/client/test_wire.py fails until it exists), and the value
+where the server builds the body. A new record kind (a revocation, say) is one dataclass
+with `KIND`, its proto message in `_PROTO`, its pair of functions here and an entry in
+`_STATEMENTS` and `statement_from_json`'s readers.
 
 The JSON form of a receipt or verdict is self-contained: with the TTP's public key alone,
 `freemark.receipt.verify_receipt` checks a file written here. Encodings: hashes, fingerprints
@@ -16,12 +33,25 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
+from freemark import merkle
+from freemark._schema import (
+    BOOLEAN,
+    HEX,
+    INTEGER,
+    NUMBER,
+    TEXT,
+    Codec,
+    from_json_fields,
+    from_proto_fields,
+    signed_fields,
+    to_json_fields,
+    to_proto_fields,
+)
 from freemark.errors import InvalidReceiptError
 from freemark.records import (
-    RECEIPT_KIND,
-    VERDICT_KIND,
     Checkpoint,
     ConsistencyProof,
     InclusionProof,
@@ -30,7 +60,53 @@ from freemark.records import (
     SignedStatement,
     SignedVerdict,
 )
+from freemark.signatures import canonical_json
 from freemark.v1 import keyservice_pb2 as pb
+
+__all__ = [
+    "JsonFields",
+    "checkpoint_from_json",
+    "checkpoint_from_proto",
+    "checkpoint_from_signed",
+    "checkpoint_to_json",
+    "checkpoint_to_proto",
+    "consistency_from_json",
+    "consistency_from_proto",
+    "consistency_to_json",
+    "consistency_to_proto",
+    "encode_body",
+    "inclusion_from_json",
+    "inclusion_from_proto",
+    "inclusion_to_json",
+    "inclusion_to_proto",
+    "parse_body",
+    "read_statement",
+    "receipt_from_json",
+    "receipt_from_proto",
+    "receipt_to_json",
+    "receipt_to_proto",
+    "registration_from_json",
+    "registration_from_proto",
+    "registration_to_json",
+    "registration_to_proto",
+    "signed_values",
+    "statement_from_json",
+    "statement_from_proto",
+    "statement_to_proto",
+    "typed_mismatch",
+    "verdict_from_json",
+    "verdict_from_proto",
+    "verdict_to_json",
+    "verdict_to_proto",
+]
+
+Statement = Receipt | SignedVerdict
+S = TypeVar("S", Receipt, SignedVerdict)
+
+# Each signed statement type and its proto message; `kind` picks the type when reading a file.
+_PROTO: dict[type, Any] = {Receipt: pb.Receipt, SignedVerdict: pb.SignedVerdict}
+_STATEMENTS: tuple[type[Statement], ...] = (Receipt, SignedVerdict)
+
 
 # --- protobuf <-> dataclass ------------------------------------------------------------------
 
@@ -117,76 +193,119 @@ def consistency_to_proto(proof: ConsistencyProof) -> pb.ConsistencyProof:
     )
 
 
-def receipt_from_proto(message: pb.Receipt) -> Receipt:
-    """Wire receipt -> record; statement and inclusion proof must be present."""
-    _require(message, "statement", "receipt")
-    _require(message, "inclusion", "receipt")
-    return Receipt(
-        statement=statement_from_proto(message.statement),
-        registration_id=message.registration_id,
-        owner=message.owner,
-        integrated_time=message.integrated_time,
-        host_fingerprint=message.host_fingerprint,
-        watermark_commitment=message.watermark_commitment,
-        log_index=message.log_index,
-        inclusion=inclusion_from_proto(message.inclusion),
+# --- signed bodies ---------------------------------------------------------------------------
+
+
+def signed_values(record: Any) -> dict[str, Any]:
+    """The typed values of `record`'s signed fields, by name (e.g. a `Verdict`'s judgement)."""
+    return {spec.name: getattr(record, spec.name) for spec in signed_fields(type(record))}
+
+
+def encode_body(cls: type[Statement], values: Mapping[str, Any]) -> bytes:
+    """The signed body of a `cls` statement: RFC 8785 JSON of its kind and exactly its fields.
+
+    `values` are typed (bytes, tuples of records); the server passes every field of the field
+    list, and a missing or unknown one raises `ValueError`: nothing unlisted is ever signed.
+    """
+    specs = signed_fields(cls)
+    expected = {spec.name for spec in specs}
+    if set(values) != expected:
+        missing, unknown = sorted(expected - set(values)), sorted(set(values) - expected)
+        raise ValueError(f"{cls.__name__} body: missing {missing}, unknown {unknown}")
+    body = {spec.name: spec.codec.to_json(values[spec.name]) for spec in specs}
+    return canonical_json({"kind": cls.KIND, **body})
+
+
+def read_statement(cls: type[S], statement: SignedStatement, inclusion: InclusionProof) -> S:
+    """The typed record whose fields are read from the statement's signed body.
+
+    Refuses a body that is not JSON, is of another kind or lacks a listed field. It does not
+    check the signature or the inclusion proof: `freemark.receipt.verify_receipt` does.
+    """
+    body = parse_body(statement.body, "statement")
+    if body.get("kind") != cls.KIND:
+        raise InvalidReceiptError(f"the signed body is a {body.get('kind')!r}, not a {cls.KIND!r}")
+    fields = from_json_fields(cls, body, "signed body")
+    return cls(statement=statement, inclusion=inclusion, **fields)  # type: ignore[arg-type]
+
+
+def _what(cls: type) -> str:
+    """How messages name a statement type: "receipt", "verdict"."""
+    return cls.__name__.lower().replace("signed", "")
+
+
+def _shown(value: object) -> str:
+    return value.hex() if isinstance(value, bytes) else repr(value)
+
+
+def typed_mismatch(record: Any, signed: Mapping[str, Any]) -> str | None:
+    """Why `record`'s typed fields differ from the `signed` values, or None if they agree."""
+    for name, signed_value in signed.items():
+        value = getattr(record, name)
+        if value != signed_value:
+            return f"{name} {_shown(value)} differs from the signed body's {_shown(signed_value)}"
+    return None
+
+
+def _agreeing(record: S, claimed: Mapping[str, Any], where: str) -> S:
+    """`record` (read from its body), once the typed copies `claimed` beside it agree."""
+    mismatch = typed_mismatch(record, claimed)
+    if mismatch is not None:
+        raise InvalidReceiptError(f"{where}: {mismatch}")
+    return record
+
+
+def checkpoint_from_signed(body: bytes, signature: bytes) -> Checkpoint:
+    """The served checkpoint for a signed body: its typed fields read from the body."""
+    try:
+        parsed = merkle.Checkpoint.from_signed_body(body)
+    except merkle.LogProofError as exc:
+        raise InvalidReceiptError(str(exc)) from None
+    return Checkpoint(body=body, signature=signature, tree_size=parsed.tree_size,
+                      root_hash=parsed.root_hash)
+
+
+# --- statements <-> protobuf -------------------------------------------------------------------
+
+
+def _statement_to_proto(record: Statement) -> Any:
+    return _PROTO[type(record)](
+        statement=statement_to_proto(record.statement),
+        inclusion=inclusion_to_proto(record.inclusion),
+        **to_proto_fields(record),
     )
+
+
+def _statement_from_proto(cls: type[S], message: Any) -> S:
+    what = _what(cls)
+    _require(message, "statement", what)
+    _require(message, "inclusion", what)
+    claimed = from_proto_fields(cls, message, what)
+    record = read_statement(cls, statement_from_proto(message.statement),
+                            inclusion_from_proto(message.inclusion))
+    return _agreeing(record, claimed, f"the server's {what}")
+
+
+def receipt_from_proto(message: pb.Receipt) -> Receipt:
+    """Wire receipt -> record, read from its signed body; the typed fields must agree."""
+    return _statement_from_proto(Receipt, message)
 
 
 def receipt_to_proto(receipt: Receipt) -> pb.Receipt:
     """Record -> wire receipt."""
-    return pb.Receipt(
-        statement=statement_to_proto(receipt.statement),
-        registration_id=receipt.registration_id,
-        owner=receipt.owner,
-        integrated_time=receipt.integrated_time,
-        host_fingerprint=receipt.host_fingerprint,
-        watermark_commitment=receipt.watermark_commitment,
-        log_index=receipt.log_index,
-        inclusion=inclusion_to_proto(receipt.inclusion),
-    )
+    message: pb.Receipt = _statement_to_proto(receipt)
+    return message
 
 
 def verdict_from_proto(message: pb.SignedVerdict) -> SignedVerdict:
-    """Wire verdict -> record; statement and inclusion proof must be present."""
-    _require(message, "statement", "verdict")
-    _require(message, "inclusion", "verdict")
-    return SignedVerdict(
-        statement=statement_from_proto(message.statement),
-        registration_id=message.registration_id,
-        n_bits=message.n_bits,
-        matches=message.matches,
-        ber=message.ber,
-        p_value=message.p_value,
-        log10_p_value=message.log10_p_value,
-        p_value_method=message.p_value_method,
-        p_value_binomial=message.p_value_binomial,
-        alpha=message.alpha,
-        is_match=message.is_match,
-        log_index=message.log_index,
-        integrated_time=message.integrated_time,
-        inclusion=inclusion_from_proto(message.inclusion),
-    )
+    """Wire verdict -> record, read from its signed body; the typed fields must agree."""
+    return _statement_from_proto(SignedVerdict, message)
 
 
 def verdict_to_proto(verdict: SignedVerdict) -> pb.SignedVerdict:
     """Record -> wire verdict."""
-    return pb.SignedVerdict(
-        statement=statement_to_proto(verdict.statement),
-        registration_id=verdict.registration_id,
-        n_bits=verdict.n_bits,
-        matches=verdict.matches,
-        ber=verdict.ber,
-        p_value=verdict.p_value,
-        log10_p_value=verdict.log10_p_value,
-        p_value_method=verdict.p_value_method,
-        p_value_binomial=verdict.p_value_binomial,
-        alpha=verdict.alpha,
-        is_match=verdict.is_match,
-        log_index=verdict.log_index,
-        integrated_time=verdict.integrated_time,
-        inclusion=inclusion_to_proto(verdict.inclusion),
-    )
+    message: pb.SignedVerdict = _statement_to_proto(verdict)
+    return message
 
 
 def registration_from_proto(message: pb.RegistrationInfo) -> RegistrationInfo:
@@ -231,75 +350,59 @@ class JsonFields:
         self._data = data
         self._where = where
 
-    def _get(self, key: str) -> Any:
+    def raw(self, key: str) -> Any:
+        """The value as parsed, any JSON type."""
         if key not in self._data:
             raise InvalidReceiptError(f"{self._where} has no field {key!r}")
         return self._data[key]
 
-    def _bad(self, key: str, expected: str) -> InvalidReceiptError:
-        return InvalidReceiptError(f"{self._where}.{key} must be {expected}")
-
-    def raw(self, key: str) -> Any:
-        """The value as parsed, any JSON type."""
-        return self._get(key)
+    def read(self, key: str, codec: Codec) -> Any:
+        """The value read with a field codec of `freemark._schema`."""
+        return codec.from_json(self.raw(key), f"{self._where}.{key}")
 
     def text(self, key: str) -> str:
         """A JSON string."""
-        value = self._get(key)
-        if not isinstance(value, str):
-            raise self._bad(key, "a string")
+        value: str = self.read(key, TEXT)
         return value
 
     def integer(self, key: str) -> int:
         """A JSON integer (true/false are not integers here)."""
-        value = self._get(key)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self._bad(key, "an integer")
+        value: int = self.read(key, INTEGER)
         return value
 
     def optional_integer(self, key: str) -> int | None:
         """A JSON integer or null."""
-        return None if self._get(key) is None else self.integer(key)
+        return None if self.raw(key) is None else self.integer(key)
 
     def number(self, key: str) -> float:
         """A JSON number; RFC 8785 writes 0.0 as 0, so integers are accepted."""
-        value = self._get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self._bad(key, "a number")
-        return float(value)
+        value: float = self.read(key, NUMBER)
+        return value
 
     def boolean(self, key: str) -> bool:
         """A JSON boolean."""
-        value = self._get(key)
-        if not isinstance(value, bool):
-            raise self._bad(key, "true or false")
+        value: bool = self.read(key, BOOLEAN)
         return value
 
     def hex(self, key: str) -> bytes:
         """Bytes written as lowercase hex."""
-        value = self.text(key)
-        try:
-            decoded = bytes.fromhex(value)
-        except ValueError:
-            raise self._bad(key, "hex") from None
-        if decoded.hex() != value:
-            raise self._bad(key, "lowercase hex without spaces")
-        return decoded
+        value: bytes = self.read(key, HEX)
+        return value
 
     def hex_list(self, key: str) -> tuple[bytes, ...]:
         """A list of hex strings."""
-        value = self._get(key)
+        value = self.raw(key)
         if not isinstance(value, list):
-            raise self._bad(key, "a list of hex strings")
+            raise InvalidReceiptError(f"{self._where}.{key} must be a list of hex strings")
         where = f"{self._where}.{key}"
-        return tuple(JsonFields({"item": item}, where).hex("item") for item in value)
+        return tuple(HEX.from_json(item, f"{where}[{i}]") for i, item in enumerate(value))
 
     def b64(self, key: str) -> bytes:
         """Bytes written as standard base64."""
         try:
             return base64.b64decode(self.text(key), validate=True)
         except (binascii.Error, ValueError):
-            raise self._bad(key, "standard base64") from None
+            raise InvalidReceiptError(f"{self._where}.{key} must be standard base64") from None
 
 
 def _b64(data: bytes) -> str:
@@ -412,90 +515,54 @@ def _statement_from_json(fields: JsonFields) -> SignedStatement:
     )
 
 
-def receipt_to_json(receipt: Receipt) -> dict[str, Any]:
-    """A receipt as one self-contained JSON object (the `freemark register --json` output)."""
+def _record_to_json(record: Statement) -> dict[str, Any]:
     return {
-        **_statement_to_json(RECEIPT_KIND, receipt.statement),
-        "registration_id": receipt.registration_id,
-        "owner": receipt.owner,
-        "integrated_time": receipt.integrated_time,
-        "host_fingerprint": receipt.host_fingerprint.hex(),
-        "watermark_commitment": receipt.watermark_commitment.hex(),
-        "log_index": receipt.log_index,
-        "inclusion": inclusion_to_json(receipt.inclusion),
+        **_statement_to_json(record.KIND, record.statement),
+        **to_json_fields(record),
+        "inclusion": inclusion_to_json(record.inclusion),
     }
 
 
+def _record_from_json(cls: type[S], data: Any) -> S:
+    what = _what(cls)
+    fields = JsonFields(data, what)
+    if fields.text("kind") != cls.KIND:
+        raise InvalidReceiptError(f"{what}.kind must be {cls.KIND!r}")
+    claimed = from_json_fields(cls, data, what)
+    record = read_statement(cls, _statement_from_json(fields),
+                            inclusion_from_json(fields.raw("inclusion"), f"{what}.inclusion"))
+    return _agreeing(record, claimed, what)
+
+
+def receipt_to_json(receipt: Receipt) -> dict[str, Any]:
+    """A receipt as one self-contained JSON object (the `freemark register --json` output)."""
+    return _record_to_json(receipt)
+
+
 def receipt_from_json(data: Any) -> Receipt:
-    """The inverse of `receipt_to_json`."""
-    fields = JsonFields(data, "receipt")
-    if fields.text("kind") != RECEIPT_KIND:
-        raise InvalidReceiptError(f"receipt.kind must be {RECEIPT_KIND!r}")
-    return Receipt(
-        statement=_statement_from_json(fields),
-        registration_id=fields.text("registration_id"),
-        owner=fields.text("owner"),
-        integrated_time=fields.integer("integrated_time"),
-        host_fingerprint=fields.hex("host_fingerprint"),
-        watermark_commitment=fields.hex("watermark_commitment"),
-        log_index=fields.integer("log_index"),
-        inclusion=inclusion_from_json(fields.raw("inclusion"), "receipt.inclusion"),
-    )
+    """The inverse of `receipt_to_json`; the typed fields must agree with the signed body."""
+    return _record_from_json(Receipt, data)
 
 
 def verdict_to_json(verdict: SignedVerdict) -> dict[str, Any]:
     """A verdict as one self-contained JSON object (the `freemark verify --json` output)."""
-    return {
-        **_statement_to_json(VERDICT_KIND, verdict.statement),
-        "registration_id": verdict.registration_id,
-        "n_bits": verdict.n_bits,
-        "matches": verdict.matches,
-        "ber": verdict.ber,
-        "p_value": verdict.p_value,
-        "log10_p_value": verdict.log10_p_value,
-        "p_value_method": verdict.p_value_method,
-        "p_value_binomial": verdict.p_value_binomial,
-        "alpha": verdict.alpha,
-        "is_match": verdict.is_match,
-        "log_index": verdict.log_index,
-        "integrated_time": verdict.integrated_time,
-        "inclusion": inclusion_to_json(verdict.inclusion),
-    }
+    return _record_to_json(verdict)
 
 
 def verdict_from_json(data: Any) -> SignedVerdict:
-    """The inverse of `verdict_to_json`."""
-    fields = JsonFields(data, "verdict")
-    if fields.text("kind") != VERDICT_KIND:
-        raise InvalidReceiptError(f"verdict.kind must be {VERDICT_KIND!r}")
-    return SignedVerdict(
-        statement=_statement_from_json(fields),
-        registration_id=fields.text("registration_id"),
-        n_bits=fields.integer("n_bits"),
-        matches=fields.integer("matches"),
-        ber=fields.number("ber"),
-        p_value=fields.number("p_value"),
-        log10_p_value=fields.number("log10_p_value"),
-        p_value_method=fields.text("p_value_method"),
-        p_value_binomial=fields.number("p_value_binomial"),
-        alpha=fields.number("alpha"),
-        is_match=fields.boolean("is_match"),
-        log_index=fields.integer("log_index"),
-        integrated_time=fields.integer("integrated_time"),
-        inclusion=inclusion_from_json(fields.raw("inclusion"), "verdict.inclusion"),
-    )
+    """The inverse of `verdict_to_json`; the typed fields must agree with the signed body."""
+    return _record_from_json(SignedVerdict, data)
 
 
-def statement_from_json(data: Any) -> Receipt | SignedVerdict:
-    """A receipt or a verdict, chosen by the object's `kind`."""
+def statement_from_json(data: Any) -> Statement:
+    """A receipt or a verdict (any signed statement type), chosen by the object's `kind`."""
     kind = JsonFields(data, "file").text("kind")
-    if kind == RECEIPT_KIND:
-        return receipt_from_json(data)
-    if kind == VERDICT_KIND:
-        return verdict_from_json(data)
-    raise InvalidReceiptError(
-        f"kind {kind!r} is neither a receipt ({RECEIPT_KIND!r}) nor a verdict ({VERDICT_KIND!r})"
-    )
+    readers: dict[str, Callable[[Any], Statement]] = {
+        Receipt.KIND: receipt_from_json, SignedVerdict.KIND: verdict_from_json}
+    if kind in readers:
+        return readers[kind](data)
+    known = " nor ".join(f"a {_what(cls)} ({cls.KIND!r})" for cls in _STATEMENTS)
+    raise InvalidReceiptError(f"kind {kind!r} is neither {known}")
 
 
 def registration_to_json(info: RegistrationInfo) -> dict[str, Any]:
