@@ -42,6 +42,7 @@ def receipt_body(log_index: int, **overrides: Any) -> dict[str, Any]:
         "layer": "act",
         "n_bits": 256,
         "log_index": log_index,
+        "panel": {"size": 0, "sha256": hashlib.sha256(b"").hexdigest()},
         **overrides,
     }
 

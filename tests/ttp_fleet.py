@@ -2,10 +2,10 @@
 
 The replica, crash and load tests need many registrations, and a registration needs a host no
 earlier registration claims. `build_hosts` makes them cheaply: digits CNNs with fresh random
-weights (independent by construction) and each a different hidden width. Distinct widths also
-mean distinct architectures, so a registration never has to run an earlier key on the new host
-(the claim check runs the sandbox once per earlier registration of the same architecture),
-and each one costs exactly one sandbox run.
+weights (independent by construction) and each a different hidden width. They are one
+architecture family (same weight names), so the claim check reads each new host with every
+earlier key; an earlier key refuses to read a layer of another width without a panel, so those
+checks stop at the width check.
 
 `in_process_sandbox` answers what the sandbox answers, by calling the sandbox worker's own
 loading, vetting and capture code in this process: the tests that use it are about storage,

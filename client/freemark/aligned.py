@@ -22,7 +22,6 @@ test to a layer where unrelated units correlate strongly.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -45,14 +44,6 @@ class AlignedTest:
     log10_p_value: float
     best_log10_p_value: float  # what a perfect copy would get with this panel: the test's reach
     method: str
-
-
-def panel_digest(fingerprints: Sequence[bytes]) -> bytes:
-    """SHA-256 over the sorted fingerprints of the panel's members (of b"" for no panel)."""
-    digest = hashlib.sha256()
-    for fingerprint in sorted(fingerprints):
-        digest.update(fingerprint)
-    return digest.digest()
 
 
 def _log10_p(count: int, units: int, panel_counts: Sequence[int]) -> float:

@@ -23,6 +23,7 @@ permutations anywhere beneath it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,12 +42,29 @@ class CanonicalLayer:
     """A layer's live units after merging duplicates; `profiles` are centred, unit-norm columns."""
 
     profiles: np.ndarray  # (probes, canonical units)
-    dead: int  # units dropped for a constant profile
-    merged: int  # units folded into another because their profiles were proportional
+    live: np.ndarray  # (layer units,) bool: the units kept
+    group: np.ndarray  # (live units,) the canonical unit each live unit was merged into
 
     @property
     def units(self) -> int:
         return self.profiles.shape[1]
+
+    @property
+    def dead(self) -> int:
+        """Units dropped for a constant profile."""
+        return int((~self.live).sum())
+
+    @property
+    def merged(self) -> int:
+        """Units folded into another because their profiles were proportional."""
+        return len(self.group) - self.units
+
+    def merge(self, activations: np.ndarray) -> np.ndarray:
+        """Other inputs' activations of this layer, with the same units dropped and summed."""
+        x = np.asarray(activations, dtype=np.float64)[:, self.live]
+        summed = np.zeros((x.shape[0], int(self.group.max()) + 1))
+        np.add.at(summed.T, self.group, x.T)
+        return summed
 
 
 @dataclass(frozen=True)
@@ -86,11 +104,10 @@ def canonicalise(activations: np.ndarray) -> CanonicalLayer:
     n = x.shape[1]
     graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
     groups, label = connected_components(graph, directed=False)
+    layer = CanonicalLayer(profiles=columns, live=live, group=label.astype(np.int64))
     if groups < n:
-        summed = np.zeros((x.shape[0], groups))
-        np.add.at(summed.T, label, x.T)
-        columns = _unit_columns(summed)
-    return CanonicalLayer(profiles=columns, dead=int((~live).sum()), merged=n - groups)
+        layer = dataclasses.replace(layer, profiles=_unit_columns(layer.merge(activations)))
+    return layer
 
 
 def match_units(host: CanonicalLayer, suspect: CanonicalLayer) -> Matching:
@@ -111,3 +128,29 @@ def match_units(host: CanonicalLayer, suspect: CanonicalLayer) -> Matching:
 def align(host_activations: np.ndarray, suspect_activations: np.ndarray) -> Matching:
     """Canonicalise both layers' probe activations and match the suspect's units to the host's."""
     return match_units(canonicalise(host_activations), canonicalise(suspect_activations))
+
+
+def aligned_readout(host_probes: np.ndarray, suspect_probes: np.ndarray,
+                    suspect_triggers: np.ndarray) -> np.ndarray:
+    """The suspect's trigger activations rewritten in the host's unit order and scale.
+
+    Each host unit takes its matched suspect unit through the least-squares line that
+    maps one onto the other on the probes; host units that are dead or found no partner
+    read as their constant probe mean. This pulls any suspect towards the host, so it is
+    only for showing an arbiter how the watermark reads back after alignment (a widened
+    copy's BER); no p-value is computed from it.
+    """
+    host = np.asarray(host_probes, dtype=np.float64)
+    matching = align(host, suspect_probes)
+    merged_probes = matching.suspect.merge(suspect_probes)
+    merged_triggers = matching.suspect.merge(suspect_triggers)
+    out = np.tile(host.mean(axis=0), (len(merged_triggers), 1))
+    live_units = np.flatnonzero(matching.host.live)
+    for unit, group in zip(live_units, matching.host.group, strict=True):
+        partner = matching.suspect_index[group]
+        if partner < 0:
+            continue
+        x, y = merged_probes[:, partner], host[:, unit]
+        slope = float(np.cov(x, y, bias=True)[0, 1] / max(x.var(), np.finfo(np.float64).tiny))
+        out[:, unit] = y.mean() + slope * (merged_triggers[:, partner] - x.mean())
+    return out

@@ -31,7 +31,7 @@ from freemark.keygen import DEFAULT_LAMBDA, DEFAULT_MARGIN, DerivationSettings
 from freemark.lab.attack_cli import add_attack_parser
 from freemark.modelfile import apply_weights, load_program
 from freemark.receipt import load_statement, verify_receipt
-from freemark.records import Receipt, ReferencePanel, RegistrationInfo, SignedVerdict
+from freemark.records import Receipt, ReferencePanel, RegistrationInfo, SignedVerdict, Verdict
 from freemark.rpc import DEFAULT_TIMEOUT_S, KeyServiceClient
 from freemark.signatures import Verifier
 from freemark.triggers import DEFAULT_PER_CLASS, load_triggers, save_triggers, select_triggers
@@ -87,8 +87,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     if args.json:
         print_json(verdict.as_dict())
     else:
-        title = "WATERMARK PRESENT" if verdict.is_match else "watermark not found"
-        print_fields(f"verdict: {title}", _signed_rows(verdict))
+        print_fields(f"verdict: {_headline(verdict)}", _signed_rows(verdict))
     return 0
 
 
@@ -124,6 +123,12 @@ def _client(args: argparse.Namespace) -> KeyServiceClient:
 def _time(micros: int) -> str:
     """Unix microseconds as ISO 8601 UTC, for people; `--json` keeps the integer."""
     return datetime.fromtimestamp(micros / 1e6, tz=UTC).isoformat(timespec="microseconds")
+
+
+def _headline(verdict: Verdict | SignedVerdict) -> str:
+    """The verdict's outcome in words, for the table's title."""
+    return {"match": "WATERMARK PRESENT", "no_match": "watermark not found",
+            "inconclusive": "INCONCLUSIVE (the reference panel cannot reach alpha)"}[verdict.outcome]
 
 
 def _signed_rows(record: Any, first: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -182,7 +187,8 @@ def _registration_fields(info: RegistrationInfo) -> dict[str, Any]:
 def _cmd_register(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.key)
     with _client(args) as client:
-        receipt = client.register(bundle, Path(args.model))
+        receipt = client.register(bundle, Path(args.model),
+                                  references=[Path(r) for r in args.reference])
     if args.json:
         print_json(receipt_to_json(receipt))
     else:
@@ -204,7 +210,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if args.json:
         print_json(verdict_to_json(verdict))
     else:
-        title = "WATERMARK PRESENT" if verdict.is_match else "watermark not found"
+        title = _headline(verdict)
         print_fields(f"signed verdict: {title}", _verdict_fields(verdict))
     return 0
 
@@ -340,14 +346,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="optional .safetensors applied to the .pt2 architecture")
     p.add_argument("--key", required=True, help="key bundle .fmk")
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="significance level")
-    p.add_argument("--reference", action="append", default=[],
-                   help="an unrelated model to add to the null (repeatable)")
+    p.add_argument("--reference", action="append", default=[], metavar="R.pt2",
+                   help="an independently trained model of the host's architecture (repeat; "
+                        "3 or more add the aligned test; run in this process: trusted files only)")
     _add_common(p)
     p.set_defaults(handler=_cmd_extract)
 
     p = sub.add_parser("register", help="register a key and its host model with the key server")
     p.add_argument("--key", required=True, help="key bundle .fmk")
     p.add_argument("--model", required=True, help="host model, a torch.export .pt2")
+    p.add_argument("--reference", action="append", default=[], metavar="R.pt2",
+                   help="an independently trained model of the host's architecture (repeat; "
+                        "3 or more enable the aligned test, which sees through relabelled, "
+                        "rescaled or padded copies; fixed at registration)")
     _add_connection(p)
     p.set_defaults(handler=_cmd_register)
 

@@ -184,9 +184,12 @@ def apply_weights(program: torch.export.ExportedProgram, path: str | Path) -> nn
 
 
 def architecture_digest(model: nn.Module | torch.export.ExportedProgram) -> bytes:
-    """SHA-256 over the sorted (name, dtype, shape) of every weight: equal for same-shape models.
+    """SHA-256 over the sorted names of every weight: equal for one architecture family.
 
-    The TTP uses it to find earlier registrations a new host could be a copy of.
+    The TTP uses it to find earlier registrations a new host could be a copy of. Shapes
+    and dtypes are left out on purpose: a copy padded with dummy units, pruned to fewer,
+    or stored in fp16 has other shapes or dtypes but the same weight names, and must
+    still be compared with the registration it was copied from.
     """
-    layout = [[name, str(t.dtype), list(t.shape)] for name, t in sorted(state_dict_of(model).items())]
-    return hashlib.sha256(b"freemark/v1/architecture" + json.dumps(layout).encode()).digest()
+    names = sorted(state_dict_of(model))
+    return hashlib.sha256(b"freemark/v1/architecture-family" + json.dumps(names).encode()).digest()

@@ -15,6 +15,7 @@ the proto field, which a drift test checks.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -99,6 +100,33 @@ class ConsistencyProof:
     checkpoint: Checkpoint
 
 
+@dataclass(frozen=True, kw_only=True)
+class ReferencePanel:
+    """The reference models a verdict's null used: how many, and SHA-256 of their list.
+
+    `size` 0 means no panel (the permutation null only); its `sha256` is then SHA-256("").
+    """
+
+    size: int = field(metadata=signed(INTEGER))
+    sha256: bytes = field(metadata=signed(HEX))
+
+    @classmethod
+    def none(cls) -> ReferencePanel:
+        """No reference panel."""
+        return cls(size=0, sha256=hashlib.sha256(b"").digest())
+
+    @classmethod
+    def of(cls, fingerprints: Sequence[bytes]) -> ReferencePanel:
+        """The record of a panel: SHA-256 over its members' sorted 32-byte fingerprints."""
+        digest = hashlib.sha256()
+        for fingerprint in sorted(fingerprints):
+            digest.update(fingerprint)
+        return cls(size=len(fingerprints), sha256=digest.digest())
+
+
+NO_PANEL = ReferencePanel.none()
+
+
 @dataclass(frozen=True)
 class Receipt:
     """Proof of registration: who registered which model, with which watermark, when, and
@@ -116,6 +144,8 @@ class Receipt:
     n_bits: int = field(metadata=signed(INTEGER))
     log_index: int = field(metadata=signed(INTEGER))
     inclusion: InclusionProof
+    # The reference panel fixed at registration (size 0: none); verdicts name the same digest.
+    panel: ReferencePanel = field(default=NO_PANEL, metadata=signed(nested(ReferencePanel)))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,25 +158,6 @@ class VerdictTest:
     p_value: float = field(metadata=signed(NUMBER))
     log10_p_value: float = field(metadata=signed(NUMBER))
     method: str = field(metadata=signed(TEXT))
-
-
-@dataclass(frozen=True, kw_only=True)
-class ReferencePanel:
-    """The reference models a verdict's null used: how many, and SHA-256 of their list.
-
-    `size` 0 means no panel (the permutation null only); its `sha256` is then SHA-256("").
-    """
-
-    size: int = field(metadata=signed(INTEGER))
-    sha256: bytes = field(metadata=signed(HEX))
-
-    @classmethod
-    def none(cls) -> ReferencePanel:
-        """No reference panel."""
-        return cls(size=0, sha256=hashlib.sha256(b"").digest())
-
-
-NO_PANEL = ReferencePanel.none()
 
 
 @dataclass(frozen=True)

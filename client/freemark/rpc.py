@@ -21,7 +21,7 @@ import hashlib
 import ipaddress
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
@@ -253,7 +253,7 @@ class KeyServiceClient:
         return random.uniform(ceiling / 2, ceiling)
 
     def _call(self, method: Callable[..., T], make_request: Callable[[], Any],
-              upload: _Upload | None = None) -> T:
+              uploads: Sequence[_Upload] = ()) -> T:
         """Run one RPC with its deadline, retrying UNAVAILABLE; the only place errors convert.
 
         `make_request` builds the request afresh per attempt, so a streamed upload is
@@ -264,11 +264,12 @@ class KeyServiceClient:
             try:
                 return method(make_request(), timeout=self._timeout, metadata=self._metadata)
             except grpc.RpcError as exc:
-                if upload is not None and upload.read_error is not None:
-                    raise InvalidInputError(
-                        f"{upload.path}: read failed during upload: "
-                        f"{upload.read_error.strerror or upload.read_error}"
-                    ) from upload.read_error
+                for upload in uploads:
+                    if upload.read_error is not None:
+                        raise InvalidInputError(
+                            f"{upload.path}: read failed during upload: "
+                            f"{upload.read_error.strerror or upload.read_error}"
+                        ) from upload.read_error
                 retry = exc.code() == grpc.StatusCode.UNAVAILABLE
                 if not retry or attempt >= self._retries:
                     raise error_from_rpc(exc, self._target) from exc
@@ -280,27 +281,43 @@ class KeyServiceClient:
         upload = _Upload(path, fmt, self._chunk_size, self._progress)
         try:
             header = first(upload.header)
-            return self._call(method, lambda: upload.requests(header, wrap), upload)
+            return self._call(method, lambda: upload.requests(header, wrap), [upload])
         finally:
             upload.close()
 
     # --- registrations -----------------------------------------------------------------------
 
-    def register(self, bundle: KeyBundle, model_path: Path) -> Receipt:
+    def register(self, bundle: KeyBundle, model_path: Path, *,
+                 references: Sequence[Path] = ()) -> Receipt:
         """Register a key for the host model (a .pt2): the TTP re-extracts, signs and logs it.
 
-        Raises `AlreadyRegisteredError` if an earlier registration already claims the model.
+        `references` (.pt2 programs) are the registration's reference panel: models of the
+        host's architecture trained independently of it, which calibrate the aligned test
+        that sees through relabelled, rescaled or padded copies (at least 3; 5 or more
+        recommended). They are fixed at registration. Raises `AlreadyRegisteredError` if
+        an earlier registration already claims the model.
         """
-        path = Path(model_path)
-        if _format_of(path, None) != pb.MODEL_FORMAT_PT2:
-            raise InvalidInputError(f"{path}: a host model is registered as a .pt2 program")
+        paths = [Path(model_path), *(Path(r) for r in references)]
+        for path in paths:
+            if _format_of(path, None) != pb.MODEL_FORMAT_PT2:
+                raise InvalidInputError(f"{path}: hosts and references are registered as .pt2 programs")
         message = bundle_to_proto(bundle)
-        reply = self._stream(
-            self._stub.Register, path, pb.MODEL_FORMAT_PT2,
-            lambda upload: pb.RegisterRequest(
-                header=pb.RegisterHeader(bundle=message, upload=upload)),
-            lambda chunk: pb.RegisterRequest(chunk=chunk),
-        )
+        uploads = [_Upload(path, pb.MODEL_FORMAT_PT2, self._chunk_size, self._progress)
+                   for path in paths]
+
+        def requests() -> Iterator[pb.RegisterRequest]:
+            first = pb.RegisterRequest(header=pb.RegisterHeader(bundle=message,
+                                                                upload=uploads[0].header))
+            yield from uploads[0].requests(first, lambda chunk: pb.RegisterRequest(chunk=chunk))
+            for upload in uploads[1:]:
+                yield from upload.requests(pb.RegisterRequest(reference=upload.header),
+                                           lambda chunk: pb.RegisterRequest(chunk=chunk))
+
+        try:
+            reply = self._call(self._stub.Register, requests, uploads)
+        finally:
+            for upload in uploads:
+                upload.close()
         return receipt_from_proto(reply)
 
     def verify(self, registration_id: str, model_path: Path, *, fmt: ModelFormat | None = None,

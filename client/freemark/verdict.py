@@ -11,14 +11,22 @@ binomial one, and never smaller than the rank of the suspect among reference mod
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
+from freemark.aligned import AlignedTest
 from freemark.readout import normalise
-from freemark.records import NO_PANEL, Verdict, VerdictTest  # Verdict: re-exported
-from freemark.stats import fit_betabinomial, log10_betabinomial_sf, log10_binomial_sf
+from freemark.records import NO_PANEL, ReferencePanel, Verdict, VerdictTest  # Verdict: re-exported
+from freemark.stats import (
+    fit_betabinomial,
+    log10_betabinomial_sf,
+    log10_binomial_sf,
+    log10_bonferroni,
+)
 
 DEFAULT_ALPHA = 1e-9
 DEFAULT_PERMUTATIONS = 1000
@@ -89,3 +97,35 @@ def judge(key: np.ndarray, bits: np.ndarray, z: np.ndarray, *, alpha: float = DE
 def suspect_vector(activations: np.ndarray, *, centred: bool = True) -> np.ndarray:
     """Mean the per-trigger activations and normalise: the z a key reads."""
     return normalise(np.asarray(activations).mean(axis=0), centred=centred)
+
+
+def decide(plain: Verdict, aligned: AlignedTest | None, panel: Sequence[bytes], *,
+           alpha: float, untested: str = "") -> Verdict:
+    """The combined verdict: the plain test, and the aligned test where a panel allowed it.
+
+    With both tests the p-value is the Bonferroni-corrected minimum (2 × the smaller p),
+    valid however the two depend on each other. A non-match whose panel could not have
+    shown a match at α even for a perfect copy is `inconclusive`, not `no_match`; so is
+    one where a panel was given but is below `aligned.MIN_PANEL`. `untested` says why the
+    aligned test did not run; the plain verdict is then the decision.
+    """
+    record = ReferencePanel.of(panel) if panel else NO_PANEL
+    threshold = math.log10(alpha)
+    if aligned is None:
+        is_match = plain.log10_p_value <= threshold
+        outcome = "match" if is_match else ("inconclusive" if panel else "no_match")
+        note = f"; relabelling not tested ({untested})" if untested else ""
+        return dataclasses.replace(plain, p_value_method=plain.p_value_method + note,
+                                   is_match=is_match, outcome=outcome, panel=record)
+    aligned_entry = VerdictTest(name="aligned", statistic=float(aligned.matched_units),
+                                n=aligned.host_units, p_value=10.0 ** aligned.log10_p_value,
+                                log10_p_value=aligned.log10_p_value, method=aligned.method)
+    log10_p = log10_bonferroni([plain.log10_p_value, aligned.log10_p_value])
+    is_match = log10_p <= threshold
+    reach = log10_bonferroni([aligned.best_log10_p_value, plain.log10_p_value])
+    outcome = "match" if is_match else ("inconclusive" if reach > threshold else "no_match")
+    method = (f"Bonferroni over the plain and the aligned test (2 × the smaller p); "
+              f"plain: {plain.p_value_method}; {aligned.method}")
+    return dataclasses.replace(plain, p_value=10.0 ** log10_p, log10_p_value=log10_p,
+                               p_value_method=method, is_match=is_match, outcome=outcome,
+                               tests=(*plain.tests, aligned_entry), panel=record)

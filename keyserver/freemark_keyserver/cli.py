@@ -33,7 +33,7 @@ def _config(args: argparse.Namespace) -> cfg.ServerConfig:
             tls_key=Path(args.tls_key) if args.tls_key else None,
             client_ca=Path(args.client_ca) if args.client_ca else None,
             max_upload_bytes=args.max_upload_bytes, max_concurrent_rpcs=args.max_concurrent_rpcs,
-            grace_seconds=args.grace,
+            max_references=args.max_references, grace_seconds=args.grace,
         )
     return cfg.ServerConfig(**options)
 
@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback address without TLS")
     p.add_argument("--max-upload-bytes", type=int, default=cfg.DEFAULT_MAX_UPLOAD)
     p.add_argument("--max-concurrent-rpcs", type=int, default=cfg.DEFAULT_MAX_CONCURRENT_RPCS)
+    p.add_argument("--max-references", type=int, default=cfg.DEFAULT_MAX_REFERENCES,
+                   help="reference models an owner may attach to one registration")
     p.add_argument("--grace", type=float, default=cfg.DEFAULT_GRACE_SECONDS,
                    help="seconds in-flight calls get after SIGTERM")
     p.set_defaults(handler=_serve)

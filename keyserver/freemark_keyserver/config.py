@@ -31,6 +31,7 @@ DEFAULT_MAX_UPLOAD = 2 * 1024**3
 DEFAULT_MAX_BUNDLE = 64 * 1024**2
 DEFAULT_GRACE_SECONDS = 30.0
 DEFAULT_MAX_CONCURRENT_RPCS = 64
+DEFAULT_MAX_REFERENCES = 16
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class ServerConfig:
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD
     max_bundle_bytes: int = DEFAULT_MAX_BUNDLE
     max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS
+    max_references: int = DEFAULT_MAX_REFERENCES  # reference models per Register
     grace_seconds: float = DEFAULT_GRACE_SECONDS
     origin: str = "freemark-ttp"
     sandbox: SandboxLimits = field(default_factory=SandboxLimits)

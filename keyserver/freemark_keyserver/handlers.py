@@ -11,24 +11,27 @@ from __future__ import annotations
 import logging
 import secrets
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from freemark import merkle, wire
-from freemark.bundle import KeyBundle, from_bytes, from_proto, to_bytes
+from freemark.bundle import KeyBundle, from_proto
 from freemark.derive import check_uniqueness
 from freemark.errors import FreemarkError, InvalidInputError, ModelFileError, UniquenessError
 from freemark.extract import judge_activations
+from freemark.panel import Reference
 from freemark.records import (
+    NO_PANEL,
     RECEIPT_KIND,
     VERDICT_KIND,
     Checkpoint,
     ConsistencyProof,
     InclusionProof,
     Receipt,
+    ReferencePanel,
     RegistrationInfo,
     SignedStatement,
     SignedVerdict,
@@ -36,6 +39,7 @@ from freemark.records import (
 from freemark.v1 import keyservice_pb2 as pb
 from freemark.verdict import DEFAULT_ALPHA, suspect_vector
 from freemark.watermark import commitment
+from freemark_keyserver import panels
 from freemark_keyserver.auth import ADMIN, ARBITER, OWNER, require_role
 
 __all__ = ["ADMIN", "ARBITER", "OWNER", "Context", "require_role"]
@@ -61,6 +65,8 @@ log = logging.getLogger("freemark_keyserver")
 MAX_PAGE = 100
 DEFAULT_PAGE = 20
 REGISTRATION_ID_BYTES = 12
+CLAIMED = ("an earlier registration already claims this model; if it is yours, use that "
+           "registration, otherwise contact the key server's operator")
 
 
 @dataclass
@@ -170,10 +176,17 @@ def _visible(ctx: Context, principal: Principal, registration_id: str) -> Regist
     return record
 
 
-def _open_bundle(ctx: Context, record: Registration) -> KeyBundle:
+def _open_sealed(ctx: Context, record: Registration) -> tuple[KeyBundle, list[Reference]]:
+    """A registration's bundle and reference panel, decrypted."""
     plaintext = open_envelope(ctx.keyring, Envelope.from_bytes(record.envelope),
                               record_id=record.registration_id, owner=record.owner)
-    return from_bytes(plaintext)
+    return panels.open_bytes(plaintext)
+
+
+def _read(ctx: Context, model: Path, bundle: KeyBundle, weights: Path | None = None
+          ) -> panels.Reading:
+    """One sandboxed pass of an untrusted model over the triggers and the alignment probes."""
+    return panels.read(lambda m, b, w: _sandboxed(ctx, m, b, w), model, bundle, weights)
 
 
 def parse_bundle(ctx: Context, principal: Principal, header: pb.RegisterHeader) -> KeyBundle:
@@ -194,75 +207,91 @@ def parse_bundle(ctx: Context, principal: Principal, header: pb.RegisterHeader) 
     return bundle
 
 
-def register(ctx: Context, principal: Principal, bundle: KeyBundle, host: Path) -> pb.Receipt:
-    """Check, store and log a registration; return its signed receipt."""
+def register(ctx: Context, principal: Principal, bundle: KeyBundle, host: Path,
+             references: Sequence[Path] = ()) -> pb.Receipt:
+    """Check, store and log a registration; return its signed receipt.
+
+    The host's probe profile is measured here, in the sandbox, and replaces the uploaded
+    one; each reference is read the same way and refused if it is the host relabelled.
+    """
     require_role(principal, OWNER)
-    result = _sandboxed(ctx, host, bundle)
-    if result.fingerprint != bundle.host_fingerprint:
+    reading = _read(ctx, host, bundle)
+    if reading.fingerprint != bundle.host_fingerprint:
         raise ServiceError(ErrorCode.HOST_MISMATCH,
                            "the uploaded model's weights are not the ones the key was derived on "
                            "(host fingerprint differs)")
-    verdict = judge_activations(result.activations, bundle)
+    verdict = judge_activations(reading.triggers, bundle)
     if verdict.matches != bundle.n_bits:
         raise ServiceError(ErrorCode.HOST_MISMATCH,
                            f"the key extracts {verdict.matches}/{bundle.n_bits} bits from the host; "
                            "it must extract all of them")
     try:
         check_uniqueness(bundle.key.astype(np.float64), bundle.bits,
-                         suspect_vector(result.activations, centred=bundle.centred))
+                         suspect_vector(reading.triggers, centred=bundle.centred))
     except UniquenessError as exc:
         raise ServiceError(ErrorCode.NOT_UNIQUE, str(exc)) from exc
-    _refuse_claimed(ctx, host, result)
+    bundle = panels.with_profile(bundle, reading)
+    panel = panels.measure_panel(lambda m, b, w: _sandboxed(ctx, m, b, w), references, bundle,
+                                 reading)
+    _refuse_claimed(ctx, host, reading)
 
     registration_id = "reg_" + secrets.token_hex(REGISTRATION_ID_BYTES)
-    envelope = seal(ctx.keyring, to_bytes(bundle), record_id=registration_id, owner=principal.name)
+    envelope = seal(ctx.keyring, panels.seal_bytes(bundle, panel), record_id=registration_id,
+                    owner=principal.name)
     # Streamed from the spool file into the store a segment at a time, never read whole.
     host_header = store_host(ctx.store, ctx.keyring, host, registration_id=registration_id,
                              owner=principal.name)
     wm_commitment = commitment(bundle.bits)
     record = Registration(
         registration_id=registration_id, owner=principal.name, created_at=0,
-        host_fingerprint=result.fingerprint, architecture_digest=result.architecture_digest,
+        host_fingerprint=reading.fingerprint, architecture_digest=reading.architecture_digest,
         layer=bundle.layer, units=bundle.units, n_bits=bundle.n_bits, commitment=wm_commitment,
         key_version=ctx.keyring.current_version, envelope=envelope.to_bytes(),
         host_envelope=host_header, log_index=0,
     )
+    panel_record = ReferencePanel.of([r.fingerprint for r in panel]) if panel else NO_PANEL
     try:
         body, index, _ = _append(ctx, RECEIPT_KIND, lambda i, t: wire.encode_body(Receipt, {
             "registration_id": registration_id, "owner": principal.name,
-            "host_fingerprint": result.fingerprint, "watermark_commitment": wm_commitment,
+            "host_fingerprint": reading.fingerprint, "watermark_commitment": wm_commitment,
             "layer": bundle.layer, "n_bits": bundle.n_bits, "log_index": i, "integrated_time": t,
+            "panel": panel_record,
         }), record)
     except DuplicateError as exc:  # a concurrent Register of the same host committed first
-        winner = next((r.registration_id for r in ctx.store.find_by_fingerprint(result.fingerprint)
-                       if r.revoked_at is None), "another registration")
-        raise ServiceError(ErrorCode.ALREADY_CLAIMED,
-                           f"this model is already registered as {winner}") from exc
-    log.info("registered %s for %s at log index %d", registration_id, principal.name, index)
+        raise ServiceError(ErrorCode.ALREADY_CLAIMED, CLAIMED) from exc
+    log.info("registered %s for %s at log index %d (panel of %d)", registration_id,
+             principal.name, index, len(panel))
     receipt = wire.read_statement(Receipt, _statement(ctx, body), _inclusion(ctx, index))
     return wire.receipt_to_proto(receipt)
 
 
-def _refuse_claimed(ctx: Context, host: Path, result: SandboxResult) -> None:
-    """ALREADY_EXISTS when an earlier, active registration's key decodes from this host."""
-    for record in ctx.store.find_by_fingerprint(result.fingerprint):
+def _refuse_claimed(ctx: Context, host: Path, reading: panels.Reading) -> None:
+    """ALREADY_EXISTS when an earlier, active registration already claims this model.
+
+    Claimed means: the same weights, or an earlier key's verdict (plain and, with that
+    registration's panel, aligned, so a relabelled, rescaled or padded copy is caught) is
+    a match. Earlier registrations are looked up by architecture family (weight names,
+    not shapes), so a widened copy is compared too. The refusal names neither the
+    earlier registration nor any figure: a number here would let a thief steer his
+    laundering one query at a time.
+    """
+    for record in ctx.store.find_by_fingerprint(reading.fingerprint):
         if record.revoked_at is None:
-            raise ServiceError(ErrorCode.ALREADY_CLAIMED,
-                               f"this model is already registered as {record.registration_id}")
-    for record in ctx.store.find_by_architecture(result.architecture_digest):
+            raise ServiceError(ErrorCode.ALREADY_CLAIMED, CLAIMED)
+    for record in ctx.store.find_by_architecture(reading.architecture_digest):
         if record.revoked_at is not None:
             continue
-        earlier = _open_bundle(ctx, record)
+        earlier, panel = _open_sealed(ctx, record)
         try:
-            activations = ctx.sandbox(host, layer=earlier.layer, pooling=earlier.pooling,
-                                      triggers=earlier.triggers, limits=ctx.config.sandbox).activations
-            verdict = judge_activations(activations, earlier)
+            theirs = _read(ctx, host, earlier)
+            verdict = judge_activations(theirs.triggers, earlier, probe_activations=theirs.probes,
+                                        panel=panel)
         except (FreemarkError, ServiceError):
             continue  # the earlier key does not even read this model
         if verdict.is_match:
-            raise ServiceError(ErrorCode.ALREADY_CLAIMED,
-                               f"an earlier registration, {record.registration_id}, already "
-                               f"claims this model (its watermark decodes at p={verdict.p_value:.1e})")
+            log.info("Register refused: an earlier registration %s claims the upload "
+                     "(log10 p %.1f)", record.registration_id, verdict.log10_p_value)
+            raise ServiceError(ErrorCode.ALREADY_CLAIMED, CLAIMED)
 
 
 def verify_target(ctx: Context, principal: Principal, header: pb.VerifyHeader) -> Registration:
@@ -282,15 +311,15 @@ def verify_target(ctx: Context, principal: Principal, header: pb.VerifyHeader) -
 def verify(ctx: Context, principal: Principal, record: Registration, header: pb.VerifyHeader,
            suspect: Path) -> pb.SignedVerdict:
     """Judge the uploaded suspect against a registration; return the signed, logged verdict."""
-    bundle = _open_bundle(ctx, record)
+    bundle, panel = _open_sealed(ctx, record)
     if header.upload.format == pb.MODEL_FORMAT_SAFETENSORS:
         with host_file(ctx.store, ctx.keyring, record, ctx.config.spool_dir) as host:
-            result = _sandboxed(ctx, host, bundle, weights=suspect)
+            reading = _read(ctx, host, bundle, weights=suspect)
     else:
-        result = _sandboxed(ctx, suspect, bundle)
+        reading = _read(ctx, suspect, bundle)
     try:
-        verdict = judge_activations(result.activations, bundle,
-                                    alpha=header.alpha or DEFAULT_ALPHA)
+        verdict = judge_activations(reading.triggers, bundle, alpha=header.alpha or DEFAULT_ALPHA,
+                                    probe_activations=reading.probes, panel=panel)
     except InvalidInputError as exc:
         raise ServiceError(ErrorCode.INVALID_MODEL, str(exc)) from exc
     binding = {"registration_id": record.registration_id, "requested_by": principal.name,

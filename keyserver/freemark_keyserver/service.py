@@ -11,6 +11,8 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
@@ -20,7 +22,7 @@ from grpc_status import rpc_status
 
 from freemark.v1 import keyservice_pb2 as pb
 from freemark.v1 import keyservice_pb2_grpc
-from freemark_keyserver import handlers
+from freemark_keyserver import handlers, panels
 from freemark_keyserver.auth import authenticate
 from freemark_keyserver.errors import ERROR_DOMAIN, ErrorCode, ServiceError
 from freemark_keyserver.uploads import spooled
@@ -67,6 +69,34 @@ def _chunks(requests: Iterator[pb.RegisterRequest] | Iterator[pb.VerifyRequest])
         yield request.chunk
 
 
+class _RegisterStream:
+    """The parts of a Register stream after its header: the host's chunks, then each
+    reference's header and chunks. Reading stops at a part boundary so each file is
+    spooled, size- and hash-checked on its own."""
+
+    def __init__(self, requests: Iterator[pb.RegisterRequest]) -> None:
+        self._requests = requests
+        self._next: pb.UploadHeader | None = None
+
+    def chunks(self) -> Iterator[bytes]:
+        """The current file's bytes, up to the next `reference` part or the end."""
+        for request in self._requests:
+            part = request.WhichOneof("part")
+            if part == "chunk":
+                yield request.chunk
+            elif part == "reference":
+                self._next = request.reference
+                return
+            else:
+                raise ServiceError(ErrorCode.MALFORMED_REQUEST,
+                                   "a Register stream has one header, at its start")
+
+    def next_reference(self) -> pb.UploadHeader | None:
+        """The header of the reference that follows, None at the end of the stream."""
+        header, self._next = self._next, None
+        return header
+
+
 class KeyServiceServicer(keyservice_pb2_grpc.KeyServiceServicer):
     """Thin adapter from gRPC to `handlers`."""
 
@@ -81,9 +111,22 @@ class KeyServiceServicer(keyservice_pb2_grpc.KeyServiceServicer):
             header = _header(request_iterator)
             assert isinstance(header, pb.RegisterHeader)
             bundle = handlers.parse_bundle(self.ctx, principal, header)
-            with spooled(_chunks(request_iterator), header.upload, cap=self.ctx.config.max_upload_bytes,
-                         directory=self.ctx.config.spool_dir, suffix=".pt2") as path:
-                return handlers.register(self.ctx, principal, bundle, path)
+            stream = _RegisterStream(request_iterator)
+            config = self.ctx.config
+            with ExitStack() as files:
+                host = files.enter_context(spooled(
+                    stream.chunks(), header.upload, cap=config.max_upload_bytes,
+                    directory=config.spool_dir, suffix=".pt2"))
+                references: list[Path] = []
+                while (reference := stream.next_reference()) is not None:
+                    if len(references) == config.max_references:
+                        raise ServiceError(ErrorCode.TOO_LARGE, f"at most {config.max_references} "
+                                           "reference models per registration")
+                    panels.check_reference_header(reference)
+                    references.append(files.enter_context(spooled(
+                        stream.chunks(), reference, cap=config.max_upload_bytes,
+                        directory=config.spool_dir, suffix=".pt2")))
+                return handlers.register(self.ctx, principal, bundle, host, references)
         return _guard(context, "Register", work)
 
     def Verify(self, request_iterator: Iterator[pb.VerifyRequest],

@@ -228,3 +228,72 @@ class KeyBundle(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___KeyBundle: _TypeAlias = KeyBundle  # noqa: Y015
+
+@_typing.final
+class ReferenceModel(_message.Message):
+    """One member of a registration's reference panel, as the key server measured it
+    in its sandbox: an independently trained model of the host's architecture.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
+    TRIGGER_ACTIVATIONS_FIELD_NUMBER: _builtins.int
+    PROBE_ACTIVATIONS_FIELD_NUMBER: _builtins.int
+    fingerprint: _builtins.bytes
+    """SHA-256 over the reference's canonical weights (freemark.modelfile.fingerprint)."""
+    @_builtins.property
+    def trigger_activations(self) -> Global___Tensor:
+        """Its key-layer activations on the triggers, (triggers, units), float32: part of
+        the plain test's null.
+        """
+
+    @_builtins.property
+    def probe_activations(self) -> Global___Tensor:
+        """Its key-layer activations on the alignment probes, (probes, units'), float32:
+        the aligned test's null. A reference may be wider or narrower than the host.
+        """
+
+    def __init__(
+        self,
+        *,
+        fingerprint: _builtins.bytes = ...,
+        trigger_activations: Global___Tensor | None = ...,
+        probe_activations: Global___Tensor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["probe_activations", b"probe_activations", "trigger_activations", b"trigger_activations"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "probe_activations", b"probe_activations", "trigger_activations", b"trigger_activations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReferenceModel: _TypeAlias = ReferenceModel  # noqa: Y015
+
+@_typing.final
+class SealedRegistration(_message.Message):
+    """What the key server seals (AES-256-GCM, per-record data key) for one
+    registration: the bundle, whose probe profile is the server's own measurement
+    of the uploaded host, and the reference panel fixed at registration.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUNDLE_FIELD_NUMBER: _builtins.int
+    PANEL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def bundle(self) -> Global___KeyBundle: ...
+    @_builtins.property
+    def panel(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReferenceModel]: ...
+    def __init__(
+        self,
+        *,
+        bundle: Global___KeyBundle | None = ...,
+        panel: _abc.Iterable[Global___ReferenceModel] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "panel", b"panel"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SealedRegistration: _TypeAlias = SealedRegistration  # noqa: Y015

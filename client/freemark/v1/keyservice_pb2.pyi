@@ -121,24 +121,42 @@ Global___RegisterHeader: _TypeAlias = RegisterHeader  # noqa: Y015
 
 @_typing.final
 class RegisterRequest(_message.Message):
+    """The stream: one `header`, the host's bytes as `chunk`s, then for each reference
+    model one `reference` header followed by its bytes as `chunk`s (at most the
+    server's --max-references, 16 by default).
+
+    References are the owner's reference panel: models of the host's architecture
+    trained independently of it (by the owner or anyone else, never derived from the
+    host). The server runs each in its sandbox on the triggers and the alignment
+    probes, refuses one that is the host itself up to relabelling (INVALID_MODEL),
+    and keeps their activations encrypted with the key. Verify calibrates the
+    aligned test on them; with fewer than 3 the aligned test is not run. The panel
+    is fixed at registration and its digest is signed into the receipt, so it
+    cannot be chosen after a dispute arises.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     HEADER_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    REFERENCE_FIELD_NUMBER: _builtins.int
     chunk: _builtins.bytes
     @_builtins.property
     def header(self) -> Global___RegisterHeader: ...
+    @_builtins.property
+    def reference(self) -> Global___UploadHeader: ...
     def __init__(
         self,
         *,
         header: Global___RegisterHeader | None = ...,
         chunk: _builtins.bytes = ...,
+        reference: Global___UploadHeader | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part", "reference", b"reference"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part", "reference", b"reference"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["header", "chunk", "reference"]  # noqa: Y015
     _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
 
@@ -314,6 +332,7 @@ class Receipt(_message.Message):
     INCLUSION_FIELD_NUMBER: _builtins.int
     LAYER_FIELD_NUMBER: _builtins.int
     N_BITS_FIELD_NUMBER: _builtins.int
+    PANEL_FIELD_NUMBER: _builtins.int
     registration_id: _builtins.str
     owner: _builtins.str
     integrated_time: _builtins.int
@@ -328,6 +347,12 @@ class Receipt(_message.Message):
     def statement(self) -> Global___SignedStatement: ...
     @_builtins.property
     def inclusion(self) -> Global___InclusionProof: ...
+    @_builtins.property
+    def panel(self) -> Global___ReferencePanel:
+        """The reference panel attached at registration: how many models and the SHA-256
+        over their sorted fingerprints. Every verdict of this registration names it.
+        """
+
     def __init__(
         self,
         *,
@@ -341,10 +366,11 @@ class Receipt(_message.Message):
         inclusion: Global___InclusionProof | None = ...,
         layer: _builtins.str = ...,
         n_bits: _builtins.int = ...,
+        panel: Global___ReferencePanel | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["inclusion", b"inclusion", "statement", b"statement"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["inclusion", b"inclusion", "panel", b"panel", "statement", b"statement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_fingerprint", b"host_fingerprint", "inclusion", b"inclusion", "integrated_time", b"integrated_time", "layer", b"layer", "log_index", b"log_index", "n_bits", b"n_bits", "owner", b"owner", "registration_id", b"registration_id", "statement", b"statement", "watermark_commitment", b"watermark_commitment"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_fingerprint", b"host_fingerprint", "inclusion", b"inclusion", "integrated_time", b"integrated_time", "layer", b"layer", "log_index", b"log_index", "n_bits", b"n_bits", "owner", b"owner", "panel", b"panel", "registration_id", b"registration_id", "statement", b"statement", "watermark_commitment", b"watermark_commitment"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,97 @@
+"""Reference panels: independent models of the host's architecture that calibrate the tests.
+
+A panel member is reduced to what the tests need, its key-layer activations on the
+triggers (the plain test's null) and on the alignment probes (the aligned test's null),
+plus the fingerprint of its weights, so a verdict can name exactly which models it was
+calibrated on (`freemark.aligned.panel_digest`). The owner measures a panel locally for
+`freemark extract --reference`; the key server measures the panel attached at
+registration in its sandbox and keeps it sealed beside the bundle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from freemark.activations import capture
+from freemark.bundle import KeyBundle, tensor_from_proto, tensor_to_proto
+from freemark.errors import InvalidInputError
+from freemark.modelfile import fingerprint
+from freemark.probes import make_probes
+from freemark.triggers import TriggerSet
+from freemark.v1 import bundle_pb2
+
+Model = nn.Module | torch.export.ExportedProgram
+
+
+@dataclass(frozen=True, eq=False)
+class Reference:
+    """One panel member's activations on the triggers and the probes."""
+
+    fingerprint: bytes
+    trigger_activations: np.ndarray  # (triggers, units)
+    probe_activations: np.ndarray  # (probes, units')
+
+
+def probe_triggers(bundle: KeyBundle) -> TriggerSet:
+    """The triggers followed by the bundle's alignment probes: one forward pass reads both."""
+    if bundle.probe_profile is None:
+        return bundle.triggers
+    probes = make_probes(bundle.triggers, bundle.probes)
+    mask = None
+    if bundle.triggers.attention_mask is not None and probes.attention_mask is not None:
+        mask = np.concatenate([bundle.triggers.attention_mask, probes.attention_mask])
+    return TriggerSet(inputs=np.concatenate([bundle.triggers.inputs, probes.inputs]),
+                      attention_mask=mask)
+
+
+def split_activations(activations: np.ndarray, bundle: KeyBundle) -> tuple[np.ndarray, np.ndarray | None]:
+    """(trigger activations, probe activations or None) from a pass over `probe_triggers`."""
+    count = len(bundle.triggers)
+    if bundle.probe_profile is None:
+        return activations, None
+    if len(activations) != count + bundle.probes:
+        raise InvalidInputError(f"expected activations for {count} triggers and {bundle.probes} "
+                                f"probes, got {len(activations)}")
+    return activations[:count], activations[count:]
+
+
+def read_layer(model: Model, bundle: KeyBundle) -> tuple[np.ndarray, np.ndarray | None]:
+    """A model's key-layer activations on the triggers and on the probes (None without a profile)."""
+    activations, _ = capture(model, bundle.layer, probe_triggers(bundle), pooling=bundle.pooling)
+    return split_activations(activations, bundle)
+
+
+def measure_reference(model: Model, bundle: KeyBundle) -> Reference:
+    """Measure one reference model for `bundle` (in process: only for models you trust)."""
+    triggers, probes = read_layer(model, bundle)
+    if probes is None:  # a key made before the aligned test: the plain test's null only
+        probes = np.zeros((0, triggers.shape[1]))
+    return Reference(fingerprint=fingerprint(model), trigger_activations=triggers,
+                     probe_activations=probes)
+
+
+def fingerprints(panel: Sequence[Reference]) -> list[bytes]:
+    """The members' fingerprints, for the panel digest."""
+    return [member.fingerprint for member in panel]
+
+
+def reference_to_proto(reference: Reference) -> bundle_pb2.ReferenceModel:
+    return bundle_pb2.ReferenceModel(
+        fingerprint=reference.fingerprint,
+        trigger_activations=tensor_to_proto(reference.trigger_activations.astype(np.float32)),
+        probe_activations=tensor_to_proto(reference.probe_activations.astype(np.float32)))
+
+
+def reference_from_proto(message: bundle_pb2.ReferenceModel) -> Reference:
+    triggers = tensor_from_proto(message.trigger_activations, "reference trigger activations")
+    probes = tensor_from_proto(message.probe_activations, "reference probe activations")
+    if triggers.ndim != 2 or probes.ndim != 2 or len(message.fingerprint) != 32:
+        raise InvalidInputError("malformed reference model record")
+    return Reference(fingerprint=bytes(message.fingerprint),
+                     trigger_activations=triggers.astype(np.float64),
+                     probe_activations=probes.astype(np.float64))

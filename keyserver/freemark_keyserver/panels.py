@@ -1,0 +1,119 @@
+"""Reading models for the aligned test at the TTP: sandboxed passes over triggers and probes,
+reference panels measured and checked, and the sealed form that keeps them with the key.
+
+One sandbox run reads a model's key layer on the triggers followed by the bundle's
+alignment probes (`freemark.panel.probe_triggers`), so the aligned test costs no extra
+model load. Reference models are untrusted uploads like any other: vetted and run in the
+sandbox, and only their activations are kept, sealed beside the bundle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from freemark.bundle import KeyBundle, from_proto, to_proto
+from freemark.canon import align
+from freemark.errors import InvalidInputError
+from freemark.panel import (
+    Reference,
+    probe_triggers,
+    reference_from_proto,
+    reference_to_proto,
+    split_activations,
+)
+from freemark.v1 import bundle_pb2
+from freemark.v1 import keyservice_pb2 as pb
+from freemark_keyserver.errors import ErrorCode, ServiceError
+from freemark_keyserver.sandbox import SandboxResult
+
+# A reference whose every live unit matches a host unit this closely is the host relabelled.
+COPY_CORRELATION = 0.999
+
+
+@dataclasses.dataclass(frozen=True)
+class Reading:
+    """One sandboxed pass: activations on the triggers and on the probes, and the identity."""
+
+    triggers: np.ndarray
+    probes: np.ndarray | None
+    fingerprint: bytes
+    architecture_digest: bytes
+
+
+Runner = Callable[[Path, KeyBundle, Path | None], SandboxResult]
+
+
+def read(run: Runner, model: Path, bundle: KeyBundle, weights: Path | None = None) -> Reading:
+    """Run `model` once on the bundle's triggers and probes (`run` maps sandbox failures)."""
+    probed = dataclasses.replace(bundle, triggers=probe_triggers(bundle))
+    result = run(model, probed, weights)
+    try:
+        triggers, probes = split_activations(result.activations, bundle)
+    except InvalidInputError as exc:
+        raise ServiceError(ErrorCode.INVALID_MODEL, str(exc)) from exc
+    return Reading(triggers=triggers, probes=probes, fingerprint=result.fingerprint,
+                   architecture_digest=result.architecture_digest)
+
+
+def check_reference_header(header: pb.UploadHeader) -> None:
+    """References are programs: refuse any other format before reading the bytes."""
+    if header.format != pb.MODEL_FORMAT_PT2:
+        raise ServiceError(ErrorCode.MALFORMED_REQUEST, "reference models are .pt2 programs")
+
+
+def measure_panel(run: Runner, paths: Sequence[Path], bundle: KeyBundle, host: Reading
+                  ) -> list[Reference]:
+    """Read every reference in the sandbox; refuse one that is the host itself, relabelled or not."""
+    panel: list[Reference] = []
+    seen = {host.fingerprint}
+    for number, path in enumerate(paths, start=1):
+        reading = read(run, path, bundle)
+        if reading.probes is None or host.probes is None:
+            raise ServiceError(ErrorCode.INVALID_BUNDLE, "reference models need a key with a probe "
+                               "profile: re-derive it with this version of freemark")
+        if reading.fingerprint in seen:
+            raise ServiceError(ErrorCode.INVALID_MODEL, f"reference #{number} has the same weights "
+                               "as the host or an earlier reference: a panel needs distinct, "
+                               "independent models")
+        try:
+            matching = align(host.probes, reading.probes)
+        except InvalidInputError as exc:
+            raise ServiceError(ErrorCode.INVALID_MODEL, f"reference #{number}: {exc}") from exc
+        if matching.count_above(COPY_CORRELATION) == matching.host.units:
+            raise ServiceError(ErrorCode.INVALID_MODEL, f"reference #{number} computes the host's "
+                               "own units (relabelled or rescaled): it is a copy, not an "
+                               "independent model")
+        seen.add(reading.fingerprint)
+        panel.append(Reference(fingerprint=reading.fingerprint, trigger_activations=reading.triggers,
+                               probe_activations=reading.probes))
+    return panel
+
+
+def with_profile(bundle: KeyBundle, host: Reading) -> KeyBundle:
+    """The bundle with the host's probe profile as the TTP measured it, not as uploaded."""
+    if host.probes is None:
+        return bundle
+    return dataclasses.replace(bundle, probe_profile=host.probes.astype(np.float32))
+
+
+def seal_bytes(bundle: KeyBundle, panel: Sequence[Reference]) -> bytes:
+    """The plaintext the TTP seals for a registration."""
+    message = bundle_pb2.SealedRegistration(bundle=to_proto(bundle),
+                                            panel=[reference_to_proto(r) for r in panel])
+    return message.SerializeToString(deterministic=True)
+
+
+def open_bytes(plaintext: bytes) -> tuple[KeyBundle, list[Reference]]:
+    """The inverse of `seal_bytes`."""
+    message = bundle_pb2.SealedRegistration()
+    try:
+        message.ParseFromString(plaintext)
+    except DecodeError as exc:
+        raise InvalidInputError(f"not a sealed registration ({exc})") from exc
+    return from_proto(message.bundle), [reference_from_proto(r) for r in message.panel]
+
