@@ -233,7 +233,7 @@ def register(ctx: Context, principal: Principal, bundle: KeyBundle, host: Path,
     bundle = panels.with_profile(bundle, reading)
     panel = panels.measure_panel(lambda m, b, w: _sandboxed(ctx, m, b, w), references, bundle,
                                  reading)
-    _refuse_claimed(ctx, host, reading)
+    _refuse_claimed(ctx, principal, host, reading)
 
     registration_id = "reg_" + secrets.token_hex(REGISTRATION_ID_BYTES)
     envelope = seal(ctx.keyring, panels.seal_bytes(bundle, panel), record_id=registration_id,
@@ -258,14 +258,25 @@ def register(ctx: Context, principal: Principal, bundle: KeyBundle, host: Path,
             "panel": panel_record,
         }), record)
     except DuplicateError as exc:  # a concurrent Register of the same host committed first
-        raise ServiceError(ErrorCode.ALREADY_CLAIMED, CLAIMED) from exc
+        raise _claimed(principal, ctx.store.find_by_fingerprint(reading.fingerprint)) from exc
     log.info("registered %s for %s at log index %d (panel of %d)", registration_id,
              principal.name, index, len(panel))
     receipt = wire.read_statement(Receipt, _statement(ctx, body), _inclusion(ctx, index))
     return wire.receipt_to_proto(receipt)
 
 
-def _refuse_claimed(ctx: Context, host: Path, reading: panels.Reading) -> None:
+def _claimed(principal: Principal, records: Sequence[Registration]) -> ServiceError:
+    """The ALREADY_EXISTS refusal: an owner is told his own registration's id, nobody else
+    anything but that a claim exists."""
+    own = [r.registration_id for r in records if r.revoked_at is None and r.owner == principal.name]
+    if own:
+        return ServiceError(ErrorCode.ALREADY_CLAIMED,
+                            f"this model is already registered as {own[0]}, by you")
+    return ServiceError(ErrorCode.ALREADY_CLAIMED, CLAIMED)
+
+
+def _refuse_claimed(ctx: Context, principal: Principal, host: Path, reading: panels.Reading
+                    ) -> None:
     """ALREADY_EXISTS when an earlier, active registration already claims this model.
 
     Claimed means: the same weights, or an earlier key's verdict (plain and, with that
@@ -275,9 +286,9 @@ def _refuse_claimed(ctx: Context, host: Path, reading: panels.Reading) -> None:
     earlier registration nor any figure: a number here would let a thief steer his
     laundering one query at a time.
     """
-    for record in ctx.store.find_by_fingerprint(reading.fingerprint):
-        if record.revoked_at is None:
-            raise ServiceError(ErrorCode.ALREADY_CLAIMED, CLAIMED)
+    same = [r for r in ctx.store.find_by_fingerprint(reading.fingerprint) if r.revoked_at is None]
+    if same:
+        raise _claimed(principal, same)
     for record in ctx.store.find_by_architecture(reading.architecture_digest):
         if record.revoked_at is not None:
             continue
@@ -289,9 +300,10 @@ def _refuse_claimed(ctx: Context, host: Path, reading: panels.Reading) -> None:
         except (FreemarkError, ServiceError):
             continue  # the earlier key does not even read this model
         if verdict.is_match:
-            log.info("Register refused: an earlier registration %s claims the upload "
-                     "(log10 p %.1f)", record.registration_id, verdict.log10_p_value)
-            raise ServiceError(ErrorCode.ALREADY_CLAIMED, CLAIMED)
+            log.info("Register by %s refused: earlier registration %s claims the upload "
+                     "(log10 p %.1f)", principal.name, record.registration_id,
+                     verdict.log10_p_value)
+            raise _claimed(principal, [record])
 
 
 def verify_target(ctx: Context, principal: Principal, header: pb.VerifyHeader) -> Registration:

@@ -1,0 +1,173 @@
+"""Structural obfuscation through a real key server (issue 9): relabelled, rescaled and padded
+copies are signed matches once the registration has a reference panel, and held-out
+independent models are not.
+
+For each lab task (the digits CNN through the real sandbox; the MNIST CNN through the
+sandbox worker's own code in process, to keep the suite's time) the owner registers the host
+with a panel of five independently trained models, then an arbiter verifies every attack and
+ten (digits) or five (MNIST) further independent models that neither the panel nor any
+threshold saw. A thief's relabelled copy cannot be registered under his own key either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import scheme_models as sm
+from freemark.bundle import KeyBundle
+from freemark.derive import derive_key
+from freemark.errors import AlreadyRegisteredError, InvalidModelError
+from freemark.modelfile import save_program
+from freemark.receipt import verify_receipt
+from freemark.records import Receipt, SignedVerdict
+from freemark.rpc import KeyServiceClient
+from freemark_keyserver.config import ServerConfig
+from freemark_keyserver.server import RunningServer, create_server
+from freemark_lab.attacks import obfuscate as ob
+from ttp_fleet import add_principals, in_process_sandbox
+
+ALPHA = 1e-9
+NULL_FLOOR = 1e-3
+PANEL_SEEDS = range(20, 25)
+HELD_OUT = {"digits": range(40, 50), "mnist": range(40, 45)}
+REAL_SANDBOX = {"digits": True, "mnist": False}
+
+
+def attacks(name: str) -> dict[str, nn.Module]:
+    """The function-preserving rewrites the issue lists, on the host or its fine-tuned copy."""
+    task = sm.task(name).lab
+    host, tuned = sm.host(name), sm.finetuned(name)
+    everything = ob.permute_units(
+        ob.add_dummy_units(
+            ob.add_dummy_units(ob.rescale_units(tuned, task, seed=2), task, count=16,
+                               mode="zero", seed=3),
+            task, count=16, mode="split", seed=4),
+        task, seed=5)
+    return {
+        "permuted": ob.permute_units(host, task, seed=1),
+        "permuted+finetuned": ob.permute_units(tuned, task, seed=1),
+        "rescaled+permuted": ob.permute_units(ob.rescale_units(host, task, seed=2), task, seed=1),
+        "16 zero units": ob.add_dummy_units(host, task, count=16, mode="zero", seed=3),
+        "16 split units": ob.add_dummy_units(host, task, count=16, mode="split", seed=4),
+        "all at once, fine-tuned": everything,
+    }
+
+
+@dataclass
+class Deployment:
+    """A running key server with one registration that has a five-model panel."""
+
+    name: str
+    folder: Path
+    running: RunningServer
+    tokens: dict[str, str]
+    bundle: KeyBundle
+    receipt: Receipt
+    example: tuple[torch.Tensor, ...]
+
+    def client(self, who: str) -> KeyServiceClient:
+        return KeyServiceClient(f"127.0.0.1:{self.running.port}", token=self.tokens[who],
+                                timeout=600)
+
+    def export(self, label: str, model: nn.Module) -> Path:
+        path = self.folder / f"{label.replace(' ', '_').replace(',', '')}.pt2"
+        save_program(model, self.example, path)
+        return path
+
+    def verify(self, label: str, model: nn.Module) -> SignedVerdict:
+        with self.client("judge") as client:
+            return client.verify(self.receipt.registration_id, self.export(label, model))
+
+
+@pytest.fixture(scope="module", params=["digits", "mnist"])
+def deployment(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+               ) -> Iterator[Deployment]:
+    name = request.param
+    folder = tmp_path_factory.mktemp(f"aligned-{name}")
+    config = ServerConfig(data_dir=folder / "ttp", listen="127.0.0.1:0", grace_seconds=1)
+    running = create_server(config)
+    if not REAL_SANDBOX[name]:
+        running.ctx.sandbox = in_process_sandbox
+    tokens = add_principals(config.database, [("alice", "owner"), ("mallory", "owner"),
+                                              ("judge", "arbiter")])
+    task = sm.task(name)
+    example = task.lab.sample_inputs(2)
+    host = sm.host(name)
+    bundle = derive_key(host, layer="act", triggers=task.lab.triggers(10, 0), owner="alice")
+    deployment = Deployment(name, folder, running, tokens, bundle, None, example)  # type: ignore[arg-type]
+    references = [deployment.export(f"reference{seed}", sm.independent(name, seed))
+                  for seed in PANEL_SEEDS]
+    with deployment.client("alice") as client:
+        deployment.receipt = client.register(bundle, deployment.export("host", host),
+                                             references=references)
+    try:
+        yield deployment
+    finally:
+        running.stop(0)
+
+
+def test_the_receipt_signs_the_panel(deployment: Deployment) -> None:
+    assert deployment.receipt.panel.size == len(PANEL_SEEDS)
+    with deployment.client("alice") as client:
+        verify_receipt(deployment.receipt, client.public_key())
+
+
+def test_every_obfuscated_copy_is_a_signed_match(deployment: Deployment) -> None:
+    rows = []
+    for label, model in attacks(deployment.name).items():
+        verdict = deployment.verify(label, model)
+        tests = {t.name: t for t in verdict.tests}
+        rows.append((label, verdict.outcome, verdict.log10_p_value, tests["plain"].log10_p_value,
+                     tests["aligned"].statistic, tests["aligned"].n))
+        assert verdict.outcome == "match" and verdict.is_match, (label, verdict.p_value_method)
+        assert verdict.p_value <= ALPHA and verdict.alpha == ALPHA
+        assert verdict.panel == deployment.receipt.panel
+        with deployment.client("judge") as client:
+            verify_receipt(verdict, client.public_key())
+    print(f"\n{deployment.name}: attack, outcome, log10 p (combined, plain), aligned units")
+    for row in rows:
+        print("  {:26s} {:8s} {:7.1f} {:7.1f} {:5.0f}/{:.0f}".format(*row))
+
+
+def test_held_out_independent_models_are_no_match_under_every_test(deployment: Deployment) -> None:
+    rows = []
+    for seed in HELD_OUT[deployment.name]:
+        verdict = deployment.verify(f"independent{seed}", sm.independent(deployment.name, seed))
+        tests = {t.name: t for t in verdict.tests}
+        rows.append((seed, verdict.log10_p_value, tests["plain"].log10_p_value,
+                     tests["aligned"].log10_p_value, tests["aligned"].statistic))
+        assert verdict.outcome == "no_match", (seed, verdict.p_value_method)
+        for p in (verdict.p_value, tests["plain"].p_value, tests["aligned"].p_value):
+            assert p >= NULL_FLOOR, (seed, verdict.p_value_method)
+    print(f"\n{deployment.name}: held-out seed, log10 p (combined, plain, aligned), aligned units")
+    for row in rows:
+        print("  {:3d} {:6.2f} {:6.2f} {:6.2f} {:4.0f}".format(*row))
+
+
+def test_a_relabelled_copy_cannot_be_registered_under_another_key(deployment: Deployment) -> None:
+    task = sm.task(deployment.name)
+    stolen = ob.permute_units(ob.rescale_units(sm.host(deployment.name), task.lab, seed=9),
+                              task.lab, seed=9)
+    bundle = derive_key(stolen, layer="act", triggers=task.lab.triggers(10, 5), owner="mallory")
+    with deployment.client("mallory") as client, pytest.raises(AlreadyRegisteredError) as caught:
+        client.register(bundle, deployment.export("laundered", stolen))
+    message = str(caught.value)
+    assert "reg_" not in message and "p=" not in message and not any(c.isdigit() for c in message)
+
+
+def test_a_reference_that_is_the_host_relabelled_is_refused(deployment: Deployment) -> None:
+    task = sm.task(deployment.name)
+    other = sm.independent(deployment.name, 30)
+    bundle = derive_key(other, layer="act", triggers=task.lab.triggers(10, 1), owner="mallory")
+    references = [deployment.export("ref-a", sm.independent(deployment.name, 31)),
+                  deployment.export("ref-copy", ob.permute_units(other, task.lab, seed=4))]
+    with deployment.client("mallory") as client, pytest.raises(InvalidModelError, match="copy"):
+        client.register(bundle, deployment.export("other-host", other), references=references)
+    with deployment.client("mallory") as client:
+        assert not [r for r in client.list_registrations() if r.owner == "mallory"]
