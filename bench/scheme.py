@@ -53,12 +53,12 @@ from freemark.keygen import (
     descend,
     normalise,
 )
-from freemark.lab.data import Dataset, digits, mnist_subset
-from freemark.lab.models import DigitsCNN, MnistCNN
-from freemark.lab.train import accuracy, train, trained
 from freemark.triggers import TriggerSet, select_triggers
 from freemark.verdict import DEFAULT_ALPHA, DEFAULT_PERMUTATIONS, judge, suspect_vector
 from freemark.watermark import watermark_bits
+from freemark_lab.data import Dataset, digits, mnist_subset
+from freemark_lab.models import DigitsCNN, MnistCNN
+from freemark_lab.train import accuracy, train, trained
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PLOT = ROOT / "docs" / "scheme_tradeoff.png"
