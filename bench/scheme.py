@@ -13,7 +13,7 @@ Three measurements (docs/scheme.md reports and interprets them):
    trade-off curve (weakest stolen vs strongest independent p) is also saved as a PNG.
 3. Trigger-set size (per class 1, 5, 10, 20) at the default margin.
 
-    PYTHONPATH=client:keyserver .venv/bin/python bench/scheme.py --json out/bench_scheme.json
+    PYTHONPATH=client:keyserver:lab .venv/bin/python bench/scheme.py --json out/bench_scheme.json
 
 About 6-9 minutes on two shared CPU cores; `--quick` is a < 1 minute smoke run.
 """
