@@ -1,47 +1,56 @@
-# freemark: one target per job. `make setup` first on a fresh machine.
+# freemark: one target per job. Any target works as the first command on a fresh clone:
+# the virtualenv is a prerequisite, built once and again only when a pyproject.toml changes.
 #   make demo   the whole story end to end (TTP on embedded defaults, keygen, register, disputes)
 #   make test   the test suite (a real gRPC server, SQLite and PostgreSQL, real models)
-PY ?= .venv/bin/python
-PIP ?= .venv/bin/pip
-export PYTHONPATH := client:keyserver
+VENV ?= .venv
+PY ?= $(VENV)/bin/python
+PIP ?= $(VENV)/bin/pip
+# Written last by the set-up recipe: its presence means the venv is complete for this pyproject.
+INSTALLED := $(VENV)/.installed
+export PYTHONPATH := client:keyserver:lab
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: setup postgres proto proto-check lint test demo bench
 
-setup:
-	python3 -m venv .venv
+setup: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml keyserver/pyproject.toml lab/pyproject.toml
+	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# CPU wheel on local disk; must come first so nothing pulls a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev]"
+	# The three distributions (client, key server, lab) from this clone, editable, with test tools.
+	$(PIP) install -q -e ./keyserver -e ./lab -e ".[dev]"
+	touch $@
 
 # Debian's PostgreSQL server binaries for the tests (no cluster is started; tests start their own).
 postgres:
 	bash scripts/pg-setup.sh
 
-proto:
+proto: $(INSTALLED)
 	$(PY) -m grpc_tools.protoc -I proto \
 		--python_out=client --grpc_python_out=client \
 		--mypy_out=client --mypy_grpc_out=client \
-		--plugin=protoc-gen-mypy=.venv/bin/protoc-gen-mypy \
-		--plugin=protoc-gen-mypy_grpc=.venv/bin/protoc-gen-mypy_grpc \
+		--plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy \
+		--plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc \
 		proto/freemark/v1/*.proto
 
 proto-check: proto
 	@test -z "$$(git status --porcelain client/freemark/v1)" || \
 		(git status --porcelain client/freemark/v1; echo "generated code drifted from proto/: run make proto and commit"; exit 1)
 
-lint:
-	.venv/bin/ruff check client keyserver tests bench examples
-	.venv/bin/mypy client/freemark keyserver/freemark_keyserver
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check client keyserver lab tests bench examples
+	$(VENV)/bin/mypy client/freemark keyserver/freemark_keyserver lab/freemark_lab
 
-test: postgres
+test: $(INSTALLED) postgres
 	$(PY) -m pytest -q
 
-demo:
+demo: $(INSTALLED)
 	$(PY) examples/demo.py
 
-bench: postgres
+bench: $(INSTALLED) postgres
 	mkdir -p out
 	$(PY) bench/scheme.py --json out/bench_scheme.json
 	$(PY) bench/robustness.py --out out/robustness
-	PYTHONPATH=client:keyserver:tests $(PY) bench/keyserver.py --json out/bench_keyserver.json
+	PYTHONPATH=client:keyserver:lab:tests $(PY) bench/keyserver.py --json out/bench_keyserver.json

@@ -1,6 +1,6 @@
 """Key server benchmark: the TTP against bare gRPC on this machine, in one run.
 
-    PYTHONPATH=client:keyserver:tests .venv/bin/python bench/keyserver.py --json out/bench_keyserver.json
+    PYTHONPATH=client:keyserver:lab:tests .venv/bin/python bench/keyserver.py --json out/bench_keyserver.json
 
 (tests/ on the path: the bench reuses the tests' throwaway PostgreSQL, tests/pg.py, and their
 independent hosts, tests/ttp_fleet.py.) About 7 minutes on two shared cores and 2 GB of free

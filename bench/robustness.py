@@ -1,10 +1,11 @@
-"""The full robustness run: digits CNN, MNIST CNN and MiniLM, each from bench/robustness/<name>.toml.
+"""The full robustness run: digits CNN, MNIST CNN and MiniLM, each from the lab's built-in
+config <name> (lab/freemark_lab/configs/<name>.toml).
 
 Writes docs/robustness/<name>.txt, .json and .png (the committed evidence that
 docs/robustness.md summarises) and prints each report. About 15-25 minutes on two
 shared CPU cores; `--only digits` for one model, `--quick` for a smoke run.
 
-    PYTHONPATH=client:keyserver .venv/bin/python bench/robustness.py
+    PYTHONPATH=client:keyserver:lab .venv/bin/python bench/robustness.py
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from freemark.lab import report as render
-from freemark.lab.robustness import load_config, run
+from freemark_lab import report as render
+from freemark_lab.configs import config_path
+from freemark_lab.robustness import load_config, run
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ("digits", "mnist", "minilm")
@@ -33,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     false_positives = 0
     for name in args.only or CONFIGS:
-        report = run(load_config(ROOT / "bench" / "robustness" / f"{name}.toml", quick=args.quick))
+        report = run(load_config(config_path(name), quick=args.quick))
         paths = render.write(report, args.out)
         print(render.render_text(report))
         print("written: " + ", ".join(str(p.relative_to(ROOT) if p.is_relative_to(ROOT) else p)

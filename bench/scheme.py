@@ -13,7 +13,7 @@ Three measurements (docs/scheme.md reports and interprets them):
    trade-off curve (weakest stolen vs strongest independent p) is also saved as a PNG.
 3. Trigger-set size (per class 1, 5, 10, 20) at the default margin.
 
-    PYTHONPATH=client:keyserver .venv/bin/python bench/scheme.py --json out/bench_scheme.json
+    PYTHONPATH=client:keyserver:lab .venv/bin/python bench/scheme.py --json out/bench_scheme.json
 
 About 6-9 minutes on two shared CPU cores; `--quick` is a < 1 minute smoke run.
 """
@@ -53,12 +53,12 @@ from freemark.keygen import (
     descend,
     normalise,
 )
-from freemark.lab.data import Dataset, digits, mnist_subset
-from freemark.lab.models import DigitsCNN, MnistCNN
-from freemark.lab.train import accuracy, train, trained
 from freemark.triggers import TriggerSet, select_triggers
 from freemark.verdict import DEFAULT_ALPHA, DEFAULT_PERMUTATIONS, judge, suspect_vector
 from freemark.watermark import watermark_bits
+from freemark_lab.data import Dataset, digits, mnist_subset
+from freemark_lab.models import DigitsCNN, MnistCNN
+from freemark_lab.train import accuracy, train, trained
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PLOT = ROOT / "docs" / "scheme_tradeoff.png"

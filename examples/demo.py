@@ -28,16 +28,16 @@ from pathlib import Path
 import torch
 
 from freemark.display import print_rows
-from freemark.lab import data, models, train
 from freemark.modelfile import save_program
 from freemark.triggers import save_triggers, select_triggers
+from freemark_lab import data, models, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FREEMARK_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "client"), str(ROOT / "keyserver")])
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "client"), str(ROOT / "keyserver"), str(ROOT / "lab")])
     env.update(extra)
     return env
 

@@ -11,12 +11,12 @@ from functools import cache
 
 from torch import nn
 
-from freemark.lab.attacks.finetune import finetune
-from freemark.lab.attacks.prune import magnitude_prune
-from freemark.lab.attacks.quantize import fp16 as fp16_attack
-from freemark.lab.attacks.quantize import int8 as int8_attack
-from freemark.lab.data import Dataset
-from freemark.lab.tasks import ImageTask, image_task
+from freemark_lab.attacks.finetune import finetune
+from freemark_lab.attacks.prune import magnitude_prune
+from freemark_lab.attacks.quantize import fp16 as fp16_attack
+from freemark_lab.attacks.quantize import int8 as int8_attack
+from freemark_lab.data import Dataset
+from freemark_lab.tasks import ImageTask, image_task
 
 
 @dataclass(frozen=True)

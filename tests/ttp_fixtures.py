@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from freemark.lab import data, models, train
 from freemark.modelfile import save_program
 from freemark.triggers import save_triggers, select_triggers
+from freemark_lab import data, models, train
 
 SERVER_START_SECONDS = 60.0
 
@@ -60,7 +60,7 @@ def cli_env(**extra: str) -> dict[str, str]:
     """The environment for CLI subprocesses: the source roots importable, nothing secret."""
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("FREEMARK_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(root / "client"), str(root / "keyserver")])
+    env["PYTHONPATH"] = os.pathsep.join([str(root / "client"), str(root / "keyserver"), str(root / "lab")])
     env.update(extra)
     return env
 

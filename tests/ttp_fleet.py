@@ -28,7 +28,6 @@ from safetensors.torch import save_file
 
 from freemark.bundle import KeyBundle
 from freemark.derive import derive_key
-from freemark.lab import data, models
 from freemark.modelfile import save_program
 from freemark.triggers import TriggerSet, select_triggers
 from freemark_keyserver.auth import hash_token, new_token
@@ -38,6 +37,7 @@ from freemark_keyserver.sandbox import SandboxResult
 from freemark_keyserver.sandbox_worker import _activations
 from freemark_keyserver.server import RunningServer, create_server
 from freemark_keyserver.store import Principal, open_store
+from freemark_lab import data, models
 
 N_HOSTS = 8
 FIRST_WIDTH = 64  # hidden units of host 0; host i has FIRST_WIDTH + 4 i

@@ -28,7 +28,6 @@ from freemark.display import format_value, print_fields, print_json, print_rows
 from freemark.errors import FreemarkError, InvalidInputError, InvalidReceiptError
 from freemark.extract import extract
 from freemark.keygen import DEFAULT_LAMBDA, DEFAULT_MARGIN, DerivationSettings
-from freemark.lab.attack_cli import add_attack_parser
 from freemark.modelfile import apply_weights, load_program
 from freemark.receipt import load_statement, verify_receipt
 from freemark.records import Receipt, ReferencePanel, RegistrationInfo, SignedVerdict, Verdict
@@ -38,6 +37,8 @@ from freemark.triggers import DEFAULT_PER_CLASS, load_triggers, save_triggers, s
 from freemark.verdict import DEFAULT_ALPHA
 from freemark.wire import receipt_to_json, registration_to_json, verdict_to_json
 
+LAB_MISSING = ("the robustness lab is not installed; `freemark attack` needs it: "
+               "pip install 'freemark[lab]'")
 DEFAULT_SERVER = "127.0.0.1:50051"  # where `freemark-keyserver serve` listens by default
 
 Handler = Callable[[argparse.Namespace], int]
@@ -402,8 +403,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the key server's public key PEM, obtained out of band")
     _add_common(q)
     q.set_defaults(handler=_cmd_receipt_verify)
-    add_attack_parser(sub)
+    _add_attack(sub)
     return parser
+
+
+def _add_attack(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """`freemark attack` from the lab (freemark[lab]), or a stub that says how to install it.
+
+    The library never depends on the lab: the lab is found at run time, if installed.
+    """
+    try:
+        from freemark_lab.attack_cli import add_attack_parser
+    except ImportError:
+        # No option prefix: every argument, `--config` and `-h` included, lands in `rest`,
+        # so any invocation reaches the handler's one-line message.
+        p = subparsers.add_parser("attack", help="run the robustness suite (needs freemark[lab])",
+                                  add_help=False, prefix_chars="\0")
+        p.add_argument("rest", nargs="*")
+        p.set_defaults(handler=_cmd_attack_missing)
+        return
+    add_attack_parser(subparsers)
+
+
+def _cmd_attack_missing(args: argparse.Namespace) -> int:
+    raise InvalidInputError(LAB_MISSING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

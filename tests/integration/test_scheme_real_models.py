@@ -19,8 +19,8 @@ import scheme_models as sm
 from freemark import derive_key, extract
 from freemark.display import print_rows
 from freemark.errors import UniquenessError
-from freemark.lab.train import accuracy
 from freemark.triggers import select_triggers
+from freemark_lab.train import accuracy
 
 ALPHA = 1e-9
 NULL_FLOOR = 1e-3

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from freemark.cli import main
-from freemark.lab import data, models, train
 from freemark.modelfile import save_program
+from freemark_lab import data, models, train
 
 VERDICT_FIELDS = {"n_bits", "matches", "ber", "p_value", "p_value_binomial", "alpha", "is_match"}
 

@@ -9,8 +9,8 @@ import torch
 from freemark import derive_key, extract
 from freemark.activations import capture
 from freemark.errors import InvalidInputError
-from freemark.lab.models import DigitsCNN
 from freemark.triggers import TriggerSet, select_triggers
+from freemark_lab.models import DigitsCNN
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ import torch
 
 import hostile_models
 from freemark.errors import ModelFileError
-from freemark.lab.models import DigitsCNN
 from freemark.modelfile import apply_weights, fingerprint, load_program, save_program
+from freemark_lab.models import DigitsCNN
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,6 @@ from safetensors.torch import save_file
 import hostile_models
 from freemark.activations import capture
 from freemark.errors import InvalidInputError, ModelFileError
-from freemark.lab.data import digits
-from freemark.lab.models import DigitsCNN
-from freemark.lab.train import trained
 from freemark.modelfile import apply_weights, load_program, save_program, state_dict_of
 from freemark.triggers import TriggerSet, select_triggers
 from freemark.v1 import bundle_pb2
@@ -38,6 +35,9 @@ from freemark_keyserver.sandbox import (
     run_in_sandbox,
     worker_environment,
 )
+from freemark_lab.data import digits
+from freemark_lab.models import DigitsCNN
+from freemark_lab.train import trained
 
 LAYER = "act"
 POOLING = bundle_pb2.POOLING_NONE

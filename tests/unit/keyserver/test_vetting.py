@@ -12,9 +12,9 @@ from torch import nn
 
 import hostile_models
 from freemark.errors import ModelFileError
-from freemark.lab.models import DigitsCNN
 from freemark.modelfile import load_program, save_program
 from freemark_keyserver.vetting import vet_program
+from freemark_lab.models import DigitsCNN
 
 EXAMPLE = (torch.zeros(2, 1, 8, 8),)
 

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from freemark.lab.attacks.layers import weighted_layers
-from freemark.lab.tasks import Task
+from freemark_lab.attacks.layers import weighted_layers
+from freemark_lab.tasks import Task
 
 
 def magnitude_prune(model: nn.Module, task: Task, *, rate: float,

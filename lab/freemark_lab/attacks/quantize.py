@@ -11,8 +11,8 @@ import copy
 import torch
 from torch import nn
 
-from freemark.lab.attacks.layers import weighted_layers
-from freemark.lab.tasks import Task
+from freemark_lab.attacks.layers import weighted_layers
+from freemark_lab.tasks import Task
 
 INT8_LEVELS = 127
 

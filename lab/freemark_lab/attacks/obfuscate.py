@@ -2,7 +2,7 @@
 
 Each attack here is exactly function-preserving (up to float rounding), so it costs a thief
 nothing, and each defeats plain white-box extraction, which reads unit i of the suspect as
-unit i of the host. `freemark.lab.align` is the counter-measure under study.
+unit i of the host. `freemark_lab.align` is the counter-measure under study.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import math
 import torch
 from torch import nn
 
-from freemark.lab.attacks.layers import linear, replace
-from freemark.lab.tasks import Task
+from freemark_lab.attacks.layers import linear, replace
+from freemark_lab.tasks import Task
 
 DUMMY_MODES = ("random", "split")
 

@@ -7,8 +7,8 @@ import copy
 import torch
 from torch import nn
 
-from freemark.lab.attacks.layers import weighted_layers
-from freemark.lab.tasks import Task
+from freemark_lab.attacks.layers import weighted_layers
+from freemark_lab.tasks import Task
 
 
 def gaussian_noise(model: nn.Module, task: Task, *, scale: float, seed: int = 0) -> nn.Module:

@@ -106,7 +106,7 @@ class TokenSplit:
 
 @dataclass
 class TextTask:
-    """MiniLM on the generated topic task; satisfies `freemark.lab.tasks.Task`."""
+    """MiniLM on the generated topic task; satisfies `freemark_lab.tasks.Task`."""
 
     base: PreTrainedModel
     train_split: TokenSplit

@@ -11,12 +11,12 @@ from typing import Any
 
 from torch import nn
 
-from freemark.lab.tasks import Task
+from freemark_lab.tasks import Task
 
 
 def combine(model: nn.Module, task: Task, *, steps: Sequence[Mapping[str, Any]]) -> nn.Module:
     """Apply each step's attack to the previous step's output, in order."""
-    from freemark.lab.attacks import apply_attack  # the registry imports this module
+    from freemark_lab.attacks import apply_attack  # the registry imports this module
 
     if not steps:
         raise ValueError("a combined attack needs at least one step")

@@ -3,7 +3,7 @@
 A run trains the host, derives its key, trains the null panel (independent models, and
 related ones such as other fine-tunes of the same public checkpoint), applies every
 attack in the config to a copy of the host, and judges each result with plain extraction,
-optionally with aligned extraction (`freemark.lab.align`), and plays the ambiguity attack.
+optionally with aligned extraction (`freemark_lab.align`), and plays the ambiguity attack.
 
 Status of an attacked copy:
 - "detected": calibrated p ≤ α under plain extraction;
@@ -38,11 +38,11 @@ from freemark.bundle import KeyBundle
 from freemark.derive import DEFAULT_BITS, derive_key
 from freemark.errors import FreemarkError, InvalidInputError
 from freemark.extract import extract
-from freemark.lab.align import AlignedNull, AlignedVerdict, aligned_verdict, calibrate
-from freemark.lab.attacks import ATTACKS, FUNCTION_PRESERVING, apply_attack
-from freemark.lab.attacks.overwrite import OverwriteResult, overwrite
-from freemark.lab.tasks import Task, image_task
 from freemark.verdict import DEFAULT_ALPHA, DEFAULT_PERMUTATIONS, Verdict
+from freemark_lab.align import AlignedNull, AlignedVerdict, aligned_verdict, calibrate
+from freemark_lab.attacks import ATTACKS, FUNCTION_PRESERVING, apply_attack
+from freemark_lab.attacks.overwrite import OverwriteResult, overwrite
+from freemark_lab.tasks import Task, image_task
 
 ALIGN_MODES = {"permutation": False, "permutation+scale": True}  # mode → undo per-unit scale
 DEFAULT_DESTROY_BOUND = 0.05
@@ -75,7 +75,7 @@ class NullGroup:
 
 @dataclass(frozen=True)
 class Config:
-    """A parsed, validated run configuration (see bench/robustness/*.toml)."""
+    """A parsed, validated run configuration (see freemark_lab/configs/*.toml)."""
 
     name: str
     raw: Mapping[str, Any]
@@ -136,7 +136,7 @@ class NullRow:
 
 @dataclass(frozen=True)
 class Report:
-    """Everything a run measured; rendered by `freemark.lab.report`."""
+    """Everything a run measured; rendered by `freemark_lab.report`."""
 
     name: str
     task: str
@@ -275,7 +275,7 @@ def build_task(config: Config) -> Task:
     """The task the config names, with its options ([model] keys other than task/variant/epochs/lr)."""
     options = dict(config.task_options)
     if config.task == "minilm":
-        from freemark.lab.transformer import text_task  # transformers is heavy: import on demand
+        from freemark_lab.transformer import text_task  # transformers is heavy: import on demand
 
         return text_task(seed=config.seed, **options)
     return image_task(config.task, seed=config.seed, **options)

@@ -13,8 +13,8 @@ import copy
 import torch
 from torch import nn
 
-from freemark.lab.attacks.layers import module
-from freemark.lab.tasks import Task
+from freemark_lab.attacks.layers import module
+from freemark_lab.tasks import Task
 
 SCOPES = ("all", "last")
 

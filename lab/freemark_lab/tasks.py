@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from freemark.lab.data import DATASETS, Dataset
-from freemark.lab.models import ARCHITECTURES, STUDENTS
-from freemark.lab.train import accuracy, distill, train
 from freemark.triggers import TriggerSet, select_triggers
+from freemark_lab.data import DATASETS, Dataset
+from freemark_lab.models import ARCHITECTURES, STUDENTS
+from freemark_lab.train import accuracy, distill, train
 
 
 class Task(Protocol):

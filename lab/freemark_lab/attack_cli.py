@@ -1,7 +1,8 @@
 """`freemark attack`: run a robustness suite from a TOML config and write its report.
 
 Usable as a subcommand of the `freemark` CLI (`add_attack_parser`, `run_attack`) and on
-its own: `python -m freemark.lab.attack_cli --config bench/robustness/quick.toml`.
+its own: `python -m freemark_lab.attack_cli --config quick`. `--config` takes a TOML file
+or the name of a built-in suite (freemark_lab/configs/: digits, minilm, mnist, quick).
 Exit status: 0, or 1 when an independent null model was matched (a false positive, which
 would make every verdict of that key worthless), or 2 on a bad config.
 """
@@ -14,12 +15,14 @@ import sys
 from collections.abc import Sequence
 
 from freemark.errors import FreemarkError
+from freemark_lab.configs import BUILTIN, config_path
 
 DEFAULT_OUT = "out/robustness"
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="TOML run configuration (bench/robustness/*.toml)")
+    parser.add_argument("--config", required=True,
+                        help="TOML run configuration, or a built-in suite: " + ", ".join(BUILTIN))
     parser.add_argument("--quick", action="store_true",
                         help="only the attacks marked quick, with the config's [quick] overrides")
     parser.add_argument("--out", default=DEFAULT_OUT,
@@ -38,10 +41,10 @@ def add_attack_parser(subparsers: argparse._SubParsersAction) -> None:  # type: 
 
 def run_attack(args: argparse.Namespace) -> int:
     """Run the configured suite, write the report files, print the table (or JSON)."""
-    from freemark.lab import report as render  # matplotlib and torch load only when used
-    from freemark.lab.robustness import load_config, run
+    from freemark_lab import report as render  # matplotlib and torch load only when used
+    from freemark_lab.robustness import load_config, run
 
-    config = load_config(args.config, quick=args.quick)
+    config = load_config(config_path(args.config), quick=args.quick)
     report = run(config, progress=not args.json)
     paths = render.write(report, args.out)
     if args.json:
@@ -53,7 +56,7 @@ def run_attack(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry point (`python -m freemark.lab.attack_cli`)."""
+    """Standalone entry point (`python -m freemark_lab.attack_cli`)."""
     parser = argparse.ArgumentParser(prog="freemark attack", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(parser)

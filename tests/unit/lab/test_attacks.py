@@ -15,13 +15,13 @@ from torch import nn
 from freemark.activations import capture
 from freemark.derive import derive_key
 from freemark.errors import InvalidInputError
-from freemark.lab import align
-from freemark.lab.attacks import ATTACKS, apply_attack
-from freemark.lab.attacks.layers import weighted_layers
-from freemark.lab.attacks.overwrite import OWNER_REGISTERED, LocalRegistry, PriorClaimError
-from freemark.lab.robustness import parse_config
-from freemark.lab.tasks import ImageTask, image_task
 from freemark.modelfile import fingerprint
+from freemark_lab import align
+from freemark_lab.attacks import ATTACKS, apply_attack
+from freemark_lab.attacks.layers import weighted_layers
+from freemark_lab.attacks.overwrite import OWNER_REGISTERED, LocalRegistry, PriorClaimError
+from freemark_lab.robustness import parse_config
+from freemark_lab.tasks import ImageTask, image_task
 
 TOLERANCE = 1e-4
 

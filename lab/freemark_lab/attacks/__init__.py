@@ -11,14 +11,14 @@ from typing import Any
 
 from torch import nn
 
-from freemark.lab.attacks.combine import combine
-from freemark.lab.attacks.distill import distill
-from freemark.lab.attacks.finetune import finetune, fresh_head
-from freemark.lab.attacks.noise import gaussian_noise
-from freemark.lab.attacks.obfuscate import add_dummy_units, permute_units, rescale_units
-from freemark.lab.attacks.prune import magnitude_prune, structured_prune
-from freemark.lab.attacks.quantize import fp16, int8
-from freemark.lab.tasks import Task
+from freemark_lab.attacks.combine import combine
+from freemark_lab.attacks.distill import distill
+from freemark_lab.attacks.finetune import finetune, fresh_head
+from freemark_lab.attacks.noise import gaussian_noise
+from freemark_lab.attacks.obfuscate import add_dummy_units, permute_units, rescale_units
+from freemark_lab.attacks.prune import magnitude_prune, structured_prune
+from freemark_lab.attacks.quantize import fp16, int8
+from freemark_lab.tasks import Task
 
 Attack = Callable[..., nn.Module]
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from freemark.activations import capture
-from freemark.lab.attacks import apply_attack
-from freemark.lab.transformer import TextTask, sentences, text_task
+from freemark_lab.attacks import apply_attack
+from freemark_lab.transformer import TextTask, sentences, text_task
 
 TOLERANCE = 1e-4
 

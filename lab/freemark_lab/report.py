@@ -12,10 +12,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from freemark.lab.align import AlignedVerdict
-from freemark.lab.attacks.overwrite import OverwriteResult
-from freemark.lab.robustness import AttackRow, NullRow, Report
 from freemark.verdict import Verdict
+from freemark_lab.align import AlignedVerdict
+from freemark_lab.attacks.overwrite import OverwriteResult
+from freemark_lab.robustness import AttackRow, NullRow, Report
 
 STATUS_COLOURS = {"detected": "#1a9850", "removed": "#d73027", "destroys the model": "#878787"}
 NULL_COLOURS = {True: "#4575b4", False: "#984ea3"}

@@ -11,7 +11,7 @@ import copy
 
 from torch import nn
 
-from freemark.lab.tasks import Task
+from freemark_lab.tasks import Task
 
 
 def distill(model: nn.Module, task: Task, *, architecture: str = "same", epochs: int,
