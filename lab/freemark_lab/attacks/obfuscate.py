@@ -16,7 +16,7 @@ from torch import nn
 from freemark_lab.attacks.layers import linear, replace
 from freemark_lab.tasks import Task
 
-DUMMY_MODES = ("random", "split")
+DUMMY_MODES = ("random", "zero", "split")
 
 
 def permute_units(model: nn.Module, task: Task, *, seed: int = 0) -> nn.Module:
@@ -62,8 +62,10 @@ def add_dummy_units(model: nn.Module, task: Task, *, count: int, mode: str = "ra
     """Widen the key layer by `count` units scattered among the real ones.
 
     mode "random": dummies get random incoming weights (so they look alive) and zero
-    outgoing weights. mode "split": each dummy duplicates a real unit and takes a random
-    share of its outgoing weights, which no zero-column check can spot.
+    outgoing weights. mode "zero": dummies never fire (zero incoming weights and bias, so
+    ReLU keeps them at 0) and get random outgoing weights, which look used. mode "split":
+    each dummy duplicates a real unit and takes a random share of its outgoing weights,
+    which no zero-column check can spot.
     """
     if mode not in DUMMY_MODES:
         raise ValueError(f"mode must be one of {DUMMY_MODES}, got {mode!r}")
@@ -87,6 +89,10 @@ def add_dummy_units(model: nn.Module, task: Task, *, count: int, mode: str = "ra
         if mode == "random":
             w_in[dummy] = torch.randn(count, producer.in_features, generator=generator) * producer.weight.std()
             b_in[dummy] = b_in[real].mean()
+        elif mode == "zero":
+            w_in[dummy] = 0.0
+            w_out[:, dummy] = (torch.randn(consumer.out_features, count, generator=generator)
+                               * consumer.weight.std())
         else:
             source = real[torch.randint(units, (count,), generator=generator)]
             share = torch.rand(count, generator=generator)

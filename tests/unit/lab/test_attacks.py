@@ -51,6 +51,7 @@ def key_layer(model: nn.Module, task: ImageTask) -> np.ndarray:
     ("rescale", {"seed": 3}),
     ("dummy_units", {"count": 16, "seed": 3}),
     ("dummy_units", {"count": 16, "mode": "split", "seed": 3}),
+    ("dummy_units", {"count": 16, "mode": "zero", "seed": 3}),
     ("combine", {"steps": [{"kind": "permute", "seed": 1}, {"kind": "rescale", "seed": 2}]}),
 ])
 def test_obfuscation_preserves_the_function_but_moves_the_units(task, host, kind, params):
