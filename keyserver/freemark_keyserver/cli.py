@@ -1,4 +1,5 @@
-"""The `freemark-keyserver` command: serve, manage principals, audit the log, rotate keys."""
+"""The `freemark-keyserver` command: serve, manage principals and reference panels, audit the
+log, rotate keys."""
 
 from __future__ import annotations
 
@@ -12,12 +13,20 @@ from pathlib import Path
 from freemark import merkle
 from freemark.display import print_fields, print_json, print_rows
 from freemark_keyserver import config as cfg
+from freemark_keyserver import handlers
 from freemark_keyserver.audit import audit
 from freemark_keyserver.auth import ADMIN, ARBITER, OWNER, hash_token, new_token
 from freemark_keyserver.crypto import Envelope, rewrap, save_keyring
-from freemark_keyserver.hosts import rewrap_host
+from freemark_keyserver.errors import ServiceError
+from freemark_keyserver.hosts import rewrap_host, rewrap_member
 from freemark_keyserver.server import serve
-from freemark_keyserver.store import DuplicateError, Principal, StoreError, open_store
+from freemark_keyserver.store import (
+    DuplicateError,
+    PanelMember,
+    Principal,
+    StoreError,
+    open_store,
+)
 
 
 def _config(args: argparse.Namespace) -> cfg.ServerConfig:
@@ -123,10 +132,66 @@ def _rotate(args: argparse.Namespace) -> int:
             store.update_envelopes(record.registration_id, keyring.current_version,
                                    envelope.to_bytes(), rewrap_host(keyring, record))
             count += 1
+        for member in store.panel_members(active=False):
+            store.update_panel_envelope(member.member_id, keyring.current_version,
+                                        rewrap_member(keyring, member))
+            count += 1
     finally:
         store.close()
     payload = {"key_version": keyring.current_version, "rewrapped": count, "keyring": str(path)}
     print_json(payload) if args.json else print_fields("master key rotated", payload)
+    return 0
+
+
+def _context(config: cfg.ServerConfig) -> handlers.Context:
+    return handlers.Context(config=config, store=open_store(config.database),
+                            keyring=cfg.load_keyring(config), signer=cfg.load_signing_key(config))
+
+
+def _member_row(member: PanelMember) -> dict[str, object]:
+    return {"member_id": member.member_id, "label": member.label,
+            "family": member.family.hex()[:16], "fingerprint": member.fingerprint.hex(),
+            "added_at": member.added_at, "removed_at": member.removed_at}
+
+
+def _panel_add(args: argparse.Namespace) -> int:
+    ctx = _context(_config(args))
+    try:
+        member = handlers.add_panel_member(ctx, Path(args.model), like=args.like,
+                                           label=args.label or "", now=time.time_ns() // 1000)
+    finally:
+        ctx.store.close()
+    row = _member_row(member)
+    print_json(row) if args.json else print_fields("panel member added (joins later "
+                                                   "registrations of this family)", row)
+    return 0
+
+
+def _panel_list(args: argparse.Namespace) -> int:
+    store = open_store(_config(args).database)
+    try:
+        rows = [_member_row(m) for m in store.panel_members(active=not args.all)]
+    finally:
+        store.close()
+    if args.json:
+        print_json({"members": rows})
+    else:
+        print_rows(["member_id", "label", "family", "added_at", "removed_at"],
+                   [[r[k] for k in ("member_id", "label", "family", "added_at", "removed_at")]
+                    for r in rows])
+    return 0
+
+
+def _panel_remove(args: argparse.Namespace) -> int:
+    store = open_store(_config(args).database)
+    try:
+        removed = store.remove_panel_member(args.member, time.time_ns() // 1000)
+    finally:
+        store.close()
+    if not removed:
+        raise ValueError(f"no active panel member {args.member!r}")
+    print_json({"removed": args.member}) if args.json else print(f"removed {args.member} "
+                                                                 "(earlier receipts still name it)")
     return 0
 
 
@@ -166,6 +231,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True)
     p.set_defaults(handler=_principal_disable)
 
+    panel = sub.add_parser(
+        "panel", help="the operator's reference panels: independent models per architecture "
+                      "family, added to every later registration of that family").add_subparsers(
+        dest="action", required=True)
+    p = panel.add_parser("add", parents=[common], help="vet, read and store a reference model")
+    p.add_argument("--model", required=True, help="the reference, a .pt2 program (untrusted: it "
+                                                   "is vetted and run in the sandbox)")
+    p.add_argument("--like", required=True, metavar="REGISTRATION_ID",
+                   help="a registration of the same architecture; its key reads the model")
+    p.add_argument("--label", help="a name for listings (default: the file name)")
+    p.set_defaults(handler=_panel_add)
+    p = panel.add_parser("list", parents=[common])
+    p.add_argument("--all", action="store_true", help="include removed members")
+    p.set_defaults(handler=_panel_list)
+    p = panel.add_parser("remove", parents=[common])
+    p.add_argument("member", help="member id (pan_...)")
+    p.set_defaults(handler=_panel_remove)
+
     p = sub.add_parser("audit", parents=[common], help="re-check the whole log")
     p.set_defaults(handler=_audit)
     p = sub.add_parser("rotate-master-key", parents=[common],
@@ -181,6 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args))
     except DuplicateError as exc:
         print(f"freemark-keyserver: error: already exists: {exc}", file=sys.stderr)
+    except ServiceError as exc:
+        print(f"freemark-keyserver: error: {exc.code.name}: {exc}", file=sys.stderr)
     except (StoreError, ValueError, OSError) as exc:
         print(f"freemark-keyserver: error: {exc}", file=sys.stderr)
     return 2

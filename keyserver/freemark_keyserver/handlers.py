@@ -55,6 +55,7 @@ from freemark_keyserver.sandbox import (
 )
 from freemark_keyserver.store import (
     DuplicateError,
+    PanelMember,
     Principal,
     Registration,
     Store,
@@ -183,10 +184,29 @@ def _open_sealed(ctx: Context, record: Registration) -> tuple[KeyBundle, list[Re
     return panels.open_bytes(plaintext)
 
 
+def _runner(ctx: Context) -> panels.Runner:
+    return lambda model, bundle, weights: _sandboxed(ctx, model, bundle, weights)
+
+
 def _read(ctx: Context, model: Path, bundle: KeyBundle, weights: Path | None = None
           ) -> panels.Reading:
     """One sandboxed pass of an untrusted model over the triggers and the alignment probes."""
-    return panels.read(lambda m, b, w: _sandboxed(ctx, m, b, w), model, bundle, weights)
+    return panels.read(_runner(ctx), model, bundle, weights)
+
+
+def add_panel_member(ctx: Context, model: Path, *, like: str, label: str, now: int
+                     ) -> PanelMember:
+    """The operator's `panel add`: a reference for the architecture family of registration
+    `like`, read in the sandbox with its key (so it is vetted and known to run)."""
+    record = ctx.store.get_registration(like)
+    if record is None:
+        raise ServiceError(ErrorCode.NOT_FOUND, f"no registration {like!r}")
+    bundle, _ = _open_sealed(ctx, record)
+    if bundle.probe_profile is None:
+        raise ServiceError(ErrorCode.INVALID_BUNDLE, f"{like} has a key without a probe profile; "
+                           "pick a registration made with this version")
+    return panels.add_member(_runner(ctx), ctx.store, ctx.keyring, model, like=record,
+                             bundle=bundle, label=label, now=now)
 
 
 def parse_bundle(ctx: Context, principal: Principal, header: pb.RegisterHeader) -> KeyBundle:
@@ -231,8 +251,10 @@ def register(ctx: Context, principal: Principal, bundle: KeyBundle, host: Path,
     except UniquenessError as exc:
         raise ServiceError(ErrorCode.NOT_UNIQUE, str(exc)) from exc
     bundle = panels.with_profile(bundle, reading)
-    panel = panels.measure_panel(lambda m, b, w: _sandboxed(ctx, m, b, w), references, bundle,
-                                 reading)
+    panel = panels.measure_panel(_runner(ctx), references, bundle, reading)
+    if reading.probes is not None:
+        panel += panels.operator_panel(_runner(ctx), ctx.store, ctx.keyring, ctx.config.spool_dir,
+                                       bundle, reading, panel)
     _refuse_claimed(ctx, principal, host, reading)
 
     registration_id = "reg_" + secrets.token_hex(REGISTRATION_ID_BYTES)

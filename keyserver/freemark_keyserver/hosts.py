@@ -11,6 +11,9 @@ The record id bound into the ciphertext is the registration id with a ``/host`` 
 host's data key can never stand in for the bundle's (whose record id is the bare id).
 Registrations written before schema version 3 hold the whole host in one envelope; they are
 still opened and re-wrapped here.
+
+The operator's reference panel members (`PanelMember`) are models at rest too and are
+sealed the same way, under their member id (record id suffix ``/panel``, owner "operator").
 """
 
 from __future__ import annotations
@@ -32,9 +35,12 @@ from freemark_keyserver.crypto import (
     rewrap_stream,
     seal_stream,
 )
-from freemark_keyserver.store import Registration, Store
+from freemark_keyserver.store import PanelMember, Registration, Store
 
-__all__ = ["host_file", "rewrap_host", "store_host"]
+__all__ = ["PANEL_OWNER", "host_file", "member_file", "rewrap_host", "rewrap_member",
+           "store_host", "store_member"]
+
+PANEL_OWNER = "operator"  # the owner bound into panel members' ciphertexts
 
 
 def _record_id(registration_id: str) -> str:
@@ -99,3 +105,37 @@ def rewrap_host(keyring: MasterKeyring, record: Registration) -> bytes:
         return rewrap_stream(keyring, header, record_id=record_id, owner=record.owner).to_bytes()
     envelope = Envelope.from_bytes(sealed)
     return rewrap(keyring, envelope, record_id=record_id, owner=record.owner).to_bytes()
+
+
+def _member_record_id(member_id: str) -> str:
+    return member_id + "/panel"
+
+
+def store_member(store: Store, keyring: MasterKeyring, path: Path, *, member_id: str) -> bytes:
+    """Seal a panel member's model under `member_id`; return its stream header."""
+    header, segments = seal_stream(keyring, path, record_id=_member_record_id(member_id),
+                                   owner=PANEL_OWNER)
+    store.put_host_blob(member_id, segments)
+    return header.to_bytes()
+
+
+@contextmanager
+def member_file(store: Store, keyring: MasterKeyring, member: PanelMember, directory: Path
+                ) -> Iterator[Path]:
+    """A panel member's model, decrypted into a 0600 file in a private temporary folder."""
+    with tempfile.TemporaryDirectory(dir=directory) as folder:
+        path = Path(folder) / "reference.pt2"
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
+            for plaintext in open_stream(keyring, StreamHeader.from_bytes(member.envelope),
+                                         store.host_blob(member.member_id),
+                                         record_id=_member_record_id(member.member_id),
+                                         owner=PANEL_OWNER):
+                out.write(plaintext)
+        yield path
+
+
+def rewrap_member(keyring: MasterKeyring, member: PanelMember) -> bytes:
+    """The member's stream header with its data key under the newest master key."""
+    return rewrap_stream(keyring, StreamHeader.from_bytes(member.envelope),
+                         record_id=_member_record_id(member.member_id),
+                         owner=PANEL_OWNER).to_bytes()

@@ -1,5 +1,6 @@
 """Reading models for the aligned test at the TTP: sandboxed passes over triggers and probes,
-reference panels measured and checked, and the sealed form that keeps them with the key.
+reference panels (the owner's and the operator's) measured and checked, and the sealed form
+that keeps them with the key.
 
 One sandbox run reads a model's key layer on the triggers followed by the bundle's
 alignment probes (`freemark.panel.probe_triggers`), so the aligned test costs no extra
@@ -10,6 +11,8 @@ sandbox, and only their activations are kept, sealed beside the bundle.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import secrets
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -28,8 +31,13 @@ from freemark.panel import (
 )
 from freemark.v1 import bundle_pb2
 from freemark.v1 import keyservice_pb2 as pb
+from freemark_keyserver.crypto import MasterKeyring
 from freemark_keyserver.errors import ErrorCode, ServiceError
+from freemark_keyserver.hosts import member_file, store_member
 from freemark_keyserver.sandbox import SandboxResult
+from freemark_keyserver.store import PanelMember, Registration, Store
+
+log = logging.getLogger("freemark_keyserver")
 
 # A reference whose every live unit matches a host unit this closely is the host relabelled.
 COPY_CORRELATION = 0.999
@@ -66,32 +74,76 @@ def check_reference_header(header: pb.UploadHeader) -> None:
         raise ServiceError(ErrorCode.MALFORMED_REQUEST, "reference models are .pt2 programs")
 
 
+def _measure(run: Runner, path: Path, bundle: KeyBundle, host: Reading, seen: set[bytes],
+             what: str) -> Reference:
+    """Read one reference in the sandbox; refuse one that is the host itself, relabelled or not."""
+    reading = read(run, path, bundle)
+    if reading.probes is None or host.probes is None:
+        raise ServiceError(ErrorCode.INVALID_BUNDLE, "reference models need a key with a probe "
+                           "profile: re-derive it with this version of freemark")
+    if reading.fingerprint in seen:
+        raise ServiceError(ErrorCode.INVALID_MODEL, f"{what} has the same weights as the host or "
+                           "another reference: a panel needs distinct, independent models")
+    try:
+        matching = align(host.probes, reading.probes)
+    except InvalidInputError as exc:
+        raise ServiceError(ErrorCode.INVALID_MODEL, f"{what}: {exc}") from exc
+    if matching.count_above(COPY_CORRELATION) == matching.host.units:
+        raise ServiceError(ErrorCode.INVALID_MODEL, f"{what} computes the host's own units "
+                           "(relabelled or rescaled): it is a copy, not an independent model")
+    seen.add(reading.fingerprint)
+    return Reference(fingerprint=reading.fingerprint, trigger_activations=reading.triggers,
+                     probe_activations=reading.probes)
+
+
 def measure_panel(run: Runner, paths: Sequence[Path], bundle: KeyBundle, host: Reading
                   ) -> list[Reference]:
-    """Read every reference in the sandbox; refuse one that is the host itself, relabelled or not."""
-    panel: list[Reference] = []
+    """Read the owner's references; any that fails or is a copy of the host refuses the call."""
     seen = {host.fingerprint}
-    for number, path in enumerate(paths, start=1):
-        reading = read(run, path, bundle)
-        if reading.probes is None or host.probes is None:
-            raise ServiceError(ErrorCode.INVALID_BUNDLE, "reference models need a key with a probe "
-                               "profile: re-derive it with this version of freemark")
-        if reading.fingerprint in seen:
-            raise ServiceError(ErrorCode.INVALID_MODEL, f"reference #{number} has the same weights "
-                               "as the host or an earlier reference: a panel needs distinct, "
-                               "independent models")
+    return [_measure(run, path, bundle, host, seen, f"reference #{number}")
+            for number, path in enumerate(paths, start=1)]
+
+
+def operator_panel(run: Runner, store: Store, keyring: MasterKeyring, spool: Path,
+                   bundle: KeyBundle, host: Reading, owners: Sequence[Reference]
+                   ) -> list[Reference]:
+    """The operator's active members for the host's architecture family, read for this key.
+
+    A member that cannot be read for this key, duplicates a reference the owner gave, or is
+    the host itself is left out (and logged): the operator's panel adds calibration, it
+    never makes a registration fail.
+    """
+    seen = {host.fingerprint, *(r.fingerprint for r in owners)}
+    panel = []
+    for member in store.panel_members(host.architecture_digest):
+        if member.fingerprint in seen:
+            continue
         try:
-            matching = align(host.probes, reading.probes)
-        except InvalidInputError as exc:
-            raise ServiceError(ErrorCode.INVALID_MODEL, f"reference #{number}: {exc}") from exc
-        if matching.count_above(COPY_CORRELATION) == matching.host.units:
-            raise ServiceError(ErrorCode.INVALID_MODEL, f"reference #{number} computes the host's "
-                               "own units (relabelled or rescaled): it is a copy, not an "
-                               "independent model")
-        seen.add(reading.fingerprint)
-        panel.append(Reference(fingerprint=reading.fingerprint, trigger_activations=reading.triggers,
-                               probe_activations=reading.probes))
+            with member_file(store, keyring, member, spool) as path:
+                panel.append(_measure(run, path, bundle, host, seen, f"panel member {member.label}"))
+        except ServiceError as exc:
+            log.warning("panel member %s left out of a registration: %s", member.member_id, exc)
     return panel
+
+
+def add_member(run: Runner, store: Store, keyring: MasterKeyring, model: Path, *,
+               like: Registration, bundle: KeyBundle, label: str, now: int) -> PanelMember:
+    """Vet and read `model` in the sandbox with `like`'s key, then seal and store it as a member
+    of `like`'s architecture family (the operator's `panel add`)."""
+    reading = read(run, model, bundle)
+    if reading.architecture_digest != like.architecture_digest:
+        raise ServiceError(ErrorCode.INVALID_MODEL, f"{model} is not of the architecture family of "
+                           f"{like.registration_id} (its weight names differ)")
+    if store.find_by_fingerprint(reading.fingerprint):
+        raise ServiceError(ErrorCode.INVALID_MODEL, f"{model} is a registered host; panel members "
+                           "must be independent models")
+    member_id = "pan_" + secrets.token_hex(12)
+    envelope = store_member(store, keyring, model, member_id=member_id)
+    member = PanelMember(member_id=member_id, family=reading.architecture_digest,
+                         fingerprint=reading.fingerprint, label=label or model.name, added_at=now,
+                         key_version=keyring.current_version, envelope=envelope)
+    store.add_panel_member(member)
+    return member
 
 
 def with_profile(bundle: KeyBundle, host: Reading) -> KeyBundle:

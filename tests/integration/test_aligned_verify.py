@@ -30,11 +30,12 @@ from freemark.rpc import KeyServiceClient
 from freemark_keyserver.config import ServerConfig
 from freemark_keyserver.server import RunningServer, create_server
 from freemark_lab.attacks import obfuscate as ob
+from ttp_fixtures import json_out, run_cli
 from ttp_fleet import add_principals, in_process_sandbox
 
 ALPHA = 1e-9
 NULL_FLOOR = 1e-3
-PANEL_SEEDS = range(20, 25)
+PANEL_SEEDS = range(5)  # the scheme tests train the same independent models (cached)
 HELD_OUT = {"digits": range(40, 50), "mnist": range(40, 45)}
 REAL_SANDBOX = {"digits": True, "mnist": False}
 
@@ -171,3 +172,40 @@ def test_a_reference_that_is_the_host_relabelled_is_refused(deployment: Deployme
         client.register(bundle, deployment.export("other-host", other), references=references)
     with deployment.client("mallory") as client:
         assert not [r for r in client.list_registrations() if r.owner == "mallory"]
+
+
+def test_an_operator_panel_joins_later_registrations_of_the_family(deployment: Deployment
+                                                                   ) -> None:
+    """`freemark-keyserver panel add` (a real CLI process, the real sandbox) gives a later
+    owner who brought no references of his own an aligned test: his relabelled copy matches."""
+    data_dir = str(deployment.running.ctx.config.data_dir)
+    added = []
+    for seed in list(PANEL_SEEDS)[:3]:
+        path = deployment.export(f"operator{seed}", sm.independent(deployment.name, seed))
+        added.append(json_out(run_cli("freemark_keyserver.cli", "panel", "add", "--data-dir",
+                                      data_dir, "--model", str(path), "--like",
+                                      deployment.receipt.registration_id, "--json")))
+    listed = json_out(run_cli("freemark_keyserver.cli", "panel", "list", "--data-dir", data_dir,
+                              "--json"))
+    assert {m["member_id"] for m in listed["members"]} == {m["member_id"] for m in added}
+
+    task = sm.task(deployment.name)
+    carol_host = sm.independent(deployment.name, 31)
+    bundle = derive_key(carol_host, layer="act", triggers=task.lab.triggers(10, 2), owner="carol")
+    tokens = add_principals(deployment.running.ctx.config.database, [("carol", "owner")])
+    deployment.tokens.update(tokens)
+    with deployment.client("carol") as client:
+        receipt = client.register(bundle, deployment.export("carol-host", carol_host))
+    assert receipt.panel.size == 3
+    with deployment.client("judge") as client:
+        verdict = client.verify(receipt.registration_id, deployment.export(
+            "carol-permuted", ob.permute_units(carol_host, task.lab, seed=8)))
+    assert verdict.outcome == "match" and verdict.panel == receipt.panel
+    assert [t.name for t in verdict.tests] == ["plain", "aligned"]
+
+    removed = run_cli("freemark_keyserver.cli", "panel", "remove", "--data-dir", data_dir,
+                      str(added[0]["member_id"]), "--json")
+    assert json_out(removed) == {"removed": added[0]["member_id"]}
+    left = json_out(run_cli("freemark_keyserver.cli", "panel", "list", "--data-dir", data_dir,
+                            "--json"))
+    assert len(left["members"]) == 2

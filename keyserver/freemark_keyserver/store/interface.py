@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from freemark_keyserver.store.records import (
     LogEntry,
+    PanelMember,
     Principal,
     Registration,
     StoredCheckpoint,
@@ -115,6 +116,27 @@ class Store(ABC):
     ) -> None:
         """Replace both envelopes and their key version atomically; `NotFoundError` if absent."""
 
+    # the operator's reference panels
+
+    @abstractmethod
+    def add_panel_member(self, member: PanelMember) -> None:
+        """Store a panel member; `DuplicateError` if the same model is already active for its
+        family. Store its sealed segments (`put_host_blob` under its id) first."""
+
+    @abstractmethod
+    def panel_members(self, family: bytes | None = None, *, active: bool = True
+                      ) -> list[PanelMember]:
+        """Members of one family (None: every family), oldest first; removed ones too unless
+        `active`."""
+
+    @abstractmethod
+    def remove_panel_member(self, member_id: str, at: int) -> bool:
+        """Stop a member joining later registrations; False if absent or already removed."""
+
+    @abstractmethod
+    def update_panel_envelope(self, member_id: str, key_version: int, envelope: bytes) -> None:
+        """Replace a member's stream header after rotation; `NotFoundError` if absent."""
+
     # host models
 
     @abstractmethod
@@ -142,7 +164,7 @@ class Store(ABC):
 
     @abstractmethod
     def collect_orphan_host_blobs(self, written_before: int) -> int:
-        """Delete host blobs that no registration refers to and whose newest segment was
+        """Delete host blobs that no registration or panel member refers to and whose newest segment was
         written before `written_before` (unix microseconds); return how many blobs went."""
 
     @abstractmethod

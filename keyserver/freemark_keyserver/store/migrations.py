@@ -140,6 +140,29 @@ _ONE_ACTIVE_PER_HOST = (
 )
 
 
+def _panel_members(integer: str, blob: str) -> tuple[str, ...]:
+    """Version 5: the operator's reference panels, one row per member, by architecture family.
+
+    The member's model is sealed as a stream whose segments live in host_blobs under the
+    member id; removing a member only stops it joining later registrations (`removed_at`),
+    since earlier receipts name panels that included it.
+    """
+    return (
+        f"""CREATE TABLE panel_members (
+            member_id TEXT PRIMARY KEY,
+            family {blob} NOT NULL,
+            fingerprint {blob} NOT NULL,
+            label TEXT NOT NULL,
+            added_at {integer} NOT NULL,
+            key_version {integer} NOT NULL,
+            envelope {blob} NOT NULL,
+            removed_at {integer}
+        )""",
+        """CREATE UNIQUE INDEX panel_members_one_active_per_model
+            ON panel_members (family, fingerprint) WHERE removed_at IS NULL""",
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
@@ -167,6 +190,12 @@ MIGRATIONS: tuple[Migration, ...] = (
         "at most one active registration per host fingerprint",
         sqlite=_ONE_ACTIVE_PER_HOST,
         postgres=_ONE_ACTIVE_PER_HOST,
+    ),
+    Migration(
+        5,
+        "operator reference panels by architecture family",
+        sqlite=_panel_members("INTEGER", "BLOB"),
+        postgres=_panel_members("BIGINT", "BYTEA"),
     ),
 )
 

@@ -75,6 +75,25 @@ class Registration:
 
 
 @dataclass(frozen=True)
+class PanelMember:
+    """A reference model the operator keeps for an architecture family (`panel add`).
+
+    Every later registration of that family gets the member's activations in its panel.
+    The model itself is sealed like a host: `envelope` is a `crypto.StreamHeader` whose
+    segments are stored under `member_id` beside the hosts' segments.
+    """
+
+    member_id: str
+    family: bytes  # freemark.modelfile.architecture_digest: the family it calibrates
+    fingerprint: bytes
+    label: str
+    added_at: int
+    key_version: int
+    envelope: bytes
+    removed_at: int | None = None
+
+
+@dataclass(frozen=True)
 class LogEntry:
     """One leaf of the append-only log: the exact bytes hashed, and where they sit."""
 

@@ -30,6 +30,7 @@ from freemark_keyserver.store.pool import ConnectionPool
 from freemark_keyserver.store.records import (
     Clock,
     LogEntry,
+    PanelMember,
     Principal,
     Registration,
     StoredCheckpoint,
@@ -81,6 +82,7 @@ _REGISTRATION_COLUMNS = (
     " n_bits, commitment, key_version, envelope, host_envelope, log_index, revoked_at"
 )
 _PRINCIPAL_COLUMNS = "name, role, token_hash, created_at, disabled"
+_PANEL_COLUMNS = "member_id, family, fingerprint, label, added_at, key_version, envelope, removed_at"
 _ENTRY_COLUMNS = "idx, kind, entry, leaf_hash, created_at"
 _CHECKPOINT_COLUMNS = "tree_size, body, signature"
 
@@ -101,6 +103,19 @@ def _registration(row: Row) -> Registration:
         host_envelope=row["host_envelope"],
         log_index=row["log_index"],
         revoked_at=row["revoked_at"],
+    )
+
+
+def _panel_member(row: Row) -> PanelMember:
+    return PanelMember(
+        member_id=row["member_id"],
+        family=bytes(row["family"]),
+        fingerprint=bytes(row["fingerprint"]),
+        label=row["label"],
+        added_at=row["added_at"],
+        key_version=row["key_version"],
+        envelope=bytes(row["envelope"]),
+        removed_at=row["removed_at"],
     )
 
 
@@ -362,6 +377,44 @@ class SqlStore(Store):
         if not changed:
             raise NotFoundError(f"no registration {registration_id!r}")
 
+    # the operator's reference panels
+
+    def add_panel_member(self, member: PanelMember) -> None:
+        self._write(  # a second active copy of one model raises DuplicateError
+            f"INSERT INTO panel_members ({_PANEL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (member.member_id, member.family, member.fingerprint, member.label,
+             member.added_at, member.key_version, member.envelope, member.removed_at),
+        )
+
+    def panel_members(self, family: bytes | None = None, *, active: bool = True
+                      ) -> list[PanelMember]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        if family is not None:
+            clauses.append("family = ?")
+            params.append(family)
+        if active:
+            clauses.append("removed_at IS NULL")
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = self._rows(f"SELECT {_PANEL_COLUMNS} FROM panel_members{where}"
+                          " ORDER BY added_at, member_id", params)
+        return [_panel_member(row) for row in rows]
+
+    def remove_panel_member(self, member_id: str, at: int) -> bool:
+        changed = self._write(
+            "UPDATE panel_members SET removed_at = ? WHERE member_id = ? AND removed_at IS NULL",
+            (at, member_id),
+        )
+        return changed == 1
+
+    def update_panel_envelope(self, member_id: str, key_version: int, envelope: bytes) -> None:
+        changed = self._write(
+            "UPDATE panel_members SET key_version = ?, envelope = ? WHERE member_id = ?",
+            (key_version, envelope, member_id),
+        )
+        if not changed:
+            raise NotFoundError(f"no panel member {member_id!r}")
+
     # host models
 
     def put_host_blob(self, registration_id: str, segments: Iterable[bytes]) -> int:
@@ -410,6 +463,8 @@ class SqlStore(Store):
                 conn,
                 "SELECT registration_id FROM host_blobs b WHERE NOT EXISTS"
                 " (SELECT 1 FROM registrations r WHERE r.registration_id = b.registration_id)"
+                " AND NOT EXISTS"
+                " (SELECT 1 FROM panel_members m WHERE m.member_id = b.registration_id)"
                 " GROUP BY registration_id HAVING MAX(created_at) < ?",
                 (written_before,),
             ).fetchall()

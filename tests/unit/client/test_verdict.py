@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from fractions import Fraction
 
 import numpy as np
 import pytest
 
+from freemark.aligned import AlignedTest
+from freemark.records import NO_PANEL, ReferencePanel
 from freemark.verdict import (
+    decide,
     fit_betabinomial,
     judge,
     log10_betabinomial_sf,
@@ -72,3 +76,45 @@ def test_calibrated_p_is_never_below_binomial_and_reference_rank_floors_it() -> 
     assert verdict.log10_p_value >= verdict.log10_p_value_binomial
     assert verdict.p_value >= 1.0 - 1e-12  # both references match as well as the suspect
     assert not verdict.is_match
+
+
+def _plain(log10_p: float) -> object:
+    rng = np.random.default_rng(0)
+    key = rng.normal(size=(64, 32))
+    verdict = judge(key, rng.integers(0, 2, 64).astype(bool), rng.normal(size=32) / 6)
+    return dataclasses.replace(verdict, log10_p_value=log10_p, p_value=10 ** log10_p)
+
+
+def _aligned(log10_p: float, best: float) -> AlignedTest:
+    return AlignedTest(matched_units=50, host_units=60, panel_counts=(3, 4, 5),
+                       log10_p_value=log10_p, best_log10_p_value=best, method="aligned: test")
+
+
+PANEL = [bytes([i]) * 32 for i in range(5)]
+
+
+@pytest.mark.parametrize("plain, aligned, best, outcome, combined", [
+    (-40.0, -20.0, -28.0, "match", -40.0 + math.log10(2)),  # the plain test decides
+    (-0.1, -20.0, -28.0, "match", -20.0 + math.log10(2)),   # a relabelled copy: aligned decides
+    (-0.1, -0.3, -28.0, "no_match", -0.3 + math.log10(2)),  # Bonferroni, capped at 1
+    (-0.1, -8.8, -8.8, "inconclusive", -8.8 + math.log10(2)),  # this panel cannot reach 1e-9
+    (-9.2, -0.2, -28.0, "no_match", -9.2 + math.log10(2)),  # 2 x p crosses back over alpha
+])
+def test_the_combined_decision_on_small_cases(plain, aligned, best, outcome, combined) -> None:
+    verdict = decide(_plain(plain), _aligned(aligned, best), PANEL, alpha=1e-9)
+    assert verdict.outcome == outcome
+    assert verdict.is_match == (outcome == "match")
+    assert verdict.log10_p_value == pytest.approx(min(0.0, combined))
+    assert [t.name for t in verdict.tests] == ["plain", "aligned"]
+    assert verdict.panel == ReferencePanel.of(PANEL) and verdict.panel.size == 5
+    assert "Bonferroni" in verdict.p_value_method
+
+
+def test_without_a_panel_the_plain_test_decides_and_says_relabelling_was_not_tested() -> None:
+    verdict = decide(_plain(-0.5), None, [], alpha=1e-9, untested="no reference panel")
+    assert verdict.outcome == "no_match" and verdict.panel == NO_PANEL
+    assert [t.name for t in verdict.tests] == ["plain"]
+    assert verdict.p_value_method.endswith("relabelling not tested (no reference panel)")
+    small = decide(_plain(-0.5), None, PANEL[:2], alpha=1e-9, untested="a panel of 2")
+    assert small.outcome == "inconclusive" and small.panel.size == 2
+    assert decide(_plain(-12.0), None, PANEL[:2], alpha=1e-9).outcome == "match"

@@ -32,6 +32,7 @@ from freemark_keyserver.store import (
     DuplicateError,
     LogEntry,
     NotFoundError,
+    PanelMember,
     Principal,
     Registration,
     Store,
@@ -648,5 +649,45 @@ def test_kill_9_mid_burst_never_splits_an_entry_from_its_registration(db: str) -
         assert names.count("victim") >= 20
         # The log goes on where the killed writer left it, with no gap.
         assert register(store, make_registration("after")).index == len(entries)
+    finally:
+        store.close()
+
+
+def _member(member_id: str, family: bytes = b"\x05" * 32, fingerprint: bytes = b"\x06" * 32
+            ) -> PanelMember:
+    return PanelMember(member_id=member_id, family=family, fingerprint=fingerprint,
+                       label=f"label of {member_id}", added_at=T0, key_version=1,
+                       envelope=b"header-" + member_id.encode())
+
+
+def test_panel_members_by_family_removal_duplicates_and_their_blobs(
+    db: str, clock: FakeClock
+) -> None:
+    store = open_store(db, clock=clock)
+    try:
+        store.put_host_blob("pan-1", segments_of("pan-1", 2))
+        store.add_panel_member(_member("pan-1"))
+        store.add_panel_member(_member("pan-2", fingerprint=b"\x07" * 32))
+        store.add_panel_member(_member("pan-3", family=b"\x08" * 32))
+        with pytest.raises(DuplicateError):  # the same model twice in one family
+            store.add_panel_member(_member("pan-4"))
+        assert [m.member_id for m in store.panel_members(b"\x05" * 32)] == ["pan-1", "pan-2"]
+        assert store.panel_members(b"\x05" * 32)[0] == _member("pan-1")
+        assert len(store.panel_members()) == 3
+        assert store.remove_panel_member("pan-1", T0 + 5)
+        assert not store.remove_panel_member("pan-1", T0 + 6)  # already removed
+        assert not store.remove_panel_member("pan-absent", T0 + 6)
+        assert [m.member_id for m in store.panel_members(b"\x05" * 32)] == ["pan-2"]
+        removed = [m for m in store.panel_members(active=False) if m.member_id == "pan-1"]
+        assert removed[0].removed_at == T0 + 5
+        store.add_panel_member(_member("pan-5"))  # the model may come back once removed
+        store.update_panel_envelope("pan-2", 2, b"rewrapped")
+        rewrapped = next(m for m in store.panel_members() if m.member_id == "pan-2")
+        assert rewrapped.envelope == b"rewrapped"
+        with pytest.raises(NotFoundError):
+            store.update_panel_envelope("pan-absent", 2, b"x")
+        clock.now = T0 + ORPHAN_GRACE_S * 1_000_000 + 1
+        assert store.collect_orphan_host_blobs(clock.now) == 0  # a member's model is no orphan
+        assert list(store.host_blob("pan-1")) == segments_of("pan-1", 2)
     finally:
         store.close()
