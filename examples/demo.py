@@ -2,9 +2,13 @@
 
 1. Start the trusted third party on its embedded defaults (SQLite, keys created on first start).
 2. Add an owner (Alice) and an arbiter; each gets a bearer token.
-3. Alice trains a CNN on scikit-learn's digits, exports it and derives a secret key (no weight changes).
-4. Alice registers key + model with the TTP and receives a signed, logged receipt.
-5. Mallory steals the model, fine-tunes it and prunes 30 % of its weights; Bob trains his own.
+3. Alice trains a CNN on scikit-learn's digits, exports it and derives a secret key (no weight
+   changes); she also trains five independent models of the same architecture, her reference
+   panel, which calibrates the aligned test against relabelled copies.
+4. Alice registers key, model and panel with the TTP and receives a signed, logged receipt.
+5. Mallory steals the model, fine-tunes it, prunes 30 % of its weights, then relabels the key
+   layer's units and pads it with 16 split units (function unchanged; the plain test is blind
+   to it). Bob trains his own.
 6. The arbiter files both disputes; the TTP runs each suspect in its sandbox and signs verdicts.
 7. Everyone can check receipt and verdicts offline with the TTP's public key.
 
@@ -24,15 +28,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from freemark.display import print_rows
 from freemark.modelfile import save_program
 from freemark.triggers import save_triggers, select_triggers
-from freemark_lab import data, models, train
+from freemark_lab import data, models, tasks, train
+from freemark_lab.attacks import obfuscate
 
 ROOT = Path(__file__).resolve().parents[1]
+REFERENCE_SEEDS = (101, 102, 103, 104, 105)
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -56,8 +63,9 @@ def _step(text: str) -> None:
 
 
 def _models(folder: Path) -> dict[str, float]:
-    """Train Alice's host, Mallory's stolen copy and Bob's model; export each as .pt2."""
+    """Train Alice's host and panel, Mallory's stolen copy and Bob's model; export each as .pt2."""
     ds = data.digits()
+    task = tasks.ImageTask(ds)
     host = train.trained(models.DigitsCNN, ds.x_train, ds.y_train, epochs=30, seed=1)
     stolen = train.train(copy.deepcopy(host), ds.x_train, ds.y_train, epochs=10, seed=7)
     weights = [m.weight for m in stolen.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
@@ -65,11 +73,17 @@ def _models(folder: Path) -> dict[str, float]:
     with torch.no_grad():
         for w in weights:
             w[w.abs() <= threshold] = 0.0
+    # The thief's free step: relabel the key layer's units and pad it with split copies.
+    stolen = obfuscate.permute_units(
+        obfuscate.add_dummy_units(stolen, task, count=16, mode="split", seed=3), task, seed=5)
     bob = train.trained(models.DigitsCNN, ds.x_train, ds.y_train, epochs=30, seed=42)
     accuracy = {}
     for name, model in (("alice", host), ("mallory", stolen), ("bob", bob)):
         save_program(model, (torch.zeros(2, 1, 8, 8),), folder / f"{name}.pt2")
         accuracy[name] = train.accuracy(model, ds.x_test, ds.y_test)
+    for seed in REFERENCE_SEEDS:
+        reference = train.trained(models.DigitsCNN, ds.x_train, ds.y_train, epochs=30, seed=seed)
+        save_program(reference, (torch.zeros(2, 1, 8, 8),), folder / f"reference{seed}.pt2")
     save_triggers(folder / "triggers.npz", select_triggers(ds.x_train, ds.y_train, per_class=10))
     return accuracy
 
@@ -87,7 +101,8 @@ def main() -> int:
     port = args.port or _free_port()
     address = f"127.0.0.1:{port}"
 
-    _step("training Alice's digits CNN, Mallory's stolen copy (fine-tuned + 30 % pruned), Bob's own")
+    _step("training Alice's digits CNN and her 5-model reference panel, Mallory's stolen copy "
+          "(fine-tuned, 30 % pruned, units relabelled, 16 split units), Bob's own")
     accuracy = _models(work)
     _step(f"starting the TTP on {address} (embedded defaults in {data_dir})")
     server = subprocess.Popen([sys.executable, "-m", "freemark_keyserver.cli", "serve",
@@ -102,12 +117,14 @@ def main() -> int:
         alice = _env(FREEMARK_SERVER=address, FREEMARK_TOKEN=tokens["alice"])
         arbiter = _env(FREEMARK_SERVER=address, FREEMARK_TOKEN=tokens["arbiter"])
 
-        _step("Alice derives her secret key (weights untouched) and registers it")
+        _step("Alice derives her secret key (weights untouched) and registers it with her panel")
         _run(["freemark.cli", "keygen", "--model", str(work / "alice.pt2"), "--layer", "act",
               "--triggers", str(work / "triggers.npz"), "--owner", "alice",
               "--out", str(work / "alice.fmk")])
+        panel = [arg for seed in REFERENCE_SEEDS
+                 for arg in ("--reference", str(work / f"reference{seed}.pt2"))]
         receipt = _run(["freemark.cli", "register", "--key", str(work / "alice.fmk"),
-                        "--model", str(work / "alice.pt2")], env=alice)
+                        "--model", str(work / "alice.pt2"), *panel], env=alice)
         (work / "receipt.json").write_text(json.dumps(receipt))
 
         _step("the arbiter files disputes against Mallory's and Bob's models")
@@ -131,25 +148,32 @@ def main() -> int:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
 
-    rows = [[who, accuracy[who], v["matches"], v["n_bits"], v["ber"], v["p_value"],
-             v["p_value_binomial"], "WATERMARK PRESENT" if v["is_match"] else "not found"]
-            for who, v in verdicts.items()]
+    rows = [_row(who, accuracy[who], v) for who, v in verdicts.items()]
     if args.json:
         print(json.dumps({"registration_id": receipt["registration_id"], "verdicts": verdicts,
                           "accuracy": accuracy, "offline_checks": offline}))
     else:
         print(f"\nregistration {receipt['registration_id']} (log index {receipt['log_index']}), "
               f"host accuracy {accuracy['alice']:.3f}\n")
-        print_rows(["suspect", "test acc", "matches", "N", "BER", "p (calibrated)",
-                    "p (binomial)", "verdict"], rows)
+        print_rows(["suspect", "test acc", "BER", "p plain", "aligned units", "p aligned",
+                    "p (combined)", "outcome"], rows)
         checks = ", ".join(f"{k}: {'OK' if ok else 'FAILED'}" for k, ok in offline.items())
         print(f"\noffline checks (signature, log inclusion): {checks}")
         if args.workdir:
             print(f"files kept in {work}")
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
-    correct = verdicts["mallory"]["is_match"] and not verdicts["bob"]["is_match"]
+    correct = verdicts["mallory"]["outcome"] == "match" and verdicts["bob"]["outcome"] == "no_match"
     return 0 if correct and all(offline.values()) else 1
+
+
+def _row(who: str, accuracy: float, verdict: dict[str, Any]) -> list[object]:
+    """One table row: the plain test, the aligned test and the signed decision."""
+    tests = {t["name"]: t for t in verdict["tests"]}
+    aligned = tests.get("aligned")
+    return [who, accuracy, verdict["ber"], tests["plain"]["p_value"],
+            f"{aligned['statistic']:.0f}/{aligned['n']}" if aligned else "-",
+            aligned["p_value"] if aligned else "-", verdict["p_value"], verdict["outcome"]]
 
 
 def _free_port() -> int:
