@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from freemark.bundle import KeyBundle, from_proto, to_proto
+from freemark.bundle import KeyBundle, from_bytes, from_proto, to_proto
 from freemark.canon import align
 from freemark.errors import InvalidInputError
 from freemark.panel import (
@@ -153,19 +153,23 @@ def with_profile(bundle: KeyBundle, host: Reading) -> KeyBundle:
     return dataclasses.replace(bundle, probe_profile=host.probes.astype(np.float32))
 
 
+SEALED_MAGIC = b"freemark/v1/sealed-registration\n"
+
+
 def seal_bytes(bundle: KeyBundle, panel: Sequence[Reference]) -> bytes:
-    """The plaintext the TTP seals for a registration."""
+    """The plaintext the TTP seals for a registration: a magic line, then `SealedRegistration`."""
     message = bundle_pb2.SealedRegistration(bundle=to_proto(bundle),
                                             panel=[reference_to_proto(r) for r in panel])
-    return message.SerializeToString(deterministic=True)
+    return SEALED_MAGIC + message.SerializeToString(deterministic=True)
 
 
 def open_bytes(plaintext: bytes) -> tuple[KeyBundle, list[Reference]]:
-    """The inverse of `seal_bytes`."""
+    """The inverse of `seal_bytes`; records sealed before panels existed hold a bare bundle."""
+    if not plaintext.startswith(SEALED_MAGIC):
+        return from_bytes(plaintext), []
     message = bundle_pb2.SealedRegistration()
     try:
-        message.ParseFromString(plaintext)
+        message.ParseFromString(plaintext[len(SEALED_MAGIC):])
     except DecodeError as exc:
         raise InvalidInputError(f"not a sealed registration ({exc})") from exc
     return from_proto(message.bundle), [reference_from_proto(r) for r in message.panel]
-
