@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from freemark import merkle, wire
-from freemark._schema import signed_fields
+from freemark._schema import from_json_fields, signed_fields
 from freemark.display import print_json
 from freemark.errors import InvalidReceiptError
 from freemark.records import (
@@ -282,3 +282,20 @@ def test_the_new_verdict_fields_round_trip_and_read_as_typed_records() -> None:
     assert data["tests"][0]["name"] == "plain"
     assert wire.verdict_from_proto(pb.SignedVerdict.FromString(
         wire.verdict_to_proto(verdict).SerializeToString())) == verdict
+
+
+def test_the_offline_verdict_json_reads_back_through_the_same_field_list() -> None:
+    verdict = Verdict(**{s.name: getattr(LOG.verdict(3), s.name) for s in signed_fields(Verdict)})
+    data = json.loads(json.dumps(verdict.as_dict()))
+    assert set(data) == {s.name for s in signed_fields(Verdict)}
+    assert Verdict(**from_json_fields(Verdict, data, "verdict")) == verdict
+
+
+def test_the_cli_verdict_table_shows_every_signed_field() -> None:
+    from freemark.cli import _verdict_fields
+
+    rows = _verdict_fields(LOG.verdict(3))
+    for spec in signed_fields(SignedVerdict):
+        assert spec.name in rows or spec.name == "tests"
+    assert rows["test plain"].startswith("256 of 256, p=1.250e-25")
+    assert rows["panel"] == "none"
