@@ -2,7 +2,7 @@
 
     PYTHONPATH=client:keyserver:lab:tests .venv/bin/python bench/aligned.py --json out/bench_aligned.json
 
-About 5 minutes on two shared cores; `--quick` is a 1-2 minute smoke run (widths 128 and
+About 6-7 minutes on two shared cores; `--quick` is a 1-2 minute smoke run (widths 128 and
 1,024, the server part on the 1,024-unit model). docs/aligned-bench.md has the figures and
 what limits each.
 
