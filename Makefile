@@ -54,3 +54,4 @@ bench: $(INSTALLED) postgres
 	$(PY) bench/scheme.py --json out/bench_scheme.json
 	$(PY) bench/robustness.py --out out/robustness
 	PYTHONPATH=client:keyserver:lab:tests $(PY) bench/keyserver.py --json out/bench_keyserver.json
+	PYTHONPATH=client:keyserver:lab:tests $(PY) bench/aligned.py --json out/bench_aligned.json
