@@ -1,7 +1,11 @@
 """Rendering a robustness `Report`: a terminal table, a JSON document and a PNG plot.
 
 p-values are shown as log10 (−41.5 means 10^−41.5): the interesting ones underflow any
-fixed-point column, and the threshold α = 1e-9 is simply −9.
+fixed-point column, and the threshold α = 1e-9 is simply −9. Every suspect (attacked copy
+or null model) gets the library's three figures: the plain test, the aligned test
+(matched host units T of M live ones, and its p) and the combined decision (Bonferroni
+over both, with its outcome), plus the plain test without the panel, which is what a key
+alone gives.
 """
 
 from __future__ import annotations
@@ -12,10 +16,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from freemark.records import VerdictTest
 from freemark.verdict import Verdict
-from freemark_lab.align import AlignedVerdict
 from freemark_lab.attacks.overwrite import OverwriteResult
-from freemark_lab.robustness import AttackRow, NullRow, Report
+from freemark_lab.robustness import AttackRow, NullRow, Report, find_test
 
 STATUS_COLOURS = {"detected": "#1a9850", "removed": "#d73027", "destroys the model": "#878787"}
 NULL_COLOURS = {True: "#4575b4", False: "#984ea3"}
@@ -55,32 +59,38 @@ def _grid(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
+def _test_log10(test: VerdictTest | None) -> str:
+    return "n/a" if test is None else f"{test.log10_p_value:.1f}"
+
+
+def _aligned_units(test: VerdictTest | None) -> str:
+    return "n/a" if test is None else f"{test.statistic:.0f}/{test.n}"
+
+
+def _verdict_cells(verdict: Verdict | None, alone: Verdict | None) -> list[str]:
+    """BER, plain without panel, plain, aligned T/M, aligned, combined log10 p, outcome."""
+    return ["n/a" if verdict is None else f"{verdict.ber:.3f}", _log10(alone),
+            _test_log10(find_test(verdict, "plain")), _aligned_units(find_test(verdict, "aligned")),
+            _test_log10(find_test(verdict, "aligned")), _log10(verdict),
+            "n/a" if verdict is None else verdict.outcome]
+
+
+VERDICT_COLUMNS = ["BER", "plain alone", "plain", "aligned T/M", "aligned", "combined", "outcome"]
+
+
 def _attack_cells(row: AttackRow) -> list[str]:
-    v = row.verdict
     return [row.attack, _params(row.params), f"{row.accuracy_before:.3f}", f"{row.accuracy_after:.3f}",
-            f"{-row.accuracy_drop:+.3f}", "n/a" if v is None else f"{v.ber:.3f}", _log10(v),
-            _log10(v, binomial=True), "match" if v is not None and v.is_match else "no match",
+            f"{-row.accuracy_drop:+.3f}", *_verdict_cells(row.verdict, row.plain_alone),
             row.status, f"{row.seconds:.1f}"]
 
 
 def _null_cells(null: NullRow) -> list[str]:
     v = null.verdict
-    decision = "match" if v.is_match else "no match"
+    decision = v.outcome
     if v.is_match and null.independent:
         decision = "FALSE POSITIVE"
-    return [null.label, str(null.seed), f"{null.accuracy:.3f}", f"{v.ber:.3f}", _log10(v),
-            _log10(v, binomial=True), decision]
-
-
-def _aligned_cells(aligned: Mapping[str, AlignedVerdict | None], modes: Sequence[str]) -> list[str]:
-    cells = []
-    for mode in modes:
-        a = aligned.get(mode)
-        if a is None:
-            cells += ["n/a"] * 3
-            continue
-        cells += [f"{a.verdict.ber:.3f}", f"{a.verdict.log10_p_value:.1f}", f"{a.mean_correlation:.3f}"]
-    return cells
+    cells = _verdict_cells(v, null.plain_alone)
+    return [null.label, str(null.seed), f"{null.accuracy:.3f}", *cells[:-1], decision]
 
 
 def _overwrite_lines(result: OverwriteResult) -> list[str]:
@@ -95,42 +105,47 @@ def _overwrite_lines(result: OverwriteResult) -> list[str]:
     return lines + [f"note: {n}" for n in result.notes]
 
 
+def _panel_line(report: Report) -> str:
+    if not report.panel_label:
+        return ("reference panel: none, so only the plain test ran (relabelling, rescaling and "
+                "dummy units are not tested)")
+    return (f"reference panel: {len(report.panel_seeds)} × {report.panel_label} (seeds "
+            f"{', '.join(map(str, report.panel_seeds))}; disjoint from the null models below); "
+            f"their matched host units: {', '.join(map(str, report.panel_counts))} of "
+            f"{report.host_units}")
+
+
 def render_text(report: Report) -> str:
     """The whole report as a plain-text table (what the terminal and the .txt file show)."""
-    hv = report.host_verdict
+    hv, alone = report.host_verdict, report.host_plain_alone
     counts = {s: sum(r.status == s for r in report.rows) for s in STATUS_COLOURS}
     fp = report.false_positives
     independent = sum(n.independent for n in report.nulls)
+    host_aligned = find_test(hv, "aligned")
     lines = [
         f"robustness report: {report.name} ({'quick' if report.quick else 'full'} run)",
         (f"key layer {report.layer!r}: {report.units} units, N = {report.n_bits} bits, "
         f"α = {report.alpha:g} (log10 {math.log10(report.alpha):.0f}), "
         f"'destroys the model' = accuracy drop > {report.destroy_bound:g}"),
-        (f"host: test accuracy {report.host_accuracy:.3f}, BER {hv.ber:.3f}, "
-        f"log10 p {hv.log10_p_value:.1f} (binomial {hv.log10_p_value_binomial:.1f})"),
+        (f"host: test accuracy {report.host_accuracy:.3f}, BER {hv.ber:.3f}, combined log10 p "
+        f"{hv.log10_p_value:.1f} ({hv.outcome}; plain {_test_log10(find_test(hv, 'plain'))}, "
+        f"aligned {_aligned_units(host_aligned)} units, {_test_log10(host_aligned)}); "
+        f"plain without the panel {_log10(alone)}"),
+        _panel_line(report),
         (f"attacks: {counts['detected']} detected, {counts['removed']} removed, "
-        f"{counts['destroys the model']} destroy the model; independent nulls: "
+        f"{counts['destroys the model']} destroy the model; independent held-out nulls: "
         f"{len(fp)} false positive(s) of {independent}"),
+        ("columns: log10 p of the plain test without the panel ('plain alone'), of the plain "
+         "test, of the aligned test (T of M live host units matched at |r| >= 0.9) and "
+         "combined (Bonferroni); the outcome and status follow the combined verdict"),
         "",
-        *_grid(["attack", "params", "acc before", "acc after", "Δacc", "BER", "log10 p",
-                "log10 p bin", "decision", "status", "s"], [_attack_cells(r) for r in report.rows]),
-        "", "Null panel (independent models must not match; related ones share the host's lineage)",
-        *_grid(["model", "seed", "acc", "BER", "log10 p", "log10 p bin", "decision"],
+        *_grid(["attack", "params", "acc before", "acc after", "Δacc", *VERDICT_COLUMNS,
+                "status", "s"], [_attack_cells(r) for r in report.rows]),
+        "", ("Held-out null models (never in the panel; independent ones must not match, "
+             "related ones share the host's lineage)"),
+        *_grid(["model", "seed", "acc", *VERDICT_COLUMNS[:-1], "decision"],
                [_null_cells(n) for n in report.nulls]),
     ]
-    if report.align_modes:
-        header = ["suspect"]
-        for mode in report.align_modes:
-            header += [f"{mode} BER", "log10 p", "corr"]
-        rows = [[r.attack] + _aligned_cells(r.aligned, report.align_modes) for r in report.rows]
-        rows += [[f"null: {n.label} #{n.seed}"] + _aligned_cells(n.aligned, report.align_modes)
-                 for n in report.nulls]
-        refs = "; ".join(f"{m}: reference BERs "
-                         + ", ".join(f"{1 - k / report.n_bits:.3f}" for k in report.align_null[m])
-                         for m in report.align_modes)
-        lines += ["", ("Aligned extraction (experimental; not the scheme's default). corr = mean "
-                  "profile correlation of matched units"), f"aligned null: {refs}",
-                  *_grid(header, rows)]
     if report.overwrite is not None:
         lines += _overwrite_lines(report.overwrite)
     if report.notes:
@@ -149,10 +164,18 @@ def _verdict_json(verdict: Verdict | None) -> dict[str, Any] | None:
     return {k: _finite(v) if isinstance(v, float) else v for k, v in verdict.as_dict().items()}
 
 
-def _aligned_json(aligned: Mapping[str, AlignedVerdict | None]) -> dict[str, Any]:
-    return {mode: None if a is None else {"verdict": _verdict_json(a.verdict),
-                                         "mean_correlation": a.mean_correlation}
-            for mode, a in aligned.items()}
+def _summary_json(verdict: Verdict | None, alone: Verdict | None) -> dict[str, Any]:
+    """The three figures of a suspect, flat (the verdicts themselves carry the methods)."""
+    plain, aligned = find_test(verdict, "plain"), find_test(verdict, "aligned")
+    return {
+        "outcome": None if verdict is None else verdict.outcome,
+        "combined_log10_p": None if verdict is None else _finite(verdict.log10_p_value),
+        "plain_log10_p": None if plain is None else _finite(plain.log10_p_value),
+        "aligned_log10_p": None if aligned is None else _finite(aligned.log10_p_value),
+        "aligned_matched_units": None if aligned is None else int(aligned.statistic),
+        "aligned_host_units": None if aligned is None else aligned.n,
+        "plain_alone_log10_p": None if alone is None else _finite(alone.log10_p_value),
+    }
 
 
 def to_json(report: Report) -> dict[str, Any]:
@@ -170,16 +193,22 @@ def to_json(report: Report) -> dict[str, Any]:
         "n_bits": report.n_bits, "alpha": report.alpha, "destroy_bound": report.destroy_bound,
         "quick": report.quick, "host_accuracy": report.host_accuracy,
         "host_verdict": _verdict_json(report.host_verdict),
+        "host_plain_alone": _verdict_json(report.host_plain_alone),
+        "host_summary": _summary_json(report.host_verdict, report.host_plain_alone),
+        "panel": {"label": report.panel_label, "seeds": list(report.panel_seeds),
+                  "matched_units": list(report.panel_counts), "host_units": report.host_units,
+                  "digest": report.host_verdict.panel.sha256.hex() if report.panel_label else None},
         "attacks": [{"attack": r.attack, "kind": r.kind, "params": dict(r.params),
                      "accuracy_before": r.accuracy_before, "accuracy_after": r.accuracy_after,
                      "verdict": _verdict_json(r.verdict), "status": r.status,
                      "seconds": r.seconds, "function_preserving": r.function_preserving,
-                     "aligned": _aligned_json(r.aligned), "note": r.note} for r in report.rows],
+                     "plain_alone": _verdict_json(r.plain_alone),
+                     **_summary_json(r.verdict, r.plain_alone), "note": r.note} for r in report.rows],
         "nulls": [{"label": n.label, "seed": n.seed, "independent": n.independent,
                    "accuracy": n.accuracy, "verdict": _verdict_json(n.verdict),
-                   "aligned": _aligned_json(n.aligned)} for n in report.nulls],
+                   "plain_alone": _verdict_json(n.plain_alone),
+                   **_summary_json(n.verdict, n.plain_alone)} for n in report.nulls],
         "false_positives": len(report.false_positives),
-        "align_modes": list(report.align_modes), "align_null_matches": dict(report.align_null),
         "overwrite": overwrite, "notes": list(report.notes), "seconds": report.seconds, "threads": report.threads,
         "config": report.config,
     }
@@ -190,7 +219,9 @@ def _strength(verdict: Verdict | None) -> float:
 
 
 def plot(report: Report, path: str | Path) -> None:
-    """Accuracy drop vs −log10 p: one numbered point per attack, null models apart, the α line.
+    """Accuracy drop vs −log10 p: one numbered point per attack (the combined verdict, with
+    the aligned test and the plain test without the panel as open markers), the held-out
+    null models apart, the α line.
 
     The x axis is symmetric-log (linear within ±1 point) because most attacks cost no
     accuracy and would otherwise pile up at 0; the numbers refer to the key on the right.
@@ -221,14 +252,16 @@ def plot(report: Report, path: str | Path) -> None:
                        [_strength(n.verdict) for n in nulls], marker="^" if independent else "v",
                        s=40, color=colour, edgecolor="black", linewidth=0.5, zorder=2,
                        label=("independent" if independent else "related") + f" null models ({len(nulls)})")
-    if report.align_modes:
-        mode = report.align_modes[0]
-        shown = [(r, a) for r in report.rows if r.function_preserving
-                 for a in [r.aligned.get(mode)] if a is not None]
-        if shown:
-            ax.scatter([100 * r.accuracy_drop for r, _ in shown], [_strength(a.verdict) for _, a in shown],
-                       marker="D", s=40, facecolor="none", edgecolor=ALIGNED_COLOUR, linewidth=1.4,
-                       zorder=4, label=f"obfuscated copy, aligned extraction ({mode})")
+    aligned = [(r, t) for r in report.rows for t in [r.test("aligned")] if t is not None]
+    if aligned:
+        ax.scatter([100 * r.accuracy_drop for r, _ in aligned], [-t.log10_p_value for _, t in aligned],
+                   marker="D", s=40, facecolor="none", edgecolor=ALIGNED_COLOUR, linewidth=1.4,
+                   zorder=4, label="attack: aligned test alone")
+    alone = [r for r in report.rows if r.plain_alone is not None and report.panel_label]
+    if alone:
+        ax.scatter([100 * r.accuracy_drop for r in alone], [_strength(r.plain_alone) for r in alone],
+                   marker="o", s=22, facecolor="none", edgecolor="#555555", linewidth=0.8,
+                   zorder=2, label="attack: plain test without the panel")
     threshold = -math.log10(report.alpha)
     ax.axhline(threshold, color="black", linestyle="--", linewidth=1,
                label=f"decision threshold −log10 α = {threshold:g}")
@@ -240,7 +273,7 @@ def plot(report: Report, path: str | Path) -> None:
     ax.set_xticks([t for t in X_TICKS if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]])
     ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     ax.set_xlabel("test accuracy drop (percentage points, symmetric log scale)")
-    ax.set_ylabel("−log10 calibrated p-value (higher = stronger evidence)")
+    ax.set_ylabel("−log10 p, combined verdict unless marked (higher = stronger evidence)")
     ax.set_title(f"freemark robustness: {report.name} — key layer {report.layer} "
                  f"({report.units} units, N = {report.n_bits})", fontsize=10)
     ax.grid(True, alpha=0.3)

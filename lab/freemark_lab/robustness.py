@@ -1,12 +1,19 @@
 """The robustness runner: one TOML file fixes a run; the result is a `Report`.
 
-A run trains the host, derives its key, trains the null panel (independent models, and
-related ones such as other fine-tunes of the same public checkpoint), applies every
-attack in the config to a copy of the host, and judges each result with plain extraction,
-optionally with aligned extraction (`freemark_lab.align`), and plays the ambiguity attack.
+A run trains the host, derives its key, trains the reference panel (`[panel]`: independent
+models of the host's architecture, or other fine-tunes of the same public checkpoint) and
+the held-out null models (`[[nulls]]`), applies every attack in the config to a copy of
+the host, and judges each result with the library's own verdict
+(`freemark.extract.judge_activations`): the plain test, the aligned test calibrated on the
+panel (`freemark.aligned`) and their combination (`freemark.verdict.decide`). It also
+plays the ambiguity attack.
+
+The panel is disjoint from the nulls by construction (its own seeds) and by check (no
+null model's weight fingerprint is a panel member's): the false-positive rates the report
+claims are measured on models the test was not calibrated on.
 
 Status of an attacked copy:
-- "detected": calibrated p ≤ α under plain extraction;
+- "detected": the combined verdict is a match (combined p ≤ α);
 - "destroys the model": not detected, but test accuracy fell by more than the config's
   bound, so the thief gained nothing worth a claim and it is not counted as a removal;
 - "removed": not detected and the model still works. These are the scheme's real failures.
@@ -24,7 +31,7 @@ import inspect
 import time
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,18 +40,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from freemark.activations import capture
+from freemark.aligned import MIN_PANEL, matched_units
 from freemark.bundle import KeyBundle
 from freemark.derive import DEFAULT_BITS, derive_key
 from freemark.errors import FreemarkError, InvalidInputError
-from freemark.extract import extract
+from freemark.extract import judge_activations
+from freemark.modelfile import fingerprint
+from freemark.panel import Reference, measure_reference, read_layer
+from freemark.records import VerdictTest
 from freemark.verdict import DEFAULT_ALPHA, DEFAULT_PERMUTATIONS, Verdict
-from freemark_lab.align import AlignedNull, AlignedVerdict, aligned_verdict, calibrate
 from freemark_lab.attacks import ATTACKS, FUNCTION_PRESERVING, apply_attack
 from freemark_lab.attacks.overwrite import OverwriteResult, overwrite
 from freemark_lab.tasks import Task, image_task
 
-ALIGN_MODES = {"permutation": False, "permutation+scale": True}  # mode → undo per-unit scale
 DEFAULT_DESTROY_BOUND = 0.05
 NULL_SEED_BASE = 1000
 REFERENCE_SEED_BASE = 5000
@@ -95,8 +103,7 @@ class Config:
     owner: str
     specificity_variant: str | None
     nulls: tuple[NullGroup, ...]
-    align_modes: tuple[str, ...]
-    align_references: NullGroup | None
+    panel: NullGroup | None  # the reference panel; None: plain test only
     overwrite_params: Mapping[str, Any] | None
     attacks: tuple[AttackSpec, ...]
 
@@ -110,16 +117,20 @@ class AttackRow:
     params: Mapping[str, Any]
     accuracy_before: float
     accuracy_after: float
-    verdict: Verdict | None  # None: the key layer no longer has the key's width
+    verdict: Verdict | None  # the combined verdict; None: another width and no panel to align
     status: str
     seconds: float
     function_preserving: bool
-    aligned: Mapping[str, AlignedVerdict | None] = field(default_factory=dict)
+    plain_alone: Verdict | None = None  # the plain test without the panel (what a key alone gives)
     note: str = ""
 
     @property
     def accuracy_drop(self) -> float:
         return self.accuracy_before - self.accuracy_after
+
+    def test(self, name: str) -> VerdictTest | None:
+        """The verdict's "plain" or "aligned" test, None where it did not run."""
+        return find_test(self.verdict, name)
 
 
 @dataclass(frozen=True)
@@ -130,8 +141,19 @@ class NullRow:
     seed: int
     independent: bool
     accuracy: float
-    verdict: Verdict
-    aligned: Mapping[str, AlignedVerdict | None] = field(default_factory=dict)
+    verdict: Verdict  # the combined verdict
+    plain_alone: Verdict | None = None
+
+    def test(self, name: str) -> VerdictTest | None:
+        """The verdict's "plain" or "aligned" test, None where it did not run."""
+        return find_test(self.verdict, name)
+
+
+def find_test(verdict: Verdict | None, name: str) -> VerdictTest | None:
+    """The test called `name` in a verdict's `tests`, or None."""
+    if verdict is None:
+        return None
+    return next((t for t in verdict.tests if t.name == name), None)
 
 
 @dataclass(frozen=True)
@@ -148,10 +170,13 @@ class Report:
     quick: bool
     host_accuracy: float
     host_verdict: Verdict
+    host_plain_alone: Verdict | None
     rows: tuple[AttackRow, ...]
     nulls: tuple[NullRow, ...]
-    align_modes: tuple[str, ...]
-    align_null: Mapping[str, list[int]]
+    panel_label: str  # "" without a panel
+    panel_seeds: tuple[int, ...]
+    panel_counts: tuple[int, ...]  # each panel member's matched host units (the aligned null)
+    host_units: int  # live canonical host units on the probes (the aligned test's trials)
     overwrite: OverwriteResult | None
     notes: tuple[str, ...]
     seconds: float
@@ -160,7 +185,7 @@ class Report:
 
     @property
     def false_positives(self) -> list[NullRow]:
-        """Independent models the plain verdict wrongly matched."""
+        """Independent held-out models the combined verdict wrongly matched."""
         return [n for n in self.nulls if n.independent and n.verdict.is_match]
 
 
@@ -214,7 +239,11 @@ def parse_config(raw: Mapping[str, Any], *, quick: bool = False) -> Config:
     if quick:
         data = _merge(data, {k: v for k, v in quick_overrides.items() if isinstance(v, dict)})
     run, model, key = _table(data, "run"), _table(data, "model"), _table(data, "key")
-    align, over = _table(data, "align"), _table(data, "overwrite")
+    panel_table, over = _table(data, "panel"), _table(data, "overwrite")
+    if "align" in data:
+        raise InvalidInputError("config: [align] (the lab's old aligned extraction) is gone; the "
+                                "library's aligned test is calibrated on [panel] (count, variant, "
+                                "epochs, lr)")
     if "task" not in model:
         raise InvalidInputError("config: [model] needs task = \"digits\" | \"mnist\" | \"minilm\"")
     cap = int(quick_overrides.get("null_count", 10**9)) if quick else 10**9
@@ -223,15 +252,12 @@ def parse_config(raw: Mapping[str, Any], *, quick: bool = False) -> Config:
         group = _null_group(entry, f"[[nulls]] #{i}")
         nulls.append(NullGroup(group.label, group.variant, min(group.count, cap), group.epochs,
                                group.lr, group.independent))
-    modes = tuple(align.get("modes", []))
-    unknown = [m for m in modes if m not in ALIGN_MODES]
-    if unknown:
-        raise InvalidInputError(f"config: unknown [align] modes {unknown}; use {sorted(ALIGN_MODES)}")
-    references = None
-    if modes:
-        references = _null_group({"label": "aligned-null references", **align}, "[align]")
-        if references.count < 2:
-            raise InvalidInputError("config: [align] needs count >= 2 reference models")
+    panel = None
+    if panel_table:
+        panel = _null_group({"label": "independently trained", **panel_table}, "[panel]")
+        if panel.count < MIN_PANEL:
+            raise InvalidInputError(f"config: [panel] needs count >= {MIN_PANEL} (the aligned "
+                                    f"test's minimum panel)")
     attacks = []
     for i, entry in enumerate(data.get("attacks", [])):
         kind = entry.get("kind")
@@ -255,8 +281,8 @@ def parse_config(raw: Mapping[str, Any], *, quick: bool = False) -> Config:
         host_lr=float(model.get("lr", 1e-3)), n_bits=int(key.get("n_bits", DEFAULT_BITS)),
         triggers_per_class=int(key.get("triggers_per_class", 10)),
         owner=str(key.get("owner", "owner@lab.example")),
-        specificity_variant=key.get("specificity_reference"), nulls=tuple(nulls), align_modes=modes,
-        align_references=references, overwrite_params=over if over.get("enabled", False) else None,
+        specificity_variant=key.get("specificity_reference"), nulls=tuple(nulls), panel=panel,
+        overwrite_params=over if over.get("enabled", False) else None,
         attacks=tuple(attacks),
     )
 
@@ -287,38 +313,33 @@ def _nonce(config: Config) -> bytes:
 
 
 class Judge:
-    """Plain and aligned extraction of one key, with the aligned nulls computed once."""
+    """The library's verdict for one key, with the panel measured once (not once per suspect)."""
 
-    def __init__(self, config: Config, bundle: KeyBundle, host: nn.Module,
-                 references: list[nn.Module]) -> None:
+    def __init__(self, config: Config, bundle: KeyBundle, panel: list[nn.Module]) -> None:
         self.config, self.bundle = config, bundle
-        self.profile = self.activations(host)
-        ref_acts = [self.activations(r) for r in references]
-        self.nulls: dict[str, AlignedNull] = {
-            mode: calibrate(ref_acts, bundle, self.profile, rescale=ALIGN_MODES[mode])
-            for mode in config.align_modes}
+        self.panel: list[Reference] = [measure_reference(m, bundle) for m in panel]
 
-    def activations(self, model: nn.Module) -> np.ndarray:
-        """The key layer's pooled activations on the triggers, whatever the layer's width."""
-        return capture(model, self.bundle.layer, self.bundle.triggers, pooling=self.bundle.pooling)[0]
+    def judge(self, model: nn.Module) -> tuple[Verdict | None, Verdict | None]:
+        """(the verdict the report decides on: with the panel where there is one, the plain
+        verdict without the panel); None where no verdict can be given (the key layer
+        changed width and there is no panel to align it)."""
+        triggers, probes = read_layer(model, self.bundle)
+        alone = self._judge(triggers, probes, [])
+        return (self._judge(triggers, probes, self.panel) if self.panel else alone), alone
 
-    def plain(self, model: nn.Module) -> Verdict | None:
-        """The scheme's verdict, or None if the key layer changed width (key not applicable)."""
+    def _judge(self, triggers: np.ndarray, probes: np.ndarray | None,
+               panel: list[Reference]) -> Verdict | None:
         try:
-            return extract(model, self.bundle, alpha=self.config.alpha,
-                           n_permutations=self.config.n_permutations)
+            return judge_activations(triggers, self.bundle, alpha=self.config.alpha,
+                                     probe_activations=probes, panel=panel,
+                                     n_permutations=self.config.n_permutations)
         except InvalidInputError:
             return None
 
-    def aligned(self, model: nn.Module) -> dict[str, AlignedVerdict | None]:
-        """One aligned verdict per configured mode (None if the layer became narrower)."""
-        if not self.nulls:
-            return {}
-        acts = self.activations(model)
-        if acts.shape[1] < self.bundle.units:
-            return {mode: None for mode in self.nulls}
-        return {mode: aligned_verdict(acts, self.bundle, self.profile, null, alpha=self.config.alpha)
-                for mode, null in self.nulls.items()}
+    def panel_counts(self) -> tuple[int, ...]:
+        """Each panel member's matched host units: the aligned test's null sample."""
+        assert self.bundle.probe_profile is not None
+        return tuple(matched_units(self.bundle.probe_profile, r.probe_activations) for r in self.panel)
 
 
 def status(verdict: Verdict | None, accuracy_drop: float, bound: float) -> str:
@@ -357,44 +378,45 @@ def _run(config: Config, *, progress: bool) -> Report:
     started = time.perf_counter()
     torch.manual_seed(config.seed)
     task = build_task(config)
-    n_models = 1 + sum(g.count for g in config.nulls) + (
-        config.align_references.count if config.align_references else 0)
+    n_models = 1 + sum(g.count for g in config.nulls) + (config.panel.count if config.panel else 0)
     with tqdm(total=n_models, desc=f"{config.name}: training", unit="model", disable=not progress) as bar:
         host = task.fit(task.new_model(config.host_variant, config.seed), epochs=config.host_epochs,
                         lr=config.host_lr, seed=config.seed)
         bar.update(1)
         groups = [(g, _train_group(task, g, NULL_SEED_BASE + 100 * i, bar))
                   for i, g in enumerate(config.nulls)]
-        references = ([m for _, m in _train_group(task, config.align_references, REFERENCE_SEED_BASE, bar)]
-                      if config.align_references else [])
+        panel = _train_group(task, config.panel, REFERENCE_SEED_BASE, bar) if config.panel else []
+    _check_disjoint(panel, [m for _, members in groups for _, m in members])
     host_accuracy = task.evaluate(host)
     bundle = derive_key(host, layer=task.layer, triggers=task.triggers(config.triggers_per_class, config.seed),
                         owner=config.owner, n_bits=config.n_bits, nonce=_nonce(config))
-    judge = Judge(config, bundle, host, references)
-    host_verdict = judge.plain(host)
-    if host_verdict is None or not host_verdict.is_match:
+    judge = Judge(config, bundle, [m for _, m in panel])
+    host_verdict, host_alone = judge.judge(host)
+    if host_alone is None or not host_alone.is_match:
         raise RuntimeError("the host does not decode its own key: the run is meaningless")
+    assert host_verdict is not None
 
-    nulls = tuple(
-        NullRow(label=group.label, seed=seed, independent=group.independent,
-                accuracy=task.evaluate(model), verdict=_required(judge.plain(model)),
-                aligned=judge.aligned(model))
-        for group, members in groups for seed, model in members)
+    nulls = []
+    for group, members in groups:
+        for seed, model in members:
+            verdict, alone = judge.judge(model)
+            nulls.append(NullRow(label=group.label, seed=seed, independent=group.independent,
+                                 accuracy=task.evaluate(model), verdict=_required(verdict),
+                                 plain_alone=alone))
 
     rows = []
     for spec in tqdm(config.attacks, desc=f"{config.name}: attacks", unit="attack", disable=not progress):
         t0 = time.perf_counter()
         attacked = apply_attack(spec.kind, host, task, spec.params)
         accuracy_after = task.evaluate(attacked)
-        verdict = judge.plain(attacked)
-        aligned = judge.aligned(attacked)
+        verdict, alone = judge.judge(attacked)
         drop = host_accuracy - accuracy_after
         rows.append(AttackRow(
             attack=spec.name, kind=spec.kind, params=spec.params, accuracy_before=host_accuracy,
             accuracy_after=accuracy_after, verdict=verdict,
             status=status(verdict, drop, config.destroy_bound),
             seconds=time.perf_counter() - t0, function_preserving=spec.kind in FUNCTION_PRESERVING,
-            aligned=aligned,
+            plain_alone=alone,
             note="" if verdict is not None else "key layer changed width: the key cannot be applied",
         ))
 
@@ -412,9 +434,11 @@ def _run(config: Config, *, progress: bool) -> Report:
     return Report(
         name=config.name, task=config.task, layer=bundle.layer, units=bundle.units, n_bits=bundle.n_bits,
         alpha=config.alpha, destroy_bound=config.destroy_bound, quick=config.quick,
-        host_accuracy=host_accuracy, host_verdict=host_verdict, rows=tuple(rows), nulls=nulls,
-        align_modes=config.align_modes,
-        align_null={mode: null.matches.tolist() for mode, null in judge.nulls.items()},
+        host_accuracy=host_accuracy, host_verdict=host_verdict, host_plain_alone=host_alone,
+        rows=tuple(rows), nulls=tuple(nulls),
+        panel_label=config.panel.label if config.panel else "",
+        panel_seeds=tuple(seed for seed, _ in panel), panel_counts=judge.panel_counts(),
+        host_units=_host_units(host_verdict),
         overwrite=result, notes=tuple(notes), seconds=time.perf_counter() - started, threads=config.threads,
         config=copy.deepcopy(dict(config.raw)),
     )
@@ -433,6 +457,19 @@ def specificity(task: Task, host: nn.Module, bundle: KeyBundle, variant: str, se
     except FreemarkError as exc:
         return f"key with the {variant!r} starting point as a reference: {exc}"
     return f"key with the {variant!r} starting point as a reference: derived (the base does not decode it)"
+
+
+def _check_disjoint(panel: list[tuple[int, nn.Module]], nulls: list[nn.Module]) -> None:
+    """Refuse a run whose held-out nulls include a panel member (same weights)."""
+    members = {fingerprint(m) for _, m in panel}
+    if any(fingerprint(m) in members for m in nulls):
+        raise RuntimeError("a null model is also a panel member: its false-positive rate "
+                           "would be measured on the test's own calibration")
+
+
+def _host_units(verdict: Verdict) -> int:
+    aligned = find_test(verdict, "aligned")
+    return aligned.n if aligned is not None else 0
 
 
 def _required(verdict: Verdict | None) -> Verdict:

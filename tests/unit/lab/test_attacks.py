@@ -1,9 +1,10 @@
 """Each attack does what it claims: function-preserving ones preserve the function, pruning
 hits its rate, quantization stores what it says, nothing touches the host; plus the
-alignment and registry pieces the robustness report rests on."""
+reference-panel and registry pieces the robustness report rests on."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from datetime import timedelta
 
@@ -16,7 +17,7 @@ from freemark.activations import capture
 from freemark.derive import derive_key
 from freemark.errors import InvalidInputError
 from freemark.modelfile import fingerprint
-from freemark_lab import align
+from freemark_lab import robustness
 from freemark_lab.attacks import ATTACKS, apply_attack
 from freemark_lab.attacks.layers import weighted_layers
 from freemark_lab.attacks.overwrite import OWNER_REGISTERED, LocalRegistry, PriorClaimError
@@ -174,41 +175,26 @@ def test_quick_keeps_marked_attacks_and_applies_overrides():
     assert quick.nulls[0].count == 2 and full.nulls[0].count == 10
 
 
-# --- aligned extraction ---------------------------------------------------------------
+# --- the reference panel ---------------------------------------------------------------
 
-def test_alignment_undoes_permutation_rescaling_and_dummy_units(task, host):
-    profile = key_layer(host, task)
-    obfuscated = apply_attack("combine", host, task, {"steps": [
-        {"kind": "rescale", "seed": 1}, {"kind": "dummy_units", "count": 16, "seed": 2}]})
-    suspect = key_layer(obfuscated, task)
-    assert suspect.shape[1] == profile.shape[1] + 16
-    aligned, alignment = align.align(suspect, profile, rescale=True)
-    live = profile.std(axis=0) > 0  # dead units carry no profile to match
-    assert np.allclose(aligned[:, live], profile[:, live], atol=1e-5)
-    assert np.allclose(alignment.correlation[live], 1.0, atol=1e-6)
-
-
-def test_alignment_is_blind_to_a_relabelling_of_the_suspect(task, host):
-    """Why the permutation null is void under alignment: a permuted suspect aligns the same.
-
-    (Up to ties: host units that are dead on the triggers correlate 0 with everything and
-    take the leftover suspect units in index order.)
-    """
-    profile = key_layer(host, task)
-    other = key_layer(task.fit(task.new_model("same", 11), epochs=3, lr=1e-3, seed=11), task)
-    order = np.random.default_rng(0).permutation(other.shape[1])
-    a, alignment = align.align(other, profile, rescale=False)
-    b, _ = align.align(other[:, order], profile, rescale=False)
-    matched = alignment.correlation != 0
-    assert matched.sum() > 32
-    assert np.allclose(a[:, matched], b[:, matched])
+def test_panel_config_is_validated():
+    base = {"model": {"task": "digits"}, "attacks": []}
+    assert parse_config(base).panel is None
+    config = parse_config({**base, "panel": {"count": 5, "epochs": 3}})
+    assert config.panel is not None and config.panel.count == 5 and config.panel.independent
+    with pytest.raises(InvalidInputError, match="count >= 3"):
+        parse_config({**base, "panel": {"count": 2, "epochs": 3}})
+    with pytest.raises(InvalidInputError, match=r"\[align\]"):
+        parse_config({**base, "align": {"modes": ["permutation"], "count": 3, "epochs": 3}})
 
 
-def test_conservative_sample_raises_mean_and_spread():
-    matches = np.array([220, 225, 230, 228, 222, 226, 231, 224])
-    wide = align.conservative_sample(matches)
-    assert wide.mean() > matches.mean()
-    assert wide.std() > matches.std()
+def test_a_null_model_that_is_also_in_the_panel_is_refused(host):
+    other = copy.deepcopy(host)  # a distinct object with the same weights
+    with pytest.raises(RuntimeError, match="panel member"):
+        robustness._check_disjoint([(5000, host)], [other])
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    robustness._check_disjoint([(5000, host)], [other])
 
 
 # --- registration order -----------------------------------------------------------------

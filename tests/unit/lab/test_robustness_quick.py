@@ -1,8 +1,10 @@
 """The quick robustness suite on the digits CNN, through the `freemark attack` entry point.
 
-What the issue asks the suite to show: fine-tuning, 50 % pruning, int8 and fp16 are
-detected at calibrated p ≤ 1e-9; no independent model reaches p ≤ 1e-3; unit permutation
-defeats plain extraction (the documented threat); the report files exist and the PNG is
+What the issues ask the suite to show: fine-tuning, 50 % pruning, int8 and fp16 are
+detected at calibrated p ≤ 1e-9; no held-out independent model reaches p ≤ 1e-3 under the
+plain, the aligned or the combined test; structural obfuscation (permutation, split dummy
+units, all of them on a fine-tuned copy) defeats the plain test and is caught by the
+aligned test calibrated on the three-model panel; the report files exist and the PNG is
 a real plot.
 """
 
@@ -57,17 +59,29 @@ def test_no_independent_model_matches(run):
     independent = [n for n in run[0]["nulls"] if n["independent"]]
     assert len(independent) >= 3
     for null in independent:
-        assert null["verdict"]["log10_p_value"] >= UNIQUENESS_LOG10
+        for figure in ("plain_log10_p", "aligned_log10_p", "combined_log10_p", "plain_alone_log10_p"):
+            assert null[figure] >= UNIQUENESS_LOG10, figure
+        assert null["outcome"] == "no_match"
         assert not null["verdict"]["is_match"]
     assert run[0]["false_positives"] == 0
 
 
-def test_permutation_defeats_plain_extraction(run):
-    """The threat, documented: a free relabelling of the key layer's units hides the mark."""
-    for row in rows(run[0], "permute"):
-        assert row["function_preserving"]
-        assert not row["verdict"]["is_match"]
-        assert row["status"] == "removed"
+def test_the_panel_is_disjoint_from_the_nulls(run):
+    panel = run[0]["panel"]
+    assert len(panel["seeds"]) >= 3 and panel["digest"]
+    assert not set(panel["seeds"]) & {n["seed"] for n in run[0]["nulls"]}
+
+
+@pytest.mark.parametrize("kind", ["permute", "dummy_units", "combine"])
+def test_obfuscation_defeats_the_plain_test_and_the_aligned_test_catches_it(run, kind):
+    """The threat (a free relabelling or widening hides the mark from the plain test) and its
+    counter: the aligned test, calibrated on the panel, decides the combined verdict."""
+    for row in rows(run[0], kind):
+        assert row["plain_log10_p"] > DETECTION_LOG10
+        assert row["plain_alone_log10_p"] is None or row["plain_alone_log10_p"] > DETECTION_LOG10
+        assert row["aligned_log10_p"] <= DETECTION_LOG10
+        assert row["aligned_matched_units"] > row["aligned_host_units"] // 2
+        assert row["outcome"] == "match" and row["status"] == "detected"
 
 
 def test_host_and_ambiguity_sections(run):
@@ -88,7 +102,7 @@ def test_report_files_are_written_and_the_png_is_a_real_plot(run):
     report, out = run
     name = report["name"]
     text = (out / f"{name}.txt").read_text(encoding="utf-8")
-    assert "magnitude prune 50%" in text and "Null panel" in text
+    assert "magnitude prune 50%" in text and "Held-out null models" in text and "aligned T/M" in text
     assert json.loads((out / f"{name}.json").read_text(encoding="utf-8"))["name"] == name
     data = (out / f"{name}.png").read_bytes()
     width, height = png_size(data)
