@@ -36,7 +36,8 @@ The policy is an allow-list derived from models, not a deny-list:
   (`ALLOWED_PYTHON_FUNCTIONS`) on sizes only, and `operator.getitem` picking one output of a
   multi-output operator;
 - devices: CPU only;
-- node kinds: `placeholder`, `output`, `call_function`, `get_attr` of a plain tensor;
+- node kinds: `placeholder`, `output`, `call_function`, `get_attr` of a plain tensor (or of a
+  subgraph, which only a refused higher-order operator could call);
 - signature: 1 or 2 tensor user inputs (what `capture` feeds: the trigger inputs and, for token
   models, the attention mask), 1 to `MAX_USER_OUTPUTS` outputs, no custom-object, effect-token
   or mutation outputs (a mutated buffer would carry one run's trigger values into the next
@@ -279,14 +280,16 @@ class _Graph:
         self.sizes: set[torch.fx.Node] = set()  # symbolic sizes (never tensors)
 
     def vet(self) -> None:
+        seen: set[torch.fx.Node] = set()
         for node in self.owner.graph.nodes:
-            self._vet_node(node)
             inputs = node.all_input_nodes
+            if not seen.issuperset(inputs):  # the walk below needs every input seen first
+                raise self._refuse(node, "uses a value defined after it")
+            seen.add(node)
+            self._vet_node(node)
             if node.op == "placeholder" and node.name in self.user_inputs:
                 self.tainted.add(node)
-            elif operator_name(node.target) in _SIZE_OPS:
-                self.sizes.add(node)
-            elif node.target in ALLOWED_PYTHON_FUNCTIONS:  # checked: every input is a size
+            elif operator_name(node.target) in _SIZE_OPS or node.target in ALLOWED_PYTHON_FUNCTIONS:
                 self.sizes.add(node)
             elif any(n in self.tainted for n in inputs):
                 self.tainted.add(node)
@@ -299,7 +302,8 @@ class _Graph:
             return
         if node.op == "get_attr":
             value = _resolve_attr(self.owner, node)
-            if type(value) not in _PLAIN_TENSOR_TYPES:
+            # A subgraph is inert but for the higher-order operator that calls it (refused).
+            if type(value) not in _PLAIN_TENSOR_TYPES and not isinstance(value, torch.fx.GraphModule):
                 raise self._refuse(
                     node, f"reads {node.target!r}, a {type(value).__name__} (only tensors)"
                 )

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import hostile_models
-from freemark.errors import ModelFileError
 from freemark import modelfile
+from freemark.errors import ModelFileError
 from freemark.modelfile import apply_weights, fingerprint, load_program, save_program
 from freemark_lab.models import DigitsCNN
 
