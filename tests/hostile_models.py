@@ -23,6 +23,7 @@ from freemark.modelfile import load_program
 SAMPLE_INPUTS_ENTRY = "data/sample_inputs/model.pt"
 WEIGHTS_CONFIG_ENTRY = "data/weights/model_weights_config.json"
 AOTINDUCTOR_ENTRY = "data/aotinductor/model/x.so"
+GRAPH_ENTRY = "models/model.json"
 
 
 class _CreateFile:
@@ -129,6 +130,29 @@ def reading_file(src: Path, dst: Path, secret: Path, after: str) -> Path:
         node.meta["val"] = val
     program.graph_module.recompile()
     torch.export.save(program, str(dst))
+    return dst
+
+
+def oversized_graph(src: Path, dst: Path, nodes: int, *, deflate: bool = True) -> Path:
+    """`src` whose graph JSON repeats its first node until it has `nodes` nodes.
+
+    Deflated, a graph of many thousands of nodes fits in a few megabytes; deserializing it costs
+    minutes of CPU and gigabytes, so a loader must count before it deserializes. The copies are
+    never run (the file is refused first); each gets its own output name.
+    """
+    with zipfile.ZipFile(src) as archive:
+        name = next(n for n in archive.namelist() if n.endswith("/" + GRAPH_ENTRY))
+        program = json.loads(archive.read(name))
+    graph = program["graph_module"]["graph"]
+    real = [json.dumps(node) for node in graph["nodes"]]
+    output = f'"{graph["nodes"][0]["outputs"][0]["as_tensor"]["name"]}"'
+    copies = [real[0].replace(output, f"{output[:-1]}_copy{i}\"") for i in range(nodes - len(real))]
+    graph["nodes"] = ["NODES"]
+    data = json.dumps(program).replace('["NODES"]', "[" + ",".join(real + copies) + "]").encode()
+    compression = zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", compression, compresslevel=1) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, data if info.filename == name else zin.read(info))
     return dst
 
 
