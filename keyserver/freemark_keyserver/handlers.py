@@ -20,7 +20,7 @@ import numpy as np
 from freemark import merkle, wire
 from freemark.bundle import KeyBundle, from_proto
 from freemark.derive import check_uniqueness
-from freemark.errors import FreemarkError, InvalidInputError, ModelFileError, UniquenessError
+from freemark.errors import InvalidInputError, ModelFileError, UniquenessError
 from freemark.extract import judge_activations
 from freemark.panel import Reference
 from freemark.records import (
@@ -280,16 +280,23 @@ def register(ctx: Context, principal: Principal, bundle: KeyBundle, host: Path,
             "panel": panel_record,
         }), record)
     except DuplicateError as exc:  # a concurrent Register of the same host committed first
-        raise _claimed(principal, ctx.store.find_by_fingerprint(reading.fingerprint)) from exc
+        raise _claimed(principal, ctx.store.find_by_fingerprint(reading.fingerprint),
+                       "a concurrent Register of the same weights committed first") from exc
     log.info("registered %s for %s at log index %d (panel of %d)", registration_id,
              principal.name, index, len(panel))
     receipt = wire.read_statement(Receipt, _statement(ctx, body), _inclusion(ctx, index))
     return wire.receipt_to_proto(receipt)
 
 
-def _claimed(principal: Principal, records: Sequence[Registration]) -> ServiceError:
-    """The ALREADY_EXISTS refusal: an owner is told his own registration's id, nobody else
-    anything but that a claim exists."""
+def _claimed(principal: Principal, records: Sequence[Registration], why: str) -> ServiceError:
+    """The ALREADY_EXISTS refusal, logged for the operator with the caller and the claim.
+
+    An owner is told his own registration's id; anybody else only that a claim exists (no
+    id, no figure). The log line (timestamped by the server's log format) is the operator's
+    record of who tried, and against which registration.
+    """
+    claims = ", ".join(r.registration_id for r in records)
+    log.warning("Register by %s refused: %s (claimed by %s)", principal.name, why, claims)
     own = [r.registration_id for r in records if r.revoked_at is None and r.owner == principal.name]
     if own:
         return ServiceError(ErrorCode.ALREADY_CLAIMED,
@@ -307,10 +314,15 @@ def _refuse_claimed(ctx: Context, principal: Principal, host: Path, reading: pan
     not shapes), so a widened copy is compared too. The refusal names neither the
     earlier registration nor any figure: a number here would let a thief steer his
     laundering one query at a time.
+
+    Running the uploader's program on another owner's triggers must not let it observe
+    them: any failure of that run or of its judgement (sandbox deadline, resource limit,
+    crash, model error, anything) is treated exactly as a non-match, so the call goes on
+    as it would have; the failure is logged for the operator and never answered.
     """
     same = [r for r in ctx.store.find_by_fingerprint(reading.fingerprint) if r.revoked_at is None]
     if same:
-        raise _claimed(principal, same)
+        raise _claimed(principal, same, "the same weights are registered")
     for record in ctx.store.find_by_architecture(reading.architecture_digest):
         if record.revoked_at is not None:
             continue
@@ -319,13 +331,14 @@ def _refuse_claimed(ctx: Context, principal: Principal, host: Path, reading: pan
             theirs = _read(ctx, host, earlier)
             verdict = judge_activations(theirs.triggers, earlier, probe_activations=theirs.probes,
                                         panel=panel)
-        except (FreemarkError, ServiceError):
-            continue  # the earlier key does not even read this model
+        except Exception as exc:  # noqa: BLE001 - every failure must look like a non-match
+            log.warning("Register by %s: the upload could not be judged with earlier "
+                        "registration %s (%s: %s); treated as no match", principal.name,
+                        record.registration_id, type(exc).__name__, exc)
+            continue
         if verdict.is_match:
-            log.info("Register by %s refused: earlier registration %s claims the upload "
-                     "(log10 p %.1f)", principal.name, record.registration_id,
-                     verdict.log10_p_value)
-            raise _claimed(principal, [record])
+            raise _claimed(principal, [record], f"an earlier key decodes the upload (log10 p "
+                           f"{verdict.log10_p_value:.1f})")
 
 
 def verify_target(ctx: Context, principal: Principal, header: pb.VerifyHeader) -> Registration:

@@ -70,7 +70,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     Status: NOT_FOUND.
     """
     ALREADY_CLAIMED: _ErrorReason.ValueType  # 9
-    """An earlier registration already claims this model; the message names it.
+    """An earlier registration already claims this model. The message names no registration
+    and no figure (only an owner re-registering his own model is told its id), so it cannot
+    gauge a laundering attempt; the operator's log records the caller and the claim.
     Status: ALREADY_EXISTS.
     """
     TOO_LARGE: _ErrorReason.ValueType  # 10
@@ -133,7 +135,9 @@ NOT_FOUND: ErrorReason.ValueType  # 8
 Status: NOT_FOUND.
 """
 ALREADY_CLAIMED: ErrorReason.ValueType  # 9
-"""An earlier registration already claims this model; the message names it.
+"""An earlier registration already claims this model. The message names no registration
+and no figure (only an owner re-registering his own model is told its id), so it cannot
+gauge a laundering attempt; the operator's log records the caller and the claim.
 Status: ALREADY_EXISTS.
 """
 TOO_LARGE: ErrorReason.ValueType  # 10
