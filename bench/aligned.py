@@ -70,7 +70,7 @@ from freemark.panel import Reference, measure_reference, probe_triggers, read_la
 from freemark.rpc import KeyServiceClient
 from freemark.triggers import TriggerSet, select_triggers
 from freemark_keyserver import panels
-from freemark_keyserver.config import ServerConfig
+from freemark_keyserver.config import ServerConfig, default_policy
 from freemark_keyserver.sandbox import SandboxLimits, run_model, worker_environment
 from freemark_keyserver.server import create_server
 from freemark_lab.attacks import obfuscate
@@ -318,7 +318,9 @@ def verify_through_server(width: Width, triggers: TriggerSet, work: Path, plan: 
     bundles = {CONFIGS[0]: (no_probes, []), CONFIGS[1]: (with_probes, []),
                CONFIGS[2]: (with_probes, references)}
 
-    config = ServerConfig(data_dir=work / "ttp", listen="127.0.0.1:0", grace_seconds=1)
+    # The judge reads every test's statistics: a server that discloses them to arbiters.
+    config = ServerConfig(data_dir=work / "ttp", listen="127.0.0.1:0", grace_seconds=1,
+                          verdict_policy=default_policy("full"))
     running = create_server(config)  # the real sandbox: one worker subprocess per model
     tokens = add_principals(config.database, [("alice", "owner"), ("judge", "arbiter")])
     address = f"127.0.0.1:{running.port}"

@@ -13,14 +13,23 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
+from freemark._schema import signed_fields
 from freemark.aligned import AlignedTest
 from freemark.readout import normalise
-from freemark.records import NO_PANEL, ReferencePanel, Verdict, VerdictTest  # Verdict: re-exported
+from freemark.records import (  # Verdict: re-exported
+    NO_PANEL,
+    Decision,
+    ReferencePanel,
+    Verdict,
+    VerdictTest,
+)
 from freemark.stats import (
     fit_betabinomial,
     log10_betabinomial_sf,
@@ -31,6 +40,9 @@ from freemark.stats import (
 DEFAULT_ALPHA = 1e-9
 DEFAULT_PERMUTATIONS = 1000
 UNIQUENESS_ALPHA = 1e-3
+# A coarse verdict names the bucket its p-value falls in between these edges and alpha: the
+# strength of the evidence in orders of magnitude a court can weigh, too coarse to steer by.
+COARSE_EDGES = (1e-100, 1e-50, 1e-30, 1e-20, 1e-12, 1e-9, 1e-6, 1e-3, 1.0)
 
 
 def count_matches(key: np.ndarray, z: np.ndarray, bits: np.ndarray) -> np.ndarray:
@@ -129,3 +141,25 @@ def decide(plain: Verdict, aligned: AlignedTest | None, panel: Sequence[bytes], 
     return dataclasses.replace(plain, p_value=10.0 ** log10_p, log10_p_value=log10_p,
                                p_value_method=method, is_match=is_match, outcome=outcome,
                                tests=(*plain.tests, aligned_entry), panel=record)
+
+
+def p_value_bucket(log10_p: float, alpha: float) -> tuple[float, float]:
+    """(above, at_most]: the coarse bucket of a p-value given as log10 (it may underflow).
+
+    The edges are `COARSE_EDGES` and `alpha`, so at_most <= alpha exactly when p <= alpha and
+    the bucket agrees with the decision; the lowest bucket starts at 0.
+    """
+    edges = sorted({0.0, alpha, *COARSE_EDGES})
+    for above, at_most in itertools.pairwise(edges):
+        if log10_p <= math.log10(at_most):
+            return above, at_most
+    return edges[-2], edges[-1]  # p = 1 exactly, or a rounding above it
+
+
+def coarse_values(verdict: Verdict) -> dict[str, Any]:
+    """The judgement fields of a `CoarseVerdict` for `verdict`: its decision, with the
+    p-value replaced by the upper edge of its bucket and the lower edge beside it."""
+    above, at_most = p_value_bucket(verdict.log10_p_value, verdict.alpha)
+    decision = {spec.name: getattr(verdict, spec.name) for spec in signed_fields(Decision)}
+    return {**decision, "p_value": at_most, "log10_p_value": math.log10(at_most),
+            "p_value_above": above}

@@ -26,8 +26,8 @@ from freemark.panel import Reference
 from freemark.records import (
     NO_PANEL,
     RECEIPT_KIND,
-    VERDICT_KIND,
     Checkpoint,
+    CoarseVerdict,
     ConsistencyProof,
     InclusionProof,
     Receipt,
@@ -37,7 +37,7 @@ from freemark.records import (
     SignedVerdict,
 )
 from freemark.v1 import keyservice_pb2 as pb
-from freemark.verdict import DEFAULT_ALPHA, suspect_vector
+from freemark.verdict import DEFAULT_ALPHA, coarse_values, suspect_vector
 from freemark.watermark import commitment
 from freemark_keyserver import panels
 from freemark_keyserver.auth import ADMIN, ARBITER, OWNER, require_role
@@ -352,12 +352,24 @@ def verify_target(ctx: Context, principal: Principal, header: pb.VerifyHeader) -
         raise ServiceError(ErrorCode.MALFORMED_REQUEST, "upload format must be PT2 or SAFETENSORS")
     if header.alpha and not 0.0 < header.alpha < 1.0:
         raise ServiceError(ErrorCode.MALFORMED_REQUEST, "alpha must be in (0, 1)")
+    policy = ctx.config.verdict_policy
+    alpha = header.alpha or DEFAULT_ALPHA
+    if not policy.alpha_min <= alpha <= policy.alpha_max:
+        asked = f"alpha {alpha:g}" + ("" if header.alpha else " (the default)")
+        raise ServiceError(ErrorCode.ALPHA_OUTSIDE_POLICY,
+                           f"{asked} is outside this key server's verdict policy: it signs "
+                           f"verdicts for {policy.describe()}")
     return record
 
 
 def verify(ctx: Context, principal: Principal, record: Registration, header: pb.VerifyHeader,
            suspect: Path) -> pb.SignedVerdict:
-    """Judge the uploaded suspect against a registration; return the signed, logged verdict."""
+    """Judge the uploaded suspect against a registration; return the signed, logged verdict.
+
+    The verdict binds the suspect (SHA-256 and size, both checked against the bytes
+    received), the requester and the policy. A requester other than the registration's
+    owner gets a coarse verdict when the policy says so; the owner always gets the full one.
+    """
     bundle, panel = _open_sealed(ctx, record)
     if header.upload.format == pb.MODEL_FORMAT_SAFETENSORS:
         with host_file(ctx.store, ctx.keyring, record, ctx.config.spool_dir) as host:
@@ -369,13 +381,20 @@ def verify(ctx: Context, principal: Principal, record: Registration, header: pb.
                                     probe_activations=reading.probes, panel=panel)
     except InvalidInputError as exc:
         raise ServiceError(ErrorCode.INVALID_MODEL, str(exc)) from exc
+    policy = ctx.config.verdict_policy
+    coarse = policy.arbiter_disclosure == "coarse" and principal.name != record.owner
+    verdict_type: type[SignedVerdict | CoarseVerdict] = (CoarseVerdict if coarse
+                                                              else SignedVerdict)
+    judgement = coarse_values(verdict) if coarse else wire.signed_values(verdict)
     binding = {"registration_id": record.registration_id, "requested_by": principal.name,
-               "suspect_sha256": header.upload.sha256}
-    body, index, _ = _append(ctx, VERDICT_KIND, lambda i, t: wire.encode_body(SignedVerdict, {
-        **wire.signed_values(verdict), **binding, "log_index": i, "integrated_time": t}))
-    log.info("verdict on %s by %s: match=%s at log index %d", record.registration_id,
-             principal.name, verdict.is_match, index)
-    signed = wire.read_statement(SignedVerdict, _statement(ctx, body), _inclusion(ctx, index))
+               "suspect_sha256": header.upload.sha256, "suspect_size": header.upload.total_size,
+               "policy": policy}
+    body, index, _ = _append(ctx, verdict_type.KIND, lambda i, t: wire.encode_body(verdict_type, {
+        **judgement, **binding, "log_index": i, "integrated_time": t}))
+    log.info("verdict on %s by %s: %s (log10 p %.1f, %s) at log index %d", record.registration_id,
+             principal.name, verdict.outcome, verdict.log10_p_value,
+             "coarse" if coarse else "full", index)
+    signed = wire.read_statement(verdict_type, _statement(ctx, body), _inclusion(ctx, index))
     return wire.verdict_to_proto(signed)
 
 
