@@ -23,6 +23,7 @@ from freemark.modelfile import load_program
 SAMPLE_INPUTS_ENTRY = "data/sample_inputs/model.pt"
 WEIGHTS_CONFIG_ENTRY = "data/weights/model_weights_config.json"
 AOTINDUCTOR_ENTRY = "data/aotinductor/model/x.so"
+GRAPH_ENTRY = "models/model.json"
 
 
 class _CreateFile:
@@ -129,6 +130,52 @@ def reading_file(src: Path, dst: Path, secret: Path, after: str) -> Path:
         node.meta["val"] = val
     program.graph_module.recompile()
     torch.export.save(program, str(dst))
+    return dst
+
+
+def oversized_graph(src: Path, dst: Path, nodes: int, *, deflate: bool = True) -> Path:
+    """`src` whose graph JSON repeats its first node until it has `nodes` nodes.
+
+    Deflated, a graph of many thousands of nodes fits in a few megabytes; deserializing it costs
+    minutes of CPU and gigabytes, so a loader must count before it deserializes. The copies are
+    never run (the file is refused first); each gets its own output name.
+    """
+    with zipfile.ZipFile(src) as archive:
+        name = next(n for n in archive.namelist() if n.endswith("/" + GRAPH_ENTRY))
+        program = json.loads(archive.read(name))
+    graph = program["graph_module"]["graph"]
+    real = [json.dumps(node) for node in graph["nodes"]]
+    output = f'"{graph["nodes"][0]["outputs"][0]["as_tensor"]["name"]}"'
+    copies = [real[0].replace(output, f"{output[:-1]}_copy{i}\"") for i in range(nodes - len(real))]
+    graph["nodes"] = ["NODES"]
+    data = json.dumps(program).replace('["NODES"]', "[" + ",".join(real + copies) + "]").encode()
+    compression = zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", compression, compresslevel=1) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, data if info.filename == name else zin.read(info))
+    return dst
+
+
+def branching_on_inputs(dst: Path) -> Path:
+    """A digits CNN that runs a slow branch only when its inputs' mean passes 0.5 (`torch.cond`).
+
+    Run on another owner's triggers in Register's prior-claim check, its time or a CPU-limit
+    failure would tell the uploader one bit of those triggers per call (issue 11).
+    """
+    from freemark.modelfile import save_program
+    from freemark_lab.models import DigitsCNN
+
+    class Branching(DigitsCNN):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            def slow(t: torch.Tensor) -> torch.Tensor:
+                for _ in range(8):
+                    t = torch.tanh(t @ t.transpose(-1, -2) @ t)
+                return t
+
+            flag = x.mean(dim=(0, 1, 2, 3)) > 0.5
+            return super().forward(torch.cond(flag, slow, lambda t: t.clone(), (x,)))
+
+    save_program(Branching(), (torch.zeros(2, 1, 8, 8),), dst, dynamic_batch=False)
     return dst
 
 

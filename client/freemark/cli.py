@@ -12,6 +12,7 @@ variable for the token: command lines are visible to other users of the machine)
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -21,23 +22,46 @@ from typing import Any
 
 import numpy as np
 
-from freemark._schema import signed_fields
+from freemark._schema import signed_fields, to_json_fields
 from freemark.bundle import load_bundle, save_bundle
 from freemark.derive import DEFAULT_BITS, derive_key
 from freemark.display import format_value, print_fields, print_json, print_rows
-from freemark.errors import FreemarkError, InvalidInputError, InvalidReceiptError
+from freemark.errors import (
+    FreemarkError,
+    InvalidInputError,
+    InvalidReceiptError,
+    VerificationFailedError,
+)
 from freemark.extract import extract, extract_onnx
-from freemark.formats import format_of, load_model
+from freemark.formats import format_of, load_model, upload_file
 from freemark.keygen import DEFAULT_LAMBDA, DEFAULT_MARGIN, DerivationSettings
+from freemark.modelfile import fingerprint
 from freemark.onnxmodel import OnnxModel
-from freemark.receipt import load_statement, verify_receipt
-from freemark.records import Receipt, ReferencePanel, RegistrationInfo, SignedVerdict, Verdict
+from freemark.receipt import load_statement, verify_in_log, verify_receipt, verify_suspect
+from freemark.records import (
+    AnyVerdict,
+    Checkpoint,
+    CoarseVerdict,
+    ConsistencyProof,
+    Decision,
+    Receipt,
+    ReferencePanel,
+    RegistrationInfo,
+    SignedVerdict,
+    VerdictPolicy,
+)
 from freemark.rpc import DEFAULT_TIMEOUT_S, KeyServiceClient
 from freemark.signatures import Verifier
 from freemark.texttriggers import DEFAULT_COUNT, DEFAULT_MAX_LENGTH, text_triggers
 from freemark.triggers import DEFAULT_PER_CLASS, load_triggers, save_triggers, select_triggers
 from freemark.verdict import DEFAULT_ALPHA
-from freemark.wire import receipt_to_json, registration_to_json, verdict_to_json
+from freemark.wire import (
+    checkpoint_from_json,
+    consistency_from_json,
+    receipt_to_json,
+    registration_to_json,
+    verdict_to_json,
+)
 
 LAB_MISSING = ("the robustness lab is not installed; `freemark attack` needs it: "
                "pip install 'freemark[lab]'")
@@ -146,7 +170,7 @@ def _time(micros: int) -> str:
     return datetime.fromtimestamp(micros / 1e6, tz=UTC).isoformat(timespec="microseconds")
 
 
-def _headline(verdict: Verdict | SignedVerdict) -> str:
+def _headline(verdict: Decision) -> str:
     """The verdict's outcome in words, for the table's title."""
     return {"match": "WATERMARK PRESENT", "no_match": "watermark not found",
             "inconclusive": "INCONCLUSIVE (the reference panel cannot reach alpha)"}[verdict.outcome]
@@ -161,9 +185,15 @@ def _signed_rows(record: Any, first: tuple[str, ...] = ()) -> dict[str, Any]:
         value = getattr(record, name)
         if name == "integrated_time":
             rows[name] = _time(value)
+        elif isinstance(record, CoarseVerdict) and name in ("p_value", "p_value_above"):
+            if name == "p_value":
+                rows[name] = f"in ({record.p_value_above:g}, {record.p_value:g}] (coarse)"
         elif isinstance(value, ReferencePanel):
             rows[name] = (f"{value.size} reference models, sha256 {value.sha256.hex()}"
                           if value.size else "none")
+        elif isinstance(value, VerdictPolicy):
+            rows[name] = (f"{value.describe()}, {value.arbiter_disclosure} verdicts for "
+                          f"arbiters ({value.id})")
         elif name == "tests":
             for test in value:
                 rows[f"test {test.name}"] = (
@@ -183,9 +213,10 @@ def _receipt_fields(receipt: Receipt) -> dict[str, Any]:
     }
 
 
-def _verdict_fields(verdict: SignedVerdict) -> dict[str, Any]:
+def _verdict_fields(verdict: AnyVerdict) -> dict[str, Any]:
     return {
-        **_signed_rows(verdict, ("registration_id", "requested_by", "suspect_sha256")),
+        **_signed_rows(verdict, ("registration_id", "requested_by", "suspect_sha256",
+                                 "suspect_size")),
         "key_id": verdict.statement.key_id,
         "signature": verdict.statement.signature,
     }
@@ -291,26 +322,69 @@ def _cmd_public_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_log_state(path: str) -> Checkpoint | ConsistencyProof:
+    """A checkpoint JSON, or a consistency proof JSON ending in the checkpoint to trust."""
+    try:
+        data = json.loads(_read_file(path, "checkpoint"))
+    except ValueError as exc:
+        raise InvalidReceiptError(f"{path} is not JSON ({exc})") from None
+    if isinstance(data, dict) and "old_size" in data:
+        return consistency_from_json(data)
+    return checkpoint_from_json(data)
+
+
+def _check_model(statement: Receipt | AnyVerdict, path: str) -> None:
+    """`--model`: a verdict's suspect by SHA-256 and size (a checkpoint directory as packed for
+    the upload), a receipt's host by weights."""
+    if isinstance(statement, Receipt):
+        fingerprint_of = fingerprint(load_model(path))
+        if fingerprint_of != statement.host_fingerprint:
+            raise VerificationFailedError(
+                f"{path} is not the model this receipt registers: its weight fingerprint is "
+                f"{fingerprint_of.hex()}, the receipt's {statement.host_fingerprint.hex()}")
+        return
+    with upload_file(path) as sent:  # a checkpoint directory: the packed file that was sent
+        verify_suspect(statement, sent)
+
+
+_KINDS = {Receipt: "receipt", SignedVerdict: "verdict", CoarseVerdict: "coarse verdict"}
+# What a reader looks for first in a statement's table.
+_FIRST = ("registration_id", "outcome", "alpha", "p_value", "p_value_above", "suspect_sha256",
+          "suspect_size", "requested_by", "integrated_time", "owner", "host_fingerprint")
+
+
 def _cmd_receipt_verify(args: argparse.Namespace) -> int:
     pem = _read_file(args.public_key, "public key")
+    checked = []
     try:
         statement = load_statement(args.file)
         verify_receipt(statement, pem)
+        checked.append("signature, canonical body, log inclusion"
+                       + (", verdict policy and decision" if statement.KIND != Receipt.KIND
+                          else ""))
+        if args.model is not None:
+            _check_model(statement, args.model)
+            checked.append(f"it is about {args.model}")
+        if args.checkpoint is not None:
+            verify_in_log(statement, _load_log_state(args.checkpoint), pem)
+            checked.append(f"it is in the log {args.checkpoint} signs")
     except InvalidReceiptError as exc:
         print(f"freemark: FAILED: {args.file}: {exc}", file=sys.stderr)
         return 1
-    kind = "receipt" if isinstance(statement, Receipt) else "verdict"
-    summary = {
-        "ok": True, "kind": kind, "registration_id": statement.registration_id,
-        "log_index": statement.log_index, "tree_size": statement.inclusion.tree_size,
-        "key_id": statement.statement.key_id,
-    }
+    kind = _KINDS[type(statement)]
     if args.json:
-        print_json(summary)
+        print_json({
+            "ok": True, "kind": kind, **to_json_fields(statement),
+            "tree_size": statement.inclusion.tree_size, "key_id": statement.statement.key_id,
+            "model": args.model, "checkpoint": args.checkpoint,
+        })
     else:
-        print(f"OK {kind} for {statement.registration_id}: signed by key "
-              f"{statement.statement.key_id}, entry {statement.log_index} of a signed log of "
-              f"{statement.inclusion.tree_size} entries")
+        rows = {"kind": kind, **_signed_rows(statement, tuple(
+            n for n in _FIRST if hasattr(statement, n))),
+            "tree_size": statement.inclusion.tree_size, "key_id": statement.statement.key_id,
+            "checked": "; ".join(checked)}
+        print_fields(f"OK {kind} for {statement.registration_id}, signed by key "
+                     f"{statement.statement.key_id}", rows)
     return 0
 
 
@@ -436,6 +510,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("file", help="receipt or verdict JSON, as register/verify --json print it")
     q.add_argument("--public-key", required=True,
                    help="the key server's public key PEM, obtained out of band")
+    q.add_argument("--model", metavar="SUSPECT",
+                   help="fail unless the verdict is about this file (SHA-256 and size), or the "
+                        "receipt registers this .pt2 (weight fingerprint)")
+    q.add_argument("--checkpoint", metavar="LATEST.json",
+                   help="fail unless the statement is in the log this checkpoint signs (a "
+                        "checkpoint JSON of the same size, or a consistency proof JSON from the "
+                        "statement's checkpoint to a later one)")
     _add_common(q)
     q.set_defaults(handler=_cmd_receipt_verify)
     _add_attack(sub)

@@ -22,6 +22,7 @@ from freemark.errors import InvalidInputError
 from freemark.onnxmodel import OnnxModel
 from freemark.panel import (
     Reference,
+    count_for,
     measure_reference,
     probe_triggers,
     read_layer,
@@ -106,7 +107,7 @@ def judge_activations(activations: np.ndarray, bundle: KeyBundle, *, alpha: floa
             bundle, probe_activations, panel))
     assert bundle.probe_profile is not None and probe_activations is not None
     aligned = aligned_test(bundle.probe_profile, probe_activations,
-                           [r.probe_activations for r in panel])
+                           [count_for(r, bundle) for r in panel])
     return decide(plain, aligned, fingerprints, alpha=alpha)
 
 

@@ -356,8 +356,9 @@ def pack(directory: str | Path, out: str | Path) -> Path:
     files = _shards(directory)
     _check_tensors(build_model(check_config(values, directory)), files, directory)
     tensors = _read_tensors(files)
-    metadata: Mapping[str, str] = {"format": "pt",
-                                   CONFIG_METADATA_KEY: json.dumps(values, sort_keys=True)}
+    # One metadata entry: safetensors keeps metadata in a hash map, so with two the header's
+    # byte order (and the file's SHA-256, which verdicts sign) would vary between runs.
+    metadata: Mapping[str, str] = {CONFIG_METADATA_KEY: json.dumps(values, sort_keys=True)}
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.close(fd)
     save_file(tensors, str(out), metadata=dict(metadata))

@@ -5,6 +5,15 @@
 AOTInductor packages all unpickle or load native code. `load_program` reads the archive
 itself, refuses every entry that would need any of those, loads sample inputs with
 `weights_only=True` only, and hands torch's deserializer nothing it could unpickle.
+
+Deserializing is the expensive step (torch rebuilds every node with fake tensors and symbolic
+shapes: about 1 ms of CPU a node, so the 20,000-node cap bounds it near 20 s; measured with
+`tests/hostile_models.oversized_graph`), so the archive is measured first from
+its zip directory, before anything is inflated: every member stored or deflated, at most
+`MAX_COMPRESSION_RATIO` : 1, at most `MAX_UNPACKED_BYTES` in all, the graph's JSON at most
+`MAX_GRAPH_JSON_BYTES` (read through a bounded inflate, so a lying header cannot make it
+longer), and at most `MAX_GRAPH_NODES` nodes in that JSON, counted before the deserializer
+sees it.
 The regression asset for the fallback lives in tests/unit/client/test_modelfile.py.
 """
 
@@ -13,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +34,14 @@ from freemark.errors import ModelFileError
 _ARCHIVE_FORMAT = "pt2"
 _ARCHIVE_VERSION = "0"
 _MODEL_NAME = "model"
+# Caps on an untrusted archive, checked before anything is inflated or deserialized (module doc).
+# The largest model the allow-list was derived from has about 1,000 nodes (MiniLM: 302); a
+# node takes 1-2 kB of JSON; torch writes members stored (ratio 1).
+MAX_GRAPH_NODES = 20_000
+MAX_GRAPH_JSON_BYTES = 64 * 1024**2
+MAX_UNPACKED_BYTES = 4 * 1024**3
+MAX_COMPRESSION_RATIO = 100
+_GRAPH_ENTRY = f"models/{_MODEL_NAME}.json"
 _ALLOWED_PREFIXES = (
     "archive_format", "archive_version", "byteorder", ".data/", "models/model.json",
     "data/weights/", "data/constants/", "data/sample_inputs/model.pt", "extra/",
@@ -43,6 +61,69 @@ def _check_payload_config(path: str | Path, config: dict[str, Any], kind: str) -
             raise _refuse(path, f"{kind} {name!r} is a custom object; only tensors are accepted")
 
 
+def _measure_archive(path: str | Path) -> tuple[dict[str, Any], set[str]]:
+    """The program's graph as parsed JSON and the archive's entry names (less torch's top-level
+    folder), once the archive's sizes and node count are in bounds.
+
+    Reads only the zip directory and the graph entry (through a bounded inflate); raises
+    ModelFileError before torch's reader or deserializer touches a file over the caps.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+            names = [m.filename for m in members]
+            if len(set(names)) != len(names):
+                raise _refuse(path, "the archive names one entry twice")
+            unpacked = 0
+            for member in members:
+                if member.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                    raise _refuse(path, f"entry {member.filename!r} uses an unsupported compression")
+                if member.file_size > MAX_COMPRESSION_RATIO * max(member.compress_size, 1):
+                    raise _refuse(path, f"entry {member.filename!r} inflates more than "
+                                        f"{MAX_COMPRESSION_RATIO}:1")
+                unpacked += member.file_size
+            if unpacked > MAX_UNPACKED_BYTES:
+                raise _refuse(path, f"it unpacks to {unpacked} bytes, more than {MAX_UNPACKED_BYTES}")
+            graph = [m for m in members if m.filename.split("/", 1)[-1] == _GRAPH_ENTRY]
+            if len(graph) != 1:
+                raise _refuse(path, "expected exactly one program named 'model'")
+            with archive.open(graph[0]) as entry:
+                raw = entry.read(MAX_GRAPH_JSON_BYTES + 1)
+    except ModelFileError:
+        raise
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+        raise ModelFileError(f"{path}: not a torch.export .pt2 program ({_first_line(exc)})") from exc
+    if len(raw) > MAX_GRAPH_JSON_BYTES:
+        raise _refuse(path, f"its graph is larger than {MAX_GRAPH_JSON_BYTES} bytes")
+    try:
+        parsed = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise _refuse(path, f"its graph is not JSON ({_first_line(exc)})") from exc
+    nodes = _count_nodes(parsed)
+    if nodes > MAX_GRAPH_NODES:
+        raise _refuse(path, f"its graph has {nodes} nodes, more than {MAX_GRAPH_NODES}")
+    return parsed, {name.split("/", 1)[-1] for name in names}
+
+
+def _count_nodes(value: Any) -> int:
+    """Nodes of every graph in a serialized program (subgraphs included), without recursion."""
+    count, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            nodes = item.get("nodes")
+            if isinstance(nodes, list):
+                count += len(nodes)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return count
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
 def _open_archive(path: str | Path) -> Any:
     from torch.export.pt2_archive._package import PT2ArchiveReader
 
@@ -59,14 +140,17 @@ def load_program(path: str | Path) -> torch.export.ExportedProgram:
     custom objects or compiled code to load.
     """
     from torch._export.serde import schema
-    from torch._export.serde.serialize import ExportedProgramDeserializer, _bytes_to_dataclass
+    from torch._export.serde.serialize import ExportedProgramDeserializer, _dict_to_dataclass
     from torch.export.pt2_archive import _package as package
 
     if not Path(path).is_file():
         raise ModelFileError(f"{path}: no such model file")
+    graph, measured = _measure_archive(path)
     reader = _open_archive(path)
     try:
         names = reader.get_file_names()
+        if set(names) != measured:  # torch's zip reader must see the archive we measured
+            raise _refuse(path, "its zip directory reads differently to torch")
         if reader.read_string("archive_version") != _ARCHIVE_VERSION:
             raise _refuse(path, "unsupported .pt2 archive version")
         for name in names:
@@ -74,8 +158,8 @@ def load_program(path: str | Path) -> torch.export.ExportedProgram:
                 raise _refuse(path, "it contains AOTInductor compiled code; export without compiling")
             if not name.startswith(_ALLOWED_PREFIXES):
                 raise _refuse(path, f"unexpected archive entry {name!r}")
-        if names.count(f"models/{_MODEL_NAME}.json") != 1 or any(
-            n.startswith("models/") and n != f"models/{_MODEL_NAME}.json" for n in names
+        if names.count(_GRAPH_ENTRY) != 1 or any(
+            n.startswith("models/") and n != _GRAPH_ENTRY for n in names
         ):
             raise _refuse(path, "expected exactly one program named 'model'")
         for config_name, kind in (
@@ -86,7 +170,7 @@ def load_program(path: str | Path) -> torch.export.ExportedProgram:
                 raise _refuse(path, f"missing {config_name} (legacy pickled format?)")
             _check_payload_config(path, json.loads(reader.read_string(config_name)), kind)
         sample_inputs = _load_sample_inputs(path, reader, names)
-        program = _bytes_to_dataclass(schema.ExportedProgram, reader.read_bytes(f"models/{_MODEL_NAME}.json"))
+        program = _dict_to_dataclass(schema.ExportedProgram, graph)
         state_dict = package._load_state_dict(reader, _MODEL_NAME)
         constants = package._load_constants(reader, _MODEL_NAME)
         return ExportedProgramDeserializer().deserialize(

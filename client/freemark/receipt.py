@@ -10,7 +10,13 @@ server that issued it (DESIGN §3, flow 4). `verify_receipt` checks everything a
 3. every typed field equals the signed body's field (the field list of `freemark.records`;
    the typed copy is for convenience only);
 4. the checkpoint is signed by the same key and its typed tree size and root match its body;
-5. the inclusion proof places `leaf_hash(body)` at the body's `log_index` under that root.
+5. the inclusion proof places `leaf_hash(body)` at the body's `log_index` under that root;
+6. a verdict agrees with itself: its policy's id is the digest of its rules, its alpha is
+   inside the policy's range, `is_match` is p <= alpha and `outcome` agrees with it.
+
+Two checks need more than the file: `verify_suspect` that a verdict is about a given file
+(SHA-256 and size, as signed), so a genuine verdict cannot be replayed as evidence about
+another model; `verify_in_log` that the statement is in the log a later checkpoint signs.
 
 Every check raises (`InvalidReceiptError`, or `VerificationFailedError` for cryptographic
 failures) with a one-line reason; nothing returns a bool a caller could ignore.
@@ -19,11 +25,14 @@ Quick start::
 
     statement = load_statement("receipt.json")        # written by `freemark register --json`
     verify_receipt(statement, Path("ttp.pem").read_bytes())
+    verify_suspect(load_statement("verdict.json"), Path("suspect.pt2"))
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +42,9 @@ from freemark import merkle
 from freemark._schema import from_json_fields
 from freemark.errors import InvalidInputError, InvalidReceiptError, VerificationFailedError
 from freemark.records import (
+    AnyVerdict,
     Checkpoint,
+    CoarseVerdict,
     ConsistencyProof,
     Receipt,
     SignedVerdict,
@@ -52,8 +63,13 @@ __all__ = [
     "save_statement",
     "verify_checkpoint",
     "verify_consistency_proof",
+    "verify_in_log",
     "verify_receipt",
+    "verify_suspect",
 ]
+
+Statement = Receipt | AnyVerdict
+_READ_CHUNK = 1 << 20
 
 
 def _verifier(public_key_pem: bytes) -> Verifier:
@@ -124,7 +140,7 @@ def verify_consistency_proof(
         raise VerificationFailedError(str(exc)) from None
 
 
-def verify_receipt(statement: Receipt | SignedVerdict, public_key_pem: bytes) -> None:
+def verify_receipt(statement: Statement, public_key_pem: bytes) -> None:
     """Raise unless `statement` is a genuine, logged receipt or verdict of this TTP key.
 
     The checks are listed in the module docstring. `InvalidInputError` means the public key
@@ -150,10 +166,97 @@ def verify_receipt(statement: Receipt | SignedVerdict, public_key_pem: bytes) ->
     mismatch = typed_mismatch(statement, from_json_fields(type(statement), body, "signed body"))
     if mismatch is not None:
         raise InvalidReceiptError(mismatch)
+    if isinstance(statement, (SignedVerdict, CoarseVerdict)):
+        _check_verdict(statement)
     _check_inclusion(statement, verifier)
 
 
-def _check_inclusion(statement: Receipt | SignedVerdict, verifier: Verifier) -> None:
+def _check_verdict(verdict: AnyVerdict) -> None:
+    """A signed verdict must be consistent: its policy's id, alpha and decision."""
+    policy = verdict.policy
+    if policy.id != policy.expected_id:
+        raise InvalidReceiptError(f"the verdict's policy id {policy.id!r} is not the digest of "
+                                  f"its rules ({policy.expected_id!r})")
+    if not policy.alpha_min <= verdict.alpha <= policy.alpha_max:
+        raise InvalidReceiptError(f"the verdict's alpha {verdict.alpha:g} is outside its own "
+                                  f"policy ({policy.describe()})")
+    if verdict.is_match != (verdict.log10_p_value <= math.log10(verdict.alpha)):
+        raise InvalidReceiptError(f"the verdict says is_match={verdict.is_match} for p-value "
+                                  f"{verdict.p_value:.3g} at alpha {verdict.alpha:g}")
+    if (verdict.outcome == "match") != verdict.is_match:
+        raise InvalidReceiptError(f"the verdict's outcome {verdict.outcome!r} contradicts "
+                                  f"is_match={verdict.is_match}")
+
+
+def _file_digest(path: Path) -> tuple[bytes, int]:
+    digest, size = hashlib.sha256(), 0
+    try:
+        with path.open("rb") as f:
+            while chunk := f.read(_READ_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+    except OSError as exc:
+        raise InvalidInputError(f"{path}: {exc.strerror or exc}") from exc
+    return digest.digest(), size
+
+
+def verify_suspect(verdict: AnyVerdict, path: str | Path) -> None:
+    """Raise `VerificationFailedError` unless `path` is exactly the file `verdict` judged.
+
+    The verdict signs the suspect's SHA-256 and size as uploaded; a verdict about another
+    file (the owner's own host, say) proves nothing about this one. Check the verdict
+    itself with `verify_receipt` first.
+    """
+    path = Path(path)
+    sha256, size = _file_digest(path)
+    if (sha256, size) != (verdict.suspect_sha256, verdict.suspect_size):
+        raise VerificationFailedError(
+            f"{path} is not the file this verdict is about: it has SHA-256 {sha256.hex()} and "
+            f"{size} bytes, the verdict judged SHA-256 {verdict.suspect_sha256.hex()} of "
+            f"{verdict.suspect_size} bytes")
+
+
+def verify_in_log(statement: Statement, latest: Checkpoint | ConsistencyProof,
+                  public_key_pem: bytes) -> None:
+    """Raise unless `statement` is in the log that `latest` (a checkpoint you trust, from a
+    monitor or a witness) signs.
+
+    Given a checkpoint of the same size as the statement's own, the two must have one root
+    (two roots for one size is a fork). For a later checkpoint, give the consistency proof
+    from the statement's checkpoint to it (`GetConsistencyProof`, `consistency_to_json`): the
+    log the statement is in must be a prefix of the later one. Check the statement itself
+    with `verify_receipt` first.
+    """
+    own = statement.inclusion.checkpoint
+    if isinstance(latest, ConsistencyProof):
+        if latest.old_size != own.tree_size:
+            raise InvalidReceiptError(
+                f"the consistency proof starts from a log of {latest.old_size} entries, the "
+                f"statement's checkpoint signs {own.tree_size}")
+        verify_consistency_proof(latest, own, public_key_pem)
+        return
+    later = verify_checkpoint(latest, public_key_pem)
+    mine = verify_checkpoint(own, public_key_pem)
+    if later.tree_size <= statement.log_index:
+        raise VerificationFailedError(
+            f"the checkpoint signs a log of {later.tree_size} entries, which does not hold "
+            f"entry {statement.log_index}: the statement is not in that log")
+    if later.tree_size < mine.tree_size:
+        raise InvalidReceiptError(
+            f"the checkpoint signs {later.tree_size} entries, fewer than the statement's own "
+            f"({mine.tree_size}): give a later checkpoint")
+    if later.tree_size != mine.tree_size:
+        raise InvalidReceiptError(
+            f"the checkpoint signs {later.tree_size} entries, the statement's proof is for "
+            f"{mine.tree_size}: give the consistency proof from {mine.tree_size} to "
+            f"{later.tree_size} instead of the bare checkpoint")
+    if later.root_hash != mine.root_hash:
+        raise VerificationFailedError(
+            f"the checkpoint and the statement's own sign two different logs of "
+            f"{later.tree_size} entries: the log forked")
+
+
+def _check_inclusion(statement: Statement, verifier: Verifier) -> None:
     proof = statement.inclusion
     checkpoint = _verified_checkpoint(proof.checkpoint, verifier)
     if proof.log_index != statement.log_index:
@@ -178,7 +281,7 @@ def _check_inclusion(statement: Receipt | SignedVerdict, verifier: Verifier) -> 
         raise VerificationFailedError(f"the statement is not in the signed log: {exc}") from None
 
 
-def load_statement(path: str | Path) -> Receipt | SignedVerdict:
+def load_statement(path: str | Path) -> Statement:
     """Read a receipt or verdict JSON file, as `freemark register|verify --json` prints it.
 
     Reading checks only the format; call `verify_receipt` before relying on it.
@@ -196,7 +299,7 @@ def load_statement(path: str | Path) -> Receipt | SignedVerdict:
     return statement_from_json(data)
 
 
-def save_statement(path: str | Path, statement: Receipt | SignedVerdict) -> None:
+def save_statement(path: str | Path, statement: Statement) -> None:
     """Write a receipt or verdict as the JSON file `load_statement` reads."""
     data = (
         receipt_to_json(statement) if isinstance(statement, Receipt) else verdict_to_json(statement)

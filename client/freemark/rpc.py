@@ -43,12 +43,12 @@ from freemark.errors import (
     error_for,
 )
 from freemark.records import (
+    AnyVerdict,
     Checkpoint,
     ConsistencyProof,
     InclusionProof,
     Receipt,
     RegistrationInfo,
-    SignedVerdict,
 )
 from freemark.v1 import keyservice_pb2 as pb
 from freemark.v1 import keyservice_pb2_grpc as pb_grpc
@@ -332,14 +332,17 @@ class KeyServiceClient:
         return receipt_from_proto(reply)
 
     def verify(self, registration_id: str, model_path: Path, *, fmt: ModelFormat | None = None,
-               alpha: float | None = None, onnx_tensor: str | None = None) -> SignedVerdict:
+               alpha: float | None = None, onnx_tensor: str | None = None) -> AnyVerdict:
         """Ask the TTP whether a suspect model carries a registration's watermark.
 
         The suspect is a .pt2 program, a Hugging Face checkpoint directory (packed into one
         file for the upload), a .onnx model, or .safetensors weights, which the server
         applies to the architecture registered with the host; `fmt` overrides what the path
         says. `onnx_tensor` names the key layer's tensor in an ONNX graph (default: found
-        from the layer's name). `alpha` defaults to the scheme's (1e-9).
+        from the layer's name). `alpha` defaults to the scheme's (1e-9); the server refuses
+        one outside its verdict policy (`AlphaOutsidePolicyError`). The verdict is a full
+        `SignedVerdict`, or a `CoarseVerdict` (outcome and p-value bucket) where the server's
+        policy gives those to requesters other than the registration's owner.
         """
         if alpha is not None and not 0.0 < alpha < 1.0:
             raise InvalidInputError(f"alpha must be in (0, 1), got {alpha}")

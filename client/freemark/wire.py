@@ -33,6 +33,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -52,7 +53,9 @@ from freemark._schema import (
 )
 from freemark.errors import InvalidReceiptError
 from freemark.records import (
+    AnyVerdict,
     Checkpoint,
+    CoarseVerdict,
     ConsistencyProof,
     InclusionProof,
     Receipt,
@@ -100,12 +103,15 @@ __all__ = [
     "verdict_to_proto",
 ]
 
-Statement = Receipt | SignedVerdict
-S = TypeVar("S", Receipt, SignedVerdict)
+Statement = Receipt | SignedVerdict | CoarseVerdict
+S = TypeVar("S", bound=Statement)
 
-# Each signed statement type and its proto message; `kind` picks the type when reading a file.
-_PROTO: dict[type, Any] = {Receipt: pb.Receipt, SignedVerdict: pb.SignedVerdict}
-_STATEMENTS: tuple[type[Statement], ...] = (Receipt, SignedVerdict)
+# Each signed statement type and its proto message; `kind` picks the type when reading a file
+# or a reply (a full and a coarse verdict travel in the same `SignedVerdict` message).
+_PROTO: dict[type, Any] = {Receipt: pb.Receipt, SignedVerdict: pb.SignedVerdict,
+                           CoarseVerdict: pb.SignedVerdict}
+_STATEMENTS: tuple[type[Statement], ...] = (Receipt, SignedVerdict, CoarseVerdict)
+_VERDICTS: dict[str, type[AnyVerdict]] = {cls.KIND: cls for cls in (SignedVerdict, CoarseVerdict)}
 
 
 # --- protobuf <-> dataclass ------------------------------------------------------------------
@@ -230,8 +236,18 @@ def read_statement(cls: type[S], statement: SignedStatement, inclusion: Inclusio
 
 
 def _what(cls: type) -> str:
-    """How messages name a statement type: "receipt", "verdict"."""
-    return cls.__name__.lower().replace("signed", "")
+    """How messages name a statement type: "receipt", "verdict", "coarse verdict"."""
+    words = re.findall(r"[A-Z][a-z]*", cls.__name__)
+    return " ".join(w.lower() for w in words if w != "Signed")
+
+
+def _verdict_class(body: bytes) -> type[AnyVerdict]:
+    """The verdict type a signed body declares by its `kind`."""
+    kind = parse_body(body, "statement").get("kind")
+    if kind not in _VERDICTS:
+        raise InvalidReceiptError(f"the signed body is a {kind!r}, not a verdict "
+                                  f"({' or '.join(repr(k) for k in _VERDICTS)})")
+    return _VERDICTS[kind]
 
 
 def _shown(value: object) -> str:
@@ -297,12 +313,16 @@ def receipt_to_proto(receipt: Receipt) -> pb.Receipt:
     return message
 
 
-def verdict_from_proto(message: pb.SignedVerdict) -> SignedVerdict:
-    """Wire verdict -> record, read from its signed body; the typed fields must agree."""
-    return _statement_from_proto(SignedVerdict, message)
+def verdict_from_proto(message: pb.SignedVerdict) -> AnyVerdict:
+    """Wire verdict -> record, full or coarse as its signed body's kind says; the typed
+    fields must agree with the body (a coarse verdict's unlisted statistics are unset)."""
+    _require(message, "statement", "verdict")
+    cls = _verdict_class(message.statement.body)
+    verdict: AnyVerdict = _statement_from_proto(cls, message)
+    return verdict
 
 
-def verdict_to_proto(verdict: SignedVerdict) -> pb.SignedVerdict:
+def verdict_to_proto(verdict: AnyVerdict) -> pb.SignedVerdict:
     """Record -> wire verdict."""
     message: pb.SignedVerdict = _statement_to_proto(verdict)
     return message
@@ -544,21 +564,26 @@ def receipt_from_json(data: Any) -> Receipt:
     return _record_from_json(Receipt, data)
 
 
-def verdict_to_json(verdict: SignedVerdict) -> dict[str, Any]:
+def verdict_to_json(verdict: AnyVerdict) -> dict[str, Any]:
     """A verdict as one self-contained JSON object (the `freemark verify --json` output)."""
     return _record_to_json(verdict)
 
 
-def verdict_from_json(data: Any) -> SignedVerdict:
-    """The inverse of `verdict_to_json`; the typed fields must agree with the signed body."""
-    return _record_from_json(SignedVerdict, data)
+def verdict_from_json(data: Any) -> AnyVerdict:
+    """The inverse of `verdict_to_json`, full or coarse by the object's `kind`; the typed
+    fields must agree with the signed body."""
+    kind = JsonFields(data, "verdict").text("kind")
+    if kind not in _VERDICTS:
+        raise InvalidReceiptError(f"verdict.kind must be {' or '.join(map(repr, _VERDICTS))}")
+    verdict: AnyVerdict = _record_from_json(_VERDICTS[kind], data)
+    return verdict
 
 
 def statement_from_json(data: Any) -> Statement:
     """A receipt or a verdict (any signed statement type), chosen by the object's `kind`."""
     kind = JsonFields(data, "file").text("kind")
     readers: dict[str, Callable[[Any], Statement]] = {
-        Receipt.KIND: receipt_from_json, SignedVerdict.KIND: verdict_from_json}
+        Receipt.KIND: receipt_from_json, **{k: verdict_from_json for k in _VERDICTS}}
     if kind in readers:
         return readers[kind](data)
     known = " nor ".join(f"a {_what(cls)} ({cls.KIND!r})" for cls in _STATEMENTS)

@@ -20,14 +20,14 @@ import numpy as np
 from freemark import merkle, wire
 from freemark.bundle import KeyBundle, from_proto
 from freemark.derive import check_uniqueness
-from freemark.errors import FreemarkError, InvalidInputError, ModelFileError, UniquenessError
+from freemark.errors import InvalidInputError, ModelFileError, UniquenessError
 from freemark.extract import judge_activations
 from freemark.panel import Reference
 from freemark.records import (
     NO_PANEL,
     RECEIPT_KIND,
-    VERDICT_KIND,
     Checkpoint,
+    CoarseVerdict,
     ConsistencyProof,
     InclusionProof,
     Receipt,
@@ -37,7 +37,7 @@ from freemark.records import (
     SignedVerdict,
 )
 from freemark.v1 import keyservice_pb2 as pb
-from freemark.verdict import DEFAULT_ALPHA, suspect_vector
+from freemark.verdict import DEFAULT_ALPHA, coarse_values, suspect_vector
 from freemark.watermark import commitment
 from freemark_keyserver import formats, panels
 from freemark_keyserver.auth import ADMIN, ARBITER, OWNER, require_role
@@ -288,16 +288,23 @@ def register(ctx: Context, principal: Principal, bundle: KeyBundle, host: Path,
             "panel": panel_record,
         }), record)
     except DuplicateError as exc:  # a concurrent Register of the same host committed first
-        raise _claimed(principal, ctx.store.find_by_fingerprint(reading.fingerprint)) from exc
+        raise _claimed(principal, ctx.store.find_by_fingerprint(reading.fingerprint),
+                       "a concurrent Register of the same weights committed first") from exc
     log.info("registered %s for %s at log index %d (panel of %d)", registration_id,
              principal.name, index, len(panel))
     receipt = wire.read_statement(Receipt, _statement(ctx, body), _inclusion(ctx, index))
     return wire.receipt_to_proto(receipt)
 
 
-def _claimed(principal: Principal, records: Sequence[Registration]) -> ServiceError:
-    """The ALREADY_EXISTS refusal: an owner is told his own registration's id, nobody else
-    anything but that a claim exists."""
+def _claimed(principal: Principal, records: Sequence[Registration], why: str) -> ServiceError:
+    """The ALREADY_EXISTS refusal, logged for the operator with the caller and the claim.
+
+    An owner is told his own registration's id; anybody else only that a claim exists (no
+    id, no figure). The log line (timestamped by the server's log format) is the operator's
+    record of who tried, and against which registration.
+    """
+    claims = ", ".join(r.registration_id for r in records)
+    log.warning("Register by %s refused: %s (claimed by %s)", principal.name, why, claims)
     own = [r.registration_id for r in records if r.revoked_at is None and r.owner == principal.name]
     if own:
         return ServiceError(ErrorCode.ALREADY_CLAIMED,
@@ -315,10 +322,15 @@ def _refuse_claimed(ctx: Context, principal: Principal, host: Path, reading: pan
     not shapes), so a widened copy is compared too. The refusal names neither the
     earlier registration nor any figure: a number here would let a thief steer his
     laundering one query at a time.
+
+    Running the uploader's program on another owner's triggers must not let it observe
+    them: any failure of that run or of its judgement (sandbox deadline, resource limit,
+    crash, model error, anything) is treated exactly as a non-match, so the call goes on
+    as it would have; the failure is logged for the operator and never answered.
     """
     same = [r for r in ctx.store.find_by_fingerprint(reading.fingerprint) if r.revoked_at is None]
     if same:
-        raise _claimed(principal, same)
+        raise _claimed(principal, same, "the same weights are registered")
     for record in ctx.store.find_by_architecture(reading.architecture_digest):
         if record.revoked_at is not None:
             continue
@@ -327,13 +339,14 @@ def _refuse_claimed(ctx: Context, principal: Principal, host: Path, reading: pan
             theirs = _read(ctx, host, earlier, options=options)
             verdict = judge_activations(theirs.triggers, earlier, probe_activations=theirs.probes,
                                         panel=panel)
-        except (FreemarkError, ServiceError):
-            continue  # the earlier key does not even read this model
+        except Exception as exc:  # noqa: BLE001 - every failure must look like a non-match
+            log.warning("Register by %s: the upload could not be judged with earlier "
+                        "registration %s (%s: %s); treated as no match", principal.name,
+                        record.registration_id, type(exc).__name__, exc)
+            continue
         if verdict.is_match:
-            log.info("Register by %s refused: earlier registration %s claims the upload "
-                     "(log10 p %.1f)", principal.name, record.registration_id,
-                     verdict.log10_p_value)
-            raise _claimed(principal, [record])
+            raise _claimed(principal, [record], f"an earlier key decodes the upload (log10 p "
+                           f"{verdict.log10_p_value:.1f})")
 
 
 def verify_target(ctx: Context, principal: Principal, header: pb.VerifyHeader) -> Registration:
@@ -353,12 +366,24 @@ def verify_target(ctx: Context, principal: Principal, header: pb.VerifyHeader) -
                            f"onnx_tensor is over {formats.MAX_TENSOR_NAME} characters")
     if header.alpha and not 0.0 < header.alpha < 1.0:
         raise ServiceError(ErrorCode.MALFORMED_REQUEST, "alpha must be in (0, 1)")
+    policy = ctx.config.verdict_policy
+    alpha = header.alpha or DEFAULT_ALPHA
+    if not policy.alpha_min <= alpha <= policy.alpha_max:
+        asked = f"alpha {alpha:g}" + ("" if header.alpha else " (the default)")
+        raise ServiceError(ErrorCode.ALPHA_OUTSIDE_POLICY,
+                           f"{asked} is outside this key server's verdict policy: it signs "
+                           f"verdicts for {policy.describe()}")
     return record
 
 
 def verify(ctx: Context, principal: Principal, record: Registration, header: pb.VerifyHeader,
            suspect: Path) -> pb.SignedVerdict:
-    """Judge the uploaded suspect against a registration; return the signed, logged verdict."""
+    """Judge the uploaded suspect against a registration; return the signed, logged verdict.
+
+    The verdict binds the suspect (SHA-256 and size, both checked against the bytes
+    received), the requester and the policy. A requester other than the registration's
+    owner gets a coarse verdict when the policy says so; the owner always gets the full one.
+    """
     bundle, panel = _open_sealed(ctx, record)
     if header.upload.format == pb.MODEL_FORMAT_SAFETENSORS:
         with host_file(ctx.store, ctx.keyring, record, ctx.config.spool_dir) as host:
@@ -372,13 +397,20 @@ def verify(ctx: Context, principal: Principal, record: Registration, header: pb.
                                     probe_activations=reading.probes, panel=panel)
     except InvalidInputError as exc:
         raise ServiceError(ErrorCode.INVALID_MODEL, str(exc)) from exc
+    policy = ctx.config.verdict_policy
+    coarse = policy.arbiter_disclosure == "coarse" and principal.name != record.owner
+    verdict_type: type[SignedVerdict | CoarseVerdict] = (CoarseVerdict if coarse
+                                                              else SignedVerdict)
+    judgement = coarse_values(verdict) if coarse else wire.signed_values(verdict)
     binding = {"registration_id": record.registration_id, "requested_by": principal.name,
-               "suspect_sha256": header.upload.sha256}
-    body, index, _ = _append(ctx, VERDICT_KIND, lambda i, t: wire.encode_body(SignedVerdict, {
-        **wire.signed_values(verdict), **binding, "log_index": i, "integrated_time": t}))
-    log.info("verdict on %s by %s: match=%s at log index %d", record.registration_id,
-             principal.name, verdict.is_match, index)
-    signed = wire.read_statement(SignedVerdict, _statement(ctx, body), _inclusion(ctx, index))
+               "suspect_sha256": header.upload.sha256, "suspect_size": header.upload.total_size,
+               "policy": policy}
+    body, index, _ = _append(ctx, verdict_type.KIND, lambda i, t: wire.encode_body(verdict_type, {
+        **judgement, **binding, "log_index": i, "integrated_time": t}))
+    log.info("verdict on %s by %s: %s (log10 p %.1f, %s) at log index %d", record.registration_id,
+             principal.name, verdict.outcome, verdict.log10_p_value,
+             "coarse" if coarse else "full", index)
+    signed = wire.read_statement(verdict_type, _statement(ctx, body), _inclusion(ctx, index))
     return wire.verdict_to_proto(signed)
 
 

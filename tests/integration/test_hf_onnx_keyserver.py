@@ -98,9 +98,18 @@ def test_a_checkpoint_directory_registers_and_its_copies_match(world: World) -> 
     assert stolen["outcome"] == "match" and float(stolen["p_value"]) <= 1e-9
     assert stolen["signature"] and stolen["requested_by"] == "judge"
     with world.client("judge") as judge:
+        pem = judge.public_key()
+    folder = world.key.parent
+    (folder / "ttp.pem").write_bytes(pem)
+    (folder / "stolen.json").write_text(json.dumps(stolen))
+    checked = run_cli(CLIENT, "receipt", "verify", str(folder / "stolen.json"), "--public-key",
+                      str(folder / "ttp.pem"), "--model", str(world.files.stolen))
+    assert checked.returncode == 0  # the verdict is about that directory, as packed
+    with world.client("judge") as judge:  # an arbiter: coarse verdicts by default
         innocent = judge.verify(registration, world.files.independent)
-        as_onnx = judge.verify(registration, world.files.host_onnx)
         stolen_onnx = judge.verify(registration, world.files.stolen_onnx)
+    with world.client("alice") as alice:  # the owner: the full verdict
+        as_onnx = alice.verify(registration, world.files.host_onnx)
     assert innocent.outcome == "no_match" and innocent.p_value >= 1e-3
     for verdict in (as_onnx, stolen_onnx):
         assert verdict.outcome == "match" and verdict.p_value <= 1e-9
@@ -147,7 +156,7 @@ def _packed_with_config(world: World, folder: Path, **config: object) -> Path:
     values = json.loads((world.files.host / "config.json").read_text()) | config
     path = folder / "hostile.safetensors"
     save_file(load_file(str(world.files.host / "model.safetensors")), str(path),
-              metadata={"format": "pt", "freemark.hf_config": json.dumps(values)})
+              metadata={"freemark.hf_config": json.dumps(values)})
     return path
 
 

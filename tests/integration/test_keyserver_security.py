@@ -168,6 +168,13 @@ def test_hostile_uploads_are_refused_without_side_effects(world: World, tmp_path
     }.items():
         data = build(tmp_path / f"{name.replace(' ', '_')}.pt2").read_bytes()
         cases[name] = (data, None, None, S.INVALID_ARGUMENT, "")
+    for name, path, words in (  # refused at vetting / from the zip directory, naming why
+        ("torch.cond graph", hostile_models.branching_on_inputs(tmp_path / "cond.pt2"),
+         "data-dependent control flow"),
+        ("deflated graph bomb", hostile_models.oversized_graph(host, tmp_path / "bomb.pt2", 150_000),
+         "inflates more than 100:1"),
+    ):
+        cases[name] = (path.read_bytes(), None, None, S.INVALID_ARGUMENT, words)
     good = host.read_bytes()
     cases["truncated stream"] = (good, None, len(good) // 2, S.DATA_LOSS, "stream ended")
     cases["size mismatch"] = (good, _upload(good, size=len(good) + 10), None, S.DATA_LOSS, "")

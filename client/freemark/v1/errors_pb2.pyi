@@ -70,7 +70,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     Status: NOT_FOUND.
     """
     ALREADY_CLAIMED: _ErrorReason.ValueType  # 9
-    """An earlier registration already claims this model; the message names it.
+    """An earlier registration already claims this model. The message names no registration
+    and no figure (only an owner re-registering his own model is told its id), so it cannot
+    gauge a laundering attempt; the operator's log records the caller and the claim.
     Status: ALREADY_EXISTS.
     """
     TOO_LARGE: _ErrorReason.ValueType  # 10
@@ -94,6 +96,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     INTERNAL: _ErrorReason.ValueType  # 15
     """Something unexpected failed on the server; the message carries only a reference to the
     operator's log. Status: INTERNAL.
+    """
+    ALPHA_OUTSIDE_POLICY: _ErrorReason.ValueType  # 16
+    """Verify asked for an alpha outside the range this server signs verdicts for (its verdict
+    policy, named in the message); ask again with an alpha inside it. A lax alpha would let
+    an owner frame an innocent model, a needlessly strict one exonerate a copy.
+    Status: INVALID_ARGUMENT.
     """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper): ...
@@ -133,7 +141,9 @@ NOT_FOUND: ErrorReason.ValueType  # 8
 Status: NOT_FOUND.
 """
 ALREADY_CLAIMED: ErrorReason.ValueType  # 9
-"""An earlier registration already claims this model; the message names it.
+"""An earlier registration already claims this model. The message names no registration
+and no figure (only an owner re-registering his own model is told its id), so it cannot
+gauge a laundering attempt; the operator's log records the caller and the claim.
 Status: ALREADY_EXISTS.
 """
 TOO_LARGE: ErrorReason.ValueType  # 10
@@ -157,5 +167,11 @@ ended early. Status: DATA_LOSS.
 INTERNAL: ErrorReason.ValueType  # 15
 """Something unexpected failed on the server; the message carries only a reference to the
 operator's log. Status: INTERNAL.
+"""
+ALPHA_OUTSIDE_POLICY: ErrorReason.ValueType  # 16
+"""Verify asked for an alpha outside the range this server signs verdicts for (its verdict
+policy, named in the message); ask again with an alpha inside it. A lax alpha would let
+an owner frame an innocent model, a needlessly strict one exonerate a copy.
+Status: INVALID_ARGUMENT.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

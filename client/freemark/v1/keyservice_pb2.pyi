@@ -226,7 +226,11 @@ class VerifyHeader(_message.Message):
     ONNX_TENSOR_FIELD_NUMBER: _builtins.int
     registration_id: _builtins.str
     alpha: _builtins.float
-    """Significance level; 0 means the scheme default (1e-9)."""
+    """Significance level; 0 means the scheme default (1e-9). The server signs verdicts only
+    for alpha inside its policy's range (`freemark-keyserver serve --alpha-min/--alpha-max`,
+    by default [1e-12, 1e-6]); outside it the call is refused with ALPHA_OUTSIDE_POLICY
+    (INVALID_ARGUMENT) naming the range, before the upload is read, and nothing is logged.
+    """
     onnx_tensor: _builtins.str
     """ONNX suspects only: the name of the graph tensor that is the key layer's output
     (at most 1,024 characters). Empty: found from the layer's module name, and refused
@@ -501,15 +505,62 @@ class ReferencePanel(_message.Message):
 Global___ReferencePanel: _TypeAlias = ReferencePanel  # noqa: Y015
 
 @_typing.final
+class VerdictPolicy(_message.Message):
+    """The operator's rules for signing verdicts, signed into every verdict: the alpha range
+    the server signs, and what a requester other than the registration's owner is told
+    ("full": every statistic; "coarse": outcome and p-value bucket only). `id` is
+    "sha256:" + hex SHA-256 of the RFC 8785 JSON {"kind": "freemark/v1/verdict-policy",
+    "alpha_min", "alpha_max", "arbiter_disclosure"}; verifiers recompute it.
+    One definition: `freemark.records.VerdictPolicy`'s signed fields.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALPHA_MIN_FIELD_NUMBER: _builtins.int
+    ALPHA_MAX_FIELD_NUMBER: _builtins.int
+    ARBITER_DISCLOSURE_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    alpha_min: _builtins.float
+    alpha_max: _builtins.float
+    arbiter_disclosure: _builtins.str
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        alpha_min: _builtins.float = ...,
+        alpha_max: _builtins.float = ...,
+        arbiter_disclosure: _builtins.str = ...,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha_max", b"alpha_max", "alpha_min", b"alpha_min", "arbiter_disclosure", b"arbiter_disclosure", "id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerdictPolicy: _TypeAlias = VerdictPolicy  # noqa: Y015
+
+@_typing.final
 class SignedVerdict(_message.Message):
-    """A dispute verdict. The signed body is authoritative: its JSON fields are
-    kind ("freemark/v1/verdict") and every field of this message but statement
-    and inclusion, under the same names (bytes as lowercase hex, tests as a list
-    of objects, panel as an object). They are the judgement fields (n_bits ..
-    panel, also in the offline `freemark extract` verdict) and the binding fields
-    (registration_id, requested_by, suspect_sha256, log_index, integrated_time).
-    The typed fields must equal the body; the client refuses a reply where they
-    differ. One definition: `freemark.records.SignedVerdict`'s signed fields.
+    """A dispute verdict, full or coarse. The signed body is authoritative; its `kind` says which.
+
+    Full ("freemark/v1/verdict", `freemark.records.SignedVerdict`): every field of this
+    message but statement, inclusion and p_value_above, under the same names (bytes as
+    lowercase hex, tests as a list of objects, panel and policy as objects): the judgement
+    fields (n_bits .. panel, also in the offline `freemark extract` verdict) and the binding
+    fields (registration_id, requested_by, suspect_sha256, suspect_size, policy, log_index,
+    integrated_time).
+
+    Coarse ("freemark/v1/coarse-verdict", `freemark.records.CoarseVerdict`), what requesters
+    other than the registration's owner get under a coarse policy (the default): n_bits,
+    p_value, log10_p_value, p_value_above, alpha, is_match, outcome, panel and the binding
+    fields. The exact p-value lies in (p_value_above, p_value]: the bucket edges are 1e-100,
+    1e-50, 1e-30, 1e-20, 1e-12, 1e-9, 1e-6, 1e-3, 1 and alpha, so p_value <= alpha iff
+    is_match. matches, ber, p_value_method, p_value_binomial, log10_p_value_binomial and
+    tests are unset: exact statistics would let a thief with Verify access measure how close
+    a function-preserving change comes to flipping the verdict, one query at a time.
+
+    The typed fields must equal the body; the client refuses a reply where they differ.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -534,12 +585,17 @@ class SignedVerdict(_message.Message):
     OUTCOME_FIELD_NUMBER: _builtins.int
     TESTS_FIELD_NUMBER: _builtins.int
     PANEL_FIELD_NUMBER: _builtins.int
+    SUSPECT_SIZE_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    P_VALUE_ABOVE_FIELD_NUMBER: _builtins.int
     registration_id: _builtins.str
     n_bits: _builtins.int
     matches: _builtins.int
     ber: _builtins.float
     p_value: _builtins.float
-    """The combined decision's p-value: is_match iff p_value <= alpha."""
+    """The combined decision's p-value: is_match iff p_value <= alpha (coarse: the upper
+    edge of its bucket).
+    """
     log10_p_value: _builtins.float
     p_value_method: _builtins.str
     p_value_binomial: _builtins.float
@@ -552,10 +608,14 @@ class SignedVerdict(_message.Message):
     requested_by: _builtins.str
     """The principal who asked for the verdict."""
     suspect_sha256: _builtins.bytes
-    """SHA-256 of the suspect file as uploaded."""
+    """SHA-256 of the suspect file as uploaded (checked against the bytes received)."""
     log10_p_value_binomial: _builtins.float
     outcome: _builtins.str
     """"match", "no_match" or "inconclusive" (the tests cannot reach alpha)."""
+    suspect_size: _builtins.int
+    """Size of the suspect file in bytes, as uploaded (checked like suspect_sha256)."""
+    p_value_above: _builtins.float
+    """Coarse verdicts only: the lower edge of the p-value's bucket."""
     @_builtins.property
     def statement(self) -> Global___SignedStatement: ...
     @_builtins.property
@@ -564,6 +624,10 @@ class SignedVerdict(_message.Message):
     def tests(self) -> _containers.RepeatedCompositeFieldContainer[Global___VerdictTest]: ...
     @_builtins.property
     def panel(self) -> Global___ReferencePanel: ...
+    @_builtins.property
+    def policy(self) -> Global___VerdictPolicy:
+        """The policy the verdict was signed under."""
+
     def __init__(
         self,
         *,
@@ -587,10 +651,13 @@ class SignedVerdict(_message.Message):
         outcome: _builtins.str = ...,
         tests: _abc.Iterable[Global___VerdictTest] | None = ...,
         panel: Global___ReferencePanel | None = ...,
+        suspect_size: _builtins.int = ...,
+        policy: Global___VerdictPolicy | None = ...,
+        p_value_above: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["inclusion", b"inclusion", "panel", b"panel", "statement", b"statement"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["inclusion", b"inclusion", "panel", b"panel", "policy", b"policy", "statement", b"statement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "ber", b"ber", "inclusion", b"inclusion", "integrated_time", b"integrated_time", "is_match", b"is_match", "log10_p_value", b"log10_p_value", "log10_p_value_binomial", b"log10_p_value_binomial", "log_index", b"log_index", "matches", b"matches", "n_bits", b"n_bits", "outcome", b"outcome", "p_value", b"p_value", "p_value_binomial", b"p_value_binomial", "p_value_method", b"p_value_method", "panel", b"panel", "registration_id", b"registration_id", "requested_by", b"requested_by", "statement", b"statement", "suspect_sha256", b"suspect_sha256", "tests", b"tests"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "ber", b"ber", "inclusion", b"inclusion", "integrated_time", b"integrated_time", "is_match", b"is_match", "log10_p_value", b"log10_p_value", "log10_p_value_binomial", b"log10_p_value_binomial", "log_index", b"log_index", "matches", b"matches", "n_bits", b"n_bits", "outcome", b"outcome", "p_value", b"p_value", "p_value_above", b"p_value_above", "p_value_binomial", b"p_value_binomial", "p_value_method", b"p_value_method", "panel", b"panel", "policy", b"policy", "registration_id", b"registration_id", "requested_by", b"requested_by", "statement", b"statement", "suspect_sha256", b"suspect_sha256", "suspect_size", b"suspect_size", "tests", b"tests"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -63,6 +63,7 @@ def test_each_allowed_type_loads_packs_and_reads_a_layer(model_type: str, tmp_pa
     packed = hfmodel.pack(folder, tmp_path / "packed.safetensors")
     assert (packed.stat().st_mode & 0o777) == 0o600
     assert format_of(packed) == "hf" and hfmodel.is_packed(packed)
+    assert hfmodel.pack(folder, tmp_path / "twice.safetensors").read_bytes() == packed.read_bytes()
     again = hfmodel.load_checkpoint(packed)
     assert fingerprint(again) == fingerprint(model)
     first, pooling = capture(model, layer, _tokens())

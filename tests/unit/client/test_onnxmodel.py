@@ -18,7 +18,7 @@ from freemark.v1 import bundle_pb2
 from freemark_lab.models import DigitsCNN
 
 onnx = pytest.importorskip("onnx")
-from onnx import helper  # noqa: E402
+from onnx import helper
 
 LAYER = "bert.encoder.layer.1.intermediate"
 

@@ -148,7 +148,8 @@ def _checkpoint_signature_flipped(s: Statement) -> Statement:
 
 def _checkpoint_root_flipped_in_body(s: Statement) -> Statement:
     body = s.inclusion.checkpoint.body
-    flipped = _flip(body, body.index(b'"root_hash":"') + 13)
+    at = body.index(b'"root_hash":"') + 13
+    flipped = body[:at] + (b"1" if body[at:at + 1] == b"0" else b"0") + body[at + 1:]  # still hex
     return _with_checkpoint(s, replace(s.inclusion.checkpoint, body=flipped))
 
 
