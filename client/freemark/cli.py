@@ -439,7 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="suspect model .pt2")
     p.add_argument("--weights", help="suspect .safetensors; uploaded instead of --model and "
                    "applied by the server to the architecture registered with the host")
-    p.add_argument("--alpha", type=float, help=f"significance level (default {DEFAULT_ALPHA})")
+    p.add_argument("--alpha", type=float, help=f"significance level (default {DEFAULT_ALPHA}); "
+                   "the server refuses one outside its verdict policy's range")
     _add_connection(p)
     p.set_defaults(handler=_cmd_verify)
 
