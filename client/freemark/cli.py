@@ -36,6 +36,7 @@ from freemark.extract import extract, extract_onnx
 from freemark.formats import format_of, load_model, upload_file
 from freemark.keygen import DEFAULT_LAMBDA, DEFAULT_MARGIN, DerivationSettings
 from freemark.modelfile import fingerprint
+from freemark.note import verifier_key
 from freemark.onnxmodel import OnnxModel
 from freemark.receipt import load_statement, verify_in_log, verify_receipt, verify_suspect
 from freemark.records import (
@@ -306,17 +307,19 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
 
 def _cmd_public_key(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        pem = client.public_key()
+        pem, origin = client.log_key()
     try:
-        key_id = Verifier.from_pem(pem).key_id
+        verifier = Verifier.from_pem(pem)
+        note_key = verifier_key(origin, verifier)
     except ValueError as exc:
-        raise InvalidInputError(f"the server's public key is unusable: {exc}") from exc
+        raise InvalidInputError(f"the server's public key or origin is unusable: {exc}") from exc
     if args.out:
         Path(args.out).write_bytes(pem)
+    shown = {"key_id": verifier.key_id, "origin": origin, "note_verifier_key": note_key}
     if args.json:
-        print_json({"key_id": key_id, "pem": pem.decode("ascii"), "out": args.out})
+        print_json({**shown, "pem": pem.decode("ascii"), "out": args.out})
     elif args.out:
-        print_fields("public key written", {"key_id": key_id, "out": args.out})
+        print_fields("public key written (pin it and the origin)", {**shown, "out": args.out})
     else:
         sys.stdout.write(pem.decode("ascii"))
     return 0
@@ -358,7 +361,7 @@ def _cmd_receipt_verify(args: argparse.Namespace) -> int:
     checked = []
     try:
         statement = load_statement(args.file)
-        verify_receipt(statement, pem)
+        verify_receipt(statement, pem, origin=args.origin)
         checked.append("signature, canonical body, log inclusion"
                        + (", verdict policy and decision" if statement.KIND != Receipt.KIND
                           else ""))
@@ -366,7 +369,7 @@ def _cmd_receipt_verify(args: argparse.Namespace) -> int:
             _check_model(statement, args.model)
             checked.append(f"it is about {args.model}")
         if args.checkpoint is not None:
-            verify_in_log(statement, _load_log_state(args.checkpoint), pem)
+            verify_in_log(statement, _load_log_state(args.checkpoint), pem, origin=args.origin)
             checked.append(f"it is in the log {args.checkpoint} signs")
     except InvalidReceiptError as exc:
         print(f"freemark: FAILED: {args.file}: {exc}", file=sys.stderr)
@@ -391,6 +394,12 @@ def _cmd_receipt_verify(args: argparse.Namespace) -> int:
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object instead of a table")
+
+
+def _add_origin(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--origin", default=os.environ.get("FREEMARK_ORIGIN"),
+                        help="the log's origin, as `freemark public-key` shows it (env "
+                             "FREEMARK_ORIGIN): checkpoints of any other log are refused")
 
 
 def _add_connection(parser: argparse.ArgumentParser) -> None:
@@ -477,7 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "found by the server from the layer's module name)")
     p.add_argument("--weights", help="suspect .safetensors; uploaded instead of --model and "
                    "applied by the server to the architecture registered with the host")
-    p.add_argument("--alpha", type=float, help=f"significance level (default {DEFAULT_ALPHA})")
+    p.add_argument("--alpha", type=float, help=f"significance level (default {DEFAULT_ALPHA}); "
+                   "the server refuses one outside its verdict policy's range")
     _add_connection(p)
     p.set_defaults(handler=_cmd_verify)
 
@@ -517,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail unless the statement is in the log this checkpoint signs (a "
                         "checkpoint JSON of the same size, or a consistency proof JSON from the "
                         "statement's checkpoint to a later one)")
+    _add_origin(q)
     _add_common(q)
     q.set_defaults(handler=_cmd_receipt_verify)
     _add_attack(sub)

@@ -404,6 +404,11 @@ class KeyServiceClient:
         """The TTP's Ed25519 public key (PEM). For audits, prefer a copy obtained out of band."""
         return bytes(self._call(self._stub.GetPublicKey, pb.GetPublicKeyRequest).pem)
 
+    def log_key(self) -> tuple[bytes, str]:
+        """The public key (PEM) and the log's origin, which checkpoints must name: pin both."""
+        reply = self._call(self._stub.GetPublicKey, pb.GetPublicKeyRequest)
+        return bytes(reply.pem), str(reply.origin)
+
     # --- lifetime ------------------------------------------------------------------------------
 
     def close(self) -> None:

@@ -22,6 +22,7 @@ from freemark.bundle import KeyBundle, from_proto
 from freemark.derive import check_uniqueness
 from freemark.errors import InvalidInputError, ModelFileError, UniquenessError
 from freemark.extract import judge_activations
+from freemark.note import verifier_key
 from freemark.panel import Reference
 from freemark.records import (
     NO_PANEL,
@@ -138,13 +139,12 @@ def _checkpoint(ctx: Context, size: int | None = None) -> Checkpoint:
         leaves = ctx.store.leaf_hashes(size)
         last = ctx.store.entries(size - 1, size)[0].created_at // 1_000_000 if size else 0
         checkpoint = merkle.Checkpoint(origin=ctx.config.origin, tree_size=size,
-                                       root_hash=merkle.root(leaves), timestamp=last,
-                                       key_id=ctx.signer.key_id)
+                                       root_hash=merkle.root(leaves), timestamp=last)
         signed = merkle.sign_checkpoint(ctx.signer, checkpoint)
-        ctx.store.add_checkpoint(StoredCheckpoint(size, checkpoint.signed_body(), signed.signature))
+        ctx.store.add_checkpoint(StoredCheckpoint(size, signed.note))
         stored = ctx.store.checkpoint_at(size)
         assert stored is not None
-    return wire.checkpoint_from_signed(stored.body, stored.signature)
+    return wire.checkpoint_from_note(stored.note)
 
 
 def publish_checkpoint(ctx: Context, size: int | None = None) -> pb.SignedCheckpoint:
@@ -477,4 +477,6 @@ def get_consistency_proof(ctx: Context, request: pb.GetConsistencyProofRequest
 
 
 def public_key(ctx: Context) -> pb.PublicKey:
-    return pb.PublicKey(pem=ctx.signer.public_key_pem(), key_id=ctx.signer.key_id)
+    return pb.PublicKey(pem=ctx.signer.public_key_pem(), key_id=ctx.signer.key_id,
+                        origin=ctx.config.origin,
+                        note_verifier_key=verifier_key(ctx.config.origin, ctx.signer.verifier()))

@@ -13,7 +13,8 @@ The log calls (GetCheckpoint, GetInclusionProof, GetConsistencyProof,
 GetPublicKey) only need a valid principal: the log is public to all of them.
 
 Errors use standard status codes with an actionable message:
-  INVALID_ARGUMENT    malformed bundle or request, wrong layer, unreadable model
+  INVALID_ARGUMENT    malformed bundle or request, wrong layer, unreadable model,
+                      an alpha outside the server's verdict policy
   UNAUTHENTICATED     no or unknown token
   PERMISSION_DENIED   the role or ownership does not allow the call
   NOT_FOUND           no such registration (also for other owners' records)
@@ -311,33 +312,38 @@ Global___SignedStatement: _TypeAlias = SignedStatement  # noqa: Y015
 
 @_typing.final
 class SignedCheckpoint(_message.Message):
-    """A signed log checkpoint; `body` is RFC 8785 JSON with kind
-    ("freemark/v1/checkpoint"), origin, tree_size, root_hash (hex), timestamp
-    (unix seconds) and key_id: `freemark.merkle.Checkpoint`'s signed fields.
-    tree_size and root_hash repeat the body and must equal it.
+    """A signed log checkpoint: `note` is a C2SP signed note (c2sp.org/signed-note)
+    whose text is a C2SP tlog-checkpoint (c2sp.org/tlog-checkpoint):
+
+      <origin>\\n<tree size, decimal>\\n<base64 RFC 6962 root>\\ntime <unix seconds>\\n
+      \\n
+      — <origin> <base64(4-byte key id || Ed25519 signature over the text)>\\n
+
+    The one extension line is the time of the last entry the tree holds; receipts
+    and verdicts are never later than their checkpoint. The log signs under the key
+    name <origin> with key id SHA-256(origin || 0x0A || 0x01 || public key)[:4];
+    clients ignore other signature lines (witness cosignatures). tree_size and
+    root_hash repeat the note and must equal it: `freemark.merkle.Checkpoint`.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    BODY_FIELD_NUMBER: _builtins.int
-    SIGNATURE_FIELD_NUMBER: _builtins.int
     TREE_SIZE_FIELD_NUMBER: _builtins.int
     ROOT_HASH_FIELD_NUMBER: _builtins.int
-    body: _builtins.bytes
-    signature: _builtins.bytes
+    NOTE_FIELD_NUMBER: _builtins.int
     tree_size: _builtins.int
     root_hash: _builtins.bytes
+    note: _builtins.bytes
     def __init__(
         self,
         *,
-        body: _builtins.bytes = ...,
-        signature: _builtins.bytes = ...,
         tree_size: _builtins.int = ...,
         root_hash: _builtins.bytes = ...,
+        note: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "root_hash", b"root_hash", "signature", b"signature", "tree_size", b"tree_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["note", b"note", "root_hash", b"root_hash", "tree_size", b"tree_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -909,18 +915,30 @@ class PublicKey(_message.Message):
 
     PEM_FIELD_NUMBER: _builtins.int
     KEY_ID_FIELD_NUMBER: _builtins.int
+    ORIGIN_FIELD_NUMBER: _builtins.int
+    NOTE_VERIFIER_KEY_FIELD_NUMBER: _builtins.int
     pem: _builtins.bytes
     """PEM (SubjectPublicKeyInfo) of the TTP's Ed25519 signing key."""
     key_id: _builtins.str
+    origin: _builtins.str
+    """The log's origin: the first line of every checkpoint and the key name of its
+    note signature. Pin it with the key (`freemark receipt verify --origin`).
+    """
+    note_verifier_key: _builtins.str
+    """The key in the signed-note verifier-key form, <origin>+<hex key id>+<base64>,
+    for note tools of the transparency-log ecosystem.
+    """
     def __init__(
         self,
         *,
         pem: _builtins.bytes = ...,
         key_id: _builtins.str = ...,
+        origin: _builtins.str = ...,
+        note_verifier_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "pem", b"pem"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "note_verifier_key", b"note_verifier_key", "origin", b"origin", "pem", b"pem"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
