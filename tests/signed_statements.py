@@ -139,12 +139,9 @@ def sign_checkpoint(signer: SigningKey, leaves: Sequence[bytes]) -> Checkpoint:
         tree_size=len(leaves),
         root_hash=merkle.root(leaves),
         timestamp=CHECKPOINT_TIME,
-        key_id=signer.key_id,
     )
     signed = merkle.sign_checkpoint(signer, checkpoint)
-    return Checkpoint(
-        checkpoint.signed_body(), signed.signature, checkpoint.tree_size, checkpoint.root_hash
-    )
+    return Checkpoint(signed.note, checkpoint.tree_size, checkpoint.root_hash)
 
 
 def build_log(entries: Sequence[bytes], signer: SigningKey | None = None) -> SignedLog:

@@ -9,7 +9,9 @@ server that issued it (DESIGN §3, flow 4). `verify_receipt` checks everything a
    so no second reading of the signed bytes exists) of the expected `kind`;
 3. every typed field equals the signed body's field (the field list of `freemark.records`;
    the typed copy is for convenience only);
-4. the checkpoint is signed by the same key and its typed tree size and root match its body;
+4. the checkpoint is a C2SP signed note of the same key under its origin's name (and of the
+   pinned origin, if one is given), its typed tree size and root match the note, and the
+   statement's time is not after the checkpoint's (beyond `MAX_CHECKPOINT_SKEW_S`);
 5. the inclusion proof places `leaf_hash(body)` at the body's `log_index` under that root;
 6. a verdict agrees with itself: its policy's id is the digest of its rules, its alpha is
    inside the policy's range, `is_match` is p <= alpha and `outcome` agrees with it.
@@ -59,6 +61,7 @@ from freemark.wire import (
 )
 
 __all__ = [
+    "MAX_CHECKPOINT_SKEW_S",
     "load_statement",
     "save_statement",
     "verify_checkpoint",
@@ -70,6 +73,9 @@ __all__ = [
 
 Statement = Receipt | AnyVerdict
 _READ_CHUNK = 1 << 20
+# How far (seconds) a statement's time may pass its checkpoint's: the checkpoint's time is
+# its last entry's rounded down to the second, so an honest log never needs more than 1.
+MAX_CHECKPOINT_SKEW_S = 2
 
 
 def _verifier(public_key_pem: bytes) -> Verifier:
@@ -91,60 +97,71 @@ def _check_canonical(body: bytes, what: str) -> dict[str, Any]:
     return fields
 
 
-def _verified_checkpoint(checkpoint: Checkpoint, verifier: Verifier) -> merkle.Checkpoint:
-    _check_canonical(checkpoint.body, "checkpoint")
+def _verified_checkpoint(checkpoint: Checkpoint, verifier: Verifier, origin: str | None
+                         ) -> merkle.Checkpoint:
     try:
-        parsed = merkle.Checkpoint.from_signed_body(checkpoint.body)
+        parsed = merkle.parse_checkpoint(checkpoint.note)
     except merkle.LogProofError as exc:
         raise InvalidReceiptError(str(exc)) from None
+    if origin is not None and parsed.origin != origin:
+        raise VerificationFailedError(
+            f"the checkpoint is of log {parsed.origin!r}, not of the expected {origin!r}")
     try:
-        merkle.verify_checkpoint(verifier, merkle.SignedCheckpoint(parsed, checkpoint.signature))
+        merkle.open_checkpoint(checkpoint.note, verifier, origin)
     except merkle.LogProofError as exc:
-        raise VerificationFailedError(str(exc)) from None
+        raise VerificationFailedError(f"checkpoint of size {parsed.tree_size}: {exc}") from None
     if checkpoint.tree_size != parsed.tree_size:
         raise InvalidReceiptError(
-            f"the checkpoint's tree_size {checkpoint.tree_size} differs from its signed body's "
+            f"the checkpoint's tree_size {checkpoint.tree_size} differs from its signed note's "
             f"{parsed.tree_size}"
         )
     if checkpoint.root_hash != parsed.root_hash:
-        raise InvalidReceiptError("the checkpoint's root_hash differs from its signed body's")
+        raise InvalidReceiptError("the checkpoint's root_hash differs from its signed note's")
     return parsed
 
 
-def verify_checkpoint(checkpoint: Checkpoint, public_key_pem: bytes) -> merkle.Checkpoint:
-    """Check a checkpoint's signature and body; return its verified contents, or raise."""
-    return _verified_checkpoint(checkpoint, _verifier(public_key_pem))
+def verify_checkpoint(checkpoint: Checkpoint, public_key_pem: bytes, *,
+                      origin: str | None = None) -> merkle.Checkpoint:
+    """Check a checkpoint's signed note (and its origin, if pinned); return its contents."""
+    return _verified_checkpoint(checkpoint, _verifier(public_key_pem), origin)
 
 
 def verify_consistency_proof(
-    proof: ConsistencyProof, older: Checkpoint, public_key_pem: bytes
-) -> None:
+    proof: ConsistencyProof, older: Checkpoint, public_key_pem: bytes, *,
+    origin: str | None = None,
+) -> merkle.Checkpoint:
     """Raise unless the log signed in `older` is a prefix of the one signed in `proof`.
 
     This is how a holder of an old receipt checks the log only ever grew since: fetch a
     consistency proof from the receipt's checkpoint size to the latest and check it here.
+    Both checkpoints must be of one log (`origin` if pinned) and time must not go backwards.
+    Returns the newer checkpoint's contents.
     """
     verifier = _verifier(public_key_pem)
-    old = _verified_checkpoint(older, verifier)
-    new = _verified_checkpoint(proof.checkpoint, verifier)
+    old = _verified_checkpoint(older, verifier, origin)
+    new = _verified_checkpoint(proof.checkpoint, verifier, origin or old.origin)
     if (proof.old_size, proof.new_size) != (old.tree_size, new.tree_size):
         raise InvalidReceiptError(
             f"the proof is for sizes {proof.old_size} -> {proof.new_size}, the checkpoints "
             f"have {old.tree_size} and {new.tree_size}"
         )
     try:
+        merkle.check_successor(old, new)
         merkle.verify_consistency(
             old.tree_size, new.tree_size, old.root_hash, new.root_hash, proof.hashes
         )
     except merkle.LogProofError as exc:
         raise VerificationFailedError(str(exc)) from None
+    return new
 
 
-def verify_receipt(statement: Statement, public_key_pem: bytes) -> None:
+def verify_receipt(statement: Statement, public_key_pem: bytes, *,
+                   origin: str | None = None) -> None:
     """Raise unless `statement` is a genuine, logged receipt or verdict of this TTP key.
 
-    The checks are listed in the module docstring. `InvalidInputError` means the public key
-    itself is unusable; any fault in the statement is an `InvalidReceiptError`.
+    The checks are listed in the module docstring; `origin`, when given, pins the log the
+    checkpoint must be of. `InvalidInputError` means the public key itself is unusable; any
+    fault in the statement is an `InvalidReceiptError`.
     """
     verifier = _verifier(public_key_pem)
     signed = statement.statement
@@ -168,7 +185,7 @@ def verify_receipt(statement: Statement, public_key_pem: bytes) -> None:
         raise InvalidReceiptError(mismatch)
     if isinstance(statement, (SignedVerdict, CoarseVerdict)):
         _check_verdict(statement)
-    _check_inclusion(statement, verifier)
+    _check_inclusion(statement, verifier, origin)
 
 
 def _check_verdict(verdict: AnyVerdict) -> None:
@@ -217,7 +234,7 @@ def verify_suspect(verdict: AnyVerdict, path: str | Path) -> None:
 
 
 def verify_in_log(statement: Statement, latest: Checkpoint | ConsistencyProof,
-                  public_key_pem: bytes) -> None:
+                  public_key_pem: bytes, *, origin: str | None = None) -> None:
     """Raise unless `statement` is in the log that `latest` (a checkpoint you trust, from a
     monitor or a witness) signs.
 
@@ -233,10 +250,10 @@ def verify_in_log(statement: Statement, latest: Checkpoint | ConsistencyProof,
             raise InvalidReceiptError(
                 f"the consistency proof starts from a log of {latest.old_size} entries, the "
                 f"statement's checkpoint signs {own.tree_size}")
-        verify_consistency_proof(latest, own, public_key_pem)
+        verify_consistency_proof(latest, own, public_key_pem, origin=origin)
         return
-    later = verify_checkpoint(latest, public_key_pem)
-    mine = verify_checkpoint(own, public_key_pem)
+    mine = verify_checkpoint(own, public_key_pem, origin=origin)
+    later = verify_checkpoint(latest, public_key_pem, origin=mine.origin)
     if later.tree_size <= statement.log_index:
         raise VerificationFailedError(
             f"the checkpoint signs a log of {later.tree_size} entries, which does not hold "
@@ -256,9 +273,17 @@ def verify_in_log(statement: Statement, latest: Checkpoint | ConsistencyProof,
             f"{later.tree_size} entries: the log forked")
 
 
-def _check_inclusion(statement: Statement, verifier: Verifier) -> None:
+def _check_inclusion(statement: Statement, verifier: Verifier, origin: str | None) -> None:
     proof = statement.inclusion
-    checkpoint = _verified_checkpoint(proof.checkpoint, verifier)
+    checkpoint = _verified_checkpoint(proof.checkpoint, verifier, origin)
+    # The checkpoint's time is its last entry's, so no entry it holds can be later; a small
+    # skew allows for the seconds it is rounded down to.
+    if statement.integrated_time > (checkpoint.timestamp + MAX_CHECKPOINT_SKEW_S) * 1_000_000:
+        raise VerificationFailedError(
+            f"the statement's time ({statement.integrated_time // 1_000_000} s) is after its "
+            f"checkpoint's ({checkpoint.timestamp} s) by more than {MAX_CHECKPOINT_SKEW_S} s: "
+            "a log cannot hold an entry later than its own tree head"
+        )
     if proof.log_index != statement.log_index:
         raise InvalidReceiptError(
             f"the inclusion proof is for log index {proof.log_index}, "

@@ -80,15 +80,14 @@ class SignedStatement:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A signed log checkpoint as served: `body` is the exact signed RFC 8785 JSON.
+    """A signed log checkpoint as served: `note` is the exact C2SP signed note.
 
-    The body's fields are `freemark.merkle.Checkpoint`'s (read it with
-    `freemark.merkle.Checkpoint.from_signed_body`); `tree_size` and `root_hash` repeat it, and
+    The note's text is a `freemark.merkle.Checkpoint` (origin, tree size, root, time; read it
+    with `freemark.merkle.parse_checkpoint`); `tree_size` and `root_hash` repeat it, and
     `freemark.receipt.verify_checkpoint` checks the signature and that they agree.
     """
 
-    body: bytes
-    signature: bytes
+    note: bytes
     tree_size: int
     root_hash: bytes
 

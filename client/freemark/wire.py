@@ -69,8 +69,8 @@ from freemark.v1 import keyservice_pb2 as pb
 __all__ = [
     "JsonFields",
     "checkpoint_from_json",
+    "checkpoint_from_note",
     "checkpoint_from_proto",
-    "checkpoint_from_signed",
     "checkpoint_to_json",
     "checkpoint_to_proto",
     "consistency_from_json",
@@ -138,22 +138,15 @@ def statement_to_proto(statement: SignedStatement) -> pb.SignedStatement:
 
 
 def checkpoint_from_proto(message: pb.SignedCheckpoint) -> Checkpoint:
-    """Wire checkpoint -> record."""
-    return Checkpoint(
-        body=message.body,
-        signature=message.signature,
-        tree_size=message.tree_size,
-        root_hash=message.root_hash,
-    )
+    """Wire checkpoint -> record, read from its note; the typed size and root must agree."""
+    return _checkpoint_agreeing(checkpoint_from_note(message.note), message.tree_size,
+                                message.root_hash, "the server's checkpoint")
 
 
 def checkpoint_to_proto(checkpoint: Checkpoint) -> pb.SignedCheckpoint:
     """Record -> wire checkpoint."""
     return pb.SignedCheckpoint(
-        body=checkpoint.body,
-        signature=checkpoint.signature,
-        tree_size=checkpoint.tree_size,
-        root_hash=checkpoint.root_hash,
+        note=checkpoint.note, tree_size=checkpoint.tree_size, root_hash=checkpoint.root_hash
     )
 
 
@@ -271,14 +264,24 @@ def _agreeing(record: S, claimed: Mapping[str, Any], where: str) -> S:
     return record
 
 
-def checkpoint_from_signed(body: bytes, signature: bytes) -> Checkpoint:
-    """The served checkpoint for a signed body: its typed fields read from the body."""
+def _checkpoint_agreeing(read: Checkpoint, tree_size: int, root_hash: bytes, where: str
+                         ) -> Checkpoint:
+    """`read` (from its note), once the typed size and root beside it agree with the note."""
+    if tree_size != read.tree_size:
+        raise InvalidReceiptError(f"{where}: tree_size {tree_size} differs from the signed "
+                                  f"note's {read.tree_size}")
+    if root_hash != read.root_hash:
+        raise InvalidReceiptError(f"{where}: root_hash differs from the signed note's")
+    return read
+
+
+def checkpoint_from_note(note: bytes) -> Checkpoint:
+    """The served checkpoint for a signed note: its typed fields read from the note's text."""
     try:
-        parsed = merkle.Checkpoint.from_signed_body(body)
+        parsed = merkle.parse_checkpoint(note)
     except merkle.LogProofError as exc:
         raise InvalidReceiptError(str(exc)) from None
-    return Checkpoint(body=body, signature=signature, tree_size=parsed.tree_size,
-                      root_hash=parsed.root_hash)
+    return Checkpoint(note=note, tree_size=parsed.tree_size, root_hash=parsed.root_hash)
 
 
 # --- statements <-> protobuf -------------------------------------------------------------------
@@ -454,25 +457,19 @@ def _signed_body(fields: JsonFields, what: str) -> bytes:
 
 
 def checkpoint_to_json(checkpoint: Checkpoint) -> dict[str, Any]:
-    """A checkpoint as a JSON object: the signed body parsed and as base64, and its signature."""
+    """A checkpoint as a JSON object: the signed note as text, its size and root repeated."""
     return {
         "tree_size": checkpoint.tree_size,
         "root_hash": checkpoint.root_hash.hex(),
-        "body": parse_body(checkpoint.body, "checkpoint"),
-        "body_b64": _b64(checkpoint.body),
-        "signature": _b64(checkpoint.signature),
+        "note": checkpoint.note.decode("utf-8"),
     }
 
 
 def checkpoint_from_json(data: Any, where: str = "checkpoint") -> Checkpoint:
-    """The inverse of `checkpoint_to_json`."""
+    """The inverse of `checkpoint_to_json`; the size and root must be the note's."""
     fields = JsonFields(data, where)
-    return Checkpoint(
-        body=_signed_body(fields, "checkpoint"),
-        signature=fields.b64("signature"),
-        tree_size=fields.integer("tree_size"),
-        root_hash=fields.hex("root_hash"),
-    )
+    return _checkpoint_agreeing(checkpoint_from_note(fields.text("note").encode("utf-8")),
+                                fields.integer("tree_size"), fields.hex("root_hash"), where)
 
 
 def inclusion_to_json(proof: InclusionProof) -> dict[str, Any]:

@@ -35,6 +35,7 @@ def _config(args: argparse.Namespace) -> cfg.ServerConfig:
         "data_dir": Path(args.data_dir), "db": args.db,
         "master_key_file": Path(args.master_key_file) if args.master_key_file else None,
         "signing_key_file": Path(args.signing_key_file) if args.signing_key_file else None,
+        "origin": args.origin,
     }
     if getattr(args, "command", "") == "serve":
         options.update(
@@ -107,7 +108,7 @@ def _audit(args: argparse.Namespace) -> int:
     config = _config(args)
     store = open_store(config.database)
     try:
-        counts = audit(store, cfg.load_signing_key(config).verifier())
+        counts = audit(store, cfg.load_signing_key(config).verifier(), config.origin)
     except merkle.LogProofError as exc:
         print(f"freemark-keyserver: audit FAILED: {exc}", file=sys.stderr)
         return 1
@@ -210,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--db", help="SQLite path or postgresql:// URL (default: DATA_DIR's SQLite)")
     common.add_argument("--master-key-file", help=f"keyring file (or env {cfg.MASTER_KEY_ENV})")
     common.add_argument("--signing-key-file", help=f"Ed25519 PEM (or env {cfg.SIGNING_KEY_ENV})")
+    common.add_argument("--origin", default=cfg.DEFAULT_ORIGIN,
+                        help="the log's name, first line of every checkpoint; set it once per "
+                             "log, a schema-less URL such as ttp.example.com/log (default "
+                             "%(default)s)")
     common.add_argument("--json", action="store_true", help="one JSON object on stdout")
     sub = parser.add_subparsers(dest="command", required=True)
 

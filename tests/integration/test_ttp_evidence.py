@@ -181,6 +181,13 @@ def test_receipt_verify_model_refuses_a_replayed_verdict(
     out = json.loads(capsys.readouterr().out)
     assert out["ok"] is True and out["kind"] == "verdict" and out["outcome"] == "match"
     assert out["suspect_sha256"] == _sha256(world.files.host).hex()
+    receipt = tmp_path / "receipt.json"  # a receipt is about its host's weights
+    save_statement(receipt, world.receipt)
+    receipt_base = ["receipt", "verify", str(receipt), "--public-key", str(key), "--model"]
+    assert main([*receipt_base, str(world.files.host)]) == 0
+    assert main([*receipt_base, str(world.files.finetuned)]) == 1
+    assert "is not the model this receipt registers" in capsys.readouterr().err
+
     assert latest.tree_size > genuine.inclusion.tree_size
     assert main([*base, "--checkpoint", str(later)]) == 1  # a bare later checkpoint: no proof
     assert "consistency proof" in capsys.readouterr().err

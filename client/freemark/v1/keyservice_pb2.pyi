@@ -13,7 +13,8 @@ The log calls (GetCheckpoint, GetInclusionProof, GetConsistencyProof,
 GetPublicKey) only need a valid principal: the log is public to all of them.
 
 Errors use standard status codes with an actionable message:
-  INVALID_ARGUMENT    malformed bundle or request, wrong layer, unreadable model
+  INVALID_ARGUMENT    malformed bundle or request, wrong layer, unreadable model,
+                      an alpha outside the server's verdict policy
   UNAUTHENTICATED     no or unknown token
   PERMISSION_DENIED   the role or ownership does not allow the call
   NOT_FOUND           no such registration (also for other owners' records)
@@ -52,7 +53,34 @@ class _ModelFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelForm
     MODEL_FORMAT_PT2: _ModelFormat.ValueType  # 1
     """A torch.export program saved with torch.export.save (never unpickled)."""
     MODEL_FORMAT_SAFETENSORS: _ModelFormat.ValueType  # 2
-    """Weights only, applied to the architecture registered with the host (Verify only)."""
+    """Weights only, applied to the architecture registered with the host (Verify only):
+    tensor names and shapes must equal the host's (a .pt2 program's state dict, or a
+    Hugging Face host's model.safetensors).
+    """
+    MODEL_FORMAT_HF_CHECKPOINT: _ModelFormat.ValueType  # 3
+    """A Hugging Face checkpoint packed into one .safetensors file (host or suspect): every
+    tensor of the checkpoint's model.safetensors (or of all its shards) under its own
+    name, and the checkpoint's whole config.json as one JSON string in the safetensors
+    metadata under the key "freemark.hf_config". `freemark register/verify --model DIR`
+    packs a save_pretrained directory this way (freemark.hfmodel.pack). The sandbox
+    builds the architecture with the transformers library from the config, for an
+    allow-list of encoders (model_type bert, roberta, xlm-roberta, distilbert; the
+    config's one `architectures` entry a base model or a sequence- or token-
+    classification head), with eager attention and never remote code: a config with
+    auto_map, trust_remote_code or quantization_config is refused, and so are sizes over
+    the caps (about 400 M parameters, each dimension capped) before anything is built.
+    The file's tensors must match the architecture exactly. A pickled checkpoint
+    (pytorch_model.bin) is refused. Refusals are INVALID_MODEL.
+    """
+    MODEL_FORMAT_ONNX: _ModelFormat.ValueType  # 4
+    """An ONNX model (Verify only), run by onnxruntime on the CPU provider with no custom
+    operator library. Only standard-domain operators from an allow-list of ordinary
+    tensor operations (no custom or contrib domains, no ai.onnx.ml, no control flow, no
+    model-local functions) and no external data: every weight inside the file. The key
+    layer's tensor is VerifyHeader.onnx_tensor, or found from the node names
+    torch.onnx.export(dynamo=False) keeps for the registered layer's module. Refusals
+    are INVALID_MODEL.
+    """
 
 class ModelFormat(_ModelFormat, metaclass=_ModelFormatEnumTypeWrapper): ...
 
@@ -60,7 +88,34 @@ MODEL_FORMAT_UNSPECIFIED: ModelFormat.ValueType  # 0
 MODEL_FORMAT_PT2: ModelFormat.ValueType  # 1
 """A torch.export program saved with torch.export.save (never unpickled)."""
 MODEL_FORMAT_SAFETENSORS: ModelFormat.ValueType  # 2
-"""Weights only, applied to the architecture registered with the host (Verify only)."""
+"""Weights only, applied to the architecture registered with the host (Verify only):
+tensor names and shapes must equal the host's (a .pt2 program's state dict, or a
+Hugging Face host's model.safetensors).
+"""
+MODEL_FORMAT_HF_CHECKPOINT: ModelFormat.ValueType  # 3
+"""A Hugging Face checkpoint packed into one .safetensors file (host or suspect): every
+tensor of the checkpoint's model.safetensors (or of all its shards) under its own
+name, and the checkpoint's whole config.json as one JSON string in the safetensors
+metadata under the key "freemark.hf_config". `freemark register/verify --model DIR`
+packs a save_pretrained directory this way (freemark.hfmodel.pack). The sandbox
+builds the architecture with the transformers library from the config, for an
+allow-list of encoders (model_type bert, roberta, xlm-roberta, distilbert; the
+config's one `architectures` entry a base model or a sequence- or token-
+classification head), with eager attention and never remote code: a config with
+auto_map, trust_remote_code or quantization_config is refused, and so are sizes over
+the caps (about 400 M parameters, each dimension capped) before anything is built.
+The file's tensors must match the architecture exactly. A pickled checkpoint
+(pytorch_model.bin) is refused. Refusals are INVALID_MODEL.
+"""
+MODEL_FORMAT_ONNX: ModelFormat.ValueType  # 4
+"""An ONNX model (Verify only), run by onnxruntime on the CPU provider with no custom
+operator library. Only standard-domain operators from an allow-list of ordinary
+tensor operations (no custom or contrib domains, no ai.onnx.ml, no control flow, no
+model-local functions) and no external data: every weight inside the file. The key
+layer's tensor is VerifyHeader.onnx_tensor, or found from the node names
+torch.onnx.export(dynamo=False) keeps for the registered layer's module. Refusals
+are INVALID_MODEL.
+"""
 Global___ModelFormat: _TypeAlias = ModelFormat  # noqa: Y015
 
 @_typing.final
@@ -169,12 +224,18 @@ class VerifyHeader(_message.Message):
     REGISTRATION_ID_FIELD_NUMBER: _builtins.int
     UPLOAD_FIELD_NUMBER: _builtins.int
     ALPHA_FIELD_NUMBER: _builtins.int
+    ONNX_TENSOR_FIELD_NUMBER: _builtins.int
     registration_id: _builtins.str
     alpha: _builtins.float
     """Significance level; 0 means the scheme default (1e-9). The server signs verdicts only
     for alpha inside its policy's range (`freemark-keyserver serve --alpha-min/--alpha-max`,
     by default [1e-12, 1e-6]); outside it the call is refused with ALPHA_OUTSIDE_POLICY
     (INVALID_ARGUMENT) naming the range, before the upload is read, and nothing is logged.
+    """
+    onnx_tensor: _builtins.str
+    """ONNX suspects only: the name of the graph tensor that is the key layer's output
+    (at most 1,024 characters). Empty: found from the layer's module name, and refused
+    with INVALID_MODEL when the graph's node names do not tell it.
     """
     @_builtins.property
     def upload(self) -> Global___UploadHeader: ...
@@ -184,10 +245,11 @@ class VerifyHeader(_message.Message):
         registration_id: _builtins.str = ...,
         upload: Global___UploadHeader | None = ...,
         alpha: _builtins.float = ...,
+        onnx_tensor: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["upload", b"upload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "registration_id", b"registration_id", "upload", b"upload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "onnx_tensor", b"onnx_tensor", "registration_id", b"registration_id", "upload", b"upload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -250,33 +312,38 @@ Global___SignedStatement: _TypeAlias = SignedStatement  # noqa: Y015
 
 @_typing.final
 class SignedCheckpoint(_message.Message):
-    """A signed log checkpoint; `body` is RFC 8785 JSON with kind
-    ("freemark/v1/checkpoint"), origin, tree_size, root_hash (hex), timestamp
-    (unix seconds) and key_id: `freemark.merkle.Checkpoint`'s signed fields.
-    tree_size and root_hash repeat the body and must equal it.
+    """A signed log checkpoint: `note` is a C2SP signed note (c2sp.org/signed-note)
+    whose text is a C2SP tlog-checkpoint (c2sp.org/tlog-checkpoint):
+
+      <origin>\\n<tree size, decimal>\\n<base64 RFC 6962 root>\\ntime <unix seconds>\\n
+      \\n
+      — <origin> <base64(4-byte key id || Ed25519 signature over the text)>\\n
+
+    The one extension line is the time of the last entry the tree holds; receipts
+    and verdicts are never later than their checkpoint. The log signs under the key
+    name <origin> with key id SHA-256(origin || 0x0A || 0x01 || public key)[:4];
+    clients ignore other signature lines (witness cosignatures). tree_size and
+    root_hash repeat the note and must equal it: `freemark.merkle.Checkpoint`.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    BODY_FIELD_NUMBER: _builtins.int
-    SIGNATURE_FIELD_NUMBER: _builtins.int
     TREE_SIZE_FIELD_NUMBER: _builtins.int
     ROOT_HASH_FIELD_NUMBER: _builtins.int
-    body: _builtins.bytes
-    signature: _builtins.bytes
+    NOTE_FIELD_NUMBER: _builtins.int
     tree_size: _builtins.int
     root_hash: _builtins.bytes
+    note: _builtins.bytes
     def __init__(
         self,
         *,
-        body: _builtins.bytes = ...,
-        signature: _builtins.bytes = ...,
         tree_size: _builtins.int = ...,
         root_hash: _builtins.bytes = ...,
+        note: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "root_hash", b"root_hash", "signature", b"signature", "tree_size", b"tree_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["note", b"note", "root_hash", b"root_hash", "tree_size", b"tree_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -848,18 +915,30 @@ class PublicKey(_message.Message):
 
     PEM_FIELD_NUMBER: _builtins.int
     KEY_ID_FIELD_NUMBER: _builtins.int
+    ORIGIN_FIELD_NUMBER: _builtins.int
+    NOTE_VERIFIER_KEY_FIELD_NUMBER: _builtins.int
     pem: _builtins.bytes
     """PEM (SubjectPublicKeyInfo) of the TTP's Ed25519 signing key."""
     key_id: _builtins.str
+    origin: _builtins.str
+    """The log's origin: the first line of every checkpoint and the key name of its
+    note signature. Pin it with the key (`freemark receipt verify --origin`).
+    """
+    note_verifier_key: _builtins.str
+    """The key in the signed-note verifier-key form, <origin>+<hex key id>+<base64>,
+    for note tools of the transparency-log ecosystem.
+    """
     def __init__(
         self,
         *,
         pem: _builtins.bytes = ...,
         key_id: _builtins.str = ...,
+        origin: _builtins.str = ...,
+        note_verifier_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "pem", b"pem"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "note_verifier_key", b"note_verifier_key", "origin", b"origin", "pem", b"pem"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

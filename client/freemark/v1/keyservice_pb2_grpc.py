@@ -85,7 +85,8 @@ class KeyServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Register(self, request_iterator, context):
-        """Client-streamed: one RegisterHeader, then the host model in chunks.
+        """Client-streamed: one RegisterHeader, then the host model (a .pt2 program or a
+        packed Hugging Face checkpoint) in chunks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

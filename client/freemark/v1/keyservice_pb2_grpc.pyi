@@ -13,7 +13,8 @@ The log calls (GetCheckpoint, GetInclusionProof, GetConsistencyProof,
 GetPublicKey) only need a valid principal: the log is public to all of them.
 
 Errors use standard status codes with an actionable message:
-  INVALID_ARGUMENT    malformed bundle or request, wrong layer, unreadable model
+  INVALID_ARGUMENT    malformed bundle or request, wrong layer, unreadable model,
+                      an alpha outside the server's verdict policy
   UNAUTHENTICATED     no or unknown token
   PERMISSION_DENIED   the role or ownership does not allow the call
   NOT_FOUND           no such registration (also for other owners' records)
@@ -54,7 +55,9 @@ class KeyServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> KeyServiceAsyncStub: ...
     Register: _grpc.StreamUnaryMultiCallable[_keyservice_pb2.RegisterRequest, _keyservice_pb2.Receipt]
-    """Client-streamed: one RegisterHeader, then the host model in chunks."""
+    """Client-streamed: one RegisterHeader, then the host model (a .pt2 program or a
+    packed Hugging Face checkpoint) in chunks.
+    """
     Verify: _grpc.StreamUnaryMultiCallable[_keyservice_pb2.VerifyRequest, _keyservice_pb2.SignedVerdict]
     """Client-streamed: one VerifyHeader, then the suspect model in chunks."""
     GetRegistration: _grpc.UnaryUnaryMultiCallable[_keyservice_pb2.GetRegistrationRequest, _keyservice_pb2.RegistrationInfo]
@@ -69,7 +72,9 @@ class KeyServiceStub:
 class KeyServiceAsyncStub(KeyServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Register: _aio.StreamUnaryMultiCallable[_keyservice_pb2.RegisterRequest, _keyservice_pb2.Receipt]  # type: ignore[assignment]
-    """Client-streamed: one RegisterHeader, then the host model in chunks."""
+    """Client-streamed: one RegisterHeader, then the host model (a .pt2 program or a
+    packed Hugging Face checkpoint) in chunks.
+    """
     Verify: _aio.StreamUnaryMultiCallable[_keyservice_pb2.VerifyRequest, _keyservice_pb2.SignedVerdict]  # type: ignore[assignment]
     """Client-streamed: one VerifyHeader, then the suspect model in chunks."""
     GetRegistration: _aio.UnaryUnaryMultiCallable[_keyservice_pb2.GetRegistrationRequest, _keyservice_pb2.RegistrationInfo]  # type: ignore[assignment]
@@ -87,7 +92,9 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_keyservice_pb2.RegisterRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_keyservice_pb2.Receipt, _abc.Awaitable[_keyservice_pb2.Receipt]]:
-        """Client-streamed: one RegisterHeader, then the host model in chunks."""
+        """Client-streamed: one RegisterHeader, then the host model (a .pt2 program or a
+        packed Hugging Face checkpoint) in chunks.
+        """
 
     @_abc_1.abstractmethod
     def Verify(

@@ -116,7 +116,7 @@ def test_receipt_json_carries_everything_needed_offline() -> None:
         assert key in data
     assert data["body"]["registration_id"] == "reg-0001"
     assert {"hashes", "tree_size", "checkpoint"} <= set(data["inclusion"])
-    assert {"body", "body_b64", "signature"} <= set(data["inclusion"]["checkpoint"])
+    assert {"note", "tree_size", "root_hash"} == set(data["inclusion"]["checkpoint"])
 
 
 def test_verdict_json_has_the_issue_fields() -> None:
@@ -209,29 +209,31 @@ def test_every_signed_field_is_typed_proto_and_json(cls: type, record: Any) -> N
     assert wire.read_statement(cls, record.statement, record.inclusion) == record
 
 
-def test_the_checkpoint_body_is_the_merkle_checkpoints_field_list() -> None:
-    body = json.loads(LOG.checkpoint.body)
-    assert set(body) == {s.name for s in signed_fields(merkle.Checkpoint)} | {"kind"}
-    parsed = merkle.Checkpoint.from_signed_body(LOG.checkpoint.body)
-    assert parsed.signed_body() == LOG.checkpoint.body
+def test_the_checkpoint_is_read_from_its_note() -> None:
+    parsed = merkle.parse_checkpoint(LOG.checkpoint.note)
     assert (parsed.tree_size, parsed.root_hash) == (LOG.checkpoint.tree_size,
                                                     LOG.checkpoint.root_hash)
-    proto_typed = {f.name for f in pb.SignedCheckpoint.DESCRIPTOR.fields} - {"body", "signature"}
-    assert proto_typed <= set(body)
-    assert wire.checkpoint_from_signed(LOG.checkpoint.body, LOG.checkpoint.signature) \
-        == LOG.checkpoint
+    assert wire.checkpoint_from_note(LOG.checkpoint.note) == LOG.checkpoint
+    proto_typed = {f.name for f in pb.SignedCheckpoint.DESCRIPTOR.fields} - {"note"}
+    assert proto_typed == {"tree_size", "root_hash"}
 
 
 @pytest.mark.parametrize(
-    "body",
-    [b"not json", b"[]", LOG.statement(0).body,
-     LOG.checkpoint.body.replace(b'"origin"', b'"extra":1,"origin"'),
-     LOG.checkpoint.body.replace(b'"tree_size":5', b'"tree_size":"5"')],
-    ids=["not json", "not an object", "a receipt", "an extra field", "a string size"],
+    "change",
+    [lambda m: setattr(m, "tree_size", m.tree_size + 1),
+     lambda m: setattr(m, "root_hash", bytes(32)),
+     lambda m: setattr(m, "note", b"not a note")],
+    ids=["typed size differs", "typed root differs", "not a note"],
 )
-def test_from_signed_body_refuses_anything_but_a_canonical_checkpoint(body: bytes) -> None:
-    with pytest.raises(merkle.LogProofError, match="checkpoint body"):
-        merkle.Checkpoint.from_signed_body(body)
+def test_a_served_checkpoint_must_agree_with_its_note(change: Callable[[Any], None]) -> None:
+    message = wire.checkpoint_to_proto(LOG.checkpoint)
+    change(message)
+    with pytest.raises(InvalidReceiptError):
+        wire.checkpoint_from_proto(message)
+    data = wire.checkpoint_to_json(wire.checkpoint_from_note(LOG.checkpoint.note))
+    data["tree_size"] += 1
+    with pytest.raises(InvalidReceiptError, match="tree_size"):
+        wire.checkpoint_from_json(data)
 
 
 def test_the_verdict_body_is_the_offline_judgement_plus_the_binding_fields() -> None:
