@@ -156,6 +156,29 @@ def oversized_graph(src: Path, dst: Path, nodes: int, *, deflate: bool = True) -
     return dst
 
 
+def branching_on_inputs(dst: Path) -> Path:
+    """A digits CNN that runs a slow branch only when its inputs' mean passes 0.5 (`torch.cond`).
+
+    Run on another owner's triggers in Register's prior-claim check, its time or a CPU-limit
+    failure would tell the uploader one bit of those triggers per call (issue 11).
+    """
+    from freemark.modelfile import save_program
+    from freemark_lab.models import DigitsCNN
+
+    class Branching(DigitsCNN):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            def slow(t: torch.Tensor) -> torch.Tensor:
+                for _ in range(8):
+                    t = torch.tanh(t @ t.transpose(-1, -2) @ t)
+                return t
+
+            flag = x.mean(dim=(0, 1, 2, 3)) > 0.5
+            return super().forward(torch.cond(flag, slow, lambda t: t.clone(), (x,)))
+
+    save_program(Branching(), (torch.zeros(2, 1, 8, 8),), dst, dynamic_batch=False)
+    return dst
+
+
 def _fake_vector(like: torch.Tensor, units: int) -> torch.Tensor:
     with like.fake_mode:  # type: ignore[attr-defined]
         return torch.empty(units, dtype=torch.float32)

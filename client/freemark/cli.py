@@ -12,6 +12,7 @@ variable for the token: command lines are visible to other users of the machine)
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -21,21 +22,48 @@ from typing import Any
 
 import numpy as np
 
-from freemark._schema import signed_fields
+from freemark._schema import signed_fields, to_json_fields
 from freemark.bundle import load_bundle, save_bundle
+from freemark.cli_log import add_log_parser
 from freemark.derive import DEFAULT_BITS, derive_key
 from freemark.display import format_value, print_fields, print_json, print_rows
-from freemark.errors import FreemarkError, InvalidInputError, InvalidReceiptError
-from freemark.extract import extract
+from freemark.errors import (
+    FreemarkError,
+    InvalidInputError,
+    InvalidReceiptError,
+    VerificationFailedError,
+)
+from freemark.extract import extract, extract_onnx
+from freemark.formats import format_of, load_model, upload_file
 from freemark.keygen import DEFAULT_LAMBDA, DEFAULT_MARGIN, DerivationSettings
-from freemark.modelfile import apply_weights, load_program
-from freemark.receipt import load_statement, verify_receipt
-from freemark.records import Receipt, ReferencePanel, RegistrationInfo, SignedVerdict, Verdict
+from freemark.modelfile import fingerprint
+from freemark.note import verifier_key
+from freemark.onnxmodel import OnnxModel
+from freemark.receipt import load_statement, verify_in_log, verify_receipt, verify_suspect
+from freemark.records import (
+    AnyVerdict,
+    Checkpoint,
+    CoarseVerdict,
+    ConsistencyProof,
+    Decision,
+    Receipt,
+    ReferencePanel,
+    RegistrationInfo,
+    SignedVerdict,
+    VerdictPolicy,
+)
 from freemark.rpc import DEFAULT_TIMEOUT_S, KeyServiceClient
 from freemark.signatures import Verifier
+from freemark.texttriggers import DEFAULT_COUNT, DEFAULT_MAX_LENGTH, text_triggers
 from freemark.triggers import DEFAULT_PER_CLASS, load_triggers, save_triggers, select_triggers
 from freemark.verdict import DEFAULT_ALPHA
-from freemark.wire import receipt_to_json, registration_to_json, verdict_to_json
+from freemark.wire import (
+    checkpoint_from_json,
+    consistency_from_json,
+    receipt_to_json,
+    registration_to_json,
+    verdict_to_json,
+)
 
 LAB_MISSING = ("the robustness lab is not installed; `freemark attack` needs it: "
                "pip install 'freemark[lab]'")
@@ -45,23 +73,34 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _cmd_triggers(args: argparse.Namespace) -> int:
-    try:
-        with np.load(args.data, allow_pickle=False) as data:
-            x, y = data["x"], data["y"]
-    except (OSError, KeyError, ValueError) as exc:
-        raise InvalidInputError(
-            f"{args.data}: need an .npz with arrays 'x' and 'y' ({exc})"
-        ) from exc
-    triggers = select_triggers(x, y, per_class=args.per_class, seed=args.seed)
+    if (args.data is None) == (args.text is None):
+        raise InvalidInputError("give either --data X.npz or --text FILE --tokenizer DIR")
+    if args.text is not None:
+        if args.tokenizer is None:
+            raise InvalidInputError("--text needs --tokenizer DIR (the checkpoint's tokenizer)")
+        triggers = text_triggers(args.text, args.tokenizer, max_length=args.max_length,
+                                 per_class=args.per_class, count=args.count, seed=args.seed)
+        labels = triggers.labels
+    else:
+        try:
+            with np.load(args.data, allow_pickle=False) as data:
+                x, labels = data["x"], data["y"]
+        except (OSError, KeyError, ValueError) as exc:
+            raise InvalidInputError(
+                f"{args.data}: need an .npz with arrays 'x' and 'y' ({exc})"
+            ) from exc
+        triggers = select_triggers(x, labels, per_class=args.per_class, seed=args.seed)
     save_triggers(args.out, triggers)
-    summary = {"out": args.out, "n_triggers": len(triggers), "classes": len(np.unique(y))}
+    summary = {"out": args.out, "n_triggers": len(triggers),
+               "classes": 0 if labels is None else len(np.unique(labels)),
+               "shape": list(triggers.inputs.shape)}
     print_json(summary) if args.json else print_fields("trigger set written", summary)
     return 0
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
-    host = load_program(args.model)
-    references = [load_program(r) for r in args.reference]
+    host = load_model(args.model)
+    references = [load_model(r) for r in args.reference]
     settings = DerivationSettings(margin=args.margin, lam=args.lam)
     bundle = derive_key(host, layer=args.layer, triggers=load_triggers(args.triggers),
                         owner=args.owner, n_bits=args.bits, settings=settings,
@@ -81,10 +120,17 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 
 def _cmd_extract(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.key)
-    program = load_program(args.model)
-    suspect = apply_weights(program, args.weights) if args.weights else program
-    references = [load_program(r) for r in args.reference]
-    verdict = extract(suspect, bundle, alpha=args.alpha, references=references)
+    references = [load_model(r) for r in args.reference]
+    if format_of(args.model) == "onnx":
+        if args.weights:
+            raise InvalidInputError("--weights applies to a .pt2 or checkpoint, not to ONNX")
+        suspect = OnnxModel.open(args.model, bundle.layer, tensor=args.onnx_tensor)
+        verdict = extract_onnx(suspect, bundle, alpha=args.alpha, references=references)
+    elif args.onnx_tensor:
+        raise InvalidInputError("--onnx-tensor is for ONNX suspects only")
+    else:
+        verdict = extract(load_model(args.model, weights=args.weights), bundle,
+                          alpha=args.alpha, references=references)
     if args.json:
         print_json(verdict.as_dict())
     else:
@@ -126,7 +172,7 @@ def _time(micros: int) -> str:
     return datetime.fromtimestamp(micros / 1e6, tz=UTC).isoformat(timespec="microseconds")
 
 
-def _headline(verdict: Verdict | SignedVerdict) -> str:
+def _headline(verdict: Decision) -> str:
     """The verdict's outcome in words, for the table's title."""
     return {"match": "WATERMARK PRESENT", "no_match": "watermark not found",
             "inconclusive": "INCONCLUSIVE (the reference panel cannot reach alpha)"}[verdict.outcome]
@@ -141,9 +187,15 @@ def _signed_rows(record: Any, first: tuple[str, ...] = ()) -> dict[str, Any]:
         value = getattr(record, name)
         if name == "integrated_time":
             rows[name] = _time(value)
+        elif isinstance(record, CoarseVerdict) and name in ("p_value", "p_value_above"):
+            if name == "p_value":
+                rows[name] = f"in ({record.p_value_above:g}, {record.p_value:g}] (coarse)"
         elif isinstance(value, ReferencePanel):
             rows[name] = (f"{value.size} reference models, sha256 {value.sha256.hex()}"
                           if value.size else "none")
+        elif isinstance(value, VerdictPolicy):
+            rows[name] = (f"{value.describe()}, {value.arbiter_disclosure} verdicts for "
+                          f"arbiters ({value.id})")
         elif name == "tests":
             for test in value:
                 rows[f"test {test.name}"] = (
@@ -163,9 +215,10 @@ def _receipt_fields(receipt: Receipt) -> dict[str, Any]:
     }
 
 
-def _verdict_fields(verdict: SignedVerdict) -> dict[str, Any]:
+def _verdict_fields(verdict: AnyVerdict) -> dict[str, Any]:
     return {
-        **_signed_rows(verdict, ("registration_id", "requested_by", "suspect_sha256")),
+        **_signed_rows(verdict, ("registration_id", "requested_by", "suspect_sha256",
+                                 "suspect_size")),
         "key_id": verdict.statement.key_id,
         "signature": verdict.statement.signature,
     }
@@ -201,13 +254,14 @@ def _cmd_register(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     if args.weights is None and args.model is None:
         raise InvalidInputError(
-            "give the suspect as --model SUSPECT.pt2 or --weights S.safetensors"
+            "give the suspect as --model SUSPECT (.pt2, checkpoint directory or .onnx) or "
+            "--weights S.safetensors"
         )
     suspect = Path(args.weights) if args.weights is not None else Path(args.model)
     with _client(args) as client:
         verdict = client.verify(args.registration, suspect,
-                                fmt="safetensors" if args.weights is not None else "pt2",
-                                alpha=args.alpha)
+                                fmt="safetensors" if args.weights is not None else None,
+                                alpha=args.alpha, onnx_tensor=args.onnx_tensor)
     if args.json:
         print_json(verdict_to_json(verdict))
     else:
@@ -254,48 +308,99 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
 
 def _cmd_public_key(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        pem = client.public_key()
+        pem, origin = client.log_key()
     try:
-        key_id = Verifier.from_pem(pem).key_id
+        verifier = Verifier.from_pem(pem)
+        note_key = verifier_key(origin, verifier)
     except ValueError as exc:
-        raise InvalidInputError(f"the server's public key is unusable: {exc}") from exc
+        raise InvalidInputError(f"the server's public key or origin is unusable: {exc}") from exc
     if args.out:
         Path(args.out).write_bytes(pem)
+    shown = {"key_id": verifier.key_id, "origin": origin, "note_verifier_key": note_key}
     if args.json:
-        print_json({"key_id": key_id, "pem": pem.decode("ascii"), "out": args.out})
+        print_json({**shown, "pem": pem.decode("ascii"), "out": args.out})
     elif args.out:
-        print_fields("public key written", {"key_id": key_id, "out": args.out})
+        print_fields("public key written (pin it and the origin)", {**shown, "out": args.out})
     else:
         sys.stdout.write(pem.decode("ascii"))
     return 0
 
 
+def _load_log_state(path: str) -> Checkpoint | ConsistencyProof:
+    """A checkpoint JSON, or a consistency proof JSON ending in the checkpoint to trust."""
+    try:
+        data = json.loads(_read_file(path, "checkpoint"))
+    except ValueError as exc:
+        raise InvalidReceiptError(f"{path} is not JSON ({exc})") from None
+    if isinstance(data, dict) and "old_size" in data:
+        return consistency_from_json(data)
+    return checkpoint_from_json(data)
+
+
+def _check_model(statement: Receipt | AnyVerdict, path: str) -> None:
+    """`--model`: a verdict's suspect by SHA-256 and size (a checkpoint directory as packed for
+    the upload), a receipt's host by weights."""
+    if isinstance(statement, Receipt):
+        fingerprint_of = fingerprint(load_model(path))
+        if fingerprint_of != statement.host_fingerprint:
+            raise VerificationFailedError(
+                f"{path} is not the model this receipt registers: its weight fingerprint is "
+                f"{fingerprint_of.hex()}, the receipt's {statement.host_fingerprint.hex()}")
+        return
+    with upload_file(path) as sent:  # a checkpoint directory: the packed file that was sent
+        verify_suspect(statement, sent)
+
+
+_KINDS = {Receipt: "receipt", SignedVerdict: "verdict", CoarseVerdict: "coarse verdict"}
+# What a reader looks for first in a statement's table.
+_FIRST = ("registration_id", "outcome", "alpha", "p_value", "p_value_above", "suspect_sha256",
+          "suspect_size", "requested_by", "integrated_time", "owner", "host_fingerprint")
+
+
 def _cmd_receipt_verify(args: argparse.Namespace) -> int:
     pem = _read_file(args.public_key, "public key")
+    checked = []
     try:
         statement = load_statement(args.file)
-        verify_receipt(statement, pem)
+        verify_receipt(statement, pem, origin=args.origin)
+        checked.append("signature, canonical body, log inclusion"
+                       + (", verdict policy and decision" if statement.KIND != Receipt.KIND
+                          else ""))
+        if args.model is not None:
+            _check_model(statement, args.model)
+            checked.append(f"it is about {args.model}")
+        if args.checkpoint is not None:
+            verify_in_log(statement, _load_log_state(args.checkpoint), pem, origin=args.origin)
+            checked.append(f"it is in the log {args.checkpoint} signs")
     except InvalidReceiptError as exc:
         print(f"freemark: FAILED: {args.file}: {exc}", file=sys.stderr)
         return 1
-    kind = "receipt" if isinstance(statement, Receipt) else "verdict"
-    summary = {
-        "ok": True, "kind": kind, "registration_id": statement.registration_id,
-        "log_index": statement.log_index, "tree_size": statement.inclusion.tree_size,
-        "key_id": statement.statement.key_id,
-    }
+    kind = _KINDS[type(statement)]
     if args.json:
-        print_json(summary)
+        print_json({
+            "ok": True, "kind": kind, **to_json_fields(statement),
+            "tree_size": statement.inclusion.tree_size, "key_id": statement.statement.key_id,
+            "model": args.model, "checkpoint": args.checkpoint,
+        })
     else:
-        print(f"OK {kind} for {statement.registration_id}: signed by key "
-              f"{statement.statement.key_id}, entry {statement.log_index} of a signed log of "
-              f"{statement.inclusion.tree_size} entries")
+        rows = {"kind": kind, **_signed_rows(statement, tuple(
+            n for n in _FIRST if hasattr(statement, n))),
+            "tree_size": statement.inclusion.tree_size, "key_id": statement.statement.key_id,
+            "checked": "; ".join(checked)}
+        print_fields(f"OK {kind} for {statement.registration_id}, signed by key "
+                     f"{statement.statement.key_id}", rows)
     return 0
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object instead of a table")
+
+
+def _add_origin(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--origin", default=os.environ.get("FREEMARK_ORIGIN"),
+                        help="the log's origin, as `freemark public-key` shows it (env "
+                             "FREEMARK_ORIGIN): checkpoints of any other log are refused")
 
 
 def _add_connection(parser: argparse.ArgumentParser) -> None:
@@ -319,7 +424,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("triggers", help="pick a seeded trigger set (≥ 1 sample per class)")
-    p.add_argument("--data", required=True, help=".npz with arrays x (inputs) and y (labels)")
+    p.add_argument("--data", help=".npz with arrays x (inputs) and y (labels)")
+    p.add_argument("--text", help="UTF-8 text, one sentence per line, optionally LABEL<TAB>TEXT")
+    p.add_argument("--tokenizer", help="with --text: the checkpoint directory holding its "
+                   "tokenizer (local files only)")
+    p.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH,
+                   help="with --text: tokens per trigger at most (default %(default)s)")
+    p.add_argument("--count", type=int, default=DEFAULT_COUNT,
+                   help="with unlabelled --text: sentences to draw (default %(default)s)")
     p.add_argument("--per-class", type=int, default=DEFAULT_PER_CLASS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="triggers .npz to write (secret)")
@@ -327,7 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_triggers)
 
     p = sub.add_parser("keygen", help="derive a secret key for a model; no weight changes")
-    p.add_argument("--model", required=True, help="host model, a torch.export .pt2")
+    p.add_argument("--model", required=True, help="host model: a torch.export .pt2 or a "
+                   "Hugging Face checkpoint directory (config.json + model.safetensors)")
     p.add_argument("--layer", required=True, help="module name as named_modules() gives it")
     p.add_argument("--triggers", required=True, help="triggers .npz (inputs[, attention_mask])")
     p.add_argument("--owner", required=True, help="owner identity the watermark is bound to")
@@ -343,8 +456,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_keygen)
 
     p = sub.add_parser("extract", help="extract the watermark from a suspect and judge it")
-    p.add_argument("--model", required=True, help="suspect model .pt2")
-    p.add_argument("--weights", help="optional .safetensors applied to the .pt2 architecture")
+    p.add_argument("--model", required=True, help="suspect: .pt2, Hugging Face checkpoint "
+                   "directory or .onnx")
+    p.add_argument("--weights", help="optional .safetensors applied to the model's architecture")
+    p.add_argument("--onnx-tensor", help="ONNX suspects: the key layer's tensor name (default: "
+                   "found from the layer's module name)")
     p.add_argument("--key", required=True, help="key bundle .fmk")
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="significance level")
     p.add_argument("--reference", action="append", default=[], metavar="R.pt2",
@@ -355,7 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("register", help="register a key and its host model with the key server")
     p.add_argument("--key", required=True, help="key bundle .fmk")
-    p.add_argument("--model", required=True, help="host model, a torch.export .pt2")
+    p.add_argument("--model", required=True, help="host model: a torch.export .pt2 or a "
+                   "Hugging Face checkpoint directory (packed into one file for the upload)")
     p.add_argument("--reference", action="append", default=[], metavar="R.pt2",
                    help="an independently trained model of the host's architecture (repeat; "
                         "3 or more enable the aligned test, which sees through relabelled, "
@@ -365,10 +482,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="ask the key server for a signed verdict on a suspect")
     p.add_argument("--registration", required=True, help="registration id")
-    p.add_argument("--model", help="suspect model .pt2")
+    p.add_argument("--model", help="suspect: .pt2, Hugging Face checkpoint directory or .onnx")
+    p.add_argument("--onnx-tensor", help="ONNX suspects: the key layer's tensor name (default: "
+                   "found by the server from the layer's module name)")
     p.add_argument("--weights", help="suspect .safetensors; uploaded instead of --model and "
                    "applied by the server to the architecture registered with the host")
-    p.add_argument("--alpha", type=float, help=f"significance level (default {DEFAULT_ALPHA})")
+    p.add_argument("--alpha", type=float, help=f"significance level (default {DEFAULT_ALPHA}); "
+                   "the server refuses one outside its verdict policy's range")
     _add_connection(p)
     p.set_defaults(handler=_cmd_verify)
 
@@ -401,8 +521,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("file", help="receipt or verdict JSON, as register/verify --json print it")
     q.add_argument("--public-key", required=True,
                    help="the key server's public key PEM, obtained out of band")
+    q.add_argument("--model", metavar="SUSPECT",
+                   help="fail unless the verdict is about this file (SHA-256 and size), or the "
+                        "receipt registers this .pt2 (weight fingerprint)")
+    q.add_argument("--checkpoint", metavar="LATEST.json",
+                   help="fail unless the statement is in the log this checkpoint signs (a "
+                        "checkpoint JSON of the same size, or a consistency proof JSON from the "
+                        "statement's checkpoint to a later one)")
+    _add_origin(q)
     _add_common(q)
     q.set_defaults(handler=_cmd_receipt_verify)
+    add_log_parser(sub, _add_connection, _add_origin, _client)
     _add_attack(sub)
     return parser
 

@@ -19,7 +19,15 @@ from freemark.aligned import MIN_PANEL, aligned_test
 from freemark.bundle import KeyBundle
 from freemark.canon import aligned_readout
 from freemark.errors import InvalidInputError
-from freemark.panel import Reference, measure_reference, read_layer
+from freemark.onnxmodel import OnnxModel
+from freemark.panel import (
+    Reference,
+    count_for,
+    measure_reference,
+    probe_triggers,
+    read_layer,
+    split_activations,
+)
 from freemark.records import Verdict, VerdictTest
 from freemark.verdict import (
     DEFAULT_ALPHA,
@@ -99,7 +107,7 @@ def judge_activations(activations: np.ndarray, bundle: KeyBundle, *, alpha: floa
             bundle, probe_activations, panel))
     assert bundle.probe_profile is not None and probe_activations is not None
     aligned = aligned_test(bundle.probe_profile, probe_activations,
-                           [r.probe_activations for r in panel])
+                           [count_for(r, bundle) for r in panel])
     return decide(plain, aligned, fingerprints, alpha=alpha)
 
 
@@ -125,5 +133,17 @@ def extract(model: Model, bundle: KeyBundle, *, alpha: float = DEFAULT_ALPHA,
     """
     panel = [measure_reference(r, bundle) for r in references]
     triggers, probes = read_layer(model, bundle)
+    return judge_activations(triggers, bundle, alpha=alpha, probe_activations=probes, panel=panel,
+                             n_permutations=n_permutations)
+
+
+def extract_onnx(model: OnnxModel, bundle: KeyBundle, *, alpha: float = DEFAULT_ALPHA,
+                 references: Sequence[Model] = (),
+                 n_permutations: int = DEFAULT_PERMUTATIONS) -> Verdict:
+    """`extract` for an ONNX suspect, read by onnxruntime at its key tensor."""
+    panel = [measure_reference(r, bundle) for r in references]
+    seen = probe_triggers(bundle)
+    activations = model.capture(seen.inputs, seen.attention_mask, bundle.pooling)
+    triggers, probes = split_activations(activations, bundle)
     return judge_activations(triggers, bundle, alpha=alpha, probe_activations=probes, panel=panel,
                              n_permutations=n_permutations)

@@ -44,6 +44,8 @@ class ErrorCode(Enum):
     REVOKED = (reasons.REVOKED, S.FAILED_PRECONDITION, "registration revoked")
     UPLOAD_CORRUPT = (reasons.UPLOAD_CORRUPT, S.DATA_LOSS, "upload does not match its header")
     INTERNAL = (reasons.INTERNAL, S.INTERNAL, "internal error")
+    ALPHA_OUTSIDE_POLICY = (reasons.ALPHA_OUTSIDE_POLICY, S.INVALID_ARGUMENT,
+                            "alpha outside the verdict policy")
 
     @property
     def reason(self) -> str:

@@ -222,6 +222,10 @@ def _warm_up(home: str) -> None:
     from freemark_keyserver.vetting import vet_program
 
     torch.set_num_threads(1)
+    import freemark.hfmodel  # noqa: F401 - the other formats' loaders, for the same reason
+    import freemark.onnxmodel  # noqa: F401
+    import freemark_keyserver.formats  # noqa: F401
+
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Flatten(),
                                 torch.nn.Linear(2 * 4 * 4, 3))
     program_path, weights_path = os.path.join(home, "warm.pt2"), os.path.join(home, "warm.st")

@@ -29,6 +29,7 @@ import json
 import os
 import resource
 import signal
+from collections.abc import Callable
 from typing import Any
 
 OK = b"K"
@@ -90,8 +91,8 @@ def _read_request(raw: bytes) -> tuple[dict[str, Any], list[tuple[Any, Any]]]:
 
 
 def _load(header: dict[str, Any]) -> tuple[Any, bytes]:
-    """The untrusted model as a module to capture from, and its identity (weights fingerprint
-    ‖ architecture digest). The one place a model file is read: other formats hook in here."""
+    """The untrusted program as a module to capture from, and its identity (weights fingerprint
+    ‖ architecture digest). The one place a `.pt2` file is read."""
     from freemark.modelfile import apply_weights, architecture_digest, fingerprint, load_program
     from freemark_keyserver.vetting import vet_program
 
@@ -102,14 +103,36 @@ def _load(header: dict[str, Any]) -> tuple[Any, bytes]:
     return model, fingerprint(state) + architecture_digest(state)
 
 
-def _activations(model: Any, spec: dict[str, Any], inputs: Any, mask: Any) -> Any:
-    """One trigger set's activation matrix at the spec's layer and pooling."""
+Runner = Callable[[dict[str, Any], Any, Any], Any]
+
+
+def _runner(header: dict[str, Any], sets: list[tuple[Any, Any]]) -> tuple[bytes, Runner]:
+    """The model's identity and a function from (set spec, inputs, mask) to activations.
+
+    A `.pt2` is loaded once for every set; a Hugging Face checkpoint or an ONNX model goes to
+    `freemark_keyserver.formats`, whose loaders read one layer per load (the first set is read
+    once more for the identity).
+    """
     from freemark.activations import capture
     from freemark.triggers import TriggerSet
+    from freemark_keyserver import formats
 
-    activations, _ = capture(model, spec["layer"], TriggerSet(inputs=inputs, attention_mask=mask),
-                             pooling=spec["pooling"])
-    return activations
+    if formats.handles(header):  # Hugging Face checkpoints and ONNX: their own safe loaders
+        def other(spec: dict[str, Any], inputs: Any, mask: Any) -> Any:
+            triggers = TriggerSet(inputs=inputs, attention_mask=mask)
+            return formats.sandboxed_activations({**header, **spec}, triggers)
+        first = other(header["sets"][0], *sets[0]) if sets else None
+        if first is None:
+            raise _Refused("internal", "a request without trigger sets")
+        return first[1], lambda spec, inputs, mask: other(spec, inputs, mask)[0]
+    model, identity = _load(header)
+
+    def program(spec: dict[str, Any], inputs: Any, mask: Any) -> Any:
+        activations, _ = capture(model, spec["layer"],
+                                 TriggerSet(inputs=inputs, attention_mask=mask),
+                                 pooling=spec["pooling"])
+        return activations
+    return identity, program
 
 
 def _first_line(exc: BaseException) -> str:
@@ -162,14 +185,14 @@ def answer(raw: bytes) -> bytes:
 
     try:
         header, sets = _read_request(raw)
-        model, identity = _load(header)
+        identity, run = _runner(header, sets)
     except Exception as exc:  # noqa: BLE001 - every failure must reach the parent as a report
         refusal = _classify(exc)
         return REFUSED + _status({"kind": refusal.kind, "message": str(refusal)[:MAX_MESSAGE_CHARS]})
     parts = [OK, _frame(np.frombuffer(identity, dtype=np.uint8))]
     for spec, (inputs, mask) in zip(header["sets"], sets):
         try:  # one set failing (another owner's triggers) leaves the others' answers intact
-            activations = _activations(model, spec, inputs, mask)
+            activations = run(spec, inputs, mask)
         except Exception as exc:  # noqa: BLE001
             refusal = _classify(exc)
             parts.append(_status({"kind": refusal.kind,

@@ -124,6 +124,7 @@ EXPECTED: dict[str, dict[str, grpc.StatusCode]] = {
     "GetInclusionProof": dict(zip(CALLERS, (S.UNAUTHENTICATED, S.UNAUTHENTICATED, S.OK, S.OK, S.OK, S.OK))),
     "GetConsistencyProof": dict(zip(CALLERS, (S.UNAUTHENTICATED, S.UNAUTHENTICATED, S.OK, S.OK, S.OK, S.OK))),
     "GetPublicKey":      dict(zip(CALLERS, (S.UNAUTHENTICATED, S.UNAUTHENTICATED, S.OK, S.OK, S.OK, S.OK))),
+    "GetEntries":        dict(zip(CALLERS, (S.UNAUTHENTICATED, S.UNAUTHENTICATED, S.OK, S.OK, S.OK, S.OK))),
     # run last: admin revokes, owner A's second revoke is a no-op
     "Revoke":            dict(zip(CALLERS, (S.UNAUTHENTICATED, S.UNAUTHENTICATED, S.OK, S.NOT_FOUND, S.PERMISSION_DENIED, S.OK))),
 }
@@ -148,6 +149,7 @@ def _call(w: World, rpc: str, caller: str) -> Callable[[], object]:
         "GetConsistencyProof": lambda: w.stub.GetConsistencyProof(
             pb.GetConsistencyProofRequest(old_size=1), metadata=md),
         "GetPublicKey": lambda: w.stub.GetPublicKey(pb.GetPublicKeyRequest(), metadata=md),
+        "GetEntries": lambda: w.stub.GetEntries(pb.GetEntriesRequest(start=0), metadata=md),
         "Revoke": lambda: w.stub.Revoke(pb.RevokeRequest(registration_id=rid), metadata=md),
     }
     return simple[rpc]
@@ -168,6 +170,13 @@ def test_hostile_uploads_are_refused_without_side_effects(world: World, tmp_path
     }.items():
         data = build(tmp_path / f"{name.replace(' ', '_')}.pt2").read_bytes()
         cases[name] = (data, None, None, S.INVALID_ARGUMENT, "")
+    for name, path, words in (  # refused at vetting / from the zip directory, naming why
+        ("torch.cond graph", hostile_models.branching_on_inputs(tmp_path / "cond.pt2"),
+         "data-dependent control flow"),
+        ("deflated graph bomb", hostile_models.oversized_graph(host, tmp_path / "bomb.pt2", 150_000),
+         "inflates more than 100:1"),
+    ):
+        cases[name] = (path.read_bytes(), None, None, S.INVALID_ARGUMENT, words)
     good = host.read_bytes()
     cases["truncated stream"] = (good, None, len(good) // 2, S.DATA_LOSS, "stream ended")
     cases["size mismatch"] = (good, _upload(good, size=len(good) + 10), None, S.DATA_LOSS, "")

@@ -97,6 +97,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """Something unexpected failed on the server; the message carries only a reference to the
     operator's log. Status: INTERNAL.
     """
+    ALPHA_OUTSIDE_POLICY: _ErrorReason.ValueType  # 16
+    """Verify asked for an alpha outside the range this server signs verdicts for (its verdict
+    policy, named in the message); ask again with an alpha inside it. A lax alpha would let
+    an owner frame an innocent model, a needlessly strict one exonerate a copy.
+    Status: INVALID_ARGUMENT.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper): ...
 
@@ -161,5 +167,11 @@ ended early. Status: DATA_LOSS.
 INTERNAL: ErrorReason.ValueType  # 15
 """Something unexpected failed on the server; the message carries only a reference to the
 operator's log. Status: INTERNAL.
+"""
+ALPHA_OUTSIDE_POLICY: ErrorReason.ValueType  # 16
+"""Verify asked for an alpha outside the range this server signs verdicts for (its verdict
+policy, named in the message); ask again with an alpha inside it. A lax alpha would let
+an owner frame an innocent model, a needlessly strict one exonerate a copy.
+Status: INVALID_ARGUMENT.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

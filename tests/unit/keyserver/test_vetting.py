@@ -43,20 +43,6 @@ class _CallsCustomOp(DigitsCNN):
         return super().forward(_exfiltrate(x))
 
 
-class _BranchesOnInput(DigitsCNN):
-    """`torch.cond` on the input's values: a program that burns CPU only when a trigger's mean
-    passes a threshold would leak a bit of another owner's triggers per Register (issue 11)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        def slow(t: torch.Tensor) -> torch.Tensor:
-            for _ in range(8):
-                t = torch.tanh(t @ t.transpose(-1, -2) @ t)
-            return t
-
-        flag = x.mean(dim=(0, 1, 2, 3)) > 0.5
-        return super().forward(torch.cond(flag, slow, lambda t: t.clone(), (x,)))
-
-
 class _CountsCalls(DigitsCNN):
     """Mutates a buffer: state that would carry one run's triggers into the next."""
 
@@ -141,8 +127,7 @@ def test_the_allow_list_names_real_overloads_and_nothing_refused() -> None:
 
 
 def test_torch_cond_graph_is_refused_as_data_dependent_control_flow(tmp_path: Path) -> None:
-    path = tmp_path / "cond.pt2"
-    save_program(_BranchesOnInput(), EXAMPLE, path, dynamic_batch=False)
+    path = hostile_models.branching_on_inputs(tmp_path / "cond.pt2")
     with pytest.raises(ModelFileError, match=r"higher-order operator 'cond'.*data-dependent control"):
         vet_program(load_program(path))
 
@@ -233,10 +218,14 @@ def test_index_by_a_mask_of_the_inputs_is_refused() -> None:
         vet_program(program)
 
 
-def test_other_devices_are_refused() -> None:
-    program = _with_call(aten._to_copy.default, "x", device=torch.device("meta"))
-    with pytest.raises(ModelFileError, match="device meta: the sandbox runs on CPU only"):
-        vet_program(program)
+@pytest.mark.parametrize(
+    ("kwargs", "why"),
+    [({"device": torch.device("meta")}, "device meta: the sandbox runs on CPU only"),
+     ({"layout": torch.sparse_coo}, "layout torch.sparse_coo: only dense tensors")],
+)
+def test_other_devices_and_layouts_are_refused(kwargs: dict[str, object], why: str) -> None:
+    with pytest.raises(ModelFileError, match=why):
+        vet_program(_with_call(aten._to_copy.default, "x", **kwargs))
 
 
 def test_buffer_mutation_is_refused_in_place_and_functional() -> None:
