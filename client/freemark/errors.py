@@ -19,16 +19,19 @@ of grpc's own exception types leaks past the client. The tree::
     │   │   ├── InvalidBundleError               INVALID_BUNDLE
     │   │   ├── InvalidModelError                INVALID_MODEL
     │   │   ├── HostMismatchError                HOST_MISMATCH
-    │   │   └── NotUniqueError                   NOT_UNIQUE
+    │   │   ├── NotUniqueError                   NOT_UNIQUE
+    │   │   └── SandboxCrashedError              SANDBOX_CRASHED
     │   ├── UnauthenticatedError                 UNAUTHENTICATED
     │   ├── PermissionDeniedError                PERMISSION_DENIED
     │   ├── NotFoundError                        NOT_FOUND
     │   ├── AlreadyRegisteredError               ALREADY_CLAIMED
     │   ├── ResourceExhaustedError            over a cap, or the server is at capacity:
     │   │   ├── TooLargeError                    TOO_LARGE
-    │   │   └── SandboxLimitError                SANDBOX_LIMIT
+    │   │   ├── SandboxLimitError                SANDBOX_LIMIT
+    │   │   └── SandboxBusyError                 SANDBOX_BUSY (retry later)
     │   ├── DeadlineExceededError             out of time (also the client's own deadline):
     │   │   └── SandboxTimeoutError              SANDBOX_DEADLINE
+    │   ├── CallEndedError                       CALL_ENDED
     │   ├── RevokedError                         REVOKED
     │   ├── UploadCorruptError                   UPLOAD_CORRUPT
     │   └── ServerInternalError                  INTERNAL
@@ -56,6 +59,7 @@ __all__ = [
     "ERROR_DOMAIN",
     "AlphaOutsidePolicyError",
     "AlreadyRegisteredError",
+    "CallEndedError",
     "CryptoError",
     "DeadlineExceededError",
     "DerivationError",
@@ -74,6 +78,8 @@ __all__ = [
     "PermissionDeniedError",
     "ResourceExhaustedError",
     "RevokedError",
+    "SandboxBusyError",
+    "SandboxCrashedError",
     "SandboxLimitError",
     "SandboxTimeoutError",
     "ServerError",
@@ -216,6 +222,25 @@ class SandboxLimitError(ResourceExhaustedError):
     REASON = "SANDBOX_LIMIT"
 
 
+class SandboxBusyError(ResourceExhaustedError):
+    """Every sandbox worker is busy and the queue is full; nothing ran. Retry after a while
+    (the server's google.rpc.RetryInfo says how long)."""
+
+    REASON = "SANDBOX_BUSY"
+
+
+class SandboxCrashedError(InvalidArgumentError):
+    """The model crashed the sandbox process (a memory-unsafe operator, say); it is refused."""
+
+    REASON = "SANDBOX_CRASHED"
+
+
+class CallEndedError(ServerError):
+    """The call was cancelled or ran out of time while its model ran; nothing was signed."""
+
+    REASON = "CALL_ENDED"
+
+
 class DeadlineExceededError(ServerError):
     """DEADLINE_EXCEEDED: the call ran past its deadline (the client's own, without a reason)."""
 
@@ -249,7 +274,8 @@ _BY_REASON: dict[str, type[ServerError]] = {
     for cls in (MalformedRequestError, InvalidBundleError, InvalidModelError, HostMismatchError,
                 NotUniqueError, UnauthenticatedError, PermissionDeniedError, NotFoundError,
                 AlreadyRegisteredError, TooLargeError, SandboxLimitError, SandboxTimeoutError,
-                RevokedError, UploadCorruptError, ServerInternalError, AlphaOutsidePolicyError)
+                RevokedError, UploadCorruptError, ServerInternalError, AlphaOutsidePolicyError,
+                SandboxBusyError, SandboxCrashedError, CallEndedError)
     if cls.REASON is not None
 }
 

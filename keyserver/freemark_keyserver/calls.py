@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Protocol
 
-__all__ = ["CallEnded", "Call", "bound", "check_active", "current"]
+__all__ = ["Call", "CallEnded", "bound", "check_active", "current"]
 
 
 class Call(Protocol):

@@ -44,6 +44,10 @@ class ErrorCode(Enum):
     REVOKED = (reasons.REVOKED, S.FAILED_PRECONDITION, "registration revoked")
     UPLOAD_CORRUPT = (reasons.UPLOAD_CORRUPT, S.DATA_LOSS, "upload does not match its header")
     INTERNAL = (reasons.INTERNAL, S.INTERNAL, "internal error")
+    SANDBOX_BUSY = (reasons.SANDBOX_BUSY, S.RESOURCE_EXHAUSTED, "the sandbox is busy")
+    SANDBOX_CRASHED = (reasons.SANDBOX_CRASHED, S.INVALID_ARGUMENT,
+                       "the model crashed the sandbox")
+    CALL_ENDED = (reasons.CALL_ENDED, S.CANCELLED, "the call ended")
     ALPHA_OUTSIDE_POLICY = (reasons.ALPHA_OUTSIDE_POLICY, S.INVALID_ARGUMENT,
                             "alpha outside the verdict policy")
 
@@ -64,7 +68,10 @@ class ErrorCode(Enum):
 class ServiceError(Exception):
     """A refusal with a public, actionable message."""
 
-    def __init__(self, code: ErrorCode, detail: str) -> None:
+    def __init__(self, code: ErrorCode, detail: str, *, retry_after: float | None = None) -> None:
+        """`retry_after` (seconds): for refusals that go away by waiting (a busy sandbox);
+        the servicer sends it as a google.rpc.RetryInfo detail."""
         super().__init__(f"{code.summary}: {detail}")
         self.code = code
         self.detail = detail
+        self.retry_after = retry_after

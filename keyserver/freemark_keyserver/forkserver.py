@@ -222,7 +222,7 @@ def _warm_up(home: str) -> None:
     from freemark_keyserver.vetting import vet_program
 
     torch.set_num_threads(1)
-    import freemark.hfmodel  # noqa: F401 - the other formats' loaders, for the same reason
+    import freemark.hfmodel
     import freemark.onnxmodel  # noqa: F401
     import freemark_keyserver.formats  # noqa: F401
 

@@ -36,7 +36,7 @@ class RunningServer:
         """Health NOT_SERVING, let in-flight calls finish, then close the store."""
         self.health.enter_graceful_shutdown()
         self.server.stop(self.ctx.config.grace_seconds if grace is None else grace).wait()
-        self.ctx.store.close()
+        self.ctx.close()
 
 
 def create_server(config: ServerConfig) -> RunningServer:
@@ -44,8 +44,19 @@ def create_server(config: ServerConfig) -> RunningServer:
     config.check_listen()
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     config.spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    ctx = handlers.Context(config=config, store=open_store(config.database),
-                           keyring=load_keyring(config), signer=load_signing_key(config))
+    # The sandbox's fork server first, before any key or the database is opened: it is a
+    # fresh interpreter with a clean environment, so it could not inherit them anyway, and
+    # a server that cannot isolate untrusted models should not start at all.
+    pool = config.start_sandbox()
+    log.info("sandbox: %d workers, queue %d; isolation: %s", pool.workers, pool.queue,
+             pool.isolation.summary())
+    try:
+        ctx = handlers.Context(config=config, store=open_store(config.database),
+                               keyring=load_keyring(config), signer=load_signing_key(config),
+                               pool=pool)
+    except BaseException:
+        pool.close()
+        raise
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_concurrent_rpcs),
         # Past this many in-flight calls gRPC answers RESOURCE_EXHAUSTED at once instead of
@@ -77,7 +88,7 @@ def create_server(config: ServerConfig) -> RunningServer:
     else:
         port = server.add_insecure_port(config.listen)
     if port == 0:
-        ctx.store.close()
+        ctx.close()
         raise OSError(f"cannot listen on {config.listen}")
     server.start()
     for name in ("", SERVICE_NAME):
@@ -92,6 +103,10 @@ def serve(config: ServerConfig) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    pool = running.ctx.pool
+    assert pool is not None
+    print(f"freemark-keyserver sandbox: {pool.workers} workers, queue {pool.queue}; isolation: "
+          f"{pool.isolation.summary()}", flush=True)
     print(f"freemark-keyserver listening on {config.listen.rsplit(':', 1)[0]}:{running.port}",
           flush=True)
     stop.wait()

@@ -22,7 +22,7 @@ from grpc_status import rpc_status
 
 from freemark.v1 import keyservice_pb2 as pb
 from freemark.v1 import keyservice_pb2_grpc
-from freemark_keyserver import formats, handlers, panels
+from freemark_keyserver import calls, formats, handlers, panels
 from freemark_keyserver.auth import authenticate
 from freemark_keyserver.errors import ERROR_DOMAIN, ErrorCode, ServiceError
 from freemark_keyserver.uploads import spooled
@@ -31,22 +31,36 @@ log = logging.getLogger("freemark_keyserver")
 T = TypeVar("T")
 
 
-def _abort(context: grpc.ServicerContext, code: ErrorCode, message: str) -> None:
-    """End the call with `code`'s status and an ErrorInfo naming its proto reason."""
-    info = error_details_pb2.ErrorInfo(reason=code.reason, domain=ERROR_DOMAIN)
-    detail = any_pb2.Any()
-    detail.Pack(info)
-    status = status_pb2.Status(code=code.status.value[0], message=message, details=[detail])
+def _abort(context: grpc.ServicerContext, code: ErrorCode, message: str,
+           retry_after: float | None = None) -> None:
+    """End the call with `code`'s status, an ErrorInfo naming its proto reason and, for a
+    refusal that waiting cures, a RetryInfo with the wait."""
+    details = []
+    infos: list[error_details_pb2.ErrorInfo | error_details_pb2.RetryInfo] = [
+        error_details_pb2.ErrorInfo(reason=code.reason, domain=ERROR_DOMAIN)]
+    if retry_after is not None:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromMilliseconds(max(1, round(retry_after * 1000)))
+        infos.append(retry)
+    for info in infos:
+        detail = any_pb2.Any()
+        detail.Pack(info)
+        details.append(detail)
+    status = status_pb2.Status(code=code.status.value[0], message=message, details=details)
     context.abort_with_status(rpc_status.to_status(status))
 
 
 def _guard(context: grpc.ServicerContext, method: str, work: Callable[[], T]) -> T:
     """Run one RPC body, turning every failure into the right status."""
     try:
-        return work()
+        with calls.bound(context):  # the sandbox and the signer stop when the caller has gone
+            return work()
     except ServiceError as exc:
         log.info("%s refused: %s", method, exc.code.name)
-        _abort(context, exc.code, str(exc))
+        _abort(context, exc.code, str(exc), exc.retry_after)
+    except calls.CallEnded as exc:
+        log.info("%s ended by the caller: %s", method, exc)
+        _abort(context, ErrorCode.CALL_ENDED, str(exc))
     except Exception:
         reference = secrets.token_hex(6)
         log.exception("%s failed unexpectedly (reference %s)", method, reference)
