@@ -40,6 +40,7 @@ _OOM_MARKERS = (
     "cannot allocate memory",
     "failed to map segment",
     "bad_alloc",
+    "could not create a primitive",  # oneDNN, when its buffers cannot be mapped
 )
 
 
