@@ -211,8 +211,8 @@ class ForkServer:
 def _warm_up(home: str) -> None:
     """Load, vet and run a tiny program once, so every module a run imports lazily is imported
     here: a child that dropped to another user may not read the interpreter's own library."""
-    import encodings.cp437  # noqa: F401 - zipfile decodes legacy entry names with it
-    import encodings.latin_1  # noqa: F401
+    import encodings.cp437
+    import encodings.latin_1
     import encodings.utf_16  # noqa: F401
 
     import numpy as np

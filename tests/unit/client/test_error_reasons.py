@@ -24,6 +24,7 @@ from freemark.cli import main
 from freemark.errors import (
     AlphaOutsidePolicyError,
     AlreadyRegisteredError,
+    CallEndedError,
     CryptoError,
     DeadlineExceededError,
     FreemarkError,
@@ -38,6 +39,8 @@ from freemark.errors import (
     PermissionDeniedError,
     ResourceExhaustedError,
     RevokedError,
+    SandboxBusyError,
+    SandboxCrashedError,
     SandboxLimitError,
     SandboxTimeoutError,
     ServerError,
@@ -72,6 +75,9 @@ EXPECTED: dict[ErrorCode, type[ServerError]] = {
     ErrorCode.UPLOAD_CORRUPT: UploadCorruptError,
     ErrorCode.INTERNAL: ServerInternalError,
     ErrorCode.ALPHA_OUTSIDE_POLICY: AlphaOutsidePolicyError,
+    ErrorCode.SANDBOX_BUSY: SandboxBusyError,
+    ErrorCode.SANDBOX_CRASHED: SandboxCrashedError,
+    ErrorCode.CALL_ENDED: CallEndedError,
 }
 
 
