@@ -97,6 +97,20 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """Something unexpected failed on the server; the message carries only a reference to the
     operator's log. Status: INTERNAL.
     """
+    RATE_LIMITED: _ErrorReason.ValueType  # 17
+    """Too many calls at once from this principal, or Verify's rate limit (per principal or per
+    registration) is spent. Retry after the wait the message names; the status also carries a
+    google.rpc.RetryInfo detail with it. Status: RESOURCE_EXHAUSTED.
+    """
+    SPOOL_FULL: _ErrorReason.ValueType  # 18
+    """The server's upload spool is full (its quota over all open uploads): nothing was read.
+    Retry later (the status carries a google.rpc.RetryInfo detail). Status: RESOURCE_EXHAUSTED.
+    """
+    UPLOAD_STALLED: _ErrorReason.ValueType  # 19
+    """The upload stream sent nothing for longer than the server's idle timeout, or arrived
+    slower than its minimum rate; the partial upload was deleted. Re-send it over a faster
+    link. Status: DEADLINE_EXCEEDED.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper): ...
 
@@ -161,5 +175,19 @@ ended early. Status: DATA_LOSS.
 INTERNAL: ErrorReason.ValueType  # 15
 """Something unexpected failed on the server; the message carries only a reference to the
 operator's log. Status: INTERNAL.
+"""
+RATE_LIMITED: ErrorReason.ValueType  # 17
+"""Too many calls at once from this principal, or Verify's rate limit (per principal or per
+registration) is spent. Retry after the wait the message names; the status also carries a
+google.rpc.RetryInfo detail with it. Status: RESOURCE_EXHAUSTED.
+"""
+SPOOL_FULL: ErrorReason.ValueType  # 18
+"""The server's upload spool is full (its quota over all open uploads): nothing was read.
+Retry later (the status carries a google.rpc.RetryInfo detail). Status: RESOURCE_EXHAUSTED.
+"""
+UPLOAD_STALLED: ErrorReason.ValueType  # 19
+"""The upload stream sent nothing for longer than the server's idle timeout, or arrived
+slower than its minimum rate; the partial upload was deleted. Re-send it over a faster
+link. Status: DEADLINE_EXCEEDED.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -35,15 +35,18 @@ from freemark.errors import (
     NotFoundError,
     NotUniqueError,
     PermissionDeniedError,
+    RateLimitedError,
     ResourceExhaustedError,
     RevokedError,
     SandboxLimitError,
     SandboxTimeoutError,
     ServerError,
     ServerInternalError,
+    SpoolFullError,
     TooLargeError,
     UnauthenticatedError,
     UploadCorruptError,
+    UploadStalledError,
     error_for,
 )
 from freemark.rpc import KeyServiceClient
@@ -70,6 +73,9 @@ EXPECTED: dict[ErrorCode, type[ServerError]] = {
     ErrorCode.REVOKED: RevokedError,
     ErrorCode.UPLOAD_CORRUPT: UploadCorruptError,
     ErrorCode.INTERNAL: ServerInternalError,
+    ErrorCode.RATE_LIMITED: RateLimitedError,
+    ErrorCode.SPOOL_FULL: SpoolFullError,
+    ErrorCode.UPLOAD_STALLED: UploadStalledError,
 }
 
 
