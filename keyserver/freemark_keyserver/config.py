@@ -30,7 +30,10 @@ MASTER_KEY_ENV = "FREEMARK_MASTER_KEY"
 SIGNING_KEY_ENV = "FREEMARK_SIGNING_KEY"
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_MAX_UPLOAD = 2 * 1024**3
-DEFAULT_MAX_BUNDLE = 64 * 1024**2
+# A real ImageNet key (EfficientNet-Lite0, 16 triggers at 224x224, 1280 units, 1024 probes)
+# is 16.2 MB; the digits CNN's 0.68 MB. 32 MiB leaves room for twice the triggers, and is
+# also the largest message the server accepts (the bundle rides in Register's header).
+DEFAULT_MAX_BUNDLE = 32 * 1024**2
 DEFAULT_GRACE_SECONDS = 30.0
 DEFAULT_MAX_CONCURRENT_RPCS = 64
 # Stream discipline (docs/operations.md says why each default is what it is).

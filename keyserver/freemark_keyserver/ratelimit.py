@@ -11,6 +11,7 @@ A rate is written "N/UNIT" (UNIT one of s, min, hour, day); "0" or "off" turns i
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 import time
@@ -96,8 +97,8 @@ class VerifyLimits:
         wait = self.principals.take(principal)
         if wait:
             metrics.RATE_LIMITED_TOTAL.labels("verify_principal").inc()
-            raise ServiceError(ErrorCode.RATE_LIMITED, f"you may run {self.principals.rate} "
-                               f"Verify calls; retry in {_seconds(wait)}", retry_after=wait)
+            raise ServiceError(ErrorCode.RATE_LIMITED, f"your Verify calls are limited to "
+                               f"{self.principals.rate}; retry in {_seconds(wait)}", retry_after=wait)
 
     def check_registration(self, registration_id: str) -> None:
         """RATE_LIMITED when this registration's Verify bucket is empty (all callers)."""
@@ -110,4 +111,4 @@ class VerifyLimits:
 
 
 def _seconds(wait: float) -> str:
-    return f"{max(1, round(wait + 0.5))} s"
+    return f"{max(1, math.ceil(wait))} s"
