@@ -552,11 +552,9 @@ def log_and_sign_s(db: str, signer: SigningKey, repeats: int) -> float:
             signer.sign(entry.entry)
             leaves = store.leaf_hashes(entry.index + 1)
             checkpoint = merkle.Checkpoint(origin="bench", tree_size=len(leaves),
-                                           root_hash=merkle.root(leaves), timestamp=0,
-                                           key_id=signer.key_id)
+                                           root_hash=merkle.root(leaves), timestamp=0)
             signed = merkle.sign_checkpoint(signer, checkpoint)
-            store.add_checkpoint(StoredCheckpoint(len(leaves), checkpoint.signed_body(),
-                                                  signed.signature))
+            store.add_checkpoint(StoredCheckpoint(len(leaves), signed.note))
             merkle.inclusion_proof(leaves, entry.index)
 
         return median_time(repeats, once)

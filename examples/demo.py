@@ -105,8 +105,11 @@ def main() -> int:
           "(fine-tuned, 30 % pruned, units relabelled, 16 split units), Bob's own")
     accuracy = _models(work)
     _step(f"starting the TTP on {address} (embedded defaults in {data_dir})")
+    # The demo shows the arbiter every statistic behind a verdict; a production TTP keeps the
+    # default `--arbiter-disclosure coarse` (outcome and p-value bucket only).
     server = subprocess.Popen([sys.executable, "-m", "freemark_keyserver.cli", "serve",
-                               "--data-dir", str(data_dir), "--listen", address],
+                               "--data-dir", str(data_dir), "--listen", address,
+                               "--arbiter-disclosure", "full"],
                               env=_env(), stderr=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout is not None

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -286,6 +287,7 @@ def main() -> int:
     parser.add_argument("--only", action="append", choices=sorted(MODELS), help="derive from these")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.simplefilter("ignore")  # torch.export's deprecation notes drown the report
     torch.set_num_threads(1)
     users, programs = derive(args.only or list(MODELS))
     for op in sorted(users):

@@ -13,14 +13,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from freemark import merkle
+from freemark._schema import to_json_fields
 from freemark.records import (
+    COARSE_VERDICT_KIND,
     RECEIPT_KIND,
     VERDICT_KIND,
     Checkpoint,
+    CoarseVerdict,
     InclusionProof,
     Receipt,
     SignedStatement,
     SignedVerdict,
+    VerdictPolicy,
 )
 from freemark.signatures import canonical_json
 from freemark.wire import read_statement
@@ -28,6 +32,7 @@ from freemark_keyserver.crypto import SigningKey
 
 ORIGIN = "freemark-test-log"
 CHECKPOINT_TIME = 1_700_000_100  # unix seconds
+POLICY = VerdictPolicy.make(alpha_min=1e-12, alpha_max=1e-6, arbiter_disclosure="coarse")
 
 
 def receipt_body(log_index: int, **overrides: Any) -> dict[str, Any]:
@@ -57,6 +62,8 @@ def verdict_body(log_index: int, **overrides: Any) -> dict[str, Any]:
         "registration_id": "reg-0000",
         "requested_by": "arbiter-1",
         "suspect_sha256": bytes(range(64, 96)).hex(),
+        "suspect_size": 123_456,
+        "policy": to_json_fields(POLICY),
         "n_bits": 256,
         "matches": 256,
         "ber": 0.0,
@@ -75,6 +82,17 @@ def verdict_body(log_index: int, **overrides: Any) -> dict[str, Any]:
         "log_index": log_index,
         **overrides,
     }
+
+
+def coarse_verdict_body(log_index: int, **overrides: Any) -> dict[str, Any]:
+    """The fields of a coarse verdict statement: the decision, the p-value's bucket and the
+    binding fields, none of the statistics."""
+    full = verdict_body(log_index)
+    decision = {k: full[k] for k in ("registration_id", "requested_by", "suspect_sha256",
+                                     "suspect_size", "policy", "n_bits", "alpha", "is_match",
+                                     "outcome", "panel", "integrated_time", "log_index")}
+    return {**decision, "kind": COARSE_VERDICT_KIND, "p_value": 1e-20, "log10_p_value": -20.0,
+            "p_value_above": 1e-30, **overrides}
 
 
 @dataclass(frozen=True)
@@ -109,6 +127,10 @@ class SignedLog:
         """Entry `index` (a verdict body) as the server's typed SignedVerdict, read from its body."""
         return read_statement(SignedVerdict, self.statement(index), self.inclusion(index))
 
+    def coarse_verdict(self, index: int) -> CoarseVerdict:
+        """Entry `index` (a coarse verdict body) as the server's typed CoarseVerdict."""
+        return read_statement(CoarseVerdict, self.statement(index), self.inclusion(index))
+
 
 def sign_checkpoint(signer: SigningKey, leaves: Sequence[bytes]) -> Checkpoint:
     """A checkpoint over `leaves` signed by `signer`, in the wire form."""
@@ -117,12 +139,9 @@ def sign_checkpoint(signer: SigningKey, leaves: Sequence[bytes]) -> Checkpoint:
         tree_size=len(leaves),
         root_hash=merkle.root(leaves),
         timestamp=CHECKPOINT_TIME,
-        key_id=signer.key_id,
     )
     signed = merkle.sign_checkpoint(signer, checkpoint)
-    return Checkpoint(
-        checkpoint.signed_body(), signed.signature, checkpoint.tree_size, checkpoint.root_hash
-    )
+    return Checkpoint(signed.note, checkpoint.tree_size, checkpoint.root_hash)
 
 
 def build_log(entries: Sequence[bytes], signer: SigningKey | None = None) -> SignedLog:
@@ -140,4 +159,10 @@ def build_log(entries: Sequence[bytes], signer: SigningKey | None = None) -> Sig
 def standard_log(signer: SigningKey | None = None) -> SignedLog:
     """Five entries: registrations at 0, 1, 2 and 4, a verdict at 3."""
     bodies = [receipt_body(0), receipt_body(1), receipt_body(2), verdict_body(3), receipt_body(4)]
+    return build_log([canonical_json(body) for body in bodies], signer)
+
+
+def coarse_log(signer: SigningKey | None = None) -> SignedLog:
+    """Two entries: a registration at 0 and a coarse verdict of it at 1."""
+    bodies = [receipt_body(0), coarse_verdict_body(1, registration_id="reg-0000")]
     return build_log([canonical_json(body) for body in bodies], signer)

@@ -24,6 +24,7 @@ The key server's client is rpc (transport) with records (typed results) and rece
 from freemark.bundle import KeyBundle, load_bundle, save_bundle
 from freemark.derive import derive_key
 from freemark.errors import (
+    AlphaOutsidePolicyError,
     AlreadyRegisteredError,
     CryptoError,
     DeadlineExceededError,
@@ -58,13 +59,15 @@ from freemark.extract import extract
 from freemark.keygen import DerivationSettings
 from freemark.modelfile import fingerprint, load_program, save_program
 from freemark.receipt import load_statement, save_statement, verify_receipt
-from freemark.records import Receipt, RegistrationInfo, SignedVerdict
+from freemark.records import CoarseVerdict, Receipt, RegistrationInfo, SignedVerdict, VerdictPolicy
 from freemark.rpc import KeyServiceClient
 from freemark.triggers import TriggerSet, load_triggers, save_triggers, select_triggers
 from freemark.verdict import Verdict
 
 __all__ = [
+    "AlphaOutsidePolicyError",
     "AlreadyRegisteredError",
+    "CoarseVerdict",
     "CryptoError",
     "DeadlineExceededError",
     "DerivationError",
@@ -100,6 +103,7 @@ __all__ = [
     "UniquenessError",
     "UploadCorruptError",
     "Verdict",
+    "VerdictPolicy",
     "VerificationFailedError",
     "derive_key",
     "extract",

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from freemark.canon import CanonicalLayer, align, canonicalise, match_units
+from freemark.canon import align
 from freemark.stats import log10_exceedance_p, log10_rank_p
 
 THRESHOLD = 0.9
@@ -55,29 +55,31 @@ def _log10_p(count: int, units: int, panel_counts: Sequence[int]) -> float:
 
 
 def aligned_test(host_probe_activations: np.ndarray, suspect_probe_activations: np.ndarray,
-                 panel_probe_activations: Sequence[np.ndarray]) -> AlignedTest:
-    """Align the suspect and every panel member to the host and judge the suspect's count."""
-    if len(panel_probe_activations) < MIN_PANEL:
+                 panel_counts: Sequence[int]) -> AlignedTest:
+    """Align the suspect to the host and judge its count against the panel members' counts.
+
+    The counts (`matched_units` of each member against this host) depend only on the host
+    and the panel, so the key server measures them once, at registration, and a Verify
+    aligns one model, the suspect.
+    """
+    if len(panel_counts) < MIN_PANEL:
         raise ValueError(f"the aligned test needs a panel of at least {MIN_PANEL} independent "
-                         f"models, got {len(panel_probe_activations)}")
-    host = canonicalise(host_probe_activations)
-    counts = tuple(_count(host, member) for member in panel_probe_activations)
-    matched = _count(host, suspect_probe_activations)
-    log10_p = _log10_p(matched, host.units, counts)
-    best = _log10_p(host.units, host.units, counts)
-    method = (f"aligned: {matched} of {host.units} live host units matched at |r| ≥ {THRESHOLD} "
+                         f"models, got {len(panel_counts)}")
+    counts = tuple(int(c) for c in panel_counts)
+    matching = align(host_probe_activations, suspect_probe_activations)
+    host_units = matching.host.units
+    matched = matching.count_above(THRESHOLD)
+    log10_p = _log10_p(matched, host_units, counts)
+    best = _log10_p(host_units, host_units, counts)
+    method = (f"aligned: {matched} of {host_units} live host units matched at |r| ≥ {THRESHOLD} "
               f"after canonicalising (dead units dropped, duplicates merged, scale and order "
               f"undone); null: the worst of {len(counts)} panel models "
               f"({max(counts)} units), Clopper–Pearson bounded, one-per-decade δ, Bonferroni")
-    return AlignedTest(matched_units=matched, host_units=host.units, panel_counts=counts,
+    return AlignedTest(matched_units=matched, host_units=host_units, panel_counts=counts,
                        log10_p_value=log10_p, best_log10_p_value=best, method=method)
 
 
-def _count(host: CanonicalLayer, activations: np.ndarray) -> int:
-    return match_units(host, canonicalise(activations)).count_above(THRESHOLD)
-
-
 def matched_units(host_probe_activations: np.ndarray, suspect_probe_activations: np.ndarray) -> int:
-    """T for one suspect, without a panel (what the lab reports per attack)."""
+    """T for one model against the host: a panel member's count, or an attacked copy's in the lab."""
     return align(host_probe_activations, suspect_probe_activations).count_above(THRESHOLD)
 

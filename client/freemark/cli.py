@@ -12,6 +12,7 @@ variable for the token: command lines are visible to other users of the machine)
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -21,21 +22,44 @@ from typing import Any
 
 import numpy as np
 
-from freemark._schema import signed_fields
+from freemark._schema import signed_fields, to_json_fields
 from freemark.bundle import load_bundle, save_bundle
 from freemark.derive import DEFAULT_BITS, derive_key
 from freemark.display import format_value, print_fields, print_json, print_rows
-from freemark.errors import FreemarkError, InvalidInputError, InvalidReceiptError
+from freemark.errors import (
+    FreemarkError,
+    InvalidInputError,
+    InvalidReceiptError,
+    VerificationFailedError,
+)
 from freemark.extract import extract
 from freemark.keygen import DEFAULT_LAMBDA, DEFAULT_MARGIN, DerivationSettings
-from freemark.modelfile import apply_weights, load_program
-from freemark.receipt import load_statement, verify_receipt
-from freemark.records import Receipt, ReferencePanel, RegistrationInfo, SignedVerdict, Verdict
+from freemark.modelfile import apply_weights, fingerprint, load_program
+from freemark.note import verifier_key
+from freemark.receipt import load_statement, verify_in_log, verify_receipt, verify_suspect
+from freemark.records import (
+    AnyVerdict,
+    Checkpoint,
+    CoarseVerdict,
+    ConsistencyProof,
+    Decision,
+    Receipt,
+    ReferencePanel,
+    RegistrationInfo,
+    SignedVerdict,
+    VerdictPolicy,
+)
 from freemark.rpc import DEFAULT_TIMEOUT_S, KeyServiceClient
 from freemark.signatures import Verifier
 from freemark.triggers import DEFAULT_PER_CLASS, load_triggers, save_triggers, select_triggers
 from freemark.verdict import DEFAULT_ALPHA
-from freemark.wire import receipt_to_json, registration_to_json, verdict_to_json
+from freemark.wire import (
+    checkpoint_from_json,
+    consistency_from_json,
+    receipt_to_json,
+    registration_to_json,
+    verdict_to_json,
+)
 
 LAB_MISSING = ("the robustness lab is not installed; `freemark attack` needs it: "
                "pip install 'freemark[lab]'")
@@ -126,7 +150,7 @@ def _time(micros: int) -> str:
     return datetime.fromtimestamp(micros / 1e6, tz=UTC).isoformat(timespec="microseconds")
 
 
-def _headline(verdict: Verdict | SignedVerdict) -> str:
+def _headline(verdict: Decision) -> str:
     """The verdict's outcome in words, for the table's title."""
     return {"match": "WATERMARK PRESENT", "no_match": "watermark not found",
             "inconclusive": "INCONCLUSIVE (the reference panel cannot reach alpha)"}[verdict.outcome]
@@ -141,9 +165,15 @@ def _signed_rows(record: Any, first: tuple[str, ...] = ()) -> dict[str, Any]:
         value = getattr(record, name)
         if name == "integrated_time":
             rows[name] = _time(value)
+        elif isinstance(record, CoarseVerdict) and name in ("p_value", "p_value_above"):
+            if name == "p_value":
+                rows[name] = f"in ({record.p_value_above:g}, {record.p_value:g}] (coarse)"
         elif isinstance(value, ReferencePanel):
             rows[name] = (f"{value.size} reference models, sha256 {value.sha256.hex()}"
                           if value.size else "none")
+        elif isinstance(value, VerdictPolicy):
+            rows[name] = (f"{value.describe()}, {value.arbiter_disclosure} verdicts for "
+                          f"arbiters ({value.id})")
         elif name == "tests":
             for test in value:
                 rows[f"test {test.name}"] = (
@@ -163,9 +193,10 @@ def _receipt_fields(receipt: Receipt) -> dict[str, Any]:
     }
 
 
-def _verdict_fields(verdict: SignedVerdict) -> dict[str, Any]:
+def _verdict_fields(verdict: AnyVerdict) -> dict[str, Any]:
     return {
-        **_signed_rows(verdict, ("registration_id", "requested_by", "suspect_sha256")),
+        **_signed_rows(verdict, ("registration_id", "requested_by", "suspect_sha256",
+                                 "suspect_size")),
         "key_id": verdict.statement.key_id,
         "signature": verdict.statement.signature,
     }
@@ -254,48 +285,97 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
 
 def _cmd_public_key(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        pem = client.public_key()
+        pem, origin = client.log_key()
     try:
-        key_id = Verifier.from_pem(pem).key_id
+        verifier = Verifier.from_pem(pem)
+        note_key = verifier_key(origin, verifier)
     except ValueError as exc:
-        raise InvalidInputError(f"the server's public key is unusable: {exc}") from exc
+        raise InvalidInputError(f"the server's public key or origin is unusable: {exc}") from exc
     if args.out:
         Path(args.out).write_bytes(pem)
+    shown = {"key_id": verifier.key_id, "origin": origin, "note_verifier_key": note_key}
     if args.json:
-        print_json({"key_id": key_id, "pem": pem.decode("ascii"), "out": args.out})
+        print_json({**shown, "pem": pem.decode("ascii"), "out": args.out})
     elif args.out:
-        print_fields("public key written", {"key_id": key_id, "out": args.out})
+        print_fields("public key written (pin it and the origin)", {**shown, "out": args.out})
     else:
         sys.stdout.write(pem.decode("ascii"))
     return 0
 
 
+def _load_log_state(path: str) -> Checkpoint | ConsistencyProof:
+    """A checkpoint JSON, or a consistency proof JSON ending in the checkpoint to trust."""
+    try:
+        data = json.loads(_read_file(path, "checkpoint"))
+    except ValueError as exc:
+        raise InvalidReceiptError(f"{path} is not JSON ({exc})") from None
+    if isinstance(data, dict) and "old_size" in data:
+        return consistency_from_json(data)
+    return checkpoint_from_json(data)
+
+
+def _check_model(statement: Receipt | AnyVerdict, path: str) -> None:
+    """`--model`: a verdict's suspect by SHA-256 and size, a receipt's host by weights."""
+    if isinstance(statement, Receipt):
+        fingerprint_of = fingerprint(load_program(path))
+        if fingerprint_of != statement.host_fingerprint:
+            raise VerificationFailedError(
+                f"{path} is not the model this receipt registers: its weight fingerprint is "
+                f"{fingerprint_of.hex()}, the receipt's {statement.host_fingerprint.hex()}")
+        return
+    verify_suspect(statement, path)
+
+
+_KINDS = {Receipt: "receipt", SignedVerdict: "verdict", CoarseVerdict: "coarse verdict"}
+# What a reader looks for first in a statement's table.
+_FIRST = ("registration_id", "outcome", "alpha", "p_value", "p_value_above", "suspect_sha256",
+          "suspect_size", "requested_by", "integrated_time", "owner", "host_fingerprint")
+
+
 def _cmd_receipt_verify(args: argparse.Namespace) -> int:
     pem = _read_file(args.public_key, "public key")
+    checked = []
     try:
         statement = load_statement(args.file)
-        verify_receipt(statement, pem)
+        verify_receipt(statement, pem, origin=args.origin)
+        checked.append("signature, canonical body, log inclusion"
+                       + (", verdict policy and decision" if statement.KIND != Receipt.KIND
+                          else ""))
+        if args.model is not None:
+            _check_model(statement, args.model)
+            checked.append(f"it is about {args.model}")
+        if args.checkpoint is not None:
+            verify_in_log(statement, _load_log_state(args.checkpoint), pem, origin=args.origin)
+            checked.append(f"it is in the log {args.checkpoint} signs")
     except InvalidReceiptError as exc:
         print(f"freemark: FAILED: {args.file}: {exc}", file=sys.stderr)
         return 1
-    kind = "receipt" if isinstance(statement, Receipt) else "verdict"
-    summary = {
-        "ok": True, "kind": kind, "registration_id": statement.registration_id,
-        "log_index": statement.log_index, "tree_size": statement.inclusion.tree_size,
-        "key_id": statement.statement.key_id,
-    }
+    kind = _KINDS[type(statement)]
     if args.json:
-        print_json(summary)
+        print_json({
+            "ok": True, "kind": kind, **to_json_fields(statement),
+            "tree_size": statement.inclusion.tree_size, "key_id": statement.statement.key_id,
+            "model": args.model, "checkpoint": args.checkpoint,
+        })
     else:
-        print(f"OK {kind} for {statement.registration_id}: signed by key "
-              f"{statement.statement.key_id}, entry {statement.log_index} of a signed log of "
-              f"{statement.inclusion.tree_size} entries")
+        rows = {"kind": kind, **_signed_rows(statement, tuple(
+            n for n in _FIRST if hasattr(statement, n))),
+            "tree_size": statement.inclusion.tree_size, "key_id": statement.statement.key_id,
+            "checked": "; ".join(checked)}
+        print_fields(f"OK {kind} for {statement.registration_id}, signed by key "
+                     f"{statement.statement.key_id}", rows)
     return 0
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object instead of a table")
+
+
+def _add_origin(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--origin", default=os.environ.get("FREEMARK_ORIGIN"),
+                        help="the log's origin, as `freemark public-key` shows it (env "
+                             "FREEMARK_ORIGIN): checkpoints of any other log are refused")
 
 
 def _add_connection(parser: argparse.ArgumentParser) -> None:
@@ -368,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="suspect model .pt2")
     p.add_argument("--weights", help="suspect .safetensors; uploaded instead of --model and "
                    "applied by the server to the architecture registered with the host")
-    p.add_argument("--alpha", type=float, help=f"significance level (default {DEFAULT_ALPHA})")
+    p.add_argument("--alpha", type=float, help=f"significance level (default {DEFAULT_ALPHA}); "
+                   "the server refuses one outside its verdict policy's range")
     _add_connection(p)
     p.set_defaults(handler=_cmd_verify)
 
@@ -401,6 +482,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("file", help="receipt or verdict JSON, as register/verify --json print it")
     q.add_argument("--public-key", required=True,
                    help="the key server's public key PEM, obtained out of band")
+    q.add_argument("--model", metavar="SUSPECT",
+                   help="fail unless the verdict is about this file (SHA-256 and size), or the "
+                        "receipt registers this .pt2 (weight fingerprint)")
+    q.add_argument("--checkpoint", metavar="LATEST.json",
+                   help="fail unless the statement is in the log this checkpoint signs (a "
+                        "checkpoint JSON of the same size, or a consistency proof JSON from the "
+                        "statement's checkpoint to a later one)")
+    _add_origin(q)
     _add_common(q)
     q.set_defaults(handler=_cmd_receipt_verify)
     _add_attack(sub)

@@ -57,6 +57,7 @@ if TYPE_CHECKING:  # only for annotations: the scheme modules import this withou
 
 __all__ = [
     "ERROR_DOMAIN",
+    "AlphaOutsidePolicyError",
     "AlreadyRegisteredError",
     "CryptoError",
     "DeadlineExceededError",
@@ -175,6 +176,12 @@ class NotUniqueError(InvalidArgumentError):
     REASON = "NOT_UNIQUE"
 
 
+class AlphaOutsidePolicyError(InvalidArgumentError):
+    """The alpha asked for is outside the range the server signs verdicts for (named)."""
+
+    REASON = "ALPHA_OUTSIDE_POLICY"
+
+
 class UnauthenticatedError(ServerError):
     """No token, one the server does not know, or a disabled principal."""
 
@@ -266,8 +273,8 @@ _BY_REASON: dict[str, type[ServerError]] = {
     for cls in (MalformedRequestError, InvalidBundleError, InvalidModelError, HostMismatchError,
                 NotUniqueError, UnauthenticatedError, PermissionDeniedError, NotFoundError,
                 AlreadyRegisteredError, TooLargeError, SandboxLimitError, SandboxTimeoutError,
-                RevokedError, UploadCorruptError, ServerInternalError, RateLimitedError,
-                SpoolFullError, UploadStalledError)
+                RevokedError, UploadCorruptError, ServerInternalError, AlphaOutsidePolicyError,
+                RateLimitedError, SpoolFullError, UploadStalledError)
     if cls.REASON is not None
 }
 

@@ -19,7 +19,7 @@ from freemark.aligned import MIN_PANEL, aligned_test
 from freemark.bundle import KeyBundle
 from freemark.canon import aligned_readout
 from freemark.errors import InvalidInputError
-from freemark.panel import Reference, measure_reference, read_layer
+from freemark.panel import Reference, count_for, measure_reference, read_layer
 from freemark.records import Verdict, VerdictTest
 from freemark.verdict import (
     DEFAULT_ALPHA,
@@ -99,7 +99,7 @@ def judge_activations(activations: np.ndarray, bundle: KeyBundle, *, alpha: floa
             bundle, probe_activations, panel))
     assert bundle.probe_profile is not None and probe_activations is not None
     aligned = aligned_test(bundle.probe_profile, probe_activations,
-                           [r.probe_activations for r in panel])
+                           [count_for(r, bundle) for r in panel])
     return decide(plain, aligned, fingerprints, alpha=alpha)
 
 

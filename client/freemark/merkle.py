@@ -20,16 +20,15 @@ Quick start::
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
-import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
 
-from freemark._schema import HEX, INTEGER, TEXT, from_json_fields, to_json_fields
-from freemark._schema import signed as _signed
-from freemark.errors import CryptoError, InvalidReceiptError, LogProofError
-from freemark.signatures import Verifier, canonical_json
+from freemark.errors import LogProofError
+from freemark.note import NoteSigner, check_key_name, open_note, parse_note, sign_note
+from freemark.signatures import Verifier
 
 __all__ = [
     "EMPTY_ROOT",
@@ -37,24 +36,22 @@ __all__ = [
     "Checkpoint",
     "LogProofError",
     "SignedCheckpoint",
-    "Signer",
     "audit_entries",
+    "check_successor",
     "consistency_proof",
     "inclusion_proof",
     "leaf_hash",
     "node_hash",
+    "open_checkpoint",
+    "parse_checkpoint",
     "root",
     "sign_checkpoint",
-    "verify_checkpoint",
     "verify_consistency",
     "verify_inclusion",
 ]
 
 HASH_BYTES = 32
 EMPTY_ROOT = hashlib.sha256(b"").digest()
-
-# Names the signed body so a checkpoint signature can never pass for a receipt or a verdict.
-_CHECKPOINT_KIND = "freemark/v1/checkpoint"
 
 
 def leaf_hash(data: bytes) -> bytes:
@@ -264,130 +261,149 @@ def _shift_while_odd(fn: int, sn: int) -> tuple[int, int]:
 class Checkpoint:
     """A tree head the TTP commits to: the log `origin` held `tree_size` entries with this root.
 
-    `timestamp` is unix seconds, injected by the caller (the server's clock), not read here.
+    Written as a C2SP tlog-checkpoint (c2sp.org/tlog-checkpoint): the origin, the tree size in
+    decimal and the base64 root, one line each, then one extension line ``time <seconds>``.
+    `timestamp` is unix seconds, injected by the caller (the server uses the last entry's
+    integrated time), never read from a clock here; receipts are checked against it. The
+    text is signed as a C2SP signed note whose key name is the origin (`sign_checkpoint`).
     """
 
-    origin: str = field(metadata=_signed(TEXT))
-    tree_size: int = field(metadata=_signed(INTEGER))
-    root_hash: bytes = field(metadata=_signed(HEX))
-    timestamp: int = field(metadata=_signed(INTEGER))
-    key_id: str = field(metadata=_signed(TEXT))
+    origin: str
+    tree_size: int
+    root_hash: bytes
+    timestamp: int
 
     def __post_init__(self) -> None:
-        if not self.origin:
-            raise ValueError("a checkpoint needs a non-empty origin")
+        try:
+            check_key_name(self.origin)
+        except ValueError as exc:
+            raise ValueError(f"checkpoint origin: {exc}") from None
         if self.tree_size < 0 or self.timestamp < 0:
             raise ValueError("checkpoint tree_size and timestamp must be >= 0")
         if len(self.root_hash) != HASH_BYTES:
             raise ValueError(f"checkpoint root_hash must be {HASH_BYTES} bytes")
 
-    def signed_body(self) -> bytes:
-        """The exact bytes signed: RFC 8785 canonical JSON with the root hash in hex."""
-        return canonical_json({"kind": _CHECKPOINT_KIND, **to_json_fields(self)})
+    def to_text(self) -> str:
+        """The note text that is signed."""
+        root = base64.b64encode(self.root_hash).decode("ascii")
+        return f"{self.origin}\n{self.tree_size}\n{root}\n{_TIME}{self.timestamp}\n"
 
     @classmethod
-    def from_signed_body(cls, body: bytes) -> Checkpoint:
-        """The checkpoint whose `signed_body()` is exactly `body`; `LogProofError` otherwise.
+    def from_text(cls, text: str) -> Checkpoint:
+        """The checkpoint whose `to_text()` is exactly `text`; `LogProofError` otherwise.
 
-        The one reader of a checkpoint body: it refuses anything but the canonical bytes of a
-        checkpoint (another kind, extra or missing fields, non-canonical JSON, a bad root).
-        It does not check the signature: `verify_checkpoint` does.
+        The one reader of a checkpoint text: it refuses a missing or empty line, a size with
+        a sign or leading zeros, a root that is not canonical base64 of 32 bytes, and any
+        extension line but exactly one ``time`` line. It checks no signature:
+        `open_checkpoint` does.
         """
+        lines = text.split("\n")
+        if len(lines) != 5 or lines[-1] != "":
+            raise LogProofError("a checkpoint text is four lines (origin, tree size, root hash, "
+                                f"time), each ending in a newline; got {len(lines) - 1}")
+        origin, size, root, when = lines[:4]
         try:
-            parsed = json.loads(body)
-        except ValueError:  # UnicodeDecodeError is one too
-            raise LogProofError("the checkpoint body is not JSON") from None
-        try:
-            checkpoint = cls(**from_json_fields(cls, parsed, "checkpoint body"))
-        except (ValueError, InvalidReceiptError) as exc:  # __post_init__'s or a field's reader's
-            raise LogProofError(f"the checkpoint body is invalid: {exc}") from None
-        if checkpoint.signed_body() != body:
-            raise LogProofError(
-                "the checkpoint body is not a canonical checkpoint (another kind, extra fields "
-                "or not RFC 8785 JSON)"
-            )
+            if not when.startswith(_TIME):
+                raise ValueError("the fourth line must be the extension line "
+                                 "'time <unix seconds>'")
+            checkpoint = cls(origin, _decimal(size, "tree size"), _root(root),
+                             _decimal(when.removeprefix(_TIME), "time"))
+        except ValueError as exc:
+            raise LogProofError(f"the checkpoint is invalid: {exc}") from None
+        if checkpoint.to_text() != text:  # belt and braces: one text per checkpoint
+            raise LogProofError("the checkpoint text is not in canonical form")
         return checkpoint
+
+
+_TIME = "time "  # the extension line carrying the checkpoint's time (unix seconds)
+_MAX_DECIMAL_DIGITS = 20  # 2**64 has 20 digits; nothing longer is a size or a time
+
+
+def _decimal(text: str, what: str) -> int:
+    if not text.isascii() or not text.isdigit() or len(text) > _MAX_DECIMAL_DIGITS:
+        raise ValueError(f"the {what} {text!r} is not an ASCII decimal number")
+    if text != "0" and text.startswith("0"):
+        raise ValueError(f"the {what} {text!r} has leading zeros")
+    return int(text)
+
+
+def _root(text: str) -> bytes:
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("the root hash is not base64") from None
+    if base64.b64encode(raw).decode("ascii") != text:
+        raise ValueError("the root hash is not canonical base64")
+    if len(raw) != HASH_BYTES:
+        raise ValueError(f"the root hash is {len(raw)} bytes, not {HASH_BYTES}")
+    return raw
 
 
 @dataclass(frozen=True)
 class SignedCheckpoint:
-    """A checkpoint with the TTP's Ed25519 signature over `checkpoint.signed_body()`."""
+    """A checkpoint and the signed note (`note` bytes) that carries it."""
 
     checkpoint: Checkpoint
-    signature: bytes
+    note: bytes
 
 
-class Signer(Protocol):
-    """What `sign_checkpoint` needs from a key: the server's `SigningKey` is one.
+def sign_checkpoint(signer: NoteSigner, checkpoint: Checkpoint) -> SignedCheckpoint:
+    """Sign a checkpoint as a note under the key name `checkpoint.origin` (as the spec says)."""
+    return SignedCheckpoint(checkpoint, sign_note(checkpoint.to_text(), checkpoint.origin, signer))
 
-    A protocol rather than the server's class, so the library never imports the server.
+
+def parse_checkpoint(note: bytes) -> Checkpoint:
+    """The checkpoint a note carries, format checked, signature NOT checked."""
+    return Checkpoint.from_text(parse_note(note).text)
+
+
+def open_checkpoint(note: bytes, verifier: Verifier, origin: str | None = None) -> Checkpoint:
+    """The checkpoint in `note` once its log signature verifies; `LogProofError` otherwise.
+
+    `origin`, when given (pinned by the caller), must be the checkpoint's: a checkpoint of
+    another log proves nothing about this one, even under the same key. The log's signature
+    is the one whose key name is the checkpoint's origin; others (witnesses) are ignored.
     """
-
-    @property
-    def key_id(self) -> str:
-        """The id that signed bodies name, as `freemark.signatures.public_key_id` computes it."""
-        ...
-
-    def sign(self, message: bytes) -> bytes:
-        """Ed25519 signature over `message`."""
-        ...
-
-
-def sign_checkpoint(signer: Signer, checkpoint: Checkpoint) -> SignedCheckpoint:
-    """Sign a checkpoint; its `key_id` must name `signer`, so auditors know which key to use."""
-    if checkpoint.key_id != signer.key_id:
-        raise ValueError(
-            f"checkpoint names key {checkpoint.key_id!r} but the signer is {signer.key_id!r}"
-        )
-    return SignedCheckpoint(checkpoint, signer.sign(checkpoint.signed_body()))
-
-
-def verify_checkpoint(verifier: Verifier, signed: SignedCheckpoint) -> None:
-    """Raise `LogProofError` unless `verifier`'s key signed exactly this checkpoint."""
-    checkpoint = signed.checkpoint
-    if checkpoint.key_id != verifier.key_id:
-        raise LogProofError(
-            f"checkpoint names signing key {checkpoint.key_id!r}, "
-            f"but the verifier holds key {verifier.key_id!r}"
-        )
-    try:
-        verifier.verify(signed.signature, checkpoint.signed_body())
-    except CryptoError:
-        raise LogProofError(
-            f"checkpoint signature is invalid (tree_size {checkpoint.tree_size}): "
-            "the checkpoint was altered or not signed by this key"
-        ) from None
+    checkpoint = parse_checkpoint(note)
+    if origin is not None and checkpoint.origin != origin:
+        raise LogProofError(f"the checkpoint is of log {checkpoint.origin!r}, "
+                            f"not of {origin!r}")
+    text = open_note(note, checkpoint.origin, verifier)
+    if text != checkpoint.to_text():  # cannot differ: both read the same bytes
+        raise LogProofError("the verified text is not the checkpoint that was parsed")
+    return checkpoint
 
 
 # --- audit ---------------------------------------------------------------------------------
 
 
 def audit_entries(
-    entries: Sequence[bytes], checkpoints: Sequence[SignedCheckpoint], verifier: Verifier
+    entries: Sequence[bytes], notes: Sequence[bytes], verifier: Verifier,
+    origin: str | None = None,
 ) -> None:
     """Check a whole log against its signed checkpoints, in order; raise at the first fault.
 
-    `entries` are the canonical entry bytes in log order. For each checkpoint: its signature,
-    its origin, that the log never shrank, that its root is the root of the first `tree_size`
-    entries, and that it is consistent with the previous checkpoint. The consistency proof is
-    what a client without the entries checks; computing and verifying it here makes sure the
-    proofs this log serves agree with its own entries.
+    `entries` are the canonical entry bytes in log order, `notes` the signed checkpoints by
+    tree size. For each checkpoint: its signature and origin (`origin` if given, else the
+    first checkpoint's), that the log never shrank and time never went backwards, that its
+    root is the root of the first `tree_size` entries, and that it is consistent with the
+    previous checkpoint. The consistency proof is what a client without the entries checks;
+    computing and verifying it here makes sure the proofs this log serves agree with its
+    own entries.
     """
     tree = _Subtrees([leaf_hash(entry) for entry in entries])
     previous: Checkpoint | None = None
-    for position, signed in enumerate(checkpoints):
+    for position, note in enumerate(notes):
         try:
-            _audit_checkpoint(tree, previous, signed, verifier)
+            current = open_checkpoint(note, verifier, origin)
+            _audit_checkpoint(tree, previous, current)
         except LogProofError as err:
             raise LogProofError(f"checkpoint {position}: {err}") from None
-        previous = signed.checkpoint
+        previous = current
+        origin = current.origin
 
 
-def _audit_checkpoint(
-    tree: _Subtrees, previous: Checkpoint | None, signed: SignedCheckpoint, verifier: Verifier
-) -> None:
-    verify_checkpoint(verifier, signed)
-    current = signed.checkpoint
+def _audit_checkpoint(tree: _Subtrees, previous: Checkpoint | None, current: Checkpoint) -> None:
     if current.tree_size > tree.size:
         raise LogProofError(
             f"claims {current.tree_size} entries but the log holds {tree.size}: "
@@ -395,7 +411,7 @@ def _audit_checkpoint(
         )
     verified_size = 0 if previous is None else previous.tree_size
     if previous is not None:
-        _check_successor(previous, current)
+        check_successor(previous, current)
     expected = tree.hash(0, current.tree_size)
     if current.root_hash != expected:
         raise LogProofError(
@@ -410,7 +426,12 @@ def _audit_checkpoint(
         )
 
 
-def _check_successor(previous: Checkpoint, current: Checkpoint) -> None:
+def check_successor(previous: Checkpoint, current: Checkpoint) -> None:
+    """Raise unless `current` may follow `previous`: same log, no shrink, time not backwards.
+
+    What it cannot see (the same size with another root, a tree that is not an extension) the
+    consistency proof decides; a monitor checks both.
+    """
     if current.origin != previous.origin:
         raise LogProofError(
             f"origin {current.origin!r} differs from the previous checkpoint's "
@@ -420,4 +441,9 @@ def _check_successor(previous: Checkpoint, current: Checkpoint) -> None:
         raise LogProofError(
             f"tree_size {current.tree_size} is smaller than the previous checkpoint's "
             f"{previous.tree_size}: the log shrank (a rollback or a fork)"
+        )
+    if current.timestamp < previous.timestamp:
+        raise LogProofError(
+            f"time {current.timestamp} is before the previous checkpoint's "
+            f"{previous.timestamp}: the log's clock went backwards (a rollback or a fork)"
         )

@@ -7,7 +7,8 @@ itself, refuses every entry that would need any of those, loads sample inputs wi
 `weights_only=True` only, and hands torch's deserializer nothing it could unpickle.
 
 Deserializing is the expensive step (torch rebuilds every node with fake tensors and symbolic
-shapes: about 2 ms of CPU and 25 kB of memory a node), so the archive is measured first from
+shapes: about 1 ms of CPU a node, so the 20,000-node cap bounds it near 20 s; measured with
+`tests/hostile_models.oversized_graph`), so the archive is measured first from
 its zip directory, before anything is inflated: every member stored or deflated, at most
 `MAX_COMPRESSION_RATIO` : 1, at most `MAX_UNPACKED_BYTES` in all, the graph's JSON at most
 `MAX_GRAPH_JSON_BYTES` (read through a bounded inflate, so a lying header cannot make it

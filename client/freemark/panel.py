@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from freemark.activations import capture
+from freemark.aligned import matched_units
 from freemark.bundle import KeyBundle, tensor_from_proto, tensor_to_proto
 from freemark.errors import InvalidInputError
 from freemark.modelfile import fingerprint
@@ -35,6 +36,19 @@ class Reference:
     fingerprint: bytes
     trigger_activations: np.ndarray  # (triggers, units)
     probe_activations: np.ndarray  # (probes, units')
+    # Its aligned-test count against the host (`freemark.aligned.matched_units`), measured
+    # once with the panel so a verdict aligns only the suspect; None in records sealed
+    # before counts were kept (then measured at the verdict).
+    matched_units: int | None = None
+
+
+def count_for(reference: Reference, bundle: KeyBundle) -> int:
+    """The member's aligned-test count against the bundle's host: kept, or measured now."""
+    if reference.matched_units is not None:
+        return reference.matched_units
+    if bundle.probe_profile is None:
+        raise InvalidInputError("the key has no probe profile to align panel members to")
+    return matched_units(bundle.probe_profile, reference.probe_activations)
 
 
 def probe_triggers(bundle: KeyBundle) -> TriggerSet:
@@ -69,10 +83,13 @@ def read_layer(model: Model, bundle: KeyBundle) -> tuple[np.ndarray, np.ndarray 
 def measure_reference(model: Model, bundle: KeyBundle) -> Reference:
     """Measure one reference model for `bundle` (in process: only for models you trust)."""
     triggers, probes = read_layer(model, bundle)
-    if probes is None:  # a key made before the aligned test: the plain test's null only
-        probes = np.zeros((0, triggers.shape[1]))
+    if probes is None or bundle.probe_profile is None:
+        # a key made before the aligned test: the plain test's null only
+        return Reference(fingerprint=fingerprint(model), trigger_activations=triggers,
+                         probe_activations=np.zeros((0, triggers.shape[1])))
     return Reference(fingerprint=fingerprint(model), trigger_activations=triggers,
-                     probe_activations=probes)
+                     probe_activations=probes,
+                     matched_units=matched_units(bundle.probe_profile, probes))
 
 
 def fingerprints(panel: Sequence[Reference]) -> list[bytes]:
@@ -84,7 +101,8 @@ def reference_to_proto(reference: Reference) -> bundle_pb2.ReferenceModel:
     return bundle_pb2.ReferenceModel(
         fingerprint=reference.fingerprint,
         trigger_activations=tensor_to_proto(reference.trigger_activations.astype(np.float32)),
-        probe_activations=tensor_to_proto(reference.probe_activations.astype(np.float32)))
+        probe_activations=tensor_to_proto(reference.probe_activations.astype(np.float32)),
+        matched_units=reference.matched_units)
 
 
 def reference_from_proto(message: bundle_pb2.ReferenceModel) -> Reference:
@@ -94,4 +112,6 @@ def reference_from_proto(message: bundle_pb2.ReferenceModel) -> Reference:
         raise InvalidInputError("malformed reference model record")
     return Reference(fingerprint=bytes(message.fingerprint),
                      trigger_activations=triggers.astype(np.float64),
-                     probe_activations=probes.astype(np.float64))
+                     probe_activations=probes.astype(np.float64),
+                     matched_units=(message.matched_units if message.HasField("matched_units")
+                                    else None))

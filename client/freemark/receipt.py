@@ -9,8 +9,16 @@ server that issued it (DESIGN §3, flow 4). `verify_receipt` checks everything a
    so no second reading of the signed bytes exists) of the expected `kind`;
 3. every typed field equals the signed body's field (the field list of `freemark.records`;
    the typed copy is for convenience only);
-4. the checkpoint is signed by the same key and its typed tree size and root match its body;
-5. the inclusion proof places `leaf_hash(body)` at the body's `log_index` under that root.
+4. the checkpoint is a C2SP signed note of the same key under its origin's name (and of the
+   pinned origin, if one is given), its typed tree size and root match the note, and the
+   statement's time is not after the checkpoint's (beyond `MAX_CHECKPOINT_SKEW_S`);
+5. the inclusion proof places `leaf_hash(body)` at the body's `log_index` under that root;
+6. a verdict agrees with itself: its policy's id is the digest of its rules, its alpha is
+   inside the policy's range, `is_match` is p <= alpha and `outcome` agrees with it.
+
+Two checks need more than the file: `verify_suspect` that a verdict is about a given file
+(SHA-256 and size, as signed), so a genuine verdict cannot be replayed as evidence about
+another model; `verify_in_log` that the statement is in the log a later checkpoint signs.
 
 Every check raises (`InvalidReceiptError`, or `VerificationFailedError` for cryptographic
 failures) with a one-line reason; nothing returns a bool a caller could ignore.
@@ -19,11 +27,14 @@ Quick start::
 
     statement = load_statement("receipt.json")        # written by `freemark register --json`
     verify_receipt(statement, Path("ttp.pem").read_bytes())
+    verify_suspect(load_statement("verdict.json"), Path("suspect.pt2"))
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +44,9 @@ from freemark import merkle
 from freemark._schema import from_json_fields
 from freemark.errors import InvalidInputError, InvalidReceiptError, VerificationFailedError
 from freemark.records import (
+    AnyVerdict,
     Checkpoint,
+    CoarseVerdict,
     ConsistencyProof,
     Receipt,
     SignedVerdict,
@@ -48,12 +61,21 @@ from freemark.wire import (
 )
 
 __all__ = [
+    "MAX_CHECKPOINT_SKEW_S",
     "load_statement",
     "save_statement",
     "verify_checkpoint",
     "verify_consistency_proof",
+    "verify_in_log",
     "verify_receipt",
+    "verify_suspect",
 ]
+
+Statement = Receipt | AnyVerdict
+_READ_CHUNK = 1 << 20
+# How far (seconds) a statement's time may pass its checkpoint's: the checkpoint's time is
+# its last entry's rounded down to the second, so an honest log never needs more than 1.
+MAX_CHECKPOINT_SKEW_S = 2
 
 
 def _verifier(public_key_pem: bytes) -> Verifier:
@@ -75,60 +97,71 @@ def _check_canonical(body: bytes, what: str) -> dict[str, Any]:
     return fields
 
 
-def _verified_checkpoint(checkpoint: Checkpoint, verifier: Verifier) -> merkle.Checkpoint:
-    _check_canonical(checkpoint.body, "checkpoint")
+def _verified_checkpoint(checkpoint: Checkpoint, verifier: Verifier, origin: str | None
+                         ) -> merkle.Checkpoint:
     try:
-        parsed = merkle.Checkpoint.from_signed_body(checkpoint.body)
+        parsed = merkle.parse_checkpoint(checkpoint.note)
     except merkle.LogProofError as exc:
         raise InvalidReceiptError(str(exc)) from None
+    if origin is not None and parsed.origin != origin:
+        raise VerificationFailedError(
+            f"the checkpoint is of log {parsed.origin!r}, not of the expected {origin!r}")
     try:
-        merkle.verify_checkpoint(verifier, merkle.SignedCheckpoint(parsed, checkpoint.signature))
+        merkle.open_checkpoint(checkpoint.note, verifier, origin)
     except merkle.LogProofError as exc:
-        raise VerificationFailedError(str(exc)) from None
+        raise VerificationFailedError(f"checkpoint of size {parsed.tree_size}: {exc}") from None
     if checkpoint.tree_size != parsed.tree_size:
         raise InvalidReceiptError(
-            f"the checkpoint's tree_size {checkpoint.tree_size} differs from its signed body's "
+            f"the checkpoint's tree_size {checkpoint.tree_size} differs from its signed note's "
             f"{parsed.tree_size}"
         )
     if checkpoint.root_hash != parsed.root_hash:
-        raise InvalidReceiptError("the checkpoint's root_hash differs from its signed body's")
+        raise InvalidReceiptError("the checkpoint's root_hash differs from its signed note's")
     return parsed
 
 
-def verify_checkpoint(checkpoint: Checkpoint, public_key_pem: bytes) -> merkle.Checkpoint:
-    """Check a checkpoint's signature and body; return its verified contents, or raise."""
-    return _verified_checkpoint(checkpoint, _verifier(public_key_pem))
+def verify_checkpoint(checkpoint: Checkpoint, public_key_pem: bytes, *,
+                      origin: str | None = None) -> merkle.Checkpoint:
+    """Check a checkpoint's signed note (and its origin, if pinned); return its contents."""
+    return _verified_checkpoint(checkpoint, _verifier(public_key_pem), origin)
 
 
 def verify_consistency_proof(
-    proof: ConsistencyProof, older: Checkpoint, public_key_pem: bytes
-) -> None:
+    proof: ConsistencyProof, older: Checkpoint, public_key_pem: bytes, *,
+    origin: str | None = None,
+) -> merkle.Checkpoint:
     """Raise unless the log signed in `older` is a prefix of the one signed in `proof`.
 
     This is how a holder of an old receipt checks the log only ever grew since: fetch a
     consistency proof from the receipt's checkpoint size to the latest and check it here.
+    Both checkpoints must be of one log (`origin` if pinned) and time must not go backwards.
+    Returns the newer checkpoint's contents.
     """
     verifier = _verifier(public_key_pem)
-    old = _verified_checkpoint(older, verifier)
-    new = _verified_checkpoint(proof.checkpoint, verifier)
+    old = _verified_checkpoint(older, verifier, origin)
+    new = _verified_checkpoint(proof.checkpoint, verifier, origin or old.origin)
     if (proof.old_size, proof.new_size) != (old.tree_size, new.tree_size):
         raise InvalidReceiptError(
             f"the proof is for sizes {proof.old_size} -> {proof.new_size}, the checkpoints "
             f"have {old.tree_size} and {new.tree_size}"
         )
     try:
+        merkle.check_successor(old, new)
         merkle.verify_consistency(
             old.tree_size, new.tree_size, old.root_hash, new.root_hash, proof.hashes
         )
     except merkle.LogProofError as exc:
         raise VerificationFailedError(str(exc)) from None
+    return new
 
 
-def verify_receipt(statement: Receipt | SignedVerdict, public_key_pem: bytes) -> None:
+def verify_receipt(statement: Statement, public_key_pem: bytes, *,
+                   origin: str | None = None) -> None:
     """Raise unless `statement` is a genuine, logged receipt or verdict of this TTP key.
 
-    The checks are listed in the module docstring. `InvalidInputError` means the public key
-    itself is unusable; any fault in the statement is an `InvalidReceiptError`.
+    The checks are listed in the module docstring; `origin`, when given, pins the log the
+    checkpoint must be of. `InvalidInputError` means the public key itself is unusable; any
+    fault in the statement is an `InvalidReceiptError`.
     """
     verifier = _verifier(public_key_pem)
     signed = statement.statement
@@ -150,12 +183,107 @@ def verify_receipt(statement: Receipt | SignedVerdict, public_key_pem: bytes) ->
     mismatch = typed_mismatch(statement, from_json_fields(type(statement), body, "signed body"))
     if mismatch is not None:
         raise InvalidReceiptError(mismatch)
-    _check_inclusion(statement, verifier)
+    if isinstance(statement, (SignedVerdict, CoarseVerdict)):
+        _check_verdict(statement)
+    _check_inclusion(statement, verifier, origin)
 
 
-def _check_inclusion(statement: Receipt | SignedVerdict, verifier: Verifier) -> None:
+def _check_verdict(verdict: AnyVerdict) -> None:
+    """A signed verdict must be consistent: its policy's id, alpha and decision."""
+    policy = verdict.policy
+    if policy.id != policy.expected_id:
+        raise InvalidReceiptError(f"the verdict's policy id {policy.id!r} is not the digest of "
+                                  f"its rules ({policy.expected_id!r})")
+    if not policy.alpha_min <= verdict.alpha <= policy.alpha_max:
+        raise InvalidReceiptError(f"the verdict's alpha {verdict.alpha:g} is outside its own "
+                                  f"policy ({policy.describe()})")
+    if verdict.is_match != (verdict.log10_p_value <= math.log10(verdict.alpha)):
+        raise InvalidReceiptError(f"the verdict says is_match={verdict.is_match} for p-value "
+                                  f"{verdict.p_value:.3g} at alpha {verdict.alpha:g}")
+    if (verdict.outcome == "match") != verdict.is_match:
+        raise InvalidReceiptError(f"the verdict's outcome {verdict.outcome!r} contradicts "
+                                  f"is_match={verdict.is_match}")
+
+
+def _file_digest(path: Path) -> tuple[bytes, int]:
+    digest, size = hashlib.sha256(), 0
+    try:
+        with path.open("rb") as f:
+            while chunk := f.read(_READ_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+    except OSError as exc:
+        raise InvalidInputError(f"{path}: {exc.strerror or exc}") from exc
+    return digest.digest(), size
+
+
+def verify_suspect(verdict: AnyVerdict, path: str | Path) -> None:
+    """Raise `VerificationFailedError` unless `path` is exactly the file `verdict` judged.
+
+    The verdict signs the suspect's SHA-256 and size as uploaded; a verdict about another
+    file (the owner's own host, say) proves nothing about this one. Check the verdict
+    itself with `verify_receipt` first.
+    """
+    path = Path(path)
+    sha256, size = _file_digest(path)
+    if (sha256, size) != (verdict.suspect_sha256, verdict.suspect_size):
+        raise VerificationFailedError(
+            f"{path} is not the file this verdict is about: it has SHA-256 {sha256.hex()} and "
+            f"{size} bytes, the verdict judged SHA-256 {verdict.suspect_sha256.hex()} of "
+            f"{verdict.suspect_size} bytes")
+
+
+def verify_in_log(statement: Statement, latest: Checkpoint | ConsistencyProof,
+                  public_key_pem: bytes, *, origin: str | None = None) -> None:
+    """Raise unless `statement` is in the log that `latest` (a checkpoint you trust, from a
+    monitor or a witness) signs.
+
+    Given a checkpoint of the same size as the statement's own, the two must have one root
+    (two roots for one size is a fork). For a later checkpoint, give the consistency proof
+    from the statement's checkpoint to it (`GetConsistencyProof`, `consistency_to_json`): the
+    log the statement is in must be a prefix of the later one. Check the statement itself
+    with `verify_receipt` first.
+    """
+    own = statement.inclusion.checkpoint
+    if isinstance(latest, ConsistencyProof):
+        if latest.old_size != own.tree_size:
+            raise InvalidReceiptError(
+                f"the consistency proof starts from a log of {latest.old_size} entries, the "
+                f"statement's checkpoint signs {own.tree_size}")
+        verify_consistency_proof(latest, own, public_key_pem, origin=origin)
+        return
+    mine = verify_checkpoint(own, public_key_pem, origin=origin)
+    later = verify_checkpoint(latest, public_key_pem, origin=mine.origin)
+    if later.tree_size <= statement.log_index:
+        raise VerificationFailedError(
+            f"the checkpoint signs a log of {later.tree_size} entries, which does not hold "
+            f"entry {statement.log_index}: the statement is not in that log")
+    if later.tree_size < mine.tree_size:
+        raise InvalidReceiptError(
+            f"the checkpoint signs {later.tree_size} entries, fewer than the statement's own "
+            f"({mine.tree_size}): give a later checkpoint")
+    if later.tree_size != mine.tree_size:
+        raise InvalidReceiptError(
+            f"the checkpoint signs {later.tree_size} entries, the statement's proof is for "
+            f"{mine.tree_size}: give the consistency proof from {mine.tree_size} to "
+            f"{later.tree_size} instead of the bare checkpoint")
+    if later.root_hash != mine.root_hash:
+        raise VerificationFailedError(
+            f"the checkpoint and the statement's own sign two different logs of "
+            f"{later.tree_size} entries: the log forked")
+
+
+def _check_inclusion(statement: Statement, verifier: Verifier, origin: str | None) -> None:
     proof = statement.inclusion
-    checkpoint = _verified_checkpoint(proof.checkpoint, verifier)
+    checkpoint = _verified_checkpoint(proof.checkpoint, verifier, origin)
+    # The checkpoint's time is its last entry's, so no entry it holds can be later; a small
+    # skew allows for the seconds it is rounded down to.
+    if statement.integrated_time > (checkpoint.timestamp + MAX_CHECKPOINT_SKEW_S) * 1_000_000:
+        raise VerificationFailedError(
+            f"the statement's time ({statement.integrated_time // 1_000_000} s) is after its "
+            f"checkpoint's ({checkpoint.timestamp} s) by more than {MAX_CHECKPOINT_SKEW_S} s: "
+            "a log cannot hold an entry later than its own tree head"
+        )
     if proof.log_index != statement.log_index:
         raise InvalidReceiptError(
             f"the inclusion proof is for log index {proof.log_index}, "
@@ -178,7 +306,7 @@ def _check_inclusion(statement: Receipt | SignedVerdict, verifier: Verifier) -> 
         raise VerificationFailedError(f"the statement is not in the signed log: {exc}") from None
 
 
-def load_statement(path: str | Path) -> Receipt | SignedVerdict:
+def load_statement(path: str | Path) -> Statement:
     """Read a receipt or verdict JSON file, as `freemark register|verify --json` prints it.
 
     Reading checks only the format; call `verify_receipt` before relying on it.
@@ -196,7 +324,7 @@ def load_statement(path: str | Path) -> Receipt | SignedVerdict:
     return statement_from_json(data)
 
 
-def save_statement(path: str | Path, statement: Receipt | SignedVerdict) -> None:
+def save_statement(path: str | Path, statement: Statement) -> None:
     """Write a receipt or verdict as the JSON file `load_statement` reads."""
     data = (
         receipt_to_json(statement) if isinstance(statement, Receipt) else verdict_to_json(statement)

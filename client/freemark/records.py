@@ -31,13 +31,19 @@ from freemark._schema import (
     signed,
     to_json_fields,
 )
+from freemark.signatures import canonical_json
 
 __all__ = [
+    "COARSE_VERDICT_KIND",
+    "DISCLOSURES",
     "OUTCOMES",
     "RECEIPT_KIND",
     "VERDICT_KIND",
+    "AnyVerdict",
     "Checkpoint",
+    "CoarseVerdict",
     "ConsistencyProof",
+    "Decision",
     "InclusionProof",
     "Receipt",
     "ReferencePanel",
@@ -45,12 +51,19 @@ __all__ = [
     "SignedStatement",
     "SignedVerdict",
     "Verdict",
+    "VerdictBinding",
+    "VerdictPolicy",
     "VerdictTest",
 ]
 
 # The `kind` of a signed body: it keeps a receipt from ever passing for a verdict and back.
 RECEIPT_KIND = "freemark/v1/registration"
 VERDICT_KIND = "freemark/v1/verdict"
+COARSE_VERDICT_KIND = "freemark/v1/coarse-verdict"
+POLICY_KIND = "freemark/v1/verdict-policy"  # the domain of a policy's id
+
+# What a verdict discloses: every statistic, or the outcome and a p-value bucket only.
+DISCLOSURES = ("full", "coarse")
 
 # A verdict's outcome: `inconclusive` when the tests that ran cannot reach alpha.
 OUTCOMES = ("match", "no_match", "inconclusive")
@@ -67,15 +80,14 @@ class SignedStatement:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A signed log checkpoint as served: `body` is the exact signed RFC 8785 JSON.
+    """A signed log checkpoint as served: `note` is the exact C2SP signed note.
 
-    The body's fields are `freemark.merkle.Checkpoint`'s (read it with
-    `freemark.merkle.Checkpoint.from_signed_body`); `tree_size` and `root_hash` repeat it, and
+    The note's text is a `freemark.merkle.Checkpoint` (origin, tree size, root, time; read it
+    with `freemark.merkle.parse_checkpoint`); `tree_size` and `root_hash` repeat it, and
     `freemark.receipt.verify_checkpoint` checks the signature and that they agree.
     """
 
-    body: bytes
-    signature: bytes
+    note: bytes
     tree_size: int
     root_hash: bytes
 
@@ -160,57 +172,144 @@ class VerdictTest:
     method: str = field(metadata=signed(TEXT))
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """What a suspect's extraction says; `is_match` iff the calibrated p <= alpha.
+@dataclass(frozen=True, kw_only=True)
+class VerdictPolicy:
+    """The operator's rules for signing verdicts, signed into every verdict.
 
-    These are the judgement fields, shared by the offline verdict (`freemark.extract`) and
-    the TTP's `SignedVerdict`. `p_value` and `is_match` are the combined decision over
-    `tests`; `outcome` defaults to "match" or "no_match" from `is_match`.
+    The TTP signs verdicts only for alpha in [alpha_min, alpha_max]: a lax alpha (0.99)
+    would let an owner frame an innocent model, an absurdly strict one would let anybody
+    obtain a signed "no_match" for a real copy. `arbiter_disclosure` is what a requester
+    other than the registration's owner gets: "full" statistics or a "coarse" verdict
+    (outcome and p-value bucket). The owner always gets the full verdict: he holds the key
+    and could compute every statistic himself. `id` is derived from the other fields
+    (`make`), so a verifier recomputes it (`expected_id`) and two verdicts name one policy
+    exactly when they were signed under the same rules.
+    """
+
+    alpha_min: float = field(metadata=signed(NUMBER))
+    alpha_max: float = field(metadata=signed(NUMBER))
+    arbiter_disclosure: str = field(metadata=signed(choice(*DISCLOSURES)))
+    id: str = field(metadata=signed(TEXT))
+
+    @classmethod
+    def make(cls, *, alpha_min: float, alpha_max: float, arbiter_disclosure: str
+             ) -> VerdictPolicy:
+        """A policy with its id; raises ValueError for a range that is not 0 < min <= max < 1."""
+        if not 0.0 < alpha_min <= alpha_max < 1.0:
+            raise ValueError(f"the alpha range [{alpha_min:g}, {alpha_max:g}] must satisfy "
+                             "0 < alpha_min <= alpha_max < 1")
+        if arbiter_disclosure not in DISCLOSURES:
+            raise ValueError(f"arbiter disclosure must be one of {', '.join(DISCLOSURES)}")
+        return cls(alpha_min=alpha_min, alpha_max=alpha_max,
+                   arbiter_disclosure=arbiter_disclosure,
+                   id=_policy_id(alpha_min, alpha_max, arbiter_disclosure))
+
+    @property
+    def expected_id(self) -> str:
+        """The id these rules have: "sha256:" and the hex of SHA-256 over their RFC 8785 JSON."""
+        return _policy_id(self.alpha_min, self.alpha_max, self.arbiter_disclosure)
+
+    def describe(self) -> str:
+        """The range for messages and tables: "alpha in [1e-12, 1e-06]"."""
+        return f"alpha in [{self.alpha_min:g}, {self.alpha_max:g}]"
+
+
+def _policy_id(alpha_min: float, alpha_max: float, arbiter_disclosure: str) -> str:
+    rules = {"kind": POLICY_KIND, "alpha_min": alpha_min, "alpha_max": alpha_max,
+             "arbiter_disclosure": arbiter_disclosure}
+    return "sha256:" + hashlib.sha256(canonical_json(rules)).hexdigest()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Decision:
+    """What every verdict says, offline or signed, full or coarse: is the watermark there?
+
+    `is_match` iff the calibrated p <= alpha; `outcome` defaults to "match" or "no_match"
+    from `is_match` ("inconclusive" when the tests that ran cannot reach alpha).
     """
 
     n_bits: int = field(metadata=signed(INTEGER))
-    matches: int = field(metadata=signed(INTEGER))
-    ber: float = field(metadata=signed(NUMBER))
     p_value: float = field(metadata=signed(NUMBER))
     log10_p_value: float = field(metadata=signed(NUMBER))
-    p_value_method: str = field(metadata=signed(TEXT))
-    p_value_binomial: float = field(metadata=signed(NUMBER))
-    log10_p_value_binomial: float = field(metadata=signed(NUMBER))
     alpha: float = field(metadata=signed(NUMBER))
     is_match: bool = field(metadata=signed(BOOLEAN))
     # Defaults keep callers that predate these fields (the lab's aligned verdict) working.
     outcome: str = field(default="", metadata=signed(choice(*OUTCOMES)))
-    tests: tuple[VerdictTest, ...] = field(default=(), metadata=signed(list_of(nested(VerdictTest))))
     panel: ReferencePanel = field(default=NO_PANEL, metadata=signed(nested(ReferencePanel)))
 
     def __post_init__(self) -> None:
         if not self.outcome:
             object.__setattr__(self, "outcome", "match" if self.is_match else "no_match")
-        if not isinstance(self.tests, tuple):
-            object.__setattr__(self, "tests", tuple(self.tests))
 
     def as_dict(self) -> dict[str, object]:
-        """The verdict's signed fields as JSON-ready values (the CLI's `--json`)."""
+        """The signed fields as JSON-ready values (the CLI's `--json`)."""
         return to_json_fields(self)
 
 
 @dataclass(frozen=True, kw_only=True)
-class SignedVerdict(Verdict):
-    """The TTP's signed, logged judgement of one suspect model against one registration.
+class Verdict(Decision):
+    """A full judgement: the decision and the statistics behind it.
 
-    Its signed body is the judgement fields of `Verdict` plus the binding fields below.
+    Shared by the offline verdict (`freemark.extract`) and the TTP's `SignedVerdict`.
+    `p_value` and `is_match` are the combined decision over `tests`.
     """
 
-    KIND: ClassVar[str] = VERDICT_KIND
+    matches: int = field(metadata=signed(INTEGER))
+    ber: float = field(metadata=signed(NUMBER))
+    p_value_method: str = field(metadata=signed(TEXT))
+    p_value_binomial: float = field(metadata=signed(NUMBER))
+    log10_p_value_binomial: float = field(metadata=signed(NUMBER))
+    tests: tuple[VerdictTest, ...] = field(default=(), metadata=signed(list_of(nested(VerdictTest))))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.tests, tuple):
+            object.__setattr__(self, "tests", tuple(self.tests))
+
+
+@dataclass(frozen=True, kw_only=True)
+class VerdictBinding:
+    """What ties a TTP verdict to one case: the registration, who asked, which file exactly
+    (SHA-256 and size in bytes, as uploaded and checked), under which policy, and where it
+    sits in the log. Shared by the full and the coarse verdict."""
 
     statement: SignedStatement
     registration_id: str = field(metadata=signed(TEXT))
     requested_by: str = field(metadata=signed(TEXT))
     suspect_sha256: bytes = field(metadata=signed(HEX))
+    suspect_size: int = field(metadata=signed(INTEGER))
+    policy: VerdictPolicy = field(metadata=signed(nested(VerdictPolicy)))
     log_index: int = field(metadata=signed(INTEGER))
     integrated_time: int = field(metadata=signed(INTEGER))  # unix microseconds
     inclusion: InclusionProof
+
+
+@dataclass(frozen=True, kw_only=True)
+class SignedVerdict(Verdict, VerdictBinding):
+    """The TTP's signed, logged, full judgement of one suspect against one registration.
+
+    Its signed body is the fields of `Verdict` plus the binding fields.
+    """
+
+    KIND: ClassVar[str] = VERDICT_KIND
+
+
+@dataclass(frozen=True, kw_only=True)
+class CoarseVerdict(Decision, VerdictBinding):
+    """The TTP's signed, logged verdict for a requester under a coarse disclosure policy.
+
+    It says the decision and how strong the evidence is, and nothing a thief could use as a
+    gauge: no matches, BER, per-test statistics or null parameters. The p-value is given as
+    a bucket: it lies in (`p_value_above`, `p_value`], where the buckets' edges are
+    `freemark.verdict.COARSE_EDGES` and alpha (so `p_value` <= alpha iff the exact one is).
+    """
+
+    KIND: ClassVar[str] = COARSE_VERDICT_KIND
+
+    p_value_above: float = field(metadata=signed(NUMBER))
+
+
+AnyVerdict = SignedVerdict | CoarseVerdict
 
 
 @dataclass(frozen=True)

@@ -42,12 +42,12 @@ from freemark.errors import (
     error_for,
 )
 from freemark.records import (
+    AnyVerdict,
     Checkpoint,
     ConsistencyProof,
     InclusionProof,
     Receipt,
     RegistrationInfo,
-    SignedVerdict,
 )
 from freemark.v1 import keyservice_pb2 as pb
 from freemark.v1 import keyservice_pb2_grpc as pb_grpc
@@ -321,11 +321,14 @@ class KeyServiceClient:
         return receipt_from_proto(reply)
 
     def verify(self, registration_id: str, model_path: Path, *, fmt: ModelFormat | None = None,
-               alpha: float | None = None) -> SignedVerdict:
+               alpha: float | None = None) -> AnyVerdict:
         """Ask the TTP whether a suspect model carries a registration's watermark.
 
         `fmt` defaults from the suffix; a .safetensors file is applied to the architecture
-        registered with the host. `alpha` defaults to the scheme's (1e-9).
+        registered with the host. `alpha` defaults to the scheme's (1e-9); the server refuses
+        one outside its verdict policy (`AlphaOutsidePolicyError`). The verdict is a full
+        `SignedVerdict`, or a `CoarseVerdict` (outcome and p-value bucket) where the server's
+        policy gives those to requesters other than the registration's owner.
         """
         if alpha is not None and not 0.0 < alpha < 1.0:
             raise InvalidInputError(f"alpha must be in (0, 1), got {alpha}")
@@ -381,6 +384,11 @@ class KeyServiceClient:
     def public_key(self) -> bytes:
         """The TTP's Ed25519 public key (PEM). For audits, prefer a copy obtained out of band."""
         return bytes(self._call(self._stub.GetPublicKey, pb.GetPublicKeyRequest).pem)
+
+    def log_key(self) -> tuple[bytes, str]:
+        """The public key (PEM) and the log's origin, which checkpoints must name: pin both."""
+        reply = self._call(self._stub.GetPublicKey, pb.GetPublicKeyRequest)
+        return bytes(reply.pem), str(reply.origin)
 
     # --- lifetime ------------------------------------------------------------------------------
 

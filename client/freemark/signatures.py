@@ -62,6 +62,11 @@ class Verifier:
             raise ValueError("the public key is not an Ed25519 key")  # noqa: TRY004 (bad input)
         return cls(public_key)
 
+    def public_bytes(self) -> bytes:
+        """The raw 32-byte public key (RFC 8032), as signed-note key ids hash it."""
+        return self._public_key.public_bytes(serialization.Encoding.Raw,
+                                             serialization.PublicFormat.Raw)
+
     def verify(self, signature: bytes, message: bytes) -> None:
         """Raise `CryptoError` unless `signature` is this key's signature over `message`."""
         try:

@@ -7,30 +7,52 @@ sample (the key applied to random permutations of the suspect's own units, plus 
 reference models), fit a beta-binomial (an exchangeable correlated-Bernoulli model) to it
 by moments, and take its upper tail. The calibrated p-value is never smaller than the
 binomial one, and never smaller than the rank of the suspect among reference models.
+
+With a reference panel of at least `aligned.MIN_PANEL` models of the host's width, the
+permutation null is not trusted alone: models that share the host's pretraining (other
+fine-tunes of one public checkpoint) decode far more bits than a permutation does, and a
+beta-binomial fitted mostly to permutations would call every one of them a copy. The plain
+p-value is then also bounded by the panel, as the aligned test is: the key's bits are
+trials at the worst panel member's agreement rate, bounded above by Clopper–Pearson
+(`panel_bound`). An unrelated panel costs a copy little (the bound's floor is ≈ 1e-28.5);
+a panel of shared-base models takes away exactly the evidence they share.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from freemark.aligned import AlignedTest
+from freemark._schema import signed_fields
+from freemark.aligned import MIN_PANEL, AlignedTest
 from freemark.readout import normalise
-from freemark.records import NO_PANEL, ReferencePanel, Verdict, VerdictTest  # Verdict: re-exported
+from freemark.records import (  # Verdict: re-exported
+    NO_PANEL,
+    Decision,
+    ReferencePanel,
+    Verdict,
+    VerdictTest,
+)
 from freemark.stats import (
     fit_betabinomial,
     log10_betabinomial_sf,
     log10_binomial_sf,
     log10_bonferroni,
+    log10_exceedance_p,
 )
 
 DEFAULT_ALPHA = 1e-9
 DEFAULT_PERMUTATIONS = 1000
 UNIQUENESS_ALPHA = 1e-3
+# A coarse verdict names the bucket its p-value falls in between these edges and alpha: the
+# strength of the evidence in orders of magnitude a court can weigh, too coarse to steer by.
+COARSE_EDGES = (1e-100, 1e-50, 1e-30, 1e-20, 1e-12, 1e-9, 1e-6, 1e-3, 1.0)
 
 
 def count_matches(key: np.ndarray, z: np.ndarray, bits: np.ndarray) -> np.ndarray:
@@ -56,6 +78,18 @@ def permutation_null(key: np.ndarray, bits: np.ndarray, z: np.ndarray,
     return count_matches(key, perms, bits)
 
 
+def panel_bound(matches: int, n_bits: int, panel_matches: Sequence[int]) -> float:
+    """log10 p of `matches` when the panel members matched `panel_matches` of the same bits.
+
+    Bits as exchangeable trials at the worst member's rate, Clopper–Pearson bounded
+    (`freemark.stats.log10_exceedance_p`): one statistic for the plain and the aligned
+    test's panels. Meaningful only for a panel of at least `MIN_PANEL` members.
+    """
+    worst = int(max(panel_matches))
+    return log10_exceedance_p(matches, n_bits, worst * len(panel_matches),
+                              n_bits * len(panel_matches))
+
+
 def judge(key: np.ndarray, bits: np.ndarray, z: np.ndarray, *, alpha: float = DEFAULT_ALPHA,
           references: list[np.ndarray] | tuple[np.ndarray, ...] = (),
           n_permutations: int = DEFAULT_PERMUTATIONS) -> Verdict:
@@ -73,6 +107,10 @@ def judge(key: np.ndarray, bits: np.ndarray, z: np.ndarray, *, alpha: float = DE
         beaten_by = int((ref_matches >= matches).sum())
         if beaten_by:
             log10_p = max(log10_p, math.log10((1 + beaten_by) / (1 + len(ref_matches))))
+        if len(ref_matches) >= MIN_PANEL:
+            log10_p = max(log10_p, panel_bound(matches, n_bits, ref_matches.tolist()))
+            method += (f", bounded by the panel (bits as trials at the worst member's rate, "
+                       f"{int(ref_matches.max())} of {n_bits}, Clopper–Pearson)")
     method += f" (null mean BER {1 - a / (a + b):.3f}, intra-key correlation {icc:.3g})"
     is_match = log10_p <= math.log10(alpha)
     plain = VerdictTest(name="plain", statistic=float(matches), n=n_bits, p_value=10.0 ** log10_p,
@@ -122,10 +160,33 @@ def decide(plain: Verdict, aligned: AlignedTest | None, panel: Sequence[bytes], 
                                 log10_p_value=aligned.log10_p_value, method=aligned.method)
     log10_p = log10_bonferroni([plain.log10_p_value, aligned.log10_p_value])
     is_match = log10_p <= threshold
-    reach = log10_bonferroni([aligned.best_log10_p_value, plain.log10_p_value])
+    # Could this panel have caught a relabelled copy (plain p = 1, aligned at its best)?
+    reach = log10_bonferroni([aligned.best_log10_p_value, 0.0])
     outcome = "match" if is_match else ("inconclusive" if reach > threshold else "no_match")
     method = (f"Bonferroni over the plain and the aligned test (2 × the smaller p); "
               f"plain: {plain.p_value_method}; {aligned.method}")
     return dataclasses.replace(plain, p_value=10.0 ** log10_p, log10_p_value=log10_p,
                                p_value_method=method, is_match=is_match, outcome=outcome,
                                tests=(*plain.tests, aligned_entry), panel=record)
+
+
+def p_value_bucket(log10_p: float, alpha: float) -> tuple[float, float]:
+    """(above, at_most]: the coarse bucket of a p-value given as log10 (it may underflow).
+
+    The edges are `COARSE_EDGES` and `alpha`, so at_most <= alpha exactly when p <= alpha and
+    the bucket agrees with the decision; the lowest bucket starts at 0.
+    """
+    edges = sorted({0.0, alpha, *COARSE_EDGES})
+    for above, at_most in itertools.pairwise(edges):
+        if log10_p <= math.log10(at_most):
+            return above, at_most
+    return edges[-2], edges[-1]  # p = 1 exactly, or a rounding above it
+
+
+def coarse_values(verdict: Verdict) -> dict[str, Any]:
+    """The judgement fields of a `CoarseVerdict` for `verdict`: its decision, with the
+    p-value replaced by the upper edge of its bucket and the lower edge beside it."""
+    above, at_most = p_value_bucket(verdict.log10_p_value, verdict.alpha)
+    decision = {spec.name: getattr(verdict, spec.name) for spec in signed_fields(Decision)}
+    return {**decision, "p_value": at_most, "log10_p_value": math.log10(at_most),
+            "p_value_above": above}

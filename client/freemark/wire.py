@@ -33,6 +33,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -52,7 +53,9 @@ from freemark._schema import (
 )
 from freemark.errors import InvalidReceiptError
 from freemark.records import (
+    AnyVerdict,
     Checkpoint,
+    CoarseVerdict,
     ConsistencyProof,
     InclusionProof,
     Receipt,
@@ -66,8 +69,8 @@ from freemark.v1 import keyservice_pb2 as pb
 __all__ = [
     "JsonFields",
     "checkpoint_from_json",
+    "checkpoint_from_note",
     "checkpoint_from_proto",
-    "checkpoint_from_signed",
     "checkpoint_to_json",
     "checkpoint_to_proto",
     "consistency_from_json",
@@ -100,12 +103,15 @@ __all__ = [
     "verdict_to_proto",
 ]
 
-Statement = Receipt | SignedVerdict
-S = TypeVar("S", Receipt, SignedVerdict)
+Statement = Receipt | SignedVerdict | CoarseVerdict
+S = TypeVar("S", bound=Statement)
 
-# Each signed statement type and its proto message; `kind` picks the type when reading a file.
-_PROTO: dict[type, Any] = {Receipt: pb.Receipt, SignedVerdict: pb.SignedVerdict}
-_STATEMENTS: tuple[type[Statement], ...] = (Receipt, SignedVerdict)
+# Each signed statement type and its proto message; `kind` picks the type when reading a file
+# or a reply (a full and a coarse verdict travel in the same `SignedVerdict` message).
+_PROTO: dict[type, Any] = {Receipt: pb.Receipt, SignedVerdict: pb.SignedVerdict,
+                           CoarseVerdict: pb.SignedVerdict}
+_STATEMENTS: tuple[type[Statement], ...] = (Receipt, SignedVerdict, CoarseVerdict)
+_VERDICTS: dict[str, type[AnyVerdict]] = {cls.KIND: cls for cls in (SignedVerdict, CoarseVerdict)}
 
 
 # --- protobuf <-> dataclass ------------------------------------------------------------------
@@ -132,22 +138,15 @@ def statement_to_proto(statement: SignedStatement) -> pb.SignedStatement:
 
 
 def checkpoint_from_proto(message: pb.SignedCheckpoint) -> Checkpoint:
-    """Wire checkpoint -> record."""
-    return Checkpoint(
-        body=message.body,
-        signature=message.signature,
-        tree_size=message.tree_size,
-        root_hash=message.root_hash,
-    )
+    """Wire checkpoint -> record, read from its note; the typed size and root must agree."""
+    return _checkpoint_agreeing(checkpoint_from_note(message.note), message.tree_size,
+                                message.root_hash, "the server's checkpoint")
 
 
 def checkpoint_to_proto(checkpoint: Checkpoint) -> pb.SignedCheckpoint:
     """Record -> wire checkpoint."""
     return pb.SignedCheckpoint(
-        body=checkpoint.body,
-        signature=checkpoint.signature,
-        tree_size=checkpoint.tree_size,
-        root_hash=checkpoint.root_hash,
+        note=checkpoint.note, tree_size=checkpoint.tree_size, root_hash=checkpoint.root_hash
     )
 
 
@@ -230,8 +229,18 @@ def read_statement(cls: type[S], statement: SignedStatement, inclusion: Inclusio
 
 
 def _what(cls: type) -> str:
-    """How messages name a statement type: "receipt", "verdict"."""
-    return cls.__name__.lower().replace("signed", "")
+    """How messages name a statement type: "receipt", "verdict", "coarse verdict"."""
+    words = re.findall(r"[A-Z][a-z]*", cls.__name__)
+    return " ".join(w.lower() for w in words if w != "Signed")
+
+
+def _verdict_class(body: bytes) -> type[AnyVerdict]:
+    """The verdict type a signed body declares by its `kind`."""
+    kind = parse_body(body, "statement").get("kind")
+    if kind not in _VERDICTS:
+        raise InvalidReceiptError(f"the signed body is a {kind!r}, not a verdict "
+                                  f"({' or '.join(repr(k) for k in _VERDICTS)})")
+    return _VERDICTS[kind]
 
 
 def _shown(value: object) -> str:
@@ -255,14 +264,24 @@ def _agreeing(record: S, claimed: Mapping[str, Any], where: str) -> S:
     return record
 
 
-def checkpoint_from_signed(body: bytes, signature: bytes) -> Checkpoint:
-    """The served checkpoint for a signed body: its typed fields read from the body."""
+def _checkpoint_agreeing(read: Checkpoint, tree_size: int, root_hash: bytes, where: str
+                         ) -> Checkpoint:
+    """`read` (from its note), once the typed size and root beside it agree with the note."""
+    if tree_size != read.tree_size:
+        raise InvalidReceiptError(f"{where}: tree_size {tree_size} differs from the signed "
+                                  f"note's {read.tree_size}")
+    if root_hash != read.root_hash:
+        raise InvalidReceiptError(f"{where}: root_hash differs from the signed note's")
+    return read
+
+
+def checkpoint_from_note(note: bytes) -> Checkpoint:
+    """The served checkpoint for a signed note: its typed fields read from the note's text."""
     try:
-        parsed = merkle.Checkpoint.from_signed_body(body)
+        parsed = merkle.parse_checkpoint(note)
     except merkle.LogProofError as exc:
         raise InvalidReceiptError(str(exc)) from None
-    return Checkpoint(body=body, signature=signature, tree_size=parsed.tree_size,
-                      root_hash=parsed.root_hash)
+    return Checkpoint(note=note, tree_size=parsed.tree_size, root_hash=parsed.root_hash)
 
 
 # --- statements <-> protobuf -------------------------------------------------------------------
@@ -297,12 +316,16 @@ def receipt_to_proto(receipt: Receipt) -> pb.Receipt:
     return message
 
 
-def verdict_from_proto(message: pb.SignedVerdict) -> SignedVerdict:
-    """Wire verdict -> record, read from its signed body; the typed fields must agree."""
-    return _statement_from_proto(SignedVerdict, message)
+def verdict_from_proto(message: pb.SignedVerdict) -> AnyVerdict:
+    """Wire verdict -> record, full or coarse as its signed body's kind says; the typed
+    fields must agree with the body (a coarse verdict's unlisted statistics are unset)."""
+    _require(message, "statement", "verdict")
+    cls = _verdict_class(message.statement.body)
+    verdict: AnyVerdict = _statement_from_proto(cls, message)
+    return verdict
 
 
-def verdict_to_proto(verdict: SignedVerdict) -> pb.SignedVerdict:
+def verdict_to_proto(verdict: AnyVerdict) -> pb.SignedVerdict:
     """Record -> wire verdict."""
     message: pb.SignedVerdict = _statement_to_proto(verdict)
     return message
@@ -434,25 +457,19 @@ def _signed_body(fields: JsonFields, what: str) -> bytes:
 
 
 def checkpoint_to_json(checkpoint: Checkpoint) -> dict[str, Any]:
-    """A checkpoint as a JSON object: the signed body parsed and as base64, and its signature."""
+    """A checkpoint as a JSON object: the signed note as text, its size and root repeated."""
     return {
         "tree_size": checkpoint.tree_size,
         "root_hash": checkpoint.root_hash.hex(),
-        "body": parse_body(checkpoint.body, "checkpoint"),
-        "body_b64": _b64(checkpoint.body),
-        "signature": _b64(checkpoint.signature),
+        "note": checkpoint.note.decode("utf-8"),
     }
 
 
 def checkpoint_from_json(data: Any, where: str = "checkpoint") -> Checkpoint:
-    """The inverse of `checkpoint_to_json`."""
+    """The inverse of `checkpoint_to_json`; the size and root must be the note's."""
     fields = JsonFields(data, where)
-    return Checkpoint(
-        body=_signed_body(fields, "checkpoint"),
-        signature=fields.b64("signature"),
-        tree_size=fields.integer("tree_size"),
-        root_hash=fields.hex("root_hash"),
-    )
+    return _checkpoint_agreeing(checkpoint_from_note(fields.text("note").encode("utf-8")),
+                                fields.integer("tree_size"), fields.hex("root_hash"), where)
 
 
 def inclusion_to_json(proof: InclusionProof) -> dict[str, Any]:
@@ -544,21 +561,26 @@ def receipt_from_json(data: Any) -> Receipt:
     return _record_from_json(Receipt, data)
 
 
-def verdict_to_json(verdict: SignedVerdict) -> dict[str, Any]:
+def verdict_to_json(verdict: AnyVerdict) -> dict[str, Any]:
     """A verdict as one self-contained JSON object (the `freemark verify --json` output)."""
     return _record_to_json(verdict)
 
 
-def verdict_from_json(data: Any) -> SignedVerdict:
-    """The inverse of `verdict_to_json`; the typed fields must agree with the signed body."""
-    return _record_from_json(SignedVerdict, data)
+def verdict_from_json(data: Any) -> AnyVerdict:
+    """The inverse of `verdict_to_json`, full or coarse by the object's `kind`; the typed
+    fields must agree with the signed body."""
+    kind = JsonFields(data, "verdict").text("kind")
+    if kind not in _VERDICTS:
+        raise InvalidReceiptError(f"verdict.kind must be {' or '.join(map(repr, _VERDICTS))}")
+    verdict: AnyVerdict = _record_from_json(_VERDICTS[kind], data)
+    return verdict
 
 
 def statement_from_json(data: Any) -> Statement:
     """A receipt or a verdict (any signed statement type), chosen by the object's `kind`."""
     kind = JsonFields(data, "file").text("kind")
     readers: dict[str, Callable[[Any], Statement]] = {
-        Receipt.KIND: receipt_from_json, SignedVerdict.KIND: verdict_from_json}
+        Receipt.KIND: receipt_from_json, **{k: verdict_from_json for k in _VERDICTS}}
     if kind in readers:
         return readers[kind](data)
     known = " nor ".join(f"a {_what(cls)} ({cls.KIND!r})" for cls in _STATEMENTS)

@@ -13,26 +13,27 @@ from freemark_keyserver.crypto import CryptoError, StreamHeader, is_stream_heade
 from freemark_keyserver.store import Registration, Store, StoredCheckpoint
 
 
-def parse_checkpoint(stored: StoredCheckpoint) -> merkle.SignedCheckpoint:
-    """A stored checkpoint as the library's signed checkpoint (refuses non-canonical bodies)."""
+def _stored_note(stored: StoredCheckpoint) -> bytes:
+    """A stored checkpoint's note, once it is filed under the size it states."""
     try:
-        checkpoint = merkle.Checkpoint.from_signed_body(stored.body)
+        checkpoint = merkle.parse_checkpoint(stored.note)
     except merkle.LogProofError as exc:
         raise merkle.LogProofError(f"stored checkpoint for size {stored.tree_size}: {exc}") from None
     if checkpoint.tree_size != stored.tree_size:
-        raise merkle.LogProofError(f"stored checkpoint for size {stored.tree_size} is malformed")
-    return merkle.SignedCheckpoint(checkpoint, stored.signature)
+        raise merkle.LogProofError(f"stored checkpoint for size {stored.tree_size} states "
+                                   f"size {checkpoint.tree_size}")
+    return stored.note
 
 
-def audit(store: Store, verifier: Verifier) -> dict[str, int]:
+def audit(store: Store, verifier: Verifier, origin: str | None = None) -> dict[str, int]:
     """Raise `merkle.LogProofError` at the first fault; return counts when the log is clean."""
     size = store.tree_size()
     entries = store.entries(0, size) if size else []
     for entry in entries:
         if entry.leaf_hash != merkle.leaf_hash(entry.entry):
             raise merkle.LogProofError(f"log entry {entry.index}: stored leaf hash does not match")
-    checkpoints = [parse_checkpoint(c) for c in store.checkpoints()]
-    merkle.audit_entries([e.entry for e in entries], checkpoints, verifier)
+    checkpoints = [_stored_note(c) for c in store.checkpoints()]
+    merkle.audit_entries([e.entry for e in entries], checkpoints, verifier, origin)
     registrations = 0
     for entry in entries:
         body = json.loads(entry.entry)

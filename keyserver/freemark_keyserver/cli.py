@@ -4,6 +4,7 @@ log, rotate keys."""
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from freemark import merkle
 from freemark.display import print_fields, print_json, print_rows
+from freemark.records import DISCLOSURES, VerdictPolicy
 from freemark_keyserver import config as cfg
 from freemark_keyserver import handlers, logs
 from freemark_keyserver.audit import audit
@@ -34,6 +36,7 @@ def _config(args: argparse.Namespace) -> cfg.ServerConfig:
         "data_dir": Path(args.data_dir), "db": args.db,
         "master_key_file": Path(args.master_key_file) if args.master_key_file else None,
         "signing_key_file": Path(args.signing_key_file) if args.signing_key_file else None,
+        "origin": args.origin,
     }
     if getattr(args, "command", "") == "serve":
         options.update(
@@ -51,13 +54,20 @@ def _config(args: argparse.Namespace) -> cfg.ServerConfig:
             verify_rate_principal=args.verify_rate_principal,
             verify_rate_registration=args.verify_rate_registration,
             metrics_listen=args.metrics_listen,
+            verdict_policy=VerdictPolicy.make(alpha_min=args.alpha_min, alpha_max=args.alpha_max,
+                                              arbiter_disclosure=args.arbiter_disclosure),
         )
     return cfg.ServerConfig(**options)
 
 
 def _serve(args: argparse.Namespace) -> int:
     logs.configure(args.log_format)
-    serve(_config(args))
+    config = _config(args)
+    policy = config.verdict_policy
+    logging.getLogger("freemark_keyserver").info(
+        "verdict policy %s: %s, %s verdicts for arbiters", policy.id, policy.describe(),
+        policy.arbiter_disclosure)
+    serve(config)
     return 0
 
 
@@ -107,7 +117,7 @@ def _audit(args: argparse.Namespace) -> int:
     config = _config(args)
     store = open_store(config.database)
     try:
-        counts = audit(store, cfg.load_signing_key(config).verifier())
+        counts = audit(store, cfg.load_signing_key(config).verifier(), config.origin)
     except merkle.LogProofError as exc:
         print(f"freemark-keyserver: audit FAILED: {exc}", file=sys.stderr)
         return 1
@@ -210,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--db", help="SQLite path or postgresql:// URL (default: DATA_DIR's SQLite)")
     common.add_argument("--master-key-file", help=f"keyring file (or env {cfg.MASTER_KEY_ENV})")
     common.add_argument("--signing-key-file", help=f"Ed25519 PEM (or env {cfg.SIGNING_KEY_ENV})")
+    common.add_argument("--origin", default=cfg.DEFAULT_ORIGIN,
+                        help="the log's name, first line of every checkpoint; set it once per "
+                             "log, a schema-less URL such as ttp.example.com/log (default "
+                             "%(default)s)")
     common.add_argument("--json", action="store_true", help="one JSON object on stdout")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -258,6 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reference models an owner may attach to one registration")
     p.add_argument("--grace", type=float, default=cfg.DEFAULT_GRACE_SECONDS,
                    help="seconds in-flight calls get after SIGTERM")
+    p.add_argument("--alpha-min", type=float, default=cfg.DEFAULT_ALPHA_MIN,
+                   help="the strictest alpha the server signs verdicts for (default %(default)g)")
+    p.add_argument("--alpha-max", type=float, default=cfg.DEFAULT_ALPHA_MAX,
+                   help="the laxest alpha the server signs verdicts for (default %(default)g)")
+    p.add_argument("--arbiter-disclosure", choices=DISCLOSURES, default=cfg.DEFAULT_ARBITER_DISCLOSURE,
+                   help="what requesters other than the registration's owner are told: every "
+                        "statistic, or the outcome and a p-value bucket (default %(default)s)")
     p.set_defaults(handler=_serve)
 
     principal = sub.add_parser("principal", help="manage principals").add_subparsers(

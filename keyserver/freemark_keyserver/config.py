@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from freemark.note import check_key_name
+from freemark.records import VerdictPolicy
 from freemark_keyserver.calls import CallLimits
 from freemark_keyserver.crypto import (
     MasterKeyring,
@@ -46,6 +48,26 @@ DEFAULT_SPOOL_QUOTA = 4 * DEFAULT_MAX_UPLOAD
 DEFAULT_VERIFY_RATE_PRINCIPAL = Rate(10, 60.0)  # 10/min
 DEFAULT_VERIFY_RATE_REGISTRATION = Rate(20, 3600.0)  # 20/hour
 DEFAULT_MAX_REFERENCES = 16
+DEFAULT_ORIGIN = "freemark-ttp"
+# The verdict policy (signed into every verdict). Alpha at most 1e-6: a verdict at a laxer
+# level is not evidence a court should act on (0.99 would sign `match` for an innocent model),
+# and 1e-6 leaves room above the scheme default of 1e-9. At least 1e-12: a stricter level
+# would only let someone obtain a signed `no_match` for a genuine copy whose evidence is
+# strong by any standard; real copies reach far below it (p ~ 1e-25), so nothing is lost.
+DEFAULT_ALPHA_MIN = 1e-12
+DEFAULT_ALPHA_MAX = 1e-6
+# What requesters other than the registration's owner see. Coarse by default: an arbiter needs
+# the decision and its strength, and exact statistics (matches, BER, per-test p-values, the
+# null's fit) are a gauge a thief with Verify access can steer a laundering attempt by. An
+# operator who vets every arbiter may choose "full".
+DEFAULT_ARBITER_DISCLOSURE = "coarse"
+
+
+def default_policy(arbiter_disclosure: str = DEFAULT_ARBITER_DISCLOSURE) -> VerdictPolicy:
+    """The verdict policy a server has unless its operator sets one (the default alpha
+    range, and `arbiter_disclosure`)."""
+    return VerdictPolicy.make(alpha_min=DEFAULT_ALPHA_MIN, alpha_max=DEFAULT_ALPHA_MAX,
+                              arbiter_disclosure=arbiter_disclosure)
 
 
 @dataclass(frozen=True)
@@ -75,8 +97,13 @@ class ServerConfig:
     metrics_listen: str | None = None  # HOST:PORT of the Prometheus page; None: no page
     max_references: int = DEFAULT_MAX_REFERENCES  # reference models per Register
     grace_seconds: float = DEFAULT_GRACE_SECONDS
-    origin: str = "freemark-ttp"
+    # The log's C2SP origin: every checkpoint's first line and its note key name.
+    origin: str = DEFAULT_ORIGIN
     sandbox: SandboxLimits = field(default_factory=SandboxLimits)
+    verdict_policy: VerdictPolicy = field(default_factory=default_policy)
+
+    def __post_init__(self) -> None:
+        check_key_name(self.origin)  # it names the note key, so the same rules apply
 
     @property
     def database(self) -> str:

@@ -47,6 +47,8 @@ class ErrorCode(Enum):
     REVOKED = (reasons.REVOKED, S.FAILED_PRECONDITION, "registration revoked")
     UPLOAD_CORRUPT = (reasons.UPLOAD_CORRUPT, S.DATA_LOSS, "upload does not match its header")
     INTERNAL = (reasons.INTERNAL, S.INTERNAL, "internal error")
+    ALPHA_OUTSIDE_POLICY = (reasons.ALPHA_OUTSIDE_POLICY, S.INVALID_ARGUMENT,
+                            "alpha outside the verdict policy")
     RATE_LIMITED = (reasons.RATE_LIMITED, S.RESOURCE_EXHAUSTED, "rate limited")
     SPOOL_FULL = (reasons.SPOOL_FULL, S.RESOURCE_EXHAUSTED, "the server's upload spool is full")
     UPLOAD_STALLED = (reasons.UPLOAD_STALLED, S.DEADLINE_EXCEEDED, "upload stalled")

@@ -22,12 +22,13 @@ from freemark.bundle import KeyBundle, from_proto
 from freemark.derive import check_uniqueness
 from freemark.errors import InvalidInputError, ModelFileError, UniquenessError
 from freemark.extract import judge_activations
+from freemark.note import verifier_key
 from freemark.panel import Reference
 from freemark.records import (
     NO_PANEL,
     RECEIPT_KIND,
-    VERDICT_KIND,
     Checkpoint,
+    CoarseVerdict,
     ConsistencyProof,
     InclusionProof,
     Receipt,
@@ -37,7 +38,7 @@ from freemark.records import (
     SignedVerdict,
 )
 from freemark.v1 import keyservice_pb2 as pb
-from freemark.verdict import DEFAULT_ALPHA, suspect_vector
+from freemark.verdict import DEFAULT_ALPHA, coarse_values, suspect_vector
 from freemark.watermark import commitment
 from freemark_keyserver import panels
 from freemark_keyserver.auth import ADMIN, ARBITER, OWNER, require_role
@@ -133,13 +134,12 @@ def _checkpoint(ctx: Context, size: int | None = None) -> Checkpoint:
         leaves = ctx.store.leaf_hashes(size)
         last = ctx.store.entries(size - 1, size)[0].created_at // 1_000_000 if size else 0
         checkpoint = merkle.Checkpoint(origin=ctx.config.origin, tree_size=size,
-                                       root_hash=merkle.root(leaves), timestamp=last,
-                                       key_id=ctx.signer.key_id)
+                                       root_hash=merkle.root(leaves), timestamp=last)
         signed = merkle.sign_checkpoint(ctx.signer, checkpoint)
-        ctx.store.add_checkpoint(StoredCheckpoint(size, checkpoint.signed_body(), signed.signature))
+        ctx.store.add_checkpoint(StoredCheckpoint(size, signed.note))
         stored = ctx.store.checkpoint_at(size)
         assert stored is not None
-    return wire.checkpoint_from_signed(stored.body, stored.signature)
+    return wire.checkpoint_from_note(stored.note)
 
 
 def publish_checkpoint(ctx: Context, size: int | None = None) -> pb.SignedCheckpoint:
@@ -352,12 +352,24 @@ def verify_target(ctx: Context, principal: Principal, header: pb.VerifyHeader) -
         raise ServiceError(ErrorCode.MALFORMED_REQUEST, "upload format must be PT2 or SAFETENSORS")
     if header.alpha and not 0.0 < header.alpha < 1.0:
         raise ServiceError(ErrorCode.MALFORMED_REQUEST, "alpha must be in (0, 1)")
+    policy = ctx.config.verdict_policy
+    alpha = header.alpha or DEFAULT_ALPHA
+    if not policy.alpha_min <= alpha <= policy.alpha_max:
+        asked = f"alpha {alpha:g}" + ("" if header.alpha else " (the default)")
+        raise ServiceError(ErrorCode.ALPHA_OUTSIDE_POLICY,
+                           f"{asked} is outside this key server's verdict policy: it signs "
+                           f"verdicts for {policy.describe()}")
     return record
 
 
 def verify(ctx: Context, principal: Principal, record: Registration, header: pb.VerifyHeader,
            suspect: Path) -> pb.SignedVerdict:
-    """Judge the uploaded suspect against a registration; return the signed, logged verdict."""
+    """Judge the uploaded suspect against a registration; return the signed, logged verdict.
+
+    The verdict binds the suspect (SHA-256 and size, both checked against the bytes
+    received), the requester and the policy. A requester other than the registration's
+    owner gets a coarse verdict when the policy says so; the owner always gets the full one.
+    """
     bundle, panel = _open_sealed(ctx, record)
     if header.upload.format == pb.MODEL_FORMAT_SAFETENSORS:
         with host_file(ctx.store, ctx.keyring, record, ctx.config.spool_dir) as host:
@@ -369,13 +381,20 @@ def verify(ctx: Context, principal: Principal, record: Registration, header: pb.
                                     probe_activations=reading.probes, panel=panel)
     except InvalidInputError as exc:
         raise ServiceError(ErrorCode.INVALID_MODEL, str(exc)) from exc
+    policy = ctx.config.verdict_policy
+    coarse = policy.arbiter_disclosure == "coarse" and principal.name != record.owner
+    verdict_type: type[SignedVerdict | CoarseVerdict] = (CoarseVerdict if coarse
+                                                              else SignedVerdict)
+    judgement = coarse_values(verdict) if coarse else wire.signed_values(verdict)
     binding = {"registration_id": record.registration_id, "requested_by": principal.name,
-               "suspect_sha256": header.upload.sha256}
-    body, index, _ = _append(ctx, VERDICT_KIND, lambda i, t: wire.encode_body(SignedVerdict, {
-        **wire.signed_values(verdict), **binding, "log_index": i, "integrated_time": t}))
-    log.info("verdict on %s by %s: match=%s at log index %d", record.registration_id,
-             principal.name, verdict.is_match, index)
-    signed = wire.read_statement(SignedVerdict, _statement(ctx, body), _inclusion(ctx, index))
+               "suspect_sha256": header.upload.sha256, "suspect_size": header.upload.total_size,
+               "policy": policy}
+    body, index, _ = _append(ctx, verdict_type.KIND, lambda i, t: wire.encode_body(verdict_type, {
+        **judgement, **binding, "log_index": i, "integrated_time": t}))
+    log.info("verdict on %s by %s: %s (log10 p %.1f, %s) at log index %d", record.registration_id,
+             principal.name, verdict.outcome, verdict.log10_p_value,
+             "coarse" if coarse else "full", index)
+    signed = wire.read_statement(verdict_type, _statement(ctx, body), _inclusion(ctx, index))
     return wire.verdict_to_proto(signed)
 
 
@@ -442,4 +461,6 @@ def get_consistency_proof(ctx: Context, request: pb.GetConsistencyProofRequest
 
 
 def public_key(ctx: Context) -> pb.PublicKey:
-    return pb.PublicKey(pem=ctx.signer.public_key_pem(), key_id=ctx.signer.key_id)
+    return pb.PublicKey(pem=ctx.signer.public_key_pem(), key_id=ctx.signer.key_id,
+                        origin=ctx.config.origin,
+                        note_verifier_key=verifier_key(ctx.config.origin, ctx.signer.verifier()))

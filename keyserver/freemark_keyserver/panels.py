@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from freemark.aligned import THRESHOLD
 from freemark.bundle import KeyBundle, from_bytes, from_proto, to_proto
 from freemark.canon import align
 from freemark.errors import InvalidInputError
@@ -78,14 +79,14 @@ def _measure(run: Runner, path: Path, bundle: KeyBundle, host: Reading, seen: se
              what: str) -> Reference:
     """Read one reference in the sandbox; refuse one that is the host itself, relabelled or not."""
     reading = read(run, path, bundle)
-    if reading.probes is None or host.probes is None:
+    if reading.probes is None or bundle.probe_profile is None:
         raise ServiceError(ErrorCode.INVALID_BUNDLE, "reference models need a key with a probe "
                            "profile: re-derive it with this version of freemark")
     if reading.fingerprint in seen:
         raise ServiceError(ErrorCode.INVALID_MODEL, f"{what} has the same weights as the host or "
                            "another reference: a panel needs distinct, independent models")
-    try:
-        matching = align(host.probes, reading.probes)
+    try:  # against the profile as sealed, so the count is the one a verdict would measure
+        matching = align(bundle.probe_profile, reading.probes)
     except InvalidInputError as exc:
         raise ServiceError(ErrorCode.INVALID_MODEL, f"{what}: {exc}") from exc
     if matching.count_above(COPY_CORRELATION) == matching.host.units:
@@ -93,7 +94,8 @@ def _measure(run: Runner, path: Path, bundle: KeyBundle, host: Reading, seen: se
                            "(relabelled or rescaled): it is a copy, not an independent model")
     seen.add(reading.fingerprint)
     return Reference(fingerprint=reading.fingerprint, trigger_activations=reading.triggers,
-                     probe_activations=reading.probes)
+                     probe_activations=reading.probes,
+                     matched_units=matching.count_above(THRESHOLD))
 
 
 def measure_panel(run: Runner, paths: Sequence[Path], bundle: KeyBundle, host: Reading

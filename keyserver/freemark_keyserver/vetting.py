@@ -35,7 +35,7 @@ The policy is an allow-list derived from models, not a deny-list:
 - the pure integer arithmetic torch.export emits for dynamic (symbolic) sizes
   (`ALLOWED_PYTHON_FUNCTIONS`) on sizes only, and `operator.getitem` picking one output of a
   multi-output operator;
-- devices: CPU only;
+- devices: CPU only; layouts: dense (strided) only;
 - node kinds: `placeholder`, `output`, `call_function`, `get_attr` of a plain tensor (or of a
   subgraph, which only a refused higher-order operator could call);
 - signature: 1 or 2 tensor user inputs (what `capture` feeds: the trigger inputs and, for token
@@ -51,8 +51,11 @@ Operators on the list that index, gather or take sizes were tried with hostile a
 `constant_pad_nd`, `scaled_dot_product_attention`, `batch_norm`, `layer_norm`, `group_norm`,
 `convolution` and `addmm` raise instead of reading out of bounds; the native batch-norm forms
 do not, which is why they are refused (`aten::batch_norm`, what `save_program` exports, checks).
-What vetting cannot remove: a run's cost still grows with the number of triggers, and float
-arithmetic on subnormal values is slower on most CPUs (the sandbox should flush denormals).
+What vetting cannot remove: a run's cost still grows with the number of triggers, float
+arithmetic on subnormal values is slower on most CPUs (the sandbox should flush denormals), and
+an index out of range raises, so a program indexing with values computed from the triggers
+(RoBERTa's position ids are) can fail on some trigger values only: failures of runs on other
+owners' triggers must answer like a non-claim (docs/keyserver.md, "What the sandbox admits").
 """
 
 from __future__ import annotations
@@ -384,6 +387,8 @@ class _Graph:
         for value in (*node.args, *node.kwargs.values()):
             if isinstance(value, torch.device) and value.type != "cpu":
                 raise self._refuse(node, f"asks for device {value}: the sandbox runs on CPU only")
+            if isinstance(value, torch.layout) and value != torch.strided:
+                raise self._refuse(node, f"asks for layout {value}: only dense tensors")
 
 
 def _bound_arguments(

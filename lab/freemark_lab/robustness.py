@@ -40,13 +40,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from freemark.aligned import MIN_PANEL, matched_units
+from freemark.aligned import MIN_PANEL
 from freemark.bundle import KeyBundle
 from freemark.derive import DEFAULT_BITS, derive_key
 from freemark.errors import FreemarkError, InvalidInputError
 from freemark.extract import judge_activations
 from freemark.modelfile import fingerprint
-from freemark.panel import Reference, measure_reference, read_layer
+from freemark.panel import Reference, count_for, measure_reference, read_layer
 from freemark.records import VerdictTest
 from freemark.verdict import DEFAULT_ALPHA, DEFAULT_PERMUTATIONS, Verdict
 from freemark_lab.attacks import ATTACKS, FUNCTION_PRESERVING, apply_attack
@@ -339,7 +339,7 @@ class Judge:
     def panel_counts(self) -> tuple[int, ...]:
         """Each panel member's matched host units: the aligned test's null sample."""
         assert self.bundle.probe_profile is not None
-        return tuple(matched_units(self.bundle.probe_profile, r.probe_activations) for r in self.panel)
+        return tuple(count_for(r, self.bundle) for r in self.panel)
 
 
 def status(verdict: Verdict | None, accuracy_drop: float, bound: float) -> str:

@@ -64,10 +64,13 @@ def test_full_lifecycle_through_the_cli(files: ModelFiles, tmp_path: Path) -> No
                                   str(files.finetuned), "--json", env=judge))
         innocent = json_out(run_cli(CLIENT, "verify", "--registration", registration, "--model",
                                     str(files.independent), "--json", env=judge))
-        for verdict in (stolen, innocent):
-            for field in ("registration_id", "n_bits", "matches", "ber", "p_value",
-                          "p_value_binomial", "alpha", "is_match", "log_index", "signature"):
+        for verdict in (stolen, innocent):  # an arbiter gets coarse verdicts by default
+            assert verdict["kind"] == "freemark/v1/coarse-verdict"
+            for field in ("registration_id", "n_bits", "p_value", "p_value_above", "alpha",
+                          "is_match", "outcome", "suspect_sha256", "suspect_size", "policy",
+                          "requested_by", "log_index", "signature"):
                 assert field in verdict
+            assert not {"matches", "ber", "p_value_binomial", "tests"} & set(verdict)
         assert stolen["is_match"] is True and float(stolen["p_value"]) <= 1e-9
         assert innocent["is_match"] is False and float(innocent["p_value"]) >= 1e-3
         verdict_file = tmp_path / "verdict.json"

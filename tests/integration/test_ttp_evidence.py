@@ -1,5 +1,10 @@
 """What the TTP's word is worth in a dispute, over a real server on loopback (issue 11).
 
+Verdicts: an alpha outside the operator's policy is refused (no framing at alpha = 0.99);
+the signed body binds alpha, outcome, the suspect's SHA-256 and size, the requester and the
+policy; requesters other than the owner get a coarse verdict by default; and `freemark
+receipt verify --model` refuses a genuine verdict handed over as evidence about another file.
+
 Register as an oracle: the prior-claim refusal says only that a claim exists and is logged
 with the caller; a run of the uploader's program that fails on another owner's triggers
 answers exactly like a non-claim (the Register goes on), so a failure cannot betray them.
@@ -8,6 +13,8 @@ answers exactly like a non-claim (the Register goes on), so a failure cannot bet
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,13 +24,16 @@ import pytest
 from grpc_status import rpc_status
 
 from freemark.bundle import KeyBundle
+from freemark.cli import main
 from freemark.derive import derive_key
-from freemark.errors import AlreadyRegisteredError
+from freemark.errors import AlphaOutsidePolicyError, AlreadyRegisteredError
 from freemark.modelfile import load_program
 from freemark.probes import DEFAULT_PROBES
-from freemark.records import Receipt
+from freemark.receipt import save_statement
+from freemark.records import CoarseVerdict, Receipt, SignedVerdict
 from freemark.rpc import KeyServiceClient
 from freemark.triggers import load_triggers, select_triggers
+from freemark.wire import checkpoint_to_json, consistency_to_json
 from freemark_keyserver.auth import hash_token, new_token
 from freemark_keyserver.config import ServerConfig
 from freemark_keyserver.handlers import CLAIMED
@@ -32,6 +42,9 @@ from freemark_keyserver.server import RunningServer, create_server
 from freemark_keyserver.store import Principal
 from freemark_lab import data
 from ttp_fixtures import ModelFiles, build_models
+
+STATISTICS = {"matches", "ber", "p_value_method", "p_value_binomial", "log10_p_value_binomial",
+              "tests"}
 
 PRINCIPALS = (("owner_a", "owner"), ("owner_b", "owner"), ("arbiter", "arbiter"))
 
@@ -84,6 +97,100 @@ def world(files: ModelFiles, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     w = World(config, running, tokens, files, receipt)
     yield w
     w.running.stop(grace=1)
+
+
+def _sha256(path: Path) -> bytes:
+    return hashlib.sha256(path.read_bytes()).digest()
+
+
+def test_framing_at_a_lax_alpha_is_refused_naming_the_range(world: World) -> None:
+    """Owner A asks for a verdict on an innocent model at alpha = 0.99: refused before the
+    upload is judged, with the policy's range in the message, and nothing is logged."""
+    before = world.running.ctx.store.tree_size()
+    for alpha in (0.99, 1e-3, 1e-30):
+        with world.client("owner_a") as client, pytest.raises(AlphaOutsidePolicyError) as caught:
+            client.verify(world.receipt.registration_id, world.files.independent, alpha=alpha)
+        assert caught.value.code.name == "INVALID_ARGUMENT"
+        assert f"alpha {alpha:g} is outside" in str(caught.value)
+        assert "alpha in [1e-12, 1e-06]" in str(caught.value)
+    assert world.running.ctx.store.tree_size() == before
+
+
+def test_the_signed_body_binds_alpha_outcome_suspect_requester_and_policy(world: World) -> None:
+    with world.client("owner_a") as client:
+        verdict = client.verify(world.receipt.registration_id, world.files.finetuned, alpha=1e-6)
+    assert isinstance(verdict, SignedVerdict)  # the owner always gets the full verdict
+    body = json.loads(verdict.statement.body)
+    policy = world.config.verdict_policy
+    assert body["alpha"] == 1e-6 and body["outcome"] == "match" and body["is_match"] is True
+    assert body["suspect_sha256"] == _sha256(world.files.finetuned).hex()
+    assert body["suspect_size"] == world.files.finetuned.stat().st_size
+    assert body["requested_by"] == "owner_a"
+    assert body["policy"] == {"alpha_min": 1e-12, "alpha_max": 1e-6,
+                              "arbiter_disclosure": "coarse", "id": policy.id}
+    assert STATISTICS <= set(body)
+
+
+def test_an_arbiter_gets_a_coarse_verdict_without_the_statistics(world: World) -> None:
+    """The default policy: requesters other than the owner get the decision and a p-value
+    bucket, nothing to steer a laundering attempt by."""
+    with world.client("arbiter") as client:
+        match = client.verify(world.receipt.registration_id, world.files.finetuned)
+        innocent = client.verify(world.receipt.registration_id, world.files.independent)
+    for verdict, outcome in ((match, "match"), (innocent, "no_match")):
+        assert isinstance(verdict, CoarseVerdict), type(verdict)
+        body = json.loads(verdict.statement.body)
+        assert body["kind"] == "freemark/v1/coarse-verdict" and body["outcome"] == outcome
+        assert not STATISTICS & set(body), sorted(STATISTICS & set(body))
+        assert body["requested_by"] == "arbiter" and body["alpha"] == 1e-9
+        assert body["p_value_above"] < body["p_value"]
+        assert (body["p_value"] <= body["alpha"]) == (outcome == "match")
+    assert match.p_value <= 1e-20  # a fine-tuned copy: strong evidence, said coarsely
+
+
+def test_receipt_verify_model_refuses_a_replayed_verdict(
+        world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A genuine verdict on the owner's own host (p far below alpha) handed over as evidence
+    about another model: `freemark receipt verify --model OTHER` fails, `--model HOST`
+    passes and prints what the statement says; `--checkpoint` checks it is in a later log."""
+    with world.client("owner_a") as client:
+        genuine = client.verify(world.receipt.registration_id, world.files.host)
+        client.verify(world.receipt.registration_id, world.files.finetuned)  # the log grows
+        pem = client.public_key()
+        latest = client.get_checkpoint()
+        proof = client.get_consistency_proof(genuine.inclusion.tree_size, latest.tree_size)
+    assert genuine.outcome == "match"
+    saved, key = tmp_path / "verdict.json", tmp_path / "ttp.pem"
+    save_statement(saved, genuine)
+    key.write_bytes(pem)
+    base = ["receipt", "verify", str(saved), "--public-key", str(key)]
+
+    assert main([*base, "--model", str(world.files.independent)]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED" in err and "is not the file this verdict is about" in err
+    assert main([*base, "--model", str(world.files.host)]) == 0
+    table = capsys.readouterr().out
+    for shown in ("verdict", world.receipt.registration_id, "match", "alpha", "p_value",
+                  _sha256(world.files.host).hex(), "integrated_time", "policy"):
+        assert shown in table, shown
+
+    later, consistency = tmp_path / "latest.json", tmp_path / "consistency.json"
+    later.write_text(json.dumps(checkpoint_to_json(latest)))
+    consistency.write_text(json.dumps(consistency_to_json(proof)))
+    assert main([*base, "--checkpoint", str(consistency), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] is True and out["kind"] == "verdict" and out["outcome"] == "match"
+    assert out["suspect_sha256"] == _sha256(world.files.host).hex()
+    receipt = tmp_path / "receipt.json"  # a receipt is about its host's weights
+    save_statement(receipt, world.receipt)
+    receipt_base = ["receipt", "verify", str(receipt), "--public-key", str(key), "--model"]
+    assert main([*receipt_base, str(world.files.host)]) == 0
+    assert main([*receipt_base, str(world.files.finetuned)]) == 1
+    assert "is not the model this receipt registers" in capsys.readouterr().err
+
+    assert latest.tree_size > genuine.inclusion.tree_size
+    assert main([*base, "--checkpoint", str(later)]) == 1  # a bare later checkpoint: no proof
+    assert "consistency proof" in capsys.readouterr().err
 
 
 def _claim_lines(caplog: pytest.LogCaptureFixture, who: str) -> list[logging.LogRecord]:

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66reemark/v1/bundle.proto\x12\x0b\x66reemark.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x83\x01\n\nTriggerSet\x12#\n\x06inputs\x18\x01 \x01(\x0b\x32\x13.freemark.v1.Tensor\x12+\n\x0e\x61ttention_mask\x18\x02 \x01(\x0b\x32\x13.freemark.v1.Tensor\x12#\n\x06labels\x18\x03 \x01(\x0b\x32\x13.freemark.v1.Tensor\"I\n\x0cMarginReport\x12\x0e\n\x06target\x18\x01 \x01(\x01\x12\x0b\n\x03min\x18\x02 \x01(\x01\x12\x0e\n\x06median\x18\x03 \x01(\x01\x12\x0c\n\x04mean\x18\x04 \x01(\x01\"\xfb\x02\n\tKeyBundle\x12\x16\n\x0escheme_version\x18\x01 \x01(\r\x12\r\n\x05layer\x18\x02 \x01(\t\x12%\n\x07pooling\x18\x03 \x01(\x0e\x32\x14.freemark.v1.Pooling\x12)\n\x08triggers\x18\x04 \x01(\x0b\x32\x17.freemark.v1.TriggerSet\x12\r\n\x05owner\x18\x05 \x01(\t\x12\r\n\x05nonce\x18\x06 \x01(\x0c\x12\x0e\n\x06n_bits\x18\x07 \x01(\r\x12 \n\x03key\x18\x08 \x01(\x0b\x32\x13.freemark.v1.Tensor\x12\x13\n\x0b\x61nchor_seed\x18\t \x01(\x0c\x12*\n\x07margins\x18\n \x01(\x0b\x32\x19.freemark.v1.MarginReport\x12\x18\n\x10host_fingerprint\x18\x0b \x01(\x0c\x12\x0f\n\x07\x63\x65ntred\x18\x0c \x01(\x08\x12\r\n\x05units\x18\r \x01(\r\x12*\n\rprobe_profile\x18\x0e \x01(\x0b\x32\x13.freemark.v1.Tensor\"\x87\x01\n\x0eReferenceModel\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\x0c\x12\x30\n\x13trigger_activations\x18\x02 \x01(\x0b\x32\x13.freemark.v1.Tensor\x12.\n\x11probe_activations\x18\x03 \x01(\x0b\x32\x13.freemark.v1.Tensor\"h\n\x12SealedRegistration\x12&\n\x06\x62undle\x18\x01 \x01(\x0b\x32\x16.freemark.v1.KeyBundle\x12*\n\x05panel\x18\x02 \x03(\x0b\x32\x1b.freemark.v1.ReferenceModel*f\n\x07Pooling\x12\x17\n\x13POOLING_UNSPECIFIED\x10\x00\x12\x10\n\x0cPOOLING_NONE\x10\x01\x12\x18\n\x14POOLING_SPATIAL_MEAN\x10\x02\x12\x16\n\x12POOLING_TOKEN_MEAN\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66reemark/v1/bundle.proto\x12\x0b\x66reemark.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x83\x01\n\nTriggerSet\x12#\n\x06inputs\x18\x01 \x01(\x0b\x32\x13.freemark.v1.Tensor\x12+\n\x0e\x61ttention_mask\x18\x02 \x01(\x0b\x32\x13.freemark.v1.Tensor\x12#\n\x06labels\x18\x03 \x01(\x0b\x32\x13.freemark.v1.Tensor\"I\n\x0cMarginReport\x12\x0e\n\x06target\x18\x01 \x01(\x01\x12\x0b\n\x03min\x18\x02 \x01(\x01\x12\x0e\n\x06median\x18\x03 \x01(\x01\x12\x0c\n\x04mean\x18\x04 \x01(\x01\"\xfb\x02\n\tKeyBundle\x12\x16\n\x0escheme_version\x18\x01 \x01(\r\x12\r\n\x05layer\x18\x02 \x01(\t\x12%\n\x07pooling\x18\x03 \x01(\x0e\x32\x14.freemark.v1.Pooling\x12)\n\x08triggers\x18\x04 \x01(\x0b\x32\x17.freemark.v1.TriggerSet\x12\r\n\x05owner\x18\x05 \x01(\t\x12\r\n\x05nonce\x18\x06 \x01(\x0c\x12\x0e\n\x06n_bits\x18\x07 \x01(\r\x12 \n\x03key\x18\x08 \x01(\x0b\x32\x13.freemark.v1.Tensor\x12\x13\n\x0b\x61nchor_seed\x18\t \x01(\x0c\x12*\n\x07margins\x18\n \x01(\x0b\x32\x19.freemark.v1.MarginReport\x12\x18\n\x10host_fingerprint\x18\x0b \x01(\x0c\x12\x0f\n\x07\x63\x65ntred\x18\x0c \x01(\x08\x12\r\n\x05units\x18\r \x01(\r\x12*\n\rprobe_profile\x18\x0e \x01(\x0b\x32\x13.freemark.v1.Tensor\"\xb5\x01\n\x0eReferenceModel\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\x0c\x12\x30\n\x13trigger_activations\x18\x02 \x01(\x0b\x32\x13.freemark.v1.Tensor\x12.\n\x11probe_activations\x18\x03 \x01(\x0b\x32\x13.freemark.v1.Tensor\x12\x1a\n\rmatched_units\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x10\n\x0e_matched_units\"h\n\x12SealedRegistration\x12&\n\x06\x62undle\x18\x01 \x01(\x0b\x32\x16.freemark.v1.KeyBundle\x12*\n\x05panel\x18\x02 \x03(\x0b\x32\x1b.freemark.v1.ReferenceModel*f\n\x07Pooling\x12\x17\n\x13POOLING_UNSPECIFIED\x10\x00\x12\x10\n\x0cPOOLING_NONE\x10\x01\x12\x18\n\x14POOLING_SPATIAL_MEAN\x10\x02\x12\x16\n\x12POOLING_TOKEN_MEAN\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'freemark.v1.bundle_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_POOLING']._serialized_start=930
-  _globals['_POOLING']._serialized_end=1032
+  _globals['_POOLING']._serialized_start=976
+  _globals['_POOLING']._serialized_end=1078
   _globals['_TENSOR']._serialized_start=41
   _globals['_TENSOR']._serialized_end=93
   _globals['_TRIGGERSET']._serialized_start=96
@@ -42,7 +42,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KEYBUNDLE']._serialized_start=305
   _globals['_KEYBUNDLE']._serialized_end=684
   _globals['_REFERENCEMODEL']._serialized_start=687
-  _globals['_REFERENCEMODEL']._serialized_end=822
-  _globals['_SEALEDREGISTRATION']._serialized_start=824
-  _globals['_SEALEDREGISTRATION']._serialized_end=928
+  _globals['_REFERENCEMODEL']._serialized_end=868
+  _globals['_SEALEDREGISTRATION']._serialized_start=870
+  _globals['_SEALEDREGISTRATION']._serialized_end=974
 # @@protoc_insertion_point(module_scope)

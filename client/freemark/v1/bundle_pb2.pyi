@@ -240,8 +240,15 @@ class ReferenceModel(_message.Message):
     FINGERPRINT_FIELD_NUMBER: _builtins.int
     TRIGGER_ACTIVATIONS_FIELD_NUMBER: _builtins.int
     PROBE_ACTIVATIONS_FIELD_NUMBER: _builtins.int
+    MATCHED_UNITS_FIELD_NUMBER: _builtins.int
     fingerprint: _builtins.bytes
     """SHA-256 over the reference's canonical weights (freemark.modelfile.fingerprint)."""
+    matched_units: _builtins.int
+    """Its aligned-test count against the host (host units matched at |r| >= 0.9 after
+    canonicalising, freemark.aligned.matched_units), measured when the panel was
+    measured, so a Verify aligns only the suspect. Absent in records sealed before
+    counts were kept: then it is measured from probe_activations at the verdict.
+    """
     @_builtins.property
     def trigger_activations(self) -> Global___Tensor:
         """Its key-layer activations on the triggers, (triggers, units), float32: part of
@@ -260,12 +267,15 @@ class ReferenceModel(_message.Message):
         fingerprint: _builtins.bytes = ...,
         trigger_activations: Global___Tensor | None = ...,
         probe_activations: Global___Tensor | None = ...,
+        matched_units: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["probe_activations", b"probe_activations", "trigger_activations", b"trigger_activations"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_matched_units", b"_matched_units", "matched_units", b"matched_units", "probe_activations", b"probe_activations", "trigger_activations", b"trigger_activations"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "probe_activations", b"probe_activations", "trigger_activations", b"trigger_activations"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_matched_units", b"_matched_units", "fingerprint", b"fingerprint", "matched_units", b"matched_units", "probe_activations", b"probe_activations", "trigger_activations", b"trigger_activations"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__matched_units: _TypeAlias = _typing.Literal["matched_units"]  # noqa: Y015
+    _WhichOneofArgType__matched_units: _TypeAlias = _typing.Literal["_matched_units", b"_matched_units"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__matched_units) -> _WhichOneofReturnType__matched_units | None: ...
 
 Global___ReferenceModel: _TypeAlias = ReferenceModel  # noqa: Y015
 

@@ -97,6 +97,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """Something unexpected failed on the server; the message carries only a reference to the
     operator's log. Status: INTERNAL.
     """
+    ALPHA_OUTSIDE_POLICY: _ErrorReason.ValueType  # 16
+    """Verify asked for an alpha outside the range this server signs verdicts for (its verdict
+    policy, named in the message); ask again with an alpha inside it. A lax alpha would let
+    an owner frame an innocent model, a needlessly strict one exonerate a copy.
+    Status: INVALID_ARGUMENT.
+    """
     RATE_LIMITED: _ErrorReason.ValueType  # 17
     """Too many calls at once from this principal, or Verify's rate limit (per principal or per
     registration) is spent. Retry after the wait the message names; the status also carries a
@@ -175,6 +181,12 @@ ended early. Status: DATA_LOSS.
 INTERNAL: ErrorReason.ValueType  # 15
 """Something unexpected failed on the server; the message carries only a reference to the
 operator's log. Status: INTERNAL.
+"""
+ALPHA_OUTSIDE_POLICY: ErrorReason.ValueType  # 16
+"""Verify asked for an alpha outside the range this server signs verdicts for (its verdict
+policy, named in the message); ask again with an alpha inside it. A lax alpha would let
+an owner frame an innocent model, a needlessly strict one exonerate a copy.
+Status: INVALID_ARGUMENT.
 """
 RATE_LIMITED: ErrorReason.ValueType  # 17
 """Too many calls at once from this principal, or Verify's rate limit (per principal or per

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from freemark.v1 import bundle_pb2 as freemark_dot_v1_dot_bundle__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66reemark/v1/keyservice.proto\x12\x0b\x66reemark.v1\x1a\x18\x66reemark/v1/bundle.proto\"\\\n\x0cUploadHeader\x12\x12\n\ntotal_size\x18\x01 \x01(\x04\x12\x0e\n\x06sha256\x18\x02 \x01(\x0c\x12(\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x18.freemark.v1.ModelFormat\"c\n\x0eRegisterHeader\x12&\n\x06\x62undle\x18\x01 \x01(\x0b\x32\x16.freemark.v1.KeyBundle\x12)\n\x06upload\x18\x02 \x01(\x0b\x32\x19.freemark.v1.UploadHeader\"\x89\x01\n\x0fRegisterRequest\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.freemark.v1.RegisterHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12.\n\treference\x18\x03 \x01(\x0b\x32\x19.freemark.v1.UploadHeaderH\x00\x42\x06\n\x04part\"a\n\x0cVerifyHeader\x12\x17\n\x0fregistration_id\x18\x01 \x01(\t\x12)\n\x06upload\x18\x02 \x01(\x0b\x32\x19.freemark.v1.UploadHeader\x12\r\n\x05\x61lpha\x18\x03 \x01(\x01\"U\n\rVerifyRequest\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.freemark.v1.VerifyHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"B\n\x0fSignedStatement\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x0e\n\x06key_id\x18\x03 \x01(\t\"Y\n\x10SignedCheckpoint\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x11\n\ttree_size\x18\x03 \x01(\x04\x12\x11\n\troot_hash\x18\x04 \x01(\x0c\"y\n\x0eInclusionProof\x12\x11\n\tlog_index\x18\x01 \x01(\x04\x12\x11\n\ttree_size\x18\x02 \x01(\x04\x12\x0e\n\x06hashes\x18\x03 \x03(\x0c\x12\x31\n\ncheckpoint\x18\x04 \x01(\x0b\x32\x1d.freemark.v1.SignedCheckpoint\"\xc1\x02\n\x07Receipt\x12/\n\tstatement\x18\x01 \x01(\x0b\x32\x1c.freemark.v1.SignedStatement\x12\x17\n\x0fregistration_id\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\x12\x17\n\x0fintegrated_time\x18\x04 \x01(\x03\x12\x18\n\x10host_fingerprint\x18\x05 \x01(\x0c\x12\x1c\n\x14watermark_commitment\x18\x06 \x01(\x0c\x12\x11\n\tlog_index\x18\x07 \x01(\x04\x12.\n\tinclusion\x18\x08 \x01(\x0b\x32\x1b.freemark.v1.InclusionProof\x12\r\n\x05layer\x18\t \x01(\t\x12\x0e\n\x06n_bits\x18\n \x01(\r\x12*\n\x05panel\x18\x0b \x01(\x0b\x32\x1b.freemark.v1.ReferencePanel\"q\n\x0bVerdictTest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tstatistic\x18\x02 \x01(\x01\x12\t\n\x01n\x18\x03 \x01(\r\x12\x0f\n\x07p_value\x18\x04 \x01(\x01\x12\x15\n\rlog10_p_value\x18\x05 \x01(\x01\x12\x0e\n\x06method\x18\x06 \x01(\t\".\n\x0eReferencePanel\x12\x0c\n\x04size\x18\x01 \x01(\r\x12\x0e\n\x06sha256\x18\x02 \x01(\x0c\"\x92\x04\n\rSignedVerdict\x12/\n\tstatement\x18\x01 \x01(\x0b\x32\x1c.freemark.v1.SignedStatement\x12\x17\n\x0fregistration_id\x18\x02 \x01(\t\x12\x0e\n\x06n_bits\x18\x03 \x01(\r\x12\x0f\n\x07matches\x18\x04 \x01(\r\x12\x0b\n\x03\x62\x65r\x18\x05 \x01(\x01\x12\x0f\n\x07p_value\x18\x06 \x01(\x01\x12\x15\n\rlog10_p_value\x18\x07 \x01(\x01\x12\x16\n\x0ep_value_method\x18\x08 \x01(\t\x12\x18\n\x10p_value_binomial\x18\t \x01(\x01\x12\r\n\x05\x61lpha\x18\n \x01(\x01\x12\x10\n\x08is_match\x18\x0b \x01(\x08\x12\x11\n\tlog_index\x18\x0c \x01(\x04\x12\x17\n\x0fintegrated_time\x18\r \x01(\x03\x12.\n\tinclusion\x18\x0e \x01(\x0b\x32\x1b.freemark.v1.InclusionProof\x12\x14\n\x0crequested_by\x18\x0f \x01(\t\x12\x16\n\x0esuspect_sha256\x18\x10 \x01(\x0c\x12\x1e\n\x16log10_p_value_binomial\x18\x11 \x01(\x01\x12\x0f\n\x07outcome\x18\x12 \x01(\t\x12\'\n\x05tests\x18\x13 \x03(\x0b\x32\x18.freemark.v1.VerdictTest\x12*\n\x05panel\x18\x14 \x01(\x0b\x32\x1b.freemark.v1.ReferencePanel\"\xd1\x01\n\x10RegistrationInfo\x12\x17\n\x0fregistration_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x17\n\x0fintegrated_time\x18\x03 \x01(\x03\x12\x18\n\x10host_fingerprint\x18\x04 \x01(\x0c\x12\x1c\n\x14watermark_commitment\x18\x05 \x01(\x0c\x12\r\n\x05layer\x18\x06 \x01(\t\x12\x0e\n\x06n_bits\x18\x07 \x01(\r\x12\x11\n\tlog_index\x18\x08 \x01(\x04\x12\x12\n\nrevoked_at\x18\t \x01(\x03\"1\n\x16GetRegistrationRequest\x12\x17\n\x0fregistration_id\x18\x01 \x01(\t\"A\n\x18ListRegistrationsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"j\n\x19ListRegistrationsResponse\x12\x34\n\rregistrations\x18\x01 \x03(\x0b\x32\x1d.freemark.v1.RegistrationInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"8\n\rRevokeRequest\x12\x17\n\x0fregistration_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x16\n\x14GetCheckpointRequest\"@\n\x18GetInclusionProofRequest\x12\x11\n\tlog_index\x18\x01 \x01(\x04\x12\x11\n\ttree_size\x18\x02 \x01(\x04\"@\n\x1aGetConsistencyProofRequest\x12\x10\n\x08old_size\x18\x01 \x01(\x04\x12\x10\n\x08new_size\x18\x02 \x01(\x04\"y\n\x10\x43onsistencyProof\x12\x10\n\x08old_size\x18\x01 \x01(\x04\x12\x10\n\x08new_size\x18\x02 \x01(\x04\x12\x0e\n\x06hashes\x18\x03 \x03(\x0c\x12\x31\n\ncheckpoint\x18\x04 \x01(\x0b\x32\x1d.freemark.v1.SignedCheckpoint\"\x15\n\x13GetPublicKeyRequest\"(\n\tPublicKey\x12\x0b\n\x03pem\x18\x01 \x01(\x0c\x12\x0e\n\x06key_id\x18\x02 \x01(\t*_\n\x0bModelFormat\x12\x1c\n\x18MODEL_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10MODEL_FORMAT_PT2\x10\x01\x12\x1c\n\x18MODEL_FORMAT_SAFETENSORS\x10\x02\x32\xe7\x05\n\nKeyService\x12@\n\x08Register\x12\x1c.freemark.v1.RegisterRequest\x1a\x14.freemark.v1.Receipt(\x01\x12\x42\n\x06Verify\x12\x1a.freemark.v1.VerifyRequest\x1a\x1a.freemark.v1.SignedVerdict(\x01\x12U\n\x0fGetRegistration\x12#.freemark.v1.GetRegistrationRequest\x1a\x1d.freemark.v1.RegistrationInfo\x12\x62\n\x11ListRegistrations\x12%.freemark.v1.ListRegistrationsRequest\x1a&.freemark.v1.ListRegistrationsResponse\x12\x43\n\x06Revoke\x12\x1a.freemark.v1.RevokeRequest\x1a\x1d.freemark.v1.RegistrationInfo\x12Q\n\rGetCheckpoint\x12!.freemark.v1.GetCheckpointRequest\x1a\x1d.freemark.v1.SignedCheckpoint\x12W\n\x11GetInclusionProof\x12%.freemark.v1.GetInclusionProofRequest\x1a\x1b.freemark.v1.InclusionProof\x12]\n\x13GetConsistencyProof\x12\'.freemark.v1.GetConsistencyProofRequest\x1a\x1d.freemark.v1.ConsistencyProof\x12H\n\x0cGetPublicKey\x12 .freemark.v1.GetPublicKeyRequest\x1a\x16.freemark.v1.PublicKeyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66reemark/v1/keyservice.proto\x12\x0b\x66reemark.v1\x1a\x18\x66reemark/v1/bundle.proto\"\\\n\x0cUploadHeader\x12\x12\n\ntotal_size\x18\x01 \x01(\x04\x12\x0e\n\x06sha256\x18\x02 \x01(\x0c\x12(\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x18.freemark.v1.ModelFormat\"c\n\x0eRegisterHeader\x12&\n\x06\x62undle\x18\x01 \x01(\x0b\x32\x16.freemark.v1.KeyBundle\x12)\n\x06upload\x18\x02 \x01(\x0b\x32\x19.freemark.v1.UploadHeader\"\x89\x01\n\x0fRegisterRequest\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.freemark.v1.RegisterHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12.\n\treference\x18\x03 \x01(\x0b\x32\x19.freemark.v1.UploadHeaderH\x00\x42\x06\n\x04part\"a\n\x0cVerifyHeader\x12\x17\n\x0fregistration_id\x18\x01 \x01(\t\x12)\n\x06upload\x18\x02 \x01(\x0b\x32\x19.freemark.v1.UploadHeader\x12\r\n\x05\x61lpha\x18\x03 \x01(\x01\"U\n\rVerifyRequest\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.freemark.v1.VerifyHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"B\n\x0fSignedStatement\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x12\x0e\n\x06key_id\x18\x03 \x01(\t\"c\n\x10SignedCheckpoint\x12\x11\n\ttree_size\x18\x03 \x01(\x04\x12\x11\n\troot_hash\x18\x04 \x01(\x0c\x12\x0c\n\x04note\x18\x05 \x01(\x0cJ\x04\x08\x01\x10\x02J\x04\x08\x02\x10\x03R\x04\x62odyR\tsignature\"y\n\x0eInclusionProof\x12\x11\n\tlog_index\x18\x01 \x01(\x04\x12\x11\n\ttree_size\x18\x02 \x01(\x04\x12\x0e\n\x06hashes\x18\x03 \x03(\x0c\x12\x31\n\ncheckpoint\x18\x04 \x01(\x0b\x32\x1d.freemark.v1.SignedCheckpoint\"\xc1\x02\n\x07Receipt\x12/\n\tstatement\x18\x01 \x01(\x0b\x32\x1c.freemark.v1.SignedStatement\x12\x17\n\x0fregistration_id\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\x12\x17\n\x0fintegrated_time\x18\x04 \x01(\x03\x12\x18\n\x10host_fingerprint\x18\x05 \x01(\x0c\x12\x1c\n\x14watermark_commitment\x18\x06 \x01(\x0c\x12\x11\n\tlog_index\x18\x07 \x01(\x04\x12.\n\tinclusion\x18\x08 \x01(\x0b\x32\x1b.freemark.v1.InclusionProof\x12\r\n\x05layer\x18\t \x01(\t\x12\x0e\n\x06n_bits\x18\n \x01(\r\x12*\n\x05panel\x18\x0b \x01(\x0b\x32\x1b.freemark.v1.ReferencePanel\"q\n\x0bVerdictTest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tstatistic\x18\x02 \x01(\x01\x12\t\n\x01n\x18\x03 \x01(\r\x12\x0f\n\x07p_value\x18\x04 \x01(\x01\x12\x15\n\rlog10_p_value\x18\x05 \x01(\x01\x12\x0e\n\x06method\x18\x06 \x01(\t\".\n\x0eReferencePanel\x12\x0c\n\x04size\x18\x01 \x01(\r\x12\x0e\n\x06sha256\x18\x02 \x01(\x0c\"]\n\rVerdictPolicy\x12\x11\n\talpha_min\x18\x01 \x01(\x01\x12\x11\n\talpha_max\x18\x02 \x01(\x01\x12\x1a\n\x12\x61rbiter_disclosure\x18\x03 \x01(\t\x12\n\n\x02id\x18\x04 \x01(\t\"\xeb\x04\n\rSignedVerdict\x12/\n\tstatement\x18\x01 \x01(\x0b\x32\x1c.freemark.v1.SignedStatement\x12\x17\n\x0fregistration_id\x18\x02 \x01(\t\x12\x0e\n\x06n_bits\x18\x03 \x01(\r\x12\x0f\n\x07matches\x18\x04 \x01(\r\x12\x0b\n\x03\x62\x65r\x18\x05 \x01(\x01\x12\x0f\n\x07p_value\x18\x06 \x01(\x01\x12\x15\n\rlog10_p_value\x18\x07 \x01(\x01\x12\x16\n\x0ep_value_method\x18\x08 \x01(\t\x12\x18\n\x10p_value_binomial\x18\t \x01(\x01\x12\r\n\x05\x61lpha\x18\n \x01(\x01\x12\x10\n\x08is_match\x18\x0b \x01(\x08\x12\x11\n\tlog_index\x18\x0c \x01(\x04\x12\x17\n\x0fintegrated_time\x18\r \x01(\x03\x12.\n\tinclusion\x18\x0e \x01(\x0b\x32\x1b.freemark.v1.InclusionProof\x12\x14\n\x0crequested_by\x18\x0f \x01(\t\x12\x16\n\x0esuspect_sha256\x18\x10 \x01(\x0c\x12\x1e\n\x16log10_p_value_binomial\x18\x11 \x01(\x01\x12\x0f\n\x07outcome\x18\x12 \x01(\t\x12\'\n\x05tests\x18\x13 \x03(\x0b\x32\x18.freemark.v1.VerdictTest\x12*\n\x05panel\x18\x14 \x01(\x0b\x32\x1b.freemark.v1.ReferencePanel\x12\x14\n\x0csuspect_size\x18\x15 \x01(\x04\x12*\n\x06policy\x18\x16 \x01(\x0b\x32\x1a.freemark.v1.VerdictPolicy\x12\x15\n\rp_value_above\x18\x17 \x01(\x01\"\xd1\x01\n\x10RegistrationInfo\x12\x17\n\x0fregistration_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x17\n\x0fintegrated_time\x18\x03 \x01(\x03\x12\x18\n\x10host_fingerprint\x18\x04 \x01(\x0c\x12\x1c\n\x14watermark_commitment\x18\x05 \x01(\x0c\x12\r\n\x05layer\x18\x06 \x01(\t\x12\x0e\n\x06n_bits\x18\x07 \x01(\r\x12\x11\n\tlog_index\x18\x08 \x01(\x04\x12\x12\n\nrevoked_at\x18\t \x01(\x03\"1\n\x16GetRegistrationRequest\x12\x17\n\x0fregistration_id\x18\x01 \x01(\t\"A\n\x18ListRegistrationsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"j\n\x19ListRegistrationsResponse\x12\x34\n\rregistrations\x18\x01 \x03(\x0b\x32\x1d.freemark.v1.RegistrationInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"8\n\rRevokeRequest\x12\x17\n\x0fregistration_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x16\n\x14GetCheckpointRequest\"@\n\x18GetInclusionProofRequest\x12\x11\n\tlog_index\x18\x01 \x01(\x04\x12\x11\n\ttree_size\x18\x02 \x01(\x04\"@\n\x1aGetConsistencyProofRequest\x12\x10\n\x08old_size\x18\x01 \x01(\x04\x12\x10\n\x08new_size\x18\x02 \x01(\x04\"y\n\x10\x43onsistencyProof\x12\x10\n\x08old_size\x18\x01 \x01(\x04\x12\x10\n\x08new_size\x18\x02 \x01(\x04\x12\x0e\n\x06hashes\x18\x03 \x03(\x0c\x12\x31\n\ncheckpoint\x18\x04 \x01(\x0b\x32\x1d.freemark.v1.SignedCheckpoint\"\x15\n\x13GetPublicKeyRequest\"S\n\tPublicKey\x12\x0b\n\x03pem\x18\x01 \x01(\x0c\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0e\n\x06origin\x18\x03 \x01(\t\x12\x19\n\x11note_verifier_key\x18\x04 \x01(\t*_\n\x0bModelFormat\x12\x1c\n\x18MODEL_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10MODEL_FORMAT_PT2\x10\x01\x12\x1c\n\x18MODEL_FORMAT_SAFETENSORS\x10\x02\x32\xe7\x05\n\nKeyService\x12@\n\x08Register\x12\x1c.freemark.v1.RegisterRequest\x1a\x14.freemark.v1.Receipt(\x01\x12\x42\n\x06Verify\x12\x1a.freemark.v1.VerifyRequest\x1a\x1a.freemark.v1.SignedVerdict(\x01\x12U\n\x0fGetRegistration\x12#.freemark.v1.GetRegistrationRequest\x1a\x1d.freemark.v1.RegistrationInfo\x12\x62\n\x11ListRegistrations\x12%.freemark.v1.ListRegistrationsRequest\x1a&.freemark.v1.ListRegistrationsResponse\x12\x43\n\x06Revoke\x12\x1a.freemark.v1.RevokeRequest\x1a\x1d.freemark.v1.RegistrationInfo\x12Q\n\rGetCheckpoint\x12!.freemark.v1.GetCheckpointRequest\x1a\x1d.freemark.v1.SignedCheckpoint\x12W\n\x11GetInclusionProof\x12%.freemark.v1.GetInclusionProofRequest\x1a\x1b.freemark.v1.InclusionProof\x12]\n\x13GetConsistencyProof\x12\'.freemark.v1.GetConsistencyProofRequest\x1a\x1d.freemark.v1.ConsistencyProof\x12H\n\x0cGetPublicKey\x12 .freemark.v1.GetPublicKeyRequest\x1a\x16.freemark.v1.PublicKeyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'freemark.v1.keyservice_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELFORMAT']._serialized_start=2734
-  _globals['_MODELFORMAT']._serialized_end=2829
+  _globals['_MODELFORMAT']._serialized_start=2971
+  _globals['_MODELFORMAT']._serialized_end=3066
   _globals['_UPLOADHEADER']._serialized_start=71
   _globals['_UPLOADHEADER']._serialized_end=163
   _globals['_REGISTERHEADER']._serialized_start=165
@@ -47,39 +47,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SIGNEDSTATEMENT']._serialized_start=592
   _globals['_SIGNEDSTATEMENT']._serialized_end=658
   _globals['_SIGNEDCHECKPOINT']._serialized_start=660
-  _globals['_SIGNEDCHECKPOINT']._serialized_end=749
-  _globals['_INCLUSIONPROOF']._serialized_start=751
-  _globals['_INCLUSIONPROOF']._serialized_end=872
-  _globals['_RECEIPT']._serialized_start=875
-  _globals['_RECEIPT']._serialized_end=1196
-  _globals['_VERDICTTEST']._serialized_start=1198
-  _globals['_VERDICTTEST']._serialized_end=1311
-  _globals['_REFERENCEPANEL']._serialized_start=1313
-  _globals['_REFERENCEPANEL']._serialized_end=1359
-  _globals['_SIGNEDVERDICT']._serialized_start=1362
-  _globals['_SIGNEDVERDICT']._serialized_end=1892
-  _globals['_REGISTRATIONINFO']._serialized_start=1895
-  _globals['_REGISTRATIONINFO']._serialized_end=2104
-  _globals['_GETREGISTRATIONREQUEST']._serialized_start=2106
-  _globals['_GETREGISTRATIONREQUEST']._serialized_end=2155
-  _globals['_LISTREGISTRATIONSREQUEST']._serialized_start=2157
-  _globals['_LISTREGISTRATIONSREQUEST']._serialized_end=2222
-  _globals['_LISTREGISTRATIONSRESPONSE']._serialized_start=2224
-  _globals['_LISTREGISTRATIONSRESPONSE']._serialized_end=2330
-  _globals['_REVOKEREQUEST']._serialized_start=2332
-  _globals['_REVOKEREQUEST']._serialized_end=2388
-  _globals['_GETCHECKPOINTREQUEST']._serialized_start=2390
-  _globals['_GETCHECKPOINTREQUEST']._serialized_end=2412
-  _globals['_GETINCLUSIONPROOFREQUEST']._serialized_start=2414
-  _globals['_GETINCLUSIONPROOFREQUEST']._serialized_end=2478
-  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_start=2480
-  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_end=2544
-  _globals['_CONSISTENCYPROOF']._serialized_start=2546
-  _globals['_CONSISTENCYPROOF']._serialized_end=2667
-  _globals['_GETPUBLICKEYREQUEST']._serialized_start=2669
-  _globals['_GETPUBLICKEYREQUEST']._serialized_end=2690
-  _globals['_PUBLICKEY']._serialized_start=2692
-  _globals['_PUBLICKEY']._serialized_end=2732
-  _globals['_KEYSERVICE']._serialized_start=2832
-  _globals['_KEYSERVICE']._serialized_end=3575
+  _globals['_SIGNEDCHECKPOINT']._serialized_end=759
+  _globals['_INCLUSIONPROOF']._serialized_start=761
+  _globals['_INCLUSIONPROOF']._serialized_end=882
+  _globals['_RECEIPT']._serialized_start=885
+  _globals['_RECEIPT']._serialized_end=1206
+  _globals['_VERDICTTEST']._serialized_start=1208
+  _globals['_VERDICTTEST']._serialized_end=1321
+  _globals['_REFERENCEPANEL']._serialized_start=1323
+  _globals['_REFERENCEPANEL']._serialized_end=1369
+  _globals['_VERDICTPOLICY']._serialized_start=1371
+  _globals['_VERDICTPOLICY']._serialized_end=1464
+  _globals['_SIGNEDVERDICT']._serialized_start=1467
+  _globals['_SIGNEDVERDICT']._serialized_end=2086
+  _globals['_REGISTRATIONINFO']._serialized_start=2089
+  _globals['_REGISTRATIONINFO']._serialized_end=2298
+  _globals['_GETREGISTRATIONREQUEST']._serialized_start=2300
+  _globals['_GETREGISTRATIONREQUEST']._serialized_end=2349
+  _globals['_LISTREGISTRATIONSREQUEST']._serialized_start=2351
+  _globals['_LISTREGISTRATIONSREQUEST']._serialized_end=2416
+  _globals['_LISTREGISTRATIONSRESPONSE']._serialized_start=2418
+  _globals['_LISTREGISTRATIONSRESPONSE']._serialized_end=2524
+  _globals['_REVOKEREQUEST']._serialized_start=2526
+  _globals['_REVOKEREQUEST']._serialized_end=2582
+  _globals['_GETCHECKPOINTREQUEST']._serialized_start=2584
+  _globals['_GETCHECKPOINTREQUEST']._serialized_end=2606
+  _globals['_GETINCLUSIONPROOFREQUEST']._serialized_start=2608
+  _globals['_GETINCLUSIONPROOFREQUEST']._serialized_end=2672
+  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_start=2674
+  _globals['_GETCONSISTENCYPROOFREQUEST']._serialized_end=2738
+  _globals['_CONSISTENCYPROOF']._serialized_start=2740
+  _globals['_CONSISTENCYPROOF']._serialized_end=2861
+  _globals['_GETPUBLICKEYREQUEST']._serialized_start=2863
+  _globals['_GETPUBLICKEYREQUEST']._serialized_end=2884
+  _globals['_PUBLICKEY']._serialized_start=2886
+  _globals['_PUBLICKEY']._serialized_end=2969
+  _globals['_KEYSERVICE']._serialized_start=3069
+  _globals['_KEYSERVICE']._serialized_end=3812
 # @@protoc_insertion_point(module_scope)

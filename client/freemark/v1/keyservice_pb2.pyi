@@ -13,7 +13,8 @@ The log calls (GetCheckpoint, GetInclusionProof, GetConsistencyProof,
 GetPublicKey) only need a valid principal: the log is public to all of them.
 
 Errors use standard status codes with an actionable message:
-  INVALID_ARGUMENT    malformed bundle or request, wrong layer, unreadable model
+  INVALID_ARGUMENT    malformed bundle or request, wrong layer, unreadable model,
+                      an alpha outside the server's verdict policy
   UNAUTHENTICATED     no or unknown token
   PERMISSION_DENIED   the role or ownership does not allow the call
   NOT_FOUND           no such registration (also for other owners' records)
@@ -171,7 +172,11 @@ class VerifyHeader(_message.Message):
     ALPHA_FIELD_NUMBER: _builtins.int
     registration_id: _builtins.str
     alpha: _builtins.float
-    """Significance level; 0 means the scheme default (1e-9)."""
+    """Significance level; 0 means the scheme default (1e-9). The server signs verdicts only
+    for alpha inside its policy's range (`freemark-keyserver serve --alpha-min/--alpha-max`,
+    by default [1e-12, 1e-6]); outside it the call is refused with ALPHA_OUTSIDE_POLICY
+    (INVALID_ARGUMENT) naming the range, before the upload is read, and nothing is logged.
+    """
     @_builtins.property
     def upload(self) -> Global___UploadHeader: ...
     def __init__(
@@ -246,33 +251,38 @@ Global___SignedStatement: _TypeAlias = SignedStatement  # noqa: Y015
 
 @_typing.final
 class SignedCheckpoint(_message.Message):
-    """A signed log checkpoint; `body` is RFC 8785 JSON with kind
-    ("freemark/v1/checkpoint"), origin, tree_size, root_hash (hex), timestamp
-    (unix seconds) and key_id: `freemark.merkle.Checkpoint`'s signed fields.
-    tree_size and root_hash repeat the body and must equal it.
+    """A signed log checkpoint: `note` is a C2SP signed note (c2sp.org/signed-note)
+    whose text is a C2SP tlog-checkpoint (c2sp.org/tlog-checkpoint):
+
+      <origin>\\n<tree size, decimal>\\n<base64 RFC 6962 root>\\ntime <unix seconds>\\n
+      \\n
+      — <origin> <base64(4-byte key id || Ed25519 signature over the text)>\\n
+
+    The one extension line is the time of the last entry the tree holds; receipts
+    and verdicts are never later than their checkpoint. The log signs under the key
+    name <origin> with key id SHA-256(origin || 0x0A || 0x01 || public key)[:4];
+    clients ignore other signature lines (witness cosignatures). tree_size and
+    root_hash repeat the note and must equal it: `freemark.merkle.Checkpoint`.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    BODY_FIELD_NUMBER: _builtins.int
-    SIGNATURE_FIELD_NUMBER: _builtins.int
     TREE_SIZE_FIELD_NUMBER: _builtins.int
     ROOT_HASH_FIELD_NUMBER: _builtins.int
-    body: _builtins.bytes
-    signature: _builtins.bytes
+    NOTE_FIELD_NUMBER: _builtins.int
     tree_size: _builtins.int
     root_hash: _builtins.bytes
+    note: _builtins.bytes
     def __init__(
         self,
         *,
-        body: _builtins.bytes = ...,
-        signature: _builtins.bytes = ...,
         tree_size: _builtins.int = ...,
         root_hash: _builtins.bytes = ...,
+        note: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "root_hash", b"root_hash", "signature", b"signature", "tree_size", b"tree_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["note", b"note", "root_hash", b"root_hash", "tree_size", b"tree_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -440,15 +450,62 @@ class ReferencePanel(_message.Message):
 Global___ReferencePanel: _TypeAlias = ReferencePanel  # noqa: Y015
 
 @_typing.final
+class VerdictPolicy(_message.Message):
+    """The operator's rules for signing verdicts, signed into every verdict: the alpha range
+    the server signs, and what a requester other than the registration's owner is told
+    ("full": every statistic; "coarse": outcome and p-value bucket only). `id` is
+    "sha256:" + hex SHA-256 of the RFC 8785 JSON {"kind": "freemark/v1/verdict-policy",
+    "alpha_min", "alpha_max", "arbiter_disclosure"}; verifiers recompute it.
+    One definition: `freemark.records.VerdictPolicy`'s signed fields.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALPHA_MIN_FIELD_NUMBER: _builtins.int
+    ALPHA_MAX_FIELD_NUMBER: _builtins.int
+    ARBITER_DISCLOSURE_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    alpha_min: _builtins.float
+    alpha_max: _builtins.float
+    arbiter_disclosure: _builtins.str
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        alpha_min: _builtins.float = ...,
+        alpha_max: _builtins.float = ...,
+        arbiter_disclosure: _builtins.str = ...,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha_max", b"alpha_max", "alpha_min", b"alpha_min", "arbiter_disclosure", b"arbiter_disclosure", "id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerdictPolicy: _TypeAlias = VerdictPolicy  # noqa: Y015
+
+@_typing.final
 class SignedVerdict(_message.Message):
-    """A dispute verdict. The signed body is authoritative: its JSON fields are
-    kind ("freemark/v1/verdict") and every field of this message but statement
-    and inclusion, under the same names (bytes as lowercase hex, tests as a list
-    of objects, panel as an object). They are the judgement fields (n_bits ..
-    panel, also in the offline `freemark extract` verdict) and the binding fields
-    (registration_id, requested_by, suspect_sha256, log_index, integrated_time).
-    The typed fields must equal the body; the client refuses a reply where they
-    differ. One definition: `freemark.records.SignedVerdict`'s signed fields.
+    """A dispute verdict, full or coarse. The signed body is authoritative; its `kind` says which.
+
+    Full ("freemark/v1/verdict", `freemark.records.SignedVerdict`): every field of this
+    message but statement, inclusion and p_value_above, under the same names (bytes as
+    lowercase hex, tests as a list of objects, panel and policy as objects): the judgement
+    fields (n_bits .. panel, also in the offline `freemark extract` verdict) and the binding
+    fields (registration_id, requested_by, suspect_sha256, suspect_size, policy, log_index,
+    integrated_time).
+
+    Coarse ("freemark/v1/coarse-verdict", `freemark.records.CoarseVerdict`), what requesters
+    other than the registration's owner get under a coarse policy (the default): n_bits,
+    p_value, log10_p_value, p_value_above, alpha, is_match, outcome, panel and the binding
+    fields. The exact p-value lies in (p_value_above, p_value]: the bucket edges are 1e-100,
+    1e-50, 1e-30, 1e-20, 1e-12, 1e-9, 1e-6, 1e-3, 1 and alpha, so p_value <= alpha iff
+    is_match. matches, ber, p_value_method, p_value_binomial, log10_p_value_binomial and
+    tests are unset: exact statistics would let a thief with Verify access measure how close
+    a function-preserving change comes to flipping the verdict, one query at a time.
+
+    The typed fields must equal the body; the client refuses a reply where they differ.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -473,12 +530,17 @@ class SignedVerdict(_message.Message):
     OUTCOME_FIELD_NUMBER: _builtins.int
     TESTS_FIELD_NUMBER: _builtins.int
     PANEL_FIELD_NUMBER: _builtins.int
+    SUSPECT_SIZE_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    P_VALUE_ABOVE_FIELD_NUMBER: _builtins.int
     registration_id: _builtins.str
     n_bits: _builtins.int
     matches: _builtins.int
     ber: _builtins.float
     p_value: _builtins.float
-    """The combined decision's p-value: is_match iff p_value <= alpha."""
+    """The combined decision's p-value: is_match iff p_value <= alpha (coarse: the upper
+    edge of its bucket).
+    """
     log10_p_value: _builtins.float
     p_value_method: _builtins.str
     p_value_binomial: _builtins.float
@@ -491,10 +553,14 @@ class SignedVerdict(_message.Message):
     requested_by: _builtins.str
     """The principal who asked for the verdict."""
     suspect_sha256: _builtins.bytes
-    """SHA-256 of the suspect file as uploaded."""
+    """SHA-256 of the suspect file as uploaded (checked against the bytes received)."""
     log10_p_value_binomial: _builtins.float
     outcome: _builtins.str
     """"match", "no_match" or "inconclusive" (the tests cannot reach alpha)."""
+    suspect_size: _builtins.int
+    """Size of the suspect file in bytes, as uploaded (checked like suspect_sha256)."""
+    p_value_above: _builtins.float
+    """Coarse verdicts only: the lower edge of the p-value's bucket."""
     @_builtins.property
     def statement(self) -> Global___SignedStatement: ...
     @_builtins.property
@@ -503,6 +569,10 @@ class SignedVerdict(_message.Message):
     def tests(self) -> _containers.RepeatedCompositeFieldContainer[Global___VerdictTest]: ...
     @_builtins.property
     def panel(self) -> Global___ReferencePanel: ...
+    @_builtins.property
+    def policy(self) -> Global___VerdictPolicy:
+        """The policy the verdict was signed under."""
+
     def __init__(
         self,
         *,
@@ -526,10 +596,13 @@ class SignedVerdict(_message.Message):
         outcome: _builtins.str = ...,
         tests: _abc.Iterable[Global___VerdictTest] | None = ...,
         panel: Global___ReferencePanel | None = ...,
+        suspect_size: _builtins.int = ...,
+        policy: Global___VerdictPolicy | None = ...,
+        p_value_above: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["inclusion", b"inclusion", "panel", b"panel", "statement", b"statement"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["inclusion", b"inclusion", "panel", b"panel", "policy", b"policy", "statement", b"statement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "ber", b"ber", "inclusion", b"inclusion", "integrated_time", b"integrated_time", "is_match", b"is_match", "log10_p_value", b"log10_p_value", "log10_p_value_binomial", b"log10_p_value_binomial", "log_index", b"log_index", "matches", b"matches", "n_bits", b"n_bits", "outcome", b"outcome", "p_value", b"p_value", "p_value_binomial", b"p_value_binomial", "p_value_method", b"p_value_method", "panel", b"panel", "registration_id", b"registration_id", "requested_by", b"requested_by", "statement", b"statement", "suspect_sha256", b"suspect_sha256", "tests", b"tests"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "ber", b"ber", "inclusion", b"inclusion", "integrated_time", b"integrated_time", "is_match", b"is_match", "log10_p_value", b"log10_p_value", "log10_p_value_binomial", b"log10_p_value_binomial", "log_index", b"log_index", "matches", b"matches", "n_bits", b"n_bits", "outcome", b"outcome", "p_value", b"p_value", "p_value_above", b"p_value_above", "p_value_binomial", b"p_value_binomial", "p_value_method", b"p_value_method", "panel", b"panel", "policy", b"policy", "registration_id", b"registration_id", "requested_by", b"requested_by", "statement", b"statement", "suspect_sha256", b"suspect_sha256", "suspect_size", b"suspect_size", "tests", b"tests"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -781,18 +854,30 @@ class PublicKey(_message.Message):
 
     PEM_FIELD_NUMBER: _builtins.int
     KEY_ID_FIELD_NUMBER: _builtins.int
+    ORIGIN_FIELD_NUMBER: _builtins.int
+    NOTE_VERIFIER_KEY_FIELD_NUMBER: _builtins.int
     pem: _builtins.bytes
     """PEM (SubjectPublicKeyInfo) of the TTP's Ed25519 signing key."""
     key_id: _builtins.str
+    origin: _builtins.str
+    """The log's origin: the first line of every checkpoint and the key name of its
+    note signature. Pin it with the key (`freemark receipt verify --origin`).
+    """
+    note_verifier_key: _builtins.str
+    """The key in the signed-note verifier-key form, <origin>+<hex key id>+<base64>,
+    for note tools of the transparency-log ecosystem.
+    """
     def __init__(
         self,
         *,
         pem: _builtins.bytes = ...,
         key_id: _builtins.str = ...,
+        origin: _builtins.str = ...,
+        note_verifier_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "pem", b"pem"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "note_verifier_key", b"note_verifier_key", "origin", b"origin", "pem", b"pem"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -13,7 +13,8 @@ The log calls (GetCheckpoint, GetInclusionProof, GetConsistencyProof,
 GetPublicKey) only need a valid principal: the log is public to all of them.
 
 Errors use standard status codes with an actionable message:
-  INVALID_ARGUMENT    malformed bundle or request, wrong layer, unreadable model
+  INVALID_ARGUMENT    malformed bundle or request, wrong layer, unreadable model,
+                      an alpha outside the server's verdict policy
   UNAUTHENTICATED     no or unknown token
   PERMISSION_DENIED   the role or ownership does not allow the call
   NOT_FOUND           no such registration (also for other owners' records)

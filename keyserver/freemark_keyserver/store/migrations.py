@@ -163,6 +163,16 @@ def _panel_members(integer: str, blob: str) -> tuple[str, ...]:
     )
 
 
+_CHECKPOINT_NOTES = (
+    # Checkpoints are derived data (a tree size's root and its last entry's time), so the
+    # JSON-bodied ones are dropped and re-signed as C2SP notes, with the same roots, the
+    # first time each size is asked for.
+    "DELETE FROM checkpoints",
+    "ALTER TABLE checkpoints DROP COLUMN signature",
+    "ALTER TABLE checkpoints RENAME COLUMN body TO note",
+)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
@@ -196,6 +206,12 @@ MIGRATIONS: tuple[Migration, ...] = (
         "operator reference panels by architecture family",
         sqlite=_panel_members("INTEGER", "BLOB"),
         postgres=_panel_members("BIGINT", "BYTEA"),
+    ),
+    Migration(
+        6,
+        "checkpoints as C2SP signed notes",
+        sqlite=_CHECKPOINT_NOTES,
+        postgres=_CHECKPOINT_NOTES,
     ),
 )
 

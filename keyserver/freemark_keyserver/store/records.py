@@ -106,8 +106,7 @@ class LogEntry:
 
 @dataclass(frozen=True)
 class StoredCheckpoint:
-    """A signed checkpoint as stored: the signed body bytes and the signature over them."""
+    """A signed checkpoint as stored: the C2SP signed note (text and signature lines)."""
 
     tree_size: int
-    body: bytes
-    signature: bytes
+    note: bytes

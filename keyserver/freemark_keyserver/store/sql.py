@@ -84,7 +84,7 @@ _REGISTRATION_COLUMNS = (
 _PRINCIPAL_COLUMNS = "name, role, token_hash, created_at, disabled"
 _PANEL_COLUMNS = "member_id, family, fingerprint, label, added_at, key_version, envelope, removed_at"
 _ENTRY_COLUMNS = "idx, kind, entry, leaf_hash, created_at"
-_CHECKPOINT_COLUMNS = "tree_size, body, signature"
+_CHECKPOINT_COLUMNS = "tree_size, note"
 
 
 def _registration(row: Row) -> Registration:
@@ -140,9 +140,7 @@ def _entry(row: Row) -> LogEntry:
 
 
 def _checkpoint(row: Row) -> StoredCheckpoint:
-    return StoredCheckpoint(
-        tree_size=row["tree_size"], body=row["body"], signature=row["signature"]
-    )
+    return StoredCheckpoint(tree_size=row["tree_size"], note=bytes(row["note"]))
 
 
 class SqlStore(Store):
@@ -503,9 +501,9 @@ class SqlStore(Store):
 
     def add_checkpoint(self, checkpoint: StoredCheckpoint) -> None:
         self._write(
-            f"INSERT INTO checkpoints ({_CHECKPOINT_COLUMNS}) VALUES (?, ?, ?)"
+            f"INSERT INTO checkpoints ({_CHECKPOINT_COLUMNS}) VALUES (?, ?)"
             " ON CONFLICT (tree_size) DO NOTHING",
-            (checkpoint.tree_size, checkpoint.body, checkpoint.signature),
+            (checkpoint.tree_size, checkpoint.note),
         )
 
     def latest_checkpoint(self) -> StoredCheckpoint | None:

@@ -22,6 +22,7 @@ from grpc_status import rpc_status
 from freemark import errors, merkle, signatures
 from freemark.cli import main
 from freemark.errors import (
+    AlphaOutsidePolicyError,
     AlreadyRegisteredError,
     CryptoError,
     DeadlineExceededError,
@@ -73,6 +74,7 @@ EXPECTED: dict[ErrorCode, type[ServerError]] = {
     ErrorCode.REVOKED: RevokedError,
     ErrorCode.UPLOAD_CORRUPT: UploadCorruptError,
     ErrorCode.INTERNAL: ServerInternalError,
+    ErrorCode.ALPHA_OUTSIDE_POLICY: AlphaOutsidePolicyError,
     ErrorCode.RATE_LIMITED: RateLimitedError,
     ErrorCode.SPOOL_FULL: SpoolFullError,
     ErrorCode.UPLOAD_STALLED: UploadStalledError,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -14,18 +15,19 @@ from freemark.merkle import (
     EMPTY_ROOT,
     Checkpoint,
     LogProofError,
-    SignedCheckpoint,
     audit_entries,
     consistency_proof,
     inclusion_proof,
     leaf_hash,
     node_hash,
+    open_checkpoint,
+    parse_checkpoint,
     root,
     sign_checkpoint,
-    verify_checkpoint,
     verify_consistency,
     verify_inclusion,
 )
+from freemark.note import parse_note
 from freemark_keyserver.crypto import SigningKey
 
 # --- RFC 6962 vectors (certificate-transparency-go / transparency-dev merkle testonly) ------
@@ -308,40 +310,67 @@ ENTRIES = [f'{{"registration":"reg-{i:04d}"}}'.encode() for i in range(23)]
 CHECKPOINT_SIZES = [0, 1, 4, 4, 9, 16, 23]
 
 
-def _checkpoint(entries: list[bytes], size: int, timestamp: int) -> SignedCheckpoint:
+def _checkpoint(entries: list[bytes], size: int, timestamp: int, origin: str = ORIGIN,
+                signer: SigningKey = SIGNER) -> bytes:
     tree_root = root([leaf_hash(entry) for entry in entries[:size]])
-    return sign_checkpoint(SIGNER, Checkpoint(ORIGIN, size, tree_root, timestamp, SIGNER.key_id))
+    return sign_checkpoint(signer, Checkpoint(origin, size, tree_root, timestamp)).note
 
 
-def _history() -> list[SignedCheckpoint]:
+def _history() -> list[bytes]:
     return [
         _checkpoint(ENTRIES, size, 1_700_000_000 + 60 * n)
         for n, size in enumerate(CHECKPOINT_SIZES)
     ]
 
 
-def test_a_signed_checkpoint_verifies() -> None:
-    for signed in _history():
-        verify_checkpoint(SIGNER.verifier(), signed)
+def test_a_signed_checkpoint_opens_to_what_was_signed() -> None:
+    for n, note in enumerate(_history()):
+        checkpoint = open_checkpoint(note, SIGNER.verifier(), ORIGIN)
+        assert checkpoint.tree_size == CHECKPOINT_SIZES[n]
+        assert checkpoint.timestamp == 1_700_000_000 + 60 * n
 
 
-def test_the_signed_body_is_canonical_json_with_a_hex_root() -> None:
-    checkpoint = Checkpoint(ORIGIN, 2, bytes(range(32)), 1_700_000_000, "00ff")
-    assert checkpoint.signed_body() == (
-        b'{"key_id":"00ff","kind":"freemark/v1/checkpoint","origin":"freemark.test/log",'
-        b'"root_hash":"' + bytes(range(32)).hex().encode() + b'",'
-        b'"timestamp":1700000000,"tree_size":2}'
-    )
+def test_the_note_is_a_c2sp_checkpoint_signed_under_the_origin() -> None:
+    checkpoint = Checkpoint(ORIGIN, 2, bytes(range(32)), 1_700_000_000)
+    text = checkpoint.to_text()
+    assert text == ("freemark.test/log\n2\nAAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n"
+                    "time 1700000000\n")
+    note = sign_checkpoint(SIGNER, checkpoint).note.decode()
+    body, signature_line = note.split("\n\n")
+    assert body + "\n" == text
+    dash, name, blob = signature_line.rstrip("\n").split(" ")
+    assert (dash, name) == ("\u2014", ORIGIN)
+    raw = base64.b64decode(blob)
+    public = SIGNER.verifier().public_bytes()
+    assert raw[:4] == hashlib.sha256(ORIGIN.encode() + b"\n\x01" + public).digest()[:4]
+    SIGNER.verifier().verify(raw[4:], text.encode())  # Ed25519 over the text, newline included
+    assert Checkpoint.from_text(text) == checkpoint
 
 
-def test_a_checkpoint_for_another_key_is_not_signed() -> None:
-    checkpoint = Checkpoint(ORIGIN, 0, EMPTY_ROOT, 0, "not-this-key")
-    with pytest.raises(ValueError, match="signer is"):
-        sign_checkpoint(SIGNER, checkpoint)
+MALFORMED_TEXTS = {
+    "three lines, no time": "o\n1\n" + base64.b64encode(EMPTY_ROOT).decode() + "\n",
+    "empty origin": "\n1\n" + base64.b64encode(EMPTY_ROOT).decode() + "\ntime 1\n",
+    "origin with a space": "a b\n1\n" + base64.b64encode(EMPTY_ROOT).decode() + "\ntime 1\n",
+    "leading zero": "o\n01\n" + base64.b64encode(EMPTY_ROOT).decode() + "\ntime 1\n",
+    "signed size": "o\n+1\n" + base64.b64encode(EMPTY_ROOT).decode() + "\ntime 1\n",
+    "short root": "o\n1\n" + base64.b64encode(b"short").decode() + "\ntime 1\n",
+    "root not base64": "o\n1\n" + "%" * 44 + "\ntime 1\n",
+    "unpadded root": "o\n1\n" + base64.b64encode(EMPTY_ROOT).decode().rstrip("=") + "\ntime 1\n",
+    "another extension": "o\n1\n" + base64.b64encode(EMPTY_ROOT).decode() + "\nwhen 1\n",
+    "extra line": "o\n1\n" + base64.b64encode(EMPTY_ROOT).decode() + "\ntime 1\nx\n",
+    "no final newline": "o\n1\n" + base64.b64encode(EMPTY_ROOT).decode() + "\ntime 1",
+    "negative time": "o\n1\n" + base64.b64encode(EMPTY_ROOT).decode() + "\ntime -1\n",
+}
+
+
+@pytest.mark.parametrize("text", MALFORMED_TEXTS.values(), ids=MALFORMED_TEXTS.keys())
+def test_malformed_checkpoint_texts_are_refused(text: str) -> None:
+    with pytest.raises(LogProofError):
+        Checkpoint.from_text(text)
 
 
 def test_an_honest_log_passes_the_audit() -> None:
-    audit_entries(ENTRIES, _history(), SIGNER.verifier())
+    audit_entries(ENTRIES, _history(), SIGNER.verifier(), ORIGIN)
     audit_entries(ENTRIES + [b"not yet checkpointed"], _history(), SIGNER.verifier())
 
 
@@ -350,68 +379,75 @@ class Tamper:
     """One way to cheat: how it changes the log and the audit message that must catch it."""
 
     name: str
-    apply: Callable[[list[bytes], list[SignedCheckpoint]], None]
+    apply: Callable[[list[bytes], list[bytes]], None]
     message: str
 
 
-def _flip_entry(entries: list[bytes], _: list[SignedCheckpoint]) -> None:
+def _flip_entry(entries: list[bytes], _: list[bytes]) -> None:
     entries[11] = bytes([entries[11][0] ^ 1]) + entries[11][1:]
 
 
-def _flip_signature(_: list[bytes], checkpoints: list[SignedCheckpoint]) -> None:
-    signature = bytearray(checkpoints[3].signature)
-    signature[5] ^= 0x40
-    checkpoints[3] = replace(checkpoints[3], signature=bytes(signature))
+def _resign_line(note: bytes, change: Callable[[bytes], bytes]) -> bytes:
+    text, line = note.decode().rsplit("\n\n", 1)
+    dash, name, blob = line.rstrip("\n").split(" ")
+    raw = change(base64.b64decode(blob))
+    return f"{text}\n\n{dash} {name} {base64.b64encode(raw).decode()}\n".encode()
 
 
-def _alter_timestamp(_: list[bytes], checkpoints: list[SignedCheckpoint]) -> None:
-    altered = replace(checkpoints[2].checkpoint, timestamp=checkpoints[2].checkpoint.timestamp - 1)
-    checkpoints[2] = replace(checkpoints[2], checkpoint=altered)
+def _flip_signature(_: list[bytes], checkpoints: list[bytes]) -> None:
+    checkpoints[3] = _resign_line(checkpoints[3], lambda raw: raw[:9] + bytes([raw[9] ^ 0x40])
+                                  + raw[10:])
 
 
-def _shrink(entries: list[bytes], checkpoints: list[SignedCheckpoint]) -> None:
+def _alter_timestamp(_: list[bytes], checkpoints: list[bytes]) -> None:
+    checkpoints[2] = checkpoints[2].replace(b"time 1700000120", b"time 1700000119")
+
+
+def _shrink(entries: list[bytes], checkpoints: list[bytes]) -> None:
     # Signed by the real key: a rolled-back log claiming the latest root under a smaller size.
-    latest = checkpoints[-1].checkpoint
+    latest = parse_checkpoint(checkpoints[-1])
     rolled_back = replace(latest, tree_size=9, timestamp=latest.timestamp + 60)
-    checkpoints.append(sign_checkpoint(SIGNER, rolled_back))
+    checkpoints.append(sign_checkpoint(SIGNER, rolled_back).note)
 
 
-def _fork(entries: list[bytes], checkpoints: list[SignedCheckpoint]) -> None:
+def _fork(entries: list[bytes], checkpoints: list[bytes]) -> None:
     forked = [*entries[:16], b"a rewritten entry", *entries[17:]]
-    checkpoints[-1] = _checkpoint(forked, 23, checkpoints[-1].checkpoint.timestamp)
+    checkpoints[-1] = _checkpoint(forked, 23, parse_checkpoint(checkpoints[-1]).timestamp)
 
 
-def _delete_tail(entries: list[bytes], _: list[SignedCheckpoint]) -> None:
+def _delete_tail(entries: list[bytes], _: list[bytes]) -> None:
     del entries[20:]
 
 
-def _foreign_signer(_: list[bytes], checkpoints: list[SignedCheckpoint]) -> None:
+def _foreign_signer(_: list[bytes], checkpoints: list[bytes]) -> None:
+    checkpoints[1] = _checkpoint(ENTRIES, 1, 1_700_000_060, signer=SigningKey.generate())
+
+
+def _forged_key_id(_: list[bytes], checkpoints: list[bytes]) -> None:
     other = SigningKey.generate()
-    cp = replace(checkpoints[1].checkpoint, key_id=other.key_id)
-    checkpoints[1] = sign_checkpoint(other, cp)
+    text = parse_note(checkpoints[1]).text.encode()
+    checkpoints[1] = _resign_line(checkpoints[1], lambda raw: raw[:4] + other.sign(text))
 
 
-def _forged_key_id(_: list[bytes], checkpoints: list[SignedCheckpoint]) -> None:
-    other = SigningKey.generate()
-    cp = checkpoints[1].checkpoint
-    checkpoints[1] = SignedCheckpoint(cp, other.sign(cp.signed_body()))
+def _mixed_origin(entries: list[bytes], checkpoints: list[bytes]) -> None:
+    checkpoints[4] = _checkpoint(ENTRIES, 9, 1_700_000_240, origin="elsewhere/log")
 
 
-def _mixed_origin(entries: list[bytes], checkpoints: list[SignedCheckpoint]) -> None:
-    cp = replace(checkpoints[4].checkpoint, origin="elsewhere/log")
-    checkpoints[4] = sign_checkpoint(SIGNER, cp)
+def _time_backwards(entries: list[bytes], checkpoints: list[bytes]) -> None:
+    checkpoints[5] = _checkpoint(ENTRIES, 16, 1_700_000_000)
 
 
 TAMPERS = [
     Tamper("flipped-entry-byte", _flip_entry, r"checkpoint 5: .*an entry in \[9, 16\) was altered"),
-    Tamper("bad-signature", _flip_signature, "checkpoint 3: checkpoint signature is invalid"),
-    Tamper("altered-timestamp", _alter_timestamp, "checkpoint 2: checkpoint signature is invalid"),
+    Tamper("bad-signature", _flip_signature, "checkpoint 3: .* does not verify"),
+    Tamper("altered-timestamp", _alter_timestamp, "checkpoint 2: .* does not verify"),
     Tamper("shrunk-tree", _shrink, "checkpoint 7: tree_size 9 is smaller .* the log shrank"),
     Tamper("fork", _fork, r"checkpoint 6: .*an entry in \[16, 23\) was altered"),
     Tamper("deleted-entries", _delete_tail, "checkpoint 6: claims 23 entries but the log holds 20"),
-    Tamper("foreign-signer", _foreign_signer, "checkpoint 1: checkpoint names signing key"),
-    Tamper("forged-key-id", _forged_key_id, "checkpoint 1: checkpoint signature is invalid"),
-    Tamper("mixed-origin", _mixed_origin, "checkpoint 4: origin 'elsewhere/log' differs"),
+    Tamper("foreign-signer", _foreign_signer, "checkpoint 1: the note is not signed by key"),
+    Tamper("forged-key-id", _forged_key_id, "checkpoint 1: .* does not verify"),
+    Tamper("mixed-origin", _mixed_origin, "checkpoint 4: the checkpoint is of log 'elsewhere/log'"),
+    Tamper("time-backwards", _time_backwards, "checkpoint 5: time 1700000000 is before"),
 ]
 
 
@@ -424,19 +460,28 @@ def test_the_audit_names_the_first_fault(tamper: Tamper) -> None:
 
 
 @pytest.mark.parametrize("tamper", TAMPERS[1:3] + TAMPERS[6:8], ids=lambda t: t.name)
-def test_verify_checkpoint_rejects_a_bad_signature(tamper: Tamper) -> None:
+def test_open_checkpoint_rejects_a_bad_signature(tamper: Tamper) -> None:
     honest = _history()
     checkpoints = list(honest)
     tamper.apply(list(ENTRIES), checkpoints)
-    (bad,) = (c for c, h in zip(checkpoints, honest, strict=True) if c is not h)
+    (bad,) = (c for c, h in zip(checkpoints, honest, strict=True) if c != h)
     with pytest.raises(LogProofError):
-        verify_checkpoint(SIGNER.verifier(), bad)
+        open_checkpoint(bad, SIGNER.verifier())
+
+
+def test_open_checkpoint_refuses_another_origin_even_under_the_same_key() -> None:
+    note = _checkpoint(ENTRIES, 4, 1_700_000_000, origin="elsewhere/log")
+    open_checkpoint(note, SIGNER.verifier())  # genuine, but of another log
+    with pytest.raises(LogProofError, match="of log 'elsewhere/log', not of"):
+        open_checkpoint(note, SIGNER.verifier(), ORIGIN)
 
 
 def test_checkpoint_fields_are_validated() -> None:
     with pytest.raises(ValueError, match="32 bytes"):
-        Checkpoint(ORIGIN, 1, b"short", 0, SIGNER.key_id)
+        Checkpoint(ORIGIN, 1, b"short", 0)
     with pytest.raises(ValueError, match=">= 0"):
-        Checkpoint(ORIGIN, -1, EMPTY_ROOT, 0, SIGNER.key_id)
+        Checkpoint(ORIGIN, -1, EMPTY_ROOT, 0)
     with pytest.raises(ValueError, match="origin"):
-        Checkpoint("", 0, EMPTY_ROOT, 0, SIGNER.key_id)
+        Checkpoint("", 0, EMPTY_ROOT, 0)
+    with pytest.raises(ValueError, match="origin"):
+        Checkpoint("two\nlines", 0, EMPTY_ROOT, 0)

@@ -6,6 +6,7 @@ make `verify_receipt` raise; the untouched statements must pass. Nothing is mock
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -22,6 +23,7 @@ from freemark import merkle
 from freemark.cli import main
 from freemark.errors import InvalidInputError, InvalidReceiptError, VerificationFailedError
 from freemark.receipt import (
+    MAX_CHECKPOINT_SKEW_S,
     load_statement,
     save_statement,
     verify_checkpoint,
@@ -32,6 +34,8 @@ from freemark.records import Checkpoint, ConsistencyProof, Receipt, SignedVerdic
 from freemark.signatures import canonical_json
 from freemark_keyserver.crypto import SigningKey
 from signed_statements import (
+    CHECKPOINT_TIME,
+    ORIGIN,
     SignedLog,
     build_log,
     receipt_body,
@@ -71,8 +75,14 @@ def _smaller_checkpoint(size: int) -> Checkpoint:
 
 
 def _checkpoint_other_key(statement: Statement) -> Statement:
-    other = sign_checkpoint(OTHER, LOG.leaves)
-    return _with_checkpoint(statement, replace(other, body=statement.inclusion.checkpoint.body))
+    return _with_checkpoint(statement, sign_checkpoint(OTHER, LOG.leaves))
+
+
+def _note_signature_changed(note: bytes, change: Callable[[bytes], bytes]) -> bytes:
+    text, line = note.decode().rsplit("\n\n", 1)
+    dash, name, blob = line.rstrip("\n").split(" ")
+    raw = change(base64.b64decode(blob))
+    return f"{text}\n\n{dash} {name} {base64.b64encode(raw).decode()}\n".encode()
 
 
 def _shrunk_tree(statement: Statement) -> Statement:
@@ -143,13 +153,15 @@ def _signature_flipped(s: Statement) -> Statement:
 
 def _checkpoint_signature_flipped(s: Statement) -> Statement:
     checkpoint = s.inclusion.checkpoint
-    return _with_checkpoint(s, replace(checkpoint, signature=_flip(checkpoint.signature, 7)))
+    note = _note_signature_changed(checkpoint.note, lambda raw: _flip(raw, 7))
+    return _with_checkpoint(s, replace(checkpoint, note=note))
 
 
-def _checkpoint_root_flipped_in_body(s: Statement) -> Statement:
-    body = s.inclusion.checkpoint.body
-    flipped = _flip(body, body.index(b'"root_hash":"') + 13)
-    return _with_checkpoint(s, replace(s.inclusion.checkpoint, body=flipped))
+def _checkpoint_root_flipped_in_note(s: Statement) -> Statement:
+    checkpoint = s.inclusion.checkpoint
+    old = base64.b64encode(checkpoint.root_hash)
+    new = base64.b64encode(_flip(checkpoint.root_hash, 0))
+    return _with_checkpoint(s, replace(checkpoint, note=checkpoint.note.replace(old, new)))
 
 
 def _proof_hash_dropped(s: Statement) -> Statement:
@@ -157,7 +169,7 @@ def _proof_hash_dropped(s: Statement) -> Statement:
 
 
 SIGNATURE = "statement signature"
-CHECKPOINT_SIGNATURE = "checkpoint signature"
+CHECKPOINT_SIGNATURE = "checkpoint of size 5: "
 WRONG_ROOT = "does not lead to the given root"
 
 COMMON_TAMPERS = [
@@ -178,7 +190,7 @@ COMMON_TAMPERS = [
          VerificationFailedError, CHECKPOINT_SIGNATURE),
     Case("checkpoint signed by another key", _checkpoint_other_key,
          VerificationFailedError, CHECKPOINT_SIGNATURE),
-    Case("checkpoint root altered in its body", _checkpoint_root_flipped_in_body,
+    Case("checkpoint root altered in its note", _checkpoint_root_flipped_in_note,
          VerificationFailedError, CHECKPOINT_SIGNATURE),
     Case("typed checkpoint root differs from its body",
          lambda s: _with_checkpoint(s, replace(s.inclusion.checkpoint, root_hash=bytes(32))),
@@ -328,6 +340,24 @@ def test_malformed_files_are_refused(tmp_path: Path, text: str, match: str) -> N
 def test_verify_checkpoint_returns_the_signed_contents() -> None:
     checkpoint = verify_checkpoint(LOG.checkpoint, PEM)
     assert (checkpoint.tree_size, checkpoint.root_hash) == (5, merkle.root(LOG.leaves))
+
+
+def test_a_statement_later_than_its_checkpoint_is_refused() -> None:
+    late = CHECKPOINT_TIME + MAX_CHECKPOINT_SKEW_S + 1
+    log = _single(canonical_json(receipt_body(0, integrated_time=late * 1_000_000)))
+    with pytest.raises(VerificationFailedError, match="after its checkpoint's"):
+        verify_receipt(log.receipt(0), PEM)
+    within = CHECKPOINT_TIME + MAX_CHECKPOINT_SKEW_S
+    verify_receipt(_single(canonical_json(receipt_body(0, integrated_time=within * 1_000_000)))
+                   .receipt(0), PEM)
+
+
+def test_a_pinned_origin_refuses_a_checkpoint_of_another_log() -> None:
+    verify_receipt(LOG.receipt(0), PEM, origin=ORIGIN)
+    with pytest.raises(VerificationFailedError, match="not of the expected 'ttp.example/log'"):
+        verify_receipt(LOG.receipt(0), PEM, origin="ttp.example/log")
+    with pytest.raises(VerificationFailedError, match="not of the expected"):
+        verify_checkpoint(LOG.checkpoint, PEM, origin="ttp.example/log")
 
 
 def _consistency(old_size: int) -> tuple[ConsistencyProof, Checkpoint]:

@@ -33,7 +33,7 @@ from freemark.records import RegistrationInfo
 from freemark.rpc import KeyServiceClient, is_loopback
 from freemark.v1 import keyservice_pb2 as pb
 from freemark.wire import registration_to_proto, verdict_to_proto
-from signed_statements import standard_log
+from signed_statements import ORIGIN, standard_log
 
 LOG = standard_log()
 PEM = LOG.signer.public_key_pem()
@@ -65,7 +65,7 @@ class StandIn:
     def get_public_key(self, request: pb.GetPublicKeyRequest,
                        context: grpc.ServicerContext) -> pb.PublicKey:
         self._answer(context)
-        return pb.PublicKey(pem=PEM, key_id=LOG.signer.key_id)
+        return pb.PublicKey(pem=PEM, key_id=LOG.signer.key_id, origin=ORIGIN)
 
     def list_registrations(self, request: pb.ListRegistrationsRequest,
                            context: grpc.ServicerContext) -> pb.ListRegistrationsResponse:
@@ -260,7 +260,8 @@ def test_cli_public_key_out(
 ) -> None:
     assert _cli(stand_in, "public-key", "--out", str(tmp_path / "ttp.pem")) == 0
     assert (tmp_path / "ttp.pem").read_bytes() == PEM
-    assert LOG.signer.key_id in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert LOG.signer.key_id in out and ORIGIN in out
 
 
 def test_cli_server_error_is_one_line_and_exit_2(

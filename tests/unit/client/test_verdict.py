@@ -9,7 +9,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from freemark.aligned import AlignedTest
+from freemark.aligned import MIN_PANEL, AlignedTest
 from freemark.records import NO_PANEL, ReferencePanel
 from freemark.verdict import (
     decide,
@@ -118,3 +118,52 @@ def test_without_a_panel_the_plain_test_decides_and_says_relabelling_was_not_tes
     small = decide(_plain(-0.5), None, PANEL[:2], alpha=1e-9, untested="a panel of 2")
     assert small.outcome == "inconclusive" and small.panel.size == 2
     assert decide(_plain(-12.0), None, PANEL[:2], alpha=1e-9).outcome == "match"
+
+
+def _related(z: np.ndarray, rng: np.random.Generator, noise: float) -> np.ndarray:
+    """A model sharing the suspect's base: its vector, a little perturbed, renormalised."""
+    other = z + noise * rng.normal(size=z.shape) / np.sqrt(len(z))
+    other = other - other.mean()
+    return other / np.linalg.norm(other)
+
+
+def test_a_shared_base_panel_takes_away_the_evidence_the_base_gives() -> None:
+    # 256 bits read from a 128-unit layer; the panel members and the held-out model share
+    # the host's base (other fine-tunes of one checkpoint): each decodes ~90 % of the bits.
+    rng = np.random.default_rng(3)
+    key = rng.normal(size=(256, 128))
+    host = _related(rng.normal(size=128), rng, 0.0)
+    bits = (key @ host > 0).astype(np.uint8)
+    panel = [_related(host, rng, 0.3) for _ in range(5)]
+    held_out = _related(host, rng, 0.3)
+    alone = judge(key, bits, held_out)
+    assert alone.is_match  # the permutation null alone calls a shared-base model a copy
+    with_panel = judge(key, bits, held_out, references=panel)
+    assert not with_panel.is_match and with_panel.log10_p_value > -3
+    assert "bounded by the panel" in with_panel.p_value_method
+    # an exact copy is still far beyond what the shared base explains, but only as far
+    # as the panel's rate allows
+    copy = judge(key, bits, host, references=panel)
+    assert with_panel.log10_p_value > copy.log10_p_value > alone.log10_p_value_binomial
+
+
+def test_an_unrelated_panel_leaves_a_copy_far_below_alpha() -> None:
+    rng = np.random.default_rng(4)
+    key = rng.normal(size=(256, 128))
+    host = _related(rng.normal(size=128), rng, 0.0)
+    bits = (key @ host > 0).astype(np.uint8)
+    panel = [_related(rng.normal(size=128), rng, 0.0) for _ in range(5)]
+    copy = judge(key, bits, host, references=panel)
+    assert copy.is_match and copy.log10_p_value < -25
+    # the panel bound's floor (one δ per decade down to 1e-30, Bonferroni) is what limits it
+    assert copy.log10_p_value >= -30
+
+
+def test_a_panel_below_the_minimum_does_not_bound_the_plain_test() -> None:
+    rng = np.random.default_rng(5)
+    key = rng.normal(size=(256, 128))
+    host = _related(rng.normal(size=128), rng, 0.0)
+    bits = (key @ host > 0).astype(np.uint8)
+    panel = [_related(rng.normal(size=128), rng, 0.0) for _ in range(MIN_PANEL - 1)]
+    verdict = judge(key, bits, host, references=panel)
+    assert "bounded by the panel" not in verdict.p_value_method and verdict.log10_p_value < -40

@@ -21,18 +21,21 @@ from freemark._schema import from_json_fields, signed_fields
 from freemark.display import print_json
 from freemark.errors import InvalidReceiptError
 from freemark.records import (
+    CoarseVerdict,
     ConsistencyProof,
     Receipt,
     ReferencePanel,
     RegistrationInfo,
     SignedVerdict,
     Verdict,
+    VerdictPolicy,
     VerdictTest,
 )
 from freemark.v1 import keyservice_pb2 as pb
-from signed_statements import standard_log
+from signed_statements import coarse_log, standard_log
 
 LOG = standard_log()
+COARSE = coarse_log()
 
 REGISTRATIONS = [
     RegistrationInfo("reg-1", "alice", 1_700_000_000_000_001, b"\x01" * 32, b"\x02" * 32,
@@ -60,6 +63,9 @@ CASES: list[tuple[str, Any, Pair, Pair | None]] = [
      (wire.receipt_to_proto, wire.receipt_from_proto),
      (wire.receipt_to_json, wire.receipt_from_json)),
     ("verdict", LOG.verdict(3),
+     (wire.verdict_to_proto, wire.verdict_from_proto),
+     (wire.verdict_to_json, wire.verdict_from_json)),
+    ("coarse verdict", COARSE.coarse_verdict(1),
      (wire.verdict_to_proto, wire.verdict_from_proto),
      (wire.verdict_to_json, wire.verdict_from_json)),
     *[(f"registration-{i}", info,
@@ -110,7 +116,7 @@ def test_receipt_json_carries_everything_needed_offline() -> None:
         assert key in data
     assert data["body"]["registration_id"] == "reg-0001"
     assert {"hashes", "tree_size", "checkpoint"} <= set(data["inclusion"])
-    assert {"body", "body_b64", "signature"} <= set(data["inclusion"]["checkpoint"])
+    assert {"note", "tree_size", "root_hash"} == set(data["inclusion"]["checkpoint"])
 
 
 def test_verdict_json_has_the_issue_fields() -> None:
@@ -155,77 +161,86 @@ def test_malformed_receipt_json_is_refused_naming_the_field(
 
 # --- one definition per signed record: the drift test ---------------------------------------
 
-# Each signed record kind: its typed class, its proto message, a genuine instance, and the
-# proto fields that are not signed (the envelope every statement travels in).
+# Each proto message of signed records: the typed classes it carries, a genuine instance of
+# the first, and the proto fields that are not signed (the envelope every statement travels
+# in). A full and a coarse verdict share one message: its fields are the union of theirs.
 SIGNED_KINDS = [
-    ("receipt", Receipt, pb.Receipt, LOG.receipt(1), {"statement", "inclusion"}),
-    ("verdict", SignedVerdict, pb.SignedVerdict, LOG.verdict(3), {"statement", "inclusion"}),
-    ("verdict test", VerdictTest, pb.VerdictTest, LOG.verdict(3).tests[0], set()),
-    ("reference panel", ReferencePanel, pb.ReferencePanel, LOG.verdict(3).panel, set()),
+    ("receipt", (Receipt,), pb.Receipt, LOG.receipt(1), {"statement", "inclusion"}),
+    ("verdict", (SignedVerdict, CoarseVerdict), pb.SignedVerdict, LOG.verdict(3),
+     {"statement", "inclusion"}),
+    ("verdict test", (VerdictTest,), pb.VerdictTest, LOG.verdict(3).tests[0], set()),
+    ("reference panel", (ReferencePanel,), pb.ReferencePanel, LOG.verdict(3).panel, set()),
+    ("verdict policy", (VerdictPolicy,), pb.VerdictPolicy, LOG.verdict(3).policy, set()),
 ]
 KIND_IDS = [kind[0] for kind in SIGNED_KINDS]
 
 
-@pytest.mark.parametrize(("cls", "message", "envelope"),
+@pytest.mark.parametrize(("classes", "message", "envelope"),
                          [(k[1], k[2], k[4]) for k in SIGNED_KINDS], ids=KIND_IDS)
 def test_the_proto_message_has_exactly_the_signed_fields(
-    cls: type, message: Any, envelope: set[str]
+    classes: tuple[type, ...], message: Any, envelope: set[str]
 ) -> None:
     proto_fields = {f.name for f in message.DESCRIPTOR.fields}
-    signed = {spec.proto for spec in signed_fields(cls)}
-    assert signed - proto_fields == set(), "signed fields missing from the proto"
+    signed = {spec.proto for cls in classes for spec in signed_fields(cls)}
+    for cls in classes:
+        missing = {spec.proto for spec in signed_fields(cls)} - proto_fields
+        assert missing == set(), f"{cls.__name__}'s signed fields missing from the proto"
     assert proto_fields - envelope - signed == set(), "proto fields outside the field list"
 
 
-@pytest.mark.parametrize(("cls", "record"), [(k[1], k[3]) for k in SIGNED_KINDS[:2]],
-                         ids=KIND_IDS[:2])
+@pytest.mark.parametrize(("cls", "record"), [(Receipt, LOG.receipt(1)),
+                                            (SignedVerdict, LOG.verdict(3)),
+                                            (CoarseVerdict, COARSE.coarse_verdict(1))],
+                         ids=["receipt", "verdict", "coarse verdict"])
 def test_every_signed_field_is_typed_proto_and_json(cls: type, record: Any) -> None:
     body = json.loads(record.statement.body)
     signed = {spec.name for spec in signed_fields(cls)}
     assert set(body) == signed | {"kind"}, "the signed body and the field list differ"
     typed = {f.name for f in dataclasses.fields(cls)}
     assert signed <= typed
-    data = wire.verdict_to_json(record) if cls is SignedVerdict else wire.receipt_to_json(record)
+    data = wire.receipt_to_json(record) if cls is Receipt else wire.verdict_to_json(record)
     for name in signed:
         assert data[name] == body[name], f"JSON {name} differs from the signed body"
-    message = (wire.verdict_to_proto(record) if cls is SignedVerdict
-               else wire.receipt_to_proto(record))
+    message = (wire.receipt_to_proto(record) if cls is Receipt
+               else wire.verdict_to_proto(record))
     for spec in signed_fields(cls):
         if spec.codec.message:
             assert message.HasField(spec.proto), f"proto lacks {spec.proto}"
     assert wire.read_statement(cls, record.statement, record.inclusion) == record
 
 
-def test_the_checkpoint_body_is_the_merkle_checkpoints_field_list() -> None:
-    body = json.loads(LOG.checkpoint.body)
-    assert set(body) == {s.name for s in signed_fields(merkle.Checkpoint)} | {"kind"}
-    parsed = merkle.Checkpoint.from_signed_body(LOG.checkpoint.body)
-    assert parsed.signed_body() == LOG.checkpoint.body
+def test_the_checkpoint_is_read_from_its_note() -> None:
+    parsed = merkle.parse_checkpoint(LOG.checkpoint.note)
     assert (parsed.tree_size, parsed.root_hash) == (LOG.checkpoint.tree_size,
                                                     LOG.checkpoint.root_hash)
-    proto_typed = {f.name for f in pb.SignedCheckpoint.DESCRIPTOR.fields} - {"body", "signature"}
-    assert proto_typed <= set(body)
-    assert wire.checkpoint_from_signed(LOG.checkpoint.body, LOG.checkpoint.signature) \
-        == LOG.checkpoint
+    assert wire.checkpoint_from_note(LOG.checkpoint.note) == LOG.checkpoint
+    proto_typed = {f.name for f in pb.SignedCheckpoint.DESCRIPTOR.fields} - {"note"}
+    assert proto_typed == {"tree_size", "root_hash"}
 
 
 @pytest.mark.parametrize(
-    "body",
-    [b"not json", b"[]", LOG.statement(0).body,
-     LOG.checkpoint.body.replace(b'"origin"', b'"extra":1,"origin"'),
-     LOG.checkpoint.body.replace(b'"tree_size":5', b'"tree_size":"5"')],
-    ids=["not json", "not an object", "a receipt", "an extra field", "a string size"],
+    "change",
+    [lambda m: setattr(m, "tree_size", m.tree_size + 1),
+     lambda m: setattr(m, "root_hash", bytes(32)),
+     lambda m: setattr(m, "note", b"not a note")],
+    ids=["typed size differs", "typed root differs", "not a note"],
 )
-def test_from_signed_body_refuses_anything_but_a_canonical_checkpoint(body: bytes) -> None:
-    with pytest.raises(merkle.LogProofError, match="checkpoint body"):
-        merkle.Checkpoint.from_signed_body(body)
+def test_a_served_checkpoint_must_agree_with_its_note(change: Callable[[Any], None]) -> None:
+    message = wire.checkpoint_to_proto(LOG.checkpoint)
+    change(message)
+    with pytest.raises(InvalidReceiptError):
+        wire.checkpoint_from_proto(message)
+    data = wire.checkpoint_to_json(wire.checkpoint_from_note(LOG.checkpoint.note))
+    data["tree_size"] += 1
+    with pytest.raises(InvalidReceiptError, match="tree_size"):
+        wire.checkpoint_from_json(data)
 
 
 def test_the_verdict_body_is_the_offline_judgement_plus_the_binding_fields() -> None:
     judgement = {s.name for s in signed_fields(Verdict)}
     binding = {s.name for s in signed_fields(SignedVerdict)} - judgement
-    assert binding == {"registration_id", "requested_by", "suspect_sha256", "log_index",
-                       "integrated_time"}
+    assert binding == {"registration_id", "requested_by", "suspect_sha256", "suspect_size",
+                       "policy", "log_index", "integrated_time"}
     assert {"outcome", "tests", "panel", "log10_p_value_binomial", "is_match",
             "p_value"} <= judgement
 
@@ -299,3 +314,41 @@ def test_the_cli_verdict_table_shows_every_signed_field() -> None:
         assert spec.name in rows or spec.name == "tests"
     assert rows["test plain"].startswith("256 of 256, p=1.250e-25")
     assert rows["panel"] == "none"
+
+
+def test_a_coarse_verdict_carries_the_decision_and_no_statistics() -> None:
+    """What a thief with Verify access could steer by is not in a coarse verdict at all: not
+    in its signed body, its JSON or its typed proto fields."""
+    verdict = COARSE.coarse_verdict(1)
+    body = json.loads(verdict.statement.body)
+    statistics = {s.name for s in signed_fields(Verdict)} - {s.name for s in signed_fields(
+        CoarseVerdict)}
+    assert statistics == {"matches", "ber", "p_value_method", "p_value_binomial",
+                          "log10_p_value_binomial", "tests"}
+    assert not statistics & set(body) and not statistics & set(wire.verdict_to_json(verdict))
+    message = wire.verdict_to_proto(verdict)
+    assert (message.matches, message.ber, message.p_value_method, len(message.tests)) == (
+        0, 0.0, "", 0)
+    assert body["kind"] == "freemark/v1/coarse-verdict" and body["p_value_above"] == 1e-30
+    assert isinstance(wire.verdict_from_proto(message), CoarseVerdict)
+
+
+def test_a_coarse_body_cannot_pass_for_a_full_verdict_or_back() -> None:
+    full, coarse = LOG.verdict(3), COARSE.coarse_verdict(1)
+    with pytest.raises(InvalidReceiptError, match="coarse-verdict"):
+        wire.read_statement(SignedVerdict, coarse.statement, coarse.inclusion)
+    with pytest.raises(InvalidReceiptError, match="not a 'freemark/v1/coarse-verdict'"):
+        wire.read_statement(CoarseVerdict, full.statement, full.inclusion)
+    data = {**wire.verdict_to_json(coarse), "kind": "freemark/v1/verdict"}
+    with pytest.raises(InvalidReceiptError):
+        wire.statement_from_json(data)
+
+
+def test_the_policy_id_is_the_digest_of_its_rules() -> None:
+    policy = VerdictPolicy.make(alpha_min=1e-12, alpha_max=1e-6, arbiter_disclosure="coarse")
+    assert policy.id == policy.expected_id and policy.id.startswith("sha256:")
+    other = VerdictPolicy.make(alpha_min=1e-12, alpha_max=1e-6, arbiter_disclosure="full")
+    assert other.id != policy.id
+    for low, high in ((0.0, 1e-6), (1e-6, 1e-9), (1e-9, 1.0)):
+        with pytest.raises(ValueError, match="0 < alpha_min <= alpha_max < 1"):
+            VerdictPolicy.make(alpha_min=low, alpha_max=high, arbiter_disclosure="full")

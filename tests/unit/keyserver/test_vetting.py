@@ -218,10 +218,14 @@ def test_index_by_a_mask_of_the_inputs_is_refused() -> None:
         vet_program(program)
 
 
-def test_other_devices_are_refused() -> None:
-    program = _with_call(aten._to_copy.default, "x", device=torch.device("meta"))
-    with pytest.raises(ModelFileError, match="device meta: the sandbox runs on CPU only"):
-        vet_program(program)
+@pytest.mark.parametrize(
+    ("kwargs", "why"),
+    [({"device": torch.device("meta")}, "device meta: the sandbox runs on CPU only"),
+     ({"layout": torch.sparse_coo}, "layout torch.sparse_coo: only dense tensors")],
+)
+def test_other_devices_and_layouts_are_refused(kwargs: dict[str, object], why: str) -> None:
+    with pytest.raises(ModelFileError, match=why):
+        vet_program(_with_call(aten._to_copy.default, "x", **kwargs))
 
 
 def test_buffer_mutation_is_refused_in_place_and_functional() -> None:

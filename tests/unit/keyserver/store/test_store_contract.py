@@ -446,12 +446,12 @@ def test_orphaned_host_blobs_are_collected_after_the_grace_period(
 def test_checkpoints(store: Store) -> None:
     assert store.latest_checkpoint() is None
     assert store.checkpoints() == []
-    cps = [StoredCheckpoint(size, f"body-{size}".encode(), b"sig") for size in (4, 0, 9)]
+    cps = [StoredCheckpoint(size, f"note-{size}".encode()) for size in (4, 0, 9)]
     for cp in cps:
         store.add_checkpoint(cp)
 
     # A second checkpoint for a size already stored (another replica's) is dropped.
-    store.add_checkpoint(StoredCheckpoint(4, b"body-4-again", b"sig-2"))
+    store.add_checkpoint(StoredCheckpoint(4, b"note-4-again"))
 
     assert store.checkpoints() == sorted(cps, key=lambda c: c.tree_size)
     assert store.latest_checkpoint() == cps[2]
