@@ -3,7 +3,7 @@ Face checkpoint directory, as a `.pt2` program and as ONNX, against the in-proce
 
     PYTHONPATH=client:keyserver:lab:tests .venv/bin/python bench/formats.py --json out/bench_formats.json
 
-About 3 minutes on two shared cores. The model is the bundled all-MiniLM-L6-v2 (6 layers,
+About 1 minute on two shared cores (2 with `--repeats 3`). The model is the bundled all-MiniLM-L6-v2 (6 layers,
 22.7 M parameters) with a sequence-classification head (`BertForSequenceClassification`, as
 an owner's fine-tune is; the head is left untrained: timing does not depend on it; a bare
 `BertModel` does not export with the TorchScript ONNX exporter under transformers 5.24),
