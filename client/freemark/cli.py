@@ -24,6 +24,7 @@ import numpy as np
 
 from freemark._schema import signed_fields, to_json_fields
 from freemark.bundle import load_bundle, save_bundle
+from freemark.cli_log import add_log_parser
 from freemark.derive import DEFAULT_BITS, derive_key
 from freemark.display import format_value, print_fields, print_json, print_rows
 from freemark.errors import (
@@ -530,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_origin(q)
     _add_common(q)
     q.set_defaults(handler=_cmd_receipt_verify)
+    add_log_parser(sub, _add_connection, _add_origin, _client)
     _add_attack(sub)
     return parser
 

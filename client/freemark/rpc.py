@@ -39,6 +39,7 @@ from freemark.errors import (
     ERROR_DOMAIN,
     FreemarkError,
     InvalidInputError,
+    LogProofError,
     TransportError,
     error_for,
 )
@@ -399,6 +400,24 @@ class KeyServiceClient:
         """Proof that the log of `old_size` entries is a prefix of the one of `new_size`."""
         request = pb.GetConsistencyProofRequest(old_size=old_size, new_size=new_size)
         return consistency_from_proto(self._call(self._stub.GetConsistencyProof, lambda: request))
+
+    def get_entries(self, start: int, end: int) -> list[bytes]:
+        """Log entries [start, end), fetched a page at a time: each is one leaf's bytes.
+
+        They are authenticated only by a signed checkpoint's root over them: recompute it
+        (`freemark.merkle.Frontier`, `freemark.monitor`) before trusting what they say.
+        """
+        if not 0 <= start <= end:
+            raise InvalidInputError(f"invalid entry range [{start}, {end})")
+        entries: list[bytes] = []
+        while start + len(entries) < end:
+            request = pb.GetEntriesRequest(start=start + len(entries), end=end)
+            page = self._call(self._stub.GetEntries, functools.partial(_same, request))
+            if not page.entries:  # it signed a tree holding them: a log fault, not a bad input
+                raise LogProofError(f"the server returned no entries from "
+                                    f"{start + len(entries)} though its log holds {end}")
+            entries.extend(bytes(e) for e in page.entries)
+        return entries[: end - start]
 
     def public_key(self) -> bytes:
         """The TTP's Ed25519 public key (PEM). For audits, prefer a copy obtained out of band."""

@@ -65,6 +65,8 @@ from freemark_keyserver.store import (
 
 log = logging.getLogger("freemark_keyserver")
 MAX_PAGE = 100
+# Log entries per GetEntries reply: a few hundred kilobytes, far under gRPC's 4 MiB message cap.
+MAX_ENTRIES_PAGE = 256
 DEFAULT_PAGE = 20
 REGISTRATION_ID_BYTES = 12
 CLAIMED = ("an earlier registration already claims this model; if it is yours, use that "
@@ -474,6 +476,18 @@ def get_consistency_proof(ctx: Context, request: pb.GetConsistencyProofRequest
         old_size=request.old_size, new_size=size, checkpoint=_checkpoint(ctx, size),
         hashes=tuple(merkle.consistency_proof(ctx.store.leaf_hashes(size), request.old_size)))
     return wire.consistency_to_proto(proof)
+
+
+def get_entries(ctx: Context, request: pb.GetEntriesRequest) -> pb.GetEntriesResponse:
+    """Entries [start, end), at most `MAX_ENTRIES_PAGE` and none past the tree size."""
+    size = ctx.store.tree_size()
+    if request.start >= size:
+        raise ServiceError(ErrorCode.MALFORMED_REQUEST,
+                           f"start {request.start} is not below the tree size {size}")
+    if request.end and request.end <= request.start:
+        raise ServiceError(ErrorCode.MALFORMED_REQUEST, "end must be above start (or 0)")
+    end = min(request.end or size, request.start + MAX_ENTRIES_PAGE, size)
+    return pb.GetEntriesResponse(entries=[e.entry for e in ctx.store.entries(request.start, end)])
 
 
 def public_key(ctx: Context) -> pb.PublicKey:

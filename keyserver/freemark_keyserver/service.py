@@ -178,6 +178,13 @@ class KeyServiceServicer(keyservice_pb2_grpc.KeyServiceServicer):
             return handlers.get_consistency_proof(self.ctx, request)
         return _guard(context, "GetConsistencyProof", work)
 
+    def GetEntries(self, request: pb.GetEntriesRequest,
+                   context: grpc.ServicerContext) -> pb.GetEntriesResponse:
+        def work() -> pb.GetEntriesResponse:
+            authenticate(self.ctx.store, context)
+            return handlers.get_entries(self.ctx, request)
+        return _guard(context, "GetEntries", work)
+
     def GetPublicKey(self, request: pb.GetPublicKeyRequest,
                      context: grpc.ServicerContext) -> pb.PublicKey:
         def work() -> pb.PublicKey:

@@ -10,7 +10,9 @@ certificate that maps to a principal). Roles:
   admin   everything an arbiter can, plus revoking any record (principals and
           master keys are managed with the `freemark-keyserver` command).
 The log calls (GetCheckpoint, GetInclusionProof, GetConsistencyProof,
-GetPublicKey) only need a valid principal: the log is public to all of them.
+GetEntries, GetPublicKey) only need a valid principal: the log is public to all
+of them, entries included, so whatever a signed statement holds (owners, host
+fingerprints, verdict outcomes) every principal of the server can read.
 
 Errors use standard status codes with an actionable message:
   INVALID_ARGUMENT    malformed bundle or request, wrong layer, unreadable model,
@@ -893,6 +895,58 @@ class ConsistencyProof(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ConsistencyProof: _TypeAlias = ConsistencyProof  # noqa: Y015
+
+@_typing.final
+class GetEntriesRequest(_message.Message):
+    """Entries [start, end) of the log; end 0 means as many as one page holds. The
+    reply may hold fewer than asked: at most 256 entries, and none past the tree
+    size (start must be below it). Page on from start + len(entries).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    start: _builtins.int
+    end: _builtins.int
+    def __init__(
+        self,
+        *,
+        start: _builtins.int = ...,
+        end: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetEntriesRequest: _TypeAlias = GetEntriesRequest  # noqa: Y015
+
+@_typing.final
+class GetEntriesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Each entry is exactly one leaf's bytes: the RFC 8785 body of a signed statement
+        (receipt, verdict, revocation), in log order from `start`. No signature comes
+        with them: the signed checkpoint over their Merkle root authenticates them all.
+        """
+
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetEntriesResponse: _TypeAlias = GetEntriesResponse  # noqa: Y015
 
 @_typing.final
 class GetPublicKeyRequest(_message.Message):

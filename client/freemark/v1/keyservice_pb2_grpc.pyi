@@ -10,7 +10,9 @@ certificate that maps to a principal). Roles:
   admin   everything an arbiter can, plus revoking any record (principals and
           master keys are managed with the `freemark-keyserver` command).
 The log calls (GetCheckpoint, GetInclusionProof, GetConsistencyProof,
-GetPublicKey) only need a valid principal: the log is public to all of them.
+GetEntries, GetPublicKey) only need a valid principal: the log is public to all
+of them, entries included, so whatever a signed statement holds (owners, host
+fingerprints, verdict outcomes) every principal of the server can read.
 
 Errors use standard status codes with an actionable message:
   INVALID_ARGUMENT    malformed bundle or request, wrong layer, unreadable model,
@@ -66,6 +68,10 @@ class KeyServiceStub:
     GetCheckpoint: _grpc.UnaryUnaryMultiCallable[_keyservice_pb2.GetCheckpointRequest, _keyservice_pb2.SignedCheckpoint]
     GetInclusionProof: _grpc.UnaryUnaryMultiCallable[_keyservice_pb2.GetInclusionProofRequest, _keyservice_pb2.InclusionProof]
     GetConsistencyProof: _grpc.UnaryUnaryMultiCallable[_keyservice_pb2.GetConsistencyProofRequest, _keyservice_pb2.ConsistencyProof]
+    GetEntries: _grpc.UnaryUnaryMultiCallable[_keyservice_pb2.GetEntriesRequest, _keyservice_pb2.GetEntriesResponse]
+    """The log's entries by index, so anyone can recompute the tree (and every
+    registration's state) that the checkpoints sign.
+    """
     GetPublicKey: _grpc.UnaryUnaryMultiCallable[_keyservice_pb2.GetPublicKeyRequest, _keyservice_pb2.PublicKey]
 
 @_typing.type_check_only
@@ -83,6 +89,10 @@ class KeyServiceAsyncStub(KeyServiceStub):
     GetCheckpoint: _aio.UnaryUnaryMultiCallable[_keyservice_pb2.GetCheckpointRequest, _keyservice_pb2.SignedCheckpoint]  # type: ignore[assignment]
     GetInclusionProof: _aio.UnaryUnaryMultiCallable[_keyservice_pb2.GetInclusionProofRequest, _keyservice_pb2.InclusionProof]  # type: ignore[assignment]
     GetConsistencyProof: _aio.UnaryUnaryMultiCallable[_keyservice_pb2.GetConsistencyProofRequest, _keyservice_pb2.ConsistencyProof]  # type: ignore[assignment]
+    GetEntries: _aio.UnaryUnaryMultiCallable[_keyservice_pb2.GetEntriesRequest, _keyservice_pb2.GetEntriesResponse]  # type: ignore[assignment]
+    """The log's entries by index, so anyone can recompute the tree (and every
+    registration's state) that the checkpoints sign.
+    """
     GetPublicKey: _aio.UnaryUnaryMultiCallable[_keyservice_pb2.GetPublicKeyRequest, _keyservice_pb2.PublicKey]  # type: ignore[assignment]
 
 class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -145,6 +155,16 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _keyservice_pb2.GetConsistencyProofRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_keyservice_pb2.ConsistencyProof, _abc.Awaitable[_keyservice_pb2.ConsistencyProof]]: ...
+
+    @_abc_1.abstractmethod
+    def GetEntries(
+        self,
+        request: _keyservice_pb2.GetEntriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keyservice_pb2.GetEntriesResponse, _abc.Awaitable[_keyservice_pb2.GetEntriesResponse]]:
+        """The log's entries by index, so anyone can recompute the tree (and every
+        registration's state) that the checkpoints sign.
+        """
 
     @_abc_1.abstractmethod
     def GetPublicKey(
