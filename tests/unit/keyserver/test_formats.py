@@ -19,7 +19,7 @@ from freemark_keyserver import formats
 from freemark_keyserver.sandbox import GiB, SandboxLimits, SandboxResourceError, run_model
 
 onnx = pytest.importorskip("onnx")
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper
 
 
 def _hungry(path: Path) -> Path:
