@@ -19,7 +19,7 @@ import grpc
 
 from freemark.v1 import keyservice_pb2 as pb
 from freemark.v1 import keyservice_pb2_grpc
-from freemark_keyserver import handlers, panels
+from freemark_keyserver import formats, handlers, panels
 from freemark_keyserver.auth import authenticate
 from freemark_keyserver.errors import ErrorCode, ServiceError, abort
 from freemark_keyserver.ratelimit import VerifyLimits
@@ -108,7 +108,7 @@ class KeyServiceServicer(keyservice_pb2_grpc.KeyServiceServicer):
             with ExitStack() as files:
                 host = files.enter_context(spooled(
                     stream.chunks(), header.upload, cap=config.max_upload_bytes,
-                    spool=self.spool, suffix=".pt2"))
+                    spool=self.spool, suffix=formats.SUFFIXES[header.upload.format]))
                 references: list[Path] = []
                 while (reference := stream.next_reference()) is not None:
                     if len(references) == config.max_references:
@@ -118,7 +118,8 @@ class KeyServiceServicer(keyservice_pb2_grpc.KeyServiceServicer):
                     references.append(files.enter_context(spooled(
                         stream.chunks(), reference, cap=config.max_upload_bytes,
                         spool=self.spool, suffix=".pt2")))
-                return handlers.register(self.ctx, principal, bundle, host, references)
+                return handlers.register(self.ctx, principal, bundle, host, references,
+                                         host_format=header.upload.format)
         return _guard(context, "Register", work)
 
     def Verify(self, request_iterator: Iterator[pb.VerifyRequest],
@@ -131,7 +132,7 @@ class KeyServiceServicer(keyservice_pb2_grpc.KeyServiceServicer):
             assert isinstance(header, pb.VerifyHeader)
             record = handlers.verify_target(self.ctx, principal, header)
             self.verify_limits.check_registration(record.registration_id)
-            suffix = ".safetensors" if header.upload.format == pb.MODEL_FORMAT_SAFETENSORS else ".pt2"
+            suffix = formats.SUFFIXES[header.upload.format]
             with spooled(_chunks(request_iterator), header.upload, cap=self.ctx.config.max_upload_bytes,
                          spool=self.spool, suffix=suffix) as path:
                 return handlers.verify(self.ctx, principal, record, header, path)
@@ -171,6 +172,13 @@ class KeyServiceServicer(keyservice_pb2_grpc.KeyServiceServicer):
             authenticate(self.ctx.store, context)
             return handlers.get_consistency_proof(self.ctx, request)
         return _guard(context, "GetConsistencyProof", work)
+
+    def GetEntries(self, request: pb.GetEntriesRequest,
+                   context: grpc.ServicerContext) -> pb.GetEntriesResponse:
+        def work() -> pb.GetEntriesResponse:
+            authenticate(self.ctx.store, context)
+            return handlers.get_entries(self.ctx, request)
+        return _guard(context, "GetEntries", work)
 
     def GetPublicKey(self, request: pb.GetPublicKeyRequest,
                      context: grpc.ServicerContext) -> pb.PublicKey:
