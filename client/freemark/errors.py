@@ -28,9 +28,12 @@ of grpc's own exception types leaks past the client. The tree::
     │   ├── ResourceExhaustedError            over a cap, or the server is at capacity:
     │   │   ├── TooLargeError                    TOO_LARGE
     │   │   ├── SandboxLimitError                SANDBOX_LIMIT
+    │   │   ├── RateLimitedError                 RATE_LIMITED
+    │   │   ├── SpoolFullError                   SPOOL_FULL
     │   │   └── SandboxBusyError                 SANDBOX_BUSY (retry later)
     │   ├── DeadlineExceededError             out of time (also the client's own deadline):
-    │   │   └── SandboxTimeoutError              SANDBOX_DEADLINE
+    │   │   ├── SandboxTimeoutError              SANDBOX_DEADLINE
+    │   │   └── UploadStalledError               UPLOAD_STALLED
     │   ├── CallEndedError                       CALL_ENDED
     │   ├── RevokedError                         REVOKED
     │   ├── UploadCorruptError                   UPLOAD_CORRUPT
@@ -76,6 +79,7 @@ __all__ = [
     "NotFoundError",
     "NotUniqueError",
     "PermissionDeniedError",
+    "RateLimitedError",
     "ResourceExhaustedError",
     "RevokedError",
     "SandboxBusyError",
@@ -84,11 +88,13 @@ __all__ = [
     "SandboxTimeoutError",
     "ServerError",
     "ServerInternalError",
+    "SpoolFullError",
     "TooLargeError",
     "TransportError",
     "UnauthenticatedError",
     "UniquenessError",
     "UploadCorruptError",
+    "UploadStalledError",
     "VerificationFailedError",
     "error_for",
 ]
@@ -222,6 +228,18 @@ class SandboxLimitError(ResourceExhaustedError):
     REASON = "SANDBOX_LIMIT"
 
 
+class RateLimitedError(ResourceExhaustedError):
+    """Too many calls at once, or Verify's rate limit is spent; retry after the named wait."""
+
+    REASON = "RATE_LIMITED"
+
+
+class SpoolFullError(ResourceExhaustedError):
+    """The server's upload spool is full; nothing was read. Retry later."""
+
+    REASON = "SPOOL_FULL"
+
+
 class SandboxBusyError(ResourceExhaustedError):
     """Every sandbox worker is busy and the queue is full; nothing ran. Retry after a while
     (the server's google.rpc.RetryInfo says how long)."""
@@ -251,6 +269,12 @@ class SandboxTimeoutError(DeadlineExceededError):
     REASON = "SANDBOX_DEADLINE"
 
 
+class UploadStalledError(DeadlineExceededError):
+    """The upload was idle past the server's timeout or slower than its minimum rate."""
+
+    REASON = "UPLOAD_STALLED"
+
+
 class RevokedError(ServerError):
     """The registration was revoked; it stays in the log, and verifies are refused."""
 
@@ -275,6 +299,7 @@ _BY_REASON: dict[str, type[ServerError]] = {
                 NotUniqueError, UnauthenticatedError, PermissionDeniedError, NotFoundError,
                 AlreadyRegisteredError, TooLargeError, SandboxLimitError, SandboxTimeoutError,
                 RevokedError, UploadCorruptError, ServerInternalError, AlphaOutsidePolicyError,
+                RateLimitedError, SpoolFullError, UploadStalledError,
                 SandboxBusyError, SandboxCrashedError, CallEndedError)
     if cls.REASON is not None
 }

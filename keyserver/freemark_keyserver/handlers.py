@@ -41,7 +41,7 @@ from freemark.records import (
 from freemark.v1 import keyservice_pb2 as pb
 from freemark.verdict import DEFAULT_ALPHA, coarse_values, suspect_vector
 from freemark.watermark import commitment
-from freemark_keyserver import calls, formats, panels
+from freemark_keyserver import cancellation, formats, panels
 from freemark_keyserver.auth import ADMIN, ARBITER, OWNER, require_role
 
 __all__ = ["ADMIN", "ARBITER", "OWNER", "Context", "require_role"]
@@ -143,7 +143,7 @@ def _append(ctx: Context, kind: str, build: Callable[[int, int], bytes],
 
     Returns (body, log index, integrated time).
     """
-    calls.check_active()  # a caller who has gone gets nothing signed or logged
+    cancellation.check_active()  # a caller who has gone gets nothing signed or logged
     entry = ctx.store.append(kind, build, registration)
     return entry.entry, entry.index, entry.created_at
 
@@ -365,7 +365,7 @@ def _refuse_claimed(ctx: Context, principal: Principal, host: Path, reading: pan
         readings = panels.read_many(
             lambda model, runs: ctx.batch(model, runs, limits=ctx.config.sandbox, options=options),
             host, [bundle for _, bundle, _ in earlier])
-    except (calls.CallEnded, SandboxBusy) as exc:  # not the triggers' doing: end or retry
+    except (cancellation.CallEnded, SandboxBusy) as exc:  # not the triggers' doing: end or retry
         if isinstance(exc, SandboxBusy):
             raise ServiceError(ErrorCode.SANDBOX_BUSY, str(exc),
                                retry_after=exc.retry_after) from exc

@@ -181,7 +181,7 @@ def run_model(
     `weights_path` (`.safetensors`) replaces the program's weights. Raises ModelFileError for a
     file that is not a safe, vetted program; InvalidInputError when it cannot run on the
     triggers; SandboxTimeout, SandboxResourceError, SandboxBusy or SandboxError when the sandbox
-    gives up; `calls.CallEnded` when the gRPC call it serves has ended.
+    gives up; `cancellation.CallEnded` when the gRPC call it serves has ended.
     """
     identity, results = run_batch(model_path, [TriggerRun(layer, pooling, triggers)],
                                   weights_path=weights_path, limits=limits, options=options,

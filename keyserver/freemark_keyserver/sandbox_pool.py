@@ -7,9 +7,9 @@ server starts it before it reads any key (`server.create_server`).
 
 Each run takes one of `workers` slots; up to `queue` more runs wait for one, and past that a
 run is refused at once with `SandboxBusy` (RESOURCE_EXHAUSTED with a retry hint). While it
-waits or runs, the gRPC call it serves (`calls.current`) is checked every `POLL_SECONDS`: when
+waits or runs, the gRPC call it serves (`cancellation.current`) is checked every `POLL_SECONDS`: when
 the caller cancels or the deadline passes, the pool closes the run's status socket, the fork
-server kills the child at once, and `calls.CallEnded` is raised so nothing is signed or
+server kills the child at once, and `cancellation.CallEnded` is raised so nothing is signed or
 logged. Inputs travel as descriptors: a spooled upload opened read-only (its group set to the
 sandbox user's when that user differs), or a memfd holding a decrypted host
 (`hosts.host_file`), so the child never needs a path into the data dir.
@@ -37,7 +37,7 @@ import numpy as np
 
 from freemark.errors import InvalidInputError, ModelFileError
 from freemark.triggers import TriggerSet
-from freemark_keyserver import calls, metrics, sandbox_isolation
+from freemark_keyserver import cancellation, metrics, sandbox_isolation
 from freemark_keyserver.sandbox_worker import MAX_MESSAGE_CHARS, OK, REFUSED
 
 __all__ = ["POLL_SECONDS", "SandboxPool", "TriggerRun", "default_workers"]
@@ -202,9 +202,9 @@ class SandboxPool:
             metrics.SANDBOX_QUEUE_DEPTH.set(self._waiting)
         try:
             while not self._slots.acquire(timeout=POLL_SECONDS):
-                why = calls.ended(calls.current())
+                why = cancellation.ended(cancellation.current())
                 if why is not None:
-                    raise calls.CallEnded(f"the call ended ({why}) while queued for the sandbox")
+                    raise cancellation.CallEnded(f"the call ended ({why}) while queued for the sandbox")
         finally:
             with self._lock:
                 self._waiting -= 1
@@ -278,16 +278,16 @@ class SandboxPool:
                     break
                 except TimeoutError:
                     pass
-                why = calls.ended(calls.current())
+                why = cancellation.ended(cancellation.current())
                 if why is None and time.monotonic() > deadline:
                     why = "deadline"
                 if why is not None:
                     status.close()  # the fork server kills the child now
                     metrics.SANDBOX_KILLS_TOTAL.labels(why).inc()
-                    if why == "deadline" and calls.ended(calls.current()) is None:
+                    if why == "deadline" and cancellation.ended(cancellation.current()) is None:
                         raise SandboxTimeout(f"the model did not finish within "
                                              f"{limits.wall_seconds:g} s and was killed")
-                    raise calls.CallEnded(f"the call ended ({why}); its sandbox run was killed")
+                    raise cancellation.CallEnded(f"the call ended ({why}); its sandbox run was killed")
             code = int(json.loads(message or b'{"exit": -9}')["exit"])
             raw = exchange.finish()
         if exchange.overflow:
