@@ -35,6 +35,7 @@ from freemark.rpc import KeyServiceClient
 from freemark.triggers import load_triggers
 from freemark_keyserver.auth import hash_token, new_token
 from freemark_keyserver.config import ServerConfig
+from freemark_keyserver.ratelimit import Rate
 from freemark_keyserver.sandbox_pool import SandboxPool
 from freemark_keyserver.server import RunningServer, create_server
 from freemark_keyserver.store import Principal
@@ -86,7 +87,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     save_program(Slow(repeats=40).eval(), (torch.zeros(2, 1, 8, 8),), slow)
     running = create_server(ServerConfig(data_dir=folder / "ttp", listen="127.0.0.1:0",
                                          grace_seconds=1, sandbox_workers=WORKERS,
-                                         sandbox_queue=QUEUE))
+                                         sandbox_queue=QUEUE,
+                                         # only the sandbox's cap is under test here
+                                         max_calls_per_principal=32,
+                                         verify_rate_principal=Rate.parse("off"),
+                                         verify_rate_registration=Rate.parse("off")))
     token = new_token()
     running.ctx.store.add_principal(Principal("owner", "owner", hash_token(token), 0))
     bundle = derive_key(load_program(files.host), layer="act", owner="owner",
