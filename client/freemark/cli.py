@@ -24,6 +24,7 @@ import numpy as np
 
 from freemark._schema import signed_fields, to_json_fields
 from freemark.bundle import load_bundle, save_bundle
+from freemark.cli_log import add_log_parser
 from freemark.derive import DEFAULT_BITS, derive_key
 from freemark.display import format_value, print_fields, print_json, print_rows
 from freemark.errors import (
@@ -32,10 +33,12 @@ from freemark.errors import (
     InvalidReceiptError,
     VerificationFailedError,
 )
-from freemark.extract import extract
+from freemark.extract import extract, extract_onnx
+from freemark.formats import format_of, load_model, upload_file
 from freemark.keygen import DEFAULT_LAMBDA, DEFAULT_MARGIN, DerivationSettings
-from freemark.modelfile import apply_weights, fingerprint, load_program
+from freemark.modelfile import fingerprint
 from freemark.note import verifier_key
+from freemark.onnxmodel import OnnxModel
 from freemark.receipt import load_statement, verify_in_log, verify_receipt, verify_suspect
 from freemark.records import (
     AnyVerdict,
@@ -51,6 +54,7 @@ from freemark.records import (
 )
 from freemark.rpc import DEFAULT_TIMEOUT_S, KeyServiceClient
 from freemark.signatures import Verifier
+from freemark.texttriggers import DEFAULT_COUNT, DEFAULT_MAX_LENGTH, text_triggers
 from freemark.triggers import DEFAULT_PER_CLASS, load_triggers, save_triggers, select_triggers
 from freemark.verdict import DEFAULT_ALPHA
 from freemark.wire import (
@@ -69,23 +73,34 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _cmd_triggers(args: argparse.Namespace) -> int:
-    try:
-        with np.load(args.data, allow_pickle=False) as data:
-            x, y = data["x"], data["y"]
-    except (OSError, KeyError, ValueError) as exc:
-        raise InvalidInputError(
-            f"{args.data}: need an .npz with arrays 'x' and 'y' ({exc})"
-        ) from exc
-    triggers = select_triggers(x, y, per_class=args.per_class, seed=args.seed)
+    if (args.data is None) == (args.text is None):
+        raise InvalidInputError("give either --data X.npz or --text FILE --tokenizer DIR")
+    if args.text is not None:
+        if args.tokenizer is None:
+            raise InvalidInputError("--text needs --tokenizer DIR (the checkpoint's tokenizer)")
+        triggers = text_triggers(args.text, args.tokenizer, max_length=args.max_length,
+                                 per_class=args.per_class, count=args.count, seed=args.seed)
+        labels = triggers.labels
+    else:
+        try:
+            with np.load(args.data, allow_pickle=False) as data:
+                x, labels = data["x"], data["y"]
+        except (OSError, KeyError, ValueError) as exc:
+            raise InvalidInputError(
+                f"{args.data}: need an .npz with arrays 'x' and 'y' ({exc})"
+            ) from exc
+        triggers = select_triggers(x, labels, per_class=args.per_class, seed=args.seed)
     save_triggers(args.out, triggers)
-    summary = {"out": args.out, "n_triggers": len(triggers), "classes": len(np.unique(y))}
+    summary = {"out": args.out, "n_triggers": len(triggers),
+               "classes": 0 if labels is None else len(np.unique(labels)),
+               "shape": list(triggers.inputs.shape)}
     print_json(summary) if args.json else print_fields("trigger set written", summary)
     return 0
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
-    host = load_program(args.model)
-    references = [load_program(r) for r in args.reference]
+    host = load_model(args.model)
+    references = [load_model(r) for r in args.reference]
     settings = DerivationSettings(margin=args.margin, lam=args.lam)
     bundle = derive_key(host, layer=args.layer, triggers=load_triggers(args.triggers),
                         owner=args.owner, n_bits=args.bits, settings=settings,
@@ -105,10 +120,17 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 
 def _cmd_extract(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.key)
-    program = load_program(args.model)
-    suspect = apply_weights(program, args.weights) if args.weights else program
-    references = [load_program(r) for r in args.reference]
-    verdict = extract(suspect, bundle, alpha=args.alpha, references=references)
+    references = [load_model(r) for r in args.reference]
+    if format_of(args.model) == "onnx":
+        if args.weights:
+            raise InvalidInputError("--weights applies to a .pt2 or checkpoint, not to ONNX")
+        suspect = OnnxModel.open(args.model, bundle.layer, tensor=args.onnx_tensor)
+        verdict = extract_onnx(suspect, bundle, alpha=args.alpha, references=references)
+    elif args.onnx_tensor:
+        raise InvalidInputError("--onnx-tensor is for ONNX suspects only")
+    else:
+        verdict = extract(load_model(args.model, weights=args.weights), bundle,
+                          alpha=args.alpha, references=references)
     if args.json:
         print_json(verdict.as_dict())
     else:
@@ -232,13 +254,14 @@ def _cmd_register(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     if args.weights is None and args.model is None:
         raise InvalidInputError(
-            "give the suspect as --model SUSPECT.pt2 or --weights S.safetensors"
+            "give the suspect as --model SUSPECT (.pt2, checkpoint directory or .onnx) or "
+            "--weights S.safetensors"
         )
     suspect = Path(args.weights) if args.weights is not None else Path(args.model)
     with _client(args) as client:
         verdict = client.verify(args.registration, suspect,
-                                fmt="safetensors" if args.weights is not None else "pt2",
-                                alpha=args.alpha)
+                                fmt="safetensors" if args.weights is not None else None,
+                                alpha=args.alpha, onnx_tensor=args.onnx_tensor)
     if args.json:
         print_json(verdict_to_json(verdict))
     else:
@@ -315,15 +338,17 @@ def _load_log_state(path: str) -> Checkpoint | ConsistencyProof:
 
 
 def _check_model(statement: Receipt | AnyVerdict, path: str) -> None:
-    """`--model`: a verdict's suspect by SHA-256 and size, a receipt's host by weights."""
+    """`--model`: a verdict's suspect by SHA-256 and size (a checkpoint directory as packed for
+    the upload), a receipt's host by weights."""
     if isinstance(statement, Receipt):
-        fingerprint_of = fingerprint(load_program(path))
+        fingerprint_of = fingerprint(load_model(path))
         if fingerprint_of != statement.host_fingerprint:
             raise VerificationFailedError(
                 f"{path} is not the model this receipt registers: its weight fingerprint is "
                 f"{fingerprint_of.hex()}, the receipt's {statement.host_fingerprint.hex()}")
         return
-    verify_suspect(statement, path)
+    with upload_file(path) as sent:  # a checkpoint directory: the packed file that was sent
+        verify_suspect(statement, sent)
 
 
 _KINDS = {Receipt: "receipt", SignedVerdict: "verdict", CoarseVerdict: "coarse verdict"}
@@ -399,7 +424,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("triggers", help="pick a seeded trigger set (≥ 1 sample per class)")
-    p.add_argument("--data", required=True, help=".npz with arrays x (inputs) and y (labels)")
+    p.add_argument("--data", help=".npz with arrays x (inputs) and y (labels)")
+    p.add_argument("--text", help="UTF-8 text, one sentence per line, optionally LABEL<TAB>TEXT")
+    p.add_argument("--tokenizer", help="with --text: the checkpoint directory holding its "
+                   "tokenizer (local files only)")
+    p.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH,
+                   help="with --text: tokens per trigger at most (default %(default)s)")
+    p.add_argument("--count", type=int, default=DEFAULT_COUNT,
+                   help="with unlabelled --text: sentences to draw (default %(default)s)")
     p.add_argument("--per-class", type=int, default=DEFAULT_PER_CLASS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="triggers .npz to write (secret)")
@@ -407,7 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_triggers)
 
     p = sub.add_parser("keygen", help="derive a secret key for a model; no weight changes")
-    p.add_argument("--model", required=True, help="host model, a torch.export .pt2")
+    p.add_argument("--model", required=True, help="host model: a torch.export .pt2 or a "
+                   "Hugging Face checkpoint directory (config.json + model.safetensors)")
     p.add_argument("--layer", required=True, help="module name as named_modules() gives it")
     p.add_argument("--triggers", required=True, help="triggers .npz (inputs[, attention_mask])")
     p.add_argument("--owner", required=True, help="owner identity the watermark is bound to")
@@ -423,8 +456,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_keygen)
 
     p = sub.add_parser("extract", help="extract the watermark from a suspect and judge it")
-    p.add_argument("--model", required=True, help="suspect model .pt2")
-    p.add_argument("--weights", help="optional .safetensors applied to the .pt2 architecture")
+    p.add_argument("--model", required=True, help="suspect: .pt2, Hugging Face checkpoint "
+                   "directory or .onnx")
+    p.add_argument("--weights", help="optional .safetensors applied to the model's architecture")
+    p.add_argument("--onnx-tensor", help="ONNX suspects: the key layer's tensor name (default: "
+                   "found from the layer's module name)")
     p.add_argument("--key", required=True, help="key bundle .fmk")
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="significance level")
     p.add_argument("--reference", action="append", default=[], metavar="R.pt2",
@@ -435,7 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("register", help="register a key and its host model with the key server")
     p.add_argument("--key", required=True, help="key bundle .fmk")
-    p.add_argument("--model", required=True, help="host model, a torch.export .pt2")
+    p.add_argument("--model", required=True, help="host model: a torch.export .pt2 or a "
+                   "Hugging Face checkpoint directory (packed into one file for the upload)")
     p.add_argument("--reference", action="append", default=[], metavar="R.pt2",
                    help="an independently trained model of the host's architecture (repeat; "
                         "3 or more enable the aligned test, which sees through relabelled, "
@@ -445,7 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="ask the key server for a signed verdict on a suspect")
     p.add_argument("--registration", required=True, help="registration id")
-    p.add_argument("--model", help="suspect model .pt2")
+    p.add_argument("--model", help="suspect: .pt2, Hugging Face checkpoint directory or .onnx")
+    p.add_argument("--onnx-tensor", help="ONNX suspects: the key layer's tensor name (default: "
+                   "found by the server from the layer's module name)")
     p.add_argument("--weights", help="suspect .safetensors; uploaded instead of --model and "
                    "applied by the server to the architecture registered with the host")
     p.add_argument("--alpha", type=float, help=f"significance level (default {DEFAULT_ALPHA}); "
@@ -492,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_origin(q)
     _add_common(q)
     q.set_defaults(handler=_cmd_receipt_verify)
+    add_log_parser(sub, _add_connection, _add_origin, _client)
     _add_attack(sub)
     return parser
 

@@ -19,7 +19,15 @@ from freemark.aligned import MIN_PANEL, aligned_test
 from freemark.bundle import KeyBundle
 from freemark.canon import aligned_readout
 from freemark.errors import InvalidInputError
-from freemark.panel import Reference, count_for, measure_reference, read_layer
+from freemark.onnxmodel import OnnxModel
+from freemark.panel import (
+    Reference,
+    count_for,
+    measure_reference,
+    probe_triggers,
+    read_layer,
+    split_activations,
+)
 from freemark.records import Verdict, VerdictTest
 from freemark.verdict import (
     DEFAULT_ALPHA,
@@ -125,5 +133,17 @@ def extract(model: Model, bundle: KeyBundle, *, alpha: float = DEFAULT_ALPHA,
     """
     panel = [measure_reference(r, bundle) for r in references]
     triggers, probes = read_layer(model, bundle)
+    return judge_activations(triggers, bundle, alpha=alpha, probe_activations=probes, panel=panel,
+                             n_permutations=n_permutations)
+
+
+def extract_onnx(model: OnnxModel, bundle: KeyBundle, *, alpha: float = DEFAULT_ALPHA,
+                 references: Sequence[Model] = (),
+                 n_permutations: int = DEFAULT_PERMUTATIONS) -> Verdict:
+    """`extract` for an ONNX suspect, read by onnxruntime at its key tensor."""
+    panel = [measure_reference(r, bundle) for r in references]
+    seen = probe_triggers(bundle)
+    activations = model.capture(seen.inputs, seen.attention_mask, bundle.pooling)
+    triggers, probes = split_activations(activations, bundle)
     return judge_activations(triggers, bundle, alpha=alpha, probe_activations=probes, panel=panel,
                              n_permutations=n_permutations)

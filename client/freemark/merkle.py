@@ -34,6 +34,7 @@ __all__ = [
     "EMPTY_ROOT",
     "HASH_BYTES",
     "Checkpoint",
+    "Frontier",
     "LogProofError",
     "SignedCheckpoint",
     "audit_entries",
@@ -141,6 +142,46 @@ def consistency_proof(leaves: Sequence[bytes], old_size: int) -> list[bytes]:
             "a proof from the empty tree proves nothing, and a tree cannot shrink"
         )
     return _Subtrees(leaves).subproof(old_size, 0, len(leaves), True)
+
+
+@dataclass(frozen=True)
+class Frontier:
+    """The right edge of a tree of `size` leaves: the roots of its perfect subtrees, largest
+    first (one per set bit of `size`), which is all a monitor must keep to extend the tree by
+    new entries and recompute its root, without holding the entries (RFC 9162's compact range
+    [0, size))."""
+
+    size: int = 0
+    hashes: tuple[bytes, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.size < 0 or len(self.hashes) != self.size.bit_count():
+            raise ValueError(f"a frontier of {self.size} leaves has {self.size.bit_count()} "
+                             f"hashes, not {len(self.hashes)}")
+        for node in self.hashes:
+            if len(node) != HASH_BYTES:
+                raise ValueError(f"frontier hashes are {HASH_BYTES} bytes")
+
+    def extended(self, leaf_hashes: Sequence[bytes]) -> Frontier:
+        """The frontier after appending `leaf_hashes` (RFC 6962 leaf hashes, in order)."""
+        stack, size = list(self.hashes), self.size
+        for leaf in leaf_hashes:
+            stack.append(leaf)
+            size += 1
+            merges = (size & -size).bit_length() - 1  # trailing zeros: subtrees now complete
+            for _ in range(merges):
+                right = stack.pop()
+                stack.append(node_hash(stack.pop(), right))
+        return Frontier(size, tuple(stack))
+
+    def root(self) -> bytes:
+        """MTH of the whole tree: the subtree roots folded from the right."""
+        if not self.hashes:
+            return EMPTY_ROOT
+        result = self.hashes[-1]
+        for node in reversed(self.hashes[:-1]):
+            result = node_hash(node, result)
+        return result
 
 
 # --- verifying proofs ----------------------------------------------------------------------

@@ -32,12 +32,14 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from tqdm.auto import tqdm
 
+from freemark import formats
 from freemark.bundle import KeyBundle
 from freemark.bundle import to_proto as bundle_to_proto
 from freemark.errors import (
     ERROR_DOMAIN,
     FreemarkError,
     InvalidInputError,
+    LogProofError,
     TransportError,
     error_for,
 )
@@ -77,11 +79,14 @@ DEFAULT_BACKOFF_S = 0.5  # first retry delay; doubled per retry, jittered
 MAX_BACKOFF_S = 10.0
 MAX_PAGE_SIZE = 100  # the server's limit (proto: ListRegistrationsRequest.page_size)
 
-ModelFormat = Literal["pt2", "safetensors"]
+ModelFormat = Literal["pt2", "safetensors", "hf", "onnx"]
 _FORMATS: dict[str, pb.ModelFormat.ValueType] = {
     "pt2": pb.MODEL_FORMAT_PT2,
     "safetensors": pb.MODEL_FORMAT_SAFETENSORS,
+    "hf": pb.MODEL_FORMAT_HF_CHECKPOINT,
+    "onnx": pb.MODEL_FORMAT_ONNX,
 }
+_HOST_FORMATS = ("pt2", "hf")
 
 T = TypeVar("T")
 
@@ -135,12 +140,9 @@ def _same(request: T) -> T:
 
 
 def _format_of(path: Path, fmt: ModelFormat | None) -> pb.ModelFormat.ValueType:
-    name = fmt or path.suffix.lstrip(".").lower()
+    name = fmt or formats.format_of(path)
     if name not in _FORMATS:
-        raise InvalidInputError(
-            f"{path}: cannot tell the model format from the suffix; "
-            "use a .pt2 or .safetensors file, or pass the format"
-        )
+        raise InvalidInputError(f"{path}: unknown model format {name!r}")
     return _FORMATS[name]
 
 
@@ -289,7 +291,8 @@ class KeyServiceClient:
 
     def register(self, bundle: KeyBundle, model_path: Path, *,
                  references: Sequence[Path] = ()) -> Receipt:
-        """Register a key for the host model (a .pt2): the TTP re-extracts, signs and logs it.
+        """Register a key for the host model (a .pt2 program or a Hugging Face checkpoint
+        directory, packed into one file for the upload): the TTP re-extracts, signs and logs it.
 
         `references` (.pt2 programs) are the registration's reference panel: models of the
         host's architecture trained independently of it, which calibrate the aligned test
@@ -297,13 +300,22 @@ class KeyServiceClient:
         recommended). They are fixed at registration. Raises `AlreadyRegisteredError` if
         an earlier registration already claims the model.
         """
-        paths = [Path(model_path), *(Path(r) for r in references)]
-        for path in paths:
-            if _format_of(path, None) != pb.MODEL_FORMAT_PT2:
-                raise InvalidInputError(f"{path}: hosts and references are registered as .pt2 programs")
+        host_format = formats.format_of(model_path)
+        if host_format not in _HOST_FORMATS:
+            raise InvalidInputError(f"{model_path}: a host is a .pt2 program or a Hugging Face "
+                                    "checkpoint directory")
+        for path in references:
+            if _format_of(Path(path), None) != pb.MODEL_FORMAT_PT2:
+                raise InvalidInputError(f"{path}: references are registered as .pt2 programs")
         message = bundle_to_proto(bundle)
-        uploads = [_Upload(path, pb.MODEL_FORMAT_PT2, self._chunk_size, self._progress)
-                   for path in paths]
+        with formats.upload_file(model_path) as host:
+            uploads = [_Upload(host, _FORMATS[host_format], self._chunk_size, self._progress),
+                       *(_Upload(Path(r), pb.MODEL_FORMAT_PT2, self._chunk_size, self._progress)
+                         for r in references)]
+            return self._register(message, uploads)
+
+    def _register(self, message: Any, uploads: list[_Upload]) -> Receipt:
+        """One Register stream: the header with the host's upload, then each reference."""
 
         def requests() -> Iterator[pb.RegisterRequest]:
             first = pb.RegisterRequest(header=pb.RegisterHeader(bundle=message,
@@ -321,11 +333,14 @@ class KeyServiceClient:
         return receipt_from_proto(reply)
 
     def verify(self, registration_id: str, model_path: Path, *, fmt: ModelFormat | None = None,
-               alpha: float | None = None) -> AnyVerdict:
+               alpha: float | None = None, onnx_tensor: str | None = None) -> AnyVerdict:
         """Ask the TTP whether a suspect model carries a registration's watermark.
 
-        `fmt` defaults from the suffix; a .safetensors file is applied to the architecture
-        registered with the host. `alpha` defaults to the scheme's (1e-9); the server refuses
+        The suspect is a .pt2 program, a Hugging Face checkpoint directory (packed into one
+        file for the upload), a .onnx model, or .safetensors weights, which the server
+        applies to the architecture registered with the host; `fmt` overrides what the path
+        says. `onnx_tensor` names the key layer's tensor in an ONNX graph (default: found
+        from the layer's name). `alpha` defaults to the scheme's (1e-9); the server refuses
         one outside its verdict policy (`AlphaOutsidePolicyError`). The verdict is a full
         `SignedVerdict`, or a `CoarseVerdict` (outcome and p-value bucket) where the server's
         policy gives those to requesters other than the registration's owner.
@@ -333,12 +348,17 @@ class KeyServiceClient:
         if alpha is not None and not 0.0 < alpha < 1.0:
             raise InvalidInputError(f"alpha must be in (0, 1), got {alpha}")
         path = Path(model_path)
-        reply = self._stream(
-            self._stub.Verify, path, _format_of(path, fmt),
-            lambda upload: pb.VerifyRequest(header=pb.VerifyHeader(
-                registration_id=registration_id, upload=upload, alpha=alpha or 0.0)),
-            lambda chunk: pb.VerifyRequest(chunk=chunk),
-        )
+        kind = _format_of(path, fmt)
+        if onnx_tensor and kind != pb.MODEL_FORMAT_ONNX:
+            raise InvalidInputError("--onnx-tensor is for ONNX suspects only")
+        with formats.upload_file(path) as upload_path:
+            reply = self._stream(
+                self._stub.Verify, upload_path, kind,
+                lambda upload: pb.VerifyRequest(header=pb.VerifyHeader(
+                    registration_id=registration_id, upload=upload, alpha=alpha or 0.0,
+                    onnx_tensor=onnx_tensor or "")),
+                lambda chunk: pb.VerifyRequest(chunk=chunk),
+            )
         return verdict_from_proto(reply)
 
     def get_registration(self, registration_id: str) -> RegistrationInfo:
@@ -380,6 +400,24 @@ class KeyServiceClient:
         """Proof that the log of `old_size` entries is a prefix of the one of `new_size`."""
         request = pb.GetConsistencyProofRequest(old_size=old_size, new_size=new_size)
         return consistency_from_proto(self._call(self._stub.GetConsistencyProof, lambda: request))
+
+    def get_entries(self, start: int, end: int) -> list[bytes]:
+        """Log entries [start, end), fetched a page at a time: each is one leaf's bytes.
+
+        They are authenticated only by a signed checkpoint's root over them: recompute it
+        (`freemark.merkle.Frontier`, `freemark.monitor`) before trusting what they say.
+        """
+        if not 0 <= start <= end:
+            raise InvalidInputError(f"invalid entry range [{start}, {end})")
+        entries: list[bytes] = []
+        while start + len(entries) < end:
+            request = pb.GetEntriesRequest(start=start + len(entries), end=end)
+            page = self._call(self._stub.GetEntries, functools.partial(_same, request))
+            if not page.entries:  # it signed a tree holding them: a log fault, not a bad input
+                raise LogProofError(f"the server returned no entries from "
+                                    f"{start + len(entries)} though its log holds {end}")
+            entries.extend(bytes(e) for e in page.entries)
+        return entries[: end - start]
 
     def public_key(self) -> bytes:
         """The TTP's Ed25519 public key (PEM). For audits, prefer a copy obtained out of band."""

@@ -40,7 +40,7 @@ from freemark.records import (
 from freemark.v1 import keyservice_pb2 as pb
 from freemark.verdict import DEFAULT_ALPHA, coarse_values, suspect_vector
 from freemark.watermark import commitment
-from freemark_keyserver import panels
+from freemark_keyserver import formats, panels
 from freemark_keyserver.auth import ADMIN, ARBITER, OWNER, require_role
 
 __all__ = ["ADMIN", "ARBITER", "OWNER", "Context", "require_role"]
@@ -65,6 +65,8 @@ from freemark_keyserver.store import (
 
 log = logging.getLogger("freemark_keyserver")
 MAX_PAGE = 100
+# Log entries per GetEntries reply: a few hundred kilobytes, far under gRPC's 4 MiB message cap.
+MAX_ENTRIES_PAGE = 256
 DEFAULT_PAGE = 20
 REGISTRATION_ID_BYTES = 12
 CLAIMED = ("an earlier registration already claims this model; if it is yours, use that "
@@ -82,11 +84,16 @@ class Context:
     sandbox: Callable[..., SandboxResult] = run_model
 
 
-def _sandboxed(ctx: Context, model: Path, bundle: KeyBundle, weights: Path | None = None) -> SandboxResult:
-    """Run an untrusted model in the sandbox, mapping its failures to statuses."""
+def _sandboxed(ctx: Context, model: Path, bundle: KeyBundle, weights: Path | None = None,
+               options: dict[str, str] | None = None) -> SandboxResult:
+    """Run an untrusted model in the sandbox, mapping its failures to statuses.
+
+    `options` name a format other than `.pt2` (`formats.sandbox_options`)."""
+    extra = {"options": options} if options else {}
     try:
         return ctx.sandbox(model, layer=bundle.layer, pooling=bundle.pooling,
-                           triggers=bundle.triggers, weights_path=weights, limits=ctx.config.sandbox)
+                           triggers=bundle.triggers, weights_path=weights, limits=ctx.config.sandbox,
+                           **extra)
     except ModelFileError as exc:
         raise ServiceError(ErrorCode.INVALID_MODEL, _public(exc)) from exc
     except InvalidInputError as exc:
@@ -184,14 +191,14 @@ def _open_sealed(ctx: Context, record: Registration) -> tuple[KeyBundle, list[Re
     return panels.open_bytes(plaintext)
 
 
-def _runner(ctx: Context) -> panels.Runner:
-    return lambda model, bundle, weights: _sandboxed(ctx, model, bundle, weights)
+def _runner(ctx: Context, options: dict[str, str] | None = None) -> panels.Runner:
+    return lambda model, bundle, weights: _sandboxed(ctx, model, bundle, weights, options)
 
 
-def _read(ctx: Context, model: Path, bundle: KeyBundle, weights: Path | None = None
-          ) -> panels.Reading:
+def _read(ctx: Context, model: Path, bundle: KeyBundle, weights: Path | None = None,
+          options: dict[str, str] | None = None) -> panels.Reading:
     """One sandboxed pass of an untrusted model over the triggers and the alignment probes."""
-    return panels.read(_runner(ctx), model, bundle, weights)
+    return panels.read(_runner(ctx, options), model, bundle, weights)
 
 
 def add_panel_member(ctx: Context, model: Path, *, like: str, label: str, now: int
@@ -222,20 +229,23 @@ def parse_bundle(ctx: Context, principal: Principal, header: pb.RegisterHeader) 
         raise ServiceError(ErrorCode.PERMISSION_DENIED,
                            f"the watermark is bound to owner {bundle.owner!r}, you are "
                            f"{principal.name!r}: derive the key with --owner {principal.name}")
-    if header.upload.format != pb.MODEL_FORMAT_PT2:
-        raise ServiceError(ErrorCode.MALFORMED_REQUEST, "register the host as a .pt2 program")
+    if header.upload.format not in formats.HOST_FORMATS:
+        raise ServiceError(ErrorCode.MALFORMED_REQUEST, "register the host as a .pt2 program or "
+                           "a packed Hugging Face checkpoint (freemark register --model DIR)")
     return bundle
 
 
 def register(ctx: Context, principal: Principal, bundle: KeyBundle, host: Path,
-             references: Sequence[Path] = ()) -> pb.Receipt:
+             references: Sequence[Path] = (), *,
+             host_format: int = pb.MODEL_FORMAT_PT2) -> pb.Receipt:
     """Check, store and log a registration; return its signed receipt.
 
     The host's probe profile is measured here, in the sandbox, and replaces the uploaded
     one; each reference is read the same way and refused if it is the host relabelled.
     """
     require_role(principal, OWNER)
-    reading = _read(ctx, host, bundle)
+    host_options = formats.sandbox_options(host_format)
+    reading = _read(ctx, host, bundle, options=host_options)
     if reading.fingerprint != bundle.host_fingerprint:
         raise ServiceError(ErrorCode.HOST_MISMATCH,
                            "the uploaded model's weights are not the ones the key was derived on "
@@ -255,7 +265,7 @@ def register(ctx: Context, principal: Principal, bundle: KeyBundle, host: Path,
     if reading.probes is not None:
         panel += panels.operator_panel(_runner(ctx), ctx.store, ctx.keyring, ctx.config.spool_dir,
                                        bundle, reading, panel)
-    _refuse_claimed(ctx, principal, host, reading)
+    _refuse_claimed(ctx, principal, host, reading, host_options)
 
     registration_id = "reg_" + secrets.token_hex(REGISTRATION_ID_BYTES)
     envelope = seal(ctx.keyring, panels.seal_bytes(bundle, panel), record_id=registration_id,
@@ -304,8 +314,8 @@ def _claimed(principal: Principal, records: Sequence[Registration], why: str) ->
     return ServiceError(ErrorCode.ALREADY_CLAIMED, CLAIMED)
 
 
-def _refuse_claimed(ctx: Context, principal: Principal, host: Path, reading: panels.Reading
-                    ) -> None:
+def _refuse_claimed(ctx: Context, principal: Principal, host: Path, reading: panels.Reading,
+                    options: dict[str, str]) -> None:
     """ALREADY_EXISTS when an earlier, active registration already claims this model.
 
     Claimed means: the same weights, or an earlier key's verdict (plain and, with that
@@ -328,7 +338,7 @@ def _refuse_claimed(ctx: Context, principal: Principal, host: Path, reading: pan
             continue
         earlier, panel = _open_sealed(ctx, record)
         try:
-            theirs = _read(ctx, host, earlier)
+            theirs = _read(ctx, host, earlier, options=options)
             verdict = judge_activations(theirs.triggers, earlier, probe_activations=theirs.probes,
                                         panel=panel)
         except Exception as exc:  # noqa: BLE001 - every failure must look like a non-match
@@ -348,8 +358,14 @@ def verify_target(ctx: Context, principal: Principal, header: pb.VerifyHeader) -
     if record.revoked_at is not None:
         raise ServiceError(ErrorCode.REVOKED,
                            f"registration {record.registration_id} was revoked; it proves nothing")
-    if header.upload.format not in (pb.MODEL_FORMAT_PT2, pb.MODEL_FORMAT_SAFETENSORS):
-        raise ServiceError(ErrorCode.MALFORMED_REQUEST, "upload format must be PT2 or SAFETENSORS")
+    if header.upload.format not in formats.SUSPECT_FORMATS:
+        raise ServiceError(ErrorCode.MALFORMED_REQUEST, "upload format must be PT2, SAFETENSORS, "
+                           "HF_CHECKPOINT or ONNX")
+    if header.onnx_tensor and header.upload.format != pb.MODEL_FORMAT_ONNX:
+        raise ServiceError(ErrorCode.MALFORMED_REQUEST, "onnx_tensor is for ONNX suspects only")
+    if len(header.onnx_tensor) > formats.MAX_TENSOR_NAME:
+        raise ServiceError(ErrorCode.MALFORMED_REQUEST,
+                           f"onnx_tensor is over {formats.MAX_TENSOR_NAME} characters")
     if header.alpha and not 0.0 < header.alpha < 1.0:
         raise ServiceError(ErrorCode.MALFORMED_REQUEST, "alpha must be in (0, 1)")
     policy = ctx.config.verdict_policy
@@ -373,9 +389,11 @@ def verify(ctx: Context, principal: Principal, record: Registration, header: pb.
     bundle, panel = _open_sealed(ctx, record)
     if header.upload.format == pb.MODEL_FORMAT_SAFETENSORS:
         with host_file(ctx.store, ctx.keyring, record, ctx.config.spool_dir) as host:
-            reading = _read(ctx, host, bundle, weights=suspect)
+            reading = _read(ctx, host, bundle, weights=suspect,
+                            options=formats.stored_host_options(host))
     else:
-        reading = _read(ctx, suspect, bundle)
+        reading = _read(ctx, suspect, bundle, options=formats.sandbox_options(
+            header.upload.format, header.onnx_tensor))
     try:
         verdict = judge_activations(reading.triggers, bundle, alpha=header.alpha or DEFAULT_ALPHA,
                                     probe_activations=reading.probes, panel=panel)
@@ -458,6 +476,18 @@ def get_consistency_proof(ctx: Context, request: pb.GetConsistencyProofRequest
         old_size=request.old_size, new_size=size, checkpoint=_checkpoint(ctx, size),
         hashes=tuple(merkle.consistency_proof(ctx.store.leaf_hashes(size), request.old_size)))
     return wire.consistency_to_proto(proof)
+
+
+def get_entries(ctx: Context, request: pb.GetEntriesRequest) -> pb.GetEntriesResponse:
+    """Entries [start, end), at most `MAX_ENTRIES_PAGE` and none past the tree size."""
+    size = ctx.store.tree_size()
+    if request.start >= size:
+        raise ServiceError(ErrorCode.MALFORMED_REQUEST,
+                           f"start {request.start} is not below the tree size {size}")
+    if request.end and request.end <= request.start:
+        raise ServiceError(ErrorCode.MALFORMED_REQUEST, "end must be above start (or 0)")
+    end = min(request.end or size, request.start + MAX_ENTRIES_PAGE, size)
+    return pb.GetEntriesResponse(entries=[e.entry for e in ctx.store.entries(request.start, end)])
 
 
 def public_key(ctx: Context) -> pb.PublicKey:

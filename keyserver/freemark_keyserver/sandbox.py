@@ -151,17 +151,19 @@ def run_model(
     triggers: TriggerSet,
     weights_path: Path | None = None,
     limits: SandboxLimits = SandboxLimits(),
+    options: dict[str, str] | None = None,
 ) -> SandboxResult:
     """Activations ((len(triggers), units) float64) of `layer` of the `.pt2` at `model_path`.
 
-    `weights_path` (`.safetensors`) replaces the program's weights. Raises ModelFileError for a
+    `weights_path` (`.safetensors`) replaces the program's weights. `options` name another
+    format (`freemark_keyserver.formats.sandbox_options`) and go into the request. Raises ModelFileError for a
     file that is not a safe, vetted program; InvalidInputError when it cannot run on the
     triggers; SandboxTimeout, SandboxResourceError or SandboxError when the sandbox gives up.
     """
     for path in (model_path, weights_path):
         if path is not None and not Path(path).is_file():
             raise ModelFileError(f"{path}: no such file")
-    request = _encode_request(model_path, weights_path, layer, pooling, triggers)
+    request = _encode_request(model_path, weights_path, layer, pooling, triggers, options or {})
     with tempfile.TemporaryDirectory(prefix="freemark-sandbox-") as workdir:
         process = _start_worker(limits, Path(workdir))
         run = _Run(process, request, limits.max_output_bytes)
@@ -174,9 +176,11 @@ def run_model(
 
 
 def _encode_request(
-    model_path: Path, weights_path: Path | None, layer: str, pooling: int, triggers: TriggerSet
+    model_path: Path, weights_path: Path | None, layer: str, pooling: int, triggers: TriggerSet,
+    options: dict[str, str],
 ) -> bytes:
     header = {
+        **options,
         "model": str(Path(model_path).resolve()),
         "weights": None if weights_path is None else str(Path(weights_path).resolve()),
         "layer": layer,

@@ -11,7 +11,8 @@ working directory and only stdin, stdout and stderr open. The order below is the
 3. read the request from stdin as `np.save` frames (never pickle): a JSON header as uint8, the
    trigger inputs, optionally the attention mask. The triggers are secret and never touch disk;
 4. load with `freemark.modelfile.load_program` (never unpickles), vet the graph, optionally put
-   `.safetensors` weights into it, capture the layer's activations;
+   `.safetensors` weights into it, capture the layer's activations; a Hugging Face checkpoint
+   or an ONNX model goes to `freemark_keyserver.formats` instead;
 5. write only the activation matrix (`np.save`, allow_pickle=False) to the private stdout and
    exit 0; or write one JSON line {"kind", "message"} to stderr and exit `EXIT_REFUSED`, kind
    being "invalid_model", "invalid_input", "resource" or "internal", message one line and no
@@ -105,8 +106,11 @@ def _activations(header: dict[str, Any], inputs: Any, mask: Any) -> tuple[Any, b
     from freemark.activations import capture
     from freemark.modelfile import apply_weights, architecture_digest, fingerprint, load_program
     from freemark.triggers import TriggerSet
+    from freemark_keyserver import formats
     from freemark_keyserver.vetting import vet_program
 
+    if formats.handles(header):  # Hugging Face checkpoints and ONNX: their own safe loaders
+        return formats.sandboxed_activations(header, TriggerSet(inputs=inputs, attention_mask=mask))
     program = load_program(header["model"])
     vet_program(program)
     model = apply_weights(program, header["weights"]) if header.get("weights") else program

@@ -124,6 +124,7 @@ EXPECTED: dict[str, dict[str, grpc.StatusCode]] = {
     "GetInclusionProof": dict(zip(CALLERS, (S.UNAUTHENTICATED, S.UNAUTHENTICATED, S.OK, S.OK, S.OK, S.OK))),
     "GetConsistencyProof": dict(zip(CALLERS, (S.UNAUTHENTICATED, S.UNAUTHENTICATED, S.OK, S.OK, S.OK, S.OK))),
     "GetPublicKey":      dict(zip(CALLERS, (S.UNAUTHENTICATED, S.UNAUTHENTICATED, S.OK, S.OK, S.OK, S.OK))),
+    "GetEntries":        dict(zip(CALLERS, (S.UNAUTHENTICATED, S.UNAUTHENTICATED, S.OK, S.OK, S.OK, S.OK))),
     # run last: admin revokes, owner A's second revoke is a no-op
     "Revoke":            dict(zip(CALLERS, (S.UNAUTHENTICATED, S.UNAUTHENTICATED, S.OK, S.NOT_FOUND, S.PERMISSION_DENIED, S.OK))),
 }
@@ -148,6 +149,7 @@ def _call(w: World, rpc: str, caller: str) -> Callable[[], object]:
         "GetConsistencyProof": lambda: w.stub.GetConsistencyProof(
             pb.GetConsistencyProofRequest(old_size=1), metadata=md),
         "GetPublicKey": lambda: w.stub.GetPublicKey(pb.GetPublicKeyRequest(), metadata=md),
+        "GetEntries": lambda: w.stub.GetEntries(pb.GetEntriesRequest(start=0), metadata=md),
         "Revoke": lambda: w.stub.Revoke(pb.RevokeRequest(registration_id=rid), metadata=md),
     }
     return simple[rpc]

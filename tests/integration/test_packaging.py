@@ -29,7 +29,8 @@ INSTALL_TIMEOUT_S = 900
 RUN_TIMEOUT_S = 120
 # What only the extras may bring: the server, the lab, and their dependencies.
 NOT_IN_CORE = ("freemark_keyserver", "freemark_lab", "psycopg", "sklearn", "matplotlib",
-               "mlxtend", "transformers", "grpc_health", "grpc_reflection")
+               "mlxtend", "transformers", "onnx", "onnxruntime", "grpc_health",
+               "grpc_reflection")
 
 
 def _env() -> dict[str, str]:

@@ -10,7 +10,9 @@ certificate that maps to a principal). Roles:
   admin   everything an arbiter can, plus revoking any record (principals and
           master keys are managed with the `freemark-keyserver` command).
 The log calls (GetCheckpoint, GetInclusionProof, GetConsistencyProof,
-GetPublicKey) only need a valid principal: the log is public to all of them.
+GetEntries, GetPublicKey) only need a valid principal: the log is public to all
+of them, entries included, so whatever a signed statement holds (owners, host
+fingerprints, verdict outcomes) every principal of the server can read.
 
 Errors use standard status codes with an actionable message:
   INVALID_ARGUMENT    malformed bundle or request, wrong layer, unreadable model,
@@ -53,7 +55,34 @@ class _ModelFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelForm
     MODEL_FORMAT_PT2: _ModelFormat.ValueType  # 1
     """A torch.export program saved with torch.export.save (never unpickled)."""
     MODEL_FORMAT_SAFETENSORS: _ModelFormat.ValueType  # 2
-    """Weights only, applied to the architecture registered with the host (Verify only)."""
+    """Weights only, applied to the architecture registered with the host (Verify only):
+    tensor names and shapes must equal the host's (a .pt2 program's state dict, or a
+    Hugging Face host's model.safetensors).
+    """
+    MODEL_FORMAT_HF_CHECKPOINT: _ModelFormat.ValueType  # 3
+    """A Hugging Face checkpoint packed into one .safetensors file (host or suspect): every
+    tensor of the checkpoint's model.safetensors (or of all its shards) under its own
+    name, and the checkpoint's whole config.json as one JSON string in the safetensors
+    metadata under the key "freemark.hf_config". `freemark register/verify --model DIR`
+    packs a save_pretrained directory this way (freemark.hfmodel.pack). The sandbox
+    builds the architecture with the transformers library from the config, for an
+    allow-list of encoders (model_type bert, roberta, xlm-roberta, distilbert; the
+    config's one `architectures` entry a base model or a sequence- or token-
+    classification head), with eager attention and never remote code: a config with
+    auto_map, trust_remote_code or quantization_config is refused, and so are sizes over
+    the caps (about 400 M parameters, each dimension capped) before anything is built.
+    The file's tensors must match the architecture exactly. A pickled checkpoint
+    (pytorch_model.bin) is refused. Refusals are INVALID_MODEL.
+    """
+    MODEL_FORMAT_ONNX: _ModelFormat.ValueType  # 4
+    """An ONNX model (Verify only), run by onnxruntime on the CPU provider with no custom
+    operator library. Only standard-domain operators from an allow-list of ordinary
+    tensor operations (no custom or contrib domains, no ai.onnx.ml, no control flow, no
+    model-local functions) and no external data: every weight inside the file. The key
+    layer's tensor is VerifyHeader.onnx_tensor, or found from the node names
+    torch.onnx.export(dynamo=False) keeps for the registered layer's module. Refusals
+    are INVALID_MODEL.
+    """
 
 class ModelFormat(_ModelFormat, metaclass=_ModelFormatEnumTypeWrapper): ...
 
@@ -61,7 +90,34 @@ MODEL_FORMAT_UNSPECIFIED: ModelFormat.ValueType  # 0
 MODEL_FORMAT_PT2: ModelFormat.ValueType  # 1
 """A torch.export program saved with torch.export.save (never unpickled)."""
 MODEL_FORMAT_SAFETENSORS: ModelFormat.ValueType  # 2
-"""Weights only, applied to the architecture registered with the host (Verify only)."""
+"""Weights only, applied to the architecture registered with the host (Verify only):
+tensor names and shapes must equal the host's (a .pt2 program's state dict, or a
+Hugging Face host's model.safetensors).
+"""
+MODEL_FORMAT_HF_CHECKPOINT: ModelFormat.ValueType  # 3
+"""A Hugging Face checkpoint packed into one .safetensors file (host or suspect): every
+tensor of the checkpoint's model.safetensors (or of all its shards) under its own
+name, and the checkpoint's whole config.json as one JSON string in the safetensors
+metadata under the key "freemark.hf_config". `freemark register/verify --model DIR`
+packs a save_pretrained directory this way (freemark.hfmodel.pack). The sandbox
+builds the architecture with the transformers library from the config, for an
+allow-list of encoders (model_type bert, roberta, xlm-roberta, distilbert; the
+config's one `architectures` entry a base model or a sequence- or token-
+classification head), with eager attention and never remote code: a config with
+auto_map, trust_remote_code or quantization_config is refused, and so are sizes over
+the caps (about 400 M parameters, each dimension capped) before anything is built.
+The file's tensors must match the architecture exactly. A pickled checkpoint
+(pytorch_model.bin) is refused. Refusals are INVALID_MODEL.
+"""
+MODEL_FORMAT_ONNX: ModelFormat.ValueType  # 4
+"""An ONNX model (Verify only), run by onnxruntime on the CPU provider with no custom
+operator library. Only standard-domain operators from an allow-list of ordinary
+tensor operations (no custom or contrib domains, no ai.onnx.ml, no control flow, no
+model-local functions) and no external data: every weight inside the file. The key
+layer's tensor is VerifyHeader.onnx_tensor, or found from the node names
+torch.onnx.export(dynamo=False) keeps for the registered layer's module. Refusals
+are INVALID_MODEL.
+"""
 Global___ModelFormat: _TypeAlias = ModelFormat  # noqa: Y015
 
 @_typing.final
@@ -170,12 +226,18 @@ class VerifyHeader(_message.Message):
     REGISTRATION_ID_FIELD_NUMBER: _builtins.int
     UPLOAD_FIELD_NUMBER: _builtins.int
     ALPHA_FIELD_NUMBER: _builtins.int
+    ONNX_TENSOR_FIELD_NUMBER: _builtins.int
     registration_id: _builtins.str
     alpha: _builtins.float
     """Significance level; 0 means the scheme default (1e-9). The server signs verdicts only
     for alpha inside its policy's range (`freemark-keyserver serve --alpha-min/--alpha-max`,
     by default [1e-12, 1e-6]); outside it the call is refused with ALPHA_OUTSIDE_POLICY
     (INVALID_ARGUMENT) naming the range, before the upload is read, and nothing is logged.
+    """
+    onnx_tensor: _builtins.str
+    """ONNX suspects only: the name of the graph tensor that is the key layer's output
+    (at most 1,024 characters). Empty: found from the layer's module name, and refused
+    with INVALID_MODEL when the graph's node names do not tell it.
     """
     @_builtins.property
     def upload(self) -> Global___UploadHeader: ...
@@ -185,10 +247,11 @@ class VerifyHeader(_message.Message):
         registration_id: _builtins.str = ...,
         upload: Global___UploadHeader | None = ...,
         alpha: _builtins.float = ...,
+        onnx_tensor: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["upload", b"upload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "registration_id", b"registration_id", "upload", b"upload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "onnx_tensor", b"onnx_tensor", "registration_id", b"registration_id", "upload", b"upload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -832,6 +895,58 @@ class ConsistencyProof(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ConsistencyProof: _TypeAlias = ConsistencyProof  # noqa: Y015
+
+@_typing.final
+class GetEntriesRequest(_message.Message):
+    """Entries [start, end) of the log; end 0 means as many as one page holds. The
+    reply may hold fewer than asked: at most 256 entries, and none past the tree
+    size (start must be below it). Page on from start + len(entries).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    start: _builtins.int
+    end: _builtins.int
+    def __init__(
+        self,
+        *,
+        start: _builtins.int = ...,
+        end: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetEntriesRequest: _TypeAlias = GetEntriesRequest  # noqa: Y015
+
+@_typing.final
+class GetEntriesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Each entry is exactly one leaf's bytes: the RFC 8785 body of a signed statement
+        (receipt, verdict, revocation), in log order from `start`. No signature comes
+        with them: the signed checkpoint over their Merkle root authenticates them all.
+        """
+
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetEntriesResponse: _TypeAlias = GetEntriesResponse  # noqa: Y015
 
 @_typing.final
 class GetPublicKeyRequest(_message.Message):

@@ -74,6 +74,11 @@ class KeyServiceStub:
                 request_serializer=freemark_dot_v1_dot_keyservice__pb2.GetConsistencyProofRequest.SerializeToString,
                 response_deserializer=freemark_dot_v1_dot_keyservice__pb2.ConsistencyProof.FromString,
                 _registered_method=True)
+        self.GetEntries = channel.unary_unary(
+                '/freemark.v1.KeyService/GetEntries',
+                request_serializer=freemark_dot_v1_dot_keyservice__pb2.GetEntriesRequest.SerializeToString,
+                response_deserializer=freemark_dot_v1_dot_keyservice__pb2.GetEntriesResponse.FromString,
+                _registered_method=True)
         self.GetPublicKey = channel.unary_unary(
                 '/freemark.v1.KeyService/GetPublicKey',
                 request_serializer=freemark_dot_v1_dot_keyservice__pb2.GetPublicKeyRequest.SerializeToString,
@@ -85,7 +90,8 @@ class KeyServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Register(self, request_iterator, context):
-        """Client-streamed: one RegisterHeader, then the host model in chunks.
+        """Client-streamed: one RegisterHeader, then the host model (a .pt2 program or a
+        packed Hugging Face checkpoint) in chunks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -130,6 +136,14 @@ class KeyServiceServicer:
 
     def GetConsistencyProof(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetEntries(self, request, context):
+        """The log's entries by index, so anyone can recompute the tree (and every
+        registration's state) that the checkpoints sign.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -182,6 +196,11 @@ def add_KeyServiceServicer_to_server(servicer, server):
                     servicer.GetConsistencyProof,
                     request_deserializer=freemark_dot_v1_dot_keyservice__pb2.GetConsistencyProofRequest.FromString,
                     response_serializer=freemark_dot_v1_dot_keyservice__pb2.ConsistencyProof.SerializeToString,
+            ),
+            'GetEntries': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEntries,
+                    request_deserializer=freemark_dot_v1_dot_keyservice__pb2.GetEntriesRequest.FromString,
+                    response_serializer=freemark_dot_v1_dot_keyservice__pb2.GetEntriesResponse.SerializeToString,
             ),
             'GetPublicKey': grpc.unary_unary_rpc_method_handler(
                     servicer.GetPublicKey,
@@ -405,6 +424,33 @@ class KeyService:
             '/freemark.v1.KeyService/GetConsistencyProof',
             freemark_dot_v1_dot_keyservice__pb2.GetConsistencyProofRequest.SerializeToString,
             freemark_dot_v1_dot_keyservice__pb2.ConsistencyProof.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEntries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/freemark.v1.KeyService/GetEntries',
+            freemark_dot_v1_dot_keyservice__pb2.GetEntriesRequest.SerializeToString,
+            freemark_dot_v1_dot_keyservice__pb2.GetEntriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

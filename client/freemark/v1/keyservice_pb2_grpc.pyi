@@ -10,7 +10,9 @@ certificate that maps to a principal). Roles:
   admin   everything an arbiter can, plus revoking any record (principals and
           master keys are managed with the `freemark-keyserver` command).
 The log calls (GetCheckpoint, GetInclusionProof, GetConsistencyProof,
-GetPublicKey) only need a valid principal: the log is public to all of them.
+GetEntries, GetPublicKey) only need a valid principal: the log is public to all
+of them, entries included, so whatever a signed statement holds (owners, host
+fingerprints, verdict outcomes) every principal of the server can read.
 
 Errors use standard status codes with an actionable message:
   INVALID_ARGUMENT    malformed bundle or request, wrong layer, unreadable model,
@@ -55,7 +57,9 @@ class KeyServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> KeyServiceAsyncStub: ...
     Register: _grpc.StreamUnaryMultiCallable[_keyservice_pb2.RegisterRequest, _keyservice_pb2.Receipt]
-    """Client-streamed: one RegisterHeader, then the host model in chunks."""
+    """Client-streamed: one RegisterHeader, then the host model (a .pt2 program or a
+    packed Hugging Face checkpoint) in chunks.
+    """
     Verify: _grpc.StreamUnaryMultiCallable[_keyservice_pb2.VerifyRequest, _keyservice_pb2.SignedVerdict]
     """Client-streamed: one VerifyHeader, then the suspect model in chunks."""
     GetRegistration: _grpc.UnaryUnaryMultiCallable[_keyservice_pb2.GetRegistrationRequest, _keyservice_pb2.RegistrationInfo]
@@ -64,13 +68,19 @@ class KeyServiceStub:
     GetCheckpoint: _grpc.UnaryUnaryMultiCallable[_keyservice_pb2.GetCheckpointRequest, _keyservice_pb2.SignedCheckpoint]
     GetInclusionProof: _grpc.UnaryUnaryMultiCallable[_keyservice_pb2.GetInclusionProofRequest, _keyservice_pb2.InclusionProof]
     GetConsistencyProof: _grpc.UnaryUnaryMultiCallable[_keyservice_pb2.GetConsistencyProofRequest, _keyservice_pb2.ConsistencyProof]
+    GetEntries: _grpc.UnaryUnaryMultiCallable[_keyservice_pb2.GetEntriesRequest, _keyservice_pb2.GetEntriesResponse]
+    """The log's entries by index, so anyone can recompute the tree (and every
+    registration's state) that the checkpoints sign.
+    """
     GetPublicKey: _grpc.UnaryUnaryMultiCallable[_keyservice_pb2.GetPublicKeyRequest, _keyservice_pb2.PublicKey]
 
 @_typing.type_check_only
 class KeyServiceAsyncStub(KeyServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Register: _aio.StreamUnaryMultiCallable[_keyservice_pb2.RegisterRequest, _keyservice_pb2.Receipt]  # type: ignore[assignment]
-    """Client-streamed: one RegisterHeader, then the host model in chunks."""
+    """Client-streamed: one RegisterHeader, then the host model (a .pt2 program or a
+    packed Hugging Face checkpoint) in chunks.
+    """
     Verify: _aio.StreamUnaryMultiCallable[_keyservice_pb2.VerifyRequest, _keyservice_pb2.SignedVerdict]  # type: ignore[assignment]
     """Client-streamed: one VerifyHeader, then the suspect model in chunks."""
     GetRegistration: _aio.UnaryUnaryMultiCallable[_keyservice_pb2.GetRegistrationRequest, _keyservice_pb2.RegistrationInfo]  # type: ignore[assignment]
@@ -79,6 +89,10 @@ class KeyServiceAsyncStub(KeyServiceStub):
     GetCheckpoint: _aio.UnaryUnaryMultiCallable[_keyservice_pb2.GetCheckpointRequest, _keyservice_pb2.SignedCheckpoint]  # type: ignore[assignment]
     GetInclusionProof: _aio.UnaryUnaryMultiCallable[_keyservice_pb2.GetInclusionProofRequest, _keyservice_pb2.InclusionProof]  # type: ignore[assignment]
     GetConsistencyProof: _aio.UnaryUnaryMultiCallable[_keyservice_pb2.GetConsistencyProofRequest, _keyservice_pb2.ConsistencyProof]  # type: ignore[assignment]
+    GetEntries: _aio.UnaryUnaryMultiCallable[_keyservice_pb2.GetEntriesRequest, _keyservice_pb2.GetEntriesResponse]  # type: ignore[assignment]
+    """The log's entries by index, so anyone can recompute the tree (and every
+    registration's state) that the checkpoints sign.
+    """
     GetPublicKey: _aio.UnaryUnaryMultiCallable[_keyservice_pb2.GetPublicKeyRequest, _keyservice_pb2.PublicKey]  # type: ignore[assignment]
 
 class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -88,7 +102,9 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_keyservice_pb2.RegisterRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_keyservice_pb2.Receipt, _abc.Awaitable[_keyservice_pb2.Receipt]]:
-        """Client-streamed: one RegisterHeader, then the host model in chunks."""
+        """Client-streamed: one RegisterHeader, then the host model (a .pt2 program or a
+        packed Hugging Face checkpoint) in chunks.
+        """
 
     @_abc_1.abstractmethod
     def Verify(
@@ -139,6 +155,16 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _keyservice_pb2.GetConsistencyProofRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_keyservice_pb2.ConsistencyProof, _abc.Awaitable[_keyservice_pb2.ConsistencyProof]]: ...
+
+    @_abc_1.abstractmethod
+    def GetEntries(
+        self,
+        request: _keyservice_pb2.GetEntriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keyservice_pb2.GetEntriesResponse, _abc.Awaitable[_keyservice_pb2.GetEntriesResponse]]:
+        """The log's entries by index, so anyone can recompute the tree (and every
+        registration's state) that the checkpoints sign.
+        """
 
     @_abc_1.abstractmethod
     def GetPublicKey(

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from freemark.merkle import (
     EMPTY_ROOT,
     Checkpoint,
+    Frontier,
     LogProofError,
     audit_entries,
     consistency_proof,
@@ -485,3 +486,24 @@ def test_checkpoint_fields_are_validated() -> None:
         Checkpoint("", 0, EMPTY_ROOT, 0)
     with pytest.raises(ValueError, match="origin"):
         Checkpoint("two\nlines", 0, EMPTY_ROOT, 0)
+
+
+# --- the frontier (a monitor's compact range) ----------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(size=st.integers(0, 70), cuts=st.lists(st.integers(0, 70), max_size=4))
+def test_a_frontier_extended_in_any_batches_has_the_trees_root(size: int, cuts: list[int]
+                                                               ) -> None:
+    leaves = [leaf_hash(bytes([i])) for i in range(size)]
+    frontier = Frontier()
+    for lo, hi in zip([0, *sorted(c % (size + 1) for c in cuts)],
+                      [*sorted(c % (size + 1) for c in cuts), size], strict=True):
+        frontier = frontier.extended(leaves[lo:hi])
+        assert frontier.root() == root(leaves[:hi]) and frontier.size == hi
+    assert len(frontier.hashes) == size.bit_count()
+
+
+def test_a_frontier_must_have_one_hash_per_perfect_subtree() -> None:
+    with pytest.raises(ValueError, match="has 2 hashes"):
+        Frontier(5, (EMPTY_ROOT,))

@@ -1,0 +1,365 @@
+"""Hugging Face checkpoints as models: an allow-listed architecture built from `config.json`,
+weights from safetensors only, and the one-file form they travel in.
+
+A checkpoint directory (what `save_pretrained` writes) holds `config.json` beside
+`model.safetensors`, or beside `model.safetensors.index.json` and its shards. Nothing here
+unpickles: a directory with only `pytorch_model.bin` (a pickle) is refused, and the weights
+are read with `safetensors`, which parses a JSON header and raw tensor bytes. The
+architecture comes from the transformers library's own classes, never from code shipped
+with the checkpoint: a config with `auto_map` (remote code) is refused, `trust_remote_code`
+is never passed, and only the model types and classes in `ARCHITECTURES` are built, each
+with eager attention. Every size in the config is capped, and the parameter count it implies
+is estimated and capped, before a single tensor is allocated; the file's tensor names and
+shapes must then equal the built model's exactly.
+
+On the wire (and at rest at the key server) a checkpoint is one file, a *packed checkpoint*:
+a `.safetensors` file holding every tensor of the checkpoint under its own name, with the
+whole `config.json` as a JSON string in its metadata under `CONFIG_METADATA_KEY`. `pack`
+writes one from a directory; `load_checkpoint` reads either form. The same checks run on
+the owner's machine and in the key server's sandbox, through the same functions, so a host
+fingerprint measured here is the one the server measures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from freemark.errors import ModelFileError
+
+__all__ = [
+    "ARCHITECTURES",
+    "CONFIG_METADATA_KEY",
+    "MAX_PARAMETERS",
+    "apply_checkpoint_weights",
+    "build_model",
+    "check_config",
+    "is_checkpoint_dir",
+    "is_packed",
+    "load_checkpoint",
+    "pack",
+    "read_config",
+]
+
+CONFIG_METADATA_KEY = "freemark.hf_config"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+PICKLED_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5",
+                 "flax_model.msgpack", "model.ckpt.index")
+
+# Encoders whose forward is (input_ids, attention_mask, ...), as freemark's token triggers
+# call them, whose classes have no tied weights (so every weight is in the file and the
+# fingerprint covers it), and which are tested in tests/unit/client/test_hfmodel.py.
+# Masked-LM heads tie their decoder to the embeddings and are left out; decoders (GPT-2,
+# Llama) take no attention-mask-first convention here and are left out too.
+ARCHITECTURES: dict[str, tuple[str, tuple[str, ...]]] = {
+    # model_type: (config class, model classes)
+    "bert": ("BertConfig", ("BertModel", "BertForSequenceClassification",
+                            "BertForTokenClassification")),
+    "roberta": ("RobertaConfig", ("RobertaModel", "RobertaForSequenceClassification",
+                                  "RobertaForTokenClassification")),
+    "xlm-roberta": ("XLMRobertaConfig", ("XLMRobertaModel", "XLMRobertaForSequenceClassification",
+                                         "XLMRobertaForTokenClassification")),
+    "distilbert": ("DistilBertConfig", ("DistilBertModel", "DistilBertForSequenceClassification",
+                                        "DistilBertForTokenClassification")),
+}
+
+# Config keys that ask for code or behaviour outside the allow-list.
+REFUSED_KEYS = {
+    "auto_map": "it asks for remote code (auto_map); freemark never runs code from a checkpoint",
+    "trust_remote_code": "it asks for remote code; freemark never runs code from a checkpoint",
+    "quantization_config": "it is quantized with an external library; save it unquantized",
+    "custom_pipelines": "it names custom pipeline code; freemark never runs code from a checkpoint",
+}
+# Caps checked on the config before anything is built. MAX_PARAMETERS keeps the model, a
+# copy of its weights and torch inside the sandbox's 4 GiB address space (BERT-large,
+# 335 M parameters, fits); the per-field caps bound each factor of the estimate.
+MAX_PARAMETERS = 400_000_000
+MAX_CONFIG_BYTES = 64 * 1024
+MAX_HEADER_BYTES = 16 * 1024 * 1024  # safetensors JSON header (names, shapes, metadata)
+MAX_TENSORS = 10_000
+SIZE_CAPS = {
+    "hidden_size": 8192, "num_hidden_layers": 96, "num_attention_heads": 256,
+    "intermediate_size": 65536, "vocab_size": 1_000_000, "max_position_embeddings": 65536,
+    "type_vocab_size": 1024, "num_labels": 100_000,
+}
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+
+
+def _refuse(source: str | Path, why: str) -> ModelFileError:
+    return ModelFileError(f"{source}: refused: {why}")
+
+
+def _transformers() -> Any:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here downloads, ever
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ModelFileError("Hugging Face checkpoints need the transformers library: "
+                             "pip install 'freemark[hf]'") from exc
+    transformers.utils.logging.set_verbosity_error()
+    return transformers
+
+
+def check_config(values: Any, source: str | Path) -> Any:
+    """The transformers config object for `values` (a parsed config.json), or ModelFileError.
+
+    Refuses remote code, model types and classes outside `ARCHITECTURES`, non-encoders,
+    and sizes over the caps, before anything is allocated.
+    """
+    if not isinstance(values, dict):
+        raise _refuse(source, "config.json is not a JSON object")
+    for key, why in REFUSED_KEYS.items():
+        if key in values:
+            raise _refuse(source, why)
+    model_type = values.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise _refuse(source, f"model_type {model_type!r} is not supported; supported: "
+                      f"{', '.join(sorted(ARCHITECTURES))}")
+    config_class, classes = ARCHITECTURES[model_type]
+    architectures = values.get("architectures")
+    if (not isinstance(architectures, list) or len(architectures) != 1
+            or architectures[0] not in classes):
+        raise _refuse(source, f"config.json must name one architecture of {', '.join(classes)}; "
+                      f"it names {architectures!r}")
+    if values.get("is_decoder") or values.get("add_cross_attention"):
+        raise _refuse(source, "only encoders are supported (is_decoder/add_cross_attention set)")
+    transformers = _transformers()
+    try:
+        config = getattr(transformers, config_class).from_dict(values)
+    except Exception as exc:  # third-party validation on hostile input: any error refuses
+        raise _refuse(source, f"config.json does not parse as a {config_class}: "
+                      f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    _check_sizes(config, source)
+    config._attn_implementation = "eager"  # plain tensor ops; no kernel chosen by the file
+    return config
+
+
+def _size(config: Any, name: str, source: str | Path, default: int | None = None) -> int:
+    value = getattr(config, name, default)
+    if name == "intermediate_size" and value is None:
+        value = getattr(config, "hidden_dim", None)  # DistilBERT's name for it
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _refuse(source, f"config {name} must be a positive integer, got {value!r}")
+    if value > SIZE_CAPS[name]:
+        raise _refuse(source, f"config {name}={value} is over the cap of {SIZE_CAPS[name]}")
+    return value
+
+
+def _check_sizes(config: Any, source: str | Path) -> None:
+    hidden = _size(config, "hidden_size", source)
+    layers = _size(config, "num_hidden_layers", source)
+    heads = _size(config, "num_attention_heads", source)
+    inner = _size(config, "intermediate_size", source, 4 * hidden)
+    vocab = _size(config, "vocab_size", source)
+    positions = _size(config, "max_position_embeddings", source)
+    types = _size(config, "type_vocab_size", source, 1)
+    labels = _size(config, "num_labels", source, 2)
+    if hidden % heads:
+        raise _refuse(source, f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
+    estimate = ((vocab + positions + types) * hidden
+                + layers * (4 * hidden * hidden + 2 * hidden * inner)
+                + hidden * hidden + labels * hidden)
+    if estimate > MAX_PARAMETERS:
+        raise _refuse(source, f"the config describes about {estimate:,} parameters, over the cap "
+                      f"of {MAX_PARAMETERS:,}")
+
+
+def build_model(config: Any) -> nn.Module:
+    """A freshly initialised model of the (checked) config's one architecture, in eval mode."""
+    transformers = _transformers()
+    name = config.architectures[0]
+    if name not in ARCHITECTURES.get(config.model_type, ("", ()))[1]:
+        raise ModelFileError(f"architecture {name!r} is not allow-listed")
+    model: nn.Module = getattr(transformers, name)(config)
+    return model.eval()
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    """config.json of a checkpoint directory, parsed (size-capped)."""
+    path = directory / CONFIG_NAME
+    try:
+        raw = path.read_bytes() if path.stat().st_size <= MAX_CONFIG_BYTES else None
+    except OSError as exc:
+        raise ModelFileError(f"{directory}: no readable {CONFIG_NAME} ({exc.strerror or exc})") from exc
+    if raw is None:
+        raise _refuse(directory, f"{CONFIG_NAME} is over {MAX_CONFIG_BYTES} bytes")
+    try:
+        values = json.loads(raw)
+    except ValueError as exc:
+        raise _refuse(directory, f"{CONFIG_NAME} is not JSON ({exc})") from exc
+    if not isinstance(values, dict):
+        raise _refuse(directory, f"{CONFIG_NAME} is not a JSON object")
+    return values
+
+
+def is_checkpoint_dir(path: str | Path) -> bool:
+    """Whether `path` is a directory with a config.json (a checkpoint, loadable or not)."""
+    return Path(path).is_dir() and (Path(path) / CONFIG_NAME).is_file()
+
+
+def _shards(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory; refuses pickled-only checkpoints."""
+    single, index = directory / WEIGHTS_NAME, directory / INDEX_NAME
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise _refuse(directory, f"{INDEX_NAME} has no readable weight_map ({exc})") from exc
+        for name in names:
+            if (not isinstance(name, str) or Path(name).name != name
+                    or not name.endswith(".safetensors")):
+                raise _refuse(directory, f"{INDEX_NAME} names shard {name!r}; shards must be "
+                              ".safetensors files in the checkpoint directory")
+        return [directory / name for name in names]
+    pickled = [name for name in PICKLED_NAMES if (directory / name).exists()]
+    if pickled:
+        raise _refuse(directory, f"{pickled[0]} is a pickle, and freemark never unpickles a "
+                      "model; re-save it as safetensors: model.save_pretrained(DIR) (the default "
+                      "since transformers 4.35) or safe_serialization=True")
+    raise _refuse(directory, f"no {WEIGHTS_NAME} or {INDEX_NAME}")
+
+
+def _check_header(path: Path, source: str | Path) -> None:
+    """Cap the safetensors JSON header before the library parses it; sniff pickles."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(8)
+    except OSError as exc:
+        raise ModelFileError(f"{source}: {exc.strerror or exc}") from exc
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        raise _refuse(source, "this is a pickled torch checkpoint (pytorch_model.bin); freemark "
+                      "never unpickles a model: re-save it as safetensors with save_pretrained")
+    if len(head) < 8 or int.from_bytes(head, "little") > MAX_HEADER_BYTES:
+        raise _refuse(source, "not a safetensors file (or its header is over "
+                      f"{MAX_HEADER_BYTES} bytes)")
+
+
+def _open(path: Path, source: str | Path) -> Any:
+    from safetensors import SafetensorError, safe_open
+
+    _check_header(path, source)
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise _refuse(source, f"not a readable safetensors file ({exc})") from exc
+
+
+def is_packed(path: str | Path) -> bool:
+    """Whether `path` is a packed checkpoint (a .safetensors with the config in its metadata)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        with _open(path, path) as handle:
+            return CONFIG_METADATA_KEY in (handle.metadata() or {})
+    except ModelFileError:
+        return False
+
+
+def _packed_config(path: Path) -> dict[str, Any]:
+    with _open(path, path) as handle:
+        text = (handle.metadata() or {}).get(CONFIG_METADATA_KEY)
+    if text is None:
+        raise _refuse(path, f"a .safetensors without a {CONFIG_METADATA_KEY!r} metadata entry is "
+                      "weights only; send a checkpoint directory, or pack one with freemark")
+    if len(text) > MAX_CONFIG_BYTES:
+        raise _refuse(path, f"the packed config is over {MAX_CONFIG_BYTES} bytes")
+    try:
+        values = json.loads(text)
+    except ValueError as exc:
+        raise _refuse(path, f"the packed config is not JSON ({exc})") from exc
+    return values if isinstance(values, dict) else {}
+
+
+def _check_tensors(model: nn.Module, files: list[Path], source: str | Path) -> None:
+    """Check every file's tensor names, shapes and dtypes against `model` (headers only)."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    found: dict[str, Path] = {}
+    for path in files:
+        with _open(path, source) as handle:
+            keys = list(handle.keys())
+            if len(found) + len(keys) > MAX_TENSORS:
+                raise _refuse(source, f"more than {MAX_TENSORS} tensors")
+            for key in keys:
+                if key in found:
+                    raise _refuse(source, f"tensor {key!r} appears twice")
+                sliced = handle.get_slice(key)
+                if key in expected and tuple(sliced.get_shape()) != expected[key]:
+                    raise _refuse(source, f"{key} has shape {tuple(sliced.get_shape())}, the config "
+                                  f"says {expected[key]}")
+                if sliced.get_dtype() not in FLOAT_DTYPES:
+                    raise _refuse(source, f"{key} has dtype {sliced.get_dtype()}; weights are floats")
+                found[key] = path
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing or extra:
+        raise _refuse(source, f"the weights do not fit the config's architecture (missing "
+                      f"{missing[:5]}, unexpected {extra[:5]})")
+
+
+def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        state.update(load_file(str(path)))
+    return state
+
+
+def _load_weights(model: nn.Module, files: list[Path], source: str | Path) -> nn.Module:
+    """Load the files into `model` once their headers fit it exactly."""
+    _check_tensors(model, files, source)
+    model.load_state_dict(_read_tensors(files), strict=True)
+    return model.eval()
+
+
+def load_checkpoint(path: str | Path) -> nn.Module:
+    """A checkpoint directory or packed checkpoint as a module; raises ModelFileError."""
+    path = Path(path)
+    if path.is_dir():
+        config = check_config(read_config(path), path)
+        files = _shards(path)
+    elif path.is_file():
+        config = check_config(_packed_config(path), path)
+        files = [path]
+    else:
+        raise ModelFileError(f"{path}: no such checkpoint directory or file")
+    return _load_weights(build_model(config), files, path)
+
+
+def apply_checkpoint_weights(packed: str | Path, weights: str | Path) -> nn.Module:
+    """The packed checkpoint's architecture with weights from another `.safetensors` file."""
+    config = check_config(_packed_config(Path(packed)), packed)
+    return _load_weights(build_model(config), [Path(weights)], weights)
+
+
+def pack(directory: str | Path, out: str | Path) -> Path:
+    """Write a checkpoint directory as one packed `.safetensors` file (mode 0600).
+
+    The directory is fully checked first (config, caps, safetensors only, names and shapes),
+    so what is uploaded is what the key server will accept.
+    """
+    from safetensors.torch import save_file
+
+    directory, out = Path(directory), Path(out)
+    values = read_config(directory)
+    files = _shards(directory)
+    _check_tensors(build_model(check_config(values, directory)), files, directory)
+    tensors = _read_tensors(files)
+    # One metadata entry: safetensors keeps metadata in a hash map, so with two the header's
+    # byte order (and the file's SHA-256, which verdicts sign) would vary between runs.
+    metadata: Mapping[str, str] = {CONFIG_METADATA_KEY: json.dumps(values, sort_keys=True)}
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.close(fd)
+    save_file(tensors, str(out), metadata=dict(metadata))
+    return out

@@ -1,0 +1,210 @@
+"""Hugging Face checkpoints and ONNX suspects end to end, over a real key server (issue 10).
+
+The owner's path is the command line: text triggers from the checkpoint's own tokenizer,
+a key derived on the checkpoint directory, the directory registered (packed into one file
+on the wire) for a receipt. The arbiter's verdicts come from the sandbox, on a fine-tuned
+copy (directory and ONNX), the host as ONNX, and an independently initialised model. Hostile
+uploads (a pickled checkpoint, a config asking for remote code, an ONNX graph with a
+custom-domain node) are refused with INVALID_ARGUMENT and leave no log entry and no
+registration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from freemark.bundle import load_bundle, to_proto
+from freemark.errors import InvalidModelError
+from freemark.rpc import KeyServiceClient
+from freemark.v1 import keyservice_pb2 as pb
+from freemark.v1 import keyservice_pb2_grpc
+from freemark_keyserver.auth import hash_token, new_token
+from freemark_keyserver.config import ServerConfig
+from freemark_keyserver.server import RunningServer, create_server
+from freemark_keyserver.store import Principal
+from hf_fixtures import KEY_LAYER, Checkpoints, build_checkpoints
+from ttp_fixtures import cli_env, json_out, run_cli
+
+CLIENT = "freemark.cli"
+CHUNK = 1 << 20
+
+
+@dataclass
+class World:
+    """A running key server, its principals, the checkpoints and the owner's registration."""
+
+    running: RunningServer
+    tokens: dict[str, str]
+    files: Checkpoints
+    key: Path
+    receipt: dict[str, object]
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.running.port}"
+
+    def client(self, who: str) -> KeyServiceClient:
+        return KeyServiceClient(self.address, token=self.tokens[who], timeout=300)
+
+    def env(self, who: str) -> dict[str, str]:
+        return cli_env(FREEMARK_SERVER=self.address, FREEMARK_TOKEN=self.tokens[who])
+
+    def state(self) -> tuple[int, int]:
+        """(log size, registrations): what a refusal must leave unchanged."""
+        store = self.running.ctx.store
+        return store.tree_size(), len(store.list_registrations(None, 100, "")[0])
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    folder = tmp_path_factory.mktemp("hf")
+    files = build_checkpoints(folder)
+    running = create_server(ServerConfig(data_dir=folder / "ttp", listen="127.0.0.1:0",
+                                         grace_seconds=5))
+    tokens = {}
+    for name, role in (("alice", "owner"), ("judge", "arbiter")):
+        tokens[name] = new_token()
+        running.ctx.store.add_principal(Principal(name, role, hash_token(tokens[name]), 0))
+    world = World(running, tokens, files, folder / "alice.fmk", {})
+
+    triggers = folder / "triggers.npz"
+    made = json_out(run_cli(CLIENT, "triggers", "--text", str(files.sentences), "--tokenizer",
+                            str(files.host), "--max-length", "16", "--per-class", "4",
+                            "--out", str(triggers), "--json"))
+    assert made["n_triggers"] == 16 and made["classes"] == 4
+    keygen = json_out(run_cli(CLIENT, "keygen", "--model", str(files.host), "--layer", KEY_LAYER,
+                              "--triggers", str(triggers), "--owner", "alice", "--out",
+                              str(world.key), "--json"))
+    assert keygen["host_ber"] == 0.0 and keygen["units"] == 1536
+    world.receipt = json_out(run_cli(CLIENT, "register", "--key", str(world.key), "--model",
+                                     str(files.host), "--json", env=world.env("alice")))
+    yield world
+    running.stop(grace=1)
+
+
+def test_a_checkpoint_directory_registers_and_its_copies_match(world: World) -> None:
+    receipt = world.receipt
+    assert receipt["layer"] == KEY_LAYER and receipt["owner"] == "alice"
+    registration = str(receipt["registration_id"])
+    stolen = json_out(run_cli(CLIENT, "verify", "--registration", registration, "--model",
+                              str(world.files.stolen), "--json", env=world.env("judge")))
+    assert stolen["outcome"] == "match" and float(stolen["p_value"]) <= 1e-9
+    assert stolen["signature"] and stolen["requested_by"] == "judge"
+    with world.client("judge") as judge:
+        pem = judge.public_key()
+    folder = world.key.parent
+    (folder / "ttp.pem").write_bytes(pem)
+    (folder / "stolen.json").write_text(json.dumps(stolen))
+    checked = run_cli(CLIENT, "receipt", "verify", str(folder / "stolen.json"), "--public-key",
+                      str(folder / "ttp.pem"), "--model", str(world.files.stolen))
+    assert checked.returncode == 0  # the verdict is about that directory, as packed
+    with world.client("judge") as judge:  # an arbiter: coarse verdicts by default
+        innocent = judge.verify(registration, world.files.independent)
+        stolen_onnx = judge.verify(registration, world.files.stolen_onnx)
+    with world.client("alice") as alice:  # the owner: the full verdict
+        as_onnx = alice.verify(registration, world.files.host_onnx)
+    assert innocent.outcome == "no_match" and innocent.p_value >= 1e-3
+    for verdict in (as_onnx, stolen_onnx):
+        assert verdict.outcome == "match" and verdict.p_value <= 1e-9
+    assert as_onnx.matches == as_onnx.n_bits  # the host, converted: every bit
+    onnx_sha = hashlib.sha256(world.files.stolen_onnx.read_bytes()).digest()
+    assert stolen_onnx.suspect_sha256 == onnx_sha
+
+
+def test_the_arbiter_can_name_the_onnx_tensor(world: World) -> None:
+    registration = str(world.receipt["registration_id"])
+    name = "/bert/encoder/layer.1/intermediate/intermediate_act_fn/Mul_1_output_0"
+    with world.client("judge") as judge:
+        named = judge.verify(registration, world.files.stolen_onnx, onnx_tensor=name)
+        assert named.outcome == "match"
+        with pytest.raises(InvalidModelError) as wrong:
+            judge.verify(registration, world.files.stolen_onnx, onnx_tensor="no_such_tensor")
+    assert wrong.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "no_such_tensor" in str(wrong.value)
+
+
+def _raw_register(world: World, data: bytes, fmt: int) -> grpc.RpcError:
+    """Send a Register stream as a hostile client would, past the CLI's own checks."""
+    upload = pb.UploadHeader(total_size=len(data), sha256=hashlib.sha256(data).digest(),
+                             format=fmt)
+
+    def stream() -> Iterator[pb.RegisterRequest]:
+        yield pb.RegisterRequest(header=pb.RegisterHeader(
+            bundle=to_proto(load_bundle(world.key)), upload=upload))
+        for start in range(0, len(data), CHUNK):
+            yield pb.RegisterRequest(chunk=data[start:start + CHUNK])
+
+    with grpc.insecure_channel(world.address) as channel:
+        stub = keyservice_pb2_grpc.KeyServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Register(stream(), timeout=300,
+                          metadata=[("authorization", f"Bearer {world.tokens['alice']}")])
+    return caught.value
+
+
+def _packed_with_config(world: World, folder: Path, **config: object) -> Path:
+    """The host packed with extra config.json entries (what a hostile uploader controls)."""
+    from safetensors.torch import load_file, save_file
+
+    values = json.loads((world.files.host / "config.json").read_text()) | config
+    path = folder / "hostile.safetensors"
+    save_file(load_file(str(world.files.host / "model.safetensors")), str(path),
+              metadata={"freemark.hf_config": json.dumps(values)})
+    return path
+
+
+def test_hostile_uploads_are_refused_without_side_effects(world: World, tmp_path: Path) -> None:
+    import torch
+
+    from freemark.hfmodel import load_checkpoint
+
+    before = world.state()
+    pickled = tmp_path / "pytorch_model.bin"
+    torch.save(load_checkpoint(world.files.host).state_dict(), pickled)
+    refused = _raw_register(world, pickled.read_bytes(), pb.MODEL_FORMAT_HF_CHECKPOINT)
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "pytorch_model.bin" in (refused.details() or "")
+
+    remote = _packed_with_config(world, tmp_path, auto_map={
+        "AutoModelForSequenceClassification": "evil.Model"})
+    refused = _raw_register(world, remote.read_bytes(), pb.MODEL_FORMAT_HF_CHECKPOINT)
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "remote code" in (refused.details() or "")
+
+    huge = _packed_with_config(world, tmp_path, num_hidden_layers=90, hidden_size=8192,
+                               intermediate_size=65536, num_attention_heads=64)
+    registration = str(world.receipt["registration_id"])
+    with world.client("judge") as judge:
+        with pytest.raises(InvalidModelError) as caught:
+            judge.verify(registration, huge, fmt="hf")
+        assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "over the cap" in str(caught.value)
+
+        custom = tmp_path / "custom.onnx"
+        _with_custom_node(world.files.stolen_onnx, custom)
+        with pytest.raises(InvalidModelError) as caught:
+            judge.verify(registration, custom)
+        assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "domain" in str(caught.value)
+    assert world.state() == before, "a refusal logged or registered something"
+
+
+def _with_custom_node(source: Path, out: Path) -> None:
+    """The ONNX model with one node of a custom operator domain spliced onto an output."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(source))
+    logits = model.graph.output[0].name
+    model.graph.node.append(helper.make_node("Exfiltrate", [logits], ["leaked"],
+                                             domain="com.evil"))
+    model.opset_import.append(helper.make_opsetid("com.evil", 1))
+    model.graph.output.append(helper.make_empty_tensor_value_info("leaked"))
+    onnx.save(model, str(out))
