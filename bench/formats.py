@@ -49,6 +49,7 @@ from freemark.rpc import KeyServiceClient
 from freemark.triggers import TriggerSet, select_triggers
 from freemark_keyserver.auth import hash_token, new_token
 from freemark_keyserver.config import ServerConfig
+from freemark_keyserver.ratelimit import UNLIMITED
 from freemark_keyserver.server import create_server
 from freemark_keyserver.store import Principal
 from freemark_lab.transformer import MAX_TOKENS, load_minilm, sentences
@@ -114,7 +115,10 @@ def floor(kind: str, path: Path, bundle: Any) -> None:
 
 
 def server(folder: Path) -> tuple[Any, str]:
-    running = create_server(ServerConfig(data_dir=folder, listen="127.0.0.1:0", grace_seconds=5))
+    running = create_server(ServerConfig(data_dir=folder, listen="127.0.0.1:0", grace_seconds=5,
+                                         # repeated Verify calls for medians: no rate limit
+                                         verify_rate_principal=UNLIMITED,
+                                         verify_rate_registration=UNLIMITED))
     token = new_token()
     running.ctx.store.add_principal(Principal("alice", "owner", hash_token(token), 0))
     return running, token

@@ -362,9 +362,9 @@ class _Observed:
             action()
         seconds = time.monotonic() - self._started
         code = self.context.code()  # type: ignore[attr-defined]  # set by abort / set_code
-        if code is None:
-            code = grpc.StatusCode.OK if kind is None or kind is GeneratorExit else \
-                grpc.StatusCode.UNKNOWN
+        if code is None:  # a closed response stream (GeneratorExit) is a client's cancel
+            code = grpc.StatusCode.OK if kind is None else grpc.StatusCode.CANCELLED \
+                if kind is GeneratorExit else grpc.StatusCode.UNKNOWN
         metrics.RPC_IN_FLIGHT.labels(self.method).dec()
         metrics.RPC_TOTAL.labels(self.method, code.name).inc()
         metrics.RPC_SECONDS.labels(self.method).observe(seconds)

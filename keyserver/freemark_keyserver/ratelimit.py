@@ -50,6 +50,9 @@ class Rate:
         return f"{self.burst}/{unit}"
 
 
+UNLIMITED = Rate(0, 1.0)  # what `--verify-rate-... off` gives: benchmarks and load tests
+
+
 class Buckets:
     """One token bucket per key, all with the same rate; thread-safe."""
 
