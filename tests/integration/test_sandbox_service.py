@@ -84,7 +84,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     folder = tmp_path_factory.mktemp("sandbox-service")
     files = build_models(folder)
     slow = folder / "slow.pt2"
-    save_program(Slow(repeats=40).eval(), (torch.zeros(2, 1, 8, 8),), slow)
+    save_program(Slow(repeats=100).eval(), (torch.zeros(2, 1, 8, 8),), slow)
     running = create_server(ServerConfig(data_dir=folder / "ttp", listen="127.0.0.1:0",
                                          grace_seconds=1, sandbox_workers=WORKERS,
                                          sandbox_queue=QUEUE,
