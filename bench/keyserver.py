@@ -67,6 +67,7 @@ from freemark.bundle import KeyBundle, to_proto
 from freemark.derive import check_uniqueness, derive_key
 from freemark.extract import judge_activations
 from freemark.modelfile import architecture_digest, fingerprint, load_program, save_program
+from freemark.panel import probe_triggers
 from freemark.signatures import canonical_json
 from freemark.v1 import keyservice_pb2 as pb
 from freemark.v1 import keyservice_pb2_grpc
@@ -786,8 +787,10 @@ def record_replay(hosts: list[Host], table: Path) -> None:
     results = {}
     for host in hosts:
         bundle = host.bundle
+        # Register reads the triggers and the alignment probes in one run: record both.
         results[file_sha256(host.model)] = in_process_sandbox(
-            host.model, layer=bundle.layer, pooling=bundle.pooling, triggers=bundle.triggers)
+            host.model, layer=bundle.layer, pooling=bundle.pooling,
+            triggers=probe_triggers(bundle))
     save_replay_table(table, results)
 
 
