@@ -63,5 +63,10 @@ def test_a_checkpoint_reads_the_same_in_the_worker_as_in_process(tmp_path: Path)
     expected, pooling = capture(load_checkpoint(tmp_path / "ckpt"), layer, triggers)
     result = run_model(packed, layer=layer, pooling=pooling, triggers=triggers,
                        options=formats.sandbox_options(pb.MODEL_FORMAT_HF_CHECKPOINT))
-    np.testing.assert_array_equal(result.activations, expected)
+    np.testing.assert_allclose(result.activations, expected, rtol=1e-6, atol=1e-6)  # float32 wire
     assert formats.stored_host_options(packed) == {formats.FORMAT_KEY: formats.HF}
+
+
+def test_warm_up_reads_every_allowed_architecture_and_onnx_and_cleans_up(tmp_path: Path) -> None:
+    formats.warm_up(str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
