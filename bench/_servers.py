@@ -25,7 +25,7 @@ import hashlib
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -82,6 +82,15 @@ class ReplaySandbox:
             raise ModelFileError("this model was not recorded for the replay sandbox") from None
 
 
+    def batch(self, model_path: Path, runs: Sequence[Any], **_options: Any
+              ) -> tuple[bytes, list[Any]]:
+        """`sandbox.run_batch`'s signature: the prior-claim runs are sandbox runs too, and were
+        not recorded; each answers as a failed run, which Register treats as no claim."""
+        result = self(model_path, layer="", pooling=0, triggers=None)  # type: ignore[arg-type]
+        missing = ModelFileError("prior-claim runs are not recorded for the replay sandbox")
+        return result.fingerprint + result.architecture_digest, [missing] * len(runs)
+
+
 def _sink(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
     received = sum(len(chunk) for chunk in requests)
     return received.to_bytes(8, "big")
@@ -113,7 +122,8 @@ def serve_replay(args: argparse.Namespace) -> Any:
                           verify_rate_principal=UNLIMITED, verify_rate_registration=UNLIMITED,
                           max_calls_per_principal=DEFAULT_MAX_CONCURRENT_RPCS)
     running = create_server(config)
-    running.ctx.sandbox = ReplaySandbox(Path(args.replay))
+    replay = ReplaySandbox(Path(args.replay))
+    running.ctx.sandbox, running.ctx.batch = replay, replay.batch
     print(f"listening on 127.0.0.1:{running.port}", flush=True)
     return running
 

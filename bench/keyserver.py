@@ -67,7 +67,7 @@ from freemark.bundle import KeyBundle, to_proto
 from freemark.derive import check_uniqueness, derive_key
 from freemark.extract import judge_activations
 from freemark.modelfile import architecture_digest, fingerprint, load_program, save_program
-from freemark.panel import probe_triggers
+from freemark.panel import probe_triggers, split_activations
 from freemark.signatures import canonical_json
 from freemark.v1 import keyservice_pb2 as pb
 from freemark.v1 import keyservice_pb2_grpc
@@ -632,10 +632,13 @@ def verify_split(name: str, path: Path, bundle: KeyBundle, address: str,
     load = median_time(repeats, lambda: vet_program(load_program(path)))
     program = load_program(path)
     captured: list[np.ndarray] = []
+    probed = probe_triggers(bundle)  # Verify reads the triggers and the alignment probes
     forward = median_time(repeats, lambda: captured.append(
-        capture(program, bundle.layer, bundle.triggers, pooling=bundle.pooling)[0]))
+        capture(program, bundle.layer, probed, pooling=bundle.pooling)[0]))
     identity = median_time(repeats, lambda: fingerprint(program) + architecture_digest(program))
-    extract = median_time(repeats, lambda: judge_activations(captured[-1], bundle))
+    triggers, probes = split_activations(captured[-1], bundle)
+    extract = median_time(repeats, lambda: judge_activations(triggers, bundle,
+                                                             probe_activations=probes))
     channel, keyservice = stub(address)
     header = upload_header(path)
     try:
