@@ -36,6 +36,7 @@ import numpy as np
 from freemark.errors import ModelFileError
 from freemark.triggers import TriggerSet
 from freemark_keyserver.config import DEFAULT_MAX_CONCURRENT_RPCS, ServerConfig
+from freemark_keyserver.ratelimit import UNLIMITED
 from freemark_keyserver.sandbox import SandboxResult
 from freemark_keyserver.server import create_server
 
@@ -107,7 +108,10 @@ def serve_floor() -> grpc.Server:
 def serve_replay(args: argparse.Namespace) -> Any:
     config = ServerConfig(data_dir=Path(args.data_dir), db=args.db, listen="127.0.0.1:0",
                           master_key_file=Path(args.master_key_file),
-                          signing_key_file=Path(args.signing_key_file), grace_seconds=5)
+                          signing_key_file=Path(args.signing_key_file), grace_seconds=5,
+                          # the benchmark measures the server, not its per-principal limits
+                          verify_rate_principal=UNLIMITED, verify_rate_registration=UNLIMITED,
+                          max_calls_per_principal=DEFAULT_MAX_CONCURRENT_RPCS)
     running = create_server(config)
     running.ctx.sandbox = ReplaySandbox(Path(args.replay))
     print(f"listening on 127.0.0.1:{running.port}", flush=True)

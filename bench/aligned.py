@@ -71,6 +71,7 @@ from freemark.rpc import KeyServiceClient
 from freemark.triggers import TriggerSet, select_triggers
 from freemark_keyserver import panels
 from freemark_keyserver.config import ServerConfig, default_policy
+from freemark_keyserver.ratelimit import UNLIMITED
 from freemark_keyserver.sandbox import SandboxLimits, run_model, worker_environment
 from freemark_keyserver.server import create_server
 from freemark_lab.attacks import obfuscate
@@ -323,8 +324,10 @@ def verify_through_server(width: Width, triggers: TriggerSet, work: Path, plan: 
                CONFIGS[2]: (with_probes, references)}
 
     # The judge reads every test's statistics: a server that discloses them to arbiters.
+    # Every attack is verified against one registration: Verify's rate limit is lifted.
     config = ServerConfig(data_dir=work / "ttp", listen="127.0.0.1:0", grace_seconds=1,
-                          verdict_policy=default_policy("full"))
+                          verdict_policy=default_policy("full"), verify_rate_principal=UNLIMITED,
+                          verify_rate_registration=UNLIMITED)
     running = create_server(config)  # the real sandbox: one worker subprocess per model
     tokens = add_principals(config.database, [("alice", "owner"), ("judge", "arbiter")])
     address = f"127.0.0.1:{running.port}"

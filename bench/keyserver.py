@@ -315,8 +315,10 @@ class Deployment:
             argv = [sys.executable, str(ROOT / "bench" / "_servers.py"), "replay", *common,
                     "--replay", str(self.replay_table)]
         else:
+            # The benchmark measures the server, not its per-principal limits.
             argv = [sys.executable, "-m", "freemark_keyserver.cli", "serve", *common,
-                    "--listen", "127.0.0.1:0", *extra]
+                    "--listen", "127.0.0.1:0", "--verify-rate-principal", "off",
+                    "--verify-rate-registration", "off", "--max-calls-per-principal", "64", *extra]
         return ServerProc(argv, self.work / "logs", name), db, tokens
 
 

@@ -31,8 +31,14 @@ from freemark.derive import derive_key
 from freemark.modelfile import save_program
 from freemark.triggers import TriggerSet, select_triggers
 from freemark_keyserver.auth import hash_token, new_token
-from freemark_keyserver.config import MASTER_KEY_ENV, SIGNING_KEY_ENV, ServerConfig
+from freemark_keyserver.config import (
+    DEFAULT_MAX_CONCURRENT_RPCS,
+    MASTER_KEY_ENV,
+    SIGNING_KEY_ENV,
+    ServerConfig,
+)
 from freemark_keyserver.crypto import load_or_create_keyring, load_or_create_signing_key
+from freemark_keyserver.ratelimit import UNLIMITED
 from freemark_keyserver.sandbox import SandboxResult
 from freemark_keyserver.sandbox_worker import _activations
 from freemark_keyserver.server import RunningServer, create_server
@@ -115,6 +121,11 @@ def shared_keys(folder: Path) -> SharedKeys:
 
 def start_replica(db: str, data_dir: Path, keys: SharedKeys, **options: Any) -> RunningServer:
     """An in-process replica on `db` with the shared keys and the in-process sandbox."""
+    # A fleet test loads the server through many clients that share the arbiter's token: its
+    # subject is throughput and consistency, not the per-principal limits (tested on their own
+    # in test_keyserver_streams.py), so those are lifted unless a test sets them.
+    options = {"verify_rate_principal": UNLIMITED, "verify_rate_registration": UNLIMITED,
+               "max_calls_per_principal": DEFAULT_MAX_CONCURRENT_RPCS, **options}
     config = ServerConfig(data_dir=data_dir, db=db, listen="127.0.0.1:0",
                           master_key_file=keys.master_key_file,
                           signing_key_file=keys.signing_key_file, grace_seconds=1, **options)

@@ -26,9 +26,12 @@ of grpc's own exception types leaks past the client. The tree::
     │   ├── AlreadyRegisteredError               ALREADY_CLAIMED
     │   ├── ResourceExhaustedError            over a cap, or the server is at capacity:
     │   │   ├── TooLargeError                    TOO_LARGE
-    │   │   └── SandboxLimitError                SANDBOX_LIMIT
+    │   │   ├── SandboxLimitError                SANDBOX_LIMIT
+    │   │   ├── RateLimitedError                 RATE_LIMITED
+    │   │   └── SpoolFullError                   SPOOL_FULL
     │   ├── DeadlineExceededError             out of time (also the client's own deadline):
-    │   │   └── SandboxTimeoutError              SANDBOX_DEADLINE
+    │   │   ├── SandboxTimeoutError              SANDBOX_DEADLINE
+    │   │   └── UploadStalledError               UPLOAD_STALLED
     │   ├── RevokedError                         REVOKED
     │   ├── UploadCorruptError                   UPLOAD_CORRUPT
     │   └── ServerInternalError                  INTERNAL
@@ -72,17 +75,20 @@ __all__ = [
     "NotFoundError",
     "NotUniqueError",
     "PermissionDeniedError",
+    "RateLimitedError",
     "ResourceExhaustedError",
     "RevokedError",
     "SandboxLimitError",
     "SandboxTimeoutError",
     "ServerError",
     "ServerInternalError",
+    "SpoolFullError",
     "TooLargeError",
     "TransportError",
     "UnauthenticatedError",
     "UniquenessError",
     "UploadCorruptError",
+    "UploadStalledError",
     "VerificationFailedError",
     "error_for",
 ]
@@ -216,6 +222,18 @@ class SandboxLimitError(ResourceExhaustedError):
     REASON = "SANDBOX_LIMIT"
 
 
+class RateLimitedError(ResourceExhaustedError):
+    """Too many calls at once, or Verify's rate limit is spent; retry after the named wait."""
+
+    REASON = "RATE_LIMITED"
+
+
+class SpoolFullError(ResourceExhaustedError):
+    """The server's upload spool is full; nothing was read. Retry later."""
+
+    REASON = "SPOOL_FULL"
+
+
 class DeadlineExceededError(ServerError):
     """DEADLINE_EXCEEDED: the call ran past its deadline (the client's own, without a reason)."""
 
@@ -224,6 +242,12 @@ class SandboxTimeoutError(DeadlineExceededError):
     """The model did not finish inside the sandbox's deadline."""
 
     REASON = "SANDBOX_DEADLINE"
+
+
+class UploadStalledError(DeadlineExceededError):
+    """The upload was idle past the server's timeout or slower than its minimum rate."""
+
+    REASON = "UPLOAD_STALLED"
 
 
 class RevokedError(ServerError):
@@ -249,7 +273,8 @@ _BY_REASON: dict[str, type[ServerError]] = {
     for cls in (MalformedRequestError, InvalidBundleError, InvalidModelError, HostMismatchError,
                 NotUniqueError, UnauthenticatedError, PermissionDeniedError, NotFoundError,
                 AlreadyRegisteredError, TooLargeError, SandboxLimitError, SandboxTimeoutError,
-                RevokedError, UploadCorruptError, ServerInternalError, AlphaOutsidePolicyError)
+                RevokedError, UploadCorruptError, ServerInternalError, AlphaOutsidePolicyError,
+                RateLimitedError, SpoolFullError, UploadStalledError)
     if cls.REASON is not None
 }
 

@@ -103,7 +103,7 @@ def _transformers() -> Any:
         import transformers
     except ImportError as exc:
         raise ModelFileError("Hugging Face checkpoints need the transformers library: "
-                             "pip install 'freemark[hf]'") from exc
+                             f"pip install 'freemark[hf]' ({exc})") from exc
     transformers.utils.logging.set_verbosity_error()
     return transformers
 

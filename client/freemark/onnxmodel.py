@@ -256,6 +256,8 @@ class OnnxModel:
             try:
                 (output,) = session.run([self.tensor], feeds(batch, batch_mask))
             except Exception as exc:
+                if "alloc" in str(exc).lower():  # a graph that asks for more than the limit
+                    raise MemoryError(f"onnxruntime: {_first_line(exc)}") from exc
                 raise InvalidInputError(
                     f"the ONNX model cannot run on the trigger inputs of shape "
                     f"{tuple(inputs.shape[1:])} per sample: {_first_line(exc)}") from exc

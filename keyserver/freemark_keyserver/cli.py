@@ -14,12 +14,13 @@ from freemark import merkle
 from freemark.display import print_fields, print_json, print_rows
 from freemark.records import DISCLOSURES, VerdictPolicy
 from freemark_keyserver import config as cfg
-from freemark_keyserver import handlers
+from freemark_keyserver import handlers, logs
 from freemark_keyserver.audit import audit
 from freemark_keyserver.auth import ADMIN, ARBITER, OWNER, hash_token, new_token
 from freemark_keyserver.crypto import Envelope, rewrap, save_keyring
 from freemark_keyserver.errors import ServiceError
 from freemark_keyserver.hosts import rewrap_host, rewrap_member
+from freemark_keyserver.ratelimit import Rate
 from freemark_keyserver.server import serve
 from freemark_keyserver.store import (
     DuplicateError,
@@ -45,6 +46,14 @@ def _config(args: argparse.Namespace) -> cfg.ServerConfig:
             client_ca=Path(args.client_ca) if args.client_ca else None,
             max_upload_bytes=args.max_upload_bytes, max_concurrent_rpcs=args.max_concurrent_rpcs,
             max_references=args.max_references, grace_seconds=args.grace,
+            max_bundle_bytes=args.max_bundle_bytes,
+            max_calls_per_principal=args.max_calls_per_principal,
+            stream_idle_timeout=args.stream_idle_timeout, min_upload_rate=args.min_upload_rate,
+            upload_rate_grace=args.upload_rate_grace, principal_recheck=args.principal_recheck,
+            spool_quota_bytes=args.spool_quota_bytes,
+            verify_rate_principal=args.verify_rate_principal,
+            verify_rate_registration=args.verify_rate_registration,
+            metrics_listen=args.metrics_listen,
             verdict_policy=VerdictPolicy.make(alpha_min=args.alpha_min, alpha_max=args.alpha_max,
                                               arbiter_disclosure=args.arbiter_disclosure),
         )
@@ -52,7 +61,7 @@ def _config(args: argparse.Namespace) -> cfg.ServerConfig:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logs.configure(args.log_format)
     config = _config(args)
     policy = config.verdict_policy
     logging.getLogger("freemark_keyserver").info(
@@ -225,7 +234,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client-ca", help="require client certificates signed by this CA (mTLS)")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback address without TLS")
     p.add_argument("--max-upload-bytes", type=int, default=cfg.DEFAULT_MAX_UPLOAD)
-    p.add_argument("--max-concurrent-rpcs", type=int, default=cfg.DEFAULT_MAX_CONCURRENT_RPCS)
+    p.add_argument("--max-concurrent-rpcs", type=int, default=cfg.DEFAULT_MAX_CONCURRENT_RPCS,
+                   help="KeyService calls at once, all principals (health and reflection are "
+                        "outside this cap); beyond it RESOURCE_EXHAUSTED (default %(default)s)")
+    p.add_argument("--max-calls-per-principal", type=int,
+                   default=cfg.DEFAULT_MAX_CALLS_PER_PRINCIPAL,
+                   help="calls one principal may have open at once (default %(default)s)")
+    p.add_argument("--max-bundle-bytes", type=int, default=cfg.DEFAULT_MAX_BUNDLE,
+                   help="largest key bundle (and so largest gRPC message) accepted "
+                        "(default %(default)s)")
+    p.add_argument("--stream-idle-timeout", type=float, default=cfg.DEFAULT_STREAM_IDLE_TIMEOUT,
+                   help="seconds an upload stream may send nothing before it is closed "
+                        "(default %(default)s)")
+    p.add_argument("--min-upload-rate", type=int, default=cfg.DEFAULT_MIN_UPLOAD_RATE,
+                   help="bytes/s an upload must average after --upload-rate-grace "
+                        "(default %(default)s)")
+    p.add_argument("--upload-rate-grace", type=float, default=cfg.DEFAULT_UPLOAD_RATE_GRACE,
+                   help="seconds before --min-upload-rate applies (default %(default)s)")
+    p.add_argument("--principal-recheck", type=float, default=cfg.DEFAULT_PRINCIPAL_RECHECK,
+                   help="seconds between re-reads of the principals holding open calls; a "
+                        "disabled one's calls are ended (default %(default)s)")
+    p.add_argument("--spool-quota-bytes", type=int, default=cfg.DEFAULT_SPOOL_QUOTA,
+                   help="bytes all open uploads may reserve in the spool together "
+                        "(default %(default)s)")
+    p.add_argument("--verify-rate-principal", type=Rate.parse,
+                   default=cfg.DEFAULT_VERIFY_RATE_PRINCIPAL, metavar="N/UNIT",
+                   help="Verify token bucket per caller, e.g. 10/min; 'off' (default %(default)s)")
+    p.add_argument("--verify-rate-registration", type=Rate.parse,
+                   default=cfg.DEFAULT_VERIFY_RATE_REGISTRATION, metavar="N/UNIT",
+                   help="Verify token bucket per registration, all callers together "
+                        "(default %(default)s)")
+    p.add_argument("--metrics-listen", metavar="HOST:PORT",
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)")
+    p.add_argument("--log-format", choices=["json", "text"], default="json",
+                   help="server log lines on stderr (default %(default)s)")
     p.add_argument("--max-references", type=int, default=cfg.DEFAULT_MAX_REFERENCES,
                    help="reference models an owner may attach to one registration")
     p.add_argument("--grace", type=float, default=cfg.DEFAULT_GRACE_SECONDS,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from freemark.note import check_key_name
 from freemark.records import VerdictPolicy
+from freemark_keyserver.calls import CallLimits
 from freemark_keyserver.crypto import (
     MasterKeyring,
     SigningKey,
@@ -24,15 +25,28 @@ from freemark_keyserver.crypto import (
     load_or_create_signing_key,
     signing_key_from_pem,
 )
+from freemark_keyserver.ratelimit import Rate
 from freemark_keyserver.sandbox import SandboxLimits
 
 MASTER_KEY_ENV = "FREEMARK_MASTER_KEY"
 SIGNING_KEY_ENV = "FREEMARK_SIGNING_KEY"
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_MAX_UPLOAD = 2 * 1024**3
-DEFAULT_MAX_BUNDLE = 64 * 1024**2
+# A real ImageNet key (EfficientNet-Lite0, 16 triggers at 224x224, 1280 units, 1024 probes)
+# is 16.2 MB; the digits CNN's 0.68 MB. 32 MiB leaves room for twice the triggers, and is
+# also the largest message the server accepts (the bundle rides in Register's header).
+DEFAULT_MAX_BUNDLE = 32 * 1024**2
 DEFAULT_GRACE_SECONDS = 30.0
 DEFAULT_MAX_CONCURRENT_RPCS = 64
+# Stream discipline (docs/operations.md says why each default is what it is).
+DEFAULT_MAX_CALLS_PER_PRINCIPAL = 8
+DEFAULT_STREAM_IDLE_TIMEOUT = 30.0
+DEFAULT_MIN_UPLOAD_RATE = 64 * 1024  # bytes/s: a 512 kbit/s link still uploads
+DEFAULT_UPLOAD_RATE_GRACE = 10.0
+DEFAULT_PRINCIPAL_RECHECK = 2.0
+DEFAULT_SPOOL_QUOTA = 4 * DEFAULT_MAX_UPLOAD
+DEFAULT_VERIFY_RATE_PRINCIPAL = Rate(10, 60.0)  # 10/min
+DEFAULT_VERIFY_RATE_REGISTRATION = Rate(20, 3600.0)  # 20/hour
 DEFAULT_MAX_REFERENCES = 16
 DEFAULT_ORIGIN = "freemark-ttp"
 # The verdict policy (signed into every verdict). Alpha at most 1e-6: a verdict at a laxer
@@ -71,7 +85,16 @@ class ServerConfig:
     signing_key_file: Path | None = None
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD
     max_bundle_bytes: int = DEFAULT_MAX_BUNDLE
-    max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS
+    max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS  # KeyService calls, all principals
+    max_calls_per_principal: int = DEFAULT_MAX_CALLS_PER_PRINCIPAL
+    stream_idle_timeout: float = DEFAULT_STREAM_IDLE_TIMEOUT
+    min_upload_rate: int = DEFAULT_MIN_UPLOAD_RATE
+    upload_rate_grace: float = DEFAULT_UPLOAD_RATE_GRACE
+    principal_recheck: float = DEFAULT_PRINCIPAL_RECHECK
+    spool_quota_bytes: int = DEFAULT_SPOOL_QUOTA
+    verify_rate_principal: Rate = DEFAULT_VERIFY_RATE_PRINCIPAL
+    verify_rate_registration: Rate = DEFAULT_VERIFY_RATE_REGISTRATION
+    metrics_listen: str | None = None  # HOST:PORT of the Prometheus page; None: no page
     max_references: int = DEFAULT_MAX_REFERENCES  # reference models per Register
     grace_seconds: float = DEFAULT_GRACE_SECONDS
     # The log's C2SP origin: every checkpoint's first line and its note key name.
@@ -91,6 +114,15 @@ class ServerConfig:
     def spool_dir(self) -> Path:
         """Where uploads are streamed to while they are checked (never secrets)."""
         return self.data_dir / "spool"
+
+    @property
+    def call_limits(self) -> CallLimits:
+        return CallLimits(max_calls=self.max_concurrent_rpcs,
+                          max_calls_per_principal=self.max_calls_per_principal,
+                          idle_timeout=self.stream_idle_timeout,
+                          min_upload_rate=self.min_upload_rate,
+                          rate_grace=self.upload_rate_grace,
+                          principal_recheck=self.principal_recheck)
 
     def check_listen(self) -> None:
         """Refuse a non-loopback address without TLS unless `--insecure` was given."""

@@ -14,11 +14,14 @@ from __future__ import annotations
 from enum import Enum
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from freemark.errors import ERROR_DOMAIN
 from freemark.v1 import errors_pb2 as reasons
 
-__all__ = ["ERROR_DOMAIN", "ErrorCode", "ServiceError"]
+__all__ = ["ERROR_DOMAIN", "ErrorCode", "ServiceError", "abort"]
 
 S = grpc.StatusCode
 
@@ -46,6 +49,9 @@ class ErrorCode(Enum):
     INTERNAL = (reasons.INTERNAL, S.INTERNAL, "internal error")
     ALPHA_OUTSIDE_POLICY = (reasons.ALPHA_OUTSIDE_POLICY, S.INVALID_ARGUMENT,
                             "alpha outside the verdict policy")
+    RATE_LIMITED = (reasons.RATE_LIMITED, S.RESOURCE_EXHAUSTED, "rate limited")
+    SPOOL_FULL = (reasons.SPOOL_FULL, S.RESOURCE_EXHAUSTED, "the server's upload spool is full")
+    UPLOAD_STALLED = (reasons.UPLOAD_STALLED, S.DEADLINE_EXCEEDED, "upload stalled")
 
     @property
     def reason(self) -> str:
@@ -62,9 +68,39 @@ class ErrorCode(Enum):
 
 
 class ServiceError(Exception):
-    """A refusal with a public, actionable message."""
+    """A refusal with a public, actionable message.
 
-    def __init__(self, code: ErrorCode, detail: str) -> None:
+    `retry_after` (seconds) is for refusals that go away by waiting (rate limits, a full
+    spool): the servicer sends it as a google.rpc.RetryInfo detail.
+    """
+
+    def __init__(self, code: ErrorCode, detail: str, *, retry_after: float | None = None) -> None:
         super().__init__(f"{code.summary}: {detail}")
         self.code = code
         self.detail = detail
+        self.retry_after = retry_after
+
+
+def abort(context: grpc.ServicerContext, code: ErrorCode, message: str,
+          retry_after: float | None = None) -> None:
+    """End the call with `code`'s status, an ErrorInfo naming its proto reason and, for a
+    refusal that waiting cures, a RetryInfo with the wait.
+
+    Trailing metadata already set on the call (the request id) is kept beside the status.
+    """
+    details = []
+    infos: list[error_details_pb2.ErrorInfo | error_details_pb2.RetryInfo] = [
+        error_details_pb2.ErrorInfo(reason=code.reason, domain=ERROR_DOMAIN)]
+    if retry_after is not None:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromMilliseconds(max(1, round(retry_after * 1000)))
+        infos.append(retry)
+    for info in infos:
+        detail = any_pb2.Any()
+        detail.Pack(info)
+        details.append(detail)
+    status = rpc_status.to_status(status_pb2.Status(code=code.status.value[0], message=message,
+                                                    details=details))
+    context.set_trailing_metadata(tuple(context.trailing_metadata() or ())
+                                  + tuple(status.trailing_metadata))
+    context.abort(status.code, status.details)

@@ -72,3 +72,48 @@ def sandboxed_activations(header: dict[str, Any], triggers: TriggerSet) -> tuple
              else load_checkpoint(header["model"]))
     activations, _ = capture(model, header["layer"], triggers, pooling=header["pooling"])
     return activations, fingerprint(model) + architecture_digest(model)
+
+
+def warm_up(home: str) -> None:
+    """Read a tiny checkpoint of every allow-listed architecture and a tiny ONNX graph once.
+
+    For a sandbox that forks its workers from a warm parent: a child that dropped to another
+    user may not read the interpreter's library, so every module these formats import lazily
+    (transformers' model modules, huggingface_hub, onnx, onnxruntime) must be imported by the
+    parent, and running the loaders is the one sure way. `home` is a writable scratch folder.
+    """
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    from freemark.hfmodel import ARCHITECTURES, pack
+    from freemark.onnxmodel import OnnxModel
+    from freemark.v1 import bundle_pb2
+
+    transformers = __import__("transformers")
+    tiny = {"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "intermediate_size": 8, "vocab_size": 16, "max_position_embeddings": 8,
+            "dim": 8, "n_layers": 1, "n_heads": 2, "hidden_dim": 8}
+    triggers = TriggerSet(inputs=np.ones((1, 4), dtype=np.int64),
+                          attention_mask=np.ones((1, 4), dtype=np.int64))
+    folder = Path(home) / "warm-formats"
+    for config_class, classes in ARCHITECTURES.values():
+        for name in classes:
+            model = getattr(transformers, name)(getattr(transformers, config_class)(**tiny))
+            model.save_pretrained(folder)
+            packed = pack(folder, folder / "packed.safetensors")
+            layer = next(n for n, _ in model.named_modules() if n.endswith("layer.0"))
+            sandboxed_activations({FORMAT_KEY: HF, "model": str(packed), "weights": None,
+                                   "layer": layer, "pooling": bundle_pb2.POOLING_TOKEN_MEAN},
+                                  triggers)
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="/act/Relu")], "warm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 2])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+              str(folder / "warm.onnx"))
+    OnnxModel.open(folder / "warm.onnx", "act").capture(
+        np.zeros((1, 2), dtype=np.float32), None, bundle_pb2.POOLING_NONE)
+    OnnxModel.open(folder / "warm.onnx", "act").fingerprint()
+    for path in sorted(folder.iterdir(), reverse=True):
+        path.unlink()
+    folder.rmdir()

@@ -33,7 +33,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
                    120.0, 300.0)
 
 RPC_TOTAL = Counter(
-    "freemark_rpc_total", "Finished RPCs by method and gRPC status code.",
+    "freemark_rpc_handled_total", "Finished RPCs by method and gRPC status code.",
     ["method", "code"], registry=REGISTRY)
 RPC_SECONDS = Histogram(
     "freemark_rpc_duration_seconds", "RPC wall time from the first byte to the status, by method.",

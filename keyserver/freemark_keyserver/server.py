@@ -1,4 +1,10 @@
-"""Building and running the gRPC server: one factory, every option commented, a fixed stop order."""
+"""Building and running the gRPC server: one factory, every option commented, a fixed stop order.
+
+Every call goes through `calls.CallInterceptor` (request id, metrics, log line, the caps,
+idle and slow streams); the thread pool is sized by the caps plus a reserve, so it is the
+caps that refuse a flood and health checks always find a thread. The upload spool is
+emptied before the port opens.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +13,15 @@ import signal
 import threading
 from concurrent import futures
 from dataclasses import dataclass
+from http.server import ThreadingHTTPServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from freemark.v1 import keyservice_pb2, keyservice_pb2_grpc
-from freemark_keyserver import handlers
+from freemark_keyserver import handlers, metrics
+from freemark_keyserver.calls import CallInterceptor, CallRegistry
 from freemark_keyserver.config import ServerConfig, load_keyring, load_signing_key
 from freemark_keyserver.service import KeyServiceServicer
 from freemark_keyserver.store import open_store
@@ -21,6 +29,7 @@ from freemark_keyserver.store import open_store
 log = logging.getLogger("freemark_keyserver")
 SERVICE_NAME = keyservice_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name
 MESSAGE_SLACK = 1024 * 1024
+BACKSTOP_FACTOR = 4  # grpc's own cap on calls: far above ours, only against a flood of calls
 
 
 @dataclass
@@ -31,11 +40,22 @@ class RunningServer:
     port: int
     health: health.HealthServicer
     ctx: handlers.Context
+    calls: CallRegistry
+    metrics_http: ThreadingHTTPServer | None = None
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The bound port of the metrics page (None without `--metrics-listen`)."""
+        return self.metrics_http.server_port if self.metrics_http else None
 
     def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, let in-flight calls finish, then close the store."""
         self.health.enter_graceful_shutdown()
         self.server.stop(self.ctx.config.grace_seconds if grace is None else grace).wait()
+        self.calls.stop()
+        if self.metrics_http is not None:
+            self.metrics_http.shutdown()
+            self.metrics_http.server_close()
         self.ctx.store.close()
 
 
@@ -43,16 +63,22 @@ def create_server(config: ServerConfig) -> RunningServer:
     """Start a key server for `config`; returns it with its bound port (listen on :0 for tests)."""
     config.check_listen()
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    config.spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     ctx = handlers.Context(config=config, store=open_store(config.database),
                            keyring=load_keyring(config), signer=load_signing_key(config))
+    servicer = KeyServiceServicer(ctx)
+    # Plaintext never outlives a crash: uploads and decrypted hosts a dead process left.
+    servicer.spool.clear()
+    limits = config.call_limits
+    calls = CallRegistry(ctx.store, limits)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.max_concurrent_rpcs),
-        # Past this many in-flight calls gRPC answers RESOURCE_EXHAUSTED at once instead of
-        # queueing: a loaded TTP sheds load promptly.
-        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        futures.ThreadPoolExecutor(max_workers=limits.pool_threads),
+        interceptors=[CallInterceptor(calls, SERVICE_NAME)],
+        # Our caps (in the interceptor) refuse with a reason and a retry hint, and spare
+        # health checks; grpc's own stays far above them, against a flood of calls only.
+        maximum_concurrent_rpcs=BACKSTOP_FACTOR * limits.pool_threads,
         options=[
-            # Register's header carries the key bundle in one message; chunks are 1 MiB.
+            # Register's header carries the key bundle in one message; chunks are 1 MiB. No
+            # message may be larger (a chunk as big would sit whole in the server's memory).
             ("grpc.max_receive_message_length", config.max_bundle_bytes + MESSAGE_SLACK),
             ("grpc.max_send_message_length", 16 * 1024 * 1024),
             # Let clients keep connections alive through idle periods without being kicked.
@@ -60,7 +86,7 @@ def create_server(config: ServerConfig) -> RunningServer:
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ],
     )
-    keyservice_pb2_grpc.add_KeyServiceServicer_to_server(KeyServiceServicer(ctx), server)
+    keyservice_pb2_grpc.add_KeyServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     # Reflection lets grpcurl and friends list the API; it exposes no data.
@@ -79,11 +105,17 @@ def create_server(config: ServerConfig) -> RunningServer:
     if port == 0:
         ctx.store.close()
         raise OSError(f"cannot listen on {config.listen}")
+    metrics.track_log_size(ctx.store.tree_size)
+    metrics_http = metrics.serve_http(config.metrics_listen) if config.metrics_listen else None
     server.start()
+    calls.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("freemark key server listening on port %d (key id %s)", port, ctx.signer.key_id)
-    return RunningServer(server, port, health_servicer, ctx)
+    if metrics_http is not None:
+        log.info("metrics on http://%s:%d/metrics", metrics_http.server_address[0],
+                 metrics_http.server_port)
+    return RunningServer(server, port, health_servicer, ctx, calls, metrics_http)
 
 
 def serve(config: ServerConfig) -> None:

@@ -15,28 +15,17 @@ from pathlib import Path
 from typing import TypeVar
 
 import grpc
-from google.protobuf import any_pb2
-from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 from freemark.v1 import keyservice_pb2 as pb
 from freemark.v1 import keyservice_pb2_grpc
 from freemark_keyserver import formats, handlers, panels
 from freemark_keyserver.auth import authenticate
-from freemark_keyserver.errors import ERROR_DOMAIN, ErrorCode, ServiceError
-from freemark_keyserver.uploads import spooled
+from freemark_keyserver.errors import ErrorCode, ServiceError, abort
+from freemark_keyserver.ratelimit import VerifyLimits
+from freemark_keyserver.uploads import Spool, spooled
 
 log = logging.getLogger("freemark_keyserver")
 T = TypeVar("T")
-
-
-def _abort(context: grpc.ServicerContext, code: ErrorCode, message: str) -> None:
-    """End the call with `code`'s status and an ErrorInfo naming its proto reason."""
-    info = error_details_pb2.ErrorInfo(reason=code.reason, domain=ERROR_DOMAIN)
-    detail = any_pb2.Any()
-    detail.Pack(info)
-    status = status_pb2.Status(code=code.status.value[0], message=message, details=[detail])
-    context.abort_with_status(rpc_status.to_status(status))
 
 
 def _guard(context: grpc.ServicerContext, method: str, work: Callable[[], T]) -> T:
@@ -45,11 +34,11 @@ def _guard(context: grpc.ServicerContext, method: str, work: Callable[[], T]) ->
         return work()
     except ServiceError as exc:
         log.info("%s refused: %s", method, exc.code.name)
-        _abort(context, exc.code, str(exc))
+        abort(context, exc.code, str(exc), exc.retry_after)
     except Exception:
         reference = secrets.token_hex(6)
         log.exception("%s failed unexpectedly (reference %s)", method, reference)
-        _abort(context, ErrorCode.INTERNAL,
+        abort(context, ErrorCode.INTERNAL,
                f"internal error (reference {reference}); the operator's log has the details")
     raise AssertionError("unreachable: abort raises")
 
@@ -101,6 +90,9 @@ class KeyServiceServicer(keyservice_pb2_grpc.KeyServiceServicer):
 
     def __init__(self, ctx: handlers.Context) -> None:
         self.ctx = ctx
+        self.spool = Spool(ctx.config.spool_dir, ctx.config.spool_quota_bytes)
+        self.verify_limits = VerifyLimits(ctx.config.verify_rate_principal,
+                                          ctx.config.verify_rate_registration)
 
     def Register(self, request_iterator: Iterator[pb.RegisterRequest],
                  context: grpc.ServicerContext) -> pb.Receipt:
@@ -115,7 +107,7 @@ class KeyServiceServicer(keyservice_pb2_grpc.KeyServiceServicer):
             with ExitStack() as files:
                 host = files.enter_context(spooled(
                     stream.chunks(), header.upload, cap=config.max_upload_bytes,
-                    directory=config.spool_dir, suffix=formats.SUFFIXES[header.upload.format]))
+                    spool=self.spool, suffix=formats.SUFFIXES[header.upload.format]))
                 references: list[Path] = []
                 while (reference := stream.next_reference()) is not None:
                     if len(references) == config.max_references:
@@ -124,7 +116,7 @@ class KeyServiceServicer(keyservice_pb2_grpc.KeyServiceServicer):
                     panels.check_reference_header(reference)
                     references.append(files.enter_context(spooled(
                         stream.chunks(), reference, cap=config.max_upload_bytes,
-                        directory=config.spool_dir, suffix=".pt2")))
+                        spool=self.spool, suffix=".pt2")))
                 return handlers.register(self.ctx, principal, bundle, host, references,
                                          host_format=header.upload.format)
         return _guard(context, "Register", work)
@@ -133,12 +125,15 @@ class KeyServiceServicer(keyservice_pb2_grpc.KeyServiceServicer):
                context: grpc.ServicerContext) -> pb.SignedVerdict:
         def work() -> pb.SignedVerdict:
             principal = authenticate(self.ctx.store, context)
+            # Both buckets are charged before the upload is read: a refused call costs nothing.
+            self.verify_limits.check_principal(principal.name)
             header = _header(request_iterator)
             assert isinstance(header, pb.VerifyHeader)
             record = handlers.verify_target(self.ctx, principal, header)
+            self.verify_limits.check_registration(record.registration_id)
             suffix = formats.SUFFIXES[header.upload.format]
             with spooled(_chunks(request_iterator), header.upload, cap=self.ctx.config.max_upload_bytes,
-                         directory=self.ctx.config.spool_dir, suffix=suffix) as path:
+                         spool=self.spool, suffix=suffix) as path:
                 return handlers.verify(self.ctx, principal, record, header, path)
         return _guard(context, "Verify", work)
 

@@ -28,6 +28,7 @@ from freemark.receipt import verify_receipt
 from freemark.records import Receipt, SignedVerdict
 from freemark.rpc import KeyServiceClient
 from freemark_keyserver.config import ServerConfig, default_policy
+from freemark_keyserver.ratelimit import UNLIMITED
 from freemark_keyserver.server import RunningServer, create_server
 from freemark_lab.attacks import obfuscate as ob
 from ttp_fixtures import json_out, run_cli
@@ -92,8 +93,10 @@ def deployment(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     name = request.param
     folder = tmp_path_factory.mktemp(f"aligned-{name}")
     # The judge reads every test's statistics here: a server that discloses them to arbiters.
+    # It also verifies every attack against one registration: Verify's rate limit is lifted.
     config = ServerConfig(data_dir=folder / "ttp", listen="127.0.0.1:0", grace_seconds=1,
-                          verdict_policy=default_policy("full"))
+                          verdict_policy=default_policy("full"), verify_rate_principal=UNLIMITED,
+                          verify_rate_registration=UNLIMITED)
     running = create_server(config)
     if not REAL_SANDBOX[name]:
         running.ctx.sandbox = in_process_sandbox

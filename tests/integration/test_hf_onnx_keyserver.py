@@ -2,8 +2,9 @@
 
 The owner's path is the command line: text triggers from the checkpoint's own tokenizer,
 a key derived on the checkpoint directory, the directory registered (packed into one file
-on the wire) for a receipt. The arbiter's verdicts come from the sandbox, on a fine-tuned
-copy (directory and ONNX), the host as ONNX, and an independently initialised model. Hostile
+on the wire) for a receipt. The verdicts come from the sandbox, on a fine-tuned copy (as a
+directory, as ONNX and as bare weights), the host as ONNX, and an independently initialised
+model; the fine-tuned copy cannot be registered by someone else. Hostile
 uploads (a pickled checkpoint, a config asking for remote code, an ONNX graph with a
 custom-domain node) are refused with INVALID_ARGUMENT and leave no log entry and no
 registration.
@@ -69,7 +70,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     running = create_server(ServerConfig(data_dir=folder / "ttp", listen="127.0.0.1:0",
                                          grace_seconds=5))
     tokens = {}
-    for name, role in (("alice", "owner"), ("judge", "arbiter")):
+    for name, role in (("alice", "owner"), ("bob", "owner"), ("judge", "arbiter")):
         tokens[name] = new_token()
         running.ctx.store.add_principal(Principal(name, role, hash_token(tokens[name]), 0))
     world = World(running, tokens, files, folder / "alice.fmk", {})
@@ -116,6 +117,27 @@ def test_a_checkpoint_directory_registers_and_its_copies_match(world: World) -> 
     assert as_onnx.matches == as_onnx.n_bits  # the host, converted: every bit
     onnx_sha = hashlib.sha256(world.files.stolen_onnx.read_bytes()).digest()
     assert stolen_onnx.suspect_sha256 == onnx_sha
+
+
+def test_weights_only_suspects_and_copies_registered_by_someone_else(world: World) -> None:
+    """A thief's bare model.safetensors is read with the registered checkpoint's config; the
+    thief registering the fine-tuned copy under his own key is refused as claimed."""
+    from freemark.derive import derive_key
+    from freemark.errors import AlreadyRegisteredError
+    from freemark.hfmodel import load_checkpoint
+
+    registration = str(world.receipt["registration_id"])
+    with world.client("alice") as alice:
+        weights = alice.verify(registration, world.files.stolen / "model.safetensors",
+                               fmt="safetensors")
+    assert weights.outcome == "match" and weights.p_value <= 1e-9
+    bob_key = derive_key(load_checkpoint(world.files.stolen), layer=KEY_LAYER, owner="bob",
+                         triggers=load_bundle(world.key).triggers)
+    before = world.state()
+    with world.client("bob") as bob, pytest.raises(AlreadyRegisteredError) as refused:
+        bob.register(bob_key, world.files.stolen)
+    assert "reg_" not in str(refused.value)  # names no earlier registration
+    assert world.state() == before
 
 
 def test_the_arbiter_can_name_the_onnx_tensor(world: World) -> None:

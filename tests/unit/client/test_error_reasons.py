@@ -36,15 +36,18 @@ from freemark.errors import (
     NotFoundError,
     NotUniqueError,
     PermissionDeniedError,
+    RateLimitedError,
     ResourceExhaustedError,
     RevokedError,
     SandboxLimitError,
     SandboxTimeoutError,
     ServerError,
     ServerInternalError,
+    SpoolFullError,
     TooLargeError,
     UnauthenticatedError,
     UploadCorruptError,
+    UploadStalledError,
     error_for,
 )
 from freemark.rpc import KeyServiceClient
@@ -72,6 +75,9 @@ EXPECTED: dict[ErrorCode, type[ServerError]] = {
     ErrorCode.UPLOAD_CORRUPT: UploadCorruptError,
     ErrorCode.INTERNAL: ServerInternalError,
     ErrorCode.ALPHA_OUTSIDE_POLICY: AlphaOutsidePolicyError,
+    ErrorCode.RATE_LIMITED: RateLimitedError,
+    ErrorCode.SPOOL_FULL: SpoolFullError,
+    ErrorCode.UPLOAD_STALLED: UploadStalledError,
 }
 
 
