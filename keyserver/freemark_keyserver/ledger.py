@@ -44,6 +44,10 @@ class Ledger:
         """`query` on the registry, once it holds every entry `store` has now."""
         with self._lock:
             size = store.tree_size()
+            if size < self._registry.size:  # restored from a backup under a running server
+                raise merkle.LogProofError(
+                    f"the store's log shrank from {self._registry.size} to {size} entries under "
+                    "this server: stop it, and audit before serving again")
             if size > self._registry.size:
                 for entry in store.entries(self._registry.size, size):
                     if entry.leaf_hash != merkle.leaf_hash(entry.entry):
