@@ -40,7 +40,7 @@ from freemark_keyserver.config import (
 from freemark_keyserver.crypto import load_or_create_keyring, load_or_create_signing_key
 from freemark_keyserver.ratelimit import UNLIMITED
 from freemark_keyserver.sandbox import SandboxResult
-from freemark_keyserver.sandbox_worker import _activations
+from freemark_keyserver.sandbox_worker import _runner
 from freemark_keyserver.server import RunningServer, create_server
 from freemark_keyserver.store import Principal, open_store
 from freemark_lab import data, models
@@ -86,10 +86,13 @@ def build_hosts(folder: Path, count: int = N_HOSTS) -> list[Host]:
 def in_process_sandbox(model_path: Path, *, layer: str, pooling: int, triggers: TriggerSet,
                        weights_path: Path | None = None, **_limits: Any) -> SandboxResult:
     """`sandbox.run_model`'s answer, computed in this process by the worker's own code."""
+    spec = {"layer": layer, "pooling": pooling}
     header = {"model": str(model_path), "weights": str(weights_path) if weights_path else None,
-              "layer": layer, "pooling": pooling}
+              "sets": [spec]}
+    sets = [(triggers.inputs, triggers.attention_mask)]
     with _SANDBOX_TURN:
-        activations, identity = _activations(header, triggers.inputs, triggers.attention_mask)
+        identity, run = _runner(header, sets)
+        activations = run(spec, *sets[0])
     return SandboxResult(np.asarray(activations, dtype=np.float64), identity[:32], identity[32:])
 
 

@@ -19,7 +19,8 @@ of grpc's own exception types leaks past the client. The tree::
     │   │   ├── InvalidBundleError               INVALID_BUNDLE
     │   │   ├── InvalidModelError                INVALID_MODEL
     │   │   ├── HostMismatchError                HOST_MISMATCH
-    │   │   └── NotUniqueError                   NOT_UNIQUE
+    │   │   ├── NotUniqueError                   NOT_UNIQUE
+    │   │   └── SandboxCrashedError              SANDBOX_CRASHED
     │   ├── UnauthenticatedError                 UNAUTHENTICATED
     │   ├── PermissionDeniedError                PERMISSION_DENIED
     │   ├── NotFoundError                        NOT_FOUND
@@ -28,10 +29,12 @@ of grpc's own exception types leaks past the client. The tree::
     │   │   ├── TooLargeError                    TOO_LARGE
     │   │   ├── SandboxLimitError                SANDBOX_LIMIT
     │   │   ├── RateLimitedError                 RATE_LIMITED
-    │   │   └── SpoolFullError                   SPOOL_FULL
+    │   │   ├── SpoolFullError                   SPOOL_FULL
+    │   │   └── SandboxBusyError                 SANDBOX_BUSY (retry later)
     │   ├── DeadlineExceededError             out of time (also the client's own deadline):
     │   │   ├── SandboxTimeoutError              SANDBOX_DEADLINE
     │   │   └── UploadStalledError               UPLOAD_STALLED
+    │   ├── CallEndedError                       CALL_ENDED
     │   ├── RevokedError                         REVOKED
     │   ├── UploadCorruptError                   UPLOAD_CORRUPT
     │   └── ServerInternalError                  INTERNAL
@@ -59,6 +62,7 @@ __all__ = [
     "ERROR_DOMAIN",
     "AlphaOutsidePolicyError",
     "AlreadyRegisteredError",
+    "CallEndedError",
     "CryptoError",
     "DeadlineExceededError",
     "DerivationError",
@@ -78,6 +82,8 @@ __all__ = [
     "RateLimitedError",
     "ResourceExhaustedError",
     "RevokedError",
+    "SandboxBusyError",
+    "SandboxCrashedError",
     "SandboxLimitError",
     "SandboxTimeoutError",
     "ServerError",
@@ -234,6 +240,25 @@ class SpoolFullError(ResourceExhaustedError):
     REASON = "SPOOL_FULL"
 
 
+class SandboxBusyError(ResourceExhaustedError):
+    """Every sandbox worker is busy and the queue is full; nothing ran. Retry after a while
+    (the server's google.rpc.RetryInfo says how long)."""
+
+    REASON = "SANDBOX_BUSY"
+
+
+class SandboxCrashedError(InvalidArgumentError):
+    """The model crashed the sandbox process (a memory-unsafe operator, say); it is refused."""
+
+    REASON = "SANDBOX_CRASHED"
+
+
+class CallEndedError(ServerError):
+    """The call was cancelled or ran out of time while its model ran; nothing was signed."""
+
+    REASON = "CALL_ENDED"
+
+
 class DeadlineExceededError(ServerError):
     """DEADLINE_EXCEEDED: the call ran past its deadline (the client's own, without a reason)."""
 
@@ -274,7 +299,8 @@ _BY_REASON: dict[str, type[ServerError]] = {
                 NotUniqueError, UnauthenticatedError, PermissionDeniedError, NotFoundError,
                 AlreadyRegisteredError, TooLargeError, SandboxLimitError, SandboxTimeoutError,
                 RevokedError, UploadCorruptError, ServerInternalError, AlphaOutsidePolicyError,
-                RateLimitedError, SpoolFullError, UploadStalledError)
+                RateLimitedError, SpoolFullError, UploadStalledError,
+                SandboxBusyError, SandboxCrashedError, CallEndedError)
     if cls.REASON is not None
 }
 

@@ -310,7 +310,7 @@ def _feeders(session: Any, source: str) -> Any:
                       f"got inputs {[s.name for s in specs]}")
 
     def feeds(batch: np.ndarray, mask: np.ndarray | None) -> dict[str, np.ndarray]:
-        out = {}
+        out: dict[str, np.ndarray] = {}
         for spec in specs:
             kind = _NUMPY_TYPES[spec.type]
             if "mask" in spec.name:

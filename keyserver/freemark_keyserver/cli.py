@@ -46,6 +46,7 @@ def _config(args: argparse.Namespace) -> cfg.ServerConfig:
             client_ca=Path(args.client_ca) if args.client_ca else None,
             max_upload_bytes=args.max_upload_bytes, max_concurrent_rpcs=args.max_concurrent_rpcs,
             max_references=args.max_references, grace_seconds=args.grace,
+            sandbox_workers=args.sandbox_workers, sandbox_queue=args.sandbox_queue,
             max_bundle_bytes=args.max_bundle_bytes,
             max_calls_per_principal=args.max_calls_per_principal,
             stream_idle_timeout=args.stream_idle_timeout, min_upload_rate=args.min_upload_rate,
@@ -162,8 +163,14 @@ def _rotate(args: argparse.Namespace) -> int:
 
 
 def _context(config: cfg.ServerConfig) -> handlers.Context:
-    return handlers.Context(config=config, store=open_store(config.database),
-                            keyring=cfg.load_keyring(config), signer=cfg.load_signing_key(config))
+    pool = config.start_sandbox()  # before the keys, as the server does
+    try:
+        return handlers.Context(config=config, store=open_store(config.database),
+                                keyring=cfg.load_keyring(config),
+                                signer=cfg.load_signing_key(config), pool=pool)
+    except BaseException:
+        pool.close()
+        raise
 
 
 def _member_row(member: PanelMember) -> dict[str, object]:
@@ -178,7 +185,7 @@ def _panel_add(args: argparse.Namespace) -> int:
         member = handlers.add_panel_member(ctx, Path(args.model), like=args.like,
                                            label=args.label or "", now=time.time_ns() // 1000)
     finally:
-        ctx.store.close()
+        ctx.close()
     row = _member_row(member)
     print_json(row) if args.json else print_fields("panel member added (joins later "
                                                    "registrations of this family)", row)
@@ -270,6 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="server log lines on stderr (default %(default)s)")
     p.add_argument("--max-references", type=int, default=cfg.DEFAULT_MAX_REFERENCES,
                    help="reference models an owner may attach to one registration")
+    p.add_argument("--sandbox-workers", type=int, metavar="N",
+                   help="untrusted models run at once (default: min(cores, available memory / "
+                        "the 4 GiB per-run limit))")
+    p.add_argument("--sandbox-queue", type=int, metavar="N",
+                   help="runs that may wait for a worker (default: 4 x workers); beyond, "
+                        "RESOURCE_EXHAUSTED (SANDBOX_BUSY) with a retry hint")
     p.add_argument("--grace", type=float, default=cfg.DEFAULT_GRACE_SECONDS,
                    help="seconds in-flight calls get after SIGTERM")
     p.add_argument("--alpha-min", type=float, default=cfg.DEFAULT_ALPHA_MIN,

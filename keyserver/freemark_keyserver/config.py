@@ -27,6 +27,7 @@ from freemark_keyserver.crypto import (
 )
 from freemark_keyserver.ratelimit import Rate
 from freemark_keyserver.sandbox import SandboxLimits
+from freemark_keyserver.sandbox_pool import SandboxPool, default_workers
 
 MASTER_KEY_ENV = "FREEMARK_MASTER_KEY"
 SIGNING_KEY_ENV = "FREEMARK_SIGNING_KEY"
@@ -100,6 +101,10 @@ class ServerConfig:
     # The log's C2SP origin: every checkpoint's first line and its note key name.
     origin: str = DEFAULT_ORIGIN
     sandbox: SandboxLimits = field(default_factory=SandboxLimits)
+    # Sandbox children running at once (None: `sandbox_pool.default_workers`) and runs that
+    # may wait for one (None: 4 x workers); past both, SANDBOX_BUSY with a retry hint.
+    sandbox_workers: int | None = None
+    sandbox_queue: int | None = None
     verdict_policy: VerdictPolicy = field(default_factory=default_policy)
 
     def __post_init__(self) -> None:
@@ -109,6 +114,12 @@ class ServerConfig:
     def database(self) -> str:
         """`--db` as given, else the embedded SQLite file in the data dir."""
         return self.db or str(self.data_dir / "freemark.sqlite3")
+
+    def start_sandbox(self) -> SandboxPool:
+        """Start the sandbox pool these settings describe (before any key is read)."""
+        workers = self.sandbox_workers or default_workers(self.sandbox.memory_bytes)
+        queue = 4 * workers if self.sandbox_queue is None else self.sandbox_queue
+        return SandboxPool(workers=workers, queue=queue, limits=self.sandbox).start()
 
     @property
     def spool_dir(self) -> Path:

@@ -47,6 +47,10 @@ class ErrorCode(Enum):
     REVOKED = (reasons.REVOKED, S.FAILED_PRECONDITION, "registration revoked")
     UPLOAD_CORRUPT = (reasons.UPLOAD_CORRUPT, S.DATA_LOSS, "upload does not match its header")
     INTERNAL = (reasons.INTERNAL, S.INTERNAL, "internal error")
+    SANDBOX_BUSY = (reasons.SANDBOX_BUSY, S.RESOURCE_EXHAUSTED, "the sandbox is busy")
+    SANDBOX_CRASHED = (reasons.SANDBOX_CRASHED, S.INVALID_ARGUMENT,
+                       "the model crashed the sandbox")
+    CALL_ENDED = (reasons.CALL_ENDED, S.CANCELLED, "the call ended")
     ALPHA_OUTSIDE_POLICY = (reasons.ALPHA_OUTSIDE_POLICY, S.INVALID_ARGUMENT,
                             "alpha outside the verdict policy")
     RATE_LIMITED = (reasons.RATE_LIMITED, S.RESOURCE_EXHAUSTED, "rate limited")

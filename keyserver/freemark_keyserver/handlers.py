@@ -8,6 +8,7 @@ Verify: run the suspect in the sandbox on the stored triggers, judge, log, sign.
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 import tempfile
@@ -43,7 +44,7 @@ from freemark.registry import LogRegistry, RegistrationState
 from freemark.v1 import keyservice_pb2 as pb
 from freemark.verdict import DEFAULT_ALPHA, coarse_values, suspect_vector
 from freemark.watermark import commitment
-from freemark_keyserver import formats, panels
+from freemark_keyserver import cancellation, formats, panels
 from freemark_keyserver.auth import ADMIN, ARBITER, OWNER, require_role
 
 __all__ = ["ADMIN", "ARBITER", "OWNER", "Context", "require_role"]
@@ -53,11 +54,15 @@ from freemark_keyserver.errors import ErrorCode, ServiceError
 from freemark_keyserver.hosts import host_file, store_host
 from freemark_keyserver.ledger import DECIDING_COLUMNS, Ledger
 from freemark_keyserver.sandbox import (
+    SandboxBusy,
+    SandboxError,
     SandboxResourceError,
     SandboxResult,
     SandboxTimeout,
+    run_batch,
     run_model,
 )
+from freemark_keyserver.sandbox_pool import SandboxPool
 from freemark_keyserver.store import (
     DuplicateError,
     PanelMember,
@@ -86,8 +91,21 @@ class Context:
     store: Store
     keyring: MasterKeyring
     signer: SigningKey
+    pool: SandboxPool | None = None  # None: the process-wide `sandbox.shared_pool`
     sandbox: Callable[..., SandboxResult] = run_model
+    batch: Callable[..., tuple[bytes, list[np.ndarray | Exception]]] = run_batch
     ledger: Ledger = field(default_factory=Ledger)  # the log's registrations: what decides
+
+    def __post_init__(self) -> None:
+        if self.pool is not None:
+            self.sandbox = functools.partial(run_model, pool=self.pool)
+            self.batch = functools.partial(run_batch, pool=self.pool)
+
+    def close(self) -> None:
+        """Close the store, then stop the sandbox pool (its fork server kills any child)."""
+        self.store.close()
+        if self.pool is not None:
+            self.pool.close()
 
 
 def _sandboxed(ctx: Context, model: Path, bundle: KeyBundle, weights: Path | None = None,
@@ -108,6 +126,10 @@ def _sandboxed(ctx: Context, model: Path, bundle: KeyBundle, weights: Path | Non
         raise ServiceError(ErrorCode.SANDBOX_DEADLINE, str(exc)) from exc
     except SandboxResourceError as exc:
         raise ServiceError(ErrorCode.SANDBOX_LIMIT, str(exc)) from exc
+    except SandboxBusy as exc:
+        raise ServiceError(ErrorCode.SANDBOX_BUSY, str(exc), retry_after=exc.retry_after) from exc
+    except SandboxError as exc:
+        raise ServiceError(ErrorCode.SANDBOX_CRASHED, str(exc)) from exc
 
 
 def _public(exc: Exception) -> str:
@@ -127,6 +149,7 @@ def _append(ctx: Context, kind: str, build: Callable[[int, int], bytes],
 
     Returns (body, log index, integrated time).
     """
+    cancellation.check_active()  # a caller who has gone gets nothing signed or logged
     entry = ctx.store.append(kind, build, registration)
     return entry.entry, entry.index, entry.created_at
 
@@ -313,7 +336,7 @@ def register(ctx: Context, principal: Principal, bundle: KeyBundle, host: Path,
     bundle = panels.with_profile(bundle, reading)
     panel = panels.measure_panel(_runner(ctx), references, bundle, reading)
     if reading.probes is not None:
-        panel += panels.operator_panel(_runner(ctx), ctx.store, ctx.keyring, ctx.config.spool_dir,
+        panel += panels.operator_panel(_runner(ctx), ctx.store, ctx.keyring,
                                        bundle, reading, panel)
     _refuse_claimed(ctx, principal, host, reading, host_options)
 
@@ -398,13 +421,26 @@ def _refuse_claimed(ctx: Context, principal: Principal, host: Path, reading: pan
     if same:
         raise _claimed(principal, same, "the same weights are registered")
     family = _logged_many(ctx, lambda reg: reg.by_architecture(reading.architecture_digest))
-    for record in family:
-        if not _blocks(record, principal):
-            continue
-        earlier, panel = _open_sealed(ctx, record)
+    earlier = [(record, *_open_sealed(ctx, record)) for record in family
+               if _blocks(record, principal)]
+    if not earlier:
+        return
+    try:
+        readings = panels.read_many(
+            lambda model, runs: ctx.batch(model, runs, limits=ctx.config.sandbox, options=options),
+            host, [bundle for _, bundle, _ in earlier])
+    except (cancellation.CallEnded, SandboxBusy) as exc:  # not the triggers' doing: end or retry
+        if isinstance(exc, SandboxBusy):
+            raise ServiceError(ErrorCode.SANDBOX_BUSY, str(exc),
+                               retry_after=exc.retry_after) from exc
+        raise
+    except Exception as exc:  # noqa: BLE001 - every failure must look like a non-match
+        readings = [exc] * len(earlier)
+    for (record, bundle, panel), theirs in zip(earlier, readings):
         try:
-            theirs = _read(ctx, host, earlier, options=options)
-            verdict = judge_activations(theirs.triggers, earlier, probe_activations=theirs.probes,
+            if isinstance(theirs, Exception):
+                raise theirs
+            verdict = judge_activations(theirs.triggers, bundle, probe_activations=theirs.probes,
                                         panel=panel)
         except Exception as exc:  # noqa: BLE001 - every failure must look like a non-match
             log.warning("Register by %s: the upload could not be judged with earlier "
@@ -453,7 +489,7 @@ def verify(ctx: Context, principal: Principal, record: Registration, header: pb.
     """
     bundle, panel = _open_sealed(ctx, record)
     if header.upload.format == pb.MODEL_FORMAT_SAFETENSORS:
-        with host_file(ctx.store, ctx.keyring, record, ctx.config.spool_dir) as host:
+        with host_file(ctx.store, ctx.keyring, record) as host:
             reading = _read(ctx, host, bundle, weights=suspect,
                             options=formats.stored_host_options(host))
     else:

@@ -4,7 +4,8 @@ A host model can be gigabytes, and the server must never hold one whole in memor
 seal, store and read back each go one megabyte segment at a time). `store_host` seals the
 spooled upload with `crypto.seal_stream` into the store's host blob table and returns the
 stream header, which the registration row keeps in its ``host_envelope`` column; `host_file`
-opens it again into a private temporary file for the sandbox; `rewrap_host` re-wraps its data
+opens it again into a sealed memory file (memfd) for the sandbox, so no plaintext host ever
+rests on disk, not even while a Verify runs; `rewrap_host` re-wraps its data
 key for master key rotation without reading a single segment.
 
 The record id bound into the ciphertext is the registration id with a ``/host`` suffix, so the
@@ -18,9 +19,9 @@ sealed the same way, under their member id (record id suffix ``/panel``, owner "
 
 from __future__ import annotations
 
+import fcntl
 import os
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -37,8 +38,16 @@ from freemark_keyserver.crypto import (
 )
 from freemark_keyserver.store import PanelMember, Registration, Store
 
-__all__ = ["PANEL_OWNER", "host_file", "member_file", "rewrap_host", "rewrap_member",
-           "store_host", "store_member"]
+__all__ = [
+    "PANEL_OWNER",
+    "host_file",
+    "member_file",
+    "plaintext_memfd",
+    "rewrap_host",
+    "rewrap_member",
+    "store_host",
+    "store_member",
+]
 
 PANEL_OWNER = "operator"  # the owner bound into panel members' ciphertexts
 
@@ -63,19 +72,35 @@ def store_host(
 
 
 @contextmanager
-def host_file(
-    store: Store, keyring: MasterKeyring, record: Registration, directory: Path
-) -> Iterator[Path]:
-    """The registered host program, decrypted into a 0600 file in a private temporary folder.
+def plaintext_memfd(name: str, segments: Iterable[bytes]) -> Iterator[Path]:
+    """Decrypted bytes in an anonymous, sealed memory file, as a path valid in this process.
 
-    The folder is removed when the block ends. A segment that fails to authenticate, or a
-    missing one, raises `CryptoError` before the file is handed out.
+    The file lives in memory only (memfd_create): no directory entry, nothing left on disk
+    if the server is killed, gone when the last descriptor closes. It is sealed against
+    writes before it is handed out, so the sandbox child that reads it (through a descriptor
+    the pool passes) cannot change it either.
     """
-    with tempfile.TemporaryDirectory(dir=directory) as folder:
-        path = Path(folder) / "host.pt2"
-        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
-            for plaintext in _plaintext(store, keyring, record):
-                out.write(plaintext)
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        for plaintext in segments:
+            view = memoryview(plaintext)
+            while view:
+                view = view[os.write(fd, view):]
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK
+                    | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
+        yield Path(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def host_file(store: Store, keyring: MasterKeyring, record: Registration) -> Iterator[Path]:
+    """The registered host, decrypted into a sealed memfd (`plaintext_memfd`), never a file.
+
+    A segment that fails to authenticate, or a missing one, raises `CryptoError` before the
+    path is handed out.
+    """
+    with plaintext_memfd("freemark-host", _plaintext(store, keyring, record)) as path:
         yield path
 
 
@@ -120,17 +145,12 @@ def store_member(store: Store, keyring: MasterKeyring, path: Path, *, member_id:
 
 
 @contextmanager
-def member_file(store: Store, keyring: MasterKeyring, member: PanelMember, directory: Path
-                ) -> Iterator[Path]:
-    """A panel member's model, decrypted into a 0600 file in a private temporary folder."""
-    with tempfile.TemporaryDirectory(dir=directory) as folder:
-        path = Path(folder) / "reference.pt2"
-        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
-            for plaintext in open_stream(keyring, StreamHeader.from_bytes(member.envelope),
-                                         store.host_blob(member.member_id),
-                                         record_id=_member_record_id(member.member_id),
-                                         owner=PANEL_OWNER):
-                out.write(plaintext)
+def member_file(store: Store, keyring: MasterKeyring, member: PanelMember) -> Iterator[Path]:
+    """A panel member's model, decrypted into a sealed memfd (`plaintext_memfd`)."""
+    segments = open_stream(keyring, StreamHeader.from_bytes(member.envelope),
+                           store.host_blob(member.member_id),
+                           record_id=_member_record_id(member.member_id), owner=PANEL_OWNER)
+    with plaintext_memfd("freemark-panel", segments) as path:
         yield path
 
 

@@ -35,7 +35,7 @@ from freemark.v1 import keyservice_pb2 as pb
 from freemark_keyserver.crypto import MasterKeyring
 from freemark_keyserver.errors import ErrorCode, ServiceError
 from freemark_keyserver.hosts import member_file, store_member
-from freemark_keyserver.sandbox import SandboxResult
+from freemark_keyserver.sandbox import SandboxResult, TriggerRun
 from freemark_keyserver.store import PanelMember, Registration, Store
 
 log = logging.getLogger("freemark_keyserver")
@@ -67,6 +67,30 @@ def read(run: Runner, model: Path, bundle: KeyBundle, weights: Path | None = Non
         raise ServiceError(ErrorCode.INVALID_MODEL, str(exc)) from exc
     return Reading(triggers=triggers, probes=probes, fingerprint=result.fingerprint,
                    architecture_digest=result.architecture_digest)
+
+
+BatchRunner = Callable[[Path, Sequence[TriggerRun]], tuple[bytes, list[np.ndarray | Exception]]]
+
+
+def read_many(batch: BatchRunner, model: Path, bundles: Sequence[KeyBundle]
+              ) -> list[Reading | Exception]:
+    """One sandboxed load of `model`, read with each bundle's triggers and probes; a bundle
+    whose run failed gets its exception instead of a reading."""
+    identity, results = batch(model, [TriggerRun(b.layer, b.pooling, probe_triggers(b))
+                                      for b in bundles])
+    readings: list[Reading | Exception] = []
+    for bundle, result in zip(bundles, results):
+        if isinstance(result, Exception):
+            readings.append(result)
+            continue
+        try:
+            triggers, probes = split_activations(result, bundle)
+        except InvalidInputError as exc:
+            readings.append(exc)
+            continue
+        readings.append(Reading(triggers=triggers, probes=probes, fingerprint=identity[:32],
+                                architecture_digest=identity[32:]))
+    return readings
 
 
 def check_reference_header(header: pb.UploadHeader) -> None:
@@ -106,7 +130,7 @@ def measure_panel(run: Runner, paths: Sequence[Path], bundle: KeyBundle, host: R
             for number, path in enumerate(paths, start=1)]
 
 
-def operator_panel(run: Runner, store: Store, keyring: MasterKeyring, spool: Path,
+def operator_panel(run: Runner, store: Store, keyring: MasterKeyring,
                    bundle: KeyBundle, host: Reading, owners: Sequence[Reference]
                    ) -> list[Reference]:
     """The operator's active members for the host's architecture family, read for this key.
@@ -121,7 +145,7 @@ def operator_panel(run: Runner, store: Store, keyring: MasterKeyring, spool: Pat
         if member.fingerprint in seen:
             continue
         try:
-            with member_file(store, keyring, member, spool) as path:
+            with member_file(store, keyring, member) as path:
                 panel.append(_measure(run, path, bundle, host, seen, f"panel member {member.label}"))
         except ServiceError as exc:
             log.warning("panel member %s left out of a registration: %s", member.member_id, exc)

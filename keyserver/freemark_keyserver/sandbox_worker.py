@@ -1,51 +1,46 @@
-"""The sandbox's child process: limit itself, load and vet one untrusted model, print activations.
+"""What a sandbox child does with one request: load and vet one untrusted model, run it on
+one or more trigger sets, answer with activations only.
 
-Started by `freemark_keyserver.sandbox.run_in_sandbox` as
-`python -m freemark_keyserver.sandbox_worker` with a minimal environment (no secrets), an empty
-working directory and only stdin, stdout and stderr open. The order below is the point:
+The child is forked by the warm fork server (`freemark_keyserver.forkserver`), which imported
+torch and the export deserializer once and holds no secret. Before `serve` runs, the child has
+entered its isolation layers (`sandbox_isolation.enter`: no network, another user, no new
+privileges, the rlimits of `limit_self`, a seccomp allow-list) and holds only its data socket
+and read-only descriptors of its input files, which it reads as ``/proc/self/fd/N``.
 
-1. set resource limits on itself, before importing numpy, torch or our code, so even import-time
-   and load-time work is bounded (limits come on the command line: they are not secret);
-2. move stdout to a private descriptor and point fd 1 at stderr, so nothing the model or a
-   library prints can corrupt the result;
-3. read the request from stdin as `np.save` frames (never pickle): a JSON header as uint8, the
-   trigger inputs, optionally the attention mask. The triggers are secret and never touch disk;
-4. load with `freemark.modelfile.load_program` (never unpickles), vet the graph, optionally put
-   `.safetensors` weights into it, capture the layer's activations; a Hugging Face checkpoint
-   or an ONNX model goes to `freemark_keyserver.formats` instead;
-5. write only the activation matrix (`np.save`, allow_pickle=False) to the private stdout and
-   exit 0; or write one JSON line {"kind", "message"} to stderr and exit `EXIT_REFUSED`, kind
-   being "invalid_model", "invalid_input", "resource" or "internal", message one line and no
-   traceback.
+The protocol on the data socket (the parent writes, shuts its side down, then reads):
 
-Limits are best effort without kernel namespaces: RLIMIT_FSIZE=0 stops writing file data but not
-creating an empty file; RLIMIT_NPROC=0 stops fork and threads only for a non-root user. The
-process still runs as the server's user and could read what that user reads, were an op that
-opens files to slip past vetting: keep secrets out of files that user can read, or start the
-server so that its sandbox runs under another user. The main defences are that nothing is
-unpickled, that the graph is vetted, and that this process holds no secret but the triggers it
-must run on.
+1. request: `np.save` frames (never pickle): a JSON header as uint8 (``model``, ``weights``,
+   and ``sets``: one ``{"layer", "pooling", "has_mask"}`` per trigger set), then each set's
+   inputs and, if announced, its attention mask. Triggers are secret and never touch disk;
+2. reply: ``OK`` (b"K"), the 64 identity bytes (fingerprint ‖ architecture digest) as uint8,
+   then per set a status frame (JSON {"kind", "message"} as uint8; kind "ok" is followed by
+   the float32 activation matrix); or ``REFUSED`` (b"R") and one status frame when the model
+   could not be read at all. Kinds: "invalid_model", "invalid_input", "resource", "internal";
+   messages are one line without traceback.
+
+Several trigger sets in one request let Register judge an upload against every earlier
+same-family registration with one model load; a set that fails does not spoil the others.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
 import resource
 import signal
-import sys
-import tempfile
-from typing import Any, BinaryIO
+from collections.abc import Callable
+from typing import Any
 
-EXIT_REFUSED = 3
+OK = b"K"
+REFUSED = b"R"
 MAX_MESSAGE_CHARS = 500
 _OOM_MARKERS = (
     "can't allocate memory",
     "cannot allocate memory",
     "failed to map segment",
     "bad_alloc",
+    "could not create a primitive",  # oneDNN, when its buffers cannot be mapped
 )
 
 
@@ -55,15 +50,6 @@ class _Refused(Exception):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
-
-
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="freemark_keyserver.sandbox_worker")
-    parser.add_argument("--memory-bytes", type=int, required=True)
-    parser.add_argument("--cpu-seconds", type=int, required=True)
-    parser.add_argument("--open-files", type=int, required=True)
-    parser.add_argument("--threads", type=int, required=True)
-    return parser.parse_args(argv)
 
 
 def limit_self(*, memory_bytes: int, cpu_seconds: int, open_files: int, threads: int) -> None:
@@ -86,42 +72,68 @@ def limit_self(*, memory_bytes: int, cpu_seconds: int, open_files: int, threads:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
-def _read_request(stream: BinaryIO) -> tuple[dict[str, Any], Any, Any]:
+def _read_request(raw: bytes) -> tuple[dict[str, Any], list[tuple[Any, Any]]]:
+    """The JSON header and, for each trigger set it announces, (inputs, mask or None)."""
     import numpy as np
 
-    buffer = io.BytesIO(stream.read())
+    buffer = io.BytesIO(raw)
     try:
         header = json.loads(np.load(buffer, allow_pickle=False).tobytes())
-        inputs = np.load(buffer, allow_pickle=False)
-        mask = np.load(buffer, allow_pickle=False) if header.get("has_mask") else None
-    except (ValueError, OSError, EOFError) as exc:
+        sets = []
+        for spec in header["sets"]:
+            inputs = np.load(buffer, allow_pickle=False)
+            mask = np.load(buffer, allow_pickle=False) if spec.get("has_mask") else None
+            sets.append((inputs, mask))
+    except (ValueError, OSError, EOFError, KeyError, TypeError) as exc:
         raise _Refused(
             "internal", f"malformed request from the parent: {_first_line(exc)}"
         ) from exc
-    return header, inputs, mask
+    return header, sets
 
 
-def _activations(header: dict[str, Any], inputs: Any, mask: Any) -> tuple[Any, bytes]:
-    """The activation matrix and the model's identity (weights fingerprint ‖ architecture digest)."""
-    from freemark.activations import capture
+def _load(header: dict[str, Any]) -> tuple[Any, bytes]:
+    """The untrusted program as a module to capture from, and its identity (weights fingerprint
+    ‖ architecture digest). The one place a `.pt2` file is read."""
     from freemark.modelfile import apply_weights, architecture_digest, fingerprint, load_program
-    from freemark.triggers import TriggerSet
-    from freemark_keyserver import formats
     from freemark_keyserver.vetting import vet_program
 
-    if formats.handles(header):  # Hugging Face checkpoints and ONNX: their own safe loaders
-        return formats.sandboxed_activations(header, TriggerSet(inputs=inputs, attention_mask=mask))
     program = load_program(header["model"])
     vet_program(program)
     model = apply_weights(program, header["weights"]) if header.get("weights") else program
-    activations, _ = capture(
-        model,
-        header["layer"],
-        TriggerSet(inputs=inputs, attention_mask=mask),
-        pooling=header["pooling"],
-    )
     state = model if header.get("weights") else program
-    return activations, fingerprint(state) + architecture_digest(state)
+    return model, fingerprint(state) + architecture_digest(state)
+
+
+Runner = Callable[[dict[str, Any], Any, Any], Any]
+
+
+def _runner(header: dict[str, Any], sets: list[tuple[Any, Any]]) -> tuple[bytes, Runner]:
+    """The model's identity and a function from (set spec, inputs, mask) to activations.
+
+    A `.pt2` is loaded once for every set; a Hugging Face checkpoint or an ONNX model goes to
+    `freemark_keyserver.formats`, whose loaders read one layer per load (the first set is read
+    once more for the identity).
+    """
+    from freemark.activations import capture
+    from freemark.triggers import TriggerSet
+    from freemark_keyserver import formats
+
+    if formats.handles(header):  # Hugging Face checkpoints and ONNX: their own safe loaders
+        def other(spec: dict[str, Any], inputs: Any, mask: Any) -> Any:
+            triggers = TriggerSet(inputs=inputs, attention_mask=mask)
+            return formats.sandboxed_activations({**header, **spec}, triggers)
+        first = other(header["sets"][0], *sets[0]) if sets else None
+        if first is None:
+            raise _Refused("internal", "a request without trigger sets")
+        return first[1], lambda spec, inputs, mask: other(spec, inputs, mask)[0]
+    model, identity = _load(header)
+
+    def program(spec: dict[str, Any], inputs: Any, mask: Any) -> Any:
+        activations, _ = capture(model, spec["layer"],
+                                 TriggerSet(inputs=inputs, attention_mask=mask),
+                                 pooling=spec["pooling"])
+        return activations
+    return identity, program
 
 
 def _first_line(exc: BaseException) -> str:
@@ -154,50 +166,56 @@ def _classify(exc: BaseException) -> _Refused:
     return _Refused("internal", f"{type(exc).__name__}: {_first_line(exc)}")
 
 
-def _report(refusal: _Refused) -> int:
-    line = json.dumps({"kind": refusal.kind, "message": str(refusal)[:MAX_MESSAGE_CHARS]})
-    os.write(2, b"\n" + line.encode() + b"\n")
-    return EXIT_REFUSED
+def _frame(array: Any) -> bytes:
+    import numpy as np
+
+    buffer = io.BytesIO()  # np.save wants a seekable file; the socket is not
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run one request; the exit status and stdout/stderr are the protocol (module doc)."""
-    args = _parse_args(argv)
-    limit_self(
-        memory_bytes=args.memory_bytes,
-        cpu_seconds=args.cpu_seconds,
-        open_files=args.open_files,
-        threads=args.threads,
-    )
-    # tempfile would probe for a writable directory by writing a file, which RLIMIT_FSIZE=0
-    # fails; torch asks for one at import (a cache path it never writes to while we run).
-    tempfile.tempdir = os.getcwd()
-    result_fd = os.dup(1)
-    os.dup2(2, 1)
+def _status(payload: dict[str, str]) -> bytes:
+    import numpy as np
+
+    return _frame(np.frombuffer(json.dumps(payload).encode(), dtype=np.uint8))
+
+
+def answer(raw: bytes) -> bytes:
+    """The child's whole reply to one request (module doc, step 5); never raises."""
+    import numpy as np
+
     try:
-        import warnings
-
-        import numpy as np
-        import torch
-
-        warnings.simplefilter("ignore")  # keep stderr for our one-line report
-        torch.set_num_threads(args.threads)
-    except Exception as exc:  # noqa: BLE001 - only the limits stand between python and torch
-        return _report(
-            _Refused("resource", f"cannot start under the sandbox limits ({_first_line(exc)})")
-        )
-    try:
-        header, inputs, mask = _read_request(sys.stdin.buffer)
-        activations, identity = _activations(header, inputs, mask)
+        header, sets = _read_request(raw)
+        identity, run = _runner(header, sets)
     except Exception as exc:  # noqa: BLE001 - every failure must reach the parent as a report
-        return _report(_classify(exc))
-    result = io.BytesIO()  # np.save wants a seekable file; stdout is a pipe
-    np.save(result, np.frombuffer(identity, dtype=np.uint8), allow_pickle=False)
-    np.save(result, np.ascontiguousarray(activations, dtype=np.float64), allow_pickle=False)
-    with os.fdopen(result_fd, "wb") as out:
-        out.write(result.getbuffer())
+        refusal = _classify(exc)
+        return REFUSED + _status({"kind": refusal.kind, "message": str(refusal)[:MAX_MESSAGE_CHARS]})
+    parts = [OK, _frame(np.frombuffer(identity, dtype=np.uint8))]
+    for spec, (inputs, mask) in zip(header["sets"], sets):
+        try:  # one set failing (another owner's triggers) leaves the others' answers intact
+            activations = run(spec, inputs, mask)
+        except Exception as exc:  # noqa: BLE001
+            refusal = _classify(exc)
+            parts.append(_status({"kind": refusal.kind,
+                                  "message": str(refusal)[:MAX_MESSAGE_CHARS]}))
+            continue
+        parts.append(_status({"kind": "ok", "message": ""}))
+        # float32 on the wire: torch computes in float32, so nothing is lost, and the cap on
+        # what the parent reads fits twice the units.
+        parts.append(_frame(np.ascontiguousarray(activations, dtype=np.float32)))
+    return b"".join(parts)
+
+
+def serve(data_fd: int) -> int:
+    """Read one request from `data_fd` (to EOF), write the answer, return the exit status."""
+    import warnings
+
+    warnings.simplefilter("ignore")
+    chunks = []
+    while chunk := os.read(data_fd, 1 << 20):
+        chunks.append(chunk)
+    reply = answer(b"".join(chunks))
+    view = memoryview(reply)
+    while view:
+        view = view[os.write(data_fd, view):]
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -56,15 +56,27 @@ class RunningServer:
         if self.metrics_http is not None:
             self.metrics_http.shutdown()
             self.metrics_http.server_close()
-        self.ctx.store.close()
+        self.ctx.close()
 
 
 def create_server(config: ServerConfig) -> RunningServer:
     """Start a key server for `config`; returns it with its bound port (listen on :0 for tests)."""
     config.check_listen()
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    ctx = handlers.Context(config=config, store=open_store(config.database),
-                           keyring=load_keyring(config), signer=load_signing_key(config))
+    config.spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # The sandbox's fork server first, before any key or the database is opened: it is a
+    # fresh interpreter with a clean environment, so it could not inherit them anyway, and
+    # a server that cannot isolate untrusted models should not start at all.
+    pool = config.start_sandbox()
+    log.info("sandbox: %d workers, queue %d; isolation: %s", pool.workers, pool.queue,
+             pool.isolation.summary())
+    try:
+        ctx = handlers.Context(config=config, store=open_store(config.database),
+                               keyring=load_keyring(config), signer=load_signing_key(config),
+                               pool=pool)
+    except BaseException:
+        pool.close()
+        raise
     servicer = KeyServiceServicer(ctx)
     # Plaintext never outlives a crash: uploads and decrypted hosts a dead process left.
     servicer.spool.clear()
@@ -103,7 +115,7 @@ def create_server(config: ServerConfig) -> RunningServer:
     else:
         port = server.add_insecure_port(config.listen)
     if port == 0:
-        ctx.store.close()
+        ctx.close()
         raise OSError(f"cannot listen on {config.listen}")
     metrics.track_log_size(ctx.store.tree_size)
     metrics_http = metrics.serve_http(config.metrics_listen) if config.metrics_listen else None
@@ -124,6 +136,10 @@ def serve(config: ServerConfig) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    pool = running.ctx.pool
+    assert pool is not None
+    print(f"freemark-keyserver sandbox: {pool.workers} workers, queue {pool.queue}; isolation: "
+          f"{pool.isolation.summary()}", flush=True)
     print(f"freemark-keyserver listening on {config.listen.rsplit(':', 1)[0]}:{running.port}",
           flush=True)
     stop.wait()

@@ -18,7 +18,7 @@ import grpc
 
 from freemark.v1 import keyservice_pb2 as pb
 from freemark.v1 import keyservice_pb2_grpc
-from freemark_keyserver import formats, handlers, panels
+from freemark_keyserver import cancellation, formats, handlers, panels
 from freemark_keyserver.auth import authenticate
 from freemark_keyserver.errors import ErrorCode, ServiceError, abort
 from freemark_keyserver.ratelimit import VerifyLimits
@@ -31,10 +31,14 @@ T = TypeVar("T")
 def _guard(context: grpc.ServicerContext, method: str, work: Callable[[], T]) -> T:
     """Run one RPC body, turning every failure into the right status."""
     try:
-        return work()
+        with cancellation.bound(context):  # the sandbox and the signer stop when the caller has gone
+            return work()
     except ServiceError as exc:
         log.info("%s refused: %s", method, exc.code.name)
         abort(context, exc.code, str(exc), exc.retry_after)
+    except cancellation.CallEnded as exc:
+        log.info("%s ended by the caller: %s", method, exc)
+        abort(context, ErrorCode.CALL_ENDED, str(exc))
     except Exception:
         reference = secrets.token_hex(6)
         log.exception("%s failed unexpectedly (reference %s)", method, reference)

@@ -3,8 +3,8 @@
 The spool has a quota over all open uploads: an upload reserves its announced size before
 its first byte is written (so a client cannot announce small and send large, nor hold more
 disk than the operator allows by stalling many uploads), and releases it when its file is
-removed. The spool is emptied when the server starts: a crash leaves no upload, and no
-decrypted host (`hosts.host_file` writes there too), behind.
+removed. The spool is emptied when the server starts: a crash leaves no upload behind
+(decrypted hosts never come here: `hosts.host_file` keeps them in a sealed memfd).
 """
 
 from __future__ import annotations

@@ -138,3 +138,72 @@ def test_kill_9_mid_burst_keeps_every_acknowledged_registration(
                              str(tmp_path / "ttp"), "--db", db, "--json",
                              env=cli_env(**keys.env())))
     assert final["ok"] is True and final["entries"] == len(entries) + 1 + (committed is None)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text(errors="replace")
+    except OSError:
+        return False
+
+
+def _holding(root: Path, fragments: list[bytes]) -> list[Path]:
+    """Files under `root` that contain any of `fragments`."""
+    found = []
+    for path in root.rglob("*"):
+        try:
+            if path.is_file() and any(f in path.read_bytes() for f in fragments):
+                found.append(path)
+        except OSError:
+            continue
+    return found
+
+
+def test_kill_9_during_a_safetensors_verify_leaves_no_plaintext_host_on_disk(
+        hosts: list[Host], tmp_path: Path) -> None:
+    """The registered host is decrypted into a sealed memfd for the sandbox, never a file: a
+    server killed mid-Verify leaves nothing of it behind, and its fork server and children
+    go with it (they watch the server's control socket)."""
+    db = str(tmp_path / "ttp.sqlite3")
+    keys = shared_keys(tmp_path / "keys")
+    host, suspect = hosts[0], hosts[1].weights  # another model's weights: not the host's bytes
+    tokens = add_principals(db, fleet_principals([host]))
+    server_args = ["--db", db, *keys.cli_args()]
+    data_dir = tmp_path / "ttp"
+    server = ServerProcess(data_dir, *server_args).start()
+    with KeyServiceClient(server.address, token=tokens[host.owner], timeout=300) as owner:
+        registration = owner.register(host.bundle, host.model).registration_id
+    raw = host.model.read_bytes()
+    fragments = [raw[i:i + 64] for i in range(len(raw) // 4, len(raw) - 64, len(raw) // 5)][:4]
+    stop = threading.Event()
+
+    def verify_until_killed() -> None:
+        with KeyServiceClient(server.address, token=tokens[ARBITER], retries=0,
+                              timeout=120) as judge:
+            while not stop.is_set():
+                try:
+                    judge.verify(registration, suspect)
+                except FreemarkError:
+                    return
+    caller = threading.Thread(target=verify_until_killed, daemon=True)
+    caller.start()
+    assert server.process is not None
+    deadline = time.monotonic() + 120
+    while not any(descendants(child) for child in descendants(server.process.pid)):
+        assert time.monotonic() < deadline, "no sandbox child ever ran"
+        time.sleep(0.002)
+    sandbox = descendants(server.process.pid)
+    server.process.send_signal(signal.SIGKILL)  # the server only: its sandbox must follow
+    server.process.communicate(timeout=30)
+    stop.set()
+    caller.join(60)
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in sandbox):
+        assert time.monotonic() < deadline, "the sandbox outlived the killed server"
+        time.sleep(0.05)
+    assert _holding(data_dir, fragments) == []
+    server = ServerProcess(data_dir, *server_args).start()
+    try:
+        assert _holding(data_dir, fragments) == []
+    finally:
+        server.stop()

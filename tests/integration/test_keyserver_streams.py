@@ -396,3 +396,42 @@ def test_no_refusal_names_a_server_path(world: World) -> None:
                  tempfile.gettempdir(), "/spool"):
         for message in world.messages:
             assert text not in message, message
+
+
+def test_a_full_server_still_answers_health_checks(world: World, tmp_path: Path) -> None:
+    """The whole call cap held by idle streams (the outage of issue 12): KeyService calls are
+    refused RATE_LIMITED with a retry hint, health and reflection are still answered."""
+    running = create_server(ServerConfig(data_dir=tmp_path / "ttp", listen="127.0.0.1:0",
+                                         grace_seconds=0, max_concurrent_rpcs=4))
+    release = threading.Event()
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    try:
+        tokens = {}
+        for name, role in (("owner_a", "owner"), ("owner_b", "owner")):
+            tokens[name] = new_token()
+            running.ctx.store.add_principal(Principal(name, role, hash_token(tokens[name]), 0))
+        stub = keyservice_pb2_grpc.KeyServiceStub(channel)
+        first = [pb.RegisterRequest(header=world.headers["owner_a"])]
+        holders = [stub.Register.future(_stalling(first, release), timeout=WAIT,
+                                        metadata=[("authorization", f"Bearer {tokens['owner_a']}")])
+                   for _ in range(4)]
+        deadline = time.monotonic() + WAIT
+        while running.calls.open_calls("owner_a") < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert running.calls.open_calls("owner_a") == 4
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.GetPublicKey(pb.GetPublicKeyRequest(), timeout=30,
+                              metadata=[("authorization", f"Bearer {tokens['owner_b']}")])
+        r = world.refusal(caught.value)
+        assert (r.code, r.reason) == (S.RESOURCE_EXHAUSTED, "RATE_LIMITED") and r.retry_after
+        health = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="freemark.v1.KeyService"), timeout=30)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        answers = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=30)
+        assert next(answers).list_services_response.service
+        assert not any(h.done() for h in holders)
+    finally:
+        release.set()
+        channel.close()
+        running.stop(grace=0)

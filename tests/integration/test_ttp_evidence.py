@@ -224,7 +224,7 @@ def test_a_failing_run_on_another_owners_triggers_answers_like_a_non_claim(
     of his own, independent model must go on exactly as a non-claim does (a receipt), and
     the failure shows in the operator's log only."""
     caplog.set_level(logging.INFO, logger="freemark_keyserver")
-    row = 128 * 8  # one input's activations at the act layer, float64
+    row = 128 * 4  # one input's activations at the act layer, float32 on the wire
     cap = (DEFAULT_PROBES + 55) * row  # between B's run (1024 + 10 rows) and A's (1024 + 100)
     data_dir = tmp_path / "ttp"
     tokens = {name: new_token() for name, _ in PRINCIPALS}

@@ -117,6 +117,20 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     slower than its minimum rate; the partial upload was deleted. Re-send it over a faster
     link. Status: DEADLINE_EXCEEDED.
     """
+    SANDBOX_BUSY: _ErrorReason.ValueType  # 20
+    """Every sandbox worker is busy and the server's sandbox queue is full (`--sandbox-workers`,
+    `--sandbox-queue`); nothing was run. The status carries a google.rpc.RetryInfo with a
+    hint of when to try again. Status: RESOURCE_EXHAUSTED.
+    """
+    SANDBOX_CRASHED: _ErrorReason.ValueType  # 21
+    """The sandbox process running the model died (a crash, e.g. SIGSEGV or SIGABRT from a
+    memory-unsafe operator) or answered nonsense; the model is refused and nothing was
+    signed. Status: INVALID_ARGUMENT.
+    """
+    CALL_ENDED: _ErrorReason.ValueType  # 22
+    """The call was cancelled or its deadline passed while the model ran; the run was killed
+    and nothing was signed or logged. Status: CANCELLED.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper): ...
 
@@ -201,5 +215,19 @@ UPLOAD_STALLED: ErrorReason.ValueType  # 19
 """The upload stream sent nothing for longer than the server's idle timeout, or arrived
 slower than its minimum rate; the partial upload was deleted. Re-send it over a faster
 link. Status: DEADLINE_EXCEEDED.
+"""
+SANDBOX_BUSY: ErrorReason.ValueType  # 20
+"""Every sandbox worker is busy and the server's sandbox queue is full (`--sandbox-workers`,
+`--sandbox-queue`); nothing was run. The status carries a google.rpc.RetryInfo with a
+hint of when to try again. Status: RESOURCE_EXHAUSTED.
+"""
+SANDBOX_CRASHED: ErrorReason.ValueType  # 21
+"""The sandbox process running the model died (a crash, e.g. SIGSEGV or SIGABRT from a
+memory-unsafe operator) or answered nonsense; the model is refused and nothing was
+signed. Status: INVALID_ARGUMENT.
+"""
+CALL_ENDED: ErrorReason.ValueType  # 22
+"""The call was cancelled or its deadline passed while the model ran; the run was killed
+and nothing was signed or logged. Status: CANCELLED.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -16,16 +16,20 @@ fingerprints, verdict outcomes) every principal of the server can read.
 
 Errors use standard status codes with an actionable message:
   INVALID_ARGUMENT    malformed bundle or request, wrong layer, unreadable model,
-                      an alpha outside the server's verdict policy
+                      an alpha outside the server's verdict policy, a model that
+                      crashed its sandbox process
   UNAUTHENTICATED     no or unknown token
   PERMISSION_DENIED   the role or ownership does not allow the call
   NOT_FOUND           no such registration (also for other owners' records)
   ALREADY_EXISTS      an earlier registration already claims this model
   RESOURCE_EXHAUSTED  upload over the configured cap (named in the message),
-                      or the server is at its concurrent-call limit
+                      or the server is at its concurrent-call limit, or every
+                      sandbox worker is busy and its queue full (RetryInfo says when)
   DEADLINE_EXCEEDED   the suspect model did not finish inside the sandbox deadline
   FAILED_PRECONDITION the registration is revoked
   DATA_LOSS           the upload's size or SHA-256 does not match its header
+  CANCELLED           the call was cancelled or its deadline passed while its model ran:
+                      the sandbox run was killed and nothing was signed or logged
 """
 
 from collections import abc as _abc

@@ -24,6 +24,7 @@ from freemark.cli import main
 from freemark.errors import (
     AlphaOutsidePolicyError,
     AlreadyRegisteredError,
+    CallEndedError,
     CryptoError,
     DeadlineExceededError,
     FreemarkError,
@@ -39,6 +40,8 @@ from freemark.errors import (
     RateLimitedError,
     ResourceExhaustedError,
     RevokedError,
+    SandboxBusyError,
+    SandboxCrashedError,
     SandboxLimitError,
     SandboxTimeoutError,
     ServerError,
@@ -78,6 +81,9 @@ EXPECTED: dict[ErrorCode, type[ServerError]] = {
     ErrorCode.RATE_LIMITED: RateLimitedError,
     ErrorCode.SPOOL_FULL: SpoolFullError,
     ErrorCode.UPLOAD_STALLED: UploadStalledError,
+    ErrorCode.SANDBOX_BUSY: SandboxBusyError,
+    ErrorCode.SANDBOX_CRASHED: SandboxCrashedError,
+    ErrorCode.CALL_ENDED: CallEndedError,
 }
 
 

@@ -94,9 +94,12 @@ def test_a_host_round_trips_through_segments(
     header = store_host(store, keyring, host, registration_id="reg_1", owner=OWNER)
     assert store.host_blob_segments("reg_1") == 4
     record = registered(store, keyring, "reg_1", header)
-    with host_file(store, keyring, record, tmp_path) as opened:
+    with host_file(store, keyring, record) as opened:
         assert opened.read_bytes() == host.read_bytes()
-        assert opened.stat().st_mode & 0o777 == 0o600
+        target = os.readlink(opened)  # a memfd: memory only, no directory entry anywhere
+        assert target.startswith("/memfd:freemark-host")
+        with pytest.raises(PermissionError):  # sealed: nobody, the sandbox included, changes it
+            opened.write_bytes(b"tampered")
     assert not opened.exists()
 
 
@@ -110,7 +113,7 @@ def test_sealing_and_opening_never_hold_the_model(
         _, sealing_peak = tracemalloc.get_traced_memory()
         record = registered(store, keyring, "reg_1", header)
         tracemalloc.reset_peak()
-        with host_file(store, keyring, record, tmp_path) as opened:
+        with host_file(store, keyring, record) as opened:
             _, opening_peak = tracemalloc.get_traced_memory()
             assert opened.stat().st_size == host.stat().st_size
     finally:
@@ -130,7 +133,7 @@ def test_a_missing_segment_is_refused_and_the_audit_names_it(
     assert audit(store, verifier)["registrations"] == 1
     with sqlite3.connect(data_dir / "freemark.sqlite3") as conn:
         conn.execute("DELETE FROM host_blobs WHERE registration_id = 'reg_1' AND seq = 2")
-    with pytest.raises(CryptoError), host_file(store, keyring, record, tmp_path):
+    with pytest.raises(CryptoError), host_file(store, keyring, record):
         pytest.fail("a truncated host was handed out")
     assert list(tmp_path.glob("tmp*")) == []  # nothing decrypted is left behind
     with pytest.raises(merkle.LogProofError, match="2 of its 3 host segments"):
@@ -143,11 +146,11 @@ def test_a_host_sealed_whole_before_v3_still_opens_and_rotates(
     data = os.urandom(1000)
     envelope = seal(keyring, data, record_id="reg_0/host", owner=OWNER).to_bytes()
     record = registered(store, keyring, "reg_0", envelope)
-    with host_file(store, keyring, record, tmp_path) as opened:
+    with host_file(store, keyring, record) as opened:
         assert opened.read_bytes() == data
     rotated = keyring.generate_new_version()
     moved = replace(record, host_envelope=rewrap_host(rotated, record))
-    with host_file(store, MasterKeyring({2: rotated._key(2)}), moved, tmp_path) as opened:
+    with host_file(store, MasterKeyring({2: rotated._key(2)}), moved) as opened:
         assert opened.read_bytes() == data
     assert audit(store, SigningKey.generate().verifier())["registrations"] == 1
 
@@ -168,7 +171,7 @@ def test_rotate_master_key_rewraps_host_headers_and_leaves_segments(
     assert record is not None and record.key_version == 2
     assert list(store.host_blob("reg_1")) == segments
     newest = keyring_from_file(data_dir / "master.key")
-    with host_file(store, MasterKeyring({2: newest._key(2)}), record, tmp_path) as opened:
+    with host_file(store, MasterKeyring({2: newest._key(2)}), record) as opened:
         assert opened.read_bytes() == host.read_bytes()
 
 
@@ -196,7 +199,7 @@ def test_rotation_saves_the_new_keyring_before_rewrapping_anything(
     for name in ("reg_1", "reg_2"):  # one under version 2, one still under 1: both open
         record = store.get_registration(name)
         assert record is not None
-        with host_file(store, saved, record, tmp_path) as opened:
+        with host_file(store, saved, record) as opened:
             assert opened.read_bytes() == host.read_bytes()
 
 

@@ -26,15 +26,17 @@ from freemark.errors import InvalidInputError, ModelFileError
 from freemark.modelfile import apply_weights, load_program, save_program, state_dict_of
 from freemark.triggers import TriggerSet, select_triggers
 from freemark.v1 import bundle_pb2
-from freemark_keyserver import sandbox
+from freemark_keyserver import sandbox_pool, sandbox_worker
 from freemark_keyserver.sandbox import (
     SandboxError,
     SandboxLimits,
     SandboxResourceError,
     SandboxTimeout,
     run_in_sandbox,
+    shared_pool,
     worker_environment,
 )
+from freemark_keyserver.sandbox_pool import SandboxPool
 from freemark_lab.data import digits
 from freemark_lab.models import DigitsCNN
 from freemark_lab.train import trained
@@ -136,50 +138,26 @@ def test_worker_environment_is_built_from_nothing(
     assert "parent-only secret" not in "".join(environment.values())
 
 
-def _proc_limits(pid: int) -> dict[str, tuple[str, str]]:
-    """{limit name: (soft, hard)} as the kernel reports them for process `pid`."""
-    limits = {}
-    for line in Path(f"/proc/{pid}/limits").read_text().splitlines()[1:]:
-        soft, hard = line[26:].split()[:2]
-        limits[line[:26].strip()] = (soft, hard)
-    return limits
-
-
-def test_real_worker_has_no_secrets_no_inherited_files_and_its_limits(
+def test_fork_server_has_no_secrets_and_no_inherited_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(MASTER_KEY, "parent-only secret")
     inherited = os.open(tmp_path / "parent-file", os.O_CREAT | os.O_WRONLY)
     os.set_inheritable(inherited, True)
-    limits = SandboxLimits(memory_bytes=3 << 30, cpu_seconds=50, open_files=32)
-    workdir = tmp_path / "work"
-    workdir.mkdir()
-    # The real start-up path of run_in_sandbox, stopped while the worker waits for its request.
-    process = sandbox._start_worker(limits, workdir)
+    pool = SandboxPool(workers=1, queue=0, limits=DEFAULT_LIMITS).start()
     try:
-        proc = Path(f"/proc/{process.pid}")
+        assert pool.pid is not None
+        proc = Path(f"/proc/{pool.pid}")
         environ = dict(
             entry.split("=", 1) for entry in (proc / "environ").read_text().split("\0") if entry
         )
-        assert environ == worker_environment(limits, workdir)
-        assert MASTER_KEY not in environ
-        assert (proc / "cwd").resolve() == workdir.resolve()
-        deadline = time.monotonic() + 20
-        while _proc_limits(process.pid)["Max processes"] != ("0", "0"):  # the last limit it sets
-            assert time.monotonic() < deadline, "the worker never applied its limits"
-            time.sleep(0.02)
-        limits_now = _proc_limits(process.pid)
-        assert limits_now["Max address space"] == (str(3 << 30),) * 2
-        assert limits_now["Max cpu time"] == ("50", "51")
-        assert limits_now["Max open files"] == ("32", "32")
-        assert limits_now["Max file size"] == ("0", "0")
-        assert limits_now["Max core file size"] == ("0", "0")
+        assert MASTER_KEY not in environ and "parent-only secret" not in "".join(environ.values())
+        assert set(environ) == set(worker_environment(DEFAULT_LIMITS, tmp_path))
         open_files = {os.readlink(proc / "fd" / fd) for fd in os.listdir(proc / "fd")}
         assert str(tmp_path / "parent-file") not in open_files
     finally:
         os.close(inherited)
-        process.kill()
-        process.communicate()
+        pool.close()
 
 
 def test_unknown_layer_is_an_invalid_input_not_a_bad_model(host: Host) -> None:
@@ -199,53 +177,64 @@ def _npy(array: np.ndarray, *, allow_pickle: bool = False) -> bytes:
     return buffer.getvalue()
 
 
+def _reply(*arrays: np.ndarray, status: bytes = sandbox_worker.OK) -> bytes:
+    identity = np.zeros(64, dtype=np.uint8)
+    ok = np.frombuffer(b'{"kind": "ok", "message": ""}', dtype=np.uint8)
+    return status + _npy(identity) + b"".join(_npy(ok) + _npy(a) for a in arrays)
+
+
 @pytest.mark.parametrize(
     ("raw", "why"),
     [
-        (_npy(np.array([{"x": 1}], dtype=object), allow_pickle=True), "not a .npy array"),
-        (b"not numpy at all", "not a .npy array"),
-        (_npy(np.zeros((3, 4))) + b"extra", "exactly one"),
-        (_npy(np.zeros((3, 4), dtype=np.float32)), "float32"),
-        (_npy(np.zeros((2, 4))), r"\(2, 4\)"),
-        (_npy(np.zeros(3)), r"\(3,\)"),
-        (_npy(np.full((3, 4), np.nan)), "non-finite"),
+        (sandbox_worker.OK + _npy(np.array([{"x": 1}], dtype=object), allow_pickle=True),
+         "not a .npy array"),
+        (b"not numpy at all", "no status"),
+        (sandbox_worker.OK + b"not numpy at all", "not a .npy array"),
+        (_reply(np.zeros((3, 4), dtype=np.float32)) + b"extra", "trailing"),
+        (_reply(np.zeros((3, 4))), "float64"),
+        (_reply(np.zeros((2, 4), dtype=np.float32)), r"\(2, 4\)"),
+        (_reply(np.zeros(3, dtype=np.float32)), r"\(3,\)"),
+        (_reply(np.full((3, 4), np.nan, dtype=np.float32)), "non-finite"),
     ],
 )
 def test_worker_output_is_parsed_without_pickle_and_checked(raw: bytes, why: str) -> None:
     """What a compromised worker could send back never becomes a Python object or bad matrix."""
     with pytest.raises(SandboxError, match=why):
-        sandbox._parse_activations(raw, n_triggers=3)
+        sandbox_pool._decode(raw, 0, [3], DEFAULT_LIMITS)
 
 
-def _children_running_worker() -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            command = (entry / "cmdline").read_bytes()
-        except (OSError, ValueError, IndexError):
-            continue
-        if parent == os.getpid() and b"sandbox_worker" in command:
-            found.append(int(entry.name))
-    return found
+def test_float32_wire_keeps_float64_results() -> None:
+    activations = np.arange(12, dtype=np.float32).reshape(3, 4)
+    _, results = sandbox_pool._decode(_reply(activations), 0, [3], DEFAULT_LIMITS)
+    assert isinstance(results[0], np.ndarray) and results[0].dtype == np.float64
+    np.testing.assert_array_equal(results[0], activations)
+
+
+def _many(triggers: TriggerSet, times: int = 2000) -> TriggerSet:
+    """Enough inputs to keep a warm child busy for seconds."""
+    return TriggerSet(inputs=np.repeat(triggers.inputs, times, axis=0))
 
 
 def test_wall_clock_deadline_kills_the_worker(host: Host) -> None:
+    shared_pool()  # started (seconds of imports) before the clock runs
     started = time.monotonic()
     with pytest.raises(SandboxTimeout, match="0.3 s"):
-        _sandboxed(host.path, host.triggers, limits=SandboxLimits(wall_seconds=0.3))
+        _sandboxed(host.path, _many(host.triggers), limits=SandboxLimits(wall_seconds=0.3))
     assert time.monotonic() - started < 5
-    assert _children_running_worker() == []
+    deadline = time.monotonic() + 2
+    while shared_pool().stats()["running"]:
+        assert time.monotonic() < deadline, "the killed child is still running"
+        time.sleep(0.05)
 
 
 def test_too_little_memory_is_a_resource_error(host: Host) -> None:
-    with pytest.raises(SandboxResourceError, match="sandbox limits"):
+    with pytest.raises(SandboxResourceError, match="sandbox limit"):
         _sandboxed(host.path, host.triggers, limits=SandboxLimits(memory_bytes=256 << 20))
 
 
 def test_cpu_time_limit_is_a_resource_error(host: Host) -> None:
     with pytest.raises(SandboxResourceError, match="CPU-time limit of 1 s"):
-        _sandboxed(host.path, host.triggers, limits=SandboxLimits(cpu_seconds=1))
+        _sandboxed(host.path, _many(host.triggers, 8000), limits=SandboxLimits(cpu_seconds=1))
 
 
 HOSTILE: dict[str, tuple[Callable[[Path, Path, Path], Path], str]] = {

@@ -1,0 +1,203 @@
+"""The sandbox as a service, over a real server on loopback (SQLite, the real warm pool).
+
+One in-process server with `--sandbox-workers 2 --sandbox-queue 3`, a registered digits host,
+and a slow suspect of the same interface (one 1024-wide layer applied many times, then the
+key layer) so a run lasts long enough to be cancelled, crashed or crowded. What is measured
+about the children comes from the fork server itself (`SandboxPool.stats`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from freemark.derive import derive_key
+from freemark.errors import (
+    DeadlineExceededError,
+    FreemarkError,
+    SandboxBusyError,
+    SandboxCrashedError,
+    ServerError,
+    TransportError,
+)
+from freemark.modelfile import load_program, save_program
+from freemark.rpc import KeyServiceClient
+from freemark.triggers import load_triggers
+from freemark_keyserver.auth import hash_token, new_token
+from freemark_keyserver.config import ServerConfig
+from freemark_keyserver.ratelimit import Rate
+from freemark_keyserver.sandbox_pool import SandboxPool
+from freemark_keyserver.server import RunningServer, create_server
+from freemark_keyserver.store import Principal
+from ttp_fixtures import build_models
+
+WORKERS, QUEUE = 2, 3
+
+
+class Slow(torch.nn.Module):
+    """The digits interface (1x8x8 in, a 128-unit `act` layer) at a few seconds per Verify."""
+
+    def __init__(self, repeats: int) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(64, 1024)
+        self.wide = torch.nn.Linear(1024, 1024)
+        self.out = torch.nn.Linear(1024, 128)
+        self.act = torch.nn.ReLU()
+        self.repeats = repeats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.inp(x.flatten(1)))
+        for _ in range(self.repeats):
+            h = torch.relu(self.wide(h))
+        return self.act(self.out(h))
+
+
+@dataclass
+class World:
+    running: RunningServer
+    target: str
+    token: str
+    registration_id: str
+    slow: Path
+
+    @property
+    def pool(self) -> SandboxPool:
+        assert self.running.ctx.pool is not None
+        return self.running.ctx.pool
+
+    def client(self, timeout: float = 300) -> KeyServiceClient:
+        return KeyServiceClient(self.target, token=self.token, retries=0, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    folder = tmp_path_factory.mktemp("sandbox-service")
+    files = build_models(folder)
+    slow = folder / "slow.pt2"
+    save_program(Slow(repeats=100).eval(), (torch.zeros(2, 1, 8, 8),), slow)
+    running = create_server(ServerConfig(data_dir=folder / "ttp", listen="127.0.0.1:0",
+                                         grace_seconds=1, sandbox_workers=WORKERS,
+                                         sandbox_queue=QUEUE,
+                                         # only the sandbox's cap is under test here
+                                         max_calls_per_principal=32,
+                                         verify_rate_principal=Rate.parse("off"),
+                                         verify_rate_registration=Rate.parse("off")))
+    token = new_token()
+    running.ctx.store.add_principal(Principal("owner", "owner", hash_token(token), 0))
+    bundle = derive_key(load_program(files.host), layer="act", owner="owner",
+                        triggers=load_triggers(files.triggers))
+    target = f"127.0.0.1:{running.port}"
+    with KeyServiceClient(target, token=token, timeout=300) as owner:
+        receipt = owner.register(bundle, files.host)
+    yield World(running, target, token, receipt.registration_id, slow)
+    running.stop(grace=1)
+
+
+def _wait_for(condition: Callable[[], bool], seconds: float) -> float:
+    """Poll until `condition()`; returns how long it took, fails past `seconds`."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < seconds, "timed out waiting"
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+def _children(pool: SandboxPool) -> list[int]:
+    """Pids whose parent is the fork server: the running sandbox children."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == pool.pid:
+            found.append(int(entry.name))
+    return found
+
+
+def _verify_in_thread(world: World, client: KeyServiceClient
+                      ) -> tuple[threading.Thread, list[object]]:
+    outcome: list[object] = []
+
+    def call() -> None:
+        try:
+            outcome.append(client.verify(world.registration_id, world.slow))
+        except (FreemarkError, grpc.RpcError, ValueError) as exc:
+            outcome.append(exc)
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def test_a_cancelled_verify_kills_its_child_at_once_and_logs_nothing(world: World) -> None:
+    size = world.running.ctx.store.tree_size()
+    client = world.client()
+    thread, _ = _verify_in_thread(world, client)
+    _wait_for(lambda: world.pool.stats()["running"] == 1, 60)
+    client.close()  # the channel goes: the call is cancelled
+    took = _wait_for(lambda: world.pool.stats()["running"] == 0, 5)
+    thread.join(10)
+    assert took < 1.0, f"the child outlived the cancelled call by {took:.2f} s"
+    time.sleep(0.5)  # had the run gone on, its verdict would be appended by now
+    assert world.running.ctx.store.tree_size() == size
+
+
+def test_a_verify_past_its_deadline_is_killed_and_logs_nothing(world: World) -> None:
+    size = world.running.ctx.store.tree_size()
+    with world.client(timeout=1.5) as client, pytest.raises((DeadlineExceededError,
+                                                              TransportError)):
+        client.verify(world.registration_id, world.slow)
+    took = _wait_for(lambda: world.pool.stats()["running"] == 0, 5)
+    assert took < 1.0
+    time.sleep(0.5)
+    assert world.running.ctx.store.tree_size() == size
+
+
+def test_ten_verifies_on_two_workers_run_two_at_a_time_and_the_rest_queue_or_are_told_to_retry(
+        world: World) -> None:
+    world.pool.stats(reset=True)
+    clients = [world.client() for _ in range(10)]
+    runs = [_verify_in_thread(world, client) for client in clients]
+    for thread, _ in runs:
+        thread.join(300)
+    outcomes = [outcome[0] for _, outcome in runs]
+    for client in clients:
+        client.close()
+    stats = world.pool.stats()
+    assert stats["high_water"] <= WORKERS
+    busy = [o for o in outcomes if isinstance(o, SandboxBusyError)]
+    answered = [o for o in outcomes if not isinstance(o, Exception)]
+    assert len(busy) + len(answered) == 10, outcomes
+    assert len(answered) >= WORKERS  # the running two and what the queue held were served
+    assert busy, "ten slow calls on two workers and a queue of three: some must be refused"
+    assert all("retry in about" in str(o) for o in busy)
+
+
+def test_a_crashing_child_is_a_clear_refusal_and_the_server_stays_serving(world: World) -> None:
+    size = world.running.ctx.store.tree_size()
+    with world.client() as client:
+        thread, outcome = _verify_in_thread(world, client)
+        _wait_for(lambda: bool(_children(world.pool)), 60)
+        for pid in _children(world.pool):
+            os.kill(pid, signal.SIGSEGV)  # what a heap overflow in an operator ends in
+        thread.join(60)
+    assert isinstance(outcome[0], SandboxCrashedError), outcome
+    assert isinstance(outcome[0], ServerError) and "SIGSEGV" in str(outcome[0])
+    assert world.running.ctx.store.tree_size() == size
+    with grpc.insecure_channel(world.target) as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=10).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    _wait_for(lambda: world.pool.stats()["running"] == 0, 5)
