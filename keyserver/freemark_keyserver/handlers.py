@@ -414,7 +414,12 @@ def _refuse_claimed(ctx: Context, principal: Principal, host: Path, reading: pan
     Running the uploader's program on another owner's triggers must not let it observe
     them: any failure of that run or of its judgement (sandbox deadline, resource limit,
     crash, model error, anything) is treated exactly as a non-match, so the call goes on
-    as it would have; the failure is logged for the operator and never answered.
+    as it would have; the failure is logged for the operator and never answered. Only a
+    full sandbox (retry later) and the caller's own cancellation end the call: neither
+    depends on the triggers.
+
+    All earlier registrations are read in one sandbox run (one load of the upload, one
+    trigger set each); a set that fails fails alone.
     """
     same = [r for r in _logged_many(ctx, lambda reg: reg.by_fingerprint(reading.fingerprint))
             if _blocks(r, principal)]

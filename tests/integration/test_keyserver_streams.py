@@ -203,6 +203,9 @@ def test_metrics_page_moves_with_a_register_and_logs_carry_the_request_id(world:
     assert _value(after, "freemark_rpc_duration_seconds_count", **method) == \
         _value(before, "freemark_rpc_duration_seconds_count", **method) + 1
     assert _value(after, "freemark_log_entries") == _value(before, "freemark_log_entries") + 1
+    # The sandbox ran the host (and the null panel) for that Register.
+    assert _value(after, "freemark_sandbox_run_seconds_count") > \
+        _value(before, "freemark_sandbox_run_seconds_count")
     for name in ("freemark_sandbox_queue_depth", "freemark_sandbox_running",
                  "freemark_spool_bytes", "process_resident_memory_bytes"):
         assert f"\n{name} " in after, f"{name} missing from the metrics page"
