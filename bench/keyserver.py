@@ -5,7 +5,8 @@
 (tests/ on the path: the bench reuses the tests' throwaway PostgreSQL, tests/pg.py, and their
 independent hosts, tests/ttp_fleet.py.) About 7 minutes on two shared cores and 2 GB of free
 disk in the temporary directory; `--quick` is a 2-3 minute smoke run (no 500 MB model, fewer
-clients and requests). docs/keyserver-bench.md has the figures and what limits each.
+clients and requests); `--sandbox` only the warm sandbox's figures (about 3 minutes, SQLite:
+pool idle memory, Register full vs TTP only, Verify against its floor). docs/keyserver-bench.md has the figures and what limits each.
 
 Every server is a process of its own; the clients are threads of this process. Sections:
 
@@ -23,9 +24,10 @@ Every server is a process of its own; the clients are threads of this process. S
     ratio of the sink's.
 (d) peak server RSS (sampled every 10 ms, and the kernel's high-water mark) while the 500 MB
     model is uploaded and while it is registered end to end, against size x 1.2 + 200 MB.
-(e) Verify latency split into its parts, each measured alone: upload (as in (c)), sandbox
-    start (a fresh python doing the worker's imports), load (+ vetting), forward, fingerprint,
-    extract (the calibrated verdict) and log+sign; against the end-to-end Verify.
+(e) Verify latency split into its parts, each measured alone: upload (as in (c)), load
+    (+ vetting), forward, fingerprint, extract (the calibrated verdict) and log+sign; against
+    the end-to-end Verify, and as a ratio of its floor (upload + load + forward + extract in
+    process: what any TTP must do). The sandbox is the warm pool: its cost is the gap.
 (f) 32 clients x 1,000 mixed cheap requests through two replicas on one PostgreSQL, and load
     shedding: with --max-concurrent-rpcs 4 held by slow uploads, how fast excess calls get
     RESOURCE_EXHAUSTED.
@@ -65,6 +67,7 @@ from freemark.bundle import KeyBundle, to_proto
 from freemark.derive import check_uniqueness, derive_key
 from freemark.extract import judge_activations
 from freemark.modelfile import architecture_digest, fingerprint, load_program, save_program
+from freemark.panel import probe_triggers
 from freemark.signatures import canonical_json
 from freemark.v1 import keyservice_pb2 as pb
 from freemark.v1 import keyservice_pb2_grpc
@@ -73,7 +76,8 @@ from freemark_keyserver import handlers
 from freemark_keyserver.config import ServerConfig, load_keyring, load_signing_key
 from freemark_keyserver.crypto import SigningKey
 from freemark_keyserver.hosts import store_host
-from freemark_keyserver.sandbox import SandboxLimits, worker_environment
+from freemark_keyserver.sandbox import SandboxLimits
+from freemark_keyserver.sandbox_pool import SandboxPool, default_workers
 from freemark_keyserver.store import Store, StoredCheckpoint, open_store
 from freemark_keyserver.vetting import vet_program
 from pg import PostgresServer, PostgresUnavailable, create_database
@@ -93,6 +97,8 @@ MB = 1_000_000
 CHUNK = 1 << 20  # the client library's chunk size
 RSS_GOAL_FACTOR, RSS_GOAL_SLACK_MB = 1.2, 200
 UPLOAD_GOAL, REGISTER_GOAL = 0.7, 0.5
+VERIFY_GOAL, FULL_VS_TTP_GOAL = 1.3, 0.5  # Verify over its in-process floor; full over TTP only
+GiB = 1 << 30
 START_TIMEOUT_S = 120.0
 RSS_SAMPLE_S = 0.01
 WIDE_HIDDEN_LAYERS = 4  # square hidden layers of a "wide" model: they hold nearly all weights
@@ -505,19 +511,21 @@ def register_big(deploy: Deployment, backend: str, model: BigModel, owner_index:
         raise
 
 
-# What a sandbox worker imports before its model runs; torch._export.serde is what the first
-# torch.export.load pulls in (torch._dynamo and more): 2 s on its own, paid by every worker.
-_WORKER_IMPORTS = ("numpy", "torch", "torch._export.serde.serialize", "freemark.activations",
-                   "freemark.modelfile", "freemark_keyserver.vetting")
-
-
-def sandbox_start_s(repeats: int) -> float:
-    """Starting a sandbox worker: a fresh python, in the worker's environment, doing the
-    worker's imports (measured warm in this process, load and forward are separate parts)."""
-    with tempfile.TemporaryDirectory() as home:
-        env = worker_environment(SandboxLimits(), Path(home))
-        argv = [sys.executable, "-c", "import " + ", ".join(_WORKER_IMPORTS)]
-        return median_time(repeats, lambda: subprocess.run(argv, env=env, check=True))
+def pool_idle_memory() -> dict[str, float]:
+    """The warm sandbox's fork server at rest: RSS and PSS (its pages shared with nothing
+    else count whole; children share them copy-on-write) in MB, and its start-up time."""
+    started = time.perf_counter()
+    pool = SandboxPool(workers=1, queue=0, limits=SandboxLimits()).start()
+    start_s = time.perf_counter() - started
+    try:
+        assert pool.pid is not None
+        rollup = Path(f"/proc/{pool.pid}/smaps_rollup").read_text().splitlines()
+        fields = {line.split(":")[0]: float(line.split()[1]) / 1024 for line in rollup[1:]}
+        return {"rss_mb": rss_mb(pool.pid), "pss_mb": fields.get("Pss", float("nan")),
+                "start_s": start_s, "workers_default": default_workers(GiB * 4),
+                "isolation": pool.isolation.summary()}
+    finally:
+        pool.close()
 
 
 def upload_costs_ms() -> dict[str, float]:
@@ -635,12 +643,13 @@ def verify_split(name: str, path: Path, bundle: KeyBundle, address: str,
             verify_stream(registration_id, path, header), metadata=bearer(arbiter), timeout=900))
     finally:
         channel.close()
-    split = {"upload_s": upload, "sandbox_start_s": parts["sandbox_start_s"], "load_s": load,
-             "forward_s": forward, "fingerprint_s": identity, "extract_s": extract,
-             "log_sign_s": parts["log_sign_s"]}
+    split = {"upload_s": upload, "load_s": load, "forward_s": forward,
+             "fingerprint_s": identity, "extract_s": extract, "log_sign_s": parts["log_sign_s"]}
     summed = sum(split.values())
+    floor = upload + load + forward + extract  # what any TTP must do for this Verify
     return {"model": name, "bytes": path.stat().st_size, **split, "sum_s": summed,
-            "verify_s": total, "unexplained_s": total - summed}
+            "verify_s": total, "unexplained_s": total - summed, "floor_s": floor,
+            "ratio_to_floor": total / floor}
 
 
 def load_mix(deploy: Deployment, plan: Plan) -> dict[str, Any]:
@@ -778,8 +787,10 @@ def record_replay(hosts: list[Host], table: Path) -> None:
     results = {}
     for host in hosts:
         bundle = host.bundle
+        # Register reads the triggers and the alignment probes in one run: record both.
         results[file_sha256(host.model)] = in_process_sandbox(
-            host.model, layer=bundle.layer, pooling=bundle.pooling, triggers=bundle.triggers)
+            host.model, layer=bundle.layer, pooling=bundle.pooling,
+            triggers=probe_triggers(bundle))
     save_replay_table(table, results)
 
 
@@ -789,7 +800,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write every figure here")
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
     parser.add_argument("--workdir", type=Path, help="scratch space (default: a temp dir)")
+    parser.add_argument("--sandbox", action="store_true",
+                        help="only the warm sandbox's figures (about 3 minutes, SQLite)")
     args = parser.parse_args(argv)
+    if args.sandbox:
+        torch.set_num_threads(1)
+        work = Path(tempfile.mkdtemp(prefix="freemark-bench-", dir=args.workdir))
+        servers: list[ServerProc] = []
+        try:
+            results = run_sandbox(SANDBOX, work, servers)
+            results["plan"] = SANDBOX.__dict__
+            if args.json:
+                write_json(args.json, results)
+                print(f"wrote {args.json}")
+        finally:
+            for server in servers:
+                server.stop()
+            shutil.rmtree(work, ignore_errors=True)
+        return 0
     plan = QUICK if args.quick else FULL
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="freemark-bench-", dir=args.workdir))
@@ -813,6 +841,94 @@ def main(argv: Sequence[str] | None = None) -> int:
         postgres.stop()
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def print_verify(rows: list[dict[str, Any]]) -> None:
+    print_table(f"(e) Verify latency (s): parts measured alone vs end to end; floor = upload + "
+                f"load + forward + extract in process (goal <= {VERIFY_GOAL}x)",
+                ["model", "upload", "load", "forward", "fingerprint", "extract", "log+sign",
+                 "sum", "Verify", "gap", "floor", "x floor"],
+                [[r["model"], r["upload_s"], r["load_s"], r["forward_s"], r["fingerprint_s"],
+                  r["extract_s"], r["log_sign_s"], r["sum_s"], r["verify_s"],
+                  r["unexplained_s"], r["floor_s"], r["ratio_to_floor"]] for r in rows])
+
+
+def print_full_vs_ttp(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Register (full) QPS over Register (TTP only) QPS, per backend and concurrency."""
+    by = {(r["backend"], r["clients"], r["call"]): r for r in rows}
+    ratios = [{"backend": b, "clients": c, "full_qps": full["qps"],
+               "ttp_qps": by[(b, c, "Register (TTP only)")]["qps"],
+               "ratio": full["qps"] / by[(b, c, "Register (TTP only)")]["qps"]}
+              for (b, c, call), full in by.items() if call == "Register (full)"]
+    print_table(f"(b) Register (full) vs Register (TTP only) QPS (goal >= {FULL_VS_TTP_GOAL}x)",
+                ["db", "clients", "full QPS", "TTP-only QPS", "ratio"],
+                [list(r.values()) for r in ratios])
+    return ratios
+
+
+def run_sandbox(plan: Plan, work: Path, servers: list[ServerProc]) -> dict[str, Any]:
+    """`--sandbox`: the warm pool's figures alone, in a few minutes on SQLite: Register (full)
+    vs (TTP only), Verify against its floor for the digits CNN and a 100 MB model, and the
+    pool's idle memory."""
+    began = time.perf_counter()
+    (work / "models").mkdir()
+    hosts = build_hosts(work / "models", plan.hosts)
+    replay_table = work / "replay.npz"
+    record_replay(hosts, replay_table)
+    deploy = Deployment(work, shared_keys(work / "keys"), None, hosts, replay_table)
+    results: dict[str, Any] = {"load_average_at_start": os.getloadavg()}
+    idle = pool_idle_memory()
+    print_table("sandbox pool at rest (fork server, torch imported, no child)",
+                ["RSS MB", "PSS MB", "start s", "default workers here", "isolation"],
+                [list(idle.values())])
+    results["pool_idle"] = idle
+    rows = []
+    for clients in plan.clients:
+        for label, replay, count in (("Register (full)", False, plan.register_full),
+                                     ("Register (TTP only)", True, plan.register_ttp)):
+            stats, _ = registers(deploy, "sqlite", clients, max(clients, count), replay=replay)
+            rows.append({"backend": "sqlite", "call": label, **stats.row()})
+        print(f"  {clients} clients done ({time.perf_counter() - began:.0f} s)", flush=True)
+    results["register_full_vs_ttp"] = print_full_vs_ttp(rows)
+    parts = {"log_sign_s": log_and_sign_s(str(work / "log-sign.sqlite3"), SigningKey.generate(),
+                                          20)}
+    split_rows = []
+    server, _, tokens = deploy.server("sqlite")
+    servers.append(server)
+    try:
+        channel, keyservice = stub(server.address)
+        host = hosts[0]
+        receipt = keyservice.Register(register_stream(host.bundle, host.model,
+                                                      upload_header(host.model)),
+                                      metadata=bearer(tokens[host.owner]), timeout=300)
+        channel.close()
+        split_rows.append(verify_split("digits CNN", host.model, host.bundle, server.address,
+                                       (tokens[host.owner], tokens[ARBITER]),
+                                       receipt.registration_id, parts, 5))
+    finally:
+        server.stop()
+    for i, size in enumerate(plan.sizes_mb):
+        model = build_big_model(work / "models", size, hosts[i + 1].owner, hosts[0].bundle)
+        done = register_big(deploy, "sqlite", model, i + 1)
+        server = done.pop("server")
+        servers.append(server)
+        try:
+            split_rows.append(verify_split(f"wide {size} MB", model.path, model.bundle,
+                                           server.address, (done["token"], done["arbiter"]),
+                                           done["registration_id"], parts, 2))
+        finally:
+            server.stop()
+    print_verify(split_rows)
+    results["verify_split"] = split_rows
+    results["elapsed_s"] = time.perf_counter() - began
+    results["load_average_at_end"] = os.getloadavg()
+    print(f"done in {results['elapsed_s']:.0f} s", flush=True)
+    return results
+
+
+SANDBOX = Plan(clients=(1, 2), echo_calls=0, checkpoint_calls=0, register_full=8,
+               register_ttp=16, sizes_mb=(100,), upload_repeats=1, load_clients=0,
+               load_requests=0, hosts=16)
 
 
 def run(plan: Plan, work: Path, pg_admin: str | None, backends: list[str],
@@ -864,6 +980,7 @@ def run(plan: Plan, work: Path, pg_admin: str | None, backends: list[str],
                 ["db", "call", "clients", "calls", "errors", "QPS", "p50 ms", "p99 ms",
                  "x echo"], rows)
     results["register"] = register_rows
+    results["register_full_vs_ttp"] = print_full_vs_ttp(register_rows)
     split = [register_split(deploy, backend, REGISTER_SPLIT_HOSTS) for backend in backends]
     print_table("(b) Register's own work (ms, median, in-process, sandbox replayed): parts alone",
                 ["db", "handler", "checks", "seal+store host", "log+sign", "sum"],
@@ -872,8 +989,7 @@ def run(plan: Plan, work: Path, pg_admin: str | None, backends: list[str],
     results["register_split"] = split
 
     # (c) uploads, (d) memory, (e) Verify split: on a fresh SQLite server per model
-    parts = {"sandbox_start_s": sandbox_start_s(3),
-             "log_sign_s": log_and_sign_s(str(work / "log-sign.sqlite3"), SigningKey.generate(),
+    parts = {"log_sign_s": log_and_sign_s(str(work / "log-sign.sqlite3"), SigningKey.generate(),
                                           20)}
     upload_rows, rss_rows, split_rows = [], [], []
     for i, model in enumerate(big):
@@ -930,12 +1046,7 @@ def run(plan: Plan, work: Path, pg_admin: str | None, backends: list[str],
                                           receipt.registration_id, parts, 3))
     finally:
         server.stop()
-    print_table("(e) Verify latency (s): parts measured alone vs end to end",
-                ["model", "upload", "start", "load", "forward", "fingerprint", "extract",
-                 "log+sign", "sum", "Verify", "gap"],
-                [[r["model"], r["upload_s"], r["sandbox_start_s"], r["load_s"], r["forward_s"],
-                  r["fingerprint_s"], r["extract_s"], r["log_sign_s"], r["sum_s"],
-                  r["verify_s"], r["unexplained_s"]] for r in split_rows])
+    print_verify(split_rows)
     results.update(upload=upload_rows, upload_costs_ms_per_mib=costs, rss=rss_rows,
                    verify_split=split_rows)
 

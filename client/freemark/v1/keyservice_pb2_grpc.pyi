@@ -14,18 +14,27 @@ GetEntries, GetPublicKey) only need a valid principal: the log is public to all
 of them, entries included, so whatever a signed statement holds (owners, host
 fingerprints, verdict outcomes) every principal of the server can read.
 
+Every answer, error or not, carries `x-request-id` trailing metadata: the id of the
+server's log lines for the call. Health checking and reflection are never refused
+because KeyService calls fill the server.
+
 Errors use standard status codes with an actionable message:
   INVALID_ARGUMENT    malformed bundle or request, wrong layer, unreadable model,
                       an alpha outside the server's verdict policy, a model that
                       crashed its sandbox process
-  UNAUTHENTICATED     no or unknown token
+  UNAUTHENTICATED     no or unknown token, or a disabled principal (a principal
+                      disabled while a call is open has that call ended)
   PERMISSION_DENIED   the role or ownership does not allow the call
   NOT_FOUND           no such registration (also for other owners' records)
   ALREADY_EXISTS      an earlier registration already claims this model
   RESOURCE_EXHAUSTED  upload over the configured cap (named in the message),
-                      or the server is at its concurrent-call limit, or every
+                      or the server or this principal is at its concurrent-call
+                      limit, or Verify's rate limit (per principal, per registration)
+                      is spent, or the upload spool's quota is full, or every
                       sandbox worker is busy and its queue full (RetryInfo says when)
-  DEADLINE_EXCEEDED   the suspect model did not finish inside the sandbox deadline
+  DEADLINE_EXCEEDED   the suspect model did not finish inside the sandbox deadline,
+                      or the upload stream was idle past the server's timeout or
+                      slower than its minimum rate (UPLOAD_STALLED; re-send)
   FAILED_PRECONDITION the registration is revoked
   DATA_LOSS           the upload's size or SHA-256 does not match its header
   CANCELLED           the call was cancelled or its deadline passed while its model ran:
