@@ -48,6 +48,7 @@ def receipt_body(log_index: int, **overrides: Any) -> dict[str, Any]:
         "n_bits": 256,
         "log_index": log_index,
         "panel": {"size": 0, "sha256": hashlib.sha256(b"").hexdigest()},
+        "architecture_digest": bytes(range(96, 128)).hex(),
         **overrides,
     }
 

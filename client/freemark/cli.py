@@ -24,7 +24,7 @@ import numpy as np
 
 from freemark._schema import signed_fields, to_json_fields
 from freemark.bundle import load_bundle, save_bundle
-from freemark.cli_log import add_log_parser
+from freemark.cli_log import add_log_parser, add_status_parser
 from freemark.derive import DEFAULT_BITS, derive_key
 from freemark.display import format_value, print_fields, print_json, print_rows
 from freemark.errors import (
@@ -49,6 +49,7 @@ from freemark.records import (
     Receipt,
     ReferencePanel,
     RegistrationInfo,
+    Revocation,
     SignedVerdict,
     VerdictPolicy,
 )
@@ -235,6 +236,9 @@ def _registration_fields(info: RegistrationInfo) -> dict[str, Any]:
         "n_bits": info.n_bits,
         "log_index": info.log_index,
         "revoked_at": "-" if info.revoked_at is None else _time(info.revoked_at),
+        **({} if info.revocation is None else {
+            "revoked_by": info.revocation.revoked_by, "reason": info.revocation.reason,
+            "revocation_log_index": info.revocation.log_index}),
     }
 
 
@@ -337,9 +341,12 @@ def _load_log_state(path: str) -> Checkpoint | ConsistencyProof:
     return checkpoint_from_json(data)
 
 
-def _check_model(statement: Receipt | AnyVerdict, path: str) -> None:
+def _check_model(statement: Receipt | AnyVerdict | Revocation, path: str) -> None:
     """`--model`: a verdict's suspect by SHA-256 and size (a checkpoint directory as packed for
     the upload), a receipt's host by weights."""
+    if isinstance(statement, Revocation):
+        raise InvalidInputError("--model is for receipts and verdicts; a revocation names a "
+                                "registration, not a file")
     if isinstance(statement, Receipt):
         fingerprint_of = fingerprint(load_model(path))
         if fingerprint_of != statement.host_fingerprint:
@@ -351,7 +358,8 @@ def _check_model(statement: Receipt | AnyVerdict, path: str) -> None:
         verify_suspect(statement, sent)
 
 
-_KINDS = {Receipt: "receipt", SignedVerdict: "verdict", CoarseVerdict: "coarse verdict"}
+_KINDS = {Receipt: "receipt", SignedVerdict: "verdict", CoarseVerdict: "coarse verdict",
+          Revocation: "revocation"}
 # What a reader looks for first in a statement's table.
 _FIRST = ("registration_id", "outcome", "alpha", "p_value", "p_value_above", "suspect_sha256",
           "suspect_size", "requested_by", "integrated_time", "owner", "host_fingerprint")
@@ -364,8 +372,8 @@ def _cmd_receipt_verify(args: argparse.Namespace) -> int:
         statement = load_statement(args.file)
         verify_receipt(statement, pem, origin=args.origin)
         checked.append("signature, canonical body, log inclusion"
-                       + (", verdict policy and decision" if statement.KIND != Receipt.KIND
-                          else ""))
+                       + (", verdict policy and decision"
+                          if isinstance(statement, (SignedVerdict, CoarseVerdict)) else ""))
         if args.model is not None:
             _check_model(statement, args.model)
             checked.append(f"it is about {args.model}")
@@ -531,6 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_origin(q)
     _add_common(q)
     q.set_defaults(handler=_cmd_receipt_verify)
+    add_status_parser(receipts, _add_connection, _add_origin, _client)
     add_log_parser(sub, _add_connection, _add_origin, _client)
     _add_attack(sub)
     return parser

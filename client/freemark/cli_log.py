@@ -1,6 +1,7 @@
 """`freemark log ...`: read the TTP's log and monitor it from outside.
 
-`log entries` prints entries by index range, so anyone can recompute the tree the checkpoints
+`receipt status` reads a registration's state (active, or revoked: when, by whom, why) from
+the whole log, checked against the signed root. `log entries` prints entries by index range, so anyone can recompute the tree the checkpoints
 sign; `log monitor` is `freemark.monitor` with a state file: exit 0 when the log only grew
 since the last run, 1 with one `ALARM` line on a fork, a shrink, another origin, a bad
 signature, time going backwards or entries that do not make the signed root, 2 on any other
@@ -22,12 +23,15 @@ from typing import Any
 
 from freemark import merkle
 from freemark.display import print_fields, print_json, print_rows
-from freemark.errors import InvalidInputError, LogProofError
-from freemark.monitor import check_log, load_state, save_state
+from freemark.errors import InvalidInputError, InvalidReceiptError, LogProofError
+from freemark.monitor import check_log, load_state, save_state, verify_entries
+from freemark.receipt import load_statement, verify_receipt
+from freemark.records import Receipt
+from freemark.registry import LogRegistry, RegistrationState
 from freemark.rpc import KeyServiceClient
 from freemark.signatures import Verifier
 
-__all__ = ["add_log_parser", "load_verifier"]
+__all__ = ["add_log_parser", "add_status_parser", "load_verifier", "receipt_status"]
 
 Client = Callable[[argparse.Namespace], KeyServiceClient]
 
@@ -55,7 +59,8 @@ def _cmd_entries(args: argparse.Namespace, client: Client) -> int:
     if args.start < 0 or args.end <= args.start:
         raise InvalidInputError("give --start >= 0 and --end above it")
     with client(args) as ttp:
-        entries = ttp.get_entries(args.start, args.end)
+        end = min(args.end, ttp.get_checkpoint().tree_size)  # up to the log's end
+        entries = ttp.get_entries(args.start, end) if end > args.start else []
     shown = [_entry_json(args.start + i, e) for i, e in enumerate(entries)]
     if args.json:
         print_json({"start": args.start, "end": args.start + len(entries), "entries": shown})
@@ -90,6 +95,79 @@ def _cmd_monitor(args: argparse.Namespace, client: Client) -> int:
                       "entries verified this run": report.entries_verified,
                       "every entry verified": report.entries_checked, "state": args.state})
     return 0
+
+
+def receipt_status(ttp: KeyServiceClient, receipt: Receipt, verifier: Verifier,
+                   origin: str | None) -> tuple[RegistrationState, merkle.Checkpoint]:
+    """A receipt's registration as the whole log says it is now, or raise.
+
+    The latest checkpoint must be signed (under `origin`, if pinned), every entry up to it
+    must make its root, and the receipt's own body must be the entry at its index; then the
+    registration's state (and its first revocation) is read from those entries alone.
+    """
+    head = merkle.open_checkpoint(ttp.get_checkpoint().note, verifier, origin)
+    entries = ttp.get_entries(0, head.tree_size)
+    registry = LogRegistry()
+    registry.extend(entries, 0)
+    if verify_entries(entries, 0, merkle.Frontier()).root() != head.root_hash:
+        raise LogProofError("the entries served do not make the signed root: the log serves "
+                            "other entries than it signs")
+    if receipt.log_index >= head.tree_size or entries[receipt.log_index] != receipt.statement.body:
+        raise LogProofError(f"the log's entry {receipt.log_index} is not this receipt: "
+                            "the log forked, or the receipt is from another log")
+    state = registry.get(receipt.registration_id)
+    assert state is not None  # its own entry registers it
+    return state, head
+
+
+def _cmd_status(args: argparse.Namespace, client: Client) -> int:
+    pem = _read(args.public_key)
+    statement = load_statement(args.file)
+    if not isinstance(statement, Receipt):
+        raise InvalidInputError(f"{args.file} is not a receipt: status is a registration's")
+    try:
+        verify_receipt(statement, pem, origin=args.origin)
+        with client(args) as ttp:
+            state, head = receipt_status(ttp, statement, Verifier.from_pem(pem), args.origin)
+    except (InvalidReceiptError, LogProofError) as exc:
+        print(f"freemark: FAILED: {args.file}: {exc}", file=sys.stderr)
+        return 1
+    revocation = state.revocation
+    shown = {"registration_id": state.registration_id, "owner": state.owner,
+             "status": "active" if revocation is None else "revoked",
+             "tree_size": head.tree_size, "checkpoint_time": head.timestamp,
+             "revoked_at": None if revocation is None else revocation.integrated_time,
+             "revoked_by": None if revocation is None else revocation.revoked_by,
+             "reason": None if revocation is None else revocation.reason,
+             "revocation_log_index": None if revocation is None else revocation.log_index}
+    if args.json:
+        print_json(shown)
+    else:
+        print_fields(f"{shown['status'].upper()}: {state.registration_id}, from a log of "
+                     f"{head.tree_size} entries checked against its signed root", shown)
+    return 0
+
+
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidInputError(f"{path}: {exc.strerror or exc}") from exc
+
+
+def add_status_parser(receipts: argparse._SubParsersAction,  # type: ignore[type-arg]
+                      connection: Callable[[argparse.ArgumentParser], None],
+                      origin: Callable[[argparse.ArgumentParser], None], client: Client) -> None:
+    """`freemark receipt status RECEIPT`: active or revoked, as the log says."""
+    q = receipts.add_parser("status", help="is a registration active or revoked? read from the "
+                            "log's entries, checked against its signed root; exit 1 if the "
+                            "receipt or the log does not check out")
+    q.add_argument("file", help="receipt JSON, as register --json prints it")
+    q.add_argument("--public-key", required=True,
+                   help="the key server's public key PEM, obtained out of band")
+    origin(q)
+    connection(q)
+    q.set_defaults(handler=lambda args: _cmd_status(args, client))
 
 
 def add_log_parser(subparsers: argparse._SubParsersAction,  # type: ignore[type-arg]

@@ -49,12 +49,14 @@ from freemark.records import (
     CoarseVerdict,
     ConsistencyProof,
     Receipt,
+    Revocation,
     SignedVerdict,
 )
 from freemark.signatures import CryptoError, Verifier, canonical_json
 from freemark.wire import (
     parse_body,
     receipt_to_json,
+    revocation_to_json,
     statement_from_json,
     typed_mismatch,
     verdict_to_json,
@@ -71,7 +73,7 @@ __all__ = [
     "verify_suspect",
 ]
 
-Statement = Receipt | AnyVerdict
+Statement = Receipt | AnyVerdict | Revocation
 _READ_CHUNK = 1 << 20
 # How far (seconds) a statement's time may pass its checkpoint's: the checkpoint's time is
 # its last entry's rounded down to the second, so an honest log never needs more than 1.
@@ -325,8 +327,11 @@ def load_statement(path: str | Path) -> Statement:
 
 
 def save_statement(path: str | Path, statement: Statement) -> None:
-    """Write a receipt or verdict as the JSON file `load_statement` reads."""
-    data = (
-        receipt_to_json(statement) if isinstance(statement, Receipt) else verdict_to_json(statement)
-    )
+    """Write a receipt, verdict or revocation as the JSON file `load_statement` reads."""
+    if isinstance(statement, Receipt):
+        data = receipt_to_json(statement)
+    elif isinstance(statement, Revocation):
+        data = revocation_to_json(statement)
+    else:
+        data = verdict_to_json(statement)
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")

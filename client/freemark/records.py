@@ -38,6 +38,7 @@ __all__ = [
     "DISCLOSURES",
     "OUTCOMES",
     "RECEIPT_KIND",
+    "REVOCATION_KIND",
     "VERDICT_KIND",
     "AnyVerdict",
     "Checkpoint",
@@ -48,6 +49,7 @@ __all__ = [
     "Receipt",
     "ReferencePanel",
     "RegistrationInfo",
+    "Revocation",
     "SignedStatement",
     "SignedVerdict",
     "Verdict",
@@ -58,6 +60,7 @@ __all__ = [
 
 # The `kind` of a signed body: it keeps a receipt from ever passing for a verdict and back.
 RECEIPT_KIND = "freemark/v1/registration"
+REVOCATION_KIND = "freemark/v1/revocation"
 VERDICT_KIND = "freemark/v1/verdict"
 COARSE_VERDICT_KIND = "freemark/v1/coarse-verdict"
 POLICY_KIND = "freemark/v1/verdict-policy"  # the domain of a policy's id
@@ -158,6 +161,30 @@ class Receipt:
     inclusion: InclusionProof
     # The reference panel fixed at registration (size 0: none); verdicts name the same digest.
     panel: ReferencePanel = field(default=NO_PANEL, metadata=signed(nested(ReferencePanel)))
+    # The host's architecture family (`freemark.modelfile.architecture_digest`): the server
+    # finds the earlier registrations a new upload is checked against by it, so it is signed.
+    architecture_digest: bytes = field(default=b"", metadata=signed(HEX))
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """A signed, logged revocation: who revoked which registration, when and why.
+
+    The registration stays in the log and keeps its priority (see docs/keyserver.md): a
+    revoked registration proves nothing in a dispute, and still blocks another owner from
+    registering the same model as new.
+    """
+
+    KIND: ClassVar[str] = REVOCATION_KIND
+
+    statement: SignedStatement
+    registration_id: str = field(metadata=signed(TEXT))
+    registration_log_index: int = field(metadata=signed(INTEGER))  # the receipt's log index
+    revoked_by: str = field(metadata=signed(TEXT))
+    reason: str = field(metadata=signed(TEXT))
+    log_index: int = field(metadata=signed(INTEGER))
+    integrated_time: int = field(metadata=signed(INTEGER))  # unix microseconds
+    inclusion: InclusionProof
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -325,3 +352,5 @@ class RegistrationInfo:
     n_bits: int
     log_index: int
     revoked_at: int | None  # unix microseconds; None while active
+    # The signed revocation statement, with its inclusion proof, once revoked.
+    revocation: Revocation | None = None

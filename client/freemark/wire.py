@@ -60,6 +60,7 @@ from freemark.records import (
     InclusionProof,
     Receipt,
     RegistrationInfo,
+    Revocation,
     SignedStatement,
     SignedVerdict,
 )
@@ -92,6 +93,10 @@ __all__ = [
     "registration_from_proto",
     "registration_to_json",
     "registration_to_proto",
+    "revocation_from_json",
+    "revocation_from_proto",
+    "revocation_to_json",
+    "revocation_to_proto",
     "signed_values",
     "statement_from_json",
     "statement_from_proto",
@@ -103,14 +108,14 @@ __all__ = [
     "verdict_to_proto",
 ]
 
-Statement = Receipt | SignedVerdict | CoarseVerdict
+Statement = Receipt | SignedVerdict | CoarseVerdict | Revocation
 S = TypeVar("S", bound=Statement)
 
 # Each signed statement type and its proto message; `kind` picks the type when reading a file
 # or a reply (a full and a coarse verdict travel in the same `SignedVerdict` message).
 _PROTO: dict[type, Any] = {Receipt: pb.Receipt, SignedVerdict: pb.SignedVerdict,
-                           CoarseVerdict: pb.SignedVerdict}
-_STATEMENTS: tuple[type[Statement], ...] = (Receipt, SignedVerdict, CoarseVerdict)
+                           CoarseVerdict: pb.SignedVerdict, Revocation: pb.Revocation}
+_STATEMENTS: tuple[type[Statement], ...] = (Receipt, SignedVerdict, CoarseVerdict, Revocation)
 _VERDICTS: dict[str, type[AnyVerdict]] = {cls.KIND: cls for cls in (SignedVerdict, CoarseVerdict)}
 
 
@@ -331,6 +336,17 @@ def verdict_to_proto(verdict: AnyVerdict) -> pb.SignedVerdict:
     return message
 
 
+def revocation_from_proto(message: pb.Revocation) -> Revocation:
+    """Wire revocation -> record, read from its signed body; the typed fields must agree."""
+    return _statement_from_proto(Revocation, message)
+
+
+def revocation_to_proto(revocation: Revocation) -> pb.Revocation:
+    """Record -> wire revocation."""
+    message: pb.Revocation = _statement_to_proto(revocation)
+    return message
+
+
 def registration_from_proto(message: pb.RegistrationInfo) -> RegistrationInfo:
     """Wire registration -> record; the wire's `revoked_at` 0 (active) becomes None."""
     return RegistrationInfo(
@@ -343,6 +359,8 @@ def registration_from_proto(message: pb.RegistrationInfo) -> RegistrationInfo:
         n_bits=message.n_bits,
         log_index=message.log_index,
         revoked_at=message.revoked_at or None,
+        revocation=(revocation_from_proto(message.revocation)
+                    if message.HasField("revocation") else None),
     )
 
 
@@ -358,6 +376,7 @@ def registration_to_proto(info: RegistrationInfo) -> pb.RegistrationInfo:
         n_bits=info.n_bits,
         log_index=info.log_index,
         revoked_at=info.revoked_at or 0,
+        revocation=None if info.revocation is None else revocation_to_proto(info.revocation),
     )
 
 
@@ -576,11 +595,22 @@ def verdict_from_json(data: Any) -> AnyVerdict:
     return verdict
 
 
+def revocation_to_json(revocation: Revocation) -> dict[str, Any]:
+    """A revocation as one self-contained JSON object (in `freemark revoke --json`)."""
+    return _record_to_json(revocation)
+
+
+def revocation_from_json(data: Any) -> Revocation:
+    """The inverse of `revocation_to_json`; the typed fields must agree with the signed body."""
+    return _record_from_json(Revocation, data)
+
+
 def statement_from_json(data: Any) -> Statement:
-    """A receipt or a verdict (any signed statement type), chosen by the object's `kind`."""
+    """A receipt, verdict or revocation (any signed statement type), by the object's `kind`."""
     kind = JsonFields(data, "file").text("kind")
     readers: dict[str, Callable[[Any], Statement]] = {
-        Receipt.KIND: receipt_from_json, **{k: verdict_from_json for k in _VERDICTS}}
+        Receipt.KIND: receipt_from_json, Revocation.KIND: revocation_from_json,
+        **{k: verdict_from_json for k in _VERDICTS}}
     if kind in readers:
         return readers[kind](data)
     known = " nor ".join(f"a {_what(cls)} ({cls.KIND!r})" for cls in _STATEMENTS)
@@ -599,6 +629,7 @@ def registration_to_json(info: RegistrationInfo) -> dict[str, Any]:
         "n_bits": info.n_bits,
         "log_index": info.log_index,
         "revoked_at": info.revoked_at,
+        "revocation": None if info.revocation is None else revocation_to_json(info.revocation),
     }
 
 
@@ -615,4 +646,6 @@ def registration_from_json(data: Any) -> RegistrationInfo:
         n_bits=fields.integer("n_bits"),
         log_index=fields.integer("log_index"),
         revoked_at=fields.optional_integer("revoked_at"),
+        revocation=(None if fields.raw("revocation") is None
+                    else revocation_from_json(fields.raw("revocation"))),
     )

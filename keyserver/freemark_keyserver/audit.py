@@ -1,15 +1,16 @@
-"""Re-check a whole log: Merkle roots, checkpoint signatures and consistency, statement
-signatures, and that every stored registration agrees with its log entry and has its whole
-host blob (every segment its header counts; their contents need the master key to check)."""
+"""Re-check a whole log: Merkle roots, checkpoint signatures and consistency, and that the
+database holds exactly what the log justifies: every registration row's deciding columns
+(owner, fingerprint, architecture, layer, bits, commitment, index, time, revoked or not)
+equal its registration and revocation statements (`freemark.registry`), and its whole host
+blob is stored (every segment its header counts; their contents need the master key)."""
 
 from __future__ import annotations
 
-import json
-
 from freemark import merkle
-from freemark.records import RECEIPT_KIND
+from freemark.registry import LogRegistry
 from freemark.signatures import Verifier
 from freemark_keyserver.crypto import CryptoError, StreamHeader, is_stream_header
+from freemark_keyserver.ledger import DECIDING_COLUMNS
 from freemark_keyserver.store import Registration, Store, StoredCheckpoint
 
 
@@ -34,22 +35,37 @@ def audit(store: Store, verifier: Verifier, origin: str | None = None) -> dict[s
             raise merkle.LogProofError(f"log entry {entry.index}: stored leaf hash does not match")
     checkpoints = [_stored_note(c) for c in store.checkpoints()]
     merkle.audit_entries([e.entry for e in entries], checkpoints, verifier, origin)
-    registrations = 0
-    for entry in entries:
-        body = json.loads(entry.entry)
-        if int(body.get("log_index", -1)) != entry.index:
-            raise merkle.LogProofError(f"log entry {entry.index} claims index {body.get('log_index')}")
-        if body.get("kind") != RECEIPT_KIND:
-            continue
-        record = store.get_registration(body["registration_id"])
-        if record is None or record.log_index != entry.index or record.owner != body["owner"] \
-                or record.host_fingerprint.hex() != body["host_fingerprint"] \
-                or record.commitment.hex() != body["watermark_commitment"]:
-            raise merkle.LogProofError(
-                f"registration {body['registration_id']} does not match log entry {entry.index}")
-        _check_host_blob(store, record)
-        registrations += 1
+    registry = LogRegistry()
+    registry.extend((e.entry for e in entries), 0)  # also: each entry names its own index
+    registrations = _check_registrations(store, registry)
     return {"entries": size, "checkpoints": len(checkpoints), "registrations": registrations}
+
+
+def _check_registrations(store: Store, registry: LogRegistry) -> int:
+    """Every database row justified by the log, column for column, and every logged
+    registration present in the database; return how many there are."""
+    logged = {state.registration_id: state for state in registry.all()}
+    seen = 0
+    for record in store.registrations_for_rewrap():
+        state = logged.get(record.registration_id)
+        if state is None:
+            raise merkle.LogProofError(
+                f"registration {record.registration_id} is in the database but no log entry "
+                "registers it")
+        for column, name in DECIDING_COLUMNS.items():
+            if getattr(record, column) != getattr(state, name):
+                raise merkle.LogProofError(
+                    f"registration {record.registration_id}: its {column} in the database is "
+                    f"not what the log says (log entry {state.log_index}"
+                    + ("" if state.revocation is None else
+                       f", revocation at {state.revocation.log_index}") + ")")
+        _check_host_blob(store, record)
+        seen += 1
+    if seen != len(logged):
+        missing = sorted(set(logged) - {r.registration_id for r in store.registrations_for_rewrap()})
+        raise merkle.LogProofError(f"registrations {', '.join(missing)} are in the log but not "
+                                   "in the database")
+    return seen
 
 
 def _check_host_blob(store: Store, record: Registration) -> None:

@@ -226,9 +226,9 @@ def _warm_up(home: str) -> None:
     from freemark_keyserver.vetting import vet_program
 
     torch.set_num_threads(1)
-    import freemark.hfmodel
-    import freemark.onnxmodel  # noqa: F401
-    import freemark_keyserver.formats  # noqa: F401
+    from freemark_keyserver import formats
+
+    formats.warm_up(home)  # transformers, onnx and onnxruntime import lazily: do it here
 
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Flatten(),
                                 torch.nn.Linear(2 * 4 * 4, 3))

@@ -13,7 +13,7 @@ import logging
 import secrets
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ from freemark.panel import Reference
 from freemark.records import (
     NO_PANEL,
     RECEIPT_KIND,
+    REVOCATION_KIND,
     Checkpoint,
     CoarseVerdict,
     ConsistencyProof,
@@ -35,9 +36,11 @@ from freemark.records import (
     Receipt,
     ReferencePanel,
     RegistrationInfo,
+    Revocation,
     SignedStatement,
     SignedVerdict,
 )
+from freemark.registry import LogRegistry, RegistrationState
 from freemark.v1 import keyservice_pb2 as pb
 from freemark.verdict import DEFAULT_ALPHA, coarse_values, suspect_vector
 from freemark.watermark import commitment
@@ -49,6 +52,7 @@ from freemark_keyserver.config import ServerConfig
 from freemark_keyserver.crypto import Envelope, MasterKeyring, SigningKey, open_envelope, seal
 from freemark_keyserver.errors import ErrorCode, ServiceError
 from freemark_keyserver.hosts import host_file, store_host
+from freemark_keyserver.ledger import DECIDING_COLUMNS, Ledger
 from freemark_keyserver.sandbox import (
     SandboxBusy,
     SandboxError,
@@ -70,6 +74,7 @@ from freemark_keyserver.store import (
 
 log = logging.getLogger("freemark_keyserver")
 MAX_PAGE = 100
+MAX_REASON_CHARS = 1024  # a revocation's reason, signed into the log
 # Log entries per GetEntries reply: a few hundred kilobytes, far under gRPC's 4 MiB message cap.
 MAX_ENTRIES_PAGE = 256
 DEFAULT_PAGE = 20
@@ -89,6 +94,7 @@ class Context:
     pool: SandboxPool | None = None  # None: the process-wide `sandbox.shared_pool`
     sandbox: Callable[..., SandboxResult] = run_model
     batch: Callable[..., tuple[bytes, list[np.ndarray | Exception]]] = run_batch
+    ledger: Ledger = field(default_factory=Ledger)  # the log's registrations: what decides
 
     def __post_init__(self) -> None:
         if self.pool is not None:
@@ -197,11 +203,55 @@ def _info(record: Registration) -> pb.RegistrationInfo:
     ))
 
 
+def _logged(record: Registration, state: RegistrationState) -> Registration:
+    """The stored record with every deciding column replaced by the signed log's value.
+
+    A column that differs (an insider's edit, a bad restore) changes no decision: the log
+    decides, and the difference is logged as an alert for the operator, whose audit fails
+    on it until the database is repaired.
+    """
+    logged = replace(record, **{column: getattr(state, name) for column, name in DECIDING_COLUMNS.items()})
+    differ = [c for c in DECIDING_COLUMNS if getattr(record, c) != getattr(logged, c)]
+    if differ:
+        log.error("ALERT: registration %s: the database's %s disagree with the signed log; "
+                  "deciding by the log (run freemark-keyserver audit)", record.registration_id,
+                  ", ".join(differ))
+    return logged
+
+
+def _registration(ctx: Context, registration_id: str) -> Registration | None:
+    """A registration as the log says it is, with its sealed secrets from the store.
+
+    None if the log holds no such registration (a row the log does not justify is ignored
+    and reported); a logged registration whose row is gone fails closed (INTERNAL).
+    """
+    state = ctx.ledger.read(ctx.store, lambda registry: registry.get(registration_id))
+    record = ctx.store.get_registration(registration_id)
+    if state is None:
+        if record is not None:
+            log.error("ALERT: registration %s is in the database but not in the signed log; "
+                      "ignored (run freemark-keyserver audit)", registration_id)
+        return None
+    if record is None:
+        log.error("ALERT: registration %s is in the signed log but not in the database",
+                  registration_id)
+        raise ServiceError(ErrorCode.INTERNAL, "the key server's store is missing a logged "
+                           "registration; the operator has been alerted")
+    return _logged(record, state)
+
+
+def _logged_many(ctx: Context, query: Callable[[LogRegistry], list[RegistrationState]]
+                 ) -> list[Registration]:
+    states = ctx.ledger.read(ctx.store, query)
+    found = [_registration(ctx, s.registration_id) for s in states]
+    return [r for r in found if r is not None]
+
+
 def _visible(ctx: Context, principal: Principal, registration_id: str) -> Registration:
     """The record, if this principal may see it; other owners' records are NOT_FOUND."""
     if not registration_id or len(registration_id) > 64:
         raise ServiceError(ErrorCode.MALFORMED_REQUEST, "give a registration id")
-    record = ctx.store.get_registration(registration_id)
+    record = _registration(ctx, registration_id)
     if record is None or (principal.role == OWNER and record.owner != principal.name):
         raise ServiceError(ErrorCode.NOT_FOUND, f"no registration {registration_id!r} visible to you")
     return record
@@ -228,7 +278,7 @@ def add_panel_member(ctx: Context, model: Path, *, like: str, label: str, now: i
                      ) -> PanelMember:
     """The operator's `panel add`: a reference for the architecture family of registration
     `like`, read in the sandbox with its key (so it is vetted and known to run)."""
-    record = ctx.store.get_registration(like)
+    record = _registration(ctx, like)
     if record is None:
         raise ServiceError(ErrorCode.NOT_FOUND, f"no registration {like!r}")
     bundle, _ = _open_sealed(ctx, record)
@@ -310,10 +360,11 @@ def register(ctx: Context, principal: Principal, bundle: KeyBundle, host: Path,
             "registration_id": registration_id, "owner": principal.name,
             "host_fingerprint": reading.fingerprint, "watermark_commitment": wm_commitment,
             "layer": bundle.layer, "n_bits": bundle.n_bits, "log_index": i, "integrated_time": t,
-            "panel": panel_record,
+            "panel": panel_record, "architecture_digest": reading.architecture_digest,
         }), record)
     except DuplicateError as exc:  # a concurrent Register of the same host committed first
-        raise _claimed(principal, ctx.store.find_by_fingerprint(reading.fingerprint),
+        raise _claimed(principal, _logged_many(
+            ctx, lambda registry: registry.by_fingerprint(reading.fingerprint)),
                        "a concurrent Register of the same weights committed first") from exc
     log.info("registered %s for %s at log index %d (panel of %d)", registration_id,
              principal.name, index, len(panel))
@@ -337,14 +388,26 @@ def _claimed(principal: Principal, records: Sequence[Registration], why: str) ->
     return ServiceError(ErrorCode.ALREADY_CLAIMED, CLAIMED)
 
 
+def _blocks(record: Registration, principal: Principal) -> bool:
+    """Whether an earlier registration stands in the way of `principal`'s new one.
+
+    An active one always does. A revoked one keeps its place and its priority date in the
+    log, so it still blocks everyone but its own owner (who may register the model again,
+    with a new key): revoking must never turn a model into one anyone can claim as new.
+    """
+    return record.revoked_at is None or record.owner != principal.name
+
+
 def _refuse_claimed(ctx: Context, principal: Principal, host: Path, reading: panels.Reading,
                     options: dict[str, str]) -> None:
-    """ALREADY_EXISTS when an earlier, active registration already claims this model.
+    """ALREADY_EXISTS when an earlier registration (`_blocks`) already claims this model.
 
     Claimed means: the same weights, or an earlier key's verdict (plain and, with that
     registration's panel, aligned, so a relabelled, rescaled or padded copy is caught) is
     a match. Earlier registrations are looked up by architecture family (weight names,
-    not shapes), so a widened copy is compared too. The refusal names neither the
+    not shapes), so a widened copy is compared too; family and weights are read from the
+    signed log, so editing a database column cannot switch the check off. The refusal
+    names neither the
     earlier registration nor any figure: a number here would let a thief steer his
     laundering one query at a time.
 
@@ -358,12 +421,13 @@ def _refuse_claimed(ctx: Context, principal: Principal, host: Path, reading: pan
     All earlier registrations are read in one sandbox run (one load of the upload, one
     trigger set each); a set that fails fails alone.
     """
-    same = [r for r in ctx.store.find_by_fingerprint(reading.fingerprint) if r.revoked_at is None]
+    same = [r for r in _logged_many(ctx, lambda reg: reg.by_fingerprint(reading.fingerprint))
+            if _blocks(r, principal)]
     if same:
         raise _claimed(principal, same, "the same weights are registered")
-    earlier = [(record, *_open_sealed(ctx, record))
-               for record in ctx.store.find_by_architecture(reading.architecture_digest)
-               if record.revoked_at is None]
+    family = _logged_many(ctx, lambda reg: reg.by_architecture(reading.architecture_digest))
+    earlier = [(record, *_open_sealed(ctx, record)) for record in family
+               if _blocks(record, principal)]
     if not earlier:
         return
     try:
@@ -474,20 +538,32 @@ def list_registrations(ctx: Context, principal: Principal, request: pb.ListRegis
     except ValueError as exc:
         raise ServiceError(ErrorCode.MALFORMED_REQUEST, "invalid page_token; start from the "
                            "first page") from exc
-    return pb.ListRegistrationsResponse(registrations=[_info(r) for r in records],
+    logged = [_registration(ctx, r.registration_id) for r in records]
+    shown = [r for r in logged if r is not None and (owner is None or r.owner == owner)]
+    return pb.ListRegistrationsResponse(registrations=[_info(r) for r in shown],
                                         next_page_token=token)
 
 
-def revoke(ctx: Context, principal: Principal, request: pb.RevokeRequest, now: int
-           ) -> pb.RegistrationInfo:
-    """Owners revoke their own registrations, admins any; revoking twice is a no-op."""
+def revoke(ctx: Context, principal: Principal, request: pb.RevokeRequest) -> pb.RegistrationInfo:
+    """Owners revoke their own registrations, admins any: a signed revocation is logged and
+    returned in the reply's `revocation`. Revoking a revoked registration logs nothing."""
     require_role(principal, OWNER, ADMIN)
+    reason = request.reason
+    if len(reason) > MAX_REASON_CHARS or not reason.isprintable():
+        raise ServiceError(ErrorCode.MALFORMED_REQUEST, f"the reason must be printable text of "
+                           f"at most {MAX_REASON_CHARS} characters")
     record = _visible(ctx, principal, request.registration_id)
-    ctx.store.revoke(record.registration_id, now)
-    log.info("revoked %s by %s", record.registration_id, principal.name)
-    updated = ctx.store.get_registration(record.registration_id)
-    assert updated is not None
-    return _info(updated)
+    if record.revoked_at is not None:
+        return _info(record)
+    body, index, at = _append(ctx, REVOCATION_KIND, lambda i, t: wire.encode_body(Revocation, {
+        "registration_id": record.registration_id, "registration_log_index": record.log_index,
+        "revoked_by": principal.name, "reason": reason, "log_index": i, "integrated_time": t}))
+    ctx.store.revoke(record.registration_id, at)  # a copy for lookups; the log decides
+    log.info("revoked %s by %s at log index %d", record.registration_id, principal.name, index)
+    revocation = wire.read_statement(Revocation, _statement(ctx, body), _inclusion(ctx, index))
+    info = _info(replace(record, revoked_at=at))
+    info.revocation.CopyFrom(wire.revocation_to_proto(revocation))
+    return info
 
 
 def get_checkpoint(ctx: Context) -> pb.SignedCheckpoint:

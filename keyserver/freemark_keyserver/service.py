@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -154,7 +153,7 @@ class KeyServiceServicer(keyservice_pb2_grpc.KeyServiceServicer):
 
     def Revoke(self, request: pb.RevokeRequest, context: grpc.ServicerContext) -> pb.RegistrationInfo:
         return _guard(context, "Revoke", lambda: handlers.revoke(
-            self.ctx, authenticate(self.ctx.store, context), request, time.time_ns() // 1000))
+            self.ctx, authenticate(self.ctx.store, context), request))
 
     def GetCheckpoint(self, request: pb.GetCheckpointRequest,
                       context: grpc.ServicerContext) -> pb.SignedCheckpoint:

@@ -1,5 +1,9 @@
 """The log seen from outside, over a real key server on loopback (issue 11).
 
+Revocation is a signed log statement that verifies offline; the server decides by the log,
+so an insider's edit of a revoked flag or an architecture digest in the database changes no
+decision and fails `freemark-keyserver audit`.
+
 `freemark log entries` lets anyone recompute the signed tree; `freemark log monitor` follows
 the checkpoints and raises an alarm when the server restored its database from a backup (the
 tree shrank, then the same size came back with another root), or started signing as another
@@ -11,6 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,12 +26,14 @@ from freemark import merkle
 from freemark.bundle import KeyBundle
 from freemark.cli import main
 from freemark.derive import derive_key
+from freemark.errors import AlreadyRegisteredError, RevokedError
 from freemark.modelfile import load_program
 from freemark.receipt import save_statement
 from freemark.records import Checkpoint
 from freemark.rpc import KeyServiceClient
 from freemark.triggers import load_triggers
 from freemark_keyserver.auth import hash_token, new_token
+from freemark_keyserver.cli import main as keyserver_main
 from freemark_keyserver.config import ServerConfig, load_signing_key
 from freemark_keyserver.server import RunningServer, create_server
 from freemark_keyserver.store import Principal
@@ -194,3 +201,95 @@ def test_a_receipt_later_than_its_checkpoint_is_refused(
     assert main(["receipt", "verify", str(tmp_path / "backdated.json"), "--public-key",
                  str(pem), "--origin", ORIGIN]) == 1
     assert "after its checkpoint's" in capsys.readouterr().err
+
+
+# --- revocation: a signed log statement, and the log decides ----------------------------------
+
+
+def _as(ttp: Ttp, who: str, *args: str) -> list[str]:
+    return [*args, "--server", ttp.address, "--token", ttp.tokens[who], "--insecure"]
+
+
+def _add_owner(ttp: Ttp, name: str) -> None:
+    assert ttp.running is not None
+    ttp.tokens[name] = new_token()
+    ttp.running.ctx.store.add_principal(Principal(name, "owner", hash_token(ttp.tokens[name]), 0))
+
+
+def _audit(ttp: Ttp, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = keyserver_main(["audit", "--data-dir", str(ttp.data_dir), "--origin", ORIGIN])
+    return code, capsys.readouterr().err
+
+
+def _edit_database(ttp: Ttp, sql: str) -> None:
+    """An insider's edit, straight into the server's SQLite file."""
+    with sqlite3.connect(ttp.data_dir / "freemark.sqlite3") as db:
+        assert db.execute(sql).rowcount == 1
+
+
+def test_a_revocation_is_logged_verifies_offline_and_only_the_log_decides(
+        ttp: Ttp, files: ModelFiles, bundle: KeyBundle, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    pem = tmp_path / "ttp.pem"
+    pem.write_bytes(load_signing_key(ServerConfig(data_dir=ttp.data_dir)).public_key_pem())
+    with ttp.client("alice") as alice:
+        receipt = alice.register(bundle, files.host)
+    save_statement(tmp_path / "receipt.json", receipt)
+    rid = receipt.registration_id
+
+    assert main(_as(ttp, "alice", "revoke", rid, "--reason", "key leaked", "--json")) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["revoked_at"] is not None and info["revocation"]["reason"] == "key leaked"
+    (tmp_path / "revocation.json").write_text(json.dumps(info["revocation"]))
+    assert main(["receipt", "verify", str(tmp_path / "revocation.json"), "--public-key", str(pem),
+                 "--origin", ORIGIN, "--json"]) == 0
+    verified = json.loads(capsys.readouterr().out)
+    assert (verified["kind"], verified["registration_id"], verified["revoked_by"],
+            verified["registration_log_index"]) == ("revocation", rid, "alice", 0)
+    assert main(_as(ttp, "alice", "revoke", rid, "--json")) == 0  # twice: nothing more logged
+    capsys.readouterr()
+    assert main(ttp.cli("log", "entries", "--start", "0", "--end", "10", "--json")) == 0
+    kinds = [e["body"]["kind"] for e in json.loads(capsys.readouterr().out)["entries"]]
+    assert kinds == ["freemark/v1/registration", "freemark/v1/revocation"]
+
+    def status() -> dict[str, object]:
+        assert main(ttp.cli("receipt", "status", str(tmp_path / "receipt.json"), "--public-key",
+                            str(pem), "--origin", ORIGIN, "--json")) == 0
+        return dict(json.loads(capsys.readouterr().out))
+
+    assert status()["status"] == "revoked" and status()["reason"] == "key leaked"
+
+    # Revoking does not make the model anyone's to claim: bob's key on the same host is refused.
+    _add_owner(ttp, "bob")
+    bobs = derive_key(load_program(files.host), layer="act", owner="bob",
+                      triggers=load_triggers(files.triggers))
+    with ttp.client("bob") as bob, pytest.raises(AlreadyRegisteredError):
+        bob.register(bobs, files.host)
+
+    # An insider un-revokes it in the database: nothing the server decides changes, audit fails.
+    assert _audit(ttp, capsys)[0] == 0
+    _edit_database(ttp, f"UPDATE registrations SET revoked_at = NULL WHERE registration_id = '{rid}'")
+    with ttp.client("judge") as judge, pytest.raises(RevokedError):
+        judge.verify(rid, files.finetuned)
+    with ttp.client("judge") as judge:
+        assert judge.get_registration(rid).revoked_at == info["revoked_at"]
+    assert status()["status"] == "revoked"
+    code, err = _audit(ttp, capsys)
+    assert code == 1 and f"registration {rid}: its revoked_at in the database" in err
+
+
+def test_an_edited_architecture_digest_fails_the_audit_and_keeps_the_prior_claim_check(
+        ttp: Ttp, files: ModelFiles, bundle: KeyBundle, capsys: pytest.CaptureFixture[str]
+        ) -> None:
+    with ttp.client("alice") as alice:
+        rid = alice.register(bundle, files.host).registration_id
+    _edit_database(ttp, "UPDATE registrations SET architecture_digest = zeroblob(32)"
+                        f" WHERE registration_id = '{rid}'")
+    code, err = _audit(ttp, capsys)
+    assert code == 1 and f"registration {rid}: its architecture_digest in the database" in err
+    # Mallory registers his fine-tune of alice's model under his own key: still refused.
+    _add_owner(ttp, "mallory")
+    stolen = derive_key(load_program(files.finetuned), layer="act", owner="mallory",
+                        triggers=load_triggers(files.triggers))
+    with ttp.client("mallory") as mallory, pytest.raises(AlreadyRegisteredError):
+        mallory.register(stolen, files.finetuned)

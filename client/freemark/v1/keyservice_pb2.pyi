@@ -419,6 +419,7 @@ class Receipt(_message.Message):
     LAYER_FIELD_NUMBER: _builtins.int
     N_BITS_FIELD_NUMBER: _builtins.int
     PANEL_FIELD_NUMBER: _builtins.int
+    ARCHITECTURE_DIGEST_FIELD_NUMBER: _builtins.int
     registration_id: _builtins.str
     owner: _builtins.str
     integrated_time: _builtins.int
@@ -429,6 +430,11 @@ class Receipt(_message.Message):
     layer: _builtins.str
     """The key layer and the number of watermark bits N."""
     n_bits: _builtins.int
+    architecture_digest: _builtins.bytes
+    """The host's architecture family (SHA-256 over its weight names): earlier
+    registrations of the family are what a new upload is checked against, so the
+    server reads it from this signed statement, never from a database column alone.
+    """
     @_builtins.property
     def statement(self) -> Global___SignedStatement: ...
     @_builtins.property
@@ -453,14 +459,69 @@ class Receipt(_message.Message):
         layer: _builtins.str = ...,
         n_bits: _builtins.int = ...,
         panel: Global___ReferencePanel | None = ...,
+        architecture_digest: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["inclusion", b"inclusion", "panel", b"panel", "statement", b"statement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_fingerprint", b"host_fingerprint", "inclusion", b"inclusion", "integrated_time", b"integrated_time", "layer", b"layer", "log_index", b"log_index", "n_bits", b"n_bits", "owner", b"owner", "panel", b"panel", "registration_id", b"registration_id", "statement", b"statement", "watermark_commitment", b"watermark_commitment"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture_digest", b"architecture_digest", "host_fingerprint", b"host_fingerprint", "inclusion", b"inclusion", "integrated_time", b"integrated_time", "layer", b"layer", "log_index", b"log_index", "n_bits", b"n_bits", "owner", b"owner", "panel", b"panel", "registration_id", b"registration_id", "statement", b"statement", "watermark_commitment", b"watermark_commitment"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Receipt: _TypeAlias = Receipt  # noqa: Y015
+
+@_typing.final
+class Revocation(_message.Message):
+    """A revocation: a statement of its own kind ("freemark/v1/revocation"), signed
+    and logged like a receipt. Its body's fields are every field of this message
+    but statement and inclusion. The registration stays in the log with its
+    priority: a revoked registration proves nothing in a dispute, and still blocks
+    another owner from registering the same model (its own owner may register it
+    again, with a new key). The first revocation of a registration in the log is
+    the one that counts.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATEMENT_FIELD_NUMBER: _builtins.int
+    REGISTRATION_ID_FIELD_NUMBER: _builtins.int
+    REGISTRATION_LOG_INDEX_FIELD_NUMBER: _builtins.int
+    REVOKED_BY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    LOG_INDEX_FIELD_NUMBER: _builtins.int
+    INTEGRATED_TIME_FIELD_NUMBER: _builtins.int
+    INCLUSION_FIELD_NUMBER: _builtins.int
+    registration_id: _builtins.str
+    registration_log_index: _builtins.int
+    """The log index of the registration statement it revokes."""
+    revoked_by: _builtins.str
+    """The principal who revoked (the owner, or an admin)."""
+    reason: _builtins.str
+    log_index: _builtins.int
+    integrated_time: _builtins.int
+    """Unix microseconds."""
+    @_builtins.property
+    def statement(self) -> Global___SignedStatement: ...
+    @_builtins.property
+    def inclusion(self) -> Global___InclusionProof: ...
+    def __init__(
+        self,
+        *,
+        statement: Global___SignedStatement | None = ...,
+        registration_id: _builtins.str = ...,
+        registration_log_index: _builtins.int = ...,
+        revoked_by: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        log_index: _builtins.int = ...,
+        integrated_time: _builtins.int = ...,
+        inclusion: Global___InclusionProof | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["inclusion", b"inclusion", "statement", b"statement"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inclusion", b"inclusion", "integrated_time", b"integrated_time", "log_index", b"log_index", "reason", b"reason", "registration_id", b"registration_id", "registration_log_index", b"registration_log_index", "revoked_by", b"revoked_by", "statement", b"statement"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Revocation: _TypeAlias = Revocation  # noqa: Y015
 
 @_typing.final
 class VerdictTest(_message.Message):
@@ -699,6 +760,7 @@ class RegistrationInfo(_message.Message):
     N_BITS_FIELD_NUMBER: _builtins.int
     LOG_INDEX_FIELD_NUMBER: _builtins.int
     REVOKED_AT_FIELD_NUMBER: _builtins.int
+    REVOCATION_FIELD_NUMBER: _builtins.int
     registration_id: _builtins.str
     owner: _builtins.str
     integrated_time: _builtins.int
@@ -708,7 +770,16 @@ class RegistrationInfo(_message.Message):
     n_bits: _builtins.int
     log_index: _builtins.int
     revoked_at: _builtins.int
-    """0 while active; unix microseconds of revocation otherwise."""
+    """0 while active; unix microseconds of revocation otherwise. Both this and
+    `revocation` are derived from the log, not from a database column.
+    """
+    @_builtins.property
+    def revocation(self) -> Global___Revocation:
+        """The signed revocation statement, with its inclusion proof: in Revoke's reply
+        (GetRegistration gives revoked_at only; `freemark receipt status` reads the
+        revocation from the log's entries).
+        """
+
     def __init__(
         self,
         *,
@@ -721,10 +792,11 @@ class RegistrationInfo(_message.Message):
         n_bits: _builtins.int = ...,
         log_index: _builtins.int = ...,
         revoked_at: _builtins.int = ...,
+        revocation: Global___Revocation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["revocation", b"revocation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_fingerprint", b"host_fingerprint", "integrated_time", b"integrated_time", "layer", b"layer", "log_index", b"log_index", "n_bits", b"n_bits", "owner", b"owner", "registration_id", b"registration_id", "revoked_at", b"revoked_at", "watermark_commitment", b"watermark_commitment"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_fingerprint", b"host_fingerprint", "integrated_time", b"integrated_time", "layer", b"layer", "log_index", b"log_index", "n_bits", b"n_bits", "owner", b"owner", "registration_id", b"registration_id", "revocation", b"revocation", "revoked_at", b"revoked_at", "watermark_commitment", b"watermark_commitment"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -798,12 +870,17 @@ Global___ListRegistrationsResponse: _TypeAlias = ListRegistrationsResponse  # no
 
 @_typing.final
 class RevokeRequest(_message.Message):
+    """Revoking appends a signed Revocation to the log (returned in the reply's
+    `revocation`); revoking a revoked registration appends nothing.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REGISTRATION_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     registration_id: _builtins.str
     reason: _builtins.str
+    """Why, signed into the revocation: printable text, at most 1024 characters."""
     def __init__(
         self,
         *,

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from freemark import merkle
-from freemark.records import RECEIPT_KIND
+from freemark import merkle, wire
+from freemark.records import NO_PANEL, RECEIPT_KIND, Receipt
 from freemark_keyserver import cli
 from freemark_keyserver.audit import audit
 from freemark_keyserver.config import MASTER_KEY_ENV
@@ -73,11 +73,12 @@ def registered(
     commitment = hashlib.sha256(registration_id.encode()).digest()
 
     def build(index: int, now: int) -> bytes:
-        return json.dumps({
-            "kind": RECEIPT_KIND, "registration_id": registration_id, "owner": OWNER,
-            "host_fingerprint": fingerprint.hex(), "watermark_commitment": commitment.hex(),
-            "log_index": index, "integrated_time": now,
-        }, sort_keys=True, separators=(",", ":")).encode()
+        return wire.encode_body(Receipt, {
+            "registration_id": registration_id, "owner": OWNER, "host_fingerprint": fingerprint,
+            "watermark_commitment": commitment, "layer": "act", "n_bits": 16,
+            "architecture_digest": b"\x02" * 32, "panel": NO_PANEL, "log_index": index,
+            "integrated_time": now,
+        })
 
     bundle = seal(keyring, b"bundle", record_id=registration_id, owner=OWNER).to_bytes()
     record = Registration(registration_id, OWNER, 0, fingerprint, b"\x02" * 32, "act", 8, 16,
