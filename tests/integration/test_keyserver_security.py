@@ -24,6 +24,7 @@ from freemark.v1 import keyservice_pb2 as pb
 from freemark.v1 import keyservice_pb2_grpc
 from freemark_keyserver.auth import hash_token, new_token
 from freemark_keyserver.config import ServerConfig
+from freemark_keyserver.ratelimit import UNLIMITED
 from freemark_keyserver.server import RunningServer, create_server
 from freemark_keyserver.store import Principal
 from ttp_fixtures import ModelFiles, build_models
@@ -84,8 +85,11 @@ def _code(call: Callable[[], object]) -> grpc.StatusCode:
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     folder = tmp_path_factory.mktemp("security")
     files = build_models(folder)
+    # The matrix sends many Verify calls through one arbiter's token in a few seconds: its
+    # subject is who may call what, not the rate limits (test_keyserver_streams.py has those).
     config = ServerConfig(data_dir=folder / "ttp", listen="127.0.0.1:0",
-                          max_upload_bytes=UPLOAD_CAP, grace_seconds=5)
+                          max_upload_bytes=UPLOAD_CAP, grace_seconds=5,
+                          verify_rate_principal=UNLIMITED, verify_rate_registration=UNLIMITED)
     running = create_server(config)
     tokens = {}
     for caller, role in (("owner_a", "owner"), ("owner_b", "owner"), ("arbiter", "arbiter"),
