@@ -655,6 +655,24 @@ def verify_split(name: str, path: Path, bundle: KeyBundle, address: str,
             "ratio_to_floor": total / floor}
 
 
+def verify_split_on_a_fresh_server(deploy: Deployment, servers: list[Any], host: Any,
+                                   parts: dict[str, float], repeats: int) -> dict[str, Any]:
+    """Register `host` on a new SQLite server (kept in `servers`) and split its Verify's time."""
+    server, _, tokens = deploy.server("sqlite")
+    servers.append(server)
+    try:
+        channel, keyservice = stub(server.address)
+        receipt = keyservice.Register(register_stream(host.bundle, host.model,
+                                                      upload_header(host.model)),
+                                      metadata=bearer(tokens[host.owner]), timeout=300)
+        channel.close()
+        return verify_split("digits CNN", host.model, host.bundle, server.address,
+                            (tokens[host.owner], tokens[ARBITER]), receipt.registration_id,
+                            parts, repeats)
+    finally:
+        server.stop()
+
+
 def load_mix(deploy: Deployment, plan: Plan) -> dict[str, Any]:
     """`plan.load_clients` x `plan.load_requests` cheap calls through two PostgreSQL replicas."""
     db = deploy.database("postgres")
@@ -896,20 +914,7 @@ def run_sandbox(plan: Plan, work: Path, servers: list[ServerProc]) -> dict[str, 
     parts = {"log_sign_s": log_and_sign_s(str(work / "log-sign.sqlite3"), SigningKey.generate(),
                                           20)}
     split_rows = []
-    server, _, tokens = deploy.server("sqlite")
-    servers.append(server)
-    try:
-        channel, keyservice = stub(server.address)
-        host = hosts[0]
-        receipt = keyservice.Register(register_stream(host.bundle, host.model,
-                                                      upload_header(host.model)),
-                                      metadata=bearer(tokens[host.owner]), timeout=300)
-        channel.close()
-        split_rows.append(verify_split("digits CNN", host.model, host.bundle, server.address,
-                                       (tokens[host.owner], tokens[ARBITER]),
-                                       receipt.registration_id, parts, 5))
-    finally:
-        server.stop()
+    split_rows.append(verify_split_on_a_fresh_server(deploy, servers, hosts[0], parts, 5))
     for i, size in enumerate(plan.sizes_mb):
         model = build_big_model(work / "models", size, hosts[i + 1].owner, hosts[0].bundle)
         done = register_big(deploy, "sqlite", model, i + 1)
@@ -1035,20 +1040,7 @@ def run(plan: Plan, work: Path, pg_admin: str | None, backends: list[str],
                   r["sandbox_peak_rss_mb"], r["register_s"]] for r in rss_rows])
 
     # (e) also for a small host, registered on a replay-free server
-    server, _, tokens = deploy.server("sqlite")
-    servers.append(server)
-    try:
-        channel, keyservice = stub(server.address)
-        host = hosts[0]
-        receipt = keyservice.Register(register_stream(host.bundle, host.model,
-                                                      upload_header(host.model)),
-                                      metadata=bearer(tokens[host.owner]), timeout=300)
-        channel.close()
-        split_rows.insert(0, verify_split("digits CNN", host.model, host.bundle,
-                                          server.address, (tokens[host.owner], tokens[ARBITER]),
-                                          receipt.registration_id, parts, 3))
-    finally:
-        server.stop()
+    split_rows.insert(0, verify_split_on_a_fresh_server(deploy, servers, hosts[0], parts, 3))
     print_verify(split_rows)
     results.update(upload=upload_rows, upload_costs_ms_per_mib=costs, rss=rss_rows,
                    verify_split=split_rows)
