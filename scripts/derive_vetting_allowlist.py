@@ -19,8 +19,9 @@ weights), ccexam's MNISTNet, EfficientNet-Lite0, transformer families built from
 configs with random weights (BERT, DistilBERT, RoBERTa, ELECTRA, GPT-2, ViT: operators do not
 depend on the weights), and `CommonOps`, a module of the layers real models are made of
 (convolutions, norms, activations, pooling, attention, embeddings, matmul, the reshape family,
-elementwise maths). Needs `pip install --no-deps ccexam efficientnet-lite-pytorch` beside the
-dev environment (they are inputs of this script only, not dependencies of any package).
+elementwise maths). Needs `pip install --no-deps ccexam` beside the dev environment (an input
+of this script only, not a dependency of any package); EfficientNet-Lite0 is the lab's
+(`freemark_lab.imagenet`).
 """
 
 from __future__ import annotations
@@ -177,9 +178,9 @@ def _external_models() -> dict[str, Callable[[], tuple[nn.Module, Example]]]:
         return MNISTNet(28), (torch.zeros(2, 1, 28, 28),)
 
     def efficientnet() -> tuple[nn.Module, Example]:
-        from efficientnet_lite_pytorch import EfficientNet
+        from freemark_lab.imagenet import IMAGE_SIZE, load_efficientnet_lite0
 
-        return EfficientNet.from_name("efficientnet-lite0"), (torch.zeros(2, 3, 224, 224),)
+        return load_efficientnet_lite0(), (torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE),)
 
     found: dict[str, Callable[[], tuple[nn.Module, Example]]] = {
         "ccexam-mnistnet": ccexam,

@@ -2,8 +2,9 @@
 needs an operator off the allow-list is refused with the operator's name.
 
 The files go through `save_program` and `load_program`, the way owners upload and the sandbox
-reads them. EfficientNet-Lite0 and ccexam's MNISTNet (ASSETS.md) are checked where installed:
-they are inputs of scripts/derive_vetting_allowlist.py, not dependencies.
+reads them. EfficientNet-Lite0 is the lab's pretrained one (a lab dependency); ccexam's
+MNISTNet (ASSETS.md) is checked where installed: it is an input of
+scripts/derive_vetting_allowlist.py, not a dependency.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ def _minilm() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
 
 
 def _efficientnet() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
-    from efficientnet_lite_pytorch import EfficientNet
+    from freemark_lab.imagenet import IMAGE_SIZE, load_efficientnet_lite0
 
-    return EfficientNet.from_name("efficientnet-lite0"), (torch.zeros(2, 3, 224, 224),)
+    return load_efficientnet_lite0(), (torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE),)
 
 
 def _mnistnet() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
@@ -59,8 +60,7 @@ MODELS: dict[str, Callable[[], tuple[nn.Module, tuple[torch.Tensor, ...]]]] = {
     "efficientnet-lite0": _efficientnet,
     "ccexam-mnistnet": _mnistnet,
 }
-MARKS = {"efficientnet-lite0": _installed("efficientnet_lite_pytorch"),
-         "ccexam-mnistnet": _installed("ccexam")}
+MARKS = {"ccexam-mnistnet": _installed("ccexam")}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=MARKS.get(n, ())) for n in MODELS])
