@@ -24,8 +24,10 @@ Every server is a process of its own; the clients are threads of this process. S
     ratio of the sink's.
 (d) peak server RSS (sampled every 10 ms, and the kernel's high-water mark) while the 500 MB
     model is uploaded and while it is registered end to end, against size x 1.2 + 200 MB.
-(e) Verify latency split into its parts, each measured alone: upload (as in (c)), load
-    (+ vetting), forward, fingerprint, extract (the calibrated verdict) and log+sign; against
+(e) Verify latency of the digits CNN, the wide models and EfficientNet-Lite0 (the lab's
+    pretrained ImageNet CNN, freemark_lab.imagenet) split into its parts, each measured
+    alone: upload (as in (c)), load (+ vetting), forward, fingerprint, extract (the
+    calibrated verdict) and log+sign; against
     the end-to-end Verify, and as a ratio of its floor (upload + load + forward + extract in
     process: what any TTP must do). The sandbox is the warm pool: its cost is the gap.
 (f) 32 clients x 1,000 mixed cheap requests through two replicas on one PostgreSQL, and load
@@ -80,6 +82,7 @@ from freemark_keyserver.sandbox import SandboxLimits
 from freemark_keyserver.sandbox_pool import SandboxPool, default_workers
 from freemark_keyserver.store import Store, StoredCheckpoint, open_store
 from freemark_keyserver.vetting import vet_program
+from freemark_lab import imagenet
 from pg import PostgresServer, PostgresUnavailable, create_database
 from ttp_fleet import (
     ARBITER,
@@ -410,6 +413,8 @@ class WideMLP(nn.Module):
 
 @dataclass(frozen=True)
 class BigModel:
+    """A model file of about `size_mb` MB and its owner's key."""
+
     size_mb: int
     path: Path
     bytes: int
@@ -426,6 +431,19 @@ def build_big_model(folder: Path, size_mb: int, owner: str, template: KeyBundle)
     save_program(model, (torch.zeros(2, 1, 8, 8),), path)
     bundle = derive_key(model, layer="act", triggers=template.triggers, owner=owner)
     return BigModel(size_mb, path, path.stat().st_size, bundle)
+
+
+def build_efficientnet(folder: Path, owner: str) -> BigModel:
+    """The lab's pretrained EfficientNet-Lite0 as a .pt2, and `owner`'s key for it: 16 photos
+    at 224 x 224, layer `_bn1` (1,280 units, mean-pooled over space), the default 1,024 probes
+    (freemark_lab.imagenet). A real ImageNet CNN: what Verify costs on a model owners register."""
+    model = imagenet.load_efficientnet_lite0()
+    path = folder / "efficientnet-lite0.pt2"
+    save_program(model, (torch.zeros(2, 3, imagenet.IMAGE_SIZE, imagenet.IMAGE_SIZE),), path)
+    bundle = derive_key(model, layer=imagenet.KEY_LAYER, triggers=imagenet.photo_triggers(),
+                        owner=owner)
+    size = path.stat().st_size
+    return BigModel(round(size / MB), path, size, bundle)
 
 
 # --- sections -------------------------------------------------------------------------------
@@ -655,22 +673,32 @@ def verify_split(name: str, path: Path, bundle: KeyBundle, address: str,
             "ratio_to_floor": total / floor}
 
 
-def verify_split_on_a_fresh_server(deploy: Deployment, servers: list[Any], host: Any,
-                                   parts: dict[str, float], repeats: int) -> dict[str, Any]:
-    """Register `host` on a new SQLite server (kept in `servers`) and split its Verify's time."""
+def verify_split_on_a_fresh_server(deploy: Deployment, servers: list[Any], name: str,
+                                   path: Path, bundle: KeyBundle, parts: dict[str, float],
+                                   repeats: int) -> dict[str, Any]:
+    """Register the model at `path` with its owner's `bundle` on a new SQLite server (kept in
+    `servers`), then split its Verify's time (the row is called `name`)."""
     server, _, tokens = deploy.server("sqlite")
     servers.append(server)
     try:
         channel, keyservice = stub(server.address)
-        receipt = keyservice.Register(register_stream(host.bundle, host.model,
-                                                      upload_header(host.model)),
-                                      metadata=bearer(tokens[host.owner]), timeout=300)
+        receipt = keyservice.Register(register_stream(bundle, path, upload_header(path)),
+                                      metadata=bearer(tokens[bundle.owner]), timeout=900)
         channel.close()
-        return verify_split("digits CNN", host.model, host.bundle, server.address,
-                            (tokens[host.owner], tokens[ARBITER]), receipt.registration_id,
+        return verify_split(name, path, bundle, server.address,
+                            (tokens[bundle.owner], tokens[ARBITER]), receipt.registration_id,
                             parts, repeats)
     finally:
         server.stop()
+
+
+def efficientnet_verify_split(deploy: Deployment, servers: list[Any],
+                              parts: dict[str, float]) -> dict[str, Any]:
+    """EfficientNet-Lite0's Verify split, owned by the last host's owner. Once: each pass reads
+    1,040 images at 224 x 224 (16 triggers and 1,024 probes), about a minute on one thread."""
+    model = build_efficientnet(deploy.work / "models", deploy.hosts[-1].owner)
+    return verify_split_on_a_fresh_server(deploy, servers, "EfficientNet-Lite0", model.path,
+                                          model.bundle, parts, 1)
 
 
 def load_mix(deploy: Deployment, plan: Plan) -> dict[str, Any]:
@@ -889,8 +917,8 @@ def print_full_vs_ttp(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def run_sandbox(plan: Plan, work: Path, servers: list[ServerProc]) -> dict[str, Any]:
     """`--sandbox`: the warm pool's figures alone, in a few minutes on SQLite: Register (full)
-    vs (TTP only), Verify against its floor for the digits CNN and a 100 MB model, and the
-    pool's idle memory."""
+    vs (TTP only), Verify against its floor for the digits CNN, a 100 MB model and
+    EfficientNet-Lite0, and the pool's idle memory."""
     began = time.perf_counter()
     (work / "models").mkdir()
     hosts = build_hosts(work / "models", plan.hosts)
@@ -913,19 +941,14 @@ def run_sandbox(plan: Plan, work: Path, servers: list[ServerProc]) -> dict[str, 
     results["register_full_vs_ttp"] = print_full_vs_ttp(rows)
     parts = {"log_sign_s": log_and_sign_s(str(work / "log-sign.sqlite3"), SigningKey.generate(),
                                           20)}
-    split_rows = []
-    split_rows.append(verify_split_on_a_fresh_server(deploy, servers, hosts[0], parts, 5))
+    split_rows = [verify_split_on_a_fresh_server(deploy, servers, "digits CNN", hosts[0].model,
+                                                 hosts[0].bundle, parts, 5)]
     for i, size in enumerate(plan.sizes_mb):
         model = build_big_model(work / "models", size, hosts[i + 1].owner, hosts[0].bundle)
-        done = register_big(deploy, "sqlite", model, i + 1)
-        server = done.pop("server")
-        servers.append(server)
-        try:
-            split_rows.append(verify_split(f"wide {size} MB", model.path, model.bundle,
-                                           server.address, (done["token"], done["arbiter"]),
-                                           done["registration_id"], parts, 2))
-        finally:
-            server.stop()
+        split_rows.append(verify_split_on_a_fresh_server(deploy, servers, f"wide {size} MB",
+                                                         model.path, model.bundle, parts, 2))
+    split_rows.append(efficientnet_verify_split(deploy, servers, parts))
+    print(f"  EfficientNet-Lite0 done ({time.perf_counter() - began:.0f} s)", flush=True)
     print_verify(split_rows)
     results["verify_split"] = split_rows
     results["elapsed_s"] = time.perf_counter() - began
@@ -1040,7 +1063,9 @@ def run(plan: Plan, work: Path, pg_admin: str | None, backends: list[str],
                   r["sandbox_peak_rss_mb"], r["register_s"]] for r in rss_rows])
 
     # (e) also for a small host, registered on a replay-free server
-    split_rows.insert(0, verify_split_on_a_fresh_server(deploy, servers, hosts[0], parts, 3))
+    split_rows.insert(0, verify_split_on_a_fresh_server(deploy, servers, "digits CNN",
+                                                        hosts[0].model, hosts[0].bundle, parts, 3))
+    split_rows.append(efficientnet_verify_split(deploy, servers, parts))
     print_verify(split_rows)
     results.update(upload=upload_rows, upload_costs_ms_per_mib=costs, rss=rss_rows,
                    verify_split=split_rows)
