@@ -21,6 +21,12 @@ from freemark.v1 import bundle_pb2
 Pooling = int  # a bundle_pb2.Pooling value
 MAX_LISTED_LAYERS = 200
 DEFAULT_BATCH = 256
+# Inputs per forward pass are capped by size too. At 224 x 224, 256 inputs make each of
+# EfficientNet-Lite0's first layers a 0.4-1.2 GB tensor: the sandbox's 4 GiB address space
+# refused the model, and tensors that large are fresh mmaps, page-faulted anew at every layer
+# (two thirds of the CPU time at 256 inputs a pass, none at 4: bench/keyserver.py). 2 MiB
+# leaves 8 x 8 digits, MNIST and token triggers at 256 inputs a pass.
+BATCH_INPUT_BYTES = 2 * 1024**2
 
 
 def as_module(model: nn.Module | torch.export.ExportedProgram) -> nn.Module:
@@ -68,6 +74,12 @@ def _static_batch(module: nn.Module) -> int | None:
                 size = value.shape[0]
                 return int(size) if isinstance(size, int) else None
     return None
+
+
+def _batch_for(inputs: torch.Tensor, batch_size: int) -> int:
+    """Inputs per forward pass: `batch_size`, fewer when they would exceed BATCH_INPUT_BYTES."""
+    per_input = max(1, inputs[0].numel() * inputs.element_size())
+    return max(1, min(batch_size, BATCH_INPUT_BYTES // per_input))
 
 
 def _chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
@@ -126,12 +138,14 @@ def capture(
 
     `pooling=None` infers it from the output; pass the bundle's pooling when extracting so
     a suspect whose layer changed shape is refused instead of silently pooled differently.
+    A forward pass reads at most `batch_size` inputs and BATCH_INPUT_BYTES of them (a program
+    exported with a fixed batch reads exactly that many).
     """
     module = as_module(model)
     target = resolve_layer(module, layer)
     inputs = _to_tensor(triggers.inputs)
     mask = None if triggers.attention_mask is None else _to_tensor(triggers.attention_mask)
-    chunk = _static_batch(module) or batch_size
+    chunk = _static_batch(module) or _batch_for(inputs, batch_size)
     captured: list[torch.Tensor] = []
     chosen: list[Pooling] = [] if pooling is None else [pooling]
 
