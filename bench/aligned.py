@@ -66,7 +66,7 @@ from freemark.bundle import KeyBundle
 from freemark.derive import derive_key
 from freemark.extract import judge_activations
 from freemark.modelfile import save_program
-from freemark.panel import Reference, count_for, measure_reference, probe_triggers, read_layer
+from freemark.panel import Reference, count_for, measure_reference, read_layer
 from freemark.rpc import KeyServiceClient
 from freemark.triggers import TriggerSet, select_triggers
 from freemark_keyserver import panels
@@ -382,9 +382,9 @@ def verify_split(width: Width, bundle: KeyBundle, suspect: Path, plan: Plan) -> 
     run_triggers_s = median_time(plan.split_repeats, lambda: run_model(
         suspect, layer=bundle.layer, pooling=bundle.pooling, triggers=bundle.triggers,
         limits=limits))
-    probed = probe_triggers(bundle)
     run_probes_s = median_time(plan.split_repeats, lambda: run_model(
-        suspect, layer=bundle.layer, pooling=bundle.pooling, triggers=probed, limits=limits))
+        suspect, layer=bundle.layer, pooling=bundle.pooling, triggers=bundle.triggers,
+        probes=bundle.probes, limits=limits))
     # The panel as the key server seals it (float32 on the wire), opened as Verify opens it.
     sealed = panels.seal_bytes(bundle, width.panel)
     open_s = median_time(plan.split_repeats, lambda: panels.open_bytes(sealed))

@@ -84,15 +84,16 @@ def build_hosts(folder: Path, count: int = N_HOSTS) -> list[Host]:
 
 
 def in_process_sandbox(model_path: Path, *, layer: str, pooling: int, triggers: TriggerSet,
-                       weights_path: Path | None = None, **_limits: Any) -> SandboxResult:
+                       weights_path: Path | None = None, probes: int = 0,
+                       **_limits: Any) -> SandboxResult:
     """`sandbox.run_model`'s answer, computed in this process by the worker's own code."""
-    spec = {"layer": layer, "pooling": pooling}
+    spec = {"layer": layer, "pooling": pooling, "probes": probes}
     header = {"model": str(model_path), "weights": str(weights_path) if weights_path else None,
               "sets": [spec]}
     sets = [(triggers.inputs, triggers.attention_mask)]
     with _SANDBOX_TURN:
         identity, run = _runner(header, sets)
-        activations = run(spec, *sets[0])
+        activations = run(spec, triggers)
     return SandboxResult(np.asarray(activations, dtype=np.float64), identity[:32], identity[32:])
 
 

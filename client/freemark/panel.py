@@ -22,7 +22,7 @@ from freemark.aligned import matched_units
 from freemark.bundle import KeyBundle, tensor_from_proto, tensor_to_proto
 from freemark.errors import InvalidInputError
 from freemark.modelfile import fingerprint
-from freemark.probes import make_probes
+from freemark.probes import with_probes
 from freemark.triggers import TriggerSet
 from freemark.v1 import bundle_pb2
 
@@ -53,14 +53,7 @@ def count_for(reference: Reference, bundle: KeyBundle) -> int:
 
 def probe_triggers(bundle: KeyBundle) -> TriggerSet:
     """The triggers followed by the bundle's alignment probes: one forward pass reads both."""
-    if bundle.probe_profile is None:
-        return bundle.triggers
-    probes = make_probes(bundle.triggers, bundle.probes)
-    mask = None
-    if bundle.triggers.attention_mask is not None and probes.attention_mask is not None:
-        mask = np.concatenate([bundle.triggers.attention_mask, probes.attention_mask])
-    return TriggerSet(inputs=np.concatenate([bundle.triggers.inputs, probes.inputs]),
-                      attention_mask=mask)
+    return with_probes(bundle.triggers, bundle.probes)
 
 
 def split_activations(activations: np.ndarray, bundle: KeyBundle) -> tuple[np.ndarray, np.ndarray | None]:

@@ -32,6 +32,7 @@ MAX_PROBES = 8192
 MAX_SHIFT = 2
 NOISE_SCALE = 0.1
 TOKEN_SWAP_RATE = 0.25
+_CHUNK_VALUES = 1 << 22  # float64 values per chunk of probes (32 MiB)
 
 
 def probe_seed(triggers: TriggerSet, count: int) -> int:
@@ -58,21 +59,51 @@ def make_probes(triggers: TriggerSet, count: int = DEFAULT_PROBES) -> TriggerSet
     raise InvalidInputError(f"cannot make probes for trigger inputs of dtype {triggers.inputs.dtype}")
 
 
+def with_probes(triggers: TriggerSet, count: int) -> TriggerSet:
+    """The triggers followed by `count` probes derived from them (the triggers alone for 0),
+    so one forward pass reads both. The sandbox builds them itself from the triggers it is
+    sent, so a probed request is no larger than the triggers."""
+    if count == 0:
+        return triggers
+    probes = make_probes(triggers, count)
+    mask = None
+    if triggers.attention_mask is not None and probes.attention_mask is not None:
+        mask = np.concatenate([triggers.attention_mask, probes.attention_mask])
+    return TriggerSet(inputs=np.concatenate([triggers.inputs, probes.inputs]), attention_mask=mask)
+
+
 def _mixed(inputs: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """Mixes, shifts and noise, built `_CHUNK_VALUES` at a time: a 224 x 224 image key's 1,024
+    probes are 0.6 GB as float32, and building them whole in float64 took four times that.
+    The generator is drawn in the same order as one whole pass would, so the probes do not
+    depend on the chunking (tests/unit/client/test_probes.py pins them)."""
     x = np.asarray(inputs, dtype=np.float64)
     first = rng.integers(len(x), size=count)
     second = rng.integers(len(x), size=count)
-    weight = rng.uniform(0.0, 1.0, size=(count,) + (1,) * (x.ndim - 1))
-    probes = weight * x[first] + (1.0 - weight) * x[second]
+    weight = rng.uniform(0.0, 1.0, size=count)
     spatial_axes = tuple(range(max(1, x.ndim - 2), x.ndim)) if x.ndim >= 3 else ()
-    for axis in spatial_axes:
-        shifts = rng.integers(-MAX_SHIFT, MAX_SHIFT + 1, size=count)
-        for i, shift in enumerate(shifts):
-            if shift:
-                probes[i] = np.roll(probes[i], int(shift), axis=axis - 1)
-    spread = float(x.std()) or 1.0
-    probes += rng.normal(0.0, NOISE_SCALE * spread, size=probes.shape)
-    return probes.astype(inputs.dtype, copy=False)
+    shifts = [rng.integers(-MAX_SHIFT, MAX_SHIFT + 1, size=count) for _ in spatial_axes]
+    noise = NOISE_SCALE * (float(x.std()) or 1.0)
+    probes = np.empty((count, *x.shape[1:]), dtype=inputs.dtype)
+    rows = max(1, _CHUNK_VALUES // max(1, x[0].size))
+    for start in range(0, count, rows):
+        part = slice(start, min(count, start + rows))
+        mix = weight[part].reshape((-1,) + (1,) * (x.ndim - 1))
+        chunk = mix * x[first[part]] + (1.0 - mix) * x[second[part]]
+        for axis, shift in zip(spatial_axes, shifts):
+            chunk = _roll_rows(chunk, shift[part], axis)
+        chunk += rng.normal(0.0, noise, size=chunk.shape)
+        probes[part] = chunk
+    return probes
+
+
+def _roll_rows(batch: np.ndarray, shifts: np.ndarray, axis: int) -> np.ndarray:
+    """`np.roll(batch[i], shifts[i], axis - 1)` for every row i at once."""
+    length = batch.shape[axis]
+    index = (np.arange(length)[None, :] - shifts[:, None]) % length
+    shape = [1] * batch.ndim
+    shape[0], shape[axis] = len(shifts), length
+    return np.take_along_axis(batch, index.reshape(shape), axis=axis)
 
 
 def _swapped_tokens(triggers: TriggerSet, count: int,

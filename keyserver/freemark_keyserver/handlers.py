@@ -110,14 +110,15 @@ class Context:
 
 def _sandboxed(ctx: Context, model: Path, bundle: KeyBundle, weights: Path | None = None,
                options: dict[str, str] | None = None) -> SandboxResult:
-    """Run an untrusted model in the sandbox, mapping its failures to statuses.
+    """Run an untrusted model in the sandbox on the bundle's triggers and its alignment
+    probes (built in the child), mapping its failures to statuses.
 
     `options` name a format other than `.pt2` (`formats.sandbox_options`)."""
     extra = {"options": options} if options else {}
     try:
         return ctx.sandbox(model, layer=bundle.layer, pooling=bundle.pooling,
-                           triggers=bundle.triggers, weights_path=weights, limits=ctx.config.sandbox,
-                           **extra)
+                           triggers=bundle.triggers, probes=bundle.probes, weights_path=weights,
+                           limits=ctx.config.sandbox, **extra)
     except ModelFileError as exc:
         raise ServiceError(ErrorCode.INVALID_MODEL, _public(exc)) from exc
     except InvalidInputError as exc:

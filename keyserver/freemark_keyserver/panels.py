@@ -3,8 +3,8 @@ reference panels (the owner's and the operator's) measured and checked, and the 
 that keeps them with the key.
 
 One sandbox run reads a model's key layer on the triggers followed by the bundle's
-alignment probes (`freemark.panel.probe_triggers`), so the aligned test costs no extra
-model load. Reference models are untrusted uploads like any other: vetted and run in the
+alignment probes (`freemark.probes.with_probes`, built in the sandbox child from the
+triggers), so the aligned test costs no extra model load. Reference models are untrusted uploads like any other: vetted and run in the
 sandbox, and only their activations are kept, sealed beside the bundle.
 """
 
@@ -25,7 +25,6 @@ from freemark.canon import align
 from freemark.errors import InvalidInputError
 from freemark.panel import (
     Reference,
-    probe_triggers,
     reference_from_proto,
     reference_to_proto,
     split_activations,
@@ -58,9 +57,9 @@ Runner = Callable[[Path, KeyBundle, Path | None], SandboxResult]
 
 
 def read(run: Runner, model: Path, bundle: KeyBundle, weights: Path | None = None) -> Reading:
-    """Run `model` once on the bundle's triggers and probes (`run` maps sandbox failures)."""
-    probed = dataclasses.replace(bundle, triggers=probe_triggers(bundle))
-    result = run(model, probed, weights)
+    """Run `model` once on the bundle's triggers and probes (`run` maps sandbox failures and
+    asks for the bundle's probes)."""
+    result = run(model, bundle, weights)
     try:
         triggers, probes = split_activations(result.activations, bundle)
     except InvalidInputError as exc:
@@ -76,7 +75,7 @@ def read_many(batch: BatchRunner, model: Path, bundles: Sequence[KeyBundle]
               ) -> list[Reading | Exception]:
     """One sandboxed load of `model`, read with each bundle's triggers and probes; a bundle
     whose run failed gets its exception instead of a reading."""
-    identity, results = batch(model, [TriggerRun(b.layer, b.pooling, probe_triggers(b))
+    identity, results = batch(model, [TriggerRun(b.layer, b.pooling, b.triggers, b.probes)
                                       for b in bundles])
     readings: list[Reading | Exception] = []
     for bundle, result in zip(bundles, results):

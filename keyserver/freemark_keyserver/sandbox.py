@@ -172,18 +172,21 @@ def run_model(
     pooling: int,
     triggers: TriggerSet,
     weights_path: Path | None = None,
+    probes: int = 0,
     limits: SandboxLimits = SandboxLimits(),
     options: dict[str, Any] | None = None,
     pool: SandboxPool | None = None,
 ) -> SandboxResult:
-    """Activations ((len(triggers), units) float64) of `layer` of the `.pt2` at `model_path`.
+    """Activations ((len(triggers) + probes, units) float64) of `layer` of the `.pt2` at
+    `model_path`, on the triggers and then on `probes` alignment probes derived from them
+    (`freemark.probes.with_probes`, built in the sandbox child).
 
     `weights_path` (`.safetensors`) replaces the program's weights. Raises ModelFileError for a
     file that is not a safe, vetted program; InvalidInputError when it cannot run on the
     triggers; SandboxTimeout, SandboxResourceError, SandboxBusy or SandboxError when the sandbox
     gives up; `cancellation.CallEnded` when the gRPC call it serves has ended.
     """
-    identity, results = run_batch(model_path, [TriggerRun(layer, pooling, triggers)],
+    identity, results = run_batch(model_path, [TriggerRun(layer, pooling, triggers, probes)],
                                   weights_path=weights_path, limits=limits, options=options,
                                   pool=pool)
     if isinstance(results[0], Exception):

@@ -50,11 +50,18 @@ GiB = 1 << 30
 
 @dataclass(frozen=True)
 class TriggerRun:
-    """One trigger set to run the model on, at one layer and pooling."""
+    """One trigger set to run the model on, at one layer and pooling, followed by `probes`
+    alignment probes that the child derives from the triggers (`freemark.probes`)."""
 
     layer: str
     pooling: int
     triggers: TriggerSet
+    probes: int = 0
+
+    @property
+    def rows(self) -> int:
+        """How many activation rows the run answers: the triggers, then the probes."""
+        return len(self.triggers) + self.probes
 
 
 def default_workers(memory_bytes: int) -> int:
@@ -231,7 +238,7 @@ class SandboxPool:
             elapsed = time.monotonic() - started
             self._mean_run = 0.8 * self._mean_run + 0.2 * elapsed
             metrics.SANDBOX_RUN_SECONDS.observe(elapsed)
-        return _decode(raw, code, [len(r.triggers) for r in runs], limits)
+        return _decode(raw, code, [r.rows for r in runs], limits)
 
     def _exchange(self, model_path: Path, weights_path: Path | None, request: bytes,
                   limits: Any) -> tuple[bytes, int]:
@@ -342,7 +349,7 @@ class _Exchange:
 def _encode(runs: Sequence[TriggerRun], has_weights: bool, options: dict[str, Any]) -> bytes:
     header = {**options, "model": "/proc/self/fd/4",
               "weights": "/proc/self/fd/5" if has_weights else None,
-              "sets": [{"layer": r.layer, "pooling": int(r.pooling),
+              "sets": [{"layer": r.layer, "pooling": int(r.pooling), "probes": int(r.probes),
                         "has_mask": r.triggers.attention_mask is not None} for r in runs]}
     buffer = io.BytesIO()
     arrays: list[Any] = [np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)]

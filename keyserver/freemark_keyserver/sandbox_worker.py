@@ -10,8 +10,10 @@ and read-only descriptors of its input files, which it reads as ``/proc/self/fd/
 The protocol on the data socket (the parent writes, shuts its side down, then reads):
 
 1. request: `np.save` frames (never pickle): a JSON header as uint8 (``model``, ``weights``,
-   and ``sets``: one ``{"layer", "pooling", "has_mask"}`` per trigger set), then each set's
-   inputs and, if announced, its attention mask. Triggers are secret and never touch disk;
+   and ``sets``: one ``{"layer", "pooling", "has_mask", "probes"}`` per trigger set), then
+   each set's inputs and, if announced, its attention mask. The child appends ``probes``
+   alignment probes to each set itself (`freemark.probes.with_probes`). Triggers are secret
+   and never touch disk;
 2. reply: ``OK`` (b"K"), the 64 identity bytes (fingerprint ‖ architecture digest) as uint8,
    then per set a status frame (JSON {"kind", "message"} as uint8; kind "ok" is followed by
    the float32 activation matrix); or ``REFUSED`` (b"R") and one status frame when the model
@@ -104,33 +106,37 @@ def _load(header: dict[str, Any]) -> tuple[Any, bytes]:
     return model, fingerprint(state) + architecture_digest(state)
 
 
-Runner = Callable[[dict[str, Any], Any, Any], Any]
+Runner = Callable[[dict[str, Any], Any], Any]
 
 
 def _runner(header: dict[str, Any], sets: list[tuple[Any, Any]]) -> tuple[bytes, Runner]:
-    """The model's identity and a function from (set spec, inputs, mask) to activations.
+    """The model's identity and a function from (set spec, TriggerSet) to activations on the
+    set's triggers followed by its ``probes`` alignment probes (`freemark.probes.with_probes`,
+    built here from the triggers, so the request carries the triggers only).
 
     A `.pt2` is loaded once for every set; a Hugging Face checkpoint or an ONNX model goes to
     `freemark_keyserver.formats`, whose loaders read one layer per load (the first set is read
     once more for the identity).
     """
     from freemark.activations import capture
+    from freemark.probes import with_probes
     from freemark.triggers import TriggerSet
     from freemark_keyserver import formats
 
+    def probed(spec: dict[str, Any], triggers: TriggerSet) -> TriggerSet:
+        return with_probes(triggers, int(spec.get("probes", 0)))
+
     if formats.handles(header):  # Hugging Face checkpoints and ONNX: their own safe loaders
-        def other(spec: dict[str, Any], inputs: Any, mask: Any) -> Any:
-            triggers = TriggerSet(inputs=inputs, attention_mask=mask)
-            return formats.sandboxed_activations({**header, **spec}, triggers)
-        first = other(header["sets"][0], *sets[0]) if sets else None
-        if first is None:
+        def other(spec: dict[str, Any], triggers: TriggerSet) -> Any:
+            return formats.sandboxed_activations({**header, **spec}, probed(spec, triggers))
+        if not sets:
             raise _Refused("internal", "a request without trigger sets")
-        return first[1], lambda spec, inputs, mask: other(spec, inputs, mask)[0]
+        first = other(header["sets"][0], TriggerSet(inputs=sets[0][0], attention_mask=sets[0][1]))
+        return first[1], lambda spec, triggers: other(spec, triggers)[0]
     model, identity = _load(header)
 
-    def program(spec: dict[str, Any], inputs: Any, mask: Any) -> Any:
-        activations, _ = capture(model, spec["layer"],
-                                 TriggerSet(inputs=inputs, attention_mask=mask),
+    def program(spec: dict[str, Any], triggers: TriggerSet) -> Any:
+        activations, _ = capture(model, spec["layer"], probed(spec, triggers),
                                  pooling=spec["pooling"])
         return activations
     return identity, program
@@ -184,6 +190,8 @@ def answer(raw: bytes) -> bytes:
     """The child's whole reply to one request (module doc, step 5); never raises."""
     import numpy as np
 
+    from freemark.triggers import TriggerSet
+
     try:
         header, sets = _read_request(raw)
         identity, run = _runner(header, sets)
@@ -193,7 +201,7 @@ def answer(raw: bytes) -> bytes:
     parts = [OK, _frame(np.frombuffer(identity, dtype=np.uint8))]
     for spec, (inputs, mask) in zip(header["sets"], sets):
         try:  # one set failing (another owner's triggers) leaves the others' answers intact
-            activations = run(spec, inputs, mask)
+            activations = run(spec, TriggerSet(inputs=inputs, attention_mask=mask))
         except Exception as exc:  # noqa: BLE001
             refusal = _classify(exc)
             parts.append(_status({"kind": refusal.kind,

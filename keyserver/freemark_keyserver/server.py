@@ -4,6 +4,10 @@ Every call goes through `calls.CallInterceptor` (request id, metrics, log line, 
 idle and slow streams); the thread pool is sized by the caps plus a reserve, so it is the
 caps that refuse a flood and health checks always find a thread. The upload spool is
 emptied before the port opens.
+
+Health (`grpc.health.v1.Health`, Check and Watch) names "" and the KeyService, and one
+service per sandbox isolation layer (`isolation_health`): an operator's probe sees what the
+sandbox stands on, not only that the server is up.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from freemark.v1 import keyservice_pb2, keyservice_pb2_grpc
-from freemark_keyserver import handlers, metrics
+from freemark_keyserver import handlers, metrics, sandbox_isolation
 from freemark_keyserver.calls import CallInterceptor, CallRegistry
 from freemark_keyserver.config import ServerConfig, load_keyring, load_signing_key
 from freemark_keyserver.service import KeyServiceServicer
@@ -30,6 +34,21 @@ log = logging.getLogger("freemark_keyserver")
 SERVICE_NAME = keyservice_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name
 MESSAGE_SLACK = 1024 * 1024
 BACKSTOP_FACTOR = 4  # grpc's own cap on calls: far above ours, only against a flood of calls
+ISOLATION_HEALTH_PREFIX = "freemark.sandbox.isolation."
+
+
+def isolation_health(isolation: sandbox_isolation.Isolation
+                     ) -> dict[str, health_pb2.HealthCheckResponse.ServingStatus]:
+    """One health service per isolation layer, `freemark.sandbox.isolation.<layer>`.
+
+    SERVING when the start-up probe found the layer on, NOT_SERVING when it is unavailable.
+    The health protocol has no text field, so why a layer is off stays in `serve`'s output
+    and the log; the names come from `sandbox_isolation.LAYERS`, so a new layer gets one.
+    """
+    return {ISOLATION_HEALTH_PREFIX + layer:
+            health_pb2.HealthCheckResponse.SERVING if isolation.on(layer)
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+            for layer in sandbox_isolation.LAYERS}
 
 
 @dataclass
@@ -121,8 +140,10 @@ def create_server(config: ServerConfig) -> RunningServer:
     metrics_http = metrics.serve_http(config.metrics_listen) if config.metrics_listen else None
     server.start()
     calls.start()
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    serving = health_pb2.HealthCheckResponse.SERVING
+    for name, status in {"": serving, SERVICE_NAME: serving,
+                         **isolation_health(pool.isolation)}.items():
+        health_servicer.set(name, status)
     log.info("freemark key server listening on port %d (key id %s)", port, ctx.signer.key_id)
     if metrics_http is not None:
         log.info("metrics on http://%s:%d/metrics", metrics_http.server_address[0],

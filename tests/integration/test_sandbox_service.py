@@ -36,8 +36,9 @@ from freemark.triggers import load_triggers
 from freemark_keyserver.auth import hash_token, new_token
 from freemark_keyserver.config import ServerConfig
 from freemark_keyserver.ratelimit import Rate
+from freemark_keyserver.sandbox_isolation import LAYERS
 from freemark_keyserver.sandbox_pool import SandboxPool
-from freemark_keyserver.server import RunningServer, create_server
+from freemark_keyserver.server import ISOLATION_HEALTH_PREFIX, RunningServer, create_server
 from freemark_keyserver.store import Principal
 from ttp_fixtures import build_models
 
@@ -201,3 +202,36 @@ def test_a_crashing_child_is_a_clear_refusal_and_the_server_stays_serving(world:
             health_pb2.HealthCheckRequest(service=""), timeout=10).status
     assert status == health_pb2.HealthCheckResponse.SERVING
     _wait_for(lambda: world.pool.stats()["running"] == 0, 5)
+
+
+def test_health_names_each_isolation_layer_serving_exactly_when_the_pool_has_it(
+        world: World) -> None:
+    """`freemark.sandbox.isolation.<layer>` for every layer: SERVING where this server's pool
+    found the layer on at start-up, NOT_SERVING where not; `limits` always holds (the pool
+    refuses to start without it). Check and Watch agree; a name that is no layer is unknown."""
+    isolation = world.pool.isolation
+    assert set(isolation.layers) == set(LAYERS)
+    serving, not_serving = (health_pb2.HealthCheckResponse.SERVING,
+                            health_pb2.HealthCheckResponse.NOT_SERVING)
+    expected = {layer: serving if isolation.on(layer) else not_serving for layer in LAYERS}
+    with grpc.insecure_channel(world.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+
+        def check(service: str) -> int:
+            return health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+
+        def watch(service: str) -> int:
+            stream = health.Watch(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            first = next(stream).status
+            stream.cancel()
+            return first
+
+        checked = {layer: check(ISOLATION_HEALTH_PREFIX + layer) for layer in LAYERS}
+        watched = {layer: watch(ISOLATION_HEALTH_PREFIX + layer) for layer in LAYERS}
+        assert check("freemark.sandbox.isolation.limits") == serving  # the documented name
+        with pytest.raises(grpc.RpcError) as unknown:
+            check(ISOLATION_HEALTH_PREFIX + "nonsense")
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+    assert checked == expected, isolation.summary()
+    assert watched == expected
+    assert checked["limits"] == serving

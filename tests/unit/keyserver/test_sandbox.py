@@ -24,6 +24,7 @@ import hostile_models
 from freemark.activations import capture
 from freemark.errors import InvalidInputError, ModelFileError
 from freemark.modelfile import apply_weights, load_program, save_program, state_dict_of
+from freemark.probes import with_probes
 from freemark.triggers import TriggerSet, select_triggers
 from freemark.v1 import bundle_pb2
 from freemark_keyserver import sandbox_pool, sandbox_worker
@@ -33,6 +34,7 @@ from freemark_keyserver.sandbox import (
     SandboxResourceError,
     SandboxTimeout,
     run_in_sandbox,
+    run_model,
     shared_pool,
     worker_environment,
 )
@@ -100,6 +102,15 @@ def test_activations_match_in_process_capture(host: Host, monkeypatch: pytest.Mo
     np.testing.assert_allclose(
         activations, _reference(load_program(host.path), host.triggers), rtol=1e-5, atol=1e-6
     )
+
+
+def test_the_child_builds_the_alignment_probes_from_the_triggers(host: Host) -> None:
+    """Only the triggers cross over; the rows after them are the probes the owner's library
+    derives (`with_probes`), read at the same layer."""
+    result = run_model(host.path, layer=LAYER, pooling=POOLING, triggers=host.triggers, probes=40)
+    expected = _reference(load_program(host.path), with_probes(host.triggers, 40))
+    assert result.activations.shape == (len(host.triggers) + 40, 128)
+    np.testing.assert_allclose(result.activations, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_safetensors_weights_replace_the_programs_own(host: Host, tmp_path: Path) -> None:
