@@ -80,7 +80,8 @@ class SandboxLimits:
 
     memory_bytes: RLIMIT_AS. 4 GiB: torch 2.13 (CPU) alone needs about 0.8 GiB of address space
         to import and run a small CNN (measured; 0.5 GiB fails), which leaves room for a model of
-        a few hundred MB plus a 256-input batch of activations.
+        a few hundred MB plus one forward pass's activations (capture reads at most 256 inputs
+        and 2 MiB of them a pass: 256 at 224 x 224 ran EfficientNet-Lite0 out of this limit).
     cpu_seconds: RLIMIT_CPU. 120 s: importing torch costs 2-3 s, a digits CNN on 100 triggers
         under 1 s, a ResNet-50 on a few hundred triggers tens of seconds on one core.
     wall_seconds: the parent's deadline, which also bounds a worker that sleeps or blocks and
