@@ -68,9 +68,10 @@ from freemark import merkle
 from freemark.activations import capture
 from freemark.bundle import KeyBundle, to_proto
 from freemark.derive import check_uniqueness, derive_key
-from freemark.extract import judge_activations
+from freemark.extract import aligns, judge_activations
 from freemark.modelfile import architecture_digest, fingerprint, load_program, save_program
 from freemark.panel import probe_triggers, split_activations
+from freemark.probes import with_probes
 from freemark.signatures import canonical_json
 from freemark.v1 import keyservice_pb2 as pb
 from freemark.v1 import keyservice_pb2_grpc
@@ -651,14 +652,17 @@ def verify_split(name: str, path: Path, bundle: KeyBundle, address: str,
     load = median_time(repeats, lambda: vet_program(load_program(path)))
     program = load_program(path)
     captured: list[np.ndarray] = []
-    # Verify reads the triggers and the alignment probes, which the sandbox child builds
-    # from the triggers (0.6 GB of them for a 224 x 224 key): a part of its own.
-    probes_s = median_time(repeats, lambda: probe_triggers(bundle))
-    probed = probe_triggers(bundle)
+    # Verify reads the alignment probes too only when the registration's panel lets the
+    # aligned test run (`aligns`); these are registered without one, so it reads the
+    # triggers alone. Probes, where read, are built by the sandbox child (0.6 GB of them for
+    # a 224 x 224 key): a part of their own.
+    count = bundle.probes if aligns(bundle, ()) else 0
+    probes_s = median_time(repeats, lambda: with_probes(bundle.triggers, count))
+    probed = with_probes(bundle.triggers, count)
     forward = median_time(repeats, lambda: captured.append(
         capture(program, bundle.layer, probed, pooling=bundle.pooling)[0]))
     identity = median_time(repeats, lambda: fingerprint(program) + architecture_digest(program))
-    triggers, probes = split_activations(captured[-1], bundle)
+    triggers, probes = split_activations(captured[-1], bundle, count)
     extract = median_time(repeats, lambda: judge_activations(triggers, bundle,
                                                              probe_activations=probes))
     channel, keyservice = stub(address)
@@ -698,8 +702,9 @@ def verify_split_on_a_fresh_server(deploy: Deployment, servers: list[Any], name:
 
 def efficientnet_verify_split(deploy: Deployment, servers: list[Any],
                               parts: dict[str, float]) -> dict[str, Any]:
-    """EfficientNet-Lite0's Verify split, owned by the last host's owner. Once: each pass reads
-    1,040 images at 224 x 224 (16 triggers and 1,024 probes), about a minute on one thread."""
+    """EfficientNet-Lite0's Verify split, owned by the last host's owner. Once: Register reads
+    1,040 images at 224 x 224 (16 triggers and the 1,024 probes of the host's profile), about
+    a minute on one thread; Verify, without a panel, the 16 triggers."""
     model = build_efficientnet(deploy.work / "models", deploy.hosts[-1].owner)
     return verify_split_on_a_fresh_server(deploy, servers, "EfficientNet-Lite0", model.path,
                                           model.bundle, parts, 1)

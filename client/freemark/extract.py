@@ -89,8 +89,7 @@ def judge_activations(activations: np.ndarray, bundle: KeyBundle, *, alpha: floa
 
     `panel` members also join the plain test's null (those of the host's width).
     """
-    can_align = (bundle.probe_profile is not None and probe_activations is not None
-                 and len(panel) >= MIN_PANEL)
+    can_align = aligns(bundle, panel) and probe_activations is not None
     check_activations(activations, bundle, any_width=can_align)
     if activations.shape[1] == bundle.units:
         z = suspect_vector(activations, centred=bundle.centred)
@@ -109,6 +108,14 @@ def judge_activations(activations: np.ndarray, bundle: KeyBundle, *, alpha: floa
     aligned = aligned_test(bundle.probe_profile, probe_activations,
                            [count_for(r, bundle) for r in panel])
     return decide(plain, aligned, fingerprints, alpha=alpha)
+
+
+def aligns(bundle: KeyBundle, panel: Sequence[Reference]) -> bool:
+    """Whether a verdict with this key and panel runs the aligned test, i.e. whether reading
+    the suspect on the alignment probes is of any use: the key has a probe profile and the
+    panel has at least `MIN_PANEL` members. Otherwise the plain test alone decides, and the
+    key server reads the triggers only."""
+    return bundle.probe_profile is not None and len(panel) >= MIN_PANEL
 
 
 def _why_untested(bundle: KeyBundle, probes: np.ndarray | None, panel: Sequence[Reference]) -> str:

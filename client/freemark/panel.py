@@ -56,13 +56,16 @@ def probe_triggers(bundle: KeyBundle) -> TriggerSet:
     return with_probes(bundle.triggers, bundle.probes)
 
 
-def split_activations(activations: np.ndarray, bundle: KeyBundle) -> tuple[np.ndarray, np.ndarray | None]:
-    """(trigger activations, probe activations or None) from a pass over `probe_triggers`."""
+def split_activations(activations: np.ndarray, bundle: KeyBundle, probes: int | None = None
+                      ) -> tuple[np.ndarray, np.ndarray | None]:
+    """(trigger activations, probe activations or None) from a pass over the triggers and
+    `probes` probes (default: the bundle's, as `probe_triggers` makes them)."""
     count = len(bundle.triggers)
-    if bundle.probe_profile is None:
+    probes = bundle.probes if probes is None else probes
+    if probes == 0:
         return activations, None
-    if len(activations) != count + bundle.probes:
-        raise InvalidInputError(f"expected activations for {count} triggers and {bundle.probes} "
+    if len(activations) != count + probes:
+        raise InvalidInputError(f"expected activations for {count} triggers and {probes} "
                                 f"probes, got {len(activations)}")
     return activations[:count], activations[count:]
 

@@ -22,7 +22,7 @@ from freemark import merkle, wire
 from freemark.bundle import KeyBundle, from_proto
 from freemark.derive import check_uniqueness
 from freemark.errors import InvalidInputError, ModelFileError, UniquenessError
-from freemark.extract import judge_activations
+from freemark.extract import aligns, judge_activations
 from freemark.note import verifier_key
 from freemark.panel import Reference
 from freemark.records import (
@@ -109,15 +109,15 @@ class Context:
 
 
 def _sandboxed(ctx: Context, model: Path, bundle: KeyBundle, weights: Path | None = None,
-               options: dict[str, str] | None = None) -> SandboxResult:
-    """Run an untrusted model in the sandbox on the bundle's triggers and its alignment
-    probes (built in the child), mapping its failures to statuses.
+               options: dict[str, str] | None = None, probes: int = 0) -> SandboxResult:
+    """Run an untrusted model in the sandbox on the bundle's triggers and `probes` of its
+    alignment probes (built in the child), mapping its failures to statuses.
 
     `options` name a format other than `.pt2` (`formats.sandbox_options`)."""
     extra = {"options": options} if options else {}
     try:
         return ctx.sandbox(model, layer=bundle.layer, pooling=bundle.pooling,
-                           triggers=bundle.triggers, probes=bundle.probes, weights_path=weights,
+                           triggers=bundle.triggers, probes=probes, weights_path=weights,
                            limits=ctx.config.sandbox, **extra)
     except ModelFileError as exc:
         raise ServiceError(ErrorCode.INVALID_MODEL, _public(exc)) from exc
@@ -266,13 +266,15 @@ def _open_sealed(ctx: Context, record: Registration) -> tuple[KeyBundle, list[Re
 
 
 def _runner(ctx: Context, options: dict[str, str] | None = None) -> panels.Runner:
-    return lambda model, bundle, weights: _sandboxed(ctx, model, bundle, weights, options)
+    return lambda model, bundle, weights, probes: _sandboxed(ctx, model, bundle, weights,
+                                                             options, probes)
 
 
 def _read(ctx: Context, model: Path, bundle: KeyBundle, weights: Path | None = None,
-          options: dict[str, str] | None = None) -> panels.Reading:
-    """One sandboxed pass of an untrusted model over the triggers and the alignment probes."""
-    return panels.read(_runner(ctx, options), model, bundle, weights)
+          options: dict[str, str] | None = None, *, probes: bool = True) -> panels.Reading:
+    """One sandboxed pass of an untrusted model over the triggers and (with `probes`) the
+    alignment probes."""
+    return panels.read(_runner(ctx, options), model, bundle, weights, probes=probes)
 
 
 def add_panel_member(ctx: Context, model: Path, *, like: str, label: str, now: int
@@ -434,7 +436,7 @@ def _refuse_claimed(ctx: Context, principal: Principal, host: Path, reading: pan
     try:
         readings = panels.read_many(
             lambda model, runs: ctx.batch(model, runs, limits=ctx.config.sandbox, options=options),
-            host, [bundle for _, bundle, _ in earlier])
+            host, [(bundle, aligns(bundle, panel)) for _, bundle, panel in earlier])
     except (cancellation.CallEnded, SandboxBusy) as exc:  # not the triggers' doing: end or retry
         if isinstance(exc, SandboxBusy):
             raise ServiceError(ErrorCode.SANDBOX_BUSY, str(exc),
@@ -494,13 +496,14 @@ def verify(ctx: Context, principal: Principal, record: Registration, header: pb.
     owner gets a coarse verdict when the policy says so; the owner always gets the full one.
     """
     bundle, panel = _open_sealed(ctx, record)
+    probes = aligns(bundle, panel)  # without an aligned test the probes would go unused
     if header.upload.format == pb.MODEL_FORMAT_SAFETENSORS:
         with host_file(ctx.store, ctx.keyring, record) as host:
             reading = _read(ctx, host, bundle, weights=suspect,
-                            options=formats.stored_host_options(host))
+                            options=formats.stored_host_options(host), probes=probes)
     else:
         reading = _read(ctx, suspect, bundle, options=formats.sandbox_options(
-            header.upload.format, header.onnx_tensor))
+            header.upload.format, header.onnx_tensor), probes=probes)
     try:
         verdict = judge_activations(reading.triggers, bundle, alpha=header.alpha or DEFAULT_ALPHA,
                                     probe_activations=reading.probes, panel=panel)

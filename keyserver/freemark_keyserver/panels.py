@@ -53,37 +53,40 @@ class Reading:
     architecture_digest: bytes
 
 
-Runner = Callable[[Path, KeyBundle, Path | None], SandboxResult]
+Runner = Callable[[Path, KeyBundle, Path | None, int], SandboxResult]
 
 
-def read(run: Runner, model: Path, bundle: KeyBundle, weights: Path | None = None) -> Reading:
-    """Run `model` once on the bundle's triggers and probes (`run` maps sandbox failures and
-    asks for the bundle's probes)."""
-    result = run(model, bundle, weights)
+def read(run: Runner, model: Path, bundle: KeyBundle, weights: Path | None = None, *,
+         probes: bool = True) -> Reading:
+    """Run `model` once on the bundle's triggers and, with `probes`, its alignment probes
+    (`run` maps sandbox failures); without them the reading's `probes` is None."""
+    count = bundle.probes if probes else 0
+    result = run(model, bundle, weights, count)
     try:
-        triggers, probes = split_activations(result.activations, bundle)
+        triggers, probed = split_activations(result.activations, bundle, count)
     except InvalidInputError as exc:
         raise ServiceError(ErrorCode.INVALID_MODEL, str(exc)) from exc
-    return Reading(triggers=triggers, probes=probes, fingerprint=result.fingerprint,
+    return Reading(triggers=triggers, probes=probed, fingerprint=result.fingerprint,
                    architecture_digest=result.architecture_digest)
 
 
 BatchRunner = Callable[[Path, Sequence[TriggerRun]], tuple[bytes, list[np.ndarray | Exception]]]
 
 
-def read_many(batch: BatchRunner, model: Path, bundles: Sequence[KeyBundle]
+def read_many(batch: BatchRunner, model: Path, bundles: Sequence[tuple[KeyBundle, bool]]
               ) -> list[Reading | Exception]:
-    """One sandboxed load of `model`, read with each bundle's triggers and probes; a bundle
-    whose run failed gets its exception instead of a reading."""
-    identity, results = batch(model, [TriggerRun(b.layer, b.pooling, b.triggers, b.probes)
-                                      for b in bundles])
+    """One sandboxed load of `model`, read with each bundle's triggers and, where its flag
+    says so, its probes; a bundle whose run failed gets its exception instead of a reading."""
+    runs = [TriggerRun(b.layer, b.pooling, b.triggers, b.probes if probed else 0)
+            for b, probed in bundles]
+    identity, results = batch(model, runs)
     readings: list[Reading | Exception] = []
-    for bundle, result in zip(bundles, results):
+    for (bundle, _), run, result in zip(bundles, runs, results):
         if isinstance(result, Exception):
             readings.append(result)
             continue
         try:
-            triggers, probes = split_activations(result, bundle)
+            triggers, probes = split_activations(result, bundle, run.probes)
         except InvalidInputError as exc:
             readings.append(exc)
             continue

@@ -64,10 +64,12 @@ class World:
                                 timeout=300)
 
 
-def _key(model: Path, owner: str, *, per_class: int, seed: int) -> KeyBundle:
+def _key(model: Path, owner: str, *, per_class: int, seed: int,
+         probes: int = DEFAULT_PROBES) -> KeyBundle:
     ds = data.digits()
     triggers = select_triggers(ds.x_train, ds.y_train, per_class=per_class, seed=seed)
-    return derive_key(load_program(model), layer="act", owner=owner, triggers=triggers)
+    return derive_key(load_program(model), layer="act", owner=owner, triggers=triggers,
+                      probes=probes)
 
 
 def _start(config: ServerConfig, tokens: dict[str, str]) -> RunningServer:
@@ -220,12 +222,13 @@ def test_the_prior_claim_refusal_says_only_that_a_claim_exists(
 def test_a_failing_run_on_another_owners_triggers_answers_like_a_non_claim(
         world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The operator lowers the sandbox's output cap below what a run on A's 100 triggers
-    returns, but above B's 10: B's upload fails only when read with A's key. B's Register
+    returns, but above B's 10 triggers and 20 probes: B's upload fails only when read with
+    A's key (its triggers alone: A has no panel, so its probes would go unused). B's Register
     of his own, independent model must go on exactly as a non-claim does (a receipt), and
     the failure shows in the operator's log only."""
     caplog.set_level(logging.INFO, logger="freemark_keyserver")
     row = 128 * 4  # one input's activations at the act layer, float32 on the wire
-    cap = (DEFAULT_PROBES + 55) * row  # between B's run (1024 + 10 rows) and A's (1024 + 100)
+    cap = 55 * row  # between B's run (10 + 20 rows) and A's (100)
     data_dir = tmp_path / "ttp"
     tokens = {name: new_token() for name, _ in PRINCIPALS}
     config = dataclasses.replace(world.config, data_dir=data_dir)
@@ -243,7 +246,7 @@ def test_a_failing_run_on_another_owners_triggers_answers_like_a_non_claim(
         with KeyServiceClient(f"127.0.0.1:{running.port}", token=tokens["owner_b"],
                               timeout=300) as client:
             receipt = client.register(_key(world.files.independent, "owner_b", per_class=1,
-                                           seed=3), world.files.independent)
+                                           seed=3, probes=20), world.files.independent)
     finally:
         running.stop(grace=1)
     assert receipt.owner == "owner_b" and receipt.log_index == 1
