@@ -82,13 +82,17 @@ class ReplaySandbox:
             raise ModelFileError("this model was not recorded for the replay sandbox") from None
 
 
-    def batch(self, model_path: Path, runs: Sequence[Any], **_options: Any
-              ) -> tuple[bytes, list[Any]]:
-        """`sandbox.run_batch`'s signature: the prior-claim runs are sandbox runs too, and were
-        not recorded; each answers as a failed run, which Register treats as no claim."""
+    def batch(self, model_path: Path, runs: Sequence[Any], *, then: Any = None,
+              **_options: Any) -> tuple[bytes, list[Any]]:
+        """`sandbox.run_batch`'s signature: Register's own run answers from the table; the
+        prior-claim runs it asks for next (`then`) were not recorded, and each answers as a
+        failed run, which Register treats as no claim."""
         result = self(model_path, layer="", pooling=0, triggers=None)  # type: ignore[arg-type]
+        identity = result.fingerprint + result.architecture_digest
+        answers: list[Any] = [result.activations] * len(runs)
+        more = list(then(identity, answers)) if then is not None else []
         missing = ModelFileError("prior-claim runs are not recorded for the replay sandbox")
-        return result.fingerprint + result.architecture_digest, [missing] * len(runs)
+        return identity, answers + [missing] * len(more)
 
 
 def _sink(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from freemark_keyserver.config import (
 from freemark_keyserver.crypto import load_or_create_keyring, load_or_create_signing_key
 from freemark_keyserver.ratelimit import UNLIMITED
 from freemark_keyserver.sandbox import SandboxResult
+from freemark_keyserver.sandbox_pool import Then, TriggerRun
 from freemark_keyserver.sandbox_worker import _runner
 from freemark_keyserver.server import RunningServer, create_server
 from freemark_keyserver.store import Principal, open_store
@@ -87,14 +88,41 @@ def in_process_sandbox(model_path: Path, *, layer: str, pooling: int, triggers: 
                        weights_path: Path | None = None, probes: int = 0,
                        **_limits: Any) -> SandboxResult:
     """`sandbox.run_model`'s answer, computed in this process by the worker's own code."""
-    spec = {"layer": layer, "pooling": pooling, "probes": probes}
+    identity, results = in_process_batch(model_path, [TriggerRun(layer, pooling, triggers,
+                                                                 probes)],
+                                         weights_path=weights_path)
+    if isinstance(results[0], Exception):
+        raise results[0]
+    return SandboxResult(results[0], identity[:32], identity[32:])
+
+
+def in_process_batch(model_path: Path, runs: Sequence[TriggerRun], *,
+                     weights_path: Path | None = None, then: Then | None = None,
+                     **_limits: Any) -> tuple[bytes, list[np.ndarray | Exception]]:
+    """`sandbox.run_batch`'s answer (one load, `then`'s follow-up runs included), computed
+    in this process by the worker's own code."""
+    def spec(run: TriggerRun) -> dict[str, Any]:
+        return {"layer": run.layer, "pooling": run.pooling, "probes": run.probes}
+
     header = {"model": str(model_path), "weights": str(weights_path) if weights_path else None,
-              "sets": [spec]}
-    sets = [(triggers.inputs, triggers.attention_mask)]
+              "sets": [spec(r) for r in runs]}
     with _SANDBOX_TURN:
-        identity, run = _runner(header, sets)
-        activations = run(spec, triggers)
-    return SandboxResult(np.asarray(activations, dtype=np.float64), identity[:32], identity[32:])
+        identity, read = _runner(header, [(r.triggers.inputs, r.triggers.attention_mask)
+                                          for r in runs])
+
+    def each(batch: Sequence[TriggerRun]) -> list[np.ndarray | Exception]:
+        results: list[np.ndarray | Exception] = []
+        for run in batch:
+            try:
+                with _SANDBOX_TURN:
+                    results.append(np.asarray(read(spec(run), run.triggers), dtype=np.float64))
+            except Exception as exc:  # noqa: BLE001 - a set fails alone, as in the sandbox
+                results.append(exc)
+        return results
+
+    results = each(runs)
+    more = list(then(identity, results)) if then is not None else []
+    return identity, results + each(more)
 
 
 @dataclass(frozen=True)
@@ -134,7 +162,7 @@ def start_replica(db: str, data_dir: Path, keys: SharedKeys, **options: Any) -> 
                           master_key_file=keys.master_key_file,
                           signing_key_file=keys.signing_key_file, grace_seconds=1, **options)
     running = create_server(config)
-    running.ctx.sandbox = in_process_sandbox
+    running.ctx.sandbox, running.ctx.batch = in_process_sandbox, in_process_batch
     return running
 
 

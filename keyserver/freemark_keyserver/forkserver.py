@@ -12,9 +12,10 @@ SCM_RIGHTS):
   else, enters its isolation layers with the given limits and answers on the data socket
   (`sandbox_worker.serve`). The fork server keeps only the status socket: it sends
   ``{"pid": P}``, then ``{"exit": CODE}`` (negative: killed by that signal) once the child is
-  reaped. When the pool closes its end of the status socket (the call was cancelled, its
-  deadline passed, or the server died), the child is killed at once (SIGKILL through its
-  pidfd, so no recycled pid is ever hit). Past ``max_children`` live children a run is answered
+  reaped. When the pool closes its end of the status socket (the run is over: answered,
+  cancelled, past its deadline, or the server died), the child is killed at once (SIGKILL
+  through its pidfd, so no recycled pid is ever hit); a killed child no longer counts
+  against the cap. Past ``max_children`` live children a run is answered
   ``{"error": "busy"}``: a second cap behind the pool's own.
 - ``{"op": "stats", "reset": bool}`` with [reply socket]: ``{"running", "high_water",
   "forked", "isolation"}``, measured here, where the children are. ``reset`` restarts the
@@ -129,6 +130,7 @@ class ForkServer:
         self.isolation = isolation
         self.selector = selectors.DefaultSelector()
         self.children: dict[int, tuple[int, socket.socket]] = {}  # pid -> (pidfd, status)
+        self.killed: set[int] = set()  # children sent SIGKILL, not yet reaped
         self.high_water = 0
         self.forked = 0
         self.selector.register(control, selectors.EVENT_READ, ("control", None))
@@ -155,7 +157,7 @@ class ForkServer:
                           "forked": self.forked, "isolation": self.isolation.layers})
             reply.close()
             if message.get("reset"):
-                self.high_water = len(self.children)
+                self.high_water = self._live()
             for fd in fds[1:]:
                 os.close(fd)
             return True
@@ -165,7 +167,7 @@ class ForkServer:
             return True
         status = socket.socket(fileno=fds[0])
         try:
-            if len(self.children) >= self.max_children:
+            if self._live() >= self.max_children:
                 _send(status, {"error": "busy"})
                 status.close()
                 return True
@@ -176,18 +178,28 @@ class ForkServer:
         self.forked += 1
         pidfd = os.pidfd_open(pid)
         self.children[pid] = (pidfd, status)
-        self.high_water = max(self.high_water, len(self.children))
+        self.high_water = max(self.high_water, self._live())
         self.selector.register(status, selectors.EVENT_READ, ("status", pid))
         self.selector.register(pidfd, selectors.EVENT_READ, ("exit", pid))
         _send(status, {"pid": pid})
         return True
 
+    def _live(self) -> int:
+        """Children that can still run code: the cap counts these. One that was killed may
+        take a moment to be reaped, and the pool that ended it has already let its slot go."""
+        return len(self.children) - len(self.killed)
+
     def _kill(self, pid: int) -> None:
         pidfd, status = self.children[pid]
         self.selector.unregister(status)
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        self.killed.add(pid)
+        try:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        except ProcessLookupError:  # it had exited already; reaping follows
+            pass
 
     def _reap(self, pid: int) -> None:
+        self.killed.discard(pid)
         pidfd, status = self.children.pop(pid)
         self.selector.unregister(pidfd)
         os.close(pidfd)
@@ -202,8 +214,9 @@ class ForkServer:
             status.close()
 
     def shutdown(self) -> None:
-        for pidfd, _status in self.children.values():
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        for pid in list(self.children):
+            if pid not in self.killed:
+                self._kill(pid)
         for pid in list(self.children):
             os.waitpid(pid, 0)
 

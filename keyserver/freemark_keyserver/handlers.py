@@ -8,11 +8,12 @@ Verify: run the suspect in the sandbox on the stored triggers, judge, log, sign.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import secrets
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -62,7 +63,7 @@ from freemark_keyserver.sandbox import (
     run_batch,
     run_model,
 )
-from freemark_keyserver.sandbox_pool import SandboxPool
+from freemark_keyserver.sandbox_pool import SandboxPool, TriggerRun
 from freemark_keyserver.store import (
     DuplicateError,
     PanelMember,
@@ -115,10 +116,17 @@ def _sandboxed(ctx: Context, model: Path, bundle: KeyBundle, weights: Path | Non
 
     `options` name a format other than `.pt2` (`formats.sandbox_options`)."""
     extra = {"options": options} if options else {}
-    try:
+    with _sandbox_refusals():
         return ctx.sandbox(model, layer=bundle.layer, pooling=bundle.pooling,
                            triggers=bundle.triggers, probes=probes, weights_path=weights,
                            limits=ctx.config.sandbox, **extra)
+
+
+@contextlib.contextmanager
+def _sandbox_refusals() -> Iterator[None]:
+    """The status of each way a sandbox run can fail (the model's fault or the sandbox's)."""
+    try:
+        yield
     except ModelFileError as exc:
         raise ServiceError(ErrorCode.INVALID_MODEL, _public(exc)) from exc
     except InvalidInputError as exc:
@@ -320,28 +328,19 @@ def register(ctx: Context, principal: Principal, bundle: KeyBundle, host: Path,
     one; each reference is read the same way and refused if it is the host relabelled.
     """
     require_role(principal, OWNER)
-    host_options = formats.sandbox_options(host_format)
-    reading = _read(ctx, host, bundle, options=host_options)
-    if reading.fingerprint != bundle.host_fingerprint:
-        raise ServiceError(ErrorCode.HOST_MISMATCH,
-                           "the uploaded model's weights are not the ones the key was derived on "
-                           "(host fingerprint differs)")
-    verdict = judge_activations(reading.triggers, bundle)
-    if verdict.matches != bundle.n_bits:
-        raise ServiceError(ErrorCode.HOST_MISMATCH,
-                           f"the key extracts {verdict.matches}/{bundle.n_bits} bits from the host; "
-                           "it must extract all of them")
-    try:
-        check_uniqueness(bundle.key.astype(np.float64), bundle.bits,
-                         suspect_vector(reading.triggers, centred=bundle.centred))
-    except UniquenessError as exc:
-        raise ServiceError(ErrorCode.NOT_UNIQUE, str(exc)) from exc
+    claims = _PriorClaims(ctx, principal, bundle)
+    with _sandbox_refusals():  # one child reads the host, then judges it against earlier keys
+        _, results = ctx.batch(host, [panels.trigger_run(bundle, probes=True)],
+                               limits=ctx.config.sandbox,
+                               options=formats.sandbox_options(host_format), then=claims.runs)
+    assert claims.host is not None  # `runs` ran, or the call raised
+    claims.judge(results[1:])
+    reading = claims.host
     bundle = panels.with_profile(bundle, reading)
     panel = panels.measure_panel(_runner(ctx), references, bundle, reading)
     if reading.probes is not None:
         panel += panels.operator_panel(_runner(ctx), ctx.store, ctx.keyring,
                                        bundle, reading, panel)
-    _refuse_claimed(ctx, principal, host, reading, host_options)
 
     registration_id = "reg_" + secrets.token_hex(REGISTRATION_ID_BYTES)
     envelope = seal(ctx.keyring, panels.seal_bytes(bundle, panel), record_id=registration_id,
@@ -401,63 +400,88 @@ def _blocks(record: Registration, principal: Principal) -> bool:
     return record.revoked_at is None or record.owner != principal.name
 
 
-def _refuse_claimed(ctx: Context, principal: Principal, host: Path, reading: panels.Reading,
-                    options: dict[str, str]) -> None:
-    """ALREADY_EXISTS when an earlier registration (`_blocks`) already claims this model.
+def _check_host(bundle: KeyBundle, reading: panels.Reading) -> None:
+    """The upload is the host the key was derived on, and the key is specific to it."""
+    if reading.fingerprint != bundle.host_fingerprint:
+        raise ServiceError(ErrorCode.HOST_MISMATCH,
+                           "the uploaded model's weights are not the ones the key was derived on "
+                           "(host fingerprint differs)")
+    verdict = judge_activations(reading.triggers, bundle)
+    if verdict.matches != bundle.n_bits:
+        raise ServiceError(ErrorCode.HOST_MISMATCH,
+                           f"the key extracts {verdict.matches}/{bundle.n_bits} bits from the host; "
+                           "it must extract all of them")
+    try:
+        check_uniqueness(bundle.key.astype(np.float64), bundle.bits,
+                         suspect_vector(reading.triggers, centred=bundle.centred))
+    except UniquenessError as exc:
+        raise ServiceError(ErrorCode.NOT_UNIQUE, str(exc)) from exc
+
+
+class _PriorClaims:
+    """ALREADY_EXISTS when an earlier registration (`_blocks`) already claims the upload.
 
     Claimed means: the same weights, or an earlier key's verdict (plain and, with that
     registration's panel, aligned, so a relabelled, rescaled or padded copy is caught) is
     a match. Earlier registrations are looked up by architecture family (weight names,
     not shapes), so a widened copy is compared too; family and weights are read from the
     signed log, so editing a database column cannot switch the check off. The refusal
-    names neither the
-    earlier registration nor any figure: a number here would let a thief steer his
-    laundering one query at a time.
+    names neither the earlier registration nor any figure: a number here would let a thief
+    steer his laundering one query at a time.
+
+    The upload is read with every earlier key by the sandbox child that read it with its
+    own (`runs` is the pool's follow-up: one load in all), on each key's triggers and, where
+    that registration's panel lets the aligned test run, its probes.
 
     Running the uploader's program on another owner's triggers must not let it observe
     them: any failure of that run or of its judgement (sandbox deadline, resource limit,
     crash, model error, anything) is treated exactly as a non-match, so the call goes on
-    as it would have; the failure is logged for the operator and never answered. Only a
-    full sandbox (retry later) and the caller's own cancellation end the call: neither
-    depends on the triggers.
-
-    All earlier registrations are read in one sandbox run (one load of the upload, one
-    trigger set each); a set that fails fails alone.
+    as it would have; the failure is logged for the operator and never answered. Only the
+    caller's own cancellation ends the call: it does not depend on the triggers.
     """
-    same = [r for r in _logged_many(ctx, lambda reg: reg.by_fingerprint(reading.fingerprint))
-            if _blocks(r, principal)]
-    if same:
-        raise _claimed(principal, same, "the same weights are registered")
-    family = _logged_many(ctx, lambda reg: reg.by_architecture(reading.architecture_digest))
-    earlier = [(record, *_open_sealed(ctx, record)) for record in family
-               if _blocks(record, principal)]
-    if not earlier:
-        return
-    try:
-        readings = panels.read_many(
-            lambda model, runs: ctx.batch(model, runs, limits=ctx.config.sandbox, options=options),
-            host, [(bundle, aligns(bundle, panel)) for _, bundle, panel in earlier])
-    except (cancellation.CallEnded, SandboxBusy) as exc:  # not the triggers' doing: end or retry
-        if isinstance(exc, SandboxBusy):
-            raise ServiceError(ErrorCode.SANDBOX_BUSY, str(exc),
-                               retry_after=exc.retry_after) from exc
-        raise
-    except Exception as exc:  # noqa: BLE001 - every failure must look like a non-match
-        readings = [exc] * len(earlier)
-    for (record, bundle, panel), theirs in zip(earlier, readings):
+
+    def __init__(self, ctx: Context, principal: Principal, bundle: KeyBundle) -> None:
+        self.ctx, self.principal, self.bundle = ctx, principal, bundle
+        self.host: panels.Reading | None = None
+        self.earlier: list[tuple[Registration, KeyBundle, list[Reference]]] = []
+
+    def runs(self, identity: bytes, results: list[np.ndarray | Exception]) -> list[TriggerRun]:
+        """With the host's own reading (its child still holds it): check the host, refuse an
+        upload of registered weights, and return the runs for every earlier key."""
         try:
-            if isinstance(theirs, Exception):
-                raise theirs
-            verdict = judge_activations(theirs.triggers, bundle, probe_activations=theirs.probes,
-                                        panel=panel)
-        except Exception as exc:  # noqa: BLE001 - every failure must look like a non-match
-            log.warning("Register by %s: the upload could not be judged with earlier "
-                        "registration %s (%s: %s); treated as no match", principal.name,
-                        record.registration_id, type(exc).__name__, exc)
-            continue
-        if verdict.is_match:
-            raise _claimed(principal, [record], f"an earlier key decodes the upload (log10 p "
-                           f"{verdict.log10_p_value:.1f})")
+            self.host = panels.reading_of(self.bundle, identity, results[0], self.bundle.probes)
+        except InvalidInputError as exc:
+            raise ServiceError(ErrorCode.INVALID_MODEL, _public(exc)) from exc
+        _check_host(self.bundle, self.host)
+        fingerprint, family = self.host.fingerprint, self.host.architecture_digest
+        same = [r for r in _logged_many(self.ctx, lambda reg: reg.by_fingerprint(fingerprint))
+                if _blocks(r, self.principal)]
+        if same:
+            raise _claimed(self.principal, same, "the same weights are registered")
+        self.earlier = [(record, *_open_sealed(self.ctx, record)) for record in
+                        _logged_many(self.ctx, lambda reg: reg.by_architecture(family))
+                        if _blocks(record, self.principal)]
+        return [panels.trigger_run(bundle, aligns(bundle, panel))
+                for _, bundle, panel in self.earlier]
+
+    def judge(self, results: Sequence[np.ndarray | Exception]) -> None:
+        """Refuse the upload if an earlier key decodes it; a failure is a non-match."""
+        assert self.host is not None
+        for (record, bundle, panel), result in zip(self.earlier, results):
+            try:
+                theirs = panels.reading_of(bundle, self.host.fingerprint
+                                           + self.host.architecture_digest, result,
+                                           bundle.probes if aligns(bundle, panel) else 0)
+                verdict = judge_activations(theirs.triggers, bundle,
+                                            probe_activations=theirs.probes, panel=panel)
+            except Exception as exc:  # noqa: BLE001 - every failure must look like a non-match
+                log.warning("Register by %s: the upload could not be judged with earlier "
+                            "registration %s (%s: %s); treated as no match", self.principal.name,
+                            record.registration_id, type(exc).__name__, exc)
+                continue
+            if verdict.is_match:
+                raise _claimed(self.principal, [record], f"an earlier key decodes the upload "
+                               f"(log10 p {verdict.log10_p_value:.1f})")
 
 
 def verify_target(ctx: Context, principal: Principal, header: pb.VerifyHeader) -> Registration:

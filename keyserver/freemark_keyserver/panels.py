@@ -63,36 +63,28 @@ def read(run: Runner, model: Path, bundle: KeyBundle, weights: Path | None = Non
     count = bundle.probes if probes else 0
     result = run(model, bundle, weights, count)
     try:
-        triggers, probed = split_activations(result.activations, bundle, count)
+        return reading_of(bundle, result.fingerprint + result.architecture_digest,
+                          result.activations, count)
     except InvalidInputError as exc:
         raise ServiceError(ErrorCode.INVALID_MODEL, str(exc)) from exc
-    return Reading(triggers=triggers, probes=probed, fingerprint=result.fingerprint,
-                   architecture_digest=result.architecture_digest)
 
 
-BatchRunner = Callable[[Path, Sequence[TriggerRun]], tuple[bytes, list[np.ndarray | Exception]]]
+def trigger_run(bundle: KeyBundle, probes: bool) -> TriggerRun:
+    """The sandbox run that reads a model with this key: its triggers, then (with `probes`)
+    the key's alignment probes, which the sandbox child builds from them."""
+    return TriggerRun(bundle.layer, bundle.pooling, bundle.triggers,
+                      bundle.probes if probes else 0)
 
 
-def read_many(batch: BatchRunner, model: Path, bundles: Sequence[tuple[KeyBundle, bool]]
-              ) -> list[Reading | Exception]:
-    """One sandboxed load of `model`, read with each bundle's triggers and, where its flag
-    says so, its probes; a bundle whose run failed gets its exception instead of a reading."""
-    runs = [TriggerRun(b.layer, b.pooling, b.triggers, b.probes if probed else 0)
-            for b, probed in bundles]
-    identity, results = batch(model, runs)
-    readings: list[Reading | Exception] = []
-    for (bundle, _), run, result in zip(bundles, runs, results):
-        if isinstance(result, Exception):
-            readings.append(result)
-            continue
-        try:
-            triggers, probes = split_activations(result, bundle, run.probes)
-        except InvalidInputError as exc:
-            readings.append(exc)
-            continue
-        readings.append(Reading(triggers=triggers, probes=probes, fingerprint=identity[:32],
-                                architecture_digest=identity[32:]))
-    return readings
+def reading_of(bundle: KeyBundle, identity: bytes, activations: np.ndarray | Exception,
+               probes: int) -> Reading:
+    """A sandbox run's answer for `bundle` (its `trigger_run`) as a Reading; raises the run's
+    own failure, or InvalidInputError when the rows do not fit."""
+    if isinstance(activations, Exception):
+        raise activations
+    triggers, probed = split_activations(activations, bundle, probes)
+    return Reading(triggers=triggers, probes=probed, fingerprint=identity[:32],
+                   architecture_digest=identity[32:])
 
 
 def check_reference_header(header: pb.UploadHeader) -> None:

@@ -33,7 +33,13 @@ import freemark
 import freemark_keyserver
 from freemark.errors import InvalidInputError, ModelFileError
 from freemark.triggers import TriggerSet
-from freemark_keyserver.sandbox_pool import SandboxPool, TriggerRun, default_workers
+from freemark_keyserver.sandbox_errors import (
+    SandboxBusy,
+    SandboxError,
+    SandboxResourceError,
+    SandboxTimeout,
+)
+from freemark_keyserver.sandbox_pool import SandboxPool, Then, TriggerRun, default_workers
 
 __all__ = [
     "SandboxBusy",
@@ -54,26 +60,6 @@ MiB = 1 << 20
 GiB = 1 << 30
 
 
-class SandboxError(Exception):
-    """The sandbox could not produce activations for a reason other than the model file itself."""
-
-
-class SandboxTimeout(SandboxError):
-    """The worker ran past `SandboxLimits.wall_seconds` and was killed with its process group."""
-
-
-class SandboxResourceError(SandboxError):
-    """The worker hit its memory or CPU-time limit."""
-
-
-class SandboxBusy(SandboxError):
-    """Every sandbox worker is busy and the queue is full; `retry_after` seconds is a hint."""
-
-    def __init__(self, message: str, *, retry_after: float) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
 @dataclass(frozen=True)
 class SandboxLimits:
     """What one sandboxed run may use. The defaults fit the models the TTP is meant for.
@@ -84,8 +70,9 @@ class SandboxLimits:
         and 2 MiB of them a pass: 256 at 224 x 224 ran EfficientNet-Lite0 out of this limit).
     cpu_seconds: RLIMIT_CPU. 120 s: importing torch costs 2-3 s, a digits CNN on 100 triggers
         under 1 s, a ResNet-50 on a few hundred triggers tens of seconds on one core.
-    wall_seconds: the parent's deadline, which also bounds a worker that sleeps or blocks and
-        so uses no CPU. Above cpu_seconds, so a busy single-threaded run meets the clearer CPU
+    wall_seconds: the parent's deadline for each request to a child (Register's follow-up
+        request, the prior-claim sets, gets its own), which also bounds a worker that sleeps
+        or blocks and so uses no CPU. Above cpu_seconds, so a busy single-threaded run meets the clearer CPU
         limit first.
     open_files: RLIMIT_NOFILE. 64: importing torch and loading a model need fewer than 8 at once.
     threads: torch/OpenMP/MKL threads. 1: RLIMIT_CPU counts every thread, a verify should not
@@ -202,15 +189,18 @@ def run_batch(
     weights_path: Path | None = None,
     limits: SandboxLimits = SandboxLimits(),
     options: dict[str, Any] | None = None,
+    then: Then | None = None,
     pool: SandboxPool | None = None,
 ) -> tuple[bytes, list[np.ndarray | Exception]]:
     """One load of the model, several trigger sets: its identity (fingerprint ‖ architecture
-    digest) and, per run, the activations or the exception that run alone raised."""
+    digest) and, per run, the activations or the exception that run alone raised. `then`
+    may ask for more runs of the same load once it has seen the first answer
+    (`SandboxPool.run`)."""
     for path in (model_path, weights_path):
         if path is not None and not Path(path).exists():
             raise ModelFileError(f"{Path(path).name}: no such file")
     return (pool or shared_pool()).run(model_path, runs, weights_path=weights_path,
-                                       limits=limits, options=options)
+                                       limits=limits, options=options, then=then)
 
 
 @dataclass(frozen=True)
@@ -220,20 +210,3 @@ class SandboxResult:
     activations: np.ndarray
     fingerprint: bytes
     architecture_digest: bytes
-
-
-def check_activations(array: np.ndarray, n_triggers: int) -> np.ndarray:
-    """A finite (n_triggers, units) matrix from the worker, as float64."""
-    if (
-        array.dtype != np.dtype(np.float32)
-        or array.ndim != 2
-        or array.shape[0] != n_triggers
-        or array.shape[1] < 1
-    ):
-        raise SandboxError(
-            f"the worker returned a {array.dtype} array of shape {array.shape}, "
-            f"expected float32 ({n_triggers}, units)"
-        )
-    if not np.all(np.isfinite(array)):
-        raise SandboxError("the worker returned non-finite activations")
-    return array.astype(np.float64)

@@ -5,6 +5,11 @@ it shares no memory with the server) with the clean environment of `worker_envir
 its own session, and waits until it has imported torch and probed the isolation layers. The
 server starts it before it reads any key (`server.create_server`).
 
+A run is a conversation with one child (`_Child`, one thread, no helper threads): framed
+requests out, framed replies back (`sandbox_worker`), with a follow-up request when the
+caller asks for one (`run(then=...)`: Register's prior-claim sets, read by the child that
+read the host). Closing the run's status socket ends it: the fork server kills the child.
+
 Each run takes one of `workers` slots; up to `queue` more runs wait for one, and past that a
 run is refused at once with `SandboxBusy` (RESOURCE_EXHAUSTED with a retry hint). While it
 waits or runs, the gRPC call it serves (`cancellation.current`) is checked every `POLL_SECONDS`: when
@@ -18,9 +23,12 @@ sandbox user's when that user differs), or a memfd holding a decrypted host
 from __future__ import annotations
 
 import array
+import contextlib
 import io
 import json
 import os
+import selectors
+import signal
 import socket
 import stat
 import subprocess
@@ -28,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +46,13 @@ import numpy as np
 from freemark.errors import InvalidInputError, ModelFileError
 from freemark.triggers import TriggerSet
 from freemark_keyserver import cancellation, metrics, sandbox_isolation
-from freemark_keyserver.sandbox_worker import MAX_MESSAGE_CHARS, OK, REFUSED
+from freemark_keyserver.sandbox_errors import (
+    SandboxBusy,
+    SandboxError,
+    SandboxResourceError,
+    SandboxTimeout,
+)
+from freemark_keyserver.sandbox_worker import LENGTH, MAX_MESSAGE_CHARS, OK, REFUSED
 
 __all__ = ["POLL_SECONDS", "SandboxPool", "TriggerRun", "default_workers"]
 
@@ -195,8 +209,6 @@ class SandboxPool:
 
     def _admit(self) -> None:
         """Take a slot, waiting in the bounded queue; SandboxBusy when the queue is full."""
-        from freemark_keyserver.sandbox import SandboxBusy
-
         if self._slots.acquire(blocking=False):
             return
         with self._lock:
@@ -220,30 +232,39 @@ class SandboxPool:
     # --- one run ------------------------------------------------------------------------
 
     def run(self, model_path: Path, runs: Sequence[TriggerRun], *, weights_path: Path | None,
-            limits: Any, options: dict[str, Any] | None = None
+            limits: Any, options: dict[str, Any] | None = None, then: Then | None = None
             ) -> tuple[bytes, list[np.ndarray | Exception]]:
         """The model's identity and, per trigger run, its activations or its refusal.
 
         Raises for the model as a whole (unreadable file, limits, deadline, crash, busy).
+        `then(identity, results)`, when given, is called with that answer while the child
+        still holds the model, and returns more runs for the same load (Register's prior-claim
+        sets, chosen by the upload's architecture family); their results follow the first
+        ones. A failure of the child while it reads them (a crash, its limits, the deadline)
+        becomes each one's result, as a run that fails alone; the call's end still raises.
         """
         request = _encode(runs, bool(weights_path), options or {})
         self._admit()
         started = time.monotonic()
         metrics.SANDBOX_RUNNING.inc()
         try:
-            raw, code = self._exchange(model_path, weights_path, request, limits)
+            with self._child(model_path, weights_path, limits) as child:
+                identity, results = _decode(child.ask(request), [r.rows for r in runs])
+                more = list(then(identity, results)) if then is not None else []
+                if more:
+                    results = [*results, *_more(child, more, bool(weights_path), options or {})]
         finally:
             metrics.SANDBOX_RUNNING.dec()
             self._slots.release()
             elapsed = time.monotonic() - started
             self._mean_run = 0.8 * self._mean_run + 0.2 * elapsed
             metrics.SANDBOX_RUN_SECONDS.observe(elapsed)
-        return _decode(raw, code, [r.rows for r in runs], limits)
+        return identity, results
 
-    def _exchange(self, model_path: Path, weights_path: Path | None, request: bytes,
-                  limits: Any) -> tuple[bytes, int]:
-        from freemark_keyserver.sandbox import SandboxError, SandboxTimeout
-
+    @contextlib.contextmanager
+    def _child(self, model_path: Path, weights_path: Path | None, limits: Any
+               ) -> Iterator[_Child]:
+        """A forked child holding read-only descriptors of the inputs; killed on exit."""
         inputs = []
         try:
             for path in (model_path, weights_path):
@@ -272,78 +293,143 @@ class SandboxPool:
             status.settimeout(START_SECONDS)
             first = json.loads(status.recv(1 << 12) or b"{}")
             if first.get("error") == "busy":
-                from freemark_keyserver.sandbox import SandboxBusy
                 raise SandboxBusy("the sandbox is at its cap; retry shortly", retry_after=1.0)
             if "pid" not in first:
                 raise SandboxError("the sandbox fork server did not start the run")
-            exchange = _Exchange(data, request, limits.max_output_bytes)
-            deadline = time.monotonic() + limits.wall_seconds
-            status.settimeout(POLL_SECONDS)
-            while True:
-                try:
-                    message = status.recv(1 << 12)
+            yield _Child(status, data, limits)
+        # Closing the status socket is what ends the child: the fork server kills it at once.
+
+
+Then = Callable[[bytes, list[np.ndarray | Exception]], Sequence[TriggerRun]]
+
+
+def _more(child: _Child, runs: Sequence[TriggerRun], has_weights: bool,
+          options: dict[str, Any]) -> list[np.ndarray | Exception]:
+    """The results of a follow-up request; the child's failure becomes each run's result."""
+    try:
+        _, results = _decode(child.ask(_encode(runs, has_weights, options)), [r.rows for r in runs])
+    except cancellation.CallEnded:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every run of the batch fails alone, with this
+        return [exc] * len(runs)
+    return results
+
+
+class _Child:
+    """The conversation with one forked child: a request out, its framed reply back, on one
+    thread, watching the call, the wall-clock deadline and the child's exit all the while."""
+
+    def __init__(self, status: socket.socket, data: socket.socket, limits: Any) -> None:
+        self._status, self._data, self._limits = status, data, limits
+        self._deadline = 0.0  # set by each request
+        self._code: int | None = None  # the child's exit status, once the fork server says it
+        self._eof = False
+        status.setblocking(False)
+        data.setblocking(False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(status, selectors.EVENT_READ)
+
+    def ask(self, request: bytes) -> bytes:
+        """Send one request and return its reply; raise when the call ends, the deadline
+        passes, the reply is over `max_output_bytes`, or the child exits without replying."""
+        pending = memoryview(LENGTH.pack(len(request)) + request)
+        reply = bytearray()
+        self._deadline = time.monotonic() + self._limits.wall_seconds  # per request
+        self._watch(selectors.EVENT_READ | selectors.EVENT_WRITE)
+        while (size := self._complete(reply)) is None:
+            if self._code is not None:  # gone: what it wrote before it died is all there is
+                while not self._eof:
+                    self._receive(reply)
+                if (size := self._complete(reply)) is not None:
                     break
-                except TimeoutError:
-                    pass
-                why = cancellation.ended(cancellation.current())
-                if why is None and time.monotonic() > deadline:
-                    why = "deadline"
-                if why is not None:
-                    status.close()  # the fork server kills the child now
-                    metrics.SANDBOX_KILLS_TOTAL.labels(why).inc()
-                    if why == "deadline" and cancellation.ended(cancellation.current()) is None:
-                        raise SandboxTimeout(f"the model did not finish within "
-                                             f"{limits.wall_seconds:g} s and was killed")
-                    raise cancellation.CallEnded(f"the call ended ({why}); its sandbox run was killed")
-            code = int(json.loads(message or b'{"exit": -9}')["exit"])
-            raw = exchange.finish()
-        if exchange.overflow:
-            metrics.SANDBOX_KILLS_TOTAL.labels("output").inc()
-            raise SandboxError(f"the worker's output exceeds max_output_bytes="
-                               f"{limits.max_output_bytes}")
-        return raw, code
+                raise _failure(self._code, self._limits)
+            for key, events in self._selector.select(POLL_SECONDS):
+                if key.fileobj is self._status:
+                    self._exited()
+                    continue
+                if events & selectors.EVENT_WRITE:
+                    pending = self._send(pending)
+                if events & selectors.EVENT_READ:
+                    self._receive(reply)
+            self._check_call()
+        if len(reply) != LENGTH.size + size:
+            raise self._kill("output", SandboxError("the worker's output has trailing bytes"))
+        return bytes(reply[LENGTH.size:])
+
+    def _watch(self, events: int) -> None:
+        if self._eof:
+            return
+        try:
+            self._selector.modify(self._data, events)
+        except KeyError:
+            self._selector.register(self._data, events)
+
+    def _complete(self, reply: bytearray) -> int | None:
+        if len(reply) < LENGTH.size:
+            return None
+        size = int(LENGTH.unpack_from(reply)[0])
+        if size > self._limits.max_output_bytes:
+            raise self._kill("output", SandboxError(
+                f"the worker's output exceeds max_output_bytes={self._limits.max_output_bytes}"))
+        return size if len(reply) >= LENGTH.size + size else None
+
+    def _send(self, pending: memoryview) -> memoryview:
+        try:
+            pending = pending[self._data.send(pending[:1 << 20]):]
+        except BlockingIOError:
+            return pending
+        except OSError:  # the child died or stopped reading; its exit status says why
+            pending = pending[:0]
+        if not pending:
+            self._watch(selectors.EVENT_READ)
+        return pending
+
+    def _receive(self, reply: bytearray) -> None:
+        try:
+            chunk = self._data.recv(1 << 20)
+        except BlockingIOError:
+            if self._code is not None:  # nothing more will come from a child that is gone
+                self._eof = True
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self._eof = True
+            self._selector.unregister(self._data)
+            return
+        reply += chunk
+        self._complete(reply)  # refuse an announced or actual overflow as soon as it shows
+
+    def _exited(self) -> None:
+        try:
+            message = self._status.recv(1 << 12)
+        except BlockingIOError:
+            return
+        except OSError:
+            message = b""
+        self._selector.unregister(self._status)
+        self._code = int(json.loads(message or b'{"exit": -9}')["exit"])
+
+    def _check_call(self) -> None:
+        why = cancellation.ended(cancellation.current())
+        if why is None and time.monotonic() > self._deadline:
+            raise self._kill("deadline", SandboxTimeout(
+                f"the model did not finish within {self._limits.wall_seconds:g} s and was "
+                "killed"))
+        if why is not None:
+            raise self._kill(why, cancellation.CallEnded(
+                f"the call ended ({why}); its sandbox run was killed"))
+
+    def _kill(self, why: str, error: Exception) -> Exception:
+        self._status.close()  # the fork server kills the child now
+        metrics.SANDBOX_KILLS_TOTAL.labels(why).inc()
+        return error
 
 
 def _child_limits(limits: Any) -> dict[str, int]:
     fields = asdict(limits)
     return {name: fields[name] for name in ("memory_bytes", "cpu_seconds", "open_files",
                                             "threads")}
-
-
-class _Exchange:
-    """Writes the request and reads the reply on threads, so neither side can block."""
-
-    def __init__(self, sock: socket.socket, request: bytes, cap: int) -> None:
-        self.sock = sock
-        self.overflow = False
-        self._reply = bytearray()
-        self._cap = cap
-        self._threads = [threading.Thread(target=self._write, args=(request,), daemon=True),
-                         threading.Thread(target=self._read, daemon=True)]
-        for thread in self._threads:
-            thread.start()
-
-    def _write(self, request: bytes) -> None:
-        try:
-            self.sock.sendall(request)
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError:  # the child died or stopped reading; its exit status says why
-            pass
-
-    def _read(self) -> None:
-        try:
-            while chunk := self.sock.recv(1 << 20):
-                if len(self._reply) + len(chunk) > self._cap:
-                    self.overflow = True
-                    return
-                self._reply += chunk
-        except OSError:
-            pass
-
-    def finish(self) -> bytes:
-        for thread in self._threads:
-            thread.join(5.0)
-        return bytes(self._reply)
 
 
 def _encode(runs: Sequence[TriggerRun], has_weights: bool, options: dict[str, Any]) -> bytes:
@@ -366,8 +452,6 @@ def _encode(runs: Sequence[TriggerRun], has_weights: bool, options: dict[str, An
 
 
 def _frame(buffer: io.BytesIO) -> np.ndarray:
-    from freemark_keyserver.sandbox import SandboxError
-
     try:
         array_ = np.load(buffer, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
@@ -378,8 +462,6 @@ def _frame(buffer: io.BytesIO) -> np.ndarray:
 
 
 def _status(buffer: io.BytesIO) -> tuple[str, str]:
-    from freemark_keyserver.sandbox import SandboxError
-
     frame = _frame(buffer)
     try:
         report = json.loads(frame.tobytes())
@@ -389,8 +471,6 @@ def _status(buffer: io.BytesIO) -> tuple[str, str]:
 
 
 def _refusal(kind: str, message: str) -> Exception:
-    from freemark_keyserver.sandbox import SandboxError, SandboxResourceError
-
     if kind == "invalid_model":
         return ModelFileError(message)
     if kind == "invalid_input":
@@ -400,23 +480,23 @@ def _refusal(kind: str, message: str) -> Exception:
     return SandboxError(f"the worker failed: {message}")
 
 
-def _decode(raw: bytes, code: int, rows: list[int], limits: Any
-            ) -> tuple[bytes, list[np.ndarray | Exception]]:
-    import signal
-
-    from freemark_keyserver.sandbox import SandboxError, SandboxResourceError, check_activations
-
+def _failure(code: int, limits: Any) -> SandboxError:
+    """Why a child that exited (status `code`) before its reply was complete gave none."""
     if code in (-signal.SIGXCPU, -signal.SIGKILL):
         metrics.SANDBOX_KILLS_TOTAL.labels("cpu").inc()
-        raise SandboxResourceError(f"the model ran past the CPU-time limit of "
-                                   f"{limits.cpu_seconds} s")
+        return SandboxResourceError(f"the model ran past the CPU-time limit of "
+                                    f"{limits.cpu_seconds} s")
+    metrics.SANDBOX_KILLS_TOTAL.labels("crash").inc()
     if code < 0:
-        metrics.SANDBOX_KILLS_TOTAL.labels("crash").inc()
-        raise SandboxError(f"the worker died from signal {signal.Signals(-code).name}; the model "
-                           "was refused")
-    if code != 0 or not raw:
-        metrics.SANDBOX_KILLS_TOTAL.labels("crash").inc()
-        raise SandboxError(f"the worker exited with status {code} without a report")
+        return SandboxError(f"the worker died from signal {signal.Signals(-code).name}; the "
+                            "model was refused")
+    return SandboxError(f"the worker exited with status {code} without a report")
+
+
+def _decode(raw: bytes, rows: list[int]) -> tuple[bytes, list[np.ndarray | Exception]]:
+    """A complete reply: the model's identity and, per set of `rows` inputs, its activations
+    or its refusal. Raises for a refusal of the whole model, or a reply that breaks the
+    protocol (a compromised child gets no further than this)."""
     buffer = io.BytesIO(raw[1:])
     if raw[:1] == REFUSED:
         raise _refusal(*_status(buffer))
@@ -435,3 +515,20 @@ def _decode(raw: bytes, code: int, rows: list[int], limits: Any
     if buffer.tell() != len(raw) - 1:
         raise SandboxError("the worker's output has trailing bytes")
     return identity.tobytes(), results
+
+
+def check_activations(array: np.ndarray, n_triggers: int) -> np.ndarray:
+    """A finite (n_triggers, units) matrix from the worker, as float64."""
+    if (
+        array.dtype != np.dtype(np.float32)
+        or array.ndim != 2
+        or array.shape[0] != n_triggers
+        or array.shape[1] < 1
+    ):
+        raise SandboxError(
+            f"the worker returned a {array.dtype} array of shape {array.shape}, "
+            f"expected float32 ({n_triggers}, units)"
+        )
+    if not np.all(np.isfinite(array)):
+        raise SandboxError("the worker returned non-finite activations")
+    return array.astype(np.float64)

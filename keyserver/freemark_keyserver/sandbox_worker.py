@@ -7,21 +7,25 @@ entered its isolation layers (`sandbox_isolation.enter`: no network, another use
 privileges, the rlimits of `limit_self`, a seccomp allow-list) and holds only its data socket
 and read-only descriptors of its input files, which it reads as ``/proc/self/fd/N``.
 
-The protocol on the data socket (the parent writes, shuts its side down, then reads):
+The protocol on the data socket is a conversation: the parent sends a request, the child
+answers it, and the parent may send another before it shuts its side down. Each message is
+framed by its length (8 bytes, big-endian), so either side knows when one is complete:
 
 1. request: `np.save` frames (never pickle): a JSON header as uint8 (``model``, ``weights``,
    and ``sets``: one ``{"layer", "pooling", "has_mask", "probes"}`` per trigger set), then
    each set's inputs and, if announced, its attention mask. The child appends ``probes``
    alignment probes to each set itself (`freemark.probes.with_probes`). Triggers are secret
-   and never touch disk;
+   and never touch disk. The first request's ``model`` and ``weights`` are loaded once; later
+   requests only add trigger sets for the same model;
 2. reply: ``OK`` (b"K"), the 64 identity bytes (fingerprint ‖ architecture digest) as uint8,
    then per set a status frame (JSON {"kind", "message"} as uint8; kind "ok" is followed by
    the float32 activation matrix); or ``REFUSED`` (b"R") and one status frame when the model
-   could not be read at all. Kinds: "invalid_model", "invalid_input", "resource", "internal";
-   messages are one line without traceback.
+   could not be read at all, after which the child exits. Kinds: "invalid_model",
+   "invalid_input", "resource", "internal"; messages are one line without traceback.
 
-Several trigger sets in one request let Register judge an upload against every earlier
-same-family registration with one model load; a set that fails does not spoil the others.
+Several trigger sets in one request, and further requests after the first, let Register read
+an upload and then judge it against every earlier same-family registration with one model
+load; a set that fails does not spoil the others.
 """
 
 from __future__ import annotations
@@ -31,11 +35,13 @@ import json
 import os
 import resource
 import signal
+import struct
 from collections.abc import Callable
 from typing import Any
 
 OK = b"K"
 REFUSED = b"R"
+LENGTH = struct.Struct(">Q")  # the frame of every message on the data socket
 MAX_MESSAGE_CHARS = 500
 _OOM_MARKERS = (
     "can't allocate memory",
@@ -186,18 +192,26 @@ def _status(payload: dict[str, str]) -> bytes:
     return _frame(np.frombuffer(json.dumps(payload).encode(), dtype=np.uint8))
 
 
-def answer(raw: bytes) -> bytes:
-    """The child's whole reply to one request (module doc, step 5); never raises."""
+Loaded = tuple[bytes, Runner]  # the model's identity and its runner, once the model is read
+
+
+def answer(raw: bytes, loaded: Loaded | None) -> tuple[bytes, Loaded | None]:
+    """The child's whole reply to one request (module doc, step 2), and the loaded model for
+    the next request (None: it could not be read, so the conversation ends); never raises."""
     import numpy as np
 
     from freemark.triggers import TriggerSet
 
     try:
         header, sets = _read_request(raw)
-        identity, run = _runner(header, sets)
+        if loaded is None:
+            loaded = _runner(header, sets)
     except Exception as exc:  # noqa: BLE001 - every failure must reach the parent as a report
         refusal = _classify(exc)
-        return REFUSED + _status({"kind": refusal.kind, "message": str(refusal)[:MAX_MESSAGE_CHARS]})
+        reply = REFUSED + _status({"kind": refusal.kind,
+                                   "message": str(refusal)[:MAX_MESSAGE_CHARS]})
+        return reply, loaded
+    identity, run = loaded
     parts = [OK, _frame(np.frombuffer(identity, dtype=np.uint8))]
     for spec, (inputs, mask) in zip(header["sets"], sets):
         try:  # one set failing (another owner's triggers) leaves the others' answers intact
@@ -211,19 +225,41 @@ def answer(raw: bytes) -> bytes:
         # float32 on the wire: torch computes in float32, so nothing is lost, and the cap on
         # what the parent reads fits twice the units.
         parts.append(_frame(np.ascontiguousarray(activations, dtype=np.float32)))
-    return b"".join(parts)
+    return b"".join(parts), loaded
+
+
+def _read_exactly(fd: int, size: int) -> bytes | None:
+    """`size` bytes from `fd`, or None at a clean end of the conversation (EOF first)."""
+    chunks, missing = [], size
+    while missing:
+        chunk = os.read(fd, min(missing, 1 << 20))
+        if not chunk:
+            if missing == size:
+                return None
+            raise EOFError("the parent's request ended early")
+        chunks.append(chunk)
+        missing -= len(chunk)
+    return b"".join(chunks)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def serve(data_fd: int) -> int:
-    """Read one request from `data_fd` (to EOF), write the answer, return the exit status."""
+    """Answer requests from `data_fd` until the parent shuts its side; the exit status."""
     import warnings
 
     warnings.simplefilter("ignore")
-    chunks = []
-    while chunk := os.read(data_fd, 1 << 20):
-        chunks.append(chunk)
-    reply = answer(b"".join(chunks))
-    view = memoryview(reply)
-    while view:
-        view = view[os.write(data_fd, view):]
+    loaded: Loaded | None = None
+    while (prefix := _read_exactly(data_fd, LENGTH.size)) is not None:
+        request = _read_exactly(data_fd, LENGTH.unpack(prefix)[0])
+        if request is None:
+            raise EOFError("the parent's request ended early")
+        reply, loaded = answer(request, loaded)
+        _write_all(data_fd, LENGTH.pack(len(reply)) + reply)
+        if loaded is None:
+            break
     return 0

@@ -32,7 +32,7 @@ from freemark_keyserver.ratelimit import UNLIMITED
 from freemark_keyserver.server import RunningServer, create_server
 from freemark_lab.attacks import obfuscate as ob
 from ttp_fixtures import json_out, run_cli
-from ttp_fleet import add_principals, in_process_sandbox
+from ttp_fleet import add_principals, in_process_batch, in_process_sandbox
 
 ALPHA = 1e-9
 NULL_FLOOR = 1e-3
@@ -99,7 +99,7 @@ def deployment(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
                           verify_rate_registration=UNLIMITED)
     running = create_server(config)
     if not REAL_SANDBOX[name]:
-        running.ctx.sandbox = in_process_sandbox
+        running.ctx.sandbox, running.ctx.batch = in_process_sandbox, in_process_batch
     tokens = add_principals(config.database, [("alice", "owner"), ("mallory", "owner"),
                                               ("judge", "arbiter")])
     task = sm.task(name)

@@ -1,7 +1,7 @@
 """The sandbox as a service, over a real server on loopback (SQLite, the real warm pool).
 
 One in-process server with `--sandbox-workers 2 --sandbox-queue 3`, a registered digits host,
-and a slow suspect of the same interface (one 1024-wide layer applied many times, then the
+and a slow suspect of the same interface (one wide layer applied many times, then the
 key layer) so a run lasts long enough to be cancelled, crashed or crowded. What is measured
 about the children comes from the fork server itself (`SandboxPool.stats`).
 """
@@ -43,6 +43,9 @@ from freemark_keyserver.store import Principal
 from ttp_fixtures import build_models
 
 WORKERS, QUEUE = 2, 3
+# A Verify reads the 100 triggers alone (the registration has no panel): this wide a layer
+# keeps a run busy for seconds.
+WIDE = 3072
 
 
 class Slow(torch.nn.Module):
@@ -50,9 +53,9 @@ class Slow(torch.nn.Module):
 
     def __init__(self, repeats: int) -> None:
         super().__init__()
-        self.inp = torch.nn.Linear(64, 1024)
-        self.wide = torch.nn.Linear(1024, 1024)
-        self.out = torch.nn.Linear(1024, 128)
+        self.inp = torch.nn.Linear(64, WIDE)
+        self.wide = torch.nn.Linear(WIDE, WIDE)
+        self.out = torch.nn.Linear(WIDE, 128)
         self.act = torch.nn.ReLU()
         self.repeats = repeats
 

@@ -38,7 +38,7 @@ from freemark_keyserver.sandbox import (
     shared_pool,
     worker_environment,
 )
-from freemark_keyserver.sandbox_pool import SandboxPool
+from freemark_keyserver.sandbox_pool import SandboxPool, TriggerRun
 from freemark_lab.data import digits
 from freemark_lab.models import DigitsCNN
 from freemark_lab.train import trained
@@ -111,6 +111,29 @@ def test_the_child_builds_the_alignment_probes_from_the_triggers(host: Host) -> 
     expected = _reference(load_program(host.path), with_probes(host.triggers, 40))
     assert result.activations.shape == (len(host.triggers) + 40, 128)
     np.testing.assert_allclose(result.activations, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_follow_up_runs_reuse_the_child_that_read_the_model(host: Host) -> None:
+    """`then` sees the first answer while the child still holds the model, and its runs are
+    read by that same child (one fork, one load); a follow-up set that fails fails alone."""
+    pool = shared_pool()
+    forked = pool.stats()["forked"]
+    seen: list[tuple[bytes, int]] = []
+
+    def then(identity: bytes, results: list[np.ndarray | Exception]) -> list[TriggerRun]:
+        seen.append((identity, len(results)))
+        return [TriggerRun(LAYER, POOLING, host.triggers, probes=5),
+                TriggerRun("no_such_layer", POOLING, host.triggers)]
+
+    identity, results = pool.run(host.path, [TriggerRun(LAYER, POOLING, host.triggers)],
+                                 weights_path=None, limits=DEFAULT_LIMITS, then=then)
+    assert pool.stats()["forked"] == forked + 1
+    assert seen == [(identity, 1)] and len(results) == 3
+    first, again, missing = results
+    assert isinstance(first, np.ndarray) and isinstance(again, np.ndarray)
+    assert again.shape == (len(host.triggers) + 5, 128)
+    np.testing.assert_array_equal(again[:len(host.triggers)], first)
+    assert isinstance(missing, Exception) and "no_such_layer" in str(missing)
 
 
 def test_safetensors_weights_replace_the_programs_own(host: Host, tmp_path: Path) -> None:
@@ -211,12 +234,12 @@ def _reply(*arrays: np.ndarray, status: bytes = sandbox_worker.OK) -> bytes:
 def test_worker_output_is_parsed_without_pickle_and_checked(raw: bytes, why: str) -> None:
     """What a compromised worker could send back never becomes a Python object or bad matrix."""
     with pytest.raises(SandboxError, match=why):
-        sandbox_pool._decode(raw, 0, [3], DEFAULT_LIMITS)
+        sandbox_pool._decode(raw, [3])
 
 
 def test_float32_wire_keeps_float64_results() -> None:
     activations = np.arange(12, dtype=np.float32).reshape(3, 4)
-    _, results = sandbox_pool._decode(_reply(activations), 0, [3], DEFAULT_LIMITS)
+    _, results = sandbox_pool._decode(_reply(activations), [3])
     assert isinstance(results[0], np.ndarray) and results[0].dtype == np.float64
     np.testing.assert_array_equal(results[0], activations)
 

@@ -1,0 +1,30 @@
+"""Why the sandbox gave no activations, when it was not the model file's own fault.
+
+Their own module so that the pool (`sandbox_pool`) and the public face (`sandbox`, which
+re-exports them) share one definition; the key server maps each to its status
+(`handlers._sandboxed`).
+"""
+
+from __future__ import annotations
+
+__all__ = ["SandboxBusy", "SandboxError", "SandboxResourceError", "SandboxTimeout"]
+
+
+class SandboxError(Exception):
+    """The sandbox could not produce activations for a reason other than the model file itself."""
+
+
+class SandboxTimeout(SandboxError):
+    """The worker ran past `SandboxLimits.wall_seconds` and was killed with its process group."""
+
+
+class SandboxResourceError(SandboxError):
+    """The worker hit its memory or CPU-time limit."""
+
+
+class SandboxBusy(SandboxError):
+    """Every sandbox worker is busy and the queue is full; `retry_after` seconds is a hint."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
