@@ -64,6 +64,9 @@ SANDBOX_RUNNING = Gauge(
 SANDBOX_KILLS_TOTAL = Counter(
     "freemark_sandbox_kills_total", "Sandbox children killed, by reason (deadline, cpu, memory, "
     "cancelled, crash, output).", ["reason"], registry=REGISTRY)
+SANDBOX_RESTARTS_TOTAL = Counter(
+    "freemark_sandbox_restarts_total", "Times the sandbox fork server died and was relaunched.",
+    registry=REGISTRY)
 SANDBOX_RUN_SECONDS = Histogram(
     "freemark_sandbox_run_seconds", "Wall time of one sandboxed run, from fork to result.",
     buckets=LATENCY_BUCKETS, registry=REGISTRY)

@@ -7,7 +7,8 @@ re-exports them) share one definition; the key server maps each to its status
 
 from __future__ import annotations
 
-__all__ = ["SandboxBusy", "SandboxError", "SandboxResourceError", "SandboxTimeout"]
+__all__ = ["SandboxBusy", "SandboxError", "SandboxResourceError", "SandboxTimeout",
+           "SandboxUnavailable"]
 
 
 class SandboxError(Exception):
@@ -28,3 +29,13 @@ class SandboxBusy(SandboxError):
     def __init__(self, message: str, *, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class SandboxUnavailable(SandboxBusy):
+    """The fork server is down or was relaunched under the run; nothing was decided. Busy
+    to the caller (SANDBOX_BUSY: retry after the hint), an alert for the operator."""
+
+    RETRY_SECONDS = 5.0  # about what a relaunch takes (imports and the isolation probe)
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retry_after=self.RETRY_SECONDS)

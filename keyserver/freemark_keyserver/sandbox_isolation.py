@@ -15,7 +15,8 @@ user      when the server runs as root: setgroups([]) and setresgid/setresuid to
           `harden_parent` then makes the server's /proc entries unreadable (not dumpable).
 private   PR_SET_NO_NEW_PRIVS and PR_SET_DUMPABLE 0: no setuid binary gives rights back,
           and sibling children (same user) cannot read one another's memory or descriptors
-          through /proc (they run other owners' secret triggers).
+          through /proc (they run other owners' secret triggers). PR_SET_PDEATHSIG: a child
+          dies with its fork server, so none outlives a relaunch.
 limits    rlimits (`sandbox_worker.limit_self`): address space, CPU seconds, open files,
           RLIMIT_FSIZE=0 (no file data written), RLIMIT_NPROC=0 (no fork, no threads).
 seccomp   a BPF allow-list of the ~60 system calls loading and running a model needs
@@ -37,6 +38,7 @@ import ctypes
 import os
 import platform
 import pwd
+import signal
 import struct
 from dataclasses import dataclass
 
@@ -45,11 +47,13 @@ __all__ = ["LAYERS", "Isolation", "enter", "harden_parent", "sandbox_user"]
 LAYERS = ("network", "user", "private", "limits", "seccomp")
 
 _CLONE_NEWNET = 0x40000000
+_PR_SET_PDEATHSIG = 1
 _PR_SET_DUMPABLE = 4
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_SET_SECCOMP = 22
 _SECCOMP_MODE_FILTER = 2
 _AUDIT_ARCH_X86_64 = 0xC000003E
+_EXIT_ORPHANED = 71
 
 # x86_64 numbers (asm/unistd_64.h). Only what a forked, torch-warm child needs to read a
 # program from a descriptor, run it single-threaded and write the answer to its socket.
@@ -164,6 +168,11 @@ def _private() -> None:
     libc = _libc()
     _check(libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
     _check(libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0), "dumpable")
+    # After the user change (which clears it), before seccomp (which forbids prctl).
+    parent = os.getppid()
+    _check(libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
+    if os.getppid() != parent:  # the fork server died before the line above
+        os._exit(_EXIT_ORPHANED)
 
 
 @dataclass(frozen=True)

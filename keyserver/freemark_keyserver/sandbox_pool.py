@@ -26,6 +26,7 @@ import array
 import contextlib
 import io
 import json
+import logging
 import os
 import selectors
 import signal
@@ -51,10 +52,13 @@ from freemark_keyserver.sandbox_errors import (
     SandboxError,
     SandboxResourceError,
     SandboxTimeout,
+    SandboxUnavailable,
 )
 from freemark_keyserver.sandbox_worker import LENGTH, MAX_MESSAGE_CHARS, OK, REFUSED
 
 __all__ = ["POLL_SECONDS", "SandboxPool", "TriggerRun", "default_workers"]
+
+log = logging.getLogger("freemark_keyserver")
 
 POLL_SECONDS = 0.05  # how often a waiting or running call is checked for cancellation
 START_SECONDS = 120.0  # importing torch on a loaded 2-core machine
@@ -135,47 +139,109 @@ class SandboxPool:
         self._process: subprocess.Popen[bytes] | None = None
         self._home: tempfile.TemporaryDirectory[str] | None = None
         self._user = sandbox_isolation.sandbox_user()
+        self._closing = False
+        self.restarts = 0
+        # Told True/False when the fork server dies and when it is back (the server's health).
+        self.on_state: Callable[[bool], None] = lambda alive: None
 
     # --- life cycle ---------------------------------------------------------------------
 
     def start(self) -> SandboxPool:
-        from freemark_keyserver.sandbox import worker_environment
-
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        """Launch the fork server and a thread that relaunches it should it ever die."""
         self._home = tempfile.TemporaryDirectory(prefix="freemark-sandbox-")
         home = Path(self._home.name)
         if self._user is not None:
             os.chown(home, -1, self._user[1])
             home.chmod(0o750)
+        try:
+            self.isolation = self._launch()
+        except OSError:
+            self.close()
+            raise
+        if not self.isolation.on("limits"):
+            self.close()
+            raise OSError(f"the sandbox cannot apply its limits: {self.isolation.layers['limits']}")
+        sandbox_isolation.harden_parent()
+        threading.Thread(target=self._keep_alive, name="sandbox-keep-alive", daemon=True).start()
+        return self
+
+    def _launch(self) -> sandbox_isolation.Isolation:
+        """Start a fork server (a fresh interpreter: it inherits no memory, no descriptor but
+        its control socket, no environment; so a relaunch after the keys are loaded is as
+        clean as the first) and wait until it is ready; its isolation report."""
+        from freemark_keyserver.sandbox import worker_environment
+
+        assert self._home is not None
+        home = Path(self._home.name)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         limits = {"memory_bytes": self.limits.memory_bytes,
                   "cpu_seconds": self.limits.cpu_seconds,
                   "open_files": self.limits.open_files, "threads": self.limits.threads}
-        self._process = subprocess.Popen(
+        process = subprocess.Popen(
             [sys.executable, "-s", "-B", "-P", "-m", "freemark_keyserver.forkserver",
              str(theirs.fileno()), str(self.workers), json.dumps(limits)],
             env=worker_environment(self.limits, home), cwd=home, pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL, start_new_session=True)
         theirs.close()
-        self._control = ours
+        self._control, self._process = ours, process
         ours.settimeout(START_SECONDS)
         try:
             ready = json.loads(ours.recv(1 << 16) or b"{}")
         except (OSError, ValueError) as exc:
-            self.close()
             raise OSError(f"the sandbox fork server did not start: {exc}") from exc
         ours.settimeout(None)
         if not ready.get("ready"):
-            self.close()
             raise OSError("the sandbox fork server did not start")
-        self.isolation = sandbox_isolation.Isolation(ready["isolation"])
-        if not self.isolation.on("limits"):
-            self.close()
-            raise OSError(f"the sandbox cannot apply its limits: {self.isolation.layers['limits']}")
-        sandbox_isolation.harden_parent()
-        return self
+        return sandbox_isolation.Isolation(ready["isolation"])
+
+    def _keep_alive(self) -> None:
+        """Relaunch the fork server whenever it dies while the pool is open (killed by the
+        OOM killer, say): runs it had are answered SANDBOX_UNAVAILABLE, later ones wait for
+        the relaunch. A relaunch that enters fewer isolation layers than the first is not
+        used: the pool stays down rather than run models with less isolation than reported."""
+        while (process := self._process) is not None:
+            code = process.wait()
+            with self._lock:
+                if self._closing or process is not self._process:
+                    return
+                log.error("the sandbox fork server exited (status %s); relaunching it", code)
+                metrics.SANDBOX_RESTARTS_TOTAL.inc()
+                self.on_state(False)
+                if self._control is not None:
+                    self._control.close()
+                self._control, self._process = None, None
+                try:
+                    isolation = self._launch()
+                except OSError as exc:
+                    log.error("the sandbox fork server could not be relaunched: %s", exc)
+                    isolation = None
+                lost = [layer for layer in sandbox_isolation.LAYERS if self.isolation.on(layer)
+                        and (isolation is None or not isolation.on(layer))]
+                if isolation is None or lost:
+                    log.error("the sandbox stays down: the relaunched fork server lacks %s",
+                              ", ".join(lost) or "a working start")
+                    self._stop_process()
+                    return
+                self.restarts += 1
+                log.info("the sandbox fork server is back (isolation: %s)", isolation.summary())
+                self.on_state(True)
+
+    @property
+    def alive(self) -> bool:
+        """Whether a fork server is up to take runs."""
+        process = self._process
+        return process is not None and process.poll() is None
 
     def close(self) -> None:
         """Stop the fork server (it kills its children when its control socket closes)."""
+        with self._lock:
+            self._closing = True
+            self._stop_process()
+        if self._home is not None:
+            self._home.cleanup()
+            self._home = None
+
+    def _stop_process(self) -> None:
         if self._control is not None:
             self._control.close()
             self._control = None
@@ -186,9 +252,6 @@ class SandboxPool:
                 self._process.kill()
                 self._process.wait()
             self._process = None
-        if self._home is not None:
-            self._home.cleanup()
-            self._home = None
 
     @property
     def pid(self) -> int | None:
@@ -199,7 +262,8 @@ class SandboxPool:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with mine:
             with self._lock:
-                assert self._control is not None, "the pool is not started"
+                if self._control is None:
+                    raise SandboxUnavailable("the sandbox is down")
                 _send_fds(self._control, {"op": "stats", "reset": reset}, [theirs.fileno()])
             theirs.close()
             mine.settimeout(30)
@@ -281,9 +345,13 @@ class SandboxPool:
         try:
             with self._lock:
                 if self._control is None:
-                    raise SandboxError("the sandbox pool is closed")
-                _send_fds(self._control, {"op": "run", "limits": _child_limits(limits)},
-                          [status_theirs.fileno(), data_theirs.fileno(), *inputs])
+                    raise SandboxUnavailable("the sandbox is down; the operator has been "
+                                             "alerted: retry later")
+                try:
+                    _send_fds(self._control, {"op": "run", "limits": _child_limits(limits)},
+                              [status_theirs.fileno(), data_theirs.fileno(), *inputs])
+                except OSError as exc:  # it died; `_keep_alive` is relaunching it
+                    raise SandboxUnavailable("the sandbox is restarting: retry shortly") from exc
         finally:
             for fd in inputs:
                 os.close(fd)
@@ -291,7 +359,9 @@ class SandboxPool:
             data_theirs.close()
         with status, data:
             status.settimeout(START_SECONDS)
-            first = json.loads(status.recv(1 << 12) or b"{}")
+            first = json.loads(status.recv(1 << 12) or b'{"error": "gone"}')
+            if first.get("error") == "gone":
+                raise SandboxUnavailable("the sandbox is restarting: retry shortly")
             if first.get("error") == "busy":
                 raise SandboxBusy("the sandbox is at its cap; retry shortly", retry_after=1.0)
             if "pid" not in first:
@@ -408,7 +478,10 @@ class _Child:
         except OSError:
             message = b""
         self._selector.unregister(self._status)
-        self._code = int(json.loads(message or b'{"exit": -9}')["exit"])
+        if not message:  # the fork server itself is gone, and the child with it
+            raise SandboxUnavailable("the sandbox restarted during this run; nothing was "
+                                     "decided: retry")
+        self._code = int(json.loads(message)["exit"])
 
     def _check_call(self) -> None:
         why = cancellation.ended(cancellation.current())

@@ -5,7 +5,8 @@ idle and slow streams); the thread pool is sized by the caps plus a reserve, so 
 caps that refuse a flood and health checks always find a thread. The upload spool is
 emptied before the port opens.
 
-Health (`grpc.health.v1.Health`, Check and Watch) names "" and the KeyService, and one
+Health (`grpc.health.v1.Health`, Check and Watch) names "" and the KeyService,
+`freemark.sandbox` (NOT_SERVING while the fork server is down and being relaunched), and one
 service per sandbox isolation layer (`isolation_health`): an operator's probe sees what the
 sandbox stands on, not only that the server is up.
 """
@@ -35,6 +36,7 @@ SERVICE_NAME = keyservice_pb2.DESCRIPTOR.services_by_name["KeyService"].full_nam
 MESSAGE_SLACK = 1024 * 1024
 BACKSTOP_FACTOR = 4  # grpc's own cap on calls: far above ours, only against a flood of calls
 ISOLATION_HEALTH_PREFIX = "freemark.sandbox.isolation."
+SANDBOX_HEALTH = "freemark.sandbox"  # NOT_SERVING while the fork server is down
 
 
 def isolation_health(isolation: sandbox_isolation.Isolation
@@ -141,9 +143,11 @@ def create_server(config: ServerConfig) -> RunningServer:
     server.start()
     calls.start()
     serving = health_pb2.HealthCheckResponse.SERVING
-    for name, status in {"": serving, SERVICE_NAME: serving,
+    for name, status in {"": serving, SERVICE_NAME: serving, SANDBOX_HEALTH: serving,
                          **isolation_health(pool.isolation)}.items():
         health_servicer.set(name, status)
+    pool.on_state = lambda alive: health_servicer.set(
+        SANDBOX_HEALTH, serving if alive else health_pb2.HealthCheckResponse.NOT_SERVING)
     log.info("freemark key server listening on port %d (key id %s)", port, ctx.signer.key_id)
     if metrics_http is not None:
         log.info("metrics on http://%s:%d/metrics", metrics_http.server_address[0],

@@ -38,14 +38,19 @@ from freemark_keyserver.config import ServerConfig
 from freemark_keyserver.ratelimit import Rate
 from freemark_keyserver.sandbox_isolation import LAYERS
 from freemark_keyserver.sandbox_pool import SandboxPool
-from freemark_keyserver.server import ISOLATION_HEALTH_PREFIX, RunningServer, create_server
+from freemark_keyserver.server import (
+    ISOLATION_HEALTH_PREFIX,
+    SANDBOX_HEALTH,
+    RunningServer,
+    create_server,
+)
 from freemark_keyserver.store import Principal
 from ttp_fixtures import build_models
 
 WORKERS, QUEUE = 2, 3
 # A Verify reads the 100 triggers alone (the registration has no panel): this wide a layer
 # keeps a run busy for seconds.
-WIDE = 3072
+WIDE = 2048
 
 
 class Slow(torch.nn.Module):
@@ -88,7 +93,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     folder = tmp_path_factory.mktemp("sandbox-service")
     files = build_models(folder)
     slow = folder / "slow.pt2"
-    save_program(Slow(repeats=100).eval(), (torch.zeros(2, 1, 8, 8),), slow)
+    save_program(Slow(repeats=300).eval(), (torch.zeros(2, 1, 8, 8),), slow)
     running = create_server(ServerConfig(data_dir=folder / "ttp", listen="127.0.0.1:0",
                                          grace_seconds=1, sandbox_workers=WORKERS,
                                          sandbox_queue=QUEUE,
@@ -238,3 +243,32 @@ def test_health_names_each_isolation_layer_serving_exactly_when_the_pool_has_it(
     assert checked == expected, isolation.summary()
     assert watched == expected
     assert checked["limits"] == serving
+
+
+def test_a_fork_server_that_dies_is_relaunched_and_its_run_is_told_to_retry(
+        world: World) -> None:
+    """Killed under a Verify (the OOM killer, say): its children die with it, the call is
+    SANDBOX_BUSY with a retry hint and logs nothing, the pool relaunches the fork server with
+    the same isolation, `freemark.sandbox` health is SERVING again, and the next Verify runs."""
+    size = world.running.ctx.store.tree_size()
+    restarts, dead, isolation = world.pool.restarts, world.pool.pid, world.pool.isolation
+    assert dead is not None
+    with world.client() as client:
+        thread, outcome = _verify_in_thread(world, client)
+        _wait_for(lambda: bool(_children(world.pool)), 60)
+        orphans = _children(world.pool)
+        os.kill(dead, signal.SIGKILL)
+        thread.join(60)
+    assert isinstance(outcome[0], SandboxBusyError) and "retry" in str(outcome[0]), outcome
+    _wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in orphans), 10)
+    _wait_for(lambda: world.pool.restarts == restarts + 1 and world.pool.alive, 120)
+    assert world.pool.pid != dead and world.pool.isolation == isolation
+    assert world.running.ctx.store.tree_size() == size
+    with grpc.insecure_channel(world.target) as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=SANDBOX_HEALTH), timeout=10).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    with world.client() as client:
+        verdict = client.verify(world.registration_id, world.slow)
+    assert verdict.outcome in ("match", "no_match", "inconclusive")
+    assert world.running.ctx.store.tree_size() == size + 1

@@ -119,8 +119,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     SANDBOX_BUSY: _ErrorReason.ValueType  # 20
     """Every sandbox worker is busy and the server's sandbox queue is full (`--sandbox-workers`,
-    `--sandbox-queue`); nothing was run. The status carries a google.rpc.RetryInfo with a
-    hint of when to try again. Status: RESOURCE_EXHAUSTED.
+    `--sandbox-queue`), or the sandbox is being relaunched after its fork server died (the
+    operator is alerted); nothing was run, or what ran was discarded. The status carries a
+    google.rpc.RetryInfo with a hint of when to try again. Status: RESOURCE_EXHAUSTED.
     """
     SANDBOX_CRASHED: _ErrorReason.ValueType  # 21
     """The sandbox process running the model died (a crash, e.g. SIGSEGV or SIGABRT from a
@@ -218,8 +219,9 @@ link. Status: DEADLINE_EXCEEDED.
 """
 SANDBOX_BUSY: ErrorReason.ValueType  # 20
 """Every sandbox worker is busy and the server's sandbox queue is full (`--sandbox-workers`,
-`--sandbox-queue`); nothing was run. The status carries a google.rpc.RetryInfo with a
-hint of when to try again. Status: RESOURCE_EXHAUSTED.
+`--sandbox-queue`), or the sandbox is being relaunched after its fork server died (the
+operator is alerted); nothing was run, or what ran was discarded. The status carries a
+google.rpc.RetryInfo with a hint of when to try again. Status: RESOURCE_EXHAUSTED.
 """
 SANDBOX_CRASHED: ErrorReason.ValueType  # 21
 """The sandbox process running the model died (a crash, e.g. SIGSEGV or SIGABRT from a
