@@ -924,6 +924,40 @@ def print_full_vs_ttp(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return ratios
 
 
+def register_model_work_s(hosts: list[Host]) -> float:
+    """The model's own work in one Register, in this process, mean over `hosts` registered in
+    order: load + vetting, the host on its triggers and probes, and the host on every earlier
+    host's triggers (the prior-claim sets; none of them has a panel, so no probes). What any
+    TTP that runs the upload at all must spend, sandbox or not."""
+    def one(index: int) -> float:
+        host = hosts[index]
+        program = load_program(host.model)
+        began = time.perf_counter()
+        vet_program(load_program(host.model))
+        capture(program, host.bundle.layer, probe_triggers(host.bundle),
+                pooling=host.bundle.pooling)
+        for earlier in hosts[:index]:
+            capture(program, earlier.bundle.layer, earlier.bundle.triggers,
+                    pooling=earlier.bundle.pooling)
+        return time.perf_counter() - began
+    return statistics.mean(one(i) for i in range(len(hosts)))
+
+
+def print_register_floor(rows: list[dict[str, Any]], model_work_s: float) -> dict[str, Any]:
+    """Register at one client against the best any sandbox could do: TTP only plus the
+    model's own work, one after the other."""
+    by = {r["call"]: r for r in rows if r["clients"] == 1}
+    ttp_s = 1 / by["Register (TTP only)"]["qps"]
+    full_qps = by["Register (full)"]["qps"]
+    floor_qps = 1 / (ttp_s + model_work_s)
+    row = {"ttp_only_s": ttp_s, "model_work_s": model_work_s, "floor_qps": floor_qps,
+           "full_qps": full_qps, "full_over_floor": full_qps / floor_qps}
+    print_table("(b') Register at 1 client: TTP only + the model's own work in process",
+                ["TTP only s", "model work s", "floor QPS", "full QPS", "full / floor"],
+                [list(row.values())])
+    return row
+
+
 def run_sandbox(plan: Plan, work: Path, servers: list[ServerProc]) -> dict[str, Any]:
     """`--sandbox`: the warm pool's figures alone, in a few minutes on SQLite: Register (full)
     vs (TTP only), Verify against its floor for the digits CNN, a 100 MB model and
@@ -948,6 +982,8 @@ def run_sandbox(plan: Plan, work: Path, servers: list[ServerProc]) -> dict[str, 
             rows.append({"backend": "sqlite", "call": label, **stats.row()})
         print(f"  {clients} clients done ({time.perf_counter() - began:.0f} s)", flush=True)
     results["register_full_vs_ttp"] = print_full_vs_ttp(rows)
+    results["register_floor"] = print_register_floor(
+        rows, register_model_work_s(hosts[:plan.register_full]))
     parts = {"log_sign_s": log_and_sign_s(str(work / "log-sign.sqlite3"), SigningKey.generate(),
                                           20)}
     split_rows = [verify_split_on_a_fresh_server(deploy, servers, "digits CNN", hosts[0].model,

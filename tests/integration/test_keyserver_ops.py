@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -22,6 +24,8 @@ from freemark.errors import UnauthenticatedError
 from freemark.modelfile import load_program
 from freemark.rpc import KeyServiceClient
 from freemark.triggers import load_triggers
+from freemark.v1 import keyservice_pb2 as pb
+from freemark.v1 import keyservice_pb2_grpc
 from freemark_keyserver.auth import hash_token, new_token
 from freemark_keyserver.config import ServerConfig
 from freemark_keyserver.server import create_server
@@ -105,6 +109,8 @@ def test_listen_policy(tmp_path: Path) -> None:
 
 
 def test_sigterm_lets_an_inflight_verify_finish(files: ModelFiles, tmp_path: Path) -> None:
+    """The Verify's upload is held half-sent until after SIGTERM, so its verdict can only
+    come from a server that is draining: in flight at the signal, finished within the grace."""
     data_dir = tmp_path / "ttp"
     server = ServerProcess(data_dir).start()
     token = str(json_out(run_cli("freemark_keyserver.cli", "principal", "add", "--data-dir",
@@ -115,21 +121,38 @@ def test_sigterm_lets_an_inflight_verify_finish(files: ModelFiles, tmp_path: Pat
     env = cli_env(FREEMARK_SERVER=server.address, FREEMARK_TOKEN=token)
     receipt = json_out(run_cli("freemark.cli", "register", "--key", str(key), "--model",
                                str(files.host), "--json", env=env))
+    suspect = files.finetuned.read_bytes()
+    header = pb.VerifyHeader(registration_id=str(receipt["registration_id"]),
+                             upload=pb.UploadHeader(total_size=len(suspect),
+                                                    sha256=hashlib.sha256(suspect).digest(),
+                                                    format=pb.MODEL_FORMAT_PT2))
+    half_sent, signalled = threading.Event(), threading.Event()
     outcome: dict[str, object] = {}
 
+    def requests() -> Iterator[pb.VerifyRequest]:
+        yield pb.VerifyRequest(header=header)
+        yield pb.VerifyRequest(chunk=suspect[:len(suspect) // 2])
+        half_sent.set()
+        signalled.wait(60)
+        yield pb.VerifyRequest(chunk=suspect[len(suspect) // 2:])
+
     def verify() -> None:
-        with KeyServiceClient(server.address, token=token, retries=0) as client:
-            outcome["verdict"] = client.verify(str(receipt["registration_id"]), files.finetuned)
+        with grpc.insecure_channel(server.address) as channel:
+            outcome["verdict"] = keyservice_pb2_grpc.KeyServiceStub(channel).Verify(
+                requests(), metadata=(("authorization", f"Bearer {token}"),), timeout=120)
 
     worker = threading.Thread(target=verify)
     worker.start()
-    time.sleep(1.0)  # the sandbox run takes seconds: the call is in flight
+    assert half_sent.wait(60)
+    time.sleep(0.5)  # the half upload reaches the server: the call is in flight
     assert server.process is not None
     server.process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)  # the server is stopping, the call still open
+    signalled.set()
     worker.join(timeout=120)
     assert server.process.wait(timeout=60) == 0
     verdict = outcome.get("verdict")
-    assert verdict is not None and verdict.is_match is True
+    assert isinstance(verdict, pb.SignedVerdict) and verdict.is_match is True
 
 
 def test_safetensors_suspect_uses_the_registered_architecture(files: ModelFiles, tmp_path: Path) -> None:
