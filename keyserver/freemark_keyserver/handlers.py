@@ -64,6 +64,7 @@ from freemark_keyserver.sandbox import (
     run_model,
 )
 from freemark_keyserver.sandbox_pool import SandboxPool, TriggerRun
+from freemark_keyserver.sandbox_worker import SKIP_FINGERPRINT
 from freemark_keyserver.store import (
     DuplicateError,
     PanelMember,
@@ -523,11 +524,11 @@ def verify(ctx: Context, principal: Principal, record: Registration, header: pb.
     probes = aligns(bundle, panel)  # without an aligned test the probes would go unused
     if header.upload.format == pb.MODEL_FORMAT_SAFETENSORS:
         with host_file(ctx.store, ctx.keyring, record) as host:
-            reading = _read(ctx, host, bundle, weights=suspect,
-                            options=formats.stored_host_options(host), probes=probes)
+            reading = _read(ctx, host, bundle, weights=suspect, probes=probes,
+                            options={**formats.stored_host_options(host), **SKIP_FINGERPRINT})
     else:
-        reading = _read(ctx, suspect, bundle, options=formats.sandbox_options(
-            header.upload.format, header.onnx_tensor), probes=probes)
+        reading = _read(ctx, suspect, bundle, probes=probes, options={**formats.sandbox_options(
+            header.upload.format, header.onnx_tensor), **SKIP_FINGERPRINT})
     try:
         verdict = judge_activations(reading.triggers, bundle, alpha=header.alpha or DEFAULT_ALPHA,
                                     probe_activations=reading.probes, panel=panel)

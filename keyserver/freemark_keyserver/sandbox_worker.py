@@ -15,7 +15,8 @@ framed by its length (8 bytes, big-endian), so either side knows when one is com
    and ``sets``: one ``{"layer", "pooling", "has_mask", "probes"}`` per trigger set), then
    each set's inputs and, if announced, its attention mask. The child appends ``probes``
    alignment probes to each set itself (`freemark.probes.with_probes`). Triggers are secret
-   and never touch disk. The first request's ``model`` and ``weights`` are loaded once; later
+   and never touch disk. ``fingerprint: false`` (`SKIP_FINGERPRINT`) leaves a `.pt2`'s
+   weights unhashed. The first request's ``model`` and ``weights`` are loaded once; later
    requests only add trigger sets for the same model;
 2. reply: ``OK`` (b"K"), the 64 identity bytes (fingerprint ‖ architecture digest) as uint8,
    then per set a status frame (JSON {"kind", "message"} as uint8; kind "ok" is followed by
@@ -42,6 +43,10 @@ from typing import Any
 OK = b"K"
 REFUSED = b"R"
 LENGTH = struct.Struct(">Q")  # the frame of every message on the data socket
+# A request header key: False skips hashing a `.pt2`'s weights (32 zero bytes stand in).
+# Verify does not use the suspect's fingerprint, and hashing 100 MB of weights costs 0.1 s.
+FINGERPRINT_KEY = "fingerprint"
+SKIP_FINGERPRINT = {FINGERPRINT_KEY: False}
 MAX_MESSAGE_CHARS = 500
 _OOM_MARKERS = (
     "can't allocate memory",
@@ -109,7 +114,8 @@ def _load(header: dict[str, Any]) -> tuple[Any, bytes]:
     vet_program(program)
     model = apply_weights(program, header["weights"]) if header.get("weights") else program
     state = model if header.get("weights") else program
-    return model, fingerprint(state) + architecture_digest(state)
+    weights = fingerprint(state) if header.get(FINGERPRINT_KEY, True) else bytes(32)
+    return model, weights + architecture_digest(state)
 
 
 Runner = Callable[[dict[str, Any], Any], Any]

@@ -23,7 +23,13 @@ from safetensors.torch import save_file
 import hostile_models
 from freemark.activations import capture
 from freemark.errors import InvalidInputError, ModelFileError
-from freemark.modelfile import apply_weights, load_program, save_program, state_dict_of
+from freemark.modelfile import (
+    apply_weights,
+    fingerprint,
+    load_program,
+    save_program,
+    state_dict_of,
+)
 from freemark.probes import with_probes
 from freemark.triggers import TriggerSet, select_triggers
 from freemark.v1 import bundle_pb2
@@ -111,6 +117,18 @@ def test_the_child_builds_the_alignment_probes_from_the_triggers(host: Host) -> 
     expected = _reference(load_program(host.path), with_probes(host.triggers, 40))
     assert result.activations.shape == (len(host.triggers) + 40, 128)
     np.testing.assert_allclose(result.activations, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_verify_need_not_hash_the_weights(host: Host) -> None:
+    """`SKIP_FINGERPRINT`: the same activations and architecture digest, zeros for the
+    weights' fingerprint (Verify binds the upload's SHA-256 instead)."""
+    hashed = run_model(host.path, layer=LAYER, pooling=POOLING, triggers=host.triggers)
+    skipped = run_model(host.path, layer=LAYER, pooling=POOLING, triggers=host.triggers,
+                        options=sandbox_worker.SKIP_FINGERPRINT)
+    assert hashed.fingerprint == fingerprint(load_program(host.path))
+    assert skipped.fingerprint == bytes(32)
+    assert skipped.architecture_digest == hashed.architecture_digest
+    np.testing.assert_array_equal(skipped.activations, hashed.activations)
 
 
 def test_follow_up_runs_reuse_the_child_that_read_the_model(host: Host) -> None:
