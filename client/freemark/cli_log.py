@@ -133,8 +133,8 @@ def _cmd_status(args: argparse.Namespace, client: Client) -> int:
         print(f"freemark: FAILED: {args.file}: {exc}", file=sys.stderr)
         return 1
     revocation = state.revocation
-    shown = {"registration_id": state.registration_id, "owner": state.owner,
-             "status": "active" if revocation is None else "revoked",
+    status = "active" if revocation is None else "revoked"
+    shown = {"registration_id": state.registration_id, "owner": state.owner, "status": status,
              "tree_size": head.tree_size, "checkpoint_time": head.timestamp,
              "revoked_at": None if revocation is None else revocation.integrated_time,
              "revoked_by": None if revocation is None else revocation.revoked_by,
@@ -143,7 +143,7 @@ def _cmd_status(args: argparse.Namespace, client: Client) -> int:
     if args.json:
         print_json(shown)
     else:
-        print_fields(f"{shown['status'].upper()}: {state.registration_id}, from a log of "
+        print_fields(f"{status.upper()}: {state.registration_id}, from a log of "
                      f"{head.tree_size} entries checked against its signed root", shown)
     return 0
 

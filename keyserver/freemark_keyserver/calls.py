@@ -345,6 +345,7 @@ class _Observed:
         except ServiceError as exc:
             abort(self.context, exc.code, str(exc), exc.retry_after)
         call = self.call
+        assert call is not None  # admitted, or aborted above
         self.on_exit(lambda: registry.release(call))
 
     def on_exit(self, action: Callable[[], None]) -> None:

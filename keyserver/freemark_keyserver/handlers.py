@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -111,7 +112,7 @@ class Context:
 
 
 def _sandboxed(ctx: Context, model: Path, bundle: KeyBundle, weights: Path | None = None,
-               options: dict[str, str] | None = None, probes: int = 0) -> SandboxResult:
+               options: dict[str, Any] | None = None, probes: int = 0) -> SandboxResult:
     """Run an untrusted model in the sandbox on the bundle's triggers and `probes` of its
     alignment probes (built in the child), mapping its failures to statuses.
 
@@ -274,13 +275,13 @@ def _open_sealed(ctx: Context, record: Registration) -> tuple[KeyBundle, list[Re
     return panels.open_bytes(plaintext)
 
 
-def _runner(ctx: Context, options: dict[str, str] | None = None) -> panels.Runner:
+def _runner(ctx: Context, options: dict[str, Any] | None = None) -> panels.Runner:
     return lambda model, bundle, weights, probes: _sandboxed(ctx, model, bundle, weights,
                                                              options, probes)
 
 
 def _read(ctx: Context, model: Path, bundle: KeyBundle, weights: Path | None = None,
-          options: dict[str, str] | None = None, *, probes: bool = True) -> panels.Reading:
+          options: dict[str, Any] | None = None, *, probes: bool = True) -> panels.Reading:
     """One sandboxed pass of an untrusted model over the triggers and (with `probes`) the
     alignment probes."""
     return panels.read(_runner(ctx, options), model, bundle, weights, probes=probes)

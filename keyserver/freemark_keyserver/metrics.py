@@ -12,7 +12,7 @@ grow the page without bound.
 from __future__ import annotations
 
 from collections.abc import Callable
-from http.server import ThreadingHTTPServer
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
     CollectorRegistry,
@@ -82,7 +82,7 @@ def track_log_size(size: Callable[[], int]) -> None:
     LOG_SIZE.set_function(read)
 
 
-def serve_http(listen: str) -> ThreadingHTTPServer:
+def serve_http(listen: str) -> WSGIServer:
     """Serve the metrics page on `listen` ("HOST:PORT"; port 0 picks one) in a daemon thread.
 
     The page is plain text with no secrets, but it tells an outsider how busy the TTP is:

@@ -331,11 +331,10 @@ class SandboxPool:
         """A forked child holding read-only descriptors of the inputs; killed on exit."""
         inputs = []
         try:
-            for path in (model_path, weights_path):
-                if path is not None:
-                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                    inputs.append(fd)
-                    _grant(fd, self._user if self.isolation.on("user") else None)
+            for path in (p for p in (model_path, weights_path) if p is not None):
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                inputs.append(fd)
+                _grant(fd, self._user if self.isolation.on("user") else None)
         except OSError as exc:
             for fd in inputs:
                 os.close(fd)

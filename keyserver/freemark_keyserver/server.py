@@ -18,7 +18,7 @@ import signal
 import threading
 from concurrent import futures
 from dataclasses import dataclass
-from http.server import ThreadingHTTPServer
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -62,7 +62,7 @@ class RunningServer:
     health: health.HealthServicer
     ctx: handlers.Context
     calls: CallRegistry
-    metrics_http: ThreadingHTTPServer | None = None
+    metrics_http: WSGIServer | None = None
 
     @property
     def metrics_port(self) -> int | None:
