@@ -33,7 +33,8 @@ of grpc's own exception types leaks past the client. The tree::
     │   │   └── SandboxBusyError                 SANDBOX_BUSY (retry later)
     │   ├── DeadlineExceededError             out of time (also the client's own deadline):
     │   │   ├── SandboxTimeoutError              SANDBOX_DEADLINE
-    │   │   └── UploadStalledError               UPLOAD_STALLED
+    │   │   ├── UploadStalledError               UPLOAD_STALLED
+    │   │   └── CallDeadlineError                CALL_DEADLINE
     │   ├── CallEndedError                       CALL_ENDED
     │   ├── RevokedError                         REVOKED
     │   ├── UploadCorruptError                   UPLOAD_CORRUPT
@@ -62,6 +63,7 @@ __all__ = [
     "ERROR_DOMAIN",
     "AlphaOutsidePolicyError",
     "AlreadyRegisteredError",
+    "CallDeadlineError",
     "CallEndedError",
     "CryptoError",
     "DeadlineExceededError",
@@ -254,7 +256,7 @@ class SandboxCrashedError(InvalidArgumentError):
 
 
 class CallEndedError(ServerError):
-    """The call was cancelled or ran out of time while its model ran; nothing was signed."""
+    """The call was cancelled while its model ran; nothing was signed."""
 
     REASON = "CALL_ENDED"
 
@@ -273,6 +275,13 @@ class UploadStalledError(DeadlineExceededError):
     """The upload was idle past the server's timeout or slower than its minimum rate."""
 
     REASON = "UPLOAD_STALLED"
+
+
+class CallDeadlineError(DeadlineExceededError):
+    """The call's deadline passed while its model waited for or ran in the sandbox; the run
+    was killed and nothing was signed. Retry with a longer deadline."""
+
+    REASON = "CALL_DEADLINE"
 
 
 class RevokedError(ServerError):
@@ -300,7 +309,7 @@ _BY_REASON: dict[str, type[ServerError]] = {
                 AlreadyRegisteredError, TooLargeError, SandboxLimitError, SandboxTimeoutError,
                 RevokedError, UploadCorruptError, ServerInternalError, AlphaOutsidePolicyError,
                 RateLimitedError, SpoolFullError, UploadStalledError,
-                SandboxBusyError, SandboxCrashedError, CallEndedError)
+                SandboxBusyError, SandboxCrashedError, CallEndedError, CallDeadlineError)
     if cls.REASON is not None
 }
 

@@ -27,7 +27,16 @@ class Call(Protocol):
 
 
 class CallEnded(Exception):
-    """The caller cancelled, or the call's deadline passed: stop, sign nothing, log nothing."""
+    """The caller cancelled, or the call's deadline passed: stop, sign nothing, log nothing.
+
+    `why` is "cancelled" or "deadline": the servicer answers CALL_ENDED (CANCELLED) or
+    CALL_DEADLINE (DEADLINE_EXCEEDED), so a caller whose deadline the server noticed first
+    sees the same status its own deadline would have given.
+    """
+
+    def __init__(self, why: str, where: str) -> None:
+        super().__init__(f"the call ended ({why}) {where}")
+        self.why = why
 
 
 _CURRENT: contextvars.ContextVar[Call | None] = contextvars.ContextVar("freemark_call",
@@ -63,4 +72,4 @@ def check_active() -> None:
     """Raise `CallEnded` when the bound call has ended."""
     why = ended(current())
     if why is not None:
-        raise CallEnded(f"the call ended ({why}) before its result was signed")
+        raise CallEnded(why, "before its result was signed")

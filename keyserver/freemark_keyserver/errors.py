@@ -51,6 +51,7 @@ class ErrorCode(Enum):
     SANDBOX_CRASHED = (reasons.SANDBOX_CRASHED, S.INVALID_ARGUMENT,
                        "the model crashed the sandbox")
     CALL_ENDED = (reasons.CALL_ENDED, S.CANCELLED, "the call ended")
+    CALL_DEADLINE = (reasons.CALL_DEADLINE, S.DEADLINE_EXCEEDED, "the call's deadline passed")
     ALPHA_OUTSIDE_POLICY = (reasons.ALPHA_OUTSIDE_POLICY, S.INVALID_ARGUMENT,
                             "alpha outside the verdict policy")
     RATE_LIMITED = (reasons.RATE_LIMITED, S.RESOURCE_EXHAUSTED, "rate limited")

@@ -287,7 +287,7 @@ class SandboxPool:
             while not self._slots.acquire(timeout=POLL_SECONDS):
                 why = cancellation.ended(cancellation.current())
                 if why is not None:
-                    raise cancellation.CallEnded(f"the call ended ({why}) while queued for the sandbox")
+                    raise cancellation.CallEnded(why, "while queued for the sandbox")
         finally:
             with self._lock:
                 self._waiting -= 1
@@ -489,8 +489,7 @@ class _Child:
                 f"the model did not finish within {self._limits.wall_seconds:g} s and was "
                 "killed"))
         if why is not None:
-            raise self._kill(why, cancellation.CallEnded(
-                f"the call ended ({why}); its sandbox run was killed"))
+            raise self._kill(why, cancellation.CallEnded(why, "and its sandbox run was killed"))
 
     def _kill(self, why: str, error: Exception) -> Exception:
         self._status.close()  # the fork server kills the child now

@@ -38,7 +38,8 @@ def _guard(context: grpc.ServicerContext, method: str, work: Callable[[], T]) ->
         abort(context, exc.code, str(exc), exc.retry_after)
     except cancellation.CallEnded as exc:
         log.info("%s ended by the caller: %s", method, exc)
-        abort(context, ErrorCode.CALL_ENDED, str(exc))
+        abort(context, ErrorCode.CALL_DEADLINE if exc.why == "deadline" else ErrorCode.CALL_ENDED,
+              str(exc))
     except Exception:
         reference = secrets.token_hex(6)
         log.exception("%s failed unexpectedly (reference %s)", method, reference)

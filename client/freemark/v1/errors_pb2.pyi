@@ -129,8 +129,14 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     signed. Status: INVALID_ARGUMENT.
     """
     CALL_ENDED: _ErrorReason.ValueType  # 22
-    """The call was cancelled or its deadline passed while the model ran; the run was killed
-    and nothing was signed or logged. Status: CANCELLED.
+    """The caller cancelled the call while its model waited for or ran in the sandbox; the run
+    was killed and nothing was signed or logged. Status: CANCELLED.
+    """
+    CALL_DEADLINE: _ErrorReason.ValueType  # 23
+    """The call's deadline passed while its model waited for or ran in the sandbox; the run was
+    killed and nothing was signed or logged. Retry with a longer deadline. It goes out under
+    the status the caller's own deadline gives, so the outcome reads the same whichever side
+    noticed first. Status: DEADLINE_EXCEEDED.
     """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper): ...
@@ -229,7 +235,13 @@ memory-unsafe operator) or answered nonsense; the model is refused and nothing w
 signed. Status: INVALID_ARGUMENT.
 """
 CALL_ENDED: ErrorReason.ValueType  # 22
-"""The call was cancelled or its deadline passed while the model ran; the run was killed
-and nothing was signed or logged. Status: CANCELLED.
+"""The caller cancelled the call while its model waited for or ran in the sandbox; the run
+was killed and nothing was signed or logged. Status: CANCELLED.
+"""
+CALL_DEADLINE: ErrorReason.ValueType  # 23
+"""The call's deadline passed while its model waited for or ran in the sandbox; the run was
+killed and nothing was signed or logged. Retry with a longer deadline. It goes out under
+the status the caller's own deadline gives, so the outcome reads the same whichever side
+noticed first. Status: DEADLINE_EXCEEDED.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -24,6 +24,7 @@ from freemark.cli import main
 from freemark.errors import (
     AlphaOutsidePolicyError,
     AlreadyRegisteredError,
+    CallDeadlineError,
     CallEndedError,
     CryptoError,
     DeadlineExceededError,
@@ -84,6 +85,7 @@ EXPECTED: dict[ErrorCode, type[ServerError]] = {
     ErrorCode.SANDBOX_BUSY: SandboxBusyError,
     ErrorCode.SANDBOX_CRASHED: SandboxCrashedError,
     ErrorCode.CALL_ENDED: CallEndedError,
+    ErrorCode.CALL_DEADLINE: CallDeadlineError,
 }
 
 
