@@ -34,10 +34,10 @@ import grpc
 import numpy as np
 
 from freemark.errors import ModelFileError
-from freemark.triggers import TriggerSet
+from freemark.scheme.triggers import TriggerSet
 from freemark_keyserver.config import DEFAULT_MAX_CONCURRENT_RPCS, ServerConfig
-from freemark_keyserver.ratelimit import UNLIMITED
-from freemark_keyserver.sandbox import SandboxResult
+from freemark_keyserver.rpc.ratelimit import UNLIMITED
+from freemark_keyserver.sandbox.runner import SandboxResult
 from freemark_keyserver.server import create_server
 
 FLOOR_SERVICE = "bench.Floor"

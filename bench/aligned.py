@@ -13,8 +13,8 @@ trained models of the same width (the panel). The key is `derive_key`'s default,
 alignment probes. Activations are real ReLU activations of trained models, so the dead units
 and near-duplicates that canonicalisation removes are there in realistic numbers.
 
-(a) Alignment cost against width (in process, no server): `freemark.canon.align` (host
-    profile vs suspect), `freemark.aligned.aligned_test` (host vs suspect with the 5-member
+(a) Alignment cost against width (in process, no server): `freemark.verdict.canon.align` (host
+    profile vs suspect), `freemark.verdict.aligned.aligned_test` (host vs suspect with the 5-member
     panel: 7 canonicalisations, 6 matchings), and the parts of the latter (canonicalise,
     similarity product, Hungarian step) measured alone. Floors measured in the same run on
     the same layer: the plain verdict (`extract.judge_activations` without a panel: the
@@ -61,18 +61,18 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from tqdm import tqdm
 
-from freemark import aligned, canon
-from freemark.bundle import KeyBundle
 from freemark.derive import derive_key
 from freemark.extract import judge_activations
-from freemark.modelfile import save_program
+from freemark.formats.pt2 import save_program
 from freemark.panel import Reference, count_for, measure_reference, read_layer
 from freemark.rpc import KeyServiceClient
-from freemark.triggers import TriggerSet, select_triggers
-from freemark_keyserver import panels
+from freemark.scheme.bundle import KeyBundle
+from freemark.scheme.triggers import TriggerSet, select_triggers
+from freemark.verdict import aligned, canon
 from freemark_keyserver.config import ServerConfig, default_policy
-from freemark_keyserver.ratelimit import UNLIMITED
-from freemark_keyserver.sandbox import SandboxLimits, run_model, worker_environment
+from freemark_keyserver.handlers import panels
+from freemark_keyserver.rpc.ratelimit import UNLIMITED
+from freemark_keyserver.sandbox.runner import SandboxLimits, run_model, worker_environment
 from freemark_keyserver.server import create_server
 from freemark_lab.attacks import obfuscate
 from freemark_lab.data import Dataset, digits
@@ -87,8 +87,8 @@ PANEL_SEEDS = (20, 21, 22, 23, 24)
 HOST_SEED, FINETUNE_SEED, PERMUTE_SEED = 1, 7, 3
 EXAMPLE = (torch.zeros(2, 1, 8, 8),)
 # What a sandbox worker imports before its model runs (as bench/keyserver.py measures it).
-_WORKER_IMPORTS = ("numpy", "torch", "torch._export.serde.serialize", "freemark.activations",
-                   "freemark.modelfile", "freemark_keyserver.vetting")
+_WORKER_IMPORTS = ("numpy", "torch", "torch._export.serde.serialize", "freemark.scheme.activations",
+                   "freemark.formats.pt2", "freemark.formats.pt2_vetting")
 
 
 @dataclass(frozen=True)

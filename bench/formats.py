@@ -41,15 +41,15 @@ from _table import print_table, write_json
 
 from freemark.derive import derive_key
 from freemark.extract import judge_activations
-from freemark.hfmodel import load_checkpoint
-from freemark.modelfile import load_program, save_program
-from freemark.onnxmodel import OnnxModel
+from freemark.formats.huggingface import load_checkpoint
+from freemark.formats.onnx import OnnxModel
+from freemark.formats.pt2 import load_program, save_program
 from freemark.panel import probe_triggers, read_layer, split_activations
 from freemark.rpc import KeyServiceClient
-from freemark.triggers import TriggerSet, select_triggers
+from freemark.scheme.triggers import TriggerSet, select_triggers
 from freemark_keyserver.auth import hash_token, new_token
 from freemark_keyserver.config import ServerConfig
-from freemark_keyserver.ratelimit import UNLIMITED
+from freemark_keyserver.rpc.ratelimit import UNLIMITED
 from freemark_keyserver.server import create_server
 from freemark_keyserver.store import Principal
 from freemark_lab.transformer import MAX_TOKENS, load_minilm, sentences

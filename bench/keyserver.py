@@ -64,26 +64,26 @@ from _servers import FLOOR_SERVICE, ReplaySandbox, file_sha256, save_replay_tabl
 from _table import print_table, write_json
 from torch import nn
 
-from freemark import merkle
-from freemark.activations import capture
-from freemark.bundle import KeyBundle, to_proto
 from freemark.derive import check_uniqueness, derive_key
 from freemark.extract import aligns, judge_activations
-from freemark.modelfile import load_program, save_program
+from freemark.formats.pt2 import load_program, save_program
+from freemark.formats.pt2_vetting import vet_program
 from freemark.panel import probe_triggers, split_activations
-from freemark.probes import with_probes
-from freemark.signatures import canonical_json
+from freemark.scheme.activations import capture
+from freemark.scheme.bundle import KeyBundle, to_proto
+from freemark.scheme.probes import with_probes
+from freemark.tlog import merkle
+from freemark.tlog.signatures import canonical_json
 from freemark.v1 import keyservice_pb2 as pb
 from freemark.v1 import keyservice_pb2_grpc
-from freemark.verdict import suspect_vector
-from freemark_keyserver import handlers
+from freemark.verdict.decision import suspect_vector
 from freemark_keyserver.config import ServerConfig, load_keyring, load_signing_key
 from freemark_keyserver.crypto import SigningKey
-from freemark_keyserver.hosts import store_host
-from freemark_keyserver.sandbox import SandboxLimits
-from freemark_keyserver.sandbox_pool import SandboxPool, default_workers
+from freemark_keyserver.handlers import flows
+from freemark_keyserver.handlers.hosts import store_host
+from freemark_keyserver.sandbox.pool import SandboxPool, default_workers
+from freemark_keyserver.sandbox.runner import SandboxLimits
 from freemark_keyserver.store import Store, StoredCheckpoint, open_store
-from freemark_keyserver.vetting import vet_program
 from freemark_lab import imagenet
 from pg import PostgresServer, PostgresUnavailable, create_database
 from ttp_fleet import (
@@ -605,7 +605,7 @@ def register_split(deploy: Deployment, backend: str, count: int) -> dict[str, An
     replay = ReplaySandbox(deploy.replay_table)
     store = open_store(db)
     try:
-        ctx = handlers.Context(config=config, store=store, keyring=load_keyring(config),
+        ctx = flows.Context(config=config, store=store, keyring=load_keyring(config),
                                signer=load_signing_key(config), sandbox=replay)
         hosts = deploy.hosts[:count]
         results = {host.owner: replay(host.model, layer=host.bundle.layer,
@@ -625,7 +625,7 @@ def register_split(deploy: Deployment, backend: str, count: int) -> dict[str, An
         def register(host: Host) -> None:
             principal = store.principal_by_name(host.owner)
             assert principal is not None
-            handlers.register(ctx, principal, host.bundle, host.model)
+            flows.register(ctx, principal, host.bundle, host.model)
 
         split = {name: statistics.median(median_time(1, functools.partial(work, h))
                                          for h in hosts)

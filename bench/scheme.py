@@ -39,12 +39,12 @@ import torch
 from _table import print_table, write_json
 from torch import nn
 
-import freemark.keygen as keygen_module
-from freemark.activations import capture
+import freemark.scheme.keygen as keygen_module
 from freemark.derive import check_uniqueness, derive_key
 from freemark.errors import DerivationError, UniquenessError
 from freemark.extract import judge_activations
-from freemark.keygen import (
+from freemark.scheme.activations import capture
+from freemark.scheme.keygen import (
     DEFAULT_LAMBDA,
     DEFAULT_STEPS,
     DerivationSettings,
@@ -53,9 +53,9 @@ from freemark.keygen import (
     descend,
     normalise,
 )
-from freemark.triggers import TriggerSet, select_triggers
-from freemark.verdict import DEFAULT_ALPHA, DEFAULT_PERMUTATIONS, judge, suspect_vector
-from freemark.watermark import watermark_bits
+from freemark.scheme.triggers import TriggerSet, select_triggers
+from freemark.scheme.watermark import watermark_bits
+from freemark.verdict.decision import DEFAULT_ALPHA, DEFAULT_PERMUTATIONS, judge, suspect_vector
 from freemark_lab.data import Dataset, digits, mnist_subset
 from freemark_lab.models import DigitsCNN, MnistCNN
 from freemark_lab.train import accuracy, train, trained
@@ -118,7 +118,7 @@ def timed(fn: Callable[[], Any], repeats: int, warmup: bool) -> tuple[float, lis
 
 
 class _StepCounter:
-    """Stands in for tqdm inside `freemark.keygen.descend` to count the steps it takes."""
+    """Stands in for tqdm inside `freemark.scheme.keygen.descend` to count the steps it takes."""
 
     steps = 0
 

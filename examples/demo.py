@@ -32,9 +32,9 @@ from typing import Any
 
 import torch
 
-from freemark.display import print_rows
-from freemark.modelfile import save_program
-from freemark.triggers import save_triggers, select_triggers
+from freemark.cli.display import print_rows
+from freemark.formats.pt2 import save_program
+from freemark.scheme.triggers import save_triggers, select_triggers
 from freemark_lab import data, models, tasks, train
 from freemark_lab.attacks import obfuscate
 

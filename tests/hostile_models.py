@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from freemark.modelfile import load_program
+from freemark.formats.pt2 import load_program
 
 SAMPLE_INPUTS_ENTRY = "data/sample_inputs/model.pt"
 WEIGHTS_CONFIG_ENTRY = "data/weights/model_weights_config.json"
@@ -162,7 +162,7 @@ def branching_on_inputs(dst: Path) -> Path:
     Run on another owner's triggers in Register's prior-claim check, its time or a CPU-limit
     failure would tell the uploader one bit of those triggers per call (issue 11).
     """
-    from freemark.modelfile import save_program
+    from freemark.formats.pt2 import save_program
     from freemark_lab.models import DigitsCNN
 
     class Branching(DigitsCNN):

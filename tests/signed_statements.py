@@ -12,9 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from freemark import merkle
-from freemark._schema import to_json_fields
-from freemark.records import (
+from freemark.records.schema import to_json_fields
+from freemark.records.types import (
     COARSE_VERDICT_KIND,
     RECEIPT_KIND,
     VERDICT_KIND,
@@ -26,8 +25,9 @@ from freemark.records import (
     SignedVerdict,
     VerdictPolicy,
 )
-from freemark.signatures import canonical_json
-from freemark.wire import read_statement
+from freemark.records.wire import read_statement
+from freemark.tlog import merkle
+from freemark.tlog.signatures import canonical_json
 from freemark_keyserver.crypto import SigningKey
 
 ORIGIN = "freemark-test-log"

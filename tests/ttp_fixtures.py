@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from freemark.modelfile import save_program
-from freemark.triggers import save_triggers, select_triggers
+from freemark.formats.pt2 import save_program
+from freemark.scheme.triggers import save_triggers, select_triggers
 from freemark_lab import data, models, train
 
 SERVER_START_SECONDS = 60.0

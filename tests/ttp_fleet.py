@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from freemark.bundle import KeyBundle
 from freemark.derive import derive_key
-from freemark.modelfile import save_program
-from freemark.triggers import TriggerSet, select_triggers
+from freemark.formats.pt2 import save_program
+from freemark.scheme.bundle import KeyBundle
+from freemark.scheme.triggers import TriggerSet, select_triggers
 from freemark_keyserver.auth import hash_token, new_token
 from freemark_keyserver.config import (
     DEFAULT_MAX_CONCURRENT_RPCS,
@@ -38,10 +38,10 @@ from freemark_keyserver.config import (
     ServerConfig,
 )
 from freemark_keyserver.crypto import load_or_create_keyring, load_or_create_signing_key
-from freemark_keyserver.ratelimit import UNLIMITED
-from freemark_keyserver.sandbox import SandboxResult
-from freemark_keyserver.sandbox_pool import Then, TriggerRun
-from freemark_keyserver.sandbox_worker import _runner
+from freemark_keyserver.rpc.ratelimit import UNLIMITED
+from freemark_keyserver.sandbox.pool import Then, TriggerRun
+from freemark_keyserver.sandbox.runner import SandboxResult
+from freemark_keyserver.sandbox.worker import _runner
 from freemark_keyserver.server import RunningServer, create_server
 from freemark_keyserver.store import Principal, open_store
 from freemark_lab import data, models

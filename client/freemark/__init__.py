@@ -21,7 +21,7 @@ The key server's client is rpc (transport) with records (typed results) and rece
 (offline verification, on signatures and merkle).
 """
 
-from freemark.bundle import KeyBundle, load_bundle, save_bundle
+from freemark.audit.receipt import load_statement, save_statement, verify_receipt
 from freemark.derive import derive_key
 from freemark.errors import (
     AlphaOutsidePolicyError,
@@ -56,13 +56,19 @@ from freemark.errors import (
     VerificationFailedError,
 )
 from freemark.extract import extract
-from freemark.keygen import DerivationSettings
-from freemark.modelfile import fingerprint, load_program, save_program
-from freemark.receipt import load_statement, save_statement, verify_receipt
-from freemark.records import CoarseVerdict, Receipt, RegistrationInfo, SignedVerdict, VerdictPolicy
+from freemark.formats.pt2 import fingerprint, load_program, save_program
+from freemark.records.types import (
+    CoarseVerdict,
+    Receipt,
+    RegistrationInfo,
+    SignedVerdict,
+    VerdictPolicy,
+)
 from freemark.rpc import KeyServiceClient
-from freemark.triggers import TriggerSet, load_triggers, save_triggers, select_triggers
-from freemark.verdict import Verdict
+from freemark.scheme.bundle import KeyBundle, load_bundle, save_bundle
+from freemark.scheme.keygen import DerivationSettings
+from freemark.scheme.triggers import TriggerSet, load_triggers, save_triggers, select_triggers
+from freemark.verdict.decision import Verdict
 
 __all__ = [
     "AlphaOutsidePolicyError",

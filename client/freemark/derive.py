@@ -10,21 +10,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from freemark.activations import capture
-from freemark.bundle import KeyBundle, MarginReport
 from freemark.errors import UniquenessError
-from freemark.keygen import DerivationSettings, anchor, closed_form_key, descend, margins
-from freemark.modelfile import fingerprint
-from freemark.probes import DEFAULT_PROBES, make_probes
-from freemark.triggers import TriggerSet
-from freemark.verdict import (
+from freemark.formats.pt2 import fingerprint
+from freemark.scheme.activations import capture
+from freemark.scheme.bundle import KeyBundle, MarginReport
+from freemark.scheme.keygen import DerivationSettings, anchor, closed_form_key, descend, margins
+from freemark.scheme.probes import DEFAULT_PROBES, make_probes
+from freemark.scheme.triggers import TriggerSet
+from freemark.scheme.watermark import check_n_bits, new_nonce, watermark_bits
+from freemark.verdict.decision import (
     UNIQUENESS_ALPHA,
     judge,
     log10_binomial_sf,
     permutation_null,
     suspect_vector,
 )
-from freemark.watermark import check_n_bits, new_nonce, watermark_bits
 
 Model = nn.Module | torch.export.ExportedProgram
 DEFAULT_BITS = 256

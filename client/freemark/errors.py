@@ -349,7 +349,7 @@ class VerificationFailedError(InvalidReceiptError):
 class LogProofError(FreemarkError):
     """A proof, checkpoint or audited log does not check out; the message says where.
 
-    Raised by `freemark.merkle` (and importable from there)."""
+    Raised by `freemark.tlog.merkle` (and importable from there)."""
 
 
 _OPAQUE_MESSAGE = "decryption or signature check failed"
@@ -358,7 +358,7 @@ _OPAQUE_MESSAGE = "decryption or signature check failed"
 class CryptoError(FreemarkError):
     """A decryption or signature check failed; deliberately silent about which one and why.
 
-    Raised by `freemark.signatures` and the server's envelopes (and importable from there)."""
+    Raised by `freemark.tlog.signatures` and the server's envelopes (and importable from there)."""
 
     def __init__(self) -> None:
         super().__init__(_OPAQUE_MESSAGE)

@@ -3,7 +3,7 @@
 Two tests (design §1.1 and `docs/scheme.md`): the plain test reads the key on the suspect's
 units as they are; the aligned test, run when a reference panel of at least
 `aligned.MIN_PANEL` independent models is given and the key has a probe profile, first
-matches the suspect's units to the host's (`freemark.canon`), so a relabelled, rescaled or
+matches the suspect's units to the host's (`freemark.verdict.canon`), so a relabelled, rescaled or
 padded copy is still recognised. The verdict combines them (`verdict.decide`).
 """
 
@@ -15,11 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from freemark.aligned import MIN_PANEL, aligned_test
-from freemark.bundle import KeyBundle
-from freemark.canon import aligned_readout
 from freemark.errors import InvalidInputError
-from freemark.onnxmodel import OnnxModel
+from freemark.formats.onnx import OnnxModel
 from freemark.panel import (
     Reference,
     count_for,
@@ -28,8 +25,11 @@ from freemark.panel import (
     read_layer,
     split_activations,
 )
-from freemark.records import Verdict, VerdictTest
-from freemark.verdict import (
+from freemark.records.types import Verdict, VerdictTest
+from freemark.scheme.bundle import KeyBundle
+from freemark.verdict.aligned import MIN_PANEL, aligned_test
+from freemark.verdict.canon import aligned_readout
+from freemark.verdict.decision import (
     DEFAULT_ALPHA,
     DEFAULT_PERMUTATIONS,
     count_matches,

@@ -3,7 +3,7 @@
 A panel member is reduced to what the tests need, its key-layer activations on the
 triggers (the plain test's null) and on the alignment probes (the aligned test's null),
 plus the fingerprint of its weights, so a verdict can name exactly which models it was
-calibrated on (`freemark.aligned.panel_digest`). The owner measures a panel locally for
+calibrated on (`freemark.verdict.aligned.panel_digest`). The owner measures a panel locally for
 `freemark extract --reference`; the key server measures the panel attached at
 registration in its sandbox and keeps it sealed beside the bundle.
 """
@@ -17,14 +17,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from freemark.activations import capture
-from freemark.aligned import matched_units
-from freemark.bundle import KeyBundle, tensor_from_proto, tensor_to_proto
 from freemark.errors import InvalidInputError
-from freemark.modelfile import fingerprint
-from freemark.probes import with_probes
-from freemark.triggers import TriggerSet
+from freemark.formats.pt2 import fingerprint
+from freemark.scheme.activations import capture
+from freemark.scheme.bundle import KeyBundle, tensor_from_proto, tensor_to_proto
+from freemark.scheme.probes import with_probes
+from freemark.scheme.triggers import TriggerSet
 from freemark.v1 import bundle_pb2
+from freemark.verdict.aligned import matched_units
 
 Model = nn.Module | torch.export.ExportedProgram
 
@@ -36,7 +36,7 @@ class Reference:
     fingerprint: bytes
     trigger_activations: np.ndarray  # (triggers, units)
     probe_activations: np.ndarray  # (probes, units')
-    # Its aligned-test count against the host (`freemark.aligned.matched_units`), measured
+    # Its aligned-test count against the host (`freemark.verdict.aligned.matched_units`), measured
     # once with the panel so a verdict aligns only the suspect; None in records sealed
     # before counts were kept (then measured at the verdict).
     matched_units: int | None = None

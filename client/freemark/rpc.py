@@ -4,7 +4,7 @@ Everything about the transport lives here and nowhere else: TLS (on unless the s
 this machine), the bearer token, a deadline on every call, retries with exponential backoff
 and jitter on UNAVAILABLE only (a refused key or a bad model will not improve by asking
 again), streamed uploads read lazily from disk, and the one conversion of `grpc.RpcError`
-into this library's error tree. Results come back as the frozen records of `freemark.records`.
+into this library's error tree. Results come back as the frozen records of `freemark.records.types`.
 
 Quick start::
 
@@ -32,9 +32,6 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from tqdm.auto import tqdm
 
-from freemark import formats
-from freemark.bundle import KeyBundle
-from freemark.bundle import to_proto as bundle_to_proto
 from freemark.errors import (
     ERROR_DOMAIN,
     FreemarkError,
@@ -43,7 +40,8 @@ from freemark.errors import (
     TransportError,
     error_for,
 )
-from freemark.records import (
+from freemark.formats import table as formats
+from freemark.records.types import (
     AnyVerdict,
     Checkpoint,
     ConsistencyProof,
@@ -51,9 +49,7 @@ from freemark.records import (
     Receipt,
     RegistrationInfo,
 )
-from freemark.v1 import keyservice_pb2 as pb
-from freemark.v1 import keyservice_pb2_grpc as pb_grpc
-from freemark.wire import (
+from freemark.records.wire import (
     checkpoint_from_proto,
     consistency_from_proto,
     inclusion_from_proto,
@@ -61,6 +57,10 @@ from freemark.wire import (
     registration_from_proto,
     verdict_from_proto,
 )
+from freemark.scheme.bundle import KeyBundle
+from freemark.scheme.bundle import to_proto as bundle_to_proto
+from freemark.v1 import keyservice_pb2 as pb
+from freemark.v1 import keyservice_pb2_grpc as pb_grpc
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -387,7 +387,7 @@ class KeyServiceClient:
     # --- the log -----------------------------------------------------------------------------
 
     def get_checkpoint(self) -> Checkpoint:
-        """The latest signed checkpoint (check it with `freemark.receipt.verify_checkpoint`)."""
+        """The latest signed checkpoint (check it with `freemark.audit.receipt.verify_checkpoint`)."""
         reply = self._call(self._stub.GetCheckpoint, pb.GetCheckpointRequest)
         return checkpoint_from_proto(reply)
 
@@ -405,7 +405,7 @@ class KeyServiceClient:
         """Log entries [start, end), fetched a page at a time: each is one leaf's bytes.
 
         They are authenticated only by a signed checkpoint's root over them: recompute it
-        (`freemark.merkle.Frontier`, `freemark.monitor`) before trusting what they say.
+        (`freemark.tlog.merkle.Frontier`, `freemark.audit.monitor`) before trusting what they say.
         """
         if not 0 <= start <= end:
             raise InvalidInputError(f"invalid entry range [{start}, {end})")

@@ -10,17 +10,17 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from freemark import merkle
-from freemark.display import print_fields, print_json, print_rows
-from freemark.records import DISCLOSURES, VerdictPolicy
+from freemark.cli.display import print_fields, print_json, print_rows
+from freemark.records.types import DISCLOSURES, VerdictPolicy
+from freemark.tlog import merkle
 from freemark_keyserver import config as cfg
-from freemark_keyserver import handlers, logs
-from freemark_keyserver.audit import audit
+from freemark_keyserver import logs
 from freemark_keyserver.auth import ADMIN, ARBITER, OWNER, hash_token, new_token
 from freemark_keyserver.crypto import Envelope, rewrap, save_keyring
 from freemark_keyserver.errors import ServiceError
-from freemark_keyserver.hosts import rewrap_host, rewrap_member
-from freemark_keyserver.ratelimit import Rate
+from freemark_keyserver.handlers import flows
+from freemark_keyserver.handlers.hosts import rewrap_host, rewrap_member
+from freemark_keyserver.rpc.ratelimit import Rate
 from freemark_keyserver.server import serve
 from freemark_keyserver.store import (
     DuplicateError,
@@ -29,6 +29,7 @@ from freemark_keyserver.store import (
     StoreError,
     open_store,
 )
+from freemark_keyserver.tlog.audit import audit
 
 
 def _config(args: argparse.Namespace) -> cfg.ServerConfig:
@@ -162,10 +163,10 @@ def _rotate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _context(config: cfg.ServerConfig) -> handlers.Context:
+def _context(config: cfg.ServerConfig) -> flows.Context:
     pool = config.start_sandbox()  # before the keys, as the server does
     try:
-        return handlers.Context(config=config, store=open_store(config.database),
+        return flows.Context(config=config, store=open_store(config.database),
                                 keyring=cfg.load_keyring(config),
                                 signer=cfg.load_signing_key(config), pool=pool)
     except BaseException:
@@ -182,7 +183,7 @@ def _member_row(member: PanelMember) -> dict[str, object]:
 def _panel_add(args: argparse.Namespace) -> int:
     ctx = _context(_config(args))
     try:
-        member = handlers.add_panel_member(ctx, Path(args.model), like=args.like,
+        member = flows.add_panel_member(ctx, Path(args.model), like=args.like,
                                            label=args.label or "", now=time.time_ns() // 1000)
     finally:
         ctx.close()

@@ -13,9 +13,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from freemark.note import check_key_name
-from freemark.records import VerdictPolicy
-from freemark_keyserver.calls import CallLimits
+from freemark.records.types import VerdictPolicy
+from freemark.tlog.note import check_key_name
 from freemark_keyserver.crypto import (
     MasterKeyring,
     SigningKey,
@@ -25,9 +24,10 @@ from freemark_keyserver.crypto import (
     load_or_create_signing_key,
     signing_key_from_pem,
 )
-from freemark_keyserver.ratelimit import Rate
-from freemark_keyserver.sandbox import SandboxLimits
-from freemark_keyserver.sandbox_pool import SandboxPool, default_workers
+from freemark_keyserver.rpc.calls import CallLimits
+from freemark_keyserver.rpc.ratelimit import Rate
+from freemark_keyserver.sandbox.pool import SandboxPool, default_workers
+from freemark_keyserver.sandbox.runner import SandboxLimits
 
 MASTER_KEY_ENV = "FREEMARK_MASTER_KEY"
 SIGNING_KEY_ENV = "FREEMARK_SIGNING_KEY"

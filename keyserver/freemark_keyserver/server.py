@@ -25,10 +25,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from freemark.v1 import keyservice_pb2, keyservice_pb2_grpc
-from freemark_keyserver import handlers, metrics, sandbox_isolation
-from freemark_keyserver.calls import CallInterceptor, CallRegistry
+from freemark_keyserver import metrics
 from freemark_keyserver.config import ServerConfig, load_keyring, load_signing_key
-from freemark_keyserver.service import KeyServiceServicer
+from freemark_keyserver.handlers import flows
+from freemark_keyserver.rpc.calls import CallInterceptor, CallRegistry
+from freemark_keyserver.rpc.service import KeyServiceServicer
+from freemark_keyserver.sandbox import isolation as sandbox_isolation
 from freemark_keyserver.store import open_store
 
 log = logging.getLogger("freemark_keyserver")
@@ -60,7 +62,7 @@ class RunningServer:
     server: grpc.Server
     port: int
     health: health.HealthServicer
-    ctx: handlers.Context
+    ctx: flows.Context
     calls: CallRegistry
     metrics_http: WSGIServer | None = None
 
@@ -92,7 +94,7 @@ def create_server(config: ServerConfig) -> RunningServer:
     log.info("sandbox: %d workers, queue %d; isolation: %s", pool.workers, pool.queue,
              pool.isolation.summary())
     try:
-        ctx = handlers.Context(config=config, store=open_store(config.database),
+        ctx = flows.Context(config=config, store=open_store(config.database),
                                keyring=load_keyring(config), signer=load_signing_key(config),
                                pool=pool)
     except BaseException:

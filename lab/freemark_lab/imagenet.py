@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from freemark.triggers import TriggerSet
+from freemark.scheme.triggers import TriggerSet
 
 KEY_LAYER = "_bn1"
 IMAGE_SIZE = 224

@@ -16,8 +16,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from freemark.records import VerdictTest
-from freemark.verdict import Verdict
+from freemark.records.types import VerdictTest
+from freemark.verdict.decision import Verdict
 from freemark_lab.attacks.overwrite import OverwriteResult
 from freemark_lab.robustness import AttackRow, NullRow, Report, find_test
 

@@ -5,7 +5,7 @@ models of the host's architecture, or other fine-tunes of the same public checkp
 the held-out null models (`[[nulls]]`), applies every attack in the config to a copy of
 the host, and judges each result with the library's own verdict
 (`freemark.extract.judge_activations`): the plain test, the aligned test calibrated on the
-panel (`freemark.aligned`) and their combination (`freemark.verdict.decide`). It also
+panel (`freemark.verdict.aligned`) and their combination (`freemark.verdict.decision.decide`). It also
 plays the ambiguity attack.
 
 The panel is disjoint from the nulls by construction (its own seeds) and by check (no
@@ -40,15 +40,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from freemark.aligned import MIN_PANEL
-from freemark.bundle import KeyBundle
 from freemark.derive import DEFAULT_BITS, derive_key
 from freemark.errors import FreemarkError, InvalidInputError
 from freemark.extract import judge_activations
-from freemark.modelfile import fingerprint
+from freemark.formats.pt2 import fingerprint
 from freemark.panel import Reference, count_for, measure_reference, read_layer
-from freemark.records import VerdictTest
-from freemark.verdict import DEFAULT_ALPHA, DEFAULT_PERMUTATIONS, Verdict
+from freemark.records.types import VerdictTest
+from freemark.scheme.bundle import KeyBundle
+from freemark.verdict.aligned import MIN_PANEL
+from freemark.verdict.decision import DEFAULT_ALPHA, DEFAULT_PERMUTATIONS, Verdict
 from freemark_lab.attacks import ATTACKS, FUNCTION_PRESERVING, apply_attack
 from freemark_lab.attacks.overwrite import OverwriteResult, overwrite
 from freemark_lab.tasks import Task, image_task

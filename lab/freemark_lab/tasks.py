@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from freemark.triggers import TriggerSet, select_triggers
+from freemark.scheme.triggers import TriggerSet, select_triggers
 from freemark_lab.data import DATASETS, Dataset
 from freemark_lab.models import ARCHITECTURES, STUDENTS
 from freemark_lab.train import accuracy, distill, train

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from freemark.triggers import TriggerSet, select_triggers
+from freemark.scheme.triggers import TriggerSet, select_triggers
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -80,7 +80,7 @@ def load_minilm() -> tuple[Any, PreTrainedModel]:
 class TextClassifier(nn.Module):
     """A BERT body, masked mean pooling over tokens, and a linear head.
 
-    `forward(input_ids, attention_mask)` is the calling convention `freemark.activations`
+    `forward(input_ids, attention_mask)` is the calling convention `freemark.scheme.activations`
     uses for token triggers.
     """
 

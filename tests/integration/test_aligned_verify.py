@@ -20,15 +20,15 @@ import torch
 from torch import nn
 
 import scheme_models as sm
-from freemark.bundle import KeyBundle
+from freemark.audit.receipt import verify_receipt
 from freemark.derive import derive_key
 from freemark.errors import AlreadyRegisteredError, InvalidModelError
-from freemark.modelfile import save_program
-from freemark.receipt import verify_receipt
-from freemark.records import Receipt, SignedVerdict
+from freemark.formats.pt2 import save_program
+from freemark.records.types import Receipt, SignedVerdict
 from freemark.rpc import KeyServiceClient
+from freemark.scheme.bundle import KeyBundle
 from freemark_keyserver.config import ServerConfig, default_policy
-from freemark_keyserver.ratelimit import UNLIMITED
+from freemark_keyserver.rpc.ratelimit import UNLIMITED
 from freemark_keyserver.server import RunningServer, create_server
 from freemark_lab.attacks import obfuscate as ob
 from ttp_fixtures import json_out, run_cli

@@ -25,13 +25,13 @@ from pathlib import Path
 
 import pytest
 
+from freemark.audit.receipt import verify_receipt
 from freemark.errors import AlreadyRegisteredError, FreemarkError
-from freemark.receipt import verify_receipt
-from freemark.records import RECEIPT_KIND, Receipt
+from freemark.records.types import RECEIPT_KIND, Receipt
 from freemark.rpc import KeyServiceClient
-from freemark_keyserver.audit import audit
 from freemark_keyserver.crypto import Verifier
 from freemark_keyserver.store import open_store
+from freemark_keyserver.tlog.audit import audit
 from ttp_fixtures import ServerProcess, cli_env, json_out, run_cli
 from ttp_fleet import ARBITER, Host, add_principals, fleet_principals, shared_keys
 

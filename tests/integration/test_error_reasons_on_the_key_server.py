@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from freemark.bundle import KeyBundle
 from freemark.derive import derive_key
 from freemark.errors import (
     AlreadyRegisteredError,
@@ -29,9 +28,10 @@ from freemark.errors import (
     TooLargeError,
     UnauthenticatedError,
 )
-from freemark.modelfile import load_program
+from freemark.formats.pt2 import load_program
 from freemark.rpc import KeyServiceClient
-from freemark.triggers import load_triggers
+from freemark.scheme.bundle import KeyBundle
+from freemark.scheme.triggers import load_triggers
 from freemark_keyserver.auth import hash_token, new_token
 from freemark_keyserver.config import ServerConfig
 from freemark_keyserver.server import create_server

@@ -21,9 +21,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from freemark.bundle import load_bundle, to_proto
 from freemark.errors import InvalidModelError
 from freemark.rpc import KeyServiceClient
+from freemark.scheme.bundle import load_bundle, to_proto
 from freemark.v1 import keyservice_pb2 as pb
 from freemark.v1 import keyservice_pb2_grpc
 from freemark_keyserver.auth import hash_token, new_token
@@ -124,7 +124,7 @@ def test_weights_only_suspects_and_copies_registered_by_someone_else(world: Worl
     thief registering the fine-tuned copy under his own key is refused as claimed."""
     from freemark.derive import derive_key
     from freemark.errors import AlreadyRegisteredError
-    from freemark.hfmodel import load_checkpoint
+    from freemark.formats.huggingface import load_checkpoint
 
     registration = str(world.receipt["registration_id"])
     with world.client("alice") as alice:
@@ -185,7 +185,7 @@ def _packed_with_config(world: World, folder: Path, **config: object) -> Path:
 def test_hostile_uploads_are_refused_without_side_effects(world: World, tmp_path: Path) -> None:
     import torch
 
-    from freemark.hfmodel import load_checkpoint
+    from freemark.formats.huggingface import load_checkpoint
 
     before = world.state()
     pickled = tmp_path / "pytorch_model.bin"

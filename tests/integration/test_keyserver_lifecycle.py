@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from freemark.bundle import load_bundle
+from freemark.scheme.bundle import load_bundle
 from ttp_fixtures import (
     ModelFiles,
     ServerProcess,

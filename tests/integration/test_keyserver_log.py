@@ -22,16 +22,16 @@ from pathlib import Path
 
 import pytest
 
-from freemark import merkle
-from freemark.bundle import KeyBundle
+from freemark.audit.receipt import save_statement
 from freemark.cli import main
 from freemark.derive import derive_key
 from freemark.errors import AlreadyRegisteredError, RevokedError
-from freemark.modelfile import load_program
-from freemark.receipt import save_statement
-from freemark.records import Checkpoint
+from freemark.formats.pt2 import load_program
+from freemark.records.types import Checkpoint
 from freemark.rpc import KeyServiceClient
-from freemark.triggers import load_triggers
+from freemark.scheme.bundle import KeyBundle
+from freemark.scheme.triggers import load_triggers
+from freemark.tlog import merkle
 from freemark_keyserver.auth import hash_token, new_token
 from freemark_keyserver.cli import main as keyserver_main
 from freemark_keyserver.config import ServerConfig, load_signing_key

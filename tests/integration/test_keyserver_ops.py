@@ -18,12 +18,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from safetensors.torch import save_file
 
-from freemark.bundle import save_bundle
 from freemark.derive import derive_key
 from freemark.errors import UnauthenticatedError
-from freemark.modelfile import load_program
+from freemark.formats.pt2 import load_program
 from freemark.rpc import KeyServiceClient
-from freemark.triggers import load_triggers
+from freemark.scheme.bundle import save_bundle
+from freemark.scheme.triggers import load_triggers
 from freemark.v1 import keyservice_pb2 as pb
 from freemark.v1 import keyservice_pb2_grpc
 from freemark_keyserver.auth import hash_token, new_token

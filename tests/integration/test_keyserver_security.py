@@ -16,15 +16,15 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import hostile_models
-from freemark.bundle import load_bundle, save_bundle, to_proto
 from freemark.derive import derive_key
-from freemark.modelfile import load_program
-from freemark.triggers import load_triggers
+from freemark.formats.pt2 import load_program
+from freemark.scheme.bundle import load_bundle, save_bundle, to_proto
+from freemark.scheme.triggers import load_triggers
 from freemark.v1 import keyservice_pb2 as pb
 from freemark.v1 import keyservice_pb2_grpc
 from freemark_keyserver.auth import hash_token, new_token
 from freemark_keyserver.config import ServerConfig
-from freemark_keyserver.ratelimit import UNLIMITED
+from freemark_keyserver.rpc.ratelimit import UNLIMITED
 from freemark_keyserver.server import RunningServer, create_server
 from freemark_keyserver.store import Principal
 from ttp_fixtures import ModelFiles, build_models

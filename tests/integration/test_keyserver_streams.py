@@ -31,16 +31,16 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 from prometheus_client.parser import text_string_to_metric_families
 
-from freemark.bundle import to_proto
 from freemark.derive import derive_key
-from freemark.modelfile import load_program
-from freemark.triggers import load_triggers
+from freemark.formats.pt2 import load_program
+from freemark.scheme.bundle import to_proto
+from freemark.scheme.triggers import load_triggers
 from freemark.v1 import keyservice_pb2 as pb
 from freemark.v1 import keyservice_pb2_grpc
 from freemark_keyserver import logs
 from freemark_keyserver.auth import hash_token, new_token
 from freemark_keyserver.config import ServerConfig
-from freemark_keyserver.ratelimit import Rate
+from freemark_keyserver.rpc.ratelimit import Rate
 from freemark_keyserver.server import RunningServer, create_server
 from freemark_keyserver.store import Principal, open_store
 from ttp_fixtures import ModelFiles, build_models

@@ -20,11 +20,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from freemark.bundle import to_proto
+from freemark.audit.receipt import verify_checkpoint
 from freemark.errors import ResourceExhaustedError
-from freemark.receipt import verify_checkpoint
-from freemark.records import Receipt
+from freemark.records.types import Receipt
 from freemark.rpc import KeyServiceClient
+from freemark.scheme.bundle import to_proto
 from freemark.v1 import keyservice_pb2 as pb
 from freemark.v1 import keyservice_pb2_grpc
 from ttp_fixtures import ServerProcess

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from freemark.receipt import save_statement
+from freemark.audit.receipt import save_statement
 from signed_statements import standard_log
 
 pytestmark = pytest.mark.slow
@@ -71,7 +71,7 @@ def core(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_the_core_imports_without_the_server_the_lab_or_their_dependencies(core: Path) -> None:
     code = (
-        "import importlib.util, freemark, freemark.cli, freemark.receipt, freemark.rpc, scipy\n"
+        "import importlib.util, freemark, freemark.cli.app, freemark.audit.receipt, freemark.rpc, scipy\n"
         f"present = [m for m in {NOT_IN_CORE!r} if importlib.util.find_spec(m) is not None]\n"
         "assert not present, present\n"
         "print(freemark.__file__)\n"

@@ -17,9 +17,9 @@ import json
 import threading
 from pathlib import Path
 
+from freemark.audit.receipt import verify_receipt
 from freemark.errors import AlreadyRegisteredError
-from freemark.receipt import verify_receipt
-from freemark.records import (
+from freemark.records.types import (
     COARSE_VERDICT_KIND,
     RECEIPT_KIND,
     VERDICT_KIND,

@@ -30,14 +30,14 @@ from freemark.errors import (
     ServerError,
     TransportError,
 )
-from freemark.modelfile import load_program, save_program
+from freemark.formats.pt2 import load_program, save_program
 from freemark.rpc import KeyServiceClient
-from freemark.triggers import load_triggers
+from freemark.scheme.triggers import load_triggers
 from freemark_keyserver.auth import hash_token, new_token
 from freemark_keyserver.config import ServerConfig
-from freemark_keyserver.ratelimit import Rate
-from freemark_keyserver.sandbox_isolation import LAYERS
-from freemark_keyserver.sandbox_pool import SandboxPool
+from freemark_keyserver.rpc.ratelimit import Rate
+from freemark_keyserver.sandbox.isolation import LAYERS
+from freemark_keyserver.sandbox.pool import SandboxPool
 from freemark_keyserver.server import (
     ISOLATION_HEALTH_PREFIX,
     SANDBOX_HEALTH,

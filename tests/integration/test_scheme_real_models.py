@@ -17,9 +17,9 @@ from torch import nn
 
 import scheme_models as sm
 from freemark import derive_key, extract
-from freemark.display import print_rows
+from freemark.cli.display import print_rows
 from freemark.errors import UniquenessError
-from freemark.triggers import select_triggers
+from freemark.scheme.triggers import select_triggers
 from freemark_lab.train import accuracy
 
 ALPHA = 1e-9

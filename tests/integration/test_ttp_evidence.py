@@ -23,21 +23,21 @@ from pathlib import Path
 import pytest
 from grpc_status import rpc_status
 
-from freemark.bundle import KeyBundle
+from freemark.audit.receipt import save_statement
 from freemark.cli import main
 from freemark.derive import derive_key
 from freemark.errors import AlphaOutsidePolicyError, AlreadyRegisteredError
-from freemark.modelfile import load_program
-from freemark.probes import DEFAULT_PROBES
-from freemark.receipt import save_statement
-from freemark.records import CoarseVerdict, Receipt, SignedVerdict
+from freemark.formats.pt2 import load_program
+from freemark.records.types import CoarseVerdict, Receipt, SignedVerdict
+from freemark.records.wire import checkpoint_to_json, consistency_to_json
 from freemark.rpc import KeyServiceClient
-from freemark.triggers import load_triggers, select_triggers
-from freemark.wire import checkpoint_to_json, consistency_to_json
+from freemark.scheme.bundle import KeyBundle
+from freemark.scheme.probes import DEFAULT_PROBES
+from freemark.scheme.triggers import load_triggers, select_triggers
 from freemark_keyserver.auth import hash_token, new_token
 from freemark_keyserver.config import ServerConfig
-from freemark_keyserver.handlers import CLAIMED
-from freemark_keyserver.sandbox import SandboxLimits
+from freemark_keyserver.handlers.flows import CLAIMED
+from freemark_keyserver.sandbox.runner import SandboxLimits
 from freemark_keyserver.server import RunningServer, create_server
 from freemark_keyserver.store import Principal
 from freemark_lab import data

@@ -17,7 +17,7 @@ does not say which check failed (pyca's `InvalidToken`), so the server cannot be
 oracle telling an attacker which byte to change next.
 
 The checking half of signing (`Verifier`, `canonical_json`, `verify_json`, `CryptoError`)
-lives in the library's `freemark.signatures`, so auditors verify offline without this
+lives in the library's `freemark.tlog.signatures`, so auditors verify offline without this
 package; it is re-exported here so server code has one import for both halves.
 
 Key files hold secrets, so they are created 0600 atomically (`freemark.secretfile.write_private`,
@@ -49,7 +49,7 @@ Quick start::
 
 from __future__ import annotations
 
-from freemark.signatures import CryptoError, Verifier, canonical_json, verify_json
+from freemark.tlog.signatures import CryptoError, Verifier, canonical_json, verify_json
 from freemark_keyserver.crypto._primitives import KEY_BYTES, NONCE_BYTES, TAG_BYTES
 from freemark_keyserver.crypto.envelope import Envelope, open_envelope, rewrap, seal
 from freemark_keyserver.crypto.keyring import (

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from freemark.signatures import CryptoError
+from freemark.tlog.signatures import CryptoError
 
 __all__ = [
     "KEY_BYTES",

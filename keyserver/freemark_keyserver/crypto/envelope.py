@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, replace
 
-from freemark.signatures import CryptoError
+from freemark.tlog.signatures import CryptoError
 from freemark_keyserver.crypto._primitives import (
     KEY_BYTES,
     NONCE_BYTES,

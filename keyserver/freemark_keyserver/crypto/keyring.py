@@ -12,7 +12,7 @@ import binascii
 from collections.abc import Mapping
 from pathlib import Path
 
-from freemark.signatures import CryptoError
+from freemark.tlog.signatures import CryptoError
 from freemark_keyserver.crypto._keyfiles import load_or_create, read_secret_file, write_secret_file
 from freemark_keyserver.crypto._primitives import KEY_BYTES, new_key
 

@@ -1,7 +1,7 @@
 """The TTP's Ed25519 signing key: receipts, verdicts and log checkpoints are signed with it.
 
 Only the signing half lives here; the checking half (`Verifier`, `canonical_json`,
-`verify_json`) is the library's `freemark.signatures`, so auditors verify offline without the
+`verify_json`) is the library's `freemark.tlog.signatures`, so auditors verify offline without the
 server. Sign canonical bytes only (`sign_json`), never a protobuf serialisation.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from freemark.signatures import Verifier, canonical_json, public_key_id
+from freemark.tlog.signatures import Verifier, canonical_json, public_key_id
 from freemark_keyserver.crypto._keyfiles import load_or_create
 from freemark_keyserver.crypto._primitives import (
     Ed25519PrivateKey,

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from freemark.signatures import CryptoError
+from freemark.tlog.signatures import CryptoError
 from freemark_keyserver.crypto._primitives import (
     KEY_BYTES,
     NONCE_BYTES,

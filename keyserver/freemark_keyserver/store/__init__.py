@@ -8,7 +8,7 @@ across threads, processes and replicas, with no gaps, and a registration is comm
 same transaction as its log entry, so neither can ever exist without the other.
 
 Envelopes and log entries are opaque bytes here: encryption, canonical JSON and Merkle proofs
-live in `freemark_keyserver.crypto` and `freemark.merkle`.
+live in `freemark_keyserver.crypto` and `freemark.tlog.merkle`.
 
 Registered host models can be gigabytes, so they are not columns of the registration: their
 sealed segments are rows of their own (`put_host_blob`), written before the registration that

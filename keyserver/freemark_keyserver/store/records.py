@@ -84,7 +84,7 @@ class PanelMember:
     """
 
     member_id: str
-    family: bytes  # freemark.modelfile.architecture_digest: the family it calibrates
+    family: bytes  # freemark.formats.pt2.architecture_digest: the family it calibrates
     fingerprint: bytes
     label: str
     added_at: int

@@ -53,7 +53,7 @@ _BLOB_TRANSACTION_BYTES = 16 << 20
 
 
 def _leaf_hash(entry: bytes) -> bytes:
-    """RFC 6962 leaf hash, SHA-256(0x00 || entry): the same as `freemark.merkle`."""
+    """RFC 6962 leaf hash, SHA-256(0x00 || entry): the same as `freemark.tlog.merkle`."""
     return hashlib.sha256(b"\x00" + entry).digest()
 
 

@@ -2,8 +2,8 @@
 
 Each attack here is exactly function-preserving (up to float rounding), so it costs a thief
 nothing, and each defeats plain white-box extraction, which reads unit i of the suspect as
-unit i of the host. The counter-measure is the library's aligned test (`freemark.canon`,
-`freemark.aligned`), calibrated on a reference panel.
+unit i of the host. The counter-measure is the library's aligned test (`freemark.verdict.canon`,
+`freemark.verdict.aligned`), calibrated on a reference panel.
 """
 
 from __future__ import annotations

@@ -24,13 +24,13 @@ from datetime import UTC, datetime, timedelta
 import torch
 from torch import nn
 
-from freemark.bundle import KeyBundle
 from freemark.derive import derive_key
 from freemark.errors import FreemarkError, InvalidInputError
 from freemark.extract import extract
-from freemark.keygen import DerivationSettings
-from freemark.triggers import TriggerSet
-from freemark.verdict import DEFAULT_ALPHA, Verdict
+from freemark.scheme.bundle import KeyBundle
+from freemark.scheme.keygen import DerivationSettings
+from freemark.scheme.triggers import TriggerSet
+from freemark.verdict.decision import DEFAULT_ALPHA, Verdict
 
 Model = nn.Module | torch.export.ExportedProgram
 OWNER_REGISTERED = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)

@@ -1,7 +1,7 @@
 """Every refusal reason over the wire: the server's catalog in, the client's named error out.
 
 A small real gRPC server on loopback answers GetPublicKey through the key server's own
-servicer guard (`freemark_keyserver.service._guard`), raising the scripted catalog code, so
+servicer guard (`freemark_keyserver.rpc.service._guard`), raising the scripted catalog code, so
 each reason travels the real path: ErrorInfo packed into the status, trailers over HTTP/2,
 `rpc_status.from_call` in the client, the class of the reason. The real key server provokes
 the reasons it can cheaply in tests/integration/test_error_reasons.py.
@@ -19,7 +19,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from freemark import errors, merkle, signatures
+from freemark import errors
 from freemark.cli import main
 from freemark.errors import (
     AlphaOutsidePolicyError,
@@ -55,10 +55,11 @@ from freemark.errors import (
     error_for,
 )
 from freemark.rpc import KeyServiceClient
+from freemark.tlog import merkle, signatures
 from freemark.v1 import errors_pb2
 from freemark.v1 import keyservice_pb2 as pb
 from freemark_keyserver.errors import ErrorCode, ServiceError
-from freemark_keyserver.service import _guard
+from freemark_keyserver.rpc.service import _guard
 
 S = grpc.StatusCode
 

@@ -29,10 +29,10 @@ from freemark.errors import (
     ServerError,
     TransportError,
 )
-from freemark.records import RegistrationInfo
+from freemark.records.types import RegistrationInfo
+from freemark.records.wire import registration_to_proto, verdict_to_proto
 from freemark.rpc import KeyServiceClient, is_loopback
 from freemark.v1 import keyservice_pb2 as pb
-from freemark.wire import registration_to_proto, verdict_to_proto
 from signed_statements import ORIGIN, standard_log
 
 LOG = standard_log()

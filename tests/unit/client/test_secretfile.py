@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from freemark import secretfile
-from freemark.bundle import KeyBundle, MarginReport, load_bundle, save_bundle
+from freemark.scheme.bundle import KeyBundle, MarginReport, load_bundle, save_bundle
+from freemark.scheme.triggers import TriggerSet, load_triggers, save_triggers
 from freemark.secretfile import write_private
-from freemark.triggers import TriggerSet, load_triggers, save_triggers
 from freemark.v1 import bundle_pb2
 
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from freemark.activations import capture
 from freemark.derive import derive_key
 from freemark.errors import InvalidInputError
-from freemark.modelfile import fingerprint
+from freemark.formats.pt2 import fingerprint
+from freemark.scheme.activations import capture
 from freemark_lab import robustness
 from freemark_lab.attacks import ATTACKS, apply_attack
 from freemark_lab.attacks.layers import weighted_layers

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from freemark.activations import capture
+from freemark.scheme.activations import capture
 from freemark.v1 import bundle_pb2
 from freemark_lab import imagenet
 

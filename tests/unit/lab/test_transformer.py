@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from freemark.activations import capture
+from freemark.scheme.activations import capture
 from freemark_lab.attacks import apply_attack
 from freemark_lab.transformer import TextTask, sentences, text_task
 

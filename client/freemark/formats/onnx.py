@@ -1,0 +1,325 @@
+"""ONNX suspects: a vetted graph run by onnxruntime, with the key layer's tensor as an output.
+
+A thief may convert a stolen model to ONNX for deployment. An ONNX file is a protobuf, so
+nothing is unpickled, but it is still a program: `load_onnx` caps its size before parsing
+and `vet_onnx` admits only
+
+- operators of the standard domain (`""` / `ai.onnx`) on an allow-list of the ordinary
+  tensor operations exported transformers and CNNs use (`ALLOWED_OPS`): no custom domains
+  (`com.microsoft` contrib ops included), no `ai.onnx.ml` (tree ensembles and other
+  classical-ML operators a neural network does not need), no control flow (`If`, `Loop`,
+  `Scan`: data-dependent control flow is refused as for programs), no random operators;
+- no model-local functions, no training info, no sparse initializers;
+- no external data at all: every weight must be inside the file (an external-data path
+  would make the runtime open a file the uploader chose).
+
+The session is the CPU provider with no custom-op library registered, one thread,
+sequential execution and the runtime's own graph optimisations.
+
+The key layer's tensor is found from the names `torch.onnx.export` (TorchScript exporter,
+`dynamo=False`) gives nodes: the module path, slash-separated (`/bert/encoder/layer.3/
+intermediate/...`). The layer's output is the one tensor produced inside that scope and
+consumed outside it; where there is not exactly one, the caller must name the tensor
+(`--onnx-tensor`). The dynamo exporter's node names are not read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from freemark.errors import InvalidInputError, ModelFileError
+
+__all__ = ["ALLOWED_OPS", "MAX_ONNX_BYTES", "OnnxModel", "layer_tensor", "load_onnx", "vet_onnx"]
+
+MAX_ONNX_BYTES = 2 * 1024**3 - 1  # protobuf's own limit on one message
+MAX_NODES = 200_000
+MAX_INPUTS = 3  # input ids, attention mask, token type ids (or one image tensor)
+STANDARD_DOMAINS = ("", "ai.onnx")
+DEFAULT_BATCH = 256
+ALLOWED_OPS = frozenset({
+    # arithmetic and elementwise
+    "Abs", "Add", "Ceil", "Clip", "Div", "Erf", "Exp", "Floor", "Log", "Max", "Mean", "Min",
+    "Mul", "Neg", "Pow", "Reciprocal", "Round", "Sign", "Sqrt", "Sub", "Sum",
+    # activations
+    "Elu", "Gelu", "HardSigmoid", "HardSwish", "LeakyRelu", "PRelu", "Relu", "Selu", "Sigmoid",
+    "Softplus", "Softsign", "Tanh", "Softmax", "LogSoftmax",
+    # linear algebra, convolution, normalisation, pooling
+    "Conv", "Gemm", "MatMul", "BatchNormalization", "InstanceNormalization",
+    "LayerNormalization", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "MaxPool",
+    "ReduceL2", "ReduceMax", "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSum",
+    # logic and comparison
+    "And", "Equal", "Greater", "GreaterOrEqual", "IsInf", "IsNaN", "Less", "LessOrEqual", "Not",
+    "Or", "Where", "Xor",
+    # shapes, indexing and constants
+    "Cast", "CastLike", "Concat", "Constant", "ConstantOfShape", "CumSum", "Dropout", "Expand",
+    "Flatten", "Gather", "GatherElements", "Identity", "Pad", "Range", "Reshape", "Shape",
+    "Size", "Slice", "Split", "Squeeze", "Tile", "Transpose", "Trilu", "Unsqueeze",
+})
+
+
+def _refuse(source: str | Path, why: str) -> ModelFileError:
+    return ModelFileError(f"{source}: refused: {why}")
+
+
+def _onnx() -> Any:
+    try:
+        import onnx
+    except ImportError as exc:
+        raise ModelFileError("ONNX models need onnx and onnxruntime: pip install "
+                             "'freemark[onnx]'") from exc
+    return onnx
+
+
+def load_onnx(path: str | Path, *, max_bytes: int = MAX_ONNX_BYTES) -> Any:
+    """Parse and vet an ONNX file (an `onnx.ModelProto`); raises ModelFileError."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ModelFileError(f"{path}: no such model file") from exc
+    if size > max_bytes:
+        raise _refuse(path, f"{size} bytes is over the ONNX cap of {max_bytes} bytes")
+    raw = path.read_bytes()
+    if raw.startswith(b"PK\x03\x04") or raw[:1] == b"\x80":
+        raise _refuse(path, "this is a zip or pickle file, not an ONNX model")
+    onnx = _onnx()
+    try:
+        model = onnx.load_model_from_string(raw)
+    except Exception as exc:  # protobuf raises DecodeError and friends on garbage
+        raise ModelFileError(f"{path}: not an ONNX model ({type(exc).__name__})") from exc
+    if not model.graph.node:
+        raise ModelFileError(f"{path}: not an ONNX model (no graph)")
+    vet_onnx(model, path)
+    return model
+
+
+def _external(tensor: Any) -> bool:
+    onnx = _onnx()
+    return bool(tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data))
+
+
+def vet_onnx(model: Any, source: str | Path = "model") -> None:
+    """Raise ModelFileError unless the graph holds only allow-listed standard operators,
+    no functions, and every weight inline (module docstring)."""
+    onnx = _onnx()
+    for opset in model.opset_import:
+        if opset.domain not in STANDARD_DOMAINS:
+            raise _refuse(source, f"it imports operator domain {opset.domain!r}; only the "
+                          "standard ONNX domain is accepted (no custom or contrib operators)")
+    if len(model.functions):
+        raise _refuse(source, "it defines model-local functions; export without them")
+    if len(model.training_info):
+        raise _refuse(source, "it carries training info; export for inference")
+    graph = model.graph
+    if len(graph.sparse_initializer):
+        raise _refuse(source, "it has sparse initializers")
+    if len(graph.node) > MAX_NODES:
+        raise _refuse(source, f"{len(graph.node)} nodes is over the cap of {MAX_NODES}")
+    for tensor in graph.initializer:
+        if _external(tensor):
+            raise _refuse(source, f"weight {tensor.name!r} is stored outside the file (external "
+                          "data); save the model with every weight inside it")
+    for node in graph.node:
+        if node.domain not in STANDARD_DOMAINS:
+            raise _refuse(source, f"node {node.name!r} is a {node.op_type!r} of domain "
+                          f"{node.domain!r}; only standard ONNX operators are accepted")
+        if node.op_type not in ALLOWED_OPS:
+            raise _refuse(source, f"operator {node.op_type!r} (node {node.name!r}) is not on the "
+                          "allow-list of ordinary tensor operations")
+        for attribute in node.attribute:
+            if attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+                raise _refuse(source, f"node {node.name!r} has a subgraph")
+            if attribute.type == onnx.AttributeProto.TENSOR and _external(attribute.t):
+                raise _refuse(source, f"constant {node.name!r} is stored outside the file")
+    if len(_data_inputs(model)) > MAX_INPUTS:
+        raise _refuse(source, f"the graph has more than {MAX_INPUTS} inputs")
+
+
+def _data_inputs(model: Any) -> list[Any]:
+    weights = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in weights]
+
+
+def _scope(node_name: str) -> str:
+    """`/bert/encoder/layer.3/intermediate/dense/MatMul` -> `bert.encoder.layer.3.intermediate.dense`."""
+    return ".".join(node_name.strip("/").split("/")[:-1])
+
+
+def layer_tensor(model: Any, layer: str, source: str | Path = "model") -> str:
+    """The name of the tensor module `layer` outputs, from torch.onnx.export's node names."""
+    inside = [n for n in model.graph.node
+              if _scope(n.name) == layer or _scope(n.name).startswith(layer + ".")]
+    if not inside:
+        raise _refuse(source, f"no node is named after layer {layer!r} (torch.onnx.export with "
+                      "dynamo=False names them /{module path}/...); name the layer's tensor "
+                      "with --onnx-tensor")
+    produced = {output for node in inside for output in node.output}
+    inside_ids = {id(node) for node in inside}
+    used_outside = {name for node in model.graph.node if id(node) not in inside_ids
+                    for name in node.input}
+    used_outside |= {o.name for o in model.graph.output}
+    candidates = [name for node in inside for name in node.output
+                  if name in produced and name in used_outside]
+    if len(candidates) != 1:
+        raise _refuse(source, f"cannot tell which tensor is layer {layer!r}'s output "
+                      f"(candidates: {candidates[:5]}); name it with --onnx-tensor")
+    return str(candidates[0])
+
+
+def _check_tensor(model: Any, name: str, source: str | Path) -> None:
+    produced = {output for node in model.graph.node for output in node.output}
+    if name not in produced:
+        raise _refuse(source, f"no node of the graph outputs a tensor named {name!r}")
+
+
+@dataclass
+class OnnxModel:
+    """A vetted ONNX model and the tensor the key reads, ready to run."""
+
+    proto: Any
+    tensor: str
+    source: str
+
+    @classmethod
+    def open(cls, path: str | Path, layer: str, *, tensor: str | None = None,
+             max_bytes: int = MAX_ONNX_BYTES) -> OnnxModel:
+        """Load and vet `path`; the key tensor is `tensor`, or found from `layer`'s name."""
+        model = load_onnx(path, max_bytes=max_bytes)
+        name = tensor or layer_tensor(model, layer, path)
+        _check_tensor(model, name, path)
+        return cls(model, name, str(path))
+
+    def fingerprint(self) -> bytes:
+        """SHA-256 over the initializers (sorted names, type, dims, bytes): the weights."""
+        digest = hashlib.sha256(b"freemark/v1/onnx-weights")
+        for tensor in sorted(self.proto.graph.initializer, key=lambda t: t.name):
+            header = json.dumps([tensor.name, int(tensor.data_type), list(tensor.dims)]).encode()
+            digest.update(len(header).to_bytes(4, "big") + header + _tensor_bytes(tensor))
+        return digest.digest()
+
+    def architecture_digest(self) -> bytes:
+        """SHA-256 over the sorted initializer names (the family, as for programs)."""
+        names = sorted(t.name for t in self.proto.graph.initializer)
+        return hashlib.sha256(b"freemark/v1/onnx-family" + json.dumps(names).encode()).digest()
+
+    def _session(self) -> Any:
+        import onnxruntime as ort
+
+        onnx = _onnx()
+        proto = onnx.ModelProto()
+        proto.CopyFrom(self.proto)
+        if self.tensor not in {o.name for o in proto.graph.output}:
+            proto.graph.output.append(onnx.ValueInfoProto(name=self.tensor))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            ort.disable_telemetry_events()
+            return ort.InferenceSession(proto.SerializeToString(), options,
+                                        providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime's pybind errors share no useful base
+            raise ModelFileError(f"{self.source}: onnxruntime cannot load it "
+                                 f"({_first_line(exc)})") from exc
+
+    def capture(self, inputs: np.ndarray, mask: np.ndarray | None, pooling: int,
+                batch_size: int = DEFAULT_BATCH) -> np.ndarray:
+        """Pooled activations of the key tensor: (len(inputs), units) float64."""
+        import torch
+
+        from freemark.scheme.activations import pool
+
+        session = self._session()
+        feeds = _feeders(session, self.source)
+        static = _static_batch(session)
+        chunk = static or batch_size
+        pooled = []
+        for start, stop in _chunks(len(inputs), chunk):
+            batch = inputs[start:stop]
+            batch_mask = None if mask is None else mask[start:stop]
+            real = stop - start
+            if static and real < chunk:
+                batch = np.concatenate([batch, np.repeat(batch[-1:], chunk - real, axis=0)])
+                if batch_mask is not None:
+                    batch_mask = np.concatenate(
+                        [batch_mask, np.repeat(batch_mask[-1:], chunk - real, axis=0)])
+            try:
+                (output,) = session.run([self.tensor], feeds(batch, batch_mask))
+            except Exception as exc:
+                if "alloc" in str(exc).lower():  # a graph that asks for more than the limit
+                    raise MemoryError(f"onnxruntime: {_first_line(exc)}") from exc
+                raise InvalidInputError(
+                    f"the ONNX model cannot run on the trigger inputs of shape "
+                    f"{tuple(inputs.shape[1:])} per sample: {_first_line(exc)}") from exc
+            tensor = torch.from_numpy(np.asarray(output, dtype=np.float64))
+            torch_mask = None if batch_mask is None else torch.from_numpy(
+                np.asarray(batch_mask, dtype=np.int64))
+            pooled.append(pool(tensor, torch_mask, pooling).numpy()[:real])
+        result = np.concatenate(pooled)
+        if not np.all(np.isfinite(result)):
+            raise InvalidInputError(f"tensor {self.tensor!r} produced non-finite activations")
+        return result
+
+
+def _tensor_bytes(tensor: Any) -> bytes:
+    from onnx import numpy_helper
+
+    return np.ascontiguousarray(numpy_helper.to_array(tensor)).tobytes()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
+def _chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, n, size):
+        yield start, min(n, start + size)
+
+
+def _static_batch(session: Any) -> int | None:
+    first = session.get_inputs()[0].shape
+    return int(first[0]) if first and isinstance(first[0], int) and first[0] > 0 else None
+
+
+_NUMPY_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32,
+                "tensor(float)": np.float32, "tensor(double)": np.float64,
+                "tensor(bool)": np.bool_}
+
+
+def _feeders(session: Any, source: str) -> Any:
+    """A function (batch, mask) -> feed dict, mapping the graph's inputs by name:
+    `*mask*` gets the attention mask, `*token_type*` zeros, the other one the inputs."""
+    specs = session.get_inputs()
+    for spec in specs:
+        if spec.type not in _NUMPY_TYPES:
+            raise _refuse(source, f"graph input {spec.name!r} has type {spec.type}")
+    data = [s for s in specs if "mask" not in s.name and "token_type" not in s.name]
+    if len(data) != 1:
+        raise _refuse(source, f"expected one data input beside an optional attention mask, "
+                      f"got inputs {[s.name for s in specs]}")
+
+    def feeds(batch: np.ndarray, mask: np.ndarray | None) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for spec in specs:
+            kind = _NUMPY_TYPES[spec.type]
+            if "mask" in spec.name:
+                value = np.ones(batch.shape[:2]) if mask is None else mask
+            elif "token_type" in spec.name:
+                value = np.zeros(batch.shape[:2])
+            else:
+                value = batch
+            out[spec.name] = np.ascontiguousarray(value, dtype=kind)
+        return out
+
+    return feeds

@@ -1,0 +1,2 @@
+"""The TTP's business logic, one module per flow, free of gRPC plumbing.
+"""

@@ -1,0 +1,195 @@
+"""Reading models for the aligned test at the TTP: sandboxed passes over triggers and probes,
+reference panels (the owner's and the operator's) measured and checked, and the sealed form
+that keeps them with the key.
+
+One sandbox run reads a model's key layer on the triggers followed by the bundle's
+alignment probes (`freemark.scheme.probes.with_probes`, built in the sandbox child from the
+triggers), so the aligned test costs no extra model load. Reference models are untrusted uploads like any other: vetted and run in the
+sandbox, and only their activations are kept, sealed beside the bundle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import secrets
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from freemark.errors import InvalidInputError
+from freemark.panel import (
+    Reference,
+    reference_from_proto,
+    reference_to_proto,
+    split_activations,
+)
+from freemark.scheme.bundle import KeyBundle, from_bytes, from_proto, to_proto
+from freemark.v1 import bundle_pb2
+from freemark.v1 import keyservice_pb2 as pb
+from freemark.verdict.aligned import THRESHOLD
+from freemark.verdict.canon import align
+from freemark_keyserver.crypto import MasterKeyring
+from freemark_keyserver.errors import ErrorCode, ServiceError
+from freemark_keyserver.handlers.hosts import member_file, store_member
+from freemark_keyserver.sandbox.runner import SandboxResult, TriggerRun
+from freemark_keyserver.store import PanelMember, Registration, Store
+
+log = logging.getLogger("freemark_keyserver")
+
+# A reference whose every live unit matches a host unit this closely is the host relabelled.
+COPY_CORRELATION = 0.999
+
+
+@dataclasses.dataclass(frozen=True)
+class Reading:
+    """One sandboxed pass: activations on the triggers and on the probes, and the identity."""
+
+    triggers: np.ndarray
+    probes: np.ndarray | None
+    fingerprint: bytes
+    architecture_digest: bytes
+
+
+Runner = Callable[[Path, KeyBundle, Path | None, int], SandboxResult]
+
+
+def read(run: Runner, model: Path, bundle: KeyBundle, weights: Path | None = None, *,
+         probes: bool = True) -> Reading:
+    """Run `model` once on the bundle's triggers and, with `probes`, its alignment probes
+    (`run` maps sandbox failures); without them the reading's `probes` is None."""
+    count = bundle.probes if probes else 0
+    result = run(model, bundle, weights, count)
+    try:
+        return reading_of(bundle, result.fingerprint + result.architecture_digest,
+                          result.activations, count)
+    except InvalidInputError as exc:
+        raise ServiceError(ErrorCode.INVALID_MODEL, str(exc)) from exc
+
+
+def trigger_run(bundle: KeyBundle, probes: bool) -> TriggerRun:
+    """The sandbox run that reads a model with this key: its triggers, then (with `probes`)
+    the key's alignment probes, which the sandbox child builds from them."""
+    return TriggerRun(bundle.layer, bundle.pooling, bundle.triggers,
+                      bundle.probes if probes else 0)
+
+
+def reading_of(bundle: KeyBundle, identity: bytes, activations: np.ndarray | Exception,
+               probes: int) -> Reading:
+    """A sandbox run's answer for `bundle` (its `trigger_run`) as a Reading; raises the run's
+    own failure, or InvalidInputError when the rows do not fit."""
+    if isinstance(activations, Exception):
+        raise activations
+    triggers, probed = split_activations(activations, bundle, probes)
+    return Reading(triggers=triggers, probes=probed, fingerprint=identity[:32],
+                   architecture_digest=identity[32:])
+
+
+def check_reference_header(header: pb.UploadHeader) -> None:
+    """References are programs: refuse any other format before reading the bytes."""
+    if header.format != pb.MODEL_FORMAT_PT2:
+        raise ServiceError(ErrorCode.MALFORMED_REQUEST, "reference models are .pt2 programs")
+
+
+def _measure(run: Runner, path: Path, bundle: KeyBundle, host: Reading, seen: set[bytes],
+             what: str) -> Reference:
+    """Read one reference in the sandbox; refuse one that is the host itself, relabelled or not."""
+    reading = read(run, path, bundle)
+    if reading.probes is None or bundle.probe_profile is None:
+        raise ServiceError(ErrorCode.INVALID_BUNDLE, "reference models need a key with a probe "
+                           "profile: re-derive it with this version of freemark")
+    if reading.fingerprint in seen:
+        raise ServiceError(ErrorCode.INVALID_MODEL, f"{what} has the same weights as the host or "
+                           "another reference: a panel needs distinct, independent models")
+    try:  # against the profile as sealed, so the count is the one a verdict would measure
+        matching = align(bundle.probe_profile, reading.probes)
+    except InvalidInputError as exc:
+        raise ServiceError(ErrorCode.INVALID_MODEL, f"{what}: {exc}") from exc
+    if matching.count_above(COPY_CORRELATION) == matching.host.units:
+        raise ServiceError(ErrorCode.INVALID_MODEL, f"{what} computes the host's own units "
+                           "(relabelled or rescaled): it is a copy, not an independent model")
+    seen.add(reading.fingerprint)
+    return Reference(fingerprint=reading.fingerprint, trigger_activations=reading.triggers,
+                     probe_activations=reading.probes,
+                     matched_units=matching.count_above(THRESHOLD))
+
+
+def measure_panel(run: Runner, paths: Sequence[Path], bundle: KeyBundle, host: Reading
+                  ) -> list[Reference]:
+    """Read the owner's references; any that fails or is a copy of the host refuses the call."""
+    seen = {host.fingerprint}
+    return [_measure(run, path, bundle, host, seen, f"reference #{number}")
+            for number, path in enumerate(paths, start=1)]
+
+
+def operator_panel(run: Runner, store: Store, keyring: MasterKeyring,
+                   bundle: KeyBundle, host: Reading, owners: Sequence[Reference]
+                   ) -> list[Reference]:
+    """The operator's active members for the host's architecture family, read for this key.
+
+    A member that cannot be read for this key, duplicates a reference the owner gave, or is
+    the host itself is left out (and logged): the operator's panel adds calibration, it
+    never makes a registration fail.
+    """
+    seen = {host.fingerprint, *(r.fingerprint for r in owners)}
+    panel = []
+    for member in store.panel_members(host.architecture_digest):
+        if member.fingerprint in seen:
+            continue
+        try:
+            with member_file(store, keyring, member) as path:
+                panel.append(_measure(run, path, bundle, host, seen, f"panel member {member.label}"))
+        except ServiceError as exc:
+            log.warning("panel member %s left out of a registration: %s", member.member_id, exc)
+    return panel
+
+
+def add_member(run: Runner, store: Store, keyring: MasterKeyring, model: Path, *,
+               like: Registration, bundle: KeyBundle, label: str, now: int) -> PanelMember:
+    """Vet and read `model` in the sandbox with `like`'s key, then seal and store it as a member
+    of `like`'s architecture family (the operator's `panel add`)."""
+    reading = read(run, model, bundle)
+    if reading.architecture_digest != like.architecture_digest:
+        raise ServiceError(ErrorCode.INVALID_MODEL, f"{model} is not of the architecture family of "
+                           f"{like.registration_id} (its weight names differ)")
+    if store.find_by_fingerprint(reading.fingerprint):
+        raise ServiceError(ErrorCode.INVALID_MODEL, f"{model} is a registered host; panel members "
+                           "must be independent models")
+    member_id = "pan_" + secrets.token_hex(12)
+    envelope = store_member(store, keyring, model, member_id=member_id)
+    member = PanelMember(member_id=member_id, family=reading.architecture_digest,
+                         fingerprint=reading.fingerprint, label=label or model.name, added_at=now,
+                         key_version=keyring.current_version, envelope=envelope)
+    store.add_panel_member(member)
+    return member
+
+
+def with_profile(bundle: KeyBundle, host: Reading) -> KeyBundle:
+    """The bundle with the host's probe profile as the TTP measured it, not as uploaded."""
+    if host.probes is None:
+        return bundle
+    return dataclasses.replace(bundle, probe_profile=host.probes.astype(np.float32))
+
+
+SEALED_MAGIC = b"freemark/v1/sealed-registration\n"
+
+
+def seal_bytes(bundle: KeyBundle, panel: Sequence[Reference]) -> bytes:
+    """The plaintext the TTP seals for a registration: a magic line, then `SealedRegistration`."""
+    message = bundle_pb2.SealedRegistration(bundle=to_proto(bundle),
+                                            panel=[reference_to_proto(r) for r in panel])
+    return SEALED_MAGIC + message.SerializeToString(deterministic=True)
+
+
+def open_bytes(plaintext: bytes) -> tuple[KeyBundle, list[Reference]]:
+    """The inverse of `seal_bytes`; records sealed before panels existed hold a bare bundle."""
+    if not plaintext.startswith(SEALED_MAGIC):
+        return from_bytes(plaintext), []
+    message = bundle_pb2.SealedRegistration()
+    try:
+        message.ParseFromString(plaintext[len(SEALED_MAGIC):])
+    except DecodeError as exc:
+        raise InvalidInputError(f"not a sealed registration ({exc})") from exc
+    return from_proto(message.bundle), [reference_from_proto(r) for r in message.panel]

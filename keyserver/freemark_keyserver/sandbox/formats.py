@@ -1,0 +1,119 @@
+"""Model formats at the key server beyond `.pt2` programs: Hugging Face checkpoints and ONNX.
+
+The server never opens an upload itself. It tells the sandbox which format the upload
+declared (`sandbox_options`, carried in the worker's request header), and the worker hands
+every non-program format to `sandboxed_activations`, which loads it with the library's safe
+loaders (`freemark.formats.huggingface`, `freemark.formats.onnx`: allow-listed architectures or operators,
+caps before anything is built, nothing unpickled) and reads the key layer. A stored host's
+format is told from its first bytes (`stored_host_options`): a program is a zip archive, a
+packed checkpoint a safetensors file; the host was vetted when it was registered.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from freemark.scheme.triggers import TriggerSet
+from freemark.v1 import keyservice_pb2 as pb
+
+FORMAT_KEY = "format"
+TENSOR_KEY = "onnx_tensor"
+HF = "hf"
+ONNX = "onnx"
+MAX_TENSOR_NAME = 1024
+_ZIP_MAGIC = b"PK\x03\x04"
+
+HOST_FORMATS = (pb.MODEL_FORMAT_PT2, pb.MODEL_FORMAT_HF_CHECKPOINT)
+SUSPECT_FORMATS = (pb.MODEL_FORMAT_PT2, pb.MODEL_FORMAT_SAFETENSORS,
+                   pb.MODEL_FORMAT_HF_CHECKPOINT, pb.MODEL_FORMAT_ONNX)
+SUFFIXES = {pb.MODEL_FORMAT_PT2: ".pt2", pb.MODEL_FORMAT_SAFETENSORS: ".safetensors",
+            pb.MODEL_FORMAT_HF_CHECKPOINT: ".safetensors", pb.MODEL_FORMAT_ONNX: ".onnx"}
+
+
+def sandbox_options(upload_format: int, onnx_tensor: str = "") -> dict[str, str]:
+    """What the worker must know about an upload beyond its path: its format (and for ONNX
+    the tensor the caller named). Empty for a program, the worker's default."""
+    if upload_format == pb.MODEL_FORMAT_HF_CHECKPOINT:
+        return {FORMAT_KEY: HF}
+    if upload_format == pb.MODEL_FORMAT_ONNX:
+        return {FORMAT_KEY: ONNX, TENSOR_KEY: onnx_tensor}
+    return {}
+
+
+def stored_host_options(path: Path) -> dict[str, str]:
+    """The sandbox options of a registered host, from its first bytes."""
+    with path.open("rb") as handle:
+        head = handle.read(len(_ZIP_MAGIC))
+    return {} if head == _ZIP_MAGIC else {FORMAT_KEY: HF}
+
+
+def handles(header: dict[str, Any]) -> bool:
+    """Whether a worker request is for a format this module reads (not a `.pt2` program)."""
+    return header.get(FORMAT_KEY) in (HF, ONNX)
+
+
+def sandboxed_activations(header: dict[str, Any], triggers: TriggerSet) -> tuple[Any, bytes]:
+    """Inside the sandbox: the activation matrix and the model's identity (fingerprint ‖
+    architecture digest) for a Hugging Face checkpoint or an ONNX model."""
+    if header[FORMAT_KEY] == ONNX:
+        from freemark.formats.onnx import OnnxModel
+
+        onnx_model = OnnxModel.open(header["model"], header["layer"],
+                                    tensor=header.get(TENSOR_KEY) or None)
+        activations = onnx_model.capture(triggers.inputs, triggers.attention_mask,
+                                         header["pooling"])
+        return activations, onnx_model.fingerprint() + onnx_model.architecture_digest()
+    from freemark.formats.huggingface import apply_checkpoint_weights, load_checkpoint
+    from freemark.formats.pt2 import architecture_digest, fingerprint
+    from freemark.scheme.activations import capture
+
+    model = (apply_checkpoint_weights(header["model"], header["weights"]) if header.get("weights")
+             else load_checkpoint(header["model"]))
+    activations, _ = capture(model, header["layer"], triggers, pooling=header["pooling"])
+    return activations, fingerprint(model) + architecture_digest(model)
+
+
+def warm_up(home: str) -> None:
+    """Read a tiny checkpoint of every allow-listed architecture and a tiny ONNX graph once.
+
+    For a sandbox that forks its workers from a warm parent: a child that dropped to another
+    user may not read the interpreter's library, so every module these formats import lazily
+    (transformers' model modules, huggingface_hub, onnx, onnxruntime) must be imported by the
+    parent, and running the loaders is the one sure way. `home` is a writable scratch folder.
+    """
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    from freemark.formats.huggingface import ARCHITECTURES, pack
+    from freemark.formats.onnx import OnnxModel
+    from freemark.v1 import bundle_pb2
+
+    transformers = __import__("transformers")
+    tiny = {"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "intermediate_size": 8, "vocab_size": 16, "max_position_embeddings": 8,
+            "dim": 8, "n_layers": 1, "n_heads": 2, "hidden_dim": 8}
+    triggers = TriggerSet(inputs=np.ones((1, 4), dtype=np.int64),
+                          attention_mask=np.ones((1, 4), dtype=np.int64))
+    folder = Path(home) / "warm-formats"
+    for config_class, classes in ARCHITECTURES.values():
+        for name in classes:
+            model = getattr(transformers, name)(getattr(transformers, config_class)(**tiny))
+            model.save_pretrained(folder)
+            packed = pack(folder, folder / "packed.safetensors")
+            layer = next(n for n, _ in model.named_modules() if n.endswith("layer.0"))
+            sandboxed_activations({FORMAT_KEY: HF, "model": str(packed), "weights": None,
+                                   "layer": layer, "pooling": bundle_pb2.POOLING_TOKEN_MEAN},
+                                  triggers)
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="/act/Relu")], "warm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 2])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+              str(folder / "warm.onnx"))
+    OnnxModel.open(folder / "warm.onnx", "act").capture(
+        np.zeros((1, 2), dtype=np.float32), None, bundle_pb2.POOLING_NONE)
+    OnnxModel.open(folder / "warm.onnx", "act").fingerprint()
+    for path in sorted(folder.iterdir(), reverse=True):
+        path.unlink()
+    folder.rmdir()

@@ -1,0 +1,606 @@
+"""The server's side of the sandbox: a warm fork server, a concurrency cap, a bounded queue.
+
+`SandboxPool.start` launches `freemark_keyserver.sandbox.forkserver` as a fresh Python (exec, not fork:
+it shares no memory with the server) with the clean environment of `worker_environment`, in
+its own session, and waits until it has imported torch and probed the isolation layers. The
+server starts it before it reads any key (`server.create_server`).
+
+A run is a conversation with one child (`_Child`, one thread, no helper threads): framed
+requests out, framed replies back (`sandbox_worker`), with a follow-up request when the
+caller asks for one (`run(then=...)`: Register's prior-claim sets, read by the child that
+read the host). Closing the run's status socket ends it: the fork server kills the child.
+
+Each run takes one of `workers` slots; up to `queue` more runs wait for one, and past that a
+run is refused at once with `SandboxBusy` (RESOURCE_EXHAUSTED with a retry hint). While it
+waits or runs, the gRPC call it serves (`cancellation.current`) is checked every `POLL_SECONDS`: when
+the caller cancels or the deadline passes, the pool closes the run's status socket, the fork
+server kills the child at once, and `cancellation.CallEnded` is raised so nothing is signed or
+logged. Inputs travel as descriptors: a spooled upload opened read-only (its group set to the
+sandbox user's when that user differs), or a memfd holding a decrypted host
+(`hosts.host_file`), so the child never needs a path into the data dir.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import io
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from freemark.errors import InvalidInputError, ModelFileError
+from freemark.scheme.triggers import TriggerSet
+from freemark_keyserver import cancellation, metrics
+from freemark_keyserver.sandbox import isolation as sandbox_isolation
+from freemark_keyserver.sandbox.errors import (
+    SandboxBusy,
+    SandboxError,
+    SandboxResourceError,
+    SandboxTimeout,
+    SandboxUnavailable,
+)
+from freemark_keyserver.sandbox.worker import LENGTH, MAX_MESSAGE_CHARS, OK, REFUSED
+
+__all__ = ["POLL_SECONDS", "SandboxPool", "TriggerRun", "default_workers"]
+
+log = logging.getLogger("freemark_keyserver")
+
+POLL_SECONDS = 0.05  # how often a waiting or running call is checked for cancellation
+START_SECONDS = 120.0  # importing torch on a loaded 2-core machine
+IDENTITY_BYTES = 64
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class TriggerRun:
+    """One trigger set to run the model on, at one layer and pooling, followed by `probes`
+    alignment probes that the child derives from the triggers (`freemark.scheme.probes`)."""
+
+    layer: str
+    pooling: int
+    triggers: TriggerSet
+    probes: int = 0
+
+    @property
+    def rows(self) -> int:
+        """How many activation rows the run answers: the triggers, then the probes."""
+        return len(self.triggers) + self.probes
+
+
+def default_workers(memory_bytes: int) -> int:
+    """min(cores, available memory // per-child address-space limit), at least 1.
+
+    Each child may map up to `memory_bytes` (RLIMIT_AS); the torch pages it shares with the fork
+    server count once, so this is conservative. One child per core: a run is single-threaded.
+    """
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        available = memory_bytes
+    return max(1, min(os.cpu_count() or 1, available // memory_bytes))
+
+
+def _send_fds(sock: socket.socket, payload: dict[str, Any], fds: Sequence[int]) -> None:
+    sock.sendmsg([json.dumps(payload).encode()],
+                 [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+
+
+def _grant(fd: int, user: tuple[int, int] | None) -> None:
+    """Let the sandbox user read an input through its descriptor (the data dir stays 0700)."""
+    if user is None:
+        return
+    info = os.fstat(fd)
+    if info.st_mode & stat.S_IROTH or info.st_gid == user[1]:
+        return  # a memfd (0777) or already granted
+    os.fchown(fd, -1, user[1])
+    os.fchmod(fd, stat.S_IMODE(info.st_mode) | stat.S_IRGRP
+              | (stat.S_IXGRP if stat.S_ISDIR(info.st_mode) else 0))
+    if stat.S_ISDIR(info.st_mode):
+        for entry in os.scandir(fd):
+            child = os.open(entry.name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd)
+            try:
+                _grant(child, user)
+            finally:
+                os.close(child)
+
+
+class SandboxPool:
+    """A started fork server and the cap in front of it."""
+
+    def __init__(self, *, workers: int, queue: int, limits: Any) -> None:
+        if workers < 1 or queue < 0:
+            raise InvalidInputError("the sandbox needs at least one worker and a queue >= 0")
+        self.workers = workers
+        self.queue = queue
+        self.limits = limits
+        self.isolation = sandbox_isolation.Isolation({})
+        self._slots = threading.Semaphore(workers)
+        self._lock = threading.Lock()
+        self._waiting = 0
+        self._mean_run = 1.0
+        self._control: socket.socket | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._home: tempfile.TemporaryDirectory[str] | None = None
+        self._user = sandbox_isolation.sandbox_user()
+        self._closing = False
+        self.restarts = 0
+        # Told True/False when the fork server dies and when it is back (the server's health).
+        self.on_state: Callable[[bool], None] = lambda alive: None
+
+    # --- life cycle ---------------------------------------------------------------------
+
+    def start(self) -> SandboxPool:
+        """Launch the fork server and a thread that relaunches it should it ever die."""
+        self._home = tempfile.TemporaryDirectory(prefix="freemark-sandbox-")
+        home = Path(self._home.name)
+        if self._user is not None:
+            os.chown(home, -1, self._user[1])
+            home.chmod(0o750)
+        try:
+            self.isolation = self._launch()
+        except OSError:
+            self.close()
+            raise
+        if not self.isolation.on("limits"):
+            self.close()
+            raise OSError(f"the sandbox cannot apply its limits: {self.isolation.layers['limits']}")
+        sandbox_isolation.harden_parent()
+        threading.Thread(target=self._keep_alive, name="sandbox-keep-alive", daemon=True).start()
+        return self
+
+    def _launch(self) -> sandbox_isolation.Isolation:
+        """Start a fork server (a fresh interpreter: it inherits no memory, no descriptor but
+        its control socket, no environment; so a relaunch after the keys are loaded is as
+        clean as the first) and wait until it is ready; its isolation report."""
+        from freemark_keyserver.sandbox.runner import worker_environment
+
+        assert self._home is not None
+        home = Path(self._home.name)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        limits = {"memory_bytes": self.limits.memory_bytes,
+                  "cpu_seconds": self.limits.cpu_seconds,
+                  "open_files": self.limits.open_files, "threads": self.limits.threads}
+        process = subprocess.Popen(
+            [sys.executable, "-s", "-B", "-P", "-m", "freemark_keyserver.sandbox.forkserver",
+             str(theirs.fileno()), str(self.workers), json.dumps(limits)],
+            env=worker_environment(self.limits, home), cwd=home, pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL, start_new_session=True)
+        theirs.close()
+        self._control, self._process = ours, process
+        ours.settimeout(START_SECONDS)
+        try:
+            ready = json.loads(ours.recv(1 << 16) or b"{}")
+        except (OSError, ValueError) as exc:
+            raise OSError(f"the sandbox fork server did not start: {exc}") from exc
+        ours.settimeout(None)
+        if not ready.get("ready"):
+            raise OSError("the sandbox fork server did not start")
+        return sandbox_isolation.Isolation(ready["isolation"])
+
+    def _keep_alive(self) -> None:
+        """Relaunch the fork server whenever it dies while the pool is open (killed by the
+        OOM killer, say): runs it had are answered SANDBOX_UNAVAILABLE, later ones wait for
+        the relaunch. A relaunch that enters fewer isolation layers than the first is not
+        used: the pool stays down rather than run models with less isolation than reported."""
+        while (process := self._process) is not None:
+            code = process.wait()
+            with self._lock:
+                if self._closing or process is not self._process:
+                    return
+                log.error("the sandbox fork server exited (status %s); relaunching it", code)
+                metrics.SANDBOX_RESTARTS_TOTAL.inc()
+                self.on_state(False)
+                if self._control is not None:
+                    self._control.close()
+                self._control, self._process = None, None
+                try:
+                    isolation = self._launch()
+                except OSError as exc:
+                    log.error("the sandbox fork server could not be relaunched: %s", exc)
+                    isolation = None
+                lost = [layer for layer in sandbox_isolation.LAYERS if self.isolation.on(layer)
+                        and (isolation is None or not isolation.on(layer))]
+                if isolation is None or lost:
+                    log.error("the sandbox stays down: the relaunched fork server lacks %s",
+                              ", ".join(lost) or "a working start")
+                    self._stop_process()
+                    return
+                self.restarts += 1
+                log.info("the sandbox fork server is back (isolation: %s)", isolation.summary())
+                self.on_state(True)
+
+    @property
+    def alive(self) -> bool:
+        """Whether a fork server is up to take runs."""
+        process = self._process
+        return process is not None and process.poll() is None
+
+    def close(self) -> None:
+        """Stop the fork server (it kills its children when its control socket closes)."""
+        with self._lock:
+            self._closing = True
+            self._stop_process()
+        if self._home is not None:
+            self._home.cleanup()
+            self._home = None
+
+    def _stop_process(self) -> None:
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        if self._process is not None:
+            try:
+                self._process.wait(10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+            self._process = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    def stats(self, *, reset: bool = False) -> dict[str, Any]:
+        """{"running", "high_water", "forked", "isolation"} as the fork server counts them."""
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with mine:
+            with self._lock:
+                if self._control is None:
+                    raise SandboxUnavailable("the sandbox is down")
+                _send_fds(self._control, {"op": "stats", "reset": reset}, [theirs.fileno()])
+            theirs.close()
+            mine.settimeout(30)
+            return dict(json.loads(mine.recv(1 << 16)))
+
+    # --- admission ----------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        """Take a slot, waiting in the bounded queue; SandboxBusy when the queue is full."""
+        if self._slots.acquire(blocking=False):
+            return
+        with self._lock:
+            if self._waiting >= self.queue:
+                retry = max(1.0, self._mean_run * (self._waiting + 1) / self.workers)
+                raise SandboxBusy(
+                    f"all {self.workers} sandbox workers are busy and {self._waiting} runs are "
+                    f"queued; retry in about {retry:.0f} s", retry_after=retry)
+            self._waiting += 1
+            metrics.SANDBOX_QUEUE_DEPTH.set(self._waiting)
+        try:
+            while not self._slots.acquire(timeout=POLL_SECONDS):
+                why = cancellation.ended(cancellation.current())
+                if why is not None:
+                    raise cancellation.CallEnded(why, "while queued for the sandbox")
+        finally:
+            with self._lock:
+                self._waiting -= 1
+                metrics.SANDBOX_QUEUE_DEPTH.set(self._waiting)
+
+    # --- one run ------------------------------------------------------------------------
+
+    def run(self, model_path: Path, runs: Sequence[TriggerRun], *, weights_path: Path | None,
+            limits: Any, options: dict[str, Any] | None = None, then: Then | None = None
+            ) -> tuple[bytes, list[np.ndarray | Exception]]:
+        """The model's identity and, per trigger run, its activations or its refusal.
+
+        Raises for the model as a whole (unreadable file, limits, deadline, crash, busy).
+        `then(identity, results)`, when given, is called with that answer while the child
+        still holds the model, and returns more runs for the same load (Register's prior-claim
+        sets, chosen by the upload's architecture family); their results follow the first
+        ones. A failure of the child while it reads them (a crash, its limits, the deadline)
+        becomes each one's result, as a run that fails alone; the call's end still raises.
+        """
+        request = _encode(runs, bool(weights_path), options or {})
+        self._admit()
+        started = time.monotonic()
+        metrics.SANDBOX_RUNNING.inc()
+        try:
+            with self._child(model_path, weights_path, limits) as child:
+                identity, results = _decode(child.ask(request), [r.rows for r in runs])
+                more = list(then(identity, results)) if then is not None else []
+                if more:
+                    results = [*results, *_more(child, more, bool(weights_path), options or {})]
+        finally:
+            metrics.SANDBOX_RUNNING.dec()
+            self._slots.release()
+            elapsed = time.monotonic() - started
+            self._mean_run = 0.8 * self._mean_run + 0.2 * elapsed
+            metrics.SANDBOX_RUN_SECONDS.observe(elapsed)
+        return identity, results
+
+    @contextlib.contextmanager
+    def _child(self, model_path: Path, weights_path: Path | None, limits: Any
+               ) -> Iterator[_Child]:
+        """A forked child holding read-only descriptors of the inputs; killed on exit."""
+        inputs = []
+        try:
+            for path in (p for p in (model_path, weights_path) if p is not None):
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                inputs.append(fd)
+                _grant(fd, self._user if self.isolation.on("user") else None)
+        except OSError as exc:
+            for fd in inputs:
+                os.close(fd)
+            raise ModelFileError(f"{Path(path).name}: cannot be opened ({exc.strerror})") from exc
+        status, status_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        data, data_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with self._lock:
+                if self._control is None:
+                    raise SandboxUnavailable("the sandbox is down; the operator has been "
+                                             "alerted: retry later")
+                try:
+                    _send_fds(self._control, {"op": "run", "limits": _child_limits(limits)},
+                              [status_theirs.fileno(), data_theirs.fileno(), *inputs])
+                except OSError as exc:  # it died; `_keep_alive` is relaunching it
+                    raise SandboxUnavailable("the sandbox is restarting: retry shortly") from exc
+        finally:
+            for fd in inputs:
+                os.close(fd)
+            status_theirs.close()
+            data_theirs.close()
+        with status, data:
+            status.settimeout(START_SECONDS)
+            first = json.loads(status.recv(1 << 12) or b'{"error": "gone"}')
+            if first.get("error") == "gone":
+                raise SandboxUnavailable("the sandbox is restarting: retry shortly")
+            if first.get("error") == "busy":
+                raise SandboxBusy("the sandbox is at its cap; retry shortly", retry_after=1.0)
+            if "pid" not in first:
+                raise SandboxError("the sandbox fork server did not start the run")
+            yield _Child(status, data, limits)
+        # Closing the status socket is what ends the child: the fork server kills it at once.
+
+
+Then = Callable[[bytes, list[np.ndarray | Exception]], Sequence[TriggerRun]]
+
+
+def _more(child: _Child, runs: Sequence[TriggerRun], has_weights: bool,
+          options: dict[str, Any]) -> list[np.ndarray | Exception]:
+    """The results of a follow-up request; the child's failure becomes each run's result."""
+    try:
+        _, results = _decode(child.ask(_encode(runs, has_weights, options)), [r.rows for r in runs])
+    except cancellation.CallEnded:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every run of the batch fails alone, with this
+        return [exc] * len(runs)
+    return results
+
+
+class _Child:
+    """The conversation with one forked child: a request out, its framed reply back, on one
+    thread, watching the call, the wall-clock deadline and the child's exit all the while."""
+
+    def __init__(self, status: socket.socket, data: socket.socket, limits: Any) -> None:
+        self._status, self._data, self._limits = status, data, limits
+        self._deadline = 0.0  # set by each request
+        self._code: int | None = None  # the child's exit status, once the fork server says it
+        self._eof = False
+        status.setblocking(False)
+        data.setblocking(False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(status, selectors.EVENT_READ)
+
+    def ask(self, request: bytes) -> bytes:
+        """Send one request and return its reply; raise when the call ends, the deadline
+        passes, the reply is over `max_output_bytes`, or the child exits without replying."""
+        pending = memoryview(LENGTH.pack(len(request)) + request)
+        reply = bytearray()
+        self._deadline = time.monotonic() + self._limits.wall_seconds  # per request
+        self._watch(selectors.EVENT_READ | selectors.EVENT_WRITE)
+        while (size := self._complete(reply)) is None:
+            if self._code is not None:  # gone: what it wrote before it died is all there is
+                while not self._eof:
+                    self._receive(reply)
+                if (size := self._complete(reply)) is not None:
+                    break
+                raise _failure(self._code, self._limits)
+            for key, events in self._selector.select(POLL_SECONDS):
+                if key.fileobj is self._status:
+                    self._exited()
+                    continue
+                if events & selectors.EVENT_WRITE:
+                    pending = self._send(pending)
+                if events & selectors.EVENT_READ:
+                    self._receive(reply)
+            self._check_call()
+        if len(reply) != LENGTH.size + size:
+            raise self._kill("output", SandboxError("the worker's output has trailing bytes"))
+        return bytes(reply[LENGTH.size:])
+
+    def _watch(self, events: int) -> None:
+        if self._eof:
+            return
+        try:
+            self._selector.modify(self._data, events)
+        except KeyError:
+            self._selector.register(self._data, events)
+
+    def _complete(self, reply: bytearray) -> int | None:
+        if len(reply) < LENGTH.size:
+            return None
+        size = int(LENGTH.unpack_from(reply)[0])
+        if size > self._limits.max_output_bytes:
+            raise self._kill("output", SandboxError(
+                f"the worker's output exceeds max_output_bytes={self._limits.max_output_bytes}"))
+        return size if len(reply) >= LENGTH.size + size else None
+
+    def _send(self, pending: memoryview) -> memoryview:
+        try:
+            pending = pending[self._data.send(pending[:1 << 20]):]
+        except BlockingIOError:
+            return pending
+        except OSError:  # the child died or stopped reading; its exit status says why
+            pending = pending[:0]
+        if not pending:
+            self._watch(selectors.EVENT_READ)
+        return pending
+
+    def _receive(self, reply: bytearray) -> None:
+        try:
+            chunk = self._data.recv(1 << 20)
+        except BlockingIOError:
+            if self._code is not None:  # nothing more will come from a child that is gone
+                self._eof = True
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self._eof = True
+            self._selector.unregister(self._data)
+            return
+        reply += chunk
+        self._complete(reply)  # refuse an announced or actual overflow as soon as it shows
+
+    def _exited(self) -> None:
+        try:
+            message = self._status.recv(1 << 12)
+        except BlockingIOError:
+            return
+        except OSError:
+            message = b""
+        self._selector.unregister(self._status)
+        if not message:  # the fork server itself is gone, and the child with it
+            raise SandboxUnavailable("the sandbox restarted during this run; nothing was "
+                                     "decided: retry")
+        self._code = int(json.loads(message)["exit"])
+
+    def _check_call(self) -> None:
+        why = cancellation.ended(cancellation.current())
+        if why is None and time.monotonic() > self._deadline:
+            raise self._kill("deadline", SandboxTimeout(
+                f"the model did not finish within {self._limits.wall_seconds:g} s and was "
+                "killed"))
+        if why is not None:
+            raise self._kill(why, cancellation.CallEnded(why, "and its sandbox run was killed"))
+
+    def _kill(self, why: str, error: Exception) -> Exception:
+        self._status.close()  # the fork server kills the child now
+        metrics.SANDBOX_KILLS_TOTAL.labels(why).inc()
+        return error
+
+
+def _child_limits(limits: Any) -> dict[str, int]:
+    fields = asdict(limits)
+    return {name: fields[name] for name in ("memory_bytes", "cpu_seconds", "open_files",
+                                            "threads")}
+
+
+def _encode(runs: Sequence[TriggerRun], has_weights: bool, options: dict[str, Any]) -> bytes:
+    header = {**options, "model": "/proc/self/fd/4",
+              "weights": "/proc/self/fd/5" if has_weights else None,
+              "sets": [{"layer": r.layer, "pooling": int(r.pooling), "probes": int(r.probes),
+                        "has_mask": r.triggers.attention_mask is not None} for r in runs]}
+    buffer = io.BytesIO()
+    arrays: list[Any] = [np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)]
+    for r in runs:
+        arrays.append(r.triggers.inputs)
+        if r.triggers.attention_mask is not None:
+            arrays.append(r.triggers.attention_mask)
+    try:
+        for item in arrays:
+            np.save(buffer, np.asarray(item), allow_pickle=False)
+    except ValueError as exc:  # object arrays would need pickle
+        raise InvalidInputError(f"trigger arrays must be numeric: {exc}") from exc
+    return buffer.getvalue()
+
+
+def _frame(buffer: io.BytesIO) -> np.ndarray:
+    try:
+        array_ = np.load(buffer, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise SandboxError("the worker's output is not a .npy array") from exc
+    if not isinstance(array_, np.ndarray):
+        raise SandboxError("the worker's output is not a .npy array")
+    return array_
+
+
+def _status(buffer: io.BytesIO) -> tuple[str, str]:
+    frame = _frame(buffer)
+    try:
+        report = json.loads(frame.tobytes())
+        return str(report["kind"]), str(report["message"])[:MAX_MESSAGE_CHARS]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise SandboxError("the worker failed without a readable report") from exc
+
+
+def _refusal(kind: str, message: str) -> Exception:
+    if kind == "invalid_model":
+        return ModelFileError(message)
+    if kind == "invalid_input":
+        return InvalidInputError(message)
+    if kind == "resource":
+        return SandboxResourceError(message)
+    return SandboxError(f"the worker failed: {message}")
+
+
+def _failure(code: int, limits: Any) -> SandboxError:
+    """Why a child that exited (status `code`) before its reply was complete gave none."""
+    if code in (-signal.SIGXCPU, -signal.SIGKILL):
+        metrics.SANDBOX_KILLS_TOTAL.labels("cpu").inc()
+        return SandboxResourceError(f"the model ran past the CPU-time limit of "
+                                    f"{limits.cpu_seconds} s")
+    metrics.SANDBOX_KILLS_TOTAL.labels("crash").inc()
+    if code < 0:
+        return SandboxError(f"the worker died from signal {signal.Signals(-code).name}; the "
+                            "model was refused")
+    return SandboxError(f"the worker exited with status {code} without a report")
+
+
+def _decode(raw: bytes, rows: list[int]) -> tuple[bytes, list[np.ndarray | Exception]]:
+    """A complete reply: the model's identity and, per set of `rows` inputs, its activations
+    or its refusal. Raises for a refusal of the whole model, or a reply that breaks the
+    protocol (a compromised child gets no further than this)."""
+    buffer = io.BytesIO(raw[1:])
+    if raw[:1] == REFUSED:
+        raise _refusal(*_status(buffer))
+    if raw[:1] != OK:
+        raise SandboxError("the worker's output has no status")
+    identity = _frame(buffer)
+    if identity.dtype != np.uint8 or identity.shape != (IDENTITY_BYTES,):
+        raise SandboxError("the worker's output does not start with the model's identity")
+    results: list[np.ndarray | Exception] = []
+    for n_rows in rows:
+        kind, message = _status(buffer)
+        if kind != "ok":
+            results.append(_refusal(kind, message))
+            continue
+        results.append(check_activations(_frame(buffer), n_rows))
+    if buffer.tell() != len(raw) - 1:
+        raise SandboxError("the worker's output has trailing bytes")
+    return identity.tobytes(), results
+
+
+def check_activations(array: np.ndarray, n_triggers: int) -> np.ndarray:
+    """A finite (n_triggers, units) matrix from the worker, as float64."""
+    if (
+        array.dtype != np.dtype(np.float32)
+        or array.ndim != 2
+        or array.shape[0] != n_triggers
+        or array.shape[1] < 1
+    ):
+        raise SandboxError(
+            f"the worker returned a {array.dtype} array of shape {array.shape}, "
+            f"expected float32 ({n_triggers}, units)"
+        )
+    if not np.all(np.isfinite(array)):
+        raise SandboxError("the worker returned non-finite activations")
+    return array.astype(np.float64)

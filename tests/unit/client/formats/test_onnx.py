@@ -1,0 +1,159 @@
+"""ONNX suspects: the key tensor is found from torch.onnx.export's names and reads what the
+torch module reads; custom domains, external data, operators off the allow-list, local
+functions and garbage are refused before a session exists."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from freemark.errors import ModelFileError
+from freemark.formats.onnx import MAX_ONNX_BYTES, OnnxModel, layer_tensor, load_onnx
+from freemark.scheme.activations import capture
+from freemark.scheme.triggers import TriggerSet
+from freemark.v1 import bundle_pb2
+from freemark_lab.models import DigitsCNN
+
+onnx = pytest.importorskip("onnx")
+from onnx import helper
+
+LAYER = "bert.encoder.layer.1.intermediate"
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Path]:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+        vocab_size=120, max_position_embeddings=64, num_labels=3)).eval()
+    path = tmp_path_factory.mktemp("onnx") / "bert.onnx"
+    axes = {0: "batch", 1: "tokens"}
+    ids = torch.randint(3, 100, (2, 7))
+    torch.onnx.export(model, (ids, torch.ones_like(ids)), str(path), dynamo=False,
+                      opset_version=17, input_names=["input_ids", "attention_mask"],
+                      dynamic_axes={"input_ids": axes, "attention_mask": axes})
+    return model, path
+
+
+def _tokens() -> TriggerSet:
+    rng = np.random.default_rng(1)
+    mask = np.ones((5, 9), dtype=np.int64)
+    mask[1:, 5:] = 0
+    return TriggerSet(inputs=rng.integers(3, 100, size=(5, 9)), attention_mask=mask)
+
+
+def test_the_key_tensor_is_found_and_reads_like_the_module(bert: tuple[torch.nn.Module, Path]
+                                                           ) -> None:
+    model, path = bert
+    suspect = OnnxModel.open(path, LAYER)
+    assert suspect.tensor.startswith("/bert/encoder/layer.1/intermediate/")
+    triggers = _tokens()
+    expected, pooling = capture(model, LAYER, triggers)
+    assert pooling == bundle_pb2.POOLING_TOKEN_MEAN
+    got = suspect.capture(triggers.inputs, triggers.attention_mask, pooling, batch_size=2)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert suspect.fingerprint() == OnnxModel.open(path, LAYER).fingerprint()
+
+
+def test_an_image_model_reads_its_layer(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = DigitsCNN().eval()
+    path = tmp_path / "digits.onnx"
+    torch.onnx.export(model, (torch.zeros(2, 1, 8, 8),), str(path), dynamo=False,
+                      input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+    x = np.random.default_rng(0).random((4, 1, 8, 8)).astype(np.float32)
+    expected, pooling = capture(model, "act", TriggerSet(inputs=x))
+    got = OnnxModel.open(path, "act").capture(x, None, pooling)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_unknown_layers_and_tensors_are_refused_clearly(bert: tuple[torch.nn.Module, Path]) -> None:
+    _, path = bert
+    with pytest.raises(ModelFileError, match="no node is named after layer 'head'.*--onnx-tensor"):
+        OnnxModel.open(path, "head")
+    model = load_onnx(path)
+    inner = next(o for n in model.graph.node for o in n.output
+                 if o.startswith("/bert/encoder/layer.1/intermediate/dense/"))
+    model.graph.node.append(helper.make_node("Identity", [inner], ["peek"], name="/peek/Identity"))
+    with pytest.raises(ModelFileError, match="cannot tell which tensor.*--onnx-tensor"):
+        layer_tensor(model, LAYER)  # two tensors now leave the layer's scope
+    with pytest.raises(ModelFileError, match="no node of the graph outputs a tensor named 'x'"):
+        OnnxModel.open(path, LAYER, tensor="x")
+
+
+def _edited(path: Path, out: Path, edit: object) -> Path:
+    model = onnx.load(str(path))
+    edit(model)  # type: ignore[operator]
+    onnx.save(model, str(out))
+    return out
+
+
+def _custom_node(model: object) -> None:
+    model.graph.node.append(helper.make_node("Steal", [model.graph.output[0].name], ["x"],  # type: ignore[attr-defined]
+                                             domain="com.evil"))
+    model.opset_import.append(helper.make_opsetid("com.evil", 1))  # type: ignore[attr-defined]
+
+
+def _contrib_node(model: object) -> None:
+    model.graph.node.append(helper.make_node("FusedGemm", [model.graph.output[0].name], ["x"],  # type: ignore[attr-defined]
+                                             domain="com.microsoft"))
+
+
+def _random_op(model: object) -> None:
+    model.graph.node.append(helper.make_node("RandomNormal", [], ["noise"], shape=[2]))  # type: ignore[attr-defined]
+
+
+def _control_flow(model: object) -> None:
+    branch = helper.make_graph([], "b", [], [])
+    model.graph.node.append(helper.make_node("If", ["cond"], ["y"], then_branch=branch,  # type: ignore[attr-defined]
+                                             else_branch=branch))
+
+
+def _function(model: object) -> None:
+    model.functions.append(helper.make_function("local", "f", ["a"], ["b"], [  # type: ignore[attr-defined]
+        helper.make_node("Identity", ["a"], ["b"])], [helper.make_opsetid("", 17)]))
+
+
+@pytest.mark.parametrize(("edit", "words"), [
+    (_custom_node, "domain 'com.evil'"),
+    (_contrib_node, "domain 'com.microsoft'"),
+    (_random_op, "'RandomNormal'"),
+    (_control_flow, "'If'"),
+    (_function, "model-local functions"),
+])
+def test_unsafe_graphs_are_refused(bert: tuple[torch.nn.Module, Path], tmp_path: Path,
+                                   edit: object, words: str) -> None:
+    _, path = bert
+    with pytest.raises(ModelFileError, match=words):
+        load_onnx(_edited(path, tmp_path / "bad.onnx", edit))
+
+
+def test_external_data_is_refused(bert: tuple[torch.nn.Module, Path], tmp_path: Path) -> None:
+    _, path = bert
+    model = onnx.load(str(path))
+    out = tmp_path / "external.onnx"
+    onnx.save(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="weights.bin", size_threshold=0)
+    with pytest.raises(ModelFileError, match="external data"):
+        load_onnx(out)
+
+
+def test_garbage_pickles_and_oversized_files_are_refused(bert: tuple[torch.nn.Module, Path],
+                                                         tmp_path: Path) -> None:
+    _, path = bert
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(ModelFileError, match="not an ONNX model"):
+        load_onnx(garbage)
+    pickled = tmp_path / "pickled.onnx"
+    torch.save({"a": torch.zeros(2)}, pickled)
+    with pytest.raises(ModelFileError, match="zip or pickle"):
+        load_onnx(pickled)
+    with pytest.raises(ModelFileError, match="over the ONNX cap"):
+        load_onnx(path, max_bytes=100)
+    assert MAX_ONNX_BYTES < 2**31

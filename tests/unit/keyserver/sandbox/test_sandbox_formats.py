@@ -1,0 +1,72 @@
+"""Model formats in the real sandbox worker: an ONNX graph that allocates without bound is
+stopped by the sandbox's memory limit and reported as a resource refusal, not a crash; a
+checkpoint and an ONNX model of it read the same activations through the worker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from freemark.formats.huggingface import load_checkpoint, pack
+from freemark.scheme.activations import capture
+from freemark.scheme.triggers import TriggerSet
+from freemark.v1 import bundle_pb2
+from freemark.v1 import keyservice_pb2 as pb
+from freemark_keyserver.sandbox import formats
+from freemark_keyserver.sandbox.runner import GiB, SandboxLimits, SandboxResourceError, run_model
+
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper, numpy_helper
+
+
+def _hungry(path: Path) -> Path:
+    """x (batch, 4) -> x + sum(zeros(2^20, 2^16)): asks for 256 GiB at the key tensor."""
+    shape = numpy_helper.from_array(np.array([1 << 20, 1 << 16], dtype=np.int64), "shape")
+    nodes = [
+        helper.make_node("ConstantOfShape", ["shape"], ["zeros"], name="/big/ConstantOfShape",
+                         value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0])),
+        helper.make_node("ReduceSum", ["zeros"], ["total"], name="/big/ReduceSum", keepdims=0),
+        helper.make_node("Add", ["x", "total"], ["act"], name="/act/Add"),
+    ]
+    graph = helper.make_graph(nodes, "hungry",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])],
+                              [helper.make_tensor_value_info("act", TensorProto.FLOAT, ["b", 4])],
+                              [shape])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_an_allocating_graph_meets_the_memory_limit(tmp_path: Path) -> None:
+    triggers = TriggerSet(inputs=np.zeros((3, 4), dtype=np.float32))
+    with pytest.raises(SandboxResourceError, match="memory"):
+        run_model(_hungry(tmp_path / "hungry.onnx"), layer="act",
+                  pooling=bundle_pb2.POOLING_NONE, triggers=triggers,
+                  limits=SandboxLimits(memory_bytes=2 * GiB, cpu_seconds=60, wall_seconds=90),
+                  options=formats.sandbox_options(pb.MODEL_FORMAT_ONNX))
+
+
+def test_a_checkpoint_reads_the_same_in_the_worker_as_in_process(tmp_path: Path) -> None:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=40,
+        vocab_size=100, max_position_embeddings=32)).save_pretrained(tmp_path / "ckpt")
+    packed = pack(tmp_path / "ckpt", tmp_path / "ckpt.safetensors")
+    mask = np.ones((4, 6), dtype=np.int64)
+    mask[0, 3:] = 0
+    triggers = TriggerSet(inputs=np.arange(24).reshape(4, 6) + 3, attention_mask=mask)
+    layer = "bert.encoder.layer.0.intermediate"
+    expected, pooling = capture(load_checkpoint(tmp_path / "ckpt"), layer, triggers)
+    result = run_model(packed, layer=layer, pooling=pooling, triggers=triggers,
+                       options=formats.sandbox_options(pb.MODEL_FORMAT_HF_CHECKPOINT))
+    np.testing.assert_allclose(result.activations, expected, rtol=1e-6, atol=1e-6)  # float32 wire
+    assert formats.stored_host_options(packed) == {formats.FORMAT_KEY: formats.HF}
+
+
+def test_warm_up_reads_every_allowed_architecture_and_onnx_and_cleans_up(tmp_path: Path) -> None:
+    formats.warm_up(str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
