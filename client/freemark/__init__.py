@@ -15,60 +15,130 @@ Quick start::
     freemark.save_statement("receipt.json", receipt)
     freemark.verify_receipt(freemark.load_statement("receipt.json"), ttp_public_key_pem)
 
-The scheme (design §1) lives in small modules: watermark, triggers, activations, keygen,
-derive, extract, verdict; bundle defines the key file; modelfile loads untrusted models safely.
-The key server's client is rpc (transport) with records (typed results) and receipt
-(offline verification, on signatures and merkle).
+The floor plan (design §2), lowest layer first: `errors` and the generated `v1`; `scheme` (the
+key's parts: watermark, triggers, probes, activations, keygen, bundle) and `tlog` (signatures,
+signed notes, Merkle); `formats` (one table of model formats, one module per format) and
+`records` (the signed records and their one conversion); `verdict` (statistics and the
+decision, no torch) and `audit` (offline receipt checks, the log monitor); `reading` and
+`panel` (what a verdict reads from a model); `derive`, `extract` and `rpc` (the owner's flow,
+in-process extraction, `KeyServiceClient`); `cli`. import-linter contracts in pyproject.toml
+hold the layering.
+
+This face is lazy: a name is imported from its module on first use, so `import freemark`
+(or `import freemark.verdict.stats`) loads neither torch nor grpc until a name needs them.
 """
 
-from freemark.audit.receipt import load_statement, save_statement, verify_receipt
-from freemark.derive import derive_key
-from freemark.errors import (
-    AlphaOutsidePolicyError,
-    AlreadyRegisteredError,
-    CryptoError,
-    DeadlineExceededError,
-    DerivationError,
-    FreemarkError,
-    HostMismatchError,
-    InvalidArgumentError,
-    InvalidBundleError,
-    InvalidInputError,
-    InvalidModelError,
-    InvalidReceiptError,
-    LogProofError,
-    MalformedRequestError,
-    ModelFileError,
-    NotFoundError,
-    NotUniqueError,
-    PermissionDeniedError,
-    ResourceExhaustedError,
-    RevokedError,
-    SandboxLimitError,
-    SandboxTimeoutError,
-    ServerError,
-    ServerInternalError,
-    TooLargeError,
-    TransportError,
-    UnauthenticatedError,
-    UniquenessError,
-    UploadCorruptError,
-    VerificationFailedError,
-)
-from freemark.extract import extract
-from freemark.formats.pt2 import fingerprint, load_program, save_program
-from freemark.records.types import (
-    CoarseVerdict,
-    Receipt,
-    RegistrationInfo,
-    SignedVerdict,
-    VerdictPolicy,
-)
-from freemark.rpc import KeyServiceClient
-from freemark.scheme.bundle import KeyBundle, load_bundle, save_bundle
-from freemark.scheme.keygen import DerivationSettings
-from freemark.scheme.triggers import TriggerSet, load_triggers, save_triggers, select_triggers
-from freemark.verdict.decision import Verdict
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from freemark.audit.receipt import load_statement, save_statement, verify_receipt
+    from freemark.derive import derive_key
+    from freemark.errors import (
+        AlphaOutsidePolicyError,
+        AlreadyRegisteredError,
+        CryptoError,
+        DeadlineExceededError,
+        DerivationError,
+        FreemarkError,
+        HostMismatchError,
+        InvalidArgumentError,
+        InvalidBundleError,
+        InvalidInputError,
+        InvalidModelError,
+        InvalidReceiptError,
+        LogProofError,
+        MalformedRequestError,
+        ModelFileError,
+        NotFoundError,
+        NotUniqueError,
+        PermissionDeniedError,
+        ResourceExhaustedError,
+        RevokedError,
+        SandboxLimitError,
+        SandboxTimeoutError,
+        ServerError,
+        ServerInternalError,
+        TooLargeError,
+        TransportError,
+        UnauthenticatedError,
+        UniquenessError,
+        UploadCorruptError,
+        VerificationFailedError,
+    )
+    from freemark.extract import extract
+    from freemark.formats.pt2 import fingerprint, load_program, save_program
+    from freemark.records.types import (
+        CoarseVerdict,
+        Receipt,
+        RegistrationInfo,
+        SignedVerdict,
+        VerdictPolicy,
+    )
+    from freemark.rpc import KeyServiceClient
+    from freemark.scheme.bundle import KeyBundle, load_bundle, save_bundle
+    from freemark.scheme.keygen import DerivationSettings
+    from freemark.scheme.triggers import TriggerSet, load_triggers, save_triggers, select_triggers
+    from freemark.verdict.decision import Verdict
+
+# Each public name and the module it lives in.
+_WHERE: dict[str, str] = {
+    "AlphaOutsidePolicyError": "freemark.errors",
+    "AlreadyRegisteredError": "freemark.errors",
+    "CoarseVerdict": "freemark.records.types",
+    "CryptoError": "freemark.errors",
+    "DeadlineExceededError": "freemark.errors",
+    "DerivationError": "freemark.errors",
+    "DerivationSettings": "freemark.scheme.keygen",
+    "derive_key": "freemark.derive",
+    "extract": "freemark.extract",
+    "fingerprint": "freemark.formats.pt2",
+    "FreemarkError": "freemark.errors",
+    "HostMismatchError": "freemark.errors",
+    "InvalidArgumentError": "freemark.errors",
+    "InvalidBundleError": "freemark.errors",
+    "InvalidInputError": "freemark.errors",
+    "InvalidModelError": "freemark.errors",
+    "InvalidReceiptError": "freemark.errors",
+    "KeyBundle": "freemark.scheme.bundle",
+    "KeyServiceClient": "freemark.rpc",
+    "load_bundle": "freemark.scheme.bundle",
+    "load_program": "freemark.formats.pt2",
+    "load_statement": "freemark.audit.receipt",
+    "load_triggers": "freemark.scheme.triggers",
+    "LogProofError": "freemark.errors",
+    "MalformedRequestError": "freemark.errors",
+    "ModelFileError": "freemark.errors",
+    "NotFoundError": "freemark.errors",
+    "NotUniqueError": "freemark.errors",
+    "PermissionDeniedError": "freemark.errors",
+    "Receipt": "freemark.records.types",
+    "RegistrationInfo": "freemark.records.types",
+    "ResourceExhaustedError": "freemark.errors",
+    "RevokedError": "freemark.errors",
+    "SandboxLimitError": "freemark.errors",
+    "SandboxTimeoutError": "freemark.errors",
+    "save_bundle": "freemark.scheme.bundle",
+    "save_program": "freemark.formats.pt2",
+    "save_statement": "freemark.audit.receipt",
+    "save_triggers": "freemark.scheme.triggers",
+    "select_triggers": "freemark.scheme.triggers",
+    "ServerError": "freemark.errors",
+    "ServerInternalError": "freemark.errors",
+    "SignedVerdict": "freemark.records.types",
+    "TooLargeError": "freemark.errors",
+    "TransportError": "freemark.errors",
+    "TriggerSet": "freemark.scheme.triggers",
+    "UnauthenticatedError": "freemark.errors",
+    "UniquenessError": "freemark.errors",
+    "UploadCorruptError": "freemark.errors",
+    "Verdict": "freemark.verdict.decision",
+    "VerdictPolicy": "freemark.records.types",
+    "VerificationFailedError": "freemark.errors",
+    "verify_receipt": "freemark.audit.receipt",
+}
 
 __all__ = [
     "AlphaOutsidePolicyError",
@@ -125,3 +195,18 @@ __all__ = [
     "select_triggers",
     "verify_receipt",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name from its module on first use (PEP 562)."""
+    try:
+        module = _WHERE[name]
+    except KeyError:
+        raise AttributeError(f"module 'freemark' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -40,7 +40,8 @@ from freemark.errors import (
     TransportError,
     error_for,
 )
-from freemark.formats import table as formats
+from freemark.formats import table
+from freemark.formats.local import upload_file
 from freemark.records.types import (
     AnyVerdict,
     Checkpoint,
@@ -79,14 +80,7 @@ DEFAULT_BACKOFF_S = 0.5  # first retry delay; doubled per retry, jittered
 MAX_BACKOFF_S = 10.0
 MAX_PAGE_SIZE = 100  # the server's limit (proto: ListRegistrationsRequest.page_size)
 
-ModelFormat = Literal["pt2", "safetensors", "hf", "onnx"]
-_FORMATS: dict[str, pb.ModelFormat.ValueType] = {
-    "pt2": pb.MODEL_FORMAT_PT2,
-    "safetensors": pb.MODEL_FORMAT_SAFETENSORS,
-    "hf": pb.MODEL_FORMAT_HF_CHECKPOINT,
-    "onnx": pb.MODEL_FORMAT_ONNX,
-}
-_HOST_FORMATS = ("pt2", "hf")
+ModelFormat = Literal["pt2", "safetensors", "hf", "onnx"]  # a row name of formats.table
 
 T = TypeVar("T")
 
@@ -139,11 +133,9 @@ def _same(request: T) -> T:
     return request
 
 
-def _format_of(path: Path, fmt: ModelFormat | None) -> pb.ModelFormat.ValueType:
-    name = fmt or formats.format_of(path)
-    if name not in _FORMATS:
-        raise InvalidInputError(f"{path}: unknown model format {name!r}")
-    return _FORMATS[name]
+def _format_of(path: Path, fmt: ModelFormat | None) -> table.ModelFormat:
+    """The format row of an upload: the one named, else the one the path is."""
+    return table.by_name(fmt) if fmt else table.detect(path)
 
 
 class _Upload:
@@ -300,16 +292,15 @@ class KeyServiceClient:
         recommended). They are fixed at registration. Raises `AlreadyRegisteredError` if
         an earlier registration already claims the model.
         """
-        host_format = formats.format_of(model_path)
-        if host_format not in _HOST_FORMATS:
-            raise InvalidInputError(f"{model_path}: a host is a .pt2 program or a Hugging Face "
-                                    "checkpoint directory")
+        host_format = _format_of(Path(model_path), None)
+        if not host_format.host:
+            raise InvalidInputError(f"{model_path}: a host is {table.names(table.HOSTS)}")
         for path in references:
-            if _format_of(Path(path), None) != pb.MODEL_FORMAT_PT2:
+            if _format_of(Path(path), None).wire != pb.MODEL_FORMAT_PT2:
                 raise InvalidInputError(f"{path}: references are registered as .pt2 programs")
         message = bundle_to_proto(bundle)
-        with formats.upload_file(model_path) as host:
-            uploads = [_Upload(host, _FORMATS[host_format], self._chunk_size, self._progress),
+        with upload_file(model_path) as host:
+            uploads = [_Upload(host, host_format.wire, self._chunk_size, self._progress),
                        *(_Upload(Path(r), pb.MODEL_FORMAT_PT2, self._chunk_size, self._progress)
                          for r in references)]
             return self._register(message, uploads)
@@ -348,10 +339,10 @@ class KeyServiceClient:
         if alpha is not None and not 0.0 < alpha < 1.0:
             raise InvalidInputError(f"alpha must be in (0, 1), got {alpha}")
         path = Path(model_path)
-        kind = _format_of(path, fmt)
+        kind = _format_of(path, fmt).wire
         if onnx_tensor and kind != pb.MODEL_FORMAT_ONNX:
             raise InvalidInputError("--onnx-tensor is for ONNX suspects only")
-        with formats.upload_file(path) as upload_path:
+        with upload_file(path) as upload_path:
             reply = self._stream(
                 self._stub.Verify, upload_path, kind,
                 lambda upload: pb.VerifyRequest(header=pb.VerifyHeader(

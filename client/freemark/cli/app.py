@@ -33,9 +33,10 @@ from freemark.errors import (
     VerificationFailedError,
 )
 from freemark.extract import extract, extract_onnx
+from freemark.formats.local import load_model, upload_file
 from freemark.formats.onnx import OnnxModel
 from freemark.formats.pt2 import fingerprint
-from freemark.formats.table import format_of, load_model, upload_file
+from freemark.formats.table import format_of
 from freemark.records.schema import signed_fields, to_json_fields
 from freemark.records.types import (
     AnyVerdict,

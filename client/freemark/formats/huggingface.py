@@ -22,9 +22,11 @@ fingerprint measured here is the one the server measures.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -265,6 +267,35 @@ def is_packed(path: str | Path) -> bool:
             return CONFIG_METADATA_KEY in (handle.metadata() or {})
     except ModelFileError:
         return False
+
+
+def is_format(path: Path) -> bool:
+    """Whether `path` is a checkpoint (the table's detection hook): a directory with a
+    config.json, or a packed `.safetensors`."""
+    if path.is_dir():
+        return is_checkpoint_dir(path)
+    return path.suffix.lower() == ".safetensors" and is_packed(path)
+
+
+def load(path: str | Path, *, weights: str | Path | None = None) -> nn.Module:
+    """A checkpoint (directory or packed file) built and loaded safely in this process;
+    `weights` (`.safetensors`) replace its own."""
+    if weights is None:
+        return load_checkpoint(path)
+    with packed(path) as single:
+        return apply_checkpoint_weights(single, weights)
+
+
+@contextlib.contextmanager
+def packed(path: str | Path) -> Iterator[Path]:
+    """The one file that stands for a checkpoint on the wire: a directory packed into a private
+    temporary `.safetensors` (removed afterwards), a packed file itself."""
+    path = Path(path)
+    if not path.is_dir():
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="freemark-pack-") as folder:
+        yield pack(path, Path(folder) / f"{path.resolve().name}.safetensors")
 
 
 def _packed_config(path: Path) -> dict[str, Any]:

@@ -77,6 +77,11 @@ def _onnx() -> Any:
     return onnx
 
 
+def is_format(path: Path) -> bool:
+    """Whether `path` names an ONNX model (the table's detection hook): by its suffix."""
+    return path.suffix.lower() == ".onnx" and not path.is_dir()
+
+
 def load_onnx(path: str | Path, *, max_bytes: int = MAX_ONNX_BYTES) -> Any:
     """Parse and vet an ONNX file (an `onnx.ModelProto`); raises ModelFileError."""
     path = Path(path)

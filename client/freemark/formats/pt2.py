@@ -14,7 +14,7 @@ its zip directory, before anything is inflated: every member stored or deflated,
 `MAX_GRAPH_JSON_BYTES` (read through a bounded inflate, so a lying header cannot make it
 longer), and at most `MAX_GRAPH_NODES` nodes in that JSON, counted before the deserializer
 sees it.
-The regression asset for the fallback lives in tests/unit/client/test_modelfile.py.
+The regression asset for the fallback lives in tests/unit/client/formats/test_pt2.py.
 """
 
 from __future__ import annotations
@@ -199,6 +199,17 @@ def _load_sample_inputs(path: str | Path, reader: Any, names: list[str]) -> tupl
     if not isinstance(loaded, (tuple, dict)):
         raise _refuse(path, "its sample inputs are not a tuple")
     return loaded
+
+
+def is_format(path: Path) -> bool:
+    """Whether `path` names a program (the table's detection hook): by its suffix."""
+    return path.suffix.lower() == ".pt2" and not path.is_dir()
+
+
+def load(path: str | Path, *, weights: str | Path | None = None) -> torch.export.ExportedProgram | nn.Module:
+    """A program loaded safely in this process; `weights` (`.safetensors`) replace its own."""
+    program = load_program(path)
+    return apply_weights(program, weights) if weights else program
 
 
 def save_program(model: nn.Module, example_inputs: tuple[Any, ...], path: str | Path, *,

@@ -14,8 +14,9 @@ import torch
 
 from freemark.errors import ModelFileError
 from freemark.formats import huggingface
+from freemark.formats.local import load_model
 from freemark.formats.pt2 import fingerprint
-from freemark.formats.table import format_of, load_model
+from freemark.formats.table import format_of
 from freemark.scheme.activations import capture
 from freemark.scheme.triggers import TriggerSet
 

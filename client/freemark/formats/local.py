@@ -1,0 +1,51 @@
+"""Opening a model in this process, through the formats table: for the owner's own files.
+
+The owner's command line and library read their own models in process (`freemark keygen`,
+`freemark extract`); the key server never does, it runs every upload in its sandbox. A
+format's module opens its files (`load`) and says what goes on the wire for them (`packed`,
+for a format whose local form is a directory); a format without `load` (ONNX, bare weights)
+is read another way and refused here with a hint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from freemark.errors import InvalidInputError
+from freemark.formats.table import detect
+
+__all__ = ["load_model", "upload_file"]
+
+_HINTS = {"onnx": "; an ONNX suspect is read at its key tensor (--onnx-tensor as needed)",
+          "safetensors": "; pass bare weights with --weights beside their architecture"}
+
+
+def load_model(path: str | Path, *, weights: str | Path | None = None
+               ) -> nn.Module | torch.export.ExportedProgram:
+    """A model of any format with a loader, loaded safely in this process; `weights`
+    (`.safetensors`) replace the model's own."""
+    row = detect(path)
+    opener = row.opener()
+    if not hasattr(opener, "load"):
+        raise InvalidInputError(f"{path}: a {row.name} file is not a model on its own here"
+                                + _HINTS.get(row.name, ""))
+    model: nn.Module | torch.export.ExportedProgram = opener.load(path, weights=weights)
+    return model
+
+
+@contextlib.contextmanager
+def upload_file(path: str | Path) -> Iterator[Path]:
+    """The one file that stands for `path` on the wire: what its format packs it into (a
+    checkpoint directory becomes a private temporary `.safetensors`, removed afterwards), any
+    other path itself."""
+    opener = detect(path).opener()
+    if not hasattr(opener, "packed"):
+        yield Path(path)
+        return
+    with opener.packed(path) as single:
+        yield single
