@@ -64,7 +64,8 @@ from tqdm import tqdm
 from freemark.derive import derive_key
 from freemark.extract import judge_activations
 from freemark.formats.pt2 import save_program
-from freemark.panel import Reference, count_for, measure_reference, read_layer
+from freemark.panel import Reference, count_for, measure_reference
+from freemark.reading import read_layer
 from freemark.rpc import KeyServiceClient
 from freemark.scheme.bundle import KeyBundle
 from freemark.scheme.triggers import TriggerSet, select_triggers
@@ -192,7 +193,7 @@ def build_width(data: Dataset, triggers: TriggerSet, units: int, plan: Plan,
         panel_models.append(trained_model(data, units, seed, plan.epochs))
         bar.update()
     bundle = derive_key(host, layer="act", triggers=triggers, owner="bench@freemark")
-    suspect_triggers, suspect_probes = read_layer(suspect, bundle)
+    suspect_triggers, suspect_probes = read_layer(suspect, bundle, probes=True)
     assert suspect_probes is not None
     panel = [measure_reference(m, bundle) for m in panel_models]
     acc = {"host": accuracy(host, data.x_test, data.y_test),

@@ -44,7 +44,7 @@ from freemark.extract import judge_activations
 from freemark.formats.huggingface import load_checkpoint
 from freemark.formats.onnx import OnnxModel
 from freemark.formats.pt2 import load_program, save_program
-from freemark.panel import probe_triggers, read_layer, split_activations
+from freemark.reading import aligns, inputs, probe_count, read_layer, split_activations
 from freemark.rpc import KeyServiceClient
 from freemark.scheme.triggers import TriggerSet, select_triggers
 from freemark_keyserver.auth import hash_token, new_token
@@ -102,15 +102,17 @@ def prepare(folder: Path, probes: int) -> tuple[dict[str, Path], Any]:
 
 
 def floor(kind: str, path: Path, bundle: Any) -> None:
-    """Load + forward at the key layer over triggers and probes + plain verdict, in process."""
+    """Load + forward at the key layer + plain verdict, in process: over the triggers, and the
+    probes only where the aligned test could use them (`freemark.reading`, as Verify reads)."""
+    probed = aligns(bundle, ())
     if kind == "onnx":
-        seen = probe_triggers(bundle)
+        seen = inputs(bundle, probes=probed)
         suspect = OnnxModel.open(path, bundle.layer)
         activations = suspect.capture(seen.inputs, seen.attention_mask, bundle.pooling)
-        triggers, probes = split_activations(activations, bundle)
+        triggers, probes = split_activations(activations, bundle, probe_count(bundle, probes=probed))
     else:
         model = load_checkpoint(path) if kind == "directory" else load_program(path)
-        triggers, probes = read_layer(model, bundle)
+        triggers, probes = read_layer(model, bundle, probes=probed)
     judge_activations(triggers, bundle, probe_activations=probes)
 
 

@@ -65,10 +65,10 @@ from _table import print_table, write_json
 from torch import nn
 
 from freemark.derive import check_uniqueness, derive_key
-from freemark.extract import aligns, judge_activations
+from freemark.extract import judge_activations
 from freemark.formats.pt2 import load_program, save_program
 from freemark.formats.pt2_vetting import vet_program
-from freemark.panel import probe_triggers, split_activations
+from freemark.reading import aligns, inputs, split_activations
 from freemark.scheme.activations import capture
 from freemark.scheme.bundle import KeyBundle, to_proto
 from freemark.scheme.probes import with_probes
@@ -848,7 +848,7 @@ def record_replay(hosts: list[Host], table: Path) -> None:
         # Register reads the triggers and the alignment probes in one run: record both.
         results[file_sha256(host.model)] = in_process_sandbox(
             host.model, layer=bundle.layer, pooling=bundle.pooling,
-            triggers=probe_triggers(bundle))
+            triggers=inputs(bundle, probes=True))
     save_replay_table(table, results)
 
 
@@ -934,7 +934,7 @@ def register_model_work_s(hosts: list[Host]) -> float:
         program = load_program(host.model)
         began = time.perf_counter()
         vet_program(load_program(host.model))
-        capture(program, host.bundle.layer, probe_triggers(host.bundle),
+        capture(program, host.bundle.layer, inputs(host.bundle, probes=True),
                 pooling=host.bundle.pooling)
         for earlier in hosts[:index]:
             capture(program, earlier.bundle.layer, earlier.bundle.triggers,

@@ -17,14 +17,8 @@ from torch import nn
 
 from freemark.errors import InvalidInputError
 from freemark.formats.onnx import OnnxModel
-from freemark.panel import (
-    Reference,
-    count_for,
-    measure_reference,
-    probe_triggers,
-    read_layer,
-    split_activations,
-)
+from freemark.panel import Reference, count_for, measure_reference
+from freemark.reading import aligns, inputs, probe_count, read_layer, split_activations
 from freemark.records.types import Verdict, VerdictTest
 from freemark.scheme.bundle import KeyBundle
 from freemark.verdict.aligned import MIN_PANEL, aligned_test
@@ -43,7 +37,7 @@ Model = nn.Module | torch.export.ExportedProgram
 
 def suspect_activations(model: Model, bundle: KeyBundle) -> np.ndarray:
     """The suspect's pooled activations on the bundle's triggers, shape-checked against the key."""
-    activations, _ = read_layer(model, bundle)
+    activations, _ = read_layer(model, bundle, probes=False)
     check_activations(activations, bundle)
     return activations
 
@@ -110,14 +104,6 @@ def judge_activations(activations: np.ndarray, bundle: KeyBundle, *, alpha: floa
     return decide(plain, aligned, fingerprints, alpha=alpha)
 
 
-def aligns(bundle: KeyBundle, panel: Sequence[Reference]) -> bool:
-    """Whether a verdict with this key and panel runs the aligned test, i.e. whether reading
-    the suspect on the alignment probes is of any use: the key has a probe profile and the
-    panel has at least `MIN_PANEL` members. Otherwise the plain test alone decides, and the
-    key server reads the triggers only."""
-    return bundle.probe_profile is not None and len(panel) >= MIN_PANEL
-
-
 def _why_untested(bundle: KeyBundle, probes: np.ndarray | None, panel: Sequence[Reference]) -> str:
     if bundle.probe_profile is None:
         return "the key has no probe profile: re-derive it with this version of freemark"
@@ -139,7 +125,7 @@ def extract(model: Model, bundle: KeyBundle, *, alpha: float = DEFAULT_ALPHA,
     models you trust (the key server runs untrusted ones in its sandbox).
     """
     panel = [measure_reference(r, bundle) for r in references]
-    triggers, probes = read_layer(model, bundle)
+    triggers, probes = read_layer(model, bundle, probes=aligns(bundle, panel))
     return judge_activations(triggers, bundle, alpha=alpha, probe_activations=probes, panel=panel,
                              n_permutations=n_permutations)
 
@@ -149,8 +135,9 @@ def extract_onnx(model: OnnxModel, bundle: KeyBundle, *, alpha: float = DEFAULT_
                  n_permutations: int = DEFAULT_PERMUTATIONS) -> Verdict:
     """`extract` for an ONNX suspect, read by onnxruntime at its key tensor."""
     panel = [measure_reference(r, bundle) for r in references]
-    seen = probe_triggers(bundle)
+    probes = aligns(bundle, panel)
+    seen = inputs(bundle, probes=probes)
     activations = model.capture(seen.inputs, seen.attention_mask, bundle.pooling)
-    triggers, probes = split_activations(activations, bundle)
-    return judge_activations(triggers, bundle, alpha=alpha, probe_activations=probes, panel=panel,
+    triggers, probed = split_activations(activations, bundle, probe_count(bundle, probes=probes))
+    return judge_activations(triggers, bundle, alpha=alpha, probe_activations=probed, panel=panel,
                              n_permutations=n_permutations)

@@ -19,10 +19,8 @@ from torch import nn
 
 from freemark.errors import InvalidInputError
 from freemark.formats.pt2 import fingerprint
-from freemark.scheme.activations import capture
+from freemark.reading import read_layer
 from freemark.scheme.bundle import KeyBundle, tensor_from_proto, tensor_to_proto
-from freemark.scheme.probes import with_probes
-from freemark.scheme.triggers import TriggerSet
 from freemark.v1 import bundle_pb2
 from freemark.verdict.aligned import matched_units
 
@@ -51,34 +49,9 @@ def count_for(reference: Reference, bundle: KeyBundle) -> int:
     return matched_units(bundle.probe_profile, reference.probe_activations)
 
 
-def probe_triggers(bundle: KeyBundle) -> TriggerSet:
-    """The triggers followed by the bundle's alignment probes: one forward pass reads both."""
-    return with_probes(bundle.triggers, bundle.probes)
-
-
-def split_activations(activations: np.ndarray, bundle: KeyBundle, probes: int | None = None
-                      ) -> tuple[np.ndarray, np.ndarray | None]:
-    """(trigger activations, probe activations or None) from a pass over the triggers and
-    `probes` probes (default: the bundle's, as `probe_triggers` makes them)."""
-    count = len(bundle.triggers)
-    probes = bundle.probes if probes is None else probes
-    if probes == 0:
-        return activations, None
-    if len(activations) != count + probes:
-        raise InvalidInputError(f"expected activations for {count} triggers and {probes} "
-                                f"probes, got {len(activations)}")
-    return activations[:count], activations[count:]
-
-
-def read_layer(model: Model, bundle: KeyBundle) -> tuple[np.ndarray, np.ndarray | None]:
-    """A model's key-layer activations on the triggers and on the probes (None without a profile)."""
-    activations, _ = capture(model, bundle.layer, probe_triggers(bundle), pooling=bundle.pooling)
-    return split_activations(activations, bundle)
-
-
 def measure_reference(model: Model, bundle: KeyBundle) -> Reference:
     """Measure one reference model for `bundle` (in process: only for models you trust)."""
-    triggers, probes = read_layer(model, bundle)
+    triggers, probes = read_layer(model, bundle, probes=True)
     if probes is None or bundle.probe_profile is None:
         # a key made before the aligned test: the plain test's null only
         return Reference(fingerprint=fingerprint(model), trigger_activations=triggers,

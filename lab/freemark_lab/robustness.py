@@ -44,7 +44,8 @@ from freemark.derive import DEFAULT_BITS, derive_key
 from freemark.errors import FreemarkError, InvalidInputError
 from freemark.extract import judge_activations
 from freemark.formats.pt2 import fingerprint
-from freemark.panel import Reference, count_for, measure_reference, read_layer
+from freemark.panel import Reference, count_for, measure_reference
+from freemark.reading import read_layer
 from freemark.records.types import VerdictTest
 from freemark.scheme.bundle import KeyBundle
 from freemark.verdict.aligned import MIN_PANEL
@@ -323,7 +324,7 @@ class Judge:
         """(the verdict the report decides on: with the panel where there is one, the plain
         verdict without the panel); None where no verdict can be given (the key layer
         changed width and there is no panel to align it)."""
-        triggers, probes = read_layer(model, self.bundle)
+        triggers, probes = read_layer(model, self.bundle, probes=True)
         alone = self._judge(triggers, probes, [])
         return (self._judge(triggers, probes, self.panel) if self.panel else alone), alone
 

@@ -23,8 +23,9 @@ import numpy as np
 from freemark.audit.registry import LogRegistry, RegistrationState
 from freemark.derive import check_uniqueness
 from freemark.errors import InvalidInputError, ModelFileError, UniquenessError
-from freemark.extract import aligns, judge_activations
+from freemark.extract import judge_activations
 from freemark.panel import Reference
+from freemark.reading import aligns
 from freemark.records import wire
 from freemark.records.types import (
     NO_PANEL,

@@ -20,12 +20,8 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from freemark.errors import InvalidInputError
-from freemark.panel import (
-    Reference,
-    reference_from_proto,
-    reference_to_proto,
-    split_activations,
-)
+from freemark.panel import Reference, reference_from_proto, reference_to_proto
+from freemark.reading import probe_count, split_activations
 from freemark.scheme.bundle import KeyBundle, from_bytes, from_proto, to_proto
 from freemark.v1 import bundle_pb2
 from freemark.v1 import keyservice_pb2 as pb
@@ -60,7 +56,7 @@ def read(run: Runner, model: Path, bundle: KeyBundle, weights: Path | None = Non
          probes: bool = True) -> Reading:
     """Run `model` once on the bundle's triggers and, with `probes`, its alignment probes
     (`run` maps sandbox failures); without them the reading's `probes` is None."""
-    count = bundle.probes if probes else 0
+    count = probe_count(bundle, probes=probes)
     result = run(model, bundle, weights, count)
     try:
         return reading_of(bundle, result.fingerprint + result.architecture_digest,
@@ -73,7 +69,7 @@ def trigger_run(bundle: KeyBundle, probes: bool) -> TriggerRun:
     """The sandbox run that reads a model with this key: its triggers, then (with `probes`)
     the key's alignment probes, which the sandbox child builds from them."""
     return TriggerRun(bundle.layer, bundle.pooling, bundle.triggers,
-                      bundle.probes if probes else 0)
+                      probe_count(bundle, probes=probes))
 
 
 def reading_of(bundle: KeyBundle, identity: bytes, activations: np.ndarray | Exception,
