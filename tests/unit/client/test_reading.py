@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import scheme_models as sm
 
-from freemark import derive_key, extract
-from freemark import reading
+import scheme_models as sm
+from freemark import derive_key, extract, reading
 from freemark.scheme.bundle import KeyBundle
 from freemark.scheme.triggers import TriggerSet, select_triggers
 from freemark.verdict.aligned import MIN_PANEL
