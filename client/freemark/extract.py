@@ -96,12 +96,12 @@ def judge_activations(activations: np.ndarray, bundle: KeyBundle, *, alpha: floa
         plain = _plain_on_other_width(activations, probe_activations, bundle, alpha)
     fingerprints = [r.fingerprint for r in panel]
     if not can_align:
-        return decide(plain, None, fingerprints, alpha=alpha, untested=_why_untested(
+        return decide(plain, [], fingerprints, alpha=alpha, untested=_why_untested(
             bundle, probe_activations, panel))
     assert bundle.probe_profile is not None and probe_activations is not None
     aligned = aligned_test(bundle.probe_profile, probe_activations,
                            [count_for(r, bundle) for r in panel])
-    return decide(plain, aligned, fingerprints, alpha=alpha)
+    return decide(plain, [aligned], fingerprints, alpha=alpha)
 
 
 def _why_untested(bundle: KeyBundle, probes: np.ndarray | None, panel: Sequence[Reference]) -> str:

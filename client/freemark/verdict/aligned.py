@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from freemark.records.types import VerdictTest
 from freemark.verdict.canon import align
 from freemark.verdict.stats import log10_exceedance_p, log10_rank_p
 
@@ -44,6 +45,13 @@ class AlignedTest:
     log10_p_value: float
     best_log10_p_value: float  # what a perfect copy would get with this panel: the test's reach
     method: str
+
+    @property
+    def entry(self) -> VerdictTest:
+        """This test's entry in the signed verdict."""
+        return VerdictTest(name="aligned", statistic=float(self.matched_units), n=self.host_units,
+                           p_value=10.0 ** self.log10_p_value, log10_p_value=self.log10_p_value,
+                           method=self.method)
 
 
 def _log10_p(count: int, units: int, panel_counts: Sequence[int]) -> float:

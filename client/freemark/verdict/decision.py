@@ -25,7 +25,7 @@ import hashlib
 import itertools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -37,7 +37,7 @@ from freemark.records.types import (  # Verdict: re-exported
     Verdict,
     VerdictTest,
 )
-from freemark.verdict.aligned import MIN_PANEL, AlignedTest
+from freemark.verdict.aligned import MIN_PANEL
 from freemark.verdict.readout import normalise
 from freemark.verdict.stats import (
     fit_betabinomial,
@@ -137,37 +137,60 @@ def suspect_vector(activations: np.ndarray, *, centred: bool = True) -> np.ndarr
     return normalise(np.asarray(activations).mean(axis=0), centred=centred)
 
 
-def decide(plain: Verdict, aligned: AlignedTest | None, panel: Sequence[bytes], *,
-           alpha: float, untested: str = "") -> Verdict:
-    """The combined verdict: the plain test, and the aligned test where a panel allowed it.
+class Test(Protocol):
+    """A test run beside the plain one (the aligned test, and whatever comes next): the entry
+    it adds to the signed verdict, and its reach, the p-value a perfect copy would get."""
 
-    With both tests the p-value is the Bonferroni-corrected minimum (2 × the smaller p),
-    valid however the two depend on each other. A non-match whose panel could not have
-    shown a match at α even for a perfect copy is `inconclusive`, not `no_match`; so is
-    one where a panel was given but is below `aligned.MIN_PANEL`. `untested` says why the
-    aligned test did not run; the plain verdict is then the decision.
+    @property
+    def entry(self) -> VerdictTest: ...
+
+    @property
+    def best_log10_p_value(self) -> float: ...
+
+
+def _listing(names: Sequence[str]) -> str:
+    """'the plain and the aligned' / 'the plain, the aligned and the x'."""
+    spelled = [f"the {name}" for name in names]
+    return spelled[0] if len(spelled) == 1 else ", ".join(spelled[:-1]) + " and " + spelled[-1]
+
+
+def decide(plain: Verdict, tests: Sequence[Test], panel: Sequence[bytes], *,
+           alpha: float, untested: str = "") -> Verdict:
+    """The combined verdict: the plain test, and every further test that ran (`tests`, in
+    the order they go into the verdict; the aligned test where a panel allowed it).
+
+    With further tests the p-value is the Bonferroni-corrected minimum (k × the smallest p
+    over k tests), valid however the tests depend on each other. A non-match whose tests
+    could not have shown a match at α even for a perfect copy (plain p = 1, every other test
+    at its reach) is `inconclusive`, not `no_match`; so is one where a panel was given but
+    no further test ran (a panel below `aligned.MIN_PANEL`). `untested` says why the aligned
+    test did not run; the plain verdict is then the decision. A new test is a module that
+    returns a `Test` and one more entry in `freemark.extract.judge_activations`' list: this
+    function does not change.
     """
     record = ReferencePanel.of(panel) if panel else NO_PANEL
     threshold = math.log10(alpha)
-    if aligned is None:
+    if not tests:
         is_match = plain.log10_p_value <= threshold
         outcome = "match" if is_match else ("inconclusive" if panel else "no_match")
         note = f"; relabelling not tested ({untested})" if untested else ""
         return dataclasses.replace(plain, p_value_method=plain.p_value_method + note,
                                    is_match=is_match, outcome=outcome, panel=record)
-    aligned_entry = VerdictTest(name="aligned", statistic=float(aligned.matched_units),
-                                n=aligned.host_units, p_value=10.0 ** aligned.log10_p_value,
-                                log10_p_value=aligned.log10_p_value, method=aligned.method)
-    log10_p = log10_bonferroni([plain.log10_p_value, aligned.log10_p_value])
+    entries = [test.entry for test in tests]
+    log10_p = log10_bonferroni([plain.log10_p_value, *(e.log10_p_value for e in entries)])
     is_match = log10_p <= threshold
-    # Could this panel have caught a relabelled copy (plain p = 1, aligned at its best)?
-    reach = log10_bonferroni([aligned.best_log10_p_value, 0.0])
+    # Could these tests have caught a copy the plain test misses (plain p = 1, the rest at
+    # their best)?
+    reach = log10_bonferroni([0.0, *(test.best_log10_p_value for test in tests)])
     outcome = "match" if is_match else ("inconclusive" if reach > threshold else "no_match")
-    method = (f"Bonferroni over the plain and the aligned test (2 × the smaller p); "
-              f"plain: {plain.p_value_method}; {aligned.method}")
+    k = len(entries) + 1
+    over = _listing(["plain", *(e.name for e in entries)])
+    method = (f"Bonferroni over {over} test{'s' if k > 2 else ''} ({k} × the "
+              f"{'smaller' if k == 2 else 'smallest'} p); plain: {plain.p_value_method}; "
+              + "; ".join(e.method for e in entries))
     return dataclasses.replace(plain, p_value=10.0 ** log10_p, log10_p_value=log10_p,
                                p_value_method=method, is_match=is_match, outcome=outcome,
-                               tests=(*plain.tests, aligned_entry), panel=record)
+                               tests=(*plain.tests, *entries), panel=record)
 
 
 def p_value_bucket(log10_p: float, alpha: float) -> tuple[float, float]:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
 import pytest
 
-from freemark.records.types import NO_PANEL, ReferencePanel
+from freemark.records.types import NO_PANEL, ReferencePanel, VerdictTest
 from freemark.verdict.aligned import MIN_PANEL, AlignedTest
 from freemark.verdict.decision import (
     decide,
@@ -101,7 +102,7 @@ PANEL = [bytes([i]) * 32 for i in range(5)]
     (-9.2, -0.2, -28.0, "no_match", -9.2 + math.log10(2)),  # 2 x p crosses back over alpha
 ])
 def test_the_combined_decision_on_small_cases(plain, aligned, best, outcome, combined) -> None:
-    verdict = decide(_plain(plain), _aligned(aligned, best), PANEL, alpha=1e-9)
+    verdict = decide(_plain(plain), [_aligned(aligned, best)], PANEL, alpha=1e-9)
     assert verdict.outcome == outcome
     assert verdict.is_match == (outcome == "match")
     assert verdict.log10_p_value == pytest.approx(min(0.0, combined))
@@ -111,13 +112,38 @@ def test_the_combined_decision_on_small_cases(plain, aligned, best, outcome, com
 
 
 def test_without_a_panel_the_plain_test_decides_and_says_relabelling_was_not_tested() -> None:
-    verdict = decide(_plain(-0.5), None, [], alpha=1e-9, untested="no reference panel")
+    verdict = decide(_plain(-0.5), [], [], alpha=1e-9, untested="no reference panel")
     assert verdict.outcome == "no_match" and verdict.panel == NO_PANEL
     assert [t.name for t in verdict.tests] == ["plain"]
     assert verdict.p_value_method.endswith("relabelling not tested (no reference panel)")
-    small = decide(_plain(-0.5), None, PANEL[:2], alpha=1e-9, untested="a panel of 2")
+    small = decide(_plain(-0.5), [], PANEL[:2], alpha=1e-9, untested="a panel of 2")
     assert small.outcome == "inconclusive" and small.panel.size == 2
-    assert decide(_plain(-12.0), None, PANEL[:2], alpha=1e-9).outcome == "match"
+    assert decide(_plain(-12.0), [], PANEL[:2], alpha=1e-9).outcome == "match"
+
+
+@dataclass(frozen=True)
+class _Another:
+    """A third test, as a new test module would return it: an entry and a reach."""
+
+    log10_p: float
+    best_log10_p_value: float
+
+    @property
+    def entry(self) -> VerdictTest:
+        return VerdictTest(name="another", statistic=1.0, n=1, p_value=10.0 ** self.log10_p,
+                           log10_p_value=self.log10_p, method="another: test")
+
+
+def test_a_further_test_joins_the_decision_without_changing_it() -> None:
+    verdict = decide(_plain(-0.1), [_aligned(-0.2, -28.0), _Another(-15.0, -30.0)], PANEL,
+                     alpha=1e-9)
+    assert [t.name for t in verdict.tests] == ["plain", "aligned", "another"]
+    assert verdict.log10_p_value == pytest.approx(-15.0 + math.log10(3))
+    assert verdict.outcome == "match"
+    assert verdict.p_value_method.startswith(
+        "Bonferroni over the plain, the aligned and the another tests (3 × the smallest p)")
+    weak = decide(_plain(-0.1), [_aligned(-0.2, -8.0), _Another(-0.3, -8.5)], PANEL, alpha=1e-9)
+    assert weak.outcome == "inconclusive"  # no test could reach 1e-9 after the correction
 
 
 def _related(z: np.ndarray, rng: np.random.Generator, noise: float) -> np.ndarray:
