@@ -1,7 +1,8 @@
 """`freemark attack`: run a robustness suite from a TOML config and write its report.
 
-Usable as a subcommand of the `freemark` CLI (`add_attack_parser`, `run_attack`) and on
-its own: `python -m freemark_lab.attack_cli --config quick`. `--config` takes a TOML file
+A subcommand of the `freemark` CLI, found through the `freemark.commands` entry point this
+distribution declares (`add_attack_parser`), and runnable as `python -m
+freemark_lab.attack_cli --config quick`, which is the same command. `--config` takes a TOML file
 or the name of a built-in suite (freemark_lab/configs/: digits, minilm, mnist, quick).
 Exit status: 0, or 1 when an independent null model was matched (a false positive, which
 would make every verdict of that key worthless), or 2 on a bad config.
@@ -14,7 +15,6 @@ import json
 import sys
 from collections.abc import Sequence
 
-from freemark.errors import FreemarkError
 from freemark_lab.configs import BUILTIN, config_path
 
 DEFAULT_OUT = "out/robustness"
@@ -56,19 +56,10 @@ def run_attack(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry point (`python -m freemark_lab.attack_cli`)."""
-    parser = argparse.ArgumentParser(prog="freemark attack", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_attack(args)
-    except FreemarkError as exc:
-        print(f"freemark: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("freemark: interrupted", file=sys.stderr)
-        return 130
+    """Standalone entry point (`python -m freemark_lab.attack_cli ...`): `freemark attack ...`."""
+    from freemark.cli import main as freemark
+
+    return freemark(["attack", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

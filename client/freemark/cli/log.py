@@ -7,8 +7,8 @@ since the last run, 1 with one `ALARM` line on a fork, a shrink, another origin,
 signature, time going backwards or entries that do not make the signed root, 2 on any other
 error (the server unreachable, a bad argument). The state is replaced only after a clean run.
 
-The parsers are added to the `freemark` command by `freemark.cli.app`, which passes the helpers
-that read the connection flags (this module does not import the CLI, to avoid a cycle).
+The parsers are added to the `freemark` command by `freemark.cli.app` (`log`) and by
+`freemark.cli.receipts` (`receipt status`).
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import argparse
 import base64
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from freemark.audit.monitor import check_log, load_state, save_state, verify_entries
 from freemark.audit.receipt import load_statement, verify_receipt
 from freemark.audit.registry import LogRegistry, RegistrationState
+from freemark.cli.common import Subparsers, add_connection, add_origin, client
 from freemark.cli.display import print_fields, print_json, print_rows
 from freemark.errors import InvalidInputError, InvalidReceiptError, LogProofError
 from freemark.records.types import Receipt
@@ -32,9 +32,6 @@ from freemark.tlog import merkle
 from freemark.tlog.signatures import Verifier
 
 __all__ = ["add_log_parser", "add_status_parser", "load_verifier", "receipt_status"]
-
-Client = Callable[[argparse.Namespace], KeyServiceClient]
-
 
 def load_verifier(path: str) -> Verifier:
     """The TTP's public key from a PEM file, as an input error if unusable."""
@@ -55,7 +52,7 @@ def _entry_json(index: int, entry: bytes) -> dict[str, Any]:
             "body_b64": base64.b64encode(entry).decode("ascii")}
 
 
-def _cmd_entries(args: argparse.Namespace, client: Client) -> int:
+def _cmd_entries(args: argparse.Namespace) -> int:
     if args.start < 0 or args.end <= args.start:
         raise InvalidInputError("give --start >= 0 and --end above it")
     with client(args) as ttp:
@@ -74,7 +71,7 @@ def _cmd_entries(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
-def _cmd_monitor(args: argparse.Namespace, client: Client) -> int:
+def _cmd_monitor(args: argparse.Namespace) -> int:
     verifier = load_verifier(args.public_key)
     previous = load_state(args.state)
     try:
@@ -120,7 +117,7 @@ def receipt_status(ttp: KeyServiceClient, receipt: Receipt, verifier: Verifier,
     return state, head
 
 
-def _cmd_status(args: argparse.Namespace, client: Client) -> int:
+def _cmd_status(args: argparse.Namespace) -> int:
     pem = _read(args.public_key)
     statement = load_statement(args.file)
     if not isinstance(statement, Receipt):
@@ -155,9 +152,7 @@ def _read(path: str) -> bytes:
         raise InvalidInputError(f"{path}: {exc.strerror or exc}") from exc
 
 
-def add_status_parser(receipts: argparse._SubParsersAction,  # type: ignore[type-arg]
-                      connection: Callable[[argparse.ArgumentParser], None],
-                      origin: Callable[[argparse.ArgumentParser], None], client: Client) -> None:
+def add_status_parser(receipts: Subparsers) -> None:
     """`freemark receipt status RECEIPT`: active or revoked, as the log says."""
     q = receipts.add_parser("status", help="is a registration active or revoked? read from the "
                             "log's entries, checked against its signed root; exit 1 if the "
@@ -165,22 +160,20 @@ def add_status_parser(receipts: argparse._SubParsersAction,  # type: ignore[type
     q.add_argument("file", help="receipt JSON, as register --json prints it")
     q.add_argument("--public-key", required=True,
                    help="the key server's public key PEM, obtained out of band")
-    origin(q)
-    connection(q)
-    q.set_defaults(handler=lambda args: _cmd_status(args, client))
+    add_origin(q)
+    add_connection(q)
+    q.set_defaults(handler=_cmd_status)
 
 
-def add_log_parser(subparsers: argparse._SubParsersAction,  # type: ignore[type-arg]
-                   connection: Callable[[argparse.ArgumentParser], None],
-                   origin: Callable[[argparse.ArgumentParser], None], client: Client) -> None:
+def add_log_parser(subparsers: Subparsers) -> None:
     """`freemark log entries|monitor`, with the CLI's connection and origin flags."""
     p = subparsers.add_parser("log", help="read the key server's log and monitor it")
     log = p.add_subparsers(dest="action", required=True)
     q = log.add_parser("entries", help="print log entries [start, end)")
     q.add_argument("--start", type=int, required=True, help="first index")
     q.add_argument("--end", type=int, required=True, help="one past the last index")
-    connection(q)
-    q.set_defaults(handler=lambda args: _cmd_entries(args, client))
+    add_connection(q)
+    q.set_defaults(handler=_cmd_entries)
     q = log.add_parser("monitor", help="check that the log only grew since the last run; "
                        "exit 1 on a fork, shrink, wrong origin, bad signature or time going "
                        "backwards")
@@ -188,6 +181,6 @@ def add_log_parser(subparsers: argparse._SubParsersAction,  # type: ignore[type-
                    "(created on the first run, replaced atomically after each clean one)")
     q.add_argument("--public-key", required=True,
                    help="the key server's public key PEM, obtained out of band")
-    origin(q)
-    connection(q)
-    q.set_defaults(handler=lambda args: _cmd_monitor(args, client))
+    add_origin(q)
+    add_connection(q)
+    q.set_defaults(handler=_cmd_monitor)

@@ -308,7 +308,7 @@ def test_the_offline_verdict_json_reads_back_through_the_same_field_list() -> No
 
 
 def test_the_cli_verdict_table_shows_every_signed_field() -> None:
-    from freemark.cli.app import _verdict_fields
+    from freemark.cli.common import verdict_fields as _verdict_fields
 
     rows = _verdict_fields(LOG.verdict(3))
     for spec in signed_fields(SignedVerdict):

@@ -1,0 +1,164 @@
+"""`freemark register|verify|registrations|revoke|public-key`: talking to the key server."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from freemark.cli.common import (
+    Subparsers,
+    add_connection,
+    client,
+    headline,
+    receipt_fields,
+    registration_fields,
+    verdict_fields,
+)
+from freemark.cli.display import print_fields, print_json, print_rows
+from freemark.errors import InvalidInputError
+from freemark.records.types import RegistrationInfo
+from freemark.records.wire import receipt_to_json, registration_to_json, verdict_to_json
+from freemark.scheme.bundle import load_bundle
+from freemark.tlog.note import verifier_key
+from freemark.tlog.signatures import Verifier
+from freemark.verdict.decision import DEFAULT_ALPHA
+
+__all__ = ["add_parsers"]
+
+
+def _cmd_register(args: argparse.Namespace) -> int:
+    bundle = load_bundle(args.key)
+    with client(args) as ttp:
+        receipt = ttp.register(bundle, Path(args.model),
+                                  references=[Path(r) for r in args.reference])
+    if args.json:
+        print_json(receipt_to_json(receipt))
+    else:
+        print_fields("registered (save the receipt with --json: it is your evidence of "
+                     "priority)", receipt_fields(receipt))
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    if args.weights is None and args.model is None:
+        raise InvalidInputError(
+            "give the suspect as --model SUSPECT (.pt2, checkpoint directory or .onnx) or "
+            "--weights S.safetensors"
+        )
+    suspect = Path(args.weights) if args.weights is not None else Path(args.model)
+    with client(args) as ttp:
+        verdict = ttp.verify(args.registration, suspect,
+                                fmt="safetensors" if args.weights is not None else None,
+                                alpha=args.alpha, onnx_tensor=args.onnx_tensor)
+    if args.json:
+        print_json(verdict_to_json(verdict))
+    else:
+        title = headline(verdict)
+        print_fields(f"signed verdict: {title}", verdict_fields(verdict))
+    return 0
+
+
+def _cmd_registrations_list(args: argparse.Namespace) -> int:
+    with client(args) as ttp:
+        infos = list(ttp.list_registrations(page_size=args.page_size))
+    if args.json:
+        print_json({"registrations": [registration_to_json(info) for info in infos]})
+    elif not infos:
+        print("no registrations")
+    else:
+        columns = ["registration_id", "owner", "integrated_time", "layer", "n_bits",
+                   "log_index", "revoked_at"]
+        rows = [[registration_fields(info)[c] for c in columns] for info in infos]
+        print_rows(columns, rows)
+    return 0
+
+
+def _show_registration(args: argparse.Namespace, title: str, info: RegistrationInfo) -> None:
+    if args.json:
+        print_json(registration_to_json(info))
+    else:
+        print_fields(title, registration_fields(info))
+
+
+def _cmd_registrations_show(args: argparse.Namespace) -> int:
+    with client(args) as ttp:
+        info = ttp.get_registration(args.registration_id)
+    _show_registration(args, f"registration {info.registration_id}", info)
+    return 0
+
+
+def _cmd_revoke(args: argparse.Namespace) -> int:
+    with client(args) as ttp:
+        info = ttp.revoke(args.registration_id, reason=args.reason)
+    _show_registration(args, f"revoked {info.registration_id}", info)
+    return 0
+
+
+def _cmd_public_key(args: argparse.Namespace) -> int:
+    with client(args) as ttp:
+        pem, origin = ttp.log_key()
+    try:
+        verifier = Verifier.from_pem(pem)
+        note_key = verifier_key(origin, verifier)
+    except ValueError as exc:
+        raise InvalidInputError(f"the server's public key or origin is unusable: {exc}") from exc
+    if args.out:
+        Path(args.out).write_bytes(pem)
+    shown = {"key_id": verifier.key_id, "origin": origin, "note_verifier_key": note_key}
+    if args.json:
+        print_json({**shown, "pem": pem.decode("ascii"), "out": args.out})
+    elif args.out:
+        print_fields("public key written (pin it and the origin)", {**shown, "out": args.out})
+    else:
+        sys.stdout.write(pem.decode("ascii"))
+    return 0
+
+
+
+def add_parsers(sub: Subparsers) -> None:
+    """`register`, `verify`, `registrations list|show`, `revoke` and `public-key`."""
+    p = sub.add_parser("register", help="register a key and its host model with the key server")
+    p.add_argument("--key", required=True, help="key bundle .fmk")
+    p.add_argument("--model", required=True, help="host model: a torch.export .pt2 or a "
+                   "Hugging Face checkpoint directory (packed into one file for the upload)")
+    p.add_argument("--reference", action="append", default=[], metavar="R.pt2",
+                   help="an independently trained model of the host's architecture (repeat; "
+                        "3 or more enable the aligned test, which sees through relabelled, "
+                        "rescaled or padded copies; fixed at registration)")
+    add_connection(p)
+    p.set_defaults(handler=_cmd_register)
+
+    p = sub.add_parser("verify", help="ask the key server for a signed verdict on a suspect")
+    p.add_argument("--registration", required=True, help="registration id")
+    p.add_argument("--model", help="suspect: .pt2, Hugging Face checkpoint directory or .onnx")
+    p.add_argument("--onnx-tensor", help="ONNX suspects: the key layer's tensor name (default: "
+                   "found by the server from the layer's module name)")
+    p.add_argument("--weights", help="suspect .safetensors; uploaded instead of --model and "
+                   "applied by the server to the architecture registered with the host")
+    p.add_argument("--alpha", type=float, help=f"significance level (default {DEFAULT_ALPHA}); "
+                   "the server refuses one outside its verdict policy's range")
+    add_connection(p)
+    p.set_defaults(handler=_cmd_verify)
+
+    p = sub.add_parser("registrations", help="list or show your registrations")
+    regs = p.add_subparsers(dest="action", required=True)
+    q = regs.add_parser("list", help="every registration you may see")
+    q.add_argument("--page-size", type=int, default=20, help="registrations per request")
+    add_connection(q)
+    q.set_defaults(handler=_cmd_registrations_list)
+    q = regs.add_parser("show", help="one registration's metadata")
+    q.add_argument("registration_id")
+    add_connection(q)
+    q.set_defaults(handler=_cmd_registrations_show)
+
+    p = sub.add_parser("revoke", help="revoke a registration (it stays in the log)")
+    p.add_argument("registration_id")
+    p.add_argument("--reason", default="", help="recorded with the revocation")
+    add_connection(p)
+    p.set_defaults(handler=_cmd_revoke)
+
+    p = sub.add_parser("public-key", help="fetch the key server's public key (PEM)")
+    p.add_argument("--out", help="write the PEM here instead of printing it")
+    add_connection(p)
+    p.set_defaults(handler=_cmd_public_key)
