@@ -42,6 +42,8 @@ proto-check: proto
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check client keyserver lab tests bench examples
 	$(VENV)/bin/mypy client/freemark keyserver/freemark_keyserver lab/freemark_lab
+	# The floor plan: the import contracts in pyproject.toml ([tool.importlinter]).
+	$(VENV)/bin/lint-imports --no-logo --cache-dir .cache/import-linter
 
 test: $(INSTALLED) postgres
 	$(PY) -m pytest -q
