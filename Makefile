@@ -42,6 +42,8 @@ proto-check: proto
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check client keyserver lab tests bench examples
 	$(VENV)/bin/mypy client/freemark keyserver/freemark_keyserver lab/freemark_lab
+	# The floor plan: the import contracts in pyproject.toml ([tool.importlinter]).
+	$(VENV)/bin/lint-imports --no-logo --cache-dir .cache/import-linter
 
 test: $(INSTALLED) postgres
 	$(PY) -m pytest -q
@@ -53,6 +55,7 @@ bench: $(INSTALLED) postgres
 	mkdir -p out
 	$(PY) bench/scheme.py --json out/bench_scheme.json
 	$(PY) bench/robustness.py --out out/robustness
+	$(PY) bench/extract.py --json out/bench_extract.json
 	PYTHONPATH=client:keyserver:lab:tests $(PY) bench/keyserver.py --json out/bench_keyserver.json
 	PYTHONPATH=client:keyserver:lab:tests $(PY) bench/aligned.py --json out/bench_aligned.json
 	PYTHONPATH=client:keyserver:lab:tests $(PY) bench/formats.py --repeats 3 --json out/bench_formats.json
