@@ -14,7 +14,7 @@ with `--probes` alignment probes (default 256; the library's default is 1,024, w
 forward pass, not the format overheads measured here).
 
 Floor, per format, in this process with one thread (as the sandbox runs): load the file with
-the library's safe loader (`hfmodel.load_checkpoint`, `modelfile.load_program`,
+the library's safe loader (`huggingface.load_checkpoint`, `pt2.load_program`,
 `OnnxModel.open`), one forward pass over triggers and probes at the key layer, and the plain
 verdict (`extract.judge_activations`). Register and Verify: a real key server in this process
 (`create_server` on port 0, a fresh sandbox subprocess per model, SQLite), the owner's

@@ -9,7 +9,7 @@ checks stop at the width check.
 
 `in_process_sandbox` answers what the sandbox answers, by calling the sandbox worker's own
 loading, vetting and capture code in this process: the tests that use it are about storage,
-ordering and load, not isolation (tests/unit/keyserver/test_sandbox.py covers that), and a
+ordering and load, not isolation (tests/unit/keyserver/sandbox/test_sandbox.py covers that), and a
 real worker costs 2-3 s of CPU per run to import torch.
 """
 

@@ -15,7 +15,7 @@ Quick start::
     freemark.save_statement("receipt.json", receipt)
     freemark.verify_receipt(freemark.load_statement("receipt.json"), ttp_public_key_pem)
 
-The floor plan (design §2), lowest layer first: `errors` and the generated `v1`; `scheme` (the
+The floor plan (docs/design.md §2), lowest layer first: `errors` and the generated `v1`; `scheme` (the
 key's parts: watermark, triggers, probes, activations, keygen, bundle) and `tlog` (signatures,
 signed notes, Merkle); `formats` (one table of model formats, one module per format) and
 `records` (the signed records and their one conversion); `verdict` (statistics and the

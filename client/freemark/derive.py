@@ -105,7 +105,7 @@ def probe_profile(model: Model, layer: str, triggers: TriggerSet, pooling: int,
 
 def check_uniqueness(key: np.ndarray, bits: np.ndarray, host_z: np.ndarray,
                      reference_z: Sequence[np.ndarray] = ()) -> None:
-    """Refuse a key that a null-panel member decodes (design §1.1, uniqueness).
+    """Refuse a key that a null-panel member decodes (docs/design.md §1.1, uniqueness).
 
     Two checks: (1) the typical (median) random relabelling of the host's own units must
     not decode the watermark, which catches keys that read a direction every model shares

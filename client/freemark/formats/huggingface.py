@@ -58,7 +58,7 @@ PICKLED_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.
 
 # Encoders whose forward is (input_ids, attention_mask, ...), as freemark's token triggers
 # call them, whose classes have no tied weights (so every weight is in the file and the
-# fingerprint covers it), and which are tested in tests/unit/client/test_hfmodel.py.
+# fingerprint covers it), and which are tested in tests/unit/client/formats/test_huggingface.py.
 # Masked-LM heads tie their decoder to the embeddings and are left out; decoders (GPT-2,
 # Llama) take no attention-mask-first convention here and are left out too.
 ARCHITECTURES: dict[str, tuple[str, tuple[str, ...]]] = {

@@ -16,7 +16,7 @@ field list (`freemark.records.schema`). Everything here is generic over that lis
   signed body they travel with.
 
 Adding a field to a signed record: one `signed(...)` line in `freemark.records.types`, the proto
-field of the same name (tests/unit/client/test_wire.py fails until it exists), and the value
+field of the same name (tests/unit/client/records/test_wire.py fails until it exists), and the value
 where the server builds the body. A new record kind (a revocation, say) is one dataclass
 with `KIND`, its proto message in `_PROTO`, its pair of functions here and an entry in
 `_STATEMENTS` and `statement_from_json`'s readers.

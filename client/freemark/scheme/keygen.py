@@ -1,6 +1,6 @@
 """Key derivation: grow a secret key A from a random anchor so that sign(A z) = b on the host.
 
-Design §1.1. We minimise, by full-batch gradient descent,
+docs/design.md §1.1. We minimise, by full-batch gradient descent,
 
     L(A) = Σ_j Σ_c relu(m' − s_j (A z_c)_j)²  +  λ ‖A − A₀‖²  (+ η Σ_j Σ_n (A z_n)_j²)
 

@@ -76,7 +76,7 @@ def _mixed(inputs: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarr
     """Mixes, shifts and noise, built `_CHUNK_VALUES` at a time: a 224 x 224 image key's 1,024
     probes are 0.6 GB as float32, and building them whole in float64 took four times that.
     The generator is drawn in the same order as one whole pass would, so the probes do not
-    depend on the chunking (tests/unit/client/test_probes.py pins them)."""
+    depend on the chunking (tests/unit/client/scheme/test_probes.py pins them)."""
     x = np.asarray(inputs, dtype=np.float64)
     first = rng.integers(len(x), size=count)
     second = rng.integers(len(x), size=count)

@@ -1,4 +1,4 @@
-"""The watermark bits b, bound to the owner and a random nonce (design §1.1).
+"""The watermark bits b, bound to the owner and a random nonce (docs/design.md §1.1).
 
 b is not free-form: anyone holding (owner, nonce) can recompute it, so the TTP can
 check that a registered watermark belongs to the registering owner, and a thief

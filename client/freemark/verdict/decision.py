@@ -1,6 +1,6 @@
 """Judging a suspect: matches, BER, and a p-value calibrated against a realistic null.
 
-Design §1.1. The naive binomial p-value treats the N extracted bits as independent fair
+docs/design.md §1.1. The naive binomial p-value treats the N extracted bits as independent fair
 coins, but every bit reads the same activation vector, so an unrelated model that happens
 to correlate with the host flips many bits together. We measure that dependence on a null
 sample (the key applied to random permutations of the suspect's own units, plus any

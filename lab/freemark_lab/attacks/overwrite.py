@@ -2,7 +2,7 @@
 
 Anyone can derive a valid key for any model (derivation never touches the weights), so a
 key on its own proves nothing about who made a model. What decides is registration
-order in the TTP's append-only log (design §1.2): the owner registered the host before
+order in the TTP's append-only log (docs/design.md §1.2): the owner registered the host before
 releasing it; the thief can only register after stealing it. This module simulates that
 log locally (the real TTP is built elsewhere) with injected time stamps and shows:
 

@@ -1,6 +1,6 @@
 """Safe model loading: real programs load; pickled payloads, compiled code and garbage are refused.
 
-Regression asset for the `torch.export.load` fallback (design §4): a `.pt2` whose sample
+Regression asset for the `torch.export.load` fallback (docs/design.md §4): a `.pt2` whose sample
 inputs were replaced by a crafted `torch.save` payload. Plain `torch.export.load` runs it;
 `load_program` must refuse it without running it.
 """
