@@ -581,7 +581,7 @@ def log_and_sign_s(db: str, signer: SigningKey, repeats: int) -> float:
             entry = store.append("bench", lambda i, t: canonical_json({**body, "log_index": i}))
             signer.sign(entry.entry)
             leaves = store.leaf_hashes(entry.index + 1)
-            checkpoint = merkle.Checkpoint(origin="bench", tree_size=len(leaves),
+            checkpoint = merkle.TreeHead(origin="bench", tree_size=len(leaves),
                                            root_hash=merkle.root(leaves), timestamp=0)
             signed = merkle.sign_checkpoint(signer, checkpoint)
             store.add_checkpoint(StoredCheckpoint(len(leaves), signed.note))

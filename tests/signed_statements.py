@@ -135,7 +135,7 @@ class SignedLog:
 
 def sign_checkpoint(signer: SigningKey, leaves: Sequence[bytes]) -> Checkpoint:
     """A checkpoint over `leaves` signed by `signer`, in the wire form."""
-    checkpoint = merkle.Checkpoint(
+    checkpoint = merkle.TreeHead(
         origin=ORIGIN,
         tree_size=len(leaves),
         root_hash=merkle.root(leaves),

@@ -124,7 +124,7 @@ def verify_entries(entries: Sequence[bytes], start: int, frontier: merkle.Fronti
 
 
 def _opened(checkpoint: Checkpoint, verifier: Verifier, origin: str | None, what: str
-            ) -> merkle.Checkpoint:
+            ) -> merkle.TreeHead:
     try:
         parsed = merkle.open_checkpoint(checkpoint.note, verifier, origin)
     except LogProofError as exc:
@@ -134,8 +134,8 @@ def _opened(checkpoint: Checkpoint, verifier: Verifier, origin: str | None, what
     return parsed
 
 
-def _check_extension(source: LogSource, verifier: Verifier, old: merkle.Checkpoint,
-                     new: merkle.Checkpoint) -> None:
+def _check_extension(source: LogSource, verifier: Verifier, old: merkle.TreeHead,
+                     new: merkle.TreeHead) -> None:
     """Raise unless the signed tree `new` extends the signed tree `old`."""
     merkle.check_successor(old, new)
     if new.tree_size == old.tree_size:

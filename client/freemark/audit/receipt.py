@@ -100,7 +100,7 @@ def _check_canonical(body: bytes, what: str) -> dict[str, Any]:
 
 
 def _verified_checkpoint(checkpoint: Checkpoint, verifier: Verifier, origin: str | None
-                         ) -> merkle.Checkpoint:
+                         ) -> merkle.TreeHead:
     try:
         parsed = merkle.parse_checkpoint(checkpoint.note)
     except merkle.LogProofError as exc:
@@ -123,7 +123,7 @@ def _verified_checkpoint(checkpoint: Checkpoint, verifier: Verifier, origin: str
 
 
 def verify_checkpoint(checkpoint: Checkpoint, public_key_pem: bytes, *,
-                      origin: str | None = None) -> merkle.Checkpoint:
+                      origin: str | None = None) -> merkle.TreeHead:
     """Check a checkpoint's signed note (and its origin, if pinned); return its contents."""
     return _verified_checkpoint(checkpoint, _verifier(public_key_pem), origin)
 
@@ -131,7 +131,7 @@ def verify_checkpoint(checkpoint: Checkpoint, public_key_pem: bytes, *,
 def verify_consistency_proof(
     proof: ConsistencyProof, older: Checkpoint, public_key_pem: bytes, *,
     origin: str | None = None,
-) -> merkle.Checkpoint:
+) -> merkle.TreeHead:
     """Raise unless the log signed in `older` is a prefix of the one signed in `proof`.
 
     This is how a holder of an old receipt checks the log only ever grew since: fetch a

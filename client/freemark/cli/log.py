@@ -95,7 +95,7 @@ def _cmd_monitor(args: argparse.Namespace) -> int:
 
 
 def receipt_status(ttp: KeyServiceClient, receipt: Receipt, verifier: Verifier,
-                   origin: str | None) -> tuple[RegistrationState, merkle.Checkpoint]:
+                   origin: str | None) -> tuple[RegistrationState, merkle.TreeHead]:
     """A receipt's registration as the whole log says it is now, or raise.
 
     The latest checkpoint must be signed (under `origin`, if pinned), every entry up to it

@@ -85,7 +85,7 @@ class SignedStatement:
 class Checkpoint:
     """A signed log checkpoint as served: `note` is the exact C2SP signed note.
 
-    The note's text is a `freemark.tlog.merkle.Checkpoint` (origin, tree size, root, time; read it
+    The note's text is a `freemark.tlog.merkle.TreeHead` (origin, tree size, root, time; read it
     with `freemark.tlog.merkle.parse_checkpoint`); `tree_size` and `root_hash` repeat it, and
     `freemark.audit.receipt.verify_checkpoint` checks the signature and that they agree.
     """

@@ -33,10 +33,10 @@ from freemark.tlog.signatures import Verifier
 __all__ = [
     "EMPTY_ROOT",
     "HASH_BYTES",
-    "Checkpoint",
     "Frontier",
     "LogProofError",
     "SignedCheckpoint",
+    "TreeHead",
     "audit_entries",
     "check_successor",
     "consistency_proof",
@@ -299,8 +299,9 @@ def _shift_while_odd(fn: int, sn: int) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
-class Checkpoint:
-    """A tree head the TTP commits to: the log `origin` held `tree_size` entries with this root.
+class TreeHead:
+    """A tree head the TTP commits to: the log `origin` held `tree_size` entries with this root
+    (the text of a checkpoint; `freemark.records.types.Checkpoint` is the signed note as served).
 
     Written as a C2SP tlog-checkpoint (c2sp.org/tlog-checkpoint): the origin, the tree size in
     decimal and the base64 root, one line each, then one extension line ``time <seconds>``.
@@ -330,7 +331,7 @@ class Checkpoint:
         return f"{self.origin}\n{self.tree_size}\n{root}\n{_TIME}{self.timestamp}\n"
 
     @classmethod
-    def from_text(cls, text: str) -> Checkpoint:
+    def from_text(cls, text: str) -> TreeHead:
         """The checkpoint whose `to_text()` is exactly `text`; `LogProofError` otherwise.
 
         The one reader of a checkpoint text: it refuses a missing or empty line, a size with
@@ -384,21 +385,21 @@ def _root(text: str) -> bytes:
 class SignedCheckpoint:
     """A checkpoint and the signed note (`note` bytes) that carries it."""
 
-    checkpoint: Checkpoint
+    checkpoint: TreeHead
     note: bytes
 
 
-def sign_checkpoint(signer: NoteSigner, checkpoint: Checkpoint) -> SignedCheckpoint:
+def sign_checkpoint(signer: NoteSigner, checkpoint: TreeHead) -> SignedCheckpoint:
     """Sign a checkpoint as a note under the key name `checkpoint.origin` (as the spec says)."""
     return SignedCheckpoint(checkpoint, sign_note(checkpoint.to_text(), checkpoint.origin, signer))
 
 
-def parse_checkpoint(note: bytes) -> Checkpoint:
+def parse_checkpoint(note: bytes) -> TreeHead:
     """The checkpoint a note carries, format checked, signature NOT checked."""
-    return Checkpoint.from_text(parse_note(note).text)
+    return TreeHead.from_text(parse_note(note).text)
 
 
-def open_checkpoint(note: bytes, verifier: Verifier, origin: str | None = None) -> Checkpoint:
+def open_checkpoint(note: bytes, verifier: Verifier, origin: str | None = None) -> TreeHead:
     """The checkpoint in `note` once its log signature verifies; `LogProofError` otherwise.
 
     `origin`, when given (pinned by the caller), must be the checkpoint's: a checkpoint of
@@ -433,7 +434,7 @@ def audit_entries(
     own entries.
     """
     tree = _Subtrees([leaf_hash(entry) for entry in entries])
-    previous: Checkpoint | None = None
+    previous: TreeHead | None = None
     for position, note in enumerate(notes):
         try:
             current = open_checkpoint(note, verifier, origin)
@@ -444,7 +445,7 @@ def audit_entries(
         origin = current.origin
 
 
-def _audit_checkpoint(tree: _Subtrees, previous: Checkpoint | None, current: Checkpoint) -> None:
+def _audit_checkpoint(tree: _Subtrees, previous: TreeHead | None, current: TreeHead) -> None:
     if current.tree_size > tree.size:
         raise LogProofError(
             f"claims {current.tree_size} entries but the log holds {tree.size}: "
@@ -467,7 +468,7 @@ def _audit_checkpoint(tree: _Subtrees, previous: Checkpoint | None, current: Che
         )
 
 
-def check_successor(previous: Checkpoint, current: Checkpoint) -> None:
+def check_successor(previous: TreeHead, current: TreeHead) -> None:
     """Raise unless `current` may follow `previous`: same log, no shrink, time not backwards.
 
     What it cannot see (the same size with another root, a tree that is not an extension) the

@@ -1,6 +1,6 @@
 """C2SP signed notes (c2sp.org/signed-note): text signed by one or more named Ed25519 keys.
 
-The log's checkpoints are signed notes (`freemark.tlog.merkle.Checkpoint.to_text` is the text), so
+The log's checkpoints are signed notes (`freemark.tlog.merkle.TreeHead.to_text` is the text), so
 any tool of the transparency-log ecosystem (Go's `note` package, witnesses, monitors) can read
 and check them, and a witness can add its cosignature as one more line without touching ours.
 

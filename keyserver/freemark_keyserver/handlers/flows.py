@@ -184,7 +184,7 @@ def _checkpoint(ctx: Context, size: int | None = None) -> Checkpoint:
     if stored is None:
         leaves = ctx.store.leaf_hashes(size)
         last = ctx.store.entries(size - 1, size)[0].created_at // 1_000_000 if size else 0
-        checkpoint = merkle.Checkpoint(origin=ctx.config.origin, tree_size=size,
+        checkpoint = merkle.TreeHead(origin=ctx.config.origin, tree_size=size,
                                        root_hash=merkle.root(leaves), timestamp=last)
         signed = merkle.sign_checkpoint(ctx.signer, checkpoint)
         ctx.store.add_checkpoint(StoredCheckpoint(size, signed.note))

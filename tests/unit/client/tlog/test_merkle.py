@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 from freemark.tlog.merkle import (
     EMPTY_ROOT,
-    Checkpoint,
     Frontier,
     LogProofError,
+    TreeHead,
     audit_entries,
     consistency_proof,
     inclusion_proof,
@@ -314,7 +314,7 @@ CHECKPOINT_SIZES = [0, 1, 4, 4, 9, 16, 23]
 def _checkpoint(entries: list[bytes], size: int, timestamp: int, origin: str = ORIGIN,
                 signer: SigningKey = SIGNER) -> bytes:
     tree_root = root([leaf_hash(entry) for entry in entries[:size]])
-    return sign_checkpoint(signer, Checkpoint(origin, size, tree_root, timestamp)).note
+    return sign_checkpoint(signer, TreeHead(origin, size, tree_root, timestamp)).note
 
 
 def _history() -> list[bytes]:
@@ -332,7 +332,7 @@ def test_a_signed_checkpoint_opens_to_what_was_signed() -> None:
 
 
 def test_the_note_is_a_c2sp_checkpoint_signed_under_the_origin() -> None:
-    checkpoint = Checkpoint(ORIGIN, 2, bytes(range(32)), 1_700_000_000)
+    checkpoint = TreeHead(ORIGIN, 2, bytes(range(32)), 1_700_000_000)
     text = checkpoint.to_text()
     assert text == ("freemark.test/log\n2\nAAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n"
                     "time 1700000000\n")
@@ -345,7 +345,7 @@ def test_the_note_is_a_c2sp_checkpoint_signed_under_the_origin() -> None:
     public = SIGNER.verifier().public_bytes()
     assert raw[:4] == hashlib.sha256(ORIGIN.encode() + b"\n\x01" + public).digest()[:4]
     SIGNER.verifier().verify(raw[4:], text.encode())  # Ed25519 over the text, newline included
-    assert Checkpoint.from_text(text) == checkpoint
+    assert TreeHead.from_text(text) == checkpoint
 
 
 MALFORMED_TEXTS = {
@@ -367,7 +367,7 @@ MALFORMED_TEXTS = {
 @pytest.mark.parametrize("text", MALFORMED_TEXTS.values(), ids=MALFORMED_TEXTS.keys())
 def test_malformed_checkpoint_texts_are_refused(text: str) -> None:
     with pytest.raises(LogProofError):
-        Checkpoint.from_text(text)
+        TreeHead.from_text(text)
 
 
 def test_an_honest_log_passes_the_audit() -> None:
@@ -479,13 +479,13 @@ def test_open_checkpoint_refuses_another_origin_even_under_the_same_key() -> Non
 
 def test_checkpoint_fields_are_validated() -> None:
     with pytest.raises(ValueError, match="32 bytes"):
-        Checkpoint(ORIGIN, 1, b"short", 0)
+        TreeHead(ORIGIN, 1, b"short", 0)
     with pytest.raises(ValueError, match=">= 0"):
-        Checkpoint(ORIGIN, -1, EMPTY_ROOT, 0)
+        TreeHead(ORIGIN, -1, EMPTY_ROOT, 0)
     with pytest.raises(ValueError, match="origin"):
-        Checkpoint("", 0, EMPTY_ROOT, 0)
+        TreeHead("", 0, EMPTY_ROOT, 0)
     with pytest.raises(ValueError, match="origin"):
-        Checkpoint("two\nlines", 0, EMPTY_ROOT, 0)
+        TreeHead("two\nlines", 0, EMPTY_ROOT, 0)
 
 
 # --- the frontier (a monitor's compact range) ----------------------------------------------
