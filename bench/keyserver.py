@@ -81,8 +81,7 @@ from freemark_keyserver.config import ServerConfig, load_keyring, load_signing_k
 from freemark_keyserver.crypto import SigningKey
 from freemark_keyserver.handlers import flows
 from freemark_keyserver.handlers.hosts import store_host
-from freemark_keyserver.sandbox.pool import SandboxPool, default_workers
-from freemark_keyserver.sandbox.runner import SandboxLimits
+from freemark_keyserver.sandbox.runner import SandboxLimits, default_workers, start_pool
 from freemark_keyserver.store import Store, StoredCheckpoint, open_store
 from freemark_lab import imagenet
 from pg import PostgresServer, PostgresUnavailable, create_database
@@ -535,7 +534,7 @@ def pool_idle_memory() -> dict[str, float]:
     """The warm sandbox's fork server at rest: RSS and PSS (its pages shared with nothing
     else count whole; children share them copy-on-write) in MB, and its start-up time."""
     started = time.perf_counter()
-    pool = SandboxPool(workers=1, queue=0, limits=SandboxLimits()).start()
+    pool = start_pool(SandboxLimits(), workers=1, queue=0)
     start_s = time.perf_counter() - started
     try:
         assert pool.pid is not None

@@ -26,8 +26,8 @@ from freemark_keyserver.crypto import (
 )
 from freemark_keyserver.rpc.calls import CallLimits
 from freemark_keyserver.rpc.ratelimit import Rate
-from freemark_keyserver.sandbox.pool import SandboxPool, default_workers
-from freemark_keyserver.sandbox.runner import SandboxLimits
+from freemark_keyserver.sandbox.limits import SandboxLimits
+from freemark_keyserver.sandbox.runner import SandboxPool, start_pool
 
 MASTER_KEY_ENV = "FREEMARK_MASTER_KEY"
 SIGNING_KEY_ENV = "FREEMARK_SIGNING_KEY"
@@ -101,7 +101,7 @@ class ServerConfig:
     # The log's C2SP origin: every checkpoint's first line and its note key name.
     origin: str = DEFAULT_ORIGIN
     sandbox: SandboxLimits = field(default_factory=SandboxLimits)
-    # Sandbox children running at once (None: `sandbox_pool.default_workers`) and runs that
+    # Sandbox children running at once (None: `sandbox.pool.default_workers`) and runs that
     # may wait for one (None: 4 x workers); past both, SANDBOX_BUSY with a retry hint.
     sandbox_workers: int | None = None
     sandbox_queue: int | None = None
@@ -117,9 +117,7 @@ class ServerConfig:
 
     def start_sandbox(self) -> SandboxPool:
         """Start the sandbox pool these settings describe (before any key is read)."""
-        workers = self.sandbox_workers or default_workers(self.sandbox.memory_bytes)
-        queue = 4 * workers if self.sandbox_queue is None else self.sandbox_queue
-        return SandboxPool(workers=workers, queue=queue, limits=self.sandbox).start()
+        return start_pool(self.sandbox, workers=self.sandbox_workers, queue=self.sandbox_queue)
 
     @property
     def spool_dir(self) -> Path:

@@ -30,7 +30,7 @@ from freemark_keyserver.config import ServerConfig, load_keyring, load_signing_k
 from freemark_keyserver.handlers import flows
 from freemark_keyserver.rpc.calls import CallInterceptor, CallRegistry
 from freemark_keyserver.rpc.service import KeyServiceServicer
-from freemark_keyserver.sandbox import isolation as sandbox_isolation
+from freemark_keyserver.sandbox.runner import LAYERS, Isolation
 from freemark_keyserver.store import open_store
 
 log = logging.getLogger("freemark_keyserver")
@@ -41,18 +41,18 @@ ISOLATION_HEALTH_PREFIX = "freemark.sandbox.isolation."
 SANDBOX_HEALTH = "freemark.sandbox"  # NOT_SERVING while the fork server is down
 
 
-def isolation_health(isolation: sandbox_isolation.Isolation
+def isolation_health(isolation: Isolation
                      ) -> dict[str, health_pb2.HealthCheckResponse.ServingStatus]:
     """One health service per isolation layer, `freemark.sandbox.isolation.<layer>`.
 
     SERVING when the start-up probe found the layer on, NOT_SERVING when it is unavailable.
     The health protocol has no text field, so why a layer is off stays in `serve`'s output
-    and the log; the names come from `sandbox_isolation.LAYERS`, so a new layer gets one.
+    and the log; the names come from the sandbox's `LAYERS`, so a new layer gets one.
     """
     return {ISOLATION_HEALTH_PREFIX + layer:
             health_pb2.HealthCheckResponse.SERVING if isolation.on(layer)
             else health_pb2.HealthCheckResponse.NOT_SERVING
-            for layer in sandbox_isolation.LAYERS}
+            for layer in LAYERS}
 
 
 @dataclass

@@ -57,17 +57,18 @@ from freemark_keyserver.config import ServerConfig
 from freemark_keyserver.crypto import Envelope, MasterKeyring, SigningKey, open_envelope, seal
 from freemark_keyserver.errors import ErrorCode, ServiceError
 from freemark_keyserver.handlers.hosts import host_file, store_host
-from freemark_keyserver.sandbox.pool import SandboxPool, TriggerRun
+from freemark_keyserver.sandbox.protocol import SKIP_FINGERPRINT
 from freemark_keyserver.sandbox.runner import (
     SandboxBusy,
     SandboxError,
+    SandboxPool,
     SandboxResourceError,
     SandboxResult,
     SandboxTimeout,
+    TriggerRun,
     run_batch,
     run_model,
 )
-from freemark_keyserver.sandbox.worker import SKIP_FINGERPRINT
 from freemark_keyserver.store import (
     DuplicateError,
     PanelMember,

@@ -16,7 +16,8 @@ from freemark.scheme.triggers import TriggerSet
 from freemark.v1 import bundle_pb2
 from freemark.v1 import keyservice_pb2 as pb
 from freemark_keyserver.sandbox import formats
-from freemark_keyserver.sandbox.runner import GiB, SandboxLimits, SandboxResourceError, run_model
+from freemark_keyserver.sandbox.limits import GiB, SandboxLimits
+from freemark_keyserver.sandbox.runner import SandboxResourceError, run_model
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper
