@@ -24,6 +24,7 @@ from freemark.audit.registry import LogRegistry, RegistrationState
 from freemark.derive import check_uniqueness
 from freemark.errors import InvalidInputError, ModelFileError, UniquenessError
 from freemark.extract import aligns, judge_activations
+from freemark.formats.table import HOSTS, SUSPECTS, by_wire, names
 from freemark.panel import Reference
 from freemark.records import wire
 from freemark.records.types import (
@@ -319,9 +320,9 @@ def parse_bundle(ctx: Context, principal: Principal, header: pb.RegisterHeader) 
         raise ServiceError(ErrorCode.PERMISSION_DENIED,
                            f"the watermark is bound to owner {bundle.owner!r}, you are "
                            f"{principal.name!r}: derive the key with --owner {principal.name}")
-    if header.upload.format not in formats.HOST_FORMATS:
-        raise ServiceError(ErrorCode.MALFORMED_REQUEST, "register the host as a .pt2 program or "
-                           "a packed Hugging Face checkpoint (freemark register --model DIR)")
+    host_format = by_wire(header.upload.format)
+    if host_format is None or not host_format.host:
+        raise ServiceError(ErrorCode.MALFORMED_REQUEST, f"register the host as {names(HOSTS)}")
     return bundle
 
 
@@ -497,9 +498,10 @@ def verify_target(ctx: Context, principal: Principal, header: pb.VerifyHeader) -
     if record.revoked_at is not None:
         raise ServiceError(ErrorCode.REVOKED,
                            f"registration {record.registration_id} was revoked; it proves nothing")
-    if header.upload.format not in formats.SUSPECT_FORMATS:
-        raise ServiceError(ErrorCode.MALFORMED_REQUEST, "upload format must be PT2, SAFETENSORS, "
-                           "HF_CHECKPOINT or ONNX")
+    suspect_format = by_wire(header.upload.format)
+    if suspect_format is None or not suspect_format.suspect:
+        raise ServiceError(ErrorCode.MALFORMED_REQUEST,
+                           f"the suspect must be {names(SUSPECTS)}")
     if header.onnx_tensor and header.upload.format != pb.MODEL_FORMAT_ONNX:
         raise ServiceError(ErrorCode.MALFORMED_REQUEST, "onnx_tensor is for ONNX suspects only")
     if len(header.onnx_tensor) > formats.MAX_TENSOR_NAME:

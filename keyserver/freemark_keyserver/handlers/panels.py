@@ -20,6 +20,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from freemark.errors import InvalidInputError
+from freemark.formats.table import by_name
 from freemark.panel import (
     Reference,
     reference_from_proto,
@@ -41,6 +42,7 @@ log = logging.getLogger("freemark_keyserver")
 
 # A reference whose every live unit matches a host unit this closely is the host relabelled.
 COPY_CORRELATION = 0.999
+REFERENCE_FORMAT = by_name("pt2")  # reference models are programs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +91,9 @@ def reading_of(bundle: KeyBundle, identity: bytes, activations: np.ndarray | Exc
 
 def check_reference_header(header: pb.UploadHeader) -> None:
     """References are programs: refuse any other format before reading the bytes."""
-    if header.format != pb.MODEL_FORMAT_PT2:
-        raise ServiceError(ErrorCode.MALFORMED_REQUEST, "reference models are .pt2 programs")
+    if header.format != REFERENCE_FORMAT.wire:
+        raise ServiceError(ErrorCode.MALFORMED_REQUEST,
+                           f"reference models must be {REFERENCE_FORMAT.what}")
 
 
 def _measure(run: Runner, path: Path, bundle: KeyBundle, host: Reading, seen: set[bytes],

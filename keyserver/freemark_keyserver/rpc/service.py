@@ -16,6 +16,7 @@ from typing import TypeVar
 
 import grpc
 
+from freemark.formats.table import by_wire
 from freemark.v1 import keyservice_pb2 as pb
 from freemark.v1 import keyservice_pb2_grpc
 from freemark_keyserver import cancellation
@@ -24,7 +25,6 @@ from freemark_keyserver.errors import ErrorCode, ServiceError, abort
 from freemark_keyserver.handlers import flows, panels
 from freemark_keyserver.rpc.ratelimit import VerifyLimits
 from freemark_keyserver.rpc.uploads import Spool, spooled
-from freemark_keyserver.sandbox import formats
 
 log = logging.getLogger("freemark_keyserver")
 T = TypeVar("T")
@@ -62,6 +62,13 @@ def _chunks(requests: Iterator[pb.RegisterRequest] | Iterator[pb.VerifyRequest])
         if request.WhichOneof("part") != "chunk":
             raise ServiceError(ErrorCode.MALFORMED_REQUEST, "only chunks may follow the header")
         yield request.chunk
+
+
+def _suffix(wire_format: int) -> str:
+    """The spool suffix of an upload whose format the handler has admitted."""
+    row = by_wire(wire_format)
+    assert row is not None  # parse_bundle and verify_target refuse unknown formats
+    return row.suffix
 
 
 class _RegisterStream:
@@ -114,7 +121,7 @@ class KeyServiceServicer(keyservice_pb2_grpc.KeyServiceServicer):
             with ExitStack() as files:
                 host = files.enter_context(spooled(
                     stream.chunks(), header.upload, cap=config.max_upload_bytes,
-                    spool=self.spool, suffix=formats.SUFFIXES[header.upload.format]))
+                    spool=self.spool, suffix=_suffix(header.upload.format)))
                 references: list[Path] = []
                 while (reference := stream.next_reference()) is not None:
                     if len(references) == config.max_references:
@@ -123,7 +130,7 @@ class KeyServiceServicer(keyservice_pb2_grpc.KeyServiceServicer):
                     panels.check_reference_header(reference)
                     references.append(files.enter_context(spooled(
                         stream.chunks(), reference, cap=config.max_upload_bytes,
-                        spool=self.spool, suffix=".pt2")))
+                        spool=self.spool, suffix=panels.REFERENCE_FORMAT.suffix)))
                 return flows.register(self.ctx, principal, bundle, host, references,
                                          host_format=header.upload.format)
         return _guard(context, "Register", work)
@@ -138,7 +145,7 @@ class KeyServiceServicer(keyservice_pb2_grpc.KeyServiceServicer):
             assert isinstance(header, pb.VerifyHeader)
             record = flows.verify_target(self.ctx, principal, header)
             self.verify_limits.check_registration(record.registration_id)
-            suffix = formats.SUFFIXES[header.upload.format]
+            suffix = _suffix(header.upload.format)
             with spooled(_chunks(request_iterator), header.upload, cap=self.ctx.config.max_upload_bytes,
                          spool=self.spool, suffix=suffix) as path:
                 return flows.verify(self.ctx, principal, record, header, path)

@@ -65,7 +65,7 @@ def test_a_checkpoint_reads_the_same_in_the_worker_as_in_process(tmp_path: Path)
     result = run_model(packed, layer=layer, pooling=pooling, triggers=triggers,
                        options=formats.sandbox_options(pb.MODEL_FORMAT_HF_CHECKPOINT))
     np.testing.assert_allclose(result.activations, expected, rtol=1e-6, atol=1e-6)  # float32 wire
-    assert formats.stored_host_options(packed) == {formats.FORMAT_KEY: formats.HF}
+    assert formats.stored_host_options(packed) == {formats.FORMAT_KEY: "hf"}
 
 
 def test_warm_up_reads_every_allowed_architecture_and_onnx_and_cleans_up(tmp_path: Path) -> None:
