@@ -79,8 +79,9 @@ from freemark.v1 import keyservice_pb2_grpc
 from freemark.verdict.decision import suspect_vector
 from freemark_keyserver.config import ServerConfig, load_keyring, load_signing_key
 from freemark_keyserver.crypto import SigningKey
-from freemark_keyserver.handlers import flows
+from freemark_keyserver.handlers.context import Context
 from freemark_keyserver.handlers.hosts import store_host
+from freemark_keyserver.handlers.register import register_host
 from freemark_keyserver.sandbox.runner import SandboxLimits, default_workers, start_pool
 from freemark_keyserver.store import Store, StoredCheckpoint, open_store
 from freemark_lab import imagenet
@@ -604,8 +605,8 @@ def register_split(deploy: Deployment, backend: str, count: int) -> dict[str, An
     replay = ReplaySandbox(deploy.replay_table)
     store = open_store(db)
     try:
-        ctx = flows.Context(config=config, store=store, keyring=load_keyring(config),
-                               signer=load_signing_key(config), sandbox=replay)
+        ctx = Context(config=config, store=store, keyring=load_keyring(config),
+                      signer=load_signing_key(config), sandbox=replay)
         hosts = deploy.hosts[:count]
         results = {host.owner: replay(host.model, layer=host.bundle.layer,
                                       pooling=host.bundle.pooling, triggers=host.bundle.triggers)
@@ -624,7 +625,7 @@ def register_split(deploy: Deployment, backend: str, count: int) -> dict[str, An
         def register(host: Host) -> None:
             principal = store.principal_by_name(host.owner)
             assert principal is not None
-            flows.register(ctx, principal, host.bundle, host.model)
+            register_host(ctx, principal, host.bundle, host.model)
 
         split = {name: statistics.median(median_time(1, functools.partial(work, h))
                                          for h in hosts)

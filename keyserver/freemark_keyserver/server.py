@@ -27,7 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from freemark.v1 import keyservice_pb2, keyservice_pb2_grpc
 from freemark_keyserver import metrics
 from freemark_keyserver.config import ServerConfig, load_keyring, load_signing_key
-from freemark_keyserver.handlers import flows
+from freemark_keyserver.handlers.context import Context
 from freemark_keyserver.rpc.calls import CallInterceptor, CallRegistry
 from freemark_keyserver.rpc.service import KeyServiceServicer
 from freemark_keyserver.sandbox.runner import LAYERS, Isolation
@@ -62,7 +62,7 @@ class RunningServer:
     server: grpc.Server
     port: int
     health: health.HealthServicer
-    ctx: flows.Context
+    ctx: Context
     calls: CallRegistry
     metrics_http: WSGIServer | None = None
 
@@ -94,9 +94,8 @@ def create_server(config: ServerConfig) -> RunningServer:
     log.info("sandbox: %d workers, queue %d; isolation: %s", pool.workers, pool.queue,
              pool.isolation.summary())
     try:
-        ctx = flows.Context(config=config, store=open_store(config.database),
-                               keyring=load_keyring(config), signer=load_signing_key(config),
-                               pool=pool)
+        ctx = Context(config=config, store=open_store(config.database),
+                      keyring=load_keyring(config), signer=load_signing_key(config), pool=pool)
     except BaseException:
         pool.close()
         raise
