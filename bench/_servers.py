@@ -35,8 +35,7 @@ import numpy as np
 
 from freemark.errors import ModelFileError
 from freemark.scheme.triggers import TriggerSet
-from freemark_keyserver.config import DEFAULT_MAX_CONCURRENT_RPCS, ServerConfig
-from freemark_keyserver.rpc.ratelimit import UNLIMITED
+from freemark_keyserver.config import DEFAULT_MAX_CONCURRENT_RPCS, UNLIMITED, ServerConfig
 from freemark_keyserver.sandbox.runner import SandboxResult
 from freemark_keyserver.server import create_server
 

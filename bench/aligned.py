@@ -70,10 +70,10 @@ from freemark.rpc import KeyServiceClient
 from freemark.scheme.bundle import KeyBundle
 from freemark.scheme.triggers import TriggerSet, select_triggers
 from freemark.verdict import aligned, canon
-from freemark_keyserver.config import ServerConfig, default_policy
+from freemark_keyserver.config import UNLIMITED, ServerConfig, default_policy
 from freemark_keyserver.handlers import panels
-from freemark_keyserver.rpc.ratelimit import UNLIMITED
-from freemark_keyserver.sandbox.runner import SandboxLimits, run_model, worker_environment
+from freemark_keyserver.sandbox.limits import SandboxLimits, worker_environment
+from freemark_keyserver.sandbox.runner import run_model
 from freemark_keyserver.server import create_server
 from freemark_lab.attacks import obfuscate
 from freemark_lab.data import Dataset, digits

@@ -48,8 +48,7 @@ from freemark.reading import aligns, inputs, probe_count, read_layer, split_acti
 from freemark.rpc import KeyServiceClient
 from freemark.scheme.triggers import TriggerSet, select_triggers
 from freemark_keyserver.auth import hash_token, new_token
-from freemark_keyserver.config import ServerConfig
-from freemark_keyserver.rpc.ratelimit import UNLIMITED
+from freemark_keyserver.config import UNLIMITED, ServerConfig
 from freemark_keyserver.server import create_server
 from freemark_keyserver.store import Principal
 from freemark_lab.transformer import MAX_TOKENS, load_minilm, sentences

@@ -68,7 +68,7 @@ from freemark.derive import check_uniqueness, derive_key
 from freemark.extract import judge_activations
 from freemark.formats.pt2 import load_program, save_program
 from freemark.formats.pt2_vetting import vet_program
-from freemark.reading import aligns, inputs, split_activations
+from freemark.reading import aligns, inputs, probe_count, split_activations
 from freemark.scheme.activations import capture
 from freemark.scheme.bundle import KeyBundle, to_proto
 from freemark.scheme.probes import with_probes
@@ -79,10 +79,10 @@ from freemark.v1 import keyservice_pb2_grpc
 from freemark.verdict.decision import suspect_vector
 from freemark_keyserver.config import ServerConfig, load_keyring, load_signing_key
 from freemark_keyserver.crypto import SigningKey
-from freemark_keyserver.handlers import flows
+from freemark_keyserver.handlers.context import Context
 from freemark_keyserver.handlers.hosts import store_host
-from freemark_keyserver.sandbox.pool import SandboxPool, default_workers
-from freemark_keyserver.sandbox.runner import SandboxLimits
+from freemark_keyserver.handlers.register import register_host
+from freemark_keyserver.sandbox.runner import SandboxLimits, default_workers, start_pool
 from freemark_keyserver.store import Store, StoredCheckpoint, open_store
 from freemark_lab import imagenet
 from pg import PostgresServer, PostgresUnavailable, create_database
@@ -535,7 +535,7 @@ def pool_idle_memory() -> dict[str, float]:
     """The warm sandbox's fork server at rest: RSS and PSS (its pages shared with nothing
     else count whole; children share them copy-on-write) in MB, and its start-up time."""
     started = time.perf_counter()
-    pool = SandboxPool(workers=1, queue=0, limits=SandboxLimits()).start()
+    pool = start_pool(SandboxLimits(), workers=1, queue=0)
     start_s = time.perf_counter() - started
     try:
         assert pool.pid is not None
@@ -605,8 +605,8 @@ def register_split(deploy: Deployment, backend: str, count: int) -> dict[str, An
     replay = ReplaySandbox(deploy.replay_table)
     store = open_store(db)
     try:
-        ctx = flows.Context(config=config, store=store, keyring=load_keyring(config),
-                               signer=load_signing_key(config), sandbox=replay)
+        ctx = Context(config=config, store=store, keyring=load_keyring(config),
+                      signer=load_signing_key(config), sandbox=replay)
         hosts = deploy.hosts[:count]
         results = {host.owner: replay(host.model, layer=host.bundle.layer,
                                       pooling=host.bundle.pooling, triggers=host.bundle.triggers)
@@ -625,7 +625,7 @@ def register_split(deploy: Deployment, backend: str, count: int) -> dict[str, An
         def register(host: Host) -> None:
             principal = store.principal_by_name(host.owner)
             assert principal is not None
-            flows.register(ctx, principal, host.bundle, host.model)
+            register_host(ctx, principal, host.bundle, host.model)
 
         split = {name: statistics.median(median_time(1, functools.partial(work, h))
                                          for h in hosts)
@@ -656,7 +656,7 @@ def verify_split(name: str, path: Path, bundle: KeyBundle, address: str,
     # aligned test run (`aligns`); these are registered without one, so it reads the
     # triggers alone. Probes, where read, are built by the sandbox child (0.6 GB of them for
     # a 224 x 224 key): a part of their own.
-    count = bundle.probes if aligns(bundle, ()) else 0
+    count = probe_count(bundle, probes=aligns(bundle, ()))
     probes_s = median_time(repeats, lambda: with_probes(bundle.triggers, count))
     probed = with_probes(bundle.triggers, count)
     forward = median_time(repeats, lambda: captured.append(

@@ -35,10 +35,10 @@ from freemark_keyserver.config import (
     DEFAULT_MAX_CONCURRENT_RPCS,
     MASTER_KEY_ENV,
     SIGNING_KEY_ENV,
+    UNLIMITED,
     ServerConfig,
 )
 from freemark_keyserver.crypto import load_or_create_keyring, load_or_create_signing_key
-from freemark_keyserver.rpc.ratelimit import UNLIMITED
 from freemark_keyserver.sandbox.pool import Then, TriggerRun
 from freemark_keyserver.sandbox.runner import SandboxResult
 from freemark_keyserver.sandbox.worker import _runner

@@ -16,11 +16,12 @@ from freemark.tlog import merkle
 from freemark_keyserver import config as cfg
 from freemark_keyserver import logs
 from freemark_keyserver.auth import ADMIN, ARBITER, OWNER, hash_token, new_token
+from freemark_keyserver.config import Rate
 from freemark_keyserver.crypto import Envelope, rewrap, save_keyring
 from freemark_keyserver.errors import ServiceError
-from freemark_keyserver.handlers import flows
+from freemark_keyserver.handlers import panels
+from freemark_keyserver.handlers.context import Context
 from freemark_keyserver.handlers.hosts import rewrap_host, rewrap_member
-from freemark_keyserver.rpc.ratelimit import Rate
 from freemark_keyserver.server import serve
 from freemark_keyserver.store import (
     DuplicateError,
@@ -163,12 +164,12 @@ def _rotate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _context(config: cfg.ServerConfig) -> flows.Context:
+def _context(config: cfg.ServerConfig) -> Context:
     pool = config.start_sandbox()  # before the keys, as the server does
     try:
-        return flows.Context(config=config, store=open_store(config.database),
-                                keyring=cfg.load_keyring(config),
-                                signer=cfg.load_signing_key(config), pool=pool)
+        return Context(config=config, store=open_store(config.database),
+                       keyring=cfg.load_keyring(config), signer=cfg.load_signing_key(config),
+                       pool=pool)
     except BaseException:
         pool.close()
         raise
@@ -183,8 +184,8 @@ def _member_row(member: PanelMember) -> dict[str, object]:
 def _panel_add(args: argparse.Namespace) -> int:
     ctx = _context(_config(args))
     try:
-        member = flows.add_panel_member(ctx, Path(args.model), like=args.like,
-                                           label=args.label or "", now=time.time_ns() // 1000)
+        member = panels.add_panel_member(ctx, Path(args.model), like=args.like,
+                                         label=args.label or "", now=time.time_ns() // 1000)
     finally:
         ctx.close()
     row = _member_row(member)

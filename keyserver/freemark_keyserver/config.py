@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,10 +25,58 @@ from freemark_keyserver.crypto import (
     load_or_create_signing_key,
     signing_key_from_pem,
 )
-from freemark_keyserver.rpc.calls import CallLimits
-from freemark_keyserver.rpc.ratelimit import Rate
-from freemark_keyserver.sandbox.pool import SandboxPool, default_workers
-from freemark_keyserver.sandbox.runner import SandboxLimits
+from freemark_keyserver.sandbox.limits import SandboxLimits
+from freemark_keyserver.sandbox.runner import SandboxPool, start_pool
+
+EXEMPT_STREAMS = 8   # health Watch and reflection streams open at once
+SPARE_THREADS = 8    # pool threads beyond every cap: health checks and quick refusals
+UNITS = {"s": 1.0, "min": 60.0, "hour": 3600.0, "day": 86400.0}
+
+
+@dataclass(frozen=True)
+class Rate:
+    """`burst` calls at once, refilled at `burst` per `period` seconds (burst 0: no limit)."""
+
+    burst: int
+    period: float
+
+    @classmethod
+    def parse(cls, text: str) -> Rate:
+        """'10/min' -> Rate(10, 60); '0' or 'off' -> no limit. ValueError names the syntax."""
+        if text.strip().lower() in ("0", "off"):
+            return cls(0, 1.0)
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(s|min|hour|day)\s*", text)
+        if match is None or int(match.group(1)) == 0:
+            raise ValueError(f"rate {text!r}: write N/UNIT with UNIT in {', '.join(UNITS)} "
+                             "(e.g. 10/min), or 'off'")
+        return cls(int(match.group(1)), UNITS[match.group(2)])
+
+    def __str__(self) -> str:
+        if not self.burst:
+            return "off"
+        unit = next(name for name, seconds in UNITS.items() if seconds == self.period)
+        return f"{self.burst}/{unit}"
+
+
+UNLIMITED = Rate(0, 1.0)  # what `--verify-rate-... off` gives: benchmarks and load tests
+
+
+@dataclass(frozen=True)
+class CallLimits:
+    """The server's call discipline (flags of `serve`, defaults in `config`)."""
+
+    max_calls: int
+    max_calls_per_principal: int
+    idle_timeout: float
+    min_upload_rate: int  # bytes per second, averaged from the start of the stream
+    rate_grace: float     # seconds before the minimum rate applies
+    principal_recheck: float
+
+    @property
+    def pool_threads(self) -> int:
+        """Threads the gRPC server needs so the caps, not the pool, decide who waits."""
+        return self.max_calls + EXEMPT_STREAMS + SPARE_THREADS
+
 
 MASTER_KEY_ENV = "FREEMARK_MASTER_KEY"
 SIGNING_KEY_ENV = "FREEMARK_SIGNING_KEY"
@@ -101,7 +150,7 @@ class ServerConfig:
     # The log's C2SP origin: every checkpoint's first line and its note key name.
     origin: str = DEFAULT_ORIGIN
     sandbox: SandboxLimits = field(default_factory=SandboxLimits)
-    # Sandbox children running at once (None: `sandbox_pool.default_workers`) and runs that
+    # Sandbox children running at once (None: `sandbox.pool.default_workers`) and runs that
     # may wait for one (None: 4 x workers); past both, SANDBOX_BUSY with a retry hint.
     sandbox_workers: int | None = None
     sandbox_queue: int | None = None
@@ -117,9 +166,7 @@ class ServerConfig:
 
     def start_sandbox(self) -> SandboxPool:
         """Start the sandbox pool these settings describe (before any key is read)."""
-        workers = self.sandbox_workers or default_workers(self.sandbox.memory_bytes)
-        queue = 4 * workers if self.sandbox_queue is None else self.sandbox_queue
-        return SandboxPool(workers=workers, queue=queue, limits=self.sandbox).start()
+        return start_pool(self.sandbox, workers=self.sandbox_workers, queue=self.sandbox_queue)
 
     @property
     def spool_dir(self) -> Path:

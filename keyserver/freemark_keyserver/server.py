@@ -27,10 +27,10 @@ from grpc_reflection.v1alpha import reflection
 from freemark.v1 import keyservice_pb2, keyservice_pb2_grpc
 from freemark_keyserver import metrics
 from freemark_keyserver.config import ServerConfig, load_keyring, load_signing_key
-from freemark_keyserver.handlers import flows
+from freemark_keyserver.handlers.context import Context
 from freemark_keyserver.rpc.calls import CallInterceptor, CallRegistry
 from freemark_keyserver.rpc.service import KeyServiceServicer
-from freemark_keyserver.sandbox import isolation as sandbox_isolation
+from freemark_keyserver.sandbox.runner import LAYERS, Isolation
 from freemark_keyserver.store import open_store
 
 log = logging.getLogger("freemark_keyserver")
@@ -41,18 +41,18 @@ ISOLATION_HEALTH_PREFIX = "freemark.sandbox.isolation."
 SANDBOX_HEALTH = "freemark.sandbox"  # NOT_SERVING while the fork server is down
 
 
-def isolation_health(isolation: sandbox_isolation.Isolation
+def isolation_health(isolation: Isolation
                      ) -> dict[str, health_pb2.HealthCheckResponse.ServingStatus]:
     """One health service per isolation layer, `freemark.sandbox.isolation.<layer>`.
 
     SERVING when the start-up probe found the layer on, NOT_SERVING when it is unavailable.
     The health protocol has no text field, so why a layer is off stays in `serve`'s output
-    and the log; the names come from `sandbox_isolation.LAYERS`, so a new layer gets one.
+    and the log; the names come from the sandbox's `LAYERS`, so a new layer gets one.
     """
     return {ISOLATION_HEALTH_PREFIX + layer:
             health_pb2.HealthCheckResponse.SERVING if isolation.on(layer)
             else health_pb2.HealthCheckResponse.NOT_SERVING
-            for layer in sandbox_isolation.LAYERS}
+            for layer in LAYERS}
 
 
 @dataclass
@@ -62,7 +62,7 @@ class RunningServer:
     server: grpc.Server
     port: int
     health: health.HealthServicer
-    ctx: flows.Context
+    ctx: Context
     calls: CallRegistry
     metrics_http: WSGIServer | None = None
 
@@ -94,9 +94,8 @@ def create_server(config: ServerConfig) -> RunningServer:
     log.info("sandbox: %d workers, queue %d; isolation: %s", pool.workers, pool.queue,
              pool.isolation.summary())
     try:
-        ctx = flows.Context(config=config, store=open_store(config.database),
-                               keyring=load_keyring(config), signer=load_signing_key(config),
-                               pool=pool)
+        ctx = Context(config=config, store=open_store(config.database),
+                      keyring=load_keyring(config), signer=load_signing_key(config), pool=pool)
     except BaseException:
         pool.close()
         raise

@@ -27,8 +27,7 @@ from freemark.formats.pt2 import save_program
 from freemark.records.types import Receipt, SignedVerdict
 from freemark.rpc import KeyServiceClient
 from freemark.scheme.bundle import KeyBundle
-from freemark_keyserver.config import ServerConfig, default_policy
-from freemark_keyserver.rpc.ratelimit import UNLIMITED
+from freemark_keyserver.config import UNLIMITED, ServerConfig, default_policy
 from freemark_keyserver.server import RunningServer, create_server
 from freemark_lab.attacks import obfuscate as ob
 from ttp_fixtures import json_out, run_cli

@@ -23,8 +23,7 @@ from freemark.scheme.triggers import load_triggers
 from freemark.v1 import keyservice_pb2 as pb
 from freemark.v1 import keyservice_pb2_grpc
 from freemark_keyserver.auth import hash_token, new_token
-from freemark_keyserver.config import ServerConfig
-from freemark_keyserver.rpc.ratelimit import UNLIMITED
+from freemark_keyserver.config import UNLIMITED, ServerConfig
 from freemark_keyserver.server import RunningServer, create_server
 from freemark_keyserver.store import Principal
 from ttp_fixtures import ModelFiles, build_models

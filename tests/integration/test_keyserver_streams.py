@@ -39,8 +39,7 @@ from freemark.v1 import keyservice_pb2 as pb
 from freemark.v1 import keyservice_pb2_grpc
 from freemark_keyserver import logs
 from freemark_keyserver.auth import hash_token, new_token
-from freemark_keyserver.config import ServerConfig
-from freemark_keyserver.rpc.ratelimit import Rate
+from freemark_keyserver.config import Rate, ServerConfig
 from freemark_keyserver.server import RunningServer, create_server
 from freemark_keyserver.store import Principal, open_store
 from ttp_fixtures import ModelFiles, build_models

@@ -34,10 +34,8 @@ from freemark.formats.pt2 import load_program, save_program
 from freemark.rpc import KeyServiceClient
 from freemark.scheme.triggers import load_triggers
 from freemark_keyserver.auth import hash_token, new_token
-from freemark_keyserver.config import ServerConfig
-from freemark_keyserver.rpc.ratelimit import Rate
-from freemark_keyserver.sandbox.isolation import LAYERS
-from freemark_keyserver.sandbox.pool import SandboxPool
+from freemark_keyserver.config import Rate, ServerConfig
+from freemark_keyserver.sandbox.runner import LAYERS, SandboxPool
 from freemark_keyserver.server import (
     ISOLATION_HEALTH_PREFIX,
     SANDBOX_HEALTH,

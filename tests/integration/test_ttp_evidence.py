@@ -36,7 +36,7 @@ from freemark.scheme.probes import DEFAULT_PROBES
 from freemark.scheme.triggers import load_triggers, select_triggers
 from freemark_keyserver.auth import hash_token, new_token
 from freemark_keyserver.config import ServerConfig
-from freemark_keyserver.handlers.flows import CLAIMED
+from freemark_keyserver.handlers.register import CLAIMED
 from freemark_keyserver.sandbox.runner import SandboxLimits
 from freemark_keyserver.server import RunningServer, create_server
 from freemark_keyserver.store import Principal

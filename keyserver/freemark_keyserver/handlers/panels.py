@@ -1,6 +1,7 @@
 """Reading models for the aligned test at the TTP: sandboxed passes over triggers and probes,
-reference panels (the owner's and the operator's) measured and checked, and the sealed form
-that keeps them with the key.
+reference panels (the owner's and the operator's) measured and checked, the operator's
+`panel add` (`add_panel_member`), and the sealed form that keeps them with the key
+(`seal_bytes`, `open_bytes`, `open_sealed`).
 
 One sandbox run reads a model's key layer on the triggers followed by the bundle's
 alignment probes (`freemark.scheme.probes.with_probes`, built in the sandbox child from the
@@ -13,13 +14,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from google.protobuf.message import DecodeError
 
 from freemark.errors import InvalidInputError
+from freemark.formats.table import by_name
 from freemark.panel import Reference, reference_from_proto, reference_to_proto
 from freemark.reading import probe_count, split_activations
 from freemark.scheme.bundle import KeyBundle, from_bytes, from_proto, to_proto
@@ -27,16 +29,19 @@ from freemark.v1 import bundle_pb2
 from freemark.v1 import keyservice_pb2 as pb
 from freemark.verdict.aligned import THRESHOLD
 from freemark.verdict.canon import align
-from freemark_keyserver.crypto import MasterKeyring
+from freemark_keyserver.crypto import Envelope, MasterKeyring, open_envelope
 from freemark_keyserver.errors import ErrorCode, ServiceError
+from freemark_keyserver.handlers.context import Context, Runner, sandbox_runner
 from freemark_keyserver.handlers.hosts import member_file, store_member
-from freemark_keyserver.sandbox.runner import SandboxResult, TriggerRun
+from freemark_keyserver.handlers.lookups import lookup
+from freemark_keyserver.sandbox.runner import TriggerRun
 from freemark_keyserver.store import PanelMember, Registration, Store
 
 log = logging.getLogger("freemark_keyserver")
 
 # A reference whose every live unit matches a host unit this closely is the host relabelled.
 COPY_CORRELATION = 0.999
+REFERENCE_FORMAT = by_name("pt2")  # reference models are programs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,9 +52,6 @@ class Reading:
     probes: np.ndarray | None
     fingerprint: bytes
     architecture_digest: bytes
-
-
-Runner = Callable[[Path, KeyBundle, Path | None, int], SandboxResult]
 
 
 def read(run: Runner, model: Path, bundle: KeyBundle, weights: Path | None = None, *,
@@ -85,8 +87,9 @@ def reading_of(bundle: KeyBundle, identity: bytes, activations: np.ndarray | Exc
 
 def check_reference_header(header: pb.UploadHeader) -> None:
     """References are programs: refuse any other format before reading the bytes."""
-    if header.format != pb.MODEL_FORMAT_PT2:
-        raise ServiceError(ErrorCode.MALFORMED_REQUEST, "reference models are .pt2 programs")
+    if header.format != REFERENCE_FORMAT.wire:
+        raise ServiceError(ErrorCode.MALFORMED_REQUEST,
+                           f"reference models must be {REFERENCE_FORMAT.what}")
 
 
 def _measure(run: Runner, path: Path, bundle: KeyBundle, host: Reading, seen: set[bytes],
@@ -162,6 +165,21 @@ def add_member(run: Runner, store: Store, keyring: MasterKeyring, model: Path, *
     return member
 
 
+def add_panel_member(ctx: Context, model: Path, *, like: str, label: str, now: int
+                     ) -> PanelMember:
+    """The operator's `panel add`: a reference for the architecture family of registration
+    `like`, read in the sandbox with its key (so it is vetted and known to run)."""
+    record = lookup(ctx, like)
+    if record is None:
+        raise ServiceError(ErrorCode.NOT_FOUND, f"no registration {like!r}")
+    bundle, _ = open_sealed(ctx, record)
+    if bundle.probe_profile is None:
+        raise ServiceError(ErrorCode.INVALID_BUNDLE, f"{like} has a key without a probe profile; "
+                           "pick a registration made with this version")
+    return add_member(sandbox_runner(ctx), ctx.store, ctx.keyring, model, like=record,
+                      bundle=bundle, label=label, now=now)
+
+
 def with_profile(bundle: KeyBundle, host: Reading) -> KeyBundle:
     """The bundle with the host's probe profile as the TTP measured it, not as uploaded."""
     if host.probes is None:
@@ -189,3 +207,10 @@ def open_bytes(plaintext: bytes) -> tuple[KeyBundle, list[Reference]]:
     except DecodeError as exc:
         raise InvalidInputError(f"not a sealed registration ({exc})") from exc
     return from_proto(message.bundle), [reference_from_proto(r) for r in message.panel]
+
+
+def open_sealed(ctx: Context, record: Registration) -> tuple[KeyBundle, list[Reference]]:
+    """A registration's bundle and reference panel, decrypted."""
+    plaintext = open_envelope(ctx.keyring, Envelope.from_bytes(record.envelope),
+                              record_id=record.registration_id, owner=record.owner)
+    return open_bytes(plaintext)

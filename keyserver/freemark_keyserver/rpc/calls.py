@@ -32,32 +32,14 @@ import grpc
 
 from freemark_keyserver import logs, metrics
 from freemark_keyserver.auth import authenticate
+from freemark_keyserver.config import EXEMPT_STREAMS, CallLimits
 from freemark_keyserver.errors import ErrorCode, ServiceError, abort
 from freemark_keyserver.store import Store
 
 log = logging.getLogger("freemark_keyserver")
-EXEMPT_STREAMS = 8   # health Watch and reflection streams open at once
-SPARE_THREADS = 8    # pool threads beyond every cap: health checks and quick refusals
 POLL_SECONDS = 0.25  # how often a waiting read looks at the clock and at its call's end
 CANCEL_GRACE_SECONDS = 1.0  # an ended call that is not reading is cancelled after this
 BUSY_RETRY_SECONDS = 1.0
-
-
-@dataclass(frozen=True)
-class CallLimits:
-    """The server's call discipline (flags of `serve`, defaults in `config`)."""
-
-    max_calls: int
-    max_calls_per_principal: int
-    idle_timeout: float
-    min_upload_rate: int  # bytes per second, averaged from the start of the stream
-    rate_grace: float     # seconds before the minimum rate applies
-    principal_recheck: float
-
-    @property
-    def pool_threads(self) -> int:
-        """Threads the gRPC server needs so the caps, not the pool, decide who waits."""
-        return self.max_calls + EXEMPT_STREAMS + SPARE_THREADS
 
 
 @dataclass(eq=False)

@@ -12,45 +12,17 @@ A rate is written "N/UNIT" (UNIT one of s, min, hour, day); "0" or "off" turns i
 from __future__ import annotations
 
 import math
-import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from freemark_keyserver import metrics
+from freemark_keyserver.config import Rate
 from freemark_keyserver.errors import ErrorCode, ServiceError
 
-UNITS = {"s": 1.0, "min": 60.0, "hour": 3600.0, "day": 86400.0}
 MAX_BUCKETS = 100_000  # full (idle) buckets are forgotten past this many keys
 
 
-@dataclass(frozen=True)
-class Rate:
-    """`burst` calls at once, refilled at `burst` per `period` seconds (burst 0: no limit)."""
-
-    burst: int
-    period: float
-
-    @classmethod
-    def parse(cls, text: str) -> Rate:
-        """'10/min' -> Rate(10, 60); '0' or 'off' -> no limit. ValueError names the syntax."""
-        if text.strip().lower() in ("0", "off"):
-            return cls(0, 1.0)
-        match = re.fullmatch(r"\s*(\d+)\s*/\s*(s|min|hour|day)\s*", text)
-        if match is None or int(match.group(1)) == 0:
-            raise ValueError(f"rate {text!r}: write N/UNIT with UNIT in {', '.join(UNITS)} "
-                             "(e.g. 10/min), or 'off'")
-        return cls(int(match.group(1)), UNITS[match.group(2)])
-
-    def __str__(self) -> str:
-        if not self.burst:
-            return "off"
-        unit = next(name for name, seconds in UNITS.items() if seconds == self.period)
-        return f"{self.burst}/{unit}"
-
-
-UNLIMITED = Rate(0, 1.0)  # what `--verify-rate-... off` gives: benchmarks and load tests
 
 
 class Buckets:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 import grpc
 
@@ -21,13 +21,14 @@ from freemark.v1 import keyservice_pb2_grpc
 from freemark_keyserver import cancellation
 from freemark_keyserver.auth import authenticate
 from freemark_keyserver.errors import ErrorCode, ServiceError, abort
-from freemark_keyserver.handlers import flows, panels
+from freemark_keyserver.handlers import proofs, register, registrations, verify
+from freemark_keyserver.handlers.context import Context
 from freemark_keyserver.rpc.ratelimit import VerifyLimits
 from freemark_keyserver.rpc.uploads import Spool, spooled
-from freemark_keyserver.sandbox import formats
 
 log = logging.getLogger("freemark_keyserver")
 T = TypeVar("T")
+H = TypeVar("H", pb.RegisterHeader, pb.VerifyHeader)
 
 
 def _guard(context: grpc.ServicerContext, method: str, work: Callable[[], T]) -> T:
@@ -50,52 +51,54 @@ def _guard(context: grpc.ServicerContext, method: str, work: Callable[[], T]) ->
     raise AssertionError("unreachable: abort raises")
 
 
-def _header(requests: Iterator[pb.RegisterRequest] | Iterator[pb.VerifyRequest]) -> object:
-    first = next(requests, None)
-    if first is None or first.WhichOneof("part") != "header":
-        raise ServiceError(ErrorCode.MALFORMED_REQUEST, "the stream must start with a header")
-    return first.header
+class _Stream(Generic[H]):
+    """A Register or Verify request stream as its handler reads it (`handlers.context.Stream`):
+    the header, then each file's chunks spooled when the handler asks. Reading a file stops
+    at the next `reference` part (Register's), so each file is spooled, size- and
+    hash-checked on its own."""
 
-
-def _chunks(requests: Iterator[pb.RegisterRequest] | Iterator[pb.VerifyRequest]) -> Iterator[bytes]:
-    for request in requests:
-        if request.WhichOneof("part") != "chunk":
-            raise ServiceError(ErrorCode.MALFORMED_REQUEST, "only chunks may follow the header")
-        yield request.chunk
-
-
-class _RegisterStream:
-    """The parts of a Register stream after its header: the host's chunks, then each
-    reference's header and chunks. Reading stops at a part boundary so each file is
-    spooled, size- and hash-checked on its own."""
-
-    def __init__(self, requests: Iterator[pb.RegisterRequest]) -> None:
-        self._requests = requests
+    def __init__(self, requests: Iterator[pb.RegisterRequest] | Iterator[pb.VerifyRequest],
+                 header_type: type[H], spool: Spool, cap: int, *, misplaced: str) -> None:
+        self._requests: Iterator[pb.RegisterRequest | pb.VerifyRequest] = requests
+        self._header_type: type[H] = header_type
+        self._spool, self._cap = spool, cap
+        self._misplaced = misplaced  # the refusal of a part that may not come where it did
         self._next: pb.UploadHeader | None = None
 
-    def chunks(self) -> Iterator[bytes]:
+    def header(self) -> H:
+        first = next(self._requests, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise ServiceError(ErrorCode.MALFORMED_REQUEST, "the stream must start with a header")
+        header = first.header
+        assert isinstance(header, self._header_type)
+        return header
+
+    def receive(self, upload: pb.UploadHeader, *, suffix: str
+                ) -> AbstractContextManager[Path]:
+        return spooled(self._chunks(), upload, cap=self._cap, spool=self._spool, suffix=suffix)
+
+    def next_upload(self) -> pb.UploadHeader | None:
+        header, self._next = self._next, None
+        return header
+
+    def _chunks(self) -> Iterator[bytes]:
         """The current file's bytes, up to the next `reference` part or the end."""
         for request in self._requests:
             part = request.WhichOneof("part")
             if part == "chunk":
                 yield request.chunk
             elif part == "reference":
+                assert isinstance(request, pb.RegisterRequest)
                 self._next = request.reference
                 return
             else:
-                raise ServiceError(ErrorCode.MALFORMED_REQUEST,
-                                   "a Register stream has one header, at its start")
-
-    def next_reference(self) -> pb.UploadHeader | None:
-        """The header of the reference that follows, None at the end of the stream."""
-        header, self._next = self._next, None
-        return header
+                raise ServiceError(ErrorCode.MALFORMED_REQUEST, self._misplaced)
 
 
 class KeyServiceServicer(keyservice_pb2_grpc.KeyServiceServicer):
-    """Thin adapter from gRPC to `handlers`."""
+    """Thin adapter from gRPC to `handlers`: one handler per RPC."""
 
-    def __init__(self, ctx: flows.Context) -> None:
+    def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.spool = Spool(ctx.config.spool_dir, ctx.config.spool_quota_bytes)
         self.verify_limits = VerifyLimits(ctx.config.verify_rate_principal,
@@ -105,27 +108,10 @@ class KeyServiceServicer(keyservice_pb2_grpc.KeyServiceServicer):
                  context: grpc.ServicerContext) -> pb.Receipt:
         def work() -> pb.Receipt:
             principal = authenticate(self.ctx.store, context)
-            flows.require_role(principal, flows.OWNER)
-            header = _header(request_iterator)
-            assert isinstance(header, pb.RegisterHeader)
-            bundle = flows.parse_bundle(self.ctx, principal, header)
-            stream = _RegisterStream(request_iterator)
-            config = self.ctx.config
-            with ExitStack() as files:
-                host = files.enter_context(spooled(
-                    stream.chunks(), header.upload, cap=config.max_upload_bytes,
-                    spool=self.spool, suffix=formats.SUFFIXES[header.upload.format]))
-                references: list[Path] = []
-                while (reference := stream.next_reference()) is not None:
-                    if len(references) == config.max_references:
-                        raise ServiceError(ErrorCode.TOO_LARGE, f"at most {config.max_references} "
-                                           "reference models per registration")
-                    panels.check_reference_header(reference)
-                    references.append(files.enter_context(spooled(
-                        stream.chunks(), reference, cap=config.max_upload_bytes,
-                        spool=self.spool, suffix=".pt2")))
-                return flows.register(self.ctx, principal, bundle, host, references,
-                                         host_format=header.upload.format)
+            stream = _Stream(request_iterator, pb.RegisterHeader, self.spool,
+                             self.ctx.config.max_upload_bytes,
+                             misplaced="a Register stream has one header, at its start")
+            return register.register(self.ctx, principal, stream)
         return _guard(context, "Register", work)
 
     def Verify(self, request_iterator: Iterator[pb.VerifyRequest],
@@ -134,61 +120,58 @@ class KeyServiceServicer(keyservice_pb2_grpc.KeyServiceServicer):
             principal = authenticate(self.ctx.store, context)
             # Both buckets are charged before the upload is read: a refused call costs nothing.
             self.verify_limits.check_principal(principal.name)
-            header = _header(request_iterator)
-            assert isinstance(header, pb.VerifyHeader)
-            record = flows.verify_target(self.ctx, principal, header)
-            self.verify_limits.check_registration(record.registration_id)
-            suffix = formats.SUFFIXES[header.upload.format]
-            with spooled(_chunks(request_iterator), header.upload, cap=self.ctx.config.max_upload_bytes,
-                         spool=self.spool, suffix=suffix) as path:
-                return flows.verify(self.ctx, principal, record, header, path)
+            stream = _Stream(request_iterator, pb.VerifyHeader, self.spool,
+                             self.ctx.config.max_upload_bytes,
+                             misplaced="only chunks may follow the header")
+            return verify.verify(self.ctx, principal, stream,
+                                 admit=self.verify_limits.check_registration)
         return _guard(context, "Verify", work)
 
     def GetRegistration(self, request: pb.GetRegistrationRequest,
                         context: grpc.ServicerContext) -> pb.RegistrationInfo:
-        return _guard(context, "GetRegistration", lambda: flows.get_registration(
+        return _guard(context, "GetRegistration", lambda: registrations.get_registration(
             self.ctx, authenticate(self.ctx.store, context), request))
 
     def ListRegistrations(self, request: pb.ListRegistrationsRequest,
                           context: grpc.ServicerContext) -> pb.ListRegistrationsResponse:
-        return _guard(context, "ListRegistrations", lambda: flows.list_registrations(
+        return _guard(context, "ListRegistrations", lambda: registrations.list_registrations(
             self.ctx, authenticate(self.ctx.store, context), request))
 
     def Revoke(self, request: pb.RevokeRequest, context: grpc.ServicerContext) -> pb.RegistrationInfo:
-        return _guard(context, "Revoke", lambda: flows.revoke(
+        return _guard(context, "Revoke", lambda: registrations.revoke(
             self.ctx, authenticate(self.ctx.store, context), request))
 
     def GetCheckpoint(self, request: pb.GetCheckpointRequest,
                       context: grpc.ServicerContext) -> pb.SignedCheckpoint:
         def work() -> pb.SignedCheckpoint:
             authenticate(self.ctx.store, context)
-            return flows.get_checkpoint(self.ctx)
+            return proofs.get_checkpoint(self.ctx)
         return _guard(context, "GetCheckpoint", work)
 
     def GetInclusionProof(self, request: pb.GetInclusionProofRequest,
                           context: grpc.ServicerContext) -> pb.InclusionProof:
         def work() -> pb.InclusionProof:
             authenticate(self.ctx.store, context)
-            return flows.get_inclusion_proof(self.ctx, request)
+            return proofs.get_inclusion_proof(self.ctx, request)
         return _guard(context, "GetInclusionProof", work)
 
     def GetConsistencyProof(self, request: pb.GetConsistencyProofRequest,
                             context: grpc.ServicerContext) -> pb.ConsistencyProof:
         def work() -> pb.ConsistencyProof:
             authenticate(self.ctx.store, context)
-            return flows.get_consistency_proof(self.ctx, request)
+            return proofs.get_consistency_proof(self.ctx, request)
         return _guard(context, "GetConsistencyProof", work)
 
     def GetEntries(self, request: pb.GetEntriesRequest,
                    context: grpc.ServicerContext) -> pb.GetEntriesResponse:
         def work() -> pb.GetEntriesResponse:
             authenticate(self.ctx.store, context)
-            return flows.get_entries(self.ctx, request)
+            return proofs.get_entries(self.ctx, request)
         return _guard(context, "GetEntries", work)
 
     def GetPublicKey(self, request: pb.GetPublicKeyRequest,
                      context: grpc.ServicerContext) -> pb.PublicKey:
         def work() -> pb.PublicKey:
             authenticate(self.ctx.store, context)
-            return flows.public_key(self.ctx)
+            return proofs.public_key(self.ctx)
         return _guard(context, "GetPublicKey", work)

@@ -1,8 +1,8 @@
 """Why the sandbox gave no activations, when it was not the model file's own fault.
 
-Their own module so that the pool (`sandbox_pool`) and the public face (`sandbox`, which
-re-exports them) share one definition; the key server maps each to its status
-(`handlers._sandboxed`).
+Shared by both sides: the pool raises them, `protocol` turns a child's report into them, and
+`runner`, the sandbox's face, re-exports them; the key server maps each to its status
+(`handlers.context.sandbox_refusals`).
 """
 
 from __future__ import annotations

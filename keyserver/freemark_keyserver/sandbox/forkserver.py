@@ -1,15 +1,16 @@
 """The sandbox's warm fork server: torch imported once, one forked child per untrusted model.
 
-`python -m freemark_keyserver.sandbox.forkserver CONTROL_FD` is started by `SandboxPool.start` with the
-environment of `sandbox.worker_environment` (nothing inherited, so no FREEMARK_* secret), only
-its control socket open, in a session of its own, before the server reads any key. It imports
-numpy, torch, the export deserializer, safetensors and our loading code, then serves on the
-control socket (AF_UNIX SOCK_SEQPACKET; one JSON message per packet, descriptors attached with
-SCM_RIGHTS):
+`python -m freemark_keyserver.sandbox.forkserver CONTROL_FD WORKERS LIMITS` is started by
+`SandboxPool.start` with the environment of `limits.worker_environment` (nothing inherited, so
+no FREEMARK_* secret), only its control socket open, in a session of its own, before the
+server reads any key. It imports numpy, torch, the export deserializer, safetensors and our
+loading code, then serves on the control socket (AF_UNIX SOCK_SEQPACKET; one JSON message
+per packet, descriptors attached with SCM_RIGHTS):
 
 - ``{"op": "run", "limits": {...}}`` with [status socket, data socket, input fds...]: fork a
-  child that renumbers the data socket to 3 and the inputs to 4, 5, ..., closes everything
-  else, enters its isolation layers with the given limits and answers on the data socket
+  child that renumbers the data socket to `protocol.DATA_FD` (3) and the inputs to 4, 5, ...,
+  closes everything else, enters its isolation layers with the given limits
+  (`limits.child_limits`, applied by `limits.limit_self`) and answers on the data socket
   (`worker.serve`). The fork server keeps only the status socket: it sends
   ``{"pid": P}``, then ``{"exit": CODE}`` (negative: killed by that signal) once the child is
   reaped. When the pool closes its end of the status socket (the run is over: answered,
@@ -26,6 +27,10 @@ start it forks one probe child that enters every isolation layer, so it can repo
 machine allows (``{"ready": true, "isolation": {...}}`` is its first message); later children
 must enter at least those layers or they stop. It exits, killing every child, when the
 control socket closes.
+
+It is the child side of the sandbox: it imports the child side (`worker`, `isolation`) and the
+shared modules (`limits`, `protocol`, `errors`, `formats`), never the parent side (`runner`,
+`pool`), so the process that forks untrusted models holds none of the server's code.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ from typing import Any
 
 from freemark_keyserver.sandbox import isolation as sandbox_isolation
 from freemark_keyserver.sandbox import worker
+from freemark_keyserver.sandbox.limits import limit_self
+from freemark_keyserver.sandbox.protocol import DATA_FD
 
 MAX_FDS = 8
 CONTROL_BYTES = 1 << 16
@@ -78,12 +85,12 @@ def _child(data_fd: int, inputs: list[int], limits: dict[str, int],
     staged = [os.dup(fd) for fd in wanted]  # above every target number, so dup2 clobbers nothing
     for fd in (0, 1, 2):
         os.dup2(null, fd)
-    for number, fd in enumerate(staged, start=3):
+    for number, fd in enumerate(staged, start=DATA_FD):
         os.dup2(fd, number, inheritable=False)
-    os.closerange(3 + len(staged), os.sysconf("SC_OPEN_MAX"))
+    os.closerange(DATA_FD + len(staged), os.sysconf("SC_OPEN_MAX"))
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    sandbox_isolation.enter(lambda: worker.limit_self(**limits), required=required)
-    return worker.serve(3)
+    sandbox_isolation.enter(lambda: limit_self(**limits), required=required)
+    return worker.serve(DATA_FD)
 
 
 def _fork_child(data_fd: int, inputs: list[int], limits: dict[str, int],
@@ -105,8 +112,7 @@ def _probe(limits: dict[str, int]) -> sandbox_isolation.Isolation:
     if pid == 0:
         try:
             mine.close()
-            state = sandbox_isolation.enter(lambda: worker.limit_self(**limits),
-                                            required=None)
+            state = sandbox_isolation.enter(lambda: limit_self(**limits), required=None)
             os.write(theirs.fileno(), json.dumps(state.layers).encode())  # write: allowed
         finally:
             os._exit(0)

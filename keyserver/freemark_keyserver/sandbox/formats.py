@@ -1,69 +1,81 @@
-"""Model formats at the key server beyond `.pt2` programs: Hugging Face checkpoints and ONNX.
+"""What the sandbox adds to the library's format table (`freemark.formats.table`).
 
-The server never opens an upload itself. It tells the sandbox which format the upload
-declared (`sandbox_options`, carried in the worker's request header), and the worker hands
-every non-program format to `sandboxed_activations`, which loads it with the library's safe
-loaders (`freemark.formats.huggingface`, `freemark.formats.onnx`: allow-listed architectures or operators,
-caps before anything is built, nothing unpickled) and reads the key layer. A stored host's
-format is told from its first bytes (`stored_host_options`): a program is a zip archive, a
-packed checkpoint a safetensors file; the host was vetted when it was registered.
+Which formats exist, which may be registered or judged, and the suffix an upload is spooled
+under are the table's rows; the server reads them there (`by_wire`, `.host`, `.suspect`,
+`.suffix`, `names`). This module keeps what only the sandbox needs:
+
+- the options the child receives (`sandbox_options`, carried in the worker's request header):
+  the row's `name` for a format with its own loader here, and for ONNX the tensor the caller
+  named; nothing for a `.pt2` program, the worker's default (bare `.safetensors` weights ride
+  with the stored host program they belong to);
+- a stored host's format, told from its first bytes (`stored_host_options`): a program is a
+  zip archive, a packed checkpoint a safetensors file; the host was vetted when it was
+  registered;
+- the child's dispatch (`handles`, `sandboxed_activations`, by the row's `name`) to the
+  library's safe loaders (`freemark.formats.huggingface`, `freemark.formats.onnx`:
+  allow-listed architectures or operators, caps before anything is built, nothing
+  unpickled), and their warm-up in the fork server (`warm_up`).
+
+The server never opens an upload itself.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from freemark.formats.table import by_name, by_wire
 from freemark.scheme.triggers import TriggerSet
-from freemark.v1 import keyservice_pb2 as pb
 
 FORMAT_KEY = "format"
 TENSOR_KEY = "onnx_tensor"
-HF = "hf"
-ONNX = "onnx"
 MAX_TENSOR_NAME = 1024
 _ZIP_MAGIC = b"PK\x03\x04"
-
-HOST_FORMATS = (pb.MODEL_FORMAT_PT2, pb.MODEL_FORMAT_HF_CHECKPOINT)
-SUSPECT_FORMATS = (pb.MODEL_FORMAT_PT2, pb.MODEL_FORMAT_SAFETENSORS,
-                   pb.MODEL_FORMAT_HF_CHECKPOINT, pb.MODEL_FORMAT_ONNX)
-SUFFIXES = {pb.MODEL_FORMAT_PT2: ".pt2", pb.MODEL_FORMAT_SAFETENSORS: ".safetensors",
-            pb.MODEL_FORMAT_HF_CHECKPOINT: ".safetensors", pb.MODEL_FORMAT_ONNX: ".onnx"}
+_HF = by_name("hf")
+_ONNX = by_name("onnx")
 
 
 def sandbox_options(upload_format: int, onnx_tensor: str = "") -> dict[str, str]:
     """What the worker must know about an upload beyond its path: its format (and for ONNX
     the tensor the caller named). Empty for a program, the worker's default."""
-    if upload_format == pb.MODEL_FORMAT_HF_CHECKPOINT:
-        return {FORMAT_KEY: HF}
-    if upload_format == pb.MODEL_FORMAT_ONNX:
-        return {FORMAT_KEY: ONNX, TENSOR_KEY: onnx_tensor}
-    return {}
+    row = by_wire(upload_format)
+    if row is None or row.name not in _READERS:
+        return {}
+    if row is _ONNX:
+        return {FORMAT_KEY: row.name, TENSOR_KEY: onnx_tensor}
+    return {FORMAT_KEY: row.name}
 
 
 def stored_host_options(path: Path) -> dict[str, str]:
     """The sandbox options of a registered host, from its first bytes."""
     with path.open("rb") as handle:
         head = handle.read(len(_ZIP_MAGIC))
-    return {} if head == _ZIP_MAGIC else {FORMAT_KEY: HF}
+    return {} if head == _ZIP_MAGIC else {FORMAT_KEY: _HF.name}
 
 
 def handles(header: dict[str, Any]) -> bool:
     """Whether a worker request is for a format this module reads (not a `.pt2` program)."""
-    return header.get(FORMAT_KEY) in (HF, ONNX)
+    return header.get(FORMAT_KEY) in _READERS
 
 
 def sandboxed_activations(header: dict[str, Any], triggers: TriggerSet) -> tuple[Any, bytes]:
     """Inside the sandbox: the activation matrix and the model's identity (fingerprint ‖
     architecture digest) for a Hugging Face checkpoint or an ONNX model."""
-    if header[FORMAT_KEY] == ONNX:
-        from freemark.formats.onnx import OnnxModel
+    return _READERS[header[FORMAT_KEY]](header, triggers)
 
-        onnx_model = OnnxModel.open(header["model"], header["layer"],
-                                    tensor=header.get(TENSOR_KEY) or None)
-        activations = onnx_model.capture(triggers.inputs, triggers.attention_mask,
-                                         header["pooling"])
-        return activations, onnx_model.fingerprint() + onnx_model.architecture_digest()
+
+def _onnx_activations(header: dict[str, Any], triggers: TriggerSet) -> tuple[Any, bytes]:
+    from freemark.formats.onnx import OnnxModel
+
+    onnx_model = OnnxModel.open(header["model"], header["layer"],
+                                tensor=header.get(TENSOR_KEY) or None)
+    activations = onnx_model.capture(triggers.inputs, triggers.attention_mask,
+                                     header["pooling"])
+    return activations, onnx_model.fingerprint() + onnx_model.architecture_digest()
+
+
+def _checkpoint_activations(header: dict[str, Any], triggers: TriggerSet) -> tuple[Any, bytes]:
     from freemark.formats.huggingface import apply_checkpoint_weights, load_checkpoint
     from freemark.formats.pt2 import architecture_digest, fingerprint
     from freemark.scheme.activations import capture
@@ -72,6 +84,14 @@ def sandboxed_activations(header: dict[str, Any], triggers: TriggerSet) -> tuple
              else load_checkpoint(header["model"]))
     activations, _ = capture(model, header["layer"], triggers, pooling=header["pooling"])
     return activations, fingerprint(model) + architecture_digest(model)
+
+
+# The formats the child reads here, by the table row's `name`; any other is a `.pt2` program
+# (`worker._load`).
+_READERS: dict[str, Callable[[dict[str, Any], TriggerSet], tuple[Any, bytes]]] = {
+    _HF.name: _checkpoint_activations,
+    _ONNX.name: _onnx_activations,
+}
 
 
 def warm_up(home: str) -> None:
@@ -103,7 +123,7 @@ def warm_up(home: str) -> None:
             model.save_pretrained(folder)
             packed = pack(folder, folder / "packed.safetensors")
             layer = next(n for n, _ in model.named_modules() if n.endswith("layer.0"))
-            sandboxed_activations({FORMAT_KEY: HF, "model": str(packed), "weights": None,
+            sandboxed_activations({FORMAT_KEY: _HF.name, "model": str(packed), "weights": None,
                                    "layer": layer, "pooling": bundle_pb2.POOLING_TOKEN_MEAN},
                                   triggers)
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="/act/Relu")], "warm",

@@ -17,7 +17,7 @@ private   PR_SET_NO_NEW_PRIVS and PR_SET_DUMPABLE 0: no setuid binary gives righ
           and sibling children (same user) cannot read one another's memory or descriptors
           through /proc (they run other owners' secret triggers). PR_SET_PDEATHSIG: a child
           dies with its fork server, so none outlives a relaunch.
-limits    rlimits (`sandbox_worker.limit_self`): address space, CPU seconds, open files,
+limits    rlimits (`limits.limit_self`): address space, CPU seconds, open files,
           RLIMIT_FSIZE=0 (no file data written), RLIMIT_NPROC=0 (no fork, no threads).
 seccomp   a BPF allow-list of the ~60 system calls loading and running a model needs
           (measured with strace on the digits CNN and EfficientNet-class programs): no
@@ -28,8 +28,9 @@ seccomp   a BPF allow-list of the ~60 system calls loading and running a model n
 filesystem  the sum of the above: read-only opens, FSIZE=0 and no directory calls, so the
           child can write nothing; it reads its inputs through descriptors it was handed.
 
-`probe` tries every layer in a throwaway child at start-up and reports which hold; `serve`
-prints the report and the pool keeps it (`SandboxPool.isolation`).
+The fork server tries every layer in a throwaway child at start-up (`forkserver._probe`) and
+reports which hold; the pool keeps the report (`SandboxPool.isolation`), `serve` prints it
+and health publishes it. `harden_parent` is the one part that runs in the server itself.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """The server's side of the sandbox: a warm fork server, a concurrency cap, a bounded queue.
 
-`SandboxPool.start` launches `freemark_keyserver.sandbox.forkserver` as a fresh Python (exec, not fork:
-it shares no memory with the server) with the clean environment of `worker_environment`, in
-its own session, and waits until it has imported torch and probed the isolation layers. The
+`SandboxPool.start` launches `freemark_keyserver.sandbox.forkserver` as a fresh Python (exec,
+not fork: it shares no memory with the server) with the clean environment of
+`limits.worker_environment`, in its own session, and waits until it has imported torch and probed the isolation layers. The
 server starts it before it reads any key (`server.create_server`).
 
 A run is a conversation with one child (`_Child`, one thread, no helper threads): framed
-requests out, framed replies back (`sandbox_worker`), with a follow-up request when the
+requests out, framed replies back (`protocol`), with a follow-up request when the
 caller asks for one (`run(then=...)`: Register's prior-claim sets, read by the child that
 read the host). Closing the run's status socket ends it: the fork server kills the child.
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import array
 import contextlib
-import io
 import json
 import logging
 import os
@@ -38,14 +37,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from freemark.errors import InvalidInputError, ModelFileError
-from freemark.scheme.triggers import TriggerSet
 from freemark_keyserver import cancellation, metrics
 from freemark_keyserver.sandbox import isolation as sandbox_isolation
 from freemark_keyserver.sandbox.errors import (
@@ -55,32 +52,15 @@ from freemark_keyserver.sandbox.errors import (
     SandboxTimeout,
     SandboxUnavailable,
 )
-from freemark_keyserver.sandbox.worker import LENGTH, MAX_MESSAGE_CHARS, OK, REFUSED
+from freemark_keyserver.sandbox.limits import SandboxLimits, child_limits, worker_environment
+from freemark_keyserver.sandbox.protocol import LENGTH, TriggerRun, decode_reply, encode_request
 
-__all__ = ["POLL_SECONDS", "SandboxPool", "TriggerRun", "default_workers"]
+__all__ = ["POLL_SECONDS", "SandboxPool", "Then", "default_workers"]
 
 log = logging.getLogger("freemark_keyserver")
 
 POLL_SECONDS = 0.05  # how often a waiting or running call is checked for cancellation
 START_SECONDS = 120.0  # importing torch on a loaded 2-core machine
-IDENTITY_BYTES = 64
-GiB = 1 << 30
-
-
-@dataclass(frozen=True)
-class TriggerRun:
-    """One trigger set to run the model on, at one layer and pooling, followed by `probes`
-    alignment probes that the child derives from the triggers (`freemark.scheme.probes`)."""
-
-    layer: str
-    pooling: int
-    triggers: TriggerSet
-    probes: int = 0
-
-    @property
-    def rows(self) -> int:
-        """How many activation rows the run answers: the triggers, then the probes."""
-        return len(self.triggers) + self.probes
 
 
 def default_workers(memory_bytes: int) -> int:
@@ -125,7 +105,7 @@ def _grant(fd: int, user: tuple[int, int] | None) -> None:
 class SandboxPool:
     """A started fork server and the cap in front of it."""
 
-    def __init__(self, *, workers: int, queue: int, limits: Any) -> None:
+    def __init__(self, *, workers: int, queue: int, limits: SandboxLimits) -> None:
         if workers < 1 or queue < 0:
             raise InvalidInputError("the sandbox needs at least one worker and a queue >= 0")
         self.workers = workers
@@ -170,14 +150,10 @@ class SandboxPool:
         """Start a fork server (a fresh interpreter: it inherits no memory, no descriptor but
         its control socket, no environment; so a relaunch after the keys are loaded is as
         clean as the first) and wait until it is ready; its isolation report."""
-        from freemark_keyserver.sandbox.runner import worker_environment
-
         assert self._home is not None
         home = Path(self._home.name)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        limits = {"memory_bytes": self.limits.memory_bytes,
-                  "cpu_seconds": self.limits.cpu_seconds,
-                  "open_files": self.limits.open_files, "threads": self.limits.threads}
+        limits = child_limits(self.limits)  # for the start-up probe child
         process = subprocess.Popen(
             [sys.executable, "-s", "-B", "-P", "-m", "freemark_keyserver.sandbox.forkserver",
              str(theirs.fileno()), str(self.workers), json.dumps(limits)],
@@ -297,7 +273,8 @@ class SandboxPool:
     # --- one run ------------------------------------------------------------------------
 
     def run(self, model_path: Path, runs: Sequence[TriggerRun], *, weights_path: Path | None,
-            limits: Any, options: dict[str, Any] | None = None, then: Then | None = None
+            limits: SandboxLimits, options: dict[str, Any] | None = None,
+            then: Then | None = None
             ) -> tuple[bytes, list[np.ndarray | Exception]]:
         """The model's identity and, per trigger run, its activations or its refusal.
 
@@ -308,13 +285,13 @@ class SandboxPool:
         ones. A failure of the child while it reads them (a crash, its limits, the deadline)
         becomes each one's result, as a run that fails alone; the call's end still raises.
         """
-        request = _encode(runs, bool(weights_path), options or {})
+        request = encode_request(runs, bool(weights_path), options or {})
         self._admit()
         started = time.monotonic()
         metrics.SANDBOX_RUNNING.inc()
         try:
             with self._child(model_path, weights_path, limits) as child:
-                identity, results = _decode(child.ask(request), [r.rows for r in runs])
+                identity, results = decode_reply(child.ask(request), [r.rows for r in runs])
                 more = list(then(identity, results)) if then is not None else []
                 if more:
                     results = [*results, *_more(child, more, bool(weights_path), options or {})]
@@ -327,7 +304,7 @@ class SandboxPool:
         return identity, results
 
     @contextlib.contextmanager
-    def _child(self, model_path: Path, weights_path: Path | None, limits: Any
+    def _child(self, model_path: Path, weights_path: Path | None, limits: SandboxLimits
                ) -> Iterator[_Child]:
         """A forked child holding read-only descriptors of the inputs; killed on exit."""
         inputs = []
@@ -348,7 +325,7 @@ class SandboxPool:
                     raise SandboxUnavailable("the sandbox is down; the operator has been "
                                              "alerted: retry later")
                 try:
-                    _send_fds(self._control, {"op": "run", "limits": _child_limits(limits)},
+                    _send_fds(self._control, {"op": "run", "limits": child_limits(limits)},
                               [status_theirs.fileno(), data_theirs.fileno(), *inputs])
                 except OSError as exc:  # it died; `_keep_alive` is relaunching it
                     raise SandboxUnavailable("the sandbox is restarting: retry shortly") from exc
@@ -377,7 +354,8 @@ def _more(child: _Child, runs: Sequence[TriggerRun], has_weights: bool,
           options: dict[str, Any]) -> list[np.ndarray | Exception]:
     """The results of a follow-up request; the child's failure becomes each run's result."""
     try:
-        _, results = _decode(child.ask(_encode(runs, has_weights, options)), [r.rows for r in runs])
+        _, results = decode_reply(child.ask(encode_request(runs, has_weights, options)),
+                                  [r.rows for r in runs])
     except cancellation.CallEnded:
         raise
     except Exception as exc:  # noqa: BLE001 - every run of the batch fails alone, with this
@@ -389,7 +367,8 @@ class _Child:
     """The conversation with one forked child: a request out, its framed reply back, on one
     thread, watching the call, the wall-clock deadline and the child's exit all the while."""
 
-    def __init__(self, status: socket.socket, data: socket.socket, limits: Any) -> None:
+    def __init__(self, status: socket.socket, data: socket.socket, limits: SandboxLimits
+                 ) -> None:
         self._status, self._data, self._limits = status, data, limits
         self._deadline = 0.0  # set by each request
         self._code: int | None = None  # the child's exit status, once the fork server says it
@@ -498,61 +477,7 @@ class _Child:
         return error
 
 
-def _child_limits(limits: Any) -> dict[str, int]:
-    fields = asdict(limits)
-    return {name: fields[name] for name in ("memory_bytes", "cpu_seconds", "open_files",
-                                            "threads")}
-
-
-def _encode(runs: Sequence[TriggerRun], has_weights: bool, options: dict[str, Any]) -> bytes:
-    header = {**options, "model": "/proc/self/fd/4",
-              "weights": "/proc/self/fd/5" if has_weights else None,
-              "sets": [{"layer": r.layer, "pooling": int(r.pooling), "probes": int(r.probes),
-                        "has_mask": r.triggers.attention_mask is not None} for r in runs]}
-    buffer = io.BytesIO()
-    arrays: list[Any] = [np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)]
-    for r in runs:
-        arrays.append(r.triggers.inputs)
-        if r.triggers.attention_mask is not None:
-            arrays.append(r.triggers.attention_mask)
-    try:
-        for item in arrays:
-            np.save(buffer, np.asarray(item), allow_pickle=False)
-    except ValueError as exc:  # object arrays would need pickle
-        raise InvalidInputError(f"trigger arrays must be numeric: {exc}") from exc
-    return buffer.getvalue()
-
-
-def _frame(buffer: io.BytesIO) -> np.ndarray:
-    try:
-        array_ = np.load(buffer, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise SandboxError("the worker's output is not a .npy array") from exc
-    if not isinstance(array_, np.ndarray):
-        raise SandboxError("the worker's output is not a .npy array")
-    return array_
-
-
-def _status(buffer: io.BytesIO) -> tuple[str, str]:
-    frame = _frame(buffer)
-    try:
-        report = json.loads(frame.tobytes())
-        return str(report["kind"]), str(report["message"])[:MAX_MESSAGE_CHARS]
-    except (ValueError, TypeError, KeyError) as exc:
-        raise SandboxError("the worker failed without a readable report") from exc
-
-
-def _refusal(kind: str, message: str) -> Exception:
-    if kind == "invalid_model":
-        return ModelFileError(message)
-    if kind == "invalid_input":
-        return InvalidInputError(message)
-    if kind == "resource":
-        return SandboxResourceError(message)
-    return SandboxError(f"the worker failed: {message}")
-
-
-def _failure(code: int, limits: Any) -> SandboxError:
+def _failure(code: int, limits: SandboxLimits) -> SandboxError:
     """Why a child that exited (status `code`) before its reply was complete gave none."""
     if code in (-signal.SIGXCPU, -signal.SIGKILL):
         metrics.SANDBOX_KILLS_TOTAL.labels("cpu").inc()
@@ -563,44 +488,3 @@ def _failure(code: int, limits: Any) -> SandboxError:
         return SandboxError(f"the worker died from signal {signal.Signals(-code).name}; the "
                             "model was refused")
     return SandboxError(f"the worker exited with status {code} without a report")
-
-
-def _decode(raw: bytes, rows: list[int]) -> tuple[bytes, list[np.ndarray | Exception]]:
-    """A complete reply: the model's identity and, per set of `rows` inputs, its activations
-    or its refusal. Raises for a refusal of the whole model, or a reply that breaks the
-    protocol (a compromised child gets no further than this)."""
-    buffer = io.BytesIO(raw[1:])
-    if raw[:1] == REFUSED:
-        raise _refusal(*_status(buffer))
-    if raw[:1] != OK:
-        raise SandboxError("the worker's output has no status")
-    identity = _frame(buffer)
-    if identity.dtype != np.uint8 or identity.shape != (IDENTITY_BYTES,):
-        raise SandboxError("the worker's output does not start with the model's identity")
-    results: list[np.ndarray | Exception] = []
-    for n_rows in rows:
-        kind, message = _status(buffer)
-        if kind != "ok":
-            results.append(_refusal(kind, message))
-            continue
-        results.append(check_activations(_frame(buffer), n_rows))
-    if buffer.tell() != len(raw) - 1:
-        raise SandboxError("the worker's output has trailing bytes")
-    return identity.tobytes(), results
-
-
-def check_activations(array: np.ndarray, n_triggers: int) -> np.ndarray:
-    """A finite (n_triggers, units) matrix from the worker, as float64."""
-    if (
-        array.dtype != np.dtype(np.float32)
-        or array.ndim != 2
-        or array.shape[0] != n_triggers
-        or array.shape[1] < 1
-    ):
-        raise SandboxError(
-            f"the worker returned a {array.dtype} array of shape {array.shape}, "
-            f"expected float32 ({n_triggers}, units)"
-        )
-    if not np.all(np.isfinite(array)):
-        raise SandboxError("the worker returned non-finite activations")
-    return array.astype(np.float64)

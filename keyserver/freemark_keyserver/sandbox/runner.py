@@ -2,12 +2,18 @@
 
 A suspect model is a program written by whoever uploaded it. The key server never loads one in
 its own process, which holds the master key and every owner's keys. Runs go to a
-`SandboxPool` (`sandbox_pool`): a warm fork server started before any key is read, with a
-minimal environment (`worker_environment`: PATH, PYTHONPATH to import our packages, thread
-counts, HOME and TMPDIR in a fresh directory; never the parent's, so no FREEMARK_* secret),
-which forks one child per model. The child enters the isolation layers of
-`sandbox_isolation` (network, user, private, limits from `SandboxLimits`, seccomp), reads
-the model through descriptors and answers on a socket (`sandbox_worker`).
+`SandboxPool` (`pool`): a warm fork server (`forkserver`) started before any key is read,
+with a minimal environment (`limits.worker_environment`: PATH, PYTHONPATH to import our
+packages, thread counts, HOME and TMPDIR in a fresh directory; never the parent's, so no
+FREEMARK_* secret), which forks one child per model. The child enters the isolation layers of
+`isolation` (network, user, private, limits from `SandboxLimits`, seccomp), reads the model
+through descriptors and answers on a socket (`worker`, in the framing of `protocol`).
+
+This module is the sandbox's face to the rest of the server: everything outside the package
+goes through it (and the shared `limits`, `protocol`, `errors`, `formats`), never through the
+pool, the worker, the fork server or the isolation layers. `start_pool` builds a pool (the
+server's, by `ServerConfig.start_sandbox`); `LAYERS` and `Isolation` name what a pool reports
+it stands on (the server's health).
 
 `run_model` and `run_batch` take the pool to use (the server's, built by `create_server`),
 or start one process-wide pool on first use (`shared_pool`, for the operator's CLI and
@@ -20,7 +26,6 @@ crosses over.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,9 +34,7 @@ from typing import Any
 
 import numpy as np
 
-import freemark
-import freemark_keyserver
-from freemark.errors import InvalidInputError, ModelFileError
+from freemark.errors import ModelFileError
 from freemark.scheme.triggers import TriggerSet
 from freemark_keyserver.sandbox.errors import (
     SandboxBusy,
@@ -39,90 +42,42 @@ from freemark_keyserver.sandbox.errors import (
     SandboxResourceError,
     SandboxTimeout,
 )
-from freemark_keyserver.sandbox.pool import SandboxPool, Then, TriggerRun, default_workers
+from freemark_keyserver.sandbox.isolation import LAYERS, Isolation
+from freemark_keyserver.sandbox.limits import SandboxLimits
+from freemark_keyserver.sandbox.pool import SandboxPool, Then, default_workers
+from freemark_keyserver.sandbox.protocol import TriggerRun
 
 __all__ = [
+    "LAYERS",
+    "Isolation",
     "SandboxBusy",
     "SandboxError",
     "SandboxLimits",
+    "SandboxPool",
     "SandboxResourceError",
     "SandboxResult",
     "SandboxTimeout",
+    "Then",
     "TriggerRun",
+    "default_workers",
     "run_batch",
     "run_in_sandbox",
     "run_model",
     "shared_pool",
-    "worker_environment",
+    "start_pool",
 ]
 
-MiB = 1 << 20
-GiB = 1 << 30
+
+def start_pool(limits: SandboxLimits, *, workers: int | None = None, queue: int | None = None
+               ) -> SandboxPool:
+    """Start a sandbox pool: `workers` children at once (None: `pool.default_workers`, from
+    the cores and the memory each child may map) and `queue` runs waiting (None: 4 x workers)."""
+    workers = workers or default_workers(limits.memory_bytes)
+    queue = 4 * workers if queue is None else queue
+    return SandboxPool(workers=workers, queue=queue, limits=limits).start()
 
 
-@dataclass(frozen=True)
-class SandboxLimits:
-    """What one sandboxed run may use. The defaults fit the models the TTP is meant for.
-
-    memory_bytes: RLIMIT_AS. 4 GiB: torch 2.13 (CPU) alone needs about 0.8 GiB of address space
-        to import and run a small CNN (measured; 0.5 GiB fails), which leaves room for a model of
-        a few hundred MB plus one forward pass's activations (capture reads at most 256 inputs
-        and 2 MiB of them a pass: 256 at 224 x 224 ran EfficientNet-Lite0 out of this limit).
-    cpu_seconds: RLIMIT_CPU. 120 s: importing torch costs 2-3 s, a digits CNN on 100 triggers
-        under 1 s, a ResNet-50 on a few hundred triggers tens of seconds on one core.
-    wall_seconds: the parent's deadline for each request to a child (Register's follow-up
-        request, the prior-claim sets, gets its own), which also bounds a worker that sleeps
-        or blocks and so uses no CPU. Above cpu_seconds, so a busy single-threaded run meets the clearer CPU
-        limit first.
-    open_files: RLIMIT_NOFILE. 64: importing torch and loading a model need fewer than 8 at once.
-    threads: torch/OpenMP/MKL threads. 1: RLIMIT_CPU counts every thread, a verify should not
-        starve the server's other requests, and with one thread the worker can also forbid
-        itself new processes and threads (RLIMIT_NPROC=0).
-    max_output_bytes: cap on the reply read back (activations travel as float32). 512 MiB:
-        4 bytes x 2,048 inputs (1,024 triggers and as many probes) x 65,536 units; the reply
-        is held by the server while it is judged, one per running worker.
-    """
-
-    memory_bytes: int = 4 * GiB
-    cpu_seconds: int = 120
-    wall_seconds: float = 180.0
-    open_files: int = 64
-    threads: int = 1
-    max_output_bytes: int = 512 * MiB
-
-    def __post_init__(self) -> None:
-        for name in (
-            "memory_bytes",
-            "cpu_seconds",
-            "wall_seconds",
-            "open_files",
-            "threads",
-            "max_output_bytes",
-        ):
-            if not getattr(self, name) > 0:
-                raise InvalidInputError(
-                    f"SandboxLimits.{name} must be positive, got {getattr(self, name)}"
-                )
-
-
-def worker_environment(limits: SandboxLimits, home: Path) -> dict[str, str]:
-    """The worker's whole environment: nothing is inherited, so no secret can leak into it."""
-    threads = str(limits.threads)
-    roots = dict.fromkeys(
-        str(Path(p.__path__[0]).resolve().parent) for p in (freemark, freemark_keyserver)
-    )
-    return {
-        "PATH": os.defpath,
-        "PYTHONPATH": os.pathsep.join(roots),
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "HOME": str(home),
-        "TMPDIR": str(home),
-        "OMP_NUM_THREADS": threads,
-        "MKL_NUM_THREADS": threads,
-        "OPENBLAS_NUM_THREADS": threads,
-    }
-
-
+DEFAULT_LIMITS = SandboxLimits()  # frozen: one instance serves every default
 _SHARED: SandboxPool | None = None
 _SHARED_LOCK = threading.Lock()
 
@@ -132,9 +87,7 @@ def shared_pool() -> SandboxPool:
     global _SHARED
     with _SHARED_LOCK:
         if _SHARED is None:
-            limits = SandboxLimits()
-            workers = default_workers(limits.memory_bytes)
-            _SHARED = SandboxPool(workers=workers, queue=4 * workers, limits=limits).start()
+            _SHARED = start_pool(DEFAULT_LIMITS)
         return _SHARED
 
 
@@ -145,7 +98,7 @@ def run_in_sandbox(
     pooling: int,
     triggers: TriggerSet,
     weights_path: Path | None = None,
-    limits: SandboxLimits = SandboxLimits(),
+    limits: SandboxLimits = DEFAULT_LIMITS,
     pool: SandboxPool | None = None,
 ) -> np.ndarray:
     """Activations only; see `run_model`."""
@@ -161,7 +114,7 @@ def run_model(
     triggers: TriggerSet,
     weights_path: Path | None = None,
     probes: int = 0,
-    limits: SandboxLimits = SandboxLimits(),
+    limits: SandboxLimits = DEFAULT_LIMITS,
     options: dict[str, Any] | None = None,
     pool: SandboxPool | None = None,
 ) -> SandboxResult:
@@ -187,7 +140,7 @@ def run_batch(
     runs: Sequence[TriggerRun],
     *,
     weights_path: Path | None = None,
-    limits: SandboxLimits = SandboxLimits(),
+    limits: SandboxLimits = DEFAULT_LIMITS,
     options: dict[str, Any] | None = None,
     then: Then | None = None,
     pool: SandboxPool | None = None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from grpc_health.v1 import health_pb2
 
-from freemark_keyserver.sandbox.isolation import LAYERS, Isolation
+from freemark_keyserver.sandbox.runner import LAYERS, Isolation
 from freemark_keyserver.server import isolation_health
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

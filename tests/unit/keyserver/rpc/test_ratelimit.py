@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from freemark_keyserver.config import Rate
 from freemark_keyserver.errors import ErrorCode, ServiceError
-from freemark_keyserver.rpc.ratelimit import Buckets, Rate, VerifyLimits
+from freemark_keyserver.rpc.ratelimit import Buckets, VerifyLimits
 
 
 class Clock:

@@ -33,18 +33,17 @@ from freemark.scheme.activations import capture
 from freemark.scheme.probes import with_probes
 from freemark.scheme.triggers import TriggerSet, select_triggers
 from freemark.v1 import bundle_pb2
-from freemark_keyserver.sandbox import pool as sandbox_pool
-from freemark_keyserver.sandbox import worker as sandbox_worker
-from freemark_keyserver.sandbox.pool import SandboxPool, TriggerRun
+from freemark_keyserver.sandbox import protocol as sandbox_protocol
+from freemark_keyserver.sandbox.limits import SandboxLimits, worker_environment
+from freemark_keyserver.sandbox.pool import SandboxPool
+from freemark_keyserver.sandbox.protocol import TriggerRun
 from freemark_keyserver.sandbox.runner import (
     SandboxError,
-    SandboxLimits,
     SandboxResourceError,
     SandboxTimeout,
     run_in_sandbox,
     run_model,
     shared_pool,
-    worker_environment,
 )
 from freemark_lab.data import digits
 from freemark_lab.models import DigitsCNN
@@ -125,7 +124,7 @@ def test_a_verify_need_not_hash_the_weights(host: Host) -> None:
     weights' fingerprint (Verify binds the upload's SHA-256 instead)."""
     hashed = run_model(host.path, layer=LAYER, pooling=POOLING, triggers=host.triggers)
     skipped = run_model(host.path, layer=LAYER, pooling=POOLING, triggers=host.triggers,
-                        options=sandbox_worker.SKIP_FINGERPRINT)
+                        options=sandbox_protocol.SKIP_FINGERPRINT)
     assert hashed.fingerprint == fingerprint(load_program(host.path))
     assert skipped.fingerprint == bytes(32)
     assert skipped.architecture_digest == hashed.architecture_digest
@@ -230,7 +229,7 @@ def _npy(array: np.ndarray, *, allow_pickle: bool = False) -> bytes:
     return buffer.getvalue()
 
 
-def _reply(*arrays: np.ndarray, status: bytes = sandbox_worker.OK) -> bytes:
+def _reply(*arrays: np.ndarray, status: bytes = sandbox_protocol.OK) -> bytes:
     identity = np.zeros(64, dtype=np.uint8)
     ok = np.frombuffer(b'{"kind": "ok", "message": ""}', dtype=np.uint8)
     return status + _npy(identity) + b"".join(_npy(ok) + _npy(a) for a in arrays)
@@ -239,10 +238,10 @@ def _reply(*arrays: np.ndarray, status: bytes = sandbox_worker.OK) -> bytes:
 @pytest.mark.parametrize(
     ("raw", "why"),
     [
-        (sandbox_worker.OK + _npy(np.array([{"x": 1}], dtype=object), allow_pickle=True),
+        (sandbox_protocol.OK + _npy(np.array([{"x": 1}], dtype=object), allow_pickle=True),
          "not a .npy array"),
         (b"not numpy at all", "no status"),
-        (sandbox_worker.OK + b"not numpy at all", "not a .npy array"),
+        (sandbox_protocol.OK + b"not numpy at all", "not a .npy array"),
         (_reply(np.zeros((3, 4), dtype=np.float32)) + b"extra", "trailing"),
         (_reply(np.zeros((3, 4))), "float64"),
         (_reply(np.zeros((2, 4), dtype=np.float32)), r"\(2, 4\)"),
@@ -253,12 +252,12 @@ def _reply(*arrays: np.ndarray, status: bytes = sandbox_worker.OK) -> bytes:
 def test_worker_output_is_parsed_without_pickle_and_checked(raw: bytes, why: str) -> None:
     """What a compromised worker could send back never becomes a Python object or bad matrix."""
     with pytest.raises(SandboxError, match=why):
-        sandbox_pool._decode(raw, [3])
+        sandbox_protocol.decode_reply(raw, [3])
 
 
 def test_float32_wire_keeps_float64_results() -> None:
     activations = np.arange(12, dtype=np.float32).reshape(3, 4)
-    _, results = sandbox_pool._decode(_reply(activations), [3])
+    _, results = sandbox_protocol.decode_reply(_reply(activations), [3])
     assert isinstance(results[0], np.ndarray) and results[0].dtype == np.float64
     np.testing.assert_array_equal(results[0], activations)
 

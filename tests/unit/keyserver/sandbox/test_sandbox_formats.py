@@ -16,7 +16,8 @@ from freemark.scheme.triggers import TriggerSet
 from freemark.v1 import bundle_pb2
 from freemark.v1 import keyservice_pb2 as pb
 from freemark_keyserver.sandbox import formats
-from freemark_keyserver.sandbox.runner import GiB, SandboxLimits, SandboxResourceError, run_model
+from freemark_keyserver.sandbox.limits import GiB, SandboxLimits
+from freemark_keyserver.sandbox.runner import SandboxResourceError, run_model
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper
@@ -64,7 +65,7 @@ def test_a_checkpoint_reads_the_same_in_the_worker_as_in_process(tmp_path: Path)
     result = run_model(packed, layer=layer, pooling=pooling, triggers=triggers,
                        options=formats.sandbox_options(pb.MODEL_FORMAT_HF_CHECKPOINT))
     np.testing.assert_allclose(result.activations, expected, rtol=1e-6, atol=1e-6)  # float32 wire
-    assert formats.stored_host_options(packed) == {formats.FORMAT_KEY: formats.HF}
+    assert formats.stored_host_options(packed) == {formats.FORMAT_KEY: "hf"}
 
 
 def test_warm_up_reads_every_allowed_architecture_and_onnx_and_cleans_up(tmp_path: Path) -> None:

@@ -19,15 +19,16 @@ from pathlib import Path
 import pytest
 
 from freemark_keyserver.sandbox.isolation import LAYERS
-from freemark_keyserver.sandbox.runner import SandboxLimits, shared_pool, worker_environment
+from freemark_keyserver.sandbox.limits import SandboxLimits, worker_environment
+from freemark_keyserver.sandbox.runner import shared_pool
 
 ESCAPES = textwrap.dedent("""
     import json, os, socket, sys
     from freemark_keyserver.sandbox import isolation as sandbox_isolation
-    from freemark_keyserver.sandbox import worker as sandbox_worker
+    from freemark_keyserver.sandbox import limits as sandbox_limits
     secret, proc_environ, scratch = sys.argv[1:4]
     state = sandbox_isolation.enter(
-        lambda: sandbox_worker.limit_self(memory_bytes=4 << 30, cpu_seconds=60, open_files=64,
+        lambda: sandbox_limits.limit_self(memory_bytes=4 << 30, cpu_seconds=60, open_files=64,
                                           threads=1), required=None)
     def attempt(action):
         try:

@@ -1,0 +1,204 @@
+"""What every flow shares: the `Context`, a streamed call as a handler reads it (`Stream`),
+sandbox calls and their refusal mapping, log appends and signed statements with their proofs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+
+from freemark.errors import InvalidInputError, ModelFileError
+from freemark.records import wire
+from freemark.records.types import Checkpoint, InclusionProof, SignedStatement
+from freemark.scheme.bundle import KeyBundle
+from freemark.tlog import merkle
+from freemark.v1 import keyservice_pb2 as pb
+from freemark_keyserver import cancellation
+from freemark_keyserver.config import ServerConfig
+from freemark_keyserver.crypto import MasterKeyring, SigningKey
+from freemark_keyserver.errors import ErrorCode, ServiceError
+from freemark_keyserver.sandbox.runner import (
+    SandboxBusy,
+    SandboxError,
+    SandboxPool,
+    SandboxResourceError,
+    SandboxResult,
+    SandboxTimeout,
+    run_batch,
+    run_model,
+)
+from freemark_keyserver.store import Registration, Store, StoredCheckpoint
+from freemark_keyserver.tlog.ledger import Ledger
+
+__all__ = [
+    "Context",
+    "Runner",
+    "Stream",
+    "append_entry",
+    "inclusion_proof",
+    "public",
+    "sandbox_refusals",
+    "sandbox_runner",
+    "sandboxed",
+    "sign_statement",
+    "signed_checkpoint",
+]
+
+log = logging.getLogger("freemark_keyserver")
+H_co = TypeVar("H_co", covariant=True)
+
+
+@dataclass
+class Context:
+    """What every handler needs; built once by the server."""
+
+    config: ServerConfig
+    store: Store
+    keyring: MasterKeyring
+    signer: SigningKey
+    pool: SandboxPool | None = None  # None: the process-wide `sandbox.runner.shared_pool`
+    sandbox: Callable[..., SandboxResult] = run_model
+    batch: Callable[..., tuple[bytes, list[np.ndarray | Exception]]] = run_batch
+    ledger: Ledger = field(default_factory=Ledger)  # the log's registrations: what decides
+
+    def __post_init__(self) -> None:
+        if self.pool is not None:
+            self.sandbox = functools.partial(run_model, pool=self.pool)
+            self.batch = functools.partial(run_batch, pool=self.pool)
+
+    def close(self) -> None:
+        """Close the store, then stop the sandbox pool (its fork server kills any child)."""
+        self.store.close()
+        if self.pool is not None:
+            self.pool.close()
+
+
+class Stream(Protocol[H_co]):
+    """A streamed call (Register, Verify) as its handler reads it: the header it starts with,
+    then its files, each spooled only when the handler asks for it. So a call refused on
+    its header (role, bundle, registration, format, rate) reads no file. `rpc.service`
+    implements it over the gRPC request stream and the upload spool."""
+
+    def header(self) -> H_co:
+        """The stream's first message, its header (MALFORMED_REQUEST if it is not one)."""
+        ...
+
+    def receive(self, upload: pb.UploadHeader, *, suffix: str
+                ) -> contextlib.AbstractContextManager[Path]:
+        """The current file's bytes, spooled to a private file named with `suffix` and
+        checked against `upload` (size, SHA-256, caps); removed when the block ends."""
+        ...
+
+    def next_upload(self) -> pb.UploadHeader | None:
+        """The header of the file that follows (Register's references); None at the end."""
+        ...
+
+
+# --- the sandbox ----------------------------------------------------------------------------
+
+# How the flows run a model: (model, bundle, weights, probes) -> the sandbox's answer, its
+# failures already mapped to statuses (`sandbox_runner`).
+Runner = Callable[[Path, KeyBundle, Path | None, int], SandboxResult]
+
+
+def sandboxed(ctx: Context, model: Path, bundle: KeyBundle, weights: Path | None = None,
+              options: dict[str, Any] | None = None, probes: int = 0) -> SandboxResult:
+    """Run an untrusted model in the sandbox on the bundle's triggers and `probes` of its
+    alignment probes (built in the child), mapping its failures to statuses.
+
+    `options` name a format other than `.pt2` (`formats.sandbox_options`)."""
+    extra = {"options": options} if options else {}
+    with sandbox_refusals():
+        return ctx.sandbox(model, layer=bundle.layer, pooling=bundle.pooling,
+                           triggers=bundle.triggers, probes=probes, weights_path=weights,
+                           limits=ctx.config.sandbox, **extra)
+
+
+def sandbox_runner(ctx: Context, options: dict[str, Any] | None = None) -> Runner:
+    """`sandboxed` with these `options`, as the `Runner` the panel readers take."""
+    return lambda model, bundle, weights, probes: sandboxed(ctx, model, bundle, weights,
+                                                            options, probes)
+
+
+@contextlib.contextmanager
+def sandbox_refusals() -> Iterator[None]:
+    """The status of each way a sandbox run can fail (the model's fault or the sandbox's)."""
+    try:
+        yield
+    except ModelFileError as exc:
+        raise ServiceError(ErrorCode.INVALID_MODEL, public(exc)) from exc
+    except InvalidInputError as exc:
+        raise ServiceError(ErrorCode.INVALID_MODEL, public(exc)) from exc
+    except SandboxTimeout as exc:
+        raise ServiceError(ErrorCode.SANDBOX_DEADLINE, str(exc)) from exc
+    except SandboxResourceError as exc:
+        raise ServiceError(ErrorCode.SANDBOX_LIMIT, str(exc)) from exc
+    except SandboxBusy as exc:
+        raise ServiceError(ErrorCode.SANDBOX_BUSY, str(exc), retry_after=exc.retry_after) from exc
+    except SandboxError as exc:
+        raise ServiceError(ErrorCode.SANDBOX_CRASHED, str(exc)) from exc
+
+
+def public(exc: Exception) -> str:
+    """A model error's message without server paths (they name spool files)."""
+    text = str(exc)
+    if ": refused: " in text:
+        return "refused: " + text.split(": refused: ", 1)[1]
+    return text.replace(tempfile.gettempdir(), "<tmp>")
+
+
+# --- log and signatures ---------------------------------------------------------------------
+
+
+def append_entry(ctx: Context, kind: str, build: Callable[[int, int], bytes],
+                 registration: Registration | None = None) -> tuple[bytes, int, int]:
+    """Append one signed statement; `build(log index, integrated time)` is its body.
+
+    Returns (body, log index, integrated time).
+    """
+    cancellation.check_active()  # a caller who has gone gets nothing signed or logged
+    entry = ctx.store.append(kind, build, registration)
+    return entry.entry, entry.index, entry.created_at
+
+
+def sign_statement(ctx: Context, body: bytes) -> SignedStatement:
+    """The server's signature over a log entry's body."""
+    return SignedStatement(body=body, signature=ctx.signer.sign(body), key_id=ctx.signer.key_id)
+
+
+def signed_checkpoint(ctx: Context, size: int | None = None) -> Checkpoint:
+    """Sign the tree head of the first `size` entries (default: all) and store it.
+
+    The timestamp is the last entry's integrated time, so every replica signs the same
+    checkpoint for the same size and timestamps never go backwards.
+    """
+    size = ctx.store.tree_size() if size is None else size
+    stored = ctx.store.checkpoint_at(size)
+    if stored is None:
+        leaves = ctx.store.leaf_hashes(size)
+        last = ctx.store.entries(size - 1, size)[0].created_at // 1_000_000 if size else 0
+        checkpoint = merkle.TreeHead(origin=ctx.config.origin, tree_size=size,
+                                       root_hash=merkle.root(leaves), timestamp=last)
+        signed = merkle.sign_checkpoint(ctx.signer, checkpoint)
+        ctx.store.add_checkpoint(StoredCheckpoint(size, signed.note))
+        stored = ctx.store.checkpoint_at(size)
+        assert stored is not None
+    return wire.checkpoint_from_note(stored.note)
+
+
+def inclusion_proof(ctx: Context, index: int, size: int | None = None) -> InclusionProof:
+    """Entry `index`'s inclusion in the tree of the first `size` entries (default: all),
+    with that tree's signed checkpoint."""
+    checkpoint = signed_checkpoint(ctx, size)
+    leaves = ctx.store.leaf_hashes(checkpoint.tree_size)
+    return InclusionProof(log_index=index, tree_size=checkpoint.tree_size,
+                          hashes=tuple(merkle.inclusion_proof(leaves, index)),
+                          checkpoint=checkpoint)

@@ -1,0 +1,266 @@
+"""Register: an owner's key bundle and host model become a signed, logged registration.
+
+The handler authorises on the header (the caller's role, the bundle and its binding to the
+caller, the host's format) before it reads a byte of the upload, then receives the host and
+any reference models. One sandbox child reads the host: it must be the model the key was
+derived on (fingerprint, every bit extracted, the key specific to it); the same child then
+reads it with every earlier key of its architecture family, and an earlier registration that
+claims it refuses the call (`_PriorClaims`). The reference panel is measured, the bundle and
+panel are sealed, the host stored, the receipt appended to the log and signed.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+
+from freemark.derive import check_uniqueness
+from freemark.errors import InvalidInputError, UniquenessError
+from freemark.extract import judge_activations
+from freemark.formats.table import HOSTS, by_wire, names
+from freemark.panel import Reference
+from freemark.reading import aligns, probe_count
+from freemark.records import wire
+from freemark.records.types import NO_PANEL, RECEIPT_KIND, Receipt, ReferencePanel
+from freemark.scheme.bundle import KeyBundle, from_proto
+from freemark.scheme.watermark import commitment
+from freemark.v1 import keyservice_pb2 as pb
+from freemark.verdict.decision import suspect_vector
+from freemark_keyserver.auth import OWNER, require_role
+from freemark_keyserver.crypto import seal
+from freemark_keyserver.errors import ErrorCode, ServiceError
+from freemark_keyserver.handlers import panels
+from freemark_keyserver.handlers.context import (
+    Context,
+    Stream,
+    append_entry,
+    inclusion_proof,
+    public,
+    sandbox_refusals,
+    sandbox_runner,
+    sign_statement,
+)
+from freemark_keyserver.handlers.hosts import store_host
+from freemark_keyserver.handlers.lookups import lookup_many
+from freemark_keyserver.sandbox import formats
+from freemark_keyserver.sandbox.runner import TriggerRun
+from freemark_keyserver.store import DuplicateError, Principal, Registration
+
+__all__ = ["CLAIMED", "parse_bundle", "register", "register_host"]
+
+log = logging.getLogger("freemark_keyserver")
+REGISTRATION_ID_BYTES = 12
+CLAIMED = ("an earlier registration already claims this model; if it is yours, use that "
+           "registration, otherwise contact the key server's operator")
+
+
+def register(ctx: Context, principal: Principal, stream: Stream[pb.RegisterHeader]
+             ) -> pb.Receipt:
+    """The Register call: authorise on its header, receive the host and the reference
+    models (each checked before its bytes are read), then `register_host`."""
+    require_role(principal, OWNER)
+    header = stream.header()
+    bundle = parse_bundle(ctx, principal, header)
+    host_format = by_wire(header.upload.format)
+    assert host_format is not None  # parse_bundle refuses any other
+    with ExitStack() as files:
+        host = files.enter_context(stream.receive(header.upload, suffix=host_format.suffix))
+        references: list[Path] = []
+        while (reference := stream.next_upload()) is not None:
+            if len(references) == ctx.config.max_references:
+                raise ServiceError(ErrorCode.TOO_LARGE, f"at most {ctx.config.max_references} "
+                                   "reference models per registration")
+            panels.check_reference_header(reference)
+            references.append(files.enter_context(stream.receive(
+                reference, suffix=panels.REFERENCE_FORMAT.suffix)))
+        return register_host(ctx, principal, bundle, host, references,
+                             host_format=header.upload.format)
+
+
+def parse_bundle(ctx: Context, principal: Principal, header: pb.RegisterHeader) -> KeyBundle:
+    """Validate the bundle in a Register header and its binding to the caller."""
+    if header.bundle.ByteSize() > ctx.config.max_bundle_bytes:
+        raise ServiceError(ErrorCode.TOO_LARGE,
+                           f"key bundle over the cap of {ctx.config.max_bundle_bytes} bytes")
+    try:
+        bundle = from_proto(header.bundle)
+    except InvalidInputError as exc:
+        raise ServiceError(ErrorCode.INVALID_BUNDLE, str(exc)) from exc
+    if bundle.owner != principal.name:
+        raise ServiceError(ErrorCode.PERMISSION_DENIED,
+                           f"the watermark is bound to owner {bundle.owner!r}, you are "
+                           f"{principal.name!r}: derive the key with --owner {principal.name}")
+    host_format = by_wire(header.upload.format)
+    if host_format is None or not host_format.host:
+        raise ServiceError(ErrorCode.MALFORMED_REQUEST, f"register the host as {names(HOSTS)}")
+    return bundle
+
+
+def register_host(ctx: Context, principal: Principal, bundle: KeyBundle, host: Path,
+                  references: Sequence[Path] = (), *,
+                  host_format: int = pb.MODEL_FORMAT_PT2) -> pb.Receipt:
+    """Check, store and log a registration; return its signed receipt.
+
+    The host's probe profile is measured here, in the sandbox, and replaces the uploaded
+    one; each reference is read the same way and refused if it is the host relabelled.
+    """
+    require_role(principal, OWNER)
+    claims = _PriorClaims(ctx, principal, bundle)
+    with sandbox_refusals():  # one child reads the host, then judges it against earlier keys
+        _, results = ctx.batch(host, [panels.trigger_run(bundle, probes=True)],
+                               limits=ctx.config.sandbox,
+                               options=formats.sandbox_options(host_format), then=claims.runs)
+    assert claims.host is not None  # `runs` ran, or the call raised
+    claims.judge(results[1:])
+    reading = claims.host
+    bundle = panels.with_profile(bundle, reading)
+    panel = panels.measure_panel(sandbox_runner(ctx), references, bundle, reading)
+    if reading.probes is not None:
+        panel += panels.operator_panel(sandbox_runner(ctx), ctx.store, ctx.keyring,
+                                       bundle, reading, panel)
+
+    registration_id = "reg_" + secrets.token_hex(REGISTRATION_ID_BYTES)
+    envelope = seal(ctx.keyring, panels.seal_bytes(bundle, panel), record_id=registration_id,
+                    owner=principal.name)
+    # Streamed from the spool file into the store a segment at a time, never read whole.
+    host_header = store_host(ctx.store, ctx.keyring, host, registration_id=registration_id,
+                             owner=principal.name)
+    wm_commitment = commitment(bundle.bits)
+    record = Registration(
+        registration_id=registration_id, owner=principal.name, created_at=0,
+        host_fingerprint=reading.fingerprint, architecture_digest=reading.architecture_digest,
+        layer=bundle.layer, units=bundle.units, n_bits=bundle.n_bits, commitment=wm_commitment,
+        key_version=ctx.keyring.current_version, envelope=envelope.to_bytes(),
+        host_envelope=host_header, log_index=0,
+    )
+    panel_record = ReferencePanel.of([r.fingerprint for r in panel]) if panel else NO_PANEL
+    try:
+        body, index, _ = append_entry(ctx, RECEIPT_KIND, lambda i, t: wire.encode_body(Receipt, {
+            "registration_id": registration_id, "owner": principal.name,
+            "host_fingerprint": reading.fingerprint, "watermark_commitment": wm_commitment,
+            "layer": bundle.layer, "n_bits": bundle.n_bits, "log_index": i, "integrated_time": t,
+            "panel": panel_record, "architecture_digest": reading.architecture_digest,
+        }), record)
+    except DuplicateError as exc:  # a concurrent Register of the same host committed first
+        raise _claimed(principal, lookup_many(
+            ctx, lambda registry: registry.by_fingerprint(reading.fingerprint)),
+            "a concurrent Register of the same weights committed first") from exc
+    log.info("registered %s for %s at log index %d (panel of %d)", registration_id,
+             principal.name, index, len(panel))
+    receipt = wire.read_statement(Receipt, sign_statement(ctx, body), inclusion_proof(ctx, index))
+    return wire.receipt_to_proto(receipt)
+
+
+class _PriorClaims:
+    """ALREADY_EXISTS when an earlier registration (`_blocks`) already claims the upload.
+
+    Claimed means: the same weights, or an earlier key's verdict (plain and, with that
+    registration's panel, aligned, so a relabelled, rescaled or padded copy is caught) is
+    a match. Earlier registrations are looked up by architecture family (weight names,
+    not shapes), so a widened copy is compared too; family and weights are read from the
+    signed log, so editing a database column cannot switch the check off. The refusal
+    names neither the earlier registration nor any figure: a number here would let a thief
+    steer his laundering one query at a time.
+
+    The upload is read with every earlier key by the sandbox child that read it with its
+    own (`runs` is the pool's follow-up: one load in all), on each key's triggers and, where
+    that registration's panel lets the aligned test run, its probes.
+
+    Running the uploader's program on another owner's triggers must not let it observe
+    them: any failure of that run or of its judgement (sandbox deadline, resource limit,
+    crash, model error, anything) is treated exactly as a non-match, so the call goes on
+    as it would have; the failure is logged for the operator and never answered. Only the
+    caller's own cancellation ends the call: it does not depend on the triggers.
+    """
+
+    def __init__(self, ctx: Context, principal: Principal, bundle: KeyBundle) -> None:
+        self.ctx, self.principal, self.bundle = ctx, principal, bundle
+        self.host: panels.Reading | None = None
+        self.earlier: list[tuple[Registration, KeyBundle, list[Reference]]] = []
+
+    def runs(self, identity: bytes, results: list[np.ndarray | Exception]) -> list[TriggerRun]:
+        """With the host's own reading (its child still holds it): check the host, refuse an
+        upload of registered weights, and return the runs for every earlier key."""
+        try:
+            self.host = panels.reading_of(self.bundle, identity, results[0], self.bundle.probes)
+        except InvalidInputError as exc:
+            raise ServiceError(ErrorCode.INVALID_MODEL, public(exc)) from exc
+        _check_host(self.bundle, self.host)
+        fingerprint, family = self.host.fingerprint, self.host.architecture_digest
+        same = [r for r in lookup_many(self.ctx, lambda reg: reg.by_fingerprint(fingerprint))
+                if _blocks(r, self.principal)]
+        if same:
+            raise _claimed(self.principal, same, "the same weights are registered")
+        self.earlier = [(record, *panels.open_sealed(self.ctx, record)) for record in
+                        lookup_many(self.ctx, lambda reg: reg.by_architecture(family))
+                        if _blocks(record, self.principal)]
+        return [panels.trigger_run(bundle, aligns(bundle, panel))
+                for _, bundle, panel in self.earlier]
+
+    def judge(self, results: Sequence[np.ndarray | Exception]) -> None:
+        """Refuse the upload if an earlier key decodes it; a failure is a non-match."""
+        assert self.host is not None
+        for (record, bundle, panel), result in zip(self.earlier, results):
+            try:
+                theirs = panels.reading_of(bundle, self.host.fingerprint
+                                           + self.host.architecture_digest, result,
+                                           probe_count(bundle, probes=aligns(bundle, panel)))
+                verdict = judge_activations(theirs.triggers, bundle,
+                                            probe_activations=theirs.probes, panel=panel)
+            except Exception as exc:  # noqa: BLE001 - every failure must look like a non-match
+                log.warning("Register by %s: the upload could not be judged with earlier "
+                            "registration %s (%s: %s); treated as no match", self.principal.name,
+                            record.registration_id, type(exc).__name__, exc)
+                continue
+            if verdict.is_match:
+                raise _claimed(self.principal, [record], f"an earlier key decodes the upload "
+                               f"(log10 p {verdict.log10_p_value:.1f})")
+
+
+def _claimed(principal: Principal, records: Sequence[Registration], why: str) -> ServiceError:
+    """The ALREADY_EXISTS refusal, logged for the operator with the caller and the claim.
+
+    An owner is told his own registration's id; anybody else only that a claim exists (no
+    id, no figure). The log line (timestamped by the server's log format) is the operator's
+    record of who tried, and against which registration.
+    """
+    claims = ", ".join(r.registration_id for r in records)
+    log.warning("Register by %s refused: %s (claimed by %s)", principal.name, why, claims)
+    own = [r.registration_id for r in records if r.revoked_at is None and r.owner == principal.name]
+    if own:
+        return ServiceError(ErrorCode.ALREADY_CLAIMED,
+                            f"this model is already registered as {own[0]}, by you")
+    return ServiceError(ErrorCode.ALREADY_CLAIMED, CLAIMED)
+
+
+def _blocks(record: Registration, principal: Principal) -> bool:
+    """Whether an earlier registration stands in the way of `principal`'s new one.
+
+    An active one always does. A revoked one keeps its place and its priority date in the
+    log, so it still blocks everyone but its own owner (who may register the model again,
+    with a new key): revoking must never turn a model into one anyone can claim as new.
+    """
+    return record.revoked_at is None or record.owner != principal.name
+
+
+def _check_host(bundle: KeyBundle, reading: panels.Reading) -> None:
+    """The upload is the host the key was derived on, and the key is specific to it."""
+    if reading.fingerprint != bundle.host_fingerprint:
+        raise ServiceError(ErrorCode.HOST_MISMATCH,
+                           "the uploaded model's weights are not the ones the key was derived on "
+                           "(host fingerprint differs)")
+    verdict = judge_activations(reading.triggers, bundle)
+    if verdict.matches != bundle.n_bits:
+        raise ServiceError(ErrorCode.HOST_MISMATCH,
+                           f"the key extracts {verdict.matches}/{bundle.n_bits} bits from the host; "
+                           "it must extract all of them")
+    try:
+        check_uniqueness(bundle.key.astype(np.float64), bundle.bits,
+                         suspect_vector(reading.triggers, centred=bundle.centred))
+    except UniquenessError as exc:
+        raise ServiceError(ErrorCode.NOT_UNIQUE, str(exc)) from exc

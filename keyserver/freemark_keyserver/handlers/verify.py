@@ -1,0 +1,127 @@
+"""Verify: judge a suspect model against a registration, and sign and log the verdict.
+
+The handler authorises on the header (`verify_target`: the caller's role, the registration
+visible to the caller and not revoked, the suspect's format, alpha within the verdict
+policy), has the registration's rate limit charged (`admit`), and only then receives the
+suspect. The sandbox reads it on the registration's triggers (and alignment probes where the
+registration's panel lets the aligned test run); bare `.safetensors` weights are read into
+the registered host's program. The verdict binds the suspect, the requester and the policy.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from freemark.errors import InvalidInputError
+from freemark.extract import judge_activations
+from freemark.formats.table import SUSPECTS, by_wire, names
+from freemark.reading import aligns
+from freemark.records import wire
+from freemark.records.types import CoarseVerdict, SignedVerdict
+from freemark.v1 import keyservice_pb2 as pb
+from freemark.verdict.decision import DEFAULT_ALPHA, coarse_values
+from freemark_keyserver.auth import ADMIN, ARBITER, OWNER, require_role
+from freemark_keyserver.errors import ErrorCode, ServiceError
+from freemark_keyserver.handlers import panels
+from freemark_keyserver.handlers.context import (
+    Context,
+    Stream,
+    append_entry,
+    inclusion_proof,
+    sandbox_runner,
+    sign_statement,
+)
+from freemark_keyserver.handlers.hosts import host_file
+from freemark_keyserver.handlers.lookups import visible
+from freemark_keyserver.sandbox import formats
+from freemark_keyserver.sandbox.protocol import SKIP_FINGERPRINT
+from freemark_keyserver.store import Principal, Registration
+
+__all__ = ["judge", "verify", "verify_target"]
+
+log = logging.getLogger("freemark_keyserver")
+
+
+def verify(ctx: Context, principal: Principal, stream: Stream[pb.VerifyHeader], *,
+           admit: Callable[[str], None]) -> pb.SignedVerdict:
+    """The Verify call: authorise on its header, `admit(registration_id)` (the caller's rate
+    limit for that registration: like every refusal, charged before the upload is read), then
+    receive the suspect and `judge` it."""
+    header = stream.header()
+    record = verify_target(ctx, principal, header)
+    admit(record.registration_id)
+    suspect_format = by_wire(header.upload.format)
+    assert suspect_format is not None  # verify_target refuses any other
+    with stream.receive(header.upload, suffix=suspect_format.suffix) as suspect:
+        return judge(ctx, principal, record, header, suspect)
+
+
+def verify_target(ctx: Context, principal: Principal, header: pb.VerifyHeader) -> Registration:
+    """Authorise a Verify before its upload is read."""
+    require_role(principal, OWNER, ARBITER, ADMIN)
+    record = visible(ctx, principal, header.registration_id)
+    if record.revoked_at is not None:
+        raise ServiceError(ErrorCode.REVOKED,
+                           f"registration {record.registration_id} was revoked; it proves nothing")
+    suspect_format = by_wire(header.upload.format)
+    if suspect_format is None or not suspect_format.suspect:
+        raise ServiceError(ErrorCode.MALFORMED_REQUEST,
+                           f"the suspect must be {names(SUSPECTS)}")
+    if header.onnx_tensor and header.upload.format != pb.MODEL_FORMAT_ONNX:
+        raise ServiceError(ErrorCode.MALFORMED_REQUEST, "onnx_tensor is for ONNX suspects only")
+    if len(header.onnx_tensor) > formats.MAX_TENSOR_NAME:
+        raise ServiceError(ErrorCode.MALFORMED_REQUEST,
+                           f"onnx_tensor is over {formats.MAX_TENSOR_NAME} characters")
+    if header.alpha and not 0.0 < header.alpha < 1.0:
+        raise ServiceError(ErrorCode.MALFORMED_REQUEST, "alpha must be in (0, 1)")
+    policy = ctx.config.verdict_policy
+    alpha = header.alpha or DEFAULT_ALPHA
+    if not policy.alpha_min <= alpha <= policy.alpha_max:
+        asked = f"alpha {alpha:g}" + ("" if header.alpha else " (the default)")
+        raise ServiceError(ErrorCode.ALPHA_OUTSIDE_POLICY,
+                           f"{asked} is outside this key server's verdict policy: it signs "
+                           f"verdicts for {policy.describe()}")
+    return record
+
+
+def judge(ctx: Context, principal: Principal, record: Registration, header: pb.VerifyHeader,
+          suspect: Path) -> pb.SignedVerdict:
+    """Judge the uploaded suspect against a registration; return the signed, logged verdict.
+
+    The verdict binds the suspect (SHA-256 and size, both checked against the bytes
+    received), the requester and the policy. A requester other than the registration's
+    owner gets a coarse verdict when the policy says so; the owner always gets the full one.
+    """
+    bundle, panel = panels.open_sealed(ctx, record)
+    probes = aligns(bundle, panel)  # without an aligned test the probes would go unused
+    if header.upload.format == pb.MODEL_FORMAT_SAFETENSORS:
+        with host_file(ctx.store, ctx.keyring, record) as host:
+            options = {**formats.stored_host_options(host), **SKIP_FINGERPRINT}
+            reading = panels.read(sandbox_runner(ctx, options), host, bundle, suspect,
+                                  probes=probes)
+    else:
+        options = {**formats.sandbox_options(header.upload.format, header.onnx_tensor),
+                   **SKIP_FINGERPRINT}
+        reading = panels.read(sandbox_runner(ctx, options), suspect, bundle, probes=probes)
+    try:
+        verdict = judge_activations(reading.triggers, bundle, alpha=header.alpha or DEFAULT_ALPHA,
+                                    probe_activations=reading.probes, panel=panel)
+    except InvalidInputError as exc:
+        raise ServiceError(ErrorCode.INVALID_MODEL, str(exc)) from exc
+    policy = ctx.config.verdict_policy
+    coarse = policy.arbiter_disclosure == "coarse" and principal.name != record.owner
+    verdict_type: type[SignedVerdict | CoarseVerdict] = (CoarseVerdict if coarse
+                                                              else SignedVerdict)
+    judgement = coarse_values(verdict) if coarse else wire.signed_values(verdict)
+    binding = {"registration_id": record.registration_id, "requested_by": principal.name,
+               "suspect_sha256": header.upload.sha256, "suspect_size": header.upload.total_size,
+               "policy": policy}
+    body, index, _ = append_entry(ctx, verdict_type.KIND, lambda i, t: wire.encode_body(verdict_type, {
+        **judgement, **binding, "log_index": i, "integrated_time": t}))
+    log.info("verdict on %s by %s: %s (log10 p %.1f, %s) at log index %d", record.registration_id,
+             principal.name, verdict.outcome, verdict.log10_p_value,
+             "coarse" if coarse else "full", index)
+    signed = wire.read_statement(verdict_type, sign_statement(ctx, body), inclusion_proof(ctx, index))
+    return wire.verdict_to_proto(signed)

@@ -1,0 +1,115 @@
+"""What one sandboxed run may use, and how both sides apply it (shared by parent and child).
+
+The parent (`pool`) starts the fork server with `worker_environment` and hands each run the
+rlimit fields of its `SandboxLimits` (`child_limits`); the child (`forkserver`, through
+`isolation.enter`) applies them to itself with `limit_self`. The wall-clock deadline and the
+output cap stay with the parent, which enforces them.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import freemark
+import freemark_keyserver
+from freemark.errors import InvalidInputError
+
+__all__ = ["GiB", "MiB", "SandboxLimits", "child_limits", "limit_self", "worker_environment"]
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    """What one sandboxed run may use. The defaults fit the models the TTP is meant for.
+
+    memory_bytes: RLIMIT_AS. 4 GiB: torch 2.13 (CPU) alone needs about 0.8 GiB of address space
+        to import and run a small CNN (measured; 0.5 GiB fails), which leaves room for a model of
+        a few hundred MB plus one forward pass's activations (capture reads at most 256 inputs
+        and 2 MiB of them a pass: 256 at 224 x 224 ran EfficientNet-Lite0 out of this limit).
+    cpu_seconds: RLIMIT_CPU. 120 s: importing torch costs 2-3 s, a digits CNN on 100 triggers
+        under 1 s, a ResNet-50 on a few hundred triggers tens of seconds on one core.
+    wall_seconds: the parent's deadline for each request to a child (Register's follow-up
+        request, the prior-claim sets, gets its own), which also bounds a worker that sleeps
+        or blocks and so uses no CPU. Above cpu_seconds, so a busy single-threaded run meets the clearer CPU
+        limit first.
+    open_files: RLIMIT_NOFILE. 64: importing torch and loading a model need fewer than 8 at once.
+    threads: torch/OpenMP/MKL threads. 1: RLIMIT_CPU counts every thread, a verify should not
+        starve the server's other requests, and with one thread the worker can also forbid
+        itself new processes and threads (RLIMIT_NPROC=0).
+    max_output_bytes: cap on the reply read back (activations travel as float32). 512 MiB:
+        4 bytes x 2,048 inputs (1,024 triggers and as many probes) x 65,536 units; the reply
+        is held by the server while it is judged, one per running worker.
+    """
+
+    memory_bytes: int = 4 * GiB
+    cpu_seconds: int = 120
+    wall_seconds: float = 180.0
+    open_files: int = 64
+    threads: int = 1
+    max_output_bytes: int = 512 * MiB
+
+    def __post_init__(self) -> None:
+        for name in (
+            "memory_bytes",
+            "cpu_seconds",
+            "wall_seconds",
+            "open_files",
+            "threads",
+            "max_output_bytes",
+        ):
+            if not getattr(self, name) > 0:
+                raise InvalidInputError(
+                    f"SandboxLimits.{name} must be positive, got {getattr(self, name)}"
+                )
+
+
+def worker_environment(limits: SandboxLimits, home: Path) -> dict[str, str]:
+    """The worker's whole environment: nothing is inherited, so no secret can leak into it."""
+    threads = str(limits.threads)
+    roots = dict.fromkeys(
+        str(Path(p.__path__[0]).resolve().parent) for p in (freemark, freemark_keyserver)
+    )
+    return {
+        "PATH": os.defpath,
+        "PYTHONPATH": os.pathsep.join(roots),
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "HOME": str(home),
+        "TMPDIR": str(home),
+        "OMP_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+        "OPENBLAS_NUM_THREADS": threads,
+    }
+
+
+def child_limits(limits: SandboxLimits) -> dict[str, int]:
+    """The fields a child applies to itself (`limit_self`'s keywords), as the parent sends them
+    to the fork server: at its start (for the isolation probe) and with every run."""
+    fields = asdict(limits)
+    return {name: fields[name] for name in ("memory_bytes", "cpu_seconds", "open_files",
+                                            "threads")}
+
+
+def limit_self(*, memory_bytes: int, cpu_seconds: int, open_files: int, threads: int) -> None:
+    """Apply the sandbox's rlimits to this process (hard limits too, so they cannot be raised).
+
+    RLIMIT_AS rather than RLIMIT_DATA: it bounds every mapping, the memory-mapped model and
+    shared libraries included, and torch 2.13 (CPU) works under it (measured: importing torch and
+    running a small CNN peaks near 0.8 GiB of address space with one thread; 0.5 GiB fails).
+    The CPU hard limit sits a second above the soft one: SIGXCPU first, then SIGKILL.
+    RLIMIT_NPROC counts threads too, so it is only closed when torch runs single-threaded.
+    """
+    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if threads == 1:
+        resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
+    # A write past RLIMIT_FSIZE then fails with EFBIG instead of killing us without a report.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

@@ -1,0 +1,266 @@
+"""The conversation on a sandbox child's data socket, both directions (shared by both sides).
+
+The parent (`pool`) encodes requests and decodes replies; the child (`worker`) decodes
+requests and encodes replies. The child's descriptors are numbered by the fork server
+(`forkserver`): the data socket is `DATA_FD`, the inputs follow it (`MODEL_PATH`,
+`WEIGHTS_PATH`).
+
+The parent sends a request, the child answers it, and the parent may send another before it
+shuts its side down. Each message is framed by its length (`LENGTH`: 8 bytes, big-endian), so
+either side knows when one is complete:
+
+1. request: `np.save` frames (never pickle): a JSON header as uint8 (``model``, ``weights``,
+   and ``sets``: one ``{"layer", "pooling", "has_mask", "probes"}`` per trigger set, a
+   `TriggerRun` each), then each set's inputs and, if announced, its attention mask. The
+   child appends ``probes`` alignment probes to each set itself
+   (`freemark.scheme.probes.with_probes`). Triggers are secret and never touch disk. Options
+   ride in the header too: the upload's format (`formats.sandbox_options`), and
+   ``fingerprint: false`` (`SKIP_FINGERPRINT`), which leaves a `.pt2`'s weights unhashed.
+   The first request's ``model`` and ``weights`` are loaded once; later requests only add
+   trigger sets for the same model;
+2. reply: `OK` (b"K"), the 64 identity bytes (fingerprint ‖ architecture digest) as uint8,
+   then per set a status frame (JSON {"kind", "message"} as uint8; kind "ok" is followed by
+   the float32 activation matrix); or `REFUSED` (b"R") and one status frame when the model
+   could not be read at all, after which the child exits. Kinds: "invalid_model",
+   "invalid_input", "resource", "internal"; messages are one line without traceback.
+
+Several trigger sets in one request, and further requests after the first, let Register read
+an upload and then judge it against every earlier same-family registration with one model
+load; a set that fails does not spoil the others. The parent reads a reply as if a hostile
+program wrote it: no pickle, a fixed layout, finite float32 matrices of the announced shape.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from freemark.errors import InvalidInputError, ModelFileError
+from freemark.scheme.triggers import TriggerSet
+from freemark_keyserver.sandbox.errors import SandboxError, SandboxResourceError
+
+__all__ = [
+    "DATA_FD",
+    "FINGERPRINT_KEY",
+    "IDENTITY_BYTES",
+    "INTERNAL",
+    "INVALID_INPUT",
+    "INVALID_MODEL",
+    "LENGTH",
+    "MAX_MESSAGE_CHARS",
+    "MODEL_PATH",
+    "OK",
+    "OK_KIND",
+    "REFUSED",
+    "RESOURCE",
+    "SKIP_FINGERPRINT",
+    "WEIGHTS_PATH",
+    "Refusal",
+    "TriggerRun",
+    "check_activations",
+    "decode_reply",
+    "decode_request",
+    "encode_refused",
+    "encode_reply",
+    "encode_request",
+    "first_line",
+]
+
+OK = b"K"
+REFUSED = b"R"
+LENGTH = struct.Struct(">Q")  # the frame of every message on the data socket
+IDENTITY_BYTES = 64  # weights fingerprint (32) ‖ architecture digest (32)
+# The child's descriptors, as the fork server numbers them: the data socket, then the inputs.
+DATA_FD = 3
+MODEL_PATH = "/proc/self/fd/4"
+WEIGHTS_PATH = "/proc/self/fd/5"
+# A request header key: False skips hashing a `.pt2`'s weights (32 zero bytes stand in).
+# Verify does not use the suspect's fingerprint, and hashing 100 MB of weights costs 0.1 s.
+FINGERPRINT_KEY = "fingerprint"
+SKIP_FINGERPRINT = {FINGERPRINT_KEY: False}
+MAX_MESSAGE_CHARS = 500
+# Status kinds, and what the parent raises for each refusal.
+OK_KIND = "ok"
+INVALID_MODEL = "invalid_model"
+INVALID_INPUT = "invalid_input"
+RESOURCE = "resource"
+INTERNAL = "internal"
+
+
+@dataclass(frozen=True)
+class TriggerRun:
+    """One trigger set to run the model on, at one layer and pooling, followed by `probes`
+    alignment probes that the child derives from the triggers (`freemark.scheme.probes`)."""
+
+    layer: str
+    pooling: int
+    triggers: TriggerSet
+    probes: int = 0
+
+    @property
+    def rows(self) -> int:
+        """How many activation rows the run answers: the triggers, then the probes."""
+        return len(self.triggers) + self.probes
+
+
+class Refusal(Exception):
+    """A failure the child reports as a status frame {"kind": kind, "message": message}."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+# --- request: the parent encodes, the child decodes -----------------------------------------
+
+
+def encode_request(runs: Sequence[TriggerRun], has_weights: bool, options: dict[str, Any]
+                   ) -> bytes:
+    """A request (without its length frame) for `runs` of the model the child holds."""
+    header = {**options, "model": MODEL_PATH, "weights": WEIGHTS_PATH if has_weights else None,
+              "sets": [{"layer": r.layer, "pooling": int(r.pooling), "probes": int(r.probes),
+                        "has_mask": r.triggers.attention_mask is not None} for r in runs]}
+    buffer = io.BytesIO()
+    arrays: list[Any] = [np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)]
+    for r in runs:
+        arrays.append(r.triggers.inputs)
+        if r.triggers.attention_mask is not None:
+            arrays.append(r.triggers.attention_mask)
+    try:
+        for item in arrays:
+            np.save(buffer, np.asarray(item), allow_pickle=False)
+    except ValueError as exc:  # object arrays would need pickle
+        raise InvalidInputError(f"trigger arrays must be numeric: {exc}") from exc
+    return buffer.getvalue()
+
+
+def decode_request(raw: bytes) -> tuple[dict[str, Any], list[tuple[Any, Any]]]:
+    """The JSON header and, for each trigger set it announces, (inputs, mask or None)."""
+    buffer = io.BytesIO(raw)
+    try:
+        header = json.loads(np.load(buffer, allow_pickle=False).tobytes())
+        sets = []
+        for spec in header["sets"]:
+            inputs = np.load(buffer, allow_pickle=False)
+            mask = np.load(buffer, allow_pickle=False) if spec.get("has_mask") else None
+            sets.append((inputs, mask))
+    except (ValueError, OSError, EOFError, KeyError, TypeError) as exc:
+        raise Refusal(INTERNAL, f"malformed request from the parent: {first_line(exc)}") from exc
+    return header, sets
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line, capped: all a report may say about it."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line[:MAX_MESSAGE_CHARS]
+
+
+# --- reply: the child encodes, the parent decodes -------------------------------------------
+
+
+def _npy(array: Any) -> bytes:
+    buffer = io.BytesIO()  # np.save wants a seekable file; the socket is not
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _status_frame(kind: str, message: str) -> bytes:
+    payload = {"kind": kind, "message": message[:MAX_MESSAGE_CHARS]}
+    return _npy(np.frombuffer(json.dumps(payload).encode(), dtype=np.uint8))
+
+
+def encode_refused(refusal: Refusal) -> bytes:
+    """The reply when the model could not be read at all (the conversation ends)."""
+    return REFUSED + _status_frame(refusal.kind, str(refusal))
+
+
+def encode_reply(identity: bytes, results: Sequence[Any]) -> bytes:
+    """The reply to a request: the model's identity, then per set its activations (any
+    array-like) or its `Refusal`."""
+    parts = [OK, _npy(np.frombuffer(identity, dtype=np.uint8))]
+    for result in results:
+        if isinstance(result, Refusal):
+            parts.append(_status_frame(result.kind, str(result)))
+            continue
+        parts.append(_status_frame(OK_KIND, ""))
+        # float32 on the wire: torch computes in float32, so nothing is lost, and the cap on
+        # what the parent reads fits twice the units.
+        parts.append(_npy(np.ascontiguousarray(result, dtype=np.float32)))
+    return b"".join(parts)
+
+
+def _frame(buffer: io.BytesIO) -> np.ndarray:
+    try:
+        array_ = np.load(buffer, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise SandboxError("the worker's output is not a .npy array") from exc
+    if not isinstance(array_, np.ndarray):
+        raise SandboxError("the worker's output is not a .npy array")
+    return array_
+
+
+def _status(buffer: io.BytesIO) -> tuple[str, str]:
+    frame = _frame(buffer)
+    try:
+        report = json.loads(frame.tobytes())
+        return str(report["kind"]), str(report["message"])[:MAX_MESSAGE_CHARS]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise SandboxError("the worker failed without a readable report") from exc
+
+
+def _refusal(kind: str, message: str) -> Exception:
+    if kind == INVALID_MODEL:
+        return ModelFileError(message)
+    if kind == INVALID_INPUT:
+        return InvalidInputError(message)
+    if kind == RESOURCE:
+        return SandboxResourceError(message)
+    return SandboxError(f"the worker failed: {message}")
+
+
+def decode_reply(raw: bytes, rows: list[int]) -> tuple[bytes, list[np.ndarray | Exception]]:
+    """A complete reply: the model's identity and, per set of `rows` inputs, its activations
+    or its refusal. Raises for a refusal of the whole model, or a reply that breaks the
+    protocol (a compromised child gets no further than this)."""
+    buffer = io.BytesIO(raw[1:])
+    if raw[:1] == REFUSED:
+        raise _refusal(*_status(buffer))
+    if raw[:1] != OK:
+        raise SandboxError("the worker's output has no status")
+    identity = _frame(buffer)
+    if identity.dtype != np.uint8 or identity.shape != (IDENTITY_BYTES,):
+        raise SandboxError("the worker's output does not start with the model's identity")
+    results: list[np.ndarray | Exception] = []
+    for n_rows in rows:
+        kind, message = _status(buffer)
+        if kind != OK_KIND:
+            results.append(_refusal(kind, message))
+            continue
+        results.append(check_activations(_frame(buffer), n_rows))
+    if buffer.tell() != len(raw) - 1:
+        raise SandboxError("the worker's output has trailing bytes")
+    return identity.tobytes(), results
+
+
+def check_activations(array: np.ndarray, n_triggers: int) -> np.ndarray:
+    """A finite (n_triggers, units) matrix from the worker, as float64."""
+    if (
+        array.dtype != np.dtype(np.float32)
+        or array.ndim != 2
+        or array.shape[0] != n_triggers
+        or array.shape[1] < 1
+    ):
+        raise SandboxError(
+            f"the worker returned a {array.dtype} array of shape {array.shape}, "
+            f"expected float32 ({n_triggers}, units)"
+        )
+    if not np.all(np.isfinite(array)):
+        raise SandboxError("the worker returned non-finite activations")
+    return array.astype(np.float64)
