@@ -36,7 +36,7 @@ import numpy as np
 from freemark.errors import ModelFileError
 from freemark.scheme.triggers import TriggerSet
 from freemark_keyserver.config import DEFAULT_MAX_CONCURRENT_RPCS, UNLIMITED, ServerConfig
-from freemark_keyserver.sandbox.runner import SandboxResult
+from freemark_keyserver.sandbox.runner import ModelIdentity, SandboxResult
 from freemark_keyserver.server import create_server
 
 FLOOR_SERVICE = "bench.Floor"
@@ -56,8 +56,7 @@ def save_replay_table(path: Path, results: dict[str, SandboxResult]) -> None:
     arrays: dict[str, np.ndarray] = {}
     for sha, result in results.items():
         arrays[f"{sha}.activations"] = result.activations
-        arrays[f"{sha}.identity"] = np.frombuffer(
-            result.fingerprint + result.architecture_digest, dtype=np.uint8)
+        arrays[f"{sha}.identity"] = np.frombuffer(result.identity.to_bytes(), dtype=np.uint8)
     np.savez(path, allow_pickle=False, **arrays)
 
 
@@ -67,9 +66,8 @@ class ReplaySandbox:
     def __init__(self, table: Path) -> None:
         with np.load(table, allow_pickle=False) as data:
             self._results = {
-                name.removesuffix(".activations"): SandboxResult(
-                    data[name], data[name.replace(".activations", ".identity")].tobytes()[:32],
-                    data[name.replace(".activations", ".identity")].tobytes()[32:])
+                name.removesuffix(".activations"): SandboxResult(data[name], ModelIdentity.from_bytes(
+                    data[name.replace(".activations", ".identity")].tobytes()))
                 for name in data.files if name.endswith(".activations")
             }
 
@@ -82,12 +80,12 @@ class ReplaySandbox:
 
 
     def batch(self, model_path: Path, runs: Sequence[Any], *, then: Any = None,
-              **_options: Any) -> tuple[bytes, list[Any]]:
+              **_options: Any) -> tuple[ModelIdentity, list[Any]]:
         """`sandbox.run_batch`'s signature: Register's own run answers from the table; the
         prior-claim runs it asks for next (`then`) were not recorded, and each answers as a
         failed run, which Register treats as no claim."""
         result = self(model_path, layer="", pooling=0, triggers=None)  # type: ignore[arg-type]
-        identity = result.fingerprint + result.architecture_digest
+        identity = result.identity
         answers: list[Any] = [result.activations] * len(runs)
         more = list(then(identity, answers)) if then is not None else []
         missing = ModelFileError("prior-claim runs are not recorded for the replay sandbox")

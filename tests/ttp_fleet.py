@@ -39,8 +39,7 @@ from freemark_keyserver.config import (
     ServerConfig,
 )
 from freemark_keyserver.crypto import load_or_create_keyring, load_or_create_signing_key
-from freemark_keyserver.sandbox.pool import Then, TriggerRun
-from freemark_keyserver.sandbox.runner import SandboxResult
+from freemark_keyserver.sandbox.runner import ModelIdentity, SandboxResult, Then, TriggerRun
 from freemark_keyserver.sandbox.worker import _runner
 from freemark_keyserver.server import RunningServer, create_server
 from freemark_keyserver.store import Principal, open_store
@@ -93,12 +92,12 @@ def in_process_sandbox(model_path: Path, *, layer: str, pooling: int, triggers: 
                                          weights_path=weights_path)
     if isinstance(results[0], Exception):
         raise results[0]
-    return SandboxResult(results[0], identity[:32], identity[32:])
+    return SandboxResult(results[0], identity)
 
 
 def in_process_batch(model_path: Path, runs: Sequence[TriggerRun], *,
                      weights_path: Path | None = None, then: Then | None = None,
-                     **_limits: Any) -> tuple[bytes, list[np.ndarray | Exception]]:
+                     **_limits: Any) -> tuple[ModelIdentity, list[np.ndarray | Exception]]:
     """`sandbox.run_batch`'s answer (one load, `then`'s follow-up runs included), computed
     in this process by the worker's own code."""
     def spec(run: TriggerRun) -> dict[str, Any]:
@@ -107,8 +106,9 @@ def in_process_batch(model_path: Path, runs: Sequence[TriggerRun], *,
     header = {"model": str(model_path), "weights": str(weights_path) if weights_path else None,
               "sets": [spec(r) for r in runs]}
     with _SANDBOX_TURN:
-        identity, read = _runner(header, [(r.triggers.inputs, r.triggers.attention_mask)
-                                          for r in runs])
+        raw, read = _runner(header, [(r.triggers.inputs, r.triggers.attention_mask)
+                                     for r in runs])
+    identity = ModelIdentity.from_bytes(raw)
 
     def each(batch: Sequence[TriggerRun]) -> list[np.ndarray | Exception]:
         results: list[np.ndarray | Exception] = []

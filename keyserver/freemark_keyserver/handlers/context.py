@@ -26,6 +26,7 @@ from freemark_keyserver.config import ServerConfig
 from freemark_keyserver.crypto import MasterKeyring, SigningKey
 from freemark_keyserver.errors import ErrorCode, ServiceError
 from freemark_keyserver.sandbox.runner import (
+    ModelIdentity,
     SandboxBusy,
     SandboxError,
     SandboxPool,
@@ -66,7 +67,7 @@ class Context:
     signer: SigningKey
     pool: SandboxPool | None = None  # None: the process-wide `sandbox.runner.shared_pool`
     sandbox: Callable[..., SandboxResult] = run_model
-    batch: Callable[..., tuple[bytes, list[np.ndarray | Exception]]] = run_batch
+    batch: Callable[..., tuple[ModelIdentity, list[np.ndarray | Exception]]] = run_batch
     ledger: Ledger = field(default_factory=Ledger)  # the log's registrations: what decides
 
     def __post_init__(self) -> None:

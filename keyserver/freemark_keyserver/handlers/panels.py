@@ -34,7 +34,7 @@ from freemark_keyserver.errors import ErrorCode, ServiceError
 from freemark_keyserver.handlers.context import Context, Runner, sandbox_runner
 from freemark_keyserver.handlers.hosts import member_file, store_member
 from freemark_keyserver.handlers.lookups import lookup
-from freemark_keyserver.sandbox.runner import TriggerRun
+from freemark_keyserver.sandbox.runner import ModelIdentity, TriggerRun
 from freemark_keyserver.store import PanelMember, Registration, Store
 
 log = logging.getLogger("freemark_keyserver")
@@ -50,8 +50,15 @@ class Reading:
 
     triggers: np.ndarray
     probes: np.ndarray | None
-    fingerprint: bytes
-    architecture_digest: bytes
+    identity: ModelIdentity
+
+    @property
+    def fingerprint(self) -> bytes:
+        return self.identity.fingerprint
+
+    @property
+    def architecture_digest(self) -> bytes:
+        return self.identity.architecture_digest
 
 
 def read(run: Runner, model: Path, bundle: KeyBundle, weights: Path | None = None, *,
@@ -61,7 +68,7 @@ def read(run: Runner, model: Path, bundle: KeyBundle, weights: Path | None = Non
     count = probe_count(bundle, probes=probes)
     result = run(model, bundle, weights, count)
     try:
-        return reading_of(bundle, result.fingerprint + result.architecture_digest,
+        return reading_of(bundle, result.identity,
                           result.activations, count)
     except InvalidInputError as exc:
         raise ServiceError(ErrorCode.INVALID_MODEL, str(exc)) from exc
@@ -74,15 +81,14 @@ def trigger_run(bundle: KeyBundle, probes: bool) -> TriggerRun:
                       probe_count(bundle, probes=probes))
 
 
-def reading_of(bundle: KeyBundle, identity: bytes, activations: np.ndarray | Exception,
+def reading_of(bundle: KeyBundle, identity: ModelIdentity, activations: np.ndarray | Exception,
                probes: int) -> Reading:
     """A sandbox run's answer for `bundle` (its `trigger_run`) as a Reading; raises the run's
     own failure, or InvalidInputError when the rows do not fit."""
     if isinstance(activations, Exception):
         raise activations
     triggers, probed = split_activations(activations, bundle, probes)
-    return Reading(triggers=triggers, probes=probed, fingerprint=identity[:32],
-                   architecture_digest=identity[32:])
+    return Reading(triggers=triggers, probes=probed, identity=identity)
 
 
 def check_reference_header(header: pb.UploadHeader) -> None:

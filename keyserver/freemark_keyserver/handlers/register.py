@@ -48,7 +48,7 @@ from freemark_keyserver.handlers.context import (
 from freemark_keyserver.handlers.hosts import store_host
 from freemark_keyserver.handlers.lookups import lookup_many
 from freemark_keyserver.sandbox import formats
-from freemark_keyserver.sandbox.runner import TriggerRun
+from freemark_keyserver.sandbox.runner import ModelIdentity, TriggerRun
 from freemark_keyserver.store import DuplicateError, Principal, Registration
 
 __all__ = ["CLAIMED", "parse_bundle", "register", "register_host"]
@@ -183,7 +183,7 @@ class _PriorClaims:
         self.host: panels.Reading | None = None
         self.earlier: list[tuple[Registration, KeyBundle, list[Reference]]] = []
 
-    def runs(self, identity: bytes, results: list[np.ndarray | Exception]) -> list[TriggerRun]:
+    def runs(self, identity: ModelIdentity, results: list[np.ndarray | Exception]) -> list[TriggerRun]:
         """With the host's own reading (its child still holds it): check the host, refuse an
         upload of registered weights, and return the runs for every earlier key."""
         try:
@@ -207,8 +207,7 @@ class _PriorClaims:
         assert self.host is not None
         for (record, bundle, panel), result in zip(self.earlier, results):
             try:
-                theirs = panels.reading_of(bundle, self.host.fingerprint
-                                           + self.host.architecture_digest, result,
+                theirs = panels.reading_of(bundle, self.host.identity, result,
                                            probe_count(bundle, probes=aligns(bundle, panel)))
                 verdict = judge_activations(theirs.triggers, bundle,
                                             probe_activations=theirs.probes, panel=panel)

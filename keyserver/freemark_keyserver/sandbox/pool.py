@@ -53,7 +53,13 @@ from freemark_keyserver.sandbox.errors import (
     SandboxUnavailable,
 )
 from freemark_keyserver.sandbox.limits import SandboxLimits, child_limits, worker_environment
-from freemark_keyserver.sandbox.protocol import LENGTH, TriggerRun, decode_reply, encode_request
+from freemark_keyserver.sandbox.protocol import (
+    LENGTH,
+    ModelIdentity,
+    TriggerRun,
+    decode_reply,
+    encode_request,
+)
 
 __all__ = ["POLL_SECONDS", "SandboxPool", "Then", "default_workers"]
 
@@ -275,7 +281,7 @@ class SandboxPool:
     def run(self, model_path: Path, runs: Sequence[TriggerRun], *, weights_path: Path | None,
             limits: SandboxLimits, options: dict[str, Any] | None = None,
             then: Then | None = None
-            ) -> tuple[bytes, list[np.ndarray | Exception]]:
+            ) -> tuple[ModelIdentity, list[np.ndarray | Exception]]:
         """The model's identity and, per trigger run, its activations or its refusal.
 
         Raises for the model as a whole (unreadable file, limits, deadline, crash, busy).
@@ -347,7 +353,7 @@ class SandboxPool:
         # Closing the status socket is what ends the child: the fork server kills it at once.
 
 
-Then = Callable[[bytes, list[np.ndarray | Exception]], Sequence[TriggerRun]]
+Then = Callable[[ModelIdentity, list[np.ndarray | Exception]], Sequence[TriggerRun]]
 
 
 def _more(child: _Child, runs: Sequence[TriggerRun], has_weights: bool,

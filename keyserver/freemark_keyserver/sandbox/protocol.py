@@ -61,6 +61,7 @@ __all__ = [
     "RESOURCE",
     "SKIP_FINGERPRINT",
     "WEIGHTS_PATH",
+    "ModelIdentity",
     "Refusal",
     "TriggerRun",
     "check_activations",
@@ -76,6 +77,30 @@ OK = b"K"
 REFUSED = b"R"
 LENGTH = struct.Struct(">Q")  # the frame of every message on the data socket
 IDENTITY_BYTES = 64  # weights fingerprint (32) ‖ architecture digest (32)
+_DIGEST_BYTES = 32
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which model a run read: the SHA-256 fingerprint of its weights and the digest of its
+    architecture (its family). The child sends the two as 64 bytes (`to_bytes`); the parent
+    reads them back here, once, by name."""
+
+    fingerprint: bytes
+    architecture_digest: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.fingerprint) != _DIGEST_BYTES or len(self.architecture_digest) != _DIGEST_BYTES:
+            raise SandboxError("a model identity is two 32-byte digests")
+
+    def to_bytes(self) -> bytes:
+        return self.fingerprint + self.architecture_digest
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> ModelIdentity:
+        if len(raw) != IDENTITY_BYTES:
+            raise SandboxError("the worker's output does not start with the model's identity")
+        return cls(raw[:_DIGEST_BYTES], raw[_DIGEST_BYTES:])
 # The child's descriptors, as the fork server numbers them: the data socket, then the inputs.
 DATA_FD = 3
 MODEL_PATH = "/proc/self/fd/4"
@@ -225,7 +250,7 @@ def _refusal(kind: str, message: str) -> Exception:
     return SandboxError(f"the worker failed: {message}")
 
 
-def decode_reply(raw: bytes, rows: list[int]) -> tuple[bytes, list[np.ndarray | Exception]]:
+def decode_reply(raw: bytes, rows: list[int]) -> tuple[ModelIdentity, list[np.ndarray | Exception]]:
     """A complete reply: the model's identity and, per set of `rows` inputs, its activations
     or its refusal. Raises for a refusal of the whole model, or a reply that breaks the
     protocol (a compromised child gets no further than this)."""
@@ -246,7 +271,7 @@ def decode_reply(raw: bytes, rows: list[int]) -> tuple[bytes, list[np.ndarray | 
         results.append(check_activations(_frame(buffer), n_rows))
     if buffer.tell() != len(raw) - 1:
         raise SandboxError("the worker's output has trailing bytes")
-    return identity.tobytes(), results
+    return ModelIdentity.from_bytes(identity.tobytes()), results
 
 
 def check_activations(array: np.ndarray, n_triggers: int) -> np.ndarray:

@@ -45,11 +45,12 @@ from freemark_keyserver.sandbox.errors import (
 from freemark_keyserver.sandbox.isolation import LAYERS, Isolation
 from freemark_keyserver.sandbox.limits import SandboxLimits
 from freemark_keyserver.sandbox.pool import SandboxPool, Then, default_workers
-from freemark_keyserver.sandbox.protocol import TriggerRun
+from freemark_keyserver.sandbox.protocol import ModelIdentity, TriggerRun
 
 __all__ = [
     "LAYERS",
     "Isolation",
+    "ModelIdentity",
     "SandboxBusy",
     "SandboxError",
     "SandboxLimits",
@@ -132,7 +133,7 @@ def run_model(
                                   pool=pool)
     if isinstance(results[0], Exception):
         raise results[0]
-    return SandboxResult(results[0], identity[:32], identity[32:])
+    return SandboxResult(results[0], identity)
 
 
 def run_batch(
@@ -144,9 +145,8 @@ def run_batch(
     options: dict[str, Any] | None = None,
     then: Then | None = None,
     pool: SandboxPool | None = None,
-) -> tuple[bytes, list[np.ndarray | Exception]]:
-    """One load of the model, several trigger sets: its identity (fingerprint ‖ architecture
-    digest) and, per run, the activations or the exception that run alone raised. `then`
+) -> tuple[ModelIdentity, list[np.ndarray | Exception]]:
+    """One load of the model, several trigger sets: its identity and, per run, the activations or the exception that run alone raised. `then`
     may ask for more runs of the same load once it has seen the first answer
     (`SandboxPool.run`)."""
     for path in (model_path, weights_path):
@@ -161,5 +161,12 @@ class SandboxResult:
     """What a sandbox run hands back: activations and the model's identity, nothing else."""
 
     activations: np.ndarray
-    fingerprint: bytes
-    architecture_digest: bytes
+    identity: ModelIdentity
+
+    @property
+    def fingerprint(self) -> bytes:
+        return self.identity.fingerprint
+
+    @property
+    def architecture_digest(self) -> bytes:
+        return self.identity.architecture_digest

@@ -36,7 +36,7 @@ from freemark.v1 import bundle_pb2
 from freemark_keyserver.sandbox import protocol as sandbox_protocol
 from freemark_keyserver.sandbox.limits import SandboxLimits, worker_environment
 from freemark_keyserver.sandbox.pool import SandboxPool
-from freemark_keyserver.sandbox.protocol import TriggerRun
+from freemark_keyserver.sandbox.protocol import ModelIdentity, TriggerRun
 from freemark_keyserver.sandbox.runner import (
     SandboxError,
     SandboxResourceError,
@@ -138,7 +138,7 @@ def test_follow_up_runs_reuse_the_child_that_read_the_model(host: Host) -> None:
     forked = pool.stats()["forked"]
     seen: list[tuple[bytes, int]] = []
 
-    def then(identity: bytes, results: list[np.ndarray | Exception]) -> list[TriggerRun]:
+    def then(identity: ModelIdentity, results: list[np.ndarray | Exception]) -> list[TriggerRun]:
         seen.append((identity, len(results)))
         return [TriggerRun(LAYER, POOLING, host.triggers, probes=5),
                 TriggerRun("no_such_layer", POOLING, host.triggers)]
