@@ -30,10 +30,13 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from freemark.errors import ModelFileError
+from freemark.scheme.triggers import TriggerSet
+from freemark.v1 import bundle_pb2
 
 __all__ = [
     "ARCHITECTURES",
@@ -394,3 +397,41 @@ def pack(directory: str | Path, out: str | Path) -> Path:
     os.close(fd)
     save_file(tensors, str(out), metadata=dict(metadata))
     return out
+
+
+def read_untrusted(path: str | Path, *, layer: str, pooling: int, triggers: TriggerSet,
+                   weights: str | Path | None = None, **_options: Any) -> tuple[np.ndarray, bytes]:
+    """In the key server's sandbox child: an uploaded packed checkpoint's (with `weights`:
+    those weights on its architecture) key-layer activations on the triggers, and its
+    identity (fingerprint ‖ architecture digest)."""
+    from freemark.formats.pt2 import architecture_digest, fingerprint
+    from freemark.scheme.activations import capture
+
+    model = apply_checkpoint_weights(path, weights) if weights else load_checkpoint(path)
+    activations, _ = capture(model, layer, triggers, pooling=pooling)
+    return activations, fingerprint(model) + architecture_digest(model)
+
+
+def warm_up(folder: Path) -> None:
+    """Build, pack and read a tiny checkpoint of every allow-listed architecture once, so a
+    fork server imports the model modules transformers loads lazily before its children drop
+    their privileges (`folder`: scratch space)."""
+    transformers = _transformers()
+    tiny = {"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "intermediate_size": 8, "vocab_size": 16, "max_position_embeddings": 8,
+            "dim": 8, "n_layers": 1, "n_heads": 2, "hidden_dim": 8}
+    triggers = TriggerSet(inputs=np.ones((1, 4), dtype=np.int64),
+                          attention_mask=np.ones((1, 4), dtype=np.int64))
+    checkpoint = folder / "warm-checkpoint"
+    for config_class, classes in ARCHITECTURES.values():
+        for name in classes:
+            model = getattr(transformers, name)(getattr(transformers, config_class)(**tiny))
+            model.save_pretrained(checkpoint)
+            single = pack(checkpoint, folder / "warm.safetensors")
+            layer = next(n for n, _ in model.named_modules() if n.endswith("layer.0"))
+            read_untrusted(single, layer=layer, pooling=bundle_pb2.POOLING_TOKEN_MEAN,
+                           triggers=triggers)
+    for path in sorted(checkpoint.iterdir()):
+        path.unlink()
+    checkpoint.rmdir()
+    (folder / "warm.safetensors").unlink()

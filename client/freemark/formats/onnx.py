@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 
 from freemark.errors import InvalidInputError, ModelFileError
+from freemark.scheme.triggers import TriggerSet
+from freemark.v1 import bundle_pb2
 
 __all__ = ["ALLOWED_OPS", "MAX_ONNX_BYTES", "OnnxModel", "layer_tensor", "load_onnx", "vet_onnx"]
 
@@ -328,3 +330,27 @@ def _feeders(session: Any, source: str) -> Any:
         return out
 
     return feeds
+
+
+def read_untrusted(path: str | Path, *, layer: str, pooling: int, triggers: TriggerSet,
+                   tensor: str | None = None, **_options: Any) -> tuple[np.ndarray, bytes]:
+    """In the key server's sandbox child: an uploaded graph's key-layer activations on the
+    triggers, and its identity (fingerprint ‖ architecture digest)."""
+    model = OnnxModel.open(path, layer, tensor=tensor or None)
+    activations = model.capture(triggers.inputs, triggers.attention_mask, pooling)
+    return activations, model.fingerprint() + model.architecture_digest()
+
+
+def warm_up(folder: Path) -> None:
+    """Build, read and fingerprint a tiny graph once, so a fork server imports onnx and
+    onnxruntime before its children drop their privileges (`folder`: scratch space)."""
+    onnx = _onnx()
+    helper, tensor_proto = onnx.helper, onnx.TensorProto
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="/act/Relu")], "warm",
+                              [helper.make_tensor_value_info("x", tensor_proto.FLOAT, ["b", 2])],
+                              [helper.make_tensor_value_info("y", tensor_proto.FLOAT, ["b", 2])])
+    path = folder / "warm.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    read_untrusted(path, layer="act", pooling=bundle_pb2.POOLING_NONE,
+                   triggers=TriggerSet(inputs=np.zeros((1, 2), dtype=np.float32)))
+    path.unlink()

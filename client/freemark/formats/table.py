@@ -5,7 +5,10 @@ the wire (`wire`, a `freemark.v1.ModelFormat`), which suffix its upload is spool
 whether it may be registered as a host or only judged as a suspect, and which module opens
 it. Each format's module (`module`) answers `is_format(path)` for a local path, and opens a
 file of its kind that nobody vetted: the caps, the vetting and the safe loader live there,
-beside each other (`pt2` with `pt2_vetting`, `huggingface`, `onnx`, `weights`).
+beside each other (`pt2` with `pt2_vetting`, `huggingface`, `onnx`, `weights`). Its optional
+hooks: `load(path, weights=)` and `packed(path)` for the owner's own files
+(`freemark.formats.local`), `read_untrusted(path, ...)` and `warm_up(folder)` for the key
+server's sandbox child (rows with `sandbox_reader`).
 
 The client (`format_of`, the upload's wire format, the host check), the key server (which
 formats Register and Verify admit, the spool suffix) and the sandbox child (which loader
@@ -38,6 +41,10 @@ class ModelFormat:
     suspect: bool  # may be judged in a Verify
     module: str  # the module with is_format(path) and the safe loader
     what: str  # a person's description, for error messages
+    # The module reads an upload in the key server's sandbox child (`read_untrusted`, and
+    # `warm_up` for the fork server); False: a `.pt2` program (the child's default path,
+    # with its vetting) or bare weights (they ride with the stored host they belong to).
+    sandbox_reader: bool = False
 
     def opener(self) -> ModuleType:
         """The format's module (imported on first use: it may import torch or onnx)."""
@@ -50,14 +57,15 @@ FORMATS: tuple[ModelFormat, ...] = (
     ModelFormat("hf", pb.MODEL_FORMAT_HF_CHECKPOINT, ".safetensors", host=True, suspect=True,
                 module="freemark.formats.huggingface",
                 what="a Hugging Face checkpoint (a directory with config.json, or one packed "
-                     ".safetensors)"),
+                     ".safetensors)", sandbox_reader=True),
     ModelFormat("pt2", pb.MODEL_FORMAT_PT2, ".pt2", host=True, suspect=True,
                 module="freemark.formats.pt2", what="a torch.export program (.pt2)"),
     ModelFormat("safetensors", pb.MODEL_FORMAT_SAFETENSORS, ".safetensors", host=False,
                 suspect=True, module="freemark.formats.weights",
                 what=".safetensors weights for the registered host's architecture"),
     ModelFormat("onnx", pb.MODEL_FORMAT_ONNX, ".onnx", host=False, suspect=True,
-                module="freemark.formats.onnx", what="an ONNX model (.onnx)"),
+                module="freemark.formats.onnx", what="an ONNX model (.onnx)",
+                sandbox_reader=True),
 )
 HOSTS: tuple[ModelFormat, ...] = tuple(f for f in FORMATS if f.host)
 SUSPECTS: tuple[ModelFormat, ...] = tuple(f for f in FORMATS if f.suspect)

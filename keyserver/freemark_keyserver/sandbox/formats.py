@@ -12,20 +12,20 @@ under are the table's rows; the server reads them there (`by_wire`, `.host`, `.s
   zip archive, a packed checkpoint a safetensors file; the host was vetted when it was
   registered;
 - the child's dispatch (`handles`, `sandboxed_activations`, by the row's `name`) to the
-  library's safe loaders (`freemark.formats.huggingface`, `freemark.formats.onnx`:
-  allow-listed architectures or operators, caps before anything is built, nothing
-  unpickled), and their warm-up in the fork server (`warm_up`).
+  `read_untrusted` of the format's own module (rows with `sandbox_reader`: today
+  `freemark.formats.huggingface` and `freemark.formats.onnx`, with their allow-listed
+  architectures or operators, caps before anything is built, nothing unpickled), and their
+  `warm_up` in the fork server.
 
 The server never opens an upload itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from freemark.formats.table import by_name, by_wire
+from freemark.formats.table import FORMATS, ModelFormat, by_name, by_wire
 from freemark.scheme.triggers import TriggerSet
 
 FORMAT_KEY = "format"
@@ -61,79 +61,29 @@ def handles(header: dict[str, Any]) -> bool:
 
 def sandboxed_activations(header: dict[str, Any], triggers: TriggerSet) -> tuple[Any, bytes]:
     """Inside the sandbox: the activation matrix and the model's identity (fingerprint ‖
-    architecture digest) for a Hugging Face checkpoint or an ONNX model."""
-    return _READERS[header[FORMAT_KEY]](header, triggers)
+    architecture digest), read by the format's own module (`read_untrusted`)."""
+    reader = _READERS[header[FORMAT_KEY]].opener()
+    activations, identity = reader.read_untrusted(
+        header["model"], weights=header.get("weights"), layer=header["layer"],
+        pooling=header["pooling"], triggers=triggers, tensor=header.get(TENSOR_KEY))
+    return activations, identity
 
 
-def _onnx_activations(header: dict[str, Any], triggers: TriggerSet) -> tuple[Any, bytes]:
-    from freemark.formats.onnx import OnnxModel
-
-    onnx_model = OnnxModel.open(header["model"], header["layer"],
-                                tensor=header.get(TENSOR_KEY) or None)
-    activations = onnx_model.capture(triggers.inputs, triggers.attention_mask,
-                                     header["pooling"])
-    return activations, onnx_model.fingerprint() + onnx_model.architecture_digest()
-
-
-def _checkpoint_activations(header: dict[str, Any], triggers: TriggerSet) -> tuple[Any, bytes]:
-    from freemark.formats.huggingface import apply_checkpoint_weights, load_checkpoint
-    from freemark.formats.pt2 import architecture_digest, fingerprint
-    from freemark.scheme.activations import capture
-
-    model = (apply_checkpoint_weights(header["model"], header["weights"]) if header.get("weights")
-             else load_checkpoint(header["model"]))
-    activations, _ = capture(model, header["layer"], triggers, pooling=header["pooling"])
-    return activations, fingerprint(model) + architecture_digest(model)
-
-
-# The formats the child reads here, by the table row's `name`; any other is a `.pt2` program
-# (`worker._load`).
-_READERS: dict[str, Callable[[dict[str, Any], TriggerSet], tuple[Any, bytes]]] = {
-    _HF.name: _checkpoint_activations,
-    _ONNX.name: _onnx_activations,
-}
+# The formats the child reads through their own module, by the table row's `name`; any other
+# is a `.pt2` program (`worker._load`).
+_READERS: dict[str, ModelFormat] = {row.name: row for row in FORMATS if row.sandbox_reader}
 
 
 def warm_up(home: str) -> None:
-    """Read a tiny checkpoint of every allow-listed architecture and a tiny ONNX graph once.
+    """Run every sandbox reader's warm-up once (`warm_up` of each table row's module).
 
     For a sandbox that forks its workers from a warm parent: a child that dropped to another
     user may not read the interpreter's library, so every module these formats import lazily
     (transformers' model modules, huggingface_hub, onnx, onnxruntime) must be imported by the
     parent, and running the loaders is the one sure way. `home` is a writable scratch folder.
     """
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, helper
-
-    from freemark.formats.huggingface import ARCHITECTURES, pack
-    from freemark.formats.onnx import OnnxModel
-    from freemark.v1 import bundle_pb2
-
-    transformers = __import__("transformers")
-    tiny = {"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
-            "intermediate_size": 8, "vocab_size": 16, "max_position_embeddings": 8,
-            "dim": 8, "n_layers": 1, "n_heads": 2, "hidden_dim": 8}
-    triggers = TriggerSet(inputs=np.ones((1, 4), dtype=np.int64),
-                          attention_mask=np.ones((1, 4), dtype=np.int64))
     folder = Path(home) / "warm-formats"
-    for config_class, classes in ARCHITECTURES.values():
-        for name in classes:
-            model = getattr(transformers, name)(getattr(transformers, config_class)(**tiny))
-            model.save_pretrained(folder)
-            packed = pack(folder, folder / "packed.safetensors")
-            layer = next(n for n, _ in model.named_modules() if n.endswith("layer.0"))
-            sandboxed_activations({FORMAT_KEY: _HF.name, "model": str(packed), "weights": None,
-                                   "layer": layer, "pooling": bundle_pb2.POOLING_TOKEN_MEAN},
-                                  triggers)
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="/act/Relu")], "warm",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 2])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 2])])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
-              str(folder / "warm.onnx"))
-    OnnxModel.open(folder / "warm.onnx", "act").capture(
-        np.zeros((1, 2), dtype=np.float32), None, bundle_pb2.POOLING_NONE)
-    OnnxModel.open(folder / "warm.onnx", "act").fingerprint()
-    for path in sorted(folder.iterdir(), reverse=True):
-        path.unlink()
+    folder.mkdir()
+    for row in _READERS.values():
+        row.opener().warm_up(folder)
     folder.rmdir()
