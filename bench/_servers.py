@@ -121,6 +121,7 @@ def serve_replay(args: argparse.Namespace) -> Any:
                           signing_key_file=Path(args.signing_key_file), grace_seconds=5,
                           # the benchmark measures the server, not its per-principal limits
                           verify_rate_principal=UNLIMITED, verify_rate_registration=UNLIMITED,
+                          register_rate_principal=UNLIMITED,
                           max_calls_per_principal=DEFAULT_MAX_CONCURRENT_RPCS)
     running = create_server(config)
     replay = ReplaySandbox(Path(args.replay))

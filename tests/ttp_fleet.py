@@ -157,6 +157,7 @@ def start_replica(db: str, data_dir: Path, keys: SharedKeys, **options: Any) -> 
     # subject is throughput and consistency, not the per-principal limits (tested on their own
     # in test_keyserver_streams.py), so those are lifted unless a test sets them.
     options = {"verify_rate_principal": UNLIMITED, "verify_rate_registration": UNLIMITED,
+               "register_rate_principal": UNLIMITED,
                "max_calls_per_principal": DEFAULT_MAX_CONCURRENT_RPCS, **options}
     config = ServerConfig(data_dir=data_dir, db=db, listen="127.0.0.1:0",
                           master_key_file=keys.master_key_file,

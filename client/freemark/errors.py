@@ -231,13 +231,15 @@ class SandboxLimitError(ResourceExhaustedError):
 
 
 class RateLimitedError(ResourceExhaustedError):
-    """Too many calls at once, or Verify's rate limit is spent; retry after the named wait."""
+    """Too many calls at once, or a Register or Verify rate limit is spent; retry after the
+    named wait."""
 
     REASON = "RATE_LIMITED"
 
 
 class SpoolFullError(ResourceExhaustedError):
-    """The server's upload spool is full; nothing was read. Retry later."""
+    """The server's upload spool is full (all of it, or your share of it); the partial upload
+    was deleted. Retry later."""
 
     REASON = "SPOOL_FULL"
 
@@ -272,7 +274,8 @@ class SandboxTimeoutError(DeadlineExceededError):
 
 
 class UploadStalledError(DeadlineExceededError):
-    """The upload was idle past the server's timeout or slower than its minimum rate."""
+    """The upload was idle past the server's timeout, slower than its minimum rate, or longer
+    than its maximum stream duration."""
 
     REASON = "UPLOAD_STALLED"
 

@@ -54,6 +54,10 @@ def _config(args: argparse.Namespace) -> cfg.ServerConfig:
             stream_idle_timeout=args.stream_idle_timeout, min_upload_rate=args.min_upload_rate,
             upload_rate_grace=args.upload_rate_grace, principal_recheck=args.principal_recheck,
             spool_quota_bytes=args.spool_quota_bytes,
+            spool_principal_share=args.spool_principal_share,
+            max_stream_seconds=args.max_stream_seconds,
+            exempt_stream_lifetime=args.exempt_stream_lifetime,
+            register_rate_principal=args.register_rate_principal,
             verify_rate_principal=args.verify_rate_principal,
             verify_rate_registration=args.verify_rate_registration,
             metrics_listen=args.metrics_listen,
@@ -264,15 +268,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between re-reads of the principals holding open calls; a "
                         "disabled one's calls are ended (default %(default)s)")
     p.add_argument("--spool-quota-bytes", type=int, default=cfg.DEFAULT_SPOOL_QUOTA,
-                   help="bytes all open uploads may reserve in the spool together "
-                        "(default %(default)s)")
+                   help="bytes all open uploads may hold in the spool together, reserved as "
+                        "they arrive (default %(default)s)")
+    p.add_argument("--spool-principal-share", type=float,
+                   default=cfg.DEFAULT_SPOOL_PRINCIPAL_SHARE, metavar="FRACTION",
+                   help="the part of --spool-quota-bytes one principal's open uploads may hold "
+                        "together, in (0, 1] (default %(default)s)")
+    p.add_argument("--max-stream-seconds", type=float, default=cfg.DEFAULT_MAX_STREAM_SECONDS,
+                   help="seconds an upload stream may last, however fast it still sends; then "
+                        "it is closed and its spool bytes freed (default %(default)s)")
+    p.add_argument("--exempt-stream-lifetime", type=float,
+                   default=cfg.DEFAULT_EXEMPT_STREAM_LIFETIME,
+                   help="seconds a health Watch or reflection stream may last before it is "
+                        "cancelled (clients re-watch) (default %(default)s)")
     p.add_argument("--verify-rate-principal", type=Rate.parse,
                    default=cfg.DEFAULT_VERIFY_RATE_PRINCIPAL, metavar="N/UNIT",
                    help="Verify token bucket per caller, e.g. 10/min; 'off' (default %(default)s)")
     p.add_argument("--verify-rate-registration", type=Rate.parse,
                    default=cfg.DEFAULT_VERIFY_RATE_REGISTRATION, metavar="N/UNIT",
-                   help="Verify token bucket per registration, all callers together "
+                   help="Verify token buckets per registration: its owner's, and one for all "
+                        "other callers together; charged once the upload is complete "
                         "(default %(default)s)")
+    p.add_argument("--register-rate-principal", type=Rate.parse,
+                   default=cfg.DEFAULT_REGISTER_RATE_PRINCIPAL, metavar="N/UNIT",
+                   help="Register token bucket per caller; 'off' (default %(default)s)")
     p.add_argument("--metrics-listen", metavar="HOST:PORT",
                    help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)")
     p.add_argument("--log-format", choices=["json", "text"], default="json",

@@ -29,6 +29,7 @@ from freemark_keyserver.sandbox.limits import SandboxLimits
 from freemark_keyserver.sandbox.runner import SandboxPool, start_pool
 
 EXEMPT_STREAMS = 8   # health Watch and reflection streams open at once
+EXEMPT_STREAMS_PER_PEER = 2  # of them, from one peer address (an IPv6 /64): `rpc.calls`
 SPARE_THREADS = 8    # pool threads beyond every cap: health checks and quick refusals
 UNITS = {"s": 1.0, "min": 60.0, "hour": 3600.0, "day": 86400.0}
 
@@ -71,6 +72,8 @@ class CallLimits:
     min_upload_rate: int  # bytes per second, averaged from the start of the stream
     rate_grace: float     # seconds before the minimum rate applies
     principal_recheck: float
+    max_stream_seconds: float = 3600.0  # a request stream is ended past this
+    exempt_lifetime: float = 600.0  # a health Watch / reflection stream is ended past this
 
     @property
     def pool_threads(self) -> int:
@@ -95,6 +98,10 @@ DEFAULT_MIN_UPLOAD_RATE = 64 * 1024  # bytes/s: a 512 kbit/s link still uploads
 DEFAULT_UPLOAD_RATE_GRACE = 10.0
 DEFAULT_PRINCIPAL_RECHECK = 2.0
 DEFAULT_SPOOL_QUOTA = 4 * DEFAULT_MAX_UPLOAD
+DEFAULT_SPOOL_PRINCIPAL_SHARE = 0.5  # of the quota, one principal's open uploads together
+DEFAULT_MAX_STREAM_SECONDS = 3600.0  # one request stream, however fast it still sends
+DEFAULT_EXEMPT_STREAM_LIFETIME = 600.0  # a health Watch or reflection stream; clients re-watch
+DEFAULT_REGISTER_RATE_PRINCIPAL = Rate(20, 3600.0)  # 20/hour
 DEFAULT_VERIFY_RATE_PRINCIPAL = Rate(10, 60.0)  # 10/min
 DEFAULT_VERIFY_RATE_REGISTRATION = Rate(20, 3600.0)  # 20/hour
 DEFAULT_MAX_REFERENCES = 16
@@ -142,6 +149,10 @@ class ServerConfig:
     upload_rate_grace: float = DEFAULT_UPLOAD_RATE_GRACE
     principal_recheck: float = DEFAULT_PRINCIPAL_RECHECK
     spool_quota_bytes: int = DEFAULT_SPOOL_QUOTA
+    spool_principal_share: float = DEFAULT_SPOOL_PRINCIPAL_SHARE
+    max_stream_seconds: float = DEFAULT_MAX_STREAM_SECONDS
+    exempt_stream_lifetime: float = DEFAULT_EXEMPT_STREAM_LIFETIME
+    register_rate_principal: Rate = DEFAULT_REGISTER_RATE_PRINCIPAL
     verify_rate_principal: Rate = DEFAULT_VERIFY_RATE_PRINCIPAL
     verify_rate_registration: Rate = DEFAULT_VERIFY_RATE_REGISTRATION
     metrics_listen: str | None = None  # HOST:PORT of the Prometheus page; None: no page
@@ -158,6 +169,9 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         check_key_name(self.origin)  # it names the note key, so the same rules apply
+        if not 0.0 < self.spool_principal_share <= 1.0:
+            raise ValueError(f"the spool share per principal is a fraction in (0, 1], not "
+                             f"{self.spool_principal_share:g}")
 
     @property
     def database(self) -> str:
@@ -180,7 +194,9 @@ class ServerConfig:
                           idle_timeout=self.stream_idle_timeout,
                           min_upload_rate=self.min_upload_rate,
                           rate_grace=self.upload_rate_grace,
-                          principal_recheck=self.principal_recheck)
+                          principal_recheck=self.principal_recheck,
+                          max_stream_seconds=self.max_stream_seconds,
+                          exempt_lifetime=self.exempt_stream_lifetime)
 
     def check_listen(self) -> None:
         """Refuse a non-loopback address without TLS unless `--insecure` was given."""

@@ -42,11 +42,12 @@ RPC_IN_FLIGHT = Gauge(
     "freemark_rpc_in_flight", "RPCs being served now, by method.", ["method"], registry=REGISTRY)
 RATE_LIMITED_TOTAL = Counter(
     "freemark_rate_limited_total", "Calls refused by a limit before any work, by which limit "
-    "(principal_calls, verify_principal, verify_registration, spool_quota).",
+    "(principal_calls, verify_principal, verify_registration, register_principal, "
+    "spool_quota, spool_share).",
     ["limit"], registry=REGISTRY)
 STREAMS_CLOSED_TOTAL = Counter(
     "freemark_streams_closed_total", "Calls the server ended itself, by why (idle, slow, "
-    "disabled).", ["reason"], registry=REGISTRY)
+    "too_long, disabled; health/reflection: lifetime, evicted).", ["reason"], registry=REGISTRY)
 
 SPOOL_BYTES = Gauge(
     "freemark_spool_bytes", "Bytes reserved in the upload spool by open uploads.",

@@ -145,7 +145,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         data_dir=data_dir, listen="127.0.0.1:0", max_upload_bytes=UPLOAD_CAP, grace_seconds=2,
         max_calls_per_principal=PER_PRINCIPAL, stream_idle_timeout=IDLE_SECONDS,
         min_upload_rate=256 * 1024, upload_rate_grace=6.0, principal_recheck=0.1,
-        spool_quota_bytes=SPOOL_QUOTA, verify_rate_principal=Rate.parse("2/hour"),
+        spool_quota_bytes=SPOOL_QUOTA, spool_principal_share=1.0,
+        verify_rate_principal=Rate.parse("2/hour"),
         verify_rate_registration=Rate.parse("100/hour"), metrics_listen="127.0.0.1:0")
     lines: list[str] = []
     handler = _ListHandler(lines)
@@ -307,30 +308,29 @@ def test_a_trickling_upload_is_closed_by_the_minimum_rate(world: World) -> None:
 
 
 def test_the_spool_quota_refuses_the_excess(world: World) -> None:
-    big = b"\0" * (UPLOAD_CAP - 1)  # announced, then sent slowly enough to hold its place
+    big = b"\0" * (UPLOAD_CAP - 1)
+    held = 3 * 1024 * 1024  # what the first upload sends before it stops to hold its place
     release = threading.Event()
-    first = [pb.RegisterRequest(header=pb.RegisterHeader(
-        bundle=world.headers["owner_d"].bundle, upload=_upload(big)))]
 
     def holding() -> Iterator[pb.RegisterRequest]:
-        yield first[0]
-        for chunk in _chunks(big):  # 320 KiB/s: above the minimum rate, never finished
-            if release.wait(0.2):
-                return
-            yield pb.RegisterRequest(chunk=chunk)
+        yield pb.RegisterRequest(header=pb.RegisterHeader(bundle=world.headers["owner_d"].bundle,
+                                                          upload=_upload(big)))
+        yield from (pb.RegisterRequest(chunk=c) for c in _chunks(big[:held]))
+        release.wait()  # then nothing: within the idle timeout, the bytes sent stay held
 
     holder = world.stub.Register.future(holding(), metadata=world.md("owner_d"), timeout=WAIT)
     try:
-        deadline = time.monotonic() + WAIT
-        while world.running.calls.open_calls("owner_d") == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        while not world.spool_files() and not holder.done() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not holder.done(), "the first upload must be holding its reservation"
-        # The next large upload would pass the quota: refused before a byte is spooled.
+        deadline = time.monotonic() + IDLE_SECONDS / 2
+        while sum(f.stat().st_size for f in world.spool_files()) < held \
+                and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not holder.done(), "the first upload must be holding its bytes"
+        # The next large upload passes the quota as its bytes arrive: refused at that chunk,
+        # and its partial file removed.
         with pytest.raises(grpc.RpcError) as caught:
             world.stub.Register(iter([pb.RegisterRequest(header=pb.RegisterHeader(
-                bundle=world.headers["owner_a"].bundle, upload=_upload(big)))]),
+                bundle=world.headers["owner_a"].bundle, upload=_upload(big)))]
+                + [pb.RegisterRequest(chunk=c) for c in _chunks(big)]),
                 metadata=world.md("owner_a"), timeout=WAIT)
         r = world.refusal(caught.value)
         assert (r.code, r.reason) == (S.RESOURCE_EXHAUSTED, "SPOOL_FULL"), r
@@ -338,8 +338,10 @@ def test_the_spool_quota_refuses_the_excess(world: World) -> None:
         assert len(world.spool_files()) == 1
     finally:
         release.set()
-    # The holder's client stopped sending: its stream ended short of the announced size.
-    assert world.refusal(holder.exception(timeout=WAIT)).reason == "UPLOAD_CORRUPT"
+    # The holder's client stopped sending: its stream ended short of the announced size
+    # (or, on a slow machine, the idle timeout closed it first).
+    assert world.refusal(holder.exception(timeout=WAIT)).reason in ("UPLOAD_CORRUPT",
+                                                                    "UPLOAD_STALLED")
     assert world.spool_files() == []
     assert _value(world.scrape(), "freemark_spool_bytes") == 0
 

@@ -104,18 +104,22 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     Status: INVALID_ARGUMENT.
     """
     RATE_LIMITED: _ErrorReason.ValueType  # 17
-    """Too many calls at once from this principal, or Verify's rate limit (per principal or per
-    registration) is spent. Retry after the wait the message names; the status also carries a
-    google.rpc.RetryInfo detail with it. Status: RESOURCE_EXHAUSTED.
+    """Too many calls at once from this principal, or a rate limit is spent: Register's per
+    principal, Verify's per principal, or Verify's per registration (the owner's own bucket,
+    or the one all other callers share; charged only for a completed upload). Retry after the
+    wait the message names; the status also carries a google.rpc.RetryInfo detail with it.
+    Status: RESOURCE_EXHAUSTED.
     """
     SPOOL_FULL: _ErrorReason.ValueType  # 18
-    """The server's upload spool is full (its quota over all open uploads): nothing was read.
-    Retry later (the status carries a google.rpc.RetryInfo detail). Status: RESOURCE_EXHAUSTED.
+    """The server's upload spool is full: the chunk would pass its quota over all open uploads,
+    or the share of it one principal's open uploads may hold together. The partial upload was
+    deleted. Retry later (the status carries a google.rpc.RetryInfo detail).
+    Status: RESOURCE_EXHAUSTED.
     """
     UPLOAD_STALLED: _ErrorReason.ValueType  # 19
-    """The upload stream sent nothing for longer than the server's idle timeout, or arrived
-    slower than its minimum rate; the partial upload was deleted. Re-send it over a faster
-    link. Status: DEADLINE_EXCEEDED.
+    """The upload stream sent nothing for longer than the server's idle timeout, arrived slower
+    than its minimum rate, or lasted longer than its maximum stream duration; the partial
+    upload was deleted. Re-send it over a faster link. Status: DEADLINE_EXCEEDED.
     """
     SANDBOX_BUSY: _ErrorReason.ValueType  # 20
     """Every sandbox worker is busy and the server's sandbox queue is full (`--sandbox-workers`,
@@ -210,18 +214,22 @@ an owner frame an innocent model, a needlessly strict one exonerate a copy.
 Status: INVALID_ARGUMENT.
 """
 RATE_LIMITED: ErrorReason.ValueType  # 17
-"""Too many calls at once from this principal, or Verify's rate limit (per principal or per
-registration) is spent. Retry after the wait the message names; the status also carries a
-google.rpc.RetryInfo detail with it. Status: RESOURCE_EXHAUSTED.
+"""Too many calls at once from this principal, or a rate limit is spent: Register's per
+principal, Verify's per principal, or Verify's per registration (the owner's own bucket,
+or the one all other callers share; charged only for a completed upload). Retry after the
+wait the message names; the status also carries a google.rpc.RetryInfo detail with it.
+Status: RESOURCE_EXHAUSTED.
 """
 SPOOL_FULL: ErrorReason.ValueType  # 18
-"""The server's upload spool is full (its quota over all open uploads): nothing was read.
-Retry later (the status carries a google.rpc.RetryInfo detail). Status: RESOURCE_EXHAUSTED.
+"""The server's upload spool is full: the chunk would pass its quota over all open uploads,
+or the share of it one principal's open uploads may hold together. The partial upload was
+deleted. Retry later (the status carries a google.rpc.RetryInfo detail).
+Status: RESOURCE_EXHAUSTED.
 """
 UPLOAD_STALLED: ErrorReason.ValueType  # 19
-"""The upload stream sent nothing for longer than the server's idle timeout, or arrived
-slower than its minimum rate; the partial upload was deleted. Re-send it over a faster
-link. Status: DEADLINE_EXCEEDED.
+"""The upload stream sent nothing for longer than the server's idle timeout, arrived slower
+than its minimum rate, or lasted longer than its maximum stream duration; the partial
+upload was deleted. Re-send it over a faster link. Status: DEADLINE_EXCEEDED.
 """
 SANDBOX_BUSY: ErrorReason.ValueType  # 20
 """Every sandbox worker is busy and the server's sandbox queue is full (`--sandbox-workers`,

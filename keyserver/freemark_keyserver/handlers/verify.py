@@ -2,8 +2,9 @@
 
 The handler authorises on the header (`verify_target`: the caller's role, the registration
 visible to the caller and not revoked, the suspect's format, alpha within the verdict
-policy), has the registration's rate limit charged (`admit`), and only then receives the
-suspect. The sandbox reads it on the registration's triggers (and alignment probes where the
+policy), has the registration's rate limit looked at (`admit.check`), receives the suspect,
+and has the limit charged only then (`admit.charge`: an abandoned upload costs the
+registration nothing). The sandbox reads it on the registration's triggers (and alignment probes where the
 registration's panel lets the aligned test run); bare `.safetensors` weights are read into
 the registered host's program. The verdict binds the suspect, the requester and the policy.
 """
@@ -11,8 +12,8 @@ the registered host's program. The verdict binds the suspect, the requester and 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from freemark.errors import InvalidInputError
 from freemark.extract import judge_activations
@@ -39,22 +40,34 @@ from freemark_keyserver.sandbox import formats
 from freemark_keyserver.sandbox.protocol import SKIP_FINGERPRINT
 from freemark_keyserver.store import Principal, Registration
 
-__all__ = ["judge", "verify", "verify_target"]
+__all__ = ["Admission", "judge", "verify", "verify_target"]
 
 log = logging.getLogger("freemark_keyserver")
 
 
+class Admission(Protocol):
+    """The registration's Verify rate limit as the caller meets it (`rpc.ratelimit`)."""
+
+    def check(self, record: Registration) -> None:
+        """RATE_LIMITED when the caller's bucket for `record` is empty; takes nothing."""
+
+    def charge(self, record: Registration) -> None:
+        """Take a token from the caller's bucket for `record`, or RATE_LIMITED."""
+
+
 def verify(ctx: Context, principal: Principal, stream: Stream[pb.VerifyHeader], *,
-           admit: Callable[[str], None]) -> pb.SignedVerdict:
-    """The Verify call: authorise on its header, `admit(registration_id)` (the caller's rate
-    limit for that registration: like every refusal, charged before the upload is read), then
-    receive the suspect and `judge` it."""
+           admit: Admission) -> pb.SignedVerdict:
+    """The Verify call: authorise on its header, `admit.check` the registration's rate limit
+    (refused before the upload is read when it would be refused after), receive the suspect,
+    `admit.charge` (only a completed upload costs the registration's bucket: header-only or
+    abandoned calls cannot drain it) and `judge` it."""
     header = stream.header()
     record = verify_target(ctx, principal, header)
-    admit(record.registration_id)
+    admit.check(record)
     suspect_format = by_wire(header.upload.format)
     assert suspect_format is not None  # verify_target refuses any other
     with stream.receive(header.upload, suffix=suspect_format.suffix) as suspect:
+        admit.charge(record)
         return judge(ctx, principal, record, header, suspect)
 
 

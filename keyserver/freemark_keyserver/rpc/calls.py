@@ -8,10 +8,16 @@ One server interceptor wraps every method:
   and one per principal (`--max-calls-per-principal`); beyond either, RESOURCE_EXHAUSTED
   (RATE_LIMITED) at once, with a retry hint. Health and reflection are outside both caps
   and the thread pool keeps threads for them, so a full server still answers health checks;
-  their own streams (Watch, reflection) have a small cap of their own;
+  their own streams (Watch, reflection) have a small cap of their own, which needs no token
+  and so is shared fairly by peer address (an IPv6 /64): at most EXEMPT_STREAMS_PER_PEER
+  from one peer, and when all are held, a peer holding fewer than another takes the oldest
+  stream of the peer holding the most (that stream is cancelled); each lives at most
+  `--exempt-stream-lifetime` and is then cancelled (a health client re-watches), so a
+  token-less client cannot hold every slot from one address, nor keep a slot from others;
 - a streamed request is read through `WatchedRequests`: a stream that sends nothing for
-  `--stream-idle-timeout`, or arrives slower than `--min-upload-rate` after a grace period,
-  is refused with DEADLINE_EXCEEDED (UPLOAD_STALLED) and its spool file goes with it;
+  `--stream-idle-timeout`, arrives slower than `--min-upload-rate` after a grace period,
+  or is still being read after `--max-stream-seconds`, is refused with DEADLINE_EXCEEDED
+  (UPLOAD_STALLED) and its spool file (and its share of the spool quota) goes with it;
 - a watchdog re-reads the principals that hold open calls every `--principal-recheck`
   seconds: a principal disabled meanwhile (`freemark-keyserver principal disable`, which
   writes the store from another process) has its open calls ended: a stream being read
@@ -20,19 +26,23 @@ One server interceptor wraps every method:
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Self
+from urllib.parse import unquote
 
 import grpc
 
 from freemark_keyserver import logs, metrics
 from freemark_keyserver.auth import authenticate
-from freemark_keyserver.config import EXEMPT_STREAMS, CallLimits
+from freemark_keyserver.config import EXEMPT_STREAMS, EXEMPT_STREAMS_PER_PEER, CallLimits
 from freemark_keyserver.errors import ErrorCode, ServiceError, abort
 from freemark_keyserver.store import Store
 
@@ -59,6 +69,34 @@ class Call:
             self.ended, self.ended_at = error, time.monotonic()
 
 
+@dataclass(eq=False)
+class ExemptStream:
+    """One open health Watch or reflection stream (no principal: it needs no token)."""
+
+    peer: str  # `peer_address` of the caller
+    context: grpc.ServicerContext
+    started: float
+
+
+def peer_address(peer: str) -> str:
+    """What one exempt-stream share is counted by: 'ipv4:10.0.0.7:5123' -> '10.0.0.7',
+    'ipv6:[2001:db8::1]:5123' -> '2001:db8::/64' (one host's usual allocation), anything
+    else (a Unix socket) as its kind alone."""
+    kind, _, rest = unquote(peer).partition(":")
+    host = rest.rsplit(":", 1)[0].strip("[]")
+    try:
+        if kind == "ipv4":
+            return str(ipaddress.IPv4Address(host))
+        if kind == "ipv6":
+            address = ipaddress.IPv6Address(host.split("%", 1)[0])
+            if address.ipv4_mapped is not None:
+                return str(address.ipv4_mapped)
+            return str(ipaddress.IPv6Network(f"{address}/64", strict=False))
+    except ValueError:
+        pass
+    return kind
+
+
 class CallRegistry:
     """The open calls by principal, their caps, and the watchdog for disabled principals."""
 
@@ -68,7 +106,7 @@ class CallRegistry:
         self._lock = threading.Lock()
         self._calls: dict[str, set[Call]] = {}
         self._total = 0
-        self._exempt_streams = 0
+        self._exempt: list[ExemptStream] = []  # oldest first
         self._stop = threading.Event()
         self._watchdog = threading.Thread(target=self._watch, name="freemark-call-watchdog",
                                           daemon=True)
@@ -122,20 +160,63 @@ class CallRegistry:
             if not open_calls:
                 self._calls.pop(call.principal, None)
 
-    def admit_exempt_stream(self) -> bool:
+    def exempt_streams(self, peer: str | None = None) -> int:
+        """Health/reflection streams open now (from `peer_address` `peer`, or all)."""
         with self._lock:
-            if self._exempt_streams >= EXEMPT_STREAMS:
-                return False
-            self._exempt_streams += 1
-            return True
+            return sum(peer is None or s.peer == peer for s in self._exempt)
 
-    def release_exempt_stream(self) -> None:
+    def admit_exempt_stream(self, context: grpc.ServicerContext,
+                            clock: Callable[[], float] = time.monotonic) -> ExemptStream | None:
+        """A slot for a health Watch or reflection stream, or None (refuse it).
+
+        At most EXEMPT_STREAMS_PER_PEER per peer address. When all EXEMPT_STREAMS are held,
+        a peer holding fewer than the greediest peer takes that peer's oldest stream, which
+        is cancelled: however many addresses a flood comes from, a peer that holds no slot
+        is served.
+        """
+        stream = ExemptStream(peer_address(context.peer()), context, clock())
         with self._lock:
-            self._exempt_streams -= 1
+            mine = sum(s.peer == stream.peer for s in self._exempt)
+            if mine >= EXEMPT_STREAMS_PER_PEER:
+                return None
+            victim = None
+            if len(self._exempt) >= EXEMPT_STREAMS:
+                counts = Counter(s.peer for s in self._exempt)
+                greediest = max(counts.values())
+                if greediest <= mine:
+                    return None
+                victim = next(s for s in self._exempt if counts[s.peer] == greediest)
+                self._exempt.remove(victim)
+            self._exempt.append(stream)
+        if victim is not None:
+            self._end_exempt(victim, "evicted")
+        return stream
+
+    def release_exempt_stream(self, stream: ExemptStream) -> None:
+        with self._lock:
+            if stream in self._exempt:
+                self._exempt.remove(stream)
+
+    def _end_exempt(self, stream: ExemptStream, reason: str) -> None:
+        metrics.STREAMS_CLOSED_TOTAL.labels(reason).inc()
+        log.info("ending a health/reflection stream of %s (%s)", stream.peer, reason,
+                 extra={"peer": stream.peer, "reason": reason})
+        stream.context.cancel()
+
+    def end_old_exempt_streams(self, clock: Callable[[], float] = time.monotonic) -> None:
+        """Cancel the health/reflection streams older than `--exempt-stream-lifetime`."""
+        now = clock()
+        with self._lock:
+            old = [s for s in self._exempt if now - s.started >= self.limits.exempt_lifetime]
+            for stream in old:
+                self._exempt.remove(stream)
+        for stream in old:
+            self._end_exempt(stream, "lifetime")
 
     def _watch(self) -> None:
         while not self._stop.wait(self.limits.principal_recheck):
             try:
+                self.end_old_exempt_streams()
                 self._end_disabled()
             except Exception:  # the watchdog must outlive a store hiccup
                 log.exception("the call watchdog could not re-read the principals")
@@ -231,6 +312,10 @@ class WatchedRequests:
             return message
 
     def _check_rate(self, now: float) -> None:
+        if now - self._started >= self._limits.max_stream_seconds:
+            raise self._stalled("too_long", f"the stream lasted longer than the server's maximum "
+                                f"of {self._limits.max_stream_seconds:g} s; the partial upload "
+                                "was deleted, re-send it over a faster link")
         late = now - self._started - self._limits.rate_grace
         if late > 0 and self._received < self._limits.min_upload_rate * late:
             raise self._stalled("slow", f"the upload arrived slower than the server's minimum of "
@@ -301,11 +386,15 @@ class CallInterceptor(grpc.ServerInterceptor):
             with _Observed(method, context, guarded) as observed:
                 if guarded:
                     observed.admit(self.registry)
-                elif not self.registry.admit_exempt_stream():
-                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                  f"at most {EXEMPT_STREAMS} health/reflection streams at once")
                 else:
-                    observed.on_exit(self.registry.release_exempt_stream)
+                    exempt = self.registry.admit_exempt_stream(context)
+                    if exempt is None:
+                        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                      f"at most {EXEMPT_STREAMS_PER_PEER} health/reflection "
+                                      f"streams per peer, {EXEMPT_STREAMS} in all, at once")
+                        return  # abort raised
+                    observed.on_exit(functools.partial(self.registry.release_exempt_stream,
+                                                       exempt))
                 yield from behaviour(request, context)
         return run
 

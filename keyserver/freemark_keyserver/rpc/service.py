@@ -23,7 +23,7 @@ from freemark_keyserver.auth import authenticate
 from freemark_keyserver.errors import ErrorCode, ServiceError, abort
 from freemark_keyserver.handlers import proofs, register, registrations, verify
 from freemark_keyserver.handlers.context import Context
-from freemark_keyserver.rpc.ratelimit import VerifyLimits
+from freemark_keyserver.rpc.ratelimit import RegisterLimits, VerifyLimits
 from freemark_keyserver.rpc.uploads import Spool, spooled
 
 log = logging.getLogger("freemark_keyserver")
@@ -58,10 +58,11 @@ class _Stream(Generic[H]):
     hash-checked on its own."""
 
     def __init__(self, requests: Iterator[pb.RegisterRequest] | Iterator[pb.VerifyRequest],
-                 header_type: type[H], spool: Spool, cap: int, *, misplaced: str) -> None:
+                 header_type: type[H], spool: Spool, cap: int, *, principal: str,
+                 misplaced: str) -> None:
         self._requests: Iterator[pb.RegisterRequest | pb.VerifyRequest] = requests
         self._header_type: type[H] = header_type
-        self._spool, self._cap = spool, cap
+        self._spool, self._cap, self._principal = spool, cap, principal
         self._misplaced = misplaced  # the refusal of a part that may not come where it did
         self._next: pb.UploadHeader | None = None
 
@@ -75,7 +76,8 @@ class _Stream(Generic[H]):
 
     def receive(self, upload: pb.UploadHeader, *, suffix: str
                 ) -> AbstractContextManager[Path]:
-        return spooled(self._chunks(), upload, cap=self._cap, spool=self._spool, suffix=suffix)
+        return spooled(self._chunks(), upload, cap=self._cap, spool=self._spool,
+                       principal=self._principal, suffix=suffix)
 
     def next_upload(self) -> pb.UploadHeader | None:
         header, self._next = self._next, None
@@ -100,16 +102,20 @@ class KeyServiceServicer(keyservice_pb2_grpc.KeyServiceServicer):
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
-        self.spool = Spool(ctx.config.spool_dir, ctx.config.spool_quota_bytes)
+        self.spool = Spool(ctx.config.spool_dir, ctx.config.spool_quota_bytes,
+                           ctx.config.spool_principal_share)
         self.verify_limits = VerifyLimits(ctx.config.verify_rate_principal,
                                           ctx.config.verify_rate_registration)
+        self.register_limits = RegisterLimits(ctx.config.register_rate_principal)
 
     def Register(self, request_iterator: Iterator[pb.RegisterRequest],
                  context: grpc.ServicerContext) -> pb.Receipt:
         def work() -> pb.Receipt:
             principal = authenticate(self.ctx.store, context)
+            # Charged before the upload is read: every Register attempt costs its caller.
+            self.register_limits.check_principal(principal.name)
             stream = _Stream(request_iterator, pb.RegisterHeader, self.spool,
-                             self.ctx.config.max_upload_bytes,
+                             self.ctx.config.max_upload_bytes, principal=principal.name,
                              misplaced="a Register stream has one header, at its start")
             return register.register(self.ctx, principal, stream)
         return _guard(context, "Register", work)
@@ -118,13 +124,15 @@ class KeyServiceServicer(keyservice_pb2_grpc.KeyServiceServicer):
                context: grpc.ServicerContext) -> pb.SignedVerdict:
         def work() -> pb.SignedVerdict:
             principal = authenticate(self.ctx.store, context)
-            # Both buckets are charged before the upload is read: a refused call costs nothing.
+            # The caller's own bucket is charged before anything is read; the registration's
+            # only once the upload has completed (`handlers.verify`), so a header-only call
+            # costs its caller and never the registration's owner.
             self.verify_limits.check_principal(principal.name)
             stream = _Stream(request_iterator, pb.VerifyHeader, self.spool,
-                             self.ctx.config.max_upload_bytes,
+                             self.ctx.config.max_upload_bytes, principal=principal.name,
                              misplaced="only chunks may follow the header")
             return verify.verify(self.ctx, principal, stream,
-                                 admit=self.verify_limits.check_registration)
+                                 admit=self.verify_limits.admission(principal.name))
         return _guard(context, "Verify", work)
 
     def GetRegistration(self, request: pb.GetRegistrationRequest,

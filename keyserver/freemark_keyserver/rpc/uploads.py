@@ -1,10 +1,16 @@
 """Streamed uploads: spooled to a private temp file, never held in memory, checked at the end.
 
-The spool has a quota over all open uploads: an upload reserves its announced size before
-its first byte is written (so a client cannot announce small and send large, nor hold more
-disk than the operator allows by stalling many uploads), and releases it when its file is
-removed. The spool is emptied when the server starts: a crash leaves no upload behind
-(decrypted hosts never come here: `hosts.host_file` keeps them in a sealed memfd).
+The spool has a quota over all open uploads, and each principal a share of it. An upload
+holds the bytes it has received, reserved chunk by chunk before each is written, never its
+announced size: a client announcing 2 GiB and trickling holds what it sent, not the disk it
+named (issue 18: four such streams held an 8 GiB quota for hours). Past the quota, or past
+the principal's share of it (`--spool-principal-share`; one principal, however many streams
+it opens, never holds all of it), the chunk is refused SPOOL_FULL and the upload's file
+removed; an upload announced larger than a share is refused before any byte. A stream lasts
+at most `--max-stream-seconds` (`rpc.calls`), so what is held is also held for a bounded
+time. Reservations are released when the file is removed. The spool is emptied when the
+server starts: a crash leaves no upload behind (decrypted hosts never come here:
+`hosts.host_file` keeps them in a sealed memfd).
 """
 
 from __future__ import annotations
@@ -28,12 +34,14 @@ SPOOL_RETRY_SECONDS = 10.0  # a hint: uploads in flight finish or stall out in a
 
 
 class Spool:
-    """The upload spool directory and its quota (bytes reserved by open uploads)."""
+    """The upload spool directory, its quota, and each principal's share of it."""
 
-    def __init__(self, directory: Path, quota_bytes: int) -> None:
+    def __init__(self, directory: Path, quota_bytes: int, principal_share: float = 1.0) -> None:
         self.directory = directory
         self.quota_bytes = quota_bytes
+        self.share_bytes = int(quota_bytes * principal_share)  # what one principal may hold
         self._reserved = 0
+        self._held: dict[str, int] = {}  # principal -> bytes its open uploads hold
         self._lock = threading.Lock()
 
     def clear(self) -> int:
@@ -58,28 +66,69 @@ class Spool:
         with self._lock:
             return self._reserved
 
+    def held(self, principal: str) -> int:
+        """Bytes reserved now by `principal`'s open uploads."""
+        with self._lock:
+            return self._held.get(principal, 0)
+
     @contextmanager
-    def reserve(self, size: int) -> Iterator[None]:
-        """Hold `size` bytes of the quota for the block; SPOOL_FULL when they are not free.
+    def reserve(self, principal: str) -> Iterator[Reservation]:
+        """A reservation for one upload of `principal`: empty at first, grown as bytes arrive
+        (`Reservation.grow`), released whole when the block ends."""
+        reservation = Reservation(self, principal)
+        try:
+            yield reservation
+        finally:
+            with self._lock:
+                self._release(principal, reservation.size)
+
+    def _grow(self, principal: str, size: int) -> None:
+        """Hold `size` more bytes for `principal`; SPOOL_FULL when they are not free.
 
         The refusal names sizes, never the spool's path.
         """
         with self._lock:
+            held = self._held.get(principal, 0)
+            if held + size > self.share_bytes:
+                metrics.RATE_LIMITED_TOTAL.labels("spool_share").inc()
+                raise ServiceError(
+                    ErrorCode.SPOOL_FULL,
+                    f"your open uploads hold {held} bytes of the {self.share_bytes}-byte share of "
+                    f"the server's upload quota one principal may hold; retry in "
+                    f"{SPOOL_RETRY_SECONDS:.0f} s, when fewer of your uploads are open",
+                    retry_after=SPOOL_RETRY_SECONDS)
             if self._reserved + size > self.quota_bytes:
                 metrics.RATE_LIMITED_TOTAL.labels("spool_quota").inc()
                 raise ServiceError(
                     ErrorCode.SPOOL_FULL,
                     f"the server is holding {self._reserved} of its {self.quota_bytes}-byte upload "
-                    f"quota and this upload needs {size}; retry in {SPOOL_RETRY_SECONDS:.0f} s",
+                    f"quota and this upload needs {size} more; retry in {SPOOL_RETRY_SECONDS:.0f} s",
                     retry_after=SPOOL_RETRY_SECONDS)
             self._reserved += size
+            self._held[principal] = held + size
             metrics.SPOOL_BYTES.set(self._reserved)
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._reserved -= size
-                metrics.SPOOL_BYTES.set(self._reserved)
+
+    def _release(self, principal: str, size: int) -> None:
+        self._reserved -= size
+        held = self._held.get(principal, 0) - size
+        if held > 0:
+            self._held[principal] = held
+        else:
+            self._held.pop(principal, None)
+        metrics.SPOOL_BYTES.set(self._reserved)
+
+
+class Reservation:
+    """The bytes one upload holds in the spool's quota."""
+
+    def __init__(self, spool: Spool, principal: str) -> None:
+        self._spool, self._principal = spool, principal
+        self.size = 0
+
+    def grow(self, size: int) -> None:
+        """Hold `size` more bytes (before they are written), or SPOOL_FULL."""
+        self._spool._grow(self._principal, size)
+        self.size += size
 
 
 def check_header(header: keyservice_pb2.UploadHeader, cap: int) -> None:
@@ -95,15 +144,20 @@ def check_header(header: keyservice_pb2.UploadHeader, cap: int) -> None:
 
 @contextmanager
 def spooled(chunks: Iterator[bytes], header: keyservice_pb2.UploadHeader, *, cap: int,
-            spool: Spool, suffix: str) -> Iterator[Path]:
+            spool: Spool, principal: str, suffix: str) -> Iterator[Path]:
     """Write the chunks to a 0600 temp file; yield its path once size and SHA-256 match.
 
-    The announced size is reserved in the spool's quota first. The file is removed (and the
-    reservation released) when the block ends, whatever happens: a stalled or cut stream
-    raises out of `chunks` and leaves nothing behind.
+    Each chunk is reserved in the spool's quota (and `principal`'s share of it) before it is
+    written. The file is removed (and the reservation released) when the block ends,
+    whatever happens: a stalled, cut or refused stream raises out of `chunks` and leaves
+    nothing behind.
     """
     check_header(header, cap)
-    with spool.reserve(header.total_size):
+    if header.total_size > spool.share_bytes:
+        raise ServiceError(ErrorCode.TOO_LARGE, f"{header.total_size} bytes is over the "
+                           f"{spool.share_bytes} bytes one principal may hold in the server's "
+                           "upload spool")
+    with spool.reserve(principal) as reservation:
         spool.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd, name = tempfile.mkstemp(prefix="upload-", suffix=suffix, dir=spool.directory)
         path = Path(name)
@@ -116,6 +170,7 @@ def spooled(chunks: Iterator[bytes], header: keyservice_pb2.UploadHeader, *, cap
                     if received > header.total_size:
                         raise ServiceError(ErrorCode.UPLOAD_CORRUPT,
                                            f"received more than the announced {header.total_size} bytes")
+                    reservation.grow(len(chunk))
                     digest.update(chunk)
                     handle.write(chunk)
             if received != header.total_size:

@@ -1,0 +1,105 @@
+"""The upload spool's accounting: bytes held as they arrive, a share per principal, the quota
+over all, every byte released when an upload ends however it ends (issue 18 5(b))."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from freemark.v1 import keyservice_pb2 as pb
+from freemark_keyserver.errors import ErrorCode, ServiceError
+from freemark_keyserver.rpc.uploads import Spool, spooled
+
+CAP = 1000
+
+
+def _header(data: bytes) -> pb.UploadHeader:
+    return pb.UploadHeader(total_size=len(data), sha256=hashlib.sha256(data).digest(),
+                           format=pb.MODEL_FORMAT_PT2)
+
+
+def test_an_announced_size_holds_nothing_until_its_bytes_arrive(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, quota_bytes=1000, principal_share=0.5)
+    data = bytes(range(250)) * 2
+    seen: list[tuple[int, int]] = []
+
+    def chunks() -> Iterator[bytes]:
+        for start in range(0, len(data), 100):
+            seen.append((spool.reserved, spool.held("alice")))
+            yield data[start:start + 100]
+
+    with spooled(chunks(), _header(data), cap=CAP, spool=spool, principal="alice",
+                 suffix=".pt2") as path:
+        assert path.read_bytes() == data
+        assert (spool.reserved, spool.held("alice")) == (500, 500)
+    assert seen == [(0, 0), (100, 100), (200, 200), (300, 300), (400, 400)]
+    assert (spool.reserved, spool.held("alice")) == (0, 0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_one_principal_never_holds_more_than_its_share(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, quota_bytes=1000, principal_share=0.5)
+    data = b"x" * 400
+    with spool.reserve("mallory") as held:
+        held.grow(400)
+        with pytest.raises(ServiceError) as caught, spooled(
+                iter([data[:100], data[100:]]), _header(data), cap=CAP, spool=spool,
+                principal="mallory", suffix=".pt2"):
+            pass
+        assert caught.value.code is ErrorCode.SPOOL_FULL
+        assert "500-byte share" in str(caught.value) and caught.value.retry_after
+        assert spool.held("mallory") == 400  # the refused upload's first chunk was released
+        # Another principal still has the rest of the quota.
+        with spooled(iter([data]), _header(data), cap=CAP, spool=spool, principal="bob",
+                     suffix=".pt2") as path:
+            assert path.read_bytes() == data
+            assert spool.reserved == 800
+    assert spool.reserved == 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_quota_over_all_principals_still_holds(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, quota_bytes=1000, principal_share=0.5)
+    with spool.reserve("a") as a, spool.reserve("b") as b:
+        a.grow(450)
+        b.grow(450)
+        with spool.reserve("c") as c:
+            c.grow(100)
+            with pytest.raises(ServiceError, match="holding 1000 of its 1000-byte") as caught:
+                c.grow(1)
+            assert caught.value.code is ErrorCode.SPOOL_FULL
+        assert spool.reserved == 900
+    assert spool.reserved == 0
+
+
+def test_an_upload_larger_than_a_share_is_refused_before_a_byte(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, quota_bytes=1000, principal_share=0.5)
+    data = b"y" * 600
+
+    def never() -> Iterator[bytes]:
+        raise AssertionError("nothing may be read")
+        yield b""
+
+    with pytest.raises(ServiceError) as caught, spooled(
+            never(), _header(data), cap=CAP, spool=spool, principal="alice", suffix=".pt2"):
+        pass
+    assert caught.value.code is ErrorCode.TOO_LARGE
+    assert "500 bytes one principal may hold" in str(caught.value)
+
+
+def test_a_stream_that_fails_midway_releases_what_it_held(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, quota_bytes=1000, principal_share=1.0)
+    data = b"z" * 300
+
+    def cut() -> Iterator[bytes]:
+        yield data[:200]
+        raise ServiceError(ErrorCode.UPLOAD_STALLED, "the stream lasted too long")
+
+    with pytest.raises(ServiceError, match="too long"), spooled(
+            cut(), _header(data), cap=CAP, spool=spool, principal="alice", suffix=".pt2"):
+        pass
+    assert (spool.reserved, spool.held("alice")) == (0, 0)
+    assert list(tmp_path.iterdir()) == []
