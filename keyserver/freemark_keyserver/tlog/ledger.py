@@ -76,6 +76,9 @@ class Ledger:
             if size == self._frontier.size:
                 return self._frontier.root()  # the common case: the whole log, no reading
             try:
+                if size > self._frontier.size:  # never: the log only grows under the lock
+                    raise merkle.LogProofError(f"a checkpoint of {size} entries was asked of a "
+                                               f"log of {self._frontier.size}")
                 leaves = store.leaf_hashes(self._frontier.size)
                 if merkle.root(leaves) != self._frontier.root():
                     raise merkle.LogProofError(
