@@ -49,10 +49,12 @@ from freemark.records.types import (
     InclusionProof,
     Receipt,
     RegistrationInfo,
+    SignedStatement,
 )
 from freemark.records.wire import (
     checkpoint_from_proto,
     consistency_from_proto,
+    entries_from_proto,
     inclusion_from_proto,
     receipt_from_proto,
     registration_from_proto,
@@ -392,22 +394,24 @@ class KeyServiceClient:
         request = pb.GetConsistencyProofRequest(old_size=old_size, new_size=new_size)
         return consistency_from_proto(self._call(self._stub.GetConsistencyProof, lambda: request))
 
-    def get_entries(self, start: int, end: int) -> list[bytes]:
-        """Log entries [start, end), fetched a page at a time: each is one leaf's bytes.
+    def get_entries(self, start: int, end: int) -> list[SignedStatement]:
+        """Log entries [start, end), fetched a page at a time: each is one leaf's bytes (its
+        `body`) with the statement signature the log stores for it.
 
-        They are authenticated only by a signed checkpoint's root over them: recompute it
-        (`freemark.tlog.merkle.Frontier`, `freemark.audit.monitor`) before trusting what they say.
+        Nothing here checks them: recompute a signed checkpoint's root over them and check
+        each one's signature (`freemark.audit.monitor.verify_entries`) before trusting what
+        they say.
         """
         if not 0 <= start <= end:
             raise InvalidInputError(f"invalid entry range [{start}, {end})")
-        entries: list[bytes] = []
+        entries: list[SignedStatement] = []
         while start + len(entries) < end:
             request = pb.GetEntriesRequest(start=start + len(entries), end=end)
             page = self._call(self._stub.GetEntries, functools.partial(_same, request))
             if not page.entries:  # it signed a tree holding them: a log fault, not a bad input
                 raise LogProofError(f"the server returned no entries from "
                                     f"{start + len(entries)} though its log holds {end}")
-            entries.extend(bytes(e) for e in page.entries)
+            entries.extend(entries_from_proto(page))
         return entries[: end - start]
 
     def public_key(self) -> bytes:

@@ -13,7 +13,10 @@ each run, fetches the latest checkpoint and proves it extends the remembered one
 4. when the state holds a frontier (on a first run the monitor recomputes the whole tree from
    the served entries when it has at most `FRESH_RECOMPUTE_LIMIT` of them), the new entries
    are fetched and must extend it to exactly the signed root, each one a JSON object naming
-   its own index: the entries anyone can read are the ones the checkpoints sign.
+   its own index and carrying the TTP's statement signature over its bytes
+   (`freemark.audit.registry.verify_entry`): the entries anyone can read are the ones the
+   checkpoints sign, and each one is a statement the TTP made, not a row someone with write
+   access to its database slipped under a checkpoint.
 
 Every fault raises `LogProofError` with a one-line reason; the state is replaced (atomically,
 `freemark.secretfile.write_private`) only after a run in which every check passed, so a fault
@@ -35,8 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from freemark.audit.registry import verify_entry
 from freemark.errors import InvalidInputError, InvalidReceiptError, LogProofError
-from freemark.records.types import Checkpoint, ConsistencyProof
+from freemark.records.types import Checkpoint, ConsistencyProof, SignedStatement
 from freemark.records.wire import JsonFields, checkpoint_from_json, checkpoint_to_json
 from freemark.secretfile import write_private
 from freemark.tlog import merkle
@@ -70,8 +74,8 @@ class LogSource(Protocol):
         """The proof from `old_size` to `new_size`, with the checkpoint of `new_size`."""
         ...
 
-    def get_entries(self, start: int, end: int) -> list[bytes]:
-        """Entries [start, end)."""
+    def get_entries(self, start: int, end: int) -> list[SignedStatement]:
+        """Entries [start, end), each with the statement signature the log stores for it."""
         ...
 
 
@@ -105,22 +109,23 @@ class MonitorReport:
                 "entries_checked": self.entries_checked}
 
 
-def verify_entries(entries: Sequence[bytes], start: int, frontier: merkle.Frontier
-                   ) -> merkle.Frontier:
+def verify_entries(entries: Sequence[SignedStatement], start: int, frontier: merkle.Frontier,
+                   verifier: Verifier) -> merkle.Frontier:
     """`frontier` extended by `entries` (leaves `start`, `start + 1`, ...), once each entry
-    is a JSON object whose `log_index` is its place in the log."""
+    is a JSON object whose `log_index` is its place in the log, signed by `verifier`'s key."""
     if frontier.size != start:
         raise LogProofError(f"entries from {start} cannot extend a tree of {frontier.size}")
     for offset, entry in enumerate(entries):
         index = start + offset
+        verify_entry(index, entry, verifier)
         try:
-            body = json.loads(entry)
+            body = json.loads(entry.body)
         except ValueError:  # UnicodeDecodeError is one too
             raise LogProofError(f"log entry {index} is not JSON") from None
         if not isinstance(body, dict) or body.get("log_index") != index:
             raise LogProofError(f"log entry {index} does not name its own index (it says "
                                 f"{body.get('log_index') if isinstance(body, dict) else body!r})")
-    return frontier.extended([merkle.leaf_hash(entry) for entry in entries])
+    return frontier.extended([merkle.leaf_hash(entry.body) for entry in entries])
 
 
 def _opened(checkpoint: Checkpoint, verifier: Verifier, origin: str | None, what: str
@@ -183,7 +188,8 @@ def check_log(source: LogSource, verifier: Verifier, previous: MonitorState | No
     verified = 0
     if frontier is not None:
         start = frontier.size
-        frontier = verify_entries(source.get_entries(start, new.tree_size), start, frontier)
+        frontier = verify_entries(source.get_entries(start, new.tree_size), start, frontier,
+                                  verifier)
         verified = new.tree_size - start
         if frontier.root() != new.root_hash:
             raise LogProofError(

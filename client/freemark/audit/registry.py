@@ -9,8 +9,11 @@ registration and revocation bodies are read with the field lists of
 registration counts; one that names an unknown registration, or the wrong log index for it,
 is a fault (`LogProofError`), as is any entry that is not a statement naming its own index.
 
-Entries are authenticated by the caller (a checkpoint's root over them, or the server's own
-store); this module only reads them.
+A checkpoint's root over the entries says the log holds them; only each entry's own
+statement signature says the TTP made it (a database insider can write a row whose leaf hash
+matches, and an unwary server would sign a checkpoint over it: issue 18). Every reader
+therefore checks each entry with `verify_entry` before `add`: the key server's ledger and
+audit, `freemark log monitor` and `receipt status`.
 """
 
 from __future__ import annotations
@@ -20,11 +23,37 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from freemark.errors import InvalidReceiptError, LogProofError
+from freemark.errors import CryptoError, InvalidReceiptError, LogProofError
 from freemark.records.schema import from_json_fields
-from freemark.records.types import RECEIPT_KIND, REVOCATION_KIND, Receipt, Revocation
+from freemark.records.types import (
+    RECEIPT_KIND,
+    REVOCATION_KIND,
+    Receipt,
+    Revocation,
+    SignedStatement,
+)
+from freemark.tlog.signatures import KEY_ID_HEX_CHARS, Verifier
 
-__all__ = ["LogRegistry", "RegistrationState", "RevocationState"]
+__all__ = ["LogRegistry", "RegistrationState", "RevocationState", "verify_entry"]
+
+
+def verify_entry(index: int, entry: SignedStatement, verifier: Verifier) -> None:
+    """Raise `LogProofError` unless log entry `index` carries the TTP's statement signature
+    over its exact bytes: a row without one is one the TTP never signed (a forgery, or a row
+    stored before statement signatures were), and no reader may take it for a fact."""
+    if not entry.signature:
+        raise LogProofError(f"log entry {index} carries no statement signature: the TTP never "
+                            "signed it (a forged database row, or one from before signatures "
+                            "were stored)")
+    if entry.key_id != verifier.key_id:
+        raise LogProofError(f"log entry {index} is signed by key "
+                            f"{entry.key_id[:2 * KEY_ID_HEX_CHARS]!r}, not the TTP's "
+                            f"{verifier.key_id!r}")
+    try:
+        verifier.verify(entry.signature, entry.body)
+    except CryptoError:
+        raise LogProofError(f"log entry {index}: its statement signature does not verify: the "
+                            "row was forged or altered") from None
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,11 @@
 """`freemark log ...`: read the TTP's log and monitor it from outside.
 
 `receipt status` reads a registration's state (active, or revoked: when, by whom, why) from
-the whole log, checked against the signed root. `log entries` prints entries by index range, so anyone can recompute the tree the checkpoints
+the whole log, every entry's statement signature and the signed root checked. `log entries` prints entries by index range, with their signatures, so anyone can recompute the tree the checkpoints
 sign; `log monitor` is `freemark.audit.monitor` with a state file: exit 0 when the log only grew
 since the last run, 1 with one `ALARM` line on a fork, a shrink, another origin, a bad
-signature, time going backwards or entries that do not make the signed root, 2 on any other
+signature, time going backwards, entries that do not make the signed root or an entry
+without the TTP's statement signature, 2 on any other
 error (the server unreachable, a bad argument). The state is replaced only after a clean run.
 
 The parsers are added to the `freemark` command by `freemark.cli.app` (`log`) and by
@@ -26,7 +27,7 @@ from freemark.audit.registry import LogRegistry, RegistrationState
 from freemark.cli.common import Subparsers, add_connection, add_origin, client
 from freemark.cli.display import print_fields, print_json, print_rows
 from freemark.errors import InvalidInputError, InvalidReceiptError, LogProofError
-from freemark.records.types import Receipt
+from freemark.records.types import Receipt, SignedStatement
 from freemark.rpc import KeyServiceClient
 from freemark.tlog import merkle
 from freemark.tlog.signatures import Verifier
@@ -43,13 +44,14 @@ def load_verifier(path: str) -> Verifier:
         raise InvalidInputError(f"public key {path} is not an Ed25519 PEM key") from exc
 
 
-def _entry_json(index: int, entry: bytes) -> dict[str, Any]:
+def _entry_json(index: int, entry: SignedStatement) -> dict[str, Any]:
     try:
-        body: Any = json.loads(entry)
+        body: Any = json.loads(entry.body)
     except ValueError:
         body = None
-    return {"index": index, "leaf_hash": merkle.leaf_hash(entry).hex(), "body": body,
-            "body_b64": base64.b64encode(entry).decode("ascii")}
+    return {"index": index, "leaf_hash": merkle.leaf_hash(entry.body).hex(), "body": body,
+            "body_b64": base64.b64encode(entry.body).decode("ascii"), "key_id": entry.key_id,
+            "signature_b64": base64.b64encode(entry.signature).decode("ascii")}
 
 
 def _cmd_entries(args: argparse.Namespace) -> int:
@@ -99,17 +101,19 @@ def receipt_status(ttp: KeyServiceClient, receipt: Receipt, verifier: Verifier,
     """A receipt's registration as the whole log says it is now, or raise.
 
     The latest checkpoint must be signed (under `origin`, if pinned), every entry up to it
-    must make its root, and the receipt's own body must be the entry at its index; then the
+    must carry the TTP's statement signature and make its root, and the receipt's own body
+    must be the entry at its index; then the
     registration's state (and its first revocation) is read from those entries alone.
     """
     head = merkle.open_checkpoint(ttp.get_checkpoint().note, verifier, origin)
     entries = ttp.get_entries(0, head.tree_size)
-    registry = LogRegistry()
-    registry.extend(entries, 0)
-    if verify_entries(entries, 0, merkle.Frontier()).root() != head.root_hash:
+    if verify_entries(entries, 0, merkle.Frontier(), verifier).root() != head.root_hash:
         raise LogProofError("the entries served do not make the signed root: the log serves "
                             "other entries than it signs")
-    if receipt.log_index >= head.tree_size or entries[receipt.log_index] != receipt.statement.body:
+    registry = LogRegistry()
+    registry.extend((entry.body for entry in entries), 0)
+    if (receipt.log_index >= head.tree_size
+            or entries[receipt.log_index].body != receipt.statement.body):
         raise LogProofError(f"the log's entry {receipt.log_index} is not this receipt: "
                             "the log forked, or the receipt is from another log")
     state = registry.get(receipt.registration_id)
@@ -155,8 +159,8 @@ def _read(path: str) -> bytes:
 def add_status_parser(receipts: Subparsers) -> None:
     """`freemark receipt status RECEIPT`: active or revoked, as the log says."""
     q = receipts.add_parser("status", help="is a registration active or revoked? read from the "
-                            "log's entries, checked against its signed root; exit 1 if the "
-                            "receipt or the log does not check out")
+                            "log's entries, each one's signature and their signed root checked; "
+                            "exit 1 if the receipt or the log does not check out")
     q.add_argument("file", help="receipt JSON, as register --json prints it")
     q.add_argument("--public-key", required=True,
                    help="the key server's public key PEM, obtained out of band")
@@ -175,8 +179,8 @@ def add_log_parser(subparsers: Subparsers) -> None:
     add_connection(q)
     q.set_defaults(handler=_cmd_entries)
     q = log.add_parser("monitor", help="check that the log only grew since the last run; "
-                       "exit 1 on a fork, shrink, wrong origin, bad signature or time going "
-                       "backwards")
+                       "exit 1 on a fork, shrink, wrong origin, bad signature, time going "
+                       "backwards or an entry without the TTP's statement signature")
     q.add_argument("--state", required=True, help="JSON file remembering the last checkpoint "
                    "(created on the first run, replaced atomically after each clean one)")
     q.add_argument("--public-key", required=True,

@@ -34,7 +34,7 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from freemark.errors import InvalidReceiptError
@@ -79,6 +79,8 @@ __all__ = [
     "consistency_to_json",
     "consistency_to_proto",
     "encode_body",
+    "entries_from_proto",
+    "entries_to_proto",
     "inclusion_from_json",
     "inclusion_from_proto",
     "inclusion_to_json",
@@ -140,6 +142,25 @@ def statement_to_proto(statement: SignedStatement) -> pb.SignedStatement:
     return pb.SignedStatement(
         body=statement.body, signature=statement.signature, key_id=statement.key_id
     )
+
+
+def entries_to_proto(entries: Sequence[SignedStatement]) -> pb.GetEntriesResponse:
+    """Log entries, each with the statement signature stored beside it -> a GetEntries page."""
+    return pb.GetEntriesResponse(
+        entries=[e.body for e in entries],
+        signatures=[pb.EntrySignature(signature=e.signature, key_id=e.key_id) for e in entries])
+
+
+def entries_from_proto(message: pb.GetEntriesResponse) -> list[SignedStatement]:
+    """A GetEntries page -> each entry with its signature, as the server sent it.
+
+    An entry the page gives no signature for reads with an empty one: nothing here judges
+    it; `freemark.audit.registry.verify_entry` refuses it.
+    """
+    signatures = list(message.signatures)[: len(message.entries)]
+    signatures += [pb.EntrySignature()] * (len(message.entries) - len(signatures))
+    return [SignedStatement(body=bytes(body), signature=bytes(s.signature), key_id=s.key_id)
+            for body, s in zip(message.entries, signatures, strict=True)]
 
 
 def checkpoint_from_proto(message: pb.SignedCheckpoint) -> Checkpoint:

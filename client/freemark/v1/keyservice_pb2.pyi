@@ -1018,25 +1018,63 @@ class GetEntriesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ENTRIES_FIELD_NUMBER: _builtins.int
+    SIGNATURES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def entries(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
         """Each entry is exactly one leaf's bytes: the RFC 8785 body of a signed statement
-        (receipt, verdict, revocation), in log order from `start`. No signature comes
-        with them: the signed checkpoint over their Merkle root authenticates them all.
+        (receipt, verdict, revocation), in log order from `start`. The signed checkpoint
+        over their Merkle root says the log holds them; only each one's own signature
+        says the TTP made it.
+        """
+
+    @_builtins.property
+    def signatures(self) -> _containers.RepeatedCompositeFieldContainer[Global___EntrySignature]:
+        """signatures[i] is the TTP's statement signature over entries[i], as stored with
+        it (the one its receipt or verdict carries). An entry whose signature is absent
+        (empty, or missing from the end of this list), names another key or does not
+        verify is a row the TTP never signed: a database insider's, or from before
+        statement signatures were stored. Monitors raise an alarm on it, even under a
+        signed checkpoint; the server itself refuses to decide by it or sign over it.
         """
 
     def __init__(
         self,
         *,
         entries: _abc.Iterable[_builtins.bytes] | None = ...,
+        signatures: _abc.Iterable[Global___EntrySignature] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "signatures", b"signatures"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetEntriesResponse: _TypeAlias = GetEntriesResponse  # noqa: Y015
+
+@_typing.final
+class EntrySignature(_message.Message):
+    """The TTP's Ed25519 signature over one log entry's exact bytes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    signature: _builtins.bytes
+    key_id: _builtins.str
+    """First 16 hex chars of SHA-256 of the signing public key (SignedStatement.key_id)."""
+    def __init__(
+        self,
+        *,
+        signature: _builtins.bytes = ...,
+        key_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EntrySignature: _TypeAlias = EntrySignature  # noqa: Y015
 
 @_typing.final
 class GetPublicKeyRequest(_message.Message):

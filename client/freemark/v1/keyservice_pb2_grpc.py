@@ -141,8 +141,9 @@ class KeyServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetEntries(self, request, context):
-        """The log's entries by index, so anyone can recompute the tree (and every
-        registration's state) that the checkpoints sign.
+        """The log's entries by index, each with its statement signature, so anyone can
+        recompute the tree (and every registration's state) that the checkpoints sign
+        and check that every entry is a statement the TTP made.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -82,8 +82,9 @@ class KeyServiceStub:
     GetInclusionProof: _grpc.UnaryUnaryMultiCallable[_keyservice_pb2.GetInclusionProofRequest, _keyservice_pb2.InclusionProof]
     GetConsistencyProof: _grpc.UnaryUnaryMultiCallable[_keyservice_pb2.GetConsistencyProofRequest, _keyservice_pb2.ConsistencyProof]
     GetEntries: _grpc.UnaryUnaryMultiCallable[_keyservice_pb2.GetEntriesRequest, _keyservice_pb2.GetEntriesResponse]
-    """The log's entries by index, so anyone can recompute the tree (and every
-    registration's state) that the checkpoints sign.
+    """The log's entries by index, each with its statement signature, so anyone can
+    recompute the tree (and every registration's state) that the checkpoints sign
+    and check that every entry is a statement the TTP made.
     """
     GetPublicKey: _grpc.UnaryUnaryMultiCallable[_keyservice_pb2.GetPublicKeyRequest, _keyservice_pb2.PublicKey]
 
@@ -103,8 +104,9 @@ class KeyServiceAsyncStub(KeyServiceStub):
     GetInclusionProof: _aio.UnaryUnaryMultiCallable[_keyservice_pb2.GetInclusionProofRequest, _keyservice_pb2.InclusionProof]  # type: ignore[assignment]
     GetConsistencyProof: _aio.UnaryUnaryMultiCallable[_keyservice_pb2.GetConsistencyProofRequest, _keyservice_pb2.ConsistencyProof]  # type: ignore[assignment]
     GetEntries: _aio.UnaryUnaryMultiCallable[_keyservice_pb2.GetEntriesRequest, _keyservice_pb2.GetEntriesResponse]  # type: ignore[assignment]
-    """The log's entries by index, so anyone can recompute the tree (and every
-    registration's state) that the checkpoints sign.
+    """The log's entries by index, each with its statement signature, so anyone can
+    recompute the tree (and every registration's state) that the checkpoints sign
+    and check that every entry is a statement the TTP made.
     """
     GetPublicKey: _aio.UnaryUnaryMultiCallable[_keyservice_pb2.GetPublicKeyRequest, _keyservice_pb2.PublicKey]  # type: ignore[assignment]
 
@@ -175,8 +177,9 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _keyservice_pb2.GetEntriesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_keyservice_pb2.GetEntriesResponse, _abc.Awaitable[_keyservice_pb2.GetEntriesResponse]]:
-        """The log's entries by index, so anyone can recompute the tree (and every
-        registration's state) that the checkpoints sign.
+        """The log's entries by index, each with its statement signature, so anyone can
+        recompute the tree (and every registration's state) that the checkpoints sign
+        and check that every entry is a statement the TTP made.
         """
 
     @_abc_1.abstractmethod

@@ -68,9 +68,11 @@ class Context:
     pool: SandboxPool | None = None  # None: the process-wide `sandbox.runner.shared_pool`
     sandbox: Callable[..., SandboxResult] = run_model
     batch: Callable[..., tuple[ModelIdentity, list[np.ndarray | Exception]]] = run_batch
-    ledger: Ledger = field(default_factory=Ledger)  # the log's registrations: what decides
+    # The log's registrations, what decides; every entry checked against the signer's key.
+    ledger: Ledger = field(init=False)
 
     def __post_init__(self) -> None:
+        self.ledger = Ledger(self.signer.verifier())
         if self.pool is not None:
             self.sandbox = functools.partial(run_model, pool=self.pool)
             self.batch = functools.partial(run_batch, pool=self.pool)
@@ -161,17 +163,24 @@ def public(exc: Exception) -> str:
 
 def append_entry(ctx: Context, kind: str, build: Callable[[int, int], bytes],
                  registration: Registration | None = None) -> tuple[bytes, int, int]:
-    """Append one signed statement; `build(log index, integrated time)` is its body.
+    """Append one signed statement; `build(log index, integrated time)` is its body, and its
+    signature (`sign_statement`) is stored with it in the same transaction.
 
     Returns (body, log index, integrated time).
     """
     cancellation.check_active()  # a caller who has gone gets nothing signed or logged
-    entry = ctx.store.append(kind, build, registration)
+
+    def sign(body: bytes) -> tuple[str, bytes]:
+        signed = sign_statement(ctx, body)
+        return signed.key_id, signed.signature
+
+    entry = ctx.store.append(kind, build, registration, sign=sign)
     return entry.entry, entry.index, entry.created_at
 
 
 def sign_statement(ctx: Context, body: bytes) -> SignedStatement:
-    """The server's signature over a log entry's body."""
+    """The server's signature over a log entry's body (Ed25519 is deterministic: the one
+    stored with the entry and the one its receipt or verdict carries are the same bytes)."""
     return SignedStatement(body=body, signature=ctx.signer.sign(body), key_id=ctx.signer.key_id)
 
 
@@ -179,15 +188,18 @@ def signed_checkpoint(ctx: Context, size: int | None = None) -> Checkpoint:
     """Sign the tree head of the first `size` entries (default: all) and store it.
 
     The timestamp is the last entry's integrated time, so every replica signs the same
-    checkpoint for the same size and timestamps never go backwards.
+    checkpoint for the same size and timestamps never go backwards. A new checkpoint is
+    signed only over entries the ledger checked, each with the server's own statement
+    signature (`Ledger.checked_root`): a database row the TTP never signed gets no checkpoint
+    (INTERNAL, and an ALERT for the operator).
     """
     size = ctx.store.tree_size() if size is None else size
     stored = ctx.store.checkpoint_at(size)
     if stored is None:
-        leaves = ctx.store.leaf_hashes(size)
+        root = ctx.ledger.checked_root(ctx.store, size)
         last = ctx.store.entries(size - 1, size)[0].created_at // 1_000_000 if size else 0
         checkpoint = merkle.TreeHead(origin=ctx.config.origin, tree_size=size,
-                                       root_hash=merkle.root(leaves), timestamp=last)
+                                       root_hash=root, timestamp=last)
         signed = merkle.sign_checkpoint(ctx.signer, checkpoint)
         ctx.store.add_checkpoint(StoredCheckpoint(size, signed.note))
         stored = ctx.store.checkpoint_at(size)

@@ -37,6 +37,7 @@ from freemark_keyserver.store.interface import ORPHAN_GRACE_S, Store
 from freemark_keyserver.store.records import (
     ROLES,
     Clock,
+    EntrySigner,
     LogEntry,
     PanelMember,
     Principal,
@@ -50,6 +51,7 @@ __all__ = [
     "ROLES",
     "Clock",
     "DuplicateError",
+    "EntrySigner",
     "LogEntry",
     "NotFoundError",
     "PanelMember",

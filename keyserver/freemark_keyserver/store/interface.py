@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 
 from freemark_keyserver.store.records import (
+    EntrySigner,
     LogEntry,
     PanelMember,
     Principal,
@@ -64,13 +65,17 @@ class Store(ABC):
         kind: str,
         build_entry: Callable[[int, int], bytes],
         registration: Registration | None = None,
+        *,
+        sign: EntrySigner | None = None,
     ) -> LogEntry:
         """Append one log entry, and a registration with it, in one transaction.
 
         Under the database's write lock: take the next index (the current tree size) and the
         time, call ``build_entry(index, now_micros)`` for the canonical entry bytes (the
         caller embeds both in the entry, so the signed entry and the row agree), store the
-        entry with its RFC 6962 leaf hash and, if given, the registration with that
+        entry with its RFC 6962 leaf hash and, if `sign` is given, its statement signature
+        ``sign(entry)`` (the server always signs: a row without one is refused by its ledger,
+        its audit and every monitor), and, if given, the registration with that
         `log_index` and `created_at`. Either all of it commits or none of it does; an
         exception from `build_entry` rolls everything back. Times never decrease along the
         log, even across replicas whose clocks disagree.
@@ -173,7 +178,8 @@ class Store(ABC):
 
     @abstractmethod
     def entries(self, start: int, end: int) -> list[LogEntry]:
-        """Entries with start <= index < end; `ValueError` if the range is not in the log."""
+        """Entries with start <= index < end, with their stored signatures (empty where the
+        row has none); `ValueError` if the range is not in the log."""
 
     @abstractmethod
     def leaf_hashes(self, end: int) -> list[bytes]:

@@ -173,6 +173,20 @@ _CHECKPOINT_NOTES = (
 )
 
 
+def _entry_signatures(blob: str) -> tuple[str, ...]:
+    """Version 7: each log entry's statement signature, stored with the entry (issue 18).
+
+    A leaf hash only says a row is self-consistent; the signature says the TTP made it. An
+    entry without one (every entry written before this version: they are not re-signed, since
+    nothing can tell an old genuine row from a forged one) is a row the TTP never signed, and
+    the server, its audit and every monitor refuse it.
+    """
+    return (
+        "ALTER TABLE log_entries ADD COLUMN key_id TEXT",
+        f"ALTER TABLE log_entries ADD COLUMN signature {blob}",
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
@@ -212,6 +226,12 @@ MIGRATIONS: tuple[Migration, ...] = (
         "checkpoints as C2SP signed notes",
         sqlite=_CHECKPOINT_NOTES,
         postgres=_CHECKPOINT_NOTES,
+    ),
+    Migration(
+        7,
+        "statement signatures with the log entries",
+        sqlite=_entry_signatures("BLOB"),
+        postgres=_entry_signatures("BYTEA"),
     ),
 )
 

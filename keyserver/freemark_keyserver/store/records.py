@@ -13,6 +13,7 @@ from dataclasses import dataclass
 __all__ = [
     "ROLES",
     "Clock",
+    "EntrySigner",
     "LogEntry",
     "Principal",
     "Registration",
@@ -23,6 +24,9 @@ __all__ = [
 ROLES = frozenset({"owner", "arbiter", "admin"})
 
 Clock = Callable[[], int]
+
+# Signs a log entry's exact bytes: (entry) -> (key id, signature). The server's signing key.
+EntrySigner = Callable[[bytes], tuple[str, bytes]]
 
 
 def now_micros() -> int:
@@ -95,13 +99,16 @@ class PanelMember:
 
 @dataclass(frozen=True)
 class LogEntry:
-    """One leaf of the append-only log: the exact bytes hashed, and where they sit."""
+    """One leaf of the append-only log: the exact bytes hashed, where they sit, and the TTP's
+    statement signature over them (`key_id` and `signature` empty: the store holds none)."""
 
     index: int
     kind: str
     entry: bytes
     leaf_hash: bytes
     created_at: int
+    key_id: str = ""
+    signature: bytes = b""
 
 
 @dataclass(frozen=True)

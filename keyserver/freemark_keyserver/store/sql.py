@@ -29,6 +29,7 @@ from freemark_keyserver.store.migrations import Backend
 from freemark_keyserver.store.pool import ConnectionPool
 from freemark_keyserver.store.records import (
     Clock,
+    EntrySigner,
     LogEntry,
     PanelMember,
     Principal,
@@ -83,7 +84,7 @@ _REGISTRATION_COLUMNS = (
 )
 _PRINCIPAL_COLUMNS = "name, role, token_hash, created_at, disabled"
 _PANEL_COLUMNS = "member_id, family, fingerprint, label, added_at, key_version, envelope, removed_at"
-_ENTRY_COLUMNS = "idx, kind, entry, leaf_hash, created_at"
+_ENTRY_COLUMNS = "idx, kind, entry, leaf_hash, created_at, key_id, signature"
 _CHECKPOINT_COLUMNS = "tree_size, note"
 
 
@@ -136,6 +137,8 @@ def _entry(row: Row) -> LogEntry:
         entry=row["entry"],
         leaf_hash=row["leaf_hash"],
         created_at=row["created_at"],
+        key_id=row["key_id"] or "",  # NULL: a row written before version 7, or forged
+        signature=bytes(row["signature"] or b""),
     )
 
 
@@ -260,6 +263,8 @@ class SqlStore(Store):
         kind: str,
         build_entry: Callable[[int, int], bytes],
         registration: Registration | None = None,
+        *,
+        sign: EntrySigner | None = None,
     ) -> LogEntry:
         with self._transaction() as conn:
             # The increment is the ordering point: it takes the log head's lock, and a
@@ -275,11 +280,13 @@ class SqlStore(Store):
             entry = build_entry(index, now)
             if not isinstance(entry, bytes):
                 raise TypeError(f"build_entry returned {type(entry).__name__}, not bytes")
-            stored = LogEntry(index, kind, entry, _leaf_hash(entry), now)
+            key_id, signature = sign(entry) if sign is not None else ("", b"")
+            stored = LogEntry(index, kind, entry, _leaf_hash(entry), now, key_id, signature)
             self._execute(
                 conn,
-                f"INSERT INTO log_entries ({_ENTRY_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
-                (stored.index, stored.kind, stored.entry, stored.leaf_hash, stored.created_at),
+                f"INSERT INTO log_entries ({_ENTRY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (stored.index, stored.kind, stored.entry, stored.leaf_hash, stored.created_at,
+                 stored.key_id or None, stored.signature or None),
             )
             if registration is not None:
                 r = registration

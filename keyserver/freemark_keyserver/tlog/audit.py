@@ -1,12 +1,14 @@
-"""Re-check a whole log: Merkle roots, checkpoint signatures and consistency, and that the
-database holds exactly what the log justifies: every registration row's deciding columns
+"""Re-check a whole log: every entry's statement signature (a row the TTP never signed is a
+forgery, whatever its leaf hash), Merkle roots, checkpoint signatures and consistency, and that
+the database holds exactly what the log justifies: every registration row's deciding columns
 (owner, fingerprint, architecture, layer, bits, commitment, index, time, revoked or not)
 equal its registration and revocation statements (`freemark.audit.registry`), and its whole host
 blob is stored (every segment its header counts; their contents need the master key)."""
 
 from __future__ import annotations
 
-from freemark.audit.registry import LogRegistry
+from freemark.audit.registry import LogRegistry, verify_entry
+from freemark.records.types import SignedStatement
 from freemark.tlog import merkle
 from freemark.tlog.signatures import Verifier
 from freemark_keyserver.crypto import CryptoError, StreamHeader, is_stream_header
@@ -33,6 +35,8 @@ def audit(store: Store, verifier: Verifier, origin: str | None = None) -> dict[s
     for entry in entries:
         if entry.leaf_hash != merkle.leaf_hash(entry.entry):
             raise merkle.LogProofError(f"log entry {entry.index}: stored leaf hash does not match")
+        verify_entry(entry.index, SignedStatement(entry.entry, entry.signature, entry.key_id),
+                     verifier)
     checkpoints = [_stored_note(c) for c in store.checkpoints()]
     merkle.audit_entries([e.entry for e in entries], checkpoints, verifier, origin)
     registry = LogRegistry()

@@ -4,23 +4,38 @@ The server decides by the log, not by database columns alone (issue 11): whose a
 registration is, whether it is revoked, and which earlier registrations a new upload is
 checked against all come from the signed statements. The registry is built once from every
 entry and then extended by the entries appended since (by this replica or another one on the
-same database), each checked against its stored leaf hash. A column that disagrees with the
-log changes no decision; the handlers report it and `freemark-keyserver audit` fails on it.
+same database), each checked against its stored leaf hash and its stored statement signature
+(`freemark.audit.registry.verify_entry`, with the server's own key): a database row the TTP
+never signed is not a statement, whatever its leaf hash (issue 18). A column that disagrees
+with the log changes no decision; the handlers report it and `freemark-keyserver audit` fails
+on it.
+
+A log that fails these checks fails closed: the ledger logs an ALERT for the operator and
+answers INTERNAL to every read, and the server signs no checkpoint over it (`checked_root`),
+until the operator repairs the database (run `freemark-keyserver audit`). The ledger reads
+each entry once: it checks the entries appended since its last read, and keeps the Merkle
+frontier of the leaves it computed from the entries themselves, so a checkpoint is signed
+over exactly the entries it checked even if a stored leaf hash is rewritten afterwards.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from typing import TypeVar
 
-from freemark.audit.registry import LogRegistry
+from freemark.audit.registry import LogRegistry, verify_entry
+from freemark.records.types import SignedStatement
 from freemark.tlog import merkle
+from freemark.tlog.signatures import Verifier
+from freemark_keyserver.errors import ErrorCode, ServiceError
 from freemark_keyserver.store import Store
 
 __all__ = ["DECIDING_COLUMNS", "Ledger"]
 
 T = TypeVar("T")
+log = logging.getLogger("freemark_keyserver")
 
 # Each registration column the server decides by, and the signed log field it must equal
 # (`freemark.audit.registry.RegistrationState`): the handlers decide by the field, the audit fails
@@ -34,15 +49,48 @@ DECIDING_COLUMNS = {
 
 
 class Ledger:
-    """A thread-safe, incrementally refreshed `LogRegistry` over one store."""
+    """A thread-safe, incrementally refreshed `LogRegistry` over one store, every entry of
+    which carries a statement signature by `verifier`'s key (the server's own)."""
 
-    def __init__(self) -> None:
+    def __init__(self, verifier: Verifier) -> None:
+        self._verifier = verifier
         self._registry = LogRegistry()
+        self._frontier = merkle.Frontier()  # of the leaves computed from the checked entries
         self._lock = threading.Lock()
 
     def read(self, store: Store, query: Callable[[LogRegistry], T]) -> T:
         """`query` on the registry, once it holds every entry `store` has now."""
         with self._lock:
+            self._refresh(store)
+            return query(self._registry)
+
+    def checked_root(self, store: Store, size: int) -> bytes:
+        """The Merkle root of the first `size` entries, once every one of them passed the
+        ledger's checks: what the server may sign a checkpoint over, and nothing else.
+
+        The store's leaf hashes must still make the root of the entries the ledger checked;
+        one rewritten since (an insider's edit under a running server) fails closed.
+        """
+        with self._lock:
+            self._refresh(store)
+            if size == self._frontier.size:
+                return self._frontier.root()  # the common case: the whole log, no reading
+            try:
+                if size > self._frontier.size:  # never: the log only grows under the lock
+                    raise merkle.LogProofError(f"a checkpoint of {size} entries was asked of a "
+                                               f"log of {self._frontier.size}")
+                leaves = store.leaf_hashes(self._frontier.size)
+                if merkle.root(leaves) != self._frontier.root():
+                    raise merkle.LogProofError(
+                        "the stored leaf hashes no longer make the tree of the entries this "
+                        "server checked: a row was rewritten under it")
+            except merkle.LogProofError as exc:
+                raise _alert(exc) from None
+            return merkle.root(leaves[:size])
+
+    def _refresh(self, store: Store) -> None:
+        """Check and add the entries appended since the last read (under the lock)."""
+        try:
             size = store.tree_size()
             if size < self._registry.size:  # restored from a backup under a running server
                 raise merkle.LogProofError(
@@ -50,8 +98,22 @@ class Ledger:
                     "this server: stop it, and audit before serving again")
             if size > self._registry.size:
                 for entry in store.entries(self._registry.size, size):
-                    if entry.leaf_hash != merkle.leaf_hash(entry.entry):
+                    leaf = merkle.leaf_hash(entry.entry)
+                    if entry.leaf_hash != leaf:
                         raise merkle.LogProofError(
                             f"log entry {entry.index}: its stored leaf hash does not match it")
+                    verify_entry(entry.index, SignedStatement(entry.entry, entry.signature,
+                                                              entry.key_id), self._verifier)
                     self._registry.add(entry.index, entry.entry)
-            return query(self._registry)
+                    self._frontier = self._frontier.extended([leaf])
+        except merkle.LogProofError as exc:
+            raise _alert(exc) from None
+
+
+def _alert(exc: merkle.LogProofError) -> ServiceError:
+    """The operator's ALERT for a log that failed the ledger's checks, and the caller's
+    fixed refusal: nothing is decided by, or signed over, an entry the TTP did not make."""
+    log.error("ALERT: the log in the database failed the server's check: %s; refusing to "
+              "decide by it or sign a checkpoint over it (run freemark-keyserver audit)", exc)
+    return ServiceError(ErrorCode.INTERNAL, "the key server's log failed its integrity check; "
+                        "the operator has been alerted")

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from freemark.audit.registry import LogRegistry
+from freemark.audit.registry import LogRegistry, verify_entry
 from freemark.errors import LogProofError
 from freemark.records.types import REVOCATION_KIND
 from freemark.tlog.signatures import canonical_json
-from signed_statements import receipt_body, verdict_body
+from freemark_keyserver.crypto import SigningKey
+from signed_statements import receipt_body, standard_log, verdict_body
 
 
 def _revocation(index: int, target: str, target_index: int, reason: str = "key leaked"
@@ -52,3 +55,26 @@ BAD = {
 def test_entries_the_log_cannot_justify_are_refused(entries: tuple[bytes, ...]) -> None:
     with pytest.raises(LogProofError):
         _log(canonical_json(receipt_body(0)), *entries)
+
+
+def test_an_entry_is_a_fact_only_with_the_ttps_statement_signature() -> None:
+    """A row whose bytes and leaf hash are right is still refused without the TTP's signature
+    over exactly those bytes (issue 18): none, another key's, another entry's, or a body
+    altered under a genuine signature."""
+    log = standard_log()
+    verifier = log.signer.verifier()
+    for index in range(len(log.entries)):
+        verify_entry(index, log.statement(index), verifier)
+    genuine = log.statement(1)
+    other = SigningKey.generate()
+    cases = {
+        "carries no statement signature": replace(genuine, signature=b"", key_id=""),
+        f"is signed by key {other.key_id!r}": replace(
+            genuine, signature=other.sign(genuine.body), key_id=other.key_id),
+        "signature does not verify": replace(genuine, signature=log.signatures[2]),
+        "signature does not verify: the row": replace(
+            genuine, body=_revocation(1, "reg-0000", 0)),
+    }
+    for reason, entry in cases.items():
+        with pytest.raises(LogProofError, match=f"log entry 1 .*{reason}|log entry 1: .*{reason}"):
+            verify_entry(1, entry, verifier)

@@ -26,6 +26,7 @@ from freemark.records.types import (
     Receipt,
     ReferencePanel,
     RegistrationInfo,
+    SignedStatement,
     SignedVerdict,
     Verdict,
     VerdictPolicy,
@@ -51,6 +52,8 @@ Pair = tuple[Callable[[Any], Any], Callable[[Any], Any]]
 CASES: list[tuple[str, Any, Pair, Pair | None]] = [
     ("statement", LOG.statement(0),
      (wire.statement_to_proto, wire.statement_from_proto), None),
+    ("entries", [LOG.statement(0), LOG.statement(1), SignedStatement(b'{"log_index":2}', b"", "")],
+     (wire.entries_to_proto, wire.entries_from_proto), None),
     ("checkpoint", LOG.checkpoint,
      (wire.checkpoint_to_proto, wire.checkpoint_from_proto),
      (wire.checkpoint_to_json, wire.checkpoint_from_json)),
@@ -83,6 +86,14 @@ def test_proto_round_trip_through_wire_bytes(record: Any, proto: Pair) -> None:
     message = to_proto(record)
     wire = type(message).FromString(message.SerializeToString())
     assert from_proto(wire) == record
+
+
+def test_an_entry_a_page_gives_no_signature_reads_unsigned() -> None:
+    """Signatures missing from a GetEntries page's end read as empty, never as a neighbour's."""
+    page = wire.entries_to_proto([LOG.statement(0), LOG.statement(1)])
+    del page.signatures[1:]
+    assert wire.entries_from_proto(page) == [
+        LOG.statement(0), SignedStatement(LOG.statement(1).body, b"", "")]
 
 
 JSON_CASES = [(c[1], c[3]) for c in CASES if c[3] is not None]

@@ -37,6 +37,7 @@ from freemark_keyserver.store import Registration, Store, open_store
 from freemark_keyserver.tlog.audit import audit
 
 OWNER = "alice"
+SIGNER = SigningKey.generate()  # the TTP's: it signs every log entry, and the audit checks it
 
 
 @pytest.fixture
@@ -84,7 +85,8 @@ def registered(
     bundle = seal(keyring, b"bundle", record_id=registration_id, owner=OWNER).to_bytes()
     record = Registration(registration_id, OWNER, 0, fingerprint, b"\x02" * 32, "act", 8, 16,
                           commitment, 1, bundle, host_envelope, -1)
-    entry = store.append(RECEIPT_KIND, build, record)
+    entry = store.append(RECEIPT_KIND, build, record,
+                         sign=lambda body: (SIGNER.key_id, SIGNER.sign(body)))
     return replace(record, log_index=entry.index, created_at=entry.created_at)
 
 
@@ -130,7 +132,7 @@ def test_a_missing_segment_is_refused_and_the_audit_names_it(
     host = model_file(tmp_path, 2 * SEGMENT_BYTES + 1)
     header = store_host(store, keyring, host, registration_id="reg_1", owner=OWNER)
     record = registered(store, keyring, "reg_1", header)
-    verifier = SigningKey.generate().verifier()  # the log has no checkpoints to sign
+    verifier = SIGNER.verifier()  # the log has no checkpoints to sign
     assert audit(store, verifier)["registrations"] == 1
     with sqlite3.connect(data_dir / "freemark.sqlite3") as conn:
         conn.execute("DELETE FROM host_blobs WHERE registration_id = 'reg_1' AND seq = 2")
@@ -153,7 +155,7 @@ def test_a_host_sealed_whole_before_v3_still_opens_and_rotates(
     moved = replace(record, host_envelope=rewrap_host(rotated, record))
     with host_file(store, MasterKeyring({2: rotated._key(2)}), moved) as opened:
         assert opened.read_bytes() == data
-    assert audit(store, SigningKey.generate().verifier())["registrations"] == 1
+    assert audit(store, SIGNER.verifier())["registrations"] == 1
 
 
 def test_rotate_master_key_rewraps_host_headers_and_leaves_segments(
