@@ -11,7 +11,7 @@ under are the table's rows; the server reads them there (`by_wire`, `.host`, `.s
 - a stored host's format, told from its first bytes (`stored_host_options`): a program is a
   zip archive, a packed checkpoint a safetensors file; the host was vetted when it was
   registered;
-- the child's dispatch (`handles`, `sandboxed_activations`, by the row's `name`) to the
+- the child's dispatch (`handles`, `sandboxed_model`, by the row's `name`) to the
   library's safe loaders (`freemark.formats.huggingface`, `freemark.formats.onnx`:
   allow-listed architectures or operators, caps before anything is built, nothing
   unpickled), and their warm-up in the fork server (`warm_up`).
@@ -59,38 +59,48 @@ def handles(header: dict[str, Any]) -> bool:
     return header.get(FORMAT_KEY) in _READERS
 
 
+def sandboxed_model(header: dict[str, Any]) -> tuple[bytes, Callable[[TriggerSet], Any]]:
+    """Inside the sandbox: read a Hugging Face checkpoint or an ONNX model for one set (its
+    layer), and return its identity (fingerprint ‖ architecture digest) and its run, a function
+    from the set's triggers to the activation matrix. Reading touches no trigger, so its
+    failures are the file's; the run's are the run's (`worker`)."""
+    return _READERS[header[FORMAT_KEY]](header)
+
+
 def sandboxed_activations(header: dict[str, Any], triggers: TriggerSet) -> tuple[Any, bytes]:
-    """Inside the sandbox: the activation matrix and the model's identity (fingerprint ‖
-    architecture digest) for a Hugging Face checkpoint or an ONNX model."""
-    return _READERS[header[FORMAT_KEY]](header, triggers)
+    """`sandboxed_model` and its run on `triggers`: (activations, identity)."""
+    identity, run = sandboxed_model(header)
+    return run(triggers), identity
 
 
-def _onnx_activations(header: dict[str, Any], triggers: TriggerSet) -> tuple[Any, bytes]:
+def _onnx_model(header: dict[str, Any]) -> tuple[bytes, Callable[[TriggerSet], Any]]:
     from freemark.formats.onnx import OnnxModel
 
     onnx_model = OnnxModel.open(header["model"], header["layer"],
-                                tensor=header.get(TENSOR_KEY) or None)
-    activations = onnx_model.capture(triggers.inputs, triggers.attention_mask,
-                                     header["pooling"])
-    return activations, onnx_model.fingerprint() + onnx_model.architecture_digest()
+                                tensor=header.get(TENSOR_KEY) or None).prepared()
+    return (onnx_model.fingerprint() + onnx_model.architecture_digest(),
+            lambda triggers: onnx_model.capture(triggers.inputs, triggers.attention_mask,
+                                                header["pooling"]))
 
 
-def _checkpoint_activations(header: dict[str, Any], triggers: TriggerSet) -> tuple[Any, bytes]:
+def _checkpoint_model(header: dict[str, Any]) -> tuple[bytes, Callable[[TriggerSet], Any]]:
     from freemark.formats.huggingface import apply_checkpoint_weights, load_checkpoint
     from freemark.formats.pt2 import architecture_digest, fingerprint
-    from freemark.scheme.activations import capture
+    from freemark.scheme.activations import capture, resolve_layer
 
     model = (apply_checkpoint_weights(header["model"], header["weights"]) if header.get("weights")
              else load_checkpoint(header["model"]))
-    activations, _ = capture(model, header["layer"], triggers, pooling=header["pooling"])
-    return activations, fingerprint(model) + architecture_digest(model)
+    resolve_layer(model, header["layer"])
+    return (fingerprint(model) + architecture_digest(model),
+            lambda triggers: capture(model, header["layer"], triggers,
+                                     pooling=header["pooling"])[0])
 
 
 # The formats the child reads here, by the table row's `name`; any other is a `.pt2` program
 # (`worker._load`).
-_READERS: dict[str, Callable[[dict[str, Any], TriggerSet], tuple[Any, bytes]]] = {
-    _HF.name: _checkpoint_activations,
-    _ONNX.name: _onnx_activations,
+_READERS: dict[str, Callable[[dict[str, Any]], tuple[bytes, Callable[[TriggerSet], Any]]]] = {
+    _HF.name: _checkpoint_model,
+    _ONNX.name: _onnx_model,
 }
 
 
