@@ -16,6 +16,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from freemark.formats.pt2 import load_program
@@ -182,3 +183,101 @@ def branching_on_inputs(dst: Path) -> Path:
 def _fake_vector(like: torch.Tensor, units: int) -> torch.Tensor:
     with like.fake_mode:  # type: ignore[attr-defined]
         return torch.empty(units, dtype=torch.float32)
+
+
+# --- issue 18: models that read other owners' triggers out of a failure ----------------------
+
+PACKED_PIXELS = 15  # pixels packed into one index, 17 levels each (0..16): base 17
+PACKED_FIRST = 2  # the first packed pixel (flattened): the digits' outer pixels are mostly 0
+
+
+def packed_indices(inputs: np.ndarray) -> list[int]:
+    """The index `packing_gather` computes for each input: what its out-of-range error names."""
+
+    flat = np.asarray(inputs, dtype=np.float32).reshape(len(inputs), -1)
+    levels = np.round(flat[:, PACKED_FIRST:PACKED_FIRST + PACKED_PIXELS] * 16).astype(np.int64)
+    return [int(v) for v in (levels * 17 ** np.arange(PACKED_PIXELS, dtype=np.int64)).sum(1)]
+
+
+def _chain(flat: torch.Tensor, rounds: int) -> torch.Tensor:
+    """`rounds` of a 512-wide tanh layer over a (batch, 64) tensor: the expensive part."""
+    wide = torch.tanh(flat @ torch.full((64, CHAIN_WIDTH), 0.01))
+    for _ in range(rounds):
+        wide = torch.tanh(wide @ torch.full((CHAIN_WIDTH, CHAIN_WIDTH), 0.001))
+    return wide.sum(dim=1, keepdim=True)
+
+
+CHAIN_WIDTH = 512
+
+
+def _packing_module(state: dict[str, torch.Tensor] | None, onnx: bool, chain: int
+                    ) -> torch.nn.Module:
+    from freemark_lab.models import DigitsCNN
+
+    class Packing(DigitsCNN):
+        """Packs 15 input pixels into one index into a one-element table: any input with a
+        non-zero packed pixel fails, and the error names the index, i.e. the pixels. With
+        `chain`, the failure comes before an expensive chain (a fail-fast timing probe).
+        No weight of its own: its weight names, its architecture family, are DigitsCNN's,
+        so Register runs it on every earlier digits key."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            powers = torch.tensor([17 ** i for i in range(PACKED_PIXELS)], dtype=torch.int64)
+            pixels = x.flatten(1)[:, PACKED_FIRST:PACKED_FIRST + PACKED_PIXELS]
+            index = (torch.round(pixels * 16).to(torch.int64) * powers).sum(dim=1)
+            table = torch.full((1, 1), 0.0)
+            if onnx:  # Gather
+                picked = torch.index_select(table, 0, index)
+            else:  # aten.gather
+                picked = torch.gather(table.expand(x.shape[0], 1), 1, index.unsqueeze(1))
+            y = x + picked.reshape(-1, 1, 1, 1) * 0
+            if chain:
+                y = y + _chain(y.flatten(1), chain).reshape(-1, 1, 1, 1) * 0
+            return super().forward(y)
+
+    module = Packing()
+    if state is not None:
+        module.load_state_dict(state)
+    return module.eval()
+
+
+def packing_gather(dst: Path, state: dict[str, torch.Tensor] | None = None, *,
+                   chain: int = 0) -> Path:
+    """A `.pt2` digits CNN (with `state`'s weights) whose graph gathers at an index packed from
+    15 input pixels: run on triggers, torch's out-of-range error names the index, and the
+    pixels with it (issue 18: 87 of 87 pixels read back in 6 Verify calls)."""
+    from freemark.formats.pt2 import save_program
+
+    save_program(_packing_module(state, False, chain), (torch.zeros(2, 1, 8, 8),), dst)
+    return dst
+
+
+def packing_gather_onnx(dst: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """The same trick as ONNX: a `Gather` whose indices are packed from the input pixels."""
+    module = _packing_module(state, True, 0)
+    torch.onnx.export(module, (torch.zeros(2, 1, 8, 8),), str(dst), dynamo=False,
+                      opset_version=17, input_names=["x"], output_names=["logits"],
+                      dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+    return dst
+
+
+def nan_on_bright(dst: Path, threshold: float, *, chain: int = 0, seed: int = 0) -> Path:
+    """A `.pt2` digits CNN whose output is NaN for any input with a pixel above `threshold`
+    (a square root of a negative number), then `chain` rounds of a wide tanh layer: a
+    failure (non-finite activations) that depends on the input's values and that vetting
+    admits, placed before an expensive chain, as a fail-fast probe would be. No weight of
+    its own (DigitsCNN's family); `seed` picks its random DigitsCNN weights."""
+    from freemark.formats.pt2 import save_program
+    from freemark_lab.models import DigitsCNN
+
+    class NanOnBright(DigitsCNN):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            bright = torch.sqrt(x.amax(dim=(1, 2, 3), keepdim=True) * -1.0 + threshold)
+            y = x + bright * 0
+            if chain:
+                y = y + _chain(y.flatten(1), chain).reshape(-1, 1, 1, 1) * 0
+            return super().forward(y)
+
+    torch.manual_seed(seed)
+    save_program(NanOnBright().eval(), (torch.zeros(2, 1, 8, 8),), dst)
+    return dst

@@ -225,7 +225,7 @@ def test_a_failing_run_on_another_owners_triggers_answers_like_a_non_claim(
     returns, but above B's 10 triggers and 20 probes: B's upload fails only when read with
     A's key (its triggers alone: A has no panel, so its probes would go unused). B's Register
     of his own, independent model must go on exactly as a non-claim does (a receipt), and
-    the failure shows in the operator's log only."""
+    the failure shows in the operator's log only, by its class."""
     caplog.set_level(logging.INFO, logger="freemark_keyserver")
     row = 128 * 4  # one input's activations at the act layer, float32 on the wire
     cap = 55 * row  # between B's run (10 + 20 rows) and A's (100)
@@ -251,5 +251,6 @@ def test_a_failing_run_on_another_owners_triggers_answers_like_a_non_claim(
         running.stop(grace=1)
     assert receipt.owner == "owner_b" and receipt.log_index == 1
     lines = _claim_lines(caplog, "owner_b")
-    assert any("treated as no match" in r.getMessage() and "max_output_bytes" in r.getMessage()
+    # by class name only: a failure's message may be computed from A's triggers (issue 18)
+    assert any("treated as no match" in r.getMessage() and "(SandboxError)" in r.getMessage()
                for r in lines), [r.getMessage() for r in lines]

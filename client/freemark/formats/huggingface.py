@@ -26,7 +26,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -399,17 +399,21 @@ def pack(directory: str | Path, out: str | Path) -> Path:
     return out
 
 
-def read_untrusted(path: str | Path, *, layer: str, pooling: int, triggers: TriggerSet,
-                   weights: str | Path | None = None, **_options: Any) -> tuple[np.ndarray, bytes]:
-    """In the key server's sandbox child: an uploaded packed checkpoint's (with `weights`:
-    those weights on its architecture) key-layer activations on the triggers, and its
-    identity (fingerprint ‖ architecture digest)."""
+def open_untrusted(path: str | Path, *, layer: str, pooling: int,
+                   weights: str | Path | None = None, **_options: Any
+                   ) -> tuple[bytes, Callable[[TriggerSet], np.ndarray]]:
+    """In the key server's sandbox child: build an uploaded packed checkpoint (with
+    `weights`: those weights on its architecture) and locate the key's layer, and return its
+    identity (fingerprint ‖ architecture digest) and its run, from a set's triggers to the
+    key-layer activations. Opening reads no trigger, so its failures are the file's; the
+    run's may depend on the triggers (the child reports them without text)."""
     from freemark.formats.pt2 import architecture_digest, fingerprint
-    from freemark.scheme.activations import capture
+    from freemark.scheme.activations import capture, resolve_layer
 
     model = apply_checkpoint_weights(path, weights) if weights else load_checkpoint(path)
-    activations, _ = capture(model, layer, triggers, pooling=pooling)
-    return activations, fingerprint(model) + architecture_digest(model)
+    resolve_layer(model, layer)
+    return (fingerprint(model) + architecture_digest(model),
+            lambda triggers: capture(model, layer, triggers, pooling=pooling)[0])
 
 
 def warm_up(folder: Path) -> None:
@@ -429,8 +433,8 @@ def warm_up(folder: Path) -> None:
             model.save_pretrained(checkpoint)
             single = pack(checkpoint, folder / "warm.safetensors")
             layer = next(n for n, _ in model.named_modules() if n.endswith("layer.0"))
-            read_untrusted(single, layer=layer, pooling=bundle_pb2.POOLING_TOKEN_MEAN,
-                           triggers=triggers)
+            _, run = open_untrusted(single, layer=layer, pooling=bundle_pb2.POOLING_TOKEN_MEAN)
+            run(triggers)
     for path in sorted(checkpoint.iterdir()):
         path.unlink()
     checkpoint.rmdir()

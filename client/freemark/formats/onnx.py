@@ -11,7 +11,13 @@ and `vet_onnx` admits only
   `Scan`: data-dependent control flow is refused as for programs), no random operators;
 - no model-local functions, no training info, no sparse initializers;
 - no external data at all: every weight must be inside the file (an external-data path
-  would make the runtime open a file the uploader chose).
+  would make the runtime open a file the uploader chose);
+- no index or shape computed from the inputs' values (`INDEX_OPERANDS`: `Slice`'s starts
+  and ends, `Reshape`'s and `Expand`'s shape, `GatherND`'s and `Scatter*`'s indices...),
+  found by following the graph inputs through every node (`_data_flow`). The indices of
+  `Gather` and `GatherElements` computed from them (token ids into an embedding, RoBERTa's
+  position ids) are clamped into range instead (`clamp_indices`, applied by `load_onnx`):
+  no input value can make the graph fail or change its cost (issue 18).
 
 The session is the CPU provider with no custom-op library registered, one thread,
 sequential execution and the runtime's own graph optimisations.
@@ -27,8 +33,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +44,8 @@ from freemark.errors import InvalidInputError, ModelFileError
 from freemark.scheme.triggers import TriggerSet
 from freemark.v1 import bundle_pb2
 
-__all__ = ["ALLOWED_OPS", "MAX_ONNX_BYTES", "OnnxModel", "layer_tensor", "load_onnx", "vet_onnx"]
+__all__ = ["ALLOWED_OPS", "CLAMPED_OPERANDS", "INDEX_OPERANDS", "MAX_ONNX_BYTES", "SIZE_OPERATORS",
+           "OnnxModel", "clamp_indices", "layer_tensor", "load_onnx", "vet_onnx"]
 
 MAX_ONNX_BYTES = 2 * 1024**3 - 1  # protobuf's own limit on one message
 MAX_NODES = 200_000
@@ -85,7 +92,8 @@ def is_format(path: Path) -> bool:
 
 
 def load_onnx(path: str | Path, *, max_bytes: int = MAX_ONNX_BYTES) -> Any:
-    """Parse and vet an ONNX file (an `onnx.ModelProto`); raises ModelFileError."""
+    """Parse and vet an ONNX file (an `onnx.ModelProto`), its gather indices clamped
+    (`clamp_indices`); raises ModelFileError."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -104,7 +112,7 @@ def load_onnx(path: str | Path, *, max_bytes: int = MAX_ONNX_BYTES) -> Any:
     if not model.graph.node:
         raise ModelFileError(f"{path}: not an ONNX model (no graph)")
     vet_onnx(model, path)
-    return model
+    return clamp_indices(model, path)
 
 
 def _external(tensor: Any) -> bool:
@@ -147,6 +155,121 @@ def vet_onnx(model: Any, source: str | Path = "model") -> None:
                 raise _refuse(source, f"constant {node.name!r} is stored outside the file")
     if len(_data_inputs(model)) > MAX_INPUTS:
         raise _refuse(source, f"the graph has more than {MAX_INPUTS} inputs")
+    _data_flow(model, source)
+
+
+# Operand positions that index a tensor, or give a shape, size, count or axis, by operator:
+# none may be computed from the graph inputs' values (`_data_flow`). Listed for every
+# standard operator that has one, on the allow-list or not, so the rule holds if it grows.
+INDEX_OPERANDS: dict[str, tuple[int, ...]] = {
+    "Gather": (1,), "GatherElements": (1,), "GatherND": (1,), "ScatterElements": (1,),
+    "ScatterND": (1,), "Scatter": (1,), "OneHot": (0, 1), "Compress": (1,),
+    "Slice": (1, 2, 3, 4), "Reshape": (1,), "Expand": (1,), "Tile": (1,),
+    "ConstantOfShape": (0,), "Range": (0, 1, 2), "Pad": (1, 3), "Split": (1,),
+    "Squeeze": (1,), "Unsqueeze": (1,), "CumSum": (1,), "Trilu": (1,), "TopK": (1,),
+    "Resize": (1, 2, 3), "Upsample": (1,), "ReduceL2": (1,), "ReduceMax": (1,),
+    "ReduceMean": (1,), "ReduceMin": (1,), "ReduceProd": (1,), "ReduceSum": (1,),
+    "ReduceL1": (1,), "ReduceLogSum": (1,), "ReduceLogSumExp": (1,), "ReduceSumSquare": (1,),
+    "CenterCropPad": (1, 2), "Col2Im": (1, 2), "DFT": (1, 2), "RoiAlign": (1, 2),
+    "MaxUnpool": (1, 2), "NonMaxSuppression": (2,), "ReverseSequence": (1,),
+}
+# The index operands that are clamped into their axis's range instead of refused
+# (`clamp_indices`): a clamped gather cannot fail and costs the same for every index, and
+# real graphs need them (token ids into an embedding; RoBERTa's position ids, computed
+# from the token ids).
+CLAMPED_OPERANDS = frozenset({("Gather", 1), ("GatherElements", 1)})
+# Operators whose outputs are sizes or constants, never the values of their inputs.
+SIZE_OPERATORS = frozenset({"Shape", "Size", "ConstantOfShape"})
+_CLAMP_SUFFIX = "_freemark_clamp"
+
+
+def _data_flow(model: Any, source: str | Path) -> list[Any]:
+    """Follow the graph inputs' values through every node (in dependency order, whatever the
+    order of the file) and refuse any index or shape operand (`INDEX_OPERANDS`) computed from
+    them: an out-of-range index fails with a message naming it, and a value-dependent shape
+    fails or costs differently on some values only, so either would read out the secret
+    triggers a suspect runs on (issue 18). Sizes (`SIZE_OPERATORS`) end the trail. Returns
+    the nodes whose index operand is computed from the inputs and is clamped instead
+    (`CLAMPED_OPERANDS`)."""
+    graph = model.graph
+    producer = {name: node for node in graph.node for name in node.output if name}
+    waiting = {id(node): sum(1 for name in set(node.input) if name in producer)
+               for node in graph.node}
+    users: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in set(node.input):
+            if name in producer:
+                users.setdefault(name, []).append(node)
+    ready = [node for node in graph.node if not waiting[id(node)]]
+    tainted = {i.name for i in _data_inputs(model)}
+    clamped, done = [], 0
+    while ready:
+        node = ready.pop()
+        done += 1
+        for position in INDEX_OPERANDS.get(node.op_type, ()):
+            if position >= len(node.input) or node.input[position] not in tainted:
+                continue
+            if (node.op_type, position) in CLAMPED_OPERANDS:
+                clamped.append(node)
+                continue
+            raise _refuse(source, f"node {node.name!r} ({node.op_type}) takes its operand "
+                          f"{position} ({node.input[position]!r}) from the graph inputs' values: "
+                          "an index or shape computed from them fails or costs differently on "
+                          "some values only, which would reveal the secret triggers a suspect "
+                          "is run on; compute indices and shapes from Shape and constants")
+        if node.op_type not in SIZE_OPERATORS and any(n in tainted for n in node.input):
+            tainted.update(name for name in node.output if name)
+        for name in node.output:
+            for user in users.get(name, ()):
+                waiting[id(user)] -= 1
+                if not waiting[id(user)]:
+                    ready.append(user)
+    if done != len(graph.node):
+        raise _refuse(source, "its graph has a cycle")
+    return clamped
+
+
+def clamp_indices(model: Any, source: str | Path = "model") -> Any:
+    """`model` (vetted) with every gather index computed from the inputs clamped into its
+    axis's range [-size, size - 1], so that no input value can make it fail: the index is
+    cast to int64 and bounded by the data's size along the axis, read with Shape. The new
+    nodes are named after the gather they feed (the same module scope) and add no
+    initializer, so the fingerprint and the architecture digest are unchanged; in-range
+    indices read what they read before."""
+    _onnx()  # a clear ModelFileError where onnx is not installed
+    from onnx import TensorProto, helper
+
+    int64 = TensorProto.INT64
+    for number, node in enumerate(_data_flow(model, source)):
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        stem = f"{node.name or node.op_type}{_CLAMP_SUFFIX}{number}"
+
+        def name(part: str, stem: str = stem) -> str:
+            return f"{stem}_{part}"
+
+        added = [
+            helper.make_node("Constant", [], [name("axis")], name=name("axis"),
+                             value=helper.make_tensor(name("axis_value"), int64, [1], [axis])),
+            helper.make_node("Constant", [], [name("one")], name=name("one"),
+                             value=helper.make_tensor(name("one_value"), int64, [1], [1])),
+            helper.make_node("Shape", [node.input[0]], [name("shape")], name=name("shape")),
+            helper.make_node("Gather", [name("shape"), name("axis")], [name("size")],
+                             name=name("size"), axis=0),
+            helper.make_node("Neg", [name("size")], [name("low")], name=name("low")),
+            helper.make_node("Sub", [name("size"), name("one")], [name("high")],
+                             name=name("high")),
+            helper.make_node("Cast", [node.input[1]], [name("index")], name=name("index"),
+                             to=int64),
+            helper.make_node("Max", [name("index"), name("low")], [name("raised")],
+                             name=name("raised")),
+            helper.make_node("Min", [name("raised"), name("high")], [name("clamped")],
+                             name=name("clamped")),
+        ]
+        node.input[1] = name("clamped")
+        position = list(model.graph.node).index(node)
+        for offset, new in enumerate(added):
+            model.graph.node.insert(position + offset, new)
+    return model
 
 
 def _data_inputs(model: Any) -> list[Any]:
@@ -193,6 +316,7 @@ class OnnxModel:
     proto: Any
     tensor: str
     source: str
+    _built: Any = field(default=None, repr=False, compare=False)  # the session, once built
 
     @classmethod
     def open(cls, path: str | Path, layer: str, *, tensor: str | None = None,
@@ -216,7 +340,18 @@ class OnnxModel:
         names = sorted(t.name for t in self.proto.graph.initializer)
         return hashlib.sha256(b"freemark/v1/onnx-family" + json.dumps(names).encode()).digest()
 
+    def prepared(self) -> OnnxModel:
+        """This model with its onnxruntime session built (ModelFileError if the runtime cannot
+        load it): what can fail before an input is fed fails here."""
+        self._session()
+        return self
+
     def _session(self) -> Any:
+        if self._built is None:
+            self._built = self._new_session()
+        return self._built
+
+    def _new_session(self) -> Any:
         import onnxruntime as ort
 
         onnx = _onnx()
@@ -332,13 +467,15 @@ def _feeders(session: Any, source: str) -> Any:
     return feeds
 
 
-def read_untrusted(path: str | Path, *, layer: str, pooling: int, triggers: TriggerSet,
-                   tensor: str | None = None, **_options: Any) -> tuple[np.ndarray, bytes]:
-    """In the key server's sandbox child: an uploaded graph's key-layer activations on the
-    triggers, and its identity (fingerprint ‖ architecture digest)."""
-    model = OnnxModel.open(path, layer, tensor=tensor or None)
-    activations = model.capture(triggers.inputs, triggers.attention_mask, pooling)
-    return activations, model.fingerprint() + model.architecture_digest()
+def open_untrusted(path: str | Path, *, layer: str, pooling: int, tensor: str | None = None,
+                   **_options: Any) -> tuple[bytes, Callable[[TriggerSet], np.ndarray]]:
+    """In the key server's sandbox child: open an uploaded graph for the key's layer, and
+    return its identity (fingerprint ‖ architecture digest) and its run, from a set's
+    triggers to the key-layer activations. Opening reads no trigger, so its failures are the
+    file's; the run's may depend on the triggers (the child reports them without text)."""
+    model = OnnxModel.open(path, layer, tensor=tensor or None).prepared()
+    return (model.fingerprint() + model.architecture_digest(),
+            lambda triggers: model.capture(triggers.inputs, triggers.attention_mask, pooling))
 
 
 def warm_up(folder: Path) -> None:
@@ -351,6 +488,6 @@ def warm_up(folder: Path) -> None:
                               [helper.make_tensor_value_info("y", tensor_proto.FLOAT, ["b", 2])])
     path = folder / "warm.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    read_untrusted(path, layer="act", pooling=bundle_pb2.POOLING_NONE,
-                   triggers=TriggerSet(inputs=np.zeros((1, 2), dtype=np.float32)))
+    _, run = open_untrusted(path, layer="act", pooling=bundle_pb2.POOLING_NONE)
+    run(TriggerSet(inputs=np.zeros((1, 2), dtype=np.float32)))
     path.unlink()

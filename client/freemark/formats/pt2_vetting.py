@@ -30,8 +30,16 @@ The policy is an allow-list derived from models, not a deny-list:
   during Register's prior-claim runs (issue 11);
 - no tensor values where a size or a scalar is expected (an `int[]` argument accepts a 0-dim
   tensor and reads its value, so `zeros([t])` would size a tensor by a trigger's value), and
-  no index tensor of `aten.index` computed from the inputs' values (a boolean mask of them
-  gives a value-dependent size; the real models index with `arange` of the input's sizes);
+  no index computed from the inputs' values (`INDEX_ARGUMENTS`: the index of `gather`,
+  `index_select`, `index`, `scatter`, `take`, an embedding's indices, a loss's target, a
+  narrow's start...), found by following every tensor from the user
+  inputs through every node (`_Graph`; sizes, and the `SHAPE_ONLY_OPS` that read only a
+  shape, end the trail). An out-of-range index raises with a message naming it, and a
+  boolean mask gives a value-dependent size: a suspect that packed trigger values into an
+  index read them back from Verify's error (issue 18). The real models index with `arange`
+  of the input's sizes; the one exception is a user input itself, unchanged, as an
+  embedding's indices (`RAW_INPUT_INDICES`: token ids), which can tell only whether every
+  trigger id is below the table's size;
 - the pure integer arithmetic torch.export emits for dynamic (symbolic) sizes
   (`ALLOWED_PYTHON_FUNCTIONS`) on sizes only, and `operator.getitem` picking one output of a
   multi-output operator;
@@ -52,10 +60,12 @@ Operators on the list that index, gather or take sizes were tried with hostile a
 `convolution` and `addmm` raise instead of reading out of bounds; the native batch-norm forms
 do not, which is why they are refused (`aten::batch_norm`, what `save_program` exports, checks).
 What vetting cannot remove: a run's cost still grows with the number of triggers, float
-arithmetic on subnormal values is slower on most CPUs (the sandbox should flush denormals), and
-an index out of range raises, so a program indexing with values computed from the triggers
-(RoBERTa's position ids are) can fail on some trigger values only: failures of runs on other
-owners' triggers must answer like a non-claim (docs/keyserver.md, "What the sandbox admits").
+arithmetic on subnormal values is slower on most CPUs (the sandbox should flush denormals),
+non-finite values can arise from some values only (they are found after the whole run), and
+token ids out of an embedding table's range raise: the sandbox child reports any failure of
+a run on triggers as one fixed status without text, and runs on other owners' triggers
+answer like a non-claim (docs/keyserver.md, "What the sandbox admits"). RoBERTa's position
+ids, computed from the token ids, are refused by the index rule.
 """
 
 from __future__ import annotations
@@ -77,10 +87,13 @@ __all__ = [
     "ALLOWED_OPS",
     "ALLOWED_PYTHON_FUNCTIONS",
     "DATA_DEPENDENT_CONTROL_FLOW",
+    "INDEX_ARGUMENTS",
     "MAX_NODES",
     "MAX_TENSOR_INPUTS",
     "MAX_USER_OUTPUTS",
+    "RAW_INPUT_INDICES",
     "REFUSED_OPS",
+    "SHAPE_ONLY_OPS",
     "operator_name",
     "vet_program",
 ]
@@ -147,6 +160,23 @@ DATA_DEPENDENT_CONTROL_FLOW = frozenset(
     {"cond", "while_loop", "while_loop_stack_output", "scan", "map_impl", "map",
      "associative_scan", "flex_attention"}
 )
+
+# Tensor arguments that index or bound another tensor: none may be computed from the user
+# inputs' values (`_Graph._vet_operator`), whatever the operator, so an operator added to the
+# allow-list later is held to the same rule. An index out of range raises with a message
+# naming it, and a value-dependent index can fail, or size the output, on some trigger values
+# only: the failure, its text or its time would read out the triggers (issue 18).
+INDEX_ARGUMENTS = frozenset({"index", "indices", "target", "offsets", "start", "end",
+                             "per_sample_weights", "lengths", "repeats", "boundaries"})
+# (operator, argument) where a user input itself, unchanged, may be the index: token ids
+# into an embedding table, which every text model needs. The most that leaks through it is
+# whether every trigger id is below the table's size, one bit per call (docs/keyserver.md).
+RAW_INPUT_INDICES = frozenset({(torch.ops.aten.embedding.default, "indices")})
+# Operators whose output values are constants whatever their input's values (only its shape
+# is read): their output is not computed from the inputs' values.
+SHAPE_ONLY_OPS = frozenset({"aten::zeros_like", "aten::ones_like", "aten::empty_like",
+                            "aten::full_like", "aten::new_zeros", "aten::new_ones",
+                            "aten::new_empty", "aten::new_full"})
 
 # Shape queries: their results are sizes of the inputs, never their values.
 _SIZE_OPS = frozenset({"aten::sym_size.int", "aten::sym_numel.default", "aten::sym_stride.int",
@@ -294,6 +324,8 @@ class _Graph:
                 self.tainted.add(node)
             elif operator_name(node.target) in _SIZE_OPS or node.target in ALLOWED_PYTHON_FUNCTIONS:
                 self.sizes.add(node)
+            elif _schema_name(node.target) in SHAPE_ONLY_OPS:
+                continue  # its values are constants; only its shape comes from its input
             elif any(n in self.tainted for n in inputs):
                 self.tainted.add(node)
 
@@ -359,15 +391,23 @@ class _Graph:
                         node, f"passes {arg.name!r} as {name}'s {argument.name!r}, which "
                         "takes a size or a scalar: only sizes may go there, not tensor values"
                     )
-        if name == "aten::index.Tensor":
-            indices = node.args[1] if len(node.args) > 1 else node.kwargs.get("indices", [])
-            for index in _nodes_in(indices):
-                if index in self.tainted:
-                    raise self._refuse(
-                        node, f"indexes with {index.name!r}, computed from the inputs' values: a "
-                        "boolean mask of them would give a value-dependent size (index with "
-                        "tensors computed from sizes and constants, or use aten::gather)"
-                    )
+        for argument, value in _bound_arguments(node, target):
+            if argument.name not in INDEX_ARGUMENTS or not _holds_tensors(argument.type):
+                continue
+            for index in _nodes_in(value):
+                if index not in self.tainted or self._raw_index(node, argument.name, index):
+                    continue
+                raise self._refuse(
+                    node, f"indexes with {index.name!r}, computed from the inputs' values (as "
+                    f"{name}'s {argument.name!r}): an index taken from them fails or sizes the "
+                    "output on some values only, which would reveal other owners' secret "
+                    "triggers; index with tensors computed from sizes and constants"
+                )
+
+    def _raw_index(self, node: torch.fx.Node, argument: str, index: torch.fx.Node) -> bool:
+        """An embedding's indices that are a user input as it is: token ids (module doc)."""
+        return (index.op == "placeholder" and index.name in self.user_inputs
+                and (node.target, argument) in RAW_INPUT_INDICES)
 
     def _vet_getitem(self, node: torch.fx.Node) -> None:
         source, index = node.args[0], node.args[1]
@@ -416,6 +456,10 @@ def _nodes_in(value: Any) -> Iterator[torch.fx.Node]:
     elif isinstance(value, (list, tuple)):
         for item in value:
             yield from _nodes_in(item)
+
+
+def _schema_name(target: Any) -> str | None:
+    return target._schema.name if isinstance(target, torch._ops.OpOverload) else None
 
 
 def _is_allowed_python(target: Any) -> bool:

@@ -7,7 +7,7 @@ it. Each format's module (`module`) answers `is_format(path)` for a local path, 
 file of its kind that nobody vetted: the caps, the vetting and the safe loader live there,
 beside each other (`pt2` with `pt2_vetting`, `huggingface`, `onnx`, `weights`). Its optional
 hooks: `load(path, weights=)` and `packed(path)` for the owner's own files
-(`freemark.formats.local`), `read_untrusted(path, ...)` and `warm_up(folder)` for the key
+(`freemark.formats.local`), `open_untrusted(path, ...)` and `warm_up(folder)` for the key
 server's sandbox child (rows with `sandbox_reader`).
 
 The client (`format_of`, the upload's wire format, the host check), the key server (which
@@ -41,7 +41,7 @@ class ModelFormat:
     suspect: bool  # may be judged in a Verify
     module: str  # the module with is_format(path) and the safe loader
     what: str  # a person's description, for error messages
-    # The module reads an upload in the key server's sandbox child (`read_untrusted`, and
+    # The module reads an upload in the key server's sandbox child (`open_untrusted`, and
     # `warm_up` for the fork server); False: a `.pt2` program (the child's default path,
     # with its vetting) or bare weights (they ride with the stored host they belong to).
     sandbox_reader: bool = False

@@ -26,12 +26,14 @@ from freemark_keyserver.config import ServerConfig
 from freemark_keyserver.crypto import MasterKeyring, SigningKey
 from freemark_keyserver.errors import ErrorCode, ServiceError
 from freemark_keyserver.sandbox.runner import (
+    RUN_FAILED,
     ModelIdentity,
     SandboxBusy,
     SandboxError,
     SandboxPool,
     SandboxResourceError,
     SandboxResult,
+    SandboxRunFailed,
     SandboxTimeout,
     run_batch,
     run_model,
@@ -133,9 +135,17 @@ def sandbox_runner(ctx: Context, options: dict[str, Any] | None = None) -> Runne
 
 @contextlib.contextmanager
 def sandbox_refusals() -> Iterator[None]:
-    """The status of each way a sandbox run can fail (the model's fault or the sandbox's)."""
+    """The status of each way a sandbox run can fail (the model's fault or the sandbox's).
+
+    A failure of the model on a key's triggers is one fixed INVALID_MODEL (`RUN_FAILED`),
+    whatever failed: its text could carry the secret values it was computed from. The
+    operator's log gets the exception's class name, never a message."""
     try:
         yield
+    except SandboxRunFailed as exc:
+        log.warning("a sandbox run failed on a key's inputs (%s); the caller is told only "
+                    "that it failed", exc.error_type)
+        raise ServiceError(ErrorCode.INVALID_MODEL, RUN_FAILED) from exc
     except ModelFileError as exc:
         raise ServiceError(ErrorCode.INVALID_MODEL, public(exc)) from exc
     except InvalidInputError as exc:

@@ -203,8 +203,13 @@ class _PriorClaims:
                 for _, bundle, panel in self.earlier]
 
     def judge(self, results: Sequence[np.ndarray | Exception]) -> None:
-        """Refuse the upload if an earlier key decodes it; a failure is a non-match."""
+        """Refuse the upload if an earlier key decodes it; a failure is a non-match.
+
+        Every earlier key is judged before any refusal (no short-circuit: how long the call
+        takes says nothing of which key matched). A failure is logged by its class name only:
+        its message may be computed from that key's secret triggers (issue 18)."""
         assert self.host is not None
+        claims: list[tuple[Registration, float]] = []
         for (record, bundle, panel), result in zip(self.earlier, results):
             try:
                 theirs = panels.reading_of(bundle, self.host.identity, result,
@@ -213,12 +218,21 @@ class _PriorClaims:
                                             probe_activations=theirs.probes, panel=panel)
             except Exception as exc:  # noqa: BLE001 - every failure must look like a non-match
                 log.warning("Register by %s: the upload could not be judged with earlier "
-                            "registration %s (%s: %s); treated as no match", self.principal.name,
-                            record.registration_id, type(exc).__name__, exc)
+                            "registration %s (%s); treated as no match", self.principal.name,
+                            record.registration_id, _failure_name(exc))
                 continue
             if verdict.is_match:
-                raise _claimed(self.principal, [record], f"an earlier key decodes the upload "
-                               f"(log10 p {verdict.log10_p_value:.1f})")
+                claims.append((record, verdict.log10_p_value))
+        if claims:
+            raise _claimed(self.principal, [record for record, _ in claims],
+                           "an earlier key decodes the upload (log10 p "
+                           + ", ".join(f"{p:.1f}" for _, p in claims) + ")")
+
+
+def _failure_name(exc: Exception) -> str:
+    """What the operator's log says of a failed prior-claim run: class names, no message."""
+    error_type = getattr(exc, "error_type", None)  # SandboxRunFailed: what the model raised
+    return f"{type(exc).__name__}: {error_type}" if error_type else type(exc).__name__
 
 
 def _claimed(principal: Principal, records: Sequence[Registration], why: str) -> ServiceError:

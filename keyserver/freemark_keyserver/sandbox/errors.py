@@ -7,8 +7,11 @@ Shared by both sides: the pool raises them, `protocol` turns a child's report in
 
 from __future__ import annotations
 
-__all__ = ["SandboxBusy", "SandboxError", "SandboxResourceError", "SandboxTimeout",
-           "SandboxUnavailable"]
+__all__ = ["RUN_FAILED", "SandboxBusy", "SandboxError", "SandboxResourceError",
+           "SandboxRunFailed", "SandboxTimeout", "SandboxUnavailable"]
+
+# What a requester is told of any failure of a run on a key's triggers, whatever failed.
+RUN_FAILED = "the model failed on the key's inputs"
 
 
 class SandboxError(Exception):
@@ -39,3 +42,14 @@ class SandboxUnavailable(SandboxBusy):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, retry_after=self.RETRY_SECONDS)
+
+
+class SandboxRunFailed(SandboxError):
+    """The model raised while it ran on a key's triggers or probes. What it raised can be
+    computed from those secret values (an out-of-range index names the index), so nothing of
+    it crosses but `error_type`, the exception's class name, for the operator's log; the
+    message is the fixed `RUN_FAILED` (issue 18)."""
+
+    def __init__(self, error_type: str) -> None:
+        super().__init__(RUN_FAILED)
+        self.error_type = error_type

@@ -11,8 +11,8 @@ under are the table's rows; the server reads them there (`by_wire`, `.host`, `.s
 - a stored host's format, told from its first bytes (`stored_host_options`): a program is a
   zip archive, a packed checkpoint a safetensors file; the host was vetted when it was
   registered;
-- the child's dispatch (`handles`, `sandboxed_activations`, by the row's `name`) to the
-  `read_untrusted` of the format's own module (rows with `sandbox_reader`: today
+- the child's dispatch (`handles`, `sandboxed_model`, by the row's `name`) to the
+  `open_untrusted` of the format's own module (rows with `sandbox_reader`: today
   `freemark.formats.huggingface` and `freemark.formats.onnx`, with their allow-listed
   architectures or operators, caps before anything is built, nothing unpickled), and their
   `warm_up` in the fork server.
@@ -22,6 +22,7 @@ The server never opens an upload itself.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,14 +60,20 @@ def handles(header: dict[str, Any]) -> bool:
     return header.get(FORMAT_KEY) in _READERS
 
 
-def sandboxed_activations(header: dict[str, Any], triggers: TriggerSet) -> tuple[Any, bytes]:
-    """Inside the sandbox: the activation matrix and the model's identity (fingerprint ‖
-    architecture digest), read by the format's own module (`read_untrusted`)."""
-    reader = _READERS[header[FORMAT_KEY]].opener()
-    activations, identity = reader.read_untrusted(
+def sandboxed_model(header: dict[str, Any]) -> tuple[bytes, Callable[[TriggerSet], Any]]:
+    """Inside the sandbox: open an upload of a format with its own reader for one set (its
+    layer), and return its identity (fingerprint ‖ architecture digest) and its run, a function
+    from the set's triggers to the activation matrix. Reading touches no trigger, so its
+    failures are the file's; the run's are the run's (`worker`)."""
+    return _READERS[header[FORMAT_KEY]].opener().open_untrusted(
         header["model"], weights=header.get("weights"), layer=header["layer"],
-        pooling=header["pooling"], triggers=triggers, tensor=header.get(TENSOR_KEY))
-    return activations, identity
+        pooling=header["pooling"], tensor=header.get(TENSOR_KEY))
+
+
+def sandboxed_activations(header: dict[str, Any], triggers: TriggerSet) -> tuple[Any, bytes]:
+    """`sandboxed_model` and its run on `triggers`: (activations, identity)."""
+    identity, run = sandboxed_model(header)
+    return run(triggers), identity
 
 
 # The formats the child reads through their own module, by the table row's `name`; any other

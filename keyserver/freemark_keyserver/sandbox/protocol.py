@@ -23,6 +23,9 @@ either side knows when one is complete:
    the float32 activation matrix); or `REFUSED` (b"R") and one status frame when the model
    could not be read at all, after which the child exits. Kinds: "invalid_model",
    "invalid_input", "resource", "internal"; messages are one line without traceback.
+   "run_failed" is a failure while the model ran on the set's triggers or probes (secret
+   values): its message is the exception's class name only, which the parent keeps for
+   the operator's log if it is a bare identifier (`SandboxRunFailed`) and drops otherwise.
 
 Several trigger sets in one request, and further requests after the first, let Register read
 an upload and then judge it against every earlier same-family registration with one model
@@ -43,7 +46,7 @@ import numpy as np
 
 from freemark.errors import InvalidInputError, ModelFileError
 from freemark.scheme.triggers import TriggerSet
-from freemark_keyserver.sandbox.errors import SandboxError, SandboxResourceError
+from freemark_keyserver.sandbox.errors import SandboxError, SandboxResourceError, SandboxRunFailed
 
 __all__ = [
     "DATA_FD",
@@ -59,6 +62,7 @@ __all__ = [
     "OK_KIND",
     "REFUSED",
     "RESOURCE",
+    "RUN_FAILED",
     "SKIP_FINGERPRINT",
     "WEIGHTS_PATH",
     "ModelIdentity",
@@ -116,6 +120,8 @@ INVALID_MODEL = "invalid_model"
 INVALID_INPUT = "invalid_input"
 RESOURCE = "resource"
 INTERNAL = "internal"
+RUN_FAILED = "run_failed"
+_MAX_TYPE_NAME = 64
 
 
 @dataclass(frozen=True)
@@ -241,6 +247,9 @@ def _status(buffer: io.BytesIO) -> tuple[str, str]:
 
 
 def _refusal(kind: str, message: str) -> Exception:
+    if kind == RUN_FAILED:  # whatever else the child wrote is dropped here
+        name = message if message.isidentifier() and len(message) <= _MAX_TYPE_NAME else "?"
+        return SandboxRunFailed(name)
     if kind == INVALID_MODEL:
         return ModelFileError(message)
     if kind == INVALID_INPUT:

@@ -20,8 +20,9 @@ or start one process-wide pool on first use (`shared_pool`, for the operator's C
 tests). The parent caps what it reads, parses the answer with allow_pickle=False and checks
 each matrix is finite with one row per trigger. Errors are typed: the model's own problems
 come back as `freemark.errors.ModelFileError` / `InvalidInputError` with the child's one-line
-message; the sandbox's as `SandboxError` and its subclasses. No traceback or trigger data
-crosses over.
+message when they are about the file; a failure while the model ran on the triggers as
+`SandboxRunFailed`, whose message is fixed; the sandbox's as `SandboxError` and its
+subclasses. No traceback or trigger data crosses over.
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ import numpy as np
 from freemark.errors import ModelFileError
 from freemark.scheme.triggers import TriggerSet
 from freemark_keyserver.sandbox.errors import (
+    RUN_FAILED,
     SandboxBusy,
     SandboxError,
     SandboxResourceError,
+    SandboxRunFailed,
     SandboxTimeout,
 )
 from freemark_keyserver.sandbox.isolation import LAYERS, Isolation
@@ -49,6 +52,7 @@ from freemark_keyserver.sandbox.protocol import ModelIdentity, TriggerRun
 
 __all__ = [
     "LAYERS",
+    "RUN_FAILED",
     "Isolation",
     "ModelIdentity",
     "SandboxBusy",
@@ -57,6 +61,7 @@ __all__ = [
     "SandboxPool",
     "SandboxResourceError",
     "SandboxResult",
+    "SandboxRunFailed",
     "SandboxTimeout",
     "Then",
     "TriggerRun",
@@ -124,8 +129,8 @@ def run_model(
     (`freemark.scheme.probes.with_probes`, built in the sandbox child).
 
     `weights_path` (`.safetensors`) replaces the program's weights. Raises ModelFileError for a
-    file that is not a safe, vetted program; InvalidInputError when it cannot run on the
-    triggers; SandboxTimeout, SandboxResourceError, SandboxBusy or SandboxError when the sandbox
+    file that is not a safe, vetted program; InvalidInputError when it has no such layer;
+    SandboxRunFailed when it fails on the triggers; SandboxTimeout, SandboxResourceError, SandboxBusy or SandboxError when the sandbox
     gives up; `cancellation.CallEnded` when the gRPC call it serves has ended.
     """
     identity, results = run_batch(model_path, [TriggerRun(layer, pooling, triggers, probes)],

@@ -9,7 +9,15 @@ and read-only descriptors of its input files, which it reads as ``/proc/self/fd/
 
 The conversation on the data socket, and both directions of its codec, are `protocol`'s; this
 module decides what the child answers: which loader reads the model, and how a failure is
-reported (`_classify`).
+reported.
+
+A failure is reported by what the child was doing when it happened. Reading, vetting and
+locating the key layer in the uploaded file (`_classify`) depend on the uploader's bytes and
+the key's public layer name only: their one-line message goes back, so the uploader learns
+what is wrong with his file. Running the model on a key's triggers and the probes built from
+them (`_run_failed`) may depend on those secret values (an index, a shape or a division
+computed from them), so that report is one fixed status with no model-produced text: only
+the exception's class name, for the operator's log (issue 18).
 """
 
 from __future__ import annotations
@@ -44,19 +52,23 @@ def _load(header: dict[str, Any]) -> tuple[Any, bytes]:
     return model, weights + architecture_digest(state)
 
 
-Runner = Callable[[dict[str, Any], Any], Any]
+Run = Callable[[Any], Any]  # a set's TriggerSet -> its activations (triggers, then probes)
+Runner = Callable[[dict[str, Any]], Run]  # a set's spec -> its run, once the file is read for it
 
 
 def _runner(header: dict[str, Any], sets: list[tuple[Any, Any]]) -> tuple[bytes, Runner]:
-    """The model's identity and a function from (set spec, TriggerSet) to activations on the
-    set's triggers followed by its ``probes`` alignment probes (`freemark.scheme.probes.with_probes`,
-    built here from the triggers, so the request carries the triggers only).
+    """The model's identity and a function from a set spec to that set's run: everything that
+    depends only on the file and the spec (loading, vetting, locating the layer) is done by
+    the function, so its failures are the file's; the run it returns computes activations
+    on the set's triggers followed by its ``probes`` alignment probes
+    (`freemark.scheme.probes.with_probes`, built here from the triggers, so the request
+    carries the triggers only), and its failures are the run's.
 
     A `.pt2` is loaded once for every set; a Hugging Face checkpoint or an ONNX model goes to
     `freemark_keyserver.sandbox.formats`, whose loaders read one layer per load (the first set is read
     once more for the identity).
     """
-    from freemark.scheme.activations import capture
+    from freemark.scheme.activations import as_module, capture, resolve_layer
     from freemark.scheme.probes import with_probes
     from freemark.scheme.triggers import TriggerSet
     from freemark_keyserver.sandbox import formats
@@ -65,18 +77,20 @@ def _runner(header: dict[str, Any], sets: list[tuple[Any, Any]]) -> tuple[bytes,
         return with_probes(triggers, int(spec.get("probes", 0)))
 
     if formats.handles(header):  # Hugging Face checkpoints and ONNX: their own safe loaders
-        def other(spec: dict[str, Any], triggers: TriggerSet) -> Any:
-            return formats.sandboxed_activations({**header, **spec}, probed(spec, triggers))
+        def other(spec: dict[str, Any]) -> Run:
+            _, run = formats.sandboxed_model({**header, **spec})
+            return lambda triggers: run(probed(spec, triggers))
         if not sets:
             raise Refusal(protocol.INTERNAL, "a request without trigger sets")
-        first = other(header["sets"][0], TriggerSet(inputs=sets[0][0], attention_mask=sets[0][1]))
-        return first[1], lambda spec, triggers: other(spec, triggers)[0]
+        identity, _ = formats.sandboxed_model({**header, **header["sets"][0]})
+        return identity, other
     model, identity = _load(header)
+    module = as_module(model)  # unflattened once: every set reads the same module
 
-    def program(spec: dict[str, Any], triggers: TriggerSet) -> Any:
-        activations, _ = capture(model, spec["layer"], probed(spec, triggers),
-                                 pooling=spec["pooling"])
-        return activations
+    def program(spec: dict[str, Any]) -> Run:
+        resolve_layer(module, spec["layer"])  # the file's problem (no such layer): named
+        return lambda triggers: capture(module, spec["layer"], probed(spec, triggers),
+                                        pooling=spec["pooling"])[0]
     return identity, program
 
 
@@ -90,7 +104,8 @@ def _out_of_memory(exc: BaseException) -> bool:
 
 
 def _classify(exc: BaseException) -> Refusal:
-    """Turn an exception from loading or running the model into a report for the parent."""
+    """Turn an exception from reading the file (loading, vetting, locating the layer) into a
+    report for the parent; its first line is about the uploader's own bytes."""
     from freemark.errors import InvalidInputError, ModelFileError
 
     if isinstance(exc, Refusal):
@@ -103,6 +118,18 @@ def _classify(exc: BaseException) -> Refusal:
     if isinstance(exc, InvalidInputError):
         return Refusal(protocol.INVALID_INPUT, first_line(exc))
     return Refusal(protocol.INTERNAL, f"{type(exc).__name__}: {first_line(exc)}")
+
+
+def _run_failed(exc: BaseException) -> Refusal:
+    """The report of a failure while the model ran on a key's triggers or probes: the fixed
+    `protocol.RUN_FAILED` status carrying only the exception's class name. Its message, and
+    anything else the model produced, may be computed from the secret triggers and never
+    leaves the child. Running out of memory stays a resource refusal, with a fixed message:
+    the vetting refuses every size computed from the inputs' values, so what a run maps
+    does not depend on them, and the operator must see that his limit is too tight."""
+    if _out_of_memory(exc):
+        return Refusal(protocol.RESOURCE, "out of memory under the sandbox limit")
+    return Refusal(protocol.RUN_FAILED, type(exc).__name__)
 
 
 Loaded = tuple[bytes, Runner]  # the model's identity and its runner, once the model is read
@@ -119,13 +146,20 @@ def answer(raw: bytes, loaded: Loaded | None) -> tuple[bytes, Loaded | None]:
             loaded = _runner(header, sets)
     except Exception as exc:  # noqa: BLE001 - every failure must reach the parent as a report
         return protocol.encode_refused(_classify(exc)), loaded
-    identity, run = loaded
+    identity, runner = loaded
     results: list[Any] = []
+    # Every set is run to its end whatever an earlier one did: one set failing (another
+    # owner's triggers) leaves the others' answers intact and their cost unchanged.
     for spec, (inputs, mask) in zip(header["sets"], sets):
-        try:  # one set failing (another owner's triggers) leaves the others' answers intact
-            results.append(run(spec, TriggerSet(inputs=inputs, attention_mask=mask)))
+        try:  # the file and the spec only: its failure is the uploader's to read
+            run = runner(spec)
         except Exception as exc:  # noqa: BLE001
             results.append(_classify(exc))
+            continue
+        try:  # on the secret triggers: a fixed status, nothing the model wrote
+            results.append(run(TriggerSet(inputs=inputs, attention_mask=mask)))
+        except Exception as exc:  # noqa: BLE001
+            results.append(_run_failed(exc))
     return protocol.encode_reply(identity, results), loaded
 
 

@@ -157,3 +157,75 @@ def test_garbage_pickles_and_oversized_files_are_refused(bert: tuple[torch.nn.Mo
     with pytest.raises(ModelFileError, match="over the ONNX cap"):
         load_onnx(path, max_bytes=100)
     assert MAX_ONNX_BYTES < 2**31
+
+
+# --- issue 18: no index or shape computed from the inputs' values ---------------------------
+
+
+def _graph(nodes: list[object], initializers: list[object] | None = None) -> object:
+    """A one-input graph x (batch, 4) float -> y, opset 17."""
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        initializer=initializers or [])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _index_from_x() -> list[object]:
+    """An int64 index computed from the input's values: x * 1000, cast."""
+    return [helper.make_node("Constant", [], ["k"], name="/k",
+                             value=helper.make_tensor("kv", onnx.TensorProto.FLOAT, [], [1000.0])),
+            helper.make_node("Mul", ["x", "k"], ["scaled"], name="/scale/Mul"),
+            helper.make_node("Cast", ["scaled"], ["index"], name="/scale/Cast",
+                             to=onnx.TensorProto.INT64)]
+
+
+@pytest.mark.parametrize(("node", "extra", "words"), [
+    (helper.make_node("Reshape", ["x", "index"], ["y"], name="/r/Reshape"), [], "Reshape"),
+    (helper.make_node("Expand", ["x", "index"], ["y"], name="/e/Expand"), [], "Expand"),
+    (helper.make_node("Slice", ["x", "start", "index"], ["y"], name="/s/Slice"),
+     [helper.make_tensor("start", onnx.TensorProto.INT64, [1], [0])], "Slice"),
+])
+def test_shapes_and_bounds_computed_from_the_inputs_are_refused(
+        tmp_path: Path, node: object, extra: list[object], words: str) -> None:
+    """The ONNX form of issue 18's trick: a shape or bound taken from the trigger values
+    fails, or costs differently, on some values only; refused before a session exists."""
+    path = tmp_path / "bad.onnx"
+    onnx.save(_graph([*_index_from_x(), node], extra), str(path))
+    with pytest.raises(ModelFileError, match=rf"\({words}\) takes its operand \d+ \('index'\) "
+                       "from the graph inputs' values"):
+        load_onnx(path)
+
+
+def test_a_shape_computed_from_sizes_passes(tmp_path: Path) -> None:
+    nodes = [helper.make_node("Shape", ["x"], ["shape"], name="/r/Shape"),
+             helper.make_node("Reshape", ["x", "shape"], ["y"], name="/r/Reshape")]
+    path = tmp_path / "ok.onnx"
+    onnx.save(_graph(nodes), str(path))
+    load_onnx(path)
+
+
+def test_a_gather_index_computed_from_the_inputs_is_clamped(tmp_path: Path) -> None:
+    """Issue 18's ONNX trick (trigger values packed into a `Gather` index, which
+    onnxruntime's out-of-range error names): the index is clamped into the table's range,
+    so no value fails, and in-range indices read what they read before; the weights'
+    fingerprint and family are the file's."""
+    table = helper.make_tensor("table", onnx.TensorProto.FLOAT, [3, 2], [0, 1, 2, 3, 4, 5])
+    nodes = [*_index_from_x(), helper.make_node("Gather", ["table", "index"], ["picked"],
+                                                name="/act/Gather", axis=0),
+             helper.make_node("Identity", ["picked"], ["y"], name="/out/Identity")]
+    path = tmp_path / "gather.onnx"
+    onnx.save(_graph(nodes, [table]), str(path))
+    plain = OnnxModel(onnx.load(str(path)), "y", str(path))
+    model = OnnxModel.open(path, "out", tensor="picked")
+    assert model.fingerprint() == plain.fingerprint()
+    assert model.architecture_digest() == plain.architecture_digest()
+    session = model.prepared()._session()
+    far = np.array([[123456.789, -99.0, 0.0, 0.0015]], dtype=np.float32)
+    (picked,) = session.run(["picked"], {"x": far})
+    assert picked.tolist() == [[[4, 5], [0, 1], [0, 1], [2, 3]]]  # clamped to [-3, 2]
+    import onnxruntime as ort
+
+    raw = ort.InferenceSession(path.read_bytes(), providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception, match="123456"):  # unclamped, the error names the value
+        raw.run(["y"], {"x": far})

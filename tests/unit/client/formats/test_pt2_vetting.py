@@ -256,3 +256,69 @@ def test_more_inputs_than_capture_feeds_are_refused() -> None:
     args = (torch.zeros(2), torch.zeros(2), torch.zeros(2))
     with pytest.raises(ModelFileError, match="3 tensor inputs"):
         vet_program(torch.export.export(_ThreeInputs(), args))
+
+
+# --- issue 18: no index computed from the inputs' values -------------------------------------
+
+
+class _Embeds(nn.Module):
+    """Token ids into an embedding table, as every text model does, or ids computed from them."""
+
+    def __init__(self, shift: bool) -> None:
+        super().__init__()
+        self.table, self.shift = nn.Embedding(50, 4), shift
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table(ids + 1 if self.shift else ids).mean(dim=1)
+
+
+def _export_embeds(shift: bool) -> torch.export.ExportedProgram:
+    return torch.export.export(_Embeds(shift).eval(), (torch.ones(2, 5, dtype=torch.int64),))
+
+
+_PACKED = ("call", aten._to_copy.default, (("call", aten.mul.Tensor, ("x", 17.0)),))
+_SUMMED = ("call", aten._to_copy.default, (("call", aten.sum.dim_IntList, ("x", [1, 2, 3])),))
+
+
+@pytest.mark.parametrize(("target", "args", "argument"), [
+    (aten.gather.default, ("x", 1, _PACKED), "index"),
+    (aten.index_select.default, ("x", 0, _SUMMED), "index"),
+    (aten.index.Tensor, ("x", [("call", aten.gt.Scalar, ("x", 0.5))]), "indices"),
+])
+def test_an_index_computed_from_the_inputs_is_refused(target: object, args: tuple[object, ...],
+                                                      argument: str) -> None:
+    """Issue 18's trick: trigger values packed into an index, whose out-of-range error names
+    it (a `.pt2` read 87 of 87 pixels back from Verify's text). Refused by data flow,
+    whatever the operator (`INDEX_ARGUMENTS`)."""
+    with pytest.raises(ModelFileError, match=rf"computed from the inputs' values \(as "
+                       rf"{re.escape(pt2_vetting.operator_name(target) or '')}'s '{argument}'\)"):
+        vet_program(_with_call(target, *args))
+
+
+def test_the_packed_gather_model_is_refused(tmp_path: Path) -> None:
+    path = hostile_models.packing_gather(tmp_path / "packing.pt2")
+    with pytest.raises(ModelFileError, match=r"indexes with 'unsqueeze', computed from the "
+                       r"inputs' values \(as aten::gather.default's 'index'\)"):
+        vet_program(load_program(path))
+
+
+def test_token_ids_as_they_are_may_index_an_embedding_and_computed_ones_may_not() -> None:
+    vet_program(_export_embeds(shift=False))
+    with pytest.raises(ModelFileError, match=r"indexes with 'add', computed from the inputs' "
+                       r"values \(as aten::embedding.default's 'indices'\)"):
+        vet_program(_export_embeds(shift=True))
+
+
+def test_an_index_built_from_the_inputs_shape_only_passes() -> None:
+    # full_like(x, 0) reads x's shape, never its values
+    program = _with_call(aten.gather.default, "x", 1,
+                         ("call", aten.full_like.default, ("x", 0)))
+    node = next(n for n in program.graph.nodes if n.target is aten.full_like.default)
+    node.kwargs = {"dtype": torch.int64}
+    vet_program(program)
+
+
+def test_a_value_dependent_fault_with_no_index_is_admitted(tmp_path: Path) -> None:
+    """What vetting leaves (its failure is found only after the whole run, answered with the
+    fixed refusal): the timing test's admissible model."""
+    vet_program(load_program(hostile_models.nan_on_bright(tmp_path / "nan.pt2", 0.5)))
