@@ -325,10 +325,10 @@ def verify_through_server(width: Width, triggers: TriggerSet, work: Path, plan: 
                CONFIGS[2]: (with_probes, references)}
 
     # The judge reads every test's statistics: a server that discloses them to arbiters.
-    # Every attack is verified against one registration: Verify's rate limit is lifted.
+    # Every attack is verified against one registration: the rate limits are lifted.
     config = ServerConfig(data_dir=work / "ttp", listen="127.0.0.1:0", grace_seconds=1,
                           verdict_policy=default_policy("full"), verify_rate_principal=UNLIMITED,
-                          verify_rate_registration=UNLIMITED)
+                          verify_rate_registration=UNLIMITED, register_rate_principal=UNLIMITED)
     running = create_server(config)  # the real sandbox: one worker subprocess per model
     tokens = add_principals(config.database, [("alice", "owner"), ("judge", "arbiter")])
     address = f"127.0.0.1:{running.port}"

@@ -117,9 +117,10 @@ def floor(kind: str, path: Path, bundle: Any) -> None:
 
 def server(folder: Path) -> tuple[Any, str]:
     running = create_server(ServerConfig(data_dir=folder, listen="127.0.0.1:0", grace_seconds=5,
-                                         # repeated Verify calls for medians: no rate limit
+                                         # repeated calls for medians: no rate limit
                                          verify_rate_principal=UNLIMITED,
-                                         verify_rate_registration=UNLIMITED))
+                                         verify_rate_registration=UNLIMITED,
+                                         register_rate_principal=UNLIMITED))
     token = new_token()
     running.ctx.store.add_principal(Principal("alice", "owner", hash_token(token), 0))
     return running, token

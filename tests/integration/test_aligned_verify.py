@@ -92,10 +92,11 @@ def deployment(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     name = request.param
     folder = tmp_path_factory.mktemp(f"aligned-{name}")
     # The judge reads every test's statistics here: a server that discloses them to arbiters.
-    # It also verifies every attack against one registration: Verify's rate limit is lifted.
+    # It also verifies every attack against one registration and registers many times: the
+    # rate limits are lifted.
     config = ServerConfig(data_dir=folder / "ttp", listen="127.0.0.1:0", grace_seconds=1,
                           verdict_policy=default_policy("full"), verify_rate_principal=UNLIMITED,
-                          verify_rate_registration=UNLIMITED)
+                          verify_rate_registration=UNLIMITED, register_rate_principal=UNLIMITED)
     running = create_server(config)
     if not REAL_SANDBOX[name]:
         running.ctx.sandbox, running.ctx.batch = in_process_sandbox, in_process_batch

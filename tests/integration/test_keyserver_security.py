@@ -88,7 +88,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     # subject is who may call what, not the rate limits (test_keyserver_streams.py has those).
     config = ServerConfig(data_dir=folder / "ttp", listen="127.0.0.1:0",
                           max_upload_bytes=UPLOAD_CAP, grace_seconds=5,
-                          verify_rate_principal=UNLIMITED, verify_rate_registration=UNLIMITED)
+                          verify_rate_principal=UNLIMITED, verify_rate_registration=UNLIMITED,
+                          register_rate_principal=UNLIMITED)
     running = create_server(config)
     tokens = {}
     for caller, role in (("owner_a", "owner"), ("owner_b", "owner"), ("arbiter", "arbiter"),

@@ -74,7 +74,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     folder = tmp_path_factory.mktemp("leaks")
     files = build_models(folder)
     config = ServerConfig(data_dir=folder / "ttp", listen="127.0.0.1:0", grace_seconds=5,
-                          verify_rate_principal=UNLIMITED, verify_rate_registration=UNLIMITED)
+                          verify_rate_principal=UNLIMITED, verify_rate_registration=UNLIMITED,
+                          register_rate_principal=UNLIMITED)
     running = create_server(config)
     tokens = {name: new_token() for name, _ in PRINCIPALS}
     for name, role in PRINCIPALS:
