@@ -31,6 +31,8 @@ This face is lazy: a name is imported from its module on first use, so `import f
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -210,3 +212,18 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
+
+
+class _Face(types.ModuleType):
+    """The package object. `freemark.extract` names both a public function and the module it
+    lives in: when the import system binds a loaded submodule on the package, a public name
+    keeps its function (as it did when this face imported everything eagerly); the module
+    stays reachable as `sys.modules["freemark.extract"]` and by `from freemark.extract import`."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _WHERE and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Face
