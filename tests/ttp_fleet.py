@@ -115,7 +115,8 @@ def in_process_batch(model_path: Path, runs: Sequence[TriggerRun], *,
         for run in batch:
             try:
                 with _SANDBOX_TURN:
-                    results.append(np.asarray(read(spec(run), run.triggers), dtype=np.float64))
+                    results.append(np.asarray(read(spec(run))(run.triggers),
+                                              dtype=np.float64))
             except Exception as exc:  # noqa: BLE001 - a set fails alone, as in the sandbox
                 results.append(exc)
         return results
