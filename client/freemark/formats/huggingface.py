@@ -399,17 +399,22 @@ def pack(directory: str | Path, out: str | Path) -> Path:
     return out
 
 
-def read_untrusted(path: str | Path, *, layer: str, pooling: int, triggers: TriggerSet,
-                   weights: str | Path | None = None, **_options: Any) -> tuple[np.ndarray, bytes]:
+def read_untrusted(path: str | Path, *, layer: str | None, pooling: int, triggers: TriggerSet,
+                   weights: str | Path | None = None, width: int = 0, **_options: Any
+                   ) -> tuple[Any, bytes]:
     """In the key server's sandbox child: an uploaded packed checkpoint's (with `weights`:
     those weights on its architecture) key-layer activations on the triggers, and its
-    identity (fingerprint ‖ architecture digest)."""
+    identity (fingerprint ‖ architecture digest). `layer` None: every module's, of `width`
+    units (0: any), as `freemark.scheme.activations.capture_every` lists them."""
     from freemark.formats.pt2 import architecture_digest, fingerprint
-    from freemark.scheme.activations import capture
+    from freemark.scheme.activations import capture, capture_every
 
     model = apply_checkpoint_weights(path, weights) if weights else load_checkpoint(path)
+    identity = fingerprint(model) + architecture_digest(model)
+    if layer is None:
+        return capture_every(model, triggers, width=width), identity
     activations, _ = capture(model, layer, triggers, pooling=pooling)
-    return activations, fingerprint(model) + architecture_digest(model)
+    return activations, identity
 
 
 def warm_up(folder: Path) -> None:

@@ -60,12 +60,14 @@ def handles(header: dict[str, Any]) -> bool:
 
 
 def sandboxed_activations(header: dict[str, Any], triggers: TriggerSet) -> tuple[Any, bytes]:
-    """Inside the sandbox: the activation matrix and the model's identity (fingerprint ‖
+    """Inside the sandbox: the activation matrix (for a scan, ``layer`` None, the list of
+    every tensor's: `protocol.TriggerRun`) and the model's identity (fingerprint ‖
     architecture digest), read by the format's own module (`read_untrusted`)."""
     reader = _READERS[header[FORMAT_KEY]].opener()
     activations, identity = reader.read_untrusted(
         header["model"], weights=header.get("weights"), layer=header["layer"],
-        pooling=header["pooling"], triggers=triggers, tensor=header.get(TENSOR_KEY))
+        pooling=header["pooling"], triggers=triggers, tensor=header.get(TENSOR_KEY),
+        width=int(header.get("width", 0)))
     return activations, identity
 
 

@@ -56,7 +56,7 @@ def _runner(header: dict[str, Any], sets: list[tuple[Any, Any]]) -> tuple[bytes,
     `freemark_keyserver.sandbox.formats`, whose loaders read one layer per load (the first set is read
     once more for the identity).
     """
-    from freemark.scheme.activations import capture
+    from freemark.scheme.activations import capture, capture_every
     from freemark.scheme.probes import with_probes
     from freemark.scheme.triggers import TriggerSet
     from freemark_keyserver.sandbox import formats
@@ -66,7 +66,11 @@ def _runner(header: dict[str, Any], sets: list[tuple[Any, Any]]) -> tuple[bytes,
 
     if formats.handles(header):  # Hugging Face checkpoints and ONNX: their own safe loaders
         def other(spec: dict[str, Any], triggers: TriggerSet) -> Any:
-            return formats.sandboxed_activations({**header, **spec}, probed(spec, triggers))
+            inputs = probed(spec, triggers)
+            activations, identity = formats.sandboxed_activations({**header, **spec}, inputs)
+            if spec.get("layer", "") is None:  # a scan (`TriggerRun`)
+                activations = protocol.LayerScan.of(len(inputs), activations)
+            return activations, identity
         if not sets:
             raise Refusal(protocol.INTERNAL, "a request without trigger sets")
         first = other(header["sets"][0], TriggerSet(inputs=sets[0][0], attention_mask=sets[0][1]))
@@ -74,8 +78,11 @@ def _runner(header: dict[str, Any], sets: list[tuple[Any, Any]]) -> tuple[bytes,
     model, identity = _load(header)
 
     def program(spec: dict[str, Any], triggers: TriggerSet) -> Any:
-        activations, _ = capture(model, spec["layer"], probed(spec, triggers),
-                                 pooling=spec["pooling"])
+        inputs = probed(spec, triggers)
+        if spec["layer"] is None:  # a scan: every tensor, whatever its name (`TriggerRun`)
+            return protocol.LayerScan.of(len(inputs), capture_every(
+                model, inputs, width=int(spec.get("width", 0))))
+        activations, _ = capture(model, spec["layer"], inputs, pooling=spec["pooling"])
         return activations
     return identity, program
 
