@@ -39,7 +39,13 @@ from freemark_keyserver.config import (
     ServerConfig,
 )
 from freemark_keyserver.crypto import load_or_create_keyring, load_or_create_signing_key
-from freemark_keyserver.sandbox.runner import ModelIdentity, SandboxResult, Then, TriggerRun
+from freemark_keyserver.sandbox.runner import (
+    LayerScan,
+    ModelIdentity,
+    SandboxResult,
+    Then,
+    TriggerRun,
+)
 from freemark_keyserver.sandbox.worker import _runner
 from freemark_keyserver.server import RunningServer, create_server
 from freemark_keyserver.store import Principal, open_store
@@ -101,7 +107,8 @@ def in_process_batch(model_path: Path, runs: Sequence[TriggerRun], *,
     """`sandbox.run_batch`'s answer (one load, `then`'s follow-up runs included), computed
     in this process by the worker's own code."""
     def spec(run: TriggerRun) -> dict[str, Any]:
-        return {"layer": run.layer, "pooling": run.pooling, "probes": run.probes}
+        return {"layer": run.layer, "pooling": run.pooling, "probes": run.probes,
+                "width": run.width}
 
     header = {"model": str(model_path), "weights": str(weights_path) if weights_path else None,
               "sets": [spec(r) for r in runs]}
@@ -115,8 +122,10 @@ def in_process_batch(model_path: Path, runs: Sequence[TriggerRun], *,
         for run in batch:
             try:
                 with _SANDBOX_TURN:
-                    results.append(np.asarray(read(spec(run))(run.triggers),
-                                              dtype=np.float64))
+                    answer = read(spec(run))(run.triggers)
+                # a scan keeps its type (`LayerScan`: the tensors' widths), as decode_reply gives it
+                results.append(answer.astype(np.float64) if isinstance(answer, LayerScan)
+                               else np.asarray(answer, dtype=np.float64))
             except Exception as exc:  # noqa: BLE001 - a set fails alone, as in the sandbox
                 results.append(exc)
         return results

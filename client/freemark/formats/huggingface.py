@@ -399,21 +399,25 @@ def pack(directory: str | Path, out: str | Path) -> Path:
     return out
 
 
-def open_untrusted(path: str | Path, *, layer: str, pooling: int,
-                   weights: str | Path | None = None, **_options: Any
-                   ) -> tuple[bytes, Callable[[TriggerSet], np.ndarray]]:
+def open_untrusted(path: str | Path, *, layer: str | None, pooling: int,
+                   weights: str | Path | None = None, width: int = 0, **_options: Any
+                   ) -> tuple[bytes, Callable[[TriggerSet], Any]]:
     """In the key server's sandbox child: build an uploaded packed checkpoint (with
     `weights`: those weights on its architecture) and locate the key's layer, and return its
     identity (fingerprint ‖ architecture digest) and its run, from a set's triggers to the
-    key-layer activations. Opening reads no trigger, so its failures are the file's; the
-    run's may depend on the triggers (the child reports them without text)."""
+    key-layer activations (`layer` None: every module's, of `width` units (0: any), as
+    `freemark.scheme.activations.capture_every` lists them). Opening reads no trigger, so
+    its failures are the file's; the run's may depend on the triggers (the child reports
+    them without text)."""
     from freemark.formats.pt2 import architecture_digest, fingerprint
-    from freemark.scheme.activations import capture, resolve_layer
+    from freemark.scheme.activations import capture, capture_every, resolve_layer
 
     model = apply_checkpoint_weights(path, weights) if weights else load_checkpoint(path)
+    identity = fingerprint(model) + architecture_digest(model)
+    if layer is None:
+        return identity, lambda triggers: capture_every(model, triggers, width=width)
     resolve_layer(model, layer)
-    return (fingerprint(model) + architecture_digest(model),
-            lambda triggers: capture(model, layer, triggers, pooling=pooling)[0])
+    return identity, lambda triggers: capture(model, layer, triggers, pooling=pooling)[0]
 
 
 def warm_up(folder: Path) -> None:

@@ -7,7 +7,7 @@ model is only run forward under `no_grad`; no weight is touched.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -187,3 +187,211 @@ def capture(
     if not np.all(np.isfinite(result)):
         raise InvalidInputError(f"layer {layer!r} produced non-finite activations")
     return result, chosen[0]
+
+
+# `capture_every` (the key server's prior-claim scan) reads every intermediate tensor of a
+# model; these caps bound what one scan may hand back. Past either, the scan raises: the key
+# server treats a scan it cannot complete as a claim, never as a clearance.
+MAX_SCANNED_TENSORS = 2048
+MAX_SCANNED_VALUES = 48 * 1024**2  # float32 on the wire: 192 MiB
+
+
+def accepts(model: nn.Module | torch.export.ExportedProgram, triggers: TriggerSet) -> bool:
+    """Whether the model takes inputs of the triggers' kind at all: one per sample of their
+    shape and dtype (float or integer), with an attention mask exactly when they have one.
+
+    Decided without the trigger values, so the answer says nothing about them. A program
+    answers from its declared input signature (static sizes must be equal, dynamic ones
+    within their declared range; the batch axis is free); any other module (an allow-listed
+    architecture, not an uploaded graph) from a forward pass on zeros of that shape.
+    """
+    expected = 1 if triggers.attention_mask is None else 2
+    samples = [triggers.inputs] + ([] if triggers.attention_mask is None else [triggers.attention_mask])
+    if isinstance(model, torch.export.ExportedProgram):
+        declared = [n.meta.get("val") for n in model.graph.nodes
+                    if n.op == "placeholder" and n.name in set(model.graph_signature.user_inputs)]
+        if len(declared) != expected:
+            return False
+        return all(_fits(value, sample, model.range_constraints)
+                   for value, sample in zip(declared, samples))
+    try:
+        zeros = [torch.zeros((1, *s.shape[1:]), dtype=_to_tensor(s[:1]).dtype) for s in samples]
+        if len(zeros) == 2:
+            zeros[1] = torch.ones_like(zeros[1])
+        module = as_module(model)
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                module(*zeros)
+        finally:
+            module.train(was_training)
+    except Exception:  # noqa: BLE001 - a model that cannot run on this shape does not take it
+        return False
+    return True
+
+
+def _fits(value: Any, sample: np.ndarray, ranges: dict[Any, Any]) -> bool:
+    """Whether one declared input (a fake tensor from the program's graph) admits `sample`."""
+    if not isinstance(value, torch.Tensor) or value.dim() != sample.ndim:
+        return False
+    if value.dtype.is_floating_point != bool(np.issubdtype(sample.dtype, np.floating)):
+        return False
+    for declared, size in zip(list(value.shape)[1:], sample.shape[1:]):
+        if isinstance(declared, int):
+            if declared != size:
+                return False
+            continue
+        bound = ranges.get(declared.node.expr)
+        if bound is not None and not int(bound.lower) <= size <= int(bound.upper):
+            return False
+    return True
+
+
+def capture_every(
+    model: nn.Module | torch.export.ExportedProgram,
+    triggers: TriggerSet,
+    *,
+    width: int = 0,
+    batch_size: int = DEFAULT_BATCH,
+) -> list[np.ndarray]:
+    """Pooled activations of every intermediate tensor the model computes on the triggers,
+    whatever its modules and weights are called: a list of (n_triggers, units) float32
+    matrices, in the order they are computed, of `width` units only (0: any width).
+
+    What the key server reads an upload with when it looks for another owner's key layer in
+    it (`freemark_keyserver.handlers.register`): a program is run node by node, so a key
+    layer renamed, wrapped in a container or inlined as a function is still read; any other
+    module through a hook on every submodule. Each tensor is pooled by its rank (2-D as it
+    is, token mean with a mask, spatial mean otherwise); one whose batch axis is not the
+    inputs', that cannot be pooled, or that is not finite is left out. Empty when the model
+    does not take inputs of the triggers' kind (`accepts`). Raises InvalidInputError when the
+    model cannot run on the triggers, or the scan exceeds MAX_SCANNED_TENSORS or
+    MAX_SCANNED_VALUES.
+    """
+    if not accepts(model, triggers):
+        return []
+    program = model if isinstance(model, torch.export.ExportedProgram) else None
+    module = program.module() if program is not None else as_module(model)
+    inputs = _to_tensor(triggers.inputs)
+    mask = None if triggers.attention_mask is None else _to_tensor(triggers.attention_mask)
+    chunk = _static_batch(module) or _batch_for(inputs, batch_size)
+    scan = _Scan(width=width, has_mask=mask is not None)
+    forward = (_node_recorder(module, scan.record) if program is not None
+               else _hook_recorder(module, scan.record))
+    was_training = module.training
+    try:
+        if program is None:  # a program's graph was exported in eval mode and has no train()
+            module.eval()
+        with torch.no_grad():
+            for start, stop in _chunks(len(inputs), chunk):
+                batch, batch_mask = inputs[start:stop], None if mask is None else mask[start:stop]
+                real = stop - start
+                if real < chunk and _static_batch(module):
+                    pad = chunk - real
+                    batch = torch.cat([batch, batch[-1:].expand(pad, *batch.shape[1:])])
+                    if batch_mask is not None:
+                        batch_mask = torch.cat([batch_mask, batch_mask[-1:].expand(pad, -1)])
+                scan.start(len(batch), real, batch_mask)
+                try:
+                    forward(batch, batch_mask)
+                except InvalidInputError:
+                    raise
+                except (RuntimeError, ValueError, TypeError, AssertionError, IndexError) as exc:
+                    raise InvalidInputError(
+                        f"the model cannot run on the trigger inputs of shape "
+                        f"{tuple(inputs.shape[1:])} per sample: {str(exc).splitlines()[0]}"
+                    ) from exc
+                if scan.units_per_row() * len(inputs) > MAX_SCANNED_VALUES:
+                    raise InvalidInputError(f"the scan exceeds {MAX_SCANNED_VALUES} values")
+    finally:
+        if program is None:
+            module.train(was_training)
+    return scan.result(len(inputs))
+
+
+_Forward = Callable[[torch.Tensor, 'torch.Tensor | None'], Any]
+
+
+class _Scan:
+    """What `capture_every` has read so far: per tensor (by the order the forward pass
+    computes it in), its pooled rows of each batch."""
+
+    def __init__(self, *, width: int, has_mask: bool) -> None:
+        self.width, self.has_mask = width, has_mask
+        self.columns: dict[int, list[torch.Tensor]] = {}
+        self.dropped: set[int] = set()
+        self.seen, self.batch, self.real = 0, 0, 0
+        self.mask: torch.Tensor | None = None
+
+    def start(self, batch: int, real: int, mask: torch.Tensor | None) -> None:
+        self.seen, self.batch, self.real, self.mask = 0, batch, real, mask
+
+    def record(self, output: Any) -> None:
+        order, self.seen = self.seen, self.seen + 1
+        if order in self.dropped:
+            return
+        if not (isinstance(output, torch.Tensor) and output.dtype.is_floating_point
+                and output.dim() >= 2 and output.shape[0] == self.batch):
+            self.dropped.add(order)
+            return
+        try:
+            tensor = output.detach().to(torch.float64)
+            pooled = pool(tensor, self.mask, infer_pooling(tensor, self.has_mask))
+        except (InvalidInputError, RuntimeError):
+            self.dropped.add(order)
+            return
+        if self.width and pooled.shape[1] != self.width:
+            self.dropped.add(order)
+            return
+        self.columns.setdefault(order, []).append(pooled[:self.real].to(torch.float32))
+        if len(self.columns) > MAX_SCANNED_TENSORS:
+            raise InvalidInputError(f"the model computes more than {MAX_SCANNED_TENSORS} "
+                                    "tensors to scan")
+
+    def units_per_row(self) -> int:
+        return sum(int(parts[0].shape[1]) for parts in self.columns.values())
+
+    def result(self, rows: int) -> list[np.ndarray]:
+        matrices = []
+        for order, parts in self.columns.items():
+            if order in self.dropped or sum(len(p) for p in parts) != rows:
+                continue
+            matrix = torch.cat(parts).numpy()
+            if np.all(np.isfinite(matrix)):
+                matrices.append(matrix)
+        return matrices
+
+
+def _node_recorder(module: nn.Module, record: Callable[[Any], None]) -> _Forward:
+    """A forward pass over a program's graph that hands every node's output to `record`."""
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> Any:
+            output = super().run_node(n)
+            if n.op == "call_function":
+                record(output)
+            return output
+
+    def forward(batch: torch.Tensor, mask: torch.Tensor | None) -> Any:
+        return Recorder(module).run(*([batch] if mask is None else [batch, mask]))
+    return forward
+
+
+def _hook_recorder(module: nn.Module, record: Callable[[Any], None]) -> _Forward:
+    """A forward pass that hands every submodule's output (the first tensor of a tuple) to
+    `record`."""
+
+    def hook(_mod: nn.Module, _inp: Any, output: Any) -> None:
+        if isinstance(output, (tuple, list)):
+            output = output[0] if output and isinstance(output[0], torch.Tensor) else None
+        record(output)
+
+    def forward(batch: torch.Tensor, mask: torch.Tensor | None) -> Any:
+        handles = [m.register_forward_hook(hook) for m in module.modules()]
+        try:
+            return module(batch) if mask is None else module(batch, mask)
+        finally:
+            for handle in handles:
+                handle.remove()
+    return forward

@@ -70,9 +70,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     Status: NOT_FOUND.
     """
     ALREADY_CLAIMED: _ErrorReason.ValueType  # 9
-    """An earlier registration already claims this model. The message names no registration
-    and no figure (only an owner re-registering his own model is told its id), so it cannot
-    gauge a laundering attempt; the operator's log records the caller and the claim.
+    """An earlier registration already claims this model: the same weights, or an earlier key
+    that decodes some tensor of the upload (located by the key server, whatever the upload's
+    modules are called), or a run on an earlier registration's triggers that could not be
+    judged (fail closed). The message names no registration and no figure (only an owner
+    re-registering his own model is told its id), so it cannot gauge a laundering attempt;
+    the operator's log records the caller and the claim.
     Status: ALREADY_EXISTS.
     """
     TOO_LARGE: _ErrorReason.ValueType  # 10
@@ -180,9 +183,12 @@ NOT_FOUND: ErrorReason.ValueType  # 8
 Status: NOT_FOUND.
 """
 ALREADY_CLAIMED: ErrorReason.ValueType  # 9
-"""An earlier registration already claims this model. The message names no registration
-and no figure (only an owner re-registering his own model is told its id), so it cannot
-gauge a laundering attempt; the operator's log records the caller and the claim.
+"""An earlier registration already claims this model: the same weights, or an earlier key
+that decodes some tensor of the upload (located by the key server, whatever the upload's
+modules are called), or a run on an earlier registration's triggers that could not be
+judged (fail closed). The message names no registration and no figure (only an owner
+re-registering his own model is told its id), so it cannot gauge a laundering attempt;
+the operator's log records the caller and the claim.
 Status: ALREADY_EXISTS.
 """
 TOO_LARGE: ErrorReason.ValueType  # 10

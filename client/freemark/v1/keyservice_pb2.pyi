@@ -431,9 +431,10 @@ class Receipt(_message.Message):
     """The key layer and the number of watermark bits N."""
     n_bits: _builtins.int
     architecture_digest: _builtins.bytes
-    """The host's architecture family (SHA-256 over its weight names): earlier
-    registrations of the family are what a new upload is checked against, so the
-    server reads it from this signed statement, never from a database column alone.
+    """The host's architecture family (SHA-256 over its weight names): operator panels are
+    kept per family. It does not choose what a new upload is checked against (every
+    earlier registration of its input signature is); the server reads it from this signed
+    statement, never from a database column alone.
     """
     @_builtins.property
     def statement(self) -> Global___SignedStatement: ...

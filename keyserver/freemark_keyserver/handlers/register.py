@@ -4,8 +4,9 @@ The handler authorises on the header (the caller's role, the bundle and its bind
 caller, the host's format) before it reads a byte of the upload, then receives the host and
 any reference models. One sandbox child reads the host: it must be the model the key was
 derived on (fingerprint, every bit extracted, the key specific to it); the same child then
-reads it with every earlier key of its architecture family, and an earlier registration that
-claims it refuses the call (`_PriorClaims`). The reference panel is measured, the bundle and
+scans it on the triggers of every earlier registration of its input signature, whatever its
+modules are called, and an earlier registration that claims it refuses the call
+(`_PriorClaims`). The reference panel is measured, the bundle and
 panel are sealed, the host stored, the receipt appended to the log and signed.
 """
 
@@ -24,10 +25,11 @@ from freemark.errors import InvalidInputError, UniquenessError
 from freemark.extract import judge_activations
 from freemark.formats.table import HOSTS, by_wire, names
 from freemark.panel import Reference
-from freemark.reading import aligns, probe_count
+from freemark.reading import aligns, probe_count, split_activations
 from freemark.records import wire
-from freemark.records.types import NO_PANEL, RECEIPT_KIND, Receipt, ReferencePanel
+from freemark.records.types import NO_PANEL, RECEIPT_KIND, Receipt, ReferencePanel, Verdict
 from freemark.scheme.bundle import KeyBundle, from_proto
+from freemark.scheme.triggers import TriggerSet
 from freemark.scheme.watermark import commitment
 from freemark.v1 import keyservice_pb2 as pb
 from freemark.verdict.decision import suspect_vector
@@ -48,7 +50,7 @@ from freemark_keyserver.handlers.context import (
 from freemark_keyserver.handlers.hosts import store_host
 from freemark_keyserver.handlers.lookups import lookup_many
 from freemark_keyserver.sandbox import formats
-from freemark_keyserver.sandbox.runner import ModelIdentity, TriggerRun
+from freemark_keyserver.sandbox.runner import LayerScan, ModelIdentity, TriggerRun
 from freemark_keyserver.store import DuplicateError, Principal, Registration
 
 __all__ = ["CLAIMED", "parse_bundle", "register", "register_host"]
@@ -160,22 +162,33 @@ class _PriorClaims:
     """ALREADY_EXISTS when an earlier registration (`_blocks`) already claims the upload.
 
     Claimed means: the same weights, or an earlier key's verdict (plain and, with that
-    registration's panel, aligned, so a relabelled, rescaled or padded copy is caught) is
-    a match. Earlier registrations are looked up by architecture family (weight names,
-    not shapes), so a widened copy is compared too; family and weights are read from the
-    signed log, so editing a database column cannot switch the check off. The refusal
-    names neither the earlier registration nor any figure: a number here would let a thief
-    steer his laundering one query at a time.
+    registration's panel, aligned, so a relabelled, rescaled or padded copy is caught) is a
+    match on some tensor of the upload. Candidates are every earlier registration whose
+    triggers the upload could take: the same input signature (`_signature`), read from the
+    signed log and the sealed bundles, never from names the uploader chose. The key layer is
+    located by the TTP, not by its name: the sandbox child reads every tensor the upload
+    computes on that registration's triggers (a scan, `TriggerRun` with no layer), of the
+    key's width for the plain test or of any width when the panel lets the aligned test
+    run, and each is judged with the earlier key; any match is a claim. So renaming the key
+    layer, any weight, every module, wrapping a layer in a container or inlining it changes
+    nothing. The refusal names neither the earlier registration nor any figure: a number here
+    would let a thief steer his laundering one query at a time.
 
-    The upload is read with every earlier key by the sandbox child that read it with its
-    own (`runs` is the pool's follow-up: one load in all), on each key's triggers and, where
-    that registration's panel lets the aligned test run, its probes.
+    The upload is scanned with every earlier key by the sandbox child that read it with its
+    own (`runs` is the pool's follow-up: one load in all).
 
-    Running the uploader's program on another owner's triggers must not let it observe
-    them: any failure of that run or of its judgement (sandbox deadline, resource limit,
-    crash, model error, anything) is treated exactly as a non-match, so the call goes on
-    as it would have; the failure is logged for the operator and never answered. Only the
-    caller's own cancellation ends the call: it does not depend on the triggers.
+    Fail closed: a scan that cannot be completed (the model fails on those triggers, a
+    deadline, a resource limit or cap, a crash) is a claim, refused with the same fixed
+    ALREADY_EXISTS as any claim, so a thief cannot buy a clearance by making his copy fail on
+    other owners' triggers, and the answer says nothing about the failure. An upload that
+    does not take inputs of that registration's kind at all (its declared input shape
+    differs), or that computes no tensor the key can be read on, is not a copy of it: no
+    claim. A tensor the key cannot be read on (a constant one, too few live units to align)
+    is skipped; the others still decide. Only the caller's own cancellation ends the call.
+
+    Cost: every earlier registration's sealed bundle is opened to read its input signature,
+    and the upload is scanned once per candidate of its signature, all in one child within
+    one sandbox deadline; the registry is not indexed yet (docs/keyserver.md).
     """
 
     def __init__(self, ctx: Context, principal: Principal, bundle: KeyBundle) -> None:
@@ -185,25 +198,27 @@ class _PriorClaims:
 
     def runs(self, identity: ModelIdentity, results: list[np.ndarray | Exception]) -> list[TriggerRun]:
         """With the host's own reading (its child still holds it): check the host, refuse an
-        upload of registered weights, and return the runs for every earlier key."""
+        upload of registered weights, and return a scan for every candidate earlier key."""
         try:
             self.host = panels.reading_of(self.bundle, identity, results[0], self.bundle.probes)
         except InvalidInputError as exc:
             raise ServiceError(ErrorCode.INVALID_MODEL, public(exc)) from exc
         _check_host(self.bundle, self.host)
-        fingerprint, family = self.host.fingerprint, self.host.architecture_digest
+        fingerprint = self.host.fingerprint
         same = [r for r in lookup_many(self.ctx, lambda reg: reg.by_fingerprint(fingerprint))
                 if _blocks(r, self.principal)]
         if same:
             raise _claimed(self.principal, same, "the same weights are registered")
-        self.earlier = [(record, *panels.open_sealed(self.ctx, record)) for record in
-                        lookup_many(self.ctx, lambda reg: reg.by_architecture(family))
-                        if _blocks(record, self.principal)]
-        return [panels.trigger_run(bundle, aligns(bundle, panel))
-                for _, bundle, panel in self.earlier]
+        signature = _signature(self.bundle.triggers)
+        opened = [(record, *panels.open_sealed(self.ctx, record)) for record in
+                  lookup_many(self.ctx, lambda reg: reg.all()) if _blocks(record, self.principal)]
+        self.earlier = [(record, bundle, panel) for record, bundle, panel in opened
+                        if _signature(bundle.triggers) == signature]
+        return [_scan(bundle, panel) for _, bundle, panel in self.earlier]
 
     def judge(self, results: Sequence[np.ndarray | Exception]) -> None:
-        """Refuse the upload if an earlier key decodes it; a failure is a non-match.
+        """Refuse the upload if an earlier key decodes any tensor of it, or if a scan or a
+        judgement failed (fail closed: never a clearance).
 
         Every earlier key is judged before any refusal (no short-circuit: how long the call
         takes says nothing of which key matched). A failure is logged by its class name only:
@@ -211,28 +226,68 @@ class _PriorClaims:
         assert self.host is not None
         claims: list[tuple[Registration, float]] = []
         for (record, bundle, panel), result in zip(self.earlier, results):
-            try:
-                theirs = panels.reading_of(bundle, self.host.identity, result,
-                                           probe_count(bundle, probes=aligns(bundle, panel)))
-                verdict = judge_activations(theirs.triggers, bundle,
-                                            probe_activations=theirs.probes, panel=panel)
-            except Exception as exc:  # noqa: BLE001 - every failure must look like a non-match
-                log.warning("Register by %s: the upload could not be judged with earlier "
-                            "registration %s (%s); treated as no match", self.principal.name,
-                            record.registration_id, _failure_name(exc))
+            if not isinstance(result, LayerScan):  # a failed scan: never a clearance
+                log.warning("Register by %s: the upload could not be scanned with earlier "
+                            "registration %s (%s); a claim", self.principal.name,
+                            record.registration_id, _failure_name(result)
+                            if isinstance(result, BaseException) else "not a scan")
+                claims.append((record, 0.0))
                 continue
-            if verdict.is_match:
-                claims.append((record, verdict.log10_p_value))
+            probes = probe_count(bundle, probes=aligns(bundle, panel))
+            for layer in result.layers():
+                try:
+                    verdict = _judge_tensor(layer, bundle, panel, probes)
+                except InvalidInputError:  # a tensor this key cannot be read on
+                    continue
+                except Exception as exc:  # noqa: BLE001 - a failed judgement is a claim
+                    log.warning("Register by %s: a tensor of the upload could not be judged "
+                                "with earlier registration %s (%s); a claim",
+                                self.principal.name, record.registration_id, _failure_name(exc))
+                    claims.append((record, 0.0))
+                    break
+                if verdict.is_match:
+                    claims.append((record, verdict.log10_p_value))
+                    break
         if claims:
             raise _claimed(self.principal, [record for record, _ in claims],
-                           "an earlier key decodes the upload (log10 p "
-                           + ", ".join(f"{p:.1f}" for _, p in claims) + ")")
+                           "an earlier key decodes the upload, or it could not be judged "
+                           "(log10 p " + ", ".join(f"{p:.1f}" for _, p in claims) + ")")
 
 
-def _failure_name(exc: Exception) -> str:
+def _failure_name(exc: BaseException) -> str:
     """What the operator's log says of a failed prior-claim run: class names, no message."""
     error_type = getattr(exc, "error_type", None)  # SandboxRunFailed: what the model raised
     return f"{type(exc).__name__}: {error_type}" if error_type else type(exc).__name__
+
+
+def _signature(triggers: TriggerSet) -> tuple[int, bool, bool]:
+    """What an upload must take to be read on these triggers: inputs of this rank, float or
+    integer, with or without an attention mask. Sizes are left to the sandbox child, which
+    compares them with the upload's declared input shape (`freemark.scheme.activations.
+    accepts`), so a model that takes any sequence length or image size is still compared."""
+    inputs = np.asarray(triggers.inputs)
+    return inputs.ndim, bool(np.issubdtype(inputs.dtype, np.floating)), (
+        triggers.attention_mask is not None)
+
+
+def _scan(bundle: KeyBundle, panel: Sequence[Reference]) -> TriggerRun:
+    """The scan of an upload on an earlier key's triggers (and probes, where its panel lets
+    the aligned test run): tensors of the key's width, or of any width for the aligned test."""
+    aligned = aligns(bundle, panel)
+    return TriggerRun(None, bundle.pooling, bundle.triggers, probe_count(bundle, probes=aligned),
+                      width=0 if aligned else bundle.units)
+
+
+def _judge_tensor(layer: np.ndarray, bundle: KeyBundle, panel: Sequence[Reference], probes: int
+                  ) -> Verdict:
+    """An earlier key's verdict on one scanned tensor. The tensor is first divided by its
+    largest magnitude: both tests are blind to a global scale, and a copy whose key layer was
+    scaled down across a ReLU would otherwise fall under the read-out's absolute floor."""
+    peak = float(np.max(np.abs(layer))) if layer.size else 0.0
+    if not peak > 0.0:
+        raise InvalidInputError("a constant tensor")
+    triggers, probed = split_activations(layer / peak, bundle, probes)
+    return judge_activations(triggers, bundle, probe_activations=probed, panel=panel)
 
 
 def _claimed(principal: Principal, records: Sequence[Registration], why: str) -> ServiceError:

@@ -62,12 +62,14 @@ def handles(header: dict[str, Any]) -> bool:
 
 def sandboxed_model(header: dict[str, Any]) -> tuple[bytes, Callable[[TriggerSet], Any]]:
     """Inside the sandbox: open an upload of a format with its own reader for one set (its
-    layer), and return its identity (fingerprint ‖ architecture digest) and its run, a function
-    from the set's triggers to the activation matrix. Reading touches no trigger, so its
-    failures are the file's; the run's are the run's (`worker`)."""
+    layer; a scan, ``layer`` None, reads every tensor's: `protocol.TriggerRun`), and return
+    its identity (fingerprint ‖ architecture digest) and its run, a function from the set's
+    triggers to the activation matrix (a scan: the list of them). Reading touches no
+    trigger, so its failures are the file's; the run's are the run's (`worker`)."""
     return _READERS[header[FORMAT_KEY]].opener().open_untrusted(
         header["model"], weights=header.get("weights"), layer=header["layer"],
-        pooling=header["pooling"], tensor=header.get(TENSOR_KEY))
+        pooling=header["pooling"], tensor=header.get(TENSOR_KEY),
+        width=int(header.get("width", 0)))
 
 
 def sandboxed_activations(header: dict[str, Any], triggers: TriggerSet) -> tuple[Any, bytes]:

@@ -10,8 +10,8 @@ shuts its side down. Each message is framed by its length (`LENGTH`: 8 bytes, bi
 either side knows when one is complete:
 
 1. request: `np.save` frames (never pickle): a JSON header as uint8 (``model``, ``weights``,
-   and ``sets``: one ``{"layer", "pooling", "has_mask", "probes"}`` per trigger set, a
-   `TriggerRun` each), then each set's inputs and, if announced, its attention mask. The
+   and ``sets``: one ``{"layer", "pooling", "has_mask", "probes", "width"}`` per trigger set,
+   a `TriggerRun` each; ``layer`` null asks for a scan of every tensor), then each set's inputs and, if announced, its attention mask. The
    child appends ``probes`` alignment probes to each set itself
    (`freemark.scheme.probes.with_probes`). Triggers are secret and never touch disk. Options
    ride in the header too: the upload's format (`formats.sandbox_options`), and
@@ -20,7 +20,8 @@ either side knows when one is complete:
    trigger sets for the same model;
 2. reply: `OK` (b"K"), the 64 identity bytes (fingerprint ‖ architecture digest) as uint8,
    then per set a status frame (JSON {"kind", "message"} as uint8; kind "ok" is followed by
-   the float32 activation matrix); or `REFUSED` (b"R") and one status frame when the model
+   the float32 activation matrix; a scan's status also says ``widths``, where each tensor's
+   columns end in its matrix, a `LayerScan`); or `REFUSED` (b"R") and one status frame when the model
    could not be read at all, after which the child exits. Kinds: "invalid_model",
    "invalid_input", "resource", "internal"; messages are one line without traceback.
    "run_failed" is a failure while the model ran on the set's triggers or probes (secret
@@ -36,6 +37,7 @@ program wrote it: no pickle, a fixed layout, finite float32 matrices of the anno
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import struct
 from collections.abc import Sequence
@@ -65,6 +67,7 @@ __all__ = [
     "RUN_FAILED",
     "SKIP_FINGERPRINT",
     "WEIGHTS_PATH",
+    "LayerScan",
     "ModelIdentity",
     "Refusal",
     "TriggerRun",
@@ -127,17 +130,52 @@ _MAX_TYPE_NAME = 64
 @dataclass(frozen=True)
 class TriggerRun:
     """One trigger set to run the model on, at one layer and pooling, followed by `probes`
-    alignment probes that the child derives from the triggers (`freemark.scheme.probes`)."""
+    alignment probes that the child derives from the triggers (`freemark.scheme.probes`).
 
-    layer: str
+    `layer` None is a scan (Register's prior-claim check): the child reads every tensor the
+    model computes, whatever its name (`freemark.scheme.activations.capture_every`), each
+    pooled by its rank, of `width` units only (0: any), and answers a `LayerScan`; nothing
+    when the model does not take inputs of the triggers' kind.
+    """
+
+    layer: str | None
     pooling: int
     triggers: TriggerSet
     probes: int = 0
+    width: int = 0
+
+    @property
+    def scans(self) -> bool:
+        return self.layer is None
 
     @property
     def rows(self) -> int:
         """How many activation rows the run answers: the triggers, then the probes."""
         return len(self.triggers) + self.probes
+
+
+class LayerScan(np.ndarray):
+    """A scan's answer: the pooled activations of every tensor read, side by side in one
+    matrix (rows: triggers, then probes), `widths` saying how many columns each takes."""
+
+    widths: tuple[int, ...] = ()
+
+    def __array_finalize__(self, obj: Any) -> None:
+        self.widths = tuple(getattr(obj, "widths", ()))
+
+    @classmethod
+    def of(cls, rows: int, matrices: Sequence[np.ndarray]) -> LayerScan:
+        columns = (np.concatenate(matrices, axis=1) if matrices
+                   else np.zeros((rows, 0), dtype=np.float32))
+        scan = np.ascontiguousarray(columns).view(cls)
+        scan.widths = tuple(int(m.shape[1]) for m in matrices)
+        return scan
+
+    def layers(self) -> list[np.ndarray]:
+        """Each tensor's (rows, width) matrix, as a plain array."""
+        plain = np.asarray(self)
+        return [plain[:, start:stop]
+                for start, stop in itertools.pairwise(np.cumsum((0, *self.widths)))]
 
 
 class Refusal(Exception):
@@ -156,6 +194,7 @@ def encode_request(runs: Sequence[TriggerRun], has_weights: bool, options: dict[
     """A request (without its length frame) for `runs` of the model the child holds."""
     header = {**options, "model": MODEL_PATH, "weights": WEIGHTS_PATH if has_weights else None,
               "sets": [{"layer": r.layer, "pooling": int(r.pooling), "probes": int(r.probes),
+                        "width": int(r.width),
                         "has_mask": r.triggers.attention_mask is not None} for r in runs]}
     buffer = io.BytesIO()
     arrays: list[Any] = [np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)]
@@ -202,8 +241,8 @@ def _npy(array: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _status_frame(kind: str, message: str) -> bytes:
-    payload = {"kind": kind, "message": message[:MAX_MESSAGE_CHARS]}
+def _status_frame(kind: str, message: str, **extra: Any) -> bytes:
+    payload = {"kind": kind, "message": message[:MAX_MESSAGE_CHARS], **extra}
     return _npy(np.frombuffer(json.dumps(payload).encode(), dtype=np.uint8))
 
 
@@ -219,6 +258,10 @@ def encode_reply(identity: bytes, results: Sequence[Any]) -> bytes:
     for result in results:
         if isinstance(result, Refusal):
             parts.append(_status_frame(result.kind, str(result)))
+            continue
+        if isinstance(result, LayerScan):
+            parts.append(_status_frame(OK_KIND, "", widths=list(result.widths)))
+            parts.append(_npy(np.asarray(result)))
             continue
         parts.append(_status_frame(OK_KIND, ""))
         # float32 on the wire: torch computes in float32, so nothing is lost, and the cap on
@@ -237,12 +280,14 @@ def _frame(buffer: io.BytesIO) -> np.ndarray:
     return array_
 
 
-def _status(buffer: io.BytesIO) -> tuple[str, str]:
+def _status(buffer: io.BytesIO) -> tuple[str, str, Any]:
+    """A status frame's kind, message and (a scan's) widths, None where it has none."""
     frame = _frame(buffer)
     try:
         report = json.loads(frame.tobytes())
-        return str(report["kind"]), str(report["message"])[:MAX_MESSAGE_CHARS]
-    except (ValueError, TypeError, KeyError) as exc:
+        return (str(report["kind"]), str(report["message"])[:MAX_MESSAGE_CHARS],
+                report.get("widths"))
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise SandboxError("the worker failed without a readable report") from exc
 
 
@@ -259,28 +304,50 @@ def _refusal(kind: str, message: str) -> Exception:
     return SandboxError(f"the worker failed: {message}")
 
 
-def decode_reply(raw: bytes, rows: list[int]) -> tuple[ModelIdentity, list[np.ndarray | Exception]]:
+def decode_reply(raw: bytes, rows: list[int], scans: Sequence[bool] = ()
+                 ) -> tuple[ModelIdentity, list[np.ndarray | Exception]]:
     """A complete reply: the model's identity and, per set of `rows` inputs, its activations
-    or its refusal. Raises for a refusal of the whole model, or a reply that breaks the
-    protocol (a compromised child gets no further than this)."""
+    (for a set that `scans`, a `LayerScan`) or its refusal. Raises for a refusal of the
+    whole model, or a reply that breaks the protocol (a compromised child gets no further
+    than this)."""
     buffer = io.BytesIO(raw[1:])
     if raw[:1] == REFUSED:
-        raise _refusal(*_status(buffer))
+        raise _refusal(*_status(buffer)[:2])
     if raw[:1] != OK:
         raise SandboxError("the worker's output has no status")
     identity = _frame(buffer)
     if identity.dtype != np.uint8 or identity.shape != (IDENTITY_BYTES,):
         raise SandboxError("the worker's output does not start with the model's identity")
     results: list[np.ndarray | Exception] = []
-    for n_rows in rows:
-        kind, message = _status(buffer)
+    for number, n_rows in enumerate(rows):
+        kind, message, widths = _status(buffer)
         if kind != OK_KIND:
             results.append(_refusal(kind, message))
+            continue
+        scan = number < len(scans) and scans[number]
+        if scan != (widths is not None):
+            raise SandboxError("the worker's output answers a run it was not asked for")
+        if scan:
+            results.append(_check_scan(_frame(buffer), n_rows, widths))
             continue
         results.append(check_activations(_frame(buffer), n_rows))
     if buffer.tell() != len(raw) - 1:
         raise SandboxError("the worker's output has trailing bytes")
     return ModelIdentity.from_bytes(identity.tobytes()), results
+
+
+def _check_scan(array: np.ndarray, n_rows: int, widths: Any) -> LayerScan:
+    """A scan's matrix and widths, checked as `check_activations` checks one layer's."""
+    if not (isinstance(widths, list) and all(type(w) is int and w > 0 for w in widths)
+            and array.ndim == 2 and sum(widths) == array.shape[1]):
+        raise SandboxError("the worker returned a scan whose widths do not fit its matrix")
+    if not widths:
+        if array.dtype != np.dtype(np.float32) or array.shape[0] != n_rows:
+            raise SandboxError("the worker returned a malformed empty scan")
+        return LayerScan.of(n_rows, [])
+    scan = check_activations(array, n_rows).view(LayerScan)
+    scan.widths = tuple(widths)
+    return scan
 
 
 def check_activations(array: np.ndarray, n_triggers: int) -> np.ndarray:

@@ -48,12 +48,13 @@ from freemark_keyserver.sandbox.errors import (
 from freemark_keyserver.sandbox.isolation import LAYERS, Isolation
 from freemark_keyserver.sandbox.limits import SandboxLimits
 from freemark_keyserver.sandbox.pool import SandboxPool, Then, default_workers
-from freemark_keyserver.sandbox.protocol import ModelIdentity, TriggerRun
+from freemark_keyserver.sandbox.protocol import LayerScan, ModelIdentity, TriggerRun
 
 __all__ = [
     "LAYERS",
     "RUN_FAILED",
     "Isolation",
+    "LayerScan",
     "ModelIdentity",
     "SandboxBusy",
     "SandboxError",

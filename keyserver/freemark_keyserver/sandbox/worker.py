@@ -68,7 +68,7 @@ def _runner(header: dict[str, Any], sets: list[tuple[Any, Any]]) -> tuple[bytes,
     `freemark_keyserver.sandbox.formats`, whose loaders read one layer per load (the first set is read
     once more for the identity).
     """
-    from freemark.scheme.activations import as_module, capture, resolve_layer
+    from freemark.scheme.activations import as_module, capture, capture_every, resolve_layer
     from freemark.scheme.probes import with_probes
     from freemark.scheme.triggers import TriggerSet
     from freemark_keyserver.sandbox import formats
@@ -79,7 +79,13 @@ def _runner(header: dict[str, Any], sets: list[tuple[Any, Any]]) -> tuple[bytes,
     if formats.handles(header):  # Hugging Face checkpoints and ONNX: their own safe loaders
         def other(spec: dict[str, Any]) -> Run:
             _, run = formats.sandboxed_model({**header, **spec})
-            return lambda triggers: run(probed(spec, triggers))
+
+            def read(triggers: TriggerSet) -> Any:
+                inputs = probed(spec, triggers)
+                if spec.get("layer", "") is None:  # a scan (`TriggerRun`)
+                    return protocol.LayerScan.of(len(inputs), run(inputs))
+                return run(inputs)
+            return read
         if not sets:
             raise Refusal(protocol.INTERNAL, "a request without trigger sets")
         identity, _ = formats.sandboxed_model({**header, **header["sets"][0]})
@@ -88,6 +94,13 @@ def _runner(header: dict[str, Any], sets: list[tuple[Any, Any]]) -> tuple[bytes,
     module = as_module(model)  # unflattened once: every set reads the same module
 
     def program(spec: dict[str, Any]) -> Run:
+        if spec["layer"] is None:  # a scan: every tensor, whatever its name (`TriggerRun`)
+            width = int(spec.get("width", 0))
+
+            def scan(triggers: TriggerSet) -> Any:
+                inputs = probed(spec, triggers)
+                return protocol.LayerScan.of(len(inputs), capture_every(model, inputs, width=width))
+            return scan
         resolve_layer(module, spec["layer"])  # the file's problem (no such layer): named
         return lambda triggers: capture(module, spec["layer"], probed(spec, triggers),
                                         pooling=spec["pooling"])[0]

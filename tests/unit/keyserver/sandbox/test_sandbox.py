@@ -368,3 +368,26 @@ def test_regression_plain_torch_export_load_runs_pickled_payloads(
         "sample-inputs": True,
         "weights": True,
     }
+
+
+def test_a_scan_reply_keeps_its_tensors_apart_and_is_checked() -> None:
+    """A scan (`TriggerRun` with no layer) answers a `LayerScan`: each tensor's columns, as the
+    child said, checked like any matrix; widths that do not fit, or a scan where none was asked
+    for (or the reverse), break the protocol."""
+    layers = [np.ones((3, 2), dtype=np.float32), np.full((3, 5), 2.0, dtype=np.float32)]
+    raw = sandbox_protocol.encode_reply(bytes(64), [sandbox_protocol.LayerScan.of(3, layers)])
+    _, results = sandbox_protocol.decode_reply(raw, [3], [True])
+    scan = results[0]
+    assert isinstance(scan, sandbox_protocol.LayerScan) and scan.widths == (2, 5)
+    for got, sent in zip(scan.layers(), layers, strict=True):
+        np.testing.assert_array_equal(got, sent)
+    empty = sandbox_protocol.encode_reply(bytes(64), [sandbox_protocol.LayerScan.of(3, [])])
+    _, results = sandbox_protocol.decode_reply(empty, [3], [True])
+    assert isinstance(results[0], sandbox_protocol.LayerScan) and results[0].layers() == []
+    with pytest.raises(SandboxError, match="not asked for"):
+        sandbox_protocol.decode_reply(raw, [3], [False])
+    with pytest.raises(SandboxError, match="not asked for"):
+        sandbox_protocol.decode_reply(_reply(layers[0]), [3], [True])
+    lying = raw.replace(b'"widths": [2, 5]', b'"widths": [2, 6]')
+    with pytest.raises(SandboxError, match="widths"):
+        sandbox_protocol.decode_reply(lying, [3], [True])
