@@ -179,9 +179,10 @@ def test_registers_prior_claim_run_leaks_nothing_of_the_other_owners_triggers(
         world: World, tmp_path: Path) -> None:
     """Owner B registers uploads that run on his own (dim) triggers but fail on A's, in
     Register's prior-claim run against A's key: the gather trick is refused at vetting;
-    a model whose activations go non-finite on A's triggers is logged by class names
-    only. B's own file as his reference ends each call after the prior-claim run (a
-    panel needs models other than the host), so nothing is registered."""
+    a model whose activations go non-finite on A's triggers cannot be read at A's key
+    width (a tensor that is not finite is not one a key reads: no claim, nothing logged of
+    it). B's own file as his reference ends each call after the prior-claim run (a panel
+    needs models other than the host), so nothing is registered."""
     gather = hostile_models.packing_gather(tmp_path / "b-gather.pt2")
     nan = hostile_models.nan_on_bright(tmp_path / "b-nan.pt2", 0.5)
     start = len(world.log.lines)
@@ -194,7 +195,6 @@ def test_registers_prior_claim_run_leaks_nothing_of_the_other_owners_triggers(
     assert "indexes with" in gathered.message
     assert failed is not None and "same weights as the host" in failed.message
     logged = "\n".join(world.log.lines[start:])
-    assert "could not be judged with earlier registration" in logged  # the nan run failed
     assert "non-finite" not in logged and not _leaks(world, logged + str(answers)), logged
 
 
@@ -222,8 +222,7 @@ def test_register_latency_does_not_depend_on_the_other_owners_triggers(
                                                                     references=[path]))
                 times[path].append(time.perf_counter() - began)
                 assert answer is not None and "same weights as the host" in answer.message
-    judged = [line for line in world.log.lines[start:] if "could not be judged" in line]
-    assert len(judged) == CALLS  # the failing model did fail on A's triggers, every time
+    assert not _leaks(world, "\n".join(world.log.lines[start:]))
     fails, passes = statistics.median(times[failing]), statistics.median(times[passing])
     spread = max(_mad(times[failing]), _mad(times[passing]))
     print(f"Register latency, median over {CALLS}: fails on A's triggers {fails:.3f} s, "

@@ -219,13 +219,15 @@ def test_the_prior_claim_refusal_says_only_that_a_claim_exists(
     assert "refused" in lines[-1].getMessage() and lines[-1].created > 0
 
 
-def test_a_failing_run_on_another_owners_triggers_answers_like_a_non_claim(
+def test_a_failing_run_on_another_owners_triggers_answers_like_a_claim(
         world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The operator lowers the sandbox's output cap below what a run on A's 100 triggers
     returns, but above B's 10 triggers and 20 probes: B's upload fails only when read with
-    A's key (its triggers alone: A has no panel, so its probes would go unused). B's Register
-    of his own, independent model must go on exactly as a non-claim does (a receipt), and
-    the failure shows in the operator's log only, by its class."""
+    A's key (its triggers alone: A has no panel, so its probes would go unused). A run that
+    cannot be judged is never a clearance (issue 18, item 2): B's Register is refused with
+    the same fixed ALREADY_EXISTS as any claim, nothing is registered, and the failure shows
+    in the operator's log only, by its class. (The price, documented: an independent model
+    that cannot run on another owner's triggers is claimed until the operator looks.)"""
     caplog.set_level(logging.INFO, logger="freemark_keyserver")
     row = 128 * 4  # one input's activations at the act layer, float32 on the wire
     cap = 55 * row  # between B's run (10 + 20 rows) and A's (100)
@@ -245,12 +247,14 @@ def test_a_failing_run_on_another_owners_triggers_answers_like_a_non_claim(
     try:
         with KeyServiceClient(f"127.0.0.1:{running.port}", token=tokens["owner_b"],
                               timeout=300) as client:
-            receipt = client.register(_key(world.files.independent, "owner_b", per_class=1,
-                                           seed=3, probes=20), world.files.independent)
+            with pytest.raises(AlreadyRegisteredError) as caught:
+                client.register(_key(world.files.independent, "owner_b", per_class=1, seed=3,
+                                     probes=20), world.files.independent)
+            assert list(client.list_registrations()) == []
     finally:
         running.stop(grace=1)
-    assert receipt.owner == "owner_b" and receipt.log_index == 1
+    assert "an earlier registration already claims this model" in str(caught.value)
     lines = _claim_lines(caplog, "owner_b")
     # by class name only: a failure's message may be computed from A's triggers (issue 18)
-    assert any("treated as no match" in r.getMessage() and "(SandboxError)" in r.getMessage()
+    assert any("a claim" in r.getMessage() and "(SandboxError)" in r.getMessage()
                for r in lines), [r.getMessage() for r in lines]
