@@ -87,6 +87,21 @@ def _chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
         yield start, min(n, start + size)
 
 
+def _batches(inputs: torch.Tensor, mask: torch.Tensor | None, chunk: int, *, pad: bool
+             ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, int]]:
+    """(batch, its mask, how many of its rows are real) per `chunk` inputs; with `pad` (a
+    program exported with a fixed batch) the last batch is filled up by repeating its last row."""
+    for start, stop in _chunks(len(inputs), chunk):
+        batch, batch_mask = inputs[start:stop], None if mask is None else mask[start:stop]
+        real = stop - start
+        if real < chunk and pad:
+            fill = chunk - real
+            batch = torch.cat([batch, batch[-1:].expand(fill, *batch.shape[1:])])
+            if batch_mask is not None:
+                batch_mask = torch.cat([batch_mask, batch_mask[-1:].expand(fill, -1)])
+        yield batch, batch_mask, real
+
+
 def pool(output: torch.Tensor, mask: torch.Tensor | None, pooling: Pooling) -> torch.Tensor:
     """Reduce a layer output to (batch, units) as the bundle's pooling says."""
     if pooling == bundle_pb2.POOLING_NONE:
@@ -161,14 +176,8 @@ def capture(
     try:
         module.eval()
         with torch.no_grad():
-            for start, stop in _chunks(len(inputs), chunk):
-                batch, batch_mask = inputs[start:stop], None if mask is None else mask[start:stop]
-                real = stop - start
-                if real < chunk and _static_batch(module):
-                    pad = chunk - real
-                    batch = torch.cat([batch, batch[-1:].expand(pad, *batch.shape[1:])])
-                    if batch_mask is not None:
-                        batch_mask = torch.cat([batch_mask, batch_mask[-1:].expand(pad, -1)])
+            for batch, batch_mask, real in _batches(inputs, mask, chunk,
+                                                    pad=bool(_static_batch(module))):
                 captured.clear()
                 try:
                     module(batch) if batch_mask is None else module(batch, batch_mask)
@@ -284,14 +293,8 @@ def capture_every(
         if program is None:  # a program's graph was exported in eval mode and has no train()
             module.eval()
         with torch.no_grad():
-            for start, stop in _chunks(len(inputs), chunk):
-                batch, batch_mask = inputs[start:stop], None if mask is None else mask[start:stop]
-                real = stop - start
-                if real < chunk and _static_batch(module):
-                    pad = chunk - real
-                    batch = torch.cat([batch, batch[-1:].expand(pad, *batch.shape[1:])])
-                    if batch_mask is not None:
-                        batch_mask = torch.cat([batch_mask, batch_mask[-1:].expand(pad, -1)])
+            for batch, batch_mask, real in _batches(inputs, mask, chunk,
+                                                    pad=bool(_static_batch(module))):
                 scan.start(len(batch), real, batch_mask)
                 try:
                     forward(batch, batch_mask)

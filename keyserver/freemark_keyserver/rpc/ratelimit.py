@@ -41,32 +41,36 @@ class Buckets:
         self._lock = threading.Lock()
         self._state: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
 
+    @property
+    def _per_second(self) -> float:
+        return self.rate.burst / self.rate.period
+
+    def _refilled(self, key: str) -> tuple[float, float]:
+        """`key`'s tokens now, refilled since it was last charged, and now (hold the lock)."""
+        now = self._clock()
+        tokens, at = self._state.get(key, (float(self.rate.burst), now))
+        return min(float(self.rate.burst), tokens + (now - at) * self._per_second), now
+
     def wait(self, key: str) -> float:
         """The seconds until `key` has a token (0.0: one is there now); takes nothing."""
         if not self.rate.burst:
             return 0.0
-        per_second = self.rate.burst / self.rate.period
         with self._lock:
-            now = self._clock()
-            tokens, at = self._state.get(key, (float(self.rate.burst), now))
-            tokens = min(float(self.rate.burst), tokens + (now - at) * per_second)
-            return 0.0 if tokens >= 1.0 else (1.0 - tokens) / per_second
+            tokens, _ = self._refilled(key)
+            return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self._per_second
 
     def take(self, key: str) -> float:
         """Take a token for `key`: 0.0 when taken, else the seconds until one is free."""
         if not self.rate.burst:
             return 0.0
-        per_second = self.rate.burst / self.rate.period
         with self._lock:
-            now = self._clock()
-            tokens, at = self._state.get(key, (float(self.rate.burst), now))
-            tokens = min(float(self.rate.burst), tokens + (now - at) * per_second)
+            tokens, now = self._refilled(key)
             if tokens >= 1.0:
                 self._state[key] = (tokens - 1.0, now)
-                self._forget_full(now, per_second)
+                self._forget_full(now, self._per_second)
                 return 0.0
             self._state[key] = (tokens, now)
-            return (1.0 - tokens) / per_second
+            return (1.0 - tokens) / self._per_second
 
     def _forget_full(self, now: float, per_second: float) -> None:
         """Bound memory: past MAX_BUCKETS keys, drop the buckets that have refilled (a full
