@@ -16,9 +16,12 @@ would. After a restart on the same database:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -27,11 +30,15 @@ import pytest
 
 from freemark.audit.receipt import verify_receipt
 from freemark.errors import AlreadyRegisteredError, FreemarkError
-from freemark.records.types import RECEIPT_KIND, Receipt
+from freemark.records.types import RECEIPT_KIND, VERDICT_KIND, Receipt
 from freemark.rpc import KeyServiceClient
-from freemark_keyserver.crypto import Verifier
+from freemark.tlog.signatures import canonical_json
+from freemark_keyserver.config import ServerConfig
+from freemark_keyserver.crypto import MasterKeyring, Verifier, load_or_create_signing_key
+from freemark_keyserver.handlers.context import Context, append_entry, inclusion_proof
 from freemark_keyserver.store import open_store
 from freemark_keyserver.tlog.audit import audit
+from signed_statements import verdict_body
 from ttp_fixtures import ServerProcess, cli_env, json_out, run_cli
 from ttp_fleet import ARBITER, Host, add_principals, fleet_principals, shared_keys
 
@@ -138,6 +145,90 @@ def test_kill_9_mid_burst_keeps_every_acknowledged_registration(
                              str(tmp_path / "ttp"), "--db", db, "--json",
                              env=cli_env(**keys.env())))
     assert final["ok"] is True and final["entries"] == len(entries) + 1 + (committed is None)
+
+
+_APPENDER = """
+import hashlib, sys, threading
+from pathlib import Path
+from freemark.records.types import VERDICT_KIND
+from freemark.tlog.signatures import canonical_json
+from freemark_keyserver.config import ServerConfig
+from freemark_keyserver.crypto import MasterKeyring, signing_key_from_pem
+from freemark_keyserver.handlers.context import Context, append_entry, inclusion_proof
+from freemark_keyserver.store import open_store
+from signed_statements import verdict_body
+
+db, key = sys.argv[1], Path(sys.argv[2])
+ctx = Context(config=ServerConfig(data_dir=key.parent, db=db), store=open_store(db),
+              keyring=MasterKeyring({1: bytes(32)}), signer=signing_key_from_pem(key.read_bytes()))
+out = threading.Lock()
+
+def client():
+    while True:
+        body, index, _ = append_entry(ctx, VERDICT_KIND, lambda i, t: canonical_json(
+            verdict_body(i, integrated_time=t)))
+        size = inclusion_proof(ctx, index).tree_size
+        with out:
+            print(index, hashlib.sha256(body).hexdigest(), size, flush=True)
+
+for _ in range(int(sys.argv[3])):
+    threading.Thread(target=client, daemon=True).start()
+threading.Event().wait()
+"""
+APPENDERS = 16
+ACKS_BEFORE_KILL = 200
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_kill_9_during_a_burst_of_log_appends_loses_nothing_acknowledged(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """16 threads append statements through the sequencer (group commit: many entries and
+    their checkpoint per transaction) until the process is killed with SIGKILL. Every entry
+    whose append returned is in the log with the bytes it was given, under a stored
+    checkpoint the audit accepts, and the log goes on from where the batch left it."""
+    db = str(tmp_path / "ttp.sqlite3") if backend == "sqlite" else request.getfixturevalue("pg_db")
+    key = tmp_path / "signing.pem"
+    signer = load_or_create_signing_key(key)
+    open_store(db).close()  # migrated before the burst
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        str(repo / p) for p in ("client", "keyserver", "tests"))}
+    writer = subprocess.Popen([sys.executable, "-c", _APPENDER, db, str(key), str(APPENDERS)],
+                              stdout=subprocess.PIPE, text=True, env=env)
+    acknowledged: list[tuple[int, str, int]] = []
+    try:
+        assert writer.stdout is not None
+        while len(acknowledged) < ACKS_BEFORE_KILL:
+            line = writer.stdout.readline()
+            assert line, "the appender died before the kill"
+            index, digest, size = line.split()
+            acknowledged.append((int(index), digest, int(size)))
+        assert writer.poll() is None  # killed mid-burst, appends in flight
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(timeout=30)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+
+    store = open_store(db)
+    try:
+        counts = audit(store, signer.verifier())  # every entry signed, every checkpoint true
+        entries = {e.index: e for e in store.entries(0, store.tree_size())}
+        for index, digest, size in acknowledged:
+            assert hashlib.sha256(entries[index].entry).hexdigest() == digest
+            assert store.checkpoint_at(size) is not None and size > index
+        assert counts["entries"] == len(entries) >= len(acknowledged)
+        assert counts["checkpoints"] < len(acknowledged)  # batches shared their checkpoints
+        ctx = Context(config=ServerConfig(data_dir=tmp_path, db=db), store=store,
+                      keyring=MasterKeyring({1: bytes(32)}), signer=signer)
+        _, index, _ = append_entry(ctx, VERDICT_KIND, lambda i, t: canonical_json(
+            verdict_body(i, integrated_time=t)))
+        assert index == len(entries)
+        assert inclusion_proof(ctx, index).tree_size == index + 1
+    finally:
+        store.close()
 
 
 def _alive(pid: int) -> bool:

@@ -36,6 +36,7 @@ __all__ = [
     "Frontier",
     "LogProofError",
     "SignedCheckpoint",
+    "Tree",
     "TreeHead",
     "audit_entries",
     "check_successor",
@@ -76,21 +77,45 @@ def _split(size: int) -> int:
     return 1 << ((size - 1).bit_length() - 1)
 
 
-class _Subtrees:
-    """Every perfect, aligned subtree hash of a leaf list, computed once in O(n).
+class Tree:
+    """Every perfect, aligned subtree hash of a leaf list, computed once in O(n) and kept
+    up to date as leaves are appended (`extend`).
 
     RFC 6962's recursions only ever ask for subtrees whose left part is perfect and aligned,
     so with these levels any subtree hash costs O(log n), and a whole audit with many
     checkpoints hashes each node once instead of once per checkpoint.
     """
 
-    def __init__(self, leaves: Sequence[bytes]) -> None:
+    def __init__(self, leaves: Sequence[bytes] = ()) -> None:
         levels = [list(leaves)]
         while len(levels[-1]) > 1:
             below = levels[-1]
             levels.append([node_hash(below[i], below[i + 1]) for i in range(0, len(below) - 1, 2)])
         self._levels = levels
         self.size = len(leaves)
+
+    def extend(self, leaves: Sequence[bytes]) -> None:
+        """Append leaf hashes, completing each perfect subtree as its last leaf arrives:
+        O(1) hashes per leaf on average, so a log's server keeps its tree as it grows."""
+        for leaf in leaves:
+            self._levels[0].append(leaf)
+            level = 0
+            while len(self._levels[level]) % 2 == 0:
+                below = self._levels[level]
+                if level + 1 == len(self._levels):
+                    self._levels.append([])
+                self._levels[level + 1].append(node_hash(below[-2], below[-1]))
+                level += 1
+        self.size = len(self._levels[0])
+
+    def frontier(self, size: int) -> Frontier:
+        """The right edge of the tree of the first `size` leaves, from the kept levels."""
+        hashes, lo = [], 0
+        for bit in reversed(range(size.bit_length())):
+            if size >> bit & 1:
+                hashes.append(self.hash(lo, lo + (1 << bit)))
+                lo += 1 << bit
+        return Frontier(size, tuple(hashes))
 
     def hash(self, lo: int, hi: int) -> bytes:
         """MTH(D[lo:hi])."""
@@ -124,14 +149,14 @@ class _Subtrees:
 
 def root(leaves: Sequence[bytes]) -> bytes:
     """The Merkle tree hash of a list of leaf hashes; SHA-256("") for the empty tree."""
-    return _Subtrees(leaves).hash(0, len(leaves))
+    return Tree(leaves).hash(0, len(leaves))
 
 
 def inclusion_proof(leaves: Sequence[bytes], index: int) -> list[bytes]:
     """The audit path proving that `leaves[index]` is in the tree of all `leaves`."""
     if not 0 <= index < len(leaves):
         raise ValueError(f"leaf index {index} is outside a tree of {len(leaves)} leaves")
-    return _Subtrees(leaves).path(index, 0, len(leaves))
+    return Tree(leaves).path(index, 0, len(leaves))
 
 
 def consistency_proof(leaves: Sequence[bytes], old_size: int) -> list[bytes]:
@@ -141,7 +166,7 @@ def consistency_proof(leaves: Sequence[bytes], old_size: int) -> list[bytes]:
             f"old size {old_size} must be in 1..{len(leaves)}: "
             "a proof from the empty tree proves nothing, and a tree cannot shrink"
         )
-    return _Subtrees(leaves).subproof(old_size, 0, len(leaves), True)
+    return Tree(leaves).subproof(old_size, 0, len(leaves), True)
 
 
 @dataclass(frozen=True)
@@ -433,7 +458,7 @@ def audit_entries(
     computing and verifying it here makes sure the proofs this log serves agree with its
     own entries.
     """
-    tree = _Subtrees([leaf_hash(entry) for entry in entries])
+    tree = Tree([leaf_hash(entry) for entry in entries])
     previous: TreeHead | None = None
     for position, note in enumerate(notes):
         try:
@@ -445,7 +470,7 @@ def audit_entries(
         origin = current.origin
 
 
-def _audit_checkpoint(tree: _Subtrees, previous: TreeHead | None, current: TreeHead) -> None:
+def _audit_checkpoint(tree: Tree, previous: TreeHead | None, current: TreeHead) -> None:
     if current.tree_size > tree.size:
         raise LogProofError(
             f"claims {current.tree_size} entries but the log holds {tree.size}: "

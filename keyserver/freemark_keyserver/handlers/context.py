@@ -38,8 +38,9 @@ from freemark_keyserver.sandbox.runner import (
     run_batch,
     run_model,
 )
-from freemark_keyserver.store import Registration, Store, StoredCheckpoint
+from freemark_keyserver.store import Pending, Registration, Store, StoredCheckpoint
 from freemark_keyserver.tlog.ledger import Ledger
+from freemark_keyserver.tlog.sequencer import Sequencer
 
 __all__ = [
     "Context",
@@ -72,9 +73,13 @@ class Context:
     batch: Callable[..., tuple[ModelIdentity, list[np.ndarray | Exception]]] = run_batch
     # The log's registrations, what decides; every entry checked against the signer's key.
     ledger: Ledger = field(init=False)
+    # The log's append path: concurrent appends committed together with their checkpoint.
+    sequencer: Sequencer = field(init=False)
 
     def __post_init__(self) -> None:
         self.ledger = Ledger(self.signer.verifier())
+        self.sequencer = Sequencer(self.store, self.ledger, lambda body: _entry_signature(self, body),
+                                   lambda size, root, last: _checkpoint_note(self, size, root, last))
         if self.pool is not None:
             self.sandbox = functools.partial(run_model, pool=self.pool)
             self.batch = functools.partial(run_batch, pool=self.pool)
@@ -174,18 +179,20 @@ def public(exc: Exception) -> str:
 def append_entry(ctx: Context, kind: str, build: Callable[[int, int], bytes],
                  registration: Registration | None = None) -> tuple[bytes, int, int]:
     """Append one signed statement; `build(log index, integrated time)` is its body, and its
-    signature (`sign_statement`) is stored with it in the same transaction.
+    signature (`sign_statement`) is stored with it in the same transaction, which also
+    stores a signed checkpoint covering it (`tlog.sequencer`: concurrent appends share one).
 
-    Returns (body, log index, integrated time).
+    Returns (body, log index, integrated time) once the entry is durable.
     """
     cancellation.check_active()  # a caller who has gone gets nothing signed or logged
-
-    def sign(body: bytes) -> tuple[str, bytes]:
-        signed = sign_statement(ctx, body)
-        return signed.key_id, signed.signature
-
-    entry = ctx.store.append(kind, build, registration, sign=sign)
+    entry = ctx.sequencer.append(Pending(kind, build, registration))
     return entry.entry, entry.index, entry.created_at
+
+
+def _entry_signature(ctx: Context, body: bytes) -> tuple[str, bytes]:
+    """The statement signature stored with an entry: `sign_statement`'s, as the store wants it."""
+    signed = sign_statement(ctx, body)
+    return signed.key_id, signed.signature
 
 
 def sign_statement(ctx: Context, body: bytes) -> SignedStatement:
@@ -207,21 +214,31 @@ def signed_checkpoint(ctx: Context, size: int | None = None) -> Checkpoint:
     stored = ctx.store.checkpoint_at(size)
     if stored is None:
         root = ctx.ledger.checked_root(ctx.store, size)
-        last = ctx.store.entries(size - 1, size)[0].created_at // 1_000_000 if size else 0
-        checkpoint = merkle.TreeHead(origin=ctx.config.origin, tree_size=size,
-                                       root_hash=root, timestamp=last)
-        signed = merkle.sign_checkpoint(ctx.signer, checkpoint)
-        ctx.store.add_checkpoint(StoredCheckpoint(size, signed.note))
+        last = ctx.store.entries(size - 1, size)[0].created_at if size else 0
+        ctx.store.add_checkpoint(StoredCheckpoint(size, _checkpoint_note(ctx, size, root, last)))
         stored = ctx.store.checkpoint_at(size)
         assert stored is not None
     return wire.checkpoint_from_note(stored.note)
 
 
+def _checkpoint_note(ctx: Context, size: int, root: bytes, last: int) -> bytes:
+    """The signed note of the tree of `size` entries with this root, timestamped with its
+    last entry's integrated time `last` (microseconds) in seconds: the same note on every
+    replica for the same size, and timestamps that never go backwards."""
+    checkpoint = merkle.TreeHead(origin=ctx.config.origin, tree_size=size, root_hash=root,
+                                 timestamp=last // 1_000_000)
+    return merkle.sign_checkpoint(ctx.signer, checkpoint).note
+
+
 def inclusion_proof(ctx: Context, index: int, size: int | None = None) -> InclusionProof:
-    """Entry `index`'s inclusion in the tree of the first `size` entries (default: all),
-    with that tree's signed checkpoint."""
+    """Entry `index`'s inclusion in the tree of the first `size` entries (default: the
+    latest signed checkpoint, which the append that stored the entry already covers), with
+    that tree's signed checkpoint; the path comes from the ledger's checked tree."""
+    if size is None:
+        latest = ctx.store.latest_checkpoint()
+        size = latest.tree_size if latest is not None and latest.tree_size > index else None
     checkpoint = signed_checkpoint(ctx, size)
-    leaves = ctx.store.leaf_hashes(checkpoint.tree_size)
     return InclusionProof(log_index=index, tree_size=checkpoint.tree_size,
-                          hashes=tuple(merkle.inclusion_proof(leaves, index)),
+                          hashes=tuple(ctx.ledger.inclusion_proof(ctx.store, index,
+                                                                  checkpoint.tree_size)),
                           checkpoint=checkpoint)

@@ -36,10 +36,12 @@ from freemark_keyserver.store.errors import DuplicateError, NotFoundError, Store
 from freemark_keyserver.store.interface import ORPHAN_GRACE_S, Store
 from freemark_keyserver.store.records import (
     ROLES,
+    CheckpointSigner,
     Clock,
     EntrySigner,
     LogEntry,
     PanelMember,
+    Pending,
     Principal,
     Registration,
     StoredCheckpoint,
@@ -49,12 +51,14 @@ from freemark_keyserver.store.records import (
 __all__ = [
     "ORPHAN_GRACE_S",
     "ROLES",
+    "CheckpointSigner",
     "Clock",
     "DuplicateError",
     "EntrySigner",
     "LogEntry",
     "NotFoundError",
     "PanelMember",
+    "Pending",
     "Principal",
     "Registration",
     "Store",

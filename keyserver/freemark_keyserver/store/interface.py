@@ -9,12 +9,14 @@ transaction as its log entry, so neither can ever exist without the other.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from freemark_keyserver.store.records import (
+    CheckpointSigner,
     EntrySigner,
     LogEntry,
     PanelMember,
+    Pending,
     Principal,
     Registration,
     StoredCheckpoint,
@@ -79,6 +81,27 @@ class Store(ABC):
         `log_index` and `created_at`. Either all of it commits or none of it does; an
         exception from `build_entry` rolls everything back. Times never decrease along the
         log, even across replicas whose clocks disagree.
+        """
+
+    @abstractmethod
+    def append_batch(
+        self,
+        pending: Sequence[Pending],
+        *,
+        sign: EntrySigner | None = None,
+        checkpoint: CheckpointSigner | None = None,
+    ) -> list[LogEntry | Exception]:
+        """Append several entries in one transaction, one commit (one fsync) for all: the
+        log's group commit (`tlog.sequencer`).
+
+        Each entry is built, signed and stored as `append` does, under a savepoint of its
+        own: one whose `build_entry` raises, or whose registration the database refuses
+        (`DuplicateError`), is left out, its exception in its place in the answer, and the
+        others take consecutive indexes with one integrated time. With `checkpoint`, the note
+        it returns for the tree after the batch, ``checkpoint(size before, new entries)``,
+        is stored in the same transaction, so every acknowledged entry already has a signed
+        checkpoint when it commits. Anything else that fails rolls the whole batch back and
+        raises.
         """
 
     @abstractmethod

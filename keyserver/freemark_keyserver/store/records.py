@@ -7,14 +7,16 @@ the store reads the time, so tests can fix it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 __all__ = [
     "ROLES",
+    "CheckpointSigner",
     "Clock",
     "EntrySigner",
     "LogEntry",
+    "Pending",
     "Principal",
     "Registration",
     "StoredCheckpoint",
@@ -27,6 +29,10 @@ Clock = Callable[[], int]
 
 # Signs a log entry's exact bytes: (entry) -> (key id, signature). The server's signing key.
 EntrySigner = Callable[[bytes], tuple[str, bytes]]
+
+# Signs the checkpoint of the log once a batch of entries follows its first `size` ones:
+# (size, the batch's entries) -> the signed note, stored in the batch's own transaction.
+CheckpointSigner = Callable[[int, Sequence["LogEntry"]], bytes]
 
 
 def now_micros() -> int:
@@ -117,3 +123,13 @@ class StoredCheckpoint:
 
     tree_size: int
     note: bytes
+
+
+@dataclass(frozen=True)
+class Pending:
+    """One entry waiting to be appended (`Store.append_batch`): its kind, the function that
+    builds its bytes from (log index, integrated time), and the registration it carries."""
+
+    kind: str
+    build_entry: Callable[[int, int], bytes]
+    registration: Registration | None = None

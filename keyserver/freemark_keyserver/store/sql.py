@@ -28,10 +28,12 @@ from freemark_keyserver.store.interface import ORPHAN_GRACE_S, Store
 from freemark_keyserver.store.migrations import Backend
 from freemark_keyserver.store.pool import ConnectionPool
 from freemark_keyserver.store.records import (
+    CheckpointSigner,
     Clock,
     EntrySigner,
     LogEntry,
     PanelMember,
+    Pending,
     Principal,
     Registration,
     StoredCheckpoint,
@@ -266,51 +268,81 @@ class SqlStore(Store):
         *,
         sign: EntrySigner | None = None,
     ) -> LogEntry:
+        [result] = self.append_batch([Pending(kind, build_entry, registration)], sign=sign)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def append_batch(
+        self,
+        pending: Sequence[Pending],
+        *,
+        sign: EntrySigner | None = None,
+        checkpoint: CheckpointSigner | None = None,
+    ) -> list[LogEntry | Exception]:
+        results: list[LogEntry | Exception] = []
         with self._transaction() as conn:
-            # The increment is the ordering point: it takes the log head's lock, and a
-            # concurrent appender waits here until this transaction ends.
-            index = self._execute(
-                conn,
-                "UPDATE log_head SET size = size + 1 WHERE id = 1 RETURNING size - 1 AS idx",
-            ).fetchall()[0]["idx"]
+            # Taking the log head's row lock is the ordering point: a concurrent appender
+            # (thread, process or replica) waits here until this transaction ends.
+            size = self._execute(
+                conn, "UPDATE log_head SET size = size WHERE id = 1 RETURNING size"
+            ).fetchall()[0]["size"]
             previous = self._execute(
-                conn, "SELECT created_at FROM log_entries WHERE idx = ?", (index - 1,)
+                conn, "SELECT created_at FROM log_entries WHERE idx = ?", (size - 1,)
             ).fetchall()
             now = max(self._clock(), previous[0]["created_at"] if previous else 0)
-            entry = build_entry(index, now)
-            if not isinstance(entry, bytes):
-                raise TypeError(f"build_entry returned {type(entry).__name__}, not bytes")
-            key_id, signature = sign(entry) if sign is not None else ("", b"")
-            stored = LogEntry(index, kind, entry, _leaf_hash(entry), now, key_id, signature)
-            self._execute(
-                conn,
-                f"INSERT INTO log_entries ({_ENTRY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (stored.index, stored.kind, stored.entry, stored.leaf_hash, stored.created_at,
-                 stored.key_id or None, stored.signature or None),
-            )
-            if registration is not None:
-                r = registration
+            index = size
+            for item in pending:
+                self._execute(conn, "SAVEPOINT entry")
+                try:
+                    stored = self._insert_entry(conn, item, index, now, sign)
+                except Exception as e:  # noqa: BLE001 - this entry fails alone
+                    self._execute(conn, "ROLLBACK TO SAVEPOINT entry")
+                    if self._is_duplicate(e):
+                        e = DuplicateError(str(e).splitlines()[0])
+                    results.append(e)
+                    continue
+                finally:
+                    self._execute(conn, "RELEASE SAVEPOINT entry")
+                results.append(stored)
+                index += 1
+            if index == size:
+                return results
+            self._execute(conn, "UPDATE log_head SET size = ? WHERE id = 1", (index,))
+            if checkpoint is not None:
+                note = checkpoint(size, [r for r in results if isinstance(r, LogEntry)])
                 self._execute(
                     conn,
-                    f"INSERT INTO registrations ({_REGISTRATION_COLUMNS})"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        r.registration_id,
-                        r.owner,
-                        now,
-                        r.host_fingerprint,
-                        r.architecture_digest,
-                        r.layer,
-                        r.units,
-                        r.n_bits,
-                        r.commitment,
-                        r.key_version,
-                        r.envelope,
-                        r.host_envelope,
-                        index,
-                        r.revoked_at,
-                    ),
+                    f"INSERT INTO checkpoints ({_CHECKPOINT_COLUMNS}) VALUES (?, ?)"
+                    " ON CONFLICT (tree_size) DO NOTHING",
+                    (index, note),
                 )
+        return results
+
+    def _insert_entry(self, conn: Any, item: Pending, index: int, now: int,
+                      sign: EntrySigner | None) -> LogEntry:
+        """Build, sign and insert one entry (and its registration) at `index`."""
+        entry = item.build_entry(index, now)
+        if not isinstance(entry, bytes):
+            raise TypeError(f"build_entry returned {type(entry).__name__}, not bytes")
+        key_id, signature = sign(entry) if sign is not None else ("", b"")
+        stored = LogEntry(index, item.kind, entry, _leaf_hash(entry), now, key_id, signature)
+        self._execute(
+            conn,
+            f"INSERT INTO log_entries ({_ENTRY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (stored.index, stored.kind, stored.entry, stored.leaf_hash, stored.created_at,
+             stored.key_id or None, stored.signature or None),
+        )
+        if item.registration is not None:
+            r = item.registration
+            self._execute(
+                conn,
+                f"INSERT INTO registrations ({_REGISTRATION_COLUMNS})"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (r.registration_id, r.owner, now, r.host_fingerprint, r.architecture_digest,
+                 r.layer, r.units, r.n_bits, r.commitment, r.key_version, r.envelope,
+                 r.host_envelope, index, r.revoked_at),
+            )
         return stored
 
     def get_registration(self, registration_id: str) -> Registration | None:

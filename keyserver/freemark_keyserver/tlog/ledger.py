@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from freemark.audit.registry import LogRegistry, verify_entry
@@ -55,7 +55,7 @@ class Ledger:
     def __init__(self, verifier: Verifier) -> None:
         self._verifier = verifier
         self._registry = LogRegistry()
-        self._frontier = merkle.Frontier()  # of the leaves computed from the checked entries
+        self._tree = merkle.Tree()  # of the leaves computed from the checked entries
         self._lock = threading.Lock()
 
     def read(self, store: Store, query: Callable[[LogRegistry], T]) -> T:
@@ -68,25 +68,41 @@ class Ledger:
         """The Merkle root of the first `size` entries, once every one of them passed the
         ledger's checks: what the server may sign a checkpoint over, and nothing else.
 
-        The store's leaf hashes must still make the root of the entries the ledger checked;
-        one rewritten since (an insider's edit under a running server) fails closed.
+        Computed from the leaves the ledger computed from the entries it checked, never from
+        the stored leaf hashes, so a row rewritten after its check changes nothing signed.
         """
         with self._lock:
             self._refresh(store)
-            if size == self._frontier.size:
-                return self._frontier.root()  # the common case: the whole log, no reading
-            try:
-                if size > self._frontier.size:  # never: the log only grows under the lock
-                    raise merkle.LogProofError(f"a checkpoint of {size} entries was asked of a "
-                                               f"log of {self._frontier.size}")
-                leaves = store.leaf_hashes(self._frontier.size)
-                if merkle.root(leaves) != self._frontier.root():
-                    raise merkle.LogProofError(
-                        "the stored leaf hashes no longer make the tree of the entries this "
-                        "server checked: a row was rewritten under it")
-            except merkle.LogProofError as exc:
-                raise _alert(exc) from None
-            return merkle.root(leaves[:size])
+            self._check_size(size)
+            return self._tree.hash(0, size)
+
+    def inclusion_proof(self, store: Store, index: int, size: int) -> list[bytes]:
+        """Entry `index`'s audit path in the tree of the first `size` checked entries, from
+        the ledger's own tree: O(log² n) hashes looked up, no leaf read from the store."""
+        with self._lock:
+            self._refresh(store)
+            self._check_size(size)
+            if not 0 <= index < size:
+                raise ValueError(f"leaf index {index} is outside a tree of {size} leaves")
+            return self._tree.path(index, 0, size)
+
+    def root_with(self, store: Store, size: int, leaves: Sequence[bytes]) -> bytes:
+        """The root the log will have once `leaves` follow its first `size` entries: what the
+        sequencer signs a checkpoint over inside the transaction that appends them, while it
+        holds the log's write lock (so `size` is every entry committed before them). The
+        ledger's tree is left as it was: the leaves join it when read back, after commit."""
+        with self._lock:
+            self._refresh(store)
+            if self._tree.size != size:
+                raise _alert(merkle.LogProofError(
+                    f"the log holds {self._tree.size} checked entries where its head says {size}"))
+            return self._tree.frontier(size).extended(leaves).root()
+
+    def _check_size(self, size: int) -> None:
+        """A checkpoint or proof is only ever asked of entries the ledger has checked."""
+        if not 0 <= size <= self._tree.size:  # never: the log only grows under the lock
+            raise _alert(merkle.LogProofError(f"a checkpoint of {size} entries was asked of "
+                                              f"a log of {self._tree.size}"))
 
     def _refresh(self, store: Store) -> None:
         """Check and add the entries appended since the last read (under the lock)."""
@@ -105,7 +121,7 @@ class Ledger:
                     verify_entry(entry.index, SignedStatement(entry.entry, entry.signature,
                                                               entry.key_id), self._verifier)
                     self._registry.add(entry.index, entry.entry)
-                    self._frontier = self._frontier.extended([leaf])
+                    self._tree.extend([leaf])
         except merkle.LogProofError as exc:
             raise _alert(exc) from None
 

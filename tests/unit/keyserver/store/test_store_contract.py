@@ -16,7 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -33,6 +33,7 @@ from freemark_keyserver.store import (
     LogEntry,
     NotFoundError,
     PanelMember,
+    Pending,
     Principal,
     Registration,
     Store,
@@ -308,6 +309,42 @@ def test_duplicate_registration_rolls_back_its_entry(store: Store) -> None:
     assert store.tree_size() == 1
     assert store.get_registration("reg-1").owner == "alice"  # type: ignore[union-attr]
     assert_log_consistent(store)
+
+
+def test_a_batch_commits_together_and_an_entry_that_fails_fails_alone(store: Store) -> None:
+    register(store, make_registration("reg-1"))
+
+    def explode(index: int, now: int) -> bytes:
+        raise RuntimeError("canonicalisation failed")
+
+    seen: list[tuple[int, list[int]]] = []
+
+    def checkpoint(size: int, entries: Sequence[LogEntry]) -> bytes:
+        seen.append((size, [e.index for e in entries]))
+        return b"note over %d" % (size + len(entries))
+
+    results = store.append_batch([
+        Pending("register", entry_builder("register", "reg-2"), make_registration("reg-2")),
+        Pending("register", explode, make_registration("reg-3")),
+        Pending("register", entry_builder("register", "reg-1"), make_registration("reg-1")),
+        Pending("verify", entry_builder("verify")),
+    ], checkpoint=checkpoint)
+    assert [type(r).__name__ for r in results] == ["LogEntry", "RuntimeError", "DuplicateError",
+                                                   "LogEntry"]
+    assert [r.index for r in results if isinstance(r, LogEntry)] == [1, 2]
+    assert seen == [(1, [1, 2])]  # one checkpoint, over the tree after the batch
+    assert store.checkpoint_at(3) == StoredCheckpoint(3, b"note over 3")
+    assert store.get_registration("reg-3") is None and store.tree_size() == 3
+    assert_log_consistent(store)
+
+
+def test_a_batch_whose_checkpoint_fails_leaves_nothing(store: Store) -> None:
+    def refuse(size: int, entries: Sequence[LogEntry]) -> bytes:
+        raise RuntimeError("no checkpoint")
+
+    with pytest.raises(RuntimeError, match="no checkpoint"):
+        store.append_batch([Pending("verify", entry_builder("verify"))], checkpoint=refuse)
+    assert store.tree_size() == 0 and store.latest_checkpoint() is None
 
 
 # --- listing, revocation, rotation -----------------------------------------------------------

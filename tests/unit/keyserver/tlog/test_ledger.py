@@ -1,6 +1,7 @@
 """The server's ledger over a real SQLite store: it decides by, and signs checkpoints over,
 only entries that carry its own statement signature (issue 18), and fails closed with an
-operator ALERT on any other row, including a leaf hash rewritten after it checked the entry."""
+operator ALERT on any other row; a leaf hash rewritten after it checked the entry changes no
+checkpoint or proof it makes (they come from its own tree) and fails the next start."""
 
 from __future__ import annotations
 
@@ -76,13 +77,15 @@ def test_a_row_without_the_servers_signature_fails_closed(
 def test_a_leaf_hash_rewritten_after_the_check_gets_no_checkpoint(
         store: Store, database: Path, caplog: pytest.LogCaptureFixture) -> None:
     ledger = Ledger(SIGNER.verifier())
-    checked = ledger.checked_root(store, 2)
+    checked = [ledger.checked_root(store, size) for size in (1, 2)]
+    proof = ledger.inclusion_proof(store, 0, 2)
     with sqlite3.connect(database) as db:  # an insider under the running server
         db.execute("UPDATE log_entries SET leaf_hash = zeroblob(32) WHERE idx = 0")
-    assert ledger.checked_root(store, 2) == checked  # the tree of the entries it checked
-    with pytest.raises(ServiceError):  # an older size is read from the stored leaf hashes
-        ledger.checked_root(store, 1)
-    assert "no longer make the tree" in caplog.records[-1].getMessage()
+    # Every size, and every proof, comes from the leaves of the entries it checked.
+    assert [ledger.checked_root(store, size) for size in (1, 2)] == checked
+    assert ledger.inclusion_proof(store, 0, 2) == proof
+    merkle.verify_inclusion(merkle.leaf_hash(store.entries(0, 1)[0].entry), 0, 2, proof,
+                            checked[1])
     with pytest.raises(ServiceError):  # and a fresh ledger (a restart) refuses the row
         Ledger(SIGNER.verifier()).read(store, _size)
     assert "log entry 0: its stored leaf hash does not match" in caplog.records[-1].getMessage()

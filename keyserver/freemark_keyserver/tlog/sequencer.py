@@ -1,0 +1,94 @@
+"""The log's append path as a transparency log runs it: sequence, integrate, publish.
+
+Concurrent calls that each append a statement (Register, Verify, Revoke) are committed
+together (group commit): the first caller to find no write in progress takes every entry
+queued so far, up to `MAX_BATCH`, and writes them in one store transaction, which assigns
+their indexes (sequence), folds their leaves into the tree the ledger checked
+(integrate) and stores the checkpoint signed over the result (publish). One commit, so one
+fsync, for the batch; the callers that queued behind it wait and then find their answers.
+
+Nothing is acknowledged that is not durable: a caller gets its entry only after the
+transaction that holds it has committed, so a kill -9 at any moment loses only entries no
+caller was told about (`tests/integration/test_crash_safety.py`). An entry that fails alone
+(its body cannot be built, its registration is refused) fails only its own caller
+(`Store.append_batch`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from freemark.tlog import merkle
+from freemark_keyserver.store import EntrySigner, LogEntry, Pending, Store
+from freemark_keyserver.tlog.ledger import Ledger
+
+__all__ = ["MAX_BATCH", "Sequencer"]
+
+# Entries per transaction at most: enough to amortise a commit under any load this server
+# takes, few enough that one transaction (and the write lock it holds) stays short.
+MAX_BATCH = 256
+
+# Signs the tree head of (size, root, last integrated time in microseconds): the note stored.
+NoteSigner = Callable[[int, bytes, int], bytes]
+
+
+@dataclass
+class _Slot:
+    """One caller's entry, and its answer once the batch that held it ended."""
+
+    pending: Pending
+    result: LogEntry | Exception | None = None
+
+
+class Sequencer:
+    """Group commit of log entries into one store, each batch with its signed checkpoint."""
+
+    def __init__(self, store: Store, ledger: Ledger, sign: EntrySigner, note: NoteSigner
+                 ) -> None:
+        self._store, self._ledger, self._sign, self._note = store, ledger, sign, note
+        self._queue: list[_Slot] = []
+        self._writing = False
+        self._changed = threading.Condition()
+
+    def append(self, pending: Pending) -> LogEntry:
+        """Append one entry; return it once committed with a checkpoint that covers it.
+
+        Raises what failed this entry alone, or what failed its whole batch."""
+        slot = _Slot(pending)
+        with self._changed:
+            self._queue.append(slot)
+            while slot.result is None:
+                if self._writing:
+                    self._changed.wait()
+                    continue
+                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                self._writing = True
+                self._changed.release()
+                try:
+                    self._write(batch)
+                finally:
+                    self._changed.acquire()
+                    self._writing = False
+                    self._changed.notify_all()
+        if isinstance(slot.result, Exception):
+            raise slot.result
+        return slot.result
+
+    def _write(self, batch: Sequence[_Slot]) -> None:
+        """One transaction for the batch; every slot gets its entry or an exception."""
+        try:
+            results = self._store.append_batch([s.pending for s in batch], sign=self._sign,
+                                               checkpoint=self._checkpoint)
+        except Exception as exc:  # noqa: BLE001 - the whole batch failed: each caller raises it
+            results = [exc] * len(batch)
+        for slot, result in zip(batch, results, strict=True):
+            slot.result = result
+
+    def _checkpoint(self, size: int, entries: Sequence[LogEntry]) -> bytes:
+        """The note over the log once `entries` follow its first `size` ones: the root
+        from the ledger's checked tree and the entries' own bytes, never a stored hash."""
+        root = self._ledger.root_with(self._store, size,
+                                      [merkle.leaf_hash(e.entry) for e in entries])
+        return self._note(size + len(entries), root, entries[-1].created_at)
