@@ -87,9 +87,10 @@ class ReplaySandbox:
         result = self(model_path, layer="", pooling=0, triggers=None)  # type: ignore[arg-type]
         identity = result.identity
         answers: list[Any] = [result.activations] * len(runs)
-        more = list(then(identity, answers)) if then is not None else []
         missing = ModelFileError("prior-claim runs are not recorded for the replay sandbox")
-        return identity, answers + [missing] * len(more)
+        while then is not None and (more := list(then(identity, answers))):
+            answers = answers + [missing] * len(more)
+        return identity, answers
 
 
 def _sink(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:

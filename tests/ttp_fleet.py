@@ -131,8 +131,9 @@ def in_process_batch(model_path: Path, runs: Sequence[TriggerRun], *,
         return results
 
     results = each(runs)
-    more = list(then(identity, results)) if then is not None else []
-    return identity, results + each(more)
+    while then is not None and (more := list(then(identity, results))):
+        results = results + each(more)
+    return identity, results
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from freemark.tlog import merkle
 from freemark_keyserver import config as cfg
 from freemark_keyserver import logs
 from freemark_keyserver.auth import ADMIN, ARBITER, OWNER, hash_token, new_token
+from freemark_keyserver.claims import claim_record_id
 from freemark_keyserver.config import Rate
 from freemark_keyserver.crypto import Envelope, rewrap, save_keyring
 from freemark_keyserver.errors import ServiceError
@@ -156,6 +157,12 @@ def _rotate(args: argparse.Namespace) -> int:
             # The host's segments stay as they are: only its header's data key is re-wrapped.
             store.update_envelopes(record.registration_id, keyring.current_version,
                                    envelope.to_bytes(), rewrap_host(keyring, record))
+            count += 1
+        for claim in store.claim_signatures():
+            envelope = rewrap(keyring, Envelope.from_bytes(claim.envelope),
+                              record_id=claim_record_id(claim.registration_id), owner=claim.owner)
+            store.update_claim_envelope(claim.registration_id, keyring.current_version,
+                                        envelope.to_bytes())
             count += 1
         for member in store.panel_members(active=False):
             store.update_panel_envelope(member.member_id, keyring.current_version,

@@ -22,6 +22,7 @@ from freemark.scheme.bundle import KeyBundle
 from freemark.tlog import merkle
 from freemark.v1 import keyservice_pb2 as pb
 from freemark_keyserver import cancellation
+from freemark_keyserver.claims import ClaimIndex
 from freemark_keyserver.config import ServerConfig
 from freemark_keyserver.crypto import MasterKeyring, SigningKey
 from freemark_keyserver.errors import ErrorCode, ServiceError
@@ -38,7 +39,7 @@ from freemark_keyserver.sandbox.runner import (
     run_batch,
     run_model,
 )
-from freemark_keyserver.store import Pending, Registration, Store, StoredCheckpoint
+from freemark_keyserver.store import ClaimSignature, Pending, Registration, Store, StoredCheckpoint
 from freemark_keyserver.tlog.ledger import Ledger
 from freemark_keyserver.tlog.sequencer import Sequencer
 
@@ -75,9 +76,12 @@ class Context:
     ledger: Ledger = field(init=False)
     # The log's append path: concurrent appends committed together with their checkpoint.
     sequencer: Sequencer = field(init=False)
+    # Which earlier registrations a Register checks in full (`freemark_keyserver.claims`).
+    claims: ClaimIndex = field(init=False)
 
     def __post_init__(self) -> None:
         self.ledger = Ledger(self.signer.verifier())
+        self.claims = ClaimIndex(self.keyring)
         self.sequencer = Sequencer(self.store, self.ledger, lambda body: _entry_signature(self, body),
                                    lambda size, root, last: _checkpoint_note(self, size, root, last))
         if self.pool is not None:
@@ -177,15 +181,17 @@ def public(exc: Exception) -> str:
 
 
 def append_entry(ctx: Context, kind: str, build: Callable[[int, int], bytes],
-                 registration: Registration | None = None) -> tuple[bytes, int, int]:
+                 registration: Registration | None = None,
+                 claim: ClaimSignature | None = None) -> tuple[bytes, int, int]:
     """Append one signed statement; `build(log index, integrated time)` is its body, and its
     signature (`sign_statement`) is stored with it in the same transaction, which also
     stores a signed checkpoint covering it (`tlog.sequencer`: concurrent appends share one).
 
+    A registration's sealed claim signature (`claim`) is stored in the same transaction.
     Returns (body, log index, integrated time) once the entry is durable.
     """
     cancellation.check_active()  # a caller who has gone gets nothing signed or logged
-    entry = ctx.sequencer.append(Pending(kind, build, registration))
+    entry = ctx.sequencer.append(Pending(kind, build, registration, claim))
     return entry.entry, entry.index, entry.created_at
 
 

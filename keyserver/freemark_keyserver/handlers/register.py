@@ -33,6 +33,7 @@ from freemark.scheme.triggers import TriggerSet
 from freemark.scheme.watermark import commitment
 from freemark.v1 import keyservice_pb2 as pb
 from freemark.verdict.decision import suspect_vector
+from freemark_keyserver import claims
 from freemark_keyserver.auth import OWNER, require_role
 from freemark_keyserver.crypto import seal
 from freemark_keyserver.errors import ErrorCode, ServiceError
@@ -48,10 +49,10 @@ from freemark_keyserver.handlers.context import (
     sign_statement,
 )
 from freemark_keyserver.handlers.hosts import store_host
-from freemark_keyserver.handlers.lookups import lookup_many
+from freemark_keyserver.handlers.lookups import lookup, lookup_many
 from freemark_keyserver.sandbox import formats
 from freemark_keyserver.sandbox.runner import LayerScan, ModelIdentity, TriggerRun
-from freemark_keyserver.store import DuplicateError, Principal, Registration
+from freemark_keyserver.store import ClaimSignature, DuplicateError, Principal, Registration
 
 __all__ = ["CLAIMED", "parse_bundle", "register", "register_host"]
 
@@ -147,7 +148,7 @@ def register_host(ctx: Context, principal: Principal, bundle: KeyBundle, host: P
             "host_fingerprint": reading.fingerprint, "watermark_commitment": wm_commitment,
             "layer": bundle.layer, "n_bits": bundle.n_bits, "log_index": i, "integrated_time": t,
             "panel": panel_record, "architecture_digest": reading.architecture_digest,
-        }), record)
+        }), record, claim=claims.sealed(registration_id))
     except DuplicateError as exc:  # a concurrent Register of the same host committed first
         raise _claimed(principal, lookup_many(
             ctx, lambda registry: registry.by_fingerprint(reading.fingerprint)),
@@ -163,42 +164,67 @@ class _PriorClaims:
 
     Claimed means: the same weights, or an earlier key's verdict (plain and, with that
     registration's panel, aligned, so a relabelled, rescaled or padded copy is caught) is a
-    match on some tensor of the upload. Candidates are every earlier registration whose
-    triggers the upload could take: the same input signature (`_signature`), read from the
-    signed log and the sealed bundles, never from names the uploader chose. The key layer is
-    located by the TTP, not by its name: the sandbox child reads every tensor the upload
-    computes on that registration's triggers (a scan, `TriggerRun` with no layer), of the
-    key's width for the plain test or of any width when the panel lets the aligned test
-    run, and each is judged with the earlier key; any match is a claim. So renaming the key
-    layer, any weight, every module, wrapping a layer in a container or inlining it changes
-    nothing. The refusal names neither the earlier registration nor any figure: a number here
-    would let a thief steer his laundering one query at a time.
+    match on some tensor of the upload. The key layer is located by the TTP, not by its
+    name: the sandbox child reads every tensor the upload computes on that registration's
+    triggers (a scan, `TriggerRun` with no layer), of the key's width for the plain test or
+    of any width when the panel lets the aligned test run, and each is judged with the
+    earlier key; any match is a claim. So renaming the key layer, any weight, every module,
+    wrapping a layer in a container or inlining it changes nothing. The refusal names
+    neither the earlier registration nor any figure: a number here would let a thief steer
+    his laundering one query at a time.
 
-    The upload is scanned with every earlier key by the sandbox child that read it with its
-    own (`runs` is the pool's follow-up: one load in all).
+    Which earlier registrations get that full check (issue 21): the claim index
+    (`freemark_keyserver.claims`) holds every registration's signature (its key layer's
+    probe-similarity structure, blind to relabelling, rescaling and padding). The upload is
+    scanned on each input group's probes, every tensor's signature is compared with the
+    group's, and the `claims.CANDIDATES` nearest registrations are candidates, with every
+    registration the index cannot rank (made before the index, or whose signature could not
+    be read): those are always candidates. A candidate must still take the upload's input
+    kind (`_signature`, read from its sealed bundle). So a Register costs a few scans
+    whatever the registry's size. The index's answer decides nothing and is never shown: it
+    only chooses which secret keys judge the upload.
 
-    Fail closed: a scan that cannot be completed (the model fails on those triggers, a
-    deadline, a resource limit or cap, a crash) is a claim, refused with the same fixed
-    ALREADY_EXISTS as any claim, so a thief cannot buy a clearance by making his copy fail on
-    other owners' triggers, and the answer says nothing about the failure. An upload that
-    does not take inputs of that registration's kind at all (its declared input shape
-    differs), or that computes no tensor the key can be read on, is not a copy of it: no
-    claim. A tensor the key cannot be read on (a constant one, too few live units to align)
-    is skipped; the others still decide. Only the caller's own cancellation ends the call.
+    All in the sandbox child that read the upload with its own key (`runs` is the pool's
+    follow-up, asked three times: the index scans, then the candidates' scans, then
+    nothing): one load in all.
 
-    Cost: every earlier registration's sealed bundle is opened to read its input signature,
-    and the upload is scanned once per candidate of its signature, all in one child within
-    one sandbox deadline; the registry is not indexed yet (docs/keyserver.md).
+    Fail closed: a scan that cannot be completed (the model fails on those triggers or the
+    index's probes, a deadline, a resource limit or cap, a crash) is a claim, refused with
+    the same fixed ALREADY_EXISTS as any claim, so a thief cannot buy a clearance by making
+    his copy fail on other owners' triggers, and the answer says nothing about the failure.
+    An upload that does not take inputs of that registration's kind at all (its declared
+    input shape differs), or that computes no tensor the key can be read on, is not a copy
+    of it: no claim. A tensor the key cannot be read on (a constant one, too few live units
+    to align) is skipped; the others still decide. Only the caller's own cancellation ends
+    the call.
     """
 
     def __init__(self, ctx: Context, principal: Principal, bundle: KeyBundle) -> None:
         self.ctx, self.principal, self.bundle = ctx, principal, bundle
         self.host: panels.Reading | None = None
         self.earlier: list[tuple[Registration, KeyBundle, list[Reference]]] = []
+        self.groups: list[tuple[bytes, str]] = []  # the index groups scanned, with anchors
+        self.own: tuple[bytes, str] = (claims.group_of(bundle.triggers), "")
+        self.vector: np.ndarray | None = None  # the upload's own signature, once read
+        self.index_failed = False
+        self.asked = 0
 
     def runs(self, identity: ModelIdentity, results: list[np.ndarray | Exception]) -> list[TriggerRun]:
+        """The pool's follow-up, asked until it returns nothing: first the index's scans,
+        then a full scan for every candidate earlier key."""
+        self.asked += 1
+        if self.asked == 1:
+            return self._index_runs(identity, results)
+        if self.asked == 2:
+            return self._candidate_runs(results[1:])
+        return []
+
+    def _index_runs(self, identity: ModelIdentity, results: list[np.ndarray | Exception]
+                    ) -> list[TriggerRun]:
         """With the host's own reading (its child still holds it): check the host, refuse an
-        upload of registered weights, and return a scan for every candidate earlier key."""
+        upload of registered weights, and return a scan of every tensor on each index
+        group's probes for the upload's input kind, and a read of its own key layer on its
+        group's probes (its signature, stored with the registration)."""
         try:
             self.host = panels.reading_of(self.bundle, identity, results[0], self.bundle.probes)
         except InvalidInputError as exc:
@@ -209,29 +235,81 @@ class _PriorClaims:
                 if _blocks(r, self.principal)]
         if same:
             raise _claimed(self.principal, same, "the same weights are registered")
+        self.ctx.claims.refresh(self.ctx.store)
+        anchors: dict[str, TriggerSet] = {}
+        for group, anchor in self.ctx.claims.groups(_signature(self.bundle.triggers)):
+            record = lookup(self.ctx, anchor)
+            if record is None:  # a row the signed log does not hold: no group of ours
+                continue
+            anchors[anchor] = panels.open_sealed(self.ctx, record)[0].triggers
+            self.groups.append((group, anchor))
+        own_group = self.own[0]
+        own_anchor = self.ctx.claims.anchor(own_group) or ""
+        self.own = (own_group, own_anchor)
+        own_triggers = anchors.get(own_anchor, self.bundle.triggers)
+        return [*(TriggerRun(None, 0, anchors[anchor], claims.PROBES)
+                  for _, anchor in self.groups),
+                TriggerRun(self.bundle.layer, self.bundle.pooling, own_triggers, claims.PROBES)]
+
+    def _candidate_runs(self, results: Sequence[np.ndarray | Exception]) -> list[TriggerRun]:
+        """The candidates the index ranks nearest, with every registration it cannot rank;
+        a scan for each of those whose triggers the upload could take."""
+        own = results[len(self.groups)]
+        if isinstance(own, np.ndarray):
+            self.vector = claims.signature(claims.probe_rows(own))
+        if self.vector is None:  # stored without one: every later Register checks it in full
+            log.warning("Register by %s: the upload's own claim signature could not be read; "
+                        "it will be checked in full by every later Register of its kind",
+                        self.principal.name)
+        wanted: dict[str, None] = {}
+        for (group, _), scan in zip(self.groups, results, strict=False):
+            if not isinstance(scan, LayerScan):  # the index cannot rank it: a claim
+                log.warning("Register by %s: the upload could not be scanned on the claim "
+                            "index's probes (%s); a claim", self.principal.name,
+                            _failure_name(scan) if isinstance(scan, BaseException)
+                            else "not a scan")
+                self.index_failed = True
+                continue
+            vectors = [v for v in (claims.signature(claims.probe_rows(layer))
+                                   for layer in scan.layers()) if v is not None]
+            wanted.update(dict.fromkeys(self.ctx.claims.nearest(group, vectors)))
+        index = self.ctx.claims
+        wanted.update(dict.fromkeys(s.registration_id for s in self.ctx.ledger.read(
+            self.ctx.store, lambda reg: reg.all()) if not index.indexed(s.registration_id)))
         signature = _signature(self.bundle.triggers)
-        opened = [(record, *panels.open_sealed(self.ctx, record)) for record in
-                  lookup_many(self.ctx, lambda reg: reg.all()) if _blocks(record, self.principal)]
+        found = [lookup(self.ctx, rid) for rid in wanted]
+        opened = [(record, *panels.open_sealed(self.ctx, record)) for record in found
+                  if record is not None and _blocks(record, self.principal)]
         self.earlier = [(record, bundle, panel) for record, bundle, panel in opened
                         if _signature(bundle.triggers) == signature]
         return [_scan(bundle, panel) for _, bundle, panel in self.earlier]
+
+    def sealed(self, registration_id: str) -> ClaimSignature | None:
+        """The upload's own signature, sealed for the index (None when it could not be read:
+        the registration is then one the index cannot rank, checked in full by later ones)."""
+        if self.vector is None:
+            return None
+        group, anchor = self.own
+        return claims.sealed_claim(self.ctx.keyring, registration_id, self.principal.name,
+                                   group, anchor or registration_id, self.vector)
 
     def judge(self, results: Sequence[np.ndarray | Exception]) -> None:
         """Refuse the upload if an earlier key decodes any tensor of it, or if a scan or a
         judgement failed (fail closed: never a clearance).
 
-        Every earlier key is judged before any refusal (no short-circuit: how long the call
+        `results` are the follow-ups' answers: the index's scans, then the candidates'.
+        Every candidate key is judged before any refusal (no short-circuit: how long the call
         takes says nothing of which key matched). A failure is logged by its class name only:
         its message may be computed from that key's secret triggers (issue 18)."""
         assert self.host is not None
-        claims: list[tuple[Registration, float]] = []
-        for (record, bundle, panel), result in zip(self.earlier, results):
+        claims_found: list[tuple[Registration, float]] = []
+        for (record, bundle, panel), result in zip(self.earlier, results[len(self.groups) + 1:]):
             if not isinstance(result, LayerScan):  # a failed scan: never a clearance
                 log.warning("Register by %s: the upload could not be scanned with earlier "
                             "registration %s (%s); a claim", self.principal.name,
                             record.registration_id, _failure_name(result)
                             if isinstance(result, BaseException) else "not a scan")
-                claims.append((record, 0.0))
+                claims_found.append((record, 0.0))
                 continue
             probes = probe_count(bundle, probes=aligns(bundle, panel))
             for layer in result.layers():
@@ -243,15 +321,18 @@ class _PriorClaims:
                     log.warning("Register by %s: a tensor of the upload could not be judged "
                                 "with earlier registration %s (%s); a claim",
                                 self.principal.name, record.registration_id, _failure_name(exc))
-                    claims.append((record, 0.0))
+                    claims_found.append((record, 0.0))
                     break
                 if verdict.is_match:
-                    claims.append((record, verdict.log10_p_value))
+                    claims_found.append((record, verdict.log10_p_value))
                     break
-        if claims:
-            raise _claimed(self.principal, [record for record, _ in claims],
+        if claims_found:
+            raise _claimed(self.principal, [record for record, _ in claims_found],
                            "an earlier key decodes the upload, or it could not be judged "
-                           "(log10 p " + ", ".join(f"{p:.1f}" for _, p in claims) + ")")
+                           "(log10 p " + ", ".join(f"{p:.1f}" for _, p in claims_found) + ")")
+        if self.index_failed:
+            raise _claimed(self.principal, [], "the upload could not be read on the claim "
+                           "index's probes")
 
 
 def _failure_name(exc: BaseException) -> str:
@@ -261,13 +342,8 @@ def _failure_name(exc: BaseException) -> str:
 
 
 def _signature(triggers: TriggerSet) -> tuple[int, bool, bool]:
-    """What an upload must take to be read on these triggers: inputs of this rank, float or
-    integer, with or without an attention mask. Sizes are left to the sandbox child, which
-    compares them with the upload's declared input shape (`freemark.scheme.activations.
-    accepts`), so a model that takes any sequence length or image size is still compared."""
-    inputs = np.asarray(triggers.inputs)
-    return inputs.ndim, bool(np.issubdtype(inputs.dtype, np.floating)), (
-        triggers.attention_mask is not None)
+    """What an upload must take to be read on these triggers (`claims.input_kind`)."""
+    return claims.input_kind(triggers)
 
 
 def _scan(bundle: KeyBundle, panel: Sequence[Reference]) -> TriggerRun:

@@ -287,8 +287,8 @@ class SandboxPool:
         Raises for the model as a whole (unreadable file, limits, deadline, crash, busy).
         `then(identity, results)`, when given, is called with that answer while the child
         still holds the model, and returns more runs for the same load (Register's prior-claim
-        sets, chosen by the upload's architecture family); their results follow the first
-        ones. A failure of the child while it reads them (a crash, its limits, the deadline)
+        sets: the claim index's scans, then the candidates'); their results follow the first
+        ones, and `then` is asked again with all of them until it returns no run. A failure of the child while it reads them (a crash, its limits, the deadline)
         becomes each one's result, as a run that fails alone; the call's end still raises.
         """
         request = encode_request(runs, bool(weights_path), options or {})
@@ -299,8 +299,7 @@ class SandboxPool:
             with self._child(model_path, weights_path, limits) as child:
                 identity, results = decode_reply(child.ask(request), [r.rows for r in runs],
                                                  [r.scans for r in runs])
-                more = list(then(identity, results)) if then is not None else []
-                if more:
+                while then is not None and (more := list(then(identity, results))):
                     results = [*results, *_more(child, more, bool(weights_path), options or {})]
         finally:
             metrics.SANDBOX_RUNNING.dec()

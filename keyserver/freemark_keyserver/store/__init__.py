@@ -37,6 +37,7 @@ from freemark_keyserver.store.interface import ORPHAN_GRACE_S, Store
 from freemark_keyserver.store.records import (
     ROLES,
     CheckpointSigner,
+    ClaimSignature,
     Clock,
     EntrySigner,
     LogEntry,
@@ -52,6 +53,7 @@ __all__ = [
     "ORPHAN_GRACE_S",
     "ROLES",
     "CheckpointSigner",
+    "ClaimSignature",
     "Clock",
     "DuplicateError",
     "EntrySigner",

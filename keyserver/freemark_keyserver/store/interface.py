@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from freemark_keyserver.store.records import (
     CheckpointSigner,
+    ClaimSignature,
     EntrySigner,
     LogEntry,
     PanelMember,
@@ -143,6 +144,19 @@ class Store(ABC):
         self, registration_id: str, key_version: int, envelope: bytes, host_envelope: bytes
     ) -> None:
         """Replace both envelopes and their key version atomically; `NotFoundError` if absent."""
+
+    # prior-claim signatures
+
+    @abstractmethod
+    def claim_signatures(self, after_log_index: int = -1) -> list[ClaimSignature]:
+        """The sealed claim signatures of registrations logged after `after_log_index`, in
+        log order, each with its registration's owner and log index (the claim index reads
+        them on start, then only the new ones: replicas share it through the database)."""
+
+    @abstractmethod
+    def update_claim_envelope(self, registration_id: str, key_version: int, envelope: bytes
+                              ) -> None:
+        """Replace a claim signature's envelope after rotation; `NotFoundError` if absent."""
 
     # the operator's reference panels
 

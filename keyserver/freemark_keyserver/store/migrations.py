@@ -187,6 +187,20 @@ def _entry_signatures(blob: str) -> tuple[str, ...]:
     )
 
 
+def _claim_signatures(blob: str) -> tuple[str, ...]:
+    """Version 8: each registration's prior-claim signature, sealed, for the claim index
+    (issue 21). A row of its own, written in the registration's transaction; `grp` is the
+    index group (input kind and shape) in the clear, so the index is rebuilt per group."""
+    return (
+        f"""CREATE TABLE claim_signatures (
+            registration_id TEXT PRIMARY KEY REFERENCES registrations (registration_id),
+            grp {blob} NOT NULL,
+            key_version INTEGER NOT NULL,
+            envelope {blob} NOT NULL
+        )""",
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
@@ -232,6 +246,12 @@ MIGRATIONS: tuple[Migration, ...] = (
         "statement signatures with the log entries",
         sqlite=_entry_signatures("BLOB"),
         postgres=_entry_signatures("BYTEA"),
+    ),
+    Migration(
+        8,
+        "sealed prior-claim signatures for the claim index",
+        sqlite=_claim_signatures("BLOB"),
+        postgres=_claim_signatures("BYTEA"),
     ),
 )
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 __all__ = [
     "ROLES",
     "CheckpointSigner",
+    "ClaimSignature",
     "Clock",
     "EntrySigner",
     "LogEntry",
@@ -126,6 +127,20 @@ class StoredCheckpoint:
 
 
 @dataclass(frozen=True)
+class ClaimSignature:
+    """A registration's sealed prior-claim signature (`freemark_keyserver.claims`): its index
+    group in the clear, the signature sealed under the registration's id and owner. `owner`
+    and `log_index` are its registration's, filled in when read back."""
+
+    registration_id: str
+    group: bytes
+    key_version: int
+    envelope: bytes
+    owner: str = ""
+    log_index: int = -1
+
+
+@dataclass(frozen=True)
 class Pending:
     """One entry waiting to be appended (`Store.append_batch`): its kind, the function that
     builds its bytes from (log index, integrated time), and the registration it carries."""
@@ -133,3 +148,4 @@ class Pending:
     kind: str
     build_entry: Callable[[int, int], bytes]
     registration: Registration | None = None
+    claim: ClaimSignature | None = None  # stored with the registration, in its savepoint

@@ -29,6 +29,7 @@ from freemark_keyserver.store.migrations import Backend
 from freemark_keyserver.store.pool import ConnectionPool
 from freemark_keyserver.store.records import (
     CheckpointSigner,
+    ClaimSignature,
     Clock,
     EntrySigner,
     LogEntry,
@@ -343,6 +344,14 @@ class SqlStore(Store):
                  r.layer, r.units, r.n_bits, r.commitment, r.key_version, r.envelope,
                  r.host_envelope, index, r.revoked_at),
             )
+        if item.claim is not None:
+            c = item.claim
+            self._execute(
+                conn,
+                "INSERT INTO claim_signatures (registration_id, grp, key_version, envelope)"
+                " VALUES (?, ?, ?, ?)",
+                (c.registration_id, c.group, c.key_version, c.envelope),
+            )
         return stored
 
     def get_registration(self, registration_id: str) -> Registration | None:
@@ -413,6 +422,29 @@ class SqlStore(Store):
         )
         if not changed:
             raise NotFoundError(f"no registration {registration_id!r}")
+
+    # prior-claim signatures
+
+    def claim_signatures(self, after_log_index: int = -1) -> list[ClaimSignature]:
+        rows = self._rows(
+            "SELECT c.registration_id, c.grp, c.key_version, c.envelope, r.owner, r.log_index"
+            " FROM claim_signatures c JOIN registrations r"
+            " ON r.registration_id = c.registration_id"
+            " WHERE r.log_index > ? ORDER BY r.log_index",
+            (after_log_index,),
+        )
+        return [ClaimSignature(row["registration_id"], bytes(row["grp"]), row["key_version"],
+                               bytes(row["envelope"]), row["owner"], row["log_index"])
+                for row in rows]
+
+    def update_claim_envelope(self, registration_id: str, key_version: int, envelope: bytes
+                              ) -> None:
+        changed = self._write(
+            "UPDATE claim_signatures SET key_version = ?, envelope = ? WHERE registration_id = ?",
+            (key_version, envelope, registration_id),
+        )
+        if not changed:
+            raise NotFoundError(f"no claim signature for {registration_id!r}")
 
     # the operator's reference panels
 

@@ -1,0 +1,440 @@
+"""The registry at hub scale (issue 21): the log's append rate and Register against K earlier
+registrations of one family, in one run, as ratios to floors measured in the same run.
+
+    PYTHONPATH=client:keyserver:lab:tests .venv/bin/python bench/registry.py --json out/bench_registry.json
+    ... bench/registry.py --quick      # K up to 10,000: under 15 minutes once its models are cached
+
+(tests/ on the path: the throwaway PostgreSQL of tests/pg.py and the statement bodies of
+tests/signed_statements.py.) Sections:
+
+(a) log appends per second through the real append path (`append_entry`: the sequencer's
+    group commit, statement signature, ledger, checkpoint in the same transaction, then the
+    inclusion proof a receipt carries), from 1 and from 16 client threads, on SQLite and on
+    PostgreSQL, against a bare loop of one-row INSERT transactions into the same database.
+    The test PostgreSQL runs with fsync off (tests/pg.py), for the bare loop and the log alike.
+(b) Register of one more digits CNN (the real server, the real sandbox for the upload) against
+    a store holding K = 1, 1,000, 10,000 (and 100,000 without --quick) earlier registrations of
+    its family: the first is real (the index group's anchor); the rest are synthetic records
+    inserted through the store in batches (tests/registry_fill.py: signed receipts, the
+    anchor's sealed bundle, sealed claim signatures near real independent models'). Also: the index's memory per
+    registration and its rebuild time from the store.
+(c) recall of the indexed prior-claim check against the full one on a labelled set, with the
+    index at its largest K: 5 registered hosts x 10 copies (fine-tuned, 50 % pruned, int8,
+    fp16, relabelled, rescaled, 16 random / zero / split dummy units, renamed + relabelled
+    fine-tune) and 50 independently trained models. The full check judges every tensor with
+    every earlier key; the indexed one only the candidates the index names. False candidates:
+    registered hosts named for an upload they do not claim.
+
+Models are trained here and cached by recipe hash (safetensors state dicts) under
+$FREEMARK_BENCH_CACHE (default out/cache/registry).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+import torch
+from _table import print_table, write_json
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import scheme_models as sm
+from freemark.derive import derive_key
+from freemark.errors import InvalidInputError
+from freemark.records.types import VERDICT_KIND
+from freemark.rpc import KeyServiceClient
+from freemark.scheme.activations import capture_every
+from freemark.scheme.bundle import KeyBundle
+from freemark.scheme.probes import with_probes
+from freemark.tlog.signatures import canonical_json
+from freemark_keyserver import claims
+from freemark_keyserver.config import DEFAULT_MAX_CONCURRENT_RPCS, UNLIMITED, ServerConfig
+from freemark_keyserver.crypto import MasterKeyring, SigningKey
+from freemark_keyserver.handlers import panels
+from freemark_keyserver.handlers.context import (
+    Context,
+    append_entry,
+    inclusion_proof,
+)
+from freemark_keyserver.handlers.lookups import lookup
+from freemark_keyserver.handlers.register import _judge_tensor, _scan
+from freemark_keyserver.server import RunningServer, create_server
+from freemark_keyserver.store import Registration, open_store
+from freemark_lab.attacks.obfuscate import add_dummy_units, permute_units, rescale_units
+from freemark_lab.attacks.prune import magnitude_prune
+from freemark_lab.attacks.quantize import fp16, int8
+from pg import PostgresServer, PostgresUnavailable, create_database
+from registry_fill import fill, key_signature
+from signed_statements import verdict_body
+from ttp_fleet import add_principals
+
+TASK = "digits"
+QUICK_KS = (1, 1_000, 10_000)
+FULL_KS = (*QUICK_KS, 100_000)
+LOG_CLIENTS = 16
+LOG_APPENDS = 1_000
+BARE_INSERTS = 500
+UPLOADS_PER_K = 1
+HOSTS = 5
+INDEPENDENTS = 50
+INDEPENDENT_EPOCHS = 10  # a third of the hosts' budget: 50 of them train in minutes
+GOAL_LOG = 0.5
+GOAL_REGISTER = 2.0
+CACHE = Path(os.environ.get("FREEMARK_BENCH_CACHE", "out/cache/registry"))
+
+
+# --- models, cached by recipe ----------------------------------------------------------------
+
+
+def _cached(recipe: dict[str, Any], make: Callable[[], nn.Module]) -> nn.Module:
+    """The model a recipe makes, trained once and then loaded from its state dict."""
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:24]
+    path = CACHE / f"{digest}.safetensors"
+    task = sm.task(TASK)
+    if path.exists():
+        model = task.lab.new_model("same", 0)
+        model.load_state_dict(load_file(path))
+        return model.eval()
+    model = make()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return model.eval()
+
+
+def trained(seed: int, epochs: int | None = None) -> nn.Module:
+    """A digits CNN trained from `seed` (the tests' recipe unless `epochs` says otherwise)."""
+    task = sm.task(TASK)
+    epochs = task.recipe.epochs if epochs is None else epochs
+    recipe = {"task": TASK, "arch": "same", "seed": seed, "epochs": epochs, "lr": 1e-3}
+    return _cached(recipe, lambda: task.lab.fit(task.lab.new_model("same", seed),
+                                                epochs=epochs, lr=1e-3, seed=seed))
+
+
+def finetuned(seed: int) -> nn.Module:
+    from freemark_lab.attacks.finetune import finetune
+
+    task = sm.task(TASK)
+    recipe = {"task": TASK, "arch": "same", "seed": seed, "epochs": task.recipe.epochs,
+              "lr": 1e-3, "finetune": task.recipe.finetune_epochs, "finetune_seed": 7}
+    return _cached(recipe, lambda: finetune(trained(seed), task.lab,
+                                            epochs=task.recipe.finetune_epochs, lr=1e-3, seed=7))
+
+
+class Renamed(nn.Module):
+    """Every module of a digits CNN under another name (the scan reads tensors, not names)."""
+
+    def __init__(self, source: nn.Module) -> None:
+        super().__init__()
+        self.body, self.squash, self.proj, self.gate, self.classify = (
+            source.features, nn.Flatten(), source.fc1, nn.ReLU(), source.fc2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.gate(self.proj(self.squash(self.body(x)))))
+
+
+def copies(seed: int) -> dict[str, nn.Module]:
+    """Ten stolen copies of host `seed`, by the lab's attack functions."""
+    lab, host = sm.task(TASK).lab, trained(seed)
+    return {
+        "fine-tuned": finetuned(seed), "pruned 50%": magnitude_prune(host, lab, rate=0.5),
+        "int8": int8(host, lab), "fp16": fp16(host, lab),
+        "relabelled": permute_units(host, lab, seed=seed),
+        "rescaled": rescale_units(host, lab, seed=seed),
+        "16 random units": add_dummy_units(host, lab, count=16, mode="random"),
+        "16 zero units": add_dummy_units(host, lab, count=16, mode="zero"),
+        "16 split units": add_dummy_units(host, lab, count=16, mode="split"),
+        "renamed, relabelled fine-tune": Renamed(permute_units(finetuned(seed), lab, seed=seed)),
+    }
+
+
+# --- (a) the log ------------------------------------------------------------------------------
+
+
+def _statement(index: int, now: int) -> bytes:
+    return canonical_json(verdict_body(index, integrated_time=now))
+
+
+def bare_inserts(db: str, count: int) -> float:
+    """One-row INSERT transactions per second into a table of the same database."""
+    entry = _statement(0, 0)
+    if db.startswith("postgresql://"):
+        with psycopg.connect(db, autocommit=True) as conn:
+            conn.execute("CREATE TABLE bare (idx BIGINT PRIMARY KEY, entry BYTEA NOT NULL)")
+            started = time.perf_counter()
+            for index in range(count):
+                conn.execute("INSERT INTO bare VALUES (%s, %s)", (index, entry))
+            return count / (time.perf_counter() - started)
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:  # the store's own settings: WAL, a durable commit
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("CREATE TABLE bare (idx INTEGER PRIMARY KEY, entry BLOB NOT NULL)")
+        started = time.perf_counter()
+        for index in range(count):
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO bare VALUES (?, ?)", (index, entry))
+            conn.execute("COMMIT")
+        return count / (time.perf_counter() - started)
+    finally:
+        conn.close()
+
+
+def log_appends(ctx: Context, count: int, clients: int) -> float:
+    """Statements per second through append_entry and the receipt's inclusion proof."""
+    def one(_: int) -> None:
+        _, index, _ = append_entry(ctx, VERDICT_KIND, _statement)
+        inclusion_proof(ctx, index)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(one, range(count)))
+    return count / (time.perf_counter() - started)
+
+
+def log_section(folder: Path, pg_admin: str | None, quick: bool) -> dict[str, Any]:
+    appends = LOG_APPENDS // (2 if quick else 1)
+    databases = {"sqlite": str(folder / "log.sqlite3")}
+    if pg_admin:
+        databases["postgres"] = create_database(pg_admin, "benchlog")
+    result: dict[str, dict[str, float]] = {"bare": {}, "one": {}, "many": {}}
+    for backend, db in databases.items():
+        store = open_store(db)
+        ctx = Context(config=ServerConfig(data_dir=folder, db=db), store=store,
+                      keyring=MasterKeyring({1: os.urandom(32)}), signer=SigningKey.generate())
+        try:
+            result["bare"][backend] = bare_inserts(db, BARE_INSERTS)
+            result["one"][backend] = log_appends(ctx, appends // 4, 1)
+            result["many"][backend] = log_appends(ctx, appends, LOG_CLIENTS)
+        finally:
+            store.close()
+    rows = [[b, result["bare"][b], result["one"][b], result["one"][b] / result["bare"][b],
+             result["many"][b], result["many"][b] / result["bare"][b]] for b in databases]
+    print_table(f"(a) log appends per second vs a bare one-row INSERT loop (goal >= {GOAL_LOG}x)",
+                ["backend", "bare/s", "1 client/s", "ratio", f"{LOG_CLIENTS} clients/s",
+                 "ratio"], rows)
+    return result
+
+
+# --- (b) Register against K earlier registrations ---------------------------------------------
+
+
+class Registry:
+    """A real key server (real sandbox) on SQLite, and the principals of the bench."""
+
+    def __init__(self, folder: Path) -> None:
+        config = ServerConfig(data_dir=folder / "ttp", listen="127.0.0.1:0", grace_seconds=1,
+                              verify_rate_principal=UNLIMITED,
+                              verify_rate_registration=UNLIMITED,
+                              register_rate_principal=UNLIMITED,
+                              max_calls_per_principal=DEFAULT_MAX_CONCURRENT_RPCS)
+        self.running: RunningServer = create_server(config)
+        self.ctx = self.running.ctx
+        owners = ["anchor", "uploader", *(f"host{i}" for i in range(HOSTS))]
+        self.tokens = add_principals(config.database, [(o, "owner") for o in owners])
+        self.example = sm.task(TASK).lab.sample_inputs(2)
+        self.folder = folder
+
+    def register(self, owner: str, label: str, model: nn.Module, seed: int) -> tuple[str, float]:
+        """Register `model` as `owner` (a key on `act`); the id and the call's seconds."""
+        from freemark.formats.pt2 import save_program
+
+        bundle = derive_key(model, layer="act", triggers=sm.task(TASK).lab.triggers(10, seed),
+                            owner=owner)
+        path = self.folder / f"{label}.pt2"
+        save_program(model, self.example, path)
+        with KeyServiceClient(f"127.0.0.1:{self.running.port}", token=self.tokens[owner],
+                              timeout=1800) as client:
+            started = time.perf_counter()
+            receipt = client.register(bundle, path)
+            return receipt.registration_id, time.perf_counter() - started
+
+
+def signatures_on(model: nn.Module, anchor_triggers: Any) -> list[np.ndarray]:
+    """Every tensor's claim signature on a group's probes, as the sandbox child reads them."""
+    scans = capture_every(model, with_probes(anchor_triggers, claims.PROBES))
+    found = (claims.signature(claims.probe_rows(m)) for m in scans)
+    return [v for v in found if v is not None]
+
+
+def register_section(registry: Registry, ks: Sequence[int]) -> dict[str, Any]:
+    ctx = registry.ctx
+    anchor_id, _ = registry.register("anchor", "anchor", trained(900), seed=900)
+    anchor = lookup(ctx, anchor_id)
+    assert anchor is not None
+    anchor_bundle, _ = panels.open_sealed(ctx, anchor)
+    bases = [key_signature(trained(seed), anchor_bundle.triggers) for seed in (901, 902)]
+    seconds: dict[str, float] = {}
+    rebuild: dict[str, float] = {}
+    memory: dict[str, float] = {}
+    rows = []
+    inserted, upload = 0, 0
+    for k in ks:
+        earlier = ctx.store.tree_size()
+        if k > earlier:
+            started = time.perf_counter()
+            fill(ctx, anchor, k - earlier, bases, inserted, owner="anchor")
+            inserted += k - earlier
+            insert_s = time.perf_counter() - started
+        else:
+            insert_s = 0.0
+        started = time.perf_counter()
+        fresh = claims.ClaimIndex(ctx.keyring)
+        fresh.refresh(ctx.store)
+        rebuild[str(k)] = time.perf_counter() - started
+        memory[str(k)] = fresh.memory_bytes() / max(len(fresh), 1)
+        ctx.ledger.read(ctx.store, len)  # the ledger reads the bulk before the timed calls
+        times = []
+        for _ in range(UPLOADS_PER_K):
+            upload += 1
+            _, elapsed = registry.register("uploader", f"upload{upload}", trained(700 + upload),
+                                           seed=700 + upload)
+            times.append(elapsed)
+        seconds[str(k)] = statistics.median(times)
+        rows.append([k, ctx.store.tree_size(), insert_s, rebuild[str(k)], memory[str(k)],
+                     seconds[str(k)], seconds[str(k)] / seconds[str(ks[0])]])
+    print_table(f"(b) Register of one more digits CNN against K earlier registrations "
+                f"(goal: K=10,000 <= {GOAL_REGISTER}x K=1)",
+                ["K", "log size", "bulk insert s", "index rebuild s", "index B/registration",
+                 "register s", "ratio to K=1"], rows)
+    return {"seconds": seconds, "rebuild": rebuild, "memory": memory, "anchor": anchor}
+
+
+# --- (c) recall on a labelled set -------------------------------------------------------------
+
+
+def claimed_by(ctx: Context, model: nn.Module, bundle: KeyBundle, panel: Any) -> bool:
+    """The full check of one earlier key on `model`: a scan, every tensor judged."""
+    run = _scan(bundle, panel)
+    inputs = with_probes(run.triggers, run.probes)
+    for layer in capture_every(model, inputs, width=run.width):
+        try:
+            verdict = _judge_tensor(layer, bundle, panel, run.probes)
+        except InvalidInputError:  # a tensor the key cannot be read on, as Register skips
+            continue
+        except Exception:  # noqa: BLE001 - a failed judgement is a claim, as in Register
+            return True
+        if verdict.is_match:
+            return True
+    return False
+
+
+def recall_section(registry: Registry, anchor: Registration) -> dict[str, Any]:
+    ctx = registry.ctx
+    hosts = {}
+    for i in range(HOSTS):
+        rid, _ = registry.register(f"host{i}", f"host{i}", trained(1 + i), seed=1 + i)
+        hosts[rid] = i
+    ctx.claims.refresh(ctx.store)
+    keys = {rid: panels.open_sealed(ctx, lookup(ctx, rid)) for rid in [*hosts, anchor.registration_id]}
+    anchor_triggers = keys[anchor.registration_id][0].triggers
+    group = claims.group_of(anchor_triggers)
+    labelled: list[tuple[str, int | None, nn.Module]] = []
+    for rid, i in hosts.items():
+        labelled += [(f"host{i} {name}", i, m) for name, m in copies(1 + i).items()]
+    labelled += [(f"independent {s}", None, trained(2000 + s, INDEPENDENT_EPOCHS))
+                 for s in range(INDEPENDENTS)]
+    host_ids = {i: rid for rid, i in hosts.items()}
+    counts = {"copies": 0, "full": 0, "indexed": 0, "false": 0, "independents_claimed": 0}
+    missed = []
+    for label, source, model in labelled:
+        full = {rid for rid, (bundle, panel) in keys.items()
+                if claimed_by(ctx, model, bundle, panel)}
+        # Synthetic records carry the anchor's key: the anchor's verdict is theirs.
+        candidates = set(ctx.claims.nearest(group, signatures_on(model, anchor_triggers)))
+        synthetic_named = any(c.startswith("reg_synthetic") for c in candidates)
+        indexed = {rid for rid in full if rid in candidates
+                   or (rid == anchor.registration_id and synthetic_named)}
+        counts["false"] += len([c for c in candidates if c in hosts and c not in full])
+        if source is None:
+            counts["independents_claimed"] += bool(full)
+            continue
+        counts["copies"] += 1
+        counts["full"] += bool(full)
+        counts["indexed"] += bool(indexed)
+        if full and not indexed:
+            missed.append(label)
+        if host_ids[source] not in full:
+            missed.append(f"{label} (not claimed by the full check)")
+    print_table("(c) indexed vs full prior-claim check on the labelled set",
+                ["copies", "refused (full)", "refused (indexed)", "independents",
+                 "claimed (full)", "false host candidates"],
+                [[counts["copies"], counts["full"], counts["indexed"], INDEPENDENTS,
+                  counts["independents_claimed"], counts["false"]]])
+    if missed:
+        print("not refused:", "; ".join(missed), "\n", flush=True)
+    return {**counts, "missed": missed}
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="K up to 10,000")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # a shared machine: one thread per process trains as fast
+    ks = QUICK_KS if args.quick else FULL_KS
+    started = time.perf_counter()
+    postgres = PostgresServer()
+    try:
+        try:
+            pg_admin: str | None = postgres.start()
+        except PostgresUnavailable as exc:
+            print(f"PostgreSQL unavailable ({exc}); SQLite only", flush=True)
+            pg_admin = None
+        with tempfile.TemporaryDirectory(prefix="bench-registry-") as tmp:
+            folder = Path(tmp)
+            log = log_section(folder, pg_admin, args.quick)
+            registry = Registry(folder)
+            try:
+                register = register_section(registry, ks)
+                recall = recall_section(registry, register["anchor"])
+            finally:
+                registry.running.stop(0)
+    finally:
+        postgres.stop()
+    seconds = register["seconds"]
+    payload = {
+        "register_seconds": seconds,
+        "register_ratio_10000_vs_1": seconds["10000"] / seconds["1"],
+        "index_rebuild_seconds": register["rebuild"],
+        "index_bytes_per_registration": register["memory"],
+        "copies": recall["copies"],
+        "copies_refused_full": recall["full"],
+        "copies_refused_indexed": recall["indexed"],
+        "independents": INDEPENDENTS,
+        "independents_claimed_full": recall["independents_claimed"],
+        "false_host_candidates": recall["false"],
+        "not_refused": recall["missed"],
+        "log_appends_per_s": log["many"],
+        "log_appends_per_s_one_client": log["one"],
+        "log_clients": LOG_CLIENTS,
+        "bare_inserts_per_s": log["bare"],
+        "candidates_per_register": claims.CANDIDATES,
+        "quick": args.quick,
+        "seconds": time.perf_counter() - started,
+    }
+    print(f"total {payload['seconds']:.0f} s", flush=True)
+    if args.json:
+        write_json(args.json, payload)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""A tensor's prior-claim signature: its probes' similarity structure, unit order forgotten.
+
+Read a tensor on P probe inputs: a (P, units) matrix X. Centre each unit's column and scale
+it to unit norm (a unit rescaled across a ReLU, or scaled down whole, reads the same), drop
+the units that are constant on the probes (zero or dead dummies) and all but one of the units
+whose columns are equal (split units: a unit divided into proportional parts), then take the
+probe-by-probe Gram matrix K = X Xᵀ: a sum over units, so relabelling the units changes
+nothing. Its off-diagonal upper triangle, normalised, is the signature; the inner product of
+two signatures is the linear CKA of the two tensors on the probes (Kornblith et al., ICML
+2019), high for a model and its fine-tuned, pruned, quantised or relabelled copies.
+
+It is a shortlist, not evidence: independently trained models of one architecture also
+share much of their similarity structure, so the index only ranks, and the full check with
+the earlier owner's secret key decides (`handlers.register`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+
+from freemark.scheme.triggers import TriggerSet
+
+__all__ = ["DIMENSIONS", "MIN_UNITS", "PROBES", "group_of", "input_kind", "probe_rows",
+           "signature"]
+
+# Probes per signature: 32 give 496 dimensions (1,984 bytes per registration in the index)
+# and ranked every copy of docs/keyserver.md's labelled set first; more probes cost memory
+# quadratically and did not change a ranking.
+PROBES = 32
+DIMENSIONS = PROBES * (PROBES - 1) // 2
+# A tensor with fewer distinct live units than this says too little to rank by.
+MIN_UNITS = 4
+# Columns correlated above this are one unit split into parts.
+DUPLICATE = 0.999
+_UPPER = np.triu_indices(PROBES, 1)
+
+
+def signature(activations: np.ndarray) -> np.ndarray | None:
+    """The unit-norm float32 signature of a (PROBES, units) activation matrix; None when
+    the tensor has too few live, distinct units on the probes to say anything."""
+    x = np.asarray(activations, dtype=np.float64)
+    if x.shape[0] != PROBES or not np.all(np.isfinite(x)):
+        return None
+    x = x - x.mean(axis=0)
+    norms = np.linalg.norm(x, axis=0)
+    live = norms > 1e-9 * max(float(norms.max(initial=0.0)), 1e-300)
+    x = x[:, live] / norms[live]
+    if x.shape[1] < MIN_UNITS:
+        return None
+    split = np.triu(x.T @ x > DUPLICATE, 1).any(axis=0)
+    x = x[:, ~split]
+    if x.shape[1] < MIN_UNITS:
+        return None
+    upper = (x @ x.T)[_UPPER]
+    norm = float(np.linalg.norm(upper))
+    return (upper / norm).astype(np.float32) if norm > 0 else None
+
+
+def probe_rows(activations: np.ndarray) -> np.ndarray:
+    """The probe rows of a run on a group's anchor triggers followed by PROBES probes."""
+    return np.asarray(activations)[-PROBES:]
+
+
+def input_kind(triggers: TriggerSet) -> tuple[int, bool, bool]:
+    """What an upload must take to be read on these triggers: inputs of this rank, float or
+    integer, with or without an attention mask. Sizes are left to the sandbox child, which
+    compares them with the upload's declared input shape (`freemark.scheme.activations.
+    accepts`), so a model that takes any sequence length or image size is still compared."""
+    inputs = np.asarray(triggers.inputs)
+    return inputs.ndim, bool(np.issubdtype(inputs.dtype, np.floating)), (
+        triggers.attention_mask is not None)
+
+
+def group_of(triggers: TriggerSet) -> bytes:
+    """The index group of a registration: its input kind and per-input shape. Signatures
+    are compared within a group only, on the group's own probes."""
+    rank, floating, mask = input_kind(triggers)
+    shape = list(np.asarray(triggers.inputs).shape[1:])
+    return json.dumps({"rank": rank, "float": floating, "mask": mask, "shape": shape},
+                      sort_keys=True, separators=(",", ":")).encode()
+
+
+def kind_of_group(group: bytes) -> tuple[int, bool, bool]:
+    """The input kind a group key names (`group_of`)."""
+    fields = json.loads(group)
+    return int(fields["rank"]), bool(fields["float"]), bool(fields["mask"])
+
+
+def group_digest(group: bytes) -> str:
+    """A short name for a group in logs."""
+    return hashlib.sha256(group).hexdigest()[:12]
