@@ -240,10 +240,14 @@ def inclusion_proof(ctx: Context, index: int, size: int | None = None) -> Inclus
     """Entry `index`'s inclusion in the tree of the first `size` entries (default: the
     latest signed checkpoint, which the append that stored the entry already covers), with
     that tree's signed checkpoint; the path comes from the ledger's checked tree."""
-    if size is None:
-        latest = ctx.store.latest_checkpoint()
-        size = latest.tree_size if latest is not None and latest.tree_size > index else None
-    checkpoint = signed_checkpoint(ctx, size)
+    published = ctx.sequencer.published
+    if size is None and published is not None and published[0] > index:
+        checkpoint = wire.checkpoint_from_note(published[1])  # this process's, just stored
+    else:
+        if size is None:
+            latest = ctx.store.latest_checkpoint()
+            size = latest.tree_size if latest is not None and latest.tree_size > index else None
+        checkpoint = signed_checkpoint(ctx, size)
     return InclusionProof(log_index=index, tree_size=checkpoint.tree_size,
                           hashes=tuple(ctx.ledger.inclusion_proof(ctx.store, index,
                                                                   checkpoint.tree_size)),

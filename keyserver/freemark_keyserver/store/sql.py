@@ -293,7 +293,10 @@ class SqlStore(Store):
             ).fetchall()
             now = max(self._clock(), previous[0]["created_at"] if previous else 0)
             index = size
-            for item in pending:
+            if len(pending) == 1:  # alone in its transaction: a failure rolls back all of it
+                results.append(self._insert_entry(conn, pending[0], index, now, sign))
+                index += 1
+            for item in pending if len(pending) > 1 else ():
                 self._execute(conn, "SAVEPOINT entry")
                 try:
                     stored = self._insert_entry(conn, item, index, now, sign)

@@ -30,7 +30,7 @@ from freemark.records.types import SignedStatement
 from freemark.tlog import merkle
 from freemark.tlog.signatures import Verifier
 from freemark_keyserver.errors import ErrorCode, ServiceError
-from freemark_keyserver.store import Store
+from freemark_keyserver.store import LogEntry, Store
 
 __all__ = ["DECIDING_COLUMNS", "Ledger"]
 
@@ -80,7 +80,8 @@ class Ledger:
         """Entry `index`'s audit path in the tree of the first `size` checked entries, from
         the ledger's own tree: O(log² n) hashes looked up, no leaf read from the store."""
         with self._lock:
-            self._refresh(store)
+            if size > self._tree.size:  # the tree holds what was asked: nothing to read
+                self._refresh(store)
             self._check_size(size)
             if not 0 <= index < size:
                 raise ValueError(f"leaf index {index} is outside a tree of {size} leaves")
@@ -92,11 +93,26 @@ class Ledger:
         holds the log's write lock (so `size` is every entry committed before them). The
         ledger's tree is left as it was: the leaves join it when read back, after commit."""
         with self._lock:
-            self._refresh(store)
+            if self._tree.size != size:  # entries another replica committed before this batch
+                self._refresh(store)
             if self._tree.size != size:
                 raise _alert(merkle.LogProofError(
                     f"the log holds {self._tree.size} checked entries where its head says {size}"))
             return self._tree.frontier(size).extended(leaves).root()
+
+    def integrate(self, store: Store, size: int, entries: Sequence[LogEntry]) -> None:
+        """Fold in a batch this process just committed after the first `size` entries,
+        checked like any other, without reading it back (or read the store, if the ledger
+        is not at `size`)."""
+        with self._lock:
+            if self._registry.size != size:
+                self._refresh(store)
+                return
+            try:
+                for entry in entries:
+                    self._check_and_add(entry)
+            except merkle.LogProofError as exc:
+                raise _alert(exc) from None
 
     def _check_size(self, size: int) -> None:
         """A checkpoint or proof is only ever asked of entries the ledger has checked."""
@@ -114,16 +130,20 @@ class Ledger:
                     "this server: stop it, and audit before serving again")
             if size > self._registry.size:
                 for entry in store.entries(self._registry.size, size):
-                    leaf = merkle.leaf_hash(entry.entry)
-                    if entry.leaf_hash != leaf:
-                        raise merkle.LogProofError(
-                            f"log entry {entry.index}: its stored leaf hash does not match it")
-                    verify_entry(entry.index, SignedStatement(entry.entry, entry.signature,
-                                                              entry.key_id), self._verifier)
-                    self._registry.add(entry.index, entry.entry)
-                    self._tree.extend([leaf])
+                    self._check_and_add(entry)
         except merkle.LogProofError as exc:
             raise _alert(exc) from None
+
+    def _check_and_add(self, entry: LogEntry) -> None:
+        """Check one entry (leaf hash, statement signature) and add it (under the lock)."""
+        leaf = merkle.leaf_hash(entry.entry)
+        if entry.leaf_hash != leaf:
+            raise merkle.LogProofError(
+                f"log entry {entry.index}: its stored leaf hash does not match it")
+        verify_entry(entry.index, SignedStatement(entry.entry, entry.signature, entry.key_id),
+                     self._verifier)
+        self._registry.add(entry.index, entry.entry)
+        self._tree.extend([leaf])
 
 
 def _alert(exc: merkle.LogProofError) -> ServiceError:

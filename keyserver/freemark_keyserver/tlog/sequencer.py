@@ -16,11 +16,13 @@ caller was told about (`tests/integration/test_crash_safety.py`). An entry that 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from freemark.tlog import merkle
+from freemark_keyserver.errors import ServiceError
 from freemark_keyserver.store import EntrySigner, LogEntry, Pending, Store
 from freemark_keyserver.tlog.ledger import Ledger
 
@@ -51,6 +53,9 @@ class Sequencer:
         self._queue: list[_Slot] = []
         self._writing = False
         self._changed = threading.Condition()
+        # The latest checkpoint this process published: (tree size, signed note).
+        self.published: tuple[int, bytes] | None = None
+        self._pending_note: tuple[int, bytes] | None = None  # the writing batch's
 
     def append(self, pending: Pending) -> LogEntry:
         """Append one entry; return it once committed with a checkpoint that covers it.
@@ -78,11 +83,21 @@ class Sequencer:
 
     def _write(self, batch: Sequence[_Slot]) -> None:
         """One transaction for the batch; every slot gets its entry or an exception."""
+        self._pending_note = None
         try:
             results = self._store.append_batch([s.pending for s in batch], sign=self._sign,
                                                checkpoint=self._checkpoint)
         except Exception as exc:  # noqa: BLE001 - the whole batch failed: each caller raises it
             results = [exc] * len(batch)
+        else:
+            committed = [r for r in results if isinstance(r, LogEntry)]
+            if committed:  # integrate what this batch appended, without reading it back
+                # An entry the ledger refuses (an ALERT) is durable all the same; every later
+                # read of the ledger fails closed on it.
+                with contextlib.suppress(ServiceError):
+                    self._ledger.integrate(self._store, committed[0].index, committed)
+                if self._pending_note is not None:
+                    self.published = self._pending_note
         for slot, result in zip(batch, results, strict=True):
             slot.result = result
 
@@ -91,4 +106,6 @@ class Sequencer:
         from the ledger's checked tree and the entries' own bytes, never a stored hash."""
         root = self._ledger.root_with(self._store, size,
                                       [merkle.leaf_hash(e.entry) for e in entries])
-        return self._note(size + len(entries), root, entries[-1].created_at)
+        note = self._note(size + len(entries), root, entries[-1].created_at)
+        self._pending_note = (size + len(entries), note)
+        return note
