@@ -349,12 +349,17 @@ def recall_section(registry: Registry, anchor: Registration) -> dict[str, Any]:
                  for s in range(INDEPENDENTS)]
     host_ids = {i: rid for rid, i in hosts.items()}
     counts = {"copies": 0, "full": 0, "indexed": 0, "false": 0, "independents_claimed": 0}
-    missed = []
+    missed: list[str] = []
+    ranks: list[int] = []  # each copy's source among the index's nearest
     for label, source, model in labelled:
         full = {rid for rid, (bundle, panel) in keys.items()
                 if claimed_by(ctx, model, bundle, panel)}
         # Synthetic records carry the anchor's key: the anchor's verdict is theirs.
-        candidates = set(ctx.claims.nearest(group, signatures_on(model, anchor_triggers)))
+        ranked = ctx.claims.nearest(group, signatures_on(model, anchor_triggers), k=100)
+        candidates = set(ranked[:claims.CANDIDATES])
+        if source is not None:
+            ranks.append(ranked.index(host_ids[source]) + 1 if host_ids[source] in ranked
+                         else len(ranked) + 1)
         synthetic_named = any(c.startswith("reg_synthetic") for c in candidates)
         indexed = {rid for rid in full if rid in candidates
                    or (rid == anchor.registration_id and synthetic_named)}
@@ -369,14 +374,15 @@ def recall_section(registry: Registry, anchor: Registration) -> dict[str, Any]:
             missed.append(label)
         if host_ids[source] not in full:
             missed.append(f"{label} (not claimed by the full check)")
-    print_table("(c) indexed vs full prior-claim check on the labelled set",
-                ["copies", "refused (full)", "refused (indexed)", "independents",
-                 "claimed (full)", "false host candidates"],
-                [[counts["copies"], counts["full"], counts["indexed"], INDEPENDENTS,
-                  counts["independents_claimed"], counts["false"]]])
+    print_table(f"(c) indexed ({claims.CANDIDATES} candidates) vs full prior-claim check on the "
+                "labelled set",
+                ["copies", "refused (full)", "refused (indexed)", "source's worst rank",
+                 "independents", "claimed (full)", "false host candidates"],
+                [[counts["copies"], counts["full"], counts["indexed"], max(ranks),
+                  INDEPENDENTS, counts["independents_claimed"], counts["false"]]])
     if missed:
         print("not refused:", "; ".join(missed), "\n", flush=True)
-    return {**counts, "missed": missed}
+    return {**counts, "missed": missed, "ranks": ranks}
 
 
 # --- main -------------------------------------------------------------------------------------
@@ -421,6 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "independents": INDEPENDENTS,
         "independents_claimed_full": recall["independents_claimed"],
         "false_host_candidates": recall["false"],
+        "source_ranks": recall["ranks"],
         "not_refused": recall["missed"],
         "log_appends_per_s": log["many"],
         "log_appends_per_s_one_client": log["one"],

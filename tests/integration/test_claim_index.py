@@ -54,10 +54,10 @@ class Server:
         return self.running.ctx
 
     def register(self, owner: str, label: str, model: nn.Module, seed: int,
-                 references: Sequence[nn.Module] = ()) -> str:
+                 references: Sequence[nn.Module] = (), layer: str = "act") -> str:
         task = sm.task(TASK)
         example = task.lab.sample_inputs(2)
-        bundle = derive_key(model, layer="act", triggers=task.lab.triggers(10, seed), owner=owner)
+        bundle = derive_key(model, layer=layer, triggers=task.lab.triggers(10, seed), owner=owner)
         path = self.folder / f"{label}.pt2"
         save_program(model, example, path)
         panel = []
@@ -68,11 +68,12 @@ class Server:
                               timeout=1800) as client:
             return client.register(bundle, path, references=panel).registration_id
 
-    def refused(self, label: str, model: nn.Module, seed: int) -> None:
-        """Mallory's Register is refused ALREADY_EXISTS with the fixed message, adding nothing."""
+    def refused(self, label: str, model: nn.Module, seed: int, layer: str) -> None:
+        """Mallory's Register (his key on `layer`) is refused ALREADY_EXISTS with the fixed
+        message, adding nothing."""
         size = self.ctx.store.tree_size()
         with pytest.raises(AlreadyRegisteredError) as caught:
-            self.register("mallory", label, model, seed)
+            self.register("mallory", label, model, seed, layer=layer)
         assert caught.value.message.endswith(CLAIMED), str(caught.value)
         assert self.ctx.store.tree_size() == size
 
@@ -113,7 +114,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 def test_a_renamed_finetuned_copy_is_refused_among_1000_registrations(hub: Server) -> None:
     names = {"features": "body", "flatten": "squash", "fc1": "proj", "act": "gate",
              "fc2": "classify"}
-    hub.refused("renamed", Renamed(sm.finetuned(TASK), names), seed=7)
+    hub.refused("renamed", Renamed(sm.finetuned(TASK), names), seed=7, layer="gate")
     assert hub.every_registration_indexed()
 
 
@@ -122,7 +123,7 @@ def test_a_relabelled_padded_finetuned_copy_is_refused_among_1000_registrations(
     lab = sm.task(TASK).lab
     stolen = add_dummy_units(permute_units(sm.finetuned(TASK), lab, seed=3), lab, count=16,
                              mode="split")
-    hub.refused("relabelled", Renamed(stolen, {**IDENTITY, "act": "act2"}), seed=8)
+    hub.refused("relabelled", Renamed(stolen, {**IDENTITY, "act": "act2"}), seed=8, layer="act2")
     assert hub.every_registration_indexed()
 
 
@@ -143,7 +144,8 @@ def test_replicas_on_postgres_share_one_index(pg_db: str, tmp_path: Path) -> Non
     try:
         _hub(a, 200)
         alice = a.register("alice", "host", sm.host(TASK), seed=0)
-        b.refused("renamed-weights", Renamed(sm.host(TASK), {**IDENTITY, "fc2": "head"}), seed=6)
+        b.refused("renamed-weights", Renamed(sm.host(TASK), {**IDENTITY, "fc2": "head"}), seed=6,
+                  layer="act")
         assert b.ctx.claims.indexed(alice) and b.every_registration_indexed()
         independent = b.register("mallory", "independent", sm.independent(TASK, 58), seed=9)
         assert a.every_registration_indexed() and a.ctx.claims.indexed(independent)

@@ -39,10 +39,12 @@ __all__ = ["CANDIDATES", "ClaimIndex", "claim_record_id", "sealed_claim"]
 log = logging.getLogger("freemark_keyserver")
 
 # Earlier registrations that get the full check per Register (besides the unindexed ones):
-# the nearest by signature over every tensor of the upload. A copy's key layer ranked its
-# source first in every case measured (docs/keyserver.md); the rest is margin for a hub where
-# many fine-tunes of one base model sit close together.
-CANDIDATES = 16
+# the nearest by signature over every tensor of the upload. Each costs one scan of the upload
+# in the sandbox, so this bounds a Register's cost whatever the registry's size. On the
+# labelled set of bench/registry.py every copy's source ranked first among 10,000
+# same-family neighbours (docs/keyserver.md); the rest is margin for a hub where many
+# fine-tunes of one base model sit close together.
+CANDIDATES = 4
 
 
 def claim_record_id(registration_id: str) -> str:

@@ -75,6 +75,12 @@ class PostgresStore(SqlStore):
         # The shared SQL uses "?" placeholders and contains no literal "?" or "%".
         return conn.execute(sql.replace("?", "%s"), params)
 
+    def _execute_many(self, conn: psycopg.Connection[Any], sql: str,
+                      rows: Sequence[Sequence[Any]]) -> None:
+        # psycopg pipelines executemany: one round trip for the lot.
+        with conn.cursor() as cursor:
+            cursor.executemany(sql.replace("?", "%s"), rows)
+
     def _is_duplicate(self, error: Exception) -> bool:
         return isinstance(error, errors.UniqueViolation)
 

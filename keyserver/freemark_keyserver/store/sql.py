@@ -89,6 +89,11 @@ _PRINCIPAL_COLUMNS = "name, role, token_hash, created_at, disabled"
 _PANEL_COLUMNS = "member_id, family, fingerprint, label, added_at, key_version, envelope, removed_at"
 _ENTRY_COLUMNS = "idx, kind, entry, leaf_hash, created_at, key_id, signature"
 _CHECKPOINT_COLUMNS = "tree_size, note"
+_INSERT_ENTRY = f"INSERT INTO log_entries ({_ENTRY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
+_INSERT_REGISTRATION = (f"INSERT INTO registrations ({_REGISTRATION_COLUMNS})"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_INSERT_CLAIM = ("INSERT INTO claim_signatures (registration_id, grp, key_version, envelope)"
+                 " VALUES (?, ?, ?, ?)")
 
 
 def _registration(row: Row) -> Registration:
@@ -149,6 +154,19 @@ def _checkpoint(row: Row) -> StoredCheckpoint:
     return StoredCheckpoint(tree_size=row["tree_size"], note=bytes(row["note"]))
 
 
+class _Isolate(Exception):
+    """The database refused a row of a batch: do the batch again, entry by entry."""
+
+
+def _built(item: Pending, index: int, now: int, sign: EntrySigner | None) -> LogEntry:
+    """Build and sign one entry at `index` (no database work)."""
+    entry = item.build_entry(index, now)
+    if not isinstance(entry, bytes):
+        raise TypeError(f"build_entry returned {type(entry).__name__}, not bytes")
+    key_id, signature = sign(entry) if sign is not None else ("", b"")
+    return LogEntry(index, item.kind, entry, _leaf_hash(entry), now, key_id, signature)
+
+
 class SqlStore(Store):
     """The SQL both backends share; subclasses supply connections, locking and dialect.
 
@@ -181,6 +199,11 @@ class SqlStore(Store):
     @abstractmethod
     def _execute(self, conn: Any, sql: str, params: Sequence[Any] = ()) -> Any:
         """Run one ``?``-placeholder statement; return a DB-API cursor of `Row`s."""
+
+    @abstractmethod
+    def _execute_many(self, conn: Any, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """Run one ``?``-placeholder statement for each of `rows`, in as few round trips as
+        the driver allows."""
 
     @abstractmethod
     def _is_duplicate(self, error: Exception) -> bool:
@@ -281,6 +304,17 @@ class SqlStore(Store):
         sign: EntrySigner | None = None,
         checkpoint: CheckpointSigner | None = None,
     ) -> list[LogEntry | Exception]:
+        # The rows of a batch go in with one statement per table (the fast path: a round
+        # trip per table, not per entry); if the database refuses any row, the batch is
+        # done again with each entry under a savepoint of its own, so it fails alone.
+        try:
+            return self._append_batch(pending, sign, checkpoint, isolate=len(pending) == 1)
+        except _Isolate:
+            return self._append_batch(pending, sign, checkpoint, isolate=True)
+
+    def _append_batch(self, pending: Sequence[Pending], sign: EntrySigner | None,
+                      checkpoint: CheckpointSigner | None, *, isolate: bool
+                      ) -> list[LogEntry | Exception]:
         results: list[LogEntry | Exception] = []
         with self._transaction() as conn:
             # Taking the log head's row lock is the ordering point: a concurrent appender
@@ -293,28 +327,39 @@ class SqlStore(Store):
             ).fetchall()
             now = max(self._clock(), previous[0]["created_at"] if previous else 0)
             index = size
-            if len(pending) == 1:  # alone in its transaction: a failure rolls back all of it
-                results.append(self._insert_entry(conn, pending[0], index, now, sign))
-                index += 1
-            for item in pending if len(pending) > 1 else ():
-                self._execute(conn, "SAVEPOINT entry")
+            built: list[tuple[Pending, LogEntry]] = []
+            for item in pending:
                 try:
-                    stored = self._insert_entry(conn, item, index, now, sign)
+                    stored = _built(item, index, now, sign)
                 except Exception as e:  # noqa: BLE001 - this entry fails alone
-                    self._execute(conn, "ROLLBACK TO SAVEPOINT entry")
-                    if self._is_duplicate(e):
-                        e = DuplicateError(str(e).splitlines()[0])
                     results.append(e)
                     continue
-                finally:
-                    self._execute(conn, "RELEASE SAVEPOINT entry")
+                if isolate and len(pending) > 1:
+                    self._execute(conn, "SAVEPOINT entry")
+                    try:
+                        self._insert_rows(conn, [(item, stored)])
+                    except Exception as e:  # noqa: BLE001 - this entry fails alone
+                        self._execute(conn, "ROLLBACK TO SAVEPOINT entry")
+                        results.append(DuplicateError(str(e).splitlines()[0])
+                                       if self._is_duplicate(e) else e)
+                        continue
+                    finally:
+                        self._execute(conn, "RELEASE SAVEPOINT entry")
                 results.append(stored)
+                built.append((item, stored))
                 index += 1
+            if not isolate:
+                try:
+                    self._insert_rows(conn, built)
+                except Exception as e:
+                    raise _Isolate from e
+            elif len(pending) == 1 and built:
+                self._insert_rows(conn, built)  # alone: a failure rolls back all of it
             if index == size:
                 return results
             self._execute(conn, "UPDATE log_head SET size = ? WHERE id = 1", (index,))
             if checkpoint is not None:
-                note = checkpoint(size, [r for r in results if isinstance(r, LogEntry)])
+                note = checkpoint(size, [stored for _, stored in built])
                 self._execute(
                     conn,
                     f"INSERT INTO checkpoints ({_CHECKPOINT_COLUMNS}) VALUES (?, ?)"
@@ -323,39 +368,22 @@ class SqlStore(Store):
                 )
         return results
 
-    def _insert_entry(self, conn: Any, item: Pending, index: int, now: int,
-                      sign: EntrySigner | None) -> LogEntry:
-        """Build, sign and insert one entry (and its registration) at `index`."""
-        entry = item.build_entry(index, now)
-        if not isinstance(entry, bytes):
-            raise TypeError(f"build_entry returned {type(entry).__name__}, not bytes")
-        key_id, signature = sign(entry) if sign is not None else ("", b"")
-        stored = LogEntry(index, item.kind, entry, _leaf_hash(entry), now, key_id, signature)
-        self._execute(
-            conn,
-            f"INSERT INTO log_entries ({_ENTRY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (stored.index, stored.kind, stored.entry, stored.leaf_hash, stored.created_at,
-             stored.key_id or None, stored.signature or None),
-        )
-        if item.registration is not None:
-            r = item.registration
-            self._execute(
-                conn,
-                f"INSERT INTO registrations ({_REGISTRATION_COLUMNS})"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (r.registration_id, r.owner, now, r.host_fingerprint, r.architecture_digest,
-                 r.layer, r.units, r.n_bits, r.commitment, r.key_version, r.envelope,
-                 r.host_envelope, index, r.revoked_at),
-            )
-        if item.claim is not None:
-            c = item.claim
-            self._execute(
-                conn,
-                "INSERT INTO claim_signatures (registration_id, grp, key_version, envelope)"
-                " VALUES (?, ?, ?, ?)",
-                (c.registration_id, c.group, c.key_version, c.envelope),
-            )
-        return stored
+    def _insert_rows(self, conn: Any, built: Sequence[tuple[Pending, LogEntry]]) -> None:
+        """Insert built entries, their registrations and claim signatures: one statement per
+        table for the lot."""
+        entries = [(e.index, e.kind, e.entry, e.leaf_hash, e.created_at, e.key_id or None,
+                    e.signature or None) for _, e in built]
+        registrations = [
+            (r.registration_id, r.owner, e.created_at, r.host_fingerprint,
+             r.architecture_digest, r.layer, r.units, r.n_bits, r.commitment, r.key_version,
+             r.envelope, r.host_envelope, e.index, r.revoked_at)
+            for item, e in built if (r := item.registration) is not None]
+        claims = [(c.registration_id, c.group, c.key_version, c.envelope)
+                  for item, _ in built if (c := item.claim) is not None]
+        for sql, rows in ((_INSERT_ENTRY, entries), (_INSERT_REGISTRATION, registrations),
+                          (_INSERT_CLAIM, claims)):
+            if rows:
+                self._execute_many(conn, sql, rows)
 
     def get_registration(self, registration_id: str) -> Registration | None:
         rows = self._rows(

@@ -81,6 +81,10 @@ class SqliteStore(SqlStore):
     def _execute(self, conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> Any:
         return conn.execute(sql, params)
 
+    def _execute_many(self, conn: sqlite3.Connection, sql: str,
+                      rows: Sequence[Sequence[Any]]) -> None:
+        conn.executemany(sql, rows)
+
     def _is_duplicate(self, error: Exception) -> bool:
         return isinstance(error, sqlite3.IntegrityError) and getattr(
             error, "sqlite_errorname", ""
