@@ -19,7 +19,7 @@ tests/signed_statements.py.) Sections:
     anchor's sealed bundle, sealed claim signatures near real independent models'). Also: the index's memory per
     registration and its rebuild time from the store.
 (c) recall of the indexed prior-claim check against the full one on a labelled set, with the
-    index at its largest K: 5 registered hosts x 10 copies (fine-tuned, 50 % pruned, int8,
+    index at its largest K: 5 hosts registered with a panel of 5 independent models x 10 copies (fine-tuned, 50 % pruned, int8,
     fp16, relabelled, rescaled, 16 random / zero / split dummy units, renamed + relabelled
     fine-tune) and 50 independently trained models. The full check judges every tensor with
     every earlier key; the indexed one only the candidates the index names. False candidates:
@@ -90,6 +90,7 @@ LOG_APPENDS = 1_000
 BARE_INSERTS = 500
 UPLOADS_PER_K = 1
 HOSTS = 5
+PANEL = 5  # reference models per registered host
 INDEPENDENTS = 50
 INDEPENDENT_EPOCHS = 10  # a third of the hosts' budget: 50 of them train in minutes
 GOAL_LOG = 0.5
@@ -248,19 +249,25 @@ class Registry:
         self.example = sm.task(TASK).lab.sample_inputs(2)
         self.folder = folder
 
-    def register(self, owner: str, label: str, model: nn.Module, seed: int) -> tuple[str, float]:
-        """Register `model` as `owner` (a key on `act`); the id and the call's seconds."""
-        from freemark.formats.pt2 import save_program
-
+    def register(self, owner: str, label: str, model: nn.Module, seed: int,
+                 references: Sequence[Path] = ()) -> tuple[str, float]:
+        """Register `model` as `owner` (a key on `act`, with a reference panel); the id and
+        the call's seconds."""
         bundle = derive_key(model, layer="act", triggers=sm.task(TASK).lab.triggers(10, seed),
                             owner=owner)
-        path = self.folder / f"{label}.pt2"
-        save_program(model, self.example, path)
+        path = self.export(label, model)
         with KeyServiceClient(f"127.0.0.1:{self.running.port}", token=self.tokens[owner],
                               timeout=1800) as client:
             started = time.perf_counter()
-            receipt = client.register(bundle, path)
+            receipt = client.register(bundle, path, references=references)
             return receipt.registration_id, time.perf_counter() - started
+
+    def export(self, label: str, model: nn.Module) -> Path:
+        from freemark.formats.pt2 import save_program
+
+        path = self.folder / f"{label}.pt2"
+        save_program(model, self.example, path)
+        return path
 
 
 def signatures_on(model: nn.Module, anchor_triggers: Any) -> list[np.ndarray]:
@@ -335,8 +342,13 @@ def claimed_by(ctx: Context, model: nn.Module, bundle: KeyBundle, panel: Any) ->
 def recall_section(registry: Registry, anchor: Registration) -> dict[str, Any]:
     ctx = registry.ctx
     hosts = {}
+    # Each host's panel: five independent models (not in the labelled set), so the full check
+    # runs the aligned test and catches the relabelled, rescaled and padded copies.
+    panel = [registry.export(f"panel{j}", trained(3000 + j, INDEPENDENT_EPOCHS))
+             for j in range(PANEL)]
     for i in range(HOSTS):
-        rid, _ = registry.register(f"host{i}", f"host{i}", trained(1 + i), seed=1 + i)
+        rid, _ = registry.register(f"host{i}", f"host{i}", trained(1 + i), seed=1 + i,
+                                   references=panel)
         hosts[rid] = i
     ctx.claims.refresh(ctx.store)
     keys = {rid: panels.open_sealed(ctx, lookup(ctx, rid)) for rid in [*hosts, anchor.registration_id]}

@@ -149,6 +149,7 @@ def test_replicas_on_postgres_share_one_index(pg_db: str, tmp_path: Path) -> Non
         assert b.ctx.claims.indexed(alice) and b.every_registration_indexed()
         independent = b.register("mallory", "independent", sm.independent(TASK, 58), seed=9)
         assert a.every_registration_indexed() and a.ctx.claims.indexed(independent)
+        assert b.every_registration_indexed()
         assert len(a.ctx.claims) == len(b.ctx.claims) == 202
     finally:
         a.running.stop(0)
