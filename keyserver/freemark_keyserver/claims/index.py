@@ -106,12 +106,17 @@ class ClaimIndex:
 
     def nearest(self, group: bytes, vectors: Iterable[np.ndarray], k: int = CANDIDATES
                 ) -> list[str]:
-        """The `k` registrations of `group` nearest to any of `vectors`, nearest first."""
+        """The `k` registrations of `group` nearest to any of `vectors`, nearest first:
+        always min(k, group size) of them, even with no vector (then the group's first), so
+        how many full checks a Register runs never depends on what the upload computed on
+        another owner's triggers (issue 18: its latency would tell)."""
         queries = [np.asarray(v, dtype=np.float32) for v in vectors]
         with self._lock:
             found = self._groups.get(group)
-            if found is None or not queries or not found.ids:
+            if found is None or not found.ids:
                 return []
+            if not queries:
+                return found.ids[:k]
             scores, rows = found.index.search(np.stack(queries), min(k, len(found.ids)))
             best: dict[str, float] = {}
             for score, row in zip(scores.ravel(), rows.ravel(), strict=True):

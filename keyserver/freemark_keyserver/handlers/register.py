@@ -263,15 +263,18 @@ class _PriorClaims:
                         self.principal.name)
         wanted: dict[str, None] = {}
         for (group, _), scan in zip(self.groups, results, strict=False):
-            if not isinstance(scan, LayerScan):  # the index cannot rank it: a claim
+            vectors: list[np.ndarray] = []
+            if isinstance(scan, LayerScan):
+                vectors = [v for v in (claims.signature(claims.probe_rows(layer))
+                                       for layer in scan.layers()) if v is not None]
+            else:  # the index cannot rank it: a claim
                 log.warning("Register by %s: the upload could not be scanned on the claim "
                             "index's probes (%s); a claim", self.principal.name,
                             _failure_name(scan) if isinstance(scan, BaseException)
                             else "not a scan")
                 self.index_failed = True
-                continue
-            vectors = [v for v in (claims.signature(claims.probe_rows(layer))
-                                   for layer in scan.layers()) if v is not None]
+            # As many candidates either way: the number of full checks (and so the call's
+            # time) says nothing of how the upload ran on the anchor's triggers.
             wanted.update(dict.fromkeys(self.ctx.claims.nearest(group, vectors)))
         index = self.ctx.claims
         wanted.update(dict.fromkeys(s.registration_id for s in self.ctx.ledger.read(

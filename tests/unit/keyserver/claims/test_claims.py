@@ -88,6 +88,9 @@ def test_the_index_ranks_the_nearest_and_catches_up_from_the_store(store: Store)
     copy = signature(_layer(107)[:, ::-1] * 3.0)
     assert copy is not None
     assert index.nearest(GROUP, [copy], k=3)[0] == "reg_7"
+    # With nothing to rank by, as many candidates all the same (a Register's time must not
+    # tell whether the upload could be read on another owner's triggers).
+    assert index.nearest(GROUP, [], k=3) == ["reg_0", "reg_1", "reg_2"]
     assert index.memory_bytes() == 20 * DIMENSIONS * 4
     _register(store, "reg_20", _claim("reg_20", 120))  # another replica's, say
     index.refresh(store)
