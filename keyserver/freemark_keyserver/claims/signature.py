@@ -35,28 +35,35 @@ DIMENSIONS = PROBES * (PROBES - 1) // 2
 MIN_UNITS = 4
 # Columns correlated above this are one unit split into parts.
 DUPLICATE = 0.999
+# Split units are merged in tensors up to this wide; a wider one (a language model's logits)
+# would cost a units x units matrix, and its signature ranks it without the merge.
+MAX_DEDUPLICATED = 4096
 _UPPER = np.triu_indices(PROBES, 1)
 
 
 def signature(activations: np.ndarray) -> np.ndarray | None:
     """The unit-norm float32 signature of a (PROBES, units) activation matrix; None when
-    the tensor has too few live, distinct units on the probes to say anything."""
+    the tensor has too few live, distinct units on the probes to say anything.
+
+    Its cost depends on the tensor's shape only, never on its values: every step runs on
+    the whole matrix (dropped units are zeroed, not removed), so how long Register takes
+    says nothing of what the upload computed on another owner's triggers (issue 18)."""
     x = np.asarray(activations, dtype=np.float64)
-    if x.shape[0] != PROBES or not np.all(np.isfinite(x)):
+    if x.ndim != 2 or x.shape[0] != PROBES:
         return None
-    x = x - x.mean(axis=0)
+    finite = bool(np.all(np.isfinite(x)))
+    x = np.nan_to_num(x - np.nan_to_num(x).mean(axis=0), nan=0.0, posinf=0.0, neginf=0.0)
     norms = np.linalg.norm(x, axis=0)
     live = norms > 1e-9 * max(float(norms.max(initial=0.0)), 1e-300)
-    x = x[:, live] / norms[live]
-    if x.shape[1] < MIN_UNITS:
-        return None
-    split = np.triu(x.T @ x > DUPLICATE, 1).any(axis=0)
-    x = x[:, ~split]
-    if x.shape[1] < MIN_UNITS:
-        return None
+    x = x * np.where(live, 1.0 / np.where(live, norms, 1.0), 0.0)
+    if x.shape[1] <= MAX_DEDUPLICATED:  # a structural bound: the units x units products
+        live &= ~np.triu(x.T @ x > DUPLICATE, 1).any(axis=0)
+    x = x * live
     upper = (x @ x.T)[_UPPER]
     norm = float(np.linalg.norm(upper))
-    return (upper / norm).astype(np.float32) if norm > 0 else None
+    if not finite or int(live.sum()) < MIN_UNITS or not norm > 0:
+        return None
+    return (upper / norm).astype(np.float32)
 
 
 def probe_rows(activations: np.ndarray) -> np.ndarray:
