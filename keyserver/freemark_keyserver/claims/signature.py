@@ -33,11 +33,8 @@ PROBES = 32
 DIMENSIONS = PROBES * (PROBES - 1) // 2
 # A tensor with fewer distinct live units than this says too little to rank by.
 MIN_UNITS = 4
-# Columns correlated above this are one unit split into parts.
-DUPLICATE = 0.999
-# Split units are merged in tensors up to this wide; a wider one (a language model's logits)
-# would cost a units x units matrix, and its signature ranks it without the merge.
-MAX_DEDUPLICATED = 4096
+# Normalised profiles equal to this many decimals are one unit split into parts.
+DUPLICATE_DECIMALS = 6
 _UPPER = np.triu_indices(PROBES, 1)
 
 
@@ -56,8 +53,12 @@ def signature(activations: np.ndarray) -> np.ndarray | None:
     norms = np.linalg.norm(x, axis=0)
     live = norms > 1e-9 * max(float(norms.max(initial=0.0)), 1e-300)
     x = x * np.where(live, 1.0 / np.where(live, norms, 1.0), 0.0)
-    if x.shape[1] <= MAX_DEDUPLICATED:  # a structural bound: the units x units products
-        live &= ~np.triu(x.T @ x > DUPLICATE, 1).any(axis=0)
+    # Split units: equal normalised profiles, kept once (sorting, not a units x units
+    # product: a language model's logits are a tensor the scan reads too).
+    _, first = np.unique(np.round(x.T, DUPLICATE_DECIMALS), axis=0, return_index=True)
+    distinct = np.zeros(x.shape[1], dtype=bool)
+    distinct[first] = True
+    live &= distinct
     x = x * live
     upper = (x @ x.T)[_UPPER]
     norm = float(np.linalg.norm(upper))
