@@ -273,7 +273,8 @@ def capture_every(
     layer renamed, wrapped in a container or inlined as a function is still read; any other
     module through a hook on every submodule. Each tensor is pooled by its rank (2-D as it
     is, token mean with a mask, spatial mean otherwise); one whose batch axis is not the
-    inputs', that cannot be pooled, or that is not finite is left out. Empty when the model
+    inputs' or that cannot be pooled is left out; one that is not finite comes back as
+    zeros, which no key reads. Empty when the model
     does not take inputs of the triggers' kind (`accepts`). Raises InvalidInputError when the
     model cannot run on the triggers, or the scan exceeds MAX_SCANNED_TENSORS or
     MAX_SCANNED_VALUES.
@@ -361,8 +362,10 @@ class _Scan:
             if order in self.dropped or sum(len(p) for p in parts) != rows:
                 continue
             matrix = torch.cat(parts).numpy()
-            if np.all(np.isfinite(matrix)):
-                matrices.append(matrix)
+            # A non-finite tensor is sent as zeros (constant: no key reads it, no claim
+            # signature is made of it), not left out, so the reply's size is set by the
+            # model's shapes, never by what it computed on the triggers (issue 18, 21).
+            matrices.append(matrix if np.all(np.isfinite(matrix)) else np.zeros_like(matrix))
         return matrices
 
 
