@@ -10,9 +10,23 @@ INSTALLED := $(VENV)/.installed
 export PYTHONPATH := client:keyserver:lab
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup postgres proto proto-check lint test demo bench
+# A real Open Inference Protocol server for the endpoint tests (tests/oip_servers.py): MLServer
+# pins protobuf 6 and the project's venv has protobuf 7, so it gets a virtualenv of its own,
+# from the registry like .venv, rebuilt only when its requirements change.
+OIP_VENV ?= .venv-oip
+OIP_INSTALLED := $(OIP_VENV)/.installed
 
-setup: $(INSTALLED)
+.PHONY: setup oip postgres proto proto-check lint test demo bench
+
+setup: $(INSTALLED) $(OIP_INSTALLED)
+
+oip: $(OIP_INSTALLED)
+
+$(OIP_INSTALLED): tests/assets/oip/requirements.txt
+	python3 -m venv $(OIP_VENV)
+	# PYTHONPATH emptied: this venv must not see the project's source roots.
+	PYTHONPATH= $(OIP_VENV)/bin/pip install -q -r tests/assets/oip/requirements.txt
+	touch $@
 
 $(INSTALLED): pyproject.toml keyserver/pyproject.toml lab/pyproject.toml
 	python3 -m venv $(VENV)
@@ -45,7 +59,7 @@ lint: $(INSTALLED)
 	# The floor plan: the import contracts in pyproject.toml ([tool.importlinter]).
 	$(VENV)/bin/lint-imports --no-logo --cache-dir .cache/import-linter
 
-test: $(INSTALLED) postgres
+test: $(INSTALLED) $(OIP_INSTALLED) postgres
 	$(PY) -m pytest -q
 
 demo: $(INSTALLED)
