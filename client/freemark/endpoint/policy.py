@@ -34,6 +34,9 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _NAME = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
 
 
+_CIDR = re.compile(r"^[0-9a-f:.]+/[0-9]+$")
+
+
 def normalise_address(text: str) -> Address:
     """An address as `ipaddress` has it, IPv4-mapped IPv6 (`::ffff:127.0.0.1`) unwrapped, so a
     mapped form can neither slip past a network entry nor be refused by one it is inside."""
@@ -48,13 +51,13 @@ def _entry(raw: str) -> Network | str:
     if text.startswith("[") and text.endswith("]"):
         text = text[1:-1]
     try:
-        if "/" in text:
+        if _CIDR.match(text):
             network = ipaddress.ip_network(text, strict=True)
         else:
             address = normalise_address(text)
             network = ipaddress.ip_network(address)
     except ValueError as e:
-        if "/" in text:
+        if _CIDR.match(text):
             raise InvalidInputError(
                 f"endpoint allow-list entry {raw!r} is not a network: {e} (write the network "
                 "address with its prefix, e.g. 10.8.0.0/16)") from None
