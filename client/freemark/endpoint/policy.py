@@ -82,8 +82,8 @@ class EndpointPolicy:
     one wait on the socket, `total_timeout_s` for the whole conversation of one verification
     (metadata and every batch), so an endpoint that drips a byte just inside the read deadline
     is still cut off. Caps: `max_response_bytes` per body, counted while reading;
-    `max_batch` inputs per infer request; `query_budget` inputs per verification, repeats
-    included. Consistency: `repeats` inputs are sent a second time, shuffled among the rest,
+    `max_batch` inputs and `max_request_bytes` per infer request (a batch whose JSON is over
+    it is split); `query_budget` inputs per verification, repeats included. Consistency: `repeats` inputs are sent a second time, shuffled among the rest,
     and at most `max_disagreement` of them may be answered differently (top-1 class). Rate:
     `rate_inputs` inputs per `rate_window_s` seconds per endpoint (origin), enforced by an
     `EndpointRateLimiter` the caller keeps across verifications.
@@ -95,6 +95,7 @@ class EndpointPolicy:
     total_timeout_s: float = 120.0
     max_response_bytes: int = 8 * 2**20
     max_batch: int = 64
+    max_request_bytes: int = 8 * 2**20
     query_budget: int = 2048
     repeats: int = 32
     max_disagreement: float = 0.1
@@ -109,7 +110,8 @@ class EndpointPolicy:
         for name in ("connect_timeout_s", "read_timeout_s", "total_timeout_s", "rate_window_s"):
             if not getattr(self, name) > 0:
                 raise InvalidInputError(f"EndpointPolicy.{name} must be positive")
-        for name in ("max_response_bytes", "max_batch", "query_budget", "rate_inputs"):
+        for name in ("max_response_bytes", "max_batch", "max_request_bytes", "query_budget",
+                     "rate_inputs"):
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"EndpointPolicy.{name} must be at least 1")
         if self.repeats < 0 or not 0.0 <= self.max_disagreement < 1.0:

@@ -219,21 +219,38 @@ class EndpointSession:
         order = self._rng.permutation(planned)
         source = np.concatenate([np.arange(n), repeats])
         by_slot: list[np.ndarray | None] = [None] * planned
-        step = self.policy.max_batch
-        for start in range(0, planned, step):
-            slots = order[start:start + step]
-            request_id = uuid.uuid4().hex
-            body = encode_infer(inputs[source[slots]], meta, wire, request_id)
+        start = 0
+        while start < planned:
+            slots, request_id, body = self._batch(inputs, source, order[start:], meta, wire)
             reply = decode_infer(self._request("POST", infer_path, body, len(slots)), meta=meta,
                                  request_id=request_id, n=len(slots), where=where)
             self._note_version(reply.model_version, where)
             for slot, value in zip(slots, reply.answers):
                 by_slot[slot] = value
+            start += len(slots)
         answers = np.stack([a for a in by_slot if a is not None])
         if meta.kind == "scores" and answers.ndim != 2:
             raise EndpointResponseError(f"{where}: the batches disagree on the number of classes")
         self._check_repeats(answers, n, repeats, where)
         return answers[:n]
+
+    def _batch(self, inputs: np.ndarray, source: np.ndarray, pending: np.ndarray,
+               meta: ModelMetadata, wire: np.dtype[Any]) -> tuple[np.ndarray, str, bytes]:
+        """The next request: up to `max_batch` of the pending slots, halved until its body is
+        within `max_request_bytes` (a single query over it is refused: nothing can carry it)."""
+        size = min(self.policy.max_batch, len(pending))
+        request_id = uuid.uuid4().hex
+        while True:
+            slots = pending[:size]
+            body = encode_infer(inputs[source[slots]], meta, wire, request_id)
+            if len(body) <= self.policy.max_request_bytes:
+                return slots, request_id, body
+            if size == 1:
+                raise EndpointBudgetError(
+                    f"{self.endpoint}: one query is {len(body)} bytes of JSON, over the "
+                    f"{self.policy.max_request_bytes}-byte limit of one request; nothing more "
+                    "was sent")
+            size //= 2
 
     def _note_version(self, version: str, where: str) -> None:
         self._versions.add(version)

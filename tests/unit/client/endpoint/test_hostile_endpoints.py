@@ -408,6 +408,21 @@ def test_the_query_budget_and_the_rate_limit_refuse_before_sending() -> None:
         assert len(server.infers()) == 2
 
 
+def test_a_batch_over_the_request_limit_is_split_and_one_query_over_it_refused() -> None:
+    with endpoint(honest()) as server:
+        one = len(json.dumps(X[0].tolist()))
+        policy = EndpointPolicy(allow=("127.0.0.1",), repeats=0, max_request_bytes=600 + 9 * one)
+        got = _session(server.url, policy).answer(X)
+        np.testing.assert_array_equal(got, honest_answers(X, "labels"))
+        sizes = [len(request_inputs(json.loads(s.body))) for s in server.infers()]
+        assert sum(sizes) == len(X) and max(sizes) < len(X)
+        assert all(len(s.body) <= policy.max_request_bytes for s in server.infers())
+        tiny = EndpointPolicy(allow=("127.0.0.1",), repeats=0, max_request_bytes=100)
+        with pytest.raises(EndpointBudgetError, match="one query is"):
+            _session(server.url, tiny).answer(X)
+        assert len(server.infers()) == len(sizes)
+
+
 def test_every_endpoint_refusal_names_a_reason() -> None:
     from freemark.v1 import errors_pb2
 
