@@ -65,7 +65,7 @@ test: $(INSTALLED) $(OIP_INSTALLED) postgres
 demo: $(INSTALLED)
 	$(PY) examples/demo.py
 
-bench: $(INSTALLED) postgres
+bench: $(INSTALLED) $(OIP_INSTALLED) postgres
 	mkdir -p out
 	$(PY) bench/scheme.py --json out/bench_scheme.json
 	$(PY) bench/robustness.py --out out/robustness
@@ -73,3 +73,4 @@ bench: $(INSTALLED) postgres
 	PYTHONPATH=client:keyserver:lab:tests $(PY) bench/keyserver.py --json out/bench_keyserver.json
 	PYTHONPATH=client:keyserver:lab:tests $(PY) bench/aligned.py --json out/bench_aligned.json
 	PYTHONPATH=client:keyserver:lab:tests $(PY) bench/formats.py --repeats 3 --json out/bench_formats.json
+	PYTHONPATH=client:keyserver:lab:tests $(PY) bench/endpoint.py --json out/bench_endpoint.json
