@@ -15,6 +15,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # from the registry like .venv, rebuilt only when its requirements change.
 OIP_VENV ?= .venv-oip
 OIP_INSTALLED := $(OIP_VENV)/.installed
+# Where tests/oip_servers.py finds it (tests and benches run from any working directory).
+export FREEMARK_OIP_VENV := $(abspath $(OIP_VENV))
 
 .PHONY: setup oip postgres proto proto-check lint test demo bench
 
