@@ -173,8 +173,12 @@ def exchange(destination: Destination, method: str, path: str, body: bytes | Non
                 f"{where}: the endpoint did not finish inside the verification's total deadline; "
                 "a server this slow cannot be verified") from None
         except TimeoutError:
+            if monotonic() >= deadline:  # sending the request ran into the total deadline
+                raise EndpointTimeoutError(
+                    f"{where}: the endpoint did not take the request inside the verification's "
+                    "total deadline") from None
             raise EndpointTimeoutError(
-                f"{where}: the endpoint sent nothing for {read_timeout:g} s (the read "
+                f"{where}: the endpoint sent or took nothing for {read_timeout:g} s (the read "
                 "deadline)") from None
         except http.client.HTTPException as e:
             raise EndpointResponseError(

@@ -210,7 +210,7 @@ def test_an_endpoint_that_never_answers_hits_the_read_deadline() -> None:
 
     policy = EndpointPolicy(allow=("127.0.0.1",), read_timeout_s=0.5, total_timeout_s=30)
     with endpoint(silent) as server, \
-            pytest.raises(EndpointTimeoutError, match="sent nothing for 0.5 s"):
+            pytest.raises(EndpointTimeoutError, match="took nothing for 0.5 s"):
         _session(server.url, policy).answer(X)
 
 
