@@ -12,6 +12,13 @@ of grpc's own exception types leaks past the client. The tree::
     │   └── ModelFileError                    a model file is unreadable or unsafe
     ├── UniquenessError                       a locally derived key also decodes elsewhere
     ├── DerivationError                       gradient descent did not clear every margin
+    ├── EndpointError                         a prediction endpoint (OIP v2) was refused:
+    │   ├── EndpointNotAllowedError              ENDPOINT_NOT_ALLOWED  (allow-list, DNS, redirect)
+    │   ├── EndpointUnreachableError             ENDPOINT_UNREACHABLE  (DNS, connect, TLS)
+    │   ├── EndpointTimeoutError                 ENDPOINT_DEADLINE     (connect, read, total)
+    │   ├── EndpointResponseError                ENDPOINT_INVALID      (status, size, JSON, shape)
+    │   │   └── EndpointInconsistentError          different answers to the same query
+    │   └── EndpointBudgetError                  ENDPOINT_BUDGET       (queries per verdict, rate)
     ├── TransportError                        the key server could not be reached
     ├── ServerError                           the key server refused or failed the call
     │   ├── InvalidArgumentError              the request was refused as invalid:
@@ -44,6 +51,10 @@ of grpc's own exception types leaks past the client. The tree::
     ├── LogProofError                         a Merkle proof, checkpoint or audited log is bad
     └── CryptoError                           a decryption or signature check failed (opaque)
 
+The endpoint errors are raised where the HTTP client runs (`freemark.endpoint`): in the owner's
+own `extract --endpoint` and in the key server, which refuses a verify with the class's `REASON`
+(a proto `ErrorReason` name), so one class decides the reason on both sides.
+
 The three grouping classes (`InvalidArgumentError`, `ResourceExhaustedError`,
 `DeadlineExceededError`) gather reasons that call for the same action; they are also what a
 call raises when the server sent no reason (a proxy, an older server) or one this client does
@@ -68,6 +79,13 @@ __all__ = [
     "CryptoError",
     "DeadlineExceededError",
     "DerivationError",
+    "EndpointBudgetError",
+    "EndpointError",
+    "EndpointInconsistentError",
+    "EndpointNotAllowedError",
+    "EndpointResponseError",
+    "EndpointTimeoutError",
+    "EndpointUnreachableError",
     "FreemarkError",
     "HostMismatchError",
     "InvalidArgumentError",
@@ -123,6 +141,64 @@ class UniquenessError(FreemarkError):
 
 class DerivationError(FreemarkError):
     """Gradient descent did not push every bit past its margin."""
+
+
+# --- querying a prediction endpoint (Open Inference Protocol v2) --------------------------
+
+
+class EndpointError(FreemarkError):
+    """A prediction endpoint was refused before anything it said could become evidence.
+
+    `REASON` is the `ErrorReason` (proto/freemark/v1/errors.proto) the key server refuses a
+    verify with when it meets this error, so the reason is decided once, here. The message
+    names the endpoint and what to do; it never quotes more than a short, escaped excerpt of
+    what the endpoint sent.
+    """
+
+    REASON: ClassVar[str] = ""
+
+
+class EndpointNotAllowedError(EndpointError):
+    """The URL's host, an address its name resolved to, or a redirect's target is outside the
+    allow-list (a redirect is refused wherever it points: no request follows one)."""
+
+    REASON = "ENDPOINT_NOT_ALLOWED"
+
+
+class EndpointUnreachableError(EndpointError):
+    """The name did not resolve, the connection was refused or reset, or TLS did not verify."""
+
+    REASON = "ENDPOINT_UNREACHABLE"
+
+
+class EndpointTimeoutError(EndpointError):
+    """The endpoint did not connect, answer or finish inside the connect, read or total
+    deadline of the policy."""
+
+    REASON = "ENDPOINT_DEADLINE"
+
+
+class EndpointResponseError(EndpointError):
+    """The endpoint's answer cannot be judged: an HTTP error, a body over the cap, malformed
+    JSON, metadata that does not fit the queries, or outputs of the wrong shape or datatype."""
+
+    REASON = "ENDPOINT_INVALID"
+
+
+class EndpointInconsistentError(EndpointResponseError):
+    """The endpoint answered repeats of the same queries differently, more often than the
+    policy tolerates: its answers are not a function of the inputs, so they prove nothing."""
+
+
+class EndpointBudgetError(EndpointError):
+    """The queries would exceed the budget of one verdict, or the endpoint's rate limit is
+    spent; `retry_after` (seconds) is set when waiting helps, None when it never will."""
+
+    REASON = "ENDPOINT_BUDGET"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 # --- talking to the key server --------------------------------------------------------------
