@@ -44,6 +44,13 @@ of grpc's own exception types leaks past the client. The tree::
     │   │   └── CallDeadlineError                CALL_DEADLINE
     │   ├── CallEndedError                       CALL_ENDED
     │   ├── RevokedError                         REVOKED
+    │   ├── EndpointRefusedError              the key server refused the endpoint (the
+    │   │   │                                  server-side twin of an EndpointError):
+    │   │   ├── EndpointNotAllowedRefusal        ENDPOINT_NOT_ALLOWED
+    │   │   ├── EndpointUnreachableRefusal       ENDPOINT_UNREACHABLE
+    │   │   ├── EndpointDeadlineRefusal          ENDPOINT_DEADLINE
+    │   │   ├── EndpointInvalidRefusal           ENDPOINT_INVALID
+    │   │   └── EndpointBudgetRefusal            ENDPOINT_BUDGET
     │   ├── UploadCorruptError                   UPLOAD_CORRUPT
     │   └── ServerInternalError                  INTERNAL
     ├── InvalidReceiptError                   a receipt or verdict file is malformed
@@ -369,6 +376,41 @@ class RevokedError(ServerError):
     REASON = "REVOKED"
 
 
+class EndpointRefusedError(ServerError):
+    """The key server refused a prediction endpoint: it met the `EndpointError` whose `REASON`
+    this refusal carries (the endpoint's own class decides the reason, on both sides)."""
+
+
+class EndpointNotAllowedRefusal(EndpointRefusedError):
+    """The endpoint is outside the key server's allow-list, or it redirected."""
+
+    REASON = EndpointNotAllowedError.REASON
+
+
+class EndpointUnreachableRefusal(EndpointRefusedError):
+    """The key server could not reach the endpoint (DNS, connect, TLS)."""
+
+    REASON = EndpointUnreachableError.REASON
+
+
+class EndpointDeadlineRefusal(EndpointRefusedError):
+    """The endpoint did not answer inside the key server's deadlines."""
+
+    REASON = EndpointTimeoutError.REASON
+
+
+class EndpointInvalidRefusal(EndpointRefusedError):
+    """The endpoint's answers could not be judged (status, size, JSON, shape, consistency)."""
+
+    REASON = EndpointResponseError.REASON
+
+
+class EndpointBudgetRefusal(EndpointRefusedError):
+    """The verification would exceed the key server's query budget or the endpoint's rate."""
+
+    REASON = EndpointBudgetError.REASON
+
+
 class UploadCorruptError(ServerError):
     """The bytes the server received do not match the upload header; worth re-sending."""
 
@@ -388,7 +430,9 @@ _BY_REASON: dict[str, type[ServerError]] = {
                 AlreadyRegisteredError, TooLargeError, SandboxLimitError, SandboxTimeoutError,
                 RevokedError, UploadCorruptError, ServerInternalError, AlphaOutsidePolicyError,
                 RateLimitedError, SpoolFullError, UploadStalledError,
-                SandboxBusyError, SandboxCrashedError, CallEndedError, CallDeadlineError)
+                SandboxBusyError, SandboxCrashedError, CallEndedError, CallDeadlineError,
+                EndpointNotAllowedRefusal, EndpointUnreachableRefusal, EndpointDeadlineRefusal,
+                EndpointInvalidRefusal, EndpointBudgetRefusal)
     if cls.REASON is not None
 }
 

@@ -28,6 +28,11 @@ from freemark.errors import (
     CallEndedError,
     CryptoError,
     DeadlineExceededError,
+    EndpointBudgetRefusal,
+    EndpointDeadlineRefusal,
+    EndpointInvalidRefusal,
+    EndpointNotAllowedRefusal,
+    EndpointUnreachableRefusal,
     FreemarkError,
     HostMismatchError,
     InvalidArgumentError,
@@ -87,6 +92,11 @@ EXPECTED: dict[ErrorCode, type[ServerError]] = {
     ErrorCode.SANDBOX_CRASHED: SandboxCrashedError,
     ErrorCode.CALL_ENDED: CallEndedError,
     ErrorCode.CALL_DEADLINE: CallDeadlineError,
+    ErrorCode.ENDPOINT_NOT_ALLOWED: EndpointNotAllowedRefusal,
+    ErrorCode.ENDPOINT_UNREACHABLE: EndpointUnreachableRefusal,
+    ErrorCode.ENDPOINT_DEADLINE: EndpointDeadlineRefusal,
+    ErrorCode.ENDPOINT_INVALID: EndpointInvalidRefusal,
+    ErrorCode.ENDPOINT_BUDGET: EndpointBudgetRefusal,
 }
 
 
