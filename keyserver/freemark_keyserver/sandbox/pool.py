@@ -8,12 +8,16 @@ server starts it before it reads any key (`server.create_server`).
 A run is a conversation with one child (`_Child`, one thread, no helper threads): framed
 requests out, framed replies back (`protocol`), with a follow-up request when the
 caller asks for one (`run(then=...)`: Register's prior-claim sets, read by the child that
-read the host). Closing the run's status socket ends it: the fork server kills the child.
+read the host). Shutting the run's status socket ends it: the fork server kills the child,
+reaps it and answers ``{"exit": CODE}``.
 
 Each run takes one of `workers` slots; up to `queue` more runs wait for one, and past that a
-run is refused at once with `SandboxBusy` (RESOURCE_EXHAUSTED with a retry hint). While it
+run is refused at once with `SandboxBusy` (RESOURCE_EXHAUSTED with a retry hint). A slot is
+let go when the fork server says the run's child is reaped (`_Child.end`), not when the
+reply is in: the fork server counts a child until it is reaped, so both caps agree and a run
+admitted below the cap is never refused by the second one (issue 18). While it
 waits or runs, the gRPC call it serves (`cancellation.current`) is checked every `POLL_SECONDS`: when
-the caller cancels or the deadline passes, the pool closes the run's status socket, the fork
+the caller cancels or the deadline passes, the pool shuts the run's status socket, the fork
 server kills the child at once, and `cancellation.CallEnded` is raised so nothing is signed or
 logged. Inputs travel as descriptors: a spooled upload opened read-only (its group set to the
 sandbox user's when that user differs), or a memfd holding a decrypted host
@@ -67,6 +71,10 @@ log = logging.getLogger("freemark_keyserver")
 
 POLL_SECONDS = 0.05  # how often a waiting or running call is checked for cancellation
 START_SECONDS = 120.0  # importing torch on a loaded 2-core machine
+# How long a run's end waits for the fork server to reap its SIGKILLed child (milliseconds,
+# normally). Past it the slot is let go anyway: the fork server still counts the child, so
+# a run admitted meanwhile may be refused SANDBOX_BUSY, which is then the truth.
+REAP_SECONDS = 10.0
 
 
 def default_workers(memory_bytes: int) -> int:
@@ -350,8 +358,11 @@ class SandboxPool:
                 raise SandboxBusy("the sandbox is at its cap; retry shortly", retry_after=1.0)
             if "pid" not in first:
                 raise SandboxError("the sandbox fork server did not start the run")
-            yield _Child(status, data, limits)
-        # Closing the status socket is what ends the child: the fork server kills it at once.
+            child = _Child(status, data, limits)
+            try:
+                yield child
+            finally:
+                child.end()  # killed and reaped: the run's slot is free for both caps
 
 
 Then = Callable[[ModelIdentity, list[np.ndarray | Exception]], Sequence[TriggerRun]]
@@ -479,9 +490,34 @@ class _Child:
             raise self._kill(why, cancellation.CallEnded(why, "and its sandbox run was killed"))
 
     def _kill(self, why: str, error: Exception) -> Exception:
-        self._status.close()  # the fork server kills the child now
+        self._stop()
         metrics.SANDBOX_KILLS_TOTAL.labels(why).inc()
         return error
+
+    def _stop(self) -> None:
+        """Tell the fork server the run is over: it kills the child now."""
+        try:
+            self._status.shutdown(socket.SHUT_WR)
+        except OSError:  # the fork server is gone, and the child with it
+            pass
+
+    def end(self) -> None:
+        """End the run: the child killed and reaped, as the fork server's ``{"exit"}`` says
+        (or its end of the socket closing: it is gone, and its children with it). Until then
+        the child still counts against the fork server's cap, so the pool's slot is held."""
+        self._selector.close()
+        if self._code is not None:  # it exited on its own and was reaped
+            return
+        self._data.close()
+        self._stop()
+        self._status.settimeout(REAP_SECONDS)
+        try:
+            self._status.recv(1 << 12)
+        except TimeoutError:
+            log.error("the sandbox fork server did not reap a killed child within %g s",
+                      REAP_SECONDS)
+        except OSError:
+            pass
 
 
 def _failure(code: int, limits: SandboxLimits) -> SandboxError:
