@@ -23,6 +23,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+import hostile_models
 from freemark.derive import derive_key
 from freemark.errors import (
     DeadlineExceededError,
@@ -38,6 +39,7 @@ from freemark.rpc import KeyServiceClient
 from freemark.scheme.triggers import load_triggers
 from freemark_keyserver.auth import hash_token, new_token
 from freemark_keyserver.config import Rate, ServerConfig
+from freemark_keyserver.sandbox.limits import REPLY_COPIES
 from freemark_keyserver.sandbox.runner import LAYERS, SandboxPool
 from freemark_keyserver.server import (
     ISOLATION_HEALTH_PREFIX,
@@ -46,8 +48,7 @@ from freemark_keyserver.server import (
     create_server,
 )
 from freemark_keyserver.store import Principal
-import hostile_models
-from ttp_fixtures import build_models
+from ttp_fixtures import build_models, resident_peak, wide_suspect
 
 WORKERS, QUEUE = 2, 3
 # A Verify reads the 100 triggers alone (the registration has no panel): this wide a layer
@@ -319,3 +320,27 @@ def test_forty_back_to_back_verifies_below_the_cap_are_never_told_the_sandbox_is
             assert not isinstance(outcome, Exception), (suspect.name, outcome)
     assert world.pool.restarts == restarts  # the fork server never died under it
     assert world.pool.stats()["high_water"] <= WORKERS
+
+
+REPLY_BYTES = 128 << 20  # activations the wide suspect's child sends back
+
+
+def test_a_large_reply_costs_the_server_at_most_three_times_its_size(
+        world: World, tmp_path: Path) -> None:
+    """Issue 18, item 8: the reply is read into one buffer of its announced size and parsed
+    in place; the only copy is the float64 activations, so a reply costs the server at most
+    `REPLY_COPIES` (3) times its size, as the worker sizing budgets (main: 5.15 x). Measured
+    as the rise of the server process's peak resident set during one Verify of a suspect
+    whose key layer answers 128 MiB (the server runs in this process; the client's share is
+    the small upload)."""
+    suspect = wide_suspect(tmp_path / "wide.pt2", REPLY_BYTES, rows=100)
+    # 100 x 335,552 units: not the key's width, refused once the reply is decoded
+    with (world.client() as client, resident_peak() as rise,
+          pytest.raises(FreemarkError) as refused):
+        client.verify(world.registration_id, suspect)
+    assert isinstance(refused.value, InvalidModelError), refused.value
+    print(f"\none {REPLY_BYTES >> 20} MiB reply: server peak +{rise() >> 20} MiB "
+          f"({rise() / REPLY_BYTES:.2f} x)")
+    slack = 48 << 20  # the call's own buffers, the allocator's, the interpreter's
+    assert rise() <= REPLY_COPIES * REPLY_BYTES + slack, (
+        f"one {REPLY_BYTES >> 20} MiB reply raised the server's peak by {rise() >> 20} MiB")
