@@ -70,7 +70,7 @@ _ALLOWED_X86_64 = {
     "getcwd": 79, "readlink": 89, "gettimeofday": 96, "getrlimit": 97, "sysinfo": 99,
     "getuid": 102, "getgid": 104, "geteuid": 107, "getegid": 108, "getppid": 110,
     "getresuid": 118, "getresgid": 120, "sigaltstack": 131, "arch_prctl": 158, "gettid": 186,
-    "futex": 202, "sched_getaffinity": 204, "getdents64": 217, "set_tid_address": 218,
+    "futex": 202, "getdents64": 217, "set_tid_address": 218,
     "restart_syscall": 219, "fadvise64": 221, "clock_gettime": 228, "clock_getres": 229,
     "clock_nanosleep": 230, "exit_group": 231, "mbind": 237,
     "get_mempolicy": 239, "newfstatat": 262, "readlinkat": 267, "faccessat": 269,
