@@ -76,3 +76,4 @@ bench: $(INSTALLED) $(OIP_INSTALLED) postgres
 	PYTHONPATH=client:keyserver:lab:tests $(PY) bench/aligned.py --json out/bench_aligned.json
 	PYTHONPATH=client:keyserver:lab:tests $(PY) bench/formats.py --repeats 3 --json out/bench_formats.json
 	PYTHONPATH=client:keyserver:lab:tests $(PY) bench/endpoint.py --json out/bench_endpoint.json
+	PYTHONPATH=client:keyserver:lab:tests $(PY) bench/sandbox_reply.py --json out/bench_sandbox_reply.json

@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reference models an owner may attach to one registration")
     p.add_argument("--sandbox-workers", type=int, metavar="N",
                    help="untrusted models run at once (default: min(cores, available memory / "
-                        "the 4 GiB per-run limit))")
+                        "(the 4 GiB per-run limit + 3 x the 512 MiB reply cap)))")
     p.add_argument("--sandbox-queue", type=int, metavar="N",
                    help="runs that may wait for a worker (default: 4 x workers); beyond, "
                         "RESOURCE_EXHAUSTED (SANDBOX_BUSY) with a retry hint")

@@ -282,11 +282,12 @@ def _judge_tensor(layer: np.ndarray, bundle: KeyBundle, panel: Sequence[Referenc
                   ) -> Verdict:
     """An earlier key's verdict on one scanned tensor. The tensor is first divided by its
     largest magnitude: both tests are blind to a global scale, and a copy whose key layer was
-    scaled down across a ReLU would otherwise fall under the read-out's absolute floor."""
+    scaled down across a ReLU would otherwise fall under the read-out's absolute floor.
+    `layer` is the scan's float32 as it came; the division makes the one float64 copy."""
     peak = float(np.max(np.abs(layer))) if layer.size else 0.0
     if not peak > 0.0:
         raise InvalidInputError("a constant tensor")
-    triggers, probed = split_activations(layer / peak, bundle, probes)
+    triggers, probed = split_activations(np.divide(layer, peak, dtype=np.float64), bundle, probes)
     return judge_activations(triggers, bundle, probe_activations=probed, panel=panel)
 
 

@@ -31,7 +31,8 @@ either side knows when one is complete:
 Several trigger sets in one request, and further requests after the first, let Register read
 an upload and then judge it against every earlier same-family registration with one model
 load; a set that fails does not spoil the others. The parent reads a reply as if a hostile
-program wrote it: no pickle, a fixed layout, finite float32 matrices of the announced shape.
+program wrote it: no pickle, a fixed layout, finite float32 matrices of the announced shape,
+read in place from the one buffer the reply arrived in (`decode_reply`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -82,6 +84,9 @@ __all__ = [
 
 OK = b"K"
 REFUSED = b"R"
+# A .npy frame's magic, version, length and header: numpy's parser reads at most 10,000
+# header bytes (`read_array_header_1_0`'s `max_header_size`).
+_NPY_HEADER_BYTES = 10 + 10_000
 LENGTH = struct.Struct(">Q")  # the frame of every message on the data socket
 IDENTITY_BYTES = 64  # weights fingerprint (32) ‖ architecture digest (32)
 _DIGEST_BYTES = 32
@@ -172,7 +177,9 @@ class LayerScan(np.ndarray):
         return scan
 
     def layers(self) -> list[np.ndarray]:
-        """Each tensor's (rows, width) matrix, as a plain array."""
+        """Each tensor's (rows, width) matrix, as a plain array: a view, in the scan's own
+        dtype (float32 as the parent decodes it), so judging one tensor at a time copies
+        only that one."""
         plain = np.asarray(self)
         return [plain[:, start:stop]
                 for start, stop in itertools.pairwise(np.cumsum((0, *self.widths)))]
@@ -270,25 +277,38 @@ def encode_reply(identity: bytes, results: Sequence[Any]) -> bytes:
     return b"".join(parts)
 
 
-def _frame(buffer: io.BytesIO) -> np.ndarray:
-    try:
-        array_ = np.load(buffer, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise SandboxError("the worker's output is not a .npy array") from exc
-    if not isinstance(array_, np.ndarray):
-        raise SandboxError("the worker's output is not a .npy array")
-    return array_
+class _Frames:
+    """The `.npy` frames of a reply, read in place: each array is a view on the reply's own
+    buffer (no copy), its header read with numpy's safe parser (never pickle: an object dtype
+    is refused before anything is built), its size checked against the bytes that are left."""
 
+    def __init__(self, raw: memoryview) -> None:
+        self._raw, self.at = raw, 0
 
-def _status(buffer: io.BytesIO) -> tuple[str, str, Any]:
-    """A status frame's kind, message and (a scan's) widths, None where it has none."""
-    frame = _frame(buffer)
-    try:
-        report = json.loads(frame.tobytes())
-        return (str(report["kind"]), str(report["message"])[:MAX_MESSAGE_CHARS],
-                report.get("widths"))
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise SandboxError("the worker failed without a readable report") from exc
+    def next(self) -> np.ndarray:
+        header = io.BytesIO(self._raw[self.at:self.at + _NPY_HEADER_BYTES])  # copies <= 10 KB
+        try:
+            if np.lib.format.read_magic(header) != (1, 0):  # what np.save writes for ours
+                raise ValueError("not a version 1.0 .npy frame")
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(header)
+        except (ValueError, OSError, EOFError, SyntaxError) as exc:
+            raise SandboxError("the worker's output is not a .npy array") from exc
+        start = self.at + header.tell()
+        count = math.prod(shape)
+        if dtype.hasobject or fortran_order or start + count * dtype.itemsize > len(self._raw):
+            raise SandboxError("the worker's output is not a .npy array")
+        self.at = start + count * dtype.itemsize
+        return np.frombuffer(self._raw, dtype=dtype, count=count, offset=start).reshape(shape)
+
+    def status(self) -> tuple[str, str, Any]:
+        """A status frame's kind, message and (a scan's) widths, None where it has none."""
+        frame = self.next()
+        try:
+            report = json.loads(frame.tobytes())
+            return (str(report["kind"]), str(report["message"])[:MAX_MESSAGE_CHARS],
+                    report.get("widths"))
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise SandboxError("the worker failed without a readable report") from exc
 
 
 def _refusal(kind: str, message: str) -> Exception:
@@ -304,23 +324,29 @@ def _refusal(kind: str, message: str) -> Exception:
     return SandboxError(f"the worker failed: {message}")
 
 
-def decode_reply(raw: bytes, rows: list[int], scans: Sequence[bool] = ()
-                 ) -> tuple[ModelIdentity, list[np.ndarray | Exception]]:
+def decode_reply(raw: bytes | bytearray | memoryview, rows: list[int],
+                 scans: Sequence[bool] = ()) -> tuple[ModelIdentity, list[np.ndarray | Exception]]:
     """A complete reply: the model's identity and, per set of `rows` inputs, its activations
     (for a set that `scans`, a `LayerScan`) or its refusal. Raises for a refusal of the
     whole model, or a reply that breaks the protocol (a compromised child gets no further
-    than this)."""
-    buffer = io.BytesIO(raw[1:])
-    if raw[:1] == REFUSED:
-        raise _refusal(*_status(buffer)[:2])
-    if raw[:1] != OK:
+    than this).
+
+    The reply is read where it lies (`_Frames`): the only copies made are a run's float64
+    activations, one matrix at a time once its shape is checked; a scan stays float32, a
+    view on `raw` (`LayerScan`). So a reply of R bytes costs the server at most 3 R while
+    it is decoded (R + 2 R of float64), and 2 R (a run) or R (a scan) while it is judged."""
+    view = memoryview(raw).cast("B")
+    frames = _Frames(view[1:])
+    if bytes(view[:1]) == REFUSED:
+        raise _refusal(*frames.status()[:2])
+    if bytes(view[:1]) != OK:
         raise SandboxError("the worker's output has no status")
-    identity = _frame(buffer)
+    identity = frames.next()
     if identity.dtype != np.uint8 or identity.shape != (IDENTITY_BYTES,):
         raise SandboxError("the worker's output does not start with the model's identity")
     results: list[np.ndarray | Exception] = []
     for number, n_rows in enumerate(rows):
-        kind, message, widths = _status(buffer)
+        kind, message, widths = frames.status()
         if kind != OK_KIND:
             results.append(_refusal(kind, message))
             continue
@@ -328,16 +354,17 @@ def decode_reply(raw: bytes, rows: list[int], scans: Sequence[bool] = ()
         if scan != (widths is not None):
             raise SandboxError("the worker's output answers a run it was not asked for")
         if scan:
-            results.append(_check_scan(_frame(buffer), n_rows, widths))
+            results.append(_check_scan(frames.next(), n_rows, widths))
             continue
-        results.append(check_activations(_frame(buffer), n_rows))
-    if buffer.tell() != len(raw) - 1:
+        results.append(check_activations(frames.next(), n_rows))
+    if frames.at != len(view) - 1:
         raise SandboxError("the worker's output has trailing bytes")
     return ModelIdentity.from_bytes(identity.tobytes()), results
 
 
 def _check_scan(array: np.ndarray, n_rows: int, widths: Any) -> LayerScan:
-    """A scan's matrix and widths, checked as `check_activations` checks one layer's."""
+    """A scan's matrix and widths, checked as `check_activations` checks one layer's, and
+    kept as it came (float32, in place): `LayerScan.layers` hands out one tensor at a time."""
     if not (isinstance(widths, list) and all(type(w) is int and w > 0 for w in widths)
             and array.ndim == 2 and sum(widths) == array.shape[1]):
         raise SandboxError("the worker returned a scan whose widths do not fit its matrix")
@@ -345,13 +372,13 @@ def _check_scan(array: np.ndarray, n_rows: int, widths: Any) -> LayerScan:
         if array.dtype != np.dtype(np.float32) or array.shape[0] != n_rows:
             raise SandboxError("the worker returned a malformed empty scan")
         return LayerScan.of(n_rows, [])
-    scan = check_activations(array, n_rows).view(LayerScan)
+    scan = _checked(array, n_rows).view(LayerScan)
     scan.widths = tuple(widths)
     return scan
 
 
-def check_activations(array: np.ndarray, n_triggers: int) -> np.ndarray:
-    """A finite (n_triggers, units) matrix from the worker, as float64."""
+def _checked(array: np.ndarray, n_triggers: int) -> np.ndarray:
+    """`array`, once it is a finite float32 (n_triggers, units) matrix."""
     if (
         array.dtype != np.dtype(np.float32)
         or array.ndim != 2
@@ -362,6 +389,15 @@ def check_activations(array: np.ndarray, n_triggers: int) -> np.ndarray:
             f"the worker returned a {array.dtype} array of shape {array.shape}, "
             f"expected float32 ({n_triggers}, units)"
         )
-    if not np.all(np.isfinite(array)):
+    # A float64 sum of finite float32 values cannot overflow (2**27 values of at most 3.4e38
+    # each), and any NaN or infinity makes it NaN or infinite: all finite exactly when the
+    # sum is, with no temporary array of the matrix's size.
+    if not np.isfinite(array.sum(dtype=np.float64)):
         raise SandboxError("the worker returned non-finite activations")
-    return array.astype(np.float64)
+    return array
+
+
+def check_activations(array: np.ndarray, n_triggers: int) -> np.ndarray:
+    """A finite (n_triggers, units) float32 matrix from the worker, as float64 (checked
+    before it is converted, so a malformed one costs no copy)."""
+    return _checked(array, n_triggers).astype(np.float64)
