@@ -11,7 +11,9 @@ either side knows when one is complete:
 
 1. request: `np.save` frames (never pickle): a JSON header as uint8 (``model``, ``weights``,
    and ``sets``: one ``{"layer", "pooling", "has_mask", "probes", "width"}`` per trigger set,
-   a `TriggerRun` each; ``layer`` null asks for a scan of every tensor), then each set's inputs and, if announced, its attention mask. The
+   a `TriggerRun` each; ``layer`` null asks for a scan of every tensor, ``outputs`` true for
+   the model's output scores instead of a layer), then each set's inputs and, if announced,
+   its attention mask. The
    child appends ``probes`` alignment probes to each set itself
    (`freemark.scheme.probes.with_probes`). Triggers are secret and never touch disk. Options
    ride in the header too: the upload's format (`formats.sandbox_options`), and
@@ -50,6 +52,7 @@ import numpy as np
 
 from freemark.errors import InvalidInputError, ModelFileError
 from freemark.scheme.triggers import TriggerSet
+from freemark.v1 import bundle_pb2
 from freemark_keyserver.sandbox.errors import SandboxError, SandboxResourceError, SandboxRunFailed
 
 __all__ = [
@@ -141,6 +144,10 @@ class TriggerRun:
     model computes, whatever its name (`freemark.scheme.activations.capture_every`), each
     pooled by its rank, of `width` units only (0: any), and answers a `LayerScan`; nothing
     when the model does not take inputs of the triggers' kind.
+
+    `outputs` reads no layer: the run answers the model's output scores on the inputs, (n,
+    classes) float32 log-probabilities (`freemark.scheme.activations.output_scores`), what an
+    output key is judged on (`outputs_of`).
     """
 
     layer: str | None
@@ -148,6 +155,13 @@ class TriggerRun:
     triggers: TriggerSet
     probes: int = 0
     width: int = 0
+    outputs: bool = False
+
+    @classmethod
+    def outputs_of(cls, inputs: np.ndarray) -> TriggerRun:
+        """The run that reads a model's output scores on `inputs` (an output key's queries)."""
+        return cls("", bundle_pb2.POOLING_NONE, TriggerSet(inputs=np.asarray(inputs)),
+                   outputs=True)
 
     @property
     def scans(self) -> bool:
@@ -201,7 +215,7 @@ def encode_request(runs: Sequence[TriggerRun], has_weights: bool, options: dict[
     """A request (without its length frame) for `runs` of the model the child holds."""
     header = {**options, "model": MODEL_PATH, "weights": WEIGHTS_PATH if has_weights else None,
               "sets": [{"layer": r.layer, "pooling": int(r.pooling), "probes": int(r.probes),
-                        "width": int(r.width),
+                        "width": int(r.width), "outputs": bool(r.outputs),
                         "has_mask": r.triggers.attention_mask is not None} for r in runs]}
     buffer = io.BytesIO()
     arrays: list[Any] = [np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)]
