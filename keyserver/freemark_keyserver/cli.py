@@ -61,6 +61,7 @@ def _config(args: argparse.Namespace) -> cfg.ServerConfig:
             verify_rate_principal=args.verify_rate_principal,
             verify_rate_registration=args.verify_rate_registration,
             metrics_listen=args.metrics_listen,
+            endpoint_allow=tuple(args.endpoint_allow),
             verdict_policy=VerdictPolicy.make(alpha_min=args.alpha_min, alpha_max=args.alpha_max,
                                               arbiter_disclosure=args.arbiter_disclosure),
         )
@@ -313,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arbiter-disclosure", choices=DISCLOSURES, default=cfg.DEFAULT_ARBITER_DISCLOSURE,
                    help="what requesters other than the registration's owner are told: every "
                         "statistic, or the outcome and a p-value bucket (default %(default)s)")
+    p.add_argument("--endpoint-allow", action="append", default=[], metavar="CIDR_OR_HOST",
+                   help="a host name, address or CIDR network VerifyEndpoint may query "
+                        "(repeatable; none by default: every endpoint is refused; loopback "
+                        "and private addresses only when an address or network names them)")
     p.set_defaults(handler=_serve)
 
     principal = sub.add_parser("principal", help="manage principals").add_subparsers(

@@ -74,6 +74,7 @@ __all__ = [
     "WEIGHTS_PATH",
     "LayerScan",
     "ModelIdentity",
+    "OutputScores",
     "Refusal",
     "TriggerRun",
     "check_activations",
@@ -199,6 +200,23 @@ class LayerScan(np.ndarray):
                 for start, stop in itertools.pairwise(np.cumsum((0, *self.widths)))]
 
 
+class OutputScores(np.ndarray):
+    """An outputs run's answer (`TriggerRun.outputs_of`): the (n, classes) scores, and
+    `architecture`, the model's exact architecture (`freemark.formats.pt2.shape_digest`),
+    which the status frame carries beside them: an output key's panel must span two."""
+
+    architecture: bytes = b""
+
+    def __array_finalize__(self, obj: Any) -> None:
+        self.architecture = bytes(getattr(obj, "architecture", b""))
+
+    @classmethod
+    def of(cls, scores: np.ndarray, architecture: bytes) -> OutputScores:
+        answer = np.ascontiguousarray(scores).view(cls)
+        answer.architecture = architecture
+        return answer
+
+
 class Refusal(Exception):
     """A failure the child reports as a status frame {"kind": kind, "message": message}."""
 
@@ -280,6 +298,10 @@ def encode_reply(identity: bytes, results: Sequence[Any]) -> bytes:
         if isinstance(result, Refusal):
             parts.append(_status_frame(result.kind, str(result)))
             continue
+        if isinstance(result, OutputScores):
+            parts.append(_status_frame(OK_KIND, "", architecture=result.architecture.hex()))
+            parts.append(_npy(np.ascontiguousarray(result, dtype=np.float32)))
+            continue
         if isinstance(result, LayerScan):
             parts.append(_status_frame(OK_KIND, "", widths=list(result.widths)))
             parts.append(_npy(np.asarray(result)))
@@ -314,13 +336,14 @@ class _Frames:
         self.at = start + count * dtype.itemsize
         return np.frombuffer(self._raw, dtype=dtype, count=count, offset=start).reshape(shape)
 
-    def status(self) -> tuple[str, str, Any]:
-        """A status frame's kind, message and (a scan's) widths, None where it has none."""
+    def status(self) -> tuple[str, str, Any, Any]:
+        """A status frame's kind, message, (a scan's) widths and (an outputs run's)
+        architecture, None where it has none."""
         frame = self.next()
         try:
             report = json.loads(frame.tobytes())
             return (str(report["kind"]), str(report["message"])[:MAX_MESSAGE_CHARS],
-                    report.get("widths"))
+                    report.get("widths"), report.get("architecture"))
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise SandboxError("the worker failed without a readable report") from exc
 
@@ -339,7 +362,8 @@ def _refusal(kind: str, message: str) -> Exception:
 
 
 def decode_reply(raw: bytes | bytearray | memoryview, rows: list[int],
-                 scans: Sequence[bool] = ()) -> tuple[ModelIdentity, list[np.ndarray | Exception]]:
+                 scans: Sequence[bool] = (), outputs: Sequence[bool] = ()
+                 ) -> tuple[ModelIdentity, list[np.ndarray | Exception]]:
     """A complete reply: the model's identity and, per set of `rows` inputs, its activations
     (for a set that `scans`, a `LayerScan`) or its refusal. Raises for a refusal of the
     whole model, or a reply that breaks the protocol (a compromised child gets no further
@@ -360,9 +384,12 @@ def decode_reply(raw: bytes | bytearray | memoryview, rows: list[int],
         raise SandboxError("the worker's output does not start with the model's identity")
     results: list[np.ndarray | Exception] = []
     for number, n_rows in enumerate(rows):
-        kind, message, widths = frames.status()
+        kind, message, widths, architecture = frames.status()
         if kind != OK_KIND:
             results.append(_refusal(kind, message))
+            continue
+        if number < len(outputs) and outputs[number]:
+            results.append(_check_outputs(frames.next(), n_rows, architecture))
             continue
         scan = number < len(scans) and scans[number]
         if scan != (widths is not None):
@@ -374,6 +401,15 @@ def decode_reply(raw: bytes | bytearray | memoryview, rows: list[int],
     if frames.at != len(view) - 1:
         raise SandboxError("the worker's output has trailing bytes")
     return ModelIdentity.from_bytes(identity.tobytes()), results
+
+
+def _check_outputs(array: np.ndarray, n_rows: int, architecture: Any) -> OutputScores:
+    """An outputs run's scores, checked like activations, with the architecture digest the
+    status frame carried (64 hex digits, or the reply breaks the protocol)."""
+    if not (isinstance(architecture, str) and len(architecture) == 2 * _DIGEST_BYTES
+            and all(c in "0123456789abcdef" for c in architecture)):
+        raise SandboxError("the worker's output scores lack the model's architecture")
+    return OutputScores.of(check_activations(array, n_rows), bytes.fromhex(architecture))
 
 
 def _check_scan(array: np.ndarray, n_rows: int, widths: Any) -> LayerScan:

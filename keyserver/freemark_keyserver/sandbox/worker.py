@@ -68,6 +68,7 @@ def _runner(header: dict[str, Any], sets: list[tuple[Any, Any]]) -> tuple[bytes,
     `freemark_keyserver.sandbox.formats`, whose loaders read one layer per load (the first set is read
     once more for the identity).
     """
+    from freemark.formats.pt2 import shape_digest
     from freemark.scheme.activations import (
         as_module,
         capture,
@@ -104,7 +105,9 @@ def _runner(header: dict[str, Any], sets: list[tuple[Any, Any]]) -> tuple[bytes,
 
     def program(spec: dict[str, Any]) -> Run:
         if spec.get("outputs"):  # an output key's queries: the model's answers (`TriggerRun`)
-            return lambda triggers: output_scores(module, triggers.inputs)
+            architecture = shape_digest(model)
+            return lambda triggers: protocol.OutputScores.of(
+                output_scores(module, triggers.inputs), architecture)
         if spec["layer"] is None:  # a scan: every tensor, whatever its name (`TriggerRun`)
             width = int(spec.get("width", 0))
 

@@ -27,6 +27,7 @@ from freemark.formats.pt2 import (
     fingerprint,
     load_program,
     save_program,
+    shape_digest,
     state_dict_of,
 )
 from freemark.scheme.activations import capture, output_scores
@@ -177,6 +178,8 @@ def test_an_outputs_run_answers_the_models_scores_as_the_library_reads_them(host
     np.testing.assert_allclose(np.exp(scores).sum(axis=1), 1.0, rtol=1e-4)
     assert isinstance(layer, np.ndarray) and layer.shape == (len(host.triggers), 128)
     assert identity.fingerprint == fingerprint(load_program(host.path))
+    assert isinstance(scores, sandbox_protocol.OutputScores)
+    assert scores.architecture == shape_digest(load_program(host.path))
 
 
 def test_one_childs_replies_together_stay_under_the_output_cap(host: Host) -> None:

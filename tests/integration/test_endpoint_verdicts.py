@@ -1,0 +1,236 @@
+"""Output keys over the real key server and a real Open Inference Protocol server (issue 19).
+
+Alice derives an output key on her digits host (tests/blackbox_models.py: 2 sets of 48
+queries, a panel of 8 of two architectures) and registers it with her panel: the key server
+reads the host and every reference through their outputs in its sandbox and logs a
+commitment to each query set. A thief's fine-tuned copy is served by MLServer as a
+labels-only and as a scores endpoint, and a held-out independent model as labels: the key
+server queries them (allow-listed loopback) and signs `match`, `match`, `no_match`, each
+checked offline. Hostile endpoints (outside the allow-list, a redirect, a gigabyte, malformed
+JSON, answers that change with the asking, never answering) are refused with their status,
+and nothing is signed or logged. One key server, one MLServer per module.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import blackbox_models as bm
+from freemark.audit.receipt import load_statement, save_statement, verify_receipt
+from freemark.blackbox.commit import query_set_commitment, query_set_commitments
+from freemark.blackbox.judge import set_items
+from freemark.errors import ServerError
+from freemark.formats.pt2 import save_program
+from freemark.records.types import EndpointVerdict
+from freemark.rpc import KeyServiceClient
+from freemark_keyserver.config import ServerConfig
+from freemark_keyserver.server import RunningServer, create_server
+from hostile_endpoints import Handler, Seen, endpoint, infer_reply, request_inputs
+from oip_servers import OipServer, ServedModel, export_onnx, serve
+from ttp_fleet import add_principals
+
+SHAPE = (1, 8, 8)
+OWNER = "alice@example.com"
+DIGITS_META = {"name": "m", "versions": ["1"], "platform": "toy",
+               "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, *SHAPE]}],
+               "outputs": [{"name": "label", "datatype": "INT64", "shape": [-1]}]}
+
+
+@dataclass
+class World:
+    folder: Path
+    running: RunningServer
+    tokens: dict[str, str]
+    registration_id: str
+    query_sets: tuple[bytes, ...]
+    oip: OipServer
+    public_key: bytes
+
+    def client(self, who: str) -> KeyServiceClient:
+        return KeyServiceClient(f"127.0.0.1:{self.running.port}", token=self.tokens[who],
+                                timeout=600)
+
+    def tree_size(self) -> int:
+        return self.running.ctx.store.tree_size()
+
+    def verify(self, who: str, url: str, model: str, **options: Any) -> EndpointVerdict:
+        with self.client(who) as client:
+            return client.verify_endpoint(self.registration_id, url, model, **options)
+
+
+def _program(model: nn.Module, path: Path) -> Path:
+    save_program(model, (torch.from_numpy(bm.data().x_train[:2]),), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    folder = tmp_path_factory.mktemp("endpoint-verdicts")
+    key = bm.output_key()
+    config = ServerConfig(data_dir=folder / "ttp", listen="127.0.0.1:0", grace_seconds=1,
+                          endpoint_allow=("127.0.0.1",))
+    running = create_server(config)
+    tokens = add_principals(config.database, [(OWNER, "owner"), ("arbiter", "arbiter")])
+    try:
+        host = _program(bm.host(), folder / "host.pt2")
+        references = [_program(m, folder / f"reference{i}.pt2") for i, m in enumerate(bm.panel())]
+        with KeyServiceClient(f"127.0.0.1:{running.port}", token=tokens[OWNER],
+                              timeout=600) as client:
+            receipt = client.register_output_key(key, host, references=references)
+            public_key = client.public_key()
+        served = [
+            ServedModel("copy-labels", export_onnx(bm.finetuned(), folder / "copy.onnx", SHAPE),
+                        SHAPE, 10, "labels"),
+            ServedModel("copy-scores", folder / "copy.onnx", SHAPE, 10, "scores"),
+            ServedModel("independent", export_onnx(bm.independents()[0],
+                                                   folder / "independent.onnx", SHAPE),
+                        SHAPE, 10, "labels"),
+        ]
+        with serve(served, folder / "oip") as oip:
+            yield World(folder, running, tokens, receipt.registration_id, receipt.query_sets,
+                        oip, public_key)
+    finally:
+        running.stop(0)
+
+
+def test_the_receipt_commits_to_every_query_set(world: World) -> None:
+    key = bm.output_key()
+    assert world.query_sets == query_set_commitments(key)
+    assert len(world.query_sets) == key.n_sets == bm.SETS
+    assert len(set(world.query_sets)) == key.n_sets  # disjoint sets, distinct digests
+
+
+def _checked(world: World, verdict: EndpointVerdict) -> None:
+    """The verdict verifies offline, before and after a round trip through its JSON file,
+    and binds the set it names."""
+    verify_receipt(verdict, world.public_key)
+    path = world.folder / f"verdict-{verdict.log_index}.json"
+    save_statement(path, verdict)
+    again = load_statement(path)
+    assert isinstance(again, EndpointVerdict)
+    verify_receipt(again, world.public_key)
+    assert verdict.query_set_commitment == world.query_sets[verdict.query_set]
+    key = bm.output_key()
+    q, _ = set_items(key, verdict.query_set)
+    assert verdict.query_set_commitment == query_set_commitment(key.queries[q])
+    assert verdict.n_bits == len(q)
+    assert sum(e.inputs for e in verdict.exchanges) >= len(q)
+    assert verdict.started_at <= verdict.finished_at <= verdict.integrated_time
+
+
+def test_a_finetuned_copy_is_a_signed_match_from_labels_and_from_scores(world: World) -> None:
+    size = world.tree_size()
+    labels = world.verify(OWNER, world.oip.url, "copy-labels")
+    assert labels.outcome == "match" and labels.p_value <= 1e-9, labels.tests
+    assert labels.answers == "labels" and [t.name for t in labels.tests] == ["labels"]
+    assert (labels.model_name, labels.endpoint) == ("copy-labels", world.oip.url)
+    assert labels.endpoint_address == "127.0.0.1"
+    _checked(world, labels)
+
+    scores = world.verify(OWNER, world.oip.url, "copy-scores")
+    assert scores.outcome == "match" and scores.p_value <= 1e-9, scores.tests
+    assert scores.answers == "scores"
+    assert [t.name for t in scores.tests] == ["labels", "scores", "ranking"]
+    _checked(world, scores)
+    # Each endpoint got a set no endpoint had seen, while one remained.
+    assert {labels.query_set, scores.query_set} == set(range(bm.SETS))
+    assert not labels.set_reused and not scores.set_reused
+    assert world.tree_size() == size + 2
+
+    # Read as labels only, a scores endpoint still matches; every set is disclosed now, so the
+    # least-disclosed one is reused and the verdict says so.
+    only = world.verify("arbiter", world.oip.url, "copy-scores", labels_only=True)
+    assert only.outcome == "match" and only.answers == "labels"
+    assert only.set_reused and only.set_disclosures == 1 and only.requested_by == "arbiter"
+    _checked(world, only)
+
+
+def test_a_held_out_independent_model_is_a_signed_no_match(world: World) -> None:
+    verdict = world.verify(OWNER, world.oip.url, "independent")
+    assert verdict.outcome == "no_match" and verdict.p_value >= 1e-3, verdict.tests
+    _checked(world, verdict)
+
+
+def _digits_endpoint(answer: Any) -> Any:
+    """A scripted digits endpoint: the metadata of a labels model of the digits' shape, and
+    `answer(handler, seen, request)` for every infer."""
+
+    def script(handler: Handler, seen: Seen) -> None:
+        if seen.method == "GET":
+            handler.send_json(seen, DIGITS_META)
+            return
+        answer(handler, seen, json.loads(seen.body))
+
+    return script
+
+
+def _redirect(handler: Handler, seen: Seen, request: dict[str, Any]) -> None:
+    handler.send_body(seen, b"", 307, {"Location": "http://169.254.169.254/v2/models/m/infer"})
+
+
+def _gigabyte(handler: Handler, seen: Seen, request: dict[str, Any]) -> None:
+    seen.answered = b""
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(2**30))
+    handler.end_headers()
+
+
+def _malformed(handler: Handler, seen: Seen, request: dict[str, Any]) -> None:
+    handler.send_body(seen, b'{"model_name": "m", "outputs": [')
+
+
+def _inconsistent(handler: Handler, seen: Seen, request: dict[str, Any]) -> None:
+    x = request_inputs(request)
+    labels = np.random.default_rng().integers(0, 10, size=len(x)).astype(np.int64)
+    handler.send_json(seen, infer_reply(request, labels, "labels"))
+
+
+def _silent(handler: Handler, seen: Seen, request: dict[str, Any]) -> None:
+    handler.server.stop.wait(60)
+
+
+@pytest.mark.parametrize("answer,reason,status", [
+    (_redirect, "ENDPOINT_NOT_ALLOWED", grpc.StatusCode.PERMISSION_DENIED),
+    (_gigabyte, "ENDPOINT_INVALID", grpc.StatusCode.FAILED_PRECONDITION),
+    (_malformed, "ENDPOINT_INVALID", grpc.StatusCode.FAILED_PRECONDITION),
+    (_inconsistent, "ENDPOINT_INVALID", grpc.StatusCode.FAILED_PRECONDITION),
+    (_silent, "ENDPOINT_DEADLINE", grpc.StatusCode.DEADLINE_EXCEEDED),
+], ids=["redirect", "gigabyte", "malformed", "inconsistent", "never-answers"])
+def test_a_hostile_endpoint_is_refused_and_nothing_is_signed(
+        world: World, answer: Any, reason: str, status: grpc.StatusCode) -> None:
+    size = world.tree_size()
+    with endpoint(_digits_endpoint(answer)) as server, pytest.raises(ServerError) as caught:
+        world.verify(OWNER, server.url, "m")
+    assert (caught.value.reason, caught.value.code) == (reason, status), str(caught.value)
+    assert server.url in caught.value.message  # the message names the endpoint
+    assert world.tree_size() == size  # no verdict signed, no log entry
+
+
+def test_an_endpoint_outside_the_allow_list_is_never_contacted(world: World) -> None:
+    size = world.tree_size()
+    with endpoint(_digits_endpoint(_malformed)) as server:
+        with pytest.raises(ServerError) as caught:
+            world.verify(OWNER, f"http://127.0.0.2:{server.port}", "m")
+        assert server.seen == []
+    assert caught.value.reason == "ENDPOINT_NOT_ALLOWED"
+    assert caught.value.code == grpc.StatusCode.PERMISSION_DENIED
+    assert "127.0.0.2" in caught.value.message
+    assert world.tree_size() == size
+
+
+def test_a_white_box_verify_of_an_output_key_registration_is_refused(world: World) -> None:
+    with world.client(OWNER) as client, pytest.raises(ServerError) as caught:
+        client.verify(world.registration_id, world.folder / "host.pt2")
+    assert caught.value.reason == "MALFORMED_REQUEST"
+    assert "--endpoint" in caught.value.message
