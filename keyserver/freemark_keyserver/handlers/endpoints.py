@@ -77,9 +77,10 @@ def choose_set(n_sets: int, disclosures: list[tuple[int, str]]) -> tuple[int, in
 
 
 def _target(ctx: Context, principal: Principal, request: pb.VerifyEndpointRequest
-            ) -> Registration:
+            ) -> tuple[Registration, float]:
     """Authorise before anything is sent: the caller's role, the registration visible and
-    active and holding an output key, the request's fields, alpha within the policy."""
+    active and holding an output key, the request's fields; and the alpha to judge at,
+    within the policy."""
     require_role(principal, OWNER, ARBITER, ADMIN)
     record = visible(ctx, principal, request.registration_id)
     if record.revoked_at is not None:
@@ -97,8 +98,7 @@ def _target(ctx: Context, principal: Principal, request: pb.VerifyEndpointReques
         raise ServiceError(ErrorCode.MALFORMED_REQUEST,
                            f"model_name must name the served model (1 to {MAX_MODEL_NAME} "
                            "characters)")
-    policy_alpha(ctx, request.alpha)
-    return record
+    return record, policy_alpha(ctx, request.alpha)
 
 
 def verify_endpoint(ctx: Context, principal: Principal, request: pb.VerifyEndpointRequest, *,
@@ -106,8 +106,7 @@ def verify_endpoint(ctx: Context, principal: Principal, request: pb.VerifyEndpoi
                     resolver: Resolver = socket.getaddrinfo,
                     clock: Callable[[], float] = time.time) -> pb.EndpointVerdict:
     """The VerifyEndpoint call (module docstring)."""
-    record = _target(ctx, principal, request)
-    alpha = policy_alpha(ctx, request.alpha)
+    record, alpha = _target(ctx, principal, request)
     admit.check(record)
     key, panel = outputs.open_sealed(ctx, record)
     try:
