@@ -23,6 +23,7 @@ import grpc
 import pytest
 import torch
 
+import hostile_models
 from freemark.errors import InvalidModelError
 from freemark.rpc import KeyServiceClient
 from freemark.scheme.bundle import load_bundle, to_proto
@@ -160,35 +161,6 @@ def test_the_arbiter_can_name_the_onnx_tensor(world: World) -> None:
     assert "no_such_tensor" in str(wrong.value)
 
 
-def _decoy(source: Path, out: Path, *, under: str) -> tuple[Path, dict[str, str]]:
-    """The thief's file of issue 18, item 3: the stolen export with every node and tensor
-    renamed (so nothing is named after the key layer any more) and one more output, a ReLU
-    named like the key layer's module over `under`, another tensor of its width. Returns the
-    file and each new tensor name's original."""
-    import onnx
-    from onnx import helper
-
-    model = onnx.load(str(source))
-    graph = model.graph
-    renamed: dict[str, str] = {}
-    for number, node in enumerate(graph.node):
-        node.name = f"node{number}"
-        for position, name in enumerate(node.output):
-            if name:
-                renamed[name] = node.output[position] = f"t{len(renamed)}"
-    for node in graph.node:
-        for position, name in enumerate(node.input):
-            node.input[position] = renamed.get(name, name)
-    for output in graph.output:
-        output.name = renamed.get(output.name, output.name)
-    del graph.value_info[:]
-    scope = "/" + KEY_LAYER.replace(".", "/")
-    graph.node.append(helper.make_node("Relu", [renamed[under]], ["decoy"], name=f"{scope}/Relu"))
-    graph.output.append(helper.make_tensor_value_info("decoy", onnx.TensorProto.FLOAT, None))
-    onnx.save(model, str(out))
-    return out, {new: old for old, new in renamed.items()}
-
-
 def test_the_key_server_not_the_file_or_the_requester_locates_the_onnx_key_tensor(
         world: World, tmp_path: Path) -> None:
     """Issue 18, item 3. On main the TTP read the tensor the requester named, or the one the
@@ -209,7 +181,8 @@ def test_the_key_server_not_the_file_or_the_requester_locates_the_onnx_key_tenso
     from hf_fixtures import export_onnx
 
     registration = str(world.receipt["registration_id"])
-    decoy, original = _decoy(world.files.stolen_onnx, tmp_path / "decoy.onnx", under=OTHER_TENSOR)
+    decoy, original = hostile_models.renamed_with_decoy(
+        world.files.stolen_onnx, tmp_path / "decoy.onnx", layer=KEY_LAYER, under=OTHER_TENSOR)
     ids = torch.randint(100, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
     independent = export_onnx(load_checkpoint(world.files.independent),
                               tmp_path / "independent.onnx", (ids, torch.ones_like(ids)))

@@ -446,7 +446,9 @@ class OnnxModel:
         any) and pooled like the key's layer (`pooling`; None: any), whatever the graph's
         nodes are called (`freemark.scheme.activations.TensorScan`, which decides by shapes
         alone and keeps a tensor that is not finite as zeros). What the key server reads an
-        ONNX suspect with, so that it, not the file's author, locates the key layer.
+        ONNX suspect with, so that it, not the file's author, locates the key layer. The
+        model's `tensor`, where one is set (the one a requester named), is read whatever its
+        width and pooling: one more candidate.
 
         The first pass reads one input; its outputs size the batches of the rest to
         `SCAN_BATCH_BYTES` (the vetting refuses shapes computed from input values, so the
@@ -460,7 +462,7 @@ class OnnxModel:
         feeds = _feeders(session, self.source)
         names = [o.name for o in session.get_outputs()]
         scan = TensorScan(width=width, has_mask=mask is not None, pooling=pooling,
-                          keep_nonfinite=True)
+                          keep_nonfinite=True, always=frozenset({self.tensor} - {""}))
         static = _static_batch(session)
         done, chunk = 0, static or 1
         while done < len(inputs):

@@ -326,15 +326,16 @@ class TensorScan:
 
     A tensor is kept when it is floating point with the batch axis first, poolable by its
     rank (`infer_pooling`: of the key's `pooling` only, where one is given) and of `width`
-    units (0: any). All of these are decided by shapes alone; whether its values are finite
-    is decided on the triggers, so `keep_nonfinite` keeps such a tensor as zeros (a constant
+    units (0: any); a tensor named in `always` (one a requester asked for) needs only the
+    first two. All of these are decided by shapes alone; whether its values are finite is
+    decided on the triggers, so `keep_nonfinite` keeps such a tensor as zeros (a constant
     one no key can read) instead of leaving it out: then which tensors a scan lists, and
     how many, says nothing about the trigger values."""
 
     def __init__(self, *, width: int, has_mask: bool, pooling: Pooling | None = None,
-                 keep_nonfinite: bool = False) -> None:
+                 keep_nonfinite: bool = False, always: frozenset[str] = frozenset()) -> None:
         self.width, self.has_mask, self.pooling = width, has_mask, pooling
-        self.keep_nonfinite = keep_nonfinite
+        self.keep_nonfinite, self.always = keep_nonfinite, always
         self.columns: dict[int, list[torch.Tensor]] = {}
         self.names: dict[int, str] = {}
         self.dropped: set[int] = set()
@@ -355,13 +356,14 @@ class TensorScan:
         try:
             tensor = output.detach().to(torch.float64)
             pooling = infer_pooling(tensor, self.has_mask)
-            if self.pooling is not None and pooling != self.pooling:
+            asked = name in self.always
+            if self.pooling is not None and pooling != self.pooling and not asked:
                 raise InvalidInputError("pooled unlike the key's layer")
             pooled = pool(tensor, self.mask, pooling)
         except (InvalidInputError, RuntimeError):
             self.dropped.add(order)
             return
-        if self.width and pooled.shape[1] != self.width:
+        if self.width and pooled.shape[1] != self.width and not asked:
             self.dropped.add(order)
             return
         self.names.setdefault(order, name)

@@ -253,8 +253,9 @@ class VerifyHeader(_message.Message):
     """ONNX suspects only: a graph tensor the requester wants read (at most 1,024
     characters). The key server locates the key layer itself: it judges every candidate
     tensor of the graph (SuspectReading) and this one is only one more candidate, never
-    the only thing read. Refused with INVALID_MODEL when the graph computes no such tensor
-    or the key cannot be read on it (not of its width and pooling).
+    the only thing read, whatever its width and pooling. Refused with INVALID_MODEL when the
+    graph computes no such tensor or it cannot be read at all (not floating point, no batch
+    axis).
     """
     @_builtins.property
     def upload(self) -> Global___UploadHeader: ...

@@ -64,13 +64,15 @@ def judge_scan(scan: LayerScan, bundle: KeyBundle, panel: Sequence[Reference], *
     by the number of candidates (`strongest_of`), so reading many tensors cannot make an
     independent model a match and no tensor can be hidden from it by its name.
 
-    `requested` (the tensor the requester named, or "") must be one of the candidates: it
-    is read as an addition, never alone. Which tensors are candidates, and how many, is
-    decided by the graph's shapes alone (the sandbox scan keeps a tensor that is not finite
-    as zeros), so the refusals below and the count in the verdict say nothing about the
-    triggers. Refusals: INVALID_MODEL when the suspect computes no candidate, or not the
-    requested one; SANDBOX_LIMIT over the operator's `max_candidates`; the fixed run-failure
-    refusal when no candidate could be judged (each was constant on the triggers)."""
+    `requested` (the tensor the requester named, or "") is one of the candidates whatever
+    its width and pooling (the scan reads it too; one the key cannot be read on counts and
+    is never chosen): an addition, never the only thing read. Which tensors are candidates,
+    and how many, is decided by the graph's shapes alone (the sandbox scan keeps a tensor
+    that is not finite as zeros), so the refusals below and the count in the verdict say
+    nothing about the triggers. Refusals: INVALID_MODEL when the suspect computes no
+    candidate, or the requested tensor cannot be pooled at all (not floating point, no batch
+    axis); SANDBOX_LIMIT over the operator's `max_candidates`; the fixed run-failure refusal
+    when no candidate could be judged (each was constant on the triggers)."""
     names = scan.names
     if not names:
         raise ServiceError(ErrorCode.INVALID_MODEL, "the suspect computes no tensor the key can "
@@ -83,8 +85,8 @@ def judge_scan(scan: LayerScan, bundle: KeyBundle, panel: Sequence[Reference], *
                            "on the whole file")
     if requested and requested not in names:
         raise ServiceError(ErrorCode.INVALID_MODEL,
-                           f"tensor {requested!r} is not one the key can be read on "
-                           f"({_candidates(bundle, panel)})")
+                           f"tensor {requested!r} cannot be read: a verdict reads "
+                           "floating-point tensors computed from the inputs, batch axis first")
     probes = probe_count(bundle, probes=aligns(bundle, panel))
     judged: list[tuple[str, Verdict]] = []
     for name, layer in zip(names, scan.layers(), strict=True):

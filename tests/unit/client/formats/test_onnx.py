@@ -95,6 +95,12 @@ def test_a_scan_reads_the_key_tensor_whatever_the_nodes_are_called(
     zeros = OnnxModel(found, "", "renamed.onnx").scan(
         np.zeros_like(triggers.inputs), triggers.attention_mask, pooling=pooling, width=48)
     assert [name for name, _ in zeros] == names  # which tensors: shapes, never values
+    narrow = next(o for n in found.graph.node for o in n.output if o not in names
+                  and n.op_type == "Add")  # a float tensor that is not a candidate
+    asked = OnnxModel(found, narrow, "renamed.onnx").scan(
+        triggers.inputs, triggers.attention_mask, pooling=pooling, width=48)
+    assert [name for name, _ in asked] == sorted({*names, narrow}, key=[
+        o for n in found.graph.node for o in n.output].index)  # read too, in graph order
 
 
 def test_unknown_layers_and_tensors_are_refused_clearly(bert: tuple[torch.nn.Module, Path]) -> None:
