@@ -144,7 +144,7 @@ def test_weights_only_suspects_and_copies_registered_by_someone_else(world: Worl
 
 
 KEY_TENSOR = "/bert/encoder/layer.1/intermediate/intermediate_act_fn/Mul_1_output_0"
-# Another tensor of the key layer's width and pooling: the first layer's GELU output.
+# Another tensor of the key layer's width: the first layer's GELU output.
 OTHER_TENSOR = "/bert/encoder/layer.0/intermediate/intermediate_act_fn/Mul_1_output_0"
 
 
@@ -166,7 +166,7 @@ def test_the_key_server_not_the_file_or_the_requester_locates_the_onnx_key_tenso
     """Issue 18, item 3. On main the TTP read the tensor the requester named, or the one the
     suspect's own node names put in the key layer's scope, and signed a `no_match` on it
     without saying which. Now it judges every candidate tensor (every tensor computed from
-    the inputs, pooled like the key layer, of its width), signs the strongest corrected for
+    the inputs of the key layer's width), signs the strongest corrected for
     how many there were, and names it and how it was located:
 
     - the stolen export with another tensor of the right width requested: a match, read on

@@ -439,16 +439,16 @@ class OnnxModel:
             self._scan_built = self._new_session(self.scanned())
         return self._scan_built
 
-    def scan(self, inputs: np.ndarray, mask: np.ndarray | None, *, pooling: int | None = None,
-             width: int = 0) -> list[tuple[str, np.ndarray]]:
+    def scan(self, inputs: np.ndarray, mask: np.ndarray | None, *, width: int = 0
+             ) -> list[tuple[str, np.ndarray]]:
         """Pooled activations of every tensor computed from the inputs that the key could be
-        read on: (name, (len(inputs), units) float32) in graph order, of `width` units (0:
-        any) and pooled like the key's layer (`pooling`; None: any), whatever the graph's
-        nodes are called (`freemark.scheme.activations.TensorScan`, which decides by shapes
-        alone and keeps a tensor that is not finite as zeros). What the key server reads an
+        read on: (name, (len(inputs), units) float32) in graph order, each pooled by its
+        rank, of `width` units (0: any), whatever the graph's nodes are called
+        (`freemark.scheme.activations.TensorScan`, which decides by shapes alone and keeps a
+        tensor that is not finite as zeros). What the key server reads an
         ONNX suspect with, so that it, not the file's author, locates the key layer. The
         model's `tensor`, where one is set (the one a requester named), is read whatever its
-        width and pooling: one more candidate.
+        width: one more candidate.
 
         The first pass reads one input; its outputs size the batches of the rest to
         `SCAN_BATCH_BYTES` (the vetting refuses shapes computed from input values, so the
@@ -461,8 +461,8 @@ class OnnxModel:
         session = self.scan_session()
         feeds = _feeders(session, self.source)
         names = [o.name for o in session.get_outputs()]
-        scan = TensorScan(width=width, has_mask=mask is not None, pooling=pooling,
-                          keep_nonfinite=True, always=frozenset({self.tensor} - {""}))
+        scan = TensorScan(width=width, has_mask=mask is not None, keep_nonfinite=True,
+                          always=frozenset({self.tensor} - {""}))
         static = _static_batch(session)
         done, chunk = 0, static or 1
         while done < len(inputs):
@@ -562,7 +562,7 @@ def open_untrusted(path: str | Path, *, layer: str | None, pooling: int,
     """In the key server's sandbox child: open an uploaded graph for the key's layer, and
     return its identity (fingerprint ‖ architecture digest) and its run, from a set's
     triggers to the key-layer activations. `layer` None is a scan (`OnnxModel.scan`: every
-    tensor of `width` units pooled like the key's layer, named; `tensor`, where the
+    tensor of `width` units, named; `tensor`, where the
     requester named one, must exist). Opening reads no trigger, so its failures are the
     file's; the run's may depend on the triggers (the child reports them without text)."""
     if layer is None:
@@ -573,7 +573,7 @@ def open_untrusted(path: str | Path, *, layer: str | None, pooling: int,
         graph.scan_session()
         return (graph.fingerprint() + graph.architecture_digest(),
                 lambda triggers: graph.scan(triggers.inputs, triggers.attention_mask,
-                                            pooling=pooling, width=width))
+                                            width=width))
     named = OnnxModel.open(path, layer, tensor=tensor or None).prepared()
     return (named.fingerprint() + named.architecture_digest(),
             lambda triggers: named.capture(triggers.inputs, triggers.attention_mask, pooling))

@@ -325,16 +325,17 @@ class TensorScan:
     name and its pooled rows of each batch.
 
     A tensor is kept when it is floating point with the batch axis first, poolable by its
-    rank (`infer_pooling`: of the key's `pooling` only, where one is given) and of `width`
-    units (0: any); a tensor named in `always` (one a requester asked for) needs only the
-    first two. All of these are decided by shapes alone; whether its values are finite is
+    rank (`infer_pooling`) and of `width` units (0: any); a tensor named in `always` (one a
+    requester asked for) needs only the first two. Its rank is not compared with the key
+    layer's: a copy can hold the key layer's values at another rank ((batch, units, 1) pools
+    to the same vector). All of these are decided by shapes alone; whether its values are finite is
     decided on the triggers, so `keep_nonfinite` keeps such a tensor as zeros (a constant
     one no key can read) instead of leaving it out: then which tensors a scan lists, and
     how many, says nothing about the trigger values."""
 
-    def __init__(self, *, width: int, has_mask: bool, pooling: Pooling | None = None,
-                 keep_nonfinite: bool = False, always: frozenset[str] = frozenset()) -> None:
-        self.width, self.has_mask, self.pooling = width, has_mask, pooling
+    def __init__(self, *, width: int, has_mask: bool, keep_nonfinite: bool = False,
+                 always: frozenset[str] = frozenset()) -> None:
+        self.width, self.has_mask = width, has_mask
         self.keep_nonfinite, self.always = keep_nonfinite, always
         self.columns: dict[int, list[torch.Tensor]] = {}
         self.names: dict[int, str] = {}
@@ -355,15 +356,11 @@ class TensorScan:
             return
         try:
             tensor = output.detach().to(torch.float64)
-            pooling = infer_pooling(tensor, self.has_mask)
-            asked = name in self.always
-            if self.pooling is not None and pooling != self.pooling and not asked:
-                raise InvalidInputError("pooled unlike the key's layer")
-            pooled = pool(tensor, self.mask, pooling)
+            pooled = pool(tensor, self.mask, infer_pooling(tensor, self.has_mask))
         except (InvalidInputError, RuntimeError):
             self.dropped.add(order)
             return
-        if self.width and pooled.shape[1] != self.width and not asked:
+        if self.width and pooled.shape[1] != self.width and name not in self.always:
             self.dropped.add(order)
             return
         self.names.setdefault(order, name)

@@ -93,8 +93,8 @@ class _ModelFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelForm
     tensor operations (no custom or contrib domains, no ai.onnx.ml, no control flow, no
     model-local functions) and no external data: every weight inside the file. The key
     server locates the key layer's tensor itself, whatever the nodes are called: it judges
-    every tensor the graph computes from its inputs that is pooled like the key's layer
-    and of its width (any width where the aligned test runs), and the verdict is the
+    every tensor the graph computes from its inputs that is, pooled by its rank, of the
+    key layer's width (any width where the aligned test runs), and the verdict is the
     strongest, Bonferroni-corrected over them (SuspectReading). Refusals are INVALID_MODEL.
     """
 
@@ -129,8 +129,8 @@ operator library. Only standard-domain operators from an allow-list of ordinary
 tensor operations (no custom or contrib domains, no ai.onnx.ml, no control flow, no
 model-local functions) and no external data: every weight inside the file. The key
 server locates the key layer's tensor itself, whatever the nodes are called: it judges
-every tensor the graph computes from its inputs that is pooled like the key's layer
-and of its width (any width where the aligned test runs), and the verdict is the
+every tensor the graph computes from its inputs that is, pooled by its rank, of the
+key layer's width (any width where the aligned test runs), and the verdict is the
 strongest, Bonferroni-corrected over them (SuspectReading). Refusals are INVALID_MODEL.
 """
 Global___ModelFormat: _TypeAlias = ModelFormat  # noqa: Y015
@@ -253,7 +253,7 @@ class VerifyHeader(_message.Message):
     """ONNX suspects only: a graph tensor the requester wants read (at most 1,024
     characters). The key server locates the key layer itself: it judges every candidate
     tensor of the graph (SuspectReading) and this one is only one more candidate, never
-    the only thing read, whatever its width and pooling. Refused with INVALID_MODEL when the
+    the only thing read, whatever its width. Refused with INVALID_MODEL when the
     graph computes no such tensor or it cannot be read at all (not floating point, no batch
     axis).
     """
@@ -612,7 +612,7 @@ class SuspectReading(_message.Message):
     """"named": read at the module the suspect's own names give the registered layer (Hugging
     Face checkpoints, bare weights and programs). "scan": the key server judged every
     candidate tensor of the suspect (ONNX graphs: every tensor computed from the inputs,
-    pooled like the key's layer, of its width or any width where the aligned test runs)
+    pooled by its rank, of the key layer's width or any width where the aligned test runs)
     and reports the strongest; the verdict's p-value is `candidates` times its p (capped
     at 1), so scanning cannot make an independent model a match.
     """

@@ -35,8 +35,7 @@ __all__ = ["judge_scan", "judge_tensor", "scan_run"]
 def scan_run(bundle: KeyBundle, panel: Sequence[Reference]) -> TriggerRun:
     """The scan of an upload on a key's triggers (and probes, where its panel lets the
     aligned test run): tensors of the key's width, or of any width for the aligned test
-    (which reads a padded or pruned copy). A format that can tell (an ONNX graph) keeps only
-    tensors pooled like the key's layer (`TriggerRun.pooling`)."""
+    (which reads a padded or pruned copy), each pooled by its rank."""
     aligned = aligns(bundle, panel)
     return TriggerRun(None, bundle.pooling, bundle.triggers, probe_count(bundle, probes=aligned),
                       width=0 if aligned else bundle.units)
@@ -65,8 +64,8 @@ def judge_scan(scan: LayerScan, bundle: KeyBundle, panel: Sequence[Reference], *
     independent model a match and no tensor can be hidden from it by its name.
 
     `requested` (the tensor the requester named, or "") is one of the candidates whatever
-    its width and pooling (the scan reads it too; one the key cannot be read on counts and
-    is never chosen): an addition, never the only thing read. Which tensors are candidates,
+    its width (the scan reads it too; one the key cannot be read on counts and is never
+    chosen): an addition, never the only thing read. Which tensors are candidates,
     and how many, is decided by the graph's shapes alone (the sandbox scan keeps a tensor
     that is not finite as zeros), so the refusals below and the count in the verdict say
     nothing about the triggers. Refusals: INVALID_MODEL when the suspect computes no
@@ -105,4 +104,4 @@ def _candidates(bundle: KeyBundle, panel: Sequence[Reference]) -> str:
     """What a scan reads, in words, for a refusal."""
     width = "of any width" if aligns(bundle, panel) else f"of {bundle.units} units"
     return ("it reads floating-point tensors computed from the inputs, batch axis first, "
-            f"pooled like the key's layer and {width}")
+            f"pooled by their rank and {width}")

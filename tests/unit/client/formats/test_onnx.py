@@ -79,26 +79,26 @@ def test_a_scan_reads_the_key_tensor_whatever_the_nodes_are_called(
     like it, and lists the same tensors whatever the inputs hold."""
     model, path = bert
     triggers = _tokens()
-    expected, pooling = capture(model, LAYER, triggers)
+    expected, _ = capture(model, LAYER, triggers)
 
     def renamed(graph: object) -> None:
         for number, node in enumerate(graph.graph.node):  # type: ignore[attr-defined]
             node.name = f"n{number}"
     found = load_onnx(_edited(path, tmp_path / "renamed.onnx", renamed))
     scanned = OnnxModel(found, "", "renamed.onnx").scan(
-        triggers.inputs, triggers.attention_mask, pooling=pooling, width=48)
+        triggers.inputs, triggers.attention_mask, width=48)
     assert scanned and all(m.shape == (5, 48) for _, m in scanned)
     assert any(np.allclose(m, expected, atol=1e-4) for _, m in scanned)
     names = [name for name, _ in scanned]
     assert len(set(names)) == len(names) and set(names) <= {o for n in found.graph.node
                                                              for o in n.output}
     zeros = OnnxModel(found, "", "renamed.onnx").scan(
-        np.zeros_like(triggers.inputs), triggers.attention_mask, pooling=pooling, width=48)
+        np.zeros_like(triggers.inputs), triggers.attention_mask, width=48)
     assert [name for name, _ in zeros] == names  # which tensors: shapes, never values
     narrow = next(o for n in found.graph.node for o in n.output if o not in names
                   and n.op_type == "Add")  # a float tensor that is not a candidate
     asked = OnnxModel(found, narrow, "renamed.onnx").scan(
-        triggers.inputs, triggers.attention_mask, pooling=pooling, width=48)
+        triggers.inputs, triggers.attention_mask, width=48)
     assert [name for name, _ in asked] == sorted({*names, narrow}, key=[
         o for n in found.graph.node for o in n.output].index)  # read too, in graph order
 
