@@ -65,6 +65,7 @@ def verdict_body(log_index: int, **overrides: Any) -> dict[str, Any]:
         "suspect_sha256": bytes(range(64, 96)).hex(),
         "suspect_size": 123_456,
         "policy": to_json_fields(POLICY),
+        "reading": {"tensor": "act", "located": "named", "candidates": 1, "requested": ""},
         "n_bits": 256,
         "matches": 256,
         "ber": 0.0,
@@ -90,8 +91,9 @@ def coarse_verdict_body(log_index: int, **overrides: Any) -> dict[str, Any]:
     binding fields, none of the statistics."""
     full = verdict_body(log_index)
     decision = {k: full[k] for k in ("registration_id", "requested_by", "suspect_sha256",
-                                     "suspect_size", "policy", "n_bits", "alpha", "is_match",
-                                     "outcome", "panel", "integrated_time", "log_index")}
+                                     "suspect_size", "policy", "reading", "n_bits", "alpha",
+                                     "is_match", "outcome", "panel", "integrated_time",
+                                     "log_index")}
     return {**decision, "kind": COARSE_VERDICT_KIND, "p_value": 1e-20, "log10_p_value": -20.0,
             "p_value_above": 1e-30, **overrides}
 

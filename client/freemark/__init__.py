@@ -77,6 +77,7 @@ if TYPE_CHECKING:
         Receipt,
         RegistrationInfo,
         SignedVerdict,
+        SuspectReading,
         VerdictPolicy,
     )
     from freemark.rpc import KeyServiceClient
@@ -130,6 +131,7 @@ _WHERE: dict[str, str] = {
     "ServerError": "freemark.errors",
     "ServerInternalError": "freemark.errors",
     "SignedVerdict": "freemark.records.types",
+    "SuspectReading": "freemark.records.types",
     "TooLargeError": "freemark.errors",
     "TransportError": "freemark.errors",
     "TriggerSet": "freemark.scheme.triggers",
@@ -174,6 +176,7 @@ __all__ = [
     "ServerError",
     "ServerInternalError",
     "SignedVerdict",
+    "SuspectReading",
     "TooLargeError",
     "TransportError",
     "TriggerSet",

@@ -21,6 +21,7 @@ from freemark.records.types import (
     Receipt,
     ReferencePanel,
     RegistrationInfo,
+    SuspectReading,
     VerdictPolicy,
 )
 from freemark.rpc import DEFAULT_TIMEOUT_S, KeyServiceClient
@@ -109,6 +110,11 @@ def signed_rows(record: Any, first: tuple[str, ...] = ()) -> dict[str, Any]:
         elif isinstance(value, ReferencePanel):
             rows[name] = (f"{value.size} reference models, sha256 {value.sha256.hex()}"
                           if value.size else "none")
+        elif isinstance(value, SuspectReading):
+            rows[name] = (f"{value.tensor} (by its name)" if value.located == "named" else
+                          f"{value.tensor}, the strongest of {value.candidates} tensors the "
+                          "key server's scan located"
+                          + (f" (requested: {value.requested})" if value.requested else ""))
         elif isinstance(value, VerdictPolicy):
             rows[name] = (f"{value.describe()}, {value.arbiter_disclosure} verdicts for "
                           f"arbiters ({value.id})")
@@ -134,7 +140,7 @@ def receipt_fields(receipt: Receipt) -> dict[str, Any]:
 def verdict_fields(verdict: AnyVerdict) -> dict[str, Any]:
     return {
         **signed_rows(verdict, ("registration_id", "requested_by", "suspect_sha256",
-                                 "suspect_size")),
+                                 "suspect_size", "reading")),
         "key_id": verdict.statement.key_id,
         "signature": verdict.statement.signature,
     }

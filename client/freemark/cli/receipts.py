@@ -63,7 +63,8 @@ _KINDS = {Receipt: "receipt", SignedVerdict: "verdict", CoarseVerdict: "coarse v
 
 # What a reader looks for first in a statement's table.
 _FIRST = ("registration_id", "outcome", "alpha", "p_value", "p_value_above", "suspect_sha256",
-          "suspect_size", "requested_by", "integrated_time", "owner", "host_fingerprint")
+          "suspect_size", "reading", "requested_by", "integrated_time", "owner",
+          "host_fingerprint")
 
 
 def _cmd_receipt_verify(args: argparse.Namespace) -> int:

@@ -36,6 +36,7 @@ from freemark.tlog.signatures import canonical_json
 __all__ = [
     "COARSE_VERDICT_KIND",
     "DISCLOSURES",
+    "LOCATIONS",
     "OUTCOMES",
     "RECEIPT_KIND",
     "REVOCATION_KIND",
@@ -52,6 +53,7 @@ __all__ = [
     "Revocation",
     "SignedStatement",
     "SignedVerdict",
+    "SuspectReading",
     "Verdict",
     "VerdictBinding",
     "VerdictPolicy",
@@ -70,6 +72,9 @@ DISCLOSURES = ("full", "coarse")
 
 # A verdict's outcome: `inconclusive` when the tests that ran cannot reach alpha.
 OUTCOMES = ("match", "no_match", "inconclusive")
+
+# How a verdict located the tensor it read (`SuspectReading.located`).
+LOCATIONS = ("named", "scan")
 
 
 @dataclass(frozen=True)
@@ -295,10 +300,50 @@ class Verdict(Decision):
 
 
 @dataclass(frozen=True, kw_only=True)
+class SuspectReading:
+    """What a TTP verdict read from the suspect, exactly, and who located it.
+
+    `located` "named": the registered layer, read at the module the suspect's own names give
+    it (a Hugging Face checkpoint or bare weights, whose names the architecture fixes, and a
+    program); `tensor` is the layer's name and `candidates` 1. "scan": the key server judged
+    every candidate tensor of the suspect (an ONNX graph, whose names are its author's) and
+    `tensor` is the strongest; the verdict's p-value is `candidates` times that tensor's
+    (capped at 1), so neither the file's names nor the requester choose what is read, and
+    reading many tensors cannot make an independent model a match. `requested` is the tensor
+    the requester named (empty: none), always one of the candidates (issue 18).
+    """
+
+    tensor: str = field(metadata=signed(TEXT))
+    located: str = field(metadata=signed(choice(*LOCATIONS)))
+    candidates: int = field(metadata=signed(INTEGER))
+    requested: str = field(metadata=signed(TEXT))
+
+    @classmethod
+    def named(cls, layer: str) -> SuspectReading:
+        """The reading of a suspect read at the registered layer by its name."""
+        return cls(tensor=layer, located="named", candidates=1, requested="")
+
+    def inconsistency(self) -> str | None:
+        """Why these fields cannot describe a real reading, or None: a "named" reading reads
+        one module and nothing requested; a scan reads at least its tensor."""
+        if not self.tensor:
+            return "the verdict's reading names no tensor"
+        if self.located == "named" and (self.candidates != 1 or self.requested):
+            return ("the verdict's reading is by the layer's name but says "
+                    f"{self.candidates} candidates or a requested tensor")
+        if self.located == "scan" and self.candidates < 1:
+            return "the verdict's scan judged no candidate"
+        if self.requested and self.located != "scan":
+            return "a requested tensor may only be read as one candidate of a scan"
+        return None
+
+
+@dataclass(frozen=True, kw_only=True)
 class VerdictBinding:
     """What ties a TTP verdict to one case: the registration, who asked, which file exactly
-    (SHA-256 and size in bytes, as uploaded and checked), under which policy, and where it
-    sits in the log. Shared by the full and the coarse verdict."""
+    (SHA-256 and size in bytes, as uploaded and checked), what was read from it and how it
+    was located (`SuspectReading`), under which policy, and where it sits in the log. Shared
+    by the full and the coarse verdict."""
 
     statement: SignedStatement
     registration_id: str = field(metadata=signed(TEXT))
@@ -306,6 +351,7 @@ class VerdictBinding:
     suspect_sha256: bytes = field(metadata=signed(HEX))
     suspect_size: int = field(metadata=signed(INTEGER))
     policy: VerdictPolicy = field(metadata=signed(nested(VerdictPolicy)))
+    reading: SuspectReading = field(metadata=signed(nested(SuspectReading)))
     log_index: int = field(metadata=signed(INTEGER))
     integrated_time: int = field(metadata=signed(INTEGER))  # unix microseconds
     inclusion: InclusionProof

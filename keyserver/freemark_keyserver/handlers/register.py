@@ -25,9 +25,9 @@ from freemark.errors import InvalidInputError, UniquenessError
 from freemark.extract import judge_activations
 from freemark.formats.table import HOSTS, by_wire, names
 from freemark.panel import Reference
-from freemark.reading import aligns, probe_count, split_activations
+from freemark.reading import aligns, probe_count
 from freemark.records import wire
-from freemark.records.types import NO_PANEL, RECEIPT_KIND, Receipt, ReferencePanel, Verdict
+from freemark.records.types import NO_PANEL, RECEIPT_KIND, Receipt, ReferencePanel
 from freemark.scheme.bundle import KeyBundle, from_proto
 from freemark.scheme.triggers import TriggerSet
 from freemark.scheme.watermark import commitment
@@ -49,6 +49,7 @@ from freemark_keyserver.handlers.context import (
 )
 from freemark_keyserver.handlers.hosts import store_host
 from freemark_keyserver.handlers.lookups import lookup_many
+from freemark_keyserver.handlers.scans import judge_tensor, scan_run
 from freemark_keyserver.sandbox import formats
 from freemark_keyserver.sandbox.runner import LayerScan, ModelIdentity, TriggerRun
 from freemark_keyserver.store import DuplicateError, Principal, Registration
@@ -214,7 +215,7 @@ class _PriorClaims:
                   lookup_many(self.ctx, lambda reg: reg.all()) if _blocks(record, self.principal)]
         self.earlier = [(record, bundle, panel) for record, bundle, panel in opened
                         if _signature(bundle.triggers) == signature]
-        return [_scan(bundle, panel) for _, bundle, panel in self.earlier]
+        return [scan_run(bundle, panel) for _, bundle, panel in self.earlier]
 
     def judge(self, results: Sequence[np.ndarray | Exception]) -> None:
         """Refuse the upload if an earlier key decodes any tensor of it, or if a scan or a
@@ -236,7 +237,7 @@ class _PriorClaims:
             probes = probe_count(bundle, probes=aligns(bundle, panel))
             for layer in result.layers():
                 try:
-                    verdict = _judge_tensor(layer, bundle, panel, probes)
+                    verdict = judge_tensor(layer, bundle, panel, probes)
                 except InvalidInputError:  # a tensor this key cannot be read on
                     continue
                 except Exception as exc:  # noqa: BLE001 - a failed judgement is a claim
@@ -268,27 +269,6 @@ def _signature(triggers: TriggerSet) -> tuple[int, bool, bool]:
     inputs = np.asarray(triggers.inputs)
     return inputs.ndim, bool(np.issubdtype(inputs.dtype, np.floating)), (
         triggers.attention_mask is not None)
-
-
-def _scan(bundle: KeyBundle, panel: Sequence[Reference]) -> TriggerRun:
-    """The scan of an upload on an earlier key's triggers (and probes, where its panel lets
-    the aligned test run): tensors of the key's width, or of any width for the aligned test."""
-    aligned = aligns(bundle, panel)
-    return TriggerRun(None, bundle.pooling, bundle.triggers, probe_count(bundle, probes=aligned),
-                      width=0 if aligned else bundle.units)
-
-
-def _judge_tensor(layer: np.ndarray, bundle: KeyBundle, panel: Sequence[Reference], probes: int
-                  ) -> Verdict:
-    """An earlier key's verdict on one scanned tensor. The tensor is first divided by its
-    largest magnitude: both tests are blind to a global scale, and a copy whose key layer was
-    scaled down across a ReLU would otherwise fall under the read-out's absolute floor.
-    `layer` is the scan's float32 as it came; the division makes the one float64 copy."""
-    peak = float(np.max(np.abs(layer))) if layer.size else 0.0
-    if not peak > 0.0:
-        raise InvalidInputError("a constant tensor")
-    triggers, probed = split_activations(np.divide(layer, peak, dtype=np.float64), bundle, probes)
-    return judge_activations(triggers, bundle, probe_activations=probed, panel=panel)
 
 
 def _claimed(principal: Principal, records: Sequence[Registration], why: str) -> ServiceError:
