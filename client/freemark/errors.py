@@ -37,6 +37,7 @@ of grpc's own exception types leaks past the client. The tree::
     │   │   └── CallDeadlineError                CALL_DEADLINE
     │   ├── CallEndedError                       CALL_ENDED
     │   ├── RevokedError                         REVOKED
+    │   ├── PanelTooWeakError                    PANEL_TOO_WEAK
     │   ├── UploadCorruptError                   UPLOAD_CORRUPT
     │   └── ServerInternalError                  INTERNAL
     ├── InvalidReceiptError                   a receipt or verdict file is malformed
@@ -80,6 +81,7 @@ __all__ = [
     "ModelFileError",
     "NotFoundError",
     "NotUniqueError",
+    "PanelTooWeakError",
     "PermissionDeniedError",
     "RateLimitedError",
     "ResourceExhaustedError",
@@ -293,6 +295,14 @@ class RevokedError(ServerError):
     REASON = "REVOKED"
 
 
+class PanelTooWeakError(ServerError):
+    """Register: the reference panel cannot give a relabelled copy of the host a match at the
+    policy's alpha; add independent references, or ask the operator to review the members
+    the message names. Nothing was registered."""
+
+    REASON = "PANEL_TOO_WEAK"
+
+
 class UploadCorruptError(ServerError):
     """The bytes the server received do not match the upload header; worth re-sending."""
 
@@ -312,7 +322,8 @@ _BY_REASON: dict[str, type[ServerError]] = {
                 AlreadyRegisteredError, TooLargeError, SandboxLimitError, SandboxTimeoutError,
                 RevokedError, UploadCorruptError, ServerInternalError, AlphaOutsidePolicyError,
                 RateLimitedError, SpoolFullError, UploadStalledError,
-                SandboxBusyError, SandboxCrashedError, CallEndedError, CallDeadlineError)
+                SandboxBusyError, SandboxCrashedError, CallEndedError, CallDeadlineError,
+                PanelTooWeakError)
     if cls.REASON is not None
 }
 

@@ -57,6 +57,8 @@ class ErrorCode(Enum):
     RATE_LIMITED = (reasons.RATE_LIMITED, S.RESOURCE_EXHAUSTED, "rate limited")
     SPOOL_FULL = (reasons.SPOOL_FULL, S.RESOURCE_EXHAUSTED, "the server's upload spool is full")
     UPLOAD_STALLED = (reasons.UPLOAD_STALLED, S.DEADLINE_EXCEEDED, "upload stalled")
+    PANEL_TOO_WEAK = (reasons.PANEL_TOO_WEAK, S.FAILED_PRECONDITION,
+                      "the reference panel cannot reach alpha")
 
     @property
     def reason(self) -> str:

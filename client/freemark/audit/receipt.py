@@ -14,7 +14,10 @@ server that issued it (DESIGN §3, flow 4). `verify_receipt` checks everything a
    statement's time is not after the checkpoint's (beyond `MAX_CHECKPOINT_SKEW_S`);
 5. the inclusion proof places `leaf_hash(body)` at the body's `log_index` under that root;
 6. a verdict agrees with itself: its policy's id is the digest of its rules, its alpha is
-   inside the policy's range, `is_match` is p <= alpha and `outcome` agrees with it.
+   inside the policy's range, `is_match` is p <= alpha and `outcome` agrees with it;
+7. a receipt agrees with itself: the panel members it lists as sealed are exactly the panel
+   whose digest it signs, none is listed twice, and each operator's member has its id (the
+   owner's none).
 
 Two checks need more than the file: `verify_suspect` that a verdict is about a given file
 (SHA-256 and size, as signed), so a genuine verdict cannot be replayed as evidence about
@@ -48,6 +51,7 @@ from freemark.records.types import (
     CoarseVerdict,
     ConsistencyProof,
     Receipt,
+    ReferencePanel,
     Revocation,
     SignedVerdict,
 )
@@ -187,6 +191,8 @@ def verify_receipt(statement: Statement, public_key_pem: bytes, *,
         raise InvalidReceiptError(mismatch)
     if isinstance(statement, (SignedVerdict, CoarseVerdict)):
         _check_verdict(statement)
+    if isinstance(statement, Receipt):
+        _check_panel_members(statement)
     _check_inclusion(statement, verifier, origin)
 
 
@@ -205,6 +211,23 @@ def _check_verdict(verdict: AnyVerdict) -> None:
     if (verdict.outcome == "match") != verdict.is_match:
         raise InvalidReceiptError(f"the verdict's outcome {verdict.outcome!r} contradicts "
                                   f"is_match={verdict.is_match}")
+
+
+def _check_panel_members(receipt: Receipt) -> None:
+    """A receipt's panel members must be the panel it signs, each with a consistent source."""
+    listed = [member.fingerprint for member in receipt.panel_members]
+    if len(set(listed)) != len(listed):
+        raise InvalidReceiptError("the receipt lists a panel member twice")
+    for member in receipt.panel_members:
+        if (member.source == "operator") != bool(member.member_id):
+            raise InvalidReceiptError(
+                f"panel member {member.fingerprint.hex()[:16]} is the {member.source}'s but "
+                + ("has an operator's id" if member.member_id else "has no member id"))
+    sealed = [member.fingerprint for member in receipt.panel_members if member.sealed]
+    if ReferencePanel.of(sealed) != receipt.panel:
+        raise InvalidReceiptError(
+            f"the receipt's panel digest ({receipt.panel.size} members) is not that of the "
+            f"{len(sealed)} sealed members it lists")
 
 
 def _file_digest(path: Path) -> tuple[bytes, int]:

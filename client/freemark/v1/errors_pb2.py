@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66reemark/v1/errors.proto\x12\x0b\x66reemark.v1*\xdd\x03\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11MALFORMED_REQUEST\x10\x01\x12\x12\n\x0eINVALID_BUNDLE\x10\x02\x12\x11\n\rINVALID_MODEL\x10\x03\x12\x11\n\rHOST_MISMATCH\x10\x04\x12\x0e\n\nNOT_UNIQUE\x10\x05\x12\x13\n\x0fUNAUTHENTICATED\x10\x06\x12\x15\n\x11PERMISSION_DENIED\x10\x07\x12\r\n\tNOT_FOUND\x10\x08\x12\x13\n\x0f\x41LREADY_CLAIMED\x10\t\x12\r\n\tTOO_LARGE\x10\n\x12\x11\n\rSANDBOX_LIMIT\x10\x0b\x12\x14\n\x10SANDBOX_DEADLINE\x10\x0c\x12\x0b\n\x07REVOKED\x10\r\x12\x12\n\x0eUPLOAD_CORRUPT\x10\x0e\x12\x0c\n\x08INTERNAL\x10\x0f\x12\x18\n\x14\x41LPHA_OUTSIDE_POLICY\x10\x10\x12\x10\n\x0cRATE_LIMITED\x10\x11\x12\x0e\n\nSPOOL_FULL\x10\x12\x12\x12\n\x0eUPLOAD_STALLED\x10\x13\x12\x10\n\x0cSANDBOX_BUSY\x10\x14\x12\x13\n\x0fSANDBOX_CRASHED\x10\x15\x12\x0e\n\nCALL_ENDED\x10\x16\x12\x11\n\rCALL_DEADLINE\x10\x17\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66reemark/v1/errors.proto\x12\x0b\x66reemark.v1*\xf1\x03\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11MALFORMED_REQUEST\x10\x01\x12\x12\n\x0eINVALID_BUNDLE\x10\x02\x12\x11\n\rINVALID_MODEL\x10\x03\x12\x11\n\rHOST_MISMATCH\x10\x04\x12\x0e\n\nNOT_UNIQUE\x10\x05\x12\x13\n\x0fUNAUTHENTICATED\x10\x06\x12\x15\n\x11PERMISSION_DENIED\x10\x07\x12\r\n\tNOT_FOUND\x10\x08\x12\x13\n\x0f\x41LREADY_CLAIMED\x10\t\x12\r\n\tTOO_LARGE\x10\n\x12\x11\n\rSANDBOX_LIMIT\x10\x0b\x12\x14\n\x10SANDBOX_DEADLINE\x10\x0c\x12\x0b\n\x07REVOKED\x10\r\x12\x12\n\x0eUPLOAD_CORRUPT\x10\x0e\x12\x0c\n\x08INTERNAL\x10\x0f\x12\x18\n\x14\x41LPHA_OUTSIDE_POLICY\x10\x10\x12\x10\n\x0cRATE_LIMITED\x10\x11\x12\x0e\n\nSPOOL_FULL\x10\x12\x12\x12\n\x0eUPLOAD_STALLED\x10\x13\x12\x10\n\x0cSANDBOX_BUSY\x10\x14\x12\x13\n\x0fSANDBOX_CRASHED\x10\x15\x12\x0e\n\nCALL_ENDED\x10\x16\x12\x11\n\rCALL_DEADLINE\x10\x17\x12\x12\n\x0ePANEL_TOO_WEAK\x10\x18\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,5 +32,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'freemark.v1.errors_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ERRORREASON']._serialized_start=42
-  _globals['_ERRORREASON']._serialized_end=519
+  _globals['_ERRORREASON']._serialized_end=539
 # @@protoc_insertion_point(module_scope)

@@ -145,6 +145,13 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     the status the caller's own deadline gives, so the outcome reads the same whichever side
     noticed first. Status: DEADLINE_EXCEEDED.
     """
+    PANEL_TOO_WEAK: _ErrorReason.ValueType  # 24
+    """Register: the reference panel to be sealed (the owner's references and the operator's
+    members of the family, those leaning toward the host left out) cannot give a relabelled
+    copy of the host a match at the policy's default alpha, so every verdict on such a copy
+    would be inconclusive. Add independent references of your own, or ask the operator to
+    review the members the message names. Nothing was registered. Status: FAILED_PRECONDITION.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper): ...
 
@@ -257,5 +264,12 @@ CALL_DEADLINE: ErrorReason.ValueType  # 23
 killed and nothing was signed or logged. Retry with a longer deadline. It goes out under
 the status the caller's own deadline gives, so the outcome reads the same whichever side
 noticed first. Status: DEADLINE_EXCEEDED.
+"""
+PANEL_TOO_WEAK: ErrorReason.ValueType  # 24
+"""Register: the reference panel to be sealed (the owner's references and the operator's
+members of the family, those leaning toward the host left out) cannot give a relabelled
+copy of the host a match at the policy's default alpha, so every verdict on such a copy
+would be inconclusive. Add independent references of your own, or ask the operator to
+review the members the message names. Nothing was registered. Status: FAILED_PRECONDITION.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

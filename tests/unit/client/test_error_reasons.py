@@ -37,6 +37,7 @@ from freemark.errors import (
     MalformedRequestError,
     NotFoundError,
     NotUniqueError,
+    PanelTooWeakError,
     PermissionDeniedError,
     RateLimitedError,
     ResourceExhaustedError,
@@ -87,6 +88,7 @@ EXPECTED: dict[ErrorCode, type[ServerError]] = {
     ErrorCode.SANDBOX_CRASHED: SandboxCrashedError,
     ErrorCode.CALL_ENDED: CallEndedError,
     ErrorCode.CALL_DEADLINE: CallDeadlineError,
+    ErrorCode.PANEL_TOO_WEAK: PanelTooWeakError,
 }
 
 
