@@ -49,6 +49,8 @@ def receipt_body(log_index: int, **overrides: Any) -> dict[str, Any]:
         "log_index": log_index,
         "panel": {"size": 0, "sha256": hashlib.sha256(b"").hexdigest()},
         "architecture_digest": bytes(range(96, 128)).hex(),
+        "panel_members": [],
+        "panel_warning": "",
         **overrides,
     }
 

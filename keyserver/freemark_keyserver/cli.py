@@ -64,6 +64,7 @@ def _config(args: argparse.Namespace) -> cfg.ServerConfig:
             metrics_listen=args.metrics_listen,
             verdict_policy=VerdictPolicy.make(alpha_min=args.alpha_min, alpha_max=args.alpha_max,
                                               arbiter_disclosure=args.arbiter_disclosure),
+            panel_reach=args.panel_reach,
         )
     return cfg.ServerConfig(**options)
 
@@ -317,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arbiter-disclosure", choices=DISCLOSURES, default=cfg.DEFAULT_ARBITER_DISCLOSURE,
                    help="what requesters other than the registration's owner are told: every "
                         "statistic, or the outcome and a p-value bucket (default %(default)s)")
+    p.add_argument("--panel-reach", choices=cfg.PANEL_REACH_MODES, default=cfg.DEFAULT_PANEL_REACH,
+                   help="a Register whose reference panel cannot give a relabelled copy of the "
+                        "host a match at the default alpha: refused (PANEL_TOO_WEAK), or "
+                        "registered with a warning signed into the receipt (default %(default)s)")
     p.set_defaults(handler=_serve)
 
     principal = sub.add_parser("principal", help="manage principals").add_subparsers(

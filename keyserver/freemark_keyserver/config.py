@@ -122,6 +122,12 @@ DEFAULT_ALPHA_MAX = 1e-6
 # null's fit) are a gauge a thief with Verify access can steer a laundering attempt by. An
 # operator who vets every arbiter may choose "full".
 DEFAULT_ARBITER_DISCLOSURE = "coarse"
+# What Register does with a reference panel that cannot give a relabelled copy of the host a
+# match at the policy's default alpha (issue 18, item 7): refuse it (PANEL_TOO_WEAK), so the
+# owner learns it while he can still add references, or register with a signed warning in the
+# receipt, so an operator whose families have only weak panels never holds a registration up.
+PANEL_REACH_MODES = ("refuse", "warn")
+DEFAULT_PANEL_REACH = "refuse"
 
 
 def default_policy(arbiter_disclosure: str = DEFAULT_ARBITER_DISCLOSURE) -> VerdictPolicy:
@@ -171,11 +177,15 @@ class ServerConfig:
     sandbox_workers: int | None = None
     sandbox_queue: int | None = None
     verdict_policy: VerdictPolicy = field(default_factory=default_policy)
+    panel_reach: str = DEFAULT_PANEL_REACH  # one of PANEL_REACH_MODES
 
     def __post_init__(self) -> None:
         check_key_name(self.origin)  # it names the note key, so the same rules apply
         if self.max_scan_candidates < 1:
             raise ValueError("a scanned Verify must be allowed at least one candidate tensor")
+        if self.panel_reach not in PANEL_REACH_MODES:
+            raise ValueError(f"panel reach must be one of {', '.join(PANEL_REACH_MODES)}, not "
+                             f"{self.panel_reach!r}")
         if not 0.0 < self.spool_principal_share <= 1.0:
             raise ValueError(f"the spool share per principal is a fraction in (0, 1], not "
                              f"{self.spool_principal_share:g}")

@@ -18,6 +18,9 @@ server that issued it (DESIGN §3, flow 4). `verify_receipt` checks everything a
    reading (`SuspectReading`: the tensor read, how it was located, among how many
    candidates, what the requester named) is one a key server could have made, and a full
    verdict on a scan carries the Bonferroni correction over its candidates.
+7. a receipt agrees with itself: the panel members it lists as sealed are exactly the panel
+   whose digest it signs, none is listed twice, and each operator's member has its id (the
+   owner's none).
 
 Two checks need more than the file: `verify_suspect` that a verdict is about a given file
 (SHA-256 and size, as signed; for a scanned graph, that it computes the tensors the verdict
@@ -52,6 +55,7 @@ from freemark.records.types import (
     CoarseVerdict,
     ConsistencyProof,
     Receipt,
+    ReferencePanel,
     Revocation,
     SignedVerdict,
 )
@@ -193,6 +197,8 @@ def verify_receipt(statement: Statement, public_key_pem: bytes, *,
         raise InvalidReceiptError(mismatch)
     if isinstance(statement, (SignedVerdict, CoarseVerdict)):
         _check_verdict(statement)
+    if isinstance(statement, Receipt):
+        _check_panel_members(statement)
     _check_inclusion(statement, verifier, origin)
 
 
@@ -223,6 +229,23 @@ def _check_verdict(verdict: AnyVerdict) -> None:
                 f"the verdict's p-value {verdict.p_value:.3g} is below {reading.candidates} "
                 "times its strongest test's: a scan's verdict must be corrected for the "
                 "candidates it judged")
+
+
+def _check_panel_members(receipt: Receipt) -> None:
+    """A receipt's panel members must be the panel it signs, each with a consistent source."""
+    listed = [member.fingerprint for member in receipt.panel_members]
+    if len(set(listed)) != len(listed):
+        raise InvalidReceiptError("the receipt lists a panel member twice")
+    for member in receipt.panel_members:
+        if (member.source == "operator") != bool(member.member_id):
+            raise InvalidReceiptError(
+                f"panel member {member.fingerprint.hex()[:16]} is the {member.source}'s but "
+                + ("has an operator's id" if member.member_id else "has no member id"))
+    sealed = [member.fingerprint for member in receipt.panel_members if member.sealed]
+    if ReferencePanel.of(sealed) != receipt.panel:
+        raise InvalidReceiptError(
+            f"the receipt's panel digest ({receipt.panel.size} members) is not that of the "
+            f"{len(sealed)} sealed members it lists")
 
 
 def _file_digest(path: Path) -> tuple[bytes, int]:

@@ -75,7 +75,8 @@ def _cmd_receipt_verify(args: argparse.Namespace) -> int:
         verify_receipt(statement, pem, origin=args.origin)
         checked.append("signature, canonical body, log inclusion"
                        + (", verdict policy and decision"
-                          if isinstance(statement, (SignedVerdict, CoarseVerdict)) else ""))
+                          if isinstance(statement, (SignedVerdict, CoarseVerdict)) else "")
+                       + (", panel members" if isinstance(statement, Receipt) else ""))
         if args.model is not None:
             _check_model(statement, args.model)
             checked.append(f"it is about {args.model}")

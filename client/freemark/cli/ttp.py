@@ -37,6 +37,8 @@ def _cmd_register(args: argparse.Namespace) -> int:
     else:
         print_fields("registered (save the receipt with --json: it is your evidence of "
                      "priority)", receipt_fields(receipt))
+    if receipt.panel_warning:  # registered, but the panel cannot serve it (signed in the receipt)
+        print(f"freemark: warning: {receipt.panel_warning}", file=sys.stderr)
     return 0
 
 

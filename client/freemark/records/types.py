@@ -38,6 +38,7 @@ __all__ = [
     "DISCLOSURES",
     "LOCATIONS",
     "OUTCOMES",
+    "PANEL_SOURCES",
     "RECEIPT_KIND",
     "REVOCATION_KIND",
     "VERDICT_KIND",
@@ -47,6 +48,7 @@ __all__ = [
     "ConsistencyProof",
     "Decision",
     "InclusionProof",
+    "PanelMemberEntry",
     "Receipt",
     "ReferencePanel",
     "RegistrationInfo",
@@ -75,6 +77,8 @@ OUTCOMES = ("match", "no_match", "inconclusive")
 
 # How a verdict located the tensor it read (`SuspectReading.located`).
 LOCATIONS = ("named", "scan")
+# Who brought a reference panel member: the registering owner, or the key server's operator.
+PANEL_SOURCES = ("owner", "operator")
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,25 @@ class ReferencePanel:
 NO_PANEL = ReferencePanel.none()
 
 
+@dataclass(frozen=True, kw_only=True)
+class PanelMemberEntry:
+    """One model the TTP considered for a registration's reference panel: whose it is, and
+    whether it was sealed. The sealed entries' fingerprints are exactly the panel whose
+    digest the receipt signs (`freemark.audit.receipt.verify_receipt` checks it), so an owner
+    can see which members the operator added and a court which ones calibrate the verdicts.
+    """
+
+    fingerprint: bytes = field(metadata=signed(HEX))  # SHA-256 of its weights
+    source: str = field(metadata=signed(choice(*PANEL_SOURCES)))
+    member_id: str = field(metadata=signed(TEXT))  # the operator's panel member id; "" for the owner's
+    # Why it is not in the sealed panel (it leans toward the host); "" when sealed.
+    left_out: str = field(metadata=signed(TEXT))
+
+    @property
+    def sealed(self) -> bool:
+        return not self.left_out
+
+
 @dataclass(frozen=True)
 class Receipt:
     """Proof of registration: who registered which model, with which watermark, when, and
@@ -169,6 +192,17 @@ class Receipt:
     # The host's architecture family (`freemark.formats.pt2.architecture_digest`): the server
     # finds the earlier registrations a new upload is checked against by it, so it is signed.
     architecture_digest: bytes = field(default=b"", metadata=signed(HEX))
+    # Every panel member considered, the owner's and the operator's, sealed or left out.
+    panel_members: tuple[PanelMemberEntry, ...] = field(
+        default=(), metadata=signed(list_of(nested(PanelMemberEntry))))
+    # Set when the sealed panel cannot give a relabelled copy of the host a match at the
+    # policy's default alpha (an operator who registers such panels with a warning rather
+    # than refusing them); "" otherwise.
+    panel_warning: str = field(default="", metadata=signed(TEXT))
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.panel_members, tuple):
+            object.__setattr__(self, "panel_members", tuple(self.panel_members))
 
 
 @dataclass(frozen=True)

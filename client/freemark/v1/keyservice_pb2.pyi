@@ -425,6 +425,8 @@ class Receipt(_message.Message):
     N_BITS_FIELD_NUMBER: _builtins.int
     PANEL_FIELD_NUMBER: _builtins.int
     ARCHITECTURE_DIGEST_FIELD_NUMBER: _builtins.int
+    PANEL_MEMBERS_FIELD_NUMBER: _builtins.int
+    PANEL_WARNING_FIELD_NUMBER: _builtins.int
     registration_id: _builtins.str
     owner: _builtins.str
     integrated_time: _builtins.int
@@ -441,6 +443,11 @@ class Receipt(_message.Message):
     earlier registration of its input signature is); the server reads it from this signed
     statement, never from a database column alone.
     """
+    panel_warning: _builtins.str
+    """Non-empty when the sealed panel cannot give a relabelled copy of the host a match at
+    the policy's default alpha, and the operator registers such panels with this warning
+    (`serve --panel-reach warn`) instead of refusing them (PANEL_TOO_WEAK).
+    """
     @_builtins.property
     def statement(self) -> Global___SignedStatement: ...
     @_builtins.property
@@ -449,6 +456,14 @@ class Receipt(_message.Message):
     def panel(self) -> Global___ReferencePanel:
         """The reference panel attached at registration: how many models and the SHA-256
         over their sorted fingerprints. Every verdict of this registration names it.
+        """
+
+    @_builtins.property
+    def panel_members(self) -> _containers.RepeatedCompositeFieldContainer[Global___PanelMemberEntry]:
+        """Every model considered for the panel: the owner's references and the operator's
+        members of the family, each sealed or left out (a member that leans toward the host,
+        e.g. a fine-tuned copy of it, is left out and says why). The sealed ones'
+        fingerprints give `panel`'s digest; `freemark receipt verify` checks it.
         """
 
     def __init__(
@@ -466,14 +481,50 @@ class Receipt(_message.Message):
         n_bits: _builtins.int = ...,
         panel: Global___ReferencePanel | None = ...,
         architecture_digest: _builtins.bytes = ...,
+        panel_members: _abc.Iterable[Global___PanelMemberEntry] | None = ...,
+        panel_warning: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["inclusion", b"inclusion", "panel", b"panel", "statement", b"statement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture_digest", b"architecture_digest", "host_fingerprint", b"host_fingerprint", "inclusion", b"inclusion", "integrated_time", b"integrated_time", "layer", b"layer", "log_index", b"log_index", "n_bits", b"n_bits", "owner", b"owner", "panel", b"panel", "registration_id", b"registration_id", "statement", b"statement", "watermark_commitment", b"watermark_commitment"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture_digest", b"architecture_digest", "host_fingerprint", b"host_fingerprint", "inclusion", b"inclusion", "integrated_time", b"integrated_time", "layer", b"layer", "log_index", b"log_index", "n_bits", b"n_bits", "owner", b"owner", "panel", b"panel", "panel_members", b"panel_members", "panel_warning", b"panel_warning", "registration_id", b"registration_id", "statement", b"statement", "watermark_commitment", b"watermark_commitment"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Receipt: _TypeAlias = Receipt  # noqa: Y015
+
+@_typing.final
+class PanelMemberEntry(_message.Message):
+    """One model considered for a registration's reference panel."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    LEFT_OUT_FIELD_NUMBER: _builtins.int
+    fingerprint: _builtins.bytes
+    """SHA-256 of the member's weights (as `freemark.formats.pt2.fingerprint` computes it)."""
+    source: _builtins.str
+    """"owner" (a reference uploaded with the Register call) or "operator" (`panel add`)."""
+    member_id: _builtins.str
+    """The operator's panel member id (`panel list`); empty for the owner's references."""
+    left_out: _builtins.str
+    """Why the member is not in the sealed panel; empty when it is."""
+    def __init__(
+        self,
+        *,
+        fingerprint: _builtins.bytes = ...,
+        source: _builtins.str = ...,
+        member_id: _builtins.str = ...,
+        left_out: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "left_out", b"left_out", "member_id", b"member_id", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PanelMemberEntry: _TypeAlias = PanelMemberEntry  # noqa: Y015
 
 @_typing.final
 class Revocation(_message.Message):
