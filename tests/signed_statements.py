@@ -51,6 +51,8 @@ def receipt_body(log_index: int, **overrides: Any) -> dict[str, Any]:
         "log_index": log_index,
         "panel": {"size": 0, "sha256": hashlib.sha256(b"").hexdigest()},
         "architecture_digest": bytes(range(96, 128)).hex(),
+        "panel_members": [],
+        "panel_warning": "",
         "query_sets": [],
         **overrides,
     }
@@ -68,6 +70,7 @@ def verdict_body(log_index: int, **overrides: Any) -> dict[str, Any]:
         "suspect_sha256": bytes(range(64, 96)).hex(),
         "suspect_size": 123_456,
         "policy": to_json_fields(POLICY),
+        "reading": {"tensor": "act", "located": "named", "candidates": 1, "requested": ""},
         "n_bits": 256,
         "matches": 256,
         "ber": 0.0,
@@ -120,8 +123,9 @@ def coarse_verdict_body(log_index: int, **overrides: Any) -> dict[str, Any]:
     binding fields, none of the statistics."""
     full = verdict_body(log_index)
     decision = {k: full[k] for k in ("registration_id", "requested_by", "suspect_sha256",
-                                     "suspect_size", "policy", "n_bits", "alpha", "is_match",
-                                     "outcome", "panel", "integrated_time", "log_index")}
+                                     "suspect_size", "policy", "reading", "n_bits", "alpha",
+                                     "is_match", "outcome", "panel", "integrated_time",
+                                     "log_index")}
     return {**decision, "kind": COARSE_VERDICT_KIND, "p_value": 1e-20, "log10_p_value": -20.0,
             "p_value_above": 1e-30, **overrides}
 

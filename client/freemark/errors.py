@@ -51,6 +51,7 @@ of grpc's own exception types leaks past the client. The tree::
     │   │   ├── EndpointDeadlineRefusal          ENDPOINT_DEADLINE
     │   │   ├── EndpointInvalidRefusal           ENDPOINT_INVALID
     │   │   └── EndpointBudgetRefusal            ENDPOINT_BUDGET
+    │   ├── PanelTooWeakError                    PANEL_TOO_WEAK
     │   ├── UploadCorruptError                   UPLOAD_CORRUPT
     │   └── ServerInternalError                  INTERNAL
     ├── InvalidReceiptError                   a receipt or verdict file is malformed
@@ -105,6 +106,7 @@ __all__ = [
     "ModelFileError",
     "NotFoundError",
     "NotUniqueError",
+    "PanelTooWeakError",
     "PermissionDeniedError",
     "RateLimitedError",
     "ResourceExhaustedError",
@@ -409,6 +411,12 @@ class EndpointBudgetRefusal(EndpointRefusedError):
     """The verification would exceed the key server's query budget or the endpoint's rate."""
 
     REASON = EndpointBudgetError.REASON
+class PanelTooWeakError(ServerError):
+    """Register: the reference panel cannot give a relabelled copy of the host a match at the
+    policy's alpha; add independent references, or ask the operator to review the members
+    the message names. Nothing was registered."""
+
+    REASON = "PANEL_TOO_WEAK"
 
 
 class UploadCorruptError(ServerError):
@@ -432,7 +440,7 @@ _BY_REASON: dict[str, type[ServerError]] = {
                 RateLimitedError, SpoolFullError, UploadStalledError,
                 SandboxBusyError, SandboxCrashedError, CallEndedError, CallDeadlineError,
                 EndpointNotAllowedRefusal, EndpointUnreachableRefusal, EndpointDeadlineRefusal,
-                EndpointInvalidRefusal, EndpointBudgetRefusal)
+                EndpointInvalidRefusal, EndpointBudgetRefusal, PanelTooWeakError)
     if cls.REASON is not None
 }
 

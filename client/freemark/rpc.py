@@ -355,8 +355,9 @@ class KeyServiceClient:
         The suspect is a .pt2 program, a Hugging Face checkpoint directory (packed into one
         file for the upload), a .onnx model, or .safetensors weights, which the server
         applies to the architecture registered with the host; `fmt` overrides what the path
-        says. `onnx_tensor` names the key layer's tensor in an ONNX graph (default: found
-        from the layer's name). `alpha` defaults to the scheme's (1e-9); the server refuses
+        says. For an ONNX graph the server locates the key layer itself among every candidate
+        tensor and the verdict names the one it read (`reading`); `onnx_tensor` adds one
+        tensor to the candidates, never replacing them. `alpha` defaults to the scheme's (1e-9); the server refuses
         one outside its verdict policy (`AlphaOutsidePolicyError`). The verdict is a full
         `SignedVerdict`, or a `CoarseVerdict` (outcome and p-value bucket) where the server's
         policy gives those to requesters other than the registration's owner.

@@ -67,6 +67,8 @@ class ErrorCode(Enum):
     ENDPOINT_INVALID = (reasons.ENDPOINT_INVALID, S.FAILED_PRECONDITION,
                         "endpoint answers cannot be judged")
     ENDPOINT_BUDGET = (reasons.ENDPOINT_BUDGET, S.RESOURCE_EXHAUSTED, "endpoint query budget spent")
+    PANEL_TOO_WEAK = (reasons.PANEL_TOO_WEAK, S.FAILED_PRECONDITION,
+                      "the reference panel cannot reach alpha")
 
     @property
     def reason(self) -> str:

@@ -11,11 +11,13 @@ rounding, so what is optimised is exactly what is stored). It is pushed so that
   least `panel_margin`.
 
 Signed-gradient steps (PGD) run on every candidate of every set at once, each model once per
-step over the whole batch; a candidate leaves the batch as soon as every constraint holds on
-its rounded pixels. `overprovision` more candidates than queries are derived, and each set
+step over the whole batch (a panel member only on the fold it shapes); a candidate leaves
+the batch as soon as every constraint holds on its rounded pixels, and the best iterate of
+each is kept (the host's margin first, its hinge weighted `HOST_WEIGHT`, then fewest
+violations). `overprovision` times as many candidates as queries are derived, and each set
 keeps the best `n_queries`: the host must answer t_b (the key server checks every query),
-then fewest violated constraints. Selection reads only the panel half that shaped a fold,
-so the other half stays held out.
+then fewest violated constraints, then where the shaping panel is furthest from t_b.
+Selection reads only the panel half that shaped a fold, so the other half stays held out.
 
 Ranking items are natural images of the owner, never perturbed: the host's top
 `RANK_DEPTH` classes in order, kept where the surrogates reproduce that order and the

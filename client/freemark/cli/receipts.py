@@ -68,8 +68,8 @@ _KINDS = {Receipt: "receipt", SignedVerdict: "verdict", CoarseVerdict: "coarse v
 
 # What a reader looks for first in a statement's table.
 _FIRST = ("registration_id", "outcome", "alpha", "p_value", "p_value_above", "endpoint",
-          "model_name", "model_version", "query_set", "suspect_sha256",
-          "suspect_size", "requested_by", "integrated_time", "owner", "host_fingerprint")
+          "model_name", "model_version", "query_set", "suspect_sha256", "suspect_size",
+          "reading", "requested_by", "integrated_time", "owner", "host_fingerprint")
 
 
 def _cmd_receipt_verify(args: argparse.Namespace) -> int:
@@ -81,6 +81,7 @@ def _cmd_receipt_verify(args: argparse.Namespace) -> int:
         checked.append("signature, canonical body, log inclusion"
                        + (", verdict policy and decision"
                           if isinstance(statement, (SignedVerdict, CoarseVerdict)) else "")
+                       + (", panel members" if isinstance(statement, Receipt) else "")
                        + (", the endpoint conversation's time window and query count"
                           if isinstance(statement, EndpointVerdict) else ""))
         if args.model is not None:

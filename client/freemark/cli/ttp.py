@@ -41,6 +41,8 @@ def _cmd_register(args: argparse.Namespace) -> int:
     else:
         print_fields("registered (save the receipt with --json: it is your evidence of "
                      "priority)", receipt_fields(receipt))
+    if receipt.panel_warning:  # registered, but the panel cannot serve it (signed in the receipt)
+        print(f"freemark: warning: {receipt.panel_warning}", file=sys.stderr)
     return 0
 
 
@@ -142,8 +144,9 @@ def add_parsers(sub: Subparsers) -> None:
     p = sub.add_parser("verify", help="ask the key server for a signed verdict on a suspect")
     p.add_argument("--registration", required=True, help="registration id")
     p.add_argument("--model", help="suspect: .pt2, Hugging Face checkpoint directory or .onnx")
-    p.add_argument("--onnx-tensor", help="ONNX suspects: the key layer's tensor name (default: "
-                   "found by the server from the layer's module name)")
+    p.add_argument("--onnx-tensor", help="ONNX suspects: one more tensor for the server to "
+                   "judge (it locates the key layer itself among every candidate tensor and "
+                   "the verdict names the one read)")
     p.add_argument("--weights", help="suspect .safetensors; uploaded instead of --model and "
                    "applied by the server to the architecture registered with the host")
     p.add_argument("--alpha", type=float, help=f"significance level (default {DEFAULT_ALPHA}); "

@@ -174,6 +174,13 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     the rate limit on queries to this endpoint is spent (retry after the wait the message
     names). Nothing was sent. Status: RESOURCE_EXHAUSTED.
     """
+    PANEL_TOO_WEAK: _ErrorReason.ValueType  # 29
+    """Register: the reference panel to be sealed (the owner's references and the operator's
+    members of the family, those leaning toward the host left out) cannot give a relabelled
+    copy of the host a match at the policy's default alpha, so every verdict on such a copy
+    would be inconclusive. Add independent references of your own, or ask the operator to
+    review the members the message names. Nothing was registered. Status: FAILED_PRECONDITION.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper): ...
 
@@ -315,5 +322,12 @@ ENDPOINT_BUDGET: ErrorReason.ValueType  # 28
 """The verification would send more queries than the operator's budget for one verdict, or
 the rate limit on queries to this endpoint is spent (retry after the wait the message
 names). Nothing was sent. Status: RESOURCE_EXHAUSTED.
+"""
+PANEL_TOO_WEAK: ErrorReason.ValueType  # 29
+"""Register: the reference panel to be sealed (the owner's references and the operator's
+members of the family, those leaning toward the host left out) cannot give a relabelled
+copy of the host a match at the policy's default alpha, so every verdict on such a copy
+would be inconclusive. Add independent references of your own, or ask the operator to
+review the members the message names. Nothing was registered. Status: FAILED_PRECONDITION.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

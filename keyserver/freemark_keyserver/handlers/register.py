@@ -6,8 +6,10 @@ any reference models. One sandbox child reads the host: it must be the model the
 derived on (fingerprint, every bit extracted, the key specific to it); the same child then
 scans it on the triggers of every earlier registration of its input signature, whatever its
 modules are called, and an earlier registration that claims it refuses the call
-(`_PriorClaims`). The reference panel is measured, the bundle and
-panel are sealed, the host stored, the receipt appended to the log and signed.
+(`_PriorClaims`). The reference panel is measured (the owner's references and the operator's
+members of the family) and vetted (`vetting`: members leaning toward the host left out, the
+rest able to reach alpha), the bundle and panel are sealed, the host stored, the receipt
+(naming every member and its source) appended to the log and signed.
 """
 
 from __future__ import annotations
@@ -27,9 +29,15 @@ from freemark.errors import InvalidInputError, UniquenessError
 from freemark.extract import judge_activations
 from freemark.formats.table import HOSTS, by_wire, names
 from freemark.panel import Reference
-from freemark.reading import aligns, probe_count, split_activations
+from freemark.reading import aligns, probe_count
 from freemark.records import wire
-from freemark.records.types import NO_PANEL, RECEIPT_KIND, Receipt, ReferencePanel, Verdict
+from freemark.records.types import (
+    NO_PANEL,
+    RECEIPT_KIND,
+    PanelMemberEntry,
+    Receipt,
+    ReferencePanel,
+)
 from freemark.scheme.bundle import KeyBundle, from_proto
 from freemark.scheme.triggers import TriggerSet
 from freemark.scheme.watermark import commitment
@@ -51,6 +59,8 @@ from freemark_keyserver.handlers.context import (
 )
 from freemark_keyserver.handlers.hosts import store_host
 from freemark_keyserver.handlers.lookups import lookup_many
+from freemark_keyserver.handlers.scans import judge_tensor, scan_run
+from freemark_keyserver.handlers.vetting import vet_panel
 from freemark_keyserver.sandbox import formats
 from freemark_keyserver.sandbox.runner import LayerScan, ModelIdentity, TriggerRun
 from freemark_keyserver.store import DuplicateError, Principal, Registration
@@ -184,10 +194,15 @@ def register_host(ctx: Context, principal: Principal, bundle: KeyBundle, host: P
     claims.judge(results[1:])
     reading = claims.host
     bundle = panels.with_profile(bundle, reading)
-    panel = panels.measure_panel(sandbox_runner(ctx), references, bundle, reading)
+    candidates = panels.measure_panel(sandbox_runner(ctx), references, bundle, reading)
+    skipped: list[PanelMemberEntry] = []
     if reading.probes is not None:
-        panel += panels.operator_panel(sandbox_runner(ctx), ctx.store, ctx.keyring,
-                                       bundle, reading, panel)
+        operators, skipped = panels.operator_panel(sandbox_runner(ctx), ctx.store, ctx.keyring,
+                                                   bundle, reading, candidates)
+        candidates += operators
+    vetted = vet_panel(candidates, bundle, reading, policy=ctx.config.verdict_policy,
+                       mode=ctx.config.panel_reach, skipped=skipped)
+    panel = vetted.references
 
     registration_id = "reg_" + secrets.token_hex(REGISTRATION_ID_BYTES)
     envelope = seal(ctx.keyring, panels.seal_bytes(bundle, panel), record_id=registration_id,
@@ -210,14 +225,15 @@ def register_host(ctx: Context, principal: Principal, bundle: KeyBundle, host: P
             "host_fingerprint": reading.fingerprint, "watermark_commitment": wm_commitment,
             "layer": bundle.layer, "n_bits": bundle.n_bits, "log_index": i, "integrated_time": t,
             "panel": panel_record, "architecture_digest": reading.architecture_digest,
-            "query_sets": (),
+            "panel_members": vetted.entries, "panel_warning": vetted.warning, "query_sets": (),
         }), record)
     except DuplicateError as exc:  # a concurrent Register of the same host committed first
         raise _claimed(principal, lookup_many(
             ctx, lambda registry: registry.by_fingerprint(reading.fingerprint)),
             "a concurrent Register of the same weights committed first") from exc
-    log.info("registered %s for %s at log index %d (panel of %d)", registration_id,
-             principal.name, index, len(panel))
+    log.info("registered %s for %s at log index %d (panel of %d%s)", registration_id,
+             principal.name, index, len(panel), "; too weak to reach alpha, warned"
+             if vetted.warning else "")
     receipt = wire.read_statement(Receipt, sign_statement(ctx, body), inclusion_proof(ctx, index))
     return wire.receipt_to_proto(receipt)
 
@@ -281,7 +297,7 @@ class _PriorClaims:
                   if _blocks(record, self.principal) and not outputs.is_output_registration(record)]
         self.earlier = [(record, bundle, panel) for record, bundle, panel in opened
                         if _signature(bundle.triggers) == signature]
-        return [_scan(bundle, panel) for _, bundle, panel in self.earlier]
+        return [scan_run(bundle, panel) for _, bundle, panel in self.earlier]
 
     def judge(self, results: Sequence[np.ndarray | Exception]) -> None:
         """Refuse the upload if an earlier key decodes any tensor of it, or if a scan or a
@@ -303,7 +319,7 @@ class _PriorClaims:
             probes = probe_count(bundle, probes=aligns(bundle, panel))
             for layer in result.layers():
                 try:
-                    verdict = _judge_tensor(layer, bundle, panel, probes)
+                    verdict = judge_tensor(layer, bundle, panel, probes)
                 except InvalidInputError:  # a tensor this key cannot be read on
                     continue
                 except Exception as exc:  # noqa: BLE001 - a failed judgement is a claim
@@ -335,27 +351,6 @@ def _signature(triggers: TriggerSet) -> tuple[int, bool, bool]:
     inputs = np.asarray(triggers.inputs)
     return inputs.ndim, bool(np.issubdtype(inputs.dtype, np.floating)), (
         triggers.attention_mask is not None)
-
-
-def _scan(bundle: KeyBundle, panel: Sequence[Reference]) -> TriggerRun:
-    """The scan of an upload on an earlier key's triggers (and probes, where its panel lets
-    the aligned test run): tensors of the key's width, or of any width for the aligned test."""
-    aligned = aligns(bundle, panel)
-    return TriggerRun(None, bundle.pooling, bundle.triggers, probe_count(bundle, probes=aligned),
-                      width=0 if aligned else bundle.units)
-
-
-def _judge_tensor(layer: np.ndarray, bundle: KeyBundle, panel: Sequence[Reference], probes: int
-                  ) -> Verdict:
-    """An earlier key's verdict on one scanned tensor. The tensor is first divided by its
-    largest magnitude: both tests are blind to a global scale, and a copy whose key layer was
-    scaled down across a ReLU would otherwise fall under the read-out's absolute floor.
-    `layer` is the scan's float32 as it came; the division makes the one float64 copy."""
-    peak = float(np.max(np.abs(layer))) if layer.size else 0.0
-    if not peak > 0.0:
-        raise InvalidInputError("a constant tensor")
-    triggers, probed = split_activations(np.divide(layer, peak, dtype=np.float64), bundle, probes)
-    return judge_activations(triggers, bundle, probe_activations=probed, panel=panel)
 
 
 def _claimed(principal: Principal, records: Sequence[Registration], why: str) -> ServiceError:

@@ -23,7 +23,7 @@ either side knows when one is complete:
 2. reply: `OK` (b"K"), the 64 identity bytes (fingerprint ‖ architecture digest) as uint8,
    then per set a status frame (JSON {"kind", "message"} as uint8; kind "ok" is followed by
    the float32 activation matrix; a scan's status also says ``widths``, where each tensor's
-   columns end in its matrix, a `LayerScan`); or `REFUSED` (b"R") and one status frame when the model
+   columns end in its matrix, and ``names``, what the model calls each, a `LayerScan`); or `REFUSED` (b"R") and one status frame when the model
    could not be read at all, after which the child exits. Kinds: "invalid_model",
    "invalid_input", "resource", "internal"; messages are one line without traceback.
    "run_failed" is a failure while the model ran on the set's triggers or probes (secret
@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from freemark.errors import InvalidInputError, ModelFileError
+from freemark.formats.onnx import MAX_TENSOR_NAME
 from freemark.scheme.triggers import TriggerSet
 from freemark.v1 import bundle_pb2
 from freemark_keyserver.sandbox.errors import SandboxError, SandboxResourceError, SandboxRunFailed
@@ -176,19 +177,26 @@ class TriggerRun:
 
 class LayerScan(np.ndarray):
     """A scan's answer: the pooled activations of every tensor read, side by side in one
-    matrix (rows: triggers, then probes), `widths` saying how many columns each takes."""
+    matrix (rows: triggers, then probes), `widths` saying how many columns each takes and
+    `names` what the model calls each (its graph's own names: they say which tensor a
+    verdict read, never how it was found)."""
 
     widths: tuple[int, ...] = ()
+    names: tuple[str, ...] = ()
 
     def __array_finalize__(self, obj: Any) -> None:
         self.widths = tuple(getattr(obj, "widths", ()))
+        self.names = tuple(getattr(obj, "names", ()))
 
     @classmethod
-    def of(cls, rows: int, matrices: Sequence[np.ndarray]) -> LayerScan:
+    def of(cls, rows: int, tensors: Sequence[tuple[str, np.ndarray]]) -> LayerScan:
+        """The scan of (name, matrix) pairs, as `capture_every` lists them."""
+        matrices = [matrix for _, matrix in tensors]
         columns = (np.concatenate(matrices, axis=1) if matrices
                    else np.zeros((rows, 0), dtype=np.float32))
         scan = np.ascontiguousarray(columns).view(cls)
         scan.widths = tuple(int(m.shape[1]) for m in matrices)
+        scan.names = tuple(str(name) for name, _ in tensors)
         return scan
 
     def layers(self) -> list[np.ndarray]:
@@ -303,7 +311,8 @@ def encode_reply(identity: bytes, results: Sequence[Any]) -> bytes:
             parts.append(_npy(np.ascontiguousarray(result, dtype=np.float32)))
             continue
         if isinstance(result, LayerScan):
-            parts.append(_status_frame(OK_KIND, "", widths=list(result.widths)))
+            parts.append(_status_frame(OK_KIND, "", widths=list(result.widths),
+                                       names=list(result.names)))
             parts.append(_npy(np.asarray(result)))
             continue
         parts.append(_status_frame(OK_KIND, ""))
@@ -336,14 +345,14 @@ class _Frames:
         self.at = start + count * dtype.itemsize
         return np.frombuffer(self._raw, dtype=dtype, count=count, offset=start).reshape(shape)
 
-    def status(self) -> tuple[str, str, Any, Any]:
-        """A status frame's kind, message, (a scan's) widths and (an outputs run's)
-        architecture, None where it has none."""
+    def status(self) -> tuple[str, str, Any, Any, Any]:
+        """A status frame's kind, message, (a scan's) widths and names and (an outputs
+        run's) architecture, None where it has none."""
         frame = self.next()
         try:
             report = json.loads(frame.tobytes())
             return (str(report["kind"]), str(report["message"])[:MAX_MESSAGE_CHARS],
-                    report.get("widths"), report.get("architecture"))
+                    report.get("widths"), report.get("names"), report.get("architecture"))
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise SandboxError("the worker failed without a readable report") from exc
 
@@ -384,7 +393,7 @@ def decode_reply(raw: bytes | bytearray | memoryview, rows: list[int],
         raise SandboxError("the worker's output does not start with the model's identity")
     results: list[np.ndarray | Exception] = []
     for number, n_rows in enumerate(rows):
-        kind, message, widths, architecture = frames.status()
+        kind, message, widths, names, architecture = frames.status()
         if kind != OK_KIND:
             results.append(_refusal(kind, message))
             continue
@@ -395,7 +404,7 @@ def decode_reply(raw: bytes | bytearray | memoryview, rows: list[int],
         if scan != (widths is not None):
             raise SandboxError("the worker's output answers a run it was not asked for")
         if scan:
-            results.append(_check_scan(frames.next(), n_rows, widths))
+            results.append(_check_scan(frames.next(), n_rows, widths, names))
             continue
         results.append(check_activations(frames.next(), n_rows))
     if frames.at != len(view) - 1:
@@ -412,18 +421,22 @@ def _check_outputs(array: np.ndarray, n_rows: int, architecture: Any) -> OutputS
     return OutputScores.of(check_activations(array, n_rows), bytes.fromhex(architecture))
 
 
-def _check_scan(array: np.ndarray, n_rows: int, widths: Any) -> LayerScan:
-    """A scan's matrix and widths, checked as `check_activations` checks one layer's, and
-    kept as it came (float32, in place): `LayerScan.layers` hands out one tensor at a time."""
+def _check_scan(array: np.ndarray, n_rows: int, widths: Any, names: Any) -> LayerScan:
+    """A scan's matrix, widths and names, checked as `check_activations` checks one layer's
+    (one name per tensor, each a string of at most `MAX_TENSOR_NAME` characters), and kept
+    as it came (float32, in place): `LayerScan.layers` hands out one tensor at a time."""
     if not (isinstance(widths, list) and all(type(w) is int and w > 0 for w in widths)
             and array.ndim == 2 and sum(widths) == array.shape[1]):
         raise SandboxError("the worker returned a scan whose widths do not fit its matrix")
+    if not (isinstance(names, list) and len(names) == len(widths)
+            and all(isinstance(n, str) and len(n) <= MAX_TENSOR_NAME for n in names)):
+        raise SandboxError("the worker returned a scan whose names do not fit its widths")
     if not widths:
         if array.dtype != np.dtype(np.float32) or array.shape[0] != n_rows:
             raise SandboxError("the worker returned a malformed empty scan")
         return LayerScan.of(n_rows, [])
     scan = _checked(array, n_rows).view(LayerScan)
-    scan.widths = tuple(widths)
+    scan.widths, scan.names = tuple(widths), tuple(names)
     return scan
 
 

@@ -42,6 +42,7 @@ from freemark.errors import (
     MalformedRequestError,
     NotFoundError,
     NotUniqueError,
+    PanelTooWeakError,
     PermissionDeniedError,
     RateLimitedError,
     ResourceExhaustedError,
@@ -97,6 +98,7 @@ EXPECTED: dict[ErrorCode, type[ServerError]] = {
     ErrorCode.ENDPOINT_DEADLINE: EndpointDeadlineRefusal,
     ErrorCode.ENDPOINT_INVALID: EndpointInvalidRefusal,
     ErrorCode.ENDPOINT_BUDGET: EndpointBudgetRefusal,
+    ErrorCode.PANEL_TOO_WEAK: PanelTooWeakError,
 }
 
 

@@ -62,6 +62,6 @@ def test_the_panel_must_be_eight_models_of_two_architectures() -> None:
     d = bm.data()
     with pytest.raises(InvalidInputError, match="at least 8 reference models"):
         derive_output_key(bm.host(), d.x_train, d.y_train, bm.panel()[:7], owner="a")
-    one_architecture = [bm.model(10 + 2 * i) for i in range(8)]
+    one_architecture = [bm.panel()[i] for i in (0, 2, 4, 6)] * 2  # eight, all full-width
     with pytest.raises(InvalidInputError, match="share one architecture"):
         derive_output_key(bm.host(), d.x_train, d.y_train, one_architecture, owner="a")

@@ -262,7 +262,7 @@ def test_the_verdict_body_is_the_offline_judgement_plus_the_binding_fields() -> 
     judgement = {s.name for s in signed_fields(Verdict)}
     binding = {s.name for s in signed_fields(SignedVerdict)} - judgement
     assert binding == {"registration_id", "requested_by", "suspect_sha256", "suspect_size",
-                       "policy", "log_index", "integrated_time"}
+                       "policy", "reading", "log_index", "integrated_time"}
     assert {"outcome", "tests", "panel", "log10_p_value_binomial", "is_match",
             "p_value"} <= judgement
 

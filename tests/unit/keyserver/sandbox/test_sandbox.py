@@ -320,7 +320,7 @@ def test_a_frame_announcing_more_than_the_reply_holds_is_refused() -> None:
 def test_a_scan_is_decoded_in_place_and_a_run_is_its_one_float64_copy() -> None:
     """A scan's matrix is a view on the reply's own buffer (no copy), each tensor handed out
     as a view too; a run's activations are the one float64 copy (issue 18, item 8)."""
-    layers = [np.ones((3, 2), dtype=np.float32), np.full((3, 5), 2.0, dtype=np.float32)]
+    layers = [("a", np.ones((3, 2), dtype=np.float32)), ("b", np.full((3, 5), 2.0, dtype=np.float32))]
     raw = bytearray(sandbox_protocol.encode_reply(bytes(64), [
         sandbox_protocol.LayerScan.of(3, layers), np.arange(12, dtype=np.float32).reshape(3, 4)]))
     _, (scan, run) = sandbox_protocol.decode_reply(raw, [3, 3], [True, False])
@@ -449,13 +449,19 @@ def test_regression_plain_torch_export_load_runs_pickled_payloads(
 
 def test_a_scan_reply_keeps_its_tensors_apart_and_is_checked() -> None:
     """A scan (`TriggerRun` with no layer) answers a `LayerScan`: each tensor's columns, as the
-    child said, checked like any matrix; widths that do not fit, or a scan where none was asked
-    for (or the reverse), break the protocol."""
+    child said, with its name, checked like any matrix; widths or names that do not fit, or a
+    scan where none was asked for (or the reverse), break the protocol."""
     layers = [np.ones((3, 2), dtype=np.float32), np.full((3, 5), 2.0, dtype=np.float32)]
-    raw = sandbox_protocol.encode_reply(bytes(64), [sandbox_protocol.LayerScan.of(3, layers)])
+    named = [("relu", layers[0]), ("/act/Relu_output_0", layers[1])]
+    raw = sandbox_protocol.encode_reply(bytes(64), [sandbox_protocol.LayerScan.of(3, named)])
     _, results = sandbox_protocol.decode_reply(raw, [3], [True])
     scan = results[0]
     assert isinstance(scan, sandbox_protocol.LayerScan) and scan.widths == (2, 5)
+    assert scan.names == ("relu", "/act/Relu_output_0")
+    long_name = sandbox_protocol.LayerScan.of(3, [("x" * 1025, layers[0])])
+    with pytest.raises(SandboxError, match="names do not fit"):
+        sandbox_protocol.decode_reply(sandbox_protocol.encode_reply(bytes(64), [long_name]),
+                                      [3], [True])
     for got, sent in zip(scan.layers(), layers, strict=True):
         np.testing.assert_array_equal(got, sent)
     empty = sandbox_protocol.encode_reply(bytes(64), [sandbox_protocol.LayerScan.of(3, [])])
