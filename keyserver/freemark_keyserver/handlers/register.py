@@ -146,6 +146,9 @@ def register_output_key(ctx: Context, principal: Principal, key: OutputKey, host
             "layer": outputs.OUTPUTS_LAYER, "n_bits": len(key.queries), "log_index": i,
             "integrated_time": t, "panel": ReferencePanel.of(key.panel),
             "architecture_digest": reading.identity.architecture_digest, "query_sets": sets,
+            "panel_members": tuple(PanelMemberEntry(fingerprint=f, source="owner", member_id="",
+                                                    left_out="") for f in key.panel),
+            "panel_warning": "",
         }), record)
     except DuplicateError as exc:  # a concurrent Register of the same host committed first
         raise _claimed(principal, lookup_many(
