@@ -262,3 +262,21 @@ def test_a_white_box_verify_of_an_output_key_registration_is_refused(world: Worl
         client.verify(world.registration_id, world.folder / "host.pt2")
     assert caught.value.reason == "MALFORMED_REQUEST"
     assert "--endpoint" in caught.value.message
+
+
+def test_an_output_key_registers_only_on_its_own_unclaimed_host(world: World) -> None:
+    """Another model than the key's host is HOST_MISMATCH; the host again is the owner's own
+    earlier registration (the same-weights check of white-box keys); nothing is logged."""
+    size = world.tree_size()
+    references = sorted(world.folder.glob("reference*.pt2"))
+    with world.client(OWNER) as client:
+        with pytest.raises(ServerError) as caught:
+            client.register_output_key(output_key(), _program(_thief_copy(), world.folder /
+                                                              "thief.pt2"), references=references)
+        assert caught.value.reason == "HOST_MISMATCH", str(caught.value)
+        with pytest.raises(ServerError) as caught:
+            client.register_output_key(output_key(), world.folder / "host.pt2",
+                                       references=references)
+        assert caught.value.reason == "ALREADY_CLAIMED"
+        assert world.registration_id in caught.value.message
+    assert world.tree_size() == size
