@@ -31,7 +31,7 @@ import blackbox_models as bm
 from freemark.audit.receipt import load_statement, save_statement, verify_receipt
 from freemark.blackbox.commit import query_set_commitment, query_set_commitments
 from freemark.blackbox.judge import set_items
-from freemark.blackbox.key import OutputKey
+from freemark.blackbox.key import OutputKey, save_output_key
 from freemark.blackbox.queries import derive_output_key
 from freemark.errors import ServerError
 from freemark.formats.pt2 import save_program
@@ -42,6 +42,7 @@ from freemark_keyserver.server import RunningServer, create_server
 from freemark_lab.train import train
 from hostile_endpoints import Handler, Seen, endpoint, infer_reply, request_inputs
 from oip_servers import OipServer, ServedModel, export_onnx, serve
+from ttp_fixtures import cli_env, json_out, run_cli
 from ttp_fleet import add_principals
 
 SHAPE = (1, 8, 8)
@@ -280,3 +281,32 @@ def test_an_output_key_registers_only_on_its_own_unclaimed_host(world: World) ->
         assert caught.value.reason == "ALREADY_CLAIMED"
         assert world.registration_id in caught.value.message
     assert world.tree_size() == size
+
+
+def test_through_the_cli_an_owner_checks_an_endpoint_then_gets_a_verdict_checked_offline(
+        world: World) -> None:
+    """`freemark extract --key OUTKEY --endpoint URL` (no key server), `freemark verify
+    --endpoint --json` and `freemark receipt verify` on the file it wrote."""
+    passphrase = "correct horse battery"
+    key_path = world.folder / "alice.outkey"
+    save_output_key(key_path, output_key(), passphrase.encode())
+    env = cli_env(FREEMARK_KEY_PASSPHRASE=passphrase,
+                  FREEMARK_SERVER=f"127.0.0.1:{world.running.port}",
+                  FREEMARK_TOKEN=world.tokens[OWNER])
+    size = world.tree_size()
+    own = json_out(run_cli("freemark.cli", "extract", "--key", str(key_path), "--endpoint",
+                           f"{world.oip.url}/v2/models/copy-labels", "--json", env=env))
+    assert own["outcome"] == "match" and own["model_name"] == "copy-labels"
+    assert world.tree_size() == size  # the owner's own check logs nothing
+    signed = run_cli("freemark.cli", "verify", "--registration", world.registration_id,
+                     "--endpoint", world.oip.url, "--endpoint-model", "independent", "--json",
+                     "--insecure", env=env)
+    verdict_path = world.folder / "cli-verdict.json"
+    verdict_path.write_text(signed.stdout)
+    assert json_out(signed)["outcome"] == "no_match"
+    pem = world.folder / "ttp.pem"
+    pem.write_bytes(world.public_key)
+    checked = json_out(run_cli("freemark.cli", "receipt", "verify", str(verdict_path),
+                               "--public-key", str(pem), "--json", env=env))
+    assert checked["ok"] is True and checked["kind"] == "endpoint verdict"
+    assert world.tree_size() == size + 1
