@@ -62,6 +62,7 @@ def _config(args: argparse.Namespace) -> cfg.ServerConfig:
             verify_rate_principal=args.verify_rate_principal,
             verify_rate_registration=args.verify_rate_registration,
             metrics_listen=args.metrics_listen,
+            endpoint_allow=tuple(args.endpoint_allow),
             verdict_policy=VerdictPolicy.make(alpha_min=args.alpha_min, alpha_max=args.alpha_max,
                                               arbiter_disclosure=args.arbiter_disclosure),
             panel_reach=args.panel_reach,
@@ -318,6 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arbiter-disclosure", choices=DISCLOSURES, default=cfg.DEFAULT_ARBITER_DISCLOSURE,
                    help="what requesters other than the registration's owner are told: every "
                         "statistic, or the outcome and a p-value bucket (default %(default)s)")
+    p.add_argument("--endpoint-allow", action="append", default=[], metavar="CIDR_OR_HOST",
+                   help="a host name, address or CIDR network VerifyEndpoint may query "
+                        "(repeatable; none by default: every endpoint is refused; loopback "
+                        "and private addresses only when an address or network names them)")
     p.add_argument("--panel-reach", choices=cfg.PANEL_REACH_MODES, default=cfg.DEFAULT_PANEL_REACH,
                    help="a Register whose reference panel cannot give a relabelled copy of the "
                         "host a match at the default alpha: refused (PANEL_TOO_WEAK), or "

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from freemark.endpoint import EndpointPolicy
 from freemark.records.types import VerdictPolicy
 from freemark.tlog.note import check_key_name
 from freemark_keyserver.crypto import (
@@ -177,6 +178,10 @@ class ServerConfig:
     sandbox_workers: int | None = None
     sandbox_queue: int | None = None
     verdict_policy: VerdictPolicy = field(default_factory=default_policy)
+    # Where VerifyEndpoint may send queries (`--endpoint-allow`): host names, addresses and
+    # CIDR networks; empty (the default) refuses every endpoint. The rest of the HTTP
+    # client's limits are `EndpointPolicy`'s defaults (docs/blackbox.md).
+    endpoint_allow: tuple[str, ...] = ()
     panel_reach: str = DEFAULT_PANEL_REACH  # one of PANEL_REACH_MODES
 
     def __post_init__(self) -> None:
@@ -186,6 +191,7 @@ class ServerConfig:
         if self.panel_reach not in PANEL_REACH_MODES:
             raise ValueError(f"panel reach must be one of {', '.join(PANEL_REACH_MODES)}, not "
                              f"{self.panel_reach!r}")
+        _ = self.endpoint_policy  # an allow-list entry that is not a name, address or network
         if not 0.0 < self.spool_principal_share <= 1.0:
             raise ValueError(f"the spool share per principal is a fraction in (0, 1], not "
                              f"{self.spool_principal_share:g}")
@@ -198,6 +204,12 @@ class ServerConfig:
     def start_sandbox(self) -> SandboxPool:
         """Start the sandbox pool these settings describe (before any key is read)."""
         return start_pool(self.sandbox, workers=self.sandbox_workers, queue=self.sandbox_queue)
+
+    @property
+    def endpoint_policy(self) -> EndpointPolicy:
+        """The HTTP client's rules for VerifyEndpoint: the operator's allow-list, the
+        library's deadlines, caps and budgets."""
+        return EndpointPolicy(allow=self.endpoint_allow)
 
     @property
     def spool_dir(self) -> Path:

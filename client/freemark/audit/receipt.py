@@ -54,12 +54,14 @@ from freemark.records.types import (
     Checkpoint,
     CoarseVerdict,
     ConsistencyProof,
+    EndpointVerdict,
     Receipt,
     ReferencePanel,
     Revocation,
     SignedVerdict,
 )
 from freemark.records.wire import (
+    endpoint_verdict_to_json,
     parse_body,
     receipt_to_json,
     revocation_to_json,
@@ -81,7 +83,7 @@ __all__ = [
     "verify_suspect",
 ]
 
-Statement = Receipt | AnyVerdict | Revocation
+Statement = Receipt | AnyVerdict | Revocation | EndpointVerdict
 _READ_CHUNK = 1 << 20
 # How far (seconds) a statement's time may pass its checkpoint's: the checkpoint's time is
 # its last entry's rounded down to the second, so an honest log never needs more than 1.
@@ -195,14 +197,28 @@ def verify_receipt(statement: Statement, public_key_pem: bytes, *,
     mismatch = typed_mismatch(statement, from_json_fields(type(statement), body, "signed body"))
     if mismatch is not None:
         raise InvalidReceiptError(mismatch)
-    if isinstance(statement, (SignedVerdict, CoarseVerdict)):
+    if isinstance(statement, (SignedVerdict, CoarseVerdict, EndpointVerdict)):
         _check_verdict(statement)
+    if isinstance(statement, EndpointVerdict):
+        _check_endpoint_verdict(statement)
     if isinstance(statement, Receipt):
         _check_panel_members(statement)
     _check_inclusion(statement, verifier, origin)
 
 
-def _check_verdict(verdict: AnyVerdict) -> None:
+def _check_endpoint_verdict(verdict: EndpointVerdict) -> None:
+    """An endpoint verdict must bind a conversation: exchanges that carried the queries it
+    counts, inside a time window that ends before the verdict was logged."""
+    sent = sum(e.inputs for e in verdict.exchanges)
+    if not verdict.exchanges or sent < verdict.n_bits:
+        raise InvalidReceiptError(f"the endpoint verdict judges {verdict.n_bits} queries but "
+                                  f"its exchanges carried {sent} inputs")
+    if not verdict.started_at <= verdict.finished_at <= verdict.integrated_time:
+        raise InvalidReceiptError("the endpoint verdict's time window is not before its log "
+                                  "time")
+
+
+def _check_verdict(verdict: AnyVerdict | EndpointVerdict) -> None:
     """A signed verdict must be consistent: its policy's id, alpha and decision."""
     policy = verdict.policy
     if policy.id != policy.expected_id:
@@ -217,6 +233,8 @@ def _check_verdict(verdict: AnyVerdict) -> None:
     if (verdict.outcome == "match") != verdict.is_match:
         raise InvalidReceiptError(f"the verdict's outcome {verdict.outcome!r} contradicts "
                                   f"is_match={verdict.is_match}")
+    if isinstance(verdict, EndpointVerdict):  # it read answers, not a file's tensors
+        return
     reading = verdict.reading
     why = reading.inconsistency()
     if why is not None:
@@ -381,6 +399,8 @@ def save_statement(path: str | Path, statement: Statement) -> None:
         data = receipt_to_json(statement)
     elif isinstance(statement, Revocation):
         data = revocation_to_json(statement)
+    elif isinstance(statement, EndpointVerdict):
+        data = endpoint_verdict_to_json(statement)
     else:
         data = verdict_to_json(statement)
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -12,6 +12,7 @@ from freemark.blackbox.key import is_output_key
 from freemark.blackbox.queries import MIN_REFERENCES, QuerySettings
 from freemark.cli.common import Subparsers, add_json, headline, signed_rows
 from freemark.cli.display import print_fields, print_json
+from freemark.cli.endpoints import extract_from_endpoint
 from freemark.cli.outputs import PASSPHRASE_ENV, extract_with_output_key, keygen_outputs
 from freemark.derive import DEFAULT_BITS, derive_key
 from freemark.errors import InvalidInputError
@@ -87,6 +88,14 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
+    if args.endpoint:
+        if not is_output_key(args.key):
+            raise InvalidInputError("--endpoint needs an output key (keygen --outputs): a "
+                                    "white-box key reads activations, which an API never shows")
+        return extract_from_endpoint(args)
+    if args.model is None:
+        raise InvalidInputError("give the suspect as --model FILE, or --endpoint URL with an "
+                                "output key")
     if is_output_key(args.key):
         return extract_with_output_key(args)
     if args.labels_only or args.set:
@@ -162,8 +171,12 @@ def add_parsers(sub: Subparsers) -> None:
     p.set_defaults(handler=_cmd_keygen)
 
     p = sub.add_parser("extract", help="extract the watermark from a suspect and judge it")
-    p.add_argument("--model", required=True, help="suspect: .pt2, Hugging Face checkpoint "
+    p.add_argument("--model", help="suspect: .pt2, Hugging Face checkpoint "
                    "directory or .onnx")
+    p.add_argument("--endpoint", metavar="URL", help="output keys: ask a live Open Inference "
+                   "Protocol v2 endpoint (http://host:port) instead of a local file")
+    p.add_argument("--endpoint-model", metavar="NAME", help="the served model's name (default: "
+                   "read from an --endpoint URL ending in /v2/models/NAME)")
     p.add_argument("--weights", help="optional .safetensors applied to the model's architecture")
     p.add_argument("--onnx-tensor", help="ONNX suspects: the key layer's tensor name (default: "
                    "found from the layer's module name)")

@@ -36,6 +36,7 @@ from freemark.tlog.signatures import canonical_json
 __all__ = [
     "COARSE_VERDICT_KIND",
     "DISCLOSURES",
+    "ENDPOINT_VERDICT_KIND",
     "LOCATIONS",
     "OUTCOMES",
     "PANEL_SOURCES",
@@ -47,6 +48,8 @@ __all__ = [
     "CoarseVerdict",
     "ConsistencyProof",
     "Decision",
+    "EndpointExchange",
+    "EndpointVerdict",
     "InclusionProof",
     "PanelMemberEntry",
     "Receipt",
@@ -67,6 +70,7 @@ RECEIPT_KIND = "freemark/v1/registration"
 REVOCATION_KIND = "freemark/v1/revocation"
 VERDICT_KIND = "freemark/v1/verdict"
 COARSE_VERDICT_KIND = "freemark/v1/coarse-verdict"
+ENDPOINT_VERDICT_KIND = "freemark/v1/endpoint-verdict"
 POLICY_KIND = "freemark/v1/verdict-policy"  # the domain of a policy's id
 
 # What a verdict discloses: every statistic, or the outcome and a p-value bucket only.
@@ -199,6 +203,9 @@ class Receipt:
     # policy's default alpha (an operator who registers such panels with a warning rather
     # than refusing them); "" otherwise.
     panel_warning: str = field(default="", metadata=signed(TEXT))
+    # Output keys only: SHA-256 over each query set's queries, in set order
+    # (`freemark.blackbox.commit.query_set_commitment`); empty for a white-box key.
+    query_sets: tuple[bytes, ...] = field(default=(), metadata=signed(list_of(HEX)))
 
     def __post_init__(self) -> None:
         if not isinstance(self.panel_members, tuple):
@@ -417,6 +424,61 @@ class CoarseVerdict(Decision, VerdictBinding):
 
 
 AnyVerdict = SignedVerdict | CoarseVerdict
+
+
+@dataclass(frozen=True, kw_only=True)
+class EndpointExchange:
+    """One HTTP exchange of an endpoint verification: what was asked, how it was answered,
+    and SHA-256 of the exact bodies (`freemark.endpoint.Exchange`, as signed)."""
+
+    method: str = field(metadata=signed(TEXT))
+    path: str = field(metadata=signed(TEXT))
+    status: int = field(metadata=signed(INTEGER))
+    inputs: int = field(metadata=signed(INTEGER))
+    request_sha256: bytes = field(metadata=signed(HEX))
+    response_sha256: bytes = field(metadata=signed(HEX))
+
+
+@dataclass(frozen=True, kw_only=True)
+class EndpointVerdict(Verdict):
+    """The TTP's signed, logged judgement of a model behind a live prediction endpoint.
+
+    The judgement (`Verdict`: the output tests against the null the TTP measured on the
+    registration's panel) bound to the conversation it was read from: the endpoint as
+    normalised and the address connected to, the model name and the version that answered,
+    the query set sent (its commitment from the receipt, and whether it had been disclosed
+    before), the wall-clock window and every exchange's body hashes. An arbiter holding the
+    bodies can show they are the ones judged; one holding only this can check the signature
+    and the log inclusion (`freemark receipt verify`).
+    """
+
+    KIND: ClassVar[str] = ENDPOINT_VERDICT_KIND
+
+    statement: SignedStatement
+    inclusion: InclusionProof
+    registration_id: str = field(metadata=signed(TEXT))
+    requested_by: str = field(metadata=signed(TEXT))
+    endpoint: str = field(metadata=signed(TEXT))
+    endpoint_address: str = field(metadata=signed(TEXT))
+    model_name: str = field(metadata=signed(TEXT))
+    model_version: str = field(metadata=signed(TEXT))
+    answers: str = field(metadata=signed(choice("labels", "scores")))
+    query_set: int = field(metadata=signed(INTEGER))
+    query_set_commitment: bytes = field(metadata=signed(HEX))
+    set_disclosures: int = field(metadata=signed(INTEGER))  # endpoints it was sent to before
+    set_reused: bool = field(metadata=signed(BOOLEAN))  # every set was disclosed already
+    started_at: int = field(metadata=signed(INTEGER))  # unix microseconds
+    finished_at: int = field(metadata=signed(INTEGER))  # unix microseconds
+    exchanges: tuple[EndpointExchange, ...] = field(
+        metadata=signed(list_of(nested(EndpointExchange))))
+    policy: VerdictPolicy = field(metadata=signed(nested(VerdictPolicy)))
+    log_index: int = field(metadata=signed(INTEGER))
+    integrated_time: int = field(metadata=signed(INTEGER))  # unix microseconds
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.exchanges, tuple):
+            object.__setattr__(self, "exchanges", tuple(self.exchanges))
 
 
 @dataclass(frozen=True)

@@ -199,6 +199,47 @@ def capture(
     return result, chosen[0]
 
 
+def output_scores(model: nn.Module | torch.export.ExportedProgram, inputs: np.ndarray, *,
+                  batch_size: int = DEFAULT_BATCH) -> np.ndarray:
+    """The model's answers on `inputs` as a prediction API gives them: (n, classes) float32
+    log-probabilities of its first output.
+
+    The one reading of a model's outputs, for an owner's local responder and the key server's
+    sandbox child alike, so a verdict on a file and on an endpoint read the same numbers.
+    Inputs go in with their own dtype (uint8 pixels stay uint8, as an image API takes them;
+    the model converts them as it was written to). Log-softmax, not softmax: a float32
+    softmax underflows to ties far down the ranking, its logarithm keeps the order.
+    """
+    module = as_module(model)
+    batch = torch.from_numpy(np.ascontiguousarray(inputs))
+    if batch.dim() < 1 or len(batch) == 0:
+        raise InvalidInputError("no inputs to answer")
+    static = _static_batch(module)
+    chunk = static or _batch_for(batch, batch_size)
+    answers: list[torch.Tensor] = []
+    was_training = module.training
+    try:
+        module.eval()
+        with torch.no_grad():
+            for part, _, real in _batches(batch, None, chunk, pad=bool(static)):
+                try:
+                    logits = _first_tensor(module(part))
+                except (RuntimeError, ValueError, TypeError, AssertionError) as exc:
+                    raise InvalidInputError(
+                        f"the model cannot run on inputs of shape {tuple(batch.shape[1:])} "
+                        f"{batch.dtype}: {str(exc).splitlines()[0]}") from exc
+                if logits.dim() != 2 or logits.shape[0] != len(part) or logits.shape[1] < 2:
+                    raise InvalidInputError(f"the model's output has shape "
+                                            f"{tuple(logits.shape)}, expected (batch, classes)")
+                answers.append(torch.log_softmax(logits.float(), dim=1)[:real])
+    finally:
+        module.train(was_training)
+    scores = torch.cat(answers).numpy()
+    if not np.all(np.isfinite(scores)):
+        raise InvalidInputError("the model's output scores are not finite")
+    return scores
+
+
 # `capture_every` (the key server's prior-claim scan) reads every intermediate tensor of a
 # model; these caps bound what one scan may hand back. Past either, the scan raises: the key
 # server treats a scan it cannot complete as a claim, never as a clearance.

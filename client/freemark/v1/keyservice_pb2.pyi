@@ -171,9 +171,21 @@ class RegisterHeader(_message.Message):
 
     BUNDLE_FIELD_NUMBER: _builtins.int
     UPLOAD_FIELD_NUMBER: _builtins.int
+    OUTPUT_KEY_FIELD_NUMBER: _builtins.int
+    output_key: _builtins.bytes
+    """An output key (docs/blackbox.md), instead of `bundle`: the fields of
+    `freemark.blackbox.key.OutputKey` as a numpy .npz archive read without pickle (the
+    plaintext its encrypted file holds; secret, stored encrypted like a bundle). The
+    server checks in its sandbox that the host (a .pt2 program) answers every query with
+    the key's target class, measures the panel's answers itself (at least 8 `reference`
+    uploads of at least two architectures, never the owner's own scores) and logs a
+    commitment to every query set in the receipt (`Receipt.query_sets`).
+    """
     @_builtins.property
     def bundle(self) -> _bundle_pb2.KeyBundle:
-        """The owner's key bundle (secret: the server stores it encrypted)."""
+        """The owner's key bundle (secret: the server stores it encrypted). Unset when
+        `output_key` is given: a registration holds one key kind.
+        """
 
     @_builtins.property
     def upload(self) -> Global___UploadHeader: ...
@@ -182,10 +194,11 @@ class RegisterHeader(_message.Message):
         *,
         bundle: _bundle_pb2.KeyBundle | None = ...,
         upload: Global___UploadHeader | None = ...,
+        output_key: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "upload", b"upload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "upload", b"upload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "output_key", b"output_key", "upload", b"upload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -427,6 +440,7 @@ class Receipt(_message.Message):
     ARCHITECTURE_DIGEST_FIELD_NUMBER: _builtins.int
     PANEL_MEMBERS_FIELD_NUMBER: _builtins.int
     PANEL_WARNING_FIELD_NUMBER: _builtins.int
+    QUERY_SETS_FIELD_NUMBER: _builtins.int
     registration_id: _builtins.str
     owner: _builtins.str
     integrated_time: _builtins.int
@@ -466,6 +480,14 @@ class Receipt(_message.Message):
         fingerprints give `panel`'s digest; `freemark receipt verify` checks it.
         """
 
+    @_builtins.property
+    def query_sets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Output keys only (empty for a white-box key): per query set, in set order, SHA-256
+        over the set's queries (`freemark.blackbox.commit.query_set_commitment`: the queries'
+        dtype, shape and raw bytes in key order). A set's verdicts name the same digest, so
+        anyone holding the disclosed queries can check which ones were registered when.
+        """
+
     def __init__(
         self,
         *,
@@ -483,10 +505,11 @@ class Receipt(_message.Message):
         architecture_digest: _builtins.bytes = ...,
         panel_members: _abc.Iterable[Global___PanelMemberEntry] | None = ...,
         panel_warning: _builtins.str = ...,
+        query_sets: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["inclusion", b"inclusion", "panel", b"panel", "statement", b"statement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture_digest", b"architecture_digest", "host_fingerprint", b"host_fingerprint", "inclusion", b"inclusion", "integrated_time", b"integrated_time", "layer", b"layer", "log_index", b"log_index", "n_bits", b"n_bits", "owner", b"owner", "panel", b"panel", "panel_members", b"panel_members", "panel_warning", b"panel_warning", "registration_id", b"registration_id", "statement", b"statement", "watermark_commitment", b"watermark_commitment"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture_digest", b"architecture_digest", "host_fingerprint", b"host_fingerprint", "inclusion", b"inclusion", "integrated_time", b"integrated_time", "layer", b"layer", "log_index", b"log_index", "n_bits", b"n_bits", "owner", b"owner", "panel", b"panel", "panel_members", b"panel_members", "panel_warning", b"panel_warning", "query_sets", b"query_sets", "registration_id", b"registration_id", "statement", b"statement", "watermark_commitment", b"watermark_commitment"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1234,3 +1257,224 @@ class PublicKey(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PublicKey: _TypeAlias = PublicKey  # noqa: Y015
+
+@_typing.final
+class VerifyEndpointRequest(_message.Message):
+    """VerifyEndpoint's request: which registration's output key, which endpoint."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGISTRATION_ID_FIELD_NUMBER: _builtins.int
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    LABELS_ONLY_FIELD_NUMBER: _builtins.int
+    ALPHA_FIELD_NUMBER: _builtins.int
+    registration_id: _builtins.str
+    endpoint: _builtins.str
+    """The endpoint's Open Inference Protocol v2 base URL, http://host:port (https
+    verifies the certificate). Its host must be in the operator's allow-list.
+    """
+    model_name: _builtins.str
+    """The served model's name (`/v2/models/{model_name}`); at most 256 characters."""
+    labels_only: _builtins.bool
+    """Read only the top-1 labels even where the endpoint returns scores."""
+    alpha: _builtins.float
+    """Significance level; 0 means the scheme default (1e-9); inside the policy's range
+    as for Verify.
+    """
+    def __init__(
+        self,
+        *,
+        registration_id: _builtins.str = ...,
+        endpoint: _builtins.str = ...,
+        model_name: _builtins.str = ...,
+        labels_only: _builtins.bool = ...,
+        alpha: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "endpoint", b"endpoint", "labels_only", b"labels_only", "model_name", b"model_name", "registration_id", b"registration_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyEndpointRequest: _TypeAlias = VerifyEndpointRequest  # noqa: Y015
+
+@_typing.final
+class EndpointExchange(_message.Message):
+    """One HTTP exchange of an endpoint verification, bound by hashes of its exact bodies.
+    One definition: `freemark.records.EndpointExchange`'s signed fields.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METHOD_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    REQUEST_SHA256_FIELD_NUMBER: _builtins.int
+    RESPONSE_SHA256_FIELD_NUMBER: _builtins.int
+    method: _builtins.str
+    """"GET" (metadata) or "POST" (infer)."""
+    path: _builtins.str
+    status: _builtins.int
+    inputs: _builtins.int
+    """How many inputs the request carried (0 for metadata)."""
+    request_sha256: _builtins.bytes
+    """SHA-256 of the exact request body sent (of the empty string for a GET)."""
+    response_sha256: _builtins.bytes
+    """SHA-256 of the exact response body received."""
+    def __init__(
+        self,
+        *,
+        method: _builtins.str = ...,
+        path: _builtins.str = ...,
+        status: _builtins.int = ...,
+        inputs: _builtins.int = ...,
+        request_sha256: _builtins.bytes = ...,
+        response_sha256: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "method", b"method", "path", b"path", "request_sha256", b"request_sha256", "response_sha256", b"response_sha256", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndpointExchange: _TypeAlias = EndpointExchange  # noqa: Y015
+
+@_typing.final
+class EndpointVerdict(_message.Message):
+    """A signed, logged verdict on an endpoint ("freemark/v1/endpoint-verdict",
+    `freemark.records.EndpointVerdict`). The signed body is authoritative: every field of
+    this message but statement and inclusion, under the same names (bytes as lowercase
+    hex, tests and exchanges as lists of objects). The judgement fields (n_bits ..
+    panel) are those of SignedVerdict: n_bits is the number of queries in the set,
+    matches the queries answered with the target class; the tests are "labels" and,
+    for a score endpoint, "scores" and "ranking", each against the beta-binomial null
+    the server fitted on the panel answers it measured at registration.
+    `freemark receipt verify` checks the signature and the log inclusion offline.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATEMENT_FIELD_NUMBER: _builtins.int
+    INCLUSION_FIELD_NUMBER: _builtins.int
+    N_BITS_FIELD_NUMBER: _builtins.int
+    MATCHES_FIELD_NUMBER: _builtins.int
+    BER_FIELD_NUMBER: _builtins.int
+    P_VALUE_FIELD_NUMBER: _builtins.int
+    LOG10_P_VALUE_FIELD_NUMBER: _builtins.int
+    P_VALUE_METHOD_FIELD_NUMBER: _builtins.int
+    P_VALUE_BINOMIAL_FIELD_NUMBER: _builtins.int
+    LOG10_P_VALUE_BINOMIAL_FIELD_NUMBER: _builtins.int
+    ALPHA_FIELD_NUMBER: _builtins.int
+    IS_MATCH_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    TESTS_FIELD_NUMBER: _builtins.int
+    PANEL_FIELD_NUMBER: _builtins.int
+    REGISTRATION_ID_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    ENDPOINT_ADDRESS_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    ANSWERS_FIELD_NUMBER: _builtins.int
+    QUERY_SET_FIELD_NUMBER: _builtins.int
+    QUERY_SET_COMMITMENT_FIELD_NUMBER: _builtins.int
+    SET_DISCLOSURES_FIELD_NUMBER: _builtins.int
+    SET_REUSED_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    FINISHED_AT_FIELD_NUMBER: _builtins.int
+    EXCHANGES_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    LOG_INDEX_FIELD_NUMBER: _builtins.int
+    INTEGRATED_TIME_FIELD_NUMBER: _builtins.int
+    n_bits: _builtins.int
+    matches: _builtins.int
+    ber: _builtins.float
+    p_value: _builtins.float
+    log10_p_value: _builtins.float
+    p_value_method: _builtins.str
+    p_value_binomial: _builtins.float
+    log10_p_value_binomial: _builtins.float
+    alpha: _builtins.float
+    is_match: _builtins.bool
+    outcome: _builtins.str
+    registration_id: _builtins.str
+    requested_by: _builtins.str
+    endpoint: _builtins.str
+    """The endpoint as normalised, and the checked address every connection went to."""
+    endpoint_address: _builtins.str
+    model_name: _builtins.str
+    """The model name asked for and the version that answered (from its replies)."""
+    model_version: _builtins.str
+    answers: _builtins.str
+    """"labels" or "scores": what was read."""
+    query_set: _builtins.int
+    """The query set sent (0-based), its commitment as in the receipt, how many other
+    endpoints it had been disclosed to before, and whether it was reused because every
+    set was already disclosed (the least-disclosed one is then chosen).
+    """
+    query_set_commitment: _builtins.bytes
+    set_disclosures: _builtins.int
+    set_reused: _builtins.bool
+    started_at: _builtins.int
+    """The wall-clock window of the conversation, unix microseconds."""
+    finished_at: _builtins.int
+    log_index: _builtins.int
+    integrated_time: _builtins.int
+    """Unix microseconds."""
+    @_builtins.property
+    def statement(self) -> Global___SignedStatement: ...
+    @_builtins.property
+    def inclusion(self) -> Global___InclusionProof: ...
+    @_builtins.property
+    def tests(self) -> _containers.RepeatedCompositeFieldContainer[Global___VerdictTest]: ...
+    @_builtins.property
+    def panel(self) -> Global___ReferencePanel: ...
+    @_builtins.property
+    def exchanges(self) -> _containers.RepeatedCompositeFieldContainer[Global___EndpointExchange]: ...
+    @_builtins.property
+    def policy(self) -> Global___VerdictPolicy: ...
+    def __init__(
+        self,
+        *,
+        statement: Global___SignedStatement | None = ...,
+        inclusion: Global___InclusionProof | None = ...,
+        n_bits: _builtins.int = ...,
+        matches: _builtins.int = ...,
+        ber: _builtins.float = ...,
+        p_value: _builtins.float = ...,
+        log10_p_value: _builtins.float = ...,
+        p_value_method: _builtins.str = ...,
+        p_value_binomial: _builtins.float = ...,
+        log10_p_value_binomial: _builtins.float = ...,
+        alpha: _builtins.float = ...,
+        is_match: _builtins.bool = ...,
+        outcome: _builtins.str = ...,
+        tests: _abc.Iterable[Global___VerdictTest] | None = ...,
+        panel: Global___ReferencePanel | None = ...,
+        registration_id: _builtins.str = ...,
+        requested_by: _builtins.str = ...,
+        endpoint: _builtins.str = ...,
+        endpoint_address: _builtins.str = ...,
+        model_name: _builtins.str = ...,
+        model_version: _builtins.str = ...,
+        answers: _builtins.str = ...,
+        query_set: _builtins.int = ...,
+        query_set_commitment: _builtins.bytes = ...,
+        set_disclosures: _builtins.int = ...,
+        set_reused: _builtins.bool = ...,
+        started_at: _builtins.int = ...,
+        finished_at: _builtins.int = ...,
+        exchanges: _abc.Iterable[Global___EndpointExchange] | None = ...,
+        policy: Global___VerdictPolicy | None = ...,
+        log_index: _builtins.int = ...,
+        integrated_time: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["inclusion", b"inclusion", "panel", b"panel", "policy", b"policy", "statement", b"statement"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "answers", b"answers", "ber", b"ber", "endpoint", b"endpoint", "endpoint_address", b"endpoint_address", "exchanges", b"exchanges", "finished_at", b"finished_at", "inclusion", b"inclusion", "integrated_time", b"integrated_time", "is_match", b"is_match", "log10_p_value", b"log10_p_value", "log10_p_value_binomial", b"log10_p_value_binomial", "log_index", b"log_index", "matches", b"matches", "model_name", b"model_name", "model_version", b"model_version", "n_bits", b"n_bits", "outcome", b"outcome", "p_value", b"p_value", "p_value_binomial", b"p_value_binomial", "p_value_method", b"p_value_method", "panel", b"panel", "policy", b"policy", "query_set", b"query_set", "query_set_commitment", b"query_set_commitment", "registration_id", b"registration_id", "requested_by", b"requested_by", "set_disclosures", b"set_disclosures", "set_reused", b"set_reused", "started_at", b"started_at", "statement", b"statement", "tests", b"tests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndpointVerdict: _TypeAlias = EndpointVerdict  # noqa: Y015

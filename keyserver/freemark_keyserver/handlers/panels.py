@@ -35,6 +35,7 @@ from freemark_keyserver.errors import ErrorCode, ServiceError
 from freemark_keyserver.handlers.context import Context, Runner, public, sandbox_runner
 from freemark_keyserver.handlers.hosts import member_file, store_member
 from freemark_keyserver.handlers.lookups import lookup
+from freemark_keyserver.handlers.outputs import is_output_registration
 from freemark_keyserver.sandbox.runner import ModelIdentity, TriggerRun
 from freemark_keyserver.store import PanelMember, Registration, Store
 
@@ -242,7 +243,14 @@ def open_bytes(plaintext: bytes) -> tuple[KeyBundle, list[Reference]]:
 
 
 def open_sealed(ctx: Context, record: Registration) -> tuple[KeyBundle, list[Reference]]:
-    """A registration's bundle and reference panel, decrypted."""
+    """A registration's bundle and reference panel, decrypted; refused for a registration
+    that holds an output key (it has no bundle: `outputs.open_sealed`)."""
+    if is_output_registration(record):
+        raise ServiceError(ErrorCode.MALFORMED_REQUEST,
+                           f"registration {record.registration_id} holds an output key, judged "
+                           "through a model's answers: verify a live endpoint with freemark "
+                           "verify --endpoint (judging model files with output keys is not "
+                           "built yet)")
     plaintext = open_envelope(ctx.keyring, Envelope.from_bytes(record.envelope),
                               record_id=record.registration_id, owner=record.owner)
     return open_bytes(plaintext)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from freemark.blackbox.commit import query_set_commitments
+from freemark.blackbox.key import OutputKey
 from freemark.derive import check_uniqueness
 from freemark.errors import InvalidInputError, UniquenessError
 from freemark.extract import judge_activations
@@ -44,7 +46,7 @@ from freemark.verdict.decision import suspect_vector
 from freemark_keyserver.auth import OWNER, require_role
 from freemark_keyserver.crypto import seal
 from freemark_keyserver.errors import ErrorCode, ServiceError
-from freemark_keyserver.handlers import panels
+from freemark_keyserver.handlers import outputs, panels
 from freemark_keyserver.handlers.context import (
     Context,
     Stream,
@@ -63,7 +65,7 @@ from freemark_keyserver.sandbox import formats
 from freemark_keyserver.sandbox.runner import LayerScan, ModelIdentity, TriggerRun
 from freemark_keyserver.store import DuplicateError, Principal, Registration
 
-__all__ = ["CLAIMED", "parse_bundle", "register", "register_host"]
+__all__ = ["CLAIMED", "parse_bundle", "register", "register_host", "register_output_key"]
 
 log = logging.getLogger("freemark_keyserver")
 REGISTRATION_ID_BYTES = 12
@@ -77,7 +79,16 @@ def register(ctx: Context, principal: Principal, stream: Stream[pb.RegisterHeade
     models (each checked before its bytes are read), then `register_host`."""
     require_role(principal, OWNER)
     header = stream.header()
-    bundle = parse_bundle(ctx, principal, header)
+    if header.output_key:
+        if header.HasField("bundle"):
+            raise ServiceError(ErrorCode.MALFORMED_REQUEST, "a registration holds one key: "
+                               "send a bundle or an output key, not both")
+        key = outputs.parse_key(header.output_key, principal.name, ctx.config.max_bundle_bytes)
+        if header.upload.format != pb.MODEL_FORMAT_PT2:
+            raise ServiceError(ErrorCode.MALFORMED_REQUEST, "an output key's host must be a "
+                               ".pt2 program (the sandbox reads outputs from programs)")
+    else:
+        bundle = parse_bundle(ctx, principal, header)
     host_format = by_wire(header.upload.format)
     assert host_format is not None  # parse_bundle refuses any other
     with ExitStack() as files:
@@ -90,8 +101,63 @@ def register(ctx: Context, principal: Principal, stream: Stream[pb.RegisterHeade
             panels.check_reference_header(reference)
             references.append(files.enter_context(stream.receive(
                 reference, suffix=panels.REFERENCE_FORMAT.suffix)))
+        if header.output_key:
+            return register_output_key(ctx, principal, key, host, references)
         return register_host(ctx, principal, bundle, host, references,
                              host_format=header.upload.format)
+
+
+def register_output_key(ctx: Context, principal: Principal, key: OutputKey, host: Path,
+                        references: Sequence[Path]) -> pb.Receipt:
+    """Check, store and log a registration of an output key; return its signed receipt.
+
+    The host is read in the sandbox through its outputs: it must be the key's host and
+    answer every query as the key says. Registered weights are refused as for a white-box
+    key (the same fingerprint check, `_claimed`). The panel (the key's own references) is
+    read in the sandbox too, and its answers, not the owner's, are sealed with the key. The
+    receipt commits to every query set (`Receipt.query_sets`).
+    """
+    require_role(principal, OWNER)
+    reading = outputs.read_host(ctx, host, key)
+    fingerprint = reading.identity.fingerprint
+    same = [r for r in lookup_many(ctx, lambda reg: reg.by_fingerprint(fingerprint))
+            if _blocks(r, principal)]
+    if same:
+        raise _claimed(principal, same, "the same weights are registered")
+    panel = outputs.measure_panel(ctx, references, key, reading)
+    registration_id = "reg_" + secrets.token_hex(REGISTRATION_ID_BYTES)
+    envelope = seal(ctx.keyring, outputs.seal_bytes(key, panel), record_id=registration_id,
+                    owner=principal.name)
+    host_header = store_host(ctx.store, ctx.keyring, host, registration_id=registration_id,
+                             owner=principal.name)
+    wm_commitment = commitment(key.bits)
+    sets = query_set_commitments(key)
+    record = Registration(
+        registration_id=registration_id, owner=principal.name, created_at=0,
+        host_fingerprint=fingerprint, architecture_digest=reading.identity.architecture_digest,
+        layer=outputs.OUTPUTS_LAYER, units=key.n_classes, n_bits=len(key.queries),
+        commitment=wm_commitment, key_version=ctx.keyring.current_version,
+        envelope=envelope.to_bytes(), host_envelope=host_header, log_index=0,
+    )
+    try:
+        body, index, _ = append_entry(ctx, RECEIPT_KIND, lambda i, t: wire.encode_body(Receipt, {
+            "registration_id": registration_id, "owner": principal.name,
+            "host_fingerprint": fingerprint, "watermark_commitment": wm_commitment,
+            "layer": outputs.OUTPUTS_LAYER, "n_bits": len(key.queries), "log_index": i,
+            "integrated_time": t, "panel": ReferencePanel.of(key.panel),
+            "architecture_digest": reading.identity.architecture_digest, "query_sets": sets,
+            "panel_members": tuple(PanelMemberEntry(fingerprint=f, source="owner", member_id="",
+                                                    left_out="") for f in key.panel),
+            "panel_warning": "",
+        }), record)
+    except DuplicateError as exc:  # a concurrent Register of the same host committed first
+        raise _claimed(principal, lookup_many(
+            ctx, lambda registry: registry.by_fingerprint(fingerprint)),
+            "a concurrent Register of the same weights committed first") from exc
+    log.info("registered output key %s for %s at log index %d (%d sets, panel of %d)",
+             registration_id, principal.name, index, len(sets), len(key.panel))
+    receipt = wire.read_statement(Receipt, sign_statement(ctx, body), inclusion_proof(ctx, index))
+    return wire.receipt_to_proto(receipt)
 
 
 def parse_bundle(ctx: Context, principal: Principal, header: pb.RegisterHeader) -> KeyBundle:
@@ -162,7 +228,7 @@ def register_host(ctx: Context, principal: Principal, bundle: KeyBundle, host: P
             "host_fingerprint": reading.fingerprint, "watermark_commitment": wm_commitment,
             "layer": bundle.layer, "n_bits": bundle.n_bits, "log_index": i, "integrated_time": t,
             "panel": panel_record, "architecture_digest": reading.architecture_digest,
-            "panel_members": vetted.entries, "panel_warning": vetted.warning,
+            "panel_members": vetted.entries, "panel_warning": vetted.warning, "query_sets": (),
         }), record)
     except DuplicateError as exc:  # a concurrent Register of the same host committed first
         raise _claimed(principal, lookup_many(
@@ -227,8 +293,11 @@ class _PriorClaims:
         if same:
             raise _claimed(self.principal, same, "the same weights are registered")
         signature = _signature(self.bundle.triggers)
+        # Output keys are judged on outputs, not tensors: their hosts are held by the
+        # fingerprint check above (docs/keyserver.md).
         opened = [(record, *panels.open_sealed(self.ctx, record)) for record in
-                  lookup_many(self.ctx, lambda reg: reg.all()) if _blocks(record, self.principal)]
+                  lookup_many(self.ctx, lambda reg: reg.all())
+                  if _blocks(record, self.principal) and not outputs.is_output_registration(record)]
         self.earlier = [(record, bundle, panel) for record, bundle, panel in opened
                         if _signature(bundle.triggers) == signature]
         return [scan_run(bundle, panel) for _, bundle, panel in self.earlier]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
 
 from freemark.errors import InvalidInputError
 from freemark.extract import judge_activations
@@ -34,10 +33,12 @@ from freemark_keyserver.auth import ADMIN, ARBITER, OWNER, require_role
 from freemark_keyserver.errors import ErrorCode, ServiceError
 from freemark_keyserver.handlers import panels, scans
 from freemark_keyserver.handlers.context import (
+    Admission,
     Context,
     Stream,
     append_entry,
     inclusion_proof,
+    policy_alpha,
     sandbox_refusals,
     sandbox_runner,
     sign_statement,
@@ -52,16 +53,6 @@ from freemark_keyserver.store import Principal, Registration
 __all__ = ["Admission", "judge", "verify", "verify_target"]
 
 log = logging.getLogger("freemark_keyserver")
-
-
-class Admission(Protocol):
-    """The registration's Verify rate limit as the caller meets it (`rpc.ratelimit`)."""
-
-    def check(self, record: Registration) -> None:
-        """RATE_LIMITED when the caller's bucket for `record` is empty; takes nothing."""
-
-    def charge(self, record: Registration) -> None:
-        """Take a token from the caller's bucket for `record`, or RATE_LIMITED."""
 
 
 def verify(ctx: Context, principal: Principal, stream: Stream[pb.VerifyHeader], *,
@@ -96,15 +87,7 @@ def verify_target(ctx: Context, principal: Principal, header: pb.VerifyHeader) -
     if len(header.onnx_tensor) > formats.MAX_TENSOR_NAME:
         raise ServiceError(ErrorCode.MALFORMED_REQUEST,
                            f"onnx_tensor is over {formats.MAX_TENSOR_NAME} characters")
-    if header.alpha and not 0.0 < header.alpha < 1.0:
-        raise ServiceError(ErrorCode.MALFORMED_REQUEST, "alpha must be in (0, 1)")
-    policy = ctx.config.verdict_policy
-    alpha = header.alpha or DEFAULT_ALPHA
-    if not policy.alpha_min <= alpha <= policy.alpha_max:
-        asked = f"alpha {alpha:g}" + ("" if header.alpha else " (the default)")
-        raise ServiceError(ErrorCode.ALPHA_OUTSIDE_POLICY,
-                           f"{asked} is outside this key server's verdict policy: it signs "
-                           f"verdicts for {policy.describe()}")
+    policy_alpha(ctx, header.alpha)
     return record
 
 

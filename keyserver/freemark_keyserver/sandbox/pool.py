@@ -309,7 +309,7 @@ class SandboxPool:
         try:
             with self._child(model_path, weights_path, limits) as child:
                 identity, results = decode_reply(child.ask(request), [r.rows for r in runs],
-                                                 [r.scans for r in runs])
+                                                 [r.scans for r in runs], [r.outputs for r in runs])
                 more = list(then(identity, results)) if then is not None else []
                 if more:
                     results = [*results, *_more(child, more, bool(weights_path), options or {})]
@@ -376,7 +376,7 @@ def _more(child: _Child, runs: Sequence[TriggerRun], has_weights: bool,
     """The results of a follow-up request; the child's failure becomes each run's result."""
     try:
         _, results = decode_reply(child.ask(encode_request(runs, has_weights, options)),
-                                  [r.rows for r in runs], [r.scans for r in runs])
+                                  [r.rows for r in runs], [r.scans for r in runs], [r.outputs for r in runs])
     except cancellation.CallEnded:
         raise
     except Exception as exc:  # noqa: BLE001 - every run of the batch fails alone, with this

@@ -11,7 +11,9 @@ either side knows when one is complete:
 
 1. request: `np.save` frames (never pickle): a JSON header as uint8 (``model``, ``weights``,
    and ``sets``: one ``{"layer", "pooling", "has_mask", "probes", "width"}`` per trigger set,
-   a `TriggerRun` each; ``layer`` null asks for a scan of every tensor), then each set's inputs and, if announced, its attention mask. The
+   a `TriggerRun` each; ``layer`` null asks for a scan of every tensor, ``outputs`` true for
+   the model's output scores instead of a layer), then each set's inputs and, if announced,
+   its attention mask. The
    child appends ``probes`` alignment probes to each set itself
    (`freemark.scheme.probes.with_probes`). Triggers are secret and never touch disk. Options
    ride in the header too: the upload's format (`formats.sandbox_options`), and
@@ -51,6 +53,7 @@ import numpy as np
 from freemark.errors import InvalidInputError, ModelFileError
 from freemark.formats.onnx import MAX_TENSOR_NAME
 from freemark.scheme.triggers import TriggerSet
+from freemark.v1 import bundle_pb2
 from freemark_keyserver.sandbox.errors import SandboxError, SandboxResourceError, SandboxRunFailed
 
 __all__ = [
@@ -72,6 +75,7 @@ __all__ = [
     "WEIGHTS_PATH",
     "LayerScan",
     "ModelIdentity",
+    "OutputScores",
     "Refusal",
     "TriggerRun",
     "check_activations",
@@ -142,6 +146,10 @@ class TriggerRun:
     model computes, whatever its name (`freemark.scheme.activations.capture_every`), each
     pooled by its rank, of `width` units only (0: any), and answers a `LayerScan`; nothing
     when the model does not take inputs of the triggers' kind.
+
+    `outputs` reads no layer: the run answers the model's output scores on the inputs, (n,
+    classes) float32 log-probabilities (`freemark.scheme.activations.output_scores`), what an
+    output key is judged on (`outputs_of`).
     """
 
     layer: str | None
@@ -149,6 +157,13 @@ class TriggerRun:
     triggers: TriggerSet
     probes: int = 0
     width: int = 0
+    outputs: bool = False
+
+    @classmethod
+    def outputs_of(cls, inputs: np.ndarray) -> TriggerRun:
+        """The run that reads a model's output scores on `inputs` (an output key's queries)."""
+        return cls("", bundle_pb2.POOLING_NONE, TriggerSet(inputs=np.asarray(inputs)),
+                   outputs=True)
 
     @property
     def scans(self) -> bool:
@@ -193,6 +208,23 @@ class LayerScan(np.ndarray):
                 for start, stop in itertools.pairwise(np.cumsum((0, *self.widths)))]
 
 
+class OutputScores(np.ndarray):
+    """An outputs run's answer (`TriggerRun.outputs_of`): the (n, classes) scores, and
+    `architecture`, the model's exact architecture (`freemark.formats.pt2.shape_digest`),
+    which the status frame carries beside them: an output key's panel must span two."""
+
+    architecture: bytes = b""
+
+    def __array_finalize__(self, obj: Any) -> None:
+        self.architecture = bytes(getattr(obj, "architecture", b""))
+
+    @classmethod
+    def of(cls, scores: np.ndarray, architecture: bytes) -> OutputScores:
+        answer = np.ascontiguousarray(scores).view(cls)
+        answer.architecture = architecture
+        return answer
+
+
 class Refusal(Exception):
     """A failure the child reports as a status frame {"kind": kind, "message": message}."""
 
@@ -209,7 +241,7 @@ def encode_request(runs: Sequence[TriggerRun], has_weights: bool, options: dict[
     """A request (without its length frame) for `runs` of the model the child holds."""
     header = {**options, "model": MODEL_PATH, "weights": WEIGHTS_PATH if has_weights else None,
               "sets": [{"layer": r.layer, "pooling": int(r.pooling), "probes": int(r.probes),
-                        "width": int(r.width),
+                        "width": int(r.width), "outputs": bool(r.outputs),
                         "has_mask": r.triggers.attention_mask is not None} for r in runs]}
     buffer = io.BytesIO()
     arrays: list[Any] = [np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)]
@@ -274,6 +306,10 @@ def encode_reply(identity: bytes, results: Sequence[Any]) -> bytes:
         if isinstance(result, Refusal):
             parts.append(_status_frame(result.kind, str(result)))
             continue
+        if isinstance(result, OutputScores):
+            parts.append(_status_frame(OK_KIND, "", architecture=result.architecture.hex()))
+            parts.append(_npy(np.ascontiguousarray(result, dtype=np.float32)))
+            continue
         if isinstance(result, LayerScan):
             parts.append(_status_frame(OK_KIND, "", widths=list(result.widths),
                                        names=list(result.names)))
@@ -309,14 +345,14 @@ class _Frames:
         self.at = start + count * dtype.itemsize
         return np.frombuffer(self._raw, dtype=dtype, count=count, offset=start).reshape(shape)
 
-    def status(self) -> tuple[str, str, Any, Any]:
-        """A status frame's kind, message and (a scan's) widths and names, None where it has
-        none."""
+    def status(self) -> tuple[str, str, Any, Any, Any]:
+        """A status frame's kind, message, (a scan's) widths and names and (an outputs
+        run's) architecture, None where it has none."""
         frame = self.next()
         try:
             report = json.loads(frame.tobytes())
             return (str(report["kind"]), str(report["message"])[:MAX_MESSAGE_CHARS],
-                    report.get("widths"), report.get("names"))
+                    report.get("widths"), report.get("names"), report.get("architecture"))
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise SandboxError("the worker failed without a readable report") from exc
 
@@ -335,7 +371,8 @@ def _refusal(kind: str, message: str) -> Exception:
 
 
 def decode_reply(raw: bytes | bytearray | memoryview, rows: list[int],
-                 scans: Sequence[bool] = ()) -> tuple[ModelIdentity, list[np.ndarray | Exception]]:
+                 scans: Sequence[bool] = (), outputs: Sequence[bool] = ()
+                 ) -> tuple[ModelIdentity, list[np.ndarray | Exception]]:
     """A complete reply: the model's identity and, per set of `rows` inputs, its activations
     (for a set that `scans`, a `LayerScan`) or its refusal. Raises for a refusal of the
     whole model, or a reply that breaks the protocol (a compromised child gets no further
@@ -356,9 +393,12 @@ def decode_reply(raw: bytes | bytearray | memoryview, rows: list[int],
         raise SandboxError("the worker's output does not start with the model's identity")
     results: list[np.ndarray | Exception] = []
     for number, n_rows in enumerate(rows):
-        kind, message, widths, names = frames.status()
+        kind, message, widths, names, architecture = frames.status()
         if kind != OK_KIND:
             results.append(_refusal(kind, message))
+            continue
+        if number < len(outputs) and outputs[number]:
+            results.append(_check_outputs(frames.next(), n_rows, architecture))
             continue
         scan = number < len(scans) and scans[number]
         if scan != (widths is not None):
@@ -370,6 +410,15 @@ def decode_reply(raw: bytes | bytearray | memoryview, rows: list[int],
     if frames.at != len(view) - 1:
         raise SandboxError("the worker's output has trailing bytes")
     return ModelIdentity.from_bytes(identity.tobytes()), results
+
+
+def _check_outputs(array: np.ndarray, n_rows: int, architecture: Any) -> OutputScores:
+    """An outputs run's scores, checked like activations, with the architecture digest the
+    status frame carried (64 hex digits, or the reply breaks the protocol)."""
+    if not (isinstance(architecture, str) and len(architecture) == 2 * _DIGEST_BYTES
+            and all(c in "0123456789abcdef" for c in architecture)):
+        raise SandboxError("the worker's output scores lack the model's architecture")
+    return OutputScores.of(check_activations(array, n_rows), bytes.fromhex(architecture))
 
 
 def _check_scan(array: np.ndarray, n_rows: int, widths: Any, names: Any) -> LayerScan:

@@ -187,6 +187,25 @@ def _entry_signatures(blob: str) -> tuple[str, ...]:
     )
 
 
+def _disclosures(integer: str) -> tuple[str, ...]:
+    """Version 8: which endpoint each output key's query set was sent to (issue 19).
+
+    A set disclosed to one endpoint is burned for the others: the key server picks an unused
+    set per endpoint, and the least-disclosed one when none is left. A disclosure is stored
+    before the first query goes out, so a verification that is then refused (and signs
+    nothing) still counts: the endpoint saw the queries.
+    """
+    return (
+        f"""CREATE TABLE query_set_disclosures (
+            registration_id TEXT NOT NULL REFERENCES registrations(registration_id),
+            query_set INTEGER NOT NULL,
+            endpoint TEXT NOT NULL,
+            disclosed_at {integer} NOT NULL,
+            PRIMARY KEY (registration_id, query_set, endpoint)
+        )""",
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
@@ -232,6 +251,12 @@ MIGRATIONS: tuple[Migration, ...] = (
         "statement signatures with the log entries",
         sqlite=_entry_signatures("BLOB"),
         postgres=_entry_signatures("BYTEA"),
+    ),
+    Migration(
+        8,
+        "output keys: query sets disclosed to endpoints",
+        sqlite=_disclosures("INTEGER"),
+        postgres=_disclosures("BIGINT"),
     ),
 )
 

@@ -27,9 +27,10 @@ from freemark.formats.pt2 import (
     fingerprint,
     load_program,
     save_program,
+    shape_digest,
     state_dict_of,
 )
-from freemark.scheme.activations import capture
+from freemark.scheme.activations import capture, output_scores
 from freemark.scheme.probes import with_probes
 from freemark.scheme.triggers import TriggerSet, select_triggers
 from freemark.v1 import bundle_pb2
@@ -158,6 +159,27 @@ def test_follow_up_runs_reuse_the_child_that_read_the_model(host: Host) -> None:
     assert again.shape == (len(host.triggers) + 5, 128)
     np.testing.assert_array_equal(again[:len(host.triggers)], first)
     assert isinstance(missing, Exception) and "no_such_layer" in str(missing)
+
+
+def test_an_outputs_run_answers_the_models_scores_as_the_library_reads_them(host: Host
+                                                                         ) -> None:
+    """`TriggerRun.outputs_of`: the child answers the model's log-probabilities, the numbers
+    `freemark.scheme.activations.output_scores` gives in process (one reading of outputs),
+    beside a layer run of the same load."""
+    identity, results = shared_pool().run(
+        host.path, [TriggerRun.outputs_of(host.triggers.inputs),
+                    TriggerRun(LAYER, POOLING, host.triggers)],
+        weights_path=None, limits=DEFAULT_LIMITS)
+    scores, layer = results
+    assert isinstance(scores, np.ndarray) and scores.shape == (len(host.triggers), 10)
+    expected = output_scores(load_program(host.path), host.triggers.inputs)
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(scores.argmax(axis=1), expected.argmax(axis=1))
+    np.testing.assert_allclose(np.exp(scores).sum(axis=1), 1.0, rtol=1e-4)
+    assert isinstance(layer, np.ndarray) and layer.shape == (len(host.triggers), 128)
+    assert identity.fingerprint == fingerprint(load_program(host.path))
+    assert isinstance(scores, sandbox_protocol.OutputScores)
+    assert scores.architecture == shape_digest(load_program(host.path))
 
 
 def test_one_childs_replies_together_stay_under_the_output_cap(host: Host) -> None:
