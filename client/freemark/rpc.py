@@ -32,8 +32,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from tqdm.auto import tqdm
 
-from freemark.blackbox.key import OutputKey
-from freemark.blackbox.key import _encode as encode_output_key
+from freemark.blackbox.key import OutputKey, encode_output_key
 from freemark.errors import (
     ERROR_DOMAIN,
     FreemarkError,

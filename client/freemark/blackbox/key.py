@@ -34,8 +34,8 @@ from freemark.scheme.watermark import watermark_bits
 from freemark.secretfile import write_private
 from freemark.verdict.outputs import RANK_DEPTH
 
-__all__ = ["FILE_MAGIC", "MIN_PASSPHRASE", "OutputKey", "is_output_key", "load_output_key",
-           "save_output_key"]
+__all__ = ["FILE_MAGIC", "MIN_PASSPHRASE", "OutputKey", "decode_output_key", "encode_output_key",
+           "is_output_key", "load_output_key", "save_output_key"]
 
 OUTPUT_KEY_VERSION = 1
 FILE_MAGIC = b"FREEMARK-OUTKEY\x00v1\n"
@@ -112,7 +112,7 @@ class OutputKey:
 _FIELDS = dataclasses.fields(OutputKey)
 
 
-def _encode(key: OutputKey) -> bytes:
+def encode_output_key(key: OutputKey) -> bytes:
     arrays: dict[str, np.ndarray] = {}
     for spec in _FIELDS:
         value = getattr(key, spec.name)
@@ -133,7 +133,7 @@ def _encode(key: OutputKey) -> bytes:
     return buffer.getvalue()
 
 
-def _decode(data: bytes) -> OutputKey:
+def decode_output_key(data: bytes) -> OutputKey:
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
@@ -211,7 +211,7 @@ def save_output_key(path: str | os.PathLike[str], key: OutputKey, passphrase: by
         raise InvalidInputError(f"an output key's passphrase needs at least {MIN_PASSPHRASE} "
                                 f"bytes")
     salt, nonce = os.urandom(_SALT), os.urandom(_NONCE)
-    sealed = AESGCM(_kdf(passphrase, salt)).encrypt(nonce, _encode(key), FILE_MAGIC + salt)
+    sealed = AESGCM(_kdf(passphrase, salt)).encrypt(nonce, encode_output_key(key), FILE_MAGIC + salt)
     write_private(Path(path), FILE_MAGIC + salt + nonce + sealed)
 
 
@@ -243,4 +243,4 @@ def load_output_key(path: str | os.PathLike[str], passphrase: bytes) -> OutputKe
     except InvalidTag:
         raise InvalidInputError(f"{path}: cannot open the output key: wrong passphrase or "
                                 f"a damaged file") from None
-    return _decode(plain)
+    return decode_output_key(plain)

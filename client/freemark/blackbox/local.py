@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from freemark.formats.local import load_model
+from freemark.scheme.activations import output_scores
 
 __all__ = ["LocalResponder"]
 
@@ -34,11 +35,10 @@ class LocalResponder:
         return cls(load_model(path), labels_only=labels_only)
 
     def answer(self, inputs: np.ndarray) -> np.ndarray:
-        """Labels (n,) int64, or log-probabilities (n, classes) float32."""
-        batch = np.ascontiguousarray(inputs)
-        with torch.no_grad():
-            logits = torch.cat([self.model(torch.from_numpy(batch[i:i + BATCH]))
-                                for i in range(0, len(batch), BATCH)])
+        """Labels (n,) int64, or log-probabilities (n, classes) float32: the one reading of
+        a model's outputs (`freemark.scheme.activations.output_scores`), the same numbers a
+        key server's sandbox reads from an uploaded file."""
+        scores = output_scores(self.model, inputs, batch_size=BATCH)
         if self.labels_only:
-            return logits.argmax(dim=1).numpy().astype(np.int64)
-        return torch.log_softmax(logits.float(), dim=1).numpy()
+            return scores.argmax(axis=1).astype(np.int64)
+        return scores

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from freemark.blackbox.judge import check_host_answers
-from freemark.blackbox.key import OutputKey, _decode, _encode
+from freemark.blackbox.key import OutputKey, decode_output_key, encode_output_key
 from freemark.errors import InvalidInputError
 from freemark.verdict.outputs import RANK_DEPTH
 from freemark_keyserver.crypto import Envelope, open_envelope
@@ -52,7 +52,7 @@ def parse_key(raw: bytes, owner: str, max_bytes: int) -> OutputKey:
     if len(raw) > max_bytes:
         raise ServiceError(ErrorCode.TOO_LARGE, f"output key over the cap of {max_bytes} bytes")
     try:
-        key = _decode(raw)
+        key = decode_output_key(raw)
     except InvalidInputError as exc:
         raise ServiceError(ErrorCode.INVALID_BUNDLE, str(exc)) from exc
     if key.owner != owner:
@@ -167,7 +167,7 @@ def seal_bytes(key: OutputKey, panel: MeasuredPanel) -> bytes:
     """The plaintext the TTP seals: a magic line, then an .npz (no pickle) of the key's own
     encoding and the panel's answers as the TTP measured them."""
     buffer = io.BytesIO()
-    np.savez(buffer, allow_pickle=False, key=np.frombuffer(_encode(key), dtype=np.uint8),
+    np.savez(buffer, allow_pickle=False, key=np.frombuffer(encode_output_key(key), dtype=np.uint8),
              fingerprints=panel.fingerprints, query_scores=panel.query_scores,
              ranking_scores=panel.ranking_scores)
     return SEALED_MAGIC + buffer.getvalue()
@@ -179,7 +179,7 @@ def open_bytes(plaintext: bytes) -> tuple[OutputKey, MeasuredPanel]:
         raise InvalidInputError("not a sealed output key")
     try:
         with np.load(io.BytesIO(plaintext[len(SEALED_MAGIC):]), allow_pickle=False) as archive:
-            key = _decode(archive["key"].tobytes())
+            key = decode_output_key(archive["key"].tobytes())
             panel = MeasuredPanel(archive["fingerprints"], archive["query_scores"],
                                   archive["ranking_scores"])
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
