@@ -13,7 +13,7 @@ import blackbox_models as bm
 from freemark.blackbox.key import (
     FILE_MAGIC,
     OutputKey,
-    _encode,
+    encode_output_key,
     is_output_key,
     load_output_key,
     save_output_key,
@@ -40,7 +40,7 @@ def test_round_trip_is_exact_and_nothing_is_in_the_clear(tmp_path: Path) -> None
     assert is_output_key(path)
     _same(load_output_key(path, SECRET), key)
     data = path.read_bytes()
-    plain = _encode(key)
+    plain = encode_output_key(key)
     # Neither the serialized fields, nor the queries' bytes, nor the owner appear on disk.
     for needle in (plain[:64], key.queries[:4].tobytes(), key.owner.encode(), key.nonce):
         assert needle not in data
