@@ -26,7 +26,7 @@ class LocalResponder:
 
     def __init__(self, model: nn.Module | torch.export.ExportedProgram, *,
                  labels_only: bool = False) -> None:
-        self.model = model.module() if isinstance(model, torch.export.ExportedProgram) else model
+        self.model = model
         self.labels_only = labels_only
 
     @classmethod
