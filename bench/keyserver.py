@@ -103,7 +103,6 @@ CHUNK = 1 << 20  # the client library's chunk size
 RSS_GOAL_FACTOR, RSS_GOAL_SLACK_MB = 1.2, 200
 UPLOAD_GOAL, REGISTER_GOAL = 0.7, 0.5
 VERIFY_GOAL, FULL_VS_TTP_GOAL = 1.3, 0.5  # Verify over its in-process floor; full over TTP only
-GiB = 1 << 30
 START_TIMEOUT_S = 120.0
 RSS_SAMPLE_S = 0.01
 WIDE_HIDDEN_LAYERS = 4  # square hidden layers of a "wide" model: they hold nearly all weights
@@ -542,7 +541,7 @@ def pool_idle_memory() -> dict[str, float]:
         rollup = Path(f"/proc/{pool.pid}/smaps_rollup").read_text().splitlines()
         fields = {line.split(":")[0]: float(line.split()[1]) / 1024 for line in rollup[1:]}
         return {"rss_mb": rss_mb(pool.pid), "pss_mb": fields.get("Pss", float("nan")),
-                "start_s": start_s, "workers_default": default_workers(GiB * 4),
+                "start_s": start_s, "workers_default": default_workers(SandboxLimits()),
                 "isolation": pool.isolation.summary()}
     finally:
         pool.close()

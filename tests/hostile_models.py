@@ -281,3 +281,34 @@ def nan_on_bright(dst: Path, threshold: float, *, chain: int = 0, seed: int = 0)
     torch.manual_seed(seed)
     save_program(NanOnBright().eval(), (torch.zeros(2, 1, 8, 8),), dst)
     return dst
+
+
+def renamed_with_decoy(src: Path, dst: Path, *, layer: str, under: str
+                       ) -> tuple[Path, dict[str, str]]:
+    """A thief's ONNX file (issue 18, item 3): the export `src` with every node and tensor
+    renamed, so nothing is named after the key layer any more, and one more graph output, a
+    ReLU node named like `layer`'s module (`/act/Relu`) over the tensor `under`, so a reader
+    that trusts node names reads the decoy. Returns the file and each new tensor name's
+    original."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(src))
+    graph = model.graph
+    renamed: dict[str, str] = {}
+    for number, node in enumerate(graph.node):
+        node.name = f"node{number}"
+        for position, name in enumerate(node.output):
+            if name:
+                renamed[name] = node.output[position] = f"t{len(renamed)}"
+    for node in graph.node:
+        for position, name in enumerate(node.input):
+            node.input[position] = renamed.get(name, name)
+    for output in graph.output:
+        output.name = renamed.get(output.name, output.name)
+    del graph.value_info[:]
+    scope = "/" + layer.replace(".", "/")
+    graph.node.append(helper.make_node("Relu", [renamed[under]], ["decoy"], name=f"{scope}/Relu"))
+    graph.output.append(helper.make_tensor_value_info("decoy", onnx.TensorProto.FLOAT, None))
+    onnx.save(model, str(dst))
+    return dst, {new: old for old, new in renamed.items()}

@@ -15,10 +15,12 @@ from typing import Any
 from freemark.records.schema import to_json_fields
 from freemark.records.types import (
     COARSE_VERDICT_KIND,
+    ENDPOINT_VERDICT_KIND,
     RECEIPT_KIND,
     VERDICT_KIND,
     Checkpoint,
     CoarseVerdict,
+    EndpointVerdict,
     InclusionProof,
     Receipt,
     SignedStatement,
@@ -49,6 +51,9 @@ def receipt_body(log_index: int, **overrides: Any) -> dict[str, Any]:
         "log_index": log_index,
         "panel": {"size": 0, "sha256": hashlib.sha256(b"").hexdigest()},
         "architecture_digest": bytes(range(96, 128)).hex(),
+        "panel_members": [],
+        "panel_warning": "",
+        "query_sets": [],
         **overrides,
     }
 
@@ -65,6 +70,7 @@ def verdict_body(log_index: int, **overrides: Any) -> dict[str, Any]:
         "suspect_sha256": bytes(range(64, 96)).hex(),
         "suspect_size": 123_456,
         "policy": to_json_fields(POLICY),
+        "reading": {"tensor": "act", "located": "named", "candidates": 1, "requested": ""},
         "n_bits": 256,
         "matches": 256,
         "ber": 0.0,
@@ -85,13 +91,41 @@ def verdict_body(log_index: int, **overrides: Any) -> dict[str, Any]:
     }
 
 
+def endpoint_verdict_body(log_index: int, **overrides: Any) -> dict[str, Any]:
+    """The fields of an endpoint verdict statement: a verdict's judgement (the output tests)
+    bound to an endpoint conversation, as the proto's EndpointVerdict comment lists them."""
+    full = verdict_body(log_index)
+    judgement = {k: full[k] for k in ("n_bits", "ber", "p_value_method", "p_value_binomial",
+                                      "log10_p_value_binomial", "alpha", "panel", "policy",
+                                      "registration_id", "requested_by", "log_index",
+                                      "integrated_time")}
+    return {**judgement, "kind": ENDPOINT_VERDICT_KIND, "n_bits": 48, "matches": 40,
+            "p_value": 1e-12, "log10_p_value": -12.0, "is_match": True, "outcome": "match",
+            "tests": [{"name": "labels", "statistic": 40, "n": 48, "p_value": 1e-12,
+                       "log10_p_value": -12.0, "method": "heldout-betabinomial"}],
+            "endpoint": "http://127.0.0.1:8080", "endpoint_address": "127.0.0.1",
+            "model_name": "mnist", "model_version": "1", "answers": "labels",
+            "query_set": 1, "query_set_commitment": bytes(range(32)).hex(),
+            "set_disclosures": 0, "set_reused": False,
+            "started_at": full["integrated_time"] - 2_000_000,
+            "finished_at": full["integrated_time"] - 1_000_000,
+            "exchanges": [{"method": "GET", "path": "/v2/models/mnist", "status": 200,
+                           "inputs": 0, "request_sha256": hashlib.sha256(b"").hexdigest(),
+                           "response_sha256": bytes(range(1, 33)).hex()},
+                          {"method": "POST", "path": "/v2/models/mnist/infer", "status": 200,
+                           "inputs": 128, "request_sha256": bytes(range(2, 34)).hex(),
+                           "response_sha256": bytes(range(3, 35)).hex()}],
+            **overrides}
+
+
 def coarse_verdict_body(log_index: int, **overrides: Any) -> dict[str, Any]:
     """The fields of a coarse verdict statement: the decision, the p-value's bucket and the
     binding fields, none of the statistics."""
     full = verdict_body(log_index)
     decision = {k: full[k] for k in ("registration_id", "requested_by", "suspect_sha256",
-                                     "suspect_size", "policy", "n_bits", "alpha", "is_match",
-                                     "outcome", "panel", "integrated_time", "log_index")}
+                                     "suspect_size", "policy", "reading", "n_bits", "alpha",
+                                     "is_match", "outcome", "panel", "integrated_time",
+                                     "log_index")}
     return {**decision, "kind": COARSE_VERDICT_KIND, "p_value": 1e-20, "log10_p_value": -20.0,
             "p_value_above": 1e-30, **overrides}
 
@@ -128,6 +162,10 @@ class SignedLog:
         """Entry `index` (a verdict body) as the server's typed SignedVerdict, read from its body."""
         return read_statement(SignedVerdict, self.statement(index), self.inclusion(index))
 
+    def endpoint_verdict(self, index: int) -> EndpointVerdict:
+        """Entry `index` (an endpoint verdict body) as the server's typed EndpointVerdict."""
+        return read_statement(EndpointVerdict, self.statement(index), self.inclusion(index))
+
     def coarse_verdict(self, index: int) -> CoarseVerdict:
         """Entry `index` (a coarse verdict body) as the server's typed CoarseVerdict."""
         return read_statement(CoarseVerdict, self.statement(index), self.inclusion(index))
@@ -160,6 +198,12 @@ def build_log(entries: Sequence[bytes], signer: SigningKey | None = None) -> Sig
 def standard_log(signer: SigningKey | None = None) -> SignedLog:
     """Five entries: registrations at 0, 1, 2 and 4, a verdict at 3."""
     bodies = [receipt_body(0), receipt_body(1), receipt_body(2), verdict_body(3), receipt_body(4)]
+    return build_log([canonical_json(body) for body in bodies], signer)
+
+
+def endpoint_log(signer: SigningKey | None = None) -> SignedLog:
+    """Two entries: a registration at 0 and an endpoint verdict of it at 1."""
+    bodies = [receipt_body(0), endpoint_verdict_body(1, registration_id="reg-0000")]
     return build_log([canonical_json(body) for body in bodies], signer)
 
 

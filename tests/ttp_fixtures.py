@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,3 +124,43 @@ def secret_fragments(array: np.ndarray, length: int = 64) -> list[bytes]:
     raw = np.ascontiguousarray(array).tobytes()
     step = max(1, len(raw) // 4)
     return [raw[i:i + length] for i in range(0, len(raw) - length, step)][:4]
+
+
+class _Wide(torch.nn.Module):
+    """The digits interface (1x8x8 in) with an `act` layer `copies` x 64 units wide: the
+    input's 64 values repeated, no weights, so the file is small and the run quick."""
+
+    def __init__(self, copies: int) -> None:
+        super().__init__()
+        self.copies = copies
+        self.act = torch.nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x.flatten(1).repeat(1, self.copies))
+
+
+def wide_suspect(path: Path, reply_bytes: int, rows: int) -> Path:
+    """A `.pt2` whose `act` layer answers about `reply_bytes` of float32 activations on
+    `rows` inputs: what a large sandbox reply costs the server, with little work in the child."""
+    save_program(_Wide(max(1, reply_bytes // (4 * 64 * rows))).eval(),
+                 (torch.zeros(2, 1, 8, 8),), path)
+    return path
+
+
+def _resident() -> dict[str, int]:
+    with open("/proc/self/status") as status:
+        return {line.split(":")[0]: int(line.split()[1]) * 1024 for line in status
+                if line.startswith(("VmRSS:", "VmHWM:"))}
+
+
+@contextlib.contextmanager
+def resident_peak() -> Iterator[Callable[[], int]]:
+    """How many bytes this process's resident set rose above its size on entry, at its
+    highest inside the block (the kernel's high-water mark, reset on entry by writing 5 to
+    /proc/self/clear_refs); call the yielded function after the block."""
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+    start = _resident()["VmRSS"]
+    peak: list[int] = []
+    yield lambda: peak[0]
+    peak.append(_resident()["VmHWM"] - start)

@@ -103,14 +103,17 @@ def in_process_sandbox(model_path: Path, *, layer: str, pooling: int, triggers: 
 
 def in_process_batch(model_path: Path, runs: Sequence[TriggerRun], *,
                      weights_path: Path | None = None, then: Then | None = None,
+                     options: dict[str, Any] | None = None,
                      **_limits: Any) -> tuple[ModelIdentity, list[np.ndarray | Exception]]:
     """`sandbox.run_batch`'s answer (one load, `then`'s follow-up runs included), computed
-    in this process by the worker's own code."""
+    in this process by the worker's own code; `options` name the upload's format as they do
+    for the sandbox (`formats.sandbox_options`)."""
     def spec(run: TriggerRun) -> dict[str, Any]:
         return {"layer": run.layer, "pooling": run.pooling, "probes": run.probes,
                 "width": run.width}
 
-    header = {"model": str(model_path), "weights": str(weights_path) if weights_path else None,
+    header = {**(options or {}), "model": str(model_path),
+              "weights": str(weights_path) if weights_path else None,
               "sets": [spec(r) for r in runs]}
     with _SANDBOX_TURN:
         raw, read = _runner(header, [(r.triggers.inputs, r.triggers.attention_mask)

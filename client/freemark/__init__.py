@@ -15,6 +15,11 @@ Quick start::
     freemark.save_statement("receipt.json", receipt)
     freemark.verify_receipt(freemark.load_statement("receipt.json"), ttp_public_key_pem)
 
+    # Output keys: evidence from a model's answers alone (docs/blackbox.md)
+    out_key = freemark.derive_output_key(model, x_train, y_train, references, owner="alice")
+    freemark.save_output_key("model.fmo", out_key, passphrase)   # encrypted, mode 0600
+    verdict = freemark.extract_outputs(freemark.LocalResponder(suspect_model), out_key)
+
 The floor plan (docs/design.md §2), lowest layer first: `errors` and the generated `v1`; `scheme` (the
 key's parts: watermark, triggers, probes, activations, keygen, bundle) and `tlog` (signatures,
 signed notes, Merkle); `formats` (one table of model formats, one module per format) and
@@ -37,6 +42,11 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from freemark.audit.receipt import load_statement, save_statement, verify_receipt
+    from freemark.blackbox.judge import extract_outputs
+    from freemark.blackbox.key import OutputKey, load_output_key, save_output_key
+    from freemark.blackbox.local import LocalResponder
+    from freemark.blackbox.queries import derive_output_key
+    from freemark.blackbox.responder import Responder
     from freemark.derive import derive_key
     from freemark.errors import (
         AlphaOutsidePolicyError,
@@ -56,6 +66,7 @@ if TYPE_CHECKING:
         ModelFileError,
         NotFoundError,
         NotUniqueError,
+        PanelTooWeakError,
         PermissionDeniedError,
         ResourceExhaustedError,
         RevokedError,
@@ -77,6 +88,7 @@ if TYPE_CHECKING:
         Receipt,
         RegistrationInfo,
         SignedVerdict,
+        SuspectReading,
         VerdictPolicy,
     )
     from freemark.rpc import KeyServiceClient
@@ -87,6 +99,13 @@ if TYPE_CHECKING:
 
 # Each public name and the module it lives in.
 _WHERE: dict[str, str] = {
+    "save_output_key": "freemark.blackbox.key",
+    "Responder": "freemark.blackbox.responder",
+    "OutputKey": "freemark.blackbox.key",
+    "LocalResponder": "freemark.blackbox.local",
+    "load_output_key": "freemark.blackbox.key",
+    "extract_outputs": "freemark.blackbox.judge",
+    "derive_output_key": "freemark.blackbox.queries",
     "AlphaOutsidePolicyError": "freemark.errors",
     "AlreadyRegisteredError": "freemark.errors",
     "CoarseVerdict": "freemark.records.types",
@@ -115,6 +134,7 @@ _WHERE: dict[str, str] = {
     "ModelFileError": "freemark.errors",
     "NotFoundError": "freemark.errors",
     "NotUniqueError": "freemark.errors",
+    "PanelTooWeakError": "freemark.errors",
     "PermissionDeniedError": "freemark.errors",
     "Receipt": "freemark.records.types",
     "RegistrationInfo": "freemark.records.types",
@@ -130,6 +150,7 @@ _WHERE: dict[str, str] = {
     "ServerError": "freemark.errors",
     "ServerInternalError": "freemark.errors",
     "SignedVerdict": "freemark.records.types",
+    "SuspectReading": "freemark.records.types",
     "TooLargeError": "freemark.errors",
     "TransportError": "freemark.errors",
     "TriggerSet": "freemark.scheme.triggers",
@@ -159,21 +180,26 @@ __all__ = [
     "InvalidReceiptError",
     "KeyBundle",
     "KeyServiceClient",
+    "LocalResponder",
     "LogProofError",
     "MalformedRequestError",
     "ModelFileError",
     "NotFoundError",
     "NotUniqueError",
+    "OutputKey",
+    "PanelTooWeakError",
     "PermissionDeniedError",
     "Receipt",
     "RegistrationInfo",
     "ResourceExhaustedError",
+    "Responder",
     "RevokedError",
     "SandboxLimitError",
     "SandboxTimeoutError",
     "ServerError",
     "ServerInternalError",
     "SignedVerdict",
+    "SuspectReading",
     "TooLargeError",
     "TransportError",
     "TriggerSet",
@@ -184,13 +210,17 @@ __all__ = [
     "VerdictPolicy",
     "VerificationFailedError",
     "derive_key",
+    "derive_output_key",
     "extract",
+    "extract_outputs",
     "fingerprint",
     "load_bundle",
+    "load_output_key",
     "load_program",
     "load_statement",
     "load_triggers",
     "save_bundle",
+    "save_output_key",
     "save_program",
     "save_statement",
     "save_triggers",

@@ -12,6 +12,13 @@ of grpc's own exception types leaks past the client. The tree::
     │   └── ModelFileError                    a model file is unreadable or unsafe
     ├── UniquenessError                       a locally derived key also decodes elsewhere
     ├── DerivationError                       gradient descent did not clear every margin
+    ├── EndpointError                         a prediction endpoint (OIP v2) was refused:
+    │   ├── EndpointNotAllowedError              ENDPOINT_NOT_ALLOWED  (allow-list, DNS, redirect)
+    │   ├── EndpointUnreachableError             ENDPOINT_UNREACHABLE  (DNS, connect, TLS)
+    │   ├── EndpointTimeoutError                 ENDPOINT_DEADLINE     (connect, read, total)
+    │   ├── EndpointResponseError                ENDPOINT_INVALID      (status, size, JSON, shape)
+    │   │   └── EndpointInconsistentError          different answers to the same query
+    │   └── EndpointBudgetError                  ENDPOINT_BUDGET       (queries per verdict, rate)
     ├── TransportError                        the key server could not be reached
     ├── ServerError                           the key server refused or failed the call
     │   ├── InvalidArgumentError              the request was refused as invalid:
@@ -37,12 +44,24 @@ of grpc's own exception types leaks past the client. The tree::
     │   │   └── CallDeadlineError                CALL_DEADLINE
     │   ├── CallEndedError                       CALL_ENDED
     │   ├── RevokedError                         REVOKED
+    │   ├── EndpointRefusedError              the key server refused the endpoint (the
+    │   │   │                                  server-side twin of an EndpointError):
+    │   │   ├── EndpointNotAllowedRefusal        ENDPOINT_NOT_ALLOWED
+    │   │   ├── EndpointUnreachableRefusal       ENDPOINT_UNREACHABLE
+    │   │   ├── EndpointDeadlineRefusal          ENDPOINT_DEADLINE
+    │   │   ├── EndpointInvalidRefusal           ENDPOINT_INVALID
+    │   │   └── EndpointBudgetRefusal            ENDPOINT_BUDGET
+    │   ├── PanelTooWeakError                    PANEL_TOO_WEAK
     │   ├── UploadCorruptError                   UPLOAD_CORRUPT
     │   └── ServerInternalError                  INTERNAL
     ├── InvalidReceiptError                   a receipt or verdict file is malformed
     │   └── VerificationFailedError           a signature or inclusion proof failed
     ├── LogProofError                         a Merkle proof, checkpoint or audited log is bad
     └── CryptoError                           a decryption or signature check failed (opaque)
+
+The endpoint errors are raised where the HTTP client runs (`freemark.endpoint`): in the owner's
+own `extract --endpoint` and in the key server, which refuses a verify with the class's `REASON`
+(a proto `ErrorReason` name), so one class decides the reason on both sides.
 
 The three grouping classes (`InvalidArgumentError`, `ResourceExhaustedError`,
 `DeadlineExceededError`) gather reasons that call for the same action; they are also what a
@@ -68,6 +87,13 @@ __all__ = [
     "CryptoError",
     "DeadlineExceededError",
     "DerivationError",
+    "EndpointBudgetError",
+    "EndpointError",
+    "EndpointInconsistentError",
+    "EndpointNotAllowedError",
+    "EndpointResponseError",
+    "EndpointTimeoutError",
+    "EndpointUnreachableError",
     "FreemarkError",
     "HostMismatchError",
     "InvalidArgumentError",
@@ -80,6 +106,7 @@ __all__ = [
     "ModelFileError",
     "NotFoundError",
     "NotUniqueError",
+    "PanelTooWeakError",
     "PermissionDeniedError",
     "RateLimitedError",
     "ResourceExhaustedError",
@@ -123,6 +150,64 @@ class UniquenessError(FreemarkError):
 
 class DerivationError(FreemarkError):
     """Gradient descent did not push every bit past its margin."""
+
+
+# --- querying a prediction endpoint (Open Inference Protocol v2) --------------------------
+
+
+class EndpointError(FreemarkError):
+    """A prediction endpoint was refused before anything it said could become evidence.
+
+    `REASON` is the `ErrorReason` (proto/freemark/v1/errors.proto) the key server refuses a
+    verify with when it meets this error, so the reason is decided once, here. The message
+    names the endpoint and what to do; it never quotes more than a short, escaped excerpt of
+    what the endpoint sent.
+    """
+
+    REASON: ClassVar[str] = ""
+
+
+class EndpointNotAllowedError(EndpointError):
+    """The URL's host, an address its name resolved to, or a redirect's target is outside the
+    allow-list (a redirect is refused wherever it points: no request follows one)."""
+
+    REASON = "ENDPOINT_NOT_ALLOWED"
+
+
+class EndpointUnreachableError(EndpointError):
+    """The name did not resolve, the connection was refused or reset, or TLS did not verify."""
+
+    REASON = "ENDPOINT_UNREACHABLE"
+
+
+class EndpointTimeoutError(EndpointError):
+    """The endpoint did not connect, answer or finish inside the connect, read or total
+    deadline of the policy."""
+
+    REASON = "ENDPOINT_DEADLINE"
+
+
+class EndpointResponseError(EndpointError):
+    """The endpoint's answer cannot be judged: an HTTP error, a body over the cap, malformed
+    JSON, metadata that does not fit the queries, or outputs of the wrong shape or datatype."""
+
+    REASON = "ENDPOINT_INVALID"
+
+
+class EndpointInconsistentError(EndpointResponseError):
+    """The endpoint answered repeats of the same queries differently, more often than the
+    policy tolerates: its answers are not a function of the inputs, so they prove nothing."""
+
+
+class EndpointBudgetError(EndpointError):
+    """The queries would exceed the budget of one verdict, or the endpoint's rate limit is
+    spent; `retry_after` (seconds) is set when waiting helps, None when it never will."""
+
+    REASON = "ENDPOINT_BUDGET"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 # --- talking to the key server --------------------------------------------------------------
@@ -293,6 +378,47 @@ class RevokedError(ServerError):
     REASON = "REVOKED"
 
 
+class EndpointRefusedError(ServerError):
+    """The key server refused a prediction endpoint: it met the `EndpointError` whose `REASON`
+    this refusal carries (the endpoint's own class decides the reason, on both sides)."""
+
+
+class EndpointNotAllowedRefusal(EndpointRefusedError):
+    """The endpoint is outside the key server's allow-list, or it redirected."""
+
+    REASON = EndpointNotAllowedError.REASON
+
+
+class EndpointUnreachableRefusal(EndpointRefusedError):
+    """The key server could not reach the endpoint (DNS, connect, TLS)."""
+
+    REASON = EndpointUnreachableError.REASON
+
+
+class EndpointDeadlineRefusal(EndpointRefusedError):
+    """The endpoint did not answer inside the key server's deadlines."""
+
+    REASON = EndpointTimeoutError.REASON
+
+
+class EndpointInvalidRefusal(EndpointRefusedError):
+    """The endpoint's answers could not be judged (status, size, JSON, shape, consistency)."""
+
+    REASON = EndpointResponseError.REASON
+
+
+class EndpointBudgetRefusal(EndpointRefusedError):
+    """The verification would exceed the key server's query budget or the endpoint's rate."""
+
+    REASON = EndpointBudgetError.REASON
+class PanelTooWeakError(ServerError):
+    """Register: the reference panel cannot give a relabelled copy of the host a match at the
+    policy's alpha; add independent references, or ask the operator to review the members
+    the message names. Nothing was registered."""
+
+    REASON = "PANEL_TOO_WEAK"
+
+
 class UploadCorruptError(ServerError):
     """The bytes the server received do not match the upload header; worth re-sending."""
 
@@ -312,7 +438,9 @@ _BY_REASON: dict[str, type[ServerError]] = {
                 AlreadyRegisteredError, TooLargeError, SandboxLimitError, SandboxTimeoutError,
                 RevokedError, UploadCorruptError, ServerInternalError, AlphaOutsidePolicyError,
                 RateLimitedError, SpoolFullError, UploadStalledError,
-                SandboxBusyError, SandboxCrashedError, CallEndedError, CallDeadlineError)
+                SandboxBusyError, SandboxCrashedError, CallEndedError, CallDeadlineError,
+                EndpointNotAllowedRefusal, EndpointUnreachableRefusal, EndpointDeadlineRefusal,
+                EndpointInvalidRefusal, EndpointBudgetRefusal, PanelTooWeakError)
     if cls.REASON is not None
 }
 

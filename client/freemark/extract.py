@@ -104,6 +104,24 @@ def judge_activations(activations: np.ndarray, bundle: KeyBundle, *, alpha: floa
     return decide(plain, [aligned], fingerprints, alpha=alpha)
 
 
+def panel_reach(bundle: KeyBundle, host_triggers: np.ndarray, host_probes: np.ndarray | None,
+                panel: Sequence[Reference], *, alpha: float) -> Verdict:
+    """The verdict `panel` gives a copy of the host: can a copy be a `match` at `alpha` at all?
+
+    Where the aligned test runs, the copy is the host relabelled (its units in reverse order,
+    so the plain test reads noise and the aligned test decides at its best): a thief's free
+    rewrite, and what the panel is for. Otherwise the copy is the host as it is: no panel
+    makes the plain test see through relabelling, but a panel member may still bound it. A
+    panel whose verdict on this copy is not a match leaves every verdict of the registration
+    on such a copy `inconclusive` at best; the key server checks it before sealing a panel.
+    """
+    if aligns(bundle, panel) and host_probes is not None:
+        order = np.arange(host_triggers.shape[1])[::-1]
+        return judge_activations(host_triggers[:, order], bundle, alpha=alpha,
+                                 probe_activations=host_probes[:, order], panel=panel)
+    return judge_activations(host_triggers, bundle, alpha=alpha, panel=panel)
+
+
 def _why_untested(bundle: KeyBundle, probes: np.ndarray | None, panel: Sequence[Reference]) -> str:
     if bundle.probe_profile is None:
         return "the key has no probe profile: re-derive it with this version of freemark"

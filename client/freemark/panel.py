@@ -10,6 +10,7 @@ registration in its sandbox and keeps it sealed beside the bundle.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,6 +24,9 @@ from freemark.reading import read_layer
 from freemark.scheme.bundle import KeyBundle, tensor_from_proto, tensor_to_proto
 from freemark.v1 import bundle_pb2
 from freemark.verdict.aligned import matched_units
+from freemark.verdict.canon import canonicalise
+from freemark.verdict.decision import count_matches, suspect_vector
+from freemark.verdict.vetting import Lean, leaning
 
 Model = nn.Module | torch.export.ExportedProgram
 
@@ -59,6 +63,33 @@ def measure_reference(model: Model, bundle: KeyBundle) -> Reference:
     return Reference(fingerprint=fingerprint(model), trigger_activations=triggers,
                      probe_activations=probes,
                      matched_units=matched_units(bundle.probe_profile, probes))
+
+
+def leaning_members(panel: Sequence[Reference], bundle: KeyBundle, *, alpha: float
+                    ) -> list[Lean]:
+    """The members that lean toward the bundle's host (`freemark.verdict.vetting`), one entry
+    per member (the stronger statistic), in panel order.
+
+    Both statistics a panel calibrates are checked: the watermark bits a member decodes (the
+    plain test's null, so members of the host's width only) and, where the key has a probe
+    profile, the host units it carries after alignment (the aligned test's null).
+    """
+    found: dict[int, Lean] = {}
+    key = bundle.key.astype(np.float64)
+    plain = [i for i, r in enumerate(panel) if r.trigger_activations.shape[1] == bundle.units]
+    decoded = [int(count_matches(key, suspect_vector(panel[i].trigger_activations,
+                                                     centred=bundle.centred), bundle.bits))
+               for i in plain]
+    leans = [dataclasses.replace(lean, member=plain[lean.member])
+             for lean in leaning(decoded, bundle.n_bits, alpha=alpha, test="plain")]
+    if bundle.probe_profile is not None and panel:
+        units = canonicalise(bundle.probe_profile).units
+        leans += leaning([count_for(r, bundle) for r in panel], units, alpha=alpha,
+                         test="aligned")
+    for lean in leans:
+        if lean.member not in found or lean.log10_p_value < found[lean.member].log10_p_value:
+            found[lean.member] = lean
+    return [found[member] for member in sorted(found)]
 
 
 def fingerprints(panel: Sequence[Reference]) -> list[bytes]:

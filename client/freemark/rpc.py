@@ -32,6 +32,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from tqdm.auto import tqdm
 
+from freemark.blackbox.key import OutputKey, encode_output_key
 from freemark.errors import (
     ERROR_DOMAIN,
     FreemarkError,
@@ -46,6 +47,7 @@ from freemark.records.types import (
     AnyVerdict,
     Checkpoint,
     ConsistencyProof,
+    EndpointVerdict,
     InclusionProof,
     Receipt,
     RegistrationInfo,
@@ -54,6 +56,7 @@ from freemark.records.types import (
 from freemark.records.wire import (
     checkpoint_from_proto,
     consistency_from_proto,
+    endpoint_verdict_from_proto,
     entries_from_proto,
     inclusion_from_proto,
     receipt_from_proto,
@@ -305,13 +308,32 @@ class KeyServiceClient:
             uploads = [_Upload(host, host_format.wire, self._chunk_size, self._progress),
                        *(_Upload(Path(r), pb.MODEL_FORMAT_PT2, self._chunk_size, self._progress)
                          for r in references)]
-            return self._register(message, uploads)
+            return self._register({"bundle": message}, uploads)
 
-    def _register(self, message: Any, uploads: list[_Upload]) -> Receipt:
-        """One Register stream: the header with the host's upload, then each reference."""
+    def register_output_key(self, key: OutputKey, model_path: Path, *,
+                            references: Sequence[Path]) -> Receipt:
+        """Register an output key (`freemark.blackbox`) for its host, a .pt2 program.
+
+        `references` are the panel the key was derived against (the `keygen --outputs
+        --reference` models, at least 8 of at least 2 architectures): the TTP reads them in
+        its sandbox and fits the null on their answers itself. The receipt commits to every
+        query set (`Receipt.query_sets`). Raises `AlreadyRegisteredError` if an earlier
+        registration already claims the model.
+        """
+        for path in (model_path, *references):
+            if _format_of(Path(path), None).wire != pb.MODEL_FORMAT_PT2:
+                raise InvalidInputError(f"{path}: an output key's host and references are "
+                                        ".pt2 programs")
+        uploads = [_Upload(Path(p), pb.MODEL_FORMAT_PT2, self._chunk_size, self._progress)
+                   for p in (model_path, *references)]
+        return self._register({"output_key": encode_output_key(key)}, uploads)
+
+    def _register(self, key: dict[str, Any], uploads: list[_Upload]) -> Receipt:
+        """One Register stream: the header (its key, and the host's upload), then each
+        reference."""
 
         def requests() -> Iterator[pb.RegisterRequest]:
-            first = pb.RegisterRequest(header=pb.RegisterHeader(bundle=message,
+            first = pb.RegisterRequest(header=pb.RegisterHeader(**key,
                                                                 upload=uploads[0].header))
             yield from uploads[0].requests(first, lambda chunk: pb.RegisterRequest(chunk=chunk))
             for upload in uploads[1:]:
@@ -332,8 +354,9 @@ class KeyServiceClient:
         The suspect is a .pt2 program, a Hugging Face checkpoint directory (packed into one
         file for the upload), a .onnx model, or .safetensors weights, which the server
         applies to the architecture registered with the host; `fmt` overrides what the path
-        says. `onnx_tensor` names the key layer's tensor in an ONNX graph (default: found
-        from the layer's name). `alpha` defaults to the scheme's (1e-9); the server refuses
+        says. For an ONNX graph the server locates the key layer itself among every candidate
+        tensor and the verdict names the one it read (`reading`); `onnx_tensor` adds one
+        tensor to the candidates, never replacing them. `alpha` defaults to the scheme's (1e-9); the server refuses
         one outside its verdict policy (`AlphaOutsidePolicyError`). The verdict is a full
         `SignedVerdict`, or a `CoarseVerdict` (outcome and p-value bucket) where the server's
         policy gives those to requesters other than the registration's owner.
@@ -353,6 +376,23 @@ class KeyServiceClient:
                 lambda chunk: pb.VerifyRequest(chunk=chunk),
             )
         return verdict_from_proto(reply)
+
+    def verify_endpoint(self, registration_id: str, endpoint: str, model_name: str, *,
+                        labels_only: bool = False, alpha: float | None = None
+                        ) -> EndpointVerdict:
+        """Ask the TTP to judge the model behind a live Open Inference Protocol v2 endpoint
+        (`endpoint`: http(s)://host:port, which the TTP's operator must allow-list) with a
+        registration's output key: a signed, logged `EndpointVerdict` that binds the
+        endpoint, the model's name and version, the query set and every body's SHA-256.
+        A refused endpoint raises the `ServerError` of its ENDPOINT_* reason; nothing is
+        signed then."""
+        if alpha is not None and not 0.0 < alpha < 1.0:
+            raise InvalidInputError(f"alpha must be in (0, 1), got {alpha}")
+        request = pb.VerifyEndpointRequest(registration_id=registration_id, endpoint=endpoint,
+                                           model_name=model_name, labels_only=labels_only,
+                                           alpha=alpha or 0.0)
+        reply = self._call(self._stub.VerifyEndpoint, lambda: request)
+        return endpoint_verdict_from_proto(reply)
 
     def get_registration(self, registration_id: str) -> RegistrationInfo:
         """One registration's metadata (never the key, triggers or watermark)."""

@@ -49,6 +49,7 @@ def _config(args: argparse.Namespace) -> cfg.ServerConfig:
             client_ca=Path(args.client_ca) if args.client_ca else None,
             max_upload_bytes=args.max_upload_bytes, max_concurrent_rpcs=args.max_concurrent_rpcs,
             max_references=args.max_references, grace_seconds=args.grace,
+            max_scan_candidates=args.max_scan_candidates,
             sandbox_workers=args.sandbox_workers, sandbox_queue=args.sandbox_queue,
             max_bundle_bytes=args.max_bundle_bytes,
             max_calls_per_principal=args.max_calls_per_principal,
@@ -62,8 +63,10 @@ def _config(args: argparse.Namespace) -> cfg.ServerConfig:
             verify_rate_principal=args.verify_rate_principal,
             verify_rate_registration=args.verify_rate_registration,
             metrics_listen=args.metrics_listen,
+            endpoint_allow=tuple(args.endpoint_allow),
             verdict_policy=VerdictPolicy.make(alpha_min=args.alpha_min, alpha_max=args.alpha_max,
                                               arbiter_disclosure=args.arbiter_disclosure),
+            panel_reach=args.panel_reach,
         )
     return cfg.ServerConfig(**options)
 
@@ -305,9 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="server log lines on stderr (default %(default)s)")
     p.add_argument("--max-references", type=int, default=cfg.DEFAULT_MAX_REFERENCES,
                    help="reference models an owner may attach to one registration")
+    p.add_argument("--max-scan-candidates", type=int, default=cfg.DEFAULT_MAX_SCAN_CANDIDATES,
+                   metavar="N", help="candidate tensors one Verify of an ONNX suspect may "
+                   "judge (default %(default)s); past it the call is refused")
     p.add_argument("--sandbox-workers", type=int, metavar="N",
                    help="untrusted models run at once (default: min(cores, available memory / "
-                        "the 4 GiB per-run limit))")
+                        "(the 4 GiB per-run limit + 3 x the 512 MiB reply cap)))")
     p.add_argument("--sandbox-queue", type=int, metavar="N",
                    help="runs that may wait for a worker (default: 4 x workers); beyond, "
                         "RESOURCE_EXHAUSTED (SANDBOX_BUSY) with a retry hint")
@@ -320,6 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arbiter-disclosure", choices=DISCLOSURES, default=cfg.DEFAULT_ARBITER_DISCLOSURE,
                    help="what requesters other than the registration's owner are told: every "
                         "statistic, or the outcome and a p-value bucket (default %(default)s)")
+    p.add_argument("--endpoint-allow", action="append", default=[], metavar="CIDR_OR_HOST",
+                   help="a host name, address or CIDR network VerifyEndpoint may query "
+                        "(repeatable; none by default: every endpoint is refused; loopback "
+                        "and private addresses only when an address or network names them)")
+    p.add_argument("--panel-reach", choices=cfg.PANEL_REACH_MODES, default=cfg.DEFAULT_PANEL_REACH,
+                   help="a Register whose reference panel cannot give a relabelled copy of the "
+                        "host a match at the default alpha: refused (PANEL_TOO_WEAK), or "
+                        "registered with a warning signed into the receipt (default %(default)s)")
     p.set_defaults(handler=_serve)
 
     principal = sub.add_parser("principal", help="manage principals").add_subparsers(

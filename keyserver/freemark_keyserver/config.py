@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from freemark.endpoint import EndpointPolicy
 from freemark.records.types import VerdictPolicy
 from freemark.tlog.note import check_key_name
 from freemark_keyserver.crypto import (
@@ -105,6 +106,10 @@ DEFAULT_REGISTER_RATE_PRINCIPAL = Rate(20, 3600.0)  # 20/hour
 DEFAULT_VERIFY_RATE_PRINCIPAL = Rate(10, 60.0)  # 10/min
 DEFAULT_VERIFY_RATE_REGISTRATION = Rate(20, 3600.0)  # 20/hour
 DEFAULT_MAX_REFERENCES = 16
+# Candidate tensors one Verify of a scanned suspect (an ONNX graph) may judge; past it the
+# call is refused (SANDBOX_LIMIT), never judged on fewer. Each costs one judgement (1,000
+# permutations, and the aligned test where a panel allows it).
+DEFAULT_MAX_SCAN_CANDIDATES = 512
 DEFAULT_ORIGIN = "freemark-ttp"
 # The verdict policy (signed into every verdict). Alpha at most 1e-6: a verdict at a laxer
 # level is not evidence a court should act on (0.99 would sign `match` for an innocent model),
@@ -118,6 +123,12 @@ DEFAULT_ALPHA_MAX = 1e-6
 # null's fit) are a gauge a thief with Verify access can steer a laundering attempt by. An
 # operator who vets every arbiter may choose "full".
 DEFAULT_ARBITER_DISCLOSURE = "coarse"
+# What Register does with a reference panel that cannot give a relabelled copy of the host a
+# match at the policy's default alpha (issue 18, item 7): refuse it (PANEL_TOO_WEAK), so the
+# owner learns it while he can still add references, or register with a signed warning in the
+# receipt, so an operator whose families have only weak panels never holds a registration up.
+PANEL_REACH_MODES = ("refuse", "warn")
+DEFAULT_PANEL_REACH = "refuse"
 
 
 def default_policy(arbiter_disclosure: str = DEFAULT_ARBITER_DISCLOSURE) -> VerdictPolicy:
@@ -157,6 +168,7 @@ class ServerConfig:
     verify_rate_registration: Rate = DEFAULT_VERIFY_RATE_REGISTRATION
     metrics_listen: str | None = None  # HOST:PORT of the Prometheus page; None: no page
     max_references: int = DEFAULT_MAX_REFERENCES  # reference models per Register
+    max_scan_candidates: int = DEFAULT_MAX_SCAN_CANDIDATES  # tensors per scanned Verify
     grace_seconds: float = DEFAULT_GRACE_SECONDS
     # The log's C2SP origin: every checkpoint's first line and its note key name.
     origin: str = DEFAULT_ORIGIN
@@ -166,9 +178,20 @@ class ServerConfig:
     sandbox_workers: int | None = None
     sandbox_queue: int | None = None
     verdict_policy: VerdictPolicy = field(default_factory=default_policy)
+    # Where VerifyEndpoint may send queries (`--endpoint-allow`): host names, addresses and
+    # CIDR networks; empty (the default) refuses every endpoint. The rest of the HTTP
+    # client's limits are `EndpointPolicy`'s defaults (docs/blackbox.md).
+    endpoint_allow: tuple[str, ...] = ()
+    panel_reach: str = DEFAULT_PANEL_REACH  # one of PANEL_REACH_MODES
 
     def __post_init__(self) -> None:
         check_key_name(self.origin)  # it names the note key, so the same rules apply
+        if self.max_scan_candidates < 1:
+            raise ValueError("a scanned Verify must be allowed at least one candidate tensor")
+        if self.panel_reach not in PANEL_REACH_MODES:
+            raise ValueError(f"panel reach must be one of {', '.join(PANEL_REACH_MODES)}, not "
+                             f"{self.panel_reach!r}")
+        _ = self.endpoint_policy  # an allow-list entry that is not a name, address or network
         if not 0.0 < self.spool_principal_share <= 1.0:
             raise ValueError(f"the spool share per principal is a fraction in (0, 1], not "
                              f"{self.spool_principal_share:g}")
@@ -181,6 +204,12 @@ class ServerConfig:
     def start_sandbox(self) -> SandboxPool:
         """Start the sandbox pool these settings describe (before any key is read)."""
         return start_pool(self.sandbox, workers=self.sandbox_workers, queue=self.sandbox_queue)
+
+    @property
+    def endpoint_policy(self) -> EndpointPolicy:
+        """The HTTP client's rules for VerifyEndpoint: the operator's allow-list, the
+        library's deadlines, caps and budgets."""
+        return EndpointPolicy(allow=self.endpoint_allow)
 
     @property
     def spool_dir(self) -> Path:

@@ -57,6 +57,18 @@ class ErrorCode(Enum):
     RATE_LIMITED = (reasons.RATE_LIMITED, S.RESOURCE_EXHAUSTED, "rate limited")
     SPOOL_FULL = (reasons.SPOOL_FULL, S.RESOURCE_EXHAUSTED, "the server's upload spool is full")
     UPLOAD_STALLED = (reasons.UPLOAD_STALLED, S.DEADLINE_EXCEEDED, "upload stalled")
+    # A prediction endpoint refused (`freemark.errors.EndpointError.REASON` names the row).
+    ENDPOINT_NOT_ALLOWED = (reasons.ENDPOINT_NOT_ALLOWED, S.PERMISSION_DENIED,
+                            "endpoint not allowed")
+    ENDPOINT_UNREACHABLE = (reasons.ENDPOINT_UNREACHABLE, S.FAILED_PRECONDITION,
+                            "endpoint unreachable")
+    ENDPOINT_DEADLINE = (reasons.ENDPOINT_DEADLINE, S.DEADLINE_EXCEEDED,
+                         "endpoint did not answer in time")
+    ENDPOINT_INVALID = (reasons.ENDPOINT_INVALID, S.FAILED_PRECONDITION,
+                        "endpoint answers cannot be judged")
+    ENDPOINT_BUDGET = (reasons.ENDPOINT_BUDGET, S.RESOURCE_EXHAUSTED, "endpoint query budget spent")
+    PANEL_TOO_WEAK = (reasons.PANEL_TOO_WEAK, S.FAILED_PRECONDITION,
+                      "the reference panel cannot reach alpha")
 
     @property
     def reason(self) -> str:

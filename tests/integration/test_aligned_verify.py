@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch import nn
 
+import hostile_models
 import scheme_models as sm
 from freemark.audit.receipt import verify_receipt
 from freemark.derive import derive_key
@@ -154,6 +155,48 @@ def test_held_out_independent_models_are_no_match_under_every_test(deployment: D
     print(f"\n{deployment.name}: held-out seed, log10 p (combined, plain, aligned), aligned units")
     for row in rows:
         print("  {:3d} {:6.2f} {:6.2f} {:6.2f} {:4.0f}".format(*row))
+
+
+def _onnx(deployment: Deployment, label: str, model: nn.Module) -> Path:
+    path = deployment.folder / f"{label}.onnx"
+    torch.onnx.export(model.eval(), deployment.example, str(path), dynamo=False,
+                      opset_version=17, input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+    return path
+
+
+def test_an_onnx_suspect_is_scanned_by_the_key_server_not_read_by_its_names(
+        deployment: Deployment) -> None:
+    """Issue 18, item 3, where the panel lets the aligned test run (a scan then reads tensors
+    of any width): the fine-tuned, relabelled, rescaled and padded copy exported to ONNX,
+    with the flattened conv features requested, is a signed match read on another tensor;
+    the same file renamed, with a decoy ReLU named like the key layer over the flattened
+    features and nothing requested, is a signed match too, not on the decoy; held-out
+    independent models' exports stay `no_match` at p >= 1e-3 however many tensors were
+    scanned."""
+    import onnx
+
+    copy = _onnx(deployment, "laundered", attacks(deployment.name)["all at once, fine-tuned"])
+    flat = next(n.output[0] for n in onnx.load(str(copy)).graph.node if n.op_type == "Flatten")
+    decoy, _ = hostile_models.renamed_with_decoy(copy, deployment.folder / "decoy.onnx",
+                                                 layer="act", under=flat)
+    with deployment.client("judge") as client:
+        requested = client.verify(deployment.receipt.registration_id, copy, onnx_tensor=flat)
+        decoyed = client.verify(deployment.receipt.registration_id, decoy)
+        innocent = [client.verify(deployment.receipt.registration_id,
+                                  _onnx(deployment, f"independent{seed}",
+                                        sm.independent(deployment.name, seed)))
+                    for seed in list(HELD_OUT[deployment.name])[:3]]
+    for verdict, asked in ((requested, flat), (decoyed, "")):
+        assert verdict.outcome == "match" and verdict.p_value <= 1e-20, verdict.p_value_method
+        assert verdict.reading.located == "scan" and verdict.reading.requested == asked
+        assert verdict.reading.tensor not in (flat, "decoy") and verdict.reading.candidates >= 3
+        assert {t.name for t in verdict.tests} == {"plain", "aligned"}
+    for verdict in innocent:
+        assert verdict.outcome == "no_match" and verdict.p_value >= NULL_FLOOR, \
+            verdict.p_value_method
+    print(f"\n{deployment.name} ONNX: " + ", ".join(
+        f"{v.outcome} log10 p {v.log10_p_value:.1f} of {v.reading.candidates}"
+        for v in (requested, decoyed, *innocent)))
 
 
 def test_a_relabelled_copy_cannot_be_registered_under_another_key(deployment: Deployment) -> None:

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
+import torch
 
+import hostile_models
 from freemark.errors import InvalidModelError
 from freemark.rpc import KeyServiceClient
 from freemark.scheme.bundle import load_bundle, to_proto
@@ -140,16 +143,84 @@ def test_weights_only_suspects_and_copies_registered_by_someone_else(world: Worl
     assert world.state() == before
 
 
+KEY_TENSOR = "/bert/encoder/layer.1/intermediate/intermediate_act_fn/Mul_1_output_0"
+# Another tensor of the key layer's width: the first layer's GELU output.
+OTHER_TENSOR = "/bert/encoder/layer.0/intermediate/intermediate_act_fn/Mul_1_output_0"
+
+
 def test_the_arbiter_can_name_the_onnx_tensor(world: World) -> None:
     registration = str(world.receipt["registration_id"])
-    name = "/bert/encoder/layer.1/intermediate/intermediate_act_fn/Mul_1_output_0"
+    name = KEY_TENSOR
     with world.client("judge") as judge:
         named = judge.verify(registration, world.files.stolen_onnx, onnx_tensor=name)
         assert named.outcome == "match"
+        assert named.reading.requested == name and named.reading.located == "scan"
         with pytest.raises(InvalidModelError) as wrong:
             judge.verify(registration, world.files.stolen_onnx, onnx_tensor="no_such_tensor")
     assert wrong.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "no_such_tensor" in str(wrong.value)
+
+
+def test_the_key_server_not_the_file_or_the_requester_locates_the_onnx_key_tensor(
+        world: World, tmp_path: Path) -> None:
+    """Issue 18, item 3. On main the TTP read the tensor the requester named, or the one the
+    suspect's own node names put in the key layer's scope, and signed a `no_match` on it
+    without saying which. Now it judges every candidate tensor (every tensor computed from
+    the inputs of the key layer's width), signs the strongest corrected for
+    how many there were, and names it and how it was located:
+
+    - the stolen export with another tensor of the right width requested: a match, read on
+      the layer-1 tensor, the requested one only one of the candidates;
+    - a thief's file with every node and tensor renamed and a decoy ReLU named like the key
+      layer, no tensor requested: a match, not on the decoy;
+    - an independent model's export: still `no_match` at a p-value far from alpha.
+    Every verdict passes `receipt verify --model` against its file, which checks offline
+    that the file computes the tensors the verdict names."""
+    from freemark.formats.huggingface import load_checkpoint
+    from freemark.records.wire import verdict_to_json
+    from hf_fixtures import export_onnx
+
+    registration = str(world.receipt["registration_id"])
+    decoy, original = hostile_models.renamed_with_decoy(
+        world.files.stolen_onnx, tmp_path / "decoy.onnx", layer=KEY_LAYER, under=OTHER_TENSOR)
+    ids = torch.randint(100, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    independent = export_onnx(load_checkpoint(world.files.independent),
+                              tmp_path / "independent.onnx", (ids, torch.ones_like(ids)))
+    with world.client("judge") as judge:
+        requested = judge.verify(registration, world.files.stolen_onnx, onnx_tensor=OTHER_TENSOR)
+        decoyed = judge.verify(registration, decoy)
+        innocent = judge.verify(registration, independent)
+    with world.client("alice") as alice:
+        full = alice.verify(registration, decoy)
+
+    assert requested.outcome == "match" and requested.p_value <= 1e-20
+    assert requested.reading.located == "scan" and requested.reading.requested == OTHER_TENSOR
+    assert requested.reading.tensor.startswith("/bert/encoder/layer.1/intermediate/")
+    assert requested.reading.candidates >= 2
+    for verdict in (decoyed, full):
+        assert verdict.outcome == "match" and verdict.p_value <= 1e-20
+        assert verdict.reading.located == "scan" and verdict.reading.requested == ""
+        assert verdict.reading.tensor != "decoy"
+        assert original[verdict.reading.tensor].startswith("/bert/encoder/layer.1/intermediate/")
+    assert full.p_value_method.startswith(f"the strongest of {full.reading.candidates} "
+                                          "candidate tensors")
+    strongest = min(t.log10_p_value for t in full.tests)  # the correction is in the p-value
+    assert full.log10_p_value == pytest.approx(strongest + math.log10(full.reading.candidates))
+    assert innocent.outcome == "no_match" and innocent.p_value >= 1e-3
+    assert innocent.reading.located == "scan" and innocent.reading.candidates >= 1
+
+    folder = world.key.parent
+    with world.client("judge") as judge:
+        (folder / "ttp.pem").write_bytes(judge.public_key())
+    for number, (verdict, path) in enumerate([(requested, world.files.stolen_onnx),
+                                              (decoyed, decoy), (full, decoy),
+                                              (innocent, independent)]):
+        saved = tmp_path / f"verdict{number}.json"
+        saved.write_text(json.dumps(verdict_to_json(verdict)))
+        checked = run_cli(CLIENT, "receipt", "verify", str(saved), "--public-key",
+                          str(folder / "ttp.pem"), "--model", str(path), check=False)
+        assert checked.returncode == 0, checked.stderr
+        assert verdict.reading.tensor in checked.stdout
 
 
 def _raw_register(world: World, data: bytes, fmt: int) -> grpc.RpcError:

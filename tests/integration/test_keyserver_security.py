@@ -129,6 +129,8 @@ EXPECTED: dict[str, dict[str, grpc.StatusCode]] = {
     "GetConsistencyProof": dict(zip(CALLERS, (S.UNAUTHENTICATED, S.UNAUTHENTICATED, S.OK, S.OK, S.OK, S.OK))),
     "GetPublicKey":      dict(zip(CALLERS, (S.UNAUTHENTICATED, S.UNAUTHENTICATED, S.OK, S.OK, S.OK, S.OK))),
     "GetEntries":        dict(zip(CALLERS, (S.UNAUTHENTICATED, S.UNAUTHENTICATED, S.OK, S.OK, S.OK, S.OK))),
+    # a white-box registration: refused before any endpoint is contacted, after authorisation
+    "VerifyEndpoint":    dict(zip(CALLERS, (S.UNAUTHENTICATED, S.UNAUTHENTICATED, S.INVALID_ARGUMENT, S.NOT_FOUND, S.INVALID_ARGUMENT, S.INVALID_ARGUMENT))),
     # run last: admin revokes, owner A's second revoke is a no-op
     "Revoke":            dict(zip(CALLERS, (S.UNAUTHENTICATED, S.UNAUTHENTICATED, S.OK, S.NOT_FOUND, S.PERMISSION_DENIED, S.OK))),
 }
@@ -155,6 +157,8 @@ def _call(w: World, rpc: str, caller: str) -> Callable[[], object]:
         "GetPublicKey": lambda: w.stub.GetPublicKey(pb.GetPublicKeyRequest(), metadata=md),
         "GetEntries": lambda: w.stub.GetEntries(pb.GetEntriesRequest(start=0), metadata=md),
         "Revoke": lambda: w.stub.Revoke(pb.RevokeRequest(registration_id=rid), metadata=md),
+        "VerifyEndpoint": lambda: w.stub.VerifyEndpoint(pb.VerifyEndpointRequest(
+            registration_id=rid, endpoint="http://127.0.0.1:9", model_name="m"), metadata=md),
     }
     return simple[rpc]
 

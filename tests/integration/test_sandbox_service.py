@@ -2,8 +2,10 @@
 
 One in-process server with `--sandbox-workers 2 --sandbox-queue 3`, a registered digits host,
 and a slow suspect of the same interface (one wide layer applied many times, then the
-key layer) so a run lasts long enough to be cancelled, crashed or crowded. What is measured
-about the children comes from the fork server itself (`SandboxPool.stats`).
+key layer) so a run lasts long enough to be cancelled, crashed or crowded; ordinary suspects
+(a fine-tuned copy, an independent model) and quick-failing ones (a torn upload, a file the
+child refuses to load) for back-to-back runs. What is measured about the children comes
+from the fork server itself (`SandboxPool.stats`).
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+import hostile_models
 from freemark.derive import derive_key
 from freemark.errors import (
     DeadlineExceededError,
     FreemarkError,
+    InvalidModelError,
     SandboxBusyError,
     SandboxCrashedError,
     ServerError,
@@ -35,6 +39,7 @@ from freemark.rpc import KeyServiceClient
 from freemark.scheme.triggers import load_triggers
 from freemark_keyserver.auth import hash_token, new_token
 from freemark_keyserver.config import Rate, ServerConfig
+from freemark_keyserver.sandbox.limits import REPLY_COPIES
 from freemark_keyserver.sandbox.runner import LAYERS, SandboxPool
 from freemark_keyserver.server import (
     ISOLATION_HEALTH_PREFIX,
@@ -43,7 +48,7 @@ from freemark_keyserver.server import (
     create_server,
 )
 from freemark_keyserver.store import Principal
-from ttp_fixtures import build_models
+from ttp_fixtures import build_models, resident_peak, wide_suspect
 
 WORKERS, QUEUE = 2, 3
 # A Verify reads the 100 triggers alone (the registration has no panel): this wide a layer
@@ -76,6 +81,8 @@ class World:
     token: str
     registration_id: str
     slow: Path
+    ordinary: tuple[Path, ...]  # suspects that run to a verdict
+    failing: tuple[Path, ...]  # suspects the child refuses at once (it exits by itself)
 
     @property
     def pool(self) -> SandboxPool:
@@ -92,6 +99,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     files = build_models(folder)
     slow = folder / "slow.pt2"
     save_program(Slow(repeats=300).eval(), (torch.zeros(2, 1, 8, 8),), slow)
+    failing = (hostile_models.truncated(files.host, folder / "torn.pt2"),
+               hostile_models.with_native_code(files.host, folder / "native.pt2"))
     running = create_server(ServerConfig(data_dir=folder / "ttp", listen="127.0.0.1:0",
                                          grace_seconds=1, sandbox_workers=WORKERS,
                                          sandbox_queue=QUEUE,
@@ -106,7 +115,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     target = f"127.0.0.1:{running.port}"
     with KeyServiceClient(target, token=token, timeout=300) as owner:
         receipt = owner.register(bundle, files.host)
-    yield World(running, target, token, receipt.registration_id, slow)
+    yield World(running, target, token, receipt.registration_id, slow,
+                (files.finetuned, files.independent), failing)
     running.stop(grace=1)
 
 
@@ -270,3 +280,67 @@ def test_a_fork_server_that_dies_is_relaunched_and_its_run_is_told_to_retry(
         verdict = client.verify(world.registration_id, world.slow)
     assert verdict.outcome in ("match", "no_match", "inconclusive")
     assert world.running.ctx.store.tree_size() == size + 1
+
+
+def test_forty_back_to_back_verifies_below_the_cap_are_never_told_the_sandbox_is_busy(
+        world: World) -> None:
+    """Issue 18, item 8: two callers, each with one call in flight at a time, send 40 Verify
+    calls between them, quick-failing and ordinary suspects in turn, at a server with two
+    workers. Never more runs than workers, so no call may be refused SANDBOX_BUSY: the pool
+    frees a slot only once the fork server has reaped that slot's child, so the two caps
+    agree. (Before, the pool let its slot go on the reply and a run admitted before the fork
+    server saw the child go was refused "at its cap".)"""
+    restarts = world.pool.restarts
+    world.pool.stats(reset=True)
+    suspects = [path for pair in zip(world.failing, world.ordinary) for path in pair]
+    outcomes: list[list[object]] = [[], []]
+
+    def caller(number: int) -> None:
+        with world.client() as client:
+            for call in range(20):
+                suspect = suspects[(call + number) % len(suspects)]
+                try:
+                    outcomes[number].append((suspect, client.verify(world.registration_id,
+                                                                    suspect)))
+                except FreemarkError as exc:
+                    outcomes[number].append((suspect, exc))
+    callers = [threading.Thread(target=caller, args=(number,), daemon=True) for number in (0, 1)]
+    for thread in callers:
+        thread.start()
+    for thread in callers:
+        thread.join(600)
+    answered = [pair for per_caller in outcomes for pair in per_caller]
+    assert len(answered) == 40
+    busy = [outcome for _, outcome in answered if isinstance(outcome, SandboxBusyError)]
+    assert not busy, f"{len(busy)} of 40 calls below the cap were refused: {busy[0]}"
+    for suspect, outcome in answered:
+        if suspect in world.failing:
+            assert isinstance(outcome, InvalidModelError), (suspect.name, outcome)
+        else:
+            assert not isinstance(outcome, Exception), (suspect.name, outcome)
+    assert world.pool.restarts == restarts  # the fork server never died under it
+    assert world.pool.stats()["high_water"] <= WORKERS
+
+
+REPLY_BYTES = 128 << 20  # activations the wide suspect's child sends back
+
+
+def test_a_large_reply_costs_the_server_at_most_three_times_its_size(
+        world: World, tmp_path: Path) -> None:
+    """Issue 18, item 8: the reply is read into one buffer of its announced size and parsed
+    in place; the only copy is the float64 activations, so a reply costs the server at most
+    `REPLY_COPIES` (3) times its size, as the worker sizing budgets (main: 5.15 x). Measured
+    as the rise of the server process's peak resident set during one Verify of a suspect
+    whose key layer answers 128 MiB (the server runs in this process; the client's share is
+    the small upload)."""
+    suspect = wide_suspect(tmp_path / "wide.pt2", REPLY_BYTES, rows=100)
+    # 100 x 335,552 units: not the key's width, refused once the reply is decoded
+    with (world.client() as client, resident_peak() as rise,
+          pytest.raises(FreemarkError) as refused):
+        client.verify(world.registration_id, suspect)
+    assert isinstance(refused.value, InvalidModelError), refused.value
+    print(f"\none {REPLY_BYTES >> 20} MiB reply: server peak +{rise() >> 20} MiB "
+          f"({rise() / REPLY_BYTES:.2f} x)")
+    slack = 48 << 20  # the call's own buffers, the allocator's, the interpreter's
+    assert rise() <= REPLY_COPIES * REPLY_BYTES + slack, (
+        f"one {REPLY_BYTES >> 20} MiB reply raised the server's peak by {rise() >> 20} MiB")

@@ -76,6 +76,11 @@ def test_the_verdict_loads_without_torch_or_grpc() -> None:
     assert seen["loaded"] == [], f"importing the verdict loads {seen['loaded']}"
 
 
+def test_the_endpoint_client_loads_without_torch_or_grpc() -> None:
+    seen = _loads("import freemark.endpoint", HEAVY)
+    assert seen["loaded"] == [], f"importing the endpoint client loads {seen['loaded']}"
+
+
 def test_the_fork_server_loads_no_parent_code() -> None:
     seen = _loads("import freemark_keyserver.sandbox.forkserver",
                   ["freemark_keyserver.sandbox.pool", "freemark_keyserver.sandbox.runner"])

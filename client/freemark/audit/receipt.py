@@ -14,11 +14,18 @@ server that issued it (DESIGN §3, flow 4). `verify_receipt` checks everything a
    statement's time is not after the checkpoint's (beyond `MAX_CHECKPOINT_SKEW_S`);
 5. the inclusion proof places `leaf_hash(body)` at the body's `log_index` under that root;
 6. a verdict agrees with itself: its policy's id is the digest of its rules, its alpha is
-   inside the policy's range, `is_match` is p <= alpha and `outcome` agrees with it.
+   inside the policy's range, `is_match` is p <= alpha and `outcome` agrees with it; its
+   reading (`SuspectReading`: the tensor read, how it was located, among how many
+   candidates, what the requester named) is one a key server could have made, and a full
+   verdict on a scan carries the Bonferroni correction over its candidates.
+7. a receipt agrees with itself: the panel members it lists as sealed are exactly the panel
+   whose digest it signs, none is listed twice, and each operator's member has its id (the
+   owner's none).
 
 Two checks need more than the file: `verify_suspect` that a verdict is about a given file
-(SHA-256 and size, as signed), so a genuine verdict cannot be replayed as evidence about
-another model; `verify_in_log` that the statement is in the log a later checkpoint signs.
+(SHA-256 and size, as signed; for a scanned graph, that it computes the tensors the verdict
+names), so a genuine verdict cannot be replayed as evidence about another model;
+`verify_in_log` that the statement is in the log a later checkpoint signs.
 
 Every check raises (`InvalidReceiptError`, or `VerificationFailedError` for cryptographic
 failures) with a one-line reason; nothing returns a bool a caller could ignore.
@@ -47,11 +54,14 @@ from freemark.records.types import (
     Checkpoint,
     CoarseVerdict,
     ConsistencyProof,
+    EndpointVerdict,
     Receipt,
+    ReferencePanel,
     Revocation,
     SignedVerdict,
 )
 from freemark.records.wire import (
+    endpoint_verdict_to_json,
     parse_body,
     receipt_to_json,
     revocation_to_json,
@@ -73,11 +83,13 @@ __all__ = [
     "verify_suspect",
 ]
 
-Statement = Receipt | AnyVerdict | Revocation
+Statement = Receipt | AnyVerdict | Revocation | EndpointVerdict
 _READ_CHUNK = 1 << 20
 # How far (seconds) a statement's time may pass its checkpoint's: the checkpoint's time is
 # its last entry's rounded down to the second, so an honest log never needs more than 1.
 MAX_CHECKPOINT_SKEW_S = 2
+# Rounding room when a verdict's log10 p-value is compared with its tests' (JSON numbers).
+_LOG10_TOLERANCE = 1e-9
 
 
 def _verifier(public_key_pem: bytes) -> Verifier:
@@ -185,12 +197,28 @@ def verify_receipt(statement: Statement, public_key_pem: bytes, *,
     mismatch = typed_mismatch(statement, from_json_fields(type(statement), body, "signed body"))
     if mismatch is not None:
         raise InvalidReceiptError(mismatch)
-    if isinstance(statement, (SignedVerdict, CoarseVerdict)):
+    if isinstance(statement, (SignedVerdict, CoarseVerdict, EndpointVerdict)):
         _check_verdict(statement)
+    if isinstance(statement, EndpointVerdict):
+        _check_endpoint_verdict(statement)
+    if isinstance(statement, Receipt):
+        _check_panel_members(statement)
     _check_inclusion(statement, verifier, origin)
 
 
-def _check_verdict(verdict: AnyVerdict) -> None:
+def _check_endpoint_verdict(verdict: EndpointVerdict) -> None:
+    """An endpoint verdict must bind a conversation: exchanges that carried the queries it
+    counts, inside a time window that ends before the verdict was logged."""
+    sent = sum(e.inputs for e in verdict.exchanges)
+    if not verdict.exchanges or sent < verdict.n_bits:
+        raise InvalidReceiptError(f"the endpoint verdict judges {verdict.n_bits} queries but "
+                                  f"its exchanges carried {sent} inputs")
+    if not verdict.started_at <= verdict.finished_at <= verdict.integrated_time:
+        raise InvalidReceiptError("the endpoint verdict's time window is not before its log "
+                                  "time")
+
+
+def _check_verdict(verdict: AnyVerdict | EndpointVerdict) -> None:
     """A signed verdict must be consistent: its policy's id, alpha and decision."""
     policy = verdict.policy
     if policy.id != policy.expected_id:
@@ -205,6 +233,37 @@ def _check_verdict(verdict: AnyVerdict) -> None:
     if (verdict.outcome == "match") != verdict.is_match:
         raise InvalidReceiptError(f"the verdict's outcome {verdict.outcome!r} contradicts "
                                   f"is_match={verdict.is_match}")
+    if isinstance(verdict, EndpointVerdict):  # it read answers, not a file's tensors
+        return
+    reading = verdict.reading
+    why = reading.inconsistency()
+    if why is not None:
+        raise InvalidReceiptError(why)
+    if isinstance(verdict, SignedVerdict) and reading.located == "scan" and verdict.tests:
+        strongest = min(t.log10_p_value for t in verdict.tests)
+        floor = min(0.0, strongest + math.log10(reading.candidates))
+        if verdict.log10_p_value < floor - _LOG10_TOLERANCE:
+            raise InvalidReceiptError(
+                f"the verdict's p-value {verdict.p_value:.3g} is below {reading.candidates} "
+                "times its strongest test's: a scan's verdict must be corrected for the "
+                "candidates it judged")
+
+
+def _check_panel_members(receipt: Receipt) -> None:
+    """A receipt's panel members must be the panel it signs, each with a consistent source."""
+    listed = [member.fingerprint for member in receipt.panel_members]
+    if len(set(listed)) != len(listed):
+        raise InvalidReceiptError("the receipt lists a panel member twice")
+    for member in receipt.panel_members:
+        if (member.source == "operator") != bool(member.member_id):
+            raise InvalidReceiptError(
+                f"panel member {member.fingerprint.hex()[:16]} is the {member.source}'s but "
+                + ("has an operator's id" if member.member_id else "has no member id"))
+    sealed = [member.fingerprint for member in receipt.panel_members if member.sealed]
+    if ReferencePanel.of(sealed) != receipt.panel:
+        raise InvalidReceiptError(
+            f"the receipt's panel digest ({receipt.panel.size} members) is not that of the "
+            f"{len(sealed)} sealed members it lists")
 
 
 def _file_digest(path: Path) -> tuple[bytes, int]:
@@ -233,6 +292,14 @@ def verify_suspect(verdict: AnyVerdict, path: str | Path) -> None:
             f"{path} is not the file this verdict is about: it has SHA-256 {sha256.hex()} and "
             f"{size} bytes, the verdict judged SHA-256 {verdict.suspect_sha256.hex()} of "
             f"{verdict.suspect_size} bytes")
+    if verdict.reading.located == "scan":  # a graph: the tensors it names are in it
+        from freemark.formats.onnx import load_onnx
+
+        computed = {name for node in load_onnx(path).graph.node for name in node.output}
+        for name in filter(None, (verdict.reading.tensor, verdict.reading.requested)):
+            if name not in computed:
+                raise VerificationFailedError(
+                    f"{path} computes no tensor {name!r}, which this verdict says it read")
 
 
 def verify_in_log(statement: Statement, latest: Checkpoint | ConsistencyProof,
@@ -332,6 +399,8 @@ def save_statement(path: str | Path, statement: Statement) -> None:
         data = receipt_to_json(statement)
     elif isinstance(statement, Revocation):
         data = revocation_to_json(statement)
+    elif isinstance(statement, EndpointVerdict):
+        data = endpoint_verdict_to_json(statement)
     else:
         data = verdict_to_json(statement)
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")

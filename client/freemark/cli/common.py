@@ -21,6 +21,7 @@ from freemark.records.types import (
     Receipt,
     ReferencePanel,
     RegistrationInfo,
+    SuspectReading,
     VerdictPolicy,
 )
 from freemark.rpc import DEFAULT_TIMEOUT_S, KeyServiceClient
@@ -96,7 +97,7 @@ def headline(verdict: Decision) -> str:
 
 def signed_rows(record: Any, first: tuple[str, ...] = ()) -> dict[str, Any]:
     """A signed record's fields for a table, from its field list: `first` ones first, times
-    in ISO 8601, each test on its own row, the panel in one line."""
+    in ISO 8601, each test and each panel member on its own row, the panel in one line."""
     names = [spec.name for spec in signed_fields(type(record))]
     rows: dict[str, Any] = {}
     for name in [*first, *(n for n in names if n not in first)]:
@@ -109,9 +110,24 @@ def signed_rows(record: Any, first: tuple[str, ...] = ()) -> dict[str, Any]:
         elif isinstance(value, ReferencePanel):
             rows[name] = (f"{value.size} reference models, sha256 {value.sha256.hex()}"
                           if value.size else "none")
+        elif isinstance(value, SuspectReading):
+            rows[name] = (f"{value.tensor} (by its name)" if value.located == "named" else
+                          f"{value.tensor}, the strongest of {value.candidates} tensors the "
+                          "key server's scan located"
+                          + (f" (requested: {value.requested})" if value.requested else ""))
         elif isinstance(value, VerdictPolicy):
             rows[name] = (f"{value.describe()}, {value.arbiter_disclosure} verdicts for "
                           f"arbiters ({value.id})")
+        elif name == "panel_members":
+            for number, member in enumerate(value, start=1):
+                source = (f"the operator's {member.member_id}" if member.member_id
+                          else "the owner's")
+                rows[f"panel member {number}"] = (
+                    f"{source}, sha256 {member.fingerprint.hex()}, "
+                    + (f"left out: {member.left_out}" if member.left_out else "sealed"))
+        elif name == "panel_warning":
+            if value:
+                rows["panel warning"] = value
         elif name == "tests":
             for test in value:
                 rows[f"test {test.name}"] = (
@@ -134,7 +150,7 @@ def receipt_fields(receipt: Receipt) -> dict[str, Any]:
 def verdict_fields(verdict: AnyVerdict) -> dict[str, Any]:
     return {
         **signed_rows(verdict, ("registration_id", "requested_by", "suspect_sha256",
-                                 "suspect_size")),
+                                 "suspect_size", "reading")),
         "key_id": verdict.statement.key_id,
         "signature": verdict.statement.signature,
     }

@@ -20,6 +20,7 @@ from freemark.records.types import (
     Checkpoint,
     CoarseVerdict,
     ConsistencyProof,
+    EndpointVerdict,
     Receipt,
     Revocation,
     SignedVerdict,
@@ -40,12 +41,16 @@ def _load_log_state(path: str) -> Checkpoint | ConsistencyProof:
     return checkpoint_from_json(data)
 
 
-def _check_model(statement: Receipt | AnyVerdict | Revocation, path: str) -> None:
+def _check_model(statement: Receipt | AnyVerdict | Revocation | EndpointVerdict, path: str
+                 ) -> None:
     """`--model`: a verdict's suspect by SHA-256 and size (a checkpoint directory as packed for
     the upload), a receipt's host by weights."""
     if isinstance(statement, Revocation):
         raise InvalidInputError("--model is for receipts and verdicts; a revocation names a "
                                 "registration, not a file")
+    if isinstance(statement, EndpointVerdict):
+        raise InvalidInputError("--model is for receipts and file verdicts; an endpoint "
+                                "verdict binds the endpoint's answers, not a file")
     if isinstance(statement, Receipt):
         fingerprint_of = fingerprint(load_model(path))
         if fingerprint_of != statement.host_fingerprint:
@@ -58,12 +63,13 @@ def _check_model(statement: Receipt | AnyVerdict | Revocation, path: str) -> Non
 
 
 _KINDS = {Receipt: "receipt", SignedVerdict: "verdict", CoarseVerdict: "coarse verdict",
-          Revocation: "revocation"}
+          Revocation: "revocation", EndpointVerdict: "endpoint verdict"}
 
 
 # What a reader looks for first in a statement's table.
-_FIRST = ("registration_id", "outcome", "alpha", "p_value", "p_value_above", "suspect_sha256",
-          "suspect_size", "requested_by", "integrated_time", "owner", "host_fingerprint")
+_FIRST = ("registration_id", "outcome", "alpha", "p_value", "p_value_above", "endpoint",
+          "model_name", "model_version", "query_set", "suspect_sha256", "suspect_size",
+          "reading", "requested_by", "integrated_time", "owner", "host_fingerprint")
 
 
 def _cmd_receipt_verify(args: argparse.Namespace) -> int:
@@ -74,7 +80,10 @@ def _cmd_receipt_verify(args: argparse.Namespace) -> int:
         verify_receipt(statement, pem, origin=args.origin)
         checked.append("signature, canonical body, log inclusion"
                        + (", verdict policy and decision"
-                          if isinstance(statement, (SignedVerdict, CoarseVerdict)) else ""))
+                          if isinstance(statement, (SignedVerdict, CoarseVerdict)) else "")
+                       + (", panel members" if isinstance(statement, Receipt) else "")
+                       + (", the endpoint conversation's time window and query count"
+                          if isinstance(statement, EndpointVerdict) else ""))
         if args.model is not None:
             _check_model(statement, args.model)
             checked.append(f"it is about {args.model}")

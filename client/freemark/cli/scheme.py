@@ -1,4 +1,6 @@
-"""`freemark triggers|keygen|extract`: the owner's scheme, run in this process."""
+"""`freemark triggers|keygen|extract`: the owner's scheme, run in this process.
+
+`keygen --outputs` and `extract` with an output key are the black-box mode (`outputs`)."""
 
 from __future__ import annotations
 
@@ -6,8 +8,12 @@ import argparse
 
 import numpy as np
 
+from freemark.blackbox.key import is_output_key
+from freemark.blackbox.queries import MIN_REFERENCES, QuerySettings
 from freemark.cli.common import Subparsers, add_json, headline, signed_rows
 from freemark.cli.display import print_fields, print_json
+from freemark.cli.endpoints import extract_from_endpoint
+from freemark.cli.outputs import PASSPHRASE_ENV, extract_with_output_key, keygen_outputs
 from freemark.derive import DEFAULT_BITS, derive_key
 from freemark.errors import InvalidInputError
 from freemark.extract import extract, extract_onnx
@@ -55,6 +61,13 @@ def _cmd_triggers(args: argparse.Namespace) -> int:
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
+    if args.outputs:
+        return keygen_outputs(args)
+    if not args.layer or not args.triggers:
+        raise InvalidInputError("a white-box key needs --layer and --triggers (or --outputs "
+                                "for an output key)")
+    if args.data is not None:
+        raise InvalidInputError("--data is for --outputs; a white-box key reads --triggers")
     host = load_model(args.model)
     references = [load_model(r) for r in args.reference]
     settings = DerivationSettings(margin=args.margin, lam=args.lam)
@@ -75,6 +88,18 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
+    if args.endpoint:
+        if not is_output_key(args.key):
+            raise InvalidInputError("--endpoint needs an output key (keygen --outputs): a "
+                                    "white-box key reads activations, which an API never shows")
+        return extract_from_endpoint(args)
+    if args.model is None:
+        raise InvalidInputError("give the suspect as --model FILE, or --endpoint URL with an "
+                                "output key")
+    if is_output_key(args.key):
+        return extract_with_output_key(args)
+    if args.labels_only or args.set:
+        raise InvalidInputError("--labels-only and --set apply to output keys")
     bundle = load_bundle(args.key)
     references = [load_model(r) for r in args.reference]
     if format_of(args.model) == "onnx":
@@ -115,8 +140,22 @@ def add_parsers(sub: Subparsers) -> None:
     p = sub.add_parser("keygen", help="derive a secret key for a model; no weight changes")
     p.add_argument("--model", required=True, help="host model: a torch.export .pt2 or a "
                    "Hugging Face checkpoint directory (config.json + model.safetensors)")
-    p.add_argument("--layer", required=True, help="module name as named_modules() gives it")
-    p.add_argument("--triggers", required=True, help="triggers .npz (inputs[, attention_mask])")
+    p.add_argument("--layer", help="white-box key: module name as named_modules() gives it")
+    p.add_argument("--triggers", help="white-box key: triggers .npz (inputs[, attention_mask])")
+    p.add_argument("--outputs", action="store_true",
+                   help="derive an output key instead: secret queries read through the "
+                        "model's answers alone (docs/blackbox.md); encrypted under "
+                        f"{PASSPHRASE_ENV} or a prompted passphrase")
+    p.add_argument("--data", help="with --outputs: the owner's images, an .npz with x (the "
+                   "host's input domain and dtype) and y, as `freemark triggers --data`")
+    p.add_argument("--queries", type=int, default=256,
+                   help="with --outputs: queries per set (default %(default)s)")
+    p.add_argument("--sets", type=int, default=4,
+                   help="with --outputs: disjoint query sets, one per endpoint tested "
+                        "(default %(default)s)")
+    p.add_argument("--eps", type=float, default=QuerySettings.eps,
+                   help="with --outputs: L-inf radius in [0, 1] pixel units (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="with --outputs: derivation seed")
     p.add_argument("--owner", required=True, help="owner identity the watermark is bound to")
     p.add_argument("--bits", type=int, default=DEFAULT_BITS,
                    help="watermark length N in [16, 8192]")
@@ -124,18 +163,28 @@ def add_parsers(sub: Subparsers) -> None:
     p.add_argument("--lam", type=float, default=DEFAULT_LAMBDA,
                    help="pull towards the random anchor")
     p.add_argument("--reference", action="append", default=[],
-                   help="an unrelated model of the same architecture (repeatable)")
-    p.add_argument("--out", required=True, help="key bundle .fmk to write (mode 0600)")
+                   help="an unrelated model of the same architecture (repeatable); with "
+                        f"--outputs at least {MIN_REFERENCES} independently trained models "
+                        "of at least two architectures")
+    p.add_argument("--out", required=True, help="key file to write (mode 0600)")
     add_json(p)
     p.set_defaults(handler=_cmd_keygen)
 
     p = sub.add_parser("extract", help="extract the watermark from a suspect and judge it")
-    p.add_argument("--model", required=True, help="suspect: .pt2, Hugging Face checkpoint "
+    p.add_argument("--model", help="suspect: .pt2, Hugging Face checkpoint "
                    "directory or .onnx")
+    p.add_argument("--endpoint", metavar="URL", help="output keys: ask a live Open Inference "
+                   "Protocol v2 endpoint (http://host:port) instead of a local file")
+    p.add_argument("--endpoint-model", metavar="NAME", help="the served model's name (default: "
+                   "read from an --endpoint URL ending in /v2/models/NAME)")
     p.add_argument("--weights", help="optional .safetensors applied to the model's architecture")
     p.add_argument("--onnx-tensor", help="ONNX suspects: the key layer's tensor name (default: "
                    "found from the layer's module name)")
-    p.add_argument("--key", required=True, help="key bundle .fmk")
+    p.add_argument("--key", required=True, help="key bundle .fmk, or an output key")
+    p.add_argument("--labels-only", action="store_true",
+                   help="output keys: read only the model's top-1 labels, as from an API "
+                        "that returns labels")
+    p.add_argument("--set", type=int, default=0, help="output keys: the query set to ask")
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="significance level")
     p.add_argument("--reference", action="append", default=[], metavar="R.pt2",
                    help="an independently trained model of the host's architecture (repeat; "

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from freemark.blackbox.key import is_output_key
 from freemark.cli.common import (
     Subparsers,
     add_connection,
@@ -16,6 +17,7 @@ from freemark.cli.common import (
     verdict_fields,
 )
 from freemark.cli.display import print_fields, print_json, print_rows
+from freemark.cli.endpoints import register_output_key, verify_endpoint
 from freemark.errors import InvalidInputError
 from freemark.records.types import RegistrationInfo
 from freemark.records.wire import receipt_to_json, registration_to_json, verdict_to_json
@@ -28,6 +30,8 @@ __all__ = ["add_parsers"]
 
 
 def _cmd_register(args: argparse.Namespace) -> int:
+    if is_output_key(args.key):
+        return register_output_key(args)
     bundle = load_bundle(args.key)
     with client(args) as ttp:
         receipt = ttp.register(bundle, Path(args.model),
@@ -37,14 +41,20 @@ def _cmd_register(args: argparse.Namespace) -> int:
     else:
         print_fields("registered (save the receipt with --json: it is your evidence of "
                      "priority)", receipt_fields(receipt))
+    if receipt.panel_warning:  # registered, but the panel cannot serve it (signed in the receipt)
+        print(f"freemark: warning: {receipt.panel_warning}", file=sys.stderr)
     return 0
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    if args.endpoint:
+        return verify_endpoint(args)
+    if args.endpoint_model or args.labels_only:
+        raise InvalidInputError("--endpoint-model and --labels-only apply to --endpoint")
     if args.weights is None and args.model is None:
         raise InvalidInputError(
-            "give the suspect as --model SUSPECT (.pt2, checkpoint directory or .onnx) or "
-            "--weights S.safetensors"
+            "give the suspect as --model SUSPECT (.pt2, checkpoint directory or .onnx), "
+            "--weights S.safetensors, or --endpoint URL for a model behind a prediction API"
         )
     suspect = Path(args.weights) if args.weights is not None else Path(args.model)
     with client(args) as ttp:
@@ -119,25 +129,35 @@ def _cmd_public_key(args: argparse.Namespace) -> int:
 def add_parsers(sub: Subparsers) -> None:
     """`register`, `verify`, `registrations list|show`, `revoke` and `public-key`."""
     p = sub.add_parser("register", help="register a key and its host model with the key server")
-    p.add_argument("--key", required=True, help="key bundle .fmk")
+    p.add_argument("--key", required=True, help="key bundle .fmk, or an output key (its "
+                   "passphrase from FREEMARK_KEY_PASSPHRASE or a prompt)")
     p.add_argument("--model", required=True, help="host model: a torch.export .pt2 or a "
                    "Hugging Face checkpoint directory (packed into one file for the upload)")
     p.add_argument("--reference", action="append", default=[], metavar="R.pt2",
                    help="an independently trained model of the host's architecture (repeat; "
                         "3 or more enable the aligned test, which sees through relabelled, "
-                        "rescaled or padded copies; fixed at registration)")
+                        "rescaled or padded copies; fixed at registration); an output key "
+                        "needs the panel it was derived against (at least 8, 2 architectures)")
     add_connection(p)
     p.set_defaults(handler=_cmd_register)
 
     p = sub.add_parser("verify", help="ask the key server for a signed verdict on a suspect")
     p.add_argument("--registration", required=True, help="registration id")
     p.add_argument("--model", help="suspect: .pt2, Hugging Face checkpoint directory or .onnx")
-    p.add_argument("--onnx-tensor", help="ONNX suspects: the key layer's tensor name (default: "
-                   "found by the server from the layer's module name)")
+    p.add_argument("--onnx-tensor", help="ONNX suspects: one more tensor for the server to "
+                   "judge (it locates the key layer itself among every candidate tensor and "
+                   "the verdict names the one read)")
     p.add_argument("--weights", help="suspect .safetensors; uploaded instead of --model and "
                    "applied by the server to the architecture registered with the host")
     p.add_argument("--alpha", type=float, help=f"significance level (default {DEFAULT_ALPHA}); "
                    "the server refuses one outside its verdict policy's range")
+    p.add_argument("--endpoint", metavar="URL", help="verify the model behind a live Open "
+                   "Inference Protocol v2 endpoint (http://host:port, which the key server's "
+                   "operator must allow-list) with the registration's output key")
+    p.add_argument("--endpoint-model", metavar="NAME", help="the served model's name (default: "
+                   "read from an --endpoint URL ending in /v2/models/NAME)")
+    p.add_argument("--labels-only", action="store_true",
+                   help="--endpoint: read only top-1 labels even where scores are returned")
     add_connection(p)
     p.set_defaults(handler=_cmd_verify)
 

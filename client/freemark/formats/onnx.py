@@ -44,14 +44,21 @@ from freemark.errors import InvalidInputError, ModelFileError
 from freemark.scheme.triggers import TriggerSet
 from freemark.v1 import bundle_pb2
 
-__all__ = ["ALLOWED_OPS", "CLAMPED_OPERANDS", "INDEX_OPERANDS", "MAX_ONNX_BYTES", "SIZE_OPERATORS",
-           "OnnxModel", "clamp_indices", "layer_tensor", "load_onnx", "vet_onnx"]
+__all__ = ["ALLOWED_OPS", "CLAMPED_OPERANDS", "INDEX_OPERANDS", "MAX_ONNX_BYTES", "MAX_TENSOR_NAME",
+           "SIZE_OPERATORS", "OnnxModel", "clamp_indices", "layer_tensor", "load_onnx", "vet_onnx"]
 
 MAX_ONNX_BYTES = 2 * 1024**3 - 1  # protobuf's own limit on one message
 MAX_NODES = 200_000
 MAX_INPUTS = 3  # input ids, attention mask, token type ids (or one image tensor)
 STANDARD_DOMAINS = ("", "ai.onnx")
 DEFAULT_BATCH = 256
+# A tensor's name, as a Verify request may give it and a verdict signs it: longer ones are
+# refused by the vetting, so every name a scan answers fits.
+MAX_TENSOR_NAME = 1024
+# What one pass of a scan (`OnnxModel.scan`) may hold of the graph's intermediate tensors:
+# every tensor computed from the inputs is an output of that pass, so its batch is sized
+# from the first input's outputs.
+SCAN_BATCH_BYTES = 256 * 1024**2
 ALLOWED_OPS = frozenset({
     # arithmetic and elementwise
     "Abs", "Add", "Ceil", "Clip", "Div", "Erf", "Exp", "Floor", "Log", "Max", "Mean", "Min",
@@ -142,6 +149,9 @@ def vet_onnx(model: Any, source: str | Path = "model") -> None:
             raise _refuse(source, f"weight {tensor.name!r} is stored outside the file (external "
                           "data); save the model with every weight inside it")
     for node in graph.node:
+        if any(len(name) > MAX_TENSOR_NAME for name in node.output):
+            raise _refuse(source, f"node {node.name[:80]!r} names an output with more than "
+                          f"{MAX_TENSOR_NAME} characters")
         if node.domain not in STANDARD_DOMAINS:
             raise _refuse(source, f"node {node.name!r} is a {node.op_type!r} of domain "
                           f"{node.domain!r}; only standard ONNX operators are accepted")
@@ -183,14 +193,14 @@ SIZE_OPERATORS = frozenset({"Shape", "Size", "ConstantOfShape"})
 _CLAMP_SUFFIX = "_freemark_clamp"
 
 
-def _data_flow(model: Any, source: str | Path) -> list[Any]:
+def _data_flow(model: Any, source: str | Path) -> tuple[list[Any], set[str]]:
     """Follow the graph inputs' values through every node (in dependency order, whatever the
     order of the file) and refuse any index or shape operand (`INDEX_OPERANDS`) computed from
     them: an out-of-range index fails with a message naming it, and a value-dependent shape
     fails or costs differently on some values only, so either would read out the secret
     triggers a suspect runs on (issue 18). Sizes (`SIZE_OPERATORS`) end the trail. Returns
     the nodes whose index operand is computed from the inputs and is clamped instead
-    (`CLAMPED_OPERANDS`)."""
+    (`CLAMPED_OPERANDS`), and every tensor computed from the inputs' values."""
     graph = model.graph
     producer = {name: node for node in graph.node for name in node.output if name}
     waiting = {id(node): sum(1 for name in set(node.input) if name in producer)
@@ -226,7 +236,7 @@ def _data_flow(model: Any, source: str | Path) -> list[Any]:
                     ready.append(user)
     if done != len(graph.node):
         raise _refuse(source, "its graph has a cycle")
-    return clamped
+    return clamped, tainted
 
 
 def clamp_indices(model: Any, source: str | Path = "model") -> Any:
@@ -240,7 +250,7 @@ def clamp_indices(model: Any, source: str | Path = "model") -> Any:
     from onnx import TensorProto, helper
 
     int64 = TensorProto.INT64
-    for number, node in enumerate(_data_flow(model, source)):
+    for number, node in enumerate(_data_flow(model, source)[0]):
         axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
         stem = f"{node.name or node.op_type}{_CLAMP_SUFFIX}{number}"
 
@@ -317,6 +327,7 @@ class OnnxModel:
     tensor: str
     source: str
     _built: Any = field(default=None, repr=False, compare=False)  # the session, once built
+    _scan_built: Any = field(default=None, repr=False, compare=False)  # the scan's session
 
     @classmethod
     def open(cls, path: str | Path, layer: str, *, tensor: str | None = None,
@@ -351,14 +362,19 @@ class OnnxModel:
             self._built = self._new_session()
         return self._built
 
-    def _new_session(self) -> Any:
+    def _new_session(self, outputs: list[str] | None = None) -> Any:
+        """A session that answers the graph's outputs and `outputs` (default: the key
+        tensor)."""
         import onnxruntime as ort
 
         onnx = _onnx()
         proto = onnx.ModelProto()
         proto.CopyFrom(self.proto)
-        if self.tensor not in {o.name for o in proto.graph.output}:
-            proto.graph.output.append(onnx.ValueInfoProto(name=self.tensor))
+        present = {o.name for o in proto.graph.output}
+        for name in [self.tensor] if outputs is None else outputs:
+            if name not in present:
+                proto.graph.output.append(onnx.ValueInfoProto(name=name))
+                present.add(name)
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
@@ -374,6 +390,18 @@ class OnnxModel:
             raise ModelFileError(f"{self.source}: onnxruntime cannot load it "
                                  f"({_first_line(exc)})") from exc
 
+    def _run(self, session: Any, names: list[str], feeds: dict[str, np.ndarray],
+             shape: tuple[int, ...]) -> list[Any]:
+        """`session.run` for `names`, its failures as the library's errors."""
+        try:
+            return list(session.run(names, feeds))
+        except Exception as exc:
+            if "alloc" in str(exc).lower():  # a graph that asks for more than the limit
+                raise MemoryError(f"onnxruntime: {_first_line(exc)}") from exc
+            raise InvalidInputError(
+                f"the ONNX model cannot run on the trigger inputs of shape {shape} per "
+                f"sample: {_first_line(exc)}") from exc
+
     def capture(self, inputs: np.ndarray, mask: np.ndarray | None, pooling: int,
                 batch_size: int = DEFAULT_BATCH) -> np.ndarray:
         """Pooled activations of the key tensor: (len(inputs), units) float64."""
@@ -383,26 +411,11 @@ class OnnxModel:
 
         session = self._session()
         feeds = _feeders(session, self.source)
-        static = _static_batch(session)
-        chunk = static or batch_size
         pooled = []
-        for start, stop in _chunks(len(inputs), chunk):
-            batch = inputs[start:stop]
-            batch_mask = None if mask is None else mask[start:stop]
-            real = stop - start
-            if static and real < chunk:
-                batch = np.concatenate([batch, np.repeat(batch[-1:], chunk - real, axis=0)])
-                if batch_mask is not None:
-                    batch_mask = np.concatenate(
-                        [batch_mask, np.repeat(batch_mask[-1:], chunk - real, axis=0)])
-            try:
-                (output,) = session.run([self.tensor], feeds(batch, batch_mask))
-            except Exception as exc:
-                if "alloc" in str(exc).lower():  # a graph that asks for more than the limit
-                    raise MemoryError(f"onnxruntime: {_first_line(exc)}") from exc
-                raise InvalidInputError(
-                    f"the ONNX model cannot run on the trigger inputs of shape "
-                    f"{tuple(inputs.shape[1:])} per sample: {_first_line(exc)}") from exc
+        for batch, batch_mask, real in _batches(inputs, mask, _static_batch(session) or batch_size,
+                                                pad=bool(_static_batch(session))):
+            (output,) = self._run(session, [self.tensor], feeds(batch, batch_mask),
+                                  tuple(inputs.shape[1:]))
             tensor = torch.from_numpy(np.asarray(output, dtype=np.float64))
             torch_mask = None if batch_mask is None else torch.from_numpy(
                 np.asarray(batch_mask, dtype=np.int64))
@@ -411,6 +424,82 @@ class OnnxModel:
         if not np.all(np.isfinite(result)):
             raise InvalidInputError(f"tensor {self.tensor!r} produced non-finite activations")
         return result
+
+    def scanned(self) -> list[str]:
+        """The tensors a scan reads: every one a node computes from the graph inputs' values
+        (`_data_flow`), in graph order; the key tensor is one of them whatever it is called."""
+        _, computed = _data_flow(self.proto, self.source)
+        return [name for node in self.proto.graph.node for name in node.output
+                if name in computed]
+
+    def scan_session(self) -> Any:
+        """The session a scan runs (every `scanned` tensor an output), built once: what can
+        fail before an input is fed fails here."""
+        if self._scan_built is None:
+            self._scan_built = self._new_session(self.scanned())
+        return self._scan_built
+
+    def scan(self, inputs: np.ndarray, mask: np.ndarray | None, *, width: int = 0
+             ) -> list[tuple[str, np.ndarray]]:
+        """Pooled activations of every tensor computed from the inputs that the key could be
+        read on: (name, (len(inputs), units) float32) in graph order, each pooled by its
+        rank, of `width` units (0: any), whatever the graph's nodes are called
+        (`freemark.scheme.activations.TensorScan`, which decides by shapes alone and keeps a
+        tensor that is not finite as zeros). What the key server reads an
+        ONNX suspect with, so that it, not the file's author, locates the key layer. The
+        model's `tensor`, where one is set (the one a requester named), is read whatever its
+        width: one more candidate.
+
+        The first pass reads one input; its outputs size the batches of the rest to
+        `SCAN_BATCH_BYTES` (the vetting refuses shapes computed from input values, so the
+        size is the same for every input). Raises InvalidInputError when the graph cannot
+        run on the inputs or the scan exceeds the caps of `capture_every`."""
+        import torch
+
+        from freemark.scheme.activations import MAX_SCANNED_VALUES, TensorScan
+
+        session = self.scan_session()
+        feeds = _feeders(session, self.source)
+        names = [o.name for o in session.get_outputs()]
+        scan = TensorScan(width=width, has_mask=mask is not None,
+                          always=frozenset({self.tensor} - {""}))
+        static = _static_batch(session)
+        done, chunk = 0, static or 1
+        while done < len(inputs):
+            part = slice(done, min(len(inputs), done + chunk))
+            for batch, batch_mask, real in _batches(inputs[part], None if mask is None
+                                                    else mask[part], chunk, pad=bool(static)):
+                outputs = self._run(session, names, feeds(batch, batch_mask),
+                                    tuple(inputs.shape[1:]))
+                scan.start(len(batch), real, None if batch_mask is None else torch.from_numpy(
+                    np.asarray(batch_mask, dtype=np.int64)))
+                for name, output in zip(names, outputs, strict=True):
+                    array = np.asarray(output)
+                    scan.record(torch.from_numpy(array) if array.dtype.kind == "f" else None,
+                                name)
+                if scan.units_per_row() * len(inputs) > MAX_SCANNED_VALUES:
+                    raise InvalidInputError(f"the scan exceeds {MAX_SCANNED_VALUES} values")
+                if not done and not static:
+                    held = sum(np.asarray(o).nbytes for o in outputs)
+                    chunk = max(1, min(DEFAULT_BATCH, SCAN_BATCH_BYTES // max(1, held)))
+            done = part.stop
+        return scan.result(len(inputs))
+
+
+def _batches(inputs: np.ndarray, mask: np.ndarray | None, chunk: int, *, pad: bool
+             ) -> Iterator[tuple[np.ndarray, np.ndarray | None, int]]:
+    """(batch, its mask, how many of its rows are real) per `chunk` inputs; with `pad` (a
+    graph exported with a fixed batch) the last batch is filled up by repeating its last row."""
+    for start, stop in _chunks(len(inputs), chunk):
+        batch = inputs[start:stop]
+        batch_mask = None if mask is None else mask[start:stop]
+        real = stop - start
+        if pad and real < chunk:
+            batch = np.concatenate([batch, np.repeat(batch[-1:], chunk - real, axis=0)])
+            if batch_mask is not None:
+                batch_mask = np.concatenate(
+                    [batch_mask, np.repeat(batch_mask[-1:], chunk - real, axis=0)])
+        yield batch, batch_mask, real
 
 
 def _tensor_bytes(tensor: Any) -> bytes:
@@ -467,15 +556,27 @@ def _feeders(session: Any, source: str) -> Any:
     return feeds
 
 
-def open_untrusted(path: str | Path, *, layer: str, pooling: int, tensor: str | None = None,
-                   **_options: Any) -> tuple[bytes, Callable[[TriggerSet], np.ndarray]]:
+def open_untrusted(path: str | Path, *, layer: str | None, pooling: int,
+                   tensor: str | None = None, width: int = 0, **_options: Any
+                   ) -> tuple[bytes, Callable[[TriggerSet], Any]]:
     """In the key server's sandbox child: open an uploaded graph for the key's layer, and
     return its identity (fingerprint ‖ architecture digest) and its run, from a set's
-    triggers to the key-layer activations. Opening reads no trigger, so its failures are the
+    triggers to the key-layer activations. `layer` None is a scan (`OnnxModel.scan`: every
+    tensor of `width` units, named; `tensor`, where the
+    requester named one, must exist). Opening reads no trigger, so its failures are the
     file's; the run's may depend on the triggers (the child reports them without text)."""
-    model = OnnxModel.open(path, layer, tensor=tensor or None).prepared()
-    return (model.fingerprint() + model.architecture_digest(),
-            lambda triggers: model.capture(triggers.inputs, triggers.attention_mask, pooling))
+    if layer is None:
+        model = load_onnx(path)
+        if tensor:
+            _check_tensor(model, tensor, path)
+        graph = OnnxModel(model, tensor or "", str(path))
+        graph.scan_session()
+        return (graph.fingerprint() + graph.architecture_digest(),
+                lambda triggers: graph.scan(triggers.inputs, triggers.attention_mask,
+                                            width=width))
+    named = OnnxModel.open(path, layer, tensor=tensor or None).prepared()
+    return (named.fingerprint() + named.architecture_digest(),
+            lambda triggers: named.capture(triggers.inputs, triggers.attention_mask, pooling))
 
 
 def warm_up(folder: Path) -> None:

@@ -278,6 +278,14 @@ def apply_weights(program: torch.export.ExportedProgram, path: str | Path) -> nn
     return module
 
 
+def shape_digest(model: nn.Module | torch.export.ExportedProgram) -> bytes:
+    """SHA-256 over the sorted weight names and shapes: one architecture exactly (a
+    quarter-width variant of a network has the same names, another digest). What an output
+    key's panel counts architectures by; `architecture_digest` is the coarser family."""
+    shapes = [[name, list(tensor.shape)] for name, tensor in sorted(state_dict_of(model).items())]
+    return hashlib.sha256(b"freemark/v1/architecture" + json.dumps(shapes).encode()).digest()
+
+
 def architecture_digest(model: nn.Module | torch.export.ExportedProgram) -> bytes:
     """SHA-256 over the sorted names of every weight: equal for one architecture family.
 

@@ -36,7 +36,10 @@ from freemark.tlog.signatures import canonical_json
 __all__ = [
     "COARSE_VERDICT_KIND",
     "DISCLOSURES",
+    "ENDPOINT_VERDICT_KIND",
+    "LOCATIONS",
     "OUTCOMES",
+    "PANEL_SOURCES",
     "RECEIPT_KIND",
     "REVOCATION_KIND",
     "VERDICT_KIND",
@@ -45,13 +48,17 @@ __all__ = [
     "CoarseVerdict",
     "ConsistencyProof",
     "Decision",
+    "EndpointExchange",
+    "EndpointVerdict",
     "InclusionProof",
+    "PanelMemberEntry",
     "Receipt",
     "ReferencePanel",
     "RegistrationInfo",
     "Revocation",
     "SignedStatement",
     "SignedVerdict",
+    "SuspectReading",
     "Verdict",
     "VerdictBinding",
     "VerdictPolicy",
@@ -63,6 +70,7 @@ RECEIPT_KIND = "freemark/v1/registration"
 REVOCATION_KIND = "freemark/v1/revocation"
 VERDICT_KIND = "freemark/v1/verdict"
 COARSE_VERDICT_KIND = "freemark/v1/coarse-verdict"
+ENDPOINT_VERDICT_KIND = "freemark/v1/endpoint-verdict"
 POLICY_KIND = "freemark/v1/verdict-policy"  # the domain of a policy's id
 
 # What a verdict discloses: every statistic, or the outcome and a p-value bucket only.
@@ -70,6 +78,11 @@ DISCLOSURES = ("full", "coarse")
 
 # A verdict's outcome: `inconclusive` when the tests that ran cannot reach alpha.
 OUTCOMES = ("match", "no_match", "inconclusive")
+
+# How a verdict located the tensor it read (`SuspectReading.located`).
+LOCATIONS = ("named", "scan")
+# Who brought a reference panel member: the registering owner, or the key server's operator.
+PANEL_SOURCES = ("owner", "operator")
 
 
 @dataclass(frozen=True)
@@ -142,6 +155,25 @@ class ReferencePanel:
 NO_PANEL = ReferencePanel.none()
 
 
+@dataclass(frozen=True, kw_only=True)
+class PanelMemberEntry:
+    """One model the TTP considered for a registration's reference panel: whose it is, and
+    whether it was sealed. The sealed entries' fingerprints are exactly the panel whose
+    digest the receipt signs (`freemark.audit.receipt.verify_receipt` checks it), so an owner
+    can see which members the operator added and a court which ones calibrate the verdicts.
+    """
+
+    fingerprint: bytes = field(metadata=signed(HEX))  # SHA-256 of its weights
+    source: str = field(metadata=signed(choice(*PANEL_SOURCES)))
+    member_id: str = field(metadata=signed(TEXT))  # the operator's panel member id; "" for the owner's
+    # Why it is not in the sealed panel (it leans toward the host); "" when sealed.
+    left_out: str = field(metadata=signed(TEXT))
+
+    @property
+    def sealed(self) -> bool:
+        return not self.left_out
+
+
 @dataclass(frozen=True)
 class Receipt:
     """Proof of registration: who registered which model, with which watermark, when, and
@@ -164,6 +196,20 @@ class Receipt:
     # The host's architecture family (`freemark.formats.pt2.architecture_digest`): the server
     # finds the earlier registrations a new upload is checked against by it, so it is signed.
     architecture_digest: bytes = field(default=b"", metadata=signed(HEX))
+    # Every panel member considered, the owner's and the operator's, sealed or left out.
+    panel_members: tuple[PanelMemberEntry, ...] = field(
+        default=(), metadata=signed(list_of(nested(PanelMemberEntry))))
+    # Set when the sealed panel cannot give a relabelled copy of the host a match at the
+    # policy's default alpha (an operator who registers such panels with a warning rather
+    # than refusing them); "" otherwise.
+    panel_warning: str = field(default="", metadata=signed(TEXT))
+    # Output keys only: SHA-256 over each query set's queries, in set order
+    # (`freemark.blackbox.commit.query_set_commitment`); empty for a white-box key.
+    query_sets: tuple[bytes, ...] = field(default=(), metadata=signed(list_of(HEX)))
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.panel_members, tuple):
+            object.__setattr__(self, "panel_members", tuple(self.panel_members))
 
 
 @dataclass(frozen=True)
@@ -295,10 +341,50 @@ class Verdict(Decision):
 
 
 @dataclass(frozen=True, kw_only=True)
+class SuspectReading:
+    """What a TTP verdict read from the suspect, exactly, and who located it.
+
+    `located` "named": the registered layer, read at the module the suspect's own names give
+    it (a Hugging Face checkpoint or bare weights, whose names the architecture fixes, and a
+    program); `tensor` is the layer's name and `candidates` 1. "scan": the key server judged
+    every candidate tensor of the suspect (an ONNX graph, whose names are its author's) and
+    `tensor` is the strongest; the verdict's p-value is `candidates` times that tensor's
+    (capped at 1), so neither the file's names nor the requester choose what is read, and
+    reading many tensors cannot make an independent model a match. `requested` is the tensor
+    the requester named (empty: none), always one of the candidates (issue 18).
+    """
+
+    tensor: str = field(metadata=signed(TEXT))
+    located: str = field(metadata=signed(choice(*LOCATIONS)))
+    candidates: int = field(metadata=signed(INTEGER))
+    requested: str = field(metadata=signed(TEXT))
+
+    @classmethod
+    def named(cls, layer: str) -> SuspectReading:
+        """The reading of a suspect read at the registered layer by its name."""
+        return cls(tensor=layer, located="named", candidates=1, requested="")
+
+    def inconsistency(self) -> str | None:
+        """Why these fields cannot describe a real reading, or None: a "named" reading reads
+        one module and nothing requested; a scan reads at least its tensor."""
+        if not self.tensor:
+            return "the verdict's reading names no tensor"
+        if self.located == "named" and (self.candidates != 1 or self.requested):
+            return ("the verdict's reading is by the layer's name but says "
+                    f"{self.candidates} candidates or a requested tensor")
+        if self.located == "scan" and self.candidates < 1:
+            return "the verdict's scan judged no candidate"
+        if self.requested and self.located != "scan":
+            return "a requested tensor may only be read as one candidate of a scan"
+        return None
+
+
+@dataclass(frozen=True, kw_only=True)
 class VerdictBinding:
     """What ties a TTP verdict to one case: the registration, who asked, which file exactly
-    (SHA-256 and size in bytes, as uploaded and checked), under which policy, and where it
-    sits in the log. Shared by the full and the coarse verdict."""
+    (SHA-256 and size in bytes, as uploaded and checked), what was read from it and how it
+    was located (`SuspectReading`), under which policy, and where it sits in the log. Shared
+    by the full and the coarse verdict."""
 
     statement: SignedStatement
     registration_id: str = field(metadata=signed(TEXT))
@@ -306,6 +392,7 @@ class VerdictBinding:
     suspect_sha256: bytes = field(metadata=signed(HEX))
     suspect_size: int = field(metadata=signed(INTEGER))
     policy: VerdictPolicy = field(metadata=signed(nested(VerdictPolicy)))
+    reading: SuspectReading = field(metadata=signed(nested(SuspectReading)))
     log_index: int = field(metadata=signed(INTEGER))
     integrated_time: int = field(metadata=signed(INTEGER))  # unix microseconds
     inclusion: InclusionProof
@@ -337,6 +424,61 @@ class CoarseVerdict(Decision, VerdictBinding):
 
 
 AnyVerdict = SignedVerdict | CoarseVerdict
+
+
+@dataclass(frozen=True, kw_only=True)
+class EndpointExchange:
+    """One HTTP exchange of an endpoint verification: what was asked, how it was answered,
+    and SHA-256 of the exact bodies (`freemark.endpoint.Exchange`, as signed)."""
+
+    method: str = field(metadata=signed(TEXT))
+    path: str = field(metadata=signed(TEXT))
+    status: int = field(metadata=signed(INTEGER))
+    inputs: int = field(metadata=signed(INTEGER))
+    request_sha256: bytes = field(metadata=signed(HEX))
+    response_sha256: bytes = field(metadata=signed(HEX))
+
+
+@dataclass(frozen=True, kw_only=True)
+class EndpointVerdict(Verdict):
+    """The TTP's signed, logged judgement of a model behind a live prediction endpoint.
+
+    The judgement (`Verdict`: the output tests against the null the TTP measured on the
+    registration's panel) bound to the conversation it was read from: the endpoint as
+    normalised and the address connected to, the model name and the version that answered,
+    the query set sent (its commitment from the receipt, and whether it had been disclosed
+    before), the wall-clock window and every exchange's body hashes. An arbiter holding the
+    bodies can show they are the ones judged; one holding only this can check the signature
+    and the log inclusion (`freemark receipt verify`).
+    """
+
+    KIND: ClassVar[str] = ENDPOINT_VERDICT_KIND
+
+    statement: SignedStatement
+    inclusion: InclusionProof
+    registration_id: str = field(metadata=signed(TEXT))
+    requested_by: str = field(metadata=signed(TEXT))
+    endpoint: str = field(metadata=signed(TEXT))
+    endpoint_address: str = field(metadata=signed(TEXT))
+    model_name: str = field(metadata=signed(TEXT))
+    model_version: str = field(metadata=signed(TEXT))
+    answers: str = field(metadata=signed(choice("labels", "scores")))
+    query_set: int = field(metadata=signed(INTEGER))
+    query_set_commitment: bytes = field(metadata=signed(HEX))
+    set_disclosures: int = field(metadata=signed(INTEGER))  # endpoints it was sent to before
+    set_reused: bool = field(metadata=signed(BOOLEAN))  # every set was disclosed already
+    started_at: int = field(metadata=signed(INTEGER))  # unix microseconds
+    finished_at: int = field(metadata=signed(INTEGER))  # unix microseconds
+    exchanges: tuple[EndpointExchange, ...] = field(
+        metadata=signed(list_of(nested(EndpointExchange))))
+    policy: VerdictPolicy = field(metadata=signed(nested(VerdictPolicy)))
+    log_index: int = field(metadata=signed(INTEGER))
+    integrated_time: int = field(metadata=signed(INTEGER))  # unix microseconds
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.exchanges, tuple):
+            object.__setattr__(self, "exchanges", tuple(self.exchanges))
 
 
 @dataclass(frozen=True)

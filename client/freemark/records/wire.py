@@ -56,6 +56,7 @@ from freemark.records.types import (
     Checkpoint,
     CoarseVerdict,
     ConsistencyProof,
+    EndpointVerdict,
     InclusionProof,
     Receipt,
     RegistrationInfo,
@@ -79,6 +80,10 @@ __all__ = [
     "consistency_to_json",
     "consistency_to_proto",
     "encode_body",
+    "endpoint_verdict_from_json",
+    "endpoint_verdict_from_proto",
+    "endpoint_verdict_to_json",
+    "endpoint_verdict_to_proto",
     "entries_from_proto",
     "entries_to_proto",
     "inclusion_from_json",
@@ -110,14 +115,16 @@ __all__ = [
     "verdict_to_proto",
 ]
 
-Statement = Receipt | SignedVerdict | CoarseVerdict | Revocation
+Statement = Receipt | SignedVerdict | CoarseVerdict | Revocation | EndpointVerdict
 S = TypeVar("S", bound=Statement)
 
 # Each signed statement type and its proto message; `kind` picks the type when reading a file
 # or a reply (a full and a coarse verdict travel in the same `SignedVerdict` message).
 _PROTO: dict[type, Any] = {Receipt: pb.Receipt, SignedVerdict: pb.SignedVerdict,
-                           CoarseVerdict: pb.SignedVerdict, Revocation: pb.Revocation}
-_STATEMENTS: tuple[type[Statement], ...] = (Receipt, SignedVerdict, CoarseVerdict, Revocation)
+                           CoarseVerdict: pb.SignedVerdict, Revocation: pb.Revocation,
+                           EndpointVerdict: pb.EndpointVerdict}
+_STATEMENTS: tuple[type[Statement], ...] = (Receipt, SignedVerdict, CoarseVerdict, Revocation,
+                                            EndpointVerdict)
 _VERDICTS: dict[str, type[AnyVerdict]] = {cls.KIND: cls for cls in (SignedVerdict, CoarseVerdict)}
 
 
@@ -354,6 +361,18 @@ def verdict_from_proto(message: pb.SignedVerdict) -> AnyVerdict:
 def verdict_to_proto(verdict: AnyVerdict) -> pb.SignedVerdict:
     """Record -> wire verdict."""
     message: pb.SignedVerdict = _statement_to_proto(verdict)
+    return message
+
+
+def endpoint_verdict_from_proto(message: pb.EndpointVerdict) -> EndpointVerdict:
+    """Wire endpoint verdict -> record, read from its signed body; the typed fields must
+    agree."""
+    return _statement_from_proto(EndpointVerdict, message)
+
+
+def endpoint_verdict_to_proto(verdict: EndpointVerdict) -> pb.EndpointVerdict:
+    """Record -> wire endpoint verdict."""
+    message: pb.EndpointVerdict = _statement_to_proto(verdict)
     return message
 
 
@@ -616,6 +635,17 @@ def verdict_from_json(data: Any) -> AnyVerdict:
     return verdict
 
 
+def endpoint_verdict_to_json(verdict: EndpointVerdict) -> dict[str, Any]:
+    """An endpoint verdict as one self-contained JSON object (`freemark verify --endpoint
+    --json`)."""
+    return _record_to_json(verdict)
+
+
+def endpoint_verdict_from_json(data: Any) -> EndpointVerdict:
+    """The inverse of `endpoint_verdict_to_json`; the typed fields must agree."""
+    return _record_from_json(EndpointVerdict, data)
+
+
 def revocation_to_json(revocation: Revocation) -> dict[str, Any]:
     """A revocation as one self-contained JSON object (in `freemark revoke --json`)."""
     return _record_to_json(revocation)
@@ -631,6 +661,7 @@ def statement_from_json(data: Any) -> Statement:
     kind = JsonFields(data, "file").text("kind")
     readers: dict[str, Callable[[Any], Statement]] = {
         Receipt.KIND: receipt_from_json, Revocation.KIND: revocation_from_json,
+        EndpointVerdict.KIND: endpoint_verdict_from_json,
         **{k: verdict_from_json for k in _VERDICTS}}
     if kind in readers:
         return readers[kind](data)

@@ -7,6 +7,7 @@ model is only run forward under `no_grad`; no weight is touched.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -198,6 +199,47 @@ def capture(
     return result, chosen[0]
 
 
+def output_scores(model: nn.Module | torch.export.ExportedProgram, inputs: np.ndarray, *,
+                  batch_size: int = DEFAULT_BATCH) -> np.ndarray:
+    """The model's answers on `inputs` as a prediction API gives them: (n, classes) float32
+    log-probabilities of its first output.
+
+    The one reading of a model's outputs, for an owner's local responder and the key server's
+    sandbox child alike, so a verdict on a file and on an endpoint read the same numbers.
+    Inputs go in with their own dtype (uint8 pixels stay uint8, as an image API takes them;
+    the model converts them as it was written to). Log-softmax, not softmax: a float32
+    softmax underflows to ties far down the ranking, its logarithm keeps the order.
+    """
+    module = as_module(model)
+    batch = torch.from_numpy(np.ascontiguousarray(inputs))
+    if batch.dim() < 1 or len(batch) == 0:
+        raise InvalidInputError("no inputs to answer")
+    static = _static_batch(module)
+    chunk = static or _batch_for(batch, batch_size)
+    answers: list[torch.Tensor] = []
+    was_training = module.training
+    try:
+        module.eval()
+        with torch.no_grad():
+            for part, _, real in _batches(batch, None, chunk, pad=bool(static)):
+                try:
+                    logits = _first_tensor(module(part))
+                except (RuntimeError, ValueError, TypeError, AssertionError) as exc:
+                    raise InvalidInputError(
+                        f"the model cannot run on inputs of shape {tuple(batch.shape[1:])} "
+                        f"{batch.dtype}: {str(exc).splitlines()[0]}") from exc
+                if logits.dim() != 2 or logits.shape[0] != len(part) or logits.shape[1] < 2:
+                    raise InvalidInputError(f"the model's output has shape "
+                                            f"{tuple(logits.shape)}, expected (batch, classes)")
+                answers.append(torch.log_softmax(logits.float(), dim=1)[:real])
+    finally:
+        module.train(was_training)
+    scores = torch.cat(answers).numpy()
+    if not np.all(np.isfinite(scores)):
+        raise InvalidInputError("the model's output scores are not finite")
+    return scores
+
+
 # `capture_every` (the key server's prior-claim scan) reads every intermediate tensor of a
 # model; these caps bound what one scan may hand back. Past either, the scan raises: the key
 # server treats a scan it cannot complete as a claim, never as a clearance.
@@ -263,10 +305,12 @@ def capture_every(
     *,
     width: int = 0,
     batch_size: int = DEFAULT_BATCH,
-) -> list[np.ndarray]:
+) -> list[tuple[str, np.ndarray]]:
     """Pooled activations of every intermediate tensor the model computes on the triggers,
-    whatever its modules and weights are called: a list of (n_triggers, units) float32
-    matrices, in the order they are computed, of `width` units only (0: any width).
+    whatever its modules and weights are called: a list of (name, (n_triggers, units)
+    float32 matrix), in the order they are computed, of `width` units only (0: any width).
+    The name is the graph node's for a program, the module's otherwise: what says which
+    tensor a verdict read, not how the key server finds it.
 
     What the key server reads an upload with when it looks for another owner's key layer in
     it (`freemark_keyserver.handlers.register`): a program is run node by node, so a key
@@ -286,7 +330,7 @@ def capture_every(
     inputs = _to_tensor(triggers.inputs)
     mask = None if triggers.attention_mask is None else _to_tensor(triggers.attention_mask)
     chunk = _static_batch(module) or _batch_for(inputs, batch_size)
-    scan = _Scan(width=width, has_mask=mask is not None)
+    scan = TensorScan(width=width, has_mask=mask is not None)
     forward = (_node_recorder(module, scan.record) if program is not None
                else _hook_recorder(module, scan.record))
     was_training = module.training
@@ -317,13 +361,26 @@ def capture_every(
 _Forward = Callable[[torch.Tensor, 'torch.Tensor | None'], Any]
 
 
-class _Scan:
-    """What `capture_every` has read so far: per tensor (by the order the forward pass
-    computes it in), its pooled rows of each batch."""
+class TensorScan:
+    """What a scan has read so far (`capture_every`, and an ONNX graph's scan in
+    `freemark.formats.onnx`): per tensor (by the order the forward pass computes it in), its
+    name and its pooled rows of each batch.
 
-    def __init__(self, *, width: int, has_mask: bool) -> None:
-        self.width, self.has_mask = width, has_mask
+    A tensor is kept when it is floating point with the batch axis first, poolable by its
+    rank (`infer_pooling`) and of `width` units (0: any); a tensor named in `always` (one a
+    requester asked for) needs only the first two. Its rank is not compared with the key
+    layer's: a copy can hold the key layer's values at another rank ((batch, units, 1) pools
+    to the same vector). All of these are decided by shapes alone; whether its values are finite is
+    decided on the triggers, so such a tensor is kept as zeros (a constant one no key can
+    read, of which no claim signature is made) instead of being left out: then which
+    tensors a scan lists, how many, and the reply's size say nothing about the trigger
+    values (issues 18 and 21)."""
+
+    def __init__(self, *, width: int, has_mask: bool,
+                 always: frozenset[str] = frozenset()) -> None:
+        self.width, self.has_mask, self.always = width, has_mask, always
         self.columns: dict[int, list[torch.Tensor]] = {}
+        self.names: dict[int, str] = {}
         self.dropped: set[int] = set()
         self.seen, self.batch, self.real = 0, 0, 0
         self.mask: torch.Tensor | None = None
@@ -331,7 +388,7 @@ class _Scan:
     def start(self, batch: int, real: int, mask: torch.Tensor | None) -> None:
         self.seen, self.batch, self.real, self.mask = 0, batch, real, mask
 
-    def record(self, output: Any) -> None:
+    def record(self, output: Any, name: str = "") -> None:
         order, self.seen = self.seen, self.seen + 1
         if order in self.dropped:
             return
@@ -345,9 +402,10 @@ class _Scan:
         except (InvalidInputError, RuntimeError):
             self.dropped.add(order)
             return
-        if self.width and pooled.shape[1] != self.width:
+        if self.width and pooled.shape[1] != self.width and name not in self.always:
             self.dropped.add(order)
             return
+        self.names.setdefault(order, name)
         self.columns.setdefault(order, []).append(pooled[:self.real].to(torch.float32))
         if len(self.columns) > MAX_SCANNED_TENSORS:
             raise InvalidInputError(f"the model computes more than {MAX_SCANNED_TENSORS} "
@@ -356,27 +414,28 @@ class _Scan:
     def units_per_row(self) -> int:
         return sum(int(parts[0].shape[1]) for parts in self.columns.values())
 
-    def result(self, rows: int) -> list[np.ndarray]:
+    def result(self, rows: int) -> list[tuple[str, np.ndarray]]:
+        """(name, matrix) of every tensor kept, in the order they were computed."""
         matrices = []
         for order, parts in self.columns.items():
             if order in self.dropped or sum(len(p) for p in parts) != rows:
                 continue
             matrix = torch.cat(parts).numpy()
-            # A non-finite tensor is sent as zeros (constant: no key reads it, no claim
-            # signature is made of it), not left out, so the reply's size is set by the
-            # model's shapes, never by what it computed on the triggers (issue 18, 21).
-            matrices.append(matrix if np.all(np.isfinite(matrix)) else np.zeros_like(matrix))
+            if not np.all(np.isfinite(matrix)):
+                matrix = np.zeros_like(matrix)
+            matrices.append((self.names[order], matrix))
         return matrices
 
 
-def _node_recorder(module: nn.Module, record: Callable[[Any], None]) -> _Forward:
-    """A forward pass over a program's graph that hands every node's output to `record`."""
+def _node_recorder(module: nn.Module, record: Callable[[Any, str], None]) -> _Forward:
+    """A forward pass over a program's graph that hands every node's output (and the node's
+    name) to `record`."""
 
     class Recorder(torch.fx.Interpreter):
         def run_node(self, n: torch.fx.Node) -> Any:
             output = super().run_node(n)
             if n.op == "call_function":
-                record(output)
+                record(output, n.name)
             return output
 
     def forward(batch: torch.Tensor, mask: torch.Tensor | None) -> Any:
@@ -384,17 +443,18 @@ def _node_recorder(module: nn.Module, record: Callable[[Any], None]) -> _Forward
     return forward
 
 
-def _hook_recorder(module: nn.Module, record: Callable[[Any], None]) -> _Forward:
-    """A forward pass that hands every submodule's output (the first tensor of a tuple) to
-    `record`."""
+def _hook_recorder(module: nn.Module, record: Callable[[Any, str], None]) -> _Forward:
+    """A forward pass that hands every submodule's output (the first tensor of a tuple), and
+    its qualified name, to `record`."""
 
-    def hook(_mod: nn.Module, _inp: Any, output: Any) -> None:
+    def hook(name: str, _mod: nn.Module, _inp: Any, output: Any) -> None:
         if isinstance(output, (tuple, list)):
             output = output[0] if output and isinstance(output[0], torch.Tensor) else None
-        record(output)
+        record(output, name)
 
     def forward(batch: torch.Tensor, mask: torch.Tensor | None) -> Any:
-        handles = [m.register_forward_hook(hook) for m in module.modules()]
+        handles = [m.register_forward_hook(functools.partial(hook, name))
+                   for name, m in module.named_modules()]
         try:
             return module(batch) if mask is None else module(batch, mask)
         finally:

@@ -145,6 +145,42 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     the status the caller's own deadline gives, so the outcome reads the same whichever side
     noticed first. Status: DEADLINE_EXCEEDED.
     """
+    ENDPOINT_NOT_ALLOWED: _ErrorReason.ValueType  # 24
+    """The Open Inference Protocol endpoint a verify names is outside the operator's allow-list
+    (`serve --endpoint-allow`): its host, or an address its name resolved to (every answer is
+    checked, and the connection goes to the checked address), or it answered with a redirect,
+    which the key server never follows. Ask the operator to allow-list the endpoint, or name
+    its final URL. Nothing was sent to the endpoint past the refusal. Status: PERMISSION_DENIED.
+    """
+    ENDPOINT_UNREACHABLE: _ErrorReason.ValueType  # 25
+    """The endpoint could not be reached: its name did not resolve, the connection was refused
+    or reset, or its TLS certificate did not verify for its name. Check the URL and that the
+    server is up; nothing was signed or logged. Status: FAILED_PRECONDITION.
+    """
+    ENDPOINT_DEADLINE: _ErrorReason.ValueType  # 26
+    """The endpoint did not connect, answer or finish inside the key server's connect, read or
+    total deadline (a slow or stalled server); nothing was signed or logged.
+    Status: DEADLINE_EXCEEDED.
+    """
+    ENDPOINT_INVALID: _ErrorReason.ValueType  # 27
+    """The endpoint's answers are not Open Inference Protocol v2 answers the key server can
+    judge: an HTTP error status, a body over the response cap, malformed JSON, metadata for
+    another model or for inputs the key's queries do not fit, outputs of the wrong shape or
+    datatype, or different answers to the same query (an inconsistent endpoint). The message
+    names which; nothing was signed or logged. Status: FAILED_PRECONDITION.
+    """
+    ENDPOINT_BUDGET: _ErrorReason.ValueType  # 28
+    """The verification would send more queries than the operator's budget for one verdict, or
+    the rate limit on queries to this endpoint is spent (retry after the wait the message
+    names). Nothing was sent. Status: RESOURCE_EXHAUSTED.
+    """
+    PANEL_TOO_WEAK: _ErrorReason.ValueType  # 29
+    """Register: the reference panel to be sealed (the owner's references and the operator's
+    members of the family, those leaning toward the host left out) cannot give a relabelled
+    copy of the host a match at the policy's default alpha, so every verdict on such a copy
+    would be inconclusive. Add independent references of your own, or ask the operator to
+    review the members the message names. Nothing was registered. Status: FAILED_PRECONDITION.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper): ...
 
@@ -257,5 +293,41 @@ CALL_DEADLINE: ErrorReason.ValueType  # 23
 killed and nothing was signed or logged. Retry with a longer deadline. It goes out under
 the status the caller's own deadline gives, so the outcome reads the same whichever side
 noticed first. Status: DEADLINE_EXCEEDED.
+"""
+ENDPOINT_NOT_ALLOWED: ErrorReason.ValueType  # 24
+"""The Open Inference Protocol endpoint a verify names is outside the operator's allow-list
+(`serve --endpoint-allow`): its host, or an address its name resolved to (every answer is
+checked, and the connection goes to the checked address), or it answered with a redirect,
+which the key server never follows. Ask the operator to allow-list the endpoint, or name
+its final URL. Nothing was sent to the endpoint past the refusal. Status: PERMISSION_DENIED.
+"""
+ENDPOINT_UNREACHABLE: ErrorReason.ValueType  # 25
+"""The endpoint could not be reached: its name did not resolve, the connection was refused
+or reset, or its TLS certificate did not verify for its name. Check the URL and that the
+server is up; nothing was signed or logged. Status: FAILED_PRECONDITION.
+"""
+ENDPOINT_DEADLINE: ErrorReason.ValueType  # 26
+"""The endpoint did not connect, answer or finish inside the key server's connect, read or
+total deadline (a slow or stalled server); nothing was signed or logged.
+Status: DEADLINE_EXCEEDED.
+"""
+ENDPOINT_INVALID: ErrorReason.ValueType  # 27
+"""The endpoint's answers are not Open Inference Protocol v2 answers the key server can
+judge: an HTTP error status, a body over the response cap, malformed JSON, metadata for
+another model or for inputs the key's queries do not fit, outputs of the wrong shape or
+datatype, or different answers to the same query (an inconsistent endpoint). The message
+names which; nothing was signed or logged. Status: FAILED_PRECONDITION.
+"""
+ENDPOINT_BUDGET: ErrorReason.ValueType  # 28
+"""The verification would send more queries than the operator's budget for one verdict, or
+the rate limit on queries to this endpoint is spent (retry after the wait the message
+names). Nothing was sent. Status: RESOURCE_EXHAUSTED.
+"""
+PANEL_TOO_WEAK: ErrorReason.ValueType  # 29
+"""Register: the reference panel to be sealed (the owner's references and the operator's
+members of the family, those leaning toward the host left out) cannot give a relabelled
+copy of the host a match at the policy's default alpha, so every verdict on such a copy
+would be inconclusive. Add independent references of your own, or ask the operator to
+review the members the message names. Nothing was registered. Status: FAILED_PRECONDITION.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -92,9 +92,10 @@ class _ModelFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelForm
     operator library. Only standard-domain operators from an allow-list of ordinary
     tensor operations (no custom or contrib domains, no ai.onnx.ml, no control flow, no
     model-local functions) and no external data: every weight inside the file. The key
-    layer's tensor is VerifyHeader.onnx_tensor, or found from the node names
-    torch.onnx.export(dynamo=False) keeps for the registered layer's module. Refusals
-    are INVALID_MODEL.
+    server locates the key layer's tensor itself, whatever the nodes are called: it judges
+    every tensor the graph computes from its inputs that is, pooled by its rank, of the
+    key layer's width (any width where the aligned test runs), and the verdict is the
+    strongest, Bonferroni-corrected over them (SuspectReading). Refusals are INVALID_MODEL.
     """
 
 class ModelFormat(_ModelFormat, metaclass=_ModelFormatEnumTypeWrapper): ...
@@ -127,9 +128,10 @@ MODEL_FORMAT_ONNX: ModelFormat.ValueType  # 4
 operator library. Only standard-domain operators from an allow-list of ordinary
 tensor operations (no custom or contrib domains, no ai.onnx.ml, no control flow, no
 model-local functions) and no external data: every weight inside the file. The key
-layer's tensor is VerifyHeader.onnx_tensor, or found from the node names
-torch.onnx.export(dynamo=False) keeps for the registered layer's module. Refusals
-are INVALID_MODEL.
+server locates the key layer's tensor itself, whatever the nodes are called: it judges
+every tensor the graph computes from its inputs that is, pooled by its rank, of the
+key layer's width (any width where the aligned test runs), and the verdict is the
+strongest, Bonferroni-corrected over them (SuspectReading). Refusals are INVALID_MODEL.
 """
 Global___ModelFormat: _TypeAlias = ModelFormat  # noqa: Y015
 
@@ -169,9 +171,21 @@ class RegisterHeader(_message.Message):
 
     BUNDLE_FIELD_NUMBER: _builtins.int
     UPLOAD_FIELD_NUMBER: _builtins.int
+    OUTPUT_KEY_FIELD_NUMBER: _builtins.int
+    output_key: _builtins.bytes
+    """An output key (docs/blackbox.md), instead of `bundle`: the fields of
+    `freemark.blackbox.key.OutputKey` as a numpy .npz archive read without pickle (the
+    plaintext its encrypted file holds; secret, stored encrypted like a bundle). The
+    server checks in its sandbox that the host (a .pt2 program) answers every query with
+    the key's target class, measures the panel's answers itself (at least 8 `reference`
+    uploads of at least two architectures, never the owner's own scores) and logs a
+    commitment to every query set in the receipt (`Receipt.query_sets`).
+    """
     @_builtins.property
     def bundle(self) -> _bundle_pb2.KeyBundle:
-        """The owner's key bundle (secret: the server stores it encrypted)."""
+        """The owner's key bundle (secret: the server stores it encrypted). Unset when
+        `output_key` is given: a registration holds one key kind.
+        """
 
     @_builtins.property
     def upload(self) -> Global___UploadHeader: ...
@@ -180,10 +194,11 @@ class RegisterHeader(_message.Message):
         *,
         bundle: _bundle_pb2.KeyBundle | None = ...,
         upload: Global___UploadHeader | None = ...,
+        output_key: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "upload", b"upload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "upload", b"upload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "output_key", b"output_key", "upload", b"upload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -248,9 +263,12 @@ class VerifyHeader(_message.Message):
     (INVALID_ARGUMENT) naming the range, before the upload is read, and nothing is logged.
     """
     onnx_tensor: _builtins.str
-    """ONNX suspects only: the name of the graph tensor that is the key layer's output
-    (at most 1,024 characters). Empty: found from the layer's module name, and refused
-    with INVALID_MODEL when the graph's node names do not tell it.
+    """ONNX suspects only: a graph tensor the requester wants read (at most 1,024
+    characters). The key server locates the key layer itself: it judges every candidate
+    tensor of the graph (SuspectReading) and this one is only one more candidate, never
+    the only thing read, whatever its width. Refused with INVALID_MODEL when the
+    graph computes no such tensor or it cannot be read at all (not floating point, no batch
+    axis).
     """
     @_builtins.property
     def upload(self) -> Global___UploadHeader: ...
@@ -420,6 +438,9 @@ class Receipt(_message.Message):
     N_BITS_FIELD_NUMBER: _builtins.int
     PANEL_FIELD_NUMBER: _builtins.int
     ARCHITECTURE_DIGEST_FIELD_NUMBER: _builtins.int
+    PANEL_MEMBERS_FIELD_NUMBER: _builtins.int
+    PANEL_WARNING_FIELD_NUMBER: _builtins.int
+    QUERY_SETS_FIELD_NUMBER: _builtins.int
     registration_id: _builtins.str
     owner: _builtins.str
     integrated_time: _builtins.int
@@ -436,6 +457,11 @@ class Receipt(_message.Message):
     earlier registration of its input signature is); the server reads it from this signed
     statement, never from a database column alone.
     """
+    panel_warning: _builtins.str
+    """Non-empty when the sealed panel cannot give a relabelled copy of the host a match at
+    the policy's default alpha, and the operator registers such panels with this warning
+    (`serve --panel-reach warn`) instead of refusing them (PANEL_TOO_WEAK).
+    """
     @_builtins.property
     def statement(self) -> Global___SignedStatement: ...
     @_builtins.property
@@ -444,6 +470,22 @@ class Receipt(_message.Message):
     def panel(self) -> Global___ReferencePanel:
         """The reference panel attached at registration: how many models and the SHA-256
         over their sorted fingerprints. Every verdict of this registration names it.
+        """
+
+    @_builtins.property
+    def panel_members(self) -> _containers.RepeatedCompositeFieldContainer[Global___PanelMemberEntry]:
+        """Every model considered for the panel: the owner's references and the operator's
+        members of the family, each sealed or left out (a member that leans toward the host,
+        e.g. a fine-tuned copy of it, is left out and says why). The sealed ones'
+        fingerprints give `panel`'s digest; `freemark receipt verify` checks it.
+        """
+
+    @_builtins.property
+    def query_sets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Output keys only (empty for a white-box key): per query set, in set order, SHA-256
+        over the set's queries (`freemark.blackbox.commit.query_set_commitment`: the queries'
+        dtype, shape and raw bytes in key order). A set's verdicts name the same digest, so
+        anyone holding the disclosed queries can check which ones were registered when.
         """
 
     def __init__(
@@ -461,14 +503,51 @@ class Receipt(_message.Message):
         n_bits: _builtins.int = ...,
         panel: Global___ReferencePanel | None = ...,
         architecture_digest: _builtins.bytes = ...,
+        panel_members: _abc.Iterable[Global___PanelMemberEntry] | None = ...,
+        panel_warning: _builtins.str = ...,
+        query_sets: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["inclusion", b"inclusion", "panel", b"panel", "statement", b"statement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture_digest", b"architecture_digest", "host_fingerprint", b"host_fingerprint", "inclusion", b"inclusion", "integrated_time", b"integrated_time", "layer", b"layer", "log_index", b"log_index", "n_bits", b"n_bits", "owner", b"owner", "panel", b"panel", "registration_id", b"registration_id", "statement", b"statement", "watermark_commitment", b"watermark_commitment"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture_digest", b"architecture_digest", "host_fingerprint", b"host_fingerprint", "inclusion", b"inclusion", "integrated_time", b"integrated_time", "layer", b"layer", "log_index", b"log_index", "n_bits", b"n_bits", "owner", b"owner", "panel", b"panel", "panel_members", b"panel_members", "panel_warning", b"panel_warning", "query_sets", b"query_sets", "registration_id", b"registration_id", "statement", b"statement", "watermark_commitment", b"watermark_commitment"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Receipt: _TypeAlias = Receipt  # noqa: Y015
+
+@_typing.final
+class PanelMemberEntry(_message.Message):
+    """One model considered for a registration's reference panel."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    MEMBER_ID_FIELD_NUMBER: _builtins.int
+    LEFT_OUT_FIELD_NUMBER: _builtins.int
+    fingerprint: _builtins.bytes
+    """SHA-256 of the member's weights (as `freemark.formats.pt2.fingerprint` computes it)."""
+    source: _builtins.str
+    """"owner" (a reference uploaded with the Register call) or "operator" (`panel add`)."""
+    member_id: _builtins.str
+    """The operator's panel member id (`panel list`); empty for the owner's references."""
+    left_out: _builtins.str
+    """Why the member is not in the sealed panel; empty when it is."""
+    def __init__(
+        self,
+        *,
+        fingerprint: _builtins.bytes = ...,
+        source: _builtins.str = ...,
+        member_id: _builtins.str = ...,
+        left_out: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "left_out", b"left_out", "member_id", b"member_id", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PanelMemberEntry: _TypeAlias = PanelMemberEntry  # noqa: Y015
 
 @_typing.final
 class Revocation(_message.Message):
@@ -588,6 +667,52 @@ class ReferencePanel(_message.Message):
 Global___ReferencePanel: _TypeAlias = ReferencePanel  # noqa: Y015
 
 @_typing.final
+class SuspectReading(_message.Message):
+    """What a verdict read from the suspect, signed into every verdict (full and coarse).
+    One definition: `freemark.records.SuspectReading`'s signed fields.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENSOR_FIELD_NUMBER: _builtins.int
+    LOCATED_FIELD_NUMBER: _builtins.int
+    CANDIDATES_FIELD_NUMBER: _builtins.int
+    REQUESTED_FIELD_NUMBER: _builtins.int
+    tensor: _builtins.str
+    """The tensor the verdict's statistics are of: the registered layer's module name
+    ("named"), or the graph tensor the scan found strongest ("scan").
+    """
+    located: _builtins.str
+    """"named": read at the module the suspect's own names give the registered layer (Hugging
+    Face checkpoints, bare weights and programs). "scan": the key server judged every
+    candidate tensor of the suspect (ONNX graphs: every tensor computed from the inputs,
+    pooled by its rank, of the key layer's width or any width where the aligned test runs)
+    and reports the strongest; the verdict's p-value is `candidates` times its p (capped
+    at 1), so scanning cannot make an independent model a match.
+    """
+    candidates: _builtins.int
+    """How many tensors were candidates (1 for "named")."""
+    requested: _builtins.str
+    """The tensor the requester named (VerifyHeader.onnx_tensor), empty if none: always one
+    of the candidates, never the only thing read.
+    """
+    def __init__(
+        self,
+        *,
+        tensor: _builtins.str = ...,
+        located: _builtins.str = ...,
+        candidates: _builtins.int = ...,
+        requested: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "located", b"located", "requested", b"requested", "tensor", b"tensor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SuspectReading: _TypeAlias = SuspectReading  # noqa: Y015
+
+@_typing.final
 class VerdictPolicy(_message.Message):
     """The operator's rules for signing verdicts, signed into every verdict: the alpha range
     the server signs, and what a requester other than the registration's owner is told
@@ -631,8 +756,8 @@ class SignedVerdict(_message.Message):
     message but statement, inclusion and p_value_above, under the same names (bytes as
     lowercase hex, tests as a list of objects, panel and policy as objects): the judgement
     fields (n_bits .. panel, also in the offline `freemark extract` verdict) and the binding
-    fields (registration_id, requested_by, suspect_sha256, suspect_size, policy, log_index,
-    integrated_time).
+    fields (registration_id, requested_by, suspect_sha256, suspect_size, policy, reading,
+    log_index, integrated_time).
 
     Coarse ("freemark/v1/coarse-verdict", `freemark.records.CoarseVerdict`), what requesters
     other than the registration's owner get under a coarse policy (the default): n_bits,
@@ -671,6 +796,7 @@ class SignedVerdict(_message.Message):
     SUSPECT_SIZE_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
     P_VALUE_ABOVE_FIELD_NUMBER: _builtins.int
+    READING_FIELD_NUMBER: _builtins.int
     registration_id: _builtins.str
     n_bits: _builtins.int
     matches: _builtins.int
@@ -711,6 +837,10 @@ class SignedVerdict(_message.Message):
     def policy(self) -> Global___VerdictPolicy:
         """The policy the verdict was signed under."""
 
+    @_builtins.property
+    def reading(self) -> Global___SuspectReading:
+        """What was read from the suspect, and how it was located."""
+
     def __init__(
         self,
         *,
@@ -737,10 +867,11 @@ class SignedVerdict(_message.Message):
         suspect_size: _builtins.int = ...,
         policy: Global___VerdictPolicy | None = ...,
         p_value_above: _builtins.float = ...,
+        reading: Global___SuspectReading | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["inclusion", b"inclusion", "panel", b"panel", "policy", b"policy", "statement", b"statement"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["inclusion", b"inclusion", "panel", b"panel", "policy", b"policy", "reading", b"reading", "statement", b"statement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "ber", b"ber", "inclusion", b"inclusion", "integrated_time", b"integrated_time", "is_match", b"is_match", "log10_p_value", b"log10_p_value", "log10_p_value_binomial", b"log10_p_value_binomial", "log_index", b"log_index", "matches", b"matches", "n_bits", b"n_bits", "outcome", b"outcome", "p_value", b"p_value", "p_value_above", b"p_value_above", "p_value_binomial", b"p_value_binomial", "p_value_method", b"p_value_method", "panel", b"panel", "policy", b"policy", "registration_id", b"registration_id", "requested_by", b"requested_by", "statement", b"statement", "suspect_sha256", b"suspect_sha256", "suspect_size", b"suspect_size", "tests", b"tests"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "ber", b"ber", "inclusion", b"inclusion", "integrated_time", b"integrated_time", "is_match", b"is_match", "log10_p_value", b"log10_p_value", "log10_p_value_binomial", b"log10_p_value_binomial", "log_index", b"log_index", "matches", b"matches", "n_bits", b"n_bits", "outcome", b"outcome", "p_value", b"p_value", "p_value_above", b"p_value_above", "p_value_binomial", b"p_value_binomial", "p_value_method", b"p_value_method", "panel", b"panel", "policy", b"policy", "reading", b"reading", "registration_id", b"registration_id", "requested_by", b"requested_by", "statement", b"statement", "suspect_sha256", b"suspect_sha256", "suspect_size", b"suspect_size", "tests", b"tests"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1126,3 +1257,224 @@ class PublicKey(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PublicKey: _TypeAlias = PublicKey  # noqa: Y015
+
+@_typing.final
+class VerifyEndpointRequest(_message.Message):
+    """VerifyEndpoint's request: which registration's output key, which endpoint."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGISTRATION_ID_FIELD_NUMBER: _builtins.int
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    LABELS_ONLY_FIELD_NUMBER: _builtins.int
+    ALPHA_FIELD_NUMBER: _builtins.int
+    registration_id: _builtins.str
+    endpoint: _builtins.str
+    """The endpoint's Open Inference Protocol v2 base URL, http://host:port (https
+    verifies the certificate). Its host must be in the operator's allow-list.
+    """
+    model_name: _builtins.str
+    """The served model's name (`/v2/models/{model_name}`); at most 256 characters."""
+    labels_only: _builtins.bool
+    """Read only the top-1 labels even where the endpoint returns scores."""
+    alpha: _builtins.float
+    """Significance level; 0 means the scheme default (1e-9); inside the policy's range
+    as for Verify.
+    """
+    def __init__(
+        self,
+        *,
+        registration_id: _builtins.str = ...,
+        endpoint: _builtins.str = ...,
+        model_name: _builtins.str = ...,
+        labels_only: _builtins.bool = ...,
+        alpha: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "endpoint", b"endpoint", "labels_only", b"labels_only", "model_name", b"model_name", "registration_id", b"registration_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyEndpointRequest: _TypeAlias = VerifyEndpointRequest  # noqa: Y015
+
+@_typing.final
+class EndpointExchange(_message.Message):
+    """One HTTP exchange of an endpoint verification, bound by hashes of its exact bodies.
+    One definition: `freemark.records.EndpointExchange`'s signed fields.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METHOD_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    REQUEST_SHA256_FIELD_NUMBER: _builtins.int
+    RESPONSE_SHA256_FIELD_NUMBER: _builtins.int
+    method: _builtins.str
+    """"GET" (metadata) or "POST" (infer)."""
+    path: _builtins.str
+    status: _builtins.int
+    inputs: _builtins.int
+    """How many inputs the request carried (0 for metadata)."""
+    request_sha256: _builtins.bytes
+    """SHA-256 of the exact request body sent (of the empty string for a GET)."""
+    response_sha256: _builtins.bytes
+    """SHA-256 of the exact response body received."""
+    def __init__(
+        self,
+        *,
+        method: _builtins.str = ...,
+        path: _builtins.str = ...,
+        status: _builtins.int = ...,
+        inputs: _builtins.int = ...,
+        request_sha256: _builtins.bytes = ...,
+        response_sha256: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "method", b"method", "path", b"path", "request_sha256", b"request_sha256", "response_sha256", b"response_sha256", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndpointExchange: _TypeAlias = EndpointExchange  # noqa: Y015
+
+@_typing.final
+class EndpointVerdict(_message.Message):
+    """A signed, logged verdict on an endpoint ("freemark/v1/endpoint-verdict",
+    `freemark.records.EndpointVerdict`). The signed body is authoritative: every field of
+    this message but statement and inclusion, under the same names (bytes as lowercase
+    hex, tests and exchanges as lists of objects). The judgement fields (n_bits ..
+    panel) are those of SignedVerdict: n_bits is the number of queries in the set,
+    matches the queries answered with the target class; the tests are "labels" and,
+    for a score endpoint, "scores" and "ranking", each against the beta-binomial null
+    the server fitted on the panel answers it measured at registration.
+    `freemark receipt verify` checks the signature and the log inclusion offline.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATEMENT_FIELD_NUMBER: _builtins.int
+    INCLUSION_FIELD_NUMBER: _builtins.int
+    N_BITS_FIELD_NUMBER: _builtins.int
+    MATCHES_FIELD_NUMBER: _builtins.int
+    BER_FIELD_NUMBER: _builtins.int
+    P_VALUE_FIELD_NUMBER: _builtins.int
+    LOG10_P_VALUE_FIELD_NUMBER: _builtins.int
+    P_VALUE_METHOD_FIELD_NUMBER: _builtins.int
+    P_VALUE_BINOMIAL_FIELD_NUMBER: _builtins.int
+    LOG10_P_VALUE_BINOMIAL_FIELD_NUMBER: _builtins.int
+    ALPHA_FIELD_NUMBER: _builtins.int
+    IS_MATCH_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    TESTS_FIELD_NUMBER: _builtins.int
+    PANEL_FIELD_NUMBER: _builtins.int
+    REGISTRATION_ID_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    ENDPOINT_ADDRESS_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    ANSWERS_FIELD_NUMBER: _builtins.int
+    QUERY_SET_FIELD_NUMBER: _builtins.int
+    QUERY_SET_COMMITMENT_FIELD_NUMBER: _builtins.int
+    SET_DISCLOSURES_FIELD_NUMBER: _builtins.int
+    SET_REUSED_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    FINISHED_AT_FIELD_NUMBER: _builtins.int
+    EXCHANGES_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    LOG_INDEX_FIELD_NUMBER: _builtins.int
+    INTEGRATED_TIME_FIELD_NUMBER: _builtins.int
+    n_bits: _builtins.int
+    matches: _builtins.int
+    ber: _builtins.float
+    p_value: _builtins.float
+    log10_p_value: _builtins.float
+    p_value_method: _builtins.str
+    p_value_binomial: _builtins.float
+    log10_p_value_binomial: _builtins.float
+    alpha: _builtins.float
+    is_match: _builtins.bool
+    outcome: _builtins.str
+    registration_id: _builtins.str
+    requested_by: _builtins.str
+    endpoint: _builtins.str
+    """The endpoint as normalised, and the checked address every connection went to."""
+    endpoint_address: _builtins.str
+    model_name: _builtins.str
+    """The model name asked for and the version that answered (from its replies)."""
+    model_version: _builtins.str
+    answers: _builtins.str
+    """"labels" or "scores": what was read."""
+    query_set: _builtins.int
+    """The query set sent (0-based), its commitment as in the receipt, how many other
+    endpoints it had been disclosed to before, and whether it was reused because every
+    set was already disclosed (the least-disclosed one is then chosen).
+    """
+    query_set_commitment: _builtins.bytes
+    set_disclosures: _builtins.int
+    set_reused: _builtins.bool
+    started_at: _builtins.int
+    """The wall-clock window of the conversation, unix microseconds."""
+    finished_at: _builtins.int
+    log_index: _builtins.int
+    integrated_time: _builtins.int
+    """Unix microseconds."""
+    @_builtins.property
+    def statement(self) -> Global___SignedStatement: ...
+    @_builtins.property
+    def inclusion(self) -> Global___InclusionProof: ...
+    @_builtins.property
+    def tests(self) -> _containers.RepeatedCompositeFieldContainer[Global___VerdictTest]: ...
+    @_builtins.property
+    def panel(self) -> Global___ReferencePanel: ...
+    @_builtins.property
+    def exchanges(self) -> _containers.RepeatedCompositeFieldContainer[Global___EndpointExchange]: ...
+    @_builtins.property
+    def policy(self) -> Global___VerdictPolicy: ...
+    def __init__(
+        self,
+        *,
+        statement: Global___SignedStatement | None = ...,
+        inclusion: Global___InclusionProof | None = ...,
+        n_bits: _builtins.int = ...,
+        matches: _builtins.int = ...,
+        ber: _builtins.float = ...,
+        p_value: _builtins.float = ...,
+        log10_p_value: _builtins.float = ...,
+        p_value_method: _builtins.str = ...,
+        p_value_binomial: _builtins.float = ...,
+        log10_p_value_binomial: _builtins.float = ...,
+        alpha: _builtins.float = ...,
+        is_match: _builtins.bool = ...,
+        outcome: _builtins.str = ...,
+        tests: _abc.Iterable[Global___VerdictTest] | None = ...,
+        panel: Global___ReferencePanel | None = ...,
+        registration_id: _builtins.str = ...,
+        requested_by: _builtins.str = ...,
+        endpoint: _builtins.str = ...,
+        endpoint_address: _builtins.str = ...,
+        model_name: _builtins.str = ...,
+        model_version: _builtins.str = ...,
+        answers: _builtins.str = ...,
+        query_set: _builtins.int = ...,
+        query_set_commitment: _builtins.bytes = ...,
+        set_disclosures: _builtins.int = ...,
+        set_reused: _builtins.bool = ...,
+        started_at: _builtins.int = ...,
+        finished_at: _builtins.int = ...,
+        exchanges: _abc.Iterable[Global___EndpointExchange] | None = ...,
+        policy: Global___VerdictPolicy | None = ...,
+        log_index: _builtins.int = ...,
+        integrated_time: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["inclusion", b"inclusion", "panel", b"panel", "policy", b"policy", "statement", b"statement"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "answers", b"answers", "ber", b"ber", "endpoint", b"endpoint", "endpoint_address", b"endpoint_address", "exchanges", b"exchanges", "finished_at", b"finished_at", "inclusion", b"inclusion", "integrated_time", b"integrated_time", "is_match", b"is_match", "log10_p_value", b"log10_p_value", "log10_p_value_binomial", b"log10_p_value_binomial", "log_index", b"log_index", "matches", b"matches", "model_name", b"model_name", "model_version", b"model_version", "n_bits", b"n_bits", "outcome", b"outcome", "p_value", b"p_value", "p_value_binomial", b"p_value_binomial", "p_value_method", b"p_value_method", "panel", b"panel", "policy", b"policy", "query_set", b"query_set", "query_set_commitment", b"query_set_commitment", "registration_id", b"registration_id", "requested_by", b"requested_by", "set_disclosures", b"set_disclosures", "set_reused", b"set_reused", "started_at", b"started_at", "statement", b"statement", "tests", b"tests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndpointVerdict: _TypeAlias = EndpointVerdict  # noqa: Y015

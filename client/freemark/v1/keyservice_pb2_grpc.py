@@ -84,6 +84,11 @@ class KeyServiceStub:
                 request_serializer=freemark_dot_v1_dot_keyservice__pb2.GetPublicKeyRequest.SerializeToString,
                 response_deserializer=freemark_dot_v1_dot_keyservice__pb2.PublicKey.FromString,
                 _registered_method=True)
+        self.VerifyEndpoint = channel.unary_unary(
+                '/freemark.v1.KeyService/VerifyEndpoint',
+                request_serializer=freemark_dot_v1_dot_keyservice__pb2.VerifyEndpointRequest.SerializeToString,
+                response_deserializer=freemark_dot_v1_dot_keyservice__pb2.EndpointVerdict.FromString,
+                _registered_method=True)
 
 
 class KeyServiceServicer:
@@ -155,6 +160,17 @@ class KeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VerifyEndpoint(self, request, context):
+        """A signed verdict on a model behind a live Open Inference Protocol v2 REST endpoint,
+        judged with a registration's output key (owners of the registration and arbiters
+        only; rate-limited like Verify). The server queries only endpoints its operator
+        allow-lists (`freemark-keyserver serve --endpoint-allow`); every refusal of the
+        endpoint (ENDPOINT_* reasons) signs and logs nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -207,6 +223,11 @@ def add_KeyServiceServicer_to_server(servicer, server):
                     servicer.GetPublicKey,
                     request_deserializer=freemark_dot_v1_dot_keyservice__pb2.GetPublicKeyRequest.FromString,
                     response_serializer=freemark_dot_v1_dot_keyservice__pb2.PublicKey.SerializeToString,
+            ),
+            'VerifyEndpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyEndpoint,
+                    request_deserializer=freemark_dot_v1_dot_keyservice__pb2.VerifyEndpointRequest.FromString,
+                    response_serializer=freemark_dot_v1_dot_keyservice__pb2.EndpointVerdict.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -479,6 +500,33 @@ class KeyService:
             '/freemark.v1.KeyService/GetPublicKey',
             freemark_dot_v1_dot_keyservice__pb2.GetPublicKeyRequest.SerializeToString,
             freemark_dot_v1_dot_keyservice__pb2.PublicKey.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyEndpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/freemark.v1.KeyService/VerifyEndpoint',
+            freemark_dot_v1_dot_keyservice__pb2.VerifyEndpointRequest.SerializeToString,
+            freemark_dot_v1_dot_keyservice__pb2.EndpointVerdict.FromString,
             options,
             channel_credentials,
             insecure,

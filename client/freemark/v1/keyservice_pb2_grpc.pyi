@@ -87,6 +87,13 @@ class KeyServiceStub:
     and check that every entry is a statement the TTP made.
     """
     GetPublicKey: _grpc.UnaryUnaryMultiCallable[_keyservice_pb2.GetPublicKeyRequest, _keyservice_pb2.PublicKey]
+    VerifyEndpoint: _grpc.UnaryUnaryMultiCallable[_keyservice_pb2.VerifyEndpointRequest, _keyservice_pb2.EndpointVerdict]
+    """A signed verdict on a model behind a live Open Inference Protocol v2 REST endpoint,
+    judged with a registration's output key (owners of the registration and arbiters
+    only; rate-limited like Verify). The server queries only endpoints its operator
+    allow-lists (`freemark-keyserver serve --endpoint-allow`); every refusal of the
+    endpoint (ENDPOINT_* reasons) signs and logs nothing.
+    """
 
 @_typing.type_check_only
 class KeyServiceAsyncStub(KeyServiceStub):
@@ -109,6 +116,13 @@ class KeyServiceAsyncStub(KeyServiceStub):
     and check that every entry is a statement the TTP made.
     """
     GetPublicKey: _aio.UnaryUnaryMultiCallable[_keyservice_pb2.GetPublicKeyRequest, _keyservice_pb2.PublicKey]  # type: ignore[assignment]
+    VerifyEndpoint: _aio.UnaryUnaryMultiCallable[_keyservice_pb2.VerifyEndpointRequest, _keyservice_pb2.EndpointVerdict]  # type: ignore[assignment]
+    """A signed verdict on a model behind a live Open Inference Protocol v2 REST endpoint,
+    judged with a registration's output key (owners of the registration and arbiters
+    only; rate-limited like Verify). The server queries only endpoints its operator
+    allow-lists (`freemark-keyserver serve --endpoint-allow`); every refusal of the
+    endpoint (ENDPOINT_* reasons) signs and logs nothing.
+    """
 
 class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -188,5 +202,18 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _keyservice_pb2.GetPublicKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_keyservice_pb2.PublicKey, _abc.Awaitable[_keyservice_pb2.PublicKey]]: ...
+
+    @_abc_1.abstractmethod
+    def VerifyEndpoint(
+        self,
+        request: _keyservice_pb2.VerifyEndpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keyservice_pb2.EndpointVerdict, _abc.Awaitable[_keyservice_pb2.EndpointVerdict]]:
+        """A signed verdict on a model behind a live Open Inference Protocol v2 REST endpoint,
+        judged with a registration's output key (owners of the registration and arbiters
+        only; rate-limited like Verify). The server queries only endpoints its operator
+        allow-lists (`freemark-keyserver serve --endpoint-allow`); every refusal of the
+        endpoint (ENDPOINT_* reasons) signs and logs nothing.
+        """
 
 def add_KeyServiceServicer_to_server(servicer: KeyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -193,6 +193,34 @@ def decide(plain: Verdict, tests: Sequence[Test], panel: Sequence[bytes], *,
                                tests=(*plain.tests, *entries), panel=record)
 
 
+def strongest_of(verdicts: Sequence[Verdict], *, candidates: int, alpha: float
+                 ) -> tuple[int, Verdict]:
+    """The verdict on a suspect whose key layer the key server located by scanning it: the
+    strongest of the `verdicts` (one per candidate tensor judged; the first on a tie), with
+    its p-value Bonferroni-corrected over all `candidates` (those listed but not judged
+    count too: a valid bound however the tensors depend on each other), and the index of
+    the one chosen.
+
+    Scanning K tensors of an independent model gives K chances at a small p; K × the
+    smallest p is a valid p-value for "some tensor carries the key", so reading more cannot
+    make a match. The outcome is `inconclusive` when any candidate's verdict is (its tests
+    could not have reached alpha, so no tensor can be cleared by it)."""
+    if not verdicts or candidates < len(verdicts):
+        raise ValueError("a scan's verdict needs at least one judged candidate, and "
+                         "candidates >= the verdicts judged")
+    chosen = min(range(len(verdicts)), key=lambda i: verdicts[i].log10_p_value)
+    best = verdicts[chosen]
+    log10_p = min(0.0, best.log10_p_value + math.log10(candidates))
+    is_match = log10_p <= math.log10(alpha)
+    unreachable = any(v.outcome == "inconclusive" for v in verdicts)
+    outcome = "match" if is_match else ("inconclusive" if unreachable else "no_match")
+    method = (f"the strongest of {candidates} candidate tensors the key server's scan located, "
+              f"Bonferroni over them ({candidates} × its p); {best.p_value_method}")
+    return chosen, dataclasses.replace(best, p_value=10.0 ** log10_p, log10_p_value=log10_p,
+                                       p_value_method=method, is_match=is_match,
+                                       outcome=outcome)
+
+
 def p_value_bucket(log10_p: float, alpha: float) -> tuple[float, float]:
     """(above, at_most]: the coarse bucket of a p-value given as log10 (it may underflow).
 

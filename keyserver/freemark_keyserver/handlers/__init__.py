@@ -19,9 +19,13 @@ What they share:
   fails, log appends, signed statements and their inclusion proofs.
 - `panels`: reading a model for the aligned test, the owner's and the operator's reference
   panels (and the operator's `panel add`), the sealed form of a registration.
+- `scans`: locating a key layer in an upload by its values, not its names: the sandbox scan
+  and each tensor's judgement (Register's prior-claim check), and a scanned suspect's verdict
+  (Verify on an ONNX graph: the strongest candidate, corrected for all of them).
 - `hosts`: registered hosts and panel members at rest, sealed in segments, opened into a
   sealed memfd for the sandbox.
 
-Dependencies run one way: `context` < `registrations` < `panels` < `register`, `verify`;
+Dependencies run one way: `context` < `registrations` < `panels`, `scans` < `register`,
+`verify`;
 `proofs` needs only `context`; `hosts` needs none of them. This file imports nothing.
 """

@@ -21,6 +21,7 @@ from freemark.records.types import Checkpoint, InclusionProof, SignedStatement
 from freemark.scheme.bundle import KeyBundle
 from freemark.tlog import merkle
 from freemark.v1 import keyservice_pb2 as pb
+from freemark.verdict.decision import DEFAULT_ALPHA
 from freemark_keyserver import cancellation
 from freemark_keyserver.claims import ClaimIndex
 from freemark_keyserver.config import ServerConfig
@@ -44,11 +45,13 @@ from freemark_keyserver.tlog.ledger import Ledger
 from freemark_keyserver.tlog.sequencer import Sequencer
 
 __all__ = [
+    "Admission",
     "Context",
     "Runner",
     "Stream",
     "append_entry",
     "inclusion_proof",
+    "policy_alpha",
     "public",
     "sandbox_refusals",
     "sandbox_runner",
@@ -59,6 +62,17 @@ __all__ = [
 
 log = logging.getLogger("freemark_keyserver")
 H_co = TypeVar("H_co", covariant=True)
+
+
+class Admission(Protocol):
+    """The registration's Verify rate limit as the caller meets it (`rpc.ratelimit`); a
+    VerifyEndpoint is charged the same token as a Verify."""
+
+    def check(self, record: Registration) -> None:
+        """RATE_LIMITED when the caller's bucket for `record` is empty; takes nothing."""
+
+    def charge(self, record: Registration) -> None:
+        """Take a token from the caller's bucket for `record`, or RATE_LIMITED."""
 
 
 @dataclass
@@ -167,6 +181,21 @@ def sandbox_refusals() -> Iterator[None]:
         raise ServiceError(ErrorCode.SANDBOX_BUSY, str(exc), retry_after=exc.retry_after) from exc
     except SandboxError as exc:
         raise ServiceError(ErrorCode.SANDBOX_CRASHED, str(exc)) from exc
+
+
+def policy_alpha(ctx: Context, requested: float) -> float:
+    """The alpha a verdict is judged at (0 asks for the scheme default), once it is inside
+    the operator's verdict policy: ALPHA_OUTSIDE_POLICY names the range otherwise."""
+    if requested and not 0.0 < requested < 1.0:
+        raise ServiceError(ErrorCode.MALFORMED_REQUEST, "alpha must be in (0, 1)")
+    policy = ctx.config.verdict_policy
+    alpha = requested or DEFAULT_ALPHA
+    if not policy.alpha_min <= alpha <= policy.alpha_max:
+        asked = f"alpha {alpha:g}" + ("" if requested else " (the default)")
+        raise ServiceError(ErrorCode.ALPHA_OUTSIDE_POLICY,
+                           f"{asked} is outside this key server's verdict policy: it signs "
+                           f"verdicts for {policy.describe()}")
+    return alpha
 
 
 def public(exc: Exception) -> str:

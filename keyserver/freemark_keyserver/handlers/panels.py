@@ -24,6 +24,7 @@ from freemark.errors import InvalidInputError
 from freemark.formats.table import by_name
 from freemark.panel import Reference, reference_from_proto, reference_to_proto
 from freemark.reading import probe_count, split_activations
+from freemark.records.types import PanelMemberEntry
 from freemark.scheme.bundle import KeyBundle, from_bytes, from_proto, to_proto
 from freemark.v1 import bundle_pb2
 from freemark.v1 import keyservice_pb2 as pb
@@ -31,9 +32,10 @@ from freemark.verdict.aligned import THRESHOLD
 from freemark.verdict.canon import align
 from freemark_keyserver.crypto import Envelope, MasterKeyring, open_envelope
 from freemark_keyserver.errors import ErrorCode, ServiceError
-from freemark_keyserver.handlers.context import Context, Runner, sandbox_runner
+from freemark_keyserver.handlers.context import Context, Runner, public, sandbox_runner
 from freemark_keyserver.handlers.hosts import member_file, store_member
 from freemark_keyserver.handlers.lookups import lookup
+from freemark_keyserver.handlers.outputs import is_output_registration
 from freemark_keyserver.sandbox.runner import ModelIdentity, TriggerRun
 from freemark_keyserver.store import PanelMember, Registration, Store
 
@@ -91,6 +93,21 @@ def reading_of(bundle: KeyBundle, identity: ModelIdentity, activations: np.ndarr
     return Reading(triggers=triggers, probes=probed, identity=identity)
 
 
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """A panel member read for one registration, and where it came from: the receipt names
+    every member's source, and a refusal or log line names the member."""
+
+    reference: Reference
+    what: str  # how messages name it: "reference #2", "panel member <label>"
+    member_id: str = ""  # the operator's panel member id; "" for the owner's references
+
+    @property
+    def source(self) -> str:
+        """"operator" or "owner" (`freemark.records.types.PANEL_SOURCES`)."""
+        return "operator" if self.member_id else "owner"
+
+
 def check_reference_header(header: pb.UploadHeader) -> None:
     """References are programs: refuse any other format before reading the bytes."""
     if header.format != REFERENCE_FORMAT.wire:
@@ -122,33 +139,43 @@ def _measure(run: Runner, path: Path, bundle: KeyBundle, host: Reading, seen: se
 
 
 def measure_panel(run: Runner, paths: Sequence[Path], bundle: KeyBundle, host: Reading
-                  ) -> list[Reference]:
+                  ) -> list[Candidate]:
     """Read the owner's references; any that fails or is a copy of the host refuses the call."""
     seen = {host.fingerprint}
-    return [_measure(run, path, bundle, host, seen, f"reference #{number}")
-            for number, path in enumerate(paths, start=1)]
+    panel = []
+    for number, path in enumerate(paths, start=1):
+        what = f"reference #{number}"
+        panel.append(Candidate(_measure(run, path, bundle, host, seen, what), what))
+    return panel
 
 
 def operator_panel(run: Runner, store: Store, keyring: MasterKeyring,
-                   bundle: KeyBundle, host: Reading, owners: Sequence[Reference]
-                   ) -> list[Reference]:
-    """The operator's active members for the host's architecture family, read for this key.
+                   bundle: KeyBundle, host: Reading, owners: Sequence[Candidate]
+                   ) -> tuple[list[Candidate], list[PanelMemberEntry]]:
+    """The operator's active members for the host's architecture family, read for this key,
+    and the receipt's entries for those left out here.
 
-    A member that cannot be read for this key, duplicates a reference the owner gave, or is
-    the host itself is left out (and logged): the operator's panel adds calibration, it
-    never makes a registration fail.
+    A member that cannot be read for this key or is the host itself is left out (logged,
+    and named in the receipt with the refusal); one the owner also gave is his reference
+    already. One that leans toward the host is left out later, by
+    `freemark_keyserver.handlers.vetting`. The operator's panel never makes Register fail
+    through a member it cannot use.
     """
-    seen = {host.fingerprint, *(r.fingerprint for r in owners)}
-    panel = []
+    seen = {host.fingerprint, *(c.reference.fingerprint for c in owners)}
+    panel, skipped = [], []
     for member in store.panel_members(host.architecture_digest):
         if member.fingerprint in seen:
             continue
+        what = f"panel member {member.label}"
         try:
             with member_file(store, keyring, member) as path:
-                panel.append(_measure(run, path, bundle, host, seen, f"panel member {member.label}"))
+                panel.append(Candidate(_measure(run, path, bundle, host, seen, what), what,
+                                       member.member_id))
         except ServiceError as exc:
             log.warning("panel member %s left out of a registration: %s", member.member_id, exc)
-    return panel
+            skipped.append(PanelMemberEntry(fingerprint=member.fingerprint, source="operator",
+                                            member_id=member.member_id, left_out=public(exc)))
+    return panel, skipped
 
 
 def add_member(run: Runner, store: Store, keyring: MasterKeyring, model: Path, *,
@@ -216,7 +243,14 @@ def open_bytes(plaintext: bytes) -> tuple[KeyBundle, list[Reference]]:
 
 
 def open_sealed(ctx: Context, record: Registration) -> tuple[KeyBundle, list[Reference]]:
-    """A registration's bundle and reference panel, decrypted."""
+    """A registration's bundle and reference panel, decrypted; refused for a registration
+    that holds an output key (it has no bundle: `outputs.open_sealed`)."""
+    if is_output_registration(record):
+        raise ServiceError(ErrorCode.MALFORMED_REQUEST,
+                           f"registration {record.registration_id} holds an output key, judged "
+                           "through a model's answers: verify a live endpoint with freemark "
+                           "verify --endpoint (judging model files with output keys is not "
+                           "built yet)")
     plaintext = open_envelope(ctx.keyring, Envelope.from_bytes(record.envelope),
                               record_id=record.registration_id, owner=record.owner)
     return open_bytes(plaintext)

@@ -6,8 +6,10 @@ any reference models. One sandbox child reads the host: it must be the model the
 derived on (fingerprint, every bit extracted, the key specific to it); the same child then
 scans it on the triggers of every earlier registration of its input signature, whatever its
 modules are called, and an earlier registration that claims it refuses the call
-(`_PriorClaims`). The reference panel is measured, the bundle and
-panel are sealed, the host stored, the receipt appended to the log and signed.
+(`_PriorClaims`). The reference panel is measured (the owner's references and the operator's
+members of the family) and vetted (`vetting`: members leaning toward the host left out, the
+rest able to reach alpha), the bundle and panel are sealed, the host stored, the receipt
+(naming every member and its source) appended to the log and signed.
 """
 
 from __future__ import annotations
@@ -20,14 +22,22 @@ from pathlib import Path
 
 import numpy as np
 
+from freemark.blackbox.commit import query_set_commitments
+from freemark.blackbox.key import OutputKey
 from freemark.derive import check_uniqueness
 from freemark.errors import InvalidInputError, UniquenessError
 from freemark.extract import judge_activations
 from freemark.formats.table import HOSTS, by_wire, names
 from freemark.panel import Reference
-from freemark.reading import aligns, probe_count, split_activations
+from freemark.reading import aligns, probe_count
 from freemark.records import wire
-from freemark.records.types import NO_PANEL, RECEIPT_KIND, Receipt, ReferencePanel, Verdict
+from freemark.records.types import (
+    NO_PANEL,
+    RECEIPT_KIND,
+    PanelMemberEntry,
+    Receipt,
+    ReferencePanel,
+)
 from freemark.scheme.bundle import KeyBundle, from_proto
 from freemark.scheme.triggers import TriggerSet
 from freemark.scheme.watermark import commitment
@@ -37,7 +47,7 @@ from freemark_keyserver import claims
 from freemark_keyserver.auth import OWNER, require_role
 from freemark_keyserver.crypto import seal
 from freemark_keyserver.errors import ErrorCode, ServiceError
-from freemark_keyserver.handlers import panels
+from freemark_keyserver.handlers import outputs, panels
 from freemark_keyserver.handlers.context import (
     Context,
     Stream,
@@ -50,11 +60,13 @@ from freemark_keyserver.handlers.context import (
 )
 from freemark_keyserver.handlers.hosts import store_host
 from freemark_keyserver.handlers.lookups import lookup, lookup_many
+from freemark_keyserver.handlers.scans import judge_tensor, scan_run
+from freemark_keyserver.handlers.vetting import vet_panel
 from freemark_keyserver.sandbox import formats
 from freemark_keyserver.sandbox.runner import LayerScan, ModelIdentity, TriggerRun
 from freemark_keyserver.store import ClaimSignature, DuplicateError, Principal, Registration
 
-__all__ = ["CLAIMED", "parse_bundle", "register", "register_host"]
+__all__ = ["CLAIMED", "parse_bundle", "register", "register_host", "register_output_key"]
 
 log = logging.getLogger("freemark_keyserver")
 REGISTRATION_ID_BYTES = 12
@@ -68,7 +80,16 @@ def register(ctx: Context, principal: Principal, stream: Stream[pb.RegisterHeade
     models (each checked before its bytes are read), then `register_host`."""
     require_role(principal, OWNER)
     header = stream.header()
-    bundle = parse_bundle(ctx, principal, header)
+    if header.output_key:
+        if header.HasField("bundle"):
+            raise ServiceError(ErrorCode.MALFORMED_REQUEST, "a registration holds one key: "
+                               "send a bundle or an output key, not both")
+        key = outputs.parse_key(header.output_key, principal.name, ctx.config.max_bundle_bytes)
+        if header.upload.format != pb.MODEL_FORMAT_PT2:
+            raise ServiceError(ErrorCode.MALFORMED_REQUEST, "an output key's host must be a "
+                               ".pt2 program (the sandbox reads outputs from programs)")
+    else:
+        bundle = parse_bundle(ctx, principal, header)
     host_format = by_wire(header.upload.format)
     assert host_format is not None  # parse_bundle refuses any other
     with ExitStack() as files:
@@ -81,8 +102,63 @@ def register(ctx: Context, principal: Principal, stream: Stream[pb.RegisterHeade
             panels.check_reference_header(reference)
             references.append(files.enter_context(stream.receive(
                 reference, suffix=panels.REFERENCE_FORMAT.suffix)))
+        if header.output_key:
+            return register_output_key(ctx, principal, key, host, references)
         return register_host(ctx, principal, bundle, host, references,
                              host_format=header.upload.format)
+
+
+def register_output_key(ctx: Context, principal: Principal, key: OutputKey, host: Path,
+                        references: Sequence[Path]) -> pb.Receipt:
+    """Check, store and log a registration of an output key; return its signed receipt.
+
+    The host is read in the sandbox through its outputs: it must be the key's host and
+    answer every query as the key says. Registered weights are refused as for a white-box
+    key (the same fingerprint check, `_claimed`). The panel (the key's own references) is
+    read in the sandbox too, and its answers, not the owner's, are sealed with the key. The
+    receipt commits to every query set (`Receipt.query_sets`).
+    """
+    require_role(principal, OWNER)
+    reading = outputs.read_host(ctx, host, key)
+    fingerprint = reading.identity.fingerprint
+    same = [r for r in lookup_many(ctx, lambda reg: reg.by_fingerprint(fingerprint))
+            if _blocks(r, principal)]
+    if same:
+        raise _claimed(principal, same, "the same weights are registered")
+    panel = outputs.measure_panel(ctx, references, key, reading)
+    registration_id = "reg_" + secrets.token_hex(REGISTRATION_ID_BYTES)
+    envelope = seal(ctx.keyring, outputs.seal_bytes(key, panel), record_id=registration_id,
+                    owner=principal.name)
+    host_header = store_host(ctx.store, ctx.keyring, host, registration_id=registration_id,
+                             owner=principal.name)
+    wm_commitment = commitment(key.bits)
+    sets = query_set_commitments(key)
+    record = Registration(
+        registration_id=registration_id, owner=principal.name, created_at=0,
+        host_fingerprint=fingerprint, architecture_digest=reading.identity.architecture_digest,
+        layer=outputs.OUTPUTS_LAYER, units=key.n_classes, n_bits=len(key.queries),
+        commitment=wm_commitment, key_version=ctx.keyring.current_version,
+        envelope=envelope.to_bytes(), host_envelope=host_header, log_index=0,
+    )
+    try:
+        body, index, _ = append_entry(ctx, RECEIPT_KIND, lambda i, t: wire.encode_body(Receipt, {
+            "registration_id": registration_id, "owner": principal.name,
+            "host_fingerprint": fingerprint, "watermark_commitment": wm_commitment,
+            "layer": outputs.OUTPUTS_LAYER, "n_bits": len(key.queries), "log_index": i,
+            "integrated_time": t, "panel": ReferencePanel.of(key.panel),
+            "architecture_digest": reading.identity.architecture_digest, "query_sets": sets,
+            "panel_members": tuple(PanelMemberEntry(fingerprint=f, source="owner", member_id="",
+                                                    left_out="") for f in key.panel),
+            "panel_warning": "",
+        }), record)
+    except DuplicateError as exc:  # a concurrent Register of the same host committed first
+        raise _claimed(principal, lookup_many(
+            ctx, lambda registry: registry.by_fingerprint(fingerprint)),
+            "a concurrent Register of the same weights committed first") from exc
+    log.info("registered output key %s for %s at log index %d (%d sets, panel of %d)",
+             registration_id, principal.name, index, len(sets), len(key.panel))
+    receipt = wire.read_statement(Receipt, sign_statement(ctx, body), inclusion_proof(ctx, index))
+    return wire.receipt_to_proto(receipt)
 
 
 def parse_bundle(ctx: Context, principal: Principal, header: pb.RegisterHeader) -> KeyBundle:
@@ -122,10 +198,15 @@ def register_host(ctx: Context, principal: Principal, bundle: KeyBundle, host: P
     claims.judge(results[1:])
     reading = claims.host
     bundle = panels.with_profile(bundle, reading)
-    panel = panels.measure_panel(sandbox_runner(ctx), references, bundle, reading)
+    candidates = panels.measure_panel(sandbox_runner(ctx), references, bundle, reading)
+    skipped: list[PanelMemberEntry] = []
     if reading.probes is not None:
-        panel += panels.operator_panel(sandbox_runner(ctx), ctx.store, ctx.keyring,
-                                       bundle, reading, panel)
+        operators, skipped = panels.operator_panel(sandbox_runner(ctx), ctx.store, ctx.keyring,
+                                                   bundle, reading, candidates)
+        candidates += operators
+    vetted = vet_panel(candidates, bundle, reading, policy=ctx.config.verdict_policy,
+                       mode=ctx.config.panel_reach, skipped=skipped)
+    panel = vetted.references
 
     registration_id = "reg_" + secrets.token_hex(REGISTRATION_ID_BYTES)
     envelope = seal(ctx.keyring, panels.seal_bytes(bundle, panel), record_id=registration_id,
@@ -148,13 +229,15 @@ def register_host(ctx: Context, principal: Principal, bundle: KeyBundle, host: P
             "host_fingerprint": reading.fingerprint, "watermark_commitment": wm_commitment,
             "layer": bundle.layer, "n_bits": bundle.n_bits, "log_index": i, "integrated_time": t,
             "panel": panel_record, "architecture_digest": reading.architecture_digest,
+            "panel_members": vetted.entries, "panel_warning": vetted.warning, "query_sets": (),
         }), record, claim=claims.sealed(registration_id))
     except DuplicateError as exc:  # a concurrent Register of the same host committed first
         raise _claimed(principal, lookup_many(
             ctx, lambda registry: registry.by_fingerprint(reading.fingerprint)),
             "a concurrent Register of the same weights committed first") from exc
-    log.info("registered %s for %s at log index %d (panel of %d)", registration_id,
-             principal.name, index, len(panel))
+    log.info("registered %s for %s at log index %d (panel of %d%s)", registration_id,
+             principal.name, index, len(panel), "; too weak to reach alpha, warned"
+             if vetted.warning else "")
     receipt = wire.read_statement(Receipt, sign_statement(ctx, body), inclusion_proof(ctx, index))
     return wire.receipt_to_proto(receipt)
 
@@ -280,12 +363,15 @@ class _PriorClaims:
         wanted.update(dict.fromkeys(s.registration_id for s in self.ctx.ledger.read(
             self.ctx.store, lambda reg: reg.all()) if not index.indexed(s.registration_id)))
         signature = _signature(self.bundle.triggers)
+        # Output keys are judged on outputs, not tensors: their hosts are held by the
+        # fingerprint check above (docs/keyserver.md).
         found = [lookup(self.ctx, rid) for rid in wanted]
         opened = [(record, *panels.open_sealed(self.ctx, record)) for record in found
-                  if record is not None and _blocks(record, self.principal)]
+                  if record is not None and _blocks(record, self.principal)
+                  and not outputs.is_output_registration(record)]
         self.earlier = [(record, bundle, panel) for record, bundle, panel in opened
                         if _signature(bundle.triggers) == signature]
-        return [_scan(bundle, panel) for _, bundle, panel in self.earlier]
+        return [scan_run(bundle, panel) for _, bundle, panel in self.earlier]
 
     def sealed(self, registration_id: str) -> ClaimSignature | None:
         """The upload's own signature, sealed for the index (None when it could not be read:
@@ -317,7 +403,7 @@ class _PriorClaims:
             probes = probe_count(bundle, probes=aligns(bundle, panel))
             for layer in result.layers():
                 try:
-                    verdict = _judge_tensor(layer, bundle, panel, probes)
+                    verdict = judge_tensor(layer, bundle, panel, probes)
                 except InvalidInputError:  # a tensor this key cannot be read on
                     continue
                 except Exception as exc:  # noqa: BLE001 - a failed judgement is a claim
@@ -347,26 +433,6 @@ def _failure_name(exc: BaseException) -> str:
 def _signature(triggers: TriggerSet) -> tuple[int, bool, bool]:
     """What an upload must take to be read on these triggers (`claims.input_kind`)."""
     return claims.input_kind(triggers)
-
-
-def _scan(bundle: KeyBundle, panel: Sequence[Reference]) -> TriggerRun:
-    """The scan of an upload on an earlier key's triggers (and probes, where its panel lets
-    the aligned test run): tensors of the key's width, or of any width for the aligned test."""
-    aligned = aligns(bundle, panel)
-    return TriggerRun(None, bundle.pooling, bundle.triggers, probe_count(bundle, probes=aligned),
-                      width=0 if aligned else bundle.units)
-
-
-def _judge_tensor(layer: np.ndarray, bundle: KeyBundle, panel: Sequence[Reference], probes: int
-                  ) -> Verdict:
-    """An earlier key's verdict on one scanned tensor. The tensor is first divided by its
-    largest magnitude: both tests are blind to a global scale, and a copy whose key layer was
-    scaled down across a ReLU would otherwise fall under the read-out's absolute floor."""
-    peak = float(np.max(np.abs(layer))) if layer.size else 0.0
-    if not peak > 0.0:
-        raise InvalidInputError("a constant tensor")
-    triggers, probed = split_activations(layer / peak, bundle, probes)
-    return judge_activations(triggers, bundle, probe_activations=probed, panel=panel)
 
 
 def _claimed(principal: Principal, records: Sequence[Registration], why: str) -> ServiceError:

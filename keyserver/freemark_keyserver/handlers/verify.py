@@ -6,31 +6,40 @@ policy), has the registration's rate limit looked at (`admit.check`), receives t
 and has the limit charged only then (`admit.charge`: an abandoned upload costs the
 registration nothing). The sandbox reads it on the registration's triggers (and alignment probes where the
 registration's panel lets the aligned test run); bare `.safetensors` weights are read into
-the registered host's program. The verdict binds the suspect, the requester and the policy.
+the registered host's program. An ONNX graph's node names are its author's, so the key
+server locates its key layer itself: it scans every candidate tensor and the verdict is the
+strongest, corrected for how many there were (`scans.judge_scan`; a tensor the requester
+names is one more candidate, never the only one). The verdict binds the suspect, the
+requester, what was read from the suspect and how it was located, and the policy.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
 
 from freemark.errors import InvalidInputError
 from freemark.extract import judge_activations
 from freemark.formats.table import SUSPECTS, by_wire, names
+from freemark.panel import Reference
 from freemark.reading import aligns
 from freemark.records import wire
-from freemark.records.types import CoarseVerdict, SignedVerdict
+from freemark.records.types import CoarseVerdict, SignedVerdict, SuspectReading, Verdict
+from freemark.scheme.bundle import KeyBundle
 from freemark.v1 import keyservice_pb2 as pb
 from freemark.verdict.decision import DEFAULT_ALPHA, coarse_values
 from freemark_keyserver.auth import ADMIN, ARBITER, OWNER, require_role
 from freemark_keyserver.errors import ErrorCode, ServiceError
-from freemark_keyserver.handlers import panels
+from freemark_keyserver.handlers import panels, scans
 from freemark_keyserver.handlers.context import (
+    Admission,
     Context,
     Stream,
     append_entry,
     inclusion_proof,
+    policy_alpha,
+    sandbox_refusals,
     sandbox_runner,
     sign_statement,
 )
@@ -38,21 +47,12 @@ from freemark_keyserver.handlers.hosts import host_file
 from freemark_keyserver.handlers.lookups import visible
 from freemark_keyserver.sandbox import formats
 from freemark_keyserver.sandbox.protocol import SKIP_FINGERPRINT
+from freemark_keyserver.sandbox.runner import LayerScan
 from freemark_keyserver.store import Principal, Registration
 
 __all__ = ["Admission", "judge", "verify", "verify_target"]
 
 log = logging.getLogger("freemark_keyserver")
-
-
-class Admission(Protocol):
-    """The registration's Verify rate limit as the caller meets it (`rpc.ratelimit`)."""
-
-    def check(self, record: Registration) -> None:
-        """RATE_LIMITED when the caller's bucket for `record` is empty; takes nothing."""
-
-    def charge(self, record: Registration) -> None:
-        """Take a token from the caller's bucket for `record`, or RATE_LIMITED."""
 
 
 def verify(ctx: Context, principal: Principal, stream: Stream[pb.VerifyHeader], *,
@@ -87,15 +87,7 @@ def verify_target(ctx: Context, principal: Principal, header: pb.VerifyHeader) -
     if len(header.onnx_tensor) > formats.MAX_TENSOR_NAME:
         raise ServiceError(ErrorCode.MALFORMED_REQUEST,
                            f"onnx_tensor is over {formats.MAX_TENSOR_NAME} characters")
-    if header.alpha and not 0.0 < header.alpha < 1.0:
-        raise ServiceError(ErrorCode.MALFORMED_REQUEST, "alpha must be in (0, 1)")
-    policy = ctx.config.verdict_policy
-    alpha = header.alpha or DEFAULT_ALPHA
-    if not policy.alpha_min <= alpha <= policy.alpha_max:
-        asked = f"alpha {alpha:g}" + ("" if header.alpha else " (the default)")
-        raise ServiceError(ErrorCode.ALPHA_OUTSIDE_POLICY,
-                           f"{asked} is outside this key server's verdict policy: it signs "
-                           f"verdicts for {policy.describe()}")
+    policy_alpha(ctx, header.alpha)
     return record
 
 
@@ -108,21 +100,11 @@ def judge(ctx: Context, principal: Principal, record: Registration, header: pb.V
     owner gets a coarse verdict when the policy says so; the owner always gets the full one.
     """
     bundle, panel = panels.open_sealed(ctx, record)
-    probes = aligns(bundle, panel)  # without an aligned test the probes would go unused
-    if header.upload.format == pb.MODEL_FORMAT_SAFETENSORS:
-        with host_file(ctx.store, ctx.keyring, record) as host:
-            options = {**formats.stored_host_options(host), **SKIP_FINGERPRINT}
-            reading = panels.read(sandbox_runner(ctx, options), host, bundle, suspect,
-                                  probes=probes)
+    alpha = header.alpha or DEFAULT_ALPHA
+    if header.upload.format == pb.MODEL_FORMAT_ONNX:
+        verdict, read = _scanned(ctx, header, suspect, bundle, panel, alpha=alpha)
     else:
-        options = {**formats.sandbox_options(header.upload.format, header.onnx_tensor),
-                   **SKIP_FINGERPRINT}
-        reading = panels.read(sandbox_runner(ctx, options), suspect, bundle, probes=probes)
-    try:
-        verdict = judge_activations(reading.triggers, bundle, alpha=header.alpha or DEFAULT_ALPHA,
-                                    probe_activations=reading.probes, panel=panel)
-    except InvalidInputError as exc:
-        raise ServiceError(ErrorCode.INVALID_MODEL, str(exc)) from exc
+        verdict, read = _named(ctx, header, record, suspect, bundle, panel, alpha=alpha)
     policy = ctx.config.verdict_policy
     coarse = policy.arbiter_disclosure == "coarse" and principal.name != record.owner
     verdict_type: type[SignedVerdict | CoarseVerdict] = (CoarseVerdict if coarse
@@ -130,11 +112,53 @@ def judge(ctx: Context, principal: Principal, record: Registration, header: pb.V
     judgement = coarse_values(verdict) if coarse else wire.signed_values(verdict)
     binding = {"registration_id": record.registration_id, "requested_by": principal.name,
                "suspect_sha256": header.upload.sha256, "suspect_size": header.upload.total_size,
-               "policy": policy}
+               "policy": policy, "reading": read}
     body, index, _ = append_entry(ctx, verdict_type.KIND, lambda i, t: wire.encode_body(verdict_type, {
         **judgement, **binding, "log_index": i, "integrated_time": t}))
-    log.info("verdict on %s by %s: %s (log10 p %.1f, %s) at log index %d", record.registration_id,
-             principal.name, verdict.outcome, verdict.log10_p_value,
-             "coarse" if coarse else "full", index)
+    log.info("verdict on %s by %s: %s (log10 p %.1f, %s; read %s of %d) at log index %d",
+             record.registration_id, principal.name, verdict.outcome, verdict.log10_p_value,
+             "coarse" if coarse else "full", read.located, read.candidates, index)
     signed = wire.read_statement(verdict_type, sign_statement(ctx, body), inclusion_proof(ctx, index))
     return wire.verdict_to_proto(signed)
+
+
+def _named(ctx: Context, header: pb.VerifyHeader, record: Registration, suspect: Path,
+           bundle: KeyBundle, panel: Sequence[Reference], *, alpha: float
+           ) -> tuple[Verdict, SuspectReading]:
+    """A suspect read at the registered layer by its module name: a Hugging Face checkpoint
+    (names fixed by its allow-listed architecture), bare weights (read into the registered
+    host's program) or a program."""
+    probes = aligns(bundle, panel)  # without an aligned test the probes would go unused
+    if header.upload.format == pb.MODEL_FORMAT_SAFETENSORS:
+        with host_file(ctx.store, ctx.keyring, record) as host:
+            options = {**formats.stored_host_options(host), **SKIP_FINGERPRINT}
+            reading = panels.read(sandbox_runner(ctx, options), host, bundle, suspect,
+                                  probes=probes)
+    else:
+        options = {**formats.sandbox_options(header.upload.format), **SKIP_FINGERPRINT}
+        reading = panels.read(sandbox_runner(ctx, options), suspect, bundle, probes=probes)
+    try:
+        verdict = judge_activations(reading.triggers, bundle, alpha=alpha,
+                                    probe_activations=reading.probes, panel=panel)
+    except InvalidInputError as exc:
+        raise ServiceError(ErrorCode.INVALID_MODEL, str(exc)) from exc
+    return verdict, SuspectReading.named(bundle.layer)
+
+
+def _scanned(ctx: Context, header: pb.VerifyHeader, suspect: Path, bundle: KeyBundle,
+             panel: Sequence[Reference], *, alpha: float) -> tuple[Verdict, SuspectReading]:
+    """An ONNX suspect, whose node names are its author's: the key server locates the key
+    layer by scanning every candidate tensor in the sandbox and judging each
+    (`scans.judge_scan`); the tensor the requester named is one more candidate."""
+    options = {**formats.sandbox_options(header.upload.format, header.onnx_tensor),
+               **SKIP_FINGERPRINT}
+    with sandbox_refusals():
+        _, results = ctx.batch(suspect, [scans.scan_run(bundle, panel)],
+                               limits=ctx.config.sandbox, options=options)
+        if isinstance(results[0], Exception):
+            raise results[0]
+    scan = results[0]
+    if not isinstance(scan, LayerScan):
+        raise ServiceError(ErrorCode.INTERNAL, "the sandbox answered a scan with no tensors")
+    return scans.judge_scan(scan, bundle, panel, alpha=alpha, requested=header.onnx_tensor,
+                            max_candidates=ctx.config.max_scan_candidates)

@@ -118,7 +118,7 @@ class VerifyLimits:
 
 
 class RegistrationAdmission:
-    """One caller's view of the registration buckets (`handlers.verify.Admission`)."""
+    """One caller's view of the registration buckets (`handlers.context.Admission`)."""
 
     def __init__(self, limits: VerifyLimits, principal: str) -> None:
         self._limits, self._principal = limits, principal

@@ -16,12 +16,13 @@ from typing import Generic, TypeVar
 
 import grpc
 
+from freemark.endpoint import EndpointRateLimiter
 from freemark.v1 import keyservice_pb2 as pb
 from freemark.v1 import keyservice_pb2_grpc
 from freemark_keyserver import cancellation
 from freemark_keyserver.auth import authenticate
 from freemark_keyserver.errors import ErrorCode, ServiceError, abort
-from freemark_keyserver.handlers import proofs, register, registrations, verify
+from freemark_keyserver.handlers import endpoints, proofs, register, registrations, verify
 from freemark_keyserver.handlers.context import Context
 from freemark_keyserver.rpc.ratelimit import RegisterLimits, VerifyLimits
 from freemark_keyserver.rpc.uploads import Spool, spooled
@@ -107,6 +108,8 @@ class KeyServiceServicer(keyservice_pb2_grpc.KeyServiceServicer):
         self.verify_limits = VerifyLimits(ctx.config.verify_rate_principal,
                                           ctx.config.verify_rate_registration)
         self.register_limits = RegisterLimits(ctx.config.register_rate_principal)
+        # Each endpoint's inputs per hour, across every VerifyEndpoint of this server.
+        self.endpoint_limiter = EndpointRateLimiter(ctx.config.endpoint_policy)
 
     def Register(self, request_iterator: Iterator[pb.RegisterRequest],
                  context: grpc.ServicerContext) -> pb.Receipt:
@@ -134,6 +137,16 @@ class KeyServiceServicer(keyservice_pb2_grpc.KeyServiceServicer):
             return verify.verify(self.ctx, principal, stream,
                                  admit=self.verify_limits.admission(principal.name))
         return _guard(context, "Verify", work)
+
+    def VerifyEndpoint(self, request: pb.VerifyEndpointRequest,
+                       context: grpc.ServicerContext) -> pb.EndpointVerdict:
+        def work() -> pb.EndpointVerdict:
+            principal = authenticate(self.ctx.store, context)
+            self.verify_limits.check_principal(principal.name)  # as a Verify costs its caller
+            return endpoints.verify_endpoint(
+                self.ctx, principal, request, admit=self.verify_limits.admission(principal.name),
+                limiter=self.endpoint_limiter)
+        return _guard(context, "VerifyEndpoint", work)
 
     def GetRegistration(self, request: pb.GetRegistrationRequest,
                         context: grpc.ServicerContext) -> pb.RegistrationInfo:

@@ -13,11 +13,14 @@ per packet, descriptors attached with SCM_RIGHTS):
   (`limits.child_limits`, applied by `limits.limit_self`) and answers on the data socket
   (`worker.serve`). The fork server keeps only the status socket: it sends
   ``{"pid": P}``, then ``{"exit": CODE}`` (negative: killed by that signal) once the child is
-  reaped. When the pool closes its end of the status socket (the run is over: answered,
-  cancelled, past its deadline, or the server died), the child is killed at once (SIGKILL
-  through its pidfd, so no recycled pid is ever hit); a killed child no longer counts
-  against the cap. Past ``max_children`` live children a run is answered
-  ``{"error": "busy"}``: a second cap behind the pool's own.
+  reaped. When the pool shuts its sending side of the status socket (the run is over:
+  answered, cancelled, past its deadline) or closes it (the server died), the child is
+  killed at once (SIGKILL through its pidfd, so no recycled pid is ever hit). A child counts
+  against the cap until it is reaped, and the pool frees its own slot only when it reads
+  that ``{"exit"}``: the two caps count the same children at every moment, so a run the
+  pool admits is never refused here for a child the pool has already let go (issue 18).
+  Past ``max_children`` unreaped children a run is answered ``{"error": "busy"}``: a second
+  cap behind the pool's own.
 - ``{"op": "stats", "reset": bool}`` with [reply socket]: ``{"running", "high_water",
   "forked", "isolation"}``, measured here, where the children are. ``reset`` restarts the
   high-water mark.
@@ -136,8 +139,8 @@ class ForkServer:
         self.max_children = max_children
         self.isolation = isolation
         self.selector = selectors.DefaultSelector()
+        # Every child not yet reaped, killed or not: the cap counts these.
         self.children: dict[int, tuple[int, socket.socket]] = {}  # pid -> (pidfd, status)
-        self.killed: set[int] = set()  # children sent SIGKILL, not yet reaped
         self.high_water = 0
         self.forked = 0
         self.selector.register(control, selectors.EVENT_READ, ("control", None))
@@ -150,7 +153,10 @@ class ForkServer:
                     if not self._control():
                         return
                 elif kind == "status":
-                    self._kill(pid)  # the pool closed its end, or (never) wrote to it
+                    # The pool is done with the run, or (never) wrote to it. An event for a
+                    # child reaped earlier in this batch is stale: its socket is closed.
+                    if pid in self.children and self.children[pid][1] is key.fileobj:
+                        self._kill(pid)
                 elif kind == "exit":
                     self._reap(pid)
 
@@ -164,7 +170,7 @@ class ForkServer:
                           "forked": self.forked, "isolation": self.isolation.layers})
             reply.close()
             if message.get("reset"):
-                self.high_water = self._live()
+                self.high_water = len(self.children)
             for fd in fds[1:]:
                 os.close(fd)
             return True
@@ -174,7 +180,7 @@ class ForkServer:
             return True
         status = socket.socket(fileno=fds[0])
         try:
-            if self._live() >= self.max_children:
+            if len(self.children) >= self.max_children:
                 _send(status, {"error": "busy"})
                 status.close()
                 return True
@@ -185,45 +191,41 @@ class ForkServer:
         self.forked += 1
         pidfd = os.pidfd_open(pid)
         self.children[pid] = (pidfd, status)
-        self.high_water = max(self.high_water, self._live())
+        self.high_water = max(self.high_water, len(self.children))
         self.selector.register(status, selectors.EVENT_READ, ("status", pid))
         self.selector.register(pidfd, selectors.EVENT_READ, ("exit", pid))
         _send(status, {"pid": pid})
         return True
 
-    def _live(self) -> int:
-        """Children that can still run code: the cap counts these. One that was killed may
-        take a moment to be reaped, and the pool that ended it has already let its slot go."""
-        return len(self.children) - len(self.killed)
-
     def _kill(self, pid: int) -> None:
+        """SIGKILL a child; its status socket stays open for the ``{"exit"}`` the pool waits
+        for, sent once the child is reaped."""
         pidfd, status = self.children[pid]
         self.selector.unregister(status)
-        self.killed.add(pid)
         try:
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         except ProcessLookupError:  # it had exited already; reaping follows
             pass
 
     def _reap(self, pid: int) -> None:
-        self.killed.discard(pid)
         pidfd, status = self.children.pop(pid)
         self.selector.unregister(pidfd)
         os.close(pidfd)
         _, wait_status = os.waitpid(pid, 0)
         code = os.waitstatus_to_exitcode(wait_status)
-        if status.fileno() != -1:
-            try:
-                self.selector.unregister(status)
-            except KeyError:
-                pass
-            _send(status, {"exit": code})
-            status.close()
+        try:
+            self.selector.unregister(status)
+        except KeyError:  # killed: `_kill` stopped watching it
+            pass
+        _send(status, {"exit": code})  # the pool's slot is free from here
+        status.close()
 
     def shutdown(self) -> None:
-        for pid in list(self.children):
-            if pid not in self.killed:
-                self._kill(pid)
+        for pidfd, _ in self.children.values():
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         for pid in list(self.children):
             os.waitpid(pid, 0)
 

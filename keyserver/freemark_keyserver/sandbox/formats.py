@@ -26,15 +26,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from freemark.formats.onnx import MAX_TENSOR_NAME
 from freemark.formats.table import FORMATS, ModelFormat, by_name, by_wire
 from freemark.scheme.triggers import TriggerSet
 
 FORMAT_KEY = "format"
 TENSOR_KEY = "onnx_tensor"
-MAX_TENSOR_NAME = 1024
 _ZIP_MAGIC = b"PK\x03\x04"
 _HF = by_name("hf")
 _ONNX = by_name("onnx")
+__all__ = ["FORMAT_KEY", "MAX_TENSOR_NAME", "TENSOR_KEY", "handles", "sandbox_options",
+           "sandboxed_activations", "sandboxed_model", "stored_host_options", "warm_up"]
 
 
 def sandbox_options(upload_format: int, onnx_tensor: str = "") -> dict[str, str]:

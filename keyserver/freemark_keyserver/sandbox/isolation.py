@@ -21,10 +21,13 @@ limits    rlimits (`limits.limit_self`): address space, CPU seconds, open files,
           RLIMIT_FSIZE=0 (no file data written), RLIMIT_NPROC=0 (no fork, no threads).
 seccomp   a BPF allow-list of the ~60 system calls loading and running a model needs
           (measured with strace on the digits CNN and EfficientNet-class programs): no
-          socket, connect, execve, fork/clone, ptrace, mount, kill (tgkill only, for abort),
-          mkdir, unlink, rename, chmod, memfd_create; open/openat only without
-          O_WRONLY/O_RDWR/O_CREAT/O_TRUNC/O_APPEND (EACCES). Anything else fails with EPERM.
-          x86_64 only (the table is that architecture's); other machines report it off.
+          socket, connect, execve, fork/clone, ptrace, mount, kill, mkdir, unlink, rename,
+          chmod, memfd_create; open/openat only without
+          O_WRONLY/O_RDWR/O_CREAT/O_TRUNC/O_APPEND (EACCES); prlimit64 and
+          sched_getaffinity only on the child itself, tgkill (for abort) only in its own
+          thread group, so a child cannot starve or kill a sibling of the same user.
+          Anything else fails with EPERM. x86_64 only (the table is that architecture's);
+          other machines report it off.
 filesystem  the sum of the above: read-only opens, FSIZE=0 and no directory calls, so the
           child can write nothing; it reads its inputs through descriptors it was handed.
 
@@ -36,6 +39,7 @@ and health publishes it. `harden_parent` is the one part that runs in the server
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import platform
 import pwd
@@ -66,18 +70,26 @@ _ALLOWED_X86_64 = {
     "getcwd": 79, "readlink": 89, "gettimeofday": 96, "getrlimit": 97, "sysinfo": 99,
     "getuid": 102, "getgid": 104, "geteuid": 107, "getegid": 108, "getppid": 110,
     "getresuid": 118, "getresgid": 120, "sigaltstack": 131, "arch_prctl": 158, "gettid": 186,
-    "futex": 202, "sched_getaffinity": 204, "getdents64": 217, "set_tid_address": 218,
+    "futex": 202, "getdents64": 217, "set_tid_address": 218,
     "restart_syscall": 219, "fadvise64": 221, "clock_gettime": 228, "clock_getres": 229,
-    "clock_nanosleep": 230, "exit_group": 231, "tgkill": 234, "mbind": 237,
+    "clock_nanosleep": 230, "exit_group": 231, "mbind": 237,
     "get_mempolicy": 239, "newfstatat": 262, "readlinkat": 267, "faccessat": 269,
-    "pselect6": 270, "ppoll": 271, "set_robust_list": 273, "dup3": 292, "prlimit64": 302,
+    "pselect6": 270, "ppoll": 271, "set_robust_list": 273, "dup3": 292,
     "getrandom": 318, "membarrier": 324, "statx": 332, "rseq": 334, "faccessat2": 439,
     "poll": 7, "select": 23,
 }
 _OPEN, _OPENAT = 2, 257  # allowed read-only: their flags are checked
+# Calls whose first argument names a process: allowed on the child itself only. Every child
+# runs as the same user, so the kernel alone would let one lower a sibling's limits (starve
+# it) or signal it. prlimit64 and sched_getaffinity: pid 0 or the child's own; tgkill (what
+# abort() and raise() use): the child's own thread group.
+_SELF_OR_ZERO = (302, 204)  # prlimit64, sched_getaffinity
+_SELF = (234,)  # tgkill
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
-# classic BPF
+# classic BPF over `struct seccomp_data` {int nr; u32 arch; u64 ip; u64 args[6]}
+_NR, _ARCH = 0, 4
+_X32_SYSCALL_BIT = 0x40000000
 _LD_W_ABS = 0x20
 _JEQ_K, _JGE_K, _JSET_K = 0x15, 0x35, 0x45
 _RET_K = 0x06
@@ -110,41 +122,76 @@ def _check(result: int, what: str) -> None:
         raise OSError(ctypes.get_errno(), f"{what}: {os.strerror(ctypes.get_errno())}")
 
 
-def _filter() -> bytes:
-    """The seccomp program: right arch, read-only opens, the allow-list, EPERM for the rest."""
-    def op(code: int, k: int, jt: int = 0, jf: int = 0) -> tuple[int, int, int, int]:
-        return (code, jt, jf, k)
+def _filter(pid: int) -> bytes:
+    """The seccomp program for the process `pid`: right arch, read-only opens, the calls that
+    name a process only on this one, the allow-list, EPERM for the rest.
 
-    allowed = sorted(_ALLOWED_X86_64.values())
-    program: list[tuple[int, int, int, int]] = [
-        op(_LD_W_ABS, 4),                         # 0 arch
-        op(_JEQ_K, _AUDIT_ARCH_X86_64, 1, 0),     # 1
-        op(_RET_K, _RET_KILL_PROCESS),            # 2
-        op(_LD_W_ABS, 0),                         # 3 nr
-        op(_JGE_K, 0x40000000, 0, 1),             # 4 x32 ABI
-        op(_RET_K, _RET_KILL_PROCESS),            # 5
-        op(_JEQ_K, _OPENAT, 0, 2),                # 6 openat: flags are args[2]
-        op(_LD_W_ABS, 16 + 8 * 2),                # 7
-        op(_JSET_K, _WRITE_FLAGS, 4, 3),          # 8 -> 13 EACCES : 12 ALLOW
-        op(_JEQ_K, _OPEN, 0, 4),                  # 9 open: flags are args[1]; else -> 14
-        op(_LD_W_ABS, 16 + 8 * 1),                # 10
-        op(_JSET_K, _WRITE_FLAGS, 1, 0),          # 11 -> 13 EACCES : 12 ALLOW
-        op(_RET_K, _RET_ALLOW),                   # 12
-        op(_RET_K, _RET_ERRNO | 13),              # 13 EACCES
-        op(_LD_W_ABS, 0),                         # 14 nr again
-    ]
-    allow_at = len(program) + len(allowed) + 1
-    for number in allowed:
-        program.append(op(_JEQ_K, number, allow_at - len(program) - 1, 0))
-    program.append(op(_RET_K, _RET_ERRNO | 1))   # EPERM
-    program.append(op(_RET_K, _RET_ALLOW))
-    return b"".join(struct.pack("=HBBI", *instruction) for instruction in program)
+    Classic BPF jumps forward only, by a count of instructions; `resolve` turns the labels
+    below into those counts. Arguments are 64-bit, but a pid_t is read by the kernel as its
+    low 32 bits, so those are what is compared."""
+    code: list[tuple[int, int, str | None, str | None]] = []  # (op, k, jump if true, if false)
+    labels: dict[str, int] = {}
+
+    def op(kind: int, k: int, true: str | None = None, false: str | None = None) -> None:
+        code.append((kind, k, true, false))
+
+    def label(name: str) -> None:
+        labels[name] = len(code)
+
+    op(_LD_W_ABS, _ARCH)
+    op(_JEQ_K, _AUDIT_ARCH_X86_64, false="kill")
+    op(_LD_W_ABS, _NR)
+    op(_JGE_K, _X32_SYSCALL_BIT, true="kill")             # the x32 ABI
+    op(_JEQ_K, _OPENAT, true="openat")
+    op(_JEQ_K, _OPEN, true="open")
+    for number in _SELF_OR_ZERO:
+        op(_JEQ_K, number, true="self or zero")
+    for number in _SELF:
+        op(_JEQ_K, number, true="self")
+    for number in sorted(_ALLOWED_X86_64.values()):
+        op(_JEQ_K, number, true="allow")
+    op(_RET_K, _RET_ERRNO | errno.EPERM)
+    label("openat")
+    op(_LD_W_ABS, _arg(2))
+    op(_JSET_K, _WRITE_FLAGS, true="read-only", false="allow")
+    label("open")
+    op(_LD_W_ABS, _arg(1))
+    op(_JSET_K, _WRITE_FLAGS, true="read-only", false="allow")
+    label("self or zero")                                # prlimit64, sched_getaffinity
+    op(_LD_W_ABS, _arg(0))
+    op(_JEQ_K, 0, true="allow")
+    op(_JEQ_K, pid, true="allow", false="other process")
+    label("self")                                        # tgkill: own thread group only
+    op(_LD_W_ABS, _arg(0))
+    op(_JEQ_K, pid, true="allow", false="other process")
+    label("allow")
+    op(_RET_K, _RET_ALLOW)
+    label("read-only")
+    op(_RET_K, _RET_ERRNO | errno.EACCES)
+    label("other process")
+    op(_RET_K, _RET_ERRNO | errno.EPERM)
+    label("kill")
+    op(_RET_K, _RET_KILL_PROCESS)
+
+    def resolve(at: int, target: str | None) -> int:
+        offset = 0 if target is None else labels[target] - at - 1
+        assert 0 <= offset <= 0xFF, "a BPF jump goes forward by at most 255"
+        return offset
+
+    return b"".join(struct.pack("=HBBI", kind, resolve(at, true), resolve(at, false), k)
+                    for at, (kind, k, true, false) in enumerate(code))
+
+
+def _arg(number: int) -> int:
+    """Offset of system call argument `number`'s low 32 bits in `struct seccomp_data`
+    (little-endian)."""
+    return 16 + 8 * number
 
 
 def _seccomp() -> None:
     if platform.machine() != "x86_64":
         raise OSError(f"no system call table for {platform.machine()}")
-    code = _filter()
+    code = _filter(os.getpid())
     buffer = ctypes.create_string_buffer(code)
     program = struct.pack("=HxxxxxxQ", len(code) // 8, ctypes.addressof(buffer))
     fprog = ctypes.create_string_buffer(program)

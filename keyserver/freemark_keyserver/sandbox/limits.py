@@ -18,10 +18,14 @@ import freemark
 import freemark_keyserver
 from freemark.errors import InvalidInputError
 
-__all__ = ["GiB", "MiB", "SandboxLimits", "child_limits", "limit_self", "worker_environment"]
+__all__ = ["REPLY_COPIES", "GiB", "MiB", "SandboxLimits", "child_limits", "limit_self", "worker_environment"]
 
 MiB = 1 << 20
 GiB = 1 << 30
+# What a reply of R bytes costs the server at most, in R: the buffer it is read into and
+# parsed in place (`protocol.decode_reply`), and the float64 activations made from it (2 R).
+# Measured: exactly 3.0 R for 32, 128 and 256 MiB replies (bench/sandbox_reply.py).
+REPLY_COPIES = 3
 
 
 @dataclass(frozen=True)
@@ -42,9 +46,10 @@ class SandboxLimits:
     threads: torch/OpenMP/MKL threads. 1: RLIMIT_CPU counts every thread, a verify should not
         starve the server's other requests, and with one thread the worker can also forbid
         itself new processes and threads (RLIMIT_NPROC=0).
-    max_output_bytes: cap on the reply read back (activations travel as float32). 512 MiB:
-        4 bytes x 2,048 inputs (1,024 triggers and as many probes) x 65,536 units; the reply
-        is held by the server while it is judged, one per running worker.
+    max_output_bytes: cap on what is read back from one child, all its replies together
+        (activations travel as float32). 512 MiB: 4 bytes x 2,048 inputs (1,024 triggers and
+        as many probes) x 65,536 units. The server holds what it read while it is judged, at
+        most `REPLY_COPIES` times this per running worker (`reply_bytes`).
     """
 
     memory_bytes: int = 4 * GiB
@@ -53,6 +58,12 @@ class SandboxLimits:
     open_files: int = 64
     threads: int = 1
     max_output_bytes: int = 512 * MiB
+
+    @property
+    def reply_bytes(self) -> int:
+        """The most one running worker's replies cost the server's memory: `REPLY_COPIES` x
+        `max_output_bytes`. The pool's default worker count budgets it (`pool.default_workers`)."""
+        return REPLY_COPIES * self.max_output_bytes
 
     def __post_init__(self) -> None:
         for name in (

@@ -8,12 +8,16 @@ server starts it before it reads any key (`server.create_server`).
 A run is a conversation with one child (`_Child`, one thread, no helper threads): framed
 requests out, framed replies back (`protocol`), with a follow-up request when the
 caller asks for one (`run(then=...)`: Register's prior-claim sets, read by the child that
-read the host). Closing the run's status socket ends it: the fork server kills the child.
+read the host). Shutting the run's status socket ends it: the fork server kills the child,
+reaps it and answers ``{"exit": CODE}``.
 
 Each run takes one of `workers` slots; up to `queue` more runs wait for one, and past that a
-run is refused at once with `SandboxBusy` (RESOURCE_EXHAUSTED with a retry hint). While it
+run is refused at once with `SandboxBusy` (RESOURCE_EXHAUSTED with a retry hint). A slot is
+let go when the fork server says the run's child is reaped (`_Child.end`), not when the
+reply is in: the fork server counts a child until it is reaped, so both caps agree and a run
+admitted below the cap is never refused by the second one (issue 18). While it
 waits or runs, the gRPC call it serves (`cancellation.current`) is checked every `POLL_SECONDS`: when
-the caller cancels or the deadline passes, the pool closes the run's status socket, the fork
+the caller cancels or the deadline passes, the pool shuts the run's status socket, the fork
 server kills the child at once, and `cancellation.CallEnded` is raised so nothing is signed or
 logged. Inputs travel as descriptors: a spooled upload opened read-only (its group set to the
 sandbox user's when that user differs), or a memfd holding a decrypted host
@@ -67,21 +71,28 @@ log = logging.getLogger("freemark_keyserver")
 
 POLL_SECONDS = 0.05  # how often a waiting or running call is checked for cancellation
 START_SECONDS = 120.0  # importing torch on a loaded 2-core machine
+# How long a run's end waits for the fork server to reap its SIGKILLed child (milliseconds,
+# normally). Past it the slot is let go anyway: the fork server still counts the child, so
+# a run admitted meanwhile may be refused SANDBOX_BUSY, which is then the truth.
+REAP_SECONDS = 10.0
 
 
-def default_workers(memory_bytes: int) -> int:
-    """min(cores, available memory // per-child address-space limit), at least 1.
+def default_workers(limits: SandboxLimits) -> int:
+    """min(cores, available memory // what one worker may cost), at least 1.
 
-    Each child may map up to `memory_bytes` (RLIMIT_AS); the torch pages it shares with the fork
-    server count once, so this is conservative. One child per core: a run is single-threaded.
+    One worker costs its child's address-space limit (`memory_bytes`, RLIMIT_AS; the torch
+    pages it shares with the fork server count once, so this is conservative) and, in the
+    server, the replies it sends back while they are decoded and judged
+    (`SandboxLimits.reply_bytes`). One child per core: a run is single-threaded.
     """
+    per_worker = limits.memory_bytes + limits.reply_bytes
     try:
         with open("/proc/meminfo") as meminfo:
             fields = dict(line.split(":", 1) for line in meminfo)
         available = int(fields["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
-        available = memory_bytes
-    return max(1, min(os.cpu_count() or 1, available // memory_bytes))
+        available = per_worker
+    return max(1, min(os.cpu_count() or 1, available // per_worker))
 
 
 def _send_fds(sock: socket.socket, payload: dict[str, Any], fds: Sequence[int]) -> None:
@@ -298,7 +309,7 @@ class SandboxPool:
         try:
             with self._child(model_path, weights_path, limits) as child:
                 identity, results = decode_reply(child.ask(request), [r.rows for r in runs],
-                                                 [r.scans for r in runs])
+                                                 [r.scans for r in runs], [r.outputs for r in runs])
                 while then is not None and (more := list(then(identity, results))):
                     results = [*results, *_more(child, more, bool(weights_path), options or {})]
         finally:
@@ -349,8 +360,11 @@ class SandboxPool:
                 raise SandboxBusy("the sandbox is at its cap; retry shortly", retry_after=1.0)
             if "pid" not in first:
                 raise SandboxError("the sandbox fork server did not start the run")
-            yield _Child(status, data, limits)
-        # Closing the status socket is what ends the child: the fork server kills it at once.
+            child = _Child(status, data, limits)
+            try:
+                yield child
+            finally:
+                child.end()  # killed and reaped: the run's slot is free for both caps
 
 
 Then = Callable[[ModelIdentity, list[np.ndarray | Exception]], Sequence[TriggerRun]]
@@ -361,12 +375,44 @@ def _more(child: _Child, runs: Sequence[TriggerRun], has_weights: bool,
     """The results of a follow-up request; the child's failure becomes each run's result."""
     try:
         _, results = decode_reply(child.ask(encode_request(runs, has_weights, options)),
-                                  [r.rows for r in runs], [r.scans for r in runs])
+                                  [r.rows for r in runs], [r.scans for r in runs],
+                                  [r.outputs for r in runs])
     except cancellation.CallEnded:
         raise
     except Exception as exc:  # noqa: BLE001 - every run of the batch fails alone, with this
         return [exc] * len(runs)
     return results
+
+
+class _Reply:
+    """One framed reply as it arrives: its 8-byte length, then its body, received in place
+    into one buffer of exactly the announced size, allocated only once that size is
+    accepted (`_Child._receive`). Nothing is copied on the way: `decode_reply` reads the
+    frames where they lie."""
+
+    def __init__(self) -> None:
+        self._length = bytearray(LENGTH.size)
+        self.body: bytearray | None = None
+        self._got = 0
+
+    def space(self) -> memoryview:
+        """Where the next bytes go."""
+        target = self._length if self.body is None else self.body
+        return memoryview(target)[self._got:]
+
+    def advance(self, count: int) -> int | None:
+        """`count` more bytes are in; the announced size once the length is complete."""
+        self._got += count
+        if self.body is None and self._got == LENGTH.size:
+            return int(LENGTH.unpack(self._length)[0])
+        return None
+
+    def allocate(self, size: int) -> None:
+        self.body, self._got = bytearray(size), 0
+
+    @property
+    def complete(self) -> bool:
+        return self.body is not None and self._got == len(self.body)
 
 
 class _Child:
@@ -379,23 +425,27 @@ class _Child:
         self._deadline = 0.0  # set by each request
         self._code: int | None = None  # the child's exit status, once the fork server says it
         self._eof = False
+        # What may still be read back from this child, all its replies together: so a
+        # Register's follow-up scans and the host's reading they are judged beside stay
+        # within one `max_output_bytes`, as a Verify's one reply does.
+        self._budget = limits.max_output_bytes
         status.setblocking(False)
         data.setblocking(False)
         self._selector = selectors.DefaultSelector()
         self._selector.register(status, selectors.EVENT_READ)
 
-    def ask(self, request: bytes) -> bytes:
+    def ask(self, request: bytes) -> bytearray:
         """Send one request and return its reply; raise when the call ends, the deadline
-        passes, the reply is over `max_output_bytes`, or the child exits without replying."""
+        passes, the replies are over `max_output_bytes`, or the child exits without replying."""
         pending = memoryview(LENGTH.pack(len(request)) + request)
-        reply = bytearray()
+        reply = _Reply()
         self._deadline = time.monotonic() + self._limits.wall_seconds  # per request
         self._watch(selectors.EVENT_READ | selectors.EVENT_WRITE)
-        while (size := self._complete(reply)) is None:
+        while not reply.complete:
             if self._code is not None:  # gone: what it wrote before it died is all there is
-                while not self._eof:
+                while not self._eof and not reply.complete:
                     self._receive(reply)
-                if (size := self._complete(reply)) is not None:
+                if reply.complete:
                     break
                 raise _failure(self._code, self._limits)
             for key, events in self._selector.select(POLL_SECONDS):
@@ -404,12 +454,13 @@ class _Child:
                     continue
                 if events & selectors.EVENT_WRITE:
                     pending = self._send(pending)
-                if events & selectors.EVENT_READ:
+                if events & selectors.EVENT_READ and not reply.complete:
                     self._receive(reply)
             self._check_call()
-        if len(reply) != LENGTH.size + size:
+        if self._more_than(reply):
             raise self._kill("output", SandboxError("the worker's output has trailing bytes"))
-        return bytes(reply[LENGTH.size:])
+        assert reply.body is not None
+        return reply.body
 
     def _watch(self, events: int) -> None:
         if self._eof:
@@ -419,14 +470,14 @@ class _Child:
         except KeyError:
             self._selector.register(self._data, events)
 
-    def _complete(self, reply: bytearray) -> int | None:
-        if len(reply) < LENGTH.size:
-            return None
-        size = int(LENGTH.unpack_from(reply)[0])
-        if size > self._limits.max_output_bytes:
-            raise self._kill("output", SandboxError(
-                f"the worker's output exceeds max_output_bytes={self._limits.max_output_bytes}"))
-        return size if len(reply) >= LENGTH.size + size else None
+    def _more_than(self, reply: _Reply) -> bool:
+        """Whether the child sent more than the reply it announced (nothing was asked)."""
+        if self._eof:
+            return False
+        try:
+            return bool(self._data.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except OSError:  # nothing waiting (BlockingIOError), or the child is gone
+            return False
 
     def _send(self, pending: memoryview) -> memoryview:
         try:
@@ -439,21 +490,27 @@ class _Child:
             self._watch(selectors.EVENT_READ)
         return pending
 
-    def _receive(self, reply: bytearray) -> None:
+    def _receive(self, reply: _Reply) -> None:
         try:
-            chunk = self._data.recv(1 << 20)
+            got = self._data.recv_into(reply.space())
         except BlockingIOError:
             if self._code is not None:  # nothing more will come from a child that is gone
                 self._eof = True
             return
         except OSError:
-            chunk = b""
-        if not chunk:
+            got = 0
+        if not got:
             self._eof = True
             self._selector.unregister(self._data)
             return
-        reply += chunk
-        self._complete(reply)  # refuse an announced or actual overflow as soon as it shows
+        size = reply.advance(got)
+        if size is not None:  # the length is in: refuse an overflow before allocating for it
+            if size > self._budget:
+                raise self._kill("output", SandboxError(
+                    "the worker's output exceeds "
+                    f"max_output_bytes={self._limits.max_output_bytes}"))
+            self._budget -= size
+            reply.allocate(size)
 
     def _exited(self) -> None:
         try:
@@ -478,9 +535,34 @@ class _Child:
             raise self._kill(why, cancellation.CallEnded(why, "and its sandbox run was killed"))
 
     def _kill(self, why: str, error: Exception) -> Exception:
-        self._status.close()  # the fork server kills the child now
+        self._stop()
         metrics.SANDBOX_KILLS_TOTAL.labels(why).inc()
         return error
+
+    def _stop(self) -> None:
+        """Tell the fork server the run is over: it kills the child now."""
+        try:
+            self._status.shutdown(socket.SHUT_WR)
+        except OSError:  # the fork server is gone, and the child with it
+            pass
+
+    def end(self) -> None:
+        """End the run: the child killed and reaped, as the fork server's ``{"exit"}`` says
+        (or its end of the socket closing: it is gone, and its children with it). Until then
+        the child still counts against the fork server's cap, so the pool's slot is held."""
+        self._selector.close()
+        if self._code is not None:  # it exited on its own and was reaped
+            return
+        self._data.close()
+        self._stop()
+        self._status.settimeout(REAP_SECONDS)
+        try:
+            self._status.recv(1 << 12)
+        except TimeoutError:
+            log.error("the sandbox fork server did not reap a killed child within %g s",
+                      REAP_SECONDS)
+        except OSError:
+            pass
 
 
 def _failure(code: int, limits: SandboxLimits) -> SandboxError:

@@ -78,8 +78,9 @@ __all__ = [
 def start_pool(limits: SandboxLimits, *, workers: int | None = None, queue: int | None = None
                ) -> SandboxPool:
     """Start a sandbox pool: `workers` children at once (None: `pool.default_workers`, from
-    the cores and the memory each child may map) and `queue` runs waiting (None: 4 x workers)."""
-    workers = workers or default_workers(limits.memory_bytes)
+    the cores, the memory each child may map and what its replies cost the server) and
+    `queue` runs waiting (None: 4 x workers)."""
+    workers = workers or default_workers(limits)
     queue = 4 * workers if queue is None else queue
     return SandboxPool(workers=workers, queue=queue, limits=limits).start()
 

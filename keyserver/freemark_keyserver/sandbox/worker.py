@@ -68,7 +68,14 @@ def _runner(header: dict[str, Any], sets: list[tuple[Any, Any]]) -> tuple[bytes,
     `freemark_keyserver.sandbox.formats`, whose loaders read one layer per load (the first set is read
     once more for the identity).
     """
-    from freemark.scheme.activations import as_module, capture, capture_every, resolve_layer
+    from freemark.formats.pt2 import shape_digest
+    from freemark.scheme.activations import (
+        as_module,
+        capture,
+        capture_every,
+        output_scores,
+        resolve_layer,
+    )
     from freemark.scheme.probes import with_probes
     from freemark.scheme.triggers import TriggerSet
     from freemark_keyserver.sandbox import formats
@@ -78,6 +85,9 @@ def _runner(header: dict[str, Any], sets: list[tuple[Any, Any]]) -> tuple[bytes,
 
     if formats.handles(header):  # Hugging Face checkpoints and ONNX: their own safe loaders
         def other(spec: dict[str, Any]) -> Run:
+            if spec.get("outputs"):
+                raise Refusal(protocol.INVALID_INPUT, "output keys read .pt2 programs only; "
+                              "export the model with torch.export")
             _, run = formats.sandboxed_model({**header, **spec})
 
             def read(triggers: TriggerSet) -> Any:
@@ -94,6 +104,10 @@ def _runner(header: dict[str, Any], sets: list[tuple[Any, Any]]) -> tuple[bytes,
     module = as_module(model)  # unflattened once: every set reads the same module
 
     def program(spec: dict[str, Any]) -> Run:
+        if spec.get("outputs"):  # an output key's queries: the model's answers (`TriggerRun`)
+            architecture = shape_digest(model)
+            return lambda triggers: protocol.OutputScores.of(
+                output_scores(module, triggers.inputs), architecture)
         if spec["layer"] is None:  # a scan: every tensor, whatever its name (`TriggerRun`)
             width = int(spec.get("width", 0))
 

@@ -161,6 +161,15 @@ class Store(ABC):
     # the operator's reference panels
 
     @abstractmethod
+    def add_disclosure(self, registration_id: str, query_set: int, endpoint: str, at: int
+                       ) -> None:
+        """Record that `query_set` of an output key was sent to `endpoint` (once per pair)."""
+
+    @abstractmethod
+    def disclosures(self, registration_id: str) -> list[tuple[int, str]]:
+        """(query set, endpoint) for every disclosure of the registration's sets."""
+
+    @abstractmethod
     def add_panel_member(self, member: PanelMember) -> None:
         """Store a panel member; `DuplicateError` if the same model is already active for its
         family. Store its sealed segments (`put_host_blob` under its id) first."""

@@ -187,8 +187,27 @@ def _entry_signatures(blob: str) -> tuple[str, ...]:
     )
 
 
+def _disclosures(integer: str) -> tuple[str, ...]:
+    """Version 8: which endpoint each output key's query set was sent to (issue 19).
+
+    A set disclosed to one endpoint is burned for the others: the key server picks an unused
+    set per endpoint, and the least-disclosed one when none is left. A disclosure is stored
+    before the first query goes out, so a verification that is then refused (and signs
+    nothing) still counts: the endpoint saw the queries.
+    """
+    return (
+        f"""CREATE TABLE query_set_disclosures (
+            registration_id TEXT NOT NULL REFERENCES registrations(registration_id),
+            query_set INTEGER NOT NULL,
+            endpoint TEXT NOT NULL,
+            disclosed_at {integer} NOT NULL,
+            PRIMARY KEY (registration_id, query_set, endpoint)
+        )""",
+    )
+
+
 def _claim_signatures(blob: str) -> tuple[str, ...]:
-    """Version 8: each registration's prior-claim signature, sealed, for the claim index
+    """Version 9: each registration's prior-claim signature, sealed, for the claim index
     (issue 21). A row of its own, written in the registration's transaction; `grp` is the
     index group (input kind and shape) in the clear, so the index is rebuilt per group."""
     return (
@@ -249,6 +268,12 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(
         8,
+        "output keys: query sets disclosed to endpoints",
+        sqlite=_disclosures("INTEGER"),
+        postgres=_disclosures("BIGINT"),
+    ),
+    Migration(
+        9,
         "sealed prior-claim signatures for the claim index",
         sqlite=_claim_signatures("BLOB"),
         postgres=_claim_signatures("BYTEA"),

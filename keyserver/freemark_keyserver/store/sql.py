@@ -479,6 +479,18 @@ class SqlStore(Store):
 
     # the operator's reference panels
 
+    def add_disclosure(self, registration_id: str, query_set: int, endpoint: str, at: int
+                       ) -> None:
+        self._write("INSERT INTO query_set_disclosures (registration_id, query_set, endpoint,"
+                    " disclosed_at) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    (registration_id, query_set, endpoint, at))
+
+    def disclosures(self, registration_id: str) -> list[tuple[int, str]]:
+        rows = self._rows("SELECT query_set, endpoint FROM query_set_disclosures"
+                          " WHERE registration_id = ? ORDER BY disclosed_at, query_set",
+                          (registration_id,))
+        return [(int(row["query_set"]), str(row["endpoint"])) for row in rows]
+
     def add_panel_member(self, member: PanelMember) -> None:
         self._write(  # a second active copy of one model raises DuplicateError
             f"INSERT INTO panel_members ({_PANEL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",

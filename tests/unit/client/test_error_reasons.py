@@ -28,6 +28,11 @@ from freemark.errors import (
     CallEndedError,
     CryptoError,
     DeadlineExceededError,
+    EndpointBudgetRefusal,
+    EndpointDeadlineRefusal,
+    EndpointInvalidRefusal,
+    EndpointNotAllowedRefusal,
+    EndpointUnreachableRefusal,
     FreemarkError,
     HostMismatchError,
     InvalidArgumentError,
@@ -37,6 +42,7 @@ from freemark.errors import (
     MalformedRequestError,
     NotFoundError,
     NotUniqueError,
+    PanelTooWeakError,
     PermissionDeniedError,
     RateLimitedError,
     ResourceExhaustedError,
@@ -87,6 +93,12 @@ EXPECTED: dict[ErrorCode, type[ServerError]] = {
     ErrorCode.SANDBOX_CRASHED: SandboxCrashedError,
     ErrorCode.CALL_ENDED: CallEndedError,
     ErrorCode.CALL_DEADLINE: CallDeadlineError,
+    ErrorCode.ENDPOINT_NOT_ALLOWED: EndpointNotAllowedRefusal,
+    ErrorCode.ENDPOINT_UNREACHABLE: EndpointUnreachableRefusal,
+    ErrorCode.ENDPOINT_DEADLINE: EndpointDeadlineRefusal,
+    ErrorCode.ENDPOINT_INVALID: EndpointInvalidRefusal,
+    ErrorCode.ENDPOINT_BUDGET: EndpointBudgetRefusal,
+    ErrorCode.PANEL_TOO_WEAK: PanelTooWeakError,
 }
 
 

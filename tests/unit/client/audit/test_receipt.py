@@ -29,7 +29,13 @@ from freemark.audit.receipt import (
 )
 from freemark.cli import main
 from freemark.errors import InvalidInputError, InvalidReceiptError, VerificationFailedError
-from freemark.records.types import Checkpoint, ConsistencyProof, Receipt, SignedVerdict
+from freemark.records.types import (
+    Checkpoint,
+    ConsistencyProof,
+    Receipt,
+    ReferencePanel,
+    SignedVerdict,
+)
 from freemark.tlog import merkle
 from freemark.tlog.signatures import canonical_json
 from freemark_keyserver.crypto import SigningKey
@@ -428,3 +434,55 @@ def test_the_library_verifies_without_the_server_package() -> None:
     client_root = Path(freemark.__file__).parents[1]
     env = {**os.environ, "PYTHONPATH": str(client_root)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def _panel_member(fingerprint: bytes, member_id: str = "", left_out: str = "") -> dict[str, str]:
+    return {"fingerprint": fingerprint.hex(), "source": "operator" if member_id else "owner",
+            "member_id": member_id, "left_out": left_out}
+
+
+def _panel_receipt(members: list[dict[str, str]], sealed: list[bytes], **fields: object
+                   ) -> Receipt:
+    """A genuinely signed receipt listing `members` and signing the digest of `sealed`."""
+    panel = ReferencePanel.of(sealed)
+    body = receipt_body(0, panel={"size": panel.size, "sha256": panel.sha256.hex()},
+                        panel_members=members, **fields)
+    return _single(canonical_json(body)).receipt(0)
+
+
+OWNERS = [bytes([n]) * 32 for n in (1, 2, 3)]
+OPERATORS = [bytes([n]) * 32 for n in (7, 8)]
+
+
+def test_a_receipt_names_each_panel_member_and_its_source() -> None:
+    """Issue 18, item 7: the receipt lists the owner's and the operator's members, sealed or
+    left out, and the sealed ones are exactly the panel it signs."""
+    members = [*(_panel_member(f) for f in OWNERS), _panel_member(OPERATORS[0], "pan_a"),
+               _panel_member(OPERATORS[1], "pan_b", left_out="leans toward the host")]
+    receipt = _panel_receipt(members, [*OWNERS, OPERATORS[0]], panel_warning="")
+    verify_receipt(receipt, PEM)
+    assert [(m.source, m.member_id, m.sealed) for m in receipt.panel_members] == [
+        ("owner", "", True)] * 3 + [("operator", "pan_a", True), ("operator", "pan_b", False)]
+
+
+@pytest.mark.parametrize(("members", "sealed", "match"), [
+    # the digest signs a member the list says was left out (or the reverse)
+    ([_panel_member(OWNERS[0]), _panel_member(OPERATORS[0], "pan_a", left_out="leans")],
+     [OWNERS[0], OPERATORS[0]], "sealed members"),
+    ([_panel_member(OWNERS[0])], [OWNERS[0], OPERATORS[0]], "sealed members"),
+    # an operator's member passed off as the owner's, and the reverse
+    ([{**_panel_member(OPERATORS[0], "pan_a"), "source": "owner"}], [OPERATORS[0]],
+     "operator's id"),
+    ([{**_panel_member(OWNERS[0]), "source": "operator"}], [OWNERS[0]], "no member id"),
+    ([_panel_member(OWNERS[0]), _panel_member(OWNERS[0])], [OWNERS[0]], "twice"),
+], ids=["left-out-but-signed", "unlisted", "operator-as-owner", "owner-as-operator", "twice"])
+def test_a_receipt_whose_panel_members_contradict_its_panel_is_refused(
+        members: list[dict[str, str]], sealed: list[bytes], match: str) -> None:
+    with pytest.raises(InvalidReceiptError, match=match):
+        verify_receipt(_panel_receipt(members, sealed), PEM)
+
+
+def test_a_receipt_panel_member_of_an_unknown_source_is_refused() -> None:
+    members = [{**_panel_member(OWNERS[0]), "source": "someone"}]
+    with pytest.raises(InvalidReceiptError, match="source"):
+        _panel_receipt(members, [OWNERS[0]])

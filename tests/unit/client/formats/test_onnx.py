@@ -72,6 +72,37 @@ def test_an_image_model_reads_its_layer(tmp_path: Path) -> None:
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
+def test_a_scan_reads_the_key_tensor_whatever_the_nodes_are_called(
+        bert: tuple[torch.nn.Module, Path], tmp_path: Path) -> None:
+    """Issue 18, item 3: with every node renamed, the scan still reads the key layer's tensor
+    (by its values), names each tensor it read, keeps only tensors of the key's width pooled
+    like it, and lists the same tensors whatever the inputs hold."""
+    model, path = bert
+    triggers = _tokens()
+    expected, _ = capture(model, LAYER, triggers)
+
+    def renamed(graph: object) -> None:
+        for number, node in enumerate(graph.graph.node):  # type: ignore[attr-defined]
+            node.name = f"n{number}"
+    found = load_onnx(_edited(path, tmp_path / "renamed.onnx", renamed))
+    scanned = OnnxModel(found, "", "renamed.onnx").scan(
+        triggers.inputs, triggers.attention_mask, width=48)
+    assert scanned and all(m.shape == (5, 48) for _, m in scanned)
+    assert any(np.allclose(m, expected, atol=1e-4) for _, m in scanned)
+    names = [name for name, _ in scanned]
+    assert len(set(names)) == len(names) and set(names) <= {o for n in found.graph.node
+                                                             for o in n.output}
+    zeros = OnnxModel(found, "", "renamed.onnx").scan(
+        np.zeros_like(triggers.inputs), triggers.attention_mask, width=48)
+    assert [name for name, _ in zeros] == names  # which tensors: shapes, never values
+    narrow = next(o for n in found.graph.node for o in n.output if o not in names
+                  and n.op_type == "Add")  # a float tensor that is not a candidate
+    asked = OnnxModel(found, narrow, "renamed.onnx").scan(
+        triggers.inputs, triggers.attention_mask, width=48)
+    assert [name for name, _ in asked] == sorted({*names, narrow}, key=[
+        o for n in found.graph.node for o in n.output].index)  # read too, in graph order
+
+
 def test_unknown_layers_and_tensors_are_refused_clearly(bert: tuple[torch.nn.Module, Path]) -> None:
     _, path = bert
     with pytest.raises(ModelFileError, match="no node is named after layer 'head'.*--onnx-tensor"):

@@ -23,6 +23,8 @@ from freemark.records.schema import from_json_fields, signed_fields
 from freemark.records.types import (
     CoarseVerdict,
     ConsistencyProof,
+    EndpointExchange,
+    EndpointVerdict,
     Receipt,
     ReferencePanel,
     RegistrationInfo,
@@ -34,10 +36,11 @@ from freemark.records.types import (
 )
 from freemark.tlog import merkle
 from freemark.v1 import keyservice_pb2 as pb
-from signed_statements import coarse_log, standard_log
+from signed_statements import coarse_log, endpoint_log, standard_log
 
 LOG = standard_log()
 COARSE = coarse_log()
+ENDPOINT = endpoint_log()
 
 REGISTRATIONS = [
     RegistrationInfo("reg-1", "alice", 1_700_000_000_000_001, b"\x01" * 32, b"\x02" * 32,
@@ -72,6 +75,9 @@ CASES: list[tuple[str, Any, Pair, Pair | None]] = [
     ("coarse verdict", COARSE.coarse_verdict(1),
      (wire.verdict_to_proto, wire.verdict_from_proto),
      (wire.verdict_to_json, wire.verdict_from_json)),
+    ("endpoint verdict", ENDPOINT.endpoint_verdict(1),
+     (wire.endpoint_verdict_to_proto, wire.endpoint_verdict_from_proto),
+     (wire.endpoint_verdict_to_json, wire.endpoint_verdict_from_json)),
     *[(f"registration-{i}", info,
        (wire.registration_to_proto, wire.registration_from_proto),
        (wire.registration_to_json, wire.registration_from_json))
@@ -180,6 +186,10 @@ SIGNED_KINDS = [
     ("receipt", (Receipt,), pb.Receipt, LOG.receipt(1), {"statement", "inclusion"}),
     ("verdict", (SignedVerdict, CoarseVerdict), pb.SignedVerdict, LOG.verdict(3),
      {"statement", "inclusion"}),
+    ("endpoint verdict", (EndpointVerdict,), pb.EndpointVerdict, ENDPOINT.endpoint_verdict(1),
+     {"statement", "inclusion"}),
+    ("endpoint exchange", (EndpointExchange,), pb.EndpointExchange,
+     ENDPOINT.endpoint_verdict(1).exchanges[0], set()),
     ("verdict test", (VerdictTest,), pb.VerdictTest, LOG.verdict(3).tests[0], set()),
     ("reference panel", (ReferencePanel,), pb.ReferencePanel, LOG.verdict(3).panel, set()),
     ("verdict policy", (VerdictPolicy,), pb.VerdictPolicy, LOG.verdict(3).policy, set()),
@@ -252,7 +262,7 @@ def test_the_verdict_body_is_the_offline_judgement_plus_the_binding_fields() -> 
     judgement = {s.name for s in signed_fields(Verdict)}
     binding = {s.name for s in signed_fields(SignedVerdict)} - judgement
     assert binding == {"registration_id", "requested_by", "suspect_sha256", "suspect_size",
-                       "policy", "log_index", "integrated_time"}
+                       "policy", "reading", "log_index", "integrated_time"}
     assert {"outcome", "tests", "panel", "log10_p_value_binomial", "is_match",
             "p_value"} <= judgement
 

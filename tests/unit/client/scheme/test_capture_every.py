@@ -50,9 +50,11 @@ def test_a_renamed_inlined_layer_is_found_by_its_values(tmp_path: Path) -> None:
     expected, _ = capture(host, "act", TRIGGERS)
     program = _program(Inlined(host), tmp_path / "inlined.pt2")
     found = capture_every(program, TRIGGERS, width=24)
-    assert any(np.allclose(layer, expected, atol=1e-6) for layer in found)
-    assert all(layer.shape == (7, 24) for layer in found)
-    widths = {layer.shape[1] for layer in capture_every(program, TRIGGERS)}
+    assert any(np.allclose(layer, expected, atol=1e-6) for _, layer in found)
+    assert all(layer.shape == (7, 24) for _, layer in found)
+    names = [name for name, _ in found]  # each tensor by its graph node's name, once
+    assert all(names) and len(set(names)) == len(names)
+    widths = {layer.shape[1] for _, layer in capture_every(program, TRIGGERS)}
     assert {24, 10, 64} <= widths
 
 

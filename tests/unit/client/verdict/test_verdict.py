@@ -18,6 +18,7 @@ from freemark.verdict.decision import (
     judge,
     log10_betabinomial_sf,
     log10_binomial_sf,
+    strongest_of,
 )
 
 
@@ -193,3 +194,46 @@ def test_a_panel_below_the_minimum_does_not_bound_the_plain_test() -> None:
     panel = [_related(rng.normal(size=128), rng, 0.0) for _ in range(MIN_PANEL - 1)]
     verdict = judge(key, bits, host, references=panel)
     assert "bounded by the panel" not in verdict.p_value_method and verdict.log10_p_value < -40
+
+
+def _unit(vector: np.ndarray) -> np.ndarray:
+    centred = vector - vector.mean()
+    return centred / np.linalg.norm(centred)
+
+
+def test_a_scan_reports_its_strongest_candidate_corrected_for_all_of_them() -> None:
+    """Issue 18, item 3: the key server judges every candidate tensor of a suspect and signs
+    the strongest, its p-value times the number of candidates. Over 200 independent tensors
+    the corrected p stays far from alpha (scanning cannot make a match), and it is exactly
+    K × the smallest p; with the host's own vector among them, that one is chosen and is a
+    match."""
+    rng = np.random.default_rng(7)
+    units = 128
+    host = _unit(rng.normal(size=units))
+    bits = rng.integers(0, 2, 256).astype(bool)
+    anchor = rng.normal(size=(256, units))
+    along = anchor @ host
+    key = anchor + np.outer(np.where(bits, 2.0, -2.0) - along, host)  # the plain closed form
+    independent = [judge(key, bits, _unit(rng.normal(size=units)), n_permutations=200)
+                   for _ in range(200)]
+    chosen, verdict = strongest_of(independent, candidates=250, alpha=1e-9)
+    smallest = min(v.log10_p_value for v in independent)
+    assert independent[chosen].log10_p_value == smallest
+    assert verdict.log10_p_value == pytest.approx(min(0.0, smallest + math.log10(250)))
+    assert verdict.outcome == "no_match" and verdict.p_value >= 1e-3
+    assert verdict.p_value_method.startswith("the strongest of 250 candidate tensors")
+    copy = judge(key, bits, host, n_permutations=200)
+    chosen, verdict = strongest_of([*independent[:3], copy, *independent[3:9]], candidates=10,
+                                   alpha=1e-9)
+    assert chosen == 3 and verdict.outcome == "match"
+    assert verdict.log10_p_value == pytest.approx(copy.log10_p_value + 1.0)
+
+
+def test_a_scan_is_inconclusive_when_a_candidate_could_not_reach_alpha() -> None:
+    unreachable = dataclasses.replace(_plain(-0.2), outcome="inconclusive")
+    _, verdict = strongest_of([_plain(-0.5), unreachable], candidates=2, alpha=1e-9)
+    assert verdict.outcome == "inconclusive" and not verdict.is_match
+    with pytest.raises(ValueError, match="at least one judged candidate"):
+        strongest_of([], candidates=3, alpha=1e-9)
+    with pytest.raises(ValueError, match="candidates >= the verdicts"):
+        strongest_of([_plain(-0.5), _plain(-0.1)], candidates=1, alpha=1e-9)

@@ -52,6 +52,58 @@ def test_a_signed_but_inconsistent_verdict_is_refused(overrides: dict[str, objec
         verify_receipt(_verdict(**overrides), PEM)  # type: ignore[arg-type]
 
 
+_SCAN = {"tensor": "/act/Relu_output_0", "located": "scan", "candidates": 10, "requested": ""}
+
+
+@pytest.mark.parametrize(("reading", "match"), [
+    ({**_SCAN, "tensor": ""}, "names no tensor"),
+    ({**_SCAN, "located": "named", "candidates": 3}, "by the layer's name but says 3"),
+    ({**_SCAN, "located": "named", "candidates": 1, "requested": "x"}, "by the layer's name"),
+    ({**_SCAN, "candidates": 0}, "judged no candidate"),
+    ({**_SCAN, "located": "requested"}, "one of 'named', 'scan'"),
+    (_SCAN, "corrected for the candidates"),
+], ids=["no tensor", "named with candidates", "named with a request", "empty scan",
+        "located by request", "uncorrected scan"])
+def test_a_verdict_must_say_what_it_read_and_be_corrected_for_a_scan(
+        reading: dict[str, object], match: str) -> None:
+    """Issue 18, item 3: a verdict names what it read and how it was located; a requested
+    tensor is only ever one candidate of a scan, and a scan's p-value carries the factor of
+    its candidates (here a test at 1.25e-25 and a verdict p of 1.25e-25 over 10 candidates)."""
+    with pytest.raises(InvalidReceiptError, match=match):
+        verify_receipt(_verdict(reading=reading), PEM)  # type: ignore[arg-type]
+
+
+def test_a_corrected_scan_verdict_verifies() -> None:
+    corrected = -24.903089986991944 + 1.0  # 10 candidates
+    verify_receipt(_verdict(  # type: ignore[arg-type]
+        reading={**_SCAN, "requested": "/flatten/Flatten_output_0"},
+        p_value=10.0 ** corrected, log10_p_value=corrected), PEM)
+
+
+def test_verify_suspect_checks_a_scanned_graph_computes_the_tensors_named(tmp_path: Path
+                                                                          ) -> None:
+    onnx = pytest.importorskip("onnx")
+    from onnx import helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["/act/Relu_output_0"], name="/act/Relu")], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["b", 4])],
+        [helper.make_tensor_value_info("/act/Relu_output_0", onnx.TensorProto.FLOAT, None)])
+    path = tmp_path / "suspect.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    data = path.read_bytes()
+    corrected = -24.903089986991944 + 1.0
+
+    def about(reading: dict[str, object]) -> object:
+        return _verdict(suspect_sha256=hashlib.sha256(data).hexdigest(), suspect_size=len(data),
+                        reading=reading, p_value=10.0 ** corrected, log10_p_value=corrected)
+    verify_suspect(about(_SCAN), path)  # type: ignore[arg-type]
+    with pytest.raises(VerificationFailedError, match="computes no tensor 'decoy'"):
+        verify_suspect(about({**_SCAN, "tensor": "decoy"}), path)  # type: ignore[arg-type]
+    with pytest.raises(VerificationFailedError, match="computes no tensor 'other'"):
+        verify_suspect(about({**_SCAN, "requested": "other"}), path)  # type: ignore[arg-type]
+
+
 def test_a_consistent_verdict_and_a_coarse_one_verify() -> None:
     verify_receipt(_verdict(), PEM)  # type: ignore[arg-type]
     verify_receipt(coarse_log(SIGNER).coarse_verdict(1), PEM)

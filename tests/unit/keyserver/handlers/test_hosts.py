@@ -79,7 +79,7 @@ def registered(
             "registration_id": registration_id, "owner": OWNER, "host_fingerprint": fingerprint,
             "watermark_commitment": commitment, "layer": "act", "n_bits": 16,
             "architecture_digest": b"\x02" * 32, "panel": NO_PANEL, "log_index": index,
-            "integrated_time": now,
+            "integrated_time": now, "panel_members": (), "panel_warning": "", "query_sets": (),
         })
 
     bundle = seal(keyring, b"bundle", record_id=registration_id, owner=OWNER).to_bytes()

@@ -27,20 +27,27 @@ from freemark.formats.pt2 import (
     fingerprint,
     load_program,
     save_program,
+    shape_digest,
     state_dict_of,
 )
-from freemark.scheme.activations import capture
+from freemark.scheme.activations import capture, output_scores
 from freemark.scheme.probes import with_probes
 from freemark.scheme.triggers import TriggerSet, select_triggers
 from freemark.v1 import bundle_pb2
 from freemark_keyserver.sandbox import protocol as sandbox_protocol
-from freemark_keyserver.sandbox.limits import SandboxLimits, worker_environment
+from freemark_keyserver.sandbox.limits import (
+    REPLY_COPIES,
+    MiB,
+    SandboxLimits,
+    worker_environment,
+)
 from freemark_keyserver.sandbox.pool import SandboxPool
 from freemark_keyserver.sandbox.protocol import ModelIdentity, TriggerRun
 from freemark_keyserver.sandbox.runner import (
     SandboxError,
     SandboxResourceError,
     SandboxTimeout,
+    default_workers,
     run_in_sandbox,
     run_model,
     shared_pool,
@@ -156,6 +163,42 @@ def test_follow_up_runs_reuse_the_child_that_read_the_model(host: Host) -> None:
     assert isinstance(missing, Exception) and "no_such_layer" in str(missing)
 
 
+def test_an_outputs_run_answers_the_models_scores_as_the_library_reads_them(host: Host
+                                                                         ) -> None:
+    """`TriggerRun.outputs_of`: the child answers the model's log-probabilities, the numbers
+    `freemark.scheme.activations.output_scores` gives in process (one reading of outputs),
+    beside a layer run of the same load."""
+    identity, results = shared_pool().run(
+        host.path, [TriggerRun.outputs_of(host.triggers.inputs),
+                    TriggerRun(LAYER, POOLING, host.triggers)],
+        weights_path=None, limits=DEFAULT_LIMITS)
+    scores, layer = results
+    assert isinstance(scores, np.ndarray) and scores.shape == (len(host.triggers), 10)
+    expected = output_scores(load_program(host.path), host.triggers.inputs)
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(scores.argmax(axis=1), expected.argmax(axis=1))
+    np.testing.assert_allclose(np.exp(scores).sum(axis=1), 1.0, rtol=1e-4)
+    assert isinstance(layer, np.ndarray) and layer.shape == (len(host.triggers), 128)
+    assert identity.fingerprint == fingerprint(load_program(host.path))
+    assert isinstance(scores, sandbox_protocol.OutputScores)
+    assert scores.architecture == shape_digest(load_program(host.path))
+
+
+def test_one_childs_replies_together_stay_under_the_output_cap(host: Host) -> None:
+    """`max_output_bytes` caps everything read back from one child (issue 18, item 8): a
+    follow-up reply that would take the total past it is refused before it is read, as each
+    of its runs' result, so a Register's host reading and its scans never hold more than
+    one cap in the server."""
+    first = len(host.triggers) * 128 * 4  # float32 activations of the act layer
+    limits = SandboxLimits(max_output_bytes=first + first // 2)  # room for the frames too
+    run = TriggerRun(LAYER, POOLING, host.triggers)
+    _, results = shared_pool().run(host.path, [run], weights_path=None, limits=limits,
+                                   then=lambda identity, results: [run])
+    alone, again = results
+    assert isinstance(alone, np.ndarray) and alone.shape == (len(host.triggers), 128)
+    assert isinstance(again, SandboxError) and "exceeds max_output_bytes" in str(again)
+
+
 def test_safetensors_weights_replace_the_programs_own(host: Host, tmp_path: Path) -> None:
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -220,6 +263,15 @@ def test_unknown_layer_is_an_invalid_input_not_a_bad_model(host: Host) -> None:
     assert not isinstance(refused.value, ModelFileError)
 
 
+def test_the_default_worker_count_budgets_what_each_workers_replies_cost() -> None:
+    """A worker costs its child's address space and, in the server, up to `REPLY_COPIES`
+    times the output cap (issue 18, item 8): a reply cap no machine can hold thrice leaves
+    one worker where a tiny one allows one per core."""
+    assert SandboxLimits().reply_bytes == REPLY_COPIES * 512 * MiB == 1536 * MiB
+    assert default_workers(SandboxLimits(memory_bytes=MiB, max_output_bytes=1)) == os.cpu_count()
+    assert default_workers(SandboxLimits(memory_bytes=MiB, max_output_bytes=1 << 50)) == 1
+
+
 def test_limits_must_be_positive() -> None:
     with pytest.raises(InvalidInputError, match="wall_seconds"):
         SandboxLimits(wall_seconds=0)
@@ -255,6 +307,31 @@ def test_worker_output_is_parsed_without_pickle_and_checked(raw: bytes, why: str
     """What a compromised worker could send back never becomes a Python object or bad matrix."""
     with pytest.raises(SandboxError, match=why):
         sandbox_protocol.decode_reply(raw, [3])
+
+
+def test_a_frame_announcing_more_than_the_reply_holds_is_refused() -> None:
+    """Frames are read in place: a header whose shape asks for more bytes than follow it
+    is a broken reply, never a read past the buffer."""
+    frame = _npy(np.zeros((3, 4), dtype=np.float32))
+    lying = frame.replace(b"(3, 4)", b"(3, 9)")
+    raw = _reply(np.zeros((3, 4), dtype=np.float32)).replace(frame, lying)
+    with pytest.raises(SandboxError, match="not a .npy array"):
+        sandbox_protocol.decode_reply(raw, [3])
+
+
+def test_a_scan_is_decoded_in_place_and_a_run_is_its_one_float64_copy() -> None:
+    """A scan's matrix is a view on the reply's own buffer (no copy), each tensor handed out
+    as a view too; a run's activations are the one float64 copy (issue 18, item 8)."""
+    layers = [("a", np.ones((3, 2), dtype=np.float32)), ("b", np.full((3, 5), 2.0, dtype=np.float32))]
+    raw = bytearray(sandbox_protocol.encode_reply(bytes(64), [
+        sandbox_protocol.LayerScan.of(3, layers), np.arange(12, dtype=np.float32).reshape(3, 4)]))
+    _, (scan, run) = sandbox_protocol.decode_reply(raw, [3, 3], [True, False])
+    assert isinstance(scan, sandbox_protocol.LayerScan) and scan.dtype == np.float32
+    buffer = np.frombuffer(raw, dtype=np.uint8)
+    assert np.shares_memory(scan, buffer)
+    assert all(np.shares_memory(layer, buffer) for layer in scan.layers())
+    assert isinstance(run, np.ndarray) and run.dtype == np.float64
+    assert not np.shares_memory(run, buffer)
 
 
 def test_float32_wire_keeps_float64_results() -> None:
@@ -374,13 +451,19 @@ def test_regression_plain_torch_export_load_runs_pickled_payloads(
 
 def test_a_scan_reply_keeps_its_tensors_apart_and_is_checked() -> None:
     """A scan (`TriggerRun` with no layer) answers a `LayerScan`: each tensor's columns, as the
-    child said, checked like any matrix; widths that do not fit, or a scan where none was asked
-    for (or the reverse), break the protocol."""
+    child said, with its name, checked like any matrix; widths or names that do not fit, or a
+    scan where none was asked for (or the reverse), break the protocol."""
     layers = [np.ones((3, 2), dtype=np.float32), np.full((3, 5), 2.0, dtype=np.float32)]
-    raw = sandbox_protocol.encode_reply(bytes(64), [sandbox_protocol.LayerScan.of(3, layers)])
+    named = [("relu", layers[0]), ("/act/Relu_output_0", layers[1])]
+    raw = sandbox_protocol.encode_reply(bytes(64), [sandbox_protocol.LayerScan.of(3, named)])
     _, results = sandbox_protocol.decode_reply(raw, [3], [True])
     scan = results[0]
     assert isinstance(scan, sandbox_protocol.LayerScan) and scan.widths == (2, 5)
+    assert scan.names == ("relu", "/act/Relu_output_0")
+    long_name = sandbox_protocol.LayerScan.of(3, [("x" * 1025, layers[0])])
+    with pytest.raises(SandboxError, match="names do not fit"):
+        sandbox_protocol.decode_reply(sandbox_protocol.encode_reply(bytes(64), [long_name]),
+                                      [3], [True])
     for got, sent in zip(scan.layers(), layers, strict=True):
         np.testing.assert_array_equal(got, sent)
     empty = sandbox_protocol.encode_reply(bytes(64), [sandbox_protocol.LayerScan.of(3, [])])

@@ -22,14 +22,21 @@ from freemark_keyserver.sandbox.isolation import LAYERS
 from freemark_keyserver.sandbox.limits import SandboxLimits, worker_environment
 from freemark_keyserver.sandbox.runner import shared_pool
 
-ESCAPES = textwrap.dedent("""
-    import json, os, socket, sys
+# What every sandbox child runs first: the layers, with the default limits.
+ENTER = textwrap.dedent("""
+    import ctypes, json, os, resource, signal, socket, sys
     from freemark_keyserver.sandbox import isolation as sandbox_isolation
     from freemark_keyserver.sandbox import limits as sandbox_limits
-    secret, proc_environ, scratch = sys.argv[1:4]
     state = sandbox_isolation.enter(
         lambda: sandbox_limits.limit_self(memory_bytes=4 << 30, cpu_seconds=60, open_files=64,
                                           threads=1), required=None)
+""")
+# A sibling child: inside the layers too (the same user), waiting for its stdin to close.
+SIBLING = ENTER + "os.read(0, 1)\n"
+ESCAPES = ENTER + textwrap.dedent("""
+    secret, proc_environ, scratch, sibling = sys.argv[1:5]
+    libc = ctypes.CDLL(None, use_errno=True)
+    TGKILL = 234  # x86_64
     def attempt(action):
         try:
             action()
@@ -53,10 +60,23 @@ ESCAPES = textwrap.dedent("""
     def fork():
         if os.fork() == 0:
             os._exit(0)
+    def tgkill(pid, sig):
+        if libc.syscall(TGKILL, pid, pid, sig) != 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    def starve_sibling():
+        resource.prlimit(int(sibling), resource.RLIMIT_CPU, (1, 1))
+    def kill_sibling():
+        tgkill(int(sibling), signal.SIGKILL)
+    def own_limits():  # what the interpreter and glibc do for themselves must still work
+        resource.prlimit(0, resource.RLIMIT_NOFILE)
+        resource.prlimit(os.getpid(), resource.RLIMIT_NOFILE)
+        resource.getrlimit(resource.RLIMIT_AS)
     results = {"layers": state.layers, "secret": attempt(read_secret),
                "environ": attempt(read_environ), "socket": attempt(socket.socket),
                "tcp": attempt(tcp), "write": attempt(write_file), "mkdir": attempt(mkdir),
-               "fork": attempt(fork)}
+               "fork": attempt(fork), "starve sibling": attempt(starve_sibling),
+               "kill sibling": attempt(kill_sibling), "own limits": attempt(own_limits),
+               "signal itself": attempt(lambda: tgkill(os.getpid(), 0))}
     os.write(1, json.dumps(results).encode())
 """)
 
@@ -64,7 +84,9 @@ ESCAPES = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def escapes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """What a process inside the layers could do: the data dir's key, the server's environ,
-    a socket, a connection, a file, a directory, a child."""
+    a socket, a connection, a file, a directory, a child, a sibling child (lower its limits,
+    kill it). Beside the report: whether the sibling is still alive afterwards, and its
+    CPU-time limit as the kernel reports it."""
     folder = tmp_path_factory.mktemp("isolation")
     data_dir = folder / "data"
     data_dir.mkdir(mode=0o700)
@@ -74,15 +96,31 @@ def escapes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     scratch = Path("/tmp") if os.access("/tmp", os.W_OK) else folder  # world-writable: the test
     home = folder / "home"
     home.mkdir()
-    result = subprocess.run(
-        [sys.executable, "-s", "-B", "-c", ESCAPES, str(secret), f"/proc/{os.getpid()}/environ",
-         str(scratch)],
-        env=worker_environment(SandboxLimits(), home), cwd=home, capture_output=True,
-        timeout=120, check=False)
-    assert result.returncode == 0, result.stderr.decode(errors="replace")[-2000:]
-    report = json.loads(result.stdout)
-    assert isinstance(report, dict)
+    environment = worker_environment(SandboxLimits(), home)
+    sibling = subprocess.Popen([sys.executable, "-s", "-B", "-c", SIBLING], env=environment,
+                               cwd=home, stdin=subprocess.PIPE)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-s", "-B", "-c", ESCAPES, str(secret),
+             f"/proc/{os.getpid()}/environ", str(scratch), str(sibling.pid)],
+            env=environment, cwd=home, capture_output=True, timeout=120, check=False)
+        assert result.returncode == 0, result.stderr.decode(errors="replace")[-2000:]
+        report = json.loads(result.stdout)
+        assert isinstance(report, dict)
+        report["sibling alive"] = sibling.poll() is None
+        report["sibling cpu limit"] = _cpu_limit(sibling.pid) if report["sibling alive"] else None
+    finally:
+        sibling.kill()
+        sibling.wait()
     return report
+
+
+def _cpu_limit(pid: int) -> int:
+    """A process's soft CPU-time limit in seconds, as /proc says (no capability needed)."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max cpu time"):
+            return int(line.split()[3])
+    raise AssertionError(f"/proc/{pid}/limits names no CPU-time limit")
 
 
 def _need(report: dict[str, object], *layers: str) -> None:
@@ -122,3 +160,17 @@ def test_the_child_cannot_write_a_file_make_a_directory_or_fork(
     assert escapes["mkdir"] == "PermissionError"
     assert escapes["fork"] in ("PermissionError", "BlockingIOError")
     assert not Path("/tmp/escape-dir").exists()
+
+
+def test_a_child_cannot_starve_or_kill_a_sibling(escapes: dict[str, object]) -> None:
+    """Issue 18, item 8: every child runs as the same user, so the kernel alone would let one
+    lower another's limits or signal it. The seccomp filter lets `prlimit64` name only the
+    child itself (pid 0 or its own) and `tgkill` only its own thread group; the child's own
+    uses of both still work."""
+    _need(escapes, "seccomp", "limits")
+    assert escapes["starve sibling"] == "PermissionError"
+    assert escapes["kill sibling"] == "PermissionError"
+    assert escapes["own limits"] == "allowed"
+    assert escapes["signal itself"] == "allowed"
+    assert escapes["sibling alive"] is True
+    assert escapes["sibling cpu limit"] == 60  # as it set it, not the 1 s the attacker asked

@@ -757,3 +757,18 @@ def test_panel_members_by_family_removal_duplicates_and_their_blobs(
         assert list(store.host_blob("pan-1")) == segments_of("pan-1", 2)
     finally:
         store.close()
+
+
+def test_query_set_disclosures_are_kept_once_per_set_and_endpoint(store: Store) -> None:
+    """Which endpoints saw which of an output key's sets (issue 19): one row per pair, kept
+    per registration."""
+    register(store, make_registration("reg-out"))
+    assert store.disclosures("reg-out") == []
+    store.add_disclosure("reg-out", 0, "http://10.0.0.1:8080", 1)
+    store.add_disclosure("reg-out", 0, "http://10.0.0.1:8080", 2)  # the same pair: once
+    store.add_disclosure("reg-out", 0, "http://10.0.0.2:8080", 3)
+    store.add_disclosure("reg-out", 1, "http://10.0.0.1:8080", 4)
+    assert store.disclosures("reg-out") == [(0, "http://10.0.0.1:8080"),
+                                            (0, "http://10.0.0.2:8080"),
+                                            (1, "http://10.0.0.1:8080")]
+    assert store.disclosures("reg-other") == []

@@ -1,0 +1,188 @@
+"""VerifyEndpoint: judge a model behind a live Open Inference Protocol endpoint with a
+registration's output key, and sign and log the verdict.
+
+The key server is an HTTP client here, and the endpoint is hostile input
+(`freemark.endpoint`, docs/blackbox.md): it queries only what the operator's allow-list
+admits, under the policy's deadlines, caps, budget and per-endpoint rate limit. Every
+refusal of the endpoint (`freemark.errors.EndpointError`) becomes the catalog's
+`ErrorCode[REASON]` with its message, and nothing is signed or logged.
+
+A query set is burned once an endpoint has seen it: the handler sends a set no endpoint has
+seen while one remains, and otherwise the one disclosed to the fewest endpoints, and the
+verdict says which (`set_disclosures`, `set_reused`). The disclosure is stored before the
+first query leaves, so a verification that is then refused still counts it. The set's
+queries go out shuffled among the set's natural ranking items (decoys, answered alike by
+an honest endpoint, noisy or not), which also carry the session's repeated-query
+consistency check. The answers are judged against the panel answers the TTP measured at
+registration (`handlers.outputs`), never the owner's.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from freemark.blackbox.commit import query_set_commitment
+from freemark.blackbox.judge import judge_answers, set_items
+from freemark.blackbox.key import OutputKey
+from freemark.blackbox.responder import Answers, read_answers
+from freemark.endpoint import EndpointRateLimiter, EndpointSession, Transcript
+from freemark.errors import EndpointError, EndpointResponseError, InvalidInputError
+from freemark.records import wire
+from freemark.records.types import EndpointExchange, EndpointVerdict
+from freemark.v1 import keyservice_pb2 as pb
+from freemark_keyserver.auth import ADMIN, ARBITER, OWNER, require_role
+from freemark_keyserver.errors import ErrorCode, ServiceError
+from freemark_keyserver.handlers import outputs
+from freemark_keyserver.handlers.context import (
+    Admission,
+    Context,
+    append_entry,
+    inclusion_proof,
+    policy_alpha,
+    sign_statement,
+)
+from freemark_keyserver.handlers.lookups import visible
+from freemark_keyserver.store import Principal, Registration
+
+__all__ = ["MAX_MODEL_NAME", "choose_set", "verify_endpoint"]
+
+log = logging.getLogger("freemark_keyserver")
+MAX_MODEL_NAME = 256
+MAX_URL = 2048
+Resolver = Callable[..., Any]
+
+
+def _refused(exc: EndpointError) -> ServiceError:
+    """The catalog's refusal for an endpoint failure: its reason, its message."""
+    return ServiceError(ErrorCode[exc.REASON], str(exc),
+                        retry_after=getattr(exc, "retry_after", None))
+
+
+def choose_set(n_sets: int, disclosures: list[tuple[int, str]]) -> tuple[int, int]:
+    """(set, how many endpoints saw it before): a set no endpoint has seen, else the one
+    the fewest endpoints saw (the lowest-numbered among equals)."""
+    seen = [set() for _ in range(n_sets)]  # type: list[set[str]]
+    for query_set, endpoint in disclosures:
+        if 0 <= query_set < n_sets:
+            seen[query_set].add(endpoint)
+    chosen = min(range(n_sets), key=lambda k: (len(seen[k]), k))
+    return chosen, len(seen[chosen])
+
+
+def _target(ctx: Context, principal: Principal, request: pb.VerifyEndpointRequest
+            ) -> tuple[Registration, float]:
+    """Authorise before anything is sent: the caller's role, the registration visible and
+    active and holding an output key, the request's fields; and the alpha to judge at,
+    within the policy."""
+    require_role(principal, OWNER, ARBITER, ADMIN)
+    record = visible(ctx, principal, request.registration_id)
+    if record.revoked_at is not None:
+        raise ServiceError(ErrorCode.REVOKED,
+                           f"registration {record.registration_id} was revoked; it proves nothing")
+    if not outputs.is_output_registration(record):
+        raise ServiceError(ErrorCode.MALFORMED_REQUEST,
+                           f"registration {record.registration_id} holds a white-box key, read "
+                           "from a model's activations: upload the suspect model with freemark "
+                           "verify --model")
+    if not request.endpoint or len(request.endpoint) > MAX_URL:
+        raise ServiceError(ErrorCode.MALFORMED_REQUEST,
+                           f"endpoint must be an http(s) URL of at most {MAX_URL} characters")
+    if not request.model_name or len(request.model_name) > MAX_MODEL_NAME:
+        raise ServiceError(ErrorCode.MALFORMED_REQUEST,
+                           f"model_name must name the served model (1 to {MAX_MODEL_NAME} "
+                           "characters)")
+    return record, policy_alpha(ctx, request.alpha)
+
+
+def verify_endpoint(ctx: Context, principal: Principal, request: pb.VerifyEndpointRequest, *,
+                    admit: Admission, limiter: EndpointRateLimiter | None,
+                    resolver: Resolver = socket.getaddrinfo,
+                    clock: Callable[[], float] = time.time) -> pb.EndpointVerdict:
+    """The VerifyEndpoint call (module docstring)."""
+    record, alpha = _target(ctx, principal, request)
+    admit.check(record)
+    key, panel = outputs.open_sealed(ctx, record)
+    try:
+        session = EndpointSession(request.endpoint, request.model_name,
+                                  policy=ctx.config.endpoint_policy, limiter=limiter,
+                                  resolver=resolver, clock=clock)
+        kind = session.kind  # the metadata: labels or scores, before any query is sent
+    except EndpointError as exc:
+        raise _refused(exc) from exc
+    admit.charge(record)
+    set_id, before = choose_set(key.n_sets, ctx.store.disclosures(record.registration_id))
+    ctx.store.add_disclosure(record.registration_id, set_id, session.endpoint,
+                             int(clock() * 1_000_000))
+    try:
+        answers, ranking = _ask(session, key, set_id, labels_only=request.labels_only
+                                or kind == "labels")
+    except EndpointError as exc:
+        log.info("VerifyEndpoint of %s by %s refused by the endpoint's answers (%s); set %d "
+                 "counted as disclosed", record.registration_id, principal.name, exc.REASON,
+                 set_id)
+        raise _refused(exc) from exc
+    verdict = judge_answers(key, set_id, answers, ranking, panel_query_scores=panel.query_scores,
+                            panel_ranking_scores=panel.ranking_scores, alpha=alpha)
+    transcript = session.transcript()
+    q, _ = set_items(key, set_id)
+    binding = {
+        "registration_id": record.registration_id, "requested_by": principal.name,
+        **_bound(transcript), "answers": "scores" if answers.has_scores else "labels",
+        "query_set": set_id, "query_set_commitment": query_set_commitment(key.queries[q]),
+        "set_disclosures": before, "set_reused": before > 0,
+        "policy": ctx.config.verdict_policy,
+    }
+    body, index, _ = append_entry(ctx, EndpointVerdict.KIND, lambda i, t: wire.encode_body(
+        EndpointVerdict, {**wire.signed_values(verdict), **binding, "log_index": i,
+                          "integrated_time": t}))
+    log.info("endpoint verdict on %s by %s: %s (log10 p %.1f, set %d%s) at log index %d",
+             record.registration_id, principal.name, verdict.outcome, verdict.log10_p_value,
+             set_id, ", reused" if before else "", index)
+    signed = wire.read_statement(EndpointVerdict, sign_statement(ctx, body),
+                                 inclusion_proof(ctx, index))
+    return wire.endpoint_verdict_to_proto(signed)
+
+
+def _ask(session: EndpointSession, key: OutputKey, set_id: int, *, labels_only: bool
+         ) -> tuple[Answers, Answers | None]:
+    """Send one set's queries shuffled among its natural ranking items, in one session, and
+    read the answers back in key order (the ranking items only where scores are read)."""
+    q, r = set_items(key, set_id)
+    inputs = np.concatenate([key.queries[q], key.ranking_inputs[r]])
+    order = np.random.default_rng(secrets.randbits(128)).permutation(len(inputs))
+    position = np.empty_like(order)
+    position[order] = np.arange(len(order))  # where input i went
+    decoys = position[len(q):]
+    raw = session.answer(inputs[order], repeat_from=decoys if len(decoys) else None)
+    back = np.asarray(raw)[position]
+    try:
+        answers = read_answers(back[:len(q)], len(q), key.n_classes)
+        ranking = None
+        if answers.has_scores and not labels_only and len(r):
+            ranking = read_answers(back[len(q):], len(r), key.n_classes)
+    except InvalidInputError as exc:
+        raise EndpointResponseError(f"{session.endpoint}: {exc}") from exc
+    if labels_only:
+        answers = Answers(labels=answers.labels, scores=None)
+    return answers, ranking
+
+
+def _bound(transcript: Transcript) -> dict[str, Any]:
+    """The transcript's fields as the verdict signs them."""
+    return {
+        "endpoint": transcript.endpoint, "endpoint_address": transcript.address,
+        "model_name": transcript.model_name, "model_version": transcript.model_version,
+        "started_at": int(transcript.started_at * 1_000_000),
+        "finished_at": int(transcript.finished_at * 1_000_000),
+        "exchanges": tuple(EndpointExchange(
+            method=e.method, path=e.path, status=e.status, inputs=e.inputs,
+            request_sha256=bytes.fromhex(e.request_sha256),
+            response_sha256=bytes.fromhex(e.response_sha256)) for e in transcript.exchanges),
+    }

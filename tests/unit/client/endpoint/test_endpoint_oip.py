@@ -1,0 +1,84 @@
+"""The protocol's messages on their own: what the metadata makes of an output, and requests
+that carry the queries' exact values."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from freemark.endpoint.oip import check_inputs, decode_infer, encode_infer, parse_metadata
+from freemark.errors import EndpointResponseError
+from hostile_endpoints import MODEL, metadata
+
+
+def _meta(outputs: list[dict[str, object]], output: str | None = None) -> object:
+    body = json.dumps({**metadata(), "outputs": outputs}).encode()
+    return parse_metadata(body, model=MODEL, output=output, where="test")
+
+
+@pytest.mark.parametrize(("spec", "kind"), [
+    ({"name": "y", "datatype": "INT64", "shape": [-1]}, "labels"),
+    ({"name": "y", "datatype": "UINT8", "shape": [-1, 1]}, "labels"),
+    ({"name": "y", "datatype": "FP32", "shape": [-1, 10]}, "scores"),
+    ({"name": "y", "datatype": "FP16", "shape": [-1, -1]}, "scores"),
+])
+def test_the_metadata_tells_labels_from_scores(spec: dict[str, object], kind: str) -> None:
+    assert _meta([spec]).kind == kind  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("spec", [
+    {"name": "y", "datatype": "FP32", "shape": [-1]},  # one float per input: neither
+    {"name": "y", "datatype": "INT64", "shape": [-1, 10]},  # integers per class: neither
+    {"name": "y", "datatype": "BYTES", "shape": [-1]},
+    {"name": "y", "datatype": "FP32", "shape": [-1, 1]},
+])
+def test_an_output_that_is_neither_is_refused(spec: dict[str, object]) -> None:
+    with pytest.raises(EndpointResponseError, match="reads exactly one"):
+        _meta([spec])
+
+
+def test_of_several_readable_outputs_one_must_be_named() -> None:
+    both = [{"name": "label", "datatype": "INT64", "shape": [-1]},
+            {"name": "probs", "datatype": "FP32", "shape": [-1, 3]}]
+    with pytest.raises(EndpointResponseError, match="name it"):
+        _meta(both)
+    assert _meta(both, output="probs").kind == "scores"  # type: ignore[attr-defined]
+    with pytest.raises(EndpointResponseError, match="no single output named 'logits'"):
+        _meta(both, output="logits")
+
+
+@pytest.mark.parametrize("queries", [
+    np.array([[0, 255, 3, 1], [7, 8, 9, 200]], np.uint8),
+    np.array([[0.1, 2.5, -1e-8, 3.4028235e38]], np.float32),
+])
+def test_a_request_carries_the_queries_exact_values(queries: np.ndarray) -> None:
+    meta = _meta([{"name": "label", "datatype": "INT64", "shape": [-1]}])
+    wire = check_inputs(queries, meta, "test")  # type: ignore[arg-type]
+    request = json.loads(encode_infer(queries, meta, wire, "r1"))  # type: ignore[arg-type]
+    tensor = request["inputs"][0]
+    assert (request["id"], tensor["name"], tensor["datatype"]) == ("r1", "x", "FP32")
+    sent = np.asarray(tensor["data"], np.float32).reshape(tensor["shape"])
+    np.testing.assert_array_equal(sent, queries.astype(np.float32))
+    assert request["outputs"] == [{"name": "label"}]
+
+
+def test_queries_that_would_not_survive_the_cast_are_refused() -> None:
+    meta = _meta([{"name": "label", "datatype": "INT64", "shape": [-1]}])
+    with pytest.raises(EndpointResponseError, match="would not survive the cast"):
+        check_inputs(np.zeros((2, 4), np.float64), meta, "test")  # type: ignore[arg-type]
+
+
+def test_labels_come_as_n_or_n_by_one_and_nothing_else() -> None:
+    meta = _meta([{"name": "label", "datatype": "INT64", "shape": [-1]}])
+    for shape in ([3], [3, 1]):
+        reply = {"model_name": MODEL, "outputs": [{"name": "label", "datatype": "INT64",
+                                                   "shape": shape, "data": [2, 0, 1]}]}
+        got = decode_infer(json.dumps(reply).encode(), meta=meta, request_id="r",  # type: ignore
+                           n=3, where="test")
+        np.testing.assert_array_equal(got.answers, [2, 0, 1])
+    reply["outputs"][0]["shape"] = [1, 3]  # type: ignore[index]
+    with pytest.raises(EndpointResponseError, match="shape"):
+        decode_infer(json.dumps(reply).encode(), meta=meta, request_id="r", n=3,  # type: ignore
+                     where="test")
