@@ -24,18 +24,25 @@ Errors use standard status codes with an actionable message:
                       crashed its sandbox process
   UNAUTHENTICATED     no or unknown token, or a disabled principal (a principal
                       disabled while a call is open has that call ended)
-  PERMISSION_DENIED   the role or ownership does not allow the call
+  PERMISSION_DENIED   the role or ownership does not allow the call, or a VerifyEndpoint
+                      names an endpoint outside `serve --endpoint-allow` (or one that
+                      redirects: ENDPOINT_NOT_ALLOWED)
   NOT_FOUND           no such registration (also for other owners' records)
   ALREADY_EXISTS      an earlier registration already claims this model
   RESOURCE_EXHAUSTED  upload over the configured cap (named in the message),
                       or the server or this principal is at its concurrent-call
                       limit, or Verify's rate limit (per principal, per registration)
                       is spent, or the upload spool's quota is full, or every
-                      sandbox worker is busy and its queue full (RetryInfo says when)
+                      sandbox worker is busy and its queue full (RetryInfo says when),
+                      or an endpoint's query budget or rate is spent (ENDPOINT_BUDGET)
   DEADLINE_EXCEEDED   the suspect model did not finish inside the sandbox deadline,
                       or the upload stream was idle past the server's timeout or
-                      slower than its minimum rate (UPLOAD_STALLED; re-send)
-  FAILED_PRECONDITION the registration is revoked
+                      slower than its minimum rate (UPLOAD_STALLED; re-send), or an
+                      endpoint did not answer in time (ENDPOINT_DEADLINE)
+  FAILED_PRECONDITION the registration is revoked; the reference panel cannot reach
+                      alpha (PANEL_TOO_WEAK); an endpoint cannot be reached
+                      (ENDPOINT_UNREACHABLE) or its answers cannot be judged
+                      (ENDPOINT_INVALID). Nothing is signed or logged for any of them.
   DATA_LOSS           the upload's size or SHA-256 does not match its header
   CANCELLED           the call was cancelled or its deadline passed while its model ran:
                       the sandbox run was killed and nothing was signed or logged
