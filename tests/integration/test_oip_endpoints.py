@@ -24,7 +24,7 @@ ort = pytest.importorskip("onnxruntime")
 
 SHAPE = (1, 8, 8)
 POLICY = EndpointPolicy(allow=("127.0.0.1",))
-NOISE = {"low": 0.0, "high": 1.0, "sigma": 0.05}
+NOISE = {"low": 0.0, "high": 1.0, "sigma": 0.02}
 
 
 @dataclass(frozen=True)
