@@ -74,7 +74,8 @@ def fill(ctx: Context, anchor: Registration, count: int, bases: Sequence[np.ndar
                     "registration_id": rid, "owner": owner, "host_fingerprint": fingerprint,
                     "watermark_commitment": anchor.commitment, "layer": anchor.layer,
                     "n_bits": anchor.n_bits, "log_index": i, "integrated_time": t,
-                    "panel": NO_PANEL, "architecture_digest": anchor.architecture_digest})
+                    "panel": NO_PANEL, "architecture_digest": anchor.architecture_digest,
+                    "panel_members": (), "panel_warning": "", "query_sets": ()})
 
             pending.append(Pending(RECEIPT_KIND, body, record, claim))
         for result in ctx.store.append_batch(pending, sign=sign):
