@@ -152,7 +152,7 @@ def _rotate(args: argparse.Namespace) -> int:
     # old or new versions, all of them in the saved keyring, never under a key that was lost.
     save_keyring(path, keyring)
     store = open_store(config.database)
-    count = 0
+    counts = {"registrations": 0, "claim_signatures": 0, "panel_members": 0}
     try:
         for record in store.registrations_for_rewrap():
             envelope = rewrap(keyring, Envelope.from_bytes(record.envelope),
@@ -160,21 +160,25 @@ def _rotate(args: argparse.Namespace) -> int:
             # The host's segments stay as they are: only its header's data key is re-wrapped.
             store.update_envelopes(record.registration_id, keyring.current_version,
                                    envelope.to_bytes(), rewrap_host(keyring, record))
-            count += 1
+            counts["registrations"] += 1
         for claim in store.claim_signatures():
             envelope = rewrap(keyring, Envelope.from_bytes(claim.envelope),
                               record_id=claim_record_id(claim.registration_id), owner=claim.owner)
             store.update_claim_envelope(claim.registration_id, keyring.current_version,
                                         envelope.to_bytes())
-            count += 1
+            counts["claim_signatures"] += 1
         for member in store.panel_members(active=False):
             store.update_panel_envelope(member.member_id, keyring.current_version,
                                         rewrap_member(keyring, member))
-            count += 1
+            counts["panel_members"] += 1
     finally:
         store.close()
-    payload = {"key_version": keyring.current_version, "rewrapped": count, "keyring": str(path)}
-    print_json(payload) if args.json else print_fields("master key rotated", payload)
+    payload = {"key_version": keyring.current_version, "rewrapped": counts, "keyring": str(path)}
+    if args.json:
+        print_json(payload)
+    else:
+        print_fields("master key rotated", {
+            **payload, "rewrapped": ", ".join(f"{n} {kind}" for kind, n in counts.items())})
     return 0
 
 

@@ -168,7 +168,7 @@ def test_rotate_master_key_rewraps_host_headers_and_leaves_segments(
     segments = list(store.host_blob("reg_1"))
 
     assert cli.main(["rotate-master-key", "--data-dir", str(data_dir), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["rewrapped"] == 1
+    assert json.loads(capsys.readouterr().out)["rewrapped"]["registrations"] == 1
 
     record = store.get_registration("reg_1")
     assert record is not None and record.key_version == 2
