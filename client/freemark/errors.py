@@ -80,6 +80,7 @@ if TYPE_CHECKING:  # only for annotations: the scheme modules import this withou
 
 __all__ = [
     "ERROR_DOMAIN",
+    "AlignmentLimitError",
     "AlphaOutsidePolicyError",
     "AlreadyRegisteredError",
     "CallDeadlineError",
@@ -142,6 +143,13 @@ class InvalidInputError(FreemarkError, ValueError):
 
 class ModelFileError(InvalidInputError):
     """A model file is unreadable, not a model, or needs unsafe loading (pickle, compiled code)."""
+
+
+class AlignmentLimitError(FreemarkError):
+    """A layer has more live units than the aligned test matches: aligning it would cost memory
+    and time quadratic in its width. Not an InvalidInputError on purpose: nothing that skips
+    an unreadable layer (a scan's candidates) may skip this one, or widening the key layer
+    would hide it from the test."""
 
 
 class UniquenessError(FreemarkError):

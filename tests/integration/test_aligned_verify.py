@@ -23,11 +23,12 @@ import hostile_models
 import scheme_models as sm
 from freemark.audit.receipt import verify_receipt
 from freemark.derive import derive_key
-from freemark.errors import AlreadyRegisteredError, InvalidModelError
+from freemark.errors import AlreadyRegisteredError, InvalidModelError, SandboxLimitError
 from freemark.formats.pt2 import save_program
 from freemark.records.types import Receipt, SignedVerdict
 from freemark.rpc import KeyServiceClient
 from freemark.scheme.bundle import KeyBundle
+from freemark.verdict.canon import MAX_ALIGN_UNITS
 from freemark_keyserver.config import UNLIMITED, ServerConfig, default_policy
 from freemark_keyserver.server import RunningServer, create_server
 from freemark_lab.attacks import obfuscate as ob
@@ -197,6 +198,24 @@ def test_an_onnx_suspect_is_scanned_by_the_key_server_not_read_by_its_names(
     print(f"\n{deployment.name} ONNX: " + ", ".join(
         f"{v.outcome} log10 p {v.log10_p_value:.1f} of {v.reading.candidates}"
         for v in (requested, decoyed, *innocent)))
+
+
+def test_a_key_layer_widened_past_the_alignment_cap_is_refused_not_cleared(
+        deployment: Deployment) -> None:
+    """A scan skips tensors the key cannot be read on; a key layer padded with never-firing
+    units past the aligned test's width cap must not be one of them (the scan would then
+    sign a `no_match` on the decoys left). The copy is refused RESOURCE_EXHAUSTED, by its
+    shape alone, and nothing is logged."""
+    task = sm.task(deployment.name).lab
+    widened = ob.add_dummy_units(ob.permute_units(sm.host(deployment.name), task, seed=1), task,
+                                 count=MAX_ALIGN_UNITS, mode="zero", seed=3)
+    path = _onnx(deployment, "widened", widened)
+    size = deployment.running.ctx.store.tree_size()
+    with deployment.client("judge") as client, pytest.raises(SandboxLimitError,
+                                                              match="aligned test") as refused:
+        client.verify(deployment.receipt.registration_id, path)
+    assert f"{MAX_ALIGN_UNITS:,}" in str(refused.value)
+    assert deployment.running.ctx.store.tree_size() == size
 
 
 def test_a_relabelled_copy_cannot_be_registered_under_another_key(deployment: Deployment) -> None:

@@ -31,10 +31,20 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from freemark.errors import InvalidInputError
+from freemark.errors import AlignmentLimitError, InvalidInputError
 
 DEAD_TOLERANCE = 1e-7  # a unit whose profile spread is below this share of the layer's is dead
 MERGE_TOLERANCE = 1e-4  # profiles correlating at ≥ 1 − this are one unit split in copies
+# The most live units a layer may have to be aligned. Finding split units compares every pair
+# of profiles and matching costs host × suspect similarities, so both grow with the square
+# of the width; a suspect's width is its author's choice, and the key server aligns in its
+# own process. 16,384 covers the MLP of a 1B-parameter decoder (8,192) twice over. The cap
+# is on the layer's shape, not its live units: which units are live depends on the probes,
+# which are secret, and a refusal must say nothing about them.
+MAX_ALIGN_UNITS = 16_384
+# Profile pairs compared per block when looking for split units: memory stays at
+# `MERGE_BLOCK` × width doubles, whatever the width.
+MERGE_BLOCK = 1024
 
 
 @dataclass(frozen=True)
@@ -86,11 +96,29 @@ def _unit_columns(activations: np.ndarray) -> np.ndarray:
     return centred / np.linalg.norm(centred, axis=0, keepdims=True)
 
 
+def _proportional_pairs(columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs (i < j) of unit-norm profiles that correlate at ≥ 1 − `MERGE_TOLERANCE`,
+    compared `MERGE_BLOCK` columns at a time so memory stays linear in the width."""
+    rows, cols = [], []
+    for start in range(0, columns.shape[1], MERGE_BLOCK):
+        block = columns[:, start:start + MERGE_BLOCK]
+        same = block.T @ columns[:, start:] >= 1.0 - MERGE_TOLERANCE
+        r, c = np.nonzero(np.triu(same, k=1))
+        rows.append(r + start)
+        cols.append(c + start)
+    return np.concatenate(rows), np.concatenate(cols)
+
+
 def canonicalise(activations: np.ndarray) -> CanonicalLayer:
-    """Drop dead units, merge proportional ones, and normalise every profile (steps 1–3)."""
+    """Drop dead units, merge proportional ones, and normalise every profile (steps 1–3).
+
+    Raises AlignmentLimitError for a layer of more than `MAX_ALIGN_UNITS` units."""
     x = np.asarray(activations, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] < 2:
         raise InvalidInputError(f"need (probes ≥ 2, units) activations to align, got shape {x.shape}")
+    if x.shape[1] > MAX_ALIGN_UNITS:
+        raise AlignmentLimitError(f"the layer has {x.shape[1]:,} units; the aligned test "
+                                  f"matches layers of at most {MAX_ALIGN_UNITS:,}")
     if not np.all(np.isfinite(x)):
         raise InvalidInputError("the layer produced non-finite activations on the probes")
     spread = x.std(axis=0)
@@ -99,8 +127,7 @@ def canonicalise(activations: np.ndarray) -> CanonicalLayer:
     if x.shape[1] == 0:
         raise InvalidInputError("every unit of the layer is constant on the probes: nothing to align")
     columns = _unit_columns(x)
-    same = np.triu(columns.T @ columns >= 1.0 - MERGE_TOLERANCE, k=1)
-    rows, cols = np.nonzero(same)
+    rows, cols = _proportional_pairs(columns)
     n = x.shape[1]
     graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
     groups, label = connected_components(graph, directed=False)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from freemark.errors import InvalidInputError
+from freemark.errors import AlignmentLimitError, InvalidInputError
 from freemark.formats.table import by_name
 from freemark.panel import Reference, reference_from_proto, reference_to_proto
 from freemark.reading import probe_count, split_activations
@@ -129,6 +129,8 @@ def _measure(run: Runner, path: Path, bundle: KeyBundle, host: Reading, seen: se
         matching = align(bundle.probe_profile, reading.probes)
     except InvalidInputError as exc:
         raise ServiceError(ErrorCode.INVALID_MODEL, f"{what}: {exc}") from exc
+    except AlignmentLimitError as exc:
+        raise ServiceError(ErrorCode.SANDBOX_LIMIT, f"{what}: {exc}") from exc
     if matching.count_above(COPY_CORRELATION) == matching.host.units:
         raise ServiceError(ErrorCode.INVALID_MODEL, f"{what} computes the host's own units "
                            "(relabelled or rescaled): it is a copy, not an independent model")

@@ -17,6 +17,7 @@ from typing import Generic, TypeVar
 import grpc
 
 from freemark.endpoint import EndpointRateLimiter
+from freemark.errors import AlignmentLimitError
 from freemark.v1 import keyservice_pb2 as pb
 from freemark.v1 import keyservice_pb2_grpc
 from freemark_keyserver import cancellation
@@ -40,6 +41,9 @@ def _guard(context: grpc.ServicerContext, method: str, work: Callable[[], T]) ->
     except ServiceError as exc:
         log.info("%s refused: %s", method, exc.code.name)
         abort(context, exc.code, str(exc), exc.retry_after)
+    except AlignmentLimitError as exc:  # a layer too wide to align: judged by shape alone
+        log.info("%s refused: %s", method, ErrorCode.SANDBOX_LIMIT.name)
+        abort(context, ErrorCode.SANDBOX_LIMIT, f"the model cannot be judged whole: {exc}")
     except cancellation.CallEnded as exc:
         log.info("%s ended by the caller: %s", method, exc)
         abort(context, ErrorCode.CALL_DEADLINE if exc.why == "deadline" else ErrorCode.CALL_ENDED,

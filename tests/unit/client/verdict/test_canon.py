@@ -7,8 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from freemark.errors import InvalidInputError
-from freemark.verdict.canon import align, canonicalise
+from freemark.errors import AlignmentLimitError, InvalidInputError
+from freemark.verdict import canon
+from freemark.verdict.canon import MAX_ALIGN_UNITS, MERGE_BLOCK, align, canonicalise
 
 
 def _layer(seed: int, probes: int = 300, units: int = 24) -> np.ndarray:
@@ -69,3 +70,35 @@ def test_bad_activations_get_clear_errors() -> None:
         canonicalise(np.ones((10, 4)))
     with pytest.raises(InvalidInputError, match="probes"):
         align(_layer(1, probes=20), _layer(1, probes=30))
+
+
+def test_split_units_in_different_blocks_are_merged() -> None:
+    """The pairwise search runs `MERGE_BLOCK` profiles at a time; a unit split into copies
+    that land in different blocks (and in the same one) still adds back up to one."""
+    rng = np.random.default_rng(7)
+    width = 2 * MERGE_BLOCK + 50
+    host = np.maximum(rng.normal(size=(64, width)), 0.0)
+    suspect = host.copy()
+    suspect[:, 2 * MERGE_BLOCK + 10] = 0.3 * host[:, 3]  # a copy of unit 3, two blocks on
+    suspect[:, 3] *= 0.7
+    suspect[:, MERGE_BLOCK + 1] = 0.5 * host[:, MERGE_BLOCK]  # a copy of its block neighbour
+    suspect[:, MERGE_BLOCK] *= 0.5
+    layer = canonicalise(suspect)
+    assert layer.merged == 2
+    assert layer.group[3] == layer.group[2 * MERGE_BLOCK + 10]
+    assert layer.group[MERGE_BLOCK] == layer.group[MERGE_BLOCK + 1]
+
+
+def test_a_layer_wider_than_the_cap_is_refused_by_its_shape_alone(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused before any profile is compared (the refusal depends on the shape, never on
+    which units the secret probes make live), and not as an unreadable layer: a scan skips
+    those, and must not skip a layer widened past the cap."""
+    monkeypatch.setattr(canon, "MAX_ALIGN_UNITS", 32)
+    dead_padding = np.zeros((40, 33))
+    dead_padding[:, :5] = _layer(1, probes=40, units=5)
+    with pytest.raises(AlignmentLimitError, match="33 units") as refused:
+        canonicalise(dead_padding)
+    assert not isinstance(refused.value, InvalidInputError)
+    assert canonicalise(dead_padding[:, :32]).units == 5
+    assert MAX_ALIGN_UNITS >= 2 * 8192  # a 1B-parameter decoder's MLP, twice over
