@@ -13,8 +13,9 @@ under are the table's rows; the server reads them there (`by_wire`, `.host`, `.s
   registered;
 - the child's dispatch (`handles`, `sandboxed_model`, by the row's `name`) to the
   `open_untrusted` of the format's own module (rows with `sandbox_reader`: today
-  `freemark.formats.huggingface` and `freemark.formats.onnx`, with their allow-listed
-  architectures or operators, caps before anything is built, nothing unpickled), and their
+  `freemark.formats.huggingface`, `freemark.formats.lora` (an adapter and its base, merged
+  here, in the child) and `freemark.formats.onnx`, with their allow-listed architectures,
+  adapter configs or operators, caps before anything is built, nothing unpickled), and their
   `warm_up` in the fork server.
 
 The server never opens an upload itself.
