@@ -268,11 +268,38 @@ def merge(model: nn.Module, adapter: Adapter, tensors: Mapping[str, torch.Tensor
     return model.eval()
 
 
+def _open(path: Path, source: str | Path) -> Any:
+    """A safetensors file opened after its header length is capped and its kind sniffed.
+
+    `huggingface._check_header` takes any file whose first byte is 0x80 for a pickle, and so
+    refuses every safetensors file whose JSON header is 128 + 256·k bytes long (PEFT's adapter
+    files hit it); this sniff looks at the ninth byte, where a safetensors header's '{' is.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(9)
+    except OSError as exc:
+        raise ModelFileError(f"{source}: {exc.strerror or exc}") from exc
+    safetensors = len(head) == 9 and head[8:9] == b"{"
+    if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and not safetensors):
+        raise _refuse(source, "this is a pickle, and freemark never unpickles; re-save it as "
+                      "safetensors with save_pretrained")
+    if not safetensors or int.from_bytes(head[:8], "little") > hf.MAX_HEADER_BYTES:
+        raise _refuse(source, "not a safetensors file (or its header is over "
+                      f"{hf.MAX_HEADER_BYTES} bytes)")
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise _refuse(source, f"not a readable safetensors file ({exc})") from exc
+
+
 def _check_file(path: Path, expected: Mapping[str, tuple[int, ...]], source: str | Path,
                 *, prefix: str = "") -> None:
     """A safetensors file's header (capped) holds exactly `expected`'s tensors, each with its
     shape and a float dtype (names as stored, after `prefix`)."""
-    with hf._open(path, source) as handle:
+    with _open(path, source) as handle:
         keys = list(handle.keys())
         if len(keys) > hf.MAX_TENSORS:
             raise _refuse(source, f"more than {hf.MAX_TENSORS} tensors")
@@ -387,7 +414,7 @@ def packed_pair(base: str | Path, adapter: str | Path) -> Iterator[Path]:
 
 
 def _packed_configs(path: Path) -> tuple[Any, Any]:
-    with hf._open(path, path) as handle:
+    with _open(path, path) as handle:
         text = (handle.metadata() or {}).get(METADATA_KEY)
     if text is None:
         raise _refuse(path, f"no {METADATA_KEY!r} metadata entry: not a packed adapter and base")
@@ -428,7 +455,7 @@ def is_format(path: Path) -> bool:
     if path.suffix.lower() != ".safetensors" or not path.is_file():
         return False
     try:
-        with hf._open(path, path) as handle:
+        with _open(path, path) as handle:
             return METADATA_KEY in (handle.metadata() or {})
     except ModelFileError:
         return False

@@ -196,3 +196,19 @@ def test_an_adapter_directory_with_a_pickle_only_is_refused(tmp_path: Path) -> N
     (adapter / "adapter_model.safetensors").rename(adapter / "adapter_model.bin")
     with pytest.raises(ModelFileError, match="never unpickles"):
         lora.pack(base, adapter, tmp_path / "out.safetensors")
+
+
+def test_a_header_of_128_plus_256k_bytes_is_safetensors_and_a_pickle_is_not(tmp_path: Path
+                                                                            ) -> None:
+    """Regression: a first byte 0x80 (a header length of 128 + 256·k bytes, as two PEFT
+    adapters of the integration test had) was taken for a pickle and refused."""
+    path = tmp_path / "adapter_model.safetensors"
+    for pad in range(256):
+        save_file({"w": torch.zeros(2)}, str(path), metadata={"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    with lora._open(path, path) as handle:
+        assert list(handle.keys()) == ["w"]
+    torch.save({"w": torch.zeros(2)}, tmp_path / "pickled", _use_new_zipfile_serialization=False)
+    with pytest.raises(ModelFileError, match="never unpickles"):
+        lora._open(tmp_path / "pickled", "pickled")
