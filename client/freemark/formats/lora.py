@@ -51,6 +51,7 @@ from torch import nn
 
 from freemark.errors import InvalidInputError, ModelFileError
 from freemark.formats import huggingface as hf
+from freemark.formats.pt2 import state_dict_of
 from freemark.scheme.triggers import TriggerSet
 
 __all__ = ["ADAPTER_PREFIX", "METADATA_KEY", "Adapter", "check_adapter_config", "is_format",
@@ -229,7 +230,8 @@ def check_adapter_config(values: Any, model: nn.Module, source: str | Path) -> A
         if isinstance(module, nn.Linear):
             n_out, n_in = module.weight.shape
         elif isinstance(module, conv1d):
-            n_in, n_out = tuple(module.state_dict()["weight"].shape)  # GPT-2's Conv1D stores (in, out): fan_in_fan_out
+            # GPT-2's Conv1D stores its weight (in, out): peft's fan_in_fan_out
+            n_in, n_out = tuple(module.state_dict()["weight"].shape)
             transposed.add(key)
         else:
             raise _refuse(source, f"target module {key} is a {type(module).__name__}; freemark "
@@ -268,38 +270,11 @@ def merge(model: nn.Module, adapter: Adapter, tensors: Mapping[str, torch.Tensor
     return model.eval()
 
 
-def _open(path: Path, source: str | Path) -> Any:
-    """A safetensors file opened after its header length is capped and its kind sniffed.
-
-    `huggingface._check_header` takes any file whose first byte is 0x80 for a pickle, and so
-    refuses every safetensors file whose JSON header is 128 + 256·k bytes long (PEFT's adapter
-    files hit it); this sniff looks at the ninth byte, where a safetensors header's '{' is.
-    """
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with path.open("rb") as handle:
-            head = handle.read(9)
-    except OSError as exc:
-        raise ModelFileError(f"{source}: {exc.strerror or exc}") from exc
-    safetensors = len(head) == 9 and head[8:9] == b"{"
-    if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and not safetensors):
-        raise _refuse(source, "this is a pickle, and freemark never unpickles; re-save it as "
-                      "safetensors with save_pretrained")
-    if not safetensors or int.from_bytes(head[:8], "little") > hf.MAX_HEADER_BYTES:
-        raise _refuse(source, "not a safetensors file (or its header is over "
-                      f"{hf.MAX_HEADER_BYTES} bytes)")
-    try:
-        return safe_open(str(path), framework="pt")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise _refuse(source, f"not a readable safetensors file ({exc})") from exc
-
-
 def _check_file(path: Path, expected: Mapping[str, tuple[int, ...]], source: str | Path,
                 *, prefix: str = "") -> None:
     """A safetensors file's header (capped) holds exactly `expected`'s tensors, each with its
     shape and a float dtype (names as stored, after `prefix`)."""
-    with _open(path, source) as handle:
+    with hf._open(path, source) as handle:
         keys = list(handle.keys())
         if len(keys) > hf.MAX_TENSORS:
             raise _refuse(source, f"more than {hf.MAX_TENSORS} tensors")
@@ -350,17 +325,10 @@ def _adapter_weights(directory: Path) -> Path:
     raise _refuse(directory, f"no {ADAPTER_WEIGHTS_NAME}")
 
 
-def _base(values: Any, source: str | Path) -> nn.Module:
-    return hf.build_model(hf.check_config(values, source))
-
-
-def _read(files: list[Path]) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    state: dict[str, torch.Tensor] = {}
-    for path in files:
-        state.update(load_file(str(path)))
-    return state
+def _base(values: Any, source: str | Path, max_parameters: int = hf.MAX_PARAMETERS
+          ) -> nn.Module:
+    """The base's architecture from its config, checked, parameters not yet in place."""
+    return hf.build_model(hf.check_config(values, source, max_parameters=max_parameters))
 
 
 def load_pair(base: str | Path, adapter: str | Path) -> nn.Module:
@@ -375,8 +343,8 @@ def load_pair(base: str | Path, adapter: str | Path) -> nn.Module:
     plan = check_adapter_config(read_adapter_config(adapter), model, adapter)
     weights = _adapter_weights(adapter)
     _check_file(weights, plan.expected, adapter)
-    model.load_state_dict(_read(hf._shards(base)), strict=True)
-    return merge(model, plan, _read([weights]))
+    hf.assign_weights(model, hf._read_tensors(hf._shards(base)), base)
+    return merge(model, plan, hf._read_tensors([weights]))
 
 
 def pack(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
@@ -394,8 +362,8 @@ def pack(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
     plan = check_adapter_config(adapter_config, model, adapter)
     weights = _adapter_weights(adapter)
     _check_file(weights, plan.expected, adapter)
-    tensors = _read(shards)
-    tensors.update({ADAPTER_PREFIX + name: t for name, t in _read([weights]).items()})
+    tensors = hf._read_tensors(shards)
+    tensors.update({ADAPTER_PREFIX + name: t for name, t in hf._read_tensors([weights]).items()})
     # One metadata entry, as huggingface.pack writes: with two, the header's byte order (and
     # so the file's SHA-256, which verdicts sign) would vary between runs.
     text = json.dumps({"adapter_config": adapter_config, "config": config}, sort_keys=True)
@@ -414,7 +382,7 @@ def packed_pair(base: str | Path, adapter: str | Path) -> Iterator[Path]:
 
 
 def _packed_configs(path: Path) -> tuple[Any, Any]:
-    with _open(path, path) as handle:
+    with hf._open(path, path) as handle:
         text = (handle.metadata() or {}).get(METADATA_KEY)
     if text is None:
         raise _refuse(path, f"no {METADATA_KEY!r} metadata entry: not a packed adapter and base")
@@ -430,20 +398,20 @@ def _packed_configs(path: Path) -> tuple[Any, Any]:
     return values["config"], values["adapter_config"]
 
 
-def load_packed(path: str | Path) -> nn.Module:
+def load_packed(path: str | Path, *, max_parameters: int = hf.MAX_PARAMETERS) -> nn.Module:
     """A packed adapter and base as one merged module: both configs vetted and the file's
     tensors checked against them (headers only) before a weight is read."""
     path = Path(path)
     config, adapter_config = _packed_configs(path)
-    model = _base(config, path)
+    model = _base(config, path, max_parameters)
     plan = check_adapter_config(adapter_config, model, path)
-    base_shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    base_shapes = {name: tuple(t.shape) for name, t in state_dict_of(model).items()}
     _check_file(path, {**base_shapes, **{ADAPTER_PREFIX + k: v for k, v in plan.expected.items()}},
                 path)
-    tensors = _read([path])
+    tensors = hf._read_tensors([path])
     adapter = {name[len(ADAPTER_PREFIX):]: tensors.pop(name) for name in list(tensors)
                if name.startswith(ADAPTER_PREFIX)}
-    model.load_state_dict(tensors, strict=True)
+    hf.assign_weights(model, tensors, path)
     return merge(model, plan, adapter)
 
 
@@ -455,7 +423,7 @@ def is_format(path: Path) -> bool:
     if path.suffix.lower() != ".safetensors" or not path.is_file():
         return False
     try:
-        with _open(path, path) as handle:
+        with hf._open(path, path) as handle:
             return METADATA_KEY in (handle.metadata() or {})
     except ModelFileError:
         return False
@@ -484,14 +452,16 @@ def packed(path: str | Path) -> Iterator[Path]:
     yield Path(path)
 
 
-def open_untrusted(path: str | Path, *, layer: str | None, pooling: int,
-                   width: int = 0, **_options: Any) -> tuple[bytes, Callable[[TriggerSet], Any]]:
+def open_untrusted(path: str | Path, *, layer: str | None, pooling: int, width: int = 0,
+                   max_parameters: int = hf.MAX_PARAMETERS, **_options: Any
+                   ) -> tuple[bytes, Callable[[TriggerSet], Any]]:
     """In the key server's sandbox child: vet, build and merge an uploaded packed adapter and
-    base, and return its identity and run as `huggingface.open_untrusted` does."""
+    base (the base's parameter cap `max_parameters`, as for a checkpoint), and return its
+    identity and run as `huggingface.open_untrusted` does."""
     from freemark.formats.pt2 import architecture_digest, fingerprint
     from freemark.scheme.activations import capture, capture_every, resolve_layer
 
-    model = load_packed(path)
+    model = load_packed(path, max_parameters=max_parameters)
     identity = fingerprint(model) + architecture_digest(model)
     if layer is None:
         return identity, lambda triggers: capture_every(model, triggers, width=width)

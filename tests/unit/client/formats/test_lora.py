@@ -82,22 +82,33 @@ def test_merge_equals_peft_merge_and_unload(tmp_path: Path, options: dict[str, A
         assert not torch.equal(ours.classifier.weight, _bert().classifier.weight)
 
 
-def test_gpt2_conv1d_is_merged_transposed_as_peft_does(tmp_path: Path) -> None:
-    from transformers import GPT2Config, GPT2Model
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_gpt2_conv1d_is_merged_transposed_as_peft_does(tmp_path: Path, dtype: torch.dtype
+                                                       ) -> None:
+    """A GPT-2 language model (Conv1D projections stored (in, out), the output projection
+    tied to the embedding), its weights stored in `dtype`, through pack and the sandbox's
+    reader: the merged weights are peft's."""
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     def gpt2() -> torch.nn.Module:
         torch.manual_seed(0)
-        return GPT2Model(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100,
-                                    n_positions=32)).eval()
+        config = GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100, n_positions=32,
+                            bos_token_id=0, eos_token_id=0)
+        config.architectures = ["GPT2LMHeadModel"]
+        return GPT2LMHeadModel(config).to(dtype).eval()
 
-    theirs = _adapter(gpt2(), tmp_path / "adapter", target_modules=["c_attn", "c_fc"])
+    gpt2().save_pretrained(tmp_path / "base")
+    theirs = _adapter(gpt2(), tmp_path / "adapter", task_type="CAUSAL_LM",
+                      target_modules=["c_attn", "c_fc"])
     values = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert values["fan_in_fan_out"] is True  # what peft writes for Conv1D
-    ours = gpt2()
-    plan = lora.check_adapter_config(lora.read_adapter_config(tmp_path / "adapter"), ours, "a")
+    plan = lora.check_adapter_config(lora.read_adapter_config(tmp_path / "adapter"), gpt2(), "a")
     assert plan.transposed == frozenset(plan.targets) and len(plan.targets) == 2
-    lora.merge(ours, plan, load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")))
+    packed = lora.pack(tmp_path / "base", tmp_path / "adapter", tmp_path / "pair.safetensors")
+    ours = lora.load_packed(packed)
     _same_weights(ours, theirs)
+    assert ours.transformer.h[0].attn.c_attn.weight.dtype == dtype  # stored dtype kept
+    assert ours.lm_head.weight is ours.transformer.wte.weight  # still tied
 
 
 def test_a_packed_pair_is_one_deterministic_file_that_loads_to_the_merged_model(
@@ -207,8 +218,7 @@ def test_a_header_of_128_plus_256k_bytes_is_safetensors_and_a_pickle_is_not(tmp_
         save_file({"w": torch.zeros(2)}, str(path), metadata={"pad": "x" * pad})
         if path.read_bytes()[0] == 0x80:
             break
-    with lora._open(path, path) as handle:
-        assert list(handle.keys()) == ["w"]
+    lora._check_file(path, {"w": (2,)}, path)
     torch.save({"w": torch.zeros(2)}, tmp_path / "pickled", _use_new_zipfile_serialization=False)
     with pytest.raises(ModelFileError, match="never unpickles"):
-        lora._open(tmp_path / "pickled", "pickled")
+        lora._check_file(tmp_path / "pickled", {"w": (2,)}, "pickled")
