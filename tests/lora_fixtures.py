@@ -1,11 +1,11 @@
-"""LoRA fine-tunes of a Hugging Face checkpoint, as a thief makes them with peft.
+"""LoRA fine-tunes of the decoder host, as a thief makes them with peft.
 
-`train_adapter` wraps a `save_pretrained` checkpoint in a peft LoRA (sequence
-classification, so peft also saves the classification head whole as `modules_to_save`;
-rank 8 on every attention projection and feed-forward `dense` layer, the key layer's
-included), trains it a little with Adam on other sentences than the owner's, and saves the
-adapter directory (`adapter_config.json` + `adapter_model.safetensors`) and, if asked, the
-merged checkpoint (`merge_and_unload` then `save_pretrained`).
+`train_adapter` wraps a `save_pretrained` decoder (`decoder_fixtures`: Llama family) in a
+peft LoRA for causal language modelling (rank 8, alpha 16, on every attention and MLP
+projection, so the key layer's input changes), trains it with `decoder_fixtures.train` on
+another text than the host's (the licences), and saves the adapter directory
+(`adapter_config.json` + `adapter_model.safetensors`) and, if asked, the merged checkpoint
+(`merge_and_unload` then `save_pretrained`, with the tokenizer).
 """
 
 from __future__ import annotations
@@ -14,36 +14,24 @@ from pathlib import Path
 
 import torch
 
-from freemark_lab.transformer import MAX_TOKENS, load_minilm, sentences
+from decoder_fixtures import batches, license_text, train
 
-TARGETS = ["query", "key", "value", "dense"]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def train_adapter(base: Path, adapter: Path, *, seed: int, merged: Path | None = None,
-                  steps: int = 20, lr: float = 2e-3) -> Path:
+                  steps: int = 60, lr: float = 1e-3) -> Path:
     """Train and save a LoRA adapter on `base`; with `merged`, save the merge there too."""
     from peft import LoraConfig, get_peft_model
-    from transformers import BertForSequenceClassification
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
-    tokenizer, _ = load_minilm()
-    texts, labels = sentences(16 * steps, seed)
-    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=MAX_TOKENS,
-                    return_tensors="pt")
     torch.manual_seed(seed)
-    model = BertForSequenceClassification.from_pretrained(base)
-    wrapped = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16,
+    model = LlamaForCausalLM.from_pretrained(str(base))
+    wrapped = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16,
                                                target_modules=TARGETS))
-    optimiser = torch.optim.Adam([p for p in wrapped.parameters() if p.requires_grad], lr=lr)
-    target = torch.from_numpy(labels)
-    wrapped.train()
-    for step in range(steps):
-        batch = slice(16 * step, 16 * step + 16)
-        optimiser.zero_grad()
-        wrapped(input_ids=enc["input_ids"][batch], attention_mask=enc["attention_mask"][batch],
-                labels=target[batch]).loss.backward()
-        optimiser.step()
-    wrapped.eval()
+    train(wrapped, batches(license_text(), seed), steps=steps, lr=lr)
     wrapped.save_pretrained(adapter)
     if merged is not None:
         wrapped.merge_and_unload().save_pretrained(merged)
+        AutoTokenizer.from_pretrained(str(base)).save_pretrained(merged)
     return adapter

@@ -1,12 +1,13 @@
 """LoRA fine-tunes as suspects, over a real key server and its sandbox (issue 20, part C).
 
-The owner registers the MiniLM checkpoint host (`hf_fixtures`). A thief trains a LoRA
-adapter on it with peft, a little, on other sentences (`lora_fixtures`), and ships it merged
-(a checkpoint directory) or unmerged (the adapter directory beside the host as its base):
-both are signed matches at p ≤ 1e-9, the unmerged one through `freemark verify --model BASE
---adapter ADAPTER`, which packs the pair into one upload that the sandbox child vets and
-merges, and whose verdict `receipt verify --model BASE --adapter ADAPTER` checks offline.
-An adapter trained the same way on the independently initialised model is `no_match`.
+The owner registers the decoder host (`decoder_fixtures`: a Llama-family model trained here
+on real text) through the command line. A thief trains a LoRA adapter on it with peft, a
+little, on another text (`lora_fixtures`), and ships it merged (a checkpoint directory) or
+unmerged (the adapter directory, with the host as its base): both are signed matches at
+p ≤ 1e-9, the unmerged one through `freemark verify --model BASE --adapter ADAPTER`, which
+packs the pair into one upload that the sandbox child vets and merges, and whose verdict
+`receipt verify --model BASE --adapter ADAPTER` checks offline. An adapter trained the same
+way on an independently trained decoder is `no_match`.
 Hostile packed adapters (pointing elsewhere for their base, an absurd rank, tensors that
 do not fit) are refused with INVALID_ARGUMENT, log nothing, and leave the server SERVING.
 """
@@ -24,18 +25,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from freemark.derive import derive_key
+from decoder_fixtures import KEY_LAYER, Decoders, decoders
 from freemark.errors import InvalidModelError
 from freemark.formats import lora
-from freemark.formats.local import load_model
 from freemark.rpc import KeyServiceClient
-from freemark.scheme.bundle import save_bundle
-from freemark.scheme.text_triggers import text_triggers
 from freemark_keyserver.auth import hash_token, new_token
 from freemark_keyserver.config import ServerConfig
 from freemark_keyserver.server import RunningServer, create_server
 from freemark_keyserver.store import Principal
-from hf_fixtures import KEY_LAYER, Checkpoints, build_checkpoints
 from ttp_fixtures import cli_env, json_out, run_cli
 
 pytest.importorskip("peft")
@@ -51,10 +48,11 @@ class World:
 
     running: RunningServer
     tokens: dict[str, str]
-    files: Checkpoints
+    files: Decoders
     adapter: Path  # trained on the host: with the host as its base, the stolen model
     merged: Path  # the same adapter merged, saved as a checkpoint
-    innocent_adapter: Path  # trained on the independent model
+    innocent: Path  # an independently trained decoder, the base of `innocent_adapter`
+    innocent_adapter: Path
     registration: str
 
     @property
@@ -74,24 +72,27 @@ class World:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     folder = tmp_path_factory.mktemp("lora")
-    files = build_checkpoints(folder)
-    adapter = train_adapter(files.host, folder / "adapter", seed=11, merged=folder / "merged")
-    innocent = train_adapter(files.independent, folder / "innocent-adapter", seed=12)
+    files = decoders()
+    innocent = files.independents[0]
+    adapter = train_adapter(files.host, folder / "adapter", seed=7, merged=folder / "merged")
+    innocent_adapter = train_adapter(innocent, folder / "innocent-adapter", seed=8)
     running = create_server(ServerConfig(data_dir=folder / "ttp", listen="127.0.0.1:0",
                                          grace_seconds=5))
     tokens = {}
     for name, role in (("alice", "owner"), ("judge", "arbiter")):
         tokens[name] = new_token()
         running.ctx.store.add_principal(Principal(name, role, hash_token(tokens[name]), 0))
-    triggers = text_triggers(files.sentences, files.host, max_length=16, per_class=4)
-    bundle = derive_key(load_model(files.host), layer=KEY_LAYER, triggers=triggers,
-                        owner="alice")
-    save_bundle(folder / "alice.fmk", bundle)
-    with KeyServiceClient(f"127.0.0.1:{running.port}", token=tokens["alice"],
-                          timeout=300) as alice:
-        receipt = alice.register(bundle, files.host)
-    yield World(running, tokens, files, adapter, folder / "merged", innocent,
-                receipt.registration_id)
+    world = World(running, tokens, files, adapter, folder / "merged", innocent,
+                  innocent_adapter, "")
+    triggers, key = folder / "triggers.npz", folder / "alice.fmk"
+    run_cli(CLIENT, "triggers", "--text", str(files.sentences), "--tokenizer", str(files.host),
+            "--max-length", "32", "--count", "32", "--out", str(triggers))
+    run_cli(CLIENT, "keygen", "--model", str(files.host), "--layer", KEY_LAYER, "--triggers",
+            str(triggers), "--owner", "alice", "--out", str(key))
+    receipt = json_out(run_cli(CLIENT, "register", "--key", str(key), "--model",
+                               str(files.host), "--json", env=world.env("alice")))
+    world.registration = str(receipt["registration_id"])
+    yield world
     running.stop(grace=1)
 
 
@@ -99,7 +100,7 @@ def test_merged_and_unmerged_lora_copies_are_signed_matches(world: World, tmp_pa
                                                             ) -> None:
     with world.client("alice") as alice:
         merged = alice.verify(world.registration, world.merged)
-        innocent = alice.verify(world.registration, world.files.independent,
+        innocent = alice.verify(world.registration, world.innocent,
                                 adapter=world.innocent_adapter)
     assert merged.outcome == "match" and merged.p_value <= 1e-9
     assert innocent.outcome == "no_match" and innocent.p_value >= 1e-3
@@ -119,7 +120,7 @@ def test_merged_and_unmerged_lora_copies_are_signed_matches(world: World, tmp_pa
     assert checked.returncode == 0, checked.stderr
     refused = run_cli(CLIENT, "receipt", "verify", str(tmp_path / "verdict.json"),
                       "--public-key", str(tmp_path / "ttp.pem"), "--model",
-                      str(world.files.host), "--adapter", str(world.innocent_adapter),
+                      str(world.innocent), "--adapter", str(world.innocent_adapter),
                       check=False)
     assert refused.returncode != 0  # another adapter is another suspect
     print(f"\nlog10 p: merged {merged.log10_p_value:.1f}, unmerged "
@@ -155,7 +156,7 @@ def _absurd_rank(configs: dict[str, Any], _: dict[str, Any]) -> None:
 def _extra_tensor(_: dict[str, Any], tensors: dict[str, Any]) -> None:
     import torch
 
-    tensors[lora.ADAPTER_PREFIX + "base_model.model.bert.payload"] = torch.zeros(8)
+    tensors[lora.ADAPTER_PREFIX + "base_model.model.model.payload"] = torch.zeros(8)
 
 
 def test_hostile_adapter_uploads_are_refused_without_side_effects(world: World,
