@@ -213,6 +213,13 @@ def check_adapter_config(values: Any, model: nn.Module, source: str | Path) -> A
     for outer in replaced:
         if any(other.startswith(outer + ".") for other in replaced):
             raise _refuse(source, f"modules_to_save matches {outer!r} and modules inside it")
+    for key in replaced:
+        inside = {id(p) for p in modules[key].parameters()}
+        if any(id(p) in inside for name, p in model.named_parameters(remove_duplicate=False)
+               if not name.startswith(key + ".")):
+            raise _refuse(source, f"modules_to_save names {key}, whose weight is tied to another "
+                          "module's; peft unties it and freemark does not: merge the adapter "
+                          "with merge_and_unload() and send the merged checkpoint")
     expected: dict[str, tuple[int, ...]] = {}
     for key in replaced:
         for name, tensor in modules[key].state_dict().items():

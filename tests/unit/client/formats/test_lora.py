@@ -202,6 +202,22 @@ def test_hostile_adapters_are_refused_before_any_merge(tmp_path: Path, case: str
         lora.open_untrusted(hostile, layer=LAYER, pooling=bundle_pb2.POOLING_TOKEN_MEAN)
 
 
+def test_a_saved_module_tied_to_another_is_refused() -> None:
+    """peft saves a copy of a tied output projection and unties it; merging into the shared
+    weight would change the embedding too, so such an adapter is refused, not misread."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100,
+                                       n_positions=32, bos_token_id=0, eos_token_id=0))
+    values = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["c_attn"],
+              "modules_to_save": ["lm_head"]}
+    with pytest.raises(ModelFileError, match="tied"):
+        lora.check_adapter_config(values, model, "adapter")
+    values["modules_to_save"] = []
+    assert lora.check_adapter_config(values, model, "adapter").targets == (
+        "transformer.h.0.attn.c_attn",)
+
+
 def test_an_adapter_directory_with_a_pickle_only_is_refused(tmp_path: Path) -> None:
     base, adapter, _ = _pair(tmp_path)
     (adapter / "adapter_model.safetensors").rename(adapter / "adapter_model.bin")
