@@ -85,7 +85,7 @@ DEFAULT_BACKOFF_S = 0.5  # first retry delay; doubled per retry, jittered
 MAX_BACKOFF_S = 10.0
 MAX_PAGE_SIZE = 100  # the server's limit (proto: ListRegistrationsRequest.page_size)
 
-ModelFormat = Literal["pt2", "safetensors", "hf", "onnx"]  # a row name of formats.table
+ModelFormat = Literal["pt2", "safetensors", "hf", "lora", "onnx"]  # a row name of formats.table
 
 T = TypeVar("T")
 
@@ -348,7 +348,8 @@ class KeyServiceClient:
         return receipt_from_proto(reply)
 
     def verify(self, registration_id: str, model_path: Path, *, fmt: ModelFormat | None = None,
-               alpha: float | None = None, onnx_tensor: str | None = None) -> AnyVerdict:
+               alpha: float | None = None, onnx_tensor: str | None = None,
+               adapter: Path | None = None) -> AnyVerdict:
         """Ask the TTP whether a suspect model carries a registration's watermark.
 
         The suspect is a .pt2 program, a Hugging Face checkpoint directory (packed into one
@@ -356,7 +357,9 @@ class KeyServiceClient:
         applies to the architecture registered with the host; `fmt` overrides what the path
         says. For an ONNX graph the server locates the key layer itself among every candidate
         tensor and the verdict names the one it read (`reading`); `onnx_tensor` adds one
-        tensor to the candidates, never replacing them. `alpha` defaults to the scheme's (1e-9); the server refuses
+        tensor to the candidates, never replacing them. With `adapter` (a PEFT LoRA adapter
+        directory), `model_path` is its base checkpoint directory: both are packed into one
+        file and the server merges them in its sandbox. `alpha` defaults to the scheme's (1e-9); the server refuses
         one outside its verdict policy (`AlphaOutsidePolicyError`). The verdict is a full
         `SignedVerdict`, or a `CoarseVerdict` (outcome and p-value bucket) where the server's
         policy gives those to requesters other than the registration's owner.
@@ -364,10 +367,12 @@ class KeyServiceClient:
         if alpha is not None and not 0.0 < alpha < 1.0:
             raise InvalidInputError(f"alpha must be in (0, 1), got {alpha}")
         path = Path(model_path)
-        kind = _format_of(path, fmt).wire
+        kind = _format_of(path, "lora" if adapter is not None else fmt).wire
         if onnx_tensor and kind != pb.MODEL_FORMAT_ONNX:
             raise InvalidInputError("--onnx-tensor is for ONNX suspects only")
-        with upload_file(path) as upload_path:
+        if adapter is not None and fmt not in (None, "lora"):
+            raise InvalidInputError("an adapter is sent with its base checkpoint directory only")
+        with upload_file(path, adapter=adapter) as upload_path:
             reply = self._stream(
                 self._stub.Verify, upload_path, kind,
                 lambda upload: pb.VerifyRequest(header=pb.VerifyHeader(

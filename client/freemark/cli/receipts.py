@@ -41,10 +41,11 @@ def _load_log_state(path: str) -> Checkpoint | ConsistencyProof:
     return checkpoint_from_json(data)
 
 
-def _check_model(statement: Receipt | AnyVerdict | Revocation | EndpointVerdict, path: str
-                 ) -> None:
+def _check_model(statement: Receipt | AnyVerdict | Revocation | EndpointVerdict, path: str,
+                 adapter: str | None = None) -> None:
     """`--model`: a verdict's suspect by SHA-256 and size (a checkpoint directory as packed for
-    the upload), a receipt's host by weights."""
+    the upload, with `adapter` the base and adapter packed together), a receipt's host by
+    weights."""
     if isinstance(statement, Revocation):
         raise InvalidInputError("--model is for receipts and verdicts; a revocation names a "
                                 "registration, not a file")
@@ -52,13 +53,15 @@ def _check_model(statement: Receipt | AnyVerdict | Revocation | EndpointVerdict,
         raise InvalidInputError("--model is for receipts and file verdicts; an endpoint "
                                 "verdict binds the endpoint's answers, not a file")
     if isinstance(statement, Receipt):
+        if adapter is not None:
+            raise InvalidInputError("--adapter is for verdicts; a host is registered whole")
         fingerprint_of = fingerprint(load_model(path))
         if fingerprint_of != statement.host_fingerprint:
             raise VerificationFailedError(
                 f"{path} is not the model this receipt registers: its weight fingerprint is "
                 f"{fingerprint_of.hex()}, the receipt's {statement.host_fingerprint.hex()}")
         return
-    with upload_file(path) as sent:  # a checkpoint directory: the packed file that was sent
+    with upload_file(path, adapter=adapter) as sent:  # a directory: the packed file sent
         verify_suspect(statement, sent)
 
 
@@ -84,8 +87,10 @@ def _cmd_receipt_verify(args: argparse.Namespace) -> int:
                        + (", panel members" if isinstance(statement, Receipt) else "")
                        + (", the endpoint conversation's time window and query count"
                           if isinstance(statement, EndpointVerdict) else ""))
+        if args.adapter is not None and args.model is None:
+            raise InvalidInputError("--adapter needs its base: --model BASE_DIR")
         if args.model is not None:
-            _check_model(statement, args.model)
+            _check_model(statement, args.model, args.adapter)
             checked.append(f"it is about {args.model}")
         if args.checkpoint is not None:
             verify_in_log(statement, _load_log_state(args.checkpoint), pem, origin=args.origin)
@@ -123,6 +128,8 @@ def add_parsers(sub: Subparsers) -> None:
     q.add_argument("--model", metavar="SUSPECT",
                    help="fail unless the verdict is about this file (SHA-256 and size), or the "
                         "receipt registers this .pt2 (weight fingerprint)")
+    q.add_argument("--adapter", metavar="ADAPTER_DIR", help="with --model BASE_DIR: the verdict "
+                   "is about this LoRA adapter and base, packed as verify packs them")
     q.add_argument("--checkpoint", metavar="LATEST.json",
                    help="fail unless the statement is in the log this checkpoint signs (a "
                         "checkpoint JSON of the same size, or a consistency proof JSON from the "

@@ -102,7 +102,10 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         raise InvalidInputError("--labels-only and --set apply to output keys")
     bundle = load_bundle(args.key)
     references = [load_model(r) for r in args.reference]
-    if format_of(args.model) == "onnx":
+    if args.adapter is not None:
+        verdict = extract(load_model(args.model, weights=args.weights, adapter=args.adapter),
+                          bundle, alpha=args.alpha, references=references)
+    elif format_of(args.model) == "onnx":
         if args.weights:
             raise InvalidInputError("--weights applies to a .pt2 or checkpoint, not to ONNX")
         suspect = OnnxModel.open(args.model, bundle.layer, tensor=args.onnx_tensor)
@@ -178,6 +181,8 @@ def add_parsers(sub: Subparsers) -> None:
     p.add_argument("--endpoint-model", metavar="NAME", help="the served model's name (default: "
                    "read from an --endpoint URL ending in /v2/models/NAME)")
     p.add_argument("--weights", help="optional .safetensors applied to the model's architecture")
+    p.add_argument("--adapter", metavar="ADAPTER_DIR", help="a PEFT LoRA adapter directory "
+                   "merged into --model BASE_DIR (a checkpoint directory)")
     p.add_argument("--onnx-tensor", help="ONNX suspects: the key layer's tensor name (default: "
                    "found from the layer's module name)")
     p.add_argument("--key", required=True, help="key bundle .fmk, or an output key")

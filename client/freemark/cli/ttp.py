@@ -56,11 +56,16 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             "give the suspect as --model SUSPECT (.pt2, checkpoint directory or .onnx), "
             "--weights S.safetensors, or --endpoint URL for a model behind a prediction API"
         )
+    if args.adapter is not None and args.model is None:
+        raise InvalidInputError("--adapter needs its base: --model BASE_DIR --adapter ADAPTER_DIR")
+    if args.adapter is not None and args.weights is not None:
+        raise InvalidInputError("give --weights or --adapter, not both")
     suspect = Path(args.weights) if args.weights is not None else Path(args.model)
     with client(args) as ttp:
         verdict = ttp.verify(args.registration, suspect,
                                 fmt="safetensors" if args.weights is not None else None,
-                                alpha=args.alpha, onnx_tensor=args.onnx_tensor)
+                                alpha=args.alpha, onnx_tensor=args.onnx_tensor,
+                                adapter=Path(args.adapter) if args.adapter else None)
     if args.json:
         print_json(verdict_to_json(verdict))
     else:
@@ -149,6 +154,9 @@ def add_parsers(sub: Subparsers) -> None:
                    "the verdict names the one read)")
     p.add_argument("--weights", help="suspect .safetensors; uploaded instead of --model and "
                    "applied by the server to the architecture registered with the host")
+    p.add_argument("--adapter", metavar="ADAPTER_DIR", help="a PEFT LoRA adapter directory "
+                   "(adapter_config.json, adapter_model.safetensors) for --model BASE_DIR: both "
+                   "are packed into one upload and the server merges them in its sandbox")
     p.add_argument("--alpha", type=float, help=f"significance level (default {DEFAULT_ALPHA}); "
                    "the server refuses one outside its verdict policy's range")
     p.add_argument("--endpoint", metavar="URL", help="verify the model behind a live Open "

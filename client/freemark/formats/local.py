@@ -25,10 +25,17 @@ _HINTS = {"onnx": "; an ONNX suspect is read at its key tensor (--onnx-tensor as
           "safetensors": "; pass bare weights with --weights beside their architecture"}
 
 
-def load_model(path: str | Path, *, weights: str | Path | None = None
-               ) -> nn.Module | torch.export.ExportedProgram:
+def load_model(path: str | Path, *, weights: str | Path | None = None,
+               adapter: str | Path | None = None) -> nn.Module | torch.export.ExportedProgram:
     """A model of any format with a loader, loaded safely in this process; `weights`
-    (`.safetensors`) replace the model's own."""
+    (`.safetensors`) replace the model's own; `adapter` (a PEFT LoRA directory) is merged
+    into `path`, its base checkpoint directory."""
+    if adapter is not None:
+        if weights is not None:
+            raise InvalidInputError("give --weights or --adapter, not both")
+        from freemark.formats import lora  # imported where used, as the table imports formats
+
+        return lora.load_pair(path, adapter)
     row = detect(path)
     opener = row.opener()
     if not hasattr(opener, "load"):
@@ -39,10 +46,17 @@ def load_model(path: str | Path, *, weights: str | Path | None = None
 
 
 @contextlib.contextmanager
-def upload_file(path: str | Path) -> Iterator[Path]:
+def upload_file(path: str | Path, *, adapter: str | Path | None = None) -> Iterator[Path]:
     """The one file that stands for `path` on the wire: what its format packs it into (a
-    checkpoint directory becomes a private temporary `.safetensors`, removed afterwards), any
-    other path itself."""
+    checkpoint directory becomes a private temporary `.safetensors`, removed afterwards; with
+    `adapter`, the base checkpoint `path` and the adapter packed together), any other path
+    itself."""
+    if adapter is not None:
+        from freemark.formats import lora
+
+        with lora.packed_pair(path, adapter) as single:
+            yield single
+        return
     opener = detect(path).opener()
     if not hasattr(opener, "packed"):
         yield Path(path)

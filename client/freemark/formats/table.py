@@ -5,7 +5,7 @@ the wire (`wire`, a `freemark.v1.ModelFormat`), which suffix its upload is spool
 whether it may be registered as a host or only judged as a suspect, and which module opens
 it. Each format's module (`module`) answers `is_format(path)` for a local path, and opens a
 file of its kind that nobody vetted: the caps, the vetting and the safe loader live there,
-beside each other (`pt2` with `pt2_vetting`, `huggingface`, `onnx`, `weights`). Its optional
+beside each other (`pt2` with `pt2_vetting`, `huggingface`, `lora`, `onnx`, `weights`). Its optional
 hooks: `load(path, weights=)` and `packed(path)` for the owner's own files
 (`freemark.formats.local`), `open_untrusted(path, ...)` and `warm_up(folder)` for the key
 server's sandbox child (rows with `sandbox_reader`).
@@ -52,12 +52,17 @@ class ModelFormat:
 
 
 # Detection order: the first row whose module claims a path wins (a packed checkpoint is a
-# .safetensors file too, so `hf` comes before bare `safetensors` weights).
+# .safetensors file too, so `hf` and `lora`, told apart by their metadata key, come before
+# bare `safetensors` weights).
 FORMATS: tuple[ModelFormat, ...] = (
     ModelFormat("hf", pb.MODEL_FORMAT_HF_CHECKPOINT, ".safetensors", host=True, suspect=True,
                 module="freemark.formats.huggingface",
                 what="a Hugging Face checkpoint (a directory with config.json, or one packed "
                      ".safetensors)", sandbox_reader=True),
+    ModelFormat("lora", pb.MODEL_FORMAT_HF_LORA, ".safetensors", host=False, suspect=True,
+                module="freemark.formats.lora",
+                what="a LoRA adapter with its base checkpoint (--model BASE_DIR --adapter "
+                     "ADAPTER_DIR, or one packed .safetensors)", sandbox_reader=True),
     ModelFormat("pt2", pb.MODEL_FORMAT_PT2, ".pt2", host=True, suspect=True,
                 module="freemark.formats.pt2", what="a torch.export program (.pt2)"),
     ModelFormat("safetensors", pb.MODEL_FORMAT_SAFETENSORS, ".safetensors", host=False,

@@ -104,6 +104,22 @@ class _ModelFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelForm
     key layer's width (any width where the aligned test runs), and the verdict is the
     strongest, Bonferroni-corrected over them (SuspectReading). Refusals are INVALID_MODEL.
     """
+    MODEL_FORMAT_HF_LORA: _ModelFormat.ValueType  # 6
+    """(5 is left to the GGUF suspects of issue 20.)
+    A LoRA adapter and its base checkpoint packed into one .safetensors file (Verify
+    only): the base's tensors under their own names as in MODEL_FORMAT_HF_CHECKPOINT, the
+    adapter's (PEFT's names, base_model.model.<module>.lora_A.weight, ...) under the
+    reserved prefix "freemark.lora/", and one metadata entry "freemark.hf_lora", a JSON
+    object {"config": <the base's config.json>, "adapter_config": <adapter_config.json>}.
+    `freemark verify --model BASE_DIR --adapter ADAPTER_DIR` packs it
+    (freemark.formats.lora.pack). The base is checked as a checkpoint is; the adapter
+    config must be a plain LoRA (peft_type LORA, capped r and lora_alpha, target_modules a
+    list naming linear modules of the base, no DoRA or other feature switched on) and
+    must not name where its base lives (base_model_name_or_path, revision: never
+    followed); the tensors must be exactly those the two configs imply. The sandbox
+    merges W += s * B A (s = lora_alpha / r, or / sqrt(r) with use_rslora) and judges the
+    merged model. Refusals are INVALID_MODEL.
+    """
 
 class ModelFormat(_ModelFormat, metaclass=_ModelFormatEnumTypeWrapper): ...
 
@@ -139,6 +155,22 @@ server locates the key layer's tensor itself, whatever the nodes are called: it 
 every tensor the graph computes from its inputs that is, pooled by its rank, of the
 key layer's width (any width where the aligned test runs), and the verdict is the
 strongest, Bonferroni-corrected over them (SuspectReading). Refusals are INVALID_MODEL.
+"""
+MODEL_FORMAT_HF_LORA: ModelFormat.ValueType  # 6
+"""(5 is left to the GGUF suspects of issue 20.)
+A LoRA adapter and its base checkpoint packed into one .safetensors file (Verify
+only): the base's tensors under their own names as in MODEL_FORMAT_HF_CHECKPOINT, the
+adapter's (PEFT's names, base_model.model.<module>.lora_A.weight, ...) under the
+reserved prefix "freemark.lora/", and one metadata entry "freemark.hf_lora", a JSON
+object {"config": <the base's config.json>, "adapter_config": <adapter_config.json>}.
+`freemark verify --model BASE_DIR --adapter ADAPTER_DIR` packs it
+(freemark.formats.lora.pack). The base is checked as a checkpoint is; the adapter
+config must be a plain LoRA (peft_type LORA, capped r and lora_alpha, target_modules a
+list naming linear modules of the base, no DoRA or other feature switched on) and
+must not name where its base lives (base_model_name_or_path, revision: never
+followed); the tensors must be exactly those the two configs imply. The sandbox
+merges W += s * B A (s = lora_alpha / r, or / sqrt(r) with use_rslora) and judges the
+merged model. Refusals are INVALID_MODEL.
 """
 Global___ModelFormat: _TypeAlias = ModelFormat  # noqa: Y015
 

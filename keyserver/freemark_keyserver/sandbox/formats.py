@@ -13,8 +13,9 @@ under are the table's rows; the server reads them there (`by_wire`, `.host`, `.s
   registered;
 - the child's dispatch (`handles`, `sandboxed_model`, by the row's `name`) to the
   `open_untrusted` of the format's own module (rows with `sandbox_reader`: today
-  `freemark.formats.huggingface` and `freemark.formats.onnx`, with their allow-listed
-  architectures or operators, caps before anything is built, nothing unpickled), and their
+  `freemark.formats.huggingface`, `freemark.formats.lora` (an adapter and its base, merged
+  here, in the child) and `freemark.formats.onnx`, with their allow-listed architectures,
+  adapter configs or operators, caps before anything is built, nothing unpickled), and their
   `warm_up` in the fork server.
 
 The server never opens an upload itself.
@@ -32,10 +33,11 @@ from freemark.scheme.triggers import TriggerSet
 
 FORMAT_KEY = "format"
 TENSOR_KEY = "onnx_tensor"
+PARAMETERS_KEY = "max_parameters"  # the operator's cap (`SandboxLimits.max_parameters`)
 _ZIP_MAGIC = b"PK\x03\x04"
 _HF = by_name("hf")
 _ONNX = by_name("onnx")
-__all__ = ["FORMAT_KEY", "MAX_TENSOR_NAME", "TENSOR_KEY", "handles", "sandbox_options",
+__all__ = ["FORMAT_KEY", "MAX_TENSOR_NAME", "PARAMETERS_KEY", "TENSOR_KEY", "handles", "sandbox_options",
            "sandboxed_activations", "sandboxed_model", "stored_host_options", "warm_up"]
 
 
@@ -71,7 +73,12 @@ def sandboxed_model(header: dict[str, Any]) -> tuple[bytes, Callable[[TriggerSet
     return _READERS[header[FORMAT_KEY]].opener().open_untrusted(
         header["model"], weights=header.get("weights"), layer=header["layer"],
         pooling=header["pooling"], tensor=header.get(TENSOR_KEY),
-        width=int(header.get("width", 0)))
+        width=int(header.get("width", 0)), **_cap(header))
+
+
+def _cap(header: dict[str, Any]) -> dict[str, int]:
+    """The parameter cap the parent sent (every run carries it; absent: the reader's default)."""
+    return {} if PARAMETERS_KEY not in header else {PARAMETERS_KEY: int(header[PARAMETERS_KEY])}
 
 
 def sandboxed_activations(header: dict[str, Any], triggers: TriggerSet) -> tuple[Any, bytes]:

@@ -46,7 +46,7 @@ def test_paths_are_told_apart_by_their_format_modules(tmp_path: Path) -> None:
 
 def test_hosts_and_suspects_come_from_the_rows() -> None:
     assert [r.name for r in table.HOSTS] == ["hf", "pt2"]
-    assert {r.name for r in table.SUSPECTS} == {"hf", "pt2", "safetensors", "onnx"}
+    assert {r.name for r in table.SUSPECTS} == {"hf", "lora", "pt2", "safetensors", "onnx"}
     assert table.names(table.HOSTS) == (
         "a Hugging Face checkpoint (a directory with config.json, or one packed .safetensors) "
         "or a torch.export program (.pt2)")
