@@ -104,6 +104,17 @@ class _ModelFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelForm
     key layer's width (any width where the aligned test runs), and the verdict is the
     strongest, Bonferroni-corrected over them (SuspectReading). Refusals are INVALID_MODEL.
     """
+    MODEL_FORMAT_GGUF: _ModelFormat.ValueType  # 5
+    """A GGUF file (llama.cpp's format; Verify only), judged against a registration whose
+    host is a Hugging Face decoder checkpoint. Read with the gguf package's parser, which
+    executes nothing, after the header's counts, string and array lengths, tensor dims,
+    types, offsets and sizes are checked against caps and the file's size. The
+    architecture (general.architecture llama, qwen2 or gpt2; Mistral is written as llama)
+    and its shape-defining metadata must equal the registered host's config; tensors of
+    type F32, F16, BF16, Q8_0, Q4_0 or Q4_K are dequantized, mapped back to the
+    checkpoint's names (llama.cpp's Q/K row permutation undone) and built into the host's
+    architecture in the sandbox. Refusals are INVALID_MODEL.
+    """
 
 class ModelFormat(_ModelFormat, metaclass=_ModelFormatEnumTypeWrapper): ...
 
@@ -139,6 +150,17 @@ server locates the key layer's tensor itself, whatever the nodes are called: it 
 every tensor the graph computes from its inputs that is, pooled by its rank, of the
 key layer's width (any width where the aligned test runs), and the verdict is the
 strongest, Bonferroni-corrected over them (SuspectReading). Refusals are INVALID_MODEL.
+"""
+MODEL_FORMAT_GGUF: ModelFormat.ValueType  # 5
+"""A GGUF file (llama.cpp's format; Verify only), judged against a registration whose
+host is a Hugging Face decoder checkpoint. Read with the gguf package's parser, which
+executes nothing, after the header's counts, string and array lengths, tensor dims,
+types, offsets and sizes are checked against caps and the file's size. The
+architecture (general.architecture llama, qwen2 or gpt2; Mistral is written as llama)
+and its shape-defining metadata must equal the registered host's config; tensors of
+type F32, F16, BF16, Q8_0, Q4_0 or Q4_K are dequantized, mapped back to the
+checkpoint's names (llama.cpp's Q/K row permutation undone) and built into the host's
+architecture in the sandbox. Refusals are INVALID_MODEL.
 """
 Global___ModelFormat: _TypeAlias = ModelFormat  # noqa: Y015
 
