@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 
 from freemark.errors import ModelFileError
+from freemark.formats.pt2 import state_dict_of
 from freemark.scheme.triggers import TriggerSet
 from freemark.v1 import bundle_pb2
 
@@ -45,6 +47,7 @@ __all__ = [
     "apply_checkpoint_weights",
     "build_model",
     "check_config",
+    "estimate_parameters",
     "is_checkpoint_dir",
     "is_packed",
     "load_checkpoint",
@@ -59,11 +62,13 @@ CONFIG_NAME = "config.json"
 PICKLED_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5",
                  "flax_model.msgpack", "model.ckpt.index")
 
-# Encoders whose forward is (input_ids, attention_mask, ...), as freemark's token triggers
-# call them, whose classes have no tied weights (so every weight is in the file and the
-# fingerprint covers it), and which are tested in tests/unit/client/formats/test_huggingface.py.
-# Masked-LM heads tie their decoder to the embeddings and are left out; decoders (GPT-2,
-# Llama) take no attention-mask-first convention here and are left out too.
+# Architectures tested in tests/unit/client/formats/test_huggingface.py. Encoders take
+# (input_ids, attention_mask) as freemark's token triggers call them; their classes tie no
+# weights. Masked-LM heads are left out. Decoders (`DECODERS`) are called through
+# `_token_forward`, which passes the mask and the positions it implies by keyword; their
+# language-model heads tie the output projection to the input embeddings when the config's
+# `tie_word_embeddings` says so, and a tied weight is stored, checked and fingerprinted once
+# (under the input embedding's name, as save_pretrained writes it).
 ARCHITECTURES: dict[str, tuple[str, tuple[str, ...]]] = {
     # model_type: (config class, model classes)
     "bert": ("BertConfig", ("BertModel", "BertForSequenceClassification",
@@ -74,7 +79,12 @@ ARCHITECTURES: dict[str, tuple[str, tuple[str, ...]]] = {
                                          "XLMRobertaForTokenClassification")),
     "distilbert": ("DistilBertConfig", ("DistilBertModel", "DistilBertForSequenceClassification",
                                         "DistilBertForTokenClassification")),
+    "gpt2": ("GPT2Config", ("GPT2Model", "GPT2LMHeadModel")),
+    "llama": ("LlamaConfig", ("LlamaModel", "LlamaForCausalLM")),
+    "qwen2": ("Qwen2Config", ("Qwen2Model", "Qwen2ForCausalLM")),
+    "mistral": ("MistralConfig", ("MistralModel", "MistralForCausalLM")),
 }
+DECODERS = frozenset({"gpt2", "llama", "qwen2", "mistral"})
 
 # Config keys that ask for code or behaviour outside the allow-list.
 REFUSED_KEYS = {
@@ -90,11 +100,33 @@ MAX_PARAMETERS = 400_000_000
 MAX_CONFIG_BYTES = 64 * 1024
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # safetensors JSON header (names, shapes, metadata)
 MAX_TENSORS = 10_000
+MAX_POSITIONS = 1 << 20  # Llama 3.1 declares 131072; RoPE allocates nothing per position
 SIZE_CAPS = {
     "hidden_size": 8192, "num_hidden_layers": 96, "num_attention_heads": 256,
-    "intermediate_size": 65536, "vocab_size": 1_000_000, "max_position_embeddings": 65536,
+    "intermediate_size": 65536, "vocab_size": 1_000_000, "max_position_embeddings": MAX_POSITIONS,
     "type_vocab_size": 1024, "num_labels": 100_000,
+    # decoders: grouped-query attention and sliding windows
+    "num_key_value_heads": 256, "head_dim": 1024, "sliding_window": MAX_POSITIONS,
+    "max_window_layers": 1024,
+    # GPT-2's own names (n_positions and n_ctx allocate a position table: the estimate counts it)
+    "n_embd": 8192, "n_layer": 96, "n_head": 256, "n_inner": 65536, "n_positions": MAX_POSITIONS,
+    "n_ctx": MAX_POSITIONS,
 }
+# RoPE settings (transformers' `rope_parameters`, which also absorbs a legacy `rope_theta` and
+# `rope_scaling`): the types transformers implements for these families, the keys each reads,
+# and a cap on every number (all must be finite and positive).
+ROPE_KEYS = {
+    "default": frozenset(),
+    "linear": frozenset({"factor"}),
+    "dynamic": frozenset({"factor", "original_max_position_embeddings"}),
+    "llama3": frozenset({"factor", "low_freq_factor", "high_freq_factor",
+                         "original_max_position_embeddings"}),
+    "yarn": frozenset({"factor", "original_max_position_embeddings", "attention_factor",
+                       "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"}),
+}
+ROPE_CAPS = {"rope_theta": 1e9, "factor": 1024.0, "original_max_position_embeddings": MAX_POSITIONS}
+ROPE_CAP = 1e4  # every other RoPE number (low/high frequency factors, betas, mscales)
+LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 
 
@@ -116,8 +148,9 @@ def _transformers() -> Any:
 def check_config(values: Any, source: str | Path) -> Any:
     """The transformers config object for `values` (a parsed config.json), or ModelFileError.
 
-    Refuses remote code, model types and classes outside `ARCHITECTURES`, non-encoders,
-    and sizes over the caps, before anything is allocated.
+    Refuses remote code, model types and classes outside `ARCHITECTURES`, encoders set up
+    as decoders, cross-attention, and sizes, RoPE settings and windows over the caps, before
+    anything is allocated.
     """
     if not isinstance(values, dict):
         raise _refuse(source, "config.json is not a JSON object")
@@ -134,14 +167,17 @@ def check_config(values: Any, source: str | Path) -> Any:
             or architectures[0] not in classes):
         raise _refuse(source, f"config.json must name one architecture of {', '.join(classes)}; "
                       f"it names {architectures!r}")
-    if values.get("is_decoder") or values.get("add_cross_attention"):
-        raise _refuse(source, "only encoders are supported (is_decoder/add_cross_attention set)")
+    if values.get("add_cross_attention"):
+        raise _refuse(source, "cross-attention (add_cross_attention) needs an encoder's states; "
+                      "only stand-alone encoders and decoders are supported")
+    if values.get("is_decoder") and model_type not in DECODERS:
+        raise _refuse(source, f"a {model_type} is supported as an encoder only (is_decoder set)")
     transformers = _transformers()
     try:
         config = getattr(transformers, config_class).from_dict(values)
     except Exception as exc:  # third-party validation on hostile input: any error refuses
-        raise _refuse(source, f"config.json does not parse as a {config_class}: "
-                      f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise _refuse(source, f"config.json does not parse as a {config_class}: {reason}") from exc
     _check_sizes(config, source)
     config._attn_implementation = "eager"  # plain tensor ops; no kernel chosen by the file
     return config
@@ -151,6 +187,8 @@ def _size(config: Any, name: str, source: str | Path, default: int | None = None
     value = getattr(config, name, default)
     if name == "intermediate_size" and value is None:
         value = getattr(config, "hidden_dim", None)  # DistilBERT's name for it
+    if value is None and default is not None:
+        value = default  # a field the file leaves null, as GPT-2 does n_inner
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise _refuse(source, f"config {name} must be a positive integer, got {value!r}")
     if value > SIZE_CAPS[name]:
@@ -158,7 +196,37 @@ def _size(config: Any, name: str, source: str | Path, default: int | None = None
     return value
 
 
+def estimate_parameters(config: Any, source: str | Path) -> int:
+    """The parameter count a parsed config implies (its large terms: a slight underestimate),
+    every size field it reads checked against its cap first; raises ModelFileError."""
+    if config.model_type == "gpt2":
+        return _gpt2_estimate(config, source)
+    if config.model_type in DECODERS:
+        return _decoder_estimate(config, source)
+    return _encoder_estimate(config, source)
+
+
 def _check_sizes(config: Any, source: str | Path) -> None:
+    """Cap every size field and the parameter count they imply (encoders and decoders)."""
+    _check_activation(config, source)
+    estimate = estimate_parameters(config, source)
+    if estimate > MAX_PARAMETERS:
+        raise _refuse(source, f"the config describes about {estimate:,} parameters, over the cap "
+                      f"of {MAX_PARAMETERS:,}")
+
+
+def _check_activation(config: Any, source: str | Path) -> None:
+    """The config's activation must be one transformers implements (else building fails)."""
+    from transformers.activations import ACT2FN
+
+    for name in ("hidden_act", "activation_function", "activation"):
+        value = getattr(config, name, None)
+        if value is not None and (not isinstance(value, str) or value not in ACT2FN):
+            raise _refuse(source, f"config {name}={value!r} is not an activation transformers "
+                          "implements")
+
+
+def _encoder_estimate(config: Any, source: str | Path) -> int:
     hidden = _size(config, "hidden_size", source)
     layers = _size(config, "num_hidden_layers", source)
     heads = _size(config, "num_attention_heads", source)
@@ -169,12 +237,86 @@ def _check_sizes(config: Any, source: str | Path) -> None:
     labels = _size(config, "num_labels", source, 2)
     if hidden % heads:
         raise _refuse(source, f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
-    estimate = ((vocab + positions + types) * hidden
-                + layers * (4 * hidden * hidden + 2 * hidden * inner)
-                + hidden * hidden + labels * hidden)
-    if estimate > MAX_PARAMETERS:
-        raise _refuse(source, f"the config describes about {estimate:,} parameters, over the cap "
-                      f"of {MAX_PARAMETERS:,}")
+    return ((vocab + positions + types) * hidden
+            + layers * (4 * hidden * hidden + 2 * hidden * inner)
+            + hidden * hidden + labels * hidden)
+
+
+def _head(config: Any, vocab: int, hidden: int) -> int:
+    """Parameters of a language-model head: none when tied or absent (a bare model)."""
+    has_head = config.architectures[0].endswith(("ForCausalLM", "LMHeadModel"))
+    return vocab * hidden if has_head and not config.tie_word_embeddings else 0
+
+
+def _gpt2_estimate(config: Any, source: str | Path) -> int:
+    hidden = _size(config, "n_embd", source)
+    layers = _size(config, "n_layer", source)
+    heads = _size(config, "n_head", source)
+    inner = _size(config, "n_inner", source, 4 * hidden)
+    positions = _size(config, "n_positions", source)
+    if getattr(config, "n_ctx", None) is not None:
+        _size(config, "n_ctx", source)
+    vocab = _size(config, "vocab_size", source)
+    if hidden % heads:
+        raise _refuse(source, f"n_embd {hidden} is not a multiple of n_head {heads}")
+    return ((vocab + positions) * hidden + _head(config, vocab, hidden)
+            + layers * (4 * hidden * hidden + 2 * hidden * inner))
+
+
+def _decoder_estimate(config: Any, source: str | Path) -> int:
+    """Llama, Qwen2 and Mistral: grouped-query attention, RoPE, optional sliding windows."""
+    hidden = _size(config, "hidden_size", source)
+    layers = _size(config, "num_hidden_layers", source)
+    heads = _size(config, "num_attention_heads", source)
+    kv_heads = _size(config, "num_key_value_heads", source, heads)
+    inner = _size(config, "intermediate_size", source)
+    vocab = _size(config, "vocab_size", source)
+    _size(config, "max_position_embeddings", source)
+    if getattr(config, "head_dim", None) is None and hidden % heads:
+        raise _refuse(source, f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}")
+    head_dim = _size(config, "head_dim", source, hidden // heads)
+    if heads % kv_heads:
+        raise _refuse(source, f"num_key_value_heads {kv_heads} does not divide "
+                      f"num_attention_heads {heads}")
+    if head_dim % 2:
+        raise _refuse(source, f"head_dim {head_dim} is odd; rotary embeddings rotate pairs")
+    _check_rope(config, source)
+    _check_windows(config, layers, source)
+    attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
+    return vocab * hidden + _head(config, vocab, hidden) + layers * (attention + 3 * hidden * inner)
+
+
+def _check_rope(config: Any, source: str | Path) -> None:
+    rope = getattr(config, "rope_parameters", None)
+    if not isinstance(rope, dict) or not isinstance(rope.get("rope_type"), str):
+        raise _refuse(source, f"RoPE settings must be one object with a rope_type, got {rope!r}")
+    kind = rope["rope_type"]
+    if kind not in ROPE_KEYS:
+        raise _refuse(source, f"rope_type {kind!r} is not supported; supported: "
+                      f"{', '.join(sorted(ROPE_KEYS))}")
+    unknown = sorted(set(rope) - ROPE_KEYS[kind] - {"rope_type", "rope_theta"})
+    if unknown:
+        raise _refuse(source, f"RoPE settings {unknown} are not read by rope_type {kind!r}")
+    for key, value in rope.items():
+        if key == "rope_type" or (key == "truncate" and isinstance(value, bool)):
+            continue
+        cap = ROPE_CAPS.get(key, ROPE_CAP)
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not math.isfinite(value) or not 0 < value <= cap):
+            raise _refuse(source, f"RoPE {key}={value!r} must be a finite number in (0, {cap:g}]")
+
+
+def _check_windows(config: Any, layers: int, source: str | Path) -> None:
+    """Sliding-window attention (Mistral, Qwen2): a positive window and known layer kinds."""
+    if getattr(config, "sliding_window", None) is not None:
+        _size(config, "sliding_window", source)
+    if getattr(config, "max_window_layers", None) is not None:
+        _size(config, "max_window_layers", source)
+    kinds = getattr(config, "layer_types", None)
+    if kinds is not None and (not isinstance(kinds, list) or len(kinds) != layers
+                              or not set(kinds) <= LAYER_TYPES):
+        raise _refuse(source, f"layer_types must list one of {sorted(LAYER_TYPES)} per layer "
+                      f"({layers}), got {str(kinds)[:80]}")
 
 
 def build_model(config: Any) -> nn.Module:
@@ -184,7 +326,24 @@ def build_model(config: Any) -> nn.Module:
     if name not in ARCHITECTURES.get(config.model_type, ("", ()))[1]:
         raise ModelFileError(f"architecture {name!r} is not allow-listed")
     model: nn.Module = getattr(transformers, name)(config)
+    if config.model_type in DECODERS:
+        model.register_forward_pre_hook(_token_forward, with_kwargs=True)
     return model.eval()
+
+
+def _token_forward(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+                   ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """Call a decoder as freemark calls every token model, `model(input_ids, attention_mask)`
+    (GPT-2's second parameter is a cache): the mask by keyword, no cache, and each token's
+    position counted over real tokens only, so left and right padding give real tokens the
+    same positions (and, with a causal mask, the same activations). Keyword calls pass."""
+    if not args or kwargs or len(args) > 2:
+        return None
+    ids = args[0]
+    mask = args[1] if len(args) == 2 else torch.ones_like(ids)
+    positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    return (), {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+                "use_cache": False}
 
 
 def read_config(directory: Path) -> dict[str, Any]:
@@ -239,13 +398,15 @@ def _check_header(path: Path, source: str | Path) -> None:
     """Cap the safetensors JSON header before the library parses it; sniff pickles."""
     try:
         with path.open("rb") as handle:
-            head = handle.read(8)
+            head = handle.read(9)
     except OSError as exc:
         raise ModelFileError(f"{source}: {exc.strerror or exc}") from exc
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+    # A safetensors header is JSON right after its 8-byte length; a pickle starts with
+    # PROTO (0x80), which is also a length's first byte whenever it is 128 modulo 256.
+    if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[8:9] != b"{"):
         raise _refuse(source, "this is a pickled torch checkpoint (pytorch_model.bin); freemark "
                       "never unpickles a model: re-save it as safetensors with save_pretrained")
-    if len(head) < 8 or int.from_bytes(head, "little") > MAX_HEADER_BYTES:
+    if len(head) < 9 or int.from_bytes(head[:8], "little") > MAX_HEADER_BYTES:
         raise _refuse(source, "not a safetensors file (or its header is over "
                       f"{MAX_HEADER_BYTES} bytes)")
 
@@ -317,8 +478,11 @@ def _packed_config(path: Path) -> dict[str, Any]:
 
 
 def _check_tensors(model: nn.Module, files: list[Path], source: str | Path) -> None:
-    """Check every file's tensor names, shapes and dtypes against `model` (headers only)."""
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    """Check every file's tensor names, shapes and dtypes against `model` (headers only).
+
+    A tied weight is expected once, under the name `state_dict_of` keeps (the input
+    embedding's), as save_pretrained writes it; a second copy under the alias is refused."""
+    expected = {name: tuple(t.shape) for name, t in state_dict_of(model).items()}
     found: dict[str, Path] = {}
     for path in files:
         with _open(path, source) as handle:
@@ -351,9 +515,14 @@ def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
 
 
 def _load_weights(model: nn.Module, files: list[Path], source: str | Path) -> nn.Module:
-    """Load the files into `model` once their headers fit it exactly."""
+    """Load the files into `model` once their headers fit it exactly (a tied alias, absent
+    from the files, keeps sharing the weight it is tied to)."""
     _check_tensors(model, files, source)
-    model.load_state_dict(_read_tensors(files), strict=True)
+    result = model.load_state_dict(_read_tensors(files), strict=False)
+    aliases = set(model.state_dict()) - set(state_dict_of(model))
+    if result.unexpected_keys or set(result.missing_keys) - aliases:
+        raise _refuse(source, f"the weights do not fit the config's architecture "
+                      f"({result.missing_keys[:5]}, {result.unexpected_keys[:5]})")
     return model.eval()
 
 
@@ -427,7 +596,8 @@ def warm_up(folder: Path) -> None:
     transformers = _transformers()
     tiny = {"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
             "intermediate_size": 8, "vocab_size": 16, "max_position_embeddings": 8,
-            "dim": 8, "n_layers": 1, "n_heads": 2, "hidden_dim": 8}
+            "dim": 8, "n_layers": 1, "n_heads": 2, "hidden_dim": 8, "num_key_value_heads": 1,
+            "n_embd": 8, "n_layer": 1, "n_head": 2, "n_positions": 8}
     triggers = TriggerSet(inputs=np.ones((1, 4), dtype=np.int64),
                           attention_mask=np.ones((1, 4), dtype=np.int64))
     checkpoint = folder / "warm-checkpoint"
@@ -436,7 +606,8 @@ def warm_up(folder: Path) -> None:
             model = getattr(transformers, name)(getattr(transformers, config_class)(**tiny))
             model.save_pretrained(checkpoint)
             single = pack(checkpoint, folder / "warm.safetensors")
-            layer = next(n for n, _ in model.named_modules() if n.endswith("layer.0"))
+            layer = next(n for n, _ in model.named_modules()
+                         if n.endswith(("layer.0", "layers.0", "h.0")))
             _, run = open_untrusted(single, layer=layer, pooling=bundle_pb2.POOLING_TOKEN_MEAN)
             run(triggers)
     for path in sorted(checkpoint.iterdir()):

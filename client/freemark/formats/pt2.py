@@ -230,10 +230,20 @@ def save_program(model: nn.Module, example_inputs: tuple[Any, ...], path: str | 
 
 
 def state_dict_of(model: nn.Module | torch.export.ExportedProgram) -> dict[str, torch.Tensor]:
-    """Parameters and persistent buffers, under the same names for a module and its program."""
+    """Parameters and persistent buffers, under the same names for a module and its program.
+
+    A tensor tied under two names (a language model's output projection and its input
+    embedding) is one weight: it is kept once, under the first name, as save_pretrained
+    stores it, so it is checked, fingerprinted and compared once."""
     if isinstance(model, torch.export.ExportedProgram):
         return dict(model.state_dict)
-    return dict(model.state_dict())
+    state: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            state[name] = tensor.detach()
+    return state
 
 
 def fingerprint(model: nn.Module | torch.export.ExportedProgram) -> bytes:

@@ -15,7 +15,7 @@ import torch
 from freemark.errors import ModelFileError
 from freemark.formats import huggingface
 from freemark.formats.local import load_model
-from freemark.formats.pt2 import fingerprint
+from freemark.formats.pt2 import fingerprint, state_dict_of
 from freemark.formats.table import format_of
 from freemark.scheme.activations import capture
 from freemark.scheme.triggers import TriggerSet
@@ -106,11 +106,11 @@ def _config(folder: Path, **changes: Any) -> None:
 @pytest.mark.parametrize(("changes", "words"), [
     ({"auto_map": {"AutoModel": "modeling_evil.Evil"}}, "remote code"),
     ({"trust_remote_code": True}, "remote code"),
-    ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
+    ({"model_type": "gpt_neox"}, "model_type 'gpt_neox' is not supported"),
     ({"architectures": ["BertForMaskedLM"]}, "must name one architecture"),
     ({"architectures": ["BertModel", "BertForSequenceClassification"]}, "one architecture"),
     ({"quantization_config": {"load_in_8bit": True}}, "quantized"),
-    ({"is_decoder": True}, "only encoders"),
+    ({"is_decoder": True}, "as an encoder only"),
     ({"hidden_size": 8192, "num_hidden_layers": 96, "intermediate_size": 32768,
       "num_attention_heads": 64}, "parameters, over the cap"),
     ({"vocab_size": 10**12}, "vocab_size=1000000000000 is over the cap"),
@@ -164,3 +164,157 @@ def test_weights_only_safetensors_take_the_packed_architecture(tmp_path: Path) -
     swapped = huggingface.apply_checkpoint_weights(packed, other / "model.safetensors")
     assert fingerprint(swapped) == fingerprint(huggingface.load_checkpoint(other))
     assert fingerprint(load_model(host, weights=other / "model.safetensors")) == fingerprint(swapped)
+
+
+# Decoders: tiny random configs of every allow-listed family. model_type: (config class,
+# base class, language-model class, config, key layer of the language-model class).
+DECODER_CASES = {
+    "gpt2": ("GPT2Config", "GPT2Model", "GPT2LMHeadModel",
+             {"n_embd": 32, "n_layer": 2, "n_head": 2, "n_inner": 48, "vocab_size": 120,
+              "n_positions": 64, "bos_token_id": 1, "eos_token_id": 2},
+             "transformer.h.1.mlp.act"),
+    "llama": ("LlamaConfig", "LlamaModel", "LlamaForCausalLM",
+              {**TINY, "num_attention_heads": 4, "num_key_value_heads": 2},
+              "model.layers.1.mlp.act_fn"),
+    "qwen2": ("Qwen2Config", "Qwen2Model", "Qwen2ForCausalLM",
+              {**TINY, "num_attention_heads": 4, "num_key_value_heads": 1},
+              "model.layers.1.mlp.act_fn"),
+    "mistral": ("MistralConfig", "MistralModel", "MistralForCausalLM",
+                {**TINY, "num_attention_heads": 4, "num_key_value_heads": 2, "sliding_window": 4},
+                "model.layers.1.mlp.act_fn"),
+}
+
+
+def _save_decoder(folder: Path, model_type: str, *, lm: bool = True, seed: int = 0,
+                  **extra: Any) -> torch.nn.Module:
+    import transformers
+
+    config_class, base, head, values, _ = DECODER_CASES[model_type]
+    config = getattr(transformers, config_class)(**{**values, **extra})
+    torch.manual_seed(seed)
+    model = getattr(transformers, head if lm else base)(config).eval()
+    model.save_pretrained(folder)
+    return model
+
+
+def _stored_names(folder: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
+        return sorted(handle.keys())
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("model_type", sorted(DECODER_CASES))
+def test_each_decoder_family_loads_packs_and_reads_a_layer(model_type: str, tied: bool,
+                                                            tmp_path: Path) -> None:
+    reference = _save_decoder(tmp_path / "ckpt", model_type, tie_word_embeddings=tied)
+    folder, layer = tmp_path / "ckpt", DECODER_CASES[model_type][4]
+    head = "lm_head.weight"
+    assert (head in _stored_names(folder)) is not tied  # save_pretrained writes a tie once
+    model = load_model(folder)
+    assert format_of(folder) == "hf"
+    names = list(state_dict_of(model))
+    assert (head in names) is not tied and len(names) == len(_stored_names(folder))
+    assert fingerprint(model) == fingerprint(reference)
+    if tied:  # the alias still shares the loaded weight
+        assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    packed = huggingface.pack(folder, tmp_path / "packed.safetensors")
+    again = huggingface.load_checkpoint(packed)
+    assert fingerprint(again) == fingerprint(model)
+    first, pooling = capture(model, layer, _tokens())
+    second, _ = capture(again, layer, _tokens(), pooling=pooling)
+    assert first.shape == (6, 48) and np.array_equal(first, second)
+    # the fingerprint covers the tied weight: changing it changes the fingerprint
+    with torch.no_grad():
+        again.get_input_embeddings().weight[0, 0] += 1.0
+    assert fingerprint(again) != fingerprint(model)
+
+
+@pytest.mark.parametrize("model_type", sorted(DECODER_CASES))
+def test_bare_decoders_load_and_tied_file_with_both_copies_is_refused(model_type: str,
+                                                                      tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    reference = _save_decoder(tmp_path / "base", model_type, lm=False)
+    assert fingerprint(huggingface.load_checkpoint(tmp_path / "base")) == fingerprint(reference)
+    _save_decoder(tmp_path / "tied", model_type, tie_word_embeddings=True)
+    weights = load_file(str(tmp_path / "tied" / "model.safetensors"))
+    weights["lm_head.weight"] = next(v for k, v in weights.items() if "embed" in k or "wte" in k)
+    save_file({k: v.clone() for k, v in weights.items()},
+              str(tmp_path / "tied" / "model.safetensors"))
+    with pytest.raises(ModelFileError, match=r"unexpected \['lm_head.weight'\]"):
+        huggingface.load_checkpoint(tmp_path / "tied")
+
+
+@pytest.mark.parametrize("model_type", sorted(DECODER_CASES))
+def test_padding_side_leaves_decoder_activations_unchanged(model_type: str,
+                                                           tmp_path: Path) -> None:
+    _save_decoder(tmp_path / "ckpt", model_type)
+    model = huggingface.load_checkpoint(tmp_path / "ckpt")
+    right = _tokens()
+    lengths = right.attention_mask.sum(axis=1)
+    inputs = np.zeros_like(right.inputs)
+    for row, length in enumerate(lengths):  # the same real tokens, padded on the left
+        inputs[row, right.inputs.shape[1] - length:] = right.inputs[row, :length]
+    left = TriggerSet(inputs=inputs, attention_mask=right.attention_mask[:, ::-1].copy())
+    layer = DECODER_CASES[model_type][4]
+    a, _ = capture(model, layer, right)
+    b, _ = capture(model, layer, left)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("model_type", "changes", "words"), [
+    ("llama", {"num_key_value_heads": 3}, "num_key_value_heads 3 does not divide"),
+    ("llama", {"num_key_value_heads": 10**6}, "num_key_value_heads=1000000 is over the cap"),
+    ("llama", {"head_dim": 10**9}, "head_dim=1000000000 is over the cap"),
+    ("llama", {"head_dim": 7}, "even rotary dimension"),
+    ("llama", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e400}},
+     "rope_theta=inf must be a finite number"),
+    ("llama", {"rope_parameters": {"rope_type": "linear", "factor": -2.0, "rope_theta": 1e4}},
+     "factor=-2.0 must be"),
+    ("llama", {"rope_parameters": {"rope_type": "evil", "rope_theta": 1e4}},
+     "rope_type 'evil' is not supported"),
+    ("llama", {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "rope_theta": 5e5,
+                                   "original_max_position_embeddings": 10**12}},
+     "original_max_position_embeddings=1000000000000 must be"),
+    ("llama", {"max_position_embeddings": 10**9}, "max_position_embeddings=1000000000 is over"),
+    ("llama", {"hidden_act": "os.system"}, "not an activation"),
+    ("llama", {"hidden_size": 8192, "num_hidden_layers": 96, "intermediate_size": 32768,
+               "num_attention_heads": 64, "num_key_value_heads": 8}, "parameters, over the cap"),
+    ("mistral", {"sliding_window": 10**12}, "sliding_window=1000000000000 is over the cap"),
+    ("mistral", {"sliding_window": 0}, "sliding_window must be a positive integer"),
+    ("qwen2", {"layer_types": ["chunked_attention"] * 2}, "layer_types must list"),
+    ("qwen2", {"max_window_layers": 10**9}, "max_window_layers=1000000000 is over"),
+    ("gpt2", {"n_positions": 10**9}, "n_positions=1000000000 is over the cap"),
+    ("gpt2", {"n_ctx": 10**9}, "n_ctx=1000000000 is over the cap"),
+    ("gpt2", {"n_embd": 10**6}, "n_embd=1000000 is over the cap"),
+    ("gpt2", {"n_layer": 0}, "n_layer must be a positive integer"),
+    ("gpt2", {"n_head": 10**4}, "n_head=10000 is over the cap"),
+    ("gpt2", {"n_inner": 10**7}, "n_inner=10000000 is over the cap"),
+    ("gpt2", {"n_embd": 33}, "not a multiple of n_head"),
+    ("gpt2", {"add_cross_attention": True}, "cross-attention"),
+    ("gpt2", {"activation_function": "no_such_thing"}, "not an activation"),
+])
+def test_hostile_decoder_configs_are_refused_before_building(
+        tmp_path: Path, model_type: str, changes: dict[str, Any], words: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    _save_decoder(tmp_path / "ckpt", model_type)
+    _config(tmp_path / "ckpt", **changes)
+    built: list[object] = []
+    monkeypatch.setattr(huggingface, "build_model", lambda config: built.append(config))
+    with pytest.raises(ModelFileError, match=words):
+        huggingface.load_checkpoint(tmp_path / "ckpt")
+    assert not built
+
+
+def test_the_parameter_estimate_counts_decoders_closely(tmp_path: Path) -> None:
+    for model_type in DECODER_CASES:
+        for tied in (True, False):
+            model = _save_decoder(tmp_path / model_type, model_type, tie_word_embeddings=tied)
+            config = huggingface.check_config(huggingface.read_config(tmp_path / model_type),
+                                              model_type)
+            counted = sum(t.numel() for t in state_dict_of(model).values())
+            estimate = huggingface.estimate_parameters(config, model_type)
+            assert 0.9 * counted <= estimate <= counted, (model_type, tied, estimate, counted)
