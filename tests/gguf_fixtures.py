@@ -6,8 +6,9 @@ keys), tensors renamed with gguf's `TensorNameMap`, the rows of Q and K permuted
 llama-architecture models (`LlamaModel.permute`), GPT-2's Conv1D weights transposed and its
 tied head written as a copy of the embedding, 1-d tensors kept F32 (as `llama-quantize`
 keeps norms and biases). 2-d tensors are stored in the requested type: F32, F16 and the
-types `gguf.quants.quantize` has a quantizer for (BF16, Q8_0, Q4_0), and Q4_K through
-`quantize_q4_k` below, since gguf-py only dequantizes Q4_K.
+types `gguf.quants.quantize` has a quantizer for (BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1), and
+Q4_K and Q6_K through `quantize_q4_k` and `quantize_q6_k` below, since gguf-py only
+dequantizes those; or llama.cpp's Q4_K_M mix of the two.
 
 `quantize_q4_k` is a plain Q4_K block encoder, following the layout `gguf.quants.Q4_K`
 dequantizes: a block holds 256 values as 8 sub-blocks of 32, and 144 bytes: `d` and `dmin`
@@ -66,6 +67,35 @@ def quantize_q4_k(values: np.ndarray) -> np.ndarray:
     return out.reshape(*rows.shape[:-1], rows.shape[-1] // QK_K * 144)
 
 
+def quantize_q6_k(values: np.ndarray) -> np.ndarray:
+    """`values` (rows a multiple of 256 long) as Q6_K blocks, in gguf's byte shape: per
+    block 128 bytes of low nibbles, 64 of high 2-bit pairs, 16 int8 sub-block scales and a
+    float16 `d`; value = d * scale_j * (q - 32), one scale per 16 values. Each sub-block's
+    scale maps its largest magnitude to 31 before `d` rounds the scales to int8."""
+    rows = np.asarray(values, dtype=np.float32)
+    if rows.shape[-1] % QK_K:
+        raise ValueError(f"Q6_K rows hold whole blocks of {QK_K} values, not {rows.shape[-1]}")
+    blocks = rows.reshape(-1, QK_K)
+    sub = blocks.reshape(-1, 16, 16)
+    wanted = np.abs(sub).max(axis=-1) / 31.0  # (n, 16)
+    d = (wanted.max(axis=-1) / 127.0).astype(np.float16).astype(np.float32)  # (n,)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scales = np.where(d[:, None] > 0, np.rint(wanted / d[:, None]), 0).clip(-128, 127)
+        step = (d[:, None] * scales)[..., None]
+        quants = np.where(step > 0, np.rint(sub / step), 0).clip(-32, 31)
+    u = (quants + 32).astype(np.uint8).reshape(-1, 2, 4, 32)  # (n, half, group, 32)
+    low = (u[:, :, 0:2, :] & 0x0F) | ((u[:, :, 2:4, :] & 0x0F) << 4)  # (n, half, 2, 32)
+    high = sum(((u[:, :, k, :] >> 4) & 0x03) << (2 * k) for k in range(4))  # (n, half, 32)
+    out = np.concatenate([low.reshape(-1, 128), high.astype(np.uint8).reshape(-1, 64),
+                          scales.astype(np.int8).view(np.uint8),
+                          d.astype(np.float16).view(np.uint8).reshape(-1, 2)], axis=-1)
+    return out.reshape(*rows.shape[:-1], rows.shape[-1] // QK_K * 210)
+
+
+# The types gguf-py decodes but cannot encode: our encoders.
+ENCODERS = {"Q4_K": quantize_q4_k, "Q6_K": quantize_q6_k}
+
+
 def _permute(weights: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's `LlamaModel.permute` of Q or K rows (what the reader undoes)."""
     return (weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:])
@@ -80,9 +110,19 @@ def _encoded(values: np.ndarray, qtype: str) -> tuple[np.ndarray, object]:
     if qtype == "F16":
         return values.astype(np.float16), gguf.GGMLQuantizationType.F16
     kind = gguf.GGMLQuantizationType[qtype]
-    if qtype == "Q4_K":
-        return quantize_q4_k(values), kind
+    if qtype in ENCODERS:
+        return ENCODERS[qtype](values), kind
     return gguf.quants.quantize(values.astype(np.float32), kind), kind
+
+
+def _type_of(name: str, qtype: str) -> str:
+    """The type a tensor is stored in: `qtype`, or for "Q4_K_M" llama.cpp's mix, Q6_K for
+    the attention values, the MLP's down projection and the output head, Q4_K for the rest
+    (llama-quantize gives Q6_K to only some layers' attn_v and ffn_down; all is stricter)."""
+    if qtype != "Q4_K_M":
+        return qtype
+    return "Q6_K" if name.startswith(("output.", "blk.")) and name.split(".")[-2] in (
+        "attn_v", "ffn_down", "output") else "Q4_K"
 
 
 def _metadata(writer: object, config: dict[str, object], arch: str) -> None:
@@ -118,7 +158,7 @@ def _rope_theta(config: dict[str, object]) -> None:
 
 def write_gguf(checkpoint: Path, out: Path, qtype: str = "Q8_0") -> Path:
     """Convert a `save_pretrained` directory (config.json, model.safetensors) to a GGUF file
-    whose 2-d tensors are `qtype`."""
+    whose 2-d tensors are `qtype` (a ggml type name, or "Q4_K_M": see `_type_of`)."""
     import gguf
 
     config = json.loads((checkpoint / "config.json").read_text())
@@ -146,7 +186,7 @@ def write_gguf(checkpoint: Path, out: Path, qtype: str = "Q8_0") -> Path:
         new_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if new_name is None:
             raise ValueError(f"no GGUF name for {name}")
-        data, kind = _encoded(values, qtype)
+        data, kind = _encoded(values, _type_of(new_name, qtype))
         writer.add_tensor(new_name, data, raw_dtype=kind)
         if arch == "gpt2" and new_name == "token_embd.weight":  # the tied head, as a copy
             writer.add_tensor("output.weight", data, raw_dtype=kind)

@@ -18,8 +18,8 @@ settings the file carries (RoPE base, norm epsilon) replace the host's, and the 
 config goes through `huggingface.check_config` like any config.json. The host's model class
 is built, so the key layer's module name is the registered one. Each of its tensors is
 found under the name llama.cpp's converter gives it (gguf's `TensorNameMap`), dequantized
-with `gguf.quants.dequantize` (F32, F16, BF16, Q8_0, Q4_0, Q4_K; any other type is refused
-by name), un-transposed (GPT-2's Conv1D weights) and un-permuted (the converter reorders the
+with `gguf.quants.dequantize` (`SUPPORTED_TYPES`: F32, F16, BF16, Q8_0, the legacy 4- and
+5-bit types, Q4_K and Q6_K; any other type is refused by name), un-transposed (GPT-2's Conv1D weights) and un-permuted (the converter reorders the
 rows of Q and K of llama-architecture models for its RoPE kernel), and must then have the
 model's exact shape. A tied output head is read from the embedding; an `output.weight`
 beside a tied or headless model is not read.
@@ -65,9 +65,11 @@ _STRING, _ARRAY = 8, 9
 _SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _UINT32 = 4
 
-# What `gguf.quants.dequantize` reads here, by ggml type name: the issue's list. Others
-# (Q4_1, Q5_*, Q2_K, Q3_K, Q5_K, Q6_K, the IQ and ternary types) are refused by name.
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K")
+# What `gguf.quants.dequantize` reads here, by ggml type name: the floats, the legacy block
+# types, and Q4_K with Q6_K (llama.cpp's most downloaded mix, Q4_K_M, is Q4_K with Q6_K for
+# some tensors). Each is round-tripped in tests/unit/client/formats/test_gguf.py; the others
+# (Q2_K, Q3_K, Q5_K, the IQ, ternary and FP4 types) are refused by name.
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q6_K")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from freemark.formats.table import format_of
 from freemark.scheme.activations import capture
 from freemark.scheme.triggers import TriggerSet
 from freemark.v1 import bundle_pb2
-from gguf_fixtures import quantize_q4_k, write_gguf
+from gguf_fixtures import ENCODERS, write_gguf
 
 # Rows of 256 values, so every 2-d tensor fits Q4_K's 256-value blocks as well as the others.
 HIDDEN, INNER, VOCAB = 256, 512, 300
@@ -43,10 +43,12 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any], str]] = {
              "transformer.h.1.mlp.act"),
 }
 # How far a dequantized weight may stray, relative to its tensor's largest magnitude.
-TOLERANCE = {"F32": 0.0, "F16": 1e-3, "BF16": 1e-2, "Q8_0": 1e-2, "Q4_0": 0.15, "Q4_K": 0.1}
+TOLERANCE = {"F32": 0.0, "F16": 1e-3, "BF16": 1e-2, "Q8_0": 1e-2, "Q4_0": 0.15, "Q4_1": 0.1,
+             "Q5_0": 0.08, "Q5_1": 0.05, "Q4_K": 0.1, "Q6_K": 0.03, "Q4_K_M": 0.1}
 # The least cosine between the key layer's pooled activations on the GGUF and on the host
 # (random weights: 4-bit grids move them most).
-COSINE = {"F32": 0.99999, "F16": 0.9999, "BF16": 0.999, "Q8_0": 0.999, "Q4_0": 0.95, "Q4_K": 0.95}
+COSINE = {"F32": 0.99999, "F16": 0.9999, "BF16": 0.999, "Q8_0": 0.999, "Q4_0": 0.95,
+          "Q4_1": 0.95, "Q5_0": 0.98, "Q5_1": 0.98, "Q4_K": 0.95, "Q6_K": 0.995, "Q4_K_M": 0.95}
 
 
 def _save(folder: Path, family: str, seed: int = 0, **extra: Any) -> Path:
@@ -84,23 +86,33 @@ def _open(packed: Path, path: Path, layer: str) -> Callable[[TriggerSet], Any]:
     return run
 
 
-def test_the_q4_k_encoder_writes_what_ggufs_dequantizer_reads() -> None:
+# Each test encoder's sub-block size and grid steps (the grid spans a sub-block's values).
+GRIDS = {"Q4_K": (32, 15, "affine"), "Q6_K": (16, 31, "symmetric")}
+
+
+@pytest.mark.parametrize("type_name", sorted(ENCODERS))
+def test_the_test_encoders_write_what_ggufs_dequantizer_reads(type_name: str) -> None:
     """Round trip through `gguf.quants.dequantize`: each value within one step of its
-    sub-block's 4-bit grid (the grid's scale and offset are themselves 6-bit rounded),
-    zeros stay zeros, and the byte shape is gguf's for Q4_K."""
+    sub-block's grid (the grid's scale, and Q4_K's offset, are themselves rounded to the
+    block's 6- or 8-bit multiples), zeros stay zeros, and the byte shape is gguf's."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize, quant_shape_to_byte_shape
 
+    kind = GGMLQuantizationType[type_name]
+    size, steps, grid = GRIDS[type_name]
     rng = np.random.default_rng(0)
     rows = (rng.normal(size=(6, 512)) * rng.uniform(0.01, 3, size=(6, 1))
             + rng.normal(size=(6, 1))).astype(np.float32)
     rows[5] = 0.0
-    blocks = quantize_q4_k(rows)
-    assert blocks.shape == quant_shape_to_byte_shape(rows.shape, GGMLQuantizationType.Q4_K)
-    back = dequantize(blocks, GGMLQuantizationType.Q4_K)
-    sub = rows.reshape(6, -1, 32)
-    step = (sub.max(-1) - np.minimum(sub.min(-1), 0)) / 15
-    error = np.abs(back.reshape(6, -1, 32) - sub).max(-1)
+    blocks = ENCODERS[type_name](rows)
+    assert blocks.shape == quant_shape_to_byte_shape(rows.shape, kind)
+    back = dequantize(blocks, kind)
+    sub = rows.reshape(6, -1, size)
+    if grid == "affine":
+        step = (sub.max(-1) - np.minimum(sub.min(-1), 0)) / steps
+    else:
+        step = np.abs(sub).max(-1) / steps
+    error = np.abs(back.reshape(6, -1, size) - sub).max(-1)
     assert np.all(error <= step + 1e-6)
     assert np.all(back[5] == 0.0)
     assert np.corrcoef(rows[:5].ravel(), back[:5].ravel())[0, 1] > 0.99
@@ -119,7 +131,7 @@ def test_every_supported_type_reads_back_into_the_registered_architecture(
     expected = host.state_dict()
     triggers = _tokens()
     reference = capture(host, layer, triggers, pooling=bundle_pb2.POOLING_TOKEN_MEAN)[0]
-    for type_name in gguf.SUPPORTED_TYPES:
+    for type_name in (*gguf.SUPPORTED_TYPES, "Q4_K_M"):
         path = write_gguf(directory, tmp_path / f"{type_name}.gguf", type_name)
         assert format_of(path) == "gguf"
         suspect = gguf.read_gguf(path)
@@ -175,7 +187,8 @@ HOSTILE: dict[str, tuple[Callable[[Path, Path], Path], str]] = {
         "does not fit the bytes"),
     "unsupported type": (
         lambda src, dst: hostile_gguf.unsupported_type(src, dst, "blk.0.ffn_up.weight"),
-        "'blk.0.ffn_up.weight' is Q5_K; supported tensor types: F32, F16, BF16, Q8_0, Q4_0, Q4_K"),
+        ("'blk.0.ffn_up.weight' is Q5_K; supported tensor types: F32, F16, BF16, Q8_0, Q4_0, "
+         "Q4_1, Q5_0, Q5_1, Q4_K, Q6_K")),
     "unsupported architecture": (lambda src, dst: hostile_gguf.other_architecture(src, dst),
                                  "general.architecture 'bloom' is not supported"),
 }

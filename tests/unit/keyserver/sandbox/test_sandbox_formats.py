@@ -71,3 +71,19 @@ def test_a_checkpoint_reads_the_same_in_the_worker_as_in_process(tmp_path: Path)
 def test_warm_up_reads_every_allowed_architecture_and_onnx_and_cleans_up(tmp_path: Path) -> None:
     formats.warm_up(str(tmp_path))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_uploads_read_into_the_stored_host_get_its_reader(tmp_path: Path) -> None:
+    """Bare weights go into either kind of stored host with the host's own loader; a GGUF
+    goes into a checkpoint host with the GGUF reader, and into a program not at all (the
+    Verify handler refuses it, naming why)."""
+    program, checkpoint = tmp_path / "host.pt2", tmp_path / "host.safetensors"
+    program.write_bytes(b"PK\x03\x04rest")
+    checkpoint.write_bytes(b"\x10\0\0\0\0\0\0\0{}")
+    weights, gguf = pb.MODEL_FORMAT_SAFETENSORS, pb.MODEL_FORMAT_GGUF
+    assert set(formats.INTO_HOST) == {weights, gguf}
+    assert formats.into_host_options(weights, program) == {}
+    assert formats.into_host_options(weights, checkpoint) == {formats.FORMAT_KEY: "hf"}
+    assert formats.into_host_options(gguf, checkpoint) == {formats.FORMAT_KEY: "gguf"}
+    assert formats.into_host_options(gguf, program) is None
+    assert formats.handles(formats.into_host_options(gguf, checkpoint) or {})
