@@ -45,8 +45,10 @@ __all__ = [
     "CONFIG_METADATA_KEY",
     "MAX_PARAMETERS",
     "apply_checkpoint_weights",
+    "assign_weights",
     "build_model",
     "check_config",
+    "compute_dtype",
     "estimate_parameters",
     "is_checkpoint_dir",
     "is_packed",
@@ -93,10 +95,12 @@ REFUSED_KEYS = {
     "quantization_config": "it is quantized with an external library; save it unquantized",
     "custom_pipelines": "it names custom pipeline code; freemark never runs code from a checkpoint",
 }
-# Caps checked on the config before anything is built. MAX_PARAMETERS keeps the model, a
-# copy of its weights and torch inside the sandbox's 4 GiB address space (BERT-large,
-# 335 M parameters, fits); the per-field caps bound each factor of the estimate.
-MAX_PARAMETERS = 400_000_000
+# Caps checked on the config before anything is built. MAX_PARAMETERS is the default of the
+# parameter count a config may imply (the checking functions take `max_parameters`; the key
+# server passes its operator's setting): 2 billion covers the 1-1.5 B decoders owners run on
+# a CPU (Llama 3.2 1B, Qwen2.5 1.5B) and is 4 GiB of bf16 weights, memory-mapped. The
+# per-field caps bound each factor of the estimate.
+MAX_PARAMETERS = 2_000_000_000
 MAX_CONFIG_BYTES = 64 * 1024
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # safetensors JSON header (names, shapes, metadata)
 MAX_TENSORS = 10_000
@@ -145,7 +149,7 @@ def _transformers() -> Any:
     return transformers
 
 
-def check_config(values: Any, source: str | Path) -> Any:
+def check_config(values: Any, source: str | Path, *, max_parameters: int = MAX_PARAMETERS) -> Any:
     """The transformers config object for `values` (a parsed config.json), or ModelFileError.
 
     Refuses remote code, model types and classes outside `ARCHITECTURES`, encoders set up
@@ -178,7 +182,7 @@ def check_config(values: Any, source: str | Path) -> Any:
     except Exception as exc:  # third-party validation on hostile input: any error refuses
         reason = " ".join(str(exc).split())[:300] or type(exc).__name__
         raise _refuse(source, f"config.json does not parse as a {config_class}: {reason}") from exc
-    _check_sizes(config, source)
+    _check_sizes(config, source, max_parameters)
     config._attn_implementation = "eager"  # plain tensor ops; no kernel chosen by the file
     return config
 
@@ -206,13 +210,13 @@ def estimate_parameters(config: Any, source: str | Path) -> int:
     return _encoder_estimate(config, source)
 
 
-def _check_sizes(config: Any, source: str | Path) -> None:
+def _check_sizes(config: Any, source: str | Path, max_parameters: int) -> None:
     """Cap every size field and the parameter count they imply (encoders and decoders)."""
     _check_activation(config, source)
     estimate = estimate_parameters(config, source)
-    if estimate > MAX_PARAMETERS:
+    if estimate > max_parameters:
         raise _refuse(source, f"the config describes about {estimate:,} parameters, over the cap "
-                      f"of {MAX_PARAMETERS:,}")
+                      f"of {max_parameters:,}")
 
 
 def _check_activation(config: Any, source: str | Path) -> None:
@@ -320,15 +324,37 @@ def _check_windows(config: Any, layers: int, source: str | Path) -> None:
 
 
 def build_model(config: Any) -> nn.Module:
-    """A freshly initialised model of the (checked) config's one architecture, in eval mode."""
+    """The (checked) config's one architecture, in eval mode, with its parameters on the meta
+    device: nothing is allocated for them until `assign_weights` puts the file's tensors in
+    their place (one copy of the weights, memory-mapped, in their stored dtype). Its
+    non-persistent buffers (RoPE frequencies, which no file holds) are computed on the CPU
+    by their modules' own code. An architecture whose buffers live beside parameters
+    (BERT's position ids in its embeddings) is built on the CPU instead; the encoders are
+    capped small enough for that."""
     transformers = _transformers()
     name = config.architectures[0]
     if name not in ARCHITECTURES.get(config.model_type, ("", ()))[1]:
         raise ModelFileError(f"architecture {name!r} is not allow-listed")
-    model: nn.Module = getattr(transformers, name)(config)
+    cls = getattr(transformers, name)
+    with torch.device("meta"):
+        model: nn.Module = cls(config)
+    owners = _buffer_owners(model)
+    if any(True for owner in owners for _ in owner.parameters()):
+        model = cls(config)
+    else:
+        for owner in owners:  # transformers' rotary embeddings are built from the config alone
+            fresh = type(owner)(config)
+            for key, buffer in fresh.named_buffers(recurse=False):
+                owner.register_buffer(key, buffer, persistent=False)
     if config.model_type in DECODERS:
         model.register_forward_pre_hook(_token_forward, with_kwargs=True)
     return model.eval()
+
+
+def _buffer_owners(model: nn.Module) -> list[nn.Module]:
+    """The modules that hold non-persistent buffers (values no checkpoint stores)."""
+    return [module for module in model.modules()
+            if getattr(module, "_non_persistent_buffers_set", None)]
 
 
 def _token_forward(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -506,6 +532,8 @@ def _check_tensors(model: nn.Module, files: list[Path], source: str | Path) -> N
 
 
 def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    """Every tensor of the files, memory-mapped (safetensors maps the file; nothing is copied
+    until written to) and in its stored dtype."""
     from safetensors.torch import load_file
 
     state: dict[str, torch.Tensor] = {}
@@ -514,35 +542,67 @@ def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_weights(model: nn.Module, files: list[Path], source: str | Path) -> nn.Module:
-    """Load the files into `model` once their headers fit it exactly (a tied alias, absent
-    from the files, keeps sharing the weight it is tied to)."""
-    _check_tensors(model, files, source)
-    result = model.load_state_dict(_read_tensors(files), strict=False)
-    aliases = set(model.state_dict()) - set(state_dict_of(model))
-    if result.unexpected_keys or set(result.missing_keys) - aliases:
-        raise _refuse(source, f"the weights do not fit the config's architecture "
-                      f"({result.missing_keys[:5]}, {result.unexpected_keys[:5]})")
+def compute_dtype(state: Mapping[str, torch.Tensor]) -> torch.dtype:
+    """The one dtype a model runs in: the stored dtype holding most of the weights' bytes
+    (a bf16 checkpoint runs in bf16, never upcast; the few tensors some checkpoints keep in
+    float32, such as norms, are cast to it so that every operation sees one dtype)."""
+    sizes: dict[torch.dtype, int] = {}
+    for tensor in state.values():
+        sizes[tensor.dtype] = sizes.get(tensor.dtype, 0) + tensor.numel() * tensor.element_size()
+    return max(sorted(sizes, key=str), key=lambda dtype: sizes[dtype])
+
+
+def assign_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: str | Path
+                   ) -> nn.Module:
+    """Put `state`'s tensors in place of `model`'s parameters (built by `build_model`): the
+    names must be exactly `state_dict_of(model)`'s and the shapes equal; the tensors are used
+    as they are (no copy) in one dtype (`compute_dtype`), and a tied alias is tied again to
+    the weight it shares. For readers of other files (GGUF, adapters) as for safetensors."""
+    expected = {name: tuple(t.shape) for name, t in state_dict_of(model).items()}
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or extra:
+        raise _refuse(source, f"the weights do not fit the config's architecture (missing "
+                      f"{missing[:5]}, unexpected {extra[:5]})")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != expected[name] or not tensor.is_floating_point():
+            raise _refuse(source, f"{name} has shape {tuple(tensor.shape)} and dtype "
+                          f"{tensor.dtype}; the config says {expected[name]}, floats")
+    dtype = compute_dtype(state)
+    model.load_state_dict({name: tensor.to(dtype) for name, tensor in state.items()},
+                          strict=False, assign=True)
+    tie = getattr(model, "tie_weights", None)
+    if callable(tie):
+        tie()
+    left = [name for name, t in model.state_dict().items() if t.is_meta]
+    if left:
+        raise _refuse(source, f"no weights for {left[:5]}")
     return model.eval()
 
 
-def load_checkpoint(path: str | Path) -> nn.Module:
+def _load_weights(model: nn.Module, files: list[Path], source: str | Path) -> nn.Module:
+    """Load the files into `model` once their headers fit it exactly."""
+    _check_tensors(model, files, source)
+    return assign_weights(model, _read_tensors(files), source)
+
+
+def load_checkpoint(path: str | Path, *, max_parameters: int = MAX_PARAMETERS) -> nn.Module:
     """A checkpoint directory or packed checkpoint as a module; raises ModelFileError."""
     path = Path(path)
     if path.is_dir():
-        config = check_config(read_config(path), path)
+        config = check_config(read_config(path), path, max_parameters=max_parameters)
         files = _shards(path)
     elif path.is_file():
-        config = check_config(_packed_config(path), path)
+        config = check_config(_packed_config(path), path, max_parameters=max_parameters)
         files = [path]
     else:
         raise ModelFileError(f"{path}: no such checkpoint directory or file")
     return _load_weights(build_model(config), files, path)
 
 
-def apply_checkpoint_weights(packed: str | Path, weights: str | Path) -> nn.Module:
+def apply_checkpoint_weights(packed: str | Path, weights: str | Path, *,
+                             max_parameters: int = MAX_PARAMETERS) -> nn.Module:
     """The packed checkpoint's architecture with weights from another `.safetensors` file."""
-    config = check_config(_packed_config(Path(packed)), packed)
+    config = check_config(_packed_config(Path(packed)), packed, max_parameters=max_parameters)
     return _load_weights(build_model(config), [Path(weights)], weights)
 
 
@@ -569,7 +629,8 @@ def pack(directory: str | Path, out: str | Path) -> Path:
 
 
 def open_untrusted(path: str | Path, *, layer: str | None, pooling: int,
-                   weights: str | Path | None = None, width: int = 0, **_options: Any
+                   weights: str | Path | None = None, width: int = 0,
+                   max_parameters: int = MAX_PARAMETERS, **_options: Any
                    ) -> tuple[bytes, Callable[[TriggerSet], Any]]:
     """In the key server's sandbox child: build an uploaded packed checkpoint (with
     `weights`: those weights on its architecture) and locate the key's layer, and return its
@@ -581,7 +642,8 @@ def open_untrusted(path: str | Path, *, layer: str | None, pooling: int,
     from freemark.formats.pt2 import architecture_digest, fingerprint
     from freemark.scheme.activations import capture, capture_every, resolve_layer
 
-    model = apply_checkpoint_weights(path, weights) if weights else load_checkpoint(path)
+    model = (apply_checkpoint_weights(path, weights, max_parameters=max_parameters) if weights
+             else load_checkpoint(path, max_parameters=max_parameters))
     identity = fingerprint(model) + architecture_digest(model)
     if layer is None:
         return identity, lambda triggers: capture_every(model, triggers, width=width)

@@ -8,9 +8,15 @@ sorted list. Without labels, `count` sentences are drawn. Both are seeded.
 
 The tokenizer is loaded from local files only (`local_files_only=True`, never
 `trust_remote_code`); a tokenizer config that asks for remote code (`auto_map`) is refused.
-The token ids and the attention mask are padded to the longest selected sentence and cut at
-`max_length` tokens; the activations are then mean-pooled over the real tokens
-(`freemark.scheme.activations.pool`).
+The token ids and the attention mask are padded on the right to the longest selected
+sentence and cut at `max_length` tokens; the activations are then mean-pooled over the real
+tokens (`freemark.scheme.activations.pool`). Decoder tokenizers (GPT-2's, Llama's) often have
+no pad token: then the end-of-sequence token pads (the one deterministic choice every such
+tokenizer offers), which no model reads, because the attention mask excludes it and the
+pooling skips it. The padding side is fixed to the right whatever the tokenizer's own
+setting, so a trigger set depends on the sentences only; a decoder's activations on the real
+tokens do not depend on it anyway (`freemark.formats.huggingface` counts positions over real
+tokens).
 """
 
 from __future__ import annotations
@@ -93,6 +99,13 @@ def text_triggers(path: str | Path, tokenizer_dir: str | Path, *,
         chosen = select_triggers(np.arange(len(texts)), labels, per_class=per_class, seed=seed)
     index = chosen.inputs
     tokenizer = load_tokenizer(tokenizer_dir)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise InvalidInputError(f"{tokenizer_dir}: the tokenizer has neither a pad token nor an "
+                                    "end-of-sequence token to pad with; set pad_token in "
+                                    "tokenizer_config.json")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
     encoded = tokenizer([texts[i] for i in index], padding="longest", truncation=True,
                         max_length=max_length, return_tensors="np")
     return TriggerSet(inputs=np.asarray(encoded["input_ids"], dtype=np.int64),

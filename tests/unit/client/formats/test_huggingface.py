@@ -318,3 +318,80 @@ def test_the_parameter_estimate_counts_decoders_closely(tmp_path: Path) -> None:
             counted = sum(t.numel() for t in state_dict_of(model).values())
             estimate = huggingface.estimate_parameters(config, model_type)
             assert 0.9 * counted <= estimate <= counted, (model_type, tied, estimate, counted)
+
+
+def _rss_anon_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssAnon in /proc/self/status")
+
+
+def test_bf16_weights_load_memory_mapped_in_their_stored_dtype(tmp_path: Path) -> None:
+    """~90 MB of bf16 weights: loaded without an anonymous copy, never upcast, and read
+    the same twice (the key layer's readout is deterministic)."""
+    import transformers
+    from safetensors.torch import save_file
+
+    config = transformers.LlamaConfig(
+        hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=2, vocab_size=32000, max_position_embeddings=256,
+        architectures=["LlamaForCausalLM"], dtype="bfloat16")
+    folder = tmp_path / "big"
+    folder.mkdir()
+    config.to_json_file(str(folder / "config.json"))
+    empty = huggingface.build_model(huggingface.check_config(config.to_dict(), folder))
+    generator = torch.Generator().manual_seed(0)
+    state = {name: (torch.randn(t.shape, generator=generator) * 0.05).to(torch.bfloat16)
+             for name, t in state_dict_of(empty).items()}
+    save_file(state, str(folder / "model.safetensors"))
+    weight_bytes = sum(t.numel() * 2 for t in state.values())
+    del state, empty
+    before = _rss_anon_kib()
+    model = huggingface.load_checkpoint(folder)
+    grown = (_rss_anon_kib() - before) * 1024
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert grown < weight_bytes / 4, (grown, weight_bytes)
+    first, _ = capture(model, "model.layers.2.mlp.act_fn", _tokens())
+    second, _ = capture(model, "model.layers.2.mlp.act_fn", _tokens())
+    assert first.shape == (6, 1376) and np.all(np.isfinite(first))
+    assert np.array_equal(first, second)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sharded_half_precision_decoders_load_as_stored(dtype: torch.dtype, tmp_path: Path) -> None:
+    reference = _save_decoder(tmp_path / "one", "qwen2", tie_word_embeddings=True).to(dtype)
+    reference.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / huggingface.INDEX_NAME).is_file()
+    model = huggingface.load_checkpoint(tmp_path / "sharded")
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    assert fingerprint(model) == fingerprint(reference)
+    packed = huggingface.pack(tmp_path / "sharded", tmp_path / "packed.safetensors")
+    again = huggingface.load_checkpoint(packed)
+    assert fingerprint(again) == fingerprint(reference)
+    layer = DECODER_CASES["qwen2"][4]
+    np.testing.assert_array_equal(capture(model, layer, _tokens())[0],
+                                  capture(again, layer, _tokens())[0])
+
+
+def test_mixed_dtypes_run_in_the_dtype_of_most_bytes(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    _save_decoder(tmp_path / "ckpt", "llama")
+    path = tmp_path / "ckpt" / "model.safetensors"
+    state = load_file(str(path))
+    save_file({k: v if "norm" in k else v.to(torch.bfloat16) for k, v in state.items()}, str(path))
+    model = huggingface.load_checkpoint(tmp_path / "ckpt")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    activations, _ = capture(model, DECODER_CASES["llama"][4], _tokens())
+    assert np.all(np.isfinite(activations))
+
+
+def test_the_parameter_cap_is_a_setting(tmp_path: Path) -> None:
+    model = _save_decoder(tmp_path / "ckpt", "mistral")
+    counted = sum(t.numel() for t in state_dict_of(model).values())
+    values = huggingface.read_config(tmp_path / "ckpt")
+    with pytest.raises(ModelFileError, match=f"over the cap of {counted // 2:,}"):
+        huggingface.load_checkpoint(tmp_path / "ckpt", max_parameters=counted // 2)
+    assert huggingface.check_config(values, "ckpt", max_parameters=counted).model_type == "mistral"
+    assert huggingface.MAX_PARAMETERS >= 1_500_000_000  # a 1.5 B decoder registers by default
