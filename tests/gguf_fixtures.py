@@ -115,14 +115,19 @@ def _encoded(values: np.ndarray, qtype: str) -> tuple[np.ndarray, object]:
     return gguf.quants.quantize(values.astype(np.float32), kind), kind
 
 
-def _type_of(name: str, qtype: str) -> str:
-    """The type a tensor is stored in: `qtype`, or for "Q4_K_M" llama.cpp's mix, Q6_K for
-    the attention values, the MLP's down projection and the output head, Q4_K for the rest
-    (llama-quantize gives Q6_K to only some layers' attn_v and ffn_down; all is stricter)."""
-    if qtype != "Q4_K_M":
-        return qtype
-    return "Q6_K" if name.startswith(("output.", "blk.")) and name.split(".")[-2] in (
-        "attn_v", "ffn_down", "output") else "Q4_K"
+# llama-quantize's fallback for a tensor whose rows are not whole 256-value blocks.
+_K_FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}
+
+
+def _type_of(name: str, row: int, qtype: str) -> str:
+    """The type a tensor of `row`-value rows is stored in: `qtype`, or for "Q4_K_M"
+    llama.cpp's mix, Q6_K for the attention values, the MLP's down projection and the output
+    head and Q4_K for the rest (llama-quantize gives Q6_K to only some layers' attn_v and
+    ffn_down; all is stricter); a k-quant whose blocks do not fit the rows falls back as
+    llama-quantize does (Q4_K to Q5_0, Q6_K to Q8_0)."""
+    if qtype == "Q4_K_M":
+        qtype = "Q6_K" if name.split(".")[-2] in ("attn_v", "ffn_down", "output") else "Q4_K"
+    return _K_FALLBACK[qtype] if qtype in _K_FALLBACK and row % QK_K else qtype
 
 
 def _metadata(writer: object, config: dict[str, object], arch: str) -> None:
@@ -186,7 +191,7 @@ def write_gguf(checkpoint: Path, out: Path, qtype: str = "Q8_0") -> Path:
         new_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if new_name is None:
             raise ValueError(f"no GGUF name for {name}")
-        data, kind = _encoded(values, _type_of(new_name, qtype))
+        data, kind = _encoded(values, _type_of(new_name, values.shape[-1], qtype))
         writer.add_tensor(new_name, data, raw_dtype=kind)
         if arch == "gpt2" and new_name == "token_embd.weight":  # the tied head, as a copy
             writer.add_tensor("output.weight", data, raw_dtype=kind)

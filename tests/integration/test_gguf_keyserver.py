@@ -1,12 +1,15 @@
 """GGUF suspects over a real key server and its sandbox (issue 20, part B).
 
-A decoder checkpoint is registered; its GGUF copies, converted as llama.cpp's converter does
-and quantized to Q8_0 and Q4_K, are signed matches through Verify (`freemark verify --model
-X.gguf` on the command line for one of them), and an independently initialised decoder of
-the same config, as GGUF, is not. The hostile corpus (`tests/hostile_gguf.py`: header, count,
-string and array bombs, misdeclared blocks, an unsupported type, an unsupported architecture,
-a GGUF of another family or other sizes than the registration's) is refused with
-INVALID_ARGUMENT naming why, signs and logs nothing, and leaves the server SERVING.
+The decoder host of `tests/decoder_fixtures.py` (a small Llama trained here on real text) is
+registered with text triggers from its own tokenizer; its GGUF copies, converted as
+llama.cpp's converter does, are signed matches through Verify: Q8_0 (through `freemark
+verify --model X.gguf`), Q4_K and Q4_K_M (the host's 128-value rows are not whole Q4_K
+blocks, so those tensors fall back to Q5_0 as llama-quantize does; whole-block Q4_K is
+read in tests/unit/client/formats/test_gguf.py). An independently trained decoder of the
+same config, as Q8_0, is no_match. The hostile corpus (`tests/hostile_gguf.py`: header,
+count, string and array bombs, misdeclared blocks, an unsupported type, an unsupported
+architecture, a GGUF of another family or other sizes than the registration's) is refused
+with INVALID_ARGUMENT naming why, signs and logs nothing, and leaves the server SERVING.
 """
 
 from __future__ import annotations
@@ -16,17 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import hostile_gguf
+from decoder_fixtures import KEY_LAYER, RECIPE, decoders, stdlib_text
 from freemark.derive import derive_key
 from freemark.errors import FreemarkError
 from freemark.formats.huggingface import load_checkpoint
 from freemark.rpc import KeyServiceClient
-from freemark.scheme.triggers import TriggerSet
+from freemark.scheme.text_triggers import text_triggers
 from freemark_keyserver.auth import hash_token, new_token
 from freemark_keyserver.config import UNLIMITED, ServerConfig
 from freemark_keyserver.server import RunningServer, create_server
@@ -34,26 +37,15 @@ from freemark_keyserver.store import Principal
 from gguf_fixtures import write_gguf
 from ttp_fixtures import cli_env, json_out, run_cli
 
-LLAMA = {"hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
-         "num_key_value_heads": 2, "intermediate_size": 512, "vocab_size": 300,
-         "max_position_embeddings": 64}
-KEY_LAYER = "model.layers.1.mlp.act_fn"
 
-
-def _llama(folder: Path, seed: int, **extra: object) -> Path:
-    import transformers
-
-    torch.manual_seed(seed)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**LLAMA, **extra})).save_pretrained(
-        folder)
-    return folder
-
-
-def _qwen(folder: Path) -> Path:
+def _random(folder: Path, config_class: str, model_class: str, **extra: object) -> Path:
+    """A randomly initialised decoder of the host's sizes (`extra` changed): a file whose
+    family or shapes differ from the registration's."""
     import transformers
 
     torch.manual_seed(3)
-    transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**LLAMA)).save_pretrained(folder)
+    config = getattr(transformers, config_class)(**{**RECIPE["model"], **extra})
+    getattr(transformers, model_class)(config).save_pretrained(folder)
     return folder
 
 
@@ -75,7 +67,7 @@ class World:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     folder = tmp_path_factory.mktemp("gguf-ttp")
-    host = _llama(folder / "host", seed=0)
+    host = decoders().host
     running = create_server(ServerConfig(  # the hostile corpus is more Verify calls than 10/min
         data_dir=folder / "ttp", listen="127.0.0.1:0", grace_seconds=5,
         verify_rate_principal=UNLIMITED, verify_rate_registration=UNLIMITED))
@@ -84,9 +76,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         tokens[name] = new_token()
         running.ctx.store.add_principal(Principal(name, role, hash_token(tokens[name]), 0))
     world = World(running, tokens, host, folder)
-    rng = np.random.default_rng(0)
-    triggers = TriggerSet(inputs=rng.integers(3, 300, size=(32, 16)),
-                          attention_mask=np.ones((32, 16), dtype=np.int64))
+    sentences = folder / "sentences.txt"
+    sentences.write_text("\n".join(stdlib_text()[:400]) + "\n", encoding="utf-8")
+    triggers = text_triggers(sentences, host, max_length=32, count=32)
     bundle = derive_key(load_checkpoint(host), layer=KEY_LAYER, triggers=triggers, owner="alice")
     with world.client("alice") as alice:
         world.registration = alice.register(bundle, host).registration_id
@@ -97,12 +89,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 def test_gguf_copies_of_the_registered_host_match(world: World) -> None:
     """Q8_0 (through the command line), Q4_K and Q4_K_M (Q4_K with Q6_K for the attention
     values, MLP down projections and head) copies are signed matches at p <= 1e-9; an
-    independently initialised decoder of the same config, as Q8_0, is no_match."""
+    independently trained decoder of the same config, as Q8_0, is no_match."""
     q8 = write_gguf(world.host, world.folder / "stolen-q8_0.gguf", "Q8_0")
     q4k = write_gguf(world.host, world.folder / "stolen-q4_k.gguf", "Q4_K")
     q4km = write_gguf(world.host, world.folder / "stolen-q4_k_m.gguf", "Q4_K_M")
-    innocent = write_gguf(_llama(world.folder / "innocent", seed=1),
-                          world.folder / "innocent.gguf", "Q8_0")
+    innocent = write_gguf(decoders().independents[0], world.folder / "innocent.gguf", "Q8_0")
     env = cli_env(FREEMARK_SERVER=f"127.0.0.1:{world.running.port}",
                   FREEMARK_TOKEN=world.tokens["alice"])
     by_cli = json_out(run_cli("freemark.cli", "verify", "--registration", world.registration,
@@ -135,11 +126,14 @@ def _hostile(world: World, tmp_path: Path) -> dict[str, tuple[Path, str]]:
             "is Q5_K; supported tensor types"),
         "unsupported architecture": (lambda dst: hostile_gguf.other_architecture(q4_0, dst),
                                      "'bloom' is not supported"),
-        "another family": (lambda dst: write_gguf(_qwen(tmp_path / "qwen"), dst, "Q8_0"),
-                           "a qwen2 model and the registered host a llama model"),
-        "other sizes": (lambda dst: write_gguf(_llama(tmp_path / "wider", seed=2,
-                                                      intermediate_size=768), dst, "Q8_0"),
-                        "intermediate_size 768 (host 512)"),
+        "another family": (
+            lambda dst: write_gguf(_random(tmp_path / "qwen", "Qwen2Config", "Qwen2ForCausalLM"),
+                                   dst, "Q8_0"),
+            "a qwen2 model and the registered host a llama model"),
+        "other sizes": (
+            lambda dst: write_gguf(_random(tmp_path / "wider", "LlamaConfig", "LlamaForCausalLM",
+                                           intermediate_size=384), dst, "Q8_0"),
+            "intermediate_size 384 (host 256)"),
     }
     return {name: (build(tmp_path / f"hostile-{i}.gguf"), words)
             for i, (name, (build, words)) in enumerate(builders.items())}

@@ -21,8 +21,8 @@ found under the name llama.cpp's converter gives it (gguf's `TensorNameMap`), de
 with `gguf.quants.dequantize` (`SUPPORTED_TYPES`: F32, F16, BF16, Q8_0, the legacy 4- and
 5-bit types, Q4_K and Q6_K; any other type is refused by name), un-transposed (GPT-2's Conv1D weights) and un-permuted (the converter reorders the
 rows of Q and K of llama-architecture models for its RoPE kernel), and must then have the
-model's exact shape. A tied output head is read from the embedding; an `output.weight`
-beside a tied or headless model is not read.
+model's exact shape (`huggingface.assign_weights` puts them in place). A tied head is the
+embedding; an `output.weight` beside a tied or headless model is not read.
 """
 
 from __future__ import annotations
@@ -373,15 +373,18 @@ def _host_size(config: Any, field: str) -> Any:
     return value
 
 
-def judged_config(host_values: dict[str, Any], suspect: GGUFSuspect, source: str | Path) -> Any:
+def judged_config(host_values: dict[str, Any], suspect: GGUFSuspect, source: str | Path, *,
+                  max_parameters: int | None = None) -> Any:
     """The checked transformers config a GGUF suspect is built with: the registered host's
     config, refused unless the file's architecture and every shape-defining size (and the
     vocabulary, from the embedding's rows) equal the host's, with the file's function
-    settings (RoPE base, norm epsilon) in place of the host's."""
-    from freemark.formats.huggingface import check_config
+    settings (RoPE base, norm epsilon) in place of the host's. `max_parameters`: the
+    operator's cap (None: `huggingface.MAX_PARAMETERS`)."""
+    from freemark.formats.huggingface import MAX_PARAMETERS, check_config
 
+    cap = MAX_PARAMETERS if max_parameters is None else max_parameters
     family = FAMILIES[suspect.architecture]
-    host = check_config(host_values, source)
+    host = check_config(host_values, source, max_parameters=cap)
     if host.model_type not in family.model_types:
         raise _refuse(source, f"the GGUF is a {suspect.architecture} model and the registered host "
                       f"a {host.model_type} model")
@@ -408,7 +411,7 @@ def judged_config(host_values: dict[str, Any], suspect: GGUFSuspect, source: str
             values["rope_parameters"] = {**rope, field: value}  # transformers 5 reads it there
         else:
             values[field] = value
-    return check_config(values, source)
+    return check_config(values, source, max_parameters=cap)
 
 
 def _unpermute(weights: np.ndarray, heads: int, source: str | Path, name: str) -> np.ndarray:
@@ -423,25 +426,24 @@ def _unpermute(weights: np.ndarray, heads: int, source: str | Path, name: str) -
 
 def suspect_state(model: Any, config: Any, suspect: GGUFSuspect, source: str | Path
                   ) -> dict[str, Any]:
-    """The state dict of `model` (built from `judged_config`) read from the GGUF: every
-    tensor under its converted name, dequantized, restored to the checkpoint's layout, and
-    of exactly the model's shape."""
+    """The state of `model` (built from `judged_config`; a tied head stored once, under the
+    embedding's name, as `pt2.state_dict_of` lists it) read from the GGUF: every tensor
+    under its converted name, dequantized, restored to the checkpoint's layout, and of
+    exactly the model's shape."""
     import torch
     from gguf import MODEL_ARCH_NAMES, TensorNameMap
 
+    from freemark.formats.pt2 import state_dict_of
+
     family = FAMILIES[suspect.architecture]
     arch = next(a for a, n in MODEL_ARCH_NAMES.items() if n == suspect.architecture)
-    expected = model.state_dict()
     names = TensorNameMap(arch, config.num_hidden_layers)
     heads = getattr(config, family.heads)
     kv_heads = getattr(config, family.kv_heads, None) or heads
-    tied = bool(getattr(config, "tie_word_embeddings", False))
     state: dict[str, Any] = {}
     used: set[str] = set()
-    for key, like in expected.items():
+    for key, like in state_dict_of(model).items():
         gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
-        if gguf_name == _OUTPUT and tied:
-            gguf_name = _EMBEDDING
         if gguf_name is None or gguf_name not in suspect.tensors:
             raise _refuse(source, f"the GGUF has no tensor for {key} ({gguf_name or 'no name'})")
         values = suspect.tensor(gguf_name)
@@ -453,7 +455,7 @@ def suspect_state(model: Any, config: Any, suspect: GGUFSuspect, source: str | P
         if tuple(values.shape) != tuple(like.shape):
             raise _refuse(source, f"{gguf_name} has shape {tuple(values.shape)}; {key} of the "
                           f"registered architecture is {tuple(like.shape)}")
-        state[key] = torch.from_numpy(np.array(values, dtype=np.float32)).to(like.dtype)
+        state[key] = torch.from_numpy(np.array(values, dtype=np.float32))
         used.add(gguf_name)
     # A tied or headless model computes no output.weight (llama.cpp writes GPT-2's tied head
     # as a copy); RoPE frequency factors are derived from the config's rope scaling.
@@ -465,13 +467,14 @@ def suspect_state(model: Any, config: Any, suspect: GGUFSuspect, source: str | P
 
 
 def open_untrusted(path: str | Path, *, layer: str | None, pooling: int,
-                   weights: str | Path | None = None, width: int = 0, **_options: Any
+                   weights: str | Path | None = None, width: int = 0,
+                   max_parameters: int | None = None, **_options: Any
                    ) -> tuple[bytes, Callable[[TriggerSet], Any]]:
     """In the key server's sandbox child: the registered host's packed checkpoint (`path`)
     with the uploaded GGUF (`weights`) read into its architecture; return the model's
     identity (fingerprint ‖ architecture digest) and its run on a set's triggers (the key
     layer's activations; `layer` None: every module's of `width` units)."""
-    from freemark.formats.huggingface import _packed_config, build_model
+    from freemark.formats.huggingface import _packed_config, assign_weights, build_model
     from freemark.formats.pt2 import architecture_digest, fingerprint
     from freemark.scheme.activations import capture, capture_every, resolve_layer
 
@@ -480,10 +483,10 @@ def open_untrusted(path: str | Path, *, layer: str | None, pooling: int,
                              "checkpoint; the sandbox got no host")
     source = "the GGUF suspect"
     suspect = read_gguf(weights, source)
-    config = judged_config(_packed_config(Path(path)), suspect, source)
+    config = judged_config(_packed_config(Path(path)), suspect, source,
+                           max_parameters=max_parameters)
     model = build_model(config)
-    model.load_state_dict(suspect_state(model, config, suspect, source), strict=True)
-    model.eval()
+    assign_weights(model, suspect_state(model, config, suspect, source), source)
     identity = fingerprint(model) + architecture_digest(model)
     if layer is None:
         return identity, lambda triggers: capture_every(model, triggers, width=width)

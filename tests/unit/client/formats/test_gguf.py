@@ -18,6 +18,7 @@ import hostile_gguf
 from freemark.errors import InvalidInputError, ModelFileError
 from freemark.formats import gguf, huggingface
 from freemark.formats.local import load_model
+from freemark.formats.pt2 import state_dict_of
 from freemark.formats.table import format_of
 from freemark.scheme.activations import capture
 from freemark.scheme.triggers import TriggerSet
@@ -128,7 +129,7 @@ def test_every_supported_type_reads_back_into_the_registered_architecture(
     directory, packed = hosts[family]
     layer = FAMILIES[family][3]
     host = huggingface.load_checkpoint(directory)
-    expected = host.state_dict()
+    expected = state_dict_of(host)
     triggers = _tokens()
     reference = capture(host, layer, triggers, pooling=bundle_pb2.POOLING_TOKEN_MEAN)[0]
     for type_name in (*gguf.SUPPORTED_TYPES, "Q4_K_M"):
