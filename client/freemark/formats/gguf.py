@@ -302,7 +302,8 @@ def _check_layout(tensors: list[TensorInfo], data_start: int, alignment: int, si
 
 @dataclass(frozen=True)
 class GGUFSuspect:
-    """A scanned GGUF: its architecture, metadata scalars, checked tensor infos and reader."""
+    """A scanned GGUF: its architecture, metadata scalars, checked tensor infos and the
+    reader's memory-mapped tensors."""
 
     architecture: str
     metadata: dict[str, Any]  # scalar and string metadata (arrays left out)
@@ -316,7 +317,7 @@ class GGUFSuspect:
 
         info = self.tensors[name]
         raw = self.raw[name]
-        if int(raw.data.nbytes) != info.n_bytes:  # the reader cut it: the scan should have
+        if int(raw.data.nbytes) != info.n_bytes:  # the reader and the scan disagree: refuse
             raise ModelFileError(f"tensor {name!r} holds {raw.data.nbytes} of {info.n_bytes} bytes")
         values = dequantize(raw.data, GGMLQuantizationType[info.type_name])
         return np.asarray(values, dtype=np.float32).reshape(tuple(reversed(info.dims)))
@@ -424,13 +425,24 @@ def _unpermute(weights: np.ndarray, heads: int, source: str | Path, name: str) -
             .reshape(weights.shape))
 
 
+def _stored(values: np.ndarray, type_name: str) -> Any:
+    """A dequantized tensor in the precision its file stored: F32 stays float32, F16 float16,
+    BF16 and every block type bfloat16 (its rounding, 2^-9 of a weight, is below the block
+    types' own: a Q8_0 weight is off by up to 1/254 of its block's largest), so a quantized
+    suspect takes the memory of a 16-bit checkpoint of it, not twice that."""
+    import torch
+
+    dtype = {"F32": torch.float32, "F16": torch.float16}.get(type_name, torch.bfloat16)
+    values = np.ascontiguousarray(values)
+    return torch.from_numpy(values if values.flags.writeable else values.copy()).to(dtype)
+
+
 def suspect_state(model: Any, config: Any, suspect: GGUFSuspect, source: str | Path
                   ) -> dict[str, Any]:
     """The state of `model` (built from `judged_config`; a tied head stored once, under the
     embedding's name, as `pt2.state_dict_of` lists it) read from the GGUF: every tensor
     under its converted name, dequantized, restored to the checkpoint's layout, and of
     exactly the model's shape."""
-    import torch
     from gguf import MODEL_ARCH_NAMES, TensorNameMap
 
     from freemark.formats.pt2 import state_dict_of
@@ -455,7 +467,7 @@ def suspect_state(model: Any, config: Any, suspect: GGUFSuspect, source: str | P
         if tuple(values.shape) != tuple(like.shape):
             raise _refuse(source, f"{gguf_name} has shape {tuple(values.shape)}; {key} of the "
                           f"registered architecture is {tuple(like.shape)}")
-        state[key] = torch.from_numpy(np.array(values, dtype=np.float32))
+        state[key] = _stored(values, suspect.tensors[gguf_name].type_name)
         used.add(gguf_name)
     # A tied or headless model computes no output.weight (llama.cpp writes GPT-2's tied head
     # as a copy); RoPE frequency factors are derived from the config's rope scaling.
