@@ -23,6 +23,7 @@ from freemark_keyserver.errors import ServiceError
 from freemark_keyserver.handlers import panels
 from freemark_keyserver.handlers.context import Context
 from freemark_keyserver.handlers.hosts import rewrap_host, rewrap_member
+from freemark_keyserver.sandbox.limits import GiB, SandboxLimits
 from freemark_keyserver.server import serve
 from freemark_keyserver.store import (
     DuplicateError,
@@ -51,6 +52,8 @@ def _config(args: argparse.Namespace) -> cfg.ServerConfig:
             max_references=args.max_references, grace_seconds=args.grace,
             max_scan_candidates=args.max_scan_candidates,
             sandbox_workers=args.sandbox_workers, sandbox_queue=args.sandbox_queue,
+            sandbox=SandboxLimits(max_parameters=args.max_parameters,
+                                  max_memory_bytes=int(args.sandbox_max_memory * GiB)),
             max_bundle_bytes=args.max_bundle_bytes,
             max_calls_per_principal=args.max_calls_per_principal,
             stream_idle_timeout=args.stream_idle_timeout, min_upload_rate=args.min_upload_rate,
@@ -318,6 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sandbox-workers", type=int, metavar="N",
                    help="untrusted models run at once (default: min(cores, available memory / "
                         "(the 4 GiB per-run limit + 3 x the 512 MiB reply cap)))")
+    p.add_argument("--max-parameters", type=int, default=SandboxLimits.max_parameters,
+                   metavar="N", help="the parameter count a checkpoint's config may imply "
+                   "(default %(default)s); larger uploads are refused before anything is built")
+    p.add_argument("--sandbox-max-memory", type=float, default=SandboxLimits.max_memory_bytes / GiB,
+                   metavar="GIB", help="ceiling of one sandbox run's address space, in GiB "
+                   f"(default %(default)g); a run gets {SandboxLimits.memory_bytes / GiB:g} GiB + "
+                   f"{SandboxLimits.memory_per_model_byte:g} x its model files' size, up to this")
     p.add_argument("--sandbox-queue", type=int, metavar="N",
                    help="runs that may wait for a worker (default: 4 x workers); beyond, "
                         "RESOURCE_EXHAUSTED (SANDBOX_BUSY) with a retry hint")

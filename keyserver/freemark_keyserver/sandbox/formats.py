@@ -34,6 +34,7 @@ from freemark.scheme.triggers import TriggerSet
 
 FORMAT_KEY = "format"
 TENSOR_KEY = "onnx_tensor"
+PARAMETERS_KEY = "max_parameters"  # the operator's cap (`SandboxLimits.max_parameters`)
 _ZIP_MAGIC = b"PK\x03\x04"
 _HF = by_name("hf")
 _ONNX = by_name("onnx")
@@ -41,9 +42,9 @@ _GGUF = by_name("gguf")
 # Uploads read into the registered host (its stored file is the run's model): bare weights
 # and GGUF suspects.
 INTO_HOST = (by_name("safetensors").wire, _GGUF.wire)
-__all__ = ["FORMAT_KEY", "INTO_HOST", "MAX_TENSOR_NAME", "TENSOR_KEY", "handles",
-           "into_host_options", "sandbox_options", "sandboxed_activations", "sandboxed_model",
-           "stored_host_options", "warm_up"]
+__all__ = ["FORMAT_KEY", "INTO_HOST", "MAX_TENSOR_NAME", "PARAMETERS_KEY", "TENSOR_KEY",
+           "handles", "into_host_options", "sandbox_options", "sandboxed_activations",
+           "sandboxed_model", "stored_host_options", "warm_up"]
 
 
 def sandbox_options(upload_format: int, onnx_tensor: str = "") -> dict[str, str]:
@@ -88,7 +89,12 @@ def sandboxed_model(header: dict[str, Any]) -> tuple[bytes, Callable[[TriggerSet
     return _READERS[header[FORMAT_KEY]].opener().open_untrusted(
         header["model"], weights=header.get("weights"), layer=header["layer"],
         pooling=header["pooling"], tensor=header.get(TENSOR_KEY),
-        width=int(header.get("width", 0)))
+        width=int(header.get("width", 0)), **_cap(header))
+
+
+def _cap(header: dict[str, Any]) -> dict[str, int]:
+    """The parameter cap the parent sent (every run carries it; absent: the reader's default)."""
+    return {} if PARAMETERS_KEY not in header else {PARAMETERS_KEY: int(header[PARAMETERS_KEY])}
 
 
 def sandboxed_activations(header: dict[str, Any], triggers: TriggerSet) -> tuple[Any, bytes]:

@@ -8,6 +8,8 @@ output cap stay with the parent, which enforces them.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import resource
 import signal
@@ -17,6 +19,7 @@ from pathlib import Path
 import freemark
 import freemark_keyserver
 from freemark.errors import InvalidInputError
+from freemark.formats.huggingface import MAX_PARAMETERS
 
 __all__ = ["REPLY_COPIES", "GiB", "MiB", "SandboxLimits", "child_limits", "limit_self", "worker_environment"]
 
@@ -32,10 +35,21 @@ REPLY_COPIES = 3
 class SandboxLimits:
     """What one sandboxed run may use. The defaults fit the models the TTP is meant for.
 
-    memory_bytes: RLIMIT_AS. 4 GiB: torch 2.13 (CPU) alone needs about 0.8 GiB of address space
-        to import and run a small CNN (measured; 0.5 GiB fails), which leaves room for a model of
-        a few hundred MB plus one forward pass's activations (capture reads at most 256 inputs
-        and 2 MiB of them a pass: 256 at 224 x 224 ran EfficientNet-Lite0 out of this limit).
+    memory_bytes: RLIMIT_AS of a run before its model is counted (the base of `for_model`).
+        4 GiB: torch 2.13 (CPU) alone needs about 0.8 GiB of address space to import and run a
+        small CNN (measured; 0.5 GiB fails), which leaves room for one forward pass's
+        activations (capture reads at most 256 inputs and 2 MiB of them a pass: 256 at
+        224 x 224 ran EfficientNet-Lite0 out of a 4 GiB limit) and small models.
+    memory_per_model_byte: what each byte of a run's model files adds to its RLIMIT_AS. 1.5:
+        a checkpoint's weights are mapped once, in their stored dtype (1x: RLIMIT_AS counts the
+        mapping); the rest covers transient copies of one tensor at a time (the fingerprint
+        reads each tensor's bytes; a tensor stored in a minority dtype is cast) and the
+        activations that grow with the model's width.
+    max_memory_bytes: the operator's ceiling on any run's RLIMIT_AS. 16 GiB: a 2 B-parameter
+        bf16 decoder (4 GiB of weights: 4 + 1.5 x 4 = 10 GiB) fits with room.
+    max_parameters: the parameter count a checkpoint's config may imply
+        (`freemark.formats.huggingface.MAX_PARAMETERS` by default; `serve --max-parameters`),
+        checked in the child before anything is built.
     cpu_seconds: RLIMIT_CPU. 120 s: importing torch costs 2-3 s, a digits CNN on 100 triggers
         under 1 s, a ResNet-50 on a few hundred triggers tens of seconds on one core.
     wall_seconds: the parent's deadline for each request to a child (Register's follow-up
@@ -53,6 +67,9 @@ class SandboxLimits:
     """
 
     memory_bytes: int = 4 * GiB
+    memory_per_model_byte: float = 1.5
+    max_memory_bytes: int = 16 * GiB
+    max_parameters: int = MAX_PARAMETERS
     cpu_seconds: int = 120
     wall_seconds: float = 180.0
     open_files: int = 64
@@ -68,6 +85,9 @@ class SandboxLimits:
     def __post_init__(self) -> None:
         for name in (
             "memory_bytes",
+            "memory_per_model_byte",
+            "max_memory_bytes",
+            "max_parameters",
             "cpu_seconds",
             "wall_seconds",
             "open_files",
@@ -78,6 +98,15 @@ class SandboxLimits:
                 raise InvalidInputError(
                     f"SandboxLimits.{name} must be positive, got {getattr(self, name)}"
                 )
+        if self.max_memory_bytes < self.memory_bytes:
+            raise InvalidInputError(f"SandboxLimits.max_memory_bytes ({self.max_memory_bytes}) is "
+                                    f"below the base memory_bytes ({self.memory_bytes})")
+
+    def for_model(self, model_bytes: int) -> SandboxLimits:
+        """These limits for a run whose model files hold `model_bytes` together: RLIMIT_AS =
+        min(max_memory_bytes, memory_bytes + memory_per_model_byte x model_bytes)."""
+        grown = self.memory_bytes + math.ceil(self.memory_per_model_byte * model_bytes)
+        return dataclasses.replace(self, memory_bytes=min(self.max_memory_bytes, grown))
 
 
 def worker_environment(limits: SandboxLimits, home: Path) -> dict[str, str]:

@@ -45,6 +45,7 @@ from freemark_keyserver.sandbox.errors import (
     SandboxRunFailed,
     SandboxTimeout,
 )
+from freemark_keyserver.sandbox.formats import PARAMETERS_KEY
 from freemark_keyserver.sandbox.isolation import LAYERS, Isolation
 from freemark_keyserver.sandbox.limits import SandboxLimits
 from freemark_keyserver.sandbox.pool import SandboxPool, Then, default_workers
@@ -155,12 +156,16 @@ def run_batch(
 ) -> tuple[ModelIdentity, list[np.ndarray | Exception]]:
     """One load of the model, several trigger sets: its identity and, per run, the activations or the exception that run alone raised. `then`
     may ask for more runs of the same load once it has seen the first answer
-    (`SandboxPool.run`)."""
+    (`SandboxPool.run`). The run's memory limit follows the size of its files
+    (`SandboxLimits.for_model`), and the child is told the parameter cap."""
+    size = 0
     for path in (model_path, weights_path):
         if path is not None and not Path(path).exists():
             raise ModelFileError(f"{Path(path).name}: no such file")
+        size += 0 if path is None else Path(path).stat().st_size
+    options = {**(options or {}), PARAMETERS_KEY: limits.max_parameters}
     return (pool or shared_pool()).run(model_path, runs, weights_path=weights_path,
-                                       limits=limits, options=options, then=then)
+                                       limits=limits.for_model(size), options=options, then=then)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from freemark.v1 import bundle_pb2
 from freemark_keyserver.sandbox import protocol as sandbox_protocol
 from freemark_keyserver.sandbox.limits import (
     REPLY_COPIES,
+    GiB,
     MiB,
     SandboxLimits,
     worker_environment,
@@ -276,6 +277,18 @@ def test_the_default_worker_count_budgets_what_each_workers_replies_cost() -> No
 def test_limits_must_be_positive() -> None:
     with pytest.raises(InvalidInputError, match="wall_seconds"):
         SandboxLimits(wall_seconds=0)
+
+
+def test_the_memory_limit_follows_the_model_size() -> None:
+    limits = SandboxLimits()
+    assert limits.for_model(0).memory_bytes == limits.memory_bytes == 4 * GiB
+    assert limits.for_model(2 * GiB).memory_bytes == 4 * GiB + 3 * GiB  # base + 1.5 x weights
+    assert limits.for_model(100 * GiB).memory_bytes == limits.max_memory_bytes == 16 * GiB
+    assert limits.for_model(GiB).max_parameters == limits.max_parameters
+    with pytest.raises(InvalidInputError, match="max_memory_bytes"):
+        SandboxLimits(memory_bytes=8 * GiB, max_memory_bytes=4 * GiB)
+    with pytest.raises(InvalidInputError, match="max_parameters"):
+        SandboxLimits(max_parameters=0)
 
 
 def _npy(array: np.ndarray, *, allow_pickle: bool = False) -> bytes:

@@ -1,6 +1,8 @@
 """Model formats in the real sandbox worker: an ONNX graph that allocates without bound is
 stopped by the sandbox's memory limit and reported as a resource refusal, not a crash; a
-checkpoint and an ONNX model of it read the same activations through the worker."""
+checkpoint and an ONNX model of it read the same activations through the worker; a bf16
+decoder reads as in process, its memory limit grows with its file, and the operator's
+parameter cap reaches the worker."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from freemark.errors import ModelFileError
 from freemark.formats.huggingface import load_checkpoint, pack
 from freemark.scheme.activations import capture
 from freemark.scheme.triggers import TriggerSet
@@ -71,6 +74,50 @@ def test_a_checkpoint_reads_the_same_in_the_worker_as_in_process(tmp_path: Path)
 def test_warm_up_reads_every_allowed_architecture_and_onnx_and_cleans_up(tmp_path: Path) -> None:
     formats.warm_up(str(tmp_path))
     assert list(tmp_path.iterdir()) == []
+
+
+def _decoder(tmp_path: Path) -> tuple[Path, TriggerSet, str]:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=48, vocab_size=100, max_position_embeddings=32,
+        tie_word_embeddings=True)).to(torch.bfloat16).save_pretrained(tmp_path / "decoder")
+    mask = np.ones((4, 6), dtype=np.int64)
+    mask[1, 4:] = 0
+    triggers = TriggerSet(inputs=np.arange(24).reshape(4, 6) + 3, attention_mask=mask)
+    return tmp_path / "decoder", triggers, "model.layers.1.mlp.act_fn"
+
+
+def test_a_bf16_decoder_reads_the_same_in_the_worker_under_the_operators_caps(
+        tmp_path: Path) -> None:
+    folder, triggers, layer = _decoder(tmp_path)
+    packed = pack(folder, tmp_path / "decoder.safetensors")
+    expected, pooling = capture(load_checkpoint(folder), layer, triggers)
+    options = formats.sandbox_options(pb.MODEL_FORMAT_HF_CHECKPOINT)
+    result = run_model(packed, layer=layer, pooling=pooling, triggers=triggers, options=options)
+    np.testing.assert_allclose(result.activations, expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ModelFileError, match="over the cap of 1,000"):
+        run_model(packed, layer=layer, pooling=pooling, triggers=triggers, options=options,
+                  limits=SandboxLimits(max_parameters=1000))
+
+
+def test_the_workers_memory_limit_grows_with_its_model_file(tmp_path: Path) -> None:
+    """With a base far too small to run anything, only the share the file's size adds lets
+    the same run through: the limit the child gets is the one `for_model` computes."""
+    folder, triggers, layer = _decoder(tmp_path)
+    packed = pack(folder, tmp_path / "decoder.safetensors")
+    options = formats.sandbox_options(pb.MODEL_FORMAT_HF_CHECKPOINT)
+    size = packed.stat().st_size
+    roomy = SandboxLimits(memory_bytes=1 << 20, memory_per_model_byte=6 * GiB / size)
+    result = run_model(packed, layer=layer, pooling=bundle_pb2.POOLING_TOKEN_MEAN,
+                       triggers=triggers, options=options, limits=roomy)
+    assert result.activations.shape == (4, 48)
+    tight = SandboxLimits(memory_bytes=1 << 20, memory_per_model_byte=1.0)
+    with pytest.raises(SandboxResourceError, match="memory"):
+        run_model(packed, layer=layer, pooling=bundle_pb2.POOLING_TOKEN_MEAN,
+                  triggers=triggers, options=options, limits=tight)
 
 
 def test_uploads_read_into_the_stored_host_get_its_reader(tmp_path: Path) -> None:
