@@ -1,5 +1,5 @@
-"""GGUF suspects: every supported tensor type round-trips from tiny random llama, qwen2 and
-gpt2 models (built with transformers, converted as llama.cpp's converter does) back into the
+"""GGUF suspects: every supported tensor type round-trips from tiny random llama, mistral,
+qwen2 and gpt2 models (built with transformers, converted as llama.cpp's converter does) back into the
 registered architecture; the Q4_K test encoder is what gguf decodes; hostile headers, blocks,
 types and architectures are refused by the reader before anything is built for them."""
 
@@ -33,6 +33,12 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any], str]] = {
               {"hidden_size": HIDDEN, "num_hidden_layers": 2, "num_attention_heads": 4,
                "num_key_value_heads": 2, "intermediate_size": INNER, "vocab_size": VOCAB,
                "max_position_embeddings": 64}, "model.layers.1.mlp.act_fn"),
+    # llama.cpp writes Mistral as llama (and permutes its Q/K rows the same way)
+    "mistral": ("MistralConfig", "MistralForCausalLM",
+                {"hidden_size": HIDDEN, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "num_key_value_heads": 1, "intermediate_size": INNER, "vocab_size": VOCAB,
+                 "max_position_embeddings": 64, "sliding_window": 32},
+                "model.layers.1.mlp.act_fn"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM",
               {"hidden_size": HIDDEN, "num_hidden_layers": 2, "num_attention_heads": 4,
                "num_key_value_heads": 2, "intermediate_size": INNER, "vocab_size": VOCAB,
@@ -186,6 +192,10 @@ HOSTILE: dict[str, tuple[Callable[[Path, Path], Path], str]] = {
     "a tensor declared twice its bytes": (
         lambda src, dst: hostile_gguf.redimensioned(src, dst, "blk.0.ffn_up.weight", (512,)),
         "does not fit the bytes"),
+    "dims of 2^40 x 2^40": (
+        lambda src, dst: hostile_gguf.redimensioned(src, dst, "blk.0.ffn_up.weight",
+                                                    (1 << 40, 1 << 40)),
+        "declares over 17,179,869,184 elements"),
     "unsupported type": (
         lambda src, dst: hostile_gguf.unsupported_type(src, dst, "blk.0.ffn_up.weight"),
         ("'blk.0.ffn_up.weight' is Q5_K; supported tensor types: F32, F16, BF16, Q8_0, Q4_0, "
