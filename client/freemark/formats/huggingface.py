@@ -23,6 +23,7 @@ fingerprint measured here is the one the server measures.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -347,7 +348,9 @@ def build_model(config: Any) -> nn.Module:
             for key, buffer in fresh.named_buffers(recurse=False):
                 owner.register_buffer(key, buffer, persistent=False)
     if config.model_type in DECODERS:
-        model.register_forward_pre_hook(_token_forward, with_kwargs=True)
+        head = name.endswith(("ForCausalLM", "LMHeadModel"))
+        model.register_forward_pre_hook(functools.partial(_token_forward, head=head),
+                                        with_kwargs=True)
     return model.eval()
 
 
@@ -357,19 +360,23 @@ def _buffer_owners(model: nn.Module) -> list[nn.Module]:
             if getattr(module, "_non_persistent_buffers_set", None)]
 
 
-def _token_forward(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-                   ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+def _token_forward(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *,
+                   head: bool) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
     """Call a decoder as freemark calls every token model, `model(input_ids, attention_mask)`
     (GPT-2's second parameter is a cache): the mask by keyword, no cache, and each token's
     position counted over real tokens only, so left and right padding give real tokens the
-    same positions (and, with a causal mask, the same activations). Keyword calls pass."""
+    same positions (and, with a causal mask, the same activations). A language-model `head`
+    computes the last position's logits only: a key layer is inside the model, and logits
+    over a 100k-token vocabulary for every trigger token would cost more memory than the
+    model. Keyword calls (training, generation) pass unchanged."""
     if not args or kwargs or len(args) > 2:
         return None
     ids = args[0]
     mask = args[1] if len(args) == 2 else torch.ones_like(ids)
     positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
-    return (), {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
-                "use_cache": False}
+    call = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+            "use_cache": False}
+    return (), {**call, "logits_to_keep": 1} if head else call
 
 
 def read_config(directory: Path) -> dict[str, Any]:

@@ -118,6 +118,9 @@ def pool(output: torch.Tensor, mask: torch.Tensor | None, pooling: Pooling) -> t
             raise InvalidInputError(f"layer output {tuple(output.shape)} is not (batch, tokens, units)")
         if mask is None:
             return output.mean(dim=1)
+        if output.shape[1] != mask.shape[1]:  # e.g. a language model's last-position logits
+            raise InvalidInputError(f"layer output {tuple(output.shape)} does not have the "
+                                    f"inputs' {mask.shape[1]} tokens")
         weights = mask.to(output.dtype).unsqueeze(-1)
         return (output * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
     raise InvalidInputError(f"unknown pooling {pooling}")
@@ -397,12 +400,15 @@ class TensorScan:
             self.dropped.add(order)
             return
         try:
-            tensor = output.detach().to(torch.float64)
-            pooled = pool(tensor, self.mask, infer_pooling(tensor, self.has_mask))
+            pooling = infer_pooling(output, self.has_mask)
+            # units before any copy: a language model's vocabulary-wide logits are not
+            # converted to float64 only to be dropped
+            units = output.shape[-1] if pooling != bundle_pb2.POOLING_SPATIAL_MEAN else output.shape[1]
+            if self.width and units != self.width and name not in self.always:
+                self.dropped.add(order)
+                return
+            pooled = pool(output.detach().to(torch.float64), self.mask, pooling)
         except (InvalidInputError, RuntimeError):
-            self.dropped.add(order)
-            return
-        if self.width and pooled.shape[1] != self.width and name not in self.always:
             self.dropped.add(order)
             return
         self.names.setdefault(order, name)

@@ -395,3 +395,22 @@ def test_the_parameter_cap_is_a_setting(tmp_path: Path) -> None:
         huggingface.load_checkpoint(tmp_path / "ckpt", max_parameters=counted // 2)
     assert huggingface.check_config(values, "ckpt", max_parameters=counted).model_type == "mistral"
     assert huggingface.MAX_PARAMETERS >= 1_500_000_000  # a 1.5 B decoder registers by default
+
+
+def test_a_language_model_computes_last_position_logits_and_scans_without_them(
+        tmp_path: Path) -> None:
+    from freemark.scheme.activations import capture_every
+
+    _save_decoder(tmp_path / "ckpt", "llama", vocab_size=120)
+    model = huggingface.load_checkpoint(tmp_path / "ckpt")
+    triggers = _tokens()
+    with torch.no_grad():
+        logits = model(torch.from_numpy(triggers.inputs),
+                       torch.from_numpy(triggers.attention_mask)).logits
+    assert tuple(logits.shape) == (6, 1, 120)
+    scanned = dict(capture_every(model, triggers, width=0))
+    layer = DECODER_CASES["llama"][4]
+    expected, _ = capture(model, layer, triggers)
+    np.testing.assert_allclose(scanned[layer], expected, rtol=1e-5, atol=1e-6)
+    assert "lm_head" not in scanned  # one position's logits do not pool over the tokens
+    assert set(dict(capture_every(model, triggers, width=48))) >= {layer}
