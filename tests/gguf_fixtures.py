@@ -7,17 +7,20 @@ llama-architecture models (`LlamaModel.permute`), GPT-2's Conv1D weights transpo
 tied head written as a copy of the embedding, 1-d tensors kept F32 (as `llama-quantize`
 keeps norms and biases). 2-d tensors are stored in the requested type: F32, F16 and the
 types `gguf.quants.quantize` has a quantizer for (BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1), and
-Q4_K and Q6_K through `quantize_q4_k` and `quantize_q6_k` below, since gguf-py only
-dequantizes those; or llama.cpp's Q4_K_M mix of the two.
+Q4_K, Q5_K and Q6_K through the encoders below (`ENCODERS`), since gguf-py only dequantizes
+those; or llama.cpp's Q4_K_M mix (`_type_of`). A k-quant whose 256-value blocks do not fit
+a tensor's rows falls back as llama-quantize does.
 
-`quantize_q4_k` is a plain Q4_K block encoder, following the layout `gguf.quants.Q4_K`
-dequantizes: a block holds 256 values as 8 sub-blocks of 32, and 144 bytes: `d` and `dmin`
-(float16), 12 bytes packing 8 six-bit scales and 8 six-bit mins, and 128 bytes of 4-bit
-quants (sub-block 2i in the low nibbles of bytes 32i..32i+31, sub-block 2i+1 in their high
-nibbles); value = d * scale_j * q - dmin * min_j. Each sub-block gets the affine grid from
-min(0, its minimum) to its maximum; the grid's step and offset are then rounded to 6-bit
-multiples of the block's `d` and `dmin`. llama.cpp's own encoder searches the scales a
-little harder (`make_qkx2_quants`); the format, and so the thief's error budget, is the same.
+The encoders are plain, following the layouts `gguf.quants` dequantizes. A Q4_K block holds
+256 values as 8 sub-blocks of 32, and 144 bytes: `d` and `dmin` (float16), 12 bytes packing
+8 six-bit scales and 8 six-bit mins, and 128 bytes of 4-bit quants (sub-block 2i in the low
+nibbles of bytes 32i..32i+31, sub-block 2i+1 in their high nibbles); value = d * scale_j * q
+- dmin * min_j. Each sub-block gets the affine grid from min(0, its minimum) to its maximum;
+the grid's step and offset are then rounded to 6-bit multiples of the block's `d` and
+`dmin`. Q5_K is the same with 5-bit quants (their fifth bits in 32 more bytes), Q6_K a
+symmetric grid per 16 values (see `quantize_q6_k`). llama.cpp's own encoders search the
+scales a little harder (`make_qkx2_quants`); the formats, and so the thief's error budget,
+are the same.
 """
 
 from __future__ import annotations
@@ -43,14 +46,18 @@ def _pack_scales(scales: np.ndarray, mins: np.ndarray) -> np.ndarray:
     return out
 
 
-def quantize_q4_k(values: np.ndarray) -> np.ndarray:
-    """`values` (rows a multiple of 256 long) as Q4_K blocks, in gguf's byte shape."""
+def _affine_k(values: np.ndarray, levels: int, name: str
+              ) -> tuple[np.ndarray, tuple[int, ...], np.ndarray]:
+    """Q4_K's and Q5_K's common part: per 256-value block, 8 sub-blocks of 32 on the affine
+    grid from min(0, the sub-block's minimum) to its maximum in `levels` steps, the grid's
+    step and offset rounded to 6-bit multiples of the block's `d` and `dmin`. Returns the
+    quants (n, 8, 32), the rows' shape, and the block heads (d, dmin, packed scales)."""
     rows = np.asarray(values, dtype=np.float32)
     if rows.shape[-1] % QK_K:
-        raise ValueError(f"Q4_K rows hold whole blocks of {QK_K} values, not {rows.shape[-1]}")
+        raise ValueError(f"{name} rows hold whole blocks of {QK_K} values, not {rows.shape[-1]}")
     blocks = rows.reshape(-1, 8, 32)
     low = np.minimum(blocks.min(axis=-1), 0.0)  # (n, 8): each sub-block's grid offset
-    step = (blocks.max(axis=-1) - low) / 15.0  # (n, 8): each sub-block's grid step
+    step = (blocks.max(axis=-1) - low) / levels  # (n, 8): each sub-block's grid step
     d = (step.max(axis=-1) / 63.0).astype(np.float16).astype(np.float32)  # (n,)
     dmin = ((-low).max(axis=-1) / 63.0).astype(np.float16).astype(np.float32)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -58,13 +65,35 @@ def quantize_q4_k(values: np.ndarray) -> np.ndarray:
         mins = np.where(dmin[:, None] > 0, np.rint(-low / dmin[:, None]), 0).clip(0, 63)
         scale = (d[:, None] * scales)[..., None]
         offset = (dmin[:, None] * mins)[..., None]
-        quants = np.where(scale > 0, np.rint((blocks + offset) / scale), 0).clip(0, 15)
-    quants = quants.astype(np.uint8).reshape(-1, 4, 2, 32)
-    packed = (quants[:, :, 0, :] | (quants[:, :, 1, :] << 4)).reshape(-1, 128)
-    out = np.concatenate([d.astype(np.float16).view(np.uint8).reshape(-1, 2),
-                          dmin.astype(np.float16).view(np.uint8).reshape(-1, 2),
-                          _pack_scales(scales, mins), packed], axis=-1)
-    return out.reshape(*rows.shape[:-1], rows.shape[-1] // QK_K * 144)
+        quants = np.where(scale > 0, np.rint((blocks + offset) / scale), 0).clip(0, levels)
+    heads = np.concatenate([d.astype(np.float16).view(np.uint8).reshape(-1, 2),
+                            dmin.astype(np.float16).view(np.uint8).reshape(-1, 2),
+                            _pack_scales(scales, mins)], axis=-1)
+    return quants.astype(np.uint8), rows.shape, heads
+
+
+def _nibbles(quants: np.ndarray) -> np.ndarray:
+    """Sub-blocks 2i and 2i+1 in the low and high nibbles of 32 bytes each (128 per block)."""
+    pairs = (quants & 0x0F).reshape(-1, 4, 2, 32)
+    return (pairs[:, :, 0, :] | (pairs[:, :, 1, :] << 4)).reshape(-1, 128)
+
+
+def quantize_q4_k(values: np.ndarray) -> np.ndarray:
+    """`values` (rows a multiple of 256 long) as Q4_K blocks (144 bytes: d, dmin, scales,
+    4-bit quants), in gguf's byte shape."""
+    quants, shape, heads = _affine_k(values, 15, "Q4_K")
+    out = np.concatenate([heads, _nibbles(quants)], axis=-1)
+    return out.reshape(*shape[:-1], shape[-1] // QK_K * 144)
+
+
+def quantize_q5_k(values: np.ndarray) -> np.ndarray:
+    """`values` (rows a multiple of 256 long) as Q5_K blocks (176 bytes: d, dmin, scales, 32
+    bytes whose bit j is sub-block j's fifth bit, then the low nibbles as Q4_K's), in gguf's
+    byte shape."""
+    quants, shape, heads = _affine_k(values, 31, "Q5_K")
+    high = sum(((quants[:, j, :] >> 4) & 1) << j for j in range(8)).astype(np.uint8)
+    out = np.concatenate([heads, high.reshape(-1, 32), _nibbles(quants)], axis=-1)
+    return out.reshape(*shape[:-1], shape[-1] // QK_K * 176)
 
 
 def quantize_q6_k(values: np.ndarray) -> np.ndarray:
@@ -93,7 +122,7 @@ def quantize_q6_k(values: np.ndarray) -> np.ndarray:
 
 
 # The types gguf-py decodes but cannot encode: our encoders.
-ENCODERS = {"Q4_K": quantize_q4_k, "Q6_K": quantize_q6_k}
+ENCODERS = {"Q4_K": quantize_q4_k, "Q5_K": quantize_q5_k, "Q6_K": quantize_q6_k}
 
 
 def _permute(weights: np.ndarray, heads: int) -> np.ndarray:
@@ -116,7 +145,7 @@ def _encoded(values: np.ndarray, qtype: str) -> tuple[np.ndarray, object]:
 
 
 # llama-quantize's fallback for a tensor whose rows are not whole 256-value blocks.
-_K_FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}
+_K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
 
 def _type_of(name: str, row: int, qtype: str) -> str:

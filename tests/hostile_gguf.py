@@ -109,7 +109,7 @@ def redimensioned(src: Path, dst: Path, tensor: str, dims: tuple[int, ...]) -> P
 
 
 def unsupported_type(src: Path, dst: Path, tensor: str) -> Path:
-    """`src` rewritten with one 2-d tensor stored as Q5_K (well-formed, not a type freemark
+    """`src` rewritten with one 2-d tensor stored as Q3_K (well-formed, not a type freemark
     reads): random bytes of the right size."""
     import gguf
 
@@ -124,7 +124,7 @@ def unsupported_type(src: Path, dst: Path, tensor: str) -> Path:
     for item in reader.tensors:
         shape = tuple(int(d) for d in reversed(item.shape.tolist()))
         if item.name == tensor:
-            kind = gguf.GGMLQuantizationType.Q5_K
+            kind = gguf.GGMLQuantizationType.Q3_K
             nbytes = gguf.quants.quant_shape_to_byte_shape(shape, kind)
             writer.add_tensor(item.name, rng.integers(0, 255, nbytes, dtype=np.uint8),
                               raw_dtype=kind)

@@ -123,7 +123,7 @@ def _hostile(world: World, tmp_path: Path) -> dict[str, tuple[Path, str]]:
             "whole blocks of 32 values"),
         "unsupported type": (
             lambda dst: hostile_gguf.unsupported_type(q4_0, dst, "blk.0.ffn_down.weight"),
-            "is Q5_K; supported tensor types"),
+            "is Q3_K; supported tensor types"),
         "unsupported architecture": (lambda dst: hostile_gguf.other_architecture(q4_0, dst),
                                      "'bloom' is not supported"),
         "another family": (

@@ -19,7 +19,7 @@ config goes through `huggingface.check_config` like any config.json. The host's 
 is built, so the key layer's module name is the registered one. Each of its tensors is
 found under the name llama.cpp's converter gives it (gguf's `TensorNameMap`), dequantized
 with `gguf.quants.dequantize` (`SUPPORTED_TYPES`: F32, F16, BF16, Q8_0, the legacy 4- and
-5-bit types, Q4_K and Q6_K; any other type is refused by name), un-transposed (GPT-2's Conv1D weights) and un-permuted (the converter reorders the
+5-bit types, Q4_K, Q5_K and Q6_K; any other type is refused by name), un-transposed (GPT-2's Conv1D weights) and un-permuted (the converter reorders the
 rows of Q and K of llama-architecture models for its RoPE kernel), and must then have the
 model's exact shape (`huggingface.assign_weights` puts them in place). A tied head is the
 embedding; an `output.weight` beside a tied or headless model is not read.
@@ -66,10 +66,11 @@ _SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 1
 _UINT32 = 4
 
 # What `gguf.quants.dequantize` reads here, by ggml type name: the floats, the legacy block
-# types, and Q4_K with Q6_K (llama.cpp's most downloaded mix, Q4_K_M, is Q4_K with Q6_K for
-# some tensors). Each is round-tripped in tests/unit/client/formats/test_gguf.py; the others
-# (Q2_K, Q3_K, Q5_K, the IQ, ternary and FP4 types) are refused by name.
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q6_K")
+# types, and Q4_K, Q5_K and Q6_K (llama.cpp's most downloaded mixes, Q4_K_M, Q4_K_S and
+# Q5_K_M, are made of these). Each is round-tripped in tests/unit/client/formats/test_gguf.py;
+# the others (Q2_K, Q3_K, the IQ, ternary and FP4 types) are refused by name.
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K",
+                   "Q6_K")
 
 
 @dataclass(frozen=True)

@@ -111,8 +111,8 @@ class _ModelFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelForm
     types, offsets and sizes are checked against caps and the file's size. The
     architecture (general.architecture llama, qwen2 or gpt2; Mistral is written as llama)
     and its shape-defining metadata must equal the registered host's config; tensors of
-    type F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K or Q6_K (so Q4_K_M files) are
-    dequantized (any other type is refused by name), mapped back to the
+    type F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K or Q6_K (so Q4_K_M
+    files) are dequantized (any other type is refused by name), mapped back to the
     checkpoint's names (llama.cpp's Q/K row permutation undone) and built into the host's
     architecture in the sandbox. Refusals are INVALID_MODEL.
     """
@@ -159,8 +159,8 @@ executes nothing, after the header's counts, string and array lengths, tensor di
 types, offsets and sizes are checked against caps and the file's size. The
 architecture (general.architecture llama, qwen2 or gpt2; Mistral is written as llama)
 and its shape-defining metadata must equal the registered host's config; tensors of
-type F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K or Q6_K (so Q4_K_M files) are
-dequantized (any other type is refused by name), mapped back to the
+type F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K or Q6_K (so Q4_K_M
+files) are dequantized (any other type is refused by name), mapped back to the
 checkpoint's names (llama.cpp's Q/K row permutation undone) and built into the host's
 architecture in the sandbox. Refusals are INVALID_MODEL.
 """
