@@ -85,7 +85,7 @@ DEFAULT_BACKOFF_S = 0.5  # first retry delay; doubled per retry, jittered
 MAX_BACKOFF_S = 10.0
 MAX_PAGE_SIZE = 100  # the server's limit (proto: ListRegistrationsRequest.page_size)
 
-ModelFormat = Literal["pt2", "safetensors", "hf", "lora", "onnx"]  # a row name of formats.table
+ModelFormat = Literal["pt2", "safetensors", "hf", "lora", "onnx", "gguf"]  # a row name of formats.table
 
 T = TypeVar("T")
 
@@ -353,9 +353,10 @@ class KeyServiceClient:
         """Ask the TTP whether a suspect model carries a registration's watermark.
 
         The suspect is a .pt2 program, a Hugging Face checkpoint directory (packed into one
-        file for the upload), a .onnx model, or .safetensors weights, which the server
-        applies to the architecture registered with the host; `fmt` overrides what the path
-        says. For an ONNX graph the server locates the key layer itself among every candidate
+        file for the upload), a .onnx model, .safetensors weights, which the server
+        applies to the architecture registered with the host, or a .gguf file, which the
+        server dequantizes into the registered checkpoint's architecture (it must match);
+        `fmt` overrides what the path says. For an ONNX graph the server locates the key layer itself among every candidate
         tensor and the verdict names the one it read (`reading`); `onnx_tensor` adds one
         tensor to the candidates, never replacing them. With `adapter` (a PEFT LoRA adapter
         directory), `model_path` is its base checkpoint directory: both are packed into one

@@ -148,7 +148,8 @@ def add_parsers(sub: Subparsers) -> None:
 
     p = sub.add_parser("verify", help="ask the key server for a signed verdict on a suspect")
     p.add_argument("--registration", required=True, help="registration id")
-    p.add_argument("--model", help="suspect: .pt2, Hugging Face checkpoint directory or .onnx")
+    p.add_argument("--model", help="suspect: .pt2, Hugging Face checkpoint directory, .onnx "
+                   "or .gguf (llama.cpp; judged in the registered checkpoint's architecture)")
     p.add_argument("--onnx-tensor", help="ONNX suspects: one more tensor for the server to "
                    "judge (it locates the key layer itself among every candidate tensor and "
                    "the verdict names the one read)")

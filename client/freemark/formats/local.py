@@ -22,7 +22,9 @@ from freemark.formats.table import detect
 __all__ = ["load_model", "upload_file"]
 
 _HINTS = {"onnx": "; an ONNX suspect is read at its key tensor (--onnx-tensor as needed)",
-          "safetensors": "; pass bare weights with --weights beside their architecture"}
+          "safetensors": "; pass bare weights with --weights beside their architecture",
+          "gguf": "; the key server judges a GGUF in the registered checkpoint's architecture "
+                  "(freemark verify --model X.gguf)"}
 
 
 def load_model(path: str | Path, *, weights: str | Path | None = None,

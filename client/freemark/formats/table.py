@@ -5,7 +5,7 @@ the wire (`wire`, a `freemark.v1.ModelFormat`), which suffix its upload is spool
 whether it may be registered as a host or only judged as a suspect, and which module opens
 it. Each format's module (`module`) answers `is_format(path)` for a local path, and opens a
 file of its kind that nobody vetted: the caps, the vetting and the safe loader live there,
-beside each other (`pt2` with `pt2_vetting`, `huggingface`, `lora`, `onnx`, `weights`). Its optional
+beside each other (`pt2` with `pt2_vetting`, `huggingface`, `lora`, `onnx`, `gguf`, `weights`). Its optional
 hooks: `load(path, weights=)` and `packed(path)` for the owner's own files
 (`freemark.formats.local`), `open_untrusted(path, ...)` and `warm_up(folder)` for the key
 server's sandbox child (rows with `sandbox_reader`).
@@ -70,6 +70,10 @@ FORMATS: tuple[ModelFormat, ...] = (
                 what=".safetensors weights for the registered host's architecture"),
     ModelFormat("onnx", pb.MODEL_FORMAT_ONNX, ".onnx", host=False, suspect=True,
                 module="freemark.formats.onnx", what="an ONNX model (.onnx)",
+                sandbox_reader=True),
+    # Read into the registered Hugging Face host's architecture (`weights` in the sandbox).
+    ModelFormat("gguf", pb.MODEL_FORMAT_GGUF, ".gguf", host=False, suspect=True,
+                module="freemark.formats.gguf", what="a GGUF file (llama.cpp, .gguf)",
                 sandbox_reader=True),
 )
 HOSTS: tuple[ModelFormat, ...] = tuple(f for f in FORMATS if f.host)

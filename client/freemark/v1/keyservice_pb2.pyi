@@ -104,9 +104,20 @@ class _ModelFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelForm
     key layer's width (any width where the aligned test runs), and the verdict is the
     strongest, Bonferroni-corrected over them (SuspectReading). Refusals are INVALID_MODEL.
     """
+    MODEL_FORMAT_GGUF: _ModelFormat.ValueType  # 5
+    """A GGUF file (llama.cpp's format; Verify only), judged against a registration whose
+    host is a Hugging Face decoder checkpoint. Read with the gguf package's parser, which
+    executes nothing, after the header's counts, string and array lengths, tensor dims,
+    types, offsets and sizes are checked against caps and the file's size. The
+    architecture (general.architecture llama, qwen2 or gpt2; Mistral is written as llama)
+    and its shape-defining metadata must equal the registered host's config; tensors of
+    type F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K or Q6_K (so Q4_K_M
+    files) are dequantized (any other type is refused by name), mapped back to the
+    checkpoint's names (llama.cpp's Q/K row permutation undone) and built into the host's
+    architecture in the sandbox. Refusals are INVALID_MODEL.
+    """
     MODEL_FORMAT_HF_LORA: _ModelFormat.ValueType  # 6
-    """(5 is left to the GGUF suspects of issue 20.)
-    A LoRA adapter and its base checkpoint packed into one .safetensors file (Verify
+    """A LoRA adapter and its base checkpoint packed into one .safetensors file (Verify
     only): the base's tensors under their own names as in MODEL_FORMAT_HF_CHECKPOINT, the
     adapter's (PEFT's names, base_model.model.<module>.lora_A.weight, ...) under the
     reserved prefix "freemark.lora/", and one metadata entry "freemark.hf_lora", a JSON
@@ -156,9 +167,20 @@ every tensor the graph computes from its inputs that is, pooled by its rank, of 
 key layer's width (any width where the aligned test runs), and the verdict is the
 strongest, Bonferroni-corrected over them (SuspectReading). Refusals are INVALID_MODEL.
 """
+MODEL_FORMAT_GGUF: ModelFormat.ValueType  # 5
+"""A GGUF file (llama.cpp's format; Verify only), judged against a registration whose
+host is a Hugging Face decoder checkpoint. Read with the gguf package's parser, which
+executes nothing, after the header's counts, string and array lengths, tensor dims,
+types, offsets and sizes are checked against caps and the file's size. The
+architecture (general.architecture llama, qwen2 or gpt2; Mistral is written as llama)
+and its shape-defining metadata must equal the registered host's config; tensors of
+type F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K or Q6_K (so Q4_K_M
+files) are dequantized (any other type is refused by name), mapped back to the
+checkpoint's names (llama.cpp's Q/K row permutation undone) and built into the host's
+architecture in the sandbox. Refusals are INVALID_MODEL.
+"""
 MODEL_FORMAT_HF_LORA: ModelFormat.ValueType  # 6
-"""(5 is left to the GGUF suspects of issue 20.)
-A LoRA adapter and its base checkpoint packed into one .safetensors file (Verify
+"""A LoRA adapter and its base checkpoint packed into one .safetensors file (Verify
 only): the base's tensors under their own names as in MODEL_FORMAT_HF_CHECKPOINT, the
 adapter's (PEFT's names, base_model.model.<module>.lora_A.weight, ...) under the
 reserved prefix "freemark.lora/", and one metadata entry "freemark.hf_lora", a JSON

@@ -6,7 +6,7 @@ policy), has the registration's rate limit looked at (`admit.check`), receives t
 and has the limit charged only then (`admit.charge`: an abandoned upload costs the
 registration nothing). The sandbox reads it on the registration's triggers (and alignment probes where the
 registration's panel lets the aligned test run); bare `.safetensors` weights are read into
-the registered host's program. An ONNX graph's node names are its author's, so the key
+the registered host's program, a GGUF file into the registered checkpoint's architecture. An ONNX graph's node names are its author's, so the key
 server locates its key layer itself: it scans every candidate tensor and the verdict is the
 strongest, corrected for how many there were (`scans.judge_scan`; a tensor the requester
 names is one more candidate, never the only one). The verdict binds the suspect, the
@@ -127,13 +127,19 @@ def _named(ctx: Context, header: pb.VerifyHeader, record: Registration, suspect:
            ) -> tuple[Verdict, SuspectReading]:
     """A suspect read at the registered layer by its module name: a Hugging Face checkpoint
     (names fixed by its allow-listed architecture), bare weights (read into the registered
-    host's program) or a program."""
+    host's program), a GGUF (read into the registered checkpoint's architecture, which it
+    must match) or a program."""
     probes = aligns(bundle, panel)  # without an aligned test the probes would go unused
-    if header.upload.format == pb.MODEL_FORMAT_SAFETENSORS:
+    if header.upload.format in formats.INTO_HOST:
         with host_file(ctx.store, ctx.keyring, record) as host:
-            options = {**formats.stored_host_options(host), **SKIP_FINGERPRINT}
-            reading = panels.read(sandbox_runner(ctx, options), host, bundle, suspect,
-                                  probes=probes)
+            into = formats.into_host_options(header.upload.format, host)
+            if into is None:
+                raise ServiceError(ErrorCode.INVALID_MODEL,
+                                   "a GGUF suspect is read into the registered host's "
+                                   "architecture, and this registration's host is a .pt2 "
+                                   "program, not a Hugging Face checkpoint")
+            reading = panels.read(sandbox_runner(ctx, {**into, **SKIP_FINGERPRINT}), host,
+                                  bundle, suspect, probes=probes)
     else:
         options = {**formats.sandbox_options(header.upload.format), **SKIP_FINGERPRINT}
         reading = panels.read(sandbox_runner(ctx, options), suspect, bundle, probes=probes)

@@ -10,12 +10,13 @@ under are the table's rows; the server reads them there (`by_wire`, `.host`, `.s
   with the stored host program they belong to);
 - a stored host's format, told from its first bytes (`stored_host_options`): a program is a
   zip archive, a packed checkpoint a safetensors file; the host was vetted when it was
-  registered;
+  registered; and the options of an upload read into it (`into_host_options`: bare weights
+  into either, a GGUF only into a checkpoint);
 - the child's dispatch (`handles`, `sandboxed_model`, by the row's `name`) to the
   `open_untrusted` of the format's own module (rows with `sandbox_reader`: today
   `freemark.formats.huggingface`, `freemark.formats.lora` (an adapter and its base, merged
-  here, in the child) and `freemark.formats.onnx`, with their allow-listed architectures,
-  adapter configs or operators, caps before anything is built, nothing unpickled), and their
+  here, in the child), `freemark.formats.onnx` and `freemark.formats.gguf`, with their
+  allow-listed architectures, adapter configs, operators or tensor types, caps before anything is built, nothing unpickled), and their
   `warm_up` in the fork server.
 
 The server never opens an upload itself.
@@ -37,8 +38,13 @@ PARAMETERS_KEY = "max_parameters"  # the operator's cap (`SandboxLimits.max_para
 _ZIP_MAGIC = b"PK\x03\x04"
 _HF = by_name("hf")
 _ONNX = by_name("onnx")
-__all__ = ["FORMAT_KEY", "MAX_TENSOR_NAME", "PARAMETERS_KEY", "TENSOR_KEY", "handles", "sandbox_options",
-           "sandboxed_activations", "sandboxed_model", "stored_host_options", "warm_up"]
+_GGUF = by_name("gguf")
+# Uploads read into the registered host (its stored file is the run's model): bare weights
+# and GGUF suspects.
+INTO_HOST = (by_name("safetensors").wire, _GGUF.wire)
+__all__ = ["FORMAT_KEY", "INTO_HOST", "MAX_TENSOR_NAME", "PARAMETERS_KEY", "TENSOR_KEY",
+           "handles", "into_host_options", "sandbox_options", "sandboxed_activations",
+           "sandboxed_model", "stored_host_options", "warm_up"]
 
 
 def sandbox_options(upload_format: int, onnx_tensor: str = "") -> dict[str, str]:
@@ -57,6 +63,16 @@ def stored_host_options(path: Path) -> dict[str, str]:
     with path.open("rb") as handle:
         head = handle.read(len(_ZIP_MAGIC))
     return {} if head == _ZIP_MAGIC else {FORMAT_KEY: _HF.name}
+
+
+def into_host_options(upload_format: int, host: Path) -> dict[str, str] | None:
+    """The sandbox options of an upload read into the stored `host` (the run's model, the
+    upload its `weights`): bare `.safetensors` weights go into the host's own loader, a GGUF
+    into its reader, which needs a Hugging Face checkpoint host (None for any other host)."""
+    options = stored_host_options(host)
+    if upload_format != _GGUF.wire:
+        return options
+    return {FORMAT_KEY: _GGUF.name} if options.get(FORMAT_KEY) == _HF.name else None
 
 
 def handles(header: dict[str, Any]) -> bool:

@@ -30,23 +30,25 @@ def test_paths_are_told_apart_by_their_format_modules(tmp_path: Path) -> None:
     (tmp_path / "m.pt2").write_bytes(b"PK")
     (tmp_path / "m.onnx").write_bytes(b"")
     (tmp_path / "w.safetensors").write_bytes(b"\0" * 16)  # not packed: bare weights
+    (tmp_path / "m.bin").write_bytes(b"GGUF\3\0\0\0")  # a GGUF by its magic, not its name
     checkpoint = tmp_path / "ckpt"
     checkpoint.mkdir()
     (checkpoint / "config.json").write_text("{}")
-    assert [table.format_of(tmp_path / n) for n in ("m.pt2", "m.onnx", "w.safetensors", "ckpt")] \
-        == ["pt2", "onnx", "safetensors", "hf"]
+    names = ("m.pt2", "m.onnx", "w.safetensors", "ckpt", "m.bin")
+    assert [table.format_of(tmp_path / n) for n in names] \
+        == ["pt2", "onnx", "safetensors", "hf", "gguf"]
     with pytest.raises(InvalidInputError, match="cannot tell the model format"):
         table.format_of(tmp_path / "model.bin")
     (tmp_path / "empty").mkdir()
     with pytest.raises(InvalidInputError, match="needs a config.json"):
         table.format_of(tmp_path / "empty")
-    with pytest.raises(InvalidInputError, match="unknown model format 'gguf'"):
-        table.by_name("gguf")
+    with pytest.raises(InvalidInputError, match="unknown model format 'ggml'"):
+        table.by_name("ggml")
 
 
 def test_hosts_and_suspects_come_from_the_rows() -> None:
     assert [r.name for r in table.HOSTS] == ["hf", "pt2"]
-    assert {r.name for r in table.SUSPECTS} == {"hf", "lora", "pt2", "safetensors", "onnx"}
+    assert {r.name for r in table.SUSPECTS} == {"hf", "lora", "pt2", "safetensors", "onnx", "gguf"}
     assert table.names(table.HOSTS) == (
         "a Hugging Face checkpoint (a directory with config.json, or one packed .safetensors) "
         "or a torch.export program (.pt2)")

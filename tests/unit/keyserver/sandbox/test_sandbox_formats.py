@@ -118,3 +118,19 @@ def test_the_workers_memory_limit_grows_with_its_model_file(tmp_path: Path) -> N
     with pytest.raises(SandboxResourceError, match="memory"):
         run_model(packed, layer=layer, pooling=bundle_pb2.POOLING_TOKEN_MEAN,
                   triggers=triggers, options=options, limits=tight)
+
+
+def test_uploads_read_into_the_stored_host_get_its_reader(tmp_path: Path) -> None:
+    """Bare weights go into either kind of stored host with the host's own loader; a GGUF
+    goes into a checkpoint host with the GGUF reader, and into a program not at all (the
+    Verify handler refuses it, naming why)."""
+    program, checkpoint = tmp_path / "host.pt2", tmp_path / "host.safetensors"
+    program.write_bytes(b"PK\x03\x04rest")
+    checkpoint.write_bytes(b"\x10\0\0\0\0\0\0\0{}")
+    weights, gguf = pb.MODEL_FORMAT_SAFETENSORS, pb.MODEL_FORMAT_GGUF
+    assert set(formats.INTO_HOST) == {weights, gguf}
+    assert formats.into_host_options(weights, program) == {}
+    assert formats.into_host_options(weights, checkpoint) == {formats.FORMAT_KEY: "hf"}
+    assert formats.into_host_options(gguf, checkpoint) == {formats.FORMAT_KEY: "gguf"}
+    assert formats.into_host_options(gguf, program) is None
+    assert formats.handles(formats.into_host_options(gguf, checkpoint) or {})
