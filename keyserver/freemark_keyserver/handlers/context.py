@@ -17,11 +17,11 @@ import numpy as np
 
 from freemark.errors import InvalidInputError, ModelFileError
 from freemark.records import wire
-from freemark.records.types import Checkpoint, InclusionProof, SignedStatement
+from freemark.records.types import Checkpoint, InclusionProof, SignedStatement, Verdict
 from freemark.scheme.bundle import KeyBundle
 from freemark.tlog import merkle
 from freemark.v1 import keyservice_pb2 as pb
-from freemark.verdict.decision import DEFAULT_ALPHA
+from freemark.verdict.decision import DEFAULT_ALPHA, coarse_values
 from freemark_keyserver import cancellation
 from freemark_keyserver.claims import ClaimIndex
 from freemark_keyserver.config import ServerConfig
@@ -50,6 +50,7 @@ __all__ = [
     "Runner",
     "Stream",
     "append_entry",
+    "disclosed",
     "inclusion_proof",
     "policy_alpha",
     "public",
@@ -196,6 +197,17 @@ def policy_alpha(ctx: Context, requested: float) -> float:
                            f"{asked} is outside this key server's verdict policy: it signs "
                            f"verdicts for {policy.describe()}")
     return alpha
+
+
+def disclosed(ctx: Context, principal_name: str, record: Registration, verdict: Verdict
+              ) -> tuple[bool, dict[str, Any]]:
+    """(coarse, the judgement fields to sign) of a verdict for this requester: the coarse
+    form (`decision.coarse_values`: the decision and a p-value bucket, no statistic a thief
+    could steer by) for anyone but the registration's owner where the operator's policy
+    says so, the full one otherwise. One rule for a file Verify and a VerifyEndpoint."""
+    coarse = (ctx.config.verdict_policy.arbiter_disclosure == "coarse"
+              and principal_name != record.owner)
+    return coarse, coarse_values(verdict) if coarse else wire.signed_values(verdict)
 
 
 def public(exc: Exception) -> str:

@@ -80,15 +80,14 @@ def register(ctx: Context, principal: Principal, stream: Stream[pb.RegisterHeade
     models (each checked before its bytes are read), then `register_host`."""
     require_role(principal, OWNER)
     header = stream.header()
+    key: OutputKey | None = None
+    bundle: KeyBundle | None = None
     if header.output_key:
-        if header.HasField("bundle"):
-            raise ServiceError(ErrorCode.MALFORMED_REQUEST, "a registration holds one key: "
-                               "send a bundle or an output key, not both")
         key = outputs.parse_key(header.output_key, principal.name, ctx.config.max_bundle_bytes)
         if header.upload.format != pb.MODEL_FORMAT_PT2:
             raise ServiceError(ErrorCode.MALFORMED_REQUEST, "an output key's host must be a "
                                ".pt2 program (the sandbox reads outputs from programs)")
-    else:
+    if header.HasField("bundle") or key is None:
         bundle = parse_bundle(ctx, principal, header)
     host_format = by_wire(header.upload.format)
     assert host_format is not None  # parse_bundle refuses any other
@@ -102,10 +101,11 @@ def register(ctx: Context, principal: Principal, stream: Stream[pb.RegisterHeade
             panels.check_reference_header(reference)
             references.append(files.enter_context(stream.receive(
                 reference, suffix=panels.REFERENCE_FORMAT.suffix)))
-        if header.output_key:
+        if bundle is None:
+            assert key is not None
             return register_output_key(ctx, principal, key, host, references)
         return register_host(ctx, principal, bundle, host, references,
-                             host_format=header.upload.format)
+                             host_format=header.upload.format, output_key=key)
 
 
 def register_output_key(ctx: Context, principal: Principal, key: OutputKey, host: Path,
@@ -125,7 +125,7 @@ def register_output_key(ctx: Context, principal: Principal, key: OutputKey, host
             if _blocks(r, principal)]
     if same:
         raise _claimed(principal, same, "the same weights are registered")
-    panel = outputs.measure_panel(ctx, references, key, reading)
+    panel, _ = outputs.measure_panel(ctx, references, key, reading)
     registration_id = "reg_" + secrets.token_hex(REGISTRATION_ID_BYTES)
     envelope = seal(ctx.keyring, outputs.seal_bytes(key, panel), record_id=registration_id,
                     owner=principal.name)
@@ -182,11 +182,18 @@ def parse_bundle(ctx: Context, principal: Principal, header: pb.RegisterHeader) 
 
 def register_host(ctx: Context, principal: Principal, bundle: KeyBundle, host: Path,
                   references: Sequence[Path] = (), *,
-                  host_format: int = pb.MODEL_FORMAT_PT2) -> pb.Receipt:
+                  host_format: int = pb.MODEL_FORMAT_PT2,
+                  output_key: OutputKey | None = None) -> pb.Receipt:
     """Check, store and log a registration; return its signed receipt.
 
     The host's probe profile is measured here, in the sandbox, and replaces the uploaded
     one; each reference is read the same way and refused if it is the host relabelled.
+
+    With `output_key`, the registration holds both key kinds for one host: after the
+    white-box checks the host is read through its outputs as for an output key alone
+    (`outputs.read_host`), the references that are the output key's panel members become
+    its measured panel and the others the white-box key's, the output key is sealed
+    inside the registration's envelope and the receipt commits to its query sets.
     """
     require_role(principal, OWNER)
     claims = _PriorClaims(ctx, principal, bundle)
@@ -198,6 +205,14 @@ def register_host(ctx: Context, principal: Principal, bundle: KeyBundle, host: P
     claims.judge(results[1:])
     reading = claims.host
     bundle = panels.with_profile(bundle, reading)
+    sealed_outputs = b""
+    sets: tuple[bytes, ...] = ()
+    if output_key is not None:  # the same host: both keys' fingerprint checks passed on it
+        host_outputs = outputs.read_host(ctx, host, output_key)
+        measured, references = outputs.measure_panel(ctx, references, output_key,
+                                                     host_outputs, others=True)
+        sealed_outputs = outputs.seal_bytes(output_key, measured)
+        sets = query_set_commitments(output_key)
     candidates = panels.measure_panel(sandbox_runner(ctx), references, bundle, reading)
     skipped: list[PanelMemberEntry] = []
     if reading.probes is not None:
@@ -209,8 +224,8 @@ def register_host(ctx: Context, principal: Principal, bundle: KeyBundle, host: P
     panel = vetted.references
 
     registration_id = "reg_" + secrets.token_hex(REGISTRATION_ID_BYTES)
-    envelope = seal(ctx.keyring, panels.seal_bytes(bundle, panel), record_id=registration_id,
-                    owner=principal.name)
+    envelope = seal(ctx.keyring, panels.seal_bytes(bundle, panel, sealed_outputs),
+                    record_id=registration_id, owner=principal.name)
     # Streamed from the spool file into the store a segment at a time, never read whole.
     host_header = store_host(ctx.store, ctx.keyring, host, registration_id=registration_id,
                              owner=principal.name)
@@ -229,7 +244,7 @@ def register_host(ctx: Context, principal: Principal, bundle: KeyBundle, host: P
             "host_fingerprint": reading.fingerprint, "watermark_commitment": wm_commitment,
             "layer": bundle.layer, "n_bits": bundle.n_bits, "log_index": i, "integrated_time": t,
             "panel": panel_record, "architecture_digest": reading.architecture_digest,
-            "panel_members": vetted.entries, "panel_warning": vetted.warning, "query_sets": (),
+            "panel_members": vetted.entries, "panel_warning": vetted.warning, "query_sets": sets,
         }), record, claim=claims.sealed(registration_id))
     except DuplicateError as exc:  # a concurrent Register of the same host committed first
         raise _claimed(principal, lookup_many(
