@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -87,6 +88,10 @@ class Context:
     pool: SandboxPool | None = None  # None: the process-wide `sandbox.runner.shared_pool`
     sandbox: Callable[..., SandboxResult] = run_model
     batch: Callable[..., tuple[ModelIdentity, list[np.ndarray | Exception]]] = run_batch
+    # The name lookup VerifyEndpoint checks against the allow-list (once per conversation;
+    # every connection goes to the address checked): injected like the sandbox, so a test
+    # scripts a DNS answer that changes after the check.
+    resolver: Callable[..., Any] = socket.getaddrinfo
     # The log's registrations, what decides; every entry checked against the signer's key.
     ledger: Ledger = field(init=False)
     # The log's append path: concurrent appends committed together with their checkpoint.

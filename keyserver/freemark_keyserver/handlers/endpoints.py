@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -114,7 +113,7 @@ def _target(ctx: Context, principal: Principal, request: pb.VerifyEndpointReques
 
 def verify_endpoint(ctx: Context, principal: Principal, request: pb.VerifyEndpointRequest, *,
                     admit: Admission, limiter: EndpointRateLimiter | None,
-                    resolver: Resolver = socket.getaddrinfo,
+                    resolver: Resolver | None = None,
                     clock: Callable[[], float] = time.time) -> pb.EndpointVerdict:
     """The VerifyEndpoint call (module docstring)."""
     record, alpha, key, panel = _target(ctx, principal, request)
@@ -122,7 +121,7 @@ def verify_endpoint(ctx: Context, principal: Principal, request: pb.VerifyEndpoi
     try:
         session = EndpointSession(request.endpoint, request.model_name,
                                   policy=ctx.config.endpoint_policy, limiter=limiter,
-                                  resolver=resolver, clock=clock)
+                                  resolver=resolver or ctx.resolver, clock=clock)
         kind = session.kind  # the metadata: labels or scores, before any query is sent
     except EndpointError as exc:
         raise _refused(exc) from exc
