@@ -33,16 +33,20 @@ from freemark.blackbox.commit import query_set_commitment, query_set_commitments
 from freemark.blackbox.judge import set_items
 from freemark.blackbox.key import OutputKey, save_output_key
 from freemark.blackbox.queries import derive_output_key
+from freemark.derive import derive_key
 from freemark.errors import ServerError
 from freemark.formats.pt2 import save_program
 from freemark.records.types import (
     AnyEndpointVerdict,
     CoarseEndpointVerdict,
+    Receipt,
     SignedVerdict,
 )
 from freemark.rpc import KeyServiceClient
+from freemark.scheme.triggers import select_triggers
 from freemark.verdict.decision import COARSE_EDGES
 from freemark_keyserver.config import ServerConfig
+from freemark_keyserver.handlers.register import CLAIMED
 from freemark_keyserver.server import RunningServer, create_server
 from freemark_lab.train import train
 from hostile_endpoints import Handler, Seen, endpoint, infer_reply, request_inputs
@@ -53,6 +57,8 @@ from ttp_fleet import add_principals
 SHAPE = (1, 8, 8)
 QUERIES = 96
 OWNER = "alice@example.com"
+THIEF = "mallory@example.com"
+BOB = "bob@example.com"
 DIGITS_META = {"name": "m", "versions": ["1"], "platform": "toy",
                "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, *SHAPE]}],
                "outputs": [{"name": "label", "datatype": "INT64", "shape": [-1]}]}
@@ -109,7 +115,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     config = ServerConfig(data_dir=folder / "ttp", listen="127.0.0.1:0", grace_seconds=1,
                           endpoint_allow=("127.0.0.1",))
     running = create_server(config)
-    tokens = add_principals(config.database, [(OWNER, "owner"), ("arbiter", "arbiter")])
+    tokens = add_principals(config.database, [(OWNER, "owner"), ("arbiter", "arbiter"),
+                                              (THIEF, "owner"), (BOB, "owner")])
     try:
         host = _program(bm.host(), folder / "host.pt2")
         references = [_program(m, folder / f"reference{i}.pt2") for i, m in enumerate(bm.panel())]
@@ -362,3 +369,41 @@ def test_through_the_cli_an_owner_checks_an_endpoint_then_gets_a_verdict_checked
     assert checked["ok"] is True and checked["kind"] == "endpoint verdict"
     assert world.tree_size() == size + 1
 
+
+def _white_box_register(world: World, who: str, model: nn.Module, name: str) -> Receipt:
+    bundle = derive_key(model, layer="act", owner=who,
+                        triggers=select_triggers(*bm.owner_data(), per_class=10, seed=3))
+    with KeyServiceClient(f"127.0.0.1:{world.running.port}", token=world.tokens[who],
+                          timeout=600) as client:
+        return client.register(bundle, _program(model, world.folder / f"{name}.pt2"))
+
+
+def test_a_copy_of_an_output_key_host_cannot_be_registered_under_either_key_kind(
+        world: World) -> None:
+    """Issue 19: an output key's host is held by more than its fingerprint. Mallory's
+    fine-tuned copy (other weights) is refused as a prior claim when she registers it with a
+    white-box key of her own, and when she registers it with an output key of her own: the
+    key server reads the copy's answers to Alice's queries in its sandbox and her key
+    matches. The refusal names neither Alice's registration nor any figure; nothing is
+    logged. Bob's independent model registers (no false claim)."""
+    size = world.tree_size()
+    copy_model = _thief_copy()
+    with pytest.raises(ServerError) as caught:
+        _white_box_register(world, THIEF, copy_model, "mallory-white-box")
+    assert caught.value.reason == "ALREADY_CLAIMED", str(caught.value)
+    assert caught.value.message.endswith(CLAIMED)  # the fixed text: no id, no figure
+    assert "reg_" not in caught.value.message and "log10" not in caught.value.message
+
+    key = derive_output_key(copy_model, *bm.owner_data(), bm.panel(), owner=THIEF,
+                            n_queries=16, n_sets=1, recipes=bm.RECIPES)
+    references = sorted(world.folder.glob("reference*.pt2"))
+    with KeyServiceClient(f"127.0.0.1:{world.running.port}", token=world.tokens[THIEF],
+                          timeout=600) as client, pytest.raises(ServerError) as caught:
+        client.register_output_key(key, _program(copy_model, world.folder / "mallory.pt2"),
+                                   references=references)
+    assert caught.value.reason == "ALREADY_CLAIMED", str(caught.value)
+    assert caught.value.message.endswith(CLAIMED) and "reg_" not in caught.value.message
+    assert world.tree_size() == size
+
+    receipt = _white_box_register(world, BOB, bm.independents()[1], "bob")
+    assert receipt.owner == BOB and world.tree_size() == size + 1

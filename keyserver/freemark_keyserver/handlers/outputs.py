@@ -11,7 +11,9 @@ hold an output key beside its white-box key (one Register carrying both): its se
 then inside the white-box registration's (`panels.open_output_key`).
 
 A model file is judged on an output key too (`suspect_tests`): the sandbox reads its
-answers to every query, and the output tests join the verdict.
+answers to every query, and the output tests join the verdict. And a later Register is
+judged with every earlier output key the same way (`claim_runs`, `claimed_by`): a match is
+a prior claim on the upload, whatever key kind it is registered with.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from freemark.blackbox.judge import check_host_answers, output_tests
 from freemark.blackbox.key import OutputKey, decode_output_key, encode_output_key
 from freemark.blackbox.responder import Answers
 from freemark.errors import InvalidInputError
-from freemark.verdict.outputs import RANK_DEPTH, OutputTest
+from freemark.verdict.decision import DEFAULT_ALPHA
+from freemark.verdict.outputs import RANK_DEPTH, OutputTest, decide_outputs
 from freemark_keyserver.crypto import Envelope, open_envelope
 from freemark_keyserver.errors import ErrorCode, ServiceError
 from freemark_keyserver.handlers.context import Context, sandbox_refusals
@@ -36,8 +39,8 @@ from freemark_keyserver.sandbox.runner import ModelIdentity, TriggerRun
 from freemark_keyserver.store import Registration
 
 __all__ = ["MIN_ARCHITECTURES", "MIN_REFERENCES", "OUTPUTS_LAYER", "MeasuredPanel", "Reading",
-           "is_output_registration", "measure_panel", "open_bytes", "open_sealed", "parse_key",
-           "read_host", "seal_bytes", "suspect_tests"]
+           "claim_runs", "claimed_by", "is_output_registration", "measure_panel", "open_bytes",
+           "open_sealed", "parse_key", "read_host", "seal_bytes", "suspect_tests"]
 
 # The receipt's and the store's layer for an output key: parentheses never name a module.
 OUTPUTS_LAYER = "(outputs)"
@@ -112,11 +115,42 @@ def suspect_tests(ctx: Context, path: Path, key: OutputKey, panel: MeasuredPanel
     if reading.query_scores.shape[1] != key.n_classes:
         raise InvalidInputError(f"the suspect answers {reading.query_scores.shape[1]} classes; "
                                 f"the output key is for {key.n_classes}")
-    answers = Answers(labels=reading.query_scores.argmax(axis=1), scores=reading.query_scores)
-    ranking = Answers(labels=reading.ranking_scores.argmax(axis=1),
-                      scores=reading.ranking_scores)
+    return _tests_of(key, panel, reading.query_scores, reading.ranking_scores)
+
+
+def _tests_of(key: OutputKey, panel: MeasuredPanel, query_scores: np.ndarray,
+              ranking_scores: np.ndarray) -> list[OutputTest]:
+    """The output tests of a model's scores on every set's queries and ranking items."""
+    answers = Answers(labels=query_scores.argmax(axis=1), scores=query_scores)
+    ranking = Answers(labels=ranking_scores.argmax(axis=1), scores=ranking_scores)
     return output_tests(key, None, answers, ranking, panel_query_scores=panel.query_scores,
                         panel_ranking_scores=panel.ranking_scores)
+
+
+def claim_runs(key: OutputKey) -> list[TriggerRun]:
+    """The sandbox runs that read an upload's answers to an earlier output key's queries and
+    ranking items, for Register's prior-claim check (`claimed_by`)."""
+    return [TriggerRun.outputs_of(key.queries, claim=True),
+            TriggerRun.outputs_of(key.ranking_inputs, claim=True)]
+
+
+def claimed_by(key: OutputKey, panel: MeasuredPanel,
+               answers: Sequence[np.ndarray | Exception]) -> float | None:
+    """Whether an earlier output key claims an upload, from its `claim_runs`' answers: the
+    log10 p of its verdict when that is a match at the default alpha (every set at once,
+    as a file Verify reads it), 0.0 when a run failed (fail closed: a thief cannot buy a
+    clearance by making his copy fail on the queries), None when it is not a copy (it
+    does not take the key's inputs, or answers another number of classes: the key cannot
+    be read on it) or the key does not match it. Nothing of this is shown to the caller."""
+    queries, ranking = answers
+    if isinstance(queries, Exception) or isinstance(ranking, Exception):
+        return 0.0
+    if queries.shape[1] != key.n_classes or ranking.shape[1] != key.n_classes:
+        return None
+    verdict = decide_outputs(_tests_of(key, panel, np.asarray(queries, dtype=np.float64),
+                                       np.asarray(ranking, dtype=np.float64)),
+                             key.panel, alpha=DEFAULT_ALPHA)
+    return verdict.log10_p_value if verdict.is_match else None
 
 
 def read_host(ctx: Context, path: Path, key: OutputKey) -> Reading:
