@@ -8,7 +8,10 @@ labels-only and as a scores endpoint, and a held-out independent model as labels
 server queries them (allow-listed loopback) and signs `match`, `match`, `no_match`, each
 checked offline. Hostile endpoints (outside the allow-list, a redirect, a gigabyte, malformed
 JSON, answers that change with the asking, never answering) are refused with their status,
-and nothing is signed or logged. One key server, one MLServer per module.
+and nothing is signed or logged. An arbiter gets the coarse endpoint verdict. The copy as a
+.pt2 file is judged on the output key in the sandbox (a signed file verdict), and its thief
+cannot register it under a white-box key or an output key of his own: Alice's output key is
+a prior claim on it. One key server, one MLServer per module.
 """
 
 from __future__ import annotations
