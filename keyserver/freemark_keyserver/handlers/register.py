@@ -266,8 +266,8 @@ class _PriorClaims:
     registration's panel, aligned, so a relabelled, rescaled or padded copy is caught) is a
     match on some tensor of the upload, or an earlier output key's verdict on the upload's
     answers to its queries is a match (`outputs.claimed_by`; every candidate holding an
-    output key, read in the same child: `_output_keys`, `_output_claims`). The key layer is located by the TTP, not by its
-    name: the sandbox child reads every tensor the upload computes on that registration's
+    output key, read in the same child: `_output_keys`, `_output_claims`). The key layer
+    is located by the TTP, not by its name: the sandbox child reads every tensor the upload computes on that registration's
     triggers (a scan, `TriggerRun` with no layer), of the key's width for the plain test or
     of any width when the panel lets the aligned test run, and each is judged with the
     earlier key; any match is a claim. So renaming the key layer, any weight, every module,
