@@ -26,6 +26,7 @@ from freemark.verdict.canon import aligned_readout
 from freemark.verdict.decision import (
     DEFAULT_ALPHA,
     DEFAULT_PERMUTATIONS,
+    Test,
     count_matches,
     decide,
     judge,
@@ -78,10 +79,15 @@ def _plain_on_other_width(activations: np.ndarray, probes: np.ndarray, bundle: K
 def judge_activations(activations: np.ndarray, bundle: KeyBundle, *, alpha: float = DEFAULT_ALPHA,
                       probe_activations: np.ndarray | None = None,
                       panel: Sequence[Reference] = (),
-                      n_permutations: int = DEFAULT_PERMUTATIONS) -> Verdict:
+                      n_permutations: int = DEFAULT_PERMUTATIONS,
+                      extra: Sequence[Test] = (), extra_panel: Sequence[bytes] = ()) -> Verdict:
     """The verdict from already-captured activations (what the TTP does after its sandbox).
 
-    `panel` members also join the plain test's null (those of the host's width).
+    `panel` members also join the plain test's null (those of the host's width). `extra`
+    are further tests of the same suspect by another key of the registration (an output
+    key's, `freemark.blackbox.judge.output_tests`), whose nulls came from `extra_panel`:
+    they join the verdict after the aligned test, under the one Bonferroni correction of
+    `decide`.
     """
     can_align = aligns(bundle, panel) and probe_activations is not None
     check_activations(activations, bundle, any_width=can_align)
@@ -95,13 +101,14 @@ def judge_activations(activations: np.ndarray, bundle: KeyBundle, *, alpha: floa
         assert probe_activations is not None
         plain = _plain_on_other_width(activations, probe_activations, bundle, alpha)
     fingerprints = [r.fingerprint for r in panel]
+    fingerprints += [f for f in extra_panel if f not in fingerprints]
     if not can_align:
-        return decide(plain, [], fingerprints, alpha=alpha, untested=_why_untested(
+        return decide(plain, list(extra), fingerprints, alpha=alpha, untested=_why_untested(
             bundle, probe_activations, panel))
     assert bundle.probe_profile is not None and probe_activations is not None
     aligned = aligned_test(bundle.probe_profile, probe_activations,
                            [count_for(r, bundle) for r in panel])
-    return decide(plain, [aligned], fingerprints, alpha=alpha)
+    return decide(plain, [aligned, *extra], fingerprints, alpha=alpha)
 
 
 def panel_reach(bundle: KeyBundle, host_triggers: np.ndarray, host_probes: np.ndarray | None,

@@ -44,10 +44,10 @@ from freemark.errors import (
 from freemark.formats import table
 from freemark.formats.local import upload_file
 from freemark.records.types import (
+    AnyEndpointVerdict,
     AnyVerdict,
     Checkpoint,
     ConsistencyProof,
-    EndpointVerdict,
     InclusionProof,
     Receipt,
     RegistrationInfo,
@@ -287,7 +287,8 @@ class KeyServiceClient:
     # --- registrations -----------------------------------------------------------------------
 
     def register(self, bundle: KeyBundle, model_path: Path, *,
-                 references: Sequence[Path] = ()) -> Receipt:
+                 references: Sequence[Path] = (), output_key: OutputKey | None = None
+                 ) -> Receipt:
         """Register a key for the host model (a .pt2 program or a Hugging Face checkpoint
         directory, packed into one file for the upload): the TTP re-extracts, signs and logs it.
 
@@ -296,6 +297,11 @@ class KeyServiceClient:
         that sees through relabelled, rescaled or padded copies (at least 3; 5 or more
         recommended). They are fixed at registration. Raises `AlreadyRegisteredError` if
         an earlier registration already claims the model.
+
+        `output_key` (of the same host, a .pt2 program) makes one registration hold both key
+        kinds: `references` then also carry the output key's panel (the TTP tells them from
+        the white-box key's references by their weights), the receipt commits to its query
+        sets, and a Verify of a model file judges every test of both keys.
         """
         host_format = _format_of(Path(model_path), None)
         if not host_format.host:
@@ -308,7 +314,10 @@ class KeyServiceClient:
             uploads = [_Upload(host, host_format.wire, self._chunk_size, self._progress),
                        *(_Upload(Path(r), pb.MODEL_FORMAT_PT2, self._chunk_size, self._progress)
                          for r in references)]
-            return self._register({"bundle": message}, uploads)
+            key: dict[str, Any] = {"bundle": message}
+            if output_key is not None:
+                key["output_key"] = encode_output_key(output_key)
+            return self._register(key, uploads)
 
     def register_output_key(self, key: OutputKey, model_path: Path, *,
                             references: Sequence[Path]) -> Receipt:
@@ -385,13 +394,15 @@ class KeyServiceClient:
 
     def verify_endpoint(self, registration_id: str, endpoint: str, model_name: str, *,
                         labels_only: bool = False, alpha: float | None = None
-                        ) -> EndpointVerdict:
+                        ) -> AnyEndpointVerdict:
         """Ask the TTP to judge the model behind a live Open Inference Protocol v2 endpoint
         (`endpoint`: http(s)://host:port, which the TTP's operator must allow-list) with a
         registration's output key: a signed, logged `EndpointVerdict` that binds the
         endpoint, the model's name and version, the query set and every body's SHA-256.
         A refused endpoint raises the `ServerError` of its ENDPOINT_* reason; nothing is
-        signed then."""
+        signed then. A requester other than the registration's owner gets a
+        `CoarseEndpointVerdict` (outcome and p-value bucket) where the server's policy says
+        so, as for `verify`."""
         if alpha is not None and not 0.0 < alpha < 1.0:
             raise InvalidInputError(f"alpha must be in (0, 1), got {alpha}")
         request = pb.VerifyEndpointRequest(registration_id=registration_id, endpoint=endpoint,

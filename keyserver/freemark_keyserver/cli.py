@@ -67,6 +67,8 @@ def _config(args: argparse.Namespace) -> cfg.ServerConfig:
             verify_rate_registration=args.verify_rate_registration,
             metrics_listen=args.metrics_listen,
             endpoint_allow=tuple(args.endpoint_allow),
+            endpoint_read_timeout_s=args.endpoint_read_timeout,
+            endpoint_total_timeout_s=args.endpoint_total_timeout,
             verdict_policy=VerdictPolicy.make(alpha_min=args.alpha_min, alpha_max=args.alpha_max,
                                               arbiter_disclosure=args.arbiter_disclosure),
             panel_reach=args.panel_reach,
@@ -344,6 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a host name, address or CIDR network VerifyEndpoint may query "
                         "(repeatable; none by default: every endpoint is refused; loopback "
                         "and private addresses only when an address or network names them)")
+    p.add_argument("--endpoint-read-timeout", type=float,
+                   default=cfg.ServerConfig.endpoint_read_timeout_s, metavar="SECONDS",
+                   help="VerifyEndpoint: the longest wait for any one read from an endpoint "
+                        "(default %(default)s)")
+    p.add_argument("--endpoint-total-timeout", type=float,
+                   default=cfg.ServerConfig.endpoint_total_timeout_s, metavar="SECONDS",
+                   help="VerifyEndpoint: the longest a whole conversation with an endpoint may "
+                        "take (default %(default)s)")
     p.add_argument("--panel-reach", choices=cfg.PANEL_REACH_MODES, default=cfg.DEFAULT_PANEL_REACH,
                    help="a Register whose reference panel cannot give a relabelled copy of the "
                         "host a match at the default alpha: refused (PANEL_TOO_WEAK), or "

@@ -180,8 +180,12 @@ class ServerConfig:
     verdict_policy: VerdictPolicy = field(default_factory=default_policy)
     # Where VerifyEndpoint may send queries (`--endpoint-allow`): host names, addresses and
     # CIDR networks; empty (the default) refuses every endpoint. The rest of the HTTP
-    # client's limits are `EndpointPolicy`'s defaults (docs/blackbox.md).
+    # client's limits are `EndpointPolicy`'s defaults (docs/blackbox.md), but for its read
+    # and total deadlines (`--endpoint-read-timeout`, `--endpoint-total-timeout`): what a
+    # slow endpoint may cost the key server is the operator's choice.
     endpoint_allow: tuple[str, ...] = ()
+    endpoint_read_timeout_s: float = EndpointPolicy.read_timeout_s
+    endpoint_total_timeout_s: float = EndpointPolicy.total_timeout_s
     panel_reach: str = DEFAULT_PANEL_REACH  # one of PANEL_REACH_MODES
 
     def __post_init__(self) -> None:
@@ -207,9 +211,11 @@ class ServerConfig:
 
     @property
     def endpoint_policy(self) -> EndpointPolicy:
-        """The HTTP client's rules for VerifyEndpoint: the operator's allow-list, the
-        library's deadlines, caps and budgets."""
-        return EndpointPolicy(allow=self.endpoint_allow)
+        """The HTTP client's rules for VerifyEndpoint: the operator's allow-list and
+        deadlines, the library's caps and budgets."""
+        return EndpointPolicy(allow=self.endpoint_allow,
+                              read_timeout_s=self.endpoint_read_timeout_s,
+                              total_timeout_s=self.endpoint_total_timeout_s)
 
     @property
     def spool_dir(self) -> Path:

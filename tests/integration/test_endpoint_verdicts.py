@@ -8,7 +8,10 @@ labels-only and as a scores endpoint, and a held-out independent model as labels
 server queries them (allow-listed loopback) and signs `match`, `match`, `no_match`, each
 checked offline. Hostile endpoints (outside the allow-list, a redirect, a gigabyte, malformed
 JSON, answers that change with the asking, never answering) are refused with their status,
-and nothing is signed or logged. One key server, one MLServer per module.
+and nothing is signed or logged. An arbiter gets the coarse endpoint verdict. The copy as a
+.pt2 file is judged on the output key in the sandbox (a signed file verdict), and its thief
+cannot register it under a white-box key or an output key of his own: Alice's output key is
+a prior claim on it. One key server, one MLServer per module.
 """
 
 from __future__ import annotations
@@ -28,16 +31,25 @@ import torch
 from torch import nn
 
 import blackbox_models as bm
-from freemark.audit.receipt import load_statement, save_statement, verify_receipt
+from freemark.audit.receipt import load_statement, save_statement, verify_receipt, verify_suspect
 from freemark.blackbox.commit import query_set_commitment, query_set_commitments
 from freemark.blackbox.judge import set_items
 from freemark.blackbox.key import OutputKey, save_output_key
 from freemark.blackbox.queries import derive_output_key
+from freemark.derive import derive_key
 from freemark.errors import ServerError
 from freemark.formats.pt2 import save_program
-from freemark.records.types import EndpointVerdict
+from freemark.records.types import (
+    AnyEndpointVerdict,
+    CoarseEndpointVerdict,
+    Receipt,
+    SignedVerdict,
+)
 from freemark.rpc import KeyServiceClient
+from freemark.scheme.triggers import select_triggers
+from freemark.verdict.decision import COARSE_EDGES
 from freemark_keyserver.config import ServerConfig
+from freemark_keyserver.handlers.register import CLAIMED
 from freemark_keyserver.server import RunningServer, create_server
 from freemark_lab.train import train
 from hostile_endpoints import Handler, Seen, endpoint, infer_reply, request_inputs
@@ -48,6 +60,8 @@ from ttp_fleet import add_principals
 SHAPE = (1, 8, 8)
 QUERIES = 96
 OWNER = "alice@example.com"
+THIEF = "mallory@example.com"
+BOB = "bob@example.com"
 DIGITS_META = {"name": "m", "versions": ["1"], "platform": "toy",
                "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, *SHAPE]}],
                "outputs": [{"name": "label", "datatype": "INT64", "shape": [-1]}]}
@@ -70,7 +84,7 @@ class World:
     def tree_size(self) -> int:
         return self.running.ctx.store.tree_size()
 
-    def verify(self, who: str, url: str, model: str, **options: Any) -> EndpointVerdict:
+    def verify(self, who: str, url: str, model: str, **options: Any) -> AnyEndpointVerdict:
         with self.client(who) as client:
             return client.verify_endpoint(self.registration_id, url, model, **options)
 
@@ -104,7 +118,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     config = ServerConfig(data_dir=folder / "ttp", listen="127.0.0.1:0", grace_seconds=1,
                           endpoint_allow=("127.0.0.1",))
     running = create_server(config)
-    tokens = add_principals(config.database, [(OWNER, "owner"), ("arbiter", "arbiter")])
+    tokens = add_principals(config.database, [(OWNER, "owner"), ("arbiter", "arbiter"),
+                                              (THIEF, "owner"), (BOB, "owner")])
     try:
         host = _program(bm.host(), folder / "host.pt2")
         references = [_program(m, folder / f"reference{i}.pt2") for i, m in enumerate(bm.panel())]
@@ -133,19 +148,19 @@ def test_the_receipt_commits_to_every_query_set(world: World) -> None:
     assert len(world.query_sets) == key.n_sets == 1
 
 
-def _checked(world: World, verdict: EndpointVerdict) -> None:
+def _checked(world: World, verdict: AnyEndpointVerdict) -> None:
     """The verdict verifies offline, before and after a round trip through its JSON file,
     and binds the set it names."""
     print(f"\n{verdict.model_name} ({verdict.answers}): {verdict.outcome}, "
           + ", ".join(f"{t.name} {t.statistic:g}/{t.n} log10 p {t.log10_p_value:.1f}"
-                      for t in verdict.tests)
+                      for t in getattr(verdict, "tests", ()))
           + f"; {sum(e.inputs for e in verdict.exchanges)} inputs in "
           f"{(verdict.finished_at - verdict.started_at) / 1e6:.2f} s")
     verify_receipt(verdict, world.public_key)
     path = world.folder / f"verdict-{verdict.log_index}.json"
     save_statement(path, verdict)
     again = load_statement(path)
-    assert isinstance(again, EndpointVerdict)
+    assert type(again) is type(verdict)
     verify_receipt(again, world.public_key)
     assert verdict.query_set_commitment == world.query_sets[verdict.query_set]
     key = output_key()
@@ -177,11 +192,28 @@ def test_a_finetuned_copy_is_a_signed_match_from_labels_and_from_scores(world: W
     assert scores.set_reused and scores.set_disclosures == 1
     assert world.tree_size() == size + 2
 
-    # Read as labels only, a scores endpoint still matches; an arbiter may ask.
-    only = world.verify("arbiter", world.oip.url, "copy-scores", labels_only=True)
+    # Read as labels only, a scores endpoint still matches.
+    only = world.verify(OWNER, world.oip.url, "copy-scores", labels_only=True)
     assert only.outcome == "match" and only.answers == "labels"
-    assert only.requested_by == "arbiter" and [t.name for t in only.tests] == ["labels"]
+    assert [t.name for t in only.tests] == ["labels"]
     _checked(world, only)
+
+
+def test_an_arbiter_gets_the_coarse_endpoint_verdict(world: World) -> None:
+    """Under the default coarse policy an arbiter's VerifyEndpoint is signed as a
+    `CoarseEndpointVerdict`, as a file Verify is: the decision and the p-value's bucket, the
+    conversation bound in full, no count or per-test statistic; the owner's is full."""
+    size = world.tree_size()
+    coarse = world.verify("arbiter", world.oip.url, "copy-labels")
+    assert isinstance(coarse, CoarseEndpointVerdict)
+    assert coarse.outcome == "match" and coarse.requested_by == "arbiter"
+    assert coarse.p_value_above < coarse.p_value <= 1e-9
+    assert coarse.p_value in COARSE_EDGES
+    body = json.loads(coarse.statement.body)
+    assert body["kind"] == "freemark/v1/coarse-endpoint-verdict"
+    assert not {"matches", "ber", "tests", "p_value_method"} & set(body)
+    _checked(world, coarse)
+    assert world.tree_size() == size + 1
 
 
 def test_a_held_out_independent_model_is_a_signed_no_match(world: World) -> None:
@@ -258,11 +290,40 @@ def test_an_endpoint_outside_the_allow_list_is_never_contacted(world: World) -> 
     assert world.tree_size() == size
 
 
-def test_a_white_box_verify_of_an_output_key_registration_is_refused(world: World) -> None:
+def test_a_model_file_is_judged_on_the_output_key_in_the_sandbox(world: World) -> None:
+    """Verify of an uploaded .pt2 against an output-key registration (issue 19, item 4): the
+    sandbox reads the file's answers to every set's queries, and the verdict is signed and
+    logged with the three output tests, checked offline; no set is disclosed by it. Any
+    other format is refused before the upload is read."""
+    thief = _program(_thief_copy(), world.folder / "thief-file.pt2")
+    disclosed = world.running.ctx.store.disclosures(world.registration_id)
+    size = world.tree_size()
+    with world.client(OWNER) as client:
+        verdict = client.verify(world.registration_id, thief)
+        independent = client.verify(world.registration_id, _program(
+            bm.independents()[1], world.folder / "independent-file.pt2"))
+    assert isinstance(verdict, SignedVerdict)
+    print(f"\nfile verdicts: thief {verdict.outcome} "
+          + ", ".join(f"{t.name} {t.statistic:g}/{t.n} {t.log10_p_value:.1f}"
+                      for t in verdict.tests)
+          + f"; independent {independent.outcome} {independent.log10_p_value:.1f}")
+    assert verdict.outcome == "match" and verdict.p_value <= 1e-9, verdict.tests
+    assert [t.name for t in verdict.tests] == ["labels", "scores", "ranking"]
+    assert verdict.n_bits == len(output_key().queries)  # every set: nothing is disclosed
+    assert verdict.reading.tensor == "(outputs)" and verdict.reading.located == "named"
+    assert verdict.panel.size == len(output_key().panel)
+    assert independent.outcome == "no_match" and independent.p_value >= 1e-3
+    verify_receipt(verdict, world.public_key)
+    verify_suspect(verdict, thief)
+    assert world.tree_size() == size + 2
+    assert world.running.ctx.store.disclosures(world.registration_id) == disclosed
+
+    onnx = export_onnx(bm.independents()[1], world.folder / "independent-file.onnx", SHAPE)
     with world.client(OWNER) as client, pytest.raises(ServerError) as caught:
-        client.verify(world.registration_id, world.folder / "host.pt2")
+        client.verify(world.registration_id, onnx)
     assert caught.value.reason == "MALFORMED_REQUEST"
-    assert "--endpoint" in caught.value.message
+    assert ".pt2" in caught.value.message and "--endpoint" in caught.value.message
+    assert world.tree_size() == size + 2
 
 
 def test_an_output_key_registers_only_on_its_own_unclaimed_host(world: World) -> None:
@@ -310,3 +371,42 @@ def test_through_the_cli_an_owner_checks_an_endpoint_then_gets_a_verdict_checked
                                "--public-key", str(pem), "--json", env=env))
     assert checked["ok"] is True and checked["kind"] == "endpoint verdict"
     assert world.tree_size() == size + 1
+
+
+def _white_box_register(world: World, who: str, model: nn.Module, name: str) -> Receipt:
+    bundle = derive_key(model, layer="act", owner=who,
+                        triggers=select_triggers(*bm.owner_data(), per_class=10, seed=3))
+    with KeyServiceClient(f"127.0.0.1:{world.running.port}", token=world.tokens[who],
+                          timeout=600) as client:
+        return client.register(bundle, _program(model, world.folder / f"{name}.pt2"))
+
+
+def test_a_copy_of_an_output_key_host_cannot_be_registered_under_either_key_kind(
+        world: World) -> None:
+    """Issue 19: an output key's host is held by more than its fingerprint. Mallory's
+    fine-tuned copy (other weights) is refused as a prior claim when she registers it with a
+    white-box key of her own, and when she registers it with an output key of her own: the
+    key server reads the copy's answers to Alice's queries in its sandbox and her key
+    matches. The refusal names neither Alice's registration nor any figure; nothing is
+    logged. Bob's independent model registers (no false claim)."""
+    size = world.tree_size()
+    copy_model = _thief_copy()
+    with pytest.raises(ServerError) as caught:
+        _white_box_register(world, THIEF, copy_model, "mallory-white-box")
+    assert caught.value.reason == "ALREADY_CLAIMED", str(caught.value)
+    assert caught.value.message.endswith(CLAIMED)  # the fixed text: no id, no figure
+    assert "reg_" not in caught.value.message and "log10" not in caught.value.message
+
+    key = derive_output_key(copy_model, *bm.owner_data(), bm.panel(), owner=THIEF,
+                            n_queries=16, n_sets=1, recipes=bm.RECIPES)
+    references = sorted(world.folder.glob("reference*.pt2"))
+    with KeyServiceClient(f"127.0.0.1:{world.running.port}", token=world.tokens[THIEF],
+                          timeout=600) as client, pytest.raises(ServerError) as caught:
+        client.register_output_key(key, _program(copy_model, world.folder / "mallory.pt2"),
+                                   references=references)
+    assert caught.value.reason == "ALREADY_CLAIMED", str(caught.value)
+    assert caught.value.message.endswith(CLAIMED) and "reg_" not in caught.value.message
+    assert world.tree_size() == size
+
+    receipt = _white_box_register(world, BOB, bm.independents()[1], "bob")
+    assert receipt.owner == BOB and world.tree_size() == size + 1

@@ -50,8 +50,10 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from freemark.errors import InvalidInputError, InvalidReceiptError, VerificationFailedError
 from freemark.records.schema import from_json_fields
 from freemark.records.types import (
+    AnyEndpointVerdict,
     AnyVerdict,
     Checkpoint,
+    CoarseEndpointVerdict,
     CoarseVerdict,
     ConsistencyProof,
     EndpointVerdict,
@@ -59,6 +61,7 @@ from freemark.records.types import (
     ReferencePanel,
     Revocation,
     SignedVerdict,
+    Verdict,
 )
 from freemark.records.wire import (
     endpoint_verdict_to_json,
@@ -83,7 +86,7 @@ __all__ = [
     "verify_suspect",
 ]
 
-Statement = Receipt | AnyVerdict | Revocation | EndpointVerdict
+Statement = Receipt | AnyVerdict | Revocation | AnyEndpointVerdict
 _READ_CHUNK = 1 << 20
 # How far (seconds) a statement's time may pass its checkpoint's: the checkpoint's time is
 # its last entry's rounded down to the second, so an honest log never needs more than 1.
@@ -197,16 +200,17 @@ def verify_receipt(statement: Statement, public_key_pem: bytes, *,
     mismatch = typed_mismatch(statement, from_json_fields(type(statement), body, "signed body"))
     if mismatch is not None:
         raise InvalidReceiptError(mismatch)
-    if isinstance(statement, (SignedVerdict, CoarseVerdict, EndpointVerdict)):
+    if isinstance(statement, (SignedVerdict, CoarseVerdict, EndpointVerdict,
+                              CoarseEndpointVerdict)):
         _check_verdict(statement)
-    if isinstance(statement, EndpointVerdict):
+    if isinstance(statement, (EndpointVerdict, CoarseEndpointVerdict)):
         _check_endpoint_verdict(statement)
     if isinstance(statement, Receipt):
         _check_panel_members(statement)
     _check_inclusion(statement, verifier, origin)
 
 
-def _check_endpoint_verdict(verdict: EndpointVerdict) -> None:
+def _check_endpoint_verdict(verdict: AnyEndpointVerdict) -> None:
     """An endpoint verdict must bind a conversation: exchanges that carried the queries it
     counts, inside a time window that ends before the verdict was logged."""
     sent = sum(e.inputs for e in verdict.exchanges)
@@ -218,7 +222,7 @@ def _check_endpoint_verdict(verdict: EndpointVerdict) -> None:
                                   "time")
 
 
-def _check_verdict(verdict: AnyVerdict | EndpointVerdict) -> None:
+def _check_verdict(verdict: AnyVerdict | AnyEndpointVerdict) -> None:
     """A signed verdict must be consistent: its policy's id, alpha and decision."""
     policy = verdict.policy
     if policy.id != policy.expected_id:
@@ -233,20 +237,33 @@ def _check_verdict(verdict: AnyVerdict | EndpointVerdict) -> None:
     if (verdict.outcome == "match") != verdict.is_match:
         raise InvalidReceiptError(f"the verdict's outcome {verdict.outcome!r} contradicts "
                                   f"is_match={verdict.is_match}")
-    if isinstance(verdict, EndpointVerdict):  # it read answers, not a file's tensors
+    if isinstance(verdict, EndpointVerdict):
+        _check_correction(verdict, 1)
+    if isinstance(verdict, (EndpointVerdict, CoarseEndpointVerdict)):  # answers, not tensors
         return
     reading = verdict.reading
     why = reading.inconsistency()
     if why is not None:
         raise InvalidReceiptError(why)
-    if isinstance(verdict, SignedVerdict) and reading.located == "scan" and verdict.tests:
-        strongest = min(t.log10_p_value for t in verdict.tests)
-        floor = min(0.0, strongest + math.log10(reading.candidates))
-        if verdict.log10_p_value < floor - _LOG10_TOLERANCE:
-            raise InvalidReceiptError(
-                f"the verdict's p-value {verdict.p_value:.3g} is below {reading.candidates} "
-                "times its strongest test's: a scan's verdict must be corrected for the "
-                "candidates it judged")
+    if isinstance(verdict, SignedVerdict):
+        _check_correction(verdict, reading.candidates if reading.located == "scan" else 1)
+
+
+def _check_correction(verdict: Verdict, candidates: int) -> None:
+    """A full verdict's p-value is at least k × its smallest test's over its k tests (the
+    decision's Bonferroni correction, `decision.decide`), times the candidate tensors a scan
+    judged (`decision.strongest_of`): a verdict that combines a white-box and an output
+    key's tests, or an output key's three, cannot claim more than the correction allows."""
+    if not verdict.tests:
+        return
+    strongest = min(t.log10_p_value for t in verdict.tests)
+    k = len(verdict.tests)
+    floor = min(0.0, strongest + math.log10(k) + math.log10(candidates))
+    if verdict.log10_p_value < floor - _LOG10_TOLERANCE:
+        scan = (f" × the {candidates} candidate tensors its scan judged: a scan's verdict must "
+                "be corrected for the candidates it judged" if candidates > 1 else "")
+        raise InvalidReceiptError(f"the verdict's p-value {verdict.p_value:.3g} is below {k} × "
+                                  f"its strongest test's{scan} (Bonferroni over its tests)")
 
 
 def _check_panel_members(receipt: Receipt) -> None:
@@ -399,7 +416,7 @@ def save_statement(path: str | Path, statement: Statement) -> None:
         data = receipt_to_json(statement)
     elif isinstance(statement, Revocation):
         data = revocation_to_json(statement)
-    elif isinstance(statement, EndpointVerdict):
+    elif isinstance(statement, (EndpointVerdict, CoarseEndpointVerdict)):
         data = endpoint_verdict_to_json(statement)
     else:
         data = verdict_to_json(statement)

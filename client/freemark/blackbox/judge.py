@@ -26,7 +26,7 @@ from freemark.verdict.outputs import (
     score_successes,
 )
 
-__all__ = ["check_host_answers", "extract_outputs", "judge_answers", "set_items"]
+__all__ = ["check_host_answers", "extract_outputs", "judge_answers", "output_tests", "set_items"]
 
 
 def set_items(key: OutputKey, set_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -36,12 +36,22 @@ def set_items(key: OutputKey, set_id: int) -> tuple[np.ndarray, np.ndarray]:
     return np.flatnonzero(key.set_ids == set_id), np.flatnonzero(key.ranking_set_ids == set_id)
 
 
-def judge_answers(key: OutputKey, set_id: int, answers: Answers, ranking: Answers | None, *,
-                  panel_query_scores: np.ndarray, panel_ranking_scores: np.ndarray,
-                  alpha: float = DEFAULT_ALPHA) -> Verdict:
-    """The verdict on a suspect's answers to set `set_id`, against a panel's scores (members,
-    items, classes) on the whole key's queries and ranking items."""
-    q, r = set_items(key, set_id)
+def _items(key: OutputKey, set_id: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(query indices, ranking item indices) of one set, or of every set (`None`)."""
+    if set_id is None:
+        return np.arange(len(key.queries)), np.arange(len(key.ranking_inputs))
+    return set_items(key, set_id)
+
+
+def output_tests(key: OutputKey, set_id: int | None, answers: Answers, ranking: Answers | None,
+                 *, panel_query_scores: np.ndarray, panel_ranking_scores: np.ndarray
+                 ) -> list[OutputTest]:
+    """The output tests of a suspect's answers to set `set_id` (`None`: every set, as for a
+    model file judged in a sandbox, where nothing is disclosed), against a panel's scores
+    (members, items, classes) on the whole key's queries and ranking items: labels always,
+    scores and ranking where the answers carry scores. Each is a `decision.Test`, so it
+    joins a white-box verdict as any further test does."""
+    q, r = _items(key, set_id)
     targets, others = key.targets[q], key.others[q]
     folds, member_folds = key.folds[q], key.panel_folds
     panel_q = panel_query_scores[:, q]
@@ -51,12 +61,22 @@ def judge_answers(key: OutputKey, set_id: int, answers: Answers, ranking: Answer
     if answers.scores is not None:
         tests.append(output_test("scores", score_successes(answers.scores, targets, others),
                                  score_successes(panel_q, targets, others), folds, member_folds))
-    if ranking is not None and ranking.scores is not None:
+    if ranking is not None and ranking.scores is not None and len(r):
         orders = key.ranking_orders[r]
         tests.append(output_test("ranking", ranking_successes(ranking.scores, orders),
                                  ranking_successes(panel_ranking_scores[:, r], orders),
                                  key.ranking_folds[r], member_folds))
-    return decide_outputs(tests, key.panel, alpha=alpha)
+    return tests
+
+
+def judge_answers(key: OutputKey, set_id: int | None, answers: Answers, ranking: Answers | None,
+                  *, panel_query_scores: np.ndarray, panel_ranking_scores: np.ndarray,
+                  alpha: float = DEFAULT_ALPHA) -> Verdict:
+    """The verdict of an output key alone on a suspect's answers (`output_tests`)."""
+    return decide_outputs(output_tests(key, set_id, answers, ranking,
+                                       panel_query_scores=panel_query_scores,
+                                       panel_ranking_scores=panel_ranking_scores),
+                          key.panel, alpha=alpha)
 
 
 def extract_outputs(responder: Responder, key: OutputKey, *, set_id: int = 0,

@@ -16,6 +16,7 @@ from freemark.errors import InvalidInputError
 from freemark.records.schema import signed_fields
 from freemark.records.types import (
     AnyVerdict,
+    CoarseEndpointVerdict,
     CoarseVerdict,
     Decision,
     Receipt,
@@ -104,7 +105,8 @@ def signed_rows(record: Any, first: tuple[str, ...] = ()) -> dict[str, Any]:
         value = getattr(record, name)
         if name == "integrated_time":
             rows[name] = iso_time(value)
-        elif isinstance(record, CoarseVerdict) and name in ("p_value", "p_value_above"):
+        elif (isinstance(record, (CoarseVerdict, CoarseEndpointVerdict))
+              and name in ("p_value", "p_value_above")):
             if name == "p_value":
                 rows[name] = f"in ({record.p_value_above:g}, {record.p_value:g}] (coarse)"
         elif isinstance(value, ReferencePanel):

@@ -16,8 +16,10 @@ from freemark.formats.local import load_model, upload_file
 from freemark.formats.pt2 import fingerprint
 from freemark.records.schema import to_json_fields
 from freemark.records.types import (
+    AnyEndpointVerdict,
     AnyVerdict,
     Checkpoint,
+    CoarseEndpointVerdict,
     CoarseVerdict,
     ConsistencyProof,
     EndpointVerdict,
@@ -41,7 +43,7 @@ def _load_log_state(path: str) -> Checkpoint | ConsistencyProof:
     return checkpoint_from_json(data)
 
 
-def _check_model(statement: Receipt | AnyVerdict | Revocation | EndpointVerdict, path: str,
+def _check_model(statement: Receipt | AnyVerdict | Revocation | AnyEndpointVerdict, path: str,
                  adapter: str | None = None) -> None:
     """`--model`: a verdict's suspect by SHA-256 and size (a checkpoint directory as packed for
     the upload, with `adapter` the base and adapter packed together), a receipt's host by
@@ -49,7 +51,7 @@ def _check_model(statement: Receipt | AnyVerdict | Revocation | EndpointVerdict,
     if isinstance(statement, Revocation):
         raise InvalidInputError("--model is for receipts and verdicts; a revocation names a "
                                 "registration, not a file")
-    if isinstance(statement, EndpointVerdict):
+    if isinstance(statement, (EndpointVerdict, CoarseEndpointVerdict)):
         raise InvalidInputError("--model is for receipts and file verdicts; an endpoint "
                                 "verdict binds the endpoint's answers, not a file")
     if isinstance(statement, Receipt):
@@ -66,7 +68,8 @@ def _check_model(statement: Receipt | AnyVerdict | Revocation | EndpointVerdict,
 
 
 _KINDS = {Receipt: "receipt", SignedVerdict: "verdict", CoarseVerdict: "coarse verdict",
-          Revocation: "revocation", EndpointVerdict: "endpoint verdict"}
+          Revocation: "revocation", EndpointVerdict: "endpoint verdict",
+          CoarseEndpointVerdict: "coarse endpoint verdict"}
 
 
 # What a reader looks for first in a statement's table.
@@ -83,10 +86,13 @@ def _cmd_receipt_verify(args: argparse.Namespace) -> int:
         verify_receipt(statement, pem, origin=args.origin)
         checked.append("signature, canonical body, log inclusion"
                        + (", verdict policy and decision"
-                          if isinstance(statement, (SignedVerdict, CoarseVerdict)) else "")
+                          if isinstance(statement, (SignedVerdict, CoarseVerdict,
+                                                    EndpointVerdict, CoarseEndpointVerdict))
+                          else "")
                        + (", panel members" if isinstance(statement, Receipt) else "")
                        + (", the endpoint conversation's time window and query count"
-                          if isinstance(statement, EndpointVerdict) else ""))
+                          if isinstance(statement, (EndpointVerdict, CoarseEndpointVerdict))
+                          else ""))
         if args.adapter is not None and args.model is None:
             raise InvalidInputError("--adapter needs its base: --model BASE_DIR")
         if args.model is not None:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from freemark.blackbox.key import is_output_key
+from freemark.blackbox.key import is_output_key, load_output_key
 from freemark.cli.common import (
     Subparsers,
     add_connection,
@@ -18,6 +18,7 @@ from freemark.cli.common import (
 )
 from freemark.cli.display import print_fields, print_json, print_rows
 from freemark.cli.endpoints import register_output_key, verify_endpoint
+from freemark.cli.outputs import passphrase
 from freemark.errors import InvalidInputError
 from freemark.records.types import RegistrationInfo
 from freemark.records.wire import receipt_to_json, registration_to_json, verdict_to_json
@@ -31,11 +32,20 @@ __all__ = ["add_parsers"]
 
 def _cmd_register(args: argparse.Namespace) -> int:
     if is_output_key(args.key):
+        if args.output_key:
+            raise InvalidInputError("--output-key goes beside a white-box --key (.fmk); "
+                                    "register an output key alone with --key OUTKEY")
         return register_output_key(args)
     bundle = load_bundle(args.key)
+    output_key = None
+    if args.output_key:
+        if not is_output_key(args.output_key):
+            raise InvalidInputError(f"{args.output_key} is not an output key "
+                                    "(freemark keygen --outputs)")
+        output_key = load_output_key(args.output_key, passphrase(confirm=False))
     with client(args) as ttp:
-        receipt = ttp.register(bundle, Path(args.model),
-                                  references=[Path(r) for r in args.reference])
+        receipt = ttp.register(bundle, Path(args.model), output_key=output_key,
+                               references=[Path(r) for r in args.reference])
     if args.json:
         print_json(receipt_to_json(receipt))
     else:
@@ -143,6 +153,10 @@ def add_parsers(sub: Subparsers) -> None:
                         "3 or more enable the aligned test, which sees through relabelled, "
                         "rescaled or padded copies; fixed at registration); an output key "
                         "needs the panel it was derived against (at least 8, 2 architectures)")
+    p.add_argument("--output-key", metavar="OUTKEY", help="with a white-box --key: an output "
+                   "key of the same host, registered in the same registration (its panel "
+                   "among the --reference models, found by their weights); a Verify of a "
+                   "model file then runs every test of both keys")
     add_connection(p)
     p.set_defaults(handler=_cmd_register)
 

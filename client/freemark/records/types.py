@@ -34,6 +34,7 @@ from freemark.records.schema import (
 from freemark.tlog.signatures import canonical_json
 
 __all__ = [
+    "COARSE_ENDPOINT_VERDICT_KIND",
     "COARSE_VERDICT_KIND",
     "DISCLOSURES",
     "ENDPOINT_VERDICT_KIND",
@@ -43,11 +44,14 @@ __all__ = [
     "RECEIPT_KIND",
     "REVOCATION_KIND",
     "VERDICT_KIND",
+    "AnyEndpointVerdict",
     "AnyVerdict",
     "Checkpoint",
+    "CoarseEndpointVerdict",
     "CoarseVerdict",
     "ConsistencyProof",
     "Decision",
+    "EndpointBinding",
     "EndpointExchange",
     "EndpointVerdict",
     "InclusionProof",
@@ -71,6 +75,7 @@ REVOCATION_KIND = "freemark/v1/revocation"
 VERDICT_KIND = "freemark/v1/verdict"
 COARSE_VERDICT_KIND = "freemark/v1/coarse-verdict"
 ENDPOINT_VERDICT_KIND = "freemark/v1/endpoint-verdict"
+COARSE_ENDPOINT_VERDICT_KIND = "freemark/v1/coarse-endpoint-verdict"
 POLICY_KIND = "freemark/v1/verdict-policy"  # the domain of a policy's id
 
 # What a verdict discloses: every statistic, or the outcome and a p-value bucket only.
@@ -440,19 +445,13 @@ class EndpointExchange:
 
 
 @dataclass(frozen=True, kw_only=True)
-class EndpointVerdict(Verdict):
-    """The TTP's signed, logged judgement of a model behind a live prediction endpoint.
-
-    The judgement (`Verdict`: the output tests against the null the TTP measured on the
-    registration's panel) bound to the conversation it was read from: the endpoint as
-    normalised and the address connected to, the model name and the version that answered,
-    the query set sent (its commitment from the receipt, and whether it had been disclosed
-    before), the wall-clock window and every exchange's body hashes. An arbiter holding the
-    bodies can show they are the ones judged; one holding only this can check the signature
-    and the log inclusion (`freemark receipt verify`).
-    """
-
-    KIND: ClassVar[str] = ENDPOINT_VERDICT_KIND
+class EndpointBinding:
+    """What ties a TTP verdict on a live prediction endpoint to one conversation: the
+    registration and who asked, the endpoint as normalised and the address connected to,
+    the model name and the version that answered, what was read (labels or scores), the
+    query set sent (its commitment from the receipt, and whether it had been disclosed
+    before), the wall-clock window and every exchange's body hashes, under which policy,
+    and where it sits in the log. Shared by the full and the coarse endpoint verdict."""
 
     statement: SignedStatement
     inclusion: InclusionProof
@@ -475,10 +474,47 @@ class EndpointVerdict(Verdict):
     log_index: int = field(metadata=signed(INTEGER))
     integrated_time: int = field(metadata=signed(INTEGER))  # unix microseconds
 
+
+def _exchanges_as_tuple(binding: EndpointBinding) -> None:
+    if not isinstance(binding.exchanges, tuple):
+        object.__setattr__(binding, "exchanges", tuple(binding.exchanges))
+
+
+@dataclass(frozen=True, kw_only=True)
+class EndpointVerdict(Verdict, EndpointBinding):
+    """The TTP's signed, logged judgement of a model behind a live prediction endpoint.
+
+    The judgement (`Verdict`: the output tests against the null the TTP measured on the
+    registration's panel) bound to the conversation it was read from (`EndpointBinding`).
+    An arbiter holding the bodies can show they are the ones judged; one holding only this
+    can check the signature and the log inclusion (`freemark receipt verify`).
+    """
+
+    KIND: ClassVar[str] = ENDPOINT_VERDICT_KIND
+
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.exchanges, tuple):
-            object.__setattr__(self, "exchanges", tuple(self.exchanges))
+        _exchanges_as_tuple(self)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CoarseEndpointVerdict(Decision, EndpointBinding):
+    """The endpoint verdict a requester other than the registration's owner gets under a
+    coarse disclosure policy, as `CoarseVerdict` is for a file: the decision and the
+    p-value's bucket (`p_value_above`, `p_value`], no counts, per-test statistics or null
+    parameters; the conversation's binding in full (it is the arbiter's own evidence of
+    what was asked and answered)."""
+
+    KIND: ClassVar[str] = COARSE_ENDPOINT_VERDICT_KIND
+
+    p_value_above: float = field(metadata=signed(NUMBER))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _exchanges_as_tuple(self)
+
+
+AnyEndpointVerdict = EndpointVerdict | CoarseEndpointVerdict
 
 
 @dataclass(frozen=True)

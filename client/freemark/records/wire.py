@@ -52,8 +52,10 @@ from freemark.records.schema import (
     to_proto_fields,
 )
 from freemark.records.types import (
+    AnyEndpointVerdict,
     AnyVerdict,
     Checkpoint,
+    CoarseEndpointVerdict,
     CoarseVerdict,
     ConsistencyProof,
     EndpointVerdict,
@@ -115,17 +117,23 @@ __all__ = [
     "verdict_to_proto",
 ]
 
-Statement = Receipt | SignedVerdict | CoarseVerdict | Revocation | EndpointVerdict
+Statement = (Receipt | SignedVerdict | CoarseVerdict | Revocation | EndpointVerdict
+             | CoarseEndpointVerdict)
 S = TypeVar("S", bound=Statement)
+V = TypeVar("V", bound=Statement)
 
 # Each signed statement type and its proto message; `kind` picks the type when reading a file
-# or a reply (a full and a coarse verdict travel in the same `SignedVerdict` message).
+# or a reply (a full and a coarse verdict travel in the same `SignedVerdict` message, a full
+# and a coarse endpoint verdict in the same `EndpointVerdict`).
 _PROTO: dict[type, Any] = {Receipt: pb.Receipt, SignedVerdict: pb.SignedVerdict,
                            CoarseVerdict: pb.SignedVerdict, Revocation: pb.Revocation,
-                           EndpointVerdict: pb.EndpointVerdict}
+                           EndpointVerdict: pb.EndpointVerdict,
+                           CoarseEndpointVerdict: pb.EndpointVerdict}
 _STATEMENTS: tuple[type[Statement], ...] = (Receipt, SignedVerdict, CoarseVerdict, Revocation,
-                                            EndpointVerdict)
+                                            EndpointVerdict, CoarseEndpointVerdict)
 _VERDICTS: dict[str, type[AnyVerdict]] = {cls.KIND: cls for cls in (SignedVerdict, CoarseVerdict)}
+_ENDPOINT_VERDICTS: dict[str, type[AnyEndpointVerdict]] = {
+    cls.KIND: cls for cls in (EndpointVerdict, CoarseEndpointVerdict)}
 
 
 # --- protobuf <-> dataclass ------------------------------------------------------------------
@@ -267,13 +275,13 @@ def _what(cls: type) -> str:
     return " ".join(w.lower() for w in words if w != "Signed")
 
 
-def _verdict_class(body: bytes) -> type[AnyVerdict]:
-    """The verdict type a signed body declares by its `kind`."""
+def _verdict_class(body: bytes, classes: Mapping[str, type[V]]) -> type[V]:
+    """The verdict type (among `classes`, by kind) a signed body declares by its `kind`."""
     kind = parse_body(body, "statement").get("kind")
-    if kind not in _VERDICTS:
+    if not isinstance(kind, str) or kind not in classes:
         raise InvalidReceiptError(f"the signed body is a {kind!r}, not a verdict "
-                                  f"({' or '.join(repr(k) for k in _VERDICTS)})")
-    return _VERDICTS[kind]
+                                  f"({' or '.join(repr(k) for k in classes)})")
+    return classes[kind]
 
 
 def _shown(value: object) -> str:
@@ -353,7 +361,7 @@ def verdict_from_proto(message: pb.SignedVerdict) -> AnyVerdict:
     """Wire verdict -> record, full or coarse as its signed body's kind says; the typed
     fields must agree with the body (a coarse verdict's unlisted statistics are unset)."""
     _require(message, "statement", "verdict")
-    cls = _verdict_class(message.statement.body)
+    cls = _verdict_class(message.statement.body, _VERDICTS)
     verdict: AnyVerdict = _statement_from_proto(cls, message)
     return verdict
 
@@ -364,13 +372,16 @@ def verdict_to_proto(verdict: AnyVerdict) -> pb.SignedVerdict:
     return message
 
 
-def endpoint_verdict_from_proto(message: pb.EndpointVerdict) -> EndpointVerdict:
-    """Wire endpoint verdict -> record, read from its signed body; the typed fields must
-    agree."""
-    return _statement_from_proto(EndpointVerdict, message)
+def endpoint_verdict_from_proto(message: pb.EndpointVerdict) -> AnyEndpointVerdict:
+    """Wire endpoint verdict -> record, full or coarse as its signed body's kind says; the
+    typed fields must agree with the body."""
+    _require(message, "statement", "endpoint verdict")
+    cls = _verdict_class(message.statement.body, _ENDPOINT_VERDICTS)
+    verdict: AnyEndpointVerdict = _statement_from_proto(cls, message)
+    return verdict
 
 
-def endpoint_verdict_to_proto(verdict: EndpointVerdict) -> pb.EndpointVerdict:
+def endpoint_verdict_to_proto(verdict: AnyEndpointVerdict) -> pb.EndpointVerdict:
     """Record -> wire endpoint verdict."""
     message: pb.EndpointVerdict = _statement_to_proto(verdict)
     return message
@@ -635,15 +646,21 @@ def verdict_from_json(data: Any) -> AnyVerdict:
     return verdict
 
 
-def endpoint_verdict_to_json(verdict: EndpointVerdict) -> dict[str, Any]:
+def endpoint_verdict_to_json(verdict: AnyEndpointVerdict) -> dict[str, Any]:
     """An endpoint verdict as one self-contained JSON object (`freemark verify --endpoint
     --json`)."""
     return _record_to_json(verdict)
 
 
-def endpoint_verdict_from_json(data: Any) -> EndpointVerdict:
-    """The inverse of `endpoint_verdict_to_json`; the typed fields must agree."""
-    return _record_from_json(EndpointVerdict, data)
+def endpoint_verdict_from_json(data: Any) -> AnyEndpointVerdict:
+    """The inverse of `endpoint_verdict_to_json`, full or coarse by the object's `kind`; the
+    typed fields must agree with the signed body."""
+    kind = JsonFields(data, "endpoint verdict").text("kind")
+    if kind not in _ENDPOINT_VERDICTS:
+        raise InvalidReceiptError("endpoint verdict.kind must be "
+                                  + " or ".join(map(repr, _ENDPOINT_VERDICTS)))
+    verdict: AnyEndpointVerdict = _record_from_json(_ENDPOINT_VERDICTS[kind], data)
+    return verdict
 
 
 def revocation_to_json(revocation: Revocation) -> dict[str, Any]:
@@ -661,7 +678,7 @@ def statement_from_json(data: Any) -> Statement:
     kind = JsonFields(data, "file").text("kind")
     readers: dict[str, Callable[[Any], Statement]] = {
         Receipt.KIND: receipt_from_json, Revocation.KIND: revocation_from_json,
-        EndpointVerdict.KIND: endpoint_verdict_from_json,
+        **{k: endpoint_verdict_from_json for k in _ENDPOINT_VERDICTS},
         **{k: verdict_from_json for k in _VERDICTS}}
     if kind in readers:
         return readers[kind](data)

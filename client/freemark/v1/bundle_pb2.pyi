@@ -290,6 +290,13 @@ class SealedRegistration(_message.Message):
 
     BUNDLE_FIELD_NUMBER: _builtins.int
     PANEL_FIELD_NUMBER: _builtins.int
+    OUTPUT_KEY_FIELD_NUMBER: _builtins.int
+    output_key: _builtins.bytes
+    """An output key registered with the white-box key in the same Register (a
+    registration holding both key kinds, docs/blackbox.md): the key server's sealed
+    form of that output key and the panel answers it measured
+    (`freemark_keyserver.handlers.outputs.seal_bytes`). Empty for a white-box key alone.
+    """
     @_builtins.property
     def bundle(self) -> Global___KeyBundle: ...
     @_builtins.property
@@ -299,10 +306,11 @@ class SealedRegistration(_message.Message):
         *,
         bundle: Global___KeyBundle | None = ...,
         panel: _abc.Iterable[Global___ReferenceModel] | None = ...,
+        output_key: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "panel", b"panel"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "output_key", b"output_key", "panel", b"panel"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -234,18 +234,23 @@ class RegisterHeader(_message.Message):
     UPLOAD_FIELD_NUMBER: _builtins.int
     OUTPUT_KEY_FIELD_NUMBER: _builtins.int
     output_key: _builtins.bytes
-    """An output key (docs/blackbox.md), instead of `bundle`: the fields of
+    """An output key (docs/blackbox.md), alone or beside `bundle`: the fields of
     `freemark.blackbox.key.OutputKey` as a numpy .npz archive read without pickle (the
     plaintext its encrypted file holds; secret, stored encrypted like a bundle). The
     server checks in its sandbox that the host (a .pt2 program) answers every query with
     the key's target class, measures the panel's answers itself (at least 8 `reference`
     uploads of at least two architectures, never the owner's own scores) and logs a
     commitment to every query set in the receipt (`Receipt.query_sets`).
+    With `bundle` too, one registration holds both key kinds for one host (a .pt2
+    program): the references whose weights are the output key's panel members are its
+    panel, every other reference is the white-box key's; each reference is then also
+    read through its outputs (a classifier of the host's classes). A Verify of a .pt2
+    file against it judges every test of both keys under one Bonferroni correction.
     """
     @_builtins.property
     def bundle(self) -> _bundle_pb2.KeyBundle:
-        """The owner's key bundle (secret: the server stores it encrypted). Unset when
-        `output_key` is given: a registration holds one key kind.
+        """The owner's key bundle (secret: the server stores it encrypted). Unset for a
+        registration of an output key alone.
         """
 
     @_builtins.property
@@ -1404,14 +1409,21 @@ Global___EndpointExchange: _TypeAlias = EndpointExchange  # noqa: Y015
 
 @_typing.final
 class EndpointVerdict(_message.Message):
-    """A signed, logged verdict on an endpoint ("freemark/v1/endpoint-verdict",
-    `freemark.records.EndpointVerdict`). The signed body is authoritative: every field of
-    this message but statement and inclusion, under the same names (bytes as lowercase
-    hex, tests and exchanges as lists of objects). The judgement fields (n_bits ..
+    """A signed, logged verdict on an endpoint, full or coarse; the signed body's `kind` says
+    which. Full ("freemark/v1/endpoint-verdict", `freemark.records.EndpointVerdict`): the
+    signed body is authoritative: every field of this message but statement, inclusion
+    and p_value_above, under the same names (bytes as lowercase hex, tests and exchanges
+    as lists of objects). The judgement fields (n_bits ..
     panel) are those of SignedVerdict: n_bits is the number of queries in the set,
     matches the queries answered with the target class; the tests are "labels" and,
     for a score endpoint, "scores" and "ranking", each against the beta-binomial null
     the server fitted on the panel answers it measured at registration.
+
+    Coarse ("freemark/v1/coarse-endpoint-verdict", `freemark.records.CoarseEndpointVerdict`),
+    what requesters other than the registration's owner get under a coarse policy, as for
+    SignedVerdict: n_bits, p_value, log10_p_value, p_value_above, alpha, is_match, outcome,
+    panel and every binding field (the endpoint, the set, the window, the exchanges);
+    matches, ber, p_value_method, p_value_binomial, log10_p_value_binomial and tests unset.
     `freemark receipt verify` checks the signature and the log inclusion offline.
     """
 
@@ -1449,6 +1461,7 @@ class EndpointVerdict(_message.Message):
     POLICY_FIELD_NUMBER: _builtins.int
     LOG_INDEX_FIELD_NUMBER: _builtins.int
     INTEGRATED_TIME_FIELD_NUMBER: _builtins.int
+    P_VALUE_ABOVE_FIELD_NUMBER: _builtins.int
     n_bits: _builtins.int
     matches: _builtins.int
     ber: _builtins.float
@@ -1484,6 +1497,8 @@ class EndpointVerdict(_message.Message):
     log_index: _builtins.int
     integrated_time: _builtins.int
     """Unix microseconds."""
+    p_value_above: _builtins.float
+    """Coarse verdicts only: the exact p-value lies in (p_value_above, p_value]."""
     @_builtins.property
     def statement(self) -> Global___SignedStatement: ...
     @_builtins.property
@@ -1531,10 +1546,11 @@ class EndpointVerdict(_message.Message):
         policy: Global___VerdictPolicy | None = ...,
         log_index: _builtins.int = ...,
         integrated_time: _builtins.int = ...,
+        p_value_above: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["inclusion", b"inclusion", "panel", b"panel", "policy", b"policy", "statement", b"statement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "answers", b"answers", "ber", b"ber", "endpoint", b"endpoint", "endpoint_address", b"endpoint_address", "exchanges", b"exchanges", "finished_at", b"finished_at", "inclusion", b"inclusion", "integrated_time", b"integrated_time", "is_match", b"is_match", "log10_p_value", b"log10_p_value", "log10_p_value_binomial", b"log10_p_value_binomial", "log_index", b"log_index", "matches", b"matches", "model_name", b"model_name", "model_version", b"model_version", "n_bits", b"n_bits", "outcome", b"outcome", "p_value", b"p_value", "p_value_binomial", b"p_value_binomial", "p_value_method", b"p_value_method", "panel", b"panel", "policy", b"policy", "query_set", b"query_set", "query_set_commitment", b"query_set_commitment", "registration_id", b"registration_id", "requested_by", b"requested_by", "set_disclosures", b"set_disclosures", "set_reused", b"set_reused", "started_at", b"started_at", "statement", b"statement", "tests", b"tests"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "answers", b"answers", "ber", b"ber", "endpoint", b"endpoint", "endpoint_address", b"endpoint_address", "exchanges", b"exchanges", "finished_at", b"finished_at", "inclusion", b"inclusion", "integrated_time", b"integrated_time", "is_match", b"is_match", "log10_p_value", b"log10_p_value", "log10_p_value_binomial", b"log10_p_value_binomial", "log_index", b"log_index", "matches", b"matches", "model_name", b"model_name", "model_version", b"model_version", "n_bits", b"n_bits", "outcome", b"outcome", "p_value", b"p_value", "p_value_above", b"p_value_above", "p_value_binomial", b"p_value_binomial", "p_value_method", b"p_value_method", "panel", b"panel", "policy", b"policy", "query_set", b"query_set", "query_set_commitment", b"query_set_commitment", "registration_id", b"registration_id", "requested_by", b"requested_by", "set_disclosures", b"set_disclosures", "set_reused", b"set_reused", "started_at", b"started_at", "statement", b"statement", "tests", b"tests"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -103,7 +103,12 @@ class KeyServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Verify(self, request_iterator, context):
-        """Client-streamed: one VerifyHeader, then the suspect model in chunks.
+        """Client-streamed: one VerifyHeader, then the suspect model in chunks. Against a
+        registration of an output key alone the suspect must be a .pt2 program (refused with
+        MALFORMED_REQUEST before the upload otherwise): its answers to every query set are read
+        in the sandbox and judged with the labels, scores and ranking tests (reading
+        "(outputs)"). Against one holding both key kinds, a .pt2 suspect's verdict carries
+        every test of both keys under one Bonferroni correction.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -81,7 +81,13 @@ class KeyServiceStub:
     packed Hugging Face checkpoint) in chunks.
     """
     Verify: _grpc.StreamUnaryMultiCallable[_keyservice_pb2.VerifyRequest, _keyservice_pb2.SignedVerdict]
-    """Client-streamed: one VerifyHeader, then the suspect model in chunks."""
+    """Client-streamed: one VerifyHeader, then the suspect model in chunks. Against a
+    registration of an output key alone the suspect must be a .pt2 program (refused with
+    MALFORMED_REQUEST before the upload otherwise): its answers to every query set are read
+    in the sandbox and judged with the labels, scores and ranking tests (reading
+    "(outputs)"). Against one holding both key kinds, a .pt2 suspect's verdict carries
+    every test of both keys under one Bonferroni correction.
+    """
     GetRegistration: _grpc.UnaryUnaryMultiCallable[_keyservice_pb2.GetRegistrationRequest, _keyservice_pb2.RegistrationInfo]
     ListRegistrations: _grpc.UnaryUnaryMultiCallable[_keyservice_pb2.ListRegistrationsRequest, _keyservice_pb2.ListRegistrationsResponse]
     Revoke: _grpc.UnaryUnaryMultiCallable[_keyservice_pb2.RevokeRequest, _keyservice_pb2.RegistrationInfo]
@@ -110,7 +116,13 @@ class KeyServiceAsyncStub(KeyServiceStub):
     packed Hugging Face checkpoint) in chunks.
     """
     Verify: _aio.StreamUnaryMultiCallable[_keyservice_pb2.VerifyRequest, _keyservice_pb2.SignedVerdict]  # type: ignore[assignment]
-    """Client-streamed: one VerifyHeader, then the suspect model in chunks."""
+    """Client-streamed: one VerifyHeader, then the suspect model in chunks. Against a
+    registration of an output key alone the suspect must be a .pt2 program (refused with
+    MALFORMED_REQUEST before the upload otherwise): its answers to every query set are read
+    in the sandbox and judged with the labels, scores and ranking tests (reading
+    "(outputs)"). Against one holding both key kinds, a .pt2 suspect's verdict carries
+    every test of both keys under one Bonferroni correction.
+    """
     GetRegistration: _aio.UnaryUnaryMultiCallable[_keyservice_pb2.GetRegistrationRequest, _keyservice_pb2.RegistrationInfo]  # type: ignore[assignment]
     ListRegistrations: _aio.UnaryUnaryMultiCallable[_keyservice_pb2.ListRegistrationsRequest, _keyservice_pb2.ListRegistrationsResponse]  # type: ignore[assignment]
     Revoke: _aio.UnaryUnaryMultiCallable[_keyservice_pb2.RevokeRequest, _keyservice_pb2.RegistrationInfo]  # type: ignore[assignment]
@@ -148,7 +160,13 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_keyservice_pb2.VerifyRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_keyservice_pb2.SignedVerdict, _abc.Awaitable[_keyservice_pb2.SignedVerdict]]:
-        """Client-streamed: one VerifyHeader, then the suspect model in chunks."""
+        """Client-streamed: one VerifyHeader, then the suspect model in chunks. Against a
+        registration of an output key alone the suspect must be a .pt2 program (refused with
+        MALFORMED_REQUEST before the upload otherwise): its answers to every query set are read
+        in the sandbox and judged with the labels, scores and ranking tests (reading
+        "(outputs)"). Against one holding both key kinds, a .pt2 suspect's verdict carries
+        every test of both keys under one Bonferroni correction.
+        """
 
     @_abc_1.abstractmethod
     def GetRegistration(

@@ -164,16 +164,17 @@ def decide(plain: Verdict, tests: Sequence[Test], panel: Sequence[bytes], *,
     could not have shown a match at α even for a perfect copy (plain p = 1, every other test
     at its reach) is `inconclusive`, not `no_match`; so is one where a panel was given but
     no further test ran (a panel below `aligned.MIN_PANEL`). `untested` says why the aligned
-    test did not run; the plain verdict is then the decision. A new test is a module that
+    test did not run (noted in the method; without further tests the plain verdict is then
+    the decision). A new test is a module that
     returns a `Test` and one more entry in `freemark.extract.judge_activations`' list: this
     function does not change.
     """
     record = ReferencePanel.of(panel) if panel else NO_PANEL
     threshold = math.log10(alpha)
+    note = f"; relabelling not tested ({untested})" if untested else ""
     if not tests:
         is_match = plain.log10_p_value <= threshold
         outcome = "match" if is_match else ("inconclusive" if panel else "no_match")
-        note = f"; relabelling not tested ({untested})" if untested else ""
         return dataclasses.replace(plain, p_value_method=plain.p_value_method + note,
                                    is_match=is_match, outcome=outcome, panel=record)
     entries = [test.entry for test in tests]
@@ -187,7 +188,7 @@ def decide(plain: Verdict, tests: Sequence[Test], panel: Sequence[bytes], *,
     over = _listing(["plain", *(e.name for e in entries)])
     method = (f"Bonferroni over {over} test{'s' if k > 2 else ''} ({k} × the "
               f"{'smaller' if k == 2 else 'smallest'} p); plain: {plain.p_value_method}; "
-              + "; ".join(e.method for e in entries))
+              + "; ".join(e.method for e in entries) + note)
     return dataclasses.replace(plain, p_value=10.0 ** log10_p, log10_p_value=log10_p,
                                p_value_method=method, is_match=is_match, outcome=outcome,
                                tests=(*plain.tests, *entries), panel=record)

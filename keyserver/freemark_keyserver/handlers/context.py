@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -17,11 +18,11 @@ import numpy as np
 
 from freemark.errors import InvalidInputError, ModelFileError
 from freemark.records import wire
-from freemark.records.types import Checkpoint, InclusionProof, SignedStatement
+from freemark.records.types import Checkpoint, InclusionProof, SignedStatement, Verdict
 from freemark.scheme.bundle import KeyBundle
 from freemark.tlog import merkle
 from freemark.v1 import keyservice_pb2 as pb
-from freemark.verdict.decision import DEFAULT_ALPHA
+from freemark.verdict.decision import DEFAULT_ALPHA, coarse_values
 from freemark_keyserver import cancellation
 from freemark_keyserver.claims import ClaimIndex
 from freemark_keyserver.config import ServerConfig
@@ -50,6 +51,7 @@ __all__ = [
     "Runner",
     "Stream",
     "append_entry",
+    "disclosed",
     "inclusion_proof",
     "policy_alpha",
     "public",
@@ -86,6 +88,10 @@ class Context:
     pool: SandboxPool | None = None  # None: the process-wide `sandbox.runner.shared_pool`
     sandbox: Callable[..., SandboxResult] = run_model
     batch: Callable[..., tuple[ModelIdentity, list[np.ndarray | Exception]]] = run_batch
+    # The name lookup VerifyEndpoint checks against the allow-list (once per conversation;
+    # every connection goes to the address checked): injected like the sandbox, so a test
+    # scripts a DNS answer that changes after the check.
+    resolver: Callable[..., Any] = socket.getaddrinfo
     # The log's registrations, what decides; every entry checked against the signer's key.
     ledger: Ledger = field(init=False)
     # The log's append path: concurrent appends committed together with their checkpoint.
@@ -196,6 +202,17 @@ def policy_alpha(ctx: Context, requested: float) -> float:
                            f"{asked} is outside this key server's verdict policy: it signs "
                            f"verdicts for {policy.describe()}")
     return alpha
+
+
+def disclosed(ctx: Context, principal_name: str, record: Registration, verdict: Verdict
+              ) -> tuple[bool, dict[str, Any]]:
+    """(coarse, the judgement fields to sign) of a verdict for this requester: the coarse
+    form (`decision.coarse_values`: the decision and a p-value bucket, no statistic a thief
+    could steer by) for anyone but the registration's owner where the operator's policy
+    says so, the full one otherwise. One rule for a file Verify and a VerifyEndpoint."""
+    coarse = (ctx.config.verdict_policy.arbiter_disclosure == "coarse"
+              and principal_name != record.owner)
+    return coarse, coarse_values(verdict) if coarse else wire.signed_values(verdict)
 
 
 def public(exc: Exception) -> str:

@@ -14,14 +14,16 @@ first query leaves, so a verification that is then refused still counts it. The 
 queries go out shuffled among the set's natural ranking items (decoys, answered alike by
 an honest endpoint, noisy or not), which also carry the session's repeated-query
 consistency check. The answers are judged against the panel answers the TTP measured at
-registration (`handlers.outputs`), never the owner's.
+registration (`handlers.outputs`), never the owner's. A requester other than the
+registration's owner gets the coarse form where the policy says so, as for a file Verify
+(`context.disclosed`): the decision and a p-value bucket, with the conversation's binding
+in full.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
-import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,15 +37,21 @@ from freemark.blackbox.responder import Answers, read_answers
 from freemark.endpoint import EndpointRateLimiter, EndpointSession, Transcript
 from freemark.errors import EndpointError, EndpointResponseError, InvalidInputError
 from freemark.records import wire
-from freemark.records.types import EndpointExchange, EndpointVerdict
+from freemark.records.types import (
+    AnyEndpointVerdict,
+    CoarseEndpointVerdict,
+    EndpointExchange,
+    EndpointVerdict,
+)
 from freemark.v1 import keyservice_pb2 as pb
 from freemark_keyserver.auth import ADMIN, ARBITER, OWNER, require_role
 from freemark_keyserver.errors import ErrorCode, ServiceError
-from freemark_keyserver.handlers import outputs
+from freemark_keyserver.handlers import outputs, panels
 from freemark_keyserver.handlers.context import (
     Admission,
     Context,
     append_entry,
+    disclosed,
     inclusion_proof,
     policy_alpha,
     sign_statement,
@@ -77,16 +85,18 @@ def choose_set(n_sets: int, disclosures: list[tuple[int, str]]) -> tuple[int, in
 
 
 def _target(ctx: Context, principal: Principal, request: pb.VerifyEndpointRequest
-            ) -> tuple[Registration, float]:
+            ) -> tuple[Registration, float, OutputKey, outputs.MeasuredPanel]:
     """Authorise before anything is sent: the caller's role, the registration visible and
-    active and holding an output key, the request's fields; and the alpha to judge at,
-    within the policy."""
+    active and holding an output key (alone or beside a white-box key), the request's
+    fields; the alpha to judge at, within the policy; and the key with its measured
+    panel."""
     require_role(principal, OWNER, ARBITER, ADMIN)
     record = visible(ctx, principal, request.registration_id)
     if record.revoked_at is not None:
         raise ServiceError(ErrorCode.REVOKED,
                            f"registration {record.registration_id} was revoked; it proves nothing")
-    if not outputs.is_output_registration(record):
+    sealed = panels.open_output_key(ctx, record)
+    if sealed is None:
         raise ServiceError(ErrorCode.MALFORMED_REQUEST,
                            f"registration {record.registration_id} holds a white-box key, read "
                            "from a model's activations: upload the suspect model with freemark "
@@ -98,21 +108,20 @@ def _target(ctx: Context, principal: Principal, request: pb.VerifyEndpointReques
         raise ServiceError(ErrorCode.MALFORMED_REQUEST,
                            f"model_name must name the served model (1 to {MAX_MODEL_NAME} "
                            "characters)")
-    return record, policy_alpha(ctx, request.alpha)
+    return record, policy_alpha(ctx, request.alpha), *sealed
 
 
 def verify_endpoint(ctx: Context, principal: Principal, request: pb.VerifyEndpointRequest, *,
                     admit: Admission, limiter: EndpointRateLimiter | None,
-                    resolver: Resolver = socket.getaddrinfo,
+                    resolver: Resolver | None = None,
                     clock: Callable[[], float] = time.time) -> pb.EndpointVerdict:
     """The VerifyEndpoint call (module docstring)."""
-    record, alpha = _target(ctx, principal, request)
+    record, alpha, key, panel = _target(ctx, principal, request)
     admit.check(record)
-    key, panel = outputs.open_sealed(ctx, record)
     try:
         session = EndpointSession(request.endpoint, request.model_name,
                                   policy=ctx.config.endpoint_policy, limiter=limiter,
-                                  resolver=resolver, clock=clock)
+                                  resolver=resolver or ctx.resolver, clock=clock)
         kind = session.kind  # the metadata: labels or scores, before any query is sent
     except EndpointError as exc:
         raise _refused(exc) from exc
@@ -139,13 +148,14 @@ def verify_endpoint(ctx: Context, principal: Principal, request: pb.VerifyEndpoi
         "set_disclosures": before, "set_reused": before > 0,
         "policy": ctx.config.verdict_policy,
     }
-    body, index, _ = append_entry(ctx, EndpointVerdict.KIND, lambda i, t: wire.encode_body(
-        EndpointVerdict, {**wire.signed_values(verdict), **binding, "log_index": i,
-                          "integrated_time": t}))
-    log.info("endpoint verdict on %s by %s: %s (log10 p %.1f, set %d%s) at log index %d",
+    coarse, judgement = disclosed(ctx, principal.name, record, verdict)
+    verdict_type: type[AnyEndpointVerdict] = CoarseEndpointVerdict if coarse else EndpointVerdict
+    body, index, _ = append_entry(ctx, verdict_type.KIND, lambda i, t: wire.encode_body(
+        verdict_type, {**judgement, **binding, "log_index": i, "integrated_time": t}))
+    log.info("endpoint verdict on %s by %s: %s (log10 p %.1f, %s, set %d%s) at log index %d",
              record.registration_id, principal.name, verdict.outcome, verdict.log10_p_value,
-             set_id, ", reused" if before else "", index)
-    signed = wire.read_statement(EndpointVerdict, sign_statement(ctx, body),
+             "coarse" if coarse else "full", set_id, ", reused" if before else "", index)
+    signed = wire.read_statement(verdict_type, sign_statement(ctx, body),
                                  inclusion_proof(ctx, index))
     return wire.endpoint_verdict_to_proto(signed)
 

@@ -6,7 +6,14 @@ against a null fitted on the panel's answers. The owner's key carries the panel'
 he measured them; the TTP never uses those: it runs every reference in its sandbox on the
 key's queries and ranking items and seals its own measurement beside the key
 (`seal_bytes`). A registration holding an output key is marked by its layer, `OUTPUTS_LAYER`
-(no module can be called that), so the white-box flows skip it.
+(no module can be called that), so the white-box flows skip it. A registration may also
+hold an output key beside its white-box key (one Register carrying both): its sealed form is
+then inside the white-box registration's (`panels.open_output_key`).
+
+A model file is judged on an output key too (`suspect_tests`): the sandbox reads its
+answers to every query, and the output tests join the verdict. And a later Register is
+judged with every earlier output key the same way (`claim_runs`, `claimed_by`): a match is
+a prior claim on the upload, whatever key kind it is registered with.
 """
 
 from __future__ import annotations
@@ -19,10 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from freemark.blackbox.judge import check_host_answers
+from freemark.blackbox.judge import check_host_answers, output_tests
 from freemark.blackbox.key import OutputKey, decode_output_key, encode_output_key
+from freemark.blackbox.responder import Answers
 from freemark.errors import InvalidInputError
-from freemark.verdict.outputs import RANK_DEPTH
+from freemark.verdict.decision import DEFAULT_ALPHA
+from freemark.verdict.outputs import RANK_DEPTH, OutputTest, decide_outputs
 from freemark_keyserver.crypto import Envelope, open_envelope
 from freemark_keyserver.errors import ErrorCode, ServiceError
 from freemark_keyserver.handlers.context import Context, sandbox_refusals
@@ -30,8 +39,8 @@ from freemark_keyserver.sandbox.runner import ModelIdentity, TriggerRun
 from freemark_keyserver.store import Registration
 
 __all__ = ["MIN_ARCHITECTURES", "MIN_REFERENCES", "OUTPUTS_LAYER", "MeasuredPanel", "Reading",
-           "is_output_registration", "measure_panel", "open_sealed", "parse_key", "read_host",
-           "seal_bytes"]
+           "claim_runs", "claimed_by", "is_output_registration", "measure_panel", "open_bytes",
+           "open_sealed", "parse_key", "read_host", "seal_bytes", "suspect_tests"]
 
 # The receipt's and the store's layer for an output key: parentheses never name a module.
 OUTPUTS_LAYER = "(outputs)"
@@ -76,7 +85,8 @@ def _runs(key: OutputKey) -> list[TriggerRun]:
     return [TriggerRun.outputs_of(key.queries), TriggerRun.outputs_of(key.ranking_inputs)]
 
 
-def _read(ctx: Context, path: Path, key: OutputKey, what: str) -> Reading:
+def _read(ctx: Context, path: Path, key: OutputKey, what: str, *, classes: bool = True
+          ) -> Reading:
     with sandbox_refusals():
         identity, results = ctx.batch(path, _runs(key), limits=ctx.config.sandbox, options={})
     answers: list[np.ndarray] = []
@@ -86,11 +96,61 @@ def _read(ctx: Context, path: Path, key: OutputKey, what: str) -> Reading:
                 raise result
         answers.append(result)
     queries, ranking = answers
-    if queries.shape[1] != key.n_classes:
+    if classes and queries.shape[1] != key.n_classes:
         raise ServiceError(ErrorCode.INVALID_MODEL, f"{what} answers {queries.shape[1]} classes; "
                            f"the key is for {key.n_classes}")
     return Reading(identity, bytes(getattr(queries, "architecture", b"")),
                    np.asarray(queries, dtype=np.float64), np.asarray(ranking, dtype=np.float64))
+
+
+def suspect_tests(ctx: Context, path: Path, key: OutputKey, panel: MeasuredPanel
+                  ) -> list[OutputTest]:
+    """The output tests of an uploaded suspect (a .pt2 program, read in the sandbox like the
+    host): its scores on every set's queries and ranking items, judged against the panel
+    answers the TTP measured at registration. Every set at once: a file read in the
+    sandbox discloses no query to anyone, so nothing is burned and all the evidence
+    counts. Raises InvalidInputError for a suspect that answers another number of classes
+    than the host (the key cannot be read on it)."""
+    reading = _read(ctx, path, key, "the suspect", classes=False)
+    if reading.query_scores.shape[1] != key.n_classes:
+        raise InvalidInputError(f"the suspect answers {reading.query_scores.shape[1]} classes; "
+                                f"the output key is for {key.n_classes}")
+    return _tests_of(key, panel, reading.query_scores, reading.ranking_scores)
+
+
+def _tests_of(key: OutputKey, panel: MeasuredPanel, query_scores: np.ndarray,
+              ranking_scores: np.ndarray) -> list[OutputTest]:
+    """The output tests of a model's scores on every set's queries and ranking items."""
+    answers = Answers(labels=query_scores.argmax(axis=1), scores=query_scores)
+    ranking = Answers(labels=ranking_scores.argmax(axis=1), scores=ranking_scores)
+    return output_tests(key, None, answers, ranking, panel_query_scores=panel.query_scores,
+                        panel_ranking_scores=panel.ranking_scores)
+
+
+def claim_runs(key: OutputKey) -> list[TriggerRun]:
+    """The sandbox runs that read an upload's answers to an earlier output key's queries and
+    ranking items, for Register's prior-claim check (`claimed_by`)."""
+    return [TriggerRun.outputs_of(key.queries, claim=True),
+            TriggerRun.outputs_of(key.ranking_inputs, claim=True)]
+
+
+def claimed_by(key: OutputKey, panel: MeasuredPanel,
+               answers: Sequence[np.ndarray | Exception]) -> float | None:
+    """Whether an earlier output key claims an upload, from its `claim_runs`' answers: the
+    log10 p of its verdict when that is a match at the default alpha (every set at once,
+    as a file Verify reads it), 0.0 when a run failed (fail closed: a thief cannot buy a
+    clearance by making his copy fail on the queries), None when it is not a copy (it
+    does not take the key's inputs, or answers another number of classes: the key cannot
+    be read on it) or the key does not match it. Nothing of this is shown to the caller."""
+    queries, ranking = answers
+    if isinstance(queries, Exception) or isinstance(ranking, Exception):
+        return 0.0
+    if queries.shape[1] != key.n_classes or ranking.shape[1] != key.n_classes:
+        return None
+    verdict = decide_outputs(_tests_of(key, panel, np.asarray(queries, dtype=np.float64),
+                                       np.asarray(ranking, dtype=np.float64)),
+                             key.panel, alpha=DEFAULT_ALPHA)
+    return verdict.log10_p_value if verdict.is_match else None
 
 
 def read_host(ctx: Context, path: Path, key: OutputKey) -> Reading:
@@ -123,12 +183,14 @@ class MeasuredPanel:
     ranking_scores: np.ndarray  # (P, R, C) float32
 
 
-def measure_panel(ctx: Context, paths: Sequence[Path], key: OutputKey, host: Reading
-                  ) -> MeasuredPanel:
+def measure_panel(ctx: Context, paths: Sequence[Path], key: OutputKey, host: Reading, *,
+                  others: bool = False) -> tuple[MeasuredPanel, list[Path]]:
     """Read every reference in the sandbox. They must be the panel the key was derived
     against (the key's folds say which half shaped which queries, so only those models are
     held out where the null needs them), at least 8, of at least 2 architectures, none the
-    host."""
+    host. With `others` (a Register that carries a white-box key too), references that are
+    not the key's panel members are returned, in their order, for the white-box key's
+    panel instead of refused."""
     if len(paths) < MIN_REFERENCES:
         raise ServiceError(ErrorCode.INVALID_BUNDLE,
                            f"an output key is registered with its panel: upload the key's "
@@ -136,6 +198,7 @@ def measure_panel(ctx: Context, paths: Sequence[Path], key: OutputKey, host: Rea
                            f"{MIN_REFERENCES}; {len(paths)} given): the TTP measures the null on "
                            f"them itself")
     readings: dict[bytes, Reading] = {}
+    rest: list[Path] = []
     for number, path in enumerate(paths, start=1):
         reading = _read(ctx, path, key, f"reference #{number}")
         fingerprint = reading.identity.fingerprint
@@ -143,6 +206,9 @@ def measure_panel(ctx: Context, paths: Sequence[Path], key: OutputKey, host: Rea
             raise ServiceError(ErrorCode.INVALID_MODEL, f"reference #{number} has the same weights "
                                "as the host or another reference: a panel needs distinct, "
                                "independent models")
+        if others and fingerprint not in key.panel:
+            rest.append(path)
+            continue
         readings[fingerprint] = reading
     if set(readings) != set(key.panel):
         raise ServiceError(ErrorCode.INVALID_BUNDLE,
@@ -160,7 +226,7 @@ def measure_panel(ctx: Context, paths: Sequence[Path], key: OutputKey, host: Rea
     return MeasuredPanel(
         fingerprints=np.asarray(key.panel_fingerprints, dtype=np.uint8),
         query_scores=np.stack([r.query_scores for r in ordered]).astype(np.float32),
-        ranking_scores=np.stack([r.ranking_scores for r in ordered]).astype(np.float32))
+        ranking_scores=np.stack([r.ranking_scores for r in ordered]).astype(np.float32)), rest
 
 
 def seal_bytes(key: OutputKey, panel: MeasuredPanel) -> bytes:

@@ -1,7 +1,8 @@
 """Reading models for the aligned test at the TTP: sandboxed passes over triggers and probes,
 reference panels (the owner's and the operator's) measured and checked, the operator's
 `panel add` (`add_panel_member`), and the sealed form that keeps them with the key
-(`seal_bytes`, `open_bytes`, `open_sealed`).
+(`seal_bytes`, `open_bytes`, `open_sealed`; `open_output_key` for an output key sealed
+beside the bundle).
 
 One sandbox run reads a model's key layer on the triggers followed by the bundle's
 alignment probes (`freemark.scheme.probes.with_probes`, built in the sandbox child from the
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from freemark.blackbox.key import OutputKey
 from freemark.errors import AlignmentLimitError, InvalidInputError
 from freemark.formats.table import by_name
 from freemark.panel import Reference, reference_from_proto, reference_to_proto
@@ -32,6 +34,7 @@ from freemark.verdict.aligned import THRESHOLD
 from freemark.verdict.canon import align
 from freemark_keyserver.crypto import Envelope, MasterKeyring, open_envelope
 from freemark_keyserver.errors import ErrorCode, ServiceError
+from freemark_keyserver.handlers import outputs
 from freemark_keyserver.handlers.context import Context, Runner, public, sandbox_runner
 from freemark_keyserver.handlers.hosts import member_file, store_member
 from freemark_keyserver.handlers.lookups import lookup
@@ -225,34 +228,55 @@ def with_profile(bundle: KeyBundle, host: Reading) -> KeyBundle:
 SEALED_MAGIC = b"freemark/v1/sealed-registration\n"
 
 
-def seal_bytes(bundle: KeyBundle, panel: Sequence[Reference]) -> bytes:
-    """The plaintext the TTP seals for a registration: a magic line, then `SealedRegistration`."""
+def seal_bytes(bundle: KeyBundle, panel: Sequence[Reference], output_key: bytes = b"") -> bytes:
+    """The plaintext the TTP seals for a registration: a magic line, then `SealedRegistration`
+    (with `output_key`, `outputs.seal_bytes` of an output key registered beside the bundle)."""
     message = bundle_pb2.SealedRegistration(bundle=to_proto(bundle),
-                                            panel=[reference_to_proto(r) for r in panel])
+                                            panel=[reference_to_proto(r) for r in panel],
+                                            output_key=output_key)
     return SEALED_MAGIC + message.SerializeToString(deterministic=True)
+
+
+def _sealed_message(plaintext: bytes) -> bundle_pb2.SealedRegistration:
+    message = bundle_pb2.SealedRegistration()
+    try:
+        message.ParseFromString(plaintext[len(SEALED_MAGIC):])
+    except DecodeError as exc:
+        raise InvalidInputError(f"not a sealed registration ({exc})") from exc
+    return message
 
 
 def open_bytes(plaintext: bytes) -> tuple[KeyBundle, list[Reference]]:
     """The inverse of `seal_bytes`; records sealed before panels existed hold a bare bundle."""
     if not plaintext.startswith(SEALED_MAGIC):
         return from_bytes(plaintext), []
-    message = bundle_pb2.SealedRegistration()
-    try:
-        message.ParseFromString(plaintext[len(SEALED_MAGIC):])
-    except DecodeError as exc:
-        raise InvalidInputError(f"not a sealed registration ({exc})") from exc
+    message = _sealed_message(plaintext)
     return from_proto(message.bundle), [reference_from_proto(r) for r in message.panel]
 
 
 def open_sealed(ctx: Context, record: Registration) -> tuple[KeyBundle, list[Reference]]:
     """A registration's bundle and reference panel, decrypted; refused for a registration
-    that holds an output key (it has no bundle: `outputs.open_sealed`)."""
+    that holds an output key alone (it has no bundle: `outputs.open_sealed`)."""
     if is_output_registration(record):
         raise ServiceError(ErrorCode.MALFORMED_REQUEST,
-                           f"registration {record.registration_id} holds an output key, judged "
-                           "through a model's answers: verify a live endpoint with freemark "
-                           "verify --endpoint (judging model files with output keys is not "
-                           "built yet)")
-    plaintext = open_envelope(ctx.keyring, Envelope.from_bytes(record.envelope),
-                              record_id=record.registration_id, owner=record.owner)
-    return open_bytes(plaintext)
+                           f"registration {record.registration_id} holds an output key alone, "
+                           "judged through a model's answers, not its activations")
+    return open_bytes(_plaintext(ctx, record))
+
+
+def open_output_key(ctx: Context, record: Registration
+                    ) -> tuple[OutputKey, outputs.MeasuredPanel] | None:
+    """A registration's output key and the panel answers the TTP measured: an output-key
+    registration's, or the one sealed beside a white-box key; None where it holds none."""
+    if is_output_registration(record):
+        return outputs.open_sealed(ctx, record)
+    plaintext = _plaintext(ctx, record)
+    if not plaintext.startswith(SEALED_MAGIC):
+        return None
+    message = _sealed_message(plaintext)
+    return outputs.open_bytes(message.output_key) if message.output_key else None
+
+
+def _plaintext(ctx: Context, record: Registration) -> bytes:
+    return open_envelope(ctx.keyring, Envelope.from_bytes(record.envelope),
+                         record_id=record.registration_id, owner=record.owner)

@@ -80,15 +80,14 @@ def register(ctx: Context, principal: Principal, stream: Stream[pb.RegisterHeade
     models (each checked before its bytes are read), then `register_host`."""
     require_role(principal, OWNER)
     header = stream.header()
+    key: OutputKey | None = None
+    bundle: KeyBundle | None = None
     if header.output_key:
-        if header.HasField("bundle"):
-            raise ServiceError(ErrorCode.MALFORMED_REQUEST, "a registration holds one key: "
-                               "send a bundle or an output key, not both")
         key = outputs.parse_key(header.output_key, principal.name, ctx.config.max_bundle_bytes)
         if header.upload.format != pb.MODEL_FORMAT_PT2:
             raise ServiceError(ErrorCode.MALFORMED_REQUEST, "an output key's host must be a "
                                ".pt2 program (the sandbox reads outputs from programs)")
-    else:
+    if header.HasField("bundle") or key is None:
         bundle = parse_bundle(ctx, principal, header)
     host_format = by_wire(header.upload.format)
     assert host_format is not None  # parse_bundle refuses any other
@@ -102,10 +101,11 @@ def register(ctx: Context, principal: Principal, stream: Stream[pb.RegisterHeade
             panels.check_reference_header(reference)
             references.append(files.enter_context(stream.receive(
                 reference, suffix=panels.REFERENCE_FORMAT.suffix)))
-        if header.output_key:
+        if bundle is None:
+            assert key is not None
             return register_output_key(ctx, principal, key, host, references)
         return register_host(ctx, principal, bundle, host, references,
-                             host_format=header.upload.format)
+                             host_format=header.upload.format, output_key=key)
 
 
 def register_output_key(ctx: Context, principal: Principal, key: OutputKey, host: Path,
@@ -114,7 +114,8 @@ def register_output_key(ctx: Context, principal: Principal, key: OutputKey, host
 
     The host is read in the sandbox through its outputs: it must be the key's host and
     answer every query as the key says. Registered weights are refused as for a white-box
-    key (the same fingerprint check, `_claimed`). The panel (the key's own references) is
+    key (the same fingerprint check, `_claimed`), and so is a model an earlier output key
+    matches (`_check_output_claims`). The panel (the key's own references) is
     read in the sandbox too, and its answers, not the owner's, are sealed with the key. The
     receipt commits to every query set (`Receipt.query_sets`).
     """
@@ -125,7 +126,8 @@ def register_output_key(ctx: Context, principal: Principal, key: OutputKey, host
             if _blocks(r, principal)]
     if same:
         raise _claimed(principal, same, "the same weights are registered")
-    panel = outputs.measure_panel(ctx, references, key, reading)
+    _check_output_claims(ctx, principal, host)
+    panel, _ = outputs.measure_panel(ctx, references, key, reading)
     registration_id = "reg_" + secrets.token_hex(REGISTRATION_ID_BYTES)
     envelope = seal(ctx.keyring, outputs.seal_bytes(key, panel), record_id=registration_id,
                     owner=principal.name)
@@ -182,11 +184,18 @@ def parse_bundle(ctx: Context, principal: Principal, header: pb.RegisterHeader) 
 
 def register_host(ctx: Context, principal: Principal, bundle: KeyBundle, host: Path,
                   references: Sequence[Path] = (), *,
-                  host_format: int = pb.MODEL_FORMAT_PT2) -> pb.Receipt:
+                  host_format: int = pb.MODEL_FORMAT_PT2,
+                  output_key: OutputKey | None = None) -> pb.Receipt:
     """Check, store and log a registration; return its signed receipt.
 
     The host's probe profile is measured here, in the sandbox, and replaces the uploaded
     one; each reference is read the same way and refused if it is the host relabelled.
+
+    With `output_key`, the registration holds both key kinds for one host: after the
+    white-box checks the host is read through its outputs as for an output key alone
+    (`outputs.read_host`), the references that are the output key's panel members become
+    its measured panel and the others the white-box key's, the output key is sealed
+    inside the registration's envelope and the receipt commits to its query sets.
     """
     require_role(principal, OWNER)
     claims = _PriorClaims(ctx, principal, bundle)
@@ -198,6 +207,14 @@ def register_host(ctx: Context, principal: Principal, bundle: KeyBundle, host: P
     claims.judge(results[1:])
     reading = claims.host
     bundle = panels.with_profile(bundle, reading)
+    sealed_outputs = b""
+    sets: tuple[bytes, ...] = ()
+    if output_key is not None:  # the same host: both keys' fingerprint checks passed on it
+        host_outputs = outputs.read_host(ctx, host, output_key)
+        measured, references = outputs.measure_panel(ctx, references, output_key,
+                                                     host_outputs, others=True)
+        sealed_outputs = outputs.seal_bytes(output_key, measured)
+        sets = query_set_commitments(output_key)
     candidates = panels.measure_panel(sandbox_runner(ctx), references, bundle, reading)
     skipped: list[PanelMemberEntry] = []
     if reading.probes is not None:
@@ -209,8 +226,8 @@ def register_host(ctx: Context, principal: Principal, bundle: KeyBundle, host: P
     panel = vetted.references
 
     registration_id = "reg_" + secrets.token_hex(REGISTRATION_ID_BYTES)
-    envelope = seal(ctx.keyring, panels.seal_bytes(bundle, panel), record_id=registration_id,
-                    owner=principal.name)
+    envelope = seal(ctx.keyring, panels.seal_bytes(bundle, panel, sealed_outputs),
+                    record_id=registration_id, owner=principal.name)
     # Streamed from the spool file into the store a segment at a time, never read whole.
     host_header = store_host(ctx.store, ctx.keyring, host, registration_id=registration_id,
                              owner=principal.name)
@@ -229,7 +246,7 @@ def register_host(ctx: Context, principal: Principal, bundle: KeyBundle, host: P
             "host_fingerprint": reading.fingerprint, "watermark_commitment": wm_commitment,
             "layer": bundle.layer, "n_bits": bundle.n_bits, "log_index": i, "integrated_time": t,
             "panel": panel_record, "architecture_digest": reading.architecture_digest,
-            "panel_members": vetted.entries, "panel_warning": vetted.warning, "query_sets": (),
+            "panel_members": vetted.entries, "panel_warning": vetted.warning, "query_sets": sets,
         }), record, claim=claims.sealed(registration_id))
     except DuplicateError as exc:  # a concurrent Register of the same host committed first
         raise _claimed(principal, lookup_many(
@@ -247,8 +264,10 @@ class _PriorClaims:
 
     Claimed means: the same weights, or an earlier key's verdict (plain and, with that
     registration's panel, aligned, so a relabelled, rescaled or padded copy is caught) is a
-    match on some tensor of the upload. The key layer is located by the TTP, not by its
-    name: the sandbox child reads every tensor the upload computes on that registration's
+    match on some tensor of the upload, or an earlier output key's verdict on the upload's
+    answers to its queries is a match (`outputs.claimed_by`; every candidate holding an
+    output key, read in the same child: `_output_keys`, `_output_claims`). The key layer
+    is located by the TTP, not by its name: the sandbox child reads every tensor the upload computes on that registration's
     triggers (a scan, `TriggerRun` with no layer), of the key's width for the plain test or
     of any width when the panel lets the aligned test run, and each is judged with the
     earlier key; any match is a claim. So renaming the key layer, any weight, every module,
@@ -289,6 +308,7 @@ class _PriorClaims:
         self.groups: list[tuple[bytes, str]] = []  # the index groups scanned, with anchors
         self.own: tuple[bytes, str] = (claims.group_of(bundle.triggers), "")
         self.vector: np.ndarray | None = None  # the upload's own signature, once read
+        self.output_keys: list[tuple[Registration, OutputKey, outputs.MeasuredPanel]] = []
         self.index_failed = False
         self.asked = 0
 
@@ -363,15 +383,18 @@ class _PriorClaims:
         wanted.update(dict.fromkeys(s.registration_id for s in self.ctx.ledger.read(
             self.ctx.store, lambda reg: reg.all()) if not index.indexed(s.registration_id)))
         signature = _signature(self.bundle.triggers)
-        # Output keys are judged on outputs, not tensors: their hosts are held by the
-        # fingerprint check above (docs/keyserver.md).
-        found = [lookup(self.ctx, rid) for rid in wanted]
+        found = [r for r in (lookup(self.ctx, rid) for rid in wanted)
+                 if r is not None and _blocks(r, self.principal)]
         opened = [(record, *panels.open_sealed(self.ctx, record)) for record in found
-                  if record is not None and _blocks(record, self.principal)
-                  and not outputs.is_output_registration(record)]
+                  if not outputs.is_output_registration(record)]
         self.earlier = [(record, bundle, panel) for record, bundle, panel in opened
                         if _signature(bundle.triggers) == signature]
-        return [scan_run(bundle, panel) for _, bundle, panel in self.earlier]
+        # Output keys read answers, not tensors: each candidate holding one (an output key
+        # alone is never indexed, so always a candidate) reads the upload's answers to its
+        # queries in this child too (`outputs.claim_runs`).
+        self.output_keys = _output_keys(self.ctx, found)
+        return [*(scan_run(bundle, panel) for _, bundle, panel in self.earlier),
+                *(run for _, key, _ in self.output_keys for run in outputs.claim_runs(key))]
 
     def sealed(self, registration_id: str) -> ClaimSignature | None:
         """The upload's own signature, sealed for the index (None when it could not be read:
@@ -392,6 +415,8 @@ class _PriorClaims:
         its message may be computed from that key's secret triggers (issue 18)."""
         assert self.host is not None
         claims_found: list[tuple[Registration, float]] = []
+        answers = list(results[len(self.groups) + 1 + len(self.earlier):])
+        claims_found += _output_claims(self.output_keys, answers)
         for (record, bundle, panel), result in zip(self.earlier, results[len(self.groups) + 1:]):
             if not isinstance(result, LayerScan):  # a failed scan: never a clearance
                 log.warning("Register by %s: the upload could not be scanned with earlier "
@@ -422,6 +447,54 @@ class _PriorClaims:
         if self.index_failed:
             raise _claimed(self.principal, [], "the upload could not be read on the claim "
                            "index's probes")
+
+
+def _check_output_claims(ctx: Context, principal: Principal, host: Path) -> None:
+    """ALREADY_CLAIMED when an earlier registration of an output key alone (every one: they
+    are never in the claim index) matches the upload, or its check fails (fail closed); the
+    refusal names no registration and no figure (`_claimed`)."""
+    earlier = _output_keys(ctx, lookup_many(ctx, lambda registry: [
+        s for s in registry.all() if s.layer == outputs.OUTPUTS_LAYER]))
+    earlier = [entry for entry in earlier if _blocks(entry[0], principal)]
+    if not earlier:
+        return
+    with sandbox_refusals():
+        _, answers = ctx.batch(host, [run for _, key, _ in earlier
+                                      for run in outputs.claim_runs(key)],
+                               limits=ctx.config.sandbox, options={})
+    found = _output_claims(earlier, answers)
+    if found:
+        raise _claimed(principal, [record for record, _ in found],
+                       "an earlier output key matches the upload, or it could not be judged "
+                       "(log10 p " + ", ".join(f"{p:.1f}" for _, p in found) + ")")
+
+
+def _output_keys(ctx: Context, records: Sequence[Registration]
+                 ) -> list[tuple[Registration, OutputKey, outputs.MeasuredPanel]]:
+    """The output keys `records` hold (alone or beside a white-box key), opened."""
+    found = []
+    for record in records:
+        sealed = panels.open_output_key(ctx, record)
+        if sealed is not None:
+            found.append((record, *sealed))
+    return found
+
+
+def _output_claims(keys: Sequence[tuple[Registration, OutputKey, outputs.MeasuredPanel]],
+                   answers: Sequence[np.ndarray | Exception]
+                   ) -> list[tuple[Registration, float]]:
+    """The earlier output keys that claim the upload, from its answers to their
+    `outputs.claim_runs` (two per key, in order): a match, or a failed run (fail closed).
+    Every key is judged (no short-circuit)."""
+    if len(answers) != 2 * len(keys):
+        raise ServiceError(ErrorCode.INTERNAL, "the sandbox answered a prior-claim check with "
+                           "the wrong number of runs")
+    found = []
+    for number, (record, key, panel) in enumerate(keys):
+        log10_p = outputs.claimed_by(key, panel, answers[2 * number:2 * number + 2])
+        if log10_p is not None:
+            found.append((record, log10_p))
+    return found
 
 
 def _failure_name(exc: BaseException) -> str:

@@ -11,10 +11,18 @@ server locates its key layer itself: it scans every candidate tensor and the ver
 strongest, corrected for how many there were (`scans.judge_scan`; a tensor the requester
 names is one more candidate, never the only one). The verdict binds the suspect, the
 requester, what was read from the suspect and how it was located, and the policy.
+
+Output keys judge files too (issue 19): a registration of an output key alone reads a .pt2
+suspect's answers to every query set in the sandbox (`outputs.suspect_tests`; the reading
+is `(outputs)`), and one that holds an output key beside its white-box key adds those tests
+to the white-box verdict under the same Bonferroni correction (`judge_activations`'
+`extra`); where the suspect is not a .pt2 program the verdict says the output key was not
+tested.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,15 +36,17 @@ from freemark.records import wire
 from freemark.records.types import CoarseVerdict, SignedVerdict, SuspectReading, Verdict
 from freemark.scheme.bundle import KeyBundle
 from freemark.v1 import keyservice_pb2 as pb
-from freemark.verdict.decision import DEFAULT_ALPHA, coarse_values
+from freemark.verdict.decision import DEFAULT_ALPHA
+from freemark.verdict.outputs import OutputTest, decide_outputs
 from freemark_keyserver.auth import ADMIN, ARBITER, OWNER, require_role
 from freemark_keyserver.errors import ErrorCode, ServiceError
-from freemark_keyserver.handlers import panels, scans
+from freemark_keyserver.handlers import outputs, panels, scans
 from freemark_keyserver.handlers.context import (
     Admission,
     Context,
     Stream,
     append_entry,
+    disclosed,
     inclusion_proof,
     policy_alpha,
     sandbox_refusals,
@@ -87,6 +97,11 @@ def verify_target(ctx: Context, principal: Principal, header: pb.VerifyHeader) -
     if len(header.onnx_tensor) > formats.MAX_TENSOR_NAME:
         raise ServiceError(ErrorCode.MALFORMED_REQUEST,
                            f"onnx_tensor is over {formats.MAX_TENSOR_NAME} characters")
+    if outputs.is_output_registration(record) and header.upload.format != pb.MODEL_FORMAT_PT2:
+        raise ServiceError(ErrorCode.MALFORMED_REQUEST,
+                           f"registration {record.registration_id} holds an output key, read "
+                           "from a model's answers: upload the suspect as a .pt2 program, or "
+                           "judge its live endpoint with freemark verify --endpoint")
     policy_alpha(ctx, header.alpha)
     return record
 
@@ -99,17 +114,30 @@ def judge(ctx: Context, principal: Principal, record: Registration, header: pb.V
     received), the requester and the policy. A requester other than the registration's
     owner gets a coarse verdict when the policy says so; the owner always gets the full one.
     """
-    bundle, panel = panels.open_sealed(ctx, record)
     alpha = header.alpha or DEFAULT_ALPHA
-    if header.upload.format == pb.MODEL_FORMAT_ONNX:
-        verdict, read = _scanned(ctx, header, suspect, bundle, panel, alpha=alpha)
+    if outputs.is_output_registration(record):
+        key, measured = outputs.open_sealed(ctx, record)
+        try:
+            tests = outputs.suspect_tests(ctx, suspect, key, measured)
+        except InvalidInputError as exc:
+            raise ServiceError(ErrorCode.INVALID_MODEL, str(exc)) from exc
+        verdict = decide_outputs(tests, key.panel, alpha=alpha)
+        read = SuspectReading.named(outputs.OUTPUTS_LAYER)
     else:
-        verdict, read = _named(ctx, header, record, suspect, bundle, panel, alpha=alpha)
+        bundle, panel = panels.open_sealed(ctx, record)
+        extra, extra_panel, note = _output_tests(ctx, header, record, suspect)
+        if header.upload.format == pb.MODEL_FORMAT_ONNX:
+            verdict, read = _scanned(ctx, header, suspect, bundle, panel, alpha=alpha)
+        else:
+            verdict, read = _named(ctx, header, record, suspect, bundle, panel, alpha=alpha,
+                                   extra=extra, extra_panel=extra_panel)
+        if note:
+            verdict = dataclasses.replace(verdict,
+                                          p_value_method=f"{verdict.p_value_method}; {note}")
     policy = ctx.config.verdict_policy
-    coarse = policy.arbiter_disclosure == "coarse" and principal.name != record.owner
+    coarse, judgement = disclosed(ctx, principal.name, record, verdict)
     verdict_type: type[SignedVerdict | CoarseVerdict] = (CoarseVerdict if coarse
                                                               else SignedVerdict)
-    judgement = coarse_values(verdict) if coarse else wire.signed_values(verdict)
     binding = {"registration_id": record.registration_id, "requested_by": principal.name,
                "suspect_sha256": header.upload.sha256, "suspect_size": header.upload.total_size,
                "policy": policy, "reading": read}
@@ -123,12 +151,14 @@ def judge(ctx: Context, principal: Principal, record: Registration, header: pb.V
 
 
 def _named(ctx: Context, header: pb.VerifyHeader, record: Registration, suspect: Path,
-           bundle: KeyBundle, panel: Sequence[Reference], *, alpha: float
+           bundle: KeyBundle, panel: Sequence[Reference], *, alpha: float,
+           extra: Sequence[OutputTest] = (), extra_panel: Sequence[bytes] = ()
            ) -> tuple[Verdict, SuspectReading]:
     """A suspect read at the registered layer by its module name: a Hugging Face checkpoint
     (names fixed by its allow-listed architecture), bare weights (read into the registered
     host's program), a GGUF (read into the registered checkpoint's architecture, which it
-    must match) or a program."""
+    must match) or a program. `extra`: the output key's tests of the same suspect,
+    combined with the white-box tests (`judge_activations`)."""
     probes = aligns(bundle, panel)  # without an aligned test the probes would go unused
     if header.upload.format in formats.INTO_HOST:
         with host_file(ctx.store, ctx.keyring, record) as host:
@@ -145,10 +175,28 @@ def _named(ctx: Context, header: pb.VerifyHeader, record: Registration, suspect:
         reading = panels.read(sandbox_runner(ctx, options), suspect, bundle, probes=probes)
     try:
         verdict = judge_activations(reading.triggers, bundle, alpha=alpha,
-                                    probe_activations=reading.probes, panel=panel)
+                                    probe_activations=reading.probes, panel=panel,
+                                    extra=extra, extra_panel=extra_panel)
     except InvalidInputError as exc:
         raise ServiceError(ErrorCode.INVALID_MODEL, str(exc)) from exc
     return verdict, SuspectReading.named(bundle.layer)
+
+
+def _output_tests(ctx: Context, header: pb.VerifyHeader, record: Registration, suspect: Path
+                  ) -> tuple[list[OutputTest], list[bytes], str]:
+    """(tests, the fingerprints of their null's panel, a note for the verdict) of the output
+    key a registration holds beside its white-box key, on a .pt2 suspect; none, with a note
+    saying why, where the suspect's outputs cannot be read with it."""
+    attached = panels.open_output_key(ctx, record)
+    if attached is None:
+        return [], [], ""
+    key, measured = attached
+    if header.upload.format != pb.MODEL_FORMAT_PT2:
+        return [], [], "the output key was not tested: its queries are read from .pt2 programs"
+    try:
+        return outputs.suspect_tests(ctx, suspect, key, measured), list(key.panel), ""
+    except InvalidInputError as exc:
+        return [], [], f"the output key was not tested: {exc}"
 
 
 def _scanned(ctx: Context, header: pb.VerifyHeader, suspect: Path, bundle: KeyBundle,

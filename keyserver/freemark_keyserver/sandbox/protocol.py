@@ -12,7 +12,8 @@ either side knows when one is complete:
 1. request: `np.save` frames (never pickle): a JSON header as uint8 (``model``, ``weights``,
    and ``sets``: one ``{"layer", "pooling", "has_mask", "probes", "width"}`` per trigger set,
    a `TriggerRun` each; ``layer`` null asks for a scan of every tensor, ``outputs`` true for
-   the model's output scores instead of a layer), then each set's inputs and, if announced,
+   the model's output scores instead of a layer, with ``claim`` true for an empty answer
+   when the model does not take inputs of that kind), then each set's inputs and, if announced,
    its attention mask. The
    child appends ``probes`` alignment probes to each set itself
    (`freemark.scheme.probes.with_probes`). Triggers are secret and never touch disk. Options
@@ -149,7 +150,11 @@ class TriggerRun:
 
     `outputs` reads no layer: the run answers the model's output scores on the inputs, (n,
     classes) float32 log-probabilities (`freemark.scheme.activations.output_scores`), what an
-    output key is judged on (`outputs_of`).
+    output key is judged on (`outputs_of`). With `claim` (Register's prior-claim check of an
+    earlier output key) the answer is (n, 0) when the model does not take inputs of the
+    queries' kind at all (`freemark.scheme.activations.accepts`, decided on the model's
+    declared inputs, never the query values) or is not a program, as a scan answers nothing
+    then; a program that takes them and fails on them fails the run.
     """
 
     layer: str | None
@@ -158,12 +163,14 @@ class TriggerRun:
     probes: int = 0
     width: int = 0
     outputs: bool = False
+    claim: bool = False
 
     @classmethod
-    def outputs_of(cls, inputs: np.ndarray) -> TriggerRun:
-        """The run that reads a model's output scores on `inputs` (an output key's queries)."""
+    def outputs_of(cls, inputs: np.ndarray, *, claim: bool = False) -> TriggerRun:
+        """The run that reads a model's output scores on `inputs` (an output key's queries);
+        `claim` for a prior-claim check (the class docstring)."""
         return cls("", bundle_pb2.POOLING_NONE, TriggerSet(inputs=np.asarray(inputs)),
-                   outputs=True)
+                   outputs=True, claim=claim)
 
     @property
     def scans(self) -> bool:
@@ -242,6 +249,7 @@ def encode_request(runs: Sequence[TriggerRun], has_weights: bool, options: dict[
     header = {**options, "model": MODEL_PATH, "weights": WEIGHTS_PATH if has_weights else None,
               "sets": [{"layer": r.layer, "pooling": int(r.pooling), "probes": int(r.probes),
                         "width": int(r.width), "outputs": bool(r.outputs),
+                        "claim": bool(r.claim),
                         "has_mask": r.triggers.attention_mask is not None} for r in runs]}
     buffer = io.BytesIO()
     arrays: list[Any] = [np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)]
@@ -418,6 +426,8 @@ def _check_outputs(array: np.ndarray, n_rows: int, architecture: Any) -> OutputS
     if not (isinstance(architecture, str) and len(architecture) == 2 * _DIGEST_BYTES
             and all(c in "0123456789abcdef" for c in architecture)):
         raise SandboxError("the worker's output scores lack the model's architecture")
+    if array.dtype == np.dtype(np.float32) and array.shape == (n_rows, 0):  # a claim run's "no"
+        return OutputScores.of(array, bytes.fromhex(architecture))
     return OutputScores.of(check_activations(array, n_rows), bytes.fromhex(architecture))
 
 

@@ -68,8 +68,11 @@ def _runner(header: dict[str, Any], sets: list[tuple[Any, Any]]) -> tuple[bytes,
     `freemark_keyserver.sandbox.formats`, whose loaders read one layer per load (the first set is read
     once more for the identity).
     """
+    import numpy as np
+
     from freemark.formats.pt2 import shape_digest
     from freemark.scheme.activations import (
+        accepts,
         as_module,
         capture,
         capture_every,
@@ -85,6 +88,9 @@ def _runner(header: dict[str, Any], sets: list[tuple[Any, Any]]) -> tuple[bytes,
 
     if formats.handles(header):  # Hugging Face checkpoints and ONNX: their own safe loaders
         def other(spec: dict[str, Any]) -> Run:
+            if spec.get("outputs") and spec.get("claim"):  # no output key reads these: no claim
+                return lambda triggers: protocol.OutputScores.of(
+                    np.zeros((len(triggers.inputs), 0), np.float32), b"\0" * 32)
             if spec.get("outputs"):
                 raise Refusal(protocol.INVALID_INPUT, "output keys read .pt2 programs only; "
                               "export the model with torch.export")
@@ -106,8 +112,16 @@ def _runner(header: dict[str, Any], sets: list[tuple[Any, Any]]) -> tuple[bytes,
     def program(spec: dict[str, Any]) -> Run:
         if spec.get("outputs"):  # an output key's queries: the model's answers (`TriggerRun`)
             architecture = shape_digest(model)
-            return lambda triggers: protocol.OutputScores.of(
-                output_scores(module, triggers.inputs), architecture)
+
+            def answer(triggers: TriggerSet) -> Any:
+                if spec.get("claim") and not accepts(model, triggers):
+                    scores = np.zeros((len(triggers.inputs), 0), np.float32)
+                else:
+                    scores = output_scores(module, triggers.inputs)
+                    if spec.get("claim") and scores.shape[1] == 0:
+                        raise ValueError("a model that answers no class")
+                return protocol.OutputScores.of(scores, architecture)
+            return answer
         if spec["layer"] is None:  # a scan: every tensor, whatever its name (`TriggerRun`)
             width = int(spec.get("width", 0))
 

@@ -21,6 +21,7 @@ from freemark.errors import InvalidReceiptError
 from freemark.records import wire
 from freemark.records.schema import from_json_fields, signed_fields
 from freemark.records.types import (
+    CoarseEndpointVerdict,
     CoarseVerdict,
     ConsistencyProof,
     EndpointExchange,
@@ -186,7 +187,8 @@ SIGNED_KINDS = [
     ("receipt", (Receipt,), pb.Receipt, LOG.receipt(1), {"statement", "inclusion"}),
     ("verdict", (SignedVerdict, CoarseVerdict), pb.SignedVerdict, LOG.verdict(3),
      {"statement", "inclusion"}),
-    ("endpoint verdict", (EndpointVerdict,), pb.EndpointVerdict, ENDPOINT.endpoint_verdict(1),
+    ("endpoint verdict", (EndpointVerdict, CoarseEndpointVerdict), pb.EndpointVerdict,
+     ENDPOINT.endpoint_verdict(1),
      {"statement", "inclusion"}),
     ("endpoint exchange", (EndpointExchange,), pb.EndpointExchange,
      ENDPOINT.endpoint_verdict(1).exchanges[0], set()),

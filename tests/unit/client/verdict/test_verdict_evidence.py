@@ -80,6 +80,24 @@ def test_a_corrected_scan_verdict_verifies() -> None:
         p_value=10.0 ** corrected, log10_p_value=corrected), PEM)
 
 
+_PLAIN = {"name": "plain", "statistic": 30, "n": 256, "p_value": 0.5, "log10_p_value": -0.30103,
+          "method": "white-box"}
+_LABELS = {"name": "labels", "statistic": 96, "n": 96, "p_value": 1.25e-25,
+           "log10_p_value": -24.903089986991944, "method": "output key"}
+
+
+def test_a_verdict_over_both_key_kinds_must_carry_the_bonferroni_factor() -> None:
+    """Issue 19, item 4: a verdict combining a white-box and an output key's tests claims at
+    most k × its strongest test's p-value; one that claims the strongest test's alone is
+    refused, the corrected one verifies."""
+    tests = [_PLAIN, _LABELS]
+    with pytest.raises(InvalidReceiptError, match="below 2 × its strongest test's"):
+        verify_receipt(_verdict(tests=tests), PEM)  # type: ignore[arg-type]
+    corrected = -24.903089986991944 + math.log10(2)
+    verify_receipt(_verdict(tests=tests, p_value=10.0 ** corrected,  # type: ignore[arg-type]
+                            log10_p_value=corrected), PEM)
+
+
 def test_verify_suspect_checks_a_scanned_graph_computes_the_tensors_named(tmp_path: Path
                                                                           ) -> None:
     onnx = pytest.importorskip("onnx")

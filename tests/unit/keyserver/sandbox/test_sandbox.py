@@ -185,6 +185,21 @@ def test_an_outputs_run_answers_the_models_scores_as_the_library_reads_them(host
     assert scores.architecture == shape_digest(load_program(host.path))
 
 
+def test_a_claim_outputs_run_answers_nothing_for_inputs_the_model_does_not_take(
+        host: Host) -> None:
+    """`outputs_of(..., claim=True)`, Register's check of an earlier output key: inputs of
+    another shape than the model declares get an empty (n, 0) answer (not a copy: no
+    claim), decided on the declaration; inputs it takes get its scores as usual."""
+    other = np.zeros((3, 5, 5), dtype=host.triggers.inputs.dtype)
+    _, results = shared_pool().run(
+        host.path, [TriggerRun.outputs_of(other, claim=True),
+                    TriggerRun.outputs_of(host.triggers.inputs, claim=True)],
+        weights_path=None, limits=DEFAULT_LIMITS)
+    empty, scores = results
+    assert isinstance(empty, sandbox_protocol.OutputScores) and empty.shape == (3, 0)
+    assert isinstance(scores, np.ndarray) and scores.shape == (len(host.triggers), 10)
+
+
 def test_one_childs_replies_together_stay_under_the_output_cap(host: Host) -> None:
     """`max_output_bytes` caps everything read back from one child (issue 18, item 8): a
     follow-up reply that would take the total past it is refused before it is read, as each
