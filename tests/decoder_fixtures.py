@@ -12,11 +12,14 @@ saved beside the weights (no pad token, as GPT-2's and Llama's have none). Relat
 - `relabelled`: the host with every block's MLP hidden units relabelled (gate and up rows,
   down columns) and its attention heads permuted (key/value groups, and the query heads
   within each group): the same function, a free disguise.
-- `independents`: the same recipe from other seeds (initialisation and text order).
+- `independents`: the same recipe from other seeds (initialisation and text order), judged
+  as suspects; `references`: three more, the owner's reference panel for the aligned test
+  (never judged, so the panel and the innocent suspects are disjoint).
 
 Each model is a `save_pretrained` directory under `.cache/decoders/`, named by what built it
-and a hash of its recipe (the text's hash included), built once under a file lock (pytest
-workers share it) and reused: change the recipe and it is rebuilt. The stable API for other
+and a hash of what it depends on (the recipe's model and training parts, the text's hash,
+its seed; a fine-tune also its own settings and text), built once under a file lock (pytest
+workers share it) and reused: change any of them and it is rebuilt. The stable API for other
 tests: `decoder_host()` (the host's directory), `decoders()` (all of them, `Decoders`),
 `KEY_LAYER`, `batches` and `train` (to make more relatives of the host).
 """
@@ -63,9 +66,11 @@ RECIPE: dict[str, Any] = {
     "sequence": 64, "batch": 8, "steps": 200, "lr": 3e-3,
     "finetune": {"steps": 60, "lr": 5e-4},
     "independent_seeds": [1, 2, 3, 4, 5],
+    "reference_seeds": [6, 7, 8],
     "version": 1,
 }
 EOS = "<|endoftext|>"
+RELABEL_SEED = 11
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,7 @@ class Decoders:
     finetuned: Path
     relabelled: Path
     independents: tuple[Path, ...]
+    references: tuple[Path, ...]
     sentences: Path  # trigger sentences, one a line, from the host's own text
 
 
@@ -119,8 +125,10 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _recipe_hash(*parts: Any) -> str:
-    return _digest([RECIPE, list(stdlib_text()), *parts])
+def _training() -> dict[str, Any]:
+    """What every trained model depends on: the recipe's model and training parts, the text."""
+    keys = ("model", "sequence", "batch", "steps", "lr", "version")
+    return {"recipe": {key: RECIPE[key] for key in keys}, "text": _digest(list(stdlib_text()))}
 
 
 @contextlib.contextmanager
@@ -134,7 +142,7 @@ def _locked(name: str) -> Iterator[None]:
 
 def _cached(name: str, parts: Any, build: Any) -> Path:
     """`CACHE/name-HASH`, built by `build(folder)` into a scratch folder and renamed."""
-    folder = CACHE / f"{name}-{_recipe_hash(parts)}"
+    folder = CACHE / f"{name}-{_digest(parts)}"
     with _locked(name):
         if not (folder / "config.json").is_file():
             scratch = folder.with_name(folder.name + ".tmp")
@@ -161,7 +169,7 @@ def tokenizer_dir() -> Path:
         fast.save_pretrained(folder)
         (folder / "config.json").write_text("{}")  # the cache's "done" mark
 
-    return _cached("tokenizer", "tokenizer", build)
+    return _cached("tokenizer", _training(), build)
 
 
 def _tokenizer() -> Any:
@@ -240,7 +248,7 @@ def _trained(seed: int) -> Path:
         _save_trained(train(_fresh(seed), batches(stdlib_text(), seed), steps=RECIPE["steps"],
                             lr=RECIPE["lr"]), folder)
 
-    return _cached("host" if seed == 0 else f"independent{seed}", seed, build)
+    return _cached("host" if seed == 0 else f"independent{seed}", [_training(), seed], build)
 
 
 def decoder_host() -> Path:
@@ -261,7 +269,8 @@ def _finetuned() -> Path:
         _save_trained(train(model, batches(license_text(), 7), steps=settings["steps"],
                             lr=settings["lr"]), folder)
 
-    return _cached("finetuned", [_digest(list(license_text())), "finetuned"], build)
+    return _cached("finetuned", [_training(), RECIPE["finetune"], _digest(list(license_text()))],
+                   build)
 
 
 def relabel(model: nn.Module, seed: int) -> nn.Module:
@@ -293,14 +302,14 @@ def relabel(model: nn.Module, seed: int) -> nn.Module:
 def _relabelled() -> Path:
     def build(folder: Path) -> None:
         host = _load(decoder_host())
-        copied = relabel(host, seed=11)
+        copied = relabel(host, seed=RELABEL_SEED)
         ids = next(batches(stdlib_text(), 3))
         with torch.no_grad():  # the disguise is free: the same function
             torch.testing.assert_close(copied(input_ids=ids).logits, host(input_ids=ids).logits,
                                        rtol=1e-4, atol=1e-4)
         _save(copied, folder)
 
-    return _cached("relabelled", "relabelled", build)
+    return _cached("relabelled", [_training(), RELABEL_SEED], build)
 
 
 def _sentences() -> Path:
@@ -311,11 +320,12 @@ def _sentences() -> Path:
         (folder / "sentences.txt").write_text("\n".join(chosen) + "\n", encoding="utf-8")
         (folder / "config.json").write_text("{}")
 
-    return _cached("sentences", "sentences", build) / "sentences.txt"
+    return _cached("sentences", _training()["text"], build) / "sentences.txt"
 
 
 def decoders() -> Decoders:
     """The host and all its relatives (each trained once, then read from the cache)."""
     return Decoders(host=decoder_host(), finetuned=_finetuned(), relabelled=_relabelled(),
                     independents=tuple(_trained(seed) for seed in RECIPE["independent_seeds"]),
+                    references=tuple(_trained(seed) for seed in RECIPE["reference_seeds"]),
                     sentences=_sentences())

@@ -16,6 +16,7 @@ Quick start::
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import ipaddress
@@ -292,11 +293,12 @@ class KeyServiceClient:
         """Register a key for the host model (a .pt2 program or a Hugging Face checkpoint
         directory, packed into one file for the upload): the TTP re-extracts, signs and logs it.
 
-        `references` (.pt2 programs) are the registration's reference panel: models of the
-        host's architecture trained independently of it, which calibrate the aligned test
-        that sees through relabelled, rescaled or padded copies (at least 3; 5 or more
-        recommended). They are fixed at registration. Raises `AlreadyRegisteredError` if
-        an earlier registration already claims the model.
+        `references` (.pt2 programs, or checkpoints beside a checkpoint host) are the
+        registration's reference panel: models of the host's architecture trained
+        independently of it, which calibrate the aligned test that sees through relabelled,
+        rescaled or padded copies (at least 3; 5 or more recommended). They are fixed at
+        registration. Raises `AlreadyRegisteredError` if an earlier registration already
+        claims the model.
 
         `output_key` (of the same host, a .pt2 program) makes one registration hold both key
         kinds: `references` then also carry the output key's panel (the TTP tells them from
@@ -306,14 +308,18 @@ class KeyServiceClient:
         host_format = _format_of(Path(model_path), None)
         if not host_format.host:
             raise InvalidInputError(f"{model_path}: a host is {table.names(table.HOSTS)}")
-        for path in references:
-            if _format_of(Path(path), None).wire != pb.MODEL_FORMAT_PT2:
-                raise InvalidInputError(f"{path}: references are registered as .pt2 programs")
+        kinds = [_format_of(Path(path), None) for path in references]
+        for path, kind in zip(references, kinds):
+            if kind.wire not in (pb.MODEL_FORMAT_PT2, host_format.wire):
+                raise InvalidInputError(f"{path}: references are .pt2 programs, or checkpoints "
+                                        "beside a checkpoint host")
         message = bundle_to_proto(bundle)
-        with upload_file(model_path) as host:
+        with contextlib.ExitStack() as files:
+            host = files.enter_context(upload_file(model_path))
             uploads = [_Upload(host, host_format.wire, self._chunk_size, self._progress),
-                       *(_Upload(Path(r), pb.MODEL_FORMAT_PT2, self._chunk_size, self._progress)
-                         for r in references)]
+                       *(_Upload(files.enter_context(upload_file(r)), kind.wire,
+                                 self._chunk_size, self._progress)
+                         for r, kind in zip(references, kinds))]
             key: dict[str, Any] = {"bundle": message}
             if output_key is not None:
                 key["output_key"] = encode_output_key(output_key)

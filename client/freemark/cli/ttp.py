@@ -148,8 +148,9 @@ def add_parsers(sub: Subparsers) -> None:
                    "passphrase from FREEMARK_KEY_PASSPHRASE or a prompt)")
     p.add_argument("--model", required=True, help="host model: a torch.export .pt2 or a "
                    "Hugging Face checkpoint directory (packed into one file for the upload)")
-    p.add_argument("--reference", action="append", default=[], metavar="R.pt2",
-                   help="an independently trained model of the host's architecture (repeat; "
+    p.add_argument("--reference", action="append", default=[], metavar="R",
+                   help="an independently trained model of the host's architecture, a .pt2 "
+                        "or, beside a checkpoint host, a checkpoint directory (repeat; "
                         "3 or more enable the aligned test, which sees through relabelled, "
                         "rescaled or padded copies; fixed at registration); an output key "
                         "needs the panel it was derived against (at least 8, 2 architectures)")

@@ -7,10 +7,13 @@ unpickles: a directory with only `pytorch_model.bin` (a pickle) is refused, and 
 are read with `safetensors`, which parses a JSON header and raw tensor bytes. The
 architecture comes from the transformers library's own classes, never from code shipped
 with the checkpoint: a config with `auto_map` (remote code) is refused, `trust_remote_code`
-is never passed, and only the model types and classes in `ARCHITECTURES` are built, each
-with eager attention. Every size in the config is capped, and the parameter count it implies
-is estimated and capped, before a single tensor is allocated; the file's tensor names and
-shapes must then equal the built model's exactly.
+is never passed, and only the model types and classes in `ARCHITECTURES` (encoders and
+decoder language models) are built, each with eager attention. Every size in the config
+(and a decoder's heads, RoPE settings and windows) is capped, and the parameter count it
+implies is estimated and capped, before a single tensor is allocated; the file's tensor
+names and shapes must then equal the built model's exactly. The model is built with its
+parameters on the meta device and the file's tensors, memory-mapped in their stored dtype,
+take their place (`assign_weights`): one copy of the weights, never upcast.
 
 On the wire (and at rest at the key server) a checkpoint is one file, a *packed checkpoint*:
 a `.safetensors` file holding every tensor of the checkpoint under its own name, with the

@@ -28,6 +28,7 @@ from freemark_keyserver.claims import ClaimIndex
 from freemark_keyserver.config import ServerConfig
 from freemark_keyserver.crypto import MasterKeyring, SigningKey
 from freemark_keyserver.errors import ErrorCode, ServiceError
+from freemark_keyserver.sandbox import formats
 from freemark_keyserver.sandbox.runner import (
     RUN_FAILED,
     ModelIdentity,
@@ -157,9 +158,13 @@ def sandboxed(ctx: Context, model: Path, bundle: KeyBundle, weights: Path | None
 
 
 def sandbox_runner(ctx: Context, options: dict[str, Any] | None = None) -> Runner:
-    """`sandboxed` with these `options`, as the `Runner` the panel readers take."""
-    return lambda model, bundle, weights, probes: sandboxed(ctx, model, bundle, weights,
-                                                            options, probes)
+    """`sandboxed` with these `options`, as the `Runner` the panel readers take; None: each
+    file's own, told from its first bytes as for a stored host (`formats.stored_host_options`:
+    a program, or a packed checkpoint), for panels that mix them (references are programs,
+    or checkpoints beside a checkpoint host; each was header-checked when it arrived)."""
+    return lambda model, bundle, weights, probes: sandboxed(
+        ctx, model, bundle, weights,
+        formats.stored_host_options(model) if options is None else options, probes)
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ from google.protobuf.message import DecodeError
 
 from freemark.blackbox.key import OutputKey
 from freemark.errors import AlignmentLimitError, InvalidInputError
-from freemark.formats.table import by_name
+from freemark.formats.table import ModelFormat, by_name, by_wire
 from freemark.panel import Reference, reference_from_proto, reference_to_proto
 from freemark.reading import probe_count, split_activations
 from freemark.records.types import PanelMemberEntry
@@ -46,7 +46,7 @@ log = logging.getLogger("freemark_keyserver")
 
 # A reference whose every live unit matches a host unit this closely is the host relabelled.
 COPY_CORRELATION = 0.999
-REFERENCE_FORMAT = by_name("pt2")  # reference models are programs
+PROGRAM, CHECKPOINT = by_name("pt2"), by_name("hf")  # what reference models may be
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,11 +111,16 @@ class Candidate:
         return "operator" if self.member_id else "owner"
 
 
-def check_reference_header(header: pb.UploadHeader) -> None:
-    """References are programs: refuse any other format before reading the bytes."""
-    if header.format != REFERENCE_FORMAT.wire:
-        raise ServiceError(ErrorCode.MALFORMED_REQUEST,
-                           f"reference models must be {REFERENCE_FORMAT.what}")
+def reference_format(header: pb.UploadHeader, host: ModelFormat) -> ModelFormat:
+    """A reference's format, before its bytes are read: a program, or a checkpoint beside a
+    checkpoint host (a panel is read with the host's key, so it must run the host's kind of
+    triggers; an output key's host is a program); any other is refused."""
+    allowed = (PROGRAM, CHECKPOINT) if host is CHECKPOINT else (PROGRAM,)
+    row = by_wire(header.format)
+    if row is None or row not in allowed:
+        raise ServiceError(ErrorCode.MALFORMED_REQUEST, "reference models must be "
+                           + " or ".join(r.what for r in allowed))
+    return row
 
 
 def _measure(run: Runner, path: Path, bundle: KeyBundle, host: Reading, seen: set[bytes],

@@ -98,9 +98,8 @@ def register(ctx: Context, principal: Principal, stream: Stream[pb.RegisterHeade
             if len(references) == ctx.config.max_references:
                 raise ServiceError(ErrorCode.TOO_LARGE, f"at most {ctx.config.max_references} "
                                    "reference models per registration")
-            panels.check_reference_header(reference)
-            references.append(files.enter_context(stream.receive(
-                reference, suffix=panels.REFERENCE_FORMAT.suffix)))
+            kind = panels.reference_format(reference, host_format)
+            references.append(files.enter_context(stream.receive(reference, suffix=kind.suffix)))
         if bundle is None:
             assert key is not None
             return register_output_key(ctx, principal, key, host, references)

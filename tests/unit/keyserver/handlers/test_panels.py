@@ -43,3 +43,21 @@ def test_a_record_sealed_before_panels_holds_a_bare_bundle() -> None:
 def test_garbage_after_the_magic_is_refused() -> None:
     with pytest.raises(InvalidInputError):
         open_bytes(SEALED_MAGIC + b"\xff\xff\xff")
+
+
+def test_references_are_programs_or_checkpoints_beside_a_checkpoint_host() -> None:
+    from freemark.formats.table import by_name
+    from freemark.v1 import keyservice_pb2 as pb
+    from freemark_keyserver.errors import ServiceError
+    from freemark_keyserver.handlers.panels import reference_format
+
+    checkpoint, program = by_name("hf"), by_name("pt2")
+    for wire in (pb.MODEL_FORMAT_PT2, pb.MODEL_FORMAT_HF_CHECKPOINT):
+        assert reference_format(pb.UploadHeader(format=wire), checkpoint).wire == wire
+    assert reference_format(pb.UploadHeader(format=pb.MODEL_FORMAT_PT2), program) is program
+    with pytest.raises(ServiceError, match="must be a torch.export program") as refused:
+        reference_format(pb.UploadHeader(format=pb.MODEL_FORMAT_HF_CHECKPOINT), program)
+    assert refused.value.code.name == "MALFORMED_REQUEST"
+    for wire in (pb.MODEL_FORMAT_ONNX, pb.MODEL_FORMAT_SAFETENSORS):
+        with pytest.raises(ServiceError, match="or a Hugging Face checkpoint"):
+            reference_format(pb.UploadHeader(format=wire), checkpoint)
