@@ -15,11 +15,12 @@ The policy is an allow-list derived from models, not a deny-list:
 
 - `call_function` of an operator overload named in `allowed_ops.txt` beside this module
   (`ALLOWED_OPS`), the overloads that the project's models, ccexam's MNISTNet,
-  EfficientNet-Lite0, BERT-family and GPT-2/ViT transformers and a module of the common layers
-  need when exported the way `freemark.formats.pt2.save_program` does, with and without the
-  core-ATen decomposition. `scripts/derive_vetting_allowlist.py` regenerates it; a model that
-  needs another operator is refused with a message naming it, and the list grows only by a
-  reviewed change to that script (docs/keyserver.md, "Extending the operator allow-list");
+  EfficientNet-Lite0, BERT-family and ViT transformers, GPT-2, Llama, Qwen2 and Mistral
+  decoders and a module of the common layers need when exported the way
+  `freemark.formats.pt2.save_program` does, with and without the core-ATen decomposition.
+  `scripts/derive_vetting_allowlist.py` regenerates it; a model that needs another operator is
+  refused with a message naming it, and the list grows only by a reviewed change to that
+  script (docs/keyserver.md, "Extending the operator allow-list");
 - `REFUSED_OPS`: operators refused with a specific reason even if a model needed one (the
   script fails rather than list them): memory-unsafe on hostile arguments, side effects, and
   data-dependent output sizes (`nonzero`, `unique`, `masked_select`, `repeat_interleave` with
@@ -37,8 +38,9 @@ The policy is an allow-list derived from models, not a deny-list:
   shape, end the trail). An out-of-range index raises with a message naming it, and a
   boolean mask gives a value-dependent size: a suspect that packed trigger values into an
   index read them back from Verify's error (issue 18). The real models index with `arange`
-  of the input's sizes; the one exception is a user input itself, unchanged, as an
-  embedding's indices (`RAW_INPUT_INDICES`: token ids), which can tell only whether every
+  of the input's sizes; the one exception is a user input itself, unchanged or only
+  reshaped by `view` (`VALUE_PRESERVING_VIEWS`: the same elements, as GPT-2 passes them), as
+  an embedding's indices (`RAW_INPUT_INDICES`: token ids), which can tell only whether every
   trigger id is below the table's size;
 - the pure integer arithmetic torch.export emits for dynamic (symbolic) sizes
   (`ALLOWED_PYTHON_FUNCTIONS`) on sizes only, and `operator.getitem` picking one output of a
@@ -172,6 +174,13 @@ INDEX_ARGUMENTS = frozenset({"index", "indices", "target", "offsets", "start", "
 # into an embedding table, which every text model needs. The most that leaks through it is
 # whether every trigger id is below the table's size, one bit per call (docs/keyserver.md).
 RAW_INPUT_INDICES = frozenset({(torch.ops.aten.embedding.default, "indices")})
+# Operators that only lay a tensor's elements out in another shape, every element kept exactly
+# once (`view` checks that the element count is unchanged): a user input seen through them holds
+# the same values as the input itself, so as an embedding's indices it fails on exactly the
+# same trigger ids and tells nothing more. GPT-2 looks its token ids up as
+# `input_ids.view(-1, length)`. A slice, select, gather or arithmetic is not on this list: a
+# subset or a function of the ids would fail on chosen ids only, one token's bits at a time.
+VALUE_PRESERVING_VIEWS = frozenset({torch.ops.aten.view.default})
 # Operators whose output values are constants whatever their input's values (only its shape
 # is read): their output is not computed from the inputs' values.
 SHAPE_ONLY_OPS = frozenset({"aten::zeros_like", "aten::ones_like", "aten::empty_like",
@@ -405,8 +414,16 @@ class _Graph:
                 )
 
     def _raw_index(self, node: torch.fx.Node, argument: str, index: torch.fx.Node) -> bool:
-        """An embedding's indices that are a user input as it is: token ids (module doc)."""
-        return (index.op == "placeholder" and index.name in self.user_inputs
+        """An embedding's indices that are a user input as it is, or seen through
+        `VALUE_PRESERVING_VIEWS` only: token ids (module doc)."""
+        source = index
+        while (isinstance(source.target, torch._ops.OpOverload)
+               and source.target in VALUE_PRESERVING_VIEWS):
+            viewed = source.args[0]
+            if not isinstance(viewed, torch.fx.Node):
+                return False
+            source = viewed
+        return (source.op == "placeholder" and source.name in self.user_inputs
                 and (node.target, argument) in RAW_INPUT_INDICES)
 
     def _vet_getitem(self, node: torch.fx.Node) -> None:

@@ -261,19 +261,29 @@ def test_more_inputs_than_capture_feeds_are_refused() -> None:
 # --- issue 18: no index computed from the inputs' values -------------------------------------
 
 
+_LOOKUPS = {
+    "as-they-are": lambda ids: ids,
+    "viewed": lambda ids: ids.view(-1, ids.shape[-1]),  # GPT-2's lookup: the same elements
+    "shifted": lambda ids: ids + 1,
+    "viewed-shifted": lambda ids: ids.view(-1, ids.shape[-1]) + 1,
+    "sliced": lambda ids: ids[:, 1:],  # a subset: would fail on chosen ids only
+    "one-token-viewed": lambda ids: ids[:, 2].view(-1, 1),
+}
+
+
 class _Embeds(nn.Module):
     """Token ids into an embedding table, as every text model does, or ids computed from them."""
 
-    def __init__(self, shift: bool) -> None:
+    def __init__(self, lookup: str) -> None:
         super().__init__()
-        self.table, self.shift = nn.Embedding(50, 4), shift
+        self.table, self.lookup = nn.Embedding(50, 4), _LOOKUPS[lookup]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.table(ids + 1 if self.shift else ids).mean(dim=1)
+        return self.table(self.lookup(ids)).mean(dim=1)
 
 
-def _export_embeds(shift: bool) -> torch.export.ExportedProgram:
-    return torch.export.export(_Embeds(shift).eval(), (torch.ones(2, 5, dtype=torch.int64),))
+def _export_embeds(lookup: str) -> torch.export.ExportedProgram:
+    return torch.export.export(_Embeds(lookup).eval(), (torch.ones(2, 5, dtype=torch.int64),))
 
 
 _PACKED = ("call", aten._to_copy.default, (("call", aten.mul.Tensor, ("x", 17.0)),))
@@ -302,11 +312,22 @@ def test_the_packed_gather_model_is_refused(tmp_path: Path) -> None:
         vet_program(load_program(path))
 
 
-def test_token_ids_as_they_are_may_index_an_embedding_and_computed_ones_may_not() -> None:
-    vet_program(_export_embeds(shift=False))
-    with pytest.raises(ModelFileError, match=r"indexes with 'add', computed from the inputs' "
+@pytest.mark.parametrize("lookup", ["as-they-are", "viewed"])
+def test_token_ids_as_they_are_or_viewed_may_index_an_embedding(lookup: str) -> None:
+    """A `view` keeps every id once: it fails on exactly the ids the input itself would."""
+    vet_program(_export_embeds(lookup))
+
+
+@pytest.mark.parametrize(("lookup", "node"), [
+    ("shifted", "add"), ("viewed-shifted", "add"), ("sliced", "slice_1"),
+    ("one-token-viewed", "view"),
+])
+def test_token_ids_computed_or_picked_from_the_input_may_not_index_an_embedding(
+        lookup: str, node: str) -> None:
+    """A function or a subset of the ids would fail on chosen ids only: one token at a time."""
+    with pytest.raises(ModelFileError, match=rf"indexes with '{node}', computed from the inputs' "
                        r"values \(as aten::embedding.default's 'indices'\)"):
-        vet_program(_export_embeds(shift=True))
+        vet_program(_export_embeds(lookup))
 
 
 def test_an_index_built_from_the_inputs_shape_only_passes() -> None:
