@@ -55,7 +55,8 @@ def _config(args: argparse.Namespace) -> cfg.ServerConfig:
             max_scan_candidates=args.max_scan_candidates,
             sandbox_workers=args.sandbox_workers, sandbox_queue=args.sandbox_queue,
             sandbox=SandboxLimits(max_parameters=args.max_parameters,
-                                  max_memory_bytes=int(args.sandbox_max_memory * GiB)),
+                                  max_memory_bytes=int(args.sandbox_max_memory * GiB)
+                                  ).with_cpu_seconds(args.sandbox_cpu_seconds),
             max_bundle_bytes=args.max_bundle_bytes,
             max_calls_per_principal=args.max_calls_per_principal,
             stream_idle_timeout=args.stream_idle_timeout, min_upload_rate=args.min_upload_rate,
@@ -335,6 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="GIB", help="ceiling of one sandbox run's address space, in GiB "
                    f"(default %(default)g); a run gets {SandboxLimits.memory_bytes / GiB:g} GiB + "
                    f"{SandboxLimits.memory_per_model_byte:g} x its model files' size, up to this")
+    p.add_argument("--sandbox-cpu-seconds", type=int, default=SandboxLimits.cpu_seconds,
+                   metavar="S", help="CPU seconds one sandbox run may use (RLIMIT_CPU; default "
+                   "%(default)s); its wall-clock deadline keeps the same ratio to it "
+                   f"({SandboxLimits.wall_seconds / SandboxLimits.cpu_seconds:g} x). Raise it "
+                   "for billion-parameter checkpoints registered with probes or a panel")
     p.add_argument("--sandbox-queue", type=int, metavar="N",
                    help="runs that may wait for a worker (default: 4 x workers); beyond, "
                         "RESOURCE_EXHAUSTED (SANDBOX_BUSY) with a retry hint")

@@ -1,5 +1,6 @@
-"""The upload cap follows the parameter cap (issue 20): a checkpoint the sandbox would accept
-is never refused at the door for its size."""
+"""The server settings a billion-parameter checkpoint needs (issue 20): the upload cap follows
+the parameter cap, so a checkpoint the sandbox would accept is never refused at the door for
+its size, and the sandbox's CPU limit is the operator's."""
 
 from __future__ import annotations
 
@@ -28,3 +29,13 @@ def test_raising_max_parameters_raises_the_upload_cap_unless_it_is_set(tmp_path:
     assert _config(tmp_path, "--max-parameters", "8000000000").max_upload_bytes == 15 * GiB
     assert _config(tmp_path, "--max-parameters", "8000000000",
                    "--max-upload-bytes", "1000").max_upload_bytes == 1000
+
+
+def test_the_sandbox_cpu_limit_is_an_operator_setting_and_the_deadline_follows_it(
+        tmp_path: Path) -> None:
+    """A 1.1 B decoder's forward pass costs about 16 ms of CPU a token on one core here: a
+    Register with the default 1,024 probes of 32 tokens needs minutes, past the default 120 s."""
+    default = _config(tmp_path).sandbox
+    assert (default.cpu_seconds, default.wall_seconds) == (120, 180.0)
+    raised = _config(tmp_path, "--sandbox-cpu-seconds", "1200").sandbox
+    assert (raised.cpu_seconds, raised.wall_seconds) == (1200, 1800.0)
