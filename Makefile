@@ -79,6 +79,7 @@ bench: $(INSTALLED) $(OIP_INSTALLED) postgres
 	PYTHONPATH=client:keyserver:lab:tests $(PY) bench/keyserver.py --json out/bench_keyserver.json
 	PYTHONPATH=client:keyserver:lab:tests $(PY) bench/aligned.py --json out/bench_aligned.json
 	PYTHONPATH=client:keyserver:lab:tests $(PY) bench/formats.py --repeats 3 --json out/bench_formats.json
+	PYTHONPATH=client:keyserver:lab:tests $(PY) bench/decoder.py --json out/bench_decoder.json
 	PYTHONPATH=client:keyserver:lab:tests $(PY) bench/endpoint.py --json out/bench_endpoint.json
 	PYTHONPATH=client:keyserver:lab:tests $(PY) bench/sandbox_reply.py --json out/bench_sandbox_reply.json
 	PYTHONPATH=client:keyserver:lab:tests $(PY) bench/registry.py --json out/bench_registry.json

@@ -48,12 +48,15 @@ def _config(args: argparse.Namespace) -> cfg.ServerConfig:
             tls_cert=Path(args.tls_cert) if args.tls_cert else None,
             tls_key=Path(args.tls_key) if args.tls_key else None,
             client_ca=Path(args.client_ca) if args.client_ca else None,
-            max_upload_bytes=args.max_upload_bytes, max_concurrent_rpcs=args.max_concurrent_rpcs,
+            max_upload_bytes=(cfg.upload_cap(args.max_parameters) if args.max_upload_bytes is None
+                              else args.max_upload_bytes),
+            max_concurrent_rpcs=args.max_concurrent_rpcs,
             max_references=args.max_references, grace_seconds=args.grace,
             max_scan_candidates=args.max_scan_candidates,
             sandbox_workers=args.sandbox_workers, sandbox_queue=args.sandbox_queue,
             sandbox=SandboxLimits(max_parameters=args.max_parameters,
-                                  max_memory_bytes=int(args.sandbox_max_memory * GiB)),
+                                  max_memory_bytes=int(args.sandbox_max_memory * GiB)
+                                  ).with_cpu_seconds(args.sandbox_cpu_seconds),
             max_bundle_bytes=args.max_bundle_bytes,
             max_calls_per_principal=args.max_calls_per_principal,
             stream_idle_timeout=args.stream_idle_timeout, min_upload_rate=args.min_upload_rate,
@@ -265,7 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key")
     p.add_argument("--client-ca", help="require client certificates signed by this CA (mTLS)")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback address without TLS")
-    p.add_argument("--max-upload-bytes", type=int, default=cfg.DEFAULT_MAX_UPLOAD)
+    p.add_argument("--max-upload-bytes", type=int, metavar="N",
+                   help="bytes one uploaded model may hold (default: the 16-bit weights of "
+                   "--max-parameters parameters plus a header, rounded up to GiB: "
+                   f"{cfg.DEFAULT_MAX_UPLOAD // GiB} GiB for the default)")
     p.add_argument("--max-concurrent-rpcs", type=int, default=cfg.DEFAULT_MAX_CONCURRENT_RPCS,
                    help="KeyService calls at once, all principals (health and reflection are "
                         "outside this cap); beyond it RESOURCE_EXHAUSTED (default %(default)s)")
@@ -330,6 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="GIB", help="ceiling of one sandbox run's address space, in GiB "
                    f"(default %(default)g); a run gets {SandboxLimits.memory_bytes / GiB:g} GiB + "
                    f"{SandboxLimits.memory_per_model_byte:g} x its model files' size, up to this")
+    p.add_argument("--sandbox-cpu-seconds", type=int, default=SandboxLimits.cpu_seconds,
+                   metavar="S", help="CPU seconds one sandbox run may use (RLIMIT_CPU; default "
+                   "%(default)s); its wall-clock deadline keeps the same ratio to it "
+                   f"({SandboxLimits.wall_seconds / SandboxLimits.cpu_seconds:g} x). Raise it "
+                   "for billion-parameter checkpoints registered with probes or a panel")
     p.add_argument("--sandbox-queue", type=int, metavar="N",
                    help="runs that may wait for a worker (default: 4 x workers); beyond, "
                         "RESOURCE_EXHAUSTED (SANDBOX_BUSY) with a retry hint")

@@ -9,12 +9,14 @@ Replicas on one PostgreSQL share both, given as files or environment variables.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from freemark.endpoint import EndpointPolicy
+from freemark.formats.huggingface import MAX_HEADER_BYTES, MAX_PARAMETERS
 from freemark.records.types import VerdictPolicy
 from freemark.tlog.note import check_key_name
 from freemark_keyserver.crypto import (
@@ -85,7 +87,19 @@ class CallLimits:
 MASTER_KEY_ENV = "FREEMARK_MASTER_KEY"
 SIGNING_KEY_ENV = "FREEMARK_SIGNING_KEY"
 DEFAULT_LISTEN = "127.0.0.1:50051"
-DEFAULT_MAX_UPLOAD = 2 * 1024**3
+
+
+def upload_cap(max_parameters: int) -> int:
+    """The default upload cap for a parameter cap: the 16-bit (bf16/fp16, as open-weights
+    decoders ship) weights of the largest checkpoint it admits, 2 bytes a parameter, plus a
+    safetensors header, rounded up to whole GiB. 4 GiB for the default 2 B parameters: the
+    former fixed 2 GiB refused a 1.1 B bf16 decoder (2.2 GB packed) that the parameter cap
+    admitted. `serve --max-upload-bytes` overrides it (float32 checkpoints need twice as much)."""
+    return math.ceil((2 * max_parameters + MAX_HEADER_BYTES) / 1024**3) * 1024**3
+
+
+DEFAULT_MAX_UPLOAD = upload_cap(MAX_PARAMETERS)
+
 # A real ImageNet key (EfficientNet-Lite0, 16 triggers at 224x224, 1280 units, 1024 probes)
 # is 16.2 MB; the digits CNN's 0.68 MB. 32 MiB leaves room for twice the triggers, and is
 # also the largest message the server accepts (the bundle rides in Register's header).

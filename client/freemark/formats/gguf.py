@@ -487,24 +487,18 @@ def open_untrusted(path: str | Path, *, layer: str | None, pooling: int,
     with the uploaded GGUF (`weights`) read into its architecture; return the model's
     identity (fingerprint ‖ architecture digest) and its run on a set's triggers (the key
     layer's activations; `layer` None: every module's of `width` units)."""
-    from freemark.formats.huggingface import _packed_config, assign_weights, build_model
-    from freemark.formats.pt2 import architecture_digest, fingerprint
-    from freemark.scheme.activations import capture, capture_every, resolve_layer
+    from freemark.formats.huggingface import assign_weights, build_model, model_run, packed_config
 
     if weights is None:
         raise ModelFileError("a GGUF suspect is judged against a registered Hugging Face "
                              "checkpoint; the sandbox got no host")
     source = "the GGUF suspect"
     suspect = read_gguf(weights, source)
-    config = judged_config(_packed_config(Path(path)), suspect, source,
+    config = judged_config(packed_config(Path(path)), suspect, source,
                            max_parameters=max_parameters)
     model = build_model(config)
     assign_weights(model, suspect_state(model, config, suspect, source), source)
-    identity = fingerprint(model) + architecture_digest(model)
-    if layer is None:
-        return identity, lambda triggers: capture_every(model, triggers, width=width)
-    resolve_layer(model, layer)
-    return identity, lambda triggers: capture(model, layer, triggers, pooling=pooling)[0]
+    return model_run(model, layer, pooling, width)
 
 
 def warm_up(folder: Path) -> None:

@@ -52,13 +52,20 @@ __all__ = [
     "assign_weights",
     "build_model",
     "check_config",
+    "check_tensor_files",
     "compute_dtype",
     "estimate_parameters",
+    "expected_shapes",
     "is_checkpoint_dir",
     "is_packed",
     "load_checkpoint",
+    "model_run",
+    "open_safetensors",
     "pack",
+    "packed_config",
     "read_config",
+    "read_tensors",
+    "shards",
 ]
 
 CONFIG_METADATA_KEY = "freemark.hf_config"
@@ -405,8 +412,11 @@ def is_checkpoint_dir(path: str | Path) -> bool:
     return Path(path).is_dir() and (Path(path) / CONFIG_NAME).is_file()
 
 
-def _shards(directory: Path) -> list[Path]:
-    """The safetensors files of a checkpoint directory; refuses pickled-only checkpoints."""
+def shards(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory (`model.safetensors`, or the shards its
+    index names, each a plain file name inside the directory); refuses a pickled-only
+    checkpoint with the command that re-saves it. For every reader of a base checkpoint
+    (adapters too), so that a directory is read one way."""
     single, index = directory / WEIGHTS_NAME, directory / INDEX_NAME
     if single.is_file():
         return [single]
@@ -447,7 +457,10 @@ def _check_header(path: Path, source: str | Path) -> None:
                       f"{MAX_HEADER_BYTES} bytes)")
 
 
-def _open(path: Path, source: str | Path) -> Any:
+def open_safetensors(path: Path, source: str | Path) -> Any:
+    """`safe_open` on `path` (a context manager over its header and memory-mapped tensors),
+    once its header length is capped and it is not a pickle; any file the library cannot
+    read is refused as `source`'s. The one way every format here opens a safetensors file."""
     from safetensors import SafetensorError, safe_open
 
     _check_header(path, source)
@@ -463,7 +476,7 @@ def is_packed(path: str | Path) -> bool:
     if not path.is_file():
         return False
     try:
-        with _open(path, path) as handle:
+        with open_safetensors(path, path) as handle:
             return CONFIG_METADATA_KEY in (handle.metadata() or {})
     except ModelFileError:
         return False
@@ -498,8 +511,10 @@ def packed(path: str | Path) -> Iterator[Path]:
         yield pack(path, Path(folder) / f"{path.resolve().name}.safetensors")
 
 
-def _packed_config(path: Path) -> dict[str, Any]:
-    with _open(path, path) as handle:
+def packed_config(path: Path) -> dict[str, Any]:
+    """The config.json a packed checkpoint carries in its metadata, parsed (size-capped), not
+    yet checked (`check_config` does that); refuses a `.safetensors` of weights only."""
+    with open_safetensors(path, path) as handle:
         text = (handle.metadata() or {}).get(CONFIG_METADATA_KEY)
     if text is None:
         raise _refuse(path, f"a .safetensors without a {CONFIG_METADATA_KEY!r} metadata entry is "
@@ -513,15 +528,21 @@ def _packed_config(path: Path) -> dict[str, Any]:
     return values if isinstance(values, dict) else {}
 
 
-def _check_tensors(model: nn.Module, files: list[Path], source: str | Path) -> None:
-    """Check every file's tensor names, shapes and dtypes against `model` (headers only).
+def expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The tensor names and shapes a file must hold for `model` (built by `build_model`): its
+    `state_dict_of`, so a tied weight is expected once, under the input embedding's name, as
+    save_pretrained writes it (a second copy under the alias is then unexpected)."""
+    return {name: tuple(t.shape) for name, t in state_dict_of(model).items()}
 
-    A tied weight is expected once, under the name `state_dict_of` keeps (the input
-    embedding's), as save_pretrained writes it; a second copy under the alias is refused."""
-    expected = {name: tuple(t.shape) for name, t in state_dict_of(model).items()}
+
+def check_tensor_files(files: list[Path], expected: Mapping[str, tuple[int, ...]],
+                       source: str | Path) -> None:
+    """The files' headers (capped, nothing read beyond them) hold exactly `expected`'s tensors
+    together, each once, with its shape and a float dtype; refuses as `source`'s otherwise.
+    `expected` is `expected_shapes` of a built model, or that plus an adapter's tensors."""
     found: dict[str, Path] = {}
     for path in files:
-        with _open(path, source) as handle:
+        with open_safetensors(path, source) as handle:
             keys = list(handle.keys())
             if len(found) + len(keys) > MAX_TENSORS:
                 raise _refuse(source, f"more than {MAX_TENSORS} tensors")
@@ -541,9 +562,10 @@ def _check_tensors(model: nn.Module, files: list[Path], source: str | Path) -> N
                       f"{missing[:5]}, unexpected {extra[:5]})")
 
 
-def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
     """Every tensor of the files, memory-mapped (safetensors maps the file; nothing is copied
-    until written to) and in its stored dtype."""
+    until written to) and in its stored dtype. Call it after `check_tensor_files`: it trusts
+    the headers it reads."""
     from safetensors.torch import load_file
 
     state: dict[str, torch.Tensor] = {}
@@ -591,8 +613,8 @@ def assign_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: 
 
 def _load_weights(model: nn.Module, files: list[Path], source: str | Path) -> nn.Module:
     """Load the files into `model` once their headers fit it exactly."""
-    _check_tensors(model, files, source)
-    return assign_weights(model, _read_tensors(files), source)
+    check_tensor_files(files, expected_shapes(model), source)
+    return assign_weights(model, read_tensors(files), source)
 
 
 def load_checkpoint(path: str | Path, *, max_parameters: int = MAX_PARAMETERS) -> nn.Module:
@@ -600,9 +622,9 @@ def load_checkpoint(path: str | Path, *, max_parameters: int = MAX_PARAMETERS) -
     path = Path(path)
     if path.is_dir():
         config = check_config(read_config(path), path, max_parameters=max_parameters)
-        files = _shards(path)
+        files = shards(path)
     elif path.is_file():
-        config = check_config(_packed_config(path), path, max_parameters=max_parameters)
+        config = check_config(packed_config(path), path, max_parameters=max_parameters)
         files = [path]
     else:
         raise ModelFileError(f"{path}: no such checkpoint directory or file")
@@ -612,7 +634,7 @@ def load_checkpoint(path: str | Path, *, max_parameters: int = MAX_PARAMETERS) -
 def apply_checkpoint_weights(packed: str | Path, weights: str | Path, *,
                              max_parameters: int = MAX_PARAMETERS) -> nn.Module:
     """The packed checkpoint's architecture with weights from another `.safetensors` file."""
-    config = check_config(_packed_config(Path(packed)), packed, max_parameters=max_parameters)
+    config = check_config(packed_config(Path(packed)), packed, max_parameters=max_parameters)
     return _load_weights(build_model(config), [Path(weights)], weights)
 
 
@@ -626,9 +648,10 @@ def pack(directory: str | Path, out: str | Path) -> Path:
 
     directory, out = Path(directory), Path(out)
     values = read_config(directory)
-    files = _shards(directory)
-    _check_tensors(build_model(check_config(values, directory)), files, directory)
-    tensors = _read_tensors(files)
+    files = shards(directory)
+    check_tensor_files(files, expected_shapes(build_model(check_config(values, directory))),
+                       directory)
+    tensors = read_tensors(files)
     # One metadata entry: safetensors keeps metadata in a hash map, so with two the header's
     # byte order (and the file's SHA-256, which verdicts sign) would vary between runs.
     metadata: Mapping[str, str] = {CONFIG_METADATA_KEY: json.dumps(values, sort_keys=True)}
@@ -649,11 +672,21 @@ def open_untrusted(path: str | Path, *, layer: str | None, pooling: int,
     `freemark.scheme.activations.capture_every` lists them). Opening reads no trigger, so
     its failures are the file's; the run's may depend on the triggers (the child reports
     them without text)."""
+    model = (apply_checkpoint_weights(path, weights, max_parameters=max_parameters) if weights
+             else load_checkpoint(path, max_parameters=max_parameters))
+    return model_run(model, layer, pooling, width)
+
+
+def model_run(model: nn.Module, layer: str | None, pooling: int, width: int
+              ) -> tuple[bytes, Callable[[TriggerSet], Any]]:
+    """A built model's identity (fingerprint ‖ architecture digest) and its run, as every
+    module-backed `open_untrusted` (checkpoint, GGUF, adapter) returns them: from a set's
+    triggers to the key layer's pooled activations, or with `layer` None every module's of
+    `width` units (0: any; `capture_every`). The layer is resolved here, before a trigger is
+    read, so a missing one is the file's failure."""
     from freemark.formats.pt2 import architecture_digest, fingerprint
     from freemark.scheme.activations import capture, capture_every, resolve_layer
 
-    model = (apply_checkpoint_weights(path, weights, max_parameters=max_parameters) if weights
-             else load_checkpoint(path, max_parameters=max_parameters))
     identity = fingerprint(model) + architecture_digest(model)
     if layer is None:
         return identity, lambda triggers: capture_every(model, triggers, width=width)

@@ -51,7 +51,6 @@ from torch import nn
 
 from freemark.errors import InvalidInputError, ModelFileError
 from freemark.formats import huggingface as hf
-from freemark.formats.pt2 import state_dict_of
 from freemark.scheme.triggers import TriggerSet
 
 __all__ = ["ADAPTER_PREFIX", "METADATA_KEY", "Adapter", "check_adapter_config", "is_format",
@@ -277,29 +276,6 @@ def merge(model: nn.Module, adapter: Adapter, tensors: Mapping[str, torch.Tensor
     return model.eval()
 
 
-def _check_file(path: Path, expected: Mapping[str, tuple[int, ...]], source: str | Path,
-                *, prefix: str = "") -> None:
-    """A safetensors file's header (capped) holds exactly `expected`'s tensors, each with its
-    shape and a float dtype (names as stored, after `prefix`)."""
-    with hf._open(path, source) as handle:
-        keys = list(handle.keys())
-        if len(keys) > hf.MAX_TENSORS:
-            raise _refuse(source, f"more than {hf.MAX_TENSORS} tensors")
-        for key in keys:
-            sliced = handle.get_slice(key)
-            name = prefix + key
-            if name in expected and tuple(sliced.get_shape()) != expected[name]:
-                raise _refuse(source, f"{key} has shape {tuple(sliced.get_shape())}, the configs "
-                              f"say {expected[name]}")
-            if sliced.get_dtype() not in hf.FLOAT_DTYPES:
-                raise _refuse(source, f"{key} has dtype {sliced.get_dtype()}; weights are floats")
-    found = {prefix + key for key in keys}
-    missing, extra = sorted(set(expected) - found), sorted(found - set(expected))
-    if missing or extra:
-        raise _refuse(source, f"the tensors do not fit the configs (missing {missing[:5]}, "
-                      f"unexpected {extra[:5]})")
-
-
 def _read_json(path: Path, cap: int) -> Any:
     try:
         raw = path.read_bytes() if path.stat().st_size <= cap else None
@@ -346,12 +322,12 @@ def load_pair(base: str | Path, adapter: str | Path) -> nn.Module:
         raise InvalidInputError(f"{base}: the base of an adapter must be a checkpoint directory "
                                 "(config.json and model.safetensors)")
     model = _base(hf.read_config(base), base)
-    hf._check_tensors(model, hf._shards(base), base)
+    hf.check_tensor_files(hf.shards(base), hf.expected_shapes(model), base)
     plan = check_adapter_config(read_adapter_config(adapter), model, adapter)
     weights = _adapter_weights(adapter)
-    _check_file(weights, plan.expected, adapter)
-    hf.assign_weights(model, hf._read_tensors(hf._shards(base)), base)
-    return merge(model, plan, hf._read_tensors([weights]))
+    hf.check_tensor_files([weights], plan.expected, adapter)
+    hf.assign_weights(model, hf.read_tensors(hf.shards(base)), base)
+    return merge(model, plan, hf.read_tensors([weights]))
 
 
 def pack(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
@@ -364,13 +340,13 @@ def pack(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
         raise InvalidInputError(f"{base}: the base of an adapter must be a checkpoint directory")
     config, adapter_config = hf.read_config(base), read_adapter_config(adapter)
     model = _base(config, base)
-    shards = hf._shards(base)
-    hf._check_tensors(model, shards, base)
+    shards = hf.shards(base)
+    hf.check_tensor_files(shards, hf.expected_shapes(model), base)
     plan = check_adapter_config(adapter_config, model, adapter)
     weights = _adapter_weights(adapter)
-    _check_file(weights, plan.expected, adapter)
-    tensors = hf._read_tensors(shards)
-    tensors.update({ADAPTER_PREFIX + name: t for name, t in hf._read_tensors([weights]).items()})
+    hf.check_tensor_files([weights], plan.expected, adapter)
+    tensors = hf.read_tensors(shards)
+    tensors.update({ADAPTER_PREFIX + name: t for name, t in hf.read_tensors([weights]).items()})
     # One metadata entry, as huggingface.pack writes: with two, the header's byte order (and
     # so the file's SHA-256, which verdicts sign) would vary between runs.
     text = json.dumps({"adapter_config": adapter_config, "config": config}, sort_keys=True)
@@ -389,7 +365,7 @@ def packed_pair(base: str | Path, adapter: str | Path) -> Iterator[Path]:
 
 
 def _packed_configs(path: Path) -> tuple[Any, Any]:
-    with hf._open(path, path) as handle:
+    with hf.open_safetensors(path, path) as handle:
         text = (handle.metadata() or {}).get(METADATA_KEY)
     if text is None:
         raise _refuse(path, f"no {METADATA_KEY!r} metadata entry: not a packed adapter and base")
@@ -412,10 +388,10 @@ def load_packed(path: str | Path, *, max_parameters: int = hf.MAX_PARAMETERS) ->
     config, adapter_config = _packed_configs(path)
     model = _base(config, path, max_parameters)
     plan = check_adapter_config(adapter_config, model, path)
-    base_shapes = {name: tuple(t.shape) for name, t in state_dict_of(model).items()}
-    _check_file(path, {**base_shapes, **{ADAPTER_PREFIX + k: v for k, v in plan.expected.items()}},
-                path)
-    tensors = hf._read_tensors([path])
+    hf.check_tensor_files([path], {**hf.expected_shapes(model),
+                                   **{ADAPTER_PREFIX + k: v for k, v in plan.expected.items()}},
+                          path)
+    tensors = hf.read_tensors([path])
     adapter = {name[len(ADAPTER_PREFIX):]: tensors.pop(name) for name in list(tensors)
                if name.startswith(ADAPTER_PREFIX)}
     hf.assign_weights(model, tensors, path)
@@ -430,7 +406,7 @@ def is_format(path: Path) -> bool:
     if path.suffix.lower() != ".safetensors" or not path.is_file():
         return False
     try:
-        with hf._open(path, path) as handle:
+        with hf.open_safetensors(path, path) as handle:
             return METADATA_KEY in (handle.metadata() or {})
     except ModelFileError:
         return False
@@ -465,15 +441,7 @@ def open_untrusted(path: str | Path, *, layer: str | None, pooling: int, width: 
     """In the key server's sandbox child: vet, build and merge an uploaded packed adapter and
     base (the base's parameter cap `max_parameters`, as for a checkpoint), and return its
     identity and run as `huggingface.open_untrusted` does."""
-    from freemark.formats.pt2 import architecture_digest, fingerprint
-    from freemark.scheme.activations import capture, capture_every, resolve_layer
-
-    model = load_packed(path, max_parameters=max_parameters)
-    identity = fingerprint(model) + architecture_digest(model)
-    if layer is None:
-        return identity, lambda triggers: capture_every(model, triggers, width=width)
-    resolve_layer(model, layer)
-    return identity, lambda triggers: capture(model, layer, triggers, pooling=pooling)[0]
+    return hf.model_run(load_packed(path, max_parameters=max_parameters), layer, pooling, width)
 
 
 def warm_up(folder: Path) -> None:

@@ -102,6 +102,14 @@ class SandboxLimits:
             raise InvalidInputError(f"SandboxLimits.max_memory_bytes ({self.max_memory_bytes}) is "
                                     f"below the base memory_bytes ({self.memory_bytes})")
 
+    def with_cpu_seconds(self, cpu_seconds: int) -> SandboxLimits:
+        """These limits with RLIMIT_CPU `cpu_seconds` (the operator's `serve
+        --sandbox-cpu-seconds`) and the wall-clock deadline at the same ratio to it as
+        before, so the deadline stays above the CPU limit and a busy single-threaded run
+        still meets the clearer CPU limit first."""
+        return dataclasses.replace(self, cpu_seconds=cpu_seconds,
+                                   wall_seconds=cpu_seconds * self.wall_seconds / self.cpu_seconds)
+
     def for_model(self, model_bytes: int) -> SandboxLimits:
         """These limits for a run whose model files hold `model_bytes` together: RLIMIT_AS =
         min(max_memory_bytes, memory_bytes + memory_per_model_byte x model_bytes)."""

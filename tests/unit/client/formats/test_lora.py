@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from freemark.errors import InvalidInputError, ModelFileError
-from freemark.formats import lora
+from freemark.formats import huggingface, lora
 from freemark.formats.local import load_model, upload_file
 from freemark.formats.pt2 import fingerprint
 from freemark.formats.table import format_of
@@ -234,7 +234,7 @@ def test_a_header_of_128_plus_256k_bytes_is_safetensors_and_a_pickle_is_not(tmp_
         save_file({"w": torch.zeros(2)}, str(path), metadata={"pad": "x" * pad})
         if path.read_bytes()[0] == 0x80:
             break
-    lora._check_file(path, {"w": (2,)}, path)
+    huggingface.check_tensor_files([path], {"w": (2,)}, path)
     torch.save({"w": torch.zeros(2)}, tmp_path / "pickled", _use_new_zipfile_serialization=False)
     with pytest.raises(ModelFileError, match="never unpickles"):
-        lora._check_file(tmp_path / "pickled", {"w": (2,)}, "pickled")
+        huggingface.check_tensor_files([tmp_path / "pickled"], {"w": (2,)}, "pickled")
