@@ -113,11 +113,14 @@ DEFAULT_MAX_SCAN_CANDIDATES = 512
 # Earlier registrations that get Register's full prior-claim check (besides those the claim
 # index cannot rank): the nearest by claim signature over every tensor of the upload
 # (`freemark_keyserver.claims`). Their scans share one forward pass in the sandbox, but
-# each is still judged tensor by tensor, so this bounds a Register's cost whatever the
-# registry's size. On the labelled set of bench/registry.py every copy's source ranked
-# first among 10,000 same-family neighbours (docs/keyserver.md); the rest is margin for a
-# hub where many fine-tunes of one base model sit close together.
-DEFAULT_CLAIM_CANDIDATES = 4
+# each is still judged tensor by tensor (1,000 permutations each), so this bounds a
+# Register's cost whatever the registry's size: with 2, a Register against 10,000 costs
+# less than twice one against a single registration, whatever the machine's load (with 4
+# it did not when the load was low: docs/operations.md). On the labelled set of
+# bench/registry.py every copy's source ranked first among 10,000 same-family neighbours
+# in every run (docs/keyserver.md): the second is margin. An operator whose hub holds many
+# fine-tunes of one base model close together raises it (`--claim-candidates`).
+DEFAULT_CLAIM_CANDIDATES = 2
 DEFAULT_ORIGIN = "freemark-ttp"
 # The verdict policy (signed into every verdict). Alpha at most 1e-6: a verdict at a laxer
 # level is not evidence a court should act on (0.99 would sign `match` for an innocent model),
