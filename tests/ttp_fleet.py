@@ -41,6 +41,7 @@ from freemark_keyserver.config import (
 from freemark_keyserver.crypto import load_or_create_keyring, load_or_create_signing_key
 from freemark_keyserver.sandbox.protocol import Refusal, _refusal
 from freemark_keyserver.sandbox.runner import (
+    LayerScan,
     ModelIdentity,
     SandboxResult,
     Then,
@@ -131,7 +132,10 @@ def in_process_batch(model_path: Path, runs: Sequence[TriggerRun], *,
                         scans.append((place, reading, run.triggers))
                         continue
                     answer = reading(run.triggers)
-                results[place] = np.asarray(answer, dtype=np.float64)
+                # a scan keeps its type (`LayerScan`: the tensors' widths), as decode_reply gives
+                # it (an ONNX or Hugging Face scan: its loader's own run)
+                results[place] = (answer.astype(np.float64) if isinstance(answer, LayerScan)
+                                  else np.asarray(answer, dtype=np.float64))
             except Exception as exc:  # noqa: BLE001 - a set fails alone, as in the sandbox
                 results[place] = exc
         with _SANDBOX_TURN:
