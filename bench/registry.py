@@ -10,14 +10,17 @@ tests/signed_statements.py.) Sections:
 (a) log appends per second through the real append path (`append_entry`: the sequencer's
     group commit, statement signature, ledger, checkpoint in the same transaction, then the
     inclusion proof a receipt carries), from 1 and from 16 client threads, on SQLite and on
-    PostgreSQL, against a bare loop of one-row INSERT transactions into the same database.
+    PostgreSQL, against a bare loop of one-row INSERT transactions into the same database,
+    in LOG_ROUNDS rounds (each ratio taken within its round; medians reported).
     The test PostgreSQL runs with fsync off (tests/pg.py), for the bare loop and the log alike.
 (b) Register of one more digits CNN (the real server, the real sandbox for the upload) against
     a store holding K = 1, 1,000, 10,000 (and 100,000 without --quick) earlier registrations of
     its family: the first is real (the index group's anchor); the rest are synthetic records
     inserted through the store in batches (tests/registry_fill.py: signed receipts, the
-    anchor's sealed bundle, sealed claim signatures near real independent models'). Also: the index's memory per
-    registration and its rebuild time from the store.
+    anchor's sealed bundle, sealed claim signatures near real independent models'). K = 1 and
+    K = 10,000 in PAIRS of one upload each, back to back (K = 1 on a fresh server holding the
+    anchor only), the ratio the median pair's. Also: the index's memory per registration and
+    its rebuild time from the store, and the load average at each K.
 (c) recall of the indexed prior-claim check against the full one on a labelled set, with the
     index at its largest K: 5 hosts registered with a panel of 5 independent models x 10 copies (fine-tuned, 50 % pruned, int8,
     fp16, relabelled, rescaled, 16 random / zero / split dummy units, renamed + relabelled
@@ -71,7 +74,7 @@ from freemark_keyserver.handlers.context import (
     inclusion_proof,
 )
 from freemark_keyserver.handlers.lookups import lookup
-from freemark_keyserver.handlers.register import _judge_tensor, _scan
+from freemark_keyserver.handlers.scans import judge_tensor, scan_run
 from freemark_keyserver.server import RunningServer, create_server
 from freemark_keyserver.store import Registration, open_store
 from freemark_lab.attacks.obfuscate import add_dummy_units, permute_units, rescale_units
@@ -88,7 +91,11 @@ FULL_KS = (*QUICK_KS, 100_000)
 LOG_CLIENTS = 16
 LOG_APPENDS = 1_000
 BARE_INSERTS = 500
-UPLOADS_PER_K = 1
+LOG_ROUNDS = 3
+RATIO_K = 10_000
+PAIRS = 3  # uploads registered at K = 1 and at K = RATIO_K, back to back
+PAIR_SEED = 701
+UPLOAD_SEED = 720
 HOSTS = 5
 PANEL = 5  # reference models per registered host
 INDEPENDENTS = 50
@@ -169,25 +176,25 @@ def _statement(index: int, now: int) -> bytes:
     return canonical_json(verdict_body(index, integrated_time=now))
 
 
-def bare_inserts(db: str, count: int) -> float:
+def bare_inserts(db: str, count: int, table: str = "bare") -> float:
     """One-row INSERT transactions per second into a table of the same database."""
     entry = _statement(0, 0)
     if db.startswith("postgresql://"):
         with psycopg.connect(db, autocommit=True) as conn:
-            conn.execute("CREATE TABLE bare (idx BIGINT PRIMARY KEY, entry BYTEA NOT NULL)")
+            conn.execute(f"CREATE TABLE {table} (idx BIGINT PRIMARY KEY, entry BYTEA NOT NULL)")
             started = time.perf_counter()
             for index in range(count):
-                conn.execute("INSERT INTO bare VALUES (%s, %s)", (index, entry))
+                conn.execute(f"INSERT INTO {table} VALUES (%s, %s)", (index, entry))
             return count / (time.perf_counter() - started)
     conn = sqlite3.connect(db, isolation_level=None)
     try:  # the store's own settings: WAL, a durable commit
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("CREATE TABLE bare (idx INTEGER PRIMARY KEY, entry BLOB NOT NULL)")
+        conn.execute(f"CREATE TABLE {table} (idx INTEGER PRIMARY KEY, entry BLOB NOT NULL)")
         started = time.perf_counter()
         for index in range(count):
             conn.execute("BEGIN IMMEDIATE")
-            conn.execute("INSERT INTO bare VALUES (?, ?)", (index, entry))
+            conn.execute(f"INSERT INTO {table} VALUES (?, ?)", (index, entry))
             conn.execute("COMMIT")
         return count / (time.perf_counter() - started)
     finally:
@@ -207,27 +214,46 @@ def log_appends(ctx: Context, count: int, clients: int) -> float:
 
 
 def log_section(folder: Path, pg_admin: str | None, quick: bool) -> dict[str, Any]:
+    """Each backend in LOG_ROUNDS rounds of (bare loop, 1 client, 16 clients), back to back:
+    on a machine others load, each ratio is taken within one round and the median round's
+    reported, with the median rates."""
     appends = LOG_APPENDS // (2 if quick else 1)
     databases = {"sqlite": str(folder / "log.sqlite3")}
     if pg_admin:
         databases["postgres"] = create_database(pg_admin, "benchlog")
-    result: dict[str, dict[str, float]] = {"bare": {}, "one": {}, "many": {}}
+    rounds: dict[str, dict[str, list[float]]] = {}
     for backend, db in databases.items():
         store = open_store(db)
         ctx = Context(config=ServerConfig(data_dir=folder, db=db), store=store,
                       keyring=MasterKeyring({1: os.urandom(32)}), signer=SigningKey.generate())
+        measured = rounds[backend] = {"bare": [], "one": [], "many": []}
         try:
-            result["bare"][backend] = bare_inserts(db, BARE_INSERTS)
-            result["one"][backend] = log_appends(ctx, appends // 4, 1)
-            result["many"][backend] = log_appends(ctx, appends, LOG_CLIENTS)
+            for number in range(LOG_ROUNDS):
+                measured["bare"].append(bare_inserts(db, BARE_INSERTS, f"bare{number}"))
+                measured["one"].append(log_appends(ctx, appends // 4, 1))
+                measured["many"].append(log_appends(ctx, appends, LOG_CLIENTS))
         finally:
             store.close()
-    rows = [[b, result["bare"][b], result["one"][b], result["one"][b] / result["bare"][b],
-             result["many"][b], result["many"][b] / result["bare"][b]] for b in databases]
-    print_table(f"(a) log appends per second vs a bare one-row INSERT loop (goal >= {GOAL_LOG}x)",
+    result: dict[str, dict[str, float]] = {
+        what: {b: statistics.median(rounds[b][what]) for b in databases}
+        for what in ("bare", "one", "many")}
+    for what in ("one", "many"):
+        result[f"{what}_ratio"] = {b: statistics.median(
+            x / y for x, y in zip(rounds[b][what], rounds[b]["bare"], strict=True))
+            for b in databases}
+    rows = [[b, result["bare"][b], result["one"][b], result["one_ratio"][b],
+             result["many"][b], result["many_ratio"][b]] for b in databases]
+    print_table(f"(a) log appends per second vs a bare one-row INSERT loop (goal >= {GOAL_LOG}x; "
+                f"medians of {LOG_ROUNDS} rounds, each ratio within its round; uptime "
+                f"{_load()})",
                 ["backend", "bare/s", "1 client/s", "ratio", f"{LOG_CLIENTS} clients/s",
                  "ratio"], rows)
     return result
+
+
+def _load() -> str:
+    """The 1, 5 and 15 minute load averages: a shared machine's figures need them."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 # --- (b) Register against K earlier registrations ---------------------------------------------
@@ -273,51 +299,81 @@ class Registry:
 def signatures_on(model: nn.Module, anchor_triggers: Any) -> list[np.ndarray]:
     """Every tensor's claim signature on a group's probes, as the sandbox child reads them."""
     scans = capture_every(model, with_probes(anchor_triggers, claims.PROBES))
-    found = (claims.signature(claims.probe_rows(m)) for m in scans)
+    found = (claims.signature(claims.probe_rows(m)) for _, m in scans)
     return [v for v in found if v is not None]
 
 
+def k1_register(folder: Path, model: nn.Module, seed: int) -> float:
+    """Seconds of one Register of `model` on a fresh server holding only the anchor: K = 1."""
+    fresh = Registry(folder)
+    try:
+        fresh.register("anchor", "anchor", trained(900), seed=900)
+        return fresh.register("uploader", "upload", model, seed=seed)[1]
+    finally:
+        fresh.running.stop(0)
+
+
 def register_section(registry: Registry, ks: Sequence[int]) -> dict[str, Any]:
+    """Register against K earlier registrations. K = 1 and K = 10,000 are measured in PAIRS
+    of one upload, registered on a fresh server holding only the anchor and then on the
+    bench's server holding 10,000: each pair back to back, so the load others put on the
+    machine weighs on both alike; the ratio is the median pair's. Every other K: one
+    upload."""
     ctx = registry.ctx
     anchor_id, _ = registry.register("anchor", "anchor", trained(900), seed=900)
     anchor = lookup(ctx, anchor_id)
     assert anchor is not None
     anchor_bundle, _ = panels.open_sealed(ctx, anchor)
     bases = [key_signature(trained(seed), anchor_bundle.triggers) for seed in (901, 902)]
-    seconds: dict[str, float] = {}
+    times: dict[str, list[float]] = {}
     rebuild: dict[str, float] = {}
     memory: dict[str, float] = {}
-    rows = []
+    loads: dict[str, str] = {}
     inserted, upload = 0, 0
-    for k in ks:
+    for k in (k for k in ks if k > 1):
         earlier = ctx.store.tree_size()
-        if k > earlier:
-            started = time.perf_counter()
-            fill(ctx, anchor, k - earlier, bases, inserted, owner="anchor")
-            inserted += k - earlier
-            insert_s = time.perf_counter() - started
-        else:
-            insert_s = 0.0
+        started = time.perf_counter()
+        fill(ctx, anchor, k - earlier, bases, inserted, owner="anchor")
+        inserted += k - earlier
+        insert_s = time.perf_counter() - started
         started = time.perf_counter()
         fresh = claims.ClaimIndex(ctx.keyring)
         fresh.refresh(ctx.store)
         rebuild[str(k)] = time.perf_counter() - started
         memory[str(k)] = fresh.memory_bytes() / max(len(fresh), 1)
-        ctx.ledger.read(ctx.store, lambda registry: registry.size)  # the bulk, read untimed
-        times = []
-        for _ in range(UPLOADS_PER_K):
-            upload += 1
-            _, elapsed = registry.register("uploader", f"upload{upload}", trained(700 + upload),
-                                           seed=700 + upload)
-            times.append(elapsed)
-        seconds[str(k)] = statistics.median(times)
-        rows.append([k, ctx.store.tree_size(), insert_s, rebuild[str(k)], memory[str(k)],
-                     seconds[str(k)], seconds[str(k)] / seconds[str(ks[0])]])
+        # The bulk, read untimed: the ledger's check of every entry, and the server's claim
+        # index decrypting every signature (a fill's cost, paid once, not a Register's).
+        ctx.ledger.read(ctx.store, lambda registry: registry.size)
+        ctx.claims.refresh(ctx.store)
+        loads[str(k)] = _load()
+        print(f"K={k}: {k - earlier} synthetic registrations inserted in {insert_s:.1f} s",
+              flush=True)
+        if k == RATIO_K:
+            times["1"], times[str(k)] = [], []
+            for pair in range(PAIRS):
+                seed = PAIR_SEED + pair
+                times["1"].append(k1_register(registry.folder / f"k1-{pair}", trained(seed),
+                                              seed))
+                times[str(k)].append(registry.register("uploader", f"pair{pair}",
+                                                       trained(seed), seed=seed)[1])
+            loads["1"] = loads[str(k)]
+            continue
+        upload += 1
+        seed = UPLOAD_SEED + upload
+        times[str(k)] = [registry.register("uploader", f"upload{upload}", trained(seed),
+                                           seed=seed)[1]]
+    seconds = {k: statistics.median(t) for k, t in sorted(times.items(), key=lambda i: int(i[0]))}
+    ratio = statistics.median(b / a for a, b in zip(times["1"], times[str(RATIO_K)],
+                                                    strict=True))
+    rows = [[k, len(times[k]), seconds[k], seconds[k] / seconds["1"], rebuild.get(k, "-"),
+             memory.get(k, "-"), loads[k]] for k in seconds]
     print_table(f"(b) Register of one more digits CNN against K earlier registrations "
-                f"(goal: K=10,000 <= {GOAL_REGISTER}x K=1)",
-                ["K", "log size", "bulk insert s", "index rebuild s", "index B/registration",
-                 "register s", "ratio to K=1"], rows)
-    return {"seconds": seconds, "rebuild": rebuild, "memory": memory, "anchor": anchor}
+                f"(goal: K=10,000 <= {GOAL_REGISTER}x K=1; median pair ratio {ratio:.2f}, "
+                f"{registry.ctx.config.claim_candidates} candidates)",
+                ["K", "uploads", "register s (median)", "ratio to K=1", "index rebuild s",
+                 "index B/registration", "load 1/5/15 min"], rows)
+    return {"seconds": seconds, "times": times, "ratio": ratio, "rebuild": rebuild,
+            "memory": memory, "anchor": anchor, "loads": loads}
 
 
 # --- (c) recall on a labelled set -------------------------------------------------------------
@@ -325,11 +381,11 @@ def register_section(registry: Registry, ks: Sequence[int]) -> dict[str, Any]:
 
 def claimed_by(ctx: Context, model: nn.Module, bundle: KeyBundle, panel: Any) -> bool:
     """The full check of one earlier key on `model`: a scan, every tensor judged."""
-    run = _scan(bundle, panel)
+    run = scan_run(bundle, panel)
     inputs = with_probes(run.triggers, run.probes)
-    for layer in capture_every(model, inputs, width=run.width):
+    for _, layer in capture_every(model, inputs, width=run.width):
         try:
-            verdict = _judge_tensor(layer, bundle, panel, run.probes)
+            verdict = judge_tensor(layer, bundle, panel, run.probes)
         except InvalidInputError:  # a tensor the key cannot be read on, as Register skips
             continue
         except Exception:  # noqa: BLE001 - a failed judgement is a claim, as in Register
@@ -368,7 +424,7 @@ def recall_section(registry: Registry, anchor: Registration) -> dict[str, Any]:
                 if claimed_by(ctx, model, bundle, panel)}
         # Synthetic records carry the anchor's key: the anchor's verdict is theirs.
         ranked = ctx.claims.nearest(group, signatures_on(model, anchor_triggers), k=100)
-        candidates = set(ranked[:claims.CANDIDATES])
+        candidates = set(ranked[:ctx.config.claim_candidates])
         if source is not None:
             ranks.append(ranked.index(host_ids[source]) + 1 if host_ids[source] in ranked
                          else len(ranked) + 1)
@@ -386,7 +442,7 @@ def recall_section(registry: Registry, anchor: Registration) -> dict[str, Any]:
             missed.append(label)
         if host_ids[source] not in full:
             missed.append(f"{label} (not claimed by the full check)")
-    print_table(f"(c) indexed ({claims.CANDIDATES} candidates) vs full prior-claim check on the "
+    print_table(f"(c) indexed ({ctx.config.claim_candidates} candidates) vs full prior-claim check on the "
                 "labelled set",
                 ["copies", "refused (full)", "refused (indexed)", "source's worst rank",
                  "independents", "claimed (full)", "false host candidates"],
@@ -408,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # a shared machine: one thread per process trains as fast
     ks = QUICK_KS if args.quick else FULL_KS
-    started = time.perf_counter()
+    started, load_at_start = time.perf_counter(), _load()
     postgres = PostgresServer()
     try:
         try:
@@ -418,11 +474,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             pg_admin = None
         with tempfile.TemporaryDirectory(prefix="bench-registry-") as tmp:
             folder = Path(tmp)
+            sections: dict[str, float] = {}
+            mark = time.perf_counter()
             log = log_section(folder, pg_admin, args.quick)
+            sections["log"], mark = time.perf_counter() - mark, time.perf_counter()
             registry = Registry(folder)
             try:
                 register = register_section(registry, ks)
+                sections["register"], mark = time.perf_counter() - mark, time.perf_counter()
                 recall = recall_section(registry, register["anchor"])
+                sections["recall"] = time.perf_counter() - mark
             finally:
                 registry.running.stop(0)
     finally:
@@ -430,7 +491,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     seconds = register["seconds"]
     payload = {
         "register_seconds": seconds,
-        "register_ratio_10000_vs_1": seconds["10000"] / seconds["1"],
+        "register_ratio_10000_vs_1": register["ratio"],
+        "register_times": register["times"],
+        "register_load_average": register["loads"],
         "index_rebuild_seconds": register["rebuild"],
         "index_bytes_per_registration": register["memory"],
         "copies": recall["copies"],
@@ -443,13 +506,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "not_refused": recall["missed"],
         "log_appends_per_s": log["many"],
         "log_appends_per_s_one_client": log["one"],
+        "log_ratio_to_bare": log["many_ratio"],
+        "log_ratio_to_bare_one_client": log["one_ratio"],
         "log_clients": LOG_CLIENTS,
         "bare_inserts_per_s": log["bare"],
-        "candidates_per_register": claims.CANDIDATES,
+        "candidates_per_register": registry.ctx.config.claim_candidates,
         "quick": args.quick,
         "seconds": time.perf_counter() - started,
+        "load_average": {"start": load_at_start, "end": _load()},
+        "section_seconds": sections,
     }
-    print(f"total {payload['seconds']:.0f} s", flush=True)
+    print(f"total {payload['seconds']:.0f} s (" + ", ".join(
+        f"{name} {seconds:.0f} s" for name, seconds in sections.items()) + "); load average "
+        f"{load_at_start} at the start, {payload['load_average']['end']} at the end", flush=True)
     if args.json:
         write_json(args.json, payload)
     return 0

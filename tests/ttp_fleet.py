@@ -39,6 +39,7 @@ from freemark_keyserver.config import (
     ServerConfig,
 )
 from freemark_keyserver.crypto import load_or_create_keyring, load_or_create_signing_key
+from freemark_keyserver.sandbox.protocol import Refusal, _refusal
 from freemark_keyserver.sandbox.runner import (
     LayerScan,
     ModelIdentity,
@@ -46,7 +47,7 @@ from freemark_keyserver.sandbox.runner import (
     Then,
     TriggerRun,
 )
-from freemark_keyserver.sandbox.worker import _runner
+from freemark_keyserver.sandbox.worker import _runner, _Scan, _scan_together
 from freemark_keyserver.server import RunningServer, create_server
 from freemark_keyserver.store import Principal, open_store
 from freemark_lab import data, models
@@ -121,16 +122,29 @@ def in_process_batch(model_path: Path, runs: Sequence[TriggerRun], *,
     identity = ModelIdentity.from_bytes(raw)
 
     def each(batch: Sequence[TriggerRun]) -> list[np.ndarray | Exception]:
-        results: list[np.ndarray | Exception] = []
-        for run in batch:
+        results: list[Any] = [None] * len(batch)  # every place is filled below
+        scans = []  # the worker reads a batch's scans in one pass (`_scan_together`)
+        for place, run in enumerate(batch):
             try:
                 with _SANDBOX_TURN:
-                    answer = read(spec(run))(run.triggers)
-                # a scan keeps its type (`LayerScan`: the tensors' widths), as decode_reply gives it
-                results.append(answer.astype(np.float64) if isinstance(answer, LayerScan)
-                               else np.asarray(answer, dtype=np.float64))
+                    reading = read(spec(run))
+                    if isinstance(reading, _Scan):
+                        scans.append((place, reading, run.triggers))
+                        continue
+                    answer = reading(run.triggers)
+                # a scan keeps its type (`LayerScan`: the tensors' widths), as decode_reply gives
+                # it (an ONNX or Hugging Face scan: its loader's own run)
+                results[place] = (answer.astype(np.float64) if isinstance(answer, LayerScan)
+                                  else np.asarray(answer, dtype=np.float64))
             except Exception as exc:  # noqa: BLE001 - a set fails alone, as in the sandbox
-                results.append(exc)
+                results[place] = exc
+        with _SANDBOX_TURN:
+            scanned = _scan_together(scans)
+        for place, answer in scanned:
+            # a scan keeps its type (`LayerScan`: the tensors' widths), as decode_reply gives
+            # it; a refusal becomes the parent's exception, as decode_reply makes it
+            results[place] = (_refusal(answer.kind, str(answer)) if isinstance(answer, Refusal)
+                              else answer.astype(np.float64))
         return results
 
     results = each(runs)

@@ -53,6 +53,7 @@ def _config(args: argparse.Namespace) -> cfg.ServerConfig:
             max_concurrent_rpcs=args.max_concurrent_rpcs,
             max_references=args.max_references, grace_seconds=args.grace,
             max_scan_candidates=args.max_scan_candidates,
+            claim_candidates=args.claim_candidates,
             sandbox_workers=args.sandbox_workers, sandbox_queue=args.sandbox_queue,
             sandbox=SandboxLimits(max_parameters=args.max_parameters,
                                   max_memory_bytes=int(args.sandbox_max_memory * GiB)
@@ -326,6 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-scan-candidates", type=int, default=cfg.DEFAULT_MAX_SCAN_CANDIDATES,
                    metavar="N", help="candidate tensors one Verify of an ONNX suspect may "
                    "judge (default %(default)s); past it the call is refused")
+    p.add_argument("--claim-candidates", type=int, default=cfg.DEFAULT_CLAIM_CANDIDATES,
+                   metavar="N", help="earlier registrations of the upload's input kind that "
+                   "get Register's full prior-claim check: the N the claim index ranks "
+                   "nearest, besides any it cannot rank (default %(default)s)")
     p.add_argument("--sandbox-workers", type=int, metavar="N",
                    help="untrusted models run at once (default: min(cores, available memory / "
                         "(the 4 GiB per-run limit + 3 x the 512 MiB reply cap)))")

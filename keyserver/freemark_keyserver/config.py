@@ -124,6 +124,17 @@ DEFAULT_MAX_REFERENCES = 16
 # call is refused (SANDBOX_LIMIT), never judged on fewer. Each costs one judgement (1,000
 # permutations, and the aligned test where a panel allows it).
 DEFAULT_MAX_SCAN_CANDIDATES = 512
+# Earlier registrations that get Register's full prior-claim check (besides those the claim
+# index cannot rank): the nearest by claim signature over every tensor of the upload
+# (`freemark_keyserver.claims`). Their scans share one forward pass in the sandbox, but
+# each is still judged tensor by tensor (1,000 permutations each), so this bounds a
+# Register's cost whatever the registry's size: with 2, a Register against 10,000 costs
+# less than twice one against a single registration, whatever the machine's load (with 4
+# it did not when the load was low: docs/operations.md). On the labelled set of
+# bench/registry.py every copy's source ranked first among 10,000 same-family neighbours
+# in every run (docs/keyserver.md): the second is margin. An operator whose hub holds many
+# fine-tunes of one base model close together raises it (`--claim-candidates`).
+DEFAULT_CLAIM_CANDIDATES = 2
 DEFAULT_ORIGIN = "freemark-ttp"
 # The verdict policy (signed into every verdict). Alpha at most 1e-6: a verdict at a laxer
 # level is not evidence a court should act on (0.99 would sign `match` for an innocent model),
@@ -183,6 +194,7 @@ class ServerConfig:
     metrics_listen: str | None = None  # HOST:PORT of the Prometheus page; None: no page
     max_references: int = DEFAULT_MAX_REFERENCES  # reference models per Register
     max_scan_candidates: int = DEFAULT_MAX_SCAN_CANDIDATES  # tensors per scanned Verify
+    claim_candidates: int = DEFAULT_CLAIM_CANDIDATES  # full prior-claim checks per Register
     grace_seconds: float = DEFAULT_GRACE_SECONDS
     # The log's C2SP origin: every checkpoint's first line and its note key name.
     origin: str = DEFAULT_ORIGIN
@@ -206,6 +218,10 @@ class ServerConfig:
         check_key_name(self.origin)  # it names the note key, so the same rules apply
         if self.max_scan_candidates < 1:
             raise ValueError("a scanned Verify must be allowed at least one candidate tensor")
+        if self.claim_candidates < 1:
+            raise ValueError("Register's prior-claim check needs at least one candidate "
+                             "(--claim-candidates): with none, the claim index would clear "
+                             "every copy of a registered model")
         if self.panel_reach not in PANEL_REACH_MODES:
             raise ValueError(f"panel reach must be one of {', '.join(PANEL_REACH_MODES)}, not "
                              f"{self.panel_reach!r}")

@@ -8,7 +8,8 @@ model is only run forward under `no_grad`; no weight is touched.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+import itertools
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -324,18 +325,58 @@ def capture_every(
     zeros, which no key reads. Empty when the model
     does not take inputs of the triggers' kind (`accepts`). Raises InvalidInputError when the
     model cannot run on the triggers, or the scan exceeds MAX_SCANNED_TENSORS or
-    MAX_SCANNED_VALUES.
+    MAX_SCANNED_VALUES. One set of `capture_every_sets`.
     """
-    if not accepts(model, triggers):
+    (scanned,) = capture_every_sets(model, [triggers], width=width, batch_size=batch_size)
+    if isinstance(scanned, InvalidInputError):
+        raise scanned
+    return scanned
+
+
+def capture_every_sets(
+    model: nn.Module | torch.export.ExportedProgram,
+    sets: Sequence[TriggerSet],
+    *,
+    width: int = 0,
+    batch_size: int = DEFAULT_BATCH,
+) -> list[list[tuple[str, np.ndarray]] | InvalidInputError]:
+    """`capture_every` of several trigger sets of one input kind in one forward pass: per
+    set, what `capture_every` would list for it alone, or the InvalidInputError its run
+    raised.
+
+    Why (issue 21): Register scans an upload on the triggers of every candidate earlier
+    registration; one pass over all of them, batched together, costs about what one set
+    costs, where a pass per set made a Register's time grow with the candidates. The sets'
+    inputs are concatenated and read in the batches `capture_every` would use, and each
+    set's rows are split back out. What one set gets depends on its own rows only: which
+    tensors are kept is decided by shapes (one decision for all sets, as for one); a tensor
+    not finite on a set's rows is zeros for that set alone; a batch the model fails on
+    fails the sets with rows in it, and the pass goes on over the rest, so the others'
+    answers are intact and the pass costs the same whether a set failed or not. The caps
+    are per set (the largest set's rows); past one, every set's scan fails, raised here.
+    Raises ValueError when the sets are not of one input kind (sample shape, dtype, mask).
+    """
+    if not sets:
         return []
+    first = sets[0]
+    if any(not _same_kind(first, other) for other in sets[1:]):
+        raise ValueError("capture_every_sets takes trigger sets of one input kind")
+    if not accepts(model, first):
+        return [[] for _ in sets]
     program = model if isinstance(model, torch.export.ExportedProgram) else None
     module = program.module() if program is not None else as_module(model)
-    inputs = _to_tensor(triggers.inputs)
-    mask = None if triggers.attention_mask is None else _to_tensor(triggers.attention_mask)
+    inputs = _to_tensor(np.concatenate([s.inputs for s in sets]))
+    mask = (None if first.attention_mask is None
+            else _to_tensor(np.concatenate([s.attention_mask for s in sets  # type: ignore[misc]
+                                            ])))
+    bounds = np.cumsum([0, *(len(s) for s in sets)])
+    segments = list(itertools.pairwise(int(b) for b in bounds))
+    largest = max(len(s) for s in sets)
     chunk = _static_batch(module) or _batch_for(inputs, batch_size)
     scan = TensorScan(width=width, has_mask=mask is not None)
     forward = (_node_recorder(module, scan.record) if program is not None
                else _hook_recorder(module, scan.record))
+    failed: list[tuple[int, int, Exception]] = []  # rows of a batch the model failed on
     was_training = module.training
     try:
         if program is None:  # a program's graph was exported in eval mode and has no train()
@@ -349,16 +390,38 @@ def capture_every(
                 except InvalidInputError:
                     raise
                 except (RuntimeError, ValueError, TypeError, AssertionError, IndexError) as exc:
-                    raise InvalidInputError(
-                        f"the model cannot run on the trigger inputs of shape "
-                        f"{tuple(inputs.shape[1:])} per sample: {str(exc).splitlines()[0]}"
-                    ) from exc
-                if scan.units_per_row() * len(inputs) > MAX_SCANNED_VALUES:
+                    failed.append((scan.offset, scan.offset + real, exc))
+                    scan.discard()
+                    continue
+                if scan.units_per_row() * largest > MAX_SCANNED_VALUES:
                     raise InvalidInputError(f"the scan exceeds {MAX_SCANNED_VALUES} values")
     finally:
         if program is None:
             module.train(was_training)
-    return scan.result(len(inputs))
+    answers: list[list[tuple[str, np.ndarray]] | InvalidInputError] = []
+    for (begin, end), scanned in zip(segments, scan.results(segments), strict=True):
+        fault = next((exc for lo, hi, exc in failed if lo < end and begin < hi), None)
+        if fault is None:
+            answers.append(scanned)
+            continue
+        error = InvalidInputError(
+            f"the model cannot run on the trigger inputs of shape "
+            f"{tuple(inputs.shape[1:])} per sample: {str(fault).splitlines()[0]}")
+        error.__cause__ = fault
+        answers.append(error)
+    return answers
+
+
+def _same_kind(one: TriggerSet, other: TriggerSet) -> bool:
+    """Whether two trigger sets can be read in one batch: the same sample shape and dtype,
+    and a mask of the same length exactly when one has a mask."""
+    if (one.inputs.shape[1:] != other.inputs.shape[1:]
+            or one.inputs.dtype != other.inputs.dtype):
+        return False
+    if one.attention_mask is None or other.attention_mask is None:
+        return one.attention_mask is None and other.attention_mask is None
+    return (one.attention_mask.shape[1:] == other.attention_mask.shape[1:]
+            and one.attention_mask.dtype == other.attention_mask.dtype)
 
 
 _Forward = Callable[[torch.Tensor, 'torch.Tensor | None'], Any]
@@ -382,14 +445,24 @@ class TensorScan:
     def __init__(self, *, width: int, has_mask: bool,
                  always: frozenset[str] = frozenset()) -> None:
         self.width, self.has_mask, self.always = width, has_mask, always
-        self.columns: dict[int, list[torch.Tensor]] = {}
+        # Per tensor (by order), its pooled rows of each batch read, by the batch's first row.
+        self.columns: dict[int, list[tuple[int, torch.Tensor]]] = {}
         self.names: dict[int, str] = {}
         self.dropped: set[int] = set()
-        self.seen, self.batch, self.real = 0, 0, 0
+        self.seen, self.batch, self.real, self.offset, self.read = 0, 0, 0, 0, 0
         self.mask: torch.Tensor | None = None
 
     def start(self, batch: int, real: int, mask: torch.Tensor | None) -> None:
+        """A new batch of `real` rows (padded to `batch`), following the previous one."""
         self.seen, self.batch, self.real, self.mask = 0, batch, real, mask
+        self.offset, self.read = self.read, self.read + real
+
+    def discard(self) -> None:
+        """Forget what the current batch recorded (the model failed on it): its rows are
+        then missing from every tensor, and a set holding one of them has no answer."""
+        for parts in self.columns.values():
+            while parts and parts[-1][0] == self.offset:
+                parts.pop()
 
     def record(self, output: Any, name: str = "") -> None:
         order, self.seen = self.seen, self.seen + 1
@@ -412,25 +485,43 @@ class TensorScan:
             self.dropped.add(order)
             return
         self.names.setdefault(order, name)
-        self.columns.setdefault(order, []).append(pooled[:self.real].to(torch.float32))
+        self.columns.setdefault(order, []).append((self.offset,
+                                                   pooled[:self.real].to(torch.float32)))
         if len(self.columns) > MAX_SCANNED_TENSORS:
             raise InvalidInputError(f"the model computes more than {MAX_SCANNED_TENSORS} "
                                     "tensors to scan")
 
     def units_per_row(self) -> int:
-        return sum(int(parts[0].shape[1]) for parts in self.columns.values())
+        return sum(int(parts[0][1].shape[1]) for parts in self.columns.values() if parts)
 
     def result(self, rows: int) -> list[tuple[str, np.ndarray]]:
         """(name, matrix) of every tensor kept, in the order they were computed."""
-        matrices = []
+        return self.results([(0, rows)])[0]
+
+    def results(self, segments: Sequence[tuple[int, int]]) -> list[list[tuple[str, np.ndarray]]]:
+        """Per segment of rows (begin, end): (name, matrix) of every tensor kept that was read
+        on all of its rows, in the order they were computed; a matrix that is not finite on
+        a segment is zeros for that segment only (one set's rows say nothing of another's)."""
+        rows = max((end for _, end in segments), default=0)
+        answers: list[list[tuple[str, np.ndarray]]] = [[] for _ in segments]
         for order, parts in self.columns.items():
-            if order in self.dropped or sum(len(p) for p in parts) != rows:
+            if order in self.dropped or not parts:
                 continue
-            matrix = torch.cat(parts).numpy()
-            if not np.all(np.isfinite(matrix)):
-                matrix = np.zeros_like(matrix)
-            matrices.append((self.names[order], matrix))
-        return matrices
+            widths = {int(part.shape[1]) for _, part in parts}
+            if len(widths) != 1:  # pooled to another width in another batch: not one tensor
+                continue
+            matrix = np.zeros((rows, widths.pop()), dtype=np.float32)
+            covered = np.zeros(rows, dtype=bool)
+            for first, part in parts:
+                matrix[first:first + len(part)] = part.numpy()
+                covered[first:first + len(part)] = True
+            for answer, (begin, end) in zip(answers, segments, strict=True):
+                if not covered[begin:end].all():
+                    continue
+                piece = matrix[begin:end]
+                answer.append((self.names[order], piece if np.all(np.isfinite(piece))
+                               else np.zeros_like(piece)))
+        return answers
 
 
 def _node_recorder(module: nn.Module, record: Callable[[Any, str], None]) -> _Forward:

@@ -10,7 +10,7 @@ inner-product index per input group, rebuilt from the store and shared by replic
 it). docs/keyserver.md, "The claim index", says what it cannot see.
 """
 
-from freemark_keyserver.claims.index import CANDIDATES, ClaimIndex, claim_record_id, sealed_claim
+from freemark_keyserver.claims.index import ClaimIndex, claim_record_id, sealed_claim
 from freemark_keyserver.claims.signature import (
     PROBES,
     group_of,
@@ -20,7 +20,6 @@ from freemark_keyserver.claims.signature import (
 )
 
 __all__ = [
-    "CANDIDATES",
     "PROBES",
     "ClaimIndex",
     "claim_record_id",

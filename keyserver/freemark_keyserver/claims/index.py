@@ -2,7 +2,8 @@
 
 One exact inner-product index (faiss `IndexFlatIP`) per group (`signature.group_of`): a new
 upload's tensors are compared with every earlier signature of each group its input kind
-matches, and the `CANDIDATES` nearest registrations get the full check. Exact, not
+matches, and the nearest registrations (as many as the operator's `--claim-candidates`,
+`ServerConfig.claim_candidates`) get the full check. Exact, not
 approximate (HNSW and friends trade recall for speed): a brute-force scan of 100,000
 signatures of 496 floats is a few milliseconds, and a missed neighbour here would be a stolen
 model laundered, so no recall is traded away. faiss over usearch or hnswlib: its flat index is
@@ -34,17 +35,9 @@ from freemark_keyserver.claims.signature import DIMENSIONS, group_digest, kind_o
 from freemark_keyserver.crypto import CryptoError, Envelope, MasterKeyring, open_envelope, seal
 from freemark_keyserver.store import ClaimSignature, Store
 
-__all__ = ["CANDIDATES", "ClaimIndex", "claim_record_id", "sealed_claim"]
+__all__ = ["ClaimIndex", "claim_record_id", "sealed_claim"]
 
 log = logging.getLogger("freemark_keyserver")
-
-# Earlier registrations that get the full check per Register (besides the unindexed ones):
-# the nearest by signature over every tensor of the upload. Each costs one scan of the upload
-# in the sandbox, so this bounds a Register's cost whatever the registry's size. On the
-# labelled set of bench/registry.py every copy's source ranked first among 10,000
-# same-family neighbours (docs/keyserver.md); the rest is margin for a hub where many
-# fine-tunes of one base model sit close together.
-CANDIDATES = 4
 
 
 def claim_record_id(registration_id: str) -> str:
@@ -104,8 +97,7 @@ class ClaimIndex:
         with self._lock:
             return registration_id in self._indexed
 
-    def nearest(self, group: bytes, vectors: Iterable[np.ndarray], k: int = CANDIDATES
-                ) -> list[str]:
+    def nearest(self, group: bytes, vectors: Iterable[np.ndarray], k: int) -> list[str]:
         """The `k` registrations of `group` nearest to any of `vectors`, nearest first:
         always min(k, group size) of them, even with no vector (then the group's first), so
         how many full checks a Register runs never depends on what the upload computed on

@@ -278,10 +278,12 @@ class _PriorClaims:
     (`freemark_keyserver.claims`) holds every registration's signature (its key layer's
     probe-similarity structure, blind to relabelling, rescaling and padding). The upload is
     scanned on each input group's probes, every tensor's signature is compared with the
-    group's, and the `claims.CANDIDATES` nearest registrations are candidates, with every
-    registration the index cannot rank (made before the index, or whose signature could not
-    be read): those are always candidates. A candidate must still take the upload's input
-    kind (`_signature`, read from its sealed bundle). So a Register costs a few scans
+    group's, and the nearest registrations (`ServerConfig.claim_candidates`, the
+    operator's `--claim-candidates`) are candidates, with every registration the index
+    cannot rank (made before the index, or whose signature could not be read): those are
+    always candidates. A candidate must still take the upload's input kind (`_signature`,
+    read from its sealed bundle). The candidates' scans share one forward pass in the child
+    (`sandbox.worker`), so a Register costs about one scan and a judgement per candidate
     whatever the registry's size. The index's answer decides nothing and is never shown: it
     only chooses which secret keys judge the upload.
 
@@ -377,7 +379,8 @@ class _PriorClaims:
                 self.index_failed = True
             # As many candidates either way: the number of full checks (and so the call's
             # time) says nothing of how the upload ran on the anchor's triggers.
-            wanted.update(dict.fromkeys(self.ctx.claims.nearest(group, vectors)))
+            wanted.update(dict.fromkeys(self.ctx.claims.nearest(
+                group, vectors, self.ctx.config.claim_candidates)))
         index = self.ctx.claims
         wanted.update(dict.fromkeys(s.registration_id for s in self.ctx.ledger.read(
             self.ctx.store, lambda reg: reg.all()) if not index.indexed(s.registration_id)))

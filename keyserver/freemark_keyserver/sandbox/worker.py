@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from freemark_keyserver.sandbox import protocol
@@ -53,7 +54,8 @@ def _load(header: dict[str, Any]) -> tuple[Any, bytes]:
 
 
 Run = Callable[[Any], Any]  # a set's TriggerSet -> its activations (triggers, then probes)
-Runner = Callable[[dict[str, Any]], Run]  # a set's spec -> its run, once the file is read for it
+# A set's spec -> its run (a `_Scan` for a `.pt2` scan), once the file is read for it.
+Runner = Callable[[dict[str, Any]], "Run | _Scan"]
 
 
 def _runner(header: dict[str, Any], sets: list[tuple[Any, Any]]) -> tuple[bytes, Runner]:
@@ -71,14 +73,7 @@ def _runner(header: dict[str, Any], sets: list[tuple[Any, Any]]) -> tuple[bytes,
     import numpy as np
 
     from freemark.formats.pt2 import shape_digest
-    from freemark.scheme.activations import (
-        accepts,
-        as_module,
-        capture,
-        capture_every,
-        output_scores,
-        resolve_layer,
-    )
+    from freemark.scheme.activations import accepts, as_module, capture, output_scores, resolve_layer
     from freemark.scheme.probes import with_probes
     from freemark.scheme.triggers import TriggerSet
     from freemark_keyserver.sandbox import formats
@@ -109,7 +104,7 @@ def _runner(header: dict[str, Any], sets: list[tuple[Any, Any]]) -> tuple[bytes,
     model, identity = _load(header)
     module = as_module(model)  # unflattened once: every set reads the same module
 
-    def program(spec: dict[str, Any]) -> Run:
+    def program(spec: dict[str, Any]) -> Run | _Scan:
         if spec.get("outputs"):  # an output key's queries: the model's answers (`TriggerRun`)
             architecture = shape_digest(model)
 
@@ -123,12 +118,7 @@ def _runner(header: dict[str, Any], sets: list[tuple[Any, Any]]) -> tuple[bytes,
                 return protocol.OutputScores.of(scores, architecture)
             return answer
         if spec["layer"] is None:  # a scan: every tensor, whatever its name (`TriggerRun`)
-            width = int(spec.get("width", 0))
-
-            def scan(triggers: TriggerSet) -> Any:
-                inputs = probed(spec, triggers)
-                return protocol.LayerScan.of(len(inputs), capture_every(model, inputs, width=width))
-            return scan
+            return _Scan(model, int(spec.get("width", 0)), int(spec.get("probes", 0)))
         resolve_layer(module, spec["layer"])  # the file's problem (no such layer): named
         return lambda triggers: capture(module, spec["layer"], probed(spec, triggers),
                                         pooling=spec["pooling"])[0]
@@ -189,19 +179,76 @@ def answer(raw: bytes, loaded: Loaded | None) -> tuple[bytes, Loaded | None]:
         return protocol.encode_refused(_classify(exc)), loaded
     identity, runner = loaded
     results: list[Any] = []
-    # Every set is run to its end whatever an earlier one did: one set failing (another
-    # owner's triggers) leaves the others' answers intact and their cost unchanged.
-    for spec, (inputs, mask) in zip(header["sets"], sets):
+    runs: list[tuple[int, Run | _Scan, tuple[Any, Any]]] = []
+    for spec, inputs in zip(header["sets"], sets):
         try:  # the file and the spec only: its failure is the uploader's to read
-            run = runner(spec)
+            runs.append((len(results), runner(spec), inputs))
+            results.append(None)
         except Exception as exc:  # noqa: BLE001
             results.append(_classify(exc))
-            continue
+    # Every set is run to its end whatever an earlier one did: one set failing (another
+    # owner's triggers) leaves the others' answers intact and their cost unchanged. Scans
+    # of one kind share one forward pass (`_scan_together`); every other run is its own.
+    scans: list[tuple[int, _Scan, TriggerSet]] = []
+    for place, run, (inputs, mask) in runs:
         try:  # on the secret triggers: a fixed status, nothing the model wrote
-            results.append(run(TriggerSet(inputs=inputs, attention_mask=mask)))
+            triggers = TriggerSet(inputs=inputs, attention_mask=mask)
+            if isinstance(run, _Scan):
+                scans.append((place, run, triggers))
+            else:
+                results[place] = run(triggers)
         except Exception as exc:  # noqa: BLE001
-            results.append(_run_failed(exc))
+            results[place] = _run_failed(exc)
+    for place, scanned in _scan_together(scans):
+        results[place] = scanned
     return protocol.encode_reply(identity, results), loaded
+
+
+@dataclass(frozen=True)
+class _Scan:
+    """What a runner gives for a `.pt2` scan (`TriggerRun` with no layer): every tensor the
+    program computes on a set's triggers and its `probes` probes, of `width` units (0:
+    any). Not run alone: `_scan_together` reads every scan of a request that can share a
+    forward pass in one."""
+
+    model: Any
+    width: int
+    probes: int
+
+
+def _scan_together(scans: list[tuple[int, _Scan, Any]]) -> list[tuple[int, Any]]:
+    """Each scan's answer by its place in the request: scans of one width whose probed
+    triggers are of one input kind are read in one forward pass
+    (`freemark.scheme.activations.capture_every_sets`, issue 21: Register's candidate
+    scans cost about one scan, not one each); a set the model failed on gets the fixed
+    run-failure report, the others their `LayerScan`. A failure of the pass as a whole (a
+    cap, the model's own crash) fails every scan of it the same way."""
+    from freemark.scheme.activations import capture_every_sets
+    from freemark.scheme.probes import with_probes
+
+    answers: list[tuple[int, Any]] = []
+    groups: dict[tuple[Any, ...], list[tuple[int, Any]]] = {}
+    for place, scan, triggers in scans:
+        try:  # probes are built from the secret triggers: a failure is the run's
+            probed = with_probes(triggers, scan.probes)
+        except Exception as exc:  # noqa: BLE001
+            answers.append((place, _run_failed(exc)))
+            continue
+        mask = probed.attention_mask
+        kind = (scan.width, probed.inputs.shape[1:], probed.inputs.dtype.str,
+                None if mask is None else (mask.shape[1:], mask.dtype.str))
+        groups.setdefault(kind, []).append((place, (scan, probed)))
+    for members in groups.values():
+        scan = members[0][1][0]
+        sets = [probed for _, (_, probed) in members]
+        try:
+            scanned: list[Any] = capture_every_sets(scan.model, sets, width=scan.width)
+        except Exception as exc:  # noqa: BLE001 - the whole pass failed: every set with it
+            scanned = [exc] * len(members)
+        for (place, _), probed, found in zip(members, sets, scanned, strict=True):
+            answers.append((place, _run_failed(found) if isinstance(found, BaseException)
+                            else protocol.LayerScan.of(len(probed), found)))
+    return answers
 
 
 def _read_exactly(fd: int, size: int) -> bytes | None:

@@ -71,6 +71,12 @@ class PostgresStore(SqlStore):
     def _begin(self, conn: psycopg.Connection[Any]) -> AbstractContextManager[Any]:
         return conn.transaction()
 
+    def _pipeline(self, conn: psycopg.Connection[Any]) -> AbstractContextManager[Any]:
+        # libpq's pipeline mode: statements are queued and sent together, their results read
+        # at the next fetch or sync; the pipeline's end syncs, so a COMMIT queued in it has
+        # been answered (or its error raised) before the block exits.
+        return conn.pipeline()
+
     def _execute(self, conn: psycopg.Connection[Any], sql: str, params: Sequence[Any] = ()) -> Any:
         # The shared SQL uses "?" placeholders and contains no literal "?" or "%".
         return conn.execute(sql.replace("?", "%s"), params)

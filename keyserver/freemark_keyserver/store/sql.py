@@ -19,7 +19,7 @@ import binascii
 import hashlib
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, ClassVar
 
 from freemark_keyserver.store import migrations
@@ -217,6 +217,13 @@ class SqlStore(Store):
         """Whether a connection that was just used may go back to the pool."""
         return True
 
+    def _pipeline(self, conn: Any) -> AbstractContextManager[Any]:
+        """Statements sent without waiting for each one's answer, where the driver can: one
+        round trip up to each row read, and one for the rest with the commit. A statement's
+        error then surfaces at the next read or at the end of the block, not at the
+        statement. SQLite runs in-process: nothing to save."""
+        return nullcontext()
+
     # plumbing
 
     def _open(self) -> None:
@@ -231,10 +238,13 @@ class SqlStore(Store):
         self.collect_orphan_host_blobs(self._clock() - ORPHAN_GRACE_S * 1_000_000)
 
     @contextmanager
-    def _transaction(self) -> Iterator[Any]:
+    def _transaction(self, *, pipelined: bool = False) -> Iterator[Any]:
+        """A write transaction on a pooled connection; `pipelined` (`_pipeline`) for one
+        whose statements need not fail one by one. The block's end is the commit: the
+        caller may acknowledge what it wrote only once the block has exited."""
         with self._pool.connection() as conn:
             try:
-                with self._begin(conn):
+                with self._pipeline(conn) if pipelined else nullcontext(), self._begin(conn):
                     yield conn
             except Exception as e:
                 if self._is_duplicate(e):
@@ -315,17 +325,35 @@ class SqlStore(Store):
     def _append_batch(self, pending: Sequence[Pending], sign: EntrySigner | None,
                       checkpoint: CheckpointSigner | None, *, isolate: bool
                       ) -> list[LogEntry | Exception]:
+        # Pipelined (`_pipeline`) unless entries must fail one by one under savepoints: on
+        # PostgreSQL the batch is then three round trips, whatever its size: BEGIN with the
+        # log head's row; every row with the new head; the checkpoint with COMMIT. A row
+        # refused surfaces with the new head, so a batch of several is then done again entry
+        # by entry (`_Isolate`); an entry alone fails as it would anyway.
+        alone = len(pending) == 1
+        try:
+            return self._append_rows(pending, sign, checkpoint, isolate=isolate,
+                                     pipelined=alone or not isolate)
+        except Exception as e:
+            if isolate:
+                raise
+            raise _Isolate from e
+
+    def _append_rows(self, pending: Sequence[Pending], sign: EntrySigner | None,
+                     checkpoint: CheckpointSigner | None, *, isolate: bool, pipelined: bool
+                     ) -> list[LogEntry | Exception]:
         results: list[LogEntry | Exception] = []
-        with self._transaction() as conn:
+        with self._transaction(pipelined=pipelined) as conn:
             # Taking the log head's row lock is the ordering point: a concurrent appender
-            # (thread, process or replica) waits here until this transaction ends.
-            size = self._execute(
-                conn, "UPDATE log_head SET size = size WHERE id = 1 RETURNING size"
-            ).fetchall()[0]["size"]
-            previous = self._execute(
-                conn, "SELECT created_at FROM log_entries WHERE idx = ?", (size - 1,)
-            ).fetchall()
-            now = max(self._clock(), previous[0]["created_at"] if previous else 0)
+            # (thread, process or replica) waits here until this transaction ends. One
+            # statement reads the head and the last entry's time with it.
+            head = self._execute(
+                conn, "UPDATE log_head SET size = size WHERE id = 1 RETURNING size,"
+                " (SELECT created_at FROM log_entries WHERE idx = log_head.size - 1)"
+                " AS previous"
+            ).fetchall()[0]
+            size = head["size"]
+            now = max(self._clock(), head["previous"] or 0)
             index = size
             built: list[tuple[Pending, LogEntry]] = []
             for item in pending:
@@ -349,15 +377,15 @@ class SqlStore(Store):
                 built.append((item, stored))
                 index += 1
             if not isolate:
-                try:
-                    self._insert_rows(conn, built)
-                except Exception as e:
-                    raise _Isolate from e
+                self._insert_rows(conn, built)  # a refusal: `_Isolate`, by the caller
             elif len(pending) == 1 and built:
                 self._insert_rows(conn, built)  # alone: a failure rolls back all of it
             if index == size:
                 return results
-            self._execute(conn, "UPDATE log_head SET size = ? WHERE id = 1", (index,))
+            # Read back (pipelined, the rows' answers come with it): every row is in before
+            # a checkpoint is signed over them, never over a batch the database refused.
+            self._execute(conn, "UPDATE log_head SET size = ? WHERE id = 1 RETURNING size",
+                          (index,)).fetchall()
             if checkpoint is not None:
                 note = checkpoint(size, [stored for _, stored in built])
                 self._execute(

@@ -1,6 +1,7 @@
 """`capture_every` finds a layer's activations whatever it is called: renamed, wrapped in a
 container, or computed by a function no module outputs; it reads only models that take the
-triggers' kind of input, decided without their values."""
+triggers' kind of input, decided without their values. `capture_every_sets` reads several
+trigger sets in one pass and gives each what it would get alone (issue 21)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import pytest
 import torch
 from torch import nn
 
+from freemark.errors import InvalidInputError
 from freemark.formats.pt2 import load_program, save_program
-from freemark.scheme.activations import accepts, capture, capture_every
+from freemark.scheme.activations import accepts, capture, capture_every, capture_every_sets
 from freemark.scheme.triggers import TriggerSet
 
 TRIGGERS = TriggerSet(inputs=np.random.default_rng(0).random((7, 1, 8, 8), dtype=np.float32))
@@ -79,3 +81,61 @@ def test_a_model_that_fails_on_the_triggers_values_raises() -> None:
 
     with pytest.raises(Exception, match="cannot run"):
         capture_every(Fails(), TRIGGERS)
+
+
+def test_sets_read_in_one_pass_get_what_each_gets_alone(tmp_path: Path) -> None:
+    """Batches of 5 straddle the sets (7, 3 and 12 inputs): each set's rows are split back
+    out, tensor by tensor, as a scan of that set alone lists them."""
+    program = _program(Inlined(Named()), tmp_path / "inlined.pt2")
+    rng = np.random.default_rng(1)
+    sets = [TriggerSet(inputs=rng.random((n, 1, 8, 8), dtype=np.float32)) for n in (7, 3, 12)]
+    together = capture_every_sets(program, sets, width=24, batch_size=5)
+    for triggers, scanned in zip(sets, together, strict=True):
+        alone = capture_every(program, triggers, width=24)
+        assert not isinstance(scanned, Exception) and alone
+        assert [name for name, _ in scanned] == [name for name, _ in alone]
+        assert all(a.shape == (len(triggers), 24) and np.allclose(a, b, atol=1e-6)
+                   for (_, a), (_, b) in zip(scanned, alone, strict=True))
+    with pytest.raises(ValueError, match="one input kind"):
+        capture_every_sets(program, [TRIGGERS, TriggerSet(inputs=np.zeros((2, 1, 4, 4)))])
+
+
+class Hostile(nn.Module):
+    """Its output is not finite on an input brighter than 0.9, and it fails on a batch
+    holding an input brighter than 2: failures that depend on the inputs' values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(64, 24)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        peak = x.flatten(1).amax(1, keepdim=True)
+        if bool((peak > 2).any()):
+            raise IndexError("index 9206772093063736 is out of bounds")
+        return torch.relu(self.fc(x.flatten(1))) + torch.sqrt(0.9 - peak)
+
+
+def test_a_set_that_fails_or_goes_non_finite_leaves_the_others_as_they_are_alone() -> None:
+    """One pass over a dark, a bright and a failing set (batches of 4, one per set): the
+    dark set gets what it gets alone, the bright set its not-finite tensor as zeros (only
+    its own rows), the failing set the error a scan of it alone raises; the pass goes on
+    past the failing batch (the set after it is still read)."""
+    dark = TriggerSet(inputs=np.full((4, 1, 8, 8), 0.25, dtype=np.float32))
+    bright = TriggerSet(inputs=np.full((4, 1, 8, 8), 0.95, dtype=np.float32))
+    failing = TriggerSet(inputs=np.full((4, 1, 8, 8), 3.0, dtype=np.float32))
+    model = Hostile()
+    first, second, third, fourth = capture_every_sets(model, [dark, bright, failing, dark],
+                                                      width=24, batch_size=4)
+    alone = capture_every(model, dark, width=24)
+    for scanned in (first, fourth):
+        assert not isinstance(scanned, Exception)
+        assert [n for n, _ in scanned] == [n for n, _ in alone] == ["fc", ""]
+        assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(scanned, alone, strict=True))
+        assert all(np.any(layer) for _, layer in scanned)
+    assert not isinstance(second, Exception)
+    (_, fc), (_, out) = second
+    assert np.any(fc) and not np.any(out)
+    assert isinstance(third, InvalidInputError) and "cannot run" in str(third)
+    with pytest.raises(InvalidInputError, match="cannot run"):
+        capture_every(model, failing, width=24)

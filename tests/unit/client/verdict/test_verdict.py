@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -18,6 +19,7 @@ from freemark.verdict.decision import (
     judge,
     log10_betabinomial_sf,
     log10_binomial_sf,
+    permutation_null,
     strongest_of,
 )
 
@@ -237,3 +239,18 @@ def test_a_scan_is_inconclusive_when_a_candidate_could_not_reach_alpha() -> None
         strongest_of([], candidates=3, alpha=1e-9)
     with pytest.raises(ValueError, match="candidates >= the verdicts"):
         strongest_of([_plain(-0.5), _plain(-0.1)], candidates=1, alpha=1e-9)
+
+
+@pytest.mark.parametrize("units", [1, 2, 64, 300])
+def test_the_permutation_null_draws_what_one_permutation_call_per_draw_draws(units: int) -> None:
+    """Drawn in one call (issue 21: Register judges many tensors), the null is the one the
+    client and the key server always computed: `n` calls of `Generator.permutation` from
+    the seed of (key, z), so verdicts signed before are reproduced to the bit."""
+    rng = np.random.default_rng(units)
+    key, z = rng.normal(size=(32, units)), rng.normal(size=units)
+    bits = rng.integers(0, 2, size=32)
+    digest = hashlib.sha256(key.tobytes() + z.tobytes()).digest()
+    draws = np.random.default_rng(int.from_bytes(digest[:8], "big"))
+    expected = [int(((key @ z[draws.permutation(units)]) > 0).__eq__(bits.astype(bool)).sum())
+                for _ in range(50)]
+    assert permutation_null(key, bits, z, 50).tolist() == expected
