@@ -73,7 +73,13 @@ def _runner(header: dict[str, Any], sets: list[tuple[Any, Any]]) -> tuple[bytes,
     import numpy as np
 
     from freemark.formats.pt2 import shape_digest
-    from freemark.scheme.activations import accepts, as_module, capture, output_scores, resolve_layer
+    from freemark.scheme.activations import (
+        accepts,
+        as_module,
+        capture,
+        output_scores,
+        resolve_layer,
+    )
     from freemark.scheme.probes import with_probes
     from freemark.scheme.triggers import TriggerSet
     from freemark_keyserver.sandbox import formats
