@@ -64,6 +64,7 @@ __all__ = [
     "pack",
     "packed_config",
     "read_config",
+    "read_json_object",
     "read_tensors",
     "shards",
 ]
@@ -389,22 +390,27 @@ def _token_forward(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
     return (), {**call, "logits_to_keep": 1} if head else call
 
 
-def read_config(directory: Path) -> dict[str, Any]:
-    """config.json of a checkpoint directory, parsed (size-capped)."""
-    path = directory / CONFIG_NAME
+def read_json_object(path: Path, source: str | Path) -> dict[str, Any]:
+    """A checkpoint's or adapter's small JSON file (`config.json`, `adapter_config.json`),
+    parsed once its size is under `MAX_CONFIG_BYTES`; refusals name `source`."""
     try:
         raw = path.read_bytes() if path.stat().st_size <= MAX_CONFIG_BYTES else None
     except OSError as exc:
-        raise ModelFileError(f"{directory}: no readable {CONFIG_NAME} ({exc.strerror or exc})") from exc
+        raise ModelFileError(f"{source}: no readable {path.name} ({exc.strerror or exc})") from exc
     if raw is None:
-        raise _refuse(directory, f"{CONFIG_NAME} is over {MAX_CONFIG_BYTES} bytes")
+        raise _refuse(source, f"{path.name} is over {MAX_CONFIG_BYTES} bytes")
     try:
         values = json.loads(raw)
     except ValueError as exc:
-        raise _refuse(directory, f"{CONFIG_NAME} is not JSON ({exc})") from exc
+        raise _refuse(source, f"{path.name} is not JSON ({exc})") from exc
     if not isinstance(values, dict):
-        raise _refuse(directory, f"{CONFIG_NAME} is not a JSON object")
+        raise _refuse(source, f"{path.name} is not a JSON object")
     return values
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    """config.json of a checkpoint directory, parsed (size-capped)."""
+    return read_json_object(directory / CONFIG_NAME, directory)
 
 
 def is_checkpoint_dir(path: str | Path) -> bool:

@@ -276,25 +276,10 @@ def merge(model: nn.Module, adapter: Adapter, tensors: Mapping[str, torch.Tensor
     return model.eval()
 
 
-def _read_json(path: Path, cap: int) -> Any:
-    try:
-        raw = path.read_bytes() if path.stat().st_size <= cap else None
-    except OSError as exc:
-        raise ModelFileError(f"{path}: not readable ({exc.strerror or exc})") from exc
-    if raw is None:
-        raise _refuse(path, f"over {cap} bytes")
-    try:
-        return json.loads(raw)
-    except ValueError as exc:
-        raise _refuse(path, f"not JSON ({exc})") from exc
-
-
 def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     """An adapter directory's `adapter_config.json`, parsed (size-capped), with the keys that
     say where its base lives dropped unread: the base is the checkpoint given with it."""
-    values = _read_json(Path(directory) / ADAPTER_CONFIG_NAME, hf.MAX_CONFIG_BYTES)
-    if not isinstance(values, dict):
-        raise _refuse(directory, f"{ADAPTER_CONFIG_NAME} is not a JSON object")
+    values = hf.read_json_object(Path(directory) / ADAPTER_CONFIG_NAME, directory)
     return {key: value for key, value in values.items() if key not in LOCATION_KEYS}
 
 
