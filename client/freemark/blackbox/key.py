@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from freemark.errors import InvalidInputError
+from freemark.scheme.bundle import read_key_file
 from freemark.scheme.watermark import watermark_bits
 from freemark.secretfile import write_private
 from freemark.verdict.outputs import RANK_DEPTH
@@ -227,16 +228,9 @@ def is_output_key(path: str | os.PathLike[str]) -> bool:
 def load_output_key(path: str | os.PathLike[str], passphrase: bytes) -> OutputKey:
     """Read and decrypt a file written by `save_output_key`. A wrong passphrase and a
     tampered file give the same error (which check failed is not said)."""
-    try:
-        size = Path(path).stat().st_size
-        if size > MAX_KEY_BYTES:
-            raise InvalidInputError(f"{path}: {size} bytes is larger than any output key")
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise InvalidInputError(f"{path}: cannot read key file ({exc.strerror})") from exc
-    if not data.startswith(FILE_MAGIC) or len(data) < len(FILE_MAGIC) + _SALT + _NONCE + 16:
-        raise InvalidInputError(f"{path}: not a freemark output key file (bad magic)")
-    body = data[len(FILE_MAGIC):]
+    body = read_key_file(path, FILE_MAGIC, max_bytes=MAX_KEY_BYTES, what="output key")
+    if len(body) < _SALT + _NONCE + 16:
+        raise InvalidInputError(f"{path}: not a freemark output key file (too short)")
     salt, nonce, sealed = body[:_SALT], body[_SALT:_SALT + _NONCE], body[_SALT + _NONCE:]
     try:
         plain = AESGCM(_kdf(passphrase, salt)).decrypt(nonce, sealed, FILE_MAGIC + salt)

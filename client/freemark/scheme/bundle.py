@@ -6,6 +6,7 @@ is secret (key, triggers, nonce): files are created with mode 0600.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,15 +174,24 @@ def save_bundle(path: str | Path, bundle: KeyBundle) -> None:
     write_private(Path(path), FILE_MAGIC + to_bytes(bundle))
 
 
-def load_bundle(path: str | Path) -> KeyBundle:
-    """Read a `.fmk` file written by `save_bundle`."""
+def read_key_file(path: str | os.PathLike[str], magic: bytes, *, max_bytes: int, what: str
+                  ) -> bytes:
+    """The body of a key file written as `magic` + body (a bundle here, an output key in
+    `freemark.blackbox.key`), its size checked before it is read; `what` names the kind of
+    key in refusals."""
     try:
         size = Path(path).stat().st_size
-        if size > MAX_BUNDLE_BYTES:
-            raise InvalidInputError(f"{path}: {size} bytes is larger than any key bundle")
+        if size > max_bytes:
+            raise InvalidInputError(f"{path}: {size} bytes is larger than any {what}")
         data = Path(path).read_bytes()
     except OSError as exc:
         raise InvalidInputError(f"{path}: cannot read key file ({exc.strerror})") from exc
-    if not data.startswith(FILE_MAGIC):
-        raise InvalidInputError(f"{path}: not a freemark key file (bad magic)")
-    return from_bytes(data[len(FILE_MAGIC):])
+    if not data.startswith(magic):
+        raise InvalidInputError(f"{path}: not a freemark {what} file (bad magic)")
+    return data[len(magic):]
+
+
+def load_bundle(path: str | Path) -> KeyBundle:
+    """Read a `.fmk` file written by `save_bundle`."""
+    return from_bytes(read_key_file(path, FILE_MAGIC, max_bytes=MAX_BUNDLE_BYTES,
+                                    what="key bundle"))
