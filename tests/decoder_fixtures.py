@@ -19,7 +19,7 @@ saved beside the weights (no pad token, as GPT-2's and Llama's have none). Relat
 Each model is a `save_pretrained` directory under `.cache/decoders/`, named by what built it
 and a hash of what it depends on (the recipe's model and training parts, the text's hash,
 its seed; a fine-tune also its own settings and text), built once under a file lock (pytest
-workers share it) and reused: change any of them and it is rebuilt. The stable API for other
+workers share it, `build_cache`) and reused: change any of them and it is rebuilt. The stable API for other
 tests: `decoder_host()` (the host's directory), `decoders()` (all of them, `Decoders`),
 `KEY_LAYER`, `batches` and `train` (to make more relatives of the host).
 """
@@ -27,12 +27,8 @@ tests: `decoder_host()` (the host's directory), `decoders()` (all of them, `Deco
 from __future__ import annotations
 
 import ast
-import contextlib
 import copy
-import fcntl
-import hashlib
 import json
-import shutil
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,8 +40,10 @@ import numpy as np
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-CACHE = ROOT / ".cache" / "decoders"
+from build_cache import CACHE as ROOT_CACHE
+from build_cache import cached, digest
+
+CACHE = ROOT_CACHE / "decoders"
 KEY_LAYER = "model.layers.2.mlp.act_fn"
 LICENSES = Path("/usr/share/common-licenses")
 # Modules whose docstrings are the host's text: long, prose-heavy, stable across 3.11-3.13.
@@ -121,37 +119,10 @@ def license_text() -> tuple[str, ...]:
     return tuple(lines)
 
 
-def _digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def _training() -> dict[str, Any]:
     """What every trained model depends on: the recipe's model and training parts, the text."""
     keys = ("model", "sequence", "batch", "steps", "lr", "version")
-    return {"recipe": {key: RECIPE[key] for key in keys}, "text": _digest(list(stdlib_text()))}
-
-
-@contextlib.contextmanager
-def _locked(name: str) -> Iterator[None]:
-    """Hold the cache's lock for `name` (pytest workers build a model once between them)."""
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with (CACHE / f".{name}.lock").open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-
-
-def _cached(name: str, parts: Any, build: Any) -> Path:
-    """`CACHE/name-HASH`, built by `build(folder)` into a scratch folder and renamed."""
-    folder = CACHE / f"{name}-{_digest(parts)}"
-    with _locked(name):
-        if not (folder / "config.json").is_file():
-            scratch = folder.with_name(folder.name + ".tmp")
-            shutil.rmtree(scratch, ignore_errors=True)
-            scratch.mkdir(parents=True)
-            build(scratch)
-            shutil.rmtree(folder, ignore_errors=True)
-            scratch.rename(folder)
-    return folder
+    return {"recipe": {key: RECIPE[key] for key in keys}, "text": digest(list(stdlib_text()))}
 
 
 def tokenizer_dir() -> Path:
@@ -167,9 +138,8 @@ def tokenizer_dir() -> Path:
                                        unk_token=EOS,
                                        model_max_length=RECIPE["model"]["max_position_embeddings"])
         fast.save_pretrained(folder)
-        (folder / "config.json").write_text("{}")  # the cache's "done" mark
 
-    return _cached("tokenizer", _training(), build)
+    return cached(CACHE, "tokenizer", _training(), build)
 
 
 def _tokenizer() -> Any:
@@ -248,7 +218,7 @@ def _trained(seed: int) -> Path:
         _save_trained(train(_fresh(seed), batches(stdlib_text(), seed), steps=RECIPE["steps"],
                             lr=RECIPE["lr"]), folder)
 
-    return _cached("host" if seed == 0 else f"independent{seed}", [_training(), seed], build)
+    return cached(CACHE, "host" if seed == 0 else f"independent{seed}", [_training(), seed], build)
 
 
 def decoder_host() -> Path:
@@ -269,7 +239,7 @@ def _finetuned() -> Path:
         _save_trained(train(model, batches(license_text(), 7), steps=settings["steps"],
                             lr=settings["lr"]), folder)
 
-    return _cached("finetuned", [_training(), RECIPE["finetune"], _digest(list(license_text()))],
+    return cached(CACHE, "finetuned", [_training(), RECIPE["finetune"], digest(list(license_text()))],
                    build)
 
 
@@ -309,7 +279,7 @@ def _relabelled() -> Path:
                                        rtol=1e-4, atol=1e-4)
         _save(copied, folder)
 
-    return _cached("relabelled", [_training(), RELABEL_SEED], build)
+    return cached(CACHE, "relabelled", [_training(), RELABEL_SEED], build)
 
 
 def _sentences() -> Path:
@@ -318,9 +288,8 @@ def _sentences() -> Path:
         text = stdlib_text()
         chosen = [text[i] for i in sorted(rng.choice(len(text), size=200, replace=False))]
         (folder / "sentences.txt").write_text("\n".join(chosen) + "\n", encoding="utf-8")
-        (folder / "config.json").write_text("{}")
 
-    return _cached("sentences", _training()["text"], build) / "sentences.txt"
+    return cached(CACHE, "sentences", _training()["text"], build) / "sentences.txt"
 
 
 def decoders() -> Decoders:

@@ -1,4 +1,6 @@
-"""Real models for the scheme tests, trained here on real data and cached per session.
+"""Real models for the scheme tests, trained here on real data and cached under
+`.cache/test-models/` by `build_cache` (every pytest worker and later run reuses them; a
+change to the recipe or to the lab's training code rebuilds them).
 
 Stolen copies come from the robustness lab's attack functions (one implementation): the four
 the scheme issue names are fine-tuning, 50 % magnitude pruning, fp16 and int8.
@@ -6,11 +8,13 @@ the scheme issue names are fine-tuning, 50 % magnitude pruning, fp16 and int8.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from functools import cache
 
 from torch import nn
 
+from build_cache import cached_module, lab_training_code
 from freemark_lab.attacks.finetune import finetune
 from freemark_lab.attacks.prune import magnitude_prune
 from freemark_lab.attacks.quantize import fp16 as fp16_attack
@@ -46,9 +50,17 @@ def task(name: str) -> Task:
     return Task(name, image_task(name), RECIPES[name])
 
 
+def _cached_model(name: str, label: str, parts: dict[str, object], make: Callable[[], nn.Module]
+                  ) -> nn.Module:
+    every = {"task": name, "recipe": asdict(task(name).recipe), "code": lab_training_code(), **parts}
+    return cached_module(f"{name}-{label}", every, make,
+                         lambda: task(name).lab.new_model("same", 0))
+
+
 def _trained(name: str, seed: int) -> nn.Module:
     t = task(name)
-    return t.lab.fit(t.lab.new_model("same", seed), epochs=t.recipe.epochs, lr=1e-3, seed=seed)
+    return _cached_model(name, f"seed{seed}", {"seed": seed}, lambda: t.lab.fit(
+        t.lab.new_model("same", seed), epochs=t.recipe.epochs, lr=1e-3, seed=seed))
 
 
 @cache
@@ -63,7 +75,8 @@ def independent(name: str, seed: int) -> nn.Module:
 
 def finetuned(name: str) -> nn.Module:
     t = task(name)
-    return finetune(host(name), t.lab, epochs=t.recipe.finetune_epochs, lr=1e-3, seed=7)
+    return _cached_model(name, "finetuned", {"of": "seed1", "seed": 7}, lambda: finetune(
+        host(name), t.lab, epochs=t.recipe.finetune_epochs, lr=1e-3, seed=7))
 
 
 def pruned(name: str) -> nn.Module:
