@@ -11,6 +11,7 @@ threshold saw. A thief's relabelled copy cannot be registered under his own key 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from freemark.rpc import KeyServiceClient
 from freemark.scheme.bundle import KeyBundle
 from freemark.verdict.canon import MAX_ALIGN_UNITS
 from freemark_keyserver.config import UNLIMITED, ServerConfig, default_policy
+from freemark_keyserver.handlers.panels import add_panel_member
 from freemark_keyserver.server import RunningServer, create_server
 from freemark_lab.attacks import obfuscate as ob
 from ttp_fixtures import json_out, run_cli
@@ -255,17 +257,20 @@ def test_a_reference_that_is_the_host_relabelled_is_refused(deployment: Deployme
 def test_an_operator_panel_joins_later_registrations_of_the_family(deployment: Deployment
                                                                    ) -> None:
     """`freemark-keyserver panel add` (a real CLI process, the real sandbox) gives a later
-    owner who brought no references of his own an aligned test: his relabelled copy matches."""
+    owner who brought no references of his own an aligned test: his relabelled copy matches.
+    The first member goes through the CLI; the other two through the function it calls, on
+    the running server's warm sandbox (a CLI process starts its own: suite time)."""
     data_dir = str(deployment.running.ctx.config.data_dir)
-    added = []
-    for seed in list(PANEL_SEEDS)[:3]:
-        path = deployment.export(f"operator{seed}", sm.independent(deployment.name, seed))
-        added.append(json_out(run_cli("freemark_keyserver.cli", "panel", "add", "--data-dir",
-                                      data_dir, "--model", str(path), "--like",
-                                      deployment.receipt.registration_id, "--json")))
-    listed = json_out(run_cli("freemark_keyserver.cli", "panel", "list", "--data-dir", data_dir,
-                              "--json"))
-    assert {m["member_id"] for m in listed["members"]} == {m["member_id"] for m in added}
+    like = deployment.receipt.registration_id
+    paths = [deployment.export(f"operator{seed}", sm.independent(deployment.name, seed))
+             for seed in list(PANEL_SEEDS)[:3]]
+    added = [json_out(run_cli("freemark_keyserver.cli", "panel", "add", "--data-dir", data_dir,
+                              "--model", str(paths[0]), "--like", like, "--json"))]
+    added += [{"member_id": add_panel_member(deployment.running.ctx, path, like=like, label="",
+                                             now=time.time_ns() // 1000).member_id}
+              for path in paths[1:]]
+    listed = deployment.running.ctx.store.panel_members(active=True)
+    assert {m.member_id for m in listed} == {m["member_id"] for m in added}
 
     task = sm.task(deployment.name)
     carol_host = sm.independent(deployment.name, 31)
