@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from build_cache import cached_module, lab_training_code
 from freemark.formats.pt2 import save_program
 from freemark.scheme.triggers import save_triggers, select_triggers
 from freemark_lab import data, models, train
@@ -37,11 +38,18 @@ class ModelFiles:
 
 
 def build_models(folder: Path) -> ModelFiles:
-    """Train a digits host, a fine-tuned copy and an independent model; export all three."""
+    """A digits host, a fine-tuned copy and an independent model (trained once between all
+    workers, `build_cache`), exported as programs into `folder`."""
     ds = data.digits()
-    host = train.trained(models.DigitsCNN, ds.x_train, ds.y_train, epochs=15, seed=1)
-    stolen = train.train(copy.deepcopy(host), ds.x_train, ds.y_train, epochs=5, seed=7)
-    other = train.trained(models.DigitsCNN, ds.x_train, ds.y_train, epochs=15, seed=2)
+    code = lab_training_code()
+    host = cached_module("ttp-host", {"seed": 1, "epochs": 15, "code": code}, lambda: train.trained(
+        models.DigitsCNN, ds.x_train, ds.y_train, epochs=15, seed=1), models.DigitsCNN)
+    stolen = cached_module("ttp-finetuned", {"of": "ttp-host", "seed": 7, "epochs": 5, "code": code},
+                           lambda: train.train(copy.deepcopy(host), ds.x_train, ds.y_train,
+                                               epochs=5, seed=7), models.DigitsCNN)
+    other = cached_module("ttp-independent", {"seed": 2, "epochs": 15, "code": code},
+                          lambda: train.trained(models.DigitsCNN, ds.x_train, ds.y_train,
+                                                epochs=15, seed=2), models.DigitsCNN)
     example = (torch.zeros(2, 1, 8, 8),)
     paths = {name: folder / f"{name}.pt2" for name in ("host", "finetuned", "independent")}
     for name, model in (("host", host), ("finetuned", stolen), ("independent", other)):
