@@ -31,6 +31,7 @@ from freemark_keyserver.auth import hash_token, new_token
 from freemark_keyserver.config import ServerConfig
 from freemark_keyserver.server import RunningServer, create_server
 from freemark_keyserver.store import Principal
+from gguf_fixtures import write_gguf
 from ttp_fixtures import cli_env, json_out, run_cli
 
 CLIENT = "freemark.cli"
@@ -153,3 +154,23 @@ def test_hostile_decoder_configs_are_refused_without_side_effects(
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert words in str(caught.value)
     assert (store.tree_size(), len(store.list_registrations(None, 100, "")[0])) == before
+
+
+def test_a_relabelled_copy_converted_to_gguf_matches_through_the_panel(story: Story,
+                                                                       tmp_path: Path) -> None:
+    """The thief's full chain: the host with every MLP's hidden units and attention heads
+    relabelled, converted to GGUF and quantized to Q4_K_M. The plain test cannot read it (the
+    relabelling moved the key's units); the registration's panel gives the aligned test, which
+    does: a signed match at p <= 1e-9."""
+    stolen = write_gguf(story.files.relabelled, tmp_path / "relabelled-q4_k_m.gguf", "Q4_K_M")
+    registration = str(story.outputs["register"]["registration_id"])
+    with KeyServiceClient(f"127.0.0.1:{story.running.port}", token=story.token,
+                          timeout=300) as alice:
+        verdict = alice.verify(registration, stolen)
+    tests = {t.name: t for t in verdict.tests}
+    _shown("relabelled as Q4_K_M", {"outcome": verdict.outcome,
+                                     "log10_p_value": verdict.log10_p_value, "tests": [
+                                         {"name": n, "log10_p_value": t.log10_p_value}
+                                         for n, t in tests.items()]})
+    assert verdict.outcome == "match" and verdict.p_value <= 1e-9
+    assert tests["aligned"].p_value <= 1e-9 and tests["plain"].p_value > tests["aligned"].p_value
