@@ -10,12 +10,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from freemark.errors import UniquenessError
+from freemark.errors import InvalidInputError, UniquenessError
 from freemark.formats.pt2 import fingerprint
 from freemark.scheme.activations import capture
 from freemark.scheme.bundle import KeyBundle, MarginReport
 from freemark.scheme.keygen import DerivationSettings, anchor, closed_form_key, descend, margins
-from freemark.scheme.probes import DEFAULT_PROBES, make_probes
+from freemark.scheme.probes import DEFAULT_PROBES, MAX_PROBES, MIN_PROBES, make_probes
 from freemark.scheme.triggers import TriggerSet
 from freemark.scheme.watermark import check_n_bits, new_nonce, watermark_bits
 from freemark.verdict.decision import (
@@ -56,6 +56,7 @@ def derive_key(
     them kept in the bundle, for the aligned test (0: plain test only).
     """
     check_n_bits(n_bits)
+    check_probe_count(probes)
     phases = tqdm(total=3 + len(references), desc="deriving key", unit="phase",
                   disable=not progress, leave=False)
     before = fingerprint(model)
@@ -93,6 +94,13 @@ def derive_key(
                              median=float(np.median(host_margins)), mean=float(host_margins.mean())),
         host_fingerprint=before, centred=centred, probe_profile=profile,
     )
+
+
+def check_probe_count(probes: int) -> None:
+    """A key carries no probes or MIN_PROBES..MAX_PROBES of them (checked before any work)."""
+    if probes != 0 and not MIN_PROBES <= probes <= MAX_PROBES:
+        raise InvalidInputError(f"probe count must be in [{MIN_PROBES}, {MAX_PROBES}] (or 0 for "
+                                f"a key without an aligned test), got {probes}")
 
 
 def probe_profile(model: Model, layer: str, triggers: TriggerSet, pooling: int,

@@ -22,6 +22,7 @@ from freemark.formats.onnx import OnnxModel
 from freemark.formats.table import format_of
 from freemark.scheme.bundle import load_bundle, save_bundle
 from freemark.scheme.keygen import DEFAULT_LAMBDA, DEFAULT_MARGIN, DerivationSettings
+from freemark.scheme.probes import DEFAULT_PROBES, MAX_PROBES
 from freemark.scheme.text_triggers import DEFAULT_COUNT, DEFAULT_MAX_LENGTH, text_triggers
 from freemark.scheme.triggers import (
     DEFAULT_PER_CLASS,
@@ -73,7 +74,7 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     settings = DerivationSettings(margin=args.margin, lam=args.lam)
     bundle = derive_key(host, layer=args.layer, triggers=load_triggers(args.triggers),
                         owner=args.owner, n_bits=args.bits, settings=settings,
-                        references=references, progress=not args.json)
+                        references=references, probes=args.probes, progress=not args.json)
     save_bundle(args.out, bundle)
     verdict = extract(host, bundle)
     summary = {
@@ -82,6 +83,7 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
         "margin_target": bundle.margins.target, "margin_min": bundle.margins.min,
         "host_ber": verdict.ber, "host_p_value": verdict.p_value,
         "host_log10_p_value": verdict.log10_p_value, "references": len(references),
+        "probes": 0 if bundle.probe_profile is None else len(bundle.probe_profile),
     }
     print_json(summary) if args.json else print_fields("key derived (keep KEY.fmk secret)", summary)
     return 0
@@ -169,6 +171,11 @@ def add_parsers(sub: Subparsers) -> None:
                    help="an unrelated model of the same architecture (repeatable); with "
                         f"--outputs at least {MIN_REFERENCES} independently trained models "
                         "of at least two architectures")
+    p.add_argument("--probes", type=int, default=DEFAULT_PROBES,
+                   help=f"white-box key: alignment probes the key carries, at most {MAX_PROBES} "
+                        "(default %(default)s); the aligned test needs them, and each is one "
+                        "more input the key server runs at Register and every Verify (fewer "
+                        "for a large model: docs/huggingface.md); 0: no aligned test")
     p.add_argument("--out", required=True, help="key file to write (mode 0600)")
     add_json(p)
     p.set_defaults(handler=_cmd_keygen)

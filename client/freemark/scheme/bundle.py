@@ -14,7 +14,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from freemark.errors import InvalidInputError
-from freemark.scheme.probes import MAX_PROBES
+from freemark.scheme.probes import MAX_PROBES, MIN_PROBES
 from freemark.scheme.triggers import TriggerSet
 from freemark.scheme.watermark import check_n_bits, watermark_bits
 from freemark.secretfile import write_private
@@ -136,10 +136,11 @@ def from_proto(message: bundle_pb2.KeyBundle) -> KeyBundle:
     if message.HasField("probe_profile"):
         profile = tensor_from_proto(message.probe_profile, "probe profile")
         if (profile.ndim != 2 or profile.shape[1] != message.units
-                or not 2 <= profile.shape[0] <= MAX_PROBES or not np.all(np.isfinite(profile))):
+                or not MIN_PROBES <= profile.shape[0] <= MAX_PROBES
+                or not np.all(np.isfinite(profile))):
             raise InvalidInputError(
                 f"probe profile of shape {profile.shape} does not fit a layer of "
-                f"{message.units} units and 2..{MAX_PROBES} probes")
+                f"{message.units} units and {MIN_PROBES}..{MAX_PROBES} probes")
     m = message.margins
     bundle = KeyBundle(
         layer=message.layer, pooling=message.pooling,

@@ -28,6 +28,7 @@ from freemark.errors import InvalidInputError
 from freemark.scheme.triggers import TriggerSet
 
 DEFAULT_PROBES = 1024
+MIN_PROBES = 2  # a key's profile: one probe has no correlation to align units by
 MAX_PROBES = 8192
 MAX_SHIFT = 2
 NOISE_SCALE = 0.1

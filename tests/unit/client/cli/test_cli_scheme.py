@@ -11,6 +11,7 @@ import torch
 
 from freemark.cli import main
 from freemark.formats.pt2 import save_program
+from freemark.scheme.bundle import load_bundle
 from freemark_lab import data, models, train
 
 VERDICT_FIELDS = {"n_bits", "matches", "ber", "p_value", "p_value_binomial", "alpha", "is_match"}
@@ -40,7 +41,7 @@ def test_triggers_keygen_extract(files: dict[str, Path], capsys: pytest.CaptureF
                  str(files["triggers"]), "--owner", "alice", "--bits", "128",
                  "--out", str(files["key"]), "--json"]) == 0
     keygen = json.loads(capsys.readouterr().out)
-    assert keygen["host_ber"] == 0.0 and keygen["n_bits"] == 128
+    assert keygen["host_ber"] == 0.0 and keygen["n_bits"] == 128 and keygen["probes"] == 1024
 
     assert main(["extract", "--model", str(files["host"]), "--key", str(files["key"]), "--json"]) == 0
     verdict = json.loads(capsys.readouterr().out)
@@ -61,3 +62,35 @@ def test_errors_are_one_line_with_exit_2(files: dict[str, Path], tmp_path: Path,
     assert main(["keygen", "--model", str(files["host"]), "--layer", "nope", "--triggers",
                  str(files["triggers"]), "--owner", "a", "--out", str(tmp_path / "k.fmk")]) == 2
     assert "valid layers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("probes", [0, 64])
+def test_keygen_sets_the_keys_alignment_probes(files: dict[str, Path], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str],
+                                               probes: int) -> None:
+    """`--probes N` sizes the probe profile a key carries (fewer for a large model, whose
+    every probe is a forward pass at the key server); 0 makes a key without an aligned test."""
+    if not files["triggers"].exists():
+        assert main(["triggers", "--data", str(files["dataset"]), "--per-class", "5",
+                     "--out", str(files["triggers"])]) == 0
+    key = tmp_path / "key.fmk"
+    assert main(["keygen", "--model", str(files["host"]), "--layer", "act", "--triggers",
+                 str(files["triggers"]), "--owner", "alice", "--probes", str(probes),
+                 "--out", str(key), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["probes"] == probes
+    profile = load_bundle(key).probe_profile
+    assert (profile is None) if probes == 0 else (profile is not None and len(profile) == probes)
+
+
+@pytest.mark.parametrize("probes", ["1", "-3", "8193"])
+def test_keygen_refuses_a_probe_count_out_of_range(files: dict[str, Path], tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str],
+                                                   probes: str) -> None:
+    if not files["triggers"].exists():
+        assert main(["triggers", "--data", str(files["dataset"]), "--per-class", "5",
+                     "--out", str(files["triggers"])]) == 0
+    assert main(["keygen", "--model", str(files["host"]), "--layer", "act", "--triggers",
+                 str(files["triggers"]), "--owner", "alice", "--probes", probes,
+                 "--out", str(tmp_path / "key.fmk")]) == 2
+    assert "probe count must be in [2, 8192] (or 0" in capsys.readouterr().err
+    assert not (tmp_path / "key.fmk").exists()
