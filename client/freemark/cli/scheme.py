@@ -187,7 +187,8 @@ def add_parsers(sub: Subparsers) -> None:
                    "Protocol v2 endpoint (http://host:port) instead of a local file")
     p.add_argument("--endpoint-model", metavar="NAME", help="the served model's name (default: "
                    "read from an --endpoint URL ending in /v2/models/NAME)")
-    p.add_argument("--weights", help="optional .safetensors applied to the model's architecture")
+    p.add_argument("--weights", help="optional .safetensors applied to the model's architecture, "
+                   "or a llama.cpp .gguf read in the architecture of --model HOST_DIR")
     p.add_argument("--adapter", metavar="ADAPTER_DIR", help="a PEFT LoRA adapter directory "
                    "merged into --model BASE_DIR (a checkpoint directory)")
     p.add_argument("--onnx-tensor", help="ONNX suspects: the key layer's tensor name (default: "

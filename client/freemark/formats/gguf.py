@@ -487,18 +487,37 @@ def open_untrusted(path: str | Path, *, layer: str | None, pooling: int,
     with the uploaded GGUF (`weights`) read into its architecture; return the model's
     identity (fingerprint ‖ architecture digest) and its run on a set's triggers (the key
     layer's activations; `layer` None: every module's of `width` units)."""
-    from freemark.formats.huggingface import assign_weights, build_model, model_run, packed_config
+    from freemark.formats.huggingface import model_run, packed_config
 
     if weights is None:
         raise ModelFileError("a GGUF suspect is judged against a registered Hugging Face "
                              "checkpoint; the sandbox got no host")
-    source = "the GGUF suspect"
+    model = _built(packed_config(Path(path)), weights, "the GGUF suspect", max_parameters)
+    return model_run(model, layer, pooling, width)
+
+
+def load_into(checkpoint: str | Path, weights: str | Path, *,
+              max_parameters: int | None = None) -> Any:
+    """The owner's local read (`freemark extract --model HOST_DIR --weights X.gguf`): the
+    GGUF's tensors in the architecture of the owner's own checkpoint (a directory or packed
+    file), checked against it exactly as the key server checks it against the registration."""
+    from freemark.formats.huggingface import packed_config, read_config
+
+    checkpoint = Path(checkpoint)
+    host = read_config(checkpoint) if checkpoint.is_dir() else packed_config(checkpoint)
+    return _built(host, weights, weights, max_parameters).eval()
+
+
+def _built(host_values: dict[str, Any], weights: str | Path, source: str | Path,
+           max_parameters: int | None) -> Any:
+    """The host's model class around the GGUF's dequantized tensors (one path for both)."""
+    from freemark.formats.huggingface import assign_weights, build_model
+
     suspect = read_gguf(weights, source)
-    config = judged_config(packed_config(Path(path)), suspect, source,
-                           max_parameters=max_parameters)
+    config = judged_config(host_values, suspect, source, max_parameters=max_parameters)
     model = build_model(config)
     assign_weights(model, suspect_state(model, config, suspect, source), source)
-    return model_run(model, layer, pooling, width)
+    return model
 
 
 def warm_up(folder: Path) -> None:

@@ -498,9 +498,14 @@ def is_format(path: Path) -> bool:
 
 def load(path: str | Path, *, weights: str | Path | None = None) -> nn.Module:
     """A checkpoint (directory or packed file) built and loaded safely in this process;
-    `weights` (`.safetensors`) replace its own."""
+    `weights` (`.safetensors`, or a llama.cpp `.gguf` of a decoder) replace its own."""
     if weights is None:
         return load_checkpoint(path)
+    from freemark.formats import gguf  # imported where used, as the table imports formats
+
+    if gguf.is_format(Path(weights)):
+        model: nn.Module = gguf.load_into(path, weights)
+        return model
     with packed(path) as single:
         return apply_checkpoint_weights(single, weights)
 

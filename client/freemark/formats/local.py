@@ -23,7 +23,8 @@ __all__ = ["load_model", "upload_file"]
 
 _HINTS = {"onnx": "; an ONNX suspect is read at its key tensor (--onnx-tensor as needed)",
           "safetensors": "; pass bare weights with --weights beside their architecture",
-          "gguf": "; the key server judges a GGUF in the registered checkpoint's architecture "
+          "gguf": "; read a GGUF in the architecture of your checkpoint (--model HOST_DIR "
+                  "--weights X.gguf), or let the key server judge it in the registered one's "
                   "(freemark verify --model X.gguf)"}
 
 

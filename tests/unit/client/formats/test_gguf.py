@@ -162,13 +162,31 @@ def test_every_supported_type_reads_back_into_the_registered_architecture(
 
 def test_a_gguf_is_not_a_model_on_its_own_here(hosts: dict[str, tuple[Path, Path]],
                                                tmp_path: Path) -> None:
-    """Locally a GGUF has no loader (it is judged in a registered architecture), and in
-    the sandbox it is refused without a host."""
+    """A GGUF has no architecture of its own here: alone it is refused with the two ways to
+    read it, and in the sandbox it is refused without a host."""
     path = write_gguf(hosts["llama"][0], tmp_path / "s.gguf", "Q8_0")
-    with pytest.raises(InvalidInputError, match="freemark verify --model X.gguf"):
+    with pytest.raises(InvalidInputError, match="--weights X.gguf.*freemark verify --model X.gguf"):
         load_model(path)
     with pytest.raises(ModelFileError, match="registered Hugging Face checkpoint"):
         gguf.open_untrusted(path, layer="model.layers.1.mlp.act_fn", pooling=0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_the_owner_reads_a_gguf_in_the_architecture_of_his_checkpoint(
+        family: str, hosts: dict[str, tuple[Path, Path]], tmp_path: Path) -> None:
+    """`load_model(HOST_DIR, weights=X.gguf)` (the CLI's `extract --model HOST_DIR --weights
+    X.gguf`) is the sandbox's read, in the owner's process: the same activations as the key
+    server computes from the packed host, and the same refusal for a GGUF of another size."""
+    directory, packed = hosts[family]
+    layer = FAMILIES[family][3]
+    path = write_gguf(directory, tmp_path / "s.gguf", "Q8_0")
+    local = capture(load_model(directory, weights=path), layer, _tokens(),
+                    pooling=bundle_pb2.POOLING_TOKEN_MEAN)[0]
+    np.testing.assert_allclose(local, _open(packed, path, layer)(_tokens()), rtol=1e-5, atol=1e-6)
+    wider = _save(tmp_path / "wider", family, **({"n_inner": 2 * INNER} if family == "gpt2"
+                                                 else {"intermediate_size": 2 * INNER}))
+    with pytest.raises(ModelFileError, match="architecture is not the registered host.s"):
+        load_model(wider, weights=path)
 
 
 HOSTILE: dict[str, tuple[Callable[[Path, Path], Path], str]] = {
