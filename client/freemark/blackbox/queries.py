@@ -45,7 +45,7 @@ from freemark.blackbox.key import OutputKey
 from freemark.blackbox.surrogates import DEFAULT_RECIPES, Recipe, evaluating, make_surrogates
 from freemark.errors import DerivationError, InvalidInputError
 from freemark.formats.pt2 import fingerprint, state_dict_of
-from freemark.scheme.watermark import new_nonce, watermark_bits
+from freemark.scheme.watermark import MIN_BITS, new_nonce, watermark_bits
 from freemark.verdict.outputs import RANK_DEPTH, ranking_successes
 
 __all__ = ["MIN_ARCHITECTURES", "MIN_REFERENCES", "QuerySettings", "architecture",
@@ -117,11 +117,17 @@ def check_panel(panel: Sequence[Model]) -> None:
 
 
 class _Grid:
-    """The pixel range and its levels: what an image API takes."""
+    """The input range and its levels: what an image API takes. Pixels in [0, 1] or [0, 255]
+    keep that range; inputs outside both (a program that takes normalised tensors) keep the
+    owner's data's own range, with the same number of levels across it, so a query never
+    leaves the domain the host was given."""
 
     def __init__(self, x: np.ndarray, levels: int) -> None:
-        self.low = 0.0
-        self.high = 255.0 if float(x.max()) > 1.5 else 1.0
+        low, high = float(x.min()), float(x.max())
+        if low >= 0.0 and high <= 255.0:
+            self.low, self.high = 0.0, (255.0 if high > 1.5 else 1.0)
+        else:
+            self.low, self.high = low, high
         self.levels = levels
 
     @property
@@ -252,8 +258,10 @@ def derive_output_key(host: Model, x: np.ndarray, y: np.ndarray | None,
     read, never changed: its fingerprint is checked before and after.
     """
     check_panel(references)
-    if n_queries < 8 or n_sets < 1:
-        raise InvalidInputError("an output key needs at least 8 queries per set and one set")
+    if n_queries < 8 or n_sets < 1 or n_queries * n_sets < MIN_BITS:
+        raise InvalidInputError(f"an output key needs at least 8 queries per set, one set, and "
+                                f"{MIN_BITS} queries in all (one watermark bit each); got "
+                                f"{n_queries} × {n_sets}")
     x = np.asarray(x)
     if not np.issubdtype(x.dtype, np.floating):
         raise InvalidInputError(f"owner data of dtype {x.dtype}: derivation needs the float "

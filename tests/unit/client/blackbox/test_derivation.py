@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
 import blackbox_models as bm
 from freemark.blackbox.judge import check_host_answers, extract_outputs
@@ -65,3 +67,39 @@ def test_the_panel_must_be_eight_models_of_two_architectures() -> None:
     one_architecture = [bm.panel()[i] for i in (0, 2, 4, 6)] * 2  # eight, all full-width
     with pytest.raises(InvalidInputError, match="share one architecture"):
         derive_output_key(bm.host(), d.x_train, d.y_train, one_architecture, owner="a")
+
+
+class _Normalised(nn.Module):
+    """A program that takes normalised tensors, as most vision models do: `model` on
+    `z * std + mean`."""
+
+    def __init__(self, model: nn.Module, mean: float, std: float) -> None:
+        super().__init__()
+        self.model, self.mean, self.std = model, mean, std
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.model(z * self.std + self.mean)
+
+
+def test_a_host_that_takes_normalised_inputs_gets_queries_in_its_own_domain() -> None:
+    """Owner data outside [0, 1] and [0, 255] (here normalised to zero mean and unit spread,
+    so it runs negative) keeps its own range: every query stays inside it, on 256 levels
+    across it, within ε of an owner image, and the host answers each as the key says."""
+    x, y = bm.owner_data()
+    mean, std = float(x.mean()), float(x.std())
+    z = ((x - mean) / std).astype(np.float32)
+    wrap = lambda m: _Normalised(m, mean, std)
+    key = derive_output_key(wrap(bm.host()), z, y, [wrap(m) for m in bm.panel()],
+                            owner="alice", n_queries=16, n_sets=1, recipes=bm.RECIPES)
+    low, high = float(z.min()), float(z.max())
+    assert low < 0 and key.queries.min() >= low - 1e-5 and key.queries.max() <= high + 1e-5
+    steps = (key.queries - low) * 255 / (high - low)
+    assert np.allclose(steps, np.round(steps), atol=1e-3)
+    check_host_answers(key, LocalResponder(wrap(bm.host()), labels_only=True).answer(
+        key.queries))
+
+
+def test_too_few_queries_in_all_are_refused_before_any_work() -> None:
+    with pytest.raises(InvalidInputError, match="16 queries in all"):
+        derive_output_key(bm.host(), *bm.owner_data(), bm.panel(), owner="alice", n_queries=8,
+                          n_sets=1, recipes=bm.RECIPES)
