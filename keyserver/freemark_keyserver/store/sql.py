@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -54,11 +53,6 @@ _PAGE_TOKEN_PREFIX = b"freemark/v1/after:"
 # Host segments committed per transaction: enough to amortise a commit's fsync, few enough that
 # an SQLite writer holds the database lock (which appends also need) for milliseconds only.
 _BLOB_TRANSACTION_BYTES = 16 << 20
-
-
-def _leaf_hash(entry: bytes) -> bytes:
-    """RFC 6962 leaf hash, SHA-256(0x00 || entry): the same as `freemark.tlog.merkle`."""
-    return hashlib.sha256(b"\x00" + entry).digest()
 
 
 def _encode_page_token(after_log_index: int) -> str:
@@ -156,15 +150,6 @@ def _checkpoint(row: Row) -> StoredCheckpoint:
 
 class _Isolate(Exception):
     """The database refused a row of a batch: do the batch again, entry by entry."""
-
-
-def _built(item: Pending, index: int, now: int, sign: EntrySigner | None) -> LogEntry:
-    """Build and sign one entry at `index` (no database work)."""
-    entry = item.build_entry(index, now)
-    if not isinstance(entry, bytes):
-        raise TypeError(f"build_entry returned {type(entry).__name__}, not bytes")
-    key_id, signature = sign(entry) if sign is not None else ("", b"")
-    return LogEntry(index, item.kind, entry, _leaf_hash(entry), now, key_id, signature)
 
 
 class SqlStore(Store):
@@ -353,12 +338,13 @@ class SqlStore(Store):
                 " AS previous"
             ).fetchall()[0]
             size = head["size"]
-            now = max(self._clock(), head["previous"] or 0)
+            last = head["previous"] or 0  # each entry's time is at least its predecessor's
+            now = self._clock()
             index = size
             built: list[tuple[Pending, LogEntry]] = []
             for item in pending:
                 try:
-                    stored = _built(item, index, now, sign)
+                    stored = item.entry_at(index, now, last, sign)
                 except Exception as e:  # noqa: BLE001 - this entry fails alone
                     results.append(e)
                     continue
@@ -375,7 +361,7 @@ class SqlStore(Store):
                         self._execute(conn, "RELEASE SAVEPOINT entry")
                 results.append(stored)
                 built.append((item, stored))
-                index += 1
+                index, last = index + 1, stored.created_at
             if not isolate:
                 self._insert_rows(conn, built)  # a refusal: `_Isolate`, by the caller
             elif len(pending) == 1 and built:
@@ -412,6 +398,9 @@ class SqlStore(Store):
                           (_INSERT_CLAIM, claims)):
             if rows:
                 self._execute_many(conn, sql, rows)
+
+    def now(self) -> int:
+        return self._clock()
 
     def get_registration(self, registration_id: str) -> Registration | None:
         rows = self._rows(

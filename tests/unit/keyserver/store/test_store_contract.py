@@ -338,6 +338,36 @@ def test_a_batch_commits_together_and_an_entry_that_fails_fails_alone(store: Sto
     assert_log_consistent(store)
 
 
+def test_an_entry_built_beforehand_is_stored_only_at_its_index_and_time(
+        store: Store, clock: FakeClock) -> None:
+    """The sequencer reserves an index and a time and builds and signs the entry before the
+    transaction (`Pending.built`, `Pending.at`). The store keeps such an entry only where the
+    index it gets is the one it was built for and its predecessor is no later; anywhere else
+    it is built again at the log's own head, at its reserved time or its predecessor's, so a
+    wrong guess costs time, never the log's order or a time that goes backwards."""
+    register(store, make_registration("reg-1"))  # index 0, at T0
+    clock.now = T0 + 10
+
+    def ahead(kind: str, index: int, at: int) -> Pending:
+        pending = Pending(kind, entry_builder(kind))
+        return replace(pending, built=pending.build(index, at, None), at=at)
+
+    batch = [
+        ahead("kept", 1, T0 + 5),    # the index it gets, after its predecessor: kept as built
+        ahead("stale", 1, T0 + 6),   # built for index 1, which the entry before it took
+        ahead("early", 3, T0 + 4),   # the right index, but earlier than its predecessor
+        ahead("later", 4, T0 + 20),  # the right index, later: kept, even past the clock
+        Pending("plain", entry_builder("plain")),  # nothing reserved: built at the clock's
+    ]
+    results = store.append_batch(batch)
+    assert [(r.index, r.created_at) for r in results if isinstance(r, LogEntry)] == [
+        (1, T0 + 5), (2, T0 + 6), (3, T0 + 6), (4, T0 + 20), (5, T0 + 20)]
+    assert [r is p.built for r, p in zip(results, batch, strict=True)] == [
+        True, False, False, True, False]
+    assert [e.kind for e in assert_log_consistent(store)] == [
+        "register", "kept", "stale", "early", "later", "plain"]
+
+
 def test_a_batch_whose_checkpoint_fails_leaves_nothing(store: Store) -> None:
     def refuse(size: int, entries: Sequence[LogEntry]) -> bytes:
         raise RuntimeError("no checkpoint")
