@@ -152,6 +152,11 @@ class _Isolate(Exception):
     """The database refused a row of a batch: do the batch again, entry by entry."""
 
 
+class _Stale(Exception):
+    """A batch built ahead does not fit the log's head, or a row of it was refused: roll it
+    back and take the general path (`SqlStore._append_reserved`)."""
+
+
 class SqlStore(Store):
     """The SQL both backends share; subclasses supply connections, locking and dialect.
 
@@ -299,13 +304,63 @@ class SqlStore(Store):
         sign: EntrySigner | None = None,
         checkpoint: CheckpointSigner | None = None,
     ) -> list[LogEntry | Exception]:
-        # The rows of a batch go in with one statement per table (the fast path: a round
-        # trip per table, not per entry); if the database refuses any row, the batch is
-        # done again with each entry under a savepoint of its own, so it fails alone.
+        # A batch built ahead for the head it expects goes in as reserved (two round trips
+        # on PostgreSQL), if the head is there. Otherwise the rows of a batch go in with one
+        # statement per table (a round trip per table, not per entry); if the database
+        # refuses any row, the batch is done again with each entry under a savepoint of its
+        # own, so it fails alone.
+        reserved = self._append_reserved(pending, checkpoint)
+        if reserved is not None:
+            return reserved
         try:
             return self._append_batch(pending, sign, checkpoint, isolate=len(pending) == 1)
         except _Isolate:
             return self._append_batch(pending, sign, checkpoint, isolate=True)
+
+    def _append_reserved(self, pending: Sequence[Pending], checkpoint: CheckpointSigner | None
+                         ) -> list[LogEntry | Exception] | None:
+        """The batch as its entries were built (`Pending.built`), where they were built for
+        consecutive indexes from the log's head and no later time precedes the first; None,
+        with nothing written, anywhere else (some entry not built ahead, another replica
+        appended first, a row refused): the caller then takes the general path.
+
+        On PostgreSQL two round trips, pipelined: the head's row lock and its move to the
+        batch's end from the size the batch was built for, every row, and the head read back
+        (the ordering point and the rows' answers, before any checkpoint is signed over them:
+        never over a batch the database refused or a head that moved); then the checkpoint
+        with COMMIT. The general path needs a third, to read the head before building."""
+        built = [item.built for item in pending]
+        if not built or any(b is None for b in built):
+            return None
+        entries = [b for b in built if b is not None]
+        start, end = entries[0].index, entries[0].index + len(entries)
+        if [e.index for e in entries] != list(range(start, end)):
+            return None
+        try:
+            with self._transaction(pipelined=True) as conn:
+                try:
+                    self._execute(conn, "UPDATE log_head SET size = ? WHERE id = 1 AND size = ?",
+                                  (end, start))
+                    self._insert_rows(conn, list(zip(pending, entries, strict=True)))
+                    head = self._execute(
+                        conn, "SELECT size, (SELECT created_at FROM log_entries WHERE idx = ?)"
+                        " AS previous FROM log_head WHERE id = 1", (start - 1,)).fetchall()[0]
+                except Exception as e:  # a row refused (or taken): the general path isolates
+                    raise _Stale from e
+                if head["size"] != end or (head["previous"] or 0) > entries[0].created_at:
+                    raise _Stale  # not the head it was built for
+                # From here on a failure is the batch's, as on the general path: the COMMIT
+                # may have been sent, so the batch is not written again.
+                if checkpoint is not None:
+                    self._execute(
+                        conn,
+                        f"INSERT INTO checkpoints ({_CHECKPOINT_COLUMNS}) VALUES (?, ?)"
+                        " ON CONFLICT (tree_size) DO NOTHING",
+                        (end, checkpoint(start, entries)),
+                    )
+        except _Stale:  # rolled back before anything was signed over it
+            return None
+        return list(entries)
 
     def _append_batch(self, pending: Sequence[Pending], sign: EntrySigner | None,
                       checkpoint: CheckpointSigner | None, *, isolate: bool
