@@ -3,6 +3,7 @@ registrations of one family, in one run, as ratios to floors measured in the sam
 
     PYTHONPATH=client:keyserver:lab:tests .venv/bin/python bench/registry.py --json out/bench_registry.json
     ... bench/registry.py --quick      # K up to 10,000: under 15 minutes once its models are cached
+    ... bench/registry.py --only appends --log-rounds 7   # the log section (a) alone
 
 (tests/ on the path: the throwaway PostgreSQL of tests/pg.py and the statement bodies of
 tests/signed_statements.py.) Sections:
@@ -10,8 +11,11 @@ tests/signed_statements.py.) Sections:
 (a) log appends per second through the real append path (`append_entry`: the sequencer's
     group commit, statement signature, ledger, checkpoint in the same transaction, then the
     inclusion proof a receipt carries), from 1 and from 16 client threads, on SQLite and on
-    PostgreSQL, against a bare loop of one-row INSERT transactions into the same database,
-    in LOG_ROUNDS rounds (each ratio taken within its round; medians reported).
+    PostgreSQL, against a bare loop of one-row INSERT transactions into the same database:
+    LOG_ROUNDS rounds (--log-rounds), each of LOG_SLICES slices of the bare loop and the log
+    alternating, so that load others put on the machine weighs on both alike; each ratio is
+    taken within its round, the median round's reported with the range and each round's
+    load. `--only appends` runs this section alone (a minute or two).
     The test PostgreSQL runs with fsync off (tests/pg.py), for the bare loop and the log alike.
 (b) Register of one more digits CNN (the real server, the real sandbox for the upload) against
     a store holding K = 1, 1,000, 10,000 (and 100,000 without --quick) earlier registrations of
@@ -42,9 +46,9 @@ import sqlite3
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -90,8 +94,9 @@ QUICK_KS = (1, 1_000, 10_000)
 FULL_KS = (*QUICK_KS, 100_000)
 LOG_CLIENTS = 16
 LOG_APPENDS = 1_000
-BARE_INSERTS = 500
-LOG_ROUNDS = 3
+BARE_INSERTS = 1_000
+LOG_ROUNDS = 5
+LOG_SLICES = 8  # bare and log slices alternating within a round
 RATIO_K = 10_000
 PAIRS = 3  # uploads registered at K = 1 and at K = RATIO_K, back to back
 PAIR_SEED = 701
@@ -176,78 +181,134 @@ def _statement(index: int, now: int) -> bytes:
     return canonical_json(verdict_body(index, integrated_time=now))
 
 
-def bare_inserts(db: str, count: int, table: str = "bare") -> float:
-    """One-row INSERT transactions per second into a table of the same database."""
-    entry = _statement(0, 0)
-    if db.startswith("postgresql://"):
-        with psycopg.connect(db, autocommit=True) as conn:
-            conn.execute(f"CREATE TABLE {table} (idx BIGINT PRIMARY KEY, entry BYTEA NOT NULL)")
-            started = time.perf_counter()
-            for index in range(count):
-                conn.execute(f"INSERT INTO {table} VALUES (%s, %s)", (index, entry))
-            return count / (time.perf_counter() - started)
-    conn = sqlite3.connect(db, isolation_level=None)
-    try:  # the store's own settings: WAL, a durable commit
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute(f"CREATE TABLE {table} (idx INTEGER PRIMARY KEY, entry BLOB NOT NULL)")
+class BareLoop:
+    """A bare loop of one-row INSERT transactions into a table of its own in the same
+    database, on one connection kept open, so that it can run in slices between the log's."""
+
+    def __init__(self, db: str) -> None:
+        self._entry, self._index = _statement(0, 0), 0
+        self._pg = db.startswith("postgresql://")
+        if self._pg:
+            self._conn: Any = psycopg.connect(db, autocommit=True)
+            self._conn.execute("CREATE TABLE bare (idx BIGINT PRIMARY KEY, entry BYTEA NOT NULL)")
+            return
+        self._conn = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+        # The store's own settings: WAL, a durable commit.
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("CREATE TABLE bare (idx INTEGER PRIMARY KEY, entry BLOB NOT NULL)")
+
+    def run(self, count: int) -> float:
+        """Seconds for `count` more one-row transactions."""
         started = time.perf_counter()
-        for index in range(count):
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute(f"INSERT INTO {table} VALUES (?, ?)", (index, entry))
-            conn.execute("COMMIT")
-        return count / (time.perf_counter() - started)
-    finally:
-        conn.close()
+        for index in range(self._index, self._index + count):
+            if self._pg:
+                self._conn.execute("INSERT INTO bare VALUES (%s, %s)", (index, self._entry))
+            else:
+                self._conn.execute("BEGIN IMMEDIATE")
+                self._conn.execute("INSERT INTO bare VALUES (?, ?)", (index, self._entry))
+                self._conn.execute("COMMIT")
+        self._index += count
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        self._conn.close()
 
 
 def log_appends(ctx: Context, count: int, clients: int) -> float:
-    """Statements per second through append_entry and the receipt's inclusion proof."""
-    def one(_: int) -> None:
-        _, index, _ = append_entry(ctx, VERDICT_KIND, _statement)
-        inclusion_proof(ctx, index)
+    """Seconds for `count` statements through append_entry and the receipt's inclusion
+    proof, from `clients` threads that each append their share in a loop (plain threads,
+    started together: no executor's per-call hand-off is timed)."""
+    start = threading.Barrier(clients + 1)
+    failed: list[BaseException] = []
 
+    def client(share: int) -> None:
+        start.wait()
+        try:
+            for _ in range(share):
+                _, index, _ = append_entry(ctx, VERDICT_KIND, _statement)
+                inclusion_proof(ctx, index)
+        except BaseException as exc:  # a failed append fails the bench, not just its thread
+            failed.append(exc)
+            raise
+
+    threads = [threading.Thread(target=client, args=(count // clients + (n < count % clients),))
+               for n in range(clients)]
+    for thread in threads:
+        thread.start()
+    start.wait()
     started = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(one, range(count)))
-    return count / (time.perf_counter() - started)
+    for thread in threads:
+        thread.join()
+    if failed:
+        raise failed[0]
+    return time.perf_counter() - started
 
 
-def log_section(folder: Path, pg_admin: str | None, quick: bool) -> dict[str, Any]:
-    """Each backend in LOG_ROUNDS rounds of (bare loop, 1 client, 16 clients), back to back:
-    on a machine others load, each ratio is taken within one round and the median round's
-    reported, with the median rates."""
+def log_round(ctx: Context, bare: BareLoop, appends: int) -> dict[str, Any]:
+    """One round: LOG_SLICES slices, each a slice of the bare loop and then a slice of
+    LOG_CLIENTS-client appends, then the same for one client; each rate from its summed
+    slices, so load that comes and goes weighs on the log and its floor alike. Also each
+    kind's fastest slice: others' load only ever slows a slice down, so the ratio of the
+    fastest ones is the one they disturb least."""
+    seconds: dict[str, list[float]] = {"bare": [], "many": [], "bare_one": [], "one": []}
+    per_slice = {"bare": BARE_INSERTS // LOG_SLICES, "many": appends // LOG_SLICES,
+                 "bare_one": BARE_INSERTS // (4 * LOG_SLICES), "one": appends // (4 * LOG_SLICES)}
+    for _ in range(LOG_SLICES):
+        seconds["bare"].append(bare.run(per_slice["bare"]))
+        seconds["many"].append(log_appends(ctx, per_slice["many"], LOG_CLIENTS))
+    for _ in range(LOG_SLICES):
+        seconds["bare_one"].append(bare.run(per_slice["bare_one"]))
+        seconds["one"].append(log_appends(ctx, per_slice["one"], 1))
+    rates = {what: LOG_SLICES * per_slice[what] / sum(s) for what, s in seconds.items()}
+    fastest = {what: per_slice[what] / min(s) for what, s in seconds.items()}
+    return {"bare": rates["bare"], "many": rates["many"], "one": rates["one"],
+            "many_ratio": rates["many"] / rates["bare"],
+            "one_ratio": rates["one"] / rates["bare_one"],
+            "fastest_many_ratio": fastest["many"] / fastest["bare"],
+            "load": os.getloadavg()[0]}
+
+
+def log_section(folder: Path, pg_admin: str | None, quick: bool, rounds: int = LOG_ROUNDS
+                ) -> dict[str, Any]:
+    """Each backend in `rounds` rounds of interleaved slices (`log_round`); each ratio is
+    taken within its round, and the median round's reported with the median rates, the
+    ratios' spread and the load average at the end of each round."""
     appends = LOG_APPENDS // (2 if quick else 1)
     databases = {"sqlite": str(folder / "log.sqlite3")}
     if pg_admin:
         databases["postgres"] = create_database(pg_admin, "benchlog")
-    rounds: dict[str, dict[str, list[float]]] = {}
+    measured: dict[str, list[dict[str, Any]]] = {}
     for backend, db in databases.items():
         store = open_store(db)
+        bare = BareLoop(db)
         ctx = Context(config=ServerConfig(data_dir=folder, db=db), store=store,
                       keyring=MasterKeyring({1: os.urandom(32)}), signer=SigningKey.generate())
-        measured = rounds[backend] = {"bare": [], "one": [], "many": []}
         try:
-            for number in range(LOG_ROUNDS):
-                measured["bare"].append(bare_inserts(db, BARE_INSERTS, f"bare{number}"))
-                measured["one"].append(log_appends(ctx, appends // 4, 1))
-                measured["many"].append(log_appends(ctx, appends, LOG_CLIENTS))
+            log_appends(ctx, LOG_CLIENTS, LOG_CLIENTS)  # warm: connections, ledger
+            bare.run(LOG_SLICES)
+            measured[backend] = [log_round(ctx, bare, appends) for _ in range(rounds)]
         finally:
+            bare.close()
             store.close()
-    result: dict[str, dict[str, float]] = {
-        what: {b: statistics.median(rounds[b][what]) for b in databases}
-        for what in ("bare", "one", "many")}
-    for what in ("one", "many"):
-        result[f"{what}_ratio"] = {b: statistics.median(
-            x / y for x, y in zip(rounds[b][what], rounds[b]["bare"], strict=True))
-            for b in databases}
-    rows = [[b, result["bare"][b], result["one"][b], result["one_ratio"][b],
-             result["many"][b], result["many_ratio"][b]] for b in databases]
+    result: dict[str, Any] = {
+        what: {b: statistics.median(r[what] for r in measured[b]) for b in databases}
+        for what in ("bare", "one", "many", "one_ratio", "many_ratio", "fastest_many_ratio")}
+    result["many_ratio_range"] = {b: (min(r["many_ratio"] for r in measured[b]),
+                                      max(r["many_ratio"] for r in measured[b]))
+                                  for b in databases}
+    result["rounds"] = measured
+    rows = [[b, number + 1, r["bare"], r["one"], r["one_ratio"], r["many"], r["many_ratio"],
+             r["fastest_many_ratio"], r["load"]]
+            for b in databases for number, r in enumerate(measured[b])]
+    rows += [[b, "median", result["bare"][b], result["one"][b], result["one_ratio"][b],
+              result["many"][b], result["many_ratio"][b], result["fastest_many_ratio"][b], "-"]
+             for b in databases]
     print_table(f"(a) log appends per second vs a bare one-row INSERT loop (goal >= {GOAL_LOG}x; "
-                f"medians of {LOG_ROUNDS} rounds, each ratio within its round; uptime "
-                f"{_load()})",
-                ["backend", "bare/s", "1 client/s", "ratio", f"{LOG_CLIENTS} clients/s",
-                 "ratio"], rows)
+                f"{rounds} rounds of {LOG_SLICES} interleaved slices, each ratio within its "
+                "round)",
+                ["backend", "round", "bare/s", "1 client/s", "ratio", f"{LOG_CLIENTS} clients/s",
+                 "ratio", "fastest slices' ratio", "load 1 min"], rows)
     return result
 
 
@@ -460,12 +521,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="K up to 10,000")
+    parser.add_argument("--only", choices=["appends"],
+                        help="run one section: appends, the log's (a), in a minute or two")
+    parser.add_argument("--log-rounds", type=int, default=LOG_ROUNDS,
+                        help=f"rounds of the log section (default {LOG_ROUNDS})")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # a shared machine: one thread per process trains as fast
     ks = QUICK_KS if args.quick else FULL_KS
     started, load_at_start = time.perf_counter(), _load()
     postgres = PostgresServer()
+    register: dict[str, Any] | None = None
+    recall: dict[str, Any] = {}
     try:
         try:
             pg_admin: str | None = postgres.start()
@@ -476,46 +543,54 @@ def main(argv: Sequence[str] | None = None) -> int:
             folder = Path(tmp)
             sections: dict[str, float] = {}
             mark = time.perf_counter()
-            log = log_section(folder, pg_admin, args.quick)
+            log = log_section(folder, pg_admin, args.quick, args.log_rounds)
             sections["log"], mark = time.perf_counter() - mark, time.perf_counter()
-            registry = Registry(folder)
-            try:
-                register = register_section(registry, ks)
-                sections["register"], mark = time.perf_counter() - mark, time.perf_counter()
-                recall = recall_section(registry, register["anchor"])
-                sections["recall"] = time.perf_counter() - mark
-            finally:
-                registry.running.stop(0)
+            if args.only is None:
+                registry = Registry(folder)
+                try:
+                    register = register_section(registry, ks)
+                    sections["register"], mark = time.perf_counter() - mark, time.perf_counter()
+                    recall = recall_section(registry, register["anchor"])
+                    sections["recall"] = time.perf_counter() - mark
+                finally:
+                    registry.running.stop(0)
     finally:
         postgres.stop()
-    seconds = register["seconds"]
-    payload = {
-        "register_seconds": seconds,
-        "register_ratio_10000_vs_1": register["ratio"],
-        "register_times": register["times"],
-        "register_load_average": register["loads"],
-        "index_rebuild_seconds": register["rebuild"],
-        "index_bytes_per_registration": register["memory"],
-        "copies": recall["copies"],
-        "copies_refused_full": recall["full"],
-        "copies_refused_indexed": recall["indexed"],
-        "independents": INDEPENDENTS,
-        "independents_claimed_full": recall["independents_claimed"],
-        "false_host_candidates": recall["false"],
-        "source_ranks": recall["ranks"],
-        "not_refused": recall["missed"],
+    payload: dict[str, Any] = {}
+    if register is not None:
+        payload.update({
+            "register_seconds": register["seconds"],
+            "register_ratio_10000_vs_1": register["ratio"],
+            "register_times": register["times"],
+            "register_load_average": register["loads"],
+            "index_rebuild_seconds": register["rebuild"],
+            "index_bytes_per_registration": register["memory"],
+            "copies": recall["copies"],
+            "copies_refused_full": recall["full"],
+            "copies_refused_indexed": recall["indexed"],
+            "independents": INDEPENDENTS,
+            "independents_claimed_full": recall["independents_claimed"],
+            "false_host_candidates": recall["false"],
+            "source_ranks": recall["ranks"],
+            "not_refused": recall["missed"],
+            "candidates_per_register": registry.ctx.config.claim_candidates,
+        })
+    payload.update({
         "log_appends_per_s": log["many"],
         "log_appends_per_s_one_client": log["one"],
         "log_ratio_to_bare": log["many_ratio"],
+        "log_ratio_to_bare_range": log["many_ratio_range"],
+        "log_ratio_to_bare_fastest_slices": log["fastest_many_ratio"],
         "log_ratio_to_bare_one_client": log["one_ratio"],
+        "log_rounds": log["rounds"],
         "log_clients": LOG_CLIENTS,
         "bare_inserts_per_s": log["bare"],
-        "candidates_per_register": registry.ctx.config.claim_candidates,
         "quick": args.quick,
+        "only": args.only,
         "seconds": time.perf_counter() - started,
         "load_average": {"start": load_at_start, "end": _load()},
         "section_seconds": sections,
-    }
+    })
     print(f"total {payload['seconds']:.0f} s (" + ", ".join(
         f"{name} {seconds:.0f} s" for name, seconds in sections.items()) + "); load average "
         f"{load_at_start} at the start, {payload['load_average']['end']} at the end", flush=True)

@@ -292,8 +292,8 @@ def inclusion_proof(ctx: Context, index: int, size: int | None = None) -> Inclus
     latest signed checkpoint, which the append that stored the entry already covers), with
     that tree's signed checkpoint; the path comes from the ledger's checked tree."""
     published = ctx.sequencer.published
-    if size is None and published is not None and published[0] > index:
-        checkpoint = wire.checkpoint_from_note(published[1])  # this process's, just stored
+    if size is None and published is not None and published.tree_size > index:
+        checkpoint = published  # this process's, just stored
     else:
         if size is None:
             latest = ctx.store.latest_checkpoint()

@@ -98,12 +98,20 @@ class Store(ABC):
         Each entry is built, signed and stored as `append` does, under a savepoint of its
         own: one whose `build_entry` raises, or whose registration the database refuses
         (`DuplicateError`), is left out, its exception in its place in the answer, and the
-        others take consecutive indexes with one integrated time. With `checkpoint`, the note
+        others take consecutive indexes and times that never decrease. An entry the caller
+        built beforehand (`Pending.built`) is stored as it is where it was built for the index
+        it gets at no earlier time than its predecessor's, and built again otherwise
+        (`Pending.entry_at`). With `checkpoint`, the note
         it returns for the tree after the batch, ``checkpoint(size before, new entries)``,
         is stored in the same transaction, so every acknowledged entry already has a signed
         checkpoint when it commits. Anything else that fails rolls the whole batch back and
         raises.
         """
+
+    @abstractmethod
+    def now(self) -> int:
+        """The store's clock (unix microseconds): the time an entry appended now would get,
+        for a caller that builds entries ahead of `append_batch` (`Pending.built`)."""
 
     @abstractmethod
     def get_registration(self, registration_id: str) -> Registration | None:

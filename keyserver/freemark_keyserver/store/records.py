@@ -6,6 +6,7 @@ the store reads the time, so tests can fix it.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ __all__ = [
     "Principal",
     "Registration",
     "StoredCheckpoint",
+    "leaf_hash",
     "now_micros",
 ]
 
@@ -143,9 +145,45 @@ class ClaimSignature:
 @dataclass(frozen=True)
 class Pending:
     """One entry waiting to be appended (`Store.append_batch`): its kind, the function that
-    builds its bytes from (log index, integrated time), and the registration it carries."""
+    builds its bytes from (log index, integrated time), and the registration it carries.
+
+    `built` is the entry as the log's sequencer built and signed it before the transaction,
+    for the index and the time `at` it reserved (`tlog.sequencer`: that work then runs outside
+    the log's write lock). The transaction stores it only where it finds that index free and
+    no later time before it; anywhere else (another replica appended first, an entry before
+    it failed) the entry is built again under the lock, at its reserved time or its
+    predecessor's if later (`entry_at`): reservations are made in order, so times still never
+    decrease, and one entry built again does not push the time past the reservations after
+    it."""
 
     kind: str
     build_entry: Callable[[int, int], bytes]
     registration: Registration | None = None
     claim: ClaimSignature | None = None  # stored with the registration, in its savepoint
+    built: LogEntry | None = None
+    at: int | None = None  # the time reserved for it (unix microseconds), if any
+
+    def build(self, index: int, now: int, sign: EntrySigner | None) -> LogEntry:
+        """The entry at `index`, integrated at `now`: its bytes, leaf hash and signature
+        (no database work)."""
+        entry = self.build_entry(index, now)
+        if not isinstance(entry, bytes):
+            raise TypeError(f"build_entry returned {type(entry).__name__}, not bytes")
+        key_id, signature = sign(entry) if sign is not None else ("", b"")
+        return LogEntry(index, self.kind, entry, leaf_hash(entry), now, key_id, signature)
+
+    def entry_at(self, index: int, now: int, after: int, sign: EntrySigner | None
+                 ) -> LogEntry:
+        """The entry the transaction stores at `index`, the previous entry's time being
+        `after`: the one built beforehand if it was built for this index at no earlier time,
+        otherwise one built now, at its reserved time (or `now` if none) or `after` if later
+        (times never decrease)."""
+        built = self.built
+        if built is not None and built.index == index and built.created_at >= after:
+            return built
+        return self.build(index, max(now if self.at is None else self.at, after), sign)
+
+
+def leaf_hash(entry: bytes) -> bytes:
+    """RFC 6962 leaf hash, SHA-256(0x00 || entry): the same as `freemark.tlog.merkle`."""
+    return hashlib.sha256(b"\x00" + entry).digest()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -54,11 +53,6 @@ _PAGE_TOKEN_PREFIX = b"freemark/v1/after:"
 # Host segments committed per transaction: enough to amortise a commit's fsync, few enough that
 # an SQLite writer holds the database lock (which appends also need) for milliseconds only.
 _BLOB_TRANSACTION_BYTES = 16 << 20
-
-
-def _leaf_hash(entry: bytes) -> bytes:
-    """RFC 6962 leaf hash, SHA-256(0x00 || entry): the same as `freemark.tlog.merkle`."""
-    return hashlib.sha256(b"\x00" + entry).digest()
 
 
 def _encode_page_token(after_log_index: int) -> str:
@@ -158,13 +152,9 @@ class _Isolate(Exception):
     """The database refused a row of a batch: do the batch again, entry by entry."""
 
 
-def _built(item: Pending, index: int, now: int, sign: EntrySigner | None) -> LogEntry:
-    """Build and sign one entry at `index` (no database work)."""
-    entry = item.build_entry(index, now)
-    if not isinstance(entry, bytes):
-        raise TypeError(f"build_entry returned {type(entry).__name__}, not bytes")
-    key_id, signature = sign(entry) if sign is not None else ("", b"")
-    return LogEntry(index, item.kind, entry, _leaf_hash(entry), now, key_id, signature)
+class _Stale(Exception):
+    """A batch built ahead does not fit the log's head, or a row of it was refused: roll it
+    back and take the general path (`SqlStore._append_reserved`)."""
 
 
 class SqlStore(Store):
@@ -314,13 +304,63 @@ class SqlStore(Store):
         sign: EntrySigner | None = None,
         checkpoint: CheckpointSigner | None = None,
     ) -> list[LogEntry | Exception]:
-        # The rows of a batch go in with one statement per table (the fast path: a round
-        # trip per table, not per entry); if the database refuses any row, the batch is
-        # done again with each entry under a savepoint of its own, so it fails alone.
+        # A batch built ahead for the head it expects goes in as reserved (two round trips
+        # on PostgreSQL), if the head is there. Otherwise the rows of a batch go in with one
+        # statement per table (a round trip per table, not per entry); if the database
+        # refuses any row, the batch is done again with each entry under a savepoint of its
+        # own, so it fails alone.
+        reserved = self._append_reserved(pending, checkpoint)
+        if reserved is not None:
+            return reserved
         try:
             return self._append_batch(pending, sign, checkpoint, isolate=len(pending) == 1)
         except _Isolate:
             return self._append_batch(pending, sign, checkpoint, isolate=True)
+
+    def _append_reserved(self, pending: Sequence[Pending], checkpoint: CheckpointSigner | None
+                         ) -> list[LogEntry | Exception] | None:
+        """The batch as its entries were built (`Pending.built`), where they were built for
+        consecutive indexes from the log's head and no later time precedes the first; None,
+        with nothing written, anywhere else (some entry not built ahead, another replica
+        appended first, a row refused): the caller then takes the general path.
+
+        On PostgreSQL two round trips, pipelined: the head's row lock and its move to the
+        batch's end from the size the batch was built for, every row, and the head read back
+        (the ordering point and the rows' answers, before any checkpoint is signed over them:
+        never over a batch the database refused or a head that moved); then the checkpoint
+        with COMMIT. The general path needs a third, to read the head before building."""
+        built = [item.built for item in pending]
+        if not built or any(b is None for b in built):
+            return None
+        entries = [b for b in built if b is not None]
+        start, end = entries[0].index, entries[0].index + len(entries)
+        if [e.index for e in entries] != list(range(start, end)):
+            return None
+        try:
+            with self._transaction(pipelined=True) as conn:
+                try:
+                    self._execute(conn, "UPDATE log_head SET size = ? WHERE id = 1 AND size = ?",
+                                  (end, start))
+                    self._insert_rows(conn, list(zip(pending, entries, strict=True)))
+                    head = self._execute(
+                        conn, "SELECT size, (SELECT created_at FROM log_entries WHERE idx = ?)"
+                        " AS previous FROM log_head WHERE id = 1", (start - 1,)).fetchall()[0]
+                except Exception as e:  # a row refused (or taken): the general path isolates
+                    raise _Stale from e
+                if head["size"] != end or (head["previous"] or 0) > entries[0].created_at:
+                    raise _Stale  # not the head it was built for
+                # From here on a failure is the batch's, as on the general path: the COMMIT
+                # may have been sent, so the batch is not written again.
+                if checkpoint is not None:
+                    self._execute(
+                        conn,
+                        f"INSERT INTO checkpoints ({_CHECKPOINT_COLUMNS}) VALUES (?, ?)"
+                        " ON CONFLICT (tree_size) DO NOTHING",
+                        (end, checkpoint(start, entries)),
+                    )
+        except _Stale:  # rolled back before anything was signed over it
+            return None
+        return list(entries)
 
     def _append_batch(self, pending: Sequence[Pending], sign: EntrySigner | None,
                       checkpoint: CheckpointSigner | None, *, isolate: bool
@@ -353,12 +393,13 @@ class SqlStore(Store):
                 " AS previous"
             ).fetchall()[0]
             size = head["size"]
-            now = max(self._clock(), head["previous"] or 0)
+            last = head["previous"] or 0  # each entry's time is at least its predecessor's
+            now = self._clock()
             index = size
             built: list[tuple[Pending, LogEntry]] = []
             for item in pending:
                 try:
-                    stored = _built(item, index, now, sign)
+                    stored = item.entry_at(index, now, last, sign)
                 except Exception as e:  # noqa: BLE001 - this entry fails alone
                     results.append(e)
                     continue
@@ -375,7 +416,7 @@ class SqlStore(Store):
                         self._execute(conn, "RELEASE SAVEPOINT entry")
                 results.append(stored)
                 built.append((item, stored))
-                index += 1
+                index, last = index + 1, stored.created_at
             if not isolate:
                 self._insert_rows(conn, built)  # a refusal: `_Isolate`, by the caller
             elif len(pending) == 1 and built:
@@ -412,6 +453,9 @@ class SqlStore(Store):
                           (_INSERT_CLAIM, claims)):
             if rows:
                 self._execute_many(conn, sql, rows)
+
+    def now(self) -> int:
+        return self._clock()
 
     def get_registration(self, registration_id: str) -> Registration | None:
         rows = self._rows(

@@ -6,7 +6,9 @@ checked against all come from the signed statements. The registry is built once 
 entry and then extended by the entries appended since (by this replica or another one on the
 same database), each checked against its stored leaf hash and its stored statement signature
 (`freemark.audit.registry.verify_entry`, with the server's own key): a database row the TTP
-never signed is not a statement, whatever its leaf hash (issue 18). A column that disagrees
+never signed is not a statement, whatever its leaf hash (issue 18). The batches this process
+appends itself are folded in from memory (`integrate`): their bytes never came from a row, and
+their signatures were made here a moment before. A column that disagrees
 with the log changes no decision; the handlers report it and `freemark-keyserver audit` fails
 on it.
 
@@ -101,16 +103,27 @@ class Ledger:
             return self._tree.frontier(size).extended(leaves).root()
 
     def integrate(self, store: Store, size: int, entries: Sequence[LogEntry]) -> None:
-        """Fold in a batch this process just committed after the first `size` entries,
-        checked like any other, without reading it back (or read the store, if the ledger
-        is not at `size`)."""
+        """Fold in a batch this process just built, signed and committed after the first
+        `size` entries, without reading it back (or read the store, if the ledger is not at
+        `size`).
+
+        These entries never came from the database: their bytes are the ones this process
+        signed a moment ago, so their leaves are computed from those bytes and their
+        signatures are not verified again (an Ed25519 verification costs three signatures'
+        time, and this runs on the log's write path). They must still carry the ledger's
+        key id: a sequencer signing with another key than the one the ledger checks fails
+        here, as its entries would on any later read."""
         with self._lock:
             if self._registry.size != size:
                 self._refresh(store)
                 return
             try:
                 for entry in entries:
-                    self._check_and_add(entry)
+                    if entry.key_id != self._verifier.key_id or not entry.signature:
+                        raise merkle.LogProofError(
+                            f"log entry {entry.index} was signed by key {entry.key_id!r}, "
+                            f"not the ledger's {self._verifier.key_id!r}")
+                    self._add(entry, merkle.leaf_hash(entry.entry))
             except merkle.LogProofError as exc:
                 raise _alert(exc) from None
 
@@ -142,6 +155,10 @@ class Ledger:
                 f"log entry {entry.index}: its stored leaf hash does not match it")
         verify_entry(entry.index, SignedStatement(entry.entry, entry.signature, entry.key_id),
                      self._verifier)
+        self._add(entry, leaf)
+
+    def _add(self, entry: LogEntry, leaf: bytes) -> None:
+        """Add one checked entry whose leaf hash is `leaf` (under the lock)."""
         self._registry.add(entry.index, entry.entry)
         self._tree.extend([leaf])
 

@@ -338,6 +338,73 @@ def test_a_batch_commits_together_and_an_entry_that_fails_fails_alone(store: Sto
     assert_log_consistent(store)
 
 
+def test_an_entry_built_beforehand_is_stored_only_at_its_index_and_time(
+        store: Store, clock: FakeClock) -> None:
+    """The sequencer reserves an index and a time and builds and signs the entry before the
+    transaction (`Pending.built`, `Pending.at`). The store keeps such an entry only where the
+    index it gets is the one it was built for and its predecessor is no later; anywhere else
+    it is built again at the log's own head, at its reserved time or its predecessor's, so a
+    wrong guess costs time, never the log's order or a time that goes backwards."""
+    register(store, make_registration("reg-1"))  # index 0, at T0
+    clock.now = T0 + 10
+
+    def ahead(kind: str, index: int, at: int) -> Pending:
+        pending = Pending(kind, entry_builder(kind))
+        return replace(pending, built=pending.build(index, at, None), at=at)
+
+    batch = [
+        ahead("kept", 1, T0 + 5),    # the index it gets, after its predecessor: kept as built
+        ahead("stale", 1, T0 + 6),   # built for index 1, which the entry before it took
+        ahead("early", 3, T0 + 4),   # the right index, but earlier than its predecessor
+        ahead("later", 4, T0 + 20),  # the right index, later: kept, even past the clock
+        Pending("plain", entry_builder("plain")),  # nothing reserved: built at the clock's
+    ]
+    results = store.append_batch(batch)
+    assert [(r.index, r.created_at) for r in results if isinstance(r, LogEntry)] == [
+        (1, T0 + 5), (2, T0 + 6), (3, T0 + 6), (4, T0 + 20), (5, T0 + 20)]
+    assert [r is p.built for r, p in zip(results, batch, strict=True)] == [
+        True, False, False, True, False]
+    assert [e.kind for e in assert_log_consistent(store)] == [
+        "register", "kept", "stale", "early", "later", "plain"]
+
+
+def test_a_batch_built_ahead_goes_in_as_built_only_at_the_head_it_was_built_for(
+        store: Store, clock: FakeClock) -> None:
+    """The sequencer's steady state: a whole batch built ahead for the head it expects goes
+    in as built, with its checkpoint (two round trips on PostgreSQL). Built for a head that
+    has since moved, or holding a row the database refuses, it is rolled back before any
+    checkpoint is signed over it and goes the general way: built again, each refusal alone."""
+    register(store, make_registration("reg-1"))  # index 0, at T0
+
+    def ahead(index: int, registration: str = "") -> Pending:
+        kind = "register" if registration else "verify"
+        pending = Pending(kind, entry_builder(kind, registration),
+                          make_registration(registration) if registration else None)
+        return replace(pending, built=pending.build(index, T0 + index, None), at=T0 + index)
+
+    seen: list[tuple[int, list[int]]] = []
+
+    def checkpoint(size: int, entries: Sequence[LogEntry]) -> bytes:
+        seen.append((size, [e.index for e in entries]))
+        return b"note over %d" % (size + len(entries))
+
+    fits = [ahead(1), ahead(2, "reg-2")]
+    assert [r is p.built for r, p in zip(store.append_batch(fits, checkpoint=checkpoint),
+                                         fits, strict=True)] == [True, True]
+    moved = [ahead(2), ahead(3)]  # built for a head of 2; the log holds 3
+    assert [(r.index, r is p.built) for r, p in zip(
+        store.append_batch(moved, checkpoint=checkpoint), moved, strict=True)
+        if isinstance(r, LogEntry)] == [(3, False), (4, False)]
+    refused = [ahead(5), ahead(6, "reg-1"), ahead(7)]  # reg-1 is registered already
+    results = store.append_batch(refused, checkpoint=checkpoint)
+    assert [type(r).__name__ for r in results] == ["LogEntry", "DuplicateError", "LogEntry"]
+    assert [r.index for r in results if isinstance(r, LogEntry)] == [5, 6]
+    assert seen == [(1, [1, 2]), (3, [3, 4]), (5, [5, 6])]  # never over a refused batch
+    assert [c.tree_size for c in store.checkpoints()] == [3, 5, 7]
+    assert store.get_registration("reg-2").log_index == 2  # type: ignore[union-attr]
+    assert_log_consistent(store)
+
+
 def test_a_batch_whose_checkpoint_fails_leaves_nothing(store: Store) -> None:
     def refuse(size: int, entries: Sequence[LogEntry]) -> bytes:
         raise RuntimeError("no checkpoint")
