@@ -209,8 +209,9 @@ def _numbers(flat: np.ndarray) -> bytes:
     writes it (integers in decimal, floats as the repr of their float64 value; NaN and
     Infinity refused with json's ValueError). When the array holds few distinct values
     (pixels; queries on a 256-level grid, whatever their dtype), each is formatted once and
-    the array is written from that table: three times faster than json.dumps for integers
-    and twenty times for floats, which it formats one by one."""
+    the array is written from that table (`_from_table`): for 64 MNIST-sized queries, 1 ms
+    against json.dumps's 5 ms for integers and 30 ms for floats, which it formats one by
+    one."""
     if flat.size == 0:
         return b"[]"
     if flat.dtype.kind in "iu":
@@ -219,18 +220,23 @@ def _numbers(flat: np.ndarray) -> bytes:
             texts = [str(v) for v in range(low, high + 1)]
             return _from_table(texts, flat.astype(np.int64) - low)
     else:
-        # Distinct bit patterns, not values: -0.0 and 0.0 are two numbers on the wire.
-        distinct, index = np.unique(flat.view(np.dtype(f"u{flat.dtype.itemsize}")),
-                                    return_inverse=True)
-        if len(distinct) <= _TABLE_SIZE:
-            texts = [json.dumps(v, allow_nan=False) for v in distinct.view(flat.dtype).tolist()]
-            return _from_table(texts, index.reshape(-1))
+        # Distinct bit patterns, not values: -0.0 and 0.0 are two numbers on the wire. A
+        # sort and a search: np.unique's inverse (an argsort) costs ten times more.
+        bits = flat.view(np.dtype(f"u{flat.dtype.itemsize}"))
+        ordered = np.sort(bits)
+        distinct = ordered[np.concatenate(([True], ordered[1:] != ordered[:-1]))]
+        values = distinct.view(flat.dtype)
+        if len(distinct) <= _TABLE_SIZE and bool(np.all(np.isfinite(values))):
+            # float.__repr__ is the text json.dumps writes for a finite float.
+            texts = list(map(float.__repr__, values.tolist()))
+            return _from_table(texts, np.searchsorted(distinct, bits))
     return json.dumps(flat.tolist(), separators=(",", ":"), allow_nan=False).encode()
 
 
 def _from_table(texts: list[str], index: np.ndarray) -> bytes:
-    """`[texts[i0],texts[i1],...]` for the indices."""
-    return ("[" + ",".join([texts[i] for i in index.tolist()]) + "]").encode()
+    """`[texts[i0],texts[i1],...]` for the indices (a take from an object array: eight times
+    faster than indexing the list in Python)."""
+    return ("[" + ",".join(np.array(texts, dtype=object)[index].tolist()) + "]").encode()
 
 
 @dataclass(frozen=True)

@@ -383,7 +383,9 @@ class _PriorClaims(Generic[HostReading]):
         own = results[len(self.groups)] if self.own is not None else None
         if isinstance(own, np.ndarray):
             self.vector = claims.signature(claims.probe_rows(own))
-        if self.vector is None and self.own is not None:  # stored without one: every later
+        # Stored without one (a white-box key's signature unread): every later Register
+        # checks it in full. An output key's registration has none to read.
+        if self.vector is None and self.own is not None:
             log.warning("Register by %s: the upload's own claim signature could not be read; "
                         "it will be checked in full by every later Register of its kind",
                         self.principal.name)
@@ -406,13 +408,12 @@ class _PriorClaims(Generic[HostReading]):
         index = self.ctx.claims
         wanted.update(dict.fromkeys(s.registration_id for s in self.ctx.ledger.read(
             self.ctx.store, lambda reg: reg.all()) if not index.indexed(s.registration_id)))
-        signature = self.kind
         found = [r for r in (lookup(self.ctx, rid) for rid in wanted)
                  if r is not None and _blocks(r, self.principal)]
         opened = [(record, *panels.open_sealed(self.ctx, record)) for record in found
                   if not outputs.is_output_registration(record)]
         self.earlier = [(record, bundle, panel) for record, bundle, panel in opened
-                        if _signature(bundle.triggers) == signature]
+                        if _signature(bundle.triggers) == self.kind]
         # Output keys read answers, not tensors: each candidate holding one (an output key
         # alone is never indexed, so always a candidate) reads the upload's answers to its
         # queries in this child too (`outputs.claim_runs`).
