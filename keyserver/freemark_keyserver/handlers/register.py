@@ -6,10 +6,12 @@ any reference models. One sandbox child reads the host: it must be the model the
 derived on (fingerprint, every bit extracted, the key specific to it); the same child then
 scans it on the triggers of every earlier registration of its input signature, whatever its
 modules are called, and an earlier registration that claims it refuses the call
-(`_PriorClaims`). The reference panel is measured (the owner's references and the operator's
-members of the family) and vetted (`vetting`: members leaning toward the host left out, the
-rest able to reach alpha), the bundle and panel are sealed, the host stored, the receipt
-(naming every member and its source) appended to the log and signed.
+(`_PriorClaims`); an output key's Register does the same, its child reading the host through
+its answers to the queries (`register_output_key`). The reference panel is measured (the
+owner's references and the operator's members of the family) and vetted (`vetting`: members
+leaning toward the host left out, the rest able to reach alpha), the bundle and panel are
+sealed, the host stored, the receipt (naming every member and its source) appended to the
+log and signed.
 """
 
 from __future__ import annotations
