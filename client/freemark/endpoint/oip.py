@@ -181,7 +181,8 @@ def encode_infer(inputs: np.ndarray, meta: ModelMetadata, wire: np.dtype[Any],
     """The JSON body of `POST .../infer` for a batch: row-major data in the wire datatype, the
     one output a verdict reads requested by name. Integer queries (images as uint8) are written
     as JSON integers whatever the wire type: the same numbers, exactly, at a fraction of the
-    cost of formatting floats (JSON has one number type; the server casts to the datatype)."""
+    cost of formatting floats (JSON has one number type; the server casts to the datatype).
+    Every number is the text `json.dumps` writes for it (`_numbers`)."""
     data = np.ascontiguousarray(inputs, dtype=wire)
     body = {
         "id": request_id,
@@ -190,30 +191,52 @@ def encode_infer(inputs: np.ndarray, meta: ModelMetadata, wire: np.dtype[Any],
         "outputs": [{"name": meta.output.name}],
     }
     parts = json.dumps(body, separators=(",", ":")).split(_MARK)
-    if inputs.dtype.kind in "iu":
-        numbers = _integers(np.asarray(inputs).reshape(-1))
-    else:
-        numbers = json.dumps(data.reshape(-1).tolist(), separators=(",", ":"), allow_nan=False)
     if len(parts) != 2:  # a tensor name holding the marker: never from an honest server
         raise _refuse(meta.name, "a tensor name holds a NUL character")
-    return (parts[0] + numbers + parts[1]).encode()
+    source = np.asarray(inputs) if inputs.dtype.kind in "iu" else data
+    return parts[0].encode() + _numbers(source.reshape(-1)) + parts[1].encode()
 
 
 _DATA = "\x00data"  # where the numbers go; a NUL no honest tensor name holds
 _MARK = json.dumps(_DATA)
-_TABLE_SPAN = 4096  # integer ranges up to this wide are written from a table of their texts
+# At most this many distinct numbers are written from a table of their texts (pixels have 256,
+# queries on a 256-level grid as many); more, and each number is formatted by json.dumps.
+_TABLE_SIZE = 4096
 
 
-def _integers(flat: np.ndarray) -> str:
-    """A JSON array of integers, written from a table of their decimal texts when their range
-    is small (pixels): four times faster than json.dumps, which formats each one."""
+def _numbers(flat: np.ndarray) -> bytes:
+    """A JSON array of a flat integer or float array, exactly as `json.dumps(flat.tolist())`
+    writes it (integers in decimal, floats as the repr of their float64 value; NaN and
+    Infinity refused with json's ValueError). When the array holds few distinct values
+    (pixels; queries on a 256-level grid, whatever their dtype), each is formatted once and
+    the array is written from that table (`_from_table`): for 64 MNIST-sized queries, 1 ms
+    against json.dumps's 5 ms for integers and 30 ms for floats, which it formats one by
+    one."""
     if flat.size == 0:
-        return "[]"
-    low, high = int(flat.min()), int(flat.max())
-    if high - low >= _TABLE_SPAN:
-        return json.dumps(flat.tolist(), separators=(",", ":"))
-    table = [str(v) for v in range(low, high + 1)]
-    return "[" + ",".join([table[v] for v in (flat.astype(np.int64) - low).tolist()]) + "]"
+        return b"[]"
+    if flat.dtype.kind in "iu":
+        low, high = int(flat.min()), int(flat.max())
+        if high - low < _TABLE_SIZE:
+            texts = [str(v) for v in range(low, high + 1)]
+            return _from_table(texts, flat.astype(np.int64) - low)
+    else:
+        # Distinct bit patterns, not values: -0.0 and 0.0 are two numbers on the wire. A
+        # sort and a search: np.unique's inverse (an argsort) costs ten times more.
+        bits = flat.view(np.dtype(f"u{flat.dtype.itemsize}"))
+        ordered = np.sort(bits)
+        distinct = ordered[np.concatenate(([True], ordered[1:] != ordered[:-1]))]
+        values = distinct.view(flat.dtype)
+        if len(distinct) <= _TABLE_SIZE and bool(np.all(np.isfinite(values))):
+            # float.__repr__ is the text json.dumps writes for a finite float.
+            texts = list(map(float.__repr__, values.tolist()))
+            return _from_table(texts, np.searchsorted(distinct, bits))
+    return json.dumps(flat.tolist(), separators=(",", ":"), allow_nan=False).encode()
+
+
+def _from_table(texts: list[str], index: np.ndarray) -> bytes:
+    """`[texts[i0],texts[i1],...]` for the indices (a take from an object array: eight times
+    faster than indexing the list in Python)."""
+    return ("[" + ",".join(np.array(texts, dtype=object)[index].tolist()) + "]").encode()
 
 
 @dataclass(frozen=True)

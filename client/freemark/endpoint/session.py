@@ -6,6 +6,12 @@ against the policy's allow-list, then talks only to the checked address: metadat
 Every exchange goes into the transcript. A session is one verdict's worth of queries: the
 query budget and the total deadline count over all of its calls.
 
+Batches go out one at a time, but the endpoint is not left idle while the client works: the
+next batch is encoded, and the last reply decoded and checked, while the endpoint computes
+the current one (`transport.send`, then `Pending.reply`). So a reply refused as malformed
+is refused after the next batch went out; the set is burned either way (the key server
+counts it as disclosed before the first query).
+
 Consistency (a lying endpoint): `answer` sends `policy.repeats` of the inputs a second time,
 shuffled with all the others into random positions of random batches, and refuses the
 endpoint when more than `policy.max_disagreement` of the repeats get a different top-1 class.
@@ -42,7 +48,7 @@ from freemark.endpoint.oip import (
 from freemark.endpoint.policy import Address, EndpointPolicy, normalise_address
 from freemark.endpoint.ratelimit import EndpointRateLimiter
 from freemark.endpoint.transcript import Exchange, Transcript, sha256_hex
-from freemark.endpoint.transport import Destination, exchange
+from freemark.endpoint.transport import Destination, Pending, send
 from freemark.errors import (
     EndpointBudgetError,
     EndpointInconsistentError,
@@ -155,19 +161,29 @@ class EndpointSession:
         """The checked address every connection of this session goes to."""
         return self._destination.address
 
-    def _request(self, method: str, path: str, body: bytes | None, inputs: int) -> bytes:
+    def _send(self, method: str, path: str, body: bytes | None) -> Pending:
+        """Send one request to the checked address (`transport.send`); the first starts the
+        total deadline and the transcript's time window."""
         if self._deadline is None:
             self._deadline = self._monotonic() + self.policy.total_timeout_s
             self._started = self._clock()
-        reply = exchange(self._destination, method, path, body,
-                         connect_timeout=self.policy.connect_timeout_s,
-                         read_timeout=self.policy.read_timeout_s, deadline=self._deadline,
-                         max_bytes=self.policy.max_response_bytes, monotonic=self._monotonic,
-                         context=self._context)
+        return send(self._destination, method, path, body,
+                    connect_timeout=self.policy.connect_timeout_s,
+                    read_timeout=self.policy.read_timeout_s, deadline=self._deadline,
+                    max_bytes=self.policy.max_response_bytes, monotonic=self._monotonic,
+                    context=self._context)
+
+    def _finish(self, pending: Pending, method: str, path: str, body: bytes | None,
+                inputs: int) -> bytes:
+        """Read a sent request's reply and put the exchange into the transcript."""
+        reply = pending.reply()
         self._finished = self._clock()
         self._exchanges.append(Exchange(method, path, reply.status, sha256_hex(body or b""),
                                         sha256_hex(reply.body), inputs))
         return reply.body
+
+    def _request(self, method: str, path: str, body: bytes | None, inputs: int) -> bytes:
+        return self._finish(self._send(method, path, body), method, path, body, inputs)
 
     def metadata(self) -> ModelMetadata:
         """The model's checked metadata (asked once per session)."""
@@ -219,15 +235,31 @@ class EndpointSession:
         order = self._rng.permutation(planned)
         source = np.concatenate([np.arange(n), repeats])
         by_slot: list[np.ndarray | None] = [None] * planned
-        start = 0
-        while start < planned:
-            slots, request_id, body = self._batch(inputs, source, order[start:], meta, wire)
-            reply = decode_infer(self._request("POST", infer_path, body, len(slots)), meta=meta,
-                                 request_id=request_id, n=len(slots), where=where)
-            self._note_version(reply.model_version, where)
-            for slot, value in zip(slots, reply.answers):
-                by_slot[slot] = value
-            start += len(slots)
+        # A pipeline of one request in flight: the next batch is encoded, and the last reply
+        # decoded, while the endpoint computes the current one (never two requests at once).
+        current = self._batch(inputs, source, order, meta, wire)
+        start = len(current[0])
+        pending: Pending | None = self._send("POST", infer_path, current[2])
+        try:
+            while pending is not None:
+                following = self._batch(inputs, source, order[start:], meta, wire) \
+                    if start < planned else None
+                body = self._finish(pending, "POST", infer_path, current[2], len(current[0]))
+                pending = None
+                if following is not None:
+                    pending = self._send("POST", infer_path, following[2])
+                    start += len(following[0])
+                slots, request_id, _ = current
+                reply = decode_infer(body, meta=meta, request_id=request_id, n=len(slots),
+                                     where=where)
+                self._note_version(reply.model_version, where)
+                for slot, value in zip(slots, reply.answers):
+                    by_slot[slot] = value
+                if following is not None:
+                    current = following
+        finally:
+            if pending is not None:
+                pending.close()
         answers = np.stack([a for a in by_slot if a is not None])
         if meta.kind == "scores" and answers.ndim != 2:
             raise EndpointResponseError(f"{where}: the batches disagree on the number of classes")

@@ -15,6 +15,7 @@ from freemark_keyserver.claims.signature import (
     PROBES,
     group_of,
     input_kind,
+    kind_of_inputs,
     probe_rows,
     signature,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "claim_record_id",
     "group_of",
     "input_kind",
+    "kind_of_inputs",
     "probe_rows",
     "sealed_claim",
     "signature",

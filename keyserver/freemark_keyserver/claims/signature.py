@@ -23,8 +23,8 @@ import numpy as np
 
 from freemark.scheme.triggers import TriggerSet
 
-__all__ = ["DIMENSIONS", "MIN_UNITS", "PROBES", "group_of", "input_kind", "probe_rows",
-           "signature"]
+__all__ = ["DIMENSIONS", "MIN_UNITS", "PROBES", "group_of", "input_kind", "kind_of_inputs",
+           "probe_rows", "signature"]
 
 # Probes per signature: 32 give 496 dimensions (1,984 bytes per registration in the index)
 # and ranked every copy of docs/keyserver.md's labelled set first; more probes cost memory
@@ -77,9 +77,13 @@ def input_kind(triggers: TriggerSet) -> tuple[int, bool, bool]:
     integer, with or without an attention mask. Sizes are left to the sandbox child, which
     compares them with the upload's declared input shape (`freemark.scheme.activations.
     accepts`), so a model that takes any sequence length or image size is still compared."""
-    inputs = np.asarray(triggers.inputs)
-    return inputs.ndim, bool(np.issubdtype(inputs.dtype, np.floating)), (
-        triggers.attention_mask is not None)
+    return kind_of_inputs(triggers.inputs, masked=triggers.attention_mask is not None)
+
+
+def kind_of_inputs(inputs: np.ndarray, *, masked: bool = False) -> tuple[int, bool, bool]:
+    """`input_kind` of a batch of inputs (an output key's queries: never masked)."""
+    inputs = np.asarray(inputs)
+    return inputs.ndim, bool(np.issubdtype(inputs.dtype, np.floating)), masked
 
 
 def group_of(triggers: TriggerSet) -> bytes:

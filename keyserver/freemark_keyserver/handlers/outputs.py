@@ -39,8 +39,9 @@ from freemark_keyserver.sandbox.runner import ModelIdentity, TriggerRun
 from freemark_keyserver.store import Registration
 
 __all__ = ["MIN_ARCHITECTURES", "MIN_REFERENCES", "OUTPUTS_LAYER", "MeasuredPanel", "Reading",
-           "claim_runs", "claimed_by", "is_output_registration", "measure_panel", "open_bytes",
-           "open_sealed", "parse_key", "read_host", "seal_bytes", "suspect_tests"]
+           "check_host", "claim_runs", "claimed_by", "host_runs", "is_output_registration",
+           "measure_panel", "open_bytes", "open_sealed", "parse_key", "read_host",
+           "reading_of", "seal_bytes", "suspect_tests"]
 
 # The receipt's and the store's layer for an output key: parentheses never name a module.
 OUTPUTS_LAYER = "(outputs)"
@@ -81,16 +82,18 @@ class Reading:
     ranking_scores: np.ndarray  # (R, C)
 
 
-def _runs(key: OutputKey) -> list[TriggerRun]:
+def host_runs(key: OutputKey) -> list[TriggerRun]:
+    """The sandbox runs that read a model's answers to a key's queries and ranking items."""
     return [TriggerRun.outputs_of(key.queries), TriggerRun.outputs_of(key.ranking_inputs)]
 
 
-def _read(ctx: Context, path: Path, key: OutputKey, what: str, *, classes: bool = True
-          ) -> Reading:
-    with sandbox_refusals():
-        identity, results = ctx.batch(path, _runs(key), limits=ctx.config.sandbox, options={})
+def reading_of(key: OutputKey, identity: ModelIdentity,
+               results: Sequence[np.ndarray | Exception], what: str, *, classes: bool = True
+               ) -> Reading:
+    """A model's `Reading` from the results of its `host_runs` (the first two); a failed run
+    raises its own refusal (`sandbox_refusals`)."""
     answers: list[np.ndarray] = []
-    for result in results:
+    for result in results[:2]:
         if isinstance(result, Exception):
             with sandbox_refusals():
                 raise result
@@ -101,6 +104,14 @@ def _read(ctx: Context, path: Path, key: OutputKey, what: str, *, classes: bool 
                            f"the key is for {key.n_classes}")
     return Reading(identity, bytes(getattr(queries, "architecture", b"")),
                    np.asarray(queries, dtype=np.float64), np.asarray(ranking, dtype=np.float64))
+
+
+def _read(ctx: Context, path: Path, key: OutputKey, what: str, *, classes: bool = True
+          ) -> Reading:
+    with sandbox_refusals():
+        identity, results = ctx.batch(path, host_runs(key), limits=ctx.config.sandbox,
+                                      options={})
+    return reading_of(key, identity, results, what, classes=classes)
 
 
 def suspect_tests(ctx: Context, path: Path, key: OutputKey, panel: MeasuredPanel
@@ -155,8 +166,15 @@ def claimed_by(key: OutputKey, panel: MeasuredPanel,
 
 def read_host(ctx: Context, path: Path, key: OutputKey) -> Reading:
     """Read the host; it must be the key's host and answer every query and ranking item as
-    the key says (HOST_MISMATCH otherwise)."""
+    the key says (`check_host`)."""
     host = _read(ctx, path, key, "the host")
+    check_host(key, host)
+    return host
+
+
+def check_host(key: OutputKey, host: Reading) -> None:
+    """HOST_MISMATCH unless `host` is the key's host (its fingerprint) and answers every query
+    and ranking item as the key says."""
     if host.identity.fingerprint != key.host_fingerprint:
         raise ServiceError(ErrorCode.HOST_MISMATCH,
                            "the uploaded model's weights are not the ones the output key was "
@@ -171,7 +189,6 @@ def read_host(ctx: Context, path: Path, key: OutputKey) -> Reading:
         raise ServiceError(ErrorCode.HOST_MISMATCH,
                            f"the host ranks {wrong} of {len(orders)} natural ranking items "
                            f"otherwise than the key says")
-    return host
 
 
 @dataclass(frozen=True)

@@ -6,19 +6,22 @@ any reference models. One sandbox child reads the host: it must be the model the
 derived on (fingerprint, every bit extracted, the key specific to it); the same child then
 scans it on the triggers of every earlier registration of its input signature, whatever its
 modules are called, and an earlier registration that claims it refuses the call
-(`_PriorClaims`). The reference panel is measured (the owner's references and the operator's
-members of the family) and vetted (`vetting`: members leaning toward the host left out, the
-rest able to reach alpha), the bundle and panel are sealed, the host stored, the receipt
-(naming every member and its source) appended to the log and signed.
+(`_PriorClaims`); an output key's Register does the same, its child reading the host through
+its answers to the queries (`register_output_key`). The reference panel is measured (the
+owner's references and the operator's members of the family) and vetted (`vetting`: members
+leaning toward the host left out, the rest able to reach alpha), the bundle and panel are
+sealed, the host stored, the receipt (naming every member and its source) appended to the
+log and signed.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -70,6 +73,8 @@ __all__ = ["CLAIMED", "parse_bundle", "register", "register_host", "register_out
 
 log = logging.getLogger("freemark_keyserver")
 REGISTRATION_ID_BYTES = 12
+# What a Register's prior-claim check reads the host as: its activations or its answers.
+HostReading = TypeVar("HostReading")
 CLAIMED = ("an earlier registration already claims this model; if it is yours, use that "
            "registration, otherwise contact the key server's operator")
 
@@ -112,20 +117,22 @@ def register_output_key(ctx: Context, principal: Principal, key: OutputKey, host
     """Check, store and log a registration of an output key; return its signed receipt.
 
     The host is read in the sandbox through its outputs: it must be the key's host and
-    answer every query as the key says. Registered weights are refused as for a white-box
-    key (the same fingerprint check, `_claimed`), and so is a model an earlier output key
-    matches (`_check_output_claims`). The panel (the key's own references) is
+    answer every query as the key says. The same child then runs the prior-claim check of
+    a white-box Register (`_PriorClaims`: registered weights, a match of any earlier key of
+    either kind, fail closed), so a copy of a host registered under a white-box key cannot
+    be registered under an output key either. The panel (the key's own references) is
     read in the sandbox too, and its answers, not the owner's, are sealed with the key. The
     receipt commits to every query set (`Receipt.query_sets`).
     """
     require_role(principal, OWNER)
-    reading = outputs.read_host(ctx, host, key)
+    prior = _output_key_claims(ctx, principal, key)
+    with sandbox_refusals():  # one child reads the host, then judges it against earlier keys
+        _, results = ctx.batch(host, outputs.host_runs(key), limits=ctx.config.sandbox,
+                               options={}, then=prior.runs)
+    assert prior.host is not None  # `runs` ran, or the call raised
+    prior.judge(results)
+    reading = prior.host
     fingerprint = reading.identity.fingerprint
-    same = [r for r in lookup_many(ctx, lambda reg: reg.by_fingerprint(fingerprint))
-            if _blocks(r, principal)]
-    if same:
-        raise _claimed(principal, same, "the same weights are registered")
-    _check_output_claims(ctx, principal, host)
     panel, _ = outputs.measure_panel(ctx, references, key, reading)
     registration_id = "reg_" + secrets.token_hex(REGISTRATION_ID_BYTES)
     envelope = seal(ctx.keyring, outputs.seal_bytes(key, panel), record_id=registration_id,
@@ -197,13 +204,13 @@ def register_host(ctx: Context, principal: Principal, bundle: KeyBundle, host: P
     inside the registration's envelope and the receipt commits to its query sets.
     """
     require_role(principal, OWNER)
-    claims = _PriorClaims(ctx, principal, bundle)
+    claims = _white_box_claims(ctx, principal, bundle)
     with sandbox_refusals():  # one child reads the host, then judges it against earlier keys
         _, results = ctx.batch(host, [panels.trigger_run(bundle, probes=True)],
                                limits=ctx.config.sandbox,
                                options=formats.sandbox_options(host_format), then=claims.runs)
     assert claims.host is not None  # `runs` ran, or the call raised
-    claims.judge(results[1:])
+    claims.judge(results)
     reading = claims.host
     bundle = panels.with_profile(bundle, reading)
     sealed_outputs = b""
@@ -258,8 +265,13 @@ def register_host(ctx: Context, principal: Principal, bundle: KeyBundle, host: P
     return wire.receipt_to_proto(receipt)
 
 
-class _PriorClaims:
+class _PriorClaims(Generic[HostReading]):
     """ALREADY_EXISTS when an earlier registration (`_blocks`) already claims the upload.
+
+    Either key kind's Register runs it, in the child that reads the host with the key
+    being registered (`_white_box_claims`: its activations on the triggers, which also give
+    the upload's own claim signature; `_output_key_claims`: its answers to the queries), and
+    the claims are the same for both: every earlier registration's keys of both kinds.
 
     Claimed means: the same weights, or an earlier key's verdict (plain and, with that
     registration's panel, aligned, so a relabelled, rescaled or padded copy is caught) is a
@@ -302,12 +314,22 @@ class _PriorClaims:
     the call.
     """
 
-    def __init__(self, ctx: Context, principal: Principal, bundle: KeyBundle) -> None:
-        self.ctx, self.principal, self.bundle = ctx, principal, bundle
-        self.host: panels.Reading | None = None
+    def __init__(self, ctx: Context, principal: Principal, kind: tuple[int, bool, bool],
+                 read_host: Callable[[ModelIdentity, Sequence[np.ndarray | Exception]],
+                                     tuple[HostReading, bytes]],
+                 own: KeyBundle | None = None) -> None:
+        """`kind`: the inputs the upload takes (`claims.input_kind`); `read_host`: the host's
+        reading, checked against the key being registered, and its fingerprint, from the
+        child's first results; `own`: the white-box key being registered, whose layer gives
+        the upload's own claim signature (an output key's registration has none)."""
+        self.ctx, self.principal, self.kind, self.bundle = ctx, principal, kind, own
+        self._read_host = read_host
+        self.host: HostReading | None = None
+        self.initial = 0  # the child's first results (the host's own runs), before ours
         self.earlier: list[tuple[Registration, KeyBundle, list[Reference]]] = []
         self.groups: list[tuple[bytes, str]] = []  # the index groups scanned, with anchors
-        self.own: tuple[bytes, str] = (claims.group_of(bundle.triggers), "")
+        self.own: tuple[bytes, str] | None = (claims.group_of(own.triggers), "") \
+            if own is not None else None
         self.vector: np.ndarray | None = None  # the upload's own signature, once read
         self.output_keys: list[tuple[Registration, OutputKey, outputs.MeasuredPanel]] = []
         self.index_failed = False
@@ -315,53 +337,57 @@ class _PriorClaims:
 
     def runs(self, identity: ModelIdentity, results: list[np.ndarray | Exception]) -> list[TriggerRun]:
         """The pool's follow-up, asked until it returns nothing: first the index's scans,
-        then a full scan for every candidate earlier key."""
+        then a full scan for every candidate earlier key (at once when there is nothing
+        to scan for the index: the pool would stop asking on an empty answer)."""
         self.asked += 1
         if self.asked == 1:
-            return self._index_runs(identity, results)
+            index = self._index_runs(identity, results)
+            if index:
+                return index
+            self.asked += 1
         if self.asked == 2:
-            return self._candidate_runs(results[1:])
+            return self._candidate_runs(results[self.initial:])
         return []
 
     def _index_runs(self, identity: ModelIdentity, results: list[np.ndarray | Exception]
                     ) -> list[TriggerRun]:
         """With the host's own reading (its child still holds it): check the host, refuse an
         upload of registered weights, and return a scan of every tensor on each index
-        group's probes for the upload's input kind, and a read of its own key layer on its
-        group's probes (its signature, stored with the registration)."""
-        try:
-            self.host = panels.reading_of(self.bundle, identity, results[0], self.bundle.probes)
-        except InvalidInputError as exc:
-            raise ServiceError(ErrorCode.INVALID_MODEL, public(exc)) from exc
-        _check_host(self.bundle, self.host)
-        fingerprint = self.host.fingerprint
+        group's probes for the upload's input kind, and (a white-box key) a read of its own
+        key layer on its group's probes (its signature, stored with the registration)."""
+        self.initial = len(results)
+        self.host, fingerprint = self._read_host(identity, results)
         same = [r for r in lookup_many(self.ctx, lambda reg: reg.by_fingerprint(fingerprint))
                 if _blocks(r, self.principal)]
         if same:
             raise _claimed(self.principal, same, "the same weights are registered")
         self.ctx.claims.refresh(self.ctx.store)
         anchors: dict[str, TriggerSet] = {}
-        for group, anchor in self.ctx.claims.groups(_signature(self.bundle.triggers)):
+        for group, anchor in self.ctx.claims.groups(self.kind):
             record = lookup(self.ctx, anchor)
             if record is None:  # a row the signed log does not hold: no group of ours
                 continue
             anchors[anchor] = panels.open_sealed(self.ctx, record)[0].triggers
             self.groups.append((group, anchor))
+        scans = [TriggerRun(None, 0, anchors[anchor], claims.PROBES) for _, anchor in self.groups]
+        if self.bundle is None or self.own is None:
+            return scans
         own_group = self.own[0]
         own_anchor = self.ctx.claims.anchor(own_group) or ""
         self.own = (own_group, own_anchor)
         own_triggers = anchors.get(own_anchor, self.bundle.triggers)
-        return [*(TriggerRun(None, 0, anchors[anchor], claims.PROBES)
-                  for _, anchor in self.groups),
+        return [*scans,
                 TriggerRun(self.bundle.layer, self.bundle.pooling, own_triggers, claims.PROBES)]
 
     def _candidate_runs(self, results: Sequence[np.ndarray | Exception]) -> list[TriggerRun]:
         """The candidates the index ranks nearest, with every registration it cannot rank;
         a scan for each of those whose triggers the upload could take."""
-        own = results[len(self.groups)]
+        own = results[len(self.groups)] if self.own is not None else None
         if isinstance(own, np.ndarray):
             self.vector = claims.signature(claims.probe_rows(own))
-        if self.vector is None:  # stored without one: every later Register checks it in full
+        # Stored without one (a white-box key's signature unread): every later Register
+        # checks it in full. An output key's registration has none to read.
+        if self.vector is None and self.own is not None:
             log.warning("Register by %s: the upload's own claim signature could not be read; "
                         "it will be checked in full by every later Register of its kind",
                         self.principal.name)
@@ -384,13 +410,12 @@ class _PriorClaims:
         index = self.ctx.claims
         wanted.update(dict.fromkeys(s.registration_id for s in self.ctx.ledger.read(
             self.ctx.store, lambda reg: reg.all()) if not index.indexed(s.registration_id)))
-        signature = _signature(self.bundle.triggers)
         found = [r for r in (lookup(self.ctx, rid) for rid in wanted)
                  if r is not None and _blocks(r, self.principal)]
         opened = [(record, *panels.open_sealed(self.ctx, record)) for record in found
                   if not outputs.is_output_registration(record)]
         self.earlier = [(record, bundle, panel) for record, bundle, panel in opened
-                        if _signature(bundle.triggers) == signature]
+                        if _signature(bundle.triggers) == self.kind]
         # Output keys read answers, not tensors: each candidate holding one (an output key
         # alone is never indexed, so always a candidate) reads the upload's answers to its
         # queries in this child too (`outputs.claim_runs`).
@@ -401,7 +426,7 @@ class _PriorClaims:
     def sealed(self, registration_id: str) -> ClaimSignature | None:
         """The upload's own signature, sealed for the index (None when it could not be read:
         the registration is then one the index cannot rank, checked in full by later ones)."""
-        if self.vector is None:
+        if self.vector is None or self.own is None:
             return None
         group, anchor = self.own
         return claims.sealed_claim(self.ctx.keyring, registration_id, self.principal.name,
@@ -411,15 +436,16 @@ class _PriorClaims:
         """Refuse the upload if an earlier key decodes any tensor of it, or if a scan or a
         judgement failed (fail closed: never a clearance).
 
-        `results` are the follow-ups' answers: the index's scans, then the candidates'.
+        `results` are the child's: the host's own runs, the index's scans (and the
+        upload's own signature run), then the candidates'.
         Every candidate key is judged before any refusal (no short-circuit: how long the call
         takes says nothing of which key matched). A failure is logged by its class name only:
         its message may be computed from that key's secret triggers (issue 18)."""
         assert self.host is not None
+        results = results[self.initial + len(self.groups) + (self.own is not None):]
         claims_found: list[tuple[Registration, float]] = []
-        answers = list(results[len(self.groups) + 1 + len(self.earlier):])
-        claims_found += _output_claims(self.output_keys, answers)
-        for (record, bundle, panel), result in zip(self.earlier, results[len(self.groups) + 1:]):
+        claims_found += _output_claims(self.output_keys, results[len(self.earlier):])
+        for (record, bundle, panel), result in zip(self.earlier, results):
             if not isinstance(result, LayerScan):  # a failed scan: never a clearance
                 log.warning("Register by %s: the upload could not be scanned with earlier "
                             "registration %s (%s); a claim", self.principal.name,
@@ -451,24 +477,35 @@ class _PriorClaims:
                            "index's probes")
 
 
-def _check_output_claims(ctx: Context, principal: Principal, host: Path) -> None:
-    """ALREADY_CLAIMED when an earlier registration of an output key alone (every one: they
-    are never in the claim index) matches the upload, or its check fails (fail closed); the
-    refusal names no registration and no figure (`_claimed`)."""
-    earlier = _output_keys(ctx, lookup_many(ctx, lambda registry: [
-        s for s in registry.all() if s.layer == outputs.OUTPUTS_LAYER]))
-    earlier = [entry for entry in earlier if _blocks(entry[0], principal)]
-    if not earlier:
-        return
-    with sandbox_refusals():
-        _, answers = ctx.batch(host, [run for _, key, _ in earlier
-                                      for run in outputs.claim_runs(key)],
-                               limits=ctx.config.sandbox, options={})
-    found = _output_claims(earlier, answers)
-    if found:
-        raise _claimed(principal, [record for record, _ in found],
-                       "an earlier output key matches the upload, or it could not be judged "
-                       "(log10 p " + ", ".join(f"{p:.1f}" for _, p in found) + ")")
+def _white_box_claims(ctx: Context, principal: Principal, bundle: KeyBundle
+                      ) -> _PriorClaims[panels.Reading]:
+    """The prior-claim check of a white-box Register: the host read on the key's triggers
+    (and probes) must be the key's host (`_check_host`)."""
+
+    def read(identity: ModelIdentity, results: Sequence[np.ndarray | Exception]
+             ) -> tuple[panels.Reading, bytes]:
+        try:
+            host = panels.reading_of(bundle, identity, results[0], bundle.probes)
+        except InvalidInputError as exc:
+            raise ServiceError(ErrorCode.INVALID_MODEL, public(exc)) from exc
+        _check_host(bundle, host)
+        return host, host.fingerprint
+
+    return _PriorClaims(ctx, principal, _signature(bundle.triggers), read, own=bundle)
+
+
+def _output_key_claims(ctx: Context, principal: Principal, key: OutputKey
+                       ) -> _PriorClaims[outputs.Reading]:
+    """The prior-claim check of an output-key Register: the host read through its answers
+    (`outputs.host_runs`) must be the key's host (`outputs.check_host`)."""
+
+    def read(identity: ModelIdentity, results: Sequence[np.ndarray | Exception]
+             ) -> tuple[outputs.Reading, bytes]:
+        host = outputs.reading_of(key, identity, results, "the host")
+        outputs.check_host(key, host)
+        return host, host.identity.fingerprint
+
+    return _PriorClaims(ctx, principal, claims.kind_of_inputs(key.queries), read)
 
 
 def _output_keys(ctx: Context, records: Sequence[Registration]

@@ -82,3 +82,27 @@ def test_labels_come_as_n_or_n_by_one_and_nothing_else() -> None:
     with pytest.raises(EndpointResponseError, match="shape"):
         decode_infer(json.dumps(reply).encode(), meta=meta, request_id="r", n=3,  # type: ignore
                      where="test")
+
+
+@pytest.mark.parametrize("queries", [
+    np.random.default_rng(0).integers(0, 256, (64, 4), dtype=np.uint8),  # pixels: a table
+    np.random.default_rng(1).integers(-3000, 1000, (64, 4)).astype(np.int16),  # a wide span
+    np.array([[0.0, -0.0, 1 / 255, 254 / 255]] * 3, np.float32),  # a grid: a table
+    np.random.default_rng(2).random((2048, 4), dtype=np.float32),  # 8,192 distinct: json
+], ids=["uint8", "int16-span", "float32-grid", "float32-distinct"])
+def test_the_numbers_are_the_texts_json_writes(queries: np.ndarray) -> None:
+    """The table the encoder writes numbers from (few distinct values) gives the bytes
+    json.dumps gives, and so does its fallback; -0.0 stays -0.0."""
+    meta = _meta([{"name": "label", "datatype": "INT64", "shape": [-1]}])
+    wire = check_inputs(queries, meta, "test")  # type: ignore[arg-type]
+    body = encode_infer(queries, meta, wire, "r1")  # type: ignore[arg-type]
+    exact = queries if queries.dtype.kind in "iu" else queries.astype(wire)
+    expected = json.dumps(exact.reshape(-1).tolist(), separators=(",", ":")).encode()
+    assert b'"data":' + expected + b"}" in body
+
+
+def test_a_query_that_is_not_a_json_number_is_refused() -> None:
+    meta = _meta([{"name": "label", "datatype": "INT64", "shape": [-1]}])
+    queries = np.array([[0.5, np.nan, 0.0, 1.0]], np.float32)
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        encode_infer(queries, meta, check_inputs(queries, meta, "test"), "r1")  # type: ignore[arg-type]
