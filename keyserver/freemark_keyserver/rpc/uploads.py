@@ -151,7 +151,9 @@ def spooled(chunks: Iterator[bytes], header: keyservice_pb2.UploadHeader, *, cap
     path once size and SHA-256 match.
 
     The SHA-256 is the header's, or, where the header left it empty, the one the stream
-    sent after the last chunk (`deferred`, asked once `chunks` is exhausted). Each chunk is
+    sent after the last chunk (`deferred`, asked once `chunks` is exhausted), which is then
+    written into `header`: once checked, the header is complete either way, and what a
+    handler binds (a verdict's `suspect_sha256`) is read from it. Each chunk is
     reserved in the spool's quota (and `principal`'s share of it) before it is written. The
     file is removed (and the reservation released) when the block ends, whatever happens: a
     stalled, cut or refused stream raises out of `chunks` and leaves nothing behind.
@@ -191,6 +193,7 @@ def spooled(chunks: Iterator[bytes], header: keyservice_pb2.UploadHeader, *, cap
             if digest.digest() != expected:
                 raise ServiceError(ErrorCode.UPLOAD_CORRUPT, "SHA-256 of the received bytes does not "
                                    "match the header; the file changed or was corrupted in transit")
+            header.sha256 = expected
             yield path
         finally:
             path.unlink(missing_ok=True)

@@ -120,6 +120,9 @@ def test_a_deferred_sha256_is_asked_once_the_chunks_end(tmp_path: Path) -> None:
     with spooled(chunks(), header, cap=CAP, spool=spool, principal="alice", suffix=".pt2",
                  deferred=lambda: sent[0] if sent else None) as path:
         assert path.read_bytes() == data
+        # Checked, and written into the header, where a verdict's suspect_sha256 is read.
+        assert header.sha256 == hashlib.sha256(data).digest()
+    header.ClearField("sha256")
     for trailer in (None, bytes(32)):
         with pytest.raises(ServiceError) as caught, spooled(
                 iter([data]), header, cap=CAP, spool=spool, principal="alice", suffix=".pt2",
