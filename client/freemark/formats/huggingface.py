@@ -711,11 +711,13 @@ def model_run(model: nn.Module, layer: str | None, pooling: int, width: int
     return model_identity(model), layer_run(model, layer, pooling, width)
 
 
-def model_identity(model: nn.Module) -> bytes:
-    """The fingerprint of every weight ‖ the architecture digest: read once per model."""
+def model_identity(model: nn.Module, *, weights: bool = True) -> bytes:
+    """The fingerprint of every weight ‖ the architecture digest: read once per model.
+    `weights` False leaves the weights unhashed (32 zero bytes stand in), for a reader that
+    does not use the fingerprint (the key server's Verify)."""
     from freemark.formats.pt2 import architecture_digest, fingerprint
 
-    return fingerprint(model) + architecture_digest(model)
+    return (fingerprint(model) if weights else bytes(32)) + architecture_digest(model)
 
 
 def layer_run(model: nn.Module, layer: str | None, pooling: int, width: int

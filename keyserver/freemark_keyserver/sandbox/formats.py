@@ -31,6 +31,7 @@ from typing import Any
 from freemark.formats.onnx import MAX_TENSOR_NAME
 from freemark.formats.table import FORMATS, ModelFormat, by_name, by_wire
 from freemark.scheme.triggers import TriggerSet
+from freemark_keyserver.sandbox.protocol import FINGERPRINT_KEY
 
 FORMAT_KEY = "format"
 TENSOR_KEY = "onnx_tensor"
@@ -102,8 +103,9 @@ def sandboxed_reader(header: dict[str, Any]
     once and fingerprints it once, and every set reads its layer from that one module, as a
     `.pt2` program is loaded once for every set: a Register of a 1.1 B-parameter decoder
     otherwise built and fingerprinted it three times (its identity, its triggers, its claim
-    signature), a third of the child's time. ONNX, whose reader builds a session for the
-    tensors it reads, opens per set."""
+    signature), a third of the child's time; and, as for a program, the request's
+    `SKIP_FINGERPRINT` (a Verify, which does not use it) leaves the weights unhashed. ONNX,
+    whose reader builds a session for the tensors it reads, opens per set."""
     opener = _READERS[header[FORMAT_KEY]].opener()
     if not hasattr(opener, "load_untrusted"):
         identity, _ = sandboxed_model({**header, **header["sets"][0]})
@@ -112,7 +114,8 @@ def sandboxed_reader(header: dict[str, Any]
 
     model = opener.load_untrusted(header["model"], weights=header.get("weights"),
                                   **_cap(header))
-    return model_identity(model), lambda spec: layer_run(
+    hashed = bool(header.get(FINGERPRINT_KEY, True))  # Verify's SKIP_FINGERPRINT: not needed
+    return model_identity(model, weights=hashed), lambda spec: layer_run(
         model, spec["layer"], spec["pooling"], int(spec.get("width", 0)))
 
 

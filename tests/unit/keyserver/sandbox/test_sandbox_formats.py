@@ -20,6 +20,7 @@ from freemark.v1 import bundle_pb2
 from freemark.v1 import keyservice_pb2 as pb
 from freemark_keyserver.sandbox import formats
 from freemark_keyserver.sandbox.limits import GiB, SandboxLimits
+from freemark_keyserver.sandbox.protocol import SKIP_FINGERPRINT
 from freemark_keyserver.sandbox.runner import (
     SandboxResourceError,
     TriggerRun,
@@ -112,7 +113,8 @@ def test_one_child_reads_every_layer_of_a_decoder_from_one_build(tmp_path: Path)
     """A batch of runs at several layers, and one with a missing layer, is read from one
     build of the checkpoint (`formats.sandboxed_reader`): each run answers what it would
     alone, a run's missing layer is that run's failure only, and the identity is the
-    model's fingerprint and architecture digest."""
+    model's fingerprint and architecture digest (zeros for the weights when the request
+    skips the fingerprint, as a Verify does)."""
     from freemark.formats.pt2 import architecture_digest, fingerprint
 
     folder, triggers, layer = _decoder(tmp_path)
@@ -132,6 +134,12 @@ def test_one_child_reads_every_layer_of_a_decoder_from_one_build(tmp_path: Path)
         expected, _ = capture(model, name, triggers)
         assert not isinstance(result, Exception)
         np.testing.assert_allclose(result, expected, rtol=1e-6, atol=1e-6)
+    # A Verify does not use the fingerprint: it asks for none, and reads the same.
+    unhashed, again = run_batch(packed, [TriggerRun(layer, pooling, triggers, 0)], options={
+        **formats.sandbox_options(pb.MODEL_FORMAT_HF_CHECKPOINT), **SKIP_FINGERPRINT})
+    assert unhashed.fingerprint == bytes(32)
+    assert unhashed.architecture_digest == identity.architecture_digest
+    np.testing.assert_array_equal(again[0], results[0])
 
 
 def test_the_workers_memory_limit_grows_with_its_model_file(tmp_path: Path) -> None:
