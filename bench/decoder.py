@@ -10,8 +10,9 @@ key/value heads, vocabulary 32,000, untied head (TinyLlama-1.1B's shape: 1,100 M
 2.2 GB in bf16). Its weights are random (normal, std 0.02; norms 1): timing and memory depend
 on the shapes, not the values, and no pretrained decoder of this size ships in a wheel of the
 package index. It is generated in bf16 directly, one tensor at a time (never a float32 copy),
-and written once with `save_pretrained` (bf16, 500 MB shards) under `.cache/bench-decoder/`,
-keyed by a hash of the recipe; later runs reuse it. `--quick`: the same recipe with 2 layers
+and written once with `save_pretrained` (bf16, 500 MB shards) under `.cache/bench-decoder/`
+(or `$FREEMARK_BENCH_CACHE/bench-decoder/`, so that several clones share one copy of its
+2.2 GB), keyed by a hash of the recipe; later runs reuse it. `--quick`: the same recipe with 2 layers
 (about 170 M parameters), to check the script in a minute.
 
 The key reads `model.layers.<middle>.mlp.act_fn` (5,632 units) on 16 triggers of 16 random
@@ -19,15 +20,21 @@ token ids (the model has no tokenizer; a real owner's come from `freemark trigge
 with no alignment probes and no reference panel, so that a run takes minutes on two shared
 cores; probes scale the forward pass, the same in the floor and the product.
 
-Floor, in this process with one thread (as the sandbox runs): `load_checkpoint` of the
-directory (the same checks, memory-mapped bf16 weights), the key layer's activations on the
-triggers (`read_layer`) and the plain verdict (`judge_activations`). Register and Verify: a
-real key server in this process (`create_server` on port 0, a real sandbox, SQLite), the
-owner's `KeyServiceClient` from the checkpoint directory (the time includes packing it into one
-`.safetensors`, uploading it, and the sandbox's fingerprint of every weight). Peak memory: the
-largest VmHWM (`/proc/<pid>/status`) of a sandbox child, sampled every 20 ms while each call
-runs, and the high-water mark of every reaped descendant (`getrusage(RUSAGE_CHILDREN)`) once
-the server has stopped, both against the weights' bytes.
+Floors, in this process with one thread (as the sandbox runs). Verify's: reading the key's
+bits, i.e. `load_checkpoint` of the directory (the same checks, memory-mapped bf16 weights),
+the key layer's activations on the triggers (`read_layer`) and the plain verdict
+(`judge_activations`). Register's: the same plus the host's fingerprint over every weight
+(`pt2.fingerprint`), which a registration binds (the receipt names it, the database allows
+one registration per fingerprint) and which the owner's own derive computes too; "x read
+floor" is Register against the read alone, the definition of the first runs. Register and
+Verify: a real key server in this process (`create_server` on port 0, a real sandbox,
+SQLite), the owner's `KeyServiceClient` from the checkpoint directory (packed on the way,
+hashed as it is sent, spooled and hashed by the server, read in the sandbox; Register also
+scans the host for the prior-claim index and seals it at rest). Peak memory: the largest
+VmHWM (`/proc/<pid>/status`) of a sandbox child, sampled every 20 ms while each call runs,
+and the high-water mark of every reaped descendant (`getrusage(RUSAGE_CHILDREN)`) once the
+server has stopped, both against the weights' bytes. The 1- and 15-minute load averages
+are printed with the table: on a shared machine the ratios move with them.
 """
 
 from __future__ import annotations
@@ -50,8 +57,10 @@ from _table import print_table, write_json
 from freemark.derive import derive_key
 from freemark.extract import judge_activations
 from freemark.formats.huggingface import load_checkpoint
+from freemark.formats.pt2 import fingerprint
 from freemark.reading import read_layer
 from freemark.rpc import KeyServiceClient
+from freemark.scheme.bundle import KeyBundle
 from freemark.scheme.triggers import TriggerSet
 from freemark_keyserver.auth import hash_token, new_token
 from freemark_keyserver.config import UNLIMITED, ServerConfig
@@ -59,7 +68,7 @@ from freemark_keyserver.server import create_server
 from freemark_keyserver.store import Principal
 
 ROOT = Path(__file__).resolve().parents[1]
-CACHE = ROOT / ".cache" / "bench-decoder"
+CACHE = Path(os.environ.get("FREEMARK_BENCH_CACHE", ROOT / ".cache")) / "bench-decoder"
 RECIPE = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 2048,
           "num_hidden_layers": 22, "intermediate_size": 5632, "num_attention_heads": 32,
           "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 2048,
@@ -96,6 +105,21 @@ def build(recipe: dict[str, Any]) -> Path:
     model.save_pretrained(partial, max_shard_size="500MB")
     partial.rename(directory)
     return directory
+
+
+def floors(directory: Path, bundle: KeyBundle) -> tuple[float, float]:
+    """The in-process floor (seconds) of reading the key's bits from the checkpoint: load it
+    (the same checks, memory-mapped bf16 weights), the key layer's activations on the
+    triggers, the plain verdict; and, apart, the host's fingerprint over every weight, which
+    a registration binds and the product computes in its sandbox (Register's floor adds it)."""
+    start = time.perf_counter()
+    model = load_checkpoint(directory)
+    activations, _ = read_layer(model, bundle, probes=False)
+    judge_activations(activations, bundle)
+    floor_s = time.perf_counter() - start
+    start = time.perf_counter()
+    assert fingerprint(model) == bundle.host_fingerprint
+    return floor_s, time.perf_counter() - start
 
 
 def triggers(vocab: int) -> TriggerSet:
@@ -179,12 +203,11 @@ def main() -> None:
                         owner="alice", probes=0)
     derive_s = time.perf_counter() - start
     del model
-    start = time.perf_counter()
-    activations, _ = read_layer(load_checkpoint(directory), bundle, probes=False)
-    judge_activations(activations, bundle)
-    floor_s = time.perf_counter() - start
+    floor_s, fingerprint_s = floors(directory, bundle)
+    register_floor_s = floor_s + fingerprint_s
     print(f"{parameters:,} parameters, {weights / 1e9:.2f} GB; build {build_s:.0f} s, derive "
-          f"{derive_s:.0f} s, floor {floor_s:.0f} s", flush=True)
+          f"{derive_s:.0f} s, floor {floor_s:.1f} s (+ fingerprint {fingerprint_s:.1f} s)",
+          flush=True)
     CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="ttp-", dir=CACHE) as tmp:
         running = create_server(ServerConfig(data_dir=Path(tmp), listen="127.0.0.1:0",
@@ -207,24 +230,30 @@ def main() -> None:
         client.close()
         running.stop(grace=1)
     reaped = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    rows = [[name, floor_s, seconds, seconds / floor_s, peak.peak / 2**30, peak.peak / weights,
-             peak.cpu] for name, seconds, peak in (("register", register_s, register_peak),
-                                                   ("verify", verify_s, verify_peak))]
+    load = os.getloadavg()
+    rows = [[name, floor, seconds, seconds / floor, seconds / floor_s, peak.peak / 2**30,
+             peak.peak / weights, peak.cpu]
+            for name, floor, seconds, peak in (
+                ("register", register_floor_s, register_s, register_peak),
+                ("verify", floor_s, verify_s, verify_peak))]
     print_table(f"Llama {parameters / 1e9:.2f} B parameters ({weights / 2**30:.2f} GiB bf16), "
                 f"{layer}, {TRIGGERS} triggers x {TOKENS} tokens, no probes; seconds",
-                ["call", "floor", "product", "x floor", "child peak GiB", "x weights",
-                 "child CPU s"], rows)
+                ["call", "floor", "product", "x floor", "x read floor", "child peak GiB",
+                 "x weights", "child CPU s"], rows)
     print(f"largest reaped descendant (RUSAGE_CHILDREN): {reaped / 2**30:.2f} GiB = "
-          f"{reaped / weights:.2f} x weights", flush=True)
+          f"{reaped / weights:.2f} x weights; load average {load[0]:.1f} (1 min), "
+          f"{load[2]:.1f} (15 min) on {os.cpu_count()} cores", flush=True)
     write_json(args.json, {"recipe": recipe, "parameters": parameters, "weights_bytes": weights,
                            "layer": layer, "triggers": TRIGGERS, "tokens": TOKENS, "probes": 0,
                            "build_s": build_s, "derive_s": derive_s, "floor_s": floor_s,
+                           "fingerprint_s": fingerprint_s, "register_floor_s": register_floor_s,
                            "register_s": register_s, "verify_s": verify_s,
                            "register_child_peak_bytes": register_peak.peak,
                            "verify_child_peak_bytes": verify_peak.peak,
                            "register_child_cpu_s": register_peak.cpu,
                            "verify_child_cpu_s": verify_peak.cpu,
-                           "reaped_peak_bytes": reaped, "p_value": verdict.p_value})
+                           "reaped_peak_bytes": reaped, "p_value": verdict.p_value,
+                           "load_average": load})
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ Quick start::
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import ipaddress
@@ -43,7 +42,8 @@ from freemark.errors import (
     error_for,
 )
 from freemark.formats import table
-from freemark.formats.local import upload_file
+from freemark.formats.local import upload_source
+from freemark.formats.packing import Packed
 from freemark.records.types import (
     AnyEndpointVerdict,
     AnyVerdict,
@@ -145,49 +145,54 @@ def _format_of(path: Path, fmt: ModelFormat | None) -> table.ModelFormat:
 
 
 class _Upload:
-    """A model file as an upload: hashed in one pass up front, then read lazily per attempt.
+    """A model as an upload, read once per attempt: hashed while it is sent.
 
-    The header must carry the size and SHA-256 before the first byte is sent, hence the first
-    pass; chunks are then read from disk as gRPC asks for them, so memory stays at one chunk
-    whatever the model size. A read error inside gRPC's request thread would surface as a
-    bare CANCELLED status, so it is kept here and reported as what it is.
+    The source is a file, or a checkpoint's packed bytes produced from its memory-mapped
+    shards as they are read (`formats.packing`: never written to a temporary file). The
+    header announces the size and defers the SHA-256 to a `sha256` part after the last chunk
+    (`UploadHeader.sha256`), so the bytes are read once, as gRPC asks for each chunk, and
+    memory stays at one chunk whatever the model size. A read error inside gRPC's request
+    thread would surface as a bare CANCELLED status, so it is kept here and reported as what
+    it is.
     """
 
-    def __init__(self, path: Path, fmt: pb.ModelFormat.ValueType, chunk_size: int,
-                 progress: bool) -> None:
-        self.path = path
+    def __init__(self, source: Path | Packed, name: Path, fmt: pb.ModelFormat.ValueType,
+                 chunk_size: int, progress: bool) -> None:
+        self.source, self.path = source, name
         self.chunk_size = chunk_size
         self.read_error: OSError | None = None
         try:
-            size = path.stat().st_size
+            size = source.stat().st_size if isinstance(source, Path) else source.size
         except OSError as exc:
-            raise InvalidInputError(f"{path}: {exc.strerror or exc}") from exc
+            raise InvalidInputError(f"{name}: {exc.strerror or exc}") from exc
+        self.header = pb.UploadHeader(total_size=size, format=fmt)
         self.bar = tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024,
-                        desc=f"hashing {path.name}", leave=False, disable=not progress)
-        digest = hashlib.sha256()
-        try:
-            with path.open("rb") as handle:
-                while chunk := handle.read(chunk_size):
-                    digest.update(chunk)
-                    self.bar.update(len(chunk))
-        except OSError as exc:
-            self.bar.close()
-            raise InvalidInputError(f"{path}: {exc.strerror or exc}") from exc
-        self.header = pb.UploadHeader(total_size=size, sha256=digest.digest(), format=fmt)
-        self.bar.set_description(f"uploading {path.name}")
+                        desc=f"uploading {name.name}", leave=False, disable=not progress)
 
-    def requests(self, first: T, wrap: Callable[[bytes], T]) -> Iterator[T]:
-        """One attempt's request stream: `first` (the header), then every chunk from byte 0."""
+    def _chunks(self) -> Iterator[bytes]:
+        if not isinstance(self.source, Path):
+            yield from self.source.chunks(self.chunk_size)
+            return
+        with self.source.open("rb") as handle:
+            while chunk := handle.read(self.chunk_size):
+                yield chunk
+
+    def requests(self, first: T, wrap: Callable[[bytes], T], digest: Callable[[bytes], T]
+                 ) -> Iterator[T]:
+        """One attempt's request stream: `first` (the header), then every chunk from byte 0
+        (`wrap`), then their SHA-256 (`digest`)."""
         self.bar.reset()
         yield first
+        hashed = hashlib.sha256()
         try:
-            with self.path.open("rb") as handle:
-                while chunk := handle.read(self.chunk_size):
-                    self.bar.update(len(chunk))
-                    yield wrap(chunk)
+            for chunk in self._chunks():
+                hashed.update(chunk)
+                self.bar.update(len(chunk))
+                yield wrap(chunk)
         except OSError as exc:
             self.read_error = exc
             raise
+        yield digest(hashed.digest())
 
     def close(self) -> None:
         """Remove the progress bar."""
@@ -276,12 +281,13 @@ class KeyServiceClient:
             time.sleep(self._delay(attempt))
             attempt += 1
 
-    def _stream(self, method: Callable[..., T], path: Path, fmt: pb.ModelFormat.ValueType,
-                first: Callable[[pb.UploadHeader], Any], wrap: Callable[[bytes], Any]) -> T:
-        upload = _Upload(path, fmt, self._chunk_size, self._progress)
+    def _stream(self, method: Callable[..., T], source: Path | Packed, name: Path,
+                fmt: pb.ModelFormat.ValueType, first: Callable[[pb.UploadHeader], Any],
+                wrap: Callable[[bytes], Any], digest: Callable[[bytes], Any]) -> T:
+        upload = _Upload(source, name, fmt, self._chunk_size, self._progress)
         try:
             header = first(upload.header)
-            return self._call(method, lambda: upload.requests(header, wrap), [upload])
+            return self._call(method, lambda: upload.requests(header, wrap, digest), [upload])
         finally:
             upload.close()
 
@@ -314,16 +320,14 @@ class KeyServiceClient:
                 raise InvalidInputError(f"{path}: references are .pt2 programs, or checkpoints "
                                         "beside a checkpoint host")
         message = bundle_to_proto(bundle)
-        with contextlib.ExitStack() as files:
-            host = files.enter_context(upload_file(model_path))
-            uploads = [_Upload(host, host_format.wire, self._chunk_size, self._progress),
-                       *(_Upload(files.enter_context(upload_file(r)), kind.wire,
-                                 self._chunk_size, self._progress)
-                         for r, kind in zip(references, kinds))]
-            key: dict[str, Any] = {"bundle": message}
-            if output_key is not None:
-                key["output_key"] = encode_output_key(output_key)
-            return self._register(key, uploads)
+        uploads = [_Upload(upload_source(model_path), Path(model_path), host_format.wire,
+                           self._chunk_size, self._progress),
+                   *(_Upload(upload_source(r), Path(r), kind.wire, self._chunk_size,
+                             self._progress) for r, kind in zip(references, kinds))]
+        key: dict[str, Any] = {"bundle": message}
+        if output_key is not None:
+            key["output_key"] = encode_output_key(output_key)
+        return self._register(key, uploads)
 
     def register_output_key(self, key: OutputKey, model_path: Path, *,
                             references: Sequence[Path]) -> Receipt:
@@ -339,7 +343,8 @@ class KeyServiceClient:
             if _format_of(Path(path), None).wire != pb.MODEL_FORMAT_PT2:
                 raise InvalidInputError(f"{path}: an output key's host and references are "
                                         ".pt2 programs")
-        uploads = [_Upload(Path(p), pb.MODEL_FORMAT_PT2, self._chunk_size, self._progress)
+        uploads = [_Upload(Path(p), Path(p), pb.MODEL_FORMAT_PT2, self._chunk_size,
+                           self._progress)
                    for p in (model_path, *references)]
         return self._register({"output_key": encode_output_key(key)}, uploads)
 
@@ -350,10 +355,16 @@ class KeyServiceClient:
         def requests() -> Iterator[pb.RegisterRequest]:
             first = pb.RegisterRequest(header=pb.RegisterHeader(**key,
                                                                 upload=uploads[0].header))
-            yield from uploads[0].requests(first, lambda chunk: pb.RegisterRequest(chunk=chunk))
+            def chunk(data: bytes) -> pb.RegisterRequest:
+                return pb.RegisterRequest(chunk=data)
+
+            def digest(sha256: bytes) -> pb.RegisterRequest:
+                return pb.RegisterRequest(sha256=sha256)
+
+            yield from uploads[0].requests(first, chunk, digest)
             for upload in uploads[1:]:
-                yield from upload.requests(pb.RegisterRequest(reference=upload.header),
-                                           lambda chunk: pb.RegisterRequest(chunk=chunk))
+                yield from upload.requests(pb.RegisterRequest(reference=upload.header), chunk,
+                                           digest)
 
         try:
             reply = self._call(self._stub.Register, requests, uploads)
@@ -388,14 +399,14 @@ class KeyServiceClient:
             raise InvalidInputError("--onnx-tensor is for ONNX suspects only")
         if adapter is not None and fmt not in (None, "lora"):
             raise InvalidInputError("an adapter is sent with its base checkpoint directory only")
-        with upload_file(path, adapter=adapter) as upload_path:
-            reply = self._stream(
-                self._stub.Verify, upload_path, kind,
-                lambda upload: pb.VerifyRequest(header=pb.VerifyHeader(
-                    registration_id=registration_id, upload=upload, alpha=alpha or 0.0,
-                    onnx_tensor=onnx_tensor or "")),
-                lambda chunk: pb.VerifyRequest(chunk=chunk),
-            )
+        reply = self._stream(
+            self._stub.Verify, upload_source(path, adapter=adapter), path, kind,
+            lambda upload: pb.VerifyRequest(header=pb.VerifyHeader(
+                registration_id=registration_id, upload=upload, alpha=alpha or 0.0,
+                onnx_tensor=onnx_tensor or "")),
+            lambda chunk: pb.VerifyRequest(chunk=chunk),
+            lambda sha256: pb.VerifyRequest(sha256=sha256),
+        )
         return verdict_from_proto(reply)
 
     def verify_endpoint(self, registration_id: str, endpoint: str, model_name: str, *,

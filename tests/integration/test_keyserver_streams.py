@@ -394,6 +394,41 @@ def test_a_disabled_principals_open_stream_is_ended(world: World) -> None:
     assert world.spool_files() == []
 
 
+def test_a_deferred_sha256_is_checked_before_the_upload_is_used(world: World) -> None:
+    """An upload header may leave the SHA-256 empty and send it after the last chunk (the
+    client hashes while it sends, reading the bytes once): a missing, wrong, misplaced or
+    doubled one is refused before anything reads the file, nothing is logged, and the
+    spool is left empty."""
+    data = bytes(range(256)) * 400
+    digest = hashlib.sha256(data).digest()
+    deferred = pb.UploadHeader(total_size=len(data), format=pb.MODEL_FORMAT_PT2)
+    chunks = [pb.RegisterRequest(chunk=c) for c in _chunks(data, 30_000)]
+
+    def register(upload: pb.UploadHeader, parts: list[pb.RegisterRequest]) -> Refusal:
+        first = pb.RegisterRequest(header=pb.RegisterHeader(
+            bundle=world.headers["owner_b"].bundle, upload=upload))
+        with pytest.raises(grpc.RpcError) as caught:
+            world.stub.Register(iter([first, *parts]), metadata=world.md("owner_b"),
+                                timeout=WAIT)
+        return world.refusal(caught.value)
+
+    size = world.running.ctx.store.tree_size()
+    never = register(deferred, chunks)
+    wrong = register(deferred, [*chunks, pb.RegisterRequest(sha256=bytes(32))])
+    short = register(deferred, [*chunks, pb.RegisterRequest(sha256=digest[:16])])
+    late = register(deferred, [*chunks[:-1], pb.RegisterRequest(sha256=digest), chunks[-1]])
+    twice = register(_upload(data), [*chunks, pb.RegisterRequest(sha256=digest)])
+    for refusal in (never, wrong, short):
+        assert (refusal.code, refusal.reason) == (S.DATA_LOSS, "UPLOAD_CORRUPT"), refusal
+    assert "SHA-256" in never.message and "deferred" in never.message
+    assert (late.code, late.reason) == (S.INVALID_ARGUMENT, "MALFORMED_REQUEST"), late
+    assert "after its last chunk" in late.message
+    assert (twice.code, twice.reason) == (S.INVALID_ARGUMENT, "MALFORMED_REQUEST"), twice
+    assert "twice" in twice.message
+    assert world.running.ctx.store.tree_size() == size
+    assert world.spool_files() == []
+
+
 def test_no_refusal_names_a_server_path(world: World) -> None:
     assert world.messages, "the tests above collect the refusals they saw"
     for text in (str(world.data_dir), str(world.running.ctx.config.spool_dir),

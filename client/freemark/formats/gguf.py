@@ -32,16 +32,19 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from freemark.errors import ModelFileError
 from freemark.scheme.triggers import TriggerSet
 
+if TYPE_CHECKING:
+    from torch import nn
+
 __all__ = ["FAMILIES", "MAX_ARRAY_ITEMS", "MAX_KV", "MAX_STRING_BYTES", "MAX_TENSORS",
-           "SUPPORTED_TYPES", "GGUFSuspect", "is_format", "judged_config", "open_untrusted",
-           "read_gguf", "suspect_state", "warm_up"]
+           "SUPPORTED_TYPES", "GGUFSuspect", "is_format", "judged_config", "load_untrusted",
+           "open_untrusted", "read_gguf", "suspect_state", "warm_up"]
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -487,13 +490,23 @@ def open_untrusted(path: str | Path, *, layer: str | None, pooling: int,
     with the uploaded GGUF (`weights`) read into its architecture; return the model's
     identity (fingerprint ‖ architecture digest) and its run on a set's triggers (the key
     layer's activations; `layer` None: every module's of `width` units)."""
-    from freemark.formats.huggingface import model_run, packed_config
+    from freemark.formats.huggingface import model_run
+
+    return model_run(load_untrusted(path, weights=weights, max_parameters=max_parameters),
+                     layer, pooling, width)
+
+
+def load_untrusted(path: str | Path, *, weights: str | Path | None = None,
+                   max_parameters: int | None = None) -> nn.Module:
+    """`open_untrusted`'s model, built once (`huggingface.load_untrusted`)."""
+    from freemark.formats.huggingface import packed_config
 
     if weights is None:
         raise ModelFileError("a GGUF suspect is judged against a registered Hugging Face "
                              "checkpoint; the sandbox got no host")
-    model = _built(packed_config(Path(path)), weights, "the GGUF suspect", max_parameters)
-    return model_run(model, layer, pooling, width)
+    model: nn.Module = _built(packed_config(Path(path)), weights, "the GGUF suspect",
+                              max_parameters)
+    return model
 
 
 def load_into(checkpoint: str | Path, weights: str | Path, *,

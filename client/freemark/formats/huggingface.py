@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from freemark.errors import ModelFileError
+from freemark.formats.packing import Packed
 from freemark.formats.pt2 import state_dict_of
 from freemark.scheme.triggers import TriggerSet
 from freemark.v1 import bundle_pb2
@@ -58,11 +59,15 @@ __all__ = [
     "expected_shapes",
     "is_checkpoint_dir",
     "is_packed",
+    "layer_run",
     "load_checkpoint",
+    "load_untrusted",
+    "model_identity",
     "model_run",
     "open_safetensors",
     "pack",
     "packed_config",
+    "packing",
     "read_config",
     "read_json_object",
     "read_tensors",
@@ -649,27 +654,28 @@ def apply_checkpoint_weights(packed: str | Path, weights: str | Path, *,
     return _load_weights(build_model(config), [Path(weights)], weights)
 
 
-def pack(directory: str | Path, out: str | Path) -> Path:
-    """Write a checkpoint directory as one packed `.safetensors` file (mode 0600).
+def packing(directory: str | Path) -> Packed:
+    """A checkpoint directory as the one packed `.safetensors` that stands for it on the wire,
+    its bytes produced as they are read (`formats.packing`), the shards memory-mapped.
 
     The directory is fully checked first (config, caps, safetensors only, names and shapes),
     so what is uploaded is what the key server will accept.
     """
-    from safetensors.torch import save_file
-
-    directory, out = Path(directory), Path(out)
+    directory = Path(directory)
     values = read_config(directory)
     files = shards(directory)
     check_tensor_files(files, expected_shapes(build_model(check_config(values, directory))),
                        directory)
-    tensors = read_tensors(files)
-    # One metadata entry: safetensors keeps metadata in a hash map, so with two the header's
-    # byte order (and the file's SHA-256, which verdicts sign) would vary between runs.
-    metadata: Mapping[str, str] = {CONFIG_METADATA_KEY: json.dumps(values, sort_keys=True)}
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.close(fd)
-    save_file(tensors, str(out), metadata=dict(metadata))
-    return out
+    # One metadata entry: with two, safetensors' writer orders them by a hash map, so the
+    # header's bytes (and the file's SHA-256, which verdicts sign) would vary between runs.
+    return Packed(read_tensors(files),
+                  {CONFIG_METADATA_KEY: json.dumps(values, sort_keys=True)})
+
+
+def pack(directory: str | Path, out: str | Path) -> Path:
+    """Write a checkpoint directory as one packed `.safetensors` file (mode 0600): `packing`'s
+    bytes."""
+    return packing(directory).write(Path(out))
 
 
 def open_untrusted(path: str | Path, *, layer: str | None, pooling: int,
@@ -683,9 +689,16 @@ def open_untrusted(path: str | Path, *, layer: str | None, pooling: int,
     `freemark.scheme.activations.capture_every` lists them). Opening reads no trigger, so
     its failures are the file's; the run's may depend on the triggers (the child reports
     them without text)."""
-    model = (apply_checkpoint_weights(path, weights, max_parameters=max_parameters) if weights
-             else load_checkpoint(path, max_parameters=max_parameters))
-    return model_run(model, layer, pooling, width)
+    return model_run(load_untrusted(path, weights=weights, max_parameters=max_parameters),
+                     layer, pooling, width)
+
+
+def load_untrusted(path: str | Path, *, weights: str | Path | None = None,
+                   max_parameters: int = MAX_PARAMETERS) -> nn.Module:
+    """`open_untrusted`'s model, built once: the sandbox child reads every layer a request
+    asks for from it (`model_identity`, `layer_run`)."""
+    return (apply_checkpoint_weights(path, weights, max_parameters=max_parameters) if weights
+            else load_checkpoint(path, max_parameters=max_parameters))
 
 
 def model_run(model: nn.Module, layer: str | None, pooling: int, width: int
@@ -695,14 +708,27 @@ def model_run(model: nn.Module, layer: str | None, pooling: int, width: int
     triggers to the key layer's pooled activations, or with `layer` None every module's of
     `width` units (0: any; `capture_every`). The layer is resolved here, before a trigger is
     read, so a missing one is the file's failure."""
+    return model_identity(model), layer_run(model, layer, pooling, width)
+
+
+def model_identity(model: nn.Module, *, weights: bool = True) -> bytes:
+    """The fingerprint of every weight ‖ the architecture digest: read once per model.
+    `weights` False leaves the weights unhashed (32 zero bytes stand in), for a reader that
+    does not use the fingerprint (the key server's Verify)."""
     from freemark.formats.pt2 import architecture_digest, fingerprint
+
+    return (fingerprint(model) if weights else bytes(32)) + architecture_digest(model)
+
+
+def layer_run(model: nn.Module, layer: str | None, pooling: int, width: int
+              ) -> Callable[[TriggerSet], Any]:
+    """`model_run`'s run alone, for one more layer of a model already opened."""
     from freemark.scheme.activations import capture, capture_every, resolve_layer
 
-    identity = fingerprint(model) + architecture_digest(model)
     if layer is None:
-        return identity, lambda triggers: capture_every(model, triggers, width=width)
+        return lambda triggers: capture_every(model, triggers, width=width)
     resolve_layer(model, layer)
-    return identity, lambda triggers: capture(model, layer, triggers, pooling=pooling)[0]
+    return lambda triggers: capture(model, layer, triggers, pooling=pooling)[0]
 
 
 def warm_up(folder: Path) -> None:

@@ -2,7 +2,7 @@
 
 The owner's command line and library read their own models in process (`freemark keygen`,
 `freemark extract`); the key server never does, it runs every upload in its sandbox. A
-format's module opens its files (`load`) and says what goes on the wire for them (`packed`,
+format's module opens its files (`load`) and says what goes on the wire for them (`packing`,
 for a format whose local form is a directory); a format without `load` (ONNX, bare weights)
 is read another way and refused here with a hint.
 """
@@ -10,6 +10,7 @@ is read another way and refused here with a hint.
 from __future__ import annotations
 
 import contextlib
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,9 +18,10 @@ import torch
 from torch import nn
 
 from freemark.errors import InvalidInputError
+from freemark.formats.packing import Packed
 from freemark.formats.table import detect
 
-__all__ = ["load_model", "upload_file"]
+__all__ = ["load_model", "upload_file", "upload_source"]
 
 _HINTS = {"onnx": "; an ONNX suspect is read at its key tensor (--onnx-tensor as needed)",
           "safetensors": "; pass bare weights with --weights beside their architecture",
@@ -48,21 +50,31 @@ def load_model(path: str | Path, *, weights: str | Path | None = None,
     return model
 
 
-@contextlib.contextmanager
-def upload_file(path: str | Path, *, adapter: str | Path | None = None) -> Iterator[Path]:
-    """The one file that stands for `path` on the wire: what its format packs it into (a
-    checkpoint directory becomes a private temporary `.safetensors`, removed afterwards; with
-    `adapter`, the base checkpoint `path` and the adapter packed together), any other path
-    itself."""
+def upload_source(path: str | Path, *, adapter: str | Path | None = None) -> Path | Packed:
+    """What goes on the wire for `path`, nothing written: a checkpoint directory (with
+    `adapter`, the base checkpoint `path` and the adapter together) as the bytes of the one
+    `.safetensors` its format packs it into, produced as they are read (`formats.packing`);
+    any other path itself."""
     if adapter is not None:
         from freemark.formats import lora
 
-        with lora.packed_pair(path, adapter) as single:
-            yield single
-        return
+        return lora.packing(path, adapter)
     opener = detect(path).opener()
-    if not hasattr(opener, "packed"):
-        yield Path(path)
+    if Path(path).is_dir() and hasattr(opener, "packing"):
+        packed: Packed = opener.packing(path)
+        return packed
+    return Path(path)
+
+
+@contextlib.contextmanager
+def upload_file(path: str | Path, *, adapter: str | Path | None = None) -> Iterator[Path]:
+    """The one file that stands for `path` on the wire (`upload_source`) as a path: a packed
+    checkpoint written to a private temporary `.safetensors`, removed afterwards; any other
+    path itself. For checks of what was sent (`freemark receipt verify --model`)."""
+    source = upload_source(path, adapter=adapter)
+    if isinstance(source, Path):
+        yield source
         return
-    with opener.packed(path) as single:
-        yield single
+    name = Path(adapter if adapter is not None else path).resolve().name
+    with tempfile.TemporaryDirectory(prefix="freemark-pack-") as folder:
+        yield source.write(Path(folder) / f"{name}.safetensors")

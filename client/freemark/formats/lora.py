@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import re
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -51,10 +50,12 @@ from torch import nn
 
 from freemark.errors import InvalidInputError, ModelFileError
 from freemark.formats import huggingface as hf
+from freemark.formats.packing import Packed
 from freemark.scheme.triggers import TriggerSet
 
 __all__ = ["ADAPTER_PREFIX", "METADATA_KEY", "Adapter", "check_adapter_config", "is_format",
-           "load_pair", "merge", "open_untrusted", "pack", "packed_pair", "read_adapter_config"]
+           "load_pair", "load_untrusted", "merge", "open_untrusted", "pack", "packed_pair", "packing",
+           "read_adapter_config"]
 
 METADATA_KEY = "freemark.hf_lora"
 ADAPTER_PREFIX = "freemark.lora/"  # never a prefix of a module's tensor name (no '/' there)
@@ -315,12 +316,11 @@ def load_pair(base: str | Path, adapter: str | Path) -> nn.Module:
     return merge(model, plan, hf.read_tensors([weights]))
 
 
-def pack(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
-    """Write a base checkpoint directory and an adapter directory as one packed `.safetensors`
-    file (mode 0600), fully checked first, so what is uploaded is what the server accepts."""
-    from safetensors.torch import save_file
-
-    base, adapter, out = Path(base), Path(adapter), Path(out)
+def packing(base: str | Path, adapter: str | Path) -> Packed:
+    """A base checkpoint directory and an adapter directory as the one packed `.safetensors`
+    that stands for them on the wire, its bytes produced as they are read
+    (`formats.packing`); fully checked first, so what is uploaded is what the server accepts."""
+    base, adapter = Path(base), Path(adapter)
     if not hf.is_checkpoint_dir(base):
         raise InvalidInputError(f"{base}: the base of an adapter must be a checkpoint directory")
     config, adapter_config = hf.read_config(base), read_adapter_config(adapter)
@@ -332,13 +332,16 @@ def pack(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
     hf.check_tensor_files([weights], plan.expected, adapter)
     tensors = hf.read_tensors(shards)
     tensors.update({ADAPTER_PREFIX + name: t for name, t in hf.read_tensors([weights]).items()})
-    # One metadata entry, as huggingface.pack writes: with two, the header's byte order (and
-    # so the file's SHA-256, which verdicts sign) would vary between runs.
+    # One metadata entry, as huggingface.packing has: with two, safetensors' writer orders
+    # them by a hash map, so the header's bytes (and the SHA-256 verdicts sign) would vary.
     text = json.dumps({"adapter_config": adapter_config, "config": config}, sort_keys=True)
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.close(fd)
-    save_file(tensors, str(out), metadata={METADATA_KEY: text})
-    return out
+    return Packed(tensors, {METADATA_KEY: text})
+
+
+def pack(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
+    """Write a base checkpoint directory and an adapter directory as one packed `.safetensors`
+    file (mode 0600): `packing`'s bytes."""
+    return packing(base, adapter).write(Path(out))
 
 
 @contextlib.contextmanager
@@ -426,7 +429,14 @@ def open_untrusted(path: str | Path, *, layer: str | None, pooling: int, width: 
     """In the key server's sandbox child: vet, build and merge an uploaded packed adapter and
     base (the base's parameter cap `max_parameters`, as for a checkpoint), and return its
     identity and run as `huggingface.open_untrusted` does."""
-    return hf.model_run(load_packed(path, max_parameters=max_parameters), layer, pooling, width)
+    return hf.model_run(load_untrusted(path, max_parameters=max_parameters), layer, pooling,
+                        width)
+
+
+def load_untrusted(path: str | Path, *, max_parameters: int = hf.MAX_PARAMETERS,
+                   **_options: Any) -> nn.Module:
+    """`open_untrusted`'s merged model, built once (`huggingface.load_untrusted`)."""
+    return load_packed(path, max_parameters=max_parameters)
 
 
 def warm_up(folder: Path) -> None:

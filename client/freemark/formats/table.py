@@ -6,7 +6,7 @@ whether it may be registered as a host or only judged as a suspect, and which mo
 it. Each format's module (`module`) answers `is_format(path)` for a local path, and opens a
 file of its kind that nobody vetted: the caps, the vetting and the safe loader live there,
 beside each other (`pt2` with `pt2_vetting`, `huggingface`, `lora`, `onnx`, `gguf`, `weights`). Its optional
-hooks: `load(path, weights=)` and `packed(path)` for the owner's own files
+hooks: `load(path, weights=)` and `packing(path)` for the owner's own files
 (`freemark.formats.local`), `open_untrusted(path, ...)` and `warm_up(folder)` for the key
 server's sandbox child (rows with `sandbox_reader`).
 

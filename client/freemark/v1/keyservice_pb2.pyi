@@ -209,7 +209,12 @@ class UploadHeader(_message.Message):
     FORMAT_FIELD_NUMBER: _builtins.int
     total_size: _builtins.int
     sha256: _builtins.bytes
-    """SHA-256 of the whole file, 32 bytes."""
+    """SHA-256 of the whole file, 32 bytes; or empty, and the file's last chunk is followed
+    by a `sha256` part carrying it: a client that hashes while it sends (a checkpoint
+    directory packed on the way, freemark's own client) reads the bytes once. Either way
+    the server checks the hash before the upload is used; a deferred one that never
+    comes is DATA_LOSS.
+    """
     format: Global___ModelFormat.ValueType
     def __init__(
         self,
@@ -291,7 +296,12 @@ class RegisterRequest(_message.Message):
     HEADER_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
     REFERENCE_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
     chunk: _builtins.bytes
+    sha256: _builtins.bytes
+    """The SHA-256 (32 bytes) of the file whose chunks it follows, when that file's
+    header left it empty (UploadHeader.sha256); refused after any other header.
+    """
     @_builtins.property
     def header(self) -> Global___RegisterHeader: ...
     @_builtins.property
@@ -302,12 +312,13 @@ class RegisterRequest(_message.Message):
         header: Global___RegisterHeader | None = ...,
         chunk: _builtins.bytes = ...,
         reference: Global___UploadHeader | None = ...,
+        sha256: _builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part", "reference", b"reference"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part", "reference", b"reference", "sha256", b"sha256"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part", "reference", b"reference"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part", "reference", b"reference", "sha256", b"sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["header", "chunk", "reference"]  # noqa: Y015
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["header", "chunk", "reference", "sha256"]  # noqa: Y015
     _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
 
@@ -360,7 +371,12 @@ class VerifyRequest(_message.Message):
 
     HEADER_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
     chunk: _builtins.bytes
+    sha256: _builtins.bytes
+    """The file's SHA-256 after its last chunk, when the header left it empty
+    (UploadHeader.sha256).
+    """
     @_builtins.property
     def header(self) -> Global___VerifyHeader: ...
     def __init__(
@@ -368,12 +384,13 @@ class VerifyRequest(_message.Message):
         *,
         header: Global___VerifyHeader | None = ...,
         chunk: _builtins.bytes = ...,
+        sha256: _builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part", "sha256", b"sha256"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "part", b"part", "sha256", b"sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["header", "chunk", "sha256"]  # noqa: Y015
     _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
 

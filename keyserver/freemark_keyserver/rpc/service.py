@@ -70,6 +70,7 @@ class _Stream(Generic[H]):
         self._spool, self._cap, self._principal = spool, cap, principal
         self._misplaced = misplaced  # the refusal of a part that may not come where it did
         self._next: pb.UploadHeader | None = None
+        self._sha256: bytes | None = None  # the current file's deferred SHA-256, once sent
 
     def header(self) -> H:
         first = next(self._requests, None)
@@ -82,18 +83,25 @@ class _Stream(Generic[H]):
     def receive(self, upload: pb.UploadHeader, *, suffix: str
                 ) -> AbstractContextManager[Path]:
         return spooled(self._chunks(), upload, cap=self._cap, spool=self._spool,
-                       principal=self._principal, suffix=suffix)
+                       principal=self._principal, suffix=suffix, deferred=lambda: self._sha256)
 
     def next_upload(self) -> pb.UploadHeader | None:
         header, self._next = self._next, None
         return header
 
     def _chunks(self) -> Iterator[bytes]:
-        """The current file's bytes, up to the next `reference` part or the end."""
+        """The current file's bytes, up to the next `reference` part or the end; a `sha256`
+        part (the file's deferred hash) may come after its last chunk, and only once."""
+        self._sha256 = None
         for request in self._requests:
             part = request.WhichOneof("part")
-            if part == "chunk":
+            if part == "chunk" and self._sha256 is None:
                 yield request.chunk
+            elif part == "sha256" and self._sha256 is None:
+                self._sha256 = request.sha256
+            elif part in ("chunk", "sha256"):
+                raise ServiceError(ErrorCode.MALFORMED_REQUEST, "a file's sha256 part comes "
+                                   "once, after its last chunk")
             elif part == "reference":
                 assert isinstance(request, pb.RegisterRequest)
                 self._next = request.reference

@@ -20,7 +20,7 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -133,8 +133,9 @@ class Reservation:
 
 def check_header(header: keyservice_pb2.UploadHeader, cap: int) -> None:
     """Refuse an upload before reading it when its header is malformed or over the cap."""
-    if len(header.sha256) != SHA256_BYTES:
-        raise ServiceError(ErrorCode.MALFORMED_REQUEST, "upload header needs the file's 32-byte SHA-256")
+    if len(header.sha256) not in (0, SHA256_BYTES):
+        raise ServiceError(ErrorCode.MALFORMED_REQUEST, "upload header needs the file's 32-byte "
+                           "SHA-256, or none and a sha256 part after the last chunk")
     if header.total_size == 0:
         raise ServiceError(ErrorCode.MALFORMED_REQUEST, "upload header says the file is empty")
     if header.total_size > cap:
@@ -144,13 +145,18 @@ def check_header(header: keyservice_pb2.UploadHeader, cap: int) -> None:
 
 @contextmanager
 def spooled(chunks: Iterator[bytes], header: keyservice_pb2.UploadHeader, *, cap: int,
-            spool: Spool, principal: str, suffix: str) -> Iterator[Path]:
-    """Write the chunks to a 0600 temp file; yield its path once size and SHA-256 match.
+            spool: Spool, principal: str, suffix: str,
+            deferred: Callable[[], bytes | None] = lambda: None) -> Iterator[Path]:
+    """Write the chunks to a 0600 temp file, hashing them as they are written; yield its
+    path once size and SHA-256 match.
 
-    Each chunk is reserved in the spool's quota (and `principal`'s share of it) before it is
-    written. The file is removed (and the reservation released) when the block ends,
-    whatever happens: a stalled, cut or refused stream raises out of `chunks` and leaves
-    nothing behind.
+    The SHA-256 is the header's, or, where the header left it empty, the one the stream
+    sent after the last chunk (`deferred`, asked once `chunks` is exhausted), which is then
+    written into `header`: once checked, the header is complete either way, and what a
+    handler binds (a verdict's `suspect_sha256`) is read from it. Each chunk is
+    reserved in the spool's quota (and `principal`'s share of it) before it is written. The
+    file is removed (and the reservation released) when the block ends, whatever happens: a
+    stalled, cut or refused stream raises out of `chunks` and leaves nothing behind.
     """
     check_header(header, cap)
     if header.total_size > spool.share_bytes:
@@ -176,9 +182,18 @@ def spooled(chunks: Iterator[bytes], header: keyservice_pb2.UploadHeader, *, cap
             if received != header.total_size:
                 raise ServiceError(ErrorCode.UPLOAD_CORRUPT,
                                    f"stream ended after {received} of {header.total_size} bytes; re-send")
-            if digest.digest() != header.sha256:
+            trailer = deferred()
+            if header.sha256 and trailer is not None:
+                raise ServiceError(ErrorCode.MALFORMED_REQUEST, "the upload's SHA-256 was sent "
+                                   "twice, in its header and after its chunks; send one")
+            expected = header.sha256 or trailer
+            if expected is None or len(expected) != SHA256_BYTES:
+                raise ServiceError(ErrorCode.UPLOAD_CORRUPT, "the stream ended without the 32-byte "
+                                   "SHA-256 its upload header deferred to a sha256 part; re-send")
+            if digest.digest() != expected:
                 raise ServiceError(ErrorCode.UPLOAD_CORRUPT, "SHA-256 of the received bytes does not "
                                    "match the header; the file changed or was corrupted in transit")
+            header.sha256 = expected
             yield path
         finally:
             path.unlink(missing_ok=True)

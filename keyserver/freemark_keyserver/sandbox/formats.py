@@ -31,6 +31,7 @@ from typing import Any
 from freemark.formats.onnx import MAX_TENSOR_NAME
 from freemark.formats.table import FORMATS, ModelFormat, by_name, by_wire
 from freemark.scheme.triggers import TriggerSet
+from freemark_keyserver.sandbox.protocol import FINGERPRINT_KEY
 
 FORMAT_KEY = "format"
 TENSOR_KEY = "onnx_tensor"
@@ -44,7 +45,7 @@ _GGUF = by_name("gguf")
 INTO_HOST = (by_name("safetensors").wire, _GGUF.wire)
 __all__ = ["FORMAT_KEY", "INTO_HOST", "MAX_TENSOR_NAME", "PARAMETERS_KEY", "TENSOR_KEY",
            "handles", "into_host_options", "sandbox_options", "sandboxed_activations",
-           "sandboxed_model", "stored_host_options", "warm_up"]
+           "sandboxed_model", "sandboxed_reader", "stored_host_options", "warm_up"]
 
 
 def sandbox_options(upload_format: int, onnx_tensor: str = "") -> dict[str, str]:
@@ -90,6 +91,32 @@ def sandboxed_model(header: dict[str, Any]) -> tuple[bytes, Callable[[TriggerSet
         header["model"], weights=header.get("weights"), layer=header["layer"],
         pooling=header["pooling"], tensor=header.get(TENSOR_KEY),
         width=int(header.get("width", 0)), **_cap(header))
+
+
+def sandboxed_reader(header: dict[str, Any]
+                     ) -> tuple[bytes, Callable[[dict[str, Any]], Callable[[TriggerSet], Any]]]:
+    """Inside the sandbox: open an upload of a format with its own reader once for a whole
+    conversation, and return its identity and, per set spec, that set's run
+    (`sandboxed_model`'s, with the spec's layer).
+
+    A module-backed reader (`load_untrusted`: checkpoints, adapters, GGUF) builds the model
+    once and fingerprints it once, and every set reads its layer from that one module, as a
+    `.pt2` program is loaded once for every set: a Register of a 1.1 B-parameter decoder
+    otherwise built and fingerprinted it three times (its identity, its triggers, its claim
+    signature), a third of the child's time; and, as for a program, the request's
+    `SKIP_FINGERPRINT` (a Verify, which does not use it) leaves the weights unhashed. ONNX,
+    whose reader builds a session for the tensors it reads, opens per set."""
+    opener = _READERS[header[FORMAT_KEY]].opener()
+    if not hasattr(opener, "load_untrusted"):
+        identity, _ = sandboxed_model({**header, **header["sets"][0]})
+        return identity, lambda spec: sandboxed_model({**header, **spec})[1]
+    from freemark.formats.huggingface import layer_run, model_identity
+
+    model = opener.load_untrusted(header["model"], weights=header.get("weights"),
+                                  **_cap(header))
+    hashed = bool(header.get(FINGERPRINT_KEY, True))  # Verify's SKIP_FINGERPRINT: not needed
+    return model_identity(model, weights=hashed), lambda spec: layer_run(
+        model, spec["layer"], spec["pooling"], int(spec.get("width", 0)))
 
 
 def _cap(header: dict[str, Any]) -> dict[str, int]:

@@ -66,9 +66,10 @@ def _runner(header: dict[str, Any], sets: list[tuple[Any, Any]]) -> tuple[bytes,
     (`freemark.scheme.probes.with_probes`, built here from the triggers, so the request
     carries the triggers only), and its failures are the run's.
 
-    A `.pt2` is loaded once for every set; a Hugging Face checkpoint or an ONNX model goes to
-    `freemark_keyserver.sandbox.formats`, whose loaders read one layer per load (the first set is read
-    once more for the identity).
+    A `.pt2` is loaded once for every set, and so is a Hugging Face checkpoint, adapter or
+    GGUF (`freemark_keyserver.sandbox.formats.sandboxed_reader`: one build, one fingerprint);
+    an ONNX model's loader reads one layer per load (the first set is read once more for the
+    identity).
     """
     import numpy as np
 
@@ -88,6 +89,10 @@ def _runner(header: dict[str, Any], sets: list[tuple[Any, Any]]) -> tuple[bytes,
         return with_probes(triggers, int(spec.get("probes", 0)))
 
     if formats.handles(header):  # Hugging Face checkpoints and ONNX: their own safe loaders
+        if not sets:
+            raise Refusal(protocol.INTERNAL, "a request without trigger sets")
+        identity, layer_of = formats.sandboxed_reader(header)
+
         def other(spec: dict[str, Any]) -> Run:
             if spec.get("outputs") and spec.get("claim"):  # no output key reads these: no claim
                 return lambda triggers: protocol.OutputScores.of(
@@ -95,7 +100,7 @@ def _runner(header: dict[str, Any], sets: list[tuple[Any, Any]]) -> tuple[bytes,
             if spec.get("outputs"):
                 raise Refusal(protocol.INVALID_INPUT, "output keys read .pt2 programs only; "
                               "export the model with torch.export")
-            _, run = formats.sandboxed_model({**header, **spec})
+            run = layer_of({**header, **spec})
 
             def read(triggers: TriggerSet) -> Any:
                 inputs = probed(spec, triggers)
@@ -103,9 +108,6 @@ def _runner(header: dict[str, Any], sets: list[tuple[Any, Any]]) -> tuple[bytes,
                     return protocol.LayerScan.of(len(inputs), run(inputs))
                 return run(inputs)
             return read
-        if not sets:
-            raise Refusal(protocol.INTERNAL, "a request without trigger sets")
-        identity, _ = formats.sandboxed_model({**header, **header["sets"][0]})
         return identity, other
     model, identity = _load(header)
     module = as_module(model)  # unflattened once: every set reads the same module

@@ -11,9 +11,9 @@ Envelopes and log entries are opaque bytes here: encryption, canonical JSON and 
 live in `freemark_keyserver.crypto` and `freemark.tlog.merkle`.
 
 Registered host models can be gigabytes, so they are not columns of the registration: their
-sealed segments are rows of their own (`put_host_blob`), written before the registration that
-refers to them, a few megabytes per transaction, and read back one segment at a time
-(`host_blob`). Segments whose registration never committed (a crash, a failed append) are
+sealed segments are stored on their own (`put_host_blob`; PostgreSQL: rows, a few megabytes
+per transaction; SQLite: one file beside the database, `blobfiles`), written before the
+registration that refers to them, and read back one segment at a time (`host_blob`). Segments whose registration never committed (a crash, a failed append) are
 invisible to every reader and are collected when a store opens, once they are older than
 `ORPHAN_GRACE_S`.
 

@@ -202,9 +202,10 @@ class Store(ABC):
     def put_host_blob(self, registration_id: str, segments: Iterable[bytes]) -> int:
         """Store a registration's sealed host segments, in order; return how many there were.
 
-        Call it before the `append` that stores the registration. Segments are consumed
-        lazily and committed a few megabytes per transaction, so neither the model nor the
-        database's write lock is held for its whole length. Until the registration commits,
+        Call it before the `append` that stores the registration: the segments are durable
+        when it returns. They are consumed lazily (PostgreSQL commits them a few megabytes
+        per transaction, so neither the model nor the database's write lock is held for its
+        whole length; SQLite writes one fsynced file beside the database). Until the registration commits,
         no reader looks for them; if it never does, they are orphans for
         `collect_orphan_host_blobs`. `DuplicateError` if this id already has segments.
         """

@@ -7,16 +7,24 @@ readers go on while a writer holds that lock; a busy timeout makes a second writ
 it instead of failing. ``synchronous=FULL`` makes a commit durable before a receipt for it can
 be signed, and foreign keys are switched on so the database refuses a registration that has
 no log entry.
+
+Host blobs (sealed registered models, gigabytes each) are files in a directory beside the
+database file, ``<database>-blobs`` (`blobfiles`): written once instead of twice through the
+write-ahead log, each fsynced before the registration that refers to it commits. Blobs written
+as `host_blobs` rows before that are still read, counted and collected where they are.
 """
 
 from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+from freemark_keyserver.store.blobfiles import BlobFiles
+from freemark_keyserver.store.errors import DuplicateError
 from freemark_keyserver.store.records import Clock, now_micros
 from freemark_keyserver.store.sql import SqlStore
 
@@ -42,7 +50,36 @@ class SqliteStore(SqlStore):
         super().__init__(clock)
         self._path = os.fspath(path)
         self._busy_timeout_s = busy_timeout_s
+        self._blobs = BlobFiles(Path(self._path + "-blobs"))
         self._open()
+
+    # host models: files beside the database (rows written before them still read)
+
+    def put_host_blob(self, registration_id: str, segments: Iterable[bytes]) -> int:
+        if super().host_blob_segments(registration_id):
+            raise DuplicateError(f"host blob {registration_id!r} already exists")
+        return self._blobs.put(registration_id, segments, written_at=self._clock())
+
+    def host_blob(self, registration_id: str) -> Iterator[bytes]:
+        segments = self._blobs.read(registration_id)
+        yield from super().host_blob(registration_id) if segments is None else segments
+
+    def host_blob_segments(self, registration_id: str) -> int:
+        count = self._blobs.count(registration_id)
+        return super().host_blob_segments(registration_id) if count is None else count
+
+    def collect_orphan_host_blobs(self, written_before: int) -> int:
+        collected = super().collect_orphan_host_blobs(written_before)
+        for blob_id, path, written_at in list(self._blobs.ids()):
+            if written_at >= written_before:
+                continue
+            if blob_id is None or not self._rows(
+                "SELECT 1 FROM registrations WHERE registration_id = ? UNION ALL"
+                " SELECT 1 FROM panel_members WHERE member_id = ?", (blob_id, blob_id)
+            ):
+                path.unlink(missing_ok=True)
+                collected += blob_id is not None
+        return collected
 
     def _connect(self) -> sqlite3.Connection:
         # isolation_level=None: the module must not open transactions behind our back; every

@@ -53,7 +53,7 @@ class StandIn:
     delay_s: float = 0.0
     calls: int = 0
     metadata: list[dict[str, str]] = field(default_factory=list)
-    uploads: list[tuple[pb.VerifyHeader, list[bytes]]] = field(default_factory=list)
+    uploads: list[tuple[pb.VerifyHeader, list[pb.VerifyRequest]]] = field(default_factory=list)
 
     def _answer(self, context: grpc.ServicerContext) -> None:
         self.calls += 1
@@ -80,8 +80,7 @@ class StandIn:
     def verify(self, requests: Iterator[pb.VerifyRequest],
                context: grpc.ServicerContext) -> pb.SignedVerdict:
         header = next(requests).header
-        chunks = [request.chunk for request in requests]
-        self.uploads.append((header, chunks))
+        self.uploads.append((header, list(requests)))
         self._answer(context)
         return verdict_to_proto(LOG.verdict(3))
 
@@ -178,11 +177,15 @@ def test_an_upload_is_chunked_and_re_sent_from_the_start_on_retry(
         verdict = client.verify("reg-0000", model, alpha=1e-6)
     assert verdict == LOG.verdict(3)
     assert len(stand_in.uploads) == 2
-    for header, chunks in stand_in.uploads:
+    for header, parts in stand_in.uploads:
         assert header.registration_id == "reg-0000" and header.alpha == 1e-6
         assert header.upload.format == pb.MODEL_FORMAT_SAFETENSORS
         assert header.upload.total_size == 5120
-        assert header.upload.sha256 == hashlib.sha256(model.read_bytes()).digest()
+        # Hashed while sent (read once): the header defers the SHA-256 to the last part.
+        assert header.upload.sha256 == b""
+        assert [part.WhichOneof("part") for part in parts] == ["chunk"] * 6 + ["sha256"]
+        assert parts[-1].sha256 == hashlib.sha256(model.read_bytes()).digest()
+        chunks = [part.chunk for part in parts[:-1]]
         assert [len(chunk) for chunk in chunks] == [1000] * 5 + [120]
         assert b"".join(chunks) == model.read_bytes()
 

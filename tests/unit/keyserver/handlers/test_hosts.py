@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sqlite3
 import tracemalloc
 from collections.abc import Iterator
 from dataclasses import replace
@@ -91,11 +90,16 @@ def registered(
 
 
 def test_a_host_round_trips_through_segments(
-    store: Store, keyring: MasterKeyring, tmp_path: Path
+    store: Store, keyring: MasterKeyring, tmp_path: Path, data_dir: Path
 ) -> None:
     host = model_file(tmp_path, 3 * SEGMENT_BYTES + 123)
     header = store_host(store, keyring, host, registration_id="reg_1", owner=OWNER)
     assert store.host_blob_segments("reg_1") == 4
+    # At rest beside the database, ciphertext only: no run of the model's bytes is in it.
+    (blob,) = (data_dir / "freemark.sqlite3-blobs").iterdir()
+    plaintext, sealed = host.read_bytes(), blob.read_bytes()
+    assert len(sealed) > len(plaintext)
+    assert not any(plaintext[i:i + 32] in sealed for i in range(0, len(plaintext), 65_536))
     record = registered(store, keyring, "reg_1", header)
     with host_file(store, keyring, record) as opened:
         assert opened.read_bytes() == host.read_bytes()
@@ -134,8 +138,10 @@ def test_a_missing_segment_is_refused_and_the_audit_names_it(
     record = registered(store, keyring, "reg_1", header)
     verifier = SIGNER.verifier()  # the log has no checkpoints to sign
     assert audit(store, verifier)["registrations"] == 1
-    with sqlite3.connect(data_dir / "freemark.sqlite3") as conn:
-        conn.execute("DELETE FROM host_blobs WHERE registration_id = 'reg_1' AND seq = 2")
+    # The SQLite store keeps the blob as a file beside the database: drop its last segment
+    # (one byte of plaintext, its 16-byte tag, its 4-byte length).
+    blob = data_dir / "freemark.sqlite3-blobs" / (b"reg_1".hex() + ".blob")
+    os.truncate(blob, blob.stat().st_size - (4 + 1 + 16))
     with pytest.raises(CryptoError), host_file(store, keyring, record):
         pytest.fail("a truncated host was handed out")
     assert list(tmp_path.glob("tmp*")) == []  # nothing decrypted is left behind

@@ -103,3 +103,30 @@ def test_a_stream_that_fails_midway_releases_what_it_held(tmp_path: Path) -> Non
         pass
     assert (spool.reserved, spool.held("alice")) == (0, 0)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_deferred_sha256_is_asked_once_the_chunks_end(tmp_path: Path) -> None:
+    """A header without a SHA-256 takes the one the stream sent after its last chunk."""
+    spool = Spool(tmp_path, quota_bytes=1000)
+    data = b"deferred" * 20
+    header = pb.UploadHeader(total_size=len(data), format=pb.MODEL_FORMAT_PT2)
+    sent: list[bytes] = []
+
+    def chunks() -> Iterator[bytes]:
+        yield data[:50]
+        yield data[50:]
+        sent.append(hashlib.sha256(data).digest())  # the trailer arrives as the chunks end
+
+    with spooled(chunks(), header, cap=CAP, spool=spool, principal="alice", suffix=".pt2",
+                 deferred=lambda: sent[0] if sent else None) as path:
+        assert path.read_bytes() == data
+        # Checked, and written into the header, where a verdict's suspect_sha256 is read.
+        assert header.sha256 == hashlib.sha256(data).digest()
+    header.ClearField("sha256")
+    for trailer in (None, bytes(32)):
+        with pytest.raises(ServiceError) as caught, spooled(
+                iter([data]), header, cap=CAP, spool=spool, principal="alice", suffix=".pt2",
+                deferred=lambda t=trailer: t):
+            pass
+        assert caught.value.code is ErrorCode.UPLOAD_CORRUPT
+    assert list(tmp_path.iterdir()) == [] and spool.reserved == 0

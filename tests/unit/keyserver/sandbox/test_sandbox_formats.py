@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from freemark.errors import ModelFileError
+from freemark.errors import InvalidInputError, ModelFileError
 from freemark.formats.huggingface import load_checkpoint, pack
 from freemark.scheme.activations import capture
 from freemark.scheme.triggers import TriggerSet
@@ -20,7 +20,13 @@ from freemark.v1 import bundle_pb2
 from freemark.v1 import keyservice_pb2 as pb
 from freemark_keyserver.sandbox import formats
 from freemark_keyserver.sandbox.limits import GiB, SandboxLimits
-from freemark_keyserver.sandbox.runner import SandboxResourceError, run_model
+from freemark_keyserver.sandbox.protocol import SKIP_FINGERPRINT
+from freemark_keyserver.sandbox.runner import (
+    SandboxResourceError,
+    TriggerRun,
+    run_batch,
+    run_model,
+)
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper
@@ -101,6 +107,39 @@ def test_a_bf16_decoder_reads_the_same_in_the_worker_under_the_operators_caps(
     with pytest.raises(ModelFileError, match="over the cap of 1,000"):
         run_model(packed, layer=layer, pooling=pooling, triggers=triggers, options=options,
                   limits=SandboxLimits(max_parameters=1000))
+
+
+def test_one_child_reads_every_layer_of_a_decoder_from_one_build(tmp_path: Path) -> None:
+    """A batch of runs at several layers, and one with a missing layer, is read from one
+    build of the checkpoint (`formats.sandboxed_reader`): each run answers what it would
+    alone, a run's missing layer is that run's failure only, and the identity is the
+    model's fingerprint and architecture digest (zeros for the weights when the request
+    skips the fingerprint, as a Verify does)."""
+    from freemark.formats.pt2 import architecture_digest, fingerprint
+
+    folder, triggers, layer = _decoder(tmp_path)
+    packed = pack(folder, tmp_path / "decoder.safetensors")
+    model = load_checkpoint(folder)
+    layers = [layer, "model.layers.0.mlp.act_fn", "model.layers.9.mlp.act_fn", layer]
+    _, pooling = capture(model, layer, triggers)
+    identity, results = run_batch(
+        packed, [TriggerRun(name, pooling, triggers, 0) for name in layers],
+        options=formats.sandbox_options(pb.MODEL_FORMAT_HF_CHECKPOINT))
+    assert identity.fingerprint == fingerprint(model)
+    assert identity.architecture_digest == architecture_digest(model)
+    for name, result in zip(layers, results):
+        if name == "model.layers.9.mlp.act_fn":
+            assert isinstance(result, InvalidInputError) and "layers.9" in str(result)
+            continue
+        expected, _ = capture(model, name, triggers)
+        assert not isinstance(result, Exception)
+        np.testing.assert_allclose(result, expected, rtol=1e-6, atol=1e-6)
+    # A Verify does not use the fingerprint: it asks for none, and reads the same.
+    unhashed, again = run_batch(packed, [TriggerRun(layer, pooling, triggers, 0)], options={
+        **formats.sandbox_options(pb.MODEL_FORMAT_HF_CHECKPOINT), **SKIP_FINGERPRINT})
+    assert unhashed.fingerprint == bytes(32)
+    assert unhashed.architecture_digest == identity.architecture_digest
+    np.testing.assert_array_equal(again[0], results[0])
 
 
 def test_the_workers_memory_limit_grows_with_its_model_file(tmp_path: Path) -> None:

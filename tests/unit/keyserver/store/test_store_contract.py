@@ -522,14 +522,63 @@ def test_host_blob_round_trips_in_order_across_transactions(
     assert list(store.host_blob("reg-1")) == pieces
 
 
+def blob_file(db: str, blob_id: str) -> Path:
+    """Where a SQLite store keeps a host blob: a file beside the database."""
+    return Path(db + "-blobs") / (blob_id.encode().hex() + ".blob")
+
+
 def test_host_blob_is_read_lazily(store: Store, db: str) -> None:
     store.put_host_blob("reg-1", segments_of("reg-1", 3))
     reader = store.host_blob("reg-1")
     assert next(reader) == segments_of("reg-1", 1)[0]
     # A segment not yet fetched when the blob changes under the reader is read as it is then.
-    with raw_sql(db) as execute:
-        execute("UPDATE host_blobs SET data = ? WHERE seq = 1", (b"changed",))
-    assert list(reader) == [b"changed", segments_of("reg-1", 3)[2]]
+    if db.startswith("postgresql://"):
+        with raw_sql(db) as execute:
+            execute("UPDATE host_blobs SET data = ? WHERE seq = 1", (b"changed",))
+        assert list(reader) == [b"changed", segments_of("reg-1", 3)[2]]
+    else:  # a file: the same length rewritten in place under the open reader
+        path, first = blob_file(db, "reg-1"), segments_of("reg-1", 1)[0]
+        second = segments_of("reg-1", 3)[1]
+        with path.open("r+b") as handle:
+            handle.seek(4 + len(first) + 4)
+            handle.write(b"X" * len(second))
+        assert list(reader) == [b"X" * len(second), segments_of("reg-1", 3)[2]]
+
+
+def test_sqlite_keeps_host_blobs_as_files_beside_the_database_and_reads_older_rows(
+    db: str, clock: FakeClock
+) -> None:
+    """A SQLite store writes each blob once, as a file (not twice through its write-ahead
+    log); blobs that an older server wrote as `host_blobs` rows are still read, counted,
+    refused as duplicates and collected. PostgreSQL keeps its blobs in the table, where
+    every replica reads them."""
+    store = open_store(db, clock=clock)
+    try:
+        store.put_host_blob("reg-new", segments_of("reg-new", 3))
+        with raw_sql(db) as execute:
+            rows = execute("SELECT COUNT(*) FROM host_blobs").fetchone()[0]
+            for seq, segment in enumerate(segments_of("reg-old", 2)):
+                execute("INSERT INTO host_blobs (registration_id, seq, created_at, data)"
+                        " VALUES (?, ?, ?, ?)", ("reg-old", seq, T0, segment))
+        if db.startswith("postgresql://"):
+            assert rows == 3
+            return
+        assert rows == 0 and blob_file(db, "reg-new").is_file()
+        assert list(store.host_blob("reg-new")) == segments_of("reg-new", 3)
+        assert list(store.host_blob("reg-old")) == segments_of("reg-old", 2)
+        assert store.host_blob_segments("reg-old") == 2
+        with pytest.raises(DuplicateError):
+            store.put_host_blob("reg-old", iter(segments_of("again", 1)))
+        # What a writer killed mid-write leaves: a partial file, collected once as old.
+        partial = blob_file(db, "x").with_name(".partial-0123")
+        partial.write_bytes(b"sealed bytes")
+        os.utime(partial, ns=(T0 * 1000, T0 * 1000))
+        clock.now = T0 + ORPHAN_GRACE_S * 1_000_000 + 1
+        assert store.collect_orphan_host_blobs(clock.now) == 2  # one file, one set of rows
+        assert not blob_file(db, "reg-new").exists() and store.host_blob_segments("reg-old") == 0
+        assert not partial.exists()
+    finally:
+        store.close()
 
 
 def test_orphaned_host_blobs_are_collected_after_the_grace_period(
@@ -550,7 +599,8 @@ def test_orphaned_host_blobs_are_collected_after_the_grace_period(
 
         with pytest.raises(OSError):
             store.put_host_blob("reg-half", dies_half_way())
-        assert 0 < store.host_blob_segments("reg-half") < 7
+        # Rows commit a few at a time, so some are left; a file is removed by its writer.
+        assert store.host_blob_segments("reg-half") < 7
 
         clock.now = T0 + (ORPHAN_GRACE_S - 1) * 1_000_000
         store.put_host_blob("reg-young", segments_of("reg-young", 1))  # another replica's
