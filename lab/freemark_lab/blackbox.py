@@ -245,44 +245,63 @@ class Behind(nn.Module):
         return self.model(x)
 
 
-def build_models(data: Mnist, r: dict[str, Any], cache: Cache, log: Callable[[str], None]
-                 ) -> tuple[nn.Module, list[nn.Module], dict[str, nn.Module], dict[str, nn.Module],
-                            dict[str, str], dict[str, dict[str, str]]]:
-    """(host, panel, thefts, independents, architecture of each independent, how each
-    student was trained)."""
-    host = pretrained_host()
-    thief_x, thief_y = (a[:r["thief_images"]] for a in data.valid)
-    rest_x, rest_y = data.train[0][r["owner_images"]:], data.train[1][r["owner_images"]:]
-    size = r["model_images"]
+def _trained_on(r: dict[str, Any]) -> dict[str, Any]:
+    """The recipe parts the panel and the independents depend on (their cache names)."""
+    return {k: r[k] for k in ("owner_images", "model_images", "model_epochs", "version")}
 
-    trained_on = {k: r[k] for k in ("owner_images", "model_images", "model_epochs", "version")}
-    stolen_with = {k: r[k] for k in ("thief_images", "version")}
+
+def _others(data: Mnist, r: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """The training images nobody's model but the panel's and the independents' sees."""
+    return data.train[0][r["owner_images"]:], data.train[1][r["owner_images"]:]
+
+
+def build_panel(data: Mnist, r: dict[str, Any], cache: Cache, log: Callable[[str], None]
+                ) -> list[nn.Module]:
+    """The owner's reference panel: disjoint slices of the others' images."""
+    rest_x, rest_y = _others(data, r)
+    size = r["model_images"]
 
     def slice_of(i: int) -> tuple[np.ndarray, np.ndarray]:
         start = (i * size) % (len(rest_x) - size)
         return rest_x[start:start + size], rest_y[start:start + size]
 
-    def subset(seed: int) -> tuple[np.ndarray, np.ndarray]:
-        # An independent's own draw from the same pool as the panel's slices (there are far
-        # more independents than disjoint slices): it shares some images with panel members,
-        # as anyone training on the public data set does, never the owner's or the thief's.
-        index = np.sort(np.random.default_rng(seed).choice(len(rest_x), size, replace=False))
-        return rest_x[index], rest_y[index]
-
     panel = []
     for i, arch in enumerate(r["panel"]):
         log(f"panel {i} ({arch})")
-        panel.append(cache.model(f"panel{i}-{arch}", trained_on, ARCHITECTURES[arch],
+        panel.append(cache.model(f"panel{i}-{arch}", _trained_on(r), ARCHITECTURES[arch],
                                  partial(_trained, arch, *slice_of(i), 100 + i,
                                          r["model_epochs"])))
+    return panel
+
+
+def build_independents(data: Mnist, r: dict[str, Any], cache: Cache,
+                       log: Callable[[str], None], count: int | None = None
+                       ) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """The first `count` (default all) held-out independents, and each one's architecture.
+    An independent draws its own images from the same pool as the panel's slices (there are
+    far more independents than disjoint slices): it shares some with panel members, as
+    anyone training on the public data set does, never the owner's or the thief's."""
+    rest_x, rest_y = _others(data, r)
     independents, arch_of = {}, {}
-    for i, arch in enumerate(r["independents"]):
+    for i, arch in enumerate(r["independents"][:count]):
         name = f"independent{i}-{arch}"
         log(name)
+        index = np.sort(np.random.default_rng(200 + i).choice(len(rest_x), r["model_images"],
+                                                               replace=False))
         independents[name] = cache.model(
-            name, trained_on, ARCHITECTURES[arch],
-            partial(_trained, arch, *subset(200 + i), 200 + i, r["model_epochs"]))
+            name, _trained_on(r), ARCHITECTURES[arch],
+            partial(_trained, arch, rest_x[index], rest_y[index], 200 + i, r["model_epochs"]))
         arch_of[name] = arch
+    return independents, arch_of
+
+
+def build_thefts(data: Mnist, r: dict[str, Any], cache: Cache, log: Callable[[str], None]
+                 ) -> tuple[dict[str, nn.Module], dict[str, dict[str, str]]]:
+    """The thief's copies and students of the host, made from his own images, and how each
+    student was trained."""
+    host = pretrained_host()
+    thief_x, thief_y = (a[:r["thief_images"]] for a in data.valid)
+    stolen_with = {k: r[k] for k in ("thief_images", "version")}
     thefts: dict[str, nn.Module] = {}
     for label, (lr, epochs) in r["finetune"].items():
         log(f"fine-tune {label}")
@@ -331,7 +350,9 @@ def build_models(data: Mnist, r: dict[str, Any], cache: Cache, log: Callable[[st
         log(label)
         thefts[label], notes[label] = cache.trained(name, {**stolen_with, **spec}, make, build)
         log(f"{label}: {notes[label]}")
-    return host, panel, thefts, independents, arch_of, notes
+    return thefts, notes
+
+
 
 
 def _modes(model: nn.Module, key: OutputKey, set_id: int) -> dict[str, float]:
@@ -381,7 +402,9 @@ def run(recipe: dict[str, Any] = RECIPE, log: Callable[[str], None] = print) -> 
     torch.set_num_threads(2)
     data = mnist()
     cache = Cache()
-    host, panel, thefts, independents, arch_of, notes = build_models(data, recipe, cache, log)
+    # The key first (it needs only the host and the panel), then every suspect: a script that
+    # reads the key and a few suspects (bench/blackbox_endpoint.py) need not wait for all.
+    host, panel = pretrained_host(), build_panel(data, recipe, cache, log)
     test_x, test_y = data.test
     owner_x, owner_y = (a[:recipe["owner_images"]] for a in data.train)
     key_path = cache.path("key", recipe, ".fmo")
@@ -394,6 +417,8 @@ def run(recipe: dict[str, Any] = RECIPE, log: Callable[[str], None] = print) -> 
                                 settings=QuerySettings(), progress=True)
         save_output_key(key_path, key, LAB_PASSPHRASE)
     derive_s = float(key.parameters["seconds"])
+    thefts, notes = build_thefts(data, recipe, cache, log)
+    independents, arch_of = build_independents(data, recipe, cache, log)
     rows: list[dict[str, Any]] = []
     for name, model in {"host": host, **thefts, **independents}.items():
         log(f"judging {name}")
