@@ -1,6 +1,6 @@
 """The output key's evidence through the product (issue 19, "What it must show"): the key
 `bench/blackbox.py` derived on the real pretrained host, registered through the CLI with a
-real key server, and every suspect served by its own real MLServer over the Open Inference
+real key server, and every suspect served by a real MLServer over the Open Inference
 Protocol (labels-only and score endpoints; the host behind input noise, 16-level
 quantisation and a 3x3 median filter served as models by the thief's preprocessing), each
 judged by `freemark verify --endpoint` and the signed verdict checked offline; then a model
@@ -51,6 +51,7 @@ from ttp_fleet import add_principals
 ROOT = Path(__file__).resolve().parents[1]
 OWNER = "owner@example.com"
 MATCH_P, NO_MATCH_P = 1e-9, 1e-3
+VERIFICATIONS_PER_SERVER = 12
 Read = Literal["labels", "scores"]
 Expect = Literal["match", "no_match", "report"]
 
@@ -130,6 +131,8 @@ def digits_world(folder: Path) -> World:
     import blackbox_models as bm
     from freemark_lab.train import train
 
+    print("digits: training the host, its panel and independents, deriving the key",
+          flush=True)
     x, y = bm.owner_data()
     key = derive_output_key(bm.host(), x, y, bm.panel(), owner=OWNER,
                             n_queries=96, n_sets=1, recipes=bm.RECIPES)
@@ -150,6 +153,22 @@ def digits_world(folder: Path) -> World:
 def _pt2(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
     save_program(model.eval(), (example,), path)
     return path
+
+
+def _groups(suspects: list[Suspect]) -> list[list[tuple[int, Suspect]]]:
+    """Suspects in runs of the same kind, one MLServer each, with at most
+    `VERIFICATIONS_PER_SERVER` verifications: a server start costs tens of seconds here, and
+    the key server's rate limit per endpoint origin (`EndpointPolicy.rate_inputs`, 8,192
+    inputs an hour; a verification sends a set, as many decoys and 32 repeats) bounds what
+    one server may be asked."""
+    groups: list[list[tuple[int, Suspect]]] = []
+    for i, suspect in enumerate(suspects):
+        last = groups[-1] if groups else []
+        if (not last or last[0][1].kind != suspect.kind or sum(len(s.expect) for _, s in last)
+                + len(suspect.expect) > VERIFICATIONS_PER_SERVER):
+            groups.append(last := [])
+        last.append((i, suspect))
+    return groups
 
 
 def _met(expect: Expect, outcome: str, p_value: float) -> bool | None:
@@ -181,6 +200,7 @@ def run(world: World, work: Path) -> dict[str, Any]:
     """Register through the CLI, verify every suspect's endpoints and the file suspects."""
     models = work / "models"
     models.mkdir(parents=True)
+    print("exporting the host and its panel", flush=True)
     host = _pt2(world.host, world.example, models / "host.pt2")
     references = [_pt2(m, world.example, models / f"reference{i}.pt2")
                   for i, m in enumerate(world.panel)]
@@ -196,6 +216,7 @@ def run(world: World, work: Path) -> dict[str, Any]:
     try:
         with KeyServiceClient(f"127.0.0.1:{running.port}", token=tokens[OWNER]) as client:
             public_key = client.public_key()
+        print("registering the key", flush=True)
         began = time.perf_counter()
         receipt = json_out(run_cli(
             "freemark.cli", "register", "--key", str(world.key), "--model", str(host),
@@ -204,24 +225,29 @@ def run(world: World, work: Path) -> dict[str, Any]:
         register_s = time.perf_counter() - began
         registration = str(receipt["registration_id"])
         print(f"registered {registration} in {register_s:.1f} s", flush=True)
-        for i, suspect in enumerate(world.suspects):
-            onnx = export_onnx(copy.deepcopy(suspect.model).eval(), models / f"s{i}.onnx",
-                               shape)
-            served = [ServedModel(f"s{i}-{read}", onnx, shape, 10, read,  # type: ignore[arg-type]
-                                  suspect.preprocess) for read in suspect.expect]
-            with serve(served, work / f"oip{i}") as oip:
-                for read, expect in suspect.expect.items():
-                    began = time.perf_counter()
-                    out = run_cli("freemark.cli", "verify", "--registration", registration,
-                                  "--endpoint", oip.url, "--endpoint-model", f"s{i}-{read}",
-                                  "--json", "--insecure", env=env)
-                    seconds = time.perf_counter() - began
-                    verdict = endpoint_verdict_from_json(json_out(out))
-                    assert isinstance(verdict, EndpointVerdict)
-                    verify_receipt(verdict, public_key)  # what `receipt verify` checks
-                    rows.append(_row(suspect.name, suspect.kind, read, verdict, expect,
-                                     seconds))
-                    print(json.dumps(rows[-1]), flush=True)
+        for g, group in enumerate(_groups(world.suspects)):
+            served = []
+            for i, suspect in group:
+                onnx = export_onnx(copy.deepcopy(suspect.model).eval(), models / f"s{i}.onnx",
+                                   shape)
+                served += [ServedModel(f"s{i}-{read}", onnx, shape, 10, read,  # type: ignore[arg-type]
+                                       suspect.preprocess) for read in suspect.expect]
+            with serve(served, work / f"oip{g}") as oip:
+                print(f"MLServer {g}: {len(served)} models ready in {oip.started_in_s:.0f} s",
+                      flush=True)
+                for i, suspect in group:
+                    for read, expect in suspect.expect.items():
+                        began = time.perf_counter()
+                        out = run_cli("freemark.cli", "verify", "--registration", registration,
+                                      "--endpoint", oip.url, "--endpoint-model",
+                                      f"s{i}-{read}", "--json", "--insecure", env=env)
+                        seconds = time.perf_counter() - began
+                        verdict = endpoint_verdict_from_json(json_out(out))
+                        assert isinstance(verdict, EndpointVerdict)
+                        verify_receipt(verdict, public_key)  # what `receipt verify` checks
+                        rows.append(_row(suspect.name, suspect.kind, read, verdict, expect,
+                                         seconds))
+                        print(json.dumps(rows[-1]), flush=True)
         files: list[dict[str, Any]] = []
         for name, (model, expect) in world.file_suspects.items():
             path = _pt2(model, world.example, models / f"file-{len(files)}.pt2")
