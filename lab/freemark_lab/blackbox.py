@@ -295,10 +295,10 @@ def build_independents(data: Mnist, r: dict[str, Any], cache: Cache,
     return independents, arch_of
 
 
-def build_thefts(data: Mnist, r: dict[str, Any], cache: Cache, log: Callable[[str], None]
-                 ) -> tuple[dict[str, nn.Module], dict[str, dict[str, str]]]:
-    """The thief's copies and students of the host, made from his own images, and how each
-    student was trained."""
+def build_thefts(data: Mnist, r: dict[str, Any], cache: Cache, log: Callable[[str], None],
+                 students: bool = True) -> tuple[dict[str, nn.Module], dict[str, dict[str, str]]]:
+    """The thief's copies and (unless not `students`) students of the host, made from his
+    own images, and how each student was trained."""
     host = pretrained_host()
     thief_x, thief_y = (a[:r["thief_images"]] for a in data.valid)
     stolen_with = {k: r[k] for k in ("thief_images", "version")}
@@ -315,6 +315,9 @@ def build_thefts(data: Mnist, r: dict[str, Any], cache: Cache, log: Callable[[st
     thefts["fine-tune + prune + int8"] = _int8(_prune(large, r["prune"]))
     for kind in ("noise", "quantise16", "median3"):
         thefts[f"host behind {kind}"] = Behind(host, kind)
+    notes: dict[str, dict[str, str]] = {}
+    if not students:
+        return thefts, notes
     spec = r["students"]
     temperature = spec["temperature"]
     # The thief holds out the last `held_out` of his images to see when a student converges.
@@ -337,7 +340,7 @@ def build_thefts(data: Mnist, r: dict[str, Any], cache: Cache, log: Callable[[st
         return converged(student, train_x, targets, loss, held, cap=spec["epochs"],
                          patience=spec["patience"], seed=9)
 
-    students = {
+    made = {
         f"distilled T={temperature:g}, same architecture":
             ("student-same", mnistnet, lambda: distilled(fresh_copy(host, 11), soft, "soft")),
         f"distilled T={temperature:g}, smaller architecture":
@@ -345,8 +348,7 @@ def build_thefts(data: Mnist, r: dict[str, Any], cache: Cache, log: Callable[[st
         "student of the top-1 labels":
             ("student-labels", mnistnet, lambda: distilled(fresh_copy(host, 12), hard, "labels")),
     }
-    notes: dict[str, dict[str, str]] = {}
-    for label, (name, make, build) in students.items():
+    for label, (name, make, build) in made.items():
         log(label)
         thefts[label], notes[label] = cache.trained(name, {**stolen_with, **spec}, make, build)
         log(f"{label}: {notes[label]}")
