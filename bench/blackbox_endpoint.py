@@ -92,7 +92,7 @@ def lab_world(recipe: dict[str, Any], independents: int) -> World:
     it: its derivation is the long part). Independents: the first `independents` of the
     MNISTNet and MnistCNN architectures and two quarter-width ones."""
     cache = lab.Cache()
-    key = cache.path("key", recipe, ".fmo")
+    key = lab.key_path(cache, recipe)
     if not key.exists():
         raise SystemExit(f"no key at {key}: run bench/blackbox.py with this recipe first")
     data = lab.mnist()

@@ -8,8 +8,8 @@ owner's surrogates), the thief's 10,000 validation images (every theft and stude
 disjoint slices of the rest for the panel and the held-out independents.
 
 Models are trained once and cached as safetensors (never pickles) under names carrying a
-hash of the recipe parts they depend on (`Cache`), the derived key likewise under the whole
-recipe's hash: change a part and only what depends on it is rebuilt.
+hash of the recipe parts they depend on (`Cache`), the derived key likewise (`key_path`):
+change a part and only what depends on it is rebuilt.
 `run` derives the key (timed), judges every model on every query set under each
 statistic, and measures the calibration: p-values of held-out independents on every
 (model, full query set) pair and on (model, query block) pairs, the fraction below 1e-3 and
@@ -250,6 +250,14 @@ def _trained_on(r: dict[str, Any]) -> dict[str, Any]:
     return {k: r[k] for k in ("owner_images", "model_images", "model_epochs", "version")}
 
 
+def key_path(cache: Cache, r: dict[str, Any]) -> Path:
+    """Where the derived key lives: named by what it depends on (the owner's images, the
+    panel and its training, the set sizes), so changing the suspects keeps it."""
+    parts = {k: r[k] for k in ("owner_images", "model_images", "model_epochs", "panel",
+                               "queries", "sets", "version")}
+    return cache.path("key", parts, ".fmo")
+
+
 def _others(data: Mnist, r: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """The training images nobody's model but the panel's and the independents' sees."""
     return data.train[0][r["owner_images"]:], data.train[1][r["owner_images"]:]
@@ -409,15 +417,15 @@ def run(recipe: dict[str, Any] = RECIPE, log: Callable[[str], None] = print) -> 
     host, panel = pretrained_host(), build_panel(data, recipe, cache, log)
     test_x, test_y = data.test
     owner_x, owner_y = (a[:recipe["owner_images"]] for a in data.train)
-    key_path = cache.path("key", recipe, ".fmo")
-    if key_path.exists():
-        key = load_output_key(key_path, LAB_PASSPHRASE)
+    path = key_path(cache, recipe)
+    if path.exists():
+        key = load_output_key(path, LAB_PASSPHRASE)
     else:
         log("deriving the output key")
         key = derive_output_key(host, owner_x, owner_y, panel, owner="owner@example.com",
                                 n_queries=recipe["queries"], n_sets=recipe["sets"],
                                 settings=QuerySettings(), progress=True)
-        save_output_key(key_path, key, LAB_PASSPHRASE)
+        save_output_key(path, key, LAB_PASSPHRASE)
     derive_s = float(key.parameters["seconds"])
     thefts, notes = build_thefts(data, recipe, cache, log)
     independents, arch_of = build_independents(data, recipe, cache, log)
