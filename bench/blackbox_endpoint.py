@@ -301,7 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="held-out independents of the MNISTNet and MnistCNN architectures "
                              "(two quarter-width ones are added)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
+    # One thread: on a shared, loaded machine a second one mostly waits at barriers.
+    torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="blackbox-endpoint-") as tmp:
         world = (digits_world(Path(tmp)) if args.digits else
                  lab_world(lab.QUICK if args.quick else lab.RECIPE, args.independents))
