@@ -85,3 +85,7 @@ bench: $(INSTALLED) $(OIP_INSTALLED) postgres
 	PYTHONPATH=client:keyserver:lab:tests $(PY) bench/endpoint.py --json out/bench_endpoint.json
 	PYTHONPATH=client:keyserver:lab:tests $(PY) bench/sandbox_reply.py --json out/bench_sandbox_reply.json
 	PYTHONPATH=client:keyserver:lab:tests $(PY) bench/registry.py --json out/bench_registry.json
+	# The output key's evidence (docs/blackbox.md): the long MNIST run, then the same key and
+	# models through the CLI, a real key server and a real MLServer per suspect.
+	$(PY) bench/blackbox.py --json out/bench_blackbox.json
+	PYTHONPATH=client:keyserver:lab:tests $(PY) bench/blackbox_endpoint.py --json out/bench_blackbox_endpoint.json
