@@ -452,5 +452,5 @@ def run(recipe: dict[str, Any] = RECIPE, log: Callable[[str], None] = print) -> 
         [p for m in independents.values() for p in _blocks(m, key, recipe["block"])])}
     return {"recipe": recipe, "recipe_hash": recipe_hash(recipe), "alpha": DEFAULT_ALPHA,
             "derivation_seconds": derive_s,
-            "derivation_seconds_per_256_queries": derive_s * 256 / len(key.queries),
+            "derivation_seconds_per_256_queries": float(key.parameters["seconds_per_256_queries"]),
             "key_parameters": key.parameters, "rows": rows, "calibration": calibration}
