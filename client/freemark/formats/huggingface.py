@@ -530,18 +530,28 @@ def packed(path: str | Path) -> Iterator[Path]:
 def packed_config(path: Path) -> dict[str, Any]:
     """The config.json a packed checkpoint carries in its metadata, parsed (size-capped), not
     yet checked (`check_config` does that); refuses a `.safetensors` of weights only."""
-    with open_safetensors(path, path) as handle:
-        text = (handle.metadata() or {}).get(CONFIG_METADATA_KEY)
-    if text is None:
-        raise _refuse(path, f"a .safetensors without a {CONFIG_METADATA_KEY!r} metadata entry is "
-                      "weights only; send a checkpoint directory, or pack one with freemark")
-    if len(text) > MAX_CONFIG_BYTES:
-        raise _refuse(path, f"the packed config is over {MAX_CONFIG_BYTES} bytes")
-    try:
-        values = json.loads(text)
-    except ValueError as exc:
-        raise _refuse(path, f"the packed config is not JSON ({exc})") from exc
+    values = metadata_json(
+        path, CONFIG_METADATA_KEY, MAX_CONFIG_BYTES, "the packed config is",
+        missing=f"a .safetensors without a {CONFIG_METADATA_KEY!r} metadata entry is weights "
+                "only; send a checkpoint directory, or pack one with freemark")
     return values if isinstance(values, dict) else {}
+
+
+def metadata_json(path: Path, key: str, cap: int, what: str, *, missing: str) -> Any:
+    """The JSON a packed `.safetensors` carries under metadata `key`, parsed once it is known
+    to be at most `cap` bytes; refused (naming `what`, e.g. "the packed config is") when it
+    is absent (`missing` says why), too long or not JSON. Packed checkpoints and packed
+    LoRA pairs both read their configs through it."""
+    with open_safetensors(path, path) as handle:
+        text = (handle.metadata() or {}).get(key)
+    if text is None:
+        raise _refuse(path, missing)
+    if len(text) > cap:
+        raise _refuse(path, f"{what} over {cap} bytes")
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise _refuse(path, f"{what} not JSON ({exc})") from exc
 
 
 def expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:

@@ -353,16 +353,9 @@ def packed_pair(base: str | Path, adapter: str | Path) -> Iterator[Path]:
 
 
 def _packed_configs(path: Path) -> tuple[Any, Any]:
-    with hf.open_safetensors(path, path) as handle:
-        text = (handle.metadata() or {}).get(METADATA_KEY)
-    if text is None:
-        raise _refuse(path, f"no {METADATA_KEY!r} metadata entry: not a packed adapter and base")
-    if len(text) > MAX_METADATA_BYTES:
-        raise _refuse(path, f"the packed configs are over {MAX_METADATA_BYTES} bytes")
-    try:
-        values = json.loads(text)
-    except ValueError as exc:
-        raise _refuse(path, f"the packed configs are not JSON ({exc})") from exc
+    values = hf.metadata_json(
+        path, METADATA_KEY, MAX_METADATA_BYTES, "the packed configs are",
+        missing=f"no {METADATA_KEY!r} metadata entry: not a packed adapter and base")
     if not isinstance(values, dict) or set(values) != {"config", "adapter_config"}:
         raise _refuse(path, "the packed configs must be an object with 'config' and "
                       "'adapter_config'")
