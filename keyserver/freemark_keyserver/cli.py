@@ -64,6 +64,7 @@ def _config(args: argparse.Namespace) -> cfg.ServerConfig:
             upload_rate_grace=args.upload_rate_grace, principal_recheck=args.principal_recheck,
             spool_quota_bytes=args.spool_quota_bytes,
             spool_principal_share=args.spool_principal_share,
+            spool_memory_bytes=args.spool_memory_bytes,
             max_stream_seconds=args.max_stream_seconds,
             exempt_stream_lifetime=args.exempt_stream_lifetime,
             register_rate_principal=args.register_rate_principal,
@@ -300,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
                    default=cfg.DEFAULT_SPOOL_PRINCIPAL_SHARE, metavar="FRACTION",
                    help="the part of --spool-quota-bytes one principal's open uploads may hold "
                         "together, in (0, 1] (default %(default)s)")
+    p.add_argument("--spool-memory-bytes", type=int, default=cfg.DEFAULT_SPOOL_MEMORY,
+                   help="announced bytes of open uploads kept in sealed memory files instead "
+                        "of the disk spool (plaintext models never on disk); an upload that "
+                        "does not fit what is left goes to disk; 0: always disk (default "
+                        "%(default)s)")
     p.add_argument("--max-stream-seconds", type=float, default=cfg.DEFAULT_MAX_STREAM_SECONDS,
                    help="seconds an upload stream may last, however fast it still sends; then "
                         "it is closed and its spool bytes freed (default %(default)s)")

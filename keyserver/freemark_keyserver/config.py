@@ -114,6 +114,9 @@ DEFAULT_UPLOAD_RATE_GRACE = 10.0
 DEFAULT_PRINCIPAL_RECHECK = 2.0
 DEFAULT_SPOOL_QUOTA = 4 * DEFAULT_MAX_UPLOAD
 DEFAULT_SPOOL_PRINCIPAL_SHARE = 0.5  # of the quota, one principal's open uploads together
+# Announced bytes of open uploads kept in sealed memory files rather than the disk spool: one
+# upload at the default cap (a 1.1 B bf16 decoder is 2.2 GB). 0 sends every upload to disk.
+DEFAULT_SPOOL_MEMORY = DEFAULT_MAX_UPLOAD
 DEFAULT_MAX_STREAM_SECONDS = 3600.0  # one request stream, however fast it still sends
 DEFAULT_EXEMPT_STREAM_LIFETIME = 600.0  # a health Watch or reflection stream; clients re-watch
 DEFAULT_REGISTER_RATE_PRINCIPAL = Rate(20, 3600.0)  # 20/hour
@@ -186,6 +189,7 @@ class ServerConfig:
     principal_recheck: float = DEFAULT_PRINCIPAL_RECHECK
     spool_quota_bytes: int = DEFAULT_SPOOL_QUOTA
     spool_principal_share: float = DEFAULT_SPOOL_PRINCIPAL_SHARE
+    spool_memory_bytes: int = DEFAULT_SPOOL_MEMORY  # `rpc.uploads`: memory file or disk spool
     max_stream_seconds: float = DEFAULT_MAX_STREAM_SECONDS
     exempt_stream_lifetime: float = DEFAULT_EXEMPT_STREAM_LIFETIME
     register_rate_principal: Rate = DEFAULT_REGISTER_RATE_PRINCIPAL
@@ -226,6 +230,9 @@ class ServerConfig:
             raise ValueError(f"panel reach must be one of {', '.join(PANEL_REACH_MODES)}, not "
                              f"{self.panel_reach!r}")
         _ = self.endpoint_policy  # an allow-list entry that is not a name, address or network
+        if self.spool_memory_bytes < 0:
+            raise ValueError("the spool's memory budget is a number of bytes >= 0, not "
+                             f"{self.spool_memory_bytes}")
         if not 0.0 < self.spool_principal_share <= 1.0:
             raise ValueError(f"the spool share per principal is a fraction in (0, 1], not "
                              f"{self.spool_principal_share:g}")

@@ -25,6 +25,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from freemark.rpc import recycle_chunk_memory
 from freemark.v1 import keyservice_pb2, keyservice_pb2_grpc
 from freemark_keyserver import metrics
 from freemark_keyserver.config import ServerConfig, load_keyring, load_signing_key
@@ -86,6 +87,9 @@ class RunningServer:
 def create_server(config: ServerConfig) -> RunningServer:
     """Start a key server for `config`; returns it with its bound port (listen on :0 for tests)."""
     config.check_listen()
+    # Uploads arrive as 1 MiB messages, copied on receipt: recycled heap buffers, not a
+    # fresh mapping per copy (`recycle_chunk_memory`; issue 20).
+    recycle_chunk_memory()
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     config.spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     # The sandbox's fork server first, before any key or the database is opened: it is a

@@ -146,6 +146,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         max_calls_per_principal=PER_PRINCIPAL, stream_idle_timeout=IDLE_SECONDS,
         min_upload_rate=256 * 1024, upload_rate_grace=6.0, principal_recheck=0.1,
         spool_quota_bytes=SPOOL_QUOTA, spool_principal_share=1.0,
+        spool_memory_bytes=0,  # these tests watch the disk spool's files
         verify_rate_principal=Rate.parse("2/hour"),
         verify_rate_registration=Rate.parse("100/hour"), metrics_listen="127.0.0.1:0")
     lines: list[str] = []

@@ -116,6 +116,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     config = ServerConfig(
         data_dir=folder / "ttp", listen="localhost:0", grace_seconds=1,
         max_upload_bytes=SPOOL_QUOTA, spool_quota_bytes=SPOOL_QUOTA, spool_principal_share=SHARE,
+        spool_memory_bytes=0,  # these tests watch the disk spool's files
         min_upload_rate=2 * 1024, upload_rate_grace=2.0, max_stream_seconds=MAX_STREAM_SECONDS,
         exempt_stream_lifetime=EXEMPT_LIFETIME, principal_recheck=0.2,
         verify_rate_principal=Rate.parse("100/hour"),

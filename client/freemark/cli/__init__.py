@@ -13,5 +13,7 @@ __all__ = ["main"]
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `freemark` command (the console script's entry point)."""
     from freemark.cli.app import main as run
+    from freemark.rpc import recycle_chunk_memory
 
+    recycle_chunk_memory()  # uploads' chunk copies reuse heap buffers (issue 20)
     return run(argv)

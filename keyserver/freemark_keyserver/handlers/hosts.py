@@ -19,12 +19,12 @@ sealed the same way, under their member id (record id suffix ``/panel``, owner "
 
 from __future__ import annotations
 
-import fcntl
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from freemark_keyserver import memfiles
 from freemark_keyserver.crypto import (
     Envelope,
     MasterKeyring,
@@ -75,20 +75,17 @@ def store_host(
 def plaintext_memfd(name: str, segments: Iterable[bytes]) -> Iterator[Path]:
     """Decrypted bytes in an anonymous, sealed memory file, as a path valid in this process.
 
-    The file lives in memory only (memfd_create): no directory entry, nothing left on disk
-    if the server is killed, gone when the last descriptor closes. It is sealed against
-    writes before it is handed out, so the sandbox child that reads it (through a descriptor
-    the pool passes) cannot change it either.
+    The file lives in memory only (`memfiles`): nothing left on disk if the server is killed,
+    gone when the last descriptor closes. It is sealed against writes before it is handed
+    out, so the sandbox child that reads it (through a descriptor the pool passes) cannot
+    change it either.
     """
-    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    fd = memfiles.create(name)
     try:
         for plaintext in segments:
-            view = memoryview(plaintext)
-            while view:
-                view = view[os.write(fd, view):]
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK
-                    | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
-        yield Path(f"/proc/self/fd/{fd}")
+            memfiles.write_all(fd, plaintext)
+        memfiles.seal(fd)
+        yield memfiles.path(fd)
     finally:
         os.close(fd)
 

@@ -116,7 +116,7 @@ class KeyServiceServicer(keyservice_pb2_grpc.KeyServiceServicer):
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.spool = Spool(ctx.config.spool_dir, ctx.config.spool_quota_bytes,
-                           ctx.config.spool_principal_share)
+                           ctx.config.spool_principal_share, ctx.config.spool_memory_bytes)
         self.verify_limits = VerifyLimits(ctx.config.verify_rate_principal,
                                           ctx.config.verify_rate_registration)
         self.register_limits = RegisterLimits(ctx.config.register_rate_principal)

@@ -1,6 +1,19 @@
-"""Streamed uploads: spooled to a private temp file, never held in memory, checked at the end.
+"""Streamed uploads: hashed as they arrive, never held in the server's own memory, checked at
+the end; kept in a sealed memory file, or spooled to a private temp file past a memory budget.
 
-The spool has a quota over all open uploads, and each principal a share of it. An upload
+Where the bytes go (`spooled`): an upload whose announced size fits what is left of the
+spool's memory budget (`--spool-memory-bytes`) is written into an anonymous memory file
+(`memfiles`) as it is hashed, and sealed once its size and SHA-256 check out: the sandbox
+child maps those very bytes read-only, so what a verdict or receipt names is what was judged,
+a plaintext host never rests on disk (RAM is not disk), and there is no file to write back or
+clean up (issue 20: a 2.2 GB decoder's upload wrote 2.2 GB to the data dir's disk and read
+it back). A larger upload, or one arriving while others hold the budget, goes to the disk
+spool instead (0600, in the 0700 data dir, removed when the call ends). The memory budget is
+taken by announced sizes when an upload starts and only ever chooses where bytes go: it
+refuses nothing.
+
+The spool has a quota over all open uploads, and each principal a share of it, whichever of
+the two holds them. An upload
 holds the bytes it has received, reserved chunk by chunk before each is written, never its
 announced size: a client announcing 2 GiB and trickling holds what it sent, not the disk it
 named (issue 18: four such streams held an 8 GiB quota for hours). Past the quota, or past
@@ -25,7 +38,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from freemark.v1 import keyservice_pb2
-from freemark_keyserver import metrics
+from freemark_keyserver import memfiles, metrics
 from freemark_keyserver.errors import ErrorCode, ServiceError
 
 log = logging.getLogger("freemark_keyserver")
@@ -36,10 +49,13 @@ SPOOL_RETRY_SECONDS = 10.0  # a hint: uploads in flight finish or stall out in a
 class Spool:
     """The upload spool directory, its quota, and each principal's share of it."""
 
-    def __init__(self, directory: Path, quota_bytes: int, principal_share: float = 1.0) -> None:
+    def __init__(self, directory: Path, quota_bytes: int, principal_share: float = 1.0,
+                 memory_bytes: int = 0) -> None:
         self.directory = directory
         self.quota_bytes = quota_bytes
         self.share_bytes = int(quota_bytes * principal_share)  # what one principal may hold
+        self.memory_bytes = memory_bytes  # announced bytes open uploads may keep in memory
+        self._in_memory = 0
         self._reserved = 0
         self._held: dict[str, int] = {}  # principal -> bytes its open uploads hold
         self._lock = threading.Lock()
@@ -70,6 +86,28 @@ class Spool:
         """Bytes reserved now by `principal`'s open uploads."""
         with self._lock:
             return self._held.get(principal, 0)
+
+    @property
+    def in_memory(self) -> int:
+        """Announced bytes of the open uploads kept in memory files now."""
+        with self._lock:
+            return self._in_memory
+
+    @contextmanager
+    def memory(self, size: int) -> Iterator[bool]:
+        """Whether an upload announced at `size` bytes goes to a memory file: yes while it
+        fits what is left of the memory budget, taken until the block ends; no (the disk
+        spool) otherwise."""
+        with self._lock:
+            fits = self._in_memory + size <= self.memory_bytes
+            if fits:
+                self._in_memory += size
+        try:
+            yield fits
+        finally:
+            if fits:
+                with self._lock:
+                    self._in_memory -= size
 
     @contextmanager
     def reserve(self, principal: str) -> Iterator[Reservation]:
@@ -147,8 +185,9 @@ def check_header(header: keyservice_pb2.UploadHeader, cap: int) -> None:
 def spooled(chunks: Iterator[bytes], header: keyservice_pb2.UploadHeader, *, cap: int,
             spool: Spool, principal: str, suffix: str,
             deferred: Callable[[], bytes | None] = lambda: None) -> Iterator[Path]:
-    """Write the chunks to a 0600 temp file, hashing them as they are written; yield its
-    path once size and SHA-256 match.
+    """Write the chunks to a memory file or a 0600 temp file (the module docstring says
+    which), hashing them as they are written; yield its path once size and SHA-256 match (a
+    memory file sealed first, so no byte can change after it was hashed).
 
     The SHA-256 is the header's, or, where the header left it empty, the one the stream
     sent after the last chunk (`deferred`, asked once `chunks` is exhausted), which is then
@@ -163,37 +202,49 @@ def spooled(chunks: Iterator[bytes], header: keyservice_pb2.UploadHeader, *, cap
         raise ServiceError(ErrorCode.TOO_LARGE, f"{header.total_size} bytes is over the "
                            f"{spool.share_bytes} bytes one principal may hold in the server's "
                            "upload spool")
-    with spool.reserve(principal) as reservation:
-        spool.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, name = tempfile.mkstemp(prefix="upload-", suffix=suffix, dir=spool.directory)
-        path = Path(name)
+    with spool.reserve(principal) as reservation, spool.memory(header.total_size) as in_memory:
+        if in_memory:
+            fd, path = memfiles.create("freemark-upload" + suffix), None
+        else:
+            spool.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd, name = tempfile.mkstemp(prefix="upload-", suffix=suffix, dir=spool.directory)
+            path = Path(name)
         try:
-            digest = hashlib.sha256()
-            received = 0
-            with os.fdopen(fd, "wb") as handle:
-                for chunk in chunks:
-                    received += len(chunk)
-                    if received > header.total_size:
-                        raise ServiceError(ErrorCode.UPLOAD_CORRUPT,
-                                           f"received more than the announced {header.total_size} bytes")
-                    reservation.grow(len(chunk))
-                    digest.update(chunk)
-                    handle.write(chunk)
-            if received != header.total_size:
-                raise ServiceError(ErrorCode.UPLOAD_CORRUPT,
-                                   f"stream ended after {received} of {header.total_size} bytes; re-send")
-            trailer = deferred()
-            if header.sha256 and trailer is not None:
-                raise ServiceError(ErrorCode.MALFORMED_REQUEST, "the upload's SHA-256 was sent "
-                                   "twice, in its header and after its chunks; send one")
-            expected = header.sha256 or trailer
-            if expected is None or len(expected) != SHA256_BYTES:
-                raise ServiceError(ErrorCode.UPLOAD_CORRUPT, "the stream ended without the 32-byte "
-                                   "SHA-256 its upload header deferred to a sha256 part; re-send")
-            if digest.digest() != expected:
-                raise ServiceError(ErrorCode.UPLOAD_CORRUPT, "SHA-256 of the received bytes does not "
-                                   "match the header; the file changed or was corrupted in transit")
-            header.sha256 = expected
-            yield path
+            _receive(fd, chunks, header, reservation, deferred)
+            if path is None:
+                memfiles.seal(fd)
+            yield memfiles.path(fd) if path is None else path
         finally:
-            path.unlink(missing_ok=True)
+            os.close(fd)
+            if path is not None:
+                path.unlink(missing_ok=True)
+
+
+def _receive(fd: int, chunks: Iterator[bytes], header: keyservice_pb2.UploadHeader,
+             reservation: Reservation, deferred: Callable[[], bytes | None]) -> None:
+    """Write and hash every chunk into `fd`, then check the size and SHA-256 (`spooled`)."""
+    digest = hashlib.sha256()
+    received = 0
+    for chunk in chunks:
+        received += len(chunk)
+        if received > header.total_size:
+            raise ServiceError(ErrorCode.UPLOAD_CORRUPT,
+                               f"received more than the announced {header.total_size} bytes")
+        reservation.grow(len(chunk))
+        digest.update(chunk)
+        memfiles.write_all(fd, chunk)
+    if received != header.total_size:
+        raise ServiceError(ErrorCode.UPLOAD_CORRUPT,
+                           f"stream ended after {received} of {header.total_size} bytes; re-send")
+    trailer = deferred()
+    if header.sha256 and trailer is not None:
+        raise ServiceError(ErrorCode.MALFORMED_REQUEST, "the upload's SHA-256 was sent "
+                           "twice, in its header and after its chunks; send one")
+    expected = header.sha256 or trailer
+    if expected is None or len(expected) != SHA256_BYTES:
+        raise ServiceError(ErrorCode.UPLOAD_CORRUPT, "the stream ended without the 32-byte "
+                           "SHA-256 its upload header deferred to a sha256 part; re-send")
+    if digest.digest() != expected:
+        raise ServiceError(ErrorCode.UPLOAD_CORRUPT, "SHA-256 of the received bytes does not "
+                           "match the header; the file changed or was corrupted in transit")
+    header.sha256 = expected

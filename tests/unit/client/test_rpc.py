@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import platform
 import socket
+import subprocess
+import sys
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -277,3 +281,35 @@ def test_cli_server_error_is_one_line_and_exit_2(
     assert captured.err.strip().splitlines() == [
         "freemark: error: scripted failure [PERMISSION_DENIED]"
     ]
+
+
+_MAPPED_CHUNKS = """
+import ctypes
+from freemark.rpc import DEFAULT_CHUNK_SIZE, recycle_chunk_memory
+
+class Info(ctypes.Structure):  # glibc's struct mallinfo2
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+
+def mapped(size):  # bytes of separately mapped blocks a buffer of `size` adds
+    before = libc.mallinfo2().hblkhd
+    buffer = bytearray(size)
+    return libc.mallinfo2().hblkhd - before
+
+print(mapped(DEFAULT_CHUNK_SIZE), recycle_chunk_memory(), mapped(DEFAULT_CHUNK_SIZE))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
+def test_upload_chunks_come_from_the_heap_once_recycled() -> None:
+    """Issue 20: a chunk-sized buffer is its own mmap by default (page faults and zeroing at
+    every copy of every chunk); after `recycle_chunk_memory` it comes from the reused heap.
+    In a fresh interpreter: the setting is process-wide."""
+    out = subprocess.run([sys.executable, "-c", _MAPPED_CHUNKS], capture_output=True,
+                         text=True, check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    before, recycled, after = out.stdout.split()
+    assert int(before) >= (1 << 20) and recycled == "True" and int(after) == 0

@@ -130,3 +130,60 @@ def test_a_deferred_sha256_is_asked_once_the_chunks_end(tmp_path: Path) -> None:
             pass
         assert caught.value.code is ErrorCode.UPLOAD_CORRUPT
     assert list(tmp_path.iterdir()) == [] and spool.reserved == 0
+
+
+def _sealed(path: Path) -> bool:
+    """Whether a write to the file at `path`, through a fresh read-write descriptor, fails."""
+    import os
+
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.write(fd, b"changed")
+    except PermissionError:  # F_SEAL_WRITE: EPERM for any writer, the server included
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def test_an_upload_within_the_memory_budget_is_a_sealed_memory_file(tmp_path: Path) -> None:
+    """Issue 20: no byte on disk, and no byte changeable once hashed (what the child maps is
+    what the verdict names); the budget is given back when the upload ends."""
+    spool = Spool(tmp_path, quota_bytes=1000, memory_bytes=600)
+    data = bytes(range(200)) * 2
+    with spooled(iter([data[:150], data[150:]]), _header(data), cap=CAP, spool=spool,
+                 principal="alice", suffix=".pt2") as path:
+        assert list(tmp_path.iterdir()) == []  # nothing in the disk spool
+        assert path.read_bytes() == data and path.stat().st_size == len(data)
+        assert _sealed(path)
+        assert path.read_bytes() == data
+        assert (spool.in_memory, spool.reserved) == (400, 400)  # the quota still counts it
+    assert (spool.in_memory, spool.reserved) == (0, 0)
+
+
+def test_an_upload_past_the_memory_budget_goes_to_the_disk_spool(tmp_path: Path) -> None:
+    """The budget chooses where bytes go and refuses nothing: an upload that does not fit
+    what the open ones leave of it is spooled to disk as before, and removed after."""
+    spool = Spool(tmp_path, quota_bytes=1000, memory_bytes=500)
+    first, second = b"a" * 300, b"b" * 300
+    with spooled(iter([first]), _header(first), cap=CAP, spool=spool, principal="alice",
+                 suffix=".pt2") as held:
+        assert spool.in_memory == 300 and list(tmp_path.iterdir()) == []
+        with spooled(iter([second]), _header(second), cap=CAP, spool=spool,
+                     principal="bob", suffix=".pt2") as path:
+            assert [p.name for p in tmp_path.iterdir()] == [path.name]
+            assert path.read_bytes() == second and held.read_bytes() == first
+            assert spool.in_memory == 300
+    assert list(tmp_path.iterdir()) == [] and (spool.in_memory, spool.reserved) == (0, 0)
+
+
+def test_a_refused_memory_upload_gives_its_budget_back(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, quota_bytes=1000, memory_bytes=1000)
+    data = b"c" * 300
+    header = _header(data)
+    header.sha256 = bytes(32)  # not the bytes' SHA-256
+    with pytest.raises(ServiceError) as caught, spooled(
+            iter([data]), header, cap=CAP, spool=spool, principal="alice", suffix=".pt2"):
+        pass
+    assert caught.value.code is ErrorCode.UPLOAD_CORRUPT
+    assert (spool.in_memory, spool.reserved) == (0, 0)
