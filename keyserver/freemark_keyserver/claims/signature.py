@@ -68,7 +68,8 @@ def signature(activations: np.ndarray) -> np.ndarray | None:
 
 
 def probe_rows(activations: np.ndarray) -> np.ndarray:
-    """The probe rows of a run on a group's anchor triggers followed by PROBES probes."""
+    """The probe rows of a run on a group's anchor triggers followed by PROBES probes (all of
+    a `probes_only` run's rows, as Register asks for them)."""
     return np.asarray(activations)[-PROBES:]
 
 

@@ -369,7 +369,8 @@ class _PriorClaims(Generic[HostReading]):
                 continue
             anchors[anchor] = panels.open_sealed(self.ctx, record)[0].triggers
             self.groups.append((group, anchor))
-        scans = [TriggerRun(None, 0, anchors[anchor], claims.PROBES) for _, anchor in self.groups]
+        scans = [TriggerRun(None, 0, anchors[anchor], claims.PROBES, probes_only=True)
+                 for _, anchor in self.groups]
         if self.bundle is None or self.own is None:
             return scans
         own_group = self.own[0]
@@ -377,7 +378,8 @@ class _PriorClaims(Generic[HostReading]):
         self.own = (own_group, own_anchor)
         own_triggers = anchors.get(own_anchor, self.bundle.triggers)
         return [*scans,
-                TriggerRun(self.bundle.layer, self.bundle.pooling, own_triggers, claims.PROBES)]
+                TriggerRun(self.bundle.layer, self.bundle.pooling, own_triggers, claims.PROBES,
+                           probes_only=True)]
 
     def _candidate_runs(self, results: Sequence[np.ndarray | Exception]) -> list[TriggerRun]:
         """The candidates the index ranks nearest, with every registration it cannot rank;

@@ -11,7 +11,7 @@ either side knows when one is complete:
 
 1. request: `np.save` frames (never pickle): a JSON header as uint8 (``model``, ``weights``,
    and ``sets``: one ``{"layer", "pooling", "has_mask", "probes", "width"}`` per trigger set,
-   a `TriggerRun` each; ``layer`` null asks for a scan of every tensor, ``outputs`` true for
+   a `TriggerRun` each, with ``probes_only`` for the probes' rows alone; ``layer`` null asks for a scan of every tensor, ``outputs`` true for
    the model's output scores instead of a layer, with ``claim`` true for an empty answer
    when the model does not take inputs of that kind), then each set's inputs and, if announced,
    its attention mask. The
@@ -157,6 +157,12 @@ class TriggerRun:
     queries' kind at all (`freemark.scheme.activations.accepts`, decided on the model's
     declared inputs, never the query values) or is not a program, as a scan answers nothing
     then; a program that takes them and fails on them fails the run.
+
+    `probes_only` answers the probes' rows alone: the triggers are still sent (the child
+    derives the probes from them) but never run. Register's prior-claim runs read a claim
+    signature from the probe rows only (`freemark_keyserver.claims.probe_rows`); running the
+    anchor's triggers too cost a third of each of those forward passes, for rows it dropped
+    (issue 20: 16 of 48 rows of a 1.1 B decoder's, about 2 s).
     """
 
     layer: str | None
@@ -166,6 +172,7 @@ class TriggerRun:
     width: int = 0
     outputs: bool = False
     claim: bool = False
+    probes_only: bool = False
 
     @classmethod
     def outputs_of(cls, inputs: np.ndarray, *, claim: bool = False) -> TriggerRun:
@@ -180,8 +187,9 @@ class TriggerRun:
 
     @property
     def rows(self) -> int:
-        """How many activation rows the run answers: the triggers, then the probes."""
-        return len(self.triggers) + self.probes
+        """How many activation rows the run answers: the triggers, then the probes (the
+        probes alone for `probes_only`)."""
+        return self.probes if self.probes_only else len(self.triggers) + self.probes
 
 
 class LayerScan(np.ndarray):
@@ -251,7 +259,7 @@ def encode_request(runs: Sequence[TriggerRun], has_weights: bool, options: dict[
     header = {**options, "model": MODEL_PATH, "weights": WEIGHTS_PATH if has_weights else None,
               "sets": [{"layer": r.layer, "pooling": int(r.pooling), "probes": int(r.probes),
                         "width": int(r.width), "outputs": bool(r.outputs),
-                        "claim": bool(r.claim),
+                        "claim": bool(r.claim), "probes_only": bool(r.probes_only),
                         "has_mask": r.triggers.attention_mask is not None} for r in runs]}
     buffer = io.BytesIO()
     arrays: list[Any] = [np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)]

@@ -81,12 +81,11 @@ def _runner(header: dict[str, Any], sets: list[tuple[Any, Any]]) -> tuple[bytes,
         output_scores,
         resolve_layer,
     )
-    from freemark.scheme.probes import with_probes
     from freemark.scheme.triggers import TriggerSet
     from freemark_keyserver.sandbox import formats
 
     def probed(spec: dict[str, Any], triggers: TriggerSet) -> TriggerSet:
-        return with_probes(triggers, int(spec.get("probes", 0)))
+        return _probed(triggers, int(spec.get("probes", 0)), bool(spec.get("probes_only")))
 
     if formats.handles(header):  # Hugging Face checkpoints and ONNX: their own safe loaders
         if not sets:
@@ -126,7 +125,8 @@ def _runner(header: dict[str, Any], sets: list[tuple[Any, Any]]) -> tuple[bytes,
                 return protocol.OutputScores.of(scores, architecture)
             return answer
         if spec["layer"] is None:  # a scan: every tensor, whatever its name (`TriggerRun`)
-            return _Scan(model, int(spec.get("width", 0)), int(spec.get("probes", 0)))
+            return _Scan(model, int(spec.get("width", 0)), int(spec.get("probes", 0)),
+                         bool(spec.get("probes_only")))
         resolve_layer(module, spec["layer"])  # the file's problem (no such layer): named
         return lambda triggers: capture(module, spec["layer"], probed(spec, triggers),
                                         pooling=spec["pooling"])[0]
@@ -222,6 +222,21 @@ class _Scan:
     model: Any
     width: int
     probes: int
+    probes_only: bool = False
+
+
+def _probed(triggers: Any, probes: int, probes_only: bool) -> Any:
+    """A set's inputs: its triggers followed by `probes` probes derived from them
+    (`freemark.scheme.probes.with_probes`), or the probes alone (`TriggerRun.probes_only`)."""
+    from freemark.scheme.probes import with_probes
+    from freemark.scheme.triggers import TriggerSet
+
+    inputs = with_probes(triggers, probes)
+    if not probes_only:
+        return inputs
+    mask = inputs.attention_mask
+    return TriggerSet(inputs=inputs.inputs[len(inputs.inputs) - probes:],
+                      attention_mask=None if mask is None else mask[len(mask) - probes:])
 
 
 def _scan_together(scans: list[tuple[int, _Scan, Any]]) -> list[tuple[int, Any]]:
@@ -232,13 +247,12 @@ def _scan_together(scans: list[tuple[int, _Scan, Any]]) -> list[tuple[int, Any]]
     run-failure report, the others their `LayerScan`. A failure of the pass as a whole (a
     cap, the model's own crash) fails every scan of it the same way."""
     from freemark.scheme.activations import capture_every_sets
-    from freemark.scheme.probes import with_probes
 
     answers: list[tuple[int, Any]] = []
     groups: dict[tuple[Any, ...], list[tuple[int, Any]]] = {}
     for place, scan, triggers in scans:
         try:  # probes are built from the secret triggers: a failure is the run's
-            probed = with_probes(triggers, scan.probes)
+            probed = _probed(triggers, scan.probes, scan.probes_only)
         except Exception as exc:  # noqa: BLE001
             answers.append((place, _run_failed(exc)))
             continue

@@ -49,6 +49,7 @@ from freemark_keyserver.sandbox.runner import (
     SandboxResourceError,
     SandboxTimeout,
     default_workers,
+    run_batch,
     run_in_sandbox,
     run_model,
     shared_pool,
@@ -125,6 +126,27 @@ def test_the_child_builds_the_alignment_probes_from_the_triggers(host: Host) -> 
     expected = _reference(load_program(host.path), with_probes(host.triggers, 40))
     assert result.activations.shape == (len(host.triggers) + 40, 128)
     np.testing.assert_allclose(result.activations, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_probes_only_run_answers_the_probe_rows_alone(host: Host) -> None:
+    """`TriggerRun.probes_only` (Register's claim signatures, issue 20): the child derives
+    the probes from the triggers but runs only them; a run and a scan answer exactly the
+    probe rows a full run answers after its triggers."""
+    full = TriggerRun(LAYER, POOLING, host.triggers, probes=12)
+    alone = TriggerRun(LAYER, POOLING, host.triggers, probes=12, probes_only=True)
+    scan = TriggerRun(None, POOLING, host.triggers, probes=12, width=128)
+    scan_alone = TriggerRun(None, POOLING, host.triggers, probes=12, width=128, probes_only=True)
+    assert (alone.rows, full.rows) == (12, len(host.triggers) + 12)
+    _, results = run_batch(host.path, [full, alone, scan, scan_alone])
+    ran, probed, scanned, scanned_alone = results
+    assert isinstance(ran, np.ndarray) and isinstance(probed, np.ndarray)
+    assert probed.shape == (12, 128)
+    np.testing.assert_allclose(probed, ran[len(host.triggers):], rtol=1e-5, atol=1e-6)
+    assert isinstance(scanned, sandbox_protocol.LayerScan)
+    assert isinstance(scanned_alone, sandbox_protocol.LayerScan)
+    assert scanned_alone.widths == scanned.widths and scanned_alone.shape[0] == 12
+    np.testing.assert_allclose(np.asarray(scanned_alone),
+                               np.asarray(scanned)[len(host.triggers):], rtol=1e-5, atol=1e-6)
 
 
 def test_a_verify_need_not_hash_the_weights(host: Host) -> None:
