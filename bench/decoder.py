@@ -35,6 +35,11 @@ VmHWM (`/proc/<pid>/status`) of a sandbox child, sampled every 20 ms while each 
 and the high-water mark of every reaped descendant (`getrusage(RUSAGE_CHILDREN)`) once the
 server has stopped, both against the weights' bytes. The 1- and 15-minute load averages
 are printed with the table: on a shared machine the ratios move with them.
+
+"named" rows: the same two calls on a second server whose operator mirrors the model
+(`--model-root`), the client naming the packed checkpoint under it (`ServerModel`) instead of
+uploading it: the server copies it once into a sealed memory file while hashing it (the packed
+file is written once beside the model, `<model>.packed/`, and reused).
 """
 
 from __future__ import annotations
@@ -56,10 +61,10 @@ from _table import print_table, write_json
 
 from freemark.derive import derive_key
 from freemark.extract import judge_activations
-from freemark.formats.huggingface import load_checkpoint
+from freemark.formats.huggingface import load_checkpoint, pack
 from freemark.formats.pt2 import fingerprint
 from freemark.reading import read_layer
-from freemark.rpc import KeyServiceClient
+from freemark.rpc import KeyServiceClient, ServerModel
 from freemark.scheme.bundle import KeyBundle
 from freemark.scheme.triggers import TriggerSet
 from freemark_keyserver.auth import hash_token, new_token
@@ -120,6 +125,44 @@ def floors(directory: Path, bundle: KeyBundle) -> tuple[float, float]:
     start = time.perf_counter()
     assert fingerprint(model) == bundle.host_fingerprint
     return floor_s, time.perf_counter() - start
+
+
+def packed(directory: Path) -> Path:
+    """The checkpoint packed into one `.safetensors` under its own model root, written once."""
+    root = directory.with_name(directory.name + ".packed")
+    single = root / "model.safetensors"
+    if not single.is_file():
+        root.mkdir(exist_ok=True)
+        pack(directory, root / "partial.safetensors").rename(single)
+    return single
+
+
+def product(bundle: KeyBundle, model: Path | ServerModel, model_root: Path | None
+            ) -> tuple[float, float, PeakSampler, PeakSampler, float]:
+    """Register and Verify on a fresh key server (SQLite, its real sandbox) in this process:
+    seconds each, the child peaks while each ran, and the verdict's p-value."""
+    with tempfile.TemporaryDirectory(prefix="ttp-", dir=CACHE) as tmp:
+        running = create_server(ServerConfig(data_dir=Path(tmp), listen="127.0.0.1:0",
+                                             grace_seconds=5, verify_rate_principal=UNLIMITED,
+                                             verify_rate_registration=UNLIMITED,
+                                             register_rate_principal=UNLIMITED,
+                                             model_root=model_root))
+        token = new_token()
+        running.ctx.store.add_principal(Principal("alice", "owner", hash_token(token), 0))
+        client = KeyServiceClient(f"127.0.0.1:{running.port}", token=token, timeout=1800)
+        before = descendants(os.getpid())  # the fork server (and its helpers): not children
+        with PeakSampler(before) as register_peak:
+            start = time.perf_counter()
+            receipt = client.register(bundle, model)
+            register_s = time.perf_counter() - start
+        with PeakSampler(before) as verify_peak:
+            start = time.perf_counter()
+            verdict = client.verify(receipt.registration_id, model)
+            verify_s = time.perf_counter() - start
+        assert verdict.outcome == "match", verdict
+        client.close()
+        running.stop(grace=1)
+    return register_s, verify_s, register_peak, verify_peak, verdict.p_value
 
 
 def triggers(vocab: int) -> TriggerSet:
@@ -209,33 +252,20 @@ def main() -> None:
           f"{derive_s:.0f} s, floor {floor_s:.1f} s (+ fingerprint {fingerprint_s:.1f} s)",
           flush=True)
     CACHE.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="ttp-", dir=CACHE) as tmp:
-        running = create_server(ServerConfig(data_dir=Path(tmp), listen="127.0.0.1:0",
-                                             grace_seconds=5, verify_rate_principal=UNLIMITED,
-                                             verify_rate_registration=UNLIMITED,
-                                             register_rate_principal=UNLIMITED))
-        token = new_token()
-        running.ctx.store.add_principal(Principal("alice", "owner", hash_token(token), 0))
-        client = KeyServiceClient(f"127.0.0.1:{running.port}", token=token, timeout=1800)
-        before = descendants(os.getpid())  # the fork server (and its helpers): not children
-        with PeakSampler(before) as register_peak:
-            start = time.perf_counter()
-            receipt = client.register(bundle, directory)
-            register_s = time.perf_counter() - start
-        with PeakSampler(before) as verify_peak:
-            start = time.perf_counter()
-            verdict = client.verify(receipt.registration_id, directory)
-            verify_s = time.perf_counter() - start
-        assert verdict.outcome == "match", verdict
-        client.close()
-        running.stop(grace=1)
+    register_s, verify_s, register_peak, verify_peak, p_value = product(bundle, directory, None)
+    single = packed(directory)
+    named = ServerModel(single.name, "hf")
+    named_register_s, named_verify_s, named_register_peak, named_verify_peak, _ = product(
+        bundle, named, single.parent)
     reaped = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     load = os.getloadavg()
     rows = [[name, floor, seconds, seconds / floor, seconds / floor_s, peak.peak / 2**30,
              peak.peak / weights, peak.cpu]
             for name, floor, seconds, peak in (
                 ("register", register_floor_s, register_s, register_peak),
-                ("verify", floor_s, verify_s, verify_peak))]
+                ("verify", floor_s, verify_s, verify_peak),
+                ("register named", register_floor_s, named_register_s, named_register_peak),
+                ("verify named", floor_s, named_verify_s, named_verify_peak))]
     print_table(f"Llama {parameters / 1e9:.2f} B parameters ({weights / 2**30:.2f} GiB bf16), "
                 f"{layer}, {TRIGGERS} triggers x {TOKENS} tokens, no probes; seconds",
                 ["call", "floor", "product", "x floor", "x read floor", "child peak GiB",
@@ -248,11 +278,15 @@ def main() -> None:
                            "build_s": build_s, "derive_s": derive_s, "floor_s": floor_s,
                            "fingerprint_s": fingerprint_s, "register_floor_s": register_floor_s,
                            "register_s": register_s, "verify_s": verify_s,
+                           "named_register_s": named_register_s,
+                           "named_verify_s": named_verify_s,
+                           "named_register_child_peak_bytes": named_register_peak.peak,
+                           "named_verify_child_peak_bytes": named_verify_peak.peak,
                            "register_child_peak_bytes": register_peak.peak,
                            "verify_child_peak_bytes": verify_peak.peak,
                            "register_child_cpu_s": register_peak.cpu,
                            "verify_child_cpu_s": verify_peak.cpu,
-                           "reaped_peak_bytes": reaped, "p_value": verdict.p_value,
+                           "reaped_peak_bytes": reaped, "p_value": p_value,
                            "load_average": load})
 
 

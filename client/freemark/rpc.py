@@ -23,6 +23,7 @@ import ipaddress
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
@@ -76,6 +77,7 @@ __all__ = [
     "DEFAULT_TIMEOUT_S",
     "KeyServiceClient",
     "ModelFormat",
+    "ServerModel",
     "error_from_rpc",
     "is_loopback",
     "recycle_chunk_memory",
@@ -164,9 +166,29 @@ def _same(request: T) -> T:
     return request
 
 
-def _format_of(path: Path, fmt: ModelFormat | None) -> table.ModelFormat:
+@dataclass(frozen=True)
+class ServerModel:
+    """A model the key server reads itself instead of an upload: `path` under its operator's
+    model root (`serve --model-root`, a hub's read-only mirror, say), plain names joined by
+    "/", and its format (`fmt`, a row name of `formats.table`: the client cannot look at a
+    file it does not hold). Nothing is sent; the server copies the file once while hashing
+    it, and the verdict or receipt names that copy's SHA-256 and size
+    (`UploadHeader.model_path`, docs/keyserver.md)."""
+
+    path: str
+    fmt: ModelFormat
+
+
+def _format_of(path: Path | ServerModel, fmt: ModelFormat | None) -> table.ModelFormat:
     """The format row of an upload: the one named, else the one the path is."""
+    if isinstance(path, ServerModel):
+        return table.by_name(path.fmt)
     return table.by_name(fmt) if fmt else table.detect(path)
+
+
+def _name(model: Path | ServerModel) -> Path:
+    """What messages call a model: its local path, or its path under the server's root."""
+    return Path(model.path) if isinstance(model, ServerModel) else Path(model)
 
 
 class _Upload:
@@ -181,11 +203,15 @@ class _Upload:
     it is.
     """
 
-    def __init__(self, source: Path | Packed, name: Path, fmt: pb.ModelFormat.ValueType,
-                 chunk_size: int, progress: bool) -> None:
+    def __init__(self, source: Path | Packed | ServerModel, name: Path,
+                 fmt: pb.ModelFormat.ValueType, chunk_size: int, progress: bool) -> None:
         self.source, self.path = source, name
         self.chunk_size = chunk_size
         self.read_error: OSError | None = None
+        if isinstance(source, ServerModel):  # named, not sent: the header alone
+            self.header = pb.UploadHeader(model_path=source.path, format=fmt)
+            self.bar = tqdm(disable=True)
+            return
         try:
             size = source.stat().st_size if isinstance(source, Path) else source.size
         except OSError as exc:
@@ -195,6 +221,8 @@ class _Upload:
                         desc=f"uploading {name.name}", leave=False, disable=not progress)
 
     def _chunks(self) -> Iterator[bytes]:
+        if isinstance(self.source, ServerModel):
+            return
         if not isinstance(self.source, Path):
             yield from self.source.chunks(self.chunk_size)
             return
@@ -208,6 +236,8 @@ class _Upload:
         (`wrap`), then their SHA-256 (`digest`)."""
         self.bar.reset()
         yield first
+        if isinstance(self.source, ServerModel):  # the server reads and hashes it
+            return
         hashed = hashlib.sha256()
         try:
             for chunk in self._chunks():
@@ -306,7 +336,7 @@ class KeyServiceClient:
             time.sleep(self._delay(attempt))
             attempt += 1
 
-    def _stream(self, method: Callable[..., T], source: Path | Packed, name: Path,
+    def _stream(self, method: Callable[..., T], source: Path | Packed | ServerModel, name: Path,
                 fmt: pb.ModelFormat.ValueType, first: Callable[[pb.UploadHeader], Any],
                 wrap: Callable[[bytes], Any], digest: Callable[[bytes], Any]) -> T:
         upload = _Upload(source, name, fmt, self._chunk_size, self._progress)
@@ -318,11 +348,12 @@ class KeyServiceClient:
 
     # --- registrations -----------------------------------------------------------------------
 
-    def register(self, bundle: KeyBundle, model_path: Path, *,
+    def register(self, bundle: KeyBundle, model_path: Path | ServerModel, *,
                  references: Sequence[Path] = (), output_key: OutputKey | None = None
                  ) -> Receipt:
         """Register a key for the host model (a .pt2 program or a Hugging Face checkpoint
-        directory, packed into one file for the upload): the TTP re-extracts, signs and logs it.
+        directory, packed into one file for the upload; or a `ServerModel`, a file the key
+        server reads under its model root): the TTP re-extracts, signs and logs it.
 
         `references` (.pt2 programs, or checkpoints beside a checkpoint host) are the
         registration's reference panel: models of the host's architecture trained
@@ -336,7 +367,8 @@ class KeyServiceClient:
         the white-box key's references by their weights), the receipt commits to its query
         sets, and a Verify of a model file judges every test of both keys.
         """
-        host_format = _format_of(Path(model_path), None)
+        host_format = _format_of(
+            model_path if isinstance(model_path, ServerModel) else Path(model_path), None)
         if not host_format.host:
             raise InvalidInputError(f"{model_path}: a host is {table.names(table.HOSTS)}")
         kinds = [_format_of(Path(path), None) for path in references]
@@ -345,7 +377,8 @@ class KeyServiceClient:
                 raise InvalidInputError(f"{path}: references are .pt2 programs, or checkpoints "
                                         "beside a checkpoint host")
         message = bundle_to_proto(bundle)
-        uploads = [_Upload(upload_source(model_path), Path(model_path), host_format.wire,
+        host = model_path if isinstance(model_path, ServerModel) else upload_source(model_path)
+        uploads = [_Upload(host, _name(model_path), host_format.wire,
                            self._chunk_size, self._progress),
                    *(_Upload(upload_source(r), Path(r), kind.wire, self._chunk_size,
                              self._progress) for r, kind in zip(references, kinds))]
@@ -398,7 +431,8 @@ class KeyServiceClient:
                 upload.close()
         return receipt_from_proto(reply)
 
-    def verify(self, registration_id: str, model_path: Path, *, fmt: ModelFormat | None = None,
+    def verify(self, registration_id: str, model_path: Path | ServerModel, *,
+               fmt: ModelFormat | None = None,
                alpha: float | None = None, onnx_tensor: str | None = None,
                adapter: Path | None = None) -> AnyVerdict:
         """Ask the TTP whether a suspect model carries a registration's watermark.
@@ -407,7 +441,8 @@ class KeyServiceClient:
         file for the upload), a .onnx model, .safetensors weights, which the server
         applies to the architecture registered with the host, or a .gguf file, which the
         server dequantizes into the registered checkpoint's architecture (it must match);
-        `fmt` overrides what the path says. For an ONNX graph the server locates the key layer itself among every candidate
+        `fmt` overrides what the path says. A `ServerModel` is not sent: the key server reads
+        that file under its model root (its own format, no `adapter`). For an ONNX graph the server locates the key layer itself among every candidate
         tensor and the verdict names the one it read (`reading`); `onnx_tensor` adds one
         tensor to the candidates, never replacing them. With `adapter` (a PEFT LoRA adapter
         directory), `model_path` is its base checkpoint directory: both are packed into one
@@ -418,14 +453,18 @@ class KeyServiceClient:
         """
         if alpha is not None and not 0.0 < alpha < 1.0:
             raise InvalidInputError(f"alpha must be in (0, 1), got {alpha}")
-        path = Path(model_path)
-        kind = _format_of(path, "lora" if adapter is not None else fmt).wire
+        if isinstance(model_path, ServerModel) and (adapter is not None or fmt is not None):
+            raise InvalidInputError("a model the server reads carries its own format, and an "
+                                    "adapter is sent with a local base checkpoint only")
+        named = model_path if isinstance(model_path, ServerModel) else None
+        path = _name(model_path)
+        kind = _format_of(named or path, "lora" if adapter is not None else fmt).wire
         if onnx_tensor and kind != pb.MODEL_FORMAT_ONNX:
             raise InvalidInputError("--onnx-tensor is for ONNX suspects only")
         if adapter is not None and fmt not in (None, "lora"):
             raise InvalidInputError("an adapter is sent with its base checkpoint directory only")
         reply = self._stream(
-            self._stub.Verify, upload_source(path, adapter=adapter), path, kind,
+            self._stub.Verify, named or upload_source(path, adapter=adapter), path, kind,
             lambda upload: pb.VerifyRequest(header=pb.VerifyHeader(
                 registration_id=registration_id, upload=upload, alpha=alpha or 0.0,
                 onnx_tensor=onnx_tensor or "")),

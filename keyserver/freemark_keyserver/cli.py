@@ -65,6 +65,7 @@ def _config(args: argparse.Namespace) -> cfg.ServerConfig:
             spool_quota_bytes=args.spool_quota_bytes,
             spool_principal_share=args.spool_principal_share,
             spool_memory_bytes=args.spool_memory_bytes,
+            model_root=args.model_root,
             max_stream_seconds=args.max_stream_seconds,
             exempt_stream_lifetime=args.exempt_stream_lifetime,
             register_rate_principal=args.register_rate_principal,
@@ -306,6 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "of the disk spool (plaintext models never on disk); an upload that "
                         "does not fit what is left goes to disk; 0: always disk (default "
                         "%(default)s)")
+    p.add_argument("--model-root", type=Path, default=None, metavar="DIR",
+                   help="a directory of public models (a hub's read-only mirror) that Register "
+                        "and Verify may name by relative path instead of uploading them; "
+                        "symbolic links are never followed (default: none, uploads only)")
     p.add_argument("--max-stream-seconds", type=float, default=cfg.DEFAULT_MAX_STREAM_SECONDS,
                    help="seconds an upload stream may last, however fast it still sends; then "
                         "it is closed and its spool bytes freed (default %(default)s)")

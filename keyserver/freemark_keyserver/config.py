@@ -190,6 +190,9 @@ class ServerConfig:
     spool_quota_bytes: int = DEFAULT_SPOOL_QUOTA
     spool_principal_share: float = DEFAULT_SPOOL_PRINCIPAL_SHARE
     spool_memory_bytes: int = DEFAULT_SPOOL_MEMORY  # `rpc.uploads`: memory file or disk spool
+    # Where models named by path are read (`rpc.modelroot`, `--model-root`: a hub's read-only
+    # mirror of public models); None: every model is uploaded.
+    model_root: Path | None = None
     max_stream_seconds: float = DEFAULT_MAX_STREAM_SECONDS
     exempt_stream_lifetime: float = DEFAULT_EXEMPT_STREAM_LIFETIME
     register_rate_principal: Rate = DEFAULT_REGISTER_RATE_PRINCIPAL
@@ -230,6 +233,8 @@ class ServerConfig:
             raise ValueError(f"panel reach must be one of {', '.join(PANEL_REACH_MODES)}, not "
                              f"{self.panel_reach!r}")
         _ = self.endpoint_policy  # an allow-list entry that is not a name, address or network
+        if self.model_root is not None and not self.model_root.is_dir():
+            raise ValueError(f"the model root {self.model_root} is not a directory")
         if self.spool_memory_bytes < 0:
             raise ValueError("the spool's memory budget is a number of bytes >= 0, not "
                              f"{self.spool_memory_bytes}")

@@ -207,6 +207,7 @@ class UploadHeader(_message.Message):
     TOTAL_SIZE_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
     FORMAT_FIELD_NUMBER: _builtins.int
+    MODEL_PATH_FIELD_NUMBER: _builtins.int
     total_size: _builtins.int
     sha256: _builtins.bytes
     """SHA-256 of the whole file, 32 bytes; or empty, and the file's last chunk is followed
@@ -216,16 +217,30 @@ class UploadHeader(_message.Message):
     comes is DATA_LOSS.
     """
     format: Global___ModelFormat.ValueType
+    model_path: _builtins.str
+    """Instead of sending the file: a model the key server reads itself, named by its path
+    under the operator's model root (`serve --model-root DIR`: a hub's read-only mirror, say),
+    a relative path of plain names joined by "/" (no "..", ".", empty or absolute part),
+    each a directory but the last, a regular file (a .pt2, a packed checkpoint
+    .safetensors, an .onnx, a .gguf), none a symbolic link. `total_size` and `sha256` stay
+    unset and no `chunk` or `sha256` part follows for this file: the server copies it
+    once into a sealed memory file (or its spool) while hashing it and fills both in, so
+    a verdict or receipt names exactly the bytes judged, whatever becomes of the file
+    later. Refusals: INVALID_ARGUMENT for a path of another shape or a file that is not
+    regular, PERMISSION_DENIED for a symbolic link or a server without a model root,
+    NOT_FOUND for a missing file, RESOURCE_EXHAUSTED over the upload cap.
+    """
     def __init__(
         self,
         *,
         total_size: _builtins.int = ...,
         sha256: _builtins.bytes = ...,
         format: Global___ModelFormat.ValueType = ...,
+        model_path: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "sha256", b"sha256", "total_size", b"total_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "model_path", b"model_path", "sha256", b"sha256", "total_size", b"total_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -8,9 +8,10 @@ as INTERNAL carrying only that reference.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -25,6 +26,7 @@ from freemark_keyserver.auth import authenticate
 from freemark_keyserver.errors import ErrorCode, ServiceError, abort
 from freemark_keyserver.handlers import endpoints, proofs, register, registrations, verify
 from freemark_keyserver.handlers.context import Context
+from freemark_keyserver.rpc import modelroot
 from freemark_keyserver.rpc.ratelimit import RegisterLimits, VerifyLimits
 from freemark_keyserver.rpc.uploads import Spool, spooled
 
@@ -60,14 +62,16 @@ class _Stream(Generic[H]):
     """A Register or Verify request stream as its handler reads it (`handlers.context.Stream`):
     the header, then each file's chunks spooled when the handler asks. Reading a file stops
     at the next `reference` part (Register's), so each file is spooled, size- and
-    hash-checked on its own."""
+    hash-checked on its own. A file named by `model_path` is read by the server from its
+    model root (`modelroot`) instead, through the same spool, and no chunk may come for it."""
 
     def __init__(self, requests: Iterator[pb.RegisterRequest] | Iterator[pb.VerifyRequest],
                  header_type: type[H], spool: Spool, cap: int, *, principal: str,
-                 misplaced: str) -> None:
+                 misplaced: str, model_root: Path | None = None) -> None:
         self._requests: Iterator[pb.RegisterRequest | pb.VerifyRequest] = requests
         self._header_type: type[H] = header_type
         self._spool, self._cap, self._principal = spool, cap, principal
+        self._model_root = model_root
         self._misplaced = misplaced  # the refusal of a part that may not come where it did
         self._next: pb.UploadHeader | None = None
         self._sha256: bytes | None = None  # the current file's deferred SHA-256, once sent
@@ -82,8 +86,36 @@ class _Stream(Generic[H]):
 
     def receive(self, upload: pb.UploadHeader, *, suffix: str
                 ) -> AbstractContextManager[Path]:
+        if upload.model_path:
+            return self._named(upload, suffix)
         return spooled(self._chunks(), upload, cap=self._cap, spool=self._spool,
                        principal=self._principal, suffix=suffix, deferred=lambda: self._sha256)
+
+    @contextmanager
+    def _named(self, upload: pb.UploadHeader, suffix: str) -> Iterator[Path]:
+        """The file `upload.model_path` names under the model root, copied while hashed
+        (`uploads.spooled`, measured): its size and SHA-256 are written into `upload`."""
+        if upload.total_size or upload.sha256:
+            raise ServiceError(ErrorCode.MALFORMED_REQUEST, "a file named by model_path is "
+                               "measured by the server: leave total_size and sha256 unset")
+        for _ in self._chunks():
+            raise ServiceError(ErrorCode.MALFORMED_REQUEST, "send no chunk for a file named "
+                               "by model_path: the server reads it")
+        if self._sha256 is not None:
+            raise ServiceError(ErrorCode.MALFORMED_REQUEST, "send no sha256 part for a file "
+                               "named by model_path: the server hashes what it reads")
+        fd = modelroot.open_named(self._model_root, upload.model_path)
+        try:
+            upload.total_size = os.fstat(fd).st_size
+            if upload.total_size == 0:
+                raise ServiceError(ErrorCode.MALFORMED_REQUEST,
+                                   f"model_path {upload.model_path!r}: the file is empty")
+            with spooled(modelroot.named_chunks(fd, upload.total_size), upload, cap=self._cap,
+                         spool=self._spool, principal=self._principal, suffix=suffix,
+                         measured=True) as path:
+                yield path
+        finally:
+            os.close(fd)
 
     def next_upload(self) -> pb.UploadHeader | None:
         header, self._next = self._next, None
@@ -131,7 +163,8 @@ class KeyServiceServicer(keyservice_pb2_grpc.KeyServiceServicer):
             self.register_limits.check_principal(principal.name)
             stream = _Stream(request_iterator, pb.RegisterHeader, self.spool,
                              self.ctx.config.max_upload_bytes, principal=principal.name,
-                             misplaced="a Register stream has one header, at its start")
+                             misplaced="a Register stream has one header, at its start",
+                             model_root=self.ctx.config.model_root)
             return register.register(self.ctx, principal, stream)
         return _guard(context, "Register", work)
 
@@ -145,7 +178,8 @@ class KeyServiceServicer(keyservice_pb2_grpc.KeyServiceServicer):
             self.verify_limits.check_principal(principal.name)
             stream = _Stream(request_iterator, pb.VerifyHeader, self.spool,
                              self.ctx.config.max_upload_bytes, principal=principal.name,
-                             misplaced="only chunks may follow the header")
+                             misplaced="only chunks may follow the header",
+                             model_root=self.ctx.config.model_root)
             return verify.verify(self.ctx, principal, stream,
                                  admit=self.verify_limits.admission(principal.name))
         return _guard(context, "Verify", work)

@@ -184,7 +184,8 @@ def check_header(header: keyservice_pb2.UploadHeader, cap: int) -> None:
 @contextmanager
 def spooled(chunks: Iterator[bytes], header: keyservice_pb2.UploadHeader, *, cap: int,
             spool: Spool, principal: str, suffix: str,
-            deferred: Callable[[], bytes | None] = lambda: None) -> Iterator[Path]:
+            deferred: Callable[[], bytes | None] = lambda: None,
+            measured: bool = False) -> Iterator[Path]:
     """Write the chunks to a memory file or a 0600 temp file (the module docstring says
     which), hashing them as they are written; yield its path once size and SHA-256 match (a
     memory file sealed first, so no byte can change after it was hashed).
@@ -192,7 +193,9 @@ def spooled(chunks: Iterator[bytes], header: keyservice_pb2.UploadHeader, *, cap
     The SHA-256 is the header's, or, where the header left it empty, the one the stream
     sent after the last chunk (`deferred`, asked once `chunks` is exhausted), which is then
     written into `header`: once checked, the header is complete either way, and what a
-    handler binds (a verdict's `suspect_sha256`) is read from it. Each chunk is
+    handler binds (a verdict's `suspect_sha256`) is read from it. `measured`: the chunks are
+    the server's own read of a file (`modelroot`), nobody announced a SHA-256, and the one
+    computed is written into `header` as it is. Each chunk is
     reserved in the spool's quota (and `principal`'s share of it) before it is written. The
     file is removed (and the reservation released) when the block ends, whatever happens: a
     stalled, cut or refused stream raises out of `chunks` and leaves nothing behind.
@@ -210,7 +213,7 @@ def spooled(chunks: Iterator[bytes], header: keyservice_pb2.UploadHeader, *, cap
             fd, name = tempfile.mkstemp(prefix="upload-", suffix=suffix, dir=spool.directory)
             path = Path(name)
         try:
-            _receive(fd, chunks, header, reservation, deferred)
+            _receive(fd, chunks, header, reservation, deferred, measured)
             if path is None:
                 memfiles.seal(fd)
             yield memfiles.path(fd) if path is None else path
@@ -221,7 +224,8 @@ def spooled(chunks: Iterator[bytes], header: keyservice_pb2.UploadHeader, *, cap
 
 
 def _receive(fd: int, chunks: Iterator[bytes], header: keyservice_pb2.UploadHeader,
-             reservation: Reservation, deferred: Callable[[], bytes | None]) -> None:
+             reservation: Reservation, deferred: Callable[[], bytes | None],
+             measured: bool) -> None:
     """Write and hash every chunk into `fd`, then check the size and SHA-256 (`spooled`)."""
     digest = hashlib.sha256()
     received = 0
@@ -234,8 +238,13 @@ def _receive(fd: int, chunks: Iterator[bytes], header: keyservice_pb2.UploadHead
         digest.update(chunk)
         memfiles.write_all(fd, chunk)
     if received != header.total_size:
-        raise ServiceError(ErrorCode.UPLOAD_CORRUPT,
-                           f"stream ended after {received} of {header.total_size} bytes; re-send")
+        raise ServiceError(ErrorCode.UPLOAD_CORRUPT, f"the file changed size while it was read "
+                           f"({received} of {header.total_size} bytes); try again" if measured
+                           else f"stream ended after {received} of {header.total_size} bytes; "
+                           "re-send")
+    if measured:
+        header.sha256 = digest.digest()
+        return
     trailer = deferred()
     if header.sha256 and trailer is not None:
         raise ServiceError(ErrorCode.MALFORMED_REQUEST, "the upload's SHA-256 was sent "

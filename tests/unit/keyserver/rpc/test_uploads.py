@@ -187,3 +187,22 @@ def test_a_refused_memory_upload_gives_its_budget_back(tmp_path: Path) -> None:
         pass
     assert caught.value.code is ErrorCode.UPLOAD_CORRUPT
     assert (spool.in_memory, spool.reserved) == (0, 0)
+
+
+def test_a_measured_file_takes_the_digest_of_the_bytes_written(tmp_path: Path) -> None:
+    """A file the server reads itself (`modelroot`): nobody announced a SHA-256; the one of
+    the bytes written (and sealed) goes into the header, where the verdict reads it, and a
+    file that shrank while it was read is refused."""
+    spool = Spool(tmp_path, quota_bytes=1000, memory_bytes=1000)
+    data = b"named model" * 20
+    header = pb.UploadHeader(total_size=len(data), format=pb.MODEL_FORMAT_PT2)
+    with spooled(iter([data[:100], data[100:]]), header, cap=CAP, spool=spool,
+                 principal="alice", suffix=".pt2", measured=True) as path:
+        assert path.read_bytes() == data and _sealed(path)
+    assert header.sha256 == hashlib.sha256(data).digest()
+    shrunk = pb.UploadHeader(total_size=len(data), format=pb.MODEL_FORMAT_PT2)
+    with pytest.raises(ServiceError, match="changed size while it was read") as caught, spooled(
+            iter([data[:100]]), shrunk, cap=CAP, spool=spool, principal="alice", suffix=".pt2",
+            measured=True):
+        pass
+    assert caught.value.code is ErrorCode.UPLOAD_CORRUPT and not shrunk.sha256
