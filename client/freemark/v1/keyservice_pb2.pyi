@@ -224,9 +224,9 @@ class UploadHeader(_message.Message):
     each a directory but the last, a regular file (a .pt2, a packed checkpoint
     .safetensors, an .onnx, a .gguf), none a symbolic link. `total_size` and `sha256` stay
     unset and no `chunk` or `sha256` part follows for this file: the server copies it
-    once into a sealed memory file (or its spool) while hashing it and fills both in, so
-    a verdict or receipt names exactly the bytes judged, whatever becomes of the file
-    later. Refusals: INVALID_ARGUMENT for a path of another shape or a file that is not
+    once into a sealed memory file (or its spool) and fills both in from that copy, which
+    is what the sandbox reads, so a verdict names exactly the bytes judged, whatever
+    becomes of the file later. Refusals: INVALID_ARGUMENT for a path of another shape or a file that is not
     regular, PERMISSION_DENIED for a symbolic link or a server without a model root,
     NOT_FOUND for a missing file, RESOURCE_EXHAUSTED over the upload cap.
     """

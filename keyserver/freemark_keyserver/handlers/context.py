@@ -129,7 +129,14 @@ class Stream(Protocol[H_co]):
     def receive(self, upload: pb.UploadHeader, *, suffix: str
                 ) -> contextlib.AbstractContextManager[Path]:
         """The current file's bytes, spooled to a private file named with `suffix` and
-        checked against `upload` (size, SHA-256, caps); removed when the block ends."""
+        checked against `upload` (size, SHA-256, caps); removed when the block ends. A file
+        named under the server's model root (`upload.model_path`) is copied instead, and
+        its SHA-256 may still be computing when the block starts (`settle`)."""
+        ...
+
+    def settle(self) -> None:
+        """Wait until every file received so far has its SHA-256 in its header (a named
+        file's is hashed while the sandbox reads it); raises what hashing raised."""
         ...
 
     def next_upload(self) -> pb.UploadHeader | None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from freemark.errors import InvalidInputError
@@ -78,7 +78,7 @@ def verify(ctx: Context, principal: Principal, stream: Stream[pb.VerifyHeader], 
     assert suspect_format is not None  # verify_target refuses any other
     with stream.receive(header.upload, suffix=suspect_format.suffix) as suspect:
         admit.charge(record)
-        return judge(ctx, principal, record, header, suspect)
+        return judge(ctx, principal, record, header, suspect, settle=stream.settle)
 
 
 def verify_target(ctx: Context, principal: Principal, header: pb.VerifyHeader) -> Registration:
@@ -107,11 +107,13 @@ def verify_target(ctx: Context, principal: Principal, header: pb.VerifyHeader) -
 
 
 def judge(ctx: Context, principal: Principal, record: Registration, header: pb.VerifyHeader,
-          suspect: Path) -> pb.SignedVerdict:
+          suspect: Path, *, settle: Callable[[], None] = lambda: None) -> pb.SignedVerdict:
     """Judge the uploaded suspect against a registration; return the signed, logged verdict.
 
     The verdict binds the suspect (SHA-256 and size, both checked against the bytes
-    received), the requester and the policy. A requester other than the registration's
+    received, or measured on the sealed copy of a file named under the model root, whose
+    hash runs beside the sandbox: `settle` waits for it just before it is bound), the
+    requester and the policy. A requester other than the registration's
     owner gets a coarse verdict when the policy says so; the owner always gets the full one.
     """
     alpha = header.alpha or DEFAULT_ALPHA
@@ -135,6 +137,7 @@ def judge(ctx: Context, principal: Principal, record: Registration, header: pb.V
             verdict = dataclasses.replace(verdict,
                                           p_value_method=f"{verdict.p_value_method}; {note}")
     policy = ctx.config.verdict_policy
+    settle()  # the suspect's SHA-256 is in its header from here on
     coarse, judgement = disclosed(ctx, principal.name, record, verdict)
     verdict_type: type[SignedVerdict | CoarseVerdict] = (CoarseVerdict if coarse
                                                               else SignedVerdict)

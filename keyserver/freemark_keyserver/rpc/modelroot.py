@@ -3,11 +3,10 @@
 A hub that mirrors the models it hosts (read-only, on the key server's machine) need not send
 a 2.2 GB decoder (or a 140 GB one) through gRPC for every Register or Verify: the request
 names the file (`UploadHeader.model_path`), the server opens it under `serve --model-root`,
-and its bytes go through the same `uploads.spooled` as an upload's, hashed as they are copied
-into a sealed memory file (or the disk spool past the memory budget), counted in the same
-quota, refused over the same cap. The verdict or receipt names the SHA-256 of the copy, which
-is what the sandbox child maps: the original may change or vanish a moment later without
-changing what was judged (issue 20).
+and the kernel copies it (`uploads.copied`) into a sealed memory file (or the disk spool past
+the memory budget), counted in the same quota, refused over the same cap. A verdict names the
+SHA-256 of that copy, hashed while the sandbox child maps the same sealed bytes: the original
+may change or vanish a moment later without changing what was judged (issue 20).
 
 Confinement (`open_named`): the name is relative, plain names joined by "/", never "..",
 "." or empty; each part is opened from its parent's descriptor with O_NOFOLLOW, so a
@@ -24,15 +23,13 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 from freemark_keyserver.errors import ErrorCode, ServiceError
 
-__all__ = ["MAX_NAME_CHARS", "named_chunks", "open_named"]
+__all__ = ["MAX_NAME_CHARS", "open_named"]
 
 MAX_NAME_CHARS = 1024  # a path under the root, in characters
-_CHUNK = 1 << 20  # bytes read at a time: the size of an upload's chunks
 
 
 def _refuse(code: ErrorCode, name: str, why: str) -> ServiceError:
@@ -107,15 +104,3 @@ def _open_refusal(exc: OSError, name: str, reached: str, link: bool) -> ServiceE
         return _refuse(ErrorCode.PERMISSION_DENIED, name, f"the server may not read {reached!r}")
     return _refuse(ErrorCode.MALFORMED_REQUEST, name, f"{reached!r} cannot be opened "
                    f"({os.strerror(exc.errno or 0)})")
-
-
-def named_chunks(fd: int, size: int) -> Iterator[bytes]:
-    """The file's first `size` bytes in upload-sized chunks (fewer if it shrank meanwhile:
-    `uploads.spooled` then refuses the copy for its size)."""
-    offset = 0
-    while offset < size:
-        chunk = os.pread(fd, min(_CHUNK, size - offset), offset)
-        if not chunk:
-            return
-        offset += len(chunk)
-        yield chunk

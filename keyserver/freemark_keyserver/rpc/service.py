@@ -11,6 +11,7 @@ import logging
 import os
 import secrets
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -28,7 +29,7 @@ from freemark_keyserver.handlers import endpoints, proofs, register, registratio
 from freemark_keyserver.handlers.context import Context
 from freemark_keyserver.rpc import modelroot
 from freemark_keyserver.rpc.ratelimit import RegisterLimits, VerifyLimits
-from freemark_keyserver.rpc.uploads import Spool, spooled
+from freemark_keyserver.rpc.uploads import Spool, copied, sha256_of, spooled
 
 log = logging.getLogger("freemark_keyserver")
 T = TypeVar("T")
@@ -63,15 +64,21 @@ class _Stream(Generic[H]):
     the header, then each file's chunks spooled when the handler asks. Reading a file stops
     at the next `reference` part (Register's), so each file is spooled, size- and
     hash-checked on its own. A file named by `model_path` is read by the server from its
-    model root (`modelroot`) instead, through the same spool, and no chunk may come for it."""
+    model root (`modelroot`) instead, copied into the same spool, and no chunk may come for
+    it; with `hash_named` (Verify, whose verdict signs the suspect's SHA-256) the sealed copy
+    is hashed in a thread while the handler runs the sandbox on it (`settle` waits for it).
+    Register binds its host by the weights' fingerprint the sandbox computes, so a named
+    host is not hashed at all."""
 
     def __init__(self, requests: Iterator[pb.RegisterRequest] | Iterator[pb.VerifyRequest],
                  header_type: type[H], spool: Spool, cap: int, *, principal: str,
-                 misplaced: str, model_root: Path | None = None) -> None:
+                 misplaced: str, model_root: Path | None = None,
+                 hash_named: bool = False) -> None:
         self._requests: Iterator[pb.RegisterRequest | pb.VerifyRequest] = requests
         self._header_type: type[H] = header_type
         self._spool, self._cap, self._principal = spool, cap, principal
-        self._model_root = model_root
+        self._model_root, self._hash_named = model_root, hash_named
+        self._hashing: list[tuple[pb.UploadHeader, Future[bytes]]] = []
         self._misplaced = misplaced  # the refusal of a part that may not come where it did
         self._next: pb.UploadHeader | None = None
         self._sha256: bytes | None = None  # the current file's deferred SHA-256, once sent
@@ -110,12 +117,21 @@ class _Stream(Generic[H]):
             if upload.total_size == 0:
                 raise ServiceError(ErrorCode.MALFORMED_REQUEST,
                                    f"model_path {upload.model_path!r}: the file is empty")
-            with spooled(modelroot.named_chunks(fd, upload.total_size), upload, cap=self._cap,
-                         spool=self._spool, principal=self._principal, suffix=suffix,
-                         measured=True) as path:
-                yield path
+            with copied(fd, upload, cap=self._cap, spool=self._spool,
+                        principal=self._principal, suffix=suffix) as path:
+                if not self._hash_named:
+                    yield path
+                    return
+                with ThreadPoolExecutor(1, thread_name_prefix="freemark-hash") as hasher:
+                    self._hashing.append((upload, hasher.submit(sha256_of, path)))
+                    yield path  # the executor's exit joins the hash before the copy goes
         finally:
             os.close(fd)
+
+    def settle(self) -> None:
+        for upload, digest in self._hashing:
+            upload.sha256 = digest.result()
+        self._hashing.clear()
 
     def next_upload(self) -> pb.UploadHeader | None:
         header, self._next = self._next, None
@@ -179,7 +195,7 @@ class KeyServiceServicer(keyservice_pb2_grpc.KeyServiceServicer):
             stream = _Stream(request_iterator, pb.VerifyHeader, self.spool,
                              self.ctx.config.max_upload_bytes, principal=principal.name,
                              misplaced="only chunks may follow the header",
-                             model_root=self.ctx.config.model_root)
+                             model_root=self.ctx.config.model_root, hash_named=True)
             return verify.verify(self.ctx, principal, stream,
                                  admit=self.verify_limits.admission(principal.name))
         return _guard(context, "Verify", work)

@@ -182,24 +182,12 @@ def check_header(header: keyservice_pb2.UploadHeader, cap: int) -> None:
 
 
 @contextmanager
-def spooled(chunks: Iterator[bytes], header: keyservice_pb2.UploadHeader, *, cap: int,
-            spool: Spool, principal: str, suffix: str,
-            deferred: Callable[[], bytes | None] = lambda: None,
-            measured: bool = False) -> Iterator[Path]:
-    """Write the chunks to a memory file or a 0600 temp file (the module docstring says
-    which), hashing them as they are written; yield its path once size and SHA-256 match (a
-    memory file sealed first, so no byte can change after it was hashed).
-
-    The SHA-256 is the header's, or, where the header left it empty, the one the stream
-    sent after the last chunk (`deferred`, asked once `chunks` is exhausted), which is then
-    written into `header`: once checked, the header is complete either way, and what a
-    handler binds (a verdict's `suspect_sha256`) is read from it. `measured`: the chunks are
-    the server's own read of a file (`modelroot`), nobody announced a SHA-256, and the one
-    computed is written into `header` as it is. Each chunk is
-    reserved in the spool's quota (and `principal`'s share of it) before it is written. The
-    file is removed (and the reservation released) when the block ends, whatever happens: a
-    stalled, cut or refused stream raises out of `chunks` and leaves nothing behind.
-    """
+def _spool_file(header: keyservice_pb2.UploadHeader, *, cap: int, spool: Spool, principal: str,
+                suffix: str) -> Iterator[tuple[int, Path | None, Reservation]]:
+    """Where one file's bytes go: (descriptor, None for a memory file or the spool file's
+    path, its reservation), after the header's size is checked against the cap and the
+    principal's share; the file is closed and removed, and everything it held released,
+    when the block ends."""
     check_header(header, cap)
     if header.total_size > spool.share_bytes:
         raise ServiceError(ErrorCode.TOO_LARGE, f"{header.total_size} bytes is over the "
@@ -213,19 +201,70 @@ def spooled(chunks: Iterator[bytes], header: keyservice_pb2.UploadHeader, *, cap
             fd, name = tempfile.mkstemp(prefix="upload-", suffix=suffix, dir=spool.directory)
             path = Path(name)
         try:
-            _receive(fd, chunks, header, reservation, deferred, measured)
-            if path is None:
-                memfiles.seal(fd)
-            yield memfiles.path(fd) if path is None else path
+            yield fd, path, reservation
         finally:
             os.close(fd)
             if path is not None:
                 path.unlink(missing_ok=True)
 
 
+@contextmanager
+def spooled(chunks: Iterator[bytes], header: keyservice_pb2.UploadHeader, *, cap: int,
+            spool: Spool, principal: str, suffix: str,
+            deferred: Callable[[], bytes | None] = lambda: None) -> Iterator[Path]:
+    """Write the chunks to a memory file or a 0600 temp file (the module docstring says
+    which), hashing them as they are written; yield its path once size and SHA-256 match (a
+    memory file sealed first, so no byte can change after it was hashed).
+
+    The SHA-256 is the header's, or, where the header left it empty, the one the stream
+    sent after the last chunk (`deferred`, asked once `chunks` is exhausted), which is then
+    written into `header`: once checked, the header is complete either way, and what a
+    handler binds (a verdict's `suspect_sha256`) is read from it. Each chunk is
+    reserved in the spool's quota (and `principal`'s share of it) before it is written. The
+    file is removed (and the reservation released) when the block ends, whatever happens: a
+    stalled, cut or refused stream raises out of `chunks` and leaves nothing behind.
+    """
+    with _spool_file(header, cap=cap, spool=spool, principal=principal,
+                     suffix=suffix) as (fd, path, reservation):
+        _receive(fd, chunks, header, reservation, deferred)
+        if path is None:
+            memfiles.seal(fd)
+        yield memfiles.path(fd) if path is None else path
+
+
+@contextmanager
+def copied(source: int, header: keyservice_pb2.UploadHeader, *, cap: int, spool: Spool,
+           principal: str, suffix: str) -> Iterator[Path]:
+    """`spooled` for a file the server reads itself (`modelroot`: `source` is its descriptor,
+    `header.total_size` its size as the server measured it): the kernel copies it
+    (`os.sendfile`, no pass through this process) into a memory file, sealed, or a spool file,
+    reserved whole in the quota (a size the server measured, not one a client announced).
+    Nothing is hashed here: the caller hashes the sealed copy where it needs the digest
+    (`sha256_of`), which is what the sandbox child maps. A file that shrinks while it is
+    copied is refused; bytes it gains are not copied."""
+    with _spool_file(header, cap=cap, spool=spool, principal=principal,
+                     suffix=suffix) as (fd, path, reservation):
+        reservation.grow(header.total_size)
+        done = 0
+        while done < header.total_size:
+            sent = os.sendfile(fd, source, done, header.total_size - done)
+            if sent == 0:
+                raise ServiceError(ErrorCode.UPLOAD_CORRUPT, f"the file changed size while it "
+                                   f"was read ({done} of {header.total_size} bytes); try again")
+            done += sent
+        if path is None:
+            memfiles.seal(fd)
+        yield memfiles.path(fd) if path is None else path
+
+
+def sha256_of(path: Path) -> bytes:
+    """The SHA-256 of a (sealed) copy, read in large blocks (the hash releases the GIL)."""
+    with path.open("rb", buffering=0) as handle:
+        return hashlib.file_digest(handle, "sha256").digest()
+
+
 def _receive(fd: int, chunks: Iterator[bytes], header: keyservice_pb2.UploadHeader,
-             reservation: Reservation, deferred: Callable[[], bytes | None],
-             measured: bool) -> None:
+             reservation: Reservation, deferred: Callable[[], bytes | None]) -> None:
     """Write and hash every chunk into `fd`, then check the size and SHA-256 (`spooled`)."""
     digest = hashlib.sha256()
     received = 0
@@ -238,13 +277,8 @@ def _receive(fd: int, chunks: Iterator[bytes], header: keyservice_pb2.UploadHead
         digest.update(chunk)
         memfiles.write_all(fd, chunk)
     if received != header.total_size:
-        raise ServiceError(ErrorCode.UPLOAD_CORRUPT, f"the file changed size while it was read "
-                           f"({received} of {header.total_size} bytes); try again" if measured
-                           else f"stream ended after {received} of {header.total_size} bytes; "
-                           "re-send")
-    if measured:
-        header.sha256 = digest.digest()
-        return
+        raise ServiceError(ErrorCode.UPLOAD_CORRUPT,
+                           f"stream ended after {received} of {header.total_size} bytes; re-send")
     trailer = deferred()
     if header.sha256 and trailer is not None:
         raise ServiceError(ErrorCode.MALFORMED_REQUEST, "the upload's SHA-256 was sent "

@@ -11,7 +11,7 @@ import pytest
 
 from freemark.v1 import keyservice_pb2 as pb
 from freemark_keyserver.errors import ErrorCode, ServiceError
-from freemark_keyserver.rpc.uploads import Spool, spooled
+from freemark_keyserver.rpc.uploads import Spool, copied, sha256_of, spooled
 
 CAP = 1000
 
@@ -189,20 +189,33 @@ def test_a_refused_memory_upload_gives_its_budget_back(tmp_path: Path) -> None:
     assert (spool.in_memory, spool.reserved) == (0, 0)
 
 
-def test_a_measured_file_takes_the_digest_of_the_bytes_written(tmp_path: Path) -> None:
-    """A file the server reads itself (`modelroot`): nobody announced a SHA-256; the one of
-    the bytes written (and sealed) goes into the header, where the verdict reads it, and a
-    file that shrank while it was read is refused."""
-    spool = Spool(tmp_path, quota_bytes=1000, memory_bytes=1000)
-    data = b"named model" * 20
-    header = pb.UploadHeader(total_size=len(data), format=pb.MODEL_FORMAT_PT2)
-    with spooled(iter([data[:100], data[100:]]), header, cap=CAP, spool=spool,
-                 principal="alice", suffix=".pt2", measured=True) as path:
-        assert path.read_bytes() == data and _sealed(path)
-    assert header.sha256 == hashlib.sha256(data).digest()
-    shrunk = pb.UploadHeader(total_size=len(data), format=pb.MODEL_FORMAT_PT2)
-    with pytest.raises(ServiceError, match="changed size while it was read") as caught, spooled(
-            iter([data[:100]]), shrunk, cap=CAP, spool=spool, principal="alice", suffix=".pt2",
-            measured=True):
-        pass
-    assert caught.value.code is ErrorCode.UPLOAD_CORRUPT and not shrunk.sha256
+def test_a_named_file_is_copied_sealed_and_hashed_from_the_copy(tmp_path: Path) -> None:
+    """A file the server reads itself (`modelroot`): the kernel copies it into a sealed
+    memory file (or the disk spool past the budget), reserved whole in the quota; its SHA-256
+    is the copy's (`sha256_of`), and a file shorter than measured is refused."""
+    import os
+
+    source = tmp_path / "model.pt2"
+    data = b"named model" * 200
+    source.write_bytes(data)
+    spool = Spool(tmp_path / "spool", quota_bytes=10_000, memory_bytes=10_000)
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        header = pb.UploadHeader(total_size=len(data), format=pb.MODEL_FORMAT_PT2)
+        with copied(fd, header, cap=10_000, spool=spool, principal="alice",
+                    suffix=".pt2") as path:
+            assert path.read_bytes() == data and _sealed(path)
+            assert (spool.in_memory, spool.reserved) == (len(data), len(data))
+            assert sha256_of(path) == hashlib.sha256(data).digest()
+        on_disk = Spool(tmp_path / "spool", quota_bytes=10_000, memory_bytes=0)
+        with copied(fd, header, cap=10_000, spool=on_disk, principal="alice",
+                    suffix=".pt2") as path:
+            assert path.parent == tmp_path / "spool" and path.read_bytes() == data
+        longer = pb.UploadHeader(total_size=len(data) + 10, format=pb.MODEL_FORMAT_PT2)
+        with pytest.raises(ServiceError, match="changed size while it was read") as caught, \
+                copied(fd, longer, cap=10_000, spool=spool, principal="alice", suffix=".pt2"):
+            pass
+        assert caught.value.code is ErrorCode.UPLOAD_CORRUPT
+    finally:
+        os.close(fd)
+    assert (spool.in_memory, spool.reserved) == (0, 0) and list((tmp_path / "spool").iterdir()) == []
