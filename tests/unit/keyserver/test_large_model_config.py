@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from freemark.formats.huggingface import MAX_PARAMETERS
 from freemark_keyserver import cli
 from freemark_keyserver.config import ServerConfig
@@ -39,3 +41,18 @@ def test_the_sandbox_cpu_limit_is_an_operator_setting_and_the_deadline_follows_i
     assert (default.cpu_seconds, default.wall_seconds) == (120, 180.0)
     raised = _config(tmp_path, "--sandbox-cpu-seconds", "1200").sandbox
     assert (raised.cpu_seconds, raised.wall_seconds) == (1200, 1800.0)
+
+
+def test_the_spool_memory_budget_and_model_root_are_operator_settings(tmp_path: Path) -> None:
+    """Issue 20: a 2.2 GB decoder fits the default memory budget (uploads in sealed memfds);
+    `--model-root` must name a directory, and is off unless given."""
+    default = _config(tmp_path)
+    assert default.spool_memory_bytes == 4 * GiB and default.model_root is None
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    named = _config(tmp_path, "--spool-memory-bytes", "0", "--model-root", str(mirror))
+    assert (named.spool_memory_bytes, named.model_root) == (0, mirror)
+    with pytest.raises(ValueError, match="is not a directory"):
+        _config(tmp_path, "--model-root", str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="memory budget"):
+        _config(tmp_path, "--spool-memory-bytes", "-1")
