@@ -100,8 +100,10 @@ class _Stream(Generic[H]):
 
     @contextmanager
     def _named(self, upload: pb.UploadHeader, suffix: str) -> Iterator[Path]:
-        """The file `upload.model_path` names under the model root, copied while hashed
-        (`uploads.spooled`, measured): its size and SHA-256 are written into `upload`."""
+        """The file `upload.model_path` names under the model root (`modelroot.open_named`),
+        copied into sealed memory or the spool (`uploads.copied`): its size is written into
+        `upload` at once, its SHA-256 (Verify only) once `settle` has waited for the hash of
+        the copy, which runs while the block does and is joined before the copy is freed."""
         if upload.total_size or upload.sha256:
             raise ServiceError(ErrorCode.MALFORMED_REQUEST, "a file named by model_path is "
                                "measured by the server: leave total_size and sha256 unset")
@@ -129,6 +131,8 @@ class _Stream(Generic[H]):
             os.close(fd)
 
     def settle(self) -> None:
+        """Write each named file's SHA-256 into its header, waiting for its hash (raises
+        what hashing raised)."""
         for upload, digest in self._hashing:
             upload.sha256 = digest.result()
         self._hashing.clear()
