@@ -4,6 +4,7 @@ against the weights' size.
 
     PYTHONPATH=client:keyserver:lab:tests .venv/bin/python bench/decoder.py --json out/bench_decoder.json
     PYTHONPATH=client:keyserver:lab:tests .venv/bin/python bench/decoder.py --quick
+    ... bench/decoder.py --phases   # also print each server phase's seconds (`_phases`)
 
 The model: `LlamaForCausalLM`, hidden 2048, 22 layers, MLP 5632, 32 query heads on 4
 key/value heads, vocabulary 32,000, untied head (TinyLlama-1.1B's shape: 1,100 M parameters,
@@ -57,6 +58,7 @@ from typing import Any, Self
 
 import numpy as np
 import torch
+from _phases import install as time_phases
 from _table import print_table, write_json
 
 from freemark.derive import derive_key
@@ -231,7 +233,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default="out/bench_decoder.json")
     parser.add_argument("--quick", action="store_true", help="2 layers instead of 22")
+    parser.add_argument("--phases", action="store_true",
+                        help="print the key server's phases as they end (bench/_phases.py)")
     args = parser.parse_args()
+    if args.phases:
+        time_phases(lambda name, seconds: print(f"  phase {name}: {seconds:.2f} s", flush=True))
     torch.set_num_threads(1)
     recipe = dict(RECIPE, num_hidden_layers=2) if args.quick else RECIPE
     start = time.perf_counter()
@@ -252,9 +258,11 @@ def main() -> None:
           f"{derive_s:.0f} s, floor {floor_s:.1f} s (+ fingerprint {fingerprint_s:.1f} s)",
           flush=True)
     CACHE.mkdir(parents=True, exist_ok=True)
+    print("uploaded: register, then verify", flush=True)
     register_s, verify_s, register_peak, verify_peak, p_value = product(bundle, directory, None)
     single = packed(directory)
     named = ServerModel(single.name, "hf")
+    print("named: register, then verify", flush=True)
     named_register_s, named_verify_s, named_register_peak, named_verify_peak, _ = product(
         bundle, named, single.parent)
     reaped = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
