@@ -79,17 +79,18 @@ def _number(value: float) -> str:
     mantissa, _, exponent = text.partition("e")
     if not exponent:  # 1e-4 <= |value| < 1e16: Python's and ECMAScript's forms agree but ".0"
         return mantissa.removesuffix(".0")
+    power = int(exponent)
+    if not -7 < power < 21:  # both forms have an exponent: Python pads it to two digits
+        return f"{mantissa}e{'+' if power > 0 else '-'}{abs(power)}"
+    # Below 1e-4 or from 1e16 Python writes an exponent where ECMAScript writes the digits
+    # out: value = 0.digits x 10**point, with 1e-6 <= |value| < 1e21.
     sign = ""
     if mantissa[0] == "-":
         sign, mantissa = "-", mantissa[1:]
     digits = mantissa.replace(".", "")
-    point = int(exponent) + 1  # value = 0.digits x 10**point
-    count = len(digits)
-    if count <= point <= 21:
-        return sign + digits + "0" * (point - count)
-    if 0 < point <= 21:
-        return sign + digits[:point] + "." + digits[point:]
-    if -6 < point <= 0:
+    point = power + 1
+    if point <= 0:
         return sign + "0." + "0" * -point + digits
-    fraction = "." + digits[1:] if count > 1 else ""
-    return f"{sign}{digits[0]}{fraction}e{'+' if point > 0 else '-'}{abs(point - 1)}"
+    if point < len(digits):
+        return sign + digits[:point] + "." + digits[point:]
+    return sign + digits + "0" * (point - len(digits))
