@@ -15,7 +15,9 @@ tests/signed_statements.py.) Sections:
     LOG_ROUNDS rounds (--log-rounds), each of LOG_SLICES slices of the bare loop and the log
     alternating, so that load others put on the machine weighs on both alike; each ratio is
     taken within its round, the median round's reported with the range and each round's
-    load. `--only appends` runs this section alone (a minute or two).
+    load, and beside them this process's CPU per bare INSERT and per append at 16 clients
+    (every thread's: the log's rate on a busy machine follows it, the bare loop's is mostly
+    waiting). `--only appends` runs this section alone (a minute or two).
     The test PostgreSQL runs with fsync off (tests/pg.py), for the bare loop and the log alike.
 (b) Register of one more digits CNN (the real server, the real sandbox for the upload) against
     a store holding K = 1, 1,000, 10,000 (and 100,000 without --quick) earlier registrations of
@@ -254,9 +256,13 @@ def log_round(ctx: Context, bare: BareLoop, appends: int) -> dict[str, Any]:
     seconds: dict[str, list[float]] = {"bare": [], "many": [], "bare_one": [], "one": []}
     per_slice = {"bare": BARE_INSERTS // LOG_SLICES, "many": appends // LOG_SLICES,
                  "bare_one": BARE_INSERTS // (4 * LOG_SLICES), "one": appends // (4 * LOG_SLICES)}
+    cpu = {"bare": 0.0, "many": 0.0}  # this process's CPU (every thread), summed over slices
     for _ in range(LOG_SLICES):
+        mark = time.process_time()
         seconds["bare"].append(bare.run(per_slice["bare"]))
+        cpu["bare"], mark = cpu["bare"] + time.process_time() - mark, time.process_time()
         seconds["many"].append(log_appends(ctx, per_slice["many"], LOG_CLIENTS))
+        cpu["many"] += time.process_time() - mark
     for _ in range(LOG_SLICES):
         seconds["bare_one"].append(bare.run(per_slice["bare_one"]))
         seconds["one"].append(log_appends(ctx, per_slice["one"], 1))
@@ -266,6 +272,8 @@ def log_round(ctx: Context, bare: BareLoop, appends: int) -> dict[str, Any]:
             "many_ratio": rates["many"] / rates["bare"],
             "one_ratio": rates["one"] / rates["bare_one"],
             "fastest_many_ratio": fastest["many"] / fastest["bare"],
+            "cpu_us_bare": 1e6 * cpu["bare"] / (LOG_SLICES * per_slice["bare"]),
+            "cpu_us_many": 1e6 * cpu["many"] / (LOG_SLICES * per_slice["many"]),
             "load": os.getloadavg()[0]}
 
 
@@ -293,22 +301,25 @@ def log_section(folder: Path, pg_admin: str | None, quick: bool, rounds: int = L
             store.close()
     result: dict[str, Any] = {
         what: {b: statistics.median(r[what] for r in measured[b]) for b in databases}
-        for what in ("bare", "one", "many", "one_ratio", "many_ratio", "fastest_many_ratio")}
+        for what in ("bare", "one", "many", "one_ratio", "many_ratio", "fastest_many_ratio",
+                     "cpu_us_bare", "cpu_us_many")}
     result["many_ratio_range"] = {b: (min(r["many_ratio"] for r in measured[b]),
                                       max(r["many_ratio"] for r in measured[b]))
                                   for b in databases}
     result["rounds"] = measured
     rows = [[b, number + 1, r["bare"], r["one"], r["one_ratio"], r["many"], r["many_ratio"],
-             r["fastest_many_ratio"], r["load"]]
+             r["fastest_many_ratio"], r["cpu_us_bare"], r["cpu_us_many"], r["load"]]
             for b in databases for number, r in enumerate(measured[b])]
     rows += [[b, "median", result["bare"][b], result["one"][b], result["one_ratio"][b],
-              result["many"][b], result["many_ratio"][b], result["fastest_many_ratio"][b], "-"]
+              result["many"][b], result["many_ratio"][b], result["fastest_many_ratio"][b],
+              result["cpu_us_bare"][b], result["cpu_us_many"][b], "-"]
              for b in databases]
     print_table(f"(a) log appends per second vs a bare one-row INSERT loop (goal >= {GOAL_LOG}x; "
                 f"{rounds} rounds of {LOG_SLICES} interleaved slices, each ratio within its "
                 "round)",
                 ["backend", "round", "bare/s", "1 client/s", "ratio", f"{LOG_CLIENTS} clients/s",
-                 "ratio", "fastest slices' ratio", "load 1 min"], rows)
+                 "ratio", "fastest slices' ratio", "CPU µs/insert", "CPU µs/append",
+                 "load 1 min"], rows)
     return result
 
 
@@ -582,6 +593,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "log_ratio_to_bare_range": log["many_ratio_range"],
         "log_ratio_to_bare_fastest_slices": log["fastest_many_ratio"],
         "log_ratio_to_bare_one_client": log["one_ratio"],
+        "log_cpu_us_per_append": log["cpu_us_many"],
+        "bare_cpu_us_per_insert": log["cpu_us_bare"],
         "log_rounds": log["rounds"],
         "log_clients": LOG_CLIENTS,
         "bare_inserts_per_s": log["bare"],

@@ -18,12 +18,12 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-import rfc8785
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from freemark.errors import CryptoError
+from freemark.tlog.canonical import canonical_json
 
 __all__ = [
     "KEY_ID_HEX_CHARS",
@@ -35,10 +35,6 @@ __all__ = [
 ]
 
 KEY_ID_HEX_CHARS = 16
-
-def canonical_json(obj: Any) -> bytes:
-    """RFC 8785 (JCS) bytes of `obj`: the only form of JSON the TTP signs or hashes."""
-    return rfc8785.dumps(obj)
 
 
 def public_key_id(public_key: Ed25519PublicKey) -> str:

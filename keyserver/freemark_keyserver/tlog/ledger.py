@@ -108,8 +108,9 @@ class Ledger:
         `size`).
 
         These entries never came from the database: their bytes are the ones this process
-        signed a moment ago, so their leaves are computed from those bytes and their
-        signatures are not verified again (an Ed25519 verification costs three signatures'
+        signed a moment ago, and their leaf hashes the ones computed from those bytes when
+        they were built (`Pending.build`: the same leaves the batch's checkpoint was signed
+        over), so neither is computed again and their signatures are not verified again (an Ed25519 verification costs three signatures'
         time, and this runs on the log's write path). They must still carry the ledger's
         key id: a sequencer signing with another key than the one the ledger checks fails
         here, as its entries would on any later read."""
@@ -123,7 +124,7 @@ class Ledger:
                         raise merkle.LogProofError(
                             f"log entry {entry.index} was signed by key {entry.key_id!r}, "
                             f"not the ledger's {self._verifier.key_id!r}")
-                    self._add(entry, merkle.leaf_hash(entry.entry))
+                    self._add(entry, entry.leaf_hash)
             except merkle.LogProofError as exc:
                 raise _alert(exc) from None
 

@@ -33,7 +33,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from freemark.records.types import Checkpoint
-from freemark.tlog import merkle
 from freemark_keyserver.errors import ServiceError
 from freemark_keyserver.store import EntrySigner, LogEntry, Pending, Store
 from freemark_keyserver.tlog.ledger import Ledger
@@ -94,10 +93,10 @@ class Sequencer:
                 # Built and signed here, outside the write: while one batch waits on the
                 # database, the next one's callers build theirs. A build that fails is left
                 # to the transaction, which builds it again and fails it alone.
-                slot.pending = replace(pending, at=slot.at)
+                built = None
                 with contextlib.suppress(Exception):
-                    slot.pending = replace(slot.pending, built=pending.build(
-                        slot.index, slot.at, self._sign))
+                    built = pending.build(slot.index, slot.at, self._sign)
+                slot.pending = replace(pending, at=slot.at, built=built)
         finally:
             with self._lock:
                 slot.ready = True
@@ -204,9 +203,10 @@ class Sequencer:
 
     def _checkpoint(self, size: int, entries: Sequence[LogEntry]) -> bytes:
         """The note over the log once `entries` follow its first `size` ones: the root
-        from the ledger's checked tree and the entries' own bytes, never a stored hash."""
-        root = self._ledger.root_with(self._store, size,
-                                      [merkle.leaf_hash(e.entry) for e in entries])
+        from the ledger's checked tree and the entries' own bytes, never a stored hash (each
+        leaf hash was computed from the bytes when the entry was built, `Pending.build`: this
+        process's memory, not a row)."""
+        root = self._ledger.root_with(self._store, size, [e.leaf_hash for e in entries])
         note = self._note(size + len(entries), root, entries[-1].created_at)
         self._pending_note = Checkpoint(note=note, tree_size=size + len(entries), root_hash=root)
         return note
