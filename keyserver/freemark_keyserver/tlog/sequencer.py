@@ -12,7 +12,7 @@ the result (publish). One commit, so one fsync, for the batch; then the writer r
 batch's callers, each woken once, with its answer. One thread does a batch's work from start
 to end: with each caller building its own entry and the callers taking turns as the writer,
 16 appending threads spent more of the process's CPU handing the interpreter lock around than
-writing (docs/operations.md, "Less Python per entry").
+writing (docs/operations.md, "Less Python per entry" and "One writer").
 
 A batch's driver work (round trips, the checkpoint's note) costs the same for one entry as
 for sixteen, so the writer waits for as many entries as the last batch answered plus those
