@@ -110,7 +110,9 @@ class Context:
             self.batch = functools.partial(run_batch, pool=self.pool)
 
     def close(self) -> None:
-        """Close the store, then stop the sandbox pool (its fork server kills any child)."""
+        """Answer the log's queued appends and stop its writer, close the store, then stop
+        the sandbox pool (its fork server kills any child)."""
+        self.sequencer.close()
         self.store.close()
         if self.pool is not None:
             self.pool.close()

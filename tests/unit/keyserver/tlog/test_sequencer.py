@@ -1,6 +1,7 @@
-"""The log's sequencer over a real SQLite store: callers build and sign their entries at the
-index and time reserved for them, outside the write (issue 21), and the log stays one total
-order with times that never decrease, whoever appends beside them. Two sequencers on one
+"""The log's sequencer over a real SQLite store: one writer thread builds and signs each entry
+at the index and time it reserves for it, outside the write (issue 21), while callers only
+queue and wait, and the log stays one total order with times that never decrease, whoever
+appends beside them. Two sequencers on one
 database are two replicas: each one's reservations are wrong whenever the other appended
 first, and are then built again inside the transaction."""
 
@@ -33,9 +34,12 @@ _writing = threading.local()  # set while a thread is inside `append_batch`
 
 class _Store(SqliteStore):
     """The real SQLite store, marking the calling thread while it runs a batch's
-    transaction."""
+    transaction, and noting which threads ran one."""
+
+    writers: set[int]
 
     def append_batch(self, *args: Any, **kwargs: Any) -> list[LogEntry | Exception]:
+        self.writers = getattr(self, "writers", set()) | {threading.get_ident()}
         _writing.inside = True
         try:
             return super().append_batch(*args, **kwargs)
@@ -83,14 +87,18 @@ def database(tmp_path: Path) -> Iterator[str]:
     yield path
 
 
-def _burst(sequencers: list[Sequencer]) -> tuple[list[LogEntry], list[Exception]]:
-    """THREADS callers per sequencer, APPENDS each; every fifth of the first thread's
-    statements cannot be built."""
+def _burst(sequencers: list[Sequencer], callers: set[int] | None = None
+           ) -> tuple[list[LogEntry], list[Exception]]:
+    """THREADS callers per sequencer, APPENDS each (their thread ids noted in `callers`);
+    every fifth of the first thread's statements cannot be built."""
     acknowledged: list[LogEntry] = []
     refused: list[Exception] = []
     lock = threading.Lock()
 
     def caller(sequencer: Sequencer, number: int) -> None:
+        if callers is not None:
+            with lock:
+                callers.add(threading.get_ident())
         for k in range(APPENDS):
             failing = number == 0 and k % 5 == 0
             try:
@@ -108,6 +116,8 @@ def _burst(sequencers: list[Sequencer]) -> tuple[list[LogEntry], list[Exception]
         thread.start()
     for thread in threads:
         thread.join()
+    for sequencer in sequencers:
+        sequencer.close()
     return acknowledged, refused
 
 
@@ -125,17 +135,58 @@ def _check_log(store: Store, acknowledged: list[LogEntry]) -> list[LogEntry]:
 def test_entries_are_built_outside_the_write_and_a_failed_one_fails_alone(
         database: str) -> None:
     store, sign = _Store(database), _Signer()
+    callers: set[int] = set()
     try:
-        acknowledged, refused = _burst([_sequencer(store, sign)])
+        acknowledged, refused = _burst([_sequencer(store, sign)], callers)
         entries = _check_log(store, acknowledged)
         assert len(refused) == APPENDS // 5
         assert all(str(e) == "this statement cannot be built" for e in refused)
         assert len(entries) == THREADS * APPENDS - len(refused)
-        # Signed outside the write, but for the entries queued before the first batch told
-        # the sequencer the log's head, and those queued behind a refused statement (its
-        # index went to the next one: they are built again inside).
+        # Signed outside the write, but for the entries of the first batch (the head not yet
+        # known) and those batched behind a refused statement (its index went to the next
+        # one: they are built again inside). A batch holds at most one entry per caller.
         assert sign.outside >= len(entries) - THREADS * (1 + len(refused))
         assert sign.inside <= THREADS * (1 + len(refused))
+        # Every batch written by the one writer thread, never by a caller.
+        assert len(store.writers) == 1 and not store.writers & callers
+    finally:
+        store.close()
+
+
+def _writers() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name == "freemark-log-writer"}
+
+
+def test_closing_answers_the_queue_and_refuses_later_appends(database: str) -> None:
+    store = _Store(database)
+    before = _writers()
+    sequencer = _sequencer(store, _Signer())
+    try:
+        answers: list[LogEntry] = []
+        refused: list[RuntimeError] = []
+
+        def caller() -> None:
+            try:
+                answers.append(sequencer.append(Pending("verify", _verdict)))
+            except RuntimeError as exc:
+                refused.append(exc)
+
+        threads = [threading.Thread(target=caller) for _ in range(THREADS)]
+        for thread in threads:
+            thread.start()
+        sequencer.append(Pending("verify", _verdict))  # the writer has started
+        assert _writers() - before
+        sequencer.close()  # while the callers may still be queueing
+        for thread in threads:
+            thread.join()
+        # Each caller got its committed entry or was refused before it queued: nothing is
+        # left unanswered, and every answer is in the log.
+        assert len(answers) + len(refused) == THREADS
+        assert all("the log's sequencer is closed" in str(e) for e in refused)
+        assert store.tree_size() == len(answers) + 1
+        with pytest.raises(RuntimeError, match="the log's sequencer is closed"):
+            sequencer.append(Pending("verify", _verdict))
+        assert _writers() == before  # the writer has stopped
     finally:
         store.close()
 
