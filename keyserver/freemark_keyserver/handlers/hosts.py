@@ -2,7 +2,7 @@
 
 A host model can be gigabytes, and the server must never hold one whole in memory (upload,
 seal, store and read back each go one megabyte segment at a time). `store_host` seals the
-spooled upload with `crypto.seal_stream` into the store's host blob table and returns the
+received upload (a sealed memfd) with `crypto.seal_stream` into the store's host blob table and returns the
 stream header, which the registration row keeps in its ``host_envelope`` column; `host_file`
 opens it again into a sealed memory file (memfd) for the sandbox, so no plaintext host ever
 rests on disk, not even while a Verify runs; `rewrap_host` re-wraps its data
