@@ -78,6 +78,7 @@ bench: $(INSTALLED) $(OIP_INSTALLED) postgres
 	$(PY) bench/scheme.py --json out/bench_scheme.json
 	$(PY) bench/robustness.py --out out/robustness
 	$(PY) bench/extract.py --json out/bench_extract.json
+	$(PY) bench/spool.py --json out/bench_spool.json
 	PYTHONPATH=client:keyserver:lab:tests $(PY) bench/keyserver.py --json out/bench_keyserver.json
 	PYTHONPATH=client:keyserver:lab:tests $(PY) bench/aligned.py --json out/bench_aligned.json
 	PYTHONPATH=client:keyserver:lab:tests $(PY) bench/formats.py --repeats 3 --json out/bench_formats.json

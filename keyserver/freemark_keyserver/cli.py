@@ -303,10 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the part of --spool-quota-bytes one principal's open uploads may hold "
                         "together, in (0, 1] (default %(default)s)")
     p.add_argument("--spool-memory-bytes", type=int, default=cfg.DEFAULT_SPOOL_MEMORY,
-                   help="announced bytes of open uploads kept in sealed memory files instead "
-                        "of the disk spool (plaintext models never on disk); an upload that "
-                        "does not fit what is left goes to disk; 0: always disk (default "
-                        "%(default)s)")
+                   help="announced bytes of open uploads streamed into sealed memory files; "
+                        "an upload that does not fit what is left goes to the disk spool, "
+                        "encrypted under a key that lives for the call only, and is decrypted "
+                        "into memory once it has arrived (plaintext models never on disk); 0: "
+                        "always the encrypted spool (default %(default)s)")
     p.add_argument("--model-root", type=Path, default=None, metavar="DIR",
                    help="a directory of public models (a hub's read-only mirror) that Register "
                         "and Verify may name by relative path instead of uploading them; "

@@ -114,8 +114,9 @@ DEFAULT_UPLOAD_RATE_GRACE = 10.0
 DEFAULT_PRINCIPAL_RECHECK = 2.0
 DEFAULT_SPOOL_QUOTA = 4 * DEFAULT_MAX_UPLOAD
 DEFAULT_SPOOL_PRINCIPAL_SHARE = 0.5  # of the quota, one principal's open uploads together
-# Announced bytes of open uploads kept in sealed memory files rather than the disk spool: one
-# upload at the default cap (a 1.1 B bf16 decoder is 2.2 GB). 0 sends every upload to disk.
+# Announced bytes of open uploads streamed into sealed memory files rather than the encrypted
+# disk spool: one upload at the default cap (a 1.1 B bf16 decoder is 2.2 GB). 0 sends every
+# upload to the encrypted disk spool.
 DEFAULT_SPOOL_MEMORY = DEFAULT_MAX_UPLOAD
 DEFAULT_MAX_STREAM_SECONDS = 3600.0  # one request stream, however fast it still sends
 DEFAULT_EXEMPT_STREAM_LIFETIME = 600.0  # a health Watch or reflection stream; clients re-watch
@@ -189,7 +190,7 @@ class ServerConfig:
     principal_recheck: float = DEFAULT_PRINCIPAL_RECHECK
     spool_quota_bytes: int = DEFAULT_SPOOL_QUOTA
     spool_principal_share: float = DEFAULT_SPOOL_PRINCIPAL_SHARE
-    spool_memory_bytes: int = DEFAULT_SPOOL_MEMORY  # `rpc.uploads`: memory file or disk spool
+    spool_memory_bytes: int = DEFAULT_SPOOL_MEMORY  # `rpc.uploads`: memory or encrypted disk
     # Where models named by path are read (`rpc.modelroot`, `--model-root`: a hub's read-only
     # mirror of public models); None: every model is uploaded.
     model_root: Path | None = None

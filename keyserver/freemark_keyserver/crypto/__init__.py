@@ -10,7 +10,9 @@ Large payloads (registered host models, up to gigabytes) are sealed as a stream 
 segments, each its own AES-GCM ciphertext, so neither sealing nor opening ever holds more than
 one segment in memory. The nonces follow the STREAM construction (Hoang, Reyhanitabar,
 Rogaway, Vizár 2015): a random prefix, the segment index and a flag set only on the last
-segment, so a reordered, dropped, duplicated or truncated sequence fails to open.
+segment, so a reordered, dropped, duplicated or truncated sequence fails to open. The same
+segments under a key that lives only in memory for one call (`ScratchStream`, never wrapped or
+written) keep an upload parked on disk unreadable there (`rpc.uploads`).
 
 Everything that can fail on hostile or corrupted input raises one opaque `CryptoError` that
 does not say which check failed (pyca's `InvalidToken`), so the server cannot become an
@@ -68,6 +70,7 @@ from freemark_keyserver.crypto.signing import (
 )
 from freemark_keyserver.crypto.stream import (
     SEGMENT_BYTES,
+    ScratchStream,
     StreamHeader,
     is_stream_header,
     open_stream,
@@ -84,6 +87,7 @@ __all__ = [
     "CryptoError",
     "Envelope",
     "MasterKeyring",
+    "ScratchStream",
     "SigningKey",
     "StreamHeader",
     "Verifier",

@@ -51,11 +51,11 @@ class Aead:
     def __init__(self, key: bytes) -> None:
         self._aead = AESGCM(key)
 
-    def seal(self, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+    def seal(self, nonce: bytes, plaintext: bytes | memoryview, aad: bytes) -> bytes:
         """Ciphertext with its 16-byte tag appended."""
         return self._aead.encrypt(nonce, plaintext, aad)
 
-    def open(self, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+    def open(self, nonce: bytes, ciphertext: bytes | memoryview, aad: bytes) -> bytes:
         """The plaintext, or `CryptoError` if the tag, nonce or associated data do not match."""
         try:
             return self._aead.decrypt(nonce, ciphertext, aad)

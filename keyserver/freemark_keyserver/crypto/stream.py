@@ -5,10 +5,18 @@ own AES-GCM ciphertext, so neither sealing nor opening ever holds more than one 
 memory. The nonces follow the STREAM construction (Hoang, Reyhanitabar, Rogaway, Vizár 2015):
 a random prefix, the segment index and a flag set only on the last segment, so a reordered,
 dropped, duplicated or truncated sequence fails to open.
+
+Two kinds of key seal the same segments. A stored stream's (`seal_stream`/`open_stream`) is
+wrapped under the master keyring and bound to its record, so it outlives the process and
+rotates. A scratch stream's (`ScratchStream`) is a fresh random key that lives only in the
+object, never wrapped and never written: for bytes the server parks on disk for one call and
+reads back once (an upload past the spool's memory budget, `rpc.uploads`), which must be
+unreadable on disk and need never be read by anyone else.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -28,6 +36,7 @@ from freemark_keyserver.crypto.keyring import MAX_KEY_VERSION, MasterKeyring
 
 __all__ = [
     "SEGMENT_BYTES",
+    "ScratchStream",
     "StreamHeader",
     "is_stream_header",
     "open_stream",
@@ -38,6 +47,7 @@ __all__ = [
 # Domain labels: a stream's wrapped key or segment is never accepted as an envelope's.
 _STREAM_WRAP_LABEL = "freemark/v1/stream/wrap"
 _STREAM_SEGMENT_LABEL = "freemark/v1/stream/segment"
+_SCRATCH_SEGMENT_LABEL = "freemark/v1/stream/scratch"
 
 # Streams: plaintext segment size, and the STREAM nonce layout (prefix ‖ u32 index ‖ u8 last).
 # 1 MiB keeps memory flat and the per-segment overhead (a 16-byte tag, one AES-GCM call) small.
@@ -45,6 +55,7 @@ SEGMENT_BYTES = 1 << 20
 _STREAM_PREFIX_BYTES = NONCE_BYTES - 5
 _STREAM_MAGIC = b"FMSTR"
 _STREAM_LAYOUT = 1
+_READ_BYTES = 1 << 20  # a scratch file is read back in blocks of about this size
 _STREAM_HEADER = struct.Struct(
     f">{len(_STREAM_MAGIC)}sBI{NONCE_BYTES}s{KEY_BYTES + TAG_BYTES}s{_STREAM_PREFIX_BYTES}sIIQ"
 )
@@ -147,6 +158,75 @@ def _segment_aad(record_id: str, owner: str) -> bytes:
     return associated_data(_STREAM_SEGMENT_LABEL, record_id, owner)
 
 
+def _segment_count(total_size: int, segment_size: int) -> int:
+    """Segments of a `total_size`-byte payload: at least one (an empty payload is one empty
+    segment, so even it carries the last flag)."""
+    return max(1, -(-total_size // segment_size))
+
+
+def _cut(pieces: Iterable[bytes], segment_size: int, total_size: int, source: str
+         ) -> Iterator[bytes | memoryview]:
+    """`pieces` of any sizes re-cut into the plaintext segments of a `total_size`-byte stream,
+    holding at most one segment; `ValueError` naming `source` when they add up to anything
+    but `total_size` (the header would no longer describe them)."""
+    changed = f"{source} changed size while it was being sealed"
+    buffer = bytearray()
+    done = 0  # bytes already yielded in segments
+    for piece in pieces:
+        view = memoryview(piece)
+        while view:
+            want = min(segment_size, total_size - done)
+            if want <= 0:
+                raise ValueError(changed)
+            if not buffer and len(view) >= want:  # a whole segment in one piece: no copy
+                segment, view = view[:want], view[want:]
+            else:
+                take = want - len(buffer)
+                buffer += view[:take]
+                view = view[take:]
+                if len(buffer) < want:
+                    continue
+                segment = memoryview(bytes(buffer))
+                buffer.clear()
+            done += len(segment)
+            yield segment
+    if done != total_size or buffer:
+        raise ValueError(changed)
+    if total_size == 0:
+        yield b""
+
+
+def _sealed_segments(aead: Aead, prefix: bytes, aad: bytes, segment_size: int,
+                     total_size: int, pieces: Iterable[bytes], source: str) -> Iterator[bytes]:
+    """Seal `pieces` (re-cut into segments, `_cut`) with STREAM nonces, one at a time."""
+    last = _segment_count(total_size, segment_size) - 1
+    for index, plaintext in enumerate(_cut(pieces, segment_size, total_size, source)):
+        yield aead.seal(_segment_nonce(prefix, index, index == last), plaintext, aad)
+
+
+def _opened_segments(aead: Aead, prefix: bytes, aad: bytes, segments: int, total_size: int,
+                     sealed: Iterable[bytes | memoryview]) -> Iterator[bytes]:
+    """Open STREAM-sealed segments one at a time; `CryptoError` on any tampering, a
+    truncated or extended sequence only once it ends."""
+    count = total = 0
+    for index, ciphertext in enumerate(sealed):
+        if index >= segments:
+            raise CryptoError()
+        plaintext = aead.open(_segment_nonce(prefix, index, index == segments - 1),
+                              ciphertext, aad)
+        count, total = index + 1, total + len(plaintext)
+        yield plaintext
+    if count != segments or total != total_size:
+        raise CryptoError()
+
+
+def _blocks(path: Path, size: int) -> Iterator[bytes]:
+    """The file at `path` in `size`-byte reads, to its end."""
+    with path.open("rb") as source:
+        while block := source.read(size):
+            yield block
+
+
 def seal_stream(
     keyring: MasterKeyring,
     path: Path,
@@ -162,10 +242,9 @@ def seal_stream(
     size; a file that changes size while it is read makes the iterator raise `ValueError`,
     since the header would no longer describe it. An empty file gives one (empty) segment.
     """
-    if not 0 < segment_size < 2**32:
-        raise ValueError(f"segment_size must be in 1..2**32-1, got {segment_size}")
+    _check_segment_size(segment_size)
     total_size = path.stat().st_size
-    segments = max(1, -(-total_size // segment_size))
+    segments = _segment_count(total_size, segment_size)
     data_key = new_key()
     prefix = random_bytes(_STREAM_PREFIX_BYTES)
     version, wrap_nonce, wrapped_key = wrap_data_key(
@@ -185,21 +264,14 @@ def seal_stream(
         segments=segments,
         total_size=total_size,
     )
+    sealed = _sealed_segments(Aead(data_key), prefix, _segment_aad(record_id, owner),
+                              segment_size, total_size, _blocks(path, segment_size), str(path))
+    return header, sealed
 
-    def sealed() -> Iterator[bytes]:
-        aead = Aead(data_key)
-        aad = _segment_aad(record_id, owner)
-        with path.open("rb") as source:
-            for index in range(segments):
-                plaintext = source.read(segment_size)
-                last = index == segments - 1
-                expected = total_size - index * segment_size if last else segment_size
-                if len(plaintext) != expected or (last and source.read(1)):
-                    raise ValueError(f"{path} changed size while it was being sealed")
-                nonce = _segment_nonce(header.nonce_prefix, index, last)
-                yield aead.seal(nonce, plaintext, aad)
 
-    return header, sealed()
+def _check_segment_size(segment_size: int) -> None:
+    if not 0 < segment_size < 2**32:
+        raise ValueError(f"segment_size must be in 1..2**32-1, got {segment_size}")
 
 
 def open_stream(
@@ -217,18 +289,8 @@ def open_stream(
     if the iteration finishes without raising.
     """
     data_key = unwrap_data_key(keyring, header, record_id, owner, _STREAM_WRAP_LABEL, header.shape)
-    aead = Aead(data_key)
-    aad = _segment_aad(record_id, owner)
-    count = total = 0
-    for index, ciphertext in enumerate(segments):
-        if index >= header.segments:
-            raise CryptoError()
-        nonce = _segment_nonce(header.nonce_prefix, index, index == header.segments - 1)
-        plaintext = aead.open(nonce, ciphertext, aad)
-        count, total = index + 1, total + len(plaintext)
-        yield plaintext
-    if count != header.segments or total != header.total_size:
-        raise CryptoError()
+    return _opened_segments(Aead(data_key), header.nonce_prefix, _segment_aad(record_id, owner),
+                            header.segments, header.total_size, segments)
 
 
 def rewrap_stream(
@@ -240,3 +302,80 @@ def rewrap_stream(
         keyring, data_key, record_id, owner, _STREAM_WRAP_LABEL, header.shape
     )
     return replace(header, key_version=version, wrapped_key=wrapped_key, wrap_nonce=wrap_nonce)
+
+
+class ScratchStream:
+    """A payload sealed under a key that exists only in this object (see the module
+    docstring): `seal` its pieces as they arrive and put the segments anywhere, then `open`
+    them (or `open_file` the file they were appended to) to read it back.
+
+    The segments and nonces are a stored stream's; only the key differs: fresh random bytes
+    held here and nowhere else, never wrapped, written or logged, gone with the object. So
+    there is no header to keep: nothing else could open the segments anyway, and a process
+    that dies leaves only ciphertext nobody can read. A dropped, reordered, altered,
+    truncated or extended sequence raises the opaque `CryptoError` when opened.
+    """
+
+    def __init__(self, total_size: int, *, segment_size: int = SEGMENT_BYTES) -> None:
+        _check_segment_size(segment_size)
+        if not 0 <= total_size < 2**64:
+            raise ValueError(f"total_size must be in 0..2**64-1, got {total_size}")
+        self.total_size, self.segment_size = total_size, segment_size
+        self.segments = _segment_count(total_size, segment_size)
+        self._aead = Aead(new_key())
+        self._prefix = random_bytes(_STREAM_PREFIX_BYTES)
+        self._aad = associated_data(_SCRATCH_SEGMENT_LABEL)
+
+    def seal(self, pieces: Iterable[bytes]) -> Iterator[bytes]:
+        """The sealed segments of `pieces` (any sizes, `total_size` bytes in all), lazily:
+        at most one segment of plaintext is held; `ValueError` if they add up to anything
+        else."""
+        return _sealed_segments(self._aead, self._prefix, self._aad, self.segment_size,
+                                self.total_size, pieces, "the scratch payload")
+
+    def open(self, sealed: Iterable[bytes | memoryview]) -> Iterator[bytes]:
+        """Decrypt `sealed` segment by segment (as `open_stream`: use the output only once
+        the loop ends without raising)."""
+        return _opened_segments(self._aead, self._prefix, self._aad, self.segments,
+                                self.total_size, sealed)
+
+    def open_file(self, fd: int) -> Iterator[bytes]:
+        """Decrypt the segments written back to back into the file `fd`, from its start (read
+        with `pread`, so the descriptor's offset does not matter)."""
+        return self.open(self._read(fd))
+
+    def _read(self, fd: int) -> Iterator[bytes | memoryview]:
+        """The file cut at the segments' sealed lengths, read about `_READ_BYTES` at a time;
+        a segment the file ends inside comes short (and fails to open), and what is left at
+        its end, if anything, comes as one more segment, which `open` refuses."""
+        per_read = max(1, _READ_BYTES // (self.segment_size + TAG_BYTES))
+        offset = 0
+        for first in range(0, self.segments, per_read):
+            sizes = [self._plaintext_size(index) + TAG_BYTES
+                     for index in range(first, min(first + per_read, self.segments))]
+            block = memoryview(_pread_all(fd, sum(sizes), offset))
+            offset += sum(sizes)
+            for size in sizes:
+                yield block[:size]
+                block = block[size:]
+        if extra := os.pread(fd, 1, offset):
+            yield extra
+
+    def _plaintext_size(self, index: int) -> int:
+        return min(self.segment_size, self.total_size - index * self.segment_size)
+
+    def __repr__(self) -> str:
+        return f"ScratchStream(segments={self.segments}, total_size={self.total_size})"
+
+
+def _pread_all(fd: int, size: int, offset: int) -> bytes:
+    """`size` bytes at `offset`, fewer only at the end of the file."""
+    parts: list[bytes] = []
+    while size:
+        part = os.pread(fd, size, offset)
+        if not part:
+            break
+        parts.append(part)
+        size -= len(part)
+        offset += len(part)
+    return b"".join(parts)

@@ -130,8 +130,9 @@ class Stream(Protocol[H_co]):
 
     def receive(self, upload: pb.UploadHeader, *, suffix: str
                 ) -> contextlib.AbstractContextManager[Path]:
-        """The current file's bytes, spooled to a private file named with `suffix` and
-        checked against `upload` (size, SHA-256, caps); removed when the block ends. A file
+        """The current file's bytes, received (`rpc.uploads.spooled`: a sealed memory file
+        named with `suffix`) and checked against `upload` (size, SHA-256, caps); gone when
+        the block ends. A file
         named under the server's model root (`upload.model_path`) is copied instead, and
         its SHA-256 may still be computing when the block starts (`settle`)."""
         ...

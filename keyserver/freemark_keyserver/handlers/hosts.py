@@ -2,7 +2,7 @@
 
 A host model can be gigabytes, and the server must never hold one whole in memory (upload,
 seal, store and read back each go one megabyte segment at a time). `store_host` seals the
-spooled upload with `crypto.seal_stream` into the store's host blob table and returns the
+received upload (a sealed memfd) with `crypto.seal_stream` into the store's host blob table and returns the
 stream header, which the registration row keeps in its ``host_envelope`` column; `host_file`
 opens it again into a sealed memory file (memfd) for the sandbox, so no plaintext host ever
 rests on disk, not even while a Verify runs; `rewrap_host` re-wraps its data
@@ -19,8 +19,7 @@ sealed the same way, under their member id (record id suffix ``/panel``, owner "
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -42,7 +41,6 @@ __all__ = [
     "PANEL_OWNER",
     "host_file",
     "member_file",
-    "plaintext_memfd",
     "rewrap_host",
     "rewrap_member",
     "store_host",
@@ -72,32 +70,13 @@ def store_host(
 
 
 @contextmanager
-def plaintext_memfd(name: str, segments: Iterable[bytes]) -> Iterator[Path]:
-    """Decrypted bytes in an anonymous, sealed memory file, as a path valid in this process.
-
-    The file lives in memory only (`memfiles`): nothing left on disk if the server is killed,
-    gone when the last descriptor closes. It is sealed against writes before it is handed
-    out, so the sandbox child that reads it (through a descriptor the pool passes) cannot
-    change it either.
-    """
-    fd = memfiles.create(name)
-    try:
-        for plaintext in segments:
-            memfiles.write_all(fd, plaintext)
-        memfiles.seal(fd)
-        yield memfiles.path(fd)
-    finally:
-        os.close(fd)
-
-
-@contextmanager
 def host_file(store: Store, keyring: MasterKeyring, record: Registration) -> Iterator[Path]:
-    """The registered host, decrypted into a sealed memfd (`plaintext_memfd`), never a file.
+    """The registered host, decrypted into a sealed memfd (`memfiles.filled`), never a file.
 
     A segment that fails to authenticate, or a missing one, raises `CryptoError` before the
     path is handed out.
     """
-    with plaintext_memfd("freemark-host", _plaintext(store, keyring, record)) as path:
+    with memfiles.filled("freemark-host", _plaintext(store, keyring, record)) as path:
         yield path
 
 
@@ -143,11 +122,11 @@ def store_member(store: Store, keyring: MasterKeyring, path: Path, *, member_id:
 
 @contextmanager
 def member_file(store: Store, keyring: MasterKeyring, member: PanelMember) -> Iterator[Path]:
-    """A panel member's model, decrypted into a sealed memfd (`plaintext_memfd`)."""
+    """A panel member's model, decrypted into a sealed memfd (`memfiles.filled`)."""
     segments = open_stream(keyring, StreamHeader.from_bytes(member.envelope),
                            store.host_blob(member.member_id),
                            record_id=_member_record_id(member.member_id), owner=PANEL_OWNER)
-    with plaintext_memfd("freemark-panel", segments) as path:
+    with memfiles.filled("freemark-panel", segments) as path:
         yield path
 
 

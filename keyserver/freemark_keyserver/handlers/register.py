@@ -234,7 +234,7 @@ def register_host(ctx: Context, principal: Principal, bundle: KeyBundle, host: P
     registration_id = "reg_" + secrets.token_hex(REGISTRATION_ID_BYTES)
     envelope = seal(ctx.keyring, panels.seal_bytes(bundle, panel, sealed_outputs),
                     record_id=registration_id, owner=principal.name)
-    # Streamed from the spool file into the store a segment at a time, never read whole.
+    # Streamed from the upload's memory file into the store a segment at a time.
     host_header = store_host(ctx.store, ctx.keyring, host, registration_id=registration_id,
                              owner=principal.name)
     wm_commitment = commitment(bundle.bits)

@@ -3,8 +3,8 @@
 A hub that mirrors the models it hosts (read-only, on the key server's machine) need not send
 a 2.2 GB decoder (or a 140 GB one) through gRPC for every Register or Verify: the request
 names the file (`UploadHeader.model_path`), the server opens it under `serve --model-root`,
-and the kernel copies it (`uploads.copied`) into a sealed memory file (or the disk spool past
-the memory budget), counted in the same quota, refused over the same cap. A verdict names the
+and the kernel copies it (`uploads.copied`) into a sealed memory file (always: the file is
+public and on disk in the clear already), counted in the same quota, refused over the same cap. A verdict names the
 SHA-256 of that copy, hashed while the sandbox child maps the same sealed bytes: the original
 may change or vanish a moment later without changing what was judged (issue 20).
 

@@ -1,19 +1,36 @@
-"""Streamed uploads: hashed as they arrive, never held in the server's own memory, checked at
-the end; kept in a sealed memory file, or spooled to a private temp file past a memory budget.
+"""Streamed uploads: hashed as they arrive, checked at the end, and handed to the sandbox as a
+sealed memory file; never in plaintext on disk.
 
-Where the bytes go (`spooled`): an upload whose announced size fits what is left of the
-spool's memory budget (`--spool-memory-bytes`) is written into an anonymous memory file
-(`memfiles`) as it is hashed, and sealed once its size and SHA-256 check out: the sandbox
-child maps those very bytes read-only, so what a verdict or receipt names is what was judged,
-a plaintext host never rests on disk (RAM is not disk), and there is no file to write back or
-clean up (issue 20: a 2.2 GB decoder's upload wrote 2.2 GB to the data dir's disk and read
-it back). A larger upload, or one arriving while others hold the budget, goes to the disk
-spool instead (0600, in the 0700 data dir, removed when the call ends). The memory budget is
-taken by announced sizes when an upload starts and only ever chooses where bytes go: it
-refuses nothing.
+Where the bytes go while they arrive (`spooled`): an upload whose announced size fits what is
+left of the spool's memory budget (`--spool-memory-bytes`) is written into an anonymous memory
+file (`memfiles`) as it is hashed. Any other upload (larger than the budget, or arriving while
+other open uploads hold it: mere concurrency, with default settings) goes to the disk spool
+(a 0600 file in the 0700 `DATA_DIR/spool`) as ciphertext only: its chunks are sealed as they
+arrive, segment by segment, under a fresh random key that lives in this process's memory for
+that call alone (`crypto.ScratchStream`: the stored streams' segments and nonces, never
+wrapped, never written). A slow hour-long upload therefore holds ciphertext on disk, not RAM
+(at most one `SPOOL_SEGMENT_BYTES` segment of plaintext in memory), and a crash leaves only
+ciphertext whose key died with the process. The SHA-256 is of the plaintext either way,
+computed as it arrives.
 
-The spool has a quota over all open uploads, and each principal a share of it, whichever of
-the two holds them. An upload
+Where they are read: once the upload is complete and its size and SHA-256 check out, a
+spooled one is decrypted (and authenticated: a spool file changed, cut or extended on the
+server's disk is refused UPLOAD_CORRUPT) into a sealed memory file and its spool file removed
+then, not at the call's end. So every upload reaches the sandbox child the same way: a sealed
+memfd it maps read-only, whose bytes no one can change after they were hashed, so what a
+verdict or receipt names is what was judged (issue 20: no plaintext written to disk and read
+back). Judging a model needs its size in RAM anyway (the child maps all its weights), so the
+decrypted copy adds no new requirement; it is the memory the child reads. The memory budget
+keeps its meaning for bytes held while uploads stream: it is taken by announced sizes when an
+upload starts and only ever chooses where bytes go; it refuses nothing.
+
+A model named under `--model-root` (`copied`) is always copied straight into a sealed
+memfd, whatever is left of the budget: it is a public file already on disk in the clear (the
+operator's mirror), so sealing a copy of it to disk would protect nothing, and it is copied
+by the kernel at disk speed and judged at once, never trickled.
+
+The spool has a quota over all open uploads (wherever their bytes are), and each principal a
+share of it, whichever of the two holds them. An upload
 holds the bytes it has received, reserved chunk by chunk before each is written, never its
 announced size: a client announcing 2 GiB and trickling holds what it sent, not the disk it
 named (issue 18: four such streams held an 8 GiB quota for hours). Past the quota, or past
@@ -21,9 +38,9 @@ the principal's share of it (`--spool-principal-share`; one principal, however m
 it opens, never holds all of it), the chunk is refused SPOOL_FULL and the upload's file
 removed; an upload announced larger than a share is refused before any byte. A stream lasts
 at most `--max-stream-seconds` (`rpc.calls`), so what is held is also held for a bounded
-time. Reservations are released when the file is removed. The spool is emptied when the
-server starts: a crash leaves no upload behind (decrypted hosts never come here:
-`hosts.host_file` keeps them in a sealed memfd).
+time. Reservations are released when the call ends. The spool directory is emptied when the
+server starts (`Spool.clear`): a crash leaves no upload behind (decrypted hosts never come
+here: `hosts.host_file` keeps them in a sealed memfd).
 """
 
 from __future__ import annotations
@@ -39,11 +56,18 @@ from pathlib import Path
 
 from freemark.v1 import keyservice_pb2
 from freemark_keyserver import memfiles, metrics
+from freemark_keyserver.crypto import CryptoError, ScratchStream
 from freemark_keyserver.errors import ErrorCode, ServiceError
 
 log = logging.getLogger("freemark_keyserver")
 SHA256_BYTES = 32
 SPOOL_RETRY_SECONDS = 10.0  # a hint: uploads in flight finish or stall out in about this long
+# The disk spool's segment: the most plaintext a spooled upload holds in memory before it is
+# sealed to disk (a trickling upload's bytes reach the disk within this many), at a 16-byte
+# tag each (0.1 %). Small segments also seal fastest here (AES-GCM in 16-64 KiB calls ran
+# at 4-5 GB/s, 1 MiB calls at 1 GB/s, allocating a fresh mapping per call).
+SPOOL_SEGMENT_BYTES = 16 * 1024
+_BLOCK_BYTES = 1 << 20  # a spooled upload is decrypted into its memory file this much at a time
 
 
 class Spool:
@@ -54,7 +78,7 @@ class Spool:
         self.directory = directory
         self.quota_bytes = quota_bytes
         self.share_bytes = int(quota_bytes * principal_share)  # what one principal may hold
-        self.memory_bytes = memory_bytes  # announced bytes open uploads may keep in memory
+        self.memory_bytes = memory_bytes  # announced bytes open uploads may stream into memory
         self._in_memory = 0
         self._reserved = 0
         self._held: dict[str, int] = {}  # principal -> bytes its open uploads hold
@@ -95,9 +119,9 @@ class Spool:
 
     @contextmanager
     def memory(self, size: int) -> Iterator[bool]:
-        """Whether an upload announced at `size` bytes goes to a memory file: yes while it
-        fits what is left of the memory budget, taken until the block ends; no (the disk
-        spool) otherwise."""
+        """Whether an upload announced at `size` bytes streams into a memory file: yes while
+        it fits what is left of the memory budget, taken until the block ends; no (the
+        encrypted disk spool) otherwise."""
         with self._lock:
             fits = self._in_memory + size <= self.memory_bytes
             if fits:
@@ -181,55 +205,117 @@ def check_header(header: keyservice_pb2.UploadHeader, cap: int) -> None:
                            f"{header.total_size} bytes is over the server's upload cap of {cap} bytes")
 
 
-@contextmanager
-def _spool_file(header: keyservice_pb2.UploadHeader, *, cap: int, spool: Spool, principal: str,
-                suffix: str) -> Iterator[tuple[int, Path | None, Reservation]]:
-    """Where one file's bytes go: (descriptor, None for a memory file or the spool file's
-    path, its reservation), after the header's size is checked against the cap and the
-    principal's share; the file is closed and removed, and everything it held released,
-    when the block ends."""
+def _check_size(header: keyservice_pb2.UploadHeader, *, cap: int, spool: Spool) -> None:
+    """`check_header`, and the size against what one principal may hold."""
     check_header(header, cap)
     if header.total_size > spool.share_bytes:
         raise ServiceError(ErrorCode.TOO_LARGE, f"{header.total_size} bytes is over the "
                            f"{spool.share_bytes} bytes one principal may hold in the server's "
                            "upload spool")
-    with spool.reserve(principal) as reservation, spool.memory(header.total_size) as in_memory:
-        if in_memory:
-            fd, path = memfiles.create("freemark-upload" + suffix), None
-        else:
-            spool.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd, name = tempfile.mkstemp(prefix="upload-", suffix=suffix, dir=spool.directory)
-            path = Path(name)
-        try:
-            yield fd, path, reservation
-        finally:
-            os.close(fd)
-            if path is not None:
-                path.unlink(missing_ok=True)
 
 
 @contextmanager
 def spooled(chunks: Iterator[bytes], header: keyservice_pb2.UploadHeader, *, cap: int,
             spool: Spool, principal: str, suffix: str,
             deferred: Callable[[], bytes | None] = lambda: None) -> Iterator[Path]:
-    """Write the chunks to a memory file or a 0600 temp file (the module docstring says
-    which), hashing them as they are written; yield its path once size and SHA-256 match (a
-    memory file sealed first, so no byte can change after it was hashed).
+    """Receive one file's chunks, hashing them as they arrive, and yield it as a sealed
+    memory file once its size and SHA-256 match: written into it as they arrive within the
+    memory budget, else sealed into the encrypted disk spool and decrypted into it at the
+    end (the module docstring says which and why). Either way the path is a sealed memfd.
 
     The SHA-256 is the header's, or, where the header left it empty, the one the stream
     sent after the last chunk (`deferred`, asked once `chunks` is exhausted), which is then
     written into `header`: once checked, the header is complete either way, and what a
     handler binds (a verdict's `suspect_sha256`) is read from it. Each chunk is
-    reserved in the spool's quota (and `principal`'s share of it) before it is written. The
-    file is removed (and the reservation released) when the block ends, whatever happens: a
-    stalled, cut or refused stream raises out of `chunks` and leaves nothing behind.
+    reserved in the spool's quota (and `principal`'s share of it) before it is written.
+    Everything is released, and any spool file removed, when the block ends, whatever
+    happens: a stalled, cut or refused stream raises out of `chunks` and leaves nothing
+    behind.
     """
-    with _spool_file(header, cap=cap, spool=spool, principal=principal,
-                     suffix=suffix) as (fd, path, reservation):
-        _receive(fd, chunks, header, reservation, deferred)
-        if path is None:
-            memfiles.seal(fd)
-        yield memfiles.path(fd) if path is None else path
+    _check_size(header, cap=cap, spool=spool)
+    name = "freemark-upload" + suffix
+    with spool.reserve(principal) as reservation, spool.memory(header.total_size) as in_memory:
+        received = _checked(chunks, header, reservation, deferred)
+        if in_memory:
+            with memfiles.filled(name, received) as path:
+                yield path
+            return
+        with _disk_spool(spool.directory, header.total_size, suffix) as disk:
+            disk.write(received)
+            with memfiles.filled(name, disk.plaintext()) as path:
+                disk.remove()  # the bytes are in memory now: nothing of them stays on disk
+                yield path
+
+
+class _DiskSpooled:
+    """One upload's file in the disk spool: its chunks sealed as they arrive under a key
+    that lives only in this object (`crypto.ScratchStream`), read back once."""
+
+    def __init__(self, fd: int, path: Path, stream: ScratchStream) -> None:
+        self._fd, self._path, self._stream = fd, path, stream
+
+    def write(self, pieces: Iterator[bytes]) -> None:
+        """Seal and append `pieces`. The segments sealed from one piece are written together,
+        in one call, just before the next piece is asked for: never held while the client
+        is waited for, and never one system call per segment."""
+        sealed: list[bytes] = []
+
+        def flushed() -> Iterator[bytes]:
+            for piece in pieces:
+                yield piece
+                self._append(sealed)  # every segment this piece completed is sealed now
+
+        for segment in self._stream.seal(flushed()):
+            sealed.append(segment)  # noqa: PERF402 (`flushed` empties it as it goes)
+        self._append(sealed)
+
+    def _append(self, sealed: list[bytes]) -> None:
+        memfiles.write_all(self._fd, b"".join(sealed))
+        sealed.clear()
+
+    def plaintext(self) -> Iterator[bytes]:
+        """The file decrypted, in blocks of about `_BLOCK_BYTES`; UPLOAD_CORRUPT (before the
+        iteration ends, so nothing is used) when it does not authenticate: the file was
+        changed, cut or extended on the server's disk, by the disk or by someone with access
+        to it."""
+        block: list[bytes] = []
+        size = 0
+        try:
+            for segment in self._stream.open_file(self._fd):
+                block.append(segment)
+                size += len(segment)
+                if size >= _BLOCK_BYTES:
+                    yield b"".join(block)
+                    block.clear()
+                    size = 0
+        except CryptoError:
+            log.warning("an upload's encrypted spool file did not authenticate when read back: "
+                        "changed on the server's disk (%s); the upload was refused", self._path)
+            raise ServiceError(ErrorCode.UPLOAD_CORRUPT, "the server could not read back the "
+                               "upload it had received intact (its spooled copy was damaged "
+                               "on the server's side; the operator's log says more); re-send "
+                               "it") from None
+        yield b"".join(block)
+
+    def remove(self) -> None:
+        """Close and delete the file now (idempotent)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._path.unlink(missing_ok=True)
+
+
+@contextmanager
+def _disk_spool(directory: Path, size: int, suffix: str) -> Iterator[_DiskSpooled]:
+    """A new 0600 file in the spool directory (0700) for a `size`-byte upload, removed when
+    the block ends."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, name = tempfile.mkstemp(prefix="upload-", suffix=suffix, dir=directory)
+    disk = _DiskSpooled(fd, Path(name), ScratchStream(size, segment_size=SPOOL_SEGMENT_BYTES))
+    try:
+        yield disk
+    finally:
+        disk.remove()
 
 
 @contextmanager
@@ -237,24 +323,29 @@ def copied(source: int, header: keyservice_pb2.UploadHeader, *, cap: int, spool:
            principal: str, suffix: str) -> Iterator[Path]:
     """`spooled` for a file the server reads itself (`modelroot`: `source` is its descriptor,
     `header.total_size` its size as the server measured it): the kernel copies it
-    (`os.sendfile`, no pass through this process) into a memory file, sealed, or a spool file,
-    reserved whole in the quota (a size the server measured, not one a client announced).
-    Nothing is hashed here: the caller hashes the sealed copy where it needs the digest
-    (`sha256_of`), which is what the sandbox child maps. A file that shrinks while it is
-    copied is refused; bytes it gains are not copied."""
-    with _spool_file(header, cap=cap, spool=spool, principal=principal,
-                     suffix=suffix) as (fd, path, reservation):
+    (`os.sendfile`, no pass through this process) into a memory file, sealed, reserved whole
+    in the quota (a size the server measured, not one a client announced), always, whatever
+    is left of the memory budget (the module docstring says why). Nothing is hashed here:
+    the caller hashes the sealed copy where it needs the digest (`sha256_of`), which is what
+    the sandbox child maps. A file that shrinks while it is copied is refused; bytes it gains
+    are not copied."""
+    _check_size(header, cap=cap, spool=spool)
+    with spool.reserve(principal) as reservation:
         reservation.grow(header.total_size)
-        done = 0
-        while done < header.total_size:
-            sent = os.sendfile(fd, source, done, header.total_size - done)
-            if sent == 0:
-                raise ServiceError(ErrorCode.UPLOAD_CORRUPT, f"the file changed size while it "
-                                   f"was read ({done} of {header.total_size} bytes); try again")
-            done += sent
-        if path is None:
+        fd = memfiles.create("freemark-named" + suffix)
+        try:
+            done = 0
+            while done < header.total_size:
+                sent = os.sendfile(fd, source, done, header.total_size - done)
+                if sent == 0:
+                    raise ServiceError(ErrorCode.UPLOAD_CORRUPT, f"the file changed size while "
+                                       f"it was read ({done} of {header.total_size} bytes); "
+                                       "try again")
+                done += sent
             memfiles.seal(fd)
-        yield memfiles.path(fd) if path is None else path
+            yield memfiles.path(fd)
+        finally:
+            os.close(fd)
 
 
 def sha256_of(path: Path) -> bytes:
@@ -263,9 +354,12 @@ def sha256_of(path: Path) -> bytes:
         return hashlib.file_digest(handle, "sha256").digest()
 
 
-def _receive(fd: int, chunks: Iterator[bytes], header: keyservice_pb2.UploadHeader,
-             reservation: Reservation, deferred: Callable[[], bytes | None]) -> None:
-    """Write and hash every chunk into `fd`, then check the size and SHA-256 (`spooled`)."""
+def _checked(chunks: Iterator[bytes], header: keyservice_pb2.UploadHeader,
+             reservation: Reservation, deferred: Callable[[], bytes | None]
+             ) -> Iterator[bytes]:
+    """The chunks, each reserved and hashed before it is passed on; once they end, the size
+    and SHA-256 are checked (and the SHA-256 written into `header`) before the iteration
+    ends, so whoever consumes them (`memfiles.filled`) uses nothing that failed."""
     digest = hashlib.sha256()
     received = 0
     for chunk in chunks:
@@ -275,7 +369,7 @@ def _receive(fd: int, chunks: Iterator[bytes], header: keyservice_pb2.UploadHead
                                f"received more than the announced {header.total_size} bytes")
         reservation.grow(len(chunk))
         digest.update(chunk)
-        memfiles.write_all(fd, chunk)
+        yield chunk
     if received != header.total_size:
         raise ServiceError(ErrorCode.UPLOAD_CORRUPT,
                            f"stream ended after {received} of {header.total_size} bytes; re-send")

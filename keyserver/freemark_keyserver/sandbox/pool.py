@@ -19,9 +19,10 @@ admitted below the cap is never refused by the second one (issue 18). While it
 waits or runs, the gRPC call it serves (`cancellation.current`) is checked every `POLL_SECONDS`: when
 the caller cancels or the deadline passes, the pool shuts the run's status socket, the fork
 server kills the child at once, and `cancellation.CallEnded` is raised so nothing is signed or
-logged. Inputs travel as descriptors: a spooled upload opened read-only (its group set to the
-sandbox user's when that user differs), or a memfd holding a decrypted host
-(`hosts.host_file`), so the child never needs a path into the data dir.
+logged. Inputs travel as descriptors opened read-only: the sealed memfd of an upload
+(`rpc.uploads`) or of a decrypted host (`hosts.host_file`); any other file gets its group
+set to the sandbox user's when that user differs (`_grant`), so the child never needs a path
+into the data dir.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from freemark_keyserver.crypto import (
     CryptoError,
     Envelope,
     MasterKeyring,
+    ScratchStream,
     SigningKey,
     StreamHeader,
     Verifier,
@@ -313,6 +314,101 @@ def test_a_stream_key_is_not_an_envelope_key(keyring: MasterKeyring, payload: Pa
     swapped = replace(envelope, wrapped_key=header.wrapped_key, wrap_nonce=header.wrap_nonce)
     with pytest.raises(CryptoError):
         open_envelope(keyring, swapped, **RECORD)
+
+
+# --- scratch streams (a key that lives only in memory) ------------------------------------
+
+
+def _pieces(data: bytes, size: int) -> list[bytes]:
+    return [data[i:i + size] for i in range(0, len(data), size)]
+
+
+@pytest.mark.parametrize("piece", [1, 7, SEGMENT, SEGMENT + 1, 1000])
+@pytest.mark.parametrize("size", [0, 1, SEGMENT - 1, SEGMENT, 3 * SEGMENT, 3 * SEGMENT + 1])
+def test_a_scratch_stream_round_trips_pieces_of_any_size(tmp_path: Path, size: int,
+                                                         piece: int) -> None:
+    """Pieces as a network delivers them, re-cut into segments: the same bytes come back,
+    from a list of segments or from the file they were appended to, which holds only
+    ciphertext (the segments' tags and nothing else: no key, no header)."""
+    data = os.urandom(size)
+    stream = ScratchStream(size, segment_size=SEGMENT)
+    sealed = list(stream.seal(iter(_pieces(data, piece))))
+    assert len(sealed) == stream.segments == max(1, -(-size // SEGMENT))
+    assert all(len(s) == SEGMENT + 16 for s in sealed[:-1])
+    assert b"".join(stream.open(iter(sealed))) == data
+    path = tmp_path / "spool"
+    path.write_bytes(b"".join(sealed))
+    assert path.stat().st_size == size + 16 * stream.segments
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert b"".join(stream.open_file(fd)) == data
+    finally:
+        os.close(fd)
+
+
+def test_a_scratch_stream_refuses_pieces_that_do_not_add_up() -> None:
+    data = os.urandom(3 * SEGMENT)
+    with pytest.raises(ValueError, match="changed size"):
+        list(ScratchStream(len(data) + 1, segment_size=SEGMENT).seal(iter([data])))
+    with pytest.raises(ValueError, match="changed size"):
+        list(ScratchStream(len(data) - 1, segment_size=SEGMENT).seal(iter([data])))
+    with pytest.raises(ValueError, match="changed size"):
+        list(ScratchStream(0, segment_size=SEGMENT).seal(iter([b"x"])))
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        pytest.param(lambda s: s[:-1], id="last segment dropped"),
+        pytest.param(lambda s: [s[1], s[0], *s[2:]], id="two swapped"),
+        pytest.param(lambda s: [*s, s[-1]], id="last repeated"),
+        pytest.param(lambda s: [s[0][:-1], *s[1:]], id="segment cut short"),
+        pytest.param(lambda s: [_flip(s[0], 3), *s[1:]], id="bit flipped"),
+    ],
+)
+def test_a_tampered_scratch_stream_does_not_open(
+        tamper: Callable[[list[bytes]], list[bytes]]) -> None:
+    data = os.urandom(5 * SEGMENT + 17)
+    stream = ScratchStream(len(data), segment_size=SEGMENT)
+    sealed = list(stream.seal(iter([data])))
+    with pytest.raises(CryptoError):
+        b"".join(stream.open(iter(tamper(sealed))))
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        pytest.param(lambda b: _flip(b, 200), id="bit flipped"),
+        pytest.param(lambda b: b[:-1], id="truncated by a byte"),
+        pytest.param(lambda b: b[:SEGMENT + 16], id="truncated to a segment"),
+        pytest.param(lambda b: b + b"\0", id="extended by a byte"),
+        pytest.param(lambda b: b"", id="emptied"),
+    ],
+)
+def test_a_tampered_scratch_file_does_not_open(
+        tmp_path: Path, tamper: Callable[[bytes], bytes]) -> None:
+    data = os.urandom(5 * SEGMENT + 17)
+    stream = ScratchStream(len(data), segment_size=SEGMENT)
+    path = tmp_path / "spool"
+    path.write_bytes(tamper(b"".join(stream.seal(iter([data])))))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(CryptoError):
+            b"".join(stream.open_file(fd))
+    finally:
+        os.close(fd)
+
+
+def test_each_scratch_stream_has_its_own_key_and_shows_none() -> None:
+    """Two scratch streams of the same bytes share no ciphertext and neither opens the
+    other's segments; the object's repr shows its shape, nothing of its key."""
+    data = os.urandom(2 * SEGMENT)
+    first, second = (ScratchStream(len(data), segment_size=SEGMENT) for _ in range(2))
+    one, two = list(first.seal(iter([data]))), list(second.seal(iter([data])))
+    assert not set(one) & set(two)
+    with pytest.raises(CryptoError):
+        b"".join(second.open(iter(one)))
+    assert repr(first) == f"ScratchStream(segments=2, total_size={len(data)})"
 
 
 # --- keyring text and files ----------------------------------------------------------------

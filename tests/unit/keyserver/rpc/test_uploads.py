@@ -4,6 +4,7 @@ over all, every byte released when an upload ends however it ends (issue 18 5(b)
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 from freemark.v1 import keyservice_pb2 as pb
 from freemark_keyserver.errors import ErrorCode, ServiceError
-from freemark_keyserver.rpc.uploads import Spool, copied, sha256_of, spooled
+from freemark_keyserver.rpc.uploads import SPOOL_SEGMENT_BYTES, Spool, copied, sha256_of, spooled
 
 CAP = 1000
 
@@ -134,8 +135,6 @@ def test_a_deferred_sha256_is_asked_once_the_chunks_end(tmp_path: Path) -> None:
 
 def _sealed(path: Path) -> bool:
     """Whether a write to the file at `path`, through a fresh read-write descriptor, fails."""
-    import os
-
     fd = os.open(path, os.O_RDWR)
     try:
         os.write(fd, b"changed")
@@ -161,20 +160,75 @@ def test_an_upload_within_the_memory_budget_is_a_sealed_memory_file(tmp_path: Pa
     assert (spool.in_memory, spool.reserved) == (0, 0)
 
 
-def test_an_upload_past_the_memory_budget_goes_to_the_disk_spool(tmp_path: Path) -> None:
+def test_an_upload_past_the_memory_budget_is_spooled_to_disk_as_ciphertext(
+        tmp_path: Path) -> None:
     """The budget chooses where bytes go and refuses nothing: an upload that does not fit
-    what the open ones leave of it is spooled to disk as before, and removed after."""
-    spool = Spool(tmp_path, quota_bytes=1000, memory_bytes=500)
-    first, second = b"a" * 300, b"b" * 300
-    with spooled(iter([first]), _header(first), cap=CAP, spool=spool, principal="alice",
+    what the open ones leave of it (mere concurrency) goes to the disk spool, sealed as it
+    arrives, so no byte of it is on disk in the clear while it streams; once it checks out
+    it is decrypted into a sealed memory file like any other, and its spool file is gone
+    before the handler sees it."""
+    spool = Spool(tmp_path, quota_bytes=100_000, memory_bytes=50_000)
+    first, second = os.urandom(30_000), os.urandom(40_000)
+    on_disk: list[bytes] = []
+
+    def arriving() -> Iterator[bytes]:
+        for start in range(0, len(second), 10_000):
+            yield second[start:start + 10_000]
+            [spooled_file] = tmp_path.iterdir()
+            on_disk.append(spooled_file.read_bytes())
+
+    with spooled(iter([first]), _header(first), cap=100_000, spool=spool, principal="alice",
                  suffix=".pt2") as held:
-        assert spool.in_memory == 300 and list(tmp_path.iterdir()) == []
-        with spooled(iter([second]), _header(second), cap=CAP, spool=spool,
+        assert spool.in_memory == 30_000 and list(tmp_path.iterdir()) == []
+        with spooled(arriving(), _header(second), cap=100_000, spool=spool,
                      principal="bob", suffix=".pt2") as path:
-            assert [p.name for p in tmp_path.iterdir()] == [path.name]
-            assert path.read_bytes() == second and held.read_bytes() == first
-            assert spool.in_memory == 300
+            assert list(tmp_path.iterdir()) == []  # removed once read back
+            assert path.read_bytes() == second and _sealed(path)
+            assert held.read_bytes() == first
+            assert spool.in_memory == 30_000 and spool.reserved == 70_000
+    # The file grew as the chunks came (a trickle reaches the disk within one segment), and
+    # never held a 16-byte run of the plaintext.
+    sealed = SPOOL_SEGMENT_BYTES + 16  # a segment and its tag
+    whole = len(second) + 16 * -(-len(second) // SPOOL_SEGMENT_BYTES)
+    assert [len(b) for b in on_disk] == [
+        n // SPOOL_SEGMENT_BYTES * sealed for n in (10_000, 20_000, 30_000)] + [whole]
+    windows = {second[i:i + 16] for i in range(0, len(second) - 16, 8)}
+    assert not any(w in b for b in on_disk for w in windows)
     assert list(tmp_path.iterdir()) == [] and (spool.in_memory, spool.reserved) == (0, 0)
+
+
+@pytest.mark.parametrize("tamper", ["flip", "truncate", "extend"])
+def test_a_spool_file_changed_on_disk_is_refused_as_corrupt(tmp_path: Path,
+                                                            tamper: str) -> None:
+    """Someone (or the disk) changes, cuts or extends a spooled upload's file before it is
+    read back: it does not authenticate, the upload is refused UPLOAD_CORRUPT with a message
+    that names no path, and everything it held is released."""
+    spool = Spool(tmp_path, quota_bytes=100_000)
+    data = os.urandom(50_000)
+
+    def chunks() -> Iterator[bytes]:
+        yield data[:40_000]
+        yield data[40_000:]
+        [spooled_file] = tmp_path.iterdir()  # every byte is in it now, sealed
+        with spooled_file.open("r+b") as handle:
+            if tamper == "flip":
+                handle.seek(100)
+                byte = handle.read(1)
+                handle.seek(100)
+                handle.write(bytes([byte[0] ^ 1]))
+            elif tamper == "truncate":
+                handle.truncate(spooled_file.stat().st_size - 1)
+            else:
+                handle.seek(0, os.SEEK_END)
+                handle.write(b"\0")
+
+    with pytest.raises(ServiceError) as caught, spooled(
+            chunks(), _header(data), cap=100_000, spool=spool, principal="alice",
+            suffix=".pt2"):
+        pytest.fail("a damaged spool file must not be handed out")
+    assert caught.value.code is ErrorCode.UPLOAD_CORRUPT
+    assert "re-send" in str(caught.value) and str(tmp_path) not in str(caught.value)
+    assert list(tmp_path.iterdir()) == [] and spool.reserved == 0
 
 
 def test_a_refused_memory_upload_gives_its_budget_back(tmp_path: Path) -> None:
@@ -191,26 +245,25 @@ def test_a_refused_memory_upload_gives_its_budget_back(tmp_path: Path) -> None:
 
 def test_a_named_file_is_copied_sealed_and_hashed_from_the_copy(tmp_path: Path) -> None:
     """A file the server reads itself (`modelroot`): the kernel copies it into a sealed
-    memory file (or the disk spool past the budget), reserved whole in the quota; its SHA-256
-    is the copy's (`sha256_of`), and a file shorter than measured is refused."""
-    import os
-
+    memory file, whatever is left of the memory budget (a public file, judged at once),
+    reserved whole in the quota; its SHA-256 is the copy's (`sha256_of`), and a file
+    shorter than measured is refused."""
     source = tmp_path / "model.pt2"
     data = b"named model" * 200
     source.write_bytes(data)
-    spool = Spool(tmp_path / "spool", quota_bytes=10_000, memory_bytes=10_000)
     fd = os.open(source, os.O_RDONLY)
     try:
         header = pb.UploadHeader(total_size=len(data), format=pb.MODEL_FORMAT_PT2)
-        with copied(fd, header, cap=10_000, spool=spool, principal="alice",
-                    suffix=".pt2") as path:
-            assert path.read_bytes() == data and _sealed(path)
-            assert (spool.in_memory, spool.reserved) == (len(data), len(data))
-            assert sha256_of(path) == hashlib.sha256(data).digest()
-        on_disk = Spool(tmp_path / "spool", quota_bytes=10_000, memory_bytes=0)
-        with copied(fd, header, cap=10_000, spool=on_disk, principal="alice",
-                    suffix=".pt2") as path:
-            assert path.parent == tmp_path / "spool" and path.read_bytes() == data
+        for budget in (10_000, 0):
+            spool = Spool(tmp_path / "spool", quota_bytes=10_000, memory_bytes=budget)
+            with copied(fd, header, cap=10_000, spool=spool, principal="alice",
+                        suffix=".pt2") as path:
+                assert path.read_bytes() == data and _sealed(path)
+                assert (spool.in_memory, spool.reserved) == (0, len(data))
+                assert not (tmp_path / "spool").exists() or \
+                    list((tmp_path / "spool").iterdir()) == []
+                assert sha256_of(path) == hashlib.sha256(data).digest()
+            assert spool.reserved == 0
         longer = pb.UploadHeader(total_size=len(data) + 10, format=pb.MODEL_FORMAT_PT2)
         with pytest.raises(ServiceError, match="changed size while it was read") as caught, \
                 copied(fd, longer, cap=10_000, spool=spool, principal="alice", suffix=".pt2"):
@@ -218,4 +271,4 @@ def test_a_named_file_is_copied_sealed_and_hashed_from_the_copy(tmp_path: Path) 
         assert caught.value.code is ErrorCode.UPLOAD_CORRUPT
     finally:
         os.close(fd)
-    assert (spool.in_memory, spool.reserved) == (0, 0) and list((tmp_path / "spool").iterdir()) == []
+    assert spool.reserved == 0
