@@ -1,4 +1,4 @@
-"""What the encrypted disk spool costs an upload, against one kept in memory (issue 26).
+"""What the encrypted disk spool costs an upload, against one kept in memory.
 
     PYTHONPATH=client:keyserver:lab .venv/bin/python bench/spool.py [--sizes 64,256,1024] [--json out/bench_spool.json]
 

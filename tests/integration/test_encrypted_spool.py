@@ -1,4 +1,4 @@
-"""No upload rests on disk in the clear, whatever the spool's memory budget (issue 26), over
+"""No upload rests on disk in the clear, whatever the spool's memory budget, over
 real key servers on loopback with their real sandboxes, stores and cryptography.
 
 Two servers judge the same digits models: `disk` sends every upload to the disk spool
