@@ -18,14 +18,20 @@ registration (`handlers.outputs`), never the owner's. A requester other than the
 registration's owner gets the coarse form where the policy says so, as for a file Verify
 (`context.disclosed`): the decision and a p-value bucket, with the conversation's binding
 in full.
+
+The handler's own work is kept off the conversation's path where it does not depend on the
+answers (`_BESIDE`): an output registration's key opens while the endpoint answers the
+metadata request, and the set's commitment is hashed while it answers the queries. None of
+it signs or logs, so a refused conversation still signs and logs nothing. The opened key
+lives only as long as the call, as before.
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -64,6 +70,10 @@ __all__ = ["MAX_MODEL_NAME", "choose_set", "verify_endpoint"]
 log = logging.getLogger("freemark_keyserver")
 MAX_MODEL_NAME = 256
 MAX_URL = 2048
+# Work a VerifyEndpoint does beside its conversation, while the endpoint computes and the
+# handler's thread waits for the answers (hashing releases the interpreter lock): nothing
+# here signs or logs, so a refused conversation leaves only a result nobody reads.
+_BESIDE = ThreadPoolExecutor(max_workers=4, thread_name_prefix="freemark-verify-endpoint")
 Resolver = Callable[..., Any]
 
 
@@ -85,22 +95,14 @@ def choose_set(n_sets: int, disclosures: list[tuple[int, str]]) -> tuple[int, in
 
 
 def _target(ctx: Context, principal: Principal, request: pb.VerifyEndpointRequest
-            ) -> tuple[Registration, float, OutputKey, outputs.MeasuredPanel]:
+            ) -> tuple[Registration, float]:
     """Authorise before anything is sent: the caller's role, the registration visible and
-    active and holding an output key (alone or beside a white-box key), the request's
-    fields; the alpha to judge at, within the policy; and the key with its measured
-    panel."""
+    active, the request's fields; and the alpha to judge at, within the policy."""
     require_role(principal, OWNER, ARBITER, ADMIN)
     record = visible(ctx, principal, request.registration_id)
     if record.revoked_at is not None:
         raise ServiceError(ErrorCode.REVOKED,
                            f"registration {record.registration_id} was revoked; it proves nothing")
-    sealed = panels.open_output_key(ctx, record)
-    if sealed is None:
-        raise ServiceError(ErrorCode.MALFORMED_REQUEST,
-                           f"registration {record.registration_id} holds a white-box key, read "
-                           "from a model's activations: upload the suspect model with freemark "
-                           "verify --model")
     if not request.endpoint or len(request.endpoint) > MAX_URL:
         raise ServiceError(ErrorCode.MALFORMED_REQUEST,
                            f"endpoint must be an http(s) URL of at most {MAX_URL} characters")
@@ -108,7 +110,33 @@ def _target(ctx: Context, principal: Principal, request: pb.VerifyEndpointReques
         raise ServiceError(ErrorCode.MALFORMED_REQUEST,
                            f"model_name must name the served model (1 to {MAX_MODEL_NAME} "
                            "characters)")
-    return record, policy_alpha(ctx, request.alpha), *sealed
+    return record, policy_alpha(ctx, request.alpha)
+
+
+Sealed = tuple[OutputKey, outputs.MeasuredPanel]
+
+
+def _output_key(ctx: Context, record: Registration) -> Sealed:
+    """The registration's output key (alone or beside a white-box key) with its measured
+    panel; MALFORMED_REQUEST where it holds a white-box key alone."""
+    sealed = panels.open_output_key(ctx, record)
+    if sealed is None:
+        raise ServiceError(ErrorCode.MALFORMED_REQUEST,
+                           f"registration {record.registration_id} holds a white-box key, read "
+                           "from a model's activations: upload the suspect model with freemark "
+                           "verify --model")
+    return sealed
+
+
+def _opening(ctx: Context, record: Registration) -> Callable[[], Sealed]:
+    """The output key, as a call that waits for it. An output registration's key opens beside
+    the endpoint's metadata request, which leaves this thread waiting; a white-box
+    registration's is opened here, before anything is sent, so that one without an output
+    key is refused without a word to the endpoint."""
+    if outputs.is_output_registration(record):
+        return _BESIDE.submit(_output_key, ctx, record).result
+    sealed = _output_key(ctx, record)
+    return lambda: sealed
 
 
 def verify_endpoint(ctx: Context, principal: Principal, request: pb.VerifyEndpointRequest, *,
@@ -116,8 +144,9 @@ def verify_endpoint(ctx: Context, principal: Principal, request: pb.VerifyEndpoi
                     resolver: Resolver | None = None,
                     clock: Callable[[], float] = time.time) -> pb.EndpointVerdict:
     """The VerifyEndpoint call (module docstring)."""
-    record, alpha, key, panel = _target(ctx, principal, request)
+    record, alpha = _target(ctx, principal, request)
     admit.check(record)
+    opened = _opening(ctx, record)
     try:
         session = EndpointSession(request.endpoint, request.model_name,
                                   policy=ctx.config.endpoint_policy, limiter=limiter,
@@ -125,10 +154,14 @@ def verify_endpoint(ctx: Context, principal: Principal, request: pb.VerifyEndpoi
         kind = session.kind  # the metadata: labels or scores, before any query is sent
     except EndpointError as exc:
         raise _refused(exc) from exc
+    key, panel = opened()
     admit.charge(record)
     set_id, before = choose_set(key.n_sets, ctx.store.disclosures(record.registration_id))
     ctx.store.add_disclosure(record.registration_id, set_id, session.endpoint,
                              int(clock() * 1_000_000))
+    q, _ = set_items(key, set_id)
+    # Hashed while the endpoint computes: this thread only waits for its answers then.
+    commitment = _BESIDE.submit(query_set_commitment, key.queries[q])
     try:
         answers, ranking = _ask(session, key, set_id, labels_only=request.labels_only
                                 or kind == "labels")
@@ -140,11 +173,10 @@ def verify_endpoint(ctx: Context, principal: Principal, request: pb.VerifyEndpoi
     verdict = judge_answers(key, set_id, answers, ranking, panel_query_scores=panel.query_scores,
                             panel_ranking_scores=panel.ranking_scores, alpha=alpha)
     transcript = session.transcript()
-    q, _ = set_items(key, set_id)
     binding = {
         "registration_id": record.registration_id, "requested_by": principal.name,
         **_bound(transcript), "answers": "scores" if answers.has_scores else "labels",
-        "query_set": set_id, "query_set_commitment": query_set_commitment(key.queries[q]),
+        "query_set": set_id, "query_set_commitment": commitment.result(),
         "set_disclosures": before, "set_reused": before > 0,
         "policy": ctx.config.verdict_policy,
     }
@@ -162,16 +194,13 @@ def verify_endpoint(ctx: Context, principal: Principal, request: pb.VerifyEndpoi
 
 def _ask(session: EndpointSession, key: OutputKey, set_id: int, *, labels_only: bool
          ) -> tuple[Answers, Answers | None]:
-    """Send one set's queries shuffled among its natural ranking items, in one session, and
-    read the answers back in key order (the ranking items only where scores are read)."""
+    """Send one set's queries among its natural ranking items, in one session (which sends
+    every input, and the repeats drawn from the ranking items, in a secret random order), and
+    read the answers back (the ranking items' only where scores are read)."""
     q, r = set_items(key, set_id)
     inputs = np.concatenate([key.queries[q], key.ranking_inputs[r]])
-    order = np.random.default_rng(secrets.randbits(128)).permutation(len(inputs))
-    position = np.empty_like(order)
-    position[order] = np.arange(len(order))  # where input i went
-    decoys = position[len(q):]
-    raw = session.answer(inputs[order], repeat_from=decoys if len(decoys) else None)
-    back = np.asarray(raw)[position]
+    decoys = np.arange(len(q), len(inputs))
+    back = np.asarray(session.answer(inputs, repeat_from=decoys if len(decoys) else None))
     try:
         answers = read_answers(back[:len(q)], len(q), key.n_classes)
         ranking = None
