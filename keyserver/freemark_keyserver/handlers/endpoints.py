@@ -19,11 +19,11 @@ registration's owner gets the coarse form where the policy says so, as for a fil
 (`context.disclosed`): the decision and a p-value bucket, with the conversation's binding
 in full.
 
-The handler's own work is kept off the conversation's path where it does not depend on the
-answers (`_BESIDE`): an output registration's key opens while the endpoint answers the
-metadata request, and the set's commitment is hashed while it answers the queries. None of
-it signs or logs, so a refused conversation still signs and logs nothing. The opened key
-lives only as long as the call, as before.
+The set's commitment is hashed beside the conversation (`_BESIDE`), while the endpoint
+computes and this thread waits for its answers; it signs and logs nothing, so a refused
+conversation still signs and logs nothing. (The key is opened before the first request, in
+this thread: opened beside the metadata request it gained nothing, its parsing holding the
+interpreter lock the request needed.)
 """
 
 from __future__ import annotations
@@ -95,14 +95,22 @@ def choose_set(n_sets: int, disclosures: list[tuple[int, str]]) -> tuple[int, in
 
 
 def _target(ctx: Context, principal: Principal, request: pb.VerifyEndpointRequest
-            ) -> tuple[Registration, float]:
+            ) -> tuple[Registration, float, OutputKey, outputs.MeasuredPanel]:
     """Authorise before anything is sent: the caller's role, the registration visible and
-    active, the request's fields; and the alpha to judge at, within the policy."""
+    active and holding an output key (alone or beside a white-box key), the request's
+    fields; the alpha to judge at, within the policy; and the key with its measured
+    panel."""
     require_role(principal, OWNER, ARBITER, ADMIN)
     record = visible(ctx, principal, request.registration_id)
     if record.revoked_at is not None:
         raise ServiceError(ErrorCode.REVOKED,
                            f"registration {record.registration_id} was revoked; it proves nothing")
+    sealed = panels.open_output_key(ctx, record)
+    if sealed is None:
+        raise ServiceError(ErrorCode.MALFORMED_REQUEST,
+                           f"registration {record.registration_id} holds a white-box key, read "
+                           "from a model's activations: upload the suspect model with freemark "
+                           "verify --model")
     if not request.endpoint or len(request.endpoint) > MAX_URL:
         raise ServiceError(ErrorCode.MALFORMED_REQUEST,
                            f"endpoint must be an http(s) URL of at most {MAX_URL} characters")
@@ -110,33 +118,7 @@ def _target(ctx: Context, principal: Principal, request: pb.VerifyEndpointReques
         raise ServiceError(ErrorCode.MALFORMED_REQUEST,
                            f"model_name must name the served model (1 to {MAX_MODEL_NAME} "
                            "characters)")
-    return record, policy_alpha(ctx, request.alpha)
-
-
-Sealed = tuple[OutputKey, outputs.MeasuredPanel]
-
-
-def _output_key(ctx: Context, record: Registration) -> Sealed:
-    """The registration's output key (alone or beside a white-box key) with its measured
-    panel; MALFORMED_REQUEST where it holds a white-box key alone."""
-    sealed = panels.open_output_key(ctx, record)
-    if sealed is None:
-        raise ServiceError(ErrorCode.MALFORMED_REQUEST,
-                           f"registration {record.registration_id} holds a white-box key, read "
-                           "from a model's activations: upload the suspect model with freemark "
-                           "verify --model")
-    return sealed
-
-
-def _opening(ctx: Context, record: Registration) -> Callable[[], Sealed]:
-    """The output key, as a call that waits for it. An output registration's key opens beside
-    the endpoint's metadata request, which leaves this thread waiting; a white-box
-    registration's is opened here, before anything is sent, so that one without an output
-    key is refused without a word to the endpoint."""
-    if outputs.is_output_registration(record):
-        return _BESIDE.submit(_output_key, ctx, record).result
-    sealed = _output_key(ctx, record)
-    return lambda: sealed
+    return record, policy_alpha(ctx, request.alpha), *sealed
 
 
 def verify_endpoint(ctx: Context, principal: Principal, request: pb.VerifyEndpointRequest, *,
@@ -144,9 +126,8 @@ def verify_endpoint(ctx: Context, principal: Principal, request: pb.VerifyEndpoi
                     resolver: Resolver | None = None,
                     clock: Callable[[], float] = time.time) -> pb.EndpointVerdict:
     """The VerifyEndpoint call (module docstring)."""
-    record, alpha = _target(ctx, principal, request)
+    record, alpha, key, panel = _target(ctx, principal, request)
     admit.check(record)
-    opened = _opening(ctx, record)
     try:
         session = EndpointSession(request.endpoint, request.model_name,
                                   policy=ctx.config.endpoint_policy, limiter=limiter,
@@ -154,7 +135,6 @@ def verify_endpoint(ctx: Context, principal: Principal, request: pb.VerifyEndpoi
         kind = session.kind  # the metadata: labels or scores, before any query is sent
     except EndpointError as exc:
         raise _refused(exc) from exc
-    key, panel = opened()
     admit.charge(record)
     set_id, before = choose_set(key.n_sets, ctx.store.disclosures(record.registration_id))
     ctx.store.add_disclosure(record.registration_id, set_id, session.endpoint,
