@@ -211,7 +211,8 @@ def _numbers(flat: np.ndarray) -> bytes:
     (pixels; queries on a 256-level grid, whatever their dtype), each is formatted once and
     the array is written from that table (`_from_table`): for 64 MNIST-sized queries, 1 ms
     against json.dumps's 5 ms for integers and 30 ms for floats, which it formats one by
-    one."""
+    one. Float values are put in the table by their bucket on a grid where they fit one
+    (`_bucketed`), else by a sort."""
     if flat.size == 0:
         return b"[]"
     if flat.dtype.kind in "iu":
@@ -220,6 +221,9 @@ def _numbers(flat: np.ndarray) -> bytes:
             texts = [str(v) for v in range(low, high + 1)]
             return _from_table(texts, flat.astype(np.int64) - low)
     else:
+        table = _bucketed(flat)
+        if table is not None:
+            return _from_table(*table)
         # Distinct bit patterns, not values: -0.0 and 0.0 are two numbers on the wire. A
         # sort and a search: np.unique's inverse (an argsort) costs ten times more.
         bits = flat.view(np.dtype(f"u{flat.dtype.itemsize}"))
@@ -231,6 +235,36 @@ def _numbers(flat: np.ndarray) -> bytes:
             texts = list(map(float.__repr__, values.tolist()))
             return _from_table(texts, np.searchsorted(distinct, bits))
     return json.dumps(flat.tolist(), separators=(",", ":"), allow_nan=False).encode()
+
+
+def _bucketed(flat: np.ndarray) -> tuple[list[str], np.ndarray] | None:
+    """(texts, index) of a float array whose values fall into distinct buckets of
+    `_TABLE_SIZE` equal steps across their range, else None (`_numbers` then sorts).
+
+    Few distinct values are nearly always a grid (8-bit pixels over 255, or 256 levels
+    across a normalised range, as an output key's queries are): each value's bucket is then
+    its index, found with a subtract, a multiply and a round, a fifth of a sort and search
+    on 64 MNIST-sized queries. Exact whatever the values: every value must equal, bit for
+    bit, the one its bucket holds, so two values in one bucket (-0.0 beside 0.0, values
+    closer than a step), NaN or an infinity give None."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        low, high = float(flat.min()), float(flat.max())
+        if not np.isfinite(high - low):
+            return None
+        scale = (_TABLE_SIZE - 1) / (high - low) if high > low else 0.0
+        index = np.rint((flat - low) * scale).astype(np.intp)
+    np.clip(index, 0, _TABLE_SIZE - 1, out=index)  # the float type's rounding, at the ends
+    held = np.empty(_TABLE_SIZE, dtype=flat.dtype)
+    held[index] = flat  # one value per bucket, if the buckets separate them
+    unsigned = np.dtype(f"u{flat.dtype.itemsize}")
+    if not np.array_equal(held[index].view(unsigned), flat.view(unsigned)):
+        return None
+    used = np.zeros(_TABLE_SIZE, dtype=bool)
+    used[index] = True
+    texts = [""] * _TABLE_SIZE
+    for bucket, value in zip(np.flatnonzero(used).tolist(), held[used].tolist(), strict=True):
+        texts[bucket] = float.__repr__(value)  # the text json.dumps writes for a finite float
+    return texts, index
 
 
 def _from_table(texts: list[str], index: np.ndarray) -> bytes:

@@ -175,10 +175,13 @@ class EndpointSession:
 
     def _finish(self, pending: Pending, method: str, path: str, body: bytes | None,
                 inputs: int) -> bytes:
-        """Read a sent request's reply and put the exchange into the transcript."""
+        """Read a sent request's reply and put the exchange into the transcript (the request
+        hashed first, while the endpoint computes: the next request waits on no hash of this
+        one once the reply is in)."""
+        request_sha256 = sha256_hex(body or b"")
         reply = pending.reply()
         self._finished = self._clock()
-        self._exchanges.append(Exchange(method, path, reply.status, sha256_hex(body or b""),
+        self._exchanges.append(Exchange(method, path, reply.status, request_sha256,
                                         sha256_hex(reply.body), inputs))
         return reply.body
 

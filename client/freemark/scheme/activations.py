@@ -215,7 +215,9 @@ def output_scores(model: nn.Module | torch.export.ExportedProgram, inputs: np.nd
     softmax underflows to ties far down the ranking, its logarithm keeps the order.
     """
     module = as_module(model)
-    batch = torch.from_numpy(np.ascontiguousarray(inputs))
+    # torch takes no read-only memory; a key's arrays are views of its decrypted bytes
+    # (`freemark.blackbox.archive`), copied here only when they are.
+    batch = torch.from_numpy(np.require(np.ascontiguousarray(inputs), requirements="W"))
     if batch.dim() < 1 or len(batch) == 0:
         raise InvalidInputError("no inputs to answer")
     static = _static_batch(module)

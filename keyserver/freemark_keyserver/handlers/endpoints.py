@@ -18,14 +18,20 @@ registration (`handlers.outputs`), never the owner's. A requester other than the
 registration's owner gets the coarse form where the policy says so, as for a file Verify
 (`context.disclosed`): the decision and a p-value bucket, with the conversation's binding
 in full.
+
+The set's commitment is hashed beside the conversation (`_BESIDE`), while the endpoint
+computes and this thread waits for its answers; it signs and logs nothing, so a refused
+conversation still signs and logs nothing. (The key is opened before the first request, in
+this thread: opened beside the metadata request it gained nothing, its parsing holding the
+interpreter lock the request needed.)
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -64,6 +70,10 @@ __all__ = ["MAX_MODEL_NAME", "choose_set", "verify_endpoint"]
 log = logging.getLogger("freemark_keyserver")
 MAX_MODEL_NAME = 256
 MAX_URL = 2048
+# Work a VerifyEndpoint does beside its conversation, while the endpoint computes and the
+# handler's thread waits for the answers (hashing releases the interpreter lock): nothing
+# here signs or logs, so a refused conversation leaves only a result nobody reads.
+_BESIDE = ThreadPoolExecutor(max_workers=4, thread_name_prefix="freemark-verify-endpoint")
 Resolver = Callable[..., Any]
 
 
@@ -129,6 +139,9 @@ def verify_endpoint(ctx: Context, principal: Principal, request: pb.VerifyEndpoi
     set_id, before = choose_set(key.n_sets, ctx.store.disclosures(record.registration_id))
     ctx.store.add_disclosure(record.registration_id, set_id, session.endpoint,
                              int(clock() * 1_000_000))
+    q, _ = set_items(key, set_id)
+    # Hashed while the endpoint computes: this thread only waits for its answers then.
+    commitment = _BESIDE.submit(query_set_commitment, key.queries[q])
     try:
         answers, ranking = _ask(session, key, set_id, labels_only=request.labels_only
                                 or kind == "labels")
@@ -140,11 +153,10 @@ def verify_endpoint(ctx: Context, principal: Principal, request: pb.VerifyEndpoi
     verdict = judge_answers(key, set_id, answers, ranking, panel_query_scores=panel.query_scores,
                             panel_ranking_scores=panel.ranking_scores, alpha=alpha)
     transcript = session.transcript()
-    q, _ = set_items(key, set_id)
     binding = {
         "registration_id": record.registration_id, "requested_by": principal.name,
         **_bound(transcript), "answers": "scores" if answers.has_scores else "labels",
-        "query_set": set_id, "query_set_commitment": query_set_commitment(key.queries[q]),
+        "query_set": set_id, "query_set_commitment": commitment.result(),
         "set_disclosures": before, "set_reused": before > 0,
         "policy": ctx.config.verdict_policy,
     }
@@ -162,16 +174,13 @@ def verify_endpoint(ctx: Context, principal: Principal, request: pb.VerifyEndpoi
 
 def _ask(session: EndpointSession, key: OutputKey, set_id: int, *, labels_only: bool
          ) -> tuple[Answers, Answers | None]:
-    """Send one set's queries shuffled among its natural ranking items, in one session, and
-    read the answers back in key order (the ranking items only where scores are read)."""
+    """Send one set's queries among its natural ranking items, in one session (which sends
+    every input, and the repeats drawn from the ranking items, in a secret random order), and
+    read the answers back (the ranking items' only where scores are read)."""
     q, r = set_items(key, set_id)
     inputs = np.concatenate([key.queries[q], key.ranking_inputs[r]])
-    order = np.random.default_rng(secrets.randbits(128)).permutation(len(inputs))
-    position = np.empty_like(order)
-    position[order] = np.arange(len(order))  # where input i went
-    decoys = position[len(q):]
-    raw = session.answer(inputs[order], repeat_from=decoys if len(decoys) else None)
-    back = np.asarray(raw)[position]
+    decoys = np.arange(len(q), len(inputs))
+    back = np.asarray(session.answer(inputs, repeat_from=decoys if len(decoys) else None))
     try:
         answers = read_answers(back[:len(q)], len(q), key.n_classes)
         ranking = None

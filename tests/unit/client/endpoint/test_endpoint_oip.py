@@ -89,7 +89,17 @@ def test_labels_come_as_n_or_n_by_one_and_nothing_else() -> None:
     np.random.default_rng(1).integers(-3000, 1000, (64, 4)).astype(np.int16),  # a wide span
     np.array([[0.0, -0.0, 1 / 255, 254 / 255]] * 3, np.float32),  # a grid: a table
     np.random.default_rng(2).random((2048, 4), dtype=np.float32),  # 8,192 distinct: json
-], ids=["uint8", "int16-span", "float32-grid", "float32-distinct"])
+    # grids found by bucketing: 8-bit pixels over 255 (float16 ones, sent as FP32, too), 256
+    # levels across a normalised range, a constant
+    *((np.random.default_rng(3).integers(0, 256, (256, 4)) / 255).astype(t)
+      for t in (np.float16, np.float32)),
+    (-0.4242 + np.random.default_rng(4).integers(0, 256, (256, 4)) * 3.2457 / 255
+     ).astype(np.float32),
+    np.full((3, 4), 0.5, np.float32),
+    # a value one bit off a level shares its bucket: sorted instead
+    np.nextafter(np.array([[1 / 255, 2 / 255, 0.0, 1.0]] * 3, np.float32), np.float32(1)),
+], ids=["uint8", "int16-span", "float32-grid", "float32-distinct", "float16-pixels",
+        "float32-pixels", "float32-normalised", "float32-constant", "float32-off-levels"])
 def test_the_numbers_are_the_texts_json_writes(queries: np.ndarray) -> None:
     """The table the encoder writes numbers from (few distinct values) gives the bytes
     json.dumps gives, and so does its fallback; -0.0 stays -0.0."""
