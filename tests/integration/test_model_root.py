@@ -35,7 +35,7 @@ from freemark_keyserver.auth import hash_token, new_token
 from freemark_keyserver.config import UNLIMITED, ServerConfig
 from freemark_keyserver.server import RunningServer, create_server
 from freemark_keyserver.store import Principal
-from ttp_fixtures import ModelFiles, build_models
+from ttp_fixtures import ModelFiles, build_models, cli_env, json_out, run_cli
 
 S = grpc.StatusCode
 
@@ -105,6 +105,28 @@ def test_models_named_under_the_root_are_judged_and_their_bytes_named(hub: Hub) 
         uploaded = alice.verify(hub.registration_id, hub.files.finetuned)
     assert isinstance(uploaded, SignedVerdict)
     assert (uploaded.suspect_sha256, uploaded.outcome) == (copy.suspect_sha256, copy.outcome)
+
+
+def test_the_cli_verifies_a_named_model_and_asks_for_a_format_its_suffix_does_not_tell(
+        hub: Hub) -> None:
+    """`freemark verify --server-model NAME`: the format read from the suffix where only one
+    format uses it; a `.safetensors` name (a checkpoint, an adapter or bare weights) is
+    refused before any call until `--server-format` names it."""
+    env = cli_env(FREEMARK_SERVER=f"127.0.0.1:{hub.running.port}",
+                  FREEMARK_TOKEN=hub.tokens["alice"])
+    verdict = json_out(run_cli("freemark.cli", "verify", "--registration", hub.registration_id,
+                               "--server-model", "acme/finetuned.pt2", "--json", env=env))
+    assert verdict["outcome"] == "match"
+    assert verdict["suspect_sha256"] == hashlib.sha256(hub.files.finetuned.read_bytes()).hexdigest()
+    before = hub.running.ctx.store.tree_size()
+    vague = run_cli("freemark.cli", "verify", "--registration", hub.registration_id,
+                    "--server-model", "acme/model.safetensors", env=env, check=False)
+    assert vague.returncode == 2 and "--server-format" in vague.stderr, vague.stderr
+    both = run_cli("freemark.cli", "verify", "--registration", hub.registration_id,
+                   "--server-model", "acme/finetuned.pt2", "--model", str(hub.files.finetuned),
+                   env=env, check=False)
+    assert both.returncode == 2 and "without --model" in both.stderr, both.stderr
+    assert hub.running.ctx.store.tree_size() == before
 
 
 REFUSALS = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import cast
 
 from freemark.blackbox.key import is_output_key, load_output_key
 from freemark.cli.common import (
@@ -20,8 +21,10 @@ from freemark.cli.display import print_fields, print_json, print_rows
 from freemark.cli.endpoints import register_output_key, verify_endpoint
 from freemark.cli.outputs import passphrase
 from freemark.errors import InvalidInputError
+from freemark.formats import table
 from freemark.records.types import RegistrationInfo
 from freemark.records.wire import receipt_to_json, registration_to_json, verdict_to_json
+from freemark.rpc import ModelFormat, ServerModel
 from freemark.scheme.bundle import load_bundle
 from freemark.tlog.note import verifier_key
 from freemark.tlog.signatures import Verifier
@@ -30,11 +33,37 @@ from freemark.verdict.decision import DEFAULT_ALPHA
 __all__ = ["add_parsers"]
 
 
+def _server_model(args: argparse.Namespace) -> ServerModel | None:
+    """`--server-model NAME` (and `--server-format`): a file the key server reads from its
+    operator's model root instead of an upload. The client holds no copy to look at, so the
+    format comes from the flag, else from a suffix only one format uses (`.safetensors` is a
+    checkpoint, an adapter or bare weights: it must be named)."""
+    if args.server_model is None:
+        if args.server_format is not None:
+            raise InvalidInputError("--server-format goes with --server-model")
+        return None
+    if args.server_format is not None:
+        return ServerModel(args.server_model,
+                           cast(ModelFormat, table.by_name(args.server_format).name))
+    suffix = Path(args.server_model).suffix
+    rows = [row for row in table.FORMATS if row.suffix == suffix]
+    if len(rows) != 1:
+        raise InvalidInputError(
+            f"--server-model {args.server_model}: name its format with --server-format "
+            f"({', '.join(row.name for row in table.FORMATS)}); the suffix {suffix or '(none)'!r} "
+            "does not tell it")
+    return ServerModel(args.server_model, cast(ModelFormat, rows[0].name))
+
+
 def _cmd_register(args: argparse.Namespace) -> int:
+    named = _server_model(args)
     if is_output_key(args.key):
         if args.output_key:
             raise InvalidInputError("--output-key goes beside a white-box --key (.fmk); "
                                     "register an output key alone with --key OUTKEY")
+        if named is not None:
+            raise InvalidInputError("an output key registers with its host uploaded "
+                                    "(--model HOST), not --server-model")
         return register_output_key(args)
     bundle = load_bundle(args.key)
     output_key = None
@@ -44,7 +73,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
                                     "(freemark keygen --outputs)")
         output_key = load_output_key(args.output_key, passphrase(confirm=False))
     with client(args) as ttp:
-        receipt = ttp.register(bundle, Path(args.model), output_key=output_key,
+        receipt = ttp.register(bundle, named or Path(args.model), output_key=output_key,
                                references=[Path(r) for r in args.reference])
     if args.json:
         print_json(receipt_to_json(receipt))
@@ -61,16 +90,23 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         return verify_endpoint(args)
     if args.endpoint_model or args.labels_only:
         raise InvalidInputError("--endpoint-model and --labels-only apply to --endpoint")
-    if args.weights is None and args.model is None:
+    named = _server_model(args)
+    given = [flag for flag, value in (("--model", args.model), ("--weights", args.weights),
+                                      ("--server-model", args.server_model)) if value]
+    if not given:
         raise InvalidInputError(
             "give the suspect as --model SUSPECT (.pt2, checkpoint directory or .onnx), "
-            "--weights S.safetensors, or --endpoint URL for a model behind a prediction API"
+            "--weights S.safetensors, --server-model NAME for a file under the key server's "
+            "model root, or --endpoint URL for a model behind a prediction API"
         )
+    if named is not None and (len(given) > 1 or args.adapter is not None):
+        raise InvalidInputError("--server-model names the whole suspect: give it without "
+                                "--model, --weights or --adapter")
     if args.adapter is not None and args.model is None:
         raise InvalidInputError("--adapter needs its base: --model BASE_DIR --adapter ADAPTER_DIR")
     if args.adapter is not None and args.weights is not None:
         raise InvalidInputError("give --weights or --adapter, not both")
-    suspect = Path(args.weights) if args.weights is not None else Path(args.model)
+    suspect = named or (Path(args.weights) if args.weights is not None else Path(args.model))
     with client(args) as ttp:
         verdict = ttp.verify(args.registration, suspect,
                                 fmt="safetensors" if args.weights is not None else None,
@@ -140,14 +176,22 @@ def _cmd_public_key(args: argparse.Namespace) -> int:
     return 0
 
 
+_SERVER_MODEL_HELP = ("a file the key server reads itself, by its path under the operator's "
+                      "model root (`serve --model-root`, a hub's mirror): nothing is uploaded, "
+                      "and the receipt or verdict names the bytes the server read")
+
 
 def add_parsers(sub: Subparsers) -> None:
     """`register`, `verify`, `registrations list|show`, `revoke` and `public-key`."""
     p = sub.add_parser("register", help="register a key and its host model with the key server")
     p.add_argument("--key", required=True, help="key bundle .fmk, or an output key (its "
                    "passphrase from FREEMARK_KEY_PASSPHRASE or a prompt)")
-    p.add_argument("--model", required=True, help="host model: a torch.export .pt2 or a "
-                   "Hugging Face checkpoint directory (packed into one file for the upload)")
+    host = p.add_mutually_exclusive_group(required=True)
+    host.add_argument("--model", help="host model: a torch.export .pt2 or a Hugging Face "
+                      "checkpoint directory (packed into one file for the upload)")
+    host.add_argument("--server-model", metavar="NAME", help=_SERVER_MODEL_HELP)
+    p.add_argument("--server-format", choices=[f.name for f in table.FORMATS],
+                   help="--server-model's format where its suffix does not tell it")
     p.add_argument("--reference", action="append", default=[], metavar="R",
                    help="an independently trained model of the host's architecture, a .pt2 "
                         "or, beside a checkpoint host, a checkpoint directory (repeat; "
@@ -170,6 +214,9 @@ def add_parsers(sub: Subparsers) -> None:
                    "the verdict names the one read)")
     p.add_argument("--weights", help="suspect .safetensors; uploaded instead of --model and "
                    "applied by the server to the architecture registered with the host")
+    p.add_argument("--server-model", metavar="NAME", help=_SERVER_MODEL_HELP)
+    p.add_argument("--server-format", choices=[f.name for f in table.FORMATS],
+                   help="--server-model's format where its suffix does not tell it")
     p.add_argument("--adapter", metavar="ADAPTER_DIR", help="a PEFT LoRA adapter directory "
                    "(adapter_config.json, adapter_model.safetensors) for --model BASE_DIR: both "
                    "are packed into one upload and the server merges them in its sandbox")
