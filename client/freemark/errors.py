@@ -144,6 +144,12 @@ class InvalidInputError(FreemarkError, ValueError):
 class ModelFileError(InvalidInputError):
     """A model file is unreadable, not a model, or needs unsafe loading (pickle, compiled code)."""
 
+    @classmethod
+    def refused(cls, source: object, why: str) -> ModelFileError:
+        """The one wording of a file a format's reader refuses: the file, then why (what a
+        person can change in `why`)."""
+        return cls(f"{source}: refused: {why}")
+
 
 class AlignmentLimitError(FreemarkError):
     """A layer has more live units than the aligned test matches: aligning it would cost memory

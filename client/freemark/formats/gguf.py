@@ -109,8 +109,7 @@ FAMILIES: dict[str, Family] = {
 _EMBEDDING, _OUTPUT = "token_embd.weight", "output.weight"
 
 
-def _refuse(source: str | Path, why: str) -> ModelFileError:
-    return ModelFileError(f"{source}: refused: {why}")
+_refuse = ModelFileError.refused  # the one wording (freemark.errors)
 
 
 def is_format(path: Path) -> bool:

@@ -151,8 +151,7 @@ LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 
 
-def _refuse(source: str | Path, why: str) -> ModelFileError:
-    return ModelFileError(f"{source}: refused: {why}")
+_refuse = ModelFileError.refused  # the one wording (freemark.errors)
 
 
 def _transformers() -> Any:

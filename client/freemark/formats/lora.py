@@ -97,8 +97,7 @@ _FEATURES = {
 _OFF: tuple[Any, ...] = (None, False, "", [], {})
 
 
-def _refuse(source: str | Path, why: str) -> ModelFileError:
-    return ModelFileError(f"{source}: refused: {why}")
+_refuse = ModelFileError.refused  # the one wording (freemark.errors)
 
 
 @dataclass(frozen=True)

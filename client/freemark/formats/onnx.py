@@ -80,8 +80,7 @@ ALLOWED_OPS = frozenset({
 })
 
 
-def _refuse(source: str | Path, why: str) -> ModelFileError:
-    return ModelFileError(f"{source}: refused: {why}")
+_refuse = ModelFileError.refused  # the one wording (freemark.errors)
 
 
 def _onnx() -> Any:

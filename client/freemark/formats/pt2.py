@@ -48,8 +48,7 @@ _ALLOWED_PREFIXES = (
 )
 
 
-def _refuse(path: str | Path, why: str) -> ModelFileError:
-    return ModelFileError(f"{path}: refused: {why}")
+_refuse = ModelFileError.refused  # the one wording (freemark.errors)
 
 
 def _check_payload_config(path: str | Path, config: dict[str, Any], kind: str) -> None:
