@@ -25,6 +25,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from freemark.derive import derive_key
+from freemark.errors import ServerError
 from freemark.formats.pt2 import load_program
 from freemark.records.types import SignedVerdict
 from freemark.rpc import KeyServiceClient, ServerModel
@@ -33,6 +34,7 @@ from freemark.v1 import keyservice_pb2 as pb
 from freemark.v1 import keyservice_pb2_grpc
 from freemark_keyserver.auth import hash_token, new_token
 from freemark_keyserver.config import UNLIMITED, ServerConfig
+from freemark_keyserver.handlers.register import CLAIMED
 from freemark_keyserver.server import RunningServer, create_server
 from freemark_keyserver.store import Principal
 from ttp_fixtures import ModelFiles, build_models, cli_env, json_out, run_cli
@@ -71,8 +73,8 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
     running = create_server(ServerConfig(
         data_dir=folder / "ttp", listen="127.0.0.1:0", grace_seconds=1, model_root=root,
         verify_rate_principal=UNLIMITED, verify_rate_registration=UNLIMITED))
-    tokens = {name: new_token() for name in ("alice", "arbiter")}
-    for name, role in (("alice", "owner"), ("arbiter", "arbiter")):
+    tokens = {name: new_token() for name in ("alice", "mallory", "arbiter")}
+    for name, role in (("alice", "owner"), ("mallory", "owner"), ("arbiter", "arbiter")):
         running.ctx.store.add_principal(Principal(name, role, hash_token(tokens[name]), 0))
     bundle = derive_key(load_program(files.host), layer="act", owner="alice",
                         triggers=load_triggers(files.triggers))
@@ -126,6 +128,21 @@ def test_the_cli_verifies_a_named_model_and_asks_for_a_format_its_suffix_does_no
                    "--server-model", "acme/finetuned.pt2", "--model", str(hub.files.finetuned),
                    env=env, check=False)
     assert both.returncode == 2 and "without --model" in both.stderr, both.stderr
+    assert hub.running.ctx.store.tree_size() == before
+
+
+def test_a_stolen_copy_named_under_the_root_cannot_be_registered_by_the_thief(hub: Hub) -> None:
+    """Naming a file instead of uploading it skips no check: Mallory's Register of the
+    mirrored fine-tune of Alice's host, under his own key, meets the prior-claim scan and
+    its fixed refusal (no id, no figure), and nothing is logged."""
+    bundle = derive_key(load_program(hub.files.finetuned), layer="act", owner="mallory",
+                        triggers=load_triggers(hub.files.triggers))
+    before = hub.running.ctx.store.tree_size()
+    with hub.client("mallory") as mallory, pytest.raises(ServerError) as caught:
+        mallory.register(bundle, ServerModel("acme/finetuned.pt2", "pt2"))
+    assert caught.value.reason == "ALREADY_CLAIMED", str(caught.value)
+    assert caught.value.message.endswith(CLAIMED)
+    assert "reg_" not in caught.value.message and "log10" not in caught.value.message
     assert hub.running.ctx.store.tree_size() == before
 
 
